@@ -1,0 +1,181 @@
+"""Fleet's error tree, and its one mapping to gRPC status codes.
+
+Domain code raises these; a server interceptor (`fleet.interceptors`) turns
+them into a status code exactly once, and `from_rpc_error` turns a
+`grpc.RpcError` back into one of them on the client side::
+
+    FleetError
+    ├── InvalidArgument      INVALID_ARGUMENT    the request is wrong; fix it, do not retry
+    ├── NotFound             NOT_FOUND           no such node/agent; register or check the name
+    ├── AlreadyExists        ALREADY_EXISTS      it exists; use the existing one
+    ├── FailedPrecondition   FAILED_PRECONDITION not in a state that allows it (stale version, ...)
+    ├── Aborted              ABORTED             lost a race; re-read and retry
+    ├── PermissionDenied     PERMISSION_DENIED   the caller's identity may not do this
+    ├── Unauthenticated      UNAUTHENTICATED     no usable identity was presented
+    ├── ResourceExhausted    RESOURCE_EXHAUSTED  back-pressure; retry later with backoff
+    ├── Unavailable          UNAVAILABLE         a peer or the database cannot be reached; retry
+    ├── DeadlineExceeded     DEADLINE_EXCEEDED   it took too long; it may or may not have happened
+    ├── Internal             INTERNAL            a bug in Fleet; report it
+    └── ConfigError          (start-up only)     a config file or certificate is unusable
+
+Messages say what was wrong and what to do ("node-7 presented a certificate
+for node-3"), because they end up in an operator's terminal.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import grpc
+
+__all__ = [
+    "Aborted",
+    "AlreadyExists",
+    "ConfigError",
+    "DeadlineExceeded",
+    "FailedPrecondition",
+    "FleetError",
+    "Internal",
+    "InvalidArgument",
+    "NotFound",
+    "PermissionDenied",
+    "ResourceExhausted",
+    "Unauthenticated",
+    "Unavailable",
+    "from_rpc_error",
+]
+
+
+class FleetError(Exception):
+    """Base of every error Fleet raises on purpose.
+
+    Catch this to handle any Fleet failure; catch a subclass to handle one
+    kind. `code` is the gRPC status the error maps to.
+    """
+
+    code: ClassVar[grpc.StatusCode] = grpc.StatusCode.UNKNOWN
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidArgument(FleetError):
+    """The request is malformed; `field` names the offending field, if one.
+
+    Retrying the same request fails the same way: fix the input.
+    """
+
+    code = grpc.StatusCode.INVALID_ARGUMENT
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(f"{field}: {message}" if field else message)
+        self.field = field
+
+
+class NotFound(FleetError):
+    """The named node, agent or object does not exist (or no longer does)."""
+
+    code = grpc.StatusCode.NOT_FOUND
+
+
+class AlreadyExists(FleetError):
+    """The object to create exists already."""
+
+    code = grpc.StatusCode.ALREADY_EXISTS
+
+
+class FailedPrecondition(FleetError):
+    """The target is not in a state that allows the request (e.g. a stale
+    update version). Re-read the state before deciding to retry."""
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class Aborted(FleetError):
+    """A concurrent change won; re-read and retry the whole operation."""
+
+    code = grpc.StatusCode.ABORTED
+
+
+class PermissionDenied(FleetError):
+    """The caller is authenticated but its identity may not do this."""
+
+    code = grpc.StatusCode.PERMISSION_DENIED
+
+
+class Unauthenticated(FleetError):
+    """The caller presented no usable identity (no or unparseable certificate)."""
+
+    code = grpc.StatusCode.UNAUTHENTICATED
+
+
+class ResourceExhausted(FleetError):
+    """Back-pressure: a queue or limit is full. Retry later with backoff;
+    nothing of the refused request was applied."""
+
+    code = grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+class Unavailable(FleetError):
+    """A peer or the database cannot be reached right now. Safe to retry
+    idempotent requests with backoff."""
+
+    code = grpc.StatusCode.UNAVAILABLE
+
+
+class DeadlineExceeded(FleetError):
+    """The call ran out of time; whether it took effect is unknown."""
+
+    code = grpc.StatusCode.DEADLINE_EXCEEDED
+
+
+class Internal(FleetError):
+    """A bug in Fleet. Never used for anything a client did wrong."""
+
+    code = grpc.StatusCode.INTERNAL
+
+
+class ConfigError(FleetError):
+    """A config file, key or certificate is unusable; raised at start-up.
+
+    The message is one line naming the file, the key and what is wrong, and
+    is printed as-is before the process exits non-zero.
+    """
+
+    code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+_BY_CODE: dict[grpc.StatusCode, type[FleetError]] = {
+    cls.code: cls
+    for cls in (
+        InvalidArgument,
+        NotFound,
+        AlreadyExists,
+        FailedPrecondition,
+        Aborted,
+        PermissionDenied,
+        Unauthenticated,
+        ResourceExhausted,
+        Unavailable,
+        DeadlineExceeded,
+        Internal,
+    )
+}
+
+
+def from_rpc_error(error: grpc.RpcError, *, target: str = "") -> FleetError:
+    """Translate a client-side `grpc.RpcError` into the matching FleetError.
+
+    `target` (an address or node id) is prefixed to the message so a fan-out
+    error says which peer failed.
+    """
+    code: grpc.StatusCode = error.code()
+    details: str = error.details() or code.name
+    message = f"{target}: {details}" if target else details
+    cls = _BY_CODE.get(code)
+    if cls is None:
+        err = FleetError(message)
+        err.code = code  # type: ignore[misc]  # keep the unmapped code for callers
+        return err
+    return cls(message)

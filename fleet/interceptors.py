@@ -1,0 +1,102 @@
+"""The one place where `fleet.errors` become gRPC status codes on a server.
+
+Servicers raise `FleetError` subclasses; `ErrorMappingInterceptor` aborts the
+call with the error's code and message. Anything else escaping a servicer is
+a bug: it is logged with its traceback and answered `INTERNAL`, never
+`UNKNOWN`.
+"""
+
+from __future__ import annotations
+
+import inspect
+import logging
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from fleet.errors import FleetError
+
+__all__ = ["ErrorMappingInterceptor"]
+
+log = logging.getLogger(__name__)
+
+_Context = aio.ServicerContext[Any, Any]
+
+
+async def _abort_for(exc: Exception, context: _Context, method: str) -> None:
+    if isinstance(exc, FleetError):
+        await context.abort(exc.code, exc.message)
+    log.exception("unhandled error in %s", method)
+    await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; see the server log")
+
+
+def _wrap_unary(behavior: Any, method: str) -> Callable[[Any, _Context], Awaitable[Any]]:
+    async def wrapper(request: Any, context: _Context) -> Any:
+        try:
+            return await behavior(request, context)
+        except aio.AbortError:
+            raise
+        except Exception as exc:
+            await _abort_for(exc, context, method)
+            raise  # unreachable: abort raises
+
+    return wrapper
+
+
+def _wrap_stream(behavior: Any, method: str) -> Callable[[Any, _Context], AsyncIterator[Any]]:
+    async def wrapper(request: Any, context: _Context) -> AsyncIterator[Any]:
+        try:
+            result = behavior(request, context)
+            if inspect.isawaitable(result):  # a handler that writes with context.write()
+                await result
+                return
+            async for item in result:
+                yield item
+        except aio.AbortError:
+            raise
+        except Exception as exc:
+            await _abort_for(exc, context, method)
+            raise  # unreachable: abort raises
+
+    return wrapper
+
+
+class ErrorMappingInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Maps `FleetError` to its status code and any other exception to INTERNAL."""
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return handler
+        method = handler_call_details.method
+        if handler.unary_unary is not None:
+            return grpc.unary_unary_rpc_method_handler(
+                _wrap_unary(handler.unary_unary, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.unary_stream is not None:
+            return grpc.unary_stream_rpc_method_handler(
+                _wrap_stream(handler.unary_stream, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_unary is not None:
+            return grpc.stream_unary_rpc_method_handler(
+                _wrap_unary(handler.stream_unary, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        if handler.stream_stream is not None:
+            return grpc.stream_stream_rpc_method_handler(
+                _wrap_stream(handler.stream_stream, method),
+                request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer,
+            )
+        return handler

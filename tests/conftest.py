@@ -1,0 +1,36 @@
+"""Fixtures shared by every test layer."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# --- PostgreSQL ------------------------------------------------------------
+# `make test` exports FLEET_TEST_POSTGRES_URL. Without it (or with the server
+# down) the tests that need PostgreSQL skip with the reason, so a developer
+# without a server can run the rest; under CI (CI=true) that is a failure.
+
+
+def _postgres_unusable(reason: str) -> None:
+    if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
+        pytest.fail(f"PostgreSQL is required under CI: {reason}")
+    pytest.skip(reason)
+
+
+@pytest.fixture
+async def postgres_url() -> str:
+    """The URL of a reachable PostgreSQL (postgresql+asyncpg://...)."""
+    url = os.environ.get("FLEET_TEST_POSTGRES_URL", "")
+    if not url:
+        _postgres_unusable("FLEET_TEST_POSTGRES_URL is not set (make test sets it)")
+    import asyncpg  # local: only PostgreSQL tests pay for it
+
+    dsn = url.replace("postgresql+asyncpg://", "postgresql://", 1)
+    try:
+        conn = await asyncpg.connect(dsn, timeout=5)
+    except (OSError, asyncpg.PostgresError) as exc:
+        _postgres_unusable(f"PostgreSQL at {dsn} is unreachable: {exc}")
+    else:
+        await conn.close()
+    return url
