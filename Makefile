@@ -13,7 +13,7 @@ PROTOS := $(wildcard protos/fleet/v1/*.proto)
 FLEET_TEST_POSTGRES_URL ?= postgresql+asyncpg://postgres@127.0.0.1:5432/test
 export FLEET_TEST_POSTGRES_URL
 
-.PHONY: help setup test lint proto proto-check fmt clean
+.PHONY: help setup test lint proto proto-check proto-breaking fmt clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -54,6 +54,9 @@ proto: setup  ## regenerate fleet/v1 (messages, gRPC stubs, mypy stubs) offline
 proto-check: proto  ## fail if the committed generated code is stale
 	@git diff --exit-code --stat -- fleet/v1 || { echo "fleet/v1 is stale: run 'make proto' and commit the result" >&2; exit 1; }
 	@test -z "$$(git ls-files --others --exclude-standard fleet/v1)" || { echo "fleet/v1 has uncommitted generated files: run 'make proto' and commit them" >&2; exit 1; }
+
+proto-breaking: setup  ## buf breaking-change check of protos/ against the main branch
+	cd protos && ../$(BUF) breaking --against '../.git#branch=main,subdir=protos'
 
 clean:  ## remove the venv, node_modules and caches
 	rm -rf $(VENV) node_modules .mypy_cache .ruff_cache .pytest_cache .hypothesis
