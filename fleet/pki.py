@@ -1,0 +1,407 @@
+"""A private CA for one fleet, and the certificates it issues.
+
+Every certificate carries its identity as a SAN URI
+``spiffe://<trust-domain>/<role>/<name>`` plus the DNS name
+``<name>.<role>.<trust-domain>`` that clients use for the TLS hostname check
+(so a client proves it reached the identity it meant to dial). The CA is
+name-constrained to its trust domain's URIs, so the TLS layer itself refuses
+a leaf claiming another trust domain.
+
+Tests mint a fresh CA per test with this module; operators can use it or
+``scripts/generate_test_certs.sh`` (openssl), which makes the same layout.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import ipaddress
+import os
+import re
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal, cast, get_args
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from fleet.errors import ConfigError
+
+if TYPE_CHECKING:
+    from fleet.tls import TLSConfig
+
+__all__ = [
+    "ROLES",
+    "CertificateAuthority",
+    "Identity",
+    "IssuedCertificate",
+    "Role",
+    "write_file_atomic",
+]
+
+Role = Literal["manager", "node", "operator"]
+ROLES: tuple[Role, ...] = get_args(Role)
+
+# Kubernetes label-value syntax (what node ids use), and DNS names for trust domains.
+_NAME_RE = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9._-]{0,61}[A-Za-z0-9])?")
+_LABEL = r"[a-z0-9](?:[a-z0-9-]{0,61}[a-z0-9])?"
+_TRUST_DOMAIN_RE = re.compile(rf"{_LABEL}(?:\.{_LABEL})*")
+_URI_RE = re.compile(r"spiffe://([^/]+)/([^/]+)/([^/]+)")
+
+# Leaves start a little in the past so a peer with a slightly slow clock accepts them.
+_CLOCK_SKEW = dt.timedelta(minutes=5)
+
+
+@dataclass(frozen=True)
+class Identity:
+    """Who a certificate speaks for: ``spiffe://<trust_domain>/<role>/<name>``."""
+
+    role: Role
+    """manager, node or operator: what the holder may call."""
+    name: str
+    """The node id, manager replica or operator name (label-value syntax)."""
+    trust_domain: str
+    """The fleet this identity belongs to (one CA per trust domain)."""
+
+    def __post_init__(self) -> None:
+        if self.role not in ROLES:
+            raise ValueError(f"role {self.role!r} is not one of {', '.join(ROLES)}")
+        if not _NAME_RE.fullmatch(self.name):
+            raise ValueError(
+                f"name {self.name!r} must be 1-63 letters, digits, '.', '_' or '-',"
+                " starting and ending with a letter or digit"
+            )
+        check_trust_domain(self.trust_domain)
+
+    @property
+    def uri(self) -> str:
+        """The SPIFFE ID carried as the certificate's SAN URI."""
+        return f"spiffe://{self.trust_domain}/{self.role}/{self.name}"
+
+    @property
+    def server_name(self) -> str:
+        """The DNS SAN every leaf carries; dial with it to check the peer's identity."""
+        return f"{self.name}.{self.role}.{self.trust_domain}"
+
+    def __str__(self) -> str:
+        return f"{self.role}/{self.name}"
+
+    @classmethod
+    def from_uri(cls, uri: str) -> Identity:
+        """Parse ``spiffe://<td>/<role>/<name>``; ValueError says what is wrong."""
+        match = _URI_RE.fullmatch(uri)
+        if match is None:
+            raise ValueError(f"{uri!r} is not of the form spiffe://<trust-domain>/<role>/<name>")
+        trust_domain, role, name = match.groups()
+        if role not in ROLES:
+            raise ValueError(f"{uri!r}: role {role!r} is not one of {', '.join(ROLES)}")
+        return cls(cast(Role, role), name, trust_domain)
+
+
+def check_trust_domain(trust_domain: str) -> str:
+    """Return `trust_domain` if it is a lower-case DNS name, else raise ValueError."""
+    if len(trust_domain) > 253 or not _TRUST_DOMAIN_RE.fullmatch(trust_domain):
+        raise ValueError(f"trust domain {trust_domain!r} must be a lower-case DNS name")
+    return trust_domain
+
+
+def write_file_atomic(path: Path, data: bytes, *, mode: int) -> None:
+    """Write `data` to `path` with `mode` so readers see the old or the new file, never half.
+
+    The temporary file is created with `mode` from the start, so a private key
+    is never readable by others, not even for a moment.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+
+
+def _new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _key_usage(*, ca: bool) -> x509.KeyUsage:
+    return x509.KeyUsage(
+        digital_signature=True,
+        content_commitment=False,
+        key_encipherment=False,
+        data_encipherment=False,
+        key_agreement=False,
+        key_cert_sign=ca,
+        crl_sign=ca,
+        encipher_only=False,
+        decipher_only=False,
+    )
+
+
+def _utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+@dataclass(frozen=True)
+class IssuedCertificate:
+    """A leaf certificate, its private key and the CA that signed it (all PEM)."""
+
+    identity: Identity
+    """The identity in the certificate's SAN URI."""
+    cert_pem: bytes
+    """The leaf certificate."""
+    key_pem: bytes
+    """The leaf's unencrypted PKCS#8 private key; keep it 0600."""
+    ca_pem: bytes
+    """The issuing CA's certificate, which peers must trust."""
+
+    @property
+    def certificate(self) -> x509.Certificate:
+        """The parsed leaf (serial, validity, extensions)."""
+        return x509.load_pem_x509_certificate(self.cert_pem)
+
+    def write(self, directory: str | Path, stem: str | None = None) -> TLSConfig:
+        """Write ``<stem>.pem``, ``<stem>-key.pem`` (0600) and ``ca.pem`` into `directory`.
+
+        `stem` defaults to ``<role>-<name>``. Each file is replaced atomically,
+        so a server reloading its files never sees a half-written one.
+        """
+        from fleet.tls import TLSConfig  # here: fleet.tls imports this module
+
+        directory = Path(directory)
+        stem = stem or f"{self.identity.role}-{self.identity.name}"
+        cfg = TLSConfig(
+            ca_file=directory / "ca.pem",
+            cert_file=directory / f"{stem}.pem",
+            key_file=directory / f"{stem}-key.pem",
+        )
+        # Key first: a reader pairing the new key with the old cert fails
+        # validation and keeps its old pair until the cert lands too.
+        write_file_atomic(cfg.key_file, self.key_pem, mode=0o600)
+        write_file_atomic(cfg.cert_file, self.cert_pem, mode=0o644)
+        write_file_atomic(cfg.ca_file, self.ca_pem, mode=0o644)
+        return cfg
+
+
+class CertificateAuthority:
+    """One fleet's private CA: signs every manager, node and operator certificate."""
+
+    def __init__(self, trust_domain: str, cert_pem: bytes, key_pem: bytes) -> None:
+        self.trust_domain = check_trust_domain(trust_domain)
+        self.cert_pem = cert_pem
+        self.key_pem = key_pem
+        self._cert = x509.load_pem_x509_certificate(cert_pem)
+        key = serialization.load_pem_private_key(key_pem, password=None)
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise TypeError("the CA key must be an EC key")
+        self._key = key
+
+    @classmethod
+    def create(
+        cls,
+        trust_domain: str = "fleet.local",
+        *,
+        common_name: str = "Fleet CA",
+        valid_days: int = 3650,
+        now: dt.datetime | None = None,
+    ) -> CertificateAuthority:
+        """Make a new CA (EC P-256) for `trust_domain`, valid from `now` for `valid_days`."""
+        check_trust_domain(trust_domain)
+        now = now or _utcnow()
+        key = _new_key()
+        name = x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Fleet"),
+                x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, trust_domain),
+                x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+            ]
+        )
+        ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - _CLOCK_SKEW)
+            .not_valid_after(now + dt.timedelta(days=valid_days))
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(_key_usage(ca=True), critical=True)
+            .add_extension(ski, critical=False)
+            # The CA's own SPIFFE ID names its trust domain (read back by load()).
+            .add_extension(
+                x509.SubjectAlternativeName(
+                    [x509.UniformResourceIdentifier(f"spiffe://{trust_domain}")]
+                ),
+                critical=False,
+            )
+            # Only URIs are constrained: leaves may carry any DNS name or IP.
+            .add_extension(
+                x509.NameConstraints(
+                    permitted_subtrees=[x509.UniformResourceIdentifier(trust_domain)],
+                    excluded_subtrees=None,
+                ),
+                critical=True,
+            )
+            .sign(key, hashes.SHA256())
+        )
+        return cls(trust_domain, cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
+
+    @classmethod
+    def load(cls, cert_path: str | Path, key_path: str | Path) -> CertificateAuthority:
+        """Load a CA written by `write` or the openssl script; one-line ConfigError if unusable."""
+        cert_path, key_path = Path(cert_path), Path(key_path)
+        cert_pem = _read(cert_path, "CA certificate")
+        key_pem = _read(key_path, "CA key")
+        try:
+            cert = x509.load_pem_x509_certificate(cert_pem)
+        except ValueError:
+            raise ConfigError(f"CA certificate {cert_path}: not a PEM certificate") from None
+        try:
+            key = serialization.load_pem_private_key(key_pem, password=None)
+        except (ValueError, TypeError) as exc:
+            raise ConfigError(f"CA key {key_path}: not an unencrypted PEM key ({exc})") from None
+        if not isinstance(key, ec.EllipticCurvePrivateKey):
+            raise ConfigError(f"CA key {key_path}: not an EC key")
+        if key.public_key() != cert.public_key():
+            raise ConfigError(f"CA key {key_path}: does not match the certificate {cert_path}")
+        try:
+            constraints = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+        except x509.ExtensionNotFound:
+            constraints = None
+        if constraints is None or not constraints.ca:
+            raise ConfigError(f"CA certificate {cert_path}: not a CA (basicConstraints CA:false)")
+        trust_domain = _ca_trust_domain(cert)
+        if trust_domain is None:
+            raise ConfigError(
+                f"CA certificate {cert_path}: names no trust domain (no spiffe://<td> SAN URI)"
+            )
+        return cls(trust_domain, cert_pem, key_pem)
+
+    def issue(
+        self,
+        role: Role,
+        name: str,
+        *,
+        hostnames: Iterable[str] = (),
+        ips: Iterable[str] = (),
+        valid_days: int = 365,
+        not_before: dt.datetime | None = None,
+        not_after: dt.datetime | None = None,
+    ) -> IssuedCertificate:
+        """Issue a leaf for ``<role>/<name>`` in this CA's trust domain.
+
+        The SAN holds the SPIFFE URI, ``<name>.<role>.<td>``, ``manager.<td>``
+        for managers, and the given `hostnames` and `ips`. `not_before` /
+        `not_after` override the validity (tests use them for expired and
+        not-yet-valid certificates).
+        """
+        identity = Identity(role, name, self.trust_domain)
+        start = not_before or (_utcnow() - _CLOCK_SKEW)
+        end = not_after or (start + _CLOCK_SKEW + dt.timedelta(days=valid_days))
+        dns = [identity.server_name]
+        if role == "manager":
+            dns.append(f"manager.{self.trust_domain}")
+        dns.extend(h for h in hostnames if h not in dns)
+        sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(identity.uri)]
+        sans.extend(x509.DNSName(h) for h in dns)
+        sans.extend(x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips)
+        key = _new_key()
+        ca_ski = self._cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(
+                x509.Name(
+                    [
+                        x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Fleet"),
+                        x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role),
+                        x509.NameAttribute(NameOID.COMMON_NAME, identity.server_name),
+                    ]
+                )
+            )
+            .issuer_name(self._cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(start)
+            .not_valid_after(end)
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(_key_usage(ca=False), critical=True)
+            .add_extension(
+                x509.ExtendedKeyUsage(
+                    [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH]
+                ),
+                critical=False,
+            )
+            .add_extension(x509.SubjectAlternativeName(sans), critical=False)
+            .add_extension(
+                x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
+            )
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
+                critical=False,
+            )
+            .sign(self._key, hashes.SHA256())
+        )
+        return IssuedCertificate(
+            identity=identity,
+            cert_pem=cert.public_bytes(serialization.Encoding.PEM),
+            key_pem=_key_pem(key),
+            ca_pem=self.cert_pem,
+        )
+
+    def write(self, directory: str | Path, *, overwrite: bool = False) -> tuple[Path, Path]:
+        """Write ``ca.pem`` and ``ca-key.pem`` (0600); refuse to replace a CA key unless told.
+
+        Replacing a CA invalidates every certificate it issued, hence the guard.
+        """
+        directory = Path(directory)
+        cert_path, key_path = directory / "ca.pem", directory / "ca-key.pem"
+        if not overwrite and key_path.exists():
+            raise FileExistsError(
+                f"{key_path} exists; refusing to replace the CA (pass overwrite=True)"
+            )
+        write_file_atomic(key_path, self.key_pem, mode=0o600)
+        write_file_atomic(cert_path, self.cert_pem, mode=0o644)
+        return cert_path, key_path
+
+
+def _read(path: Path, what: str) -> bytes:
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{what} {path}: no such file") from None
+    except OSError as exc:
+        raise ConfigError(f"{what} {path}: cannot read it ({exc.strerror})") from None
+
+
+def _ca_trust_domain(cert: x509.Certificate) -> str | None:
+    """The trust domain a CA names: its spiffe://<td> SAN URI, else its URI name constraint."""
+    with contextlib.suppress(x509.ExtensionNotFound):
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        for uri in san.get_values_for_type(x509.UniformResourceIdentifier):
+            if uri.startswith("spiffe://") and "/" not in uri[len("spiffe://") :]:
+                return uri[len("spiffe://") :]
+    with contextlib.suppress(x509.ExtensionNotFound):
+        nc = cert.extensions.get_extension_for_class(x509.NameConstraints).value
+        for sub in nc.permitted_subtrees or ():
+            if isinstance(sub, x509.UniformResourceIdentifier):
+                return sub.value
+    return None

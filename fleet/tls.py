@@ -1,0 +1,341 @@
+"""Mutual TLS for every Fleet gRPC connection, and the caller's identity.
+
+Servers require and verify client certificates against the fleet CA, and
+pick up replaced certificate, key or CA files on the next handshake (no
+restart). Clients check the server's identity through the TLS hostname check:
+`channel_options(identity.server_name)` makes the handshake fail unless the
+peer holds that identity's certificate.
+
+The TLS version floor is TLS 1.2, gRPC's own default (BoringSSL); grpcio
+offers no knob for it, so there is none here.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+
+from fleet.errors import ConfigError, PermissionDenied, Unauthenticated
+from fleet.pki import Identity, Role
+
+__all__ = [
+    "TLSConfig",
+    "channel_credentials",
+    "channel_options",
+    "identity_from_auth_context",
+    "peer_identity",
+    "require_node",
+    "require_role",
+    "server_credentials",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    """Where a process finds its certificate, key and the fleet CA."""
+
+    ca_file: Path
+    """PEM certificate(s) of the fleet CA; peers must be signed by it."""
+    cert_file: Path
+    """PEM certificate of this process (first entry the leaf, intermediates after)."""
+    key_file: Path
+    """PEM private key of `cert_file`, unencrypted, mode 0600."""
+
+    def validate(self, *, now: dt.datetime | None = None) -> None:
+        """Check the three files are usable together; ConfigError with one line if not."""
+        self._load(now=now)
+
+    def identity(self) -> Identity:
+        """The Fleet identity in this certificate's SAN URI (validates the files first)."""
+        return self._load(now=None).identity
+
+    def _load(self, *, now: dt.datetime | None) -> _Loaded:
+        now = now or dt.datetime.now(dt.UTC)
+        ca_pem = _read(self.ca_file, "CA")
+        cert_pem = _read(self.cert_file, "certificate")
+        key_pem = _read(self.key_file, "key")
+        cas = _parse_certs(self.ca_file, ca_pem, "CA")
+        chain = _parse_certs(self.cert_file, cert_pem, "certificate")
+        leaf = chain[0]
+        try:
+            key: PrivateKeyTypes = serialization.load_pem_private_key(key_pem, password=None)
+        except TypeError:
+            raise ConfigError(
+                f"TLS key file {self.key_file}: the key is encrypted; Fleet needs it unencrypted"
+            ) from None
+        except ValueError:
+            raise ConfigError(f"TLS key file {self.key_file}: not a PEM private key") from None
+        if _public_der(key.public_key()) != _public_der(leaf.public_key()):
+            raise ConfigError(
+                f"TLS key file {self.key_file}: does not match the certificate {self.cert_file}"
+            )
+        for path, cert in [(self.cert_file, leaf), *((self.ca_file, ca) for ca in cas)]:
+            what = "CA" if path == self.ca_file else "certificate"
+            _check_dates(path, what, cert, now)
+        if not any(_signed_by(c, ca) for ca in cas for c in chain):
+            raise ConfigError(
+                f"TLS certificate file {self.cert_file}: not signed by the CA in {self.ca_file}"
+                f" (issuer {leaf.issuer.rfc4514_string()!r},"
+                f" CA {cas[0].subject.rfc4514_string()!r})"
+            )
+        try:
+            identity = _identity_of(leaf)
+        except ValueError as exc:
+            raise ConfigError(f"TLS certificate file {self.cert_file}: {exc}") from None
+        return _Loaded(ca_pem, cert_pem, key_pem, identity)
+
+
+@dataclass(frozen=True)
+class _Loaded:
+    ca_pem: bytes
+    cert_pem: bytes
+    key_pem: bytes
+    identity: Identity
+
+
+_LABELS = {"CA": "TLS CA file", "certificate": "TLS certificate file", "key": "TLS key file"}
+
+
+def _read(path: Path, what: str) -> bytes:
+    label = _LABELS[what]
+    try:
+        return path.read_bytes()
+    except FileNotFoundError:
+        raise ConfigError(f"{label} {path}: no such file") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{label} {path}: is a directory, not a file") from None
+    except OSError as exc:
+        raise ConfigError(f"{label} {path}: cannot read it ({exc.strerror})") from None
+
+
+def _parse_certs(path: Path, pem: bytes, what: str) -> list[x509.Certificate]:
+    try:
+        certs = x509.load_pem_x509_certificates(pem)
+    except ValueError:
+        certs = []
+    if not certs:
+        raise ConfigError(f"{_LABELS[what]} {path}: not a PEM certificate")
+    return certs
+
+
+def _public_der(key: Any) -> bytes:
+    der: bytes = key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return der
+
+
+def _fmt(t: dt.datetime) -> str:
+    return t.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def _check_dates(path: Path, what: str, cert: x509.Certificate, now: dt.datetime) -> None:
+    if now > cert.not_valid_after_utc:
+        raise ConfigError(
+            f"{_LABELS[what]} {path}: expired on {_fmt(cert.not_valid_after_utc)}"
+            f" (now {_fmt(now)}); issue a new one"
+        )
+    if now < cert.not_valid_before_utc:
+        raise ConfigError(
+            f"{_LABELS[what]} {path}: not valid until {_fmt(cert.not_valid_before_utc)}"
+            f" (now {_fmt(now)}); check this host's clock"
+        )
+
+
+def _signed_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def _identity_of(cert: x509.Certificate) -> Identity:
+    """The one spiffe:// SAN URI of `cert` as an Identity; ValueError if none or several."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    except x509.ExtensionNotFound:
+        uris = []
+    return _one_identity(uris)
+
+
+def _one_identity(uris: Sequence[str]) -> Identity:
+    spiffe = [u for u in uris if u.startswith("spiffe://")]
+    if len(spiffe) != 1:
+        found = "no" if not spiffe else f"{len(spiffe)}"
+        raise ValueError(
+            f"the certificate carries {found} spiffe:// SAN URIs;"
+            " Fleet needs exactly one spiffe://<trust-domain>/<role>/<name>"
+        )
+    return Identity.from_uri(spiffe[0])
+
+
+class _Reloader:
+    """Serves the files' current contents; grpc asks before every handshake.
+
+    Files are re-read only when their (mtime, size, inode) change. New files
+    that do not validate (half-written, expired, wrong CA) are ignored with a
+    warning, and the last good ones keep serving.
+    """
+
+    def __init__(self, cfg: TLSConfig) -> None:
+        self._cfg = cfg
+        self._stamp = self._stat()
+        loaded = cfg._load(now=None)
+        self.initial = self._config(loaded)
+        self._rejected: tuple[tuple[int, ...], ...] | None = None
+
+    def _stat(self) -> tuple[tuple[int, ...], ...]:
+        stamps: list[tuple[int, ...]] = []
+        for path in (self._cfg.ca_file, self._cfg.cert_file, self._cfg.key_file):
+            try:
+                st = os.stat(path)
+            except OSError:
+                stamps.append((-1,))
+            else:
+                stamps.append((st.st_mtime_ns, st.st_size, st.st_ino))
+        return tuple(stamps)
+
+    @staticmethod
+    def _config(loaded: _Loaded) -> Any:
+        return grpc.ssl_server_certificate_configuration(
+            [(loaded.key_pem, loaded.cert_pem)], root_certificates=loaded.ca_pem
+        )
+
+    def fetch(self) -> Any:
+        """Return a new configuration if the files changed and validate, else None."""
+        try:
+            stamp = self._stat()
+            if stamp in (self._stamp, self._rejected):
+                return None
+            try:
+                loaded = self._cfg._load(now=None)
+            except ConfigError as exc:
+                if self._warned != stamp:
+                    log.warning(
+                        "TLS files changed but are unusable, still serving the old: %s", exc
+                    )
+                    self._warned = stamp
+                return None
+            self._stamp = stamp
+            log.info("TLS certificate reloaded: %s (%s)", loaded.identity, self._cfg.cert_file)
+            return self._config(loaded)
+        except Exception:  # an exception must never escape into grpc's handshake
+            log.exception("TLS reload failed; still serving the old certificate")
+            return None
+
+
+def server_credentials(cfg: TLSConfig) -> grpc.ServerCredentials:
+    """mTLS server credentials: client certificates required and verified by the CA.
+
+    Validates the files first (ConfigError). Replaced files are used from the
+    next handshake on; established connections keep their session.
+    """
+    reloader = _Reloader(cfg)
+    return grpc.dynamic_ssl_server_credentials(
+        reloader.initial, reloader.fetch, require_client_authentication=True
+    )
+
+
+def channel_credentials(cfg: TLSConfig) -> grpc.ChannelCredentials:
+    """mTLS client credentials from `cfg`; validates the files first (ConfigError)."""
+    loaded = cfg._load(now=None)
+    return grpc.ssl_channel_credentials(
+        root_certificates=loaded.ca_pem,
+        private_key=loaded.key_pem,
+        certificate_chain=loaded.cert_pem,
+    )
+
+
+def channel_options(server_name: str) -> list[tuple[str, Any]]:
+    """Channel options that make the TLS hostname check expect `server_name`.
+
+    Pass `Identity(...).server_name` (or ``manager.<td>``): the handshake then
+    fails unless the server's certificate carries that DNS SAN, i.e. unless the
+    peer is the identity the caller meant to reach, whatever address it dialed.
+    """
+    return [("grpc.ssl_target_name_override", server_name)]
+
+
+def identity_from_auth_context(
+    auth: Mapping[str, Iterable[bytes]], *, trust_domain: str | None = None
+) -> Identity:
+    """The peer's Identity from a gRPC auth context (plain mapping); Unauthenticated if none.
+
+    The peer certificate is parsed with cryptography (reliable for URIs);
+    without it, the SAN list grpc extracted is used. With `trust_domain`,
+    an identity from another trust domain is PermissionDenied.
+    """
+    uris: list[str] = []
+    pems = list(auth.get("x509_pem_cert", ()))
+    if pems:
+        try:
+            cert = x509.load_pem_x509_certificate(pems[0])
+        except ValueError:
+            raise Unauthenticated("the client certificate could not be parsed") from None
+        try:
+            identity = _identity_of(cert)
+        except ValueError as exc:
+            raise Unauthenticated(f"client certificate: {exc}") from None
+    else:
+        uris = [v.decode("utf-8", "replace") for v in auth.get("x509_subject_alternative_name", [])]
+        if not uris:
+            raise Unauthenticated("no client certificate was presented; Fleet requires mTLS")
+        try:
+            identity = _one_identity(uris)
+        except ValueError as exc:
+            raise Unauthenticated(f"client certificate: {exc}") from None
+    if trust_domain is not None and identity.trust_domain != trust_domain:
+        raise PermissionDenied(
+            f"{identity} belongs to trust domain {identity.trust_domain!r};"
+            f" this server serves {trust_domain!r}"
+        )
+    return identity
+
+
+def peer_identity(
+    context: grpc.aio.ServicerContext[Any, Any], *, trust_domain: str | None = None
+) -> Identity:
+    """The calling peer's Identity (Unauthenticated if it presented none).
+
+    Fleet CAs are name-constrained to their trust domain, so the handshake
+    already refuses foreign identities; pass `trust_domain` to check it here
+    too (needed with a CA that has no name constraint).
+    """
+    auth = context.auth_context()
+    return identity_from_auth_context(auth, trust_domain=trust_domain)
+
+
+def require_role(
+    context: grpc.aio.ServicerContext[Any, Any], *roles: Role, trust_domain: str | None = None
+) -> Identity:
+    """The caller's Identity if its role is one of `roles`, else PermissionDenied."""
+    identity = peer_identity(context, trust_domain=trust_domain)
+    if identity.role not in roles:
+        needed = " or ".join(roles)
+        raise PermissionDenied(f"{identity} may not call this; it needs a {needed} certificate")
+    return identity
+
+
+def require_node(
+    context: grpc.aio.ServicerContext[Any, Any], node_id: str, *, trust_domain: str | None = None
+) -> Identity:
+    """The caller's Identity if it is ``node/<node_id>``; a node may only speak for itself."""
+    identity = require_role(context, "node", trust_domain=trust_domain)
+    if identity.name != node_id:
+        raise PermissionDenied(f"{identity} may not speak for node {node_id}")
+    return identity
