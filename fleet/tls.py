@@ -225,11 +225,8 @@ class _Reloader:
             try:
                 loaded = self._cfg._load(now=None)
             except ConfigError as exc:
-                if self._warned != stamp:
-                    log.warning(
-                        "TLS files changed but are unusable, still serving the old: %s", exc
-                    )
-                    self._warned = stamp
+                log.warning("TLS files changed but are unusable, still serving the old: %s", exc)
+                self._rejected = stamp  # warn once per change, not once per handshake
                 return None
             self._stamp = stamp
             log.info("TLS certificate reloaded: %s (%s)", loaded.identity, self._cfg.cert_file)
