@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import pytest
+
+from fleet.pki import CertificateAuthority, Role
+from fleet.tls import TLSConfig
 
 # --- PostgreSQL ------------------------------------------------------------
 # `make test` exports FLEET_TEST_POSTGRES_URL. Without it (or with the server
@@ -34,3 +40,33 @@ async def postgres_url() -> str:
     else:
         await conn.close()
     return url
+
+
+# --- PKI -------------------------------------------------------------------
+# A fresh CA per test, so no test depends on certificates another one made.
+
+
+@dataclass(frozen=True)
+class PkiFixture:
+    """A per-test CA and a helper writing its certificates under tmp_path."""
+
+    ca: CertificateAuthority
+    """The test's own CA."""
+    root: Path
+    """Where `issue` writes: <root>/<role>-<name>/."""
+
+    @property
+    def trust_domain(self) -> str:
+        """The CA's trust domain (fleet.local)."""
+        return self.ca.trust_domain
+
+    def issue(self, role: Role, name: str, **kw: Any) -> TLSConfig:
+        """Issue <role>/<name> (kwargs as CertificateAuthority.issue) and return its TLSConfig."""
+        issued = self.ca.issue(role, name, **kw)
+        return issued.write(self.root / f"{role}-{name}")
+
+
+@pytest.fixture
+def pki(tmp_path: Path) -> PkiFixture:
+    """A fresh CertificateAuthority for this test, issuing into tmp_path."""
+    return PkiFixture(ca=CertificateAuthority.create(), root=tmp_path)
