@@ -1,0 +1,1 @@
+"""The daemon's supervisor: agent specs, the lifecycle table, processes, logs, state files."""

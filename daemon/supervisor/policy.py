@@ -1,0 +1,117 @@
+"""Pure restart decisions: what happens after an agent's process exits.
+
+- Exited before `start_secs` (a failed start): BACKOFF with an exponential,
+  jittered delay; after `max_retries` such exits in a row, FATAL. Exception:
+  an early exit with an expected code when restart is not "always" is a
+  program that simply finished quickly, so it is EXITED, not retried.
+- Exited after `start_secs` (it had reached RUNNING, so the retry count
+  starts over): the restart policy decides. "always" restarts, "on-failure"
+  restarts unless the exit code is expected, "never" leaves it EXITED.
+
+An exit code of -N means "killed by signal N"; -1 also stands for an
+unknown code (a re-adopted agent is not our child, so it cannot be reaped).
+Neither is ever an expected code.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+import random
+import signal
+from dataclasses import dataclass
+
+from daemon.supervisor.spec import AgentSpec, BackoffSpec
+
+__all__ = ["Action", "Decision", "backoff_delay", "decide_after_exit", "describe_exit"]
+
+
+class Action(enum.Enum):
+    """What the supervisor does next."""
+
+    BACKOFF = "backoff"
+    """Wait `Decision.delay`, then start again."""
+    RESTART = "restart"
+    """Start again now (via EXITED)."""
+    EXIT = "exit"
+    """Stay EXITED."""
+    FATAL = "fatal"
+    """Give up: FATAL until an operator starts it."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The outcome of `decide_after_exit`."""
+
+    action: Action
+    """What to do next."""
+    delay: float
+    """Seconds to wait before the next start (BACKOFF only, else 0)."""
+    retries: int
+    """Early exits in a row after this one (0 once the agent had reached RUNNING)."""
+    message: str
+    """One line for the agent's snapshot, e.g. "exited too quickly (exit code 1)"."""
+
+
+def backoff_delay(attempt: int, spec: BackoffSpec, rng: random.Random | None = None) -> float:
+    """Delay before retry `attempt` (0-based): initial*multiplier**attempt, capped, jittered.
+
+    Jitter takes a random fraction (up to `spec.jitter`) off the delay, so the
+    result lies in [d*(1-jitter), d] with d = min(max, initial*multiplier**attempt).
+    """
+    try:
+        raw = spec.initial * spec.multiplier ** max(0, attempt)
+    except OverflowError:
+        raw = math.inf
+    base = min(spec.max, raw)
+    if spec.jitter <= 0 or base <= 0:
+        return base
+    r = (rng or random).random()
+    return base * (1.0 - spec.jitter * r)
+
+
+def describe_exit(exit_code: int, *, adopted: bool = False) -> str:
+    """ "exit code 3", "killed by SIGKILL", or the re-adopted unknown case."""
+    if adopted:
+        return "exit code unknown: agent was re-adopted"
+    if exit_code < 0:
+        try:
+            return f"killed by {signal.Signals(-exit_code).name}"
+        except ValueError:
+            return f"killed by signal {-exit_code}"
+    return f"exit code {exit_code}"
+
+
+def decide_after_exit(
+    spec: AgentSpec,
+    exit_code: int,
+    ran_for: float,
+    retries: int,
+    rng: random.Random | None = None,
+    *,
+    adopted: bool = False,
+) -> Decision:
+    """Decide what follows an exit after `ran_for` seconds with `retries` early exits before it."""
+    how = describe_exit(exit_code, adopted=adopted)
+    expected = exit_code >= 0 and not adopted and exit_code in spec.expected_exit_codes
+    if ran_for < spec.start_secs:
+        if expected and spec.restart != "always":
+            return Decision(Action.EXIT, 0.0, 0, f"exited ({how})")
+        failures = retries + 1
+        if failures > spec.max_retries:
+            return Decision(
+                Action.FATAL,
+                0.0,
+                failures,
+                f"exited too quickly ({how}) {failures} times in a row; gave up",
+            )
+        delay = backoff_delay(retries, spec.backoff, rng)
+        return Decision(
+            Action.BACKOFF,
+            delay,
+            failures,
+            f"exited too quickly ({how}); retry {failures}/{spec.max_retries} in {delay:.2f}s",
+        )
+    if spec.restart == "always" or (spec.restart == "on-failure" and not expected):
+        return Decision(Action.RESTART, 0.0, 0, f"exited ({how}); restarted")
+    return Decision(Action.EXIT, 0.0, 0, f"exited ({how})")

@@ -1,0 +1,116 @@
+"""Agent spec validation (one-line errors naming the field) and the restart hash."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+from daemon.supervisor.spec import (
+    AgentSpec,
+    BackoffSpec,
+    HealthSpec,
+    SpecError,
+    signal_number,
+    spec_from_dict,
+    spec_to_dict,
+)
+from fleet.errors import InvalidArgument
+
+
+def _spec(**kw: object) -> AgentSpec:
+    base: dict[str, object] = {"id": "web-1", "argv": (sys.executable, "-c", "pass")}
+    base.update(kw)
+    return AgentSpec(**base)  # type: ignore[arg-type]
+
+
+def test_valid_spec_passes() -> None:
+    """A plain spec with argv[0] found in PATH validates."""
+    _spec(argv=("sleep", "1"), labels={"tier": "web"}).validate()
+
+
+@pytest.mark.parametrize(
+    ("kw", "needle"),
+    [
+        ({"argv": ()}, "agents[web-1].argv: must not be empty"),
+        ({"argv": ("no-such-program-xyz",)}, "'no-such-program-xyz' not found"),
+        ({"argv": ("./missing.sh",)}, "not found or not executable"),
+        ({"user": "no-such-user-xyz"}, "agents[web-1].user: unknown user 'no-such-user-xyz'"),
+        ({"cwd": "relative/does/not/exist"}, "agents[web-1].cwd: directory 'relative/does"),
+        ({"cwd": "/no/such/dir"}, "does not exist"),
+        ({"stop_timeout": -1.0}, "agents[web-1].stop_timeout: must be >= 0"),
+        ({"start_secs": -0.5}, "agents[web-1].start_secs: must be >= 0"),
+        ({"stop_signal": "SIGNOPE"}, "agents[web-1].stop_signal: unknown signal 'SIGNOPE'"),
+        ({"restart": "sometimes"}, "agents[web-1].restart: must be one of"),
+        ({"max_retries": -1}, "max_retries: must be >= 0"),
+        ({"backoff": BackoffSpec(multiplier=0.5)}, "backoff.multiplier: must be >= 1"),
+        ({"backoff": BackoffSpec(jitter=2.0)}, "backoff.jitter: must be a fraction"),
+        ({"health": HealthSpec(kind="heartbeat", timeout=0)}, "health.timeout: must be > 0"),
+        ({"labels": {"bad key!": "x"}}, "agents[web-1].labels: invalid label key"),
+        ({"expected_exit_codes": (300,)}, "exit codes must be 0..255"),
+        ({"env": {"A=B": "x"}}, "agents[web-1].env: invalid environment variable"),
+        ({"id": "../etc"}, "agent id '../etc' must be"),
+        ({"id": ""}, "agent id '' must be"),
+    ],
+)
+def test_bad_specs_are_refused_with_one_line(kw: dict[str, object], needle: str) -> None:
+    """Each bad field gives a one-line error naming the agent and the field."""
+    with pytest.raises(SpecError) as info:
+        _spec(**kw).validate()
+    message = str(info.value)
+    assert needle in message
+    assert "\n" not in message
+    assert isinstance(info.value, InvalidArgument)
+    assert isinstance(info.value, ValueError)
+
+
+def test_relative_argv_resolves_against_cwd(tmp_path: Path) -> None:
+    """'./run.sh' is looked up in cwd, as the child will see it."""
+    script = tmp_path / "run.sh"
+    script.write_text("#!/bin/sh\n")
+    script.chmod(0o755)
+    _spec(argv=("./run.sh",), cwd=str(tmp_path)).validate()
+    script.chmod(0o644)
+    with pytest.raises(SpecError, match="not found or not executable"):
+        _spec(argv=("./run.sh",), cwd=str(tmp_path)).validate()
+
+
+def test_signal_names() -> None:
+    """Signals are accepted as SIGTERM, TERM or a number."""
+    assert signal_number("SIGTERM") == signal_number("term") == signal_number("15")
+    with pytest.raises(ValueError, match="unknown signal"):
+        signal_number("999")
+
+
+def test_process_hash_changes_only_for_restart_relevant_fields() -> None:
+    """argv/env/cwd/user/version change the hash; policy, labels and config do not."""
+    base = _spec()
+    same = [
+        _spec(config='{"x": 1}'),
+        _spec(labels={"a": "b"}),
+        _spec(stop_timeout=3.0, restart="always", backoff=BackoffSpec(initial=9)),
+    ]
+    for other in same:
+        assert other.process_hash() == base.process_hash()
+    different = [
+        _spec(argv=(sys.executable, "-c", "pass", "x")),
+        _spec(env={"A": "1"}),
+        _spec(cwd=os.getcwd()),
+        _spec(version="2"),
+    ]
+    for other in different:
+        assert other.process_hash() != base.process_hash()
+
+
+def test_round_trip_through_dict() -> None:
+    """spec_from_dict(spec_to_dict(s)) == s, so state files keep every field."""
+    spec = _spec(
+        env={"A": "1"},
+        backoff=BackoffSpec(initial=0.5),
+        health=HealthSpec(kind="heartbeat", timeout=3),
+        expected_exit_codes=(0, 2),
+        labels={"x": "y"},
+    )
+    assert spec_from_dict(spec_to_dict(spec)) == spec
