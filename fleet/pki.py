@@ -99,7 +99,10 @@ class Identity:
         trust_domain, role, name = match.groups()
         if role not in ROLES:
             raise ValueError(f"{uri!r}: role {role!r} is not one of {', '.join(ROLES)}")
-        return cls(cast(Role, role), name, trust_domain)
+        try:
+            return cls(cast(Role, role), name, trust_domain)
+        except ValueError as exc:
+            raise ValueError(f"{uri!r}: {exc}") from None
 
 
 def check_trust_domain(trust_domain: str) -> str:
