@@ -10,6 +10,7 @@ import pytest
 
 from fleet.config import env_var_name, load_config
 from fleet.errors import ConfigError
+from fleet.retry import Backoff
 
 
 @dataclass(frozen=True)
@@ -174,7 +175,7 @@ def test_missing_keys_take_the_dataclass_defaults(tmp_path: Path) -> None:
     assert cfg == Cfg(server=Server(listen="h"))
 
 
-def test_no_file_means_defaults_and_environment(tmp_path: Path) -> None:
+def test_no_file_means_defaults_and_environment() -> None:
     """path=None builds the defaults, with env overrides applied."""
     assert load_config(Defaults, None, env_prefix="X_", environ={}) == Defaults()
     cfg = load_config(
@@ -334,3 +335,21 @@ def test_result_is_frozen(tmp_path: Path) -> None:
     cfg = load(tmp_path, FULL)
     with pytest.raises(AttributeError):
         cfg.name = "other"  # type: ignore[misc]
+
+
+@dataclass(frozen=True)
+class WithBackoff:
+    """A config embedding a shared plumbing dataclass."""
+
+    reconnect: Backoff = field(default_factory=Backoff)
+    """Reconnect policy."""
+
+
+def test_shared_dataclass_constructor_errors_are_config_errors(tmp_path: Path) -> None:
+    """A ValueError from a nested dataclass's own checks names its table."""
+    path = write(tmp_path, "[reconnect]\ninitial = 1\nmultiplier = 0.5\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(WithBackoff, path, env_prefix="F_", environ={})
+    assert str(info.value) == f"{path}: reconnect: multiplier must be >= 1, got 0.5"
+    cfg = load_config(WithBackoff, path, env_prefix="F_", environ={"F_RECONNECT_MULTIPLIER": "3"})
+    assert cfg.reconnect == Backoff(initial=1.0, multiplier=3.0)
