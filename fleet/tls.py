@@ -324,7 +324,7 @@ def require_role(
     identity = peer_identity(context, trust_domain=trust_domain)
     if identity.role not in roles:
         needed = " or ".join(roles)
-        raise PermissionDenied(f"{identity} may not call this; it needs a {needed} certificate")
+        raise PermissionDenied(f"{identity} may not call this; only {needed} certificates may")
     return identity
 
 
