@@ -1,0 +1,195 @@
+"""The manager's configuration: one frozen dataclass per TOML table.
+
+`fleet.config.load_config(ManagerConfig, path, env_prefix=ENV_PREFIX)` reads
+it; every key can be overridden with ``FLEET_MANAGER_<TABLE>_<KEY>``
+(e.g. ``FLEET_MANAGER_DATABASE_URL``). `configs/manager.toml` documents
+every key and is loaded by a test so it never rots.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+__all__ = [
+    "ENV_PREFIX",
+    "DatabaseConfig",
+    "LivenessConfig",
+    "LoggingConfig",
+    "ManagerConfig",
+    "MetricsConfig",
+    "ServerConfig",
+    "TLSFiles",
+]
+
+ENV_PREFIX = "FLEET_MANAGER_"
+"""Prefix of the environment variables that override config keys."""
+
+
+def _check_hostport(value: str, key: str, *, allow_empty: bool = False) -> None:
+    if allow_empty and value == "":
+        return
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"{key}: expected host:port, got {value!r}")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """The gRPC listener and the HTTP metrics endpoint."""
+
+    listen: str = "0.0.0.0:7443"
+    """host:port where ManagerService (mTLS) listens; port 0 picks a free one."""
+    max_receive_message_bytes: int = 4 * 1024 * 1024
+    """Larger requests are refused by gRPC before any handler runs."""
+    shutdown_grace_seconds: float = 10.0
+    """On SIGTERM, in-flight calls get this long to finish before they are cancelled."""
+    metrics_listen: str = "127.0.0.1:9464"
+    """host:port of the Prometheus /metrics endpoint; empty disables it."""
+
+    def validate(self) -> None:
+        _check_hostport(self.listen, "server.listen")
+        _check_hostport(self.metrics_listen, "server.metrics_listen", allow_empty=True)
+        if self.max_receive_message_bytes < 64 * 1024:
+            raise ValueError("server.max_receive_message_bytes: must be at least 65536")
+        if self.shutdown_grace_seconds < 0:
+            raise ValueError("server.shutdown_grace_seconds: must not be negative")
+
+
+@dataclass(frozen=True)
+class TLSFiles:
+    """The manager's certificate (role manager), its key, and the fleet CA."""
+
+    ca_file: Path = Path("/etc/fleet/ca.pem")
+    """CA bundle that signed every node certificate."""
+    cert_file: Path = Path("/etc/fleet/manager.pem")
+    """The manager's own certificate (SAN spiffe://<td>/manager/<name>)."""
+    key_file: Path = Path("/etc/fleet/manager-key.pem")
+    """Private key of cert_file (mode 0600)."""
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    """Where the registry, metrics and events are stored."""
+
+    url: str = ""
+    """sqlite+aiosqlite:///path or postgresql+asyncpg://...; empty = <state_dir>/manager.db."""
+    busy_timeout_ms: int = 5000
+    """SQLite: how long a writer waits for a lock before retrying."""
+    pool_size: int = 10
+    """PostgreSQL: connections per manager process."""
+    migrate_on_start: bool = True
+    """Apply pending migrations at start; false = refuse to start on an old schema."""
+
+    def validate(self) -> None:
+        if self.url and not self.url.startswith(("sqlite+aiosqlite://", "postgresql+asyncpg://")):
+            raise ValueError(
+                f"database.url: must start with sqlite+aiosqlite:// or postgresql+asyncpg://, "
+                f"got {self.url.split('://')[0]!r}"
+            )
+        if self.busy_timeout_ms < 0 or self.pool_size < 1:
+            raise ValueError("database: busy_timeout_ms must be >= 0 and pool_size >= 1")
+
+
+@dataclass(frozen=True)
+class LivenessConfig:
+    """Heartbeat interval scaling and offline detection (Nomad's rules)."""
+
+    min_ttl_seconds: float = 10.0
+    """Shortest heartbeat interval handed out (small fleets)."""
+    max_heartbeat_rate: float = 1000.0
+    """Ceiling of heartbeats/s over the whole fleet: ttl = max(min_ttl, nodes / rate)."""
+    jitter: float = 0.1
+    """Each interval handed out is ttl * (1 + uniform(0, jitter)), so nodes spread out."""
+    grace_seconds: float = 10.0
+    """A node is offline after ttl * (1 + jitter) + grace without a heartbeat."""
+    failover_grace_seconds: float = 300.0
+    """After a start or a sweeper failover, no node is marked offline for this long."""
+    max_clock_skew_seconds: float = 300.0
+    """Heartbeat timestamps further than this from the manager's clock are refused."""
+    flush_interval_seconds: float = 0.5
+    """How often the in-memory last-seen map is written (one batched statement)."""
+    sweep_interval_seconds: float = 1.0
+    """How often the sweeper looks for nodes past their deadline."""
+
+    def validate(self) -> None:
+        if self.min_ttl_seconds <= 0 or self.max_heartbeat_rate <= 0:
+            raise ValueError("liveness: min_ttl_seconds and max_heartbeat_rate must be > 0")
+        if not 0 <= self.jitter <= 1:
+            raise ValueError(f"liveness.jitter: must be within [0, 1], got {self.jitter}")
+        if self.grace_seconds < 0 or self.failover_grace_seconds < 0:
+            raise ValueError("liveness: grace_seconds and failover_grace_seconds must be >= 0")
+        if not 0 < self.flush_interval_seconds <= 1:
+            raise ValueError("liveness.flush_interval_seconds: must be within (0, 1]")
+        if self.sweep_interval_seconds <= 0 or self.max_clock_skew_seconds <= 0:
+            raise ValueError("liveness: sweep_interval_seconds and max_clock_skew_seconds > 0")
+
+
+@dataclass(frozen=True)
+class MetricsConfig:
+    """Metric ingestion limits and retention."""
+
+    raw_retention_hours: float = 24.0
+    """Raw samples are kept this long (and older timestamps are refused)."""
+    rollup_retention_days: float = 30.0
+    """1-minute min/avg/max rollups are kept this long."""
+    max_samples_per_batch: int = 10_000
+    """Larger ReportMetrics batches are INVALID_ARGUMENT (count of values)."""
+    writer_queue_batches: int = 10_000
+    """Batches waiting for a commit; beyond it ReportMetrics is RESOURCE_EXHAUSTED."""
+    max_rows_per_commit: int = 50_000
+    """Group commit: at most this many samples per transaction."""
+    lifecycle_interval_seconds: float = 60.0
+    """How often rollup and prune run (under a lock: one replica at a time)."""
+
+    def validate(self) -> None:
+        if self.raw_retention_hours <= 0:
+            raise ValueError("metrics.raw_retention_hours: must be > 0")
+        if self.rollup_retention_days * 24 < self.raw_retention_hours:
+            raise ValueError("metrics.rollup_retention_days: must cover raw_retention_hours")
+        if self.max_samples_per_batch < 1 or self.writer_queue_batches < 1:
+            raise ValueError("metrics: max_samples_per_batch and writer_queue_batches >= 1")
+        if self.max_rows_per_commit < 1 or self.lifecycle_interval_seconds <= 0:
+            raise ValueError("metrics: max_rows_per_commit >= 1, lifecycle_interval_seconds > 0")
+
+
+@dataclass(frozen=True)
+class LoggingConfig:
+    """Process logging (stderr; journald collects it under systemd)."""
+
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    """Lowest level written."""
+    json: bool = False
+    """One JSON object per line instead of plain text."""
+
+
+@dataclass(frozen=True)
+class ManagerConfig:
+    """Everything `fleet-manager serve` needs."""
+
+    state_dir: Path = Path("/var/lib/fleet-manager")
+    """Directory the manager owns; the default SQLite database lives here."""
+    server: ServerConfig = field(default_factory=ServerConfig)
+    """[server] table."""
+    tls: TLSFiles = field(default_factory=TLSFiles)
+    """[tls] table."""
+    database: DatabaseConfig = field(default_factory=DatabaseConfig)
+    """[database] table."""
+    liveness: LivenessConfig = field(default_factory=LivenessConfig)
+    """[liveness] table."""
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    """[metrics] table."""
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    """[logging] table."""
+
+    def validate(self) -> None:
+        for section in (self.server, self.database, self.liveness, self.metrics):
+            section.validate()
+
+    @property
+    def database_url(self) -> str:
+        """The configured URL, or the SQLite file under state_dir."""
+        if self.database.url:
+            return self.database.url
+        return f"sqlite+aiosqlite:///{(self.state_dir / 'manager.db').resolve()}"

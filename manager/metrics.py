@@ -1,0 +1,128 @@
+"""Prometheus collectors of one manager, in a per-server CollectorRegistry.
+
+A registry per server (not the global one) lets a test run several managers
+in one process and read each one's figures.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+from grpc import aio
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+__all__ = ["ManagerMetrics", "RpcMetricsInterceptor"]
+
+_LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
+
+
+class ManagerMetrics:
+    """Every metric the manager exports."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry if registry is not None else CollectorRegistry()
+        r = self.registry
+        self.rpc_total = Counter(
+            "fleet_manager_rpc",
+            "RPCs handled, by method and status code",
+            ["method", "code"],
+            registry=r,
+        )
+        self.rpc_seconds = Histogram(
+            "fleet_manager_rpc_duration_seconds",
+            "RPC handling time, by method",
+            ["method"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.nodes = Gauge(
+            "fleet_manager_nodes", "Registered nodes by status", ["status"], registry=r
+        )
+        self.metric_queue_depth = Gauge(
+            "fleet_manager_metric_queue_depth", "Metric batches waiting for a commit", registry=r
+        )
+        self.heartbeats_pending = Gauge(
+            "fleet_manager_heartbeats_pending",
+            "Nodes whose last heartbeat is not flushed yet",
+            registry=r,
+        )
+        self.heartbeat_flush_seconds = Histogram(
+            "fleet_manager_heartbeat_flush_seconds",
+            "Time to write the last-seen map",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.metric_commit_seconds = Gauge(
+            "fleet_manager_metric_commit_seconds",
+            "Duration of the last metric group commit",
+            registry=r,
+        )
+        self.sweeper_leader = Gauge(
+            "fleet_sweeper_leader", "1 while this manager holds the sweeper lock", registry=r
+        )
+        self.nodes_marked_offline = Counter(
+            "fleet_manager_nodes_marked_offline",
+            "Nodes this manager's sweeper marked offline",
+            registry=r,
+        )
+
+    def set_node_counts(self, online: int, offline: int) -> None:
+        """Update the nodes-by-status gauge."""
+        self.nodes.labels("online").set(online)
+        self.nodes.labels("offline").set(offline)
+
+    def observe_flush(self, seconds: float, _nodes: int) -> None:
+        """Record one heartbeat flush."""
+        self.heartbeat_flush_seconds.observe(seconds)
+
+
+def _short(method: str) -> str:
+    return method.rsplit("/", 1)[-1]
+
+
+class RpcMetricsInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]
+    """Counts unary RPCs by method and status code and times them.
+
+    Must be outside (before) the ErrorMappingInterceptor so it sees the
+    status the error was mapped to.
+    """
+
+    def __init__(self, metrics: ManagerMetrics) -> None:
+        self._m = metrics
+
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        handler = await continuation(handler_call_details)
+        if handler is None or handler.unary_unary is None:
+            return handler
+        method = _short(handler_call_details.method)
+        inner = handler.unary_unary
+        m = self._m
+
+        async def wrapper(request: Any, context: aio.ServicerContext[Any, Any]) -> Any:
+            started = time.perf_counter()
+            code = "OK"
+            try:
+                return await inner(request, context)
+            except aio.AbortError:
+                status = context.code()
+                code = status.name if isinstance(status, grpc.StatusCode) else "UNKNOWN"
+                raise
+            except BaseException:
+                code = "UNKNOWN"
+                raise
+            finally:
+                m.rpc_total.labels(method, code).inc()
+                m.rpc_seconds.labels(method).observe(time.perf_counter() - started)
+
+        return grpc.unary_unary_rpc_method_handler(
+            wrapper,
+            request_deserializer=handler.request_deserializer,
+            response_serializer=handler.response_serializer,
+        )

@@ -1,0 +1,1 @@
+"""The manager's use cases: decisions between the servicers and storage."""

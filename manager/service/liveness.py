@@ -1,0 +1,102 @@
+"""Liveness decisions as pure functions of plain values and `now`.
+
+Nomad's rule: the manager scales the heartbeat interval with the fleet so the
+total heartbeat rate stays under a ceiling, ``ttl = max(min_ttl, nodes /
+max_rate)``. Each interval handed to a node is stretched by a random factor in
+``[1, 1 + jitter]`` so a fleet registered at once does not heartbeat in
+lock-step; stretching (never shrinking) keeps the rate under the ceiling. A
+node is offline once ``ttl * (1 + jitter) + grace`` passed without a heartbeat,
+i.e. it missed the longest interval it could have been given, plus grace.
+
+After a manager start, or when a replica takes over the sweeper, nothing is
+marked offline for `failover_grace`: daemons that were talking to a dead
+manager need time to reconnect (with backoff) before their silence means
+anything.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+__all__ = [
+    "LivenessPolicy",
+    "TtlHighWater",
+    "heartbeat_ttl",
+    "jittered_interval",
+    "offline_after",
+    "sweep_cutoff",
+]
+
+
+@dataclass(frozen=True)
+class LivenessPolicy:
+    """The liveness knobs in seconds (see `manager.config.LivenessConfig`)."""
+
+    min_ttl: float = 10.0
+    """Shortest interval handed out."""
+    max_rate: float = 1000.0
+    """Fleet-wide heartbeats/s ceiling."""
+    jitter: float = 0.1
+    """Intervals are ttl * uniform(1, 1 + jitter)."""
+    grace: float = 10.0
+    """Extra time past the longest interval before a node is offline."""
+    failover_grace: float = 300.0
+    """Quiet period after a (sweeper) start during which nobody goes offline."""
+
+
+def heartbeat_ttl(nodes: int, min_ttl: float, max_rate: float) -> float:
+    """The base interval in seconds: max(min_ttl, nodes / max_rate)."""
+    if min_ttl <= 0 or max_rate <= 0:
+        raise ValueError("min_ttl and max_rate must be positive")
+    return max(min_ttl, max(nodes, 0) / max_rate)
+
+
+def jittered_interval(ttl: float, jitter: float, rng: random.Random) -> float:
+    """The interval handed to one node: ttl stretched by uniform(0, jitter)."""
+    return ttl * (1.0 + rng.uniform(0.0, jitter))
+
+
+def offline_after(ttl: float, policy: LivenessPolicy) -> float:
+    """Seconds of silence after which a node on base interval `ttl` is offline."""
+    return ttl * (1.0 + policy.jitter) + policy.grace
+
+
+def sweep_cutoff(
+    *, now: float, active_since: float, ttl: float, policy: LivenessPolicy
+) -> float | None:
+    """The last-seen time before which online nodes become offline, or None.
+
+    None while ``now < active_since + failover_grace``: right after the
+    sweeper became active nobody may be marked offline.
+    """
+    if now < active_since + policy.failover_grace:
+        return None
+    return now - offline_after(ttl, policy)
+
+
+@dataclass
+class TtlHighWater:
+    """The largest base ttl handed out recently.
+
+    When the fleet shrinks the ttl shrinks, but nodes still hold the longer
+    interval they were last given; the sweeper must judge them by that one.
+    A ttl stops counting once every node has heartbeated since it was handed
+    out (`offline_after` of it has passed).
+    """
+
+    ttl: float = 0.0
+    """Largest base ttl handed out within its own offline window."""
+    handed_at: float = 0.0
+    """When `ttl` was last handed out."""
+
+    def note(self, ttl: float, now: float, policy: LivenessPolicy) -> None:
+        """Record that `ttl` was handed out at `now`."""
+        if ttl >= self.effective(now, policy):
+            self.ttl, self.handed_at = ttl, now
+
+    def effective(self, now: float, policy: LivenessPolicy) -> float:
+        """The recorded ttl while some node may still hold it, else 0."""
+        if now - self.handed_at > offline_after(self.ttl, policy):
+            return 0.0
+        return self.ttl

@@ -1,0 +1,86 @@
+"""Pure liveness decisions: interval scaling, jitter, offline cutoff, failover grace."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from manager.service.liveness import (
+    LivenessPolicy,
+    TtlHighWater,
+    heartbeat_ttl,
+    jittered_interval,
+    offline_after,
+    sweep_cutoff,
+)
+
+POLICY = LivenessPolicy(min_ttl=10.0, max_rate=100.0, jitter=0.1, grace=10.0, failover_grace=60.0)
+
+
+@pytest.mark.parametrize(
+    ("nodes", "expected"),
+    [(0, 10.0), (1, 10.0), (1000, 10.0), (1001, 10.01), (5000, 50.0), (100_000, 1000.0)],
+)
+def test_ttl_is_min_ttl_until_the_rate_ceiling_binds(nodes: int, expected: float) -> None:
+    """ttl = max(min_ttl, nodes / max_rate): small fleets get min_ttl, big ones a longer one."""
+    assert heartbeat_ttl(nodes, 10.0, 100.0) == pytest.approx(expected)
+
+
+def test_total_heartbeat_rate_never_exceeds_the_ceiling() -> None:
+    """Whatever the fleet size, nodes / interval stays at or under max_rate."""
+    rng = random.Random(1)
+    for nodes in (1, 10, 999, 1000, 1001, 50_000, 1_000_000):
+        ttl = heartbeat_ttl(nodes, POLICY.min_ttl, POLICY.max_rate)
+        shortest = min(jittered_interval(ttl, POLICY.jitter, rng) for _ in range(200))
+        assert nodes / shortest <= POLICY.max_rate + 1e-9
+
+
+def test_jitter_spreads_intervals_within_ttl_and_ttl_times_one_plus_jitter() -> None:
+    """Intervals are spread over [ttl, ttl * (1 + jitter)], not all equal."""
+    rng = random.Random(7)
+    values = [jittered_interval(10.0, 0.1, rng) for _ in range(1000)]
+    assert min(values) >= 10.0
+    assert max(values) <= 11.0
+    assert max(values) - min(values) > 0.5
+
+
+def test_bad_knobs_are_refused() -> None:
+    """A zero min_ttl or rate is a ValueError, not a division by zero later."""
+    with pytest.raises(ValueError, match="positive"):
+        heartbeat_ttl(10, 0.0, 100.0)
+    with pytest.raises(ValueError, match="positive"):
+        heartbeat_ttl(10, 10.0, 0.0)
+
+
+def test_offline_after_longest_interval_plus_grace() -> None:
+    """A node is offline only after missing the longest interval it could hold, plus grace."""
+    assert offline_after(10.0, POLICY) == pytest.approx(10.0 * 1.1 + 10.0)
+
+
+def test_no_cutoff_during_failover_grace() -> None:
+    """Right after the sweeper starts nobody can be marked offline."""
+    assert sweep_cutoff(now=1059.0, active_since=1000.0, ttl=10.0, policy=POLICY) is None
+
+
+def test_cutoff_after_failover_grace() -> None:
+    """After the failover grace the cutoff is now - (ttl * (1 + jitter) + grace)."""
+    cutoff = sweep_cutoff(now=1060.0, active_since=1000.0, ttl=10.0, policy=POLICY)
+    assert cutoff == pytest.approx(1060.0 - 21.0)
+
+
+def test_high_water_keeps_a_shrunk_ttl_until_nodes_could_have_adopted_it() -> None:
+    """After the fleet shrinks, the sweeper still honours the longer interval nodes hold."""
+    hw = TtlHighWater()
+    hw.note(50.0, now=100.0, policy=POLICY)
+    hw.note(10.0, now=101.0, policy=POLICY)  # fleet shrank: smaller ttl handed out
+    assert hw.effective(110.0, POLICY) == 50.0
+    assert hw.effective(100.0 + offline_after(50.0, POLICY) + 1, POLICY) == 0.0
+
+
+def test_high_water_follows_the_latest_larger_ttl() -> None:
+    """A larger ttl handed out later replaces the recorded one."""
+    hw = TtlHighWater()
+    hw.note(10.0, now=0.0, policy=POLICY)
+    hw.note(20.0, now=5.0, policy=POLICY)
+    assert hw.effective(6.0, POLICY) == 20.0
