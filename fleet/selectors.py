@@ -395,12 +395,11 @@ def to_proto(selector: Selector) -> common_pb2.LabelSelector:
     return msg
 
 
-def _label_problem(check: Callable[[str], None], text: str) -> str | None:
+def _check(check: Callable[[str], None], text: str, field: str) -> None:
     try:
         check(text)
     except LabelError as exc:
-        return exc.message
-    return None
+        raise SelectorError(exc.message, field=field) from None
 
 
 def _expression(expr: common_pb2.LabelSelectorRequirement, where: str) -> Requirement:
@@ -409,13 +408,9 @@ def _expression(expr: common_pb2.LabelSelectorRequirement, where: str) -> Requir
         names = ", ".join(common_pb2.SelectorOperator.Name(pb) for pb in _FROM_PB)
         what = "unset" if expr.operator == 0 else f"unknown operator {expr.operator}"
         raise SelectorError(f"{what}; expected one of {names}", field=f"{where}.operator")
-    problem = _label_problem(validate_label_key, expr.key)
-    if problem:
-        raise SelectorError(problem, field=f"{where}.key")
+    _check(validate_label_key, expr.key, f"{where}.key")
     for i, value in enumerate(expr.values):
-        problem = _label_problem(validate_label_value, value)
-        if problem:
-            raise SelectorError(problem, field=f"{where}.values[{i}]")
+        _check(validate_label_value, value, f"{where}.values[{i}]")
     problem = _values_problem(op, tuple(expr.values))
     if problem:
         raise SelectorError(problem, field=f"{where}.values")
@@ -431,12 +426,8 @@ def from_proto(msg: common_pb2.LabelSelector, *, field: str = "selector") -> Sel
     """
     requirements = []
     for key, value in sorted(msg.match_labels.items()):
-        problem = _label_problem(validate_label_key, key)
-        if problem:
-            raise SelectorError(problem, field=f"{field}.match_labels")
-        problem = _label_problem(validate_label_value, value)
-        if problem:
-            raise SelectorError(problem, field=f"{field}.match_labels[{key!r}]")
+        _check(validate_label_key, key, f"{field}.match_labels")
+        _check(validate_label_value, value, f"{field}.match_labels[{key!r}]")
         requirements.append(Requirement(key, Operator.IN, (value,)))
     for i, expr in enumerate(msg.match_expressions):
         requirements.append(_expression(expr, f"{field}.match_expressions[{i}]"))
