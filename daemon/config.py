@@ -1,0 +1,175 @@
+"""The daemon's configuration: `fleet-daemon --config daemon.toml`.
+
+Loaded by `fleet.config.load_config` (TOML + ``FLEET_DAEMON_*`` environment
+overrides); every problem is one `ConfigError` line naming the file and key.
+The node id is not configured but read from the certificate (its SAN
+``spiffe://<td>/node/<name>``): the certificate is what the manager checks,
+so it is the source of truth. A `node_id` in the file is only a guard: if it
+disagrees with the certificate the daemon refuses to start.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from daemon.supervisor.spec import AgentSpec
+from fleet.config import load_config
+from fleet.errors import ConfigError
+from fleet.retry import Backoff
+from fleet.tls import TLSConfig
+
+__all__ = ["ENV_PREFIX", "DaemonConfig", "ManagerLinkConfig", "load_daemon_config"]
+
+ENV_PREFIX = "FLEET_DAEMON_"
+
+
+def _positive(name: str, value: float) -> None:
+    if not value > 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+
+
+@dataclass(frozen=True)
+class ManagerLinkConfig:
+    """How the daemon reaches its manager(s) (table ``[manager]``)."""
+
+    addresses: tuple[str, ...] = ("127.0.0.1:7443",)
+    """host:port of each manager, tried in order; the next one is used when one fails."""
+    server_name: str = ""
+    """TLS name the manager must present; empty means ``manager.<trust domain>``."""
+    heartbeat_interval_seconds: float = 10.0
+    """Seconds between heartbeats until the manager says otherwise (it usually does)."""
+    metrics_interval_seconds: float = 10.0
+    """Seconds between ReportMetrics batches (host sample + agent samples + custom metrics)."""
+    sync_interval_seconds: float = 60.0
+    """Seconds between full SyncAgentStates snapshots (changes are sent right away)."""
+    sync_coalesce_seconds: float = 0.1
+    """Seconds to gather state changes into one SyncAgentStates call."""
+    buffer_batches: int = 360
+    """Metric batches kept while the manager is unreachable (1 h at the default
+    interval); beyond it the oldest batch is dropped, counted and logged."""
+    batch_max_samples: int = 5000
+    """Largest number of samples in one ReportMetrics batch (the manager accepts 10,000)."""
+    rpc_timeout_seconds: float = 10.0
+    """Deadline of each call to the manager, in seconds."""
+    reconnect: Backoff = field(default_factory=lambda: Backoff(initial=0.5, maximum=30.0))
+    """Backoff (full jitter) between failed attempts to reach any manager."""
+    keepalive_time_seconds: float = 10.0
+    """Seconds between HTTP/2 keepalive pings on an idle connection (original design: 10 s)."""
+    keepalive_timeout_seconds: float = 5.0
+    """Seconds to wait for a ping's ack before the connection is declared dead."""
+
+    def validate(self) -> None:
+        """Cross-field checks (ValueError, reported as ConfigError)."""
+        if not self.addresses:
+            raise ValueError("addresses must name at least one manager")
+        for name in (
+            "heartbeat_interval_seconds",
+            "metrics_interval_seconds",
+            "sync_interval_seconds",
+            "sync_coalesce_seconds",
+            "rpc_timeout_seconds",
+            "keepalive_time_seconds",
+            "keepalive_timeout_seconds",
+        ):
+            _positive(name, getattr(self, name))
+        if self.buffer_batches < 1:
+            raise ValueError(f"buffer_batches must be >= 1, got {self.buffer_batches}")
+        if not 1 <= self.batch_max_samples <= 10_000:
+            raise ValueError(
+                f"batch_max_samples must be between 1 and 10000, got {self.batch_max_samples}"
+            )
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    """Everything `fleet-daemon` needs; see configs/daemon.toml for a commented example."""
+
+    tls: TLSConfig
+    """This node's certificate, key and the fleet CA (table ``[tls]``)."""
+    node_id: str = ""
+    """Optional guard; the node id is the certificate's name and must match if set."""
+    listen: str = "0.0.0.0:7444"
+    """host:port of the DaemonService (mTLS) for the manager."""
+    advertise: str = ""
+    """host:port the manager dials; empty: `listen`, with a wildcard host replaced
+    by this host's name."""
+    state_dir: Path = Path("/var/lib/fleet-daemon")
+    """Agent pids, pushed specs, the metric sequence number (survive restarts)."""
+    run_dir: Path = Path("/run/fleet-daemon")
+    """Holds the agent socket ``agent.sock`` (mode 0660)."""
+    log_dir: Path = Path("/var/log/fleet-daemon")
+    """One log file (plus rotated backups) per agent."""
+    labels: dict[str, str] = field(default_factory=dict)
+    """Node labels sent with RegisterNode (selectors match them)."""
+    manager: ManagerLinkConfig = field(default_factory=ManagerLinkConfig)
+    """The manager link (table ``[manager]``)."""
+    sample_interval_seconds: float = 1.0
+    """Seconds between psutil samples of every agent's process tree."""
+    sample_buffer: int = 3600
+    """Samples kept per agent for GetAgentMetrics (1 h at 1 Hz)."""
+    agent_heartbeat_interval_seconds: float = 5.0
+    """Heartbeat interval told to SDK agents at Register."""
+    metrics_listen: str = "127.0.0.1:9465"
+    """host:port of the Prometheus /metrics endpoint; empty disables it."""
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    """Daemon log level (stdlib logging; one line per event on stderr)."""
+    log_json: bool = False
+    """Log as JSON lines instead of text."""
+    stop_agents_on_exit: bool = False
+    """Stop every agent when the daemon stops; false leaves them running for re-adoption."""
+    shutdown_grace_seconds: float = 5.0
+    """Seconds in-flight RPCs get to finish when the daemon stops."""
+    agents: tuple[AgentSpec, ...] = ()
+    """Agents from this file (``[[agents]]``); a PushUpdate from the manager overrides them."""
+
+    def validate(self) -> None:
+        """Cross-field checks (ValueError, reported as ConfigError)."""
+        for name in (
+            "sample_interval_seconds",
+            "agent_heartbeat_interval_seconds",
+            "shutdown_grace_seconds",
+        ):
+            _positive(name, getattr(self, name))
+        if self.sample_buffer < 1:
+            raise ValueError(f"sample_buffer must be >= 1, got {self.sample_buffer}")
+        seen: set[str] = set()
+        for spec in self.agents:
+            if spec.id in seen:
+                raise ValueError(f"agents: id {spec.id!r} is used twice")
+            seen.add(spec.id)
+        for name in ("listen", "advertise", "metrics_listen"):
+            value = getattr(self, name)
+            if value and not _host_port_ok(value):
+                raise ValueError(f"{name} must be host:port, got {value!r}")
+
+
+def _host_port_ok(value: str) -> bool:
+    host, sep, port = value.rpartition(":")
+    return bool(sep and host and port.isdigit() and int(port) < 65536)
+
+
+def load_daemon_config(
+    path: str | Path | None, *, environ: dict[str, str] | None = None
+) -> DaemonConfig:
+    """Load and check the daemon config; the node id comes from the certificate.
+
+    Raises ConfigError with one line for any problem, including a certificate
+    that is not a ``node`` certificate or a `node_id` that disagrees with it.
+    """
+    cfg = load_config(DaemonConfig, path, env_prefix=ENV_PREFIX, environ=environ)
+    source = str(path) if path is not None else "(no config file)"
+    identity = cfg.tls.identity()
+    if identity.role != "node":
+        raise ConfigError(
+            f"{source}: tls.cert_file: {cfg.tls.cert_file} is a {identity.role} certificate "
+            f"({identity}); a daemon needs a node certificate"
+        )
+    if cfg.node_id and cfg.node_id != identity.name:
+        raise ConfigError(
+            f"{source}: node_id: {cfg.node_id!r} disagrees with the certificate, which is for "
+            f"{identity}; remove node_id or fix the certificate"
+        )
+    return dataclasses.replace(cfg, node_id=identity.name)

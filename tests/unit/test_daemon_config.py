@@ -1,0 +1,100 @@
+"""The daemon's config: example file, node id from the certificate, one-line errors."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from daemon.config import load_daemon_config
+from fleet.errors import ConfigError
+from fleet.tls import TLSConfig
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _tls_env(tls: TLSConfig) -> dict[str, str]:
+    return {
+        "FLEET_DAEMON_TLS_CA_FILE": str(tls.ca_file),
+        "FLEET_DAEMON_TLS_CERT_FILE": str(tls.cert_file),
+        "FLEET_DAEMON_TLS_KEY_FILE": str(tls.key_file),
+    }
+
+
+def _write(tmp_path: Path, tls: TLSConfig, body: str) -> Path:
+    path = tmp_path / "daemon.toml"
+    path.write_text(
+        body + f'[tls]\nca_file = "{tls.ca_file}"\ncert_file = "{tls.cert_file}"\n'
+        f'key_file = "{tls.key_file}"\n'
+    )
+    return path
+
+
+def test_example_config_loads_and_takes_the_node_id_from_the_certificate(pki) -> None:  # type: ignore[no-untyped-def]
+    """configs/daemon.toml loads (TLS paths from the env) and the node id is the cert's name."""
+    tls = pki.issue("node", "web-1")
+    cfg = load_daemon_config(REPO / "configs" / "daemon.toml", environ=_tls_env(tls))
+    assert cfg.node_id == "web-1"
+    assert [a.id for a in cfg.agents] == ["ticker", "sleeper"]
+    assert cfg.agents[0].restart == "always"
+    assert cfg.manager.addresses == ("127.0.0.1:7443",)
+    assert cfg.stop_agents_on_exit is False
+
+
+def test_a_node_id_that_disagrees_with_the_certificate_is_refused(pki, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """node_id = "b" with a certificate for node/a fails naming both."""
+    tls = pki.issue("node", "a")
+    path = _write(tmp_path, tls, "")
+    with pytest.raises(ConfigError, match=r"node_id: 'b' disagrees with the certificate.*node/a"):
+        load_daemon_config(path, environ={"FLEET_DAEMON_NODE_ID": "b"})
+
+
+def test_a_manager_certificate_is_not_a_daemon_identity(pki, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A daemon started with a manager certificate is refused at load."""
+    tls = pki.issue("manager", "m1")
+    with pytest.raises(ConfigError, match="needs a node certificate"):
+        load_daemon_config(_write(tmp_path, tls, ""), environ={})
+
+
+@pytest.mark.parametrize(
+    ("body", "message"),
+    [
+        ("[manager]\naddresses = []\n", "manager: addresses must name at least one manager"),
+        ("[manager]\nbuffer_batches = 0\n", "buffer_batches must be >= 1"),
+        ("sample_interval_seconds = -1.0\n", "sample_interval_seconds must be > 0"),
+        ('listen = "nope"\n', "listen must be host:port"),
+        ("[manager.reconnect]\nmultiplier = 0.5\n", "multiplier must be >= 1"),
+        (
+            '[[agents]]\nid = "a"\nargv = ["/bin/true"]\n'
+            '[[agents]]\nid = "a"\nargv = ["/bin/true"]\n',
+            "id 'a' is used twice",
+        ),
+        ('[[agents]]\nid = "a"\nargv = []\n', "agents[0]"),
+        ('[[agents]]\nid = "a"\nargv = ["/bin/true"]\nstop_timeout = -1.0\n', "stop_timeout"),
+        ('stop_agents_on_exit = "yes"\n', "stop_agents_on_exit"),
+        ("[manager]\nheartbeat_intervall_seconds = 1.0\n", "did you mean"),
+    ],
+)
+def test_bad_values_fail_with_one_line_naming_the_key(  # type: ignore[no-untyped-def]
+    pki, tmp_path: Path, body: str, message: str
+) -> None:
+    """Each bad setting is a one-line ConfigError naming the file and what is wrong."""
+    tls = pki.issue("node", "n1")
+    path = _write(tmp_path, tls, body)
+    with pytest.raises(ConfigError) as info:
+        load_daemon_config(path, environ={})
+    text = str(info.value)
+    assert message in text
+    assert str(path) in text
+    assert "\n" not in text
+
+
+def test_missing_certificate_files_are_a_config_error(tmp_path: Path) -> None:
+    """A TLS file that does not exist fails at load, naming it."""
+    path = tmp_path / "daemon.toml"
+    path.write_text(
+        f'[tls]\nca_file = "{tmp_path}/ca.pem"\ncert_file = "{tmp_path}/n.pem"\n'
+        f'key_file = "{tmp_path}/n-key.pem"\n'
+    )
+    with pytest.raises(ConfigError, match=r"ca\.pem"):
+        load_daemon_config(path, environ={})
