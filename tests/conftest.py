@@ -70,3 +70,59 @@ class PkiFixture:
 def pki(tmp_path: Path) -> PkiFixture:
     """A fresh CertificateAuthority for this test, issuing into tmp_path."""
     return PkiFixture(ca=CertificateAuthority.create(), root=tmp_path)
+
+
+# --- Manager storage (M1) --------------------------------------------------
+# `database_url` runs a test once per backend: a fresh SQLite file, and a fresh
+# PostgreSQL database per test (dropped after), so tests never see each
+# other's rows. `database` is that URL opened and migrated.
+
+
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+async def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> Any:
+    """A URL of an empty database of each backend (sqlite file / fresh PG database)."""
+    if request.param == "sqlite":
+        yield f"sqlite+aiosqlite:///{tmp_path / 'manager.db'}"
+        return
+    import secrets
+
+    import asyncpg
+    from sqlalchemy.engine import make_url
+
+    # Not via the postgres_url fixture: an async fixture cannot request
+    # another one dynamically; the same skip/fail rule applies.
+    url = os.environ.get("FLEET_TEST_POSTGRES_URL", "")
+    if not url:
+        _postgres_unusable("FLEET_TEST_POSTGRES_URL is not set (make test sets it)")
+    server_url = make_url(url)
+    name = f"fleet_t_{secrets.token_hex(6)}"
+    admin_dsn = server_url.set(drivername="postgresql").render_as_string(hide_password=False)
+    try:
+        admin = await asyncpg.connect(admin_dsn, timeout=5)
+    except (OSError, asyncpg.PostgresError) as exc:
+        _postgres_unusable(f"PostgreSQL at {server_url!r} is unreachable: {exc}")
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    try:
+        yield server_url.set(database=name).render_as_string(hide_password=False)
+    finally:
+        admin = await asyncpg.connect(admin_dsn, timeout=5)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
+
+
+@pytest.fixture
+async def database(database_url: str) -> Any:
+    """An open, migrated manager Database on each backend; closed after the test."""
+    from manager.storage.db import Database
+
+    db = await Database.open(database_url)
+    try:
+        await db.migrate()
+        yield db
+    finally:
+        await db.close()

@@ -1,0 +1,348 @@
+"""The database handle: engine set-up, transactions with retry, migrations, locks.
+
+Every repository runs its work through `Database.run(body)`, which wraps the
+body in one transaction and re-runs the whole transaction when the database
+is briefly unavailable (SQLite lock held past busy_timeout, PostgreSQL
+refusing or dropping connections). When that lasts longer than the retry
+budget the caller gets `fleet.errors.Unavailable`; the next call tries again,
+so the manager recovers without a restart when the database returns.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import logging
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from pathlib import Path
+from typing import Any, Final, Literal, TypeVar
+
+from alembic import command
+from alembic.config import Config
+from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
+from sqlalchemy import Connection, event, func, select
+from sqlalchemy import exc as sa_exc
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+
+from fleet.errors import ConfigError, FailedPrecondition, InvalidArgument, Unavailable
+from fleet.retry import Backoff, retrying
+from manager.storage.transient import describe, is_transient
+
+__all__ = ["Database", "Dialect", "advisory_key", "normalize_url"]
+
+log = logging.getLogger(__name__)
+
+Dialect = Literal["sqlite", "postgresql"]
+T = TypeVar("T")
+
+MIGRATIONS_DIR: Final = Path(__file__).parent / "migrations"
+_BEGIN_OPTION: Final = "fleet_sqlite_begin"
+
+
+def normalize_url(url: str) -> URL:
+    """Parse a database URL, choosing the async driver; ConfigError if unusable.
+
+    Accepts sqlite[+aiosqlite]:///path and postgresql[+asyncpg]://...
+    """
+    try:
+        parsed = make_url(url)
+    except sa_exc.ArgumentError as exc:
+        raise ConfigError(f"database url {url!r} is malformed: {exc}") from exc
+    backend = parsed.get_backend_name()
+    driver = parsed.get_driver_name()
+    if backend == "sqlite" and driver in ("pysqlite", "aiosqlite"):
+        if not parsed.database or parsed.database == ":memory:":
+            raise ConfigError(
+                f"database url {url!r}: SQLite needs a file path (sqlite+aiosqlite:///path/fleet.db)"
+            )
+        return parsed.set(drivername="sqlite+aiosqlite")
+    if backend == "postgresql" and driver in ("psycopg2", "asyncpg"):
+        return parsed.set(drivername="postgresql+asyncpg")
+    raise ConfigError(
+        f"database url {parsed.render_as_string(hide_password=True)!r}: unsupported; "
+        "use sqlite+aiosqlite:///path or postgresql+asyncpg://user@host/db"
+    )
+
+
+def advisory_key(name: str) -> int:
+    """The signed 64-bit PostgreSQL advisory-lock key for a lock name (stable)."""
+    return int.from_bytes(hashlib.sha256(name.encode()).digest()[:8], "big", signed=True)
+
+
+def _alembic_config(connection: Connection | None = None) -> Config:
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS_DIR))
+    if connection is not None:
+        cfg.attributes["connection"] = connection
+    return cfg
+
+
+def schema_head() -> str:
+    """The newest migration revision this code needs."""
+    head = ScriptDirectory.from_config(_alembic_config()).get_current_head()
+    assert head is not None
+    return head
+
+
+class Database:
+    """An open connection pool to the manager's SQLite or PostgreSQL database.
+
+    Build with `await Database.open(url)`, close with `await db.close()`.
+    """
+
+    dialect: Dialect
+    """Which backend: "sqlite" or "postgresql"."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        dialect: Dialect,
+        *,
+        retry_timeout_s: float,
+        backoff: Backoff,
+    ) -> None:
+        """Use `Database.open`."""
+        self._engine = engine
+        self.dialect = dialect
+        self._retry_timeout_s = retry_timeout_s
+        self._backoff = backoff
+        # SQLite allows one writer: queue our own writers here instead of
+        # letting them spin in busy_timeout against each other.
+        self._write_lock = asyncio.Lock()
+        self.display_url: str = engine.url.render_as_string(hide_password=True)
+        """The URL without its password, for messages."""
+
+    @classmethod
+    async def open(
+        cls,
+        url: str,
+        *,
+        busy_timeout_ms: int = 5000,
+        pool_size: int = 10,
+        retry_timeout_s: float = 5.0,
+        backoff: Backoff | None = None,
+        synchronous: Literal["NORMAL", "FULL"] = "NORMAL",
+        connect_timeout_s: float = 5.0,
+    ) -> Database:
+        """Connect (checking the database answers) and return the handle.
+
+        SQLite: the file and its directory are created; every connection gets
+        WAL, busy_timeout, foreign keys and `synchronous` (NORMAL survives a
+        process kill; FULL also survives power loss). PostgreSQL: asyncpg with
+        a pool of `pool_size`. ConfigError for an unusable URL or credentials,
+        Unavailable if the server cannot be reached within the retry budget.
+        """
+        parsed = normalize_url(url)
+        dialect: Dialect
+        kwargs: dict[str, Any] = {"pool_size": pool_size, "pool_pre_ping": True}
+        if parsed.get_backend_name() == "sqlite":
+            dialect = "sqlite"
+            assert parsed.database is not None
+            await asyncio.to_thread(_make_parent_dir, parsed.database)
+            kwargs["connect_args"] = {"timeout": busy_timeout_ms / 1000}
+        else:
+            dialect = "postgresql"
+            kwargs["connect_args"] = {"timeout": connect_timeout_s}
+        engine = create_async_engine(parsed, **kwargs)
+        if dialect == "sqlite":
+            _install_sqlite_hooks(engine, busy_timeout_ms=busy_timeout_ms, synchronous=synchronous)
+        db = cls(
+            engine,
+            dialect,
+            retry_timeout_s=retry_timeout_s,
+            backoff=backoff or Backoff(initial=0.05, maximum=1.0),
+        )
+        try:
+            await db.run(_ping, write=False)
+        except Unavailable:
+            await engine.dispose()
+            raise
+        except sa_exc.DBAPIError as exc:
+            await engine.dispose()
+            raise ConfigError(f"database {db.display_url}: {describe(exc)}") from exc
+        except BaseException:
+            await engine.dispose()
+            raise
+        return db
+
+    @property
+    def engine(self) -> AsyncEngine:
+        """The SQLAlchemy engine (for tests and tools; repositories use `run`)."""
+        return self._engine
+
+    async def close(self) -> None:
+        """Close every pooled connection."""
+        await self._engine.dispose()
+
+    async def run(
+        self, body: Callable[[AsyncConnection], Awaitable[T]], *, write: bool = True
+    ) -> T:
+        """Run `body` in one transaction, committed when it returns.
+
+        Transient failures re-run the whole body with backoff for up to the
+        retry budget, then raise Unavailable. A constraint violation (bad
+        input the repositories did not catch) raises InvalidArgument.
+        `write=False` marks a read-only body (SQLite: no write lock needed).
+        """
+        started = time.monotonic()
+        try:
+            async for attempt in retrying(
+                self._backoff, retry_if=is_transient, deadline=self._retry_timeout_s
+            ):
+                with attempt:
+                    return await self._once(body, write=write)
+        except sa_exc.IntegrityError as exc:
+            raise InvalidArgument(f"rejected by the database: {describe(exc)}") from exc
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            elapsed = time.monotonic() - started
+            raise Unavailable(
+                f"database {self.display_url} is unavailable ({describe(exc)}); "
+                f"gave up after {elapsed:.1f}s of retries"
+            ) from exc
+        raise AssertionError("unreachable: retrying() either returns or raises")
+
+    async def _once(self, body: Callable[[AsyncConnection], Awaitable[T]], *, write: bool) -> T:
+        if self.dialect == "sqlite" and write:
+            async with self._write_lock:
+                return await self._transaction(body, "IMMEDIATE")
+        return await self._transaction(body, "DEFERRED")
+
+    async def _transaction(self, body: Callable[[AsyncConnection], Awaitable[T]], mode: str) -> T:
+        async with self._engine.connect() as conn:
+            if self.dialect == "sqlite":
+                # IMMEDIATE takes the write lock at BEGIN, so a writer never
+                # fails half-way on a read->write upgrade (which busy_timeout
+                # cannot resolve).
+                await conn.execution_options(**{_BEGIN_OPTION: mode})
+            async with conn.begin():
+                return await body(conn)
+
+    async def migrate(self) -> None:
+        """Upgrade the schema to the newest revision (idempotent).
+
+        On PostgreSQL a transaction-scoped advisory lock keeps two replicas
+        starting at once from migrating concurrently.
+        """
+
+        async def body(conn: AsyncConnection) -> None:
+            if self.dialect == "postgresql":
+                await conn.execute(
+                    select(func.pg_advisory_xact_lock(advisory_key("fleet-migrate")))
+                )
+            await conn.run_sync(_upgrade)
+
+        await self.run(body)
+        log.info("database %s migrated to %s", self.display_url, schema_head())
+
+    async def schema_revision(self) -> str | None:
+        """The revision the database is at, None if never migrated."""
+
+        async def body(conn: AsyncConnection) -> str | None:
+            return await conn.run_sync(
+                lambda sync: MigrationContext.configure(sync).get_current_revision()
+            )
+
+        return await self.run(body, write=False)
+
+    async def check_schema(self) -> None:
+        """FailedPrecondition unless the schema is at the revision this code needs."""
+        current = await self.schema_revision()
+        head = schema_head()
+        if current != head:
+            shown = current if current is not None else "nothing (never migrated)"
+            raise FailedPrecondition(
+                f"database schema is at {shown}, needs {head}: run fleet-manager migrate"
+            )
+
+    def advisory_lock(self, name: str) -> AbstractAsyncContextManager[bool]:
+        """Try to take the cluster-wide lock `name`; yields True if we hold it.
+
+        PostgreSQL: pg_try_advisory_lock on a dedicated connection kept while
+        inside; released on exit, or by the server if that connection dies
+        (so hold it for one unit of work, not forever). SQLite: one manager
+        per file, so always True. Unavailable if the database cannot be reached.
+        """
+        if self.dialect == "sqlite":
+            return _always_held()
+        return self._pg_advisory_lock(advisory_key(name))
+
+    @asynccontextmanager
+    async def _pg_advisory_lock(self, key: int) -> AsyncIterator[bool]:
+        conn, held = await self._try_lock(key)
+        try:
+            yield held
+        finally:
+            try:
+                if held:
+                    await conn.execute(select(func.pg_advisory_unlock(key)))
+                    await conn.commit()
+            except Exception as exc:  # the connection died: the server dropped the lock
+                log.warning("advisory unlock failed (%s); discarding the connection", describe(exc))
+                await conn.invalidate()
+            finally:
+                await conn.close()
+
+    async def _try_lock(self, key: int) -> tuple[AsyncConnection, bool]:
+        try:
+            async for attempt in retrying(
+                self._backoff, retry_if=is_transient, deadline=self._retry_timeout_s
+            ):
+                with attempt:
+                    conn = await self._engine.connect()
+                    try:
+                        held = await conn.scalar(select(func.pg_try_advisory_lock(key)))
+                        await conn.commit()
+                    except BaseException:
+                        await conn.close()
+                        raise
+                    return conn, bool(held)
+        except Exception as exc:
+            if not is_transient(exc):
+                raise
+            raise Unavailable(
+                f"database {self.display_url} is unavailable ({describe(exc)})"
+            ) from exc
+        raise AssertionError("unreachable: retrying() either returns or raises")
+
+
+def _make_parent_dir(path: str) -> None:
+    Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+
+
+async def _ping(conn: AsyncConnection) -> None:
+    await conn.execute(select(1))
+
+
+def _upgrade(connection: Connection) -> None:
+    command.upgrade(_alembic_config(connection), "head")
+
+
+@asynccontextmanager
+async def _always_held() -> AsyncIterator[bool]:
+    yield True
+
+
+def _install_sqlite_hooks(engine: AsyncEngine, *, busy_timeout_ms: int, synchronous: str) -> None:
+    @event.listens_for(engine.sync_engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # We emit BEGIN ourselves (see _on_begin), so sqlite3 must not.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        try:
+            cursor.execute("PRAGMA journal_mode=WAL")
+            cursor.execute(f"PRAGMA busy_timeout={int(busy_timeout_ms)}")
+            cursor.execute(f"PRAGMA synchronous={synchronous}")
+            cursor.execute("PRAGMA foreign_keys=ON")
+        finally:
+            cursor.close()
+
+    @event.listens_for(engine.sync_engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        mode = conn.get_execution_options().get(_BEGIN_OPTION, "DEFERRED")
+        conn.exec_driver_sql(f"BEGIN {mode}")

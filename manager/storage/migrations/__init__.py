@@ -1,0 +1,1 @@
+"""Alembic migrations of the manager's schema (run through `Database.migrate()`)."""

@@ -1,0 +1,319 @@
+"""Nodes: registration, batched last-seen updates, the offline sweep, labels."""
+
+from __future__ import annotations
+
+import builtins
+import dataclasses
+from collections.abc import Collection, Mapping
+from typing import Any
+
+from sqlalchemy import BigInteger, bindparam, case, func, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from fleet.errors import NotFound
+from manager.storage.db import Database
+from manager.storage.events import dump_map, event_row, insert_events, load_map
+from manager.storage.records import NodeRecord
+from manager.storage.schema import nodes
+from manager.storage.sqlhelp import chunks, dialect_insert
+
+__all__ = ["NodeRepository"]
+
+_FIELDS = (
+    "hostname",
+    "ip",
+    "os",
+    "arch",
+    "daemon_version",
+    "agent_version",
+    "daemon_address",
+)
+
+
+def _record(row: Any) -> NodeRecord:
+    return NodeRecord(
+        node_id=row.node_id,
+        hostname=row.hostname,
+        ip=row.ip,
+        os=row.os,
+        arch=row.arch,
+        labels=load_map(row.labels),
+        daemon_version=row.daemon_version,
+        agent_version=row.agent_version,
+        daemon_address=row.daemon_address,
+        status=row.status,
+        last_seen_ms=row.last_seen_ms,
+        registered_at_ms=row.registered_at_ms,
+    )
+
+
+class NodeRepository:
+    """Reads and writes the nodes table (and the events its changes cause)."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def upsert(self, node: NodeRecord, *, now_ms: int) -> bool:
+        """Register or re-register `node`; True if it was new.
+
+        Updates hostname/ip/os/arch/versions/labels/address, sets it online
+        with last_seen = now, and writes NODE_REGISTERED (plus NODE_ONLINE if
+        it was offline) in the same transaction. Idempotent.
+        """
+        values = {name: getattr(node, name) for name in _FIELDS}
+        values["labels"] = dump_map(node.labels)
+        actor = f"node/{node.node_id}"
+
+        async def body(conn: AsyncConnection) -> bool:
+            ins = (
+                dialect_insert(self._db.dialect, nodes)
+                .values(
+                    node_id=node.node_id,
+                    status="online",
+                    last_seen_ms=now_ms,
+                    registered_at_ms=now_ms,
+                    **values,
+                )
+                .on_conflict_do_nothing(index_elements=[nodes.c.node_id])
+            )
+            created = (await conn.execute(ins)).rowcount == 1
+            new_events = []
+            if created:
+                new_events.append(
+                    event_row(
+                        "NODE_REGISTERED",
+                        now_ms=now_ms,
+                        node_id=node.node_id,
+                        actor=actor,
+                        message=f"node {node.node_id} registered",
+                        attributes={"first": "true"},
+                    )
+                )
+            else:
+                old = (
+                    await conn.execute(
+                        select(nodes.c.status)
+                        .where(nodes.c.node_id == node.node_id)
+                        .with_for_update()
+                    )
+                ).one()
+                await conn.execute(
+                    update(nodes)
+                    .where(nodes.c.node_id == node.node_id)
+                    .values(
+                        status="online",
+                        last_seen_ms=case(
+                            (nodes.c.last_seen_ms < now_ms, now_ms),
+                            else_=nodes.c.last_seen_ms,
+                        ),
+                        **values,
+                    )
+                )
+                new_events.append(
+                    event_row(
+                        "NODE_REGISTERED",
+                        now_ms=now_ms,
+                        node_id=node.node_id,
+                        actor=actor,
+                        message=f"node {node.node_id} registered again",
+                        attributes={"first": "false"},
+                    )
+                )
+                if old.status == "offline":
+                    new_events.append(_online_event(node.node_id, now_ms, actor))
+            await insert_events(conn, new_events)
+            return created
+
+        return await self._db.run(body)
+
+    async def get(self, node_id: str) -> NodeRecord | None:
+        """The node, or None if it never registered."""
+
+        async def body(conn: AsyncConnection) -> NodeRecord | None:
+            row = (await conn.execute(select(nodes).where(nodes.c.node_id == node_id))).first()
+            return _record(row) if row is not None else None
+
+        return await self._db.run(body, write=False)
+
+    async def list(self) -> list[NodeRecord]:
+        """Every node, ordered by id."""
+
+        async def body(conn: AsyncConnection) -> list[NodeRecord]:
+            return [_record(r) for r in await conn.execute(select(nodes).order_by(nodes.c.node_id))]
+
+        return await self._db.run(body, write=False)
+
+    async def known_ids(self) -> set[str]:
+        """Ids of every registered node."""
+
+        async def body(conn: AsyncConnection) -> set[str]:
+            return set((await conn.scalars(select(nodes.c.node_id))).all())
+
+        return await self._db.run(body, write=False)
+
+    async def count(self, *, status: str | None = None) -> int:
+        """How many nodes (with that status, if given)."""
+        query = select(func.count()).select_from(nodes)
+        if status is not None:
+            query = query.where(nodes.c.status == status)
+
+        async def body(conn: AsyncConnection) -> int:
+            return int(await conn.scalar(query) or 0)
+
+        return await self._db.run(body, write=False)
+
+    async def touch_many(
+        self, last_seen: Mapping[str, int], *, now_ms: int | None = None
+    ) -> builtins.list[str]:
+        """Record heartbeats: last_seen_ms = max(old, new) in one executemany.
+
+        Offline nodes among them become online with a NODE_ONLINE event
+        (timestamped `now_ms`, default the newest heartbeat); returns their
+        ids. Unknown ids are ignored.
+        """
+        if not last_seen:
+            return []
+        params = [{"nid": k, "ts": v} for k, v in last_seen.items()]
+        event_ms = now_ms if now_ms is not None else max(last_seen.values())
+        ts = bindparam("ts", type_=BigInteger)
+
+        async def body(conn: AsyncConnection) -> builtins.list[str]:
+            # This statement also row-locks the touched nodes (PostgreSQL), so a
+            # concurrent sweeper cannot flip them between it and the next one.
+            await conn.execute(
+                update(nodes)
+                .where(nodes.c.node_id == bindparam("nid"))
+                .values(
+                    last_seen_ms=case((nodes.c.last_seen_ms < ts, ts), else_=nodes.c.last_seen_ms)
+                ),
+                params,
+            )
+            # Offline nodes are few; find them with the status index, not an IN
+            # list of every heartbeating node.
+            offline = set(
+                await conn.scalars(select(nodes.c.node_id).where(nodes.c.status == "offline"))
+            )
+            back = sorted(offline.intersection(last_seen))
+            revived: builtins.list[str] = []
+            for part in chunks(back):
+                result = await conn.execute(
+                    update(nodes)
+                    .where(nodes.c.node_id.in_(part), nodes.c.status == "offline")
+                    .values(status="online")
+                    .returning(nodes.c.node_id)
+                )
+                revived.extend(result.scalars())
+            revived.sort()
+            await insert_events(
+                conn, [_online_event(nid, event_ms, f"node/{nid}") for nid in revived]
+            )
+            return revived
+
+        return await self._db.run(body)
+
+    async def mark_offline(
+        self, *, cutoff_ms: int, now_ms: int, exclude: Collection[str] = ()
+    ) -> builtins.list[str]:
+        """Online nodes last seen before `cutoff_ms` (and not in `exclude`) go offline.
+
+        One NODE_OFFLINE event each, all in one transaction; returns their ids.
+        """
+        excluded = set(exclude)
+
+        async def body(conn: AsyncConnection) -> builtins.list[str]:
+            candidates = await conn.scalars(
+                select(nodes.c.node_id).where(
+                    nodes.c.status == "online", nodes.c.last_seen_ms < cutoff_ms
+                )
+            )
+            targets = sorted(set(candidates) - excluded)
+            gone: builtins.list[str] = []
+            for part in chunks(targets):
+                # Re-check the condition: a heartbeat may have landed meanwhile.
+                result = await conn.execute(
+                    update(nodes)
+                    .where(
+                        nodes.c.node_id.in_(part),
+                        nodes.c.status == "online",
+                        nodes.c.last_seen_ms < cutoff_ms,
+                    )
+                    .values(status="offline")
+                    .returning(nodes.c.node_id, nodes.c.last_seen_ms)
+                )
+                gone.extend(row.node_id for row in result)
+            gone.sort()
+            await insert_events(
+                conn,
+                [
+                    event_row(
+                        "NODE_OFFLINE",
+                        now_ms=now_ms,
+                        node_id=nid,
+                        actor="manager/sweeper",
+                        message=f"node {nid} missed its heartbeats",
+                        attributes={"cutoff_ms": str(cutoff_ms)},
+                    )
+                    for nid in gone
+                ],
+            )
+            return gone
+
+        return await self._db.run(body)
+
+    async def update_labels(
+        self,
+        node_id: str,
+        set_: Mapping[str, str],
+        remove: Collection[str],
+        *,
+        actor: str,
+        now_ms: int,
+    ) -> NodeRecord:
+        """Set and remove labels; NotFound if unknown; NODE_LABELS_UPDATED if changed.
+
+        `remove` is applied after `set_`. Returns the updated node.
+        """
+
+        async def body(conn: AsyncConnection) -> NodeRecord:
+            row = (
+                await conn.execute(
+                    select(nodes).where(nodes.c.node_id == node_id).with_for_update()
+                )
+            ).first()
+            if row is None:
+                raise NotFound(f"node {node_id} is not registered")
+            old = load_map(row.labels)
+            new = {**old, **set_}
+            for key in remove:
+                new.pop(key, None)
+            if new != old:
+                await conn.execute(
+                    update(nodes).where(nodes.c.node_id == node_id).values(labels=dump_map(new))
+                )
+                changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+                await insert_events(
+                    conn,
+                    [
+                        event_row(
+                            "NODE_LABELS_UPDATED",
+                            now_ms=now_ms,
+                            node_id=node_id,
+                            actor=actor,
+                            message=f"labels of {node_id} changed: {', '.join(changed)}",
+                            attributes={"from": dump_map(old), "to": dump_map(new)},
+                        )
+                    ],
+                )
+            return dataclasses.replace(_record(row), labels=new)
+
+        return await self._db.run(body)
+
+
+def _online_event(node_id: str, now_ms: int, actor: str) -> dict[str, Any]:
+    return event_row(
+        "NODE_ONLINE",
+        now_ms=now_ms,
+        node_id=node_id,
+        actor=actor,
+        message=f"node {node_id} is back online",
+    )

@@ -1,0 +1,147 @@
+"""Plain records the storage layer reads and writes (no protobuf, no SQL).
+
+Times are Unix epoch milliseconds, as on the wire.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Final, Literal
+
+__all__ = [
+    "EVENT_KINDS",
+    "AgentStateRecord",
+    "EventRecord",
+    "MetricBatch",
+    "MetricSample",
+    "NodeRecord",
+    "NodeStatus",
+]
+
+NodeStatus = Literal["online", "offline"]
+
+EVENT_KINDS: Final = frozenset(
+    {
+        "NODE_REGISTERED",
+        "NODE_ONLINE",
+        "NODE_OFFLINE",
+        "NODE_LABELS_UPDATED",
+        "AGENT_STATE_CHANGED",
+        "OPERATION",
+    }
+)
+"""Every event kind the events table accepts."""
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    """A registered node as the manager knows it."""
+
+    node_id: str
+    """The node's name; equals the name in its certificate."""
+    hostname: str
+    """Hostname the daemon reported."""
+    ip: str
+    """IP address the daemon reported (textual form)."""
+    os: str
+    """Operating system, e.g. "linux"."""
+    arch: str
+    """CPU architecture, e.g. "x86_64"."""
+    labels: dict[str, str]
+    """Selector labels (validated by the service layer)."""
+    daemon_version: str
+    """Version of fleet-daemon on the node."""
+    agent_version: str
+    """Version of the agent runtime on the node."""
+    daemon_address: str
+    """host:port the manager dials for DaemonService."""
+    status: NodeStatus = "online"
+    """Liveness; ignored by `NodeRepository.upsert` (registering makes it online)."""
+    last_seen_ms: int = 0
+    """Last heartbeat or registration; ignored by `upsert` (it uses `now_ms`)."""
+    registered_at_ms: int = 0
+    """First registration; ignored by `upsert`."""
+
+
+@dataclass(frozen=True)
+class AgentStateRecord:
+    """The last reported state of one agent on one node."""
+
+    node_id: str
+    """Node the agent runs on."""
+    agent_id: str
+    """Agent name, unique per node."""
+    status: str
+    """Supervisor state name without the AGENT_STATUS_ prefix, e.g. "RUNNING"."""
+    pid: int = 0
+    """Process id, 0 when not running."""
+    last_heartbeat_ms: int = 0
+    """Last heartbeat the agent sent its daemon."""
+    type: str = ""
+    """Agent type reported by the daemon."""
+    version: str = ""
+    """Agent version."""
+    start_time_ms: int = 0
+    """When the current process started, 0 if not running."""
+    restart_count: int = 0
+    """Restarts since the spec was applied (never negative)."""
+    exit_code: int = 0
+    """Exit code of the last exit."""
+    message: str = ""
+    """Free-text status detail from the daemon."""
+    labels: dict[str, str] = field(default_factory=dict)
+    """Agent labels."""
+    health: str = ""
+    """Health as reported, e.g. "HEALTHY"."""
+    config_version: int = 0
+    """Version of the config the agent runs with (never negative)."""
+
+
+@dataclass(frozen=True)
+class MetricSample:
+    """One measured value."""
+
+    agent_id: str
+    """Agent the value belongs to; "" for host-level metrics."""
+    type: str
+    """cpu, memory, disk, network or a custom type name."""
+    name: str
+    """Metric name within the type, e.g. "usage_percent"."""
+    timestamp_ms: int
+    """When it was measured."""
+    value: float
+    """The value (finite; validated by the service layer)."""
+
+
+@dataclass(frozen=True)
+class MetricBatch:
+    """One ReportMetrics call's worth of samples, deduplicated by (node_id, sequence)."""
+
+    node_id: str
+    """Reporting node."""
+    sequence: int
+    """Per-node batch sequence number; a retried batch reuses it."""
+    samples: tuple[MetricSample, ...]
+    """The samples of the batch."""
+
+
+@dataclass(frozen=True)
+class EventRecord:
+    """One entry of the event log, ordered by `id`."""
+
+    id: int
+    """Monotonic position; watch with `EventRepository.list_after(id)`."""
+    timestamp_ms: int
+    """When it happened (the manager's clock)."""
+    kind: str
+    """One of EVENT_KINDS."""
+    node_id: str
+    """Node concerned, "" if none."""
+    agent_id: str
+    """Agent concerned, "" if none."""
+    message: str
+    """Human-readable one-liner."""
+    actor: str
+    """Who caused it ("node/x", "operator/y", "manager/sweeper"), "" if unknown."""
+    attributes: dict[str, str]
+    """Kind-specific details, e.g. {"from": "RUNNING", "to": "EXITED"}."""

@@ -1,0 +1,88 @@
+"""Which database errors are worth retrying (pure: looks only at the exception)."""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Iterator
+from typing import Final
+
+from sqlalchemy import exc as sa_exc
+
+__all__ = ["describe", "is_transient"]
+
+# PostgreSQL SQLSTATEs that mean "try again": connection exceptions (class 08),
+# server shutting down or starting, too many connections, and the two
+# concurrency aborts a retry of the whole transaction resolves.
+_TRANSIENT_SQLSTATES: Final = frozenset({"57P01", "57P02", "57P03", "53300", "40001", "40P01"})
+# SQLite: another connection holds the lock past busy_timeout.
+_SQLITE_TRANSIENT: Final = ("database is locked", "database table is locked", "database is busy")
+_OS_TRANSIENT_ERRNOS: Final = frozenset(
+    {
+        errno.ECONNREFUSED,
+        errno.ECONNRESET,
+        errno.ECONNABORTED,
+        errno.EPIPE,
+        errno.ETIMEDOUT,
+        errno.EHOSTUNREACH,
+        errno.ENETUNREACH,
+    }
+)
+
+
+def _chain(exc: BaseException) -> Iterator[BaseException]:
+    """`exc`, the DB-API error SQLAlchemy wraps, and their causes (cycle-safe)."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [exc]
+    while todo:
+        cur = todo.pop()
+        if cur is None or id(cur) in seen:
+            continue
+        seen.add(id(cur))
+        yield cur
+        if isinstance(cur, sa_exc.DBAPIError):
+            orig = cur.orig
+            todo.append(orig if isinstance(orig, BaseException) else None)
+        todo.extend((cur.__cause__, cur.__context__))
+
+
+def is_transient(exc: BaseException) -> bool:
+    """True if retrying the whole transaction later may succeed.
+
+    Lock contention (SQLite "database is locked"), a server that refuses or
+    drops connections, is shutting down or restarting, or aborted us to
+    break a deadlock. Constraint violations, syntax errors and bad
+    credentials are not transient.
+    """
+    for cur in _chain(exc):
+        if isinstance(cur, sa_exc.DBAPIError) and cur.connection_invalidated:
+            return True
+        if isinstance(cur, TimeoutError | ConnectionError):
+            return True
+        if isinstance(cur, OSError) and (
+            cur.errno in _OS_TRANSIENT_ERRNOS
+            # asyncio's create_connection over several addresses raises a bare
+            # OSError("Multiple exceptions: ... Connect call failed ...").
+            or (cur.errno is None and "Connect call failed" in str(cur))
+        ):
+            return True
+        sqlstate = getattr(cur, "sqlstate", None)
+        if isinstance(sqlstate, str) and (
+            sqlstate in _TRANSIENT_SQLSTATES or sqlstate.startswith("08")
+        ):
+            return True
+        text = str(cur).lower()
+        if any(marker in text for marker in _SQLITE_TRANSIENT):
+            return True
+        if "connection is closed" in text or "connection was closed" in text:
+            return True
+    return False
+
+
+def describe(exc: BaseException) -> str:
+    """A one-line reason for an operator, without SQL text or parameters."""
+    base: BaseException = exc
+    if isinstance(exc, sa_exc.DBAPIError) and isinstance(exc.orig, BaseException):
+        base = exc.orig
+    text = str(base).strip().splitlines()
+    first = text[0] if text else ""
+    return f"{type(base).__name__}: {first}" if first else type(base).__name__

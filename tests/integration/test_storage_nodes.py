@@ -1,0 +1,175 @@
+"""NodeRepository against real SQLite and PostgreSQL databases."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from fleet.errors import NotFound
+from manager.storage import Database, EventRepository, NodeRecord, NodeRepository
+
+
+def _node(node_id: str = "node-1", **changes: object) -> NodeRecord:
+    base = NodeRecord(
+        node_id=node_id,
+        hostname=f"{node_id}.example",
+        ip="10.0.0.1",
+        os="linux",
+        arch="x86_64",
+        labels={"zone": "a"},
+        daemon_version="1.0.0",
+        agent_version="1.0.0",
+        daemon_address="10.0.0.1:7443",
+    )
+    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+
+
+async def _kinds(db: Database) -> list[tuple[str, str]]:
+    return [(e.kind, e.node_id) for e in await EventRepository(db).list_after(0)]
+
+
+async def test_upsert_creates_then_is_idempotent(database: Database) -> None:
+    """Registering twice creates one node, reports created only the first time."""
+    nodes = NodeRepository(database)
+    assert await nodes.upsert(_node(), now_ms=1_000) is True
+    assert await nodes.upsert(_node(), now_ms=2_000) is False
+    assert await nodes.count() == 1
+    got = await nodes.get("node-1")
+    assert got is not None
+    assert (got.status, got.last_seen_ms, got.registered_at_ms) == ("online", 2_000, 1_000)
+    assert await _kinds(database) == [("NODE_REGISTERED", "node-1")] * 2
+
+
+async def test_upsert_updates_every_reported_field(database: Database) -> None:
+    """Re-registering replaces hostname, ip, versions, labels and address."""
+    nodes = NodeRepository(database)
+    await nodes.upsert(_node(), now_ms=1_000)
+    changed = _node(
+        hostname="renamed",
+        ip="fd00::7",
+        os="freebsd",
+        arch="arm64",
+        labels={"zone": "b", "tier": "web"},
+        daemon_version="2.0.0",
+        agent_version="2.1.0",
+        daemon_address="[fd00::7]:7443",
+    )
+    await nodes.upsert(changed, now_ms=5_000)
+    got = await nodes.get("node-1")
+    assert got == dataclasses.replace(changed, last_seen_ms=5_000, registered_at_ms=1_000)
+
+
+async def test_upsert_of_offline_node_brings_it_online_with_event(database: Database) -> None:
+    """A node that was marked offline and registers again is online, with NODE_ONLINE."""
+    nodes = NodeRepository(database)
+    await nodes.upsert(_node(), now_ms=1_000)
+    assert await nodes.mark_offline(cutoff_ms=2_000, now_ms=2_000) == ["node-1"]
+    await nodes.upsert(_node(), now_ms=3_000)
+    got = await nodes.get("node-1")
+    assert got is not None
+    assert got.status == "online"
+    assert [k for k, _ in await _kinds(database)] == [
+        "NODE_REGISTERED",
+        "NODE_OFFLINE",
+        "NODE_REGISTERED",
+        "NODE_ONLINE",
+    ]
+
+
+async def test_get_list_known_ids_count(database: Database) -> None:
+    """Reads return what was registered; get of an unknown id is None."""
+    nodes = NodeRepository(database)
+    for i in (3, 1, 2):
+        await nodes.upsert(_node(f"n{i}"), now_ms=1_000 * i)
+    assert [n.node_id for n in await nodes.list()] == ["n1", "n2", "n3"]
+    assert await nodes.known_ids() == {"n1", "n2", "n3"}
+    assert await nodes.get("nope") is None
+    await nodes.mark_offline(cutoff_ms=2_500, now_ms=4_000)
+    assert await nodes.count(status="offline") == 2
+    assert await nodes.count(status="online") == 1
+
+
+async def test_touch_many_keeps_the_newest_last_seen(database: Database) -> None:
+    """touch_many sets last_seen to max(old, new), ignoring unknown nodes."""
+    nodes = NodeRepository(database)
+    await nodes.upsert(_node("a"), now_ms=1_000)
+    await nodes.upsert(_node("b"), now_ms=1_000)
+    assert await nodes.touch_many({"a": 5_000, "b": 500, "ghost": 9_000}) == []
+    a, b = await nodes.get("a"), await nodes.get("b")
+    assert a is not None
+    assert b is not None
+    assert (a.last_seen_ms, b.last_seen_ms) == (5_000, 1_000)
+    assert await nodes.known_ids() == {"a", "b"}
+    assert await nodes.touch_many({}) == []
+
+
+async def test_touch_many_revives_offline_nodes_with_events(database: Database) -> None:
+    """Offline nodes that heartbeat become online and get one NODE_ONLINE each."""
+    nodes = NodeRepository(database)
+    for nid in ("a", "b", "c"):
+        await nodes.upsert(_node(nid), now_ms=1_000)
+    assert await nodes.mark_offline(cutoff_ms=2_000, now_ms=2_000, exclude={"c"}) == ["a", "b"]
+    assert await nodes.touch_many({"a": 3_000, "c": 3_000}) == ["a"]
+    assert await nodes.count(status="online") == 2
+    online = [nid for kind, nid in await _kinds(database) if kind == "NODE_ONLINE"]
+    assert online == ["a"]
+    # A second flush does not repeat the transition.
+    assert await nodes.touch_many({"a": 4_000}) == []
+
+
+async def test_mark_offline_respects_cutoff_and_exclude(database: Database) -> None:
+    """Only online nodes last seen strictly before the cutoff, minus the excluded, go offline."""
+    nodes = NodeRepository(database)
+    await nodes.upsert(_node("old"), now_ms=1_000)
+    await nodes.upsert(_node("edge"), now_ms=2_000)
+    await nodes.upsert(_node("fresh"), now_ms=3_000)
+    await nodes.upsert(_node("graced"), now_ms=1_000)
+    gone = await nodes.mark_offline(cutoff_ms=2_000, now_ms=10_000, exclude=["graced"])
+    assert gone == ["old"]
+    offline_events = [
+        e for e in await EventRepository(database).list_after(0) if e.kind == "NODE_OFFLINE"
+    ]
+    assert [(e.node_id, e.timestamp_ms) for e in offline_events] == [("old", 10_000)]
+    # Already offline: not marked (nor evented) again.
+    assert await nodes.mark_offline(cutoff_ms=2_000, now_ms=11_000) == ["graced"]
+    assert await nodes.mark_offline(cutoff_ms=2_000, now_ms=12_000) == []
+
+
+async def test_mark_offline_handles_more_nodes_than_one_statement(database: Database) -> None:
+    """A sweep over more nodes than one IN list holds marks them all."""
+    nodes = NodeRepository(database)
+    await nodes.upsert(_node("seed"), now_ms=1_000)
+    for i in range(600):  # IN lists hold 500 ids
+        await nodes.upsert(_node(f"n{i:04d}"), now_ms=1_000)
+    gone = await nodes.mark_offline(cutoff_ms=2_000, now_ms=3_000, exclude={"seed"})
+    assert len(gone) == 600
+    assert await nodes.count(status="online") == 1
+    revived = await nodes.touch_many({f"n{i:04d}": 4_000 for i in range(600)})
+    assert len(revived) == 600
+
+
+async def test_update_labels_sets_removes_and_records_event(database: Database) -> None:
+    """Labels are set then removed; the change is an event naming the actor."""
+    nodes = NodeRepository(database)
+    await nodes.upsert(_node(labels={"zone": "a", "old": "x"}), now_ms=1_000)
+    got = await nodes.update_labels(
+        "node-1", {"tier": "web", "zone": "b"}, ["old"], actor="operator/alice", now_ms=2_000
+    )
+    assert got.labels == {"tier": "web", "zone": "b"}
+    stored = await nodes.get("node-1")
+    assert stored is not None
+    assert stored.labels == {"tier": "web", "zone": "b"}
+    events = await EventRepository(database).list_after(0, kinds=["NODE_LABELS_UPDATED"])
+    assert [(e.actor, e.timestamp_ms) for e in events] == [("operator/alice", 2_000)]
+    # No change, no event.
+    await nodes.update_labels("node-1", {"zone": "b"}, ["missing"], actor="a", now_ms=3_000)
+    assert len(await EventRepository(database).list_after(0, kinds=["NODE_LABELS_UPDATED"])) == 1
+
+
+async def test_update_labels_of_unknown_node_is_not_found(database: Database) -> None:
+    """Labelling a node that never registered raises NotFound and writes nothing."""
+    nodes = NodeRepository(database)
+    with pytest.raises(NotFound, match="ghost"):
+        await nodes.update_labels("ghost", {"a": "b"}, [], actor="operator/x", now_ms=1)
+    assert await EventRepository(database).latest_id() == 0
