@@ -40,6 +40,7 @@ __all__ = [
     "Identity",
     "IssuedCertificate",
     "Role",
+    "check_trust_domain",
     "write_file_atomic",
 ]
 
