@@ -85,7 +85,7 @@ class TLSConfig:
         for path, cert in [(self.cert_file, leaf), *((self.ca_file, ca) for ca in cas)]:
             what = "CA" if path == self.ca_file else "certificate"
             _check_dates(path, what, cert, now)
-        if not any(_signed_by(c, ca) for ca in cas for c in chain):
+        if not _chains_to(chain, cas):
             raise ConfigError(
                 f"TLS certificate file {self.cert_file}: not signed by the CA in {self.ca_file}"
                 f" (issuer {leaf.issuer.rfc4514_string()!r},"
@@ -161,6 +161,14 @@ def _signed_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
     except (ValueError, TypeError, InvalidSignature):
         return False
     return True
+
+
+def _chains_to(chain: list[x509.Certificate], cas: list[x509.Certificate]) -> bool:
+    """True if chain[0] is signed by chain[1] ... and some link is signed by a CA."""
+    for i, cert in enumerate(chain):
+        if any(_signed_by(cert, ca) for ca in cas):
+            return all(_signed_by(chain[j], chain[j + 1]) for j in range(i))
+    return False
 
 
 def _identity_of(cert: x509.Certificate) -> Identity:

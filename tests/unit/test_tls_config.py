@@ -71,6 +71,13 @@ def test_unreadable_file(good: TLSConfig) -> None:
     assert "cannot read it (Permission denied)" in message
 
 
+def test_path_through_a_file_is_unreadable(good: TLSConfig) -> None:
+    """A path that cannot be opened (here: below a regular file) names the OS reason."""
+    path = good.cert_file / "key.pem"
+    message = problem(dataclasses.replace(good, key_file=path))
+    assert f"TLS key file {path}: cannot read it (Not a directory)" in message
+
+
 @pytest.mark.parametrize(
     ("field", "what"),
     [
