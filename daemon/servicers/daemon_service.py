@@ -1,0 +1,133 @@
+"""`DaemonService`: what the manager may ask of this daemon.
+
+Every RPC first requires a `manager/*` certificate. The servicer only
+translates: decisions (idempotency, version checks, validation) are the
+supervisor's, errors are `fleet.errors` mapped by the interceptor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+from grpc import aio
+
+from daemon.convert import agent_info, resource_point, specs_from_proto
+from daemon.supervisor.supervisor import Supervisor
+from fleet.errors import InvalidArgument
+from fleet.tls import require_role
+from fleet.v1 import common_pb2, daemon_pb2, daemon_pb2_grpc
+
+__all__ = ["DEFAULT_LOG_CHUNK", "MAX_LOG_CHUNK", "DaemonServicer"]
+
+DEFAULT_LOG_CHUNK = 64 * 1024
+"""Bytes per ReadAgentLog response when the request says 0."""
+MAX_LOG_CHUNK = 1024 * 1024
+"""Largest chunk a caller may ask for (kept well under the 4 MiB message limit)."""
+
+_Context = aio.ServicerContext[Any, Any]
+
+_OPS: dict[int, Literal["start", "stop", "restart"]] = {
+    common_pb2.AGENT_OPERATION_START: "start",
+    common_pb2.AGENT_OPERATION_STOP: "stop",
+    common_pb2.AGENT_OPERATION_RESTART: "restart",
+}
+
+
+def _agent_id(value: str) -> str:
+    if not value:
+        raise InvalidArgument("is required", field="agent_id")
+    return value
+
+
+class DaemonServicer(daemon_pb2_grpc.DaemonServiceServicer):
+    """Serves one supervisor to the manager.
+
+    `follow_interval` is how often a following ReadAgentLog re-checks a log
+    that has no new bytes (a timed wait, not a busy loop; the same cadence
+    as the sampler's tick by default).
+    """
+
+    def __init__(self, supervisor: Supervisor, *, follow_interval: float = 0.5) -> None:
+        self._sup = supervisor
+        self._follow_interval = follow_interval
+
+    async def ListAgents(
+        self, request: daemon_pb2.ListAgentsRequest, context: _Context
+    ) -> daemon_pb2.ListAgentsResponse:
+        require_role(context, "manager")
+        return daemon_pb2.ListAgentsResponse(agents=[agent_info(s) for s in self._sup.list()])
+
+    async def OperateAgent(
+        self, request: daemon_pb2.OperateAgentRequest, context: _Context
+    ) -> daemon_pb2.OperateAgentResponse:
+        require_role(context, "manager")
+        agent_id = _agent_id(request.agent_id)
+        op = _OPS.get(request.operation)
+        if op is None:
+            raise InvalidArgument("must be START, STOP or RESTART", field="operation")
+        snapshot = await self._sup.operate(agent_id, op)
+        return daemon_pb2.OperateAgentResponse(success=True, agent=agent_info(snapshot))
+
+    async def GetAgentMetrics(
+        self, request: daemon_pb2.GetAgentMetricsRequest, context: _Context
+    ) -> daemon_pb2.GetAgentMetricsResponse:
+        require_role(context, "manager")
+        agent_id = _agent_id(request.agent_id)
+        if request.duration_seconds < 0:
+            raise InvalidArgument(
+                f"must be >= 0 (got {request.duration_seconds}); 0 reads the whole buffer",
+                field="duration_seconds",
+            )
+        self._sup.get(agent_id)  # NotFound for an unknown agent
+        samples = self._sup.samples(agent_id, float(request.duration_seconds))  # 0: all
+        return daemon_pb2.GetAgentMetricsResponse(
+            agent_id=agent_id, data_points=[resource_point(s) for s in samples]
+        )
+
+    async def PushUpdate(
+        self, request: daemon_pb2.PushUpdateRequest, context: _Context
+    ) -> daemon_pb2.PushUpdateResponse:
+        require_role(context, "manager")
+        specs = specs_from_proto(request.agents)
+        result = await self._sup.apply(request.version, specs)
+        return daemon_pb2.PushUpdateResponse(
+            success=True,
+            message=f"applied version {result.version}",
+            version=result.version,
+            added=list(result.added),
+            changed=list(result.changed),
+            removed=list(result.removed),
+            reconfigured=list(result.reconfigured),
+        )
+
+    async def ReadAgentLog(
+        self, request: daemon_pb2.ReadAgentLogRequest, context: _Context
+    ) -> AsyncIterator[daemon_pb2.ReadAgentLogResponse]:
+        require_role(context, "manager")
+        agent_id = _agent_id(request.agent_id)
+        if request.max_bytes < 0 or request.max_bytes > MAX_LOG_CHUNK:
+            raise InvalidArgument(
+                f"must be between 0 and {MAX_LOG_CHUNK} (got {request.max_bytes})",
+                field="max_bytes",
+            )
+        max_bytes = request.max_bytes or DEFAULT_LOG_CHUNK
+        offset = request.offset
+        while True:
+            chunk = self._sup.read_log(agent_id, offset, max_bytes)
+            if chunk.data or chunk.rotated or not request.follow:
+                yield daemon_pb2.ReadAgentLogResponse(
+                    data=chunk.data,
+                    offset=chunk.offset,
+                    next_offset=chunk.next_offset,
+                    rotated=chunk.rotated,
+                )
+            offset = chunk.next_offset
+            if len(chunk.data) >= max_bytes:
+                continue  # more is already there: no wait
+            if not request.follow:
+                return
+            # At the end of the file: wait for growth. A timed re-check at the
+            # sampler's cadence costs one stat() per follower per tick.
+            await asyncio.sleep(self._follow_interval)

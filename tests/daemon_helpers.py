@@ -1,0 +1,86 @@
+"""Helpers for daemon tests: short dirs for Unix sockets, configs, mTLS clients."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+from grpc import aio
+
+from daemon.config import DaemonConfig, ManagerLinkConfig
+from daemon.supervisor.spec import AgentSpec
+from fleet.pki import Identity
+from fleet.tls import TLSConfig, channel_credentials, channel_options
+
+T = TypeVar("T")
+
+
+@contextmanager
+def short_tmp() -> Iterator[Path]:
+    """A directory with a short path (Unix socket paths are limited to 107 bytes)."""
+    path = Path(tempfile.mkdtemp(prefix="fl-", dir="/tmp"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def daemon_config(
+    root: Path,
+    tls: TLSConfig,
+    agents: tuple[AgentSpec, ...],
+    *,
+    manager: ManagerLinkConfig | None = None,
+    **kw: Any,
+) -> DaemonConfig:
+    """A DaemonConfig under `root` listening on 127.0.0.1:0, metrics off by default."""
+    settings: dict[str, Any] = {
+        "tls": tls,
+        "node_id": tls.identity().name,
+        "listen": "127.0.0.1:0",
+        "advertise": "",
+        "state_dir": root / "state",
+        "run_dir": root / "run",
+        "log_dir": root / "log",
+        "metrics_listen": "",
+        "sample_interval_seconds": 0.2,
+        "manager": manager or ManagerLinkConfig(addresses=("127.0.0.1:1",)),
+        "agents": agents,
+    }
+    settings.update(kw)
+    return DaemonConfig(**settings)
+
+
+def agent(agent_id: str, *argv: str, **kw: Any) -> AgentSpec:
+    """An AgentSpec with quick start/stop timings for tests."""
+    kw.setdefault("start_secs", 0.2)
+    kw.setdefault("stop_timeout", 2.0)
+    return AgentSpec(id=agent_id, argv=argv, **kw)
+
+
+def client_channel(tls: TLSConfig, port: int, node_id: str, trust_domain: str) -> aio.Channel:
+    """An mTLS channel to the daemon of `node_id` presenting `tls`'s identity."""
+    name = Identity("node", node_id, trust_domain).server_name
+    return aio.secure_channel(
+        f"127.0.0.1:{port}", channel_credentials(tls), options=channel_options(name)
+    )
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[T]], ok: Callable[[T], bool], *, within: float = 15.0
+) -> T:
+    """Call `probe` until `ok(result)` (every 50 ms) and return that result."""
+    deadline = time.monotonic() + within
+    while True:
+        value = await probe()
+        if ok(value):
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {within}s; last value: {value!r}")
+        await asyncio.sleep(0.05)
