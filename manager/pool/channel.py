@@ -1,0 +1,191 @@
+"""One daemon's channel, its long-lived counters, and error translation.
+
+Each daemon gets its own `grpc.aio` channel and its own TCP connection:
+`channel_args` adds a per-node argument and a local subchannel pool, so two
+daemons never share a connection even if they end up at the same address.
+"""
+
+from __future__ import annotations
+
+import collections
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import grpc
+from grpc import aio
+
+from fleet.errors import FleetError, Unavailable, from_rpc_error
+from fleet.tls import channel_options
+from manager.pool.config import PoolConfig
+from manager.pool.state import ConnectionState, ConnEvent, apply
+
+if TYPE_CHECKING:
+    import asyncio
+
+    from fleet.v1.daemon_pb2_grpc import DaemonServiceAsyncStub
+
+__all__ = ["NodeStats", "WrongDaemonIdentity", "channel_args", "translate_error"]
+
+NODE_ARG = "fleet.node_id"
+"""Channel argument naming the daemon: makes every daemon's channel arguments distinct."""
+
+_HISTORY = 16
+
+
+class WrongDaemonIdentity(Unavailable):
+    """The daemon at the node's address is not that node (or not of our fleet).
+
+    The TLS handshake failed: its certificate does not name the node we
+    dialed, or our CA did not sign it. Retrying does not help; check the
+    node's registered address and the certificate its daemon serves.
+    """
+
+
+def channel_args(node_id: str, server_name: str, config: PoolConfig) -> list[tuple[str, Any]]:
+    """The gRPC channel arguments of the channel to daemon `node_id`."""
+    ms = 1000.0
+    return [
+        *channel_options(server_name),
+        # Own subchannel pool + a per-node argument: never share a connection.
+        ("grpc.use_local_subchannel_pool", 1),
+        (NODE_ARG, node_id),
+        ("grpc.keepalive_time_ms", round(config.keepalive_time * ms)),
+        ("grpc.keepalive_timeout_ms", round(config.keepalive_timeout * ms)),
+        ("grpc.keepalive_permit_without_calls", int(config.keepalive_permit_without_calls)),
+        ("grpc.http2.max_pings_without_data", 0),
+        # gRPC's own reconnect backoff follows ours; "min reconnect backoff"
+        # is what gRPC uses as the minimum connect (TCP + TLS) timeout.
+        ("grpc.initial_reconnect_backoff_ms", max(1, round(config.retry.initial * ms))),
+        ("grpc.max_reconnect_backoff_ms", max(1, round(config.retry.maximum * ms))),
+        ("grpc.min_reconnect_backoff_ms", round(config.connect_timeout * ms)),
+    ]
+
+
+# What gRPC (BoringSSL) says when the handshake fails on the daemon's certificate.
+_NOT_THAT_NODE = (
+    "Hostname Verification Check failed",
+    "is not in peer certificate",
+    "No match found for server name",
+)
+_UNTRUSTED = ("CERTIFICATE_VERIFY_FAILED", "certificate verify failed")
+
+
+def translate_error(error: aio.AioRpcError, *, node_id: str, address: str) -> FleetError:
+    """The FleetError for a failed call to `node_id`, with a message naming the node."""
+    details = error.details() or ""
+    if error.code() == grpc.StatusCode.UNAVAILABLE:
+        if any(marker in details for marker in _NOT_THAT_NODE):
+            return WrongDaemonIdentity(
+                f"{node_id} at {address} presented a certificate that is not node/{node_id}"
+            )
+        if any(marker in details for marker in _UNTRUSTED):
+            return WrongDaemonIdentity(
+                f"{node_id} at {address} presented a certificate not signed by the fleet CA "
+                "(check the daemon's cert and the manager's ca_file)"
+            )
+    return from_rpc_error(error, target=node_id)
+
+
+@dataclass(frozen=True)
+class NodeStats:
+    """What the pool knows about its connection to one daemon."""
+
+    node_id: str
+    """The daemon's node id."""
+    address: str | None
+    """The address of its open channel, else the last one used (None: never called)."""
+    state: ConnectionState
+    """Connection state now."""
+    calls: int
+    """Pool calls made to it (a retried call counts once)."""
+    failures: int
+    """Pool calls that ended in an error."""
+    retries: int
+    """Extra attempts made by idempotent calls after UNAVAILABLE."""
+    connections: int
+    """Connections established to it (entries into READY)."""
+    reconnects: int
+    """Times a connection attempt failed or a connection dropped (entries into RECONNECTING)."""
+    in_flight: int
+    """Calls and log streams using its channel right now."""
+    created_at: float | None
+    """Pool clock reading when the open channel was created (None: no channel open)."""
+    last_used: float | None
+    """Pool clock reading when a call last started or ended."""
+    channel_args: tuple[tuple[str, Any], ...]
+    """Arguments of the open channel (empty when none is open)."""
+    history: tuple[ConnectionState, ...]
+    """The most recent states, oldest first, starting from IDLE."""
+
+
+class NodeRecord:
+    """Counters and state of one daemon; outlives its channels (idle close, eviction)."""
+
+    def __init__(self, node_id: str) -> None:
+        self.node_id = node_id
+        self.address: str | None = None
+        self.state = ConnectionState.IDLE
+        self.calls = 0
+        self.failures = 0
+        self.retries = 0
+        self.connections = 0
+        self.reconnects = 0
+        self.last_used: float | None = None
+        self.history: collections.deque[ConnectionState] = collections.deque(
+            [ConnectionState.IDLE], maxlen=_HISTORY
+        )
+
+    def observe(self, events: tuple[ConnEvent, ...]) -> bool:
+        """Apply `events`; True if the state changed."""
+        before = self.state
+        for state in apply(self.state, events):
+            if state is ConnectionState.READY:
+                self.connections += 1
+            elif state is ConnectionState.RECONNECTING:
+                self.reconnects += 1
+            if state is not self.state:
+                self.history.append(state)
+            self.state = state
+        return self.state is not before
+
+
+class DaemonChannel:
+    """The open channel to one daemon and how it is being used."""
+
+    def __init__(
+        self,
+        node_id: str,
+        address: str,
+        channel: aio.Channel,
+        stub: DaemonServiceAsyncStub,
+        args: list[tuple[str, Any]],
+        now: float,
+    ) -> None:
+        self.node_id = node_id
+        self.address = address
+        self.channel = channel
+        self.stub = stub
+        self.args = tuple(args)
+        self.created_at = now
+        self.last_used = now
+        self.in_flight = 0
+        self.watcher: asyncio.Task[None] | None = None
+
+
+def node_stats(record: NodeRecord, channel: DaemonChannel | None) -> NodeStats:
+    """A snapshot of `record` and its open `channel`."""
+    return NodeStats(
+        node_id=record.node_id,
+        address=channel.address if channel else record.address,
+        state=record.state,
+        calls=record.calls,
+        failures=record.failures,
+        retries=record.retries,
+        connections=record.connections,
+        reconnects=record.reconnects,
+        in_flight=channel.in_flight if channel else 0,
+        created_at=channel.created_at if channel else None,
+        last_used=channel.last_used if channel else record.last_used,
+        channel_args=channel.args if channel else (),
+        history=tuple(record.history),
+    )

@@ -1,0 +1,55 @@
+"""Settings of the manager's pooled daemon client (`[pool]` in the manager's TOML)."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+from fleet.retry import Backoff
+
+__all__ = ["PoolConfig"]
+
+
+def _default_backoff() -> Backoff:
+    return Backoff(initial=0.2, multiplier=2.0, maximum=5.0, jitter="full")
+
+
+@dataclass(frozen=True)
+class PoolConfig:
+    """How the manager talks to daemons: deadlines, keepalive, retries, pool size."""
+
+    call_timeout: float = 30.0
+    """Deadline of one pool call in seconds, retries included (the original design's 30 s).
+    A following log stream has no deadline; only its start is bounded."""
+    connect_timeout: float = 10.0
+    """Longest a single connection attempt (TCP + TLS handshake) may take, in seconds."""
+    keepalive_time: float = 60.0
+    """Seconds between HTTP/2 keepalive pings on a connection with calls in flight.
+    Daemons must permit pings this often (their grpc.http2.min_ping_interval_without_data_ms)."""
+    keepalive_timeout: float = 20.0
+    """Seconds to wait for a ping's answer before the connection is considered dead."""
+    keepalive_permit_without_calls: bool = False
+    """Also ping connections without calls in flight (idle channels are closed anyway)."""
+    retry: Backoff = field(default_factory=_default_backoff)
+    """Backoff between attempts of an idempotent call that failed with UNAVAILABLE;
+    also gRPC's reconnect backoff (initial and maximum) for each channel."""
+    max_attempts: int = 4
+    """Attempts of an idempotent call in total (1 = never retry), within call_timeout."""
+    idle_close_after: float = 300.0
+    """Close a daemon's channel after this many seconds without a call."""
+    max_channels: int = 1024
+    """Most daemon channels open at once. A new daemon evicts the least recently
+    used channel without calls in flight; when every channel is busy the call
+    waits for one to free up, within its deadline, then fails RESOURCE_EXHAUSTED."""
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first unusable setting."""
+        for f in fields(self):
+            value: Any = getattr(self, f.name)
+            if isinstance(value, bool) or not isinstance(value, int | float):
+                continue
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{f.name} must be a positive number, got {value!r}")
+        if self.retry.maximum <= 0:
+            raise ValueError(f"retry.maximum must be > 0, got {self.retry.maximum!r}")
