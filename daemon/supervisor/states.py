@@ -2,14 +2,15 @@
 
 ::
 
-    STOPPED ──SPAWN──▶ STARTING ──STARTED (stayed up start_secs)──▶ RUNNING
-                          │ EXITED_EARLY / SPAWN_FAILED                │ EXITED
-                          ▼                                            ▼
-    FATAL ◀──GIVE_UP── BACKOFF ──SPAWN (after the delay)──▶ …       EXITED ──SPAWN──▶ STARTING
+    STOPPED/EXITED/FATAL/BACKOFF ──SPAWN──▶ STARTING
+    STARTING ──STARTED (stayed up start_secs)──▶ RUNNING
+    STARTING ──EXITED_EARLY / SPAWN_FAILED──▶ BACKOFF ──GIVE_UP──▶ FATAL
+    STARTING ──EXITED──▶ EXITED      (a one-shot that finished cleanly, not retried)
+    RUNNING ──EXITED──▶ EXITED       (the restart policy may SPAWN it again)
     STARTING/RUNNING ──STOP──▶ STOPPING ──STOPPED──▶ STOPPED
-    BACKOFF/EXITED/FATAL ──STOP──▶ STOPPED   (nothing to signal)
-    STOPPED/UNKNOWN ──ADOPT──▶ RUNNING       (a live agent found after a daemon restart)
-    any ──LOST──▶ UNKNOWN                   (we can no longer tell; a bug or a broken pidfd)
+    BACKOFF/EXITED/FATAL/STOPPED ──STOP──▶ STOPPED   (nothing to signal)
+    STOPPED/UNKNOWN ──ADOPT──▶ RUNNING   (a live agent found after a daemon restart)
+    any ──LOST──▶ UNKNOWN               (we can no longer tell; a bug or a broken pidfd)
 
 `transition` does no I/O and keeps no time; callers pass the clock's time
 to whatever records the change. An event that is not in the table for the
@@ -61,7 +62,7 @@ class Event(enum.Enum):
     SPAWN_FAILED = "spawn_failed"
     """The process could not be started at all (exec failed, no such user...)."""
     EXITED = "exited"
-    """A RUNNING process exited on its own."""
+    """The process exited on its own and the policy does not retry it as a failed start."""
     GIVE_UP = "give_up"
     """Too many early exits in a row: stop retrying."""
     STOP = "stop"
@@ -87,6 +88,7 @@ TRANSITIONS: Mapping[tuple[AgentStatus, Event], AgentStatus] = {
     (S.STARTING, E.EXITED_EARLY): S.BACKOFF,
     (S.STARTING, E.SPAWN_FAILED): S.BACKOFF,
     (S.RUNNING, E.EXITED): S.EXITED,
+    (S.STARTING, E.EXITED): S.EXITED,
     (S.BACKOFF, E.GIVE_UP): S.FATAL,
     (S.STARTING, E.STOP): S.STOPPING,
     (S.RUNNING, E.STOP): S.STOPPING,

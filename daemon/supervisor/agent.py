@@ -1,0 +1,325 @@
+"""One supervised agent: its state, its process, and the task that restarts it.
+
+An `Agent` owns at most one `AgentProcess` and one runner task. The runner
+waits start_secs (STARTING -> RUNNING), waits for the exit, asks
+`policy.decide_after_exit` what next, and sleeps out backoff delays, all on
+the injected clock. Operator actions (start/stop/restart) and spec changes
+take the agent's lock, cancel the runner (it only ever waits; state changes
+happen between awaits, so cancelling it is safe) and act on the process.
+Every state change goes through `states.transition`, so an impossible move
+raises instead of corrupting the agent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from daemon.sampler import Sampler
+from daemon.supervisor.clock import Clock
+from daemon.supervisor.logs import log_path
+from daemon.supervisor.policy import Action, decide_after_exit
+from daemon.supervisor.process import AgentProcess, SpawnError, spawn
+from daemon.supervisor.spec import AgentSpec
+from daemon.supervisor.states import AgentStatus, Event, transition
+
+__all__ = ["Agent", "AgentSnapshot", "Context", "Health"]
+
+log = logging.getLogger(__name__)
+S = AgentStatus
+Health = Literal["none", "healthy", "unhealthy", "pending"]
+
+
+@dataclass(frozen=True)
+class AgentSnapshot:
+    """What an agent looks like right now (what ListAgents and SyncAgentStates carry)."""
+
+    id: str
+    """The agent's id."""
+    type: str
+    """Its spec's type."""
+    status: AgentStatus
+    """Lifecycle state."""
+    pid: int
+    """Pid of its process, 0 when none."""
+    version: str
+    """Version the agent registered with through the SDK, else its spec's version."""
+    start_time_ms: int
+    """When the current (or last) process started, epoch ms; 0 if never."""
+    restart_count: int
+    """Automatic and operator restarts so far."""
+    last_heartbeat_ms: int
+    """Last SDK register/heartbeat, epoch ms; 0 if never."""
+    exit_code: int
+    """Exit code of the last exit (-N: signal N, -1: unknown)."""
+    message: str
+    """One line on what happened last (e.g. the backoff, or "killed after stop_timeout")."""
+    labels: dict[str, str]
+    """Its spec's labels."""
+    health: Health
+    """"none" without a health check or process; else pending/healthy/unhealthy."""
+    backoff_until_ms: int
+    """In BACKOFF: when the next start happens, epoch ms; else 0."""
+    config_version: int
+    """Version of the config payload (bumps on each config change)."""
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every agent shares with its supervisor."""
+
+    clock: Clock
+    """Time and sleeps."""
+    log_dir: Path
+    """Where <id>.log files go."""
+    socket_path: Path
+    """The AgentService socket, passed to agents as FLEET_DAEMON_SOCKET."""
+    sampler: Sampler
+    """Samples the trees of running agents."""
+    changed: Callable[[Agent], None]
+    """Called after every visible change (persist + notify)."""
+    restarted: Callable[[], None]
+    """Called on each restart (the restarts_total counter)."""
+
+
+class Agent:
+    """State and process of one agent (see the module docstring)."""
+
+    def __init__(self, spec: AgentSpec, ctx: Context) -> None:
+        self.spec = spec
+        self.started_spec = spec
+        """The spec the current process was started with (its stop settings apply)."""
+        self.ctx = ctx
+        self.status = S.STOPPED
+        self.proc: AgentProcess | None = None
+        self.retries = 0
+        self.restart_count = 0
+        self.exit_code = 0
+        self.message = ""
+        self.start_time = 0.0
+        self.backoff_until = 0.0
+        self.last_heartbeat = 0.0
+        self.registered_version = ""
+        self.config_version = 1
+        self.operator_stopped = False
+        self.removing = False
+        self.health: Health = "none"
+        self.lock = asyncio.Lock()
+        self.config_changed = asyncio.Event()
+        self._runner: asyncio.Task[None] | None = None
+        self._restart_next = False
+
+    # --- reading -----------------------------------------------------------
+
+    def snapshot(self) -> AgentSnapshot:
+        """The agent as ListAgents shows it."""
+        proc = self.proc
+        return AgentSnapshot(
+            id=self.spec.id,
+            type=self.spec.type,
+            status=self.status,
+            pid=proc.pid if proc is not None and proc.running else 0,
+            version=self.registered_version or self.spec.version,
+            start_time_ms=_ms(self.start_time),
+            restart_count=self.restart_count,
+            last_heartbeat_ms=_ms(self.last_heartbeat),
+            exit_code=self.exit_code,
+            message=self.message,
+            labels=dict(self.spec.labels),
+            health=self.health,
+            backoff_until_ms=_ms(self.backoff_until) if self.status is S.BACKOFF else 0,
+            config_version=self.config_version,
+        )
+
+    def compute_health(self, now: float) -> Health:
+        """Health from the heartbeat check, for a live process."""
+        if self.spec.health.kind == "none" or self.status not in (S.STARTING, S.RUNNING):
+            return "none"
+        timeout = self.spec.health.timeout
+        if self.last_heartbeat < self.start_time:
+            return "pending" if now - self.start_time <= timeout else "unhealthy"
+        return "healthy" if now - self.last_heartbeat <= timeout else "unhealthy"
+
+    def refresh_health(self) -> bool:
+        """Recompute health; True (and a change notification) if it changed."""
+        health = self.compute_health(self.ctx.clock.now())
+        if health == self.health:
+            return False
+        self.health = health
+        self.ctx.changed(self)
+        return True
+
+    # --- state changes ------------------------------------------------------
+
+    def _to(self, event: Event, message: str | None = None) -> None:
+        self.status = transition(self.status, event)
+        if message is not None:
+            self.message = message
+        self.health = self.compute_health(self.ctx.clock.now())
+        log.info("agent %s: %s -> %s %s", self.spec.id, event.value, self.status.value, message)
+        self.ctx.changed(self)
+
+    def _spawn_now(self) -> AgentProcess | None:
+        """Start a process (SPAWN); on failure apply the backoff decision and return None."""
+        spec = self.spec
+        self.ctx.log_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            proc = spawn(
+                spec,
+                log_path=log_path(self.ctx.log_dir, spec.id),
+                socket_path=self.ctx.socket_path,
+            )
+        except SpawnError as exc:
+            self.status = transition(self.status, Event.SPAWN)
+            self.start_time = self.ctx.clock.now()
+            self.exit_code = -1
+            self._decide(-1, 0.0, adopted=False, failed=str(exc))
+            return None
+        self.proc = proc
+        self.started_spec = spec
+        self.start_time = self.ctx.clock.now()
+        self.exit_code = 0
+        self.ctx.sampler.track(spec.id, proc.pid)
+        self._to(Event.SPAWN, f"started with pid {proc.pid}")
+        return proc
+
+    def adopt(self, proc: AgentProcess, started_spec: AgentSpec, start_time: float) -> None:
+        """Take over a live process found after a daemon restart, and watch it."""
+        self.proc = proc
+        self.started_spec = started_spec
+        self.start_time = start_time
+        self.ctx.sampler.track(self.spec.id, proc.pid)
+        self._to(Event.ADOPT, f"re-adopted pid {proc.pid} after a daemon restart")
+        self._runner = asyncio.create_task(self._run(proc), name=f"agent-{self.spec.id}")
+
+    def _decide(self, code: int, ran_for: float, *, adopted: bool, failed: str = "") -> None:
+        decision = decide_after_exit(self.spec, code, ran_for, self.retries, adopted=adopted)
+        message = f"cannot start: {failed}; {decision.message}" if failed else decision.message
+        self.retries = decision.retries
+        self._restart_next = decision.action is Action.RESTART
+        if decision.action in (Action.BACKOFF, Action.FATAL):
+            early = Event.SPAWN_FAILED if failed else Event.EXITED_EARLY
+            self.backoff_until = self.ctx.clock.now() + decision.delay
+            self._to(early, message)
+            if decision.action is Action.FATAL:
+                self._to(Event.GIVE_UP, message)
+        else:
+            self._to(Event.EXITED, message)
+
+    async def _watch(self, proc: AgentProcess) -> None:
+        """Wait start_secs (STARTING -> RUNNING) and the exit, then decide what next."""
+        if self.status is S.STARTING:
+            remaining = self.start_time + self.spec.start_secs - self.ctx.clock.now()
+            waiter = asyncio.ensure_future(proc.wait())
+            sleeper = asyncio.ensure_future(self.ctx.clock.sleep(remaining))
+            try:
+                await asyncio.wait({waiter, sleeper}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                sleeper.cancel()
+                waiter.cancel()
+            if proc.running:
+                self.retries = 0
+                self._to(Event.STARTED, f"running with pid {proc.pid}")
+        code = await proc.wait()
+        ran_for = self.ctx.clock.now() - self.start_time
+        if self.status is S.RUNNING:
+            ran_for = max(ran_for, self.spec.start_secs)  # it made it past start_secs
+        self.exit_code = code
+        self.proc = None
+        self.ctx.sampler.untrack(self.spec.id)
+        self._decide(code, ran_for, adopted=proc.unknown_exit)
+
+    async def _run(self, proc: AgentProcess | None) -> None:
+        while True:
+            if proc is not None:
+                await self._watch(proc)
+            if self.status is S.BACKOFF:
+                await self.ctx.clock.sleep(self.backoff_until - self.ctx.clock.now())
+            elif not (self.status is S.EXITED and self._restart_next):
+                return
+            self.restart_count += 1
+            self.ctx.restarted()
+            proc = self._spawn_now()
+
+    async def _cancel_runner(self) -> None:
+        task, self._runner = self._runner, None
+        if task is not None and not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+
+    # --- operations (callers hold self.lock) --------------------------------
+
+    async def start(self) -> None:
+        """Start unless already starting/running; resets the retry count."""
+        self.operator_stopped = False
+        if self.status in (S.STARTING, S.RUNNING) and self.proc is not None and self.proc.running:
+            return
+        await self._cancel_runner()
+        if self.status in (S.STARTING, S.RUNNING, S.UNKNOWN):
+            await self._stop_process()  # its process just exited, or we lost track of it
+        self.retries = 0
+        proc = self._spawn_now()
+        self._runner = asyncio.create_task(self._run(proc), name=f"agent-{self.spec.id}")
+
+    async def stop(self, *, operator: bool = True) -> None:
+        """Stop the process group (escalating to SIGKILL) and end in STOPPED."""
+        if operator:
+            self.operator_stopped = True
+        await self._cancel_runner()
+        await self._stop_process()
+
+    async def _stop_process(self) -> None:
+        proc = self.proc
+        if self.status in (S.STARTING, S.RUNNING, S.UNKNOWN):
+            self._to(Event.STOP, "stopping")
+            if proc is not None and proc.running:
+                spec = self.started_spec
+                outcome = await proc.stop(spec.stop_signum, spec.stop_timeout, self.ctx.clock)
+                self.exit_code = outcome.exit_code
+                message = outcome.message
+            else:
+                message = "stopped (had already exited)"
+            self.proc = None
+            self.ctx.sampler.untrack(self.spec.id)
+            self._to(Event.STOPPED, message)
+        elif self.status is not S.STOPPED:
+            self._to(Event.STOP, "stopped")
+
+    async def restart(self) -> None:
+        """Stop (if running) and start again with the current spec."""
+        was_running = self.proc is not None and self.proc.running
+        await self.stop(operator=False)
+        if was_running:
+            self.restart_count += 1
+            self.ctx.restarted()
+        await self.start()
+
+    async def detach(self) -> None:
+        """Stop supervising but leave the process running (daemon shutdown)."""
+        await self._cancel_runner()
+        if self.proc is not None:
+            self.proc.close()
+
+    def set_spec(self, spec: AgentSpec) -> None:
+        """Swap in a spec that needs no restart; bumps config_version when config changed."""
+        old, self.spec = self.spec, spec
+        if old.config != spec.config:
+            self.config_version += 1
+            self.wake_config_watchers()
+        self.health = self.compute_health(self.ctx.clock.now())
+        self.ctx.changed(self)
+
+    def wake_config_watchers(self) -> None:
+        """Wake `watch_config` waiters (config changed or agent removed)."""
+        event, self.config_changed = self.config_changed, asyncio.Event()
+        event.set()
+
+
+def _ms(seconds: float) -> int:
+    return int(seconds * 1000) if seconds > 0 else 0

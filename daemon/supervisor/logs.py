@@ -1,0 +1,104 @@
+"""Agent log files: size rotation with backups, and chunked reads from an offset.
+
+The agent writes its log itself (the child holds an O_APPEND fd), so the
+daemon cannot switch files under it. Rotation is therefore copy-truncate:
+
+1. shift ``<id>.log.N-1`` -> ``.N`` (dropping the oldest), then
+2. copy ``<id>.log`` to ``<id>.log.1``, reading until end of file, and
+3. ``ftruncate`` the original to 0: the child's O_APPEND writes continue at
+   the new end of file, i.e. at offset 0.
+
+Lines the agent writes between the last read of step 2 and the truncate of
+step 3 are lost. Step 2 reads to the end of file right before truncating, so
+that window is one read() + ftruncate() long (microseconds), not the length of
+the whole copy. Nothing else can be lost: the daemon never sits in the
+agent's write path. The check runs on the sampler tick (no extra polling), so
+a file may exceed the limit by what the agent writes in one interval.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+__all__ = ["MAX_READ_BYTES", "LogChunk", "log_path", "read_log", "rotate_if_needed"]
+
+MAX_READ_BYTES = 4 * 1024 * 1024
+"""Largest chunk `read_log` returns at once."""
+_COPY_CHUNK = 1024 * 1024
+
+
+@dataclass(frozen=True)
+class LogChunk:
+    """A piece of an agent's current log file."""
+
+    data: bytes
+    """The bytes read (possibly empty at end of file)."""
+    offset: int
+    """Where `data` starts in the current file."""
+    next_offset: int
+    """Pass this as the next offset to continue reading."""
+    rotated: bool
+    """True when the requested offset was past the end: the file was rotated, read from 0."""
+
+
+def log_path(log_dir: Path, agent_id: str) -> Path:
+    """``<log_dir>/<agent_id>.log`` (agent ids are label values: no "/", never "..")."""
+    return log_dir / f"{agent_id}.log"
+
+
+def read_log(path: Path, offset: int, max_bytes: int) -> LogChunk:
+    """Read up to `max_bytes` from `offset`; negative offsets count from the end.
+
+    A missing file reads as empty. `ValueError` when max_bytes < 1.
+    """
+    if max_bytes < 1:
+        raise ValueError(f"max_bytes must be >= 1, got {max_bytes}")
+    max_bytes = min(max_bytes, MAX_READ_BYTES)
+    try:
+        f = path.open("rb")
+    except FileNotFoundError:
+        return LogChunk(b"", 0, 0, rotated=offset > 0)
+    with f:
+        size = os.fstat(f.fileno()).st_size
+        rotated = False
+        if offset < 0:
+            start = max(0, size + offset)
+        elif offset > size:
+            start, rotated = 0, True
+        else:
+            start = offset
+        f.seek(start)
+        data = f.read(max_bytes)
+    return LogChunk(data, start, start + len(data), rotated)
+
+
+def rotate_if_needed(path: Path, max_bytes: int, backups: int) -> bool:
+    """Copy-truncate `path` when larger than `max_bytes` (0 = never); True if rotated."""
+    if max_bytes <= 0:
+        return False
+    try:
+        if path.stat().st_size <= max_bytes:
+            return False
+    except FileNotFoundError:
+        return False
+    if backups > 0:
+        for n in range(backups - 1, 0, -1):
+            older = path.with_name(f"{path.name}.{n}")
+            with contextlib.suppress(FileNotFoundError):
+                older.replace(path.with_name(f"{path.name}.{n + 1}"))
+        backup = path.with_name(f"{path.name}.1")
+        tmp = path.with_name(f".{path.name}.1.tmp")
+        with path.open("r+b") as src, tmp.open("wb") as dst:
+            while chunk := src.read(_COPY_CHUNK):
+                dst.write(chunk)
+            src.truncate(0)
+            dst.flush()
+            os.fsync(dst.fileno())
+        tmp.replace(backup)
+    else:
+        with path.open("r+b") as src:
+            src.truncate(0)
+    return True

@@ -1,0 +1,272 @@
+"""One agent process: spawn it detached, watch it with a pidfd, stop it for good.
+
+- Spawned with `subprocess.Popen` (its fork/exec runs in C without Python
+  code in the child, so it is safe in a threaded daemon): its own session and
+  process group, stdin /dev/null, stdout+stderr the log file opened O_APPEND.
+  The child holds that fd, so a daemon crash loses no log line and no agent.
+- Exit is detected with `os.pidfd_open` + `loop.add_reader` (no polling),
+  then reaped with `waitpid(WNOHANG)`. A re-adopted agent is not our child:
+  its exit code is unknown (-1).
+- Stop (trio's terminate-wait-kill): the stop signal to the process group and
+  to any descendant that left it, wait `stop_timeout` for all of them, then
+  SIGKILL the group and every descendant seen, and wait until they are gone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import pwd
+import signal
+import subprocess
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+from daemon.supervisor.clock import Clock
+from daemon.supervisor.spec import AgentSpec, resolve_executable
+
+__all__ = ["AgentProcess", "SpawnError", "StopOutcome", "adopt", "spawn"]
+
+CREATE_TIME_TOLERANCE = 0.05
+"""Seconds two create times may differ and still be the same process (clock-tick rounding)."""
+KILL_WAIT = 5.0
+"""Seconds to wait for SIGKILLed processes to disappear (they cannot refuse)."""
+
+
+class SpawnError(RuntimeError):
+    """The agent's program could not be started (exec failed, bad user, ...)."""
+
+
+@dataclass(frozen=True)
+class StopOutcome:
+    """How a stop ended."""
+
+    exit_code: int
+    """The agent's exit code (-N for signal N, -1 unknown)."""
+    killed: bool
+    """True when stop_timeout passed and the group was SIGKILLed."""
+    message: str
+    """One line for the snapshot, e.g. "killed after stop_timeout (10s)"."""
+
+
+class AgentProcess:
+    """A live (or just exited) agent process and its pidfd watch."""
+
+    def __init__(self, pid: int, create_time: float, *, adopted: bool) -> None:
+        self.pid = pid
+        """The agent's pid; also its process group id and session id."""
+        self.create_time = create_time
+        """psutil create time; with `pid` it identifies the process across pid reuse."""
+        self.adopted = adopted
+        """True when re-adopted after a daemon restart (not necessarily our child)."""
+        self.exit_code: int | None = None
+        """Set once the process has exited."""
+        self.unknown_exit = False
+        """True when the exit code could not be read (not our child)."""
+        self._exited: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._pidfd: int | None = None
+        self._watch()
+
+    def _watch(self) -> None:
+        try:
+            self._pidfd = os.pidfd_open(self.pid)
+        except ProcessLookupError:
+            self._reap()
+            return
+        asyncio.get_running_loop().add_reader(self._pidfd, self._reap)
+
+    def _reap(self) -> None:
+        if self._pidfd is not None:
+            asyncio.get_running_loop().remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+        code = -1
+        try:
+            _, status = os.waitpid(self.pid, os.WNOHANG)
+            code = os.waitstatus_to_exitcode(status)
+        except ChildProcessError:
+            # Not our child (re-adopted after a daemon restart): init reaps it.
+            self.unknown_exit = True
+        self.exit_code = code
+        if not self._exited.done():
+            self._exited.set_result(code)
+
+    @property
+    def running(self) -> bool:
+        """True until the exit was detected."""
+        return self.exit_code is None
+
+    async def wait(self) -> int:
+        """Wait for the exit; returns the exit code (shielded: cancelling the caller is fine)."""
+        return await asyncio.shield(self._exited)
+
+    def close(self) -> None:
+        """Stop watching (the daemon is shutting down and leaves the agent running)."""
+        if self._pidfd is not None:
+            asyncio.get_running_loop().remove_reader(self._pidfd)
+            os.close(self._pidfd)
+            self._pidfd = None
+        if not self._exited.done():
+            self._exited.cancel()
+
+    def tree(self) -> list[psutil.Process]:
+        """The agent's descendants now (collected before signalling: they may reparent)."""
+        try:
+            return psutil.Process(self.pid).children(recursive=True)
+        except psutil.Error:
+            return []
+
+    async def stop(self, signum: int, grace: float, clock: Clock) -> StopOutcome:
+        """Signal the group, wait `grace` seconds, then SIGKILL the group and every descendant."""
+        if not self.running:
+            code = self.exit_code if self.exit_code is not None else -1
+            return StopOutcome(code, False, "already exited")
+        descendants = self.tree()
+        _signal_all(self.pid, descendants, signum)
+        name = signal.Signals(signum).name
+        if await _wait_gone(self, descendants, grace, clock):
+            return StopOutcome(await self.wait(), False, f"stopped by {name}")
+        descendants = _unique([*descendants, *self.tree()])
+        _signal_all(self.pid, descendants, signal.SIGKILL)
+        await _wait_gone(self, descendants, KILL_WAIT, clock)
+        message = f"killed after stop_timeout ({grace:g}s): did not exit on {name}"
+        code = self.exit_code if self.exit_code is not None else -int(signal.SIGKILL)
+        return StopOutcome(code, True, message)
+
+
+def _unique(procs: Iterable[psutil.Process]) -> list[psutil.Process]:
+    seen: dict[int, psutil.Process] = {}
+    for proc in procs:
+        seen.setdefault(proc.pid, proc)
+    return list(seen.values())
+
+
+def _signal_all(pgid: int, descendants: list[psutil.Process], signum: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pgid, signum)
+    for proc in descendants:
+        # psutil refuses to signal a pid that was reused by another process.
+        with contextlib.suppress(psutil.Error):
+            if os.getpgid(proc.pid) != pgid:
+                proc.send_signal(signum)
+
+
+async def _wait_gone(
+    agent: AgentProcess, descendants: list[psutil.Process], wait_s: float, clock: Clock
+) -> bool:
+    """Wait (on pidfds, no polling) until the agent and its descendants exited."""
+    loop = asyncio.get_running_loop()
+    waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(agent.wait())]
+    fds: list[int] = []
+    for proc in descendants:
+        try:
+            if not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            fd = os.pidfd_open(proc.pid)
+        except (psutil.Error, ProcessLookupError):
+            continue
+        fut: asyncio.Future[Any] = loop.create_future()
+        loop.add_reader(fd, _set_done, fut)
+        fds.append(fd)
+        waits.append(fut)
+    sleeper = asyncio.ensure_future(clock.sleep(wait_s))
+    try:
+        everything: asyncio.Future[Any] = asyncio.gather(*waits)
+        racers: set[asyncio.Future[Any]] = {everything, sleeper}
+        done, _ = await asyncio.wait(racers, return_when=asyncio.FIRST_COMPLETED)
+        if everything not in done:
+            everything.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await everything
+            return False
+        return True
+    finally:
+        sleeper.cancel()
+        for fd in fds:
+            loop.remove_reader(fd)
+            os.close(fd)
+
+
+def _set_done(fut: asyncio.Future[Any]) -> None:
+    if not fut.done():
+        fut.set_result(None)
+
+
+def spawn(spec: AgentSpec, *, log_path: Path, socket_path: Path) -> AgentProcess:
+    """Start `spec` detached in its own session, writing to `log_path`; `SpawnError` on failure."""
+    env = dict(os.environ)
+    env.update(spec.env)
+    env["FLEET_AGENT_ID"] = spec.id
+    env["FLEET_DAEMON_SOCKET"] = str(socket_path)
+    uid: int | None = None
+    gid: int | None = None
+    groups: list[int] | None = None
+    if spec.user and os.geteuid() == 0:
+        try:
+            pw = pwd.getpwnam(spec.user)
+        except KeyError:
+            raise SpawnError(f"unknown user {spec.user!r}") from None
+        uid, gid, groups = pw.pw_uid, pw.pw_gid, os.getgrouplist(pw.pw_name, pw.pw_gid)
+        env.update(HOME=pw.pw_dir, USER=pw.pw_name, LOGNAME=pw.pw_name)
+    executable = resolve_executable(spec.argv[0], env=env, cwd=spec.cwd)
+    if executable is None:
+        raise SpawnError(f"program {spec.argv[0]!r} not found or not executable")
+    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+    try:
+        popen = subprocess.Popen(  # noqa: S603 -- argv from a validated spec, never a shell
+            list(spec.argv),
+            executable=executable,
+            stdin=subprocess.DEVNULL,
+            stdout=log_fd,
+            stderr=log_fd,
+            cwd=spec.cwd or None,
+            env=env,
+            start_new_session=True,
+            close_fds=True,
+            user=uid,
+            group=gid,
+            extra_groups=groups,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise SpawnError(f"cannot start {spec.argv[0]!r}: {exc}") from None
+    finally:
+        os.close(log_fd)
+    # We watch and reap the child ourselves (pidfd + waitpid). Mark the Popen
+    # finished so its __del__ neither warns nor queues it for
+    # subprocess._cleanup(), which would reap our child and steal its status.
+    popen.returncode = 0
+    try:
+        create_time = psutil.Process(popen.pid).create_time()
+    except psutil.Error:
+        create_time = 0.0  # exited and reaped already? the pidfd watch reports it
+    return AgentProcess(popen.pid, create_time, adopted=False)
+
+
+def adopt(pid: int, create_time: float) -> AgentProcess | None:
+    """Watch a process from before a daemon restart if pid AND create time still match."""
+    if pid <= 0:
+        return None
+    if not _same_process(pid, create_time):
+        return None
+    proc = AgentProcess(pid, create_time, adopted=True)
+    # The pid could have been reused between the check and pidfd_open: check again.
+    if proc.running and not _same_process(pid, create_time):
+        proc.close()
+        return None
+    return proc if proc.running else None
+
+
+def _same_process(pid: int, create_time: float) -> bool:
+    try:
+        p = psutil.Process(pid)
+        return (
+            abs(p.create_time() - create_time) <= CREATE_TIME_TOLERANCE
+            and p.status() != psutil.STATUS_ZOMBIE
+        )
+    except psutil.Error:
+        return False

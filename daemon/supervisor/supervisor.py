@@ -1,0 +1,430 @@
+"""The supervisor: every agent of this node, their desired set, and the daemon's memory.
+
+Lifecycle: `start(specs)` re-adopts what is still running from before a
+daemon restart, starts the rest, and starts the sampling loop; `stop()`
+leaves agents running (unless asked) with their pids persisted so the next
+daemon re-adopts them.
+
+Desired set: specs from the TOML (`start`, `reload` on SIGHUP) or pushed by
+the manager (`apply`, versioned; once a push happened it is what counts, and
+survives restarts in update.json). Applying validates everything first and
+changes nothing on error; then it persists, then acts.
+
+Persistence of agents.json is coalesced to once per event-loop turn
+(`call_soon`), so a spawn is on disk before the loop does anything else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import psutil
+
+from daemon.sampler import HostSample, ResourceSample, Sampler
+from daemon.supervisor.agent import Agent, AgentSnapshot, Context
+from daemon.supervisor.clock import Clock, SystemClock
+from daemon.supervisor.logs import LogChunk, log_path, read_log, rotate_if_needed
+from daemon.supervisor.persistence import PersistedAgent, StateStore
+from daemon.supervisor.process import adopt
+from daemon.supervisor.spec import AgentSpec, SpecError
+from daemon.supervisor.states import AgentStatus
+from fleet.errors import FailedPrecondition, InvalidArgument, NotFound
+
+__all__ = ["AgentSnapshot", "ApplyResult", "LogChunk", "Supervisor"]
+
+log = logging.getLogger(__name__)
+Operation = Literal["start", "stop", "restart"]
+
+
+@dataclass(frozen=True)
+class ApplyResult:
+    """What `apply` / `reload` did."""
+
+    version: int
+    """The node's spec version after the call (0: the TOML's specs, nothing pushed)."""
+    added: tuple[str, ...]
+    """New agents (started if autostart)."""
+    changed: tuple[str, ...]
+    """Agents whose process hash changed: restarted with the new spec."""
+    removed: tuple[str, ...]
+    """Agents stopped and forgotten."""
+    reconfigured: tuple[str, ...]
+    """Agents whose spec changed without needing a restart (policy, labels, config)."""
+
+
+def validate_specs(specs: Sequence[AgentSpec]) -> None:
+    """Validate every spec and id uniqueness; `SpecError` for the first problem."""
+    seen: set[str] = set()
+    for spec in specs:
+        spec.validate()
+        if spec.id in seen:
+            raise SpecError(f"duplicate agent id {spec.id!r}", field=f"agents[{spec.id}].id")
+        seen.add(spec.id)
+
+
+class Supervisor:
+    """Supervises this node's agents (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        state_dir: Path,
+        log_dir: Path,
+        socket_path: Path,
+        clock: Clock | None = None,
+        on_change: Callable[[AgentSnapshot], None] | None = None,
+        sample_interval: float = 1.0,
+        sample_buffer: int = 3600,
+    ) -> None:
+        self._store = StateStore(state_dir)
+        self._clock: Clock = clock if clock is not None else SystemClock()
+        self._on_change = on_change
+        self._sample_interval = sample_interval
+        self.sampler = Sampler(sample_buffer)
+        """The resource sampler (per-agent ring buffers, host samples)."""
+        self._ctx = Context(
+            clock=self._clock,
+            log_dir=log_dir,
+            socket_path=socket_path,
+            sampler=self.sampler,
+            changed=self._changed,
+            restarted=self._count_restart,
+        )
+        self._agents: dict[str, Agent] = {}
+        self._version = 0
+        self._apply_lock = asyncio.Lock()
+        self._sample_task: asyncio.Task[None] | None = None
+        self._flush_pending = False
+        self.restarts_total = 0
+        """Restarts of any agent since this supervisor started (for Prometheus)."""
+        self.sample_seconds_total = 0.0
+        """Wall time spent sampling, for the daemon's own metrics."""
+
+    # --- lifecycle ------------------------------------------------------------
+
+    async def start(self, specs: Sequence[AgentSpec]) -> None:
+        """Re-adopt, restart changed, autostart the rest; start sampling.
+
+        `specs` (from the TOML) is ignored when a pushed update is on disk.
+        `SpecError` (an InvalidArgument) if a TOML spec is invalid.
+        """
+        pushed = self._store.load_update()
+        if pushed is not None:
+            self._version, specs = pushed
+        else:
+            validate_specs(specs)
+        persisted = self._store.load_agents()
+        wanted = {s.id: s for s in specs}
+        leftovers = [p for i, p in persisted.items() if i not in wanted]
+        for spec in specs:
+            agent = self._agents[spec.id] = Agent(spec, self._ctx)
+            await self._resume(agent, persisted.get(spec.id))
+        for old in leftovers:  # removed while the daemon was down
+            proc = adopt(old.pid, old.create_time) if old.pid else None
+            if proc is not None:
+                agent = Agent(old.spec, self._ctx)
+                agent.adopt(proc, old.spec, old.start_time)
+                async with agent.lock:
+                    await agent.stop()
+                agent.wake_config_watchers()
+        self._flush()
+        self._sample_task = asyncio.create_task(self._sample_loop(), name="supervisor-sampler")
+
+    async def _resume(self, agent: Agent, old: PersistedAgent | None) -> None:
+        spec = agent.spec
+        if old is not None:
+            agent.restart_count = old.restart_count
+            agent.operator_stopped = old.operator_stopped
+            agent.config_version = old.config_version + (old.spec.config != spec.config)
+            proc = adopt(old.pid, old.create_time) if old.pid else None
+            if proc is not None:
+                agent.adopt(proc, old.spec, old.start_time)
+                if old.process_hash != spec.process_hash():
+                    log.info("agent %s: spec changed while the daemon was down", spec.id)
+                    async with agent.lock:
+                        await agent.restart()
+                return
+        if spec.autostart and not agent.operator_stopped:
+            async with agent.lock:
+                await agent.start()
+
+    async def stop(self, *, stop_agents: bool = False) -> None:
+        """Stop sampling and supervising; agents keep running unless `stop_agents`."""
+        if self._sample_task is not None:
+            self._sample_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._sample_task
+            self._sample_task = None
+
+        async def finish(agent: Agent) -> None:
+            async with agent.lock:
+                if stop_agents:
+                    await agent.stop(operator=False)
+                await agent.detach()
+
+        await asyncio.gather(*(finish(a) for a in self._agents.values()))
+        self._flush()
+
+    # --- reading ----------------------------------------------------------------
+
+    def list(self) -> list[AgentSnapshot]:
+        """Every agent, sorted by id."""
+        return [self._agents[i].snapshot() for i in sorted(self._agents)]
+
+    def get(self, agent_id: str) -> AgentSnapshot:
+        """One agent; `NotFound` if there is no such agent."""
+        return self._agent(agent_id).snapshot()
+
+    def spec(self, agent_id: str) -> AgentSpec:
+        """The current spec of an agent; `NotFound` if there is no such agent."""
+        return self._agent(agent_id).spec
+
+    @property
+    def version(self) -> int:
+        """Version of the pushed spec set in force (0 if none was pushed)."""
+        return self._version
+
+    def _agent(self, agent_id: str) -> Agent:
+        try:
+            return self._agents[agent_id]
+        except KeyError:
+            raise NotFound(f"agent {agent_id!r} is not supervised on this node") from None
+
+    # --- operations ---------------------------------------------------------------
+
+    async def operate(self, agent_id: str, op: Operation) -> AgentSnapshot:
+        """start / stop / restart, idempotent; the resulting snapshot."""
+        agent = self._agent(agent_id)
+        if op not in ("start", "stop", "restart"):
+            raise InvalidArgument(f"unknown operation {op!r}: use start, stop or restart")
+        if agent.removing:
+            raise FailedPrecondition(f"agent {agent_id!r} is being removed")
+        async with agent.lock:
+            if agent.removing:
+                raise FailedPrecondition(f"agent {agent_id!r} is being removed")
+            if op == "start":
+                await agent.start()
+            elif op == "stop":
+                await agent.stop()
+            else:
+                await agent.restart()
+            return agent.snapshot()
+
+    async def apply(self, version: int, specs: Sequence[AgentSpec]) -> ApplyResult:
+        """Make `specs` (the complete set) the desired agents, as pushed version `version`."""
+        validate_specs(specs)
+        async with self._apply_lock:
+            if version <= self._version:
+                raise FailedPrecondition(
+                    f"stale spec version {version}: this node already has version {self._version}"
+                )
+            self._store.save_update(version, specs)
+            self._version = version
+            return await self._converge(specs)
+
+    async def reload(self, specs: Sequence[AgentSpec]) -> ApplyResult:
+        """SIGHUP: make the TOML's specs the desired set, unless a pushed set is in force."""
+        validate_specs(specs)
+        async with self._apply_lock:
+            if self._version > 0:
+                log.warning(
+                    "reload: ignoring the config file's agents: pushed version %d is in force",
+                    self._version,
+                )
+                return ApplyResult(self._version, (), (), (), ())
+            return await self._converge(specs)
+
+    async def _converge(self, specs: Sequence[AgentSpec]) -> ApplyResult:
+        wanted = {s.id: s for s in specs}
+        added = [i for i in wanted if i not in self._agents]
+        removed = [i for i in self._agents if i not in wanted]
+        changed: list[str] = []
+        reconfigured: list[str] = []
+        for agent_id, spec in wanted.items():
+            agent = self._agents.get(agent_id)
+            if agent is None or agent.spec == spec:
+                continue
+            if agent.spec.process_hash() != spec.process_hash():
+                changed.append(agent_id)
+            else:
+                reconfigured.append(agent_id)
+        for agent_id in removed:
+            self._agents[agent_id].removing = True
+        for agent_id in added:
+            self._agents[agent_id] = Agent(wanted[agent_id], self._ctx)
+
+        async def remove(agent: Agent) -> None:
+            async with agent.lock:
+                await agent.stop(operator=False)
+            self._agents.pop(agent.spec.id, None)
+            self.sampler.untrack(agent.spec.id, forget=True)
+            agent.wake_config_watchers()
+
+        async def change(agent: Agent, spec: AgentSpec) -> None:
+            async with agent.lock:
+                was_active = agent.status not in (AgentStatus.STOPPED, AgentStatus.EXITED)
+                agent.set_spec(spec)
+                if not agent.operator_stopped and (was_active or spec.autostart):
+                    await agent.restart()
+
+        async def add(agent: Agent) -> None:
+            if agent.spec.autostart:
+                async with agent.lock:
+                    await agent.start()
+
+        for agent_id in reconfigured:
+            self._agents[agent_id].set_spec(wanted[agent_id])
+        await asyncio.gather(
+            *(remove(self._agents[i]) for i in removed),
+            *(change(self._agents[i], wanted[i]) for i in changed),
+            *(add(self._agents[i]) for i in added),
+        )
+        self._flush()
+        return ApplyResult(
+            self._version, tuple(added), tuple(changed), tuple(removed), tuple(reconfigured)
+        )
+
+    # --- logs, samples, pids ------------------------------------------------------------
+
+    def log_path(self, agent_id: str) -> Path:
+        """Where the agent's current log file is."""
+        self._agent(agent_id)
+        return log_path(self._ctx.log_dir, agent_id)
+
+    def read_log(self, agent_id: str, offset: int, max_bytes: int) -> LogChunk:
+        """A chunk of the agent's log; negative offset from the end; `rotated` if offset > size."""
+        path = self.log_path(agent_id)
+        try:
+            return read_log(path, offset, max_bytes)
+        except ValueError as exc:
+            raise InvalidArgument(str(exc), field="max_bytes") from None
+
+    def samples(self, agent_id: str, duration_s: float) -> builtins.list[ResourceSample]:
+        """The agent's samples of the last `duration_s` seconds (all buffered if <= 0)."""
+        self._agent(agent_id)
+        since = 0 if duration_s <= 0 else int((self._clock.now() - duration_s) * 1000)
+        return self.sampler.samples(agent_id, since)
+
+    def host_sample(self) -> HostSample:
+        """A host sample taken now (cpu % since the previous call)."""
+        return self.sampler.host_sample(int(self._clock.now() * 1000))
+
+    def agent_for_pid(self, pid: int) -> str | None:
+        """The agent whose process tree `pid` is in, if any."""
+        roots = {
+            a.proc.pid: agent_id
+            for agent_id, a in self._agents.items()
+            if a.proc is not None and a.proc.running
+        }
+        current = pid
+        for _ in range(128):  # ancestry is short; the bound guards against loops
+            if current in roots:
+                return roots[current]
+            if current <= 1:
+                return None
+            try:
+                current = psutil.Process(current).ppid()
+            except psutil.Error:
+                return None
+        return None
+
+    # --- SDK-facing hooks ----------------------------------------------------------------
+
+    def agent_registered(self, agent_id: str, *, version: str, pid: int) -> AgentSnapshot:
+        """An SDK agent registered (from `pid`): record its version, count as a heartbeat."""
+        agent = self._agent(agent_id)
+        agent.registered_version = version
+        agent.last_heartbeat = self._clock.now()
+        agent.health = agent.compute_health(agent.last_heartbeat)
+        self._changed(agent)
+        return agent.snapshot()
+
+    def agent_heartbeat(self, agent_id: str) -> None:
+        """An SDK heartbeat."""
+        agent = self._agent(agent_id)
+        agent.last_heartbeat = self._clock.now()
+        agent.refresh_health()
+
+    def config_of(self, agent_id: str) -> tuple[bytes, int]:
+        """The agent's config payload and its version."""
+        agent = self._agent(agent_id)
+        return agent.spec.config.encode(), agent.config_version
+
+    async def watch_config(
+        self, agent_id: str, after_version: int
+    ) -> AsyncIterator[tuple[bytes, int]]:
+        """Yield (payload, version) whenever the config version exceeds `after_version`.
+
+        Ends when the agent is removed. `NotFound` for an unknown agent.
+        """
+        agent = self._agent(agent_id)
+        while self._agents.get(agent_id) is agent:
+            event = agent.config_changed
+            if agent.config_version > after_version:
+                after_version = agent.config_version
+                yield agent.spec.config.encode(), after_version
+                continue
+            await event.wait()
+
+    # --- internals -------------------------------------------------------------------------
+
+    def _count_restart(self) -> None:
+        self.restarts_total += 1
+
+    def _changed(self, agent: Agent) -> None:
+        if not self._flush_pending:
+            self._flush_pending = True
+            asyncio.get_running_loop().call_soon(self._flush)
+        if self._on_change is not None and self._agents.get(agent.spec.id) is agent:
+            try:
+                self._on_change(agent.snapshot())
+            except Exception:
+                log.exception("on_change callback failed for agent %s", agent.spec.id)
+
+    def _flush(self) -> None:
+        self._flush_pending = False
+        entries: dict[str, PersistedAgent] = {}
+        for agent_id, a in self._agents.items():
+            running = a.proc is not None and a.proc.running
+            proc = a.proc if running else None
+            spec = a.started_spec if proc is not None else a.spec
+            entries[agent_id] = PersistedAgent(
+                spec=spec,
+                pid=proc.pid if proc is not None else 0,
+                create_time=proc.create_time if proc is not None else 0.0,
+                process_hash=spec.process_hash(),
+                operator_stopped=a.operator_stopped,
+                config_version=a.config_version,
+                restart_count=a.restart_count,
+                start_time=a.start_time,
+            )
+        try:
+            self._store.save_agents(entries)
+        except OSError:
+            log.exception("cannot write %s", self._store.agents_path)
+
+    async def _sample_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            self.sampler.sample(int(self._clock.now() * 1000))
+            for agent in list(self._agents.values()):
+                agent.refresh_health()
+                spec = agent.spec
+                path = log_path(self._ctx.log_dir, spec.id)
+                try:
+                    if spec.log_max_bytes and path.stat().st_size > spec.log_max_bytes:
+                        await asyncio.to_thread(
+                            rotate_if_needed, path, spec.log_max_bytes, spec.log_backups
+                        )
+                except OSError:
+                    pass  # no log yet, or a rotation problem; retried next tick
+            self.sample_seconds_total += loop.time() - started
+            await self._clock.sleep(self._sample_interval)

@@ -1,0 +1,218 @@
+"""Real agent processes: start, stop, restart, crash recovery, crash loops, logs, samples."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from supervisor_helpers import Recorder, agent, alive, make_supervisor, script
+
+from daemon.supervisor.spec import BackoffSpec
+from daemon.supervisor.states import AgentStatus
+from daemon.supervisor.supervisor import Supervisor
+from fleet.errors import InvalidArgument, NotFound
+
+S = AgentStatus
+SLEEPER = ("-c", "import time; print('up', flush=True); time.sleep(600)")
+
+
+@pytest.fixture
+def rec() -> Recorder:
+    """Records every snapshot the supervisor reports."""
+    return Recorder()
+
+
+@pytest.fixture
+async def sup(tmp_path: Path, rec: Recorder) -> AsyncIterator[Supervisor]:
+    """A supervisor that stops its agents at the end of the test."""
+    supervisor = make_supervisor(tmp_path, rec)
+    yield supervisor
+    await supervisor.stop(stop_agents=True)
+
+
+async def test_start_stop_restart(sup: Supervisor, rec: Recorder, tmp_path: Path) -> None:
+    """An agent starts, reaches RUNNING after start_secs, stops, and restarts with a new pid."""
+    await sup.start([agent("a", *SLEEPER)])
+    await rec.until(lambda: sup.get("a").status is S.RUNNING)
+    first = sup.get("a")
+    assert first.pid > 0
+    assert alive(first.pid)
+    assert rec.statuses("a")[:2] == [S.STARTING, S.RUNNING]
+
+    stopped = await sup.operate("a", "stop")
+    assert (stopped.status, stopped.pid) == (S.STOPPED, 0)
+    assert not alive(first.pid)
+    assert "stopped by SIGTERM" in stopped.message
+    again = await sup.operate("a", "stop")  # idempotent
+    assert again.status is S.STOPPED
+
+    started = await sup.operate("a", "start")
+    assert started.status in (S.STARTING, S.RUNNING)
+    assert started.pid > 0
+    same = await sup.operate("a", "start")  # idempotent: no second process
+    assert same.pid == started.pid
+
+    restarted = await sup.operate("a", "restart")
+    assert restarted.pid not in (0, started.pid)
+    assert not alive(started.pid)
+    assert restarted.restart_count >= 1
+
+
+async def test_agent_environment_and_log_file(sup: Supervisor, rec: Recorder) -> None:
+    """The agent gets FLEET_AGENT_ID / FLEET_DAEMON_SOCKET and its output lands in its log."""
+    code = (
+        "import os, sys, time;"
+        "print('id', os.environ['FLEET_AGENT_ID'], flush=True);"
+        "print('sock', os.environ['FLEET_DAEMON_SOCKET'], file=sys.stderr, flush=True);"
+        "print('pgid-is-pid', os.getpgid(0) == os.getpid(), flush=True);"
+        "time.sleep(600)"
+    )
+    await sup.start([agent("env-agent", "-c", code, env={"EXTRA": "1"})])
+    await rec.until(lambda: b"pgid-is-pid" in sup.read_log("env-agent", 0, 4096).data)
+    text = sup.read_log("env-agent", 0, 4096).data.decode()
+    assert "id env-agent" in text
+    assert "sock " + str(sup._ctx.socket_path) in text
+    assert "pgid-is-pid True" in text
+
+
+async def test_crash_then_backoff_then_running(
+    sup: Supervisor, rec: Recorder, tmp_path: Path
+) -> None:
+    """An agent that crashes on its first start goes BACKOFF, is retried, and ends RUNNING."""
+    flag = tmp_path / "crashed-once"
+    prog = script(
+        tmp_path,
+        "crash_once",
+        f"""
+        import pathlib, sys, time
+        flag = pathlib.Path({str(flag)!r})
+        if not flag.exists():
+            flag.write_text("x")
+            sys.exit(3)
+        time.sleep(600)
+        """,
+    )
+    await sup.start([agent("flaky", str(prog))])
+    await rec.until(lambda: sup.get("flaky").status is S.RUNNING and flag.exists())
+    assert rec.statuses("flaky") == [S.STARTING, S.BACKOFF, S.STARTING, S.RUNNING]
+    backoff = next(s for s in rec.changes if s.status is S.BACKOFF)
+    assert "exited too quickly (exit code 3)" in backoff.message
+    assert backoff.backoff_until_ms > 0
+    assert sup.get("flaky").restart_count == 1
+
+
+async def test_crash_loop_ends_fatal_with_backoff_visible(sup: Supervisor, rec: Recorder) -> None:
+    """An agent that always dies at once ends FATAL, its backoff visible on the way."""
+    spec = agent(
+        "looper",
+        "-c",
+        "raise SystemExit(7)",
+        max_retries=3,
+        backoff=BackoffSpec(initial=0.05, multiplier=2.0, max=1.0, jitter=0.0),
+    )
+    await sup.start([spec])
+    await rec.until(lambda: sup.get("looper").status is S.FATAL)
+    backoffs = [s for s in rec.changes if s.id == "looper" and s.status is S.BACKOFF]
+    assert len(backoffs) == 4  # the last one goes straight on to FATAL
+    assert all(s.backoff_until_ms > 0 for s in backoffs)
+    delays = [s.backoff_until_ms for s in backoffs]
+    assert delays == sorted(delays)
+    fatal = sup.get("looper")
+    assert fatal.exit_code == 7
+    assert "4 times in a row; gave up" in fatal.message
+    assert fatal.pid == 0
+    # FATAL is final: no hot loop behind it.
+    count = len(rec.changes)
+    await asyncio.sleep(0.5)  # many backoff periods
+    assert len(rec.changes) == count
+    # an operator can start it again: retries start over
+    snap = await sup.operate("looper", "start")
+    assert snap.status in (S.STARTING, S.BACKOFF)
+
+
+async def test_restart_policies_after_running(sup: Supervisor, rec: Recorder) -> None:
+    """After RUNNING: on-failure restarts a crash, not a clean exit; always restarts both."""
+    exit_after = "import sys, time; time.sleep(0.5); sys.exit({})"
+    await sup.start(
+        [
+            agent("clean", "-c", exit_after.format(0), start_secs=0.2),
+            agent("crash", "-c", exit_after.format(2), start_secs=0.2),
+            agent("never", "-c", exit_after.format(2), start_secs=0.2, restart="never"),
+        ]
+    )
+    await rec.until(lambda: sup.get("clean").status is S.EXITED)
+    await rec.until(lambda: sup.get("never").status is S.EXITED)
+    await rec.until(lambda: sup.get("crash").restart_count >= 1)
+    assert sup.get("clean").exit_code == 0
+    assert sup.get("never").exit_code == 2
+    assert sup.get("clean").restart_count == 0
+    assert sup.restarts_total >= 1
+
+
+async def test_one_shot_that_finishes_fast_is_exited(sup: Supervisor, rec: Recorder) -> None:
+    """A program that exits 0 before start_secs is EXITED, not retried as a failure."""
+    await sup.start([agent("oneshot", "-c", "print('done')")])
+    await rec.until(lambda: sup.get("oneshot").status is S.EXITED)
+    assert S.BACKOFF not in rec.statuses("oneshot")
+
+
+async def test_killed_agent_is_restarted(sup: Supervisor, rec: Recorder) -> None:
+    """kill -9 of a running agent is a failure: on-failure restarts it with a new pid."""
+    await sup.start([agent("victim", *SLEEPER)])
+    await rec.until(lambda: sup.get("victim").status is S.RUNNING)
+    old = sup.get("victim").pid
+    os.kill(old, signal.SIGKILL)
+    await rec.until(lambda: sup.get("victim").pid not in (0, old))
+    exited = next(s for s in rec.changes if s.status is S.EXITED)
+    assert exited.exit_code == -signal.SIGKILL
+    assert "killed by SIGKILL" in exited.message
+
+
+async def test_unknown_agent_and_bad_input(sup: Supervisor) -> None:
+    """Unknown agents are NotFound; a bad op or max_bytes is InvalidArgument."""
+    await sup.start([])
+    with pytest.raises(NotFound, match="'ghost'"):
+        await sup.operate("ghost", "start")
+    with pytest.raises(NotFound):
+        sup.get("ghost")
+    with pytest.raises(NotFound):
+        sup.read_log("ghost", 0, 10)
+
+
+async def test_invalid_toml_spec_refused(tmp_path: Path) -> None:
+    """start() refuses an invalid spec with a one-line error naming the field, starting nothing."""
+    supervisor = make_supervisor(tmp_path)
+    good = agent("good", *SLEEPER)
+    bad = agent("bad", *SLEEPER, stop_timeout=-1.0)
+    with pytest.raises(InvalidArgument, match=r"agents\[bad\]\.stop_timeout: must be >= 0"):
+        await supervisor.start([good, bad])
+    assert supervisor.list() == []
+    await supervisor.stop(stop_agents=True)
+
+
+async def test_samples_cover_the_process_tree(sup: Supervisor, rec: Recorder) -> None:
+    """The sampler reports the agent and its child as one tree, with memory and threads."""
+    code = (
+        "import subprocess, sys, time;"
+        f"subprocess.Popen([{sys.executable!r}, '-c', 'import time; time.sleep(600)']);"
+        "time.sleep(600)"
+    )
+    await sup.start([agent("tree", "-c", code)])
+    await rec.until(lambda: any(s.processes == 2 for s in sup.samples("tree", 60)), within=15)
+    sample = sup.samples("tree", 60)[-1]
+    assert sample.rss > 1_000_000
+    assert sample.vms >= sample.rss
+    assert sample.threads >= 2
+    assert sample.open_files >= 3
+    assert sup.agent_for_pid(sup.get("tree").pid) == "tree"
+    child = next(p for p in sup.sampler.tree_pids("tree") if p != sup.get("tree").pid)
+    assert sup.agent_for_pid(child) == "tree"
+    assert sup.agent_for_pid(os.getpid()) is None
+    host = sup.host_sample()
+    assert host.memory.total > 0
+    assert host.disk.total > 0
