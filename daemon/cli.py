@@ -1,0 +1,64 @@
+"""`fleet-daemon --config PATH`: run the daemon until SIGTERM.
+
+Exit codes: 0 after a clean stop, 2 for a config problem (one line on
+stderr naming the file, the key and what is wrong; never a traceback),
+1 for any other failure at start.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from fleet.errors import ConfigError, FleetError
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fleet-daemon",
+        description="Supervise this host's agents and keep the Fleet manager informed.",
+    )
+    parser.add_argument(
+        "--config",
+        "-c",
+        type=Path,
+        default=None,
+        help="daemon TOML file (see configs/daemon.toml); FLEET_DAEMON_* variables override it",
+    )
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `fleet-daemon` script; returns the exit code."""
+    args = _parser().parse_args(argv)
+    # Imported here so `--help` works even where the daemon's deps are broken.
+    from daemon.config import load_daemon_config
+    from daemon.server import DaemonServer
+    from fleet.service import setup_logging
+
+    try:
+        cfg = load_daemon_config(args.config)
+    except ConfigError as exc:
+        print(f"fleet-daemon: {exc.message}", file=sys.stderr)
+        return 2
+    setup_logging(cfg.log_level, cfg.log_json)
+    try:
+        asyncio.run(DaemonServer(cfg, config_path=args.config).run())
+    except ConfigError as exc:
+        print(f"fleet-daemon: {exc.message}", file=sys.stderr)
+        return 2
+    except FleetError as exc:
+        print(f"fleet-daemon: {exc.message}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 0
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

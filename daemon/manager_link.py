@@ -1,0 +1,373 @@
+"""The daemon's side of ManagerService: register, heartbeat, metrics, state sync.
+
+One task (`_run`) owns the connection: it dials the managers in order,
+registers, then runs heartbeats, the metric sender and the state sync until
+a call fails with a transport-level error; then it closes the channel, moves
+to the next address and waits a full-jitter backoff (`fleet.retry.Backoff`)
+before trying again, so a restarted manager is not hit by every node at once.
+
+Independently of the connection, a producer task cuts a metric batch every
+`metrics_interval` (host + agent samples + custom metrics from SDK agents),
+numbers it from the persisted `SequenceFile` and puts it in the bounded
+`MetricBuffer`. The sender sends the buffer strictly in order; a batch leaves
+the buffer only once the manager answered it (a duplicate answer counts as
+stored). RESOURCE_EXHAUSTED keeps the batch and retries it after a backoff.
+
+gRPC keepalive (see ManagerLinkConfig): a ping every `keepalive_time` (10 s)
+even without calls, the link declared dead after `keepalive_timeout` (5 s)
+without an ack -- so a manager that vanished without closing TCP is noticed
+in ~15 s, not at the next RPC deadline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import platform
+import random
+import socket
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import grpc
+from grpc import aio
+
+from daemon.config import ManagerLinkConfig
+from daemon.link_buffer import MetricBatch, MetricBuffer, SequenceFile, split_batches
+from fleet.errors import FleetError, NotFound, from_rpc_error
+from fleet.tls import TLSConfig, channel_credentials, channel_options
+from fleet.v1 import common_pb2, manager_pb2, manager_pb2_grpc
+
+__all__ = ["LinkState", "ManagerLink", "NodeInfo"]
+
+log = logging.getLogger(__name__)
+
+LinkState = Literal["connecting", "connected", "disconnected", "stopped"]
+
+_TRANSPORT = {
+    grpc.StatusCode.UNAVAILABLE,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+    grpc.StatusCode.CANCELLED,
+    grpc.StatusCode.UNKNOWN,
+    grpc.StatusCode.INTERNAL,
+    grpc.StatusCode.PERMISSION_DENIED,
+    grpc.StatusCode.UNAUTHENTICATED,
+}
+_MAX_PENDING_CUSTOM = 100_000
+
+
+@dataclass(frozen=True)
+class NodeInfo:
+    """What RegisterNode says about this node."""
+
+    node_id: str
+    """The name in this node's certificate."""
+    daemon_address: str
+    """host:port where the manager reaches our DaemonService."""
+    labels: dict[str, str]
+    """Node labels from the config."""
+    daemon_version: str = ""
+    """Version of the daemon software."""
+
+
+class _Reconnect(Exception):
+    """The current manager connection is unusable; dial again."""
+
+
+class ManagerLink:
+    """Keeps one manager informed about this node, through outages.
+
+    `collect` returns the samples gathered since the last call (host and
+    agent metrics); `snapshot` returns every agent's current state.
+    `on_state` is told about link-state changes (for the Prometheus gauge).
+    """
+
+    def __init__(
+        self,
+        cfg: ManagerLinkConfig,
+        *,
+        tls: TLSConfig,
+        trust_domain: str,
+        node: NodeInfo,
+        state_dir: Path,
+        collect: Callable[[], Sequence[common_pb2.MetricData]],
+        snapshot: Callable[[], Sequence[manager_pb2.AgentState]],
+        on_state: Callable[[LinkState, str], None] | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self._tls = tls
+        self._server_name = cfg.server_name or f"manager.{trust_domain}"
+        self.node = node
+        self._collect = collect
+        self._snapshot = snapshot
+        self._on_state = on_state
+        self._rng = rng or random.Random()  # noqa: S311  # jitter, not crypto
+        self.sequence = SequenceFile(state_dir / "metrics-sequence")
+        self.buffer = MetricBuffer(cfg.buffer_batches)
+        self.state: LinkState = "disconnected"
+        self.address = ""
+        self.heartbeat_interval = cfg.heartbeat_interval_seconds
+        self.registrations = 0
+        self._custom: list[common_pb2.MetricData] = []
+        self.dropped_custom = 0
+        self._batch_ready = asyncio.Event()
+        self._dirty = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # --- inputs ---------------------------------------------------------
+
+    def agents_changed(self) -> None:
+        """An agent's state changed: send a snapshot soon (coalesced)."""
+        self._dirty.set()
+
+    def add_metrics(self, metrics: Sequence[common_pb2.MetricData]) -> None:
+        """Custom samples from SDK agents, sent with the next batch."""
+        room = _MAX_PENDING_CUSTOM - len(self._custom)
+        if len(metrics) > room:
+            self.dropped_custom += len(metrics) - max(room, 0)
+            metrics = metrics[: max(room, 0)]
+        self._custom.extend(metrics)
+
+    # --- lifecycle ------------------------------------------------------
+
+    async def start(self) -> None:
+        """Start producing batches and connecting (returns at once)."""
+        self._dirty.set()
+        self._tasks = [
+            asyncio.create_task(self._produce_loop(), name="manager-link-produce"),
+            asyncio.create_task(self._run(), name="manager-link"),
+        ]
+
+    async def stop(self) -> None:
+        """Stop every task and close the channel; buffered batches are not sent."""
+        self._stopping.set()
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._tasks = []
+        self._set_state("stopped")
+
+    def cut_batch(self) -> list[MetricBatch]:
+        """Gather samples now and buffer them as numbered batches."""
+        metrics = list(self._collect())
+        metrics.extend(self._custom)
+        self._custom = []
+        made: list[MetricBatch] = []
+        for chunk in split_batches(metrics, self.cfg.batch_max_samples):
+            batch = MetricBatch(self.sequence.take(), tuple(chunk))
+            dropped = self.buffer.add(batch)
+            if dropped is not None:
+                log.warning(
+                    "manager unreachable: metric buffer full (%d batches); dropped batch %d "
+                    "with %d samples (%d batches dropped so far)",
+                    self.buffer.capacity,
+                    dropped.sequence,
+                    len(dropped.metrics),
+                    self.buffer.dropped_batches,
+                )
+            made.append(batch)
+        if made:
+            self._batch_ready.set()
+        return made
+
+    # --- internals ------------------------------------------------------
+
+    def _set_state(self, state: LinkState) -> None:
+        if state != self.state:
+            log.info("manager link %s%s", state, f" ({self.address})" if self.address else "")
+        self.state = state
+        if self._on_state is not None:
+            self._on_state(state, self.address)
+
+    async def _sleep(self, seconds: float) -> None:
+        """Sleep, waking early only when the link is being stopped."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), timeout=max(seconds, 0.0))
+
+    async def _produce_loop(self) -> None:
+        while not self._stopping.is_set():
+            await self._sleep(self.cfg.metrics_interval_seconds)
+            try:
+                self.cut_batch()
+            except Exception:
+                log.exception("could not gather metrics; trying again next interval")
+
+    def _channel(self, address: str) -> aio.Channel:
+        options: list[tuple[str, Any]] = [
+            *channel_options(self._server_name),
+            ("grpc.keepalive_time_ms", round(self.cfg.keepalive_time_seconds * 1000)),
+            ("grpc.keepalive_timeout_ms", round(self.cfg.keepalive_timeout_seconds * 1000)),
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.max_pings_without_data", 0),
+            # The link does its own backoff across addresses; keep grpc's short.
+            ("grpc.initial_reconnect_backoff_ms", 200),
+            ("grpc.max_reconnect_backoff_ms", 2000),
+        ]
+        return aio.secure_channel(address, channel_credentials(self._tls), options=options)
+
+    async def _run(self) -> None:
+        attempt = 0
+        index = 0
+        addresses = self.cfg.addresses
+        while not self._stopping.is_set():
+            self.address = addresses[index % len(addresses)]
+            self._set_state("connecting")
+            channel = self._channel(self.address)
+            try:
+                stub = manager_pb2_grpc.ManagerServiceStub(channel)
+                await self._register(stub)
+                attempt = 0
+                self._set_state("connected")
+                await self._connected(stub)
+            except Exception as exc:  # any failure: drop the connection and dial again
+                if not isinstance(exc, _Reconnect | grpc.RpcError | FleetError | OSError):
+                    log.exception("manager link failed unexpectedly")
+                self._set_state("disconnected")
+                delay = self.cfg.reconnect.delay(attempt, self._rng)
+                log.warning(
+                    "manager %s: %s; next try in %.1fs", self.address, _describe(exc), delay
+                )
+                attempt += 1
+                index += 1
+                await channel.close(None)
+                await self._sleep(delay)
+                continue
+            finally:
+                with contextlib.suppress(Exception):
+                    await channel.close(None)
+
+    async def _call(self, method: Any, request: Any) -> Any:
+        try:
+            return await method(request, timeout=self.cfg.rpc_timeout_seconds)
+        except grpc.RpcError as exc:
+            if exc.code() in _TRANSPORT:
+                raise _Reconnect(f"{exc.code().name}: {exc.details()}") from exc
+            raise from_rpc_error(exc, target=self.address) from exc
+
+    async def _register(self, stub: manager_pb2_grpc.ManagerServiceStub) -> None:
+        hostname = socket.gethostname()
+        reply: manager_pb2.RegisterNodeResponse = await self._call(
+            stub.RegisterNode,
+            manager_pb2.RegisterNodeRequest(
+                node_id=self.node.node_id,
+                hostname=hostname,
+                ip=_host_ip(self.node.daemon_address),
+                os=platform.system().lower(),
+                arch=platform.machine(),
+                labels=self.node.labels,
+                daemon_version=self.node.daemon_version,
+                daemon_address=self.node.daemon_address,
+            ),
+        )
+        self.registrations += 1
+        if reply.heartbeat_interval_ms > 0:
+            self.heartbeat_interval = reply.heartbeat_interval_ms / 1000
+        self._dirty.set()  # a (re)registered node gets a full snapshot
+        log.info(
+            "registered with manager %s as node %s (heartbeat every %.1fs)",
+            self.address,
+            self.node.node_id,
+            self.heartbeat_interval,
+        )
+
+    async def _connected(self, stub: manager_pb2_grpc.ManagerServiceStub) -> None:
+        tasks = [
+            asyncio.create_task(self._heartbeat_loop(stub), name="manager-heartbeat"),
+            asyncio.create_task(self._send_loop(stub), name="manager-metrics"),
+            asyncio.create_task(self._sync_loop(stub), name="manager-sync"),
+        ]
+        try:
+            done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+        for task in done:
+            exc = task.exception()
+            if exc is not None:
+                raise exc
+
+    async def _heartbeat_loop(self, stub: manager_pb2_grpc.ManagerServiceStub) -> None:
+        while True:
+            await self._sleep(self.heartbeat_interval)
+            try:
+                reply: manager_pb2.HeartbeatResponse = await self._call(
+                    stub.Heartbeat,
+                    manager_pb2.HeartbeatRequest(
+                        node_id=self.node.node_id, timestamp=int(time.time() * 1000)
+                    ),
+                )
+            except NotFound:
+                log.info("manager %s does not know this node; registering again", self.address)
+                await self._register(stub)
+                continue
+            if reply.heartbeat_interval_ms > 0:
+                self.heartbeat_interval = reply.heartbeat_interval_ms / 1000
+
+    async def _send_loop(self, stub: manager_pb2_grpc.ManagerServiceStub) -> None:
+        busy = 0  # consecutive RESOURCE_EXHAUSTED answers
+        while True:
+            batch = self.buffer.peek()
+            if batch is None:
+                self._batch_ready.clear()
+                await self._batch_ready.wait()
+                continue
+            try:
+                await self._call(
+                    stub.ReportMetrics,
+                    manager_pb2.ReportMetricsRequest(
+                        node_id=self.node.node_id, metrics=batch.metrics, sequence=batch.sequence
+                    ),
+                )
+            except FleetError as exc:
+                if exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    delay = self.cfg.reconnect.delay(busy, self._rng)
+                    busy += 1
+                    log.info("manager busy; batch %d kept, retry in %.1fs", batch.sequence, delay)
+                    await self._sleep(delay)
+                    continue
+                if exc.code == grpc.StatusCode.NOT_FOUND:
+                    await self._register(stub)
+                    continue
+                # The manager refuses this batch's content: retrying cannot help.
+                log.warning("manager refused metric batch %d, dropped: %s", batch.sequence, exc)
+                self.buffer.pop(batch.sequence)
+                continue
+            busy = 0
+            self.buffer.pop(batch.sequence)
+
+    async def _sync_loop(self, stub: manager_pb2_grpc.ManagerServiceStub) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._dirty.wait(), timeout=self.cfg.sync_interval_seconds)
+            await asyncio.sleep(self.cfg.sync_coalesce_seconds)  # gather a burst of changes
+            self._dirty.clear()
+            states = list(self._snapshot())
+            try:
+                await self._call(
+                    stub.SyncAgentStates,
+                    manager_pb2.SyncAgentStatesRequest(node_id=self.node.node_id, states=states),
+                )
+            except NotFound:
+                self._dirty.set()
+                await self._register(stub)
+            except FleetError as exc:
+                log.warning("manager refused the agent states: %s", exc)
+
+
+def _describe(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+def _host_ip(address: str) -> str:
+    host = address.rpartition(":")[0].strip("[]")
+    try:
+        return socket.gethostbyname(host) if host else ""
+    except OSError:
+        return ""

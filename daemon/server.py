@@ -1,0 +1,304 @@
+"""The daemon process's lifecycle: build everything, start, reload, stop.
+
+Start order matters: the agent socket is listening before the supervisor
+starts (or re-adopts) agents, so an agent never finds no daemon; the
+DaemonService listens before the manager link registers its address; READY
+is sent to systemd last. Stop runs the other way round and leaves agents
+running unless `stop_agents_on_exit` (re-adoption picks them up again).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import socket
+import time
+from collections.abc import Callable, Sequence
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from grpc import aio
+
+from daemon.config import DaemonConfig, load_daemon_config
+from daemon.convert import agent_state, host_metrics, resource_metrics
+from daemon.manager_link import LinkState, ManagerLink, NodeInfo
+from daemon.metrics import MetricSources, daemon_registry
+from daemon.peercred import PeerCredProxy
+from daemon.servicers.agent_service import AgentServicer
+from daemon.servicers.daemon_service import DaemonServicer
+from daemon.supervisor.supervisor import AgentSnapshot, Supervisor
+from fleet.errors import ConfigError, FleetError
+from fleet.interceptors import ErrorMappingInterceptor
+from fleet.service import add_health_and_reflection, start_metrics_http_server
+from fleet.systemd import SystemdNotifier
+from fleet.tls import server_credentials
+from fleet.v1 import agent_pb2_grpc, common_pb2, daemon_pb2_grpc, manager_pb2
+
+__all__ = ["AGENT_SOCKET_NAME", "DaemonServer", "advertised_address"]
+
+log = logging.getLogger(__name__)
+
+AGENT_SOCKET_NAME = "agent.sock"
+"""The agent socket inside run_dir (what FLEET_DAEMON_SOCKET points at)."""
+
+# The manager's pooled client pings every ~10 s; a server refuses (GOAWAY
+# too_many_pings) pings more frequent than its minimum, 5 min by default.
+_SERVER_OPTIONS: list[tuple[str, Any]] = [
+    ("grpc.keepalive_permit_without_calls", 1),
+    ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+    ("grpc.max_receive_message_length", 4 * 1024 * 1024),
+]
+
+
+def advertised_address(cfg_advertise: str, listen: str, port: int) -> str:
+    """host:port the manager should dial: `advertise`, else `listen` with the real port
+    and a wildcard host replaced by this host's name."""
+    if cfg_advertise:
+        return cfg_advertise
+    host = listen.rpartition(":")[0]
+    if host in ("", "0.0.0.0", "[::]", "::"):  # noqa: S104  # wildcard: not dialable
+        host = socket.getfqdn()
+    return f"{host}:{port}"
+
+
+def _daemon_version() -> str:
+    try:
+        return metadata.version("fleet")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+class DaemonServer:
+    """One daemon: supervisor, DaemonService, agent socket, manager link, metrics."""
+
+    def __init__(self, cfg: DaemonConfig, *, config_path: Path | None = None) -> None:
+        self.cfg = cfg
+        self.config_path = config_path
+        self.identity = cfg.tls.identity()
+        self.notifier = SystemdNotifier()
+        self.port = 0
+        self.metrics_port = 0
+        self.advertised = ""
+        self._agents: list[AgentSnapshot] = []  # read by the metrics thread
+        self._last_sent: dict[str, int] = {}
+        self._grpc: aio.Server | None = None
+        self._agent_grpc: aio.Server | None = None
+        self._stop_metrics: Callable[[], None] | None = None
+        self._watchdog: asyncio.Task[None] | None = None
+        self._health: Any = None
+        run_dir = cfg.run_dir
+        self.socket_path = run_dir / AGENT_SOCKET_NAME
+        self._private_dir = run_dir / "private"
+        self.supervisor = Supervisor(
+            state_dir=cfg.state_dir,
+            log_dir=cfg.log_dir,
+            socket_path=self.socket_path,
+            on_change=self._on_change,
+            sample_interval=cfg.sample_interval_seconds,
+            sample_buffer=cfg.sample_buffer,
+        )
+        self.proxy = PeerCredProxy(self.socket_path, self._private_dir / "agent-grpc.sock")
+        self.link = ManagerLink(
+            cfg.manager,
+            tls=cfg.tls,
+            trust_domain=self.identity.trust_domain,
+            node=NodeInfo(node_id=cfg.node_id, daemon_address="", labels=dict(cfg.labels)),
+            state_dir=cfg.state_dir,
+            collect=self._collect_metrics,
+            snapshot=self._agent_states,
+            on_state=self._on_link_state,
+        )
+
+    # --- callbacks ------------------------------------------------------
+
+    def _on_change(self, _snapshot: AgentSnapshot) -> None:
+        self._agents = self.supervisor.list()
+        self.link.agents_changed()
+
+    def _on_link_state(self, state: LinkState, address: str) -> None:
+        self.notifier.status(f"manager {address}: {state}; {len(self._agents)} agents")
+
+    def _agent_states(self) -> Sequence[manager_pb2.AgentState]:
+        return [agent_state(s) for s in self.supervisor.list()]
+
+    def _collect_metrics(self) -> list[common_pb2.MetricData]:
+        """The host sample plus every agent sample not yet sent."""
+        out = host_metrics(self.supervisor.host_sample())
+        now_ms = int(time.time() * 1000)
+        span = self.cfg.sample_interval_seconds * self.cfg.sample_buffer
+        for snap in self.supervisor.list():
+            last = self._last_sent.get(snap.id, 0)
+            window = min(span, (now_ms - last) / 1000 + 1) if last else span
+            for sample in self.supervisor.samples(snap.id, window):
+                if sample.timestamp_ms > last:
+                    out.extend(resource_metrics(snap.id, sample))
+                    last = sample.timestamp_ms
+            self._last_sent[snap.id] = last
+        return out
+
+    def _metric_sources(self) -> MetricSources:
+        sup = self.supervisor
+        link = self.link
+        return MetricSources(
+            agents=lambda: list(self._agents),
+            restarts_total=lambda: sup.restarts_total,
+            sampling_seconds=lambda: sup.sample_seconds_total,
+            buffer_batches=lambda: len(link.buffer),
+            buffer_capacity=link.buffer.capacity,
+            dropped_batches=lambda: link.buffer.dropped_batches,
+            dropped_samples=lambda: link.buffer.dropped_samples,
+            link_state=lambda: link.state,
+            registrations=lambda: link.registrations,
+            agent_connections=lambda: self.proxy.connections,
+        )
+
+    # --- lifecycle ------------------------------------------------------
+
+    def _make_dirs(self) -> None:
+        for path, mode in (
+            (self.cfg.state_dir, 0o700),
+            (self.cfg.log_dir, 0o750),
+            (self.cfg.run_dir, 0o750),
+            (self._private_dir, 0o700),
+        ):
+            try:
+                path.mkdir(parents=True, exist_ok=True, mode=mode)
+            except OSError as exc:
+                raise ConfigError(f"cannot create {path}: {exc.strerror or exc}") from None
+        os.chmod(self._private_dir, 0o700)  # only the daemon may reach the raw gRPC socket
+
+    async def start(self) -> None:
+        """Bring everything up; ConfigError for an unusable address or directory."""
+        self._make_dirs()
+        # Agent socket first: agents (re-adopted or new) may call at once.
+        self._agent_grpc = aio.server(interceptors=[ErrorMappingInterceptor()])
+        agent_pb2_grpc.add_AgentServiceServicer_to_server(
+            AgentServicer(
+                self.supervisor,
+                identify=self.proxy.lookup,
+                metric_sink=self.link.add_metrics,
+                heartbeat_interval=self.cfg.agent_heartbeat_interval_seconds,
+            ),
+            self._agent_grpc,
+        )
+        upstream = self.proxy.upstream_path
+        with contextlib.suppress(FileNotFoundError):
+            upstream.unlink()
+        self._agent_grpc.add_insecure_port(f"unix:{upstream}")
+        await self._agent_grpc.start()
+        await self.proxy.start()
+
+        await self.supervisor.start(self.cfg.agents)
+        self._agents = self.supervisor.list()
+
+        self._grpc = aio.server(interceptors=[ErrorMappingInterceptor()], options=_SERVER_OPTIONS)
+        daemon_pb2_grpc.add_DaemonServiceServicer_to_server(
+            DaemonServicer(
+                self.supervisor, follow_interval=min(self.cfg.sample_interval_seconds, 0.5)
+            ),
+            self._grpc,
+        )
+        self._health = add_health_and_reflection(self._grpc, ["fleet.v1.DaemonService"])
+        try:
+            creds = server_credentials(self.cfg.tls)
+            self.port = self._grpc.add_secure_port(self.cfg.listen, creds)
+        except RuntimeError as exc:
+            raise ConfigError(f"listen: cannot listen on {self.cfg.listen}: {exc}") from None
+        await self._grpc.start()
+        self.advertised = advertised_address(self.cfg.advertise, self.cfg.listen, self.port)
+
+        self.link.node = dataclasses.replace(
+            self.link.node, daemon_address=self.advertised, daemon_version=_daemon_version()
+        )
+        await self.link.start()
+
+        if self.cfg.metrics_listen:
+            registry = daemon_registry(self._metric_sources())
+            self._stop_metrics, self.metrics_port = start_metrics_http_server(
+                self.cfg.metrics_listen, registry
+            )
+        self.notifier.ready()
+        self._watchdog = asyncio.create_task(self.notifier.watchdog_loop())
+        log.info(
+            "daemon %s serving on %s (advertised %s), agent socket %s, %d agents",
+            self.cfg.node_id,
+            self.port,
+            self.advertised,
+            self.socket_path,
+            len(self._agents),
+        )
+
+    async def reload(self) -> None:
+        """SIGHUP: re-read the TOML and apply its [[agents]]; a bad file changes nothing."""
+        if self.config_path is None:
+            log.warning("SIGHUP: no config file to reload")
+            return
+        try:
+            new = load_daemon_config(self.config_path)
+            result = await self.supervisor.reload(new.agents)
+        except (ConfigError, FleetError, ValueError) as exc:
+            log.warning("reload refused, nothing changed: %s", exc)
+            return
+        if dataclasses.replace(new, agents=()) != dataclasses.replace(self.cfg, agents=()):
+            log.warning("reload: only [[agents]] are applied; other settings need a restart")
+        self.cfg = dataclasses.replace(self.cfg, agents=new.agents)
+        log.info(
+            "reloaded %s: added %s, changed %s, removed %s, reconfigured %s",
+            self.config_path,
+            list(result.added),
+            list(result.changed),
+            list(result.removed),
+            list(result.reconfigured),
+        )
+
+    async def stop(self, grace: float) -> None:
+        """Stop serving; agents keep running unless `stop_agents_on_exit`."""
+        self.notifier.stopping()
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watchdog
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        await self.link.stop()
+        if self._grpc is not None:
+            await self._grpc.stop(grace)
+        await self.proxy.stop()
+        if self._agent_grpc is not None:
+            await self._agent_grpc.stop(min(grace, 1.0))
+        await self.supervisor.stop(stop_agents=self.cfg.stop_agents_on_exit)
+        if self._stop_metrics is not None:
+            await asyncio.to_thread(self._stop_metrics)
+        log.info(
+            "daemon stopped (%s)",
+            "agents stopped" if self.cfg.stop_agents_on_exit else "agents left running",
+        )
+
+    async def run(self, stop_event: asyncio.Event | None = None) -> None:
+        """start(); serve until SIGTERM/SIGINT (SIGHUP reloads); stop(grace)."""
+        from fleet.service import run_until_signalled
+
+        loop = asyncio.get_running_loop()
+        reloads: set[asyncio.Task[None]] = set()
+
+        def on_hup() -> None:
+            task = loop.create_task(self.reload())
+            reloads.add(task)
+            task.add_done_callback(reloads.discard)
+
+        previous = signal.getsignal(signal.SIGHUP)
+        loop.add_signal_handler(signal.SIGHUP, on_hup)
+        try:
+            await run_until_signalled(
+                self.start, self.stop, grace=self.cfg.shutdown_grace_seconds, stop_event=stop_event
+            )
+        finally:
+            loop.remove_signal_handler(signal.SIGHUP)
+            signal.signal(signal.SIGHUP, previous if previous is not None else signal.SIG_DFL)
+            for task in reloads:
+                task.cancel()
