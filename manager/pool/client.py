@@ -1,9 +1,8 @@
 """`DaemonPool`: the manager's pooled, mTLS client of every daemon's DaemonService.
 
-Channels are opened lazily, one per daemon, and each is its own connection.
-A watcher task per channel follows gRPC's connectivity (`wait_for_state_change`,
-no polling) and drives the connection state machine of `manager.pool.state`.
-One reaper task closes channels that stayed unused for `idle_close_after`.
+Channels are opened lazily, one per daemon, each its own connection; how
+they are opened, watched, bounded and reaped is `manager.pool.channels`.
+This module sends the requests.
 
 Calls have one deadline each (`call_timeout`, retries included). Idempotent
 calls are retried with jittered backoff on UNAVAILABLE; when they run out of
@@ -15,41 +14,35 @@ exceptions whose message starts with the node id.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
 import time
-from collections import OrderedDict
-from collections.abc import AsyncGenerator, Callable, Iterable, Sequence
+from collections.abc import AsyncGenerator, Callable, Sequence
 from types import TracebackType
 from typing import TYPE_CHECKING, TypeVar
 
-import grpc
 from grpc import aio
 
 from fleet.errors import (
     ConfigError,
-    FailedPrecondition,
     FleetError,
     InvalidArgument,
-    ResourceExhausted,
     Unavailable,
 )
-from fleet.pki import Identity, check_trust_domain
+from fleet.pki import check_trust_domain
 from fleet.tls import TLSConfig, channel_credentials
-from fleet.v1 import common_pb2, daemon_pb2, daemon_pb2_grpc
+from fleet.v1 import common_pb2, daemon_pb2
 from manager.pool.channel import (
     DaemonChannel,
     NodeRecord,
     NodeStats,
     WrongDaemonIdentity,
-    channel_args,
-    node_stats,
     translate_error,
 )
+from manager.pool.channels import Channels
 from manager.pool.config import PoolConfig
-from manager.pool.policy import ChannelUse, eviction_victim, idle_channels, retry_delay
-from manager.pool.state import ConnectionState, ConnEvent, events_for
+from manager.pool.policy import retry_delay
+from manager.pool.state import ConnectionState
 
 if TYPE_CHECKING:
     from fleet.v1.daemon_pb2_grpc import DaemonServiceAsyncStub
@@ -113,23 +106,8 @@ class DaemonPool:
         except ValueError as exc:
             raise ConfigError(f"daemon pool: {exc}") from None
         self._config = config
-        self._trust_domain = trust_domain
-        self._credentials = channel_credentials(tls)  # ConfigError for unusable files
-        self._clock = clock
+        self._channels = Channels(channel_credentials(tls), trust_domain, config, clock)
         self._rng = rng or random.Random()  # noqa: S311  # jitter, not cryptography
-        self._channels: OrderedDict[str, DaemonChannel] = OrderedDict()  # LRU first
-        self._records: dict[str, NodeRecord] = {}
-        self._closing: dict[asyncio.Task[None], DaemonChannel] = {}
-        self._reaper: asyncio.Task[None] | None = None
-        self._reaper_wake = asyncio.Event()
-        self._reaper_sleeps_forever = False
-        self._released: asyncio.Event | None = None  # created by a call waiting for room
-        self._changed = asyncio.Event()  # replaced on every state change (broadcast)
-        self._closed = False
-        self.connections_opened = 0
-        """Connections established over the pool's life (entries into READY)."""
-        self.channels_opened = 0
-        """Channels created over the pool's life."""
 
     # -- observing --------------------------------------------------------
 
@@ -143,23 +121,27 @@ class DaemonPool:
         """Channels open now (never more than `config.max_channels`)."""
         return len(self._channels)
 
+    @property
+    def connections_opened(self) -> int:
+        """Connections established over the pool's life (entries into READY)."""
+        return self._channels.connections_opened
+
+    @property
+    def channels_opened(self) -> int:
+        """Channels created over the pool's life."""
+        return self._channels.channels_opened
+
     def state(self, node_id: str) -> ConnectionState:
         """The connection state to `node_id` (IDLE for a daemon never called)."""
-        record = self._records.get(node_id)
-        return record.state if record else ConnectionState.IDLE
+        return self._channels.state(node_id)
 
     def stats(self) -> dict[str, NodeStats]:
         """Per-daemon counters and state, for every daemon the pool has called."""
-        return {
-            node_id: node_stats(record, self._channels.get(node_id))
-            for node_id, record in self._records.items()
-        }
+        return self._channels.stats()
 
     async def wait_for_state(self, node_id: str, *states: ConnectionState) -> ConnectionState:
         """Wait until `node_id` is in one of `states` (bound it with asyncio.timeout)."""
-        while (current := self.state(node_id)) not in states:
-            await self._changed.wait()
-        return current
+        return await self._channels.wait_for_state(node_id, *states)
 
     # -- calls ------------------------------------------------------------
 
@@ -266,12 +248,12 @@ class DaemonPool:
         request = daemon_pb2.ReadAgentLogRequest(
             agent_id=agent_id, offset=offset, max_bytes=max_bytes, follow=follow
         )
-        record = self._record(node_id)
+        record = self._channels.record(node_id)
         record.calls += 1
         attempt = 0
         try:
             while True:
-                channel = await self._acquire(node_id, address, start_deadline)
+                channel = await self._channels.acquire(node_id, address, start_deadline)
                 call = channel.stub.ReadAgentLog(
                     request, timeout=None if budget is None else start_deadline - loop.time()
                 )
@@ -294,7 +276,7 @@ class DaemonPool:
                     return
                 finally:
                     call.cancel()  # no-op when finished; ends the stream if the reader left
-                    self._release(channel)
+                    self._channels.release(channel)
                 await self._before_retry(
                     record, channel, error, attempt, idempotent=True, deadline=start_deadline
                 )
@@ -305,11 +287,7 @@ class DaemonPool:
 
     async def forget(self, node_id: str) -> None:
         """Close the channel to `node_id` (e.g. the node was deleted); calls in flight fail."""
-        channel = self._channels.get(node_id)
-        if channel is not None:
-            self._retire(channel, grace=None)
-        self._records.pop(node_id, None)
-        await self._finish_closing()
+        await self._channels.forget(node_id)
 
     # -- lifecycle --------------------------------------------------------
 
@@ -319,28 +297,11 @@ class DaemonPool:
         The reaper task calls this when the next channel is due; tests call it
         with a fake clock. Returns the node ids whose channels were closed.
         """
-        expired, _ = self._idle_now()
-        for node_id in expired:
-            log.info("closing the idle channel to %s", node_id)
-            self._retire(self._channels[node_id], grace=None)
-        return expired
+        return self._channels.reap_idle()
 
     async def close(self) -> None:
         """Close every channel (calls in flight are cancelled) and stop the tasks."""
-        if self._closed:
-            return
-        self._closed = True
-        if self._reaper is not None:
-            self._reaper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._reaper
-        for channel in list(self._channels.values()):
-            self._retire(channel, grace=None)
-        for channel in list(self._closing.values()):
-            await channel.channel.close(None)  # cut the grace of replaced channels
-        await self._finish_closing()
-        if self._released is not None:  # wake callers waiting for room: they see closed
-            self._released.set()
+        await self._channels.close()
 
     async def __aenter__(self) -> DaemonPool:
         return self
@@ -355,19 +316,6 @@ class DaemonPool:
 
     # -- internals ----------------------------------------------------------
 
-    def _record(self, node_id: str) -> NodeRecord:
-        record = self._records.get(node_id)
-        if record is None:
-            record = self._records[node_id] = NodeRecord(node_id)
-        return record
-
-    def _check_open(self) -> None:
-        if self._closed:
-            raise Unavailable("the daemon pool is closed (the manager is shutting down)")
-
-    def _uses(self) -> Iterable[ChannelUse]:
-        return (ChannelUse(c.node_id, c.last_used, c.in_flight) for c in self._channels.values())
-
     async def _unary(
         self,
         node_id: str,
@@ -381,12 +329,12 @@ class DaemonPool:
         loop = asyncio.get_running_loop()
         budget = self._config.call_timeout if call_timeout is None else call_timeout
         deadline = loop.time() + budget
-        record = self._record(node_id)
+        record = self._channels.record(node_id)
         record.calls += 1
         attempt = 0
         try:
             while True:
-                channel = await self._acquire(node_id, address, deadline)
+                channel = await self._channels.acquire(node_id, address, deadline)
                 try:
                     return await method(channel.stub)(request, timeout=deadline - loop.time())
                 except aio.AioRpcError as exc:
@@ -396,7 +344,7 @@ class DaemonPool:
                         raise
                     error = _cut_off(node_id)
                 finally:
-                    self._release(channel)
+                    self._channels.release(channel)
                 await self._before_retry(
                     record, channel, error, attempt, idempotent=idempotent, deadline=deadline
                 )
@@ -427,152 +375,8 @@ class DaemonPool:
         )
         if delay is None:
             if idempotent and unavailable:
-                self._give_up(channel)
+                self._channels.give_up(channel)
             raise error
         record.retries += 1
         log.debug("%s unavailable; attempt %d in %.3f s", record.node_id, attempt + 2, delay)
         await asyncio.sleep(delay)
-
-    def _give_up(self, channel: DaemonChannel) -> None:
-        """Out of retries: close the channel (RECONNECTING -> IDLE) unless others use it."""
-        if self._channels.get(channel.node_id) is channel and channel.in_flight == 0:
-            log.info("giving up on %s at %s for now", channel.node_id, channel.address)
-            self._retire(channel, grace=None, give_up=True)
-
-    async def _acquire(self, node_id: str, address: str, deadline: float) -> DaemonChannel:
-        self._check_open()
-        if not address:
-            raise FailedPrecondition(
-                f"{node_id}: no daemon address known (has its daemon registered?)"
-            )
-        while True:
-            channel = self._channels.get(node_id)
-            if channel is not None and channel.address != address:
-                log.info("%s moved from %s to %s", node_id, channel.address, address)
-                self._retire(channel, grace=self._config.call_timeout)
-                channel = None
-            if channel is None:
-                if len(self._channels) >= self._config.max_channels:
-                    victim = eviction_victim(self._uses())
-                    if victim is None:
-                        await self._wait_for_room(node_id, deadline)
-                        self._check_open()
-                        continue
-                    log.debug("evicting the channel to %s to make room", victim)
-                    self._retire(self._channels[victim], grace=None)
-                channel = self._open(node_id, address)
-            self._channels.move_to_end(node_id)
-            channel.in_flight += 1
-            channel.last_used = self._clock()
-            return channel
-
-    async def _wait_for_room(self, node_id: str, deadline: float) -> None:
-        if self._released is None:
-            self._released = asyncio.Event()
-        released = self._released
-        remaining = deadline - asyncio.get_running_loop().time()
-        try:
-            async with asyncio.timeout(max(0.0, remaining)):
-                await released.wait()
-        except TimeoutError:
-            raise ResourceExhausted(
-                f"{node_id}: all {self._config.max_channels} daemon channels are busy; "
-                "raise pool.max_channels or lower the fan-out concurrency"
-            ) from None
-
-    def _release(self, channel: DaemonChannel) -> None:
-        channel.in_flight -= 1
-        channel.last_used = self._clock()
-        self._record(channel.node_id).last_used = channel.last_used
-        if channel.in_flight == 0:
-            if self._released is not None:
-                self._released.set()
-                self._released = None
-            if self._reaper_sleeps_forever:
-                self._reaper_wake.set()
-
-    def _open(self, node_id: str, address: str) -> DaemonChannel:
-        server_name = Identity("node", node_id, self._trust_domain).server_name
-        args = channel_args(node_id, server_name, self._config)
-        grpc_channel = aio.secure_channel(address, self._credentials, options=args)
-        channel = DaemonChannel(
-            node_id,
-            address,
-            grpc_channel,
-            daemon_pb2_grpc.DaemonServiceStub(grpc_channel),
-            args,
-            now=self._clock(),
-        )
-        self._channels[node_id] = channel
-        self._record(node_id).address = address
-        self.channels_opened += 1
-        channel.watcher = asyncio.create_task(self._watch(channel), name=f"pool-watch-{node_id}")
-        if self._reaper is None:
-            self._reaper = asyncio.create_task(self._reap_forever(), name="pool-reaper")
-        elif self._reaper_sleeps_forever:
-            self._reaper_wake.set()
-        return channel
-
-    def _observe(self, node_id: str, events: tuple[ConnEvent, ...]) -> None:
-        record = self._record(node_id)
-        before = record.connections
-        if record.observe(events):
-            log.debug("%s: connection %s", node_id, record.state.value)
-            self._changed.set()
-            self._changed = asyncio.Event()
-        self.connections_opened += record.connections - before
-
-    async def _watch(self, channel: DaemonChannel) -> None:
-        """Follow the channel's connectivity until it shuts down or is replaced."""
-        grpc_channel = channel.channel
-        connectivity = grpc_channel.get_state(try_to_connect=False)
-        while self._channels.get(channel.node_id) is channel:
-            state = self._record(channel.node_id).state
-            self._observe(channel.node_id, events_for(state, connectivity))
-            if connectivity is grpc.ChannelConnectivity.SHUTDOWN:
-                return
-            await grpc_channel.wait_for_state_change(connectivity)
-            connectivity = grpc_channel.get_state(try_to_connect=False)
-
-    def _retire(
-        self, channel: DaemonChannel, *, grace: float | None, give_up: bool = False
-    ) -> None:
-        """Take `channel` out of the pool now and close it in the background."""
-        if self._channels.get(channel.node_id) is channel:
-            del self._channels[channel.node_id]
-            state = self._record(channel.node_id).state
-            event = ConnEvent.GIVE_UP if give_up and state is ConnectionState.RECONNECTING else None
-            self._observe(channel.node_id, (event or ConnEvent.CLOSE,))
-        if channel.watcher is not None:
-            channel.watcher.cancel()
-        task = asyncio.create_task(self._close_channel(channel, grace))
-        self._closing[task] = channel
-        task.add_done_callback(self._closing.pop)
-
-    async def _close_channel(self, channel: DaemonChannel, grace: float | None) -> None:
-        # Grace only when calls are in flight (an address change); else at once.
-        await channel.channel.close(grace if channel.in_flight else None)
-        if channel.watcher is not None:
-            with contextlib.suppress(asyncio.CancelledError):
-                await channel.watcher
-
-    async def _finish_closing(self) -> None:
-        while self._closing:
-            await asyncio.gather(*self._closing)
-
-    def _idle_now(self) -> tuple[list[str], float | None]:
-        return idle_channels(
-            self._uses(), now=self._clock(), idle_after=self._config.idle_close_after
-        )
-
-    async def _reap_forever(self) -> None:
-        """Sleep until the next channel may be idle, close what is, repeat."""
-        while True:
-            self.reap_idle()
-            _, next_due = self._idle_now()
-            self._reaper_wake.clear()
-            self._reaper_sleeps_forever = next_due is None
-            delay = None if next_due is None else max(0.0, next_due - self._clock())
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay):
-                    await self._reaper_wake.wait()
