@@ -216,3 +216,27 @@ async def test_samples_cover_the_process_tree(sup: Supervisor, rec: Recorder) ->
     host = sup.host_sample()
     assert host.memory.total > 0
     assert host.disk.total > 0
+
+
+async def test_log_rotation_with_a_live_writer(sup: Supervisor, rec: Recorder) -> None:
+    """A chatty agent's log is rotated by size on the sampler tick; readers see `rotated`."""
+    code = (
+        "import itertools, time\n"
+        "for i in itertools.count():\n"
+        "    print(f'line {i:08d}', flush=True)\n"
+        "    time.sleep(0.002)\n"
+    )
+    await sup.start([agent("chatty", "-c", code, log_max_bytes=2000, log_backups=2)])
+    path = sup.log_path("chatty")
+    backup1 = path.with_name("chatty.log.1")
+    backup2 = path.with_name("chatty.log.2")
+    await rec.until(lambda: backup2.exists(), within=20)
+    lines = backup1.read_text().split()
+    numbers = [int(n) for n in lines[1::2]]
+    assert numbers == list(range(numbers[0], numbers[0] + len(numbers)))  # whole, in order
+    assert len(backup1.read_bytes()) > 2000
+    old_size = len(backup1.read_bytes())
+    chunk = sup.read_log("chatty", old_size + 10_000_000, 100)
+    assert chunk.rotated
+    assert chunk.offset == 0
+    assert chunk.data.startswith(b"line ")

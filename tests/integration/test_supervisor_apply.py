@@ -1,0 +1,131 @@
+"""Pushed spec sets: add/change/remove, config-only changes, stale and invalid pushes, restarts."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from supervisor_helpers import Recorder, agent, alive, make_supervisor, marker, processes_with
+
+from daemon.supervisor.spec import AgentSpec
+from daemon.supervisor.states import AgentStatus
+from fleet.errors import FailedPrecondition, InvalidArgument
+
+S = AgentStatus
+
+
+def _sleeper(agent_id: str, mark: str, **kw: object) -> AgentSpec:
+    return agent(agent_id, "-c", "import time; time.sleep(600)", mark, **kw)
+
+
+async def test_apply_add_change_remove_survives_a_restart(tmp_path: Path) -> None:
+    """A pushed set is applied (add, change -> restart, remove -> stop) and wins after a restart."""
+    m = {i: marker() for i in ("a", "b", "c", "toml")}
+    sup = make_supervisor(tmp_path)
+    try:
+        await sup.start([_sleeper("toml", m["toml"])])
+        first = await sup.apply(1, [_sleeper("a", m["a"]), _sleeper("b", m["b"])])
+        assert (first.version, first.added, first.removed) == (1, ("a", "b"), ("toml",))
+        assert processes_with(m["toml"]) == []
+        pid_a = sup.get("a").pid
+        pid_b = sup.get("b").pid
+
+        second = await sup.apply(2, [_sleeper("a", m["a"], env={"V": "2"}), _sleeper("c", m["c"])])
+        assert (second.added, second.changed, second.removed) == (("c",), ("a",), ("b",))
+        assert sup.get("a").pid not in (0, pid_a)
+        assert not alive(pid_a)
+        assert not alive(pid_b)
+        assert [s.id for s in sup.list()] == ["a", "c"]
+        after = {s.id: s.pid for s in sup.list()}
+    finally:
+        await sup.stop()  # daemon restart: agents keep running
+
+    again = make_supervisor(tmp_path)
+    try:
+        await again.start([_sleeper("toml", m["toml"])])  # the TOML loses to the push
+        assert again.version == 2
+        assert {s.id: s.pid for s in again.list()} == after
+        assert processes_with(m["toml"]) == []
+        assert all(len(processes_with(m[i])) == 1 for i in ("a", "c"))
+        with pytest.raises(FailedPrecondition, match="stale spec version 2"):
+            await again.apply(2, [])
+    finally:
+        await again.stop(stop_agents=True)
+
+
+async def test_stale_and_invalid_pushes_change_nothing(tmp_path: Path) -> None:
+    """A stale version or an invalid spec is refused and leaves agents and version untouched."""
+    sup = make_supervisor(tmp_path)
+    try:
+        await sup.start([])
+        await sup.apply(5, [_sleeper("a", marker())])
+        before = sup.list()
+        with pytest.raises(FailedPrecondition, match="already has version 5"):
+            await sup.apply(4, [])
+        bad = agent("b", "-c", "pass", cwd="/no/such/dir")
+        with pytest.raises(InvalidArgument, match=r"agents\[b\]\.cwd: directory '/no/such/dir'"):
+            await sup.apply(6, [_sleeper("a", marker()), bad])
+        dup = [_sleeper("a", marker()), _sleeper("a", marker())]
+        with pytest.raises(InvalidArgument, match="duplicate agent id 'a'"):
+            await sup.apply(6, dup)
+        assert sup.version == 5
+        assert [(s.id, s.pid) for s in sup.list()] == [(s.id, s.pid) for s in before]
+        assert '"version": 5' in (tmp_path / "state" / "update.json").read_text()
+    finally:
+        await sup.stop(stop_agents=True)
+
+
+async def test_config_only_change_reaches_watchers_without_restart(tmp_path: Path) -> None:
+    """Changing only config/labels reconfigures in place: same pid, config_version bumps."""
+    rec = Recorder()
+    sup = make_supervisor(tmp_path, rec)
+    mark = marker()
+    try:
+        await sup.start([])
+        await sup.apply(1, [_sleeper("a", mark, config='{"n": 1}')])
+        pid = sup.get("a").pid
+        payload, version = sup.config_of("a")
+        assert payload == b'{"n": 1}'
+
+        seen: list[tuple[bytes, int]] = []
+
+        async def watch() -> None:
+            async for item in sup.watch_config("a", version):
+                seen.append(item)
+
+        watcher = asyncio.create_task(watch())
+        await asyncio.sleep(0)
+        result = await sup.apply(2, [_sleeper("a", mark, config='{"n": 2}', labels={"tier": "x"})])
+        assert (result.reconfigured, result.changed) == (("a",), ())
+        await rec.until(lambda: len(seen) == 1)
+        assert seen == [(b'{"n": 2}', version + 1)]
+        snap = sup.get("a")
+        assert (snap.pid, snap.config_version, snap.labels) == (pid, version + 1, {"tier": "x"})
+
+        await sup.apply(3, [])  # removal ends the watch
+        await asyncio.wait_for(watcher, 5)
+    finally:
+        await sup.stop(stop_agents=True)
+
+
+async def test_reload_from_toml(tmp_path: Path) -> None:
+    """SIGHUP reload restarts changed agents only and adds/removes the others."""
+    m = {i: marker() for i in ("keep", "change", "drop", "new")}
+    sup = make_supervisor(tmp_path)
+    try:
+        await sup.start([_sleeper(i, m[i]) for i in ("keep", "change", "drop")])
+        before = {s.id: s.pid for s in sup.list()}
+        result = await sup.reload(
+            [
+                _sleeper("keep", m["keep"]),
+                _sleeper("change", m["change"], version="2"),
+                _sleeper("new", m["new"]),
+            ]
+        )
+        assert (result.added, result.changed, result.removed) == (("new",), ("change",), ("drop",))
+        assert sup.get("keep").pid == before["keep"]
+        assert sup.get("change").pid != before["change"]
+        assert processes_with(m["drop"]) == []
+    finally:
+        await sup.stop(stop_agents=True)
