@@ -5,8 +5,11 @@ No protobuf here; records are plain dataclasses (`records`). Open a
 repositories. See manager/storage/README.md for the schema and semantics.
 """
 
+from manager.storage.agents import AgentStateRepository
+from manager.storage.audit import AuditRecord, AuditRepository
 from manager.storage.db import Database, Dialect
 from manager.storage.events import EventRepository
+from manager.storage.metrics import MetricStore
 from manager.storage.nodes import NodeRepository
 from manager.storage.records import (
     EVENT_KINDS,
@@ -16,16 +19,22 @@ from manager.storage.records import (
     MetricSample,
     NodeRecord,
 )
+from manager.storage.writer import MetricWriter
 
 __all__ = [
     "EVENT_KINDS",
     "AgentStateRecord",
+    "AgentStateRepository",
+    "AuditRecord",
+    "AuditRepository",
     "Database",
     "Dialect",
     "EventRecord",
     "EventRepository",
     "MetricBatch",
     "MetricSample",
+    "MetricStore",
+    "MetricWriter",
     "NodeRecord",
     "NodeRepository",
 ]

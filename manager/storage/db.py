@@ -146,7 +146,12 @@ class Database:
             kwargs["connect_args"] = {"timeout": busy_timeout_ms / 1000}
         else:
             dialect = "postgresql"
-            kwargs["connect_args"] = {"timeout": connect_timeout_s}
+            # lock_timeout mirrors SQLite's busy_timeout: a lock held longer is
+            # a transient error (55P03), retried and then Unavailable, not a hang.
+            kwargs["connect_args"] = {
+                "timeout": connect_timeout_s,
+                "server_settings": {"lock_timeout": str(int(busy_timeout_ms))},
+            }
         engine = create_async_engine(parsed, **kwargs)
         if dialect == "sqlite":
             _install_sqlite_hooks(engine, busy_timeout_ms=busy_timeout_ms, synchronous=synchronous)

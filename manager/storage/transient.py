@@ -11,9 +11,11 @@ from sqlalchemy import exc as sa_exc
 __all__ = ["describe", "is_transient"]
 
 # PostgreSQL SQLSTATEs that mean "try again": connection exceptions (class 08),
-# server shutting down or starting, too many connections, and the two
-# concurrency aborts a retry of the whole transaction resolves.
-_TRANSIENT_SQLSTATES: Final = frozenset({"57P01", "57P02", "57P03", "53300", "40001", "40P01"})
+# server shutting down or starting, too many connections, the two concurrency
+# aborts a retry of the whole transaction resolves, and lock_timeout (55P03).
+_TRANSIENT_SQLSTATES: Final = frozenset(
+    {"57P01", "57P02", "57P03", "53300", "40001", "40P01", "55P03"}
+)
 # SQLite: another connection holds the lock past busy_timeout.
 _SQLITE_TRANSIENT: Final = ("database is locked", "database table is locked", "database is busy")
 _OS_TRANSIENT_ERRNOS: Final = frozenset(

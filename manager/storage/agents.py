@@ -1,0 +1,191 @@
+"""Agent states per node, replaced as a whole on every SyncAgentStates."""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import Collection, Sequence
+from typing import Any
+
+from sqlalchemy import delete, func, insert, select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from fleet.errors import InvalidArgument, NotFound
+from manager.storage.db import Database
+from manager.storage.events import dump_map, event_row, insert_events, load_map
+from manager.storage.records import AgentStateRecord
+from manager.storage.schema import agent_states, nodes
+from manager.storage.sqlhelp import chunks
+
+__all__ = ["AgentStateRepository", "state_changed"]
+
+# What makes a report a *change* worth an event. Heartbeat times and the
+# free-text message move on every report and would flood the event log.
+_EVENT_FIELDS = (
+    "status",
+    "pid",
+    "type",
+    "version",
+    "start_time_ms",
+    "restart_count",
+    "exit_code",
+    "labels",
+    "health",
+    "config_version",
+)
+
+
+def state_changed(old: AgentStateRecord, new: AgentStateRecord) -> bool:
+    """True if `new` differs from `old` in anything an operator watches for."""
+    return any(getattr(old, f) != getattr(new, f) for f in _EVENT_FIELDS)
+
+
+def _row(state: AgentStateRecord) -> dict[str, Any]:
+    return {
+        "node_id": state.node_id,
+        "agent_id": state.agent_id,
+        "status": state.status,
+        "pid": state.pid,
+        "last_heartbeat_ms": state.last_heartbeat_ms,
+        "type": state.type,
+        "version": state.version,
+        "start_time_ms": state.start_time_ms,
+        "restart_count": state.restart_count,
+        "exit_code": state.exit_code,
+        "message": state.message,
+        "labels": dump_map(state.labels),
+        "health": state.health,
+        "config_version": state.config_version,
+    }
+
+
+def _record(row: Any) -> AgentStateRecord:
+    return AgentStateRecord(
+        node_id=row.node_id,
+        agent_id=row.agent_id,
+        status=row.status,
+        pid=row.pid,
+        last_heartbeat_ms=row.last_heartbeat_ms,
+        type=row.type,
+        version=row.version,
+        start_time_ms=row.start_time_ms,
+        restart_count=row.restart_count,
+        exit_code=row.exit_code,
+        message=row.message,
+        labels=load_map(row.labels),
+        health=row.health,
+        config_version=row.config_version,
+    )
+
+
+class AgentStateRepository:
+    """Reads and replaces the agent states the daemons report."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def replace(
+        self,
+        node_id: str,
+        states: Sequence[AgentStateRecord],
+        *,
+        now_ms: int,
+        actor: str,
+    ) -> int:
+        """Make the node's agents exactly `states`, atomically; return how many changed.
+
+        One AGENT_STATE_CHANGED event per added, changed or removed agent
+        (attributes: change, from, to — the statuses, "" when absent).
+        NotFound if the node is unknown; InvalidArgument for a state of
+        another node, a repeated agent id, or a value the schema rejects —
+        and then nothing changes.
+        """
+        seen: set[str] = set()
+        for i, state in enumerate(states):
+            if state.node_id != node_id:
+                raise InvalidArgument(
+                    f"belongs to node {state.node_id!r}, not {node_id!r}",
+                    field=f"states[{i}].node_id",
+                )
+            if state.agent_id in seen:
+                raise InvalidArgument(
+                    f"agent {state.agent_id!r} is listed twice", field=f"states[{i}].agent_id"
+                )
+            seen.add(state.agent_id)
+
+        async def body(conn: AsyncConnection) -> int:
+            # Locking the node row serializes concurrent replaces of one node.
+            exists = await conn.scalar(
+                select(nodes.c.node_id).where(nodes.c.node_id == node_id).with_for_update()
+            )
+            if exists is None:
+                raise NotFound(f"node {node_id} is not registered")
+            old = {
+                r.agent_id: r
+                for r in map(
+                    _record,
+                    await conn.execute(
+                        select(agent_states).where(agent_states.c.node_id == node_id)
+                    ),
+                )
+            }
+            await conn.execute(delete(agent_states).where(agent_states.c.node_id == node_id))
+            if states:
+                await conn.execute(insert(agent_states), [_row(s) for s in states])
+            new = {s.agent_id: s for s in states}
+            rows = []
+            for agent_id in sorted(old.keys() | new.keys()):
+                before, after = old.get(agent_id), new.get(agent_id)
+                if before is not None and after is not None and not state_changed(before, after):
+                    continue
+                change = "added" if before is None else "removed" if after is None else "changed"
+                from_status = before.status if before else ""
+                to_status = after.status if after else ""
+                rows.append(
+                    event_row(
+                        "AGENT_STATE_CHANGED",
+                        now_ms=now_ms,
+                        node_id=node_id,
+                        agent_id=agent_id,
+                        actor=actor,
+                        message=f"agent {agent_id} on {node_id} {change}"
+                        + (f": {from_status} -> {to_status}" if from_status != to_status else ""),
+                        attributes={"change": change, "from": from_status, "to": to_status},
+                    )
+                )
+            await insert_events(conn, rows)
+            return len(rows)
+
+        return await self._db.run(body)
+
+    async def list(
+        self, *, node_ids: Collection[str] | None = None
+    ) -> builtins.list[AgentStateRecord]:
+        """Agent states ordered by (node, agent); only those nodes' if `node_ids` is given."""
+
+        async def body(conn: AsyncConnection) -> builtins.list[AgentStateRecord]:
+            order = (agent_states.c.node_id, agent_states.c.agent_id)
+            if node_ids is None:
+                result = await conn.execute(select(agent_states).order_by(*order))
+                return [_record(r) for r in result]
+            out: builtins.list[AgentStateRecord] = []
+            for part in chunks(sorted(set(node_ids))):
+                result = await conn.execute(
+                    select(agent_states).where(agent_states.c.node_id.in_(part)).order_by(*order)
+                )
+                out.extend(_record(r) for r in result)
+            return out
+
+        return await self._db.run(body, write=False)
+
+    async def counts_by_status(self, node_id: str) -> dict[str, int]:
+        """How many of the node's agents are in each status."""
+
+        async def body(conn: AsyncConnection) -> dict[str, int]:
+            result = await conn.execute(
+                select(agent_states.c.status, func.count())
+                .where(agent_states.c.node_id == node_id)
+                .group_by(agent_states.c.status)
+            )
+            return {status: int(n) for status, n in result}
+
+        return await self._db.run(body, write=False)

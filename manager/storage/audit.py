@@ -1,0 +1,92 @@
+"""The operations audit trail: who did what to what, and how it ended."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from sqlalchemy import insert, select
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from manager.storage.db import Database
+from manager.storage.events import dump_map, load_map
+from manager.storage.schema import operations_audit
+
+__all__ = ["AuditRecord", "AuditRepository"]
+
+
+@dataclass(frozen=True)
+class AuditRecord:
+    """One audited operation."""
+
+    id: int
+    """Monotonic id."""
+    timestamp_ms: int
+    """When it was recorded."""
+    actor: str
+    """Who asked, e.g. "operator/alice"."""
+    action: str
+    """What, e.g. "agents.restart"."""
+    target: str
+    """On what, e.g. a selector or "node-1/web"."""
+    detail: dict[str, str]
+    """Parameters worth keeping."""
+    outcome: str
+    """How it ended, e.g. "ok", "partial", "denied"."""
+
+
+class AuditRepository:
+    """Appends to and reads the operations audit trail."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def record(
+        self,
+        *,
+        actor: str,
+        action: str,
+        target: str,
+        detail: Mapping[str, str],
+        outcome: str,
+        now_ms: int,
+    ) -> int:
+        """Append one entry and return its id."""
+        row = {
+            "ts_ms": now_ms,
+            "actor": actor,
+            "action": action,
+            "target": target,
+            "detail": dump_map(detail),
+            "outcome": outcome,
+        }
+
+        async def body(conn: AsyncConnection) -> int:
+            result = await conn.execute(
+                insert(operations_audit).values(row).returning(operations_audit.c.id)
+            )
+            return int(result.scalar_one())
+
+        return await self._db.run(body)
+
+    async def list_recent(self, *, limit: int = 100) -> list[AuditRecord]:
+        """The newest `limit` entries, newest first."""
+
+        async def body(conn: AsyncConnection) -> list[AuditRecord]:
+            result = await conn.execute(
+                select(operations_audit).order_by(operations_audit.c.id.desc()).limit(limit)
+            )
+            return [
+                AuditRecord(
+                    id=r.id,
+                    timestamp_ms=r.ts_ms,
+                    actor=r.actor,
+                    action=r.action,
+                    target=r.target,
+                    detail=load_map(r.detail),
+                    outcome=r.outcome,
+                )
+                for r in result
+            ]
+
+        return await self._db.run(body, write=False)

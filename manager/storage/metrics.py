@@ -1,0 +1,384 @@
+"""Metric samples: deduplicated batch writes, 1-minute rollups, pruning, queries.
+
+Rollups: `metric_rollup_state.rolled_until_ms` (the watermark) says every
+sample with ts_ms below it is in `metric_rollups`. `rollup()` aggregates the
+closed minutes from the watermark on and moves it forward in the same
+transaction, so running it twice does nothing twice. A sample that arrives
+late (ts below the watermark, e.g. a daemon's buffered batch after an
+outage) is merged into its rollup row by `write_batches` itself, in the
+writer's transaction: PostgreSQL writers share-lock the state row and
+`rollup()` takes it exclusively, so no sample falls between the two.
+
+Pruning never deletes raw samples at or above the watermark, so nothing is
+deleted before it is rolled up. Queries read rollups for whole minutes below
+the watermark when the step is a multiple of 60 s, and raw samples for the
+rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from typing import Any, Final, Literal
+
+from sqlalchemy import (
+    ColumnClause,
+    ColumnElement,
+    delete,
+    func,
+    insert,
+    literal_column,
+    select,
+    update,
+)
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from fleet.errors import InvalidArgument
+from manager.storage.db import Database
+from manager.storage.records import MetricBatch
+from manager.storage.schema import (
+    metric_batches,
+    metric_rollup_state,
+    metric_rollups,
+    metric_samples,
+)
+from manager.storage.sqlhelp import dialect_insert
+
+__all__ = ["MINUTE_MS", "Aggregate", "MetricStore"]
+
+MINUTE_MS: Final = 60_000
+Aggregate = Literal["avg", "min", "max"]
+# How many minutes one rollup transaction covers when catching up.
+_ROLLUP_CHUNK_MINUTES: Final = 60
+_KEY = ("node_id", "agent_id", "type", "name")
+
+
+def _now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+class MetricStore:
+    """Persists and reads metric samples."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+        self._least = func.min if db.dialect == "sqlite" else func.least
+        self._greatest = func.max if db.dialect == "sqlite" else func.greatest
+        # The physical row id both backends can delete by without an index.
+        self._rowid: ColumnClause[Any] = literal_column(
+            "rowid" if db.dialect == "sqlite" else "ctid"
+        )
+
+    async def write_batches(
+        self, batches: Sequence[MetricBatch], *, now_ms: int | None = None
+    ) -> list[bool]:
+        """Store the batches in ONE transaction; per batch True=stored, False=duplicate.
+
+        A batch is a duplicate if its (node_id, sequence) was stored before
+        or appears earlier in this call. The dedupe keys are inserted with
+        ON CONFLICT DO NOTHING ... RETURNING, so concurrent replicas racing
+        on the same key store it exactly once. `now_ms` stamps the keys
+        (default: the wall clock) for pruning.
+        """
+        received = _now_ms() if now_ms is None else now_ms
+        first: dict[tuple[str, int], int] = {}
+        for i, batch in enumerate(batches):
+            first.setdefault((batch.node_id, batch.sequence), i)
+        if not first:
+            return []
+
+        async def body(conn: AsyncConnection) -> list[bool]:
+            watermark = await self._watermark(conn, lock="share")
+            ins = (
+                dialect_insert(self._db.dialect, metric_batches)
+                .on_conflict_do_nothing(index_elements=["node_id", "sequence"])
+                .returning(metric_batches.c.node_id, metric_batches.c.sequence)
+            )
+            result = await conn.execute(
+                ins,
+                [{"node_id": n, "sequence": s, "received_ms": received} for n, s in first],
+            )
+            stored_keys = {(row.node_id, row.sequence) for row in result}
+            stored_idx = sorted(first[k] for k in stored_keys)
+            rows: list[dict[str, Any]] = [
+                {
+                    "node_id": batches[i].node_id,
+                    "agent_id": s.agent_id,
+                    "type": s.type,
+                    "name": s.name,
+                    "ts_ms": s.timestamp_ms,
+                    "value": s.value,
+                }
+                for i in stored_idx
+                for s in batches[i].samples
+            ]
+            if rows:
+                await conn.execute(insert(metric_samples), rows)
+                late = [r for r in rows if r["ts_ms"] < watermark]
+                if late:
+                    await self._merge_late(conn, late)
+            stored = set(stored_idx)
+            return [i in stored for i in range(len(batches))]
+
+        return await self._db.run(body)
+
+    async def _watermark(
+        self, conn: AsyncConnection, *, lock: Literal["share", "update", "none"]
+    ) -> int:
+        query = select(metric_rollup_state.c.rolled_until_ms).where(metric_rollup_state.c.id == 1)
+        if lock == "share":
+            query = query.with_for_update(read=True)
+        elif lock == "update":
+            query = query.with_for_update()
+        value = await conn.scalar(query)
+        return int(value or 0)
+
+    async def _merge_late(self, conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
+        """Fold samples older than the watermark into their rollup rows."""
+        agg: dict[tuple[Any, ...], list[float]] = {}
+        for r in rows:
+            key = (*(r[k] for k in _KEY), r["ts_ms"] // MINUTE_MS * MINUTE_MS)
+            v = float(r["value"])
+            cur = agg.get(key)
+            if cur is None:
+                agg[key] = [v, v, v, 1.0]
+            else:
+                cur[0] = min(cur[0], v)
+                cur[1] = max(cur[1], v)
+                cur[2] += v
+                cur[3] += 1
+        params = [
+            {
+                **dict(zip((*_KEY, "bucket_ms"), key, strict=True)),
+                "min": mn,
+                "max": mx,
+                "sum": sm,
+                "count": int(n),
+            }
+            for key, (mn, mx, sm, n) in agg.items()
+        ]
+        await conn.execute(self._merge_insert(), params)
+
+    def _merge_insert(self) -> Any:
+        ins = dialect_insert(self._db.dialect, metric_rollups)
+        r = metric_rollups.c
+        return ins.on_conflict_do_update(
+            index_elements=["node_id", "type", "agent_id", "name", "bucket_ms"],
+            set_={
+                "min": self._least(r.min, ins.excluded.min),
+                "max": self._greatest(r.max, ins.excluded.max),
+                "sum": r.sum + ins.excluded.sum,
+                "count": r.count + ins.excluded.count,
+            },
+        )
+
+    async def rollup(self, *, now_ms: int) -> int:
+        """Roll closed minutes up to min/max/sum/count rows; returns rows written.
+
+        Idempotent: the watermark moves in the same transaction, so a second
+        call with the same `now_ms` writes nothing.
+        """
+        upto = now_ms // MINUTE_MS * MINUTE_MS
+        total = 0
+        while True:
+            written, done = await self._db.run(lambda conn: self._rollup_chunk(conn, upto))
+            total += written
+            if done:
+                return total
+            await asyncio.sleep(0)  # let other writers in between chunks
+
+    async def _rollup_chunk(self, conn: AsyncConnection, upto: int) -> tuple[int, bool]:
+        start = await self._watermark(conn, lock="update")
+        if start == 0:
+            oldest = await conn.scalar(select(func.min(metric_samples.c.ts_ms)))
+            start = upto if oldest is None else min(upto, int(oldest) // MINUTE_MS * MINUTE_MS)
+        end = min(upto, start + _ROLLUP_CHUNK_MINUTES * MINUTE_MS)
+        written = 0
+        if end > start:
+            s = metric_samples.c
+            bucket = (s.ts_ms // MINUTE_MS) * MINUTE_MS
+            source = (
+                select(
+                    s.node_id,
+                    s.agent_id,
+                    s.type,
+                    s.name,
+                    bucket.label("bucket_ms"),
+                    func.min(s.value),
+                    func.max(s.value),
+                    func.sum(s.value),
+                    func.count(),
+                )
+                .where(s.ts_ms >= start, s.ts_ms < end)
+                .group_by(s.node_id, s.agent_id, s.type, s.name, bucket)
+            )
+            stmt = self._merge_insert()
+            stmt = stmt.from_select([*_KEY, "bucket_ms", "min", "max", "sum", "count"], source)
+            written = max((await conn.execute(stmt)).rowcount, 0)
+        new_mark = max(end, start)
+        await conn.execute(
+            update(metric_rollup_state)
+            .where(metric_rollup_state.c.id == 1)
+            .values(rolled_until_ms=new_mark)
+        )
+        return written, new_mark >= upto
+
+    async def rolled_until_ms(self) -> int:
+        """The watermark: every sample older than this is in the rollups."""
+        return await self._db.run(lambda conn: self._watermark(conn, lock="none"), write=False)
+
+    async def prune(
+        self,
+        *,
+        now_ms: int,
+        raw_retention_ms: int,
+        rollup_retention_ms: int,
+        batch_size: int = 5000,
+    ) -> int:
+        """Delete data past retention in transactions of at most `batch_size` rows.
+
+        Raw samples older than raw_retention (but never any not yet rolled
+        up), rollups older than rollup_retention, and dedupe keys older than
+        raw_retention. Returns the number of rows deleted.
+        """
+        if batch_size < 1:
+            raise InvalidArgument(f"must be >= 1, got {batch_size}", field="batch_size")
+        watermark = await self.rolled_until_ms()
+        raw_cutoff = min(now_ms - raw_retention_ms, watermark)
+        total = 0
+        total += await self._prune_table(
+            metric_samples.c.ts_ms < raw_cutoff, metric_samples, batch_size
+        )
+        total += await self._prune_table(
+            metric_rollups.c.bucket_ms < now_ms - rollup_retention_ms, metric_rollups, batch_size
+        )
+        total += await self._prune_table(
+            metric_batches.c.received_ms < now_ms - raw_retention_ms, metric_batches, batch_size
+        )
+        return total
+
+    async def _prune_table(
+        self, condition: ColumnElement[bool], table: Any, batch_size: int
+    ) -> int:
+        victims = select(self._rowid).select_from(table).where(condition).limit(batch_size)
+        stmt = delete(table).where(self._rowid.in_(victims.scalar_subquery()))
+
+        async def body(conn: AsyncConnection) -> int:
+            return max((await conn.execute(stmt)).rowcount, 0)
+
+        total = 0
+        while True:
+            deleted = await self._db.run(body)
+            total += deleted
+            if deleted < batch_size:
+                return total
+            await asyncio.sleep(0)
+
+    async def query(
+        self,
+        *,
+        node_id: str,
+        agent_id: str,
+        type: str,
+        name: str,
+        start_ms: int,
+        end_ms: int,
+        step_s: int,
+        aggregate: Aggregate,
+    ) -> dict[str, list[tuple[int, float]]]:
+        """Samples in [start_ms, end_ms) aggregated into epoch-aligned step buckets.
+
+        agent_id "" selects host-level samples; name "" selects every name of
+        the type. Returns {name: [(bucket_start_ms, value), ...]} sorted by
+        time. Whole minutes below the rollup watermark come from the rollups
+        when step_s is a multiple of 60 (so they outlive raw retention); the
+        rest from raw samples.
+        """
+        if step_s < 1:
+            raise InvalidArgument(f"must be >= 1, got {step_s}", field="step_s")
+        if end_ms <= start_ms:
+            raise InvalidArgument(
+                f"end ({end_ms}) must be after start ({start_ms})", field="end_ms"
+            )
+        if aggregate not in ("avg", "min", "max"):
+            raise InvalidArgument(f"must be avg, min or max, got {aggregate!r}", field="aggregate")
+        step_ms = step_s * 1000
+
+        async def body(conn: AsyncConnection) -> dict[tuple[str, int], list[float]]:
+            watermark = await self._watermark(conn, lock="none")
+            ranges: list[tuple[str, int, int]] = []
+            r_start = -(-start_ms // MINUTE_MS) * MINUTE_MS
+            r_end = min(end_ms // MINUTE_MS * MINUTE_MS, watermark)
+            if step_ms % MINUTE_MS == 0 and r_end > r_start:
+                ranges += [("raw", start_ms, r_start), ("rollup", r_start, r_end)]
+                ranges.append(("raw", r_end, end_ms))
+            else:
+                ranges.append(("raw", start_ms, end_ms))
+            acc: dict[tuple[str, int], list[float]] = {}
+            for source, lo, hi in ranges:
+                if hi > lo:
+                    for row in await conn.execute(
+                        self._bucket_query(source, node_id, agent_id, type, name, lo, hi, step_ms)
+                    ):
+                        _merge(acc, (row[0], int(row[1])), row[2:])
+            return acc
+
+        acc = await self._db.run(body, write=False)
+        out: dict[str, list[tuple[int, float]]] = {}
+        for (metric, bucket), (mn, mx, sm, n) in sorted(acc.items()):
+            value = mn if aggregate == "min" else mx if aggregate == "max" else sm / n
+            out.setdefault(metric, []).append((bucket * step_ms, value))
+        return out
+
+    def _bucket_query(
+        self,
+        source: str,
+        node_id: str,
+        agent_id: str,
+        type_: str,
+        name: str,
+        lo: int,
+        hi: int,
+        step_ms: int,
+    ) -> Any:
+        if source == "raw":
+            t = metric_samples.c
+            ts = t.ts_ms
+            cols: tuple[Any, ...] = (
+                func.min(t.value),
+                func.max(t.value),
+                func.sum(t.value),
+                func.count(),
+            )
+        else:
+            t = metric_rollups.c
+            ts = t.bucket_ms
+            cols = (func.min(t.min), func.max(t.max), func.sum(t.sum), func.sum(t.count))
+        bucket = ts // step_ms
+        query = (
+            select(t.name, bucket, *cols)
+            .where(
+                t.node_id == node_id,
+                t.type == type_,
+                t.agent_id == agent_id,
+                ts >= lo,
+                ts < hi,
+            )
+            .group_by(t.name, bucket)
+        )
+        if name:
+            query = query.where(t.name == name)
+        return query
+
+
+def _merge(acc: dict[tuple[str, int], list[float]], key: tuple[str, int], row: Any) -> None:
+    mn, mx, sm, n = (float(row[0]), float(row[1]), float(row[2]), float(row[3]))
+    cur = acc.get(key)
+    if cur is None:
+        acc[key] = [mn, mx, sm, n]
+        return
+    cur[0] = min(cur[0], mn)
+    cur[1] = max(cur[1], mx)
+    cur[2] += sm
+    cur[3] += n
