@@ -1,0 +1,271 @@
+"""The manager process's lifecycle: build, start, stop(grace).
+
+`ManagerServer.start()` opens (and migrates) the database, starts the metric
+writer, the heartbeat flusher, the sweeper and the metrics lifecycle job,
+then serves ManagerService (mTLS), gRPC health and reflection, and the
+Prometheus endpoint. `stop(grace)` undoes it in reverse: stop accepting and
+drain in-flight calls within the grace, stop the background jobs, flush the
+heartbeat map, drain the metric queue, close the database. What a call
+acknowledged is committed before the database is closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import time
+from collections.abc import Callable
+from typing import Any
+
+from grpc import aio
+
+from fleet.errors import ConfigError
+from fleet.interceptors import ErrorMappingInterceptor
+from fleet.observability import start_metrics_http_server
+from fleet.service import add_health_and_reflection
+from fleet.tls import TLSConfig, server_credentials
+from fleet.v1 import manager_pb2, manager_pb2_grpc
+from manager.config import ManagerConfig
+from manager.metrics import ManagerMetrics, RpcMetricsInterceptor
+from manager.service.agents import AgentStates
+from manager.service.heartbeats import HeartbeatBuffer
+from manager.service.liveness import LivenessPolicy
+from manager.service.metrics import MetricsService
+from manager.service.registry import NodeRegistry
+from manager.service.sweeper import MetricsLifecycle, Sweeper
+from manager.servicers.manager_service import ManagerServicer
+from manager.storage import Database, EventRepository, NodeRepository
+from manager.storage.agents import AgentStateRepository
+from manager.storage.metrics import MetricStore
+from manager.storage.writer import MetricWriter
+
+__all__ = ["SERVICE_NAME", "ManagerServer", "open_database"]
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAME: str = manager_pb2.DESCRIPTOR.services_by_name["ManagerService"].full_name
+"""Full name of the service, for health and reflection."""
+
+
+def tls_config(config: ManagerConfig) -> TLSConfig:
+    """The manager's TLSConfig from the [tls] table."""
+    t = config.tls
+    return TLSConfig(ca_file=t.ca_file, cert_file=t.cert_file, key_file=t.key_file)
+
+
+async def open_database(config: ManagerConfig, *, migrate: bool | None = None) -> Database:
+    """Open the configured database and migrate it (or check its schema)."""
+    if not config.database.url:
+        try:
+            config.state_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"state_dir {config.state_dir}: cannot create: {exc}") from None
+    db = await Database.open(
+        config.database_url,
+        busy_timeout_ms=config.database.busy_timeout_ms,
+        pool_size=config.database.pool_size,
+    )
+    try:
+        if config.database.migrate_on_start if migrate is None else migrate:
+            await db.migrate()
+        else:
+            await db.check_schema()
+    except BaseException:
+        await db.close()
+        raise
+    return db
+
+
+class ManagerServer:
+    """One manager: gRPC server, database and background jobs."""
+
+    def __init__(
+        self,
+        config: ManagerConfig,
+        *,
+        clock: Callable[[], float] = time.time,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.config = config
+        self.metrics = ManagerMetrics()
+        self._clock = clock
+        self._rng = rng
+        self._stack = contextlib.AsyncExitStack()
+        self._server: aio.Server | None = None
+        self._health: Any = None  # grpc_health's aio HealthServicer (untyped)
+        self.port = 0
+        """The bound gRPC port (after start)."""
+        self.metrics_port: int | None = None
+        """The bound /metrics port, None when disabled."""
+
+    # Set by start(); exposed for tests and the benchmark.
+    db: Database
+    nodes: NodeRepository
+    events: EventRepository
+    store: MetricStore
+    writer: MetricWriter
+    heartbeats: HeartbeatBuffer
+    registry: NodeRegistry
+    sweeper: Sweeper
+    lifecycle: MetricsLifecycle
+    metric_service: MetricsService
+
+    async def start(self) -> None:
+        """Start everything; on failure, what was started is stopped again."""
+        try:
+            await self._start()
+        except BaseException:
+            await self._stack.aclose()
+            raise
+
+    async def _start(self) -> None:
+        cfg = self.config
+        tls = tls_config(cfg)
+        tls.validate()
+        identity = tls.identity()
+        if identity.role != "manager":
+            raise ConfigError(
+                f"{cfg.tls.cert_file}: the certificate is {identity}; the manager needs a "
+                "manager certificate (spiffe://<td>/manager/<name>)"
+            )
+        liv = cfg.liveness
+        policy = LivenessPolicy(
+            min_ttl=liv.min_ttl_seconds,
+            max_rate=liv.max_heartbeat_rate,
+            jitter=liv.jitter,
+            grace=liv.grace_seconds,
+            failover_grace=liv.failover_grace_seconds,
+        )
+        raw_ms = int(cfg.metrics.raw_retention_hours * 3600 * 1000)
+
+        self.db = await open_database(cfg)
+        self._stack.push_async_callback(self.db.close)
+        self.nodes = NodeRepository(self.db)
+        self.events = EventRepository(self.db)
+        self.store = MetricStore(self.db)
+        self.writer = MetricWriter(
+            self.store,
+            max_pending_batches=cfg.metrics.writer_queue_batches,
+            max_rows_per_commit=cfg.metrics.max_rows_per_commit,
+        )
+        self.writer.start()
+        self._stack.push_async_callback(self._drain_writer)
+        m = self.metrics
+        m.metric_queue_depth.set_function(lambda: self.writer.depth)
+        m.metric_commit_seconds.set_function(lambda: self.writer.last_commit_seconds)
+
+        self.heartbeats = HeartbeatBuffer(
+            self.nodes, interval=liv.flush_interval_seconds, on_flush=m.observe_flush
+        )
+        m.heartbeats_pending.set_function(lambda: len(self.heartbeats))
+        self.registry = NodeRegistry(
+            self.nodes,
+            self.heartbeats,
+            policy=policy,
+            max_clock_skew=liv.max_clock_skew_seconds,
+            clock=self._clock,
+            rng=self._rng,
+        )
+        await self.registry.load()
+        self.heartbeats.start()
+        self._stack.push_async_callback(self._flush_heartbeats)
+
+        self.sweeper = Sweeper(
+            self.db,
+            self.nodes,
+            self.registry,
+            self.heartbeats,
+            policy=policy,
+            interval=liv.sweep_interval_seconds,
+            clock=self._clock,
+            on_leader=lambda held: m.sweeper_leader.set(1 if held else 0),
+            on_offline=m.nodes_marked_offline.inc,
+            on_counts=m.set_node_counts,
+        )
+        self.sweeper.start()
+        self._stack.push_async_callback(self.sweeper.stop)
+        self.lifecycle = MetricsLifecycle(
+            self.db,
+            self.store,
+            raw_retention_ms=raw_ms,
+            rollup_retention_ms=int(cfg.metrics.rollup_retention_days * 86400 * 1000),
+            interval=cfg.metrics.lifecycle_interval_seconds,
+            clock=self._clock,
+        )
+        self.lifecycle.start()
+        self._stack.push_async_callback(self.lifecycle.stop)
+
+        if cfg.server.metrics_listen:
+            stop_http, self.metrics_port = start_metrics_http_server(
+                cfg.server.metrics_listen, m.registry
+            )
+            self._stack.push_async_callback(asyncio.to_thread, stop_http)
+
+        self.metric_service = MetricsService(
+            self.registry,
+            self.writer,
+            self.store,
+            raw_retention_ms=raw_ms,
+            max_samples=cfg.metrics.max_samples_per_batch,
+            clock=self._clock,
+        )
+        servicer = ManagerServicer(
+            self.registry,
+            self.metric_service,
+            AgentStates(self.registry, AgentStateRepository(self.db), clock=self._clock),
+            trust_domain=identity.trust_domain,
+        )
+        options: list[tuple[str, Any]] = [
+            ("grpc.max_receive_message_length", cfg.server.max_receive_message_bytes),
+            ("grpc.so_reuseport", 0),  # a second manager on the same port must fail, not share
+        ]
+        server = aio.server(
+            interceptors=[RpcMetricsInterceptor(m), ErrorMappingInterceptor()], options=options
+        )
+        manager_pb2_grpc.add_ManagerServiceServicer_to_server(servicer, server)
+        self._health = add_health_and_reflection(server, [SERVICE_NAME])
+        try:
+            self.port = server.add_secure_port(cfg.server.listen, server_credentials(tls))
+        except RuntimeError as exc:
+            raise ConfigError(
+                f"server.listen {cfg.server.listen!r}: cannot listen: {exc}"
+            ) from None
+        await server.start()
+        self._server = server
+        self._stack.push_async_callback(self._stop_grpc)
+        log.info(
+            "manager %s serving on port %d (database %s)", identity, self.port, self.db.dialect
+        )
+
+    async def _stop_grpc(self) -> None:
+        if self._health is not None:
+            await self._health.enter_graceful_shutdown()
+        if self._server is not None:
+            await self._server.stop(self._grace)
+            self._server = None
+
+    async def _flush_heartbeats(self) -> None:
+        try:
+            await self.heartbeats.stop()
+        except Exception as exc:
+            log.warning(
+                "could not write %d last-seen times at shutdown: %s",
+                len(self.heartbeats),
+                exc,
+            )
+
+    async def _drain_writer(self) -> None:
+        try:
+            await self.writer.stop()
+        except Exception as exc:
+            log.warning("metric writer did not drain at shutdown: %s", exc)
+
+    _grace: float | None = None
+
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop accepting calls, drain them within `grace`, then flush and close."""
+        self._grace = self.config.server.shutdown_grace_seconds if grace is None else grace
+        await self._stack.aclose()
+        log.info("manager stopped")

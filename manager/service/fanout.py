@@ -1,0 +1,135 @@
+"""The fan-out window: run one call per target, at most N at once, stop at M failures.
+
+`sliding_window` is the whole policy of an OperateAgents rollout and knows
+nothing about gRPC: it takes targets and an async call, and yields one
+`Outcome` per target as it finishes.
+
+- A sliding window, not batches: the next target is launched as soon as any
+  running one finishes, so at most `max_concurrency` calls are ever in flight
+  and a slow target does not hold the others back.
+- Once `max_errors` calls have failed nothing new is launched; calls already
+  in flight finish and are reported, every target not launched is SKIPPED.
+- Each call gets `call_timeout` seconds (a dead peer fails its target, it never
+  hangs the rollout).
+- Closing the iterator (the client went away) launches nothing more and
+  cancels the calls in flight.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Generic, Literal, TypeVar
+
+from fleet.errors import DeadlineExceeded, FleetError
+
+__all__ = ["Outcome", "OutcomeKind", "sliding_window"]
+
+T = TypeVar("T")
+R = TypeVar("R")
+
+OutcomeKind = Literal["ok", "failed", "skipped"]
+
+
+@dataclass(frozen=True)
+class Outcome(Generic[T, R]):
+    """How one target of a fan-out ended."""
+
+    target: T
+    """The target, as given."""
+    kind: OutcomeKind
+    """ok, failed, or skipped (never launched because max_errors was reached)."""
+    value: R | None = None
+    """What the call returned (ok only)."""
+    error: str = ""
+    """Why it failed or was skipped."""
+    duration: float = 0.0
+    """Seconds the call took (0 for skipped)."""
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, FleetError):
+        return exc.message
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+async def sliding_window(
+    targets: Sequence[T],
+    call: Callable[[T], Awaitable[R]],
+    *,
+    max_concurrency: int,
+    max_errors: int = 0,
+    call_timeout: float | None = None,
+    clock: Callable[[], float] = time.monotonic,
+) -> AsyncIterator[Outcome[T, R]]:
+    """Yield one Outcome per target: finished ones as they finish, then the skipped.
+
+    `max_concurrency` >= 1 calls run at once; `max_errors` 0 means no limit.
+    A call raising an Exception is a failure (its message is kept); a call
+    exceeding `call_timeout` seconds fails with a deadline message.
+    """
+    if max_concurrency < 1:
+        raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
+    if max_errors < 0:
+        raise ValueError(f"max_errors must be >= 0, got {max_errors}")
+
+    async def run(target: T) -> R:
+        if call_timeout is None:
+            return await call(target)
+        try:
+            async with asyncio.timeout(call_timeout):
+                return await call(target)
+        except TimeoutError:
+            raise DeadlineExceeded(f"no answer within {call_timeout:g}s") from None
+
+    done: asyncio.Queue[asyncio.Task[R]] = asyncio.Queue()
+    running: dict[asyncio.Task[R], tuple[T, float]] = {}
+    next_index = 0
+    failures = 0
+
+    def launch() -> None:
+        nonlocal next_index
+        while len(running) < max_concurrency and next_index < len(targets):
+            if max_errors and failures >= max_errors:
+                return
+            target = targets[next_index]
+            next_index += 1
+            task = asyncio.create_task(run(target))
+            running[task] = (target, clock())
+            task.add_done_callback(done.put_nowait)
+
+    try:
+        launch()
+        while running:
+            finished = [await done.get()]
+            while not done.empty():  # everything that finished meanwhile, in one go
+                finished.append(done.get_nowait())
+            outcomes: list[Outcome[T, R]] = []
+            for task in finished:
+                target, started = running.pop(task)
+                elapsed = clock() - started
+                if task.cancelled():
+                    failures += 1
+                    outcomes.append(Outcome(target, "failed", error="cancelled", duration=elapsed))
+                    continue
+                exc = task.exception()
+                if exc is None:
+                    outcomes.append(Outcome(target, "ok", task.result(), duration=elapsed))
+                else:
+                    failures += 1
+                    outcomes.append(
+                        Outcome(target, "failed", error=_describe(exc), duration=elapsed)
+                    )
+            launch()  # refill the window before the caller gets to see the outcomes
+            for outcome in outcomes:
+                yield outcome
+        reason = f"not attempted: {failures} target(s) failed (max_errors {max_errors})"
+        for target in targets[next_index:]:
+            yield Outcome(target, "skipped", error=reason)
+    finally:
+        for task in running:
+            task.cancel()
+        if running:
+            await asyncio.gather(*running, return_exceptions=True)

@@ -1,0 +1,147 @@
+"""Node registration and heartbeats: the service layer's decisions.
+
+Known node ids are cached in memory (loaded at start, added on register) so
+a heartbeat costs a set lookup and a dict write; a miss falls back to the
+database because another replica may have registered the node.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fleet.errors import NotFound
+from manager.service.heartbeats import HeartbeatBuffer
+from manager.service.liveness import (
+    LivenessPolicy,
+    TtlHighWater,
+    heartbeat_ttl,
+    jittered_interval,
+)
+from manager.service.model import Registration
+from manager.service.validation import validate_registration, validate_timestamp
+from manager.storage import NodeRecord, NodeRepository
+
+__all__ = ["NodeRegistry", "RegisterResult"]
+
+
+@dataclass(frozen=True)
+class RegisterResult:
+    """The answer to a RegisterNode."""
+
+    created: bool
+    """False when the node was known (re-registration)."""
+    heartbeat_interval_ms: int
+    """How often this node should heartbeat."""
+    server_time_ms: int
+    """The manager's clock."""
+
+
+class NodeRegistry:
+    """Registers nodes, takes heartbeats, and hands out heartbeat intervals."""
+
+    def __init__(
+        self,
+        nodes: NodeRepository,
+        heartbeats: HeartbeatBuffer,
+        *,
+        policy: LivenessPolicy,
+        max_clock_skew: float,
+        clock: Callable[[], float],
+        rng: random.Random | None = None,
+    ) -> None:
+        self._nodes = nodes
+        self._heartbeats = heartbeats
+        self._policy = policy
+        self._skew_ms = int(max_clock_skew * 1000)
+        self._clock = clock
+        self._rng = rng or random.Random()  # noqa: S311 - jitter, not crypto
+        self._known: set[str] = set()
+        self._fleet_size = 0
+        self.high_water = TtlHighWater()
+
+    async def load(self) -> None:
+        """Load known node ids (at start) and the fleet size."""
+        self._known = await self._nodes.known_ids()
+        self._fleet_size = len(self._known)
+
+    def set_fleet_size(self, nodes: int) -> None:
+        """Update the fleet size the ttl scales with (all replicas' nodes)."""
+        self._fleet_size = max(nodes, len(self._known))
+
+    @property
+    def fleet_size(self) -> int:
+        """Nodes the ttl is computed for."""
+        return self._fleet_size
+
+    def now_ms(self) -> int:
+        """The manager's clock in epoch ms."""
+        return int(self._clock() * 1000)
+
+    def ttl(self) -> float:
+        """The base interval for the current fleet size."""
+        return heartbeat_ttl(self._fleet_size, self._policy.min_ttl, self._policy.max_rate)
+
+    def sweep_ttl(self) -> float:
+        """The base ttl the sweeper must assume: the longest any node may hold."""
+        return max(self.ttl(), self.high_water.effective(self._clock(), self._policy))
+
+    def interval_ms(self) -> int:
+        """A jittered interval to hand to one node."""
+        ttl = self.ttl()
+        self.high_water.note(ttl, self._clock(), self._policy)
+        return int(jittered_interval(ttl, self._policy.jitter, self._rng) * 1000)
+
+    async def register(self, reg: Registration) -> RegisterResult:
+        """Validate and upsert a node; it is online from now."""
+        validate_registration(reg)
+        now_ms = self.now_ms()
+        record = NodeRecord(
+            node_id=reg.node_id,
+            hostname=reg.hostname,
+            ip=reg.ip,
+            os=reg.os,
+            arch=reg.arch,
+            labels=dict(reg.labels),
+            daemon_version=reg.daemon_version,
+            agent_version=reg.agent_version,
+            daemon_address=reg.daemon_address,
+            status="online",
+            last_seen_ms=now_ms,
+            registered_at_ms=now_ms,
+        )
+        created = await self._nodes.upsert(record, now_ms=now_ms)
+        if reg.node_id not in self._known:
+            self._known.add(reg.node_id)
+            self._fleet_size = max(self._fleet_size + 1, len(self._known))
+        return RegisterResult(created, self.interval_ms(), now_ms)
+
+    async def is_known(self, node_id: str) -> bool:
+        """True if the node registered (here or with another replica)."""
+        if node_id in self._known:
+            return True
+        if await self._nodes.get(node_id) is None:
+            return False
+        self._known.add(node_id)
+        return True
+
+    async def require_known(self, node_id: str) -> None:
+        """NotFound (register again) for a node this fleet does not know."""
+        if not await self.is_known(node_id):
+            raise NotFound(f"node {node_id!r} is not registered; call RegisterNode first")
+
+    async def heartbeat(self, node_id: str, timestamp_ms: int) -> int:
+        """Record a heartbeat; returns the interval the node should use now."""
+        now_ms = self.now_ms()
+        validate_timestamp(
+            timestamp_ms,
+            now_ms=now_ms,
+            max_past_ms=self._skew_ms,
+            max_future_ms=self._skew_ms,
+            field="timestamp",
+        )
+        await self.require_known(node_id)
+        # The manager's clock, not the node's: liveness is judged on it.
+        self._heartbeats.record(node_id, now_ms)
+        return self.interval_ms()

@@ -1,0 +1,211 @@
+"""Background jobs that must run on one replica at a time.
+
+`Sweeper` marks silent nodes offline. It holds the database advisory lock
+"fleet-sweeper" for as long as it is the leader (PostgreSQL; SQLite has one
+manager), and only acts `failover_grace` after it became leader, so a
+restart or a failover does not mark a whole fleet down while daemons
+reconnect. `MetricsLifecycle` rolls up and prunes metrics under its own lock.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fleet.errors import FleetError
+from manager.service.heartbeats import HeartbeatBuffer
+from manager.service.liveness import LivenessPolicy, sweep_cutoff
+from manager.service.registry import NodeRegistry
+from manager.storage import Database, NodeRepository
+from manager.storage.metrics import MetricStore
+
+__all__ = ["MetricsLifecycle", "SweepResult", "Sweeper"]
+
+log = logging.getLogger(__name__)
+
+SWEEPER_LOCK = "fleet-sweeper"
+LIFECYCLE_LOCK = "fleet-metrics-lifecycle"
+
+
+@dataclass(frozen=True)
+class SweepResult:
+    """What one sweep did."""
+
+    offline: tuple[str, ...]
+    """Nodes marked offline."""
+    cutoff_ms: int | None
+    """Last-seen cutoff used; None during the failover grace."""
+
+
+async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> None:
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+
+
+class Sweeper:
+    """Marks nodes offline after ttl + grace without a heartbeat."""
+
+    def __init__(
+        self,
+        db: Database,
+        nodes: NodeRepository,
+        registry: NodeRegistry,
+        heartbeats: HeartbeatBuffer,
+        *,
+        policy: LivenessPolicy,
+        interval: float,
+        clock: Callable[[], float],
+        on_leader: Callable[[bool], None] | None = None,
+        on_offline: Callable[[int], None] | None = None,
+        on_counts: Callable[[int, int], None] | None = None,
+    ) -> None:
+        self._db = db
+        self._nodes = nodes
+        self._registry = registry
+        self._heartbeats = heartbeats
+        self._policy = policy
+        self._interval = interval
+        self._clock = clock
+        self._on_leader = on_leader or (lambda _: None)
+        self._on_offline = on_offline or (lambda _: None)
+        self._on_counts = on_counts
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.active_since: float | None = None
+        """When this replica became the sweeper; None while it is not."""
+
+    async def sweep_once(self) -> SweepResult:
+        """Flush our heartbeats, then mark nodes past their deadline offline."""
+        if self.active_since is None:
+            self.active_since = self._clock()
+        await self._heartbeats.flush()
+        now = self._clock()
+        cutoff = sweep_cutoff(
+            now=now,
+            active_since=self.active_since,
+            ttl=self._registry.sweep_ttl(),
+            policy=self._policy,
+        )
+        if cutoff is None:
+            return SweepResult((), None)
+        cutoff_ms = int(cutoff * 1000)
+        offline = await self._nodes.mark_offline(
+            cutoff_ms=cutoff_ms, now_ms=int(now * 1000), exclude=self._heartbeats.pending_ids
+        )
+        if offline:
+            log.info("marked %d node(s) offline: %s", len(offline), ", ".join(offline[:20]))
+            self._on_offline(len(offline))
+        return SweepResult(tuple(offline), cutoff_ms)
+
+    async def refresh_counts(self) -> None:
+        """Update the fleet size (ttl) and the nodes-by-status gauges."""
+        online = await self._nodes.count(status="online")
+        offline = await self._nodes.count(status="offline")
+        self._registry.set_fleet_size(online + offline)
+        if self._on_counts is not None:
+            self._on_counts(online, offline)
+
+    def start(self) -> None:
+        """Start competing for the sweeper lock and sweeping."""
+        self._stop.clear()
+        self._task = asyncio.create_task(self._run(), name="sweeper")
+
+    async def stop(self) -> None:
+        """Stop sweeping and release the lock."""
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                async with self._db.advisory_lock(SWEEPER_LOCK) as held:
+                    if held:
+                        await self._lead()
+                    else:
+                        await self.refresh_counts()
+            except FleetError as exc:
+                log.warning("sweeper: %s; retrying", exc)
+            except Exception:
+                log.exception("sweeper failed unexpectedly; retrying")
+            finally:
+                if self.active_since is not None:
+                    log.info("no longer the sweeper")
+                self.active_since = None
+                self._on_leader(False)
+            await _sleep_or_stop(self._stop, self._interval)
+
+    async def _lead(self) -> None:
+        self.active_since = self._clock()
+        self._on_leader(True)
+        log.info(
+            "this manager is the sweeper; nodes get %.0f s of failover grace",
+            self._policy.failover_grace,
+        )
+        while not self._stop.is_set():
+            await self.refresh_counts()
+            await self.sweep_once()
+            await _sleep_or_stop(self._stop, self._interval)
+
+
+class MetricsLifecycle:
+    """Rolls raw samples up into 1-minute buckets and prunes old data."""
+
+    def __init__(
+        self,
+        db: Database,
+        store: MetricStore,
+        *,
+        raw_retention_ms: int,
+        rollup_retention_ms: int,
+        interval: float,
+        clock: Callable[[], float],
+    ) -> None:
+        self._db = db
+        self._store = store
+        self._raw_ms = raw_retention_ms
+        self._rollup_ms = rollup_retention_ms
+        self._interval = interval
+        self._clock = clock
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def run_once(self) -> tuple[int, int]:
+        """Roll up closed minutes, then prune; returns (buckets, rows deleted)."""
+        now_ms = int(self._clock() * 1000)
+        buckets = await self._store.rollup(now_ms=now_ms)
+        deleted = await self._store.prune(
+            now_ms=now_ms, raw_retention_ms=self._raw_ms, rollup_retention_ms=self._rollup_ms
+        )
+        return buckets, deleted
+
+    def start(self) -> None:
+        """Start the periodic job."""
+        self._stop.clear()
+        self._task = asyncio.create_task(self._run(), name="metrics-lifecycle")
+
+    async def stop(self) -> None:
+        """Stop the job (a run in progress finishes first)."""
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            await _sleep_or_stop(self._stop, self._interval)
+            if self._stop.is_set():
+                return
+            try:
+                async with self._db.advisory_lock(LIFECYCLE_LOCK) as held:
+                    if held:
+                        buckets, deleted = await self.run_once()
+                        log.debug("metrics lifecycle: %d buckets, %d rows pruned", buckets, deleted)
+            except FleetError as exc:
+                log.warning("metrics lifecycle: %s; retrying next time", exc)
+            except Exception:
+                log.exception("metrics lifecycle failed unexpectedly")

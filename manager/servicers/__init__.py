@@ -1,0 +1,1 @@
+"""gRPC servicers: protobuf <-> domain translation and caller identity only."""
