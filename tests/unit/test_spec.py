@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 from pathlib import Path
@@ -17,7 +18,15 @@ from daemon.supervisor.spec import (
     spec_from_dict,
     spec_to_dict,
 )
-from fleet.errors import InvalidArgument
+from fleet.config import load_config
+from fleet.errors import ConfigError, InvalidArgument
+
+
+@dataclasses.dataclass(frozen=True)
+class Daemon:
+    """The part of the daemon's config that holds agents."""
+
+    agents: tuple[AgentSpec, ...] = ()
 
 
 def _spec(**kw: object) -> AgentSpec:
@@ -114,3 +123,21 @@ def test_round_trip_through_dict() -> None:
         labels={"x": "y"},
     )
     assert spec_from_dict(spec_to_dict(spec)) == spec
+
+
+def test_agents_load_from_toml_with_fleet_config(tmp_path: Path) -> None:
+    """[[agents]] tables load into AgentSpec via load_config; a bad one names file and field."""
+    good = tmp_path / "good.toml"
+    good.write_text(
+        '[[agents]]\nid = "web"\nargv = ["sleep", "100"]\nrestart = "always"\n'
+        'backoff = {initial = 0.5, max = 3.0}\nlabels = {tier = "web"}\n'
+        "expected_exit_codes = [0, 2]\n"
+    )
+    (spec,) = load_config(Daemon, good, env_prefix="T_", environ={}).agents
+    assert spec.argv == ("sleep", "100")
+    assert spec.backoff == BackoffSpec(initial=0.5, max=3.0)
+    assert spec.expected_exit_codes == (0, 2)
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[[agents]]\nid = "web"\nargv = ["sleep"]\nstop_timeout = -1.0\n')
+    with pytest.raises(ConfigError, match=r"bad.toml: .*agents\[web\]\.stop_timeout: must be >= 0"):
+        load_config(Daemon, bad, env_prefix="T_", environ={})

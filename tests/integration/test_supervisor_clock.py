@@ -1,0 +1,94 @@
+"""Timers run on the injected clock: backoff and health are exact under a manual clock."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from supervisor_helpers import Recorder, agent, make_supervisor
+
+from daemon.supervisor.clock import ManualClock
+from daemon.supervisor.spec import BackoffSpec, HealthSpec
+from daemon.supervisor.states import AgentStatus
+from daemon.supervisor.supervisor import Supervisor
+
+S = AgentStatus
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    """Time that moves only when the test says so."""
+    return ManualClock()
+
+
+@pytest.fixture
+def rec() -> Recorder:
+    """Records every snapshot the supervisor reports."""
+    return Recorder()
+
+
+@pytest.fixture
+async def sup(tmp_path: Path, rec: Recorder, clock: ManualClock) -> AsyncIterator[Supervisor]:
+    """A supervisor on the manual clock that stops its agents at the end."""
+    supervisor = make_supervisor(tmp_path, rec, clock=clock)
+    yield supervisor
+    await supervisor.stop(stop_agents=True)
+
+
+async def test_backoff_waits_exactly_its_delay(
+    sup: Supervisor, rec: Recorder, clock: ManualClock
+) -> None:
+    """A crashed start is retried only once the clock passes backoff_until, not before."""
+    spec = agent(
+        "crasher",
+        "-c",
+        "raise SystemExit(1)",
+        start_secs=5.0,
+        backoff=BackoffSpec(initial=10.0, multiplier=3.0, max=100.0, jitter=0.0),
+    )
+    await sup.start([spec])
+    await rec.until(lambda: sup.get("crasher").status is S.BACKOFF)
+    snap = sup.get("crasher")
+    assert snap.backoff_until_ms == int((clock.now() + 10.0) * 1000)
+    assert "retry 1/5 in 10.00s" in snap.message
+    clock.advance(9.9)
+    await rec.until(lambda: clock.sleepers >= 1)
+    assert sup.get("crasher").status is S.BACKOFF
+    clock.advance(0.1)
+    await rec.until(lambda: sup.get("crasher").restart_count == 1)
+    await rec.until(lambda: sup.get("crasher").status is S.BACKOFF)
+    assert sup.get("crasher").backoff_until_ms == int((clock.now() + 30.0) * 1000)
+
+
+async def test_running_only_after_start_secs(
+    sup: Supervisor, rec: Recorder, clock: ManualClock
+) -> None:
+    """A live agent stays STARTING until start_secs of clock time have passed."""
+    await sup.start([agent("slow", "-c", "import time; time.sleep(600)", start_secs=30.0)])
+    clock.advance(29.0)
+    await rec.until(lambda: clock.sleepers >= 2)  # the agent's start timer and the sampler
+    assert sup.get("slow").status is S.STARTING
+    clock.advance(1.0)
+    await rec.until(lambda: sup.get("slow").status is S.RUNNING)
+
+
+async def test_heartbeat_health(sup: Supervisor, rec: Recorder, clock: ManualClock) -> None:
+    """Heartbeat health is pending until the first heartbeat, then unhealthy after the timeout."""
+    spec = agent(
+        "hb",
+        "-c",
+        "import time; time.sleep(600)",
+        start_secs=0.0,
+        health=HealthSpec(kind="heartbeat", timeout=5.0),
+    )
+    await sup.start([spec])
+    await rec.until(lambda: sup.get("hb").status is S.RUNNING)
+    assert sup.get("hb").health == "pending"
+    snap = sup.agent_registered("hb", version="1.2.3", pid=sup.get("hb").pid)
+    assert (snap.health, snap.version) == ("healthy", "1.2.3")
+    assert snap.last_heartbeat_ms == int(clock.now() * 1000)
+    clock.advance(6.0)
+    await rec.until(lambda: sup.get("hb").health == "unhealthy")
+    sup.agent_heartbeat("hb")
+    assert sup.get("hb").health == "healthy"
