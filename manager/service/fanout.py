@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Generic, Literal, TypeVar
 
@@ -63,7 +63,7 @@ async def sliding_window(
     max_errors: int = 0,
     call_timeout: float | None = None,
     clock: Callable[[], float] = time.monotonic,
-) -> AsyncIterator[Outcome[T, R]]:
+) -> AsyncGenerator[Outcome[T, R], None]:
     """Yield one Outcome per target: finished ones as they finish, then the skipped.
 
     `max_concurrency` >= 1 calls run at once; `max_errors` 0 means no limit.

@@ -1,0 +1,1 @@
+"""Benchmarks: each prints its figures and the reference measured in the same run."""

@@ -1,0 +1,351 @@
+"""Simulated daemons: a lightweight in-memory DaemonService for tests and benchmarks.
+
+A `SimDaemon` serves DaemonService over mTLS on its own 127.0.0.1 port
+with its own `node/<id>` certificate, exactly as a real daemon would face
+the manager, but its agents are rows in a dict: an operation flips their
+state after an optional delay instead of spawning processes. It records
+what it was asked (calls, caller ports) and, through a `Concurrency` shared
+by a whole simulated fleet, the most operations ever in flight at once.
+
+It lives in `bench/` because both `bench/fanout.py` and the tests use it
+(`fleet/` must stay plumbing and imports no tier). Tests import it as
+`bench.sim`: pytest puts the repository root on sys.path (`pythonpath` in
+pyproject.toml).
+
+    async with SimFleet.start(ca, tmp_path, count=3) as fleet:
+        await fleet.register_all(manager_address)
+        fleet.nodes[0].servicer.calls     # [("OperateAgent", "web", "RESTART"), ...]
+        fleet.concurrency.peak            # most OperateAgent calls in flight at once
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+from collections.abc import AsyncIterator, Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from grpc import aio
+
+from fleet.errors import FailedPrecondition, InvalidArgument, NotFound
+from fleet.interceptors import ErrorMappingInterceptor
+from fleet.pki import CertificateAuthority
+from fleet.tls import (
+    TLSConfig,
+    channel_credentials,
+    channel_options,
+    require_role,
+    server_credentials,
+)
+from fleet.v1 import common_pb2, daemon_pb2, daemon_pb2_grpc, manager_pb2, manager_pb2_grpc
+
+__all__ = ["Concurrency", "SimAgent", "SimDaemon", "SimFleet"]
+
+_Context = aio.ServicerContext[Any, Any]
+_S = common_pb2.AgentStatus
+_PIDS = itertools.count(10_000)
+
+
+@dataclass
+class Concurrency:
+    """Operations in flight now and the most ever seen at once (shared by a fleet)."""
+
+    now: int = 0
+    """OperateAgent calls being served right now."""
+    peak: int = 0
+    """The highest `now` ever reached."""
+
+    def enter(self) -> None:
+        """One more call in flight."""
+        self.now += 1
+        self.peak = max(self.peak, self.now)
+
+    def leave(self) -> None:
+        """One call done."""
+        self.now -= 1
+
+
+@dataclass(frozen=True)
+class SimAgent:
+    """An agent a simulated daemon starts with."""
+
+    agent_id: str
+    """Its id on the node."""
+    type: str = "worker"
+    """Its agent type (OperateAgents can select by it)."""
+    running: bool = True
+    """Whether it starts RUNNING (else STOPPED)."""
+
+
+DEFAULT_AGENTS = (SimAgent("web", "web"), SimAgent("worker", "worker"))
+
+
+class SimDaemon(daemon_pb2_grpc.DaemonServiceServicer):
+    """An in-memory DaemonService for one simulated node (manager callers only)."""
+
+    def __init__(
+        self,
+        node_id: str,
+        *,
+        agents: Iterable[SimAgent] = DEFAULT_AGENTS,
+        concurrency: Concurrency | None = None,
+        op_delay: float = 0.0,
+        fail_operations: bool = False,
+        labels: Mapping[str, str] | None = None,
+    ) -> None:
+        self.node_id = node_id
+        self.labels = dict(labels or {})
+        """Labels it registers with."""
+        self.concurrency = concurrency or Concurrency()
+        """Shared in-flight counter of OperateAgent calls."""
+        self.op_delay = op_delay
+        """Seconds an operation takes (the time a real restart would)."""
+        self.fail_operations = fail_operations
+        """Answer every OperateAgent FAILED_PRECONDITION (an agent that will not start)."""
+        self.calls: list[tuple[str, ...]] = []
+        """(method, agent id, operation name) of every call, in order."""
+        self.client_ports: set[str] = set()
+        """Client ports the callers connected from (one per connection)."""
+        self.agents: dict[str, common_pb2.AgentInfo] = {}
+        for a in agents:
+            info = common_pb2.AgentInfo(id=a.agent_id, type=a.type, version="1.0.0")
+            _set_running(info) if a.running else _set_stopped(info)
+            self.agents[a.agent_id] = info
+
+    def _enter(self, method: str, context: _Context, *detail: str) -> None:
+        require_role(context, "manager")  # as the real daemon: managers only
+        self.calls.append((method, *detail))
+        self.client_ports.add(context.peer().rsplit(":", 1)[-1])
+
+    def _agent(self, agent_id: str) -> common_pb2.AgentInfo:
+        info = self.agents.get(agent_id)
+        if info is None:
+            raise NotFound(f"agent {agent_id!r} is not configured on {self.node_id}")
+        return info
+
+    @property
+    def operations(self) -> list[tuple[str, ...]]:
+        """The OperateAgent calls received."""
+        return [c for c in self.calls if c[0] == "OperateAgent"]
+
+    async def ListAgents(
+        self, request: daemon_pb2.ListAgentsRequest, context: _Context
+    ) -> daemon_pb2.ListAgentsResponse:
+        self._enter("ListAgents", context)
+        return daemon_pb2.ListAgentsResponse(agents=list(self.agents.values()))
+
+    async def OperateAgent(
+        self, request: daemon_pb2.OperateAgentRequest, context: _Context
+    ) -> daemon_pb2.OperateAgentResponse:
+        op = common_pb2.AgentOperation.Name(request.operation).removeprefix("AGENT_OPERATION_")
+        self._enter("OperateAgent", context, request.agent_id, op)
+        info = self._agent(request.agent_id)
+        self.concurrency.enter()
+        try:
+            if self.op_delay:
+                await asyncio.sleep(self.op_delay)
+            if self.fail_operations:
+                raise FailedPrecondition(f"{request.agent_id} on {self.node_id}: spawn failed")
+            if request.operation == common_pb2.AGENT_OPERATION_STOP:
+                _set_stopped(info)
+            elif request.operation == common_pb2.AGENT_OPERATION_RESTART:
+                _set_running(info)
+                info.restart_count += 1
+            elif request.operation == common_pb2.AGENT_OPERATION_START:
+                if info.status != _S.AGENT_STATUS_RUNNING:
+                    _set_running(info)
+            else:
+                raise InvalidArgument("must be START, STOP or RESTART", field="operation")
+        finally:
+            self.concurrency.leave()
+        return daemon_pb2.OperateAgentResponse(success=True, agent=info)
+
+    async def GetAgentMetrics(
+        self, request: daemon_pb2.GetAgentMetricsRequest, context: _Context
+    ) -> daemon_pb2.GetAgentMetricsResponse:
+        self._enter("GetAgentMetrics", context, request.agent_id)
+        self._agent(request.agent_id)
+        points = [
+            common_pb2.ResourceDataPoint(timestamp=1_000 * i, cpu=1.5 * i, memory_rss=1 << 20)
+            for i in range(1, 4)
+        ]
+        return daemon_pb2.GetAgentMetricsResponse(agent_id=request.agent_id, data_points=points)
+
+    async def PushUpdate(
+        self, request: daemon_pb2.PushUpdateRequest, context: _Context
+    ) -> daemon_pb2.PushUpdateResponse:
+        self._enter("PushUpdate", context)
+        return daemon_pb2.PushUpdateResponse(success=True, version=request.version)
+
+    async def ReadAgentLog(
+        self, request: daemon_pb2.ReadAgentLogRequest, context: _Context
+    ) -> AsyncIterator[daemon_pb2.ReadAgentLogResponse]:
+        self._enter("ReadAgentLog", context, request.agent_id)
+        self._agent(request.agent_id)
+        data = f"{request.agent_id} on {self.node_id}: line 1\nline 2\n".encode()
+        start = max(0, len(data) + request.offset) if request.offset < 0 else request.offset
+        chunk = data[start:]
+        yield daemon_pb2.ReadAgentLogResponse(
+            data=chunk, offset=start, next_offset=start + len(chunk)
+        )
+        if request.follow:
+            await asyncio.Event().wait()  # nothing more is ever written
+
+
+def _set_running(info: common_pb2.AgentInfo) -> None:
+    info.status = _S.AGENT_STATUS_RUNNING
+    info.pid = next(_PIDS)
+
+
+def _set_stopped(info: common_pb2.AgentInfo) -> None:
+    info.status = _S.AGENT_STATUS_STOPPED
+    info.pid = 0
+
+
+@dataclass
+class SimNode:
+    """One running simulated daemon."""
+
+    node_id: str
+    """Its node id (the name in its certificate)."""
+    address: str
+    """127.0.0.1:<port> it serves DaemonService on."""
+    tls: TLSConfig
+    """Its node certificate (it registers with it)."""
+    servicer: SimDaemon
+    """What it serves and records."""
+    server: aio.Server | None
+    """Its gRPC server; None once stopped."""
+
+    async def stop(self) -> None:
+        """Stop serving (the manager then finds it down); its port stays known."""
+        if self.server is not None:
+            await self.server.stop(None)
+            self.server = None
+
+    async def register(self, manager_address: str, trust_domain: str) -> None:
+        """RegisterNode and SyncAgentStates with the manager, as a daemon does at start."""
+        channel = aio.secure_channel(
+            manager_address,
+            channel_credentials(self.tls),
+            options=channel_options(f"manager.{trust_domain}"),
+        )
+        try:
+            stub = manager_pb2_grpc.ManagerServiceStub(channel)
+            await stub.RegisterNode(
+                manager_pb2.RegisterNodeRequest(
+                    node_id=self.node_id,
+                    hostname=f"{self.node_id}.sim",
+                    ip="127.0.0.1",
+                    os="linux",
+                    arch="x86_64",
+                    labels=self.servicer.labels,
+                    daemon_version="sim",
+                    agent_version="sim",
+                    daemon_address=self.address,
+                ),
+                timeout=30,
+            )
+            states = [
+                manager_pb2.AgentState(
+                    agent_id=a.id,
+                    type=a.type,
+                    status=a.status,
+                    pid=a.pid,
+                    version=a.version,
+                    restart_count=a.restart_count,
+                )
+                for a in self.servicer.agents.values()
+            ]
+            await stub.SyncAgentStates(
+                manager_pb2.SyncAgentStatesRequest(node_id=self.node_id, states=states),
+                timeout=30,
+            )
+        finally:
+            await channel.close(None)
+
+
+@dataclass
+class SimFleet:
+    """Several simulated daemons sharing one CA and one Concurrency counter."""
+
+    ca: CertificateAuthority
+    """The fleet CA that issued every node certificate."""
+    cert_dir: Path
+    """Where node certificates are written (one directory per node)."""
+    nodes: list[SimNode] = field(default_factory=list)
+    """The daemons, in start order."""
+    concurrency: Concurrency = field(default_factory=Concurrency)
+    """OperateAgent calls in flight across the whole fleet."""
+
+    @classmethod
+    async def start(
+        cls,
+        ca: CertificateAuthority,
+        cert_dir: Path,
+        *,
+        count: int = 0,
+        prefix: str = "sim",
+        labels: Mapping[str, str] | None = None,
+        **behaviour: Any,
+    ) -> SimFleet:
+        """A fleet with `count` daemons named <prefix>-<i> (more via `add`)."""
+        fleet = cls(ca, cert_dir)
+        try:
+            for i in range(count):
+                await fleet.add(f"{prefix}-{i}", labels=labels, **behaviour)
+        except BaseException:
+            await fleet.close()
+            raise
+        return fleet
+
+    async def add(self, node_id: str, **behaviour: Any) -> SimNode:
+        """Start one more daemon with its own port and node certificate."""
+        tls = self.ca.issue("node", node_id, ips=("127.0.0.1",)).write(
+            self.cert_dir / f"sim-{node_id}"
+        )
+        servicer = SimDaemon(node_id, concurrency=self.concurrency, **behaviour)
+        server = aio.server(interceptors=[ErrorMappingInterceptor()])
+        daemon_pb2_grpc.add_DaemonServiceServicer_to_server(servicer, server)
+        port = server.add_secure_port("127.0.0.1:0", server_credentials(tls))
+        await server.start()
+        node = SimNode(node_id, f"127.0.0.1:{port}", tls, servicer, server)
+        self.nodes.append(node)
+        return node
+
+    def __getitem__(self, node_id: str) -> SimNode:
+        for node in self.nodes:
+            if node.node_id == node_id:
+                return node
+        raise KeyError(node_id)
+
+    async def register_all(self, manager_address: str, *, concurrency: int = 32) -> None:
+        """Register every daemon (and sync its agents) with the manager."""
+        sem = asyncio.Semaphore(concurrency)
+
+        async def one(node: SimNode) -> None:
+            async with sem:
+                await node.register(manager_address, self.ca.trust_domain)
+
+        await asyncio.gather(*(one(n) for n in self.nodes))
+
+    async def close(self) -> None:
+        """Stop every daemon."""
+        for node in self.nodes:
+            with contextlib.suppress(Exception):
+                await node.stop()
+
+    async def __aenter__(self) -> SimFleet:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()

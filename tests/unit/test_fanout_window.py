@@ -1,0 +1,163 @@
+"""The fan-out sliding window: concurrency bound, refill, max_errors, timeouts, cancel."""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import aclosing
+
+import pytest
+
+from fleet.errors import Unavailable
+from manager.service.fanout import Outcome, sliding_window
+
+
+class Probe:
+    """Async calls that record how many run at once; targets named 'bad*' fail."""
+
+    def __init__(self, delays: dict[str, float] | None = None) -> None:
+        self.delays = delays or {}
+        self.now = 0
+        self.peak = 0
+        self.started: list[str] = []
+        self.finished: list[str] = []
+        self.cancelled: list[str] = []
+
+    async def __call__(self, target: str) -> str:
+        self.started.append(target)
+        self.now += 1
+        self.peak = max(self.peak, self.now)
+        try:
+            await asyncio.sleep(self.delays.get(target, 0.01))
+            if target.startswith("bad"):
+                raise Unavailable(f"{target}: failed to connect")
+            self.finished.append(target)
+            return target.upper()
+        except asyncio.CancelledError:
+            self.cancelled.append(target)
+            raise
+        finally:
+            self.now -= 1
+
+
+async def collect(targets: list[str], probe: Probe, **kw: object) -> list[Outcome[str, str]]:
+    return [o async for o in sliding_window(targets, probe, **kw)]  # type: ignore[arg-type]
+
+
+async def test_never_more_than_max_concurrency_in_flight() -> None:
+    """Twenty targets with a window of three never run more than three calls at once."""
+    probe = Probe()
+    targets = [f"t{i}" for i in range(20)]
+    outcomes = await collect(targets, probe, max_concurrency=3)
+    assert probe.peak == 3
+    assert sorted(o.target for o in outcomes) == sorted(targets)
+    assert all(o.kind == "ok" and o.value == o.target.upper() for o in outcomes)
+
+
+async def test_window_slides_instead_of_batching() -> None:
+    """A slow target does not hold the others back: the free slot is refilled at once."""
+    probe = Probe({"slow": 0.5})
+    targets = ["slow", *[f"t{i}" for i in range(10)]]
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    outcomes = await collect(targets, probe, max_concurrency=2)
+    elapsed = loop.time() - start
+    # Batches of two would wait for "slow" before starting t1..t9.
+    assert [o.target for o in outcomes][-1] == "slow"
+    assert elapsed < 0.5 + 0.3
+
+
+async def test_max_errors_stops_launching_and_skips_the_rest() -> None:
+    """After two failures nothing new starts; the untouched targets come back SKIPPED."""
+    probe = Probe()
+    targets = ["bad1", "bad2", "t1", "t2", "t3"]
+    outcomes = await collect(targets, probe, max_concurrency=1, max_errors=2)
+    kinds = [(o.target, o.kind) for o in outcomes]
+    assert kinds == [
+        ("bad1", "failed"),
+        ("bad2", "failed"),
+        ("t1", "skipped"),
+        ("t2", "skipped"),
+        ("t3", "skipped"),
+    ]
+    assert probe.started == ["bad1", "bad2"]
+    assert "bad1: failed to connect" in outcomes[0].error
+    assert "max_errors 2" in outcomes[2].error
+
+
+async def test_in_flight_calls_finish_when_max_errors_is_reached() -> None:
+    """Calls already running when the limit is hit are reported, not abandoned."""
+    probe = Probe({"bad": 0.01, "t1": 0.1})
+    outcomes = await collect(["bad", "t1", "t2"], probe, max_concurrency=2, max_errors=1)
+    assert {(o.target, o.kind) for o in outcomes} == {
+        ("bad", "failed"),
+        ("t1", "ok"),
+        ("t2", "skipped"),
+    }
+
+
+async def test_zero_max_errors_means_no_limit() -> None:
+    """With max_errors 0 every target is attempted, however many fail."""
+    probe = Probe()
+    targets = ["bad1", "bad2", "bad3", "t1"]
+    outcomes = await collect(targets, probe, max_concurrency=2, max_errors=0)
+    assert sorted(probe.started) == sorted(targets)
+    assert sum(o.kind == "failed" for o in outcomes) == 3
+
+
+async def test_a_hanging_call_fails_at_its_timeout() -> None:
+    """A target that never answers fails after `call_timeout`; the rest are not held up."""
+    probe = Probe({"hang": 60.0})
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    outcomes = await collect(["hang", "t1", "t2"], probe, max_concurrency=3, call_timeout=0.2)
+    assert loop.time() - start < 2.0
+    by_target = {o.target: o for o in outcomes}
+    assert by_target["hang"].kind == "failed"
+    assert "no answer within 0.2s" in by_target["hang"].error
+    assert by_target["t1"].kind == by_target["t2"].kind == "ok"
+
+
+async def test_closing_the_stream_cancels_in_flight_and_launches_nothing_more() -> None:
+    """A client that goes away after the first outcome stops the rollout there."""
+    probe = Probe({"t0": 0.01, "t1": 5.0, "t2": 5.0})
+    targets = [f"t{i}" for i in range(10)]
+    async with aclosing(sliding_window(targets, probe, max_concurrency=3)) as stream:
+        first = await anext(stream)
+    assert first.target == "t0"
+    # t3 refilled the window before t0 was yielded; it is cancelled, perhaps before it ran.
+    assert {"t1", "t2"} <= set(probe.cancelled)
+    assert set(probe.started) <= {"t0", "t1", "t2", "t3"}
+    assert probe.finished == ["t0"]
+    assert probe.now == 0
+
+
+async def test_task_cancellation_stops_the_rollout() -> None:
+    """Cancelling the consumer (a dropped RPC) cancels the calls in flight."""
+    probe = Probe(dict.fromkeys(("t0", "t1"), 5.0))
+
+    async def consume() -> None:
+        async with aclosing(sliding_window(["t0", "t1", "t2"], probe, max_concurrency=2)) as s:
+            async for _ in s:
+                pass
+
+    task = asyncio.create_task(consume())
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert sorted(probe.cancelled) == ["t0", "t1"]
+    assert "t2" not in probe.started
+
+
+@pytest.mark.parametrize(("conc", "errors"), [(0, 0), (1, -1)])
+async def test_bad_limits_are_refused(conc: int, errors: int) -> None:
+    """A window below one or a negative error budget is a ValueError naming it."""
+    with pytest.raises(ValueError, match="max_"):
+        await collect(["t"], Probe(), max_concurrency=conc, max_errors=errors)
+
+
+async def test_empty_target_list_yields_nothing() -> None:
+    """No targets, no outcomes, no calls."""
+    probe = Probe()
+    assert await collect([], probe, max_concurrency=4) == []
+    assert probe.started == []
