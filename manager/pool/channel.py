@@ -73,17 +73,20 @@ _UNTRUSTED = ("CERTIFICATE_VERIFY_FAILED", "certificate verify failed")
 def translate_error(error: aio.AioRpcError, *, node_id: str, address: str) -> FleetError:
     """The FleetError for a failed call to `node_id`, with a message naming the node."""
     details = error.details() or ""
-    if error.code() == grpc.StatusCode.UNAVAILABLE:
-        if any(marker in details for marker in _NOT_THAT_NODE):
-            return WrongDaemonIdentity(
-                f"{node_id} at {address} presented a certificate that is not node/{node_id}"
-            )
-        if any(marker in details for marker in _UNTRUSTED):
-            return WrongDaemonIdentity(
-                f"{node_id} at {address} presented a certificate not signed by the fleet CA "
-                "(check the daemon's cert and the manager's ca_file)"
-            )
-    return from_rpc_error(error, target=node_id)
+    translated: FleetError
+    if error.code() == grpc.StatusCode.UNAVAILABLE and any(m in details for m in _NOT_THAT_NODE):
+        translated = WrongDaemonIdentity(
+            f"{node_id} at {address} presented a certificate that is not node/{node_id}"
+        )
+    elif error.code() == grpc.StatusCode.UNAVAILABLE and any(m in details for m in _UNTRUSTED):
+        translated = WrongDaemonIdentity(
+            f"{node_id} at {address} presented a certificate not signed by the fleet CA "
+            "(check the daemon's cert and the manager's ca_file)"
+        )
+    else:
+        translated = from_rpc_error(error, target=node_id)
+    translated.__cause__ = error  # keep gRPC's debug string for the logs
+    return translated
 
 
 @dataclass(frozen=True)

@@ -143,8 +143,16 @@ class Channels:
                 self._reaper_wake.set()
 
     def give_up(self, channel: DaemonChannel) -> None:
-        """Out of retries: close the channel (RECONNECTING -> IDLE) unless others use it."""
-        if self._open.get(channel.node_id) is channel and channel.in_flight == 0:
+        """Out of retries: close the channel (RECONNECTING -> IDLE) unless others use it.
+
+        A READY channel is kept: the daemon answered (UNAVAILABLE from the
+        daemon itself), so the connection is fine.
+        """
+        if (
+            self._open.get(channel.node_id) is channel
+            and channel.in_flight == 0
+            and self.state(channel.node_id) is not ConnectionState.READY
+        ):
             log.info("giving up on %s at %s for now", channel.node_id, channel.address)
             self._retire(channel, grace=None, give_up=True)
 

@@ -364,7 +364,8 @@ class DaemonPool:
         deadline: float,
     ) -> None:
         """Sleep before the next attempt, or raise `error` if there is none."""
-        unavailable = isinstance(error, Unavailable) and not isinstance(error, WrongDaemonIdentity)
+        wrong_daemon = isinstance(error, WrongDaemonIdentity)
+        unavailable = isinstance(error, Unavailable) and not wrong_daemon
         delay = retry_delay(
             retryable=idempotent and unavailable,
             attempt=attempt,
@@ -374,7 +375,7 @@ class DaemonPool:
             rng=self._rng,
         )
         if delay is None:
-            if idempotent and unavailable:
+            if (idempotent and unavailable) or wrong_daemon:
                 self._channels.give_up(channel)
             raise error
         record.retries += 1

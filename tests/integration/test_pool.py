@@ -224,6 +224,8 @@ async def test_daemon_with_another_nodes_certificate_is_refused(
     assert isinstance(info.value, errors.Unavailable)
     assert impostor.servicer.calls == []
     assert pool.stats()["node-7"].retries == 0
+    assert pool.state("node-7") is S.IDLE  # no handshakes with the impostor in the background
+    assert pool.open_channels == 0
 
 
 async def test_daemon_certificate_from_another_ca_is_refused(
@@ -293,6 +295,8 @@ async def test_retries_stop_after_max_attempts(
     with pytest.raises(errors.Unavailable, match=r"^node-1: daemon is warming up$"):
         await pool.list_agents("node-1", daemon.address)
     assert len(daemon.servicer.calls) == 3
+    assert pool.state("node-1") is S.READY  # the daemon answered: the connection is kept
+    assert pool.open_channels == 1
 
 
 async def test_unsupported_operation_is_refused_without_a_call(
