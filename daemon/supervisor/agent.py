@@ -198,8 +198,10 @@ class Agent:
         self._runner = asyncio.create_task(self._run(proc), name=f"agent-{self.spec.id}")
 
     def _decide(self, code: int, ran_for: float, *, adopted: bool, failed: str = "") -> None:
-        decision = decide_after_exit(self.spec, code, ran_for, self.retries, adopted=adopted)
-        message = f"cannot start: {failed}; {decision.message}" if failed else decision.message
+        decision = decide_after_exit(
+            self.spec, code, ran_for, self.retries, adopted=adopted, spawn_error=failed
+        )
+        message = decision.message
         self.retries = decision.retries
         self._restart_next = decision.action is Action.RESTART
         if decision.action in (Action.BACKOFF, Action.FATAL):

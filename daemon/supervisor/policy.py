@@ -90,27 +90,31 @@ def decide_after_exit(
     rng: random.Random | None = None,
     *,
     adopted: bool = False,
+    spawn_error: str = "",
 ) -> Decision:
-    """Decide what follows an exit after `ran_for` seconds with `retries` early exits before it."""
+    """Decide what follows an exit after `ran_for` seconds with `retries` early exits before it.
+
+    `spawn_error` set means there was no process at all (exec failed): always a failed start.
+    """
     how = describe_exit(exit_code, adopted=adopted)
     expected = exit_code >= 0 and not adopted and exit_code in spec.expected_exit_codes
-    if ran_for < spec.start_secs:
+    if spawn_error:
+        expected, ran_for = False, 0.0
+    if ran_for < spec.start_secs or spawn_error:
         if expected and spec.restart != "always":
             return Decision(Action.EXIT, 0.0, 0, f"exited ({how})")
         failures = retries + 1
+        what = f"cannot start: {spawn_error}" if spawn_error else f"exited too quickly ({how})"
         if failures > spec.max_retries:
             return Decision(
-                Action.FATAL,
-                0.0,
-                failures,
-                f"exited too quickly ({how}) {failures} times in a row; gave up",
+                Action.FATAL, 0.0, failures, f"{what}; {failures} times in a row; gave up"
             )
         delay = backoff_delay(retries, spec.backoff, rng)
         return Decision(
             Action.BACKOFF,
             delay,
             failures,
-            f"exited too quickly ({how}); retry {failures}/{spec.max_retries} in {delay:.2f}s",
+            f"{what}; retry {failures}/{spec.max_retries} in {delay:.2f}s",
         )
     if spec.restart == "always" or (spec.restart == "on-failure" and not expected):
         return Decision(Action.RESTART, 0.0, 0, f"exited ({how}); restarted")

@@ -34,6 +34,10 @@ __all__ = ["AgentProcess", "SpawnError", "StopOutcome", "adopt", "spawn"]
 
 CREATE_TIME_TOLERANCE = 0.05
 """Seconds two create times may differ and still be the same process (clock-tick rounding)."""
+_DAEMON_ONLY_ENV = frozenset(
+    {"NOTIFY_SOCKET", "WATCHDOG_PID", "WATCHDOG_USEC", "LISTEN_PID", "LISTEN_FDS", "LISTEN_FDNAMES"}
+)
+"""systemd's protocol variables address the daemon's unit, not its agents: never inherited."""
 KILL_WAIT = 5.0
 """Seconds to wait for SIGKILLed processes to disappear (they cannot refuse)."""
 
@@ -199,7 +203,7 @@ def _set_done(fut: asyncio.Future[Any]) -> None:
 
 def spawn(spec: AgentSpec, *, log_path: Path, socket_path: Path) -> AgentProcess:
     """Start `spec` detached in its own session, writing to `log_path`; `SpawnError` on failure."""
-    env = dict(os.environ)
+    env = {k: v for k, v in os.environ.items() if k not in _DAEMON_ONLY_ENV}
     env.update(spec.env)
     env["FLEET_AGENT_ID"] = spec.id
     env["FLEET_DAEMON_SOCKET"] = str(socket_path)

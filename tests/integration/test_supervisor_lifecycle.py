@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from supervisor_helpers import Recorder, agent, alive, make_supervisor, script
 
-from daemon.supervisor.spec import BackoffSpec
+from daemon.supervisor.spec import AgentSpec, BackoffSpec
 from daemon.supervisor.states import AgentStatus
 from daemon.supervisor.supervisor import Supervisor
 from fleet.errors import InvalidArgument, NotFound
@@ -240,3 +240,63 @@ async def test_log_rotation_with_a_live_writer(sup: Supervisor, rec: Recorder) -
     assert chunk.rotated
     assert chunk.offset == 0
     assert chunk.data.startswith(b"line ")
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs a root daemon")
+async def test_agent_runs_as_its_user(sup: Supervisor, rec: Recorder) -> None:
+    """With user set, the agent runs with that user's uid, gid and HOME, not the daemon's."""
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    spec = AgentSpec(
+        id="asuser",
+        argv=("/bin/sh", "-c", 'echo ids $(id -u) $(id -g) "$HOME"'),
+        user="nobody",
+        cwd="/",
+        start_secs=0.0,
+    )
+    await sup.start([spec])
+    await rec.until(lambda: b"ids" in sup.read_log("asuser", 0, 4096).data)
+    line = sup.read_log("asuser", 0, 4096).data.decode().strip()
+    assert line == f"ids {nobody.pw_uid} {nobody.pw_gid} {nobody.pw_dir}"
+
+
+async def test_systemd_variables_are_not_inherited(
+    sup: Supervisor, rec: Recorder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """NOTIFY_SOCKET and friends address the daemon's unit; agents never see them."""
+    monkeypatch.setenv("NOTIFY_SOCKET", "/run/systemd/notify")
+    monkeypatch.setenv("FLEET_TEST_INHERITED", "yes")
+    code = (
+        "import os;"
+        "print('notify', os.environ.get('NOTIFY_SOCKET'),"
+        " os.environ.get('FLEET_TEST_INHERITED'), flush=True)"
+    )
+    await sup.start([agent("envcheck", "-c", code)])
+    await rec.until(lambda: b"notify" in sup.read_log("envcheck", 0, 4096).data)
+    assert sup.read_log("envcheck", 0, 4096).data.strip() == b"notify None yes"
+
+
+async def test_program_gone_at_spawn_time_backs_off_with_reason(
+    sup: Supervisor, rec: Recorder, tmp_path: Path
+) -> None:
+    """A program deleted after validation fails to start: BACKOFF/FATAL saying why, no crash."""
+    prog = script(tmp_path, "vanishing", "import time; time.sleep(600)")
+    prog.chmod(0o755)
+    runner = tmp_path / "run"
+    runner.symlink_to(prog)
+    spec = AgentSpec(
+        id="gone",
+        argv=(str(runner),),
+        autostart=False,
+        max_retries=1,
+        backoff=BackoffSpec(initial=0.05, jitter=0.0),
+    )
+    await sup.start([spec])
+    assert sup.get("gone").status is S.STOPPED
+    runner.unlink()
+    snap = await sup.operate("gone", "start")
+    assert snap.status is S.BACKOFF
+    assert snap.message.startswith("cannot start: program")
+    await rec.until(lambda: sup.get("gone").status is S.FATAL)
+    assert "2 times in a row; gave up" in sup.get("gone").message

@@ -90,3 +90,12 @@ def test_signal_death_is_described() -> None:
     """Death by signal names the signal."""
     decision = decide_after_exit(_spec(restart="never"), -9, ran_for=5.0, retries=0)
     assert decision.message == "exited (killed by SIGKILL)"
+
+
+def test_spawn_failure_is_a_failed_start_even_with_restart_never() -> None:
+    """No process at all (exec failed) backs off and says why, whatever the policy."""
+    decision = decide_after_exit(
+        _spec(restart="never"), -1, ran_for=0.0, retries=0, spawn_error="no such file"
+    )
+    assert decision.action is Action.BACKOFF
+    assert decision.message.startswith("cannot start: no such file; retry 1/5")
