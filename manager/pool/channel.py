@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 from grpc import aio
 
-from fleet.errors import FleetError, Unavailable, from_rpc_error
+from fleet.errors import DeadlineExceeded, FleetError, Unavailable, from_rpc_error
 from fleet.tls import channel_options
 from manager.pool.config import PoolConfig
 from manager.pool.state import ConnectionState, ConnEvent, apply
@@ -70,11 +70,24 @@ _NOT_THAT_NODE = (
 _UNTRUSTED = ("CERTIFICATE_VERIFY_FAILED", "certificate verify failed")
 
 
-def translate_error(error: aio.AioRpcError, *, node_id: str, address: str) -> FleetError:
-    """The FleetError for a failed call to `node_id`, with a message naming the node."""
+def translate_error(
+    error: aio.AioRpcError, *, node_id: str, address: str, budget: float | None = None
+) -> FleetError:
+    """The FleetError for a failed call to `node_id`, with a message naming the node.
+
+    `budget` is the call's deadline in seconds, named when our own deadline expired.
+    """
     details = error.details() or ""
     translated: FleetError
-    if error.code() == grpc.StatusCode.UNAVAILABLE and any(m in details for m in _NOT_THAT_NODE):
+    if (
+        budget is not None
+        and error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        and details == "Deadline Exceeded"  # gRPC's own wording: our deadline, not the daemon's
+    ):
+        translated = DeadlineExceeded(
+            f"{node_id}: no answer from {address} within {budget:g} s (Deadline Exceeded)"
+        )
+    elif error.code() == grpc.StatusCode.UNAVAILABLE and any(m in details for m in _NOT_THAT_NODE):
         translated = WrongDaemonIdentity(
             f"{node_id} at {address} presented a certificate that is not node/{node_id}"
         )

@@ -263,7 +263,7 @@ class DaemonPool:
                         started = True
                         yield response
                 except aio.AioRpcError as exc:
-                    error = translate_error(exc, node_id=node_id, address=address)
+                    error = translate_error(exc, node_id=node_id, address=address, budget=budget)
                     if started:
                         raise error from exc
                 except asyncio.CancelledError:
@@ -338,7 +338,7 @@ class DaemonPool:
                 try:
                     return await method(channel.stub)(request, timeout=deadline - loop.time())
                 except aio.AioRpcError as exc:
-                    error = translate_error(exc, node_id=node_id, address=address)
+                    error = translate_error(exc, node_id=node_id, address=address, budget=budget)
                 except asyncio.CancelledError:
                     if _cancelled_by_caller():
                         raise

@@ -361,14 +361,31 @@ async def test_dead_daemon_fails_fast_and_the_channel_is_given_up(make_pool: Mak
     assert pool.open_channels == 0
 
 
+async def test_connect_timeout_bounds_a_stuck_handshake(make_pool: MakePool) -> None:
+    """A peer that takes TCP but never answers TLS fails after connect_timeout, not call_timeout."""
+    with socket.socket() as mute:  # the kernel completes TCP handshakes; nobody reads
+        mute.bind(("127.0.0.1", 0))
+        mute.listen(8)
+        port = mute.getsockname()[1]
+        pool = make_pool(connect_timeout=0.5, call_timeout=20.0, max_attempts=1)
+        started = time.monotonic()
+        with pytest.raises(errors.Unavailable, match=r"^node-1: "):
+            await pool.list_agents("node-1", f"127.0.0.1:{port}")
+        assert time.monotonic() - started < 5
+        await pool.close()
+
+
 async def test_call_deadline_is_honoured(start_daemon: StartDaemon, make_pool: MakePool) -> None:
     """A daemon that stalls past call_timeout gives DEADLINE_EXCEEDED quickly, not retried."""
     daemon = await start_daemon("node-1", stall=10.0)
     pool = make_pool(call_timeout=0.3)
     started = time.monotonic()
 
-    with pytest.raises(errors.DeadlineExceeded, match=r"^node-1: "):
+    with pytest.raises(errors.DeadlineExceeded) as info:
         await pool.list_agents("node-1", daemon.address)
+    assert str(info.value) == (
+        f"node-1: no answer from {daemon.address} within 0.3 s (Deadline Exceeded)"
+    )
 
     assert time.monotonic() - started < 2
     assert daemon.servicer.calls == ["ListAgents"]
