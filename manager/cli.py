@@ -47,6 +47,12 @@ def _fail(message: str, code: int) -> typer.Exit:
     return typer.Exit(code)
 
 
+def _setup_logging(config: ManagerConfig) -> None:
+    setup_logging(config.logging.level, config.logging.json)
+    if config.logging.level != "debug":  # alembic narrates every plugin it loads at INFO
+        logging.getLogger("alembic").setLevel(logging.WARNING)
+
+
 def _load(path: Path | None) -> ManagerConfig:
     try:
         return load_config(ManagerConfig, path, env_prefix=ENV_PREFIX)
@@ -98,7 +104,7 @@ def _run(main: Coroutine[Any, Any, None]) -> None:
 def serve(config: ConfigOption = None) -> None:
     """Run the manager until SIGTERM/SIGINT (then drain and flush)."""
     cfg = _load(config)
-    setup_logging(cfg.logging.level, cfg.logging.json)
+    _setup_logging(cfg)
     _run(_serve(cfg))
 
 
@@ -113,7 +119,7 @@ async def _migrate(config: ManagerConfig) -> None:
 def migrate(config: ConfigOption = None) -> None:
     """Apply pending database migrations and exit."""
     cfg = _load(config)
-    setup_logging(cfg.logging.level, cfg.logging.json)
+    _setup_logging(cfg)
     _run(_migrate(cfg))
     typer.echo(f"database is at the latest schema ({cfg.database_url.split('://')[0]})")
 

@@ -79,6 +79,8 @@ class DatabaseConfig:
     """SQLite: how long a writer waits for a lock before retrying."""
     pool_size: int = 10
     """PostgreSQL: connections per manager process."""
+    retry_timeout_seconds: float = 5.0
+    """A locked or unreachable database is retried this long, then calls get UNAVAILABLE."""
     migrate_on_start: bool = True
     """Apply pending migrations at start; false = refuse to start on an old schema."""
 
@@ -88,8 +90,10 @@ class DatabaseConfig:
                 f"database.url: must start with sqlite+aiosqlite:// or postgresql+asyncpg://, "
                 f"got {self.url.split('://')[0]!r}"
             )
-        if self.busy_timeout_ms < 0 or self.pool_size < 1:
-            raise ValueError("database: busy_timeout_ms must be >= 0 and pool_size >= 1")
+        if self.busy_timeout_ms < 0 or self.pool_size < 1 or self.retry_timeout_seconds < 0:
+            raise ValueError(
+                "database: busy_timeout_ms and retry_timeout_seconds must be >= 0, pool_size >= 1"
+            )
 
 
 @dataclass(frozen=True)

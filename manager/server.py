@@ -66,6 +66,7 @@ async def open_database(config: ManagerConfig, *, migrate: bool | None = None) -
         config.database_url,
         busy_timeout_ms=config.database.busy_timeout_ms,
         pool_size=config.database.pool_size,
+        retry_timeout_s=config.database.retry_timeout_seconds,
     )
     try:
         if config.database.migrate_on_start if migrate is None else migrate:

@@ -35,6 +35,7 @@ class HeartbeatBuffer:
         self._nodes = nodes
         self._interval = interval
         self._pending: dict[str, int] = {}
+        self._writing: dict[str, int] = {}  # taken by a flush that has not committed yet
         self._lock = asyncio.Lock()
         self._on_flush = on_flush
         self._task: asyncio.Task[None] | None = None
@@ -49,10 +50,10 @@ class HeartbeatBuffer:
     @property
     def pending_ids(self) -> frozenset[str]:
         """Nodes whose latest heartbeat is not in the database yet."""
-        return frozenset(self._pending)
+        return frozenset(self._pending.keys() | self._writing.keys())
 
     def __len__(self) -> int:
-        return len(self._pending)
+        return len(self._pending.keys() | self._writing.keys())
 
     async def flush(self) -> list[str]:
         """Write the map in one statement; returns nodes that came back online.
@@ -63,6 +64,7 @@ class HeartbeatBuffer:
             if not self._pending:
                 return []
             batch, self._pending = self._pending, {}
+            self._writing = batch
             started = time.perf_counter()
             try:
                 back_online = await self._nodes.touch_many(batch)
@@ -70,6 +72,8 @@ class HeartbeatBuffer:
                 for node_id, ts in batch.items():
                     self.record(node_id, ts)
                 raise
+            finally:
+                self._writing = {}
             if self._on_flush is not None:
                 self._on_flush(time.perf_counter() - started, len(batch))
             return back_online
