@@ -4,11 +4,26 @@ Channels are opened lazily, one per daemon, each its own connection; how
 they are opened, watched, bounded and reaped is `manager.pool.channels`.
 This module sends the requests.
 
-Calls have one deadline each (`call_timeout`, retries included). Idempotent
-calls are retried with jittered backoff on UNAVAILABLE; when they run out of
-attempts the pool gives the channel up (RECONNECTING -> IDLE) so the next
-call starts from a fresh connection. Errors leave as `fleet.errors`
-exceptions whose message starts with the node id.
+Calls have one deadline each (`call_timeout`, retries included), so a
+fan-out never hangs on a dead daemon. Idempotent calls are retried with
+jittered backoff on UNAVAILABLE, and only on UNAVAILABLE:
+
+    =============================  ======================================
+    call                           retried on UNAVAILABLE
+    =============================  ======================================
+    list_agents, get_agent_metrics yes (reads)
+    operate_agent start / stop     yes (the daemon contract: idempotent)
+    operate_agent restart          no  (a hidden success would restart twice)
+    push_update                    no  (a hidden success makes the retry stale)
+    read_agent_log                 its start, until the first chunk arrives
+    =============================  ======================================
+
+When an idempotent call runs out of attempts against a connection that
+failed, the pool gives the channel up (RECONNECTING -> IDLE) so the next call
+starts from a fresh connection instead of gRPC's growing reconnect backoff.
+Errors leave as `fleet.errors` exceptions whose message starts with the node
+id; a daemon presenting the wrong certificate is `WrongDaemonIdentity` (an
+Unavailable that is never retried).
 """
 
 from __future__ import annotations
@@ -236,8 +251,10 @@ class DaemonPool:
 
         The start is retried on UNAVAILABLE until the first chunk arrives;
         after that an error ends the stream (resume from the last next_offset).
-        Without `call_timeout` a followed stream has no deadline (stop
-        iterating to end it); otherwise the whole stream is bounded by it.
+        Without `call_timeout` a followed stream has no deadline; otherwise
+        the whole stream is bounded by it. To stop early, close the generator
+        (``async with contextlib.aclosing(pool.read_agent_log(...)) as chunks``)
+        so the stream and its channel slot are released at once.
         """
         loop = asyncio.get_running_loop()
         if call_timeout is not None:

@@ -36,11 +36,14 @@ class FakeDaemon(daemon_pb2_grpc.DaemonServiceServicer):
     stall: float = 0.0
     """Sleep this long in every unary call."""
     log_chunks: tuple[bytes, ...] = (b"line 1\n", b"line 2\n")
+    entered: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set once the first call arrived."""
 
     async def _enter(self, method: str, context: Any) -> None:
         require_role(context, "manager")  # as the real daemon: managers only
         self.peers.append(context.peer())
         self.calls.append(method)
+        self.entered.set()
         if self.fail_next > 0:
             self.fail_next -= 1
             raise errors.Unavailable("daemon is warming up")
@@ -519,6 +522,41 @@ async def test_new_address_replaces_the_channel(
     assert pool.open_channels == 1
     assert pool.stats()["node-1"].address == new.address
     assert pool.channels_opened == 2
+
+
+async def test_call_in_flight_on_a_replaced_channel_completes(
+    pki: Any, start_daemon: StartDaemon, make_pool: MakePool
+) -> None:
+    """A call already running when the node moves still gets its answer from the old address."""
+    old = await start_daemon("node-1", stall=0.5)
+    new = await start_daemon("node-1", tls=pki.issue("node", "node-1"))
+    pool = make_pool()
+    running = asyncio.create_task(pool.list_agents("node-1", old.address))
+    async with asyncio.timeout(5):
+        await old.servicer.entered.wait()  # the slow call has reached the old daemon
+
+    await pool.list_agents("node-1", new.address)
+
+    assert len((await running).agents) == 1
+    assert pool.stats()["node-1"].address == new.address
+
+
+async def test_close_turns_calls_in_flight_into_unavailable(
+    start_daemon: StartDaemon, make_pool: MakePool
+) -> None:
+    """Closing the pool under a running call fails it with UNAVAILABLE, not a bare cancellation."""
+    daemon = await start_daemon("node-1", stall=5.0)
+    pool = make_pool()
+    running = asyncio.create_task(pool.list_agents("node-1", daemon.address))
+    async with asyncio.timeout(5):
+        await daemon.servicer.entered.wait()
+
+    await pool.close()
+
+    with pytest.raises(
+        errors.Unavailable, match=r"^(node-1: the call was cut off|the daemon pool)"
+    ):
+        await running
 
 
 async def test_read_agent_log_streams_and_retries_its_start(
