@@ -1,0 +1,121 @@
+"""The root `fleetctl` command: global options, the nouns, and `main()`."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from typer.core import TyperGroup
+
+from manager.fleetctl import agents, events, metrics, nodes, pki
+from manager.fleetctl.output import OutputFormat
+from manager.fleetctl.runtime import Cli, GlobalOptions
+
+__all__ = ["app", "main"]
+
+
+class _OneLineErrors(TyperGroup):
+    """Usage errors as one line (``fleetctl: error: ...``) instead of click's panel."""
+
+    def main(
+        self,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
+        standalone_mode: bool = True,
+        windows_expand_args: bool = True,
+        **extra: Any,
+    ) -> Any:
+        try:
+            rv = super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
+        except typer.TyperException as exc:  # click's UsageError, BadParameter, ...
+            if not standalone_mode:
+                raise
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+            message = " ".join(exc.format_message().split())
+            print(f"fleetctl: error: {message}{hint}", file=sys.stderr)
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            if not standalone_mode:
+                raise
+            print("fleetctl: aborted", file=sys.stderr)
+            sys.exit(1)
+        if standalone_mode:
+            sys.exit(rv if isinstance(rv, int) else 0)
+        return rv
+
+
+app = typer.Typer(
+    cls=_OneLineErrors,
+    name="fleetctl",
+    help=(
+        "Drive a Fleet: nodes, agents, operations, metrics and events through the manager."
+        " Settings come from flags, FLEET_* variables and ~/.config/fleet/fleetctl.toml."
+    ),
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+app.add_typer(nodes.app, name="nodes")
+app.add_typer(agents.app, name="agents")
+app.add_typer(metrics.app, name="metrics")
+app.add_typer(pki.app, name="pki")
+app.command("events")(events.events)
+
+
+@app.callback()
+def root(
+    ctx: typer.Context,
+    output: Annotated[
+        OutputFormat | None,
+        typer.Option("--output", "-o", help="table, wide, json or yaml (default: table)."),
+    ] = None,
+    manager: Annotated[
+        str | None,
+        typer.Option("--manager", "-m", help="Manager host:port (env FLEET_MANAGER)."),
+    ] = None,
+    ca: Annotated[
+        Path | None, typer.Option("--ca", help="Fleet CA certificate (env FLEET_CA).")
+    ] = None,
+    cert: Annotated[
+        Path | None, typer.Option("--cert", help="Operator certificate (env FLEET_CERT).")
+    ] = None,
+    key: Annotated[
+        Path | None, typer.Option("--key", help="Operator private key (env FLEET_KEY).")
+    ] = None,
+    timeout: Annotated[
+        float | None,
+        typer.Option("--timeout", min=0.001, help="Seconds per call (env FLEET_TIMEOUT; 30)."),
+    ] = None,
+    config: Annotated[
+        Path | None,
+        typer.Option(
+            "--config",
+            help="Config file (env FLEETCTL_CONFIG; default ~/.config/fleet/fleetctl.toml).",
+        ),
+    ] = None,
+) -> None:
+    """Global options apply to every command."""
+    ctx.obj = Cli(
+        GlobalOptions(
+            output=output,
+            manager=manager,
+            ca=ca,
+            cert=cert,
+            key=key,
+            timeout=timeout,
+            config=config,
+        )
+    )
+
+
+def main() -> None:
+    """Console-script entry point."""
+    # grpc's C core logs handshake failures to stderr; fleetctl explains them itself.
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+    app(prog_name="fleetctl")

@@ -1,0 +1,156 @@
+"""Connecting to the manager (mTLS) and explaining why a call failed.
+
+The manager is dialed with ``grpc.ssl_target_name_override =
+manager.<trust domain>`` so the handshake proves it is the fleet's manager,
+whatever address was dialed. Every failure becomes ONE line for the
+operator: which address, what failed, what to check. TLS failures are
+explained in words: `probe` looks at the certificate the server presents.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import grpc
+from grpc import aio
+
+from fleet.errors import ConfigError, from_rpc_error
+from fleet.tls import TLSConfig, channel_credentials, channel_options
+from fleet.v1 import fleet_pb2_grpc
+from manager.fleetctl.settings import FleetctlConfig
+from manager.fleetctl.tlsprobe import probe
+
+if TYPE_CHECKING:
+    from fleet.v1.fleet_pb2_grpc import FleetServiceAsyncStub
+
+__all__ = ["Connection", "connect", "explain_rpc_error", "resolve_connection"]
+
+
+@dataclass(frozen=True)
+class Connection:
+    """Everything needed to dial the manager."""
+
+    address: str
+    """host:port dialed."""
+    tls: TLSConfig
+    """The operator's certificate, key and the fleet CA."""
+    server_name: str
+    """The name the manager's certificate must carry: manager.<trust domain>."""
+    timeout: float
+    """Deadline in seconds for each unary call."""
+    identity: str
+    """Who we are ("operator/alice"), for messages."""
+
+
+def resolve_connection(config: FleetctlConfig) -> Connection:
+    """Check the TLS files locally and work out the manager's expected name.
+
+    Raises ConfigError (one line) for missing options, unusable files, an
+    expired or not-yet-valid certificate, or a key not matching it, so those
+    never reach the network as an obscure handshake failure.
+    """
+    missing = [
+        f"--{name} (FLEET_{name.upper()})"
+        for name, value in (("ca", config.ca), ("cert", config.cert), ("key", config.key))
+        if value is None
+    ]
+    if missing:
+        raise ConfigError(
+            f"no operator certificate configured: set {', '.join(missing)}"
+            " or ca/cert/key in the config file (fleetctl pki issue operator NAME makes one)"
+        )
+    assert config.ca is not None
+    assert config.cert is not None
+    assert config.key is not None
+    tls = TLSConfig(ca_file=config.ca, cert_file=config.cert, key_file=config.key)
+    identity = tls.identity()  # validates: ConfigError with the file and the problem
+    if identity.role != "operator":
+        raise ConfigError(
+            f"TLS certificate file {config.cert}: it is {identity}, but the manager only"
+            " lets operator certificates use fleetctl; issue one with fleetctl pki issue operator"
+        )
+    domain = config.trust_domain or identity.trust_domain
+    return Connection(
+        address=config.manager,
+        tls=tls,
+        server_name=f"manager.{domain}",
+        timeout=config.timeout,
+        identity=str(identity),
+    )
+
+
+@asynccontextmanager
+async def connect(conn: Connection) -> AsyncIterator[FleetServiceAsyncStub]:
+    """A FleetService stub on a fresh mTLS channel, closed on exit."""
+    options = [
+        *channel_options(conn.server_name),
+        # One attempt per call: a CLI reports at once instead of waiting out backoff.
+        ("grpc.enable_retries", 0),
+    ]
+    async with aio.secure_channel(
+        conn.address, channel_credentials(conn.tls), options=options
+    ) as channel:
+        yield fleet_pb2_grpc.FleetServiceStub(channel)
+
+
+def explain_rpc_error(error: grpc.RpcError, conn: Connection, *, diagnose: bool = True) -> str:
+    """One line: what failed talking to the manager at `conn.address`, and what to check."""
+    code = error.code()
+    details = error.details() or ""
+    where = f"manager at {conn.address}"
+    if code == grpc.StatusCode.UNAVAILABLE:
+        return _unavailable(details, conn, where, diagnose=diagnose)
+    if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        return (
+            f"{where}: no answer within {conn.timeout:g}s; check that it is up and not"
+            " overloaded, or raise --timeout"
+        )
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return f"{where} refused {conn.identity}: {details}"
+    if code == grpc.StatusCode.UNAUTHENTICATED:
+        return f"{where} did not accept our certificate {conn.tls.cert_file}: {details}"
+    if code == grpc.StatusCode.UNIMPLEMENTED:
+        return (
+            f"{where} does not serve this call ({details or 'UNIMPLEMENTED'});"
+            " is it an older fleet-manager, or not a fleet-manager at all?"
+        )
+    return from_rpc_error(error).message
+
+
+def _unavailable(details: str, conn: Connection, where: str, *, diagnose: bool) -> str:
+    low = details.lower()
+    if "connection refused" in low:
+        return (
+            f"cannot connect to the {where}: connection refused; check that fleet-manager"
+            " is running there and that --manager / FLEET_MANAGER names its listen address"
+        )
+    if "dns resolution failed" in low or "name or service not known" in low:
+        return (
+            f"cannot resolve the host of --manager {conn.address}; check the name"
+            " (or use an IP address)"
+        )
+    tls_words = ("ssl", "tls", "handshake", "certificate", "hostname verification", "peer name")
+    if any(w in low for w in tls_words) or "socket closed" in low or "connection reset" in low:
+        finding = (
+            probe(conn.address, conn.tls, conn.server_name, timeout=min(conn.timeout, 5.0))
+            if diagnose
+            else None
+        )
+        if finding:
+            return f"TLS with the {where} failed: {finding}"
+        return f"TLS with the {where} failed: {_short(details)}"
+    if "timeout" in low or "timed out" in low:
+        return (
+            f"cannot connect to the {where}: timed out; check the address, firewalls,"
+            " and that fleet-manager is running"
+        )
+    return f"{where} is unavailable: {_short(details)}"
+
+
+def _short(details: str) -> str:
+    """grpc's 'failed to connect to all addresses; last error: X' -> X."""
+    marker = "last error: "
+    return details.split(marker, 1)[1] if marker in details else details

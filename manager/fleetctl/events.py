@@ -1,0 +1,104 @@
+"""fleetctl events: the manager's event feed, resumable by id, optionally followed."""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any
+
+import typer
+
+from fleet.v1 import fleet_pb2
+from manager.fleetctl.client import Connection
+from manager.fleetctl.output import Column, OutputFormat, dump, print_rows
+from manager.fleetctl.runtime import EXIT_OK, Cli, Stub, UsageProblem
+from manager.fleetctl.views import event_view
+
+__all__ = ["KIND_NAMES", "events", "parse_kinds"]
+
+KIND_NAMES: dict[str, fleet_pb2.EventKind.ValueType] = {
+    name.removeprefix("EVENT_KIND_").lower().replace("_", "-"): value
+    for name, value in fleet_pb2.EventKind.items()
+    if value != fleet_pb2.EVENT_KIND_UNSPECIFIED
+}
+"""--kind spellings: node-registered, node-online, ..., operation."""
+
+
+def parse_kinds(kinds: list[str]) -> list[fleet_pb2.EventKind.ValueType]:
+    """--kind values (case and -/_ insensitive, comma lists allowed); UsageProblem if unknown."""
+    out: list[fleet_pb2.EventKind.ValueType] = []
+    for item in kinds:
+        for raw in item.split(","):
+            name = raw.strip().lower().replace("_", "-")
+            if name not in KIND_NAMES:
+                raise UsageProblem(
+                    f"--kind: unknown event kind {raw!r}; one of {', '.join(KIND_NAMES)}"
+                )
+            out.append(KIND_NAMES[name])
+    return out
+
+
+_COLUMNS = [
+    Column("ID", "id"),
+    Column("TIME", "time"),
+    Column("KIND", "kind"),
+    Column("NODE", "node_id"),
+    Column("AGENT", "agent_id"),
+    Column("ACTOR", "actor"),
+    Column("MESSAGE", "message"),
+    Column("ATTRIBUTES", "attributes", wide=True),
+]
+
+
+def _line(view: dict[str, Any], wide: bool) -> str:
+    """One event as one line, for a followed feed (a table cannot grow)."""
+    subject = view["node_id"] + (f"/{view['agent_id']}" if view["agent_id"] else "")
+    parts = [f"#{view['id']}", view["time"] or "-", view["kind"], subject or "-"]
+    parts += [view["actor"] or "-", view["message"]]
+    if wide and view["attributes"]:
+        parts.append(" ".join(f"{k}={v}" for k, v in view["attributes"].items()))
+    return "  ".join(parts)
+
+
+def events(
+    ctx: typer.Context,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep the stream open for new events.")
+    ] = False,
+    since: Annotated[
+        int, typer.Option("--since", min=0, help="Only events after this event id (resume).")
+    ] = 0,
+    kind: Annotated[
+        list[str] | None,
+        typer.Option("--kind", "-k", help="Only these kinds (repeat or comma-separate)."),
+    ] = None,
+    node: Annotated[str | None, typer.Option("--node", "-n", help="Only about this node.")] = None,
+) -> None:
+    """Show events (node registered/online/offline, label changes, agent states, operations)."""
+    cli = Cli.of(ctx)
+    kinds = cli.checked(lambda: parse_kinds(kind or []))
+
+    async def body(stub: Stub, conn: Connection) -> int:
+        stream = stub.WatchEvents(
+            fleet_pb2.FleetServiceWatchEventsRequest(
+                from_event_id=since, kinds=kinds, node_id=node or "", follow=follow
+            ),
+            timeout=None if follow else conn.timeout,
+        )
+        fmt = cli.fmt
+        if not follow:
+            rows = [event_view(item.event) async for item in stream]
+            print_rows(cli.out, fmt, rows, _COLUMNS, empty="No events.", key="events")
+            return EXIT_OK
+        # Followed: one line (or one JSON object, or one YAML document) per event.
+        async for item in stream:
+            view = event_view(item.event)
+            if fmt is OutputFormat.json:
+                cli.out.out(json.dumps(view, ensure_ascii=False), highlight=False)
+            elif fmt is OutputFormat.yaml:
+                cli.out.out("---\n" + dump(fmt, view), end="", highlight=False)
+            else:
+                cli.out.print(_line(view, fmt is OutputFormat.wide), markup=False, soft_wrap=True)
+            cli.out.file.flush()
+        return EXIT_OK
+
+    cli.call(body)

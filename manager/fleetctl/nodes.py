@@ -1,0 +1,191 @@
+"""fleetctl nodes: list, show, label."""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any
+
+import typer
+
+from fleet import selectors
+from fleet.labels import LabelError, validate_label_key, validate_label_value
+from fleet.v1 import fleet_pb2
+from manager.fleetctl.client import Connection
+from manager.fleetctl.output import Column, print_object, print_rows
+from manager.fleetctl.runtime import EXIT_OK, Cli, Stub, UsageProblem
+from manager.fleetctl.timespec import format_age
+from manager.fleetctl.views import node_view
+
+__all__ = ["app", "parse_label_changes", "parse_selector"]
+
+app = typer.Typer(
+    help="Hosts running fleet-daemon, as the manager sees them.", no_args_is_help=True
+)
+
+SelectorOpt = Annotated[
+    str | None,
+    typer.Option(
+        "-l", "--selector", help="Label selector, e.g. 'env=prod,tier in (web,api),!canary'."
+    ),
+]
+
+
+def parse_selector(text: str | None) -> selectors.Selector:
+    """The -l value as a Selector; UsageProblem naming the position if it does not parse."""
+    if text is None:
+        return selectors.Selector.everything()
+    try:
+        return selectors.parse(text)
+    except selectors.SelectorError as exc:
+        raise UsageProblem(f"invalid selector {text!r}: {exc.message}") from None
+
+
+def _status_style(value: Any) -> str:
+    return {"ONLINE": "green", "OFFLINE": "red"}.get(str(value), "yellow")
+
+
+def _agents_cell(counts: Any) -> str:
+    if not counts:
+        return "0"
+    total = sum(counts.values())
+    running = counts.get("RUNNING", 0)
+    return f"{running}/{total}"
+
+
+def _columns(now_ms: int) -> list[Column]:
+    return [
+        Column("NODE", "node_id"),
+        Column("STATUS", "status", style=_status_style),
+        Column("AGENTS", "agents", cell=_agents_cell),
+        Column(
+            "LAST HEARTBEAT",
+            "last_heartbeat_ms",
+            cell=lambda ms: format_age(int(ms or 0), now_ms=now_ms),
+        ),
+        Column("LABELS", "labels"),
+        Column("HOSTNAME", "hostname", wide=True),
+        Column("IP", "ip", wide=True),
+        Column("VERSION", "daemon_version", wide=True),
+        Column("CONNECTION", "connection", wide=True),
+        Column("ADDRESS", "daemon_address", wide=True),
+    ]
+
+
+@app.command("list")
+def list_nodes(ctx: typer.Context, selector: SelectorOpt = None) -> None:
+    """List nodes, optionally only those whose labels match -l."""
+    cli = Cli.of(ctx)
+    sel = cli.checked(lambda: parse_selector(selector))
+
+    async def body(stub: Stub, conn: Connection) -> int:
+        request = fleet_pb2.FleetServiceListNodesRequest(selector=selectors.to_proto(sel))
+        reply = await stub.ListNodes(request, timeout=conn.timeout)
+        rows = [node_view(n) for n in sorted(reply.nodes, key=lambda n: n.node_id)]
+        print_rows(cli.out, cli.fmt, rows, _columns(int(time.time() * 1000)), key="nodes")
+        return EXIT_OK
+
+    cli.call(body)
+
+
+_FIELDS = [
+    ("Node", "node_id"),
+    ("Status", "status"),
+    ("Hostname", "hostname"),
+    ("IP", "ip"),
+    ("OS/Arch", "platform"),
+    ("Labels", "labels"),
+    ("Daemon version", "daemon_version"),
+    ("Agent version", "agent_version"),
+    ("Daemon address", "daemon_address"),
+    ("Connection", "connection"),
+    ("Last heartbeat", "last_heartbeat_age"),
+    ("Registered", "registered_at"),
+    ("Agents", "agents"),
+]
+
+
+def _show(cli: Cli, node: fleet_pb2.Node) -> None:
+    view = node_view(node)
+    if cli.fmt.structured:
+        print_object(cli.out, cli.fmt, view, [])
+        return
+    now_ms = int(time.time() * 1000)
+    human = {
+        **view,
+        "platform": f"{view['os'] or '?'}/{view['arch'] or '?'}",
+        "last_heartbeat_age": (
+            f"{view['last_heartbeat']} ({format_age(node.last_heartbeat, now_ms=now_ms)})"
+            if node.last_heartbeat
+            else "never"
+        ),
+    }
+    print_object(cli.out, cli.fmt, human, _FIELDS)
+
+
+@app.command("show")
+def show_node(ctx: typer.Context, node: Annotated[str, typer.Argument(help="Node id.")]) -> None:
+    """Show one node: status, labels, versions, last heartbeat, agents by state."""
+    cli = Cli.of(ctx)
+
+    async def body(stub: Stub, conn: Connection) -> int:
+        reply = await stub.GetNode(
+            fleet_pb2.FleetServiceGetNodeRequest(node_id=node), timeout=conn.timeout
+        )
+        _show(cli, reply.node)
+        return EXIT_OK
+
+    cli.call(body)
+
+
+def parse_label_changes(args: list[str]) -> tuple[dict[str, str], list[str]]:
+    """kubectl label syntax: ``k=v`` sets, ``k-`` removes; UsageProblem if malformed."""
+    to_set: dict[str, str] = {}
+    to_remove: list[str] = []
+    for arg in args:
+        try:
+            if "=" in arg:
+                key, value = arg.split("=", 1)
+                validate_label_key(key)
+                validate_label_value(value)
+                to_set[key] = value
+            elif arg.endswith("-"):
+                key = arg[:-1]
+                validate_label_key(key)
+                to_remove.append(key)
+            else:
+                raise UsageProblem(f"label change {arg!r}: use key=value to set or key- to remove")
+        except LabelError as exc:
+            raise UsageProblem(f"label change {arg!r}: {exc.message}") from None
+    both = sorted(set(to_set) & set(to_remove))
+    if both:
+        raise UsageProblem(f"label {both[0]!r} is both set and removed; pick one")
+    return to_set, to_remove
+
+
+@app.command("label")
+def label_node(
+    ctx: typer.Context,
+    node: Annotated[str, typer.Argument(help="Node id.")],
+    changes: Annotated[
+        list[str], typer.Argument(help="key=value to set, key- to remove (kubectl syntax).")
+    ],
+) -> None:
+    """Set or remove labels of a node: fleetctl nodes label node-1 env=prod canary-"""
+    cli = Cli.of(ctx)
+    to_set, to_remove = cli.checked(lambda: parse_label_changes(changes))
+
+    async def body(stub: Stub, conn: Connection) -> int:
+        reply = await stub.UpdateNodeLabels(
+            fleet_pb2.FleetServiceUpdateNodeLabelsRequest(
+                node_id=node, set=to_set, remove=to_remove
+            ),
+            timeout=conn.timeout,
+        )
+        if cli.fmt.structured:
+            print_object(cli.out, cli.fmt, node_view(reply.node), [])
+        else:
+            labels = ",".join(f"{k}={v}" for k, v in sorted(reply.node.labels.items())) or "-"
+            cli.out.print(f"node/{reply.node.node_id} labeled: {labels}", markup=False)
+        return EXIT_OK
+
+    cli.call(body)

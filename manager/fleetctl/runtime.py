@@ -1,0 +1,183 @@
+"""What every command shares: global options, consoles, and the error boundary.
+
+Exit codes: 0 success; 1 something failed (a target, the manager, a file);
+2 the command line is wrong (bad option value, invalid selector, bad config,
+a request the manager rejects as INVALID_ARGUMENT); 130 interrupted. Every
+error is one line on stderr, ``fleetctl: error: ...``, never a traceback
+(set FLEETCTL_DEBUG=1 to see one for a bug).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+import traceback
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias, TypeVar
+
+import grpc
+import typer
+from rich.console import Console
+
+from fleet.errors import ConfigError, FleetError
+from manager.fleetctl.client import Connection, connect, explain_rpc_error, resolve_connection
+from manager.fleetctl.output import OutputFormat
+from manager.fleetctl.settings import FleetctlConfig, load_settings
+
+__all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "Cli", "GlobalOptions", "UsageProblem"]
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_INTERRUPTED = 130
+
+if TYPE_CHECKING:
+    from fleet.v1.fleet_pb2_grpc import FleetServiceAsyncStub
+
+Stub: TypeAlias = "FleetServiceAsyncStub"
+T = TypeVar("T")
+
+
+class UsageProblem(Exception):
+    """The command line is wrong (exit 2); the message names the option and the problem."""
+
+
+class Failure(Exception):
+    """Something the operator asked for failed (exit 1); the message says what."""
+
+
+@dataclass(frozen=True)
+class GlobalOptions:
+    """The root command's options; None means "not given on the command line"."""
+
+    output: OutputFormat | None = None
+    """-o table|wide|json|yaml."""
+    manager: str | None = None
+    """--manager host:port."""
+    ca: Path | None = None
+    """--ca."""
+    cert: Path | None = None
+    """--cert."""
+    key: Path | None = None
+    """--key."""
+    timeout: float | None = None
+    """--timeout seconds."""
+    config: Path | None = None
+    """--config file."""
+
+
+class Cli:
+    """Per-invocation state hung on the Typer context (``ctx.obj``)."""
+
+    def __init__(self, options: GlobalOptions) -> None:
+        self.options = options
+        self.out = Console(highlight=False)
+        self.err = Console(stderr=True, highlight=False)
+        self._config: FleetctlConfig | None = None
+
+    @classmethod
+    def of(cls, ctx: typer.Context) -> Cli:
+        """The Cli of this invocation (made by the root callback)."""
+        obj = ctx.find_root().obj
+        if not isinstance(obj, Cli):  # invoked without the root callback (tests of a sub-app)
+            obj = ctx.find_root().obj = Cli(GlobalOptions())
+        return obj
+
+    def config(self) -> FleetctlConfig:
+        """File + env + flags, loaded once (ConfigError if unusable)."""
+        if self._config is None:
+            o = self.options
+            self._config = load_settings(
+                o.config,
+                {
+                    "manager": o.manager,
+                    "ca": o.ca,
+                    "cert": o.cert,
+                    "key": o.key,
+                    "timeout": o.timeout,
+                },
+            )
+        return self._config
+
+    @property
+    def fmt(self) -> OutputFormat:
+        """The -o format: the flag, else the config's default."""
+        if self.options.output is not None:
+            return self.options.output
+        return OutputFormat(self.config().output)
+
+    def warn(self, message: str) -> None:
+        """One line on stderr."""
+        self.err.print(f"fleetctl: {message}", markup=False, soft_wrap=True, style="yellow")
+
+    def fail(self, message: str, code: int) -> NoReturn:
+        """Print one error line and exit with `code`."""
+        self.err.print(f"fleetctl: error: {message}", markup=False, soft_wrap=True, style="red")
+        raise typer.Exit(code)
+
+    def checked(self, check: Callable[[], T]) -> T:
+        """`check()`'s result; a UsageProblem it raises exits 2 with its one line."""
+        try:
+            return check()
+        except UsageProblem as exc:
+            self.fail(str(exc), EXIT_USAGE)
+
+    def execute(self, body: Callable[[], int]) -> NoReturn:
+        """Run a local command body, mapping every error to one line and an exit code."""
+        try:
+            code = body()
+        except typer.Exit:
+            raise
+        except UsageProblem as exc:
+            self.fail(str(exc), EXIT_USAGE)
+        except ConfigError as exc:
+            self.fail(exc.message, EXIT_USAGE)
+        except Failure as exc:
+            self.fail(str(exc), EXIT_FAILED)
+        except FleetError as exc:
+            self.fail(exc.message, EXIT_USAGE if _is_usage(exc.code) else EXIT_FAILED)
+        except KeyboardInterrupt:
+            self.fail("interrupted", EXIT_INTERRUPTED)
+        except Exception as exc:
+            if os.environ.get("FLEETCTL_DEBUG"):
+                traceback.print_exc()
+            self.fail(
+                f"internal error ({type(exc).__name__}: {exc}); this is a bug in fleetctl,"
+                " rerun with FLEETCTL_DEBUG=1 for the traceback and report it",
+                EXIT_FAILED,
+            )
+        raise typer.Exit(code)
+
+    def call(self, body: Callable[[Stub, Connection], Awaitable[int]]) -> NoReturn:
+        """Connect to the manager, run `body` with a stub, map errors, exit."""
+
+        def run() -> int:
+            conn = resolve_connection(self.config())
+            self.fmt  # noqa: B018  # a bad FLEET_OUTPUT fails before the call, not after
+
+            async def main() -> int:
+                async with connect(conn) as stub:
+                    return await body(stub, conn)
+
+            try:
+                return asyncio.run(main())
+            except grpc.RpcError as exc:
+                usage = _is_usage(exc.code())
+                self.fail(explain_rpc_error(exc, conn), EXIT_USAGE if usage else EXIT_FAILED)
+
+        self.execute(run)
+
+
+def _is_usage(code: Any) -> bool:
+    return bool(code == grpc.StatusCode.INVALID_ARGUMENT)
+
+
+def stdin_is_interactive() -> bool:
+    """True when a person can answer a prompt (stdin is a terminal)."""
+    try:
+        return bool(sys.stdin.isatty())
+    except (AttributeError, ValueError):
+        return False

@@ -1,0 +1,134 @@
+"""FleetService replies as plain dicts: what -o json/yaml print and tables read.
+
+Enum values lose their prefix (``AGENT_STATUS_RUNNING`` -> ``RUNNING``) and
+wire times (epoch ms) become RFC 3339 UTC strings, None for "never". These
+shapes are fleetctl's documented output (docs/fleetctl.md): keep them stable.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fleet.v1 import common_pb2, fleet_pb2
+from manager.fleetctl.timespec import format_time
+
+__all__ = [
+    "agent_view",
+    "enum_name",
+    "event_view",
+    "node_view",
+    "series_view",
+    "summary_view",
+    "target_view",
+]
+
+
+def enum_name(enum: Any, value: int, prefix: str) -> str:
+    """``AGENT_STATUS_RUNNING`` -> ``RUNNING`` for a generated enum class; else the number."""
+    try:
+        name: str = enum.Name(value)
+    except ValueError:
+        return str(value)
+    return name.removeprefix(prefix)
+
+
+def _status(value: int) -> str:
+    return enum_name(common_pb2.AgentStatus, value, "AGENT_STATUS_")
+
+
+def node_view(node: fleet_pb2.Node) -> dict[str, Any]:
+    """One node (ListNodes / GetNode / UpdateNodeLabels)."""
+    return {
+        "node_id": node.node_id,
+        "status": enum_name(common_pb2.NodeStatus, node.status, "NODE_STATUS_"),
+        "hostname": node.hostname,
+        "ip": node.ip,
+        "os": node.os,
+        "arch": node.arch,
+        "labels": dict(sorted(node.labels.items())),
+        "daemon_version": node.daemon_version,
+        "agent_version": node.agent_version,
+        "daemon_address": node.daemon_address,
+        "connection": enum_name(
+            fleet_pb2.ConnectionState, node.connection_state, "CONNECTION_STATE_"
+        ),
+        "last_heartbeat": format_time(node.last_heartbeat),
+        "last_heartbeat_ms": node.last_heartbeat,
+        "registered_at": format_time(node.registered_at),
+        "agents": {_status(c.status): c.count for c in node.agent_counts},
+    }
+
+
+def agent_view(node_id: str, agent: common_pb2.AgentInfo) -> dict[str, Any]:
+    """One agent on its node (ListAgents / OperateAgent / a fan-out result)."""
+    return {
+        "node_id": node_id,
+        "agent_id": agent.id,
+        "type": agent.type,
+        "status": _status(agent.status),
+        "pid": agent.pid or None,
+        "version": agent.version,
+        "start_time": format_time(agent.start_time),
+        "start_time_ms": agent.start_time,
+        "restart_count": agent.restart_count,
+        "last_heartbeat": format_time(agent.last_heartbeat),
+        "exit_code": agent.exit_code,
+        "message": agent.message,
+        "labels": dict(sorted(agent.labels.items())),
+        "health": enum_name(common_pb2.AgentHealth, agent.health, "AGENT_HEALTH_").replace(
+            "UNSPECIFIED", "NONE"
+        ),
+        "backoff_until": format_time(agent.backoff_until),
+        "config_version": agent.config_version,
+    }
+
+
+def target_view(result: fleet_pb2.TargetResult) -> dict[str, Any]:
+    """One fan-out target's outcome."""
+    return {
+        "node_id": result.node_id,
+        "agent_id": result.agent_id,
+        "outcome": enum_name(fleet_pb2.TargetOutcome, result.outcome, "TARGET_OUTCOME_"),
+        "message": result.message,
+        "duration_ms": result.duration_ms,
+        "status": _status(result.agent.status) if result.HasField("agent") else None,
+        "pid": (result.agent.pid or None) if result.HasField("agent") else None,
+    }
+
+
+def summary_view(summary: fleet_pb2.OperationSummary) -> dict[str, Any]:
+    """A fan-out's closing summary."""
+    return {
+        "operation_id": summary.operation_id,
+        "total": summary.total,
+        "ok": summary.ok,
+        "failed": summary.failed,
+        "skipped": summary.skipped,
+        "planned": summary.planned,
+        "duration_ms": summary.duration_ms,
+    }
+
+
+def event_view(event: fleet_pb2.Event) -> dict[str, Any]:
+    """One event of the feed."""
+    return {
+        "id": event.id,
+        "time": format_time(event.timestamp),
+        "kind": enum_name(fleet_pb2.EventKind, event.kind, "EVENT_KIND_"),
+        "node_id": event.node_id,
+        "agent_id": event.agent_id,
+        "actor": event.actor,
+        "message": event.message,
+        "attributes": dict(sorted(event.attributes.items())),
+    }
+
+
+def series_view(series: fleet_pb2.MetricSeries) -> dict[str, Any]:
+    """One metric series with its points (bucket start, value)."""
+    return {
+        "name": series.name,
+        "points": [
+            {"timestamp": format_time(p.timestamp), "timestamp_ms": p.timestamp, "value": p.value}
+            for p in series.points
+        ],
+    }

@@ -1,0 +1,100 @@
+"""fleetctl nodes list/show/label against a real mTLS FleetService (in-process)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+from fleetctl_fake import Fleetctl, demo_fleet, serve
+
+
+@pytest.fixture
+def fleetctl(pki, tmp_path: Path) -> Iterator[Fleetctl]:
+    """fleetctl wired to a fake manager holding demo_fleet()."""
+    with serve(pki.issue("manager", "manager"), demo_fleet()) as manager:
+        yield Fleetctl(manager, pki.issue("operator", "alice"), tmp_path)
+
+
+def test_nodes_list_table_shows_every_node(fleetctl: Fleetctl) -> None:
+    """A plain `nodes list` prints one row per node with status and labels."""
+    result = fleetctl("nodes", "list")
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert lines[0].split()[:3] == ["NODE", "STATUS", "AGENTS"]
+    assert [line.split()[0] for line in lines[1:]] == ["node-1", "node-2", "node-3"]
+    assert "env=prod,tier=web" in lines[1]
+    assert "ONLINE" in lines[1]
+
+
+def test_nodes_list_selector_filters_and_is_sent_as_proto(fleetctl: Fleetctl) -> None:
+    """-l sends the parsed selector; only matching nodes are listed."""
+    result = fleetctl("-o", "json", "nodes", "list", "-l", "env=prod, tier in (web)")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.stdout)
+    assert [n["node_id"] for n in data["nodes"]] == ["node-1", "node-2"]
+
+
+def test_invalid_selector_is_a_usage_error_with_position(fleetctl: Fleetctl) -> None:
+    """A selector that does not parse exits 2 with one line naming the position, sending nothing."""
+    result = fleetctl("nodes", "list", "-l", "env in (prod")
+    assert result.exit_code == 2
+    assert result.stdout == ""
+    err = result.stderr.strip()
+    assert len(err.splitlines()) == 1
+    assert err.startswith("fleetctl: error: invalid selector 'env in (prod': position")
+    assert fleetctl.manager.fleet.requests == []
+
+
+def test_nodes_show_yaml_parses(fleetctl: Fleetctl) -> None:
+    """-o yaml prints one YAML document with the node's fields."""
+    result = fleetctl("-o", "yaml", "nodes", "show", "node-3")
+    assert result.exit_code == 0, result.output
+    node = yaml.safe_load(result.stdout)
+    assert node["node_id"] == "node-3"
+    assert node["labels"] == {"env": "staging"}
+    assert node["status"] == "ONLINE"
+    assert node["agents"] == {}
+
+
+def test_nodes_show_unknown_node_exits_1_with_one_line(fleetctl: Fleetctl) -> None:
+    """An unknown node is NOT_FOUND: exit 1, the server's message on one line."""
+    result = fleetctl("nodes", "show", "nope")
+    assert result.exit_code == 1
+    assert result.stderr.strip() == "fleetctl: error: node 'nope' is not registered"
+
+
+def test_nodes_label_sets_and_removes(fleetctl: Fleetctl) -> None:
+    """kubectl syntax: k=v sets, k- removes, in one UpdateNodeLabels call."""
+    result = fleetctl("nodes", "label", "node-1", "zone=a", "tier-")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == "node/node-1 labeled: env=prod,zone=a"
+    assert dict(fleetctl.manager.fleet.nodes["node-1"].labels) == {"env": "prod", "zone": "a"}
+
+
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [
+        ("zone", "use key=value to set or key- to remove"),
+        ("bad_=1", "label change 'bad_=1'"),
+        ("zone=a b", "label change 'zone=a b'"),
+    ],
+)
+def test_nodes_label_rejects_bad_changes(fleetctl: Fleetctl, change: str, problem: str) -> None:
+    """A malformed label change exits 2 with one line and changes nothing."""
+    result = fleetctl("nodes", "label", "node-1", change)
+    assert result.exit_code == 2
+    assert problem in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert fleetctl.manager.fleet.requests == []
+
+
+def test_click_usage_errors_are_one_line(fleetctl: Fleetctl) -> None:
+    """An unknown option is exit 2 with one line pointing at --help, not a panel."""
+    result = fleetctl("nodes", "list", "--bogus")
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [
+        "fleetctl: error: No such option: --bogus (see 'fleetctl nodes list --help')"
+    ]
