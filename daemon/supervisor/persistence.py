@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from daemon.supervisor.spec import AgentSpec, spec_from_dict, spec_to_dict
+from fleet.errors import ConfigError
 
 __all__ = ["PersistedAgent", "StateStore", "atomic_write"]
 
@@ -46,6 +47,14 @@ class PersistedAgent:
     """Restarts so far (kept so the counter survives the daemon)."""
     start_time: float = 0.0
     """When the current process started (epoch seconds)."""
+
+
+def _unreadable(path: Path, why: str) -> ConfigError:
+    # Guessing here could start second copies of running agents: refuse instead.
+    return ConfigError(
+        f"{path}: unreadable daemon state ({why}); move it away to start without it "
+        "(running agents will then not be re-adopted)"
+    )
 
 
 def atomic_write(path: Path, data: bytes) -> None:
@@ -82,17 +91,11 @@ class StateStore:
         if raw is None:
             return {}
         agents: dict[str, PersistedAgent] = {}
-        for agent_id, entry in raw.get("agents", {}).items():
-            agents[agent_id] = PersistedAgent(
-                spec=spec_from_dict(entry["spec"]),
-                pid=int(entry.get("pid", 0)),
-                create_time=float(entry.get("create_time", 0.0)),
-                process_hash=str(entry.get("process_hash", "")),
-                operator_stopped=bool(entry.get("operator_stopped", False)),
-                config_version=int(entry.get("config_version", 0)),
-                restart_count=int(entry.get("restart_count", 0)),
-                start_time=float(entry.get("start_time", 0.0)),
-            )
+        try:
+            for agent_id, entry in raw.get("agents", {}).items():
+                agents[agent_id] = _agent_from(entry)
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise _unreadable(self.agents_path, f"bad entry: {exc!r}") from None
         return agents
 
     def save_agents(self, agents: Mapping[str, PersistedAgent]) -> None:
@@ -117,8 +120,11 @@ class StateStore:
         raw = self._load(self.update_path)
         if raw is None:
             return None
-        specs = tuple(spec_from_dict(s) for s in raw.get("specs", []))
-        return int(raw["version"]), specs
+        try:
+            specs = tuple(spec_from_dict(s) for s in raw.get("specs", []))
+            return int(raw["version"]), specs
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise _unreadable(self.update_path, f"bad entry: {exc!r}") from None
 
     def save_update(self, version: int, specs: Sequence[AgentSpec]) -> None:
         """Write update.json atomically."""
@@ -131,11 +137,27 @@ class StateStore:
             data = path.read_bytes()
         except FileNotFoundError:
             return None
-        value = json.loads(data)
+        try:
+            value = json.loads(data)
+        except ValueError as exc:
+            raise _unreadable(path, str(exc)) from None
         if not isinstance(value, dict):
-            raise ValueError(f"{path}: not a JSON object")  # noqa: TRY004 -- bad file, not a type bug
+            raise _unreadable(path, "not a JSON object")
         return value
 
     @staticmethod
     def _save(path: Path, body: dict[str, Any]) -> None:
         atomic_write(path, json.dumps(body, indent=1, sort_keys=True).encode() + b"\n")
+
+
+def _agent_from(entry: dict[str, Any]) -> PersistedAgent:
+    return PersistedAgent(
+        spec=spec_from_dict(entry["spec"]),
+        pid=int(entry.get("pid", 0)),
+        create_time=float(entry.get("create_time", 0.0)),
+        process_hash=str(entry.get("process_hash", "")),
+        operator_stopped=bool(entry.get("operator_stopped", False)),
+        config_version=int(entry.get("config_version", 0)),
+        restart_count=int(entry.get("restart_count", 0)),
+        start_time=float(entry.get("start_time", 0.0)),
+    )

@@ -19,6 +19,7 @@ from daemon.supervisor.persistence import PersistedAgent, StateStore
 from daemon.supervisor.spec import AgentSpec, spec_to_dict
 from daemon.supervisor.states import AgentStatus
 from daemon.supervisor.supervisor import Supervisor
+from fleet.errors import ConfigError
 
 S = AgentStatus
 ROOT = Path(__file__).resolve().parents[2]
@@ -29,6 +30,7 @@ from pathlib import Path
 from daemon.supervisor.spec import spec_from_dict
 from daemon.supervisor.states import AgentStatus
 from daemon.supervisor.supervisor import Supervisor
+from fleet.errors import ConfigError
 
 async def main() -> None:
     base = Path(sys.argv[1])
@@ -193,3 +195,17 @@ async def test_state_file_is_written_atomically(tmp_path: Path, sup: Supervisor)
     assert entry["pid"] == sup.get("a").pid
     assert entry["create_time"] == pytest.approx(psutil.Process(entry["pid"]).create_time())
     assert not list((tmp_path / "state").glob(".*.tmp"))
+
+
+@pytest.mark.parametrize("content", [b'{"agents": {"a": {"pid": 1}', b"[1, 2]", b'{"agents": 3}'])
+async def test_unreadable_state_file_refuses_to_guess(
+    tmp_path: Path, sup: Supervisor, content: bytes
+) -> None:
+    """A damaged agents.json stops start() with a clear error instead of starting second copies."""
+    mark = marker()
+    state = tmp_path / "state"
+    state.mkdir(exist_ok=True)
+    (state / "agents.json").write_bytes(content)
+    with pytest.raises(ConfigError, match=r"agents.json: unreadable daemon state .* move it away"):
+        await sup.start([_sleeper("a", mark)])
+    assert processes_with(mark) == []
