@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from manager.pool.config import PoolConfig
+
 __all__ = [
     "ENV_PREFIX",
     "DatabaseConfig",
@@ -186,6 +188,8 @@ class ManagerConfig:
     """[metrics] table."""
     logging: LoggingConfig = field(default_factory=LoggingConfig)
     """[logging] table."""
+    pool: PoolConfig = field(default_factory=PoolConfig)
+    """[pool] table: how the manager calls the daemons (FleetService operations)."""
 
     def validate(self) -> None:
         for section in (self.server, self.database, self.liveness, self.metrics):

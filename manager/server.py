@@ -26,15 +26,19 @@ from fleet.interceptors import ErrorMappingInterceptor
 from fleet.observability import start_metrics_http_server
 from fleet.service import add_health_and_reflection
 from fleet.tls import TLSConfig, server_credentials
-from fleet.v1 import manager_pb2, manager_pb2_grpc
+from fleet.v1 import fleet_pb2_grpc, manager_pb2, manager_pb2_grpc
 from manager.config import ManagerConfig
 from manager.metrics import ManagerMetrics, RpcMetricsInterceptor
+from manager.pool import DaemonPool
 from manager.service.agents import AgentStates
+from manager.service.event_feed import EventFeed
 from manager.service.heartbeats import HeartbeatBuffer
 from manager.service.liveness import LivenessPolicy
 from manager.service.metrics import MetricsService
 from manager.service.registry import NodeRegistry
 from manager.service.sweeper import MetricsLifecycle, Sweeper
+from manager.servicers.fleet_service import SERVICE_NAME as FLEET_SERVICE_NAME
+from manager.servicers.fleet_service import build_fleet_servicer
 from manager.servicers.manager_service import ManagerServicer
 from manager.storage import Database, EventRepository, NodeRepository
 from manager.storage.agents import AgentStateRepository
@@ -112,6 +116,8 @@ class ManagerServer:
     sweeper: Sweeper
     lifecycle: MetricsLifecycle
     metric_service: MetricsService
+    pool: DaemonPool
+    event_feed: EventFeed
 
     async def start(self) -> None:
         """Start everything; on failure, what was started is stopped again."""
@@ -198,12 +204,6 @@ class ManagerServer:
         self.lifecycle.start()
         self._stack.push_async_callback(self.lifecycle.stop)
 
-        if cfg.server.metrics_listen:
-            stop_http, self.metrics_port = start_metrics_http_server(
-                cfg.server.metrics_listen, m.registry
-            )
-            self._stack.push_async_callback(asyncio.to_thread, stop_http)
-
         self.metric_service = MetricsService(
             self.registry,
             self.writer,
@@ -218,6 +218,19 @@ class ManagerServer:
             AgentStates(self.registry, AgentStateRepository(self.db), clock=self._clock),
             trust_domain=identity.trust_domain,
         )
+        # FleetService: the operator API, calling daemons through the pool.
+        self.pool = DaemonPool(tls, identity.trust_domain, config=cfg.pool)
+        self._stack.push_async_callback(self.pool.close)
+        self.event_feed = EventFeed(self.events)
+        self._stack.callback(self.event_feed.install(self.db.engine))
+        fleet_servicer = build_fleet_servicer(
+            self.db,
+            self.pool,
+            self.event_feed,
+            self.metric_service,
+            trust_domain=identity.trust_domain,
+            clock=self._clock,
+        )
         options: list[tuple[str, Any]] = [
             ("grpc.max_receive_message_length", cfg.server.max_receive_message_bytes),
             ("grpc.so_reuseport", 0),  # a second manager on the same port must fail, not share
@@ -226,7 +239,8 @@ class ManagerServer:
             interceptors=[RpcMetricsInterceptor(m), ErrorMappingInterceptor()], options=options
         )
         manager_pb2_grpc.add_ManagerServiceServicer_to_server(servicer, server)
-        self._health = add_health_and_reflection(server, [SERVICE_NAME])
+        fleet_pb2_grpc.add_FleetServiceServicer_to_server(fleet_servicer, server)
+        self._health = add_health_and_reflection(server, [SERVICE_NAME, FLEET_SERVICE_NAME])
         try:
             self.port = server.add_secure_port(cfg.server.listen, server_credentials(tls))
         except RuntimeError as exc:
@@ -236,6 +250,13 @@ class ManagerServer:
         await server.start()
         self._server = server
         self._stack.push_async_callback(self._stop_grpc)
+        # /metrics last: a scraper that gets an answer knows the manager serves.
+        if cfg.server.metrics_listen:
+            stop_http, self.metrics_port = start_metrics_http_server(
+                cfg.server.metrics_listen, m.registry
+            )
+            self._stack.push_async_callback(asyncio.to_thread, stop_http)
+
         log.info(
             "manager %s serving on port %d (database %s)", identity, self.port, self.db.dialect
         )

@@ -1,0 +1,271 @@
+"""What operators read and change about nodes and agents (FleetService's use cases).
+
+Nodes are selected by their labels with `fleet.selectors`, matched here in
+Python over the registry (one read of the nodes table; fleets of thousands
+of nodes fit easily). Agents come from the states the daemons last synced,
+or, with `live`, from the daemons themselves through the pool (concurrently,
+`live_concurrency` at a time; a daemon that cannot be asked becomes an entry
+in `errors`, not a failed call). Agent metrics and logs are passthroughs to
+the daemon through the pool.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import AsyncGenerator, Callable, Collection, Mapping
+from dataclasses import dataclass, field
+
+from fleet.errors import FleetError, InvalidArgument
+from fleet.labels import MAX_LABELS, validate_label_key, validate_label_value, validate_labels
+from fleet.selectors import Selector
+from fleet.v1 import daemon_pb2
+from manager.pool import ConnectionState, DaemonPool
+from manager.service.metrics import MetricsService
+from manager.service.operations import OperationRecorder, Operations, record_from_info
+from manager.storage import AgentStateRecord, AgentStateRepository, NodeRecord, NodeRepository
+
+__all__ = ["AgentListing", "FleetQueries", "NodeAgent", "NodeView"]
+
+DEFAULT_BUCKETS = 60
+"""Buckets a metric query gets when it does not name a step."""
+DEFAULT_RANGE_MS = 3600 * 1000
+"""A metric query without a start looks back this far."""
+
+
+@dataclass(frozen=True)
+class NodeView:
+    """A node with what the manager knows about it beyond its record."""
+
+    node: NodeRecord
+    """The registry's record."""
+    connection: ConnectionState
+    """The pool's connection state to its daemon."""
+    agent_counts: Mapping[str, int]
+    """Agents (as last synced) per status name."""
+
+
+@dataclass(frozen=True)
+class NodeAgent:
+    """An agent and the node it runs on."""
+
+    node_id: str
+    """The node."""
+    agent: AgentStateRecord
+    """The agent (as synced, or as the daemon answered just now)."""
+
+
+@dataclass(frozen=True)
+class AgentListing:
+    """The answer to ListAgents."""
+
+    agents: list[NodeAgent]
+    """Agents ordered by node then agent id."""
+    errors: list[tuple[str, str]] = field(default_factory=list)
+    """(node_id, why) for each daemon that could not be asked (live only)."""
+
+
+class FleetQueries:
+    """Node and agent reads, label updates, and daemon passthroughs."""
+
+    def __init__(
+        self,
+        nodes: NodeRepository,
+        agents: AgentStateRepository,
+        pool: DaemonPool,
+        operations: Operations,
+        recorder: OperationRecorder,
+        metrics: MetricsService,
+        *,
+        clock: Callable[[], float] = time.time,
+        live_concurrency: int = 64,
+    ) -> None:
+        self._nodes = nodes
+        self._agents = agents
+        self._pool = pool
+        self._ops = operations
+        self._recorder = recorder
+        self._metrics = metrics
+        self._clock = clock
+        self._live_concurrency = live_concurrency
+
+    def _counts(self, states: Collection[AgentStateRecord]) -> dict[str, dict[str, int]]:
+        counts: dict[str, dict[str, int]] = {}
+        for st in states:
+            per = counts.setdefault(st.node_id, {})
+            per[st.status] = per.get(st.status, 0) + 1
+        return counts
+
+    def _view(self, node: NodeRecord, counts: Mapping[str, int]) -> NodeView:
+        return NodeView(node, self._pool.state(node.node_id), dict(counts))
+
+    async def _selected(self, selector: Selector) -> list[NodeRecord]:
+        return [n for n in await self._nodes.list() if selector.matches(n.labels)]
+
+    async def list_nodes(self, selector: Selector) -> list[NodeView]:
+        """Nodes whose labels match, ordered by id."""
+        nodes = await self._selected(selector)
+        counts = self._counts(await self._agents.list(node_ids=[n.node_id for n in nodes]))
+        return [self._view(n, counts.get(n.node_id, {})) for n in nodes]
+
+    async def get_node(self, node_id: str) -> NodeView:
+        """One node; NotFound if it never registered."""
+        node = await self._ops.node(node_id)
+        return self._view(node, await self._agents.counts_by_status(node_id))
+
+    async def update_labels(
+        self, node_id: str, set_: Mapping[str, str], remove: Collection[str], *, actor: str
+    ) -> NodeView:
+        """Set and remove labels (Kubernetes syntax), audited; the node afterwards."""
+        validate_labels(set_, field="set")
+        for i, key in enumerate(remove):
+            validate_label_key(key, field=f"remove[{i}]")
+        both = sorted(set(set_) & set(remove))
+        if both:
+            raise InvalidArgument(f"{', '.join(both)} both set and removed", field="remove")
+        if not set_ and not remove:
+            raise InvalidArgument("nothing to change: give labels to set or keys to remove")
+        node = await self._ops.node(node_id)
+        merged = {k: v for k, v in {**node.labels, **set_}.items() if k not in remove}
+        if len(merged) > MAX_LABELS:
+            raise InvalidArgument(
+                f"{node_id} would have {len(merged)} labels; at most {MAX_LABELS} are allowed",
+                field="set",
+            )
+        updated = await self._nodes.update_labels(
+            node_id, set_, remove, actor=actor, now_ms=int(self._clock() * 1000)
+        )
+        change = [f"{k}={v}" for k, v in sorted(set_.items())] + [f"{k}-" for k in sorted(remove)]
+        await self._recorder.record(
+            actor=actor,
+            action="nodes.label",
+            target=node_id,
+            detail={"change": " ".join(change)},
+            outcome="ok",
+            message=f"{actor} labelled {node_id}: {' '.join(change)}",
+            node_id=node_id,
+        )
+        return self._view(updated, await self._agents.counts_by_status(node_id))
+
+    async def _target_nodes(self, node_id: str, selector: Selector) -> list[NodeRecord]:
+        if node_id:
+            if not selector.is_empty:
+                raise InvalidArgument("give a node_id or a selector, not both", field="selector")
+            return [await self._ops.node(node_id)]
+        return await self._selected(selector)
+
+    async def list_agents(
+        self,
+        node_id: str,
+        selector: Selector,
+        *,
+        live: bool = False,
+        call_timeout: float | None = None,
+    ) -> AgentListing:
+        """Agents of one node or of the selected nodes (all nodes if neither is given)."""
+        nodes = await self._target_nodes(node_id, selector)
+        if not live:
+            states = await self._agents.list(node_ids=[n.node_id for n in nodes])
+            return AgentListing([NodeAgent(s.node_id, s) for s in states])
+        sem = asyncio.Semaphore(self._live_concurrency)
+
+        async def ask(node: NodeRecord) -> list[NodeAgent] | str:
+            async with sem:
+                try:
+                    resp = await self._pool.list_agents(
+                        node.node_id, node.daemon_address, call_timeout=call_timeout
+                    )
+                except FleetError as exc:
+                    return exc.message
+            infos = sorted(resp.agents, key=lambda a: a.id)
+            return [NodeAgent(node.node_id, record_from_info(node.node_id, i)) for i in infos]
+
+        answers = await asyncio.gather(*(ask(n) for n in nodes))
+        listing = AgentListing([])
+        for node, answer in zip(nodes, answers, strict=True):
+            if isinstance(answer, str):
+                listing.errors.append((node.node_id, answer))
+            else:
+                listing.agents.extend(answer)
+        return listing
+
+    async def agent_metrics(
+        self,
+        node_id: str,
+        agent_id: str,
+        duration_seconds: int,
+        *,
+        call_timeout: float | None = None,
+    ) -> daemon_pb2.GetAgentMetricsResponse:
+        """The daemon's recent samples of one agent (passthrough)."""
+        _require_agent_id(agent_id)
+        if duration_seconds < 0:
+            raise InvalidArgument(
+                f"must be >= 0 (0 reads all the daemon keeps), got {duration_seconds}",
+                field="duration_seconds",
+            )
+        node = await self._ops.node(node_id)
+        return await self._pool.get_agent_metrics(
+            node_id, node.daemon_address, agent_id, duration_seconds, call_timeout=call_timeout
+        )
+
+    async def read_log(
+        self, node_id: str, agent_id: str, *, offset: int, max_bytes: int, follow: bool
+    ) -> AsyncGenerator[daemon_pb2.ReadAgentLogResponse, None]:
+        """The daemon's log chunks of one agent (passthrough; follow keeps it open)."""
+        _require_agent_id(agent_id)
+        if max_bytes < 0:
+            raise InvalidArgument(f"must be >= 0, got {max_bytes}", field="max_bytes")
+        node = await self._ops.node(node_id)
+        stream = self._pool.read_agent_log(
+            node_id,
+            node.daemon_address,
+            agent_id,
+            offset=offset,
+            max_bytes=max_bytes,
+            follow=follow,
+        )
+        async for chunk in stream:
+            yield chunk
+
+    async def query_metrics(
+        self,
+        *,
+        node_id: str,
+        agent_id: str,
+        type: str,
+        name: str,
+        start_ms: int,
+        end_ms: int,
+        step_s: int,
+        aggregate: str,
+    ) -> tuple[dict[str, list[tuple[int, float]]], int]:
+        """Bucketed series per value name and the step used.
+
+        end 0 = now, start 0 = an hour before end, step 0 = about 60 buckets.
+        """
+        await self._ops.node(node_id)
+        end_ms = end_ms or int(self._clock() * 1000)
+        start_ms = start_ms or max(0, end_ms - DEFAULT_RANGE_MS)
+        if step_s < 0:
+            raise InvalidArgument(f"must be >= 0, got {step_s}", field="step_seconds")
+        if step_s == 0:
+            step_s = max(1, math.ceil((end_ms - start_ms) / 1000 / DEFAULT_BUCKETS))
+        series = await self._metrics.query(
+            node_id=node_id,
+            agent_id=agent_id,
+            type=type,
+            name=name,
+            start_ms=start_ms,
+            end_ms=end_ms,
+            step_s=step_s,
+            aggregate=aggregate,
+        )
+        return series, step_s
+
+
+def _require_agent_id(agent_id: str) -> None:
+    if not agent_id:
+        raise InvalidArgument("is required", field="agent_id")
+    validate_label_value(agent_id, field="agent_id")

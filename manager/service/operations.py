@@ -1,0 +1,417 @@
+"""Operator operations on agents: one (OperateAgent) or a fan-out (OperateAgents).
+
+Targets are resolved from what the manager knows: the selector picks nodes
+by their labels, then `agent_id` or `agent_type` picks agents on those nodes
+from the states the daemons last synced (an agent the daemon has not
+reported yet is not a target). Each target is then one pooled
+`DaemonService.OperateAgent` call, run through `sliding_window`.
+
+Every mutating call is written to the operations audit with the operator's
+identity and produces OPERATION events (a fan-out: one when it starts, one
+with the summary when it ends, so a watcher sees a rollout in progress).
+A plan (dry run) resolves and lists the targets and records nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import time
+from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+from fleet.errors import FleetError, InvalidArgument, NotFound, Unavailable
+from fleet.labels import validate_label_value, validate_node_id
+from fleet.selectors import Selector
+from fleet.v1 import common_pb2
+from manager.pool import DaemonPool
+from manager.service.fanout import Outcome, sliding_window
+from manager.storage import (
+    AgentStateRecord,
+    AgentStateRepository,
+    AuditRepository,
+    EventRepository,
+    NodeRecord,
+    NodeRepository,
+)
+
+__all__ = [
+    "Action",
+    "OperationRecorder",
+    "Operations",
+    "Summary",
+    "Target",
+    "TargetResult",
+    "resolve_targets",
+]
+
+log = logging.getLogger(__name__)
+
+Action = Literal["start", "stop", "restart"]
+
+_PB_OPERATION: dict[Action, common_pb2.AgentOperation.ValueType] = {
+    "start": common_pb2.AGENT_OPERATION_START,
+    "stop": common_pb2.AGENT_OPERATION_STOP,
+    "restart": common_pb2.AGENT_OPERATION_RESTART,
+}
+
+
+@dataclass(frozen=True)
+class Target:
+    """One agent on one node that an operation acts on."""
+
+    node_id: str
+    """The node."""
+    agent_id: str
+    """The agent on it."""
+    address: str
+    """The daemon's address the pool dials."""
+
+
+@dataclass(frozen=True)
+class TargetResult:
+    """How one target ended (or, for a plan, that it would be acted on)."""
+
+    target: Target
+    """The target."""
+    outcome: Literal["planned", "ok", "failed", "skipped"]
+    """What happened."""
+    message: str = ""
+    """Why it failed or was skipped."""
+    agent: AgentStateRecord | None = None
+    """The agent after the operation (ok only)."""
+    duration_ms: int = 0
+    """How long its call took."""
+
+
+@dataclass(frozen=True)
+class Summary:
+    """The end of a fan-out."""
+
+    operation_id: str
+    """Audit id of the fan-out ("" for a plan, which records nothing)."""
+    total: int
+    """Targets resolved."""
+    ok: int
+    """Targets operated on successfully."""
+    failed: int
+    """Targets whose call failed."""
+    skipped: int
+    """Targets not attempted because max_errors was reached."""
+    planned: int
+    """Targets listed by a plan."""
+    duration_ms: int
+    """Wall time of the whole fan-out."""
+
+
+def resolve_targets(
+    nodes: Sequence[NodeRecord],
+    agents: Sequence[AgentStateRecord],
+    selector: Selector,
+    *,
+    agent_id: str = "",
+    agent_type: str = "",
+) -> list[Target]:
+    """The (node, agent) pairs an OperateAgents request names, ordered by node then agent.
+
+    Pure: nodes whose labels match `selector`, then their agents with that id
+    or type (exactly one of the two must be given).
+    """
+    if bool(agent_id) == bool(agent_type):
+        raise InvalidArgument(
+            "set exactly one of agent_id and agent_type (got "
+            + ("both" if agent_id else "neither")
+            + ")",
+            field="agent_id",
+        )
+    chosen = {n.node_id: n for n in nodes if selector.matches(n.labels)}
+    targets = [
+        Target(a.node_id, a.agent_id, chosen[a.node_id].daemon_address)
+        for a in agents
+        if a.node_id in chosen and (a.agent_id == agent_id if agent_id else a.type == agent_type)
+    ]
+    targets.sort(key=lambda t: (t.node_id, t.agent_id))
+    return targets
+
+
+def record_from_info(node_id: str, info: common_pb2.AgentInfo) -> AgentStateRecord:
+    """A daemon's AgentInfo (from the pool) as the manager's agent record."""
+    try:
+        status = common_pb2.AgentStatus.Name(info.status).removeprefix("AGENT_STATUS_")
+        health = common_pb2.AgentHealth.Name(info.health).removeprefix("AGENT_HEALTH_")
+    except ValueError:  # a newer daemon's enum value
+        status, health = "UNKNOWN", ""
+    return AgentStateRecord(
+        node_id=node_id,
+        agent_id=info.id,
+        status=status,
+        pid=info.pid,
+        last_heartbeat_ms=info.last_heartbeat,
+        type=info.type,
+        version=info.version,
+        start_time_ms=info.start_time,
+        restart_count=info.restart_count,
+        exit_code=info.exit_code,
+        message=info.message,
+        labels=dict(info.labels),
+        health=health,
+        config_version=info.config_version,
+    )
+
+
+class OperationRecorder:
+    """Writes the audit entry and the OPERATION event of an operator action."""
+
+    def __init__(
+        self, audit: AuditRepository, events: EventRepository, *, clock: Callable[[], float]
+    ) -> None:
+        self._audit = audit
+        self._events = events
+        self._clock = clock
+
+    async def record(
+        self,
+        *,
+        actor: str,
+        action: str,
+        target: str,
+        detail: Mapping[str, str],
+        outcome: str,
+        message: str,
+        node_id: str = "",
+        agent_id: str = "",
+    ) -> int:
+        """Audit then event; returns the audit id (the event carries it)."""
+        now_ms = int(self._clock() * 1000)
+        audit_id = await self._audit.record(
+            actor=actor, action=action, target=target, detail=detail, outcome=outcome, now_ms=now_ms
+        )
+        await self._events.append(
+            "OPERATION",
+            node_id=node_id,
+            agent_id=agent_id,
+            message=message,
+            actor=actor,
+            attributes={
+                **detail,
+                "operation_id": str(audit_id),
+                "action": action,
+                "outcome": outcome,
+            },
+            now_ms=now_ms,
+        )
+        return audit_id
+
+
+class Operations:
+    """OperateAgent and OperateAgents: resolve, call the daemons, record."""
+
+    def __init__(
+        self,
+        nodes: NodeRepository,
+        agents: AgentStateRepository,
+        pool: DaemonPool,
+        recorder: OperationRecorder,
+        *,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._nodes = nodes
+        self._agents = agents
+        self._pool = pool
+        self._recorder = recorder
+        self._clock = clock
+
+    async def node(self, node_id: str) -> NodeRecord:
+        """The registered node; NotFound otherwise."""
+        validate_node_id(node_id)
+        node = await self._nodes.get(node_id)
+        if node is None:
+            raise NotFound(f"node {node_id!r} is not registered (see ListNodes)")
+        return node
+
+    async def _call(
+        self, target: Target, action: Action, call_timeout: float | None
+    ) -> AgentStateRecord:
+        try:
+            response = await self._pool.operate_agent(
+                target.node_id,
+                target.address,
+                target.agent_id,
+                _PB_OPERATION[action],
+                call_timeout=call_timeout,
+            )
+        except Unavailable as exc:
+            raise Unavailable(
+                f"the daemon of {target.node_id} at {target.address} cannot be reached: "
+                f"{exc.message.removeprefix(target.node_id + ': ')}"
+            ) from exc
+        if not response.success:  # the contract answers errors as codes; be safe anyway
+            raise Unavailable(f"{target.node_id}: {response.error_message or 'operation failed'}")
+        return record_from_info(target.node_id, response.agent)
+
+    async def operate_one(
+        self,
+        node_id: str,
+        agent_id: str,
+        action: Action,
+        *,
+        actor: str,
+        call_timeout: float | None = None,
+    ) -> AgentStateRecord:
+        """Act on one agent through the pool; audited whatever the outcome."""
+        validate_label_value(agent_id, field="agent_id")
+        if not agent_id:
+            raise InvalidArgument("is required", field="agent_id")
+        node = await self.node(node_id)
+        target = Target(node_id, agent_id, node.daemon_address)
+        detail = {"node_id": node_id, "agent_id": agent_id}
+        outcome, message = "failed", f"{actor}: {action} {agent_id} on {node_id} failed"
+        try:
+            agent = await self._call(target, action, call_timeout)
+        except FleetError as exc:
+            detail["error"] = exc.message
+            raise
+        except BaseException:  # cancelled by the caller: not known to have happened
+            outcome = "cancelled"
+            raise
+        else:
+            outcome, message = "ok", f"{actor}: {action} {agent_id} on {node_id}: done"
+            return agent
+        finally:
+            await self._recorder.record(
+                actor=actor,
+                action=f"agents.{action}",
+                target=f"{node_id}/{agent_id}",
+                detail=detail,
+                outcome=outcome,
+                message=message,
+                node_id=node_id,
+                agent_id=agent_id,
+            )
+
+    async def resolve(self, selector: Selector, *, agent_id: str, agent_type: str) -> list[Target]:
+        """The targets of a fan-out; NotFound when nothing matches (so a typo is not silent)."""
+        if agent_id:
+            validate_label_value(agent_id, field="agent_id")
+        if agent_type:
+            validate_label_value(agent_type, field="agent_type")
+        nodes = [n for n in await self._nodes.list() if selector.matches(n.labels)]
+        if not nodes:
+            raise NotFound(f"no registered node matches selector {str(selector) or '(all)'!r}")
+        agents = await self._agents.list(node_ids=[n.node_id for n in nodes])
+        targets = resolve_targets(nodes, agents, selector, agent_id=agent_id, agent_type=agent_type)
+        if not targets:
+            what = f"agent {agent_id!r}" if agent_id else f"agents of type {agent_type!r}"
+            raise NotFound(
+                f"no {what} on the {len(nodes)} node(s) matching {str(selector) or '(all)'!r}"
+            )
+        return targets
+
+    async def fan_out(
+        self,
+        selector: Selector,
+        action: Action,
+        *,
+        agent_id: str = "",
+        agent_type: str = "",
+        max_concurrency: int = 1,
+        max_errors: int = 0,
+        plan: bool = False,
+        actor: str,
+        call_timeout: float | None = None,
+    ) -> AsyncGenerator[TargetResult | Summary, None]:
+        """Yield one TargetResult per target as it finishes, then the Summary.
+
+        Resolution errors (bad request, nothing matches) raise before anything
+        is yielded or touched. Close the iterator to stop launching targets.
+        """
+        if max_concurrency < 0:
+            raise InvalidArgument(f"must be >= 0, got {max_concurrency}", field="max_concurrency")
+        if max_errors < 0:
+            raise InvalidArgument(f"must be >= 0, got {max_errors}", field="max_errors")
+        started = time.monotonic()
+        targets = await self.resolve(selector, agent_id=agent_id, agent_type=agent_type)
+        if plan:
+            for target in targets:
+                yield TargetResult(target, "planned")
+            yield Summary("", len(targets), 0, 0, 0, len(targets), _ms_since(started))
+            return
+        what = f"agent {agent_id}" if agent_id else f"agents of type {agent_type}"
+        where = str(selector) or "(all nodes)"
+        params = {
+            "selector": str(selector),
+            "agent_id": agent_id,
+            "agent_type": agent_type,
+            "max_concurrency": str(max(1, max_concurrency)),
+            "max_errors": str(max_errors),
+            "targets": str(len(targets)),
+        }
+        op_id = await self._recorder.record(
+            actor=actor,
+            action=f"agents.{action}",
+            target=f"{where}: {what}",
+            detail=params,
+            outcome="started",
+            message=f"{actor} started {action} of {what} on {len(targets)} target(s) ({where})",
+        )
+        counts = {"ok": 0, "failed": 0, "skipped": 0}
+        outcome = "cancelled"
+        window = sliding_window(
+            targets,
+            lambda t: self._call(t, action, call_timeout),
+            max_concurrency=max(1, max_concurrency),
+            max_errors=max_errors,
+            # The pool bounds each call too; this also bounds waiting for a channel.
+            call_timeout=(call_timeout or self._pool.config.call_timeout) + 1.0,
+        )
+        try:
+            async with contextlib.aclosing(window):
+                async for result in window:
+                    counts[result.kind] += 1
+                    yield _target_result(result)
+            outcome = (
+                "ok" if counts["ok"] == len(targets) else "partial" if counts["ok"] else "failed"
+            )
+            yield Summary(
+                str(op_id),
+                len(targets),
+                counts["ok"],
+                counts["failed"],
+                counts["skipped"],
+                0,
+                _ms_since(started),
+            )
+        finally:
+            # Also when the client went away: the audit says how far it got.
+            summary = {**params, "operation_id": str(op_id)} | {
+                k: str(v) for k, v in counts.items()
+            }
+            try:
+                await self._recorder.record(
+                    actor=actor,
+                    action=f"agents.{action}",
+                    target=f"{where}: {what}",
+                    detail=summary,
+                    outcome=outcome,
+                    message=(
+                        f"{action} of {what} on {where} {outcome}: {counts['ok']} ok, "
+                        f"{counts['failed']} failed, {counts['skipped']} skipped"
+                    ),
+                )
+            except FleetError as exc:  # never mask the rollout's own result
+                log.warning("could not record the end of operation %s: %s", op_id, exc)
+
+
+def _ms_since(started: float) -> int:
+    return int((time.monotonic() - started) * 1000)
+
+
+def _target_result(result: Outcome[Target, AgentStateRecord]) -> TargetResult:
+    return TargetResult(
+        result.target,
+        result.kind,
+        message=result.error,
+        agent=result.value,
+        duration_ms=int(result.duration * 1000),
+    )

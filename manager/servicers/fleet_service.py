@@ -1,0 +1,412 @@
+"""FleetService: the operator API. Translation and identity only.
+
+Every RPC first requires an ``operator/*`` certificate of this fleet's trust
+domain, then hands plain values to the service layer (`manager.service.fleet`,
+`.operations`, `.event_feed`) and turns the answers into protobuf. The
+operator's identity ("operator/alice") is the actor recorded in the audit.
+Errors are `fleet.errors` exceptions mapped by the ErrorMappingInterceptor.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Any, cast
+
+from grpc import aio
+
+from fleet import selectors
+from fleet.errors import InvalidArgument
+from fleet.tls import require_role
+from fleet.v1 import common_pb2, fleet_pb2, fleet_pb2_grpc
+from manager.pool import ConnectionState, DaemonPool
+from manager.service.event_feed import EventFeed
+from manager.service.fleet import FleetQueries, NodeView
+from manager.service.metrics import MetricsService
+from manager.service.operations import (
+    Action,
+    OperationRecorder,
+    Operations,
+    Summary,
+    TargetResult,
+)
+from manager.storage import (
+    AgentStateRecord,
+    AgentStateRepository,
+    AuditRepository,
+    Database,
+    EventRecord,
+    EventRepository,
+    NodeRepository,
+)
+
+__all__ = ["SERVICE_NAME", "FleetServicer", "agent_info", "build_fleet_servicer"]
+
+SERVICE_NAME: str = fleet_pb2.DESCRIPTOR.services_by_name["FleetService"].full_name
+"""Full name of the service, for health and reflection."""
+
+_Context = aio.ServicerContext[Any, Any]
+
+_CONNECTION = {
+    ConnectionState.IDLE: fleet_pb2.CONNECTION_STATE_IDLE,
+    ConnectionState.CONNECTING: fleet_pb2.CONNECTION_STATE_CONNECTING,
+    ConnectionState.READY: fleet_pb2.CONNECTION_STATE_READY,
+    ConnectionState.RECONNECTING: fleet_pb2.CONNECTION_STATE_RECONNECTING,
+}
+_ACTIONS: dict[int, Action] = {
+    common_pb2.AGENT_OPERATION_START: "start",
+    common_pb2.AGENT_OPERATION_STOP: "stop",
+    common_pb2.AGENT_OPERATION_RESTART: "restart",
+}
+_OUTCOMES = {
+    "planned": fleet_pb2.TARGET_OUTCOME_PLANNED,
+    "ok": fleet_pb2.TARGET_OUTCOME_OK,
+    "failed": fleet_pb2.TARGET_OUTCOME_FAILED,
+    "skipped": fleet_pb2.TARGET_OUTCOME_SKIPPED,
+}
+_AGGREGATES = {
+    fleet_pb2.AGGREGATE_UNSPECIFIED: "avg",
+    fleet_pb2.AGGREGATE_AVG: "avg",
+    fleet_pb2.AGGREGATE_MIN: "min",
+    fleet_pb2.AGGREGATE_MAX: "max",
+}
+
+
+def _agent_status(name: str) -> common_pb2.AgentStatus.ValueType:
+    try:
+        return common_pb2.AgentStatus.Value(f"AGENT_STATUS_{name}")
+    except ValueError:
+        return common_pb2.AGENT_STATUS_UNKNOWN
+
+
+def _agent_health(name: str) -> common_pb2.AgentHealth.ValueType:
+    try:
+        return common_pb2.AgentHealth.Value(f"AGENT_HEALTH_{name}")
+    except ValueError:
+        return common_pb2.AGENT_HEALTH_UNSPECIFIED
+
+
+def _node_status(name: str) -> common_pb2.NodeStatus.ValueType:
+    try:
+        return common_pb2.NodeStatus.Value(f"NODE_STATUS_{name.upper()}")
+    except ValueError:
+        return common_pb2.NODE_STATUS_UNSPECIFIED
+
+
+def _event_kind(name: str) -> fleet_pb2.EventKind.ValueType:
+    try:
+        return fleet_pb2.EventKind.Value(f"EVENT_KIND_{name}")
+    except ValueError:
+        return fleet_pb2.EVENT_KIND_UNSPECIFIED
+
+
+def agent_info(record: AgentStateRecord) -> common_pb2.AgentInfo:
+    """The AgentInfo message for a stored agent state."""
+    return common_pb2.AgentInfo(
+        id=record.agent_id,
+        type=record.type,
+        status=_agent_status(record.status),
+        pid=record.pid,
+        version=record.version,
+        start_time=record.start_time_ms,
+        restart_count=record.restart_count,
+        last_heartbeat=record.last_heartbeat_ms,
+        exit_code=record.exit_code,
+        message=record.message,
+        labels=record.labels,
+        health=_agent_health(record.health),
+        config_version=record.config_version,
+    )
+
+
+def _node(view: NodeView) -> fleet_pb2.Node:
+    n = view.node
+    return fleet_pb2.Node(
+        node_id=n.node_id,
+        hostname=n.hostname,
+        ip=n.ip,
+        os=n.os,
+        arch=n.arch,
+        labels=n.labels,
+        daemon_version=n.daemon_version,
+        agent_version=n.agent_version,
+        daemon_address=n.daemon_address,
+        status=_node_status(n.status),
+        last_heartbeat=n.last_seen_ms,
+        registered_at=n.registered_at_ms,
+        connection_state=_CONNECTION[view.connection],
+        agent_counts=_counts(view.agent_counts),
+    )
+
+
+def _counts(counts: Mapping[str, int]) -> list[fleet_pb2.AgentCount]:
+    out = [
+        fleet_pb2.AgentCount(status=_agent_status(status), count=n) for status, n in counts.items()
+    ]
+    return sorted(out, key=lambda c: c.status)
+
+
+def _event(record: EventRecord) -> fleet_pb2.Event:
+    return fleet_pb2.Event(
+        id=record.id,
+        timestamp=record.timestamp_ms,
+        kind=_event_kind(record.kind),
+        node_id=record.node_id,
+        agent_id=record.agent_id,
+        message=record.message,
+        actor=record.actor,
+        attributes=record.attributes,
+    )
+
+
+def _action(value: int) -> Action:
+    action = _ACTIONS.get(value)
+    if action is None:
+        raise InvalidArgument(
+            f"unsupported operation {value}; use START, STOP or RESTART", field="operation"
+        )
+    return action
+
+
+def _kinds(values: Any) -> list[str]:
+    kinds = []
+    for i, value in enumerate(values):
+        if value == fleet_pb2.EVENT_KIND_UNSPECIFIED:
+            raise InvalidArgument("EVENT_KIND_UNSPECIFIED is not a kind", field=f"kinds[{i}]")
+        try:
+            kinds.append(fleet_pb2.EventKind.Name(value).removeprefix("EVENT_KIND_"))
+        except ValueError:
+            raise InvalidArgument(f"unknown event kind {value}", field=f"kinds[{i}]") from None
+    return kinds
+
+
+class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
+    """Serves FleetService for ``operator/*`` callers."""
+
+    def __init__(
+        self,
+        queries: FleetQueries,
+        operations: Operations,
+        feed: EventFeed,
+        *,
+        trust_domain: str,
+        call_timeout: float,
+    ) -> None:
+        self._q = queries
+        self._ops = operations
+        self._feed = feed
+        self._td = trust_domain
+        self._call_timeout = call_timeout
+
+    def _operator(self, context: _Context) -> str:
+        return str(require_role(context, "operator", trust_domain=self._td))
+
+    def _timeout(self, context: _Context) -> float:
+        """The pool's deadline, shortened to the operator's own if that is sooner."""
+        # grpc returns None when the caller set no deadline (the stubs say float).
+        remaining = cast("float | None", context.time_remaining())
+        if remaining is None:
+            return self._call_timeout
+        return max(0.001, min(self._call_timeout, remaining))
+
+    async def ListNodes(
+        self, request: fleet_pb2.FleetServiceListNodesRequest, context: _Context
+    ) -> fleet_pb2.FleetServiceListNodesResponse:
+        self._operator(context)
+        selector = selectors.from_proto(request.selector)
+        views = await self._q.list_nodes(selector)
+        return fleet_pb2.FleetServiceListNodesResponse(nodes=[_node(v) for v in views])
+
+    async def GetNode(
+        self, request: fleet_pb2.FleetServiceGetNodeRequest, context: _Context
+    ) -> fleet_pb2.FleetServiceGetNodeResponse:
+        self._operator(context)
+        return fleet_pb2.FleetServiceGetNodeResponse(
+            node=_node(await self._q.get_node(request.node_id))
+        )
+
+    async def UpdateNodeLabels(
+        self, request: fleet_pb2.FleetServiceUpdateNodeLabelsRequest, context: _Context
+    ) -> fleet_pb2.FleetServiceUpdateNodeLabelsResponse:
+        actor = self._operator(context)
+        view = await self._q.update_labels(
+            request.node_id, dict(request.set), list(request.remove), actor=actor
+        )
+        return fleet_pb2.FleetServiceUpdateNodeLabelsResponse(node=_node(view))
+
+    async def ListAgents(
+        self, request: fleet_pb2.FleetServiceListAgentsRequest, context: _Context
+    ) -> fleet_pb2.FleetServiceListAgentsResponse:
+        self._operator(context)
+        selector = selectors.from_proto(request.selector)
+        listing = await self._q.list_agents(
+            request.node_id, selector, live=request.live, call_timeout=self._timeout(context)
+        )
+        return fleet_pb2.FleetServiceListAgentsResponse(
+            agents=[
+                fleet_pb2.NodeAgent(node_id=a.node_id, agent=agent_info(a.agent))
+                for a in listing.agents
+            ],
+            errors=[fleet_pb2.TargetError(node_id=n, message=m) for n, m in listing.errors],
+        )
+
+    async def OperateAgent(
+        self, request: fleet_pb2.FleetServiceOperateAgentRequest, context: _Context
+    ) -> fleet_pb2.FleetServiceOperateAgentResponse:
+        actor = self._operator(context)
+        record = await self._ops.operate_one(
+            request.node_id,
+            request.agent_id,
+            _action(request.operation),
+            actor=actor,
+            call_timeout=self._timeout(context),
+        )
+        return fleet_pb2.FleetServiceOperateAgentResponse(
+            agent=fleet_pb2.NodeAgent(node_id=request.node_id, agent=agent_info(record))
+        )
+
+    async def OperateAgents(
+        self, request: fleet_pb2.FleetServiceOperateAgentsRequest, context: _Context
+    ) -> AsyncIterator[fleet_pb2.FleetServiceOperateAgentsResponse]:
+        actor = self._operator(context)
+        selector = selectors.from_proto(request.selector)
+        stream = self._ops.fan_out(
+            selector,
+            _action(request.operation),
+            agent_id=request.agent_id,
+            agent_type=request.agent_type,
+            max_concurrency=request.max_concurrency,
+            max_errors=request.max_errors,
+            plan=request.plan,
+            actor=actor,
+            call_timeout=self._timeout(context),
+        )
+        # aclosing: a client that goes away stops the fan-out launching targets.
+        async with contextlib.aclosing(stream):
+            async for item in stream:
+                if isinstance(item, Summary):
+                    yield fleet_pb2.FleetServiceOperateAgentsResponse(summary=_summary(item))
+                else:
+                    yield fleet_pb2.FleetServiceOperateAgentsResponse(result=_result(item))
+
+    async def QueryMetrics(
+        self, request: fleet_pb2.FleetServiceQueryMetricsRequest, context: _Context
+    ) -> fleet_pb2.FleetServiceQueryMetricsResponse:
+        self._operator(context)
+        aggregate = _AGGREGATES.get(request.aggregate)
+        if aggregate is None:
+            raise InvalidArgument(f"unknown aggregate {request.aggregate}", field="aggregate")
+        series, step = await self._q.query_metrics(
+            node_id=request.node_id,
+            agent_id=request.agent_id,
+            type=request.type,
+            name=request.name,
+            start_ms=request.start_time,
+            end_ms=request.end_time,
+            step_s=request.step_seconds,
+            aggregate=aggregate,
+        )
+        return fleet_pb2.FleetServiceQueryMetricsResponse(
+            series=[
+                fleet_pb2.MetricSeries(
+                    name=name,
+                    points=[fleet_pb2.MetricPoint(timestamp=t, value=v) for t, v in points],
+                )
+                for name, points in sorted(series.items())
+            ],
+            step_seconds=step,
+        )
+
+    async def GetAgentMetrics(
+        self, request: fleet_pb2.FleetServiceGetAgentMetricsRequest, context: _Context
+    ) -> fleet_pb2.FleetServiceGetAgentMetricsResponse:
+        self._operator(context)
+        resp = await self._q.agent_metrics(
+            request.node_id,
+            request.agent_id,
+            request.duration_seconds,
+            call_timeout=self._timeout(context),
+        )
+        return fleet_pb2.FleetServiceGetAgentMetricsResponse(
+            node_id=request.node_id, agent_id=request.agent_id, data_points=resp.data_points
+        )
+
+    async def ReadAgentLog(
+        self, request: fleet_pb2.FleetServiceReadAgentLogRequest, context: _Context
+    ) -> AsyncIterator[fleet_pb2.FleetServiceReadAgentLogResponse]:
+        self._operator(context)
+        stream = self._q.read_log(
+            request.node_id,
+            request.agent_id,
+            offset=request.offset,
+            max_bytes=request.max_bytes,
+            follow=request.follow,
+        )
+        async with contextlib.aclosing(stream):
+            async for chunk in stream:
+                yield fleet_pb2.FleetServiceReadAgentLogResponse(
+                    data=chunk.data,
+                    offset=chunk.offset,
+                    next_offset=chunk.next_offset,
+                    rotated=chunk.rotated,
+                )
+
+    async def WatchEvents(
+        self, request: fleet_pb2.FleetServiceWatchEventsRequest, context: _Context
+    ) -> AsyncIterator[fleet_pb2.FleetServiceWatchEventsResponse]:
+        self._operator(context)
+        stream = self._feed.watch(
+            request.from_event_id,
+            kinds=_kinds(request.kinds),
+            node_id=request.node_id,
+            follow=request.follow,
+        )
+        async with contextlib.aclosing(stream):
+            async for record in stream:
+                yield fleet_pb2.FleetServiceWatchEventsResponse(event=_event(record))
+
+
+def _result(r: TargetResult) -> fleet_pb2.TargetResult:
+    return fleet_pb2.TargetResult(
+        node_id=r.target.node_id,
+        agent_id=r.target.agent_id,
+        outcome=_OUTCOMES[r.outcome],
+        message=r.message,
+        agent=agent_info(r.agent) if r.agent is not None else None,
+        duration_ms=r.duration_ms,
+    )
+
+
+def _summary(s: Summary) -> fleet_pb2.OperationSummary:
+    return fleet_pb2.OperationSummary(
+        operation_id=s.operation_id,
+        total=s.total,
+        ok=s.ok,
+        failed=s.failed,
+        skipped=s.skipped,
+        planned=s.planned,
+        duration_ms=s.duration_ms,
+    )
+
+
+def build_fleet_servicer(
+    db: Database,
+    pool: DaemonPool,
+    feed: EventFeed,
+    metrics: MetricsService,
+    *,
+    trust_domain: str,
+    clock: Callable[[], float],
+) -> FleetServicer:
+    """The FleetService servicer over the manager's database, daemon pool and event feed."""
+    nodes, agents = NodeRepository(db), AgentStateRepository(db)
+    recorder = OperationRecorder(AuditRepository(db), EventRepository(db), clock=clock)
+    operations = Operations(nodes, agents, pool, recorder, clock=clock)
+    queries = FleetQueries(nodes, agents, pool, operations, recorder, metrics, clock=clock)
+    return FleetServicer(
+        queries,
+        operations,
+        feed,
+        trust_domain=trust_domain,
+        call_timeout=pool.config.call_timeout,
+    )

@@ -1,0 +1,218 @@
+"""FleetService operations over real mTLS: OperateAgent and the OperateAgents fan-out."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from fleet_harness import fleet_env, operate, outcomes, selector
+from manager_harness import rpc_error
+
+from fleet.v1 import common_pb2, fleet_pb2
+from manager.storage import AuditRepository
+
+RESTART = common_pb2.AGENT_OPERATION_RESTART
+PROD = {"env": "prod"}
+
+
+async def test_fan_out_with_one_daemon_down_fails_that_target_only(
+    pki: Any, tmp_path: Path
+) -> None:
+    """One stopped daemon: its target is FAILED with a reason, the others are restarted."""
+    async with fleet_env(pki, tmp_path) as env:
+        await env.add_nodes("n1", "n2", "n3", "n4", labels=PROD)
+        await env.add_nodes("other", labels={"env": "staging"})
+        await env.fleet["n3"].stop()
+        results, summary = await operate(
+            env.stub, selector=selector("env=prod"), agent_id="web", max_concurrency=4
+        )
+        assert outcomes(results) == {"n1": "OK", "n2": "OK", "n3": "FAILED", "n4": "OK"}
+        failed = next(r for r in results if r.node_id == "n3")
+        assert "n3" in failed.message
+        assert "cannot be reached" in failed.message
+        assert (summary.total, summary.ok, summary.failed, summary.skipped) == (4, 3, 1, 0)
+        for name in ("n1", "n2", "n4"):
+            assert env.fleet[name].servicer.operations == [("OperateAgent", "web", "RESTART")]
+            assert env.fleet[name].servicer.agents["web"].restart_count == 1
+        assert env.fleet["other"].servicer.calls == []
+        ok = next(r for r in results if r.node_id == "n1")
+        assert ok.agent.restart_count == 1
+        assert ok.agent.status == common_pb2.AGENT_STATUS_RUNNING
+
+
+async def test_a_daemon_that_never_answers_fails_within_the_deadline(
+    pki: Any, tmp_path: Path
+) -> None:
+    """A black-hole daemon (accepts TCP, never speaks TLS) fails its target; no hang."""
+    with socket.socket() as hole:
+        hole.bind(("127.0.0.1", 0))
+        hole.listen(16)
+        async with fleet_env(pki, tmp_path) as env:
+            await env.add_nodes("n1", "n2", labels=PROD)
+            hung = await env.fleet.add("n0", labels=PROD)
+            hung.address = f"127.0.0.1:{hole.getsockname()[1]}"
+            await hung.register(env.address, pki.trust_domain)
+            loop = asyncio.get_running_loop()
+            start = loop.time()
+            results, summary = await operate(
+                env.stub, selector=selector("env=prod"), agent_type="web", max_concurrency=3
+            )
+            assert loop.time() - start < 8.0  # pool call_timeout 3 s (+1 s window slack)
+        assert outcomes(results) == {"n0": "FAILED", "n1": "OK", "n2": "OK"}
+        assert summary.failed == 1
+
+
+async def test_concurrency_never_exceeds_max_concurrency(pki: Any, tmp_path: Path) -> None:
+    """Eight slow daemons with a window of three: the daemons see at most three at once."""
+    async with fleet_env(pki, tmp_path) as env:
+        await env.add_nodes(*[f"n{i}" for i in range(8)], labels=PROD, op_delay=0.15)
+        _results, summary = await operate(
+            env.stub, selector=selector("env=prod"), agent_id="worker", max_concurrency=3
+        )
+        assert summary.ok == 8
+        assert env.fleet.concurrency.peak == 3
+
+
+async def test_max_errors_stops_the_rollout(pki: Any, tmp_path: Path) -> None:
+    """After two failures nothing more is launched; the rest are SKIPPED and untouched."""
+    async with fleet_env(pki, tmp_path) as env:
+        await env.add_nodes("a-bad", "b-bad", "c-bad", labels=PROD, fail_operations=True)
+        await env.add_nodes("d-ok", "e-ok", labels=PROD)
+        results, summary = await operate(
+            env.stub,
+            selector=selector("env=prod"),
+            agent_id="web",
+            max_concurrency=1,
+            max_errors=2,
+        )
+        assert outcomes(results) == {
+            "a-bad": "FAILED",
+            "b-bad": "FAILED",
+            "c-bad": "SKIPPED",
+            "d-ok": "SKIPPED",
+            "e-ok": "SKIPPED",
+        }
+        assert "spawn failed" in results[0].message
+        assert (summary.failed, summary.skipped, summary.ok) == (2, 3, 0)
+        for name in ("c-bad", "d-ok", "e-ok"):
+            assert env.fleet[name].servicer.operations == []
+        audit = await AuditRepository(env.manager.db).list_recent(limit=1)
+        assert audit[0].outcome == "failed"
+        assert audit[0].detail["skipped"] == "3"
+
+
+async def test_plan_lists_targets_and_touches_nothing(pki: Any, tmp_path: Path) -> None:
+    """--plan resolves the targets as PLANNED; no daemon is called and nothing is audited."""
+    async with fleet_env(pki, tmp_path) as env:
+        await env.add_nodes("n1", "n2", labels=PROD)
+        await env.add_nodes("s1", labels={"env": "staging"})
+        results, summary = await operate(
+            env.stub, selector=selector("env in (prod)"), agent_type="worker", plan=True
+        )
+        assert outcomes(results) == {"n1": "PLANNED", "n2": "PLANNED"}
+        assert {r.agent_id for r in results} == {"worker"}
+        assert (summary.planned, summary.total, summary.ok, summary.operation_id) == (2, 2, 0, "")
+        assert all(n.servicer.calls == [] for n in env.fleet.nodes)
+        assert await AuditRepository(env.manager.db).list_recent() == []
+
+
+async def test_fan_out_is_audited_with_the_operator(pki: Any, tmp_path: Path) -> None:
+    """A rollout leaves a started and a finished audit entry naming operator/alice."""
+    async with fleet_env(pki, tmp_path) as env:
+        await env.add_nodes("n1", labels=PROD)
+        _, summary = await operate(env.stub, selector=selector("env=prod"), agent_id="web")
+        entries = await AuditRepository(env.manager.db).list_recent()
+        assert [(e.actor, e.action, e.outcome) for e in entries] == [
+            ("operator/alice", "agents.restart", "ok"),
+            ("operator/alice", "agents.restart", "started"),
+        ]
+        assert summary.operation_id == str(entries[1].id)
+
+
+@pytest.mark.parametrize(
+    ("fields", "needle"),
+    [
+        ({"agent_id": "web", "agent_type": "web"}, "exactly one of agent_id and agent_type"),
+        ({}, "exactly one of agent_id and agent_type"),
+        ({"agent_id": "web", "operation": 0}, "operation"),
+        ({"agent_id": "web", "max_concurrency": -1}, "max_concurrency"),
+        ({"agent_id": "Bad Id"}, "agent_id"),
+    ],
+)
+async def test_bad_fan_out_requests_are_invalid_argument(
+    pki: Any, tmp_path: Path, fields: dict[str, Any], needle: str
+) -> None:
+    """A malformed fan-out is INVALID_ARGUMENT naming the problem and touches nothing."""
+    async with fleet_env(pki, tmp_path) as env:
+        await env.add_nodes("n1", labels=PROD)
+        err = await rpc_error(operate(env.stub, selector=selector("env=prod"), **fields))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert needle in (err.details() or "")
+        assert env.fleet["n1"].servicer.calls == []
+
+
+async def test_fan_out_that_matches_nothing_is_not_found(pki: Any, tmp_path: Path) -> None:
+    """A selector or agent name that matches nothing says so (a typo is not silent)."""
+    async with fleet_env(pki, tmp_path) as env:
+        await env.add_nodes("n1", labels=PROD)
+        err = await rpc_error(operate(env.stub, selector=selector("env=qa"), agent_id="web"))
+        assert err.code() == grpc.StatusCode.NOT_FOUND
+        assert "env=qa" in (err.details() or "")
+        err = await rpc_error(operate(env.stub, selector=selector("env=prod"), agent_id="wbe"))
+        assert err.code() == grpc.StatusCode.NOT_FOUND
+        assert "'wbe'" in (err.details() or "")
+
+
+async def test_operate_agent_through_the_pool(pki: Any, tmp_path: Path) -> None:
+    """OperateAgent stops one agent and answers its new state; errors are named codes."""
+    async with fleet_env(pki, tmp_path) as env:
+        await env.add_nodes("n1", "n2", labels=PROD)
+        resp = await env.stub.OperateAgent(
+            fleet_pb2.FleetServiceOperateAgentRequest(
+                node_id="n1", agent_id="web", operation=common_pb2.AGENT_OPERATION_STOP
+            )
+        )
+        assert resp.agent.node_id == "n1"
+        assert resp.agent.agent.status == common_pb2.AGENT_STATUS_STOPPED
+        assert env.fleet["n1"].servicer.agents["web"].status == common_pb2.AGENT_STATUS_STOPPED
+
+        def req(node: str, agent: str = "web") -> Any:
+            return fleet_pb2.FleetServiceOperateAgentRequest(
+                node_id=node, agent_id=agent, operation=RESTART
+            )
+
+        err = await rpc_error(env.stub.OperateAgent(req("ghost")))
+        assert err.code() == grpc.StatusCode.NOT_FOUND
+        assert "ghost" in (err.details() or "")
+        err = await rpc_error(env.stub.OperateAgent(req("n1", "nope")))
+        assert err.code() == grpc.StatusCode.NOT_FOUND
+        assert "nope" in (err.details() or "")
+        await env.fleet["n2"].stop()
+        err = await rpc_error(env.stub.OperateAgent(req("n2")))
+        assert err.code() == grpc.StatusCode.UNAVAILABLE
+        assert "daemon of n2" in (err.details() or "")
+        entries = await AuditRepository(env.manager.db).list_recent()
+        assert [e.outcome for e in entries] == ["failed", "failed", "ok"]
+
+
+async def test_client_cancellation_stops_launching(pki: Any, tmp_path: Path) -> None:
+    """An operator who cancels a slow rollout after the first result stops the rest."""
+    async with fleet_env(pki, tmp_path) as env:
+        await env.add_nodes(*[f"n{i}" for i in range(6)], labels=PROD, op_delay=0.3)
+        call = env.stub.OperateAgents(
+            fleet_pb2.FleetServiceOperateAgentsRequest(
+                selector=selector("env=prod"), agent_id="web", operation=RESTART, max_concurrency=1
+            )
+        )
+        async for _ in call:
+            call.cancel()
+            break
+        await asyncio.sleep(0.8)  # would be two or three more targets if it went on
+        launched = sum(len(n.servicer.operations) for n in env.fleet.nodes)
+        assert launched <= 2
+        entries = await AuditRepository(env.manager.db).list_recent(limit=1)
+        assert entries[0].outcome == "cancelled"
