@@ -53,14 +53,16 @@ def normalize_url(url: str) -> URL:
     except sa_exc.ArgumentError as exc:
         raise ConfigError(f"database url {url!r} is malformed: {exc}") from exc
     backend = parsed.get_backend_name()
-    driver = parsed.get_driver_name()
-    if backend == "sqlite" and driver in ("pysqlite", "aiosqlite"):
+    # Only the explicit "+driver" part; get_driver_name() would import the
+    # backend's default driver, which may not be installed.
+    driver = parsed.drivername.partition("+")[2]
+    if backend == "sqlite" and driver in ("", "pysqlite", "aiosqlite"):
         if not parsed.database or parsed.database == ":memory:":
             raise ConfigError(
                 f"database url {url!r}: SQLite needs a file path (sqlite+aiosqlite:///path/fleet.db)"
             )
         return parsed.set(drivername="sqlite+aiosqlite")
-    if backend == "postgresql" and driver in ("psycopg2", "asyncpg"):
+    if backend == "postgresql" and driver in ("", "asyncpg"):
         return parsed.set(drivername="postgresql+asyncpg")
     raise ConfigError(
         f"database url {parsed.render_as_string(hide_password=True)!r}: unsupported; "
