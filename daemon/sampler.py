@@ -2,7 +2,11 @@
 
 One `Sampler.sample()` call is one pass: a single scan of /proc for parent
 pids gives every agent's tree (agent + descendants) at once, instead of one
-full scan per agent as `psutil.Process.children()` would do. Each process is
+full scan per agent as `psutil.Process.children()` would do. That scan is the
+biggest fixed cost (it reads every process on the host), so it runs only
+every `rescan_interval` (5 s) or when the set of agents changed; in between
+the known trees are sampled. New descendants therefore show up within 5 s;
+exited ones drop out at once. Each process is
 read inside `oneshot()`, and `psutil.Process` objects are kept across passes
 (so `cpu_percent(None)` has the previous cpu times to diff against and no
 object is re-created per sample). Samples go into a bounded ring buffer
@@ -128,28 +132,37 @@ class HostSample:
 def children_map() -> dict[int, list[int]]:
     """ppid -> child pids for every process on the host (one /proc scan)."""
     result: dict[int, list[int]] = {}
-    with os.scandir("/proc") as entries:
-        for entry in entries:
-            name = entry.name
-            if not name.isdigit():
-                continue
-            try:
-                with open(f"/proc/{name}/stat", "rb") as f:
-                    data = f.read()
-            except OSError:
-                continue  # exited during the scan
-            # comm may contain spaces and ")": the fields after the last ")" are fixed.
-            fields = data[data.rindex(b")") + 2 :].split(b" ", 2)
-            result.setdefault(int(fields[1]), []).append(int(name))
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            fd = os.open(f"/proc/{name}/stat", os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            continue  # exited during the scan
+        try:
+            data = os.read(fd, 4096)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+        # comm may contain spaces and ")": after the last ")" come " <state> <ppid> ".
+        start = data.rindex(b")") + 4
+        ppid = int(data[start : data.index(b" ", start)])
+        result.setdefault(ppid, []).append(int(name))
     return result
 
 
 class Sampler:
     """Samples agents' process trees and the host into bounded ring buffers."""
 
-    def __init__(self, buffer_size: int = 3600, *, disk_path: str = "/") -> None:
+    def __init__(
+        self, buffer_size: int = 3600, *, disk_path: str = "/", rescan_interval: float = 5.0
+    ) -> None:
         self._buffer_size = buffer_size
         self._disk_path = disk_path
+        self._rescan_ms = int(rescan_interval * 1000)
+        self._last_scan_ms: int | None = None
+        self._scanned_roots: dict[str, int] = {}
         self._roots: dict[str, int] = {}
         self._buffers: dict[str, deque[ResourceSample]] = {}
         self._procs: dict[int, psutil.Process] = {}
@@ -177,10 +190,18 @@ class Sampler:
         if not self._roots:
             self._procs.clear()
             return
-        kids = children_map()
+        rescan = (
+            self._last_scan_ms is None
+            or now_ms - self._last_scan_ms >= self._rescan_ms
+            or self._scanned_roots != self._roots
+        )
+        kids = children_map() if rescan else {}
+        if rescan:
+            self._last_scan_ms = now_ms
+            self._scanned_roots = dict(self._roots)
         seen: set[int] = set()
         for agent_id, root in self._roots.items():
-            tree = _tree(root, kids)
+            tree = _tree(root, kids) if rescan else self._trees.get(agent_id, frozenset([root]))
             seen.update(tree)
             self._trees[agent_id] = frozenset(tree)
             sample = self._sample_tree(tree, now_ms)
