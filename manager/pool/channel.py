@@ -186,6 +186,8 @@ class DaemonChannel:
         self.last_used = now
         self.in_flight = 0
         self.watcher: asyncio.Task[None] | None = None
+        self.drained: asyncio.Event | None = None
+        """Set when a retired channel's last call ends (or the pool closes)."""
 
 
 def node_stats(record: NodeRecord, channel: DaemonChannel | None) -> NodeStats:

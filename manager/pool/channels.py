@@ -136,6 +136,8 @@ class Channels:
         channel.last_used = self._clock()
         self.record(channel.node_id).last_used = channel.last_used
         if channel.in_flight == 0:
+            if channel.drained is not None:
+                channel.drained.set()
             if self._released is not None:
                 self._released.set()
                 self._released = None
@@ -169,10 +171,9 @@ class Channels:
     async def forget(self, node_id: str) -> None:
         """Close the channel to `node_id` and drop its record."""
         channel = self._open.get(node_id)
-        if channel is not None:
-            self._retire(channel, grace=None)
         self._records.pop(node_id, None)
-        await self._finish_closing()
+        if channel is not None:
+            await self._retire(channel, grace=None)
 
     async def close(self) -> None:
         """Close every channel (calls in flight are cancelled) and stop the tasks."""
@@ -185,9 +186,11 @@ class Channels:
                 await self._reaper
         for channel in list(self._open.values()):
             self._retire(channel, grace=None)
-        for channel in list(self._closing.values()):
-            await channel.channel.close(None)  # cut the grace of replaced channels
-        await self._finish_closing()
+        for channel in self._closing.values():
+            if channel.drained is not None:
+                channel.drained.set()  # cut the grace of replaced channels short
+        while self._closing:
+            await asyncio.gather(*self._closing)
         if self._released is not None:  # wake callers waiting for room: they see closed
             self._released.set()
 
@@ -259,8 +262,11 @@ class Channels:
 
     def _retire(
         self, channel: DaemonChannel, *, grace: float | None, give_up: bool = False
-    ) -> None:
-        """Take `channel` out of the pool now and close it in the background."""
+    ) -> asyncio.Task[None]:
+        """Take `channel` out of the pool now and close it in the background.
+
+        With `grace`, calls in flight get up to that long to finish first.
+        """
         if self._open.get(channel.node_id) is channel:
             del self._open[channel.node_id]
             state = self.record(channel.node_id).state
@@ -268,20 +274,25 @@ class Channels:
             self._observe(channel.node_id, (event or ConnEvent.CLOSE,))
         if channel.watcher is not None:
             channel.watcher.cancel()
+        if grace and channel.in_flight:
+            channel.drained = asyncio.Event()
         task = asyncio.create_task(self._close_channel(channel, grace))
         self._closing[task] = channel
         task.add_done_callback(self._closing.pop)
+        return task
 
     async def _close_channel(self, channel: DaemonChannel, grace: float | None) -> None:
-        # Grace only when calls are in flight (an address change); else at once.
-        await channel.channel.close(grace if channel.in_flight else None)
+        # Our own grace rather than grpc's close(grace): that one cannot be
+        # cut short when the pool closes, and a cancelled close leaves the
+        # channel half closed.
+        if channel.drained is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(grace):
+                    await channel.drained.wait()
+        await channel.channel.close(None)
         if channel.watcher is not None:
             with contextlib.suppress(asyncio.CancelledError):
                 await channel.watcher
-
-    async def _finish_closing(self) -> None:
-        while self._closing:
-            await asyncio.gather(*self._closing)
 
     def _idle_now(self) -> tuple[list[str], float | None]:
         return idle_channels(

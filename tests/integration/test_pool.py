@@ -541,6 +541,26 @@ async def test_call_in_flight_on_a_replaced_channel_completes(
     assert pool.stats()["node-1"].address == new.address
 
 
+async def test_close_does_not_wait_out_the_grace_of_a_replaced_channel(
+    pki: Any, start_daemon: StartDaemon, make_pool: MakePool
+) -> None:
+    """close() right after a node moved cuts the old channel's call short instead of waiting."""
+    old = await start_daemon("node-1", stall=20.0)
+    new = await start_daemon("node-1", tls=pki.issue("node", "node-1"))
+    pool = make_pool(call_timeout=30.0)
+    running = asyncio.create_task(pool.list_agents("node-1", old.address))
+    async with asyncio.timeout(5):
+        await old.servicer.entered.wait()
+    await pool.list_agents("node-1", new.address)
+    started = time.monotonic()
+
+    await pool.close()
+
+    assert time.monotonic() - started < 2
+    with pytest.raises(errors.Unavailable):
+        await running
+
+
 async def test_close_turns_calls_in_flight_into_unavailable(
     start_daemon: StartDaemon, make_pool: MakePool
 ) -> None:
