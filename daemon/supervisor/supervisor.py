@@ -82,12 +82,13 @@ class Supervisor:
         on_change: Callable[[AgentSnapshot], None] | None = None,
         sample_interval: float = 1.0,
         sample_buffer: int = 3600,
+        tree_rescan_interval: float = 5.0,
     ) -> None:
         self._store = StateStore(state_dir)
         self._clock: Clock = clock if clock is not None else SystemClock()
         self._on_change = on_change
         self._sample_interval = sample_interval
-        self.sampler = Sampler(sample_buffer)
+        self.sampler = Sampler(sample_buffer, rescan_interval=tree_rescan_interval)
         """The resource sampler (per-agent ring buffers, host samples)."""
         self._ctx = Context(
             clock=self._clock,

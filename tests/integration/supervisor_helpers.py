@@ -102,5 +102,6 @@ def make_supervisor(tmp_path: Path, recorder: Recorder | None = None, **kw: obje
         socket_path=tmp_path / "agent.sock",
         on_change=recorder,
         sample_interval=kw.pop("sample_interval", 0.1),  # type: ignore[arg-type]
+        tree_rescan_interval=0.3,
         **kw,  # type: ignore[arg-type]
     )
