@@ -134,7 +134,9 @@ class Channels:
         """A call on `channel` ended."""
         channel.in_flight -= 1
         channel.last_used = self._clock()
-        self.record(channel.node_id).last_used = channel.last_used
+        record = self._records.get(channel.node_id)  # None once forgotten
+        if record is not None:
+            record.last_used = channel.last_used
         if channel.in_flight == 0:
             if channel.drained is not None:
                 channel.drained.set()
@@ -171,9 +173,10 @@ class Channels:
     async def forget(self, node_id: str) -> None:
         """Close the channel to `node_id` and drop its record."""
         channel = self._open.get(node_id)
+        closing = self._retire(channel, grace=None) if channel is not None else None
         self._records.pop(node_id, None)
-        if channel is not None:
-            await self._retire(channel, grace=None)
+        if closing is not None:
+            await closing
 
     async def close(self) -> None:
         """Close every channel (calls in flight are cancelled) and stop the tasks."""

@@ -579,6 +579,23 @@ async def test_close_turns_calls_in_flight_into_unavailable(
         await running
 
 
+async def test_forget_closes_the_channel_and_drops_the_counters(
+    start_daemon: StartDaemon, make_pool: MakePool
+) -> None:
+    """A forgotten node has no channel and no stats; calling it again starts afresh."""
+    daemon = await start_daemon("node-1")
+    pool = make_pool()
+    await pool.list_agents("node-1", daemon.address)
+
+    await pool.forget("node-1")
+
+    assert pool.open_channels == 0
+    assert pool.stats() == {}
+    assert pool.state("node-1") is S.IDLE
+    await pool.list_agents("node-1", daemon.address)
+    assert pool.stats()["node-1"].calls == 1
+
+
 async def test_read_agent_log_streams_and_retries_its_start(
     start_daemon: StartDaemon, make_pool: MakePool
 ) -> None:
