@@ -187,10 +187,14 @@ class Agent:
     def on_config(self, callback: _F) -> _F:
         """Call `callback(config)` with the current config and every newer one.
 
-        Usable as a decorator. Callbacks run one at a time on the agent's
-        loop; an exception is logged and does not stop later configs.
+        Usable as a decorator, before or after `start`. Each callback runs in
+        its own task on the agent's loop and sees configs in order (the
+        newest, if it falls behind); an exception is logged and does not stop
+        later configs.
         """
         self._callbacks.append(callback)  # type: ignore[arg-type]
+        if self._started and not self._closed:
+            self._tasks.append(self._dispatch(callback))  # type: ignore[arg-type]
         return callback
 
     def on_stop(self, hook: _F) -> _F:
@@ -239,7 +243,7 @@ class Agent:
         self._tasks = [
             asyncio.create_task(self._maintain(client), name="agent-connection"),
             asyncio.create_task(self._flush_loop(), name="agent-metrics"),
-            asyncio.create_task(self._dispatch_configs(), name="agent-config-callbacks"),
+            *(self._dispatch(callback) for callback in self._callbacks),
         ]
         return self._config
 
@@ -374,17 +378,17 @@ class Agent:
             return
         self._offer(config, authoritative=authoritative)
 
-    async def _dispatch_configs(self) -> None:
-        async for config in self.configs():
-            for callback in list(self._callbacks):
+    def _dispatch(self, callback: ConfigCallback) -> asyncio.Task[None]:
+        name = getattr(callback, "__qualname__", repr(callback))
+
+        async def deliver() -> None:
+            async for config in self.configs():
                 try:
                     await _call(callback, config)
                 except Exception:
-                    log.exception(
-                        "config callback %s failed for config version %d",
-                        getattr(callback, "__qualname__", callback),
-                        config.version,
-                    )
+                    log.exception("config callback %s failed for version %d", name, config.version)
+
+        return asyncio.create_task(deliver(), name=f"agent-config-callback-{name}")
 
     # -- metrics ------------------------------------------------------------------
 

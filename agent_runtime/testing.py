@@ -174,15 +174,16 @@ class FakeDaemon:
         predicate: Callable[[FakeDaemon], bool],
         timeout: float = 5.0,  # noqa: ASYNC109 -- a test deadline that names what arrived
     ) -> None:
-        """Wait until `predicate(self)` holds (checked at every call the daemon gets).
+        """Wait until `predicate(self)` holds (checked at every call and every 50 ms).
 
         TimeoutError after `timeout` seconds, naming what was recorded.
         """
         try:
             async with asyncio.timeout(timeout):
                 while not predicate(self):
-                    event = self._changed
-                    await event.wait()
+                    # woken by every call; polled too, for predicates on the agent's state
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._changed.wait(), 0.05)
         except TimeoutError:
             raise TimeoutError(
                 f"condition not met within {timeout}s: {len(self.registrations)} registrations, "

@@ -59,19 +59,25 @@ class Follower(Generic[T]):
         self._parse = parse
         self._changed = asyncio.Event()
         self._agent = agent
+        self._take(agent.config)  # in force at once, not only when the callback runs
         agent.on_config(self._apply)
 
-    def _apply(self, config: AgentConfig) -> None:
-        if config.empty:
-            return
+    def _take(self, config: AgentConfig) -> bool:
+        """Parse and adopt `config`; False if it is not news or does not parse."""
+        if config.empty or config.version == self.version:
+            return False
         try:
             settings = self._parse(config.json())
         except ValueError as exc:
             log.error("config version %d ignored: %s", config.version, exc)  # noqa: TRY400
-            return
+            return False
         self.current = settings
         self.version = config.version
-        self._changed.set()
+        return True
+
+    def _apply(self, config: AgentConfig) -> None:
+        if self._take(config):
+            self._changed.set()
 
     async def wait(self, seconds: float) -> bool:
         """Sleep `seconds`, waking early for a new config; False once the agent stops."""
