@@ -8,14 +8,15 @@ daemons never share a connection even if they end up at the same address.
 from __future__ import annotations
 
 import collections
+import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc import aio
 
-from fleet.errors import DeadlineExceeded, FleetError, Unavailable, from_rpc_error
-from fleet.tls import channel_options
+from fleet.errors import ConfigError, DeadlineExceeded, FleetError, Unavailable, from_rpc_error
+from fleet.tls import TLSConfig, channel_credentials, channel_options
 from manager.pool.config import PoolConfig
 from manager.pool.state import ConnectionState, ConnEvent, apply
 
@@ -24,12 +25,61 @@ if TYPE_CHECKING:
 
     from fleet.v1.daemon_pb2_grpc import DaemonServiceAsyncStub
 
-__all__ = ["NodeStats", "WrongDaemonIdentity", "channel_args", "translate_error"]
+__all__ = [
+    "NodeStats",
+    "ReloadingCredentials",
+    "WrongDaemonIdentity",
+    "channel_args",
+    "translate_error",
+]
+
+log = logging.getLogger(__name__)
 
 NODE_ARG = "fleet.node_id"
 """Channel argument naming the daemon: makes every daemon's channel arguments distinct."""
 
 _HISTORY = 16
+
+
+class ReloadingCredentials:
+    """The pool's mTLS client credentials, rebuilt when the files change on disk.
+
+    Checked when a channel is opened, not per call: open connections keep
+    their session, new ones present the renewed certificate, so the
+    manager's certificate can be rotated without a restart. New files that
+    do not validate are ignored with one warning; the last good ones stay.
+    """
+
+    def __init__(self, tls: TLSConfig) -> None:
+        self._tls = tls
+        self._stamp = self._stat()
+        self._credentials = channel_credentials(tls)  # ConfigError: unusable at start
+        self._rejected: tuple[tuple[int, ...], ...] | None = None
+
+    def _stat(self) -> tuple[tuple[int, ...], ...]:
+        stamps: list[tuple[int, ...]] = []
+        for path in (self._tls.ca_file, self._tls.cert_file, self._tls.key_file):
+            try:
+                st = path.stat()
+            except OSError:
+                stamps.append((-1,))
+            else:
+                stamps.append((st.st_mtime_ns, st.st_size, st.st_ino))
+        return tuple(stamps)
+
+    def __call__(self) -> grpc.ChannelCredentials:
+        """The current credentials (reloaded first if the files changed)."""
+        stamp = self._stat()
+        if stamp not in (self._stamp, self._rejected):
+            try:
+                self._credentials = channel_credentials(self._tls)
+            except ConfigError as exc:
+                log.warning("TLS files changed but are unusable; still using the old: %s", exc)
+                self._rejected = stamp
+            else:
+                self._stamp = stamp
+                log.info("TLS client certificate reloaded from %s", self._tls.cert_file)
+        return self._credentials
 
 
 class WrongDaemonIdentity(Unavailable):

@@ -46,7 +46,7 @@ class Channels:
 
     def __init__(
         self,
-        credentials: grpc.ChannelCredentials,
+        credentials: Callable[[], grpc.ChannelCredentials],
         trust_domain: str,
         config: PoolConfig,
         clock: Callable[[], float],
@@ -223,7 +223,7 @@ class Channels:
     def _new_channel(self, node_id: str, address: str) -> DaemonChannel:
         server_name = Identity("node", node_id, self._trust_domain).server_name
         args = channel_args(node_id, server_name, self._config)
-        grpc_channel = aio.secure_channel(address, self._credentials, options=args)
+        grpc_channel = aio.secure_channel(address, self._credentials(), options=args)
         channel = DaemonChannel(
             node_id,
             address,

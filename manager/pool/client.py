@@ -45,12 +45,13 @@ from fleet.errors import (
     Unavailable,
 )
 from fleet.pki import check_trust_domain
-from fleet.tls import TLSConfig, channel_credentials
+from fleet.tls import TLSConfig
 from fleet.v1 import common_pb2, daemon_pb2
 from manager.pool.channel import (
     DaemonChannel,
     NodeRecord,
     NodeStats,
+    ReloadingCredentials,
     WrongDaemonIdentity,
     translate_error,
 )
@@ -121,7 +122,8 @@ class DaemonPool:
         except ValueError as exc:
             raise ConfigError(f"daemon pool: {exc}") from None
         self._config = config
-        self._channels = Channels(channel_credentials(tls), trust_domain, config, clock)
+        credentials = ReloadingCredentials(tls)  # ConfigError for unusable files
+        self._channels = Channels(credentials, trust_domain, config, clock)
         self._rng = rng or random.Random()  # noqa: S311  # jitter, not cryptography
 
     # -- observing --------------------------------------------------------

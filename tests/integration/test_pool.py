@@ -30,6 +30,7 @@ class FakeDaemon(daemon_pb2_grpc.DaemonServiceServicer):
 
     node_id: str
     peers: list[str] = field(default_factory=list)
+    callers: list[str] = field(default_factory=list)
     calls: list[str] = field(default_factory=list)
     fail_next: int = 0
     """Answer this many calls UNAVAILABLE before serving."""
@@ -40,7 +41,8 @@ class FakeDaemon(daemon_pb2_grpc.DaemonServiceServicer):
     """Set once the first call arrived."""
 
     async def _enter(self, method: str, context: Any) -> None:
-        require_role(context, "manager")  # as the real daemon: managers only
+        caller = require_role(context, "manager")  # as the real daemon: managers only
+        self.callers.append(str(caller))
         self.peers.append(context.peer())
         self.calls.append(method)
         self.entered.set()
@@ -131,10 +133,16 @@ MakePool = Callable[..., DaemonPool]
 
 
 @pytest.fixture
-async def make_pool(pki: Any) -> AsyncIterator[MakePool]:
+def manager_tls(pki: Any) -> TLSConfig:
+    """The manager's certificate files (manager/m1)."""
+    tls: TLSConfig = pki.issue("manager", "m1")
+    return tls
+
+
+@pytest.fixture
+async def make_pool(pki: Any, manager_tls: TLSConfig) -> AsyncIterator[MakePool]:
     """Pools holding the manager's certificate; each closed after the test."""
     pools: list[DaemonPool] = []
-    manager_tls = pki.issue("manager", "m1")
 
     def make(**config: Any) -> DaemonPool:
         config.setdefault("retry", FAST_RETRY)
@@ -594,6 +602,36 @@ async def test_forget_closes_the_channel_and_drops_the_counters(
     assert pool.state("node-1") is S.IDLE
     await pool.list_agents("node-1", daemon.address)
     assert pool.stats()["node-1"].calls == 1
+
+
+async def test_renewed_manager_certificate_is_used_by_new_connections(
+    pki: Any, manager_tls: TLSConfig, start_daemon: StartDaemon, make_pool: MakePool
+) -> None:
+    """Certificate files replaced on disk are presented from the next channel on, no restart."""
+    daemon = await start_daemon("node-1")
+    pool = make_pool()
+    await pool.list_agents("node-1", daemon.address)
+
+    stem = manager_tls.cert_file.stem
+    pki.ca.issue("manager", "m2").write(manager_tls.cert_file.parent, stem=stem)
+    await pool.list_agents("node-1", daemon.address)  # the open connection is kept
+    await pool.forget("node-1")
+    await pool.list_agents("node-1", daemon.address)
+
+    assert daemon.servicer.callers == ["manager/m1", "manager/m1", "manager/m2"]
+
+
+async def test_unusable_renewed_files_keep_the_old_certificate(
+    manager_tls: TLSConfig, start_daemon: StartDaemon, make_pool: MakePool
+) -> None:
+    """A half-written certificate update is ignored; new connections keep the last good one."""
+    daemon = await start_daemon("node-1")
+    pool = make_pool()
+    manager_tls.cert_file.write_bytes(b"-----BEGIN CERTIFICATE-----\ntruncated")
+
+    await pool.list_agents("node-1", daemon.address)
+
+    assert daemon.servicer.callers == ["manager/m1"]
 
 
 async def test_read_agent_log_streams_and_retries_its_start(
