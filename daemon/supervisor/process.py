@@ -248,7 +248,13 @@ def spawn(spec: AgentSpec, *, log_path: Path, socket_path: Path) -> AgentProcess
         create_time = psutil.Process(popen.pid).create_time()
     except psutil.Error:
         create_time = 0.0  # exited and reaped already? the pidfd watch reports it
-    return AgentProcess(popen.pid, create_time, adopted=False)
+    try:
+        return AgentProcess(popen.pid, create_time, adopted=False)
+    except OSError as exc:  # e.g. out of fds for the pidfd: never leave it unwatched
+        with contextlib.suppress(OSError):
+            os.killpg(popen.pid, signal.SIGKILL)
+            os.waitpid(popen.pid, 0)
+        raise SpawnError(f"cannot watch {spec.argv[0]!r} (pid {popen.pid}): {exc}") from None
 
 
 def adopt(pid: int, create_time: float) -> AgentProcess | None:

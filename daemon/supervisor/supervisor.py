@@ -116,6 +116,8 @@ class Supervisor:
         `specs` (from the TOML) is ignored when a pushed update is on disk.
         `SpecError` (an InvalidArgument) if a TOML spec is invalid.
         """
+        if self._sample_task is not None:
+            raise RuntimeError("Supervisor.start() called twice")
         pushed = self._store.load_update()
         if pushed is not None:
             self._version, specs = pushed
@@ -341,6 +343,7 @@ class Supervisor:
     def agent_registered(self, agent_id: str, *, version: str, pid: int) -> AgentSnapshot:
         """An SDK agent registered (from `pid`): record its version, count as a heartbeat."""
         agent = self._agent(agent_id)
+        log.info("agent %s registered from pid %d, version %r", agent_id, pid, version)
         agent.registered_version = version
         agent.last_heartbeat = self._clock.now()
         agent.health = agent.compute_health(agent.last_heartbeat)
