@@ -193,9 +193,12 @@ class OperationRecorder:
             agent_id=agent_id,
             message=message,
             actor=actor,
+            # operation_id: the fan-out's first audit entry (detail carries it on
+            # the closing entry); audit_id: this entry.
             attributes={
-                **detail,
                 "operation_id": str(audit_id),
+                **detail,
+                "audit_id": str(audit_id),
                 "action": action,
                 "outcome": outcome,
             },

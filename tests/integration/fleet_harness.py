@@ -28,6 +28,9 @@ FAST_POOL = PoolConfig(
 )
 """Short deadlines so a dead daemon fails its target quickly in tests."""
 
+PROD = {"env": "prod"}
+"""Labels of the production nodes most tests select."""
+
 
 @dataclass
 class Env:

@@ -9,14 +9,13 @@ from typing import Any
 
 import grpc
 import pytest
-from fleet_harness import fleet_env, operate, outcomes, selector
+from fleet_harness import PROD, fleet_env, operate, outcomes, selector
 from manager_harness import rpc_error
 
 from fleet.v1 import common_pb2, fleet_pb2
 from manager.storage import AuditRepository
 
 RESTART = common_pb2.AGENT_OPERATION_RESTART
-PROD = {"env": "prod"}
 
 
 async def test_fan_out_with_one_daemon_down_fails_that_target_only(
