@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -116,6 +115,4 @@ def root(
 
 def main() -> None:
     """Console-script entry point."""
-    # grpc's C core logs handshake failures to stderr; fleetctl explains them itself.
-    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     app(prog_name="fleetctl")

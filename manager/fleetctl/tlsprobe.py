@@ -53,7 +53,7 @@ def probe(address: str, tls: TLSConfig, server_name: str, *, timeout: float) -> 
         x509.load_der_x509_certificate(der), cas, server_name, now=dt.datetime.now(dt.UTC)
     )
     if finding:
-        return f"{finding}; check --ca ({tls.ca_file}) and the manager's [tls] files"
+        return finding.replace("our CA", f"our CA ({tls.ca_file}); check --ca / FLEET_CA")
     return (
         f"the manager refused our certificate {tls.cert_file}: it does not trust the CA"
         f" that signed it, or the certificate is revoked or expired on its clock;"
@@ -66,7 +66,10 @@ def explain_server_certificate(
 ) -> str | None:
     """What makes `cert` unacceptable as the manager's certificate, or None (pure)."""
     if now > cert.not_valid_after_utc:
-        return f"the manager's certificate expired on {_fmt(cert.not_valid_after_utc)}"
+        return (
+            f"the manager's certificate expired on {_fmt(cert.not_valid_after_utc)};"
+            " the manager needs a new one (fleetctl pki issue manager NAME)"
+        )
     if now < cert.not_valid_before_utc:
         return (
             f"the manager's certificate is not valid until {_fmt(cert.not_valid_before_utc)}"

@@ -1,0 +1,187 @@
+"""fleetctl agents list/show/logs/operate against a real mTLS FleetService (in-process)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fleetctl_fake import Fleetctl, demo_fleet, serve
+
+
+@pytest.fixture
+def fleetctl(pki, tmp_path: Path) -> Iterator[Fleetctl]:
+    """fleetctl wired to a fake manager holding demo_fleet()."""
+    with serve(pki.issue("manager", "manager"), demo_fleet()) as manager:
+        yield Fleetctl(manager, pki.issue("operator", "alice"), tmp_path)
+
+
+def test_agents_list_all_nodes(fleetctl: Fleetctl) -> None:
+    """Without --node or -l every node's agents are listed, sorted by node and agent."""
+    result = fleetctl("agents", "list")
+    assert result.exit_code == 0, result.output
+    rows = [line.split()[:4] for line in result.stdout.splitlines()[1:]]
+    assert rows == [
+        ["node-1", "web", "web", "RUNNING"],
+        ["node-1", "worker-1", "worker", "RUNNING"],
+        ["node-2", "web", "web", "RUNNING"],
+        ["node-2", "worker-2", "worker", "RUNNING"],
+        ["node-3", "web", "web", "RUNNING"],
+    ]
+
+
+def test_agents_list_wide_adds_columns(fleetctl: Fleetctl) -> None:
+    """-o wide shows the extra columns (HEALTH, VERSION, EXIT, MESSAGE, LABELS)."""
+    result = fleetctl("-o", "wide", "agents", "list", "--node", "node-3")
+    assert result.exit_code == 0, result.output
+    header = result.stdout.splitlines()[0].split()
+    assert header[-5:] == ["HEALTH", "VERSION", "EXIT", "MESSAGE", "LABELS"]
+
+
+def test_agents_list_node_and_selector_conflict(fleetctl: Fleetctl) -> None:
+    """--node and -l together is a usage error (exit 2), nothing sent."""
+    result = fleetctl("agents", "list", "--node", "node-1", "-l", "env=prod")
+    assert result.exit_code == 2
+    assert "not both" in result.stderr
+    assert fleetctl.manager.fleet.requests == []
+
+
+def test_agents_list_live_reports_unreachable_nodes_and_exits_1(fleetctl: Fleetctl) -> None:
+    """--live with a daemon down lists the others, names the failed node, exits 1."""
+    fleetctl.manager.fleet.down.add("node-2")
+    result = fleetctl("-o", "json", "agents", "list", "-l", "env=prod", "--live")
+    assert result.exit_code == 1
+    data = json.loads(result.stdout)
+    assert {a["node_id"] for a in data["agents"]} == {"node-1"}
+    assert data["errors"][0]["node_id"] == "node-2"
+
+
+def test_agents_show_and_unknown_agent(fleetctl: Fleetctl) -> None:
+    """show NODE/AGENT prints the agent; an unknown agent is one line, exit 1."""
+    ok = fleetctl("-o", "json", "agents", "show", "node-1/worker-1")
+    assert ok.exit_code == 0, ok.output
+    assert json.loads(ok.stdout)["type"] == "worker"
+    missing = fleetctl("agents", "show", "node-1/nope")
+    assert missing.exit_code == 1
+    assert missing.stderr.strip() == "fleetctl: error: agent 'nope' not found on node 'node-1'"
+
+
+def test_agents_show_needs_node_slash_agent(fleetctl: Fleetctl) -> None:
+    """A reference without a slash is a usage error naming the expected shape."""
+    result = fleetctl("agents", "show", "web")
+    assert result.exit_code == 2
+    assert "expected NODE/AGENT" in result.stderr
+
+
+def test_agents_logs_tail_and_follow(fleetctl: Fleetctl) -> None:
+    """--tail N prints the last N lines; -f then streams what comes after."""
+    fleetctl.manager.fleet.logs["node-1", "web"] = b"".join(b"line %d\n" % i for i in range(10))
+    tail = fleetctl("agents", "logs", "node-1/web", "--tail", "2")
+    assert tail.exit_code == 0, tail.output
+    assert tail.stdout == "line 8\nline 9\n"
+    follow = fleetctl("agents", "logs", "node-1/web", "--tail", "1", "-f")
+    assert follow.stdout == "line 9\nfollowed line\n"
+    everything = fleetctl("agents", "logs", "node-1/web")
+    assert everything.stdout.count("\n") == 10
+
+
+def test_restart_one_agent_on_a_node(fleetctl: Fleetctl) -> None:
+    """--node N AGENT restarts just that agent (no prompt for one target) and shows the pid."""
+    before = fleetctl.manager.fleet.agents["node-1"][0].pid
+    result = fleetctl("agents", "restart", "web", "--node", "node-1")
+    assert result.exit_code == 0, result.output
+    assert fleetctl.manager.fleet.operations == [("node-1", "web", "restart")]
+    after = fleetctl.manager.fleet.agents["node-1"][0].pid
+    assert after != before
+    assert str(after) in result.stdout
+    assert "1 ok, 0 failed, 0 skipped of 1" in result.stdout
+
+
+def test_fanout_without_tty_or_yes_refuses(fleetctl: Fleetctl) -> None:
+    """A fan-out over several targets without --yes and without a terminal is refused (exit 2)."""
+    result = fleetctl("agents", "restart", "web", "-l", "env=prod")
+    assert result.exit_code == 2
+    err = result.stderr.strip()
+    assert len(err.splitlines()) == 1
+    assert "on 2 targets" in err
+    assert "--yes" in err
+    assert fleetctl.manager.fleet.operations == []
+
+
+def test_plan_touches_nothing(fleetctl: Fleetctl) -> None:
+    """--plan lists the resolved targets and performs no operation."""
+    result = fleetctl("-o", "json", "agents", "operate", "stop", "web", "-l", "env", "--plan")
+    assert result.exit_code == 0, result.output
+    targets = json.loads(result.stdout)["targets"]
+    assert [(t["node_id"], t["outcome"]) for t in targets] == [
+        ("node-1", "PLANNED"),
+        ("node-2", "PLANNED"),
+        ("node-3", "PLANNED"),
+    ]
+    assert fleetctl.manager.fleet.operations == []
+
+
+def test_fanout_with_yes_reports_each_target_and_summary(fleetctl: Fleetctl) -> None:
+    """--yes runs the fan-out; the table lists each target and the summary counts them."""
+    result = fleetctl("agents", "operate", "restart", "worker", "--type", "-l", "env=prod", "--yes")
+    assert result.exit_code == 0, result.output
+    assert sorted(fleetctl.manager.fleet.operations) == [
+        ("node-1", "worker-1", "restart"),
+        ("node-2", "worker-2", "restart"),
+    ]
+    assert "2 ok, 0 failed, 0 skipped of 2" in result.stdout
+    assert "operation op-1" in result.stdout
+
+
+def test_fanout_with_a_down_daemon_exits_1_and_names_it(fleetctl: Fleetctl) -> None:
+    """One daemon down: its target is FAILED with the reason, the others ok, exit 1."""
+    fleetctl.manager.fleet.down.add("node-2")
+    result = fleetctl("-o", "json", "agents", "restart", "web", "-l", "env", "--yes")
+    assert result.exit_code == 1
+    data = json.loads(result.stdout)
+    outcomes = {t["node_id"]: t["outcome"] for t in data["targets"]}
+    assert outcomes == {"node-1": "OK", "node-2": "FAILED", "node-3": "OK"}
+    assert data["summary"]["failed"] == 1
+    assert "node-2/web: node node-2: daemon at 127.0.0.1:1 unreachable" in result.stderr
+
+
+def test_max_errors_stops_the_rollout(fleetctl: Fleetctl) -> None:
+    """--max-errors 1 with concurrency 1: after the first failure the rest is SKIPPED."""
+    fleetctl.manager.fleet.down.add("node-1")
+    result = fleetctl(
+        "-o", "json", "agents", "restart", "web", "-l", "env",
+        "--max-concurrency", "1", "--max-errors", "1", "--yes",
+    )  # fmt: skip
+    assert result.exit_code == 1
+    outcomes = [t["outcome"] for t in json.loads(result.stdout)["targets"]]
+    assert outcomes == ["FAILED", "SKIPPED", "SKIPPED"]
+    assert fleetctl.manager.fleet.operations == []
+
+
+def test_node_type_fanout_runs_locally_within_the_window(fleetctl: Fleetctl) -> None:
+    """--node N --type T operates every agent of that type on the node, <= window at once."""
+    fleet = fleetctl.manager.fleet
+    fleet.add_node("node-9", {}, [f"w{i}:worker" for i in range(6)] + ["web"])
+    result = fleetctl(
+        "-o", "json", "agents", "stop", "worker", "--type", "--node", "node-9",
+        "--max-concurrency", "2", "--yes",
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert sorted(a for _, a, _ in fleet.operations) == [f"w{i}" for i in range(6)]
+    assert fleet.max_in_flight <= 2
+    assert json.loads(result.stdout)["summary"]["ok"] == 6
+
+
+def test_nothing_matches_is_a_failure(fleetctl: Fleetctl) -> None:
+    """An operation that matches no agent exits 1 saying so, rather than pretending success."""
+    result = fleetctl("agents", "restart", "db", "-l", "env=prod", "--yes")
+    assert result.exit_code == 1
+    assert "nothing to restart: no agent db on nodes matching 'env=prod'" in result.stderr
+
+
+def test_operate_needs_exactly_one_target_option(fleetctl: Fleetctl) -> None:
+    """Neither --node nor -l is a usage error: fleetctl never guesses "everything"."""
+    result = fleetctl("agents", "restart", "web")
+    assert result.exit_code == 2
+    assert "exactly one of them" in result.stderr
