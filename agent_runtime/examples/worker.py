@@ -156,6 +156,7 @@ async def main(agent: Agent, default: WorkerConfig | None = None) -> None:
             if agent.stopping:  # between items only: the current one is always finished
                 break
             idle.clear()
+            log.info("processing %s", path.name)
             try:
                 item = await process_file(path, config.outbox)
             except OSError as exc:
