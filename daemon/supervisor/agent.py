@@ -195,7 +195,7 @@ class Agent:
         self.start_time = start_time
         self.ctx.sampler.track(self.spec.id, proc.pid)
         self._to(Event.ADOPT, f"re-adopted pid {proc.pid} after a daemon restart")
-        self._runner = asyncio.create_task(self._run(proc), name=f"agent-{self.spec.id}")
+        self._start_runner(proc)
 
     def _decide(self, code: int, ran_for: float, *, adopted: bool, failed: str = "") -> None:
         decision = decide_after_exit(
@@ -248,6 +248,19 @@ class Agent:
             self.ctx.restarted()
             proc = self._spawn_now()
 
+    def _start_runner(self, proc: AgentProcess | None) -> None:
+        task = asyncio.create_task(self._run(proc), name=f"agent-{self.spec.id}")
+        task.add_done_callback(self._runner_done)
+        self._runner = task
+
+    def _runner_done(self, task: asyncio.Task[None]) -> None:
+        if task.cancelled() or task.exception() is None:
+            return
+        # A bug in the supervisor: say so in the snapshot instead of dying silently.
+        exc = task.exception()
+        log.error("agent %s: supervision failed", self.spec.id, exc_info=exc)
+        self._to(Event.LOST, f"supervision failed (a bug, please report): {exc!r}")
+
     async def _cancel_runner(self) -> None:
         task, self._runner = self._runner, None
         if task is not None and not task.done():
@@ -267,7 +280,7 @@ class Agent:
             await self._stop_process()  # its process just exited, or we lost track of it
         self.retries = 0
         proc = self._spawn_now()
-        self._runner = asyncio.create_task(self._run(proc), name=f"agent-{self.spec.id}")
+        self._start_runner(proc)
 
     async def stop(self, *, operator: bool = True) -> None:
         """Stop the process group (escalating to SIGKILL) and end in STOPPED."""
