@@ -418,17 +418,25 @@ class Supervisor:
         loop = asyncio.get_running_loop()
         while True:
             started = loop.time()
-            self.sampler.sample(int(self._clock.now() * 1000))
-            for agent in list(self._agents.values()):
-                agent.refresh_health()
-                spec = agent.spec
-                path = log_path(self._ctx.log_dir, spec.id)
-                try:
-                    if spec.log_max_bytes and path.stat().st_size > spec.log_max_bytes:
-                        await asyncio.to_thread(
-                            rotate_if_needed, path, spec.log_max_bytes, spec.log_backups
-                        )
-                except OSError:
-                    pass  # no log yet, or a rotation problem; retried next tick
+            try:
+                await self._tick()
+            except Exception:  # keep sampling: one bad tick must not end supervision's upkeep
+                log.exception("sampler tick failed")
             self.sample_seconds_total += loop.time() - started
             await self._clock.sleep(self._sample_interval)
+
+    async def _tick(self) -> None:
+        """One sampler pass, then per agent: health re-check and log rotation."""
+        self.sampler.sample(int(self._clock.now() * 1000))
+        for agent in list(self._agents.values()):
+            agent.refresh_health()
+            spec = agent.spec
+            path = log_path(self._ctx.log_dir, spec.id)
+            try:
+                if spec.log_max_bytes and path.stat().st_size > spec.log_max_bytes:
+                    await asyncio.to_thread(
+                        rotate_if_needed, path, spec.log_max_bytes, spec.log_backups
+                    )
+            except OSError as exc:
+                if not isinstance(exc, FileNotFoundError):
+                    log.warning("agent %s: log rotation failed: %s", spec.id, exc)
