@@ -91,3 +91,21 @@ def test_channel_args_make_each_daemon_its_own_connection() -> None:
     assert a["grpc.keepalive_time_ms"] == 45000
     assert a["grpc.min_reconnect_backoff_ms"] == 7000
     assert a != b
+
+
+@dataclasses.dataclass(frozen=True)
+class _ManagerLike:
+    """A config holding a [pool] table, as the manager's does."""
+
+    pool: PoolConfig = dataclasses.field(default_factory=PoolConfig)
+    """The pool's settings."""
+
+
+def test_readme_example_loads(tmp_path: Path) -> None:
+    """The [pool] example in manager/pool/README.md is a valid config (so it cannot rot)."""
+    readme = Path(__file__).parents[2] / "manager" / "pool" / "README.md"
+    example = readme.read_text().split("```toml\n", 1)[1].split("```", 1)[0]
+    path = tmp_path / "manager.toml"
+    path.write_text(example)
+    config = load_config(_ManagerLike, path, env_prefix="FLEET_TEST_", environ={})
+    assert config.pool == PoolConfig()  # the example spells out the defaults
