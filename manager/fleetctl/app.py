@@ -14,7 +14,39 @@ from manager.fleetctl import agents, events, metrics, nodes, pki
 from manager.fleetctl.output import OutputFormat
 from manager.fleetctl.runtime import Cli, GlobalOptions
 
-__all__ = ["app", "main"]
+__all__ = ["app", "hoist_global_options", "main"]
+
+# Global options with a value; kubectl-style, they may follow the subcommand too.
+_GLOBAL_WITH_VALUE = ("-o", "--output", "-m", "--manager", "--ca", "--cert", "--key",
+                      "--timeout", "--config")  # fmt: skip
+
+
+def hoist_global_options(args: list[str]) -> list[str]:
+    """Move global options (and their values) found after the subcommand to the front.
+
+    So ``fleetctl nodes list -o json`` works like ``fleetctl -o json nodes list``.
+    Nothing after ``--`` is touched.
+    """
+    front: list[str] = []
+    rest: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            rest.extend(args[i:])
+            break
+        name = arg.split("=", 1)[0]
+        if name in _GLOBAL_WITH_VALUE and "=" in arg and name.startswith("--"):
+            front.append(arg)
+        elif arg in _GLOBAL_WITH_VALUE and i + 1 < len(args):
+            front.extend(args[i : i + 2])
+            i += 1
+        elif arg.startswith("-o") and len(arg) > 2 and not arg.startswith("--"):
+            front.append(arg)  # -ojson
+        else:
+            rest.append(arg)
+        i += 1
+    return front + rest
 
 
 class _OneLineErrors(TyperGroup):
@@ -29,8 +61,9 @@ class _OneLineErrors(TyperGroup):
         windows_expand_args: bool = True,
         **extra: Any,
     ) -> Any:
+        argv = hoist_global_options(sys.argv[1:] if args is None else list(args))
         try:
-            rv = super().main(args, prog_name, complete_var, False, windows_expand_args, **extra)
+            rv = super().main(argv, prog_name, complete_var, False, windows_expand_args, **extra)
         except typer.TyperException as exc:  # click's UsageError, BadParameter, ...
             if not standalone_mode:
                 raise

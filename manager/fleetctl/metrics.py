@@ -185,6 +185,8 @@ def _draw(
         buckets = bucket_values(
             points, start_ms=start_ms, end_ms=end_ms, step_ms=reply.step_seconds * 1000
         )
+        if values and all(b is None for b in buckets):  # points outside the range asked for
+            buckets = list(values)
         table.add_row(
             series.name,
             Text(sparkline(buckets, width=width), style="cyan"),

@@ -1,0 +1,144 @@
+"""fleetctl's pure helpers: durations, times, sparklines, argv hoisting, label syntax."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+import pytest
+from cryptography import x509
+
+from fleet.pki import CertificateAuthority
+from manager.fleetctl.agents import last_lines, split_agent_ref
+from manager.fleetctl.app import hoist_global_options
+from manager.fleetctl.metrics import bucket_values
+from manager.fleetctl.nodes import parse_label_changes
+from manager.fleetctl.output import sparkline
+from manager.fleetctl.runtime import UsageProblem
+from manager.fleetctl.timespec import (
+    format_age,
+    format_duration,
+    format_time,
+    parse_duration,
+    parse_instant,
+)
+from manager.fleetctl.tlsprobe import explain_server_certificate
+
+NOW = dt.datetime(2026, 11, 22, 12, 0, tzinfo=dt.UTC)
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("30s", 30), ("5m", 300), ("1h", 3600), ("2d", 172800), ("1h30m", 5400), ("250ms", 0.25),
+     ("1.5h", 5400), (" 1W ", 604800)],
+)  # fmt: skip
+def test_parse_duration(text: str, seconds: float) -> None:
+    """Durations take s/m/h/d/w/ms parts, combined and case-insensitive."""
+    assert parse_duration(text) == seconds
+
+
+@pytest.mark.parametrize("text", ["", "5", "m5", "5x", "1h 30m", "-5m", "1h30"])
+def test_parse_duration_rejects(text: str) -> None:
+    """Anything else is a ValueError that shows an example."""
+    with pytest.raises(ValueError, match="30s"):
+        parse_duration(text)
+
+
+def test_parse_instant_forms() -> None:
+    """'now', a duration ago, and RFC 3339 with Z or an offset are instants."""
+    assert parse_instant("now", now=NOW) == NOW
+    assert parse_instant("1h", now=NOW) == NOW - dt.timedelta(hours=1)
+    assert parse_instant("2026-11-22T10:00:00Z", now=NOW) == NOW - dt.timedelta(hours=2)
+    assert parse_instant("2026-11-22T12:00:00+02:00", now=NOW) == NOW - dt.timedelta(hours=2)
+    with pytest.raises(ValueError, match="no UTC offset"):
+        parse_instant("2026-11-22T10:00:00", now=NOW)
+    with pytest.raises(ValueError, match="neither a duration"):
+        parse_instant("last tuesday", now=NOW)
+
+
+def test_format_helpers() -> None:
+    """Wire times print as RFC 3339 (None for 0); ages and durations kubectl-style."""
+    assert format_time(0) is None
+    assert format_time(1_767_225_600_123) == "2026-01-01T00:00:00.123Z"
+    assert [format_duration(s) for s in (5, 60, 192, 3600, 3720, 90000)] == [
+        "5s", "1m", "3m12s", "1h", "1h2m", "1d1h",
+    ]  # fmt: skip
+    assert format_age(0, now_ms=10) == "never"
+    assert format_age(1_000, now_ms=61_000) == "1m ago"
+
+
+def test_sparkline_scales_and_marks_gaps() -> None:
+    """Lowest value draws the lowest block, highest the full block, None a blank."""
+    assert sparkline([0.0, None, 7.0, 3.5]) == "▁ █▅"
+    assert sparkline([2.0, 2.0]) == "▁▁"
+    assert sparkline([None, None]) == "  "
+    assert sparkline([]) == ""
+
+
+def test_sparkline_shrinks_to_width_by_averaging() -> None:
+    """A long series is averaged down to the width asked for."""
+    line = sparkline([float(i) for i in range(100)], width=10)
+    assert len(line) == 10
+    assert line[0] == "▁"
+    assert line[-1] == "█"
+
+
+def test_bucket_values_places_points_by_time() -> None:
+    """Points go to their step bucket; buckets without points are None."""
+    points = [(60_000, 1.0), (180_000, 3.0)]
+    assert bucket_values(points, start_ms=60_000, end_ms=300_000, step_ms=60_000) == [
+        1.0, None, 3.0, None,
+    ]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["nodes", "list", "-o", "json"], ["-o", "json", "nodes", "list"]),
+        (["nodes", "list", "--manager=h:1", "-l", "a"],
+         ["--manager=h:1", "nodes", "list", "-l", "a"]),
+        (["-ojson", "events"], ["-ojson", "events"]),
+        (["agents", "logs", "n/a", "--", "-o", "x"], ["agents", "logs", "n/a", "--", "-o", "x"]),
+        (["pki", "issue", "node", "n", "--out", "d"], ["pki", "issue", "node", "n", "--out", "d"]),
+    ],
+)  # fmt: skip
+def test_hoist_global_options(argv: list[str], expected: list[str]) -> None:
+    """Global options after the subcommand move to the front; others and '--' stay."""
+    assert hoist_global_options(argv) == expected
+
+
+def test_parse_label_changes() -> None:
+    """k=v sets (empty value allowed), k- removes; a key both set and removed is refused."""
+    assert parse_label_changes(["a=1", "b=", "example.com/c-"]) == (
+        {"a": "1", "b": ""},
+        ["example.com/c"],
+    )
+    with pytest.raises(UsageProblem, match="both set and removed"):
+        parse_label_changes(["a=1", "a-"])
+
+
+def test_split_agent_ref_and_last_lines() -> None:
+    """NODE/AGENT splits in two; --tail keeps the last N lines, a partial last line included."""
+    assert split_agent_ref("node-1/web") == ("node-1", "web")
+    for bad in ("web", "/web", "node-1/", "a/b/c"):
+        with pytest.raises(UsageProblem):
+            split_agent_ref(bad)
+    assert last_lines(b"a\nb\nc", 2) == b"b\nc"
+    assert last_lines(b"a\nb\n", 0) == b""
+
+
+def test_explain_server_certificate() -> None:
+    """The probe's verdicts: fine, unknown CA, name mismatch, expired, not yet valid."""
+    ca, other = CertificateAuthority.create(), CertificateAuthority.create()
+    now = dt.datetime.now(dt.UTC)  # certificates are minted with the real clock
+    ours = [x509.load_pem_x509_certificate(ca.cert_pem)]
+    good = ca.issue("manager", "m").certificate
+    name = "manager.fleet.local"
+    assert explain_server_certificate(good, ours, name, now=now) is None
+    foreign = other.issue("manager", "m").certificate
+    assert "unknown CA" in str(explain_server_certificate(foreign, ours, name, now=now))
+    node = ca.issue("node", "n1").certificate
+    assert "name mismatch" in str(explain_server_certificate(node, ours, name, now=now))
+    later = now + dt.timedelta(days=400)
+    assert "expired on" in str(explain_server_certificate(good, ours, name, now=later))
+    earlier = now - dt.timedelta(days=1)
+    assert "not valid until" in str(explain_server_certificate(good, ours, name, now=earlier))
