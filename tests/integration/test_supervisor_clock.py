@@ -6,7 +6,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
-from supervisor_helpers import Recorder, agent, make_supervisor
+from supervisor_helpers import Recorder, agent, make_supervisor, script
 
 from daemon.supervisor.clock import ManualClock
 from daemon.supervisor.spec import BackoffSpec, HealthSpec
@@ -92,3 +92,36 @@ async def test_heartbeat_health(sup: Supervisor, rec: Recorder, clock: ManualClo
     await rec.until(lambda: sup.get("hb").health == "unhealthy")
     sup.agent_heartbeat("hb")
     assert sup.get("hb").health == "healthy"
+
+
+async def test_crash_then_backoff_then_running(
+    sup: Supervisor, rec: Recorder, clock: ManualClock, tmp_path: Path
+) -> None:
+    """An agent that crashes on its first start goes BACKOFF, is retried, and ends RUNNING."""
+    flag = tmp_path / "crashed-once"
+    prog = script(
+        tmp_path,
+        "crash_once",
+        f"""
+        import pathlib, sys, time
+        flag = pathlib.Path({str(flag)!r})
+        if not flag.exists():
+            flag.write_text("x")
+            sys.exit(3)
+        time.sleep(600)
+        """,
+    )
+    await sup.start([agent("flaky", str(prog), start_secs=5.0)])
+    await rec.until(lambda: sup.get("flaky").status is S.BACKOFF)
+    backoff = sup.get("flaky")
+    assert "exited too quickly (exit code 3)" in backoff.message
+    assert backoff.backoff_until_ms > 0
+
+    def running_after_a_tick() -> bool:
+        clock.advance(1.0)
+        return sup.get("flaky").status is S.RUNNING
+
+    await rec.until(running_after_a_tick)
+    assert rec.statuses("flaky") == [S.STARTING, S.BACKOFF, S.STARTING, S.RUNNING]
+    assert sup.get("flaky").restart_count == 1
+    assert sup.get("flaky").message.startswith("running with pid")

@@ -103,7 +103,13 @@ async def test_custom_stop_signal_is_used(sup: Supervisor, rec: Recorder, tmp_pa
 
 async def test_stop_during_backoff_cancels_the_retry(sup: Supervisor, rec: Recorder) -> None:
     """Stopping an agent that is waiting out a backoff leaves it STOPPED, never respawned."""
-    spec = agent("loop", "-c", "raise SystemExit(1)", backoff=BackoffSpec(initial=0.5, jitter=0.0))
+    spec = agent(
+        "loop",
+        "-c",
+        "raise SystemExit(1)",
+        start_secs=5.0,
+        backoff=BackoffSpec(initial=0.5, jitter=0.0),
+    )
     await sup.start([spec])
     await rec.until(lambda: sup.get("loop").status is S.BACKOFF)
     snap = await sup.operate("loop", "stop")
