@@ -30,7 +30,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 
 from fleet.errors import ConfigError, FailedPrecondition, InvalidArgument, Unavailable
 from fleet.retry import Backoff, retrying
-from manager.storage.transient import describe, is_transient
+from manager.storage.transient import describe, is_constraint_violation, is_transient
 
 __all__ = ["Database", "Dialect", "advisory_key", "normalize_url"]
 
@@ -115,6 +115,9 @@ class Database:
         # SQLite allows one writer: queue our own writers here instead of
         # letting them spin in busy_timeout against each other.
         self._write_lock = asyncio.Lock()
+        # PostgreSQL advisory locks we hold: key -> the connection holding it.
+        self._held: dict[int, AsyncConnection] = {}
+        self._held_check = asyncio.Lock()
         self.display_url: str = engine.url.render_as_string(hide_password=True)
         """The URL without its password, for messages."""
 
@@ -205,6 +208,8 @@ class Database:
         except sa_exc.IntegrityError as exc:
             raise InvalidArgument(f"rejected by the database: {describe(exc)}") from exc
         except Exception as exc:
+            if is_constraint_violation(exc):  # raised by the driver directly (COPY)
+                raise InvalidArgument(f"rejected by the database: {describe(exc)}") from exc
             if not is_transient(exc):
                 raise
             elapsed = time.monotonic() - started
@@ -272,19 +277,47 @@ class Database:
 
         PostgreSQL: pg_try_advisory_lock on a dedicated connection kept while
         inside; released on exit, or by the server if that connection dies
-        (so hold it for one unit of work, not forever). SQLite: one manager
-        per file, so always True. Unavailable if the database cannot be reached.
+        (hold it for one unit of work, or check `advisory_lock_held` between
+        units). Re-entering a lock this Database already holds yields False.
+        SQLite: one manager per file, so always True. Unavailable if the
+        database cannot be reached.
         """
         if self.dialect == "sqlite":
             return _always_held()
         return self._pg_advisory_lock(advisory_key(name))
 
+    async def advisory_lock_held(self, name: str, *, timeout_s: float = 5.0) -> bool:
+        """True while we still hold `name` (taken with `advisory_lock`) and its connection lives.
+
+        A leader holding the lock for a long time should check this between
+        units of work: if the server dropped the lock connection, another
+        replica may already have taken the lock. SQLite: always True.
+        """
+        if self.dialect == "sqlite":
+            return True
+        conn = self._held.get(advisory_key(name))
+        if conn is None:
+            return False
+        async with self._held_check:
+            try:
+                async with asyncio.timeout(timeout_s):
+                    await conn.execute(select(1))
+                    await conn.commit()
+            except Exception as exc:
+                log.warning("lost advisory lock %r: %s", name, describe(exc))
+                return False
+        return True
+
     @asynccontextmanager
     async def _pg_advisory_lock(self, key: int) -> AsyncIterator[bool]:
         conn, held = await self._try_lock(key)
+        if held:
+            self._held[key] = conn
         try:
             yield held
         finally:
+            if held:
+                self._held.pop(key, None)
             try:
                 if held:
                     await conn.execute(select(func.pg_advisory_unlock(key)))

@@ -27,7 +27,6 @@ from sqlalchemy import (
     ColumnElement,
     delete,
     func,
-    insert,
     literal_column,
     select,
     update,
@@ -52,6 +51,8 @@ Aggregate = Literal["avg", "min", "max"]
 # How many minutes one rollup transaction covers when catching up.
 _ROLLUP_CHUNK_MINUTES: Final = 60
 _KEY = ("node_id", "agent_id", "type", "name")
+_SAMPLE_COLUMNS: Final = (*_KEY, "ts_ms", "value")
+_SampleRow = tuple[str, str, str, str, int, float]
 
 
 def _now_ms() -> int:
@@ -65,6 +66,10 @@ class MetricStore:
         self._db = db
         self._least = func.min if db.dialect == "sqlite" else func.least
         self._greatest = func.max if db.dialect == "sqlite" else func.greatest
+        marks = ", ".join("?" for _ in _SAMPLE_COLUMNS)  # SQLite only: PostgreSQL uses COPY
+        self._insert_samples_sql = (
+            f"INSERT INTO {metric_samples.name} ({', '.join(_SAMPLE_COLUMNS)}) VALUES ({marks})"  # noqa: S608 (constants only)
+        )
         # The physical row id both backends can delete by without an index.
         self._rowid: ColumnClause[Any] = literal_column(
             "rowid" if db.dialect == "sqlite" else "ctid"
@@ -101,27 +106,36 @@ class MetricStore:
             )
             stored_keys = {(row.node_id, row.sequence) for row in result}
             stored_idx = sorted(first[k] for k in stored_keys)
-            rows: list[dict[str, Any]] = [
-                {
-                    "node_id": batches[i].node_id,
-                    "agent_id": s.agent_id,
-                    "type": s.type,
-                    "name": s.name,
-                    "ts_ms": s.timestamp_ms,
-                    "value": s.value,
-                }
+            # Tuples in _SAMPLE_COLUMNS order straight to the driver's
+            # executemany: SQLAlchemy's per-row parameter processing would
+            # cost about as much as SQLite's own insert.
+            rows: list[_SampleRow] = [
+                (node_id, s.agent_id, s.type, s.name, s.timestamp_ms, s.value)
                 for i in stored_idx
+                for node_id in (batches[i].node_id,)
                 for s in batches[i].samples
             ]
             if rows:
-                await conn.execute(insert(metric_samples), rows)
-                late = [r for r in rows if r["ts_ms"] < watermark]
+                await self._insert_samples(conn, rows)
+                late = [r for r in rows if r[4] < watermark]
                 if late:
                     await self._merge_late(conn, late)
             stored = set(stored_idx)
             return [i in stored for i in range(len(batches))]
 
         return await self._db.run(body)
+
+    async def _insert_samples(self, conn: AsyncConnection, rows: list[_SampleRow]) -> None:
+        if self._db.dialect == "postgresql":
+            # COPY is several times faster than a prepared executemany. The
+            # transaction is already open (earlier statements of this body),
+            # so the rows commit or roll back with the dedupe keys.
+            raw = await conn.get_raw_connection()
+            await raw.driver_connection.copy_records_to_table(  # type: ignore[union-attr]
+                metric_samples.name, records=rows, columns=_SAMPLE_COLUMNS
+            )
+            return
+        await conn.exec_driver_sql(self._insert_samples_sql, rows)
 
     async def _watermark(
         self, conn: AsyncConnection, *, lock: Literal["share", "update", "none"]
@@ -134,12 +148,12 @@ class MetricStore:
         value = await conn.scalar(query)
         return int(value or 0)
 
-    async def _merge_late(self, conn: AsyncConnection, rows: list[dict[str, Any]]) -> None:
+    async def _merge_late(self, conn: AsyncConnection, rows: list[_SampleRow]) -> None:
         """Fold samples older than the watermark into their rollup rows."""
         agg: dict[tuple[Any, ...], list[float]] = {}
-        for r in rows:
-            key = (*(r[k] for k in _KEY), r["ts_ms"] // MINUTE_MS * MINUTE_MS)
-            v = float(r["value"])
+        for node_id, agent_id, type_, name, ts_ms, value in rows:
+            key = (node_id, agent_id, type_, name, ts_ms // MINUTE_MS * MINUTE_MS)
+            v = float(value)
             cur = agg.get(key)
             if cur is None:
                 agg[key] = [v, v, v, 1.0]

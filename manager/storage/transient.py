@@ -8,7 +8,7 @@ from typing import Final
 
 from sqlalchemy import exc as sa_exc
 
-__all__ = ["describe", "is_transient"]
+__all__ = ["describe", "is_constraint_violation", "is_transient"]
 
 # PostgreSQL SQLSTATEs that mean "try again": connection exceptions (class 08),
 # server shutting down or starting, too many connections, the two concurrency
@@ -76,6 +76,17 @@ def is_transient(exc: BaseException) -> bool:
         if any(marker in text for marker in _SQLITE_TRANSIENT):
             return True
         if "connection is closed" in text or "connection was closed" in text:
+            return True
+    return False
+
+
+def is_constraint_violation(exc: BaseException) -> bool:
+    """True for an integrity constraint violation (SQLSTATE class 23): bad input."""
+    if isinstance(exc, sa_exc.IntegrityError):
+        return True
+    for cur in _chain(exc):
+        sqlstate = getattr(cur, "sqlstate", None)
+        if isinstance(sqlstate, str) and sqlstate.startswith("23"):
             return True
     return False
 

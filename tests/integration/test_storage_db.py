@@ -170,6 +170,8 @@ async def test_advisory_lock_is_held_by_one_database_at_a_time(database_url: str
             assert held_first is True
             async with second.advisory_lock("fleet-sweeper") as held_second:
                 assert held_second is (first.dialect == "sqlite")
+                assert await second.advisory_lock_held("fleet-sweeper") is held_second
+            assert await first.advisory_lock_held("fleet-sweeper") is True
             async with second.advisory_lock("another-lock") as held_other:
                 assert held_other is True
         async with second.advisory_lock("fleet-sweeper") as held_after:
@@ -186,7 +188,9 @@ async def test_advisory_lock_passes_on_when_the_holder_connection_dies(database_
     try:
         async with first.advisory_lock("fleet-sweeper") as held_first:
             assert held_first is True
+            assert await first.advisory_lock_held("fleet-sweeper") is True
             assert await _terminate_backends(database_url, advisory_only=True) == 1
+            assert await first.advisory_lock_held("fleet-sweeper") is False
             for _ in range(50):  # the server releases it when the backend exits
                 async with second.advisory_lock("fleet-sweeper") as held_second:
                     if held_second:

@@ -104,3 +104,13 @@ def test_advisory_keys_are_stable_signed_64_bit() -> None:
     assert key != advisory_key("fleet-rollup")
     # Pinned: replicas running different releases must agree on the key.
     assert key == 7306980219861809034
+
+
+def test_constraint_violations_are_recognized_from_any_layer() -> None:
+    """SQLAlchemy's IntegrityError and a raw driver error of SQLSTATE class 23 are bad input."""
+    from manager.storage.transient import is_constraint_violation
+
+    assert is_constraint_violation(sa_exc.IntegrityError("INSERT", {}, ValueError("dup")))
+    assert is_constraint_violation(_PgError('null value in column "value"', "23502"))
+    assert not is_constraint_violation(_PgError("deadlock detected", "40P01"))
+    assert not is_transient(_PgError('null value in column "value"', "23502"))
