@@ -102,7 +102,9 @@ class MetricStore:
             )
             result = await conn.execute(
                 ins,
-                [{"node_id": n, "sequence": s, "received_ms": received} for n, s in first],
+                # Sorted, so two replicas inserting overlapping keys lock them
+                # in the same order instead of deadlocking.
+                [{"node_id": n, "sequence": s, "received_ms": received} for n, s in sorted(first)],
             )
             stored_keys = {(row.node_id, row.sequence) for row in result}
             stored_idx = sorted(first[k] for k in stored_keys)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 from typing import Any
 
@@ -223,3 +224,21 @@ async def test_query_rejects_bad_arguments(database: Database) -> None:
         await _query(store, 60, "avg", start_ms=5, end_ms=5)
     with pytest.raises(InvalidArgument, match="aggregate"):
         await _query(store, 60, "median")
+
+
+async def test_two_replicas_racing_on_the_same_batches_store_each_once(
+    database: Database, database_url: str
+) -> None:
+    """Two Database handles writing the same batches at once store every batch exactly once."""
+    other = await Database.open(database_url)
+    try:
+        batches = [_batch(seq, ("cpu", "usage", seq, 1.0)) for seq in range(200)]
+        first, second = await asyncio.gather(
+            MetricStore(database).write_batches(batches),
+            MetricStore(other).write_batches(list(reversed(batches))),
+        )
+    finally:
+        await other.close()
+    for a, b in zip(first, reversed(second), strict=True):
+        assert a != b  # exactly one of the two stored it
+    assert await _count(database, metric_samples) == 200
