@@ -23,6 +23,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import json
+import sys
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,7 +45,7 @@ from fleet.tls import (
 )
 from fleet.v1 import common_pb2, daemon_pb2, daemon_pb2_grpc, manager_pb2, manager_pb2_grpc
 
-__all__ = ["Concurrency", "SimAgent", "SimDaemon", "SimFleet"]
+__all__ = ["Concurrency", "SimAgent", "SimDaemon", "SimFleet", "SimNode", "start_daemon"]
 
 _Context = aio.ServicerContext[Any, Any]
 _S = common_pb2.AgentStatus
@@ -269,6 +271,16 @@ class SimNode:
             await channel.close(None)
 
 
+async def start_daemon(node_id: str, tls: TLSConfig, **behaviour: Any) -> SimNode:
+    """Serve a SimDaemon for `node_id` on a fresh 127.0.0.1 port with certificate `tls`."""
+    servicer = SimDaemon(node_id, **behaviour)
+    server = aio.server(interceptors=[ErrorMappingInterceptor()])
+    daemon_pb2_grpc.add_DaemonServiceServicer_to_server(servicer, server)
+    port = server.add_secure_port("127.0.0.1:0", server_credentials(tls))
+    await server.start()
+    return SimNode(node_id, f"127.0.0.1:{port}", tls, servicer, server)
+
+
 @dataclass
 class SimFleet:
     """Several simulated daemons sharing one CA and one Concurrency counter."""
@@ -308,12 +320,7 @@ class SimFleet:
         tls = self.ca.issue("node", node_id, ips=("127.0.0.1",)).write(
             self.cert_dir / f"sim-{node_id}"
         )
-        servicer = SimDaemon(node_id, concurrency=self.concurrency, **behaviour)
-        server = aio.server(interceptors=[ErrorMappingInterceptor()])
-        daemon_pb2_grpc.add_DaemonServiceServicer_to_server(servicer, server)
-        port = server.add_secure_port("127.0.0.1:0", server_credentials(tls))
-        await server.start()
-        node = SimNode(node_id, f"127.0.0.1:{port}", tls, servicer, server)
+        node = await start_daemon(node_id, tls, concurrency=self.concurrency, **behaviour)
         self.nodes.append(node)
         return node
 
@@ -349,3 +356,69 @@ class SimFleet:
         tb: TracebackType | None,
     ) -> None:
         await self.close()
+
+
+# --- serve mode: simulated daemons in their own process (for benchmarks) ---
+#
+#   python -m bench.sim serve  < spec JSON line
+#
+# stdin, first line: {"op_delay": 0.0, "nodes": [{"node_id", "ca", "cert", "key"}, ...]}
+# stdout, first line: {"<node_id>": "127.0.0.1:<port>", ...} once all serve.
+# Then each "stats" line on stdin prints one JSON line
+# {"peak": <most OperateAgent in flight>, "nodes": {"<node_id>": {"operations": n,
+# "ports": [client ports]}}}; "delay <seconds>" sets every daemon's op_delay
+# (and resets the peak); EOF on stdin stops every server and exits.
+
+
+async def _serve() -> None:
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    spec = json.loads(await reader.readline())
+    concurrency = Concurrency()
+    nodes = []
+    try:
+        for item in spec["nodes"]:
+            tls = TLSConfig(Path(item["ca"]), Path(item["cert"]), Path(item["key"]))
+            nodes.append(
+                await start_daemon(
+                    item["node_id"],
+                    tls,
+                    concurrency=concurrency,
+                    op_delay=float(spec.get("op_delay", 0.0)),
+                )
+            )
+        _emit({n.node_id: n.address for n in nodes})
+        while line := await reader.readline():
+            command, _, arg = line.decode().strip().partition(" ")
+            if command == "delay":
+                for n in nodes:
+                    n.servicer.op_delay = float(arg)
+                concurrency.peak = 0
+                _emit({"op_delay": float(arg)})
+            elif command == "stats":
+                _emit(
+                    {
+                        "peak": concurrency.peak,
+                        "nodes": {
+                            n.node_id: {
+                                "operations": len(n.servicer.operations),
+                                "ports": sorted(n.servicer.client_ports),
+                            }
+                            for n in nodes
+                        },
+                    }
+                )
+    finally:
+        await asyncio.gather(*(n.stop() for n in nodes))
+
+
+def _emit(obj: object) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    if sys.argv[1:] != ["serve"]:
+        sys.exit("usage: python -m bench.sim serve  (spec JSON on stdin; see the module)")
+    asyncio.run(_serve())

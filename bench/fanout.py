@@ -1,0 +1,383 @@
+"""Fan-out benchmark: a restart of N agents through FleetService vs a bare asyncio.gather.
+
+    python bench/fanout.py            # N = 500 simulated daemons (about a minute)
+    python bench/fanout.py --smoke    # N = 6, seconds
+
+N simulated daemons (`bench/sim.py`: in-memory DaemonService, each on its
+own 127.0.0.1 port with its own node certificate) run in one child process.
+This process runs a real manager (ManagerServer: mTLS, SQLite in a temp
+dir); every simulated node registers with it and syncs its agents, as a
+daemon does. Then, alternating, it measures:
+
+- fleet: an operator's `OperateAgents(restart web on every node,
+  max_concurrency=N)` through FleetService, until the stream's summary
+  (resolution from the database, audit and events, N pooled calls, N
+  streamed results);
+- reference: the same N `DaemonService.OperateAgent(restart web)` calls
+  made with one bare `asyncio.gather` over N grpc.aio channels opened (and
+  connected) beforehand, from this same process.
+
+The pool is warmed by one fan-out first (the reference's channels are
+pre-opened too), so both measure steady-state calls. Prints the median of
+the rounds and the ratio (the issue's target is <= 1.25x), then checks with
+the pool's own counters that every daemon had its own channel and exactly
+one connection, and with the daemons' view that no two of them saw the same
+client connection. Exits 1 if a check fails or any target was not OK.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from grpc import aio
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from bench.sim import DEFAULT_AGENTS  # noqa: E402
+from fleet.pki import CertificateAuthority, Identity  # noqa: E402
+from fleet.tls import TLSConfig, channel_credentials, channel_options  # noqa: E402
+from fleet.v1 import (  # noqa: E402
+    common_pb2,
+    daemon_pb2,
+    daemon_pb2_grpc,
+    fleet_pb2,
+    fleet_pb2_grpc,
+    manager_pb2,
+    manager_pb2_grpc,
+)
+from manager.config import (  # noqa: E402
+    DatabaseConfig,
+    LivenessConfig,
+    ManagerConfig,
+    ServerConfig,
+    TLSFiles,
+)
+from manager.pool import PoolConfig  # noqa: E402
+from manager.pool.channel import NODE_ARG  # noqa: E402
+from manager.server import ManagerServer  # noqa: E402
+
+if TYPE_CHECKING:
+    from fleet.v1.daemon_pb2_grpc import DaemonServiceAsyncStub
+    from fleet.v1.fleet_pb2_grpc import FleetServiceAsyncStub
+
+RESTART = common_pb2.AGENT_OPERATION_RESTART
+
+
+class Child:
+    """A helper process spoken to in JSON lines: a request on stdin, one answer on stdout."""
+
+    def __init__(self, argv: list[str], spec: dict[str, Any]) -> None:
+        self._proc = subprocess.Popen(
+            [sys.executable, *argv], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE
+        )
+        self.hello: Any = self.ask(json.dumps(spec))
+        """Its answer to the spec (addresses, port)."""
+
+    def ask(self, line: str) -> Any:
+        """Send one line, return the JSON line it answers."""
+        assert self._proc.stdin is not None
+        assert self._proc.stdout is not None
+        self._proc.stdin.write(line.encode() + b"\n")
+        self._proc.stdin.flush()
+        answer = self._proc.stdout.readline()
+        if not answer:
+            raise RuntimeError(f"{self._proc.args!r} exited with {self._proc.wait()}")
+        return json.loads(answer)
+
+    def close(self) -> None:
+        """EOF on stdin stops it; killed if it does not exit within 30 s."""
+        if self._proc.stdin is not None:
+            self._proc.stdin.close()
+        try:
+            self._proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            self._proc.kill()
+            self._proc.wait()
+        if self._proc.stdout is not None:
+            self._proc.stdout.close()
+
+
+def sim_process(nodes: dict[str, TLSConfig], op_delay: float) -> Child:
+    """Every simulated daemon, in one child process (`python -m bench.sim serve`)."""
+    spec = {
+        "op_delay": op_delay,
+        "nodes": [
+            {"node_id": n, "ca": str(t.ca_file), "cert": str(t.cert_file), "key": str(t.key_file)}
+            for n, t in nodes.items()
+        ],
+    }
+    return Child(["-m", "bench.sim", "serve"], spec)
+
+
+def manager_config(root: Path, tls: TLSConfig, n: int) -> ManagerConfig:
+    """The benchmark manager: mTLS on 127.0.0.1:0, SQLite under `root`, a pool for n."""
+    return ManagerConfig(
+        state_dir=root / "state",
+        server=ServerConfig(listen="127.0.0.1:0", metrics_listen=""),
+        tls=TLSFiles(ca_file=tls.ca_file, cert_file=tls.cert_file, key_file=tls.key_file),
+        database=DatabaseConfig(url=f"sqlite+aiosqlite:///{root / 'manager.db'}"),
+        # The simulated nodes never heartbeat; keep them online for the run.
+        liveness=LivenessConfig(failover_grace_seconds=3600.0),
+        pool=PoolConfig(max_channels=max(1024, n)),
+    )
+
+
+async def serve_manager() -> None:
+    """--manager-child: a ManagerServer in this process, its pool counters on request.
+
+    stdin: {"root", "ca", "cert", "key", "n"}; answers {"port"}. Then each
+    "stats" line answers the pool's counters; EOF stops the manager.
+    """
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    spec = json.loads(await reader.readline())
+    tls = TLSConfig(Path(spec["ca"]), Path(spec["cert"]), Path(spec["key"]))
+    manager = ManagerServer(manager_config(Path(spec["root"]), tls, int(spec["n"])))
+    await manager.start()
+    try:
+        _emit({"port": manager.port})
+        while line := await reader.readline():
+            if line.strip() == b"stats":
+                pool = manager.pool
+                _emit(
+                    {
+                        "channels_opened": pool.channels_opened,
+                        "connections_opened": pool.connections_opened,
+                        "nodes": {
+                            node: {
+                                "connections": st.connections,
+                                "node_arg": dict(st.channel_args).get(NODE_ARG),
+                                "local_subchannel_pool": dict(st.channel_args).get(
+                                    "grpc.use_local_subchannel_pool"
+                                ),
+                            }
+                            for node, st in pool.stats().items()
+                        },
+                    }
+                )
+    finally:
+        await manager.stop(1.0)
+
+
+def _emit(obj: object) -> None:
+    sys.stdout.write(json.dumps(obj) + "\n")
+    sys.stdout.flush()
+
+
+def _channel(address: str, tls: TLSConfig, server_name: str) -> aio.Channel:
+    return aio.secure_channel(
+        address, channel_credentials(tls), options=channel_options(server_name)
+    )
+
+
+async def register(
+    node_id: str, tls: TLSConfig, daemon_address: str, manager_address: str, td: str
+) -> None:
+    """RegisterNode + SyncAgentStates as the node (its own certificate)."""
+    async with _channel(manager_address, tls, f"manager.{td}") as channel:
+        stub = manager_pb2_grpc.ManagerServiceStub(channel)
+        await stub.RegisterNode(
+            manager_pb2.RegisterNodeRequest(
+                node_id=node_id,
+                hostname=f"{node_id}.sim",
+                ip="127.0.0.1",
+                os="linux",
+                arch="x86_64",
+                labels={"bench": "fanout"},
+                daemon_address=daemon_address,
+                daemon_version="sim",
+            ),
+            timeout=60,
+        )
+        states = [
+            manager_pb2.AgentState(
+                agent_id=a.agent_id, type=a.type, status=common_pb2.AGENT_STATUS_RUNNING
+            )
+            for a in DEFAULT_AGENTS
+        ]
+        await stub.SyncAgentStates(
+            manager_pb2.SyncAgentStatesRequest(node_id=node_id, states=states), timeout=60
+        )
+
+
+async def fleet_round(stub: FleetServiceAsyncStub, n: int) -> tuple[float, int]:
+    """Seconds for one OperateAgents restart of every node's web agent; OK count."""
+    request = fleet_pb2.FleetServiceOperateAgentsRequest(
+        agent_id="web", operation=RESTART, max_concurrency=n
+    )
+    start = time.perf_counter()
+    ok = 0
+    async for msg in stub.OperateAgents(request, timeout=120):
+        if msg.HasField("summary"):
+            ok = msg.summary.ok
+    return time.perf_counter() - start, ok
+
+
+async def reference_round(stubs: list[DaemonServiceAsyncStub]) -> tuple[float, int]:
+    """Seconds for the same restarts as one bare asyncio.gather over open channels."""
+    request = daemon_pb2.OperateAgentRequest(agent_id="web", operation=RESTART)
+    start = time.perf_counter()
+    answers = await asyncio.gather(*(s.OperateAgent(request, timeout=120) for s in stubs))
+    return time.perf_counter() - start, sum(a.success for a in answers)
+
+
+async def run(n: int, rounds: int, delays: list[float]) -> int:
+    with tempfile.TemporaryDirectory(prefix="fleet-fanout-") as tmp:
+        root = Path(tmp)
+        ca = CertificateAuthority.create()
+        td = ca.trust_domain
+        t0 = time.perf_counter()
+        node_tls = {
+            f"sim-{i:04d}": ca.issue("node", f"sim-{i:04d}", ips=("127.0.0.1",)).write(
+                root / "nodes" / f"sim-{i:04d}"
+            )
+            for i in range(n)
+        }
+        mtls = ca.issue("manager", "bench", ips=("127.0.0.1",)).write(root / "manager")
+        optls = ca.issue("operator", "bench").write(root / "operator")
+        sims = sim_process(node_tls, delays[0])
+        addresses: dict[str, str] = sims.hello
+        print(f"{n} simulated daemons up in {time.perf_counter() - t0:.1f}s", flush=True)
+        manager = None
+        ref_channels: list[aio.Channel] = []
+        results: list[tuple[float, list[float], list[float], int]] = []
+        try:
+            manager = Child(
+                [str(ROOT / "bench" / "fanout.py"), "--manager-child"],
+                {
+                    "root": str(root),
+                    "ca": str(mtls.ca_file),
+                    "cert": str(mtls.cert_file),
+                    "key": str(mtls.key_file),
+                    "n": n,
+                },
+            )
+            address = f"127.0.0.1:{manager.hello['port']}"
+            sem = asyncio.Semaphore(32)
+
+            async def reg(node_id: str) -> None:
+                async with sem:
+                    await register(node_id, node_tls[node_id], addresses[node_id], address, td)
+
+            t0 = time.perf_counter()
+            await asyncio.gather(*(reg(node) for node in node_tls))
+            print(f"registered and synced in {time.perf_counter() - t0:.1f}s", flush=True)
+
+            # Reference channels: opened and connected before anything is timed.
+            for node_id, addr in addresses.items():
+                server_name = Identity("node", node_id, td).server_name
+                ref_channels.append(_channel(addr, mtls, server_name))
+            await asyncio.gather(*(c.channel_ready() for c in ref_channels))
+            ref_stubs = [daemon_pb2_grpc.DaemonServiceStub(c) for c in ref_channels]
+
+            async with _channel(address, optls, f"manager.{td}") as op_channel:
+                stub = fleet_pb2_grpc.FleetServiceStub(op_channel)
+                warm, ok = await fleet_round(stub, n)  # opens the pool's N connections
+                warm_ref, _ = await reference_round(ref_stubs)
+                print(f"warm-up: fleet {warm:.3f}s (opens {n} connections), ref {warm_ref:.3f}s")
+                failures = n - ok
+                for delay in delays:
+                    sims.ask(f"delay {delay}")
+                    times: tuple[list[float], list[float]] = ([], [])
+                    for r in range(rounds):
+                        f, f_ok = await fleet_round(stub, n)
+                        g, g_ok = await reference_round(ref_stubs)
+                        failures += (n - f_ok) + (n - g_ok)
+                        times[0].append(f)
+                        times[1].append(g)
+                        print(
+                            f"restart {delay * 1000:g} ms, round {r + 1}: fleet {f:.3f}s  "
+                            f"reference {g:.3f}s  ratio {f / g:.2f}x",
+                            flush=True,
+                        )
+                    peak = sims.ask("stats")["peak"]
+                    results.append((delay, *times, peak))
+
+            pool = manager.ask("stats")
+            daemons = sims.ask("stats")
+        finally:
+            for c in ref_channels:
+                await c.close(None)
+            if manager is not None:
+                manager.close()
+            sims.close()
+
+    problems = []
+    if failures:
+        problems.append(f"{failures} target(s) not OK")
+    # The pool's own counters: one channel and one connection per daemon, each
+    # channel with its own subchannel pool and its node id among its arguments.
+    stats = pool["nodes"]
+    if pool["channels_opened"] != n or len(stats) != n:
+        problems.append(f"the pool opened {pool['channels_opened']} channels for {n} daemons")
+    if any(st["connections"] != 1 for st in stats.values()):
+        problems.append("some daemon needed more than one connection")
+    if {st["node_arg"] for st in stats.values()} != set(stats) or any(
+        st["local_subchannel_pool"] != 1 for st in stats.values()
+    ):
+        problems.append("channel arguments are not distinct per daemon")
+    # The daemons' view: each saw exactly two client connections, the pool's
+    # and the reference's, and served every restart.
+    expected_ops = (rounds * len(delays) + 1) * 2
+    for node, seen in daemons["nodes"].items():
+        if len(seen["ports"]) != 2 or seen["operations"] != expected_ops:
+            problems.append(
+                f"{node} saw {len(seen['ports'])} client connections and "
+                f"{seen['operations']} restarts (want 2 and {expected_ops})"
+            )
+            break
+
+    print()
+    print(f"fan-out restart of {n} agents on {n} daemons, median of {rounds} round(s):")
+    print("  simulated restart  fleet (FleetService)  reference (gather)  ratio  peak in flight")
+    for delay, fleet_times, ref_times, peak in results:
+        fleet_med, ref_med = statistics.median(fleet_times), statistics.median(ref_times)
+        print(
+            f"  {delay * 1000:14g} ms  {fleet_med * 1000:17.1f} ms  {ref_med * 1000:15.1f} ms"
+            f"  {fleet_med / ref_med:4.2f}x  {peak:14d}"
+        )
+    print("  (target: ratio <= 1.25x)")
+    print(
+        f"  pool counters: {pool['channels_opened']} channels, "
+        f"{pool['connections_opened']} connections for {n} daemons, "
+        "one subchannel pool and node id per channel; each daemon saw one pool connection"
+    )
+    for p in problems:
+        print(f"CHECK FAILED: {p}")
+    return 1 if problems else 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--smoke", action="store_true", help="N=6, one round: seconds")
+    parser.add_argument("-n", type=int, default=500, help="simulated daemons (default 500)")
+    parser.add_argument("--rounds", type=int, default=5, help="timed rounds of each (median)")
+    parser.add_argument(
+        "--delays",
+        default="0,0.1",
+        help="seconds a simulated restart takes, one measurement each "
+        "(default 0 = pure overhead, and 0.1)",
+    )
+    parser.add_argument("--manager-child", action="store_true", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.manager_child:
+        asyncio.run(serve_manager())
+        return 0
+    n, rounds = (6, 1) if args.smoke else (args.n, args.rounds)
+    delays = [float(d) for d in args.delays.split(",")]
+    return asyncio.run(run(n, rounds, delays))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
