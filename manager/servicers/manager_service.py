@@ -1,7 +1,8 @@
 """ManagerService: the RPCs daemons call. Translation and identity only.
 
 Every RPC first checks that the caller's certificate is ``node/<node_id>``
-(`fleet.tls.require_node`), then hands plain values to the service layer.
+(`fleet.tls.require_node`'s rule, memoised per certificate by
+`NodeIdentities`), then hands plain values to the service layer.
 Errors are `fleet.errors` exceptions mapped to status codes by the
 ErrorMappingInterceptor.
 """
@@ -12,12 +13,12 @@ from typing import Any
 
 from grpc import aio
 
-from fleet.tls import require_node
 from fleet.v1 import common_pb2, manager_pb2, manager_pb2_grpc
 from manager.service.agents import AgentStates
 from manager.service.metrics import MetricsService
 from manager.service.model import MetricPoint, Registration
 from manager.service.registry import NodeRegistry
+from manager.servicers.identity import NodeIdentities
 from manager.storage import AgentStateRecord
 
 __all__ = ["ManagerServicer", "agent_state_record"]
@@ -67,12 +68,12 @@ class ManagerServicer(manager_pb2_grpc.ManagerServiceServicer):
         self._registry = registry
         self._metrics = metrics
         self._agents = agents
-        self._td = trust_domain
+        self._identities = NodeIdentities(trust_domain)
 
     async def RegisterNode(
         self, request: manager_pb2.RegisterNodeRequest, context: _Context
     ) -> manager_pb2.RegisterNodeResponse:
-        require_node(context, request.node_id, trust_domain=self._td)
+        self._identities.require_node(context, request.node_id)
         result = await self._registry.register(
             Registration(
                 node_id=request.node_id,
@@ -96,14 +97,14 @@ class ManagerServicer(manager_pb2_grpc.ManagerServiceServicer):
     async def Heartbeat(
         self, request: manager_pb2.HeartbeatRequest, context: _Context
     ) -> manager_pb2.HeartbeatResponse:
-        require_node(context, request.node_id, trust_domain=self._td)
+        self._identities.require_node(context, request.node_id)
         interval = await self._registry.heartbeat(request.node_id, request.timestamp)
         return manager_pb2.HeartbeatResponse(success=True, heartbeat_interval_ms=interval)
 
     async def ReportMetrics(
         self, request: manager_pb2.ReportMetricsRequest, context: _Context
     ) -> manager_pb2.ReportMetricsResponse:
-        require_node(context, request.node_id, trust_domain=self._td)
+        self._identities.require_node(context, request.node_id)
         points = [
             MetricPoint(
                 type=m.type, timestamp_ms=m.timestamp, values=dict(m.values), agent_id=m.agent_id
@@ -121,7 +122,7 @@ class ManagerServicer(manager_pb2_grpc.ManagerServiceServicer):
     async def SyncAgentStates(
         self, request: manager_pb2.SyncAgentStatesRequest, context: _Context
     ) -> manager_pb2.SyncAgentStatesResponse:
-        require_node(context, request.node_id, trust_domain=self._td)
+        self._identities.require_node(context, request.node_id)
         states = [agent_state_record(request.node_id, st) for st in request.states]
         changed = await self._agents.sync(request.node_id, states)
         return manager_pb2.SyncAgentStatesResponse(success=True, changed=changed)
