@@ -143,7 +143,7 @@ class Database:
         """
         parsed = normalize_url(url)
         dialect: Dialect
-        kwargs: dict[str, Any] = {"pool_size": pool_size, "pool_pre_ping": True}
+        kwargs: dict[str, Any] = {"pool_size": pool_size}
         if parsed.get_backend_name() == "sqlite":
             dialect = "sqlite"
             assert parsed.database is not None
@@ -151,6 +151,9 @@ class Database:
             kwargs["connect_args"] = {"timeout": busy_timeout_ms / 1000}
         else:
             dialect = "postgresql"
+            # A pooled connection may have died with a server restart: test
+            # it at checkout (SQLite files need no such round trip).
+            kwargs["pool_pre_ping"] = True
             # lock_timeout mirrors SQLite's busy_timeout: a lock held longer is
             # a transient error (55P03), retried and then Unavailable, not a hang.
             kwargs["connect_args"] = {

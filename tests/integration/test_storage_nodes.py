@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
+from typing import Any
 
 import pytest
+from sqlalchemy import event, insert
 
 from fleet.errors import NotFound
 from manager.storage import Database, EventRepository, NodeRecord, NodeRepository
+from manager.storage.schema import nodes as nodes_table
 
 
 def _node(node_id: str = "node-1", **changes: object) -> NodeRecord:
@@ -23,6 +27,29 @@ def _node(node_id: str = "node-1", **changes: object) -> NodeRecord:
         daemon_address="10.0.0.1:7443",
     )
     return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
+
+
+async def _bulk_register(db: Database, node_ids: list[str], now_ms: int) -> None:
+    """Insert many online nodes in one statement (setup only; upsert is tested above)."""
+    rows = [
+        {
+            "node_id": nid,
+            "hostname": nid,
+            "ip": "10.0.0.1",
+            "os": "linux",
+            "arch": "x86_64",
+            "labels": "{}",
+            "daemon_version": "1",
+            "agent_version": "1",
+            "daemon_address": "h:1",
+            "status": "online",
+            "last_seen_ms": now_ms,
+            "registered_at_ms": now_ms,
+        }
+        for nid in node_ids
+    ]
+    async with db.engine.begin() as conn:
+        await conn.execute(insert(nodes_table), rows)
 
 
 async def _kinds(db: Database) -> list[tuple[str, str]]:
@@ -140,8 +167,7 @@ async def test_mark_offline_handles_more_nodes_than_one_statement(database: Data
     """A sweep over more nodes than one IN list holds marks them all."""
     nodes = NodeRepository(database)
     await nodes.upsert(_node("seed"), now_ms=1_000)
-    for i in range(600):  # IN lists hold 500 ids
-        await nodes.upsert(_node(f"n{i:04d}"), now_ms=1_000)
+    await _bulk_register(database, [f"n{i:04d}" for i in range(600)], 1_000)  # IN lists: 500
     gone = await nodes.mark_offline(cutoff_ms=2_000, now_ms=3_000, exclude={"seed"})
     assert len(gone) == 600
     assert await nodes.count(status="online") == 1
@@ -173,3 +199,33 @@ async def test_update_labels_of_unknown_node_is_not_found(database: Database) ->
     with pytest.raises(NotFound, match="ghost"):
         await nodes.update_labels("ghost", {"a": "b"}, [], actor="operator/x", now_ms=1)
     assert await EventRepository(database).latest_id() == 0
+
+
+async def test_touch_many_updates_last_seen_in_one_statement(database: Database) -> None:
+    """The last-seen flush of 600 nodes is one executemany UPDATE, not one per node."""
+    nodes = NodeRepository(database)
+    await _bulk_register(database, [f"n{i:03d}" for i in range(600)], 1_000)
+    statements: list[tuple[str, bool]] = []
+
+    def record(conn: Any, cursor: Any, statement: str, params: Any, ctx: Any, many: bool) -> None:
+        statements.append((" ".join(statement.split()).upper(), many))
+
+    event.listen(database.engine.sync_engine, "before_cursor_execute", record)
+    try:
+        await nodes.touch_many({f"n{i:03d}": 2_000 + i for i in range(600)})
+    finally:
+        event.remove(database.engine.sync_engine, "before_cursor_execute", record)
+    updates = [(s, many) for s, many in statements if s.startswith("UPDATE NODES SET LAST_SEEN_MS")]
+    assert len(updates) == 1
+    assert updates[0][1] is True  # executemany
+    n599 = await nodes.get("n599")
+    assert n599 is not None
+    assert n599.last_seen_ms == 2_599
+
+
+async def test_concurrent_first_registrations_create_one_node(database: Database) -> None:
+    """Five simultaneous first registrations of one node: one creates, the rest update."""
+    nodes = NodeRepository(database)
+    created = await asyncio.gather(*(nodes.upsert(_node(), now_ms=1_000 + i) for i in range(5)))
+    assert sorted(created) == [False, False, False, False, True]
+    assert await nodes.count() == 1
