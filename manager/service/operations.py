@@ -1,10 +1,11 @@
 """Operator operations on agents: one (OperateAgent) or a fan-out (OperateAgents).
 
-Targets are resolved from what the manager knows: the selector picks nodes
-by their labels, then `agent_id` or `agent_type` picks agents on those nodes
-from the states the daemons last synced (an agent the daemon has not
-reported yet is not a target). Each target is then one pooled
-`DaemonService.OperateAgent` call, run through `sliding_window`.
+Targets are resolved from what the manager knows: `agent_id` or
+`agent_type` picks agents from the states the daemons last synced (an agent
+the daemon has not reported yet is not a target), and the selector keeps
+those whose node's labels match (one joined read, `TargetRepository`).
+Each target is then one pooled `DaemonService.OperateAgent` call, run
+through `sliding_window`.
 
 Every mutating call is written to the operations audit with the operator's
 identity and produces OPERATION events (a fan-out: one when it starts, one
@@ -29,12 +30,12 @@ from manager.pool import DaemonPool
 from manager.service.fanout import Outcome, sliding_window
 from manager.storage import (
     AgentStateRecord,
-    AgentStateRepository,
     AuditRepository,
     EventRepository,
     NodeRecord,
     NodeRepository,
 )
+from manager.storage.targets import Candidate, TargetRepository
 
 __all__ = [
     "Action",
@@ -43,6 +44,7 @@ __all__ = [
     "Summary",
     "Target",
     "TargetResult",
+    "check_agent_choice",
     "resolve_targets",
 ]
 
@@ -105,19 +107,8 @@ class Summary:
     """Wall time of the whole fan-out."""
 
 
-def resolve_targets(
-    nodes: Sequence[NodeRecord],
-    agents: Sequence[AgentStateRecord],
-    selector: Selector,
-    *,
-    agent_id: str = "",
-    agent_type: str = "",
-) -> list[Target]:
-    """The (node, agent) pairs an OperateAgents request names, ordered by node then agent.
-
-    Pure: nodes whose labels match `selector`, then their agents with that id
-    or type (exactly one of the two must be given).
-    """
+def check_agent_choice(agent_id: str, agent_type: str) -> None:
+    """InvalidArgument unless exactly one of agent_id and agent_type is given (and valid)."""
     if bool(agent_id) == bool(agent_type):
         raise InvalidArgument(
             "set exactly one of agent_id and agent_type (got "
@@ -125,14 +116,19 @@ def resolve_targets(
             + ")",
             field="agent_id",
         )
-    chosen = {n.node_id: n for n in nodes if selector.matches(n.labels)}
-    targets = [
-        Target(a.node_id, a.agent_id, chosen[a.node_id].daemon_address)
-        for a in agents
-        if a.node_id in chosen and (a.agent_id == agent_id if agent_id else a.type == agent_type)
+    if agent_id:
+        validate_label_value(agent_id, field="agent_id")
+    else:
+        validate_label_value(agent_type, field="agent_type")
+
+
+def resolve_targets(candidates: Sequence[Candidate], selector: Selector) -> list[Target]:
+    """The candidates whose node matches `selector`, in the candidates' order. Pure."""
+    return [
+        Target(c.node_id, c.agent_id, c.daemon_address)
+        for c in candidates
+        if selector.matches(c.node_labels)
     ]
-    targets.sort(key=lambda t: (t.node_id, t.agent_id))
-    return targets
 
 
 def record_from_info(node_id: str, info: common_pb2.AgentInfo) -> AgentStateRecord:
@@ -213,14 +209,14 @@ class Operations:
     def __init__(
         self,
         nodes: NodeRepository,
-        agents: AgentStateRepository,
+        targets: TargetRepository,
         pool: DaemonPool,
         recorder: OperationRecorder,
         *,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self._nodes = nodes
-        self._agents = agents
+        self._targets = targets
         self._pool = pool
         self._recorder = recorder
         self._clock = clock
@@ -295,21 +291,18 @@ class Operations:
 
     async def resolve(self, selector: Selector, *, agent_id: str, agent_type: str) -> list[Target]:
         """The targets of a fan-out; NotFound when nothing matches (so a typo is not silent)."""
-        if agent_id:
-            validate_label_value(agent_id, field="agent_id")
-        if agent_type:
-            validate_label_value(agent_type, field="agent_type")
-        nodes = [n for n in await self._nodes.list() if selector.matches(n.labels)]
-        if not nodes:
-            raise NotFound(f"no registered node matches selector {str(selector) or '(all)'!r}")
-        agents = await self._agents.list(node_ids=[n.node_id for n in nodes])
-        targets = resolve_targets(nodes, agents, selector, agent_id=agent_id, agent_type=agent_type)
-        if not targets:
-            what = f"agent {agent_id!r}" if agent_id else f"agents of type {agent_type!r}"
-            raise NotFound(
-                f"no {what} on the {len(nodes)} node(s) matching {str(selector) or '(all)'!r}"
-            )
-        return targets
+        check_agent_choice(agent_id, agent_type)
+        candidates = await self._targets.candidates(agent_id=agent_id, agent_type=agent_type)
+        targets = resolve_targets(candidates, selector)
+        if targets:
+            return targets
+        # Only now read the nodes, to say which half of the request matched nothing.
+        where = str(selector) or "(all)"
+        matched = [n for n in await self._nodes.list() if selector.matches(n.labels)]
+        if not matched:
+            raise NotFound(f"no registered node matches selector {where!r}")
+        what = f"agent {agent_id!r}" if agent_id else f"agents of type {agent_type!r}"
+        raise NotFound(f"no {what} on the {len(matched)} node(s) matching {where!r}")
 
     async def fan_out(
         self,

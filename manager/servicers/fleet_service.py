@@ -39,6 +39,7 @@ from manager.storage import (
     EventRepository,
     NodeRepository,
 )
+from manager.storage.targets import TargetRepository
 
 __all__ = ["SERVICE_NAME", "FleetServicer", "agent_info", "build_fleet_servicer"]
 
@@ -401,7 +402,7 @@ def build_fleet_servicer(
     """The FleetService servicer over the manager's database, daemon pool and event feed."""
     nodes, agents = NodeRepository(db), AgentStateRepository(db)
     recorder = OperationRecorder(AuditRepository(db), EventRepository(db), clock=clock)
-    operations = Operations(nodes, agents, pool, recorder, clock=clock)
+    operations = Operations(nodes, TargetRepository(db), pool, recorder, clock=clock)
     queries = FleetQueries(nodes, agents, pool, operations, recorder, metrics, clock=clock)
     return FleetServicer(
         queries,
