@@ -1,0 +1,263 @@
+"""A live fleet for the security matrix and the fuzzers: real servers, real mTLS, generic calls.
+
+The manager and daemon are started with the integration harness
+(`manager_harness`, `daemon_helpers`), once per module. Calls are made
+generically from the protobuf method descriptors, so the matrix and the
+fuzzers cover every RPC the generated code declares without a stub per RPC.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime as dt
+import shutil
+from collections.abc import AsyncIterator, Iterator, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from daemon_helpers import daemon_config
+from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
+from google.protobuf.message import Message
+from google.protobuf.message_factory import GetMessageClass
+from grpc import aio
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from manager_harness import FakeClock, manager_config, running_manager
+
+from daemon.server import DaemonServer
+from daemon.supervisor.spec import AgentSpec
+from fleet.pki import CertificateAuthority, Identity, Role
+from fleet.retry import Backoff
+from fleet.tls import TLSConfig, channel_credentials, channel_options
+from fleet.v1 import agent_pb2, daemon_pb2, fleet_pb2, manager_pb2
+from manager.pool import PoolConfig
+from manager.server import ManagerServer
+
+SERVICES: dict[str, ServiceDescriptor] = {
+    "ManagerService": manager_pb2.DESCRIPTOR.services_by_name["ManagerService"],
+    "DaemonService": daemon_pb2.DESCRIPTOR.services_by_name["DaemonService"],
+    "FleetService": fleet_pb2.DESCRIPTOR.services_by_name["FleetService"],
+    "AgentService": agent_pb2.DESCRIPTOR.services_by_name["AgentService"],
+}
+"""Every Fleet gRPC service, from the generated descriptors."""
+
+MATRIX_REPORT = pytest.StashKey[list[str]]()
+"""Tables the matrix test wants shown in pytest's terminal summary."""
+
+SLEEP = shutil.which("sleep") or "/bin/sleep"
+"""An agent program that runs until stopped and exits at once on SIGTERM."""
+
+FAST_POOL = PoolConfig(
+    call_timeout=3.0,
+    connect_timeout=1.0,
+    retry=Backoff(initial=0.05, multiplier=2.0, maximum=0.2),
+    max_attempts=2,
+)
+"""Short deadlines so a call through the manager's pool fails quickly."""
+
+
+def methods(service: str) -> list[MethodDescriptor]:
+    """The RPCs of `service` (short name) in declaration order."""
+    return list(SERVICES[service].methods)
+
+
+def rpc_name(method: MethodDescriptor) -> str:
+    """'Service.Method', how the matrix and reports name an RPC."""
+    return f"{method.containing_service.name}.{method.name}"
+
+
+@dataclass(frozen=True)
+class ModulePki:
+    """A CA shared by one test module (the `pki` fixture is per test)."""
+
+    ca: CertificateAuthority
+    """The module's CA (trust domain fleet.local)."""
+    root: Path
+    """Where `issue` writes: <root>/<role>-<name>/."""
+
+    @property
+    def trust_domain(self) -> str:
+        """The CA's trust domain."""
+        return self.ca.trust_domain
+
+    def issue(self, role: Role, name: str, **kw: Any) -> TLSConfig:
+        """Issue <role>/<name> (kwargs as CertificateAuthority.issue) and write it."""
+        stem = f"{role}-{name}-{len(list(self.root.glob('*')))}"
+        return self.ca.issue(role, name, **kw).write(self.root / stem)
+
+    def raw_credentials(self, role: Role, name: str, **kw: Any) -> grpc.ChannelCredentials:
+        """Client credentials for a leaf `channel_credentials` would refuse (bad dates)."""
+        leaf = self.ca.issue(role, name, **kw)
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.ca.cert_pem,
+            private_key=leaf.key_pem,
+            certificate_chain=leaf.cert_pem,
+        )
+
+
+def bad_credentials(pki: ModulePki, role: Role, name: str) -> dict[str, grpc.ChannelCredentials]:
+    """The identities the handshake must refuse, each claiming <role>/<name>."""
+    now = dt.datetime.now(dt.UTC)
+    foreign = CertificateAuthority.create(pki.trust_domain).issue(role, name)
+    return {
+        "none": grpc.ssl_channel_credentials(root_certificates=pki.ca.cert_pem),
+        "other CA": grpc.ssl_channel_credentials(
+            root_certificates=pki.ca.cert_pem,
+            private_key=foreign.key_pem,
+            certificate_chain=foreign.cert_pem,
+        ),
+        "expired": pki.raw_credentials(
+            role, name, not_before=now - dt.timedelta(days=30), not_after=now - dt.timedelta(days=1)
+        ),
+        "not yet valid": pki.raw_credentials(
+            role, name, not_before=now + dt.timedelta(days=1), not_after=now + dt.timedelta(days=30)
+        ),
+    }
+
+
+def manager_name(pki: ModulePki) -> str:
+    """The TLS name every manager certificate carries (manager.<td>)."""
+    return f"manager.{pki.trust_domain}"
+
+
+def node_name(pki: ModulePki, node_id: str) -> str:
+    """The TLS name of node `node_id`'s daemon."""
+    return Identity("node", node_id, pki.trust_domain).server_name
+
+
+def open_channel(
+    port: int, creds: grpc.ChannelCredentials | TLSConfig, server_name: str
+) -> aio.Channel:
+    """An mTLS channel to 127.0.0.1:`port` expecting `server_name`, with its own connection."""
+    if isinstance(creds, TLSConfig):
+        creds = channel_credentials(creds)
+    options = [*channel_options(server_name), ("grpc.use_local_subchannel_pool", 1)]
+    return aio.secure_channel(f"127.0.0.1:{port}", creds, options=options)
+
+
+@asynccontextmanager
+async def channels(
+    port: int, creds: dict[str, grpc.ChannelCredentials | TLSConfig], server_name: str
+) -> AsyncIterator[dict[str, aio.Channel]]:
+    """One channel per named identity; all closed afterwards."""
+    opened = {label: open_channel(port, c, server_name) for label, c in creds.items()}
+    try:
+        yield opened
+    finally:
+        for channel in opened.values():
+            await channel.close(None)
+
+
+@asynccontextmanager
+async def live_manager(pki: ModulePki, root: Path) -> AsyncIterator[ManagerServer]:
+    """A real manager on SQLite over mTLS, with background jobs that never fire mid-test."""
+    config = manager_config(
+        pki,
+        f"sqlite+aiosqlite:///{root / 'manager.db'}",
+        root / "state",
+        metrics={"lifecycle_interval_seconds": 3600.0},
+    )
+    config = dataclasses.replace(config, pool=FAST_POOL)
+    async with running_manager(config, FakeClock()) as manager:
+        yield manager
+
+
+@asynccontextmanager
+async def live_daemon(
+    pki: ModulePki, root: Path, node_id: str, agents: Sequence[AgentSpec]
+) -> AsyncIterator[DaemonServer]:
+    """A real daemon for `node_id` supervising `agents`; its link dials nothing that answers."""
+    cfg = daemon_config(root, pki.issue("node", node_id), tuple(agents), stop_agents_on_exit=True)
+    server = DaemonServer(cfg)
+    await server.start()
+    try:
+        yield server
+    finally:
+        await server.stop(1.0)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one call came back with."""
+
+    code: grpc.StatusCode
+    """The status (OK for a reply, or for a stream still open when we stopped reading)."""
+    details: str
+    """The status message, empty for OK."""
+
+
+async def invoke(
+    channel: aio.Channel,
+    method: MethodDescriptor,
+    request: Message,
+    *,
+    deadline: float = 10.0,
+    idle: float = 0.3,
+    max_messages: int = 20,
+) -> Outcome:
+    """Call `method` with `request`; a stream is read until it ends, stays idle, or is long."""
+    path = f"/{method.containing_service.full_name}/{method.name}"
+    reply_type = GetMessageClass(method.output_type)
+
+    def serialize(m: Message) -> bytes:
+        return m.SerializeToString()
+
+    try:
+        if not method.server_streaming:
+            unary = channel.unary_unary(
+                path, request_serializer=serialize, response_deserializer=reply_type.FromString
+            )
+            await unary(request, timeout=deadline)
+            return Outcome(grpc.StatusCode.OK, "")
+        stream = channel.unary_stream(
+            path, request_serializer=serialize, response_deserializer=reply_type.FromString
+        )
+        call = stream(request, timeout=deadline)
+        try:
+            for _ in range(max_messages):
+                # A following stream stays open by design: idle counts as OK.
+                msg = await asyncio.wait_for(call.read(), idle)
+                if msg is aio.EOF:
+                    break
+        except TimeoutError:
+            pass
+        finally:
+            call.cancel()
+        code = await call.code()
+        if code == grpc.StatusCode.CANCELLED:
+            return Outcome(grpc.StatusCode.OK, "")
+        return Outcome(code, await call.details() or "")
+    except aio.AioRpcError as exc:
+        return Outcome(exc.code(), exc.details() or "")
+
+
+async def serving(channel: aio.Channel, service: str) -> bool:
+    """True if the server's gRPC health check says `service` (full name) is SERVING."""
+    stub = health_pb2_grpc.HealthStub(channel)
+    reply = await stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+    return bool(reply.status == health_pb2.HealthCheckResponse.SERVING)
+
+
+def registration(node_id: str, daemon_address: str) -> manager_pb2.RegisterNodeRequest:
+    """A valid RegisterNode for `node_id` whose daemon listens at `daemon_address`."""
+    return manager_pb2.RegisterNodeRequest(
+        node_id=node_id,
+        hostname=f"{node_id}.example.com",
+        ip="127.0.0.1",
+        os="linux",
+        arch="x86_64",
+        labels={"env": "test"},
+        daemon_version="0.1.0",
+        agent_version="0.1.0",
+        daemon_address=daemon_address,
+    )
+
+
+def all_rpcs() -> Iterator[MethodDescriptor]:
+    """Every RPC of every Fleet service."""
+    for service in SERVICES:
+        yield from methods(service)

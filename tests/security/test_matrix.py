@@ -1,0 +1,426 @@
+"""The security matrix: every RPC of every service against every identity, over real mTLS.
+
+The expected outcome of each cell comes from the architecture's rules (§3),
+written once in `expected()`. The RPCs come from the generated descriptors:
+an RPC added to a .proto without a request here fails the test. The table of
+what really happened is printed (`pytest -s`) and shown in the terminal
+summary, and every cell is asserted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import grpc
+import pytest
+import pytest_asyncio
+from daemon_helpers import agent, eventually, short_tmp
+from google.protobuf.descriptor import MethodDescriptor
+from google.protobuf.message import Message
+from live_env import (
+    MATRIX_REPORT,
+    SERVICES,
+    SLEEP,
+    ModulePki,
+    Outcome,
+    bad_credentials,
+    channels,
+    invoke,
+    live_daemon,
+    live_manager,
+    manager_name,
+    methods,
+    node_name,
+    registration,
+    rpc_name,
+)
+
+from daemon.server import DaemonServer
+from fleet.pki import Role
+from fleet.v1 import agent_pb2, common_pb2, daemon_pb2, fleet_pb2, manager_pb2
+from manager.server import ManagerServer
+
+Expect = Literal["refused", "denied", "allowed"]
+
+# --- the rules (ARCHITECTURE.md §3), in one place ---------------------------
+
+TLS_IDENTITIES = (
+    "none",
+    "other CA",
+    "expired",
+    "not yet valid",
+    "node/a",
+    "node/b",
+    "manager",
+    "operator",
+)
+"""Who dials the TCP services. The four bad ones claim the service's allowed role."""
+AGENT_IDENTITIES = ("supervised agent", "unsupervised process", "agent for another")
+"""Who calls AgentService on the daemon's Unix socket."""
+HANDSHAKE_REFUSED = frozenset({"none", "other CA", "expired", "not yet valid"})
+"""No (valid) certificate of this fleet: the TLS handshake fails, no RPC runs."""
+ALLOWED = {
+    "ManagerService": "node/a",  # node certificates only, and a node speaks only for itself
+    "FleetService": "operator",
+    "DaemonService": "manager",
+    "AgentService": "supervised agent",  # a process of the agent it names
+}
+"""The one identity each service accepts. ManagerService requests below speak for node a."""
+CLAIMED: dict[str, tuple[Role, str]] = {
+    "ManagerService": ("node", "a"),
+    "FleetService": ("operator", "alice"),
+    "DaemonService": ("manager", "m1"),
+}
+"""Who the refused identities claim to be, so only the certificate itself is wrong."""
+CALLER = {
+    "node/a": "node/a",
+    "node/b": "node/b",
+    "manager": "manager/m1",
+    "operator": "operator/alice",
+}
+"""The identity a denial message must name for each allowed-to-connect column."""
+
+
+def expected(service: str, identity: str) -> Expect:
+    """The outcome the architecture promises for `identity` calling any RPC of `service`."""
+    if identity in HANDSHAKE_REFUSED:
+        return "refused"
+    return "allowed" if identity == ALLOWED[service] else "denied"
+
+
+def category(code: grpc.StatusCode) -> Expect | Literal["bug"]:
+    """What a status code shows about the authorisation decision."""
+    if code in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.UNAUTHENTICATED):
+        return "refused"
+    if code == grpc.StatusCode.PERMISSION_DENIED:
+        return "denied"
+    if code in (grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL):
+        return "bug"  # never for a client, allowed or not
+    return "allowed"
+
+
+# --- a minimal valid request per RPC -----------------------------------------
+
+NODE = "a"
+"""The node whose daemon runs, and whom every ManagerService request speaks for."""
+
+
+def requests(daemon_port: int) -> dict[str, Message]:
+    """'Service.Method' -> a request the allowed identity gets OK (or NOT_FOUND) for."""
+    now = int(time.time() * 1000)
+    op = common_pb2.AGENT_OPERATION_RESTART
+    sdk_spec = common_pb2.AgentSpec(id="sleeper", argv=[SLEEP, "1000"], start_secs=0.0)
+    return {
+        # ManagerService: node a about node a.
+        "ManagerService.RegisterNode": registration(NODE, f"127.0.0.1:{daemon_port}"),
+        "ManagerService.Heartbeat": manager_pb2.HeartbeatRequest(node_id=NODE, timestamp=now),
+        "ManagerService.ReportMetrics": manager_pb2.ReportMetricsRequest(
+            node_id=NODE,
+            sequence=1,
+            metrics=[common_pb2.MetricData(type="cpu", timestamp=now, values={"usage": 1.0})],
+        ),
+        "ManagerService.SyncAgentStates": manager_pb2.SyncAgentStatesRequest(
+            node_id=NODE,
+            states=[
+                manager_pb2.AgentState(agent_id="sleeper", status=common_pb2.AGENT_STATUS_RUNNING)
+            ],
+        ),
+        # DaemonService on node a's daemon (agents "sleeper" and "sdk").
+        "DaemonService.ListAgents": daemon_pb2.ListAgentsRequest(),
+        "DaemonService.OperateAgent": daemon_pb2.OperateAgentRequest(
+            agent_id="absent", operation=op
+        ),
+        "DaemonService.GetAgentMetrics": daemon_pb2.GetAgentMetricsRequest(agent_id="sleeper"),
+        # A stale version: refused (FAILED_PRECONDITION) after the authorisation check.
+        "DaemonService.PushUpdate": daemon_pb2.PushUpdateRequest(version=0, agents=[sdk_spec]),
+        "DaemonService.ReadAgentLog": daemon_pb2.ReadAgentLogRequest(agent_id="sleeper"),
+        # FleetService: through the manager, to node a's daemon where needed.
+        "FleetService.ListNodes": fleet_pb2.FleetServiceListNodesRequest(),
+        "FleetService.GetNode": fleet_pb2.FleetServiceGetNodeRequest(node_id=NODE),
+        "FleetService.UpdateNodeLabels": fleet_pb2.FleetServiceUpdateNodeLabelsRequest(
+            node_id=NODE, set={"team": "security"}
+        ),
+        "FleetService.ListAgents": fleet_pb2.FleetServiceListAgentsRequest(node_id=NODE),
+        "FleetService.OperateAgent": fleet_pb2.FleetServiceOperateAgentRequest(
+            node_id=NODE, agent_id="absent", operation=op
+        ),
+        "FleetService.OperateAgents": fleet_pb2.FleetServiceOperateAgentsRequest(
+            selector=common_pb2.LabelSelector(match_labels={"env": "test"}), operation=op, plan=True
+        ),
+        "FleetService.QueryMetrics": fleet_pb2.FleetServiceQueryMetricsRequest(
+            node_id=NODE, type="cpu", start_time=now - 60_000, end_time=now + 60_000
+        ),
+        "FleetService.GetAgentMetrics": fleet_pb2.FleetServiceGetAgentMetricsRequest(
+            node_id=NODE, agent_id="sleeper"
+        ),
+        "FleetService.ReadAgentLog": fleet_pb2.FleetServiceReadAgentLogRequest(
+            node_id=NODE, agent_id="sleeper"
+        ),
+        "FleetService.WatchEvents": fleet_pb2.FleetServiceWatchEventsRequest(),
+        # AgentService: the "agent for another" column names "sleeper" instead.
+        "AgentService.Register": agent_pb2.AgentServiceRegisterRequest(agent_id="sdk"),
+        "AgentService.Heartbeat": agent_pb2.AgentServiceHeartbeatRequest(
+            agent_id="sdk", timestamp=now
+        ),
+        "AgentService.ReportMetrics": agent_pb2.AgentServiceReportMetricsRequest(
+            agent_id="sdk",
+            metrics=[common_pb2.MetricData(type="jobs", timestamp=now, values={"done": 1.0})],
+        ),
+        "AgentService.GetConfig": agent_pb2.AgentServiceGetConfigRequest(agent_id="sdk"),
+        "AgentService.WatchConfig": agent_pb2.AgentServiceWatchConfigRequest(agent_id="sdk"),
+    }
+
+
+# --- the AgentService callers: real processes on the agent socket -----------
+
+# Calls each planned RPC with pre-serialised bytes (no Fleet import needed),
+# prints one JSON line per call, then "done". A stream counts as answered at
+# its first message.
+PROBE = r"""
+import base64, json, os, sys, time, grpc
+plan = json.load(open(sys.argv[1]))
+socket = sys.argv[2] if len(sys.argv) > 2 else os.environ["FLEET_DAEMON_SOCKET"]
+channel = grpc.insecure_channel("unix:" + socket)
+for item in plan:
+    req = base64.b64decode(item["request"])
+    try:
+        if item["stream"]:
+            call = channel.unary_stream(item["path"])(req, timeout=5)
+            next(iter(call))
+            call.cancel()
+        else:
+            channel.unary_unary(item["path"])(req, timeout=5)
+        code, details = "OK", ""
+    except grpc.RpcError as e:
+        code, details = e.code().name, e.details()
+    print(json.dumps({"label": item["label"], "rpc": item["rpc"], "code": code,
+                      "details": details}), flush=True)
+print(json.dumps({"label": "done"}), flush=True)
+if len(sys.argv) <= 2:
+    time.sleep(10000)
+"""
+
+
+def agent_plan(reqs: dict[str, Message], *, labels: dict[str, str]) -> list[dict[str, Any]]:
+    """The probe's calls: each AgentService RPC once per label, agent_id set to its value."""
+    plan = []
+    for label, agent_id in labels.items():
+        for method in methods("AgentService"):
+            request = type(reqs[rpc_name(method)])()
+            request.CopyFrom(reqs[rpc_name(method)])
+            setattr(request, "agent_id", agent_id)  # noqa: B010  # every AgentService request has it
+            plan.append(
+                {
+                    "label": label,
+                    "rpc": rpc_name(method),
+                    "path": f"/{method.containing_service.full_name}/{method.name}",
+                    "stream": method.server_streaming,
+                    "request": base64.b64encode(request.SerializeToString()).decode(),
+                }
+            )
+    return plan
+
+
+def probe_results(log: bytes) -> dict[tuple[str, str], Outcome] | None:
+    """(label, rpc) -> outcome from the probe's output; None until it printed 'done'."""
+    results: dict[tuple[str, str], Outcome] = {}
+    for line in log.decode(errors="replace").splitlines():
+        if not line.startswith("{"):
+            continue
+        item = json.loads(line)
+        if item["label"] == "done":
+            return results
+        code = grpc.StatusCode[item["code"]]
+        results[item["label"], item["rpc"]] = Outcome(code, item["details"])
+    return None
+
+
+# --- the fleet under test -----------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Fleet:
+    """The module's live manager and node a's daemon."""
+
+    pki: ModulePki
+    manager: ManagerServer
+    daemon: DaemonServer
+    root: Path
+    """A short directory (Unix socket paths are limited)."""
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def fleet(module_pki: ModulePki) -> AsyncIterator[Fleet]:
+    """A manager, and node a's daemon supervising 'sleeper' and the 'sdk' probe agent."""
+    with short_tmp() as root:
+        script = root / "probe.py"
+        script.write_text(PROBE)
+        plan_file = root / "plan.json"
+        reqs = requests(0)
+        plan_file.write_text(
+            json.dumps(
+                agent_plan(reqs, labels={"supervised agent": "sdk", "agent for another": "sleeper"})
+            )
+        )
+        agents = (
+            agent("sleeper", SLEEP, "1000", start_secs=0.0),
+            agent("sdk", sys.executable, str(script), str(plan_file), config='{"v": 1}'),
+        )
+        async with (
+            live_manager(module_pki, root) as manager,
+            live_daemon(module_pki, root / "d", NODE, agents) as daemon,
+        ):
+            yield Fleet(module_pki, manager, daemon, root)
+
+
+async def unsupervised_probe(fleet: Fleet, reqs: dict[str, Message]) -> dict[Any, Outcome]:
+    """Run the probe as a process the daemon does not supervise, naming agent sdk."""
+    plan = fleet.root / "plan-unsupervised.json"
+    plan.write_text(json.dumps(agent_plan(reqs, labels={"unsupervised process": "sdk"})))
+    script = fleet.root / "probe.py"
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        str(script),
+        str(plan),
+        str(fleet.daemon.socket_path),
+        stdout=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    out, _ = await asyncio.wait_for(proc.communicate(), timeout=60)
+    results = probe_results(out)
+    assert results is not None, out.decode(errors="replace")
+    return results
+
+
+async def tls_column_runs(fleet: Fleet, reqs: dict[str, Message]) -> dict[Any, Outcome]:
+    """(identity, rpc) -> outcome for every TCP service and identity."""
+    pki = fleet.pki
+    good = {
+        "node/a": pki.issue("node", "a"),
+        "node/b": pki.issue("node", "b"),
+        "manager": pki.issue("manager", "m1"),
+        "operator": pki.issue("operator", "alice"),
+    }
+    targets = {
+        "ManagerService": (fleet.manager.port, manager_name(pki)),
+        "FleetService": (fleet.manager.port, manager_name(pki)),
+        "DaemonService": (fleet.daemon.port, node_name(pki, NODE)),
+    }
+    results: dict[Any, Outcome] = {}
+    for service, (port, server_name) in targets.items():
+        creds: dict[str, Any] = {**bad_credentials(pki, *CLAIMED[service]), **good}
+        async with channels(port, creds, server_name) as chans:
+            for method in methods(service):
+                for identity in TLS_IDENTITIES:
+                    results[identity, rpc_name(method)] = await invoke(
+                        chans[identity], method, reqs[rpc_name(method)], deadline=15.0
+                    )
+    return results
+
+
+def render(
+    rows: list[MethodDescriptor],
+    identities: tuple[str, ...],
+    results: dict[Any, Outcome],
+) -> str:
+    """A markdown table: one row per RPC, one column per identity; cells are status codes.
+
+    A cell that differs from `expected()` is marked with "!=".
+    """
+    head = ["RPC", *identities]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method in rows:
+        cells = [rpc_name(method)]
+        for identity in identities:
+            outcome = results[identity, rpc_name(method)]
+            mark = (
+                ""
+                if _ok(method, identity, outcome)
+                else " != " + expected(method.containing_service.name, identity)
+            )
+            cells.append(outcome.code.name + mark)
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def _ok(method: MethodDescriptor, identity: str, outcome: Outcome) -> bool:
+    return category(outcome.code) == expected(method.containing_service.name, identity)
+
+
+def test_every_rpc_has_a_matrix_row() -> None:
+    """The matrix covers exactly the RPCs the generated descriptors declare (4/5/10/5)."""
+    declared = {rpc_name(m) for service in SERVICES for m in methods(service)}
+    assert set(requests(0)) == declared
+    counts = {name: len(methods(name)) for name in SERVICES}
+    assert counts == {
+        "ManagerService": 4,
+        "DaemonService": 5,
+        "FleetService": 10,
+        "AgentService": 5,
+    }
+    assert set(ALLOWED) == set(SERVICES)
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_security_matrix(fleet: Fleet, request: pytest.FixtureRequest) -> None:
+    """Every identity gets exactly the outcome the architecture promises, for every RPC."""
+    reqs = requests(fleet.daemon.port)
+    # Node a must be known (with its daemon's real address) for FleetService's calls.
+    async with channels(
+        fleet.manager.port, {"a": fleet.pki.issue("node", NODE)}, manager_name(fleet.pki)
+    ) as chans:
+        register = SERVICES["ManagerService"].methods_by_name["RegisterNode"]
+        setup = await invoke(chans["a"], register, reqs["ManagerService.RegisterNode"])
+        assert setup.code == grpc.StatusCode.OK, setup
+
+    results = await tls_column_runs(fleet, reqs)
+
+    async def supervised() -> dict[Any, Outcome] | None:
+        return probe_results(fleet.daemon.supervisor.read_log("sdk", 0, 1 << 20).data)
+
+    agent_results = await eventually(supervised, lambda r: r is not None, within=60)
+    assert agent_results is not None
+    agent_results.update(await unsupervised_probe(fleet, reqs))
+
+    tcp_rows = [m for s in ("ManagerService", "FleetService", "DaemonService") for m in methods(s)]
+    tables = [
+        render(tcp_rows, TLS_IDENTITIES, results),
+        render(methods("AgentService"), AGENT_IDENTITIES, agent_results),
+    ]
+    print("\n\n".join(tables))
+    request.config.stash.setdefault(MATRIX_REPORT, []).extend(tables)
+    if out := os.environ.get("FLEET_SECURITY_MATRIX_OUT"):
+        await asyncio.to_thread(Path(out).write_text, "\n\n".join(tables) + "\n")
+
+    wrong = [
+        f"{identity} -> {rpc_name(m)}: {o.code.name} {o.details!r}, "
+        f"expected {expected(m.containing_service.name, identity)}"
+        for rows, idents, res in (
+            (tcp_rows, TLS_IDENTITIES, results),
+            (methods("AgentService"), AGENT_IDENTITIES, agent_results),
+        )
+        for m in rows
+        for identity in idents
+        if not _ok(m, identity, o := res[identity, rpc_name(m)])
+    ]
+    # A denial names the caller, so an operator can tell which certificate was wrong.
+    wrong += [
+        f"{identity} -> {rpc_name(m)}: {o.details!r} does not name {CALLER[identity]}"
+        for m in tcp_rows
+        for identity in CALLER
+        if (o := results[identity, rpc_name(m)]).code == grpc.StatusCode.PERMISSION_DENIED
+        and CALLER[identity] not in o.details
+    ]
+    assert not wrong, "\n".join(wrong)
