@@ -13,7 +13,7 @@ PROTOS := $(wildcard protos/fleet/v1/*.proto)
 FLEET_TEST_POSTGRES_URL ?= postgresql+asyncpg://postgres@127.0.0.1:5432/test
 export FLEET_TEST_POSTGRES_URL
 
-.PHONY: help setup test lint proto proto-check proto-breaking fmt clean
+.PHONY: help setup test lint proto proto-check proto-breaking fmt demo clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -31,6 +31,9 @@ node_modules/.installed: package.json
 	touch $@
 
 setup: $(VENV)/.installed node_modules/.installed  ## create .venv and install Fleet with dev tools, and buf
+
+demo: setup  ## run a manager and two daemons with example agents, and a fleetctl tour (Ctrl-C stops)
+	scripts/demo.sh
 
 test: setup  ## run the whole test suite
 	$(PY) -m pytest

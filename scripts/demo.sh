@@ -1,0 +1,181 @@
+#!/usr/bin/env bash
+# `make demo`: a whole fleet on this machine, then a short fleetctl tour.
+#
+# A manager on its embedded SQLite and two daemons (node-1 env=prod,
+# node-2 env=staging, separate state dirs and ports). Each daemon supervises
+# a plain process (python's http.server) and two SDK agents: `fleet-agent
+# run probe` (checks the web server and the manager) and `fleet-agent run
+# worker` (checksums files dropped into its inbox).
+#
+# Runs until Ctrl-C, then stops everything. DEMO_ONESHOT=1 exits 0 after the
+# tour (the test suite does that). DEMO_DIR (default var/demo) holds
+# certificates, configs, state and logs; it is reused, never committed.
+set -euo pipefail
+
+root=$(cd "$(dirname "$0")/.." && pwd)
+bin=$root/.venv/bin
+demo=${DEMO_DIR:-$root/var/demo}
+certs=$demo/certs
+pids=()
+
+say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+die() { echo "demo: $*" >&2; exit 1; }
+
+stop_all() {
+    local status=$?
+    trap - EXIT INT TERM
+    if ((${#pids[@]})); then
+        say "stopping the fleet"
+        kill -TERM "${pids[@]}" 2>/dev/null || true
+        wait "${pids[@]}" 2>/dev/null || true
+    fi
+    exit "$status"
+}
+trap stop_all EXIT
+trap 'exit 130' INT TERM
+
+# Free loopback ports, chosen now so two demos (or a demo and the tests)
+# never collide.
+read -r manager_port node1_port node2_port web1_port web2_port < <(
+    "$bin/python" - <<'EOF'
+import socket
+socks = [socket.socket() for _ in range(5)]
+for s in socks:
+    s.bind(("127.0.0.1", 0))
+print(*(s.getsockname()[1] for s in socks))
+EOF
+)
+
+mkdir -p "$demo"
+"$root/scripts/generate_test_certs.sh" --out "$certs" --node node-1 --node node-2 >/dev/null
+
+cat >"$demo/manager.toml" <<EOF
+state_dir = "$demo/manager"
+[server]
+listen = "127.0.0.1:$manager_port"
+metrics_listen = ""
+[tls]
+ca_file = "$certs/ca.pem"
+cert_file = "$certs/manager-manager.pem"
+key_file = "$certs/manager-manager-key.pem"
+[liveness]
+# A small fleet: short heartbeats, and nobody marked offline at start.
+min_ttl_seconds = 5.0
+grace_seconds = 5.0
+failover_grace_seconds = 15.0
+EOF
+
+# write_daemon NAME PORT WEB_PORT ENV ZONE
+write_daemon() {
+    local name=$1 port=$2 web=$3 env=$4 zone=$5 dir=$demo/$1
+    mkdir -p "$dir/inbox" "$dir/done" "$dir/www"
+    echo "hello from $name" >"$dir/www/index.html"
+    cat >"$demo/$name.toml" <<EOF
+listen = "127.0.0.1:$port"
+state_dir = "$dir/state"
+run_dir = "$dir/run"
+log_dir = "$dir/logs"
+metrics_listen = ""
+stop_agents_on_exit = true
+[labels]
+env = "$env"
+zone = "$zone"
+tier = "demo"
+[tls]
+ca_file = "$certs/ca.pem"
+cert_file = "$certs/node-$name.pem"
+key_file = "$certs/node-$name-key.pem"
+[manager]
+addresses = ["127.0.0.1:$manager_port"]
+metrics_interval_seconds = 2.0
+
+[[agents]]
+id = "web"
+type = "http-server"
+argv = ["$bin/python", "-m", "http.server", "--bind", "127.0.0.1", "--directory", "$dir/www", "$web"]
+restart = "always"
+
+[[agents]]
+id = "probe"
+type = "probe"
+version = "1.0"
+argv = ["$bin/fleet-agent", "run", "probe"]
+restart = "always"
+health = { kind = "heartbeat", timeout = 15.0 }
+config = '{"targets": [{"name": "web", "url": "http://127.0.0.1:$web/"}, {"name": "manager", "url": "tcp://127.0.0.1:$manager_port"}], "interval_seconds": 2, "timeout_seconds": 1}'
+
+[[agents]]
+id = "worker"
+type = "worker"
+version = "1.0"
+argv = ["$bin/fleet-agent", "run", "worker"]
+cwd = "$dir"
+restart = "always"
+health = { kind = "heartbeat", timeout = 15.0 }
+config = '{"inbox": "$dir/inbox", "outbox": "$dir/done", "batch_size": 5, "pace_seconds": 1.0}'
+EOF
+}
+write_daemon node-1 "$node1_port" "$web1_port" prod a
+write_daemon node-2 "$node2_port" "$web2_port" staging b
+
+# Tables stay readable when the tour's output is piped or captured.
+export COLUMNS=${COLUMNS:-160}
+export FLEET_MANAGER=127.0.0.1:$manager_port
+export FLEET_CA=$certs/ca.pem FLEET_CERT=$certs/operator-admin.pem FLEET_KEY=$certs/operator-admin-key.pem
+fleetctl() { "$bin/fleetctl" "$@"; }
+
+say "starting fleet-manager on 127.0.0.1:$manager_port (SQLite in $demo/manager)"
+"$bin/fleet-manager" serve --config "$demo/manager.toml" >"$demo/manager.log" 2>&1 &
+pids+=($!)
+for name in node-1 node-2; do
+    say "starting fleet-daemon $name"
+    "$bin/fleet-daemon" --config "$demo/$name.toml" >"$demo/$name.log" 2>&1 &
+    pids+=($!)
+done
+
+# wait_for SECONDS WHAT CMD...: retry CMD until it succeeds.
+wait_for() {
+    local deadline=$((SECONDS + $1)) what=$2
+    shift 2
+    until "$@" >/dev/null 2>&1; do
+        for pid in "${pids[@]}"; do
+            kill -0 "$pid" 2>/dev/null || die "a fleet process exited; see $demo/*.log"
+        done
+        ((SECONDS < deadline)) || die "timed out waiting for $what; see $demo/*.log"
+        sleep 0.5
+    done
+}
+count_running() {
+    fleetctl -o json agents list | "$bin/python" -c '
+import json, sys
+rows = json.load(sys.stdin)
+rows = rows.get("agents", rows) if isinstance(rows, dict) else rows
+running = [r for r in rows if str(r.get("status", "")).upper().endswith("RUNNING")]
+sys.exit(0 if len(running) >= int(sys.argv[1]) else 1)' "$1"
+}
+wait_for 60 "both nodes to register" bash -c \
+    "'$bin/fleetctl' -o json nodes list | grep -q node-1 && '$bin/fleetctl' -o json nodes list | grep -q node-2"
+wait_for 60 "six agents RUNNING" count_running 6
+
+# Something for the workers to chew on, and a few metric intervals.
+for i in 1 2 3; do head -c 65536 /dev/urandom >"$demo/node-1/inbox/file-$i.bin"; done
+sleep 6
+
+say "fleetctl nodes list"
+fleetctl nodes list
+say "fleetctl agents list"
+fleetctl agents list
+say "fleetctl agents restart worker -l tier=demo --max-concurrency 1 --yes"
+fleetctl agents restart worker -l tier=demo --max-concurrency 1 --yes
+say "fleetctl metrics query --node node-1 --type cpu --since 2m --step 5s"
+fleetctl metrics query --node node-1 --type cpu --since 2m --step 5s
+say "fleetctl events (last 10)"
+fleetctl events | tail -n 10
+
+if [[ ${DEMO_ONESHOT:-0} == 1 ]]; then
+    say "tour done (DEMO_ONESHOT=1)"
+    exit 0
+fi
+say "the fleet keeps running; try fleetctl with the environment below, Ctrl-C to stop"
+echo "export FLEET_MANAGER=$FLEET_MANAGER FLEET_CA=$FLEET_CA FLEET_CERT=$FLEET_CERT FLEET_KEY=$FLEET_KEY"
+wait "${pids[@]}"
