@@ -81,8 +81,8 @@ class TargetResult:
     """What happened."""
     message: str = ""
     """Why it failed or was skipped."""
-    agent: AgentStateRecord | None = None
-    """The agent after the operation (ok only)."""
+    agent: common_pb2.AgentInfo | None = None
+    """The agent after the operation, as its daemon answered (ok only)."""
     duration_ms: int = 0
     """How long its call took."""
 
@@ -231,7 +231,7 @@ class Operations:
 
     async def _call(
         self, target: Target, action: Action, call_timeout: float | None
-    ) -> AgentStateRecord:
+    ) -> common_pb2.AgentInfo:
         try:
             response = await self._pool.operate_agent(
                 target.node_id,
@@ -247,7 +247,7 @@ class Operations:
             ) from exc
         if not response.success:  # the contract answers errors as codes; be safe anyway
             raise Unavailable(f"{target.node_id}: {response.error_message or 'operation failed'}")
-        return record_from_info(target.node_id, response.agent)
+        return response.agent
 
     async def operate_one(
         self,
@@ -257,8 +257,8 @@ class Operations:
         *,
         actor: str,
         call_timeout: float | None = None,
-    ) -> AgentStateRecord:
-        """Act on one agent through the pool; audited whatever the outcome."""
+    ) -> common_pb2.AgentInfo:
+        """Act on one agent through the pool (its new state as the daemon answers); audited."""
         validate_label_value(agent_id, field="agent_id")
         if not agent_id:
             raise InvalidArgument("is required", field="agent_id")
@@ -403,7 +403,7 @@ def _ms_since(started: float) -> int:
     return int((time.monotonic() - started) * 1000)
 
 
-def _target_result(result: Outcome[Target, AgentStateRecord]) -> TargetResult:
+def _target_result(result: Outcome[Target, common_pb2.AgentInfo]) -> TargetResult:
     return TargetResult(
         result.target,
         result.kind,

@@ -255,7 +255,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
         self, request: fleet_pb2.FleetServiceOperateAgentRequest, context: _Context
     ) -> fleet_pb2.FleetServiceOperateAgentResponse:
         actor = self._operator(context)
-        record = await self._ops.operate_one(
+        agent = await self._ops.operate_one(
             request.node_id,
             request.agent_id,
             _action(request.operation),
@@ -263,7 +263,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
             call_timeout=self._timeout(context),
         )
         return fleet_pb2.FleetServiceOperateAgentResponse(
-            agent=fleet_pb2.NodeAgent(node_id=request.node_id, agent=agent_info(record))
+            agent=fleet_pb2.NodeAgent(node_id=request.node_id, agent=agent)
         )
 
     async def OperateAgents(
@@ -373,7 +373,7 @@ def _result(r: TargetResult) -> fleet_pb2.TargetResult:
         agent_id=r.target.agent_id,
         outcome=_OUTCOMES[r.outcome],
         message=r.message,
-        agent=agent_info(r.agent) if r.agent is not None else None,
+        agent=r.agent,
         duration_ms=r.duration_ms,
     )
 
