@@ -6,8 +6,8 @@ Shape of a running agent (all tasks on the caller's event loop)::
       |-- connection task: heartbeat loop + config watch; when either breaks
       |   (daemon gone), close the channel, back off (fleet.retry full jitter),
       |   Register again, resume. The agent's own work never waits on this.
-      |-- metrics task: flushes the bounded buffer every N seconds / M samples
-      `-- config task: hands every new verified config to the callbacks
+      |-- metrics task (_reporter): flushes the bounded buffer every N s / M samples
+      `-- one task per config callback (_config.ConfigTracker): newest config first
     stop()  -- stop requested -> stop hooks (newest first) within the stop
                timeout the daemon announced -> last metrics flush -> close
 """
@@ -24,13 +24,13 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mappi
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
-from agent_runtime._client import AgentClient, Registration, now_ms
-from agent_runtime._config import EMPTY, AgentConfig, ConfigChecksumError, verify
+from agent_runtime._client import AgentClient, Registration
+from agent_runtime._config import AgentConfig, ConfigTracker, verify
 from agent_runtime._env import DaemonEndpoint
-from agent_runtime._metrics import MetricBuffer, Sample
+from agent_runtime._metrics import MetricBuffer
+from agent_runtime._reporter import MetricReporter
 from fleet.errors import FleetError, InvalidArgument, PermissionDenied, Unauthenticated, Unavailable
 from fleet.retry import Backoff
-from fleet.v1 import agent_pb2
 
 __all__ = ["Agent", "AgentOptions", "ConfigCallback", "StopHook"]
 
@@ -120,22 +120,19 @@ class Agent:
         """The monotonic clock deadlines and metric flushes use."""
         self._clock = clock
         self._endpoint: DaemonEndpoint | None = None
-        self._config = EMPTY
-        self._config_changed = asyncio.Event()
-        self._rejected: tuple[int, str] | None = None
+        self._configs = ConfigTracker()
         self._callbacks: list[ConfigCallback] = []
         self._hooks: list[StopHook] = []
         self._stop_requested = asyncio.Event()
         self._client: AgentClient | None = None
         self._tasks: list[asyncio.Task[None]] = []
-        self._metrics = MetricBuffer(
+        buffer = MetricBuffer(
             limit=self.options.metrics_buffer_limit,
             batch_size=self.options.metrics_batch_size,
             interval=self.options.metrics_flush_interval,
             now=clock(),
         )
-        self._metrics_wakeup = asyncio.Event()
-        self._dropping = False
+        self._reporter = MetricReporter(buffer, client=lambda: self._client, clock=clock)
         self._heartbeat_interval = self.options.default_heartbeat_interval
         self._stop_timeout = self.options.default_stop_timeout
         self._started = False
@@ -155,7 +152,7 @@ class Agent:
     @property
     def config(self) -> AgentConfig:
         """The newest verified config (version 0 and an empty payload before any)."""
-        return self._config
+        return self._configs.current
 
     @property
     def connected(self) -> bool:
@@ -180,7 +177,7 @@ class Agent:
     @property
     def metrics_dropped(self) -> int:
         """Metric samples dropped because the buffer was full during an outage."""
-        return self._metrics.dropped
+        return self._reporter.buffer.dropped
 
     # -- registration of callbacks ------------------------------------------------
 
@@ -242,14 +239,15 @@ class Agent:
         client = await self._register(first=True)
         self._tasks = [
             asyncio.create_task(self._maintain(client), name="agent-connection"),
-            asyncio.create_task(self._flush_loop(), name="agent-metrics"),
+            asyncio.create_task(self._reporter.run(), name="agent-metrics"),
             *(self._dispatch(callback) for callback in self._callbacks),
         ]
-        return self._config
+        return self._configs.current
 
     def request_stop(self) -> None:
-        """Ask the agent to stop: `stopping` turns true and `sleep` returns False."""
+        """Ask the agent to stop: `stopping` turns true, `sleep` returns False, configs() ends."""
         self._stop_requested.set()
+        self._configs.close()
 
     async def wait_stopping(self, seconds: float | None = None) -> bool:
         """Wait until a stop is requested (True) or `seconds` pass (False)."""
@@ -304,20 +302,19 @@ class Agent:
     async def _close(self, deadline: float) -> None:
         # Last metrics flush first, while the connection is still up.
         flusher = [t for t in self._tasks if t.get_name() == "agent-metrics"]
-        self._metrics_wakeup.set()  # the flusher sees _closed and sends what is left
+        self._reporter.close_soon()
         if flusher:
             done, _ = await asyncio.wait(flusher, timeout=max(deadline - self._clock(), 0.001))
             if not done:
-                log.warning(
-                    "%d metric samples not sent before the stop deadline", len(self._metrics)
-                )
+                left = len(self._reporter.buffer)
+                log.warning("%d metric samples not sent before the stop deadline", left)
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         client, self._client = self._client, None
         if client is not None:
             await client.close()
-        self._config_changed.set()  # wake config iterators so they end
+        self._configs.close()
 
     # -- config -------------------------------------------------------------------
 
@@ -332,51 +329,16 @@ class Agent:
             raise Unavailable("not connected to the daemon (reconnecting); try again later")
         message = await client.get_config()
         config = verify(message)
-        self._offer(config, authoritative=False)
+        self._configs.offer(config, authoritative=False)
         return config
 
-    async def configs(self, *, current: bool = True) -> AsyncIterator[AgentConfig]:
+    def configs(self, *, current: bool = True) -> AsyncIterator[AgentConfig]:
         """Iterate over configs: the current one (unless `current=False`), then each newer.
 
         A slow consumer gets the newest config, not every intermediate one.
-        Ends when the agent stops.
+        Ends when the agent begins stopping.
         """
-        seen: AgentConfig | None = None if current else self._config
-        while not self.stopping:
-            if self._config is not seen:
-                seen = self._config
-                yield seen
-                continue
-            event = self._config_changed
-            waiter = asyncio.ensure_future(event.wait())
-            stopper = asyncio.ensure_future(self._stop_requested.wait())
-            try:
-                await asyncio.wait({waiter, stopper}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                waiter.cancel()
-                stopper.cancel()
-
-    def _offer(self, config: AgentConfig, *, authoritative: bool) -> None:
-        """Apply `config` if it is news; Register's answer wins (versions may restart)."""
-        current = self._config
-        if (config.version, config.sha256) == (current.version, current.sha256):
-            return
-        if not authoritative and config.version <= current.version:
-            return
-        self._config = config
-        log.info("config version %d applied (%d bytes)", config.version, len(config.payload))
-        event, self._config_changed = self._config_changed, asyncio.Event()
-        event.set()
-
-    def _receive(self, message: agent_pb2.AgentConfig, *, authoritative: bool) -> None:
-        """Verify and apply a config from the wire; a corrupt one is logged and dropped."""
-        try:
-            config = verify(message)
-        except ConfigChecksumError as exc:
-            self._rejected = (message.version, message.sha256)
-            log.error("%s", exc)  # noqa: TRY400 -- the message says it all; no traceback
-            return
-        self._offer(config, authoritative=authoritative)
+        return self._configs.iterate(current=current)
 
     def _dispatch(self, callback: ConfigCallback) -> asyncio.Task[None]:
         name = getattr(callback, "__qualname__", repr(callback))
@@ -402,66 +364,18 @@ class Agent:
 
     def record(self, type: str, values: Mapping[str, float]) -> None:
         """Queue one sample with several values, e.g. ``record("probe.web", {"up": 1, ...})``."""
-        sample = Sample.checked(type, values, now_ms())
-        if self._metrics.add(sample) and not self._dropping:
-            self._dropping = True
-            log.warning(
-                "metric buffer full (%d samples, daemon unreachable?): dropping the oldest",
-                self._metrics.limit,
-            )
-        if len(self._metrics) >= self._metrics.batch_size:
-            self._metrics_wakeup.set()
+        self._reporter.record(type, values)
 
     async def flush_metrics(self) -> None:
         """Send every buffered sample now (Unavailable while disconnected; kept then)."""
-        while len(self._metrics):
-            await self._send_batch(raise_errors=True)
-
-    async def _send_batch(self, *, raise_errors: bool = False) -> bool:
-        """Send one batch; False (batch kept) if the daemon is unreachable."""
-        client = self._client
-        if client is None:
-            if raise_errors:
-                raise Unavailable("not connected to the daemon (reconnecting); metrics kept")
-            return False
-        batch = self._metrics.take(self._clock())
-        try:
-            await client.report_metrics(batch)
-        except InvalidArgument as exc:  # the daemon will refuse these every time
-            log.error("daemon refused %d metric samples: %s", len(batch), exc)  # noqa: TRY400
-            return True
-        except FleetError:
-            self._metrics.put_back(batch)
-            if raise_errors:
-                raise
-            return False
-        except asyncio.CancelledError:
-            self._metrics.put_back(batch)
-            raise
-        self._dropping = False
-        return True
-
-    async def _flush_loop(self) -> None:
-        while True:
-            if self._closed:  # last flush on the way out
-                while len(self._metrics) and await self._send_batch():
-                    pass
-                return
-            if self._metrics.due(self._clock()):
-                if not await self._send_batch():
-                    await asyncio.sleep(min(1.0, self._metrics.interval))
-                continue
-            self._metrics_wakeup.clear()
-            with contextlib.suppress(TimeoutError):
-                delay = self._metrics.next_due(self._clock()) or self._metrics.interval
-                await asyncio.wait_for(self._metrics_wakeup.wait(), delay)
+        await self._reporter.flush()
 
     # -- connection ---------------------------------------------------------------
 
     def _apply_registration(self, reg: Registration) -> None:
         self._heartbeat_interval = reg.heartbeat_interval or self.options.default_heartbeat_interval
         self._stop_timeout = reg.stop_timeout or self.options.default_stop_timeout
-        self._receive(reg.config, authoritative=True)
+        self._configs.receive(reg.config, authoritative=True)
         self.registrations += 1
 
     async def _register(self, *, first: bool) -> AgentClient:
@@ -511,7 +425,7 @@ class Agent:
                     "heartbeat every %.1fs, stop timeout %.1fs",
                     self._endpoint.agent_id,
                     target,
-                    self._config.version,
+                    self._configs.current.version,
                     self._heartbeat_interval,
                     self._stop_timeout,
                 )
@@ -528,7 +442,9 @@ class Agent:
     async def _maintain(self, client: AgentClient) -> None:
         """Keep a session with the daemon; on loss, reconnect and register again."""
         assert self._endpoint is not None
+        short_sessions = 0  # in a row; grows the pause so a flapping daemon is not hammered
         while True:
+            began = self._clock()
             try:
                 await self._session(client)
             except FleetError as exc:
@@ -537,9 +453,16 @@ class Agent:
                     self._endpoint.target,
                     exc,
                 )
+            except Exception:  # a bug here must not leave the agent unconnected for good
+                log.exception("connection to the daemon failed unexpectedly; reconnecting")
             finally:
                 self._client = None
                 await client.close()
+            short_sessions = short_sessions + 1 if self._clock() - began < 5.0 else 0
+            # A jittered pause first: after a daemon restart its agents do not all
+            # register in the same instant.
+            if await self.wait_stopping(self.options.reconnect.delay(short_sessions)):
+                return
             try:
                 client = await self._register(first=False)
             except _Stopped:
@@ -573,16 +496,10 @@ class Agent:
         while True:
             await asyncio.sleep(self._heartbeat_interval)
             version = await client.heartbeat()
-            if version > self._config.version and (
-                self._rejected is None or self._rejected[0] != version
-            ):
-                # a change the watch missed: ask for it
-                self._receive(await client.get_config(), authoritative=False)
+            if self._configs.wants(version):  # a change the watch missed: ask for it
+                self._configs.receive(await client.get_config(), authoritative=False)
 
     async def _watch(self, client: AgentClient) -> None:
-        after = self._config.version
-        if self._rejected is not None:  # do not hear the same corrupt version again
-            after = max(after, self._rejected[0])
-        async for message in client.watch_config(after):
-            self._receive(message, authoritative=False)
+        async for message in client.watch_config(self._configs.watch_from()):
+            self._configs.receive(message, authoritative=False)
         raise Unavailable("the daemon closed the config watch")

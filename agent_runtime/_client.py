@@ -8,19 +8,23 @@ daemon identifies the caller by its peer pid.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from grpc import aio
 
 from agent_runtime._env import DaemonEndpoint
 from agent_runtime._metrics import Sample
-from fleet.errors import FleetError, from_rpc_error
+from fleet.errors import FleetError, Unavailable, from_rpc_error
 from fleet.v1 import agent_pb2, agent_pb2_grpc, common_pb2
 
 __all__ = ["AgentClient", "Registration"]
+
+_Req = TypeVar("_Req")
+_Resp = TypeVar("_Resp")
 
 # Our own reconnect loop paces retries (fleet.retry); gRPC's internal
 # reconnect backoff would otherwise add up to minutes on top of it.
@@ -34,6 +38,12 @@ _CHANNEL_OPTIONS: Sequence[tuple[str, Any]] = (
 def now_ms() -> int:
     """Wall-clock Unix epoch milliseconds (what timestamps on the wire are)."""
     return time.time_ns() // 1_000_000
+
+
+def _being_cancelled() -> bool:
+    """True if the current task itself is being cancelled (not just a call of it)."""
+    task = asyncio.current_task()
+    return task is not None and task.cancelling() > 0
 
 
 class Registration:
@@ -65,6 +75,22 @@ class AgentClient:
     def _error(self, exc: grpc.RpcError) -> FleetError:
         return from_rpc_error(exc, target=f"daemon at {self.endpoint.target}")
 
+    def _closed(self) -> FleetError:
+        """The error for a call cut by close(): grpc.aio raises CancelledError for it."""
+        return Unavailable(f"daemon at {self.endpoint.target}: connection closed (reconnecting)")
+
+    async def _unary(
+        self, method: aio.UnaryUnaryMultiCallable[_Req, _Resp], request: _Req
+    ) -> _Resp:
+        try:
+            return await method(request, timeout=self._timeout, metadata=self._metadata)
+        except grpc.RpcError as exc:
+            raise self._error(exc) from None
+        except asyncio.CancelledError:
+            if _being_cancelled():
+                raise
+            raise self._closed() from None
+
     async def register(
         self, *, type: str, version: str, pid: int, labels: Mapping[str, str]
     ) -> Registration:
@@ -72,12 +98,7 @@ class AgentClient:
         request = agent_pb2.AgentServiceRegisterRequest(
             agent_id=self.endpoint.agent_id, type=type, version=version, pid=pid, labels=labels
         )
-        try:
-            response = await self._stub.Register(
-                request, timeout=self._timeout, metadata=self._metadata
-            )
-        except grpc.RpcError as exc:
-            raise self._error(exc) from None
+        response = await self._unary(self._stub.Register, request)
         return Registration(response)
 
     async def heartbeat(self) -> int:
@@ -85,12 +106,7 @@ class AgentClient:
         request = agent_pb2.AgentServiceHeartbeatRequest(
             agent_id=self.endpoint.agent_id, timestamp=now_ms()
         )
-        try:
-            response = await self._stub.Heartbeat(
-                request, timeout=self._timeout, metadata=self._metadata
-            )
-        except grpc.RpcError as exc:
-            raise self._error(exc) from None
+        response = await self._unary(self._stub.Heartbeat, request)
         return response.config_version
 
     async def report_metrics(self, batch: Sequence[Sample]) -> int:
@@ -102,23 +118,13 @@ class AgentClient:
                 for s in batch
             ],
         )
-        try:
-            response = await self._stub.ReportMetrics(
-                request, timeout=self._timeout, metadata=self._metadata
-            )
-        except grpc.RpcError as exc:
-            raise self._error(exc) from None
+        response = await self._unary(self._stub.ReportMetrics, request)
         return response.accepted
 
     async def get_config(self) -> agent_pb2.AgentConfig:
         """The daemon's current config for this agent (unverified)."""
         request = agent_pb2.AgentServiceGetConfigRequest(agent_id=self.endpoint.agent_id)
-        try:
-            response = await self._stub.GetConfig(
-                request, timeout=self._timeout, metadata=self._metadata
-            )
-        except grpc.RpcError as exc:
-            raise self._error(exc) from None
+        response = await self._unary(self._stub.GetConfig, request)
         return response.config
 
     async def watch_config(self, after_version: int) -> AsyncIterator[agent_pb2.AgentConfig]:
@@ -135,5 +141,9 @@ class AgentClient:
                 yield response.config
         except grpc.RpcError as exc:
             raise self._error(exc) from None
+        except asyncio.CancelledError:
+            if _being_cancelled():
+                raise
+            raise self._closed() from None
         finally:
             call.cancel()

@@ -1,4 +1,4 @@
-"""An agent's configuration at one version, and the checksum check.
+"""An agent's configuration at one version, the checksum check, and the tracker.
 
 The daemon sends the payload with its version and the lowercase hex SHA-256
 of the payload; `verify` refuses a payload that does not hash to it, so a
@@ -7,15 +7,20 @@ corrupted config is never applied.
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import json
+import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
 from fleet.errors import FleetError
 from fleet.v1 import agent_pb2
 
-__all__ = ["EMPTY", "AgentConfig", "ConfigChecksumError", "verify"]
+__all__ = ["EMPTY", "AgentConfig", "ConfigChecksumError", "ConfigTracker", "verify"]
+
+log = logging.getLogger("agent_runtime")
 
 
 class ConfigChecksumError(FleetError):
@@ -76,3 +81,69 @@ def verify(message: agent_pb2.AgentConfig) -> AgentConfig:
             f"{message.sha256[:12] or '(none)'}...; keeping the previous config"
         )
     return AgentConfig(payload=bytes(message.payload), version=message.version, sha256=actual)
+
+
+class ConfigTracker:
+    """The config an agent runs with, and who is waiting for the next one.
+
+    Configs are states, not events: a waiter that falls behind gets the
+    newest. Versions only move forward, except that Register's answer is
+    taken as is (a restarted daemon may count versions from 1 again).
+    """
+
+    def __init__(self) -> None:
+        self.current = EMPTY
+        """The newest verified config."""
+        self.rejected_version: int | None = None
+        """The last version refused for a checksum mismatch (not fetched again)."""
+        self._changed = asyncio.Event()
+        self._closed = False
+
+    def offer(self, config: AgentConfig, *, authoritative: bool) -> bool:
+        """Adopt `config` if it is news; True if it was adopted."""
+        current = self.current
+        if (config.version, config.sha256) == (current.version, current.sha256):
+            return False
+        if not authoritative and config.version <= current.version:
+            return False
+        self.current = config
+        log.info("config version %d applied (%d bytes)", config.version, len(config.payload))
+        self._wake()
+        return True
+
+    def receive(self, message: agent_pb2.AgentConfig, *, authoritative: bool) -> None:
+        """Verify and offer a config from the wire; a corrupt one is logged and dropped."""
+        try:
+            config = verify(message)
+        except ConfigChecksumError as exc:
+            self.rejected_version = message.version
+            log.error("%s", exc)  # noqa: TRY400 -- the message says it all; no traceback
+            return
+        self.offer(config, authoritative=authoritative)
+
+    def wants(self, version: int) -> bool:
+        """Whether a daemon announcing `version` has something worth fetching."""
+        return version > self.current.version and version != self.rejected_version
+
+    def watch_from(self) -> int:
+        """The after_version for a new WatchConfig (skips a version already refused)."""
+        return max(self.current.version, self.rejected_version or 0)
+
+    def close(self) -> None:
+        """End every `iterate`."""
+        self._closed = True
+        self._wake()
+
+    def _wake(self) -> None:
+        event, self._changed = self._changed, asyncio.Event()
+        event.set()
+
+    async def iterate(self, *, current: bool = True) -> AsyncIterator[AgentConfig]:
+        """The current config (unless `current=False`), then each newer one, until closed."""
+        seen: AgentConfig | None = None if current else self.current
+        while not self._closed:
+            if self.current is not seen:
+                seen = self.current
+                yield seen
+                continue
+            await self._changed.wait()

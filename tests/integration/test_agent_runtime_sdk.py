@@ -6,14 +6,18 @@ import asyncio
 import itertools
 import logging
 import os
+import tempfile
 import time
 
 import pytest
+from grpc import aio
 
-from agent_runtime import Agent, AgentConfig, AgentOptions
+from agent_runtime import Agent, AgentConfig, AgentOptions, DaemonEndpoint
+from agent_runtime._client import AgentClient
 from agent_runtime.testing import FakeDaemon
 from fleet.errors import ConfigError, PermissionDenied, Unavailable
 from fleet.retry import Backoff
+from fleet.v1 import agent_pb2, agent_pb2_grpc
 
 FAST = AgentOptions(
     metrics_flush_interval=0.2,
@@ -165,7 +169,7 @@ async def test_daemon_restart_reconnects_and_registers_again_while_work_continue
             worker.cancel()
         # samples recorded during the outage were kept and delivered afterwards
         values = [m.values["ticks"] for m in daemon.metrics]
-        assert any(before < v <= before + 5 for v in values)
+        assert any(before < v <= before + 5 for v in values), (before, sorted(values))
     messages = [r.getMessage() for r in caplog.records]
     assert any("lost the daemon" in m and "reconnects" in m for m in messages)
     assert any("registered again as agent test-agent" in m for m in messages)
@@ -294,3 +298,35 @@ async def test_metric_buffer_is_bounded_during_an_outage() -> None:
             await daemon.start()
             await daemon.wait_metrics(20, timeout=5)
         assert sorted(m.values["n"] for m in daemon.metrics) == [float(i) for i in range(30, 50)]
+
+
+class _SlowHeartbeat(agent_pb2_grpc.AgentServiceServicer):
+    async def Heartbeat(
+        self, request: agent_pb2.AgentServiceHeartbeatRequest, context: object
+    ) -> agent_pb2.AgentServiceHeartbeatResponse:
+        await asyncio.sleep(30)
+        return agent_pb2.AgentServiceHeartbeatResponse()
+
+
+async def test_a_call_cut_by_closing_the_channel_is_unavailable_not_a_cancellation() -> None:
+    """grpc.aio cancels in-flight calls on close; the SDK reports that as Unavailable.
+
+    Otherwise the metrics task, whose flush was in flight when a session
+    ended, would end as if it had been cancelled and never report again.
+    """
+    with tempfile.TemporaryDirectory(dir="/tmp") as tmp:
+        path = f"{tmp}/slow.sock"
+        server = aio.server()
+        agent_pb2_grpc.add_AgentServiceServicer_to_server(_SlowHeartbeat(), server)
+        server.add_insecure_port(f"unix:{path}")
+        await server.start()
+        client = AgentClient(DaemonEndpoint("a", path), timeout=10)
+        try:
+            call = asyncio.create_task(client.heartbeat())
+            await asyncio.sleep(0.3)
+            await client.close()
+            with pytest.raises(Unavailable, match="connection closed"):
+                await call
+        finally:
+            await client.close()
+            await server.stop(None)
