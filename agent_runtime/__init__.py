@@ -13,7 +13,8 @@ An agent in a few lines::
 `Agent` registers with the daemon named by the environment the daemon sets
 (FLEET_AGENT_ID, FLEET_DAEMON_SOCKET), heartbeats, batches metrics, follows
 config changes (`on_config`, `configs()`), runs stop hooks on SIGTERM, and
-reconnects when the daemon restarts. `agent_runtime.testing.FakeDaemon`
+reconnects when the daemon restarts. `agent_runtime.sync.SyncAgent` is a
+thin facade for scripts without asyncio; `agent_runtime.testing.FakeDaemon`
 stands in for the daemon in tests. See docs/agents.md.
 """
 
