@@ -147,6 +147,10 @@ class Sweeper:
             self._policy.failover_grace,
         )
         while not self._stop.is_set():
+            # If the lock's connection died, another replica may lead already.
+            if not await self._db.advisory_lock_held(SWEEPER_LOCK):
+                log.warning("lost the sweeper lock; competing for it again")
+                return
             await self.refresh_counts()
             await self.sweep_once()
             await _sleep_or_stop(self._stop, self._interval)
