@@ -78,6 +78,11 @@ class AgentOptions:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
 
 
+def worth_logging(attempt: int) -> bool:
+    """Log reconnect attempts 1-5, then every 10th: a long outage stays readable."""
+    return attempt <= 5 or attempt % 10 == 0
+
+
 class _Stopped(Exception):
     """Internal: the agent began stopping while waiting to reconnect."""
 
@@ -408,13 +413,14 @@ class Agent:
                         raise
                 delay = self.options.reconnect.delay(attempt)
                 attempt += 1
-                log.warning(
-                    "cannot register with the daemon at %s (attempt %d): %s; retrying in %.1fs",
-                    target,
-                    attempt,
-                    exc,
-                    delay,
-                )
+                if worth_logging(attempt):
+                    log.warning(
+                        "cannot register with the daemon at %s (attempt %d): %s; retrying in %.1fs",
+                        target,
+                        attempt,
+                        exc,
+                        delay,
+                    )
                 if await self.wait_stopping(delay):
                     raise _Stopped from None
                 continue
