@@ -33,7 +33,11 @@ def test_demo_oneshot_on_a_fresh_clone(tmp_path: Path) -> None:
         check=False,
     )
     output = done.stdout + done.stderr
-    assert done.returncode == 0, output[-4000:]
+    logs = "".join(
+        f"\n--- {log.name} (tail)\n" + "\n".join(log.read_text(errors="replace").splitlines()[-20:])
+        for log in sorted((clone / "var" / "demo").glob("*.log"))
+    )
+    assert done.returncode == 0, output[-3000:] + logs
     # The tour really talked to a live fleet: both nodes online, six agents
     # running, a two-target restart with no failure, a chart and events.
     assert re.search(r"node-1\s+ONLINE", output), output[-4000:]
