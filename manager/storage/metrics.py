@@ -206,9 +206,15 @@ class MetricStore:
 
     async def _rollup_chunk(self, conn: AsyncConnection, upto: int) -> tuple[int, bool]:
         start = await self._watermark(conn, lock="update")
-        if start == 0:
-            oldest = await conn.scalar(select(func.min(metric_samples.c.ts_ms)))
-            start = upto if oldest is None else min(upto, int(oldest) // MINUTE_MS * MINUTE_MS)
+        # Skip empty stretches (a first run, or a gap in the data) in one step
+        # instead of walking them chunk by chunk.
+        following = await conn.scalar(
+            select(func.min(metric_samples.c.ts_ms)).where(metric_samples.c.ts_ms >= start)
+        )
+        if following is None:
+            start = max(start, upto)
+        else:
+            start = max(start, min(upto, int(following) // MINUTE_MS * MINUTE_MS))
         end = min(upto, start + _ROLLUP_CHUNK_MINUTES * MINUTE_MS)
         written = 0
         if end > start:

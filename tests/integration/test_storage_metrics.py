@@ -242,3 +242,28 @@ async def test_two_replicas_racing_on_the_same_batches_store_each_once(
     for a, b in zip(first, reversed(second), strict=True):
         assert a != b  # exactly one of the two stored it
     assert await _count(database, metric_samples) == 200
+
+
+async def test_rollup_jumps_over_gaps_in_the_data(database: Database) -> None:
+    """Thirty days between two samples cost a couple of rollup transactions, not 720."""
+    store = MetricStore(database)
+    day = 24 * 60 * M
+    await store.write_batches(
+        [_batch(1, ("cpu", "usage", 1_000, 1.0), ("cpu", "usage", 30 * day, 2.0))]
+    )
+    marks: list[str] = []
+
+    def record(conn: Any, cursor: Any, statement: str, *args: Any) -> None:
+        if statement.lstrip().upper().startswith("UPDATE METRIC_ROLLUP_STATE"):
+            marks.append(statement)
+
+    event.listen(database.engine.sync_engine, "before_cursor_execute", record)
+    try:
+        assert await store.rollup(now_ms=30 * day + 5 * M) == 2
+    finally:
+        event.remove(database.engine.sync_engine, "before_cursor_execute", record)
+    assert len(marks) <= 3
+    assert await store.rolled_until_ms() == 30 * day + 5 * M
+    assert await _query(store, 60, "avg", start_ms=30 * day, end_ms=30 * day + M) == {
+        "usage": [(30 * day, 2.0)]
+    }
