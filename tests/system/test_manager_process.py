@@ -188,7 +188,7 @@ async def test_sigterm_loses_nothing_acknowledged(pki: Any, tmp_path: Path) -> N
 
 
 async def test_ready_and_stopping_are_sent_to_notify_socket(pki: Any, tmp_path: Path) -> None:
-    """Under systemd (NOTIFY_SOCKET) the manager sends READY=1 once serving and STOPPING=1."""
+    """Under systemd the manager sends READY=1 once serving, watchdog pings, and STOPPING=1."""
     sock_path = tmp_path / "notify.sock"
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
     sock.bind(str(sock_path))
@@ -196,7 +196,7 @@ async def test_ready_and_stopping_are_sent_to_notify_socket(pki: Any, tmp_path: 
     db = tmp_path / "m" / "state" / "manager.db"
     manager = Manager(
         write_config(pki, tmp_path / "m", f"sqlite+aiosqlite:///{db}"),
-        env={"NOTIFY_SOCKET": str(sock_path)},
+        env={"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "400000"},
     )
     loop = asyncio.get_running_loop()
     try:
@@ -205,6 +205,9 @@ async def test_ready_and_stopping_are_sent_to_notify_socket(pki: Any, tmp_path: 
             data = await asyncio.wait_for(loop.sock_recv(sock, 4096), 30)
             messages.append(data.decode())
         await manager.wait_serving()  # READY came when it really serves
+        while not any("WATCHDOG=1" in m for m in messages):  # every 0.2 s
+            data = await asyncio.wait_for(loop.sock_recv(sock, 4096), 5)
+            messages.append(data.decode())
         assert await manager.terminate() == 0
         while not any("STOPPING=1" in m for m in messages):
             data = await asyncio.wait_for(loop.sock_recv(sock, 4096), 10)
