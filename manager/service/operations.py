@@ -28,13 +28,8 @@ from fleet.selectors import Selector
 from fleet.v1 import common_pb2
 from manager.pool import DaemonPool
 from manager.service.fanout import Outcome, sliding_window
-from manager.storage import (
-    AgentStateRecord,
-    AuditRepository,
-    EventRepository,
-    NodeRecord,
-    NodeRepository,
-)
+from manager.storage import AgentStateRecord, NodeRecord, NodeRepository
+from manager.storage.operation_log import OperationLog
 from manager.storage.targets import Candidate, TargetRepository
 
 __all__ = [
@@ -157,13 +152,10 @@ def record_from_info(node_id: str, info: common_pb2.AgentInfo) -> AgentStateReco
 
 
 class OperationRecorder:
-    """Writes the audit entry and the OPERATION event of an operator action."""
+    """Writes the audit entry and the OPERATION event of an operator action (atomically)."""
 
-    def __init__(
-        self, audit: AuditRepository, events: EventRepository, *, clock: Callable[[], float]
-    ) -> None:
-        self._audit = audit
-        self._events = events
+    def __init__(self, log: OperationLog, *, clock: Callable[[], float]) -> None:
+        self._log = log
         self._clock = clock
 
     async def record(
@@ -178,29 +170,31 @@ class OperationRecorder:
         node_id: str = "",
         agent_id: str = "",
     ) -> int:
-        """Audit then event; returns the audit id (the event carries it)."""
-        now_ms = int(self._clock() * 1000)
-        audit_id = await self._audit.record(
-            actor=actor, action=action, target=target, detail=detail, outcome=outcome, now_ms=now_ms
-        )
-        await self._events.append(
-            "OPERATION",
-            node_id=node_id,
-            agent_id=agent_id,
-            message=message,
-            actor=actor,
+        """Audit entry and event in one transaction; returns the audit id (the event has it)."""
+
+        def attributes(audit_id: int) -> dict[str, str]:
             # operation_id: the fan-out's first audit entry (detail carries it on
             # the closing entry); audit_id: this entry.
-            attributes={
+            return {
                 "operation_id": str(audit_id),
                 **detail,
                 "audit_id": str(audit_id),
                 "action": action,
                 "outcome": outcome,
-            },
-            now_ms=now_ms,
+            }
+
+        return await self._log.record(
+            actor=actor,
+            action=action,
+            target=target,
+            detail=detail,
+            outcome=outcome,
+            now_ms=int(self._clock() * 1000),
+            message=message,
+            event_attributes=attributes,
+            node_id=node_id,
+            agent_id=agent_id,
         )
-        return audit_id
 
 
 class Operations:

@@ -33,12 +33,11 @@ from manager.service.operations import (
 from manager.storage import (
     AgentStateRecord,
     AgentStateRepository,
-    AuditRepository,
     Database,
     EventRecord,
-    EventRepository,
     NodeRepository,
 )
+from manager.storage.operation_log import OperationLog
 from manager.storage.targets import TargetRepository
 
 __all__ = ["SERVICE_NAME", "FleetServicer", "agent_info", "build_fleet_servicer"]
@@ -401,7 +400,7 @@ def build_fleet_servicer(
 ) -> FleetServicer:
     """The FleetService servicer over the manager's database, daemon pool and event feed."""
     nodes, agents = NodeRepository(db), AgentStateRepository(db)
-    recorder = OperationRecorder(AuditRepository(db), EventRepository(db), clock=clock)
+    recorder = OperationRecorder(OperationLog(db), clock=clock)
     operations = Operations(nodes, TargetRepository(db), pool, recorder, clock=clock)
     queries = FleetQueries(nodes, agents, pool, operations, recorder, metrics, clock=clock)
     return FleetServicer(
