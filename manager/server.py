@@ -100,6 +100,7 @@ class ManagerServer:
         self._stack = contextlib.AsyncExitStack()
         self._server: aio.Server | None = None
         self._health: Any = None  # grpc_health's aio HealthServicer (untyped)
+        self._grace: float | None = None
         self.port = 0
         """The bound gRPC port (after start)."""
         self.metrics_port: int | None = None
@@ -283,8 +284,6 @@ class ManagerServer:
             await self.writer.stop()
         except Exception as exc:
             log.warning("metric writer did not drain at shutdown: %s", exc)
-
-    _grace: float | None = None
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting calls, drain them within `grace`, then flush and close."""

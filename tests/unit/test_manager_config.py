@@ -25,28 +25,35 @@ def test_example_config_loads_with_the_documented_defaults() -> None:
 
 def test_default_database_is_sqlite_under_the_state_dir(tmp_path: Path) -> None:
     """With no database.url the manager uses <state_dir>/manager.db."""
-    cfg = load_config(ManagerConfig, None, env_prefix=ENV_PREFIX,
-                      environ={"FLEET_MANAGER_STATE_DIR": str(tmp_path)})
+    cfg = load_config(
+        ManagerConfig,
+        None,
+        env_prefix=ENV_PREFIX,
+        environ={"FLEET_MANAGER_STATE_DIR": str(tmp_path)},
+    )
     assert cfg.database_url == f"sqlite+aiosqlite:///{tmp_path}/manager.db"
 
 
 def test_env_overrides_a_nested_key() -> None:
     """FLEET_MANAGER_DATABASE_URL overrides [database] url."""
     url = "postgresql+asyncpg://fleet@db:5432/fleet"
-    cfg = load_config(ManagerConfig, EXAMPLE, env_prefix=ENV_PREFIX,
-                      environ={"FLEET_MANAGER_DATABASE_URL": url})
+    cfg = load_config(
+        ManagerConfig, EXAMPLE, env_prefix=ENV_PREFIX, environ={"FLEET_MANAGER_DATABASE_URL": url}
+    )
     assert cfg.database_url == url
 
 
 @pytest.mark.parametrize(
     ("toml", "needle"),
     [
-        ('[liveness]\njitter = 2.0\n', "liveness.jitter"),
-        ('[liveness]\nflush_interval_seconds = 5.0\n', "flush_interval_seconds"),
+        ("[liveness]\njitter = 2.0\n", "liveness.jitter"),
+        ("[liveness]\nflush_interval_seconds = 5.0\n", "flush_interval_seconds"),
         ('[server]\nlisten = "nowhere"\n', "server.listen"),
         ('[database]\nurl = "mysql://x"\n', "database.url"),
-        ('[metrics]\nraw_retention_hours = 48.0\nrollup_retention_days = 1.0\n',
-         "rollup_retention_days"),
+        (
+            "[metrics]\nraw_retention_hours = 48.0\nrollup_retention_days = 1.0\n",
+            "rollup_retention_days",
+        ),
         ('[logging]\nlevel = "loud"\n', "logging.level"),
         ('[server]\nlisen = "0.0.0.0:1"\n', "listen"),
     ],
@@ -72,7 +79,8 @@ def test_systemd_unit_passes_systemd_analyze_verify(tmp_path: Path) -> None:
         pytest.skip("fleet-manager is not installed in this venv (pip install -e .)")
     unit = tmp_path / "fleet-manager.service"
     unit.write_text(UNIT.read_text().replace("/usr/local/bin/fleet-manager", str(script)))
-    result = subprocess.run([analyze, "verify", str(unit)], capture_output=True, text=True,
-                            check=False, cwd=tmp_path)
+    result = subprocess.run(
+        [analyze, "verify", str(unit)], capture_output=True, text=True, check=False, cwd=tmp_path
+    )
     assert result.returncode == 0, result.stderr
     assert "fleet-manager.service" not in result.stderr, result.stderr
