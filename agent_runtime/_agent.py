@@ -40,7 +40,8 @@ ConfigCallback = Callable[[AgentConfig], Awaitable[None] | None]
 """Called with every new verified config (plain or async function)."""
 StopHook = Callable[[], Awaitable[None] | None]
 """Called once when the agent stops (plain or async function)."""
-_F = TypeVar("_F", bound=Callable[..., object])
+_CB = TypeVar("_CB", bound=ConfigCallback)
+_HOOK = TypeVar("_HOOK", bound=StopHook)
 
 # Errors that mean "this process may not be this agent": retrying cannot help.
 _REFUSED = (PermissionDenied, Unauthenticated, InvalidArgument)
@@ -123,7 +124,6 @@ class Agent:
         self._environ = environ
         self.clock = clock
         """The monotonic clock deadlines and metric flushes use."""
-        self._clock = clock
         self._endpoint: DaemonEndpoint | None = None
         self._configs = ConfigTracker()
         self._callbacks: list[ConfigCallback] = []
@@ -186,7 +186,7 @@ class Agent:
 
     # -- registration of callbacks ------------------------------------------------
 
-    def on_config(self, callback: _F) -> _F:
+    def on_config(self, callback: _CB) -> _CB:
         """Call `callback(config)` with the current config and every newer one.
 
         Usable as a decorator, before or after `start`. Each callback runs in
@@ -194,18 +194,18 @@ class Agent:
         newest, if it falls behind); an exception is logged and does not stop
         later configs.
         """
-        self._callbacks.append(callback)  # type: ignore[arg-type]
+        self._callbacks.append(callback)
         if self._started and not self._closed:
-            self._tasks.append(self._dispatch(callback))  # type: ignore[arg-type]
+            self._tasks.append(self._dispatch(callback))
         return callback
 
-    def on_stop(self, hook: _F) -> _F:
+    def on_stop(self, hook: _HOOK) -> _HOOK:
         """Run `hook()` when the agent stops, newest hook first (usable as a decorator).
 
         All hooks share the stop timeout the daemon announced; a hook still
         running at the deadline is cancelled and logged.
         """
-        self._hooks.append(hook)  # type: ignore[arg-type]
+        self._hooks.append(hook)
         return hook
 
     # -- lifecycle ----------------------------------------------------------------
@@ -272,7 +272,7 @@ class Agent:
 
     def stop_deadline(self) -> float:
         """The clock time by which stopping must be done (stop timeout minus margin)."""
-        return self._clock() + self._stop_timeout * (1 - self.options.stop_margin)
+        return self.clock() + self._stop_timeout * (1 - self.options.stop_margin)
 
     async def stop(self, deadline: float | None = None) -> None:
         """Stop: request stop, run the stop hooks, flush metrics, close the channel.
@@ -294,7 +294,7 @@ class Agent:
         hooks, self._hooks = list(reversed(self._hooks)), []
         for hook in hooks:
             name = getattr(hook, "__qualname__", repr(hook))
-            left = deadline - self._clock()
+            left = deadline - self.clock()
             try:
                 await asyncio.wait_for(_call(hook), max(left, 0.001))
             except TimeoutError:
@@ -309,7 +309,7 @@ class Agent:
         flusher = [t for t in self._tasks if t.get_name() == "agent-metrics"]
         self._reporter.close_soon()
         if flusher:
-            done, _ = await asyncio.wait(flusher, timeout=max(deadline - self._clock(), 0.001))
+            done, _ = await asyncio.wait(flusher, timeout=max(deadline - self.clock(), 0.001))
             if not done:
                 left = len(self._reporter.buffer)
                 log.warning("%d metric samples not sent before the stop deadline", left)
@@ -388,7 +388,7 @@ class Agent:
         assert self._endpoint is not None
         target = self._endpoint.target
         attempt = 0
-        started = self._clock()
+        started = self.clock()
         refused_since: float | None = None
         while True:
             client = AgentClient(self._endpoint, timeout=self.options.rpc_timeout)
@@ -408,8 +408,8 @@ class Agent:
                             exc,
                         )
                         raise
-                    refused_since = refused_since if refused_since is not None else self._clock()
-                    if self._clock() - refused_since >= self.options.refused_grace:
+                    refused_since = refused_since if refused_since is not None else self.clock()
+                    if self.clock() - refused_since >= self.options.refused_grace:
                         raise
                 delay = self.options.reconnect.delay(attempt)
                 attempt += 1
@@ -439,7 +439,7 @@ class Agent:
                 log.info(
                     "registered again as agent %s after %.1fs (%d attempts)",
                     self._endpoint.agent_id,
-                    self._clock() - started,
+                    self.clock() - started,
                     attempt + 1,
                 )
             self._client = client
@@ -450,7 +450,7 @@ class Agent:
         assert self._endpoint is not None
         short_sessions = 0  # in a row; grows the pause so a flapping daemon is not hammered
         while True:
-            began = self._clock()
+            began = self.clock()
             try:
                 await self._session(client)
             except FleetError as exc:
@@ -464,7 +464,7 @@ class Agent:
             finally:
                 self._client = None
                 await client.close()
-            short_sessions = short_sessions + 1 if self._clock() - began < 5.0 else 0
+            short_sessions = short_sessions + 1 if self.clock() - began < 5.0 else 0
             # A jittered pause first: after a daemon restart its agents do not all
             # register in the same instant.
             if await self.wait_stopping(self.options.reconnect.delay(short_sessions)):
