@@ -1,0 +1,331 @@
+"""Load generator of bench/manager_ingest.py: runs as its own process.
+
+    python bench/manager_loadgen.py '<json spec>'
+
+Simulates nodes, each with its own node certificate and connection to the
+manager (identity is per connection, as with real daemons), and prints one
+JSON object of results. Modes: `saturate` (back-to-back heartbeats over a
+few channels), `metrics` (ReportMetrics as fast as acknowledged), `hold`
+(N nodes at the interval the manager hands out, growing step by step).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import random
+import resource
+import sqlite3
+import statistics
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc import aio
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from fleet.pki import CertificateAuthority  # noqa: E402
+from fleet.v1 import common_pb2, manager_pb2, manager_pb2_grpc  # noqa: E402
+
+NOFILE = 200_000
+
+
+def _raise_nofile() -> int:
+    """Raise the open-file limit as far as allowed (one socket per node)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    for want in (NOFILE, hard):
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, max(want, hard)))
+            return want
+        except (ValueError, OSError):
+            continue
+    return soft
+
+
+def _pct(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    return values[min(len(values) - 1, int(q * len(values)))]
+
+
+@dataclass
+class NodeConn:
+    name: str
+    channel: aio.Channel
+    stub: manager_pb2_grpc.ManagerServiceStub
+    sequence: int = 0
+    interval: float = 10.0
+
+
+class LoadGen:
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.spec = spec
+        ca_dir = Path(spec["ca_dir"])
+        self.ca = CertificateAuthority.load(ca_dir / "ca.pem", ca_dir / "ca-key.pem")
+        self.root = (ca_dir / "ca.pem").read_bytes()
+        self.target = f"127.0.0.1:{spec['port']}"
+        self.server_name = f"manager.{self.ca.trust_domain}"
+        self.nodes: list[NodeConn] = []
+
+    def connect(self, name: str) -> NodeConn:
+        issued = self.ca.issue("node", name)
+        creds = grpc.ssl_channel_credentials(self.root, issued.key_pem, issued.cert_pem)
+        channel = aio.secure_channel(
+            self.target, creds, options=[("grpc.ssl_target_name_override", self.server_name)]
+        )
+        return NodeConn(name, channel, manager_pb2_grpc.ManagerServiceStub(channel))
+
+    async def close(self) -> None:
+        await asyncio.gather(*(n.channel.close() for n in self.nodes))
+
+    async def register(
+        self,
+        nodes: list[NodeConn],
+        concurrency: int = 64,
+        on_registered: Any = None,
+    ) -> int:
+        sem = asyncio.Semaphore(concurrency)
+        errors = 0
+
+        async def one(n: NodeConn) -> None:
+            nonlocal errors
+            async with sem:
+                for _ in range(20):
+                    try:
+                        resp = await n.stub.RegisterNode(
+                            manager_pb2.RegisterNodeRequest(
+                                node_id=n.name,
+                                hostname=f"{n.name}.bench",
+                                ip="127.0.0.1",
+                                os="linux",
+                                arch="x86_64",
+                                labels={"bench": "yes"},
+                                daemon_version="bench",
+                                daemon_address="127.0.0.1:1",
+                            ),
+                            timeout=60,
+                        )
+                        n.interval = resp.heartbeat_interval_ms / 1000
+                        if on_registered is not None:
+                            on_registered(n)  # a daemon starts heartbeating at once
+                        return
+                    except grpc.aio.AioRpcError:
+                        await asyncio.sleep(0.5)
+                errors += 1
+
+        await asyncio.gather(*(one(n) for n in nodes))
+        return errors
+
+    # -- saturation: back-to-back heartbeats over a few channels
+    async def saturate(self) -> dict[str, Any]:
+        spec = self.spec
+        self.nodes = [self.connect(f"sat-{i:04d}") for i in range(spec["channels"])]
+        if spec["register"]:
+            await self.register(self.nodes)
+        lat: list[float] = []
+        errors = 0
+        warm_until = time.perf_counter() + spec["warmup"]
+        end = warm_until + spec["seconds"]
+
+        async def worker(n: NodeConn) -> None:
+            nonlocal errors
+            while True:
+                t0 = time.perf_counter()
+                if t0 >= end:
+                    return
+                try:
+                    await n.stub.Heartbeat(
+                        manager_pb2.HeartbeatRequest(
+                            node_id=n.name, timestamp=int(time.time() * 1000)
+                        )
+                    )
+                except grpc.aio.AioRpcError:
+                    errors += 1
+                    continue
+                t1 = time.perf_counter()
+                if t0 >= warm_until:
+                    lat.append(t1 - t0)
+
+        await asyncio.gather(*(worker(n) for n in self.nodes for _ in range(spec["inflight"])))
+        await self.close()
+        return {
+            "rate": len(lat) / spec["seconds"],
+            "p50_ms": _pct(lat, 0.5) * 1000,
+            "p99_ms": _pct(lat, 0.99) * 1000,
+            "errors": errors,
+            "calls": len(lat),
+        }
+
+    # -- metrics: batches of `batch` samples as fast as they are acknowledged
+    async def metrics(self) -> dict[str, Any]:
+        spec = self.spec
+        self.nodes = [self.connect(f"met-{i:04d}") for i in range(spec["channels"])]
+        await self.register(self.nodes)
+        per_point = 50
+        points = max(1, spec["batch"] // per_point)
+        stored = 0
+        exhausted = 0
+        warm_until = time.perf_counter() + spec["warmup"]
+        end = warm_until + spec["seconds"]
+
+        async def worker(n: NodeConn) -> None:
+            nonlocal stored, exhausted
+            while time.perf_counter() < end:
+                n.sequence += 1
+                now = int(time.time() * 1000)
+                req = manager_pb2.ReportMetricsRequest(
+                    node_id=n.name,
+                    sequence=n.sequence,
+                    metrics=[
+                        common_pb2.MetricData(
+                            type="cpu",
+                            timestamp=now - j,
+                            values={f"core{k}": float(k) for k in range(per_point)},
+                        )
+                        for j in range(points)
+                    ],
+                )
+                try:
+                    resp = await n.stub.ReportMetrics(req)
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        exhausted += 1
+                        await asyncio.sleep(0.05)
+                    continue
+                if warm_until <= time.perf_counter() < end:
+                    stored += resp.accepted
+
+        await asyncio.gather(*(worker(n) for n in self.nodes for _ in range(spec["inflight"])))
+        await self.close()
+        return {
+            "samples_per_s": stored / spec["seconds"],
+            "exhausted": exhausted,
+            "batch": points * per_point,
+        }
+
+    # -- hold: N nodes at their handed-out interval, growing step by step
+    async def hold(self) -> dict[str, Any]:
+        spec = self.spec
+        steps: list[dict[str, Any]] = []
+        lat: list[float] = []
+        errors = 0
+        measuring = False
+        tasks: list[asyncio.Task[None]] = []
+        rng = random.Random(1)
+
+        async def node_loop(n: NodeConn) -> None:
+            nonlocal errors
+            await asyncio.sleep(rng.uniform(0, n.interval))
+            next_metrics = time.monotonic() + rng.uniform(0, spec["metrics_interval"])
+            while True:
+                t0 = time.perf_counter()
+                try:
+                    resp = await n.stub.Heartbeat(
+                        manager_pb2.HeartbeatRequest(
+                            node_id=n.name, timestamp=int(time.time() * 1000)
+                        ),
+                        timeout=30,
+                    )
+                    n.interval = resp.heartbeat_interval_ms / 1000
+                    if measuring:
+                        lat.append(time.perf_counter() - t0)
+                except grpc.aio.AioRpcError:
+                    if measuring:
+                        errors += 1
+                if time.monotonic() >= next_metrics:
+                    next_metrics += spec["metrics_interval"]
+                    n.sequence += 1
+                    now = int(time.time() * 1000)
+                    with contextlib.suppress(grpc.aio.AioRpcError):
+                        await n.stub.ReportMetrics(
+                            manager_pb2.ReportMetricsRequest(
+                                node_id=n.name,
+                                sequence=n.sequence,
+                                metrics=[
+                                    common_pb2.MetricData(type=t, timestamp=now, values={"v": 1.0})
+                                    for t in ("cpu", "memory", "disk", "network")
+                                ],
+                            ),
+                            timeout=30,
+                        )
+                await asyncio.sleep(max(0.0, n.interval - (time.perf_counter() - t0)))
+
+        try:
+            for target in spec["steps"]:
+                new = [self.connect(f"node-{i:06d}") for i in range(len(self.nodes), target)]
+                t_reg = time.perf_counter()
+                reg_errors = await self.register(
+                    new, on_registered=lambda n: tasks.append(asyncio.create_task(node_loop(n)))
+                )
+                reg_s = time.perf_counter() - t_reg
+                self.nodes.extend(new)
+                # reach steady state: every new node heartbeated once at its interval
+                await asyncio.sleep(max(n.interval for n in new) if new else 0)
+                lat.clear()
+                errors = 0
+                measuring = True
+                await asyncio.sleep(spec["hold"])
+                measuring = False
+                # cumulative: a node dropped while the step ramped up counts too
+                offline = await asyncio.to_thread(_false_offline, spec["db"])
+                step = {
+                    "nodes": target,
+                    "interval_s": statistics.mean(n.interval for n in self.nodes),
+                    "hb_per_s": len(lat) / spec["hold"],
+                    "p50_ms": _pct(lat, 0.5) * 1000,
+                    "p99_ms": _pct(lat, 0.99) * 1000,
+                    "errors": errors,
+                    "register_errors": reg_errors,
+                    "register_s": reg_s,
+                    "marked_offline": offline,
+                }
+                step["ok"] = (
+                    step["p99_ms"] < 50
+                    and errors == 0
+                    and reg_errors == 0
+                    and step["marked_offline"] == 0
+                )
+                steps.append(step)
+                print(json.dumps({"progress": step}), file=sys.stderr, flush=True)
+                if not step["ok"]:
+                    break
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self.close()
+        return {"steps": steps}
+
+
+def _false_offline(db: str) -> int:
+    """NODE_OFFLINE events of simulated fleet nodes (all of them keep heartbeating).
+
+    The saturation and metrics phases' nodes go silent afterwards and are
+    rightly marked offline; only `node-*` ones count as false.
+    """
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=30)
+    try:
+        row = conn.execute(
+            "select count(*) from events where kind = 'NODE_OFFLINE' and node_id like 'node-%'"
+        ).fetchone()
+    finally:
+        conn.close()
+    return int(row[0])
+
+
+def run_loadgen(spec: dict[str, Any]) -> None:
+    _raise_nofile()
+    gen = LoadGen(spec)
+    result = asyncio.run(getattr(gen, spec["mode"])())
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    run_loadgen(json.loads(sys.argv[1]))
