@@ -147,7 +147,13 @@ class Database:
         if parsed.get_backend_name() == "sqlite":
             dialect = "sqlite"
             assert parsed.database is not None
-            await asyncio.to_thread(_make_parent_dir, parsed.database)
+            try:
+                await asyncio.to_thread(_make_parent_dir, parsed.database)
+            except OSError as exc:
+                raise ConfigError(
+                    f"database {parsed.render_as_string()}: cannot create its directory: "
+                    f"{exc.strerror or exc}"
+                ) from exc
             kwargs["connect_args"] = {"timeout": busy_timeout_ms / 1000}
         else:
             dialect = "postgresql"

@@ -234,3 +234,19 @@ async def test_audit_records_round_trip(database: Database) -> None:
         "ok",
     )
     assert got[0].timestamp_ms == 20
+
+
+async def test_sqlite_file_in_an_uncreatable_directory_is_a_config_error(tmp_path: Any) -> None:
+    """A SQLite path whose directory cannot be created is a ConfigError naming the path."""
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(ConfigError, match="cannot create its directory"):
+        await Database.open(f"sqlite:///{blocker}/sub/m.db")
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_missing_postgres_database_is_a_config_error(database_url: str) -> None:
+    """A PostgreSQL database that does not exist is a ConfigError, not a retry loop."""
+    url = make_url(database_url).set(database="fleet_no_such_database")
+    with pytest.raises(ConfigError, match="fleet_no_such_database"):
+        await Database.open(url.render_as_string(hide_password=False), retry_timeout_s=30)
