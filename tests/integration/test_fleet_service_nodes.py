@@ -241,3 +241,24 @@ async def test_query_metrics_reads_the_managers_store(pki: Any, tmp_path: Path) 
             )
         )
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_following_a_log_streams_until_the_operator_cancels(pki: Any, tmp_path: Path) -> None:
+    """A followed log sends what is there, stays open, and ends when the operator cancels."""
+    async with fleet_env(pki, tmp_path) as env:
+        await env.add_nodes("n1", labels=PROD)
+        call = env.stub.ReadAgentLog(
+            fleet_pb2.FleetServiceReadAgentLogRequest(
+                node_id="n1", agent_id="worker", offset=-7, follow=True
+            )
+        )
+        first = await call.read()
+        assert first.data == b"line 2\n"
+        assert first.next_offset == first.offset + 7
+        call.cancel()
+        assert call.cancelled()
+        # The manager is still fine: its channel to the daemon serves the next call.
+        listing = await env.stub.ListAgents(
+            fleet_pb2.FleetServiceListAgentsRequest(node_id="n1", live=True)
+        )
+        assert [a.agent.id for a in listing.agents] == ["web", "worker"]
