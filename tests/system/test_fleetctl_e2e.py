@@ -1,0 +1,295 @@
+"""fleetctl as a subprocess -> a real fleet-manager -> real fleet-daemons -> agent processes.
+
+Two daemons (node n1 zone=a, node n2 zone=b, both env=prod) each supervise
+`web` (a sleep); everything is a real process on 127.0.0.1 with mTLS. One
+fleet serves the whole module (starting it takes ~20 s on 2 cores); the test
+that takes a daemon down runs last.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import pytest
+from daemon_helpers import short_tmp
+
+from fleet.pki import CertificateAuthority
+
+REPO = Path(__file__).resolve().parents[2]
+T = TypeVar("T")
+
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("FLEET_", "FLEETCTL_"))}
+    env["PYTHONPATH"] = str(REPO)
+    return env
+
+
+def _spawn(module_main: str, config: Path, log: Path) -> subprocess.Popen[bytes]:
+    with log.open("ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-c", f"import sys; from {module_main} import main; sys.exit(main())",
+             *(["serve"] if module_main == "manager.cli" else []), "--config", str(config)],
+            env=_env(),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+
+
+def _stop(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _until(probe: Callable[[], T], ok: Callable[[T], bool], within: float = 30.0) -> T:
+    deadline = time.monotonic() + within
+    while True:
+        value = probe()
+        if ok(value):
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not reached within {within}s; last: {value!r}")
+        time.sleep(0.2)
+
+
+@dataclass
+class Fleet:
+    """The running processes and how to call fleetctl against them."""
+
+    root: Path
+    manager_address: str
+    operator: Any
+    daemons: dict[str, subprocess.Popen[bytes]]
+
+    def fleetctl(self, *args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+        """Run `fleetctl ARGS` as a process with the operator's certificate from env vars."""
+        env = {
+            **_env(),
+            "FLEET_MANAGER": self.manager_address,
+            "FLEET_CA": str(self.operator.ca_file),
+            "FLEET_CERT": str(self.operator.cert_file),
+            "FLEET_KEY": str(self.operator.key_file),
+            "XDG_CONFIG_HOME": str(self.root / "xdg"),
+            "COLUMNS": "200",
+        }
+        return subprocess.run(
+            [sys.executable, "-c", "from manager.fleetctl.app import main; main()", *args],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    def json(self, *args: str) -> Any:
+        """`fleetctl -o json ARGS`, asserting exit 0."""
+        result = self.fleetctl("-o", "json", *args)
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)
+
+    def pids(self) -> dict[str, int]:
+        """node/agent -> pid, from the daemons' synced states."""
+        agents = self.json("agents", "list")["agents"]
+        pids = {f"{a['node_id']}/{a['agent_id']}": a["pid"] for a in agents}
+        self.agent_pids.update(p for p in pids.values() if p)
+        return pids
+
+    agent_pids: set[int] = field(default_factory=set)
+    """Every agent pid seen, so teardown can reap agents a killed daemon left behind."""
+
+
+def _daemon_toml(root: Path, tls: Any, manager: str, labels: dict[str, str]) -> str:
+    label_lines = "\n".join(f'{k} = "{v}"' for k, v in labels.items())
+    return f"""
+listen = "127.0.0.1:0"
+state_dir = "{root}/state"
+run_dir = "{root}/run"
+log_dir = "{root}/log"
+metrics_listen = ""
+sample_interval_seconds = 0.5
+stop_agents_on_exit = true
+shutdown_grace_seconds = 1.0
+[labels]
+{label_lines}
+[tls]
+ca_file = "{tls.ca_file}"
+cert_file = "{tls.cert_file}"
+key_file = "{tls.key_file}"
+[manager]
+addresses = ["{manager}"]
+heartbeat_interval_seconds = 1.0
+metrics_interval_seconds = 1.0
+sync_interval_seconds = 5.0
+[manager.reconnect]
+initial = 0.2
+maximum = 1.0
+[[agents]]
+id = "web"
+argv = ["sleep", "1000"]
+start_secs = 0.2
+stop_timeout = 2.0
+"""
+
+
+def _reap_agents(fleet: Fleet) -> None:
+    """Kill agents of our daemons that outlived them (checked by their log path)."""
+    for pid in fleet.agent_pids:
+        try:
+            if not os.readlink(f"/proc/{pid}/fd/1").startswith(str(fleet.root)):
+                continue
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            continue
+
+
+@pytest.fixture(scope="module")
+def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
+    """A manager (SQLite) and two daemons, n1 and n2, each running agent `web`."""
+    ca = CertificateAuthority.create()
+    certs = tmp_path_factory.mktemp("certs")
+
+    def issue(role: Any, name: str) -> Any:
+        return ca.issue(role, name).write(certs / f"{role}-{name}")
+
+    with short_tmp() as root:
+        port = _free_port()
+        manager_tls = issue("manager", "m1")
+        (root / "manager.toml").write_text(
+            f'state_dir = "{root}/mstate"\n'
+            f'[server]\nlisten = "127.0.0.1:{port}"\nmetrics_listen = ""\n'
+            "shutdown_grace_seconds = 2.0\n"
+            f'[tls]\nca_file = "{manager_tls.ca_file}"\ncert_file = "{manager_tls.cert_file}"\n'
+            f'key_file = "{manager_tls.key_file}"\n'
+            "[liveness]\nmin_ttl_seconds = 1.0\njitter = 0.0\n"
+        )
+        # The manager first: a daemon stopped while its manager is up takes >20 s to exit.
+        procs = [_spawn("manager.cli", root / "manager.toml", root / "manager.log")]
+        fleet = Fleet(root, f"127.0.0.1:{port}", issue("operator", "alice"), {})
+        try:
+            for node, zone in (("n1", "a"), ("n2", "b")):
+                droot = root / node
+                droot.mkdir()
+                (droot / "daemon.toml").write_text(
+                    _daemon_toml(
+                        droot, issue("node", node), f"127.0.0.1:{port}",
+                        {"env": "prod", "zone": zone},
+                    )
+                )  # fmt: skip
+                proc = _spawn("daemon.cli", droot / "daemon.toml", droot / "daemon.log")
+                fleet.daemons[node] = proc
+                procs.append(proc)
+
+            def ready() -> dict[str, Any]:
+                result = fleet.fleetctl("-o", "json", "agents", "list")
+                if result.returncode != 0:
+                    return {}
+                agents = json.loads(result.stdout)["agents"]
+                return {a["node_id"]: a for a in agents if a["status"] == "RUNNING"}
+
+            _until(ready, lambda r: set(r) == {"n1", "n2"}, within=60)
+            fleet.pids()
+            yield fleet
+        except BaseException:
+            for log in root.rglob("*.log"):
+                sys.stderr.write(f"--- {log}\n{log.read_text(errors='replace')[-3000:]}\n")
+            raise
+        finally:
+            for proc in procs:
+                _stop(proc)
+            _reap_agents(fleet)
+
+
+def test_nodes_list_shows_both_daemons_with_labels(fleet: Fleet) -> None:
+    """`nodes list -l zone=b -o json` shows exactly n2, online, with its labels."""
+    nodes = fleet.json("nodes", "list", "-l", "zone=b")["nodes"]
+    assert [(n["node_id"], n["status"]) for n in nodes] == [("n2", "ONLINE")]
+    assert nodes[0]["labels"] == {"env": "prod", "zone": "b"}
+    table = fleet.fleetctl("nodes", "list")
+    assert table.returncode == 0
+    assert [line.split()[0] for line in table.stdout.splitlines()[1:]] == ["n1", "n2"]
+
+
+def test_restart_on_one_node_changes_the_pid(fleet: Fleet) -> None:
+    """`agents restart web --node n1` restarts that agent process: its pid changes, n2's not."""
+    before = fleet.pids()
+    result = fleet.fleetctl("agents", "restart", "web", "--node", "n1")
+    assert result.returncode == 0, result.stderr
+    after = _until(fleet.pids, lambda p: p.get("n1/web") not in (None, before["n1/web"]))
+    assert after["n2/web"] == before["n2/web"]
+    assert "1 ok, 0 failed" in result.stdout
+
+
+def test_plan_touches_nothing(fleet: Fleet) -> None:
+    """`--plan` lists both targets and leaves every pid as it was."""
+    before = fleet.pids()
+    plan = fleet.json("agents", "restart", "web", "-l", "env=prod", "--plan")
+    assert sorted(t["node_id"] for t in plan["targets"]) == ["n1", "n2"]
+    assert {t["outcome"] for t in plan["targets"]} == {"PLANNED"}
+    time.sleep(1.0)
+    assert fleet.pids() == before
+
+
+def test_fanout_without_yes_and_without_tty_is_refused(fleet: Fleet) -> None:
+    """A two-target restart from a script without --yes exits 2 and restarts nothing."""
+    before = fleet.pids()
+    result = fleet.fleetctl("agents", "restart", "web", "-l", "env=prod")
+    assert result.returncode == 2
+    assert "pass --yes" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert fleet.pids() == before
+
+
+def test_events_show_the_operation(fleet: Fleet) -> None:
+    """After a restart, `events --kind operation` shows it with the operator as actor."""
+    assert fleet.fleetctl("agents", "restart", "web", "--node", "n1").returncode == 0
+
+    def operations() -> list[dict[str, Any]]:
+        return list(fleet.json("events", "--kind", "operation")["events"])
+
+    events = _until(operations, lambda e: len(e) >= 1, within=15)
+    assert any(e["actor"] == "operator/alice" for e in events)
+    registered = fleet.json("events", "--kind", "node-registered")["events"]
+    assert {e["node_id"] for e in registered} == {"n1", "n2"}
+
+
+def test_fanout_with_one_daemon_down(fleet: Fleet) -> None:
+    """(Runs last.) n2's daemon killed: exit 1, n2 FAILED with a reason, n1 restarted OK."""
+    before = fleet.pids()
+    fleet.daemons["n2"].kill()  # a crashed daemon; its agent is reaped at teardown
+    fleet.daemons["n2"].wait()
+    result = fleet.fleetctl(
+        "-o", "json", "agents", "restart", "web", "-l", "env=prod", "--yes", "--timeout", "20"
+    )
+    assert result.returncode == 1, result.stderr
+    data = json.loads(result.stdout)
+    outcome = {t["node_id"]: t for t in data["targets"]}
+    assert outcome["n1"]["outcome"] == "OK"
+    assert outcome["n2"]["outcome"] == "FAILED"
+    assert outcome["n2"]["message"]
+    assert data["summary"]["failed"] == 1
+    assert "n2/web" in result.stderr
+    assert fleet.pids()["n1/web"] != before["n1/web"]
