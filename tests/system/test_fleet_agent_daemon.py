@@ -266,3 +266,25 @@ async def test_an_unsupervised_fleet_agent_is_refused(
     text = err.decode()
     assert f"process {proc.pid} is not an agent supervised by this daemon" in text
     assert text.count("refused this process") == 1, "refused once, not retried"
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="daemon side of issue 5 part 2: restart an agent whose heartbeats stop "
+    "(health = heartbeat) is not implemented yet; remove this marker when it is",
+)
+async def test_a_hung_agent_is_restarted(
+    daemon: Daemon, stub: daemon_pb2_grpc.DaemonServiceStub
+) -> None:
+    """An agent whose heartbeats stop while its process lives (SIGSTOP) is restarted."""
+    daemon.start()
+    info = await _probe_info(stub, lambda a: a.last_heartbeat > 0 and a.health == HEALTHY)
+    os.kill(info.pid, signal.SIGSTOP)  # hung: alive, but no heartbeats
+    try:
+        after = await _probe_info(
+            stub, lambda a: a.pid not in (0, info.pid) and a.last_heartbeat > 0, within=20
+        )
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(info.pid, signal.SIGCONT)
+    assert after.restart_count > info.restart_count
