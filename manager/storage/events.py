@@ -1,11 +1,14 @@
 """The event log: node/agent transitions and operations, ordered by a monotonic id.
 
 Ids come from INTEGER PRIMARY KEY AUTOINCREMENT (SQLite) or a BIGSERIAL
-(PostgreSQL). On SQLite writers are serialized, so ids also commit in order.
-On PostgreSQL with several writers (replicas, or concurrent transactions of
-one manager) a smaller id can commit after a larger one is already visible,
-so a watcher polling `list_after(last_id)` may skip that event. Accepted for
-now; a fix is to read only ids below the oldest in-flight transaction's.
+(PostgreSQL), and they become visible in id order, so a watcher polling
+`list_after(last_id)` never skips one. SQLite gets that for free (one writer
+at a time). On PostgreSQL concurrent transactions (replicas, or one
+manager's parallel calls) could commit a smaller id after a larger one is
+visible; so every transaction that appends events first takes a
+transaction-scoped advisory lock ("fleet-events"), and ids are drawn, and
+committed, one transaction at a time. Event writes are the last statements
+of their transactions, so the lock is held only for the commit.
 """
 
 from __future__ import annotations
@@ -18,11 +21,13 @@ from sqlalchemy import func, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from fleet.errors import InvalidArgument
-from manager.storage.db import Database
+from manager.storage.db import Database, advisory_key
 from manager.storage.records import EVENT_KINDS, EventRecord
 from manager.storage.schema import events
 
 __all__ = ["EventRepository", "dump_map", "event_row", "insert_events", "load_map"]
+
+_EVENTS_LOCK = advisory_key("fleet-events")
 
 
 def dump_map(value: Mapping[str, str]) -> str:
@@ -61,9 +66,19 @@ def event_row(
 
 
 async def insert_events(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -> None:
-    """Append rows (from `event_row`) inside the caller's transaction."""
+    """Append rows (from `event_row`) inside the caller's transaction.
+
+    Call it last in the transaction: on PostgreSQL it serializes event
+    writers until commit (see the module docstring).
+    """
     if rows:
+        await _serialize_event_writers(conn)
         await conn.execute(insert(events), list(rows))
+
+
+async def _serialize_event_writers(conn: AsyncConnection) -> None:
+    if conn.dialect.name == "postgresql":
+        await conn.execute(select(func.pg_advisory_xact_lock(_EVENTS_LOCK)))
 
 
 def _record(row: Any) -> EventRecord:
@@ -108,6 +123,7 @@ class EventRepository:
         )
 
         async def body(conn: AsyncConnection) -> int:
+            await _serialize_event_writers(conn)
             result = await conn.execute(insert(events).values(row).returning(events.c.id))
             return int(result.scalar_one())
 

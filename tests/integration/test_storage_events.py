@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import asyncio
+
+import asyncpg
 import pytest
+from sqlalchemy.engine import make_url
 
 from fleet.errors import InvalidArgument
 from manager.storage import Database, EventRepository
+from manager.storage.db import advisory_key
 
 
 async def test_ids_are_monotonic_and_round_trip(database: Database) -> None:
@@ -67,3 +72,32 @@ async def test_unknown_kind_is_rejected_and_writes_nothing(database: Database) -
     with pytest.raises(InvalidArgument, match="limit"):
         await events.list_after(0, limit=0)
     assert await events.latest_id() == 0
+
+
+@pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
+async def test_postgres_event_ids_become_visible_in_order(
+    database: Database, database_url: str
+) -> None:
+    """While an earlier event's transaction is open, a later append waits: no id is skipped."""
+    dsn = make_url(database_url).set(drivername="postgresql").render_as_string(False)
+    conn = await asyncpg.connect(dsn)
+    try:
+        tx = conn.transaction()
+        await tx.start()
+        # What every event-writing transaction does first (manager.storage.events).
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", advisory_key("fleet-events"))
+        slow_id = await conn.fetchval(
+            "INSERT INTO events (ts_ms, kind, node_id, agent_id, message, actor, attributes) "
+            "VALUES (1, 'OPERATION', '', '', 'slow', '', '{}') RETURNING id"
+        )
+        events = EventRepository(database)
+        fast = asyncio.create_task(events.append("OPERATION", message="fast", now_ms=2))
+        await asyncio.sleep(0.5)
+        assert not fast.done()
+        assert await events.list_after(0) == []
+        await tx.commit()
+    finally:
+        await conn.close()
+    fast_id = await fast
+    assert fast_id > slow_id
+    assert [e.message for e in await events.list_after(0)] == ["slow", "fast"]
