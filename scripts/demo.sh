@@ -16,6 +16,9 @@ root=$(cd "$(dirname "$0")/.." && pwd)
 bin=$root/.venv/bin
 demo=${DEMO_DIR:-$root/var/demo}
 certs=$demo/certs
+# Unix socket paths must stay under 108 bytes, so the daemons' run dirs live
+# in a short temporary directory rather than under a possibly deep checkout.
+run_base=$(mktemp -d /tmp/fleet-demo.XXXXXX)
 pids=()
 
 say() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
@@ -29,6 +32,7 @@ stop_all() {
         kill -TERM "${pids[@]}" 2>/dev/null || true
         wait "${pids[@]}" 2>/dev/null || true
     fi
+    rm -rf "$run_base"
     exit "$status"
 }
 trap stop_all EXIT
@@ -73,7 +77,7 @@ write_daemon() {
     cat >"$demo/$name.toml" <<EOF
 listen = "127.0.0.1:$port"
 state_dir = "$dir/state"
-run_dir = "$dir/run"
+run_dir = "$run_base/$name"
 log_dir = "$dir/logs"
 metrics_listen = ""
 stop_agents_on_exit = true
