@@ -424,3 +424,10 @@ async def test_security_matrix(fleet: Fleet, request: pytest.FixtureRequest) -> 
         and CALLER[identity] not in o.details
     ]
     assert not wrong, "\n".join(wrong)
+
+    # docs/security.md shows the matrix as run; it must not drift from it.
+    doc = await asyncio.to_thread((REPO / "docs" / "security.md").read_text)
+    assert all(table in doc for table in tables), (
+        "docs/security.md does not hold the matrix as run: regenerate it with "
+        "FLEET_SECURITY_MATRIX_OUT=/tmp/matrix.md and paste the tables"
+    )
