@@ -69,9 +69,9 @@ async def test_bad_watch_requests_are_invalid_argument(pki: Any, tmp_path: Path)
             assert field in (err.details() or "")
 
 
-async def test_local_commit_wakes_a_follower_without_polling(tmp_path: Path) -> None:
+async def test_local_commit_wakes_a_follower_without_polling(database_url: str) -> None:
     """With re-reads an hour apart, an event this process commits still arrives at once."""
-    db = await Database.open(f"sqlite+aiosqlite:///{tmp_path / 'e.db'}")
+    db = await Database.open(database_url)
     try:
         await db.migrate()
         events = EventRepository(db)
@@ -92,9 +92,9 @@ async def test_local_commit_wakes_a_follower_without_polling(tmp_path: Path) -> 
         await db.close()
 
 
-async def test_other_replicas_events_arrive_by_re_reading(tmp_path: Path) -> None:
+async def test_other_replicas_events_arrive_by_re_reading(database_url: str) -> None:
     """An event written through another connection pool (a replica) arrives at the next re-read."""
-    url = f"sqlite+aiosqlite:///{tmp_path / 'e.db'}"
+    url = database_url
     db, other = await Database.open(url), None
     try:
         await db.migrate()
