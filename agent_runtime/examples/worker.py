@@ -45,7 +45,7 @@ class WorkerConfig:
     """The worker's settings."""
 
     inbox: Path = Path("inbox")
-    """Directory to take files from (relative paths: to the agent's cwd)."""
+    """Directory to take files from (created if missing; relative to the agent's cwd)."""
     outbox: Path = Path("done")
     """Directory the processed files and checksums.jsonl go to."""
     batch_size: int = 10
@@ -143,9 +143,10 @@ async def main(agent: Agent, default: WorkerConfig | None = None) -> None:
                 applied,
             )
         try:
-            config.outbox.mkdir(parents=True, exist_ok=True)
+            for directory in (config.inbox, config.outbox):
+                directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            log.error("cannot create outbox %s: %s", config.outbox, exc.strerror)  # noqa: TRY400
+            log.error("cannot create %s: %s", exc.filename, exc.strerror)  # noqa: TRY400
             if not await settings.wait(max(config.pace_seconds, 1.0)):
                 break
             continue
