@@ -12,8 +12,7 @@ A follower wakes up two ways:
   events other manager replicas wrote to the shared database.
 
 A watch is resumable from any id: it sends ids greater than `from_id` in
-order. See `manager.storage.events` for the PostgreSQL caveat about ids
-committed out of order by concurrent writers.
+order (ids become visible in id order; see `manager.storage.events`).
 """
 
 from __future__ import annotations
