@@ -9,8 +9,8 @@ by a whole simulated fleet, the most operations ever in flight at once.
 
 It lives in `bench/` because both `bench/fanout.py` and the tests use it
 (`fleet/` must stay plumbing and imports no tier). Tests import it as
-`bench.sim`: pytest puts the repository root on sys.path (`pythonpath` in
-pyproject.toml).
+`bench.sim`: the repository-root conftest.py makes pytest put the root on
+sys.path.
 
     async with SimFleet.start(ca, tmp_path, count=3) as fleet:
         await fleet.register_all(manager_address)
