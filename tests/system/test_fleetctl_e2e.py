@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -110,6 +111,47 @@ class Fleet:
         result = self.fleetctl("-o", "json", *args)
         assert result.returncode == 0, result.stderr
         return json.loads(result.stdout)
+
+    def on_terminal(self, *args: str, answer: bytes) -> tuple[int, str]:
+        """Run fleetctl on a pseudo-terminal, answer its prompt with `answer`."""
+        master, slave = os.openpty()
+        env = {
+            **_env(),
+            "FLEET_MANAGER": self.manager_address,
+            "FLEET_CA": str(self.operator.ca_file),
+            "FLEET_CERT": str(self.operator.cert_file),
+            "FLEET_KEY": str(self.operator.key_file),
+            "XDG_CONFIG_HOME": str(self.root / "xdg"),
+        }
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "from manager.fleetctl.app import main; main()", *args],
+            stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True,
+        )  # fmt: skip
+        os.close(slave)
+        out, answered, deadline = b"", False, time.monotonic() + 60
+        try:
+            while time.monotonic() < deadline:
+                ready, _, _ = select.select([master], [], [], 0.5)
+                if not ready:
+                    if proc.poll() is not None:
+                        break
+                    continue
+                try:
+                    chunk = os.read(master, 4096)
+                except OSError:  # EIO: the child closed the terminal
+                    break
+                if not chunk:
+                    break
+                out += chunk
+                if not answered and b"Proceed?" in out:
+                    os.write(master, answer + b"\n")
+                    answered = True
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.wait()
+            os.close(master)
+        return proc.returncode, out.decode(errors="replace")
 
     def pids(self) -> dict[str, int]:
         """node/agent -> pid, from the daemons' synced states."""
@@ -274,6 +316,22 @@ def test_events_show_the_operation(fleet: Fleet) -> None:
     assert any(e["actor"] == "operator/alice" for e in events)
     registered = fleet.json("events", "--kind", "node-registered")["events"]
     assert {e["node_id"] for e in registered} == {"n1", "n2"}
+
+
+def test_terminal_prompt_no_changes_nothing_and_yes_restarts(fleet: Fleet) -> None:
+    """On a terminal a two-target restart asks first: 'n' aborts (exit 1), 'y' restarts both."""
+    before = fleet.pids()
+    code, out = fleet.on_terminal("agents", "restart", "web", "-l", "env=prod", answer=b"n")
+    assert code == 1, out
+    assert "restart agent web on 2 targets: n1/web, n2/web" in out
+    assert "aborted; nothing was changed" in out
+    assert fleet.pids() == before
+    code, out = fleet.on_terminal("agents", "restart", "web", "-l", "env=prod", answer=b"y")
+    assert code == 0, out
+    assert "2 ok, 0 failed, 0 skipped of 2" in out
+    assert "Traceback" not in out
+    after = _until(fleet.pids, lambda p: p["n1/web"] != before["n1/web"])
+    assert after["n2/web"] != before["n2/web"]
 
 
 def test_fanout_with_one_daemon_down(fleet: Fleet) -> None:
