@@ -186,9 +186,14 @@ class ManagerLink:
             self._on_state(state, self.address)
 
     async def _sleep(self, seconds: float) -> None:
-        """Sleep, waking early only when the link is being stopped."""
+        """Sleep, waking early only when the link is being stopped.
+
+        asyncio.timeout, not wait_for: on 3.11 wait_for swallows a cancel that
+        races with the inner wait finishing, which would leave a loop running.
+        """
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._stopping.wait(), timeout=max(seconds, 0.0))
+            async with asyncio.timeout(max(seconds, 0.0)):
+                await self._stopping.wait()
 
     async def _produce_loop(self) -> None:
         while not self._stopping.is_set():
@@ -296,6 +301,8 @@ class ManagerLink:
     async def _heartbeat_loop(self, stub: manager_pb2_grpc.ManagerServiceStub) -> None:
         while True:
             await self._sleep(self.heartbeat_interval)
+            if self._stopping.is_set():
+                return
             try:
                 reply: manager_pb2.HeartbeatResponse = await self._call(
                     stub.Heartbeat,
@@ -312,7 +319,7 @@ class ManagerLink:
 
     async def _send_loop(self, stub: manager_pb2_grpc.ManagerServiceStub) -> None:
         busy = 0  # consecutive RESOURCE_EXHAUSTED answers
-        while True:
+        while not self._stopping.is_set():
             batch = self.buffer.peek()
             if batch is None:
                 self._batch_ready.clear()
@@ -343,10 +350,13 @@ class ManagerLink:
             self.buffer.pop(batch.sequence)
 
     async def _sync_loop(self, stub: manager_pb2_grpc.ManagerServiceStub) -> None:
-        while True:
+        while not self._stopping.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._dirty.wait(), timeout=self.cfg.sync_interval_seconds)
-            await asyncio.sleep(self.cfg.sync_coalesce_seconds)  # gather a burst of changes
+                async with asyncio.timeout(self.cfg.sync_interval_seconds):
+                    await self._dirty.wait()
+            await self._sleep(self.cfg.sync_coalesce_seconds)  # gather a burst of changes
+            if self._stopping.is_set():
+                return
             self._dirty.clear()
             states = list(self._snapshot())
             try:

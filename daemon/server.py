@@ -266,12 +266,16 @@ class DaemonServer:
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
         await self.link.stop()
+        log.debug("stop: manager link closed")
         if self._grpc is not None:
             await self._grpc.stop(grace)
+        log.debug("stop: DaemonService closed")
         await self.proxy.stop()
         if self._agent_grpc is not None:
             await self._agent_grpc.stop(min(grace, 1.0))
+        log.debug("stop: agent socket closed")
         await self.supervisor.stop(stop_agents=self.cfg.stop_agents_on_exit)
+        log.debug("stop: supervisor stopped")
         if self._stop_metrics is not None:
             await asyncio.to_thread(self._stop_metrics)
         log.info(
