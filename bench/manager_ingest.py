@@ -248,7 +248,7 @@ level = "warning"
             steps = (
                 [int(s) for s in args.steps.split(",")]
                 if args.steps
-                else ([10, 20] if smoke else [2000, 10000, 25000, 35000])
+                else ([10, 20] if smoke else [2000, 5000, 10000, 15000, 20000, 25000, 30000])
             )
             hold = (
                 {"steps": []}
@@ -295,6 +295,9 @@ def report(res: Results) -> str:
         "  fleet held at the handed-out interval (p99 < 50 ms, no false offline):",
     ]
     for s in res.steps:
+        if "error" in s:
+            lines.append(f"    N={s['nodes']:>6}: could not run: {s['error']} -> FAIL")
+            continue
         lines.append(
             f"    N={s['nodes']:>6}: interval {s['interval_s']:.1f} s, {s['hb_per_s']:,.0f} hb/s, "
             f"p50 {s['p50_ms']:.1f} ms, p99 {s['p99_ms']:.1f} ms, errors {s['errors']}, "

@@ -257,41 +257,49 @@ class LoadGen:
                         )
                 await asyncio.sleep(max(0.0, n.interval - (time.perf_counter() - t0)))
 
+        async def run_step(target: int) -> dict[str, Any]:
+            nonlocal errors, measuring
+            new = [self.connect(f"node-{i:06d}") for i in range(len(self.nodes), target)]
+            t_reg = time.perf_counter()
+            reg_errors = await self.register(
+                new, on_registered=lambda n: tasks.append(asyncio.create_task(node_loop(n)))
+            )
+            reg_s = time.perf_counter() - t_reg
+            self.nodes.extend(new)
+            # reach steady state: every new node heartbeated once at its interval
+            await asyncio.sleep(max(n.interval for n in new) if new else 0)
+            lat.clear()
+            errors = 0
+            measuring = True
+            await asyncio.sleep(spec["hold"])
+            measuring = False
+            # cumulative: a node dropped while the step ramped up counts too
+            offline = await asyncio.to_thread(_false_offline, spec["db"])
+            step = {
+                "nodes": target,
+                "interval_s": statistics.mean(n.interval for n in self.nodes),
+                "hb_per_s": len(lat) / spec["hold"],
+                "p50_ms": _pct(lat, 0.5) * 1000,
+                "p99_ms": _pct(lat, 0.99) * 1000,
+                "errors": errors,
+                "register_errors": reg_errors,
+                "register_s": reg_s,
+                "marked_offline": offline,
+            }
+            step["ok"] = (
+                step["p99_ms"] < 50
+                and errors == 0
+                and reg_errors == 0
+                and step["marked_offline"] == 0
+            )
+            return step
+
         try:
             for target in spec["steps"]:
-                new = [self.connect(f"node-{i:06d}") for i in range(len(self.nodes), target)]
-                t_reg = time.perf_counter()
-                reg_errors = await self.register(
-                    new, on_registered=lambda n: tasks.append(asyncio.create_task(node_loop(n)))
-                )
-                reg_s = time.perf_counter() - t_reg
-                self.nodes.extend(new)
-                # reach steady state: every new node heartbeated once at its interval
-                await asyncio.sleep(max(n.interval for n in new) if new else 0)
-                lat.clear()
-                errors = 0
-                measuring = True
-                await asyncio.sleep(spec["hold"])
-                measuring = False
-                # cumulative: a node dropped while the step ramped up counts too
-                offline = await asyncio.to_thread(_false_offline, spec["db"])
-                step = {
-                    "nodes": target,
-                    "interval_s": statistics.mean(n.interval for n in self.nodes),
-                    "hb_per_s": len(lat) / spec["hold"],
-                    "p50_ms": _pct(lat, 0.5) * 1000,
-                    "p99_ms": _pct(lat, 0.99) * 1000,
-                    "errors": errors,
-                    "register_errors": reg_errors,
-                    "register_s": reg_s,
-                    "marked_offline": offline,
-                }
-                step["ok"] = (
-                    step["p99_ms"] < 50
-                    and errors == 0
-                    and reg_errors == 0
-                    and step["marked_offline"] == 0
-                )
+                try:
+                    step = await run_step(target)
+                except Exception as exc:  # e.g. out of file descriptors: report, stop
+                    step = {"nodes": target, "ok": False, "error": f"{type(exc).__name__}: {exc}"}
                 steps.append(step)
                 print(json.dumps({"progress": step}), file=sys.stderr, flush=True)
                 if not step["ok"]:
