@@ -1,0 +1,69 @@
+"""Protobuf <-> daemon values: pushed specs, defaults for unset fields, clear errors."""
+
+from __future__ import annotations
+
+import pytest
+
+from daemon.convert import spec_from_proto, spec_to_proto, specs_from_proto
+from daemon.supervisor.spec import AgentSpec, BackoffSpec, HealthSpec
+from fleet.errors import InvalidArgument
+from fleet.v1 import common_pb2
+
+
+def test_a_full_spec_survives_the_round_trip() -> None:
+    """Every field of an AgentSpec comes back unchanged from its message form."""
+    spec = AgentSpec(
+        id="web",
+        argv=("/bin/sleep", "10"),
+        type="process",
+        version="1.2",
+        env={"A": "1"},
+        cwd="/",
+        user="",
+        autostart=False,
+        restart="always",
+        expected_exit_codes=(0, 3),
+        start_secs=0.5,
+        backoff=BackoffSpec(initial=2.0, multiplier=3.0, max=30.0, jitter=0.1),
+        max_retries=7,
+        stop_signal="SIGINT",
+        stop_timeout=4.0,
+        log_max_bytes=1024,
+        log_backups=2,
+        labels={"tier": "web"},
+        health=HealthSpec(kind="heartbeat", timeout=12.0),
+        config='{"k": "v"}',
+    )
+    assert spec_from_proto(spec_to_proto(spec)) == spec
+
+
+def test_unset_fields_take_the_toml_defaults() -> None:
+    """A message with only id and argv gets the spec defaults where zero is not a usable value."""
+    spec = spec_from_proto(common_pb2.AgentSpec(id="a", argv=["/bin/true"], autostart=True))
+    default = AgentSpec(id="a", argv=("/bin/true",))
+    assert spec.restart == "on-failure"
+    assert spec.expected_exit_codes == default.expected_exit_codes
+    assert spec.stop_signal == "SIGTERM"
+    assert spec.stop_timeout == default.stop_timeout
+    assert spec.log_max_bytes == default.log_max_bytes
+    assert spec.backoff.initial == default.backoff.initial
+    assert spec.health == HealthSpec()
+    assert spec.start_secs == 0.0  # taken literally: 0 is a valid setting
+
+
+def test_non_utf8_config_is_refused_naming_the_agent() -> None:
+    """Config bytes that are not UTF-8 are INVALID_ARGUMENT naming agents[i] and the field."""
+    msgs = [
+        common_pb2.AgentSpec(id="ok", argv=["x"]),
+        common_pb2.AgentSpec(id="bad", argv=["x"], config=b"\xff\xfe"),
+    ]
+    with pytest.raises(InvalidArgument, match=r"agents\[1\] \(bad\)\.config: is not UTF-8"):
+        specs_from_proto(msgs)
+
+
+def test_unknown_enum_values_are_refused() -> None:
+    """A restart policy number this daemon does not know is INVALID_ARGUMENT, not a default."""
+    msg = common_pb2.AgentSpec(id="a", argv=["x"])
+    msg.restart = 42  # type: ignore[assignment]  # what a newer manager might send
+    with pytest.raises(InvalidArgument, match=r"agent\.restart: unknown restart policy 42"):
+        spec_from_proto(msg)
