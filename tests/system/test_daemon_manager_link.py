@@ -228,3 +228,26 @@ async def test_outage_buffers_then_reregisters_and_delivers_in_order(
     received = [ms for s, ms in stored if s in set(waiting)]
     assert received == sorted(received), "buffered batches arrive in sequence order"
     assert daemon.link.buffer.dropped_batches == 0
+
+
+async def test_fails_over_to_the_next_manager_address(pki: Any, manager: Manager) -> None:
+    """With a dead first address, the daemon moves on and registers with the second one."""
+    with short_tmp() as root:
+        link = ManagerLinkConfig(
+            addresses=(f"127.0.0.1:{free_port()}", f"127.0.0.1:{manager.port}"),
+            rpc_timeout_seconds=5.0,
+            reconnect=Backoff(initial=0.2, maximum=1.0),
+        )
+        cfg = daemon_config(root, pki.issue("node", "n2"), (), manager=link)
+        server = DaemonServer(cfg)
+        await server.start()
+        try:
+            await eventually(
+                lambda: _rows(manager, "SELECT node_id FROM nodes WHERE node_id='n2'"),
+                lambda r: r == [("n2",)],
+                within=60,
+            )
+            assert server.link.address == f"127.0.0.1:{manager.port}"
+            assert server.link.state == "connected"
+        finally:
+            await server.stop(1.0)
