@@ -1,0 +1,83 @@
+"""What every fuzz example checks: the status code, and that a refusal wrote nothing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grpc
+from google.protobuf.descriptor import MethodDescriptor
+from google.protobuf.message import Message
+from grpc import aio
+from hypothesis import event, settings
+from live_env import Outcome, invoke, rpc_name
+from sqlalchemy import func, select
+
+from daemon.server import DaemonServer
+from manager.storage import Database
+from manager.storage.schema import (
+    agent_states,
+    events,
+    metric_batches,
+    metric_samples,
+    nodes,
+    operations_audit,
+)
+
+FUZZ = settings(settings.get_profile("fleet-fuzz"))
+"""The fuzz profile (see conftest) as a decorator."""
+
+NEVER = frozenset({grpc.StatusCode.UNKNOWN, grpc.StatusCode.INTERNAL})
+"""Codes a client-caused error must never get (ARCHITECTURE.md §2)."""
+
+
+async def call_checked(
+    channel: aio.Channel,
+    method: MethodDescriptor,
+    request: Message,
+    *,
+    deadline: float = 15.0,
+    idle: float = 0.3,
+) -> Outcome:
+    """Call and assert the answer is never UNKNOWN/INTERNAL (a bug, whatever we sent)."""
+    outcome = await invoke(channel, method, request, deadline=deadline, idle=idle)
+    event(outcome.code.name)  # pytest --hypothesis-show-statistics shows the mix
+    assert outcome.code not in NEVER, (
+        f"{rpc_name(method)} answered {outcome.code.name}: {outcome.details!r}\n"
+        f"request: {request!r}"
+    )
+    # The status message itself too large for the client: the real error is lost.
+    assert "metadata size exceeds" not in outcome.details, (
+        f"{rpc_name(method)}: {outcome.details}\nrequest: {request!r}"
+    )
+    assert outcome.code != grpc.StatusCode.DEADLINE_EXCEEDED, (
+        f"{rpc_name(method)} did not answer within {deadline}s\nrequest: {request!r}"
+    )
+    return outcome
+
+
+async def db_state(db: Database) -> dict[str, Any]:
+    """Everything a call could have written, comparable before/after.
+
+    last_seen_ms and status are left out: the heartbeat buffer flushes
+    accepted heartbeats in the background, whatever the call being checked.
+    """
+    node_cols = [c for c in nodes.c if c.name not in ("last_seen_ms", "status")]
+    async with db.engine.connect() as conn:
+        state: dict[str, Any] = {
+            "nodes": (await conn.execute(select(*node_cols).order_by(nodes.c.node_id))).all(),
+            "agent_states": (
+                await conn.execute(
+                    select(agent_states).order_by(agent_states.c.node_id, agent_states.c.agent_id)
+                )
+            ).all(),
+        }
+        for table in (metric_samples, metric_batches, events, operations_audit):
+            count = (await conn.execute(select(func.count()).select_from(table))).scalar_one()
+            state[table.name] = count
+    return state
+
+
+def supervisor_state(daemon: DaemonServer) -> tuple[int, dict[str, Any]]:
+    """A daemon's pushed version and every agent's spec: what a refused call must not change."""
+    sup = daemon.supervisor
+    return sup.version, {s.id: sup.spec(s.id) for s in sup.list()}

@@ -1,0 +1,123 @@
+"""Fuzz every DaemonService RPC against a live daemon, as the manager.
+
+Properties: never UNKNOWN/INTERNAL; a refused call leaves the supervisor's
+pushed version and agent specs as they were; the daemon still serves.
+
+Pushed specs run real programs, so argv is steered: either `sleep 1000`
+(runs until stopped, exits at once on SIGTERM) or a program under a
+directory that does not exist (refused by validation), never a fuzzed
+program name that PATH could resolve. start_secs stays small so an
+operation that waits for RUNNING answers quickly.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import pytest
+import pytest_asyncio
+from daemon_helpers import agent, short_tmp
+from fuzz_support import FUZZ, call_checked, supervisor_state
+from google.protobuf.descriptor import MethodDescriptor
+from grpc import aio
+from hypothesis import given
+from hypothesis import strategies as st
+from live_env import (
+    SLEEP,
+    ModulePki,
+    channels,
+    invoke,
+    live_daemon,
+    methods,
+    node_name,
+    rpc_name,
+    serving,
+)
+from proto_strategies import message, text
+
+from daemon.server import DaemonServer
+from fleet.v1 import daemon_pb2
+
+AGENTS = ("sleeper", "other")
+
+_argv = st.one_of(
+    st.just([SLEEP, "1000"]),
+    st.just([]),
+    st.lists(text, max_size=3).map(lambda args: ["/nonexistent/fuzz-agent", *args]),
+    text.map(lambda t: ["/nonexistent/" + t.replace("/", "_")]),
+)
+OVERRIDES: dict[str, st.SearchStrategy[Any]] = {
+    **{
+        f"{m.input_type.full_name}.agent_id": st.one_of(st.sampled_from(AGENTS), text)
+        for m in methods("DaemonService")
+        if "agent_id" in m.input_type.fields_by_name
+    },
+    "fleet.v1.ReadAgentLogRequest.follow": st.sampled_from([False, False, False, True]),
+    # Stale, fresh (set in the test) or anything below the fresh ones.
+    "fleet.v1.PushUpdateRequest.version": st.integers(0, 10**18),
+    "fleet.v1.AgentSpec.id": st.one_of(st.sampled_from([*AGENTS, "new"]), text),
+    "fleet.v1.AgentSpec.argv": _argv,
+    "fleet.v1.AgentSpec.start_secs": st.one_of(
+        st.floats(0, 0.1), st.sampled_from([-1.0, float("nan"), float("-inf")])
+    ),
+    "fleet.v1.AgentSpec.stop_signal": st.one_of(
+        st.sampled_from(["", "SIGTERM", "TERM", "SIGINT", "KILL"]), text
+    ),
+    "fleet.v1.AgentSpec.cwd": st.one_of(st.just(""), st.just("/"), text),
+}
+"""Keep node-side effects bounded (see the module docstring); everything else is fuzzed."""
+
+STRATEGIES = {rpc_name(m): message(m.input_type, OVERRIDES) for m in methods("DaemonService")}
+
+
+@dataclass
+class Env:
+    """The live daemon and the manager's channel to it."""
+
+    daemon: DaemonServer
+    channel: aio.Channel
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def env(module_pki: ModulePki) -> AsyncIterator[Env]:
+    """Node n1's daemon with two sleeping agents, and a manager certificate's channel."""
+    specs = [agent(a, SLEEP, "1000", start_secs=0.0, stop_timeout=2.0) for a in AGENTS]
+    with short_tmp() as root:
+        async with (
+            live_daemon(module_pki, root, "n1", specs) as daemon,
+            channels(
+                daemon.port,
+                {"manager": module_pki.issue("manager", "m1")},
+                node_name(module_pki, "n1"),
+            ) as chans,
+        ):
+            yield Env(daemon, chans["manager"])
+
+
+@pytest.mark.asyncio(loop_scope="module")
+@pytest.mark.parametrize("method", methods("DaemonService"), ids=rpc_name)
+@FUZZ
+@given(data=st.data())
+async def test_fuzz_daemon_service(env: Env, method: MethodDescriptor, data: st.DataObject) -> None:
+    """Any request: a proper status (never UNKNOWN/INTERNAL), and a refusal changes nothing."""
+    request = data.draw(STRATEGIES[rpc_name(method)], label="request")
+    if isinstance(request, daemon_pb2.PushUpdateRequest) and data.draw(st.booleans(), "fresh"):
+        request.version = time.time_ns()  # newer than anything pushed so far
+    before = supervisor_state(env.daemon)
+    outcome = await call_checked(env.channel, method, request)
+    if outcome.code != grpc.StatusCode.OK:
+        after = supervisor_state(env.daemon)
+        assert after == before, f"refused with {outcome.code.name} but the agents changed"
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_daemon_still_serves_after_fuzzing(env: Env) -> None:
+    """After the fuzzers, health says SERVING and ListAgents answers."""
+    assert await serving(env.channel, "fleet.v1.DaemonService")
+    list_agents = {m.name: m for m in methods("DaemonService")}["ListAgents"]
+    reply = await invoke(env.channel, list_agents, daemon_pb2.ListAgentsRequest())
+    assert reply.code == grpc.StatusCode.OK, reply

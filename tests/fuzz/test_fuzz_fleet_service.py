@@ -1,0 +1,131 @@
+"""Fuzz every FleetService RPC against a live manager and a live daemon, as an operator.
+
+Node n1 is a real daemon (agents "sleeper" and "other") on loopback; node n2
+is registered at a loopback port where nothing listens. Properties: never
+UNKNOWN/INTERNAL; a refused call writes nothing (an operation that reached
+a daemon may audit its failure, so for OperateAgent(s) only a request
+refused as INVALID_ARGUMENT must leave no trace); the manager still serves.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+import pytest
+import pytest_asyncio
+from daemon_helpers import agent, short_tmp
+from fuzz_support import FUZZ, call_checked, db_state
+from google.protobuf.descriptor import MethodDescriptor
+from grpc import aio
+from hypothesis import given
+from hypothesis import strategies as st
+from live_env import (
+    SLEEP,
+    ModulePki,
+    channels,
+    invoke,
+    live_daemon,
+    live_manager,
+    manager_name,
+    methods,
+    registration,
+    rpc_name,
+    serving,
+)
+from proto_strategies import message, mostly, text
+
+from fleet.v1 import fleet_pb2
+from manager.server import ManagerServer
+from manager.servicers.fleet_service import SERVICE_NAME
+
+AGENTS = ("sleeper", "other")
+
+
+def _overrides() -> dict[str, st.SearchStrategy[Any]]:
+    out: dict[str, st.SearchStrategy[Any]] = {}
+    for method in methods("FleetService"):
+        fields = method.input_type.fields_by_name
+        name = method.input_type.full_name
+        if "node_id" in fields:
+            out[f"{name}.node_id"] = st.one_of(st.just("n1"), st.just("n1"), st.just("n2"), text)
+        if "agent_id" in fields:
+            out[f"{name}.agent_id"] = st.one_of(st.sampled_from(AGENTS), text)
+        if "follow" in fields:  # a following stream is cut after 0.3 s idle: keep it rare
+            out[f"{name}.follow"] = mostly(False, st.booleans())
+    # A real fan-out restarts agents; plans exercise the same validation and selection.
+    out["fleet.v1.FleetServiceOperateAgentsRequest.plan"] = mostly(True, st.booleans())
+    out["fleet.v1.FleetServiceQueryMetricsRequest.type"] = st.one_of(st.just("cpu"), text)
+    return out
+
+
+STRATEGIES = {rpc_name(m): message(m.input_type, _overrides()) for m in methods("FleetService")}
+AUDITED = {"FleetService.OperateAgent", "FleetService.OperateAgents"}
+"""Operations record their attempt; only an invalid request must leave nothing."""
+
+
+@dataclass
+class Env:
+    """The live manager, n1's daemon port, and an operator's channel."""
+
+    manager: ManagerServer
+    channel: aio.Channel
+    known: dict[str, Any] | None = None
+    """The database as the last refused call left it (None: re-read it)."""
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def env(module_pki: ModulePki) -> AsyncIterator[Env]:
+    """A manager; n1's real daemon and n2 (unreachable) registered with it."""
+    pki = module_pki
+    specs = [agent(a, SLEEP, "1000", start_secs=0.0, stop_timeout=2.0) for a in AGENTS]
+    register = {m.name: m for m in methods("ManagerService")}["RegisterNode"]
+    with short_tmp() as root:
+        async with (
+            live_manager(pki, root) as manager,
+            live_daemon(pki, root / "d", "n1", specs) as daemon,
+            channels(
+                manager.port,
+                {
+                    "n1": pki.issue("node", "n1"),
+                    "n2": pki.issue("node", "n2"),
+                    "operator": pki.issue("operator", "alice"),
+                },
+                manager_name(pki),
+            ) as chans,
+        ):
+            for node, address in (("n1", f"127.0.0.1:{daemon.port}"), ("n2", "127.0.0.1:1")):
+                reply = await invoke(chans[node], register, registration(node, address))
+                assert reply.code == grpc.StatusCode.OK, reply
+            yield Env(manager, chans["operator"])
+
+
+@pytest.mark.asyncio(loop_scope="module")
+@pytest.mark.parametrize("method", methods("FleetService"), ids=rpc_name)
+@FUZZ
+@given(data=st.data())
+async def test_fuzz_fleet_service(env: Env, method: MethodDescriptor, data: st.DataObject) -> None:
+    """Any request: a proper status (never UNKNOWN/INTERNAL), and a refusal writes nothing."""
+    name = rpc_name(method)
+    request = data.draw(STRATEGIES[name], label="request")
+    before = env.known or await db_state(env.manager.db)
+    env.known = None
+    idle = 5.0 if name == "FleetService.OperateAgents" else 0.3  # let a fan-out finish
+    outcome = await call_checked(env.channel, method, request, idle=idle)
+    if outcome.code == grpc.StatusCode.OK:
+        return
+    after = await db_state(env.manager.db)
+    if name not in AUDITED or outcome.code == grpc.StatusCode.INVALID_ARGUMENT:
+        assert after == before, f"refused with {outcome.code.name} but the database changed"
+    env.known = after
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_manager_still_serves_operators_after_fuzzing(env: Env) -> None:
+    """After the fuzzers, health says SERVING and GetNode n1 answers."""
+    assert await serving(env.channel, SERVICE_NAME)
+    get_node = {m.name: m for m in methods("FleetService")}["GetNode"]
+    reply = await invoke(env.channel, get_node, fleet_pb2.FleetServiceGetNodeRequest(node_id="n1"))
+    assert reply.code == grpc.StatusCode.OK, reply
