@@ -8,6 +8,13 @@ take the agent's lock, cancel the runner (it only ever waits; state changes
 happen between awaits, so cancelling it is safe) and act on the process.
 Every state change goes through `states.transition`, so an impossible move
 raises instead of corrupting the agent.
+
+Heartbeat watchdog: while RUNNING, the runner also sleeps (on the clock) until
+the heartbeat deadline (`policy.heartbeat_deadline`); a heartbeat only moves
+the deadline, and a runner that wakes early goes back to sleep until the new
+one. Past it the agent is UNHEALTHY (reported, logged) and, unless its
+restart policy is "never", a separate task restarts it under the agent's
+lock (the restart cancels the runner, so the runner cannot do it itself).
 """
 
 from __future__ import annotations
@@ -18,12 +25,18 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from daemon.sampler import Sampler
 from daemon.supervisor.clock import Clock
 from daemon.supervisor.logs import log_path
-from daemon.supervisor.policy import Action, decide_after_exit
+from daemon.supervisor.policy import (
+    READOPT_GRACE,
+    Action,
+    decide_after_exit,
+    heartbeat_deadline,
+    restarts_when_unhealthy,
+)
 from daemon.supervisor.process import AgentProcess, SpawnError, spawn
 from daemon.supervisor.spec import AgentSpec
 from daemon.supervisor.states import AgentStatus, Event, transition
@@ -104,6 +117,10 @@ class Agent:
         self.start_time = 0.0
         self.backoff_until = 0.0
         self.last_heartbeat = 0.0
+        self.watched_since = 0.0
+        """When the daemon began watching the current process (start or re-adoption)."""
+        self.watch_grace = 0.0
+        """Least time to the first heartbeat since `watched_since` (re-adoption: READOPT_GRACE)."""
         self.registered_version = ""
         self.config_version = 1
         self.operator_stopped = False
@@ -112,6 +129,8 @@ class Agent:
         self.lock = asyncio.Lock()
         self.config_changed = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
+        self._recovery: asyncio.Task[None] | None = None
+        self._poke = asyncio.Event()
         self._restart_next = False
 
     # --- reading -----------------------------------------------------------
@@ -136,14 +155,31 @@ class Agent:
             config_version=self.config_version,
         )
 
+    def health_deadline(self) -> float | None:
+        """When the heartbeat check fails without a further heartbeat; None without one."""
+        if self.spec.health.kind != "heartbeat" or self.status not in (S.STARTING, S.RUNNING):
+            return None
+        return heartbeat_deadline(
+            last_heartbeat=self.last_heartbeat,
+            watched_since=self.watched_since,
+            timeout=self.spec.health.timeout,
+            grace=self.watch_grace,
+        )
+
     def compute_health(self, now: float) -> Health:
         """Health from the heartbeat check, for a live process."""
-        if self.spec.health.kind == "none" or self.status not in (S.STARTING, S.RUNNING):
+        deadline = self.health_deadline()
+        if deadline is None:
             return "none"
-        timeout = self.spec.health.timeout
-        if self.last_heartbeat < self.start_time:
-            return "pending" if now - self.start_time <= timeout else "unhealthy"
-        return "healthy" if now - self.last_heartbeat <= timeout else "unhealthy"
+        if now >= deadline:
+            return "unhealthy"
+        return "healthy" if self.last_heartbeat >= self.watched_since else "pending"
+
+    def heartbeat(self) -> None:
+        """An SDK register/heartbeat arrived: move the deadline, recompute health."""
+        self.last_heartbeat = self.ctx.clock.now()
+        self._poke.set()
+        self.refresh_health()
 
     def refresh_health(self) -> bool:
         """Recompute health; True (and a change notification) if it changed."""
@@ -182,7 +218,8 @@ class Agent:
             return None
         self.proc = proc
         self.started_spec = spec
-        self.start_time = self.ctx.clock.now()
+        self.start_time = self.watched_since = self.ctx.clock.now()
+        self.watch_grace = 0.0
         self.exit_code = 0
         self.ctx.sampler.track(spec.id, proc.pid)
         self._to(Event.SPAWN, f"started with pid {proc.pid}")
@@ -193,6 +230,9 @@ class Agent:
         self.proc = proc
         self.started_spec = started_spec
         self.start_time = start_time
+        # Its heartbeats paused while no daemon ran: count from now, with room to reconnect.
+        self.watched_since = self.ctx.clock.now()
+        self.watch_grace = READOPT_GRACE
         self.ctx.sampler.track(self.spec.id, proc.pid)
         self._to(Event.ADOPT, f"re-adopted pid {proc.pid} after a daemon restart")
         self._start_runner(proc)
@@ -227,7 +267,7 @@ class Agent:
             if proc.running:
                 self.retries = 0
                 self._to(Event.STARTED, f"running with pid {proc.pid}")
-        code = await proc.wait()
+        code = await self._wait_exit(proc)
         ran_for = self.ctx.clock.now() - self.start_time
         if self.status is S.RUNNING:
             ran_for = max(ran_for, self.spec.start_secs)  # it made it past start_secs
@@ -235,6 +275,64 @@ class Agent:
         self.proc = None
         self.ctx.sampler.untrack(self.spec.id)
         self._decide(code, ran_for, adopted=proc.unknown_exit)
+
+    async def _wait_exit(self, proc: AgentProcess) -> int:
+        """Wait for the exit; meanwhile sleep to each heartbeat deadline (the watchdog)."""
+        exited = asyncio.ensure_future(proc.wait())
+        handled: float | None = None  # the deadline already acted on
+        try:
+            while not exited.done():
+                self._poke.clear()
+                # A heartbeat or a spec change pokes: re-time from the new deadline.
+                waits: set[asyncio.Future[Any]] = {exited, asyncio.ensure_future(self._poke.wait())}
+                deadline = self.health_deadline()
+                if deadline is not None and deadline != handled:
+                    waits.add(asyncio.ensure_future(self._sleep_until(deadline)))
+                try:
+                    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    for waiter in waits - {exited}:
+                        waiter.cancel()
+                if exited.done():
+                    break
+                deadline = self.health_deadline()
+                now = self.ctx.clock.now()
+                if deadline is not None and now >= deadline and deadline != handled:
+                    handled = deadline
+                    self._hung(proc, now)
+        finally:
+            exited.cancel()
+        return await proc.wait()
+
+    async def _sleep_until(self, deadline: float) -> None:
+        # Read the time when the sleep begins, not when it was scheduled.
+        await self.ctx.clock.sleep(deadline - self.ctx.clock.now())
+
+    def _hung(self, proc: AgentProcess, now: float) -> None:
+        """The heartbeat deadline passed: report UNHEALTHY, restart unless restart = never."""
+        timeout = self.spec.health.timeout
+        silent = now - max(self.last_heartbeat, self.watched_since)
+        restart = restarts_when_unhealthy(self.spec)
+        what = "restarting" if restart else "left running (restart = never)"
+        self.health = "unhealthy"
+        self.message = f"unhealthy: no heartbeat for {silent:.1f}s (timeout {timeout:g}s); {what}"
+        log.warning("agent %s (pid %d): %s", self.spec.id, proc.pid, self.message)
+        self.ctx.changed(self)
+        if restart:
+            self._recovery = asyncio.create_task(
+                self._restart_hung(proc), name=f"agent-{self.spec.id}-watchdog"
+            )
+
+    async def _restart_hung(self, proc: AgentProcess) -> None:
+        async with self.lock:
+            # An operator, a spec change or a late heartbeat may have dealt with it meanwhile.
+            if self.proc is not proc or not proc.running or self.health != "unhealthy":
+                return
+            try:
+                await self.restart()
+            except Exception as exc:  # say so in the snapshot instead of dying silently
+                log.exception("agent %s: restart of the hung agent failed", self.spec.id)
+                self._to(Event.LOST, f"restart after a missed heartbeat failed: {exc!r}")
 
     async def _run(self, proc: AgentProcess | None) -> None:
         while True:
@@ -318,6 +416,11 @@ class Agent:
     async def detach(self) -> None:
         """Stop supervising but leave the process running (daemon shutdown)."""
         await self._cancel_runner()
+        recovery, self._recovery = self._recovery, None
+        if recovery is not None and recovery is not asyncio.current_task():
+            recovery.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await recovery
         if self.proc is not None:
             self.proc.close()
 
@@ -328,6 +431,7 @@ class Agent:
             self.config_version += 1
             self.wake_config_watchers()
         self.health = self.compute_health(self.ctx.clock.now())
+        self._poke.set()  # the health check may have changed: the watchdog re-times itself
         self.ctx.changed(self)
 
     def wake_config_watchers(self) -> None:

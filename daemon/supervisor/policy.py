@@ -11,6 +11,14 @@
 An exit code of -N means "killed by signal N"; -1 also stands for an
 unknown code (a re-adopted agent is not our child, so it cannot be reaped).
 Neither is ever an expected code.
+
+Heartbeat health (`heartbeat_deadline`, `restarts_when_unhealthy`): an agent
+with ``health.kind = "heartbeat"`` must heartbeat within ``health.timeout``
+of its last heartbeat, counted from no earlier than when this daemon began
+watching its process (its start, or its re-adoption after a daemon restart:
+agents cannot heartbeat while the daemon is down). Past the deadline it is
+UNHEALTHY; "always" and "on-failure" then restart it (a hung process is a
+failure), "never" leaves it running and only reports it.
 """
 
 from __future__ import annotations
@@ -23,7 +31,23 @@ from dataclasses import dataclass
 
 from daemon.supervisor.spec import AgentSpec, BackoffSpec
 
-__all__ = ["Action", "Decision", "backoff_delay", "decide_after_exit", "describe_exit"]
+__all__ = [
+    "READOPT_GRACE",
+    "Action",
+    "Decision",
+    "backoff_delay",
+    "decide_after_exit",
+    "describe_exit",
+    "heartbeat_deadline",
+    "restarts_when_unhealthy",
+]
+
+READOPT_GRACE = 15.0
+"""Seconds a re-adopted agent gets at least to heartbeat again after a daemon restart.
+
+The SDK reconnects with a full-jitter backoff capped at 10 s, so its first
+heartbeat to a new daemon can come that late; a short health timeout must
+not turn every daemon restart into a restart of its agents."""
 
 
 class Action(enum.Enum):
@@ -119,3 +143,22 @@ def decide_after_exit(
     if spec.restart == "always" or (spec.restart == "on-failure" and not expected):
         return Decision(Action.RESTART, 0.0, 0, f"exited ({how}); restarted")
     return Decision(Action.EXIT, 0.0, 0, f"exited ({how})")
+
+
+def heartbeat_deadline(
+    *, last_heartbeat: float, watched_since: float, timeout: float, grace: float = 0.0
+) -> float:
+    """When an agent without a further heartbeat becomes unhealthy (epoch seconds).
+
+    `watched_since` is when the daemon began watching the process (start or
+    re-adoption); heartbeats from before it do not count. Until the first
+    heartbeat since then, the agent has at least `grace` seconds.
+    """
+    if last_heartbeat >= watched_since:
+        return last_heartbeat + timeout
+    return watched_since + max(timeout, grace)
+
+
+def restarts_when_unhealthy(spec: AgentSpec) -> bool:
+    """True if a hung agent (heartbeat deadline passed) is restarted: not for "never"."""
+    return spec.restart != "never"

@@ -8,8 +8,9 @@
   then reaped with `waitpid(WNOHANG)`. A re-adopted agent is not our child:
   its exit code is unknown (-1).
 - Stop (trio's terminate-wait-kill): the stop signal to the process group and
-  to any descendant that left it, wait `stop_timeout` for all of them, then
-  SIGKILL the group and every descendant seen, and wait until they are gone.
+  to any descendant that left it (then SIGCONT, so a stopped one acts on it),
+  wait `stop_timeout` for all of them, then SIGKILL the group and every
+  descendant seen, and wait until they are gone.
 """
 
 from __future__ import annotations
@@ -132,6 +133,10 @@ class AgentProcess:
             return StopOutcome(code, False, "already exited")
         descendants = self.tree()
         _signal_all(self.pid, descendants, signum)
+        if signum not in (signal.SIGKILL, signal.SIGCONT):
+            # A stopped process (SIGSTOP, a debugger, a hung agent frozen on purpose)
+            # keeps a SIGTERM pending; continuing it lets it handle the signal now.
+            _signal_all(self.pid, descendants, signal.SIGCONT)
         name = signal.Signals(signum).name
         if await _wait_gone(self, descendants, grace, clock):
             return StopOutcome(await self.wait(), False, f"stopped by {name}")

@@ -345,16 +345,13 @@ class Supervisor:
         agent = self._agent(agent_id)
         log.info("agent %s registered from pid %d, version %r", agent_id, pid, version)
         agent.registered_version = version
-        agent.last_heartbeat = self._clock.now()
-        agent.health = agent.compute_health(agent.last_heartbeat)
-        self._changed(agent)
+        agent.heartbeat()
+        self._changed(agent)  # the version shows now, not with the next full sync
         return agent.snapshot()
 
     def agent_heartbeat(self, agent_id: str) -> None:
-        """An SDK heartbeat."""
-        agent = self._agent(agent_id)
-        agent.last_heartbeat = self._clock.now()
-        agent.refresh_health()
+        """An SDK heartbeat: moves the agent's watchdog deadline."""
+        self._agent(agent_id).heartbeat()
 
     def config_of(self, agent_id: str) -> tuple[bytes, int]:
         """The agent's config payload and its version."""
@@ -426,10 +423,9 @@ class Supervisor:
             await self._clock.sleep(self._sample_interval)
 
     async def _tick(self) -> None:
-        """One sampler pass, then per agent: health re-check and log rotation."""
+        """One sampler pass, then per agent: log rotation (health is timed by each runner)."""
         self.sampler.sample(int(self._clock.now() * 1000))
         for agent in list(self._agents.values()):
-            agent.refresh_health()
             spec = agent.spec
             path = log_path(self._ctx.log_dir, spec.id)
             try:

@@ -268,11 +268,6 @@ async def test_an_unsupervised_fleet_agent_is_refused(
     assert text.count("refused this process") == 1, "refused once, not retried"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="daemon side of issue 5 part 2: restart an agent whose heartbeats stop "
-    "(health = heartbeat) is not implemented yet; remove this marker when it is",
-)
 async def test_a_hung_agent_is_restarted(
     daemon: Daemon, stub: daemon_pb2_grpc.DaemonServiceStub
 ) -> None:
