@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -30,12 +32,15 @@ def _write(tmp_path: Path, tls: TLSConfig, body: str) -> Path:
     return path
 
 
-def test_example_config_loads_and_takes_the_node_id_from_the_certificate(pki) -> None:  # type: ignore[no-untyped-def]
+def test_example_config_loads_and_takes_the_node_id_from_the_certificate(pki, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     """configs/daemon.toml loads (TLS paths from the env) and the node id is the cert's name."""
+    # Its SDK agents run `fleet-agent`, found on PATH where fleet is installed.
+    monkeypatch.setenv("PATH", f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}")
     tls = pki.issue("node", "web-1")
     cfg = load_daemon_config(REPO / "configs" / "daemon.toml", environ=_tls_env(tls))
     assert cfg.node_id == "web-1"
-    assert [a.id for a in cfg.agents] == ["ticker", "sleeper"]
+    assert [a.id for a in cfg.agents] == ["ticker", "sleeper", "probe", "worker"]
+    assert {a.id: a.health.kind for a in cfg.agents}["probe"] == "heartbeat"
     assert cfg.agents[0].restart == "always"
     assert cfg.manager.addresses == ("127.0.0.1:7443",)
     assert cfg.stop_agents_on_exit is False
