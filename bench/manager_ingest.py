@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import resource
@@ -31,6 +32,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -162,20 +164,46 @@ def raw_sqlite_rate(path: Path, rows: int, batch: int) -> float:
     return done / elapsed
 
 
-def orchestrate(args: argparse.Namespace) -> Results:
-    smoke = args.smoke
-    res = Results()
-    with tempfile.TemporaryDirectory(prefix="fleet-bench-", dir=args.tmpdir) as tmp_s:
-        tmp = Path(tmp_s)
+@contextlib.contextmanager
+def _process(cmd: list[str], port: int) -> Iterator[None]:
+    """Run a server process until the block ends (SIGTERM, then kill)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(cmd, env=env, preexec_fn=_raise_nofile)
+    try:
+        _wait_port(port, proc)
+        yield
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+class Bench:
+    """One run: a CA, certificates, and a fresh manager (and database) per phase."""
+
+    def __init__(self, tmp: Path, smoke: bool) -> None:
+        self.tmp = tmp
+        self.smoke = smoke
         ca = CertificateAuthority.create()
         ca.write(tmp / "ca")
         mgr = ca.issue("manager", "bench", hostnames=("localhost",), ips=("127.0.0.1",))
-        tls = mgr.write(tmp / "tls", stem="manager")
-        port, mport, ref_port = _free_port(), _free_port(), _free_port()
-        interval = 1.0 if smoke else 10.0
-        cfg = tmp / "manager.toml"
+        self.tls = mgr.write(tmp / "tls", stem="manager")
+        self.phase = 0
+
+    @contextlib.contextmanager
+    def manager(self) -> Iterator[tuple[int, int, Path]]:
+        """A fresh `fleet-manager serve` on a new SQLite file; yields (port, metrics port, db)."""
+        self.phase += 1
+        state = self.tmp / f"state-{self.phase}"
+        port, mport = _free_port(), _free_port()
+        interval = 1.0 if self.smoke else 10.0
+        cfg = self.tmp / f"manager-{self.phase}.toml"
+        tls = self.tls
         cfg.write_text(f"""
-state_dir = "{tmp / "state"}"
+state_dir = "{state}"
 [server]
 listen = "127.0.0.1:{port}"
 metrics_listen = "127.0.0.1:{mport}"
@@ -187,46 +215,51 @@ key_file = "{tls.key_file}"
 min_ttl_seconds = {interval}
 max_heartbeat_rate = 1000000.0
 failover_grace_seconds = 0.0
-grace_seconds = {1.0 if smoke else 10.0}
+grace_seconds = {1.0 if self.smoke else 10.0}
 [logging]
 level = "warning"
 """)
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
-        manager = subprocess.Popen(
-            [sys.executable, "-m", "manager.cli", "serve", "--config", str(cfg)],
-            env=env,
-            preexec_fn=_raise_nofile,
-        )
-        reference = subprocess.Popen(
-            [sys.executable, __file__, "--reference", str(ref_port), str(tls.ca_file.parent)],
-            env=env,
-            preexec_fn=_raise_nofile,
-        )
-        try:
-            _wait_port(port, manager)
-            _wait_port(ref_port, reference)
-            base = {
-                "ca_dir": str(tmp / "ca"),
-                "warmup": 0.5 if smoke else 3.0,
-                "seconds": 1.0 if smoke else 15.0,
-            }
-            sat = {
-                **base,
-                "mode": "saturate",
-                "channels": 4 if smoke else 32,
-                "inflight": 2 if smoke else 4,
-            }
-            phases = set(args.phases.split(","))
-            if "heartbeat" in phases:
+        with _process([sys.executable, "-m", "manager.cli", "serve", "--config", str(cfg)], port):
+            yield port, mport, state / "manager.db"
+
+    @contextlib.contextmanager
+    def reference(self) -> Iterator[int]:
+        """The empty-handler server with the same mTLS settings; yields its port."""
+        port = _free_port()
+        with _process(
+            [sys.executable, __file__, "--reference", str(port), str(self.tls.ca_file.parent)],
+            port,
+        ):
+            yield port
+
+
+def orchestrate(args: argparse.Namespace) -> Results:
+    smoke = args.smoke
+    res = Results()
+    phases = set(args.phases.split(","))
+    with tempfile.TemporaryDirectory(prefix="fleet-bench-", dir=args.tmpdir) as tmp_s:
+        tmp = Path(tmp_s)
+        bench = Bench(tmp, smoke)
+        base = {
+            "ca_dir": str(tmp / "ca"),
+            "warmup": 0.5 if smoke else 3.0,
+            "seconds": 1.0 if smoke else 15.0,
+        }
+        sat = {
+            **base,
+            "mode": "saturate",
+            "channels": 4 if smoke else 32,
+            "inflight": 2 if smoke else 4,
+        }
+        if "heartbeat" in phases:
+            with bench.reference() as ref_port:
                 ref = _loadgen({**sat, "port": ref_port, "register": False})
-                res.ref_rate, res.ref_p50_ms, res.ref_p99_ms = (
-                    ref["rate"],
-                    ref["p50_ms"],
-                    ref["p99_ms"],
-                )
+            res.ref_rate, res.ref_p50_ms, res.ref_p99_ms = ref["rate"], ref["p50_ms"], ref["p99_ms"]
+            with bench.manager() as (port, _, _):
                 hb = _loadgen({**sat, "port": port, "register": True})
-                res.hb_rate, res.hb_p50_ms, res.hb_p99_ms = hb["rate"], hb["p50_ms"], hb["p99_ms"]
-            if "metrics" in phases:
+            res.hb_rate, res.hb_p50_ms, res.hb_p99_ms = hb["rate"], hb["p50_ms"], hb["p99_ms"]
+        if "metrics" in phases:
+            with bench.manager() as (port, _, db):
                 met = _loadgen(
                     {
                         **base,
@@ -237,45 +270,35 @@ level = "warning"
                         "batch": 500,
                     }
                 )
-                res.samples_per_s = met["samples_per_s"]
-                # Raw reference: the same rows, committed 50,000 per executemany
-                # transaction (the writer's largest group commit), same disk.
-                res.raw_samples_per_s = raw_sqlite_rate(
-                    tmp / "raw.db",
-                    rows=20_000 if smoke else 2_000_000,
-                    batch=5_000 if smoke else 50_000,
-                )
+            res.samples_per_s = met["samples_per_s"]
+            # Raw reference: the same row layout and index, 50,000 rows per
+            # executemany transaction (the writer's largest group commit), same disk.
+            res.raw_samples_per_s = raw_sqlite_rate(
+                db.with_name("raw.db"),
+                rows=20_000 if smoke else 2_000_000,
+                batch=5_000 if smoke else 50_000,
+            )
+        if "hold" in phases:
             steps = (
                 [int(s) for s in args.steps.split(",")]
                 if args.steps
                 else ([10, 20] if smoke else [2000, 5000, 10000, 15000, 20000, 25000, 30000])
             )
-            hold = (
-                {"steps": []}
-                if "hold" not in phases
-                else _loadgen(
+            with bench.manager() as (port, mport, db):
+                hold = _loadgen(
                     {
                         "ca_dir": str(tmp / "ca"),
                         "mode": "hold",
                         "port": port,
-                        "db": str(tmp / "state" / "manager.db"),
+                        "db": str(db),
+                        "metrics_port": mport,
                         "steps": steps,
                         "hold": 2.0 if smoke else args.hold,
                         "metrics_interval": 2.0 if smoke else 60.0,
                     }
                 )
-            )
             res.steps = hold["steps"]
             res.largest_n = max((s["nodes"] for s in res.steps if s["ok"]), default=0)
-        finally:
-            for proc in (reference, manager):
-                proc.send_signal(signal.SIGTERM)
-            for proc in (reference, manager):
-                try:
-                    proc.wait(30)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
     return res
 
 
@@ -300,7 +323,10 @@ def report(res: Results) -> str:
             continue
         lines.append(
             f"    N={s['nodes']:>6}: interval {s['interval_s']:.1f} s, {s['hb_per_s']:,.0f} hb/s, "
-            f"p50 {s['p50_ms']:.1f} ms, p99 {s['p99_ms']:.1f} ms, errors {s['errors']}, "
+            f"p50 {s['p50_ms']:.1f} ms, p99 {s['p99_ms']:.1f} ms "
+            f"[server: handler p99 <= {s['server_handler_p99_ms']:g} ms, loop lag p99 <= "
+            f"{s['server_lag_p99_ms']:g} ms; client loop lag p99 {s['client_lag_p99_ms']:.1f} ms], "
+            f"errors {s['errors']}, "
             f"marked offline {s['marked_offline']:.0f}, register {s['register_s']:.1f} s "
             f"-> {'ok' if s['ok'] else 'FAIL'}"
         )

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import json
 import random
 import resource
@@ -20,6 +21,7 @@ import sqlite3
 import statistics
 import sys
 import time
+import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -257,6 +259,18 @@ class LoadGen:
                         )
                 await asyncio.sleep(max(0.0, n.interval - (time.perf_counter() - t0)))
 
+        lag: list[float] = []
+
+        async def ticker() -> None:
+            """The load generator's own event-loop lag: tells client stalls from server ones."""
+            while True:
+                t0 = time.perf_counter()
+                await asyncio.sleep(0.01)
+                if measuring:
+                    lag.append(time.perf_counter() - t0 - 0.01)
+
+        tasks.append(asyncio.create_task(ticker()))
+
         async def run_step(target: int) -> dict[str, Any]:
             nonlocal errors, measuring
             new = [self.connect(f"node-{i:06d}") for i in range(len(self.nodes), target)]
@@ -269,10 +283,15 @@ class LoadGen:
             # reach steady state: every new node heartbeated once at its interval
             await asyncio.sleep(max(n.interval for n in new) if new else 0)
             lat.clear()
+            lag.clear()
             errors = 0
+            gc.collect()
+            gc.freeze()  # the load generator's own long-lived objects: keep GC pauses short
+            before = await asyncio.to_thread(_scrape, spec["metrics_port"])
             measuring = True
             await asyncio.sleep(spec["hold"])
             measuring = False
+            after = await asyncio.to_thread(_scrape, spec["metrics_port"])
             # cumulative: a node dropped while the step ramped up counts too
             offline = await asyncio.to_thread(_false_offline, spec["db"])
             step = {
@@ -281,6 +300,13 @@ class LoadGen:
                 "hb_per_s": len(lat) / spec["hold"],
                 "p50_ms": _pct(lat, 0.5) * 1000,
                 "p99_ms": _pct(lat, 0.99) * 1000,
+                "client_lag_p99_ms": _pct(lag, 0.99) * 1000,
+                "server_handler_p99_ms": _bucket_p99(
+                    before, after, "fleet_manager_rpc_duration_seconds", 'method="Heartbeat"'
+                ),
+                "server_lag_p99_ms": _bucket_p99(
+                    before, after, "fleet_manager_event_loop_lag_seconds"
+                ),
                 "errors": errors,
                 "register_errors": reg_errors,
                 "register_s": reg_s,
@@ -310,6 +336,39 @@ class LoadGen:
             await asyncio.gather(*tasks, return_exceptions=True)
             await self.close()
         return {"steps": steps}
+
+
+def _scrape(port: int) -> dict[str, float]:
+    """The manager's /metrics samples as {"name{labels}": value}."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=30) as resp:
+        text = resp.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            with contextlib.suppress(ValueError):
+                out[key] = float(value)
+    return out
+
+
+def _bucket_p99(
+    before: dict[str, float], after: dict[str, float], name: str, label: str = ""
+) -> float:
+    """Upper bound (ms) of the bucket of histogram `name` holding the p99 of the interval.
+
+    Only bucket lines containing `label` (e.g. 'method="Heartbeat"') count.
+    """
+    buckets = []
+    for key, value in after.items():
+        if key.startswith(f"{name}_bucket{{") and label in key:
+            le = key.split('le="')[1].split('"')[0]
+            bound = float("inf") if le == "+Inf" else float(le)
+            buckets.append((bound, value - before.get(key, 0.0)))
+    buckets.sort()
+    total = buckets[-1][1] if buckets else 0.0
+    if total <= 0:
+        return float("nan")
+    return next(b for b, n in buckets if n >= 0.99 * total) * 1000
 
 
 def _false_offline(db: str) -> int:

@@ -6,6 +6,7 @@ in one process and read each one's figures.
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -14,7 +15,7 @@ import grpc
 from grpc import aio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
-__all__ = ["ManagerMetrics", "RpcMetricsInterceptor"]
+__all__ = ["ManagerMetrics", "RpcMetricsInterceptor", "watch_loop_lag"]
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
@@ -63,6 +64,12 @@ class ManagerMetrics:
         self.sweeper_leader = Gauge(
             "fleet_sweeper_leader", "1 while this manager holds the sweeper lock", registry=r
         )
+        self.loop_lag_seconds = Histogram(
+            "fleet_manager_event_loop_lag_seconds",
+            "How late a 0.1 s timer fires: CPU starvation or blocking code in the manager",
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
         self.nodes_marked_offline = Counter(
             "fleet_manager_nodes_marked_offline",
             "Nodes this manager's sweeper marked offline",
@@ -77,6 +84,15 @@ class ManagerMetrics:
     def observe_flush(self, seconds: float, _nodes: int) -> None:
         """Record one heartbeat flush."""
         self.heartbeat_flush_seconds.observe(seconds)
+
+
+async def watch_loop_lag(histogram: Histogram, interval: float = 0.1) -> None:
+    """Observe how late a periodic timer fires, until cancelled."""
+    loop = asyncio.get_running_loop()
+    while True:
+        started = loop.time()
+        await asyncio.sleep(interval)
+        histogram.observe(max(0.0, loop.time() - started - interval))
 
 
 def _short(method: str) -> str:

@@ -28,7 +28,7 @@ from fleet.service import add_health_and_reflection
 from fleet.tls import TLSConfig, server_credentials
 from fleet.v1 import fleet_pb2_grpc, manager_pb2, manager_pb2_grpc
 from manager.config import ManagerConfig
-from manager.metrics import ManagerMetrics, RpcMetricsInterceptor
+from manager.metrics import ManagerMetrics, RpcMetricsInterceptor, watch_loop_lag
 from manager.pool import DaemonPool
 from manager.service.agents import AgentStates
 from manager.service.event_feed import EventFeed
@@ -81,6 +81,12 @@ async def open_database(config: ManagerConfig, *, migrate: bool | None = None) -
         await db.close()
         raise
     return db
+
+
+async def _cancel(task: asyncio.Task[None]) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
 
 
 class ManagerServer:
@@ -161,6 +167,8 @@ class ManagerServer:
         self.writer.start()
         self._stack.push_async_callback(self._drain_writer)
         m = self.metrics
+        lag = asyncio.create_task(watch_loop_lag(m.loop_lag_seconds), name="loop-lag")
+        self._stack.push_async_callback(_cancel, lag)
         m.metric_queue_depth.set_function(lambda: self.writer.depth)
         m.metric_commit_seconds.set_function(lambda: self.writer.last_commit_seconds)
 
