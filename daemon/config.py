@@ -11,6 +11,7 @@ disagrees with the certificate the daemon refuses to start.
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -24,6 +25,10 @@ from fleet.tls import TLSConfig
 __all__ = ["ENV_PREFIX", "DaemonConfig", "ManagerLinkConfig", "load_daemon_config"]
 
 ENV_PREFIX = "FLEET_DAEMON_"
+SUN_PATH_MAX = 107
+"""Longest Unix socket path the kernel accepts (sun_path is 108 bytes with the NUL)."""
+_LONGEST_SOCKET = Path("private", "agent-grpc.sock")
+"""The deepest socket the daemon puts under run_dir (see daemon.server; agent.sock is shorter)."""
 
 
 def _positive(name: str, value: float) -> None:
@@ -144,6 +149,13 @@ class DaemonConfig:
             value = getattr(self, name)
             if value and not _host_port_ok(value):
                 raise ValueError(f"{name} must be host:port, got {value!r}")
+        deepest = len(os.fsencode(self.run_dir / _LONGEST_SOCKET))
+        if deepest > SUN_PATH_MAX:
+            raise ValueError(
+                f"run_dir: {str(self.run_dir)!r} is too long for the daemon's Unix sockets "
+                f"({deepest} bytes for {_LONGEST_SOCKET} in it; the limit is {SUN_PATH_MAX}): "
+                "choose a shorter run_dir"
+            )
 
 
 def _host_port_ok(value: str) -> bool:

@@ -94,6 +94,24 @@ def test_bad_values_fail_with_one_line_naming_the_key(  # type: ignore[no-untype
     assert "\n" not in text
 
 
+def test_a_run_dir_too_deep_for_unix_sockets_is_one_line_naming_the_key_and_limit(  # type: ignore[no-untyped-def]
+    pki, tmp_path: Path
+) -> None:
+    """A run_dir whose sockets would exceed the 107-byte sun_path is refused at load, not bound."""
+    tls = pki.issue("node", "n1")
+    path = _write(tmp_path, tls, "")
+    deep = "/tmp/" + "d" * 90
+    with pytest.raises(ConfigError) as info:
+        load_daemon_config(path, environ={"FLEET_DAEMON_RUN_DIR": deep})
+    text = str(info.value)
+    assert "run_dir" in text
+    assert "the limit is 107" in text
+    assert "\n" not in text
+    assert not Path(deep).exists(), "nothing was created"
+    fits = "/tmp/" + "d" * 78  # 5 + 78 + len("/private/agent-grpc.sock") = 107
+    assert load_daemon_config(path, environ={"FLEET_DAEMON_RUN_DIR": fits}).run_dir == Path(fits)
+
+
 def test_missing_certificate_files_are_a_config_error(tmp_path: Path) -> None:
     """A TLS file that does not exist fails at load, naming it."""
     path = tmp_path / "daemon.toml"
