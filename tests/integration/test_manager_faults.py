@@ -188,6 +188,7 @@ async def test_health_reflection_and_prometheus_metrics(
     assert "fleet_manager_metric_queue_depth 0.0" in body
     assert "fleet_manager_heartbeat_flush_seconds_bucket" in body
     assert "fleet_sweeper_leader 1.0" in body
+    assert "fleet_manager_event_loop_lag_seconds_count" in body
 
 
 def _get(url: str) -> str:
