@@ -7,6 +7,10 @@
 - Exit is detected with `os.pidfd_open` + `loop.add_reader` (no polling),
   then reaped with `waitpid(WNOHANG)`. A re-adopted agent is not our child:
   its exit code is unknown (-1).
+- Orphans: an agent spawned just before a daemon crash may be missing from
+  agents.json; `find_orphans` finds it by the environment the daemon gave it
+  (FLEET_AGENT_ID and this daemon's FLEET_DAEMON_SOCKET) so it is adopted,
+  not started a second time.
 - Stop (trio's terminate-wait-kill): the stop signal to the process group and
   to any descendant that left it (then SIGCONT, so a stopped one acts on it),
   wait `stop_timeout` for all of them, then SIGKILL the group and every
@@ -21,7 +25,7 @@ import os
 import pwd
 import signal
 import subprocess
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,7 +35,7 @@ import psutil
 from daemon.supervisor.clock import Clock
 from daemon.supervisor.spec import AgentSpec, resolve_executable
 
-__all__ = ["AgentProcess", "SpawnError", "StopOutcome", "adopt", "spawn"]
+__all__ = ["AgentProcess", "SpawnError", "StopOutcome", "adopt", "find_orphans", "spawn"]
 
 CREATE_TIME_TOLERANCE = 0.05
 """Seconds two create times may differ and still be the same process (clock-tick rounding)."""
@@ -285,3 +289,38 @@ def _same_process(pid: int, create_time: float) -> bool:
         )
     except psutil.Error:
         return False
+
+
+def find_orphans(
+    socket_path: Path, agent_ids: Collection[str], *, exclude: Collection[int] = ()
+) -> dict[str, tuple[int, float]]:
+    """Live agent processes of this daemon that it has no record of: id -> (pid, create time).
+
+    A candidate has FLEET_DAEMON_SOCKET == `socket_path` and FLEET_AGENT_ID in
+    `agent_ids`, and leads its own session (as `spawn` starts agents; its
+    descendants inherit the environment but not the session). When several
+    match, the oldest wins. Processes we may not inspect are skipped.
+    """
+    wanted = set(agent_ids)
+    socket = str(socket_path)
+    found: dict[str, tuple[int, float]] = {}
+    if not wanted:
+        return found
+    for proc in psutil.process_iter(["environ", "create_time", "status"]):
+        try:
+            env = proc.info["environ"] or {}
+            agent_id = env.get("FLEET_AGENT_ID", "")
+            if (
+                agent_id not in wanted
+                or env.get("FLEET_DAEMON_SOCKET") != socket
+                or proc.pid in exclude
+                or proc.info["status"] == psutil.STATUS_ZOMBIE
+                or os.getsid(proc.pid) != proc.pid
+            ):
+                continue
+        except (psutil.Error, OSError):
+            continue
+        created = float(proc.info["create_time"])
+        if agent_id not in found or created < found[agent_id][1]:
+            found[agent_id] = (proc.pid, created)
+    return found

@@ -1,7 +1,8 @@
 """The supervisor: every agent of this node, their desired set, and the daemon's memory.
 
 Lifecycle: `start(specs)` re-adopts what is still running from before a
-daemon restart, starts the rest, and starts the sampling loop; `stop()`
+daemon restart (from agents.json, or found by its environment when a crash
+came between its spawn and the flush below), starts the rest, and starts the sampling loop; `stop()`
 leaves agents running (unless asked) with their pids persisted so the next
 daemon re-adopts them.
 
@@ -32,7 +33,7 @@ from daemon.supervisor.agent import Agent, AgentSnapshot, Context
 from daemon.supervisor.clock import Clock, SystemClock
 from daemon.supervisor.logs import LogChunk, log_path, read_log, rotate_if_needed
 from daemon.supervisor.persistence import PersistedAgent, StateStore
-from daemon.supervisor.process import adopt
+from daemon.supervisor.process import adopt, find_orphans
 from daemon.supervisor.spec import AgentSpec, SpecError
 from daemon.supervisor.states import AgentStatus
 from fleet.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -126,9 +127,16 @@ class Supervisor:
         persisted = self._store.load_agents()
         wanted = {s.id: s for s in specs}
         leftovers = [p for i, p in persisted.items() if i not in wanted]
+        # Before starting anything: agents spawned just before a crash, unrecorded.
+        orphans = await asyncio.to_thread(
+            find_orphans,
+            self._ctx.socket_path,
+            wanted,
+            exclude={p.pid for p in persisted.values() if p.pid},
+        )
         for spec in specs:
             agent = self._agents[spec.id] = Agent(spec, self._ctx)
-            await self._resume(agent, persisted.get(spec.id))
+            await self._resume(agent, persisted.get(spec.id), orphans.get(spec.id))
         for old in leftovers:  # removed while the daemon was down
             proc = adopt(old.pid, old.create_time) if old.pid else None
             if proc is not None:
@@ -140,7 +148,9 @@ class Supervisor:
         self._flush()
         self._sample_task = asyncio.create_task(self._sample_loop(), name="supervisor-sampler")
 
-    async def _resume(self, agent: Agent, old: PersistedAgent | None) -> None:
+    async def _resume(
+        self, agent: Agent, old: PersistedAgent | None, orphan: tuple[int, float] | None
+    ) -> None:
         spec = agent.spec
         if old is not None:
             agent.restart_count = old.restart_count
@@ -154,6 +164,17 @@ class Supervisor:
                     async with agent.lock:
                         await agent.restart()
                 return
+        proc = adopt(*orphan) if orphan is not None else None
+        if proc is not None:
+            # Its spec was never recorded; the current one is the best guess.
+            log.warning(
+                "agent %s: adopting pid %d, started by a daemon that stopped before recording it",
+                spec.id,
+                proc.pid,
+            )
+            agent.operator_stopped = False
+            agent.adopt(proc, spec, proc.create_time)
+            return
         if spec.autostart and not agent.operator_stopped:
             async with agent.lock:
                 await agent.start()
