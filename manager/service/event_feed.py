@@ -69,7 +69,8 @@ class EventFeed:
                 conn.info[_FLAG] = True
 
         def on_rollback(conn: Any) -> None:
-            conn.info.pop(_FLAG, None)
+            if not conn.invalidated:  # a dead connection's info is gone (and touching it raises)
+                conn.info.pop(_FLAG, None)
 
         # On check-in, not on "commit": that event fires before the commit is
         # done, and a watcher woken then could read before the rows are visible.
