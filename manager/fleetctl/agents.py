@@ -221,7 +221,7 @@ def logs(
             out.flush()
         return EXIT_OK
 
-    cli.call(body)
+    cli.call(body, on_interrupt=None if follow else "interrupted")
 
 
 def last_lines(data: bytes, count: int) -> bytes:

@@ -101,4 +101,4 @@ def events(
             cli.out.file.flush()
         return EXIT_OK
 
-    cli.call(body)
+    cli.call(body, on_interrupt=None if follow else "interrupted")

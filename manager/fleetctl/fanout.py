@@ -203,7 +203,13 @@ def _run(
             _confirm(cli, what, planned)
         return await _execute(cli, launch(False), len(planned), what)
 
-    cli.call(body)
+    cli.call(
+        body,
+        on_interrupt=(
+            "interrupted; targets already started may have completed"
+            " (check with fleetctl agents list)"
+        ),
+    )
 
 
 async def _aiter(call: Any) -> AsyncIterator[Response]:

@@ -10,7 +10,9 @@ error is one line on stderr, ``fleetctl: error: ...``, never a traceback
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 import sys
 import traceback
 from collections.abc import Awaitable, Callable
@@ -151,22 +153,57 @@ class Cli:
             )
         raise typer.Exit(code)
 
-    def call(self, body: Callable[[Stub, Connection], Awaitable[int]]) -> NoReturn:
-        """Connect to the manager, run `body` with a stub, map errors, exit."""
+    def call(
+        self,
+        body: Callable[[Stub, Connection], Awaitable[int]],
+        *,
+        on_interrupt: str | None = "interrupted",
+    ) -> NoReturn:
+        """Connect to the manager, run `body` with a stub, map errors, exit.
+
+        Ctrl-C exits 130 with `on_interrupt` as the error line (None: silently,
+        for followed streams, where Ctrl-C is the normal way out).
+        """
 
         def run() -> int:
             conn = resolve_connection(self.config())
             self.fmt  # noqa: B018  # a bad FLEET_OUTPUT fails before the call, not after
+            interrupted: list[bool] = []
 
             async def main() -> int:
-                async with connect(conn) as stub:
-                    return await body(stub, conn)
+                loop = asyncio.get_running_loop()
+                task = asyncio.current_task()
+                assert task is not None
+
+                def on_sigint() -> None:
+                    interrupted.append(True)
+                    task.cancel()
+
+                # Our own handler: cancelling the call can surface as an RpcError
+                # ("Cancelling all calls") that must not read as a manager failure.
+                with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
+                    loop.add_signal_handler(signal.SIGINT, on_sigint)
+                try:
+                    async with connect(conn) as stub:
+                        return await body(stub, conn)
+                except (asyncio.CancelledError, grpc.RpcError):
+                    if interrupted:
+                        return EXIT_INTERRUPTED
+                    raise
+                finally:
+                    with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
+                        loop.remove_signal_handler(signal.SIGINT)
 
             try:
-                return asyncio.run(main())
+                code = asyncio.run(main())
             except grpc.RpcError as exc:
                 usage = _is_usage(exc.code())
                 self.fail(explain_rpc_error(exc, conn), EXIT_USAGE if usage else EXIT_FAILED)
+            if interrupted:
+                if on_interrupt:
+                    self.fail(on_interrupt, EXIT_INTERRUPTED)
+                raise typer.Exit(EXIT_INTERRUPTED)
+            return code
 
         self.execute(run)
 

@@ -334,6 +334,34 @@ def test_terminal_prompt_no_changes_nothing_and_yes_restarts(fleet: Fleet) -> No
     assert after["n2/web"] != before["n2/web"]
 
 
+def test_ctrl_c_ends_a_followed_feed_quietly(fleet: Fleet) -> None:
+    """`events -f` runs until Ctrl-C, then exits 130 with nothing on stderr."""
+    env = {
+        **_env(),
+        "FLEET_MANAGER": fleet.manager_address,
+        "FLEET_CA": str(fleet.operator.ca_file),
+        "FLEET_CERT": str(fleet.operator.cert_file),
+        "FLEET_KEY": str(fleet.operator.key_file),
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-c", "from manager.fleetctl.app import main; main()",
+         "events", "-f", "--kind", "node-registered"],
+        env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    try:
+        assert proc.stdout is not None
+        first = proc.stdout.readline()  # the feed is live: both registrations come first
+        assert "NODE_REGISTERED" in first
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=20)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130
+    assert err == ""
+
+
 def test_fanout_with_one_daemon_down(fleet: Fleet) -> None:
     """(Runs last.) n2's daemon killed: exit 1, n2 FAILED with a reason, n1 restarted OK."""
     before = fleet.pids()
