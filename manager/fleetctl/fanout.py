@@ -191,7 +191,9 @@ def _run(
             req = fleet_pb2.FleetServiceOperateAgentsRequest()
             req.CopyFrom(request)
             req.plan = plan_only
-            return _aiter(stub.OperateAgents(req))
+            # A plan only resolves targets: bounded by --timeout. The real run is not:
+            # the manager applies its per-target deadlines.
+            return _aiter(stub.OperateAgents(req, timeout=conn.timeout if plan_only else None))
 
         planned = [r.result async for r in launch(True) if r.WhichOneof("item") == "result"]
         if plan:
@@ -226,7 +228,7 @@ def _confirm(cli: Cli, what: str, planned: list[fleet_pb2.TargetResult]) -> None
             " no terminal to ask on; pass --yes (see them first with --plan)",
             EXIT_USAGE,
         )
-    cli.err.print(f"{what} on {len(planned)} targets: {names}{more}", markup=False)
+    cli.note(f"{what} on {len(planned)} targets: {names}{more}")
     if not typer.confirm("Proceed?", default=False, err=True):
         cli.fail("aborted; nothing was changed", EXIT_FAILED)
 
@@ -236,14 +238,11 @@ def _print_plan(cli: Cli, planned: list[fleet_pb2.TargetResult]) -> int:
     if cli.fmt.structured:
         print_object(cli.out, cli.fmt, {"targets": rows}, [])
         return EXIT_OK
-    print_rows(
-        cli.out,
-        cli.fmt,
-        rows,
-        [Column("NODE", "node_id"), Column("AGENT", "agent_id"), Column("STATUS", "status")],
-        empty="No targets match.",
-    )
-    cli.err.print(f"{len(rows)} target(s); nothing was changed (--plan).", markup=False)
+    columns = [Column("NODE", "node_id"), Column("AGENT", "agent_id")]
+    if any(r["status"] for r in rows):  # the manager may resolve targets without their state
+        columns += [Column("STATUS", "status"), Column("PID", "pid")]
+    print_rows(cli.out, cli.fmt, rows, columns, empty="No targets match.")
+    cli.note(f"{len(rows)} target(s); nothing was changed (--plan).")
     return EXIT_OK
 
 
@@ -273,12 +272,7 @@ async def _execute(cli: Cli, stream: AsyncIterator[Response], total: int, what: 
             row = target_view(item.result)
             results.append(row)
             if row["outcome"] == "FAILED":
-                cli.err.print(
-                    f"✗ {row['node_id']}/{row['agent_id']}: {row['message']}",
-                    markup=False,
-                    style="red",
-                    soft_wrap=True,
-                )
+                cli.note(f"✗ {row['node_id']}/{row['agent_id']}: {row['message']}", style="red")
             ok = sum(r["outcome"] == "OK" for r in results)
             failed = sum(r["outcome"] == "FAILED" for r in results)
             progress.update(

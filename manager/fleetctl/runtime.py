@@ -111,13 +111,19 @@ class Cli:
             return self.options.output
         return OutputFormat(self.config().output)
 
+    def note(self, message: str, *, style: str = "") -> None:
+        """One line on stderr, after whatever stdout holds (so the two never interleave)."""
+        with contextlib.suppress(OSError, ValueError):
+            self.out.file.flush()
+        self.err.print(message, markup=False, soft_wrap=True, style=style)
+
     def warn(self, message: str) -> None:
-        """One line on stderr."""
-        self.err.print(f"fleetctl: {message}", markup=False, soft_wrap=True, style="yellow")
+        """One warning line on stderr."""
+        self.note(f"fleetctl: {message}", style="yellow")
 
     def fail(self, message: str, code: int) -> NoReturn:
         """Print one error line and exit with `code`."""
-        self.err.print(f"fleetctl: error: {message}", markup=False, soft_wrap=True, style="red")
+        self.note(f"fleetctl: error: {message}", style="red")
         raise typer.Exit(code)
 
     def checked(self, check: Callable[[], T]) -> T:
