@@ -7,20 +7,24 @@ import enum
 import math
 import shutil
 from collections.abc import Sequence
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.table import Table
 from rich.text import Text
 
 from fleet.v1 import fleet_pb2
+from manager.fleetctl.agents import split_agent_ref
 from manager.fleetctl.client import Connection
 from manager.fleetctl.output import dump, sparkline
 from manager.fleetctl.runtime import EXIT_OK, Cli, Stub, UsageProblem
 from manager.fleetctl.timespec import format_duration, format_time, parse_duration, parse_instant
 from manager.fleetctl.views import series_view
 
-__all__ = ["Aggregate", "app", "bucket_values", "time_range"]
+if TYPE_CHECKING:
+    from fleet.v1 import common_pb2
+
+__all__ = ["Aggregate", "app", "bucket_values", "sample_series", "time_range"]
 
 app = typer.Typer(help="Metrics the manager stored.", no_args_is_help=True)
 
@@ -59,16 +63,16 @@ def time_range(since: str, until: str | None, *, now: dt.datetime) -> tuple[int,
     return int(start.timestamp() * 1000), int(end.timestamp() * 1000)
 
 
-def step_seconds(step: str | None) -> int:
-    """--step in whole seconds (0: let the manager pick); UsageProblem if bad."""
+def step_seconds(step: str | None, *, option: str = "--step") -> int:
+    """A duration option in whole seconds (None: 0, the manager picks); UsageProblem if bad."""
     if step is None:
         return 0
     try:
         seconds = parse_duration(step)
     except ValueError as exc:
-        raise UsageProblem(f"--step: {exc}") from None
+        raise UsageProblem(f"{option}: {exc}") from None
     if seconds < 1:
-        raise UsageProblem(f"--step: {step!r} is shorter than the 1s minimum")
+        raise UsageProblem(f"{option}: {step!r} is shorter than the 1s minimum")
     return math.ceil(seconds)
 
 
@@ -195,3 +199,98 @@ def _draw(
             _num(values[-1]) if values else "-",
         )
     cli.out.print(table)
+
+
+# GetAgentMetrics: (series name, ResourceDataPoint field, unit divisor, unit)
+_SAMPLE_FIELDS: tuple[tuple[str, str, float, str], ...] = (
+    ("cpu_percent", "cpu", 1.0, "%"),
+    ("memory_rss_mib", "memory_rss", 1024 * 1024, "MiB"),
+    ("memory_vms_mib", "memory_vms", 1024 * 1024, "MiB"),
+    ("disk_read_mib", "disk_read_bytes", 1024 * 1024, "MiB"),
+    ("disk_write_mib", "disk_write_bytes", 1024 * 1024, "MiB"),
+    ("open_files", "open_files", 1.0, ""),
+    ("threads", "threads", 1.0, ""),
+    ("processes", "processes", 1.0, ""),
+)
+
+
+def sample_series(
+    points: Sequence[common_pb2.ResourceDataPoint],
+) -> list[tuple[str, list[tuple[int, float]]]]:
+    """The daemon's per-process samples as named series (pure), oldest first."""
+    ordered = sorted(points, key=lambda p: p.timestamp)
+    return [
+        (name, [(p.timestamp, float(getattr(p, attr)) / divisor) for p in ordered])
+        for name, attr, divisor, _ in _SAMPLE_FIELDS
+    ]
+
+
+@app.command("agent")
+def agent_samples(
+    ctx: typer.Context,
+    ref: Annotated[str, typer.Argument(metavar="NODE/AGENT", help="e.g. node-1/web")],
+    last: Annotated[
+        str, typer.Option("--last", help="How far back, e.g. 5m (the daemon keeps ~1h).")
+    ] = "5m",
+) -> None:
+    """Recent per-process samples of one agent, asked of its daemon (cpu, memory, io, threads)."""
+    cli = Cli.of(ctx)
+    node, agent = cli.checked(lambda: split_agent_ref(ref))
+    seconds = cli.checked(lambda: step_seconds(last, option="--last"))
+
+    async def body(stub: Stub, conn: Connection) -> int:
+        reply = await stub.GetAgentMetrics(
+            fleet_pb2.FleetServiceGetAgentMetricsRequest(
+                node_id=node, agent_id=agent, duration_seconds=seconds
+            ),
+            timeout=conn.timeout,
+        )
+        series = sample_series(reply.data_points)
+        if cli.fmt.structured:
+            data = {
+                "node_id": node,
+                "agent_id": agent,
+                "samples": [
+                    {
+                        "timestamp": format_time(p.timestamp),
+                        "timestamp_ms": p.timestamp,
+                        "cpu": p.cpu,
+                        "memory_rss": p.memory_rss,
+                        "memory_vms": p.memory_vms,
+                        "disk_read_bytes": p.disk_read_bytes,
+                        "disk_write_bytes": p.disk_write_bytes,
+                        "open_files": p.open_files,
+                        "threads": p.threads,
+                        "processes": p.processes,
+                    }
+                    for p in sorted(reply.data_points, key=lambda p: p.timestamp)
+                ],
+            }
+            cli.out.out(dump(cli.fmt, data), end="", highlight=False)
+            return EXIT_OK
+        cli.out.print(
+            f"{node}/{agent}: {len(reply.data_points)} samples over the last"
+            f" {format_duration(seconds)}",
+            markup=False,
+            style="bold",
+        )
+        if not reply.data_points:
+            cli.out.print("No samples (is the agent running?).", style="dim")
+            return EXIT_OK
+        width = max(10, (cli.out.width or 80) - 50)
+        table = Table(box=None, pad_edge=False, header_style="bold")
+        for title in ("SERIES", "CHART", "MIN", "MAX", "LAST"):
+            table.add_column(title, no_wrap=title == "CHART")
+        for name, points in series:
+            values = [v for _, v in points]
+            table.add_row(
+                name,
+                Text(sparkline(values, width=width), style="cyan"),
+                _num(min(values)),
+                _num(max(values)),
+                _num(values[-1]),
+            )
+        cli.out.print(table)
+        return EXIT_OK
+
+    cli.call(body)

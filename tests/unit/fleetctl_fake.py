@@ -240,6 +240,20 @@ class FakeFleetService(fleet_pb2_grpc.FleetServiceServicer):
             series=series, step_seconds=request.step_seconds or 60
         )
 
+    async def GetAgentMetrics(self, request: Any, context: Any) -> Any:
+        self._enter("GetAgentMetrics", request, context)
+        _agent(self.fleet, request.node_id, request.agent_id)
+        return fleet_pb2.FleetServiceGetAgentMetricsResponse(
+            node_id=request.node_id,
+            agent_id=request.agent_id,
+            data_points=[
+                common_pb2.ResourceDataPoint(
+                    timestamp=NOW_MS - i * 1000, cpu=float(i), memory_rss=(i + 1) << 20, threads=2
+                )
+                for i in range(5)
+            ],
+        )
+
     async def ReadAgentLog(self, request: Any, context: Any) -> AsyncIterator[Any]:
         self._enter("ReadAgentLog", request, context)
         _agent(self.fleet, request.node_id, request.agent_id)

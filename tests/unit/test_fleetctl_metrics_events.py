@@ -130,3 +130,18 @@ def test_events_unknown_kind_lists_the_choices(fleetctl: Fleetctl) -> None:
     result = fleetctl("events", "--kind", "node-exploded")
     assert result.exit_code == 2
     assert "unknown event kind 'node-exploded'; one of node-registered" in result.stderr
+
+
+def test_metrics_agent_shows_the_daemons_recent_samples(fleetctl: Fleetctl) -> None:
+    """`metrics agent NODE/AGENT` charts each sample field oldest-first; JSON has the numbers."""
+    table = fleetctl("metrics", "agent", "node-1/web", "--last", "2m")
+    assert table.exit_code == 0, table.output
+    rows = {line.split()[0]: line.split() for line in table.stdout.splitlines()[1:] if line}
+    assert rows["cpu_percent"][-3:] == ["0", "4", "0"]  # min, max, last (newest is 0)
+    assert rows["memory_rss_mib"][-3:] == ["1", "5", "1"]
+    assert fleetctl.manager.fleet.requests[-1][1].duration_seconds == 120
+    data = json.loads(fleetctl("-o", "json", "metrics", "agent", "node-1/web").stdout)
+    assert [p["cpu"] for p in data["samples"]] == [4.0, 3.0, 2.0, 1.0, 0.0]
+    bad = fleetctl("metrics", "agent", "node-1/web", "--last", "soon")
+    assert bad.exit_code == 2
+    assert "--last: 'soon' is not a duration" in bad.stderr
