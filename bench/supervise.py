@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import os
+import random
 import shutil
 import signal
 import statistics
@@ -37,7 +38,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,9 @@ from fleet.pki import CertificateAuthority  # noqa: E402
 
 BASH = shutil.which("bash") or "/bin/bash"
 SLEEP = shutil.which("sleep") or "/bin/sleep"
+# A sleep duration unique to this run (a valid number, ~12 days): it marks our
+# agents so leftovers can be found and killed after `exec sleep` replaced bash.
+MARK = f"{1_000_000 + os.getpid()}.{random.randint(100_000, 999_999)}"
 
 
 @dataclass(frozen=True)
@@ -211,10 +215,18 @@ def _kill_leftovers(work: Path) -> None:
     marker = str(work)
     for proc in psutil.process_iter(["cmdline"]):
         try:
-            if any(marker in part for part in proc.info["cmdline"] or []):
+            if any(marker in part or part == MARK for part in proc.info["cmdline"] or []):
                 proc.kill()
         except psutil.Error:
             pass
+
+
+def _count_marked() -> int:
+    count = 0
+    for proc in psutil.process_iter(["cmdline"]):
+        with suppress(psutil.Error):
+            count += MARK in (proc.info["cmdline"] or [])
+    return count
 
 
 @contextmanager
@@ -269,8 +281,7 @@ def start_wall(cls: type[Supervisor], root: Path, n: int) -> float:
     marks = root / "marks"
     marks.mkdir(parents=True)
     programs = [
-        Program(f"a{i}", (BASH, "-c", f"touch {marks}/a{i}; exec {SLEEP} 100000 {root}"))
-        for i in range(n)
+        Program(f"a{i}", (BASH, "-c", f"touch {marks}/a{i}; exec {SLEEP} {MARK}")) for i in range(n)
     ]
     sup = cls(root / "sup", programs, crash=False)
     t0 = time.monotonic()
@@ -286,8 +297,7 @@ def idle_cost(
     marks = root / "marks"
     marks.mkdir(parents=True)
     programs = [
-        Program(f"i{i}", (BASH, "-c", f"touch {marks}/i{i}; exec {SLEEP} 100000 {root}"))
-        for i in range(n)
+        Program(f"i{i}", (BASH, "-c", f"touch {marks}/i{i}; exec {SLEEP} {MARK}")) for i in range(n)
     ]
     sup = cls(root / "sup", programs, crash=False)
     with running(sup):
@@ -297,6 +307,9 @@ def idle_cost(
         time.sleep(window)
         c1, t1 = _cpu(sup.pid), time.monotonic()
         rss = psutil.Process(sup.pid).memory_info().rss
+        alive = _count_marked()
+        if alive != n:  # a crash-looping agent would make this no idle measurement
+            raise RuntimeError(f"{sup.name}: {alive}/{n} agents running after the window")
     return (c1 - c0) / (t1 - t0) * 100, rss
 
 
@@ -348,8 +361,8 @@ def main(argv: list[str] | None = None) -> int:
     ]
     print(f"{'measure':42} {'fleet-daemon':>13} {'supervisord':>12} {'ratio':>8}  note")
     for label, key, note in rows:
-        ratio = d[key] / s[key] if s[key] else float("inf")
-        print(f"{label:42} {d[key]:13.3f} {s[key]:12.3f} {ratio:8.3f}  {note}")
+        ratio = f"{d[key] / s[key]:8.3f}" if s[key] else "     n/a"  # below clock resolution
+        print(f"{label:42} {d[key]:13.3f} {s[key]:12.3f} {ratio}  {note}")
     print(
         f"respawns measured: daemon {int(d['respawns'])}, supervisord {int(s['respawns'])}; "
         f"load average {os.getloadavg()[0]:.2f} on {os.cpu_count()} CPUs"
