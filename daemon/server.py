@@ -139,6 +139,8 @@ class DaemonServer:
                     out.extend(resource_metrics(snap.id, sample))
                     last = sample.timestamp_ms
             self._last_sent[snap.id] = last
+        for gone in self._last_sent.keys() - {s.id for s in self.supervisor.list()}:
+            del self._last_sent[gone]
         return out
 
     def _metric_sources(self) -> MetricSources:
@@ -283,6 +285,19 @@ class DaemonServer:
             "agents stopped" if self.cfg.stop_agents_on_exit else "agents left running",
         )
 
+    async def _abort(self) -> None:
+        """After a failed start: close sockets and servers, never touch agents."""
+        with contextlib.suppress(Exception):
+            await self.link.stop()
+        for server in (self._grpc, self._agent_grpc):
+            if server is not None:
+                with contextlib.suppress(Exception):
+                    await server.stop(0)
+        with contextlib.suppress(Exception):
+            await self.proxy.stop()
+        if self._stop_metrics is not None:
+            await asyncio.to_thread(self._stop_metrics)
+
     async def run(self, stop_event: asyncio.Event | None = None) -> None:
         """start(); serve until SIGTERM/SIGINT (SIGHUP reloads); stop(grace)."""
         from fleet.service import run_until_signalled
@@ -301,6 +316,9 @@ class DaemonServer:
             await run_until_signalled(
                 self.start, self.stop, grace=self.cfg.shutdown_grace_seconds, stop_event=stop_event
             )
+        except BaseException:
+            await self._abort()
+            raise
         finally:
             loop.remove_signal_handler(signal.SIGHUP)
             signal.signal(signal.SIGHUP, previous if previous is not None else signal.SIG_DFL)
