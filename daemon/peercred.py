@@ -117,7 +117,7 @@ class PeerCredProxy:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
         assert task is not None
-        self._tasks.add(task)  # type: ignore[arg-type]
+        self._tasks.add(task)
         name = ""
         up_writer: asyncio.StreamWriter | None = None
         try:
@@ -148,7 +148,7 @@ class PeerCredProxy:
                     w.close()
                     with contextlib.suppress(OSError, asyncio.CancelledError):
                         await w.wait_closed()
-            self._tasks.discard(task)  # type: ignore[arg-type]
+            self._tasks.discard(task)
 
 
 async def _pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
