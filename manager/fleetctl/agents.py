@@ -114,7 +114,8 @@ def list_agents(
         else:
             print_rows(cli.out, cli.fmt, rows, _columns(int(time.time() * 1000)))
             for e in errors:
-                cli.warn(f"node {e['node_id']}: could not list agents: {e['message']}")
+                reason = str(e["message"]).removeprefix(f"{e['node_id']}: ")
+                cli.warn(f"node {e['node_id']}: could not list agents: {reason}")
         return EXIT_FAILED if errors else EXIT_OK
 
     cli.call(body)
