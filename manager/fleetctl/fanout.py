@@ -263,25 +263,39 @@ async def _execute(cli: Cli, stream: AsyncIterator[Response], total: int, what: 
         transient=True,
         disable=not cli.err.is_terminal,
     )
+    broken: grpc.RpcError | None = None
     with progress:
         task = progress.add_task(what, total=total, ok=0, failed=0)
-        async for item in stream:
-            if item.WhichOneof("item") == "summary":
-                summary = summary_view(item.summary)
-                continue
-            row = target_view(item.result)
-            results.append(row)
-            if row["outcome"] == "FAILED":
-                cli.note(f"✗ {row['node_id']}/{row['agent_id']}: {row['message']}", style="red")
-            ok = sum(r["outcome"] == "OK" for r in results)
-            failed = sum(r["outcome"] == "FAILED" for r in results)
-            progress.update(
-                task, completed=len(results), total=max(total, len(results)), ok=ok, failed=failed
-            )
-    if summary is None:  # a stream cut short still reports what it saw
+        try:
+            async for item in stream:
+                if item.WhichOneof("item") == "summary":
+                    summary = summary_view(item.summary)
+                    continue
+                row = target_view(item.result)
+                results.append(row)
+                if row["outcome"] == "FAILED":
+                    cli.note(f"✗ {row['node_id']}/{row['agent_id']}: {row['message']}", style="red")
+                progress.update(
+                    task,
+                    completed=len(results),
+                    total=max(total, len(results)),
+                    ok=sum(r["outcome"] == "OK" for r in results),
+                    failed=sum(r["outcome"] == "FAILED" for r in results),
+                )
+        except grpc.RpcError as exc:
+            if not results:
+                raise
+            broken = exc  # show what did happen before saying why the rest is unknown
+    if summary is None:
         summary = _summarise(results, "")
     results.sort(key=lambda r: (r["node_id"], r["agent_id"]))
     _print_outcome(cli, results, summary, what)
+    if broken is not None:
+        cli.warn(
+            f"the stream of results broke after {len(results)} of {total} targets;"
+            " the others' outcome is unknown (check with fleetctl agents list)"
+        )
+        raise broken
     return EXIT_FAILED if summary["failed"] or summary["skipped"] else EXIT_OK
 
 

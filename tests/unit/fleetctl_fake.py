@@ -47,6 +47,7 @@ class FakeFleet:
     requests: list[tuple[str, Any]] = field(default_factory=list)
     callers: list[str] = field(default_factory=list)
     max_in_flight: int = 0
+    break_after: int | None = None
 
     def add_node(self, node_id: str, labels: dict[str, str], agents: list[str]) -> None:
         """A node with agents (id == type unless 'id:type') all RUNNING."""
@@ -192,6 +193,10 @@ class FakeFleetService(fleet_pb2_grpc.FleetServiceServicer):
                     *(self._one(n, a.id, request.operation) for n, a in batch)
                 )
                 for result in outcomes:
+                    if self.fleet.break_after is not None and sum(counts.values()) >= (
+                        self.fleet.break_after
+                    ):
+                        raise Unavailable("the manager is shutting down")
                     key = "ok" if result.outcome == fleet_pb2.TARGET_OUTCOME_OK else "failed"
                     counts[key] += 1
                     yield fleet_pb2.FleetServiceOperateAgentsResponse(result=result)

@@ -185,3 +185,19 @@ def test_operate_needs_exactly_one_target_option(fleetctl: Fleetctl) -> None:
     result = fleetctl("agents", "restart", "web")
     assert result.exit_code == 2
     assert "exactly one of them" in result.stderr
+
+
+def test_a_broken_result_stream_still_shows_what_happened(fleetctl: Fleetctl) -> None:
+    """The manager dies mid fan-out: the finished targets are shown, then one error, exit 1."""
+    fleetctl.manager.fleet.break_after = 1
+    result = fleetctl(
+        "agents", "restart", "web", "-l", "env", "--max-concurrency", "1", "--yes"
+    )  # fmt: skip
+    assert result.exit_code == 1
+    assert "node-1" in result.stdout
+    assert "OK" in result.stdout
+    assert "broke after 1 of 3 targets" in result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"fleetctl: error: manager at {fleetctl.manager.address} is unavailable:"
+        " the manager is shutting down"
+    )
