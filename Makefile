@@ -13,7 +13,7 @@ PROTOS := $(wildcard protos/fleet/v1/*.proto)
 FLEET_TEST_POSTGRES_URL ?= postgresql+asyncpg://postgres@127.0.0.1:5432/test
 export FLEET_TEST_POSTGRES_URL
 
-.PHONY: help setup test lint proto proto-check proto-breaking fmt demo clean
+.PHONY: help setup test soak lint proto proto-check proto-breaking fmt demo clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -37,6 +37,9 @@ demo: setup  ## run a manager and two daemons with example agents, and a fleetct
 
 test: setup  ## run the whole test suite
 	$(PY) -m pytest
+
+soak: setup  ## long fault runs: manager kill -9 under 1,000 simulated daemons + every fault test
+	FLEET_FAULT_NODES=1000 $(PY) -m pytest tests/faults -s --timeout 900
 
 lint: setup proto-check  ## ruff, mypy, buf lint/format, generated-code freshness
 	$(VENV)/bin/ruff check .
