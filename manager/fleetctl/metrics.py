@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import math
-import shutil
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -179,7 +178,7 @@ def _draw(
     if not reply.series:
         cli.out.print("No data in this range.", style="dim")
         return
-    width = max(10, (cli.out.width or shutil.get_terminal_size().columns) - 50)
+    width = max(10, cli.screen_width - 50)
     table = Table(box=None, pad_edge=False, header_style="bold")
     for title in ("SERIES", "CHART", "MIN", "MAX", "LAST"):
         table.add_column(title, no_wrap=title == "CHART")
@@ -277,7 +276,7 @@ def agent_samples(
         if not reply.data_points:
             cli.out.print("No samples (is the agent running?).", style="dim")
             return EXIT_OK
-        width = max(10, (cli.out.width or 80) - 50)
+        width = max(10, cli.screen_width - 50)
         table = Table(box=None, pad_edge=False, header_style="bold")
         for title in ("SERIES", "CHART", "MIN", "MAX", "LAST"):
             table.add_column(title, no_wrap=title == "CHART")

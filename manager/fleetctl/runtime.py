@@ -77,6 +77,11 @@ class Cli:
     def __init__(self, options: GlobalOptions) -> None:
         self.options = options
         self.out = Console(highlight=False)
+        # Piped output (grep, awk) must not wrap: one row per line, like kubectl.
+        self.screen_width = self.out.width
+        if not self.out.is_terminal and "COLUMNS" not in os.environ:
+            self.out = Console(highlight=False, width=100_000)
+            self.screen_width = 80
         self.err = Console(stderr=True, highlight=False)
         self._config: FleetctlConfig | None = None
 

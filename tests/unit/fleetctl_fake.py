@@ -369,7 +369,7 @@ class Fleetctl:
         ]
 
     def __call__(
-        self, *args: str, connect: bool = True, env: dict[str, str] | None = None, **kw: Any
+        self, *args: str, connect: bool = True, env: dict[str, str | None] | None = None, **kw: Any
     ) -> Result:
         """`fleetctl [connection flags] *args`, isolated from the user's config and env."""
         isolated: dict[str, str | None] = {

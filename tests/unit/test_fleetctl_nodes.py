@@ -98,3 +98,14 @@ def test_click_usage_errors_are_one_line(fleetctl: Fleetctl) -> None:
     assert result.stderr.splitlines() == [
         "fleetctl: error: No such option: --bogus (see 'fleetctl nodes list --help')"
     ]
+
+
+def test_piped_tables_never_wrap(fleetctl: Fleetctl) -> None:
+    """Without a terminal (and no COLUMNS) a long row stays on one line, for grep and awk."""
+    labels = {f"team.example.com/label-{i}": "x" * 40 for i in range(4)}
+    fleetctl.manager.fleet.nodes["node-1"].labels.update(labels)
+    result = fleetctl("nodes", "list", env={"COLUMNS": None})
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    assert len(lines) == 4
+    assert len(lines[1]) > 200
