@@ -163,3 +163,17 @@ def test_bad_manager_flag(live: Fleetctl) -> None:
     result = live("nodes", "list", "--manager", "somehost")
     assert result.exit_code == 2
     assert "host:port" in result.stderr
+
+
+def test_fleet_output_env_sets_the_default_format(live: Fleetctl) -> None:
+    """FLEET_OUTPUT=yaml makes YAML the default; -o still wins; a bad value names the variable."""
+    as_yaml = live("nodes", "list", env={"FLEET_OUTPUT": "yaml"})
+    assert as_yaml.exit_code == 0, as_yaml.output
+    assert as_yaml.stdout.startswith("nodes:\n- node_id: node-1\n")
+    as_json = live("-o", "json", "nodes", "list", env={"FLEET_OUTPUT": "yaml"})
+    assert json.loads(as_json.stdout)["nodes"][0]["node_id"] == "node-1"
+    bad = live("nodes", "list", env={"FLEET_OUTPUT": "xml"})
+    assert bad.exit_code == 2
+    assert "FLEET_OUTPUT" in bad.stderr
+    assert live.manager.fleet.requests[-1][0] == "ListNodes"
+    assert len(live.manager.fleet.requests) == 2
