@@ -20,7 +20,7 @@ from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
 from hypothesis import strategies as st
 
-__all__ = ["NOW_MS", "message", "mostly", "plausible_text", "text"]
+__all__ = ["NOW_MS", "message", "mostly", "near", "plausible_text", "requests", "text"]
 
 NOW_MS = int(time.time() * 1000)
 """Epoch milliseconds when the strategies were built (timestamps cluster around it)."""
@@ -159,3 +159,61 @@ def message(
         return cls(**{k: v for k, v in values.items() if v is not None})
 
     return st.fixed_dictionaries(fields).map(build)
+
+
+def near(
+    base: Message,
+    overrides: Mapping[str, st.SearchStrategy[Any]] | None = None,
+    *,
+    max_changes: int = 2,
+) -> st.SearchStrategy[Message]:
+    """`base` (a valid request) with up to `max_changes` fields replaced by fuzzed values.
+
+    Mostly-valid requests get past the first check, so the deeper checks and
+    the accepted paths (which write) are exercised too.
+    """
+    overrides = overrides or {}
+    desc = base.DESCRIPTOR
+    if not desc.fields:
+        return st.just(base)
+    cls = type(base)
+
+    def changed(values: dict[str, Any]) -> Message:
+        out = cls()
+        out.CopyFrom(base)
+        for name, value in values.items():
+            out.ClearField(name)
+            if value is not None:
+                out.MergeFrom(cls(**{name: value}))
+        return out
+
+    def fuzzed(name: str) -> st.SearchStrategy[Any]:
+        field = desc.fields_by_name[name]
+        anything = _field(field, overrides, 0)
+        if field.full_name in overrides or field.message_type is None:
+            return anything
+        if field.message_type.GetOptions().map_entry:
+            return anything
+        value = getattr(base, name)
+        if field.is_repeated and len(value):  # the first element, nearly valid
+            rest = list(value)[1:]
+            return st.one_of(anything, near(value[0], overrides).map(lambda m: [m, *rest]))
+        if not field.is_repeated and base.HasField(name):
+            return st.one_of(anything, near(value, overrides))
+        return anything
+
+    def fields(names: frozenset[str]) -> st.SearchStrategy[dict[str, Any]]:
+        return st.fixed_dictionaries({n: fuzzed(n) for n in sorted(names)})
+
+    names = [f.name for f in desc.fields]
+    # One field most of the time: a request with one bad field tests that field's check.
+    one = st.sampled_from(names).map(lambda n: frozenset([n]))
+    some = st.frozensets(st.sampled_from(names), min_size=1, max_size=max_changes)
+    return st.one_of(one, one, some).flatmap(fields).map(changed)
+
+
+def requests(
+    base: Message, overrides: Mapping[str, st.SearchStrategy[Any]] | None = None
+) -> st.SearchStrategy[Message]:
+    """Half anything of `base`'s type, half `base` with a few fields fuzzed."""
+    return st.one_of(message(base.DESCRIPTOR, overrides), near(base, overrides))

@@ -23,6 +23,7 @@ import pytest_asyncio
 from daemon_helpers import agent, short_tmp
 from fuzz_support import FUZZ, call_checked, supervisor_state
 from google.protobuf.descriptor import MethodDescriptor
+from google.protobuf.message import Message
 from grpc import aio
 from hypothesis import given
 from hypothesis import strategies as st
@@ -37,10 +38,10 @@ from live_env import (
     rpc_name,
     serving,
 )
-from proto_strategies import message, text
+from proto_strategies import requests, text
 
 from daemon.server import DaemonServer
-from fleet.v1 import daemon_pb2
+from fleet.v1 import common_pb2, daemon_pb2
 
 AGENTS = ("sleeper", "other")
 
@@ -71,7 +72,30 @@ OVERRIDES: dict[str, st.SearchStrategy[Any]] = {
 }
 """Keep node-side effects bounded (see the module docstring); everything else is fuzzed."""
 
-STRATEGIES = {rpc_name(m): message(m.input_type, OVERRIDES) for m in methods("DaemonService")}
+
+def valid(rpc: str) -> Message:
+    """A request the manager gets OK for (agents "sleeper" and "other")."""
+    specs = [
+        common_pb2.AgentSpec(id=a, argv=[SLEEP, "1000"], start_secs=0.0, stop_timeout_seconds=2)
+        for a in AGENTS
+    ]
+    d = daemon_pb2
+    return {
+        "DaemonService.ListAgents": d.ListAgentsRequest(),
+        "DaemonService.OperateAgent": d.OperateAgentRequest(
+            agent_id="sleeper", operation=common_pb2.AGENT_OPERATION_RESTART
+        ),
+        "DaemonService.GetAgentMetrics": d.GetAgentMetricsRequest(
+            agent_id="sleeper", duration_seconds=10
+        ),
+        "DaemonService.PushUpdate": d.PushUpdateRequest(version=1, agents=specs),
+        "DaemonService.ReadAgentLog": d.ReadAgentLogRequest(agent_id="sleeper"),
+    }[rpc]
+
+
+STRATEGIES = {
+    rpc_name(m): requests(valid(rpc_name(m)), OVERRIDES) for m in methods("DaemonService")
+}
 
 
 @dataclass
@@ -112,6 +136,13 @@ async def test_fuzz_daemon_service(env: Env, method: MethodDescriptor, data: st.
     if outcome.code != grpc.StatusCode.OK:
         after = supervisor_state(env.daemon)
         assert after == before, f"refused with {outcome.code.name} but the agents changed"
+    elif isinstance(request, daemon_pb2.PushUpdateRequest):
+        # Put the usual agents back, so the other RPCs keep finding them.
+        restore = daemon_pb2.PushUpdateRequest()
+        restore.CopyFrom(valid("DaemonService.PushUpdate"))
+        restore.version = time.time_ns()
+        back = await call_checked(env.channel, method, restore)
+        assert back.code == grpc.StatusCode.OK, back
 
 
 @pytest.mark.asyncio(loop_scope="module")

@@ -9,6 +9,8 @@ refused as INVALID_ARGUMENT must leave no trace); the manager still serves.
 
 from __future__ import annotations
 
+import functools
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +21,7 @@ import pytest_asyncio
 from daemon_helpers import agent, short_tmp
 from fuzz_support import FUZZ, call_checked, db_state
 from google.protobuf.descriptor import MethodDescriptor
+from google.protobuf.message import Message
 from grpc import aio
 from hypothesis import given
 from hypothesis import strategies as st
@@ -35,9 +38,9 @@ from live_env import (
     rpc_name,
     serving,
 )
-from proto_strategies import message, mostly, text
+from proto_strategies import mostly, requests, text
 
-from fleet.v1 import fleet_pb2
+from fleet.v1 import common_pb2, fleet_pb2, manager_pb2
 from manager.server import ManagerServer
 from manager.servicers.fleet_service import SERVICE_NAME
 
@@ -61,7 +64,47 @@ def _overrides() -> dict[str, st.SearchStrategy[Any]]:
     return out
 
 
-STRATEGIES = {rpc_name(m): message(m.input_type, _overrides()) for m in methods("FleetService")}
+OVERRIDES = _overrides()
+
+
+def valid(rpc: str) -> Message:
+    """A request an operator gets OK for, now (n1 and its agent "sleeper")."""
+    now = int(time.time() * 1000)
+    restart = common_pb2.AGENT_OPERATION_RESTART
+    test_nodes = common_pb2.LabelSelector(match_labels={"env": "test"})
+    f = fleet_pb2
+    return {
+        "FleetService.ListNodes": f.FleetServiceListNodesRequest(selector=test_nodes),
+        "FleetService.GetNode": f.FleetServiceGetNodeRequest(node_id="n1"),
+        "FleetService.UpdateNodeLabels": f.FleetServiceUpdateNodeLabelsRequest(
+            node_id="n1", set={"team": "fuzz"}
+        ),
+        "FleetService.ListAgents": f.FleetServiceListAgentsRequest(node_id="n1"),
+        "FleetService.OperateAgent": f.FleetServiceOperateAgentRequest(
+            node_id="n1", agent_id="sleeper", operation=restart
+        ),
+        "FleetService.OperateAgents": f.FleetServiceOperateAgentsRequest(
+            selector=test_nodes, agent_id="sleeper", operation=restart, plan=True
+        ),
+        "FleetService.QueryMetrics": f.FleetServiceQueryMetricsRequest(
+            node_id="n1", type="cpu", start_time=now - 60_000, end_time=now + 60_000
+        ),
+        "FleetService.GetAgentMetrics": f.FleetServiceGetAgentMetricsRequest(
+            node_id="n1", agent_id="sleeper"
+        ),
+        "FleetService.ReadAgentLog": f.FleetServiceReadAgentLogRequest(
+            node_id="n1", agent_id="sleeper"
+        ),
+        "FleetService.WatchEvents": f.FleetServiceWatchEventsRequest(),
+    }[rpc]
+
+
+@functools.cache
+def strategy(rpc: str) -> st.SearchStrategy[Message]:
+    """Built at first use, so the valid base's times are the manager's now."""
+    return requests(valid(rpc), OVERRIDES)
+
+
 AUDITED = {"FleetService.OperateAgent", "FleetService.OperateAgents"}
 """Operations record their attempt; only an invalid request must leave nothing."""
 
@@ -96,9 +139,23 @@ async def env(module_pki: ModulePki) -> AsyncIterator[Env]:
                 manager_name(pki),
             ) as chans,
         ):
-            for node, address in (("n1", f"127.0.0.1:{daemon.port}"), ("n2", "127.0.0.1:1")):
-                reply = await invoke(chans[node], register, registration(node, address))
+            for node, address, env in (
+                ("n1", f"127.0.0.1:{daemon.port}", "test"),
+                ("n2", "127.0.0.1:1", "dead"),
+            ):
+                request = registration(node, address)
+                request.labels["env"] = env
+                reply = await invoke(chans[node], register, request)
                 assert reply.code == grpc.StatusCode.OK, reply
+            # The manager knows n1's agents (its daemon's link dials nowhere here).
+            sync = {m.name: m for m in methods("ManagerService")}["SyncAgentStates"]
+            states = [
+                manager_pb2.AgentState(agent_id=a, status=common_pb2.AGENT_STATUS_RUNNING)
+                for a in AGENTS
+            ]
+            request = manager_pb2.SyncAgentStatesRequest(node_id="n1", states=states)
+            reply = await invoke(chans["n1"], sync, request)
+            assert reply.code == grpc.StatusCode.OK, reply
             yield Env(manager, chans["operator"])
 
 
@@ -109,7 +166,7 @@ async def env(module_pki: ModulePki) -> AsyncIterator[Env]:
 async def test_fuzz_fleet_service(env: Env, method: MethodDescriptor, data: st.DataObject) -> None:
     """Any request: a proper status (never UNKNOWN/INTERNAL), and a refusal writes nothing."""
     name = rpc_name(method)
-    request = data.draw(STRATEGIES[name], label="request")
+    request = data.draw(strategy(name), label="request")
     before = env.known or await db_state(env.manager.db)
     env.known = None
     idle = 5.0 if name == "FleetService.OperateAgents" else 0.3  # let a fan-out finish

@@ -7,6 +7,8 @@ still serves afterwards.
 
 from __future__ import annotations
 
+import functools
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +19,9 @@ import pytest
 import pytest_asyncio
 from fuzz_support import FUZZ, call_checked, db_state
 from google.protobuf.descriptor import MethodDescriptor
+from google.protobuf.message import Message
 from grpc import aio
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 from live_env import (
     ModulePki,
@@ -31,8 +34,9 @@ from live_env import (
     rpc_name,
     serving,
 )
-from proto_strategies import message, mostly, plausible_text, text
+from proto_strategies import plausible_text, requests, text
 
+from fleet.v1 import common_pb2, manager_pb2
 from manager.server import SERVICE_NAME, ManagerServer
 
 NODE = "n1"
@@ -40,16 +44,11 @@ NODE = "n1"
 
 _finite = st.floats(allow_nan=False, allow_infinity=False)
 OVERRIDES = {
-    **{
-        f"fleet.v1.{m.input_type.name}.node_id": mostly(NODE, text)
-        for m in methods("ManagerService")
-    },
+    # Speaking for another node is one check (see test_fuzz_speaking_for_another_node).
+    **{f"fleet.v1.{m.input_type.name}.node_id": st.just(NODE) for m in methods("ManagerService")},
     "fleet.v1.RegisterNodeRequest.ip": st.one_of(
         st.sampled_from(["127.0.0.1", "::1", "10.1.2.3"]), text
     ),
-    "fleet.v1.RegisterNodeRequest.hostname": st.one_of(st.just("n1.example.com"), text),
-    "fleet.v1.RegisterNodeRequest.os": st.one_of(st.just("linux"), text),
-    "fleet.v1.RegisterNodeRequest.arch": st.one_of(st.just("x86_64"), text),
     # Never dialed here: no FleetService call in this module reaches a daemon.
     "fleet.v1.RegisterNodeRequest.daemon_address": st.one_of(st.just("127.0.0.1:7444"), text),
     "fleet.v1.MetricData.type": st.one_of(st.sampled_from(["cpu", "memory", "disk"]), text),
@@ -89,7 +88,30 @@ async def env(
         yield Env(manager, chans[NODE])
 
 
-STRATEGIES = {rpc_name(m): message(m.input_type, OVERRIDES) for m in methods("ManagerService")}
+def valid(rpc: str) -> Message:
+    """A request node n1 gets OK for, now."""
+    now = int(time.time() * 1000)
+    state = manager_pb2.AgentState(
+        agent_id="web", status=common_pb2.AGENT_STATUS_RUNNING, pid=42, start_time=now
+    )
+    return {
+        "ManagerService.RegisterNode": registration(NODE, "127.0.0.1:7444"),
+        "ManagerService.Heartbeat": manager_pb2.HeartbeatRequest(node_id=NODE, timestamp=now),
+        "ManagerService.ReportMetrics": manager_pb2.ReportMetricsRequest(
+            node_id=NODE,
+            sequence=now,
+            metrics=[common_pb2.MetricData(type="cpu", timestamp=now, values={"usage": 0.5})],
+        ),
+        "ManagerService.SyncAgentStates": manager_pb2.SyncAgentStatesRequest(
+            node_id=NODE, states=[state]
+        ),
+    }[rpc]
+
+
+@functools.cache
+def strategy(rpc: str) -> st.SearchStrategy[Message]:
+    """Built at first use, so the valid base's timestamps are the manager's now."""
+    return requests(valid(rpc), OVERRIDES)
 
 
 @pytest.mark.asyncio(loop_scope="module")
@@ -100,7 +122,7 @@ async def test_fuzz_manager_service(
     env: Env, method: MethodDescriptor, data: st.DataObject
 ) -> None:
     """Any request: a proper status (never UNKNOWN/INTERNAL), and a refusal writes nothing."""
-    request = data.draw(STRATEGIES[rpc_name(method)], label="request")
+    request = data.draw(strategy(rpc_name(method)), label="request")
     before = env.known or await db_state(env.manager.db)
     env.known = None
     outcome = await call_checked(env.channel, method, request)
@@ -108,6 +130,24 @@ async def test_fuzz_manager_service(
         after = await db_state(env.manager.db)
         assert after == before, f"refused with {outcome.code.name} but the database changed"
         env.known = after  # only an accepted call changes it
+
+
+@pytest.mark.asyncio(loop_scope="module")
+@pytest.mark.parametrize("method", methods("ManagerService"), ids=rpc_name)
+@settings(FUZZ, max_examples=max(10, FUZZ.max_examples // 6))
+@given(data=st.data())
+async def test_fuzz_speaking_for_another_node(
+    env: Env, method: MethodDescriptor, data: st.DataObject
+) -> None:
+    """Any request naming another node is PERMISSION_DENIED and writes nothing."""
+    request = data.draw(strategy(rpc_name(method)), label="request")
+    other = data.draw(text.filter(lambda t: t != NODE), label="node_id")
+    request.node_id = other  # type: ignore[attr-defined]  # every ManagerService request has it
+    before = env.known or await db_state(env.manager.db)
+    outcome = await call_checked(env.channel, method, request)
+    assert outcome.code == grpc.StatusCode.PERMISSION_DENIED, outcome
+    assert await db_state(env.manager.db) == before
+    env.known = before
 
 
 @pytest.mark.asyncio(loop_scope="module")
