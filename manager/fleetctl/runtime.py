@@ -35,6 +35,7 @@ EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_USAGE = 2
 EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE, what a shell reports for a killed writer
 
 if TYPE_CHECKING:
     from fleet.v1.fleet_pb2_grpc import FleetServiceAsyncStub
@@ -154,6 +155,12 @@ class Cli:
             self.fail(exc.message, EXIT_USAGE if _is_usage(exc.code) else EXIT_FAILED)
         except KeyboardInterrupt:
             self.fail("interrupted", EXIT_INTERRUPTED)
+        except BrokenPipeError:
+            # The reader went away (`| head`): stop quietly, as a SIGPIPE would,
+            # and keep the interpreter's final flush from complaining.
+            with contextlib.suppress(OSError, ValueError):
+                os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+            raise typer.Exit(EXIT_BROKEN_PIPE) from None
         except Exception as exc:
             if os.environ.get("FLEETCTL_DEBUG"):
                 traceback.print_exc()
