@@ -38,7 +38,9 @@ def test_buffer_pop_only_removes_the_acknowledged_head() -> None:
     assert buf.sequences() == [1, 2]
     buf.pop(1)
     assert buf.sequences() == [2]
-    assert buf.peek() is not None and buf.peek().sequence == 2  # type: ignore[union-attr]
+    head = buf.peek()
+    assert head is not None
+    assert head.sequence == 2
 
 
 def test_buffer_refuses_a_zero_capacity() -> None:
