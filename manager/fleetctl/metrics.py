@@ -23,7 +23,7 @@ from manager.fleetctl.views import series_view
 if TYPE_CHECKING:
     from fleet.v1 import common_pb2
 
-__all__ = ["Aggregate", "app", "bucket_values", "sample_series", "time_range"]
+__all__ = ["Aggregate", "app", "bucket_values", "format_number", "sample_series", "time_range"]
 
 app = typer.Typer(help="Metrics the manager stored.", no_args_is_help=True)
 
@@ -156,7 +156,24 @@ def query(
     cli.call(body)
 
 
-def _num(value: float) -> str:
+def format_number(value: float, name: str = "") -> str:
+    """A chart's min/max/last: KiB..PiB when `name` has a ``bytes`` part, else k/M/G/T (pure)."""
+    if not math.isfinite(value):
+        return str(value)
+    size = abs(value)
+    if "bytes" in name.split("_") and size >= 1024:
+        units = ("KiB", "MiB", "GiB", "TiB", "PiB")
+        i = 0
+        value /= 1024
+        while abs(value) >= 1024 and i < len(units) - 1:
+            value /= 1024
+            i += 1
+        return f"{value:.3g}{units[i]}"
+    # From 10k on (4-digit values read fine as they are).
+    for threshold, divisor, suffix in ((1e12, 1e12, "T"), (1e9, 1e9, "G"), (1e6, 1e6, "M"),
+                                       (1e4, 1e3, "k")):  # fmt: skip
+        if size >= threshold:
+            return f"{value / divisor:.3g}{suffix}"
     return f"{value:.4g}"
 
 
@@ -193,9 +210,9 @@ def _draw(
         table.add_row(
             series.name,
             Text(sparkline(buckets, width=width), style="cyan"),
-            _num(min(values)) if values else "-",
-            _num(max(values)) if values else "-",
-            _num(values[-1]) if values else "-",
+            format_number(min(values), series.name) if values else "-",
+            format_number(max(values), series.name) if values else "-",
+            format_number(values[-1], series.name) if values else "-",
         )
     cli.out.print(table)
 
@@ -285,9 +302,9 @@ def agent_samples(
             table.add_row(
                 name,
                 Text(sparkline(values, width=width), style="cyan"),
-                _num(min(values)),
-                _num(max(values)),
-                _num(values[-1]),
+                format_number(min(values)),
+                format_number(max(values)),
+                format_number(values[-1]),
             )
         cli.out.print(table)
         return EXIT_OK

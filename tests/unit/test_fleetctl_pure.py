@@ -10,7 +10,7 @@ from cryptography import x509
 from fleet.pki import CertificateAuthority
 from manager.fleetctl.agents import last_lines, split_agent_ref
 from manager.fleetctl.app import hoist_global_options
-from manager.fleetctl.metrics import bucket_values
+from manager.fleetctl.metrics import bucket_values, format_number
 from manager.fleetctl.nodes import parse_label_changes
 from manager.fleetctl.output import sparkline
 from manager.fleetctl.runtime import UsageProblem
@@ -142,3 +142,15 @@ def test_explain_server_certificate() -> None:
     assert "expired on" in str(explain_server_certificate(good, ours, name, now=later))
     earlier = now - dt.timedelta(days=1)
     assert "not valid until" in str(explain_server_certificate(good, ours, name, now=earlier))
+
+
+@pytest.mark.parametrize(
+    ("value", "name", "shown"),
+    [(0.0, "x", "0"), (6.945, "usage_percent", "6.945"), (9999.0, "x", "9999"),
+     (2.51e9, "packets", "2.51G"), (1.2e4, "x", "12k"), (512.0, "used_bytes", "512"),
+     (2.352e10, "available_bytes", "21.9GiB"), (3 * 1024**2, "bytes_recv", "3MiB"),
+     (float("nan"), "x", "nan")],
+)  # fmt: skip
+def test_format_number(value: float, name: str, shown: str) -> None:
+    """Chart figures stay short: binary units for byte series, k/M/G for big counts."""
+    assert format_number(value, name) == shown
