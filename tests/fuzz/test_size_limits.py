@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -9,19 +10,25 @@ import grpc
 import pytest
 import pytest_asyncio
 from daemon_helpers import agent, short_tmp
-from fuzz_support import db_state, supervisor_state
+from fuzz_support import NEVER, db_state, supervisor_state
+from google.protobuf.descriptor import MethodDescriptor
+from google.protobuf.message import Message
 from grpc import aio
 from live_env import (
     SERVICES,
     SLEEP,
     ModulePki,
+    Outcome,
     channels,
     invoke,
     live_daemon,
     live_manager,
     manager_name,
+    methods,
     node_name,
     registration,
+    requests,
+    rpc_name,
 )
 
 from daemon.server import DaemonServer
@@ -117,3 +124,59 @@ async def test_oversized_push_is_resource_exhausted(env: Env) -> None:
     outcome = await invoke(env.chans["manager"], method, request)
     assert outcome.code == grpc.StatusCode.RESOURCE_EXHAUSTED, outcome
     assert supervisor_state(env.daemon) == before
+
+
+CALLER = {"ManagerService": "n1", "FleetService": "operator", "DaemonService": "manager"}
+TCP_RPCS = [m for service in CALLER for m in methods(service)]
+
+
+def with_unknown_field(request: Message, size: int) -> bytes:
+    """`request` serialised plus an unknown length-delimited field (number 1000) of `size` bytes."""
+
+    def varint(n: int) -> bytes:
+        out = bytearray()
+        while True:
+            byte, n = n & 0x7F, n >> 7
+            out.append(byte | (0x80 if n else 0))
+            if not n:
+                return bytes(out)
+
+    return request.SerializeToString() + varint(1000 << 3 | 2) + varint(size) + b"\0" * size
+
+
+async def call_raw(channel: aio.Channel, method: MethodDescriptor, payload: bytes) -> Outcome:
+    """Send pre-serialised bytes to `method`; read a stream until it ends or idles."""
+    path = f"/{method.containing_service.full_name}/{method.name}"
+    try:
+        if not method.server_streaming:
+            await channel.unary_unary(path)(payload, timeout=15)
+            return Outcome(grpc.StatusCode.OK, "")
+        call = channel.unary_stream(path)(payload, timeout=15)
+        try:
+            # 4 MiB through TLS takes a while on a busy machine: wait for the verdict.
+            while await asyncio.wait_for(call.read(), 5.0) is not aio.EOF:
+                pass
+        except TimeoutError:
+            call.cancel()
+            return Outcome(grpc.StatusCode.OK, "")
+        return Outcome(await call.code(), await call.details() or "")
+    except aio.AioRpcError as exc:
+        return Outcome(exc.code(), exc.details() or "")
+
+
+@pytest.mark.parametrize("method", TCP_RPCS, ids=rpc_name)
+async def test_every_rpc_refuses_an_oversized_request_and_ignores_unknown_fields(
+    env: Env, method: MethodDescriptor
+) -> None:
+    """Past 4 MiB (an unknown field): RESOURCE_EXHAUSTED, no write; a small one is ignored."""
+    service = method.containing_service.name
+    channel = env.chans[CALLER[service]]
+    request = requests(env.daemon.port, node="n1")[rpc_name(method)]
+    before = (await db_state(env.manager.db), supervisor_state(env.daemon))
+
+    huge = await call_raw(channel, method, with_unknown_field(request, LIMIT + 1024))
+    assert huge.code == grpc.StatusCode.RESOURCE_EXHAUSTED, huge
+    assert (await db_state(env.manager.db), supervisor_state(env.daemon)) == before
+
+    small = await call_raw(channel, method, with_unknown_field(request, 1024))
+    assert small.code not in NEVER | {grpc.StatusCode.RESOURCE_EXHAUSTED}, small

@@ -12,6 +12,7 @@ import asyncio
 import dataclasses
 import datetime as dt
 import shutil
+import time
 from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -33,7 +34,7 @@ from daemon.supervisor.spec import AgentSpec
 from fleet.pki import CertificateAuthority, Identity, Role
 from fleet.retry import Backoff
 from fleet.tls import TLSConfig, channel_credentials, channel_options
-from fleet.v1 import agent_pb2, daemon_pb2, fleet_pb2, manager_pb2
+from fleet.v1 import agent_pb2, common_pb2, daemon_pb2, fleet_pb2, manager_pb2
 from manager.pool import PoolConfig
 from manager.server import ManagerServer
 
@@ -255,6 +256,75 @@ def registration(node_id: str, daemon_address: str) -> manager_pb2.RegisterNodeR
         agent_version="0.1.0",
         daemon_address=daemon_address,
     )
+
+
+def requests(daemon_port: int, node: str = "a") -> dict[str, Message]:
+    """'Service.Method' -> a request the allowed identity gets OK (or NOT_FOUND) for."""
+    now = int(time.time() * 1000)
+    op = common_pb2.AGENT_OPERATION_RESTART
+    sdk_spec = common_pb2.AgentSpec(id="sleeper", argv=[SLEEP, "1000"], start_secs=0.0)
+    return {
+        # ManagerService: the node about itself.
+        "ManagerService.RegisterNode": registration(node, f"127.0.0.1:{daemon_port}"),
+        "ManagerService.Heartbeat": manager_pb2.HeartbeatRequest(node_id=node, timestamp=now),
+        "ManagerService.ReportMetrics": manager_pb2.ReportMetricsRequest(
+            node_id=node,
+            sequence=1,
+            metrics=[common_pb2.MetricData(type="cpu", timestamp=now, values={"usage": 1.0})],
+        ),
+        "ManagerService.SyncAgentStates": manager_pb2.SyncAgentStatesRequest(
+            node_id=node,
+            states=[
+                manager_pb2.AgentState(agent_id="sleeper", status=common_pb2.AGENT_STATUS_RUNNING)
+            ],
+        ),
+        # DaemonService on the node's daemon (agents "sleeper" and "sdk").
+        "DaemonService.ListAgents": daemon_pb2.ListAgentsRequest(),
+        "DaemonService.OperateAgent": daemon_pb2.OperateAgentRequest(
+            agent_id="absent", operation=op
+        ),
+        "DaemonService.GetAgentMetrics": daemon_pb2.GetAgentMetricsRequest(agent_id="sleeper"),
+        # A stale version: refused (FAILED_PRECONDITION) after the authorisation check.
+        "DaemonService.PushUpdate": daemon_pb2.PushUpdateRequest(version=0, agents=[sdk_spec]),
+        "DaemonService.ReadAgentLog": daemon_pb2.ReadAgentLogRequest(agent_id="sleeper"),
+        # FleetService: through the manager, to the node's daemon where needed.
+        "FleetService.ListNodes": fleet_pb2.FleetServiceListNodesRequest(),
+        "FleetService.GetNode": fleet_pb2.FleetServiceGetNodeRequest(node_id=node),
+        "FleetService.UpdateNodeLabels": fleet_pb2.FleetServiceUpdateNodeLabelsRequest(
+            node_id=node, set={"team": "security"}
+        ),
+        "FleetService.ListAgents": fleet_pb2.FleetServiceListAgentsRequest(node_id=node),
+        "FleetService.OperateAgent": fleet_pb2.FleetServiceOperateAgentRequest(
+            node_id=node, agent_id="absent", operation=op
+        ),
+        "FleetService.OperateAgents": fleet_pb2.FleetServiceOperateAgentsRequest(
+            selector=common_pb2.LabelSelector(match_labels={"env": "test"}),
+            agent_id="sleeper",
+            operation=op,
+            plan=True,
+        ),
+        "FleetService.QueryMetrics": fleet_pb2.FleetServiceQueryMetricsRequest(
+            node_id=node, type="cpu", start_time=now - 60_000, end_time=now + 60_000
+        ),
+        "FleetService.GetAgentMetrics": fleet_pb2.FleetServiceGetAgentMetricsRequest(
+            node_id=node, agent_id="sleeper"
+        ),
+        "FleetService.ReadAgentLog": fleet_pb2.FleetServiceReadAgentLogRequest(
+            node_id=node, agent_id="sleeper"
+        ),
+        "FleetService.WatchEvents": fleet_pb2.FleetServiceWatchEventsRequest(),
+        # AgentService: the "agent for another" column names "sleeper" instead.
+        "AgentService.Register": agent_pb2.AgentServiceRegisterRequest(agent_id="sdk"),
+        "AgentService.Heartbeat": agent_pb2.AgentServiceHeartbeatRequest(
+            agent_id="sdk", timestamp=now
+        ),
+        "AgentService.ReportMetrics": agent_pb2.AgentServiceReportMetricsRequest(
+            agent_id="sdk",
+            metrics=[common_pb2.MetricData(type="jobs", timestamp=now, values={"done": 1.0})],
+        ),
+        "AgentService.GetConfig": agent_pb2.AgentServiceGetConfigRequest(agent_id="sdk"),
+        "AgentService.WatchConfig": agent_pb2.AgentServiceWatchConfigRequest(agent_id="sdk"),
+    }
 
 
 def all_rpcs() -> Iterator[MethodDescriptor]:

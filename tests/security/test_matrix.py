@@ -14,7 +14,6 @@ import base64
 import json
 import os
 import sys
-import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -40,13 +39,12 @@ from live_env import (
     manager_name,
     methods,
     node_name,
-    registration,
+    requests,
     rpc_name,
 )
 
 from daemon.server import DaemonServer
 from fleet.pki import Role
-from fleet.v1 import agent_pb2, common_pb2, daemon_pb2, fleet_pb2, manager_pb2
 from manager.server import ManagerServer
 
 Expect = Literal["refused", "denied", "allowed"]
@@ -108,76 +106,8 @@ def category(code: grpc.StatusCode) -> Expect | Literal["bug"]:
     return "allowed"
 
 
-# --- a minimal valid request per RPC -----------------------------------------
-
 NODE = "a"
 """The node whose daemon runs, and whom every ManagerService request speaks for."""
-
-
-def requests(daemon_port: int) -> dict[str, Message]:
-    """'Service.Method' -> a request the allowed identity gets OK (or NOT_FOUND) for."""
-    now = int(time.time() * 1000)
-    op = common_pb2.AGENT_OPERATION_RESTART
-    sdk_spec = common_pb2.AgentSpec(id="sleeper", argv=[SLEEP, "1000"], start_secs=0.0)
-    return {
-        # ManagerService: node a about node a.
-        "ManagerService.RegisterNode": registration(NODE, f"127.0.0.1:{daemon_port}"),
-        "ManagerService.Heartbeat": manager_pb2.HeartbeatRequest(node_id=NODE, timestamp=now),
-        "ManagerService.ReportMetrics": manager_pb2.ReportMetricsRequest(
-            node_id=NODE,
-            sequence=1,
-            metrics=[common_pb2.MetricData(type="cpu", timestamp=now, values={"usage": 1.0})],
-        ),
-        "ManagerService.SyncAgentStates": manager_pb2.SyncAgentStatesRequest(
-            node_id=NODE,
-            states=[
-                manager_pb2.AgentState(agent_id="sleeper", status=common_pb2.AGENT_STATUS_RUNNING)
-            ],
-        ),
-        # DaemonService on node a's daemon (agents "sleeper" and "sdk").
-        "DaemonService.ListAgents": daemon_pb2.ListAgentsRequest(),
-        "DaemonService.OperateAgent": daemon_pb2.OperateAgentRequest(
-            agent_id="absent", operation=op
-        ),
-        "DaemonService.GetAgentMetrics": daemon_pb2.GetAgentMetricsRequest(agent_id="sleeper"),
-        # A stale version: refused (FAILED_PRECONDITION) after the authorisation check.
-        "DaemonService.PushUpdate": daemon_pb2.PushUpdateRequest(version=0, agents=[sdk_spec]),
-        "DaemonService.ReadAgentLog": daemon_pb2.ReadAgentLogRequest(agent_id="sleeper"),
-        # FleetService: through the manager, to node a's daemon where needed.
-        "FleetService.ListNodes": fleet_pb2.FleetServiceListNodesRequest(),
-        "FleetService.GetNode": fleet_pb2.FleetServiceGetNodeRequest(node_id=NODE),
-        "FleetService.UpdateNodeLabels": fleet_pb2.FleetServiceUpdateNodeLabelsRequest(
-            node_id=NODE, set={"team": "security"}
-        ),
-        "FleetService.ListAgents": fleet_pb2.FleetServiceListAgentsRequest(node_id=NODE),
-        "FleetService.OperateAgent": fleet_pb2.FleetServiceOperateAgentRequest(
-            node_id=NODE, agent_id="absent", operation=op
-        ),
-        "FleetService.OperateAgents": fleet_pb2.FleetServiceOperateAgentsRequest(
-            selector=common_pb2.LabelSelector(match_labels={"env": "test"}), operation=op, plan=True
-        ),
-        "FleetService.QueryMetrics": fleet_pb2.FleetServiceQueryMetricsRequest(
-            node_id=NODE, type="cpu", start_time=now - 60_000, end_time=now + 60_000
-        ),
-        "FleetService.GetAgentMetrics": fleet_pb2.FleetServiceGetAgentMetricsRequest(
-            node_id=NODE, agent_id="sleeper"
-        ),
-        "FleetService.ReadAgentLog": fleet_pb2.FleetServiceReadAgentLogRequest(
-            node_id=NODE, agent_id="sleeper"
-        ),
-        "FleetService.WatchEvents": fleet_pb2.FleetServiceWatchEventsRequest(),
-        # AgentService: the "agent for another" column names "sleeper" instead.
-        "AgentService.Register": agent_pb2.AgentServiceRegisterRequest(agent_id="sdk"),
-        "AgentService.Heartbeat": agent_pb2.AgentServiceHeartbeatRequest(
-            agent_id="sdk", timestamp=now
-        ),
-        "AgentService.ReportMetrics": agent_pb2.AgentServiceReportMetricsRequest(
-            agent_id="sdk",
-            metrics=[common_pb2.MetricData(type="jobs", timestamp=now, values={"done": 1.0})],
-        ),
-        "AgentService.GetConfig": agent_pb2.AgentServiceGetConfigRequest(agent_id="sdk"),
-        "AgentService.WatchConfig": agent_pb2.AgentServiceWatchConfigRequest(agent_id="sdk"),
-    }
 
 
 # --- the AgentService callers: real processes on the agent socket -----------
