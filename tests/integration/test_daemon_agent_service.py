@@ -51,6 +51,9 @@ if r is not None:
     out(step="config", payload=r.config.payload.decode(), version=r.config.version,
         sha=r.config.sha256, interval=r.heartbeat_interval_ms, stop=r.stop_timeout_ms)
 call("heartbeat", stub.Heartbeat, A.AgentServiceHeartbeatRequest(agent_id=me))
+g = call("getconfig", stub.GetConfig, A.AgentServiceGetConfigRequest(agent_id=me))
+if g is not None:
+    out(step="getconfig-payload", payload=g.config.payload.decode(), version=g.config.version)
 call("impersonate", stub.Heartbeat, A.AgentServiceHeartbeatRequest(agent_id="other"))
 now = int(time.time() * 1000)
 good = common_pb2.MetricData(type="jobs_done", timestamp=now, values={"count": 3.0})
@@ -120,6 +123,8 @@ async def test_supervised_agent_registers_and_is_confined_to_itself(
     assert got["config"]["stop"] == 2000
     assert len(got["config"]["sha"]) == 64
     assert got["heartbeat"]["ok"]
+    assert got["getconfig-payload"]["payload"] == '{"a": 1}'
+    assert got["getconfig-payload"]["version"] == got["config"]["version"]
     assert got["impersonate"]["code"] == "PERMISSION_DENIED"
     assert "may not speak for agent other" in got["impersonate"]["details"]
     assert got["metrics"]["ok"]

@@ -13,6 +13,7 @@ import pytest
 from daemon_helpers import agent, client_channel, daemon_config, eventually, short_tmp
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from daemon.server import DaemonServer
 from fleet.v1 import common_pb2, daemon_pb2, daemon_pb2_grpc
@@ -265,7 +266,13 @@ async def test_read_agent_log_reads_and_follows(served: Served) -> None:
 
 
 async def test_health_and_reflection_are_served(served: Served) -> None:
-    """Stock gRPC health checks see the DaemonService SERVING."""
+    """Stock gRPC tools work: health says SERVING and reflection lists the DaemonService."""
     health = health_pb2_grpc.HealthStub(served.channel)
     reply = await health.Check(health_pb2.HealthCheckRequest(service="fleet.v1.DaemonService"))
     assert reply.status == health_pb2.HealthCheckResponse.SERVING
+    reflection = reflection_pb2_grpc.ServerReflectionStub(served.channel)
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    names: set[str] = set()
+    async for answer in reflection.ServerReflectionInfo(iter([request])):
+        names.update(s.name for s in answer.list_services_response.service)
+    assert {"fleet.v1.DaemonService", "grpc.health.v1.Health"} <= names
