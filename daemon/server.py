@@ -201,7 +201,9 @@ class DaemonServer:
         self._grpc = aio.server(interceptors=[ErrorMappingInterceptor()], options=_SERVER_OPTIONS)
         daemon_pb2_grpc.add_DaemonServiceServicer_to_server(
             DaemonServicer(
-                self.supervisor, follow_interval=min(self.cfg.sample_interval_seconds, 0.5)
+                self.supervisor,
+                trust_domain=self.identity.trust_domain,
+                follow_interval=min(self.cfg.sample_interval_seconds, 0.5),
             ),
             self._grpc,
         )

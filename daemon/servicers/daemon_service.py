@@ -42,27 +42,33 @@ def _agent_id(value: str) -> str:
 
 
 class DaemonServicer(daemon_pb2_grpc.DaemonServiceServicer):
-    """Serves one supervisor to the manager.
+    """Serves one supervisor to the manager (callers: `manager/*` of `trust_domain`).
 
     `follow_interval` is how often a following ReadAgentLog re-checks a log
     that has no new bytes (a timed wait, not a busy loop; the same cadence
     as the sampler's tick by default).
     """
 
-    def __init__(self, supervisor: Supervisor, *, follow_interval: float = 0.5) -> None:
+    def __init__(
+        self, supervisor: Supervisor, *, trust_domain: str, follow_interval: float = 0.5
+    ) -> None:
         self._sup = supervisor
+        self._trust_domain = trust_domain
         self._follow_interval = follow_interval
+
+    def _require_manager(self, context: _Context) -> None:
+        require_role(context, "manager", trust_domain=self._trust_domain)
 
     async def ListAgents(
         self, request: daemon_pb2.ListAgentsRequest, context: _Context
     ) -> daemon_pb2.ListAgentsResponse:
-        require_role(context, "manager")
+        self._require_manager(context)
         return daemon_pb2.ListAgentsResponse(agents=[agent_info(s) for s in self._sup.list()])
 
     async def OperateAgent(
         self, request: daemon_pb2.OperateAgentRequest, context: _Context
     ) -> daemon_pb2.OperateAgentResponse:
-        require_role(context, "manager")
+        self._require_manager(context)
         agent_id = _agent_id(request.agent_id)
         op = _OPS.get(request.operation)
         if op is None:
@@ -73,7 +79,7 @@ class DaemonServicer(daemon_pb2_grpc.DaemonServiceServicer):
     async def GetAgentMetrics(
         self, request: daemon_pb2.GetAgentMetricsRequest, context: _Context
     ) -> daemon_pb2.GetAgentMetricsResponse:
-        require_role(context, "manager")
+        self._require_manager(context)
         agent_id = _agent_id(request.agent_id)
         if request.duration_seconds < 0:
             raise InvalidArgument(
@@ -89,7 +95,7 @@ class DaemonServicer(daemon_pb2_grpc.DaemonServiceServicer):
     async def PushUpdate(
         self, request: daemon_pb2.PushUpdateRequest, context: _Context
     ) -> daemon_pb2.PushUpdateResponse:
-        require_role(context, "manager")
+        self._require_manager(context)
         specs = specs_from_proto(request.agents)
         result = await self._sup.apply(request.version, specs)
         return daemon_pb2.PushUpdateResponse(
@@ -105,7 +111,7 @@ class DaemonServicer(daemon_pb2_grpc.DaemonServiceServicer):
     async def ReadAgentLog(
         self, request: daemon_pb2.ReadAgentLogRequest, context: _Context
     ) -> AsyncIterator[daemon_pb2.ReadAgentLogResponse]:
-        require_role(context, "manager")
+        self._require_manager(context)
         agent_id = _agent_id(request.agent_id)
         if request.max_bytes < 0 or request.max_bytes > MAX_LOG_CHUNK:
             raise InvalidArgument(
