@@ -9,16 +9,18 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import pytest_asyncio
 from hypothesis import HealthCheck, settings
 
 _TESTS = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(_TESTS / "integration"))  # manager_harness
 sys.path.insert(0, str(_TESTS / "security"))  # live_env
 
-from live_env import ModulePki  # noqa: E402  # needs the paths above
+from live_env import ModulePki, postgres_database  # noqa: E402  # needs the paths above
 
 from fleet.pki import CertificateAuthority  # noqa: E402
 
@@ -41,3 +43,17 @@ settings.register_profile(
 def module_pki(tmp_path_factory: pytest.TempPathFactory) -> ModulePki:
     """A CA for the whole module (one server per module, not per example)."""
     return ModulePki(CertificateAuthority.create(), tmp_path_factory.mktemp("pki"))
+
+
+@pytest_asyncio.fixture(
+    scope="module",
+    loop_scope="module",
+    params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)],
+)
+async def manager_database(request: pytest.FixtureRequest) -> AsyncIterator[str]:
+    """The manager's database for a module: "" (a SQLite file) or a fresh PostgreSQL one."""
+    if request.param == "sqlite":
+        yield ""
+        return
+    async with postgres_database() as url:
+        yield url

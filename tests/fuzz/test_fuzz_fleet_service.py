@@ -120,14 +120,14 @@ class Env:
 
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def env(module_pki: ModulePki) -> AsyncIterator[Env]:
-    """A manager; n1's real daemon and n2 (unreachable) registered with it."""
+async def env(module_pki: ModulePki, manager_database: str) -> AsyncIterator[Env]:
+    """A manager (per backend); n1's real daemon and n2 (unreachable) registered with it."""
     pki = module_pki
     specs = [agent(a, SLEEP, "1000", start_secs=0.0, stop_timeout=2.0) for a in AGENTS]
     register = {m.name: m for m in methods("ManagerService")}["RegisterNode"]
     with short_tmp() as root:
         async with (
-            live_manager(pki, root) as manager,
+            live_manager(pki, root, manager_database) as manager,
             live_daemon(pki, root / "d", "n1", specs) as daemon,
             channels(
                 manager.port,

@@ -72,12 +72,12 @@ class Env:
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def env(
-    module_pki: ModulePki, tmp_path_factory: pytest.TempPathFactory
+    module_pki: ModulePki, tmp_path_factory: pytest.TempPathFactory, manager_database: str
 ) -> AsyncIterator[Env]:
-    """One manager for the module, with node n1 registered."""
+    """One manager per module and backend, with node n1 registered."""
     root: Path = tmp_path_factory.mktemp("manager")
     async with (
-        live_manager(module_pki, root) as manager,
+        live_manager(module_pki, root, manager_database) as manager,
         channels(
             manager.port, {NODE: module_pki.issue("node", NODE)}, manager_name(module_pki)
         ) as chans,

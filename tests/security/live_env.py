@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import os
+import secrets
 import shutil
 import time
 from collections.abc import AsyncIterator, Iterator, Sequence
@@ -154,17 +156,58 @@ async def channels(
 
 
 @asynccontextmanager
-async def live_manager(pki: ModulePki, root: Path) -> AsyncIterator[ManagerServer]:
-    """A real manager on SQLite over mTLS, with background jobs that never fire mid-test."""
+async def live_manager(
+    pki: ModulePki, root: Path, database_url: str = ""
+) -> AsyncIterator[ManagerServer]:
+    """A real manager over mTLS (SQLite unless `database_url`); background jobs never fire."""
     config = manager_config(
         pki,
-        f"sqlite+aiosqlite:///{root / 'manager.db'}",
+        database_url or f"sqlite+aiosqlite:///{root / 'manager.db'}",
         root / "state",
         metrics={"lifecycle_interval_seconds": 3600.0},
     )
     config = dataclasses.replace(config, pool=FAST_POOL)
     async with running_manager(config, FakeClock()) as manager:
         yield manager
+
+
+@asynccontextmanager
+async def postgres_database() -> AsyncIterator[str]:
+    """The URL of a fresh database on FLEET_TEST_POSTGRES_URL's server, dropped afterwards.
+
+    Module-scoped fixtures need this (tests/conftest.py's `database_url` is
+    per test); same rule: skip without a server, fail under CI=true.
+    """
+    import asyncpg
+    from sqlalchemy.engine import make_url
+
+    url = os.environ.get("FLEET_TEST_POSTGRES_URL", "")
+    problem = "" if url else "FLEET_TEST_POSTGRES_URL is not set (make test sets it)"
+    admin_dsn = ""
+    if url:
+        server = make_url(url)
+        admin_dsn = server.set(drivername="postgresql").render_as_string(hide_password=False)
+        try:
+            admin = await asyncpg.connect(admin_dsn, timeout=5)
+        except (OSError, asyncpg.PostgresError) as exc:
+            problem = f"PostgreSQL at {server!r} is unreachable: {exc}"
+    if problem:
+        if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
+            pytest.fail(f"PostgreSQL is required under CI: {problem}")
+        pytest.skip(problem)
+    name = f"fleet_sec_{secrets.token_hex(6)}"
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    try:
+        yield server.set(database=name).render_as_string(hide_password=False)
+    finally:
+        admin = await asyncpg.connect(admin_dsn, timeout=5)
+        try:
+            await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        finally:
+            await admin.close()
 
 
 @asynccontextmanager
