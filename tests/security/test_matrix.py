@@ -2,7 +2,8 @@
 
 The expected outcome of each cell comes from the architecture's rules (§3),
 written once in `expected()`. The RPCs come from the generated descriptors:
-an RPC added to a .proto without a request here fails the test. The table of
+an RPC added to a .proto without a request in `live_env.requests()` fails
+the test. The table of
 what really happened is printed (`pytest -s`) and shown in the terminal
 summary, and every cell is asserted.
 """
@@ -72,7 +73,7 @@ ALLOWED = {
     "DaemonService": "manager",
     "AgentService": "supervised agent",  # a process of the agent it names
 }
-"""The one identity each service accepts. ManagerService requests below speak for node a."""
+"""The one identity each service accepts. The ManagerService requests speak for node a."""
 CLAIMED: dict[str, tuple[Role, str]] = {
     "ManagerService": ("node", "a"),
     "FleetService": ("operator", "alice"),
