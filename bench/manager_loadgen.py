@@ -328,7 +328,9 @@ class LoadGen:
                     step = {"nodes": target, "ok": False, "error": f"{type(exc).__name__}: {exc}"}
                 steps.append(step)
                 print(json.dumps({"progress": step}), file=sys.stderr, flush=True)
-                if not step["ok"]:
+                # One noisy step (other work on the machine) must not end the
+                # search; two failures in a row, or one that could not run, do.
+                if "error" in step or (len(steps) > 1 and not (step["ok"] or steps[-2]["ok"])):
                     break
         finally:
             for t in tasks:
