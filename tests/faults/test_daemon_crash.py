@@ -79,5 +79,6 @@ async def test_daemon_kill9_readopts_every_agent_with_continuous_logs(pki: Any) 
         f"{readopted_in:.2f}s after the restart; largest log gap "
         f"{max(gaps.values()):.2f}s (tick {TICK}s)"
     )
-    # A tick can be late on a busy machine, never by a restart's worth (start_secs + spawn).
-    assert max(gaps.values()) < TICK + 0.5, gaps
+    # A tick can be a little late on a busy machine; a restarted agent would also
+    # have waited for the new daemon (READY alone took longer than this).
+    assert max(gaps.values()) < TICK + 0.8, gaps
