@@ -191,6 +191,7 @@ class _Link(ManagerLink):
         self._sim = sim
 
     def _channel(self, address: str) -> aio.Channel:
+        # ManagerLink._channel's options, copied: it has no hook for interceptors.
         cfg = self.cfg
         options: list[tuple[str, Any]] = [
             *channel_options(cfg.server_name or f"manager.{self._sim.fleet.trust_domain}"),
