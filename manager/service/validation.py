@@ -48,8 +48,8 @@ AGENT_STATUSES = frozenset(
     {"STOPPED", "STARTING", "RUNNING", "BACKOFF", "STOPPING", "EXITED", "FATAL", "UNKNOWN"}
 )
 """Agent states a daemon may report (supervisord's vocabulary)."""
-AGENT_HEALTH = frozenset({"UNSPECIFIED", "HEALTHY", "UNHEALTHY", "PENDING"})
-"""Agent health values."""
+AGENT_HEALTH = frozenset({"", "UNSPECIFIED", "HEALTHY", "UNHEALTHY", "PENDING"})
+"""Agent health values ("" and UNSPECIFIED: the agent has no health check)."""
 _INT32_MAX = 2**31 - 1
 _HOSTNAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_]{0,61}[A-Za-z0-9])?")
 
