@@ -141,6 +141,10 @@ class PeerCredProxy:
             await asyncio.gather(_pipe(reader, up_writer), _pipe(up_reader, writer))
         except OSError as exc:
             log.warning("agent connection failed: %s", exc)
+        except asyncio.CancelledError:
+            # Only stop() cancels us. Ending quietly matters: asyncio's stream
+            # server logs a cancelled handler task as "Exception in callback".
+            pass
         finally:
             self._peers.pop(name, None)  # before the name is freed by closing
             for w in (up_writer, writer):
