@@ -46,6 +46,10 @@ def test_demo_oneshot_on_a_fresh_clone(tmp_path: Path) -> None:
     assert "2 ok, 0 failed, 0 skipped of 2" in output
     assert "usage_percent" in output
     assert "AGENT_STATE_CHANGED" in output
+    # A normal run and shutdown logs no error anywhere in the fleet.
+    for log in (clone / "var" / "demo").glob("*.log"):
+        bad = [ln for ln in log.read_text().splitlines() if " ERROR " in ln or "Traceback" in ln]
+        assert bad == [], f"{log.name}: {bad[:3]}"
     # Everything it started is gone: no daemon, manager or agent of the clone.
     leftovers = subprocess.run(
         ["pgrep", "-f", str(clone)], capture_output=True, text=True, check=False
