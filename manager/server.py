@@ -243,6 +243,10 @@ class ManagerServer:
         options: list[tuple[str, Any]] = [
             ("grpc.max_receive_message_length", cfg.server.max_receive_message_bytes),
             ("grpc.so_reuseport", 0),  # a second manager on the same port must fail, not share
+            # Daemons ping every 10 s even when idle (fast dead-link detection);
+            # by default gRPC answers such pings with GOAWAY after a few.
+            ("grpc.keepalive_permit_without_calls", 1),
+            ("grpc.http2.min_ping_interval_without_data_ms", 5000),
         ]
         server = aio.server(
             interceptors=[RpcMetricsInterceptor(m), ErrorMappingInterceptor()], options=options
