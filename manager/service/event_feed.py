@@ -26,6 +26,7 @@ from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from fleet.errors import InvalidArgument
+from fleet.labels import validate_node_id
 from manager.storage import EventRecord, EventRepository
 
 __all__ = ["EventFeed"]
@@ -106,6 +107,8 @@ class EventFeed:
         """
         if from_id < 0:
             raise InvalidArgument(f"must be >= 0, got {from_id}", field="from_event_id")
+        if node_id:
+            validate_node_id(node_id)
         last = from_id
         while True:
             # Taken before the read: a commit during the read still wakes us.

@@ -32,6 +32,8 @@ DEFAULT_BUCKETS = 60
 """Buckets a metric query gets when it does not name a step."""
 DEFAULT_RANGE_MS = 3600 * 1000
 """A metric query without a start looks back this far."""
+MAX_STEP_SECONDS = 10 * 366 * 86400
+"""Largest bucket a metric query may ask for (ten years; beyond, ms overflow int64)."""
 
 
 @dataclass(frozen=True)
@@ -248,8 +250,11 @@ class FleetQueries:
         await self._ops.node(node_id)
         end_ms = end_ms or int(self._clock() * 1000)
         start_ms = start_ms or max(0, end_ms - DEFAULT_RANGE_MS)
-        if step_s < 0:
-            raise InvalidArgument(f"must be >= 0, got {step_s}", field="step_seconds")
+        if not 0 <= step_s <= MAX_STEP_SECONDS:
+            raise InvalidArgument(
+                f"must be between 0 (automatic) and {MAX_STEP_SECONDS} (ten years), got {step_s}",
+                field="step_seconds",
+            )
         if step_s == 0:
             step_s = max(1, math.ceil((end_ms - start_ms) / 1000 / DEFAULT_BUCKETS))
         series = await self._metrics.query(

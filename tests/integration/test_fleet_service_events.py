@@ -53,11 +53,12 @@ async def test_events_stream_shows_operations_and_resumes(pki: Any, tmp_path: Pa
 
 
 async def test_bad_watch_requests_are_invalid_argument(pki: Any, tmp_path: Path) -> None:
-    """A negative position or an unspecified kind is INVALID_ARGUMENT naming the field."""
+    """A negative position, an unspecified kind or a bad node id is INVALID_ARGUMENT naming it."""
     async with fleet_env(pki, tmp_path) as env:
         for req, field in [
             (fleet_pb2.FleetServiceWatchEventsRequest(from_event_id=-1), "from_event_id"),
             (fleet_pb2.FleetServiceWatchEventsRequest(kinds=[0]), "kinds[0]"),
+            (fleet_pb2.FleetServiceWatchEventsRequest(node_id="Not A Node!"), "node_id"),
         ]:
 
             async def first(r: Any = req) -> None:

@@ -241,6 +241,12 @@ async def test_query_metrics_reads_the_managers_store(pki: Any, tmp_path: Path) 
             )
         )
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        huge = fleet_pb2.FleetServiceQueryMetricsRequest(
+            node_id="n1", type="cpu", end_time=now, step_seconds=2**62
+        )
+        err = await rpc_error(env.stub.QueryMetrics(huge))
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "step_seconds" in (err.details() or "")
 
 
 async def test_following_a_log_streams_until_the_operator_cancels(pki: Any, tmp_path: Path) -> None:
