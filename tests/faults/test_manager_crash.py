@@ -48,7 +48,7 @@ async def test_manager_kill9_under_fleet_reregisters_all_and_loses_nothing(
         metrics_interval=max(2.0, NODES / 150),  # ~150 batches/s whatever the fleet size
         buffer_batches=60,
         rpc_timeout=10.0,
-        reconnect=Backoff(initial=0.5, multiplier=2.0, maximum=4.0),
+        reconnect=Backoff(initial=0.5, multiplier=2.0, maximum=8.0),
     )
     manager.start()
     try:
@@ -81,12 +81,19 @@ async def test_manager_kill9_under_fleet_reregisters_all_and_loses_nothing(
             await eventually(lambda: asyncio.sleep(0), back, within=120, every=0.2)
             peak = fleet.peak_rate(t_kill)
             burst, burst_at = fleet.peak_window(t_kill, window=0.1)
-            firsts = sorted(
-                min(t for t, n2, _a in fleet.record.registered if n2 == n and t >= t_kill)
+            ok_at = {
+                n: min(t for t, n2, _a in fleet.record.registered if n2 == n and t >= t_kill)
                 for n in fleet.nodes
-            )
-            spread = firsts[len(firsts) * 9 // 10] - firsts[len(firsts) // 10]
-            reregistered_in = firsts[-1] - t_serving
+            }
+            reregistered_in = max(ok_at.values()) - t_serving
+            spread = _p10_p90(list(ok_at.values()))
+            # When each node started the attempt that succeeded: client-side times, so
+            # the manager's own handshake throughput cannot spread (or bunch) them.
+            tried: dict[str, float] = {}
+            for t, n in fleet.record.register_attempts:
+                if t_kill <= t <= ok_at[n]:
+                    tried[n] = max(t, tried.get(n, t))
+            tried_spread = _p10_p90(list(tried.values()))
             attempts = sum(1 for t, _ in fleet.record.register_attempts if t >= t_kill)
 
             # What was buffered during the outage reaches the restarted manager.
@@ -107,15 +114,16 @@ async def test_manager_kill9_under_fleet_reregisters_all_and_loses_nothing(
             f"down {DOWN_SECONDS:.0f}s; all re-registered "
             f"{reregistered_in:.1f}s after it served again; reconnect attempts {attempts}, "
             f"peak {peak}/s ({peak / NODES:.2f} x nodes per second), busiest 100 ms {burst} "
-            f"at +{burst_at - t_kill:.1f}s; re-registrations p10-p90 "
-            f"spread {spread:.1f}s; "
+            f"at +{burst_at - t_kill:.1f}s; p10-p90 spread of the successful attempts' starts "
+            f"{tried_spread:.1f}s, of the re-registrations {spread:.1f}s; "
             f"{buffered_while_down} batches buffered while down, all delivered {backlog_in:.1f}s "
             f"after it served, {dropped} dropped; {summary}"
         )
         assert reregistered_in < 60, "every node must be registered again within 60 s"
-        # A herd re-registers in one instant when the manager is back; full jitter
-        # (ceiling 4 s by then) spreads the fleet over seconds.
-        assert spread >= 1.0, "re-registrations must be spread by jitter, not all at once"
+        # Without jitter the daemons retry in lock-step; only their different detection
+        # times and the simulator's own pace smear them (2.0 s measured at 300 nodes
+        # with jitter="none"). Full jitter, ceiling 8 s by then: 4.9 s measured.
+        assert tried_spread >= 3.0, "reconnects must be spread by jitter, not in lock-step"
         assert dropped == 0, "the outage fits in the 60-batch buffer"
 
         offline = await asyncio.to_thread(
@@ -147,3 +155,9 @@ async def test_manager_kill9_under_fleet_reregisters_all_and_loses_nothing(
         assert not manager.crashed()
     finally:
         manager.stop()
+
+
+def _p10_p90(values: list[float]) -> float:
+    """Seconds between the 10th and the 90th percentile."""
+    values = sorted(values)
+    return values[len(values) * 9 // 10] - values[len(values) // 10]
