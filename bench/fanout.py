@@ -132,6 +132,10 @@ def manager_config(root: Path, tls: TLSConfig, n: int) -> ManagerConfig:
     )
 
 
+SPEC_LIMIT = 64 * 1024 * 1024
+"""Longest JSON line read from stdin (a 500-node spec is ~100 KiB; asyncio's default is 64 KiB)."""
+
+
 async def serve_manager() -> None:
     """--manager-child: a ManagerServer in this process, its pool counters on request.
 
@@ -139,7 +143,7 @@ async def serve_manager() -> None:
     "stats" line answers the pool's counters; EOF stops the manager.
     """
     loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
+    reader = asyncio.StreamReader(limit=SPEC_LIMIT)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     spec = json.loads(await reader.readline())
     tls = TLSConfig(Path(spec["ca"]), Path(spec["cert"]), Path(spec["key"]))

@@ -370,9 +370,13 @@ class SimFleet:
 # (and resets the peak); EOF on stdin stops every server and exits.
 
 
+SPEC_LIMIT = 64 * 1024 * 1024
+"""Longest JSON line read from stdin (a 500-node spec is ~100 KiB; asyncio's default is 64 KiB)."""
+
+
 async def _serve() -> None:
     loop = asyncio.get_running_loop()
-    reader = asyncio.StreamReader()
+    reader = asyncio.StreamReader(limit=SPEC_LIMIT)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     spec = json.loads(await reader.readline())
     concurrency = Concurrency()
