@@ -1,9 +1,9 @@
 """QueryMetrics with a huge step_seconds is answered, not INTERNAL (found by the fuzzer).
 
 The store multiplies step_seconds by 1000 and sends it to the database; past
-int64 (step_seconds > 9,223,372,036,854,775) SQLite's driver raises
+int64 (step_seconds > 9,223,372,036,854,775) SQLite's driver raised
 OverflowError ("Python int too large to convert to SQLite INTEGER"),
-asyncpg raises DataError ("value out of int64 range"), and the operator gets
+asyncpg DataError ("value out of int64 range"), and the operator got
 INTERNAL. A step that large is one bucket over any range: OK
 with at most one point per series, or INVALID_ARGUMENT if the manager caps
 it, either is a fine answer.

@@ -1,9 +1,9 @@
 """WatchEvents checks its node_id like every other node_id field (found by fuzzing on PostgreSQL).
 
-Every FleetService node_id is validated (INVALID_ARGUMENT naming node_id)
-except WatchEvents', which goes straight into the query: on PostgreSQL a
-NUL character makes asyncpg raise CharacterNotInRepertoireError and the
-operator gets INTERNAL.
+Every FleetService node_id is validated (INVALID_ARGUMENT naming node_id).
+WatchEvents' was not, and went straight into the query: on PostgreSQL a NUL
+character made asyncpg raise CharacterNotInRepertoireError and the operator
+got INTERNAL.
 """
 
 from __future__ import annotations
