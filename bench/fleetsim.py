@@ -433,6 +433,10 @@ async def _main(args: argparse.Namespace) -> dict[str, Any]:
         with contextlib.suppress(TimeoutError):
             took = await fleet.wait_connected(args.duration)
             print(f"all {args.nodes} nodes connected after {took:.1f}s", file=sys.stderr)
+        if args.cut:
+            cut = fleet.rng.sample(sorted(fleet.nodes), round(args.cut * len(fleet.nodes)))
+            fleet.cut(cut, args.cut_seconds)
+            print(f"cut {len(cut)} nodes off for {args.cut_seconds}s", file=sys.stderr)
         if args.restart_storm:
             n = await fleet.restart_storm(args.restart_storm, args.storm_within)
             print(f"restarted {n} nodes within {args.storm_within}s", file=sys.stderr)
@@ -463,6 +467,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--drop-reply", type=float, default=0.0, help="P(answer lost)")
     parser.add_argument("--delay", type=float, default=0.0, help="seconds added to each call")
     parser.add_argument("--heartbeat-jitter", type=float, default=0.0, help="extra s per heartbeat")
+    parser.add_argument("--cut", type=float, default=0.0, help="fraction of nodes cut off")
+    parser.add_argument("--cut-seconds", type=float, default=10.0, help="how long the cut lasts")
     parser.add_argument("--restart-storm", type=float, default=0.0, help="fraction restarted")
     parser.add_argument("--storm-within", type=float, default=5.0, help="seconds of the storm")
     parser.add_argument("--seed", type=int, default=None)

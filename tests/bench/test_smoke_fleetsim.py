@@ -24,7 +24,7 @@ def _free_port() -> int:
 
 
 def test_fleetsim_cli_registers_reports_and_survives_injected_faults(tmp_path: Path) -> None:
-    """3 nodes with lost replies and a restart storm: all connected, each batch stored once."""
+    """3 nodes, lost replies, a cut and a restart storm: every node reports, each batch once."""
     ca = CertificateAuthority.create()
     ca_cert, ca_key = ca.write(tmp_path / "ca")
     tls = ca.issue("manager", "m1", ips=("127.0.0.1",)).write(tmp_path / "m1")
@@ -80,6 +80,10 @@ def test_fleetsim_cli_registers_reports_and_survives_injected_faults(tmp_path: P
                 "0.5",
                 "--storm-within",
                 "1",
+                "--cut",
+                "0.34",
+                "--cut-seconds",
+                "1",
                 "--seed",
                 "1",
             ],
@@ -98,6 +102,7 @@ def test_fleetsim_cli_registers_reports_and_survives_injected_faults(tmp_path: P
     assert summary["nodes"] == 3
     assert summary["restarts"] == 2
     assert summary["injected"].get("drop_reply", 0) > 0
+    assert summary["injected"].get("cut", 0) > 0
     assert summary["batches_acked"] > 0
     with sqlite3.connect(db) as conn:
         rows = conn.execute(
