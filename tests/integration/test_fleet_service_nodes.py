@@ -209,10 +209,10 @@ async def test_query_metrics_reads_the_managers_store(pki: Any, tmp_path: Path) 
     async with fleet_env(pki, tmp_path) as env:
         await env.add_nodes("n1", labels=PROD)
         now = env.manager.registry.now_ms()
+        # Buckets are aligned to the epoch: use one whole 2-minute bucket in the past.
+        bucket = (now // 120_000 - 1) * 120_000
         samples = [
-            common_pb2.MetricData(
-                type="cpu", timestamp=now - 60_000 + i * 10_000, values={"usage": v}
-            )
+            common_pb2.MetricData(type="cpu", timestamp=bucket + i * 10_000, values={"usage": v})
             for i, v in enumerate([10.0, 20.0, 30.0])
         ]
         async with node_stub(pki, "n1", env.manager.port) as node:
@@ -223,14 +223,16 @@ async def test_query_metrics_reads_the_managers_store(pki: Any, tmp_path: Path) 
             fleet_pb2.FleetServiceQueryMetricsRequest(
                 node_id="n1",
                 type="cpu",
-                start_time=now - 120_000,
-                end_time=now,
+                start_time=bucket,
+                end_time=bucket + 120_000,
                 step_seconds=120,
                 aggregate=fleet_pb2.AGGREGATE_MAX,
             )
         )
         assert resp.step_seconds == 120
-        assert [(s.name, [p.value for p in s.points]) for s in resp.series] == [("usage", [30.0])]
+        assert [(s.name, [(p.timestamp, p.value) for p in s.points]) for s in resp.series] == [
+            ("usage", [(bucket, 30.0)])
+        ]
         default = await env.stub.QueryMetrics(
             fleet_pb2.FleetServiceQueryMetricsRequest(node_id="n1", type="cpu", end_time=now)
         )

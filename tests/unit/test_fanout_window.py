@@ -57,13 +57,10 @@ async def test_window_slides_instead_of_batching() -> None:
     """A slow target does not hold the others back: the free slot is refilled at once."""
     probe = Probe({"slow": 0.5})
     targets = ["slow", *[f"t{i}" for i in range(10)]]
-    loop = asyncio.get_running_loop()
-    start = loop.time()
     outcomes = await collect(targets, probe, max_concurrency=2)
-    elapsed = loop.time() - start
-    # Batches of two would wait for "slow" before starting t1..t9.
+    # In batches of two, t1..t9 would only start after "slow" finished.
     assert [o.target for o in outcomes][-1] == "slow"
-    assert elapsed < 0.5 + 0.3
+    assert probe.peak == 2
 
 
 async def test_max_errors_stops_launching_and_skips_the_rest() -> None:
@@ -110,7 +107,7 @@ async def test_a_hanging_call_fails_at_its_timeout() -> None:
     loop = asyncio.get_running_loop()
     start = loop.time()
     outcomes = await collect(["hang", "t1", "t2"], probe, max_concurrency=3, call_timeout=0.2)
-    assert loop.time() - start < 2.0
+    assert loop.time() - start < 5.0  # not the 60 s the call would take
     by_target = {o.target: o for o in outcomes}
     assert by_target["hang"].kind == "failed"
     assert "no answer within 0.2s" in by_target["hang"].error
