@@ -71,22 +71,27 @@ def _netns_usable() -> bool:
 
 @contextlib.contextmanager
 def _netns_cable() -> Iterator[Cable]:
-    """A namespace + veth pair 10.231.x.1 (host) <-> .2 (namespace); always removed."""
+    """A namespace + veth pair in a random 10.231.x.y/30 (host .1, namespace .2); always removed."""
     tag = secrets.token_hex(3)
     ns, host_if, ns_if = f"flt{tag}", f"flh{tag}", f"fln{tag}"
-    subnet = f"10.231.{secrets.randbelow(250)}"
+    # A random /30 in 10.231.0.0/16, so concurrent runs do not share a subnet.
+    block = secrets.randbelow(1 << 14) * 4
+    host, peer = (
+        f"10.231.{block // 256}.{block % 256 + 1}",
+        f"10.231.{block // 256}.{block % 256 + 2}",
+    )
     try:
         _ip("netns", "add", ns)
         _ip("link", "add", host_if, "type", "veth", "peer", "name", ns_if)
         _ip("link", "set", ns_if, "netns", ns)
-        _ip("addr", "add", f"{subnet}.1/30", "dev", host_if)
+        _ip("addr", "add", f"{host}/30", "dev", host_if)
         _ip("link", "set", host_if, "up")
-        _ip("-n", ns, "addr", "add", f"{subnet}.2/30", "dev", ns_if)
+        _ip("-n", ns, "addr", "add", f"{peer}/30", "dev", ns_if)
         _ip("-n", ns, "link", "set", ns_if, "up")
         _ip("-n", ns, "link", "set", "lo", "up")
         yield Cable(
-            manager_host=f"{subnet}.1",
-            dial=lambda port: f"{subnet}.1:{port}",
+            manager_host=host,
+            dial=lambda port: f"{host}:{port}",
             prefix=("ip", "netns", "exec", ns),
             cut=lambda: _ip("link", "set", host_if, "down"),
             mend=lambda: _ip("link", "set", host_if, "up"),
