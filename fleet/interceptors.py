@@ -18,16 +18,29 @@ from grpc import aio
 
 from fleet.errors import FleetError
 
-__all__ = ["ErrorMappingInterceptor"]
+__all__ = ["MAX_DETAILS", "ErrorMappingInterceptor", "bounded"]
 
 log = logging.getLogger(__name__)
 
 _Context = aio.ServicerContext[Any, Any]
 
+MAX_DETAILS = 1024
+"""Longest status message sent. Messages quote the bad value; a long one would
+push the trailer past the client's metadata limit, and the client would see
+RESOURCE_EXHAUSTED instead of the error that names the field."""
+
+
+def bounded(message: str, limit: int = MAX_DETAILS) -> str:
+    """`message`, cut to `limit` characters with a note of how much was cut."""
+    if len(message) <= limit:
+        return message
+    note = f"... ({len(message) - limit} more characters)"
+    return message[: limit - len(note)] + note
+
 
 async def _abort_for(exc: Exception, context: _Context, method: str) -> None:
     if isinstance(exc, FleetError):
-        await context.abort(exc.code, exc.message)
+        await context.abort(exc.code, bounded(exc.message))
     log.exception("unhandled error in %s", method)
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; see the server log")
 

@@ -10,7 +10,7 @@ import pytest
 from grpc import aio
 
 from fleet import errors
-from fleet.interceptors import ErrorMappingInterceptor
+from fleet.interceptors import MAX_DETAILS, ErrorMappingInterceptor
 from fleet.pki import Identity
 from fleet.tls import channel_credentials, channel_options, server_credentials
 from fleet.v1 import manager_pb2
@@ -30,6 +30,8 @@ BY_NAME: dict[str, type[errors.FleetError]] = {cls.__name__: cls for cls in MAPP
 
 
 def _fail(name: str) -> None:
+    if name.startswith("long"):
+        raise errors.InvalidArgument(f"bad value {name!r}", field="labels")
     if name == "bug":
         raise ZeroDivisionError("a bug in a servicer")
     raise BY_NAME[name](f"{name} raised on purpose")
@@ -130,3 +132,15 @@ async def test_unexpected_exception_is_internal_not_unknown(
     assert info.value.code() == grpc.StatusCode.INTERNAL
     assert "see the server log" in (info.value.details() or "")
     assert any("ZeroDivisionError" in (r.exc_text or "") for r in caplog.records)
+
+
+async def test_long_message_is_cut_so_the_code_survives(errors_channel: aio.Channel) -> None:
+    """A message quoting a 20,000-character value still arrives as INVALID_ARGUMENT, cut short."""
+    long_name = "long" + "x" * 20_000
+    with pytest.raises(aio.AioRpcError) as info:
+        await _call(errors_channel, "Unary")(manager_pb2.HeartbeatRequest(node_id=long_name))
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    details = info.value.details() or ""
+    assert details.startswith("labels: bad value 'longxxx")
+    assert len(details) <= MAX_DETAILS
+    assert details.endswith("more characters)")
