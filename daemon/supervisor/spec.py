@@ -41,6 +41,8 @@ __all__ = [
 RestartPolicy = Literal["always", "on-failure", "never"]
 HealthKind = Literal["none", "heartbeat"]
 DEFAULT_LOG_MAX_BYTES = 10 * 1024 * 1024
+MAX_SECONDS = 7 * 24 * 3600.0
+"""Longest duration a spec may set (a week): any longer is a typo, not a plan."""
 """Rotate an agent's log when it grows past this many bytes (10 MiB)."""
 
 
@@ -212,14 +214,20 @@ def _validate(spec: AgentSpec) -> None:
         raise bad("restart", f"must be one of always, on-failure, never; got {spec.restart!r}")
     if any(not 0 <= code <= 255 for code in spec.expected_exit_codes):
         raise bad("expected_exit_codes", "exit codes must be 0..255")
-    for name in ("start_secs", "stop_timeout"):
-        if not getattr(spec, name) >= 0:
-            raise bad(name, f"must be >= 0 seconds, got {getattr(spec, name)}")
     b = spec.backoff
-    if not b.initial >= 0 or not b.max >= 0:
-        raise bad("backoff", "initial and max must be >= 0 seconds")
-    if not b.multiplier >= 1:
-        raise bad("backoff.multiplier", f"must be >= 1, got {b.multiplier}")
+    durations = {
+        "start_secs": spec.start_secs,
+        "stop_timeout": spec.stop_timeout,
+        "backoff.initial": b.initial,
+        "backoff.max": b.max,
+    }
+    for name, seconds in durations.items():
+        # Bounded (not just >= 0): every duration ends up as int64 milliseconds
+        # on the wire, and infinity would make the agent unstoppable.
+        if not 0 <= seconds <= MAX_SECONDS:
+            raise bad(name, f"must be 0..{MAX_SECONDS:.0f} seconds, got {seconds}")
+    if not 1 <= b.multiplier <= 100:
+        raise bad("backoff.multiplier", f"must be 1..100, got {b.multiplier}")
     if not 0 <= b.jitter <= 1:
         raise bad("backoff.jitter", f"must be a fraction 0..1, got {b.jitter}")
     if spec.max_retries < 0:
@@ -232,8 +240,11 @@ def _validate(spec: AgentSpec) -> None:
         raise bad("log_max_bytes", "log_max_bytes and log_backups must be >= 0")
     if spec.health.kind not in get_args(HealthKind):
         raise bad("health.kind", f"must be none or heartbeat, got {spec.health.kind!r}")
-    if not spec.health.timeout > 0:
-        raise bad("health.timeout", f"must be > 0 seconds, got {spec.health.timeout}")
+    if not 0 < spec.health.timeout <= MAX_SECONDS:
+        raise bad(
+            "health.timeout",
+            f"must be > 0 and <= {MAX_SECONDS:.0f} seconds, got {spec.health.timeout}",
+        )
     try:
         validate_labels(spec.labels, field=f"agents[{spec.id}].labels")
     except LabelError as exc:

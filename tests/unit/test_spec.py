@@ -49,12 +49,15 @@ def test_valid_spec_passes() -> None:
         ({"user": "no-such-user-xyz"}, "agents[web-1].user: unknown user 'no-such-user-xyz'"),
         ({"cwd": "relative/does/not/exist"}, "agents[web-1].cwd: directory 'relative/does"),
         ({"cwd": "/no/such/dir"}, "does not exist"),
-        ({"stop_timeout": -1.0}, "agents[web-1].stop_timeout: must be >= 0"),
-        ({"start_secs": -0.5}, "agents[web-1].start_secs: must be >= 0"),
+        ({"stop_timeout": -1.0}, "agents[web-1].stop_timeout: must be 0..604800 seconds"),
+        ({"stop_timeout": float("inf")}, "agents[web-1].stop_timeout: must be 0..604800 seconds"),
+        ({"start_secs": -0.5}, "agents[web-1].start_secs: must be 0..604800 seconds"),
+        ({"start_secs": float("nan")}, "agents[web-1].start_secs: must be 0..604800 seconds"),
+        ({"backoff": BackoffSpec(max=1e300)}, "backoff.max: must be 0..604800 seconds"),
         ({"stop_signal": "SIGNOPE"}, "agents[web-1].stop_signal: unknown signal 'SIGNOPE'"),
         ({"restart": "sometimes"}, "agents[web-1].restart: must be one of"),
         ({"max_retries": -1}, "max_retries: must be >= 0"),
-        ({"backoff": BackoffSpec(multiplier=0.5)}, "backoff.multiplier: must be >= 1"),
+        ({"backoff": BackoffSpec(multiplier=0.5)}, "backoff.multiplier: must be 1..100"),
         ({"backoff": BackoffSpec(jitter=2.0)}, "backoff.jitter: must be a fraction"),
         ({"health": HealthSpec(kind="heartbeat", timeout=0)}, "health.timeout: must be > 0"),
         ({"labels": {"bad key!": "x"}}, "agents[web-1].labels: invalid label key"),
@@ -139,5 +142,7 @@ def test_agents_load_from_toml_with_fleet_config(tmp_path: Path) -> None:
     assert spec.expected_exit_codes == (0, 2)
     bad = tmp_path / "bad.toml"
     bad.write_text('[[agents]]\nid = "web"\nargv = ["sleep"]\nstop_timeout = -1.0\n')
-    with pytest.raises(ConfigError, match=r"bad.toml: .*agents\[web\]\.stop_timeout: must be >= 0"):
+    with pytest.raises(
+        ConfigError, match=r"bad.toml: .*agents\[web\]\.stop_timeout: must be 0\.\.604800"
+    ):
         load_config(Daemon, bad, env_prefix="T_", environ={})
