@@ -13,6 +13,13 @@ numbers it from the persisted `SequenceFile` and puts it in the bounded
 the buffer only once the manager answered it (a duplicate answer counts as
 stored). RESOURCE_EXHAUSTED keeps the batch and retries it after a backoff.
 
+A slow manager is not a dead one: DEADLINE_EXCEEDED on a heartbeat, batch or
+sync keeps the connection (a dead link is found by keepalive and fails with
+UNAVAILABLE) and retries with backoff, because reconnecting would re-register
+and resend a full snapshot -- more load on a manager that is already behind.
+The reconnect backoff only starts over once a connection stayed up for
+`_STABLE_SECONDS`, so registrations that succeed and then fail keep backing off.
+
 gRPC keepalive (see ManagerLinkConfig): a ping every `keepalive_time` (10 s)
 even without calls, the link declared dead after `keepalive_timeout` (5 s)
 without an ack -- so a manager that vanished without closing TCP is noticed
@@ -50,7 +57,6 @@ LinkState = Literal["connecting", "connected", "disconnected", "stopped"]
 
 _TRANSPORT = {
     grpc.StatusCode.UNAVAILABLE,
-    grpc.StatusCode.DEADLINE_EXCEEDED,
     grpc.StatusCode.CANCELLED,
     grpc.StatusCode.UNKNOWN,
     grpc.StatusCode.INTERNAL,
@@ -58,6 +64,10 @@ _TRANSPORT = {
     grpc.StatusCode.UNAUTHENTICATED,
 }
 _MAX_PENDING_CUSTOM = 100_000
+_STABLE_SECONDS = 30.0
+"""A connection that lived this long resets the reconnect backoff."""
+_SLOW = {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED}
+"""Answers that mean "the manager is behind": back off, keep the connection."""
 
 
 @dataclass(frozen=True)
@@ -224,16 +234,19 @@ class ManagerLink:
             self.address = addresses[index % len(addresses)]
             self._set_state("connecting")
             channel = self._channel(self.address)
+            connected_at: float | None = None
             try:
                 stub = manager_pb2_grpc.ManagerServiceStub(channel)
                 await self._register(stub)
-                attempt = 0
+                connected_at = time.monotonic()
                 self._set_state("connected")
                 await self._connected(stub)
             except Exception as exc:  # any failure: drop the connection and dial again
                 if not isinstance(exc, _Reconnect | grpc.RpcError | FleetError | OSError):
                     log.exception("manager link failed unexpectedly")
                 self._set_state("disconnected")
+                if connected_at is not None and time.monotonic() - connected_at >= _STABLE_SECONDS:
+                    attempt = 0
                 delay = self.cfg.reconnect.delay(attempt, self._rng)
                 log.warning(
                     "manager %s: %s; next try in %.1fs", self.address, _describe(exc), delay
@@ -314,6 +327,11 @@ class ManagerLink:
                 log.info("manager %s does not know this node; registering again", self.address)
                 await self._register(stub)
                 continue
+            except FleetError as exc:
+                if exc.code not in _SLOW:
+                    raise
+                log.info("manager slow on heartbeat (%s); next one on schedule", exc.code.name)
+                continue
             if reply.heartbeat_interval_ms > 0:
                 self.heartbeat_interval = reply.heartbeat_interval_ms / 1000
 
@@ -333,10 +351,16 @@ class ManagerLink:
                     ),
                 )
             except FleetError as exc:
-                if exc.code == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                if exc.code in _SLOW:
+                    # Safe to resend: the manager stores a (node, sequence) once.
                     delay = self.cfg.reconnect.delay(busy, self._rng)
                     busy += 1
-                    log.info("manager busy; batch %d kept, retry in %.1fs", batch.sequence, delay)
+                    log.info(
+                        "manager busy (%s); batch %d kept, retry in %.1fs",
+                        exc.code.name,
+                        batch.sequence,
+                        delay,
+                    )
                     await self._sleep(delay)
                     continue
                 if exc.code == grpc.StatusCode.NOT_FOUND:
@@ -368,6 +392,10 @@ class ManagerLink:
                 self._dirty.set()
                 await self._register(stub)
             except FleetError as exc:
+                if exc.code in _SLOW:
+                    self._dirty.set()  # send the newest snapshot after a pause
+                    await self._sleep(self.cfg.reconnect.delay(0, self._rng))
+                    continue
                 log.warning("manager refused the agent states: %s", exc)
 
 

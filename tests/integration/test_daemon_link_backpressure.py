@@ -8,6 +8,7 @@ that refuses the first ReportMetrics calls and records what it stores.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -97,3 +98,60 @@ async def test_refused_batches_are_kept_and_retried_in_order(
 
 async def _value(x: list[int]) -> list[int]:
     return list(x)
+
+
+class SlowManager(BusyManager):
+    """Like BusyManager, but the first `slow` batches outlast the caller's deadline."""
+
+    def __init__(self, slow: int) -> None:
+        super().__init__(busy=0)
+        self.slow = slow
+        self.registrations = 0
+
+    async def RegisterNode(self, request: Any, context: Any) -> manager_pb2.RegisterNodeResponse:
+        self.registrations += 1
+        return await super().RegisterNode(request, context)
+
+    async def ReportMetrics(self, request: Any, context: Any) -> Any:
+        if self.slow > 0:
+            self.slow -= 1
+            self.refused.append(request.sequence)
+            await asyncio.sleep(2.0)  # past the link's 0.3 s rpc timeout
+        if request.sequence not in self.stored:  # the real manager dedupes too
+            self.stored.append(request.sequence)
+        return manager_pb2.ReportMetricsResponse(success=True, accepted=len(request.metrics))
+
+
+async def test_a_slow_manager_is_not_treated_as_a_dead_one(pki: Any, tmp_path: Any) -> None:
+    """Deadlines on metric batches back off on the same connection: no re-registration."""
+    servicer = SlowManager(slow=3)
+    server = aio.server(interceptors=[ErrorMappingInterceptor()])
+    manager_pb2_grpc.add_ManagerServiceServicer_to_server(servicer, server)
+    port = server.add_secure_port("127.0.0.1:0", server_credentials(pki.issue("manager", "m1")))
+    await server.start()
+    link = ManagerLink(
+        ManagerLinkConfig(
+            addresses=(f"127.0.0.1:{port}",),
+            metrics_interval_seconds=3600.0,
+            rpc_timeout_seconds=0.3,
+            reconnect=Backoff(initial=0.05, maximum=0.2),
+        ),
+        tls=pki.issue("node", "n1"),
+        trust_domain=pki.trust_domain,
+        node=NodeInfo("n1", "127.0.0.1:7444", {}),
+        state_dir=tmp_path,
+        collect=lambda: [common_pb2.MetricData(type="cpu", timestamp=1, values={"v": 1.0})],
+        snapshot=list,
+    )
+    for _ in range(3):
+        link.cut_batch()
+    await link.start()
+    try:
+        await eventually(lambda: _value(servicer.stored), lambda s: len(s) == 3, within=20)
+    finally:
+        await link.stop()
+        await server.stop(None)
+    assert servicer.refused == [1, 1, 1]
+    assert servicer.stored == [1, 2, 3]
+    assert servicer.registrations == 1
+    assert link.registrations == 1
