@@ -204,7 +204,7 @@ def _validate(spec: AgentSpec) -> None:
     if spec.user:
         try:
             pw = pwd.getpwnam(spec.user)
-        except KeyError:
+        except (KeyError, ValueError):  # ValueError: a NUL byte in the name
             raise bad("user", f"unknown user {spec.user!r}") from None
         if os.geteuid() != 0 and pw.pw_uid != os.geteuid():
             raise bad("user", f"cannot run as {spec.user!r}: the daemon is not running as root")
