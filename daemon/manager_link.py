@@ -17,8 +17,9 @@ A slow manager is not a dead one: DEADLINE_EXCEEDED on a heartbeat, batch or
 sync keeps the connection (a dead link is found by keepalive and fails with
 UNAVAILABLE) and retries with backoff, because reconnecting would re-register
 and resend a full snapshot -- more load on a manager that is already behind.
-The reconnect backoff only starts over once a connection stayed up for
-`_STABLE_SECONDS`, so registrations that succeed and then fail keep backing off.
+The reconnect backoff only starts over once a connection carried a successful
+call after its registration, so registrations that succeed and then fail
+keep backing off.
 
 gRPC keepalive (see ManagerLinkConfig): a ping every `keepalive_time` (10 s)
 even without calls, the link declared dead after `keepalive_timeout` (5 s)
@@ -64,8 +65,6 @@ _TRANSPORT = {
     grpc.StatusCode.UNAUTHENTICATED,
 }
 _MAX_PENDING_CUSTOM = 100_000
-_STABLE_SECONDS = 30.0
-"""A connection that lived this long resets the reconnect backoff."""
 _SLOW = {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED}
 """Answers that mean "the manager is behind": back off, keep the connection."""
 
@@ -123,6 +122,7 @@ class ManagerLink:
         self.address = ""
         self.heartbeat_interval = cfg.heartbeat_interval_seconds
         self.registrations = 0
+        self._calls_ok = 0  # successful calls, to tell a useful connection from a flapping one
         self._custom: list[common_pb2.MetricData] = []
         self.dropped_custom = 0
         self._batch_ready = asyncio.Event()
@@ -234,19 +234,19 @@ class ManagerLink:
             self.address = addresses[index % len(addresses)]
             self._set_state("connecting")
             channel = self._channel(self.address)
-            connected_at: float | None = None
+            calls_at_register: int | None = None
             try:
                 stub = manager_pb2_grpc.ManagerServiceStub(channel)
                 await self._register(stub)
-                connected_at = time.monotonic()
+                calls_at_register = self._calls_ok
                 self._set_state("connected")
                 await self._connected(stub)
             except Exception as exc:  # any failure: drop the connection and dial again
                 if not isinstance(exc, _Reconnect | grpc.RpcError | FleetError | OSError):
                     log.exception("manager link failed unexpectedly")
                 self._set_state("disconnected")
-                if connected_at is not None and time.monotonic() - connected_at >= _STABLE_SECONDS:
-                    attempt = 0
+                if calls_at_register is not None and self._calls_ok > calls_at_register:
+                    attempt = 0  # the connection was useful: the manager is not struggling
                 delay = self.cfg.reconnect.delay(attempt, self._rng)
                 log.warning(
                     "manager %s: %s; next try in %.1fs", self.address, _describe(exc), delay
@@ -262,11 +262,13 @@ class ManagerLink:
 
     async def _call(self, method: Any, request: Any) -> Any:
         try:
-            return await method(request, timeout=self.cfg.rpc_timeout_seconds)
+            reply = await method(request, timeout=self.cfg.rpc_timeout_seconds)
         except grpc.RpcError as exc:
             if exc.code() in _TRANSPORT:
                 raise _Reconnect(f"{exc.code().name}: {exc.details()}") from exc
             raise from_rpc_error(exc, target=self.address) from exc
+        self._calls_ok += 1
+        return reply
 
     async def _register(self, stub: manager_pb2_grpc.ManagerServiceStub) -> None:
         hostname = socket.gethostname()
