@@ -35,6 +35,37 @@ class AuditRecord:
     """How it ended, e.g. "ok", "partial", "denied"."""
 
 
+_TARGET_MAX = 300
+"""Width of operations_audit.target (a long selector is cut, with an ellipsis)."""
+
+
+async def insert_audit(
+    conn: AsyncConnection,
+    *,
+    actor: str,
+    action: str,
+    target: str,
+    detail: Mapping[str, str],
+    outcome: str,
+    now_ms: int,
+) -> int:
+    """Insert one audit entry inside the caller's transaction; returns its id."""
+    if len(target) > _TARGET_MAX:
+        target = target[: _TARGET_MAX - 3] + "..."
+    row = {
+        "ts_ms": now_ms,
+        "actor": actor,
+        "action": action,
+        "target": target,
+        "detail": dump_map(detail),
+        "outcome": outcome,
+    }
+    result = await conn.execute(
+        insert(operations_audit).values(row).returning(operations_audit.c.id)
+    )
+    return int(result.scalar_one())
+
+
 class AuditRepository:
     """Appends to and reads the operations audit trail."""
 
@@ -52,20 +83,17 @@ class AuditRepository:
         now_ms: int,
     ) -> int:
         """Append one entry and return its id."""
-        row = {
-            "ts_ms": now_ms,
-            "actor": actor,
-            "action": action,
-            "target": target,
-            "detail": dump_map(detail),
-            "outcome": outcome,
-        }
 
         async def body(conn: AsyncConnection) -> int:
-            result = await conn.execute(
-                insert(operations_audit).values(row).returning(operations_audit.c.id)
+            return await insert_audit(
+                conn,
+                actor=actor,
+                action=action,
+                target=target,
+                detail=detail,
+                outcome=outcome,
+                now_ms=now_ms,
             )
-            return int(result.scalar_one())
 
         return await self._db.run(body)
 

@@ -10,17 +10,13 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 
-from sqlalchemy import insert
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from manager.storage.audit import insert_audit
 from manager.storage.db import Database
-from manager.storage.events import dump_map, event_row, insert_events
-from manager.storage.schema import operations_audit
+from manager.storage.events import event_row, insert_events
 
 __all__ = ["OperationLog"]
-
-_TARGET_MAX = 300
-"""Width of operations_audit.target (a long selector is cut, with an ellipsis)."""
 
 
 class OperationLog:
@@ -48,22 +44,17 @@ class OperationLog:
         `event_attributes(audit_id)` gives the event's attributes, so they
         can name the entry written in the same transaction.
         """
-        if len(target) > _TARGET_MAX:
-            target = target[: _TARGET_MAX - 3] + "..."
-        row = {
-            "ts_ms": now_ms,
-            "actor": actor,
-            "action": action,
-            "target": target,
-            "detail": dump_map(detail),
-            "outcome": outcome,
-        }
 
         async def body(conn: AsyncConnection) -> int:
-            result = await conn.execute(
-                insert(operations_audit).values(row).returning(operations_audit.c.id)
+            audit_id = await insert_audit(
+                conn,
+                actor=actor,
+                action=action,
+                target=target,
+                detail=detail,
+                outcome=outcome,
+                now_ms=now_ms,
             )
-            audit_id = int(result.scalar_one())
             event = event_row(
                 "OPERATION",
                 now_ms=now_ms,
