@@ -70,19 +70,7 @@ async def test_refused_batches_are_kept_and_retried_in_order(
 ) -> None:
     """Three RESOURCE_EXHAUSTED answers later, every batch is stored once, in sequence order."""
     servicer, port = busy_manager
-    link = ManagerLink(
-        ManagerLinkConfig(
-            addresses=(f"127.0.0.1:{port}",),
-            metrics_interval_seconds=3600.0,  # batches are cut by hand below
-            reconnect=Backoff(initial=0.05, maximum=0.2),
-        ),
-        tls=pki.issue("node", "n1"),
-        trust_domain=pki.trust_domain,
-        node=NodeInfo("n1", "127.0.0.1:7444", {}),
-        state_dir=tmp_path,
-        collect=lambda: [common_pb2.MetricData(type="cpu", timestamp=1, values={"v": 1.0})],
-        snapshot=list,
-    )
+    link = _link(pki, tmp_path, port)
     for _ in range(4):
         link.cut_batch()
     await link.start()
@@ -98,6 +86,24 @@ async def test_refused_batches_are_kept_and_retried_in_order(
 
 async def _value(x: list[int]) -> list[int]:
     return list(x)
+
+
+def _link(pki: Any, tmp_path: Any, port: int, **config: Any) -> ManagerLink:
+    """A link to 127.0.0.1:port whose batches the test cuts by hand."""
+    return ManagerLink(
+        ManagerLinkConfig(
+            addresses=(f"127.0.0.1:{port}",),
+            metrics_interval_seconds=3600.0,
+            reconnect=Backoff(initial=0.05, maximum=0.2),
+            **config,
+        ),
+        tls=pki.issue("node", "n1"),
+        trust_domain=pki.trust_domain,
+        node=NodeInfo("n1", "127.0.0.1:7444", {}),
+        state_dir=tmp_path,
+        collect=lambda: [common_pb2.MetricData(type="cpu", timestamp=1, values={"v": 1.0})],
+        snapshot=list,
+    )
 
 
 class SlowManager(BusyManager):
@@ -129,20 +135,7 @@ async def test_a_slow_manager_is_not_treated_as_a_dead_one(pki: Any, tmp_path: A
     manager_pb2_grpc.add_ManagerServiceServicer_to_server(servicer, server)
     port = server.add_secure_port("127.0.0.1:0", server_credentials(pki.issue("manager", "m1")))
     await server.start()
-    link = ManagerLink(
-        ManagerLinkConfig(
-            addresses=(f"127.0.0.1:{port}",),
-            metrics_interval_seconds=3600.0,
-            rpc_timeout_seconds=0.3,
-            reconnect=Backoff(initial=0.05, maximum=0.2),
-        ),
-        tls=pki.issue("node", "n1"),
-        trust_domain=pki.trust_domain,
-        node=NodeInfo("n1", "127.0.0.1:7444", {}),
-        state_dir=tmp_path,
-        collect=lambda: [common_pb2.MetricData(type="cpu", timestamp=1, values={"v": 1.0})],
-        snapshot=list,
-    )
+    link = _link(pki, tmp_path, port, rpc_timeout_seconds=0.3)
     for _ in range(3):
         link.cut_batch()
     await link.start()
