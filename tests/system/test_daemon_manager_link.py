@@ -4,109 +4,16 @@ and an outage: the manager stopped for a while, then restarted on the same datab
 from __future__ import annotations
 
 import asyncio
-import os
-import signal
-import socket
-import sqlite3
-import subprocess
-import sys
-from collections.abc import AsyncIterator, Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
 from daemon_helpers import agent, daemon_config, eventually, short_tmp
+from manager_proc import Manager, free_port
 
 from daemon.config import ManagerLinkConfig
 from daemon.server import DaemonServer
 from fleet.retry import Backoff
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-@dataclass
-class Manager:
-    """A `fleet-manager serve` process on a SQLite file; restartable on the same port and db."""
-
-    root: Path
-    port: int
-    popen: subprocess.Popen[bytes] | None = None
-
-    @property
-    def db(self) -> Path:
-        return self.root / "state" / "manager.db"
-
-    def start(self) -> None:
-        with open(self.root / "manager.err", "ab") as err:
-            self.popen = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-c",
-                    "from manager.cli import main; main()",
-                    "serve",
-                    "--config",
-                    str(self.root / "manager.toml"),
-                ],
-                env={**os.environ, "PYTHONPATH": str(REPO)},
-                stdout=subprocess.DEVNULL,
-                stderr=err,
-            )
-
-    def stop(self) -> None:
-        if self.popen is not None and self.popen.poll() is None:
-            self.popen.send_signal(signal.SIGTERM)
-            try:
-                self.popen.wait(30)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-
-    def query(self, sql: str, *args: Any) -> list[tuple[Any, ...]]:
-        if not self.db.exists():
-            return []
-        conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=5)
-        try:
-            return conn.execute(sql, args).fetchall()
-        except sqlite3.OperationalError:
-            return []  # schema not there yet
-        finally:
-            conn.close()
-
-
-@pytest.fixture
-def manager(pki: Any) -> Iterator[Manager]:
-    """A real manager process (manager/m1, SQLite) with a 1 s heartbeat interval."""
-    with short_tmp() as root:
-        tls = pki.issue("manager", "m1")
-        m = Manager(root, free_port())
-        (root / "manager.toml").write_text(
-            f"""
-state_dir = "{root}/state"
-[server]
-listen = "127.0.0.1:{m.port}"
-metrics_listen = ""
-shutdown_grace_seconds = 2.0
-[tls]
-ca_file = "{tls.ca_file}"
-cert_file = "{tls.cert_file}"
-key_file = "{tls.key_file}"
-[liveness]
-min_ttl_seconds = 1.0
-jitter = 0.0
-"""
-        )
-        m.start()
-        try:
-            yield m
-        finally:
-            m.stop()
 
 
 @pytest.fixture
