@@ -164,7 +164,9 @@ async def test_invalid_toml_spec_refused(tmp_path: Path) -> None:
     supervisor = make_supervisor(tmp_path)
     good = agent("good", *SLEEPER)
     bad = agent("bad", *SLEEPER, stop_timeout=-1.0)
-    with pytest.raises(InvalidArgument, match=r"agents\[bad\]\.stop_timeout: must be >= 0"):
+    with pytest.raises(
+        InvalidArgument, match=r"agents\[bad\]\.stop_timeout: must be 0\.\.604800 seconds"
+    ):
         await supervisor.start([good, bad])
     assert supervisor.list() == []
     await supervisor.stop(stop_agents=True)
