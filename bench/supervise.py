@@ -26,6 +26,7 @@ The machine is shared: run it once, note the load average printed at the end.
 
 from __future__ import annotations
 
+import abc
 import argparse
 import itertools
 import os
@@ -89,7 +90,7 @@ def _toml_list(items: tuple[str, ...]) -> str:
     )
 
 
-class Supervisor:
+class Supervisor(abc.ABC):
     """Starts one supervisor process over `programs` in its own directory."""
 
     name = ""
@@ -101,8 +102,9 @@ class Supervisor:
         work.mkdir(parents=True, exist_ok=True)
         self.proc: subprocess.Popen[bytes] | None = None
 
+    @abc.abstractmethod
     def command(self) -> list[str]:
-        raise NotImplementedError
+        """The command line that starts this supervisor."""
 
     def start(self) -> None:
         with open(self.work / "supervisor.err", "ab") as err:
