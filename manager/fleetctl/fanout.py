@@ -107,51 +107,30 @@ def operate(
     _run(ctx, action, agent, node, selector, by_type, max_concurrency, max_errors, plan, yes)
 
 
-def start(
-    ctx: typer.Context,
-    agent: AgentArg,
-    node: NodeOpt = None,
-    selector: SelectorOpt = None,
-    by_type: TypeOpt = False,
-    max_concurrency: ConcurrencyOpt = 10,
-    max_errors: ErrorsOpt = 0,
-    plan: PlanOpt = False,
-    yes: YesOpt = False,
-) -> None:
-    """Short for: agents operate start AGENT ..."""
-    _run(ctx, Action.start, agent, node, selector, by_type, max_concurrency, max_errors, plan, yes)
+def _short_form(action: Action) -> Any:
+    """`agents <action> AGENT ...`: `agents operate <action>` with the action fixed."""
+
+    def command(
+        ctx: typer.Context,
+        agent: AgentArg,
+        node: NodeOpt = None,
+        selector: SelectorOpt = None,
+        by_type: TypeOpt = False,
+        max_concurrency: ConcurrencyOpt = 10,
+        max_errors: ErrorsOpt = 0,
+        plan: PlanOpt = False,
+        yes: YesOpt = False,
+    ) -> None:
+        _run(ctx, action, agent, node, selector, by_type, max_concurrency, max_errors, plan, yes)
+
+    command.__name__ = action.value
+    command.__doc__ = f"Short for: agents operate {action.value} AGENT ..."
+    return command
 
 
-def stop(
-    ctx: typer.Context,
-    agent: AgentArg,
-    node: NodeOpt = None,
-    selector: SelectorOpt = None,
-    by_type: TypeOpt = False,
-    max_concurrency: ConcurrencyOpt = 10,
-    max_errors: ErrorsOpt = 0,
-    plan: PlanOpt = False,
-    yes: YesOpt = False,
-) -> None:
-    """Short for: agents operate stop AGENT ..."""
-    _run(ctx, Action.stop, agent, node, selector, by_type, max_concurrency, max_errors, plan, yes)
-
-
-def restart(
-    ctx: typer.Context,
-    agent: AgentArg,
-    node: NodeOpt = None,
-    selector: SelectorOpt = None,
-    by_type: TypeOpt = False,
-    max_concurrency: ConcurrencyOpt = 10,
-    max_errors: ErrorsOpt = 0,
-    plan: PlanOpt = False,
-    yes: YesOpt = False,
-) -> None:
-    """Short for: agents operate restart AGENT ..."""
-    _run(
-        ctx, Action.restart, agent, node, selector, by_type, max_concurrency, max_errors, plan, yes
-    )
+start = _short_form(Action.start)
+stop = _short_form(Action.stop)
+restart = _short_form(Action.restart)
 
 
 def _run(
