@@ -72,32 +72,21 @@ _AGGREGATES = {
 }
 
 
-def _agent_status(name: str) -> common_pb2.AgentStatus.ValueType:
+def _enum_value(enum: Any, prefix: str, name: str, default: int = 0) -> Any:
+    """`<prefix><NAME>` of a protobuf enum, or `default` for a name it does not know.
+
+    Storage keeps enum names without their prefix ("RUNNING", "online").
+    """
     try:
-        return common_pb2.AgentStatus.Value(f"AGENT_STATUS_{name}")
+        return enum.Value(f"{prefix}{name.upper()}")
     except ValueError:
-        return common_pb2.AGENT_STATUS_UNKNOWN
+        return default
 
 
-def _agent_health(name: str) -> common_pb2.AgentHealth.ValueType:
-    try:
-        return common_pb2.AgentHealth.Value(f"AGENT_HEALTH_{name}")
-    except ValueError:
-        return common_pb2.AGENT_HEALTH_UNSPECIFIED
-
-
-def _node_status(name: str) -> common_pb2.NodeStatus.ValueType:
-    try:
-        return common_pb2.NodeStatus.Value(f"NODE_STATUS_{name.upper()}")
-    except ValueError:
-        return common_pb2.NODE_STATUS_UNSPECIFIED
-
-
-def _event_kind(name: str) -> fleet_pb2.EventKind.ValueType:
-    try:
-        return fleet_pb2.EventKind.Value(f"EVENT_KIND_{name}")
-    except ValueError:
-        return fleet_pb2.EVENT_KIND_UNSPECIFIED
+def _agent_status(name: str) -> Any:
+    return _enum_value(
+        common_pb2.AgentStatus, "AGENT_STATUS_", name, common_pb2.AGENT_STATUS_UNKNOWN
+    )
 
 
 def agent_info(record: AgentStateRecord) -> common_pb2.AgentInfo:
@@ -114,7 +103,7 @@ def agent_info(record: AgentStateRecord) -> common_pb2.AgentInfo:
         exit_code=record.exit_code,
         message=record.message,
         labels=record.labels,
-        health=_agent_health(record.health),
+        health=_enum_value(common_pb2.AgentHealth, "AGENT_HEALTH_", record.health),
         config_version=record.config_version,
     )
 
@@ -131,7 +120,7 @@ def _node(view: NodeView) -> fleet_pb2.Node:
         daemon_version=n.daemon_version,
         agent_version=n.agent_version,
         daemon_address=n.daemon_address,
-        status=_node_status(n.status),
+        status=_enum_value(common_pb2.NodeStatus, "NODE_STATUS_", n.status),
         last_heartbeat=n.last_seen_ms,
         registered_at=n.registered_at_ms,
         connection_state=_CONNECTION[view.connection],
@@ -150,7 +139,7 @@ def _event(record: EventRecord) -> fleet_pb2.Event:
     return fleet_pb2.Event(
         id=record.id,
         timestamp=record.timestamp_ms,
-        kind=_event_kind(record.kind),
+        kind=_enum_value(fleet_pb2.EventKind, "EVENT_KIND_", record.kind),
         node_id=record.node_id,
         agent_id=record.agent_id,
         message=record.message,
