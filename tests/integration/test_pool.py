@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
 from typing import Any
 
 import pytest
@@ -11,35 +10,12 @@ from test_pool_support import (
     MakePool,
     S,
     StartDaemon,
-    pools,
-    running_daemons,
 )
 
 from fleet import errors
 from fleet.pki import CertificateAuthority
 from fleet.tls import TLSConfig
 from manager.pool import WrongDaemonIdentity
-
-
-@pytest.fixture
-async def start_daemon(pki: Any) -> AsyncIterator[StartDaemon]:
-    """Simulated daemons, each with its own node certificate; stopped after the test."""
-    async with running_daemons(pki) as start:
-        yield start
-
-
-@pytest.fixture
-def manager_tls(pki: Any) -> TLSConfig:
-    """The manager's certificate files (manager/m1)."""
-    tls: TLSConfig = pki.issue("manager", "m1")
-    return tls
-
-
-@pytest.fixture
-async def make_pool(pki: Any, manager_tls: TLSConfig) -> AsyncIterator[MakePool]:
-    """Pools holding the manager's certificate; closed after the test."""
-    async with pools(pki, manager_tls) as make:
-        yield make
 
 
 async def test_channel_is_opened_on_first_call(
