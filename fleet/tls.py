@@ -8,6 +8,11 @@ peer holds that identity's certificate.
 
 The TLS version floor is TLS 1.2, gRPC's own default (BoringSSL); grpcio
 offers no knob for it, so there is none here.
+
+cryptography is imported only where a certificate file is checked or a bare
+PEM must be parsed, not by importing this module: gRPC's auth context already
+carries the peer's URI SANs, and the daemon checks its files in a child
+process (daemon.tlsfiles) to keep that library out of its long-lived process.
 """
 
 from __future__ import annotations
@@ -18,16 +23,15 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
-from cryptography import x509
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
 from fleet.errors import ConfigError, PermissionDenied, Unauthenticated
-from fleet.pki import Identity, Role
+from fleet.identity import Identity, Role
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 __all__ = [
     "TLSConfig",
@@ -63,6 +67,9 @@ class TLSConfig:
         return self._load(now=None).identity
 
     def _load(self, *, now: dt.datetime | None) -> _Loaded:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
+
         now = now or dt.datetime.now(dt.UTC)
         ca_pem = _read(self.ca_file, "CA")
         cert_pem = _read(self.cert_file, "certificate")
@@ -82,9 +89,16 @@ class TLSConfig:
             raise ConfigError(
                 f"TLS key file {self.key_file}: does not match the certificate {self.cert_file}"
             )
-        for path, cert in [(self.cert_file, leaf), *((self.ca_file, ca) for ca in cas)]:
-            what = "CA" if path == self.ca_file else "certificate"
-            _check_dates(path, what, cert, now)
+        validity = tuple(
+            (
+                path,
+                "CA" if path == self.ca_file else "certificate",
+                c.not_valid_before_utc,
+                c.not_valid_after_utc,
+            )
+            for path, c in [(self.cert_file, leaf), *((self.ca_file, ca) for ca in cas)]
+        )
+        check_validity(validity, now)
         if not _chains_to(chain, cas):
             raise ConfigError(
                 f"TLS certificate file {self.cert_file}: not signed by the CA in {self.ca_file}"
@@ -95,7 +109,11 @@ class TLSConfig:
             identity = _identity_of(leaf)
         except ValueError as exc:
             raise ConfigError(f"TLS certificate file {self.cert_file}: {exc}") from None
-        return _Loaded(ca_pem, cert_pem, key_pem, identity)
+        return _Loaded(ca_pem, cert_pem, key_pem, identity, validity)
+
+
+Validity = tuple[tuple[Path, str, dt.datetime, dt.datetime], ...]
+"""(file, "certificate" or "CA", not before, not after) of each certificate, in check order."""
 
 
 @dataclass(frozen=True)
@@ -104,6 +122,7 @@ class _Loaded:
     cert_pem: bytes
     key_pem: bytes
     identity: Identity
+    validity: Validity
 
 
 _LABELS = {"CA": "TLS CA file", "certificate": "TLS certificate file", "key": "TLS key file"}
@@ -122,6 +141,8 @@ def _read(path: Path, what: str) -> bytes:
 
 
 def _parse_certs(path: Path, pem: bytes, what: str) -> list[x509.Certificate]:
+    from cryptography import x509
+
     try:
         certs = x509.load_pem_x509_certificates(pem)
     except ValueError:
@@ -132,6 +153,8 @@ def _parse_certs(path: Path, pem: bytes, what: str) -> list[x509.Certificate]:
 
 
 def _public_der(key: Any) -> bytes:
+    from cryptography.hazmat.primitives import serialization
+
     der: bytes = key.public_bytes(
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
@@ -142,20 +165,24 @@ def _fmt(t: dt.datetime) -> str:
     return t.strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-def _check_dates(path: Path, what: str, cert: x509.Certificate, now: dt.datetime) -> None:
-    if now > cert.not_valid_after_utc:
-        raise ConfigError(
-            f"{_LABELS[what]} {path}: expired on {_fmt(cert.not_valid_after_utc)}"
-            f" (now {_fmt(now)}); issue a new one"
-        )
-    if now < cert.not_valid_before_utc:
-        raise ConfigError(
-            f"{_LABELS[what]} {path}: not valid until {_fmt(cert.not_valid_before_utc)}"
-            f" (now {_fmt(now)}); check this host's clock"
-        )
+def check_validity(validity: Validity, now: dt.datetime) -> None:
+    """ConfigError naming the first certificate that is not valid at `now`."""
+    for path, what, not_before, not_after in validity:
+        if now > not_after:
+            raise ConfigError(
+                f"{_LABELS[what]} {path}: expired on {_fmt(not_after)}"
+                f" (now {_fmt(now)}); issue a new one"
+            )
+        if now < not_before:
+            raise ConfigError(
+                f"{_LABELS[what]} {path}: not valid until {_fmt(not_before)}"
+                f" (now {_fmt(now)}); check this host's clock"
+            )
 
 
 def _signed_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    from cryptography.exceptions import InvalidSignature
+
     try:
         cert.verify_directly_issued_by(ca)
     except (ValueError, TypeError, InvalidSignature):
@@ -173,12 +200,28 @@ def _chains_to(chain: list[x509.Certificate], cas: list[x509.Certificate]) -> bo
 
 def _identity_of(cert: x509.Certificate) -> Identity:
     """The one spiffe:// SAN URI of `cert` as an Identity; ValueError if none or several."""
+    from cryptography import x509
+
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
         uris = san.get_values_for_type(x509.UniformResourceIdentifier)
     except x509.ExtensionNotFound:
         uris = []
     return _one_identity(uris)
+
+
+def _pem_uris(pem: bytes) -> list[str]:
+    from cryptography import x509
+
+    try:
+        cert = x509.load_pem_x509_certificate(pem)
+    except ValueError:
+        raise Unauthenticated("the client certificate could not be parsed") from None
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return []
+    return list(san.get_values_for_type(x509.UniformResourceIdentifier))
 
 
 def _one_identity(uris: Sequence[str]) -> Identity:
@@ -281,29 +324,25 @@ def identity_from_auth_context(
 ) -> Identity:
     """The peer's Identity from a gRPC auth context (plain mapping); Unauthenticated if none.
 
-    The peer certificate is parsed with cryptography (reliable for URIs);
-    without it, the SAN list grpc extracted is used. With `trust_domain`,
-    an identity from another trust domain is PermissionDenied.
+    gRPC records a verified peer certificate's subject (``x509_subject``)
+    and lists its URI SANs as ``peer_uri``; those decide, no parsing needed.
+    A mapping with only the PEM is parsed with cryptography, one with only
+    the SAN list uses that. With `trust_domain`, an identity from
+    another trust domain is PermissionDenied.
     """
-    uris: list[str] = []
-    pems = list(auth.get("x509_pem_cert", ()))
-    if pems:
-        try:
-            cert = x509.load_pem_x509_certificate(pems[0])
-        except ValueError:
-            raise Unauthenticated("the client certificate could not be parsed") from None
-        try:
-            identity = _identity_of(cert)
-        except ValueError as exc:
-            raise Unauthenticated(f"client certificate: {exc}") from None
+    if "peer_uri" in auth or "x509_subject" in auth:
+        # gRPC's own record of a verified certificate: no peer_uri means no URI SAN.
+        uris = [v.decode("utf-8", "replace") for v in auth.get("peer_uri", ())]
+    elif pems := list(auth.get("x509_pem_cert", ())):
+        uris = _pem_uris(pems[0])
     else:
         uris = [v.decode("utf-8", "replace") for v in auth.get("x509_subject_alternative_name", [])]
         if not uris:
             raise Unauthenticated("no client certificate was presented; Fleet requires mTLS")
-        try:
-            identity = _one_identity(uris)
-        except ValueError as exc:
-            raise Unauthenticated(f"client certificate: {exc}") from None
+    try:
+        identity = _one_identity(uris)
+    except ValueError as exc:
+        raise Unauthenticated(f"client certificate: {exc}") from None
     if trust_domain is not None and identity.trust_domain != trust_domain:
         raise PermissionDenied(
             f"{identity} belongs to trust domain {identity.trust_domain!r};"

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import os
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -243,3 +245,48 @@ def test_other_trust_domain_is_denied(good: TLSConfig) -> None:
     auth = {"x509_pem_cert": [good.cert_file.read_bytes()]}
     with pytest.raises(PermissionDenied, match=r"'fleet\.local'.*'prod\.example'"):
         identity_from_auth_context(auth, trust_domain="prod.example")
+
+
+def test_identity_from_grpc_peer_uri(good: TLSConfig) -> None:
+    """gRPC's own record (x509_subject + peer_uri) decides; the PEM need not be parsed."""
+    auth = {
+        "transport_security_type": [b"ssl"],
+        "x509_subject": [b"CN=n1.node.fleet.local,OU=node,O=Fleet"],
+        "x509_pem_cert": [b"not parsed"],
+        "peer_uri": [b"spiffe://fleet.local/node/n1"],
+    }
+    assert identity_from_auth_context(auth) == Identity("node", "n1", "fleet.local")
+
+
+def test_grpc_certificate_without_uri_is_unauthenticated() -> None:
+    """A verified certificate with no URI SAN (gRPC lists no peer_uri) has no Fleet identity."""
+    auth = {
+        "x509_subject": [b"CN=plain"],
+        "x509_pem_cert": [b"not parsed"],
+        "x509_subject_alternative_name": [b"plain.example"],
+    }
+    with pytest.raises(Unauthenticated, match="no spiffe:// SAN URI"):
+        identity_from_auth_context(auth)
+
+
+def test_grpc_certificate_with_two_spiffe_uris_is_unauthenticated() -> None:
+    """Two spiffe:// URIs are ambiguous, exactly as when the PEM is parsed."""
+    auth = {
+        "x509_subject": [b"CN=x"],
+        "peer_uri": [b"spiffe://fleet.local/node/a", b"spiffe://fleet.local/node/b"],
+    }
+    with pytest.raises(Unauthenticated, match="carries 2 spiffe:// SAN URIs"):
+        identity_from_auth_context(auth)
+
+
+def test_peer_identity_checks_load_no_crypto_library() -> None:
+    """Importing fleet.tls and deciding from gRPC's auth context never imports cryptography."""
+    code = (
+        "import sys; from fleet.tls import identity_from_auth_context as f; "
+        "f({'x509_subject': [b'CN=x'], 'peer_uri': [b'spiffe://fleet.local/manager/m']}); "
+        "print('cryptography' in sys.modules)"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+    assert out.stdout.strip() == "False"
