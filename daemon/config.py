@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Literal
 
 from daemon.supervisor.spec import AgentSpec
+from daemon.tlsfiles import DaemonTLSConfig
 from fleet.config import load_config
 from fleet.errors import ConfigError
 from fleet.retry import Backoff
-from fleet.tls import TLSConfig
 
 __all__ = ["ENV_PREFIX", "DaemonConfig", "ManagerLinkConfig", "load_daemon_config"]
 
@@ -92,8 +92,9 @@ class ManagerLinkConfig:
 class DaemonConfig:
     """Everything `fleet-daemon` needs; see configs/daemon.toml for a commented example."""
 
-    tls: TLSConfig
-    """This node's certificate, key and the fleet CA (table ``[tls]``)."""
+    tls: DaemonTLSConfig
+    """This node's certificate, key and the fleet CA (table ``[tls]``); checked in a
+    child process so cryptography stays out of the daemon (daemon.tlsfiles)."""
     node_id: str = ""
     """Optional guard; the node id is the certificate's name and must match if set."""
     listen: str = "0.0.0.0:7444"

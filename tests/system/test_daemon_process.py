@@ -18,6 +18,7 @@ import psutil
 import pytest
 from daemon_helpers import client_channel, eventually, short_tmp
 
+from fleet.pki import CertificateAuthority
 from fleet.tls import TLSConfig
 from fleet.v1 import common_pb2, daemon_pb2, daemon_pb2_grpc
 
@@ -161,6 +162,11 @@ async def test_ready_metrics_and_sigterm_leaves_agents_then_readopts(
     proc.start()
     await asyncio.to_thread(proc.wait_ready)
     first = await _running(manager_stub, 2)
+    # The manager's call was authorised from gRPC's auth context and the TLS files were
+    # checked in a child: the serving daemon never loaded cryptography (~13 MiB of RSS).
+    assert proc.popen is not None
+    maps = await asyncio.to_thread(Path(f"/proc/{proc.popen.pid}/maps").read_text)
+    assert "cryptography" not in maps
 
     body = await asyncio.to_thread(
         lambda: urllib.request.urlopen(f"http://127.0.0.1:{proc.mport}/metrics", timeout=10).read()
@@ -225,3 +231,24 @@ def test_bad_config_exits_2_with_one_line(tmp_path: Path) -> None:
     assert len(lines) == 1, result.stderr
     assert str(cfg) in lines[0]
     assert "bogus_key: unknown key" in lines[0]
+
+
+def test_certificate_from_another_ca_exits_2_with_one_line(pki: Any, tmp_path: Path) -> None:
+    """The TLS check (run in a child process) reports a foreign certificate in one line, exit 2."""
+    own = pki.issue("node", "n1")
+    foreign = CertificateAuthority.create().issue("node", "n1").write(tmp_path / "foreign")
+    tls = TLSConfig(own.ca_file, foreign.cert_file, foreign.key_file)
+    cfg = tmp_path / "daemon.toml"
+    write_config(cfg, tmp_path, tls, free_port(), free_port(), "")
+    result = subprocess.run(
+        [*DAEMON, "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert f"{foreign.cert_file}: not signed by the CA in {own.ca_file}" in lines[0]

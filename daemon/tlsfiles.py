@@ -1,0 +1,130 @@
+"""The daemon's TLS files, checked in a short-lived child process.
+
+`fleet.tls.TLSConfig` checks its files with cryptography (parse, key match,
+dates, chain, identity). That library costs the long-lived daemon ~13 MiB of
+RSS for a check that runs at start and when the files change, so
+`DaemonTLSConfig` runs the very same check (`TLSConfig._load`) in a child
+Python process and keeps the result while the files' (inode, size, mtime,
+ctime) stay the same. Dates are re-checked against the clock on every use
+(`fleet.tls.check_validity`), so messages and decisions are those of
+`TLSConfig`, and an expiring certificate is still noticed.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import json
+import os
+import subprocess
+import sys
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fleet.errors import ConfigError, FleetError
+from fleet.identity import Identity
+from fleet.tls import TLSConfig, _Loaded, check_validity
+
+__all__ = ["DaemonTLSConfig"]
+
+_Stamp = tuple[tuple[int, ...], ...]
+
+# What the child runs: take the request on stdin, answer one JSON object on stdout.
+_CHILD = (
+    "import sys, json; sys.path[:0] = json.loads(sys.argv[1]); "
+    "import daemon.tlsfiles as m; m._child()"
+)
+_TIMEOUT = 60.0
+
+_cache: dict[TLSConfig, tuple[_Stamp, _Loaded]] = {}
+_lock = threading.Lock()  # gRPC's handshake threads and the event loop both load
+
+
+@dataclass(frozen=True)
+class DaemonTLSConfig(TLSConfig):
+    """A `TLSConfig` whose files are checked out of process (see the module doc)."""
+
+    def _load(self, *, now: dt.datetime | None) -> _Loaded:
+        now = now or dt.datetime.now(dt.UTC)
+        with _lock:
+            stamp = _stamp(self)
+            cached = _cache.get(self)
+            if cached is not None and cached[0] == stamp:
+                check_validity(cached[1].validity, now)
+                return cached[1]
+            loaded = _check_in_child(self, now)
+            _cache[self] = (stamp, loaded)
+            return loaded
+
+
+def _stamp(cfg: TLSConfig) -> _Stamp:
+    stamps: list[tuple[int, ...]] = []
+    for path in (cfg.ca_file, cfg.cert_file, cfg.key_file):
+        try:
+            st = os.stat(path)
+        except OSError:
+            stamps.append((-1,))
+        else:
+            stamps.append((st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns))
+    return tuple(stamps)
+
+
+def _check_in_child(cfg: TLSConfig, now: dt.datetime) -> _Loaded:
+    request = {
+        "files": [str(cfg.ca_file), str(cfg.cert_file), str(cfg.key_file)],
+        "now": now.isoformat(),
+    }
+    path = json.dumps([p for p in sys.path if p])
+    try:
+        done = subprocess.run(  # noqa: S603  # our own interpreter and code, no shell
+            [sys.executable, "-c", _CHILD, path],
+            input=json.dumps(request).encode(),
+            capture_output=True,
+            timeout=_TIMEOUT,
+            check=False,
+        )
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise FleetError(f"could not check the TLS files in a child process: {exc}") from None
+    try:
+        answer: dict[str, Any] = json.loads(done.stdout)
+    except ValueError:
+        why = (done.stderr.decode(errors="replace").strip().splitlines() or ["no output"])[-1]
+        raise FleetError(
+            f"could not check the TLS files in a child process (exit {done.returncode}): {why}"
+        ) from None
+    if "error" in answer:
+        raise ConfigError(answer["error"])
+    return _Loaded(
+        ca_pem=base64.b64decode(answer["ca_pem"]),
+        cert_pem=base64.b64decode(answer["cert_pem"]),
+        key_pem=base64.b64decode(answer["key_pem"]),
+        identity=Identity.from_uri(answer["identity"]),
+        validity=tuple(
+            (Path(p), what, dt.datetime.fromisoformat(nb), dt.datetime.fromisoformat(na))
+            for p, what, nb, na in answer["validity"]
+        ),
+    )
+
+
+def _child() -> None:
+    """The child's side: `TLSConfig._load` on the request's files, the result as JSON."""
+    request = json.load(sys.stdin)
+    cfg = TLSConfig(*(Path(p) for p in request["files"]))
+    try:
+        loaded = cfg._load(now=dt.datetime.fromisoformat(request["now"]))
+    except ConfigError as exc:
+        answer: dict[str, Any] = {"error": exc.message}
+    else:
+        answer = {
+            "ca_pem": base64.b64encode(loaded.ca_pem).decode(),
+            "cert_pem": base64.b64encode(loaded.cert_pem).decode(),
+            "key_pem": base64.b64encode(loaded.key_pem).decode(),
+            "identity": loaded.identity.uri,
+            "validity": [
+                [str(p), what, nb.isoformat(), na.isoformat()]
+                for p, what, nb, na in loaded.validity
+            ],
+        }
+    json.dump(answer, sys.stdout)
