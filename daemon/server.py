@@ -20,14 +20,13 @@ import time
 from collections.abc import Callable, Sequence
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from grpc import aio
 
 from daemon.config import DaemonConfig, load_daemon_config
 from daemon.convert import agent_state, host_metrics, resource_metrics
 from daemon.manager_link import LinkState, ManagerLink, NodeInfo
-from daemon.metrics import MetricSources, daemon_registry
 from daemon.peercred import PeerCredProxy
 from daemon.servicers.agent_service import AgentServicer
 from daemon.servicers.daemon_service import DaemonServicer
@@ -38,6 +37,9 @@ from fleet.service import add_health_and_reflection, start_metrics_http_server
 from fleet.systemd import SystemdNotifier
 from fleet.tls import server_credentials
 from fleet.v1 import agent_pb2_grpc, common_pb2, daemon_pb2_grpc, manager_pb2
+
+if TYPE_CHECKING:
+    from daemon.metrics import MetricSources
 
 __all__ = ["AGENT_SOCKET_NAME", "DaemonServer", "advertised_address"]
 
@@ -146,6 +148,8 @@ class DaemonServer:
     def _metric_sources(self) -> MetricSources:
         sup = self.supervisor
         link = self.link
+        from daemon.metrics import MetricSources
+
         return MetricSources(
             agents=lambda: list(self._agents),
             restarts_total=lambda: sup.restarts_total,
@@ -222,6 +226,8 @@ class DaemonServer:
         await self.link.start()
 
         if self.cfg.metrics_listen:
+            from daemon.metrics import daemon_registry  # prometheus_client only when serving
+
             registry = daemon_registry(self._metric_sources())
             self._stop_metrics, self.metrics_port = start_metrics_http_server(
                 self.cfg.metrics_listen, registry

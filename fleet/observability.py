@@ -9,11 +9,12 @@ import threading
 import traceback
 from collections.abc import Callable
 from datetime import UTC, datetime
-from typing import Any, TextIO
-
-import prometheus_client
+from typing import TYPE_CHECKING, Any, TextIO
 
 from fleet.errors import ConfigError
+
+if TYPE_CHECKING:
+    import prometheus_client
 
 __all__ = ["JsonFormatter", "PlainFormatter", "setup_logging", "start_metrics_http_server"]
 
@@ -122,6 +123,8 @@ def start_metrics_http_server(
     half a second: call it via asyncio.to_thread from async code), and the
     bound port. A bad address or a port in use is a ConfigError.
     """
+    import prometheus_client  # here: a process with no /metrics never loads it (~4 MiB)
+
     host, port = _split_host_port(addr)
     try:
         server, thread = prometheus_client.start_http_server(port, host, registry)
