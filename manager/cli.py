@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 from collections.abc import Coroutine
 from pathlib import Path
@@ -69,6 +70,12 @@ async def _serve(config: ManagerConfig) -> None:
 
     async def start() -> None:
         await server.start()
+        # Everything alive now (modules, classes, the server's long-lived
+        # state) lives as long as the process: take it out of the cyclic GC's
+        # full collections, which otherwise traversed it every ~15 s for
+        # ~200 ms of CPU at 5,000 nodes and were the heartbeat's tail latency.
+        gc.collect()
+        gc.freeze()
         watchdog.append(asyncio.create_task(notifier.watchdog_loop(), name="watchdog"))
         notifier.ready()
         notifier.status(f"serving ManagerService on port {server.port}")
