@@ -165,13 +165,13 @@ def raw_sqlite_rate(path: Path, rows: int, batch: int) -> float:
 
 
 @contextlib.contextmanager
-def _process(cmd: list[str], port: int) -> Iterator[None]:
-    """Run a server process until the block ends (SIGTERM, then kill)."""
+def _process(cmd: list[str], port: int) -> Iterator[int]:
+    """Run a server process until the block ends (SIGTERM, then kill); yields its pid."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(cmd, env=env, preexec_fn=_raise_nofile)
     try:
         _wait_port(port, proc)
-        yield
+        yield proc.pid
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -194,8 +194,11 @@ class Bench:
         self.phase = 0
 
     @contextlib.contextmanager
-    def manager(self) -> Iterator[tuple[int, int, Path]]:
-        """A fresh `fleet-manager serve` on a new SQLite file; yields (port, metrics port, db)."""
+    def manager(self) -> Iterator[tuple[int, int, Path, int]]:
+        """A fresh `fleet-manager serve` on a new SQLite file.
+
+        Yields (port, metrics port, db, pid).
+        """
         self.phase += 1
         state = self.tmp / f"state-{self.phase}"
         port, mport = _free_port(), _free_port()
@@ -219,8 +222,9 @@ grace_seconds = {1.0 if self.smoke else 10.0}
 [logging]
 level = "warning"
 """)
-        with _process([sys.executable, "-m", "manager.cli", "serve", "--config", str(cfg)], port):
-            yield port, mport, state / "manager.db"
+        cmd = [sys.executable, "-m", "manager.cli", "serve", "--config", str(cfg)]
+        with _process(cmd, port) as pid:
+            yield port, mport, state / "manager.db", pid
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[int]:
@@ -255,11 +259,11 @@ def orchestrate(args: argparse.Namespace) -> Results:
             with bench.reference() as ref_port:
                 ref = _loadgen({**sat, "port": ref_port, "register": False})
             res.ref_rate, res.ref_p50_ms, res.ref_p99_ms = ref["rate"], ref["p50_ms"], ref["p99_ms"]
-            with bench.manager() as (port, _, _):
+            with bench.manager() as (port, _, _, _):
                 hb = _loadgen({**sat, "port": port, "register": True})
             res.hb_rate, res.hb_p50_ms, res.hb_p99_ms = hb["rate"], hb["p50_ms"], hb["p99_ms"]
         if "metrics" in phases:
-            with bench.manager() as (port, _, db):
+            with bench.manager() as (port, _, db, _):
                 met = _loadgen(
                     {
                         **base,
@@ -284,7 +288,7 @@ def orchestrate(args: argparse.Namespace) -> Results:
                 if args.steps
                 else ([10, 20] if smoke else [2000, 5000, 10000, 15000, 20000, 25000, 30000])
             )
-            with bench.manager() as (port, mport, db):
+            with bench.manager() as (port, mport, db, pid):
                 hold = _loadgen(
                     {
                         "ca_dir": str(tmp / "ca"),
@@ -292,6 +296,7 @@ def orchestrate(args: argparse.Namespace) -> Results:
                         "port": port,
                         "db": str(db),
                         "metrics_port": mport,
+                        "manager_pid": pid,
                         "steps": steps,
                         "hold": 2.0 if smoke else args.hold,
                         "metrics_interval": 2.0 if smoke else 60.0,
@@ -326,6 +331,8 @@ def report(res: Results) -> str:
             f"p50 {s['p50_ms']:.1f} ms, p99 {s['p99_ms']:.1f} ms "
             f"[server: handler p99 <= {s['server_handler_p99_ms']:g} ms, loop lag p99 <= "
             f"{s['server_lag_p99_ms']:g} ms; client loop lag p99 {s['client_lag_p99_ms']:.1f} ms], "
+            f"CPU [manager {s['manager_cores']:.2f}, load generator {s['loadgen_cores']:.2f}, "
+            f"whole machine {s['machine_cores']:.2f} of {os.cpu_count()} cores], "
             f"errors {s['errors']}, "
             f"marked offline {s['marked_offline']:.0f}, register {s['register_s']:.1f} s "
             f"-> {'ok' if s['ok'] else 'FAIL'}"

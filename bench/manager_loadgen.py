@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import gc
 import json
+import os
 import random
 import resource
 import sqlite3
@@ -288,9 +289,25 @@ class LoadGen:
             gc.collect()
             gc.freeze()  # the load generator's own long-lived objects: keep GC pauses short
             before = await asyncio.to_thread(_scrape, spec["metrics_port"])
+            # CPU of both processes and of the machine over the window: shows
+            # whether a miss is a saturated machine (the two processes share 2
+            # cores) and whether anything else was running.
+            manager_pid = spec.get("manager_pid")
+            cpu0 = (
+                _cpu_seconds(manager_pid) if manager_pid else 0.0,
+                _cpu_seconds(),
+                _machine_busy_seconds(),
+            )
+            t_window = time.perf_counter()
             measuring = True
             await asyncio.sleep(spec["hold"])
             measuring = False
+            window = time.perf_counter() - t_window
+            cpu1 = (
+                _cpu_seconds(manager_pid) if manager_pid else 0.0,
+                _cpu_seconds(),
+                _machine_busy_seconds(),
+            )
             after = await asyncio.to_thread(_scrape, spec["metrics_port"])
             # cumulative: a node dropped while the step ramped up counts too
             offline = await asyncio.to_thread(_false_offline, spec["db"])
@@ -307,6 +324,9 @@ class LoadGen:
                 "server_lag_p99_ms": _bucket_p99(
                     before, after, "fleet_manager_event_loop_lag_seconds"
                 ),
+                "manager_cores": (cpu1[0] - cpu0[0]) / window,
+                "loadgen_cores": (cpu1[1] - cpu0[1]) / window,
+                "machine_cores": (cpu1[2] - cpu0[2]) / window,
                 "errors": errors,
                 "register_errors": reg_errors,
                 "register_s": reg_s,
@@ -338,6 +358,24 @@ class LoadGen:
             await asyncio.gather(*tasks, return_exceptions=True)
             await self.close()
         return {"steps": steps}
+
+
+def _cpu_seconds(pid: int | None = None) -> float:
+    """User + system CPU seconds of a process (all its threads) so far."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _machine_busy_seconds() -> float:
+    """CPU seconds the whole machine spent not idle (all cores), from /proc/stat."""
+    with open("/proc/stat") as f:
+        cpu = [int(v) for v in f.readline().split()[1:]]
+    idle = cpu[3] + cpu[4]  # idle + iowait
+    return (sum(cpu[:8]) - idle) / os.sysconf("SC_CLK_TCK")
 
 
 def _scrape(port: int) -> dict[str, float]:
