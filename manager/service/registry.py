@@ -3,15 +3,21 @@
 Known node ids are cached in memory (loaded at start, added on register) so
 a heartbeat costs a set lookup and a dict write; a miss falls back to the
 database because another replica may have registered the node.
+
+Registrations are group-committed: the ones that arrive while a batch is
+being written go together in the next transaction, so a registration storm
+(a fresh manager, a whole fleet restarting) is not one commit per node.
 """
 
 from __future__ import annotations
 
+import asyncio
+import collections
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from fleet.errors import NotFound
+from fleet.errors import InvalidArgument, NotFound
 from manager.service.heartbeats import HeartbeatBuffer
 from manager.service.liveness import (
     LivenessPolicy,
@@ -23,7 +29,7 @@ from manager.service.model import Registration
 from manager.service.validation import validate_registration, validate_timestamp
 from manager.storage import NodeRecord, NodeRepository
 
-__all__ = ["NodeRegistry", "RegisterResult"]
+__all__ = ["NodeRegistry", "RegisterResult", "RegistrationBatches"]
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,83 @@ class RegisterResult:
     """How often this node should heartbeat."""
     server_time_ms: int
     """The manager's clock."""
+
+
+_Pending = tuple[NodeRecord, int, "asyncio.Future[bool]"]
+
+
+class RegistrationBatches:
+    """Group commit of registrations through `NodeRepository.upsert_many`."""
+
+    def __init__(self, nodes: NodeRepository, *, max_batch: int = 500) -> None:
+        self._nodes = nodes
+        self._max = max_batch
+        self._queue: collections.deque[_Pending] = collections.deque()
+        self._task: asyncio.Task[None] | None = None
+
+    async def submit(self, node: NodeRecord, now_ms: int) -> bool:
+        """Store `node` (registered at `now_ms`); True if it was new."""
+        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+        self._queue.append((node, now_ms, done))
+        if self._task is None or self._task.done():
+            self._task = asyncio.create_task(self._drain(), name="registrations")
+        return await done
+
+    async def _drain(self) -> None:
+        while self._queue:
+            batch = self._take()
+            try:
+                outcomes = await self._write(batch)
+            except BaseException as exc:
+                outcomes = [exc] * len(batch)
+                if not isinstance(exc, Exception):  # cancelled: answer, then stop
+                    _answer(batch, outcomes)
+                    raise
+            _answer(batch, outcomes)
+
+    def _take(self) -> list[_Pending]:
+        """Up to max_batch queued registrations, one per node id (a repeat waits)."""
+        batch: list[_Pending] = []
+        repeats: list[_Pending] = []
+        seen: set[str] = set()
+        while self._queue and len(batch) < self._max:
+            item = self._queue.popleft()
+            if item[0].node_id in seen:
+                repeats.append(item)
+            else:
+                seen.add(item[0].node_id)
+                batch.append(item)
+        self._queue.extendleft(reversed(repeats))
+        return batch
+
+    async def _write(self, batch: list[_Pending]) -> list[bool | BaseException]:
+        pairs = [(node, ms) for node, ms, _ in batch]
+        try:
+            return list(await self._nodes.upsert_many(pairs))
+        except InvalidArgument:
+            if len(batch) == 1:
+                raise
+        # The database refused something validation let through: one at a
+        # time, so only that registration fails.
+        outcomes: list[bool | BaseException] = []
+        for pair in pairs:
+            try:
+                outcomes.extend(await self._nodes.upsert_many([pair]))
+            except Exception as exc:
+                outcomes.append(exc)
+        return outcomes
+
+
+def _answer(batch: list[_Pending], outcomes: list[bool | BaseException]) -> None:
+    for (_, _, done), outcome in zip(batch, outcomes, strict=True):
+        if done.done():  # the caller went away (deadline); its node is stored anyway
+            continue
+        if isinstance(outcome, asyncio.CancelledError):
+            done.cancel()
+        elif isinstance(outcome, BaseException):
+            done.set_exception(outcome)
+        else:
+            done.set_result(outcome)
 
 
 class NodeRegistry:
@@ -59,6 +142,7 @@ class NodeRegistry:
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not crypto
         self._known: set[str] = set()
         self._fleet_size = 0
+        self._registrations = RegistrationBatches(nodes)
         self.high_water = TtlHighWater()
 
     async def load(self) -> None:
@@ -111,7 +195,7 @@ class NodeRegistry:
             last_seen_ms=now_ms,
             registered_at_ms=now_ms,
         )
-        created = await self._nodes.upsert(record, now_ms=now_ms)
+        created = await self._registrations.submit(record, now_ms)
         if reg.node_id not in self._known:
             self._known.add(reg.node_id)
             self._fleet_size = max(self._fleet_size + 1, len(self._known))

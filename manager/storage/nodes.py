@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import BigInteger, bindparam, case, func, select, update
@@ -28,6 +28,44 @@ _FIELDS = (
     "agent_version",
     "daemon_address",
 )
+
+
+def _fields(node: NodeRecord) -> dict[str, Any]:
+    values: dict[str, Any] = {name: getattr(node, name) for name in _FIELDS}
+    values["labels"] = dump_map(node.labels)
+    return values
+
+
+def _insert_row(node: NodeRecord, now_ms: int) -> dict[str, Any]:
+    return {
+        "node_id": node.node_id,
+        "status": "online",
+        "last_seen_ms": now_ms,
+        "registered_at_ms": now_ms,
+        **_fields(node),
+    }
+
+
+# Re-registration, executemany: bind names differ from the column names, which
+# SQLAlchemy reserves for the SET clause.
+_NOW = bindparam("b_now", type_=BigInteger)
+_REREGISTER = (
+    update(nodes)
+    .where(nodes.c.node_id == bindparam("b_node_id"))
+    .values(
+        status="online",
+        last_seen_ms=case((nodes.c.last_seen_ms < _NOW, _NOW), else_=nodes.c.last_seen_ms),
+        **{name: bindparam(f"b_{name}") for name in (*_FIELDS, "labels")},
+    )
+)
+
+
+def _update_row(node: NodeRecord, now_ms: int) -> dict[str, Any]:
+    return {
+        "b_node_id": node.node_id,
+        "b_now": now_ms,
+        **{f"b_{name}": value for name, value in _fields(node).items()},
+    }
 
 
 def _record(row: Any) -> NodeRecord:
@@ -60,69 +98,71 @@ class NodeRepository:
         with last_seen = now, and writes NODE_REGISTERED (plus NODE_ONLINE if
         it was offline) in the same transaction. Idempotent.
         """
-        values = {name: getattr(node, name) for name in _FIELDS}
-        values["labels"] = dump_map(node.labels)
-        actor = f"node/{node.node_id}"
+        return (await self.upsert_many([(node, now_ms)]))[0]
 
-        async def body(conn: AsyncConnection) -> bool:
-            ins = (
-                dialect_insert(self._db.dialect, nodes)
-                .values(
-                    node_id=node.node_id,
-                    status="online",
-                    last_seen_ms=now_ms,
-                    registered_at_ms=now_ms,
-                    **values,
+    async def upsert_many(self, batch: Sequence[tuple[NodeRecord, int]]) -> builtins.list[bool]:
+        """`upsert` of several (node, now_ms) pairs in one transaction.
+
+        A handful of statements whatever the batch size, so a registration
+        storm (a new manager, a whole fleet restarting) costs one commit per
+        batch rather than per node. Node ids must be unique in the batch.
+        Returns, per pair, True if that node was new.
+        """
+        ids = [node.node_id for node, _ in batch]
+        if len(set(ids)) != len(ids):
+            raise ValueError("upsert_many: a node id appears twice in one batch")
+
+        async def body(conn: AsyncConnection) -> builtins.list[bool]:
+            # Locks the known rows (PostgreSQL), so a concurrent sweep cannot
+            # flip one between this read and the update.
+            status: dict[str, str] = {}
+            for part in chunks(ids):
+                rows = await conn.execute(
+                    select(nodes.c.node_id, nodes.c.status)
+                    .where(nodes.c.node_id.in_(part))
+                    .with_for_update()
                 )
-                .on_conflict_do_nothing(index_elements=[nodes.c.node_id])
-            )
-            created = (await conn.execute(ins)).rowcount == 1
-            new_events = []
-            if created:
-                new_events.append(
-                    event_row(
-                        "NODE_REGISTERED",
-                        now_ms=now_ms,
-                        node_id=node.node_id,
-                        actor=actor,
-                        message=f"node {node.node_id} registered",
-                        attributes={"first": "true"},
+                status.update((row.node_id, row.status) for row in rows)
+            new = [(node, ms) for node, ms in batch if node.node_id not in status]
+            if new:
+                inserted = set(
+                    await conn.scalars(
+                        dialect_insert(self._db.dialect, nodes)
+                        .on_conflict_do_nothing(index_elements=[nodes.c.node_id])
+                        .returning(nodes.c.node_id),
+                        [_insert_row(node, ms) for node, ms in new],
                     )
                 )
-            else:
-                old = (
-                    await conn.execute(
-                        select(nodes.c.status)
-                        .where(nodes.c.node_id == node.node_id)
+                # Registered by another replica since the read: update it instead.
+                raced = [node.node_id for node, _ in new if node.node_id not in inserted]
+                if raced:
+                    rows = await conn.execute(
+                        select(nodes.c.node_id, nodes.c.status)
+                        .where(nodes.c.node_id.in_(raced))
                         .with_for_update()
                     )
-                ).one()
-                await conn.execute(
-                    update(nodes)
-                    .where(nodes.c.node_id == node.node_id)
-                    .values(
-                        status="online",
-                        last_seen_ms=case(
-                            (nodes.c.last_seen_ms < now_ms, now_ms),
-                            else_=nodes.c.last_seen_ms,
-                        ),
-                        **values,
-                    )
-                )
+                    status.update((row.node_id, row.status) for row in rows)
+            known = [(node, ms) for node, ms in batch if node.node_id in status]
+            if known:
+                await conn.execute(_REREGISTER, [_update_row(node, ms) for node, ms in known])
+            new_events = []
+            for node, ms in batch:
+                actor = f"node/{node.node_id}"
+                first = node.node_id not in status
                 new_events.append(
                     event_row(
                         "NODE_REGISTERED",
-                        now_ms=now_ms,
+                        now_ms=ms,
                         node_id=node.node_id,
                         actor=actor,
-                        message=f"node {node.node_id} registered again",
-                        attributes={"first": "false"},
+                        message=f"node {node.node_id} registered{'' if first else ' again'}",
+                        attributes={"first": "true" if first else "false"},
                     )
                 )
-                if old.status == "offline":
-                    new_events.append(_online_event(node.node_id, now_ms, actor))
+                if status.get(node.node_id) == "offline":
+                    new_events.append(_online_event(node.node_id, ms, actor))
             await insert_events(conn, new_events)
-            return created
+            return [node.node_id not in status for node, _ in batch]
 
         return await self._db.run(body)
 

@@ -104,6 +104,47 @@ async def test_upsert_of_offline_node_brings_it_online_with_event(database: Data
     ]
 
 
+async def test_upsert_many_mixes_new_known_and_offline_nodes(database: Database) -> None:
+    """One batch: new nodes created, known ones updated, an offline one back online."""
+    nodes = NodeRepository(database)
+    await nodes.upsert(_node("known"), now_ms=1_000)
+    await nodes.upsert(_node("down"), now_ms=1_000)
+    assert await nodes.mark_offline(cutoff_ms=2_000, now_ms=2_000) == ["down", "known"]
+    await nodes.upsert(_node("known"), now_ms=2_500)
+    batch = [
+        (_node("new-1"), 3_000),
+        (_node("known", hostname="renamed", labels={"zone": "b"}), 3_001),
+        (_node("down"), 3_002),
+        (_node("new-2"), 3_003),
+    ]
+    assert await nodes.upsert_many(batch) == [True, False, False, True]
+    for node, ms in batch:
+        got = await nodes.get(node.node_id)
+        assert got is not None
+        assert (got.status, got.last_seen_ms, got.hostname, got.labels) == (
+            "online",
+            ms,
+            node.hostname,
+            node.labels,
+        )
+    events = (await EventRepository(database).list_after(0))[-5:]
+    assert [(e.kind, e.node_id, e.attributes.get("first")) for e in events] == [
+        ("NODE_REGISTERED", "new-1", "true"),
+        ("NODE_REGISTERED", "known", "false"),
+        ("NODE_REGISTERED", "down", "false"),
+        ("NODE_ONLINE", "down", None),
+        ("NODE_REGISTERED", "new-2", "true"),
+    ]
+
+
+async def test_upsert_many_refuses_a_node_twice_and_writes_nothing(database: Database) -> None:
+    """The same id twice in one batch is a caller bug: ValueError, nothing stored."""
+    nodes = NodeRepository(database)
+    with pytest.raises(ValueError, match="twice"):
+        await nodes.upsert_many([(_node("a"), 1_000), (_node("a"), 1_001)])
+    assert await nodes.count() == 0
+
+
 async def test_get_list_known_ids_count(database: Database) -> None:
     """Reads return what was registered; get of an unknown id is None."""
     nodes = NodeRepository(database)

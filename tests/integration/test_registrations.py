@@ -1,0 +1,79 @@
+"""Group commit of registrations (RegistrationBatches) on real SQLite and PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from typing import Any
+
+import pytest
+from sqlalchemy import event
+
+from fleet.errors import InvalidArgument
+from manager.service.registry import RegistrationBatches
+from manager.storage import Database, NodeRecord, NodeRepository
+
+
+def _node(node_id: str, **changes: Any) -> NodeRecord:
+    base = NodeRecord(
+        node_id=node_id,
+        hostname=f"{node_id}.example",
+        ip="10.0.0.1",
+        os="linux",
+        arch="x86_64",
+        labels={"zone": "a"},
+        daemon_version="1.0.0",
+        agent_version="1.0.0",
+        daemon_address="10.0.0.1:7443",
+    )
+    return dataclasses.replace(base, **changes)
+
+
+def _count_commits(database: Database) -> list[int]:
+    commits: list[int] = []
+    event.listen(database.engine.sync_engine, "commit", lambda _conn: commits.append(1))
+    return commits
+
+
+async def test_registrations_arriving_together_share_one_transaction(database: Database) -> None:
+    """50 nodes queued at once are one commit; a repeat of one waits for the next batch."""
+    nodes = NodeRepository(database)
+    batches = RegistrationBatches(nodes)
+    commits = _count_commits(database)
+    created = await asyncio.gather(
+        *(batches.submit(_node(f"n{i}"), 1_000 + i) for i in range(50)),
+        batches.submit(_node("n0", hostname="again"), 2_000),
+    )
+    assert created == [True] * 50 + [False]
+    assert len(commits) == 2
+    assert await nodes.count() == 50
+    again = await nodes.get("n0")
+    assert again is not None
+    assert (again.hostname, again.last_seen_ms, again.registered_at_ms) == ("again", 2_000, 1_000)
+
+
+async def test_a_batch_the_database_refuses_fails_only_the_bad_registration(
+    database: Database,
+) -> None:
+    """A row the database rejects (NOT NULL) fails alone; its batch mates are stored."""
+    nodes = NodeRepository(database)
+    batches = RegistrationBatches(nodes)
+    outcomes = await asyncio.gather(
+        batches.submit(_node("good-1"), 1_000),
+        batches.submit(_node("bad", hostname=None), 1_000),
+        batches.submit(_node("good-2"), 1_000),
+        return_exceptions=True,
+    )
+    assert outcomes[0] is True
+    assert outcomes[2] is True
+    assert isinstance(outcomes[1], InvalidArgument)
+    assert sorted(await nodes.known_ids()) == ["good-1", "good-2"]
+
+
+@pytest.mark.parametrize("size", [1, 7])
+async def test_max_batch_bounds_each_transaction(database: Database, size: int) -> None:
+    """With max_batch = size, 20 queued registrations take ceil(20 / size) commits."""
+    batches = RegistrationBatches(NodeRepository(database), max_batch=size)
+    commits = _count_commits(database)
+    await asyncio.gather(*(batches.submit(_node(f"n{i}"), 1_000) for i in range(20)))
+    assert len(commits) == -(-20 // size)
