@@ -530,6 +530,7 @@ class FleetServiceOperateAgentsRequest(_message.Message):
     MAX_CONCURRENCY_FIELD_NUMBER: _builtins.int
     MAX_ERRORS_FIELD_NUMBER: _builtins.int
     PLAN_FIELD_NUMBER: _builtins.int
+    BATCH_RESULTS_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """Which agents on those nodes: by id, or by type (exactly one is set)."""
     agent_type: _builtins.str
@@ -540,6 +541,11 @@ class FleetServiceOperateAgentsRequest(_message.Message):
     """Stop launching new targets once this many failed; 0 means no limit."""
     plan: _builtins.bool
     """Resolve and list the targets without touching them."""
+    batch_results: _builtins.bool
+    """Let one response carry several targets' results (in `results`, at most
+    100 each): whatever finished while the previous message was being sent,
+    so progress stays live with far fewer messages. Unset: one per message.
+    """
     @_builtins.property
     def selector(self) -> _common_pb2.LabelSelector:
         """Nodes to act on."""
@@ -554,10 +560,11 @@ class FleetServiceOperateAgentsRequest(_message.Message):
         max_concurrency: _builtins.int = ...,
         max_errors: _builtins.int = ...,
         plan: _builtins.bool = ...,
+        batch_results: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["selector", b"selector"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "agent_type", b"agent_type", "max_concurrency", b"max_concurrency", "max_errors", b"max_errors", "operation", b"operation", "plan", b"plan", "selector", b"selector"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "agent_type", b"agent_type", "batch_results", b"batch_results", "max_concurrency", b"max_concurrency", "max_errors", b"max_errors", "operation", b"operation", "plan", b"plan", "selector", b"selector"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -565,25 +572,34 @@ Global___FleetServiceOperateAgentsRequest: _TypeAlias = FleetServiceOperateAgent
 
 @_typing.final
 class FleetServiceOperateAgentsResponse(_message.Message):
-    """One message per target, then one summary as the last message."""
+    """Each target's result, then one summary as the last message. Without
+    batch_results: one message per target (`result`); with it: messages of
+    one or more results (`results`, `item` unset).
+    """
 
     DESCRIPTOR: _descriptor.Descriptor
 
     RESULT_FIELD_NUMBER: _builtins.int
     SUMMARY_FIELD_NUMBER: _builtins.int
+    RESULTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def result(self) -> Global___TargetResult: ...
     @_builtins.property
     def summary(self) -> Global___OperationSummary: ...
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___TargetResult]:
+        """Several targets' results (batch_results only); never with `item`."""
+
     def __init__(
         self,
         *,
         result: Global___TargetResult | None = ...,
         summary: Global___OperationSummary | None = ...,
+        results: _abc.Iterable[Global___TargetResult] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["item", b"item", "result", b"result", "summary", b"summary"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["item", b"item", "result", b"result", "summary", b"summary"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["item", b"item", "result", b"result", "results", b"results", "summary", b"summary"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType_item: _TypeAlias = _typing.Literal["result", "summary"]  # noqa: Y015
     _WhichOneofArgType_item: _TypeAlias = _typing.Literal["item", b"item"]  # noqa: Y015

@@ -2,7 +2,9 @@
 
 `sliding_window` is the whole policy of an OperateAgents rollout and knows
 nothing about gRPC: it takes targets and an async call, and yields one
-`Outcome` per target as it finishes.
+`Outcome` per target as it finishes, in batches: each batch is everything
+that finished since the caller last asked (so a caller busy sending the
+previous batch gets the next ones together, never later).
 
 - A sliding window, not batches: the next target is launched as soon as any
   running one finishes, so at most `max_concurrency` calls are ever in flight
@@ -63,8 +65,9 @@ async def sliding_window(
     max_errors: int = 0,
     call_timeout: float | None = None,
     clock: Callable[[], float] = time.monotonic,
-) -> AsyncGenerator[Outcome[T, R], None]:
-    """Yield one Outcome per target: finished ones as they finish, then the skipped.
+) -> AsyncGenerator[list[Outcome[T, R]], None]:
+    """Yield one Outcome per target in non-empty batches: finished ones as they
+    finish (each batch: all that finished since the last), then the skipped.
 
     `max_concurrency` >= 1 calls run at once; `max_errors` 0 means no limit.
     A call raising an Exception is a failure (its message is kept); a call
@@ -123,11 +126,10 @@ async def sliding_window(
                         Outcome(target, "failed", error=_describe(exc), duration=elapsed)
                     )
             launch()  # refill the window before the caller gets to see the outcomes
-            for outcome in outcomes:
-                yield outcome
-        reason = f"not attempted: {failures} target(s) failed (max_errors {max_errors})"
-        for target in targets[next_index:]:
-            yield Outcome(target, "skipped", error=reason)
+            yield outcomes
+        if next_index < len(targets):
+            reason = f"not attempted: {failures} target(s) failed (max_errors {max_errors})"
+            yield [Outcome(target, "skipped", error=reason) for target in targets[next_index:]]
     finally:
         for task in running:
             task.cancel()

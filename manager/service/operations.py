@@ -310,8 +310,9 @@ class Operations:
         plan: bool = False,
         actor: str,
         call_timeout: float | None = None,
-    ) -> AsyncGenerator[TargetResult | Summary, None]:
-        """Yield one TargetResult per target as it finishes, then the Summary.
+    ) -> AsyncGenerator[list[TargetResult] | Summary, None]:
+        """Yield every target's TargetResult as it finishes, in batches (each batch:
+        all that finished since the caller last asked), then the Summary.
 
         Resolution errors (bad request, nothing matches) raise before anything
         is yielded or touched. Close the iterator to stop launching targets.
@@ -323,8 +324,7 @@ class Operations:
         started = time.monotonic()
         targets = await self.resolve(selector, agent_id=agent_id, agent_type=agent_type)
         if plan:
-            for target in targets:
-                yield TargetResult(target, "planned")
+            yield [TargetResult(target, "planned") for target in targets]
             yield Summary("", len(targets), 0, 0, 0, len(targets), _ms_since(started))
             return
         what = f"agent {agent_id}" if agent_id else f"agents of type {agent_type}"
@@ -357,9 +357,10 @@ class Operations:
         )
         try:
             async with contextlib.aclosing(window):
-                async for result in window:
-                    counts[result.kind] += 1
-                    yield _target_result(result)
+                async for batch in window:
+                    for result in batch:
+                        counts[result.kind] += 1
+                    yield [_target_result(result) for result in batch]
             outcome = (
                 "ok" if counts["ok"] == len(targets) else "partial" if counts["ok"] else "failed"
             )

@@ -40,12 +40,24 @@ from manager.storage import (
 from manager.storage.operation_log import OperationLog
 from manager.storage.targets import TargetRepository
 
-__all__ = ["SERVICE_NAME", "FleetServicer", "agent_info", "build_fleet_servicer"]
+__all__ = [
+    "MAX_RESULTS_PER_MESSAGE",
+    "SERVICE_NAME",
+    "FleetServicer",
+    "agent_info",
+    "build_fleet_servicer",
+]
 
 SERVICE_NAME: str = fleet_pb2.DESCRIPTOR.services_by_name["FleetService"].full_name
 """Full name of the service, for health and reflection."""
 
 _Context = aio.ServicerContext[Any, Any]
+
+_Response = fleet_pb2.FleetServiceOperateAgentsResponse
+
+MAX_RESULTS_PER_MESSAGE = 100
+"""Most TargetResults in one OperateAgents message with batch_results (fleet.proto
+promises this): keeps a message far below gRPC's 4 MiB limit."""
 
 _CONNECTION = {
     ConnectionState.IDLE: fleet_pb2.CONNECTION_STATE_IDLE,
@@ -274,9 +286,17 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
         async with contextlib.aclosing(stream):
             async for item in stream:
                 if isinstance(item, Summary):
-                    yield fleet_pb2.FleetServiceOperateAgentsResponse(summary=_summary(item))
+                    yield _Response(summary=_summary(item))
+                elif request.batch_results:
+                    # Each message costs both ends a write and a wake-up; send what
+                    # finished meanwhile together (the next batch gathers while
+                    # this one is being sent).
+                    for i in range(0, len(item), MAX_RESULTS_PER_MESSAGE):
+                        chunk = item[i : i + MAX_RESULTS_PER_MESSAGE]
+                        yield _Response(results=[_result(r) for r in chunk])
                 else:
-                    yield fleet_pb2.FleetServiceOperateAgentsResponse(result=_result(item))
+                    for r in item:
+                        yield _Response(result=_result(r))
 
     async def QueryMetrics(
         self, request: fleet_pb2.FleetServiceQueryMetricsRequest, context: _Context

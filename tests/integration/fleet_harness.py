@@ -93,18 +93,41 @@ def selector(text: str) -> common_pb2.LabelSelector:
 async def operate(
     stub: fleet_pb2_grpc.FleetServiceStub, **fields: Any
 ) -> tuple[list[fleet_pb2.TargetResult], fleet_pb2.OperationSummary]:
-    """Run OperateAgents; its per-target results and the summary (always last)."""
+    """Run OperateAgents; its per-target results and the summary (always last).
+
+    Checks the message shapes: `result` one per message, or with
+    batch_results non-empty `results` lists (never both).
+    """
+    results, summary, _ = await operate_messages(stub, **fields)
+    return results, summary
+
+
+async def operate_messages(
+    stub: fleet_pb2_grpc.FleetServiceStub, **fields: Any
+) -> tuple[list[fleet_pb2.TargetResult], fleet_pb2.OperationSummary, list[int]]:
+    """`operate`, plus how many results each message before the summary carried."""
     fields.setdefault("operation", common_pb2.AGENT_OPERATION_RESTART)
+    batched = bool(fields.get("batch_results"))
     results: list[fleet_pb2.TargetResult] = []
+    sizes: list[int] = []
     summary = None
     async for msg in stub.OperateAgents(fleet_pb2.FleetServiceOperateAgentsRequest(**fields)):
         assert summary is None, "nothing may follow the summary"
         if msg.HasField("summary"):
+            assert not msg.results
             summary = msg.summary
+        elif batched:
+            assert msg.WhichOneof("item") is None
+            assert msg.results, "a batch is never empty"
+            results.extend(msg.results)
+            sizes.append(len(msg.results))
         else:
+            assert msg.HasField("result")
+            assert not msg.results, "results only for clients that asked for batches"
             results.append(msg.result)
+            sizes.append(1)
     assert summary is not None, "the stream must end with a summary"
-    return results, summary
+    return results, summary, sizes
 
 
 def outcomes(results: list[fleet_pb2.TargetResult]) -> dict[str, str]:

@@ -9,10 +9,11 @@ from typing import Any
 
 import grpc
 import pytest
-from fleet_harness import PROD, fleet_env, operate, outcomes, selector
+from fleet_harness import PROD, fleet_env, operate, operate_messages, outcomes, selector
 from manager_harness import rpc_error
 
 from fleet.v1 import common_pb2, fleet_pb2
+from manager.servicers import fleet_service
 from manager.storage import AuditRepository
 
 RESTART = common_pb2.AGENT_OPERATION_RESTART
@@ -117,6 +118,58 @@ async def test_plan_lists_targets_and_touches_nothing(pki: Any, tmp_path: Path) 
         assert (summary.planned, summary.total, summary.ok, summary.operation_id) == (2, 2, 0, "")
         assert all(n.servicer.calls == [] for n in env.fleet.nodes)
         assert await AuditRepository(env.manager.db).list_recent() == []
+
+
+async def test_batched_results_report_every_target_once(pki: Any, tmp_path: Path) -> None:
+    """With batch_results, the same outcomes arrive in `results` lists: every target once."""
+    async with fleet_env(pki, tmp_path) as env:
+        await env.add_nodes("n1", "n2", labels=PROD)
+        await env.add_nodes("n3-bad", labels=PROD, fail_operations=True)
+        await env.add_nodes("n4", "n5", "n6", labels=PROD)
+        results, summary, sizes = await operate_messages(
+            env.stub,
+            selector=selector("env=prod"),
+            agent_id="web",
+            max_concurrency=3,
+            max_errors=1,
+            batch_results=True,
+        )
+        assert sum(sizes) == len(results) == 6
+        assert len({r.node_id for r in results}) == 6
+        got = outcomes(results)
+        assert got["n3-bad"] == "FAILED"
+        assert {got[n] for n in ("n1", "n2")} == {"OK"}  # launched before n3 failed
+        assert set(got.values()) <= {"OK", "FAILED", "SKIPPED"}
+        assert (summary.ok, summary.failed, summary.skipped) == (
+            *(sum(v == o for v in got.values()) for o in ("OK", "FAILED", "SKIPPED")),
+        )
+        assert summary.skipped >= 1  # n4..n6 were not all launched after the failure
+        ok = next(r for r in results if r.node_id == "n1")
+        assert ok.agent.restart_count == 1
+
+
+async def test_batches_are_capped_and_only_for_clients_that_ask(
+    pki: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A batch holds at most MAX_RESULTS_PER_MESSAGE results; without batch_results, one each."""
+    monkeypatch.setattr(fleet_service, "MAX_RESULTS_PER_MESSAGE", 2)
+    async with fleet_env(pki, tmp_path) as env:
+        await env.add_nodes(*[f"n{i}" for i in range(5)], labels=PROD)
+        sel = selector("env=prod")
+        # A plan resolves all five targets at once: one batch of five, cut into 2 + 2 + 1.
+        results, _, sizes = await operate_messages(
+            env.stub, selector=sel, agent_id="web", plan=True, batch_results=True
+        )
+        assert sizes == [2, 2, 1]
+        assert sorted(r.node_id for r in results) == [f"n{i}" for i in range(5)]
+        _, _, sizes = await operate_messages(env.stub, selector=sel, agent_id="web", plan=True)
+        assert sizes == [1] * 5
+        results, summary, sizes = await operate_messages(
+            env.stub, selector=sel, agent_id="web", max_concurrency=5, batch_results=True
+        )
+        assert summary.ok == 5
+        assert max(sizes) <= 2
+        assert sum(sizes) == 5
 
 
 async def test_fan_out_is_audited_with_the_operator(pki: Any, tmp_path: Path) -> None:

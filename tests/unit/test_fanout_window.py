@@ -39,8 +39,12 @@ class Probe:
             self.now -= 1
 
 
+async def batches(targets: list[str], probe: Probe, **kw: object) -> list[list[Outcome[str, str]]]:
+    return [b async for b in sliding_window(targets, probe, **kw)]  # type: ignore[arg-type]
+
+
 async def collect(targets: list[str], probe: Probe, **kw: object) -> list[Outcome[str, str]]:
-    return [o async for o in sliding_window(targets, probe, **kw)]  # type: ignore[arg-type]
+    return [o for batch in await batches(targets, probe, **kw) for o in batch]
 
 
 async def test_never_more_than_max_concurrency_in_flight() -> None:
@@ -120,7 +124,7 @@ async def test_closing_the_stream_cancels_in_flight_and_launches_nothing_more() 
     targets = [f"t{i}" for i in range(10)]
     async with aclosing(sliding_window(targets, probe, max_concurrency=3)) as stream:
         first = await anext(stream)
-    assert first.target == "t0"
+    assert [o.target for o in first] == ["t0"]
     # t3 refilled the window before t0 was yielded; it is cancelled, perhaps before it ran.
     assert {"t1", "t2"} <= set(probe.cancelled)
     assert set(probe.started) <= {"t0", "t1", "t2", "t3"}
@@ -158,3 +162,15 @@ async def test_empty_target_list_yields_nothing() -> None:
     probe = Probe()
     assert await collect([], probe, max_concurrency=4) == []
     assert probe.started == []
+
+
+async def test_outcomes_finished_while_the_consumer_is_busy_come_together() -> None:
+    """A consumer still sending one batch gets everything that finished meanwhile in the next."""
+    probe = Probe({"t0": 0.01, **{f"t{i}": 0.05 for i in range(1, 6)}})
+    seen: list[list[str]] = []
+    targets = [f"t{i}" for i in range(6)]
+    async with aclosing(sliding_window(targets, probe, max_concurrency=6)) as stream:
+        async for batch in stream:
+            seen.append([o.target for o in batch])
+            await asyncio.sleep(0.3)  # busy: t1..t5 all finish meanwhile
+    assert seen == [["t0"], ["t1", "t2", "t3", "t4", "t5"]]
