@@ -160,6 +160,7 @@ def _run(
         operation=action.proto,
         max_concurrency=max_concurrency,
         max_errors=max_errors,
+        batch_results=True,
     )
     what = f"{action} {'agents of type' if by_type else 'agent'} {agent}"
 
@@ -174,7 +175,7 @@ def _run(
             # the manager applies its per-target deadlines.
             return _aiter(stub.OperateAgents(req, timeout=conn.timeout if plan_only else None))
 
-        planned = [r.result async for r in launch(True) if r.WhichOneof("item") == "result"]
+        planned = [r async for msg in launch(True) for r in _results(msg)]
         if plan:
             return _print_plan(cli, planned)
         where = f"node {node}" if node is not None else f"nodes matching {str(sel)!r}"
@@ -196,6 +197,13 @@ def _run(
 async def _aiter(call: Any) -> AsyncIterator[Response]:
     async for item in call:
         yield item
+
+
+def _results(msg: Response) -> list[fleet_pb2.TargetResult]:
+    """The target results a message carries: one (`result`) or a batch (`results`)."""
+    if msg.WhichOneof("item") == "result":
+        return [msg.result]
+    return list(msg.results)
 
 
 def _confirm(cli: Cli, what: str, planned: list[fleet_pb2.TargetResult]) -> None:
@@ -250,10 +258,12 @@ async def _execute(cli: Cli, stream: AsyncIterator[Response], total: int, what: 
                 if item.WhichOneof("item") == "summary":
                     summary = summary_view(item.summary)
                     continue
-                row = target_view(item.result)
-                results.append(row)
-                if row["outcome"] == "FAILED":
-                    cli.note(f"✗ {row['node_id']}/{row['agent_id']}: {row['message']}", style="red")
+                for result in _results(item):
+                    row = target_view(result)
+                    results.append(row)
+                    if row["outcome"] == "FAILED":
+                        msg = f"✗ {row['node_id']}/{row['agent_id']}: {row['message']}"
+                        cli.note(msg, style="red")
                 progress.update(
                     task,
                     completed=len(results),

@@ -48,6 +48,8 @@ class FakeFleet:
     callers: list[str] = field(default_factory=list)
     max_in_flight: int = 0
     break_after: int | None = None
+    batches: list[int] = field(default_factory=list)
+    """Results per OperateAgents message sent to clients that asked for batches."""
 
     def add_node(self, node_id: str, labels: dict[str, str], agents: list[str]) -> None:
         """A node with agents (id == type unless 'id:type') all RUNNING."""
@@ -174,14 +176,27 @@ class FakeFleetService(fleet_pb2_grpc.FleetServiceServicer):
             if a.id == request.agent_id or a.type == request.agent_type
         ]
         counts = {"ok": 0, "failed": 0, "skipped": 0, "planned": 0}
+        Response = fleet_pb2.FleetServiceOperateAgentsResponse
+
+        def messages(results: list[fleet_pb2.TargetResult]) -> list[Any]:
+            # As the manager: with batch_results one message per batch, else one each.
+            if not results:
+                return []
+            if request.batch_results:
+                self.fleet.batches.append(len(results))
+                return [Response(results=results)]
+            return [Response(result=r) for r in results]
+
         if request.plan:
-            for n, a in targets:
-                counts["planned"] += 1
-                yield fleet_pb2.FleetServiceOperateAgentsResponse(
-                    result=fleet_pb2.TargetResult(
-                        node_id=n, agent_id=a.id, outcome=fleet_pb2.TARGET_OUTCOME_PLANNED, agent=a
-                    )
+            counts["planned"] = len(targets)
+            planned = [
+                fleet_pb2.TargetResult(
+                    node_id=n, agent_id=a.id, outcome=fleet_pb2.TARGET_OUTCOME_PLANNED, agent=a
                 )
+                for n, a in targets
+            ]
+            for msg in messages(planned):
+                yield msg
         else:
             window = max(1, request.max_concurrency)
             pending = list(targets)
@@ -192,24 +207,31 @@ class FakeFleetService(fleet_pb2_grpc.FleetServiceServicer):
                 outcomes = await asyncio.gather(
                     *(self._one(n, a.id, request.operation) for n, a in batch)
                 )
+                sent: list[fleet_pb2.TargetResult] = []
                 for result in outcomes:
                     if self.fleet.break_after is not None and sum(counts.values()) >= (
                         self.fleet.break_after
                     ):
+                        for msg in messages(sent):
+                            yield msg
                         raise Unavailable("the manager is shutting down")
                     key = "ok" if result.outcome == fleet_pb2.TARGET_OUTCOME_OK else "failed"
                     counts[key] += 1
-                    yield fleet_pb2.FleetServiceOperateAgentsResponse(result=result)
-            for n, a in pending:
-                counts["skipped"] += 1
-                yield fleet_pb2.FleetServiceOperateAgentsResponse(
-                    result=fleet_pb2.TargetResult(
-                        node_id=n,
-                        agent_id=a.id,
-                        outcome=fleet_pb2.TARGET_OUTCOME_SKIPPED,
-                        message="max_errors reached",
-                    )
+                    sent.append(result)
+                for msg in messages(sent):
+                    yield msg
+            skipped = [
+                fleet_pb2.TargetResult(
+                    node_id=n,
+                    agent_id=a.id,
+                    outcome=fleet_pb2.TARGET_OUTCOME_SKIPPED,
+                    message="max_errors reached",
                 )
+                for n, a in pending
+            ]
+            counts["skipped"] = len(skipped)
+            for msg in messages(skipped):
+                yield msg
         yield fleet_pb2.FleetServiceOperateAgentsResponse(
             summary=fleet_pb2.OperationSummary(
                 operation_id="op-1", total=len(targets), duration_ms=12, **counts

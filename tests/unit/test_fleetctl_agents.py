@@ -134,6 +134,21 @@ def test_fanout_with_yes_reports_each_target_and_summary(fleetctl: Fleetctl) -> 
     assert "operation op-1" in result.stdout
 
 
+def test_fanout_asks_for_batches_and_reports_every_result_in_them(fleetctl: Fleetctl) -> None:
+    """fleetctl asks for batch_results; several results in one message are each reported."""
+    fleetctl.manager.fleet.down.add("node-3")
+    result = fleetctl(
+        "-o", "json", "agents", "restart", "web", "-l", "env", "--max-concurrency", "3", "--yes"
+    )  # fmt: skip
+    assert result.exit_code == 1
+    # The plan (three targets) and the run (one window of three) came as one message each.
+    assert fleetctl.manager.fleet.batches == [3, 3]
+    data = json.loads(result.stdout)
+    outcomes = {t["node_id"]: t["outcome"] for t in data["targets"]}
+    assert outcomes == {"node-1": "OK", "node-2": "OK", "node-3": "FAILED"}
+    assert "node-3/web:" in result.stderr
+
+
 def test_fanout_with_a_down_daemon_exits_1_and_names_it(fleetctl: Fleetctl) -> None:
     """One daemon down: its target is FAILED with the reason, the others ok, exit 1."""
     fleetctl.manager.fleet.down.add("node-2")
