@@ -235,6 +235,7 @@ class ManagerLink:
             self._set_state("connecting")
             channel = self._channel(self.address)
             calls_at_register: int | None = None
+            delay: float | None = None
             try:
                 stub = manager_pb2_grpc.ManagerServiceStub(channel)
                 await self._register(stub)
@@ -253,12 +254,13 @@ class ManagerLink:
                 )
                 attempt += 1
                 index += 1
-                await channel.close(None)
-                await self._sleep(delay)
-                continue
             finally:
                 with contextlib.suppress(Exception):
                     await channel.close(None)
+            if delay is not None:
+                # Not inside `except`: the caught error holds the failed call, which keeps the
+                # closed channel alive and gRPC redialing every <= 2 s for the whole backoff.
+                await self._sleep(delay)
 
     async def _call(self, method: Any, request: Any) -> Any:
         try:

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import random
 from pathlib import Path
 
 import pytest
 
 from daemon.config import ManagerLinkConfig
 from daemon.manager_link import ManagerLink, NodeInfo
+from fleet.retry import Backoff
 from fleet.v1 import common_pb2
 
 
@@ -67,3 +70,41 @@ def test_sequence_numbers_continue_after_a_restart(tmp_path: Path, pki: object) 
     first.cut_batch()
     second = _link(tmp_path, pki, capacity=10, samples=1)
     assert [b.sequence for b in second.cut_batch()] == [3]
+
+
+async def test_no_redialing_during_the_reconnect_backoff(tmp_path: Path, pki: object) -> None:
+    """After a failed attempt the closed channel stays closed: nothing dials until the backoff
+    ends (gRPC's own reconnects, every <= 2 s, would defeat the link's jittered backoff)."""
+    dials = 0
+    failed = asyncio.Event()
+
+    async def refuse(_r: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal dials
+        dials += 1
+        writer.close()  # no TLS: the attempt fails
+
+    server = await asyncio.start_server(refuse, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    link = ManagerLink(
+        ManagerLinkConfig(
+            addresses=(f"127.0.0.1:{port}",), reconnect=Backoff(initial=600.0, maximum=600.0)
+        ),
+        tls=pki.issue("node", "n1"),  # type: ignore[attr-defined]
+        trust_domain="fleet.local",
+        node=NodeInfo("n1", "127.0.0.1:7444", {}),
+        state_dir=tmp_path,
+        collect=list,
+        snapshot=list,
+        rng=random.Random(1),  # first delay: uniform(0, 600) = 80 s
+        on_state=lambda state, _address: failed.set() if state == "disconnected" else None,
+    )
+    await link.start()
+    try:
+        async with asyncio.timeout(30):
+            await failed.wait()
+        await asyncio.sleep(4.0)  # gRPC would have redialed ~5 times by now
+        assert dials == 1
+    finally:
+        await link.stop()
+        server.close()
+        await server.wait_closed()
