@@ -112,10 +112,11 @@ class DaemonConfig:
     """Node labels sent with RegisterNode (selectors match them)."""
     manager: ManagerLinkConfig = field(default_factory=ManagerLinkConfig)
     """The manager link (table ``[manager]``)."""
-    sample_interval_seconds: float = 1.0
-    """Seconds between psutil samples of every agent's process tree."""
-    sample_buffer: int = 3600
-    """Samples kept per agent for GetAgentMetrics (1 h at 1 Hz)."""
+    sample_interval_seconds: float = 10.0
+    """Seconds between psutil samples of every agent's process tree (and log size checks);
+    the default matches manager.metrics_interval_seconds, see docs/operations-daemon.md."""
+    sample_buffer: int = 360
+    """Samples kept per agent for GetAgentMetrics (1 h at the default interval)."""
     agent_heartbeat_interval_seconds: float = 5.0
     """Heartbeat interval told to SDK agents at Register."""
     metrics_listen: str = "127.0.0.1:9465"
