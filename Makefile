@@ -26,8 +26,9 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install --quiet -e '.[dev]'
 	touch $@
 
-node_modules/.installed: package.json
-	npm install --no-audit --no-fund --silent
+# `npm ci` installs exactly the lockfile and never rewrites it.
+node_modules/.installed: package.json package-lock.json
+	npm ci --no-audit --no-fund --silent
 	touch $@
 
 setup: $(VENV)/.installed node_modules/.installed  ## create .venv and install Fleet with dev tools, and buf
