@@ -33,6 +33,7 @@ def test_supervise_bench_smoke() -> None:
         "idle CPU",
         "idle RSS",
         "@1 Hz",
+        "sampling every",
         "load average",
     ):
         assert label in out, out
