@@ -4,7 +4,10 @@
 nothing about gRPC: it takes targets and an async call, and yields one
 `Outcome` per target as it finishes, in batches: each batch is everything
 that finished since the caller last asked (so a caller busy sending the
-previous batch gets the next ones together, never later).
+previous batch gets the next ones together, never later), or, with
+`batch_interval`, everything that finished within that long of the
+batch's first outcome (fewer, fuller batches; a free slot is still
+refilled at once).
 
 - A sliding window, not batches: the next target is launched as soon as any
   running one finishes, so at most `max_concurrency` calls are ever in flight
@@ -64,6 +67,7 @@ async def sliding_window(
     max_concurrency: int,
     max_errors: int = 0,
     call_timeout: float | None = None,
+    batch_interval: float = 0.0,
     clock: Callable[[], float] = time.monotonic,
 ) -> AsyncGenerator[list[Outcome[T, R]], None]:
     """Yield one Outcome per target in non-empty batches: finished ones as they
@@ -71,7 +75,9 @@ async def sliding_window(
 
     `max_concurrency` >= 1 calls run at once; `max_errors` 0 means no limit.
     A call raising an Exception is a failure (its message is kept); a call
-    exceeding `call_timeout` seconds fails with a deadline message.
+    exceeding `call_timeout` seconds fails with a deadline message. With
+    `batch_interval` > 0 a batch is held until that many seconds after its
+    first outcome (or until no call is left running) to gather more.
     """
     if max_concurrency < 1:
         raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
@@ -103,13 +109,24 @@ async def sliding_window(
             running[task] = (target, clock())
             task.add_done_callback(done.put_nowait)
 
+    loop = asyncio.get_running_loop()
+    outcomes: list[Outcome[T, R]] = []  # the batch being gathered
+    due = 0.0  # loop time the batch is to be yielded at
+
     try:
         launch()
         while running:
-            finished = [await done.get()]
+            try:
+                async with asyncio.timeout_at(due if outcomes else None):
+                    finished = [await done.get()]
+            except TimeoutError:  # the batch is due and nothing more finished
+                yield outcomes
+                outcomes = []
+                continue
             while not done.empty():  # everything that finished meanwhile, in one go
                 finished.append(done.get_nowait())
-            outcomes: list[Outcome[T, R]] = []
+            if not outcomes:
+                due = loop.time() + batch_interval
             for task in finished:
                 target, started = running.pop(task)
                 elapsed = clock() - started
@@ -126,6 +143,10 @@ async def sliding_window(
                         Outcome(target, "failed", error=_describe(exc), duration=elapsed)
                     )
             launch()  # refill the window before the caller gets to see the outcomes
+            if not running or loop.time() >= due:
+                yield outcomes
+                outcomes = []
+        if outcomes:
             yield outcomes
         if next_index < len(targets):
             reason = f"not attempted: {failures} target(s) failed (max_errors {max_errors})"

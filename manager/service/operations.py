@@ -310,9 +310,11 @@ class Operations:
         plan: bool = False,
         actor: str,
         call_timeout: float | None = None,
+        batch_interval: float = 0.0,
     ) -> AsyncGenerator[list[TargetResult] | Summary, None]:
         """Yield every target's TargetResult as it finishes, in batches (each batch:
-        all that finished since the caller last asked), then the Summary.
+        all that finished since the caller last asked, or within `batch_interval`
+        seconds of its first; see `sliding_window`), then the Summary.
 
         Resolution errors (bad request, nothing matches) raise before anything
         is yielded or touched. Close the iterator to stop launching targets.
@@ -354,6 +356,7 @@ class Operations:
             max_errors=max_errors,
             # The pool bounds each call too; this also bounds waiting for a channel.
             call_timeout=(call_timeout or self._pool.config.call_timeout) + 1.0,
+            batch_interval=batch_interval,
         )
         try:
             async with contextlib.aclosing(window):

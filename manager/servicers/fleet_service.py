@@ -42,6 +42,7 @@ from manager.storage.targets import TargetRepository
 
 __all__ = [
     "MAX_RESULTS_PER_MESSAGE",
+    "RESULT_BATCH_INTERVAL",
     "SERVICE_NAME",
     "FleetServicer",
     "agent_info",
@@ -58,6 +59,9 @@ _Response = fleet_pb2.FleetServiceOperateAgentsResponse
 MAX_RESULTS_PER_MESSAGE = 100
 """Most TargetResults in one OperateAgents message with batch_results (fleet.proto
 promises this): keeps a message far below gRPC's 4 MiB limit."""
+RESULT_BATCH_INTERVAL = 0.05
+"""Longest a finished target's result waits to share a message (batch_results only).
+Results trickle in one by one from fast daemons; fleetctl redraws 10 times a second."""
 
 _CONNECTION = {
     ConnectionState.IDLE: fleet_pb2.CONNECTION_STATE_IDLE,
@@ -281,6 +285,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
             plan=request.plan,
             actor=actor,
             call_timeout=self._timeout(context),
+            batch_interval=RESULT_BATCH_INTERVAL if request.batch_results else 0.0,
         )
         # aclosing: a client that goes away stops the fan-out launching targets.
         async with contextlib.aclosing(stream):

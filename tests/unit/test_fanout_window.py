@@ -174,3 +174,30 @@ async def test_outcomes_finished_while_the_consumer_is_busy_come_together() -> N
             seen.append([o.target for o in batch])
             await asyncio.sleep(0.3)  # busy: t1..t5 all finish meanwhile
     assert seen == [["t0"], ["t1", "t2", "t3", "t4", "t5"]]
+
+
+async def test_batch_interval_gathers_outcomes_but_refills_at_once() -> None:
+    """Held for a batch, outcomes still free their slot at once: the window keeps sliding."""
+    probe = Probe()
+    targets = [f"t{i}" for i in range(5)]
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    got = await batches(targets, probe, max_concurrency=1, batch_interval=5.0)
+    # One at a time, each 10 ms; the batch is yielded when nothing is left running.
+    assert loop.time() - start < 2.0
+    assert [[o.target for o in b] for b in got] == [targets]
+
+
+async def test_a_held_batch_is_yielded_when_due_while_calls_still_run() -> None:
+    """An outcome waits at most batch_interval, however long the other calls take."""
+    probe = Probe({"fast": 0.01, "slow": 1.0})
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    seen: list[tuple[list[str], float]] = []
+    async for batch in sliding_window(
+        ["fast", "slow"], probe, max_concurrency=2, batch_interval=0.1
+    ):
+        seen.append(([o.target for o in batch], loop.time() - start))
+    assert [t for t, _ in seen] == [["fast"], ["slow"]]
+    assert 0.1 <= seen[0][1] < 0.6  # held for the interval, not until "slow" ended
+    assert seen[1][1] >= 1.0
