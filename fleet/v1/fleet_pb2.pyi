@@ -543,8 +543,9 @@ class FleetServiceOperateAgentsRequest(_message.Message):
     """Resolve and list the targets without touching them."""
     batch_results: _builtins.bool
     """Let one response carry several targets' results (in `results`, at most
-    100 each): whatever finished while the previous message was being sent,
-    so progress stays live with far fewer messages. Unset: one per message.
+    100 each): those that finished within 50 ms of the batch's first, or
+    while the previous message was being sent. Progress stays live with far
+    fewer messages. Unset: one per message.
     """
     @_builtins.property
     def selector(self) -> _common_pb2.LabelSelector:
