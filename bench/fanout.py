@@ -10,18 +10,23 @@ dir); every simulated node registers with it and syncs its agents, as a
 daemon does. Then, alternating, it measures:
 
 - fleet: an operator's `OperateAgents(restart web on every node,
-  max_concurrency=N)` through FleetService, until the stream's summary
-  (resolution from the database, audit and events, N pooled calls, N
-  streamed results);
+  max_concurrency=N, batch_results)` through FleetService (as fleetctl
+  sends it), until the end of the stream (resolution from the database,
+  audit and events, N pooled calls, N streamed results in batches, the
+  summary, the closing audit);
 - reference: the same N `DaemonService.OperateAgent(restart web)` calls
   made with one bare `asyncio.gather` over N grpc.aio channels opened (and
-  connected) beforehand, from this same process.
+  connected) beforehand, with the pool's channel arguments, from this same
+  process.
 
 The pool is warmed by one fan-out first (the reference's channels are
-pre-opened too), so both measure steady-state calls. Prints the median of
-the rounds and the ratio (the issue's target is <= 1.25x), then checks with
-the pool's own counters that every daemon had its own channel and exactly
-one connection, and with the daemons' view that no two of them saw the same
+pre-opened too), so both measure steady-state calls; in production the
+pool opens channels lazily, so a manager's first fan-out also pays the
+connections. Prints the median of the rounds and the ratio (the issue's
+target is <= 1.25x), and the CPU time of each process per round (less
+sensitive to other jobs than wall time). Then checks with the pool's own
+counters that every daemon had its own channel and exactly one
+connection, and with the daemons' view that no two of them saw the same
 client connection. Exits 1 if a check fails or any target was not OK.
 """
 
@@ -38,6 +43,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import psutil
 from grpc import aio
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -63,7 +69,7 @@ from manager.config import (  # noqa: E402
     TLSFiles,
 )
 from manager.pool import PoolConfig  # noqa: E402
-from manager.pool.channel import NODE_ARG  # noqa: E402
+from manager.pool.channel import NODE_ARG, channel_args  # noqa: E402
 from manager.server import ManagerServer  # noqa: E402
 
 if TYPE_CHECKING:
@@ -80,6 +86,8 @@ class Child:
         self._proc = subprocess.Popen(
             [sys.executable, *argv], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE
         )
+        self.process = psutil.Process(self._proc.pid)
+        """For its CPU time."""
         self.hello: Any = self.ask(json.dumps(spec))
         """Its answer to the spec (addresses, port)."""
 
@@ -128,8 +136,13 @@ def manager_config(root: Path, tls: TLSConfig, n: int) -> ManagerConfig:
         database=DatabaseConfig(url=f"sqlite+aiosqlite:///{root / 'manager.db'}"),
         # The simulated nodes never heartbeat; keep them online for the run.
         liveness=LivenessConfig(failover_grace_seconds=3600.0),
-        pool=PoolConfig(max_channels=max(1024, n)),
+        pool=pool_config(n),
     )
+
+
+def pool_config(n: int) -> PoolConfig:
+    """The manager's pool settings for n daemons (the reference's channels use them too)."""
+    return PoolConfig(max_channels=max(1024, n))
 
 
 SPEC_LIMIT = 64 * 1024 * 1024
@@ -217,14 +230,16 @@ async def register(
 
 async def fleet_round(stub: FleetServiceAsyncStub, n: int) -> tuple[float, int]:
     """Seconds for one OperateAgents restart of every node's web agent; OK count."""
+    # batch_results as fleetctl asks: results that finish together share a message.
     request = fleet_pb2.FleetServiceOperateAgentsRequest(
-        agent_id="web", operation=RESTART, max_concurrency=n
+        agent_id="web", operation=RESTART, max_concurrency=n, batch_results=True
     )
     start = time.perf_counter()
-    ok = 0
+    ok = seen = 0
     async for msg in stub.OperateAgents(request, timeout=120):
+        seen += len(msg.results)
         if msg.HasField("summary"):
-            ok = msg.summary.ok
+            ok = msg.summary.ok if seen == msg.summary.total else 0
     return time.perf_counter() - start, ok
 
 
@@ -234,6 +249,34 @@ async def reference_round(stubs: list[DaemonServiceAsyncStub]) -> tuple[float, i
     start = time.perf_counter()
     answers = await asyncio.gather(*(s.OperateAgent(request, timeout=120) for s in stubs))
     return time.perf_counter() - start, sum(a.success for a in answers)
+
+
+Cpu = tuple[float, float, float]
+"""CPU seconds (user + system) of the driver, the manager and the simulated daemons."""
+
+
+def cpu_seconds(procs: tuple[psutil.Process, ...]) -> Cpu:
+    """Each process's CPU time so far."""
+    a, b, c = (p.cpu_times() for p in procs)
+    return (a.user + a.system, b.user + b.system, c.user + c.system)
+
+
+def _minus(after: Cpu, before: Cpu) -> Cpu:
+    return (after[0] - before[0], after[1] - before[1], after[2] - before[2])
+
+
+def _median_cpu(samples: list[Cpu]) -> Cpu:
+    return (
+        statistics.median(s[0] for s in samples),
+        statistics.median(s[1] for s in samples),
+        statistics.median(s[2] for s in samples),
+    )
+
+
+def _ms(cpu: Cpu) -> str:
+    """The total and its parts, in ms: "total (driver + manager + daemons)"."""
+    d, m, s = (round(x * 1000) for x in cpu)
+    return f"{round(sum(cpu) * 1000)} ({d} + {m} + {s})"
 
 
 async def run(n: int, rounds: int, delays: list[float]) -> int:
@@ -255,7 +298,7 @@ async def run(n: int, rounds: int, delays: list[float]) -> int:
         print(f"{n} simulated daemons up in {time.perf_counter() - t0:.1f}s", flush=True)
         manager = None
         ref_channels: list[aio.Channel] = []
-        results: list[tuple[float, list[float], list[float], int]] = []
+        results: list[tuple[float, list[float], list[float], int, list[Cpu], list[Cpu]]] = []
         try:
             manager = Child(
                 [str(ROOT / "bench" / "fanout.py"), "--manager-child"],
@@ -278,10 +321,13 @@ async def run(n: int, rounds: int, delays: list[float]) -> int:
             await asyncio.gather(*(reg(node) for node in node_tls))
             print(f"registered and synced in {time.perf_counter() - t0:.1f}s", flush=True)
 
-            # Reference channels: opened and connected before anything is timed.
+            # Reference channels: opened and connected before anything is timed,
+            # with the pool's channel arguments (keepalive, own subchannel pool).
+            credentials = channel_credentials(mtls)
             for node_id, addr in addresses.items():
                 server_name = Identity("node", node_id, td).server_name
-                ref_channels.append(_channel(addr, mtls, server_name))
+                args = channel_args(node_id, server_name, pool_config(n))
+                ref_channels.append(aio.secure_channel(addr, credentials, options=args))
             await asyncio.gather(*(c.channel_ready() for c in ref_channels))
             ref_stubs = [daemon_pb2_grpc.DaemonServiceStub(c) for c in ref_channels]
 
@@ -291,22 +337,30 @@ async def run(n: int, rounds: int, delays: list[float]) -> int:
                 warm_ref, _ = await reference_round(ref_stubs)
                 print(f"warm-up: fleet {warm:.3f}s (opens {n} connections), ref {warm_ref:.3f}s")
                 failures = n - ok
+                procs = (psutil.Process(), manager.process, sims.process)
                 for delay in delays:
                     sims.ask(f"delay {delay}")
                     times: tuple[list[float], list[float]] = ([], [])
+                    cpus: tuple[list[Cpu], list[Cpu]] = ([], [])
                     for r in range(rounds):
+                        c0 = cpu_seconds(procs)
                         f, f_ok = await fleet_round(stub, n)
+                        c1 = cpu_seconds(procs)
                         g, g_ok = await reference_round(ref_stubs)
+                        c2 = cpu_seconds(procs)
                         failures += (n - f_ok) + (n - g_ok)
                         times[0].append(f)
                         times[1].append(g)
+                        cpus[0].append(_minus(c1, c0))
+                        cpus[1].append(_minus(c2, c1))
                         print(
                             f"restart {delay * 1000:g} ms, round {r + 1}: fleet {f:.3f}s  "
-                            f"reference {g:.3f}s  ratio {f / g:.2f}x",
+                            f"reference {g:.3f}s  ratio {f / g:.2f}x  "
+                            f"(CPU {_ms(cpus[0][-1])} vs {_ms(cpus[1][-1])})",
                             flush=True,
                         )
                     peak = sims.ask("stats")["peak"]
-                    results.append((delay, *times, peak))
+                    results.append((delay, *times, peak, *cpus))
 
             pool = manager.ask("stats")
             daemons = sims.ask("stats")
@@ -345,7 +399,7 @@ async def run(n: int, rounds: int, delays: list[float]) -> int:
     print()
     print(f"fan-out restart of {n} agents on {n} daemons, median of {rounds} round(s):")
     print("  simulated restart  fleet (FleetService)  reference (gather)  ratio  peak in flight")
-    for delay, fleet_times, ref_times, peak in results:
+    for delay, fleet_times, ref_times, peak, _, _ in results:
         fleet_med, ref_med = statistics.median(fleet_times), statistics.median(ref_times)
         # Each round runs both back to back, so a round's ratio shares its
         # conditions; the median of those resists a noisy machine best.
@@ -355,6 +409,15 @@ async def run(n: int, rounds: int, delays: list[float]) -> int:
             f"  {ratio:4.2f}x  {peak:14d}"
         )
     print("  (ratio: median of the rounds' fleet/reference ratios; target <= 1.25x)")
+    # CPU time is much less sensitive than wall time to other jobs on the machine.
+    print("CPU time per round, median, ms (driver + manager + daemons); ratio of all rounds':")
+    print("  simulated restart  fleet                       reference                   ratio")
+    for delay, _, _, _, fleet_cpu, ref_cpu in results:
+        f_cpu, r_cpu = _median_cpu(fleet_cpu), _median_cpu(ref_cpu)
+        # All rounds' CPU: a round's is only a few 10 ms clock ticks at small N.
+        f_all, r_all = sum(map(sum, fleet_cpu)), sum(map(sum, ref_cpu))
+        cpu_ratio = f"{f_all / r_all:4.2f}x" if r_all else "-"
+        print(f"  {delay * 1000:14g} ms  {_ms(f_cpu):26}  {_ms(r_cpu):26}  {cpu_ratio}")
     print(
         f"  pool counters: {pool['channels_opened']} channels, "
         f"{pool['connections_opened']} connections for {n} daemons, "
