@@ -19,12 +19,14 @@ daemon does. Then, alternating, it measures:
   connected) beforehand, with the pool's channel arguments, from this same
   process.
 
-The pool is warmed by one fan-out first (the reference's channels are
-pre-opened too), so both measure steady-state calls; in production the
-pool opens channels lazily, so a manager's first fan-out also pays the
-connections. Prints the median of the rounds and the ratio (the issue's
-target is <= 1.25x), and the CPU time of each process per round (less
-sensitive to other jobs than wall time). Then checks with the pool's own
+Rounds alternate, each side after a 0.25 s pause (so neither is timed
+while the other's trailing work runs). The pool is warmed by one fan-out
+first (the reference's channels are pre-opened too), so both measure
+steady-state calls; in production the pool opens channels lazily, so a
+manager's first fan-out also pays the connections. Prints the median of
+the rounds and the ratio (the issue's target is <= 1.25x), and the CPU
+time of each process per round (less sensitive to other jobs than wall
+time). Then checks with the pool's own
 counters that every daemon had its own channel and exactly one
 connection, and with the daemons' view that no two of them saw the same
 client connection. Exits 1 if a check fails or any target was not OK.
@@ -251,6 +253,9 @@ async def reference_round(stubs: list[DaemonServiceAsyncStub]) -> tuple[float, i
     return time.perf_counter() - start, sum(a.success for a in answers)
 
 
+SETTLE = 0.25
+"""Seconds of quiet before each timed round."""
+
 Cpu = tuple[float, float, float]
 """CPU seconds (user + system) of the driver, the manager and the simulated daemons."""
 
@@ -343,16 +348,22 @@ async def run(n: int, rounds: int, delays: list[float]) -> int:
                     times: tuple[list[float], list[float]] = ([], [])
                     cpus: tuple[list[Cpu], list[Cpu]] = ([], [])
                     for r in range(rounds):
+                        # A pause before each side lets the other's trailing work
+                        # (connection upkeep, the daemons' last answers) settle
+                        # instead of landing in this side's time.
+                        await asyncio.sleep(SETTLE)
                         c0 = cpu_seconds(procs)
                         f, f_ok = await fleet_round(stub, n)
                         c1 = cpu_seconds(procs)
-                        g, g_ok = await reference_round(ref_stubs)
+                        await asyncio.sleep(SETTLE)
                         c2 = cpu_seconds(procs)
+                        g, g_ok = await reference_round(ref_stubs)
+                        c3 = cpu_seconds(procs)
                         failures += (n - f_ok) + (n - g_ok)
                         times[0].append(f)
                         times[1].append(g)
                         cpus[0].append(_minus(c1, c0))
-                        cpus[1].append(_minus(c2, c1))
+                        cpus[1].append(_minus(c3, c2))
                         print(
                             f"restart {delay * 1000:g} ms, round {r + 1}: fleet {f:.3f}s  "
                             f"reference {g:.3f}s  ratio {f / g:.2f}x  "
