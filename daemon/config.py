@@ -113,7 +113,7 @@ class DaemonConfig:
     manager: ManagerLinkConfig = field(default_factory=ManagerLinkConfig)
     """The manager link (table ``[manager]``)."""
     sample_interval_seconds: float = 10.0
-    """Seconds between psutil samples of every agent's process tree (and log size checks);
+    """Seconds between samples of every agent's process tree (and log size checks);
     the default matches manager.metrics_interval_seconds, see docs/operations-daemon.md."""
     sample_buffer: int = 360
     """Samples kept per agent for GetAgentMetrics (1 h at the default interval)."""
