@@ -6,12 +6,11 @@ full scan per agent as `psutil.Process.children()` would do. That scan is the
 biggest fixed cost (it reads every process on the host), so it runs only
 every `rescan_interval` (5 s) or when the set of agents changed; in between
 the known trees are sampled. New descendants therefore show up within 5 s;
-exited ones drop out at once. Each process costs three reads: its
-/proc/<pid>/stat (cpu times, threads, vms, rss, start time), /proc/<pid>/io
-and a listdir of /proc/<pid>/fd; that is what psutil reads too, without its
-per-call overhead (~3x cheaper per process). The previous cpu times are kept
-per (pid, start time), so a reused pid starts afresh. Samples go into a
-bounded ring buffer (`deque(maxlen)`) per agent.
+exited ones drop out at once. Each process is
+read inside `oneshot()`, and `psutil.Process` objects are kept across passes
+(so `cpu_percent(None)` has the previous cpu times to diff against and no
+object is re-created per sample). Samples go into a bounded ring buffer
+(`deque(maxlen)`) per agent.
 
 Tree totals: cpu % and the other figures are sums over the processes alive
 at the sample; read/write bytes are the live processes' cumulative I/O (they
@@ -23,7 +22,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import time
 from collections import deque
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -167,7 +165,7 @@ class Sampler:
         self._scanned_roots: dict[str, int] = {}
         self._roots: dict[str, int] = {}
         self._buffers: dict[str, deque[ResourceSample]] = {}
-        self._procs: dict[int, _CpuMark] = {}
+        self._procs: dict[int, psutil.Process] = {}
         self._trees: dict[str, frozenset[int]] = {}
         psutil.cpu_percent(None)  # prime the host cpu counter
 
@@ -216,26 +214,25 @@ class Sampler:
         cpu = 0.0
         rss = vms = rd = wr = fds = threads = count = 0
         for pid in pids:
-            stat = _read_stat(pid)
-            if stat is None:
+            proc = self._procs.get(pid)
+            try:
+                if proc is None:
+                    proc = self._procs[pid] = psutil.Process(pid)
+                with proc.oneshot():
+                    cpu += proc.cpu_percent(None)
+                    mem = proc.memory_info()
+                    rss += mem.rss
+                    vms += mem.vms
+                    threads += proc.num_threads()
+                    with contextlib.suppress(psutil.AccessDenied):
+                        io = proc.io_counters()
+                        rd += io.read_bytes
+                        wr += io.write_bytes
+                    with contextlib.suppress(psutil.AccessDenied):
+                        fds += proc.num_fds()
+                count += 1
+            except psutil.Error:
                 self._procs.pop(pid, None)  # gone (or a zombie) since the scan
-                continue
-            ticks, n_threads, vsize, rss_pages, started = stat
-            now = time.monotonic()
-            mark = self._procs.get(pid)
-            if mark is not None and mark.started == started and now > mark.at:
-                cpu += (ticks - mark.ticks) / _CLK_TCK / (now - mark.at) * 100
-            self._procs[pid] = _CpuMark(started, ticks, now)
-            rss += rss_pages * _PAGE
-            vms += vsize
-            threads += n_threads
-            with contextlib.suppress(OSError):  # another user's process: not ours to read
-                rd_, wr_ = _read_io(pid)
-                rd += rd_
-                wr += wr_
-            with contextlib.suppress(OSError):
-                fds += len(os.listdir(f"/proc/{pid}/fd"))
-            count += 1
         if count == 0:
             return None
         return ResourceSample(now_ms, round(cpu, 2), rss, vms, rd, wr, fds, threads, count)
@@ -279,48 +276,6 @@ class Sampler:
                 net.errout,
             ),
         )
-
-
-_CLK_TCK = os.sysconf("SC_CLK_TCK")
-_PAGE = os.sysconf("SC_PAGE_SIZE")
-
-
-@dataclass(frozen=True, slots=True)
-class _CpuMark:
-    started: int
-    """Start time (clock ticks after boot): tells a reused pid from the process seen before."""
-    ticks: int
-    """utime + stime at `at`, in clock ticks."""
-    at: float
-    """time.monotonic() of the reading."""
-
-
-def _read_stat(pid: int) -> tuple[int, int, int, int, int] | None:
-    """(utime+stime ticks, threads, vsize bytes, rss pages, start time) or None if gone/zombie."""
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            data = f.read()
-    except OSError:
-        return None
-    # comm may contain spaces and ")": the fields after the last ")" start with the state.
-    fields = data[data.rindex(b")") + 2 :].split()
-    if fields[0] in (b"Z", b"X"):
-        return None
-    # proc(5) numbering: utime 14, stime 15, num_threads 20, starttime 22, vsize 23, rss 24.
-    return (
-        int(fields[11]) + int(fields[12]),
-        int(fields[17]),
-        int(fields[20]),
-        int(fields[21]),
-        int(fields[19]),
-    )
-
-
-def _read_io(pid: int) -> tuple[int, int]:
-    """(read_bytes, write_bytes) of /proc/<pid>/io; OSError if not readable."""
-    with open(f"/proc/{pid}/io", "rb") as f:
-        values = dict(line.split(b": ") for line in f.read().splitlines())
-    return int(values[b"read_bytes"]), int(values[b"write_bytes"])
 
 
 def _tree(root: int, kids: dict[int, list[int]]) -> list[int]:
