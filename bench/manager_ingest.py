@@ -47,6 +47,8 @@ from fleet.tls import TLSConfig, server_credentials  # noqa: E402
 from fleet.v1 import manager_pb2, manager_pb2_grpc  # noqa: E402
 
 NOFILE = 200_000
+FD_HEADROOM = 200
+"""Descriptors a manager needs besides its nodes' sockets (database, listeners, logs)."""
 
 
 def _raise_nofile() -> int:
@@ -288,6 +290,20 @@ def orchestrate(args: argparse.Namespace) -> Results:
                 if args.steps
                 else ([10, 20] if smoke else [2000, 5000, 10000, 15000, 20000, 25000, 30000])
             )
+            # One socket per node in the manager (and in the load generator): a
+            # fleet bigger than the open-file limit cannot be held by one process.
+            fd_limit = _raise_nofile()
+            fits = [n for n in steps if n + FD_HEADROOM <= fd_limit]
+            too_big = [
+                {
+                    "nodes": n,
+                    "ok": False,
+                    "error": f"needs {n:,} sockets in one process; the open-file limit here is "
+                    f"{fd_limit:,} (RLIMIT_NOFILE hard limit; raising it needs CAP_SYS_RESOURCE)",
+                }
+                for n in steps
+                if n not in fits
+            ]
             with bench.manager() as (port, mport, db, pid):
                 hold = _loadgen(
                     {
@@ -297,12 +313,12 @@ def orchestrate(args: argparse.Namespace) -> Results:
                         "db": str(db),
                         "metrics_port": mport,
                         "manager_pid": pid,
-                        "steps": steps,
+                        "steps": fits,
                         "hold": 2.0 if smoke else args.hold,
                         "metrics_interval": 2.0 if smoke else 60.0,
                     }
                 )
-            res.steps = hold["steps"]
+            res.steps = hold["steps"] + too_big
             res.largest_n = max((s["nodes"] for s in res.steps if s["ok"]), default=0)
     return res
 

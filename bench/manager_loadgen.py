@@ -368,7 +368,7 @@ class LoadGen:
             )
             return step
 
-        self.issue_ahead([f"node-{i:06d}" for i in range(max(spec["steps"]))])
+        self.issue_ahead([f"node-{i:06d}" for i in range(max(spec["steps"], default=0))])
         try:
             for target in spec["steps"]:
                 try:
