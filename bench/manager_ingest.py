@@ -73,18 +73,26 @@ def _free_port() -> int:
 
 
 class _Empty(manager_pb2_grpc.ManagerServiceServicer):
+    def __init__(self, interval_ms: int) -> None:
+        self.interval_ms = interval_ms
+
     async def Heartbeat(self, request: Any, context: Any) -> Any:
-        return manager_pb2.HeartbeatResponse(success=True)
+        return manager_pb2.HeartbeatResponse(success=True, heartbeat_interval_ms=self.interval_ms)
+
+    async def ReportMetrics(self, request: Any, context: Any) -> Any:
+        return manager_pb2.ReportMetricsResponse(success=True, accepted=len(request.metrics))
 
     async def RegisterNode(self, request: Any, context: Any) -> Any:
-        return manager_pb2.RegisterNodeResponse(success=True, heartbeat_interval_ms=10_000)
+        return manager_pb2.RegisterNodeResponse(
+            success=True, heartbeat_interval_ms=self.interval_ms
+        )
 
 
-def run_reference(port: int, tls_dir: Path) -> None:
+def run_reference(port: int, tls_dir: Path, interval_ms: int) -> None:
     async def serve() -> None:
         tls = TLSConfig(tls_dir / "ca.pem", tls_dir / "manager.pem", tls_dir / "manager-key.pem")
         server = aio.server(options=[("grpc.so_reuseport", 0)])
-        manager_pb2_grpc.add_ManagerServiceServicer_to_server(_Empty(), server)
+        manager_pb2_grpc.add_ManagerServiceServicer_to_server(_Empty(interval_ms), server)
         server.add_secure_port(f"127.0.0.1:{port}", server_credentials(tls))
         await server.start()
         stop = asyncio.Event()
@@ -110,6 +118,7 @@ class Results:
     raw_samples_per_s: float = 0.0
     largest_n: int = 0
     steps: list[dict[str, Any]] = field(default_factory=list)
+    ref_steps: list[dict[str, Any]] = field(default_factory=list)
 
 
 def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
@@ -229,14 +238,21 @@ level = "warning"
             yield port, mport, state / "manager.db", pid
 
     @contextlib.contextmanager
-    def reference(self) -> Iterator[int]:
-        """The empty-handler server with the same mTLS settings; yields its port."""
+    def reference(self) -> Iterator[tuple[int, int]]:
+        """The empty-handler server with the same mTLS settings; yields (port, pid)."""
         port = _free_port()
         with _process(
-            [sys.executable, __file__, "--reference", str(port), str(self.tls.ca_file.parent)],
+            [
+                sys.executable,
+                __file__,
+                "--reference",
+                str(port),
+                str(self.tls.ca_file.parent),
+                str(1000 if self.smoke else 10_000),
+            ],
             port,
-        ):
-            yield port
+        ) as pid:
+            yield port, pid
 
 
 def orchestrate(args: argparse.Namespace) -> Results:
@@ -258,7 +274,7 @@ def orchestrate(args: argparse.Namespace) -> Results:
             "inflight": 2 if smoke else 4,
         }
         if "heartbeat" in phases:
-            with bench.reference() as ref_port:
+            with bench.reference() as (ref_port, _):
                 ref = _loadgen({**sat, "port": ref_port, "register": False})
             res.ref_rate, res.ref_p50_ms, res.ref_p99_ms = ref["rate"], ref["p50_ms"], ref["p99_ms"]
             with bench.manager() as (port, _, _, _):
@@ -319,6 +335,21 @@ def orchestrate(args: argparse.Namespace) -> Results:
                     }
                 )
             res.steps = hold["steps"] + too_big
+            # The same fleet sizes against the empty-handler server: what gRPC
+            # and TLS alone cost at that many connections on this machine.
+            with bench.reference() as (ref_port, ref_pid):
+                ref_hold = _loadgen(
+                    {
+                        "ca_dir": str(tmp / "ca"),
+                        "mode": "hold",
+                        "port": ref_port,
+                        "manager_pid": ref_pid,
+                        "steps": fits,
+                        "hold": 2.0 if smoke else args.hold,
+                        "metrics_interval": 2.0 if smoke else 60.0,
+                    }
+                )
+            res.ref_steps = ref_hold["steps"]
             res.largest_n = max((s["nodes"] for s in res.steps if s["ok"]), default=0)
     return res
 
@@ -354,6 +385,18 @@ def report(res: Results) -> str:
             f"-> {'ok' if s['ok'] else 'FAIL'}"
         )
     lines.append(f"  largest N held: {res.largest_n}  (target >= 25,000)")
+    if res.ref_steps:
+        lines.append("  empty-handler reference at the same sizes (gRPC + mTLS alone):")
+    for s in res.ref_steps:
+        if "error" in s:
+            lines.append(f"    N={s['nodes']:>6}: could not run: {s['error']}")
+            continue
+        lines.append(
+            f"    N={s['nodes']:>6}: {s['hb_per_s']:,.0f} hb/s, p50 {s['p50_ms']:.1f} ms, "
+            f"p99 {s['p99_ms']:.1f} ms, CPU [server {s['manager_cores']:.2f}, load generator "
+            f"{s['loadgen_cores']:.2f}, whole machine {s['machine_cores']:.2f}], "
+            f"errors {s['errors']}"
+        )
     return "\n".join(lines)
 
 
@@ -367,10 +410,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     parser.add_argument("--tmpdir", default=None, help="where the databases go (same disk)")
-    parser.add_argument("--reference", nargs=2, help=argparse.SUPPRESS)
+    parser.add_argument("--reference", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.reference:
-        run_reference(int(args.reference[0]), Path(args.reference[1]))
+        run_reference(int(args.reference[0]), Path(args.reference[1]), int(args.reference[2]))
         return 0
     res = orchestrate(args)
     print(report(res))

@@ -316,7 +316,9 @@ class LoadGen:
             errors = 0
             gc.collect()
             gc.freeze()  # the load generator's own long-lived objects: keep GC pauses short
-            before = await asyncio.to_thread(_scrape, spec["metrics_port"])
+            # The empty-handler reference has no /metrics and no database.
+            mport = spec.get("metrics_port")
+            before = await asyncio.to_thread(_scrape, mport) if mport else {}
             # CPU of both processes and of the machine over the window: shows
             # whether a miss is a saturated machine (the two processes share 2
             # cores) and whether anything else was running.
@@ -336,9 +338,9 @@ class LoadGen:
                 _cpu_seconds(),
                 _machine_busy_seconds(),
             )
-            after = await asyncio.to_thread(_scrape, spec["metrics_port"])
+            after = await asyncio.to_thread(_scrape, mport) if mport else {}
             # cumulative: a node dropped while the step ramped up counts too
-            offline = await asyncio.to_thread(_false_offline, spec["db"])
+            offline = await asyncio.to_thread(_false_offline, spec["db"]) if "db" in spec else 0
             step = {
                 "nodes": target,
                 "interval_s": statistics.mean(n.interval for n in self.nodes),
