@@ -23,6 +23,7 @@ from manager.config import (
     TLSFiles,
 )
 from manager.server import ManagerServer
+from manager.storage import NodeRecord
 
 
 class FakeClock:
@@ -93,6 +94,22 @@ async def node_stub(
         yield manager_pb2_grpc.ManagerServiceStub(channel)
     finally:
         await channel.close()
+
+
+def node_record(node_id: str = "node-1", **changes: Any) -> NodeRecord:
+    """A NodeRecord as a daemon would register it, with fields changed."""
+    base = NodeRecord(
+        node_id=node_id,
+        hostname=f"{node_id}.example",
+        ip="10.0.0.1",
+        os="linux",
+        arch="x86_64",
+        labels={"zone": "a"},
+        daemon_version="1.0.0",
+        agent_version="1.0.0",
+        daemon_address="10.0.0.1:7443",
+    )
+    return dataclasses.replace(base, **changes)
 
 
 def registration(node_id: str, **overrides: Any) -> manager_pb2.RegisterNodeRequest:

@@ -3,30 +3,14 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
-from typing import Any
 
 import pytest
+from manager_harness import node_record
 from sqlalchemy import event
 
 from fleet.errors import InvalidArgument
 from manager.service.registry import RegistrationBatches
-from manager.storage import Database, NodeRecord, NodeRepository
-
-
-def _node(node_id: str, **changes: Any) -> NodeRecord:
-    base = NodeRecord(
-        node_id=node_id,
-        hostname=f"{node_id}.example",
-        ip="10.0.0.1",
-        os="linux",
-        arch="x86_64",
-        labels={"zone": "a"},
-        daemon_version="1.0.0",
-        agent_version="1.0.0",
-        daemon_address="10.0.0.1:7443",
-    )
-    return dataclasses.replace(base, **changes)
+from manager.storage import Database, NodeRepository
 
 
 def _count_commits(database: Database) -> list[int]:
@@ -41,8 +25,8 @@ async def test_registrations_arriving_together_share_one_transaction(database: D
     batches = RegistrationBatches(nodes)
     commits = _count_commits(database)
     created = await asyncio.gather(
-        *(batches.submit(_node(f"n{i}"), 1_000 + i) for i in range(50)),
-        batches.submit(_node("n0", hostname="again"), 2_000),
+        *(batches.submit(node_record(f"n{i}"), 1_000 + i) for i in range(50)),
+        batches.submit(node_record("n0", hostname="again"), 2_000),
     )
     assert created == [True] * 50 + [False]
     assert len(commits) == 2
@@ -59,9 +43,9 @@ async def test_a_batch_the_database_refuses_fails_only_the_bad_registration(
     nodes = NodeRepository(database)
     batches = RegistrationBatches(nodes)
     outcomes = await asyncio.gather(
-        batches.submit(_node("good-1"), 1_000),
-        batches.submit(_node("bad", hostname=None), 1_000),
-        batches.submit(_node("good-2"), 1_000),
+        batches.submit(node_record("good-1"), 1_000),
+        batches.submit(node_record("bad", hostname=None), 1_000),
+        batches.submit(node_record("good-2"), 1_000),
         return_exceptions=True,
     )
     assert outcomes[0] is True
@@ -75,5 +59,5 @@ async def test_max_batch_bounds_each_transaction(database: Database, size: int) 
     """With max_batch = size, 20 queued registrations take ceil(20 / size) commits."""
     batches = RegistrationBatches(NodeRepository(database), max_batch=size)
     commits = _count_commits(database)
-    await asyncio.gather(*(batches.submit(_node(f"n{i}"), 1_000) for i in range(20)))
+    await asyncio.gather(*(batches.submit(node_record(f"n{i}"), 1_000) for i in range(20)))
     assert len(commits) == -(-20 // size)

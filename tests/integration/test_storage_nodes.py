@@ -7,26 +7,12 @@ import dataclasses
 from typing import Any
 
 import pytest
+from manager_harness import node_record
 from sqlalchemy import event, insert
 
 from fleet.errors import NotFound
-from manager.storage import Database, EventRepository, NodeRecord, NodeRepository
+from manager.storage import Database, EventRepository, NodeRepository
 from manager.storage.schema import nodes as nodes_table
-
-
-def _node(node_id: str = "node-1", **changes: object) -> NodeRecord:
-    base = NodeRecord(
-        node_id=node_id,
-        hostname=f"{node_id}.example",
-        ip="10.0.0.1",
-        os="linux",
-        arch="x86_64",
-        labels={"zone": "a"},
-        daemon_version="1.0.0",
-        agent_version="1.0.0",
-        daemon_address="10.0.0.1:7443",
-    )
-    return dataclasses.replace(base, **changes)  # type: ignore[arg-type]
 
 
 async def _bulk_register(db: Database, node_ids: list[str], now_ms: int) -> None:
@@ -59,8 +45,8 @@ async def _kinds(db: Database) -> list[tuple[str, str]]:
 async def test_upsert_creates_then_is_idempotent(database: Database) -> None:
     """Registering twice creates one node, reports created only the first time."""
     nodes = NodeRepository(database)
-    assert await nodes.upsert(_node(), now_ms=1_000) is True
-    assert await nodes.upsert(_node(), now_ms=2_000) is False
+    assert await nodes.upsert(node_record(), now_ms=1_000) is True
+    assert await nodes.upsert(node_record(), now_ms=2_000) is False
     assert await nodes.count() == 1
     got = await nodes.get("node-1")
     assert got is not None
@@ -71,8 +57,8 @@ async def test_upsert_creates_then_is_idempotent(database: Database) -> None:
 async def test_upsert_updates_every_reported_field(database: Database) -> None:
     """Re-registering replaces hostname, ip, versions, labels and address."""
     nodes = NodeRepository(database)
-    await nodes.upsert(_node(), now_ms=1_000)
-    changed = _node(
+    await nodes.upsert(node_record(), now_ms=1_000)
+    changed = node_record(
         hostname="renamed",
         ip="fd00::7",
         os="freebsd",
@@ -90,9 +76,9 @@ async def test_upsert_updates_every_reported_field(database: Database) -> None:
 async def test_upsert_of_offline_node_brings_it_online_with_event(database: Database) -> None:
     """A node that was marked offline and registers again is online, with NODE_ONLINE."""
     nodes = NodeRepository(database)
-    await nodes.upsert(_node(), now_ms=1_000)
+    await nodes.upsert(node_record(), now_ms=1_000)
     assert await nodes.mark_offline(cutoff_ms=2_000, now_ms=2_000) == ["node-1"]
-    await nodes.upsert(_node(), now_ms=3_000)
+    await nodes.upsert(node_record(), now_ms=3_000)
     got = await nodes.get("node-1")
     assert got is not None
     assert got.status == "online"
@@ -107,15 +93,15 @@ async def test_upsert_of_offline_node_brings_it_online_with_event(database: Data
 async def test_upsert_many_mixes_new_known_and_offline_nodes(database: Database) -> None:
     """One batch: new nodes created, known ones updated, an offline one back online."""
     nodes = NodeRepository(database)
-    await nodes.upsert(_node("known"), now_ms=1_000)
-    await nodes.upsert(_node("down"), now_ms=1_000)
+    await nodes.upsert(node_record("known"), now_ms=1_000)
+    await nodes.upsert(node_record("down"), now_ms=1_000)
     assert await nodes.mark_offline(cutoff_ms=2_000, now_ms=2_000) == ["down", "known"]
-    await nodes.upsert(_node("known"), now_ms=2_500)
+    await nodes.upsert(node_record("known"), now_ms=2_500)
     batch = [
-        (_node("new-1"), 3_000),
-        (_node("known", hostname="renamed", labels={"zone": "b"}), 3_001),
-        (_node("down"), 3_002),
-        (_node("new-2"), 3_003),
+        (node_record("new-1"), 3_000),
+        (node_record("known", hostname="renamed", labels={"zone": "b"}), 3_001),
+        (node_record("down"), 3_002),
+        (node_record("new-2"), 3_003),
     ]
     assert await nodes.upsert_many(batch) == [True, False, False, True]
     for node, ms in batch:
@@ -141,7 +127,7 @@ async def test_upsert_many_refuses_a_node_twice_and_writes_nothing(database: Dat
     """The same id twice in one batch is a caller bug: ValueError, nothing stored."""
     nodes = NodeRepository(database)
     with pytest.raises(ValueError, match="twice"):
-        await nodes.upsert_many([(_node("a"), 1_000), (_node("a"), 1_001)])
+        await nodes.upsert_many([(node_record("a"), 1_000), (node_record("a"), 1_001)])
     assert await nodes.count() == 0
 
 
@@ -149,7 +135,7 @@ async def test_get_list_known_ids_count(database: Database) -> None:
     """Reads return what was registered; get of an unknown id is None."""
     nodes = NodeRepository(database)
     for i in (3, 1, 2):
-        await nodes.upsert(_node(f"n{i}"), now_ms=1_000 * i)
+        await nodes.upsert(node_record(f"n{i}"), now_ms=1_000 * i)
     assert [n.node_id for n in await nodes.list()] == ["n1", "n2", "n3"]
     assert await nodes.known_ids() == {"n1", "n2", "n3"}
     assert await nodes.get("nope") is None
@@ -161,8 +147,8 @@ async def test_get_list_known_ids_count(database: Database) -> None:
 async def test_touch_many_keeps_the_newest_last_seen(database: Database) -> None:
     """touch_many sets last_seen to max(old, new), ignoring unknown nodes."""
     nodes = NodeRepository(database)
-    await nodes.upsert(_node("a"), now_ms=1_000)
-    await nodes.upsert(_node("b"), now_ms=1_000)
+    await nodes.upsert(node_record("a"), now_ms=1_000)
+    await nodes.upsert(node_record("b"), now_ms=1_000)
     assert await nodes.touch_many({"a": 5_000, "b": 500, "ghost": 9_000}) == []
     a, b = await nodes.get("a"), await nodes.get("b")
     assert a is not None
@@ -176,7 +162,7 @@ async def test_touch_many_revives_offline_nodes_with_events(database: Database) 
     """Offline nodes that heartbeat become online and get one NODE_ONLINE each."""
     nodes = NodeRepository(database)
     for nid in ("a", "b", "c"):
-        await nodes.upsert(_node(nid), now_ms=1_000)
+        await nodes.upsert(node_record(nid), now_ms=1_000)
     assert await nodes.mark_offline(cutoff_ms=2_000, now_ms=2_000, exclude={"c"}) == ["a", "b"]
     assert await nodes.touch_many({"a": 3_000, "c": 3_000}) == ["a"]
     assert await nodes.count(status="online") == 2
@@ -189,10 +175,10 @@ async def test_touch_many_revives_offline_nodes_with_events(database: Database) 
 async def test_mark_offline_respects_cutoff_and_exclude(database: Database) -> None:
     """Only online nodes last seen strictly before the cutoff, minus the excluded, go offline."""
     nodes = NodeRepository(database)
-    await nodes.upsert(_node("old"), now_ms=1_000)
-    await nodes.upsert(_node("edge"), now_ms=2_000)
-    await nodes.upsert(_node("fresh"), now_ms=3_000)
-    await nodes.upsert(_node("graced"), now_ms=1_000)
+    await nodes.upsert(node_record("old"), now_ms=1_000)
+    await nodes.upsert(node_record("edge"), now_ms=2_000)
+    await nodes.upsert(node_record("fresh"), now_ms=3_000)
+    await nodes.upsert(node_record("graced"), now_ms=1_000)
     gone = await nodes.mark_offline(cutoff_ms=2_000, now_ms=10_000, exclude=["graced"])
     assert gone == ["old"]
     offline_events = [
@@ -207,7 +193,7 @@ async def test_mark_offline_respects_cutoff_and_exclude(database: Database) -> N
 async def test_mark_offline_handles_more_nodes_than_one_statement(database: Database) -> None:
     """A sweep over more nodes than one IN list holds marks them all."""
     nodes = NodeRepository(database)
-    await nodes.upsert(_node("seed"), now_ms=1_000)
+    await nodes.upsert(node_record("seed"), now_ms=1_000)
     await _bulk_register(database, [f"n{i:04d}" for i in range(600)], 1_000)  # IN lists: 500
     gone = await nodes.mark_offline(cutoff_ms=2_000, now_ms=3_000, exclude={"seed"})
     assert len(gone) == 600
@@ -219,7 +205,7 @@ async def test_mark_offline_handles_more_nodes_than_one_statement(database: Data
 async def test_update_labels_sets_removes_and_records_event(database: Database) -> None:
     """Labels are set then removed; the change is an event naming the actor."""
     nodes = NodeRepository(database)
-    await nodes.upsert(_node(labels={"zone": "a", "old": "x"}), now_ms=1_000)
+    await nodes.upsert(node_record(labels={"zone": "a", "old": "x"}), now_ms=1_000)
     got = await nodes.update_labels(
         "node-1", {"tier": "web", "zone": "b"}, ["old"], actor="operator/alice", now_ms=2_000
     )
@@ -264,9 +250,11 @@ async def test_touch_many_updates_last_seen_in_one_statement(database: Database)
     assert n599.last_seen_ms == 2_599
 
 
-async def test_concurrent_first_registrations_create_one_node(database: Database) -> None:
+async def test_concurrent_first_registrations_create_onenode_record(database: Database) -> None:
     """Five simultaneous first registrations of one node: one creates, the rest update."""
     nodes = NodeRepository(database)
-    created = await asyncio.gather(*(nodes.upsert(_node(), now_ms=1_000 + i) for i in range(5)))
+    created = await asyncio.gather(
+        *(nodes.upsert(node_record(), now_ms=1_000 + i) for i in range(5))
+    )
     assert sorted(created) == [False, False, False, False, True]
     assert await nodes.count() == 1

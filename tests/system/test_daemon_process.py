@@ -214,11 +214,9 @@ async def test_sighup_restarts_changed_agents_only(
     assert "reload refused, nothing changed" in err
 
 
-def test_bad_config_exits_2_with_one_line(tmp_path: Path) -> None:
-    """A config error prints one line naming the file and key, and exits 2 without a traceback."""
-    cfg = tmp_path / "daemon.toml"
-    cfg.write_text('listen = "127.0.0.1:1"\nbogus_key = 1\n')
-    result = subprocess.run(
+def _run_until_exit(cfg: Path) -> subprocess.CompletedProcess[str]:
+    """Run fleet-daemon with `cfg`, expecting it to exit on its own (a refused config)."""
+    return subprocess.run(
         [*DAEMON, "--config", str(cfg)],
         capture_output=True,
         text=True,
@@ -226,6 +224,13 @@ def test_bad_config_exits_2_with_one_line(tmp_path: Path) -> None:
         check=False,
         env={**os.environ, "PYTHONPATH": str(REPO)},
     )
+
+
+def test_bad_config_exits_2_with_one_line(tmp_path: Path) -> None:
+    """A config error prints one line naming the file and key, and exits 2 without a traceback."""
+    cfg = tmp_path / "daemon.toml"
+    cfg.write_text('listen = "127.0.0.1:1"\nbogus_key = 1\n')
+    result = _run_until_exit(cfg)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
@@ -240,14 +245,7 @@ def test_certificate_from_another_ca_exits_2_with_one_line(pki: Any, tmp_path: P
     tls = TLSConfig(own.ca_file, foreign.cert_file, foreign.key_file)
     cfg = tmp_path / "daemon.toml"
     write_config(cfg, tmp_path, tls, free_port(), free_port(), "")
-    result = subprocess.run(
-        [*DAEMON, "--config", str(cfg)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
+    result = _run_until_exit(cfg)
     assert result.returncode == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr
