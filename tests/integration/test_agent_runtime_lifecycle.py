@@ -96,6 +96,11 @@ async def test_refused_after_a_daemon_restart_stops_the_agent(
         agent = Agent("t", environ=daemon.env, options=FAST)
 
         async def main(a: Agent) -> None:
+            # A daemon that dies before the agent's config watch is open breaks
+            # no call: the channel reconnects to the new daemon and heartbeats
+            # go on, with nothing to make the agent register again (3 in 25
+            # runs timed out that way).
+            await daemon.wait_for(lambda d: d.watchers == 1)
             await daemon.stop()
             daemon.fail_register(PermissionDenied("process 7 is not an agent supervised here"))
             await daemon.start()
