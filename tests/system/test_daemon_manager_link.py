@@ -154,7 +154,13 @@ async def test_fails_over_to_the_next_manager_address(pki: Any, manager: Manager
                 lambda r: r == [("n2",)],
                 within=60,
             )
-            assert server.link.address == f"127.0.0.1:{manager.port}"
-            assert server.link.state == "connected"
+
+            async def link() -> tuple[str, str]:
+                return server.link.address, server.link.state
+
+            # The row is committed a moment before the daemon reads the answer.
+            await eventually(
+                link, lambda v: v == (f"127.0.0.1:{manager.port}", "connected"), within=15
+            )
         finally:
             await server.stop(1.0)
