@@ -200,14 +200,17 @@ def _chains_to(chain: list[x509.Certificate], cas: list[x509.Certificate]) -> bo
 
 def _identity_of(cert: x509.Certificate) -> Identity:
     """The one spiffe:// SAN URI of `cert` as an Identity; ValueError if none or several."""
+    return _one_identity(_cert_uris(cert))
+
+
+def _cert_uris(cert: x509.Certificate) -> list[str]:
     from cryptography import x509
 
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
     except x509.ExtensionNotFound:
-        uris = []
-    return _one_identity(uris)
+        return []
+    return list(san.get_values_for_type(x509.UniformResourceIdentifier))
 
 
 def _pem_uris(pem: bytes) -> list[str]:
@@ -217,11 +220,7 @@ def _pem_uris(pem: bytes) -> list[str]:
         cert = x509.load_pem_x509_certificate(pem)
     except ValueError:
         raise Unauthenticated("the client certificate could not be parsed") from None
-    try:
-        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
-    except x509.ExtensionNotFound:
-        return []
-    return list(san.get_values_for_type(x509.UniformResourceIdentifier))
+    return _cert_uris(cert)
 
 
 def _one_identity(uris: Sequence[str]) -> Identity:
