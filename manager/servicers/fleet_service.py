@@ -38,6 +38,7 @@ from manager.storage import (
     NodeRepository,
 )
 from manager.storage.operation_log import OperationLog
+from manager.storage.sqlhelp import chunks
 from manager.storage.targets import TargetRepository
 
 __all__ = [
@@ -296,8 +297,7 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
                     # Each message costs both ends a write and a wake-up; send what
                     # finished meanwhile together (the next batch gathers while
                     # this one is being sent).
-                    for i in range(0, len(item), MAX_RESULTS_PER_MESSAGE):
-                        chunk = item[i : i + MAX_RESULTS_PER_MESSAGE]
+                    for chunk in chunks(item, MAX_RESULTS_PER_MESSAGE):
                         yield _Response(results=[_result(r) for r in chunk])
                 else:
                     for r in item:
