@@ -23,9 +23,11 @@ Rounds alternate, each side after a 0.25 s pause (so neither is timed
 while the other's trailing work runs). The pool is warmed by one fan-out
 first (the reference's channels are pre-opened too), so both measure
 steady-state calls; in production the pool opens channels lazily, so a
-manager's first fan-out also pays the connections. The manager child and
-this process both take their start-up objects out of the cyclic GC
-(gc.freeze) before timing, as fleet-manager does once started.
+manager's first fan-out also pays the connections. The manager child, the
+simulated daemons' process and this process all take their start-up
+objects out of the cyclic GC (gc.freeze) before timing, as fleet-manager
+does once started: otherwise full collections of the one process that
+holds all N daemons' servers land in whichever round they happen to hit.
 
 Prints the median of the rounds and the ratio (the issue's target is
 <= 1.25x), and the CPU time of each process per round (less sensitive to

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import itertools
 import json
 import sys
@@ -392,6 +393,11 @@ async def _serve() -> None:
                     op_delay=float(spec.get("op_delay", 0.0)),
                 )
             )
+        # Start-up objects leave the cyclic GC, as in the manager and the driver:
+        # one process holding N daemons' servers is a far bigger heap than any
+        # real daemon's, and full collections walking it would land in rounds.
+        gc.collect()
+        gc.freeze()
         _emit({n.node_id: n.address for n in nodes})
         while line := await reader.readline():
             command, _, arg = line.decode().strip().partition(" ")
