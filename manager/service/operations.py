@@ -354,8 +354,9 @@ class Operations:
             lambda t: self._call(t, action, call_timeout),
             max_concurrency=max(1, max_concurrency),
             max_errors=max_errors,
-            # The pool bounds each call too; this also bounds waiting for a channel.
-            call_timeout=(call_timeout or self._pool.config.call_timeout) + 1.0,
+            # No window timeout: one pool deadline already bounds the wait for a
+            # channel, every attempt and the sleeps between them (and a timer per
+            # call was ~5% of the manager's CPU in a 500-target fan-out).
             batch_interval=batch_interval,
         )
         try:

@@ -61,7 +61,7 @@ async def test_a_daemon_that_never_answers_fails_within_the_deadline(
             results, summary = await operate(
                 env.stub, selector=selector("env=prod"), agent_type="web", max_concurrency=3
             )
-            assert loop.time() - start < 8.0  # pool call_timeout 3 s (+1 s window slack)
+            assert loop.time() - start < 8.0  # the pool's call_timeout is 3 s
         assert outcomes(results) == {"n0": "FAILED", "n1": "OK", "n2": "OK"}
         assert summary.failed == 1
 
