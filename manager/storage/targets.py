@@ -8,6 +8,7 @@ joins the two tables and returns only the rows that can be targets.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from sqlalchemy import select
@@ -28,8 +29,8 @@ class Candidate:
     """The node it runs on."""
     agent_id: str
     """The agent."""
-    node_labels: dict[str, str]
-    """The node's labels (for the selector)."""
+    node_labels: Mapping[str, str]
+    """The node's labels (for the selector); shared by nodes with the same labels."""
     daemon_address: str
     """Where the node's daemon listens."""
 
@@ -53,9 +54,14 @@ class TargetRepository:
         )
 
         async def body(conn: AsyncConnection) -> list[Candidate]:
-            return [
-                Candidate(r.node_id, r.agent_id, load_map(r.labels), r.daemon_address)
-                for r in await conn.execute(query)
-            ]
+            # Nodes mostly share a few label sets: decode each distinct one once.
+            parsed: dict[str, Mapping[str, str]] = {}
+            found = []
+            for node_id, agent_id, raw, address in await conn.execute(query):
+                labels = parsed.get(raw)
+                if labels is None:
+                    labels = parsed[raw] = load_map(raw)
+                found.append(Candidate(node_id, agent_id, labels, address))
+            return found
 
         return await self._db.run(body, write=False)
