@@ -18,6 +18,10 @@ Both supervisors run as real processes (`python -m daemon.cli` and
    the daemon at its shipped defaults (its sampling interval is printed).
 4. the daemon's CPU with 100 agents sampled at 1 Hz (target <= 3% of one
    core), next to supervisord's with the same 100 agents.
+5. the gRPC floor: idle CPU and RSS of a process that only serves an empty
+   grpc.aio server (no TLS, no services, no agents), measured the same way.
+   Any supervisor that serves gRPC in its own process costs at least this;
+   it is printed next to supervisord's so the idle targets can be judged.
 
 CPU is the on-CPU time of all the supervisor's threads from
 /proc/<pid>/task/*/schedstat (nanoseconds), not clock ticks (10 ms), so an
@@ -338,17 +342,56 @@ def idle_cost(
     with running(sup):
         _wait_files(marks, n, timeout=300)
         time.sleep(settle)
-        c0, t0 = _cpu_ns(sup.pid), time.monotonic()
-        time.sleep(window)
-        c1, t1 = _cpu_ns(sup.pid), time.monotonic()
-        if c0.keys() - c1.keys():  # its CPU since t0 is lost: the figure would be low
-            raise RuntimeError(f"{sup.name}: a thread ended during the window; run again")
-        used_ns = sum(c1[tid] - c0.get(tid, 0) for tid in c1)
-        rss = psutil.Process(sup.pid).memory_info().rss
+        cost = _idle_window(sup.name, sup.pid, window)
         alive = _count_marked()
         if alive != n:  # a crash-looping agent would make this no idle measurement
             raise RuntimeError(f"{sup.name}: {alive}/{n} agents running after the window")
-    return used_ns / 1e9 / (t1 - t0) * 100, rss
+    return cost
+
+
+def _idle_window(name: str, pid: int, window: float) -> tuple[float, int]:
+    """(% of one core over `window` seconds, RSS bytes at its end) of process `pid`."""
+    c0, t0 = _cpu_ns(pid), time.monotonic()
+    time.sleep(window)
+    c1, t1 = _cpu_ns(pid), time.monotonic()
+    if c0.keys() - c1.keys():  # its CPU since t0 is lost: the figure would be low
+        raise RuntimeError(f"{name}: a thread ended during the window; run again")
+    used_ns = sum(c1[tid] - c0.get(tid, 0) for tid in c1)
+    return used_ns / 1e9 / (t1 - t0) * 100, psutil.Process(pid).memory_info().rss
+
+
+GRPC_FLOOR = """
+import asyncio
+from grpc import aio
+
+async def main():
+    server = aio.server()
+    server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    print("serving", flush=True)
+    await server.wait_for_termination()
+
+asyncio.run(main())
+"""
+"""An empty grpc.aio server: what serving gRPC from Python costs before any code of ours."""
+
+
+def grpc_floor(window: float, settle: float) -> tuple[float, int]:
+    """(% of one core, RSS bytes) of an idle process serving an empty grpc.aio server."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", GRPC_FLOOR], stdout=subprocess.PIPE, start_new_session=True
+    )
+    try:
+        assert proc.stdout is not None
+        if proc.stdout.readline() != b"serving\n":
+            raise RuntimeError(f"the bare grpc.aio server exited with {proc.wait()}")
+        time.sleep(settle)
+        return _idle_window("grpc.aio floor", proc.pid, window)
+    finally:
+        proc.kill()
+        proc.wait()
+        if proc.stdout is not None:
+            proc.stdout.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -386,6 +429,7 @@ def main(argv: list[str] | None = None) -> int:
                 sample_interval=1.0,
             )
             r["cpu_n_agents_pct"] = cpu100
+        floor_cpu, floor_rss = grpc_floor(sizes.idle_seconds, sizes.settle_seconds)
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
@@ -406,6 +450,12 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"idle rows: the daemon at its defaults, sampling every {every}; "
         f"the {sizes.sample_agents}-agent row: sample_interval_seconds = 1.0"
+    )
+    floor_ratio = f"{floor_cpu / s['idle_cpu_pct']:.2f}x" if s["idle_cpu_pct"] else "n/a"
+    print(
+        f"gRPC floor (an empty grpc.aio server, nothing else): idle CPU {floor_cpu:.3f}% "
+        f"({floor_ratio} supervisord), RSS {floor_rss / 2**20:.1f} MiB "
+        f"({floor_rss / 2**20 / s['idle_rss_mib']:.2f}x supervisord)"
     )
     print(
         f"respawns measured: daemon {int(d['respawns'])}, supervisord {int(s['respawns'])}; "

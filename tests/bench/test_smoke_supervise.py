@@ -34,6 +34,7 @@ def test_supervise_bench_smoke() -> None:
         "idle RSS",
         "@1 Hz",
         "sampling every",
+        "gRPC floor",
         "load average",
     ):
         assert label in out, out
