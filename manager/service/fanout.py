@@ -23,6 +23,7 @@ refilled at once).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -93,65 +94,69 @@ async def sliding_window(
         except TimeoutError:
             raise DeadlineExceeded(f"no answer within {call_timeout:g}s") from None
 
-    done: asyncio.Queue[asyncio.Task[R]] = asyncio.Queue()
+    # The bookkeeping runs in each call's done callback, so a free slot is
+    # refilled at once and the generator only wakes once per batch, not once
+    # per finished call (hundreds of wake-ups in a large fan-out).
+    loop = asyncio.get_running_loop()
     running: dict[asyncio.Task[R], tuple[T, float]] = {}
+    outcomes: list[Outcome[T, R]] = []  # finished since the last batch
+    first_at = 0.0  # loop time the oldest of them finished
+    finished_one = asyncio.Event()
+    none_running = asyncio.Event()  # set once nothing is running and nothing will start
     next_index = 0
     failures = 0
+    closed = False
 
     def launch() -> None:
         nonlocal next_index
-        while len(running) < max_concurrency and next_index < len(targets):
+        while not closed and len(running) < max_concurrency and next_index < len(targets):
             if max_errors and failures >= max_errors:
-                return
+                break
             target = targets[next_index]
             next_index += 1
-            task = asyncio.create_task(run(target))
+            task = loop.create_task(run(target))
             running[task] = (target, clock())
-            task.add_done_callback(done.put_nowait)
+            task.add_done_callback(finished)
+        if not running:
+            none_running.set()
 
-    loop = asyncio.get_running_loop()
-    outcomes: list[Outcome[T, R]] = []  # the batch being gathered
-    due = 0.0  # loop time the batch is to be yielded at
+    def finished(task: asyncio.Task[R]) -> None:
+        nonlocal failures, first_at
+        if closed:
+            return
+        target, started = running.pop(task)
+        elapsed = clock() - started
+        if not outcomes:
+            first_at = loop.time()
+        if task.cancelled():
+            failures += 1
+            outcomes.append(Outcome(target, "failed", error="cancelled", duration=elapsed))
+        elif (exc := task.exception()) is None:
+            outcomes.append(Outcome(target, "ok", task.result(), duration=elapsed))
+        else:
+            failures += 1
+            outcomes.append(Outcome(target, "failed", error=_describe(exc), duration=elapsed))
+        launch()  # refill the window before anyone sees the outcome
+        finished_one.set()
 
     try:
         launch()
-        while running:
-            try:
-                async with asyncio.timeout_at(due if outcomes else None):
-                    finished = [await done.get()]
-            except TimeoutError:  # the batch is due and nothing more finished
-                yield outcomes
-                outcomes = []
-                continue
-            while not done.empty():  # everything that finished meanwhile, in one go
-                finished.append(done.get_nowait())
+        while running or outcomes:
             if not outcomes:
-                due = loop.time() + batch_interval
-            for task in finished:
-                target, started = running.pop(task)
-                elapsed = clock() - started
-                if task.cancelled():
-                    failures += 1
-                    outcomes.append(Outcome(target, "failed", error="cancelled", duration=elapsed))
-                    continue
-                exc = task.exception()
-                if exc is None:
-                    outcomes.append(Outcome(target, "ok", task.result(), duration=elapsed))
-                else:
-                    failures += 1
-                    outcomes.append(
-                        Outcome(target, "failed", error=_describe(exc), duration=elapsed)
-                    )
-            launch()  # refill the window before the caller gets to see the outcomes
-            if not running or loop.time() >= due:
-                yield outcomes
-                outcomes = []
-        if outcomes:
-            yield outcomes
+                finished_one.clear()
+                await finished_one.wait()
+            if batch_interval > 0 and running:
+                # Hold the batch until it is due or no call is left running.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout_at(first_at + batch_interval):
+                        await none_running.wait()
+            batch, outcomes = outcomes, []
+            yield batch
         if next_index < len(targets):
             reason = f"not attempted: {failures} target(s) failed (max_errors {max_errors})"
             yield [Outcome(target, "skipped", error=reason) for target in targets[next_index:]]
     finally:
+        closed = True
         for task in running:
             task.cancel()
         if running:
