@@ -456,7 +456,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--smoke", action="store_true", help="N=6, one round: seconds")
     parser.add_argument("-n", type=int, default=500, help="simulated daemons (default 500)")
-    parser.add_argument("--rounds", type=int, default=7, help="timed rounds of each (median)")
+    parser.add_argument(
+        "--rounds", type=int, default=15, help="timed rounds of each (median; default 15)"
+    )
     parser.add_argument(
         "--delays",
         default="0,0.1",
