@@ -176,6 +176,19 @@ async def test_outcomes_finished_while_the_consumer_is_busy_come_together() -> N
     assert seen == [["t0"], ["t1", "t2", "t3", "t4", "t5"]]
 
 
+async def test_the_window_keeps_sliding_while_the_consumer_is_busy() -> None:
+    """A consumer busy with one batch does not hold the window: freed slots refill meanwhile."""
+    probe = Probe()
+    targets = [f"t{i}" for i in range(5)]
+    seen: list[list[str]] = []
+    async with aclosing(sliding_window(targets, probe, max_concurrency=1)) as stream:
+        async for batch in stream:
+            seen.append([o.target for o in batch])
+            await asyncio.sleep(0.3)  # busy: t1..t4 run one after the other meanwhile
+    assert seen == [["t0"], ["t1", "t2", "t3", "t4"]]
+    assert probe.peak == 1
+
+
 async def test_batch_interval_gathers_outcomes_but_refills_at_once() -> None:
     """Held for a batch, outcomes still free their slot at once: the window keeps sliding."""
     probe = Probe()
