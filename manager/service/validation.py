@@ -220,4 +220,7 @@ def validate_agent_states(states: Sequence[AgentStateRecord]) -> None:
             raise InvalidArgument(
                 f"must be at most {MAX_MESSAGE} characters", field=f"{where}.message"
             )
+        # Free text (an exit reason may span lines), but PostgreSQL text cannot hold NUL.
+        if "\x00" in st.message:
+            raise InvalidArgument("must not contain NUL characters", field=f"{where}.message")
         validate_labels(st.labels, max_labels=MAX_LABELS, field=f"{where}.labels")

@@ -417,6 +417,7 @@ async def test_sync_agent_states_replaces_and_counts_changes(
         ([agent("a1", start_time=-5)], "states[0].start_time"),
         ([agent("a1", labels={"no good": "x"})], "states[0].labels"),
         ([agent("a1", message="m" * 1025)], "states[0].message"),
+        ([agent("a1", message="exited\x00")], "states[0].message"),
         ([agent("a1", version="v" * 65)], "states[0].version"),
         ([agent(f"a{i}") for i in range(1001)], "states"),
     ],

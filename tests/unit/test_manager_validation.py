@@ -108,3 +108,11 @@ def test_agent_snapshot_of_1000_agents_is_allowed_and_empty_snapshot_too() -> No
     """1,000 agents (the cap) and an empty snapshot (node has no agents) are valid."""
     validate_agent_states([AgentStateRecord("n", f"a{i}", "RUNNING") for i in range(1000)])
     validate_agent_states([])
+
+
+def test_agent_message_may_span_lines_but_not_hold_nul() -> None:
+    """An exit reason may span lines; a NUL (PostgreSQL text cannot hold one) is refused."""
+    validate_agent_states([AgentStateRecord("n", "a", "EXITED", message="exit 1:\n\tboom")])
+    with pytest.raises(InvalidArgument) as info:
+        validate_agent_states([AgentStateRecord("n", "a", "EXITED", message="boom\x00")])
+    assert info.value.field == "states[0].message"
