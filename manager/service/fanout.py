@@ -14,8 +14,9 @@ refilled at once).
   and a slow target does not hold the others back.
 - Once `max_errors` calls have failed nothing new is launched; calls already
   in flight finish and are reported, every target not launched is SKIPPED.
-- Each call gets `call_timeout` seconds (a dead peer fails its target, it never
-  hangs the rollout).
+- Deadlines belong to the call: the manager's pool bounds each one (waiting
+  for a channel, every attempt, the pauses between), so a dead peer fails
+  its own target and never hangs the rollout.
 - Closing the iterator (the client went away) launches nothing more and
   cancels the calls in flight.
 """
@@ -25,11 +26,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Generic, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
-from fleet.errors import DeadlineExceeded, FleetError
+from fleet.errors import FleetError
 
 __all__ = ["Outcome", "OutcomeKind", "sliding_window"]
 
@@ -63,11 +64,10 @@ def _describe(exc: BaseException) -> str:
 
 async def sliding_window(
     targets: Sequence[T],
-    call: Callable[[T], Awaitable[R]],
+    call: Callable[[T], Coroutine[Any, Any, R]],
     *,
     max_concurrency: int,
     max_errors: int = 0,
-    call_timeout: float | None = None,
     batch_interval: float = 0.0,
     clock: Callable[[], float] = time.monotonic,
 ) -> AsyncGenerator[list[Outcome[T, R]], None]:
@@ -75,8 +75,7 @@ async def sliding_window(
     finish (each batch: all that finished since the last), then the skipped.
 
     `max_concurrency` >= 1 calls run at once; `max_errors` 0 means no limit.
-    A call raising an Exception is a failure (its message is kept); a call
-    exceeding `call_timeout` seconds fails with a deadline message. With
+    A call raising an Exception is a failure (its message is kept). With
     `batch_interval` > 0 a batch is held until that many seconds after its
     first outcome (or until no call is left running) to gather more.
     """
@@ -84,15 +83,6 @@ async def sliding_window(
         raise ValueError(f"max_concurrency must be >= 1, got {max_concurrency}")
     if max_errors < 0:
         raise ValueError(f"max_errors must be >= 0, got {max_errors}")
-
-    async def run(target: T) -> R:
-        if call_timeout is None:
-            return await call(target)
-        try:
-            async with asyncio.timeout(call_timeout):
-                return await call(target)
-        except TimeoutError:
-            raise DeadlineExceeded(f"no answer within {call_timeout:g}s") from None
 
     # The bookkeeping runs in each call's done callback, so a free slot is
     # refilled at once and the generator only wakes once per batch, not once
@@ -114,7 +104,7 @@ async def sliding_window(
                 break
             target = targets[next_index]
             next_index += 1
-            task = loop.create_task(run(target))
+            task = loop.create_task(call(target))
             running[task] = (target, clock())
             task.add_done_callback(finished)
         if not running:
