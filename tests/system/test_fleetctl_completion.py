@@ -21,7 +21,7 @@ def _complete(words: str, cword: int) -> list[str]:
         "COMP_CWORD": str(cword),
     }
     result = subprocess.run(
-        [sys.executable, "-c", "from manager.fleetctl.app import main; main()"],
+        [sys.executable, "-c", "from fleetctl.app import main; main()"],
         env=env,
         capture_output=True,
         text=True,

@@ -98,7 +98,7 @@ class Fleet:
             "COLUMNS": "200",
         }
         return subprocess.run(
-            [sys.executable, "-c", "from manager.fleetctl.app import main; main()", *args],
+            [sys.executable, "-c", "from fleetctl.app import main; main()", *args],
             env=env,
             capture_output=True,
             text=True,
@@ -124,7 +124,7 @@ class Fleet:
             "XDG_CONFIG_HOME": str(self.root / "xdg"),
         }
         proc = subprocess.Popen(
-            [sys.executable, "-c", "from manager.fleetctl.app import main; main()", *args],
+            [sys.executable, "-c", "from fleetctl.app import main; main()", *args],
             stdin=slave, stdout=slave, stderr=slave, env=env, start_new_session=True,
         )  # fmt: skip
         os.close(slave)
@@ -344,7 +344,7 @@ def test_ctrl_c_ends_a_followed_feed_quietly(fleet: Fleet) -> None:
         "FLEET_KEY": str(fleet.operator.key_file),
     }
     proc = subprocess.Popen(
-        [sys.executable, "-c", "from manager.fleetctl.app import main; main()",
+        [sys.executable, "-c", "from fleetctl.app import main; main()",
          "events", "-f", "--kind", "node-registered"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip

@@ -28,7 +28,7 @@ from fleet.errors import InvalidArgument, NotFound, Unavailable
 from fleet.interceptors import ErrorMappingInterceptor
 from fleet.tls import TLSConfig, require_role, server_credentials
 from fleet.v1 import common_pb2, fleet_pb2, fleet_pb2_grpc
-from manager.fleetctl.app import app
+from fleetctl.app import app
 
 NOW_MS = 1_800_000_000_000
 

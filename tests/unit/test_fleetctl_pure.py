@@ -8,20 +8,20 @@ import pytest
 from cryptography import x509
 
 from fleet.pki import CertificateAuthority
-from manager.fleetctl.agents import last_lines, split_agent_ref
-from manager.fleetctl.app import hoist_global_options
-from manager.fleetctl.metrics import bucket_values, format_number
-from manager.fleetctl.nodes import parse_label_changes
-from manager.fleetctl.output import sparkline
-from manager.fleetctl.runtime import UsageProblem
-from manager.fleetctl.timespec import (
+from fleetctl.agents import last_lines, split_agent_ref
+from fleetctl.app import hoist_global_options
+from fleetctl.metrics import bucket_values, format_number
+from fleetctl.nodes import parse_label_changes
+from fleetctl.output import sparkline
+from fleetctl.runtime import UsageProblem
+from fleetctl.timespec import (
     format_age,
     format_duration,
     format_time,
     parse_duration,
     parse_instant,
 )
-from manager.fleetctl.tlsprobe import explain_server_certificate
+from fleetctl.tlsprobe import explain_server_certificate
 
 NOW = dt.datetime(2026, 11, 22, 12, 0, tzinfo=dt.UTC)
 

@@ -1,4 +1,5 @@
-"""The tiers import only `fleet` and third-party code, never each other."""
+"""The four tiers (manager, daemon, agent_runtime, fleetctl) import only `fleet`,
+never each other."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-TIERS = ("manager", "daemon", "agent_runtime")
+TIERS = ("manager", "daemon", "agent_runtime", "fleetctl")
 OURS = {"fleet", *TIERS}
 
 

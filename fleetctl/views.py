@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from fleet.v1 import common_pb2, fleet_pb2
-from manager.fleetctl.timespec import format_time
+from fleetctl.timespec import format_time
 
 __all__ = [
     "agent_view",

@@ -13,12 +13,12 @@ from rich.table import Table
 from rich.text import Text
 
 from fleet.v1 import fleet_pb2
-from manager.fleetctl.agents import split_agent_ref
-from manager.fleetctl.client import Connection
-from manager.fleetctl.output import dump, sparkline
-from manager.fleetctl.runtime import EXIT_OK, Cli, Stub, UsageProblem
-from manager.fleetctl.timespec import format_duration, format_time, parse_duration, parse_instant
-from manager.fleetctl.views import series_view
+from fleetctl.agents import split_agent_ref
+from fleetctl.client import Connection
+from fleetctl.output import dump, sparkline
+from fleetctl.runtime import EXIT_OK, Cli, Stub, UsageProblem
+from fleetctl.timespec import format_duration, format_time, parse_duration, parse_instant
+from fleetctl.views import series_view
 
 if TYPE_CHECKING:
     from fleet.v1 import common_pb2

@@ -10,8 +10,8 @@ from typing import Annotated
 import typer
 
 from fleet.pki import CertificateAuthority, check_trust_domain
-from manager.fleetctl.output import print_object
-from manager.fleetctl.runtime import EXIT_OK, Cli, Failure, UsageProblem
+from fleetctl.output import print_object
+from fleetctl.runtime import EXIT_OK, Cli, Failure, UsageProblem
 
 __all__ = ["app"]
 

@@ -11,13 +11,13 @@ import typer
 from fleet import selectors
 from fleet.errors import NotFound
 from fleet.v1 import fleet_pb2
-from manager.fleetctl import fanout
-from manager.fleetctl.client import Connection
-from manager.fleetctl.nodes import SelectorOpt, parse_selector
-from manager.fleetctl.output import Column, print_object, print_rows
-from manager.fleetctl.runtime import EXIT_FAILED, EXIT_OK, Cli, Stub, UsageProblem
-from manager.fleetctl.timespec import format_duration
-from manager.fleetctl.views import agent_view
+from fleetctl import fanout
+from fleetctl.client import Connection
+from fleetctl.nodes import SelectorOpt, parse_selector
+from fleetctl.output import Column, print_object, print_rows
+from fleetctl.runtime import EXIT_FAILED, EXIT_OK, Cli, Stub, UsageProblem
+from fleetctl.timespec import format_duration
+from fleetctl.views import agent_view
 
 __all__ = ["app", "split_agent_ref"]
 

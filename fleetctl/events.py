@@ -8,10 +8,10 @@ from typing import Annotated, Any
 import typer
 
 from fleet.v1 import fleet_pb2
-from manager.fleetctl.client import Connection
-from manager.fleetctl.output import Column, OutputFormat, dump, print_rows
-from manager.fleetctl.runtime import EXIT_OK, Cli, Stub, UsageProblem
-from manager.fleetctl.views import event_view
+from fleetctl.client import Connection
+from fleetctl.output import Column, OutputFormat, dump, print_rows
+from fleetctl.runtime import EXIT_OK, Cli, Stub, UsageProblem
+from fleetctl.views import event_view
 
 __all__ = ["KIND_NAMES", "events", "parse_kinds"]
 

@@ -25,9 +25,9 @@ import typer
 from rich.console import Console
 
 from fleet.errors import ConfigError, FleetError
-from manager.fleetctl.client import Connection, connect, explain_rpc_error, resolve_connection
-from manager.fleetctl.output import OutputFormat
-from manager.fleetctl.settings import FleetctlConfig, load_settings
+from fleetctl.client import Connection, connect, explain_rpc_error, resolve_connection
+from fleetctl.output import OutputFormat
+from fleetctl.settings import FleetctlConfig, load_settings
 
 __all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "Cli", "GlobalOptions", "UsageProblem"]
 

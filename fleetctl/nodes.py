@@ -10,11 +10,11 @@ import typer
 from fleet import selectors
 from fleet.labels import LabelError, validate_label_key, validate_label_value
 from fleet.v1 import fleet_pb2
-from manager.fleetctl.client import Connection
-from manager.fleetctl.output import Column, print_object, print_rows
-from manager.fleetctl.runtime import EXIT_OK, Cli, Stub, UsageProblem
-from manager.fleetctl.timespec import format_age
-from manager.fleetctl.views import node_view
+from fleetctl.client import Connection
+from fleetctl.output import Column, print_object, print_rows
+from fleetctl.runtime import EXIT_OK, Cli, Stub, UsageProblem
+from fleetctl.timespec import format_age
+from fleetctl.views import node_view
 
 __all__ = ["app", "parse_label_changes", "parse_selector"]
 

@@ -20,8 +20,8 @@ from grpc import aio
 from fleet.errors import ConfigError, from_rpc_error
 from fleet.tls import TLSConfig, channel_credentials, channel_options
 from fleet.v1 import fleet_pb2_grpc
-from manager.fleetctl.settings import FleetctlConfig
-from manager.fleetctl.tlsprobe import probe
+from fleetctl.settings import FleetctlConfig
+from fleetctl.tlsprobe import probe
 
 if TYPE_CHECKING:
     from fleet.v1.fleet_pb2_grpc import FleetServiceAsyncStub

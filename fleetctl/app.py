@@ -10,9 +10,9 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from manager.fleetctl import agents, events, metrics, nodes, pki
-from manager.fleetctl.output import OutputFormat
-from manager.fleetctl.runtime import Cli, GlobalOptions
+from fleetctl import agents, events, metrics, nodes, pki
+from fleetctl.output import OutputFormat
+from fleetctl.runtime import Cli, GlobalOptions
 
 __all__ = ["app", "hoist_global_options", "main"]
 

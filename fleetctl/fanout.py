@@ -34,10 +34,10 @@ from rich.progress import (
 from fleet import selectors
 from fleet.errors import from_rpc_error
 from fleet.v1 import common_pb2, fleet_pb2
-from manager.fleetctl.client import Connection
-from manager.fleetctl.nodes import SelectorOpt, parse_selector
-from manager.fleetctl.output import Column, print_object, print_rows
-from manager.fleetctl.runtime import (
+from fleetctl.client import Connection
+from fleetctl.nodes import SelectorOpt, parse_selector
+from fleetctl.output import Column, print_object, print_rows
+from fleetctl.runtime import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_USAGE,
@@ -45,7 +45,7 @@ from manager.fleetctl.runtime import (
     Stub,
     stdin_is_interactive,
 )
-from manager.fleetctl.views import summary_view, target_view
+from fleetctl.views import summary_view, target_view
 
 __all__ = ["Action", "operate", "restart", "start", "stop"]
 
