@@ -1,0 +1,673 @@
+"""Rollout decisions as pure functions of plain values and `now`.
+
+A rollout moves the nodes a definition runs on from what they run to one
+target revision, in batches gated by health. Everything here is a function
+of a `Rollout` record, one `NodeProgress` per node in the rollout's scope,
+what the manager observes of each node's agent (`Observation`) and the
+time; it returns the next record, the changed node records, the nodes to
+move to the target now, and what happened (`Note`s, which the driver turns
+into events). The driver (`rollout_driver`) persists a `Step` in one
+transaction, so a rollout resumes from the database after a crash and no
+node is moved twice.
+
+::
+
+    PENDING ─▶ RUNNING ─(every node done)─▶ SUCCESSFUL
+    RUNNING ─(canary batch done, manual promotion)─▶ AWAITING_PROMOTION
+    AWAITING_PROMOTION ─promote─▶ RUNNING
+    RUNNING ─pause─▶ PAUSED ─resume─▶ RUNNING
+    RUNNING ─(a node failed / no progress / abort)─▶ REVERTING   (auto_revert and a good
+                                                                   earlier revision)
+                                                  └▶ FAILED      (otherwise)
+    REVERTING ─(every node back and healthy)─▶ REVERTED
+    REVERTING ─(a node failed)─▶ FAILED     (never a second revert: no loops)
+    any live state ─(a newer revision applied)─▶ CANCELLED
+
+A node is *done* once it runs the target revision and has been healthy for
+`min_healthy_time`; it has *failed* when its daemon reports that it cannot
+run the revision, or when it is not done `healthy_deadline` after it was
+moved. An offline node neither fails nor blocks: a batch completes without
+it, and it converges when it returns. A revert moves the nodes back in the
+same batches and behind the same health gates, the nodes that failed first,
+so it never stops a healthy instance before the old revision has proved
+healthy on the batch before.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+__all__ = [
+    "LIVE",
+    "TERMINAL",
+    "Amount",
+    "NodePhase",
+    "NodeProgress",
+    "Note",
+    "Observation",
+    "Rollout",
+    "RolloutState",
+    "Step",
+    "UpdatePolicy",
+    "abort",
+    "pause",
+    "promote",
+    "resume",
+    "start",
+    "step",
+    "supersede",
+]
+
+
+class RolloutState(enum.Enum):
+    """Where a rollout is (see the module docstring for the moves)."""
+
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    PAUSED = "PAUSED"
+    AWAITING_PROMOTION = "AWAITING_PROMOTION"
+    SUCCESSFUL = "SUCCESSFUL"
+    FAILED = "FAILED"
+    REVERTING = "REVERTING"
+    REVERTED = "REVERTED"
+    CANCELLED = "CANCELLED"
+
+
+S = RolloutState
+TERMINAL = frozenset({S.SUCCESSFUL, S.FAILED, S.REVERTED, S.CANCELLED})
+"""States a rollout never leaves."""
+LIVE = frozenset(S) - TERMINAL
+"""States in which the driver still evaluates a rollout."""
+
+
+class NodePhase(enum.Enum):
+    """Where one node is in a rollout."""
+
+    PENDING = "PENDING"
+    """Not moved to the target yet."""
+    UPDATING = "UPDATING"
+    """Moved to the target; not yet healthy for min_healthy_time."""
+    DONE = "DONE"
+    """Runs the target and stayed healthy for min_healthy_time (or already ran it)."""
+    FAILED = "FAILED"
+    """Could not run the target, or not healthy within healthy_deadline."""
+
+
+@dataclass(frozen=True)
+class Amount:
+    """A number of nodes, absolute (``5``) or a percentage of the scope (``"25%"``)."""
+
+    value: int
+    """The number, or the percentage (0..100)."""
+    percent: bool = False
+    """True for a percentage."""
+
+    @classmethod
+    def parse(cls, text: str | int, *, what: str) -> Amount:
+        """``3`` / ``"3"`` / ``"25%"``; ValueError naming `what` if malformed or out of range."""
+        raw = str(text).strip()
+        percent = raw.endswith("%")
+        digits = raw[:-1].strip() if percent else raw
+        if not digits.isdigit():
+            raise ValueError(f"{what}: expected a number or a percentage like 25%, got {text!r}")
+        value = int(digits)
+        if percent and value > 100:
+            raise ValueError(f"{what}: a percentage must be at most 100%, got {raw}")
+        return cls(value, percent)
+
+    def of(self, total: int) -> int:
+        """How many of `total` nodes: a percentage rounds up, and is at least 1 if not 0%."""
+        if not self.percent:
+            return self.value
+        if self.value == 0 or total <= 0:
+            return 0
+        return max(1, math.ceil(total * self.value / 100))
+
+    def __str__(self) -> str:
+        return f"{self.value}%" if self.percent else str(self.value)
+
+
+@dataclass(frozen=True)
+class UpdatePolicy:
+    """How a new revision rolls out (a definition's `update` table). Durations in seconds."""
+
+    max_parallel: Amount = Amount(25, percent=True)
+    """Nodes moved per batch."""
+    canary: Amount = Amount(0)
+    """Nodes in a first batch that must succeed before the rest (0: no canary batch)."""
+    auto_promote: bool = False
+    """Continue after the canary batch by itself; otherwise wait for `rollout promote`."""
+    min_healthy_time: float = 10.0
+    """A node counts as done after staying healthy this long on the new revision."""
+    healthy_deadline: float = 300.0
+    """A node not done this long after it was moved has failed."""
+    progress_deadline: float = 600.0
+    """The rollout fails if no node becomes done for this long while it waits on one."""
+    auto_revert: bool = False
+    """On failure, move every node back to the last revision that succeeded."""
+    pause_between_batches: float = 0.0
+    """Wait this long after a batch completes before the next one."""
+
+    def problems(self) -> list[tuple[str, str]]:
+        """(field, what is wrong) for each invalid setting; empty when valid."""
+        out: list[tuple[str, str]] = []
+        if self.max_parallel.value == 0:
+            out.append(("max_parallel", "must move at least one node per batch"))
+        for name in ("min_healthy_time", "healthy_deadline", "progress_deadline"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value >= 0):
+                out.append((name, f"must be a finite number of seconds >= 0, got {value}"))
+        if not (math.isfinite(self.pause_between_batches) and self.pause_between_batches >= 0):
+            out.append(("pause_between_batches", "must be a finite number of seconds >= 0"))
+        if not out and self.healthy_deadline <= self.min_healthy_time:
+            out.append(
+                (
+                    "healthy_deadline",
+                    f"must be longer than min_healthy_time ({self.min_healthy_time:g}s),"
+                    f" got {self.healthy_deadline:g}s",
+                )
+            )
+        if not out and self.progress_deadline < self.healthy_deadline:
+            out.append(
+                (
+                    "progress_deadline",
+                    f"must be at least healthy_deadline ({self.healthy_deadline:g}s),"
+                    f" got {self.progress_deadline:g}s",
+                )
+            )
+        return out
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """A rollout's record: everything the decisions need besides the nodes."""
+
+    name: str
+    """The definition being rolled out."""
+    target: int
+    """The revision the nodes are moved to (while reverting: the revision moved back to)."""
+    previous: int
+    """The last revision that succeeded before this rollout (the revert target); 0: none."""
+    policy: UpdatePolicy
+    """The update policy of the target revision."""
+    state: RolloutState = RolloutState.PENDING
+    """Where the rollout is."""
+    batch: int = -1
+    """The current batch (0 is the canary batch when there is one); -1 before the first."""
+    batch_done_at: float | None = None
+    """When the current batch completed (for the pause between batches); None while in flight."""
+    progress_at: float = 0.0
+    """The last progress: start, a node done, resume, promote."""
+    reverted_from: int = 0
+    """While reverting (and once reverted): the revision that failed; 0 otherwise."""
+    reason: str = ""
+    """Why the rollout is in its state (for FAILED, REVERTING, REVERTED, CANCELLED, PAUSED)."""
+    paused_from: RolloutState | None = None
+    """While PAUSED: the state `resume` returns to."""
+    promoted: bool = False
+    """The canary batch was promoted (by an operator, or by `auto_promote`)."""
+
+    @property
+    def reverting(self) -> bool:
+        """True while (or after) moving nodes back to the previous revision."""
+        return self.reverted_from != 0
+
+
+@dataclass(frozen=True)
+class NodeProgress:
+    """One node's record in a rollout."""
+
+    phase: NodePhase = NodePhase.PENDING
+    """Where the node is."""
+    batch: int = -1
+    """The batch that moved it (-1: not moved by this rollout)."""
+    since: float = 0.0
+    """When it entered its phase (for UPDATING: when it was moved, or came back online)."""
+    offline: bool = False
+    """UPDATING while its node is offline: neither failing nor blocking its batch."""
+    reason: str = ""
+    """Why it failed."""
+
+
+@dataclass(frozen=True)
+class Observation:
+    """What the manager knows right now about the definition's agent on one node."""
+
+    online: bool
+    """The node is online."""
+    assigned: int
+    """The revision the manager currently assigns the node (0: none)."""
+    running: int
+    """The revision the node's agent runs, as its daemon reported (0: none or unknown)."""
+    healthy_since: float | None = None
+    """Running `running` and healthy without a break since then; None if not healthy."""
+    error: str = ""
+    """Why the node cannot run `assigned` (refused, artifact, spawn failure); empty if none."""
+    detail: str = ""
+    """The agent's state in words ("BACKOFF: exited with code 1"), for failure reasons."""
+
+
+@dataclass(frozen=True)
+class Note:
+    """Something that happened, for the event feed (kind as in the event names)."""
+
+    kind: str
+    """rollout-started, rollout-batch, rollout-node-failed, rollout-awaiting-promotion,
+    rollout-succeeded, rollout-failed, rollout-reverting, rollout-reverted,
+    rollout-paused, rollout-resumed, rollout-promoted, rollout-cancelled."""
+    message: str
+    """One line for people."""
+    attributes: Mapping[str, str] = field(default_factory=dict)
+    """Details for programs."""
+    node_id: str = ""
+    """The node it is about, if one."""
+
+
+@dataclass(frozen=True)
+class Step:
+    """The outcome of one evaluation: persist it in one transaction, then act on it."""
+
+    rollout: Rollout
+    """The rollout's new record."""
+    nodes: Mapping[str, NodeProgress]
+    """Node records that changed (or are new)."""
+    assign: tuple[str, ...] = ()
+    """Nodes to move to `rollout.target` now."""
+    notes: tuple[Note, ...] = ()
+    """What happened, in order."""
+    wake_at: float | None = None
+    """Evaluate again no later than this, even if nothing is observed to change."""
+
+
+# --- operator actions -------------------------------------------------------------------
+
+
+def start(
+    name: str, target: int, previous: int, policy: UpdatePolicy, now: float
+) -> tuple[Rollout, Note]:
+    """A new rollout of `target` (PENDING until its first `step`)."""
+    rollout = Rollout(name, target, previous, policy, progress_at=now)
+    since = f" from revision {previous}" if previous else ""
+    return rollout, Note(
+        "rollout-started",
+        f"{name}: rolling out revision {target}{since} ({_policy_words(policy)})",
+        {"revision": str(target), "previous": str(previous)},
+    )
+
+
+def pause(r: Rollout, now: float, actor: str) -> tuple[Rollout, Note]:
+    """Hold a running rollout: no new batch starts; nodes already moved are still judged."""
+    if r.state not in (S.RUNNING, S.REVERTING, S.PENDING):
+        raise ValueError(f"{r.name}: cannot pause a rollout that is {r.state.value}")
+    reason = f"paused by {actor}"
+    paused = dataclasses.replace(r, state=S.PAUSED, paused_from=r.state, reason=reason)
+    return paused, Note("rollout-paused", f"{r.name}: revision {r.target} {reason}")
+
+
+def resume(r: Rollout, now: float, actor: str) -> tuple[Rollout, Note]:
+    """Continue a paused rollout; the progress deadline counts from now."""
+    if r.state is not S.PAUSED:
+        raise ValueError(f"{r.name}: only a PAUSED rollout can be resumed; it is {r.state.value}")
+    back = r.paused_from or S.RUNNING
+    resumed = dataclasses.replace(r, state=back, paused_from=None, progress_at=now, reason="")
+    return resumed, Note("rollout-resumed", f"{r.name}: revision {r.target} resumed by {actor}")
+
+
+def promote(r: Rollout, now: float, actor: str) -> tuple[Rollout, Note]:
+    """Let a rollout continue past its canary batch."""
+    if r.state is not S.AWAITING_PROMOTION:
+        raise ValueError(
+            f"{r.name}: only a rollout AWAITING_PROMOTION can be promoted; it is {r.state.value}"
+        )
+    promoted = dataclasses.replace(r, state=S.RUNNING, progress_at=now, reason="", promoted=True)
+    return promoted, Note(
+        "rollout-promoted", f"{r.name}: canaries of revision {r.target} promoted by {actor}"
+    )
+
+
+def abort(
+    r: Rollout,
+    progress: Mapping[str, NodeProgress],
+    observed: Mapping[str, Observation],
+    now: float,
+    actor: str,
+) -> Step:
+    """Fail a live rollout now, as if a node had failed (auto_revert applies)."""
+    if r.state in TERMINAL:
+        raise ValueError(f"{r.name}: the rollout already ended ({r.state.value})")
+    current = {n: _admit(r, progress.get(n), obs, now) for n, obs in observed.items()}
+    return _failed_step(r, current, {}, [], observed, now, f"aborted by {actor}")
+
+
+def supersede(r: Rollout, revision: int, now: float) -> tuple[Rollout, Note]:
+    """A newer revision was applied: this rollout ends CANCELLED; nodes stay where they are."""
+    reason = f"superseded by revision {revision}"
+    cancelled = dataclasses.replace(r, state=S.CANCELLED, reason=reason, paused_from=None)
+    return cancelled, Note(
+        "rollout-cancelled",
+        f"{r.name}: rollout of revision {r.target} {reason}",
+        {"revision": str(r.target), "superseded_by": str(revision)},
+    )
+
+
+# --- the evaluation ---------------------------------------------------------------------
+
+
+def step(
+    r: Rollout,
+    progress: Mapping[str, NodeProgress],
+    observed: Mapping[str, Observation],
+    now: float,
+) -> Step:
+    """Judge every node, then fail, finish, wait or start the next batch.
+
+    `observed` has one entry per node in the rollout's scope (the nodes the
+    definition runs on now); `progress` the stored records, some of which
+    may be missing (a node that joined the scope). Records of nodes that
+    left the scope are ignored.
+    """
+    if r.state in TERMINAL:
+        return Step(r, {})
+    changed: dict[str, NodeProgress] = {}
+    notes: list[Note] = []
+    current = {n: _admit(r, progress.get(n), obs, now) for n, obs in observed.items()}
+    for n, rec in current.items():
+        if rec != progress.get(n):
+            changed[n] = rec
+    if r.state is S.PENDING:
+        r = dataclasses.replace(r, state=S.REVERTING if r.reverting else S.RUNNING)
+
+    # 1. Judge the nodes this rollout moved.
+    failures: list[tuple[str, str]] = []
+    for n in sorted(current):
+        rec = current[n]
+        if rec.phase is not NodePhase.UPDATING:
+            continue
+        judged = _judge(r, rec, observed[n], now)
+        if judged != rec:
+            current[n] = changed[n] = judged
+            if judged.phase is NodePhase.DONE:
+                r = dataclasses.replace(r, progress_at=now)
+            elif judged.phase is NodePhase.FAILED:
+                failures.append((n, judged.reason))
+                notes.append(
+                    Note(
+                        "rollout-node-failed",
+                        f"{r.name}: revision {r.target} failed on {n}: {judged.reason}",
+                        {"revision": str(r.target), "reason": judged.reason},
+                        node_id=n,
+                    )
+                )
+
+    # 2. A failure, or no progress for too long, fails the rollout.
+    if failures:
+        node, why = failures[0]
+        more = f" (and {len(failures) - 1} more)" if len(failures) > 1 else ""
+        reason = f"revision {r.target} failed on {node}{more}: {why}"
+        return _failed_step(r, current, changed, notes, observed, now, reason)
+    waiting = [
+        n for n, rec in current.items() if rec.phase is NodePhase.UPDATING and not rec.offline
+    ]
+    if (
+        r.state in (S.RUNNING, S.REVERTING)
+        and waiting
+        and now - r.progress_at >= r.policy.progress_deadline
+    ):
+        reason = (
+            f"no progress for {_seconds(r.policy.progress_deadline)} (progress_deadline);"
+            f" still waiting on {_names(waiting)}"
+        )
+        return _failed_step(r, current, changed, notes, observed, now, reason)
+
+    # 3. Waiting: paused, awaiting promotion, or a batch in flight.
+    wake = _next_deadline(r, current, observed)
+    if r.state in (S.PAUSED, S.AWAITING_PROMOTION) or waiting:
+        return Step(r, changed, (), tuple(notes), wake)
+
+    # 4. The canary batch is done: promote by policy, or wait for an operator (even when
+    # every other node is offline: they must not get the revision without a promotion).
+    remaining = any(rec.phase is NodePhase.PENDING for rec in current.values())
+    if r.batch == 0 and not r.promoted and remaining:
+        if not r.policy.auto_promote:
+            r = dataclasses.replace(r, state=S.AWAITING_PROMOTION, reason="canaries healthy")
+            notes.append(
+                Note(
+                    "rollout-awaiting-promotion",
+                    f"{r.name}: canaries of revision {r.target} are healthy;"
+                    f" run `fleetctl rollout promote {r.name}` to continue",
+                )
+            )
+            return Step(r, changed, (), tuple(notes), None)
+        r = dataclasses.replace(r, promoted=True)
+        notes.append(
+            Note(
+                "rollout-promoted",
+                f"{r.name}: canaries of revision {r.target} promoted automatically",
+            )
+        )
+    pending = _pending(current, observed)
+    if not pending:
+        return _finished_step(r, current, changed, notes, observed)
+
+    # 5. The pause between batches.
+    if r.batch >= 0 and r.policy.pause_between_batches > 0:
+        done_at = now if r.batch_done_at is None else r.batch_done_at
+        r = dataclasses.replace(r, batch_done_at=done_at)
+        resume_at = done_at + r.policy.pause_between_batches
+        if now < resume_at:
+            return Step(r, changed, (), tuple(notes), resume_at)
+
+    # 6. The next batch.
+    scope = len(observed)
+    canaries = 0 if r.reverting else r.policy.canary.of(scope)
+    if r.batch < 0 and canaries:
+        batch_no, size = 0, canaries
+    else:
+        batch_no, size = max(r.batch + 1, 1), r.policy.max_parallel.of(scope)
+    chosen = _order(pending, observed, reverting=r.reverting)[: max(1, size)]
+    for n in chosen:
+        current[n] = changed[n] = NodeProgress(NodePhase.UPDATING, batch_no, now)
+    r = dataclasses.replace(r, batch=batch_no, batch_done_at=None, progress_at=now)
+    what = "canary batch" if batch_no == 0 else f"batch {batch_no}"
+    verb = "moving back to" if r.reverting else "updating to"
+    notes.append(
+        Note(
+            "rollout-batch",
+            f"{r.name}: {what}: {verb} revision {r.target}: {_names(chosen)}",
+            {"batch": str(batch_no), "revision": str(r.target), "nodes": ",".join(chosen)},
+        )
+    )
+    return Step(r, changed, tuple(chosen), tuple(notes), _next_deadline(r, current, observed))
+
+
+# --- helpers ----------------------------------------------------------------------------
+
+
+def _admit(r: Rollout, rec: NodeProgress | None, obs: Observation, now: float) -> NodeProgress:
+    """The record of a node: stored, or new for a node that joined the scope."""
+    if rec is not None:
+        return rec
+    if obs.assigned == r.target:
+        return NodeProgress(NodePhase.DONE, -1, now)  # not moved by this rollout
+    return NodeProgress(NodePhase.PENDING, -1, now)
+
+
+def _judge(r: Rollout, rec: NodeProgress, obs: Observation, now: float) -> NodeProgress:
+    """An UPDATING node: done, failed, or still updating (offline: on hold)."""
+    p = r.policy
+    if obs.error:
+        return dataclasses.replace(rec, phase=NodePhase.FAILED, since=now, reason=obs.error)
+    if not obs.online:
+        return rec if rec.offline else dataclasses.replace(rec, offline=True)
+    if rec.offline:  # back online: its health deadline counts from now
+        return dataclasses.replace(rec, offline=False, since=now)
+    healthy = obs.running == r.target and obs.healthy_since is not None
+    if healthy and obs.healthy_since is not None and now - obs.healthy_since >= p.min_healthy_time:
+        return dataclasses.replace(rec, phase=NodePhase.DONE, since=now)
+    if now - rec.since >= p.healthy_deadline:
+        if obs.running != r.target:
+            runs = f"revision {obs.running}" if obs.running else "nothing"
+            state = f"it still runs {runs}"
+        elif obs.healthy_since is None:
+            state = "it is not healthy"
+        else:
+            state = f"healthy only since {_seconds(now - obs.healthy_since)} ago"
+        detail = f" ({obs.detail})" if obs.detail else ""
+        reason = f"not healthy within {_seconds(p.healthy_deadline)}: {state}{detail}"
+        return dataclasses.replace(rec, phase=NodePhase.FAILED, since=now, reason=reason)
+    return rec
+
+
+def _pending(current: Mapping[str, NodeProgress], observed: Mapping[str, Observation]) -> list[str]:
+    """Nodes still to move that can be moved now (online)."""
+    return [
+        n for n, rec in current.items() if rec.phase is NodePhase.PENDING and observed[n].online
+    ]
+
+
+def _order(
+    nodes: Iterable[str], observed: Mapping[str, Observation], *, reverting: bool
+) -> list[str]:
+    """Batch order: by node id; a revert takes the nodes that are worst off first
+    (an error reported, then not healthy, then the healthy ones)."""
+    if not reverting:
+        return sorted(nodes)
+    return sorted(
+        nodes, key=lambda n: (not observed[n].error, observed[n].healthy_since is not None, n)
+    )
+
+
+def _next_deadline(
+    r: Rollout, current: Mapping[str, NodeProgress], observed: Mapping[str, Observation]
+) -> float | None:
+    """The earliest moment a time-based decision can change."""
+    p = r.policy
+    times: list[float] = []
+    waiting = False
+    for n, rec in current.items():
+        if rec.phase is not NodePhase.UPDATING or rec.offline:
+            continue
+        waiting = True
+        times.append(rec.since + p.healthy_deadline)
+        obs = observed[n]
+        if obs.running == r.target and obs.healthy_since is not None:
+            times.append(obs.healthy_since + p.min_healthy_time)
+    if waiting and r.state in (S.RUNNING, S.REVERTING):
+        times.append(r.progress_at + p.progress_deadline)
+    return min(times) if times else None
+
+
+def _failed_step(
+    r: Rollout,
+    current: Mapping[str, NodeProgress],
+    changed: dict[str, NodeProgress],
+    notes: list[Note],
+    observed: Mapping[str, Observation],
+    now: float,
+    reason: str,
+) -> Step:
+    """The rollout failed: revert if the policy says so and there is something to go back to."""
+    p = r.policy
+    if r.reverting:
+        reason = f"reverting to revision {r.target} failed: {reason}; stopped, no further revert"
+    elif p.auto_revert and not r.previous:
+        reason += "; no earlier revision succeeded, so there is nothing to revert to"
+    if r.reverting or not p.auto_revert or not r.previous:
+        failed = dataclasses.replace(r, state=S.FAILED, paused_from=None, reason=reason)
+        notes.append(Note("rollout-failed", f"{r.name}: {reason}", {"revision": str(r.target)}))
+        return Step(failed, changed, (), tuple(notes), None)
+    # Revert: every node not on the previous revision goes back, in batches, the worst first.
+    reverting = Rollout(
+        name=r.name,
+        target=r.previous,
+        previous=r.previous,
+        policy=p,
+        state=S.REVERTING,
+        progress_at=now,
+        reverted_from=r.target,
+        reason=reason,
+    )
+    back: dict[str, NodeProgress] = {}
+    for n in current:
+        on_previous = observed[n].assigned == r.previous
+        back[n] = NodeProgress(NodePhase.DONE if on_previous else NodePhase.PENDING, -1, now)
+    notes.append(Note("rollout-failed", f"{r.name}: {reason}", {"revision": str(r.target)}))
+    notes.append(
+        Note(
+            "rollout-reverting",
+            f"{r.name}: reverting to revision {r.previous} (auto_revert)",
+            {"revision": str(r.previous), "failed_revision": str(r.target)},
+        )
+    )
+    first = step(reverting, back, observed, now)
+    changed.update(back)
+    changed.update(first.nodes)
+    return Step(first.rollout, changed, first.assign, (*notes, *first.notes), first.wake_at)
+
+
+def _finished_step(
+    r: Rollout,
+    current: Mapping[str, NodeProgress],
+    changed: dict[str, NodeProgress],
+    notes: list[Note],
+    observed: Mapping[str, Observation],
+) -> Step:
+    offline = sorted(
+        n
+        for n, rec in current.items()
+        if (rec.phase is NodePhase.PENDING and not observed[n].online) or rec.offline
+    )
+    later = (
+        f"; {len(offline)} offline node(s) will converge when they return: {_names(offline)}"
+        if offline
+        else ""
+    )
+    if r.reverting:
+        done = dataclasses.replace(
+            r, state=S.REVERTED, reason=f"{r.reason}; reverted to revision {r.target}{later}"
+        )
+        notes.append(
+            Note(
+                "rollout-reverted",
+                f"{r.name}: back on revision {r.target} after revision {r.reverted_from}"
+                f" failed{later}",
+                {"revision": str(r.target), "failed_revision": str(r.reverted_from)},
+            )
+        )
+    else:
+        done = dataclasses.replace(r, state=S.SUCCESSFUL, reason=later.removeprefix("; "))
+        notes.append(
+            Note(
+                "rollout-succeeded",
+                f"{r.name}: revision {r.target} rolled out to {len(current) - len(offline)}"
+                f" node(s){later}",
+                {"revision": str(r.target), "offline": ",".join(offline)},
+            )
+        )
+    return Step(done, changed, (), tuple(notes), None)
+
+
+def _names(nodes: Iterable[str], limit: int = 5) -> str:
+    items = sorted(nodes)
+    shown = ", ".join(items[:limit])
+    return shown + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def _seconds(value: float) -> str:
+    if value >= 120 and value % 60 == 0:
+        return f"{value / 60:g}m"
+    return f"{value:g}s"
+
+
+def _policy_words(p: UpdatePolicy) -> str:
+    parts = [f"max_parallel {p.max_parallel}"]
+    if p.canary.value:
+        parts.append(f"canary {p.canary}" + (" auto-promoted" if p.auto_promote else ""))
+    parts.append(f"min_healthy_time {_seconds(p.min_healthy_time)}")
+    if p.auto_revert:
+        parts.append("auto_revert")
+    return ", ".join(parts)
