@@ -219,6 +219,17 @@ async def test_fan_out_that_matches_nothing_is_not_found(pki: Any, tmp_path: Pat
         assert "'wbe'" in (err.details() or "")
 
 
+async def test_fan_out_error_quotes_the_selector_as_written(pki: Any, tmp_path: Path) -> None:
+    """The manager's answer shows each operator as the operator wrote it, not a synonym."""
+    async with fleet_env(pki, tmp_path) as env:
+        await env.add_nodes("n1", labels={**PROD, "zone": ""})
+        err = await rpc_error(
+            operate(env.stub, selector=selector("zone notin (),env==prod"), agent_id="web")
+        )
+        assert err.code() == grpc.StatusCode.NOT_FOUND
+        assert "matches selector 'env==prod,zone notin ()'" in (err.details() or "")
+
+
 async def test_operate_agent_through_the_pool(pki: Any, tmp_path: Path) -> None:
     """OperateAgent stops one agent and answers its new state; errors are named codes."""
     async with fleet_env(pki, tmp_path) as env:
