@@ -3,7 +3,8 @@
 The manager is the real `ManagerServer` on 127.0.0.1:0 with mTLS and an
 SQLite file, running its own event loop in a thread, because fleetctl runs
 `asyncio.run` itself as the command does. Nodes register and report metrics
-through the real ManagerService, as daemons do.
+through the real ManagerService, as daemons do, or are real `DaemonServer`s
+(`start_daemon`) supervising real processes.
 """
 
 from __future__ import annotations
@@ -12,14 +13,17 @@ import asyncio
 import dataclasses
 import threading
 from collections.abc import Coroutine, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from daemon_helpers import agent, daemon_config, eventually, short_tmp
 from manager_harness import FakeClock, manager_config, node_stub, registration, running_manager
 from typer.testing import CliRunner, Result
 
+from daemon.config import ManagerLinkConfig
+from daemon.server import DaemonServer
 from fleet.tls import TLSConfig
 from fleet.v1 import common_pb2, manager_pb2
 from fleetctl.app import app
@@ -41,6 +45,8 @@ class LiveFleet:
     pki: Any
     operator: TLSConfig
     home: Path
+    _stack: ExitStack
+    daemons: list[DaemonServer] = dataclasses.field(default_factory=list)
     _sequence: int = 0
 
     @property
@@ -73,6 +79,24 @@ class LiveFleet:
                 await stub.ReportMetrics(request, timeout=10)
 
         self.run(go())
+
+    def start_daemon(self, node_id: str, *agent_ids: str) -> DaemonServer:
+        """A real fleet-daemon for `node_id` supervising `sleep` agents, registered here."""
+        root = self._stack.enter_context(short_tmp())
+        link = ManagerLinkConfig(addresses=(self.address,), metrics_interval_seconds=3600)
+        agents = tuple(agent(a, "sleep", "1000") for a in agent_ids)
+        cfg = daemon_config(
+            root, self.pki.issue("node", node_id), agents, manager=link, stop_agents_on_exit=True
+        )
+        daemon = DaemonServer(cfg)
+
+        async def go() -> None:
+            await daemon.start()
+            await eventually(lambda: self.manager.nodes.get(node_id), lambda n: n is not None)
+
+        self.run(go())
+        self.daemons.append(daemon)
+        return daemon
 
     def fleetctl(self, *args: str, env: dict[str, str | None] | None = None) -> Result:
         """`fleetctl --manager ... --ca ... --cert ... --key ... ARGS`, isolated from the user."""
@@ -116,10 +140,14 @@ def live_fleet(pki: Any, tmp_path: Path, *, pool: PoolConfig = FAST_POOL) -> Ite
     ready.wait(30)
     if "error" in state:
         raise state["error"]
-    try:
-        yield LiveFleet(
-            state["manager"], state["loop"], pki, pki.issue("operator", "alice"), tmp_path
+    with ExitStack() as stack:
+        live = LiveFleet(
+            state["manager"], state["loop"], pki, pki.issue("operator", "alice"), tmp_path, stack
         )
-    finally:
-        state["loop"].call_soon_threadsafe(state["stop"].set)
-        thread.join(30)
+        try:
+            yield live
+        finally:
+            for daemon in live.daemons:
+                live.run(daemon.stop(1.0))
+            state["loop"].call_soon_threadsafe(state["stop"].set)
+            thread.join(30)

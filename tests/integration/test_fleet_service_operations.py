@@ -33,7 +33,7 @@ async def test_fan_out_with_one_daemon_down_fails_that_target_only(
         assert outcomes(results) == {"n1": "OK", "n2": "OK", "n3": "FAILED", "n4": "OK"}
         failed = next(r for r in results if r.node_id == "n3")
         assert "n3" in failed.message
-        assert "cannot be reached" in failed.message
+        assert "refused the connection (is fleet-daemon running there?)" in failed.message
         assert (summary.total, summary.ok, summary.failed, summary.skipped) == (4, 3, 1, 0)
         for name in ("n1", "n2", "n4"):
             assert env.fleet[name].servicer.operations == [("OperateAgent", "web", "RESTART")]
@@ -257,7 +257,10 @@ async def test_operate_agent_through_the_pool(pki: Any, tmp_path: Path) -> None:
         await env.fleet["n2"].stop()
         err = await rpc_error(env.stub.OperateAgent(req("n2")))
         assert err.code() == grpc.StatusCode.UNAVAILABLE
-        assert "daemon of n2" in (err.details() or "")
+        assert err.details() == (
+            f"n2: daemon at {env.fleet['n2'].address} refused the connection"
+            " (is fleet-daemon running there?)"
+        )
         entries = await AuditRepository(env.manager.db).list_recent()
         assert [e.outcome for e in entries] == ["failed", "failed", "ok"]
 
