@@ -331,6 +331,24 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
             step_seconds=step,
         )
 
+    async def ListMetricTypes(
+        self, request: fleet_pb2.FleetServiceListMetricTypesRequest, context: _Context
+    ) -> fleet_pb2.FleetServiceListMetricTypesResponse:
+        self._operator(context)
+        types = await self._q.metric_types(request.node_id)
+        return fleet_pb2.FleetServiceListMetricTypesResponse(
+            types=[
+                fleet_pb2.MetricTypeInfo(
+                    type=t.type,
+                    names=t.names,
+                    agent_ids=t.agent_ids,
+                    host=t.host,
+                    newest_timestamp=t.newest_ms,
+                )
+                for t in types
+            ]
+        )
+
     async def GetAgentMetrics(
         self, request: fleet_pb2.FleetServiceGetAgentMetricsRequest, context: _Context
     ) -> fleet_pb2.FleetServiceGetAgentMetricsResponse:

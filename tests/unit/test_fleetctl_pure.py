@@ -10,8 +10,8 @@ from cryptography import x509
 from fleet.pki import CertificateAuthority
 from fleetctl.agents import last_lines, split_agent_ref
 from fleetctl.app import hoist_global_options
+from fleetctl.chart import bucket_values, format_number
 from fleetctl.events import DEFAULT_TAIL, start_tail
-from fleetctl.metrics import bucket_values, format_number
 from fleetctl.nodes import parse_label_changes
 from fleetctl.output import sparkline
 from fleetctl.runtime import UsageProblem
