@@ -36,7 +36,14 @@ from fleet.interceptors import ErrorMappingInterceptor
 from fleet.service import add_health_and_reflection, start_metrics_http_server
 from fleet.systemd import SystemdNotifier
 from fleet.tls import server_credentials
-from fleet.v1 import agent_pb2_grpc, common_pb2, daemon_pb2_grpc, manager_pb2
+from fleet.v1 import (
+    agent_pb2,
+    agent_pb2_grpc,
+    common_pb2,
+    daemon_pb2,
+    daemon_pb2_grpc,
+    manager_pb2,
+)
 
 if TYPE_CHECKING:
     from daemon.metrics import MetricSources
@@ -47,6 +54,8 @@ log = logging.getLogger(__name__)
 
 AGENT_SOCKET_NAME = "agent.sock"
 """The agent socket inside run_dir (what FLEET_DAEMON_SOCKET points at)."""
+DAEMON_SERVICE_NAME = daemon_pb2.DESCRIPTOR.services_by_name["DaemonService"].full_name
+AGENT_SERVICE_NAME = agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
 
 # The manager's pooled client pings every ~10 s; a server refuses (GOAWAY
 # too_many_pings) pings more frequent than its minimum, 5 min by default.
@@ -93,6 +102,7 @@ class DaemonServer:
         self._stop_metrics: Callable[[], None] | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._health: Any = None
+        self._agent_health: Any = None
         run_dir = cfg.run_dir
         self.socket_path = run_dir / AGENT_SOCKET_NAME
         self._private_dir = run_dir / "private"
@@ -192,6 +202,9 @@ class DaemonServer:
             ),
             self._agent_grpc,
         )
+        # Health and reflection tell nothing about agents; any process that may
+        # open the socket may ask them, as on the daemon's TCP port.
+        self._agent_health = add_health_and_reflection(self._agent_grpc, [AGENT_SERVICE_NAME])
         upstream = self.proxy.upstream_path
         with contextlib.suppress(FileNotFoundError):
             upstream.unlink()
@@ -211,7 +224,7 @@ class DaemonServer:
             ),
             self._grpc,
         )
-        self._health = add_health_and_reflection(self._grpc, ["fleet.v1.DaemonService"])
+        self._health = add_health_and_reflection(self._grpc, [DAEMON_SERVICE_NAME])
         try:
             creds = server_credentials(self.cfg.tls)
             self.port = self._grpc.add_secure_port(self.cfg.listen, creds)
@@ -273,8 +286,9 @@ class DaemonServer:
             self._watchdog.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watchdog
-        if self._health is not None:
-            await self._health.enter_graceful_shutdown()
+        for health in (self._health, self._agent_health):
+            if health is not None:
+                await health.enter_graceful_shutdown()
         await self.link.stop()
         log.debug("stop: manager link closed")
         if self._grpc is not None:

@@ -9,7 +9,7 @@ from typing import Annotated, Any, BinaryIO
 import typer
 
 from fleet import selectors
-from fleet.errors import NotFound
+from fleet.errors import NotFound, Resource
 from fleet.v1 import fleet_pb2
 from fleetctl import fanout
 from fleetctl.client import Connection
@@ -113,12 +113,17 @@ def list_agents(
             print_object(cli.out, cli.fmt, {"agents": rows, "errors": errors}, [])
         else:
             print_rows(cli.out, cli.fmt, rows, _columns(int(time.time() * 1000)))
-            for e in errors:
-                reason = str(e["message"]).removeprefix(f"{e['node_id']}: ")
-                cli.warn(f"node {e['node_id']}: could not list agents: {reason}")
+            for e in reply.errors:
+                cli.warn(_could_not_list(e))
         return EXIT_FAILED if errors else EXIT_OK
 
     cli.call(body)
+
+
+def _could_not_list(error: fleet_pb2.TargetError) -> str:
+    """One line for a daemon the manager could not ask (its message starts with the node)."""
+    reason = error.message.removeprefix(f"{error.node_id}: ")
+    return f"node {error.node_id}: could not list agents: {reason}"
 
 
 def _conflict() -> None:
@@ -159,10 +164,13 @@ def show_agent(
             fleet_pb2.FleetServiceListAgentsRequest(node_id=node, live=live), timeout=conn.timeout
         )
         for e in reply.errors:
-            cli.warn(f"node {e.node_id}: {e.message}")
+            cli.warn(_could_not_list(e))
         found = [a for a in reply.agents if a.agent.id == agent]
         if not found:
-            raise NotFound(f"agent {agent!r} not found on node {node!r}")
+            raise NotFound(
+                f"node {node!r} has no agent {agent!r}",
+                resource=Resource("agent", agent, node=node),
+            )
         print_object(cli.out, cli.fmt, agent_view(node, found[0].agent), _FIELDS)
         return EXIT_OK
 

@@ -7,6 +7,7 @@ shapes are fleetctl's documented output (docs/fleetctl.md): keep them stable.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from fleet.v1 import common_pb2, fleet_pb2
@@ -16,8 +17,9 @@ __all__ = [
     "agent_view",
     "enum_name",
     "event_view",
+    "metric_type_view",
     "node_view",
-    "series_view",
+    "points_view",
     "summary_view",
     "target_view",
 ]
@@ -123,12 +125,22 @@ def event_view(event: fleet_pb2.Event) -> dict[str, Any]:
     }
 
 
-def series_view(series: fleet_pb2.MetricSeries) -> dict[str, Any]:
-    """One metric series with its points (bucket start, value)."""
+def points_view(name: str, points: Sequence[tuple[int, float]]) -> dict[str, Any]:
+    """One metric series with its points (bucket start ms, value)."""
     return {
-        "name": series.name,
-        "points": [
-            {"timestamp": format_time(p.timestamp), "timestamp_ms": p.timestamp, "value": p.value}
-            for p in series.points
-        ],
+        "name": name,
+        "points": [{"timestamp": format_time(t), "timestamp_ms": t, "value": v} for t, v in points],
+    }
+
+
+def metric_type_view(info: fleet_pb2.MetricTypeInfo) -> dict[str, Any]:
+    """One metric type a node reported; `reported_by` lists "host" and the agents."""
+    return {
+        "type": info.type,
+        "names": list(info.names),
+        "host": info.host,
+        "agent_ids": list(info.agent_ids),
+        "reported_by": (["host"] if info.host else []) + list(info.agent_ids),
+        "newest": format_time(info.newest_timestamp),
+        "newest_ms": info.newest_timestamp,
     }

@@ -173,8 +173,8 @@ say "fleetctl agents restart worker -l tier=demo --max-concurrency 1 --yes"
 fleetctl agents restart worker -l tier=demo --max-concurrency 1 --yes
 say "fleetctl metrics query --node node-1 --type cpu --since 2m --step 5s"
 fleetctl metrics query --node node-1 --type cpu --since 2m --step 5s
-say "fleetctl events (last 10)"
-fleetctl events | tail -n 10
+say "fleetctl events --tail 10"
+fleetctl events --tail 10
 
 if [[ ${DEMO_ONESHOT:-0} == 1 ]]; then
     say "tour done (DEMO_ONESHOT=1)"

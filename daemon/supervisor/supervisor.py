@@ -36,7 +36,7 @@ from daemon.supervisor.persistence import PersistedAgent, StateStore
 from daemon.supervisor.process import adopt, find_orphans
 from daemon.supervisor.spec import AgentSpec, SpecError, validate_here
 from daemon.supervisor.states import AgentStatus
-from fleet.errors import FailedPrecondition, InvalidArgument, NotFound
+from fleet.errors import FailedPrecondition, InvalidArgument, NotFound, Resource
 
 __all__ = ["AgentSnapshot", "ApplyResult", "LogChunk", "Supervisor"]
 
@@ -219,7 +219,10 @@ class Supervisor:
         try:
             return self._agents[agent_id]
         except KeyError:
-            raise NotFound(f"agent {agent_id!r} is not supervised on this node") from None
+            raise NotFound(
+                f"agent {agent_id!r} is not supervised on this node",
+                resource=Resource("agent", agent_id),
+            ) from None
 
     # --- operations ---------------------------------------------------------------
 

@@ -147,9 +147,13 @@ class _SelectorOperatorEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Sele
     DESCRIPTOR: _descriptor.EnumDescriptor
     SELECTOR_OPERATOR_UNSPECIFIED: _SelectorOperator.ValueType  # 0
     SELECTOR_OPERATOR_IN: _SelectorOperator.ValueType  # 1
-    """The label is present and its value is one of `values`."""
+    """`k in (a,b)`: the label is present and its value is one of `values`
+    (one or more; `in ()` is the one empty value).
+    """
     SELECTOR_OPERATOR_NOT_IN: _SelectorOperator.ValueType  # 2
-    """The label is absent, or its value is none of `values`."""
+    """`k notin (a,b)`: the label is absent, or its value is none of `values`
+    (one or more; `notin ()` is the one empty value).
+    """
     SELECTOR_OPERATOR_EXISTS: _SelectorOperator.ValueType  # 3
     """The label is present (any value). `values` must be empty."""
     SELECTOR_OPERATOR_NOT_EXISTS: _SelectorOperator.ValueType  # 4
@@ -158,15 +162,29 @@ class _SelectorOperatorEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Sele
     """The label's value, read as an integer, is greater than the single value."""
     SELECTOR_OPERATOR_LT: _SelectorOperator.ValueType  # 6
     """The label's value, read as an integer, is less than the single value."""
+    SELECTOR_OPERATOR_EQUALS: _SelectorOperator.ValueType  # 7
+    """`k=v`: as IN with exactly one value (`match_labels` holds these)."""
+    SELECTOR_OPERATOR_DOUBLE_EQUALS: _SelectorOperator.ValueType  # 8
+    """`k==v`: as IN with exactly one value."""
+    SELECTOR_OPERATOR_NOT_EQUALS: _SelectorOperator.ValueType  # 9
+    """`k!=v`: as NOT_IN with exactly one value."""
 
 class SelectorOperator(_SelectorOperator, metaclass=_SelectorOperatorEnumTypeWrapper):
-    """Operator of one label-selector requirement (Kubernetes semantics)."""
+    """Operator of one label-selector requirement (Kubernetes semantics), as the
+    operator wrote it: EQUALS, DOUBLE_EQUALS and NOT_EQUALS mean what IN and
+    NOT_IN with one value mean, and keep `k=v`, `k==v` and `k!=v` apart from
+    `k in (v)` and `k notin (v)` when the selector is printed again.
+    """
 
 SELECTOR_OPERATOR_UNSPECIFIED: SelectorOperator.ValueType  # 0
 SELECTOR_OPERATOR_IN: SelectorOperator.ValueType  # 1
-"""The label is present and its value is one of `values`."""
+"""`k in (a,b)`: the label is present and its value is one of `values`
+(one or more; `in ()` is the one empty value).
+"""
 SELECTOR_OPERATOR_NOT_IN: SelectorOperator.ValueType  # 2
-"""The label is absent, or its value is none of `values`."""
+"""`k notin (a,b)`: the label is absent, or its value is none of `values`
+(one or more; `notin ()` is the one empty value).
+"""
 SELECTOR_OPERATOR_EXISTS: SelectorOperator.ValueType  # 3
 """The label is present (any value). `values` must be empty."""
 SELECTOR_OPERATOR_NOT_EXISTS: SelectorOperator.ValueType  # 4
@@ -175,6 +193,12 @@ SELECTOR_OPERATOR_GT: SelectorOperator.ValueType  # 5
 """The label's value, read as an integer, is greater than the single value."""
 SELECTOR_OPERATOR_LT: SelectorOperator.ValueType  # 6
 """The label's value, read as an integer, is less than the single value."""
+SELECTOR_OPERATOR_EQUALS: SelectorOperator.ValueType  # 7
+"""`k=v`: as IN with exactly one value (`match_labels` holds these)."""
+SELECTOR_OPERATOR_DOUBLE_EQUALS: SelectorOperator.ValueType  # 8
+"""`k==v`: as IN with exactly one value."""
+SELECTOR_OPERATOR_NOT_EQUALS: SelectorOperator.ValueType  # 9
+"""`k!=v`: as NOT_IN with exactly one value."""
 Global___SelectorOperator: _TypeAlias = SelectorOperator  # noqa: Y015
 
 class _RestartPolicy:
@@ -250,7 +274,9 @@ class LabelSelector(_message.Message):
     MATCH_EXPRESSIONS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def match_labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Each key must be present with exactly this value."""
+        """Each key must be present with exactly this value (`k=v`; a second `k=w`
+        on the same key goes to match_expressions as EQUALS).
+        """
 
     @_builtins.property
     def match_expressions(self) -> _containers.RepeatedCompositeFieldContainer[Global___LabelSelectorRequirement]: ...

@@ -801,6 +801,90 @@ class MetricPoint(_message.Message):
 Global___MetricPoint: _TypeAlias = MetricPoint  # noqa: Y015
 
 @_typing.final
+class FleetServiceListMetricTypesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_id", b"node_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetServiceListMetricTypesRequest: _TypeAlias = FleetServiceListMetricTypesRequest  # noqa: Y015
+
+@_typing.final
+class FleetServiceListMetricTypesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TYPES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def types(self) -> _containers.RepeatedCompositeFieldContainer[Global___MetricTypeInfo]:
+        """Sorted by type."""
+
+    def __init__(
+        self,
+        *,
+        types: _abc.Iterable[Global___MetricTypeInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["types", b"types"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetServiceListMetricTypesResponse: _TypeAlias = FleetServiceListMetricTypesResponse  # noqa: Y015
+
+@_typing.final
+class MetricTypeInfo(_message.Message):
+    """One metric type of a node, over the host and all its agents, from raw
+    samples and rollups.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TYPE_FIELD_NUMBER: _builtins.int
+    NAMES_FIELD_NUMBER: _builtins.int
+    AGENT_IDS_FIELD_NUMBER: _builtins.int
+    HOST_FIELD_NUMBER: _builtins.int
+    NEWEST_TIMESTAMP_FIELD_NUMBER: _builtins.int
+    type: _builtins.str
+    host: _builtins.bool
+    """The host (agent_id "") reported it."""
+    newest_timestamp: _builtins.int
+    """Its newest sample (to the minute once only rollups hold it)."""
+    @_builtins.property
+    def names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Its value names, sorted (e.g. "usage_percent")."""
+
+    @_builtins.property
+    def agent_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Agents that reported it, sorted; the host itself is `host`."""
+
+    def __init__(
+        self,
+        *,
+        type: _builtins.str = ...,
+        names: _abc.Iterable[_builtins.str] | None = ...,
+        agent_ids: _abc.Iterable[_builtins.str] | None = ...,
+        host: _builtins.bool = ...,
+        newest_timestamp: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_ids", b"agent_ids", "host", b"host", "names", b"names", "newest_timestamp", b"newest_timestamp", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MetricTypeInfo: _TypeAlias = MetricTypeInfo  # noqa: Y015
+
+@_typing.final
 class FleetServiceGetAgentMetricsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -919,12 +1003,18 @@ class FleetServiceWatchEventsRequest(_message.Message):
     KINDS_FIELD_NUMBER: _builtins.int
     NODE_ID_FIELD_NUMBER: _builtins.int
     FOLLOW_FIELD_NUMBER: _builtins.int
+    TAIL_FIELD_NUMBER: _builtins.int
     from_event_id: _builtins.int
     """Send events with an id greater than this (0: from the oldest kept)."""
     node_id: _builtins.str
     """Only events about this node (empty: all)."""
     follow: _builtins.bool
     """Keep the stream open for new events."""
+    tail: _builtins.int
+    """Begin with only the newest `tail` matching events after from_event_id;
+    0 sends none of them, so a followed watch starts from now. Unset: all of
+    them (what a client that does not know this field gets).
+    """
     @_builtins.property
     def kinds(self) -> _containers.RepeatedScalarFieldContainer[Global___EventKind.ValueType]:
         """Only these kinds (empty: all)."""
@@ -936,12 +1026,15 @@ class FleetServiceWatchEventsRequest(_message.Message):
         kinds: _abc.Iterable[Global___EventKind.ValueType] | None = ...,
         node_id: _builtins.str = ...,
         follow: _builtins.bool = ...,
+        tail: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_tail", b"_tail", "tail", b"tail"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["follow", b"follow", "from_event_id", b"from_event_id", "kinds", b"kinds", "node_id", b"node_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_tail", b"_tail", "follow", b"follow", "from_event_id", b"from_event_id", "kinds", b"kinds", "node_id", b"node_id", "tail", b"tail"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__tail: _TypeAlias = _typing.Literal["tail"]  # noqa: Y015
+    _WhichOneofArgType__tail: _TypeAlias = _typing.Literal["_tail", b"_tail"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__tail) -> _WhichOneofReturnType__tail | None: ...
 
 Global___FleetServiceWatchEventsRequest: _TypeAlias = FleetServiceWatchEventsRequest  # noqa: Y015
 
@@ -950,16 +1043,22 @@ class FleetServiceWatchEventsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     EVENT_FIELD_NUMBER: _builtins.int
+    OLDER_EVENTS_LEFT_OUT_FIELD_NUMBER: _builtins.int
+    older_events_left_out: _builtins.bool
+    """On the first message of a watch asked with `tail`: older matching events
+    (after from_event_id) were left out.
+    """
     @_builtins.property
     def event(self) -> Global___Event: ...
     def __init__(
         self,
         *,
         event: Global___Event | None = ...,
+        older_events_left_out: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "older_events_left_out", b"older_events_left_out"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

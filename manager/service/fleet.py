@@ -17,12 +17,12 @@ import time
 from collections.abc import AsyncGenerator, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 
-from fleet.errors import FleetError, InvalidArgument
+from fleet.errors import FleetError, InvalidArgument, NotFound, Resource
 from fleet.labels import MAX_LABELS, validate_label_key, validate_label_value, validate_labels
 from fleet.selectors import Selector
 from fleet.v1 import daemon_pb2
 from manager.pool import ConnectionState, DaemonPool
-from manager.service.metrics import MetricsService
+from manager.service.metrics import MetricsService, MetricType, metric_types, missing_metric
 from manager.service.operations import OperationRecorder, Operations, record_from_info
 from manager.storage import AgentStateRecord, AgentStateRepository, NodeRecord, NodeRepository
 
@@ -267,7 +267,22 @@ class FleetQueries:
             step_s=step_s,
             aggregate=aggregate,
         )
+        if not series:  # nothing in range, or nothing ever: say which
+            problem = missing_metric(
+                await self._metrics.series(node_id),
+                node_id=node_id,
+                agent_id=agent_id,
+                type=type,
+                name=name,
+            )
+            if problem is not None:
+                raise NotFound(problem, resource=Resource("metric-type", type, node=node_id))
         return series, step_s
+
+    async def metric_types(self, node_id: str) -> list[MetricType]:
+        """The metric types `node_id` has reported (and the store still holds)."""
+        await self._ops.node(node_id)
+        return metric_types(await self._metrics.series(node_id))
 
 
 def _require_agent_id(agent_id: str) -> None:

@@ -22,7 +22,7 @@ from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from fleet.errors import FleetError, InvalidArgument, NotFound, Unavailable
+from fleet.errors import FleetError, InvalidArgument, NotFound, Resource, Unavailable
 from fleet.labels import validate_label_value, validate_node_id
 from fleet.selectors import Selector
 from fleet.v1 import common_pb2
@@ -220,25 +220,22 @@ class Operations:
         validate_node_id(node_id)
         node = await self._nodes.get(node_id)
         if node is None:
-            raise NotFound(f"node {node_id!r} is not registered (see ListNodes)")
+            raise NotFound(
+                f"node {node_id!r} is not registered", resource=Resource("node", node_id)
+            )
         return node
 
     async def _call(
         self, target: Target, action: Action, call_timeout: float | None
     ) -> common_pb2.AgentInfo:
-        try:
-            response = await self._pool.operate_agent(
-                target.node_id,
-                target.address,
-                target.agent_id,
-                _PB_OPERATION[action],
-                call_timeout=call_timeout,
-            )
-        except Unavailable as exc:
-            raise Unavailable(
-                f"the daemon of {target.node_id} at {target.address} cannot be reached: "
-                f"{exc.message.removeprefix(target.node_id + ': ')}"
-            ) from exc
+        # The pool's errors name the node and say why in words already.
+        response = await self._pool.operate_agent(
+            target.node_id,
+            target.address,
+            target.agent_id,
+            _PB_OPERATION[action],
+            call_timeout=call_timeout,
+        )
         if not response.success:  # the contract answers errors as codes; be safe anyway
             raise Unavailable(f"{target.node_id}: {response.error_message or 'operation failed'}")
         return response.agent

@@ -331,6 +331,24 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
             step_seconds=step,
         )
 
+    async def ListMetricTypes(
+        self, request: fleet_pb2.FleetServiceListMetricTypesRequest, context: _Context
+    ) -> fleet_pb2.FleetServiceListMetricTypesResponse:
+        self._operator(context)
+        types = await self._q.metric_types(request.node_id)
+        return fleet_pb2.FleetServiceListMetricTypesResponse(
+            types=[
+                fleet_pb2.MetricTypeInfo(
+                    type=t.type,
+                    names=t.names,
+                    agent_ids=t.agent_ids,
+                    host=t.host,
+                    newest_timestamp=t.newest_ms,
+                )
+                for t in types
+            ]
+        )
+
     async def GetAgentMetrics(
         self, request: fleet_pb2.FleetServiceGetAgentMetricsRequest, context: _Context
     ) -> fleet_pb2.FleetServiceGetAgentMetricsResponse:
@@ -369,15 +387,23 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
         self, request: fleet_pb2.FleetServiceWatchEventsRequest, context: _Context
     ) -> AsyncIterator[fleet_pb2.FleetServiceWatchEventsResponse]:
         self._operator(context)
-        stream = self._feed.watch(
+        kinds = _kinds(request.kinds)
+        start = await self._feed.start(
             request.from_event_id,
-            kinds=_kinds(request.kinds),
+            tail=request.tail if request.HasField("tail") else None,
+            kinds=kinds,
             node_id=request.node_id,
-            follow=request.follow,
         )
+        stream = self._feed.watch(
+            start.after_id, kinds=kinds, node_id=request.node_id, follow=request.follow
+        )
+        left_out = start.older_left_out
         async with contextlib.aclosing(stream):
             async for record in stream:
-                yield fleet_pb2.FleetServiceWatchEventsResponse(event=_event(record))
+                yield fleet_pb2.FleetServiceWatchEventsResponse(
+                    event=_event(record), older_events_left_out=left_out
+                )
+                left_out = False
 
 
 def _result(r: TargetResult) -> fleet_pb2.TargetResult:

@@ -9,7 +9,7 @@ from typing import Any
 from sqlalchemy import delete, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from fleet.errors import InvalidArgument, NotFound
+from fleet.errors import InvalidArgument, NotFound, Resource
 from manager.storage.db import Database
 from manager.storage.events import dump_map, event_row, insert_events, load_map
 from manager.storage.records import AgentStateRecord
@@ -118,7 +118,9 @@ class AgentStateRepository:
                 select(nodes.c.node_id).where(nodes.c.node_id == node_id).with_for_update()
             )
             if exists is None:
-                raise NotFound(f"node {node_id} is not registered")
+                raise NotFound(
+                    f"node {node_id!r} is not registered", resource=Resource("node", node_id)
+                )
             old = {
                 r.agent_id: r
                 for r in map(

@@ -10,7 +10,7 @@ from typing import Any
 from sqlalchemy import BigInteger, bindparam, case, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from fleet.errors import NotFound
+from fleet.errors import NotFound, Resource
 from manager.storage.db import Database
 from manager.storage.events import dump_map, event_row, insert_events, load_map
 from manager.storage.records import NodeRecord
@@ -321,7 +321,9 @@ class NodeRepository:
                 )
             ).first()
             if row is None:
-                raise NotFound(f"node {node_id} is not registered")
+                raise NotFound(
+                    f"node {node_id!r} is not registered", resource=Resource("node", node_id)
+                )
             old = load_map(row.labels)
             new = {**old, **set_}
             for key in remove:

@@ -14,6 +14,7 @@ __all__ = [
     "EventRecord",
     "MetricBatch",
     "MetricSample",
+    "MetricSeries",
     "NodeRecord",
     "NodeStatus",
 ]
@@ -111,6 +112,20 @@ class MetricSample:
     """When it was measured."""
     value: float
     """The value (finite; validated by the service layer)."""
+
+
+@dataclass(frozen=True)
+class MetricSeries:
+    """One (agent, type, name) a node has samples or rollups of."""
+
+    agent_id: str
+    """The agent; "" for host-level metrics."""
+    type: str
+    """cpu, memory, disk, network or a custom type name."""
+    name: str
+    """Value name within the type."""
+    newest_ms: int
+    """Its newest sample's time (to the minute when it is older than the rollup watermark)."""
 
 
 @dataclass(frozen=True)

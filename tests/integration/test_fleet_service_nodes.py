@@ -10,6 +10,7 @@ import pytest
 from fleet_harness import PROD, fleet_env, operator_stub, selector
 from manager_harness import node_stub, rpc_error
 
+from fleet.errors import Resource, from_rpc_error
 from fleet.v1 import common_pb2, fleet_pb2, manager_pb2
 from manager.storage import AuditRepository
 
@@ -89,6 +90,18 @@ async def test_get_node_shows_status_counts_and_connection(pki: Any, tmp_path: P
         assert node.connection_state == fleet_pb2.CONNECTION_STATE_READY
         err = await rpc_error(env.stub.GetNode(fleet_pb2.FleetServiceGetNodeRequest(node_id="nx")))
         assert err.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_unknown_node_is_said_for_any_client_and_names_the_resource(
+    pki: Any, tmp_path: Path
+) -> None:
+    """NOT_FOUND for operators names no RPC or command; the node travels as metadata."""
+    async with fleet_env(pki, tmp_path) as env:
+        err = await rpc_error(
+            env.stub.GetNode(fleet_pb2.FleetServiceGetNodeRequest(node_id="node-9"))
+        )
+        assert err.details() == "node 'node-9' is not registered"
+        assert from_rpc_error(err).resource == Resource("node", "node-9")
 
 
 async def test_update_labels_is_audited_evented_and_selectable(pki: Any, tmp_path: Path) -> None:

@@ -64,7 +64,10 @@ def test_agents_show_and_unknown_agent(fleetctl: Fleetctl) -> None:
     assert json.loads(ok.stdout)["type"] == "worker"
     missing = fleetctl("agents", "show", "node-1/nope")
     assert missing.exit_code == 1
-    assert missing.stderr.strip() == "fleetctl: error: agent 'nope' not found on node 'node-1'"
+    assert missing.stderr.strip() == (
+        "fleetctl: error: node 'node-1' has no agent 'nope'"
+        " (see `fleetctl agents list --node node-1`)"
+    )
 
 
 def test_agents_show_needs_node_slash_agent(fleetctl: Fleetctl) -> None:
