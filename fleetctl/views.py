@@ -48,6 +48,8 @@ def node_view(node: fleet_pb2.Node) -> dict[str, Any]:
         "os": node.os,
         "arch": node.arch,
         "labels": dict(sorted(node.labels.items())),
+        "daemon_labels": dict(sorted(node.daemon_labels.items())),
+        "operator_labels": dict(sorted(node.operator_labels.items())),
         "daemon_version": node.daemon_version,
         "agent_version": node.agent_version,
         "daemon_address": node.daemon_address,

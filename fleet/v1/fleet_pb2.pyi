@@ -142,6 +142,46 @@ class Node(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class DaemonLabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class OperatorLabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     NODE_ID_FIELD_NUMBER: _builtins.int
     HOSTNAME_FIELD_NUMBER: _builtins.int
     IP_FIELD_NUMBER: _builtins.int
@@ -156,6 +196,8 @@ class Node(_message.Message):
     REGISTERED_AT_FIELD_NUMBER: _builtins.int
     CONNECTION_STATE_FIELD_NUMBER: _builtins.int
     AGENT_COUNTS_FIELD_NUMBER: _builtins.int
+    DAEMON_LABELS_FIELD_NUMBER: _builtins.int
+    OPERATOR_LABELS_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     hostname: _builtins.str
     ip: _builtins.str
@@ -169,9 +211,23 @@ class Node(_message.Message):
     registered_at: _builtins.int
     connection_state: Global___ConnectionState.ValueType
     @_builtins.property
-    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The effective labels selectors match: `daemon_labels` overlaid with
+        `operator_labels`.
+        """
+
     @_builtins.property
     def agent_counts(self) -> _containers.RepeatedCompositeFieldContainer[Global___AgentCount]: ...
+    @_builtins.property
+    def daemon_labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The labels of the daemon's config, replaced by each registration."""
+
+    @_builtins.property
+    def operator_labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The labels operators set (UpdateNodeLabels); they survive re-registration
+        and win over the daemon's.
+        """
+
     def __init__(
         self,
         *,
@@ -189,10 +245,12 @@ class Node(_message.Message):
         registered_at: _builtins.int = ...,
         connection_state: Global___ConnectionState.ValueType = ...,
         agent_counts: _abc.Iterable[Global___AgentCount] | None = ...,
+        daemon_labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        operator_labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_counts", b"agent_counts", "agent_version", b"agent_version", "arch", b"arch", "connection_state", b"connection_state", "daemon_address", b"daemon_address", "daemon_version", b"daemon_version", "hostname", b"hostname", "ip", b"ip", "labels", b"labels", "last_heartbeat", b"last_heartbeat", "node_id", b"node_id", "os", b"os", "registered_at", b"registered_at", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_counts", b"agent_counts", "agent_version", b"agent_version", "arch", b"arch", "connection_state", b"connection_state", "daemon_address", b"daemon_address", "daemon_labels", b"daemon_labels", "daemon_version", b"daemon_version", "hostname", b"hostname", "ip", b"ip", "labels", b"labels", "last_heartbeat", b"last_heartbeat", "node_id", b"node_id", "operator_labels", b"operator_labels", "os", b"os", "registered_at", b"registered_at", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -354,11 +412,14 @@ class FleetServiceUpdateNodeLabelsRequest(_message.Message):
     node_id: _builtins.str
     @_builtins.property
     def set(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Labels to add or overwrite."""
+        """Operator labels to add or overwrite (they override the daemon's)."""
 
     @_builtins.property
     def remove(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Label keys to remove."""
+        """Operator label keys to remove. A key only the daemon's config sets is
+        FAILED_PRECONDITION (only the host can change it); a key nobody set is
+        ignored.
+        """
 
     def __init__(
         self,

@@ -119,7 +119,12 @@ class FleetQueries:
     async def update_labels(
         self, node_id: str, set_: Mapping[str, str], remove: Collection[str], *, actor: str
     ) -> NodeView:
-        """Set and remove labels (Kubernetes syntax), audited; the node afterwards."""
+        """Set and remove operator labels (Kubernetes syntax), audited; the node afterwards.
+
+        Operator labels overlay the daemon's and survive its re-registration; a
+        key only the daemon's config sets cannot be removed here
+        (FailedPrecondition: only the host can change it).
+        """
         validate_labels(set_, field="set")
         for i, key in enumerate(remove):
             validate_label_key(key, field=f"remove[{i}]")
@@ -129,7 +134,8 @@ class FleetQueries:
         if not set_ and not remove:
             raise InvalidArgument("nothing to change: give labels to set or keys to remove")
         node = await self._ops.node(node_id)
-        merged = {k: v for k, v in {**node.labels, **set_}.items() if k not in remove}
+        operator = {k: v for k, v in {**node.operator_labels, **set_}.items() if k not in remove}
+        merged = {**node.daemon_labels, **operator}
         if len(merged) > MAX_LABELS:
             raise InvalidArgument(
                 f"{node_id} would have {len(merged)} labels; at most {MAX_LABELS} are allowed",

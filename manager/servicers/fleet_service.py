@@ -142,6 +142,8 @@ def _node(view: NodeView) -> fleet_pb2.Node:
         registered_at=n.registered_at_ms,
         connection_state=_CONNECTION[view.connection],
         agent_counts=_counts(view.agent_counts),
+        daemon_labels=n.daemon_labels,
+        operator_labels=n.operator_labels,
     )
 
 

@@ -49,7 +49,8 @@ class NodeRecord:
     arch: str
     """CPU architecture, e.g. "x86_64"."""
     labels: dict[str, str]
-    """Selector labels (validated by the service layer)."""
+    """The effective labels selectors match: the daemon's overlaid with the operator's.
+    Given to `NodeRepository.upsert`, the labels the daemon registered with."""
     daemon_version: str
     """Version of fleet-daemon on the node."""
     agent_version: str
@@ -62,6 +63,10 @@ class NodeRecord:
     """Last heartbeat or registration; ignored by `upsert` (it uses `now_ms`)."""
     registered_at_ms: int = 0
     """First registration; ignored by `upsert`."""
+    daemon_labels: dict[str, str] = field(default_factory=dict)
+    """The labels of the daemon's config (replaced by every registration)."""
+    operator_labels: dict[str, str] = field(default_factory=dict)
+    """The labels operators set (kept across registrations); they win over the daemon's."""
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,11 @@ nodes = Table(
     Column("ip", String(64), nullable=False),
     Column("os", String(64), nullable=False),
     Column("arch", String(64), nullable=False),
-    Column("labels", Text, nullable=False),  # JSON object; selectors match in Python
+    # JSON objects. `labels` is the effective set selectors match: the daemon's
+    # (replaced by each registration) overlaid with the operators' (kept).
+    Column("labels", Text, nullable=False),
+    Column("daemon_labels", Text, nullable=False, server_default="{}"),
+    Column("operator_labels", Text, nullable=False, server_default="{}"),
     Column("daemon_version", String(64), nullable=False),
     Column("agent_version", String(64), nullable=False),
     Column("daemon_address", String(300), nullable=False),

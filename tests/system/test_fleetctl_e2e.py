@@ -260,7 +260,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
                 sys.stderr.write(f"--- {log}\n{log.read_text(errors='replace')[-3000:]}\n")
             raise
         finally:
-            for proc in procs:
+            for proc in {*procs, *fleet.daemons.values()}:  # a test may restart a daemon
                 _stop(proc)
             _reap_agents(fleet)
 
@@ -360,6 +360,38 @@ def test_ctrl_c_ends_a_followed_feed_quietly(fleet: Fleet) -> None:
             proc.wait()
     assert proc.returncode == 130
     assert err == ""
+
+
+def test_operator_labels_survive_a_daemon_killed_and_restarted(fleet: Fleet) -> None:
+    """The reported bug: `nodes label n1 canary=true`, kill -9 n1's daemon, start it again:
+    n1 keeps canary, and `nodes show -o wide` says where each label comes from."""
+    labelled = fleet.fleetctl("nodes", "label", "n1", "canary=true")
+    assert labelled.returncode == 0, labelled.stderr
+    registered = len(
+        fleet.json("events", "--kind", "node-registered", "--node", "n1", "--since", "0")["events"]
+    )
+    old = fleet.daemons["n1"]
+    old.kill()
+    old.wait()
+    droot = fleet.root / "n1"
+    fleet.daemons["n1"] = _spawn("daemon.cli", droot / "daemon.toml", droot / "daemon.log")
+
+    def registrations() -> int:
+        events = fleet.json("events", "--kind", "node-registered", "--node", "n1", "--since", "0")
+        return len(events["events"])
+
+    _until(registrations, lambda n: n > registered, within=60)
+    (node,) = fleet.json("nodes", "list", "-l", "canary=true")["nodes"]
+    assert node["node_id"] == "n1"
+    assert node["labels"] == {"canary": "true", "env": "prod", "zone": "a"}
+    assert node["operator_labels"] == {"canary": "true"}
+    wide = fleet.fleetctl("-o", "wide", "nodes", "show", "n1")
+    assert "canary=true (operator)" in wide.stdout
+    assert "env=prod (daemon config)" in wide.stdout
+    refused = fleet.fleetctl("nodes", "label", "n1", "env-")
+    assert refused.returncode == 1
+    assert "'env' of n1 comes from its daemon's config" in refused.stderr
+    assert fleet.json("nodes", "show", "n1")["labels"]["env"] == "prod"
 
 
 def test_fanout_with_one_daemon_down(fleet: Fleet) -> None:
