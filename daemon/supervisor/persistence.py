@@ -81,7 +81,6 @@ class StateStore:
 
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
-        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.agents_path = state_dir / "agents.json"
         self.update_path = state_dir / "update.json"
 
@@ -147,6 +146,9 @@ class StateStore:
 
     @staticmethod
     def _save(path: Path, body: dict[str, Any]) -> None:
+        # Made on the first write, not before: a daemon that fails to start
+        # leaves no trace on disk.
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         atomic_write(path, json.dumps(body, indent=1, sort_keys=True).encode() + b"\n")
 
 
