@@ -33,6 +33,7 @@ from daemon.servicers.daemon_service import DaemonServicer
 from daemon.supervisor.supervisor import AgentSnapshot, Supervisor
 from fleet.errors import ConfigError, FleetError
 from fleet.interceptors import ErrorMappingInterceptor
+from fleet.listen import check_listen_addresses, check_unix_socket_free
 from fleet.service import add_health_and_reflection, start_metrics_http_server
 from fleet.systemd import SystemdNotifier
 from fleet.tls import server_credentials
@@ -189,7 +190,16 @@ class DaemonServer:
         os.chmod(self._private_dir, 0o700)  # only the daemon may reach the raw gRPC socket
 
     async def start(self) -> None:
-        """Bring everything up; ConfigError for an unusable address or directory."""
+        """Bring everything up; ConfigError for an unusable address or directory.
+
+        Every listen address and the agent socket are checked first, so a
+        daemon that cannot serve fails in one line having changed nothing: no
+        agent started, no agents.json written, no directory created.
+        """
+        check_listen_addresses(
+            [("listen", self.cfg.listen), ("metrics_listen", self.cfg.metrics_listen)]
+        )
+        check_unix_socket_free(self.socket_path, what="agent socket")
         self._make_dirs()
         # Agent socket first: agents (re-adopted or new) may call at once.
         self._agent_grpc = aio.server(interceptors=[ErrorMappingInterceptor()])

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x66leet/v1/common.proto\x12\x08\x66leet.v1\"\xc2\x01\n\rLabelSelector\x12>\n\x0cmatch_labels\x18\x01 \x03(\x0b\x32(.fleet.v1.LabelSelector.MatchLabelsEntry\x12=\n\x11match_expressions\x18\x02 \x03(\x0b\x32\".fleet.v1.LabelSelectorRequirement\x1a\x32\n\x10MatchLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"e\n\x18LabelSelectorRequirement\x12\x0b\n\x03key\x18\x01 \x01(\t\x12,\n\x08operator\x18\x02 \x01(\x0e\x32\x1a.fleet.v1.SelectorOperator\x12\x0e\n\x06values\x18\x03 \x03(\t\"\xa0\x01\n\nMetricData\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x11\n\ttimestamp\x18\x02 \x01(\x03\x12\x30\n\x06values\x18\x03 \x03(\x0b\x32 .fleet.v1.MetricData.ValuesEntry\x12\x10\n\x08\x61gent_id\x18\x04 \x01(\t\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xc6\x01\n\x11ResourceDataPoint\x12\x11\n\ttimestamp\x18\x01 \x01(\x03\x12\x0b\n\x03\x63pu\x18\x02 \x01(\x01\x12\x12\n\nmemory_rss\x18\x03 \x01(\x04\x12\x12\n\nmemory_vms\x18\x04 \x01(\x04\x12\x17\n\x0f\x64isk_read_bytes\x18\x05 \x01(\x04\x12\x18\n\x10\x64isk_write_bytes\x18\x06 \x01(\x04\x12\x12\n\nopen_files\x18\x07 \x01(\x05\x12\x0f\n\x07threads\x18\x08 \x01(\x05\x12\x11\n\tprocesses\x18\t \x01(\x05\"\x87\x03\n\tAgentInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12%\n\x06status\x18\x03 \x01(\x0e\x32\x15.fleet.v1.AgentStatus\x12\x0b\n\x03pid\x18\x04 \x01(\x05\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x12\n\nstart_time\x18\x06 \x01(\x03\x12\x15\n\rrestart_count\x18\x07 \x01(\x05\x12\x16\n\x0elast_heartbeat\x18\x08 \x01(\x03\x12\x11\n\texit_code\x18\t \x01(\x05\x12\x0f\n\x07message\x18\n \x01(\t\x12/\n\x06labels\x18\x0b \x03(\x0b\x32\x1f.fleet.v1.AgentInfo.LabelsEntry\x12%\n\x06health\x18\x0c \x01(\x0e\x32\x15.fleet.v1.AgentHealth\x12\x15\n\rbackoff_until\x18\r \x01(\x03\x12\x16\n\x0e\x63onfig_version\x18\x0e \x01(\x04\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xd3\x04\n\tAgentSpec\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0c\n\x04\x61rgv\x18\x04 \x03(\t\x12)\n\x03\x65nv\x18\x05 \x03(\x0b\x32\x1c.fleet.v1.AgentSpec.EnvEntry\x12\x0b\n\x03\x63wd\x18\x06 \x01(\t\x12\x0c\n\x04user\x18\x07 \x01(\t\x12\x11\n\tautostart\x18\x08 \x01(\x08\x12(\n\x07restart\x18\t \x01(\x0e\x32\x17.fleet.v1.RestartPolicy\x12\x1b\n\x13\x65xpected_exit_codes\x18\n \x03(\x05\x12\x12\n\nstart_secs\x18\x0b \x01(\x01\x12\"\n\x07\x62\x61\x63koff\x18\x0c \x01(\x0b\x32\x11.fleet.v1.Backoff\x12\x13\n\x0bmax_retries\x18\r \x01(\x05\x12\x13\n\x0bstop_signal\x18\x0e \x01(\t\x12\x1c\n\x14stop_timeout_seconds\x18\x0f \x01(\x01\x12\x15\n\rlog_max_bytes\x18\x10 \x01(\x03\x12\x13\n\x0blog_backups\x18\x11 \x01(\x05\x12/\n\x06labels\x18\x12 \x03(\x0b\x32\x1f.fleet.v1.AgentSpec.LabelsEntry\x12%\n\x06health\x18\x13 \x01(\x0b\x32\x15.fleet.v1.HealthCheck\x12\x0e\n\x06\x63onfig\x18\x14 \x01(\x0c\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"[\n\x07\x42\x61\x63koff\x12\x17\n\x0finitial_seconds\x18\x01 \x01(\x01\x12\x12\n\nmultiplier\x18\x02 \x01(\x01\x12\x13\n\x0bmax_seconds\x18\x03 \x01(\x01\x12\x0e\n\x06jitter\x18\x04 \x01(\x01\"O\n\x0bHealthCheck\x12\'\n\x04kind\x18\x01 \x01(\x0e\x32\x19.fleet.v1.HealthCheckKind\x12\x17\n\x0ftimeout_seconds\x18\x02 \x01(\x01*\xfa\x01\n\x0b\x41gentStatus\x12\x1c\n\x18\x41GENT_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41GENT_STATUS_STOPPED\x10\x01\x12\x19\n\x15\x41GENT_STATUS_STARTING\x10\x02\x12\x18\n\x14\x41GENT_STATUS_RUNNING\x10\x03\x12\x18\n\x14\x41GENT_STATUS_BACKOFF\x10\x04\x12\x19\n\x15\x41GENT_STATUS_STOPPING\x10\x05\x12\x17\n\x13\x41GENT_STATUS_EXITED\x10\x06\x12\x16\n\x12\x41GENT_STATUS_FATAL\x10\x07\x12\x18\n\x14\x41GENT_STATUS_UNKNOWN\x10\x08*{\n\x0b\x41gentHealth\x12\x1c\n\x18\x41GENT_HEALTH_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41GENT_HEALTH_HEALTHY\x10\x01\x12\x1a\n\x16\x41GENT_HEALTH_UNHEALTHY\x10\x02\x12\x18\n\x14\x41GENT_HEALTH_PENDING\x10\x03*Z\n\nNodeStatus\x12\x1b\n\x17NODE_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12NODE_STATUS_ONLINE\x10\x01\x12\x17\n\x13NODE_STATUS_OFFLINE\x10\x02*\x83\x01\n\x0e\x41gentOperation\x12\x1f\n\x1b\x41GENT_OPERATION_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41GENT_OPERATION_START\x10\x01\x12\x18\n\x14\x41GENT_OPERATION_STOP\x10\x02\x12\x1b\n\x17\x41GENT_OPERATION_RESTART\x10\x03*\xc6\x02\n\x10SelectorOperator\x12!\n\x1dSELECTOR_OPERATOR_UNSPECIFIED\x10\x00\x12\x18\n\x14SELECTOR_OPERATOR_IN\x10\x01\x12\x1c\n\x18SELECTOR_OPERATOR_NOT_IN\x10\x02\x12\x1c\n\x18SELECTOR_OPERATOR_EXISTS\x10\x03\x12 \n\x1cSELECTOR_OPERATOR_NOT_EXISTS\x10\x04\x12\x18\n\x14SELECTOR_OPERATOR_GT\x10\x05\x12\x18\n\x14SELECTOR_OPERATOR_LT\x10\x06\x12\x1c\n\x18SELECTOR_OPERATOR_EQUALS\x10\x07\x12#\n\x1fSELECTOR_OPERATOR_DOUBLE_EQUALS\x10\x08\x12 \n\x1cSELECTOR_OPERATOR_NOT_EQUALS\x10\t*\x83\x01\n\rRestartPolicy\x12\x1e\n\x1aRESTART_POLICY_UNSPECIFIED\x10\x00\x12\x19\n\x15RESTART_POLICY_ALWAYS\x10\x01\x12\x1d\n\x19RESTART_POLICY_ON_FAILURE\x10\x02\x12\x18\n\x14RESTART_POLICY_NEVER\x10\x03*U\n\x0fHealthCheckKind\x12!\n\x1dHEALTH_CHECK_KIND_UNSPECIFIED\x10\x00\x12\x1f\n\x1bHEALTH_CHECK_KIND_HEARTBEAT\x10\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x66leet/v1/common.proto\x12\x08\x66leet.v1\"\xc2\x01\n\rLabelSelector\x12>\n\x0cmatch_labels\x18\x01 \x03(\x0b\x32(.fleet.v1.LabelSelector.MatchLabelsEntry\x12=\n\x11match_expressions\x18\x02 \x03(\x0b\x32\".fleet.v1.LabelSelectorRequirement\x1a\x32\n\x10MatchLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"e\n\x18LabelSelectorRequirement\x12\x0b\n\x03key\x18\x01 \x01(\t\x12,\n\x08operator\x18\x02 \x01(\x0e\x32\x1a.fleet.v1.SelectorOperator\x12\x0e\n\x06values\x18\x03 \x03(\t\"\xa0\x01\n\nMetricData\x12\x0c\n\x04type\x18\x01 \x01(\t\x12\x11\n\ttimestamp\x18\x02 \x01(\x03\x12\x30\n\x06values\x18\x03 \x03(\x0b\x32 .fleet.v1.MetricData.ValuesEntry\x12\x10\n\x08\x61gent_id\x18\x04 \x01(\t\x1a-\n\x0bValuesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\"\xc6\x01\n\x11ResourceDataPoint\x12\x11\n\ttimestamp\x18\x01 \x01(\x03\x12\x0b\n\x03\x63pu\x18\x02 \x01(\x01\x12\x12\n\nmemory_rss\x18\x03 \x01(\x04\x12\x12\n\nmemory_vms\x18\x04 \x01(\x04\x12\x17\n\x0f\x64isk_read_bytes\x18\x05 \x01(\x04\x12\x18\n\x10\x64isk_write_bytes\x18\x06 \x01(\x04\x12\x12\n\nopen_files\x18\x07 \x01(\x05\x12\x0f\n\x07threads\x18\x08 \x01(\x05\x12\x11\n\tprocesses\x18\t \x01(\x05\"b\n\x08LastExit\x12%\n\x04kind\x18\x01 \x01(\x0e\x32\x17.fleet.v1.AgentExitKind\x12\x11\n\texit_code\x18\x02 \x01(\x05\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0c\n\x04time\x18\x04 \x01(\x03\"\xe3\x03\n\tAgentInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12%\n\x06status\x18\x03 \x01(\x0e\x32\x15.fleet.v1.AgentStatus\x12\x0b\n\x03pid\x18\x04 \x01(\x05\x12\x0f\n\x07version\x18\x05 \x01(\t\x12\x12\n\nstart_time\x18\x06 \x01(\x03\x12\x15\n\rrestart_count\x18\x07 \x01(\x05\x12\x16\n\x0elast_heartbeat\x18\x08 \x01(\x03\x12\x11\n\texit_code\x18\t \x01(\x05\x12\x0f\n\x07message\x18\n \x01(\t\x12/\n\x06labels\x18\x0b \x03(\x0b\x32\x1f.fleet.v1.AgentInfo.LabelsEntry\x12%\n\x06health\x18\x0c \x01(\x0e\x32\x15.fleet.v1.AgentHealth\x12\x15\n\rbackoff_until\x18\r \x01(\x03\x12\x16\n\x0e\x63onfig_version\x18\x0e \x01(\x04\x12%\n\tlast_exit\x18\x0f \x01(\x0b\x32\x12.fleet.v1.LastExit\x12!\n\x04spec\x18\x10 \x01(\x0b\x32\x13.fleet.v1.AgentSpec\x12\x10\n\x08log_path\x18\x11 \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xd3\x04\n\tAgentSpec\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04type\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\t\x12\x0c\n\x04\x61rgv\x18\x04 \x03(\t\x12)\n\x03\x65nv\x18\x05 \x03(\x0b\x32\x1c.fleet.v1.AgentSpec.EnvEntry\x12\x0b\n\x03\x63wd\x18\x06 \x01(\t\x12\x0c\n\x04user\x18\x07 \x01(\t\x12\x11\n\tautostart\x18\x08 \x01(\x08\x12(\n\x07restart\x18\t \x01(\x0e\x32\x17.fleet.v1.RestartPolicy\x12\x1b\n\x13\x65xpected_exit_codes\x18\n \x03(\x05\x12\x12\n\nstart_secs\x18\x0b \x01(\x01\x12\"\n\x07\x62\x61\x63koff\x18\x0c \x01(\x0b\x32\x11.fleet.v1.Backoff\x12\x13\n\x0bmax_retries\x18\r \x01(\x05\x12\x13\n\x0bstop_signal\x18\x0e \x01(\t\x12\x1c\n\x14stop_timeout_seconds\x18\x0f \x01(\x01\x12\x15\n\rlog_max_bytes\x18\x10 \x01(\x03\x12\x13\n\x0blog_backups\x18\x11 \x01(\x05\x12/\n\x06labels\x18\x12 \x03(\x0b\x32\x1f.fleet.v1.AgentSpec.LabelsEntry\x12%\n\x06health\x18\x13 \x01(\x0b\x32\x15.fleet.v1.HealthCheck\x12\x0e\n\x06\x63onfig\x18\x14 \x01(\x0c\x1a*\n\x08\x45nvEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"[\n\x07\x42\x61\x63koff\x12\x17\n\x0finitial_seconds\x18\x01 \x01(\x01\x12\x12\n\nmultiplier\x18\x02 \x01(\x01\x12\x13\n\x0bmax_seconds\x18\x03 \x01(\x01\x12\x0e\n\x06jitter\x18\x04 \x01(\x01\"O\n\x0bHealthCheck\x12\'\n\x04kind\x18\x01 \x01(\x0e\x32\x19.fleet.v1.HealthCheckKind\x12\x17\n\x0ftimeout_seconds\x18\x02 \x01(\x01*\xfa\x01\n\x0b\x41gentStatus\x12\x1c\n\x18\x41GENT_STATUS_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41GENT_STATUS_STOPPED\x10\x01\x12\x19\n\x15\x41GENT_STATUS_STARTING\x10\x02\x12\x18\n\x14\x41GENT_STATUS_RUNNING\x10\x03\x12\x18\n\x14\x41GENT_STATUS_BACKOFF\x10\x04\x12\x19\n\x15\x41GENT_STATUS_STOPPING\x10\x05\x12\x17\n\x13\x41GENT_STATUS_EXITED\x10\x06\x12\x16\n\x12\x41GENT_STATUS_FATAL\x10\x07\x12\x18\n\x14\x41GENT_STATUS_UNKNOWN\x10\x08*{\n\x0b\x41gentHealth\x12\x1c\n\x18\x41GENT_HEALTH_UNSPECIFIED\x10\x00\x12\x18\n\x14\x41GENT_HEALTH_HEALTHY\x10\x01\x12\x1a\n\x16\x41GENT_HEALTH_UNHEALTHY\x10\x02\x12\x18\n\x14\x41GENT_HEALTH_PENDING\x10\x03*Z\n\nNodeStatus\x12\x1b\n\x17NODE_STATUS_UNSPECIFIED\x10\x00\x12\x16\n\x12NODE_STATUS_ONLINE\x10\x01\x12\x17\n\x13NODE_STATUS_OFFLINE\x10\x02*\x83\x01\n\x0e\x41gentOperation\x12\x1f\n\x1b\x41GENT_OPERATION_UNSPECIFIED\x10\x00\x12\x19\n\x15\x41GENT_OPERATION_START\x10\x01\x12\x18\n\x14\x41GENT_OPERATION_STOP\x10\x02\x12\x1b\n\x17\x41GENT_OPERATION_RESTART\x10\x03*\xc6\x02\n\x10SelectorOperator\x12!\n\x1dSELECTOR_OPERATOR_UNSPECIFIED\x10\x00\x12\x18\n\x14SELECTOR_OPERATOR_IN\x10\x01\x12\x1c\n\x18SELECTOR_OPERATOR_NOT_IN\x10\x02\x12\x1c\n\x18SELECTOR_OPERATOR_EXISTS\x10\x03\x12 \n\x1cSELECTOR_OPERATOR_NOT_EXISTS\x10\x04\x12\x18\n\x14SELECTOR_OPERATOR_GT\x10\x05\x12\x18\n\x14SELECTOR_OPERATOR_LT\x10\x06\x12\x1c\n\x18SELECTOR_OPERATOR_EQUALS\x10\x07\x12#\n\x1fSELECTOR_OPERATOR_DOUBLE_EQUALS\x10\x08\x12 \n\x1cSELECTOR_OPERATOR_NOT_EQUALS\x10\t*\x9d\x02\n\rAgentExitKind\x12\x1f\n\x1b\x41GENT_EXIT_KIND_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x41GENT_EXIT_KIND_EXITED\x10\x01\x12\x1a\n\x16\x41GENT_EXIT_KIND_KILLED\x10\x02\x12\x1d\n\x19\x41GENT_EXIT_KIND_UNHEALTHY\x10\x03\x12\x1c\n\x18\x41GENT_EXIT_KIND_OPERATOR\x10\x04\x12\x1b\n\x17\x41GENT_EXIT_KIND_UPDATED\x10\x05\x12\x1a\n\x16\x41GENT_EXIT_KIND_DAEMON\x10\x06\x12 \n\x1c\x41GENT_EXIT_KIND_START_FAILED\x10\x07\x12\x1b\n\x17\x41GENT_EXIT_KIND_UNKNOWN\x10\x08*\x83\x01\n\rRestartPolicy\x12\x1e\n\x1aRESTART_POLICY_UNSPECIFIED\x10\x00\x12\x19\n\x15RESTART_POLICY_ALWAYS\x10\x01\x12\x1d\n\x19RESTART_POLICY_ON_FAILURE\x10\x02\x12\x18\n\x14RESTART_POLICY_NEVER\x10\x03*U\n\x0fHealthCheckKind\x12!\n\x1dHEALTH_CHECK_KIND_UNSPECIFIED\x10\x00\x12\x1f\n\x1bHEALTH_CHECK_KIND_HEARTBEAT\x10\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -41,20 +41,22 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_AGENTSPEC_ENVENTRY']._serialized_options = b'8\001'
   _globals['_AGENTSPEC_LABELSENTRY']._loaded_options = None
   _globals['_AGENTSPEC_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_AGENTSTATUS']._serialized_start=1866
-  _globals['_AGENTSTATUS']._serialized_end=2116
-  _globals['_AGENTHEALTH']._serialized_start=2118
-  _globals['_AGENTHEALTH']._serialized_end=2241
-  _globals['_NODESTATUS']._serialized_start=2243
-  _globals['_NODESTATUS']._serialized_end=2333
-  _globals['_AGENTOPERATION']._serialized_start=2336
-  _globals['_AGENTOPERATION']._serialized_end=2467
-  _globals['_SELECTOROPERATOR']._serialized_start=2470
-  _globals['_SELECTOROPERATOR']._serialized_end=2796
-  _globals['_RESTARTPOLICY']._serialized_start=2799
-  _globals['_RESTARTPOLICY']._serialized_end=2930
-  _globals['_HEALTHCHECKKIND']._serialized_start=2932
-  _globals['_HEALTHCHECKKIND']._serialized_end=3017
+  _globals['_AGENTSTATUS']._serialized_start=2058
+  _globals['_AGENTSTATUS']._serialized_end=2308
+  _globals['_AGENTHEALTH']._serialized_start=2310
+  _globals['_AGENTHEALTH']._serialized_end=2433
+  _globals['_NODESTATUS']._serialized_start=2435
+  _globals['_NODESTATUS']._serialized_end=2525
+  _globals['_AGENTOPERATION']._serialized_start=2528
+  _globals['_AGENTOPERATION']._serialized_end=2659
+  _globals['_SELECTOROPERATOR']._serialized_start=2662
+  _globals['_SELECTOROPERATOR']._serialized_end=2988
+  _globals['_AGENTEXITKIND']._serialized_start=2991
+  _globals['_AGENTEXITKIND']._serialized_end=3276
+  _globals['_RESTARTPOLICY']._serialized_start=3279
+  _globals['_RESTARTPOLICY']._serialized_end=3410
+  _globals['_HEALTHCHECKKIND']._serialized_start=3412
+  _globals['_HEALTHCHECKKIND']._serialized_end=3497
   _globals['_LABELSELECTOR']._serialized_start=36
   _globals['_LABELSELECTOR']._serialized_end=230
   _globals['_LABELSELECTOR_MATCHLABELSENTRY']._serialized_start=180
@@ -67,18 +69,20 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_METRICDATA_VALUESENTRY']._serialized_end=496
   _globals['_RESOURCEDATAPOINT']._serialized_start=499
   _globals['_RESOURCEDATAPOINT']._serialized_end=697
-  _globals['_AGENTINFO']._serialized_start=700
-  _globals['_AGENTINFO']._serialized_end=1091
-  _globals['_AGENTINFO_LABELSENTRY']._serialized_start=1046
-  _globals['_AGENTINFO_LABELSENTRY']._serialized_end=1091
-  _globals['_AGENTSPEC']._serialized_start=1094
-  _globals['_AGENTSPEC']._serialized_end=1689
-  _globals['_AGENTSPEC_ENVENTRY']._serialized_start=1600
-  _globals['_AGENTSPEC_ENVENTRY']._serialized_end=1642
-  _globals['_AGENTSPEC_LABELSENTRY']._serialized_start=1046
-  _globals['_AGENTSPEC_LABELSENTRY']._serialized_end=1091
-  _globals['_BACKOFF']._serialized_start=1691
-  _globals['_BACKOFF']._serialized_end=1782
-  _globals['_HEALTHCHECK']._serialized_start=1784
-  _globals['_HEALTHCHECK']._serialized_end=1863
+  _globals['_LASTEXIT']._serialized_start=699
+  _globals['_LASTEXIT']._serialized_end=797
+  _globals['_AGENTINFO']._serialized_start=800
+  _globals['_AGENTINFO']._serialized_end=1283
+  _globals['_AGENTINFO_LABELSENTRY']._serialized_start=1238
+  _globals['_AGENTINFO_LABELSENTRY']._serialized_end=1283
+  _globals['_AGENTSPEC']._serialized_start=1286
+  _globals['_AGENTSPEC']._serialized_end=1881
+  _globals['_AGENTSPEC_ENVENTRY']._serialized_start=1792
+  _globals['_AGENTSPEC_ENVENTRY']._serialized_end=1834
+  _globals['_AGENTSPEC_LABELSENTRY']._serialized_start=1238
+  _globals['_AGENTSPEC_LABELSENTRY']._serialized_end=1283
+  _globals['_BACKOFF']._serialized_start=1883
+  _globals['_BACKOFF']._serialized_end=1974
+  _globals['_HEALTHCHECK']._serialized_start=1976
+  _globals['_HEALTHCHECK']._serialized_end=2055
 # @@protoc_insertion_point(module_scope)

@@ -201,6 +201,54 @@ SELECTOR_OPERATOR_NOT_EQUALS: SelectorOperator.ValueType  # 9
 """`k!=v`: as NOT_IN with exactly one value."""
 Global___SelectorOperator: _TypeAlias = SelectorOperator  # noqa: Y015
 
+class _AgentExitKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AgentExitKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AgentExitKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    AGENT_EXIT_KIND_UNSPECIFIED: _AgentExitKind.ValueType  # 0
+    """It never ended (no last exit yet)."""
+    AGENT_EXIT_KIND_EXITED: _AgentExitKind.ValueType  # 1
+    """It exited on its own, with an exit code."""
+    AGENT_EXIT_KIND_KILLED: _AgentExitKind.ValueType  # 2
+    """A signal nobody in Fleet sent killed it (kill -9, the OOM killer, ...)."""
+    AGENT_EXIT_KIND_UNHEALTHY: _AgentExitKind.ValueType  # 3
+    """The daemon stopped it: its health check failed."""
+    AGENT_EXIT_KIND_OPERATOR: _AgentExitKind.ValueType  # 4
+    """An operator stopped or restarted it."""
+    AGENT_EXIT_KIND_UPDATED: _AgentExitKind.ValueType  # 5
+    """The daemon stopped it for a new spec, or because it was removed."""
+    AGENT_EXIT_KIND_DAEMON: _AgentExitKind.ValueType  # 6
+    """It was stopped with the daemon (stop_agents_on_exit)."""
+    AGENT_EXIT_KIND_START_FAILED: _AgentExitKind.ValueType  # 7
+    """There was no process: it could not be started."""
+    AGENT_EXIT_KIND_UNKNOWN: _AgentExitKind.ValueType  # 8
+    """A re-adopted process ended: not the daemon's child, its code is unknown."""
+
+class AgentExitKind(_AgentExitKind, metaclass=_AgentExitKindEnumTypeWrapper):
+    """Why an agent's last process ended."""
+
+AGENT_EXIT_KIND_UNSPECIFIED: AgentExitKind.ValueType  # 0
+"""It never ended (no last exit yet)."""
+AGENT_EXIT_KIND_EXITED: AgentExitKind.ValueType  # 1
+"""It exited on its own, with an exit code."""
+AGENT_EXIT_KIND_KILLED: AgentExitKind.ValueType  # 2
+"""A signal nobody in Fleet sent killed it (kill -9, the OOM killer, ...)."""
+AGENT_EXIT_KIND_UNHEALTHY: AgentExitKind.ValueType  # 3
+"""The daemon stopped it: its health check failed."""
+AGENT_EXIT_KIND_OPERATOR: AgentExitKind.ValueType  # 4
+"""An operator stopped or restarted it."""
+AGENT_EXIT_KIND_UPDATED: AgentExitKind.ValueType  # 5
+"""The daemon stopped it for a new spec, or because it was removed."""
+AGENT_EXIT_KIND_DAEMON: AgentExitKind.ValueType  # 6
+"""It was stopped with the daemon (stop_agents_on_exit)."""
+AGENT_EXIT_KIND_START_FAILED: AgentExitKind.ValueType  # 7
+"""There was no process: it could not be started."""
+AGENT_EXIT_KIND_UNKNOWN: AgentExitKind.ValueType  # 8
+"""A re-adopted process ended: not the daemon's child, its code is unknown."""
+Global___AgentExitKind: _TypeAlias = AgentExitKind  # noqa: Y015
+
 class _RestartPolicy:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -427,6 +475,43 @@ class ResourceDataPoint(_message.Message):
 Global___ResourceDataPoint: _TypeAlias = ResourceDataPoint  # noqa: Y015
 
 @_typing.final
+class LastExit(_message.Message):
+    """How and when an agent's last process ended; kept until the next one ends,
+    so it answers "why did it restart?" while the new process runs.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    EXIT_CODE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    kind: Global___AgentExitKind.ValueType
+    exit_code: _builtins.int
+    """Exit code, or -N for signal N; -1 when unknown or there was no process."""
+    reason: _builtins.str
+    """One line: "exited with code 3", "killed by SIGKILL", "killed by the
+    health check after 12.0 s without a heartbeat", "stopped by an operator",
+    "start failed: ...".
+    """
+    time: _builtins.int
+    def __init__(
+        self,
+        *,
+        kind: Global___AgentExitKind.ValueType = ...,
+        exit_code: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        time: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exit_code", b"exit_code", "kind", b"kind", "reason", b"reason", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LastExit: _TypeAlias = LastExit  # noqa: Y015
+
+@_typing.final
 class AgentInfo(_message.Message):
     """What a daemon knows about one of its agents."""
 
@@ -466,6 +551,9 @@ class AgentInfo(_message.Message):
     HEALTH_FIELD_NUMBER: _builtins.int
     BACKOFF_UNTIL_FIELD_NUMBER: _builtins.int
     CONFIG_VERSION_FIELD_NUMBER: _builtins.int
+    LAST_EXIT_FIELD_NUMBER: _builtins.int
+    SPEC_FIELD_NUMBER: _builtins.int
+    LOG_PATH_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     type: _builtins.str
     status: Global___AgentStatus.ValueType
@@ -480,14 +568,27 @@ class AgentInfo(_message.Message):
     exit_code: _builtins.int
     """Exit code (or -signal) of the last exit; 0 if it never exited."""
     message: _builtins.str
-    """Human-readable reason for the current state ("exited 3 after 0.2s")."""
+    """Human-readable reason for the current state ("running with pid 42").
+    Why the last process ended is `last_exit`.
+    """
     health: Global___AgentHealth.ValueType
     backoff_until: _builtins.int
     """When BACKOFF ends and the next start is tried."""
     config_version: _builtins.int
     """Version of the config the agent runs with (PushUpdate / GetConfig)."""
+    log_path: _builtins.str
+    """The agent's log file on its node."""
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def last_exit(self) -> Global___LastExit: ...
+    @_builtins.property
+    def spec(self) -> Global___AgentSpec:
+        """The spec the daemon runs the agent with (DaemonService.ListAgents and
+        FleetService.ListAgents with live only). `env` carries the variable
+        names with empty values: values may be secrets.
+        """
+
     def __init__(
         self,
         *,
@@ -505,10 +606,13 @@ class AgentInfo(_message.Message):
         health: Global___AgentHealth.ValueType = ...,
         backoff_until: _builtins.int = ...,
         config_version: _builtins.int = ...,
+        last_exit: Global___LastExit | None = ...,
+        spec: Global___AgentSpec | None = ...,
+        log_path: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_exit", b"last_exit", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backoff_until", b"backoff_until", "config_version", b"config_version", "exit_code", b"exit_code", "health", b"health", "id", b"id", "labels", b"labels", "last_heartbeat", b"last_heartbeat", "message", b"message", "pid", b"pid", "restart_count", b"restart_count", "start_time", b"start_time", "status", b"status", "type", b"type", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backoff_until", b"backoff_until", "config_version", b"config_version", "exit_code", b"exit_code", "health", b"health", "id", b"id", "labels", b"labels", "last_exit", b"last_exit", "last_heartbeat", b"last_heartbeat", "log_path", b"log_path", "message", b"message", "pid", b"pid", "restart_count", b"restart_count", "spec", b"spec", "start_time", b"start_time", "status", b"status", "type", b"type", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -286,7 +286,15 @@ class NodeAgent(_message.Message):
 
     NODE_ID_FIELD_NUMBER: _builtins.int
     AGENT_FIELD_NUMBER: _builtins.int
+    STALE_FIELD_NUMBER: _builtins.int
+    REPORTED_AT_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
+    stale: _builtins.bool
+    """The node is offline: `agent` is what its daemon last said, at
+    `reported_at`, and may no longer be true.
+    """
+    reported_at: _builtins.int
+    """When the daemon reported this state (synced states; 0 for live ones)."""
     @_builtins.property
     def agent(self) -> _common_pb2.AgentInfo: ...
     def __init__(
@@ -294,10 +302,12 @@ class NodeAgent(_message.Message):
         *,
         node_id: _builtins.str = ...,
         agent: _common_pb2.AgentInfo | None = ...,
+        stale: _builtins.bool = ...,
+        reported_at: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "node_id", b"node_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "node_id", b"node_id", "reported_at", b"reported_at", "stale", b"stale"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -463,22 +473,32 @@ class FleetServiceListAgentsRequest(_message.Message):
     NODE_ID_FIELD_NUMBER: _builtins.int
     SELECTOR_FIELD_NUMBER: _builtins.int
     LIVE_FIELD_NUMBER: _builtins.int
+    STATUSES_FIELD_NUMBER: _builtins.int
+    UNHEALTHY_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """One node, or every node the selector matches (empty: all nodes)."""
     live: _builtins.bool
     """Ask the daemons now instead of reading their last synced states."""
+    unhealthy: _builtins.bool
+    """Only agents whose health is UNHEALTHY."""
     @_builtins.property
     def selector(self) -> _common_pb2.LabelSelector: ...
+    @_builtins.property
+    def statuses(self) -> _containers.RepeatedScalarFieldContainer[_common_pb2.AgentStatus.ValueType]:
+        """Only agents in one of these states (empty: any)."""
+
     def __init__(
         self,
         *,
         node_id: _builtins.str = ...,
         selector: _common_pb2.LabelSelector | None = ...,
         live: _builtins.bool = ...,
+        statuses: _abc.Iterable[_common_pb2.AgentStatus.ValueType] | None = ...,
+        unhealthy: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["selector", b"selector"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["live", b"live", "node_id", b"node_id", "selector", b"selector"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["live", b"live", "node_id", b"node_id", "selector", b"selector", "statuses", b"statuses", "unhealthy", b"unhealthy"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

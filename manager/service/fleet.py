@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 from fleet.errors import FleetError, InvalidArgument, NotFound, Resource
 from fleet.labels import MAX_LABELS, validate_label_key, validate_label_value, validate_labels
 from fleet.selectors import Selector
-from fleet.v1 import daemon_pb2
+from fleet.v1 import common_pb2, daemon_pb2
 from manager.pool import ConnectionState, DaemonPool
 from manager.service.metrics import MetricsService, MetricType, metric_types, missing_metric
 from manager.service.operations import OperationRecorder, Operations, record_from_info
@@ -56,6 +56,12 @@ class NodeAgent:
     """The node."""
     agent: AgentStateRecord
     """The agent (as synced, or as the daemon answered just now)."""
+    stale: bool = False
+    """The node is offline: `agent` is what its daemon last said (at `agent.reported_ms`)."""
+    spec: common_pb2.AgentSpec | None = None
+    """The spec the daemon runs it with, env values left out (live answers only)."""
+    log_path: str = ""
+    """Its log file on the node (live answers only)."""
 
 
 @dataclass(frozen=True)
@@ -170,12 +176,33 @@ class FleetQueries:
         *,
         live: bool = False,
         call_timeout: float | None = None,
+        statuses: Collection[str] = (),
+        unhealthy: bool = False,
     ) -> AgentListing:
-        """Agents of one node or of the selected nodes (all nodes if neither is given)."""
+        """Agents of one node or of the selected nodes (all nodes if neither is given).
+
+        Only those in `statuses` (names like "FATAL"; empty: any) and, with
+        `unhealthy`, only UNHEALTHY ones. Synced states of offline nodes are
+        marked stale.
+        """
+        listing = await self._list_agents(node_id, selector, live=live, call_timeout=call_timeout)
+        wanted = set(statuses)
+        listing.agents[:] = [
+            a
+            for a in listing.agents
+            if (not wanted or a.agent.status in wanted)
+            and (not unhealthy or a.agent.health == "UNHEALTHY")
+        ]
+        return listing
+
+    async def _list_agents(
+        self, node_id: str, selector: Selector, *, live: bool, call_timeout: float | None
+    ) -> AgentListing:
         nodes = await self._target_nodes(node_id, selector)
         if not live:
+            offline = {n.node_id for n in nodes if n.status == "offline"}
             states = await self._agents.list(node_ids=[n.node_id for n in nodes])
-            return AgentListing([NodeAgent(s.node_id, s) for s in states])
+            return AgentListing([NodeAgent(s.node_id, s, s.node_id in offline) for s in states])
         sem = asyncio.Semaphore(self._live_concurrency)
 
         async def ask(node: NodeRecord) -> list[NodeAgent] | str:
@@ -187,7 +214,15 @@ class FleetQueries:
                 except FleetError as exc:
                     return exc.message
             infos = sorted(resp.agents, key=lambda a: a.id)
-            return [NodeAgent(node.node_id, record_from_info(node.node_id, i)) for i in infos]
+            return [
+                NodeAgent(
+                    node.node_id,
+                    record_from_info(node.node_id, i),
+                    spec=i.spec if i.HasField("spec") else None,
+                    log_path=i.log_path,
+                )
+                for i in infos
+            ]
 
         answers = await asyncio.gather(*(ask(n) for n in nodes))
         listing = AgentListing([])

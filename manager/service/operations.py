@@ -148,7 +148,20 @@ def record_from_info(node_id: str, info: common_pb2.AgentInfo) -> AgentStateReco
         labels=dict(info.labels),
         health=health,
         config_version=info.config_version,
+        last_exit_kind=_exit_kind(info),
+        last_exit_code=info.last_exit.exit_code,
+        last_exit_reason=info.last_exit.reason,
+        last_exit_ms=info.last_exit.time,
     )
+
+
+def _exit_kind(info: common_pb2.AgentInfo) -> str:
+    try:
+        name = common_pb2.AgentExitKind.Name(info.last_exit.kind)
+    except ValueError:  # a newer daemon's enum value
+        return "unknown"
+    kind = name.removeprefix("AGENT_EXIT_KIND_").lower()
+    return "" if kind == "unspecified" else kind
 
 
 class OperationRecorder:

@@ -21,7 +21,7 @@ from fleet.tls import require_role
 from fleet.v1 import common_pb2, fleet_pb2, fleet_pb2_grpc
 from manager.pool import ConnectionState, DaemonPool
 from manager.service.event_feed import EventFeed
-from manager.service.fleet import FleetQueries, NodeView
+from manager.service.fleet import FleetQueries, NodeAgent, NodeView
 from manager.service.metrics import MetricsService
 from manager.service.operations import (
     Action,
@@ -122,6 +122,14 @@ def agent_info(record: AgentStateRecord) -> common_pb2.AgentInfo:
         labels=record.labels,
         health=_enum_value(common_pb2.AgentHealth, "AGENT_HEALTH_", record.health),
         config_version=record.config_version,
+        last_exit=common_pb2.LastExit(
+            kind=_enum_value(common_pb2.AgentExitKind, "AGENT_EXIT_KIND_", record.last_exit_kind),
+            exit_code=record.last_exit_code,
+            reason=record.last_exit_reason,
+            time=record.last_exit_ms,
+        )
+        if record.last_exit_ms or record.last_exit_kind
+        else None,
     )
 
 
@@ -165,6 +173,28 @@ def _event(record: EventRecord) -> fleet_pb2.Event:
         actor=record.actor,
         attributes=record.attributes,
     )
+
+
+def _node_agent(a: NodeAgent) -> fleet_pb2.NodeAgent:
+    info = agent_info(a.agent)
+    if a.spec is not None:
+        info.spec.CopyFrom(a.spec)
+    info.log_path = a.log_path
+    return fleet_pb2.NodeAgent(
+        node_id=a.node_id, agent=info, stale=a.stale, reported_at=a.agent.reported_ms
+    )
+
+
+def _statuses(values: Any) -> list[str]:
+    out = []
+    for i, value in enumerate(values):
+        if value == common_pb2.AGENT_STATUS_UNSPECIFIED:
+            raise InvalidArgument("AGENT_STATUS_UNSPECIFIED is not a state", field=f"statuses[{i}]")
+        try:
+            out.append(common_pb2.AgentStatus.Name(value).removeprefix("AGENT_STATUS_"))
+        except ValueError:
+            raise InvalidArgument(f"unknown agent status {value}", field=f"statuses[{i}]") from None
+    return out
 
 
 def _action(value: int) -> Action:
@@ -248,13 +278,15 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
         self._operator(context)
         selector = selectors.from_proto(request.selector)
         listing = await self._q.list_agents(
-            request.node_id, selector, live=request.live, call_timeout=self._timeout(context)
+            request.node_id,
+            selector,
+            live=request.live,
+            call_timeout=self._timeout(context),
+            statuses=_statuses(request.statuses),
+            unhealthy=request.unhealthy,
         )
         return fleet_pb2.FleetServiceListAgentsResponse(
-            agents=[
-                fleet_pb2.NodeAgent(node_id=a.node_id, agent=agent_info(a.agent))
-                for a in listing.agents
-            ],
+            agents=[_node_agent(a) for a in listing.agents],
             errors=[fleet_pb2.TargetError(node_id=n, message=m) for n, m in listing.errors],
         )
 

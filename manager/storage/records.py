@@ -101,6 +101,17 @@ class AgentStateRecord:
     """Health as reported, e.g. "HEALTHY"."""
     config_version: int = 0
     """Version of the config the agent runs with (never negative)."""
+    last_exit_kind: str = ""
+    """Why the last process ended: exited, killed, unhealthy, operator, updated, daemon,
+    start_failed, unknown; "" if none ever did."""
+    last_exit_code: int = 0
+    """Its exit code (-N: signal N, -1: unknown or no process)."""
+    last_exit_reason: str = ""
+    """Its reason in words ("killed by SIGKILL")."""
+    last_exit_ms: int = 0
+    """When it ended."""
+    reported_ms: int = 0
+    """When the daemon reported this state (set by the manager when storing it)."""
 
 
 @dataclass(frozen=True)

@@ -32,11 +32,11 @@ def test_agents_list_all_nodes(fleetctl: Fleetctl) -> None:
 
 
 def test_agents_list_wide_adds_columns(fleetctl: Fleetctl) -> None:
-    """-o wide shows the extra columns (HEALTH, VERSION, EXIT, MESSAGE, LABELS)."""
+    """-o wide shows the extra columns (HEALTH, VERSION, LAST EXIT, MESSAGE, LABELS)."""
     result = fleetctl("-o", "wide", "agents", "list", "--node", "node-3")
     assert result.exit_code == 0, result.output
     header = result.stdout.splitlines()[0].split()
-    assert header[-5:] == ["HEALTH", "VERSION", "EXIT", "MESSAGE", "LABELS"]
+    assert header[-6:] == ["HEALTH", "VERSION", "LAST", "EXIT", "MESSAGE", "LABELS"]
 
 
 def test_agents_list_node_and_selector_conflict(fleetctl: Fleetctl) -> None:
