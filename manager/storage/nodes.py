@@ -399,8 +399,8 @@ class NodeRepository:
                 elif key in old.daemon_labels:
                     raise FailedPrecondition(
                         f"label {key!r} of {node_id} comes from its daemon's config (the"
-                        " [labels] of its daemon.toml); only the host can change it. An"
-                        f" operator label {key}=... would override it"
+                        " [labels] of its daemon.toml), which only the host can change;"
+                        " an operator label with the same key overrides it"
                     )
             effective = effective_labels(old.daemon_labels, operator)
             if operator != old.operator_labels:
