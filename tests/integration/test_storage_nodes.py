@@ -214,11 +214,11 @@ async def test_update_labels_sets_removes_and_records_event(database: Database) 
     """Operator labels are set then removed; each change is an event naming the actor."""
     nodes = NodeRepository(database)
     await nodes.upsert(node_record(labels={"zone": "a"}), now_ms=1_000)
-    got = await nodes.update_labels(
+    before, got = await nodes.update_labels(
         "node-1", {"tier": "web", "old": "x"}, [], actor="operator/alice", now_ms=2_000
     )
-    assert got.labels == {"old": "x", "tier": "web", "zone": "a"}
-    got = await nodes.update_labels("node-1", {}, ["old"], actor="operator/alice", now_ms=2_500)
+    assert (before.labels, got.labels) == ({"zone": "a"}, {"old": "x", "tier": "web", "zone": "a"})
+    _, got = await nodes.update_labels("node-1", {}, ["old"], actor="operator/alice", now_ms=2_500)
     stored = await nodes.get("node-1")
     assert stored is not None
     assert stored.labels == got.labels == {"tier": "web", "zone": "a"}
@@ -276,7 +276,7 @@ async def test_an_operator_label_overrides_the_daemons_until_removed(database: D
     got = await nodes.get("node-1")
     assert got is not None
     assert got.labels == {"env": "canary"}
-    back = await nodes.update_labels("node-1", {}, ["env"], actor="operator/a", now_ms=4_000)
+    _, back = await nodes.update_labels("node-1", {}, ["env"], actor="operator/a", now_ms=4_000)
     assert back.labels == {"env": "prod"}
     assert back.operator_labels == {}
 
