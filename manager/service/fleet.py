@@ -152,7 +152,9 @@ class FleetQueries:
         node = await self._ops.node(node_id)
         operator = {k: v for k, v in {**node.operator_labels, **set_}.items() if k not in remove}
         merged = {**node.daemon_labels, **operator}
-        if len(merged) > MAX_LABELS:
+        # Only growth is refused: a daemon may have taken the node past the cap
+        # since operators labelled it, and they must still be able to shed labels.
+        if len(merged) > MAX_LABELS and len(merged) > len(node.labels):
             raise InvalidArgument(
                 f"{node_id} would have {len(merged)} labels; at most {MAX_LABELS} are allowed",
                 field="set",
