@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Collection
 from typing import Annotated, Any
 
 import typer
@@ -180,8 +181,15 @@ def parse_label_changes(args: list[str]) -> tuple[dict[str, str], list[str]]:
     return to_set, to_remove
 
 
-def label_notes(node: fleet_pb2.Node, to_set: dict[str, str], to_remove: list[str]) -> list[str]:
-    """What an operator should know after a label change: overrides and daemon values."""
+def label_notes(
+    node: fleet_pb2.Node,
+    to_set: dict[str, str],
+    to_remove: list[str],
+    *,
+    absent: Collection[str] = (),
+) -> list[str]:
+    """What an operator should know after a label change: overrides, daemon values,
+    and keys to remove that the node did not have (`absent`, from the manager)."""
     notes = []
     for key in sorted(to_set):
         if key in node.daemon_labels and node.daemon_labels[key] != to_set[key]:
@@ -190,7 +198,9 @@ def label_notes(node: fleet_pb2.Node, to_set: dict[str, str], to_remove: list[st
                 f" daemon's config; '{key}-' removes the override"
             )
     for key in sorted(to_remove):
-        if key in node.daemon_labels:
+        if key in absent:
+            notes.append(f"{key}: {node.node_id} has no such label; nothing removed")
+        elif key in node.daemon_labels:
             notes.append(
                 f"{key}: the operator's value is removed; {key}={node.daemon_labels[key]}"
                 " from the daemon's config applies (only the host can change that one)"
@@ -228,7 +238,7 @@ def label_node(
         else:
             labels = ",".join(f"{k}={v}" for k, v in sorted(reply.node.labels.items())) or "-"
             cli.out.print(f"node/{reply.node.node_id} labeled: {labels}", markup=False)
-        for line in label_notes(reply.node, to_set, to_remove):
+        for line in label_notes(reply.node, to_set, to_remove, absent=reply.absent_keys):
             cli.note(f"fleetctl: {line}")
         return EXIT_OK
 

@@ -428,7 +428,7 @@ class FleetServiceUpdateNodeLabelsRequest(_message.Message):
     def remove(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Operator label keys to remove. A key only the daemon's config sets is
         FAILED_PRECONDITION (only the host can change it); a key nobody set is
-        ignored.
+        ignored and listed in the response's absent_keys.
         """
 
     def __init__(
@@ -451,16 +451,24 @@ class FleetServiceUpdateNodeLabelsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     NODE_FIELD_NUMBER: _builtins.int
+    ABSENT_KEYS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def node(self) -> Global___Node: ...
+    @_builtins.property
+    def absent_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Keys of `remove` the node had no label for: nothing was removed for them
+        (not an error, as in kubectl).
+        """
+
     def __init__(
         self,
         *,
         node: Global___Node | None = ...,
+        absent_keys: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["absent_keys", b"absent_keys", "node", b"node"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

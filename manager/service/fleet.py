@@ -26,7 +26,7 @@ from manager.service.metrics import MetricsService, MetricType, metric_types, mi
 from manager.service.operations import OperationRecorder, Operations, record_from_info
 from manager.storage import AgentStateRecord, AgentStateRepository, NodeRecord, NodeRepository
 
-__all__ = ["AgentListing", "FleetQueries", "NodeAgent", "NodeView"]
+__all__ = ["AgentListing", "FleetQueries", "LabelsUpdated", "NodeAgent", "NodeView"]
 
 DEFAULT_BUCKETS = 60
 """Buckets a metric query gets when it does not name a step."""
@@ -46,6 +46,16 @@ class NodeView:
     """The pool's connection state to its daemon."""
     agent_counts: Mapping[str, int]
     """Agents (as last synced) per status name."""
+
+
+@dataclass(frozen=True)
+class LabelsUpdated:
+    """The answer to UpdateNodeLabels."""
+
+    view: NodeView
+    """The node afterwards."""
+    absent: list[str]
+    """Keys to remove that the node had no label for: nothing was removed (no error)."""
 
 
 @dataclass(frozen=True)
@@ -124,7 +134,7 @@ class FleetQueries:
 
     async def update_labels(
         self, node_id: str, set_: Mapping[str, str], remove: Collection[str], *, actor: str
-    ) -> NodeView:
+    ) -> LabelsUpdated:
         """Set and remove operator labels (Kubernetes syntax), audited; the node afterwards.
 
         Operator labels overlay the daemon's and survive its re-registration; a
@@ -142,12 +152,14 @@ class FleetQueries:
         node = await self._ops.node(node_id)
         operator = {k: v for k, v in {**node.operator_labels, **set_}.items() if k not in remove}
         merged = {**node.daemon_labels, **operator}
-        if len(merged) > MAX_LABELS:
+        # Only growth is refused: a daemon may have taken the node past the cap
+        # since operators labelled it, and they must still be able to shed labels.
+        if len(merged) > MAX_LABELS and len(merged) > len(node.labels):
             raise InvalidArgument(
                 f"{node_id} would have {len(merged)} labels; at most {MAX_LABELS} are allowed",
                 field="set",
             )
-        updated = await self._nodes.update_labels(
+        before, updated = await self._nodes.update_labels(
             node_id, set_, remove, actor=actor, now_ms=int(self._clock() * 1000)
         )
         change = [f"{k}={v}" for k, v in sorted(set_.items())] + [f"{k}-" for k in sorted(remove)]
@@ -160,7 +172,8 @@ class FleetQueries:
             message=f"{actor} labelled {node_id}: {' '.join(change)}",
             node_id=node_id,
         )
-        return self._view(updated, await self._agents.counts_by_status(node_id))
+        view = self._view(updated, await self._agents.counts_by_status(node_id))
+        return LabelsUpdated(view, sorted(k for k in set(remove) if k not in before.labels))
 
     async def _target_nodes(self, node_id: str, selector: Selector) -> list[NodeRecord]:
         if node_id:

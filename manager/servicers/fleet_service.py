@@ -267,10 +267,12 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
         self, request: fleet_pb2.FleetServiceUpdateNodeLabelsRequest, context: _Context
     ) -> fleet_pb2.FleetServiceUpdateNodeLabelsResponse:
         actor = self._operator(context)
-        view = await self._q.update_labels(
+        updated = await self._q.update_labels(
             request.node_id, dict(request.set), list(request.remove), actor=actor
         )
-        return fleet_pb2.FleetServiceUpdateNodeLabelsResponse(node=_node(view))
+        return fleet_pb2.FleetServiceUpdateNodeLabelsResponse(
+            node=_node(updated.view), absent_keys=updated.absent
+        )
 
     async def ListAgents(
         self, request: fleet_pb2.FleetServiceListAgentsRequest, context: _Context

@@ -371,8 +371,8 @@ class NodeRepository:
         *,
         actor: str,
         now_ms: int,
-    ) -> NodeRecord:
-        """Set and remove operator labels; the node afterwards.
+    ) -> tuple[NodeRecord, NodeRecord]:
+        """Set and remove operator labels; the node before and after the change.
 
         Operator labels overlay the daemon's and survive re-registration.
         Removing a key only the daemon's config sets is FailedPrecondition (only
@@ -381,7 +381,7 @@ class NodeRepository:
         node; NODE_LABELS_UPDATED when the effective labels changed.
         """
 
-        async def body(conn: AsyncConnection) -> NodeRecord:
+        async def body(conn: AsyncConnection) -> tuple[NodeRecord, NodeRecord]:
             row = (
                 await conn.execute(
                     select(nodes).where(nodes.c.node_id == node_id).with_for_update()
@@ -419,7 +419,7 @@ class NodeRepository:
                         )
                     ],
                 )  # fmt: skip
-            return dataclasses.replace(old, labels=effective, operator_labels=operator)
+            return old, dataclasses.replace(old, labels=effective, operator_labels=operator)
 
         return await self._db.run(body)
 

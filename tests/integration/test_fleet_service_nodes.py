@@ -157,6 +157,58 @@ async def test_operator_labels_survive_re_registration_over_grpc(pki: Any, tmp_p
         assert [e.action for e in audit] == ["nodes.label"]  # only the accepted change
 
 
+async def test_removing_keys_the_node_lacks_is_reported_not_refused(
+    pki: Any, tmp_path: Path
+) -> None:
+    """Keys to remove the node has no label for come back in absent_keys; the rest is applied."""
+    async with fleet_env(pki, tmp_path) as env:
+        await env.add_nodes("n1", labels=PROD)
+        await env.stub.UpdateNodeLabels(
+            fleet_pb2.FleetServiceUpdateNodeLabelsRequest(
+                node_id="n1", set={"canary": "true", "env": "qa"}
+            )
+        )
+        resp = await env.stub.UpdateNodeLabels(
+            fleet_pb2.FleetServiceUpdateNodeLabelsRequest(
+                node_id="n1", remove=["nope", "canary", "env", "nope"]
+            )
+        )
+        assert list(resp.absent_keys) == ["nope"]  # canary and the env override were removed
+        assert dict(resp.node.labels) == PROD
+        resp = await env.stub.UpdateNodeLabels(
+            fleet_pb2.FleetServiceUpdateNodeLabelsRequest(node_id="n1", remove=["canary"])
+        )
+        assert list(resp.absent_keys) == ["canary"]
+        events = env.stub.WatchEvents(
+            fleet_pb2.FleetServiceWatchEventsRequest(
+                kinds=[fleet_pb2.EVENT_KIND_NODE_LABELS_UPDATED]
+            )
+        )
+        assert len([m async for m in events]) == 2  # the no-op wrote no label event
+
+
+async def test_a_node_past_the_label_cap_can_shed_but_not_grow(pki: Any, tmp_path: Path) -> None:
+    """A daemon that took the node past 64 labels: operators may remove theirs, not add more."""
+    async with fleet_env(pki, tmp_path) as env:
+        await env.add_nodes("n1", labels={f"k{i:02d}": "x" for i in range(62)})
+        await env.stub.UpdateNodeLabels(
+            fleet_pb2.FleetServiceUpdateNodeLabelsRequest(node_id="n1", set={"a": "1", "b": "2"})
+        )
+        env.fleet["n1"].servicer.labels = {f"k{i:02d}": "x" for i in range(64)}
+        await env.fleet["n1"].register(env.address, env.pki.trust_domain)  # 66 labels now
+        shed = await env.stub.UpdateNodeLabels(
+            fleet_pb2.FleetServiceUpdateNodeLabelsRequest(node_id="n1", remove=["a"])
+        )
+        assert len(shed.node.labels) == 65
+        err = await rpc_error(
+            env.stub.UpdateNodeLabels(
+                fleet_pb2.FleetServiceUpdateNodeLabelsRequest(node_id="n1", set={"c": "3"})
+            )
+        )
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "n1 would have 66 labels; at most 64 are allowed" in (err.details() or "")
+
+
 @pytest.mark.parametrize(
     ("fields", "needle"),
     [

@@ -11,9 +11,9 @@ import importlib
 import json
 
 from alembic import command
-from sqlalchemy import column, insert, table
+from sqlalchemy import column, insert, select, table
 
-from manager.storage import Database, NodeRepository
+from manager.storage import AgentStateRepository, Database, NodeRepository
 from manager.storage.db import _alembic_config
 from manager.storage.schema import events
 
@@ -30,6 +30,29 @@ OLD_NODES = table(
         )
     ),
 )  # fmt: skip
+
+
+# The agent_states table as revision 0001 made it.
+OLD_AGENTS = table(
+    "agent_states",
+    *(
+        column(name)
+        for name in (
+            "node_id", "agent_id", "status", "pid", "last_heartbeat_ms", "type", "version",
+            "start_time_ms", "restart_count", "exit_code", "message", "labels", "health",
+            "config_version",
+        )
+    ),
+)  # fmt: skip
+
+
+def _agent(node_id: str, agent_id: str) -> dict[str, object]:
+    return {
+        "node_id": node_id, "agent_id": agent_id, "status": "RUNNING", "pid": 42,
+        "last_heartbeat_ms": 1, "type": agent_id, "version": "1", "start_time_ms": 1,
+        "restart_count": 0, "exit_code": 0, "message": "", "labels": "{}", "health": "",
+        "config_version": 0,
+    }  # fmt: skip
 
 
 def _node(node_id: str, labels: dict[str, str]) -> dict[str, object]:
@@ -103,3 +126,33 @@ def test_recovery_rule_on_plain_values() -> None:
     ]
     assert recover({"x": "9", "y": "2"}, changes) == {"y": "2"}
     assert recover({"x": "9", "y": "changed-elsewhere"}, changes) == {}
+
+
+async def test_upgrade_and_downgrade_keep_nodes_and_their_agents(database_url: str) -> None:
+    """0001 -> head -> 0001 changes columns only: nodes, their labels and agents all stay.
+
+    (On SQLite, rebuilding `nodes` would cascade-delete every agent state.)
+    """
+    db = await Database.open(database_url)
+    try:
+        async with db.engine.begin() as conn:
+            await conn.run_sync(lambda c: command.upgrade(_alembic_config(c), "0001_initial"))
+            await conn.execute(insert(OLD_NODES), [_node("n1", {"env": "prod"})])
+            await conn.execute(insert(OLD_AGENTS), [_agent("n1", "web")])
+        await db.migrate()
+        nodes = NodeRepository(db)
+        await nodes.update_labels("n1", {"canary": "true"}, [], actor="operator/a", now_ms=2)
+        assert [a.agent_id for a in await AgentStateRepository(db).list()] == ["web"]
+
+        async with db.engine.begin() as conn:
+            await conn.run_sync(lambda c: command.downgrade(_alembic_config(c), "0001_initial"))
+        assert await db.schema_revision() == "0001_initial"
+        async with db.engine.connect() as conn:
+            rows = (await conn.execute(select(OLD_NODES.c.node_id, OLD_NODES.c.labels))).all()
+            agents = (await conn.execute(select(OLD_AGENTS.c.agent_id))).scalars().all()
+        assert [(n, json.loads(labels)) for n, labels in rows] == [
+            ("n1", {"canary": "true", "env": "prod"})
+        ]
+        assert agents == ["web"]
+    finally:
+        await db.close()

@@ -214,11 +214,11 @@ async def test_update_labels_sets_removes_and_records_event(database: Database) 
     """Operator labels are set then removed; each change is an event naming the actor."""
     nodes = NodeRepository(database)
     await nodes.upsert(node_record(labels={"zone": "a"}), now_ms=1_000)
-    got = await nodes.update_labels(
+    before, got = await nodes.update_labels(
         "node-1", {"tier": "web", "old": "x"}, [], actor="operator/alice", now_ms=2_000
     )
-    assert got.labels == {"old": "x", "tier": "web", "zone": "a"}
-    got = await nodes.update_labels("node-1", {}, ["old"], actor="operator/alice", now_ms=2_500)
+    assert (before.labels, got.labels) == ({"zone": "a"}, {"old": "x", "tier": "web", "zone": "a"})
+    _, got = await nodes.update_labels("node-1", {}, ["old"], actor="operator/alice", now_ms=2_500)
     stored = await nodes.get("node-1")
     assert stored is not None
     assert stored.labels == got.labels == {"tier": "web", "zone": "a"}
@@ -276,7 +276,7 @@ async def test_an_operator_label_overrides_the_daemons_until_removed(database: D
     got = await nodes.get("node-1")
     assert got is not None
     assert got.labels == {"env": "canary"}
-    back = await nodes.update_labels("node-1", {}, ["env"], actor="operator/a", now_ms=4_000)
+    _, back = await nodes.update_labels("node-1", {}, ["env"], actor="operator/a", now_ms=4_000)
     assert back.labels == {"env": "prod"}
     assert back.operator_labels == {}
 
@@ -321,6 +321,37 @@ async def test_touch_many_updates_last_seen_in_one_statement(database: Database)
     n599 = await nodes.get("n599")
     assert n599 is not None
     assert n599.last_seen_ms == 2_599
+
+
+async def test_reregistering_600_nodes_is_one_update_even_with_new_labels(
+    database: Database,
+) -> None:
+    """A registration storm stays a handful of statements when some daemons bring new labels."""
+    nodes = NodeRepository(database)
+    ids = [f"n{i:03d}" for i in range(600)]
+    await nodes.upsert_many([(node_record(n, labels={"env": "prod"}), 1_000) for n in ids])
+    await nodes.update_labels("n000", {"canary": "true"}, [], actor="operator/a", now_ms=1_500)
+    batch = [(node_record(n, labels={"env": "prod"}), 2_000) for n in ids]
+    batch[0] = (node_record("n000", labels={"env": "qa"}), 2_000)
+    batch[1] = (node_record("n001", labels={"env": "qa"}), 2_000)
+    statements: list[tuple[str, bool]] = []
+
+    def record(conn: Any, cursor: Any, statement: str, params: Any, ctx: Any, many: bool) -> None:
+        statements.append((" ".join(statement.split()).upper(), many))
+
+    event.listen(database.engine.sync_engine, "before_cursor_execute", record)
+    try:
+        assert await nodes.upsert_many(batch) == [False] * 600
+    finally:
+        event.remove(database.engine.sync_engine, "before_cursor_execute", record)
+    assert [many for s, many in statements if s.startswith("UPDATE NODES")] == [True]
+    assert len(statements) <= 8  # two locking reads (IN lists of 500), the update, events
+    n000, n001 = await nodes.get("n000"), await nodes.get("n001")
+    assert n000 is not None
+    assert n001 is not None
+    assert (n000.labels, n001.labels) == ({"canary": "true", "env": "qa"}, {"env": "qa"})
+    label_events = await EventRepository(database).list_after(0, kinds=["NODE_LABELS_UPDATED"])
+    assert [e.node_id for e in label_events] == ["n000", "n000", "n001"]
 
 
 async def test_concurrent_first_registrations_create_onenode_record(database: Database) -> None:

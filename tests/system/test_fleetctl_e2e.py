@@ -423,6 +423,19 @@ def test_operator_labels_survive_a_daemon_killed_and_restarted(fleet: Fleet) -> 
     assert fleet.json("nodes", "show", "n1")["labels"]["env"] == "prod"
 
 
+def test_nodes_label_says_what_removing_each_key_did(fleet: Fleet) -> None:
+    """`k-` of an override says the daemon's value is back; of a key n2 lacks, that nothing was."""
+    assert fleet.fleetctl("nodes", "label", "n2", "zone=z").returncode == 0
+    result = fleet.fleetctl("nodes", "label", "n2", "zone-", "nope-")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "node/n2 labeled: env=prod,zone=b"
+    assert result.stderr.splitlines() == [
+        "fleetctl: nope: n2 has no such label; nothing removed",
+        "fleetctl: zone: the operator's value is removed; zone=b from the daemon's config"
+        " applies (only the host can change that one)",
+    ]
+
+
 def test_fanout_with_one_daemon_down(fleet: Fleet) -> None:
     """(Runs last.) n2's daemon killed: exit 1, n2 FAILED with a reason, n1 restarted OK."""
     before = fleet.pids()

@@ -119,10 +119,11 @@ class FakeFleetService(fleet_pb2_grpc.FleetServiceServicer):
     async def UpdateNodeLabels(self, request: Any, context: Any) -> Any:
         self._enter("UpdateNodeLabels", request, context)
         node = _node(self.fleet, request.node_id)
+        absent = sorted(k for k in set(request.remove) if k not in node.labels)
         for key in request.remove:
             node.labels.pop(key, None)
         node.labels.update(request.set)
-        return fleet_pb2.FleetServiceUpdateNodeLabelsResponse(node=node)
+        return fleet_pb2.FleetServiceUpdateNodeLabelsResponse(node=node, absent_keys=absent)
 
     async def ListAgents(self, request: Any, context: Any) -> Any:
         self._enter("ListAgents", request, context)

@@ -144,3 +144,14 @@ def test_label_notes_explain_overrides_and_daemon_values() -> None:
         " (only the host can change that one)"
     ]
     assert label_notes(node, {"canary": "false"}, ["other"]) == []
+    assert label_notes(node, {}, ["nope"], absent=["nope"]) == [
+        "nope: n1 has no such label; nothing removed"
+    ]
+
+
+def test_nodes_label_says_when_a_key_to_remove_was_not_there(fleetctl: Fleetctl) -> None:
+    """`k-` for a key the node lacks succeeds (kubectl) but says nothing was removed."""
+    result = fleetctl("nodes", "label", "node-1", "nope-", "tier-")
+    assert result.exit_code == 0, result.output
+    assert result.stdout.strip() == "node/node-1 labeled: env=prod"
+    assert result.stderr.strip() == "fleetctl: nope: node-1 has no such label; nothing removed"

@@ -90,6 +90,8 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("nodes") as batch:
-        batch.drop_column("operator_labels")
-        batch.drop_column("daemon_labels")
+    # Not batch mode: on SQLite it would rebuild `nodes`, and dropping the old
+    # table cascades to agent_states (foreign keys are on). ALTER TABLE ... DROP
+    # COLUMN needs SQLite 3.35, which RETURNING already requires.
+    op.drop_column("nodes", "operator_labels")
+    op.drop_column("nodes", "daemon_labels")
