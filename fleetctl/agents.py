@@ -136,6 +136,18 @@ def parse_statuses(text: str | None) -> list[common_pb2.AgentStatus.ValueType]:
     return out
 
 
+def wanted(
+    agent: common_pb2.AgentInfo,
+    statuses: list[common_pb2.AgentStatus.ValueType],
+    *,
+    unhealthy: bool,
+) -> bool:
+    """True if `agent` passes --status and --unhealthy."""
+    if statuses and agent.status not in statuses:
+        return False
+    return not unhealthy or agent.health == common_pb2.AGENT_HEALTH_UNHEALTHY
+
+
 def stale_note(rows: list[dict[str, Any]], now_ms: int) -> list[str]:
     """One line per offline node whose agents are shown as last reported."""
     reported: dict[str, int] = {}
@@ -192,7 +204,10 @@ def list_agents(
         )
         now_ms = int(time.time() * 1000)
         rows = []
-        for item in sorted(reply.agents, key=lambda a: (a.node_id, a.agent.id)):
+        # The manager filters; a manager older than the filters ignores them (an
+        # unknown field), so filter again rather than ever show more than asked.
+        agents = [a for a in reply.agents if wanted(a.agent, statuses, unhealthy=unhealthy)]
+        for item in sorted(agents, key=lambda a: (a.node_id, a.agent.id)):
             row = node_agent_view(item)
             row["uptime_start_ms"] = item.agent.start_time if row["status"] == "RUNNING" else 0
             rows.append(row)
@@ -259,7 +274,11 @@ _SPEC_FIELDS = [
 def show_fields(
     view: dict[str, Any], *, now_ms: int, unreachable: str = ""
 ) -> tuple[dict[str, Any], list[tuple[str, str]]]:
-    """The human form of `agents show`: the state, then the spec (or why it is missing)."""
+    """The human form of `agents show`: the state, then the spec (or why it is missing).
+
+    `unreachable`: why the daemon could not be asked, when `view` is the
+    manager's copy of the state instead of the daemon's answer.
+    """
     human = dict(view)
     how = view.get("last_exit")
     human["last_exit_line"] = (
@@ -268,23 +287,29 @@ def show_fields(
         if how
         else "never exited"
     )
-    human["reported_line"] = (
-        f"{view['reported_at']} ({format_age(int(view['reported_at_ms']), now_ms=now_ms)})"
-        + ("; the node is OFFLINE, this is what its daemon last said" if view["stale"] else "")
-        if view.get("reported_at_ms")
-        else "live (asked the daemon now)"
-    )
+    reported_ms = int(view.get("reported_at_ms") or 0)
+    if not unreachable:
+        human["reported_line"] = "live (asked the daemon now)"
+    elif reported_ms:
+        human["reported_line"] = (
+            f"{view['reported_at']} ({format_age(reported_ms, now_ms=now_ms)})"
+            + ("; the node is OFFLINE, this is what its daemon last said" if view["stale"] else "")
+        )
+    else:
+        human["reported_line"] = "unknown (the manager has not kept when)"
     fields = list(_FIELDS)
     spec = view.get("spec")
     if spec is None:
         human["spec_missing"] = (
             f"unavailable: the daemon could not be asked ({unreachable})"
             if unreachable
-            else "not available"
+            else "not reported by this daemon (an older fleet-daemon)"
         )
         fields.append(("Spec", "spec_missing"))
         return human, fields
-    human.update(spec)
+    # Spec keys by name: merging the spec in would put its health check over the health.
+    for key in ("env_keys", "cwd", "user"):
+        human[key] = spec[key]
     human["log_path"] = view.get("log_path")
     human["argv_line"] = shlex.join(spec["argv"])
     human["restart_line"] = (
@@ -336,6 +361,9 @@ def show_agent(
                 resource=Resource("agent", agent, node=node),
             )
         view = node_agent_view(found[0])
+        if unreachable:
+            view["spec"] = None
+            view["spec_unavailable"] = f"the daemon could not be asked ({unreachable})"
         if cli.fmt.structured:
             print_object(cli.out, cli.fmt, view, [])
             return EXIT_OK

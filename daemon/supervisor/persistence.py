@@ -18,15 +18,16 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, get_args
 
-from daemon.supervisor.policy import LastExit
+from daemon.supervisor.policy import ExitKind, LastExit
 from daemon.supervisor.spec import AgentSpec, spec_from_dict, spec_to_dict
 from fleet.errors import ConfigError
 
 __all__ = ["PersistedAgent", "StateStore", "atomic_write"]
 
 FORMAT = 1
+_EXIT_KINDS = frozenset(get_args(ExitKind))
 
 
 @dataclass(frozen=True)
@@ -172,8 +173,16 @@ def _agent_from(entry: dict[str, Any]) -> PersistedAgent:
 
 
 def _last_exit_from(raw: Any) -> LastExit | None:
-    if raw is None:  # never exited, or written by an older daemon
+    """The stored last exit; None if there is none or it cannot be read.
+
+    Unlike a bad pid entry, an unreadable record is dropped, not fatal: it is
+    for people, and must not stop the daemon from re-adopting its agents. A
+    newer daemon's kind (after a downgrade) is unreadable too.
+    """
+    if not isinstance(raw, dict) or raw.get("kind") not in _EXIT_KINDS:
+        return None  # None: never exited, or written by an older daemon
+    try:
+        code, reason, at = int(raw["code"]), str(raw["reason"]), float(raw["at"])
+    except (KeyError, TypeError, ValueError):
         return None
-    return LastExit(
-        kind=raw["kind"], code=int(raw["code"]), reason=str(raw["reason"]), at=float(raw["at"])
-    )
+    return LastExit(kind=raw["kind"], code=code, reason=reason, at=at)

@@ -152,13 +152,7 @@ class Supervisor:
                 agent = Agent(old.spec, self._ctx)
                 agent.adopt(proc, old.spec, old.start_time)
                 async with agent.lock:
-                    await agent.stop(
-                        operator=False,
-                        cause=(
-                            "updated",
-                            "removed from this node's agents while the daemon was down",
-                        ),
-                    )
+                    await agent.stop(operator=False, cause=_REMOVED_WHILE_DOWN)
                 agent.wake_config_watchers()
         self._flush()
         self._sample_task = asyncio.create_task(self._sample_loop(), name="supervisor-sampler")
@@ -179,12 +173,7 @@ class Supervisor:
                 if old.process_hash != spec.process_hash():
                     log.info("agent %s: spec changed while the daemon was down", spec.id)
                     async with agent.lock:
-                        await agent.restart(
-                            cause=(
-                                "updated",
-                                "restarted: its spec changed while the daemon was down",
-                            )
-                        )
+                        await agent.restart(cause=_NEW_SPEC_WHILE_DOWN)
                 return
         proc = adopt(*orphan) if orphan is not None else None
         if proc is not None:
@@ -311,9 +300,7 @@ class Supervisor:
 
         async def remove(agent: Agent) -> None:
             async with agent.lock:
-                await agent.stop(
-                    operator=False, cause=("updated", "removed from this node's agents")
-                )
+                await agent.stop(operator=False, cause=_REMOVED)
             self._agents.pop(agent.spec.id, None)
             self.sampler.untrack(agent.spec.id, forget=True)
             agent.wake_config_watchers()

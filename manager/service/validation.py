@@ -50,6 +50,7 @@ AGENT_STATUSES = frozenset(
 )
 """Agent states a daemon may report (supervisord's vocabulary)."""
 AGENT_HEALTH = frozenset({"", "UNSPECIFIED", "HEALTHY", "UNHEALTHY", "PENDING"})
+"""Agent health values ("" and UNSPECIFIED: the agent has no health check)."""
 AGENT_EXIT_KINDS = frozenset(
     {
         "",
@@ -64,7 +65,6 @@ AGENT_EXIT_KINDS = frozenset(
     }
 )
 """Last-exit kinds a daemon may report ("" = the agent never exited)."""
-"""Agent health values ("" and UNSPECIFIED: the agent has no health check)."""
 _INT32_MAX = 2**31 - 1
 _HOSTNAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_]{0,61}[A-Za-z0-9])?")
 

@@ -51,7 +51,10 @@ def describe_change(
 
     "web on node-1: RUNNING -> BACKOFF: exited with code 3", "web on node-1
     restarted (pid 41 -> 57): killed by SIGKILL", "web on node-1: config
-    version 3 -> 4".
+    version 3 -> 4". Why: the reason of a new last exit (also in the
+    attributes, with its kind and code), else, for a change of state or
+    health, the daemon's line on the new state ("hb on node-1: health HEALTHY
+    -> UNHEALTHY: unhealthy: no heartbeat for 5.1s (timeout 5s); restarting").
     """
     subject = f"{agent_id} on {node_id}"
     from_status = before.status if before else ""
@@ -72,7 +75,15 @@ def describe_change(
             "exit_kind": after.last_exit_kind,
             "exit_code": str(after.last_exit_code),
         }
-    why = f": {after.last_exit_reason}" if exited else ""
+        why = f": {after.last_exit_reason}"
+    elif (
+        before is not None
+        and after.message
+        and (from_status != to_status or before.health != after.health)
+    ):
+        why = f": {after.message}"
+    else:
+        why = ""
     if before is None:
         return f"{subject} added: {to_status}{why}", attributes
     if from_status != to_status:
@@ -90,11 +101,17 @@ def describe_change(
         ("type", "type"),
     ):
         old_value, new_value = getattr(before, name), getattr(after, name)
+        if name == "health":  # fleetctl's word for "no health check"
+            old_value, new_value = _health_word(old_value), _health_word(new_value)
         if old_value != new_value:
             parts.append(f"{words} {old_value or '-'} -> {new_value or '-'}")
     if before.labels != after.labels:
         parts.append("labels changed")
     return f"{subject}: {', '.join(parts) or 'changed'}{why}", attributes
+
+
+def _health_word(health: str) -> str:
+    return "NONE" if health in ("", "UNSPECIFIED") else health
 
 
 def _row(state: AgentStateRecord) -> dict[str, Any]:

@@ -276,3 +276,34 @@ async def test_health_and_reflection_are_served(served: Served) -> None:
     async for answer in reflection.ServerReflectionInfo(iter([request])):
         names.update(s.name for s in answer.list_services_response.service)
     assert {"fleet.v1.DaemonService", "grpc.health.v1.Health"} <= names
+
+
+async def test_list_agents_shows_the_spec_without_env_values(pki: Any) -> None:
+    """ListAgents carries the spec the daemon runs and its log file; environment values
+    (secrets) never leave the host, only their names."""
+    with short_tmp() as root:
+        spec = agent(
+            "secretive",
+            "sleep",
+            "1000",
+            env={"DB_PASSWORD": "hunter2", "MODE": "fast"},
+            restart="always",
+        )
+        server = DaemonServer(
+            daemon_config(root, pki.issue("node", "n1"), (spec,), stop_agents_on_exit=True)
+        )
+        await server.start()
+        channel = client_channel(pki.issue("manager", "m1"), server.port, "n1", pki.trust_domain)
+        try:
+            reply = await daemon_pb2_grpc.DaemonServiceStub(channel).ListAgents(
+                daemon_pb2.ListAgentsRequest()
+            )
+        finally:
+            await channel.close()
+            await server.stop(1.0)
+    (info,) = reply.agents
+    assert list(info.spec.argv) == ["sleep", "1000"]
+    assert info.spec.restart == S.RESTART_POLICY_ALWAYS
+    assert dict(info.spec.env) == {"DB_PASSWORD": "", "MODE": ""}
+    assert b"hunter2" not in reply.SerializeToString()
+    assert info.log_path == str(root / "log" / "secretive.log")

@@ -8,6 +8,7 @@ next process ends, and survive a daemon restart.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 from collections.abc import AsyncIterator
@@ -16,6 +17,7 @@ from pathlib import Path
 import pytest
 from supervisor_helpers import Recorder, agent, make_supervisor, script
 
+from daemon.convert import agent_info
 from daemon.supervisor.spec import AgentSpec, BackoffSpec
 from daemon.supervisor.states import AgentStatus
 from daemon.supervisor.supervisor import Supervisor
@@ -134,5 +136,86 @@ async def test_the_last_exit_survives_a_daemon_restart(tmp_path: Path) -> None:
         assert snap.last_exit is not None
         assert snap.last_exit.reason == "killed by SIGKILL"
         assert snap.exit_code == -9
+    finally:
+        await second.stop(stop_agents=True)
+
+
+@pytest.mark.parametrize(
+    "unreadable",
+    [
+        {"kind": "oom", "code": -9, "reason": "killed by the OOM killer", "at": 1.0},
+        {"kind": "killed", "reason": "killed by SIGKILL"},
+        "killed by SIGKILL",
+    ],
+)
+async def test_an_unreadable_last_exit_does_not_stop_the_readoption(
+    tmp_path: Path, unreadable: object
+) -> None:
+    """A record this daemon cannot read (a newer daemon's kind after a downgrade, a torn
+    edit) is dropped: the agent is still re-adopted, and listing it works."""
+    first_rec = Recorder()
+    first = make_supervisor(tmp_path, first_rec)
+    await first.start([agent("web", *SLEEPER)])
+    await first_rec.until(lambda: first.get("web").status is S.RUNNING)
+    await first.operate("web", "restart")
+    await first_rec.until(lambda: first.get("web").status is S.RUNNING)
+    pid = first.get("web").pid
+    await first.stop()
+    state = tmp_path / "state" / "agents.json"
+    data = json.loads(state.read_text())
+    assert data["agents"]["web"]["last_exit"]["reason"] == "restarted by an operator"
+    data["agents"]["web"]["last_exit"] = unreadable
+    state.write_text(json.dumps(data))
+    second = make_supervisor(tmp_path, Recorder())
+    try:
+        await second.start([agent("web", *SLEEPER)])
+        snap = second.get("web")
+        assert (snap.pid, snap.last_exit, snap.exit_code) == (pid, None, 0)
+        assert not agent_info(snap).HasField("last_exit")
+    finally:
+        await second.stop(stop_agents=True)
+
+
+async def test_a_stop_that_needed_sigkill_says_so(sup: Supervisor, rec: Recorder) -> None:
+    """A SIGTERM-ignoring agent stopped by an operator: -9, and the escalation in the reason."""
+    code = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)"
+    await sup.start([agent("stubborn", "-c", code, stop_timeout=0.5)])
+    await rec.until(lambda: sup.get("stubborn").status is S.RUNNING)
+    stopped = await sup.operate("stubborn", "stop")
+    assert stopped.exit_code == -signal.SIGKILL
+    assert stopped.last_exit is not None
+    assert stopped.last_exit.reason == (
+        "stopped by an operator (killed after stop_timeout (0.5s): did not exit on SIGTERM)"
+    )
+
+
+async def test_a_new_spec_is_the_reason_of_the_new_process(sup: Supervisor, rec: Recorder) -> None:
+    """A pushed spec that needs a new process: the new one shows 'restarted for a new spec'."""
+    await sup.start([agent("app", *SLEEPER, version="1")])
+    await rec.until(lambda: sup.get("app").status is S.RUNNING)
+    old = sup.get("app").pid
+    await sup.apply(1, [agent("app", *SLEEPER, version="2")])
+    await rec.until(lambda: sup.get("app").status is S.RUNNING and sup.get("app").pid != old)
+    how = sup.get("app").last_exit
+    assert how is not None
+    assert (how.kind, how.reason) == ("updated", "restarted for a new spec")
+
+
+async def test_agents_stopped_with_the_daemon_say_so_to_the_next_one(tmp_path: Path) -> None:
+    """stop_agents_on_exit: the next daemon starts the agent again and still says why it
+    had stopped."""
+    first_rec = Recorder()
+    first = make_supervisor(tmp_path, first_rec)
+    await first.start([agent("web", *SLEEPER)])
+    await first_rec.until(lambda: first.get("web").status is S.RUNNING)
+    await first.stop(stop_agents=True)
+    second_rec = Recorder()
+    second = make_supervisor(tmp_path, second_rec)
+    try:
+        await second.start([agent("web", *SLEEPER)])
+        await second_rec.until(lambda: second.get("web").status is S.RUNNING)
+        how = second.get("web").last_exit
+        assert how is not None
+        assert (how.kind, how.reason) == ("daemon", "stopped with the daemon (stop_agents_on_exit)")
     finally:
         await second.stop(stop_agents=True)

@@ -1,7 +1,9 @@
 """fleetctl as a subprocess -> a real fleet-manager -> real fleet-daemons -> agent processes.
 
 Two daemons (node n1 zone=a, node n2 zone=b, both env=prod) each supervise
-`web` (a sleep); everything is a real process on 127.0.0.1 with mTLS. One
+`web` (a sleep); n1 also runs `hung`, a sleep with a heartbeat health check it
+never passes (restart = never: UNHEALTHY, left running). Everything is a real
+process on 127.0.0.1 with mTLS. One
 fleet serves the whole module (starting it takes ~20 s on 2 cores); the test
 that takes a daemon down runs last.
 """
@@ -164,7 +166,20 @@ class Fleet:
     """Every agent pid seen, so teardown can reap agents a killed daemon left behind."""
 
 
-def _daemon_toml(root: Path, tls: Any, manager: str, labels: dict[str, str]) -> str:
+HUNG = """
+[[agents]]
+id = "hung"
+argv = ["sleep", "1000"]
+start_secs = 0.2
+stop_timeout = 2.0
+restart = "never"
+health = { kind = "heartbeat", timeout = 1.0 }
+"""
+
+
+def _daemon_toml(
+    root: Path, tls: Any, manager: str, labels: dict[str, str], more_agents: str = ""
+) -> str:
     label_lines = "\n".join(f'{k} = "{v}"' for k, v in labels.items())
     return f"""
 listen = "127.0.0.1:0"
@@ -194,7 +209,7 @@ id = "web"
 argv = ["sleep", "1000"]
 start_secs = 0.2
 stop_timeout = 2.0
-"""
+{more_agents}"""
 
 
 def _reap_agents(fleet: Fleet) -> None:
@@ -240,7 +255,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
                 (droot / "daemon.toml").write_text(
                     _daemon_toml(
                         droot, issue("node", node), f"127.0.0.1:{port}",
-                        {"env": "prod", "zone": zone},
+                        {"env": "prod", "zone": zone}, HUNG if node == "n1" else "",
                     )
                 )  # fmt: skip
                 proc = _spawn("daemon.cli", droot / "daemon.toml", droot / "daemon.log")
@@ -385,10 +400,42 @@ def test_agents_show_says_why_an_agent_restarted_and_what_it_runs(fleet: Fleet) 
     running = fleet.json("agents", "list", "--status", "running,backoff")["agents"]
     assert {a["node_id"] for a in running} == {"n1", "n2"}
     assert fleet.json("agents", "list", "--status", "FATAL")["agents"] == []
-    assert fleet.json("agents", "list", "--unhealthy")["agents"] == []
     bad = fleet.fleetctl("agents", "list", "--status", "runing")
     assert bad.returncode == 2
     assert "unknown agent state 'runing'" in bad.stderr
+
+
+def test_unhealthy_finds_the_hung_agent_and_its_events_say_why(fleet: Fleet) -> None:
+    """`--unhealthy` lists exactly n1/hung; `agents show` gives its health and its check; after
+    a restart, its agent-state-changed event says why it is unhealthy."""
+
+    def unhealthy() -> list[str]:
+        agents = fleet.json("agents", "list", "--unhealthy")["agents"]
+        return [f"{a['node_id']}/{a['agent_id']}" for a in agents]
+
+    assert _until(unhealthy, lambda found: bool(found)) == ["n1/hung"]
+    assert fleet.json("agents", "list", "--unhealthy", "--status", "FATAL")["agents"] == []
+    shown = fleet.fleetctl("agents", "show", "n1/hung")
+    assert shown.returncode == 0, shown.stderr
+    lines = {
+        label.strip(): value.strip()
+        for label, _, value in (line.partition(":") for line in shown.stdout.splitlines())
+    }
+    assert (lines["Health"], lines["Health check"]) == ("UNHEALTHY", "heartbeat (timeout 1s)")
+    restarted = fleet.fleetctl("agents", "restart", "hung", "--node", "n1")
+    assert restarted.returncode == 0, restarted.stderr
+
+    def why() -> list[str]:
+        feed = fleet.json("events", "--kind", "agent-state-changed", "--node", "n1", "--tail", "50")
+        return [e["message"] for e in feed["events"] if e["agent_id"] == "hung"]
+
+    messages = _until(why, lambda m: any("-> UNHEALTHY: unhealthy: no heartbeat" in x for x in m))
+    assert any(
+        x.startswith("hung on n1: health PENDING -> UNHEALTHY: unhealthy: no heartbeat for 1.")
+        and x.endswith("(timeout 1s); left running (restart = never)")
+        for x in messages
+    ), messages
+    assert any(x.endswith(": restarted by an operator") for x in messages), messages
 
 
 def test_operator_labels_survive_a_daemon_killed_and_restarted(fleet: Fleet) -> None:

@@ -50,6 +50,8 @@ class FakeFleet:
     break_after: int | None = None
     batches: list[int] = field(default_factory=list)
     """Results per OperateAgents message sent to clients that asked for batches."""
+    ignores_filters: bool = False
+    """Answer ListAgents as a manager from before its status/health filters would."""
 
     def add_node(self, node_id: str, labels: dict[str, str], agents: list[str]) -> None:
         """A node with agents (id == type unless 'id:type') all RUNNING."""
@@ -64,22 +66,49 @@ class FakeFleet:
         infos = []
         for i, spec in enumerate(agents):
             agent_id, _, agent_type = spec.partition(":")
+            kind = agent_type or agent_id
             infos.append(
                 common_pb2.AgentInfo(
                     id=agent_id,
-                    type=agent_type or agent_id,
+                    type=kind,
                     status=common_pb2.AGENT_STATUS_RUNNING,
                     pid=1000 + len(self.nodes) * 100 + i,
                     start_time=NOW_MS - 60_000,
+                    # What a daemon shows of its spec: env names, never values.
+                    spec=common_pb2.AgentSpec(
+                        id=agent_id,
+                        argv=[f"/opt/{kind}/bin/{kind}", "--port", "8080"],
+                        env={"DB_PASSWORD": "", "LOG_LEVEL": ""},
+                        restart=common_pb2.RESTART_POLICY_ON_FAILURE,
+                        autostart=True,
+                        start_secs=1.0,
+                        max_retries=5,
+                        stop_signal="SIGTERM",
+                        stop_timeout_seconds=10.0,
+                    ),
+                    log_path=f"/var/log/fleet/agents/{agent_id}.log",
                 )
             )
         self.agents[node_id] = infos
+
+    def take_offline(self, node_id: str, last_heartbeat_ms: int) -> None:
+        """The node stopped heartbeating at `last_heartbeat_ms`; its daemon is unreachable."""
+        self.nodes[node_id].status = common_pb2.NODE_STATUS_OFFLINE
+        self.nodes[node_id].last_heartbeat = last_heartbeat_ms
+        self.down.add(node_id)
 
 
 def _node(fleet: FakeFleet, node_id: str) -> fleet_pb2.Node:
     if node_id not in fleet.nodes:
         raise NotFound(f"node {node_id!r} is not registered")
     return fleet.nodes[node_id]
+
+
+def _wanted(agent: common_pb2.AgentInfo, request: Any) -> bool:
+    """ListAgents' status and health filters."""
+    if request.statuses and agent.status not in request.statuses:
+        return False
+    return not request.unhealthy or agent.health == common_pb2.AGENT_HEALTH_UNHEALTHY
 
 
 def _agent(fleet: FakeFleet, node_id: str, agent_id: str) -> common_pb2.AgentInfo:
@@ -130,12 +159,23 @@ class FakeFleetService(fleet_pb2_grpc.FleetServiceServicer):
         names = [request.node_id] if request.node_id else self._select(request.selector)
         reply = fleet_pb2.FleetServiceListAgentsResponse()
         for name in names:
-            _node(self.fleet, name)
+            node = _node(self.fleet, name)
             if request.live and name in self.fleet.down:
-                reply.errors.add(node_id=name, message=f"node {name}: daemon unreachable")
+                reply.errors.add(
+                    node_id=name, message=f"{name}: daemon at 127.0.0.1:1 refused the connection"
+                )
                 continue
             for agent in self.fleet.agents[name]:
-                reply.agents.add(node_id=name, agent=agent)
+                if not self.fleet.ignores_filters and not _wanted(agent, request):
+                    continue
+                item = reply.agents.add(node_id=name, agent=agent)
+                if request.live:
+                    continue
+                # As the manager: synced states have no spec; an offline node's are stale.
+                item.agent.ClearField("spec")
+                item.agent.ClearField("log_path")
+                item.reported_at = node.last_heartbeat
+                item.stale = node.status == common_pb2.NODE_STATUS_OFFLINE
         return reply
 
     async def _operate(self, node_id: str, agent_id: str, op: int) -> common_pb2.AgentInfo:

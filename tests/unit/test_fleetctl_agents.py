@@ -3,11 +3,16 @@
 from __future__ import annotations
 
 import json
+import re
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from fleetctl_fake import Fleetctl, demo_fleet, serve
+from fleetctl_fake import NOW_MS, Fleetctl, demo_fleet, serve
+
+from fleet.v1 import common_pb2
+from fleetctl.timespec import format_time
 
 
 @pytest.fixture
@@ -219,3 +224,157 @@ def test_a_broken_result_stream_still_shows_what_happened(fleetctl: Fleetctl) ->
         f"fleetctl: error: manager at {fleetctl.manager.address} is unavailable:"
         " the manager is shutting down"
     )
+
+
+def _set(fleetctl: Fleetctl, node: str, agent: str, **fields: object) -> None:
+    """Change an agent's state as the fake manager knows it."""
+    for info in fleetctl.manager.fleet.agents[node]:
+        if info.id == agent:
+            for name, value in fields.items():
+                if name == "last_exit":
+                    info.last_exit.CopyFrom(value)  # type: ignore[arg-type]
+                else:
+                    setattr(info, name, value)
+
+
+def test_status_filter_is_sent_and_applied(fleetctl: Fleetctl) -> None:
+    """--status fatal,BACKOFF (any case) asks the manager for exactly those states."""
+    _set(fleetctl, "node-1", "worker-1", status=common_pb2.AGENT_STATUS_FATAL, pid=0)
+    _set(fleetctl, "node-2", "web", status=common_pb2.AGENT_STATUS_BACKOFF, pid=0)
+    result = fleetctl("-o", "json", "agents", "list", "--status", "fatal, BACKOFF")
+    assert result.exit_code == 0, result.output
+    shown = [
+        (a["node_id"], a["agent_id"], a["status"]) for a in json.loads(result.stdout)["agents"]
+    ]
+    assert shown == [("node-1", "worker-1", "FATAL"), ("node-2", "web", "BACKOFF")]
+    (_, request), *_ = fleetctl.manager.fleet.requests
+    assert list(request.statuses) == [
+        common_pb2.AGENT_STATUS_FATAL,
+        common_pb2.AGENT_STATUS_BACKOFF,
+    ]
+
+
+def test_an_unknown_status_is_one_line_naming_the_valid_ones(fleetctl: Fleetctl) -> None:
+    """A typo in --status exits 2 before anything is sent, listing the states there are."""
+    result = fleetctl("agents", "list", "--status", "RUNNING,runing")
+    assert result.exit_code == 2
+    assert result.stderr.strip() == (
+        "fleetctl: error: --status: unknown agent state 'runing'; one of STOPPED, STARTING,"
+        " RUNNING, BACKOFF, STOPPING, EXITED, FATAL, UNKNOWN"
+    )
+    assert fleetctl.manager.fleet.requests == []
+
+
+def test_unhealthy_lists_only_agents_failing_their_check(fleetctl: Fleetctl) -> None:
+    """--unhealthy keeps the UNHEALTHY agents, not the healthy or pending ones."""
+    _set(fleetctl, "node-1", "web", health=common_pb2.AGENT_HEALTH_HEALTHY)
+    _set(fleetctl, "node-2", "web", health=common_pb2.AGENT_HEALTH_UNHEALTHY)
+    _set(fleetctl, "node-3", "web", health=common_pb2.AGENT_HEALTH_PENDING)
+    result = fleetctl("agents", "list", "--unhealthy")
+    assert result.exit_code == 0, result.output
+    assert [line.split()[:2] for line in result.stdout.splitlines()[1:]] == [["node-2", "web"]]
+
+
+def test_filters_hold_with_a_manager_that_ignores_them(fleetctl: Fleetctl) -> None:
+    """A manager from before the filters answers with every agent: fleetctl still shows only
+    the ones asked for, never more."""
+    fleetctl.manager.fleet.ignores_filters = True
+    _set(fleetctl, "node-3", "web", status=common_pb2.AGENT_STATUS_FATAL, pid=0)
+    _set(fleetctl, "node-2", "web", health=common_pb2.AGENT_HEALTH_UNHEALTHY)
+    fatal = json.loads(fleetctl("-o", "json", "agents", "list", "--status", "FATAL").stdout)
+    assert [(a["node_id"], a["agent_id"]) for a in fatal["agents"]] == [("node-3", "web")]
+    sick = json.loads(fleetctl("-o", "json", "agents", "list", "--unhealthy").stdout)
+    assert [(a["node_id"], a["agent_id"]) for a in sick["agents"]] == [("node-2", "web")]
+
+
+def test_agents_of_an_offline_node_are_stale_in_every_format(fleetctl: Fleetctl) -> None:
+    """OFFLINE node-3: its agent's state is starred with a note on stderr saying since when;
+    json and yaml carry stale and reported_at; the online nodes' agents are not stale."""
+    reported_ms = int(time.time() * 1000) - 10 * 60_000
+    fleetctl.manager.fleet.take_offline("node-3", reported_ms)
+    table = fleetctl("agents", "list")
+    assert table.exit_code == 0, table.output
+    rows = {tuple(line.split()[:2]): line.split()[3] for line in table.stdout.splitlines()[1:]}
+    assert rows[("node-3", "web")] == "RUNNING*"
+    assert rows[("node-1", "web")] == "RUNNING"
+    (note,) = table.stderr.splitlines()
+    assert re.fullmatch(
+        r"fleetctl: node node-3 is OFFLINE: its agents \(marked \*\) are what its daemon last"
+        r" reported, 10m(\d+s)? ago",
+        note,
+    ), note
+    wide = fleetctl("-o", "wide", "agents", "list", "--node", "node-3")
+    assert "RUNNING*" in wide.stdout
+    data = json.loads(fleetctl("-o", "json", "agents", "list").stdout)
+    stale = {(a["node_id"], a["agent_id"]): a for a in data["agents"]}
+    assert stale["node-3", "web"]["stale"] is True
+    assert stale["node-3", "web"]["reported_at_ms"] == reported_ms
+    assert stale["node-3", "web"]["reported_at"] == format_time(reported_ms)
+    assert stale["node-1", "web"]["stale"] is False
+    yaml_out = fleetctl("-o", "yaml", "agents", "list", "--node", "node-3").stdout
+    assert "stale: true" in yaml_out
+    assert f"reported_at: '{format_time(reported_ms)}'" in yaml_out
+
+
+def test_show_has_the_state_last_exit_and_the_spec_without_env_values(
+    fleetctl: Fleetctl,
+) -> None:
+    """show asks the daemon: state and health, the last exit in words, and the spec it runs
+    (command, env names, restart, stop, log file); env values never appear."""
+    _set(
+        fleetctl,
+        "node-1",
+        "web",
+        health=common_pb2.AGENT_HEALTH_UNHEALTHY,
+        exit_code=-9,
+        last_exit=common_pb2.LastExit(
+            kind=common_pb2.AGENT_EXIT_KIND_KILLED,
+            exit_code=-9,
+            reason="killed by SIGKILL",
+            time=NOW_MS - 120_000,
+        ),
+    )
+    result = fleetctl("agents", "show", "node-1/web")
+    assert result.exit_code == 0, result.output
+    lines = {
+        label.strip(): value.strip()
+        for label, _, value in (line.partition(":") for line in result.stdout.splitlines())
+    }
+    assert lines["Health"] == "UNHEALTHY"
+    assert lines["Last exit"].startswith("killed by SIGKILL (exit code -9), 2027-01-15T07:58:00")
+    assert lines["Command"] == "/opt/web/bin/web --port 8080"
+    assert lines["Env (names)"] == "DB_PASSWORD,LOG_LEVEL"
+    assert lines["Restart policy"].startswith("on_failure; autostart yes")
+    assert lines["Stop"] == "SIGTERM, then SIGKILL after 10s"
+    assert lines["Health check"] == "none"
+    assert lines["Log file"] == "/var/log/fleet/agents/web.log"
+    assert lines["Reported"] == "live (asked the daemon now)"
+    assert result.stderr == ""
+    (_, request), *_ = fleetctl.manager.fleet.requests
+    assert request.live
+
+
+def test_show_falls_back_to_the_last_report_when_the_daemon_is_down(fleetctl: Fleetctl) -> None:
+    """The daemon unreachable: the stored state, when it was reported, the spec marked
+    unavailable with the reason, a warning, exit 0; with --live it is an error instead."""
+    fleetctl.manager.fleet.take_offline("node-3", NOW_MS - 60_000)
+    result = fleetctl("agents", "show", "node-3/web")
+    assert result.exit_code == 0, result.output
+    assert "Spec:" in result.stdout
+    assert (
+        "unavailable: the daemon could not be asked (daemon at 127.0.0.1:1 refused the connection)"
+        in result.stdout
+    )
+    assert "Reported:" in result.stdout
+    assert "the node is OFFLINE, this is what its daemon last said" in result.stdout
+    assert "live (asked" not in result.stdout
+    assert result.stderr.startswith("fleetctl: node node-3: showing the state its daemon last")
+    data = json.loads(fleetctl("-o", "json", "agents", "show", "node-3/web").stdout)
+    assert (data["stale"], data["spec"]) == (True, None)
+    assert data["spec_unavailable"] == (
+        "the daemon could not be asked (daemon at 127.0.0.1:1 refused the connection)"
+    )
+    live = fleetctl("agents", "show", "node-3/web", "--live")
+    assert live.exit_code == 1
+    assert live.stdout == ""
+    assert "daemon at 127.0.0.1:1 refused the connection" in live.stderr

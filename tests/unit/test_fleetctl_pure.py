@@ -1,4 +1,4 @@
-"""fleetctl's pure helpers: durations, times, sparklines, argv hoisting, label syntax."""
+"""fleetctl's pure helpers: durations, times, sparklines, argv hoisting, labels, agent views."""
 
 from __future__ import annotations
 
@@ -8,7 +8,15 @@ import pytest
 from cryptography import x509
 
 from fleet.pki import CertificateAuthority
-from fleetctl.agents import last_lines, split_agent_ref
+from fleet.v1 import common_pb2
+from fleetctl.agents import (
+    last_lines,
+    parse_statuses,
+    show_fields,
+    split_agent_ref,
+    stale_note,
+    wanted,
+)
 from fleetctl.app import hoist_global_options
 from fleetctl.chart import bucket_values, format_number
 from fleetctl.events import DEFAULT_TAIL, start_tail
@@ -174,3 +182,62 @@ def test_start_tail(
 ) -> None:
     """How many past events `events` begins with, for each combination of options."""
     assert start_tail(follow=follow, since=since, tail=tail) == expected
+
+
+def test_parse_statuses_takes_any_case_and_names_a_bad_one() -> None:
+    """--status values are state names in any case, comma-separated; a typo names the valid."""
+    assert parse_statuses(None) == []
+    assert parse_statuses(" fatal,Backoff ") == [
+        common_pb2.AGENT_STATUS_FATAL,
+        common_pb2.AGENT_STATUS_BACKOFF,
+    ]
+    with pytest.raises(UsageProblem, match=r"unknown agent state 'FATL'; one of STOPPED, "):
+        parse_statuses("RUNNING,FATL")
+    with pytest.raises(UsageProblem, match="unknown agent state ''"):
+        parse_statuses("RUNNING,")
+
+
+def test_wanted_applies_both_filters() -> None:
+    """An agent passes --status if its state is listed, --unhealthy if it is UNHEALTHY."""
+    sick = common_pb2.AgentInfo(
+        status=common_pb2.AGENT_STATUS_RUNNING, health=common_pb2.AGENT_HEALTH_UNHEALTHY
+    )
+    fatal = common_pb2.AgentInfo(status=common_pb2.AGENT_STATUS_FATAL)
+    running = [common_pb2.AGENT_STATUS_RUNNING]
+    assert wanted(sick, [], unhealthy=False)
+    assert wanted(sick, running, unhealthy=True)
+    assert not wanted(fatal, running, unhealthy=False)
+    assert not wanted(fatal, [], unhealthy=True)
+
+
+def test_stale_note_is_one_line_per_offline_node_with_its_latest_report() -> None:
+    """Offline nodes are named once, in order, with their newest report's age."""
+    now = 1_800_000_000_000
+    rows = [
+        {"node_id": "n2", "stale": True, "reported_at_ms": now - 120_000},
+        {"node_id": "n2", "stale": True, "reported_at_ms": now - 60_000},
+        {"node_id": "n1", "stale": False, "reported_at_ms": now},
+        {"node_id": "n0", "stale": True, "reported_at_ms": 0},
+    ]
+    assert stale_note(rows, now) == [
+        "node n0 is OFFLINE: its agents (marked *) are what its daemon last reported, never",
+        "node n2 is OFFLINE: its agents (marked *) are what its daemon last reported, 1m ago",
+    ]
+
+
+def test_show_calls_only_a_daemons_answer_live() -> None:
+    """The manager's copy of a state says when it was reported, never "live"; without that
+    time it says so instead of guessing."""
+    now = 1_800_000_000_000
+    view = {"stale": True, "reported_at": format_time(now - 60_000), "reported_at_ms": now - 60_000}
+    asked, _ = show_fields({**view, "spec": None}, now_ms=now)
+    assert asked["reported_line"] == "live (asked the daemon now)"
+    copy, fields = show_fields(view, now_ms=now, unreachable="refused")
+    assert copy["reported_line"] == (
+        f"{format_time(now - 60_000)} (1m ago); the node is OFFLINE, this is what its daemon"
+        " last said"
+    )
+    assert copy["spec_missing"] == "unavailable: the daemon could not be asked (refused)"
+    assert ("Spec", "spec_missing") in fields
+    unknown, _ = show_fields({**view, "reported_at_ms": 0}, now_ms=now, unreachable="refused")
+    assert unknown["reported_line"] == "unknown (the manager has not kept when)"

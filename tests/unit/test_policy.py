@@ -6,7 +6,13 @@ import random
 
 import pytest
 
-from daemon.supervisor.policy import Action, backoff_delay, decide_after_exit
+from daemon.supervisor.policy import (
+    Action,
+    LastExit,
+    backoff_delay,
+    decide_after_exit,
+    exit_of_process,
+)
 from daemon.supervisor.spec import AgentSpec, BackoffSpec
 
 
@@ -99,3 +105,24 @@ def test_spawn_failure_is_a_failed_start_even_with_restart_never() -> None:
     )
     assert decision.action is Action.BACKOFF
     assert decision.message.startswith("cannot start: no such file; retry 1/5")
+
+
+@pytest.mark.parametrize(
+    ("code", "adopted", "last"),
+    [
+        (3, False, LastExit("exited", 3, "exited with code 3", 10.0)),
+        (0, False, LastExit("exited", 0, "exited with code 0", 10.0)),
+        (-9, False, LastExit("killed", -9, "killed by SIGKILL", 10.0)),
+        (-77, False, LastExit("killed", -77, "killed by signal 77", 10.0)),
+        (
+            -1,
+            True,
+            LastExit(
+                "unknown", -1, "exited; code unknown (re-adopted after a daemon restart)", 10.0
+            ),
+        ),
+    ],
+)
+def test_the_last_exit_of_a_process_in_words(code: int, adopted: bool, last: LastExit) -> None:
+    """A code reads "exited with code N", a signal "killed by SIGNAME"; a re-adopted one unknown."""
+    assert exit_of_process(code, 10.0, adopted=adopted) == last
