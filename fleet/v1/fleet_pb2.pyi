@@ -205,6 +205,7 @@ class Node(_message.Message):
     DRIFT_FIELD_NUMBER: _builtins.int
     DRIFT_REASON_FIELD_NUMBER: _builtins.int
     UPDATE_ERRORS_FIELD_NUMBER: _builtins.int
+    JOBS_DISABLED_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     hostname: _builtins.str
     ip: _builtins.str
@@ -228,6 +229,8 @@ class Node(_message.Message):
     """
     drift_reason: _builtins.str
     """Why, in words ("web runs revision 3, assigned 4")."""
+    jobs_disabled: _builtins.bool
+    """The host refuses remote jobs (its daemon's `[jobs] enabled = false`)."""
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -256,10 +259,11 @@ class Node(_message.Message):
         drift: _builtins.bool = ...,
         drift_reason: _builtins.str = ...,
         update_errors: _abc.Iterable[_common_pb2.UpdateError] | None = ...,
+        jobs_disabled: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_counts", b"agent_counts", "agent_version", b"agent_version", "arch", b"arch", "connection_state", b"connection_state", "daemon_address", b"daemon_address", "daemon_version", b"daemon_version", "desired_version", b"desired_version", "drift", b"drift", "drift_reason", b"drift_reason", "hostname", b"hostname", "ip", b"ip", "labels", b"labels", "last_heartbeat", b"last_heartbeat", "node_id", b"node_id", "os", b"os", "registered_at", b"registered_at", "reported_version", b"reported_version", "status", b"status", "update_errors", b"update_errors"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_counts", b"agent_counts", "agent_version", b"agent_version", "arch", b"arch", "connection_state", b"connection_state", "daemon_address", b"daemon_address", "daemon_version", b"daemon_version", "desired_version", b"desired_version", "drift", b"drift", "drift_reason", b"drift_reason", "hostname", b"hostname", "ip", b"ip", "jobs_disabled", b"jobs_disabled", "labels", b"labels", "last_heartbeat", b"last_heartbeat", "node_id", b"node_id", "os", b"os", "registered_at", b"registered_at", "reported_version", b"reported_version", "status", b"status", "update_errors", b"update_errors"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -54,6 +54,7 @@ class RegisterNodeRequest(_message.Message):
     AGENT_VERSION_FIELD_NUMBER: _builtins.int
     DAEMON_ADDRESS_FIELD_NUMBER: _builtins.int
     SPEC_VERSION_FIELD_NUMBER: _builtins.int
+    JOBS_DISABLED_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """Kubernetes label-value syntax, at most 63 characters; must equal the
     name in the caller's certificate.
@@ -68,6 +69,8 @@ class RegisterNodeRequest(_message.Message):
     """host:port where this node's DaemonService listens for the manager."""
     spec_version: _builtins.int
     """The version of the pushed agent set the daemon runs (0: none)."""
+    jobs_disabled: _builtins.bool
+    """This host refuses remote jobs (`[jobs] enabled = false`)."""
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     def __init__(
@@ -83,10 +86,11 @@ class RegisterNodeRequest(_message.Message):
         agent_version: _builtins.str = ...,
         daemon_address: _builtins.str = ...,
         spec_version: _builtins.int = ...,
+        jobs_disabled: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "arch", b"arch", "daemon_address", b"daemon_address", "daemon_version", b"daemon_version", "hostname", b"hostname", "ip", b"ip", "labels", b"labels", "node_id", b"node_id", "os", b"os", "spec_version", b"spec_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "arch", b"arch", "daemon_address", b"daemon_address", "daemon_version", b"daemon_version", "hostname", b"hostname", "ip", b"ip", "jobs_disabled", b"jobs_disabled", "labels", b"labels", "node_id", b"node_id", "os", b"os", "spec_version", b"spec_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
