@@ -16,6 +16,7 @@ from grpc import aio
 from daemon.convert import agent_info, resource_point, specs_from_proto
 from daemon.supervisor.supervisor import Supervisor
 from fleet.errors import InvalidArgument
+from fleet.pending_rpcs import PendingDaemonRpcs
 from fleet.tls import require_role
 from fleet.v1 import common_pb2, daemon_pb2, daemon_pb2_grpc
 
@@ -41,7 +42,7 @@ def _agent_id(value: str) -> str:
     return value
 
 
-class DaemonServicer(daemon_pb2_grpc.DaemonServiceServicer):
+class DaemonServicer(PendingDaemonRpcs, daemon_pb2_grpc.DaemonServiceServicer):
     """Serves one supervisor to the manager (callers: `manager/*` of `trust_domain`).
 
     `follow_interval` is how often a following ReadAgentLog re-checks a log

@@ -17,6 +17,7 @@ from grpc import aio
 
 from fleet import selectors
 from fleet.errors import InvalidArgument
+from fleet.pending_rpcs import PendingFleetRpcs
 from fleet.tls import require_role
 from fleet.v1 import common_pb2, fleet_pb2, fleet_pb2_grpc
 from manager.pool import ConnectionState, DaemonPool
@@ -186,7 +187,7 @@ def _kinds(values: Any) -> list[str]:
     return kinds
 
 
-class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
+class FleetServicer(PendingFleetRpcs, fleet_pb2_grpc.FleetServiceServicer):
     """Serves FleetService for ``operator/*`` callers."""
 
     def __init__(

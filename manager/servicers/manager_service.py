@@ -13,6 +13,7 @@ from typing import Any
 
 from grpc import aio
 
+from fleet.pending_rpcs import PendingManagerRpcs
 from fleet.v1 import common_pb2, manager_pb2, manager_pb2_grpc
 from manager.service.agents import AgentStates
 from manager.service.metrics import MetricsService
@@ -54,7 +55,7 @@ def agent_state_record(node_id: str, st: manager_pb2.AgentState) -> AgentStateRe
     )
 
 
-class ManagerServicer(manager_pb2_grpc.ManagerServiceServicer):
+class ManagerServicer(PendingManagerRpcs, manager_pb2_grpc.ManagerServiceServicer):
     """Serves ManagerService for `node/*` callers."""
 
     def __init__(

@@ -33,6 +33,7 @@ from manager_harness import FakeClock, manager_config, running_manager
 
 from daemon.server import DaemonServer
 from daemon.supervisor.spec import AgentSpec
+from fleet import pending_rpcs
 from fleet.pki import CertificateAuthority, Identity, Role
 from fleet.retry import Backoff
 from fleet.tls import TLSConfig, channel_credentials, channel_options
@@ -63,9 +64,25 @@ FAST_POOL = PoolConfig(
 """Short deadlines so a call through the manager's pool fails quickly."""
 
 
+def pending(service: str) -> set[str]:
+    """RPCs of `service` that only have an UNIMPLEMENTED placeholder so far
+    (`fleet.pending_rpcs`): declared in the protos ahead of their code."""
+    holder = {
+        "FleetService": pending_rpcs.PendingFleetRpcs,
+        "ManagerService": pending_rpcs.PendingManagerRpcs,
+        "DaemonService": pending_rpcs.PendingDaemonRpcs,
+    }.get(service)
+    return {name for name in vars(holder) if not name.startswith("_")} if holder else set()
+
+
 def methods(service: str) -> list[MethodDescriptor]:
-    """The RPCs of `service` (short name) in declaration order."""
-    return list(SERVICES[service].methods)
+    """The implemented RPCs of `service` (short name) in declaration order.
+
+    Placeholders (`pending`) are left out: their matrix rows and fuzz tests
+    come with their implementation, which removes the placeholder.
+    """
+    skip = pending(service)
+    return [m for m in SERVICES[service].methods if m.name not in skip]
 
 
 def rpc_name(method: MethodDescriptor) -> str:
