@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from daemon.supervisor.spec import AgentSpec
+from daemon.supervisor.spec import AgentSpec, check_on_host
 from daemon.tlsfiles import DaemonTLSConfig
 from fleet.config import load_config
 from fleet.errors import ConfigError
@@ -147,6 +147,7 @@ class DaemonConfig:
             if spec.id in seen:
                 raise ValueError(f"agents: id {spec.id!r} is used twice")
             seen.add(spec.id)
+            check_on_host(spec)  # the loader already ran the host-independent spec.validate()
         for name in ("listen", "advertise", "metrics_listen"):
             value = getattr(self, name)
             if value and not _host_port_ok(value):

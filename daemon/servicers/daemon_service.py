@@ -13,8 +13,9 @@ from typing import Any, Literal
 
 from grpc import aio
 
-from daemon.convert import agent_info, resource_point, specs_from_proto
+from daemon.convert import agent_info, resource_point
 from daemon.supervisor.supervisor import Supervisor
+from fleet.agentspec import specs_from_proto
 from fleet.errors import InvalidArgument
 from fleet.pending_rpcs import PendingDaemonRpcs
 from fleet.tls import require_role

@@ -34,7 +34,7 @@ from daemon.supervisor.clock import Clock, SystemClock
 from daemon.supervisor.logs import LogChunk, log_path, read_log, rotate_if_needed
 from daemon.supervisor.persistence import PersistedAgent, StateStore
 from daemon.supervisor.process import adopt, find_orphans
-from daemon.supervisor.spec import AgentSpec, SpecError
+from daemon.supervisor.spec import AgentSpec, SpecError, validate_here
 from daemon.supervisor.states import AgentStatus
 from fleet.errors import FailedPrecondition, InvalidArgument, NotFound
 
@@ -64,7 +64,7 @@ def validate_specs(specs: Sequence[AgentSpec]) -> None:
     """Validate every spec and id uniqueness; `SpecError` for the first problem."""
     seen: set[str] = set()
     for spec in specs:
-        spec.validate()
+        validate_here(spec)
         if spec.id in seen:
             raise SpecError(f"duplicate agent id {spec.id!r}", field=f"agents[{spec.id}].id")
         seen.add(spec.id)

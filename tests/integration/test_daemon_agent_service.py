@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 from daemon_helpers import agent, client_channel, daemon_config, eventually, short_tmp
 
-from daemon.convert import spec_to_proto
 from daemon.server import DaemonServer
+from fleet.agentspec import spec_to_proto
 from fleet.v1 import common_pb2, daemon_pb2, daemon_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[2]

@@ -27,7 +27,7 @@ import pytest
 from daemon_helpers import client_channel, eventually, short_tmp
 
 from daemon.config import load_daemon_config
-from daemon.convert import spec_to_proto
+from fleet.agentspec import spec_to_proto
 from fleet.tls import TLSConfig
 from fleet.v1 import common_pb2, daemon_pb2, daemon_pb2_grpc
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from daemon.convert import spec_from_proto, spec_to_proto, specs_from_proto
 from daemon.supervisor.spec import AgentSpec, BackoffSpec, HealthSpec
+from fleet.agentspec import spec_from_proto, spec_to_proto, specs_from_proto
 from fleet.errors import InvalidArgument
 from fleet.v1 import common_pb2
 

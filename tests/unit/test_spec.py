@@ -1,4 +1,8 @@
-"""Agent spec validation (one-line errors naming the field) and the restart hash."""
+"""Agent spec validation (one-line errors naming the field) and the restart hash.
+
+`AgentSpec.validate` (fleet.agentspec) checks what holds anywhere; the daemon's
+`validate_here` adds what only the host can check (program, user, directory).
+"""
 
 from __future__ import annotations
 
@@ -17,6 +21,7 @@ from daemon.supervisor.spec import (
     signal_number,
     spec_from_dict,
     spec_to_dict,
+    validate_here,
 )
 from fleet.config import load_config
 from fleet.errors import ConfigError, InvalidArgument
@@ -37,7 +42,7 @@ def _spec(**kw: object) -> AgentSpec:
 
 def test_valid_spec_passes() -> None:
     """A plain spec with argv[0] found in PATH validates."""
-    _spec(argv=("sleep", "1"), labels={"tier": "web"}).validate()
+    validate_here(_spec(argv=("sleep", "1"), labels={"tier": "web"}))
 
 
 @pytest.mark.parametrize(
@@ -71,7 +76,7 @@ def test_valid_spec_passes() -> None:
 def test_bad_specs_are_refused_with_one_line(kw: dict[str, object], needle: str) -> None:
     """Each bad field gives a one-line error naming the agent and the field."""
     with pytest.raises(SpecError) as info:
-        _spec(**kw).validate()
+        validate_here(_spec(**kw))
     message = str(info.value)
     assert needle in message
     assert "\n" not in message
@@ -84,10 +89,34 @@ def test_relative_argv_resolves_against_cwd(tmp_path: Path) -> None:
     script = tmp_path / "run.sh"
     script.write_text("#!/bin/sh\n")
     script.chmod(0o755)
-    _spec(argv=("./run.sh",), cwd=str(tmp_path)).validate()
+    validate_here(_spec(argv=("./run.sh",), cwd=str(tmp_path)))
     script.chmod(0o644)
     with pytest.raises(SpecError, match="not found or not executable"):
-        _spec(argv=("./run.sh",), cwd=str(tmp_path)).validate()
+        validate_here(_spec(argv=("./run.sh",), cwd=str(tmp_path)))
+
+
+@pytest.mark.parametrize(
+    "kw",
+    [
+        {"argv": ("no-such-program-xyz",)},
+        {"user": "no-such-user-xyz"},
+        {"cwd": "/no/such/dir"},
+    ],
+)
+def test_host_independent_validation_leaves_host_facts_to_the_host(kw: dict[str, object]) -> None:
+    """The manager's check passes what only a node can judge; the node's check refuses it."""
+    spec = _spec(**kw)
+    spec.validate()
+    with pytest.raises(SpecError):
+        validate_here(spec)
+
+
+def test_host_independent_validation_still_refuses_bad_values() -> None:
+    """A bad signal or a negative timeout is refused anywhere, before any host looks."""
+    with pytest.raises(SpecError, match=r"agents\[web-1\]\.stop_signal: unknown signal"):
+        _spec(stop_signal="SIGNOPE").validate()
+    with pytest.raises(SpecError, match=r"agents\[web-1\]\.stop_timeout"):
+        _spec(stop_timeout=-1.0).validate()
 
 
 def test_signal_names() -> None:

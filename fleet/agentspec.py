@@ -1,0 +1,376 @@
+"""What an agent is: its spec, shared by the daemon, the manager and fleetctl.
+
+`AgentSpec` is a frozen dataclass of the types `fleet.config.load_config`
+understands, so ``[[agents]]`` tables in a daemon's TOML (and the agent part
+of a definition file) load straight into it, and `spec_from_proto` /
+`spec_to_proto` convert it to and from the `AgentSpec` message a manager
+pushes. `AgentSpec.validate` checks everything that does not depend on the
+host (the manager refuses a bad definition with it); the daemon adds the
+checks only a host can make (the program, the user, the directory exist:
+`daemon.supervisor.spec.check_on_host`).
+
+`process_hash` covers exactly what the running process was started with:
+argv, env, cwd, user, type and version (a version bump is a deploy). Anything
+else (restart policy, backoff, timeouts, log limits, health, labels, config)
+is supervisor policy or data and is applied to a running agent in place.
+
+Pushed specs follow proto3 rules: an unset scalar is its zero value. Where
+zero is not a usable setting (stop signal, stop timeout, log size, backoff
+parameters, health timeout, restart policy, expected exit codes) the zero
+means "the default of the TOML spec", so a manager can send only what it
+cares about. `autostart`, `start_secs`, `max_retries` and `log_backups` are
+taken literally (0 / false are valid).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import signal
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal, get_args
+
+from fleet.errors import InvalidArgument
+from fleet.labels import LabelError, is_valid_label_value, validate_labels
+from fleet.v1 import common_pb2
+
+__all__ = [
+    "DEFAULT_LOG_MAX_BYTES",
+    "MAX_SECONDS",
+    "AgentSpec",
+    "BackoffSpec",
+    "HealthSpec",
+    "RestartPolicy",
+    "SpecError",
+    "signal_number",
+    "spec_from_dict",
+    "spec_from_proto",
+    "spec_to_dict",
+    "spec_to_proto",
+    "specs_from_proto",
+]
+
+RestartPolicy = Literal["always", "on-failure", "never"]
+HealthKind = Literal["none", "heartbeat"]
+DEFAULT_LOG_MAX_BYTES = 10 * 1024 * 1024
+MAX_SECONDS = 7 * 24 * 3600.0
+"""Longest duration a spec may set (a week): any longer is a typo, not a plan."""
+"""Rotate an agent's log when it grows past this many bytes (10 MiB)."""
+
+
+class SpecError(InvalidArgument, ValueError):
+    """An agent spec is invalid; `field` names it (``agents[<id>].<field>``).
+
+    Both an `InvalidArgument` (a servicer lets it propagate: INVALID_ARGUMENT)
+    and a `ValueError` (what `fleet.config` reports as a config error).
+    Fix the spec; retrying cannot help.
+    """
+
+
+@dataclass(frozen=True)
+class BackoffSpec:
+    """Delay between restarts of an agent that exits before `start_secs`."""
+
+    initial: float = 1.0
+    """Delay after the first early exit, in seconds."""
+    multiplier: float = 2.0
+    """Each further early exit multiplies the delay by this (>= 1)."""
+    max: float = 60.0
+    """The delay never exceeds this many seconds."""
+    jitter: float = 0.2
+    """Fraction (0..1) of each delay that is randomised (taken off the top)."""
+
+
+@dataclass(frozen=True)
+class HealthSpec:
+    """How the daemon decides an agent is healthy beyond "its process exists"."""
+
+    kind: HealthKind = "none"
+    """"none": a live process is healthy; "heartbeat": it must heartbeat via the SDK."""
+    timeout: float = 30.0
+    """For "heartbeat": unhealthy after this many seconds without one."""
+
+
+@dataclass(frozen=True)
+class AgentSpec:
+    """One supervised agent, as an operator writes it in ``[[agents]]``."""
+
+    id: str
+    """Unique per node; a valid label value (also names the log file)."""
+    argv: tuple[str, ...]
+    """Program and arguments, never run through a shell; argv[0] is looked up in PATH."""
+    type: str = "process"
+    """Free-form kind of agent, reported to the manager."""
+    version: str = ""
+    """Version of the agent's software; changing it restarts the agent."""
+    env: dict[str, str] = field(default_factory=dict)
+    """Extra environment, on top of the daemon's own."""
+    cwd: str = ""
+    """Working directory; empty means the daemon's. Must exist."""
+    user: str = ""
+    """User to run as (needs a root daemon); empty runs as the daemon's user."""
+    autostart: bool = True
+    """Start when the daemon starts or the agent is added."""
+    restart: RestartPolicy = "on-failure"
+    """What to do after the agent exits on its own, having run start_secs."""
+    expected_exit_codes: tuple[int, ...] = (0,)
+    """Exit codes that count as success for restart = "on-failure"."""
+    start_secs: float = 1.0
+    """The agent is RUNNING once it has stayed up this long; earlier exits back off."""
+    backoff: BackoffSpec = field(default_factory=BackoffSpec)
+    """Delays between restarts after early exits."""
+    max_retries: int = 5
+    """Early exits in a row allowed before the agent is FATAL."""
+    stop_signal: str = "SIGTERM"
+    """Signal sent to the agent's process group to stop it ("SIGTERM" or "TERM")."""
+    stop_timeout: float = 10.0
+    """Seconds to wait after stop_signal before SIGKILLing the whole group."""
+    log_max_bytes: int = DEFAULT_LOG_MAX_BYTES
+    """Rotate the log past this size; 0 never rotates."""
+    log_backups: int = 3
+    """Rotated logs kept (<id>.log.1 .. .N)."""
+    labels: dict[str, str] = field(default_factory=dict)
+    """Labels the manager selects agents by."""
+    health: HealthSpec = field(default_factory=HealthSpec)
+    """Health check beyond process liveness."""
+    config: str = ""
+    """Opaque payload for SDK agents (JSON by convention); changes reach them live."""
+
+    def validate(self) -> None:
+        """Raise `SpecError` with a one-line message naming the first bad field."""
+        _validate(self)
+
+    def process_hash(self) -> str:
+        """sha256 of what the process was started with; a change needs a restart."""
+        started_with = {
+            "argv": list(self.argv),
+            "env": dict(sorted(self.env.items())),
+            "cwd": self.cwd,
+            "user": self.user,
+            "type": self.type,
+            "version": self.version,
+        }
+        blob = json.dumps(started_with, sort_keys=True, separators=(",", ":"))
+        return hashlib.sha256(blob.encode()).hexdigest()
+
+    @property
+    def stop_signum(self) -> signal.Signals:
+        """`stop_signal` as a signal number (the spec must be valid)."""
+        return signal_number(self.stop_signal)
+
+
+def signal_number(name: str) -> signal.Signals:
+    """ "SIGTERM", "TERM" or "15" -> signal.SIGTERM; ValueError if unknown."""
+    text = name.strip().upper()
+    if not text.startswith("SIG") and not text.isdigit():
+        text = "SIG" + text
+    try:
+        return signal.Signals(int(text)) if text.isdigit() else signal.Signals[text]
+    except (KeyError, ValueError):
+        raise ValueError(f"unknown signal {name!r}") from None
+
+
+def _validate(spec: AgentSpec) -> None:
+    def bad(name: str, message: str) -> SpecError:
+        return SpecError(message, field=f"agents[{spec.id}].{name}")
+
+    if not isinstance(spec.id, str) or not spec.id or not is_valid_label_value(spec.id):
+        raise SpecError(
+            f"agent id {spec.id!r} must be 1..63 characters of [-_.A-Za-z0-9] that start "
+            "and end alphanumeric",
+            field="agents[].id",
+        )
+    if not spec.argv:
+        raise bad("argv", "must not be empty (the program to run and its arguments)")
+    if any(not isinstance(a, str) or "\0" in a for a in spec.argv):
+        raise bad("argv", "arguments must be strings without NUL bytes")
+    for key, value in spec.env.items():
+        if not key or "=" in key or "\0" in key or "\0" in value:
+            raise bad("env", f"invalid environment variable name or value {key!r}")
+    if spec.restart not in get_args(RestartPolicy):
+        raise bad("restart", f"must be one of always, on-failure, never; got {spec.restart!r}")
+    if any(not 0 <= code <= 255 for code in spec.expected_exit_codes):
+        raise bad("expected_exit_codes", "exit codes must be 0..255")
+    b = spec.backoff
+    durations = {
+        "start_secs": spec.start_secs,
+        "stop_timeout": spec.stop_timeout,
+        "backoff.initial": b.initial,
+        "backoff.max": b.max,
+    }
+    for name, seconds in durations.items():
+        # Bounded (not just >= 0): every duration ends up as int64 milliseconds
+        # on the wire, and infinity would make the agent unstoppable.
+        if not 0 <= seconds <= MAX_SECONDS:
+            raise bad(name, f"must be 0..{MAX_SECONDS:.0f} seconds, got {seconds}")
+    if not 1 <= b.multiplier <= 100:
+        raise bad("backoff.multiplier", f"must be 1..100, got {b.multiplier}")
+    if not 0 <= b.jitter <= 1:
+        raise bad("backoff.jitter", f"must be a fraction 0..1, got {b.jitter}")
+    if spec.max_retries < 0:
+        raise bad("max_retries", f"must be >= 0, got {spec.max_retries}")
+    try:
+        signal_number(spec.stop_signal)
+    except ValueError as exc:
+        raise bad("stop_signal", str(exc)) from None
+    if spec.log_max_bytes < 0 or spec.log_backups < 0:
+        raise bad("log_max_bytes", "log_max_bytes and log_backups must be >= 0")
+    if spec.health.kind not in get_args(HealthKind):
+        raise bad("health.kind", f"must be none or heartbeat, got {spec.health.kind!r}")
+    if not 0 < spec.health.timeout <= MAX_SECONDS:
+        raise bad(
+            "health.timeout",
+            f"must be > 0 and <= {MAX_SECONDS:.0f} seconds, got {spec.health.timeout}",
+        )
+    try:
+        validate_labels(spec.labels, field=f"agents[{spec.id}].labels")
+    except LabelError as exc:
+        raise SpecError(exc.message) from None
+
+
+def spec_to_dict(spec: AgentSpec) -> dict[str, Any]:
+    """A JSON-ready dict of `spec` (for the daemon's state files)."""
+    return dataclasses.asdict(spec)
+
+
+def spec_from_dict(data: Mapping[str, Any]) -> AgentSpec:
+    """Inverse of `spec_to_dict`; unknown keys are ignored (older/newer files)."""
+    known = {f.name for f in dataclasses.fields(AgentSpec)}
+    values = {k: v for k, v in data.items() if k in known}
+    values["argv"] = tuple(values.get("argv", ()))
+    if "expected_exit_codes" in values:
+        values["expected_exit_codes"] = tuple(values["expected_exit_codes"])
+    if "backoff" in values:
+        values["backoff"] = BackoffSpec(**values["backoff"])
+    if "health" in values:
+        values["health"] = HealthSpec(**values["health"])
+    return AgentSpec(**values)
+
+
+_RESTART_FROM_PROTO: dict[int, Literal["always", "on-failure", "never"]] = {
+    common_pb2.RESTART_POLICY_UNSPECIFIED: "on-failure",
+    common_pb2.RESTART_POLICY_ALWAYS: "always",
+    common_pb2.RESTART_POLICY_ON_FAILURE: "on-failure",
+    common_pb2.RESTART_POLICY_NEVER: "never",
+}
+_RESTART_TO_PROTO: dict[str, common_pb2.RestartPolicy.ValueType] = {
+    "always": common_pb2.RESTART_POLICY_ALWAYS,
+    "on-failure": common_pb2.RESTART_POLICY_ON_FAILURE,
+    "never": common_pb2.RESTART_POLICY_NEVER,
+}
+
+
+def _or_default(value: float, default: float) -> float:
+    return value if value else default
+
+
+def _spec_default(name: str) -> Any:
+    for f in dataclasses.fields(AgentSpec):
+        if f.name == name:
+            if f.default is not dataclasses.MISSING:
+                return f.default
+            if f.default_factory is not dataclasses.MISSING:
+                return f.default_factory()
+    raise KeyError(name)  # a renamed AgentSpec field: a bug here, caught by the tests
+
+
+def spec_from_proto(msg: common_pb2.AgentSpec, *, where: str = "agent") -> AgentSpec:
+    """Build an `AgentSpec` from its message (not yet validated: `apply` does).
+
+    Raises InvalidArgument naming `where` and the field for values that have
+    no dataclass form (an unknown enum value, config that is not UTF-8).
+    """
+    restart = _RESTART_FROM_PROTO.get(msg.restart)
+    if restart is None:
+        raise InvalidArgument(f"unknown restart policy {msg.restart}", field=f"{where}.restart")
+    if msg.health.kind not in (
+        common_pb2.HEALTH_CHECK_KIND_UNSPECIFIED,
+        common_pb2.HEALTH_CHECK_KIND_HEARTBEAT,
+    ):
+        raise InvalidArgument(
+            f"unknown health kind {msg.health.kind}", field=f"{where}.health.kind"
+        )
+    try:
+        config = msg.config.decode("utf-8")
+    except UnicodeDecodeError:
+        raise InvalidArgument("is not UTF-8 text", field=f"{where}.config") from None
+    d_backoff = BackoffSpec()
+    d_health = HealthSpec()
+    return AgentSpec(
+        id=msg.id,
+        argv=tuple(msg.argv),
+        type=msg.type or _spec_default("type"),
+        version=msg.version,
+        env=dict(msg.env),
+        cwd=msg.cwd,
+        user=msg.user,
+        autostart=msg.autostart,
+        restart=restart,
+        expected_exit_codes=tuple(msg.expected_exit_codes) or _spec_default("expected_exit_codes"),
+        start_secs=msg.start_secs,
+        backoff=BackoffSpec(
+            initial=_or_default(msg.backoff.initial_seconds, d_backoff.initial),
+            multiplier=_or_default(msg.backoff.multiplier, d_backoff.multiplier),
+            max=_or_default(msg.backoff.max_seconds, d_backoff.max),
+            jitter=msg.backoff.jitter,
+        ),
+        max_retries=msg.max_retries,
+        stop_signal=msg.stop_signal or _spec_default("stop_signal"),
+        stop_timeout=_or_default(msg.stop_timeout_seconds, _spec_default("stop_timeout")),
+        log_max_bytes=msg.log_max_bytes or _spec_default("log_max_bytes"),
+        log_backups=msg.log_backups,
+        labels=dict(msg.labels),
+        health=HealthSpec(
+            kind="heartbeat"
+            if msg.health.kind == common_pb2.HEALTH_CHECK_KIND_HEARTBEAT
+            else "none",
+            timeout=_or_default(msg.health.timeout_seconds, d_health.timeout),
+        ),
+        config=config,
+    )
+
+
+def specs_from_proto(msgs: Iterable[common_pb2.AgentSpec]) -> list[AgentSpec]:
+    """Every pushed spec, each error naming `agents[i]` (or the agent's id)."""
+    out: list[AgentSpec] = []
+    for i, msg in enumerate(msgs):
+        out.append(spec_from_proto(msg, where=f"agents[{i}]" + (f" ({msg.id})" if msg.id else "")))
+    return out
+
+
+def spec_to_proto(spec: AgentSpec) -> common_pb2.AgentSpec:
+    """The message form of a spec (the inverse of `spec_from_proto`)."""
+    return common_pb2.AgentSpec(
+        id=spec.id,
+        type=spec.type,
+        version=spec.version,
+        argv=list(spec.argv),
+        env=dict(spec.env),
+        cwd=spec.cwd,
+        user=spec.user,
+        autostart=spec.autostart,
+        restart=_RESTART_TO_PROTO[spec.restart],
+        expected_exit_codes=list(spec.expected_exit_codes),
+        start_secs=spec.start_secs,
+        backoff=common_pb2.Backoff(
+            initial_seconds=spec.backoff.initial,
+            multiplier=spec.backoff.multiplier,
+            max_seconds=spec.backoff.max,
+            jitter=spec.backoff.jitter,
+        ),
+        max_retries=spec.max_retries,
+        stop_signal=spec.stop_signal,
+        stop_timeout_seconds=spec.stop_timeout,
+        log_max_bytes=spec.log_max_bytes,
+        log_backups=spec.log_backups,
+        labels=dict(spec.labels),
+        health=common_pb2.HealthCheck(
+            kind=common_pb2.HEALTH_CHECK_KIND_HEARTBEAT
+            if spec.health.kind == "heartbeat"
+            else common_pb2.HEALTH_CHECK_KIND_UNSPECIFIED,
+            timeout_seconds=spec.health.timeout,
+        ),
+        config=spec.config.encode("utf-8"),
+    )
