@@ -13,17 +13,21 @@ PROTOS := $(wildcard protos/fleet/v1/*.proto)
 FLEET_TEST_POSTGRES_URL ?= postgresql+asyncpg://postgres@127.0.0.1:5432/test
 export FLEET_TEST_POSTGRES_URL
 
-.PHONY: help setup test soak lint proto proto-check proto-breaking fmt demo clean
+.PHONY: help setup lock test soak lint proto proto-check proto-breaking fmt demo clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
 
-# The stamp is rebuilt when pyproject.toml or package.json change, so setup is
-# idempotent and cheap when nothing changed.
-$(VENV)/.installed: pyproject.toml
+# Python dependencies come from requirements.lock only: every package, direct
+# and transitive, pinned with the hashes of its files, so a fresh machine
+# installs exactly what the tests passed with (pip refuses anything else).
+# Fleet itself is installed editable on top, without build isolation (its
+# build backend is in the lock too). The stamp makes setup idempotent and
+# cheap when neither file changed.
+$(VENV)/.installed: requirements.lock pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --require-hashes --only-binary :all: -r requirements.lock
+	$(PY) -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
 
 # `npm ci` installs exactly the lockfile and never rewrites it.
@@ -32,6 +36,15 @@ node_modules/.installed: package.json package-lock.json
 	touch $@
 
 setup: $(VENV)/.installed node_modules/.installed  ## create .venv and install Fleet with dev tools, and buf
+
+# Re-resolve requirements.lock from pyproject.toml on purpose: new or changed
+# dependencies are added, the other pins stay. `make lock UPGRADE=grpcio`
+# also moves grpcio (and what it needs) to the newest release;
+# `make lock UPGRADE=all` moves everything.
+lock: setup  ## update requirements.lock from pyproject.toml (UPGRADE=pkg|all to move pins)
+	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --universal --python-version 3.11 \
+	    --generate-hashes --quiet -o requirements.lock \
+	    $(if $(filter all,$(UPGRADE)),--upgrade,$(addprefix --upgrade-package ,$(UPGRADE)))
 
 demo: setup  ## run a manager and two daemons with example agents, and a fleetctl tour (Ctrl-C stops)
 	scripts/demo.sh

@@ -10,15 +10,20 @@ from __future__ import annotations
 import math
 
 from daemon.sampler import HostSample, ResourceSample
+from daemon.supervisor.policy import LastExit
+from daemon.supervisor.spec import AgentSpec
 from daemon.supervisor.supervisor import AgentSnapshot
+from fleet.agentspec import spec_to_proto
 from fleet.v1 import common_pb2, manager_pb2
 
 __all__ = [
     "agent_info",
     "agent_state",
     "host_metrics",
+    "last_exit",
     "resource_metrics",
     "resource_point",
+    "shown_spec",
 ]
 
 _HEALTH_TO_PROTO: dict[str, common_pb2.AgentHealth.ValueType] = {
@@ -33,9 +38,43 @@ def _status(snapshot: AgentSnapshot) -> common_pb2.AgentStatus.ValueType:
     return common_pb2.AgentStatus.Value("AGENT_STATUS_" + snapshot.status.name)
 
 
-def agent_info(snapshot: AgentSnapshot) -> common_pb2.AgentInfo:
-    """The `AgentInfo` message for one supervised agent."""
+_EXIT_KIND = {
+    "exited": common_pb2.AGENT_EXIT_KIND_EXITED,
+    "killed": common_pb2.AGENT_EXIT_KIND_KILLED,
+    "unhealthy": common_pb2.AGENT_EXIT_KIND_UNHEALTHY,
+    "operator": common_pb2.AGENT_EXIT_KIND_OPERATOR,
+    "updated": common_pb2.AGENT_EXIT_KIND_UPDATED,
+    "daemon": common_pb2.AGENT_EXIT_KIND_DAEMON,
+    "start_failed": common_pb2.AGENT_EXIT_KIND_START_FAILED,
+    "unknown": common_pb2.AGENT_EXIT_KIND_UNKNOWN,
+}
+
+
+def last_exit(how: LastExit | None) -> common_pb2.LastExit | None:
+    """The `LastExit` message (None when the agent never exited)."""
+    if how is None:
+        return None
+    return common_pb2.LastExit(
+        kind=_EXIT_KIND[how.kind], exit_code=how.code, reason=how.reason, time=int(how.at * 1000)
+    )
+
+
+def shown_spec(spec: AgentSpec) -> common_pb2.AgentSpec:
+    """The spec as a daemon shows it to the manager: env names only (values may be secrets)."""
+    msg = spec_to_proto(spec)
+    for name in msg.env:
+        msg.env[name] = ""
+    return msg
+
+
+def agent_info(
+    snapshot: AgentSnapshot, *, spec: AgentSpec | None = None, log_path: str = ""
+) -> common_pb2.AgentInfo:
+    """The `AgentInfo` message for one supervised agent (with its spec, when given)."""
     return common_pb2.AgentInfo(
+        last_exit=last_exit(snapshot.last_exit),
+        spec=shown_spec(spec) if spec is not None else None,
+        log_path=log_path,
         id=snapshot.id,
         type=snapshot.type,
         status=_status(snapshot),
@@ -56,6 +95,7 @@ def agent_info(snapshot: AgentSnapshot) -> common_pb2.AgentInfo:
 def agent_state(snapshot: AgentSnapshot) -> manager_pb2.AgentState:
     """The `AgentState` message the manager link sends in SyncAgentStates."""
     return manager_pb2.AgentState(
+        last_exit=last_exit(snapshot.last_exit),
         agent_id=snapshot.id,
         status=_status(snapshot),
         pid=snapshot.pid,

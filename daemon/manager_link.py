@@ -156,6 +156,9 @@ class ManagerLink:
 
     async def stop(self) -> None:
         """Stop every task and close the channel; buffered batches are not sent."""
+        if not self._tasks and self.state != "stopped":
+            self._stopping.set()  # never started (a daemon start that failed): nothing to say
+            return
         self._stopping.set()
         for task in self._tasks:
             task.cancel()

@@ -90,17 +90,22 @@ class PeerCredProxy:
         os.chmod(self.public_path, 0o660)
 
     async def stop(self) -> None:
-        """Close the public socket and every proxied connection."""
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()
-            self._server = None
+        """Close the public socket (removing its file) and every proxied connection.
+
+        A proxy that never started removes nothing: the file may be another
+        daemon's live socket (the reason a start was refused).
+        """
+        server, self._server = self._server, None
+        if server is not None:
+            server.close()
+            await server.wait_closed()
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        with contextlib.suppress(FileNotFoundError):
-            self.public_path.unlink()
+        if server is not None:
+            with contextlib.suppress(FileNotFoundError):
+                self.public_path.unlink()
 
     def lookup(self, grpc_peer: str) -> PeerInfo | None:
         """The credentials behind a gRPC `context.peer()` string, if it came through us."""

@@ -33,10 +33,18 @@ from daemon.servicers.daemon_service import DaemonServicer
 from daemon.supervisor.supervisor import AgentSnapshot, Supervisor
 from fleet.errors import ConfigError, FleetError
 from fleet.interceptors import ErrorMappingInterceptor
+from fleet.listen import check_listen_addresses, check_unix_socket_free
 from fleet.service import add_health_and_reflection, start_metrics_http_server
 from fleet.systemd import SystemdNotifier
 from fleet.tls import server_credentials
-from fleet.v1 import agent_pb2_grpc, common_pb2, daemon_pb2_grpc, manager_pb2
+from fleet.v1 import (
+    agent_pb2,
+    agent_pb2_grpc,
+    common_pb2,
+    daemon_pb2,
+    daemon_pb2_grpc,
+    manager_pb2,
+)
 
 if TYPE_CHECKING:
     from daemon.metrics import MetricSources
@@ -47,6 +55,8 @@ log = logging.getLogger(__name__)
 
 AGENT_SOCKET_NAME = "agent.sock"
 """The agent socket inside run_dir (what FLEET_DAEMON_SOCKET points at)."""
+DAEMON_SERVICE_NAME = daemon_pb2.DESCRIPTOR.services_by_name["DaemonService"].full_name
+AGENT_SERVICE_NAME = agent_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
 
 # The manager's pooled client pings every ~10 s; a server refuses (GOAWAY
 # too_many_pings) pings more frequent than its minimum, 5 min by default.
@@ -93,6 +103,7 @@ class DaemonServer:
         self._stop_metrics: Callable[[], None] | None = None
         self._watchdog: asyncio.Task[None] | None = None
         self._health: Any = None
+        self._agent_health: Any = None
         run_dir = cfg.run_dir
         self.socket_path = run_dir / AGENT_SOCKET_NAME
         self._private_dir = run_dir / "private"
@@ -179,7 +190,16 @@ class DaemonServer:
         os.chmod(self._private_dir, 0o700)  # only the daemon may reach the raw gRPC socket
 
     async def start(self) -> None:
-        """Bring everything up; ConfigError for an unusable address or directory."""
+        """Bring everything up; ConfigError for an unusable address or directory.
+
+        Every listen address and the agent socket are checked first, so a
+        daemon that cannot serve fails in one line having changed nothing: no
+        agent started, no agents.json written, no directory created.
+        """
+        check_listen_addresses(
+            [("listen", self.cfg.listen), ("metrics_listen", self.cfg.metrics_listen)]
+        )
+        check_unix_socket_free(self.socket_path, what="agent socket")
         self._make_dirs()
         # Agent socket first: agents (re-adopted or new) may call at once.
         self._agent_grpc = aio.server(interceptors=[ErrorMappingInterceptor()])
@@ -192,6 +212,9 @@ class DaemonServer:
             ),
             self._agent_grpc,
         )
+        # Health and reflection tell nothing about agents; any process that may
+        # open the socket may ask them, as on the daemon's TCP port.
+        self._agent_health = add_health_and_reflection(self._agent_grpc, [AGENT_SERVICE_NAME])
         upstream = self.proxy.upstream_path
         with contextlib.suppress(FileNotFoundError):
             upstream.unlink()
@@ -211,7 +234,7 @@ class DaemonServer:
             ),
             self._grpc,
         )
-        self._health = add_health_and_reflection(self._grpc, ["fleet.v1.DaemonService"])
+        self._health = add_health_and_reflection(self._grpc, [DAEMON_SERVICE_NAME])
         try:
             creds = server_credentials(self.cfg.tls)
             self.port = self._grpc.add_secure_port(self.cfg.listen, creds)
@@ -273,8 +296,9 @@ class DaemonServer:
             self._watchdog.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._watchdog
-        if self._health is not None:
-            await self._health.enter_graceful_shutdown()
+        for health in (self._health, self._agent_health):
+            if health is not None:
+                await health.enter_graceful_shutdown()
         await self.link.stop()
         log.debug("stop: manager link closed")
         if self._grpc is not None:

@@ -19,12 +19,18 @@ them into a status code exactly once, and `from_rpc_error` turns a
     └── ConfigError          (start-up only)     a config file or certificate is unusable
 
 Messages say what was wrong and what to do ("node-7 presented a certificate
-for node-3"), because they end up in an operator's terminal.
+for node-3"), because they end up in an operator's terminal. They name no
+client's commands: an error may carry the `Resource` it is about (the node
+or agent that does not exist), sent as trailing metadata next to the status
+(``fleet-resource-kind``, ``-name``, ``-node``), so each client can add its
+own pointer ("see `fleetctl nodes list`") instead of the server guessing it.
 """
 
 from __future__ import annotations
 
-from typing import ClassVar
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import grpc
 
@@ -39,6 +45,7 @@ __all__ = [
     "InvalidArgument",
     "NotFound",
     "PermissionDenied",
+    "Resource",
     "ResourceExhausted",
     "Unauthenticated",
     "Unavailable",
@@ -46,18 +53,59 @@ __all__ = [
 ]
 
 
+_PREFIX = "fleet-resource-"
+_MAX_VALUE = 253
+"""Longest id a Resource sends (a DNS name's limit); a longer one is no valid id anyway and
+could push the trailers past the client's metadata limit (RESOURCE_EXHAUSTED)."""
+
+
+@dataclass(frozen=True)
+class Resource:
+    """What an error is about, for a client to point its user at (a NotFound's node)."""
+
+    kind: str
+    """"node", "agent" or "metric-type"."""
+    name: str
+    """Its id: the node id, the agent id, the metric type."""
+    node: str = ""
+    """The node an agent or metric type belongs to ("" for a node)."""
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        """As gRPC trailing metadata; nothing if a value is not a plausible id (an invalid one
+        the request carried: too long or not printable ASCII)."""
+        items = (("kind", self.kind), ("name", self.name), ("node", self.node))
+        pairs = tuple((_PREFIX + k, v) for k, v in items if v)
+        if not all(len(v) <= _MAX_VALUE and v.isascii() and v.isprintable() for _, v in pairs):
+            return ()
+        return pairs
+
+    @classmethod
+    def from_metadata(cls, metadata: Iterable[tuple[str, Any]] | None) -> Resource | None:
+        """The Resource `metadata` describes, or None."""
+        found = {
+            str(k).removeprefix(_PREFIX): str(v)
+            for k, v in metadata or ()
+            if str(k).startswith(_PREFIX)
+        }
+        if not found.get("kind") or not found.get("name"):
+            return None
+        return cls(found["kind"], found["name"], found.get("node", ""))
+
+
 class FleetError(Exception):
     """Base of every error Fleet raises on purpose.
 
     Catch this to handle any Fleet failure; catch a subclass to handle one
-    kind. `code` is the gRPC status the error maps to.
+    kind. `code` is the gRPC status the error maps to; `resource` (optional)
+    says what the error is about.
     """
 
     code: ClassVar[grpc.StatusCode] = grpc.StatusCode.UNKNOWN
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, *, resource: Resource | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.resource = resource
 
 
 class InvalidArgument(FleetError):
@@ -68,8 +116,10 @@ class InvalidArgument(FleetError):
 
     code = grpc.StatusCode.INVALID_ARGUMENT
 
-    def __init__(self, message: str, *, field: str | None = None) -> None:
-        super().__init__(f"{field}: {message}" if field else message)
+    def __init__(
+        self, message: str, *, field: str | None = None, resource: Resource | None = None
+    ) -> None:
+        super().__init__(f"{field}: {message}" if field else message, resource=resource)
         self.field = field
 
 
@@ -168,14 +218,17 @@ def from_rpc_error(error: grpc.RpcError, *, target: str = "") -> FleetError:
     """Translate a client-side `grpc.RpcError` into the matching FleetError.
 
     `target` (an address or node id) is prefixed to the message so a fan-out
-    error says which peer failed.
+    error says which peer failed. The server's `Resource`, if it sent one, is
+    kept.
     """
     code: grpc.StatusCode = error.code()
     details: str = error.details() or code.name
     message = f"{target}: {details}" if target else details
+    trailing = getattr(error, "trailing_metadata", None)
+    resource = Resource.from_metadata(trailing() if callable(trailing) else None)
     cls = _BY_CODE.get(code)
     if cls is None:
-        err = FleetError(message)
+        err = FleetError(message, resource=resource)
         err.code = code  # type: ignore[misc]  # keep the unmapped code for callers
         return err
-    return cls(message)
+    return cls(message, resource=resource)

@@ -1,7 +1,8 @@
 """The one place where `fleet.errors` become gRPC status codes on a server.
 
 Servicers raise `FleetError` subclasses; `ErrorMappingInterceptor` aborts the
-call with the error's code and message. Anything else escaping a servicer is
+call with the error's code and message, and its `Resource` as trailing
+metadata. Anything else escaping a servicer is
 a bug: it is logged with its traceback and answered `INTERNAL`, never
 `UNKNOWN`.
 """
@@ -40,7 +41,8 @@ def bounded(message: str, limit: int = MAX_DETAILS) -> str:
 
 async def _abort_for(exc: Exception, context: _Context, method: str) -> None:
     if isinstance(exc, FleetError):
-        await context.abort(exc.code, bounded(exc.message))
+        about = exc.resource.metadata() if exc.resource is not None else ()
+        await context.abort(exc.code, bounded(exc.message), trailing_metadata=about)
     log.exception("unhandled error in %s", method)
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; see the server log")
 

@@ -7,25 +7,29 @@ The string syntax and the matching rules are Kubernetes' own
 
 - ``k=v`` / ``k==v``: the label exists and equals v; ``k!=v``: absent or not v.
 - ``k in (a,b)``: exists and is one of them; ``k notin (a,b)``: absent or none.
+  ``()`` is the set holding the empty value, as selector.go parses it, so
+  ``k notin ()`` means ``k!=`` and ``k in ()`` means ``k=``.
 - ``k``: exists; ``!k``: absent. ``k>n`` / ``k<n``: exists and, read as a
   64-bit integer, compares so (a non-integer label value never matches).
 - ``,`` is AND; the empty string selects everything. Values may be empty
-  (``k=``, ``k in (a,)``; ``k in ()`` is ``k in ("")`` as in Kubernetes).
+  (``k=``, ``k in (a,)``).
 
 A `Selector` is an immutable value in canonical form, and two selectors are
-equal exactly when their canonical strings are. Deliberate departures from
-Kubernetes, each because exact str/proto round trips need one spelling per
-meaning:
+equal exactly when their canonical strings are. Each requirement keeps the
+operator it was written with, as Kubernetes' ``String()`` does (``y==jkl``
+stays ``==``, ``y notin (jkl)`` stays ``notin``, ``z notin ()`` stays
+``notin ()``), and so does the protobuf form, so what an operator wrote is
+what every message about it shows. The canonical form departs from
+selector.go's ``String()`` only where it cannot change a meaning:
 
-- duplicate requirements are dropped (AND is idempotent);
-- ``==`` is stored as ``=``, and a one-value set as ``=``/``!=``
-  (``k in (a)`` prints ``k=a``; the proto cannot tell them apart either);
+- requirements are sorted by key, then operator, then values, and exact
+  duplicates are dropped (AND is idempotent);
 - ``>``/``<`` operands print without leading zeros (``k>007`` is ``k>7``).
 
-Two lexical corner cases differ too: a value list is simply comma-separated
-items that may be empty, so ``(a,,)`` is accepted (selector.go rejects it but
-accepts ``(a,,,)``), and a NUL character is an ordinary (invalid) character,
-not the end of the input.
+A value list is comma-separated items that may be empty (``(a,,)`` holds
+``a`` and the empty value, as in selector.go since 2025). One lexical corner
+differs: a NUL character is an ordinary (invalid) character, not the end of
+the input.
 
 Pure code: no I/O. Errors are `SelectorError` (an `InvalidArgument`, so
 servicers may let it propagate) and its `SelectorSyntaxError` with a position.
@@ -73,9 +77,16 @@ class SelectorSyntaxError(SelectorError):
 
 
 class Operator(enum.Enum):
-    """Operator of one requirement; declaration order is the canonical sort order."""
+    """Operator of one requirement, as written; declaration order is the canonical order.
 
+    EQUALS and DOUBLE_EQUALS mean what IN with one value means, NOT_EQUALS
+    what NOT_IN with one value means; they differ only in how they print.
+    """
+
+    EQUALS = "="
+    DOUBLE_EQUALS = "=="
     IN = "in"
+    NOT_EQUALS = "!="
     NOT_IN = "notin"
     EXISTS = "exists"
     NOT_EXISTS = "!"
@@ -83,6 +94,9 @@ class Operator(enum.Enum):
     LT = "<"
 
 
+_INCLUDES = frozenset({Operator.EQUALS, Operator.DOUBLE_EQUALS, Operator.IN})
+_EXCLUDES = frozenset({Operator.NOT_EQUALS, Operator.NOT_IN})
+_EXACT = frozenset({Operator.EQUALS, Operator.DOUBLE_EQUALS, Operator.NOT_EQUALS})
 _RANK = {op: i for i, op in enumerate(Operator)}
 _TO_PB = {op: common_pb2.SelectorOperator.Value(f"SELECTOR_OPERATOR_{op.name}") for op in Operator}
 _FROM_PB = {pb: op for op, pb in _TO_PB.items()}
@@ -105,6 +119,8 @@ def _integer_operand(text: str) -> int | None:
 def _values_problem(op: Operator, values: tuple[str, ...]) -> str | None:
     if op in (Operator.IN, Operator.NOT_IN) and not values:
         return "for 'in', 'notin' operators, values set can't be empty"
+    if op in _EXACT and len(values) != 1:
+        return f"for '=', '==', '!=' operators, exactly one value is required, got {len(values)}"
     if op in (Operator.EXISTS, Operator.NOT_EXISTS) and values:
         return "values set must be empty for exists and does not exist"
     if op in (Operator.GT, Operator.LT):
@@ -128,7 +144,8 @@ class Requirement:
     operator: Operator
     """How the label's value is compared with `values`."""
     values: tuple[str, ...] = ()
-    """Sorted distinct values: >=1 for IN/NOT_IN, none for (NOT_)EXISTS, one integer for GT/LT."""
+    """Sorted distinct values: one or more for IN/NOT_IN, none for (NOT_)EXISTS, exactly one
+    for the rest (an integer for GT/LT)."""
 
     def __post_init__(self) -> None:
         try:
@@ -153,9 +170,9 @@ class Requirement:
             return present
         if op is Operator.NOT_EXISTS:
             return not present
-        if op is Operator.IN:
+        if op in _INCLUDES:
             return present and labels[self.key] in self.values
-        if op is Operator.NOT_IN:
+        if op in _EXCLUDES:
             return not present or labels[self.key] not in self.values
         have = _go_int(labels[self.key]) if present else None
         if have is None:
@@ -173,11 +190,9 @@ class Requirement:
             return key
         if op is Operator.NOT_EXISTS:
             return f"!{key}"
-        if op in (Operator.GT, Operator.LT):
-            return f"{key}{op.value}{values[0]}"
-        if len(values) == 1:
-            return f"{key}={values[0]}" if op is Operator.IN else f"{key}!={values[0]}"
-        return f"{key} {op.value} ({','.join(values)})"
+        if op in (Operator.IN, Operator.NOT_IN):
+            return f"{key} {op.value} ({','.join(values)})"
+        return f"{key}{op.value}{values[0]}"
 
 
 @dataclass(frozen=True)
@@ -202,7 +217,7 @@ class Selector:
     @classmethod
     def from_labels(cls, labels: Mapping[str, str]) -> Selector:
         """The selector ``k1=v1,k2=v2,...`` matching supersets of `labels`."""
-        return cls(tuple(Requirement(k, Operator.IN, (v,)) for k, v in labels.items()))
+        return cls(tuple(Requirement(k, Operator.EQUALS, (v,)) for k, v in labels.items()))
 
     @property
     def is_empty(self) -> bool:
@@ -227,8 +242,7 @@ class Selector:
 # Whitespace is selector.go's: space, tab, CR, LF. Two-character symbols first.
 _TOKEN = re.compile(r"(!=|==|[=!(),><])|([^ \t\r\n=!(),><]+)")
 _KEYWORDS = frozenset({"in", "notin"})
-_BINARY = {"=": Operator.IN, "==": Operator.IN, "!=": Operator.NOT_IN, "in": Operator.IN}
-_BINARY |= {"notin": Operator.NOT_IN, ">": Operator.GT, "<": Operator.LT}
+_BINARY = {op.value: op for op in Operator if op not in (Operator.EXISTS, Operator.NOT_EXISTS)}
 _EXPECTED_OP = "'=', '==', '!=', 'in', 'notin', '>', '<', ',' or end of string"
 
 
@@ -382,13 +396,14 @@ def parse(text: str, *, field: str | None = None) -> Selector:
 def to_proto(selector: Selector) -> common_pb2.LabelSelector:
     """The `LabelSelector` message for `selector`; `from_proto` inverts it exactly.
 
-    Single-value IN (``k=v``) goes to match_labels, except a second equality
-    on the same key (``a=x,a=y``, which matches nothing), which stays an IN
-    expression because a map holds one value per key.
+    ``k=v`` goes to match_labels, except a second ``=`` on the same key
+    (``a=x,a=y``, which matches nothing), which becomes an EQUALS expression
+    because a map holds one value per key. Every other requirement is an
+    expression with the operator it was written with.
     """
     msg = common_pb2.LabelSelector()
     for req in selector.requirements:
-        if req.operator is Operator.IN and len(req.values) == 1 and req.key not in msg.match_labels:
+        if req.operator is Operator.EQUALS and req.key not in msg.match_labels:
             msg.match_labels[req.key] = req.values[0]
             continue
         msg.match_expressions.add(key=req.key, operator=_TO_PB[req.operator], values=req.values)
@@ -405,7 +420,7 @@ def _check(check: Callable[[str], None], text: str, field: str) -> None:
 def _expression(expr: common_pb2.LabelSelectorRequirement, where: str) -> Requirement:
     op = _FROM_PB.get(expr.operator)
     if op is None:
-        names = ", ".join(common_pb2.SelectorOperator.Name(pb) for pb in _FROM_PB)
+        names = ", ".join(common_pb2.SelectorOperator.Name(pb) for pb in sorted(_FROM_PB))
         what = "unset" if expr.operator == 0 else f"unknown operator {expr.operator}"
         raise SelectorError(f"{what}; expected one of {names}", field=f"{where}.operator")
     _check(validate_label_key, expr.key, f"{where}.key")
@@ -428,7 +443,7 @@ def from_proto(msg: common_pb2.LabelSelector, *, field: str = "selector") -> Sel
     for key, value in sorted(msg.match_labels.items()):
         _check(validate_label_key, key, f"{field}.match_labels")
         _check(validate_label_value, value, f"{field}.match_labels[{key!r}]")
-        requirements.append(Requirement(key, Operator.IN, (value,)))
+        requirements.append(Requirement(key, Operator.EQUALS, (value,)))
     for i, expr in enumerate(msg.match_expressions):
         requirements.append(_expression(expr, f"{field}.match_expressions[{i}]"))
     return Selector(tuple(requirements))

@@ -3,7 +3,9 @@
 ``start() -> wait for SIGTERM/SIGINT -> stop(grace)``, with the wait on an
 asyncio Event the signal handlers set (handlers only record the signal), and
 the process's previous handlers restored on the way out. gRPC servers also
-get the standard health service and server reflection.
+get the standard health service and server reflection, both versions of it:
+``grpc.reflection.v1`` (what current grpcurl, grpcui and Postman ask for
+first) and ``grpc.reflection.v1alpha`` (older clients).
 
 Related plumbing lives beside this module: `fleet.systemd.SystemdNotifier`
 and `fleet.observability` (`setup_logging`, `start_metrics_http_server`),
@@ -17,16 +19,17 @@ import inspect
 import logging
 import signal
 from collections.abc import Awaitable, Callable, Sequence
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_reflection.v1alpha import reflection
+from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_grpc
 
 from fleet.observability import setup_logging, start_metrics_http_server
 from fleet.systemd import SystemdNotifier
 
 __all__ = [
+    "REFLECTION_V1",
     "AsyncHealth",
     "SystemdNotifier",
     "add_health_and_reflection",
@@ -38,6 +41,9 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+REFLECTION_V1 = "grpc.reflection.v1.ServerReflection"
+"""Full name of the v1 reflection service (grpcio-reflection serves only v1alpha)."""
 
 
 class AsyncHealth(Protocol):
@@ -95,7 +101,7 @@ async def run_until_signalled(
 
 
 def add_health_and_reflection(server: grpc.aio.Server, service_names: Sequence[str]) -> AsyncHealth:
-    """Register grpc.health.v1.Health and server reflection on `server`.
+    """Register grpc.health.v1.Health and server reflection (v1 and v1alpha) on `server`.
 
     Every name in `service_names` (full names, e.g. "fleet.v1.NodeService")
     and the overall "" service report SERVING. Returns the asyncio
@@ -108,7 +114,23 @@ def add_health_and_reflection(server: grpc.aio.Server, service_names: Sequence[s
         # so writing the status table directly is what set() would do.
         servicer._server_status[name] = health_pb2.HealthCheckResponse.SERVING
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    reflection.enable_server_reflection(
-        (*service_names, health.SERVICE_NAME, reflection.SERVICE_NAME), server
-    )
+    listed = (*service_names, health.SERVICE_NAME, REFLECTION_V1, reflection.SERVICE_NAME)
+    # aio is in the module's __all__, behind a version check mypy cannot follow.
+    reflector = reflection.aio.ReflectionServicer(listed)  # type: ignore[attr-defined]
+    reflection_pb2_grpc.add_ServerReflectionServicer_to_server(reflector, server)
+    server.add_generic_rpc_handlers((_reflection_v1(reflector),))
     return cast(AsyncHealth, servicer)
+
+
+def _reflection_v1(reflector: Any) -> grpc.GenericRpcHandler[Any, Any]:
+    """grpc.reflection.v1 answered by grpcio-reflection's v1alpha servicer.
+
+    v1 is v1alpha renamed: the messages have the same fields and numbers, so
+    the same bytes; only the method path differs. One implementation serves both.
+    """
+    info = grpc.stream_stream_rpc_method_handler(
+        reflector.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    return grpc.method_handlers_generic_handler(REFLECTION_V1, {"ServerReflectionInfo": info})

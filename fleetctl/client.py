@@ -5,6 +5,9 @@ manager.<trust domain>`` so the handshake proves it is the fleet's manager,
 whatever address was dialed. Every failure becomes ONE line for the
 operator: which address, what failed, what to check. TLS failures are
 explained in words: `probe` looks at the certificate the server presents.
+An error about a node, agent or metric type that does not exist points at
+the fleetctl command that lists what does (`hinted`): the manager names the
+resource, fleetctl knows its own commands.
 """
 
 from __future__ import annotations
@@ -17,7 +20,8 @@ from typing import TYPE_CHECKING
 import grpc
 from grpc import aio
 
-from fleet.errors import ConfigError, from_rpc_error
+from fleet.errors import ConfigError, FleetError, from_rpc_error
+from fleet.reachability import Cause, cause, last_error
 from fleet.tls import TLSConfig, channel_credentials, channel_options
 from fleet.v1 import fleet_pb2_grpc
 from fleetctl.settings import FleetctlConfig
@@ -26,7 +30,14 @@ from fleetctl.tlsprobe import probe
 if TYPE_CHECKING:
     from fleet.v1.fleet_pb2_grpc import FleetServiceAsyncStub
 
-__all__ = ["Connection", "connect", "explain_rpc_error", "resolve_connection"]
+__all__ = ["Connection", "connect", "explain_rpc_error", "hinted", "resolve_connection"]
+
+# NOT_FOUND about a resource kind -> the command that lists what exists.
+_SEE = {
+    "node": "fleetctl nodes list",
+    "agent": "fleetctl agents list --node {node}",
+    "metric-type": "fleetctl metrics types --node {node}",
+}
 
 
 @dataclass(frozen=True)
@@ -117,23 +128,34 @@ def explain_rpc_error(error: grpc.RpcError, conn: Connection, *, diagnose: bool 
             f"{where} does not serve this call ({details or 'UNIMPLEMENTED'});"
             " is it an older fleet-manager, or not a fleet-manager at all?"
         )
-    return from_rpc_error(error).message
+    return hinted(from_rpc_error(error))
+
+
+def hinted(error: FleetError) -> str:
+    """`error`'s message; for a NOT_FOUND node, agent or metric type, plus the command
+    that lists what exists: "node 'n9' is not registered (see `fleetctl nodes list`)"."""
+    about = error.resource
+    if error.code != grpc.StatusCode.NOT_FOUND or about is None or about.kind not in _SEE:
+        return error.message
+    see = _SEE[about.kind]
+    if "{node}" in see and not about.node:
+        see = see.split(" --", 1)[0]
+    return f"{error.message} (see `{see.format(node=about.node)}`)"
 
 
 def _unavailable(details: str, conn: Connection, where: str, *, diagnose: bool) -> str:
-    low = details.lower()
-    if "connection refused" in low:
+    why = cause(details)
+    if why is Cause.REFUSED:
         return (
             f"cannot connect to the {where}: connection refused; check that fleet-manager"
             " is running there and that --manager / FLEET_MANAGER names its listen address"
         )
-    if "dns resolution failed" in low or "name or service not known" in low:
+    if why is Cause.NO_NAME:
         return (
-            f"cannot resolve the host of --manager {conn.address}; check the name"
-            " (or use an IP address)"
+            f"cannot connect to the {where}: the name does not resolve; check"
+            " --manager / FLEET_MANAGER (or use an IP address)"
         )
-    tls_words = ("ssl", "tls", "handshake", "certificate", "hostname verification", "peer name")
-    if any(w in low for w in tls_words) or "socket closed" in low or "connection reset" in low:
+    if why in (Cause.TLS, Cause.CLOSED):
         finding = (
             probe(conn.address, conn.tls, conn.server_name, timeout=min(conn.timeout, 5.0))
             if diagnose
@@ -141,16 +163,10 @@ def _unavailable(details: str, conn: Connection, where: str, *, diagnose: bool) 
         )
         if finding:
             return f"TLS with the {where} failed: {finding}"
-        return f"TLS with the {where} failed: {_short(details)}"
-    if "timeout" in low or "timed out" in low:
+        return f"TLS with the {where} failed: {last_error(details)}"
+    if why is Cause.TIMED_OUT:
         return (
             f"cannot connect to the {where}: timed out; check the address, firewalls,"
             " and that fleet-manager is running"
         )
-    return f"{where} is unavailable: {_short(details)}"
-
-
-def _short(details: str) -> str:
-    """grpc's 'failed to connect to all addresses; last error: X' -> X."""
-    marker = "last error: "
-    return details.split(marker, 1)[1] if marker in details else details
+    return f"{where} is unavailable: {last_error(details)}"

@@ -1,4 +1,10 @@
-"""fleetctl events: the manager's event feed, resumable by id, optionally followed."""
+"""fleetctl events: the manager's event feed, resumable by id, optionally followed.
+
+Without -f it shows the last `DEFAULT_TAIL` events, or everything after
+--since ID, or the last --tail N; -f starts from now unless --since or
+--tail says otherwise. The manager picks the tail with an indexed query, so
+a long history is never streamed to be thrown away here.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +19,10 @@ from fleetctl.output import Column, OutputFormat, dump, print_rows
 from fleetctl.runtime import EXIT_OK, Cli, Stub, UsageProblem
 from fleetctl.views import event_view
 
-__all__ = ["KIND_NAMES", "events", "parse_kinds"]
+__all__ = ["DEFAULT_TAIL", "KIND_NAMES", "events", "parse_kinds", "start_tail"]
+
+DEFAULT_TAIL = 20
+"""Events `fleetctl events` shows without --tail or --since."""
 
 KIND_NAMES: dict[str, fleet_pb2.EventKind.ValueType] = {
     name.removeprefix("EVENT_KIND_").lower().replace("_", "-"): value
@@ -49,6 +58,17 @@ _COLUMNS = [
 ]
 
 
+def start_tail(*, follow: bool, since: int | None, tail: int | None) -> int | None:
+    """How many past events to begin with (None: all after --since) (pure).
+
+    --tail wins; --since alone means everything after it; neither means the
+    last DEFAULT_TAIL, or none when following (from now).
+    """
+    if tail is not None or since is not None:
+        return tail
+    return 0 if follow else DEFAULT_TAIL
+
+
 def _line(view: dict[str, Any], wide: bool) -> str:
     """One event as one line, for a followed feed (a table cannot grow)."""
     subject = view["node_id"] + (f"/{view['agent_id']}" if view["agent_id"] else "")
@@ -65,32 +85,53 @@ def events(
         bool, typer.Option("--follow", "-f", help="Keep the stream open for new events.")
     ] = False,
     since: Annotated[
-        int, typer.Option("--since", min=0, help="Only events after this event id (resume).")
-    ] = 0,
+        int | None,
+        typer.Option("--since", min=0, help="Every event after this event id (resume)."),
+    ] = None,
+    tail: Annotated[
+        int | None,
+        typer.Option(
+            "--tail",
+            min=0,
+            help=f"Begin with the last N events (default {DEFAULT_TAIL}; with -f: 0, from now).",
+        ),
+    ] = None,
     kind: Annotated[
         list[str] | None,
         typer.Option("--kind", "-k", help="Only these kinds (repeat or comma-separate)."),
     ] = None,
     node: Annotated[str | None, typer.Option("--node", "-n", help="Only about this node.")] = None,
 ) -> None:
-    """Show events (node registered/online/offline, label changes, agent states, operations)."""
+    """Show events (node registered/online/offline, label changes, agent states, operations).
+
+    The last 20 by default; -f follows from now.
+    """
     cli = Cli.of(ctx)
     kinds = cli.checked(lambda: parse_kinds(kind or []))
+    first = start_tail(follow=follow, since=since, tail=tail)
+    request = fleet_pb2.FleetServiceWatchEventsRequest(
+        from_event_id=since or 0, kinds=kinds, node_id=node or "", follow=follow
+    )
+    if first is not None:
+        request.tail = first
+
+    def note_left_out(item: fleet_pb2.FleetServiceWatchEventsResponse) -> None:
+        if item.older_events_left_out:
+            cli.note(f"fleetctl: showing the last {first} events; --tail N or --since ID for more")
 
     async def body(stub: Stub, conn: Connection) -> int:
-        stream = stub.WatchEvents(
-            fleet_pb2.FleetServiceWatchEventsRequest(
-                from_event_id=since, kinds=kinds, node_id=node or "", follow=follow
-            ),
-            timeout=None if follow else conn.timeout,
-        )
+        stream = stub.WatchEvents(request, timeout=None if follow else conn.timeout)
         fmt = cli.fmt
         if not follow:
-            rows = [event_view(item.event) async for item in stream]
+            items = [item async for item in stream]
+            rows = [event_view(item.event) for item in items]
             print_rows(cli.out, fmt, rows, _COLUMNS, empty="No events.", key="events")
+            if items:
+                note_left_out(items[0])
             return EXIT_OK
         # Followed: one line (or one JSON object, or one YAML document) per event.
         async for item in stream:
+            note_left_out(item)
             view = event_view(item.event)
             if fmt is OutputFormat.json:
                 cli.out.out(json.dumps(view, ensure_ascii=False), highlight=False)

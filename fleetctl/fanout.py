@@ -32,9 +32,9 @@ from rich.progress import (
 )
 
 from fleet import selectors
-from fleet.errors import from_rpc_error
+from fleet.errors import NotFound, Resource, from_rpc_error
 from fleet.v1 import common_pb2, fleet_pb2
-from fleetctl.client import Connection
+from fleetctl.client import Connection, hinted
 from fleetctl.nodes import SelectorOpt, parse_selector
 from fleetctl.output import Column, print_object, print_rows
 from fleetctl.runtime import (
@@ -180,7 +180,11 @@ def _run(
             return _print_plan(cli, planned)
         where = f"node {node}" if node is not None else f"nodes matching {str(sel)!r}"
         if not planned:
-            cli.fail(f"nothing to {action}: no {what.split(' ', 1)[1]} on {where}", EXIT_FAILED)
+            one = node is not None and not by_type
+            raise NotFound(
+                f"nothing to {action}: no {what.split(' ', 1)[1]} on {where}",
+                resource=Resource("agent", agent, node=node or "") if one else None,
+            )
         if len(planned) > 1 and not yes:
             _confirm(cli, what, planned)
         return await _execute(cli, launch(False), len(planned), what)
@@ -394,7 +398,7 @@ async def _window(
             )
         except grpc.RpcError as exc:
             result.outcome = fleet_pb2.TARGET_OUTCOME_FAILED
-            result.message = from_rpc_error(exc).message
+            result.message = hinted(from_rpc_error(exc))
         else:
             result.outcome = fleet_pb2.TARGET_OUTCOME_OK
             result.agent.CopyFrom(reply.agent.agent)

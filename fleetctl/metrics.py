@@ -1,4 +1,5 @@
-"""fleetctl metrics query: a node's (or agent's) metric series as sparklines."""
+"""fleetctl metrics: stored series as sparklines (query), what a node reports (types), and an
+agent's recent samples from its daemon (agent). The chart arithmetic is `fleetctl.chart`."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import datetime as dt
 import enum
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -14,16 +16,25 @@ from rich.text import Text
 
 from fleet.v1 import fleet_pb2
 from fleetctl.agents import split_agent_ref
+from fleetctl.chart import (
+    BUILT_IN_TYPES,
+    COUNTERS,
+    axis,
+    bucket_values,
+    format_value,
+    is_counter,
+    rates,
+)
 from fleetctl.client import Connection
-from fleetctl.output import dump, sparkline
-from fleetctl.runtime import EXIT_OK, Cli, Stub, UsageProblem
+from fleetctl.output import Column, dump, print_rows, sparkline
+from fleetctl.runtime import EXIT_OK, EXIT_USAGE, Cli, Stub, UsageProblem
 from fleetctl.timespec import format_duration, format_time, parse_duration, parse_instant
-from fleetctl.views import series_view
+from fleetctl.views import metric_type_view, points_view
 
 if TYPE_CHECKING:
     from fleet.v1 import common_pb2
 
-__all__ = ["Aggregate", "app", "bucket_values", "format_number", "sample_series", "time_range"]
+__all__ = ["Aggregate", "app", "rate_problem", "sample_series", "time_range"]
 
 app = typer.Typer(help="Metrics the manager stored.", no_args_is_help=True)
 
@@ -75,21 +86,48 @@ def step_seconds(step: str | None, *, option: str = "--step") -> int:
     return math.ceil(seconds)
 
 
-def bucket_values(
-    points: Sequence[tuple[int, float]], *, start_ms: int, end_ms: int, step_ms: int
-) -> list[float | None]:
-    """One value per step bucket from start to end, None where no point fell (pure)."""
-    if step_ms <= 0:
-        return [v for _, v in points]
-    # Buckets may start at multiples of the step rather than at start_ms.
-    base = start_ms - start_ms % step_ms
-    count = max(1, math.ceil((end_ms - base) / step_ms))
-    values: list[float | None] = [None] * count
-    for ts, value in points:
-        i = (ts - base) // step_ms
-        if 0 <= i < count:
-            values[i] = value
-    return values
+AUTO_BUCKETS = 60
+"""Buckets --rate asks for when no --step is given (what the manager picks by itself)."""
+
+
+def rate_problem(metric_type: str, name: str | None, agg: Aggregate | None) -> str | None:
+    """Why --rate cannot be drawn for this query, or None (pure)."""
+    if agg not in (None, Aggregate.max):
+        return f"--rate reads each bucket's max (a counter's last value); leave out --agg {agg}"
+    counters = sorted(COUNTERS.get(metric_type, ()))
+    if metric_type in BUILT_IN_TYPES and not counters:
+        every = "; ".join(f"{t}: {', '.join(sorted(n))}" for t, n in sorted(COUNTERS.items()))
+        return f"--rate: {metric_type} has no cumulative counters (those are {every})"
+    if name and not is_counter(metric_type, name):
+        return f"--rate: {metric_type} {name} is not a counter; its counters: {', '.join(counters)}"
+    return None
+
+
+@dataclass(frozen=True)
+class _Query:
+    """What `metrics query` asks, after checking the options."""
+
+    start_ms: int
+    end_ms: int
+    step_s: int
+    """0: the manager picks (not with --rate)."""
+    agg: Aggregate
+    rate: bool
+
+    def request_start_ms(self) -> int:
+        """--rate needs the bucket before the first one drawn (a rate is a difference)."""
+        return self.start_ms - self.step_s * 1000 if self.rate else self.start_ms
+
+
+def _plan(
+    since: str, until: str | None, step: str | None, agg: Aggregate | None, rate: bool
+) -> _Query:
+    start_ms, end_ms = time_range(since, until, now=dt.datetime.now(dt.UTC))
+    step_s = step_seconds(step)
+    if rate and not step_s:  # explicit, so the bucket before the range can be asked for too
+        step_s = max(1, math.ceil((end_ms - start_ms) / 1000 / AUTO_BUCKETS))
+    chosen = agg or (Aggregate.max if rate else Aggregate.avg)
+    return _Query(start_ms, end_ms, step_s, chosen, rate)
 
 
 @app.command("query")
@@ -115,13 +153,22 @@ def query(
         str | None, typer.Option("--step", help="Bucket width, e.g. 1m (default: ~60 buckets).")
     ] = None,
     agg: Annotated[
-        Aggregate, typer.Option("--agg", help="Combine samples in a bucket by avg, min or max.")
-    ] = Aggregate.avg,
+        Aggregate | None,
+        typer.Option("--agg", help="Combine samples in a bucket by avg (default), min or max."),
+    ] = None,
+    rate: Annotated[
+        bool,
+        typer.Option(
+            "--rate", help="Per-second rates of counters (disk, network bytes); gauges left out."
+        ),
+    ] = False,
 ) -> None:
     """Query stored metrics and draw each series as a sparkline (-o json for the numbers)."""
     cli = Cli.of(ctx)
-    start_ms, end_ms = cli.checked(lambda: time_range(since, until, now=dt.datetime.now(dt.UTC)))
-    step_s = cli.checked(lambda: step_seconds(step))
+    problem = rate_problem(metric_type, name, agg) if rate else None
+    if problem:
+        cli.fail(problem, EXIT_USAGE)
+    q = cli.checked(lambda: _plan(since, until, step, agg, rate))
 
     async def body(stub: Stub, conn: Connection) -> int:
         reply = await stub.QueryMetrics(
@@ -130,91 +177,136 @@ def query(
                 agent_id=agent or "",
                 type=metric_type,
                 name=name or "",
-                start_time=start_ms,
-                end_time=end_ms,
-                step_seconds=step_s,
-                aggregate=agg.proto,
+                start_time=q.request_start_ms(),
+                end_time=q.end_ms,
+                step_seconds=q.step_s,
+                aggregate=q.agg.proto,
             ),
             timeout=conn.timeout,
         )
+        series = {s.name: [(p.timestamp, p.value) for p in s.points] for s in reply.series}
+        if rate:
+            gauges = sorted(n for n in series if not is_counter(metric_type, n))
+            if gauges:
+                cli.note(f"fleetctl: --rate leaves out {', '.join(gauges)} (not counters)")
+            series = {
+                n: [(t, v) for t, v in rates(points) if t >= q.start_ms]
+                for n, points in series.items()
+                if n not in gauges
+            }
         header: dict[str, Any] = {
             "node_id": node,
             "agent_id": agent or None,
             "type": metric_type,
-            "aggregate": str(agg),
-            "start": format_time(start_ms),
-            "end": format_time(end_ms),
+            "aggregate": str(q.agg),
+            "per_second": rate,
+            "start": format_time(q.start_ms),
+            "end": format_time(q.end_ms),
             "step_seconds": reply.step_seconds,
         }
         if cli.fmt.structured:
-            data = {**header, "series": [series_view(s) for s in reply.series]}
-            cli.out.out(dump(cli.fmt, data), end="", highlight=False)
+            views = [points_view(n, p) for n, p in sorted(series.items())]
+            cli.out.out(dump(cli.fmt, {**header, "series": views}), end="", highlight=False)
             return EXIT_OK
-        _draw(cli, header, reply, start_ms, end_ms)
+        _draw(cli, header, series, q)
         return EXIT_OK
 
     cli.call(body)
 
 
-def format_number(value: float, name: str = "") -> str:
-    """A chart's min/max/last: KiB..PiB when `name` has a ``bytes`` part, else k/M/G/T (pure)."""
-    if not math.isfinite(value):
-        return str(value)
-    size = abs(value)
-    if "bytes" in name.split("_") and size >= 1024:
-        units = ("KiB", "MiB", "GiB", "TiB", "PiB")
-        i = 0
-        value /= 1024
-        while abs(value) >= 1024 and i < len(units) - 1:
-            value /= 1024
-            i += 1
-        return f"{value:.3g}{units[i]}"
-    # From 10k on (4-digit values read fine as they are).
-    for threshold, divisor, suffix in ((1e12, 1e12, "T"), (1e9, 1e9, "G"), (1e6, 1e6, "M"),
-                                       (1e4, 1e3, "k")):  # fmt: skip
-        if size >= threshold:
-            return f"{value / divisor:.3g}{suffix}"
-    return f"{value:.4g}"
-
-
 def _draw(
-    cli: Cli,
-    header: dict[str, Any],
-    reply: fleet_pb2.FleetServiceQueryMetricsResponse,
-    start_ms: int,
-    end_ms: int,
+    cli: Cli, header: dict[str, Any], series: dict[str, list[tuple[int, float]]], q: _Query
 ) -> None:
     subject = header["node_id"] + (f"/{header['agent_id']}" if header["agent_id"] else "")
-    step = format_duration(reply.step_seconds) if reply.step_seconds else "auto"
+    step = format_duration(header["step_seconds"]) if header["step_seconds"] else "auto"
+    how = "per-second rate" if q.rate else header["aggregate"]
     cli.out.print(
-        f"{header['type']} of {subject}, {header['start']} .. {header['end']},"
-        f" {header['aggregate']} per {step}",
+        f"{header['type']} of {subject}, {header['start']} .. {header['end']}, {how} per {step}",
         markup=False,
         style="bold",
     )
-    if not reply.series:
+    if not series:
         cli.out.print("No data in this range.", style="dim")
         return
-    width = max(10, cli.screen_width - 50)
-    table = Table(box=None, pad_edge=False, header_style="bold")
-    for title in ("SERIES", "CHART", "MIN", "MAX", "LAST"):
-        table.add_column(title, no_wrap=title == "CHART")
-    for series in sorted(reply.series, key=lambda s: s.name):
-        points = [(p.timestamp, p.value) for p in series.points]
+    width = max(10, cli.screen_width - 60)
+    table = _chart_table()
+    for name, points in sorted(series.items()):
         values = [v for _, v in points if math.isfinite(v)]
         buckets = bucket_values(
-            points, start_ms=start_ms, end_ms=end_ms, step_ms=reply.step_seconds * 1000
+            points, start_ms=q.start_ms, end_ms=q.end_ms, step_ms=header["step_seconds"] * 1000
         )
         if values and all(b is None for b in buckets):  # points outside the range asked for
             buckets = list(values)
-        table.add_row(
-            series.name,
-            Text(sparkline(buckets, width=width), style="cyan"),
-            format_number(min(values), series.name) if values else "-",
-            format_number(max(values), series.name) if values else "-",
-            format_number(values[-1], series.name) if values else "-",
-        )
+        label = name + ("/s" if q.rate else "")
+        _chart_row(table, label, name, buckets, values, rate=q.rate, width=width)
     cli.out.print(table)
+
+
+def _chart_table() -> Table:
+    table = Table(box=None, pad_edge=False, header_style="bold")
+    for title in ("SERIES", "CHART", "AXIS", "MIN", "MAX", "LAST"):
+        table.add_column(title, no_wrap=title in ("CHART", "AXIS"))
+    return table
+
+
+def _chart_row(
+    table: Table,
+    label: str,
+    name: str,
+    buckets: Sequence[float | None],
+    values: Sequence[float],
+    *,
+    rate: bool = False,
+    width: int = 0,
+) -> None:
+    """One series: its sparkline on an axis from 0 (see fleetctl.chart), the axis, min/max/last."""
+    if not values:
+        table.add_row(label, "", "-", "-", "-", "-")
+        return
+    low, high = axis(values, name)
+
+    def shown(value: float) -> str:
+        return format_value(value, name, per_second=rate)
+
+    line = sparkline(buckets, width=width or None, axis=(low, high))
+    table.add_row(
+        label,
+        Text(line, style="cyan"),
+        f"{shown(low)}..{shown(high)}",
+        shown(min(values)),
+        shown(max(values)),
+        shown(values[-1]),
+    )
+
+
+@app.command("types")
+def types(
+    ctx: typer.Context,
+    node: Annotated[str, typer.Option("--node", "-n", help="Node id.")],
+) -> None:
+    """The metric types a node has reported: value names, agents, newest sample."""
+    cli = Cli.of(ctx)
+
+    async def body(stub: Stub, conn: Connection) -> int:
+        reply = await stub.ListMetricTypes(
+            fleet_pb2.FleetServiceListMetricTypesRequest(node_id=node), timeout=conn.timeout
+        )
+        rows = [metric_type_view(t) for t in reply.types]
+        if cli.fmt.structured:
+            cli.out.out(dump(cli.fmt, {"node_id": node, "types": rows}), end="", highlight=False)
+            return EXIT_OK
+        print_rows(cli.out, cli.fmt, rows, _TYPE_COLUMNS, empty=f"{node} has no metrics stored.")
+        return EXIT_OK
+
+    cli.call(body)
+
+
+_TYPE_COLUMNS = [
+    Column("TYPE", "type"),
+    Column("NAMES", "names"),
+    Column("REPORTED BY", "reported_by"),
+    Column("NEWEST", "newest"),
+]
 
 
 # GetAgentMetrics: (series name, ResourceDataPoint field, unit divisor, unit)
@@ -293,19 +385,11 @@ def agent_samples(
         if not reply.data_points:
             cli.out.print("No samples (is the agent running?).", style="dim")
             return EXIT_OK
-        width = max(10, cli.screen_width - 50)
-        table = Table(box=None, pad_edge=False, header_style="bold")
-        for title in ("SERIES", "CHART", "MIN", "MAX", "LAST"):
-            table.add_column(title, no_wrap=title == "CHART")
+        width = max(10, cli.screen_width - 60)
+        table = _chart_table()
         for name, points in series:
             values = [v for _, v in points]
-            table.add_row(
-                name,
-                Text(sparkline(values, width=width), style="cyan"),
-                format_number(min(values)),
-                format_number(max(values)),
-                format_number(values[-1]),
-            )
+            _chart_row(table, name, name, values, values, width=width)
         cli.out.print(table)
         return EXIT_OK
 

@@ -11,7 +11,7 @@ from fleet import selectors
 from fleet.labels import LabelError, validate_label_key, validate_label_value
 from fleet.v1 import fleet_pb2
 from fleetctl.client import Connection
-from fleetctl.output import Column, print_object, print_rows
+from fleetctl.output import Column, OutputFormat, print_object, print_rows
 from fleetctl.runtime import EXIT_OK, Cli, Stub, UsageProblem
 from fleetctl.timespec import format_age
 from fleetctl.views import node_view
@@ -104,14 +104,32 @@ _FIELDS = [
 ]
 
 
+def label_sources(node: fleet_pb2.Node) -> list[str]:
+    """Each effective label with where it comes from (daemon config or operator)."""
+    out = []
+    for key, value in sorted(node.labels.items()):
+        if key not in node.operator_labels:
+            out.append(f"{key}={value} (daemon config)")
+        elif key in node.daemon_labels and node.daemon_labels[key] != value:
+            out.append(f"{key}={value} (operator; overrides {node.daemon_labels[key]!r} from the"
+                       " daemon config)")  # fmt: skip
+        else:
+            out.append(f"{key}={value} (operator)")
+    return out
+
+
 def _show(cli: Cli, node: fleet_pb2.Node) -> None:
     view = node_view(node)
     if cli.fmt.structured:
         print_object(cli.out, cli.fmt, view, [])
         return
     now_ms = int(time.time() * 1000)
+    fields = _FIELDS
+    if cli.fmt is OutputFormat.wide:
+        fields = [("Labels", "label_sources") if f == ("Labels", "labels") else f for f in _FIELDS]
     human = {
         **view,
+        "label_sources": "\n".join(label_sources(node)) or "-",
         "platform": f"{view['os'] or '?'}/{view['arch'] or '?'}",
         "last_heartbeat_age": (
             f"{view['last_heartbeat']} ({format_age(node.last_heartbeat, now_ms=now_ms)})"
@@ -119,7 +137,7 @@ def _show(cli: Cli, node: fleet_pb2.Node) -> None:
             else "never"
         ),
     }
-    print_object(cli.out, cli.fmt, human, _FIELDS)
+    print_object(cli.out, cli.fmt, human, fields)
 
 
 @app.command("show")
@@ -162,6 +180,24 @@ def parse_label_changes(args: list[str]) -> tuple[dict[str, str], list[str]]:
     return to_set, to_remove
 
 
+def label_notes(node: fleet_pb2.Node, to_set: dict[str, str], to_remove: list[str]) -> list[str]:
+    """What an operator should know after a label change: overrides and daemon values."""
+    notes = []
+    for key in sorted(to_set):
+        if key in node.daemon_labels and node.daemon_labels[key] != to_set[key]:
+            notes.append(
+                f"{key}={to_set[key]} overrides {key}={node.daemon_labels[key]} from the"
+                f" daemon's config; '{key}-' removes the override"
+            )
+    for key in sorted(to_remove):
+        if key in node.daemon_labels:
+            notes.append(
+                f"{key}: the operator's value is removed; {key}={node.daemon_labels[key]}"
+                " from the daemon's config applies (only the host can change that one)"
+            )
+    return notes
+
+
 @app.command("label")
 def label_node(
     ctx: typer.Context,
@@ -170,7 +206,13 @@ def label_node(
         list[str], typer.Argument(help="key=value to set, key- to remove (kubectl syntax).")
     ],
 ) -> None:
-    """Set or remove labels of a node: fleetctl nodes label node-1 env=prod canary-"""
+    """Set or remove operator labels of a node: fleetctl nodes label node-1 canary=true env-
+
+    Operator labels overlay the labels in the daemon's config and survive the
+    daemon re-registering; a label only the daemon's config sets cannot be
+    removed here (change it on the host). `nodes show -o wide` shows where
+    each label comes from.
+    """
     cli = Cli.of(ctx)
     to_set, to_remove = cli.checked(lambda: parse_label_changes(changes))
 
@@ -186,6 +228,8 @@ def label_node(
         else:
             labels = ",".join(f"{k}={v}" for k, v in sorted(reply.node.labels.items())) or "-"
             cli.out.print(f"node/{reply.node.node_id} labeled: {labels}", markup=False)
+        for line in label_notes(reply.node, to_set, to_remove):
+            cli.note(f"fleetctl: {line}")
         return EXIT_OK
 
     cli.call(body)

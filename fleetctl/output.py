@@ -136,18 +136,24 @@ def print_object(
 _BLOCKS = "▁▂▃▄▅▆▇█"
 
 
-def sparkline(values: Sequence[float | None], *, width: int | None = None) -> str:
+def sparkline(
+    values: Sequence[float | None],
+    *,
+    width: int | None = None,
+    axis: tuple[float, float] | None = None,
+) -> str:
     """Unicode block sparkline; None (no data in that bucket) is a blank.
 
-    With `width`, neighbouring values are averaged so the line fits. A flat
-    series draws at the lowest block, so "no change" reads as a flat line.
+    With `width`, neighbouring values are averaged so the line fits. Heights
+    are on `axis` (low, high) when given, else on the values' own range,
+    where a flat series draws at the lowest block ("no change" is a flat line).
     """
     if width is not None and width > 0 and len(values) > width:
         values = _shrink(values, width)
     present = [v for v in values if v is not None and math.isfinite(v)]
     if not present:
         return " " * len(values)
-    low, high = min(present), max(present)
+    low, high = axis if axis is not None else (min(present), max(present))
     span = high - low
     out = []
     for v in values:
@@ -156,7 +162,8 @@ def sparkline(values: Sequence[float | None], *, width: int | None = None) -> st
         elif span == 0:
             out.append(_BLOCKS[0])
         else:
-            out.append(_BLOCKS[min(len(_BLOCKS) - 1, int((v - low) / span * len(_BLOCKS)))])
+            level = int((v - low) / span * len(_BLOCKS))
+            out.append(_BLOCKS[max(0, min(len(_BLOCKS) - 1, level))])
     return "".join(out)
 
 

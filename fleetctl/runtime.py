@@ -25,7 +25,7 @@ import typer
 from rich.console import Console
 
 from fleet.errors import ConfigError, FleetError
-from fleetctl.client import Connection, connect, explain_rpc_error, resolve_connection
+from fleetctl.client import Connection, connect, explain_rpc_error, hinted, resolve_connection
 from fleetctl.output import OutputFormat
 from fleetctl.settings import FleetctlConfig, load_settings
 
@@ -152,7 +152,7 @@ class Cli:
         except Failure as exc:
             self.fail(str(exc), EXIT_FAILED)
         except FleetError as exc:
-            self.fail(exc.message, EXIT_USAGE if _is_usage(exc.code) else EXIT_FAILED)
+            self.fail(hinted(exc), EXIT_USAGE if _is_usage(exc.code) else EXIT_FAILED)
         except KeyboardInterrupt:
             self.fail("interrupted", EXIT_INTERRUPTED)
         except BrokenPipeError:

@@ -7,6 +7,7 @@ shapes are fleetctl's documented output (docs/fleetctl.md): keep them stable.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from fleet.v1 import common_pb2, fleet_pb2
@@ -16,8 +17,12 @@ __all__ = [
     "agent_view",
     "enum_name",
     "event_view",
+    "last_exit_view",
+    "metric_type_view",
+    "node_agent_view",
     "node_view",
-    "series_view",
+    "points_view",
+    "spec_view",
     "summary_view",
     "target_view",
 ]
@@ -46,6 +51,8 @@ def node_view(node: fleet_pb2.Node) -> dict[str, Any]:
         "os": node.os,
         "arch": node.arch,
         "labels": dict(sorted(node.labels.items())),
+        "daemon_labels": dict(sorted(node.daemon_labels.items())),
+        "operator_labels": dict(sorted(node.operator_labels.items())),
         "daemon_version": node.daemon_version,
         "agent_version": node.agent_version,
         "daemon_address": node.daemon_address,
@@ -56,6 +63,40 @@ def node_view(node: fleet_pb2.Node) -> dict[str, Any]:
         "last_heartbeat_ms": node.last_heartbeat,
         "registered_at": format_time(node.registered_at),
         "agents": {_status(c.status): c.count for c in node.agent_counts},
+    }
+
+
+def last_exit_view(agent: common_pb2.AgentInfo) -> dict[str, Any] | None:
+    """How the agent's last process ended; None if none ever did."""
+    if not agent.HasField("last_exit"):
+        return None
+    how = agent.last_exit
+    return {
+        "kind": enum_name(common_pb2.AgentExitKind, how.kind, "AGENT_EXIT_KIND_").lower(),
+        "exit_code": how.exit_code,
+        "reason": how.reason,
+        "time": format_time(how.time),
+        "time_ms": how.time,
+    }
+
+
+def spec_view(spec: common_pb2.AgentSpec) -> dict[str, Any]:
+    """The spec a daemon runs, as `agents show` prints it (env: names only)."""
+    health = enum_name(common_pb2.HealthCheckKind, spec.health.kind, "HEALTH_CHECK_KIND_")
+    return {
+        "argv": list(spec.argv),
+        "env_keys": sorted(spec.env),
+        "cwd": spec.cwd,
+        "user": spec.user,
+        "restart": enum_name(common_pb2.RestartPolicy, spec.restart, "RESTART_POLICY_").lower(),
+        "autostart": spec.autostart,
+        "start_secs": spec.start_secs,
+        "max_retries": spec.max_retries,
+        "stop_signal": spec.stop_signal,
+        "stop_timeout_seconds": spec.stop_timeout_seconds,
+        "health": "none"
+        if health == "UNSPECIFIED"
+        else f"{health.lower()} (timeout {spec.health.timeout_seconds:g}s)",
     }
 
 
@@ -80,7 +121,20 @@ def agent_view(node_id: str, agent: common_pb2.AgentInfo) -> dict[str, Any]:
         ),
         "backoff_until": format_time(agent.backoff_until),
         "config_version": agent.config_version,
+        "last_exit": last_exit_view(agent),
     }
+
+
+def node_agent_view(item: fleet_pb2.NodeAgent) -> dict[str, Any]:
+    """An agent of ListAgents: the agent, plus whether its node's report is stale."""
+    view = agent_view(item.node_id, item.agent)
+    view["stale"] = item.stale
+    view["reported_at"] = format_time(item.reported_at)
+    view["reported_at_ms"] = item.reported_at
+    if item.agent.HasField("spec"):
+        view["spec"] = spec_view(item.agent.spec)
+        view["log_path"] = item.agent.log_path
+    return view
 
 
 def target_view(result: fleet_pb2.TargetResult) -> dict[str, Any]:
@@ -123,12 +177,22 @@ def event_view(event: fleet_pb2.Event) -> dict[str, Any]:
     }
 
 
-def series_view(series: fleet_pb2.MetricSeries) -> dict[str, Any]:
-    """One metric series with its points (bucket start, value)."""
+def points_view(name: str, points: Sequence[tuple[int, float]]) -> dict[str, Any]:
+    """One metric series with its points (bucket start ms, value)."""
     return {
-        "name": series.name,
-        "points": [
-            {"timestamp": format_time(p.timestamp), "timestamp_ms": p.timestamp, "value": p.value}
-            for p in series.points
-        ],
+        "name": name,
+        "points": [{"timestamp": format_time(t), "timestamp_ms": t, "value": v} for t, v in points],
+    }
+
+
+def metric_type_view(info: fleet_pb2.MetricTypeInfo) -> dict[str, Any]:
+    """One metric type a node reported; `reported_by` lists "host" and the agents."""
+    return {
+        "type": info.type,
+        "names": list(info.names),
+        "host": info.host,
+        "agent_ids": list(info.agent_ids),
+        "reported_by": (["host"] if info.host else []) + list(info.agent_ids),
+        "newest": format_time(info.newest_timestamp),
+        "newest_ms": info.newest_timestamp,
     }

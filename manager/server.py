@@ -23,6 +23,7 @@ from grpc import aio
 
 from fleet.errors import ConfigError
 from fleet.interceptors import ErrorMappingInterceptor
+from fleet.listen import check_listen_addresses
 from fleet.observability import start_metrics_http_server
 from fleet.service import add_health_and_reflection
 from fleet.tls import TLSConfig, server_credentials
@@ -107,6 +108,7 @@ class ManagerServer:
         self._server: aio.Server | None = None
         self._health: Any = None  # grpc_health's aio HealthServicer (untyped)
         self._grace: float | None = None
+        self._started = False
         self.port = 0
         """The bound gRPC port (after start)."""
         self.metrics_port: int | None = None
@@ -133,6 +135,7 @@ class ManagerServer:
         except BaseException:
             await self._stack.aclose()
             raise
+        self._started = True
 
     async def _start(self) -> None:
         cfg = self.config
@@ -144,6 +147,15 @@ class ManagerServer:
                 f"{cfg.tls.cert_file}: the certificate is {identity}; the manager needs a "
                 "manager certificate (spiffe://<td>/manager/<name>)"
             )
+        # Every listen address before anything else: a taken port must change
+        # nothing (no database created or migrated) and be one line, not gRPC
+        # core's own log line followed by ours.
+        check_listen_addresses(
+            [
+                ("server.listen", cfg.server.listen),
+                ("server.metrics_listen", cfg.server.metrics_listen),
+            ]
+        )
         liv = cfg.liveness
         policy = LivenessPolicy(
             min_ttl=liv.min_ttl_seconds,
@@ -300,5 +312,7 @@ class ManagerServer:
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting calls, drain them within `grace`, then flush and close."""
         self._grace = self.config.server.shutdown_grace_seconds if grace is None else grace
+        started, self._started = self._started, False
         await self._stack.aclose()
-        log.info("manager stopped")
+        if started:  # a start that failed already undid itself; its error says why
+            log.info("manager stopped")

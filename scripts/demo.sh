@@ -173,13 +173,17 @@ say "fleetctl agents restart worker -l tier=demo --max-concurrency 1 --yes"
 fleetctl agents restart worker -l tier=demo --max-concurrency 1 --yes
 say "fleetctl metrics query --node node-1 --type cpu --since 2m --step 5s"
 fleetctl metrics query --node node-1 --type cpu --since 2m --step 5s
-say "fleetctl events (last 10)"
-fleetctl events | tail -n 10
+say "fleetctl events --tail 10"
+fleetctl events --tail 10
 
+# The line to paste into another shell: fleetctl from the venv, and where the fleet is.
+export_line=$(printf 'export PATH=%q:"$PATH" FLEET_MANAGER=%q FLEET_CA=%q FLEET_CERT=%q FLEET_KEY=%q' \
+    "$bin" "$FLEET_MANAGER" "$FLEET_CA" "$FLEET_CERT" "$FLEET_KEY")
 if [[ ${DEMO_ONESHOT:-0} == 1 ]]; then
-    say "tour done (DEMO_ONESHOT=1)"
+    say "tour done (DEMO_ONESHOT=1); while a demo runs, this sets up a shell for fleetctl:"
+    echo "$export_line"
     exit 0
 fi
-say "the fleet keeps running; try fleetctl with the environment below, Ctrl-C to stop"
-echo "export FLEET_MANAGER=$FLEET_MANAGER FLEET_CA=$FLEET_CA FLEET_CERT=$FLEET_CERT FLEET_KEY=$FLEET_KEY"
+say "the fleet keeps running; paste this into another shell to use fleetctl, Ctrl-C here to stop"
+echo "$export_line"
 wait "${pids[@]}"

@@ -65,7 +65,13 @@ class DaemonServicer(PendingDaemonRpcs, daemon_pb2_grpc.DaemonServiceServicer):
         self, request: daemon_pb2.ListAgentsRequest, context: _Context
     ) -> daemon_pb2.ListAgentsResponse:
         self._require_manager(context)
-        return daemon_pb2.ListAgentsResponse(agents=[agent_info(s) for s in self._sup.list()])
+        sup = self._sup
+        return daemon_pb2.ListAgentsResponse(
+            agents=[
+                agent_info(s, spec=sup.spec(s.id), log_path=str(sup.log_path(s.id)))
+                for s in sup.list()
+            ]
+        )
 
     async def OperateAgent(
         self, request: daemon_pb2.OperateAgentRequest, context: _Context

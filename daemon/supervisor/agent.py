@@ -33,7 +33,10 @@ from daemon.supervisor.logs import log_path
 from daemon.supervisor.policy import (
     READOPT_GRACE,
     Action,
+    ExitKind,
+    LastExit,
     decide_after_exit,
+    exit_of_process,
     heartbeat_deadline,
     restarts_when_unhealthy,
 )
@@ -41,11 +44,14 @@ from daemon.supervisor.process import AgentProcess, SpawnError, spawn
 from daemon.supervisor.spec import AgentSpec
 from daemon.supervisor.states import AgentStatus, Event, transition
 
-__all__ = ["Agent", "AgentSnapshot", "Context", "Health"]
+__all__ = ["OPERATOR_STOP", "Agent", "AgentSnapshot", "Cause", "Context", "Health"]
 
 log = logging.getLogger(__name__)
 S = AgentStatus
 Health = Literal["none", "healthy", "unhealthy", "pending"]
+Cause = tuple[ExitKind, str]
+"""Why the daemon stops an agent's process: recorded as its LastExit."""
+OPERATOR_STOP: Cause = ("operator", "stopped by an operator")
 
 
 @dataclass(frozen=True)
@@ -69,7 +75,9 @@ class AgentSnapshot:
     last_heartbeat_ms: int
     """Last SDK register/heartbeat, epoch ms; 0 if never."""
     exit_code: int
-    """Exit code of the last exit (-N: signal N, -1: unknown)."""
+    """Exit code of the last exit (-N: signal N, -1: unknown); 0 if it never exited."""
+    last_exit: LastExit | None
+    """How and when the last process ended (None if none ever did)."""
     message: str
     """One line on what happened last (e.g. the backoff, or "killed after stop_timeout")."""
     labels: dict[str, str]
@@ -113,6 +121,7 @@ class Agent:
         self.retries = 0
         self.restart_count = 0
         self.exit_code = 0
+        self.last_exit: LastExit | None = None
         self.message = ""
         self.start_time = 0.0
         self.backoff_until = 0.0
@@ -148,6 +157,7 @@ class Agent:
             restart_count=self.restart_count,
             last_heartbeat_ms=_ms(self.last_heartbeat),
             exit_code=self.exit_code,
+            last_exit=self.last_exit,
             message=self.message,
             labels=dict(self.spec.labels),
             health=self.health,
@@ -213,14 +223,13 @@ class Agent:
         except SpawnError as exc:
             self.status = transition(self.status, Event.SPAWN)
             self.start_time = self.ctx.clock.now()
-            self.exit_code = -1
+            self._ended(LastExit("start_failed", -1, f"start failed: {exc}", self.start_time))
             self._decide(-1, 0.0, adopted=False, failed=str(exc))
             return None
         self.proc = proc
         self.started_spec = spec
         self.start_time = self.watched_since = self.ctx.clock.now()
         self.watch_grace = 0.0
-        self.exit_code = 0
         self.ctx.sampler.track(spec.id, proc.pid)
         self._to(Event.SPAWN, f"started with pid {proc.pid}")
         return proc
@@ -236,6 +245,12 @@ class Agent:
         self.ctx.sampler.track(self.spec.id, proc.pid)
         self._to(Event.ADOPT, f"re-adopted pid {proc.pid} after a daemon restart")
         self._start_runner(proc)
+
+    def _ended(self, how: LastExit) -> None:
+        """Record the end of a process (shown until the next one ends)."""
+        self.last_exit = how
+        self.exit_code = how.code
+        log.info("agent %s: %s", self.spec.id, how.reason)
 
     def _decide(self, code: int, ran_for: float, *, adopted: bool, failed: str = "") -> None:
         decision = decide_after_exit(
@@ -271,7 +286,7 @@ class Agent:
         ran_for = self.ctx.clock.now() - self.start_time
         if self.status is S.RUNNING:
             ran_for = max(ran_for, self.spec.start_secs)  # it made it past start_secs
-        self.exit_code = code
+        self._ended(exit_of_process(code, self.ctx.clock.now(), adopted=proc.unknown_exit))
         self.proc = None
         self.ctx.sampler.untrack(self.spec.id)
         self._decide(code, ran_for, adopted=proc.unknown_exit)
@@ -328,8 +343,10 @@ class Agent:
             # An operator, a spec change or a late heartbeat may have dealt with it meanwhile.
             if self.proc is not proc or not proc.running or self.health != "unhealthy":
                 return
+            silent = self.ctx.clock.now() - max(self.last_heartbeat, self.watched_since)
+            why = f"killed by the health check after {silent:.1f} s without a heartbeat"
             try:
-                await self.restart()
+                await self.restart(cause=("unhealthy", why))
             except Exception as exc:  # say so in the snapshot instead of dying silently
                 log.exception("agent %s: restart of the hung agent failed", self.spec.id)
                 self._to(Event.LOST, f"restart after a missed heartbeat failed: {exc!r}")
@@ -375,28 +392,39 @@ class Agent:
             return
         await self._cancel_runner()
         if self.status in (S.STARTING, S.RUNNING, S.UNKNOWN):
-            await self._stop_process()  # its process just exited, or we lost track of it
+            await self._stop_process(OPERATOR_STOP)  # it just exited, or we lost track of it
         self.retries = 0
         proc = self._spawn_now()
         self._start_runner(proc)
 
-    async def stop(self, *, operator: bool = True) -> None:
-        """Stop the process group (escalating to SIGKILL) and end in STOPPED."""
+    async def stop(self, *, operator: bool = True, cause: Cause = OPERATOR_STOP) -> None:
+        """Stop the process group (escalating to SIGKILL) and end in STOPPED.
+
+        `operator` keeps it stopped across daemon restarts; `cause` is recorded
+        as the last exit (an operator, the health check, a new spec, ...).
+        """
         if operator:
             self.operator_stopped = True
         await self._cancel_runner()
-        await self._stop_process()
+        await self._stop_process(cause)
 
-    async def _stop_process(self) -> None:
+    async def _stop_process(self, cause: Cause) -> None:
         proc = self.proc
         if self.status in (S.STARTING, S.RUNNING, S.UNKNOWN):
             self._to(Event.STOP, "stopping")
             if proc is not None and proc.running:
                 spec = self.started_spec
                 outcome = await proc.stop(spec.stop_signum, spec.stop_timeout, self.ctx.clock)
-                self.exit_code = outcome.exit_code
+                kind, why = cause
+                if outcome.killed:
+                    why = f"{why} ({outcome.message})"
+                self._ended(LastExit(kind, outcome.exit_code, why, self.ctx.clock.now()))
                 message = outcome.message
             else:
+                if proc is not None:  # it ended on its own just before; that is its last exit
+                    code = await proc.wait()
+                    now = self.ctx.clock.now()
+                    self._ended(exit_of_process(code, now, adopted=proc.unknown_exit))
                 message = "stopped (had already exited)"
             self.proc = None
             self.ctx.sampler.untrack(self.spec.id)
@@ -404,10 +432,10 @@ class Agent:
         elif self.status is not S.STOPPED:
             self._to(Event.STOP, "stopped")
 
-    async def restart(self) -> None:
-        """Stop (if running) and start again with the current spec."""
+    async def restart(self, *, cause: Cause = ("operator", "restarted by an operator")) -> None:
+        """Stop (if running) and start again with the current spec; `cause` as for stop."""
         was_running = self.proc is not None and self.proc.running
-        await self.stop(operator=False)
+        await self.stop(operator=False, cause=cause)
         if was_running:
             self.restart_count += 1
             self.ctx.restarted()

@@ -12,6 +12,7 @@ point leaves either the old or the new file, never a torn one.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Mapping, Sequence
@@ -19,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from daemon.supervisor.policy import LastExit
 from daemon.supervisor.spec import AgentSpec, spec_from_dict, spec_to_dict
 from fleet.errors import ConfigError
 
@@ -47,6 +49,8 @@ class PersistedAgent:
     """Restarts so far (kept so the counter survives the daemon)."""
     start_time: float = 0.0
     """When the current process started (epoch seconds)."""
+    last_exit: LastExit | None = None
+    """How the last process ended (so "why did it restart?" survives the daemon)."""
 
 
 def _unreadable(path: Path, why: str) -> ConfigError:
@@ -81,7 +85,6 @@ class StateStore:
 
     def __init__(self, state_dir: Path) -> None:
         self.state_dir = state_dir
-        state_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.agents_path = state_dir / "agents.json"
         self.update_path = state_dir / "update.json"
 
@@ -110,6 +113,7 @@ class StateStore:
                 "config_version": a.config_version,
                 "restart_count": a.restart_count,
                 "start_time": a.start_time,
+                "last_exit": None if a.last_exit is None else dataclasses.asdict(a.last_exit),
             }
             for agent_id, a in sorted(agents.items())
         }
@@ -147,6 +151,9 @@ class StateStore:
 
     @staticmethod
     def _save(path: Path, body: dict[str, Any]) -> None:
+        # Made on the first write, not before: a daemon that fails to start
+        # leaves no trace on disk.
+        path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         atomic_write(path, json.dumps(body, indent=1, sort_keys=True).encode() + b"\n")
 
 
@@ -160,4 +167,13 @@ def _agent_from(entry: dict[str, Any]) -> PersistedAgent:
         config_version=int(entry.get("config_version", 0)),
         restart_count=int(entry.get("restart_count", 0)),
         start_time=float(entry.get("start_time", 0.0)),
+        last_exit=_last_exit_from(entry.get("last_exit")),
+    )
+
+
+def _last_exit_from(raw: Any) -> LastExit | None:
+    if raw is None:  # never exited, or written by an older daemon
+        return None
+    return LastExit(
+        kind=raw["kind"], code=int(raw["code"]), reason=str(raw["reason"]), at=float(raw["at"])
     )

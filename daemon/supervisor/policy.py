@@ -28,6 +28,7 @@ import math
 import random
 import signal
 from dataclasses import dataclass
+from typing import Literal
 
 from daemon.supervisor.spec import AgentSpec, BackoffSpec
 
@@ -35,9 +36,12 @@ __all__ = [
     "READOPT_GRACE",
     "Action",
     "Decision",
+    "ExitKind",
+    "LastExit",
     "backoff_delay",
     "decide_after_exit",
     "describe_exit",
+    "exit_of_process",
     "heartbeat_deadline",
     "restarts_when_unhealthy",
 ]
@@ -92,6 +96,44 @@ def backoff_delay(attempt: int, spec: BackoffSpec, rng: random.Random | None = N
         return base
     r = (rng or random).random()
     return base * (1.0 - spec.jitter * r)
+
+
+ExitKind = Literal[
+    "exited", "killed", "unhealthy", "operator", "updated", "daemon", "start_failed", "unknown"
+]
+"""Why an agent's last process ended (see `LastExit`)."""
+
+
+@dataclass(frozen=True)
+class LastExit:
+    """How and when the agent's last process ended: kept until the next exit, so
+    "why did it restart?" has an answer while the new process runs."""
+
+    kind: ExitKind
+    """exited (on its own, with a code), killed (by a signal nobody here sent),
+    unhealthy (stopped by the health check), operator (an operator stopped or
+    restarted it), updated (stopped for a new spec or its removal), daemon
+    (stopped with the daemon), start_failed (no process at all), unknown (a
+    re-adopted process: not our child, its exit code cannot be read)."""
+    code: int
+    """The exit code, -N for signal N, -1 when unknown or there was no process."""
+    reason: str
+    """One line: "exited with code 3", "killed by SIGKILL", "killed by the health
+    check after 12.0 s without a heartbeat", "stopped by an operator", "start
+    failed: ..."."""
+    at: float
+    """When (epoch seconds)."""
+
+
+def exit_of_process(code: int, at: float, *, adopted: bool = False) -> LastExit:
+    """The LastExit of a process that ended on its own."""
+    if adopted:
+        return LastExit(
+            "unknown", -1, "exited; code unknown (re-adopted after a daemon restart)", at
+        )
+    if code < 0:
+        return LastExit("killed", code, describe_exit(code), at)
+    return LastExit("exited", code, f"exited with code {code}", at)
 
 
 def describe_exit(exit_code: int, *, adopted: bool = False) -> str:

@@ -29,18 +29,27 @@ from typing import Literal
 import psutil
 
 from daemon.sampler import HostSample, ResourceSample, Sampler
-from daemon.supervisor.agent import Agent, AgentSnapshot, Context
+from daemon.supervisor.agent import Agent, AgentSnapshot, Cause, Context
 from daemon.supervisor.clock import Clock, SystemClock
 from daemon.supervisor.logs import LogChunk, log_path, read_log, rotate_if_needed
 from daemon.supervisor.persistence import PersistedAgent, StateStore
 from daemon.supervisor.process import adopt, find_orphans
 from daemon.supervisor.spec import AgentSpec, SpecError, validate_here
 from daemon.supervisor.states import AgentStatus
-from fleet.errors import FailedPrecondition, InvalidArgument, NotFound
+from fleet.errors import FailedPrecondition, InvalidArgument, NotFound, Resource
 
 __all__ = ["AgentSnapshot", "ApplyResult", "LogChunk", "Supervisor"]
 
 log = logging.getLogger(__name__)
+# Why the supervisor itself stops or restarts agents (recorded as their last exit).
+_DAEMON_STOP: Cause = ("daemon", "stopped with the daemon (stop_agents_on_exit)")
+_REMOVED: Cause = ("updated", "removed from this node's agents")
+_REMOVED_WHILE_DOWN: Cause = (
+    "updated",
+    "removed from this node's agents while the daemon was down",
+)
+_NEW_SPEC: Cause = ("updated", "restarted for a new spec")
+_NEW_SPEC_WHILE_DOWN: Cause = ("updated", "restarted: its spec changed while the daemon was down")
 Operation = Literal["start", "stop", "restart"]
 
 
@@ -143,7 +152,13 @@ class Supervisor:
                 agent = Agent(old.spec, self._ctx)
                 agent.adopt(proc, old.spec, old.start_time)
                 async with agent.lock:
-                    await agent.stop()
+                    await agent.stop(
+                        operator=False,
+                        cause=(
+                            "updated",
+                            "removed from this node's agents while the daemon was down",
+                        ),
+                    )
                 agent.wake_config_watchers()
         self._flush()
         self._sample_task = asyncio.create_task(self._sample_loop(), name="supervisor-sampler")
@@ -155,6 +170,8 @@ class Supervisor:
         if old is not None:
             agent.restart_count = old.restart_count
             agent.operator_stopped = old.operator_stopped
+            if old.last_exit is not None:
+                agent.last_exit, agent.exit_code = old.last_exit, old.last_exit.code
             agent.config_version = old.config_version + (old.spec.config != spec.config)
             proc = adopt(old.pid, old.create_time) if old.pid else None
             if proc is not None:
@@ -162,7 +179,12 @@ class Supervisor:
                 if old.process_hash != spec.process_hash():
                     log.info("agent %s: spec changed while the daemon was down", spec.id)
                     async with agent.lock:
-                        await agent.restart()
+                        await agent.restart(
+                            cause=(
+                                "updated",
+                                "restarted: its spec changed while the daemon was down",
+                            )
+                        )
                 return
         proc = adopt(*orphan) if orphan is not None else None
         if proc is not None:
@@ -190,7 +212,7 @@ class Supervisor:
         async def finish(agent: Agent) -> None:
             async with agent.lock:
                 if stop_agents:
-                    await agent.stop(operator=False)
+                    await agent.stop(operator=False, cause=_DAEMON_STOP)
                 await agent.detach()
 
         await asyncio.gather(*(finish(a) for a in self._agents.values()))
@@ -219,7 +241,10 @@ class Supervisor:
         try:
             return self._agents[agent_id]
         except KeyError:
-            raise NotFound(f"agent {agent_id!r} is not supervised on this node") from None
+            raise NotFound(
+                f"agent {agent_id!r} is not supervised on this node",
+                resource=Resource("agent", agent_id),
+            ) from None
 
     # --- operations ---------------------------------------------------------------
 
@@ -286,7 +311,9 @@ class Supervisor:
 
         async def remove(agent: Agent) -> None:
             async with agent.lock:
-                await agent.stop(operator=False)
+                await agent.stop(
+                    operator=False, cause=("updated", "removed from this node's agents")
+                )
             self._agents.pop(agent.spec.id, None)
             self.sampler.untrack(agent.spec.id, forget=True)
             agent.wake_config_watchers()
@@ -296,7 +323,7 @@ class Supervisor:
                 was_active = agent.status not in (AgentStatus.STOPPED, AgentStatus.EXITED)
                 agent.set_spec(spec)
                 if not agent.operator_stopped and (was_active or spec.autostart):
-                    await agent.restart()
+                    await agent.restart(cause=_NEW_SPEC)
 
         async def add(agent: Agent) -> None:
             if agent.spec.autostart:
@@ -426,6 +453,7 @@ class Supervisor:
                 config_version=a.config_version,
                 restart_count=a.restart_count,
                 start_time=a.start_time,
+                last_exit=a.last_exit,
             )
         try:
             self._store.save_agents(entries)

@@ -147,9 +147,13 @@ class _SelectorOperatorEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Sele
     DESCRIPTOR: _descriptor.EnumDescriptor
     SELECTOR_OPERATOR_UNSPECIFIED: _SelectorOperator.ValueType  # 0
     SELECTOR_OPERATOR_IN: _SelectorOperator.ValueType  # 1
-    """The label is present and its value is one of `values`."""
+    """`k in (a,b)`: the label is present and its value is one of `values`
+    (one or more; `in ()` is the one empty value).
+    """
     SELECTOR_OPERATOR_NOT_IN: _SelectorOperator.ValueType  # 2
-    """The label is absent, or its value is none of `values`."""
+    """`k notin (a,b)`: the label is absent, or its value is none of `values`
+    (one or more; `notin ()` is the one empty value).
+    """
     SELECTOR_OPERATOR_EXISTS: _SelectorOperator.ValueType  # 3
     """The label is present (any value). `values` must be empty."""
     SELECTOR_OPERATOR_NOT_EXISTS: _SelectorOperator.ValueType  # 4
@@ -158,15 +162,29 @@ class _SelectorOperatorEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Sele
     """The label's value, read as an integer, is greater than the single value."""
     SELECTOR_OPERATOR_LT: _SelectorOperator.ValueType  # 6
     """The label's value, read as an integer, is less than the single value."""
+    SELECTOR_OPERATOR_EQUALS: _SelectorOperator.ValueType  # 7
+    """`k=v`: as IN with exactly one value (`match_labels` holds these)."""
+    SELECTOR_OPERATOR_DOUBLE_EQUALS: _SelectorOperator.ValueType  # 8
+    """`k==v`: as IN with exactly one value."""
+    SELECTOR_OPERATOR_NOT_EQUALS: _SelectorOperator.ValueType  # 9
+    """`k!=v`: as NOT_IN with exactly one value."""
 
 class SelectorOperator(_SelectorOperator, metaclass=_SelectorOperatorEnumTypeWrapper):
-    """Operator of one label-selector requirement (Kubernetes semantics)."""
+    """Operator of one label-selector requirement (Kubernetes semantics), as the
+    operator wrote it: EQUALS, DOUBLE_EQUALS and NOT_EQUALS mean what IN and
+    NOT_IN with one value mean, and keep `k=v`, `k==v` and `k!=v` apart from
+    `k in (v)` and `k notin (v)` when the selector is printed again.
+    """
 
 SELECTOR_OPERATOR_UNSPECIFIED: SelectorOperator.ValueType  # 0
 SELECTOR_OPERATOR_IN: SelectorOperator.ValueType  # 1
-"""The label is present and its value is one of `values`."""
+"""`k in (a,b)`: the label is present and its value is one of `values`
+(one or more; `in ()` is the one empty value).
+"""
 SELECTOR_OPERATOR_NOT_IN: SelectorOperator.ValueType  # 2
-"""The label is absent, or its value is none of `values`."""
+"""`k notin (a,b)`: the label is absent, or its value is none of `values`
+(one or more; `notin ()` is the one empty value).
+"""
 SELECTOR_OPERATOR_EXISTS: SelectorOperator.ValueType  # 3
 """The label is present (any value). `values` must be empty."""
 SELECTOR_OPERATOR_NOT_EXISTS: SelectorOperator.ValueType  # 4
@@ -175,7 +193,61 @@ SELECTOR_OPERATOR_GT: SelectorOperator.ValueType  # 5
 """The label's value, read as an integer, is greater than the single value."""
 SELECTOR_OPERATOR_LT: SelectorOperator.ValueType  # 6
 """The label's value, read as an integer, is less than the single value."""
+SELECTOR_OPERATOR_EQUALS: SelectorOperator.ValueType  # 7
+"""`k=v`: as IN with exactly one value (`match_labels` holds these)."""
+SELECTOR_OPERATOR_DOUBLE_EQUALS: SelectorOperator.ValueType  # 8
+"""`k==v`: as IN with exactly one value."""
+SELECTOR_OPERATOR_NOT_EQUALS: SelectorOperator.ValueType  # 9
+"""`k!=v`: as NOT_IN with exactly one value."""
 Global___SelectorOperator: _TypeAlias = SelectorOperator  # noqa: Y015
+
+class _AgentExitKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _AgentExitKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AgentExitKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    AGENT_EXIT_KIND_UNSPECIFIED: _AgentExitKind.ValueType  # 0
+    """It never ended (no last exit yet)."""
+    AGENT_EXIT_KIND_EXITED: _AgentExitKind.ValueType  # 1
+    """It exited on its own, with an exit code."""
+    AGENT_EXIT_KIND_KILLED: _AgentExitKind.ValueType  # 2
+    """A signal nobody in Fleet sent killed it (kill -9, the OOM killer, ...)."""
+    AGENT_EXIT_KIND_UNHEALTHY: _AgentExitKind.ValueType  # 3
+    """The daemon stopped it: its health check failed."""
+    AGENT_EXIT_KIND_OPERATOR: _AgentExitKind.ValueType  # 4
+    """An operator stopped or restarted it."""
+    AGENT_EXIT_KIND_UPDATED: _AgentExitKind.ValueType  # 5
+    """The daemon stopped it for a new spec, or because it was removed."""
+    AGENT_EXIT_KIND_DAEMON: _AgentExitKind.ValueType  # 6
+    """It was stopped with the daemon (stop_agents_on_exit)."""
+    AGENT_EXIT_KIND_START_FAILED: _AgentExitKind.ValueType  # 7
+    """There was no process: it could not be started."""
+    AGENT_EXIT_KIND_UNKNOWN: _AgentExitKind.ValueType  # 8
+    """A re-adopted process ended: not the daemon's child, its code is unknown."""
+
+class AgentExitKind(_AgentExitKind, metaclass=_AgentExitKindEnumTypeWrapper):
+    """Why an agent's last process ended."""
+
+AGENT_EXIT_KIND_UNSPECIFIED: AgentExitKind.ValueType  # 0
+"""It never ended (no last exit yet)."""
+AGENT_EXIT_KIND_EXITED: AgentExitKind.ValueType  # 1
+"""It exited on its own, with an exit code."""
+AGENT_EXIT_KIND_KILLED: AgentExitKind.ValueType  # 2
+"""A signal nobody in Fleet sent killed it (kill -9, the OOM killer, ...)."""
+AGENT_EXIT_KIND_UNHEALTHY: AgentExitKind.ValueType  # 3
+"""The daemon stopped it: its health check failed."""
+AGENT_EXIT_KIND_OPERATOR: AgentExitKind.ValueType  # 4
+"""An operator stopped or restarted it."""
+AGENT_EXIT_KIND_UPDATED: AgentExitKind.ValueType  # 5
+"""The daemon stopped it for a new spec, or because it was removed."""
+AGENT_EXIT_KIND_DAEMON: AgentExitKind.ValueType  # 6
+"""It was stopped with the daemon (stop_agents_on_exit)."""
+AGENT_EXIT_KIND_START_FAILED: AgentExitKind.ValueType  # 7
+"""There was no process: it could not be started."""
+AGENT_EXIT_KIND_UNKNOWN: AgentExitKind.ValueType  # 8
+"""A re-adopted process ended: not the daemon's child, its code is unknown."""
+Global___AgentExitKind: _TypeAlias = AgentExitKind  # noqa: Y015
 
 class _RestartPolicy:
     ValueType = _typing.NewType("ValueType", _builtins.int)
@@ -262,7 +334,9 @@ class LabelSelector(_message.Message):
     MATCH_EXPRESSIONS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def match_labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Each key must be present with exactly this value."""
+        """Each key must be present with exactly this value (`k=v`; a second `k=w`
+        on the same key goes to match_expressions as EQUALS).
+        """
 
     @_builtins.property
     def match_expressions(self) -> _containers.RepeatedCompositeFieldContainer[Global___LabelSelectorRequirement]: ...
@@ -413,6 +487,43 @@ class ResourceDataPoint(_message.Message):
 Global___ResourceDataPoint: _TypeAlias = ResourceDataPoint  # noqa: Y015
 
 @_typing.final
+class LastExit(_message.Message):
+    """How and when an agent's last process ended; kept until the next one ends,
+    so it answers "why did it restart?" while the new process runs.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    EXIT_CODE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    kind: Global___AgentExitKind.ValueType
+    exit_code: _builtins.int
+    """Exit code, or -N for signal N; -1 when unknown or there was no process."""
+    reason: _builtins.str
+    """One line: "exited with code 3", "killed by SIGKILL", "killed by the
+    health check after 12.0 s without a heartbeat", "stopped by an operator",
+    "start failed: ...".
+    """
+    time: _builtins.int
+    def __init__(
+        self,
+        *,
+        kind: Global___AgentExitKind.ValueType = ...,
+        exit_code: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        time: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["exit_code", b"exit_code", "kind", b"kind", "reason", b"reason", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LastExit: _TypeAlias = LastExit  # noqa: Y015
+
+@_typing.final
 class AgentInfo(_message.Message):
     """What a daemon knows about one of its agents."""
 
@@ -452,6 +563,9 @@ class AgentInfo(_message.Message):
     HEALTH_FIELD_NUMBER: _builtins.int
     BACKOFF_UNTIL_FIELD_NUMBER: _builtins.int
     CONFIG_VERSION_FIELD_NUMBER: _builtins.int
+    LAST_EXIT_FIELD_NUMBER: _builtins.int
+    SPEC_FIELD_NUMBER: _builtins.int
+    LOG_PATH_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
     HEALTH_MESSAGE_FIELD_NUMBER: _builtins.int
     HEALTH_SINCE_FIELD_NUMBER: _builtins.int
@@ -469,12 +583,16 @@ class AgentInfo(_message.Message):
     exit_code: _builtins.int
     """Exit code (or -signal) of the last exit; 0 if it never exited."""
     message: _builtins.str
-    """Human-readable reason for the current state ("exited 3 after 0.2s")."""
+    """Human-readable reason for the current state ("running with pid 42").
+    Why the last process ended is `last_exit`.
+    """
     health: Global___AgentHealth.ValueType
     backoff_until: _builtins.int
     """When BACKOFF ends and the next start is tried."""
     config_version: _builtins.int
     """Version of the config the agent runs with (PushUpdate / GetConfig)."""
+    log_path: _builtins.str
+    """The agent's log file on its node."""
     revision: _builtins.int
     """The definition revision the running spec comes from; 0 for a host agent."""
     health_message: _builtins.str
@@ -483,6 +601,15 @@ class AgentInfo(_message.Message):
     """When `health` last changed."""
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def last_exit(self) -> Global___LastExit: ...
+    @_builtins.property
+    def spec(self) -> Global___AgentSpec:
+        """The spec the daemon runs the agent with (DaemonService.ListAgents and
+        FleetService.ListAgents with live only). `env` carries the variable
+        names with empty values: values may be secrets.
+        """
+
     def __init__(
         self,
         *,
@@ -500,13 +627,16 @@ class AgentInfo(_message.Message):
         health: Global___AgentHealth.ValueType = ...,
         backoff_until: _builtins.int = ...,
         config_version: _builtins.int = ...,
+        last_exit: Global___LastExit | None = ...,
+        spec: Global___AgentSpec | None = ...,
+        log_path: _builtins.str = ...,
         revision: _builtins.int = ...,
         health_message: _builtins.str = ...,
         health_since: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_exit", b"last_exit", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backoff_until", b"backoff_until", "config_version", b"config_version", "exit_code", b"exit_code", "health", b"health", "health_message", b"health_message", "health_since", b"health_since", "id", b"id", "labels", b"labels", "last_heartbeat", b"last_heartbeat", "message", b"message", "pid", b"pid", "restart_count", b"restart_count", "revision", b"revision", "start_time", b"start_time", "status", b"status", "type", b"type", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backoff_until", b"backoff_until", "config_version", b"config_version", "exit_code", b"exit_code", "health", b"health", "health_message", b"health_message", "health_since", b"health_since", "id", b"id", "labels", b"labels", "last_exit", b"last_exit", "last_heartbeat", b"last_heartbeat", "log_path", b"log_path", "message", b"message", "pid", b"pid", "restart_count", b"restart_count", "revision", b"revision", "spec", b"spec", "start_time", b"start_time", "status", b"status", "type", b"type", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

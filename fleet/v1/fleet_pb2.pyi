@@ -186,6 +186,46 @@ class Node(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class DaemonLabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    @_typing.final
+    class OperatorLabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     NODE_ID_FIELD_NUMBER: _builtins.int
     HOSTNAME_FIELD_NUMBER: _builtins.int
     IP_FIELD_NUMBER: _builtins.int
@@ -200,6 +240,8 @@ class Node(_message.Message):
     REGISTERED_AT_FIELD_NUMBER: _builtins.int
     CONNECTION_STATE_FIELD_NUMBER: _builtins.int
     AGENT_COUNTS_FIELD_NUMBER: _builtins.int
+    DAEMON_LABELS_FIELD_NUMBER: _builtins.int
+    OPERATOR_LABELS_FIELD_NUMBER: _builtins.int
     DESIRED_VERSION_FIELD_NUMBER: _builtins.int
     REPORTED_VERSION_FIELD_NUMBER: _builtins.int
     DRIFT_FIELD_NUMBER: _builtins.int
@@ -232,9 +274,23 @@ class Node(_message.Message):
     jobs_disabled: _builtins.bool
     """The host refuses remote jobs (its daemon's `[jobs] enabled = false`)."""
     @_builtins.property
-    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The effective labels selectors match: `daemon_labels` overlaid with
+        `operator_labels`.
+        """
+
     @_builtins.property
     def agent_counts(self) -> _containers.RepeatedCompositeFieldContainer[Global___AgentCount]: ...
+    @_builtins.property
+    def daemon_labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The labels of the daemon's config, replaced by each registration."""
+
+    @_builtins.property
+    def operator_labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """The labels operators set (UpdateNodeLabels); they survive re-registration
+        and win over the daemon's.
+        """
+
     @_builtins.property
     def update_errors(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.UpdateError]: ...
     def __init__(
@@ -254,6 +310,8 @@ class Node(_message.Message):
         registered_at: _builtins.int = ...,
         connection_state: Global___ConnectionState.ValueType = ...,
         agent_counts: _abc.Iterable[Global___AgentCount] | None = ...,
+        daemon_labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        operator_labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         desired_version: _builtins.int = ...,
         reported_version: _builtins.int = ...,
         drift: _builtins.bool = ...,
@@ -263,7 +321,7 @@ class Node(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_counts", b"agent_counts", "agent_version", b"agent_version", "arch", b"arch", "connection_state", b"connection_state", "daemon_address", b"daemon_address", "daemon_version", b"daemon_version", "desired_version", b"desired_version", "drift", b"drift", "drift_reason", b"drift_reason", "hostname", b"hostname", "ip", b"ip", "jobs_disabled", b"jobs_disabled", "labels", b"labels", "last_heartbeat", b"last_heartbeat", "node_id", b"node_id", "os", b"os", "registered_at", b"registered_at", "reported_version", b"reported_version", "status", b"status", "update_errors", b"update_errors"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_counts", b"agent_counts", "agent_version", b"agent_version", "arch", b"arch", "connection_state", b"connection_state", "daemon_address", b"daemon_address", "daemon_labels", b"daemon_labels", "daemon_version", b"daemon_version", "desired_version", b"desired_version", "drift", b"drift", "drift_reason", b"drift_reason", "hostname", b"hostname", "ip", b"ip", "jobs_disabled", b"jobs_disabled", "labels", b"labels", "last_heartbeat", b"last_heartbeat", "node_id", b"node_id", "operator_labels", b"operator_labels", "os", b"os", "registered_at", b"registered_at", "reported_version", b"reported_version", "status", b"status", "update_errors", b"update_errors"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -299,7 +357,15 @@ class NodeAgent(_message.Message):
 
     NODE_ID_FIELD_NUMBER: _builtins.int
     AGENT_FIELD_NUMBER: _builtins.int
+    STALE_FIELD_NUMBER: _builtins.int
+    REPORTED_AT_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
+    stale: _builtins.bool
+    """The node is offline: `agent` is what its daemon last said, at
+    `reported_at`, and may no longer be true.
+    """
+    reported_at: _builtins.int
+    """When the daemon reported this state (synced states; 0 for live ones)."""
     @_builtins.property
     def agent(self) -> _common_pb2.AgentInfo: ...
     def __init__(
@@ -307,10 +373,12 @@ class NodeAgent(_message.Message):
         *,
         node_id: _builtins.str = ...,
         agent: _common_pb2.AgentInfo | None = ...,
+        stale: _builtins.bool = ...,
+        reported_at: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "node_id", b"node_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "node_id", b"node_id", "reported_at", b"reported_at", "stale", b"stale"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -425,11 +493,14 @@ class FleetServiceUpdateNodeLabelsRequest(_message.Message):
     node_id: _builtins.str
     @_builtins.property
     def set(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Labels to add or overwrite."""
+        """Operator labels to add or overwrite (they override the daemon's)."""
 
     @_builtins.property
     def remove(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Label keys to remove."""
+        """Operator label keys to remove. A key only the daemon's config sets is
+        FAILED_PRECONDITION (only the host can change it); a key nobody set is
+        ignored.
+        """
 
     def __init__(
         self,
@@ -473,22 +544,32 @@ class FleetServiceListAgentsRequest(_message.Message):
     NODE_ID_FIELD_NUMBER: _builtins.int
     SELECTOR_FIELD_NUMBER: _builtins.int
     LIVE_FIELD_NUMBER: _builtins.int
+    STATUSES_FIELD_NUMBER: _builtins.int
+    UNHEALTHY_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """One node, or every node the selector matches (empty: all nodes)."""
     live: _builtins.bool
     """Ask the daemons now instead of reading their last synced states."""
+    unhealthy: _builtins.bool
+    """Only agents whose health is UNHEALTHY."""
     @_builtins.property
     def selector(self) -> _common_pb2.LabelSelector: ...
+    @_builtins.property
+    def statuses(self) -> _containers.RepeatedScalarFieldContainer[_common_pb2.AgentStatus.ValueType]:
+        """Only agents in one of these states (empty: any)."""
+
     def __init__(
         self,
         *,
         node_id: _builtins.str = ...,
         selector: _common_pb2.LabelSelector | None = ...,
         live: _builtins.bool = ...,
+        statuses: _abc.Iterable[_common_pb2.AgentStatus.ValueType] | None = ...,
+        unhealthy: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["selector", b"selector"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["live", b"live", "node_id", b"node_id", "selector", b"selector"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["live", b"live", "node_id", b"node_id", "selector", b"selector", "statuses", b"statuses", "unhealthy", b"unhealthy"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -872,6 +953,90 @@ class MetricPoint(_message.Message):
 Global___MetricPoint: _TypeAlias = MetricPoint  # noqa: Y015
 
 @_typing.final
+class FleetServiceListMetricTypesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_id", b"node_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetServiceListMetricTypesRequest: _TypeAlias = FleetServiceListMetricTypesRequest  # noqa: Y015
+
+@_typing.final
+class FleetServiceListMetricTypesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TYPES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def types(self) -> _containers.RepeatedCompositeFieldContainer[Global___MetricTypeInfo]:
+        """Sorted by type."""
+
+    def __init__(
+        self,
+        *,
+        types: _abc.Iterable[Global___MetricTypeInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["types", b"types"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetServiceListMetricTypesResponse: _TypeAlias = FleetServiceListMetricTypesResponse  # noqa: Y015
+
+@_typing.final
+class MetricTypeInfo(_message.Message):
+    """One metric type of a node, over the host and all its agents, from raw
+    samples and rollups.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TYPE_FIELD_NUMBER: _builtins.int
+    NAMES_FIELD_NUMBER: _builtins.int
+    AGENT_IDS_FIELD_NUMBER: _builtins.int
+    HOST_FIELD_NUMBER: _builtins.int
+    NEWEST_TIMESTAMP_FIELD_NUMBER: _builtins.int
+    type: _builtins.str
+    host: _builtins.bool
+    """The host (agent_id "") reported it."""
+    newest_timestamp: _builtins.int
+    """Its newest sample (to the minute once only rollups hold it)."""
+    @_builtins.property
+    def names(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Its value names, sorted (e.g. "usage_percent")."""
+
+    @_builtins.property
+    def agent_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Agents that reported it, sorted; the host itself is `host`."""
+
+    def __init__(
+        self,
+        *,
+        type: _builtins.str = ...,
+        names: _abc.Iterable[_builtins.str] | None = ...,
+        agent_ids: _abc.Iterable[_builtins.str] | None = ...,
+        host: _builtins.bool = ...,
+        newest_timestamp: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_ids", b"agent_ids", "host", b"host", "names", b"names", "newest_timestamp", b"newest_timestamp", "type", b"type"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___MetricTypeInfo: _TypeAlias = MetricTypeInfo  # noqa: Y015
+
+@_typing.final
 class FleetServiceGetAgentMetricsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -990,12 +1155,18 @@ class FleetServiceWatchEventsRequest(_message.Message):
     KINDS_FIELD_NUMBER: _builtins.int
     NODE_ID_FIELD_NUMBER: _builtins.int
     FOLLOW_FIELD_NUMBER: _builtins.int
+    TAIL_FIELD_NUMBER: _builtins.int
     from_event_id: _builtins.int
     """Send events with an id greater than this (0: from the oldest kept)."""
     node_id: _builtins.str
     """Only events about this node (empty: all)."""
     follow: _builtins.bool
     """Keep the stream open for new events."""
+    tail: _builtins.int
+    """Begin with only the newest `tail` matching events after from_event_id;
+    0 sends none of them, so a followed watch starts from now. Unset: all of
+    them (what a client that does not know this field gets).
+    """
     @_builtins.property
     def kinds(self) -> _containers.RepeatedScalarFieldContainer[Global___EventKind.ValueType]:
         """Only these kinds (empty: all)."""
@@ -1007,12 +1178,15 @@ class FleetServiceWatchEventsRequest(_message.Message):
         kinds: _abc.Iterable[Global___EventKind.ValueType] | None = ...,
         node_id: _builtins.str = ...,
         follow: _builtins.bool = ...,
+        tail: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_tail", b"_tail", "tail", b"tail"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["follow", b"follow", "from_event_id", b"from_event_id", "kinds", b"kinds", "node_id", b"node_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_tail", b"_tail", "follow", b"follow", "from_event_id", b"from_event_id", "kinds", b"kinds", "node_id", b"node_id", "tail", b"tail"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__tail: _TypeAlias = _typing.Literal["tail"]  # noqa: Y015
+    _WhichOneofArgType__tail: _TypeAlias = _typing.Literal["_tail", b"_tail"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__tail) -> _WhichOneofReturnType__tail | None: ...
 
 Global___FleetServiceWatchEventsRequest: _TypeAlias = FleetServiceWatchEventsRequest  # noqa: Y015
 
@@ -1021,16 +1195,22 @@ class FleetServiceWatchEventsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     EVENT_FIELD_NUMBER: _builtins.int
+    OLDER_EVENTS_LEFT_OUT_FIELD_NUMBER: _builtins.int
+    older_events_left_out: _builtins.bool
+    """On the first message of a watch asked with `tail`: older matching events
+    (after from_event_id) were left out.
+    """
     @_builtins.property
     def event(self) -> Global___Event: ...
     def __init__(
         self,
         *,
         event: Global___Event | None = ...,
+        older_events_left_out: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "older_events_left_out", b"older_events_left_out"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

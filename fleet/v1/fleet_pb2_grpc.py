@@ -75,6 +75,11 @@ class FleetServiceStub:
                 request_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceQueryMetricsRequest.SerializeToString,
                 response_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceQueryMetricsResponse.FromString,
                 _registered_method=True)
+        self.ListMetricTypes = channel.unary_unary(
+                '/fleet.v1.FleetService/ListMetricTypes',
+                request_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceListMetricTypesRequest.SerializeToString,
+                response_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceListMetricTypesResponse.FromString,
+                _registered_method=True)
         self.GetAgentMetrics = channel.unary_unary(
                 '/fleet.v1.FleetService/GetAgentMetrics',
                 request_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceGetAgentMetricsRequest.SerializeToString,
@@ -260,7 +265,16 @@ class FleetServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def QueryMetrics(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """NOT_FOUND (resource metric-type) when the node never reported the type
+        (or the agent, or the value name); an empty answer means none in range.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListMetricTypes(self, request, context):
+        """The metric types a node has reported that the manager still stores.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -484,6 +498,11 @@ def add_FleetServiceServicer_to_server(servicer, server):
                     servicer.QueryMetrics,
                     request_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceQueryMetricsRequest.FromString,
                     response_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceQueryMetricsResponse.SerializeToString,
+            ),
+            'ListMetricTypes': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListMetricTypes,
+                    request_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceListMetricTypesRequest.FromString,
+                    response_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceListMetricTypesResponse.SerializeToString,
             ),
             'GetAgentMetrics': grpc.unary_unary_rpc_method_handler(
                     servicer.GetAgentMetrics,
@@ -816,6 +835,33 @@ class FleetService:
             '/fleet.v1.FleetService/QueryMetrics',
             fleet_dot_v1_dot_fleet__pb2.FleetServiceQueryMetricsRequest.SerializeToString,
             fleet_dot_v1_dot_fleet__pb2.FleetServiceQueryMetricsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListMetricTypes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.v1.FleetService/ListMetricTypes',
+            fleet_dot_v1_dot_fleet__pb2.FleetServiceListMetricTypesRequest.SerializeToString,
+            fleet_dot_v1_dot_fleet__pb2.FleetServiceListMetricTypesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -48,6 +48,11 @@ class FleetServiceStub:
     OperateAgents: _grpc.UnaryStreamMultiCallable[_fleet_pb2.FleetServiceOperateAgentsRequest, _fleet_pb2.FleetServiceOperateAgentsResponse]
     """Fans one operation out over many targets, streaming each outcome."""
     QueryMetrics: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.FleetServiceQueryMetricsRequest, _fleet_pb2.FleetServiceQueryMetricsResponse]
+    """NOT_FOUND (resource metric-type) when the node never reported the type
+    (or the agent, or the value name); an empty answer means none in range.
+    """
+    ListMetricTypes: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.FleetServiceListMetricTypesRequest, _fleet_pb2.FleetServiceListMetricTypesResponse]
+    """The metric types a node has reported that the manager still stores."""
     GetAgentMetrics: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.FleetServiceGetAgentMetricsRequest, _fleet_pb2.FleetServiceGetAgentMetricsResponse]
     """Passthrough to the daemon's recent per-process samples."""
     ReadAgentLog: _grpc.UnaryStreamMultiCallable[_fleet_pb2.FleetServiceReadAgentLogRequest, _fleet_pb2.FleetServiceReadAgentLogResponse]
@@ -121,6 +126,11 @@ class FleetServiceAsyncStub(FleetServiceStub):
     OperateAgents: _aio.UnaryStreamMultiCallable[_fleet_pb2.FleetServiceOperateAgentsRequest, _fleet_pb2.FleetServiceOperateAgentsResponse]  # type: ignore[assignment]
     """Fans one operation out over many targets, streaming each outcome."""
     QueryMetrics: _aio.UnaryUnaryMultiCallable[_fleet_pb2.FleetServiceQueryMetricsRequest, _fleet_pb2.FleetServiceQueryMetricsResponse]  # type: ignore[assignment]
+    """NOT_FOUND (resource metric-type) when the node never reported the type
+    (or the agent, or the value name); an empty answer means none in range.
+    """
+    ListMetricTypes: _aio.UnaryUnaryMultiCallable[_fleet_pb2.FleetServiceListMetricTypesRequest, _fleet_pb2.FleetServiceListMetricTypesResponse]  # type: ignore[assignment]
+    """The metric types a node has reported that the manager still stores."""
     GetAgentMetrics: _aio.UnaryUnaryMultiCallable[_fleet_pb2.FleetServiceGetAgentMetricsRequest, _fleet_pb2.FleetServiceGetAgentMetricsResponse]  # type: ignore[assignment]
     """Passthrough to the daemon's recent per-process samples."""
     ReadAgentLog: _aio.UnaryStreamMultiCallable[_fleet_pb2.FleetServiceReadAgentLogRequest, _fleet_pb2.FleetServiceReadAgentLogResponse]  # type: ignore[assignment]
@@ -232,7 +242,18 @@ class FleetServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _fleet_pb2.FleetServiceQueryMetricsRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_fleet_pb2.FleetServiceQueryMetricsResponse, _abc.Awaitable[_fleet_pb2.FleetServiceQueryMetricsResponse]]: ...
+    ) -> _typing.Union[_fleet_pb2.FleetServiceQueryMetricsResponse, _abc.Awaitable[_fleet_pb2.FleetServiceQueryMetricsResponse]]:
+        """NOT_FOUND (resource metric-type) when the node never reported the type
+        (or the agent, or the value name); an empty answer means none in range.
+        """
+
+    @_abc_1.abstractmethod
+    def ListMetricTypes(
+        self,
+        request: _fleet_pb2.FleetServiceListMetricTypesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_pb2.FleetServiceListMetricTypesResponse, _abc.Awaitable[_fleet_pb2.FleetServiceListMetricTypesResponse]]:
+        """The metric types a node has reported that the manager still stores."""
 
     @_abc_1.abstractmethod
     def GetAgentMetrics(

@@ -335,6 +335,7 @@ class AgentState(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     HEALTH_FIELD_NUMBER: _builtins.int
     CONFIG_VERSION_FIELD_NUMBER: _builtins.int
+    LAST_EXIT_FIELD_NUMBER: _builtins.int
     REVISION_FIELD_NUMBER: _builtins.int
     HEALTH_MESSAGE_FIELD_NUMBER: _builtins.int
     HEALTH_SINCE_FIELD_NUMBER: _builtins.int
@@ -356,6 +357,8 @@ class AgentState(_message.Message):
     health_since: _builtins.int
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    @_builtins.property
+    def last_exit(self) -> _common_pb2.LastExit: ...
     def __init__(
         self,
         *,
@@ -372,13 +375,14 @@ class AgentState(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         health: _common_pb2.AgentHealth.ValueType = ...,
         config_version: _builtins.int = ...,
+        last_exit: _common_pb2.LastExit | None = ...,
         revision: _builtins.int = ...,
         health_message: _builtins.str = ...,
         health_since: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_exit", b"last_exit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "config_version", b"config_version", "exit_code", b"exit_code", "health", b"health", "health_message", b"health_message", "health_since", b"health_since", "labels", b"labels", "last_heartbeat", b"last_heartbeat", "message", b"message", "pid", b"pid", "restart_count", b"restart_count", "revision", b"revision", "start_time", b"start_time", "status", b"status", "type", b"type", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "config_version", b"config_version", "exit_code", b"exit_code", "health", b"health", "health_message", b"health_message", "health_since", b"health_since", "labels", b"labels", "last_exit", b"last_exit", "last_heartbeat", b"last_heartbeat", "message", b"message", "pid", b"pid", "restart_count", b"restart_count", "revision", b"revision", "start_time", b"start_time", "status", b"status", "type", b"type", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -8,6 +8,7 @@ daemons never share a connection even if they end up at the same address.
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -16,6 +17,7 @@ import grpc
 from grpc import aio
 
 from fleet.errors import ConfigError, DeadlineExceeded, FleetError, Unavailable, from_rpc_error
+from fleet.reachability import Cause, cause, last_error
 from fleet.tls import TLSConfig, channel_credentials, channel_options
 from manager.pool.config import PoolConfig
 from manager.pool.state import ConnectionState, ConnEvent, apply
@@ -120,36 +122,66 @@ _NOT_THAT_NODE = (
 _UNTRUSTED = ("CERTIFICATE_VERIFY_FAILED", "certificate verify failed")
 
 
+# Why a daemon could not be reached, in words (gRPC's own text stays in the log).
+_UNREACHABLE = {
+    Cause.REFUSED: "daemon at {address} refused the connection (is fleet-daemon running there?)",
+    Cause.NO_NAME: "daemon at {address}: the name does not resolve (check its advertise setting)",
+    Cause.TIMED_OUT: "daemon at {address} did not complete the connection in time"
+    " (is the address right and the port open?)",
+    Cause.CLOSED: "the connection to the daemon at {address} was closed or reset",
+}
+
+
 def translate_error(
     error: aio.AioRpcError, *, node_id: str, address: str, budget: float | None = None
 ) -> FleetError:
     """The FleetError for a failed call to `node_id`, with a message naming the node.
 
-    `budget` is the call's deadline in seconds, named when our own deadline expired.
+    `budget` is the call's deadline in seconds, named when our own deadline
+    expired. A daemon that cannot be reached is said in words, never in
+    gRPC's ("failed to connect to all addresses; ..."). A `Resource` the
+    daemon names (an agent) belongs to `node_id`.
     """
     details = error.details() or ""
+    code = error.code()
     translated: FleetError
     if (
         budget is not None
-        and error.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        and code == grpc.StatusCode.DEADLINE_EXCEEDED
         and details == "Deadline Exceeded"  # gRPC's own wording: our deadline, not the daemon's
     ):
         translated = DeadlineExceeded(
-            f"{node_id}: no answer from {address} within {budget:g} s (Deadline Exceeded)"
+            f"{node_id}: daemon at {address} did not answer within {budget:g} s"
         )
-    elif error.code() == grpc.StatusCode.UNAVAILABLE and any(m in details for m in _NOT_THAT_NODE):
+    elif code == grpc.StatusCode.UNAVAILABLE and any(m in details for m in _NOT_THAT_NODE):
         translated = WrongDaemonIdentity(
             f"{node_id} at {address} presented a certificate that is not node/{node_id}"
         )
-    elif error.code() == grpc.StatusCode.UNAVAILABLE and any(m in details for m in _UNTRUSTED):
+    elif code == grpc.StatusCode.UNAVAILABLE and any(m in details for m in _UNTRUSTED):
         translated = WrongDaemonIdentity(
             f"{node_id} at {address} presented a certificate not signed by the fleet CA "
             "(check the daemon's cert and the manager's ca_file)"
         )
+    elif code == grpc.StatusCode.UNAVAILABLE and _no_connection(details):
+        why = _UNREACHABLE.get(cause(details))
+        if why is None:
+            why = f"cannot reach the daemon at {{address}}: {last_error(details)}"
+        translated = Unavailable(f"{node_id}: {why.format(address=address)}")
     else:
         translated = from_rpc_error(error, target=node_id)
+        resource = translated.resource
+        if resource is not None and not resource.node:
+            translated.resource = dataclasses.replace(resource, node=node_id)
     translated.__cause__ = error  # keep gRPC's debug string for the logs
     return translated
+
+
+def _no_connection(details: str) -> bool:
+    """gRPC's own UNAVAILABLE for a connection it could not make or keep (not the daemon's)."""
+    return details.startswith("failed to connect to all addresses") or cause(details) in (
+        Cause.NO_NAME,
+        Cause.CLOSED,
+    )
 
 
 @dataclass(frozen=True)

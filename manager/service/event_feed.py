@@ -13,6 +13,10 @@ A follower wakes up two ways:
 
 A watch is resumable from any id: it sends ids greater than `from_id` in
 order (ids become visible in id order; see `manager.storage.events`).
+`start` finds where a watch that wants only the newest `tail` events
+begins: after the matching event just older than them (one indexed lookup
+of tail + 1 rows), or, for tail 0, after the newest event of all ("from
+now"), so no history is read to be skipped.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncGenerator, Callable, Collection
+from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import event
@@ -29,9 +34,19 @@ from fleet.errors import InvalidArgument
 from fleet.labels import validate_node_id
 from manager.storage import EventRecord, EventRepository
 
-__all__ = ["EventFeed"]
+__all__ = ["EventFeed", "WatchStart"]
 
 _FLAG = "fleet_wrote_events"
+
+
+@dataclass(frozen=True)
+class WatchStart:
+    """Where a watch begins."""
+
+    after_id: int
+    """Send events with an id greater than this."""
+    older_left_out: bool
+    """True when matching events older than the first one sent were left out (tail)."""
 
 
 class EventFeed:
@@ -93,6 +108,33 @@ class EventFeed:
 
         return remove
 
+    async def start(
+        self,
+        from_id: int = 0,
+        *,
+        tail: int | None = None,
+        kinds: Collection[str] = (),
+        node_id: str = "",
+    ) -> WatchStart:
+        """Where a watch of events after `from_id` begins to send only the last `tail`.
+
+        tail None: from `from_id` (everything after it); 0: from the newest
+        event now, so a followed watch sends only what happens from now on.
+        """
+        _check(from_id, node_id)
+        if tail is None:
+            return WatchStart(from_id, older_left_out=False)
+        if tail < 0:
+            raise InvalidArgument(f"must be >= 0, got {tail}", field="tail")
+        if tail == 0:
+            return WatchStart(max(from_id, await self._events.latest_id()), older_left_out=False)
+        before = await self._events.id_before_last(
+            tail, after_id=from_id, kinds=kinds, node_id=node_id
+        )
+        if before is None:
+            return WatchStart(from_id, older_left_out=False)
+        return WatchStart(before, older_left_out=True)
+
     async def watch(
         self,
         from_id: int = 0,
@@ -105,10 +147,7 @@ class EventFeed:
 
         Stop iterating (or cancel) to end a followed watch.
         """
-        if from_id < 0:
-            raise InvalidArgument(f"must be >= 0, got {from_id}", field="from_event_id")
-        if node_id:
-            validate_node_id(node_id)
+        _check(from_id, node_id)
         last = from_id
         while True:
             # Taken before the read: a commit during the read still wakes us.
@@ -126,3 +165,10 @@ class EventFeed:
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self._poll_interval):
                     await changed.wait()
+
+
+def _check(from_id: int, node_id: str) -> None:
+    if from_id < 0:
+        raise InvalidArgument(f"must be >= 0, got {from_id}", field="from_event_id")
+    if node_id:
+        validate_node_id(node_id)

@@ -17,12 +17,12 @@ import time
 from collections.abc import AsyncGenerator, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 
-from fleet.errors import FleetError, InvalidArgument
+from fleet.errors import FleetError, InvalidArgument, NotFound, Resource
 from fleet.labels import MAX_LABELS, validate_label_key, validate_label_value, validate_labels
 from fleet.selectors import Selector
-from fleet.v1 import daemon_pb2
+from fleet.v1 import common_pb2, daemon_pb2
 from manager.pool import ConnectionState, DaemonPool
-from manager.service.metrics import MetricsService
+from manager.service.metrics import MetricsService, MetricType, metric_types, missing_metric
 from manager.service.operations import OperationRecorder, Operations, record_from_info
 from manager.storage import AgentStateRecord, AgentStateRepository, NodeRecord, NodeRepository
 
@@ -56,6 +56,12 @@ class NodeAgent:
     """The node."""
     agent: AgentStateRecord
     """The agent (as synced, or as the daemon answered just now)."""
+    stale: bool = False
+    """The node is offline: `agent` is what its daemon last said (at `agent.reported_ms`)."""
+    spec: common_pb2.AgentSpec | None = None
+    """The spec the daemon runs it with, env values left out (live answers only)."""
+    log_path: str = ""
+    """Its log file on the node (live answers only)."""
 
 
 @dataclass(frozen=True)
@@ -119,7 +125,12 @@ class FleetQueries:
     async def update_labels(
         self, node_id: str, set_: Mapping[str, str], remove: Collection[str], *, actor: str
     ) -> NodeView:
-        """Set and remove labels (Kubernetes syntax), audited; the node afterwards."""
+        """Set and remove operator labels (Kubernetes syntax), audited; the node afterwards.
+
+        Operator labels overlay the daemon's and survive its re-registration; a
+        key only the daemon's config sets cannot be removed here
+        (FailedPrecondition: only the host can change it).
+        """
         validate_labels(set_, field="set")
         for i, key in enumerate(remove):
             validate_label_key(key, field=f"remove[{i}]")
@@ -129,7 +140,8 @@ class FleetQueries:
         if not set_ and not remove:
             raise InvalidArgument("nothing to change: give labels to set or keys to remove")
         node = await self._ops.node(node_id)
-        merged = {k: v for k, v in {**node.labels, **set_}.items() if k not in remove}
+        operator = {k: v for k, v in {**node.operator_labels, **set_}.items() if k not in remove}
+        merged = {**node.daemon_labels, **operator}
         if len(merged) > MAX_LABELS:
             raise InvalidArgument(
                 f"{node_id} would have {len(merged)} labels; at most {MAX_LABELS} are allowed",
@@ -164,12 +176,33 @@ class FleetQueries:
         *,
         live: bool = False,
         call_timeout: float | None = None,
+        statuses: Collection[str] = (),
+        unhealthy: bool = False,
     ) -> AgentListing:
-        """Agents of one node or of the selected nodes (all nodes if neither is given)."""
+        """Agents of one node or of the selected nodes (all nodes if neither is given).
+
+        Only those in `statuses` (names like "FATAL"; empty: any) and, with
+        `unhealthy`, only UNHEALTHY ones. Synced states of offline nodes are
+        marked stale.
+        """
+        listing = await self._list_agents(node_id, selector, live=live, call_timeout=call_timeout)
+        wanted = set(statuses)
+        listing.agents[:] = [
+            a
+            for a in listing.agents
+            if (not wanted or a.agent.status in wanted)
+            and (not unhealthy or a.agent.health == "UNHEALTHY")
+        ]
+        return listing
+
+    async def _list_agents(
+        self, node_id: str, selector: Selector, *, live: bool, call_timeout: float | None
+    ) -> AgentListing:
         nodes = await self._target_nodes(node_id, selector)
         if not live:
+            offline = {n.node_id for n in nodes if n.status == "offline"}
             states = await self._agents.list(node_ids=[n.node_id for n in nodes])
-            return AgentListing([NodeAgent(s.node_id, s) for s in states])
+            return AgentListing([NodeAgent(s.node_id, s, s.node_id in offline) for s in states])
         sem = asyncio.Semaphore(self._live_concurrency)
 
         async def ask(node: NodeRecord) -> list[NodeAgent] | str:
@@ -181,7 +214,15 @@ class FleetQueries:
                 except FleetError as exc:
                     return exc.message
             infos = sorted(resp.agents, key=lambda a: a.id)
-            return [NodeAgent(node.node_id, record_from_info(node.node_id, i)) for i in infos]
+            return [
+                NodeAgent(
+                    node.node_id,
+                    record_from_info(node.node_id, i),
+                    spec=i.spec if i.HasField("spec") else None,
+                    log_path=i.log_path,
+                )
+                for i in infos
+            ]
 
         answers = await asyncio.gather(*(ask(n) for n in nodes))
         listing = AgentListing([])
@@ -267,7 +308,22 @@ class FleetQueries:
             step_s=step_s,
             aggregate=aggregate,
         )
+        if not series:  # nothing in range, or nothing ever: say which
+            problem = missing_metric(
+                await self._metrics.series(node_id),
+                node_id=node_id,
+                agent_id=agent_id,
+                type=type,
+                name=name,
+            )
+            if problem is not None:
+                raise NotFound(problem, resource=Resource("metric-type", type, node=node_id))
         return series, step_s
+
+    async def metric_types(self, node_id: str) -> list[MetricType]:
+        """The metric types `node_id` has reported (and the store still holds)."""
+        await self._ops.node(node_id)
+        return metric_types(await self._metrics.series(node_id))
 
 
 def _require_agent_id(agent_id: str) -> None:

@@ -1,10 +1,17 @@
-"""Metric ingestion (ReportMetrics) and the query the operator API exposes."""
+"""Metric ingestion (ReportMetrics), the query the operator API exposes, and what a
+node has reported (ListMetricTypes).
+
+`metric_types` and `missing_metric` are pure: they summarise a node's
+series, and say in words what a query asked for that the node never
+reported, so a typo in a type is not "no data in this range".
+"""
 
 from __future__ import annotations
 
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from itertools import groupby
 from typing import Literal
 
 from fleet.errors import InvalidArgument
@@ -13,9 +20,10 @@ from manager.service.model import MetricPoint
 from manager.service.registry import NodeRegistry
 from manager.service.validation import metric_batch
 from manager.storage.metrics import MetricStore
+from manager.storage.records import MetricSeries
 from manager.storage.writer import MetricWriter
 
-__all__ = ["IngestResult", "MetricsService"]
+__all__ = ["IngestResult", "MetricType", "MetricsService", "metric_types", "missing_metric"]
 
 Aggregate = Literal["avg", "min", "max"]
 _AGGREGATES = ("avg", "min", "max")
@@ -32,6 +40,67 @@ class IngestResult:
     """False when the (node, sequence) batch had been stored before."""
     accepted: int
     """Samples in the batch (0 for a duplicate)."""
+
+
+@dataclass(frozen=True)
+class MetricType:
+    """One metric type a node has reported, over the host and all its agents."""
+
+    type: str
+    """cpu, memory, disk, network or a custom type."""
+    names: tuple[str, ...]
+    """Its value names, sorted."""
+    agent_ids: tuple[str, ...]
+    """Agents that reported it, sorted (the host is `host`)."""
+    host: bool
+    """Whether the host itself (agent_id "") reported it."""
+    newest_ms: int
+    """Its newest sample's time."""
+
+
+def metric_types(series: Sequence[MetricSeries]) -> list[MetricType]:
+    """`series` summarised per type, sorted by type (pure)."""
+    out = []
+    for type_, group in groupby(sorted(series, key=lambda s: s.type), key=lambda s: s.type):
+        items = list(group)
+        agents = {s.agent_id for s in items}
+        out.append(
+            MetricType(
+                type=type_,
+                names=tuple(sorted({s.name for s in items})),
+                agent_ids=tuple(sorted(agents - {""})),
+                host="" in agents,
+                newest_ms=max(s.newest_ms for s in items),
+            )
+        )
+    return out
+
+
+def missing_metric(
+    series: Sequence[MetricSeries], *, node_id: str, agent_id: str, type: str, name: str
+) -> str | None:
+    """Why a query of (agent_id, type, name) on `node_id` can never have data, or None (pure).
+
+    None when the node has (had) that series: an empty answer then just
+    means nothing fell in the range.
+    """
+    if not series:
+        return f"{node_id} has no metrics stored (none reported yet, or all past retention)"
+    mine = [s for s in series if s.agent_id == agent_id]
+    if agent_id and not mine:
+        agents = sorted({s.agent_id for s in series} - {""})
+        return (
+            f"agent {agent_id!r} on {node_id} has reported no metrics;"
+            f" agents with metrics: {', '.join(agents) or 'none'}"
+        )
+    subject = f"agent {agent_id!r} on {node_id}" if agent_id else node_id
+    types = sorted({s.type for s in mine})
+    if type not in types:
+        return f"{subject} has no metric type {type!r}; it has: {', '.join(types)}"
+    names = sorted({s.name for s in mine if s.type == type})
+    if name and name not in names:
+        return f"{subject} has no {type} value {name!r}; it has: {', '.join(names)}"
+    return None
 
 
 class MetricsService:
@@ -72,6 +141,11 @@ class MetricsService:
         await self._registry.require_known(node_id)
         stored = await self._writer.submit(batch)
         return IngestResult(stored, len(batch.samples) if stored else 0)
+
+    async def series(self, node_id: str) -> list[MetricSeries]:
+        """Every series `node_id` has in the store (raw or rolled up)."""
+        validate_node_id(node_id)
+        return await self._store.series(node_id)
 
     async def query(
         self,

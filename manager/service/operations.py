@@ -22,7 +22,7 @@ from collections.abc import AsyncGenerator, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
-from fleet.errors import FleetError, InvalidArgument, NotFound, Unavailable
+from fleet.errors import FleetError, InvalidArgument, NotFound, Resource, Unavailable
 from fleet.labels import validate_label_value, validate_node_id
 from fleet.selectors import Selector
 from fleet.v1 import common_pb2
@@ -148,7 +148,20 @@ def record_from_info(node_id: str, info: common_pb2.AgentInfo) -> AgentStateReco
         labels=dict(info.labels),
         health=health,
         config_version=info.config_version,
+        last_exit_kind=_exit_kind(info),
+        last_exit_code=info.last_exit.exit_code,
+        last_exit_reason=info.last_exit.reason,
+        last_exit_ms=info.last_exit.time,
     )
+
+
+def _exit_kind(info: common_pb2.AgentInfo) -> str:
+    try:
+        name = common_pb2.AgentExitKind.Name(info.last_exit.kind)
+    except ValueError:  # a newer daemon's enum value
+        return "unknown"
+    kind = name.removeprefix("AGENT_EXIT_KIND_").lower()
+    return "" if kind == "unspecified" else kind
 
 
 class OperationRecorder:
@@ -220,25 +233,22 @@ class Operations:
         validate_node_id(node_id)
         node = await self._nodes.get(node_id)
         if node is None:
-            raise NotFound(f"node {node_id!r} is not registered (see ListNodes)")
+            raise NotFound(
+                f"node {node_id!r} is not registered", resource=Resource("node", node_id)
+            )
         return node
 
     async def _call(
         self, target: Target, action: Action, call_timeout: float | None
     ) -> common_pb2.AgentInfo:
-        try:
-            response = await self._pool.operate_agent(
-                target.node_id,
-                target.address,
-                target.agent_id,
-                _PB_OPERATION[action],
-                call_timeout=call_timeout,
-            )
-        except Unavailable as exc:
-            raise Unavailable(
-                f"the daemon of {target.node_id} at {target.address} cannot be reached: "
-                f"{exc.message.removeprefix(target.node_id + ': ')}"
-            ) from exc
+        # The pool's errors name the node and say why in words already.
+        response = await self._pool.operate_agent(
+            target.node_id,
+            target.address,
+            target.agent_id,
+            _PB_OPERATION[action],
+            call_timeout=call_timeout,
+        )
         if not response.success:  # the contract answers errors as codes; be safe anyway
             raise Unavailable(f"{target.node_id}: {response.error_message or 'operation failed'}")
         return response.agent

@@ -17,6 +17,7 @@ from manager.service.model import MetricPoint, Registration
 from manager.storage import AgentStateRecord, MetricBatch, MetricSample
 
 __all__ = [
+    "AGENT_EXIT_KINDS",
     "AGENT_HEALTH",
     "AGENT_STATUSES",
     "BUILTIN_METRIC_TYPES",
@@ -49,6 +50,20 @@ AGENT_STATUSES = frozenset(
 )
 """Agent states a daemon may report (supervisord's vocabulary)."""
 AGENT_HEALTH = frozenset({"", "UNSPECIFIED", "HEALTHY", "UNHEALTHY", "PENDING"})
+AGENT_EXIT_KINDS = frozenset(
+    {
+        "",
+        "exited",
+        "killed",
+        "unhealthy",
+        "operator",
+        "updated",
+        "daemon",
+        "start_failed",
+        "unknown",
+    }
+)
+"""Last-exit kinds a daemon may report ("" = the agent never exited)."""
 """Agent health values ("" and UNSPECIFIED: the agent has no health check)."""
 _INT32_MAX = 2**31 - 1
 _HOSTNAME = re.compile(r"[A-Za-z0-9]([-A-Za-z0-9_]{0,61}[A-Za-z0-9])?")
@@ -223,4 +238,17 @@ def validate_agent_states(states: Sequence[AgentStateRecord]) -> None:
         # Free text (an exit reason may span lines), but PostgreSQL text cannot hold NUL.
         if "\x00" in st.message:
             raise InvalidArgument("must not contain NUL characters", field=f"{where}.message")
+        if st.last_exit_kind not in AGENT_EXIT_KINDS:
+            raise InvalidArgument(
+                f"{st.last_exit_kind!r} is not a known exit kind", field=f"{where}.last_exit.kind"
+            )
+        if len(st.last_exit_reason) > MAX_MESSAGE or "\x00" in st.last_exit_reason:
+            raise InvalidArgument(
+                f"must be at most {MAX_MESSAGE} characters, without NUL",
+                field=f"{where}.last_exit.reason",
+            )
+        if st.last_exit_ms < 0:
+            raise InvalidArgument(
+                f"must be >= 0 (epoch ms), got {st.last_exit_ms}", field=f"{where}.last_exit.time"
+            )
         validate_labels(st.labels, max_labels=MAX_LABELS, field=f"{where}.labels")

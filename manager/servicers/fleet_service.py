@@ -22,7 +22,7 @@ from fleet.tls import require_role
 from fleet.v1 import common_pb2, fleet_pb2, fleet_pb2_grpc
 from manager.pool import ConnectionState, DaemonPool
 from manager.service.event_feed import EventFeed
-from manager.service.fleet import FleetQueries, NodeView
+from manager.service.fleet import FleetQueries, NodeAgent, NodeView
 from manager.service.metrics import MetricsService
 from manager.service.operations import (
     Action,
@@ -123,6 +123,14 @@ def agent_info(record: AgentStateRecord) -> common_pb2.AgentInfo:
         labels=record.labels,
         health=_enum_value(common_pb2.AgentHealth, "AGENT_HEALTH_", record.health),
         config_version=record.config_version,
+        last_exit=common_pb2.LastExit(
+            kind=_enum_value(common_pb2.AgentExitKind, "AGENT_EXIT_KIND_", record.last_exit_kind),
+            exit_code=record.last_exit_code,
+            reason=record.last_exit_reason,
+            time=record.last_exit_ms,
+        )
+        if record.last_exit_ms or record.last_exit_kind
+        else None,
     )
 
 
@@ -143,6 +151,8 @@ def _node(view: NodeView) -> fleet_pb2.Node:
         registered_at=n.registered_at_ms,
         connection_state=_CONNECTION[view.connection],
         agent_counts=_counts(view.agent_counts),
+        daemon_labels=n.daemon_labels,
+        operator_labels=n.operator_labels,
     )
 
 
@@ -164,6 +174,28 @@ def _event(record: EventRecord) -> fleet_pb2.Event:
         actor=record.actor,
         attributes=record.attributes,
     )
+
+
+def _node_agent(a: NodeAgent) -> fleet_pb2.NodeAgent:
+    info = agent_info(a.agent)
+    if a.spec is not None:
+        info.spec.CopyFrom(a.spec)
+    info.log_path = a.log_path
+    return fleet_pb2.NodeAgent(
+        node_id=a.node_id, agent=info, stale=a.stale, reported_at=a.agent.reported_ms
+    )
+
+
+def _statuses(values: Any) -> list[str]:
+    out = []
+    for i, value in enumerate(values):
+        if value == common_pb2.AGENT_STATUS_UNSPECIFIED:
+            raise InvalidArgument("AGENT_STATUS_UNSPECIFIED is not a state", field=f"statuses[{i}]")
+        try:
+            out.append(common_pb2.AgentStatus.Name(value).removeprefix("AGENT_STATUS_"))
+        except ValueError:
+            raise InvalidArgument(f"unknown agent status {value}", field=f"statuses[{i}]") from None
+    return out
 
 
 def _action(value: int) -> Action:
@@ -247,13 +279,15 @@ class FleetServicer(PendingFleetRpcs, fleet_pb2_grpc.FleetServiceServicer):
         self._operator(context)
         selector = selectors.from_proto(request.selector)
         listing = await self._q.list_agents(
-            request.node_id, selector, live=request.live, call_timeout=self._timeout(context)
+            request.node_id,
+            selector,
+            live=request.live,
+            call_timeout=self._timeout(context),
+            statuses=_statuses(request.statuses),
+            unhealthy=request.unhealthy,
         )
         return fleet_pb2.FleetServiceListAgentsResponse(
-            agents=[
-                fleet_pb2.NodeAgent(node_id=a.node_id, agent=agent_info(a.agent))
-                for a in listing.agents
-            ],
+            agents=[_node_agent(a) for a in listing.agents],
             errors=[fleet_pb2.TargetError(node_id=n, message=m) for n, m in listing.errors],
         )
 
@@ -332,6 +366,24 @@ class FleetServicer(PendingFleetRpcs, fleet_pb2_grpc.FleetServiceServicer):
             step_seconds=step,
         )
 
+    async def ListMetricTypes(
+        self, request: fleet_pb2.FleetServiceListMetricTypesRequest, context: _Context
+    ) -> fleet_pb2.FleetServiceListMetricTypesResponse:
+        self._operator(context)
+        types = await self._q.metric_types(request.node_id)
+        return fleet_pb2.FleetServiceListMetricTypesResponse(
+            types=[
+                fleet_pb2.MetricTypeInfo(
+                    type=t.type,
+                    names=t.names,
+                    agent_ids=t.agent_ids,
+                    host=t.host,
+                    newest_timestamp=t.newest_ms,
+                )
+                for t in types
+            ]
+        )
+
     async def GetAgentMetrics(
         self, request: fleet_pb2.FleetServiceGetAgentMetricsRequest, context: _Context
     ) -> fleet_pb2.FleetServiceGetAgentMetricsResponse:
@@ -370,15 +422,23 @@ class FleetServicer(PendingFleetRpcs, fleet_pb2_grpc.FleetServiceServicer):
         self, request: fleet_pb2.FleetServiceWatchEventsRequest, context: _Context
     ) -> AsyncIterator[fleet_pb2.FleetServiceWatchEventsResponse]:
         self._operator(context)
-        stream = self._feed.watch(
+        kinds = _kinds(request.kinds)
+        start = await self._feed.start(
             request.from_event_id,
-            kinds=_kinds(request.kinds),
+            tail=request.tail if request.HasField("tail") else None,
+            kinds=kinds,
             node_id=request.node_id,
-            follow=request.follow,
         )
+        stream = self._feed.watch(
+            start.after_id, kinds=kinds, node_id=request.node_id, follow=request.follow
+        )
+        left_out = start.older_left_out
         async with contextlib.aclosing(stream):
             async for record in stream:
-                yield fleet_pb2.FleetServiceWatchEventsResponse(event=_event(record))
+                yield fleet_pb2.FleetServiceWatchEventsResponse(
+                    event=_event(record), older_events_left_out=left_out
+                )
+                left_out = False
 
 
 def _result(r: TargetResult) -> fleet_pb2.TargetResult:

@@ -22,7 +22,7 @@ from manager.service.registry import NodeRegistry
 from manager.servicers.identity import NodeIdentities
 from manager.storage import AgentStateRecord
 
-__all__ = ["ManagerServicer", "agent_state_record"]
+__all__ = ["ManagerServicer", "agent_state_record", "last_exit_fields"]
 
 _Context = aio.ServicerContext[Any, Any]
 
@@ -52,7 +52,21 @@ def agent_state_record(node_id: str, st: manager_pb2.AgentState) -> AgentStateRe
         labels=dict(st.labels),
         health=_enum_name(common_pb2.AgentHealth, st.health, "AGENT_HEALTH_"),
         config_version=st.config_version,
+        **last_exit_fields(st.last_exit if st.HasField("last_exit") else None),
     )
+
+
+def last_exit_fields(msg: common_pb2.LastExit | None) -> dict[str, Any]:
+    """The AgentStateRecord fields of a LastExit message (empty ones for None)."""
+    if msg is None:
+        return {}
+    kind = _enum_name(common_pb2.AgentExitKind, msg.kind, "AGENT_EXIT_KIND_")
+    return {
+        "last_exit_kind": "" if kind == "UNSPECIFIED" else kind.lower(),
+        "last_exit_code": msg.exit_code,
+        "last_exit_reason": msg.reason,
+        "last_exit_ms": msg.time,
+    }
 
 
 class ManagerServicer(PendingManagerRpcs, manager_pb2_grpc.ManagerServiceServicer):

@@ -17,6 +17,7 @@ from manager.storage.records import (
     EventRecord,
     MetricBatch,
     MetricSample,
+    MetricSeries,
     NodeRecord,
 )
 from manager.storage.writer import MetricWriter
@@ -33,6 +34,7 @@ __all__ = [
     "EventRepository",
     "MetricBatch",
     "MetricSample",
+    "MetricSeries",
     "MetricStore",
     "MetricWriter",
     "NodeRecord",

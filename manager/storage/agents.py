@@ -3,20 +3,21 @@
 from __future__ import annotations
 
 import builtins
+import dataclasses
 from collections.abc import Collection, Sequence
 from typing import Any
 
 from sqlalchemy import delete, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from fleet.errors import InvalidArgument, NotFound
+from fleet.errors import InvalidArgument, NotFound, Resource
 from manager.storage.db import Database
 from manager.storage.events import dump_map, event_row, insert_events, load_map
 from manager.storage.records import AgentStateRecord
 from manager.storage.schema import agent_states, nodes
 from manager.storage.sqlhelp import chunks
 
-__all__ = ["AgentStateRepository", "state_changed"]
+__all__ = ["AgentStateRepository", "describe_change", "state_changed"]
 
 # What makes a report a *change* worth an event. Heartbeat times and the
 # free-text message move on every report and would flood the event log.
@@ -31,12 +32,69 @@ _EVENT_FIELDS = (
     "labels",
     "health",
     "config_version",
+    "last_exit_ms",
 )
 
 
 def state_changed(old: AgentStateRecord, new: AgentStateRecord) -> bool:
     """True if `new` differs from `old` in anything an operator watches for."""
     return any(getattr(old, f) != getattr(new, f) for f in _EVENT_FIELDS)
+
+
+def describe_change(
+    node_id: str,
+    agent_id: str,
+    before: AgentStateRecord | None,
+    after: AgentStateRecord | None,
+) -> tuple[str, dict[str, str]]:
+    """An AGENT_STATE_CHANGED event's message and attributes: what changed, in words.
+
+    "web on node-1: RUNNING -> BACKOFF: exited with code 3", "web on node-1
+    restarted (pid 41 -> 57): killed by SIGKILL", "web on node-1: config
+    version 3 -> 4".
+    """
+    subject = f"{agent_id} on {node_id}"
+    from_status = before.status if before else ""
+    to_status = after.status if after else ""
+    attributes = {
+        "change": "added" if before is None else "removed" if after is None else "changed",
+        "from": from_status,
+        "to": to_status,
+    }
+    if after is None:
+        return f"{subject} removed (was {from_status})", attributes
+    exited = after.last_exit_ms != 0 and (
+        before is None or after.last_exit_ms != before.last_exit_ms
+    )
+    if exited:
+        attributes |= {
+            "reason": after.last_exit_reason,
+            "exit_kind": after.last_exit_kind,
+            "exit_code": str(after.last_exit_code),
+        }
+    why = f": {after.last_exit_reason}" if exited else ""
+    if before is None:
+        return f"{subject} added: {to_status}{why}", attributes
+    if from_status != to_status:
+        return f"{subject}: {from_status} -> {to_status}{why}", attributes
+    if after.start_time_ms != before.start_time_ms or after.pid != before.pid:
+        pids = f" (pid {before.pid} -> {after.pid})" if before.pid and after.pid else ""
+        return f"{subject} restarted{pids}{why}", attributes
+    parts = []
+    for name, words in (
+        ("health", "health"),
+        ("version", "version"),
+        ("config_version", "config version"),
+        ("restart_count", "restarts"),
+        ("exit_code", "exit code"),
+        ("type", "type"),
+    ):
+        old_value, new_value = getattr(before, name), getattr(after, name)
+        if old_value != new_value:
+            parts.append(f"{words} {old_value or '-'} -> {new_value or '-'}")
+    if before.labels != after.labels:
+        parts.append("labels changed")
+    return f"{subject}: {', '.join(parts) or 'changed'}{why}", attributes
 
 
 def _row(state: AgentStateRecord) -> dict[str, Any]:
@@ -55,6 +113,11 @@ def _row(state: AgentStateRecord) -> dict[str, Any]:
         "labels": dump_map(state.labels),
         "health": state.health,
         "config_version": state.config_version,
+        "last_exit_kind": state.last_exit_kind,
+        "last_exit_code": state.last_exit_code,
+        "last_exit_reason": state.last_exit_reason,
+        "last_exit_ms": state.last_exit_ms,
+        "reported_ms": state.reported_ms,
     }
 
 
@@ -74,6 +137,11 @@ def _record(row: Any) -> AgentStateRecord:
         labels=load_map(row.labels),
         health=row.health,
         config_version=row.config_version,
+        last_exit_kind=row.last_exit_kind,
+        last_exit_code=row.last_exit_code,
+        last_exit_reason=row.last_exit_reason,
+        last_exit_ms=row.last_exit_ms,
+        reported_ms=row.reported_ms,
     )
 
 
@@ -118,7 +186,9 @@ class AgentStateRepository:
                 select(nodes.c.node_id).where(nodes.c.node_id == node_id).with_for_update()
             )
             if exists is None:
-                raise NotFound(f"node {node_id} is not registered")
+                raise NotFound(
+                    f"node {node_id!r} is not registered", resource=Resource("node", node_id)
+                )
             old = {
                 r.agent_id: r
                 for r in map(
@@ -128,18 +198,17 @@ class AgentStateRepository:
                     ),
                 )
             }
+            reported = [dataclasses.replace(s, reported_ms=now_ms) for s in states]
             await conn.execute(delete(agent_states).where(agent_states.c.node_id == node_id))
-            if states:
-                await conn.execute(insert(agent_states), [_row(s) for s in states])
-            new = {s.agent_id: s for s in states}
+            if reported:
+                await conn.execute(insert(agent_states), [_row(s) for s in reported])
+            new = {s.agent_id: s for s in reported}
             rows = []
             for agent_id in sorted(old.keys() | new.keys()):
                 before, after = old.get(agent_id), new.get(agent_id)
                 if before is not None and after is not None and not state_changed(before, after):
                     continue
-                change = "added" if before is None else "removed" if after is None else "changed"
-                from_status = before.status if before else ""
-                to_status = after.status if after else ""
+                message, attributes = describe_change(node_id, agent_id, before, after)
                 rows.append(
                     event_row(
                         "AGENT_STATE_CHANGED",
@@ -147,9 +216,8 @@ class AgentStateRepository:
                         node_id=node_id,
                         agent_id=agent_id,
                         actor=actor,
-                        message=f"agent {agent_id} on {node_id} {change}"
-                        + (f": {from_status} -> {to_status}" if from_status != to_status else ""),
-                        attributes={"change": change, "from": from_status, "to": to_status},
+                        message=message,
+                        attributes=attributes,
                     )
                 )
             await insert_events(conn, rows)

@@ -15,9 +15,9 @@ from __future__ import annotations
 
 import json
 from collections.abc import Collection, Mapping, Sequence
-from typing import Any
+from typing import Any, TypeVar
 
-from sqlalchemy import func, insert, select
+from sqlalchemy import Select, func, insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from fleet.errors import InvalidArgument
@@ -28,6 +28,7 @@ from manager.storage.schema import events
 __all__ = ["EventRepository", "dump_map", "event_row", "insert_events", "load_map"]
 
 _EVENTS_LOCK = advisory_key("fleet-events")
+_Row = TypeVar("_Row", bound=tuple[Any, ...])
 
 
 def dump_map(value: Mapping[str, str]) -> str:
@@ -79,6 +80,21 @@ async def insert_events(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -
 async def _serialize_event_writers(conn: AsyncConnection) -> None:
     if conn.dialect.name == "postgresql":
         await conn.execute(select(func.pg_advisory_xact_lock(_EVENTS_LOCK)))
+
+
+def _matching(
+    query: Select[_Row], after_id: int, kinds: Collection[str], node_id: str
+) -> Select[_Row]:
+    """`query` narrowed to events after `after_id` of `kinds` (all if empty) about `node_id`."""
+    unknown = sorted(set(kinds) - EVENT_KINDS)
+    if unknown:
+        raise InvalidArgument(f"unknown event kind(s) {', '.join(unknown)}", field="kinds")
+    query = query.where(events.c.id > after_id)
+    if kinds:
+        query = query.where(events.c.kind.in_(sorted(set(kinds))))
+    if node_id:
+        query = query.where(events.c.node_id == node_id)
+    return query
 
 
 def _record(row: Any) -> EventRecord:
@@ -140,18 +156,32 @@ class EventRepository:
         """Events with id > after_id, oldest first, at most `limit`, optionally filtered."""
         if limit < 1:
             raise InvalidArgument(f"must be >= 1, got {limit}", field="limit")
-        unknown = sorted(set(kinds) - EVENT_KINDS)
-        if unknown:
-            raise InvalidArgument(f"unknown event kind(s) {', '.join(unknown)}", field="kinds")
-        query = select(events).where(events.c.id > after_id)
-        if kinds:
-            query = query.where(events.c.kind.in_(sorted(set(kinds))))
-        if node_id:
-            query = query.where(events.c.node_id == node_id)
+        query = _matching(select(events), after_id, kinds, node_id)
         query = query.order_by(events.c.id).limit(limit)
 
         async def body(conn: AsyncConnection) -> list[EventRecord]:
             return [_record(row) for row in await conn.execute(query)]
+
+        return await self._db.run(body, write=False)
+
+    async def id_before_last(
+        self, count: int, *, after_id: int = 0, kinds: Collection[str] = (), node_id: str = ""
+    ) -> int | None:
+        """The id of the newest matching event older than the last `count` of them.
+
+        `list_after` from it gives exactly the last `count` matching events
+        with id > after_id. None when there are no more than `count`. One
+        backward walk over the primary key (or the (node_id, id) index) of
+        count + 1 matching rows, whatever the log's length.
+        """
+        if count < 0:
+            raise InvalidArgument(f"must be >= 0, got {count}", field="count")
+        query = _matching(select(events.c.id), after_id, kinds, node_id)
+        query = query.order_by(events.c.id.desc()).limit(1).offset(count)
+
+        async def body(conn: AsyncConnection) -> int | None:
+            found = await conn.scalar(query)
+            return None if found is None else int(found)
 
         return await self._db.run(body, write=False)
 

@@ -35,7 +35,8 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from fleet.errors import InvalidArgument
 from manager.storage.db import Database
-from manager.storage.records import MetricBatch
+from manager.storage.metric_series import list_series
+from manager.storage.records import MetricBatch, MetricSeries
 from manager.storage.schema import (
     metric_batches,
     metric_rollup_state,
@@ -245,6 +246,15 @@ class MetricStore:
             .values(rolled_until_ms=new_mark)
         )
         return written, new_mark >= upto
+
+    async def series(self, node_id: str) -> list[MetricSeries]:
+        """Every (agent, type, name) `node_id` has in raw samples or rollups, with its newest
+        time; a few index seeks per series (see `manager.storage.metric_series`)."""
+
+        async def body(conn: AsyncConnection) -> list[MetricSeries]:
+            return await list_series(conn, node_id, await self._watermark(conn, lock="none"))
+
+        return await self._db.run(body, write=False)
 
     async def rolled_until_ms(self) -> int:
         """The watermark: every sample older than this is in the rollups."""

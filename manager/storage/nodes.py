@@ -10,14 +10,14 @@ from typing import Any
 from sqlalchemy import BigInteger, bindparam, case, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from fleet.errors import NotFound
+from fleet.errors import FailedPrecondition, NotFound, Resource
 from manager.storage.db import Database
 from manager.storage.events import dump_map, event_row, insert_events, load_map
 from manager.storage.records import NodeRecord
 from manager.storage.schema import nodes
 from manager.storage.sqlhelp import chunks, dialect_insert
 
-__all__ = ["NodeRepository"]
+__all__ = ["NodeRepository", "effective_labels"]
 
 _FIELDS = (
     "hostname",
@@ -31,9 +31,7 @@ _FIELDS = (
 
 
 def _fields(node: NodeRecord) -> dict[str, Any]:
-    values: dict[str, Any] = {name: getattr(node, name) for name in _FIELDS}
-    values["labels"] = dump_map(node.labels)
-    return values
+    return {name: getattr(node, name) for name in _FIELDS}
 
 
 def _insert_row(node: NodeRecord, now_ms: int) -> dict[str, Any]:
@@ -42,8 +40,47 @@ def _insert_row(node: NodeRecord, now_ms: int) -> dict[str, Any]:
         "status": "online",
         "last_seen_ms": now_ms,
         "registered_at_ms": now_ms,
+        "labels": dump_map(node.labels),
+        "daemon_labels": dump_map(node.labels),
+        "operator_labels": "{}",
         **_fields(node),
     }
+
+
+def effective_labels(daemon: Mapping[str, str], operator: Mapping[str, str]) -> dict[str, str]:
+    """What selectors match: the daemon's labels overlaid with the operators'."""
+    return {**daemon, **operator}
+
+
+def _label_change_message(node_id: str, old: Mapping[str, str], new: Mapping[str, str]) -> str:
+    parts = []
+    for key in sorted(old.keys() | new.keys()):
+        if key not in old:
+            parts.append(f"+{key}={new[key]}")
+        elif key not in new:
+            parts.append(f"-{key}")
+        elif old[key] != new[key]:
+            parts.append(f"{key}={old[key]}->{new[key]}")
+    return f"labels of {node_id} changed: {', '.join(parts)}"
+
+
+def _labels_event(
+    node_id: str,
+    old: Mapping[str, str],
+    new: Mapping[str, str],
+    *,
+    actor: str,
+    now_ms: int,
+    why: str,
+) -> dict[str, Any]:
+    return event_row(
+        "NODE_LABELS_UPDATED",
+        now_ms=now_ms,
+        node_id=node_id,
+        actor=actor,
+        message=f"{_label_change_message(node_id, old, new)} ({why})",
+        attributes={"from": dump_map(old), "to": dump_map(new)},
+    )
 
 
 # Re-registration, executemany: bind names differ from the column names, which
@@ -55,15 +92,17 @@ _REREGISTER = (
     .values(
         status="online",
         last_seen_ms=case((nodes.c.last_seen_ms < _NOW, _NOW), else_=nodes.c.last_seen_ms),
-        **{name: bindparam(f"b_{name}") for name in (*_FIELDS, "labels")},
+        **{name: bindparam(f"b_{name}") for name in (*_FIELDS, "labels", "daemon_labels")},
     )
 )
 
 
-def _update_row(node: NodeRecord, now_ms: int) -> dict[str, Any]:
+def _update_row(node: NodeRecord, now_ms: int, labels: Mapping[str, str]) -> dict[str, Any]:
     return {
         "b_node_id": node.node_id,
         "b_now": now_ms,
+        "b_labels": dump_map(labels),
+        "b_daemon_labels": dump_map(node.labels),
         **{f"b_{name}": value for name, value in _fields(node).items()},
     }
 
@@ -82,6 +121,8 @@ def _record(row: Any) -> NodeRecord:
         status=row.status,
         last_seen_ms=row.last_seen_ms,
         registered_at_ms=row.registered_at_ms,
+        daemon_labels=load_map(row.daemon_labels),
+        operator_labels=load_map(row.operator_labels),
     )
 
 
@@ -94,9 +135,11 @@ class NodeRepository:
     async def upsert(self, node: NodeRecord, *, now_ms: int) -> bool:
         """Register or re-register `node`; True if it was new.
 
-        Updates hostname/ip/os/arch/versions/labels/address, sets it online
-        with last_seen = now, and writes NODE_REGISTERED (plus NODE_ONLINE if
-        it was offline) in the same transaction. Idempotent.
+        Updates hostname/ip/os/arch/versions/address, replaces the daemon's
+        labels with `node.labels` (operator labels stay), sets it online with
+        last_seen = now, and writes NODE_REGISTERED (plus NODE_ONLINE if it
+        was offline, and NODE_LABELS_UPDATED if the effective labels changed)
+        in the same transaction. Idempotent.
         """
         return (await self.upsert_many([(node, now_ms)]))[0]
 
@@ -112,17 +155,20 @@ class NodeRepository:
         if len(set(ids)) != len(ids):
             raise ValueError("upsert_many: a node id appears twice in one batch")
 
+        known_columns = (nodes.c.node_id, nodes.c.status, nodes.c.labels, nodes.c.operator_labels)
+
         async def body(conn: AsyncConnection) -> builtins.list[bool]:
             # Locks the known rows (PostgreSQL), so a concurrent sweep cannot
             # flip one between this read and the update.
             status: dict[str, str] = {}
+            labels: dict[str, tuple[str, str]] = {}  # effective, operator (JSON as stored)
             for part in chunks(ids):
                 rows = await conn.execute(
-                    select(nodes.c.node_id, nodes.c.status)
-                    .where(nodes.c.node_id.in_(part))
-                    .with_for_update()
+                    select(*known_columns).where(nodes.c.node_id.in_(part)).with_for_update()
                 )
-                status.update((row.node_id, row.status) for row in rows)
+                for row in rows:
+                    status[row.node_id] = row.status
+                    labels[row.node_id] = (row.labels, row.operator_labels)
             new = [(node, ms) for node, ms in batch if node.node_id not in status]
             if new:
                 inserted = set(
@@ -137,14 +183,31 @@ class NodeRepository:
                 raced = [node.node_id for node, _ in new if node.node_id not in inserted]
                 if raced:
                     rows = await conn.execute(
-                        select(nodes.c.node_id, nodes.c.status)
-                        .where(nodes.c.node_id.in_(raced))
-                        .with_for_update()
+                        select(*known_columns).where(nodes.c.node_id.in_(raced)).with_for_update()
                     )
-                    status.update((row.node_id, row.status) for row in rows)
+                    for row in rows:
+                        status[row.node_id] = row.status
+                        labels[row.node_id] = (row.labels, row.operator_labels)
             known = [(node, ms) for node, ms in batch if node.node_id in status]
-            if known:
-                await conn.execute(_REREGISTER, [_update_row(node, ms) for node, ms in known])
+            label_events = []
+            updates = []
+            for node, ms in known:
+                stored, operator = labels[node.node_id]
+                effective = effective_labels(node.labels, load_map(operator))
+                updates.append(_update_row(node, ms, effective))
+                if dump_map(effective) != stored:
+                    label_events.append(
+                        _labels_event(
+                            node.node_id,
+                            load_map(stored),
+                            effective,
+                            actor=f"node/{node.node_id}",
+                            now_ms=ms,
+                            why="the daemon's configured labels changed",
+                        )
+                    )
+            if updates:
+                await conn.execute(_REREGISTER, updates)
             new_events = []
             for node, ms in batch:
                 actor = f"node/{node.node_id}"
@@ -161,7 +224,7 @@ class NodeRepository:
                 )
                 if status.get(node.node_id) == "offline":
                     new_events.append(_online_event(node.node_id, ms, actor))
-            await insert_events(conn, new_events)
+            await insert_events(conn, [*new_events, *label_events])
             return [node.node_id not in status for node, _ in batch]
 
         return await self._db.run(body)
@@ -309,9 +372,13 @@ class NodeRepository:
         actor: str,
         now_ms: int,
     ) -> NodeRecord:
-        """Set and remove labels; NotFound if unknown; NODE_LABELS_UPDATED if changed.
+        """Set and remove operator labels; the node afterwards.
 
-        `remove` is applied after `set_`. Returns the updated node.
+        Operator labels overlay the daemon's and survive re-registration.
+        Removing a key only the daemon's config sets is FailedPrecondition (only
+        the host can change it) and changes nothing; removing a key nobody set
+        is a no-op. `remove` is applied after `set_`. NotFound for an unknown
+        node; NODE_LABELS_UPDATED when the effective labels changed.
         """
 
         async def body(conn: AsyncConnection) -> NodeRecord:
@@ -321,30 +388,38 @@ class NodeRepository:
                 )
             ).first()
             if row is None:
-                raise NotFound(f"node {node_id} is not registered")
-            old = load_map(row.labels)
-            new = {**old, **set_}
-            for key in remove:
-                new.pop(key, None)
-            if new != old:
-                await conn.execute(
-                    update(nodes).where(nodes.c.node_id == node_id).values(labels=dump_map(new))
+                raise NotFound(
+                    f"node {node_id!r} is not registered", resource=Resource("node", node_id)
                 )
-                changed = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+            old = _record(row)
+            operator = {**old.operator_labels, **set_}
+            for key in remove:
+                if key in operator:
+                    del operator[key]
+                elif key in old.daemon_labels:
+                    raise FailedPrecondition(
+                        f"label {key!r} of {node_id} comes from its daemon's config (the"
+                        " [labels] of its daemon.toml); only the host can change it. An"
+                        f" operator label {key}=... would override it"
+                    )
+            effective = effective_labels(old.daemon_labels, operator)
+            if operator != old.operator_labels:
+                await conn.execute(
+                    update(nodes)
+                    .where(nodes.c.node_id == node_id)
+                    .values(labels=dump_map(effective), operator_labels=dump_map(operator))
+                )
+            if effective != old.labels:
                 await insert_events(
                     conn,
                     [
-                        event_row(
-                            "NODE_LABELS_UPDATED",
-                            now_ms=now_ms,
-                            node_id=node_id,
-                            actor=actor,
-                            message=f"labels of {node_id} changed: {', '.join(changed)}",
-                            attributes={"from": dump_map(old), "to": dump_map(new)},
+                        _labels_event(
+                            node_id, old.labels, effective, actor=actor, now_ms=now_ms,
+                            why=f"set by {actor}",
                         )
                     ],
-                )
-            return dataclasses.replace(_record(row), labels=new)
+                )  # fmt: skip
+            return dataclasses.replace(old, labels=effective, operator_labels=operator)
 
         return await self._db.run(body)
 

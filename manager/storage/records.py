@@ -14,6 +14,7 @@ __all__ = [
     "EventRecord",
     "MetricBatch",
     "MetricSample",
+    "MetricSeries",
     "NodeRecord",
     "NodeStatus",
 ]
@@ -48,7 +49,8 @@ class NodeRecord:
     arch: str
     """CPU architecture, e.g. "x86_64"."""
     labels: dict[str, str]
-    """Selector labels (validated by the service layer)."""
+    """The effective labels selectors match: the daemon's overlaid with the operator's.
+    Given to `NodeRepository.upsert`, the labels the daemon registered with."""
     daemon_version: str
     """Version of fleet-daemon on the node."""
     agent_version: str
@@ -61,6 +63,10 @@ class NodeRecord:
     """Last heartbeat or registration; ignored by `upsert` (it uses `now_ms`)."""
     registered_at_ms: int = 0
     """First registration; ignored by `upsert`."""
+    daemon_labels: dict[str, str] = field(default_factory=dict)
+    """The labels of the daemon's config (replaced by every registration)."""
+    operator_labels: dict[str, str] = field(default_factory=dict)
+    """The labels operators set (kept across registrations); they win over the daemon's."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +101,17 @@ class AgentStateRecord:
     """Health as reported, e.g. "HEALTHY"."""
     config_version: int = 0
     """Version of the config the agent runs with (never negative)."""
+    last_exit_kind: str = ""
+    """Why the last process ended: exited, killed, unhealthy, operator, updated, daemon,
+    start_failed, unknown; "" if none ever did."""
+    last_exit_code: int = 0
+    """Its exit code (-N: signal N, -1: unknown or no process)."""
+    last_exit_reason: str = ""
+    """Its reason in words ("killed by SIGKILL")."""
+    last_exit_ms: int = 0
+    """When it ended."""
+    reported_ms: int = 0
+    """When the daemon reported this state (set by the manager when storing it)."""
 
 
 @dataclass(frozen=True)
@@ -111,6 +128,20 @@ class MetricSample:
     """When it was measured."""
     value: float
     """The value (finite; validated by the service layer)."""
+
+
+@dataclass(frozen=True)
+class MetricSeries:
+    """One (agent, type, name) a node has samples or rollups of."""
+
+    agent_id: str
+    """The agent; "" for host-level metrics."""
+    type: str
+    """cpu, memory, disk, network or a custom type name."""
+    name: str
+    """Value name within the type."""
+    newest_ms: int
+    """Its newest sample's time (to the minute when it is older than the rollup watermark)."""
 
 
 @dataclass(frozen=True)

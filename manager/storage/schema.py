@@ -55,7 +55,11 @@ nodes = Table(
     Column("ip", String(64), nullable=False),
     Column("os", String(64), nullable=False),
     Column("arch", String(64), nullable=False),
-    Column("labels", Text, nullable=False),  # JSON object; selectors match in Python
+    # JSON objects. `labels` is the effective set selectors match: the daemon's
+    # (replaced by each registration) overlaid with the operators' (kept).
+    Column("labels", Text, nullable=False),
+    Column("daemon_labels", Text, nullable=False, server_default="{}"),
+    Column("operator_labels", Text, nullable=False, server_default="{}"),
     Column("daemon_version", String(64), nullable=False),
     Column("agent_version", String(64), nullable=False),
     Column("daemon_address", String(300), nullable=False),
@@ -89,6 +93,13 @@ agent_states = Table(
     Column("labels", Text, nullable=False),
     Column("health", String(32), nullable=False),
     Column("config_version", BigInteger, nullable=False),
+    # How the agent's last process ended, kept beside its current state.
+    Column("last_exit_kind", String(32), nullable=False, server_default=""),
+    Column("last_exit_code", BigInteger, nullable=False, server_default="0"),
+    Column("last_exit_reason", Text, nullable=False, server_default=""),
+    Column("last_exit_ms", BigInteger, nullable=False, server_default="0"),
+    # When the daemon reported this state (stale views say "as of").
+    Column("reported_ms", BigInteger, nullable=False, server_default="0"),
     PrimaryKeyConstraint("node_id", "agent_id"),
     CheckConstraint("pid >= 0", name="pid"),
     CheckConstraint("restart_count >= 0", name="restart_count"),

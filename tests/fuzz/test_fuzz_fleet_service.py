@@ -89,6 +89,7 @@ def valid(rpc: str) -> Message:
         "FleetService.QueryMetrics": f.FleetServiceQueryMetricsRequest(
             node_id="n1", type="cpu", start_time=now - 60_000, end_time=now + 60_000
         ),
+        "FleetService.ListMetricTypes": f.FleetServiceListMetricTypesRequest(node_id="n1"),
         "FleetService.GetAgentMetrics": f.FleetServiceGetAgentMetricsRequest(
             node_id="n1", agent_id="sleeper"
         ),

@@ -34,6 +34,9 @@ def _fail(name: str) -> None:
         raise errors.InvalidArgument(f"bad value {name!r}", field="labels")
     if name == "bug":
         raise ZeroDivisionError("a bug in a servicer")
+    if name == "missing-agent":
+        about = errors.Resource("agent", "web", node="node-1")
+        raise errors.NotFound("agent 'web' is not supervised on node-1", resource=about)
     raise BY_NAME[name](f"{name} raised on purpose")
 
 
@@ -144,3 +147,40 @@ async def test_long_message_is_cut_so_the_code_survives(errors_channel: aio.Chan
     assert details.startswith("labels: bad value 'longxxx")
     assert len(details) <= MAX_DETAILS
     assert details.endswith("more characters)")
+
+
+@pytest.mark.parametrize("method", ["Unary", "Stream"])
+async def test_the_resource_an_error_is_about_reaches_the_client(
+    errors_channel: aio.Channel, method: str
+) -> None:
+    """A NotFound's Resource travels as trailing metadata and from_rpc_error restores it."""
+    call = _call(errors_channel, method)(manager_pb2.HeartbeatRequest(node_id="missing-agent"))
+    with pytest.raises(aio.AioRpcError) as info:
+        await _drain(call)
+    assert info.value.code() == grpc.StatusCode.NOT_FOUND
+    trailing = dict(await call.trailing_metadata() or ())
+    assert {k: v for k, v in trailing.items() if k.startswith("fleet-")} == {
+        "fleet-resource-kind": "agent",
+        "fleet-resource-name": "web",
+        "fleet-resource-node": "node-1",
+    }
+    translated = errors.from_rpc_error(info.value)
+    assert type(translated) is errors.NotFound
+    assert translated.resource == errors.Resource("agent", "web", node="node-1")
+
+
+async def test_an_error_without_resource_sends_none(errors_channel: aio.Channel) -> None:
+    """Errors that are about nothing in particular carry no resource."""
+    with pytest.raises(aio.AioRpcError) as info:
+        await _call(errors_channel, "Unary")(manager_pb2.HeartbeatRequest(node_id="NotFound"))
+    assert errors.from_rpc_error(info.value).resource is None
+
+
+def test_a_resource_sends_only_plausible_ids() -> None:
+    """An id no valid request has (too long, not printable ASCII) is not sent as metadata."""
+    assert errors.Resource("node", "n1").metadata() == (
+        ("fleet-resource-kind", "node"),
+        ("fleet-resource-name", "n1"),
+    )
+    assert errors.Resource("agent", "x" * 20_000, node="n1").metadata() == ()
+    assert errors.Resource("agent", "wéb", node="n1").metadata() == ()

@@ -16,6 +16,7 @@ from manager.service.event_feed import EventFeed
 from manager.storage import Database, EventRepository
 
 OPERATION = fleet_pb2.EVENT_KIND_OPERATION
+REGISTERED = fleet_pb2.EVENT_KIND_NODE_REGISTERED
 
 
 async def test_events_stream_shows_operations_and_resumes(pki: Any, tmp_path: Path) -> None:
@@ -52,6 +53,51 @@ async def test_events_stream_shows_operations_and_resumes(pki: Any, tmp_path: Pa
         assert {e.node_id for e in events} == {"n2"}
 
 
+async def _ids(stub: Any, **fields: Any) -> tuple[list[int], list[bool]]:
+    """The NODE_REGISTERED ids a finished watch sent, and each one's older_events_left_out."""
+    request = fleet_pb2.FleetServiceWatchEventsRequest(kinds=[REGISTERED], **fields)
+    call = stub.WatchEvents(request)
+    items = [m async for m in call]
+    return [m.event.id for m in items], [m.older_events_left_out for m in items]
+
+
+async def test_watch_with_tail_sends_the_newest_and_says_older_were_left_out(
+    pki: Any, tmp_path: Path
+) -> None:
+    """tail=N sends the last N matching events and flags the first when older ones exist."""
+    async with fleet_env(pki, tmp_path) as env:
+        await env.add_nodes("n1", "n2", "n3", "n4", labels=PROD)
+        everything, flags = await _ids(env.stub)  # no tail: everything, as old clients get
+        assert len(everything) == 4
+        assert flags == [False] * 4
+        assert await _ids(env.stub, tail=2) == (everything[2:], [True, False])
+        assert await _ids(env.stub, tail=4) == (everything, [False] * 4)
+        assert await _ids(env.stub, tail=9) == (everything, [False] * 4)
+        assert await _ids(env.stub, tail=1, from_event_id=everything[0]) == (
+            everything[3:],
+            [True],
+        )
+        assert await _ids(env.stub, tail=1, node_id="n2") == ([everything[1]], [False])
+        assert await _ids(env.stub, tail=0) == ([], [])
+
+
+async def test_followed_watch_with_tail_zero_starts_from_now(pki: Any, tmp_path: Path) -> None:
+    """tail=0 with follow replays nothing and then sends what happens next."""
+    async with fleet_env(pki, tmp_path) as env:
+        await env.add_nodes("n1", "n2", labels=PROD)
+        call = env.stub.WatchEvents(fleet_pb2.FleetServiceWatchEventsRequest(follow=True, tail=0))
+        stream = call.__aiter__()
+        nxt = asyncio.ensure_future(anext(stream))
+        await asyncio.sleep(0.3)
+        assert not nxt.done(), "nothing from the past may be replayed"
+        await env.add_nodes("n3", labels=PROD)
+        async with asyncio.timeout(10):
+            first = await nxt
+        call.cancel()
+        assert (first.event.kind, first.event.node_id) == (REGISTERED, "n3")
+        assert not first.older_events_left_out
+
+
 async def test_bad_watch_requests_are_invalid_argument(pki: Any, tmp_path: Path) -> None:
     """A negative position, an unspecified kind or a bad node id is INVALID_ARGUMENT naming it."""
     async with fleet_env(pki, tmp_path) as env:
@@ -59,6 +105,7 @@ async def test_bad_watch_requests_are_invalid_argument(pki: Any, tmp_path: Path)
             (fleet_pb2.FleetServiceWatchEventsRequest(from_event_id=-1), "from_event_id"),
             (fleet_pb2.FleetServiceWatchEventsRequest(kinds=[0]), "kinds[0]"),
             (fleet_pb2.FleetServiceWatchEventsRequest(node_id="Not A Node!"), "node_id"),
+            (fleet_pb2.FleetServiceWatchEventsRequest(tail=-1), "tail: must be >= 0"),
         ]:
 
             async def first(r: Any = req) -> None:

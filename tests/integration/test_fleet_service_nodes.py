@@ -10,6 +10,7 @@ import pytest
 from fleet_harness import PROD, fleet_env, operator_stub, selector
 from manager_harness import node_stub, rpc_error
 
+from fleet.errors import Resource, from_rpc_error
 from fleet.v1 import common_pb2, fleet_pb2, manager_pb2
 from manager.storage import AuditRepository
 
@@ -91,10 +92,22 @@ async def test_get_node_shows_status_counts_and_connection(pki: Any, tmp_path: P
         assert err.code() == grpc.StatusCode.NOT_FOUND
 
 
+async def test_unknown_node_is_said_for_any_client_and_names_the_resource(
+    pki: Any, tmp_path: Path
+) -> None:
+    """NOT_FOUND for operators names no RPC or command; the node travels as metadata."""
+    async with fleet_env(pki, tmp_path) as env:
+        err = await rpc_error(
+            env.stub.GetNode(fleet_pb2.FleetServiceGetNodeRequest(node_id="node-9"))
+        )
+        assert err.details() == "node 'node-9' is not registered"
+        assert from_rpc_error(err).resource == Resource("node", "node-9")
+
+
 async def test_update_labels_is_audited_evented_and_selectable(pki: Any, tmp_path: Path) -> None:
     """Labels change, the audit names operator/alice, an OPERATION event is written."""
     async with fleet_env(pki, tmp_path) as env:
-        await env.add_nodes("n1", labels={"env": "prod", "old": "x"})
+        await env.add_nodes("n1", labels={"env": "prod"})
         resp = await env.stub.UpdateNodeLabels(
             fleet_pb2.FleetServiceUpdateNodeLabelsRequest(
                 node_id="n1", set={"example.com/tier": "web"}, remove=["old"]
@@ -117,6 +130,31 @@ async def test_update_labels_is_audited_evented_and_selectable(pki: Any, tmp_pat
             (fleet_pb2.EVENT_KIND_NODE_LABELS_UPDATED, "operator/alice"),
             (fleet_pb2.EVENT_KIND_OPERATION, "operator/alice"),
         ]
+
+
+async def test_operator_labels_survive_re_registration_over_grpc(pki: Any, tmp_path: Path) -> None:
+    """An operator label outlives the node registering again; a daemon label cannot be
+    removed by an operator (FAILED_PRECONDITION, nothing stored or audited)."""
+    async with fleet_env(pki, tmp_path) as env:
+        await env.add_nodes("n1", labels=PROD)
+        await env.stub.UpdateNodeLabels(
+            fleet_pb2.FleetServiceUpdateNodeLabelsRequest(node_id="n1", set={"canary": "true"})
+        )
+        await env.fleet["n1"].register(env.address, env.pki.trust_domain)
+        node = (await env.stub.GetNode(fleet_pb2.FleetServiceGetNodeRequest(node_id="n1"))).node
+        assert dict(node.labels) == {**PROD, "canary": "true"}
+        assert (dict(node.daemon_labels), dict(node.operator_labels)) == (PROD, {"canary": "true"})
+        err = await rpc_error(
+            env.stub.UpdateNodeLabels(
+                fleet_pb2.FleetServiceUpdateNodeLabelsRequest(node_id="n1", remove=["env"])
+            )
+        )
+        assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "'env' of n1 comes from its daemon's config" in (err.details() or "")
+        after = (await env.stub.GetNode(fleet_pb2.FleetServiceGetNodeRequest(node_id="n1"))).node
+        assert dict(after.labels) == dict(node.labels)
+        audit = await AuditRepository(env.manager.db).list_recent()
+        assert [e.action for e in audit] == ["nodes.label"]  # only the accepted change
 
 
 @pytest.mark.parametrize(

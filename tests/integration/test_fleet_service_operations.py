@@ -33,7 +33,7 @@ async def test_fan_out_with_one_daemon_down_fails_that_target_only(
         assert outcomes(results) == {"n1": "OK", "n2": "OK", "n3": "FAILED", "n4": "OK"}
         failed = next(r for r in results if r.node_id == "n3")
         assert "n3" in failed.message
-        assert "cannot be reached" in failed.message
+        assert "refused the connection (is fleet-daemon running there?)" in failed.message
         assert (summary.total, summary.ok, summary.failed, summary.skipped) == (4, 3, 1, 0)
         for name in ("n1", "n2", "n4"):
             assert env.fleet[name].servicer.operations == [("OperateAgent", "web", "RESTART")]
@@ -219,6 +219,17 @@ async def test_fan_out_that_matches_nothing_is_not_found(pki: Any, tmp_path: Pat
         assert "'wbe'" in (err.details() or "")
 
 
+async def test_fan_out_error_quotes_the_selector_as_written(pki: Any, tmp_path: Path) -> None:
+    """The manager's answer shows each operator as the operator wrote it, not a synonym."""
+    async with fleet_env(pki, tmp_path) as env:
+        await env.add_nodes("n1", labels={**PROD, "zone": ""})
+        err = await rpc_error(
+            operate(env.stub, selector=selector("zone notin (),env==prod"), agent_id="web")
+        )
+        assert err.code() == grpc.StatusCode.NOT_FOUND
+        assert "matches selector 'env==prod,zone notin ()'" in (err.details() or "")
+
+
 async def test_operate_agent_through_the_pool(pki: Any, tmp_path: Path) -> None:
     """OperateAgent stops one agent and answers its new state; errors are named codes."""
     async with fleet_env(pki, tmp_path) as env:
@@ -246,7 +257,10 @@ async def test_operate_agent_through_the_pool(pki: Any, tmp_path: Path) -> None:
         await env.fleet["n2"].stop()
         err = await rpc_error(env.stub.OperateAgent(req("n2")))
         assert err.code() == grpc.StatusCode.UNAVAILABLE
-        assert "daemon of n2" in (err.details() or "")
+        assert err.details() == (
+            f"n2: daemon at {env.fleet['n2'].address} refused the connection"
+            " (is fleet-daemon running there?)"
+        )
         entries = await AuditRepository(env.manager.db).list_recent()
         assert [e.outcome for e in entries] == ["failed", "failed", "ok"]
 

@@ -74,7 +74,7 @@ async def test_replace_adds_changes_and_removes_with_one_event_each(database: Da
         ("a", "EXITED", 1),
         ("c", "RUNNING", 0),
     ]
-    assert listed[1] == _agent("c")
+    assert listed[1] == dataclasses.replace(_agent("c"), reported_ms=30)  # stored at the sync
 
 
 async def test_replace_with_empty_list_removes_everything(database: Database) -> None:
@@ -95,7 +95,7 @@ async def test_failure_midway_keeps_the_old_set(database: Database) -> None:
     bad = [_agent("b"), _agent("c"), _agent("d", restart_count=-1)]
     with pytest.raises(InvalidArgument, match="restart_count"):
         await agents.replace("n1", bad, now_ms=2, actor="node/n1")
-    assert await agents.list() == [_agent("a")]
+    assert await agents.list() == [dataclasses.replace(_agent("a"), reported_ms=1)]
     assert await EventRepository(database).latest_id() == before_events
 
 
@@ -136,3 +136,53 @@ async def test_list_by_node_and_counts_by_status(database: Database) -> None:
     assert await agents.list(node_ids=[]) == []
     assert await agents.counts_by_status("n1") == {"RUNNING": 2, "FATAL": 1}
     assert await agents.counts_by_status("nobody") == {}
+
+
+async def _messages(db: Database) -> list[str]:
+    events = await EventRepository(db).list_after(0, kinds=["AGENT_STATE_CHANGED"])
+    return [e.message for e in events]
+
+
+async def test_events_say_why_an_agent_restarted(database: Database) -> None:
+    """A restart seen as RUNNING -> RUNNING (new pid) names the last exit's reason; a state
+    change carries it too; the attributes hold the reason and the exit code."""
+    await _register(database, "n1")
+    agents = AgentStateRepository(database)
+    await agents.replace("n1", [_agent("web", start_time_ms=1)], now_ms=1, actor="node/n1")
+    killed = dataclasses.replace(
+        _agent("web"),
+        pid=200,
+        start_time_ms=5,
+        restart_count=1,
+        exit_code=-9,
+        last_exit_kind="killed",
+        last_exit_code=-9,
+        last_exit_reason="killed by SIGKILL",
+        last_exit_ms=4,
+    )
+    await agents.replace("n1", [killed], now_ms=6, actor="node/n1")
+    crashed = dataclasses.replace(
+        killed,
+        status="BACKOFF",
+        pid=0,
+        exit_code=3,
+        last_exit_kind="exited",
+        last_exit_code=3,
+        last_exit_reason="exited with code 3",
+        last_exit_ms=7,
+    )
+    await agents.replace("n1", [crashed], now_ms=8, actor="node/n1")
+    assert await _messages(database) == [
+        "web on n1 added: RUNNING",
+        "web on n1 restarted (pid 100 -> 200): killed by SIGKILL",
+        "web on n1: RUNNING -> BACKOFF: exited with code 3",
+    ]
+    events = await EventRepository(database).list_after(0, kinds=["AGENT_STATE_CHANGED"])
+    assert events[1].attributes["reason"] == "killed by SIGKILL"
+    assert events[1].attributes["exit_code"] == "-9"
+    stored = (await agents.list())[0]
+    assert (stored.last_exit_kind, stored.last_exit_code, stored.last_exit_reason) == (
+        "exited",
+        3,
+        "exited with code 3",
+    )

@@ -62,6 +62,29 @@ async def test_list_after_filters_by_kind_node_and_limit(database: Database) -> 
     assert [e.timestamp_ms for e in both] == [3]
 
 
+async def test_id_before_last_finds_where_the_last_n_matching_events_begin(
+    database: Database,
+) -> None:
+    """list_after(id_before_last(n)) is exactly the last n matching events; None if fewer."""
+    events = EventRepository(database)
+    for i in range(6):
+        await events.append(
+            "NODE_ONLINE" if i % 2 else "NODE_OFFLINE", node_id=f"n{i % 3}", now_ms=i
+        )
+    ids = [e.id for e in await events.list_after(0)]
+    assert await events.id_before_last(2) == ids[3]
+    assert [e.id for e in await events.list_after(ids[3])] == ids[4:]
+    assert await events.id_before_last(0) == ids[5]
+    assert await events.id_before_last(6) is None
+    assert await events.id_before_last(2, after_id=ids[3]) is None
+    online = await events.id_before_last(1, kinds=["NODE_ONLINE"])
+    assert [e.timestamp_ms for e in await events.list_after(online, kinds=["NODE_ONLINE"])] == [5]
+    n1 = await events.id_before_last(1, node_id="n1")
+    assert [e.timestamp_ms for e in await events.list_after(n1, node_id="n1")] == [4]
+    with pytest.raises(InvalidArgument, match="count"):
+        await events.id_before_last(-1)
+
+
 async def test_unknown_kind_is_rejected_and_writes_nothing(database: Database) -> None:
     """An unknown event kind is InvalidArgument naming the kind; nothing is appended."""
     events = EventRepository(database)

@@ -267,3 +267,33 @@ async def test_rollup_jumps_over_gaps_in_the_data(database: Database) -> None:
     assert await _query(store, 60, "avg", start_ms=30 * day, end_ms=30 * day + M) == {
         "usage": [(30 * day, 2.0)]
     }
+
+
+async def test_series_lists_raw_and_rolled_up_series_with_their_newest_time(
+    database: Database,
+) -> None:
+    """series() finds series kept only as rollups, only raw, or both, per agent, newest first."""
+    store = MetricStore(database)
+    await store.write_batches(
+        [
+            _batch(1, ("cpu", "usage", 5_000, 2.0), ("disk", "read_bytes", 70_000, 1.0)),
+            MetricBatch("n1", 2, (MetricSample("web", "cpu", "usage", 75_000, 3.0),)),
+            _batch(1, ("cpu", "usage", 5_000, 9.0), node="n2"),
+        ]
+    )
+    await store.rollup(now_ms=2 * M)  # everything before 2 minutes is rolled up
+    await store.prune(now_ms=10 * M, raw_retention_ms=M, rollup_retention_ms=100 * M)
+    assert await _count(database, metric_samples) == 0  # only rollups are left
+    await store.write_batches(
+        [
+            _batch(3, ("cpu", "usage", 9 * M + 1, 4.0), ("net", "bytes_sent", 9 * M + 2, 5.0)),
+        ]
+    )
+    got = [(s.type, s.agent_id, s.name, s.newest_ms) for s in await store.series("n1")]
+    assert got == [
+        ("cpu", "", "usage", 9 * M + 1),  # rolled up and raw: the raw sample is newer
+        ("cpu", "web", "usage", M),  # only in rollups: the start of its minute
+        ("disk", "", "read_bytes", M),
+        ("net", "", "bytes_sent", 9 * M + 2),  # only raw, not rolled up yet
+    ]
+    assert await store.series("nobody") == []

@@ -10,7 +10,7 @@ import pytest
 from manager_harness import node_record
 from sqlalchemy import event, insert
 
-from fleet.errors import NotFound
+from fleet.errors import FailedPrecondition, NotFound
 from manager.storage import Database, EventRepository, NodeRepository
 from manager.storage.schema import nodes as nodes_table
 
@@ -70,7 +70,9 @@ async def test_upsert_updates_every_reported_field(database: Database) -> None:
     )
     await nodes.upsert(changed, now_ms=5_000)
     got = await nodes.get("node-1")
-    assert got == dataclasses.replace(changed, last_seen_ms=5_000, registered_at_ms=1_000)
+    assert got == dataclasses.replace(
+        changed, last_seen_ms=5_000, registered_at_ms=1_000, daemon_labels=changed.labels
+    )
 
 
 async def test_upsert_of_offline_node_brings_it_online_with_event(database: Database) -> None:
@@ -113,13 +115,14 @@ async def test_upsert_many_mixes_new_known_and_offline_nodes(database: Database)
             node.hostname,
             node.labels,
         )
-    events = (await EventRepository(database).list_after(0))[-5:]
+    events = (await EventRepository(database).list_after(0))[-6:]
     assert [(e.kind, e.node_id, e.attributes.get("first")) for e in events] == [
         ("NODE_REGISTERED", "new-1", "true"),
         ("NODE_REGISTERED", "known", "false"),
         ("NODE_REGISTERED", "down", "false"),
         ("NODE_ONLINE", "down", None),
         ("NODE_REGISTERED", "new-2", "true"),
+        ("NODE_LABELS_UPDATED", "known", None),  # zone a -> b from its daemon's config
     ]
 
 
@@ -202,22 +205,92 @@ async def test_mark_offline_handles_more_nodes_than_one_statement(database: Data
     assert len(revived) == 600
 
 
+async def _label_events(db: Database) -> list[tuple[str, str, str]]:
+    events = await EventRepository(db).list_after(0, kinds=["NODE_LABELS_UPDATED"])
+    return [(e.actor, e.attributes["from"], e.attributes["to"]) for e in events]
+
+
 async def test_update_labels_sets_removes_and_records_event(database: Database) -> None:
-    """Labels are set then removed; the change is an event naming the actor."""
+    """Operator labels are set then removed; each change is an event naming the actor."""
     nodes = NodeRepository(database)
-    await nodes.upsert(node_record(labels={"zone": "a", "old": "x"}), now_ms=1_000)
+    await nodes.upsert(node_record(labels={"zone": "a"}), now_ms=1_000)
     got = await nodes.update_labels(
-        "node-1", {"tier": "web", "zone": "b"}, ["old"], actor="operator/alice", now_ms=2_000
+        "node-1", {"tier": "web", "old": "x"}, [], actor="operator/alice", now_ms=2_000
     )
-    assert got.labels == {"tier": "web", "zone": "b"}
+    assert got.labels == {"old": "x", "tier": "web", "zone": "a"}
+    got = await nodes.update_labels("node-1", {}, ["old"], actor="operator/alice", now_ms=2_500)
     stored = await nodes.get("node-1")
     assert stored is not None
-    assert stored.labels == {"tier": "web", "zone": "b"}
+    assert stored.labels == got.labels == {"tier": "web", "zone": "a"}
+    assert (stored.daemon_labels, stored.operator_labels) == ({"zone": "a"}, {"tier": "web"})
     events = await EventRepository(database).list_after(0, kinds=["NODE_LABELS_UPDATED"])
-    assert [(e.actor, e.timestamp_ms) for e in events] == [("operator/alice", 2_000)]
-    # No change, no event.
-    await nodes.update_labels("node-1", {"zone": "b"}, ["missing"], actor="a", now_ms=3_000)
-    assert len(await EventRepository(database).list_after(0, kinds=["NODE_LABELS_UPDATED"])) == 1
+    assert [(e.actor, e.timestamp_ms) for e in events] == [
+        ("operator/alice", 2_000),
+        ("operator/alice", 2_500),
+    ]
+    # No change (a key nobody set is ignored), no event.
+    await nodes.update_labels("node-1", {"tier": "web"}, ["missing"], actor="a", now_ms=3_000)
+    assert len(await _label_events(database)) == 2
+
+
+async def test_operator_labels_survive_re_registration(database: Database) -> None:
+    """The reported bug: a daemon registering again keeps the operator's labels."""
+    nodes = NodeRepository(database)
+    await nodes.upsert(node_record(labels={"env": "prod"}), now_ms=1_000)
+    await nodes.update_labels("node-1", {"canary": "true"}, [], actor="operator/a", now_ms=2_000)
+    await nodes.upsert(node_record(labels={"env": "prod"}), now_ms=3_000)  # restarted daemon
+    got = await nodes.get("node-1")
+    assert got is not None
+    assert got.labels == {"canary": "true", "env": "prod"}
+    assert got.operator_labels == {"canary": "true"}
+    # Nothing changed the effective set: only the operator's event exists.
+    assert [a for a, _, _ in await _label_events(database)] == ["operator/a"]
+
+
+async def test_re_registration_replaces_only_the_daemons_labels_with_an_event(
+    database: Database,
+) -> None:
+    """A daemon whose config changed: its part is replaced, the change is one event."""
+    nodes = NodeRepository(database)
+    await nodes.upsert(node_record(labels={"env": "prod", "zone": "a"}), now_ms=1_000)
+    await nodes.update_labels("node-1", {"canary": "true"}, [], actor="operator/a", now_ms=2_000)
+    await nodes.upsert(node_record(labels={"env": "prod", "rack": "r1"}), now_ms=3_000)
+    got = await nodes.get("node-1")
+    assert got is not None
+    assert got.labels == {"canary": "true", "env": "prod", "rack": "r1"}
+    assert got.daemon_labels == {"env": "prod", "rack": "r1"}
+    events = await EventRepository(database).list_after(0, kinds=["NODE_LABELS_UPDATED"])
+    assert events[-1].actor == "node/node-1"
+    assert events[-1].message == (
+        "labels of node-1 changed: +rack=r1, -zone (the daemon's configured labels changed)"
+    )
+
+
+async def test_an_operator_label_overrides_the_daemons_until_removed(database: Database) -> None:
+    """Operator env=canary wins over the daemon's env=prod, across registrations;
+    removing it brings the daemon's value back."""
+    nodes = NodeRepository(database)
+    await nodes.upsert(node_record(labels={"env": "prod"}), now_ms=1_000)
+    await nodes.update_labels("node-1", {"env": "canary"}, [], actor="operator/a", now_ms=2_000)
+    await nodes.upsert(node_record(labels={"env": "prod"}), now_ms=3_000)
+    got = await nodes.get("node-1")
+    assert got is not None
+    assert got.labels == {"env": "canary"}
+    back = await nodes.update_labels("node-1", {}, ["env"], actor="operator/a", now_ms=4_000)
+    assert back.labels == {"env": "prod"}
+    assert back.operator_labels == {}
+
+
+async def test_removing_a_daemon_label_is_refused_and_changes_nothing(database: Database) -> None:
+    """Only the host changes its config's labels: the whole request is refused."""
+    nodes = NodeRepository(database)
+    await nodes.upsert(node_record(labels={"env": "prod"}), now_ms=1_000)
+    with pytest.raises(FailedPrecondition, match="'env' of node-1 comes from its daemon's config"):
+        await nodes.update_labels("node-1", {"a": "b"}, ["env"], actor="operator/a", now_ms=2)
+    got = await nodes.get("node-1")
+    assert got is not None
+    assert (got.labels, got.operator_labels) == ({"env": "prod"}, {})
+    assert await _label_events(database) == []
 
 
 async def test_update_labels_of_unknown_node_is_not_found(database: Database) -> None:

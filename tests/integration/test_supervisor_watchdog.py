@@ -87,6 +87,12 @@ async def test_a_silent_agent_is_marked_unhealthy_and_restarted(
     assert not alive(pid)
     assert sup.get("hb").restart_count == 1
     assert sup.get("hb").health == "pending", "the new process has not registered yet"
+    how = sup.get("hb").last_exit
+    assert how is not None
+    assert (how.kind, how.reason) == (
+        "unhealthy",
+        "killed by the health check after 5.1 s without a heartbeat",
+    )
 
 
 async def test_heartbeats_keep_moving_the_deadline(

@@ -366,6 +366,7 @@ def requests(daemon_port: int, node: str = "a") -> dict[str, Message]:
         "FleetService.QueryMetrics": fleet_pb2.FleetServiceQueryMetricsRequest(
             node_id=node, type="cpu", start_time=now - 60_000, end_time=now + 60_000
         ),
+        "FleetService.ListMetricTypes": fleet_pb2.FleetServiceListMetricTypesRequest(node_id=node),
         "FleetService.GetAgentMetrics": fleet_pb2.FleetServiceGetAgentMetricsRequest(
             node_id=node, agent_id="sleeper"
         ),

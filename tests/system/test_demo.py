@@ -46,6 +46,18 @@ def test_demo_oneshot_on_a_fresh_clone(tmp_path: Path) -> None:
     assert "2 ok, 0 failed, 0 skipped of 2" in output
     assert "usage_percent" in output
     assert "AGENT_STATE_CHANGED" in output
+    # The printed export line sets up a bare shell for fleetctl: the venv's
+    # fleetctl on PATH, the manager and the operator's files in FLEET_*.
+    (line,) = [ln for ln in output.splitlines() if ln.startswith("export PATH=")]
+    shell = subprocess.run(
+        ["env", "-i", "HOME=" + str(tmp_path), "PATH=/usr/bin:/bin", "bash", "-c",
+         f'{line}; command -v fleetctl; fleetctl --help >/dev/null && echo "$FLEET_MANAGER"'],
+        capture_output=True, text=True, timeout=60, check=False,
+    )  # fmt: skip
+    assert shell.returncode == 0, shell.stderr
+    found, manager = shell.stdout.split()
+    assert found == str(clone / ".venv" / "bin" / "fleetctl")
+    assert re.fullmatch(r"127\.0\.0\.1:\d+", manager)
     # A normal run and shutdown logs no error anywhere in the fleet.
     for log in (clone / "var" / "demo").glob("*.log"):
         bad = [ln for ln in log.read_text().splitlines() if " ERROR " in ln or "Traceback" in ln]

@@ -226,7 +226,9 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
             "shutdown_grace_seconds = 2.0\n"
             f'[tls]\nca_file = "{manager_tls.ca_file}"\ncert_file = "{manager_tls.cert_file}"\n'
             f'key_file = "{manager_tls.key_file}"\n'
-            "[liveness]\nmin_ttl_seconds = 1.0\njitter = 0.0\n"
+            # A dead daemon's node goes OFFLINE within seconds (the stale test).
+            "[liveness]\nmin_ttl_seconds = 1.0\njitter = 0.0\ngrace_seconds = 2.0\n"
+            "failover_grace_seconds = 3.0\n"
         )
         # The manager first: a daemon stopped while its manager is up takes >20 s to exit.
         procs = [_spawn("manager.cli", root / "manager.toml", root / "manager.log")]
@@ -260,7 +262,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
                 sys.stderr.write(f"--- {log}\n{log.read_text(errors='replace')[-3000:]}\n")
             raise
         finally:
-            for proc in procs:
+            for proc in {*procs, *fleet.daemons.values()}:  # a test may restart a daemon
                 _stop(proc)
             _reap_agents(fleet)
 
@@ -335,7 +337,7 @@ def test_terminal_prompt_no_changes_nothing_and_yes_restarts(fleet: Fleet) -> No
 
 
 def test_ctrl_c_ends_a_followed_feed_quietly(fleet: Fleet) -> None:
-    """`events -f` runs until Ctrl-C, then exits 130 with nothing on stderr."""
+    """`events -f --tail 5` runs until Ctrl-C, then exits 130 with nothing on stderr."""
     env = {
         **_env(),
         "FLEET_MANAGER": fleet.manager_address,
@@ -345,12 +347,12 @@ def test_ctrl_c_ends_a_followed_feed_quietly(fleet: Fleet) -> None:
     }
     proc = subprocess.Popen(
         [sys.executable, "-c", "from fleetctl.app import main; main()",
-         "events", "-f", "--kind", "node-registered"],
+         "events", "-f", "--tail", "5", "--kind", "node-registered"],
         env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
         assert proc.stdout is not None
-        first = proc.stdout.readline()  # the feed is live: both registrations come first
+        first = proc.stdout.readline()  # both registrations (the last five) come first
         assert "NODE_REGISTERED" in first
         proc.send_signal(signal.SIGINT)
         _, err = proc.communicate(timeout=20)
@@ -360,6 +362,65 @@ def test_ctrl_c_ends_a_followed_feed_quietly(fleet: Fleet) -> None:
             proc.wait()
     assert proc.returncode == 130
     assert err == ""
+
+
+def test_agents_show_says_why_an_agent_restarted_and_what_it_runs(fleet: Fleet) -> None:
+    """The reported bug: after kill -9 of an agent, `agents show --live` says exit code -9,
+    killed by SIGKILL, and shows the spec its daemon runs; list --status filters."""
+    before = fleet.pids()["n1/web"]
+    os.kill(before, signal.SIGKILL)
+    _until(fleet.pids, lambda p: p.get("n1/web") not in (None, before))
+    shown = fleet.json("agents", "show", "n1/web", "--live")
+    assert shown["exit_code"] == -9
+    assert shown["last_exit"]["kind"] == "killed"
+    assert shown["last_exit"]["reason"] == "killed by SIGKILL"
+    assert shown["spec"]["argv"] == ["sleep", "1000"]
+    assert shown["log_path"].endswith("web.log")
+    table = fleet.fleetctl("agents", "show", "n1/web")
+    assert table.returncode == 0, table.stderr
+    assert "killed by SIGKILL (exit code -9)" in table.stdout
+    assert "sleep 1000" in table.stdout
+    wide = fleet.fleetctl("-o", "wide", "agents", "list", "--node", "n1")
+    assert "killed by SIGKILL" in wide.stdout
+    running = fleet.json("agents", "list", "--status", "running,backoff")["agents"]
+    assert {a["node_id"] for a in running} == {"n1", "n2"}
+    assert fleet.json("agents", "list", "--status", "FATAL")["agents"] == []
+    assert fleet.json("agents", "list", "--unhealthy")["agents"] == []
+    bad = fleet.fleetctl("agents", "list", "--status", "runing")
+    assert bad.returncode == 2
+    assert "unknown agent state 'runing'" in bad.stderr
+
+
+def test_operator_labels_survive_a_daemon_killed_and_restarted(fleet: Fleet) -> None:
+    """The reported bug: `nodes label n1 canary=true`, kill -9 n1's daemon, start it again:
+    n1 keeps canary, and `nodes show -o wide` says where each label comes from."""
+    labelled = fleet.fleetctl("nodes", "label", "n1", "canary=true")
+    assert labelled.returncode == 0, labelled.stderr
+    registered = len(
+        fleet.json("events", "--kind", "node-registered", "--node", "n1", "--since", "0")["events"]
+    )
+    old = fleet.daemons["n1"]
+    old.kill()
+    old.wait()
+    droot = fleet.root / "n1"
+    fleet.daemons["n1"] = _spawn("daemon.cli", droot / "daemon.toml", droot / "daemon.log")
+
+    def registrations() -> int:
+        events = fleet.json("events", "--kind", "node-registered", "--node", "n1", "--since", "0")
+        return len(events["events"])
+
+    _until(registrations, lambda n: n > registered, within=60)
+    (node,) = fleet.json("nodes", "list", "-l", "canary=true")["nodes"]
+    assert node["node_id"] == "n1"
+    assert node["labels"] == {"canary": "true", "env": "prod", "zone": "a"}
+    assert node["operator_labels"] == {"canary": "true"}
+    wide = fleet.fleetctl("-o", "wide", "nodes", "show", "n1")
+    assert "canary=true (operator)" in wide.stdout
+    assert "env=prod (daemon config)" in wide.stdout
+    refused = fleet.fleetctl("nodes", "label", "n1", "env-")
+    assert refused.returncode == 1
+    assert "'env' of n1 comes from its daemon's config" in refused.stderr
+    assert fleet.json("nodes", "show", "n1")["labels"]["env"] == "prod"
 
 
 def test_fanout_with_one_daemon_down(fleet: Fleet) -> None:
@@ -379,3 +440,26 @@ def test_fanout_with_one_daemon_down(fleet: Fleet) -> None:
     assert data["summary"]["failed"] == 1
     assert "n2/web" in result.stderr
     assert fleet.pids()["n1/web"] != before["n1/web"]
+
+
+def test_agents_of_an_offline_node_are_marked_stale(fleet: Fleet) -> None:
+    """(After n2's daemon was killed.) Once n2 is OFFLINE its agents are listed as its
+    daemon last reported them, marked stale in every format; `agents show` falls back."""
+    _until(lambda: fleet.json("nodes", "show", "n2")["status"], lambda s: s == "OFFLINE")
+    agents = {a["node_id"]: a for a in fleet.json("agents", "list")["agents"]}
+    assert agents["n2"]["stale"] is True
+    assert agents["n2"]["reported_at_ms"] > 0
+    assert agents["n1"]["stale"] is False
+    yaml_out = fleet.fleetctl("-o", "yaml", "agents", "list", "--node", "n2")
+    assert "stale: true" in yaml_out.stdout
+    table = fleet.fleetctl("agents", "list")
+    assert table.returncode == 0
+    n2_row = next(line for line in table.stdout.splitlines() if line.startswith("n2"))
+    assert "*" in n2_row
+    assert "node n2 is OFFLINE: its agents (marked *) are what its daemon last reported" in (
+        table.stderr
+    )
+    shown = fleet.fleetctl("agents", "show", "n2/web", "--timeout", "10")
+    assert shown.returncode == 0, shown.stderr
+    assert "unavailable: the daemon could not be asked" in shown.stdout
+    assert "the node is OFFLINE" in shown.stdout

@@ -32,11 +32,11 @@ def test_agents_list_all_nodes(fleetctl: Fleetctl) -> None:
 
 
 def test_agents_list_wide_adds_columns(fleetctl: Fleetctl) -> None:
-    """-o wide shows the extra columns (HEALTH, VERSION, EXIT, MESSAGE, LABELS)."""
+    """-o wide shows the extra columns (HEALTH, VERSION, LAST EXIT, MESSAGE, LABELS)."""
     result = fleetctl("-o", "wide", "agents", "list", "--node", "node-3")
     assert result.exit_code == 0, result.output
     header = result.stdout.splitlines()[0].split()
-    assert header[-5:] == ["HEALTH", "VERSION", "EXIT", "MESSAGE", "LABELS"]
+    assert header[-6:] == ["HEALTH", "VERSION", "LAST", "EXIT", "MESSAGE", "LABELS"]
 
 
 def test_agents_list_node_and_selector_conflict(fleetctl: Fleetctl) -> None:
@@ -64,7 +64,10 @@ def test_agents_show_and_unknown_agent(fleetctl: Fleetctl) -> None:
     assert json.loads(ok.stdout)["type"] == "worker"
     missing = fleetctl("agents", "show", "node-1/nope")
     assert missing.exit_code == 1
-    assert missing.stderr.strip() == "fleetctl: error: agent 'nope' not found on node 'node-1'"
+    assert missing.stderr.strip() == (
+        "fleetctl: error: node 'node-1' has no agent 'nope'"
+        " (see `fleetctl agents list --node node-1`)"
+    )
 
 
 def test_agents_show_needs_node_slash_agent(fleetctl: Fleetctl) -> None:

@@ -46,15 +46,15 @@ def fleetctl(pki, tmp_path: Path) -> Iterator[Fleetctl]:
 
 
 def test_metrics_query_draws_a_sparkline_with_min_max_last(fleetctl: Fleetctl) -> None:
-    """The table mode draws one block sparkline per series with its min, max and last."""
+    """The table mode draws one sparkline per series on its axis, with min, max and last."""
     result = fleetctl(
         "metrics", "query", "--node", "node-1", "--type", "cpu", "--step", "1m",
         "--since", "2026-01-01T00:00:00Z", "--until", "2026-01-01T00:05:00Z",
     )  # fmt: skip
     assert result.exit_code == 0, result.output
     row = next(line for line in result.stdout.splitlines() if line.startswith("usage_percent"))
-    assert "▁▁▂▄█" in row
-    assert row.split()[-3:] == ["1", "16", "16"]
+    assert "▁▁▁▁▂" in row  # a percentage is drawn on 0..100
+    assert row.split()[-4:] == ["0%..100%", "1%", "16%", "16%"]
     empty = next(line for line in result.stdout.splitlines() if line.startswith("idle"))
     assert empty.split()[-3:] == ["-", "-", "-"]
 
@@ -137,7 +137,7 @@ def test_metrics_agent_shows_the_daemons_recent_samples(fleetctl: Fleetctl) -> N
     table = fleetctl("metrics", "agent", "node-1/web", "--last", "2m")
     assert table.exit_code == 0, table.output
     rows = {line.split()[0]: line.split() for line in table.stdout.splitlines()[1:] if line}
-    assert rows["cpu_percent"][-3:] == ["0", "4", "0"]  # min, max, last (newest is 0)
+    assert rows["cpu_percent"][-3:] == ["0%", "4%", "0%"]  # min, max, last (newest is 0)
     assert rows["memory_rss_mib"][-3:] == ["1", "5", "1"]
     assert fleetctl.manager.fleet.requests[-1][1].duration_seconds == 120
     data = json.loads(fleetctl("-o", "json", "metrics", "agent", "node-1/web").stdout)

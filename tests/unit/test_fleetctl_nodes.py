@@ -10,6 +10,9 @@ import pytest
 import yaml
 from fleetctl_fake import Fleetctl, demo_fleet, serve
 
+from fleet.v1 import fleet_pb2
+from fleetctl.nodes import label_notes, label_sources
+
 
 @pytest.fixture
 def fleetctl(pki, tmp_path: Path) -> Iterator[Fleetctl]:
@@ -109,3 +112,35 @@ def test_piped_tables_never_wrap(fleetctl: Fleetctl) -> None:
     lines = result.stdout.splitlines()
     assert len(lines) == 4
     assert len(lines[1]) > 200
+
+
+def _labelled_node() -> fleet_pb2.Node:
+    return fleet_pb2.Node(
+        node_id="n1",
+        labels={"canary": "true", "env": "canary", "zone": "a"},
+        daemon_labels={"env": "prod", "zone": "a"},
+        operator_labels={"canary": "true", "env": "canary"},
+    )
+
+
+def test_label_sources_say_where_each_label_comes_from() -> None:
+    """`nodes show -o wide` lines: daemon config, operator, operator overriding the daemon."""
+    assert label_sources(_labelled_node()) == [
+        "canary=true (operator)",
+        "env=canary (operator; overrides 'prod' from the daemon config)",
+        "zone=a (daemon config)",
+    ]
+
+
+def test_label_notes_explain_overrides_and_daemon_values() -> None:
+    """After `nodes label`, the operator learns what overrides and what the daemon still sets."""
+    node = _labelled_node()
+    assert label_notes(node, {"env": "canary"}, []) == [
+        "env=canary overrides env=prod from the daemon's config; 'env-' removes the override"
+    ]
+    after = fleet_pb2.Node(labels={"env": "prod"}, daemon_labels={"env": "prod"})
+    assert label_notes(after, {}, ["env"]) == [
+        "env: the operator's value is removed; env=prod from the daemon's config applies"
+        " (only the host can change that one)"
+    ]
+    assert label_notes(node, {"canary": "false"}, ["other"]) == []

@@ -10,7 +10,8 @@ from cryptography import x509
 from fleet.pki import CertificateAuthority
 from fleetctl.agents import last_lines, split_agent_ref
 from fleetctl.app import hoist_global_options
-from fleetctl.metrics import bucket_values, format_number
+from fleetctl.chart import bucket_values, format_number
+from fleetctl.events import DEFAULT_TAIL, start_tail
 from fleetctl.nodes import parse_label_changes
 from fleetctl.output import sparkline
 from fleetctl.runtime import UsageProblem
@@ -154,3 +155,22 @@ def test_explain_server_certificate() -> None:
 def test_format_number(value: float, name: str, shown: str) -> None:
     """Chart figures stay short: binary units for byte series, k/M/G for big counts."""
     assert format_number(value, name) == shown
+
+
+@pytest.mark.parametrize(
+    ("follow", "since", "tail", "expected"),
+    [
+        (False, None, None, DEFAULT_TAIL),  # events: the last 20
+        (True, None, None, 0),  # events -f: from now
+        (False, 7, None, None),  # --since 7: everything after 7
+        (True, 0, None, None),  # -f --since 0: the whole history, then follow
+        (False, None, 5, 5),
+        (True, None, 5, 5),  # -f --tail 5: the last five, then follow
+        (False, 7, 3, 3),  # the last 3 after 7
+    ],
+)
+def test_start_tail(
+    follow: bool, since: int | None, tail: int | None, expected: int | None
+) -> None:
+    """How many past events `events` begins with, for each combination of options."""
+    assert start_tail(follow=follow, since=since, tail=tail) == expected

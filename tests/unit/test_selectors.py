@@ -1,8 +1,8 @@
 """Label selectors: Kubernetes syntax, errors with positions, matching, canonical form, proto.
 
-Cases marked "k8s" are ported from k8s.io/apimachinery/pkg/labels/selector_test.go
-(TestSelectorParse, TestSelectorMatches, TestSetSelectorParser,
-TestRequirementConstructor, TestToString, TestRequirementSelectorMatching).
+Cases marked "k8s" take their input from k8s.io/apimachinery/pkg/labels/selector_test.go;
+test_selectors_kubernetes.py runs that file's tables whole. This module holds
+what is Fleet's own: the canonical form, error positions and wording, proto.
 """
 
 from __future__ import annotations
@@ -25,8 +25,8 @@ from fleet.v1 import common_pb2 as pb
 
 # --- parsing -----------------------------------------------------------------
 
-# (input, canonical string). k8s: TestSelectorParse's good strings re-stringify
-# to themselves minus spaces; ours additionally sort and normalise.
+# (input, canonical string). Each requirement keeps its operator as written
+# (as Kubernetes' String() does); requirements are sorted, values too.
 CANONICAL = [
     ("x=a,y=b,z=c", "x=a,y=b,z=c"),  # k8s
     ("", ""),  # k8s
@@ -47,27 +47,30 @@ CANONICAL = [
         "0.1.2.domain/99 notin (10.10.100.1, tick.tack.clock)",  # k8s
         "0.1.2.domain/99 notin (10.10.100.1,tick.tack.clock)",
     ),
-    ("foo  in\t (abc)", "foo=abc"),  # k8s; one-value set prints as '='
-    ("x notin\n (abc)", "x!=abc"),  # k8s; one-value set prints as '!='
+    ("foo  in\t (abc)", "foo in (abc)"),  # k8s; a one-value set stays a set
+    ("x notin\n (abc)", "x notin (abc)"),  # k8s
     ("x  notin\t\t(abc,def)", "x notin (abc,def)"),  # k8s
     ("x in (abc,)", "x in (,abc)"),  # k8s: a trailing comma adds the empty value
-    ("x in ()", "x="),  # k8s: () is the set holding the empty value
-    ("x notin ( )", "x!="),  # k8s
+    ("x in ()", "x in ()"),  # k8s: () is the set holding the empty value
+    ("x notin ( )", "x notin ()"),  # k8s
+    ("z notin ()", "z notin ()"),  # not 'z!=': the same meaning, but not what was written
     ("x notin (, a)", "x notin (,a)"),  # k8s
-    ("x notin (abc,,def),bar,z in (),w", "bar,w,x notin (,abc,def),z="),  # k8s
+    ("x notin (abc,,def),bar,z in (),w", "bar,w,x notin (,abc,def),z in ()"),  # k8s
     ("a ", "a"),  # k8s
     ("a in (x,y,notin, z,in)", "a in (in,notin,x,y,z)"),  # k8s: keywords as values
     ("notin=in", "notin=in"),  # k8s: keywords as key and value
-    ("in in (in)", "in=in"),
+    ("in in (in)", "in in (in)"),
     ("!in", "!in"),
-    ("a==b", "a=b"),
+    ("a==b", "a==b"),
+    ("y notin (jkl),y==jkl", "y==jkl,y notin (jkl)"),  # k8s TestToString's operators
+    ("k in (a),k==a,k=a,k notin (a),k!=a", "k=a,k==a,k in (a),k!=a,k notin (a)"),
     ("b in (z,a,m)", "b in (a,m,z)"),
     ("a in (x,x,y)", "a in (x,y)"),
     ("a=b,a=b", "a=b"),
     ("z,!y,x>3,w<4,v notin (1,2)", "v notin (1,2),w<4,x>3,!y,z"),
     ("k>007", "k>7"),
     ("k, !k, k=a, k!=a, k>1, k<9", "k=a,k!=a,k,!k,k>1,k<9"),  # same key: operator order
-    ("example.com/Tier == Web_1", "example.com/Tier=Web_1"),
+    ("example.com/Tier == Web_1", "example.com/Tier==Web_1"),
 ]
 
 
@@ -170,6 +173,10 @@ MATCHES = [
     ("x notin (),!y", {"y": ""}, False),  # k8s
     ("x in ()", {"y": "baz"}, False),  # k8s
     ("x in ()", {"x": ""}, True),
+    # () holds the empty value (selector.go's parseValues), so 'notin ()' is '!=':
+    ("z notin ()", {"z": ""}, False),
+    ("z notin ()", {"z": "a"}, True),
+    ("z notin ()", {}, True),
     ("z>1", {"z": "2"}, True),  # k8s
     ("z>1", {"z": "v2"}, False),  # k8s: a non-integer value never matches
     # != and notin match an absent key; in, =, >, < need it present.
@@ -226,13 +233,23 @@ def test_from_labels_matches_supersets() -> None:
 
 
 def test_selector_is_hashable_and_equal_by_canonical_form() -> None:
-    """Differently written but identical selectors are equal and hash alike."""
-    a = parse("tier in (web, api), env == prod, env==prod")
+    """Differently spaced or ordered but identical selectors are equal and hash alike."""
+    a = parse("tier in (web, api), env = prod, env=prod")
     b = parse("env=prod,tier in (api,web)")
     assert a == b
     assert hash(a) == hash(b)
     assert len({a, b, parse("env=prod")}) == 2
     assert repr(a) == "Selector('env=prod,tier in (api,web)')"
+
+
+def test_operators_that_mean_the_same_still_print_as_written() -> None:
+    """'=', '==' and 'in (v)' match alike but stay apart, so a selector prints as written."""
+    spellings = [parse("env=prod"), parse("env==prod"), parse("env in (prod)")]
+    assert [str(s) for s in spellings] == ["env=prod", "env==prod", "env in (prod)"]
+    assert len(set(spellings)) == 3
+    for labels in ({"env": "prod"}, {"env": "dev"}, {}):
+        assert len({s.matches(labels) for s in spellings}) == 1
+    assert str(parse("env!=prod")) != str(parse("env notin (prod)"))
 
 
 def test_selector_is_immutable() -> None:
@@ -286,17 +303,26 @@ def test_requirement_constructor_accepts_kubernetes_valid(
 
 
 def test_to_proto_uses_match_labels_for_equality() -> None:
-    """'=' becomes match_labels, '!=' a one-value NOT_IN, the rest expressions."""
-    msg = to_proto(parse("env=prod,tier in (web,api),!canary,zone!=b,shards>3,rank<2,gpu"))
+    """'=' becomes match_labels, every other requirement an expression with its own operator."""
+    msg = to_proto(
+        parse(
+            "env=prod,tier in (web,api),!canary,zone!=b,shards>3,rank<2,gpu,"
+            "os==linux,arch in (arm),z notin (),y notin (c)"
+        )
+    )
     assert dict(msg.match_labels) == {"env": "prod"}
     got = [(e.key, e.operator, list(e.values)) for e in msg.match_expressions]
     assert got == [
+        ("arch", pb.SELECTOR_OPERATOR_IN, ["arm"]),
         ("canary", pb.SELECTOR_OPERATOR_NOT_EXISTS, []),
         ("gpu", pb.SELECTOR_OPERATOR_EXISTS, []),
+        ("os", pb.SELECTOR_OPERATOR_DOUBLE_EQUALS, ["linux"]),
         ("rank", pb.SELECTOR_OPERATOR_LT, ["2"]),
         ("shards", pb.SELECTOR_OPERATOR_GT, ["3"]),
         ("tier", pb.SELECTOR_OPERATOR_IN, ["api", "web"]),
-        ("zone", pb.SELECTOR_OPERATOR_NOT_IN, ["b"]),
+        ("y", pb.SELECTOR_OPERATOR_NOT_IN, ["c"]),
+        ("z", pb.SELECTOR_OPERATOR_NOT_IN, [""]),
+        ("zone", pb.SELECTOR_OPERATOR_NOT_EQUALS, ["b"]),
     ]
 
 
@@ -308,6 +334,8 @@ def test_to_proto_uses_match_labels_for_equality() -> None:
         "a=x,a=y",  # second equality on a key cannot share the map
         "a=,b in (,c),d notin (,e)",
         "in=notin,notin in (in,x)",
+        "z notin (),y in (),x!=,w==",
+        "y==jkl,y notin (jkl),y in (jkl),y!=jkl",
     ],
 )
 def test_proto_round_trips_both_ways(text: str) -> None:
@@ -334,7 +362,7 @@ def test_from_proto_accepts_hand_written_messages() -> None:
         ],
     )
     selector = from_proto(msg)
-    assert str(selector) == "env=prod,n>10,tier=web,zone notin (a,b)"
+    assert str(selector) == "env=prod,n>10,tier in (web),zone notin (a,b)"
     assert selector.matches({"env": "prod", "tier": "web", "n": "11"})
     assert not selector.matches({"env": "prod", "tier": "web", "n": "10"})
 
@@ -352,10 +380,12 @@ def _expr(key: str, op: int, *values: str) -> pb.LabelSelector:
     ("msg", "message"),
     [
         (
-            _expr("a", 9),
-            "selector.match_expressions[1].operator: unknown operator 9; expected one of "
+            _expr("a", 10),
+            "selector.match_expressions[1].operator: unknown operator 10; expected one of "
             "SELECTOR_OPERATOR_IN, SELECTOR_OPERATOR_NOT_IN, SELECTOR_OPERATOR_EXISTS, "
-            "SELECTOR_OPERATOR_NOT_EXISTS, SELECTOR_OPERATOR_GT, SELECTOR_OPERATOR_LT",
+            "SELECTOR_OPERATOR_NOT_EXISTS, SELECTOR_OPERATOR_GT, SELECTOR_OPERATOR_LT, "
+            "SELECTOR_OPERATOR_EQUALS, SELECTOR_OPERATOR_DOUBLE_EQUALS, "
+            "SELECTOR_OPERATOR_NOT_EQUALS",
         ),
         (_expr("a", pb.SELECTOR_OPERATOR_UNSPECIFIED), "match_expressions[1].operator: unset;"),
         (
@@ -388,6 +418,20 @@ def _expr(key: str, op: int, *values: str) -> pb.LabelSelector:
             _expr("a", pb.SELECTOR_OPERATOR_IN),
             "selector.match_expressions[1].values: for 'in', 'notin' operators, values set "
             "can't be empty",
+        ),
+        (  # 'notin ()' is values [""]; no values at all is refused, as NewRequirement does
+            _expr("a", pb.SELECTOR_OPERATOR_NOT_IN),
+            "selector.match_expressions[1].values: for 'in', 'notin' operators, values set "
+            "can't be empty",
+        ),
+        (
+            _expr("a", pb.SELECTOR_OPERATOR_EQUALS),
+            "selector.match_expressions[1].values: for '=', '==', '!=' operators, exactly one "
+            "value is required, got 0",
+        ),
+        (
+            _expr("a", pb.SELECTOR_OPERATOR_NOT_EQUALS, "x", "y"),
+            "exactly one value is required, got 2",
         ),
         (
             _expr("Bad Key", pb.SELECTOR_OPERATOR_EXISTS),

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from hypothesis import given
 from hypothesis import strategies as st
 
-from fleet.selectors import from_proto, parse, to_proto
+from fleet.selectors import Operator, from_proto, parse, to_proto
 from fleet.v1 import common_pb2 as pb
 
 _NAME = st.from_regex(r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,6}[A-Za-z0-9])?", fullmatch=True)
@@ -22,10 +22,10 @@ _INT = st.one_of(st.integers(0, 20), st.integers(0, 2**63 - 1)).map(str)
 _VALUE = st.one_of(st.just(""), st.sampled_from(["in", "notin"]), _NAME, _INT)
 _OPS = ["=", "==", "!=", "in", "notin", "exists", "!", ">", "<"]
 _PB_OP = {
-    "=": pb.SELECTOR_OPERATOR_IN,
-    "==": pb.SELECTOR_OPERATOR_IN,
+    "=": pb.SELECTOR_OPERATOR_EQUALS,
+    "==": pb.SELECTOR_OPERATOR_DOUBLE_EQUALS,
     "in": pb.SELECTOR_OPERATOR_IN,
-    "!=": pb.SELECTOR_OPERATOR_NOT_IN,
+    "!=": pb.SELECTOR_OPERATOR_NOT_EQUALS,
     "notin": pb.SELECTOR_OPERATOR_NOT_IN,
     "exists": pb.SELECTOR_OPERATOR_EXISTS,
     "!": pb.SELECTOR_OPERATOR_NOT_EXISTS,
@@ -135,6 +135,14 @@ def test_canonical_string_round_trips(items: list[Spec], space: str) -> None:
     assert parse(str(selector)) == selector
     assert str(parse(str(selector))) == str(selector)
     assert parse(_text(items, "")) == selector
+
+
+@given(specs(), _SPACE)
+def test_each_operator_prints_as_written(items: list[Spec], space: str) -> None:
+    """The canonical string keeps every requirement's operator, so re-parsing means the same."""
+    written = {(s.key, Operator(s.op)) for s in items}
+    printed = parse(str(parse(_text(items, space)))).requirements
+    assert {(r.key, r.operator) for r in printed} == written
 
 
 @given(specs())

@@ -1,0 +1,185 @@
+"""A manager or daemon that cannot start says why in exactly one line, exits 2,
+and leaves no trace: every listen address is checked before anything else.
+
+Real `fleet-manager` and `fleet-daemon` processes; a port is "taken" by a
+listening socket the test holds.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+from daemon_helpers import short_tmp
+
+from fleet.pki import CertificateAuthority
+from fleet.tls import TLSConfig
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+@contextmanager
+def taken_port() -> Iterator[int]:
+    """A port another process (this test) listens on, as gRPC and http.server would."""
+    with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        yield int(s.getsockname()[1])
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def run(cmd: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", *cmd],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+
+
+def one_line(result: subprocess.CompletedProcess[str]) -> str:
+    """The single stderr line of a refused start (asserting exit 2 and nothing else)."""
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1, result.stderr
+    assert result.stdout == ""
+    return lines[0]
+
+
+def manager_toml(path: Path, tls: TLSConfig, listen: int, metrics: int) -> Path:
+    path.write_text(
+        f'state_dir = "{path.parent / "state"}"\n'
+        f'[server]\nlisten = "127.0.0.1:{listen}"\nmetrics_listen = "127.0.0.1:{metrics}"\n'
+        f'[tls]\nca_file = "{tls.ca_file}"\ncert_file = "{tls.cert_file}"\n'
+        f'key_file = "{tls.key_file}"\n'
+    )
+    return path
+
+
+def daemon_toml(path: Path, tls: TLSConfig, listen: int, metrics: int, run_dir: Path) -> Path:
+    path.write_text(
+        f'listen = "127.0.0.1:{listen}"\nmetrics_listen = "127.0.0.1:{metrics}"\n'
+        f'state_dir = "{path.parent / "state"}"\nlog_dir = "{path.parent / "log"}"\n'
+        f'run_dir = "{run_dir}"\n'
+        f'[tls]\nca_file = "{tls.ca_file}"\ncert_file = "{tls.cert_file}"\n'
+        f'key_file = "{tls.key_file}"\n'
+        '[manager]\naddresses = ["127.0.0.1:1"]\n'
+        '[[agents]]\nid = "web"\nargv = ["sleep", "1000"]\n'
+    )
+    return path
+
+
+def contents(directory: Path) -> list[str]:
+    return sorted(str(p.relative_to(directory)) for p in directory.rglob("*"))
+
+
+@pytest.mark.parametrize("which", ["listen", "metrics_listen", "same port twice"])
+def test_manager_with_a_taken_port_changes_nothing(pki: Any, tmp_path: Path, which: str) -> None:
+    """Port in use: one line naming the setting, exit 2, no database created."""
+    tls = pki.issue("manager", "m1")
+    with taken_port() as busy:
+        port = free_port()
+        ports = {
+            "listen": (busy, port),
+            "metrics_listen": (port, busy),
+            "same port twice": (port, port),
+        }[which]
+        cfg = manager_toml(tmp_path / "manager.toml", tls, *ports)
+        before = contents(tmp_path)
+        line = one_line(run(["manager.cli", "serve", "--config", str(cfg)]))
+    setting = "server.listen" if which == "listen" else "server.metrics_listen"
+    address = f"127.0.0.1:{busy if which != 'same port twice' else port}"
+    assert line == (
+        f"fleet-manager: {setting} {address}: cannot listen: address already in use"
+        " (another process listens there)"
+    )
+    assert contents(tmp_path) == before  # no state dir, no manager.db
+
+
+def test_manager_with_a_missing_or_mismatched_certificate_prints_one_line(
+    pki: Any, tmp_path: Path
+) -> None:
+    """A missing certificate or a key of another certificate: one line, no 'manager stopped'."""
+    tls = pki.issue("manager", "m1")
+    missing = TLSConfig(tls.ca_file, tmp_path / "gone.pem", tls.key_file)
+    cfg = manager_toml(tmp_path / "manager.toml", missing, free_port(), free_port())
+    assert "gone.pem: no such file" in one_line(run(["manager.cli", "serve", "--config", str(cfg)]))
+    other = pki.issue("manager", "m2")
+    mismatched = TLSConfig(tls.ca_file, tls.cert_file, other.key_file)
+    cfg = manager_toml(tmp_path / "manager.toml", mismatched, free_port(), free_port())
+    line = one_line(run(["manager.cli", "serve", "--config", str(cfg)]))
+    assert line.startswith("fleet-manager: ")
+    assert "key" in line
+    assert not (tmp_path / "state").exists()
+
+
+@pytest.mark.parametrize("which", ["listen", "metrics_listen"])
+def test_daemon_with_a_taken_port_starts_no_agent_and_writes_nothing(
+    pki: Any, tmp_path: Path, which: str
+) -> None:
+    """Port in use: one line, exit 2, no agents.json, no directories, no agent process."""
+    tls = pki.issue("node", "n1")
+    with short_tmp() as run_dir, taken_port() as busy:
+        port = free_port()
+        ports = (busy, port) if which == "listen" else (port, busy)
+        home = tmp_path / "daemon"
+        home.mkdir()
+        cfg = daemon_toml(home / "daemon.toml", tls, *ports, run_dir / "run")
+        line = one_line(run(["daemon.cli", "--config", str(cfg)]))
+        assert not (run_dir / "run").exists()
+    assert line == (
+        f"fleet-daemon: {which} 127.0.0.1:{busy}: cannot listen: address already in use"
+        " (another process listens there)"
+    )
+    assert contents(home) == ["daemon.toml"]
+
+
+def test_daemon_whose_agent_socket_is_served_by_another_daemon_refuses(
+    pki: Any, tmp_path: Path
+) -> None:
+    """Another process serves the agent socket in run_dir: refused in one line, left alone."""
+    tls = pki.issue("node", "n1")
+    home = tmp_path / "daemon"
+    home.mkdir()
+    with short_tmp() as run_dir:
+        (run_dir / "run").mkdir()
+        sock_path = run_dir / "run" / "agent.sock"
+        with socket.socket(socket.AF_UNIX) as other:
+            other.bind(str(sock_path))
+            other.listen()
+            cfg = daemon_toml(home / "daemon.toml", tls, free_port(), free_port(), run_dir / "run")
+            line = one_line(run(["daemon.cli", "--config", str(cfg)]))
+            assert sock_path.exists()  # the other daemon's socket was not replaced
+    assert "agent socket" in line
+    assert "another process is serving there" in line
+    assert contents(home) == ["daemon.toml"]
+
+
+def test_foreign_ca_still_one_line(tmp_path: Path) -> None:
+    """(Guard) the existing TLS refusal keeps its one-line form through the new order."""
+    ca = CertificateAuthority.create()
+    tls = ca.issue("manager", "m1").write(tmp_path / "m1")
+    foreign = CertificateAuthority.create().issue("manager", "m1").write(tmp_path / "f")
+    cfg = manager_toml(
+        tmp_path / "manager.toml",
+        TLSConfig(tls.ca_file, foreign.cert_file, foreign.key_file),
+        free_port(),
+        free_port(),
+    )
+    assert "not signed by the CA" in one_line(run(["manager.cli", "serve", "--config", str(cfg)]))
