@@ -29,45 +29,6 @@ async def _unimplemented_stream(context: Any, rpc: str) -> AsyncIterator[Any]:
 class PendingFleetRpcs:
     """FleetService RPCs not built yet."""
 
-    async def ApplyDefinitions(self, request: Any, context: Any) -> Any:
-        await _unimplemented(context, "ApplyDefinitions")
-
-    async def ListDefinitions(self, request: Any, context: Any) -> Any:
-        await _unimplemented(context, "ListDefinitions")
-
-    async def GetDefinition(self, request: Any, context: Any) -> Any:
-        await _unimplemented(context, "GetDefinition")
-
-    async def ListDefinitionRevisions(self, request: Any, context: Any) -> Any:
-        await _unimplemented(context, "ListDefinitionRevisions")
-
-    async def DeleteDefinition(self, request: Any, context: Any) -> Any:
-        await _unimplemented(context, "DeleteDefinition")
-
-    async def GetRollout(self, request: Any, context: Any) -> Any:
-        await _unimplemented(context, "GetRollout")
-
-    async def ListRollouts(self, request: Any, context: Any) -> Any:
-        await _unimplemented(context, "ListRollouts")
-
-    def WatchRollout(self, request: Any, context: Any) -> Any:
-        return _unimplemented_stream(context, "WatchRollout")
-
-    async def PauseRollout(self, request: Any, context: Any) -> Any:
-        await _unimplemented(context, "PauseRollout")
-
-    async def ResumeRollout(self, request: Any, context: Any) -> Any:
-        await _unimplemented(context, "ResumeRollout")
-
-    async def PromoteRollout(self, request: Any, context: Any) -> Any:
-        await _unimplemented(context, "PromoteRollout")
-
-    async def AbortRollout(self, request: Any, context: Any) -> Any:
-        await _unimplemented(context, "AbortRollout")
-
-    async def UndoRollout(self, request: Any, context: Any) -> Any:
-        await _unimplemented(context, "UndoRollout")
-
     async def PushArtifact(self, request: Any, context: Any) -> Any:
         await _unimplemented(context, "PushArtifact")
 
