@@ -152,7 +152,7 @@ def resource_metrics(agent_id: str, sample: ResourceSample) -> list[common_pb2.M
         return common_pb2.MetricData(type=kind, timestamp=ts, values=finite, agent_id=agent_id)
 
     return [
-        md("cpu", {"usage_percent": sample.cpu_percent, "cores": sample.cores}),
+        md("cpu", {"usage_percent": sample.cpu_percent}),
         md("memory", {"rss_bytes": sample.rss, "vms_bytes": sample.vms}),
         md("disk", {"read_bytes": sample.read_bytes, "write_bytes": sample.write_bytes}),
         md(
