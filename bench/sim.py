@@ -26,6 +26,7 @@ import gc
 import itertools
 import json
 import sys
+import time
 from collections.abc import AsyncIterator, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -46,7 +47,15 @@ from fleet.tls import (
 )
 from fleet.v1 import common_pb2, daemon_pb2, daemon_pb2_grpc, manager_pb2, manager_pb2_grpc
 
-__all__ = ["Concurrency", "SimAgent", "SimDaemon", "SimFleet", "SimNode", "start_daemon"]
+__all__ = [
+    "Concurrency",
+    "SimAgent",
+    "SimDaemon",
+    "SimFleet",
+    "SimLink",
+    "SimNode",
+    "start_daemon",
+]
 
 _Context = aio.ServicerContext[Any, Any]
 _S = common_pb2.AgentStatus
@@ -99,10 +108,26 @@ class SimDaemon(daemon_pb2_grpc.DaemonServiceServicer):
         op_delay: float = 0.0,
         fail_operations: bool = False,
         labels: Mapping[str, str] | None = None,
+        bad_revisions: Iterable[int] = (),
+        report_delay: float = 0.0,
     ) -> None:
         self.node_id = node_id
         self.labels = dict(labels or {})
         """Labels it registers with."""
+        self.bad_revisions = set(bad_revisions)
+        """Pushed revisions whose agents crash-loop to FATAL instead of running."""
+        self.report_delay = report_delay
+        """Seconds between applying a push and reporting the new states."""
+        self.spec_version = 0
+        """Version of the pushed set it runs (what RegisterNode/SyncAgentStates say)."""
+        self.pushed: dict[str, common_pb2.AgentSpec] = {}
+        """The pushed (managed) specs it runs, by id."""
+        self.pushes: list[tuple[int, tuple[tuple[str, int], ...]]] = []
+        """Every accepted push: (version, ((agent id, revision), ...))."""
+        self.update_errors: list[common_pb2.UpdateError] = []
+        """Pushed agents it refused (an agent of its own with the same id)."""
+        self.link: SimLink | None = None
+        """Set by `SimNode.register`: how it reports to the manager."""
         self.concurrency = concurrency or Concurrency()
         """Shared in-flight counter of OperateAgent calls."""
         self.op_delay = op_delay
@@ -181,8 +206,59 @@ class SimDaemon(daemon_pb2_grpc.DaemonServiceServicer):
     async def PushUpdate(
         self, request: daemon_pb2.PushUpdateRequest, context: _Context
     ) -> daemon_pb2.PushUpdateResponse:
+        """As the real daemon: stale versions refused, the same version again a no-op, an
+        agent of its own with a pushed id kept and the pushed one refused."""
         self._enter("PushUpdate", context)
-        return daemon_pb2.PushUpdateResponse(success=True, version=request.version)
+        specs = {s.id: s for s in request.agents}
+        if request.version < self.spec_version or (
+            request.version == self.spec_version and specs != self.pushed
+        ):
+            raise FailedPrecondition(
+                f"stale spec version {request.version}: this node already has version"
+                f" {self.spec_version}"
+            )
+        if request.version == self.spec_version:
+            return daemon_pb2.PushUpdateResponse(success=True, version=request.version)
+        own = {a for a in self.agents if a not in self.pushed}
+        refused = [
+            common_pb2.UpdateError(
+                agent_id=i,
+                revision=s.revision,
+                reason=f"agent {i!r} is defined in this host's daemon.toml; the host's own"
+                " agent is kept",
+            )
+            for i, s in sorted(specs.items())
+            if i in own
+        ]
+        for gone in set(self.pushed) - set(specs):
+            self.agents.pop(gone, None)
+        self.pushed = {i: s for i, s in specs.items() if i not in own}
+        for agent_id, spec in self.pushed.items():
+            info = self.agents.get(agent_id)
+            if info is None or info.revision != spec.revision:
+                info = common_pb2.AgentInfo(id=agent_id, type=spec.type or "process")
+                info.revision = spec.revision
+                info.start_time = _now_ms()
+                if spec.revision in self.bad_revisions:
+                    info.status = _S.AGENT_STATUS_FATAL
+                    info.last_exit.reason = "exited with code 1"
+                else:
+                    _set_running(info)
+                    info.health = common_pb2.AGENT_HEALTH_UNSPECIFIED
+                self.agents[agent_id] = info
+        self.update_errors = list(refused)
+        self.spec_version = request.version
+        self.pushes.append(
+            (request.version, tuple(sorted((i, s.revision) for i, s in specs.items())))
+        )
+        if self.link is not None:
+            self.link.report_soon(self.report_delay)
+        return daemon_pb2.PushUpdateResponse(
+            success=True,
+            version=request.version,
+            added=sorted(specs),
+            refused=refused,
+        )
 
     async def ReadAgentLog(
         self, request: daemon_pb2.ReadAgentLogRequest, context: _Context
@@ -197,6 +273,10 @@ class SimDaemon(daemon_pb2_grpc.DaemonServiceServicer):
         )
         if request.follow:
             await asyncio.Event().wait()  # nothing more is ever written
+
+
+def _now_ms() -> int:
+    return int(time.time() * 1000)
 
 
 def _set_running(info: common_pb2.AgentInfo) -> None:
@@ -226,50 +306,104 @@ class SimNode:
 
     async def stop(self) -> None:
         """Stop serving (the manager then finds it down); its port stays known."""
+        await self.close_link()
         if self.server is not None:
             await self.server.stop(None)
             self.server = None
 
     async def register(self, manager_address: str, trust_domain: str) -> None:
-        """RegisterNode and SyncAgentStates with the manager, as a daemon does at start."""
-        channel = aio.secure_channel(
+        """RegisterNode and SyncAgentStates with the manager, as a daemon does at start;
+        later pushes are reported back over the same link."""
+        if self.servicer.link is None:
+            self.servicer.link = SimLink(self, manager_address, trust_domain)
+        await self.servicer.link.register()
+        await self.servicer.link.report()
+
+    async def close_link(self) -> None:
+        """Stop reporting to the manager."""
+        if self.servicer.link is not None:
+            await self.servicer.link.close()
+            self.servicer.link = None
+
+
+class SimLink:
+    """A simulated daemon's channel to the manager: register, report states."""
+
+    def __init__(self, node: SimNode, manager_address: str, trust_domain: str) -> None:
+        self.node = node
+        self.channel = aio.secure_channel(
             manager_address,
-            channel_credentials(self.tls),
+            channel_credentials(node.tls),
             options=channel_options(f"manager.{trust_domain}"),
         )
-        try:
-            stub = manager_pb2_grpc.ManagerServiceStub(channel)
-            await stub.RegisterNode(
-                manager_pb2.RegisterNodeRequest(
-                    node_id=self.node_id,
-                    hostname=f"{self.node_id}.sim",
-                    ip="127.0.0.1",
-                    os="linux",
-                    arch="x86_64",
-                    labels=self.servicer.labels,
-                    daemon_version="sim",
-                    agent_version="sim",
-                    daemon_address=self.address,
-                ),
-                timeout=30,
+        self.stub = manager_pb2_grpc.ManagerServiceStub(self.channel)
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    async def register(self) -> None:
+        """RegisterNode with what the simulated daemon runs."""
+        d = self.node.servicer
+        await self.stub.RegisterNode(
+            manager_pb2.RegisterNodeRequest(
+                node_id=d.node_id,
+                hostname=f"{d.node_id}.sim",
+                ip="127.0.0.1",
+                os="linux",
+                arch="x86_64",
+                labels=d.labels,
+                daemon_version="sim",
+                agent_version="sim",
+                daemon_address=self.node.address,
+                spec_version=d.spec_version,
+            ),
+            timeout=30,
+        )
+
+    async def report(self) -> None:
+        """SyncAgentStates: every agent, the spec version and the update errors."""
+        d = self.node.servicer
+        states = [
+            manager_pb2.AgentState(
+                agent_id=a.id,
+                type=a.type,
+                status=a.status,
+                pid=a.pid,
+                version=a.version,
+                restart_count=a.restart_count,
+                start_time=a.start_time,
+                revision=a.revision,
+                health=a.health,
+                last_exit=a.last_exit if a.HasField("last_exit") else None,
             )
-            states = [
-                manager_pb2.AgentState(
-                    agent_id=a.id,
-                    type=a.type,
-                    status=a.status,
-                    pid=a.pid,
-                    version=a.version,
-                    restart_count=a.restart_count,
-                )
-                for a in self.servicer.agents.values()
-            ]
-            await stub.SyncAgentStates(
-                manager_pb2.SyncAgentStatesRequest(node_id=self.node_id, states=states),
-                timeout=30,
-            )
-        finally:
-            await channel.close(None)
+            for a in d.agents.values()
+        ]
+        await self.stub.SyncAgentStates(
+            manager_pb2.SyncAgentStatesRequest(
+                node_id=d.node_id,
+                states=states,
+                spec_version=d.spec_version,
+                update_errors=d.update_errors,
+            ),
+            timeout=30,
+        )
+
+    def report_soon(self, delay: float) -> None:
+        """Report in the background after `delay` seconds (as a daemon after a push)."""
+
+        async def later() -> None:
+            await asyncio.sleep(delay)
+            with contextlib.suppress(Exception):  # the manager may be gone: a later push retries
+                await self.report()
+
+        task = asyncio.create_task(later())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self) -> None:
+        """Cancel pending reports and close the channel."""
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.channel.close(None)
 
 
 async def start_daemon(node_id: str, tls: TLSConfig, **behaviour: Any) -> SimNode:

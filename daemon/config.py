@@ -130,7 +130,7 @@ class DaemonConfig:
     shutdown_grace_seconds: float = 5.0
     """Seconds in-flight RPCs get to finish when the daemon stops."""
     agents: tuple[AgentSpec, ...] = ()
-    """Agents from this file (``[[agents]]``); a PushUpdate from the manager overrides them."""
+    """This host's own agents (``[[agents]]``); the manager's pushed agents run beside them."""
 
     def validate(self) -> None:
         """Cross-field checks (ValueError, reported as ConfigError)."""
@@ -147,6 +147,10 @@ class DaemonConfig:
             if spec.id in seen:
                 raise ValueError(f"agents: id {spec.id!r} is used twice")
             seen.add(spec.id)
+            if spec.revision:
+                raise ValueError(
+                    f"agents: {spec.id!r} sets revision: only the manager stamps revisions"
+                )
             check_on_host(spec)  # the loader already ran the host-independent spec.validate()
         for name in ("listen", "advertise", "metrics_listen"):
             value = getattr(self, name)

@@ -8,11 +8,12 @@ shared with the manager.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable
 
 from daemon.sampler import HostSample, ResourceSample
 from daemon.supervisor.policy import LastExit
 from daemon.supervisor.spec import AgentSpec
-from daemon.supervisor.supervisor import AgentSnapshot
+from daemon.supervisor.supervisor import AgentSnapshot, Refusal
 from fleet.agentspec import spec_to_proto
 from fleet.v1 import common_pb2, manager_pb2
 
@@ -89,6 +90,7 @@ def agent_info(
         health=_HEALTH_TO_PROTO.get(snapshot.health, common_pb2.AGENT_HEALTH_UNSPECIFIED),
         backoff_until=snapshot.backoff_until_ms,
         config_version=snapshot.config_version,
+        revision=snapshot.revision,
     )
 
 
@@ -109,7 +111,16 @@ def agent_state(snapshot: AgentSnapshot) -> manager_pb2.AgentState:
         labels=dict(snapshot.labels),
         health=_HEALTH_TO_PROTO.get(snapshot.health, common_pb2.AGENT_HEALTH_UNSPECIFIED),
         config_version=snapshot.config_version,
+        revision=snapshot.revision,
     )
+
+
+def update_errors(refused: Iterable[Refusal]) -> list[common_pb2.UpdateError]:
+    """The supervisor's refusals as `UpdateError` messages (PushUpdate, SyncAgentStates)."""
+    return [
+        common_pb2.UpdateError(agent_id=r.agent_id, revision=r.revision, reason=r.reason)
+        for r in refused
+    ]
 
 
 def resource_point(sample: ResourceSample) -> common_pb2.ResourceDataPoint:
@@ -165,7 +176,7 @@ def host_metrics(sample: HostSample) -> list[common_pb2.MetricData]:
         return common_pb2.MetricData(type=kind, timestamp=ts, values=finite)
 
     return [
-        md("cpu", {"usage_percent": sample.cpu_percent}),
+        md("cpu", {"usage_percent": sample.cpu_percent, "cores": sample.cores}),
         md(
             "memory",
             {

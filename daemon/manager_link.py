@@ -50,7 +50,7 @@ from fleet.errors import FleetError, NotFound, from_rpc_error
 from fleet.tls import TLSConfig, channel_credentials, channel_options
 from fleet.v1 import common_pb2, manager_pb2, manager_pb2_grpc
 
-__all__ = ["LinkState", "ManagerLink", "NodeInfo"]
+__all__ = ["LinkState", "ManagerLink", "NodeInfo", "PushedSet"]
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +83,16 @@ class NodeInfo:
     """Version of the daemon software."""
 
 
+@dataclass(frozen=True)
+class PushedSet:
+    """What this node holds of the manager's pushed agents (RegisterNode, SyncAgentStates)."""
+
+    version: int
+    """The pushed set's version (0: nothing pushed yet)."""
+    errors: Sequence[common_pb2.UpdateError]
+    """Pushed agents not run as pushed, and why (the complete list)."""
+
+
 class _Reconnect(Exception):
     """The current manager connection is unusable; dial again."""
 
@@ -92,7 +102,8 @@ class ManagerLink:
 
     `collect` returns the samples gathered since the last call (host and
     agent metrics); `snapshot` returns every agent's current state.
-    `on_state` is told about link-state changes (for the Prometheus gauge).
+    `on_state` is told about link-state changes (for the Prometheus gauge);
+    `pushed` says which pushed set the node runs and what it refused.
     """
 
     def __init__(
@@ -106,6 +117,7 @@ class ManagerLink:
         collect: Callable[[], Sequence[common_pb2.MetricData]],
         snapshot: Callable[[], Sequence[manager_pb2.AgentState]],
         on_state: Callable[[LinkState, str], None] | None = None,
+        pushed: Callable[[], PushedSet] | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.cfg = cfg
@@ -115,6 +127,7 @@ class ManagerLink:
         self._collect = collect
         self._snapshot = snapshot
         self._on_state = on_state
+        self._pushed = pushed or (lambda: PushedSet(0, ()))
         self._rng = rng or random.Random()  # noqa: S311  # jitter, not crypto
         self.sequence = SequenceFile(state_dir / "metrics-sequence")
         self.buffer = MetricBuffer(cfg.buffer_batches)
@@ -288,6 +301,7 @@ class ManagerLink:
                 labels=self.node.labels,
                 daemon_version=self.node.daemon_version,
                 daemon_address=self.node.daemon_address,
+                spec_version=self._pushed().version,
             ),
         )
         self.registrations += 1
@@ -390,10 +404,16 @@ class ManagerLink:
                 return
             self._dirty.clear()
             states = list(self._snapshot())
+            pushed = self._pushed()
             try:
                 await self._call(
                     stub.SyncAgentStates,
-                    manager_pb2.SyncAgentStatesRequest(node_id=self.node.node_id, states=states),
+                    manager_pb2.SyncAgentStatesRequest(
+                        node_id=self.node.node_id,
+                        states=states,
+                        spec_version=pushed.version,
+                        update_errors=pushed.errors,
+                    ),
                 )
             except NotFound:
                 self._dirty.set()

@@ -121,6 +121,8 @@ class HostSample:
     """When it was taken (Unix epoch milliseconds)."""
     cpu_percent: float
     """CPU use of the whole host since the previous host sample, % of all cores."""
+    cores: int
+    """Logical CPUs the daemon may use (its affinity mask; placement capacity)."""
     memory: MemoryStats
     """Memory."""
     disk: DiskStats
@@ -258,6 +260,7 @@ class Sampler:
         return HostSample(
             timestamp_ms=now_ms,
             cpu_percent=psutil.cpu_percent(None),
+            cores=len(os.sched_getaffinity(0)),
             memory=MemoryStats(vm.total, vm.used, vm.available, vm.percent),
             disk=DiskStats(
                 self._disk_path,

@@ -25,8 +25,8 @@ from typing import TYPE_CHECKING, Any
 from grpc import aio
 
 from daemon.config import DaemonConfig, load_daemon_config
-from daemon.convert import agent_state, host_metrics, resource_metrics
-from daemon.manager_link import LinkState, ManagerLink, NodeInfo
+from daemon.convert import agent_state, host_metrics, resource_metrics, update_errors
+from daemon.manager_link import LinkState, ManagerLink, NodeInfo, PushedSet
 from daemon.peercred import PeerCredProxy
 from daemon.servicers.agent_service import AgentServicer
 from daemon.servicers.daemon_service import DaemonServicer
@@ -125,6 +125,7 @@ class DaemonServer:
             collect=self._collect_metrics,
             snapshot=self._agent_states,
             on_state=self._on_link_state,
+            pushed=self._pushed_set,
         )
 
     # --- callbacks ------------------------------------------------------
@@ -135,6 +136,9 @@ class DaemonServer:
 
     def _on_link_state(self, state: LinkState, address: str) -> None:
         self.notifier.status(f"manager {address}: {state}; {len(self._agents)} agents")
+
+    def _pushed_set(self) -> PushedSet:
+        return PushedSet(self.supervisor.version, update_errors(self.supervisor.refused))
 
     def _agent_states(self) -> Sequence[manager_pb2.AgentState]:
         return [agent_state(s) for s in self.supervisor.list()]
@@ -222,7 +226,10 @@ class DaemonServer:
         await self._agent_grpc.start()
         await self.proxy.start()
 
-        await self.supervisor.start(self.cfg.agents)
+        await self.supervisor.start(
+            self.cfg.agents,
+            config_name=self.config_path.name if self.config_path else "config",
+        )
         self._agents = self.supervisor.list()
 
         self._grpc = aio.server(interceptors=[ErrorMappingInterceptor()], options=_SERVER_OPTIONS)

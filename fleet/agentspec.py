@@ -137,6 +137,8 @@ class AgentSpec:
     """Health check beyond process liveness."""
     config: str = ""
     """Opaque payload for SDK agents (JSON by convention); changes reach them live."""
+    revision: int = 0
+    """Definition revision of a pushed spec (set by the manager; 0 for the host's own)."""
 
     def validate(self) -> None:
         """Raise `SpecError` with a one-line message naming the first bad field."""
@@ -172,6 +174,10 @@ def signal_number(name: str) -> signal.Signals:
         raise ValueError(f"unknown signal {name!r}") from None
 
 
+MAX_REVISION = 2**63 - 1
+"""Revisions are uint64 on the wire but int64 in SQL."""
+
+
 def _validate(spec: AgentSpec) -> None:
     def bad(name: str, message: str) -> SpecError:
         return SpecError(message, field=f"agents[{spec.id}].{name}")
@@ -186,6 +192,11 @@ def _validate(spec: AgentSpec) -> None:
         raise bad("argv", "must not be empty (the program to run and its arguments)")
     if any(not isinstance(a, str) or "\0" in a for a in spec.argv):
         raise bad("argv", "arguments must be strings without NUL bytes")
+    for name in ("user", "cwd", "type", "version"):
+        if "\0" in getattr(spec, name):
+            raise bad(name, "must not contain NUL bytes")
+    if not 0 <= spec.revision <= MAX_REVISION:
+        raise bad("revision", f"must be 0..{MAX_REVISION}, got {spec.revision}")
     for key, value in spec.env.items():
         if not key or "=" in key or "\0" in key or "\0" in value:
             raise bad("env", f"invalid environment variable name or value {key!r}")
@@ -329,6 +340,7 @@ def spec_from_proto(msg: common_pb2.AgentSpec, *, where: str = "agent") -> Agent
             timeout=_or_default(msg.health.timeout_seconds, d_health.timeout),
         ),
         config=config,
+        revision=msg.revision,
     )
 
 
@@ -373,4 +385,5 @@ def spec_to_proto(spec: AgentSpec) -> common_pb2.AgentSpec:
             timeout_seconds=spec.health.timeout,
         ),
         config=spec.config.encode("utf-8"),
+        revision=spec.revision,
     )

@@ -15,6 +15,8 @@ import grpc
 from grpc import aio
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
+from manager.service.convergence import PassResult
+
 __all__ = ["ManagerMetrics", "RpcMetricsInterceptor", "watch_loop_lag"]
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
@@ -75,6 +77,36 @@ class ManagerMetrics:
             "Nodes this manager's sweeper marked offline",
             registry=r,
         )
+
+        self.desired_leader = Gauge(
+            "fleet_desired_leader",
+            "1 while this manager converges desired state (holds its lock)",
+            registry=r,
+        )
+        self.rollouts = Gauge(
+            "fleet_manager_rollouts", "Live rollouts by state (leader only)", ["state"], registry=r
+        )
+        self.rollouts_failed = Counter(
+            "fleet_manager_rollouts_failed",
+            "Rollouts that failed (a node failed, no progress, aborted)",
+            registry=r,
+        )
+        self.nodes_undelivered = Gauge(
+            "fleet_manager_nodes_undelivered",
+            "Nodes whose managed set is not delivered yet (leader only)",
+            registry=r,
+        )
+        self.push_errors = Counter(
+            "fleet_manager_push_errors", "PushUpdate calls that failed", registry=r
+        )
+
+    def observe_convergence(self, result: PassResult) -> None:
+        """Record one desired-state pass."""
+        for state in ("PENDING", "RUNNING", "PAUSED", "AWAITING_PROMOTION", "REVERTING"):
+            self.rollouts.labels(state).set(result.live_rollouts.get(state, 0))
+        self.rollouts_failed.inc(result.failed_rollouts)
+        self.nodes_undelivered.set(result.undelivered)
+        self.push_errors.inc(len(result.push_failed))
 
     def set_node_counts(self, online: int, offline: int) -> None:
         """Update the nodes-by-status gauge."""

@@ -32,17 +32,22 @@ from manager.config import ManagerConfig
 from manager.metrics import ManagerMetrics, RpcMetricsInterceptor, watch_loop_lag
 from manager.pool import DaemonPool
 from manager.service.agents import AgentStates
+from manager.service.convergence import Convergence
+from manager.service.definitions import Definitions
 from manager.service.event_feed import EventFeed
 from manager.service.heartbeats import HeartbeatBuffer
 from manager.service.liveness import LivenessPolicy
 from manager.service.metrics import MetricsService
 from manager.service.registry import NodeRegistry
+from manager.service.reports import DaemonReports
+from manager.service.rollout_control import RolloutControl
 from manager.service.sweeper import MetricsLifecycle, Sweeper
 from manager.servicers.fleet_service import SERVICE_NAME as FLEET_SERVICE_NAME
 from manager.servicers.fleet_service import build_fleet_servicer
 from manager.servicers.manager_service import ManagerServicer
 from manager.storage import Database, EventRepository, NodeRepository
 from manager.storage.agents import AgentStateRepository
+from manager.storage.desired import DesiredStateRepository
 from manager.storage.metrics import MetricStore
 from manager.storage.writer import MetricWriter
 
@@ -127,6 +132,9 @@ class ManagerServer:
     metric_service: MetricsService
     pool: DaemonPool
     event_feed: EventFeed
+    convergence: Convergence
+    definitions: Definitions
+    rollouts: RolloutControl
 
     async def start(self) -> None:
         """Start everything; on failure, what was started is stopped again."""
@@ -233,15 +241,32 @@ class ManagerServer:
             max_samples=cfg.metrics.max_samples_per_batch,
             clock=self._clock,
         )
+        # The one client to daemons (FleetService calls, pushes of desired state).
+        self.pool = DaemonPool(tls, identity.trust_domain, config=cfg.pool)
+        self._stack.push_async_callback(self.pool.close)
+        # Desired state: one replica converges; every replica takes changes and pokes it.
+        self.convergence = Convergence(
+            self.db,
+            self.nodes,
+            self.pool,
+            clock=self._clock,
+            on_leader=lambda held: m.desired_leader.set(1 if held else 0),
+            on_pass=m.observe_convergence,
+        )
+        self.convergence.start()
+        self._stack.push_async_callback(self.convergence.stop)
+        poke = self.convergence.poke
+        desired = DesiredStateRepository(self.db)
+        self.definitions = Definitions(desired, self.nodes, clock=self._clock, on_change=poke)
+        self.rollouts = RolloutControl(desired, self.nodes, clock=self._clock, on_change=poke)
         servicer = ManagerServicer(
             self.registry,
             self.metric_service,
             AgentStates(self.registry, AgentStateRepository(self.db), clock=self._clock),
             trust_domain=identity.trust_domain,
+            reports=DaemonReports(desired, clock=self._clock, on_change=poke),
+            on_change=poke,
         )
-        # FleetService: the operator API, calling daemons through the pool.
-        self.pool = DaemonPool(tls, identity.trust_domain, config=cfg.pool)
-        self._stack.push_async_callback(self.pool.close)
         self.event_feed = EventFeed(self.events)
         self._stack.callback(self.event_feed.install(self.db.engine))
         fleet_servicer = build_fleet_servicer(
@@ -249,6 +274,9 @@ class ManagerServer:
             self.pool,
             self.event_feed,
             self.metric_service,
+            self.definitions,
+            self.rollouts,
+            on_labels_changed=poke,
             trust_domain=identity.trust_domain,
             clock=self._clock,
         )

@@ -13,10 +13,11 @@ from typing import Any, Literal
 
 from grpc import aio
 
-from daemon.convert import agent_info, resource_point
+from daemon.convert import agent_info, resource_point, update_errors
 from daemon.supervisor.supervisor import Supervisor
 from fleet.agentspec import specs_from_proto
 from fleet.errors import InvalidArgument
+from fleet.pending_rpcs import PendingDaemonRpcs
 from fleet.tls import require_role
 from fleet.v1 import common_pb2, daemon_pb2, daemon_pb2_grpc
 
@@ -42,7 +43,7 @@ def _agent_id(value: str) -> str:
     return value
 
 
-class DaemonServicer(daemon_pb2_grpc.DaemonServiceServicer):
+class DaemonServicer(PendingDaemonRpcs, daemon_pb2_grpc.DaemonServiceServicer):
     """Serves one supervisor to the manager (callers: `manager/*` of `trust_domain`).
 
     `follow_interval` is how often a following ReadAgentLog re-checks a log
@@ -107,12 +108,18 @@ class DaemonServicer(daemon_pb2_grpc.DaemonServiceServicer):
         result = await self._sup.apply(request.version, specs)
         return daemon_pb2.PushUpdateResponse(
             success=True,
-            message=f"applied version {result.version}",
+            message=f"applied version {result.version}"
+            + (
+                f"; refused {', '.join(r.agent_id for r in result.refused)}"
+                if result.refused
+                else ""
+            ),
             version=result.version,
             added=list(result.added),
             changed=list(result.changed),
             removed=list(result.removed),
             reconfigured=list(result.reconfigured),
+            refused=update_errors(result.refused),
         )
 
     async def ReadAgentLog(

@@ -88,6 +88,8 @@ class AgentSnapshot:
     """In BACKOFF: when the next start happens, epoch ms; else 0."""
     config_version: int
     """Version of the config payload (bumps on each config change)."""
+    revision: int = 0
+    """Definition revision of its spec (0: the host's own agent)."""
 
 
 @dataclass(frozen=True)
@@ -163,6 +165,7 @@ class Agent:
             health=self.health,
             backoff_until_ms=_ms(self.backoff_until) if self.status is S.BACKOFF else 0,
             config_version=self.config_version,
+            revision=self.spec.revision,
         )
 
     def health_deadline(self) -> float | None:

@@ -6,10 +6,15 @@ came between its spawn and the flush below), starts the rest, and starts the sam
 leaves agents running (unless asked) with their pids persisted so the next
 daemon re-adopts them.
 
-Desired set: specs from the TOML (`start`, `reload` on SIGHUP) or pushed by
-the manager (`apply`, versioned; once a push happened it is what counts, and
-survives restarts in update.json). Applying validates everything first and
-changes nothing on error; then it persists, then acts.
+Desired set: the host's own specs (the TOML: `start`, `reload` on SIGHUP)
+plus the set the manager pushed (`apply`, versioned, kept across restarts in
+update.json). A pushed agent whose id is also the host's is refused for this
+node, and so is one only this host cannot run (its program, user or
+directory missing here): the host's own agent keeps running, and the
+refusals are reported (`refused`) until they are resolved. Applying
+validates everything first and changes nothing on a spec that is invalid
+anywhere; then it persists, then acts. The same version with the same specs
+again is a no-op (a manager's retry after a lost answer).
 
 Persistence of agents.json is coalesced to once per event-loop turn
 (`call_soon`), so a spawn is on disk before the loop does anything else.
@@ -34,11 +39,11 @@ from daemon.supervisor.clock import Clock, SystemClock
 from daemon.supervisor.logs import LogChunk, log_path, read_log, rotate_if_needed
 from daemon.supervisor.persistence import PersistedAgent, StateStore
 from daemon.supervisor.process import adopt, find_orphans
-from daemon.supervisor.spec import AgentSpec, SpecError, validate_here
+from daemon.supervisor.spec import AgentSpec, SpecError, check_on_host, validate_here
 from daemon.supervisor.states import AgentStatus
 from fleet.errors import FailedPrecondition, InvalidArgument, NotFound, Resource
 
-__all__ = ["AgentSnapshot", "ApplyResult", "LogChunk", "Supervisor"]
+__all__ = ["AgentSnapshot", "ApplyResult", "LogChunk", "Refusal", "Supervisor"]
 
 log = logging.getLogger(__name__)
 # Why the supervisor itself stops or restarts agents (recorded as their last exit).
@@ -51,6 +56,18 @@ _REMOVED_WHILE_DOWN: Cause = (
 _NEW_SPEC: Cause = ("updated", "restarted for a new spec")
 _NEW_SPEC_WHILE_DOWN: Cause = ("updated", "restarted: its spec changed while the daemon was down")
 Operation = Literal["start", "stop", "restart"]
+
+
+@dataclass(frozen=True)
+class Refusal:
+    """A pushed agent this node does not run, and why."""
+
+    agent_id: str
+    """The agent."""
+    revision: int
+    """The definition revision it came from."""
+    reason: str
+    """Why, in words."""
 
 
 @dataclass(frozen=True)
@@ -67,6 +84,8 @@ class ApplyResult:
     """Agents stopped and forgotten."""
     reconfigured: tuple[str, ...]
     """Agents whose spec changed without needing a restart (policy, labels, config)."""
+    refused: tuple[Refusal, ...] = ()
+    """Pushed agents this node does not run (see `Supervisor.refused`)."""
 
 
 def validate_specs(specs: Sequence[AgentSpec]) -> None:
@@ -110,6 +129,10 @@ class Supervisor:
         )
         self._agents: dict[str, Agent] = {}
         self._version = 0
+        self._host: tuple[AgentSpec, ...] = ()
+        self._pushed: tuple[AgentSpec, ...] = ()
+        self._refused: tuple[Refusal, ...] = ()
+        self._config_name = "daemon.toml"
         self._apply_lock = asyncio.Lock()
         self._sample_task: asyncio.Task[None] | None = None
         self._flush_pending = False
@@ -120,19 +143,22 @@ class Supervisor:
 
     # --- lifecycle ------------------------------------------------------------
 
-    async def start(self, specs: Sequence[AgentSpec]) -> None:
+    async def start(self, specs: Sequence[AgentSpec], *, config_name: str = "") -> None:
         """Re-adopt, restart changed, autostart the rest; start sampling.
 
-        `specs` (from the TOML) is ignored when a pushed update is on disk.
-        `SpecError` (an InvalidArgument) if a TOML spec is invalid.
+        `specs` are the host's own (the TOML named `config_name`, for messages);
+        a pushed set on disk runs beside them. `SpecError` (an InvalidArgument)
+        if a TOML spec is invalid.
         """
         if self._sample_task is not None:
             raise RuntimeError("Supervisor.start() called twice")
+        validate_specs(specs)
+        self._config_name = config_name or self._config_name
+        self._host = tuple(specs)
         pushed = self._store.load_update()
         if pushed is not None:
-            self._version, specs = pushed
-        else:
-            validate_specs(specs)
+            self._version, self._pushed = pushed[0], tuple(pushed[1])
+        specs = self._combined()
         persisted = self._store.load_agents()
         wanted = {s.id: s for s in specs}
         leftovers = [p for i, p in persisted.items() if i not in wanted]
@@ -256,28 +282,72 @@ class Supervisor:
             return agent.snapshot()
 
     async def apply(self, version: int, specs: Sequence[AgentSpec]) -> ApplyResult:
-        """Make `specs` (the complete set) the desired agents, as pushed version `version`."""
-        validate_specs(specs)
+        """Make `specs` (the complete pushed set) run beside the host's own, as `version`.
+
+        An older version is FailedPrecondition; the same version with the same
+        specs is a no-op; a spec invalid anywhere is SpecError and nothing
+        changes. Pushed agents the host defines itself, or cannot run, are
+        refused (in the result and `refused`); the rest apply.
+        """
+        seen: set[str] = set()
+        for spec in specs:
+            spec.validate()  # what holds anywhere; host checks make refusals instead
+            if spec.id in seen:
+                raise SpecError(f"duplicate agent id {spec.id!r}", field=f"agents[{spec.id}].id")
+            seen.add(spec.id)
         async with self._apply_lock:
+            if version == self._version and tuple(specs) == self._pushed:
+                return ApplyResult(version, (), (), (), (), self._refused)
             if version <= self._version:
                 raise FailedPrecondition(
                     f"stale spec version {version}: this node already has version {self._version}"
                 )
             self._store.save_update(version, specs)
-            self._version = version
-            return await self._converge(specs)
+            self._version, self._pushed = version, tuple(specs)
+            return await self._converge(self._combined())
 
     async def reload(self, specs: Sequence[AgentSpec]) -> ApplyResult:
-        """SIGHUP: make the TOML's specs the desired set, unless a pushed set is in force."""
+        """SIGHUP: the TOML's specs become the host's own; the pushed set stays beside them."""
         validate_specs(specs)
         async with self._apply_lock:
-            if self._version > 0:
-                log.warning(
-                    "reload: ignoring the config file's agents: pushed version %d is in force",
-                    self._version,
+            self._host = tuple(specs)
+            return await self._converge(self._combined())
+
+    @property
+    def refused(self) -> tuple[Refusal, ...]:
+        """Pushed agents this node does not run, and why (reported to the manager)."""
+        return self._refused
+
+    def _combined(self) -> tuple[AgentSpec, ...]:
+        """The host's own specs plus the pushed ones it can run; sets `refused`."""
+        own = {s.id for s in self._host}
+        refused: builtins.list[Refusal] = []
+        runnable: builtins.list[AgentSpec] = []
+        for spec in self._pushed:
+            if spec.id in own:
+                refused.append(
+                    Refusal(
+                        spec.id,
+                        spec.revision,
+                        f"agent {spec.id!r} is defined in this host's {self._config_name}; the"
+                        " host's own agent is kept: rename the definition or remove the agent"
+                        " from the host's config",
+                    )
                 )
-                return ApplyResult(self._version, (), (), (), ())
-            return await self._converge(specs)
+                continue
+            try:
+                check_on_host(spec)
+            except SpecError as exc:
+                refused.append(Refusal(spec.id, spec.revision, f"cannot run here: {exc.message}"))
+                continue
+            runnable.append(spec)
+        if refused != list(self._refused):
+            for r in refused:
+                log.warning(
+                    "pushed agent %s (revision %d) refused: %s", r.agent_id, r.revision, r.reason
+                )
+        self._refused = tuple(refused)
+        return (*self._host, *runnable)
 
     async def _converge(self, specs: Sequence[AgentSpec]) -> ApplyResult:
         wanted = {s.id: s for s in specs}
@@ -326,7 +396,12 @@ class Supervisor:
         )
         self._flush()
         return ApplyResult(
-            self._version, tuple(added), tuple(changed), tuple(removed), tuple(reconfigured)
+            self._version,
+            tuple(added),
+            tuple(changed),
+            tuple(removed),
+            tuple(reconfigured),
+            self._refused,
         )
 
     # --- logs, samples, pids ------------------------------------------------------------

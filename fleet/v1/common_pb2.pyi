@@ -279,6 +279,12 @@ class _HealthCheckKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Healt
     """No health check: a live process is a healthy agent."""
     HEALTH_CHECK_KIND_HEARTBEAT: _HealthCheckKind.ValueType  # 1
     """The agent must heartbeat through the SDK within timeout_seconds."""
+    HEALTH_CHECK_KIND_HTTP: _HealthCheckKind.ValueType  # 2
+    """An HTTP GET of `url` answers with a status in the expected range."""
+    HEALTH_CHECK_KIND_TCP: _HealthCheckKind.ValueType  # 3
+    """A TCP connection to `address` succeeds."""
+    HEALTH_CHECK_KIND_COMMAND: _HealthCheckKind.ValueType  # 4
+    """`command` (argv, never a shell) exits 0."""
 
 class HealthCheckKind(_HealthCheckKind, metaclass=_HealthCheckKindEnumTypeWrapper):
     """How a daemon decides an agent is healthy beyond "its process exists"."""
@@ -287,6 +293,12 @@ HEALTH_CHECK_KIND_UNSPECIFIED: HealthCheckKind.ValueType  # 0
 """No health check: a live process is a healthy agent."""
 HEALTH_CHECK_KIND_HEARTBEAT: HealthCheckKind.ValueType  # 1
 """The agent must heartbeat through the SDK within timeout_seconds."""
+HEALTH_CHECK_KIND_HTTP: HealthCheckKind.ValueType  # 2
+"""An HTTP GET of `url` answers with a status in the expected range."""
+HEALTH_CHECK_KIND_TCP: HealthCheckKind.ValueType  # 3
+"""A TCP connection to `address` succeeds."""
+HEALTH_CHECK_KIND_COMMAND: HealthCheckKind.ValueType  # 4
+"""`command` (argv, never a shell) exits 0."""
 Global___HealthCheckKind: _TypeAlias = HealthCheckKind  # noqa: Y015
 
 @_typing.final
@@ -554,6 +566,9 @@ class AgentInfo(_message.Message):
     LAST_EXIT_FIELD_NUMBER: _builtins.int
     SPEC_FIELD_NUMBER: _builtins.int
     LOG_PATH_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    HEALTH_MESSAGE_FIELD_NUMBER: _builtins.int
+    HEALTH_SINCE_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     type: _builtins.str
     status: Global___AgentStatus.ValueType
@@ -578,6 +593,12 @@ class AgentInfo(_message.Message):
     """Version of the config the agent runs with (PushUpdate / GetConfig)."""
     log_path: _builtins.str
     """The agent's log file on its node."""
+    revision: _builtins.int
+    """The definition revision the running spec comes from; 0 for a host agent."""
+    health_message: _builtins.str
+    """Why the last health check failed ("GET http://...: status 503")."""
+    health_since: _builtins.int
+    """When `health` last changed."""
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -609,10 +630,13 @@ class AgentInfo(_message.Message):
         last_exit: Global___LastExit | None = ...,
         spec: Global___AgentSpec | None = ...,
         log_path: _builtins.str = ...,
+        revision: _builtins.int = ...,
+        health_message: _builtins.str = ...,
+        health_since: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_exit", b"last_exit", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backoff_until", b"backoff_until", "config_version", b"config_version", "exit_code", b"exit_code", "health", b"health", "id", b"id", "labels", b"labels", "last_exit", b"last_exit", "last_heartbeat", b"last_heartbeat", "log_path", b"log_path", "message", b"message", "pid", b"pid", "restart_count", b"restart_count", "spec", b"spec", "start_time", b"start_time", "status", b"status", "type", b"type", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backoff_until", b"backoff_until", "config_version", b"config_version", "exit_code", b"exit_code", "health", b"health", "health_message", b"health_message", "health_since", b"health_since", "id", b"id", "labels", b"labels", "last_exit", b"last_exit", "last_heartbeat", b"last_heartbeat", "log_path", b"log_path", "message", b"message", "pid", b"pid", "restart_count", b"restart_count", "revision", b"revision", "spec", b"spec", "start_time", b"start_time", "status", b"status", "type", b"type", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -686,6 +710,10 @@ class AgentSpec(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     HEALTH_FIELD_NUMBER: _builtins.int
     CONFIG_FIELD_NUMBER: _builtins.int
+    CHECKS_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    ARTIFACT_FIELD_NUMBER: _builtins.int
+    RESOURCES_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     type: _builtins.str
     version: _builtins.str
@@ -705,6 +733,10 @@ class AgentSpec(_message.Message):
     """Opaque configuration handed to the agent (JSON by convention). A change
     of config alone reaches a running SDK agent without a restart.
     """
+    revision: _builtins.int
+    """The definition revision this spec comes from (pushed by the manager's
+    desired state); 0 for an agent from the host's own config.
+    """
     @_builtins.property
     def argv(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Program and arguments; never run through a shell."""
@@ -721,6 +753,22 @@ class AgentSpec(_message.Message):
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
     def health(self) -> Global___HealthCheck: ...
+    @_builtins.property
+    def checks(self) -> _containers.RepeatedCompositeFieldContainer[Global___HealthCheck]:
+        """Further health checks (HTTP, TCP, command); the agent is healthy when it
+        is RUNNING and `health` and every one of these pass.
+        """
+
+    @_builtins.property
+    def artifact(self) -> Global___ArtifactRef:
+        """A file or archive the daemon fetches from the manager before starting
+        the agent; `{artifact}` in argv, cwd and env values becomes its path.
+        """
+
+    @_builtins.property
+    def resources(self) -> Global___Resources:
+        """What the agent needs of its node, for placement by count."""
+
     def __init__(
         self,
         *,
@@ -744,14 +792,107 @@ class AgentSpec(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         health: Global___HealthCheck | None = ...,
         config: _builtins.bytes = ...,
+        checks: _abc.Iterable[Global___HealthCheck] | None = ...,
+        revision: _builtins.int = ...,
+        artifact: Global___ArtifactRef | None = ...,
+        resources: Global___Resources | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["backoff", b"backoff", "health", b"health"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact", "backoff", b"backoff", "health", b"health", "resources", b"resources"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["argv", b"argv", "autostart", b"autostart", "backoff", b"backoff", "config", b"config", "cwd", b"cwd", "env", b"env", "expected_exit_codes", b"expected_exit_codes", "health", b"health", "id", b"id", "labels", b"labels", "log_backups", b"log_backups", "log_max_bytes", b"log_max_bytes", "max_retries", b"max_retries", "restart", b"restart", "start_secs", b"start_secs", "stop_signal", b"stop_signal", "stop_timeout_seconds", b"stop_timeout_seconds", "type", b"type", "user", b"user", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["argv", b"argv", "artifact", b"artifact", "autostart", b"autostart", "backoff", b"backoff", "checks", b"checks", "config", b"config", "cwd", b"cwd", "env", b"env", "expected_exit_codes", b"expected_exit_codes", "health", b"health", "id", b"id", "labels", b"labels", "log_backups", b"log_backups", "log_max_bytes", b"log_max_bytes", "max_retries", b"max_retries", "resources", b"resources", "restart", b"restart", "revision", b"revision", "start_secs", b"start_secs", "stop_signal", b"stop_signal", "stop_timeout_seconds", b"stop_timeout_seconds", "type", b"type", "user", b"user", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AgentSpec: _TypeAlias = AgentSpec  # noqa: Y015
+
+@_typing.final
+class ArtifactRef(_message.Message):
+    """A file or archive stored in the manager, content-addressed by SHA-256."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    DIGEST_FIELD_NUMBER: _builtins.int
+    SIZE_BYTES_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    version: _builtins.str
+    digest: _builtins.str
+    """"sha256:<64 hex digits>". In a definition, name + version or digest
+    identify the artifact; in a pushed spec the manager fills in all four.
+    """
+    size_bytes: _builtins.int
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        version: _builtins.str = ...,
+        digest: _builtins.str = ...,
+        size_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "name", b"name", "size_bytes", b"size_bytes", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ArtifactRef: _TypeAlias = ArtifactRef  # noqa: Y015
+
+@_typing.final
+class Resources(_message.Message):
+    """CPU and memory an agent requests of its node."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CPU_MILLICORES_FIELD_NUMBER: _builtins.int
+    MEMORY_BYTES_FIELD_NUMBER: _builtins.int
+    cpu_millicores: _builtins.int
+    """Thousandths of a core."""
+    memory_bytes: _builtins.int
+    def __init__(
+        self,
+        *,
+        cpu_millicores: _builtins.int = ...,
+        memory_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_millicores", b"cpu_millicores", "memory_bytes", b"memory_bytes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Resources: _TypeAlias = Resources  # noqa: Y015
+
+@_typing.final
+class UpdateError(_message.Message):
+    """A pushed agent this node did not apply, and why."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    agent_id: _builtins.str
+    revision: _builtins.int
+    """The definition revision that could not be applied."""
+    reason: _builtins.str
+    """e.g. "agent 'web' is defined in this host's daemon.toml ...",
+    "artifact web 1.4.2: digest mismatch ...".
+    """
+    def __init__(
+        self,
+        *,
+        agent_id: _builtins.str = ...,
+        revision: _builtins.int = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "reason", b"reason", "revision", b"revision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateError: _TypeAlias = UpdateError  # noqa: Y015
 
 @_typing.final
 class Backoff(_message.Message):
@@ -792,18 +933,59 @@ class HealthCheck(_message.Message):
 
     KIND_FIELD_NUMBER: _builtins.int
     TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    INTERVAL_SECONDS_FIELD_NUMBER: _builtins.int
+    FAILURE_THRESHOLD_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    EXPECTED_STATUS_MIN_FIELD_NUMBER: _builtins.int
+    EXPECTED_STATUS_MAX_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    COMMAND_FIELD_NUMBER: _builtins.int
+    INITIAL_DELAY_SECONDS_FIELD_NUMBER: _builtins.int
+    RESTART_WHEN_UNHEALTHY_FIELD_NUMBER: _builtins.int
     kind: Global___HealthCheckKind.ValueType
     timeout_seconds: _builtins.float
-    """For "heartbeat": the agent is unhealthy after this long without one."""
+    """For "heartbeat": the agent is unhealthy after this long without one.
+    For the probes: how long one probe may take.
+    """
+    interval_seconds: _builtins.float
+    """Probes: time between two probes."""
+    failure_threshold: _builtins.int
+    """Probes: consecutive failures before the agent is unhealthy (0 means 1)."""
+    url: _builtins.str
+    """HTTP: "http://host:port/path" or "https://..."."""
+    expected_status_min: _builtins.int
+    """HTTP: the accepted status range (0 and 0 mean 200..399)."""
+    expected_status_max: _builtins.int
+    address: _builtins.str
+    """TCP: "host:port"."""
+    initial_delay_seconds: _builtins.float
+    """Probes: wait this long after the agent started before the first probe."""
+    restart_when_unhealthy: _builtins.bool
+    """Probes: restart the agent when it turns unhealthy (the heartbeat check
+    always does, unless its restart policy is "never").
+    """
+    @_builtins.property
+    def command(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Command: the program and its arguments."""
+
     def __init__(
         self,
         *,
         kind: Global___HealthCheckKind.ValueType = ...,
         timeout_seconds: _builtins.float = ...,
+        interval_seconds: _builtins.float = ...,
+        failure_threshold: _builtins.int = ...,
+        url: _builtins.str = ...,
+        expected_status_min: _builtins.int = ...,
+        expected_status_max: _builtins.int = ...,
+        address: _builtins.str = ...,
+        command: _abc.Iterable[_builtins.str] | None = ...,
+        initial_delay_seconds: _builtins.float = ...,
+        restart_when_unhealthy: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "command", b"command", "expected_status_max", b"expected_status_max", "expected_status_min", b"expected_status_min", "failure_threshold", b"failure_threshold", "initial_delay_seconds", b"initial_delay_seconds", "interval_seconds", b"interval_seconds", "kind", b"kind", "restart_when_unhealthy", b"restart_when_unhealthy", "timeout_seconds", b"timeout_seconds", "url", b"url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -61,6 +61,21 @@ class DaemonServiceStub:
                 request_serializer=fleet_dot_v1_dot_daemon__pb2.ReadAgentLogRequest.SerializeToString,
                 response_deserializer=fleet_dot_v1_dot_daemon__pb2.ReadAgentLogResponse.FromString,
                 _registered_method=True)
+        self.StartJob = channel.unary_unary(
+                '/fleet.v1.DaemonService/StartJob',
+                request_serializer=fleet_dot_v1_dot_daemon__pb2.StartJobRequest.SerializeToString,
+                response_deserializer=fleet_dot_v1_dot_daemon__pb2.StartJobResponse.FromString,
+                _registered_method=True)
+        self.CancelJob = channel.unary_unary(
+                '/fleet.v1.DaemonService/CancelJob',
+                request_serializer=fleet_dot_v1_dot_daemon__pb2.CancelJobRequest.SerializeToString,
+                response_deserializer=fleet_dot_v1_dot_daemon__pb2.CancelJobResponse.FromString,
+                _registered_method=True)
+        self.ReadJobOutput = channel.unary_stream(
+                '/fleet.v1.DaemonService/ReadJobOutput',
+                request_serializer=fleet_dot_v1_dot_daemon__pb2.ReadJobOutputRequest.SerializeToString,
+                response_deserializer=fleet_dot_v1_dot_daemon__pb2.ReadJobOutputResponse.FromString,
+                _registered_method=True)
 
 
 class DaemonServiceServicer:
@@ -103,6 +118,29 @@ class DaemonServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def StartJob(self, request, context):
+        """Accepts one target of a job. Idempotent per job_id: a job the daemon
+        already has is not started again; the answer says where it is.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelJob(self, request, context):
+        """Stops a queued or running job (signal, grace, then SIGKILL of its
+        process group). Idempotent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadJobOutput(self, request, context):
+        """Reads a job's full output from the node, optionally following it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_DaemonServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -130,6 +168,21 @@ def add_DaemonServiceServicer_to_server(servicer, server):
                     servicer.ReadAgentLog,
                     request_deserializer=fleet_dot_v1_dot_daemon__pb2.ReadAgentLogRequest.FromString,
                     response_serializer=fleet_dot_v1_dot_daemon__pb2.ReadAgentLogResponse.SerializeToString,
+            ),
+            'StartJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartJob,
+                    request_deserializer=fleet_dot_v1_dot_daemon__pb2.StartJobRequest.FromString,
+                    response_serializer=fleet_dot_v1_dot_daemon__pb2.StartJobResponse.SerializeToString,
+            ),
+            'CancelJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelJob,
+                    request_deserializer=fleet_dot_v1_dot_daemon__pb2.CancelJobRequest.FromString,
+                    response_serializer=fleet_dot_v1_dot_daemon__pb2.CancelJobResponse.SerializeToString,
+            ),
+            'ReadJobOutput': grpc.unary_stream_rpc_method_handler(
+                    servicer.ReadJobOutput,
+                    request_deserializer=fleet_dot_v1_dot_daemon__pb2.ReadJobOutputRequest.FromString,
+                    response_serializer=fleet_dot_v1_dot_daemon__pb2.ReadJobOutputResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -269,6 +322,87 @@ class DaemonService:
             '/fleet.v1.DaemonService/ReadAgentLog',
             fleet_dot_v1_dot_daemon__pb2.ReadAgentLogRequest.SerializeToString,
             fleet_dot_v1_dot_daemon__pb2.ReadAgentLogResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.v1.DaemonService/StartJob',
+            fleet_dot_v1_dot_daemon__pb2.StartJobRequest.SerializeToString,
+            fleet_dot_v1_dot_daemon__pb2.StartJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.v1.DaemonService/CancelJob',
+            fleet_dot_v1_dot_daemon__pb2.CancelJobRequest.SerializeToString,
+            fleet_dot_v1_dot_daemon__pb2.CancelJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadJobOutput(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/fleet.v1.DaemonService/ReadJobOutput',
+            fleet_dot_v1_dot_daemon__pb2.ReadJobOutputRequest.SerializeToString,
+            fleet_dot_v1_dot_daemon__pb2.ReadJobOutputResponse.FromString,
             options,
             channel_credentials,
             insecure,

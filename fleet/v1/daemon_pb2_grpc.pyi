@@ -46,6 +46,16 @@ class DaemonServiceStub:
     """Replaces the node's managed agent specs with a newer versioned set."""
     ReadAgentLog: _grpc.UnaryStreamMultiCallable[_daemon_pb2.ReadAgentLogRequest, _daemon_pb2.ReadAgentLogResponse]
     """Reads an agent's log from an offset, optionally following it."""
+    StartJob: _grpc.UnaryUnaryMultiCallable[_daemon_pb2.StartJobRequest, _daemon_pb2.StartJobResponse]
+    """Accepts one target of a job. Idempotent per job_id: a job the daemon
+    already has is not started again; the answer says where it is.
+    """
+    CancelJob: _grpc.UnaryUnaryMultiCallable[_daemon_pb2.CancelJobRequest, _daemon_pb2.CancelJobResponse]
+    """Stops a queued or running job (signal, grace, then SIGKILL of its
+    process group). Idempotent.
+    """
+    ReadJobOutput: _grpc.UnaryStreamMultiCallable[_daemon_pb2.ReadJobOutputRequest, _daemon_pb2.ReadJobOutputResponse]
+    """Reads a job's full output from the node, optionally following it."""
 
 @_typing.type_check_only
 class DaemonServiceAsyncStub(DaemonServiceStub):
@@ -65,6 +75,16 @@ class DaemonServiceAsyncStub(DaemonServiceStub):
     """Replaces the node's managed agent specs with a newer versioned set."""
     ReadAgentLog: _aio.UnaryStreamMultiCallable[_daemon_pb2.ReadAgentLogRequest, _daemon_pb2.ReadAgentLogResponse]  # type: ignore[assignment]
     """Reads an agent's log from an offset, optionally following it."""
+    StartJob: _aio.UnaryUnaryMultiCallable[_daemon_pb2.StartJobRequest, _daemon_pb2.StartJobResponse]  # type: ignore[assignment]
+    """Accepts one target of a job. Idempotent per job_id: a job the daemon
+    already has is not started again; the answer says where it is.
+    """
+    CancelJob: _aio.UnaryUnaryMultiCallable[_daemon_pb2.CancelJobRequest, _daemon_pb2.CancelJobResponse]  # type: ignore[assignment]
+    """Stops a queued or running job (signal, grace, then SIGKILL of its
+    process group). Idempotent.
+    """
+    ReadJobOutput: _aio.UnaryStreamMultiCallable[_daemon_pb2.ReadJobOutputRequest, _daemon_pb2.ReadJobOutputResponse]  # type: ignore[assignment]
+    """Reads a job's full output from the node, optionally following it."""
 
 class DaemonServiceServicer(metaclass=_abc_1.ABCMeta):
     """Served by each daemon on TCP, called by the manager's pooled client (mTLS;
@@ -111,5 +131,33 @@ class DaemonServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_daemon_pb2.ReadAgentLogResponse], _abc.AsyncIterator[_daemon_pb2.ReadAgentLogResponse]]:
         """Reads an agent's log from an offset, optionally following it."""
+
+    @_abc_1.abstractmethod
+    def StartJob(
+        self,
+        request: _daemon_pb2.StartJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_daemon_pb2.StartJobResponse, _abc.Awaitable[_daemon_pb2.StartJobResponse]]:
+        """Accepts one target of a job. Idempotent per job_id: a job the daemon
+        already has is not started again; the answer says where it is.
+        """
+
+    @_abc_1.abstractmethod
+    def CancelJob(
+        self,
+        request: _daemon_pb2.CancelJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_daemon_pb2.CancelJobResponse, _abc.Awaitable[_daemon_pb2.CancelJobResponse]]:
+        """Stops a queued or running job (signal, grace, then SIGKILL of its
+        process group). Idempotent.
+        """
+
+    @_abc_1.abstractmethod
+    def ReadJobOutput(
+        self,
+        request: _daemon_pb2.ReadJobOutputRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_daemon_pb2.ReadJobOutputResponse], _abc.AsyncIterator[_daemon_pb2.ReadJobOutputResponse]]:
+        """Reads a job's full output from the node, optionally following it."""
 
 def add_DaemonServiceServicer_to_server(servicer: DaemonServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -5,6 +5,8 @@ isort:skip_file
 
 from collections import abc as _abc
 from fleet.v1 import common_pb2 as _common_pb2
+from fleet.v1 import desired_pb2 as _desired_pb2
+from fleet.v1 import jobs_pb2 as _jobs_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
@@ -61,6 +63,27 @@ class _EventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventKind.V
     EVENT_KIND_NODE_LABELS_UPDATED: _EventKind.ValueType  # 4
     EVENT_KIND_AGENT_STATE_CHANGED: _EventKind.ValueType  # 5
     EVENT_KIND_OPERATION: _EventKind.ValueType  # 6
+    EVENT_KIND_DEFINITION_APPLIED: _EventKind.ValueType  # 20
+    EVENT_KIND_DEFINITION_DELETED: _EventKind.ValueType  # 21
+    EVENT_KIND_ROLLOUT_STARTED: _EventKind.ValueType  # 22
+    EVENT_KIND_ROLLOUT_BATCH: _EventKind.ValueType  # 23
+    EVENT_KIND_ROLLOUT_NODE_FAILED: _EventKind.ValueType  # 24
+    EVENT_KIND_ROLLOUT_AWAITING_PROMOTION: _EventKind.ValueType  # 25
+    EVENT_KIND_ROLLOUT_PROMOTED: _EventKind.ValueType  # 26
+    EVENT_KIND_ROLLOUT_PAUSED: _EventKind.ValueType  # 27
+    EVENT_KIND_ROLLOUT_RESUMED: _EventKind.ValueType  # 28
+    EVENT_KIND_ROLLOUT_SUCCEEDED: _EventKind.ValueType  # 29
+    EVENT_KIND_ROLLOUT_FAILED: _EventKind.ValueType  # 30
+    EVENT_KIND_ROLLOUT_REVERTING: _EventKind.ValueType  # 31
+    EVENT_KIND_ROLLOUT_REVERTED: _EventKind.ValueType  # 32
+    EVENT_KIND_ROLLOUT_CANCELLED: _EventKind.ValueType  # 33
+    EVENT_KIND_ARTIFACT_PUSHED: _EventKind.ValueType  # 34
+    EVENT_KIND_ARTIFACT_DELETED: _EventKind.ValueType  # 35
+    EVENT_KIND_NODE_UPDATE_ERROR: _EventKind.ValueType  # 36
+    """A node's daemon reports it cannot run what it was pushed (or recovered)."""
+    EVENT_KIND_JOB_STARTED: _EventKind.ValueType  # 40
+    EVENT_KIND_JOB_TARGET_FINISHED: _EventKind.ValueType  # 41
+    EVENT_KIND_JOB_FINISHED: _EventKind.ValueType  # 42
 
 class EventKind(_EventKind, metaclass=_EventKindEnumTypeWrapper): ...
 
@@ -71,6 +94,27 @@ EVENT_KIND_NODE_OFFLINE: EventKind.ValueType  # 3
 EVENT_KIND_NODE_LABELS_UPDATED: EventKind.ValueType  # 4
 EVENT_KIND_AGENT_STATE_CHANGED: EventKind.ValueType  # 5
 EVENT_KIND_OPERATION: EventKind.ValueType  # 6
+EVENT_KIND_DEFINITION_APPLIED: EventKind.ValueType  # 20
+EVENT_KIND_DEFINITION_DELETED: EventKind.ValueType  # 21
+EVENT_KIND_ROLLOUT_STARTED: EventKind.ValueType  # 22
+EVENT_KIND_ROLLOUT_BATCH: EventKind.ValueType  # 23
+EVENT_KIND_ROLLOUT_NODE_FAILED: EventKind.ValueType  # 24
+EVENT_KIND_ROLLOUT_AWAITING_PROMOTION: EventKind.ValueType  # 25
+EVENT_KIND_ROLLOUT_PROMOTED: EventKind.ValueType  # 26
+EVENT_KIND_ROLLOUT_PAUSED: EventKind.ValueType  # 27
+EVENT_KIND_ROLLOUT_RESUMED: EventKind.ValueType  # 28
+EVENT_KIND_ROLLOUT_SUCCEEDED: EventKind.ValueType  # 29
+EVENT_KIND_ROLLOUT_FAILED: EventKind.ValueType  # 30
+EVENT_KIND_ROLLOUT_REVERTING: EventKind.ValueType  # 31
+EVENT_KIND_ROLLOUT_REVERTED: EventKind.ValueType  # 32
+EVENT_KIND_ROLLOUT_CANCELLED: EventKind.ValueType  # 33
+EVENT_KIND_ARTIFACT_PUSHED: EventKind.ValueType  # 34
+EVENT_KIND_ARTIFACT_DELETED: EventKind.ValueType  # 35
+EVENT_KIND_NODE_UPDATE_ERROR: EventKind.ValueType  # 36
+"""A node's daemon reports it cannot run what it was pushed (or recovered)."""
+EVENT_KIND_JOB_STARTED: EventKind.ValueType  # 40
+EVENT_KIND_JOB_TARGET_FINISHED: EventKind.ValueType  # 41
+EVENT_KIND_JOB_FINISHED: EventKind.ValueType  # 42
 Global___EventKind: _TypeAlias = EventKind  # noqa: Y015
 
 class _Aggregate:
@@ -198,6 +242,12 @@ class Node(_message.Message):
     AGENT_COUNTS_FIELD_NUMBER: _builtins.int
     DAEMON_LABELS_FIELD_NUMBER: _builtins.int
     OPERATOR_LABELS_FIELD_NUMBER: _builtins.int
+    DESIRED_VERSION_FIELD_NUMBER: _builtins.int
+    REPORTED_VERSION_FIELD_NUMBER: _builtins.int
+    DRIFT_FIELD_NUMBER: _builtins.int
+    DRIFT_REASON_FIELD_NUMBER: _builtins.int
+    UPDATE_ERRORS_FIELD_NUMBER: _builtins.int
+    JOBS_DISABLED_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     hostname: _builtins.str
     ip: _builtins.str
@@ -210,6 +260,19 @@ class Node(_message.Message):
     last_heartbeat: _builtins.int
     registered_at: _builtins.int
     connection_state: Global___ConnectionState.ValueType
+    desired_version: _builtins.int
+    """Desired state: the version of the managed agent set the manager wants
+    the node to run, and the version its daemon reports running.
+    """
+    reported_version: _builtins.int
+    drift: _builtins.bool
+    """The node does not run what it should: versions differ, an agent runs
+    another revision than assigned, or the daemon reports update errors.
+    """
+    drift_reason: _builtins.str
+    """Why, in words ("web runs revision 3, assigned 4")."""
+    jobs_disabled: _builtins.bool
+    """The host refuses remote jobs (its daemon's `[jobs] enabled = false`)."""
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """The effective labels selectors match: `daemon_labels` overlaid with
@@ -228,6 +291,8 @@ class Node(_message.Message):
         and win over the daemon's.
         """
 
+    @_builtins.property
+    def update_errors(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.UpdateError]: ...
     def __init__(
         self,
         *,
@@ -247,10 +312,16 @@ class Node(_message.Message):
         agent_counts: _abc.Iterable[Global___AgentCount] | None = ...,
         daemon_labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         operator_labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        desired_version: _builtins.int = ...,
+        reported_version: _builtins.int = ...,
+        drift: _builtins.bool = ...,
+        drift_reason: _builtins.str = ...,
+        update_errors: _abc.Iterable[_common_pb2.UpdateError] | None = ...,
+        jobs_disabled: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_counts", b"agent_counts", "agent_version", b"agent_version", "arch", b"arch", "connection_state", b"connection_state", "daemon_address", b"daemon_address", "daemon_labels", b"daemon_labels", "daemon_version", b"daemon_version", "hostname", b"hostname", "ip", b"ip", "labels", b"labels", "last_heartbeat", b"last_heartbeat", "node_id", b"node_id", "operator_labels", b"operator_labels", "os", b"os", "registered_at", b"registered_at", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_counts", b"agent_counts", "agent_version", b"agent_version", "arch", b"arch", "connection_state", b"connection_state", "daemon_address", b"daemon_address", "daemon_labels", b"daemon_labels", "daemon_version", b"daemon_version", "desired_version", b"desired_version", "drift", b"drift", "drift_reason", b"drift_reason", "hostname", b"hostname", "ip", b"ip", "jobs_disabled", b"jobs_disabled", "labels", b"labels", "last_heartbeat", b"last_heartbeat", "node_id", b"node_id", "operator_labels", b"operator_labels", "os", b"os", "registered_at", b"registered_at", "reported_version", b"reported_version", "status", b"status", "update_errors", b"update_errors"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1215,3 +1286,1111 @@ class Event(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Event: _TypeAlias = Event  # noqa: Y015
+
+@_typing.final
+class FleetServiceApplyDefinitionsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class ExpectedRevisionsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    DEFINITIONS_FIELD_NUMBER: _builtins.int
+    EXPECTED_REVISIONS_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    PLAN_FIELD_NUMBER: _builtins.int
+    message: _builtins.str
+    """The change cause, stored with every new revision."""
+    plan: _builtins.bool
+    """Change nothing; say what would happen per node and per batch."""
+    @_builtins.property
+    def definitions(self) -> _containers.RepeatedCompositeFieldContainer[_desired_pb2.Definition]: ...
+    @_builtins.property
+    def expected_revisions(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]:
+        """Only store a definition if its current revision is this one (name ->
+        revision; 0 means "must not exist yet"); otherwise FAILED_PRECONDITION
+        and nothing is stored.
+        """
+
+    def __init__(
+        self,
+        *,
+        definitions: _abc.Iterable[_desired_pb2.Definition] | None = ...,
+        expected_revisions: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        message: _builtins.str = ...,
+        plan: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["definitions", b"definitions", "expected_revisions", b"expected_revisions", "message", b"message", "plan", b"plan"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetServiceApplyDefinitionsRequest: _TypeAlias = FleetServiceApplyDefinitionsRequest  # noqa: Y015
+
+@_typing.final
+class FleetServiceApplyDefinitionsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def changes(self) -> _containers.RepeatedCompositeFieldContainer[_desired_pb2.DefinitionChange]: ...
+    def __init__(
+        self,
+        *,
+        changes: _abc.Iterable[_desired_pb2.DefinitionChange] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetServiceApplyDefinitionsResponse: _TypeAlias = FleetServiceApplyDefinitionsResponse  # noqa: Y015
+
+@_typing.final
+class FleetServiceListDefinitionsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INCLUDE_DELETED_FIELD_NUMBER: _builtins.int
+    include_deleted: _builtins.bool
+    """Also list deleted definitions."""
+    def __init__(
+        self,
+        *,
+        include_deleted: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_deleted", b"include_deleted"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetServiceListDefinitionsRequest: _TypeAlias = FleetServiceListDefinitionsRequest  # noqa: Y015
+
+@_typing.final
+class FleetServiceListDefinitionsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DEFINITIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def definitions(self) -> _containers.RepeatedCompositeFieldContainer[_desired_pb2.DefinitionStatus]: ...
+    def __init__(
+        self,
+        *,
+        definitions: _abc.Iterable[_desired_pb2.DefinitionStatus] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["definitions", b"definitions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetServiceListDefinitionsResponse: _TypeAlias = FleetServiceListDefinitionsResponse  # noqa: Y015
+
+@_typing.final
+class FleetServiceGetDefinitionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    revision: _builtins.int
+    """0: the current revision."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        revision: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "revision", b"revision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetServiceGetDefinitionRequest: _TypeAlias = FleetServiceGetDefinitionRequest  # noqa: Y015
+
+@_typing.final
+class FleetServiceGetDefinitionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATUS_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def status(self) -> _desired_pb2.DefinitionStatus: ...
+    @_builtins.property
+    def revision(self) -> _desired_pb2.DefinitionRevision:
+        """The revision asked for (the current one by default)."""
+
+    def __init__(
+        self,
+        *,
+        status: _desired_pb2.DefinitionStatus | None = ...,
+        revision: _desired_pb2.DefinitionRevision | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["revision", b"revision", "status", b"status"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["revision", b"revision", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetServiceGetDefinitionResponse: _TypeAlias = FleetServiceGetDefinitionResponse  # noqa: Y015
+
+@_typing.final
+class FleetServiceListDefinitionRevisionsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetServiceListDefinitionRevisionsRequest: _TypeAlias = FleetServiceListDefinitionRevisionsRequest  # noqa: Y015
+
+@_typing.final
+class FleetServiceListDefinitionRevisionsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVISIONS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def revisions(self) -> _containers.RepeatedCompositeFieldContainer[_desired_pb2.DefinitionRevision]: ...
+    def __init__(
+        self,
+        *,
+        revisions: _abc.Iterable[_desired_pb2.DefinitionRevision] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["revisions", b"revisions"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetServiceListDefinitionRevisionsResponse: _TypeAlias = FleetServiceListDefinitionRevisionsResponse  # noqa: Y015
+
+@_typing.final
+class FleetServiceDeleteDefinitionRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    PLAN_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    message: _builtins.str
+    plan: _builtins.bool
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        message: _builtins.str = ...,
+        plan: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "name", b"name", "plan", b"plan"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetServiceDeleteDefinitionRequest: _TypeAlias = FleetServiceDeleteDefinitionRequest  # noqa: Y015
+
+@_typing.final
+class FleetServiceDeleteDefinitionResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def change(self) -> _desired_pb2.DefinitionChange: ...
+    def __init__(
+        self,
+        *,
+        change: _desired_pb2.DefinitionChange | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["change", b"change"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetServiceDeleteDefinitionResponse: _TypeAlias = FleetServiceDeleteDefinitionResponse  # noqa: Y015
+
+@_typing.final
+class FleetServiceGetRolloutRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ROLLOUT_ID_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """The definition."""
+    rollout_id: _builtins.int
+    """0: its latest rollout."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        rollout_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "rollout_id", b"rollout_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetServiceGetRolloutRequest: _TypeAlias = FleetServiceGetRolloutRequest  # noqa: Y015
+
+@_typing.final
+class FleetServiceGetRolloutResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rollout(self) -> _desired_pb2.Rollout: ...
+    def __init__(
+        self,
+        *,
+        rollout: _desired_pb2.Rollout | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetServiceGetRolloutResponse: _TypeAlias = FleetServiceGetRolloutResponse  # noqa: Y015
+
+@_typing.final
+class FleetServiceListRolloutsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    LIVE_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Only this definition's (empty: every definition's)."""
+    live: _builtins.bool
+    """Only rollouts that have not ended."""
+    limit: _builtins.int
+    """At most this many, newest first (0: 100)."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        live: _builtins.bool = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "live", b"live", "name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetServiceListRolloutsRequest: _TypeAlias = FleetServiceListRolloutsRequest  # noqa: Y015
+
+@_typing.final
+class FleetServiceListRolloutsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rollouts(self) -> _containers.RepeatedCompositeFieldContainer[_desired_pb2.Rollout]: ...
+    def __init__(
+        self,
+        *,
+        rollouts: _abc.Iterable[_desired_pb2.Rollout] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rollouts", b"rollouts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetServiceListRolloutsResponse: _TypeAlias = FleetServiceListRolloutsResponse  # noqa: Y015
+
+@_typing.final
+class FleetServiceWatchRolloutRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ROLLOUT_ID_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    rollout_id: _builtins.int
+    """0: the latest rollout."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        rollout_id: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "rollout_id", b"rollout_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetServiceWatchRolloutRequest: _TypeAlias = FleetServiceWatchRolloutRequest  # noqa: Y015
+
+@_typing.final
+class FleetServiceWatchRolloutResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rollout(self) -> _desired_pb2.Rollout: ...
+    def __init__(
+        self,
+        *,
+        rollout: _desired_pb2.Rollout | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetServiceWatchRolloutResponse: _TypeAlias = FleetServiceWatchRolloutResponse  # noqa: Y015
+
+@_typing.final
+class FleetServicePauseRolloutRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetServicePauseRolloutRequest: _TypeAlias = FleetServicePauseRolloutRequest  # noqa: Y015
+
+@_typing.final
+class FleetServicePauseRolloutResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rollout(self) -> _desired_pb2.Rollout: ...
+    def __init__(
+        self,
+        *,
+        rollout: _desired_pb2.Rollout | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetServicePauseRolloutResponse: _TypeAlias = FleetServicePauseRolloutResponse  # noqa: Y015
+
+@_typing.final
+class FleetServiceResumeRolloutRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetServiceResumeRolloutRequest: _TypeAlias = FleetServiceResumeRolloutRequest  # noqa: Y015
+
+@_typing.final
+class FleetServiceResumeRolloutResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rollout(self) -> _desired_pb2.Rollout: ...
+    def __init__(
+        self,
+        *,
+        rollout: _desired_pb2.Rollout | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetServiceResumeRolloutResponse: _TypeAlias = FleetServiceResumeRolloutResponse  # noqa: Y015
+
+@_typing.final
+class FleetServicePromoteRolloutRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetServicePromoteRolloutRequest: _TypeAlias = FleetServicePromoteRolloutRequest  # noqa: Y015
+
+@_typing.final
+class FleetServicePromoteRolloutResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rollout(self) -> _desired_pb2.Rollout: ...
+    def __init__(
+        self,
+        *,
+        rollout: _desired_pb2.Rollout | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetServicePromoteRolloutResponse: _TypeAlias = FleetServicePromoteRolloutResponse  # noqa: Y015
+
+@_typing.final
+class FleetServiceAbortRolloutRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetServiceAbortRolloutRequest: _TypeAlias = FleetServiceAbortRolloutRequest  # noqa: Y015
+
+@_typing.final
+class FleetServiceAbortRolloutResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def rollout(self) -> _desired_pb2.Rollout: ...
+    def __init__(
+        self,
+        *,
+        rollout: _desired_pb2.Rollout | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetServiceAbortRolloutResponse: _TypeAlias = FleetServiceAbortRolloutResponse  # noqa: Y015
+
+@_typing.final
+class FleetServiceUndoRolloutRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    TO_REVISION_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    PLAN_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    to_revision: _builtins.int
+    """0: the last revision that succeeded before the current one."""
+    message: _builtins.str
+    plan: _builtins.bool
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        to_revision: _builtins.int = ...,
+        message: _builtins.str = ...,
+        plan: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["message", b"message", "name", b"name", "plan", b"plan", "to_revision", b"to_revision"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetServiceUndoRolloutRequest: _TypeAlias = FleetServiceUndoRolloutRequest  # noqa: Y015
+
+@_typing.final
+class FleetServiceUndoRolloutResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def change(self) -> _desired_pb2.DefinitionChange: ...
+    def __init__(
+        self,
+        *,
+        change: _desired_pb2.DefinitionChange | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["change", b"change"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetServiceUndoRolloutResponse: _TypeAlias = FleetServiceUndoRolloutResponse  # noqa: Y015
+
+@_typing.final
+class FleetServicePushArtifactRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UPLOAD_FIELD_NUMBER: _builtins.int
+    CHUNK_FIELD_NUMBER: _builtins.int
+    chunk: _builtins.bytes
+    """Then the bytes, in order (at most 1 MiB per message)."""
+    @_builtins.property
+    def upload(self) -> _desired_pb2.ArtifactUpload:
+        """First message."""
+
+    def __init__(
+        self,
+        *,
+        upload: _desired_pb2.ArtifactUpload | None = ...,
+        chunk: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "item", b"item", "upload", b"upload"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["chunk", b"chunk", "item", b"item", "upload", b"upload"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_item: _TypeAlias = _typing.Literal["upload", "chunk"]  # noqa: Y015
+    _WhichOneofArgType_item: _TypeAlias = _typing.Literal["item", b"item"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_item) -> _WhichOneofReturnType_item | None: ...
+
+Global___FleetServicePushArtifactRequest: _TypeAlias = FleetServicePushArtifactRequest  # noqa: Y015
+
+@_typing.final
+class FleetServicePushArtifactResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ARTIFACT_FIELD_NUMBER: _builtins.int
+    EXISTED_FIELD_NUMBER: _builtins.int
+    existed: _builtins.bool
+    """The same name, version and digest were already stored: nothing changed."""
+    @_builtins.property
+    def artifact(self) -> _desired_pb2.Artifact: ...
+    def __init__(
+        self,
+        *,
+        artifact: _desired_pb2.Artifact | None = ...,
+        existed: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact", "existed", b"existed"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetServicePushArtifactResponse: _TypeAlias = FleetServicePushArtifactResponse  # noqa: Y015
+
+@_typing.final
+class FleetServiceListArtifactsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Only this name's versions (empty: all)."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetServiceListArtifactsRequest: _TypeAlias = FleetServiceListArtifactsRequest  # noqa: Y015
+
+@_typing.final
+class FleetServiceListArtifactsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ARTIFACTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def artifacts(self) -> _containers.RepeatedCompositeFieldContainer[_desired_pb2.Artifact]: ...
+    def __init__(
+        self,
+        *,
+        artifacts: _abc.Iterable[_desired_pb2.Artifact] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifacts", b"artifacts"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetServiceListArtifactsResponse: _TypeAlias = FleetServiceListArtifactsResponse  # noqa: Y015
+
+@_typing.final
+class FleetServiceGetArtifactRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    version: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetServiceGetArtifactRequest: _TypeAlias = FleetServiceGetArtifactRequest  # noqa: Y015
+
+@_typing.final
+class FleetServiceGetArtifactResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ARTIFACT_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def artifact(self) -> _desired_pb2.Artifact: ...
+    def __init__(
+        self,
+        *,
+        artifact: _desired_pb2.Artifact | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["artifact", b"artifact"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetServiceGetArtifactResponse: _TypeAlias = FleetServiceGetArtifactResponse  # noqa: Y015
+
+@_typing.final
+class FleetServiceDeleteArtifactRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    version: _builtins.str
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        version: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetServiceDeleteArtifactRequest: _TypeAlias = FleetServiceDeleteArtifactRequest  # noqa: Y015
+
+@_typing.final
+class FleetServiceDeleteArtifactResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetServiceDeleteArtifactResponse: _TypeAlias = FleetServiceDeleteArtifactResponse  # noqa: Y015
+
+@_typing.final
+class FleetServiceRunJobRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SPEC_FIELD_NUMBER: _builtins.int
+    PLAN_FIELD_NUMBER: _builtins.int
+    plan: _builtins.bool
+    """Resolve the targets and check the spec; run nothing, store nothing."""
+    @_builtins.property
+    def spec(self) -> _jobs_pb2.JobSpec: ...
+    def __init__(
+        self,
+        *,
+        spec: _jobs_pb2.JobSpec | None = ...,
+        plan: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["spec", b"spec"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["plan", b"plan", "spec", b"spec"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetServiceRunJobRequest: _TypeAlias = FleetServiceRunJobRequest  # noqa: Y015
+
+@_typing.final
+class FleetServiceRunJobResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def job(self) -> _jobs_pb2.Job:
+        """With its targets (all PENDING; with plan, id is empty)."""
+
+    def __init__(
+        self,
+        *,
+        job: _jobs_pb2.Job | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetServiceRunJobResponse: _TypeAlias = FleetServiceRunJobResponse  # noqa: Y015
+
+@_typing.final
+class FleetServiceListJobsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATES_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    since: _builtins.int
+    """Only jobs created at or after this time (0: no limit)."""
+    limit: _builtins.int
+    """At most this many, newest first (0: 100)."""
+    @_builtins.property
+    def states(self) -> _containers.RepeatedScalarFieldContainer[_jobs_pb2.JobState.ValueType]:
+        """Only jobs in these states (empty: all)."""
+
+    def __init__(
+        self,
+        *,
+        states: _abc.Iterable[_jobs_pb2.JobState.ValueType] | None = ...,
+        since: _builtins.int = ...,
+        limit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "since", b"since", "states", b"states"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetServiceListJobsRequest: _TypeAlias = FleetServiceListJobsRequest  # noqa: Y015
+
+@_typing.final
+class FleetServiceListJobsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOBS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def jobs(self) -> _containers.RepeatedCompositeFieldContainer[_jobs_pb2.Job]:
+        """Without targets (see counts)."""
+
+    def __init__(
+        self,
+        *,
+        jobs: _abc.Iterable[_jobs_pb2.Job] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["jobs", b"jobs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetServiceListJobsResponse: _TypeAlias = FleetServiceListJobsResponse  # noqa: Y015
+
+@_typing.final
+class FleetServiceGetJobRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetServiceGetJobRequest: _TypeAlias = FleetServiceGetJobRequest  # noqa: Y015
+
+@_typing.final
+class FleetServiceGetJobResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def job(self) -> _jobs_pb2.Job: ...
+    def __init__(
+        self,
+        *,
+        job: _jobs_pb2.Job | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetServiceGetJobResponse: _TypeAlias = FleetServiceGetJobResponse  # noqa: Y015
+
+@_typing.final
+class FleetServiceWatchJobRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetServiceWatchJobRequest: _TypeAlias = FleetServiceWatchJobRequest  # noqa: Y015
+
+@_typing.final
+class FleetServiceWatchJobResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    TARGETS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def job(self) -> _jobs_pb2.Job:
+        """The first message: the job with every target. Later ones: the job
+        without targets (its state and counts now) and, in `targets`, the
+        targets that changed.
+        """
+
+    @_builtins.property
+    def targets(self) -> _containers.RepeatedCompositeFieldContainer[_jobs_pb2.JobTarget]: ...
+    def __init__(
+        self,
+        *,
+        job: _jobs_pb2.Job | None = ...,
+        targets: _abc.Iterable[_jobs_pb2.JobTarget] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job", "targets", b"targets"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetServiceWatchJobResponse: _TypeAlias = FleetServiceWatchJobResponse  # noqa: Y015
+
+@_typing.final
+class FleetServiceReadJobOutputRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    FOLLOW_FIELD_NUMBER: _builtins.int
+    FROM_NODE_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    node_id: _builtins.str
+    """One target's output (empty: every target's, interleaved as stored)."""
+    offset: _builtins.int
+    """Byte offset in that target's output (node_id required when not 0)."""
+    follow: _builtins.bool
+    """Keep streaming new output until the targets finish."""
+    from_node: _builtins.bool
+    """Read the full output from the node itself (node_id required)."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        node_id: _builtins.str = ...,
+        offset: _builtins.int = ...,
+        follow: _builtins.bool = ...,
+        from_node: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["follow", b"follow", "from_node", b"from_node", "job_id", b"job_id", "node_id", b"node_id", "offset", b"offset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetServiceReadJobOutputRequest: _TypeAlias = FleetServiceReadJobOutputRequest  # noqa: Y015
+
+@_typing.final
+class FleetServiceReadJobOutputResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    NEXT_OFFSET_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    EOF_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    data: _builtins.bytes
+    offset: _builtins.int
+    """Offset of the first byte of `data` in that target's output."""
+    next_offset: _builtins.int
+    truncated: _builtins.bool
+    """The manager stored no more of this target's output: the rest is on the
+    node (`from_node`).
+    """
+    eof: _builtins.bool
+    """This target finished and all its stored output was sent."""
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        data: _builtins.bytes = ...,
+        offset: _builtins.int = ...,
+        next_offset: _builtins.int = ...,
+        truncated: _builtins.bool = ...,
+        eof: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "eof", b"eof", "next_offset", b"next_offset", "node_id", b"node_id", "offset", b"offset", "truncated", b"truncated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetServiceReadJobOutputResponse: _TypeAlias = FleetServiceReadJobOutputResponse  # noqa: Y015
+
+@_typing.final
+class FleetServiceCancelJobRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    NODE_IDS_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    @_builtins.property
+    def node_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Only these targets (empty: the whole job)."""
+
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        node_ids: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "node_ids", b"node_ids"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetServiceCancelJobRequest: _TypeAlias = FleetServiceCancelJobRequest  # noqa: Y015
+
+@_typing.final
+class FleetServiceCancelJobResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def job(self) -> _jobs_pb2.Job: ...
+    def __init__(
+        self,
+        *,
+        job: _jobs_pb2.Job | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetServiceCancelJobResponse: _TypeAlias = FleetServiceCancelJobResponse  # noqa: Y015
+
+@_typing.final
+class FleetServiceRerunJobRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    FAILED_ONLY_FIELD_NUMBER: _builtins.int
+    job_id: _builtins.str
+    failed_only: _builtins.bool
+    """Only the targets that failed, timed out or were undeliverable."""
+    def __init__(
+        self,
+        *,
+        job_id: _builtins.str = ...,
+        failed_only: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed_only", b"failed_only", "job_id", b"job_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetServiceRerunJobRequest: _TypeAlias = FleetServiceRerunJobRequest  # noqa: Y015
+
+@_typing.final
+class FleetServiceRerunJobResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    JOB_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def job(self) -> _jobs_pb2.Job: ...
+    def __init__(
+        self,
+        *,
+        job: _jobs_pb2.Job | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["job", b"job"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetServiceRerunJobResponse: _TypeAlias = FleetServiceRerunJobResponse  # noqa: Y015

@@ -95,6 +95,126 @@ class FleetServiceStub:
                 request_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceWatchEventsRequest.SerializeToString,
                 response_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceWatchEventsResponse.FromString,
                 _registered_method=True)
+        self.ApplyDefinitions = channel.unary_unary(
+                '/fleet.v1.FleetService/ApplyDefinitions',
+                request_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceApplyDefinitionsRequest.SerializeToString,
+                response_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceApplyDefinitionsResponse.FromString,
+                _registered_method=True)
+        self.ListDefinitions = channel.unary_unary(
+                '/fleet.v1.FleetService/ListDefinitions',
+                request_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceListDefinitionsRequest.SerializeToString,
+                response_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceListDefinitionsResponse.FromString,
+                _registered_method=True)
+        self.GetDefinition = channel.unary_unary(
+                '/fleet.v1.FleetService/GetDefinition',
+                request_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceGetDefinitionRequest.SerializeToString,
+                response_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceGetDefinitionResponse.FromString,
+                _registered_method=True)
+        self.ListDefinitionRevisions = channel.unary_unary(
+                '/fleet.v1.FleetService/ListDefinitionRevisions',
+                request_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceListDefinitionRevisionsRequest.SerializeToString,
+                response_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceListDefinitionRevisionsResponse.FromString,
+                _registered_method=True)
+        self.DeleteDefinition = channel.unary_unary(
+                '/fleet.v1.FleetService/DeleteDefinition',
+                request_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceDeleteDefinitionRequest.SerializeToString,
+                response_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceDeleteDefinitionResponse.FromString,
+                _registered_method=True)
+        self.GetRollout = channel.unary_unary(
+                '/fleet.v1.FleetService/GetRollout',
+                request_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceGetRolloutRequest.SerializeToString,
+                response_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceGetRolloutResponse.FromString,
+                _registered_method=True)
+        self.ListRollouts = channel.unary_unary(
+                '/fleet.v1.FleetService/ListRollouts',
+                request_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceListRolloutsRequest.SerializeToString,
+                response_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceListRolloutsResponse.FromString,
+                _registered_method=True)
+        self.WatchRollout = channel.unary_stream(
+                '/fleet.v1.FleetService/WatchRollout',
+                request_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceWatchRolloutRequest.SerializeToString,
+                response_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceWatchRolloutResponse.FromString,
+                _registered_method=True)
+        self.PauseRollout = channel.unary_unary(
+                '/fleet.v1.FleetService/PauseRollout',
+                request_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServicePauseRolloutRequest.SerializeToString,
+                response_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServicePauseRolloutResponse.FromString,
+                _registered_method=True)
+        self.ResumeRollout = channel.unary_unary(
+                '/fleet.v1.FleetService/ResumeRollout',
+                request_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceResumeRolloutRequest.SerializeToString,
+                response_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceResumeRolloutResponse.FromString,
+                _registered_method=True)
+        self.PromoteRollout = channel.unary_unary(
+                '/fleet.v1.FleetService/PromoteRollout',
+                request_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServicePromoteRolloutRequest.SerializeToString,
+                response_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServicePromoteRolloutResponse.FromString,
+                _registered_method=True)
+        self.AbortRollout = channel.unary_unary(
+                '/fleet.v1.FleetService/AbortRollout',
+                request_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceAbortRolloutRequest.SerializeToString,
+                response_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceAbortRolloutResponse.FromString,
+                _registered_method=True)
+        self.UndoRollout = channel.unary_unary(
+                '/fleet.v1.FleetService/UndoRollout',
+                request_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceUndoRolloutRequest.SerializeToString,
+                response_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceUndoRolloutResponse.FromString,
+                _registered_method=True)
+        self.PushArtifact = channel.stream_unary(
+                '/fleet.v1.FleetService/PushArtifact',
+                request_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServicePushArtifactRequest.SerializeToString,
+                response_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServicePushArtifactResponse.FromString,
+                _registered_method=True)
+        self.ListArtifacts = channel.unary_unary(
+                '/fleet.v1.FleetService/ListArtifacts',
+                request_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceListArtifactsRequest.SerializeToString,
+                response_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceListArtifactsResponse.FromString,
+                _registered_method=True)
+        self.GetArtifact = channel.unary_unary(
+                '/fleet.v1.FleetService/GetArtifact',
+                request_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceGetArtifactRequest.SerializeToString,
+                response_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceGetArtifactResponse.FromString,
+                _registered_method=True)
+        self.DeleteArtifact = channel.unary_unary(
+                '/fleet.v1.FleetService/DeleteArtifact',
+                request_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceDeleteArtifactRequest.SerializeToString,
+                response_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceDeleteArtifactResponse.FromString,
+                _registered_method=True)
+        self.RunJob = channel.unary_unary(
+                '/fleet.v1.FleetService/RunJob',
+                request_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceRunJobRequest.SerializeToString,
+                response_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceRunJobResponse.FromString,
+                _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/fleet.v1.FleetService/ListJobs',
+                request_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceListJobsRequest.SerializeToString,
+                response_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceListJobsResponse.FromString,
+                _registered_method=True)
+        self.GetJob = channel.unary_unary(
+                '/fleet.v1.FleetService/GetJob',
+                request_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceGetJobRequest.SerializeToString,
+                response_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceGetJobResponse.FromString,
+                _registered_method=True)
+        self.WatchJob = channel.unary_stream(
+                '/fleet.v1.FleetService/WatchJob',
+                request_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceWatchJobRequest.SerializeToString,
+                response_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceWatchJobResponse.FromString,
+                _registered_method=True)
+        self.ReadJobOutput = channel.unary_stream(
+                '/fleet.v1.FleetService/ReadJobOutput',
+                request_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceReadJobOutputRequest.SerializeToString,
+                response_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceReadJobOutputResponse.FromString,
+                _registered_method=True)
+        self.CancelJob = channel.unary_unary(
+                '/fleet.v1.FleetService/CancelJob',
+                request_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceCancelJobRequest.SerializeToString,
+                response_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceCancelJobResponse.FromString,
+                _registered_method=True)
+        self.RerunJob = channel.unary_unary(
+                '/fleet.v1.FleetService/RerunJob',
+                request_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceRerunJobRequest.SerializeToString,
+                response_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceRerunJobResponse.FromString,
+                _registered_method=True)
 
 
 class FleetServiceServicer:
@@ -180,6 +300,167 @@ class FleetServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ApplyDefinitions(self, request, context):
+        """Desired state (desired.proto). Stores a new revision of each definition
+        that changed and rolls it out; with plan, only says what would happen.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDefinitions(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetDefinition(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListDefinitionRevisions(self, request, context):
+        """Every revision of a definition, newest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteDefinition(self, request, context):
+        """Removes the definition's agent from every node (the history is kept).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetRollout(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListRollouts(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchRollout(self, request, context):
+        """The rollout now, then again on every change until it ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PauseRollout(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ResumeRollout(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PromoteRollout(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AbortRollout(self, request, context):
+        """Fails the live rollout now (auto_revert then moves the nodes back).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UndoRollout(self, request, context):
+        """Applies the content of an earlier revision as a new revision.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PushArtifact(self, request_iterator, context):
+        """Uploads an artifact: an ArtifactUpload, then the file's bytes in chunks.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListArtifacts(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetArtifact(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteArtifact(self, request, context):
+        """Refused while a definition's current or stable revision uses it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RunJob(self, request, context):
+        """Jobs (jobs.proto). Starts a job on the nodes it selects; with plan,
+        resolves and returns the targets without running anything.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobs(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchJob(self, request, context):
+        """The job with every target, then the job and the targets that changed,
+        until it ends.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadJobOutput(self, request, context):
+        """Output of one target or of all, as stored by the manager (or, with
+        from_node, the full output read from the node), optionally followed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CancelJob(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RerunJob(self, request, context):
+        """A new job linked to this one (only its failed, timed-out and
+        undeliverable targets with failed_only).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FleetServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -237,6 +518,126 @@ def add_FleetServiceServicer_to_server(servicer, server):
                     servicer.WatchEvents,
                     request_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceWatchEventsRequest.FromString,
                     response_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceWatchEventsResponse.SerializeToString,
+            ),
+            'ApplyDefinitions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApplyDefinitions,
+                    request_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceApplyDefinitionsRequest.FromString,
+                    response_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceApplyDefinitionsResponse.SerializeToString,
+            ),
+            'ListDefinitions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDefinitions,
+                    request_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceListDefinitionsRequest.FromString,
+                    response_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceListDefinitionsResponse.SerializeToString,
+            ),
+            'GetDefinition': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetDefinition,
+                    request_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceGetDefinitionRequest.FromString,
+                    response_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceGetDefinitionResponse.SerializeToString,
+            ),
+            'ListDefinitionRevisions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListDefinitionRevisions,
+                    request_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceListDefinitionRevisionsRequest.FromString,
+                    response_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceListDefinitionRevisionsResponse.SerializeToString,
+            ),
+            'DeleteDefinition': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteDefinition,
+                    request_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceDeleteDefinitionRequest.FromString,
+                    response_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceDeleteDefinitionResponse.SerializeToString,
+            ),
+            'GetRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetRollout,
+                    request_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceGetRolloutRequest.FromString,
+                    response_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceGetRolloutResponse.SerializeToString,
+            ),
+            'ListRollouts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListRollouts,
+                    request_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceListRolloutsRequest.FromString,
+                    response_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceListRolloutsResponse.SerializeToString,
+            ),
+            'WatchRollout': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchRollout,
+                    request_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceWatchRolloutRequest.FromString,
+                    response_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceWatchRolloutResponse.SerializeToString,
+            ),
+            'PauseRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.PauseRollout,
+                    request_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServicePauseRolloutRequest.FromString,
+                    response_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServicePauseRolloutResponse.SerializeToString,
+            ),
+            'ResumeRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeRollout,
+                    request_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceResumeRolloutRequest.FromString,
+                    response_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceResumeRolloutResponse.SerializeToString,
+            ),
+            'PromoteRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.PromoteRollout,
+                    request_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServicePromoteRolloutRequest.FromString,
+                    response_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServicePromoteRolloutResponse.SerializeToString,
+            ),
+            'AbortRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.AbortRollout,
+                    request_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceAbortRolloutRequest.FromString,
+                    response_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceAbortRolloutResponse.SerializeToString,
+            ),
+            'UndoRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.UndoRollout,
+                    request_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceUndoRolloutRequest.FromString,
+                    response_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceUndoRolloutResponse.SerializeToString,
+            ),
+            'PushArtifact': grpc.stream_unary_rpc_method_handler(
+                    servicer.PushArtifact,
+                    request_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServicePushArtifactRequest.FromString,
+                    response_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServicePushArtifactResponse.SerializeToString,
+            ),
+            'ListArtifacts': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListArtifacts,
+                    request_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceListArtifactsRequest.FromString,
+                    response_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceListArtifactsResponse.SerializeToString,
+            ),
+            'GetArtifact': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetArtifact,
+                    request_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceGetArtifactRequest.FromString,
+                    response_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceGetArtifactResponse.SerializeToString,
+            ),
+            'DeleteArtifact': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteArtifact,
+                    request_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceDeleteArtifactRequest.FromString,
+                    response_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceDeleteArtifactResponse.SerializeToString,
+            ),
+            'RunJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.RunJob,
+                    request_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceRunJobRequest.FromString,
+                    response_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceRunJobResponse.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceListJobsRequest.FromString,
+                    response_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceListJobsResponse.SerializeToString,
+            ),
+            'GetJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetJob,
+                    request_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceGetJobRequest.FromString,
+                    response_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceGetJobResponse.SerializeToString,
+            ),
+            'WatchJob': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchJob,
+                    request_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceWatchJobRequest.FromString,
+                    response_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceWatchJobResponse.SerializeToString,
+            ),
+            'ReadJobOutput': grpc.unary_stream_rpc_method_handler(
+                    servicer.ReadJobOutput,
+                    request_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceReadJobOutputRequest.FromString,
+                    response_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceReadJobOutputResponse.SerializeToString,
+            ),
+            'CancelJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelJob,
+                    request_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceCancelJobRequest.FromString,
+                    response_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceCancelJobResponse.SerializeToString,
+            ),
+            'RerunJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.RerunJob,
+                    request_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceRerunJobRequest.FromString,
+                    response_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceRerunJobResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -542,6 +943,654 @@ class FleetService:
             '/fleet.v1.FleetService/WatchEvents',
             fleet_dot_v1_dot_fleet__pb2.FleetServiceWatchEventsRequest.SerializeToString,
             fleet_dot_v1_dot_fleet__pb2.FleetServiceWatchEventsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApplyDefinitions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.v1.FleetService/ApplyDefinitions',
+            fleet_dot_v1_dot_fleet__pb2.FleetServiceApplyDefinitionsRequest.SerializeToString,
+            fleet_dot_v1_dot_fleet__pb2.FleetServiceApplyDefinitionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDefinitions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.v1.FleetService/ListDefinitions',
+            fleet_dot_v1_dot_fleet__pb2.FleetServiceListDefinitionsRequest.SerializeToString,
+            fleet_dot_v1_dot_fleet__pb2.FleetServiceListDefinitionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetDefinition(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.v1.FleetService/GetDefinition',
+            fleet_dot_v1_dot_fleet__pb2.FleetServiceGetDefinitionRequest.SerializeToString,
+            fleet_dot_v1_dot_fleet__pb2.FleetServiceGetDefinitionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListDefinitionRevisions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.v1.FleetService/ListDefinitionRevisions',
+            fleet_dot_v1_dot_fleet__pb2.FleetServiceListDefinitionRevisionsRequest.SerializeToString,
+            fleet_dot_v1_dot_fleet__pb2.FleetServiceListDefinitionRevisionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteDefinition(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.v1.FleetService/DeleteDefinition',
+            fleet_dot_v1_dot_fleet__pb2.FleetServiceDeleteDefinitionRequest.SerializeToString,
+            fleet_dot_v1_dot_fleet__pb2.FleetServiceDeleteDefinitionResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.v1.FleetService/GetRollout',
+            fleet_dot_v1_dot_fleet__pb2.FleetServiceGetRolloutRequest.SerializeToString,
+            fleet_dot_v1_dot_fleet__pb2.FleetServiceGetRolloutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListRollouts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.v1.FleetService/ListRollouts',
+            fleet_dot_v1_dot_fleet__pb2.FleetServiceListRolloutsRequest.SerializeToString,
+            fleet_dot_v1_dot_fleet__pb2.FleetServiceListRolloutsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/fleet.v1.FleetService/WatchRollout',
+            fleet_dot_v1_dot_fleet__pb2.FleetServiceWatchRolloutRequest.SerializeToString,
+            fleet_dot_v1_dot_fleet__pb2.FleetServiceWatchRolloutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PauseRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.v1.FleetService/PauseRollout',
+            fleet_dot_v1_dot_fleet__pb2.FleetServicePauseRolloutRequest.SerializeToString,
+            fleet_dot_v1_dot_fleet__pb2.FleetServicePauseRolloutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.v1.FleetService/ResumeRollout',
+            fleet_dot_v1_dot_fleet__pb2.FleetServiceResumeRolloutRequest.SerializeToString,
+            fleet_dot_v1_dot_fleet__pb2.FleetServiceResumeRolloutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PromoteRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.v1.FleetService/PromoteRollout',
+            fleet_dot_v1_dot_fleet__pb2.FleetServicePromoteRolloutRequest.SerializeToString,
+            fleet_dot_v1_dot_fleet__pb2.FleetServicePromoteRolloutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AbortRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.v1.FleetService/AbortRollout',
+            fleet_dot_v1_dot_fleet__pb2.FleetServiceAbortRolloutRequest.SerializeToString,
+            fleet_dot_v1_dot_fleet__pb2.FleetServiceAbortRolloutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UndoRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.v1.FleetService/UndoRollout',
+            fleet_dot_v1_dot_fleet__pb2.FleetServiceUndoRolloutRequest.SerializeToString,
+            fleet_dot_v1_dot_fleet__pb2.FleetServiceUndoRolloutResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PushArtifact(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_unary(
+            request_iterator,
+            target,
+            '/fleet.v1.FleetService/PushArtifact',
+            fleet_dot_v1_dot_fleet__pb2.FleetServicePushArtifactRequest.SerializeToString,
+            fleet_dot_v1_dot_fleet__pb2.FleetServicePushArtifactResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListArtifacts(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.v1.FleetService/ListArtifacts',
+            fleet_dot_v1_dot_fleet__pb2.FleetServiceListArtifactsRequest.SerializeToString,
+            fleet_dot_v1_dot_fleet__pb2.FleetServiceListArtifactsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetArtifact(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.v1.FleetService/GetArtifact',
+            fleet_dot_v1_dot_fleet__pb2.FleetServiceGetArtifactRequest.SerializeToString,
+            fleet_dot_v1_dot_fleet__pb2.FleetServiceGetArtifactResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteArtifact(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.v1.FleetService/DeleteArtifact',
+            fleet_dot_v1_dot_fleet__pb2.FleetServiceDeleteArtifactRequest.SerializeToString,
+            fleet_dot_v1_dot_fleet__pb2.FleetServiceDeleteArtifactResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.v1.FleetService/RunJob',
+            fleet_dot_v1_dot_fleet__pb2.FleetServiceRunJobRequest.SerializeToString,
+            fleet_dot_v1_dot_fleet__pb2.FleetServiceRunJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.v1.FleetService/ListJobs',
+            fleet_dot_v1_dot_fleet__pb2.FleetServiceListJobsRequest.SerializeToString,
+            fleet_dot_v1_dot_fleet__pb2.FleetServiceListJobsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.v1.FleetService/GetJob',
+            fleet_dot_v1_dot_fleet__pb2.FleetServiceGetJobRequest.SerializeToString,
+            fleet_dot_v1_dot_fleet__pb2.FleetServiceGetJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/fleet.v1.FleetService/WatchJob',
+            fleet_dot_v1_dot_fleet__pb2.FleetServiceWatchJobRequest.SerializeToString,
+            fleet_dot_v1_dot_fleet__pb2.FleetServiceWatchJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadJobOutput(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/fleet.v1.FleetService/ReadJobOutput',
+            fleet_dot_v1_dot_fleet__pb2.FleetServiceReadJobOutputRequest.SerializeToString,
+            fleet_dot_v1_dot_fleet__pb2.FleetServiceReadJobOutputResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.v1.FleetService/CancelJob',
+            fleet_dot_v1_dot_fleet__pb2.FleetServiceCancelJobRequest.SerializeToString,
+            fleet_dot_v1_dot_fleet__pb2.FleetServiceCancelJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RerunJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.v1.FleetService/RerunJob',
+            fleet_dot_v1_dot_fleet__pb2.FleetServiceRerunJobRequest.SerializeToString,
+            fleet_dot_v1_dot_fleet__pb2.FleetServiceRerunJobResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -59,6 +59,52 @@ class FleetServiceStub:
     """Streams an agent's log from its daemon through the manager."""
     WatchEvents: _grpc.UnaryStreamMultiCallable[_fleet_pb2.FleetServiceWatchEventsRequest, _fleet_pb2.FleetServiceWatchEventsResponse]
     """Events from an id on, then (with follow) new ones as they happen."""
+    ApplyDefinitions: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.FleetServiceApplyDefinitionsRequest, _fleet_pb2.FleetServiceApplyDefinitionsResponse]
+    """Desired state (desired.proto). Stores a new revision of each definition
+    that changed and rolls it out; with plan, only says what would happen.
+    """
+    ListDefinitions: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.FleetServiceListDefinitionsRequest, _fleet_pb2.FleetServiceListDefinitionsResponse]
+    GetDefinition: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.FleetServiceGetDefinitionRequest, _fleet_pb2.FleetServiceGetDefinitionResponse]
+    ListDefinitionRevisions: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.FleetServiceListDefinitionRevisionsRequest, _fleet_pb2.FleetServiceListDefinitionRevisionsResponse]
+    """Every revision of a definition, newest first."""
+    DeleteDefinition: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.FleetServiceDeleteDefinitionRequest, _fleet_pb2.FleetServiceDeleteDefinitionResponse]
+    """Removes the definition's agent from every node (the history is kept)."""
+    GetRollout: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.FleetServiceGetRolloutRequest, _fleet_pb2.FleetServiceGetRolloutResponse]
+    ListRollouts: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.FleetServiceListRolloutsRequest, _fleet_pb2.FleetServiceListRolloutsResponse]
+    WatchRollout: _grpc.UnaryStreamMultiCallable[_fleet_pb2.FleetServiceWatchRolloutRequest, _fleet_pb2.FleetServiceWatchRolloutResponse]
+    """The rollout now, then again on every change until it ends."""
+    PauseRollout: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.FleetServicePauseRolloutRequest, _fleet_pb2.FleetServicePauseRolloutResponse]
+    ResumeRollout: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.FleetServiceResumeRolloutRequest, _fleet_pb2.FleetServiceResumeRolloutResponse]
+    PromoteRollout: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.FleetServicePromoteRolloutRequest, _fleet_pb2.FleetServicePromoteRolloutResponse]
+    AbortRollout: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.FleetServiceAbortRolloutRequest, _fleet_pb2.FleetServiceAbortRolloutResponse]
+    """Fails the live rollout now (auto_revert then moves the nodes back)."""
+    UndoRollout: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.FleetServiceUndoRolloutRequest, _fleet_pb2.FleetServiceUndoRolloutResponse]
+    """Applies the content of an earlier revision as a new revision."""
+    PushArtifact: _grpc.StreamUnaryMultiCallable[_fleet_pb2.FleetServicePushArtifactRequest, _fleet_pb2.FleetServicePushArtifactResponse]
+    """Uploads an artifact: an ArtifactUpload, then the file's bytes in chunks."""
+    ListArtifacts: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.FleetServiceListArtifactsRequest, _fleet_pb2.FleetServiceListArtifactsResponse]
+    GetArtifact: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.FleetServiceGetArtifactRequest, _fleet_pb2.FleetServiceGetArtifactResponse]
+    DeleteArtifact: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.FleetServiceDeleteArtifactRequest, _fleet_pb2.FleetServiceDeleteArtifactResponse]
+    """Refused while a definition's current or stable revision uses it."""
+    RunJob: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.FleetServiceRunJobRequest, _fleet_pb2.FleetServiceRunJobResponse]
+    """Jobs (jobs.proto). Starts a job on the nodes it selects; with plan,
+    resolves and returns the targets without running anything.
+    """
+    ListJobs: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.FleetServiceListJobsRequest, _fleet_pb2.FleetServiceListJobsResponse]
+    GetJob: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.FleetServiceGetJobRequest, _fleet_pb2.FleetServiceGetJobResponse]
+    WatchJob: _grpc.UnaryStreamMultiCallable[_fleet_pb2.FleetServiceWatchJobRequest, _fleet_pb2.FleetServiceWatchJobResponse]
+    """The job with every target, then the job and the targets that changed,
+    until it ends.
+    """
+    ReadJobOutput: _grpc.UnaryStreamMultiCallable[_fleet_pb2.FleetServiceReadJobOutputRequest, _fleet_pb2.FleetServiceReadJobOutputResponse]
+    """Output of one target or of all, as stored by the manager (or, with
+    from_node, the full output read from the node), optionally followed.
+    """
+    CancelJob: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.FleetServiceCancelJobRequest, _fleet_pb2.FleetServiceCancelJobResponse]
+    RerunJob: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.FleetServiceRerunJobRequest, _fleet_pb2.FleetServiceRerunJobResponse]
+    """A new job linked to this one (only its failed, timed-out and
+    undeliverable targets with failed_only).
+    """
 
 @_typing.type_check_only
 class FleetServiceAsyncStub(FleetServiceStub):
@@ -91,6 +137,52 @@ class FleetServiceAsyncStub(FleetServiceStub):
     """Streams an agent's log from its daemon through the manager."""
     WatchEvents: _aio.UnaryStreamMultiCallable[_fleet_pb2.FleetServiceWatchEventsRequest, _fleet_pb2.FleetServiceWatchEventsResponse]  # type: ignore[assignment]
     """Events from an id on, then (with follow) new ones as they happen."""
+    ApplyDefinitions: _aio.UnaryUnaryMultiCallable[_fleet_pb2.FleetServiceApplyDefinitionsRequest, _fleet_pb2.FleetServiceApplyDefinitionsResponse]  # type: ignore[assignment]
+    """Desired state (desired.proto). Stores a new revision of each definition
+    that changed and rolls it out; with plan, only says what would happen.
+    """
+    ListDefinitions: _aio.UnaryUnaryMultiCallable[_fleet_pb2.FleetServiceListDefinitionsRequest, _fleet_pb2.FleetServiceListDefinitionsResponse]  # type: ignore[assignment]
+    GetDefinition: _aio.UnaryUnaryMultiCallable[_fleet_pb2.FleetServiceGetDefinitionRequest, _fleet_pb2.FleetServiceGetDefinitionResponse]  # type: ignore[assignment]
+    ListDefinitionRevisions: _aio.UnaryUnaryMultiCallable[_fleet_pb2.FleetServiceListDefinitionRevisionsRequest, _fleet_pb2.FleetServiceListDefinitionRevisionsResponse]  # type: ignore[assignment]
+    """Every revision of a definition, newest first."""
+    DeleteDefinition: _aio.UnaryUnaryMultiCallable[_fleet_pb2.FleetServiceDeleteDefinitionRequest, _fleet_pb2.FleetServiceDeleteDefinitionResponse]  # type: ignore[assignment]
+    """Removes the definition's agent from every node (the history is kept)."""
+    GetRollout: _aio.UnaryUnaryMultiCallable[_fleet_pb2.FleetServiceGetRolloutRequest, _fleet_pb2.FleetServiceGetRolloutResponse]  # type: ignore[assignment]
+    ListRollouts: _aio.UnaryUnaryMultiCallable[_fleet_pb2.FleetServiceListRolloutsRequest, _fleet_pb2.FleetServiceListRolloutsResponse]  # type: ignore[assignment]
+    WatchRollout: _aio.UnaryStreamMultiCallable[_fleet_pb2.FleetServiceWatchRolloutRequest, _fleet_pb2.FleetServiceWatchRolloutResponse]  # type: ignore[assignment]
+    """The rollout now, then again on every change until it ends."""
+    PauseRollout: _aio.UnaryUnaryMultiCallable[_fleet_pb2.FleetServicePauseRolloutRequest, _fleet_pb2.FleetServicePauseRolloutResponse]  # type: ignore[assignment]
+    ResumeRollout: _aio.UnaryUnaryMultiCallable[_fleet_pb2.FleetServiceResumeRolloutRequest, _fleet_pb2.FleetServiceResumeRolloutResponse]  # type: ignore[assignment]
+    PromoteRollout: _aio.UnaryUnaryMultiCallable[_fleet_pb2.FleetServicePromoteRolloutRequest, _fleet_pb2.FleetServicePromoteRolloutResponse]  # type: ignore[assignment]
+    AbortRollout: _aio.UnaryUnaryMultiCallable[_fleet_pb2.FleetServiceAbortRolloutRequest, _fleet_pb2.FleetServiceAbortRolloutResponse]  # type: ignore[assignment]
+    """Fails the live rollout now (auto_revert then moves the nodes back)."""
+    UndoRollout: _aio.UnaryUnaryMultiCallable[_fleet_pb2.FleetServiceUndoRolloutRequest, _fleet_pb2.FleetServiceUndoRolloutResponse]  # type: ignore[assignment]
+    """Applies the content of an earlier revision as a new revision."""
+    PushArtifact: _aio.StreamUnaryMultiCallable[_fleet_pb2.FleetServicePushArtifactRequest, _fleet_pb2.FleetServicePushArtifactResponse]  # type: ignore[assignment]
+    """Uploads an artifact: an ArtifactUpload, then the file's bytes in chunks."""
+    ListArtifacts: _aio.UnaryUnaryMultiCallable[_fleet_pb2.FleetServiceListArtifactsRequest, _fleet_pb2.FleetServiceListArtifactsResponse]  # type: ignore[assignment]
+    GetArtifact: _aio.UnaryUnaryMultiCallable[_fleet_pb2.FleetServiceGetArtifactRequest, _fleet_pb2.FleetServiceGetArtifactResponse]  # type: ignore[assignment]
+    DeleteArtifact: _aio.UnaryUnaryMultiCallable[_fleet_pb2.FleetServiceDeleteArtifactRequest, _fleet_pb2.FleetServiceDeleteArtifactResponse]  # type: ignore[assignment]
+    """Refused while a definition's current or stable revision uses it."""
+    RunJob: _aio.UnaryUnaryMultiCallable[_fleet_pb2.FleetServiceRunJobRequest, _fleet_pb2.FleetServiceRunJobResponse]  # type: ignore[assignment]
+    """Jobs (jobs.proto). Starts a job on the nodes it selects; with plan,
+    resolves and returns the targets without running anything.
+    """
+    ListJobs: _aio.UnaryUnaryMultiCallable[_fleet_pb2.FleetServiceListJobsRequest, _fleet_pb2.FleetServiceListJobsResponse]  # type: ignore[assignment]
+    GetJob: _aio.UnaryUnaryMultiCallable[_fleet_pb2.FleetServiceGetJobRequest, _fleet_pb2.FleetServiceGetJobResponse]  # type: ignore[assignment]
+    WatchJob: _aio.UnaryStreamMultiCallable[_fleet_pb2.FleetServiceWatchJobRequest, _fleet_pb2.FleetServiceWatchJobResponse]  # type: ignore[assignment]
+    """The job with every target, then the job and the targets that changed,
+    until it ends.
+    """
+    ReadJobOutput: _aio.UnaryStreamMultiCallable[_fleet_pb2.FleetServiceReadJobOutputRequest, _fleet_pb2.FleetServiceReadJobOutputResponse]  # type: ignore[assignment]
+    """Output of one target or of all, as stored by the manager (or, with
+    from_node, the full output read from the node), optionally followed.
+    """
+    CancelJob: _aio.UnaryUnaryMultiCallable[_fleet_pb2.FleetServiceCancelJobRequest, _fleet_pb2.FleetServiceCancelJobResponse]  # type: ignore[assignment]
+    RerunJob: _aio.UnaryUnaryMultiCallable[_fleet_pb2.FleetServiceRerunJobRequest, _fleet_pb2.FleetServiceRerunJobResponse]  # type: ignore[assignment]
+    """A new job linked to this one (only its failed, timed-out and
+    undeliverable targets with failed_only).
+    """
 
 class FleetServiceServicer(metaclass=_abc_1.ABCMeta):
     """Served by the manager, called by operators (`fleetctl`; mTLS, the caller's
@@ -186,5 +278,195 @@ class FleetServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_fleet_pb2.FleetServiceWatchEventsResponse], _abc.AsyncIterator[_fleet_pb2.FleetServiceWatchEventsResponse]]:
         """Events from an id on, then (with follow) new ones as they happen."""
+
+    @_abc_1.abstractmethod
+    def ApplyDefinitions(
+        self,
+        request: _fleet_pb2.FleetServiceApplyDefinitionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_pb2.FleetServiceApplyDefinitionsResponse, _abc.Awaitable[_fleet_pb2.FleetServiceApplyDefinitionsResponse]]:
+        """Desired state (desired.proto). Stores a new revision of each definition
+        that changed and rolls it out; with plan, only says what would happen.
+        """
+
+    @_abc_1.abstractmethod
+    def ListDefinitions(
+        self,
+        request: _fleet_pb2.FleetServiceListDefinitionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_pb2.FleetServiceListDefinitionsResponse, _abc.Awaitable[_fleet_pb2.FleetServiceListDefinitionsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetDefinition(
+        self,
+        request: _fleet_pb2.FleetServiceGetDefinitionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_pb2.FleetServiceGetDefinitionResponse, _abc.Awaitable[_fleet_pb2.FleetServiceGetDefinitionResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListDefinitionRevisions(
+        self,
+        request: _fleet_pb2.FleetServiceListDefinitionRevisionsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_pb2.FleetServiceListDefinitionRevisionsResponse, _abc.Awaitable[_fleet_pb2.FleetServiceListDefinitionRevisionsResponse]]:
+        """Every revision of a definition, newest first."""
+
+    @_abc_1.abstractmethod
+    def DeleteDefinition(
+        self,
+        request: _fleet_pb2.FleetServiceDeleteDefinitionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_pb2.FleetServiceDeleteDefinitionResponse, _abc.Awaitable[_fleet_pb2.FleetServiceDeleteDefinitionResponse]]:
+        """Removes the definition's agent from every node (the history is kept)."""
+
+    @_abc_1.abstractmethod
+    def GetRollout(
+        self,
+        request: _fleet_pb2.FleetServiceGetRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_pb2.FleetServiceGetRolloutResponse, _abc.Awaitable[_fleet_pb2.FleetServiceGetRolloutResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ListRollouts(
+        self,
+        request: _fleet_pb2.FleetServiceListRolloutsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_pb2.FleetServiceListRolloutsResponse, _abc.Awaitable[_fleet_pb2.FleetServiceListRolloutsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def WatchRollout(
+        self,
+        request: _fleet_pb2.FleetServiceWatchRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_fleet_pb2.FleetServiceWatchRolloutResponse], _abc.AsyncIterator[_fleet_pb2.FleetServiceWatchRolloutResponse]]:
+        """The rollout now, then again on every change until it ends."""
+
+    @_abc_1.abstractmethod
+    def PauseRollout(
+        self,
+        request: _fleet_pb2.FleetServicePauseRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_pb2.FleetServicePauseRolloutResponse, _abc.Awaitable[_fleet_pb2.FleetServicePauseRolloutResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def ResumeRollout(
+        self,
+        request: _fleet_pb2.FleetServiceResumeRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_pb2.FleetServiceResumeRolloutResponse, _abc.Awaitable[_fleet_pb2.FleetServiceResumeRolloutResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def PromoteRollout(
+        self,
+        request: _fleet_pb2.FleetServicePromoteRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_pb2.FleetServicePromoteRolloutResponse, _abc.Awaitable[_fleet_pb2.FleetServicePromoteRolloutResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def AbortRollout(
+        self,
+        request: _fleet_pb2.FleetServiceAbortRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_pb2.FleetServiceAbortRolloutResponse, _abc.Awaitable[_fleet_pb2.FleetServiceAbortRolloutResponse]]:
+        """Fails the live rollout now (auto_revert then moves the nodes back)."""
+
+    @_abc_1.abstractmethod
+    def UndoRollout(
+        self,
+        request: _fleet_pb2.FleetServiceUndoRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_pb2.FleetServiceUndoRolloutResponse, _abc.Awaitable[_fleet_pb2.FleetServiceUndoRolloutResponse]]:
+        """Applies the content of an earlier revision as a new revision."""
+
+    @_abc_1.abstractmethod
+    def PushArtifact(
+        self,
+        request_iterator: _MaybeAsyncIterator[_fleet_pb2.FleetServicePushArtifactRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_pb2.FleetServicePushArtifactResponse, _abc.Awaitable[_fleet_pb2.FleetServicePushArtifactResponse]]:
+        """Uploads an artifact: an ArtifactUpload, then the file's bytes in chunks."""
+
+    @_abc_1.abstractmethod
+    def ListArtifacts(
+        self,
+        request: _fleet_pb2.FleetServiceListArtifactsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_pb2.FleetServiceListArtifactsResponse, _abc.Awaitable[_fleet_pb2.FleetServiceListArtifactsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetArtifact(
+        self,
+        request: _fleet_pb2.FleetServiceGetArtifactRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_pb2.FleetServiceGetArtifactResponse, _abc.Awaitable[_fleet_pb2.FleetServiceGetArtifactResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def DeleteArtifact(
+        self,
+        request: _fleet_pb2.FleetServiceDeleteArtifactRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_pb2.FleetServiceDeleteArtifactResponse, _abc.Awaitable[_fleet_pb2.FleetServiceDeleteArtifactResponse]]:
+        """Refused while a definition's current or stable revision uses it."""
+
+    @_abc_1.abstractmethod
+    def RunJob(
+        self,
+        request: _fleet_pb2.FleetServiceRunJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_pb2.FleetServiceRunJobResponse, _abc.Awaitable[_fleet_pb2.FleetServiceRunJobResponse]]:
+        """Jobs (jobs.proto). Starts a job on the nodes it selects; with plan,
+        resolves and returns the targets without running anything.
+        """
+
+    @_abc_1.abstractmethod
+    def ListJobs(
+        self,
+        request: _fleet_pb2.FleetServiceListJobsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_pb2.FleetServiceListJobsResponse, _abc.Awaitable[_fleet_pb2.FleetServiceListJobsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def GetJob(
+        self,
+        request: _fleet_pb2.FleetServiceGetJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_pb2.FleetServiceGetJobResponse, _abc.Awaitable[_fleet_pb2.FleetServiceGetJobResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def WatchJob(
+        self,
+        request: _fleet_pb2.FleetServiceWatchJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_fleet_pb2.FleetServiceWatchJobResponse], _abc.AsyncIterator[_fleet_pb2.FleetServiceWatchJobResponse]]:
+        """The job with every target, then the job and the targets that changed,
+        until it ends.
+        """
+
+    @_abc_1.abstractmethod
+    def ReadJobOutput(
+        self,
+        request: _fleet_pb2.FleetServiceReadJobOutputRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_fleet_pb2.FleetServiceReadJobOutputResponse], _abc.AsyncIterator[_fleet_pb2.FleetServiceReadJobOutputResponse]]:
+        """Output of one target or of all, as stored by the manager (or, with
+        from_node, the full output read from the node), optionally followed.
+        """
+
+    @_abc_1.abstractmethod
+    def CancelJob(
+        self,
+        request: _fleet_pb2.FleetServiceCancelJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_pb2.FleetServiceCancelJobResponse, _abc.Awaitable[_fleet_pb2.FleetServiceCancelJobResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RerunJob(
+        self,
+        request: _fleet_pb2.FleetServiceRerunJobRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_pb2.FleetServiceRerunJobResponse, _abc.Awaitable[_fleet_pb2.FleetServiceRerunJobResponse]]:
+        """A new job linked to this one (only its failed, timed-out and
+        undeliverable targets with failed_only).
+        """
 
 def add_FleetServiceServicer_to_server(servicer: FleetServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -23,9 +23,10 @@ _sym_db = _symbol_database.Default()
 
 
 from fleet.v1 import common_pb2 as fleet_dot_v1_dot_common__pb2
+from fleet.v1 import jobs_pb2 as fleet_dot_v1_dot_jobs__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x66leet/v1/manager.proto\x12\x08\x66leet.v1\x1a\x15\x66leet/v1/common.proto\"\x8f\x02\n\x13RegisterNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\n\n\x02ip\x18\x03 \x01(\t\x12\n\n\x02os\x18\x04 \x01(\t\x12\x0c\n\x04\x61rch\x18\x05 \x01(\t\x12\x39\n\x06labels\x18\x06 \x03(\x0b\x32).fleet.v1.RegisterNodeRequest.LabelsEntry\x12\x16\n\x0e\x64\x61\x65mon_version\x18\x07 \x01(\t\x12\x15\n\ragent_version\x18\x08 \x01(\t\x12\x16\n\x0e\x64\x61\x65mon_address\x18\t \x01(\t\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"l\n\x14RegisterNodeResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x03 \x01(\x03\x12\x13\n\x0bserver_time\x18\x04 \x01(\x03\"6\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x11\n\ttimestamp\x18\x02 \x01(\x03\"T\n\x11HeartbeatResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x03 \x01(\x03\"`\n\x14ReportMetricsRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12%\n\x07metrics\x18\x02 \x03(\x0b\x32\x14.fleet.v1.MetricData\x12\x10\n\x08sequence\x18\x03 \x01(\x04\"^\n\x15ReportMetricsResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tduplicate\x18\x03 \x01(\x08\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x04 \x01(\x05\"O\n\x16SyncAgentStatesRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12$\n\x06states\x18\x02 \x03(\x0b\x32\x14.fleet.v1.AgentState\"L\n\x17SyncAgentStatesResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0f\n\x07\x63hanged\x18\x03 \x01(\x05\"\x9f\x03\n\nAgentState\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12%\n\x06status\x18\x02 \x01(\x0e\x32\x15.fleet.v1.AgentStatus\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\x16\n\x0elast_heartbeat\x18\x04 \x01(\x03\x12\x0c\n\x04type\x18\x05 \x01(\t\x12\x0f\n\x07version\x18\x06 \x01(\t\x12\x12\n\nstart_time\x18\x07 \x01(\x03\x12\x15\n\rrestart_count\x18\x08 \x01(\x05\x12\x11\n\texit_code\x18\t \x01(\x05\x12\x0f\n\x07message\x18\n \x01(\t\x12\x30\n\x06labels\x18\x0b \x03(\x0b\x32 .fleet.v1.AgentState.LabelsEntry\x12%\n\x06health\x18\x0c \x01(\x0e\x32\x15.fleet.v1.AgentHealth\x12\x16\n\x0e\x63onfig_version\x18\r \x01(\x04\x12%\n\tlast_exit\x18\x0e \x01(\x0b\x32\x12.fleet.v1.LastExit\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x32\xcf\x02\n\x0eManagerService\x12M\n\x0cRegisterNode\x12\x1d.fleet.v1.RegisterNodeRequest\x1a\x1e.fleet.v1.RegisterNodeResponse\x12\x44\n\tHeartbeat\x12\x1a.fleet.v1.HeartbeatRequest\x1a\x1b.fleet.v1.HeartbeatResponse\x12P\n\rReportMetrics\x12\x1e.fleet.v1.ReportMetricsRequest\x1a\x1f.fleet.v1.ReportMetricsResponse\x12V\n\x0fSyncAgentStates\x12 .fleet.v1.SyncAgentStatesRequest\x1a!.fleet.v1.SyncAgentStatesResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16\x66leet/v1/manager.proto\x12\x08\x66leet.v1\x1a\x15\x66leet/v1/common.proto\x1a\x13\x66leet/v1/jobs.proto\"\xbc\x02\n\x13RegisterNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x10\n\x08hostname\x18\x02 \x01(\t\x12\n\n\x02ip\x18\x03 \x01(\t\x12\n\n\x02os\x18\x04 \x01(\t\x12\x0c\n\x04\x61rch\x18\x05 \x01(\t\x12\x39\n\x06labels\x18\x06 \x03(\x0b\x32).fleet.v1.RegisterNodeRequest.LabelsEntry\x12\x16\n\x0e\x64\x61\x65mon_version\x18\x07 \x01(\t\x12\x15\n\ragent_version\x18\x08 \x01(\t\x12\x16\n\x0e\x64\x61\x65mon_address\x18\t \x01(\t\x12\x14\n\x0cspec_version\x18\n \x01(\x04\x12\x15\n\rjobs_disabled\x18\x0b \x01(\x08\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"l\n\x14RegisterNodeResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x03 \x01(\x03\x12\x13\n\x0bserver_time\x18\x04 \x01(\x03\"6\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x11\n\ttimestamp\x18\x02 \x01(\x03\"T\n\x11HeartbeatResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x1d\n\x15heartbeat_interval_ms\x18\x03 \x01(\x03\"`\n\x14ReportMetricsRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12%\n\x07metrics\x18\x02 \x03(\x0b\x32\x14.fleet.v1.MetricData\x12\x10\n\x08sequence\x18\x03 \x01(\x04\"^\n\x15ReportMetricsResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x11\n\tduplicate\x18\x03 \x01(\x08\x12\x10\n\x08\x61\x63\x63\x65pted\x18\x04 \x01(\x05\"\x93\x01\n\x16SyncAgentStatesRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12$\n\x06states\x18\x02 \x03(\x0b\x32\x14.fleet.v1.AgentState\x12\x14\n\x0cspec_version\x18\x03 \x01(\x04\x12,\n\rupdate_errors\x18\x04 \x03(\x0b\x32\x15.fleet.v1.UpdateError\"L\n\x17SyncAgentStatesResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0f\n\x07\x63hanged\x18\x03 \x01(\x05\"\xdf\x03\n\nAgentState\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12%\n\x06status\x18\x02 \x01(\x0e\x32\x15.fleet.v1.AgentStatus\x12\x0b\n\x03pid\x18\x03 \x01(\x05\x12\x16\n\x0elast_heartbeat\x18\x04 \x01(\x03\x12\x0c\n\x04type\x18\x05 \x01(\t\x12\x0f\n\x07version\x18\x06 \x01(\t\x12\x12\n\nstart_time\x18\x07 \x01(\x03\x12\x15\n\rrestart_count\x18\x08 \x01(\x05\x12\x11\n\texit_code\x18\t \x01(\x05\x12\x0f\n\x07message\x18\n \x01(\t\x12\x30\n\x06labels\x18\x0b \x03(\x0b\x32 .fleet.v1.AgentState.LabelsEntry\x12%\n\x06health\x18\x0c \x01(\x0e\x32\x15.fleet.v1.AgentHealth\x12\x16\n\x0e\x63onfig_version\x18\r \x01(\x04\x12%\n\tlast_exit\x18\x0e \x01(\x0b\x32\x12.fleet.v1.LastExit\x12\x10\n\x08revision\x18\x1e \x01(\x04\x12\x16\n\x0ehealth_message\x18\x1f \x01(\t\x12\x14\n\x0chealth_since\x18  \x01(\x03\x1a-\n\x0bLabelsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"J\n\x17\x44ownloadArtifactRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0e\n\x06\x64igest\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\"F\n\x18\x44ownloadArtifactResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x0c\n\x04size\x18\x03 \x01(\x03\"\xe9\x01\n\x16ReportJobStatusRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\'\n\x05state\x18\x03 \x01(\x0e\x32\x18.fleet.v1.JobTargetState\x12\x11\n\texit_code\x18\x04 \x01(\x05\x12\x12\n\nstarted_at\x18\x05 \x01(\x03\x12\x10\n\x08\x65nded_at\x18\x06 \x01(\x03\x12\x0e\n\x06reason\x18\x07 \x01(\t\x12&\n\x05steps\x18\x08 \x03(\x0b\x32\x17.fleet.v1.JobStepResult\x12\x14\n\x0coutput_bytes\x18\t \x01(\x03\")\n\x17ReportJobStatusResponse\x12\x0e\n\x06\x63\x61ncel\x18\x01 \x01(\x08\"W\n\x16UploadJobOutputRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\t\x12\x0e\n\x06job_id\x18\x02 \x01(\t\x12\x0e\n\x06offset\x18\x03 \x01(\x03\x12\x0c\n\x04\x64\x61ta\x18\x04 \x01(\x0c\"B\n\x17UploadJobOutputResponse\x12\x14\n\x0c\x61\x63ked_offset\x18\x01 \x01(\x03\x12\x11\n\ttruncated\x18\x02 \x01(\x08\x32\xdc\x04\n\x0eManagerService\x12M\n\x0cRegisterNode\x12\x1d.fleet.v1.RegisterNodeRequest\x1a\x1e.fleet.v1.RegisterNodeResponse\x12\x44\n\tHeartbeat\x12\x1a.fleet.v1.HeartbeatRequest\x1a\x1b.fleet.v1.HeartbeatResponse\x12P\n\rReportMetrics\x12\x1e.fleet.v1.ReportMetricsRequest\x1a\x1f.fleet.v1.ReportMetricsResponse\x12V\n\x0fSyncAgentStates\x12 .fleet.v1.SyncAgentStatesRequest\x1a!.fleet.v1.SyncAgentStatesResponse\x12[\n\x10\x44ownloadArtifact\x12!.fleet.v1.DownloadArtifactRequest\x1a\".fleet.v1.DownloadArtifactResponse0\x01\x12V\n\x0fReportJobStatus\x12 .fleet.v1.ReportJobStatusRequest\x1a!.fleet.v1.ReportJobStatusResponse\x12V\n\x0fUploadJobOutput\x12 .fleet.v1.UploadJobOutputRequest\x1a!.fleet.v1.UploadJobOutputResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,28 +37,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_REGISTERNODEREQUEST_LABELSENTRY']._serialized_options = b'8\001'
   _globals['_AGENTSTATE_LABELSENTRY']._loaded_options = None
   _globals['_AGENTSTATE_LABELSENTRY']._serialized_options = b'8\001'
-  _globals['_REGISTERNODEREQUEST']._serialized_start=60
-  _globals['_REGISTERNODEREQUEST']._serialized_end=331
-  _globals['_REGISTERNODEREQUEST_LABELSENTRY']._serialized_start=286
-  _globals['_REGISTERNODEREQUEST_LABELSENTRY']._serialized_end=331
-  _globals['_REGISTERNODERESPONSE']._serialized_start=333
-  _globals['_REGISTERNODERESPONSE']._serialized_end=441
-  _globals['_HEARTBEATREQUEST']._serialized_start=443
-  _globals['_HEARTBEATREQUEST']._serialized_end=497
-  _globals['_HEARTBEATRESPONSE']._serialized_start=499
-  _globals['_HEARTBEATRESPONSE']._serialized_end=583
-  _globals['_REPORTMETRICSREQUEST']._serialized_start=585
-  _globals['_REPORTMETRICSREQUEST']._serialized_end=681
-  _globals['_REPORTMETRICSRESPONSE']._serialized_start=683
-  _globals['_REPORTMETRICSRESPONSE']._serialized_end=777
-  _globals['_SYNCAGENTSTATESREQUEST']._serialized_start=779
-  _globals['_SYNCAGENTSTATESREQUEST']._serialized_end=858
-  _globals['_SYNCAGENTSTATESRESPONSE']._serialized_start=860
-  _globals['_SYNCAGENTSTATESRESPONSE']._serialized_end=936
-  _globals['_AGENTSTATE']._serialized_start=939
-  _globals['_AGENTSTATE']._serialized_end=1354
-  _globals['_AGENTSTATE_LABELSENTRY']._serialized_start=286
-  _globals['_AGENTSTATE_LABELSENTRY']._serialized_end=331
-  _globals['_MANAGERSERVICE']._serialized_start=1357
-  _globals['_MANAGERSERVICE']._serialized_end=1692
+  _globals['_REGISTERNODEREQUEST']._serialized_start=81
+  _globals['_REGISTERNODEREQUEST']._serialized_end=397
+  _globals['_REGISTERNODEREQUEST_LABELSENTRY']._serialized_start=352
+  _globals['_REGISTERNODEREQUEST_LABELSENTRY']._serialized_end=397
+  _globals['_REGISTERNODERESPONSE']._serialized_start=399
+  _globals['_REGISTERNODERESPONSE']._serialized_end=507
+  _globals['_HEARTBEATREQUEST']._serialized_start=509
+  _globals['_HEARTBEATREQUEST']._serialized_end=563
+  _globals['_HEARTBEATRESPONSE']._serialized_start=565
+  _globals['_HEARTBEATRESPONSE']._serialized_end=649
+  _globals['_REPORTMETRICSREQUEST']._serialized_start=651
+  _globals['_REPORTMETRICSREQUEST']._serialized_end=747
+  _globals['_REPORTMETRICSRESPONSE']._serialized_start=749
+  _globals['_REPORTMETRICSRESPONSE']._serialized_end=843
+  _globals['_SYNCAGENTSTATESREQUEST']._serialized_start=846
+  _globals['_SYNCAGENTSTATESREQUEST']._serialized_end=993
+  _globals['_SYNCAGENTSTATESRESPONSE']._serialized_start=995
+  _globals['_SYNCAGENTSTATESRESPONSE']._serialized_end=1071
+  _globals['_AGENTSTATE']._serialized_start=1074
+  _globals['_AGENTSTATE']._serialized_end=1553
+  _globals['_AGENTSTATE_LABELSENTRY']._serialized_start=352
+  _globals['_AGENTSTATE_LABELSENTRY']._serialized_end=397
+  _globals['_DOWNLOADARTIFACTREQUEST']._serialized_start=1555
+  _globals['_DOWNLOADARTIFACTREQUEST']._serialized_end=1629
+  _globals['_DOWNLOADARTIFACTRESPONSE']._serialized_start=1631
+  _globals['_DOWNLOADARTIFACTRESPONSE']._serialized_end=1701
+  _globals['_REPORTJOBSTATUSREQUEST']._serialized_start=1704
+  _globals['_REPORTJOBSTATUSREQUEST']._serialized_end=1937
+  _globals['_REPORTJOBSTATUSRESPONSE']._serialized_start=1939
+  _globals['_REPORTJOBSTATUSRESPONSE']._serialized_end=1980
+  _globals['_UPLOADJOBOUTPUTREQUEST']._serialized_start=1982
+  _globals['_UPLOADJOBOUTPUTREQUEST']._serialized_end=2069
+  _globals['_UPLOADJOBOUTPUTRESPONSE']._serialized_start=2071
+  _globals['_UPLOADJOBOUTPUTRESPONSE']._serialized_end=2137
+  _globals['_MANAGERSERVICE']._serialized_start=2140
+  _globals['_MANAGERSERVICE']._serialized_end=2744
 # @@protoc_insertion_point(module_scope)

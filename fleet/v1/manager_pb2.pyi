@@ -5,6 +5,7 @@ isort:skip_file
 
 from collections import abc as _abc
 from fleet.v1 import common_pb2 as _common_pb2
+from fleet.v1 import jobs_pb2 as _jobs_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
@@ -52,6 +53,8 @@ class RegisterNodeRequest(_message.Message):
     DAEMON_VERSION_FIELD_NUMBER: _builtins.int
     AGENT_VERSION_FIELD_NUMBER: _builtins.int
     DAEMON_ADDRESS_FIELD_NUMBER: _builtins.int
+    SPEC_VERSION_FIELD_NUMBER: _builtins.int
+    JOBS_DISABLED_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """Kubernetes label-value syntax, at most 63 characters; must equal the
     name in the caller's certificate.
@@ -64,6 +67,10 @@ class RegisterNodeRequest(_message.Message):
     agent_version: _builtins.str
     daemon_address: _builtins.str
     """host:port where this node's DaemonService listens for the manager."""
+    spec_version: _builtins.int
+    """The version of the pushed agent set the daemon runs (0: none)."""
+    jobs_disabled: _builtins.bool
+    """This host refuses remote jobs (`[jobs] enabled = false`)."""
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     def __init__(
@@ -78,10 +85,12 @@ class RegisterNodeRequest(_message.Message):
         daemon_version: _builtins.str = ...,
         agent_version: _builtins.str = ...,
         daemon_address: _builtins.str = ...,
+        spec_version: _builtins.int = ...,
+        jobs_disabled: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "arch", b"arch", "daemon_address", b"daemon_address", "daemon_version", b"daemon_version", "hostname", b"hostname", "ip", b"ip", "labels", b"labels", "node_id", b"node_id", "os", b"os"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "arch", b"arch", "daemon_address", b"daemon_address", "daemon_version", b"daemon_version", "hostname", b"hostname", "ip", b"ip", "jobs_disabled", b"jobs_disabled", "labels", b"labels", "node_id", b"node_id", "os", b"os", "spec_version", b"spec_version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -230,20 +239,32 @@ class SyncAgentStatesRequest(_message.Message):
 
     NODE_ID_FIELD_NUMBER: _builtins.int
     STATES_FIELD_NUMBER: _builtins.int
+    SPEC_VERSION_FIELD_NUMBER: _builtins.int
+    UPDATE_ERRORS_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
+    spec_version: _builtins.int
+    """The version of the pushed agent set the daemon runs (0: none)."""
     @_builtins.property
     def states(self) -> _containers.RepeatedCompositeFieldContainer[Global___AgentState]:
         """Every agent of the node; agents missing here are removed."""
+
+    @_builtins.property
+    def update_errors(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.UpdateError]:
+        """Every pushed agent the daemon does not run as pushed, and why (complete
+        set: an empty list clears earlier errors).
+        """
 
     def __init__(
         self,
         *,
         node_id: _builtins.str = ...,
         states: _abc.Iterable[Global___AgentState] | None = ...,
+        spec_version: _builtins.int = ...,
+        update_errors: _abc.Iterable[_common_pb2.UpdateError] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_id", b"node_id", "states", b"states"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_id", b"node_id", "spec_version", b"spec_version", "states", b"states", "update_errors", b"update_errors"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -315,6 +336,9 @@ class AgentState(_message.Message):
     HEALTH_FIELD_NUMBER: _builtins.int
     CONFIG_VERSION_FIELD_NUMBER: _builtins.int
     LAST_EXIT_FIELD_NUMBER: _builtins.int
+    REVISION_FIELD_NUMBER: _builtins.int
+    HEALTH_MESSAGE_FIELD_NUMBER: _builtins.int
+    HEALTH_SINCE_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     status: _common_pb2.AgentStatus.ValueType
     pid: _builtins.int
@@ -327,6 +351,10 @@ class AgentState(_message.Message):
     message: _builtins.str
     health: _common_pb2.AgentHealth.ValueType
     config_version: _builtins.int
+    revision: _builtins.int
+    """As AgentInfo.revision, health_message and health_since."""
+    health_message: _builtins.str
+    health_since: _builtins.int
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -348,11 +376,187 @@ class AgentState(_message.Message):
         health: _common_pb2.AgentHealth.ValueType = ...,
         config_version: _builtins.int = ...,
         last_exit: _common_pb2.LastExit | None = ...,
+        revision: _builtins.int = ...,
+        health_message: _builtins.str = ...,
+        health_since: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_exit", b"last_exit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "config_version", b"config_version", "exit_code", b"exit_code", "health", b"health", "labels", b"labels", "last_exit", b"last_exit", "last_heartbeat", b"last_heartbeat", "message", b"message", "pid", b"pid", "restart_count", b"restart_count", "start_time", b"start_time", "status", b"status", "type", b"type", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "config_version", b"config_version", "exit_code", b"exit_code", "health", b"health", "health_message", b"health_message", "health_since", b"health_since", "labels", b"labels", "last_exit", b"last_exit", "last_heartbeat", b"last_heartbeat", "message", b"message", "pid", b"pid", "restart_count", b"restart_count", "revision", b"revision", "start_time", b"start_time", "status", b"status", "type", b"type", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AgentState: _TypeAlias = AgentState  # noqa: Y015
+
+@_typing.final
+class DownloadArtifactRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    DIGEST_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    digest: _builtins.str
+    """"sha256:<hex>" of the artifact."""
+    offset: _builtins.int
+    """Byte to start from (the size of what the daemon already has)."""
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        digest: _builtins.str = ...,
+        offset: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["digest", b"digest", "node_id", b"node_id", "offset", b"offset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DownloadArtifactRequest: _TypeAlias = DownloadArtifactRequest  # noqa: Y015
+
+@_typing.final
+class DownloadArtifactResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DATA_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    SIZE_FIELD_NUMBER: _builtins.int
+    data: _builtins.bytes
+    offset: _builtins.int
+    """Offset of the first byte of `data`."""
+    size: _builtins.int
+    """The artifact's whole size."""
+    def __init__(
+        self,
+        *,
+        data: _builtins.bytes = ...,
+        offset: _builtins.int = ...,
+        size: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "offset", b"offset", "size", b"size"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DownloadArtifactResponse: _TypeAlias = DownloadArtifactResponse  # noqa: Y015
+
+@_typing.final
+class ReportJobStatusRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    EXIT_CODE_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
+    ENDED_AT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    OUTPUT_BYTES_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    job_id: _builtins.str
+    state: _jobs_pb2.JobTargetState.ValueType
+    exit_code: _builtins.int
+    started_at: _builtins.int
+    ended_at: _builtins.int
+    reason: _builtins.str
+    output_bytes: _builtins.int
+    """Bytes of output the job wrote so far (final once the state is final)."""
+    @_builtins.property
+    def steps(self) -> _containers.RepeatedCompositeFieldContainer[_jobs_pb2.JobStepResult]: ...
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        job_id: _builtins.str = ...,
+        state: _jobs_pb2.JobTargetState.ValueType = ...,
+        exit_code: _builtins.int = ...,
+        started_at: _builtins.int = ...,
+        ended_at: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        steps: _abc.Iterable[_jobs_pb2.JobStepResult] | None = ...,
+        output_bytes: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ended_at", b"ended_at", "exit_code", b"exit_code", "job_id", b"job_id", "node_id", b"node_id", "output_bytes", b"output_bytes", "reason", b"reason", "started_at", b"started_at", "state", b"state", "steps", b"steps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportJobStatusRequest: _TypeAlias = ReportJobStatusRequest  # noqa: Y015
+
+@_typing.final
+class ReportJobStatusResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CANCEL_FIELD_NUMBER: _builtins.int
+    cancel: _builtins.bool
+    """The job was cancelled by an operator meanwhile: stop it."""
+    def __init__(
+        self,
+        *,
+        cancel: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReportJobStatusResponse: _TypeAlias = ReportJobStatusResponse  # noqa: Y015
+
+@_typing.final
+class UploadJobOutputRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    JOB_ID_FIELD_NUMBER: _builtins.int
+    OFFSET_FIELD_NUMBER: _builtins.int
+    DATA_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    job_id: _builtins.str
+    offset: _builtins.int
+    data: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        job_id: _builtins.str = ...,
+        offset: _builtins.int = ...,
+        data: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["data", b"data", "job_id", b"job_id", "node_id", b"node_id", "offset", b"offset"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UploadJobOutputRequest: _TypeAlias = UploadJobOutputRequest  # noqa: Y015
+
+@_typing.final
+class UploadJobOutputResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ACKED_OFFSET_FIELD_NUMBER: _builtins.int
+    TRUNCATED_FIELD_NUMBER: _builtins.int
+    acked_offset: _builtins.int
+    """Everything before this offset is stored (or deliberately cut): send
+    from here on.
+    """
+    truncated: _builtins.bool
+    """The manager keeps no more of this output (its bound): stop sending."""
+    def __init__(
+        self,
+        *,
+        acked_offset: _builtins.int = ...,
+        truncated: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["acked_offset", b"acked_offset", "truncated", b"truncated"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UploadJobOutputResponse: _TypeAlias = UploadJobOutputResponse  # noqa: Y015

@@ -56,6 +56,21 @@ class ManagerServiceStub:
                 request_serializer=fleet_dot_v1_dot_manager__pb2.SyncAgentStatesRequest.SerializeToString,
                 response_deserializer=fleet_dot_v1_dot_manager__pb2.SyncAgentStatesResponse.FromString,
                 _registered_method=True)
+        self.DownloadArtifact = channel.unary_stream(
+                '/fleet.v1.ManagerService/DownloadArtifact',
+                request_serializer=fleet_dot_v1_dot_manager__pb2.DownloadArtifactRequest.SerializeToString,
+                response_deserializer=fleet_dot_v1_dot_manager__pb2.DownloadArtifactResponse.FromString,
+                _registered_method=True)
+        self.ReportJobStatus = channel.unary_unary(
+                '/fleet.v1.ManagerService/ReportJobStatus',
+                request_serializer=fleet_dot_v1_dot_manager__pb2.ReportJobStatusRequest.SerializeToString,
+                response_deserializer=fleet_dot_v1_dot_manager__pb2.ReportJobStatusResponse.FromString,
+                _registered_method=True)
+        self.UploadJobOutput = channel.unary_unary(
+                '/fleet.v1.ManagerService/UploadJobOutput',
+                request_serializer=fleet_dot_v1_dot_manager__pb2.UploadJobOutputRequest.SerializeToString,
+                response_deserializer=fleet_dot_v1_dot_manager__pb2.UploadJobOutputResponse.FromString,
+                _registered_method=True)
 
 
 class ManagerServiceServicer:
@@ -91,6 +106,30 @@ class ManagerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DownloadArtifact(self, request, context):
+        """Streams an artifact from `offset` (resume an interrupted download). Only
+        artifacts of the definitions assigned to the calling node.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReportJobStatus(self, request, context):
+        """Where one of this node's job targets is (sent on every change).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UploadJobOutput(self, request, context):
+        """Stores a chunk of a job target's output at `offset`. Idempotent: bytes
+        already stored are not stored again. A chunk that would leave a gap is
+        FAILED_PRECONDITION; an empty chunk asks where to resume.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ManagerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -113,6 +152,21 @@ def add_ManagerServiceServicer_to_server(servicer, server):
                     servicer.SyncAgentStates,
                     request_deserializer=fleet_dot_v1_dot_manager__pb2.SyncAgentStatesRequest.FromString,
                     response_serializer=fleet_dot_v1_dot_manager__pb2.SyncAgentStatesResponse.SerializeToString,
+            ),
+            'DownloadArtifact': grpc.unary_stream_rpc_method_handler(
+                    servicer.DownloadArtifact,
+                    request_deserializer=fleet_dot_v1_dot_manager__pb2.DownloadArtifactRequest.FromString,
+                    response_serializer=fleet_dot_v1_dot_manager__pb2.DownloadArtifactResponse.SerializeToString,
+            ),
+            'ReportJobStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReportJobStatus,
+                    request_deserializer=fleet_dot_v1_dot_manager__pb2.ReportJobStatusRequest.FromString,
+                    response_serializer=fleet_dot_v1_dot_manager__pb2.ReportJobStatusResponse.SerializeToString,
+            ),
+            'UploadJobOutput': grpc.unary_unary_rpc_method_handler(
+                    servicer.UploadJobOutput,
+                    request_deserializer=fleet_dot_v1_dot_manager__pb2.UploadJobOutputRequest.FromString,
+                    response_serializer=fleet_dot_v1_dot_manager__pb2.UploadJobOutputResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -225,6 +279,87 @@ class ManagerService:
             '/fleet.v1.ManagerService/SyncAgentStates',
             fleet_dot_v1_dot_manager__pb2.SyncAgentStatesRequest.SerializeToString,
             fleet_dot_v1_dot_manager__pb2.SyncAgentStatesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DownloadArtifact(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/fleet.v1.ManagerService/DownloadArtifact',
+            fleet_dot_v1_dot_manager__pb2.DownloadArtifactRequest.SerializeToString,
+            fleet_dot_v1_dot_manager__pb2.DownloadArtifactResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReportJobStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.v1.ManagerService/ReportJobStatus',
+            fleet_dot_v1_dot_manager__pb2.ReportJobStatusRequest.SerializeToString,
+            fleet_dot_v1_dot_manager__pb2.ReportJobStatusResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UploadJobOutput(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.v1.ManagerService/UploadJobOutput',
+            fleet_dot_v1_dot_manager__pb2.UploadJobOutputRequest.SerializeToString,
+            fleet_dot_v1_dot_manager__pb2.UploadJobOutputResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,6 +43,17 @@ class ManagerServiceStub:
     """Stores a batch of host and agent metrics, once per (node, sequence)."""
     SyncAgentStates: _grpc.UnaryUnaryMultiCallable[_manager_pb2.SyncAgentStatesRequest, _manager_pb2.SyncAgentStatesResponse]
     """Replaces the node's agent states with this complete snapshot."""
+    DownloadArtifact: _grpc.UnaryStreamMultiCallable[_manager_pb2.DownloadArtifactRequest, _manager_pb2.DownloadArtifactResponse]
+    """Streams an artifact from `offset` (resume an interrupted download). Only
+    artifacts of the definitions assigned to the calling node.
+    """
+    ReportJobStatus: _grpc.UnaryUnaryMultiCallable[_manager_pb2.ReportJobStatusRequest, _manager_pb2.ReportJobStatusResponse]
+    """Where one of this node's job targets is (sent on every change)."""
+    UploadJobOutput: _grpc.UnaryUnaryMultiCallable[_manager_pb2.UploadJobOutputRequest, _manager_pb2.UploadJobOutputResponse]
+    """Stores a chunk of a job target's output at `offset`. Idempotent: bytes
+    already stored are not stored again. A chunk that would leave a gap is
+    FAILED_PRECONDITION; an empty chunk asks where to resume.
+    """
 
 @_typing.type_check_only
 class ManagerServiceAsyncStub(ManagerServiceStub):
@@ -59,6 +70,17 @@ class ManagerServiceAsyncStub(ManagerServiceStub):
     """Stores a batch of host and agent metrics, once per (node, sequence)."""
     SyncAgentStates: _aio.UnaryUnaryMultiCallable[_manager_pb2.SyncAgentStatesRequest, _manager_pb2.SyncAgentStatesResponse]  # type: ignore[assignment]
     """Replaces the node's agent states with this complete snapshot."""
+    DownloadArtifact: _aio.UnaryStreamMultiCallable[_manager_pb2.DownloadArtifactRequest, _manager_pb2.DownloadArtifactResponse]  # type: ignore[assignment]
+    """Streams an artifact from `offset` (resume an interrupted download). Only
+    artifacts of the definitions assigned to the calling node.
+    """
+    ReportJobStatus: _aio.UnaryUnaryMultiCallable[_manager_pb2.ReportJobStatusRequest, _manager_pb2.ReportJobStatusResponse]  # type: ignore[assignment]
+    """Where one of this node's job targets is (sent on every change)."""
+    UploadJobOutput: _aio.UnaryUnaryMultiCallable[_manager_pb2.UploadJobOutputRequest, _manager_pb2.UploadJobOutputResponse]  # type: ignore[assignment]
+    """Stores a chunk of a job target's output at `offset`. Idempotent: bytes
+    already stored are not stored again. A chunk that would leave a gap is
+    FAILED_PRECONDITION; an empty chunk asks where to resume.
+    """
 
 class ManagerServiceServicer(metaclass=_abc_1.ABCMeta):
     """Served by the manager, called by daemons (mTLS; the caller's certificate
@@ -96,5 +118,34 @@ class ManagerServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_manager_pb2.SyncAgentStatesResponse, _abc.Awaitable[_manager_pb2.SyncAgentStatesResponse]]:
         """Replaces the node's agent states with this complete snapshot."""
+
+    @_abc_1.abstractmethod
+    def DownloadArtifact(
+        self,
+        request: _manager_pb2.DownloadArtifactRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_manager_pb2.DownloadArtifactResponse], _abc.AsyncIterator[_manager_pb2.DownloadArtifactResponse]]:
+        """Streams an artifact from `offset` (resume an interrupted download). Only
+        artifacts of the definitions assigned to the calling node.
+        """
+
+    @_abc_1.abstractmethod
+    def ReportJobStatus(
+        self,
+        request: _manager_pb2.ReportJobStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_manager_pb2.ReportJobStatusResponse, _abc.Awaitable[_manager_pb2.ReportJobStatusResponse]]:
+        """Where one of this node's job targets is (sent on every change)."""
+
+    @_abc_1.abstractmethod
+    def UploadJobOutput(
+        self,
+        request: _manager_pb2.UploadJobOutputRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_manager_pb2.UploadJobOutputResponse, _abc.Awaitable[_manager_pb2.UploadJobOutputResponse]]:
+        """Stores a chunk of a job target's output at `offset`. Idempotent: bytes
+        already stored are not stored again. A chunk that would leave a gap is
+        FAILED_PRECONDITION; an empty chunk asks where to resume.
+        """
 
 def add_ManagerServiceServicer_to_server(servicer: ManagerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import AsyncGenerator, Callable, Collection, Mapping
+from collections.abc import AsyncGenerator, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from fleet.errors import FleetError, InvalidArgument, NotFound, Resource
@@ -22,9 +22,12 @@ from fleet.labels import MAX_LABELS, validate_label_key, validate_label_value, v
 from fleet.selectors import Selector
 from fleet.v1 import common_pb2, daemon_pb2
 from manager.pool import ConnectionState, DaemonPool
+from manager.service.desired import drift
 from manager.service.metrics import MetricsService, MetricType, metric_types, missing_metric
 from manager.service.operations import OperationRecorder, Operations, record_from_info
 from manager.storage import AgentStateRecord, AgentStateRepository, NodeRecord, NodeRepository
+from manager.storage.desired import DesiredStateRepository, DesiredTx
+from manager.storage.records import AssignmentRecord, NodeDesiredRecord
 
 __all__ = ["AgentListing", "FleetQueries", "LabelsUpdated", "NodeAgent", "NodeView"]
 
@@ -46,6 +49,10 @@ class NodeView:
     """The pool's connection state to its daemon."""
     agent_counts: Mapping[str, int]
     """Agents (as last synced) per status name."""
+    desired: NodeDesiredRecord | None = None
+    """Its managed set's versions and the daemon's update errors (None: never managed)."""
+    drift: str = ""
+    """Why it does not run what it should ("" when it does)."""
 
 
 @dataclass(frozen=True)
@@ -95,10 +102,14 @@ class FleetQueries:
         operations: Operations,
         recorder: OperationRecorder,
         metrics: MetricsService,
+        desired: DesiredStateRepository,
         *,
         clock: Callable[[], float] = time.time,
         live_concurrency: int = 64,
+        on_labels_changed: Callable[[], None] = lambda: None,
     ) -> None:
+        self._desired = desired
+        self._on_labels_changed = on_labels_changed
         self._nodes = nodes
         self._agents = agents
         self._pool = pool
@@ -115,22 +126,53 @@ class FleetQueries:
             per[st.status] = per.get(st.status, 0) + 1
         return counts
 
-    def _view(self, node: NodeRecord, counts: Mapping[str, int]) -> NodeView:
-        return NodeView(node, self._pool.state(node.node_id), dict(counts))
+    async def _views(self, nodes: Sequence[NodeRecord]) -> list[NodeView]:
+        """Nodes with their agent counts, connection, managed versions and drift."""
+        ids = [n.node_id for n in nodes]
+
+        async def body(
+            tx: DesiredTx,
+        ) -> tuple[list[AgentStateRecord], dict[str, NodeDesiredRecord], list[AssignmentRecord]]:
+            return (
+                await tx.agent_states(node_ids=ids),
+                await tx.node_desired(ids),
+                await tx.assignments(node_ids=ids),
+            )
+
+        states, desired, assigned = await self._desired.run(body, write=False)
+        counts = self._counts(states)
+        agents: dict[str, dict[str, AgentStateRecord]] = {}
+        for st in states:
+            agents.setdefault(st.node_id, {})[st.agent_id] = st
+        per_node: dict[str, list[AssignmentRecord]] = {}
+        for a in assigned:
+            per_node.setdefault(a.node_id, []).append(a)
+        return [
+            NodeView(
+                n,
+                self._pool.state(n.node_id),
+                counts.get(n.node_id, {}),
+                desired.get(n.node_id),
+                drift(
+                    desired.get(n.node_id),
+                    per_node.get(n.node_id, []),
+                    agents.get(n.node_id, {}),
+                ),
+            )
+            for n in nodes
+        ]
 
     async def _selected(self, selector: Selector) -> list[NodeRecord]:
         return [n for n in await self._nodes.list() if selector.matches(n.labels)]
 
     async def list_nodes(self, selector: Selector) -> list[NodeView]:
         """Nodes whose labels match, ordered by id."""
-        nodes = await self._selected(selector)
-        counts = self._counts(await self._agents.list(node_ids=[n.node_id for n in nodes]))
-        return [self._view(n, counts.get(n.node_id, {})) for n in nodes]
+        return await self._views(await self._selected(selector))
 
     async def get_node(self, node_id: str) -> NodeView:
         """One node; NotFound if it never registered."""
-        node = await self._ops.node(node_id)
-        return self._view(node, await self._agents.counts_by_status(node_id))
+        (view,) = await self._views([await self._ops.node(node_id)])
+        return view
 
     async def update_labels(
         self, node_id: str, set_: Mapping[str, str], remove: Collection[str], *, actor: str
@@ -172,7 +214,8 @@ class FleetQueries:
             message=f"{actor} labelled {node_id}: {' '.join(change)}",
             node_id=node_id,
         )
-        view = self._view(updated, await self._agents.counts_by_status(node_id))
+        self._on_labels_changed()  # the node may start or stop matching definitions
+        (view,) = await self._views([updated])
         return LabelsUpdated(view, sorted(k for k in set(remove) if k not in before.labels))
 
     async def _target_nodes(self, node_id: str, selector: Selector) -> list[NodeRecord]:

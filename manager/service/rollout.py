@@ -40,6 +40,7 @@ import enum
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 __all__ = [
     "LIVE",
@@ -54,12 +55,15 @@ __all__ = [
     "Step",
     "UpdatePolicy",
     "abort",
+    "from_dict",
     "pause",
+    "plan_batches",
     "promote",
     "resume",
     "start",
     "step",
     "supersede",
+    "to_dict",
 ]
 
 
@@ -671,3 +675,79 @@ def _policy_words(p: UpdatePolicy) -> str:
     if p.auto_revert:
         parts.append("auto_revert")
     return ", ".join(parts)
+
+
+# --- planning and storage -----------------------------------------------------------------
+
+
+def plan_batches(policy: UpdatePolicy, scope: int, nodes: Iterable[str]) -> list[list[str]]:
+    """The batches a rollout would make of `nodes` (the online nodes to move, in order)
+    when the definition runs on `scope` nodes: the canary batch first, if any."""
+    order = sorted(nodes)
+    batches: list[list[str]] = []
+    canaries = policy.canary.of(scope)
+    if canaries and order:
+        batches.append(order[:canaries])
+        order = order[canaries:]
+    size = max(1, policy.max_parallel.of(scope))
+    batches.extend(order[i : i + size] for i in range(0, len(order), size))
+    return batches
+
+
+def to_dict(r: Rollout) -> dict[str, object]:
+    """A rollout record as plain JSON-ready values."""
+    p = r.policy
+    return {
+        "name": r.name,
+        "target": r.target,
+        "previous": r.previous,
+        "state": r.state.value,
+        "batch": r.batch,
+        "batch_done_at": r.batch_done_at,
+        "progress_at": r.progress_at,
+        "reverted_from": r.reverted_from,
+        "reason": r.reason,
+        "paused_from": r.paused_from.value if r.paused_from else None,
+        "promoted": r.promoted,
+        "policy": {
+            "max_parallel": str(p.max_parallel),
+            "canary": str(p.canary),
+            "auto_promote": p.auto_promote,
+            "min_healthy_time": p.min_healthy_time,
+            "healthy_deadline": p.healthy_deadline,
+            "progress_deadline": p.progress_deadline,
+            "auto_revert": p.auto_revert,
+            "pause_between_batches": p.pause_between_batches,
+        },
+    }
+
+
+def from_dict(data: Mapping[str, Any]) -> Rollout:
+    """The inverse of `to_dict`."""
+    p = data["policy"]
+    policy = UpdatePolicy(
+        max_parallel=Amount.parse(p["max_parallel"], what="max_parallel"),
+        canary=Amount.parse(p["canary"], what="canary"),
+        auto_promote=bool(p["auto_promote"]),
+        min_healthy_time=float(p["min_healthy_time"]),
+        healthy_deadline=float(p["healthy_deadline"]),
+        progress_deadline=float(p["progress_deadline"]),
+        auto_revert=bool(p["auto_revert"]),
+        pause_between_batches=float(p["pause_between_batches"]),
+    )
+    done_at = data["batch_done_at"]
+    paused_from = data["paused_from"]
+    return Rollout(
+        name=str(data["name"]),
+        target=int(data["target"]),
+        previous=int(data["previous"]),
+        policy=policy,
+        state=RolloutState(data["state"]),
+        batch=int(data["batch"]),
+        batch_done_at=None if done_at is None else float(done_at),
+        progress_at=float(data["progress_at"]),
+        reverted_from=int(data["reverted_from"]),
+        reason=str(data["reason"]),
+        paused_from=None if paused_from is None else RolloutState(paused_from),
+        promoted=bool(data["promoted"]),
+    )

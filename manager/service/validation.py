@@ -196,6 +196,12 @@ def metric_batch(
     return MetricBatch(node_id=node_id, sequence=sequence, samples=tuple(samples))
 
 
+def validate_spec_version(version: int) -> None:
+    """A daemon's reported pushed-set version (uint64 on the wire, int64 in SQL)."""
+    if not 0 <= version < 2**63:
+        raise InvalidArgument(f"must be in 0..2^63-1, got {version}", field="spec_version")
+
+
 def validate_agent_states(states: Sequence[AgentStateRecord]) -> None:
     """Raise InvalidArgument naming the first bad field of a SyncAgentStates."""
     if len(states) > MAX_AGENTS_PER_SYNC:
@@ -247,6 +253,17 @@ def validate_agent_states(states: Sequence[AgentStateRecord]) -> None:
                 f"must be at most {MAX_MESSAGE} characters, without NUL",
                 field=f"{where}.last_exit.reason",
             )
+        if len(st.health_message) > MAX_MESSAGE or "\x00" in st.health_message:
+            raise InvalidArgument(
+                f"must be at most {MAX_MESSAGE} characters, without NUL",
+                field=f"{where}.health_message",
+            )
+        if st.health_since_ms < 0:
+            raise InvalidArgument(
+                f"must be >= 0 (epoch ms), got {st.health_since_ms}", field=f"{where}.health_since"
+            )
+        if not 0 <= st.revision < 2**63:
+            raise InvalidArgument("must be in 0..2^63-1", field=f"{where}.revision")
         if st.last_exit_ms < 0:
             raise InvalidArgument(
                 f"must be >= 0 (epoch ms), got {st.last_exit_ms}", field=f"{where}.last_exit.time"

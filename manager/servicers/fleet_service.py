@@ -17,9 +17,10 @@ from grpc import aio
 
 from fleet import selectors
 from fleet.errors import InvalidArgument
-from fleet.tls import require_role
+from fleet.pending_rpcs import PendingFleetRpcs
 from fleet.v1 import common_pb2, fleet_pb2, fleet_pb2_grpc
 from manager.pool import ConnectionState, DaemonPool
+from manager.service.definitions import Definitions
 from manager.service.event_feed import EventFeed
 from manager.service.fleet import FleetQueries, NodeAgent, NodeView
 from manager.service.metrics import MetricsService
@@ -30,6 +31,8 @@ from manager.service.operations import (
     Summary,
     TargetResult,
 )
+from manager.service.rollout_control import RolloutControl
+from manager.servicers.fleet_desired import DesiredRpcs
 from manager.storage import (
     AgentStateRecord,
     AgentStateRepository,
@@ -37,6 +40,7 @@ from manager.storage import (
     EventRecord,
     NodeRepository,
 )
+from manager.storage.desired import DesiredStateRepository
 from manager.storage.operation_log import OperationLog
 from manager.storage.sqlhelp import chunks
 from manager.storage.targets import TargetRepository
@@ -152,6 +156,14 @@ def _node(view: NodeView) -> fleet_pb2.Node:
         agent_counts=_counts(view.agent_counts),
         daemon_labels=n.daemon_labels,
         operator_labels=n.operator_labels,
+        desired_version=view.desired.version if view.desired else 0,
+        reported_version=view.desired.reported_version if view.desired else 0,
+        drift=bool(view.drift),
+        drift_reason=view.drift,
+        update_errors=[
+            common_pb2.UpdateError(agent_id=e.agent_id, revision=e.revision, reason=e.reason)
+            for e in (view.desired.update_errors if view.desired else ())
+        ],
     )
 
 
@@ -218,14 +230,16 @@ def _kinds(values: Any) -> list[str]:
     return kinds
 
 
-class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
-    """Serves FleetService for ``operator/*`` callers."""
+class FleetServicer(DesiredRpcs, PendingFleetRpcs, fleet_pb2_grpc.FleetServiceServicer):
+    """Serves FleetService for ``operator/*`` callers (desired state: `DesiredRpcs`)."""
 
     def __init__(
         self,
         queries: FleetQueries,
         operations: Operations,
         feed: EventFeed,
+        definitions: Definitions,
+        rollouts: RolloutControl,
         *,
         trust_domain: str,
         call_timeout: float,
@@ -233,11 +247,10 @@ class FleetServicer(fleet_pb2_grpc.FleetServiceServicer):
         self._q = queries
         self._ops = operations
         self._feed = feed
+        self._definitions = definitions
+        self._rollouts = rollouts
         self._td = trust_domain
         self._call_timeout = call_timeout
-
-    def _operator(self, context: _Context) -> str:
-        return str(require_role(context, "operator", trust_domain=self._td))
 
     def _timeout(self, context: _Context) -> float:
         """The pool's deadline, shortened to the operator's own if that is sooner."""
@@ -470,19 +483,34 @@ def build_fleet_servicer(
     pool: DaemonPool,
     feed: EventFeed,
     metrics: MetricsService,
+    definitions: Definitions,
+    rollouts: RolloutControl,
     *,
     trust_domain: str,
     clock: Callable[[], float],
+    on_labels_changed: Callable[[], None] = lambda: None,
 ) -> FleetServicer:
     """The FleetService servicer over the manager's database, daemon pool and event feed."""
     nodes, agents = NodeRepository(db), AgentStateRepository(db)
     recorder = OperationRecorder(OperationLog(db), clock=clock)
     operations = Operations(nodes, TargetRepository(db), pool, recorder, clock=clock)
-    queries = FleetQueries(nodes, agents, pool, operations, recorder, metrics, clock=clock)
+    queries = FleetQueries(
+        nodes,
+        agents,
+        pool,
+        operations,
+        recorder,
+        metrics,
+        DesiredStateRepository(db),
+        clock=clock,
+        on_labels_changed=on_labels_changed,
+    )
     return FleetServicer(
         queries,
         operations,
         feed,
+        definitions,
+        rollouts,
         trust_domain=trust_domain,
         call_timeout=pool.config.call_timeout,
     )

@@ -9,17 +9,24 @@ ErrorMappingInterceptor.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from grpc import aio
 
+from fleet.errors import InvalidArgument
+from fleet.labels import validate_label_value
+from fleet.pending_rpcs import PendingManagerRpcs
 from fleet.v1 import common_pb2, manager_pb2, manager_pb2_grpc
 from manager.service.agents import AgentStates
 from manager.service.metrics import MetricsService
 from manager.service.model import MetricPoint, Registration
 from manager.service.registry import NodeRegistry
+from manager.service.reports import DaemonReports
+from manager.service.validation import MAX_AGENTS_PER_SYNC, MAX_MESSAGE, validate_spec_version
 from manager.servicers.identity import NodeIdentities
 from manager.storage import AgentStateRecord
+from manager.storage.records import UpdateErrorRecord
 
 __all__ = ["ManagerServicer", "agent_state_record", "last_exit_fields"]
 
@@ -51,8 +58,31 @@ def agent_state_record(node_id: str, st: manager_pb2.AgentState) -> AgentStateRe
         labels=dict(st.labels),
         health=_enum_name(common_pb2.AgentHealth, st.health, "AGENT_HEALTH_"),
         config_version=st.config_version,
+        revision=st.revision,
+        health_message=st.health_message,
+        health_since_ms=st.health_since,
         **last_exit_fields(st.last_exit if st.HasField("last_exit") else None),
     )
+
+
+def update_error_records(msgs: Any) -> list[UpdateErrorRecord]:
+    """A daemon's UpdateError messages, validated (InvalidArgument naming the field)."""
+    if len(msgs) > MAX_AGENTS_PER_SYNC:
+        raise InvalidArgument(
+            f"at most {MAX_AGENTS_PER_SYNC} per report, got {len(msgs)}", field="update_errors"
+        )
+    out = []
+    for i, e in enumerate(msgs):
+        where = f"update_errors[{i}]"
+        validate_label_value(e.agent_id, field=f"{where}.agent_id")
+        if len(e.reason) > MAX_MESSAGE or "\x00" in e.reason:
+            raise InvalidArgument(
+                f"must be at most {MAX_MESSAGE} characters, without NUL", field=f"{where}.reason"
+            )
+        if not 0 <= e.revision < 2**63:
+            raise InvalidArgument("must be in 0..2^63-1", field=f"{where}.revision")
+        out.append(UpdateErrorRecord(e.agent_id, e.revision, e.reason))
+    return out
 
 
 def last_exit_fields(msg: common_pb2.LastExit | None) -> dict[str, Any]:
@@ -68,7 +98,7 @@ def last_exit_fields(msg: common_pb2.LastExit | None) -> dict[str, Any]:
     }
 
 
-class ManagerServicer(manager_pb2_grpc.ManagerServiceServicer):
+class ManagerServicer(PendingManagerRpcs, manager_pb2_grpc.ManagerServiceServicer):
     """Serves ManagerService for `node/*` callers."""
 
     def __init__(
@@ -78,16 +108,21 @@ class ManagerServicer(manager_pb2_grpc.ManagerServiceServicer):
         agents: AgentStates,
         *,
         trust_domain: str,
+        reports: DaemonReports | None = None,
+        on_change: Callable[[], None] = lambda: None,
     ) -> None:
         self._registry = registry
         self._metrics = metrics
         self._agents = agents
+        self._reports = reports
+        self._on_change = on_change
         self._identities = NodeIdentities(trust_domain)
 
     async def RegisterNode(
         self, request: manager_pb2.RegisterNodeRequest, context: _Context
     ) -> manager_pb2.RegisterNodeResponse:
         self._identities.require_node(context, request.node_id)
+        validate_spec_version(request.spec_version)
         result = await self._registry.register(
             Registration(
                 node_id=request.node_id,
@@ -101,6 +136,14 @@ class ManagerServicer(manager_pb2_grpc.ManagerServiceServicer):
                 daemon_address=request.daemon_address,
             )
         )
+        if self._reports is not None:
+            await self._reports.report(
+                request.node_id,
+                spec_version=request.spec_version,
+                update_errors=None,
+                registered=True,
+            )
+        self._on_change()  # a new or returning node may need its managed set
         return manager_pb2.RegisterNodeResponse(
             success=True,
             message="registered" if result.created else "re-registered",
@@ -138,5 +181,13 @@ class ManagerServicer(manager_pb2_grpc.ManagerServiceServicer):
     ) -> manager_pb2.SyncAgentStatesResponse:
         self._identities.require_node(context, request.node_id)
         states = [agent_state_record(request.node_id, st) for st in request.states]
+        errors = update_error_records(request.update_errors)
+        validate_spec_version(request.spec_version)
         changed = await self._agents.sync(request.node_id, states)
+        if self._reports is not None:
+            await self._reports.report(
+                request.node_id, spec_version=request.spec_version, update_errors=errors
+            )
+        if changed:
+            self._on_change()  # rollouts judge agents by their states
         return manager_pb2.SyncAgentStatesResponse(success=True, changed=changed)

@@ -17,7 +17,7 @@ from manager.storage.records import AgentStateRecord
 from manager.storage.schema import agent_states, nodes
 from manager.storage.sqlhelp import chunks
 
-__all__ = ["AgentStateRepository", "describe_change", "state_changed"]
+__all__ = ["AgentStateRepository", "describe_change", "select_states", "state_changed"]
 
 # What makes a report a *change* worth an event. Heartbeat times and the
 # free-text message move on every report and would flood the event log.
@@ -33,6 +33,7 @@ _EVENT_FIELDS = (
     "health",
     "config_version",
     "last_exit_ms",
+    "revision",
 )
 
 
@@ -135,6 +136,9 @@ def _row(state: AgentStateRecord) -> dict[str, Any]:
         "last_exit_reason": state.last_exit_reason,
         "last_exit_ms": state.last_exit_ms,
         "reported_ms": state.reported_ms,
+        "revision": state.revision,
+        "health_message": state.health_message,
+        "health_since_ms": state.health_since_ms,
     }
 
 
@@ -159,7 +163,27 @@ def _record(row: Any) -> AgentStateRecord:
         last_exit_reason=row.last_exit_reason,
         last_exit_ms=row.last_exit_ms,
         reported_ms=row.reported_ms,
+        revision=row.revision,
+        health_message=row.health_message,
+        health_since_ms=row.health_since_ms,
     )
+
+
+async def select_states(
+    conn: AsyncConnection, *, node_ids: Collection[str] | None = None, agent_id: str = ""
+) -> list[AgentStateRecord]:
+    """`AgentStateRepository.list` inside a caller's transaction."""
+    order = (agent_states.c.node_id, agent_states.c.agent_id)
+    query = select(agent_states).order_by(*order)
+    if agent_id:
+        query = query.where(agent_states.c.agent_id == agent_id)
+    if node_ids is None:
+        return [_record(r) for r in await conn.execute(query)]
+    out: list[AgentStateRecord] = []
+    for part in chunks(sorted(set(node_ids))):
+        result = await conn.execute(query.where(agent_states.c.node_id.in_(part)))
+        out.extend(_record(r) for r in result)
+    return out
 
 
 class AgentStateRepository:
@@ -243,22 +267,13 @@ class AgentStateRepository:
         return await self._db.run(body)
 
     async def list(
-        self, *, node_ids: Collection[str] | None = None
+        self, *, node_ids: Collection[str] | None = None, agent_id: str = ""
     ) -> builtins.list[AgentStateRecord]:
-        """Agent states ordered by (node, agent); only those nodes' if `node_ids` is given."""
+        """Agent states ordered by (node, agent); only those nodes' if `node_ids` is given,
+        only agents with that id if `agent_id` is."""
 
         async def body(conn: AsyncConnection) -> builtins.list[AgentStateRecord]:
-            order = (agent_states.c.node_id, agent_states.c.agent_id)
-            if node_ids is None:
-                result = await conn.execute(select(agent_states).order_by(*order))
-                return [_record(r) for r in result]
-            out: builtins.list[AgentStateRecord] = []
-            for part in chunks(sorted(set(node_ids))):
-                result = await conn.execute(
-                    select(agent_states).where(agent_states.c.node_id.in_(part)).order_by(*order)
-                )
-                out.extend(_record(r) for r in result)
-            return out
+            return await select_states(conn, node_ids=node_ids, agent_id=agent_id)
 
         return await self._db.run(body, write=False)
 

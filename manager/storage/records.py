@@ -11,12 +11,19 @@ from typing import Final, Literal
 __all__ = [
     "EVENT_KINDS",
     "AgentStateRecord",
+    "AssignmentRecord",
+    "DefinitionRecord",
     "EventRecord",
     "MetricBatch",
     "MetricSample",
     "MetricSeries",
+    "NodeDesiredRecord",
     "NodeRecord",
     "NodeStatus",
+    "RevisionRecord",
+    "RolloutNodeRecord",
+    "RolloutRecord",
+    "UpdateErrorRecord",
 ]
 
 NodeStatus = Literal["online", "offline"]
@@ -29,6 +36,26 @@ EVENT_KINDS: Final = frozenset(
         "NODE_LABELS_UPDATED",
         "AGENT_STATE_CHANGED",
         "OPERATION",
+        "DEFINITION_APPLIED",
+        "DEFINITION_DELETED",
+        "ROLLOUT_STARTED",
+        "ROLLOUT_BATCH",
+        "ROLLOUT_NODE_FAILED",
+        "ROLLOUT_AWAITING_PROMOTION",
+        "ROLLOUT_PROMOTED",
+        "ROLLOUT_PAUSED",
+        "ROLLOUT_RESUMED",
+        "ROLLOUT_SUCCEEDED",
+        "ROLLOUT_FAILED",
+        "ROLLOUT_REVERTING",
+        "ROLLOUT_REVERTED",
+        "ROLLOUT_CANCELLED",
+        "ARTIFACT_PUSHED",
+        "ARTIFACT_DELETED",
+        "NODE_UPDATE_ERROR",
+        "JOB_STARTED",
+        "JOB_TARGET_FINISHED",
+        "JOB_FINISHED",
     }
 )
 """Every event kind the events table accepts."""
@@ -112,6 +139,12 @@ class AgentStateRecord:
     """When it ended."""
     reported_ms: int = 0
     """When the daemon reported this state (set by the manager when storing it)."""
+    revision: int = 0
+    """The definition revision its spec comes from (0: an agent of the host's own config)."""
+    health_message: str = ""
+    """Why its last health check failed."""
+    health_since_ms: int = 0
+    """When its health last changed."""
 
 
 @dataclass(frozen=True)
@@ -176,3 +209,146 @@ class EventRecord:
     """Who caused it ("node/x", "operator/y", "manager/sweeper"), "" if unknown."""
     attributes: dict[str, str]
     """Kind-specific details, e.g. {"from": "RUNNING", "to": "EXITED"}."""
+
+
+# --- desired state -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DefinitionRecord:
+    """A definition's head: its current revision and the last one that succeeded."""
+
+    name: str
+    """Unique in the fleet; the agent's id on each node."""
+    revision: int
+    """The current (newest) revision."""
+    stable_revision: int = 0
+    """The last revision that rolled out successfully (0: none yet)."""
+    deleted_ms: int = 0
+    """When it was deleted (0: live)."""
+    created_ms: int = 0
+    """When its first revision was applied."""
+    updated_ms: int = 0
+    """When its newest revision was applied."""
+
+
+@dataclass(frozen=True)
+class RevisionRecord:
+    """One stored revision of a definition."""
+
+    name: str
+    """The definition."""
+    revision: int
+    """1, 2, 3, ... per definition."""
+    body: str
+    """The `Definition` message as canonical JSON."""
+    content_hash: str
+    """sha256 of what the revision runs (two equal hashes: nothing would change)."""
+    actor: str
+    """Who applied it."""
+    message: str
+    """The change cause (--message)."""
+    created_ms: int
+    """When."""
+    deleted: bool = False
+    """This revision records the deletion of the definition."""
+
+
+@dataclass(frozen=True)
+class AssignmentRecord:
+    """One node should run one revision of one definition."""
+
+    node_id: str
+    """The node."""
+    name: str
+    """The definition."""
+    revision: int
+    """The revision it should run."""
+    since_ms: int
+    """When this assignment was made."""
+
+
+@dataclass(frozen=True)
+class UpdateErrorRecord:
+    """A pushed agent a daemon does not run as pushed, and why."""
+
+    agent_id: str
+    """The agent (a definition's name)."""
+    revision: int
+    """The revision it could not apply."""
+    reason: str
+    """Why, in words."""
+
+
+@dataclass(frozen=True)
+class NodeDesiredRecord:
+    """What a node should run, what it was sent and what it reports."""
+
+    node_id: str
+    """The node."""
+    version: int = 0
+    """Version of its managed set (bumped on every change of content)."""
+    content_hash: str = ""
+    """sha256 of the managed set of `version`."""
+    delivered_version: int = 0
+    """The last version a PushUpdate delivered."""
+    reported_version: int = 0
+    """The version the daemon last reported running."""
+    push_error: str = ""
+    """Why the last push failed ("" after a success)."""
+    push_attempts: int = 0
+    """Failed pushes in a row (for the backoff)."""
+    next_push_ms: int = 0
+    """Do not retry a failed push before this."""
+    update_errors: tuple[UpdateErrorRecord, ...] = ()
+    """The agents the daemon refused or failed to apply (as last reported)."""
+    updated_ms: int = 0
+    """When this row last changed."""
+
+
+@dataclass(frozen=True)
+class RolloutRecord:
+    """A rollout as stored: its decision record (JSON) and bookkeeping."""
+
+    id: int
+    """Unique, increasing (0 before it is stored)."""
+    name: str
+    """The definition."""
+    target: int
+    """The revision moved to."""
+    previous: int
+    """The revision moved from (the revert target)."""
+    state: str
+    """RolloutState name."""
+    record: str
+    """`manager.service.rollout.Rollout` as JSON."""
+    actor: str
+    """Who started it."""
+    message: str
+    """Why (the definition's change cause)."""
+    created_ms: int
+    """When it was created."""
+    updated_ms: int
+    """When it last changed."""
+    ended_ms: int = 0
+    """When it ended (0: live)."""
+
+
+@dataclass(frozen=True)
+class RolloutNodeRecord:
+    """One node in a rollout."""
+
+    rollout_id: int
+    """The rollout."""
+    node_id: str
+    """The node."""
+    phase: str
+    """NodePhase name."""
+    batch: int
+    """The batch that moved it (-1: not moved by this rollout)."""
+    since_ms: int
+    """When it entered its phase."""
+    offline: bool
+    """On hold because its node is offline."""
+    reason: str
+    """Why it failed."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from sqlalchemy import (
     BigInteger,
+    Boolean,
     CheckConstraint,
     Column,
     Double,
@@ -23,14 +24,20 @@ from sqlalchemy import (
 
 __all__ = [
     "agent_states",
+    "assignments",
+    "definition_revisions",
+    "definitions",
     "events",
     "metadata",
     "metric_batches",
     "metric_rollup_state",
     "metric_rollups",
     "metric_samples",
+    "node_desired",
     "nodes",
     "operations_audit",
+    "rollout_nodes",
+    "rollouts",
 ]
 
 # SQLite only makes INTEGER PRIMARY KEY an alias of the rowid (no extra index,
@@ -100,6 +107,11 @@ agent_states = Table(
     Column("last_exit_ms", BigInteger, nullable=False, server_default="0"),
     # When the daemon reported this state (stale views say "as of").
     Column("reported_ms", BigInteger, nullable=False, server_default="0"),
+    # Desired state: the definition revision the running spec comes from (0:
+    # a host agent), and the health detail rollouts judge by.
+    Column("revision", BigInteger, nullable=False, server_default="0"),
+    Column("health_message", Text, nullable=False, server_default=""),
+    Column("health_since_ms", BigInteger, nullable=False, server_default="0"),
     PrimaryKeyConstraint("node_id", "agent_id"),
     CheckConstraint("pid >= 0", name="pid"),
     CheckConstraint("restart_count >= 0", name="restart_count"),
@@ -182,4 +194,109 @@ operations_audit = Table(
     Column("detail", Text, nullable=False),  # JSON object
     Column("outcome", String(64), nullable=False),
     sqlite_autoincrement=True,
+)
+
+
+# --- desired state -------------------------------------------------------------------------
+# A definition's current revision and the last one that rolled out successfully.
+definitions = Table(
+    "definitions",
+    metadata,
+    Column("name", String(63), primary_key=True),
+    Column("revision", BigInteger, nullable=False),
+    Column("stable_revision", BigInteger, nullable=False),
+    Column("deleted_ms", BigInteger, nullable=False),  # 0: live
+    Column("created_ms", BigInteger, nullable=False),
+    Column("updated_ms", BigInteger, nullable=False),
+)
+
+# Every revision ever applied (the history), the Definition message as JSON.
+definition_revisions = Table(
+    "definition_revisions",
+    metadata,
+    Column("name", String(63), nullable=False),
+    Column("revision", BigInteger, nullable=False),
+    Column("body", Text, nullable=False),
+    Column("content_hash", String(64), nullable=False),
+    Column("actor", String(300), nullable=False),
+    Column("message", Text, nullable=False),
+    Column("created_ms", BigInteger, nullable=False),
+    Column("deleted", Boolean, nullable=False),
+    PrimaryKeyConstraint("name", "revision"),
+)
+
+# Which revision of which definition each node should run: a node's desired set.
+assignments = Table(
+    "assignments",
+    metadata,
+    Column(
+        "node_id",
+        String(253),
+        ForeignKey("nodes.node_id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("name", String(63), nullable=False),
+    Column("revision", BigInteger, nullable=False),
+    Column("since_ms", BigInteger, nullable=False),
+    PrimaryKeyConstraint("node_id", "name"),
+    Index(None, "name"),
+)
+
+# Per node: the version of its managed set, what was delivered and reported.
+node_desired = Table(
+    "node_desired",
+    metadata,
+    Column(
+        "node_id",
+        String(253),
+        ForeignKey("nodes.node_id", ondelete="CASCADE"),
+        primary_key=True,
+    ),
+    Column("version", BigInteger, nullable=False),
+    Column("content_hash", String(64), nullable=False),
+    Column("delivered_version", BigInteger, nullable=False),
+    Column("reported_version", BigInteger, nullable=False),
+    Column("push_error", Text, nullable=False),
+    Column("push_attempts", Integer, nullable=False),
+    Column("next_push_ms", BigInteger, nullable=False),
+    Column("update_errors", Text, nullable=False),  # JSON list
+    Column("updated_ms", BigInteger, nullable=False),
+)
+
+# Rollouts: the record of `manager.service.rollout.Rollout` as JSON, and its nodes.
+rollouts = Table(
+    "rollouts",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("name", String(63), nullable=False),
+    Column("target", BigInteger, nullable=False),
+    Column("previous", BigInteger, nullable=False),
+    Column("state", String(32), nullable=False),
+    Column("record", Text, nullable=False),
+    Column("actor", String(300), nullable=False),
+    Column("message", Text, nullable=False),
+    Column("created_ms", BigInteger, nullable=False),
+    Column("updated_ms", BigInteger, nullable=False),
+    Column("ended_ms", BigInteger, nullable=False),  # 0: live
+    Index(None, "name", "id"),
+    Index(None, "ended_ms"),
+    sqlite_autoincrement=True,
+)
+
+rollout_nodes = Table(
+    "rollout_nodes",
+    metadata,
+    Column(
+        "rollout_id",
+        BigId,
+        ForeignKey("rollouts.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("node_id", String(253), nullable=False),
+    Column("phase", String(16), nullable=False),
+    Column("batch", Integer, nullable=False),
+    Column("since_ms", BigInteger, nullable=False),
+    Column("offline", Boolean, nullable=False),
+    Column("reason", Text, nullable=False),
+    PrimaryKeyConstraint("rollout_id", "node_id"),
 )

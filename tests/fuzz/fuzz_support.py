@@ -16,11 +16,17 @@ from daemon.server import DaemonServer
 from manager.storage import Database
 from manager.storage.schema import (
     agent_states,
+    assignments,
+    definition_revisions,
+    definitions,
     events,
     metric_batches,
     metric_samples,
+    node_desired,
     nodes,
     operations_audit,
+    rollout_nodes,
+    rollouts,
 )
 
 FUZZ = settings(settings.get_profile("fleet-fuzz"))
@@ -71,6 +77,16 @@ async def db_state(db: Database) -> dict[str, Any]:
                 )
             ).all(),
         }
+        for table in (definitions, definition_revisions, assignments, rollouts, rollout_nodes):
+            key = list(table.primary_key.columns)
+            state[table.name] = (await conn.execute(select(table).order_by(*key))).all()
+        state["node_desired"] = (
+            await conn.execute(
+                select(*[c for c in node_desired.c if c.name != "updated_ms"]).order_by(
+                    node_desired.c.node_id
+                )
+            )
+        ).all()
         for table in (metric_samples, metric_batches, events, operations_audit):
             count = (await conn.execute(select(func.count()).select_from(table))).scalar_one()
             state[table.name] = count

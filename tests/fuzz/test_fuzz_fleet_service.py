@@ -29,11 +29,13 @@ from live_env import (
     SLEEP,
     ModulePki,
     channels,
+    desired_requests,
     invoke,
     live_daemon,
     live_manager,
     manager_name,
     methods,
+    probe_definition,
     registration,
     rpc_name,
     serving,
@@ -58,8 +60,16 @@ def _overrides() -> dict[str, st.SearchStrategy[Any]]:
             out[f"{name}.agent_id"] = st.one_of(st.sampled_from(AGENTS), text)
         if "follow" in fields:  # a following stream is cut after 0.3 s idle: keep it rare
             out[f"{name}.follow"] = mostly(False, st.booleans())
-    # A real fan-out restarts agents; plans exercise the same validation and selection.
-    out["fleet.v1.FleetServiceOperateAgentsRequest.plan"] = mostly(True, st.booleans())
+        if "name" in fields:  # definitions and rollouts: the applied one, or anything
+            out[f"{name}.name"] = st.one_of(st.just("probe"), text)
+        # A real fan-out restarts agents, a real apply or undo stores a revision;
+        # plans exercise the same validation.
+        if "plan" in fields:
+            out[f"{name}.plan"] = mostly(True, st.booleans())
+    # An applied definition must select no node: pushes and rollouts in the
+    # background would change the database under the "a refusal writes
+    # nothing" check. Selector parsing is fuzzed through ListNodes.
+    out["fleet.v1.Definition.selector"] = st.just(probe_definition().selector)
     out["fleet.v1.FleetServiceQueryMetricsRequest.type"] = st.one_of(st.just("cpu"), text)
     return out
 
@@ -97,6 +107,7 @@ def valid(rpc: str) -> Message:
             node_id="n1", agent_id="sleeper"
         ),
         "FleetService.WatchEvents": f.FleetServiceWatchEventsRequest(),
+        **desired_requests(),
     }[rpc]
 
 
@@ -156,6 +167,13 @@ async def env(module_pki: ModulePki, manager_database: str) -> AsyncIterator[Env
             ]
             request = manager_pb2.SyncAgentStatesRequest(node_id="n1", states=states)
             reply = await invoke(chans["n1"], sync, request)
+            assert reply.code == grpc.StatusCode.OK, reply
+            # A definition (of no node) with a revision and a finished rollout.
+            apply = {m.name: m for m in methods("FleetService")}["ApplyDefinitions"]
+            request = fleet_pb2.FleetServiceApplyDefinitionsRequest(
+                definitions=[probe_definition()]
+            )
+            reply = await invoke(chans["operator"], apply, request)
             assert reply.code == grpc.StatusCode.OK, reply
             yield Env(manager, chans["operator"])
 

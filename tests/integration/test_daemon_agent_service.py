@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import os
 import sys
@@ -142,24 +143,23 @@ async def test_supervised_agent_registers_and_is_confined_to_itself(
 async def test_watch_config_delivers_a_pushed_config_without_restart(
     daemon_with_sdk_agent: tuple[DaemonServer, Any],
 ) -> None:
-    """A config-only PushUpdate reaches the agent's WatchConfig stream; its pid is unchanged."""
+    """A config-only PushUpdate reaches a pushed agent's WatchConfig stream; same pid."""
     server, stub = daemon_with_sdk_agent
 
     async def steps() -> dict[str, dict[str, Any]]:
-        return _steps(server.supervisor.read_log("sdk", 0, 1 << 20).data)
+        return _steps(server.supervisor.read_log("pushed", 0, 1 << 20).data)
 
+    pushed = spec_to_proto(dataclasses.replace(server.supervisor.spec("sdk"), id="pushed"))
+    await stub.PushUpdate(daemon_pb2.PushUpdateRequest(version=2, agents=[pushed]))
     await eventually(steps, lambda s: "watching" in s, within=30)
-    pid = server.supervisor.get("sdk").pid
-    spec = server.supervisor.spec("sdk")
-    new = spec_to_proto(spec)
-    new.config = b'{"a": 2}'
-    other = spec_to_proto(server.supervisor.spec("other"))
-    reply = await stub.PushUpdate(daemon_pb2.PushUpdateRequest(version=3, agents=[new, other]))
-    assert list(reply.reconfigured) == ["sdk"]
+    pid = server.supervisor.get("pushed").pid
+    pushed.config = b'{"a": 2}'
+    reply = await stub.PushUpdate(daemon_pb2.PushUpdateRequest(version=3, agents=[pushed]))
+    assert list(reply.reconfigured) == ["pushed"]
     got = await eventually(steps, lambda s: "watch" in s, within=15)
     assert got["watch"]["payload"] == '{"a": 2}'
     assert got["watch"]["version"] > got["config"]["version"]
-    assert server.supervisor.get("sdk").pid == pid
+    assert server.supervisor.get("pushed").pid == pid
 
 
 UNSUPERVISED = r"""

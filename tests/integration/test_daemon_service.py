@@ -163,34 +163,37 @@ def _spec(agent_id: str, *argv: str, **kw: Any) -> common_pb2.AgentSpec:
     )
 
 
-async def test_push_update_adds_changes_removes_and_refuses_stale(served: Served) -> None:
-    """PushUpdate applies the complete set; an older version is FAILED_PRECONDITION."""
+async def test_push_update_runs_beside_host_agents_and_refuses_stale(served: Served) -> None:
+    """Pushed agents join the host's own; a host agent's id is refused; old versions fail."""
     stub = served.stub
     push = daemon_pb2.PushUpdateRequest
-    reply = await stub.PushUpdate(
-        push(
-            version=5,
-            agents=[
-                _spec("talker", "/bin/sh", "-c", "echo v2; exec sleep 1000"),
-                _spec("fresh", "sleep", "1000"),
-            ],
-        )
+    before = await eventually(
+        lambda: _agents(stub), lambda a: a["talker"].status == S.AGENT_STATUS_RUNNING
     )
-    assert reply.success
-    assert reply.version == 5
-    assert list(reply.added) == ["fresh"]
-    assert list(reply.changed) == ["talker"]
-    assert list(reply.removed) == ["idle"]
+    talker = _spec("talker", "/bin/sh", "-c", "echo v2; exec sleep 1000")
+    talker.revision = 4
+    pushed = [talker, _spec("fresh", "sleep", "1000")]
+    reply = await stub.PushUpdate(push(version=5, agents=pushed))
+    assert (reply.success, reply.version) == (True, 5)
+    assert (list(reply.added), list(reply.changed), list(reply.removed)) == (["fresh"], [], [])
+    [refused] = reply.refused
+    assert (refused.agent_id, refused.revision) == ("talker", 4)
+    assert "defined in this host's" in refused.reason
+    assert reply.message == "applied version 5; refused talker"
     agents = await eventually(
         lambda: _agents(stub), lambda a: a["fresh"].status == S.AGENT_STATUS_RUNNING
     )
-    assert set(agents) == {"talker", "fresh"}
+    assert set(agents) == {"talker", "idle", "fresh"}
+    assert agents["talker"].pid == before["talker"].pid
+    assert agents["talker"].revision == 0
 
+    again = await stub.PushUpdate(push(version=5, agents=pushed))  # a retry: no-op
+    assert (again.version, list(again.added), len(again.refused)) == (5, [], 1)
     for stale in (5, 4):
         assert (
             await _code(stub.PushUpdate(push(version=stale, agents=[_spec("x", "sleep", "1")])))
         ) == grpc.StatusCode.FAILED_PRECONDITION
-    assert set(await _agents(stub)) == {"talker", "fresh"}
+    assert set(await _agents(stub)) == {"talker", "idle", "fresh"}
 
 
 async def test_push_update_with_an_invalid_spec_changes_nothing(served: Served) -> None:

@@ -19,15 +19,17 @@ def _sleeper(agent_id: str, mark: str, **kw: object) -> AgentSpec:
     return agent(agent_id, "-c", "import time; time.sleep(600)", mark, **kw)
 
 
-async def test_apply_add_change_remove_survives_a_restart(tmp_path: Path) -> None:
-    """A pushed set is applied (add, change -> restart, remove -> stop) and wins after a restart."""
+async def test_pushed_set_runs_beside_the_hosts_own_and_survives_a_restart(
+    tmp_path: Path,
+) -> None:
+    """Pushes add, change (restart) and remove pushed agents; the host's own keep running."""
     m = {i: marker() for i in ("a", "b", "c", "toml")}
     sup = make_supervisor(tmp_path)
     try:
         await sup.start([_sleeper("toml", m["toml"])])
+        toml_pid = sup.get("toml").pid
         first = await sup.apply(1, [_sleeper("a", m["a"]), _sleeper("b", m["b"])])
-        assert (first.version, first.added, first.removed) == (1, ("a", "b"), ("toml",))
-        assert processes_with(m["toml"]) == []
+        assert (first.version, first.added, first.removed, first.refused) == (1, ("a", "b"), (), ())
         pid_a = sup.get("a").pid
         pid_b = sup.get("b").pid
 
@@ -36,26 +38,91 @@ async def test_apply_add_change_remove_survives_a_restart(tmp_path: Path) -> Non
         assert sup.get("a").pid not in (0, pid_a)
         assert not alive(pid_a)
         assert not alive(pid_b)
-        assert [s.id for s in sup.list()] == ["a", "c"]
+        assert [s.id for s in sup.list()] == ["a", "c", "toml"]
+        assert sup.get("toml").pid == toml_pid
         after = {s.id: s.pid for s in sup.list()}
     finally:
         await sup.stop()  # daemon restart: agents keep running
 
     again = make_supervisor(tmp_path)
     try:
-        await again.start([_sleeper("toml", m["toml"])])  # the TOML loses to the push
+        await again.start([_sleeper("toml", m["toml"])])
         assert again.version == 2
         assert {s.id: s.pid for s in again.list()} == after
-        assert processes_with(m["toml"]) == []
-        assert all(len(processes_with(m[i])) == 1 for i in ("a", "c"))
+        assert all(len(processes_with(m[i])) == 1 for i in ("a", "c", "toml"))
+        with pytest.raises(FailedPrecondition, match="stale spec version 1"):
+            await again.apply(1, [])
         with pytest.raises(FailedPrecondition, match="stale spec version 2"):
-            await again.apply(2, [])
+            await again.apply(2, [])  # the same version with other specs
     finally:
         await again.stop(stop_agents=True)
 
 
+async def test_the_same_push_again_is_a_no_op(tmp_path: Path) -> None:
+    """A manager retrying a push whose answer it lost gets success and nothing restarts."""
+    sup = make_supervisor(tmp_path)
+    specs = [_sleeper("a", marker(), revision=3)]
+    try:
+        await sup.start([])
+        await sup.apply(4, specs)
+        pid = sup.get("a").pid
+        again = await sup.apply(4, list(specs))
+        assert (again.version, again.added, again.changed, again.reconfigured) == (4, (), (), ())
+        assert sup.get("a").pid == pid
+        assert sup.get("a").revision == 3
+    finally:
+        await sup.stop(stop_agents=True)
+
+
+async def test_a_pushed_agent_the_host_defines_is_refused_until_the_host_drops_it(
+    tmp_path: Path,
+) -> None:
+    """The host's own agent of the same id wins and keeps running; the push says why."""
+    m = {i: marker() for i in ("host", "pushed", "other")}
+    sup = make_supervisor(tmp_path)
+    try:
+        await sup.start([_sleeper("web", m["host"])], config_name="daemon.toml")
+        host_pid = sup.get("web").pid
+        result = await sup.apply(
+            1, [_sleeper("web", m["pushed"], revision=7), _sleeper("other", m["other"])]
+        )
+        assert result.added == ("other",)
+        [refusal] = result.refused
+        assert (refusal.agent_id, refusal.revision) == ("web", 7)
+        assert "defined in this host's daemon.toml" in refusal.reason
+        assert sup.refused == result.refused
+        assert sup.get("web").pid == host_pid
+        assert sup.get("web").revision == 0
+        assert processes_with(m["pushed"]) == []
+
+        reloaded = await sup.reload([])  # the operator removes it from the host's config
+        assert (reloaded.changed, reloaded.refused) == (("web",), ())
+        assert not alive(host_pid)
+        assert sup.get("web").revision == 7
+        assert len(processes_with(m["pushed"])) == 1
+    finally:
+        await sup.stop(stop_agents=True)
+
+
+async def test_a_pushed_agent_this_host_cannot_run_is_refused_alone(tmp_path: Path) -> None:
+    """A program, user or directory missing here refuses that agent; the rest apply."""
+    sup = make_supervisor(tmp_path)
+    try:
+        await sup.start([])
+        bad = agent("b", "-c", "pass", cwd="/no/such/dir", revision=2)
+        result = await sup.apply(1, [_sleeper("a", marker()), bad])
+        assert result.added == ("a",)
+        [refusal] = result.refused
+        assert refusal.agent_id == "b"
+        assert refusal.reason.startswith("cannot run here: ")
+        assert "/no/such/dir" in refusal.reason
+        assert [s.id for s in sup.list()] == ["a"]
+    finally:
+        await sup.stop(stop_agents=True)
+
+
 async def test_stale_and_invalid_pushes_change_nothing(tmp_path: Path) -> None:
-    """A stale version or an invalid spec is refused and leaves agents and version untouched."""
+    """A stale version or a spec invalid anywhere is refused whole and changes nothing."""
     sup = make_supervisor(tmp_path)
     try:
         await sup.start([])
@@ -63,8 +130,8 @@ async def test_stale_and_invalid_pushes_change_nothing(tmp_path: Path) -> None:
         before = sup.list()
         with pytest.raises(FailedPrecondition, match="already has version 5"):
             await sup.apply(4, [])
-        bad = agent("b", "-c", "pass", cwd="/no/such/dir")
-        with pytest.raises(InvalidArgument, match=r"agents\[b\]\.cwd: directory '/no/such/dir'"):
+        bad = agent("b", "-c", "pass", stop_timeout=-1.0)
+        with pytest.raises(InvalidArgument, match=r"stop_timeout"):
             await sup.apply(6, [_sleeper("a", marker()), bad])
         dup = [_sleeper("a", marker()), _sleeper("a", marker())]
         with pytest.raises(InvalidArgument, match="duplicate agent id 'a'"):

@@ -191,10 +191,11 @@ async def test_a_stop_that_needed_sigkill_says_so(sup: Supervisor, rec: Recorder
 
 async def test_a_new_spec_is_the_reason_of_the_new_process(sup: Supervisor, rec: Recorder) -> None:
     """A pushed spec that needs a new process: the new one shows 'restarted for a new spec'."""
-    await sup.start([agent("app", *SLEEPER, version="1")])
+    await sup.start([])
+    await sup.apply(1, [agent("app", *SLEEPER, version="1")])
     await rec.until(lambda: sup.get("app").status is S.RUNNING)
     old = sup.get("app").pid
-    await sup.apply(1, [agent("app", *SLEEPER, version="2")])
+    await sup.apply(2, [agent("app", *SLEEPER, version="2")])
     await rec.until(lambda: sup.get("app").status is S.RUNNING and sup.get("app").pid != old)
     how = sup.get("app").last_exit
     assert how is not None

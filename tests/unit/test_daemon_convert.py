@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
+from daemon.convert import host_metrics, resource_metrics
+from daemon.sampler import ResourceSample, Sampler
 from daemon.supervisor.spec import AgentSpec, BackoffSpec, HealthSpec
 from fleet.agentspec import spec_from_proto, spec_to_proto, specs_from_proto
 from fleet.errors import InvalidArgument
@@ -33,6 +37,7 @@ def test_a_full_spec_survives_the_round_trip() -> None:
         labels={"tier": "web"},
         health=HealthSpec(kind="heartbeat", timeout=12.0),
         config='{"k": "v"}',
+        revision=4,
     )
     assert spec_from_proto(spec_to_proto(spec)) == spec
 
@@ -67,3 +72,13 @@ def test_unknown_enum_values_are_refused() -> None:
     msg.restart = 42  # type: ignore[assignment]  # what a newer manager might send
     with pytest.raises(InvalidArgument, match=r"agent\.restart: unknown restart policy 42"):
         spec_from_proto(msg)
+
+
+def test_host_cpu_metrics_carry_the_usable_cores_and_agent_ones_do_not() -> None:
+    """Placement reads a node's capacity from its host "cpu" metric's cores."""
+    sampler = Sampler(disk_path="/")
+    host = {m.type: m for m in host_metrics(sampler.host_sample(1_000))}
+    assert host["cpu"].values["cores"] == len(os.sched_getaffinity(0))
+    sample = ResourceSample(1_000, 5.0, 1, 2, 3, 4, 5, 6, 7)
+    agent = {m.type: m for m in resource_metrics("web", sample)}
+    assert "cores" not in agent["cpu"].values

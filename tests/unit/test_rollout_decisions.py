@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import json
 from dataclasses import dataclass, field
 
 import pytest
@@ -25,12 +26,15 @@ from manager.service.rollout import (
     Step,
     UpdatePolicy,
     abort,
+    from_dict,
     pause,
+    plan_batches,
     promote,
     resume,
     start,
     step,
     supersede,
+    to_dict,
 )
 
 S = RolloutState
@@ -505,3 +509,25 @@ def test_new_nodes_joining_mid_rollout_are_moved_in_a_later_batch() -> None:
     assert d.rollout.state is S.SUCCESSFUL
     assert fleet.nodes["n99"].assigned == 2
     assert d.progress["n99"].batch == 2
+
+
+def test_plan_batches_matches_what_the_rollout_does() -> None:
+    """The plan's batches: a canary batch of 1, then max_parallel (50% of 6 = 3) at a time."""
+    nodes = [f"n{i}" for i in range(6)]
+    pol = policy(max_parallel=Amount(50, percent=True), canary=Amount(1))
+    assert plan_batches(pol, 6, reversed(nodes)) == [["n0"], ["n1", "n2", "n3"], ["n4", "n5"]]
+    assert plan_batches(policy(), 0, []) == []
+    fleet = SimFleet.of(6)
+    d = rollout_of(fleet, max_parallel=pol.max_parallel, canary=pol.canary, auto_promote=True)
+    d.run()
+    assert d.batches() == plan_batches(pol, 6, fleet.nodes)
+
+
+def test_a_rollout_record_survives_its_json_form() -> None:
+    """to_dict/from_dict keep every field, so a stored rollout resumes as it was."""
+    fleet = SimFleet.of(4)
+    d = rollout_of(fleet, canary=Amount(25, percent=True), pause_between_batches=30.0)
+    d.run(stop={S.AWAITING_PROMOTION})
+    assert from_dict(json.loads(json.dumps(to_dict(d.rollout)))) == d.rollout
+    paused, _ = pause(dataclasses.replace(d.rollout, state=S.RUNNING), d.now, "operator/a")
+    assert from_dict(json.loads(json.dumps(to_dict(paused)))) == paused

@@ -54,7 +54,7 @@ def test_valid_spec_passes() -> None:
         ({"user": "no-such-user-xyz"}, "agents[web-1].user: unknown user 'no-such-user-xyz'"),
         ({"cwd": "relative/does/not/exist"}, "agents[web-1].cwd: directory 'relative/does"),
         ({"cwd": "/no/such/dir"}, "does not exist"),
-        ({"user": "no\x00body"}, "agents[web-1].user: unknown user"),
+        ({"user": "no\x00body"}, "agents[web-1].user: must not contain NUL bytes"),
         ({"stop_timeout": -1.0}, "agents[web-1].stop_timeout: must be 0..604800 seconds"),
         ({"stop_timeout": float("inf")}, "agents[web-1].stop_timeout: must be 0..604800 seconds"),
         ({"start_secs": -0.5}, "agents[web-1].start_secs: must be 0..604800 seconds"),

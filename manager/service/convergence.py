@@ -1,0 +1,530 @@
+"""Convergence: make every node run what the definitions say, rollouts included.
+
+One replica at a time (PostgreSQL advisory lock ``fleet-desired``; SQLite has
+one manager) runs passes, each:
+
+1. **Scope**: which nodes each live definition runs on (selector on the
+   effective labels, placement for `count`); a node that comes into scope
+   gets the definition's stable revision, one that leaves it loses its
+   assignment (`desired.assignment_changes`).
+2. **Rollouts**: each live rollout is loaded, judged and stepped
+   (`rollout.step`) in ONE transaction with its node records, the
+   assignments it moves and its events, so a manager killed between two
+   steps resumes from the database: no batch skipped, no node moved twice.
+3. **Node sets**: each node's managed set (its assignments' specs) gets a
+   new version when its content changed (`desired.node_set`).
+4. **Pushes**: nodes whose set was not delivered get a `PushUpdate` through
+   the pool (bounded concurrency, backoff per node on failure; offline
+   nodes wait until they are back).
+
+A pass runs when something changes (`poke`: a definition, a registration, a
+label change, an agent sync, an operator's rollout action; coalesced), at
+the earliest time a rollout decision can change (`Step.wake_at`), and every
+`safety_interval` seconds anyway (other replicas' writes).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from fleet.errors import FailedPrecondition, FleetError
+from fleet.v1 import common_pb2
+from manager.pool import DaemonPool
+from manager.service import rollout as ro
+from manager.service.definitions import check_definition, load_definition, pushed_spec, scope_of
+from manager.service.desired import (
+    EMPTY_SET_HASH,
+    assignment_changes,
+    next_version,
+    node_set,
+    observe,
+    push_backoff,
+)
+from manager.service.placement import Candidate
+from manager.storage import Database, NodeRecord, NodeRepository
+from manager.storage.desired import DesiredStateRepository, DesiredTx
+from manager.storage.records import (
+    AssignmentRecord,
+    NodeDesiredRecord,
+    RevisionRecord,
+    RolloutNodeRecord,
+    RolloutRecord,
+    UpdateErrorRecord,
+)
+
+__all__ = [
+    "DESIRED_LOCK",
+    "Convergence",
+    "PassResult",
+    "note_kind",
+    "observations",
+    "persist_step",
+    "progress_of",
+]
+
+log = logging.getLogger(__name__)
+
+DESIRED_LOCK = "fleet-desired"
+
+
+def note_kind(kind: str) -> str:
+    """A rollout note's kind as an event kind: rollout-batch -> ROLLOUT_BATCH."""
+    return kind.upper().replace("-", "_")
+
+
+@dataclass
+class PassResult:
+    """What one pass did (for logs and tests)."""
+
+    assigned: int = 0
+    """Assignments created."""
+    dropped: int = 0
+    """Assignments dropped."""
+    stepped: list[str] = field(default_factory=list)
+    """Definitions whose rollout changed."""
+    pushed: list[str] = field(default_factory=list)
+    """Nodes that got a PushUpdate that succeeded."""
+    push_failed: dict[str, str] = field(default_factory=dict)
+    """Nodes whose push failed, and why."""
+    wake_at: float | None = None
+    """The earliest time a rollout decision can change."""
+    live_rollouts: dict[str, int] = field(default_factory=dict)
+    """Live rollouts by state after the pass."""
+    failed_rollouts: int = 0
+    """Rollouts that failed in this pass."""
+    undelivered: int = 0
+    """Nodes whose managed set is not delivered after the pass."""
+
+
+class Convergence:
+    """The desired-state driver (see the module docstring)."""
+
+    def __init__(
+        self,
+        db: Database,
+        nodes: NodeRepository,
+        pool: DaemonPool,
+        *,
+        clock: Callable[[], float] = time.time,
+        candidates: Callable[[Sequence[NodeRecord]], Sequence[Candidate]] | None = None,
+        debounce: float = 0.05,
+        safety_interval: float = 10.0,
+        push_concurrency: int = 64,
+        push_timeout: float | None = None,
+        on_leader: Callable[[bool], None] = lambda held: None,
+        on_pass: Callable[[PassResult], None] = lambda result: None,
+    ) -> None:
+        self._db = db
+        self._repo = DesiredStateRepository(db)
+        self._nodes = nodes
+        self._pool = pool
+        self._clock = clock
+        self._candidates = candidates
+        self._debounce = debounce
+        self._safety = safety_interval
+        self._push_sem = asyncio.Semaphore(push_concurrency)
+        self._push_timeout = push_timeout
+        self._on_leader = on_leader
+        self._on_pass = on_pass
+        self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._pass_lock = asyncio.Lock()
+        self.leading = False
+        """True while this replica holds the lock and converges."""
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def poke(self) -> None:
+        """Something changed: run a pass soon (several pokes make one pass)."""
+        self._wake.set()
+
+    def start(self) -> None:
+        """Compete for the lock and converge while holding it."""
+        self._stop.clear()
+        self._task = asyncio.create_task(self._run(), name="convergence")
+
+    async def stop(self) -> None:
+        """Stop after the pass in progress."""
+        self._stop.set()
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                async with self._db.advisory_lock(DESIRED_LOCK) as held:
+                    if held:
+                        await self._lead()
+            except FleetError as exc:
+                log.warning("convergence: %s; retrying", exc)
+            except Exception:
+                log.exception("convergence failed unexpectedly; retrying")
+            finally:
+                if self.leading:
+                    log.info("no longer converging desired state")
+                self.leading = False
+                self._on_leader(False)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), 1.0)
+
+    async def _lead(self) -> None:
+        self.leading = True
+        self._on_leader(True)
+        log.info("this manager converges desired state")
+        while not self._stop.is_set():
+            if not await self._db.advisory_lock_held(DESIRED_LOCK):
+                log.warning("lost the desired-state lock; competing for it again")
+                return
+            self._wake.clear()
+            result = await self.run_once()
+            delay = self._safety
+            if result.wake_at is not None:
+                delay = min(delay, max(0.0, result.wake_at - self._clock()))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+            await asyncio.sleep(self._debounce)  # let a burst of pokes settle into one pass
+
+    # --- one pass -------------------------------------------------------------------------
+
+    async def run_once(self) -> PassResult:
+        """Scope, rollouts, node sets, pushes (see the module docstring)."""
+        async with self._pass_lock:
+            result = PassResult()
+            nodes = {n.node_id: n for n in await self._nodes.list()}
+            scopes = await self._rescope(nodes, result)
+            await self._step_rollouts(nodes, scopes, result)
+            pushes = await self._refresh_sets(nodes, result)
+            await self._push(pushes, nodes, result)
+            self._on_pass(result)
+            return result
+
+    async def _rescope(
+        self, nodes: Mapping[str, NodeRecord], result: PassResult
+    ) -> dict[str, list[str]]:
+        """Assign newcomers, drop leavers; each live definition's scope."""
+        now = self._clock()
+
+        async def body(tx: DesiredTx) -> dict[str, list[str]]:
+            heads = await tx.definitions(for_update=True)
+            live = {name: h for name, h in heads.items() if h.deleted_ms == 0}
+            current = await tx.assignments()
+            bodies = await tx.revisions_of({(n, h.revision) for n, h in live.items()})
+            by_name: dict[str, set[str]] = {}
+            for a in current:
+                by_name.setdefault(a.name, set()).add(a.node_id)
+            scopes: dict[str, list[str]] = {}
+            for name, head in live.items():
+                checked = check_definition(load_definition(bodies[name, head.revision].body))
+                scope, _ = scope_of(
+                    checked,
+                    list(nodes.values()),
+                    by_name.get(name, set()),
+                    self._candidates or _without_metrics,
+                    now,
+                )
+                scopes[name] = scope
+            changes = assignment_changes(
+                scopes, {n: h.stable_revision for n, h in live.items()}, current, int(now * 1000)
+            )
+            await tx.set_assignments(changes.add)
+            await tx.delete_assignments(changes.drop)
+            result.assigned, result.dropped = len(changes.add), len(changes.drop)
+            return scopes
+
+        return await self._repo.run(body)
+
+    async def _step_rollouts(
+        self,
+        nodes: Mapping[str, NodeRecord],
+        scopes: Mapping[str, Sequence[str]],
+        result: PassResult,
+    ) -> None:
+        live = await self._repo.run(lambda tx: tx.rollouts(live=True, limit=10_000), write=False)
+        for record in sorted(live, key=lambda r: r.id):
+            scope = scopes.get(record.name, ())
+            wake = await self._step_one(record.id, nodes, scope, result)
+            if wake is not None:
+                result.wake_at = wake if result.wake_at is None else min(result.wake_at, wake)
+
+    async def _step_one(
+        self,
+        rollout_id: int,
+        nodes: Mapping[str, NodeRecord],
+        scope: Sequence[str],
+        result: PassResult,
+    ) -> float | None:
+        """Judge one rollout over the definition's scope and persist its step atomically."""
+        now = self._clock()
+        now_ms = int(now * 1000)
+
+        async def body(tx: DesiredTx) -> float | None:
+            record = await tx.rollout(rollout_id, for_update=True)
+            if record is None or record.ended_ms:
+                return None
+            rollout = ro.from_dict(json.loads(record.record))
+            progress = {n: progress_of(r) for n, r in (await tx.rollout_nodes(rollout_id)).items()}
+            observed = await observations(tx, record.name, scope, nodes)
+            step = ro.step(rollout, progress, observed, now)
+            if step.rollout.state not in ro.TERMINAL:
+                state = step.rollout.state.value
+                result.live_rollouts[state] = result.live_rollouts.get(state, 0) + 1
+            if step.rollout == rollout and not step.nodes and not step.assign:
+                return step.wake_at
+            await persist_step(tx, record, step, now_ms)
+            result.stepped.append(record.name)
+            result.failed_rollouts += sum(n.kind == "rollout-failed" for n in step.notes)
+            return step.wake_at
+
+        return await self._repo.run(body)
+
+    async def _refresh_sets(self, nodes: Mapping[str, NodeRecord], result: PassResult) -> list[str]:
+        """Bump the version of every node whose managed set changed; the nodes to push."""
+        now_ms = int(self._clock() * 1000)
+
+        async def body(tx: DesiredTx) -> list[str]:
+            current = await tx.assignments()
+            rows = await tx.node_desired()
+            revisions = await tx.revisions_of({(a.name, a.revision) for a in current})
+            per_node: dict[str, list[AssignmentRecord]] = {}
+            for a in current:
+                per_node.setdefault(a.node_id, []).append(a)
+            changed = []
+            for node_id in sorted(set(per_node) | set(rows)):
+                if node_id not in nodes:
+                    continue
+                specs = _specs(per_node.get(node_id, []), revisions)
+                _, digest = node_set(specs)
+                row = rows.get(node_id, NodeDesiredRecord(node_id, content_hash=EMPTY_SET_HASH))
+                if digest != (row.content_hash or EMPTY_SET_HASH):
+                    row = dataclasses.replace(
+                        row,
+                        version=next_version(row),
+                        content_hash=digest,
+                        push_attempts=0,
+                        next_push_ms=0,
+                        push_error="",
+                        updated_ms=now_ms,
+                    )
+                    changed.append(row)
+                elif row.delivered_version < row.version <= row.reported_version:
+                    # Delivered, but the answer was lost; the daemon says it runs it.
+                    changed.append(dataclasses.replace(row, delivered_version=row.version))
+                    continue
+                rows[node_id] = row
+            await tx.put_node_desired(changed)
+            for row in changed:
+                rows[row.node_id] = row
+            undelivered = [
+                n for n, row in sorted(rows.items()) if row.version > row.delivered_version
+            ]
+            result.undelivered = len(undelivered)
+            backed_off = [rows[n].next_push_ms / 1000 for n in undelivered]
+            later = [t for t in backed_off if t * 1000 > now_ms]
+            if later:  # wake up for the retries backed off
+                soonest = min(later)
+                result.wake_at = soonest if result.wake_at is None else min(result.wake_at, soonest)
+            return [n for n in undelivered if rows[n].next_push_ms <= now_ms]
+
+        return await self._repo.run(body)
+
+    async def _push(
+        self, node_ids: Sequence[str], nodes: Mapping[str, NodeRecord], result: PassResult
+    ) -> None:
+        targets = [n for n in node_ids if n in nodes and nodes[n].status == "online"]
+        if not targets:
+            return
+        sets = await self._repo.run(lambda tx: self._sets_of(tx, targets), write=False)
+        targets = [n for n in targets if n in sets]
+        outcomes = await asyncio.gather(
+            *(self._push_one(nodes[n], sets[n][0], sets[n][1]) for n in targets)
+        )
+        now_ms = int(self._clock() * 1000)
+
+        async def body(tx: DesiredTx) -> None:
+            rows = await tx.node_desired(targets)
+            updated = []
+            for node_id, (version, refused, error) in zip(targets, outcomes, strict=True):
+                row = rows.get(node_id)
+                if row is None or row.version != version:
+                    continue  # a newer set was decided meanwhile: the next pass pushes it
+                if error and row.updated_ms != sets[node_id][2]:
+                    continue  # its daemon came back meanwhile (backoff reset): retry now
+                if error:
+                    attempts = row.push_attempts + 1
+                    updated.append(
+                        dataclasses.replace(
+                            row,
+                            push_error=error,
+                            push_attempts=attempts,
+                            next_push_ms=now_ms + int(push_backoff(attempts) * 1000),
+                            updated_ms=now_ms,
+                        )
+                    )
+                    result.push_failed[node_id] = error
+                else:
+                    updated.append(
+                        dataclasses.replace(
+                            row,
+                            delivered_version=version,
+                            push_error="",
+                            push_attempts=0,
+                            next_push_ms=0,
+                            update_errors=refused or row.update_errors,
+                            updated_ms=now_ms,
+                        )
+                    )
+                    result.pushed.append(node_id)
+            await tx.put_node_desired(updated)
+
+        await self._repo.run(body)
+
+    async def _sets_of(
+        self, tx: DesiredTx, node_ids: Sequence[str]
+    ) -> dict[str, tuple[int, list[common_pb2.AgentSpec], int]]:
+        """Per node: the version to push, its specs, and when its row last changed."""
+        rows = await tx.node_desired(node_ids)
+        current = await tx.assignments(node_ids=node_ids)
+        revisions = await tx.revisions_of({(a.name, a.revision) for a in current})
+        per_node: dict[str, list[AssignmentRecord]] = {}
+        for a in current:
+            per_node.setdefault(a.node_id, []).append(a)
+        return {
+            n: (
+                rows[n].version,
+                node_set(_specs(per_node.get(n, []), revisions))[0],
+                rows[n].updated_ms,
+            )
+            for n in node_ids
+            if n in rows
+        }
+
+    async def _push_one(
+        self, node: NodeRecord, version: int, specs: list[common_pb2.AgentSpec]
+    ) -> tuple[int, tuple[UpdateErrorRecord, ...], str]:
+        async with self._push_sem:
+            try:
+                reply = await self._pool.push_update(
+                    node.node_id,
+                    node.daemon_address,
+                    version,
+                    specs,
+                    call_timeout=self._push_timeout,
+                )
+            except FailedPrecondition as exc:
+                # The daemon holds this version or a newer one; its next report says which.
+                return version, (), f"refused: {exc.message}"
+            except FleetError as exc:
+                return version, (), exc.message
+        refused = tuple(UpdateErrorRecord(r.agent_id, r.revision, r.reason) for r in reply.refused)
+        return version, refused, ""
+
+
+async def observations(
+    tx: DesiredTx,
+    name: str,
+    scope: Sequence[str],
+    nodes: Mapping[str, NodeRecord],
+) -> dict[str, ro.Observation]:
+    """What a rollout of `name` sees of each node of its scope (and of each node still
+    assigned to it)."""
+    assigned = {a.node_id: a for a in await tx.assignments(names=[name])}
+    wanted = sorted((set(scope) | set(assigned)) & set(nodes))
+    desired = await tx.node_desired(wanted)
+    states = {s.node_id: s for s in await tx.agent_states(node_ids=wanted, agent_id=name)}
+    return {
+        n: observe(
+            nodes[n],
+            assigned.get(n),
+            states.get(n),
+            desired[n].update_errors if n in desired else (),
+        )
+        for n in wanted
+    }
+
+
+async def persist_step(tx: DesiredTx, record: RolloutRecord, step: ro.Step, now_ms: int) -> None:
+    """Store a rollout step: its record, node records, the assignments it moves, its
+    events; a success makes the target the definition's stable revision."""
+    after = step.rollout
+    ended = after.state in ro.TERMINAL
+    await tx.update_rollout(
+        dataclasses.replace(
+            record,
+            target=after.target,
+            previous=after.previous,
+            state=after.state.value,
+            record=json.dumps(ro.to_dict(after)),
+            updated_ms=now_ms,
+            ended_ms=now_ms if ended else 0,
+        )
+    )
+    await tx.put_rollout_nodes(
+        [
+            RolloutNodeRecord(
+                rollout_id=record.id,
+                node_id=n,
+                phase=p.phase.value,
+                batch=p.batch,
+                since_ms=int(p.since * 1000),
+                offline=p.offline,
+                reason=p.reason,
+            )
+            for n, p in sorted(step.nodes.items())
+        ]
+    )
+    await tx.set_assignments(
+        [AssignmentRecord(n, record.name, after.target, now_ms) for n in step.assign]
+    )
+    if after.state is ro.RolloutState.SUCCESSFUL:
+        head = (await tx.definitions([record.name], for_update=True)).get(record.name)
+        if head is not None:
+            await tx.put_definition(dataclasses.replace(head, stable_revision=after.target))
+    for note in step.notes:
+        tx.event(
+            note_kind(note.kind),
+            now_ms=now_ms,
+            actor="manager",
+            node_id=note.node_id,
+            agent_id=record.name if note.node_id else "",
+            message=note.message,
+            attributes={**note.attributes, "name": record.name, "rollout_id": str(record.id)},
+        )
+
+
+def progress_of(record: RolloutNodeRecord) -> ro.NodeProgress:
+    """A stored node record as the pure decisions' NodeProgress."""
+    return ro.NodeProgress(
+        phase=ro.NodePhase(record.phase),
+        batch=record.batch,
+        since=record.since_ms / 1000,
+        offline=record.offline,
+        reason=record.reason,
+    )
+
+
+def _specs(
+    assigned: Sequence[AssignmentRecord], revisions: Mapping[tuple[str, int], RevisionRecord]
+) -> list[common_pb2.AgentSpec]:
+    out = []
+    for a in assigned:
+        record = revisions.get((a.name, a.revision))
+        if record is not None and not record.deleted:
+            out.append(pushed_spec(load_definition(record.body), a.revision))
+    return out
+
+
+def _without_metrics(matching: Sequence[NodeRecord]) -> list[Candidate]:
+    return [
+        Candidate(n.node_id, n.labels, n.status == "online", offline_since=n.last_seen_ms / 1000)
+        for n in matching
+    ]

@@ -1,0 +1,82 @@
+"""What daemons report about their managed set: the version they run, and what they refused.
+
+RegisterNode and every SyncAgentStates carry the version of the pushed set
+the daemon runs; SyncAgentStates also carries the complete set of pushed
+agents it does not run as pushed (`update_errors`). Both are stored on the
+node's `node_desired` row; a changed error set is a NODE_UPDATE_ERROR event.
+Convergence is poked so a delivered set, a new refusal or a returning node
+is acted on at once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+from manager.storage.desired import DesiredStateRepository, DesiredTx
+from manager.storage.records import NodeDesiredRecord, UpdateErrorRecord
+
+__all__ = ["DaemonReports"]
+
+
+class DaemonReports:
+    """Stores daemons' spec versions and update errors."""
+
+    def __init__(
+        self,
+        repo: DesiredStateRepository,
+        *,
+        clock: Callable[[], float],
+        on_change: Callable[[], None] = lambda: None,
+    ) -> None:
+        self._repo = repo
+        self._clock = clock
+        self._on_change = on_change
+
+    async def report(
+        self,
+        node_id: str,
+        *,
+        spec_version: int,
+        update_errors: Sequence[UpdateErrorRecord] | None,
+        registered: bool = False,
+    ) -> None:
+        """Record what `node_id` says it runs; `update_errors` None keeps the stored ones.
+
+        `registered`: the daemon (re)started or came back: a push that failed
+        while it was away is retried at once instead of after its backoff.
+        """
+        now_ms = int(self._clock() * 1000)
+
+        async def body(tx: DesiredTx) -> bool:
+            row = (await tx.node_desired([node_id])).get(node_id)
+            if row is None:
+                if not spec_version and not update_errors:
+                    return False  # never managed: nothing to remember
+                row = NodeDesiredRecord(node_id)
+            errors = row.update_errors if update_errors is None else tuple(update_errors)
+            retry = registered and (row.next_push_ms > now_ms or row.push_attempts > 0)
+            if row.reported_version == spec_version and errors == row.update_errors and not retry:
+                return False
+            after = dataclasses.replace(
+                row, reported_version=spec_version, update_errors=errors, updated_ms=now_ms
+            )
+            if retry:
+                after = dataclasses.replace(after, next_push_ms=0, push_attempts=0)
+            await tx.put_node_desired([after])
+            if errors != row.update_errors:
+                text = "; ".join(f"{e.agent_id}: {e.reason}" for e in errors)
+                tx.event(
+                    "NODE_UPDATE_ERROR",
+                    now_ms=now_ms,
+                    node_id=node_id,
+                    actor=f"node/{node_id}",
+                    message=f"{node_id} cannot run what it was pushed: {text}"
+                    if errors
+                    else f"{node_id} runs everything it was pushed again",
+                    attributes={"errors": str(len(errors))},
+                )
+            return True
+
+        if await self._repo.run(body):
+            self._on_change()

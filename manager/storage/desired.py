@@ -1,0 +1,496 @@
+"""Desired state: definitions, revisions, assignments, node versions and rollouts.
+
+The service layer decides; this module reads and writes. Work that must be
+atomic (applying definitions with their rollouts, a rollout step with its
+assignments and events) runs as one `DesiredStateRepository.run(body)`: the
+body gets a `DesiredTx` whose methods are the only SQL it uses, and whose
+events and audit entries are written last, in the same transaction (events
+must be the last statements of a transaction, see `events.py`). A body may
+be run again on a transient error, so it must do nothing but call the tx.
+"""
+
+from __future__ import annotations
+
+import builtins
+import json
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from typing import Any, TypeVar
+
+from sqlalchemy import delete, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from manager.storage.agents import select_states
+from manager.storage.audit import insert_audit
+from manager.storage.db import Database
+from manager.storage.events import event_row, insert_events
+from manager.storage.records import (
+    AgentStateRecord,
+    AssignmentRecord,
+    DefinitionRecord,
+    NodeDesiredRecord,
+    RevisionRecord,
+    RolloutNodeRecord,
+    RolloutRecord,
+    UpdateErrorRecord,
+)
+from manager.storage.schema import (
+    assignments,
+    definition_revisions,
+    definitions,
+    node_desired,
+    rollout_nodes,
+    rollouts,
+)
+from manager.storage.sqlhelp import chunks, dialect_insert
+
+__all__ = ["DesiredStateRepository", "DesiredTx", "dump_update_errors", "load_update_errors"]
+
+T = TypeVar("T")
+
+
+def dump_update_errors(errors: Sequence[UpdateErrorRecord]) -> str:
+    """Update errors as canonical JSON."""
+    return json.dumps(
+        [{"agent_id": e.agent_id, "revision": e.revision, "reason": e.reason} for e in errors],
+        sort_keys=True,
+    )
+
+
+def load_update_errors(text: str) -> tuple[UpdateErrorRecord, ...]:
+    """The inverse of `dump_update_errors`."""
+    return tuple(
+        UpdateErrorRecord(str(e["agent_id"]), int(e["revision"]), str(e["reason"]))
+        for e in json.loads(text or "[]")
+    )
+
+
+def _definition(row: Any) -> DefinitionRecord:
+    return DefinitionRecord(
+        name=row.name,
+        revision=row.revision,
+        stable_revision=row.stable_revision,
+        deleted_ms=row.deleted_ms,
+        created_ms=row.created_ms,
+        updated_ms=row.updated_ms,
+    )
+
+
+def _revision(row: Any) -> RevisionRecord:
+    return RevisionRecord(
+        name=row.name,
+        revision=row.revision,
+        body=row.body,
+        content_hash=row.content_hash,
+        actor=row.actor,
+        message=row.message,
+        created_ms=row.created_ms,
+        deleted=bool(row.deleted),
+    )
+
+
+def _assignment(row: Any) -> AssignmentRecord:
+    return AssignmentRecord(row.node_id, row.name, row.revision, row.since_ms)
+
+
+def _node_desired(row: Any) -> NodeDesiredRecord:
+    return NodeDesiredRecord(
+        node_id=row.node_id,
+        version=row.version,
+        content_hash=row.content_hash,
+        delivered_version=row.delivered_version,
+        reported_version=row.reported_version,
+        push_error=row.push_error,
+        push_attempts=row.push_attempts,
+        next_push_ms=row.next_push_ms,
+        update_errors=load_update_errors(row.update_errors),
+        updated_ms=row.updated_ms,
+    )
+
+
+def _rollout(row: Any) -> RolloutRecord:
+    return RolloutRecord(
+        id=row.id,
+        name=row.name,
+        target=row.target,
+        previous=row.previous,
+        state=row.state,
+        record=row.record,
+        actor=row.actor,
+        message=row.message,
+        created_ms=row.created_ms,
+        updated_ms=row.updated_ms,
+        ended_ms=row.ended_ms,
+    )
+
+
+def _rollout_node(row: Any) -> RolloutNodeRecord:
+    return RolloutNodeRecord(
+        rollout_id=row.rollout_id,
+        node_id=row.node_id,
+        phase=row.phase,
+        batch=row.batch,
+        since_ms=row.since_ms,
+        offline=bool(row.offline),
+        reason=row.reason,
+    )
+
+
+class DesiredTx:
+    """The reads and writes of one desired-state transaction (see the module docstring)."""
+
+    def __init__(self, conn: AsyncConnection, db: Database) -> None:
+        self._conn = conn
+        self._db = db
+        self._events: list[dict[str, Any]] = []
+        self._audits: list[dict[str, Any]] = []
+
+    # --- definitions and revisions ----------------------------------------------------------
+
+    async def definitions(
+        self, names: Collection[str] | None = None, *, for_update: bool = False
+    ) -> dict[str, DefinitionRecord]:
+        """Definition heads by name (all, or those named; deleted ones included)."""
+        query = select(definitions).order_by(definitions.c.name)
+        if names is not None:
+            out: dict[str, DefinitionRecord] = {}
+            for part in chunks(sorted(set(names))):
+                q = query.where(definitions.c.name.in_(part))
+                rows = await self._conn.execute(q.with_for_update() if for_update else q)
+                out.update((r.name, _definition(r)) for r in rows)
+            return out
+        rows = await self._conn.execute(query.with_for_update() if for_update else query)
+        return {r.name: _definition(r) for r in rows}
+
+    async def put_definition(self, record: DefinitionRecord) -> None:
+        """Insert or replace a definition head."""
+        values = {
+            "revision": record.revision,
+            "stable_revision": record.stable_revision,
+            "deleted_ms": record.deleted_ms,
+            "created_ms": record.created_ms,
+            "updated_ms": record.updated_ms,
+        }
+        stmt = dialect_insert(self._db.dialect, definitions).values(name=record.name, **values)
+        await self._conn.execute(
+            stmt.on_conflict_do_update(index_elements=[definitions.c.name], set_=values)
+        )
+
+    async def revision(self, name: str, revision: int) -> RevisionRecord | None:
+        """One revision, or None."""
+        row = (
+            await self._conn.execute(
+                select(definition_revisions).where(
+                    definition_revisions.c.name == name,
+                    definition_revisions.c.revision == revision,
+                )
+            )
+        ).first()
+        return _revision(row) if row is not None else None
+
+    async def revisions_of(
+        self, pairs: Collection[tuple[str, int]]
+    ) -> dict[tuple[str, int], RevisionRecord]:
+        """The named (definition, revision) pairs that exist."""
+        out: dict[tuple[str, int], RevisionRecord] = {}
+        by_name: dict[str, set[int]] = {}
+        for name, revision in pairs:
+            by_name.setdefault(name, set()).add(revision)
+        for name, revs in sorted(by_name.items()):
+            for part in chunks(sorted(revs)):
+                rows = await self._conn.execute(
+                    select(definition_revisions).where(
+                        definition_revisions.c.name == name,
+                        definition_revisions.c.revision.in_(part),
+                    )
+                )
+                out.update(((r.name, r.revision), _revision(r)) for r in rows)
+        return out
+
+    async def history(self, name: str) -> builtins.list[RevisionRecord]:
+        """Every revision of a definition, newest first."""
+        rows = await self._conn.execute(
+            select(definition_revisions)
+            .where(definition_revisions.c.name == name)
+            .order_by(definition_revisions.c.revision.desc())
+        )
+        return [_revision(r) for r in rows]
+
+    async def add_revision(self, record: RevisionRecord) -> None:
+        """Store a new revision (its (name, revision) must be new)."""
+        await self._conn.execute(
+            insert(definition_revisions).values(
+                name=record.name,
+                revision=record.revision,
+                body=record.body,
+                content_hash=record.content_hash,
+                actor=record.actor,
+                message=record.message,
+                created_ms=record.created_ms,
+                deleted=record.deleted,
+            )
+        )
+
+    # --- assignments --------------------------------------------------------------------------
+
+    async def assignments(
+        self, *, names: Collection[str] | None = None, node_ids: Collection[str] | None = None
+    ) -> builtins.list[AssignmentRecord]:
+        """Assignments ordered by (node, name); only those of `names` / `node_ids` if given."""
+        query = select(assignments).order_by(assignments.c.node_id, assignments.c.name)
+        if names is not None:
+            query = query.where(assignments.c.name.in_(sorted(set(names))))
+        if node_ids is not None:
+            out: builtins.list[AssignmentRecord] = []
+            for part in chunks(sorted(set(node_ids))):
+                rows = await self._conn.execute(query.where(assignments.c.node_id.in_(part)))
+                out.extend(map(_assignment, rows))
+            return out
+        return [_assignment(r) for r in await self._conn.execute(query)]
+
+    async def set_assignments(self, records: Sequence[AssignmentRecord]) -> None:
+        """Create or move assignments (by (node, name))."""
+        if not records:
+            return
+        stmt = dialect_insert(self._db.dialect, assignments)
+        await self._conn.execute(
+            stmt.on_conflict_do_update(
+                index_elements=[assignments.c.node_id, assignments.c.name],
+                set_={"revision": stmt.excluded.revision, "since_ms": stmt.excluded.since_ms},
+            ),
+            [
+                {
+                    "node_id": r.node_id,
+                    "name": r.name,
+                    "revision": r.revision,
+                    "since_ms": r.since_ms,
+                }
+                for r in records
+            ],
+        )
+
+    async def delete_assignments(self, keys: Collection[tuple[str, str]]) -> None:
+        """Remove (node, name) assignments."""
+        for node_id, name in sorted(keys):
+            await self._conn.execute(
+                delete(assignments).where(
+                    assignments.c.node_id == node_id, assignments.c.name == name
+                )
+            )
+
+    async def agent_states(
+        self, *, node_ids: Collection[str] | None = None, agent_id: str = ""
+    ) -> builtins.list[AgentStateRecord]:
+        """The agent states daemons last synced (as `AgentStateRepository.list`)."""
+        return await select_states(self._conn, node_ids=node_ids, agent_id=agent_id)
+
+    # --- node versions ------------------------------------------------------------------------
+
+    async def node_desired(
+        self, node_ids: Collection[str] | None = None
+    ) -> dict[str, NodeDesiredRecord]:
+        """Rows by node (all, or those named that exist)."""
+        query = select(node_desired)
+        if node_ids is None:
+            return {r.node_id: _node_desired(r) for r in await self._conn.execute(query)}
+        out: dict[str, NodeDesiredRecord] = {}
+        for part in chunks(sorted(set(node_ids))):
+            rows = await self._conn.execute(query.where(node_desired.c.node_id.in_(part)))
+            out.update((r.node_id, _node_desired(r)) for r in rows)
+        return out
+
+    async def put_node_desired(self, records: Sequence[NodeDesiredRecord]) -> None:
+        """Insert or replace rows (the node must exist)."""
+        if not records:
+            return
+        stmt = dialect_insert(self._db.dialect, node_desired)
+        columns = (
+            "version", "content_hash", "delivered_version", "reported_version", "push_error",
+            "push_attempts", "next_push_ms", "update_errors", "updated_ms",
+        )  # fmt: skip
+        await self._conn.execute(
+            stmt.on_conflict_do_update(
+                index_elements=[node_desired.c.node_id],
+                set_={c: getattr(stmt.excluded, c) for c in columns},
+            ),
+            [
+                {
+                    "node_id": r.node_id,
+                    "version": r.version,
+                    "content_hash": r.content_hash,
+                    "delivered_version": r.delivered_version,
+                    "reported_version": r.reported_version,
+                    "push_error": r.push_error,
+                    "push_attempts": r.push_attempts,
+                    "next_push_ms": r.next_push_ms,
+                    "update_errors": dump_update_errors(r.update_errors),
+                    "updated_ms": r.updated_ms,
+                }
+                for r in records
+            ],
+        )
+
+    # --- rollouts -----------------------------------------------------------------------------
+
+    async def rollouts(
+        self,
+        *,
+        name: str = "",
+        live: bool = False,
+        limit: int = 100,
+        for_update: bool = False,
+    ) -> builtins.list[RolloutRecord]:
+        """Rollouts newest first (of one definition; only live ones; at most `limit`)."""
+        query = select(rollouts).order_by(rollouts.c.id.desc()).limit(limit)
+        if name:
+            query = query.where(rollouts.c.name == name)
+        if live:
+            query = query.where(rollouts.c.ended_ms == 0)
+        if for_update:
+            query = query.with_for_update()
+        return [_rollout(r) for r in await self._conn.execute(query)]
+
+    async def rollout(self, rollout_id: int, *, for_update: bool = False) -> RolloutRecord | None:
+        """One rollout by id."""
+        query = select(rollouts).where(rollouts.c.id == rollout_id)
+        row = (await self._conn.execute(query.with_for_update() if for_update else query)).first()
+        return _rollout(row) if row is not None else None
+
+    async def add_rollout(self, record: RolloutRecord) -> int:
+        """Store a new rollout; its id."""
+        rollout_id = await self._conn.scalar(
+            insert(rollouts)
+            .values(
+                name=record.name,
+                target=record.target,
+                previous=record.previous,
+                state=record.state,
+                record=record.record,
+                actor=record.actor,
+                message=record.message,
+                created_ms=record.created_ms,
+                updated_ms=record.updated_ms,
+                ended_ms=record.ended_ms,
+            )
+            .returning(rollouts.c.id)
+        )
+        assert rollout_id is not None
+        return int(rollout_id)
+
+    async def update_rollout(self, record: RolloutRecord) -> None:
+        """Replace a stored rollout's state and record."""
+        await self._conn.execute(
+            update(rollouts)
+            .where(rollouts.c.id == record.id)
+            .values(
+                target=record.target,
+                previous=record.previous,
+                state=record.state,
+                record=record.record,
+                updated_ms=record.updated_ms,
+                ended_ms=record.ended_ms,
+            )
+        )
+
+    async def rollout_nodes(self, rollout_id: int) -> dict[str, RolloutNodeRecord]:
+        """A rollout's node records by node."""
+        rows = await self._conn.execute(
+            select(rollout_nodes).where(rollout_nodes.c.rollout_id == rollout_id)
+        )
+        return {r.node_id: _rollout_node(r) for r in rows}
+
+    async def put_rollout_nodes(self, records: Sequence[RolloutNodeRecord]) -> None:
+        """Insert or replace node records (by (rollout, node))."""
+        if not records:
+            return
+        stmt = dialect_insert(self._db.dialect, rollout_nodes)
+        columns = ("phase", "batch", "since_ms", "offline", "reason")
+        await self._conn.execute(
+            stmt.on_conflict_do_update(
+                index_elements=[rollout_nodes.c.rollout_id, rollout_nodes.c.node_id],
+                set_={c: getattr(stmt.excluded, c) for c in columns},
+            ),
+            [
+                {
+                    "rollout_id": r.rollout_id,
+                    "node_id": r.node_id,
+                    "phase": r.phase,
+                    "batch": r.batch,
+                    "since_ms": r.since_ms,
+                    "offline": r.offline,
+                    "reason": r.reason,
+                }
+                for r in records
+            ],
+        )
+
+    # --- what happened ------------------------------------------------------------------------
+
+    def event(
+        self,
+        kind: str,
+        *,
+        now_ms: int,
+        message: str,
+        actor: str,
+        node_id: str = "",
+        agent_id: str = "",
+        attributes: Mapping[str, str] | None = None,
+    ) -> None:
+        """Queue an event, written at the end of the transaction."""
+        self._events.append(
+            event_row(
+                kind,
+                now_ms=now_ms,
+                node_id=node_id,
+                agent_id=agent_id,
+                message=message,
+                actor=actor,
+                attributes=attributes,
+            )
+        )
+
+    def audit(
+        self,
+        *,
+        actor: str,
+        action: str,
+        target: str,
+        detail: Mapping[str, str],
+        outcome: str,
+        now_ms: int,
+    ) -> None:
+        """Queue an audit entry, written at the end of the transaction."""
+        self._audits.append(
+            {
+                "actor": actor,
+                "action": action,
+                "target": target,
+                "detail": dict(detail),
+                "outcome": outcome,
+                "now_ms": now_ms,
+            }
+        )
+
+    async def _finish(self) -> None:
+        for entry in self._audits:
+            await insert_audit(self._conn, **entry)
+        await insert_events(self._conn, self._events)
+
+
+class DesiredStateRepository:
+    """Runs desired-state transactions (see the module docstring)."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    async def run(self, body: Callable[[DesiredTx], Awaitable[T]], *, write: bool = True) -> T:
+        """`body(tx)` in one transaction; its queued events and audit entries last."""
+
+        async def wrapped(conn: AsyncConnection) -> T:
+            tx = DesiredTx(conn, self._db)
+            result = await body(tx)
+            if write:
+                await tx._finish()
+            return result
+
+        return await self._db.run(wrapped, write=write)

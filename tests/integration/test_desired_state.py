@@ -1,0 +1,401 @@
+"""Desired state over real mTLS: definitions, convergence and rollouts with a real manager.
+
+Every test runs on SQLite and on PostgreSQL. The daemons are `bench.sim`
+daemons: real gRPC servers with node certificates that apply PushUpdate as
+the daemon does (versions, a host agent of the same id refused) and report their agents back through
+ManagerService, so the whole loop -- apply, scope, rollout step, push,
+report, judge -- runs for real; their agents are rows, so a "bad" revision
+is one the test names. (System tests run real fleet-daemon processes.)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import inspect
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, TypeVar
+
+import grpc
+from fleet_harness import FAST_POOL, operator_stub, selector
+from manager_harness import manager_config, rpc_error
+
+from bench.sim import SimAgent, SimFleet, start_daemon
+from fleet.v1 import common_pb2, desired_pb2, fleet_pb2, fleet_pb2_grpc
+from manager.server import ManagerServer
+
+T = TypeVar("T")
+RS = desired_pb2
+
+
+@dataclass
+class Env:
+    """A manager on the real clock, simulated daemons, alice's stub."""
+
+    manager: ManagerServer
+    fleet: SimFleet
+    stub: fleet_pb2_grpc.FleetServiceStub
+    pki: Any
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.manager.port}"
+
+    async def add(self, name: str, labels: dict[str, str], **behaviour: Any) -> None:
+        node = await self.fleet.add(
+            name, labels=labels, agents=behaviour.pop("agents", ()), **behaviour
+        )
+        await node.register(self.address, self.pki.trust_domain)
+
+    async def apply(self, *definitions: desired_pb2.Definition, **fields: Any) -> list[Any]:
+        reply = await self.stub.ApplyDefinitions(
+            fleet_pb2.FleetServiceApplyDefinitionsRequest(definitions=definitions, **fields)
+        )
+        return list(reply.changes)
+
+    async def rollout(self, name: str) -> desired_pb2.Rollout:
+        reply = await self.stub.GetRollout(fleet_pb2.FleetServiceGetRolloutRequest(name=name))
+        return reply.rollout
+
+    def revisions(self, name: str) -> dict[str, int]:
+        """node -> the revision of `name` its simulated daemon runs."""
+        out = {}
+        for node in self.fleet.nodes:
+            spec = node.servicer.pushed.get(name)
+            if spec is not None:
+                out[node.node_id] = spec.revision
+        return out
+
+
+@asynccontextmanager
+async def desired_env(pki: Any, tmp_path: Path, database_url: str) -> AsyncIterator[Env]:
+    """Start everything (on SQLite or PostgreSQL); stop it afterwards."""
+    config = manager_config(pki, database_url, tmp_path / "state")
+    config = dataclasses.replace(config, pool=FAST_POOL)
+    manager = ManagerServer(config, clock=time.time)
+    await manager.start()
+    fleet = await SimFleet.start(pki.ca, tmp_path / "sims")
+    try:
+        async with operator_stub(pki, manager.port) as stub:
+            yield Env(manager, fleet, stub, pki)
+    finally:
+        await fleet.close()
+        await manager.stop(1.0)
+
+
+async def until(probe: Callable[[], Any], ok: Callable[[T], bool], within: float = 20.0) -> T:
+    """Await `probe()` (sync or async) until `ok(value)`; the last value otherwise fails."""
+    deadline = time.monotonic() + within
+    while True:
+        value = probe()
+        if inspect.isawaitable(value):
+            value = await value
+        if ok(value):
+            return value  # type: ignore[no-any-return]
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not reached within {within}s; last: {value!r}")
+        await asyncio.sleep(0.1)
+
+
+def definition(
+    name: str = "web",
+    sel: str = "env=prod",
+    version: str = "1.0",
+    **update: Any,
+) -> desired_pb2.Definition:
+    update.setdefault("min_healthy_time_seconds", 0.0)
+    # Generous: a loaded machine must not fail a healthy rollout; tests of
+    # failures set their own.
+    update.setdefault("healthy_deadline_seconds", 60.0)
+    update.setdefault("progress_deadline_seconds", 120.0)
+    return desired_pb2.Definition(
+        name=name,
+        selector=selector(sel),
+        agent=common_pb2.AgentSpec(argv=["/usr/bin/web", "--port", "80"], version=version),
+        update=desired_pb2.UpdatePolicy(**update),
+    )
+
+
+def state(r: desired_pb2.Rollout) -> str:
+    return desired_pb2.RolloutState.Name(r.state).removeprefix("ROLLOUT_STATE_")
+
+
+async def test_apply_runs_the_agent_on_every_matching_node(
+    pki: Any, tmp_path: Path, database_url: str
+) -> None:
+    """Apply: revision 1 stored, pushed to the env=prod nodes only, rollout SUCCESSFUL."""
+    async with desired_env(pki, tmp_path, database_url) as env:
+        for name, env_label in (("p1", "prod"), ("p2", "prod"), ("s1", "staging")):
+            await env.add(name, {"env": env_label})
+        (change,) = await env.apply(definition(), message="first web")
+        assert (change.revision, change.changed) == (1, True)
+        assert change.rollout_id > 0
+        done = await until(lambda: env.rollout("web"), lambda r: state(r) == "SUCCESSFUL")
+        assert env.revisions("web") == {"p1": 1, "p2": 1}
+        assert done.done == 2
+        nodes = await env.stub.ListNodes(fleet_pb2.FleetServiceListNodesRequest())
+        drift = {n.node_id: (n.drift, n.desired_version, n.reported_version) for n in nodes.nodes}
+        assert drift["p1"] == (False, 1, 1)
+        assert drift["s1"] == (False, 0, 0)
+        (again,) = await env.apply(definition(), message="same again")
+        assert (again.changed, again.revision, again.rollout_id) == (False, 1, 0)
+        history = await env.stub.ListDefinitionRevisions(
+            fleet_pb2.FleetServiceListDefinitionRevisionsRequest(name="web")
+        )
+        assert [(r.revision, r.actor, r.message) for r in history.revisions] == [
+            (1, "operator/alice", "first web")
+        ]
+
+
+async def test_a_label_change_adds_and_removes_the_agent(
+    pki: Any, tmp_path: Path, database_url: str
+) -> None:
+    """A node labelled into the selector gets the stable revision; labelled out, loses it."""
+    async with desired_env(pki, tmp_path, database_url) as env:
+        await env.add("p1", {"env": "prod"})
+        await env.add("s1", {"env": "staging"})
+        await env.apply(definition())
+        await until(lambda: env.rollout("web"), lambda r: state(r) == "SUCCESSFUL")
+        await env.stub.UpdateNodeLabels(
+            fleet_pb2.FleetServiceUpdateNodeLabelsRequest(node_id="s1", set={"env": "prod"})
+        )
+        await until(lambda: env.revisions("web"), lambda r: r == {"p1": 1, "s1": 1})
+        await env.stub.UpdateNodeLabels(
+            fleet_pb2.FleetServiceUpdateNodeLabelsRequest(node_id="p1", set={"env": "qa"})
+        )
+        await until(lambda: env.revisions("web"), lambda r: r == {"s1": 1})
+
+
+async def test_a_new_revision_rolls_out_in_batches(
+    pki: Any, tmp_path: Path, database_url: str
+) -> None:
+    """Revision 2 on 4 nodes, 2 at a time: two batches, then stable = 2."""
+    async with desired_env(pki, tmp_path, database_url) as env:
+        for i in range(4):
+            await env.add(f"p{i}", {"env": "prod"})
+        await env.apply(definition(max_parallel="2"))
+        await until(lambda: env.rollout("web"), lambda r: state(r) == "SUCCESSFUL")
+        plan = await env.apply(definition(version="2.0", max_parallel="2"), plan=True)
+        assert [list(b.node_ids) for b in plan[0].batches] == [["p0", "p1"], ["p2", "p3"]]
+        assert {n.action for n in plan[0].nodes} == {RS.NODE_CHANGE_ACTION_RESTART}
+        assert env.revisions("web") == {f"p{i}": 1 for i in range(4)}  # the plan changed nothing
+        await env.apply(definition(version="2.0", max_parallel="2"), message="2.0")
+        done = await until(lambda: env.rollout("web"), lambda r: state(r) == "SUCCESSFUL")
+        assert done.target_revision == 2
+        assert sorted((n.node_id, n.batch) for n in done.nodes) == [
+            ("p0", 1), ("p1", 1), ("p2", 2), ("p3", 2)
+        ]  # fmt: skip
+        assert env.revisions("web") == {f"p{i}": 2 for i in range(4)}
+        # No node was moved twice: each daemon got revision 2 in exactly one push.
+        for node in env.fleet.nodes:
+            assert sum(1 for _, agents in node.servicer.pushes if ("web", 2) in agents) >= 1
+            revs = [dict(agents).get("web") for _, agents in node.servicer.pushes]
+            assert revs == [1, 2]
+        listed = await env.stub.ListDefinitions(fleet_pb2.FleetServiceListDefinitionsRequest())
+        (status,) = listed.definitions
+        assert (status.stable_revision, status.nodes, status.nodes_current) == (2, 4, 4)
+
+
+async def test_an_unhealthy_canary_stops_the_rollout_and_auto_revert_restores(
+    pki: Any, tmp_path: Path, database_url: str
+) -> None:
+    """Revision 2 crashes on its canary: FAILED, REVERTING, REVERTED; only the canary moved."""
+    async with desired_env(pki, tmp_path, database_url) as env:
+        for i in range(3):
+            await env.add(f"p{i}", {"env": "prod"}, bad_revisions={2})
+        await env.apply(definition())
+        await until(lambda: env.rollout("web"), lambda r: state(r) == "SUCCESSFUL")
+        bad = definition(version="2.0", canary="1", auto_revert=True, healthy_deadline_seconds=5.0)
+        await env.apply(bad)
+        done = await until(lambda: env.rollout("web"), lambda r: state(r) == "REVERTED")
+        assert done.reverted_from == 2
+        assert "revision 2 failed on p0" in done.reason
+        assert "FATAL" in done.reason
+        assert env.revisions("web") == {"p0": 1, "p1": 1, "p2": 1}
+        assert [dict(a).get("web") for _, a in env.fleet["p1"].servicer.pushes] == [1]
+        events = env.stub.WatchEvents(
+            fleet_pb2.FleetServiceWatchEventsRequest(
+                kinds=[
+                    fleet_pb2.EVENT_KIND_ROLLOUT_FAILED,
+                    fleet_pb2.EVENT_KIND_ROLLOUT_REVERTING,
+                    fleet_pb2.EVENT_KIND_ROLLOUT_REVERTED,
+                ]
+            )
+        )
+        kinds = [fleet_pb2.EventKind.Name(m.event.kind) async for m in events]
+        assert kinds == [
+            "EVENT_KIND_ROLLOUT_FAILED",
+            "EVENT_KIND_ROLLOUT_REVERTING",
+            "EVENT_KIND_ROLLOUT_REVERTED",
+        ]
+
+
+async def test_a_stuck_rollout_fails_at_its_deadline(
+    pki: Any, tmp_path: Path, database_url: str
+) -> None:
+    """A revision that never runs (no auto_revert) fails by its deadline, loudly."""
+    async with desired_env(pki, tmp_path, database_url) as env:
+        await env.add("p0", {"env": "prod"}, bad_revisions={1})
+        await env.apply(definition(healthy_deadline_seconds=1.0, progress_deadline_seconds=2.0))
+        done = await until(lambda: env.rollout("web"), lambda r: state(r) == "FAILED")
+        assert "failed on p0" in done.reason
+        assert done.ended_at > 0
+
+
+async def test_an_unreachable_node_converges_when_it_returns(
+    pki: Any, tmp_path: Path, database_url: str
+) -> None:
+    """A node whose daemon is down keeps its push pending (drift says why) and gets it
+    as soon as its daemon is back and registers again."""
+    async with desired_env(pki, tmp_path, database_url) as env:
+        await env.add("p0", {"env": "prod"})
+        await env.add("p1", {"env": "prod"})
+        await env.fleet["p1"].stop()  # its daemon is down: pushes fail and back off
+        await env.apply(definition())
+        await until(lambda: env.revisions("web"), lambda r: r == {"p0": 1})
+
+        async def p1_view() -> fleet_pb2.Node:
+            reply = await env.stub.GetNode(fleet_pb2.FleetServiceGetNodeRequest(node_id="p1"))
+            return reply.node
+
+        view = await until(p1_view, lambda n: "not delivered" in n.drift_reason)
+        assert view.drift
+        back = await start_daemon("p1", env.fleet["p1"].tls, labels={"env": "prod"}, agents=())
+        env.fleet.nodes.append(back)
+        await back.register(env.address, env.pki.trust_domain)
+        await until(lambda: back.servicer.pushed.get("web"), lambda spec: spec is not None)
+        await until(p1_view, lambda n: not n.drift)
+
+
+async def test_a_host_agent_of_the_same_name_is_refused_for_that_node(
+    pki: Any, tmp_path: Path, database_url: str
+) -> None:
+    """A daemon with its own `web` keeps it: the push is refused there and says why."""
+    async with desired_env(pki, tmp_path, database_url) as env:
+        await env.add("p0", {"env": "prod"})
+        await env.add("own", {"env": "prod"}, agents=[SimAgent("web")])
+        await env.apply(definition())
+        nodes = await until(
+            lambda: env.stub.ListNodes(fleet_pb2.FleetServiceListNodesRequest()),
+            lambda reply: any(n.update_errors for n in reply.nodes),
+        )
+        own = next(n for n in nodes.nodes if n.node_id == "own")
+        assert own.update_errors[0].agent_id == "web"
+        assert "daemon.toml" in own.update_errors[0].reason
+        assert own.drift
+        assert "web" not in env.fleet["own"].servicer.pushed
+        plan = await env.apply(definition(version="2.0"), plan=True)
+        refused = [n for n in plan[0].nodes if n.node_id == "own"]
+        assert refused[0].action == RS.NODE_CHANGE_ACTION_REFUSED
+
+
+async def test_bad_definitions_are_refused_naming_the_field_and_store_nothing(
+    pki: Any, tmp_path: Path, database_url: str
+) -> None:
+    """Each bad definition is INVALID_ARGUMENT naming definitions[web].field; nothing stored."""
+    bad = [
+        (definition(max_parallel="150%"), "definitions[web].update.max_parallel"),
+        (definition(healthy_deadline_seconds=-1.0), "definitions[web].update.healthy_deadline"),
+        (_with(definition(), stop_signal="SIGNOPE"), "definitions[web].agent.stop_signal"),
+        (_with(definition(), argv=[]), "definitions[web].agent.argv"),
+        (
+            desired_pb2.Definition(
+                name="web",
+                selector=common_pb2.LabelSelector(
+                    match_expressions=[
+                        common_pb2.LabelSelectorRequirement(
+                            key="n", operator=common_pb2.SELECTOR_OPERATOR_GT, values=["x"]
+                        )
+                    ]
+                ),
+                agent=common_pb2.AgentSpec(argv=["x"]),
+            ),
+            "definitions[web].selector",
+        ),
+        (desired_pb2.Definition(name="Bad Name!", agent=common_pb2.AgentSpec(argv=["x"])), "name"),
+    ]
+    async with desired_env(pki, tmp_path, database_url) as env:
+        for message, field in bad:
+            err = await rpc_error(env.apply(message))
+            assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
+            assert field in (err.details() or ""), (field, err.details())
+        listed = await env.stub.ListDefinitions(fleet_pb2.FleetServiceListDefinitionsRequest())
+        assert list(listed.definitions) == []
+
+
+def _with(d: desired_pb2.Definition, **agent: Any) -> desired_pb2.Definition:
+    out = desired_pb2.Definition()
+    out.CopyFrom(d)
+    for key, value in agent.items():
+        if isinstance(value, list):
+            del getattr(out.agent, key)[:]
+            getattr(out.agent, key).extend(value)
+        else:
+            setattr(out.agent, key, value)
+    return out
+
+
+async def test_check_revision_refuses_a_definition_that_moved_on(
+    pki: Any, tmp_path: Path, database_url: str
+) -> None:
+    """expected_revisions: a stale revision is FAILED_PRECONDITION and stores nothing."""
+    async with desired_env(pki, tmp_path, database_url) as env:
+        await env.apply(definition())
+        await env.apply(definition(version="2.0"), expected_revisions={"web": 1})
+        err = await rpc_error(env.apply(definition(version="3.0"), expected_revisions={"web": 1}))
+        assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "web changed since revision 1: it is at revision 2" in (err.details() or "")
+        err = await rpc_error(env.apply(definition(name="new"), expected_revisions={"new": 3}))
+        assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+async def test_delete_removes_the_agent_and_undo_restores_a_revision(
+    pki: Any, tmp_path: Path, database_url: str
+) -> None:
+    """Undo applies revision 1's content as revision 3; delete empties every node."""
+    async with desired_env(pki, tmp_path, database_url) as env:
+        await env.add("p0", {"env": "prod"})
+        await env.apply(definition())
+        await until(lambda: env.rollout("web"), lambda r: state(r) == "SUCCESSFUL")
+        await env.apply(definition(version="2.0"))
+        await until(lambda: env.revisions("web"), lambda r: r == {"p0": 2})
+        undo = await env.stub.UndoRollout(
+            fleet_pb2.FleetServiceUndoRolloutRequest(name="web", to_revision=1)
+        )
+        assert (undo.change.revision, undo.change.changed) == (3, True)
+        await until(lambda: env.revisions("web"), lambda r: r == {"p0": 3})
+        same = await env.stub.UndoRollout(
+            fleet_pb2.FleetServiceUndoRolloutRequest(name="web", to_revision=1)
+        )
+        assert not same.change.changed
+        assert "nothing changed" in same.change.summary
+        await env.stub.DeleteDefinition(fleet_pb2.FleetServiceDeleteDefinitionRequest(name="web"))
+        await until(lambda: env.revisions("web"), lambda r: r == {})
+
+
+async def test_pause_and_promote_are_operator_actions(
+    pki: Any, tmp_path: Path, database_url: str
+) -> None:
+    """A canary rollout waits for promotion; promote continues; a finished one refuses."""
+    async with desired_env(pki, tmp_path, database_url) as env:
+        for i in range(3):
+            await env.add(f"p{i}", {"env": "prod"})
+        await env.apply(definition())
+        await until(lambda: env.rollout("web"), lambda r: state(r) == "SUCCESSFUL")
+        await env.apply(definition(version="2.0", canary="1"))
+        await until(lambda: env.rollout("web"), lambda r: state(r) == "AWAITING_PROMOTION")
+        assert env.revisions("web") == {"p0": 2, "p1": 1, "p2": 1}
+        promoted = await env.stub.PromoteRollout(
+            fleet_pb2.FleetServicePromoteRolloutRequest(name="web")
+        )
+        assert promoted.rollout.promoted
+        await until(lambda: env.rollout("web"), lambda r: state(r) == "SUCCESSFUL")
+        err = await rpc_error(
+            env.stub.PauseRollout(fleet_pb2.FleetServicePauseRolloutRequest(name="web"))
+        )
+        assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "already ended" in (err.details() or "")
