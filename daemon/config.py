@@ -22,7 +22,13 @@ from fleet.config import load_config
 from fleet.errors import ConfigError
 from fleet.retry import Backoff
 
-__all__ = ["ENV_PREFIX", "DaemonConfig", "ManagerLinkConfig", "load_daemon_config"]
+__all__ = [
+    "ENV_PREFIX",
+    "ArtifactsConfig",
+    "DaemonConfig",
+    "ManagerLinkConfig",
+    "load_daemon_config",
+]
 
 ENV_PREFIX = "FLEET_DAEMON_"
 SUN_PATH_MAX = 107
@@ -89,6 +95,28 @@ class ManagerLinkConfig:
 
 
 @dataclass(frozen=True)
+class ArtifactsConfig:
+    """The artifact cache under ``<state_dir>/artifacts`` (table ``[artifacts]``)."""
+
+    max_bytes: int = 1024**3
+    """Largest artifact downloaded (1 GiB)."""
+    max_unpacked_bytes: int = 4 * 1024**3
+    """Most bytes one archive may unpack to (4 GiB); a bigger one is refused."""
+    max_files: int = 100_000
+    """Most entries (files, directories, links) one archive may unpack to."""
+    keep_recent: int = 3
+    """Artifacts no pushed set uses any more that are kept anyway (the most recently used)."""
+
+    def validate(self) -> None:
+        """Cross-field checks (ValueError, reported as ConfigError)."""
+        for name in ("max_bytes", "max_unpacked_bytes", "max_files"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.keep_recent < 0:
+            raise ValueError(f"keep_recent must be >= 0, got {self.keep_recent}")
+
+
+@dataclass(frozen=True)
 class DaemonConfig:
     """Everything `fleet-daemon` needs; see configs/daemon.toml for a commented example."""
 
@@ -131,6 +159,8 @@ class DaemonConfig:
     """Seconds in-flight RPCs get to finish when the daemon stops."""
     agents: tuple[AgentSpec, ...] = ()
     """This host's own agents (``[[agents]]``); the manager's pushed agents run beside them."""
+    artifacts: ArtifactsConfig = field(default_factory=ArtifactsConfig)
+    """The artifact cache (table ``[artifacts]``)."""
 
     def validate(self) -> None:
         """Cross-field checks (ValueError, reported as ConfigError)."""

@@ -25,6 +25,10 @@ gRPC keepalive (see ManagerLinkConfig): a ping every `keepalive_time` (10 s)
 even without calls, the link declared dead after `keepalive_timeout` (5 s)
 without an ack -- so a manager that vanished without closing TCP is noticed
 in ~15 s, not at the next RPC deadline.
+
+Artifact downloads (`download_artifact`, for daemon.artifacts) use the same
+address, credentials and keepalive but a channel of their own, so a large
+download never queues the heartbeats behind it on one HTTP/2 connection.
 """
 
 from __future__ import annotations
@@ -36,7 +40,7 @@ import platform
 import random
 import socket
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -46,7 +50,7 @@ from grpc import aio
 
 from daemon.config import ManagerLinkConfig
 from daemon.link_buffer import MetricBatch, MetricBuffer, SequenceFile, split_batches
-from fleet.errors import FleetError, NotFound, from_rpc_error
+from fleet.errors import FleetError, NotFound, Unavailable, from_rpc_error
 from fleet.tls import TLSConfig, channel_credentials, channel_options
 from fleet.v1 import common_pb2, manager_pb2, manager_pb2_grpc
 
@@ -201,6 +205,43 @@ class ManagerLink:
         if made:
             self._batch_ready.set()
         return made
+
+    async def download_artifact(
+        self, digest: str, offset: int
+    ) -> AsyncIterator[manager_pb2.DownloadArtifactResponse]:
+        """DownloadArtifact from `offset`, from the manager the link uses (or last tried).
+
+        Every failure is a FleetError: the manager's answer, or Unavailable
+        naming the address when it cannot be reached, the stream breaks, or
+        no piece arrives within rpc_timeout_seconds.
+        """
+        address = self.address or self.cfg.addresses[0]
+        timeout = self.cfg.rpc_timeout_seconds
+        channel = self._channel(address)
+        call = None
+        try:
+            stub = manager_pb2_grpc.ManagerServiceStub(channel)
+            call = stub.DownloadArtifact(
+                manager_pb2.DownloadArtifactRequest(
+                    node_id=self.node.node_id, digest=digest, offset=offset
+                )
+            )
+            pieces = aiter(call)
+            while True:
+                async with asyncio.timeout(timeout):
+                    piece = await anext(pieces, None)
+                if piece is None:
+                    return
+                yield piece
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, target=f"manager {address}") from None
+        except TimeoutError:
+            raise Unavailable(f"manager {address}: no data for {timeout:g}s") from None
+        finally:
+            if call is not None:
+                call.cancel()
+            with contextlib.suppress(Exception):
+                await channel.close(None)
 
     # --- internals ------------------------------------------------------
 

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 from grpc import aio
 
+from daemon.artifacts import ArtifactCache, CacheLimits
 from daemon.config import DaemonConfig, load_daemon_config
 from daemon.convert import agent_state, host_metrics, resource_metrics, update_errors
 from daemon.manager_link import LinkState, ManagerLink, NodeInfo, PushedSet
@@ -127,6 +128,18 @@ class DaemonServer:
             on_state=self._on_link_state,
             pushed=self._pushed_set,
         )
+        art = cfg.artifacts
+        self.artifacts = ArtifactCache(
+            cfg.state_dir / "artifacts",
+            self.link.download_artifact,
+            CacheLimits(
+                max_bytes=art.max_bytes,
+                max_unpacked_bytes=art.max_unpacked_bytes,
+                max_files=art.max_files,
+                keep_recent=art.keep_recent,
+            ),
+        )
+        """Artifacts of pushed specs, fetched through the manager link (daemon.artifacts)."""
 
     # --- callbacks ------------------------------------------------------
 

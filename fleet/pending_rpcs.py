@@ -29,18 +29,6 @@ async def _unimplemented_stream(context: Any, rpc: str) -> AsyncIterator[Any]:
 class PendingFleetRpcs:
     """FleetService RPCs not built yet."""
 
-    async def PushArtifact(self, request: Any, context: Any) -> Any:
-        await _unimplemented(context, "PushArtifact")
-
-    async def ListArtifacts(self, request: Any, context: Any) -> Any:
-        await _unimplemented(context, "ListArtifacts")
-
-    async def GetArtifact(self, request: Any, context: Any) -> Any:
-        await _unimplemented(context, "GetArtifact")
-
-    async def DeleteArtifact(self, request: Any, context: Any) -> Any:
-        await _unimplemented(context, "DeleteArtifact")
-
     async def RunJob(self, request: Any, context: Any) -> Any:
         await _unimplemented(context, "RunJob")
 
@@ -65,9 +53,6 @@ class PendingFleetRpcs:
 
 class PendingManagerRpcs:
     """ManagerService RPCs not built yet."""
-
-    def DownloadArtifact(self, request: Any, context: Any) -> Any:
-        return _unimplemented_stream(context, "DownloadArtifact")
 
     async def ReportJobStatus(self, request: Any, context: Any) -> Any:
         await _unimplemented(context, "ReportJobStatus")

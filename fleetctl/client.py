@@ -12,10 +12,10 @@ resource, fleetctl knows its own commands.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import grpc
 from grpc import aio
@@ -30,13 +30,21 @@ from fleetctl.tlsprobe import probe
 if TYPE_CHECKING:
     from fleet.v1.fleet_pb2_grpc import FleetServiceAsyncStub
 
-__all__ = ["Connection", "connect", "explain_rpc_error", "hinted", "resolve_connection"]
+__all__ = [
+    "Connection",
+    "connect",
+    "connect_sync",
+    "explain_rpc_error",
+    "hinted",
+    "resolve_connection",
+]
 
 # NOT_FOUND about a resource kind -> the command that lists what exists.
 _SEE = {
     "node": "fleetctl nodes list",
     "agent": "fleetctl agents list --node {node}",
     "metric-type": "fleetctl metrics types --node {node}",
+    "artifact": "fleetctl artifacts list",
 }
 
 
@@ -96,15 +104,34 @@ def resolve_connection(config: FleetctlConfig) -> Connection:
 @asynccontextmanager
 async def connect(conn: Connection) -> AsyncIterator[FleetServiceAsyncStub]:
     """A FleetService stub on a fresh mTLS channel, closed on exit."""
-    options = [
+    async with aio.secure_channel(
+        conn.address, channel_credentials(conn.tls), options=_options(conn)
+    ) as channel:
+        yield fleet_pb2_grpc.FleetServiceStub(channel)
+
+
+def _options(conn: Connection) -> list[tuple[str, Any]]:
+    return [
         *channel_options(conn.server_name),
         # One attempt per call: a CLI reports at once instead of waiting out backoff.
         ("grpc.enable_retries", 0),
     ]
-    async with aio.secure_channel(
-        conn.address, channel_credentials(conn.tls), options=options
-    ) as channel:
+
+
+@contextmanager
+def connect_sync(conn: Connection) -> Iterator[fleet_pb2_grpc.FleetServiceStub]:
+    """A FleetService stub on grpc's synchronous client, for client-streaming calls.
+
+    The asyncio client reports INTERNAL instead of the server's status when
+    the server ends a call the client is still streaming to (grpc/grpc#36066):
+    every early refusal of an upload (too large, version taken, already
+    stored). The synchronous client reports the server's status.
+    """
+    channel = grpc.secure_channel(conn.address, channel_credentials(conn.tls), _options(conn))
+    try:
         yield fleet_pb2_grpc.FleetServiceStub(channel)
+    finally:
+        channel.close()
 
 
 def explain_rpc_error(error: grpc.RpcError, conn: Connection, *, diagnose: bool = True) -> str:

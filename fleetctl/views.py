@@ -10,11 +10,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from fleet.v1 import common_pb2, fleet_pb2
+from fleet.artifacts import format_size
+from fleet.v1 import common_pb2, desired_pb2, fleet_pb2
 from fleetctl.timespec import format_time
 
 __all__ = [
     "agent_view",
+    "artifact_view",
     "enum_name",
     "event_view",
     "last_exit_view",
@@ -195,4 +197,19 @@ def metric_type_view(info: fleet_pb2.MetricTypeInfo) -> dict[str, Any]:
         "reported_by": (["host"] if info.host else []) + list(info.agent_ids),
         "newest": format_time(info.newest_timestamp),
         "newest_ms": info.newest_timestamp,
+    }
+
+
+def artifact_view(artifact: desired_pb2.Artifact) -> dict[str, Any]:
+    """One stored artifact (ListArtifacts / GetArtifact / PushArtifact)."""
+    return {
+        "name": artifact.name,
+        "version": artifact.version,
+        "digest": artifact.digest,
+        "size_bytes": artifact.size_bytes,
+        "size": format_size(artifact.size_bytes),
+        "created_at": format_time(artifact.created_at),
+        "created_at_ms": artifact.created_at,
+        "actor": artifact.actor,
+        "referenced_by": list(artifact.referenced_by),
     }

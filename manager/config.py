@@ -12,10 +12,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
+from fleet.artifacts import CHUNK_SIZE
 from manager.pool.config import PoolConfig
 
 __all__ = [
     "ENV_PREFIX",
+    "ArtifactsConfig",
     "DatabaseConfig",
     "LivenessConfig",
     "LoggingConfig",
@@ -27,6 +29,10 @@ __all__ = [
 
 ENV_PREFIX = "FLEET_MANAGER_"
 """Prefix of the environment variables that override config keys."""
+
+
+MIN_RECEIVE_BYTES = CHUNK_SIZE + 64 * 1024
+"""Smallest receive limit: PushArtifact sends 1 MiB chunks."""
 
 
 def _check_hostport(value: str, key: str, *, allow_empty: bool = False) -> None:
@@ -53,8 +59,11 @@ class ServerConfig:
     def validate(self) -> None:
         _check_hostport(self.listen, "server.listen")
         _check_hostport(self.metrics_listen, "server.metrics_listen", allow_empty=True)
-        if self.max_receive_message_bytes < 64 * 1024:
-            raise ValueError("server.max_receive_message_bytes: must be at least 65536")
+        if self.max_receive_message_bytes < MIN_RECEIVE_BYTES:
+            raise ValueError(
+                f"server.max_receive_message_bytes: must be at least {MIN_RECEIVE_BYTES}"
+                " (a 1 MiB artifact chunk and its framing)"
+            )
         if self.shutdown_grace_seconds < 0:
             raise ValueError("server.shutdown_grace_seconds: must not be negative")
 
@@ -161,6 +170,27 @@ class MetricsConfig:
 
 
 @dataclass(frozen=True)
+class ArtifactsConfig:
+    """Files and archives operators push for definitions (docs/artifacts.md)."""
+
+    max_bytes: int = 1024**3
+    """Largest artifact accepted (1 GiB): refused up front from its declared size."""
+    stale_upload_seconds: float = 3600.0
+    """The staged chunks of an upload that sent nothing for this long are deleted
+    (left behind by a manager that crashed mid-upload)."""
+    cleanup_interval_seconds: float = 300.0
+    """How often abandoned uploads are looked for (on one replica at a time)."""
+
+    def validate(self) -> None:
+        if self.max_bytes < 1:
+            raise ValueError(f"artifacts.max_bytes: must be >= 1, got {self.max_bytes}")
+        if self.stale_upload_seconds <= 0 or self.cleanup_interval_seconds <= 0:
+            raise ValueError(
+                "artifacts: stale_upload_seconds and cleanup_interval_seconds must be > 0"
+            )
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     """Process logging (stderr; journald collects it under systemd)."""
 
@@ -190,9 +220,11 @@ class ManagerConfig:
     """[logging] table."""
     pool: PoolConfig = field(default_factory=PoolConfig)
     """[pool] table: how the manager calls the daemons (FleetService operations)."""
+    artifacts: ArtifactsConfig = field(default_factory=ArtifactsConfig)
+    """[artifacts] table."""
 
     def validate(self) -> None:
-        for section in (self.server, self.database, self.liveness, self.metrics):
+        for section in (self.server, self.database, self.liveness, self.metrics, self.artifacts):
             section.validate()
 
     @property

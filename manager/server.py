@@ -1,8 +1,8 @@
 """The manager process's lifecycle: build, start, stop(grace).
 
 `ManagerServer.start()` opens (and migrates) the database, starts the metric
-writer, the heartbeat flusher, the sweeper and the metrics lifecycle job,
-then serves ManagerService (mTLS), gRPC health and reflection, and the
+writer, the heartbeat flusher, the sweeper, the metrics lifecycle job and the
+artifact janitor, then serves ManagerService (mTLS), gRPC health and reflection, and the
 Prometheus endpoint. `stop(grace)` undoes it in reverse: stop accepting and
 drain in-flight calls within the grace, stop the background jobs, flush the
 heartbeat map, drain the metric queue, close the database. What a call
@@ -32,8 +32,9 @@ from manager.config import ManagerConfig
 from manager.metrics import ManagerMetrics, RpcMetricsInterceptor, watch_loop_lag
 from manager.pool import DaemonPool
 from manager.service.agents import AgentStates
+from manager.service.artifacts import ArtifactAccess, ArtifactReferences, Artifacts
 from manager.service.convergence import Convergence
-from manager.service.definitions import Definitions
+from manager.service.definitions import ArtifactUse, Definitions
 from manager.service.event_feed import EventFeed
 from manager.service.heartbeats import HeartbeatBuffer
 from manager.service.liveness import LivenessPolicy
@@ -41,12 +42,13 @@ from manager.service.metrics import MetricsService
 from manager.service.registry import NodeRegistry
 from manager.service.reports import DaemonReports
 from manager.service.rollout_control import RolloutControl
-from manager.service.sweeper import MetricsLifecycle, Sweeper
+from manager.service.sweeper import ArtifactJanitor, MetricsLifecycle, Sweeper
 from manager.servicers.fleet_service import SERVICE_NAME as FLEET_SERVICE_NAME
 from manager.servicers.fleet_service import build_fleet_servicer
 from manager.servicers.manager_service import ManagerServicer
 from manager.storage import Database, EventRepository, NodeRepository
 from manager.storage.agents import AgentStateRepository
+from manager.storage.artifacts import ArtifactRepository
 from manager.storage.desired import DesiredStateRepository
 from manager.storage.metrics import MetricStore
 from manager.storage.writer import MetricWriter
@@ -96,7 +98,12 @@ async def _cancel(task: asyncio.Task[None]) -> None:
 
 
 class ManagerServer:
-    """One manager: gRPC server, database and background jobs."""
+    """One manager: gRPC server, database and background jobs.
+
+    `artifact_access` and `artifact_references` are the rules artifacts
+    follow (see manager.service.artifacts); None: the definitions'
+    (`ArtifactUse`).
+    """
 
     def __init__(
         self,
@@ -104,11 +111,15 @@ class ManagerServer:
         *,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        artifact_access: ArtifactAccess | None = None,
+        artifact_references: ArtifactReferences | None = None,
     ) -> None:
         self.config = config
         self.metrics = ManagerMetrics()
         self._clock = clock
         self._rng = rng
+        self._artifact_access = artifact_access
+        self._artifact_references = artifact_references
         self._stack = contextlib.AsyncExitStack()
         self._server: aio.Server | None = None
         self._health: Any = None  # grpc_health's aio HealthServicer (untyped)
@@ -135,6 +146,8 @@ class ManagerServer:
     convergence: Convergence
     definitions: Definitions
     rollouts: RolloutControl
+    artifacts: Artifacts
+    artifact_janitor: ArtifactJanitor
 
     async def start(self) -> None:
         """Start everything; on failure, what was started is stopped again."""
@@ -257,12 +270,31 @@ class ManagerServer:
         self._stack.push_async_callback(self.convergence.stop)
         poke = self.convergence.poke
         desired = DesiredStateRepository(self.db)
-        self.definitions = Definitions(desired, self.nodes, clock=self._clock, on_change=poke)
+        art = cfg.artifacts
+        self.artifacts = Artifacts(
+            ArtifactRepository(self.db),
+            max_bytes=art.max_bytes,
+            clock=self._clock,
+            access=self._artifact_access or ArtifactUse(desired),
+            references=self._artifact_references or ArtifactUse(desired),
+        )
+        self.definitions = Definitions(
+            desired, self.nodes, artifacts=self.artifacts, clock=self._clock, on_change=poke
+        )
         self.rollouts = RolloutControl(desired, self.nodes, clock=self._clock, on_change=poke)
+        self.artifact_janitor = ArtifactJanitor(
+            self.db,
+            self.artifacts,
+            interval=art.cleanup_interval_seconds,
+            stale_after=art.stale_upload_seconds,
+        )
+        self.artifact_janitor.start()
+        self._stack.push_async_callback(self.artifact_janitor.stop)
         servicer = ManagerServicer(
             self.registry,
             self.metric_service,
             AgentStates(self.registry, AgentStateRepository(self.db), clock=self._clock),
+            self.artifacts,
             trust_domain=identity.trust_domain,
             reports=DaemonReports(desired, clock=self._clock, on_change=poke),
             on_change=poke,
@@ -276,6 +308,7 @@ class ManagerServer:
             self.metric_service,
             self.definitions,
             self.rollouts,
+            self.artifacts,
             on_labels_changed=poke,
             trust_domain=identity.trust_domain,
             clock=self._clock,

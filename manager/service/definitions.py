@@ -42,6 +42,7 @@ from manager.storage.records import (
 
 __all__ = [
     "ArtifactResolver",
+    "ArtifactUse",
     "Change",
     "CheckedDefinition",
     "DefinitionState",
@@ -302,6 +303,49 @@ class NoArtifacts:
         """Always InvalidArgument."""
         what = ref.digest or f"{ref.name} {ref.version}"
         raise InvalidArgument(f"artifact {what} does not exist on this manager", field=field)
+
+
+class ArtifactUse:
+    """Which artifacts the definitions use: who may download one, and who references it.
+
+    A node may download an artifact a definition assigned to it uses (at the
+    revision assigned, so a rollback's old artifact too); an artifact is
+    referenced while a live definition's current or stable revision uses it.
+    """
+
+    def __init__(self, repo: DesiredStateRepository) -> None:
+        self._repo = repo
+
+    async def may_download(self, node_id: str, digest: str) -> bool:
+        """True if a definition assigned to `node_id` uses the content `digest`."""
+
+        async def body(tx: DesiredTx) -> bool:
+            assigned = await tx.assignments(node_ids=[node_id])
+            records = await tx.revisions_of({(a.name, a.revision) for a in assigned})
+            return any(_artifact_of(r).digest == digest for r in records.values())
+
+        return await self._repo.run(body, write=False)
+
+    async def references(self, name: str, version: str) -> list[str]:
+        """The definitions ("web@4") whose current or stable revision uses `name` `version`."""
+
+        async def body(tx: DesiredTx) -> list[str]:
+            heads = [h for h in (await tx.definitions()).values() if not h.deleted_ms]
+            pairs = {(h.name, r) for h in heads for r in (h.revision, h.stable_revision) if r}
+            records = await tx.revisions_of(pairs)
+            return sorted(
+                f"{n}@{r}"
+                for (n, r), record in records.items()
+                if (a := _artifact_of(record)).name == name and a.version == version
+            )
+
+        return await self._repo.run(body, write=False)
+
+
+def _artifact_of(record: RevisionRecord) -> common_pb2.ArtifactRef:
+    if record.deleted:
+        return common_pb2.ArtifactRef()
+    return load_definition(record.body).artifact
 
 
 # --- the service ----------------------------------------------------------------------------

@@ -4,7 +4,8 @@
 "fleet-sweeper" for as long as it is the leader (PostgreSQL; SQLite has one
 manager), and only acts `failover_grace` after it became leader, so a
 restart or a failover does not mark a whole fleet down while daemons
-reconnect. `MetricsLifecycle` rolls up and prunes metrics under its own lock.
+reconnect. `MetricsLifecycle` rolls up and prunes metrics under its own lock,
+`ArtifactJanitor` deletes the staged chunks of uploads a crash cut short.
 """
 
 from __future__ import annotations
@@ -16,18 +17,20 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from fleet.errors import FleetError
+from manager.service.artifacts import Artifacts
 from manager.service.heartbeats import HeartbeatBuffer
 from manager.service.liveness import LivenessPolicy, sweep_cutoff
 from manager.service.registry import NodeRegistry
 from manager.storage import Database, NodeRepository
 from manager.storage.metrics import MetricStore
 
-__all__ = ["MetricsLifecycle", "SweepResult", "Sweeper"]
+__all__ = ["ArtifactJanitor", "MetricsLifecycle", "SweepResult", "Sweeper"]
 
 log = logging.getLogger(__name__)
 
 SWEEPER_LOCK = "fleet-sweeper"
 LIFECYCLE_LOCK = "fleet-metrics-lifecycle"
+JANITOR_LOCK = "fleet-artifact-janitor"
 
 
 @dataclass(frozen=True)
@@ -213,3 +216,55 @@ class MetricsLifecycle:
                 log.warning("metrics lifecycle: %s; retrying next time", exc)
             except Exception:
                 log.exception("metrics lifecycle failed unexpectedly")
+
+
+class ArtifactJanitor:
+    """Deletes the staged chunks that crashed uploads left behind, on one replica at a time."""
+
+    def __init__(
+        self,
+        db: Database,
+        artifacts: Artifacts,
+        *,
+        interval: float,
+        stale_after: float,
+    ) -> None:
+        self._db = db
+        self._artifacts = artifacts
+        self._interval = interval
+        self._stale_after = stale_after
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    async def run_once(self) -> int:
+        """One pass; how many staged uploads were removed."""
+        removed = await self._artifacts.expire_uploads(stale_after=self._stale_after)
+        if removed:
+            log.info("removed the staged bytes of %d abandoned artifact upload(s)", removed)
+        return removed
+
+    def start(self) -> None:
+        """Start the periodic job (its first pass runs one interval from now)."""
+        self._stop.clear()
+        self._task = asyncio.create_task(self._run(), name="artifact-janitor")
+
+    async def stop(self) -> None:
+        """Stop the job (a pass in progress finishes first)."""
+        self._stop.set()
+        if self._task is not None:
+            await self._task
+            self._task = None
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            await _sleep_or_stop(self._stop, self._interval)
+            if self._stop.is_set():
+                return
+            try:
+                async with self._db.advisory_lock(JANITOR_LOCK) as held:
+                    if held:
+                        await self.run_once()
+            except FleetError as exc:
+                log.warning("artifact janitor: %s; retrying next time", exc)
+            except Exception:
+                log.exception("artifact janitor failed unexpectedly")

@@ -20,6 +20,7 @@ from fleet.errors import InvalidArgument
 from fleet.pending_rpcs import PendingFleetRpcs
 from fleet.v1 import common_pb2, fleet_pb2, fleet_pb2_grpc
 from manager.pool import ConnectionState, DaemonPool
+from manager.service.artifacts import Artifacts
 from manager.service.definitions import Definitions
 from manager.service.event_feed import EventFeed
 from manager.service.fleet import FleetQueries, NodeAgent, NodeView
@@ -32,6 +33,7 @@ from manager.service.operations import (
     TargetResult,
 )
 from manager.service.rollout_control import RolloutControl
+from manager.servicers.artifacts import ArtifactRpcs
 from manager.servicers.fleet_desired import DesiredRpcs
 from manager.storage import (
     AgentStateRecord,
@@ -230,8 +232,10 @@ def _kinds(values: Any) -> list[str]:
     return kinds
 
 
-class FleetServicer(DesiredRpcs, PendingFleetRpcs, fleet_pb2_grpc.FleetServiceServicer):
-    """Serves FleetService for ``operator/*`` callers (desired state: `DesiredRpcs`)."""
+class FleetServicer(
+    DesiredRpcs, ArtifactRpcs, PendingFleetRpcs, fleet_pb2_grpc.FleetServiceServicer
+):
+    """Serves FleetService for ``operator/*`` callers (`DesiredRpcs`, `ArtifactRpcs`)."""
 
     def __init__(
         self,
@@ -240,6 +244,7 @@ class FleetServicer(DesiredRpcs, PendingFleetRpcs, fleet_pb2_grpc.FleetServiceSe
         feed: EventFeed,
         definitions: Definitions,
         rollouts: RolloutControl,
+        artifacts: Artifacts,
         *,
         trust_domain: str,
         call_timeout: float,
@@ -249,6 +254,7 @@ class FleetServicer(DesiredRpcs, PendingFleetRpcs, fleet_pb2_grpc.FleetServiceSe
         self._feed = feed
         self._definitions = definitions
         self._rollouts = rollouts
+        self._artifacts = artifacts
         self._td = trust_domain
         self._call_timeout = call_timeout
 
@@ -485,6 +491,7 @@ def build_fleet_servicer(
     metrics: MetricsService,
     definitions: Definitions,
     rollouts: RolloutControl,
+    artifacts: Artifacts,
     *,
     trust_domain: str,
     clock: Callable[[], float],
@@ -511,6 +518,7 @@ def build_fleet_servicer(
         feed,
         definitions,
         rollouts,
+        artifacts,
         trust_domain=trust_domain,
         call_timeout=pool.config.call_timeout,
     )

@@ -19,11 +19,13 @@ from fleet.labels import validate_label_value
 from fleet.pending_rpcs import PendingManagerRpcs
 from fleet.v1 import common_pb2, manager_pb2, manager_pb2_grpc
 from manager.service.agents import AgentStates
+from manager.service.artifacts import Artifacts
 from manager.service.metrics import MetricsService
 from manager.service.model import MetricPoint, Registration
 from manager.service.registry import NodeRegistry
 from manager.service.reports import DaemonReports
 from manager.service.validation import MAX_AGENTS_PER_SYNC, MAX_MESSAGE, validate_spec_version
+from manager.servicers.artifacts import ArtifactDownloads
 from manager.servicers.identity import NodeIdentities
 from manager.storage import AgentStateRecord
 from manager.storage.records import UpdateErrorRecord
@@ -98,14 +100,17 @@ def last_exit_fields(msg: common_pb2.LastExit | None) -> dict[str, Any]:
     }
 
 
-class ManagerServicer(PendingManagerRpcs, manager_pb2_grpc.ManagerServiceServicer):
-    """Serves ManagerService for `node/*` callers."""
+class ManagerServicer(
+    ArtifactDownloads, PendingManagerRpcs, manager_pb2_grpc.ManagerServiceServicer
+):
+    """Serves ManagerService for `node/*` callers (artifacts: `ArtifactDownloads`)."""
 
     def __init__(
         self,
         registry: NodeRegistry,
         metrics: MetricsService,
         agents: AgentStates,
+        artifacts: Artifacts,
         *,
         trust_domain: str,
         reports: DaemonReports | None = None,
@@ -116,6 +121,7 @@ class ManagerServicer(PendingManagerRpcs, manager_pb2_grpc.ManagerServiceService
         self._agents = agents
         self._reports = reports
         self._on_change = on_change
+        self._artifacts = artifacts
         self._identities = NodeIdentities(trust_domain)
 
     async def RegisterNode(

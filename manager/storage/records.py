@@ -11,6 +11,7 @@ from typing import Final, Literal
 __all__ = [
     "EVENT_KINDS",
     "AgentStateRecord",
+    "ArtifactRecord",
     "AssignmentRecord",
     "DefinitionRecord",
     "EventRecord",
@@ -352,3 +353,21 @@ class RolloutNodeRecord:
     """On hold because its node is offline."""
     reason: str
     """Why it failed."""
+
+
+@dataclass(frozen=True)
+class ArtifactRecord:
+    """A stored artifact: a name and version for verified, immutable content."""
+
+    name: str
+    """The artifact's name ("web")."""
+    version: str
+    """Its version ("1.4.2")."""
+    digest: str
+    """``sha256:<hex>`` of its bytes."""
+    size: int
+    """Its size in bytes."""
+    created_ms: int
+    """When it was pushed."""
+    actor: str
+    """Who pushed it ("operator/alice")."""

@@ -15,6 +15,7 @@ from sqlalchemy import (
     ForeignKey,
     Index,
     Integer,
+    LargeBinary,
     MetaData,
     PrimaryKeyConstraint,
     String,
@@ -24,6 +25,9 @@ from sqlalchemy import (
 
 __all__ = [
     "agent_states",
+    "artifact_blobs",
+    "artifact_chunks",
+    "artifacts",
     "assignments",
     "definition_revisions",
     "definitions",
@@ -299,4 +303,59 @@ rollout_nodes = Table(
     Column("offline", Boolean, nullable=False),
     Column("reason", Text, nullable=False),
     PrimaryKeyConstraint("rollout_id", "node_id"),
+)
+
+# Artifacts (manager/storage/artifacts.py): bytes in chunk rows, so every
+# replica on the database serves them. A blob is a staging upload while its
+# digest is NULL (`declared` is what the client claims); the final transaction
+# of an upload sets `digest` only once the received bytes hash to it, so a
+# blob with a digest is complete and verified. Unique: one blob per content.
+# AUTOINCREMENT: the id of a removed staging blob is never reused, so a stalled
+# upload can never write its chunks into someone else's blob.
+artifact_blobs = Table(
+    "artifact_blobs",
+    metadata,
+    Column("id", BigId, primary_key=True, autoincrement=True),
+    Column("digest", String(71), nullable=True, unique=True),
+    Column("declared", String(71), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("chunk_size", Integer, nullable=False),
+    Column("created_ms", BigInteger, nullable=False),
+    # Last chunk written: staging blobs idle past the expiry are removed.
+    Column("updated_ms", BigInteger, nullable=False),
+    CheckConstraint("size >= 0", name="size"),
+    CheckConstraint("chunk_size > 0", name="chunk_size"),
+    Index(None, "updated_ms"),
+    sqlite_autoincrement=True,
+)
+
+# Every chunk is chunk_size bytes but the last, so byte `offset` is in chunk
+# offset // chunk_size.
+artifact_chunks = Table(
+    "artifact_chunks",
+    metadata,
+    Column(
+        "blob_id",
+        BigInteger,
+        ForeignKey("artifact_blobs.id", ondelete="CASCADE"),
+        nullable=False,
+    ),
+    Column("idx", Integer, nullable=False),
+    Column("data", LargeBinary, nullable=False),
+    PrimaryKeyConstraint("blob_id", "idx"),
+)
+
+# (name, version) -> content; immutable once stored.
+artifacts = Table(
+    "artifacts",
+    metadata,
+    Column("name", String(63), nullable=False),
+    Column("version", String(128), nullable=False),
+    # A stored artifact always has its complete blob (deleting one in use fails).
+    Column("digest", String(71), ForeignKey("artifact_blobs.digest"), nullable=False),
+    Column("size", BigInteger, nullable=False),
+    Column("created_ms", BigInteger, nullable=False),
+    Column("actor", String(300), nullable=False),
+    PrimaryKeyConstraint("name", "version"),
+    Index(None, "digest"),
 )

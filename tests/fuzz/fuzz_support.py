@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import grpc
@@ -16,6 +17,9 @@ from daemon.server import DaemonServer
 from manager.storage import Database
 from manager.storage.schema import (
     agent_states,
+    artifact_blobs,
+    artifact_chunks,
+    artifacts,
     assignments,
     definition_revisions,
     definitions,
@@ -87,10 +91,30 @@ async def db_state(db: Database) -> dict[str, Any]:
                 )
             )
         ).all()
-        for table in (metric_samples, metric_batches, events, operations_audit):
+        tables = (metric_samples, metric_batches, events, operations_audit)
+        for table in (*tables, artifacts, artifact_blobs, artifact_chunks):
             count = (await conn.execute(select(func.count()).select_from(table))).scalar_one()
             state[table.name] = count
     return state
+
+
+async def settled(db: Database, quiet: float = 0.4, within: float = 20.0) -> dict[str, Any]:
+    """The database state once background work (convergence, rollouts) stops writing.
+
+    An accepted definition or label change is acted on after the call returns;
+    a later refusal must not be blamed for those writes.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    state = await db_state(db)
+    while True:
+        await asyncio.sleep(quiet)
+        again = await db_state(db)
+        if again == state:
+            return state
+        if loop.time() > deadline:
+            raise AssertionError(f"the database kept changing for {within:.0f} s")
+        state = again
 
 
 def supervisor_state(daemon: DaemonServer) -> tuple[int, dict[str, Any]]:

@@ -19,15 +19,17 @@ import grpc
 import pytest
 import pytest_asyncio
 from daemon_helpers import agent, short_tmp
-from fuzz_support import FUZZ, call_checked, db_state
+from fuzz_support import FUZZ, call_checked, db_state, settled
 from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message import Message
 from grpc import aio
 from hypothesis import given
 from hypothesis import strategies as st
 from live_env import (
+    ARTIFACT,
     SLEEP,
     ModulePki,
+    artifact_upload,
     channels,
     desired_requests,
     invoke,
@@ -108,6 +110,15 @@ def valid(rpc: str) -> Message:
         ),
         "FleetService.WatchEvents": f.FleetServiceWatchEventsRequest(),
         **desired_requests(),
+        # A client stream of one message: the (empty) artifact's upload.
+        "FleetService.PushArtifact": artifact_upload(),
+        "FleetService.ListArtifacts": f.FleetServiceListArtifactsRequest(name=ARTIFACT[0]),
+        "FleetService.GetArtifact": f.FleetServiceGetArtifactRequest(
+            name=ARTIFACT[0], version=ARTIFACT[1]
+        ),
+        "FleetService.DeleteArtifact": f.FleetServiceDeleteArtifactRequest(
+            name=ARTIFACT[0], version=ARTIFACT[1]
+        ),
     }[rpc]
 
 
@@ -118,6 +129,20 @@ def strategy(rpc: str) -> st.SearchStrategy[Message]:
 
 
 AUDITED = {"FleetService.OperateAgent", "FleetService.OperateAgents"}
+# Accepted calls whose consequences (convergence, rollout steps) land after the reply.
+CONVERGING = {
+    f"FleetService.{rpc}"
+    for rpc in (
+        "UpdateNodeLabels",
+        "ApplyDefinitions",
+        "DeleteDefinition",
+        "PauseRollout",
+        "ResumeRollout",
+        "PromoteRollout",
+        "AbortRollout",
+        "UndoRollout",
+    )
+}
 """Operations record their attempt; only an invalid request must leave nothing."""
 
 
@@ -175,6 +200,7 @@ async def env(module_pki: ModulePki, manager_database: str) -> AsyncIterator[Env
             )
             reply = await invoke(chans["operator"], apply, request)
             assert reply.code == grpc.StatusCode.OK, reply
+            await settled(manager.db)  # its rollout runs after the call returns
             yield Env(manager, chans["operator"])
 
 
@@ -191,6 +217,8 @@ async def test_fuzz_fleet_service(env: Env, method: MethodDescriptor, data: st.D
     idle = 5.0 if name == "FleetService.OperateAgents" else 0.3  # let a fan-out finish
     outcome = await call_checked(env.channel, method, request, idle=idle)
     if outcome.code == grpc.StatusCode.OK:
+        if name in CONVERGING:
+            env.known = await settled(env.manager.db)
         return
     after = await db_state(env.manager.db)
     if name not in AUDITED or outcome.code == grpc.StatusCode.INVALID_ARGUMENT:

@@ -17,6 +17,7 @@ from typing import Any
 import grpc
 import pytest
 import pytest_asyncio
+from artifact_helpers import Grants, digest
 from fuzz_support import FUZZ, call_checked, db_state
 from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message import Message
@@ -38,9 +39,12 @@ from proto_strategies import plausible_text, requests, text
 
 from fleet.v1 import common_pb2, manager_pb2
 from manager.server import SERVICE_NAME, ManagerServer
+from manager.service.artifacts import Upload
 
 NODE = "n1"
 """The node the fuzzer's certificate belongs to."""
+STORED = b"an artifact node n1 is assigned"
+"""Stored before fuzzing; DownloadArtifact reaches its offset checks and its bytes."""
 
 _finite = st.floats(allow_nan=False, allow_infinity=False)
 OVERRIDES = {
@@ -74,10 +78,11 @@ class Env:
 async def env(
     module_pki: ModulePki, tmp_path_factory: pytest.TempPathFactory, manager_database: str
 ) -> AsyncIterator[Env]:
-    """One manager per module and backend, with node n1 registered."""
+    """One manager per module and backend, with node n1 registered and assigned STORED."""
     root: Path = tmp_path_factory.mktemp("manager")
+    grants = Grants({NODE: [digest(STORED)]})
     async with (
-        live_manager(module_pki, root, manager_database) as manager,
+        live_manager(module_pki, root, manager_database, artifact_access=grants) as manager,
         channels(
             manager.port, {NODE: module_pki.issue("node", NODE)}, manager_name(module_pki)
         ) as chans,
@@ -85,7 +90,14 @@ async def env(
         register = {m.name: m for m in methods("ManagerService")}["RegisterNode"]
         first = await invoke(chans[NODE], register, registration(NODE, "127.0.0.1:7444"))
         assert first.code == grpc.StatusCode.OK, first
+        await manager.artifacts.push(
+            Upload("fuzz", "1", digest(STORED), len(STORED)), _once(STORED), actor="operator/t"
+        )
         yield Env(manager, chans[NODE])
+
+
+async def _once(data: bytes) -> AsyncIterator[bytes]:
+    yield data
 
 
 def valid(rpc: str) -> Message:
@@ -104,6 +116,9 @@ def valid(rpc: str) -> Message:
         ),
         "ManagerService.SyncAgentStates": manager_pb2.SyncAgentStatesRequest(
             node_id=NODE, states=[state]
+        ),
+        "ManagerService.DownloadArtifact": manager_pb2.DownloadArtifactRequest(
+            node_id=NODE, digest=digest(STORED), offset=1
         ),
     }[rpc]
 

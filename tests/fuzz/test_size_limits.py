@@ -148,6 +148,9 @@ async def call_raw(channel: aio.Channel, method: MethodDescriptor, payload: byte
     """Send pre-serialised bytes to `method`; read a stream until it ends or idles."""
     path = f"/{method.containing_service.full_name}/{method.name}"
     try:
+        if method.client_streaming:  # PushArtifact: a stream of this one message
+            await channel.stream_unary(path)(iter([payload]), timeout=15)
+            return Outcome(grpc.StatusCode.OK, "")
         if not method.server_streaming:
             await channel.unary_unary(path)(payload, timeout=15)
             return Outcome(grpc.StatusCode.OK, "")

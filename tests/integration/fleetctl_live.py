@@ -114,15 +114,21 @@ class LiveFleet:
 
 
 @contextmanager
-def live_fleet(pki: Any, tmp_path: Path, *, pool: PoolConfig = FAST_POOL) -> Iterator[LiveFleet]:
-    """A real manager (SQLite under tmp_path) in a thread, stopped afterwards."""
+def live_fleet(
+    pki: Any, tmp_path: Path, *, pool: PoolConfig = FAST_POOL, **options: Any
+) -> Iterator[LiveFleet]:
+    """A real manager (SQLite under tmp_path) in a thread, stopped afterwards.
+
+    `options`: ManagerServer's keyword options, or `config` changes (a dict of
+    ManagerConfig fields).
+    """
     config = manager_config(pki, f"sqlite+aiosqlite:///{tmp_path / 'm.db'}", tmp_path / "state")
-    config = dataclasses.replace(config, pool=pool)
+    config = dataclasses.replace(config, pool=pool, **options.pop("config", {}))
     ready = threading.Event()
     state: dict[str, Any] = {}
 
     async def main() -> None:
-        async with running_manager(config, FakeClock()) as manager:
+        async with running_manager(config, FakeClock(), **options) as manager:
             stop = asyncio.Event()
             state.update(manager=manager, loop=asyncio.get_running_loop(), stop=stop)
             ready.set()

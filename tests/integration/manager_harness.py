@@ -68,10 +68,10 @@ def manager_config(
 
 @asynccontextmanager
 async def running_manager(
-    config: ManagerConfig, clock: FakeClock | None = None
+    config: ManagerConfig, clock: FakeClock | None = None, **options: Any
 ) -> AsyncIterator[ManagerServer]:
-    """A started ManagerServer, stopped (with a short grace) afterwards."""
-    server = ManagerServer(config, clock=clock or FakeClock())
+    """A started ManagerServer (`options`: its keyword options), stopped afterwards."""
+    server = ManagerServer(config, clock=clock or FakeClock(), **options)
     await server.start()
     try:
         yield server

@@ -21,11 +21,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import grpc
+from artifact_helpers import digest, push, sync_operator
 from fleet_harness import FAST_POOL, operator_stub, selector
-from manager_harness import manager_config, rpc_error
+from manager_harness import manager_config, node_stub, rpc_error
 
 from bench.sim import SimAgent, SimFleet, start_daemon
-from fleet.v1 import common_pb2, desired_pb2, fleet_pb2, fleet_pb2_grpc
+from fleet.v1 import common_pb2, desired_pb2, fleet_pb2, fleet_pb2_grpc, manager_pb2
 from manager.server import ManagerServer
 
 T = TypeVar("T")
@@ -399,3 +400,45 @@ async def test_pause_and_promote_are_operator_actions(
         )
         assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "already ended" in (err.details() or "")
+
+
+async def test_nodes_download_only_the_artifacts_of_their_definitions(
+    pki: Any, tmp_path: Path, database_url: str
+) -> None:
+    """A definition's artifact: its nodes download it, others may not, and it cannot be deleted."""
+    async with desired_env(pki, tmp_path, database_url) as env:
+        await env.add("p1", {"env": "prod"})
+        await env.add("s1", {"env": "staging"})
+        with sync_operator(pki, env.manager.port) as sync:
+            pushed = await asyncio.to_thread(push, sync, b"web build 7", "web", "7")
+        used = digest(b"web build 7")
+        web = definition()
+        web.artifact.CopyFrom(common_pb2.ArtifactRef(name="web", version="7"))
+        await env.apply(web)
+        await until(lambda: env.rollout("web"), lambda r: state(r) == "SUCCESSFUL")
+        # The node is pushed the complete reference, digest and size filled in.
+        spec = next(n for n in env.fleet.nodes if n.node_id == "p1").servicer.pushed["web"]
+        assert (spec.artifact.digest, spec.artifact.size_bytes) == (used, len(b"web build 7"))
+        assert pushed.artifact.digest == used
+
+        async def download(node: str) -> bytes:
+            async with node_stub(pki, node, env.manager.port) as stub:
+                request = manager_pb2.DownloadArtifactRequest(node_id=node, digest=used)
+                return b"".join([m.data async for m in stub.DownloadArtifact(request, timeout=30)])
+
+        assert await download("p1") == b"web build 7"
+        err = await rpc_error(download("s1"))
+        assert err.code() == grpc.StatusCode.PERMISSION_DENIED
+        assert f"node/s1 may not download {used}" in (err.details() or "")
+        err = await rpc_error(
+            env.stub.DeleteArtifact(
+                fleet_pb2.FleetServiceDeleteArtifactRequest(name="web", version="7")
+            )
+        )
+        assert err.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "used by web@1" in (err.details() or "")
+        # Deleted, the definition stops referencing it (its revisions stay, history).
+        await env.stub.DeleteDefinition(fleet_pb2.FleetServiceDeleteDefinitionRequest(name="web"))
+        await env.stub.DeleteArtifact(
+            fleet_pb2.FleetServiceDeleteArtifactRequest(name="web", version="7")
+        )

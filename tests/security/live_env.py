@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import datetime as dt
+import hashlib
 import os
 import secrets
 import shutil
@@ -174,9 +175,12 @@ async def channels(
 
 @asynccontextmanager
 async def live_manager(
-    pki: ModulePki, root: Path, database_url: str = ""
+    pki: ModulePki, root: Path, database_url: str = "", **options: Any
 ) -> AsyncIterator[ManagerServer]:
-    """A real manager over mTLS (SQLite unless `database_url`); background jobs never fire."""
+    """A real manager over mTLS (SQLite unless `database_url`); background jobs never fire.
+
+    `options`: ManagerServer's keyword options (e.g. an injected artifact_access).
+    """
     config = manager_config(
         pki,
         database_url or f"sqlite+aiosqlite:///{root / 'manager.db'}",
@@ -184,7 +188,7 @@ async def live_manager(
         metrics={"lifecycle_interval_seconds": 3600.0},
     )
     config = dataclasses.replace(config, pool=FAST_POOL)
-    async with running_manager(config, FakeClock()) as manager:
+    async with running_manager(config, FakeClock(), **options) as manager:
         yield manager
 
 
@@ -268,6 +272,12 @@ async def invoke(
         return m.SerializeToString()
 
     try:
+        if method.client_streaming:  # PushArtifact: `request` as a stream of one message
+            upload = channel.stream_unary(
+                path, request_serializer=serialize, response_deserializer=reply_type.FromString
+            )
+            await upload(iter([request]), timeout=deadline)
+            return Outcome(grpc.StatusCode.OK, "")
         if not method.server_streaming:
             unary = channel.unary_unary(
                 path, request_serializer=serialize, response_deserializer=reply_type.FromString
@@ -318,9 +328,29 @@ def registration(node_id: str, daemon_address: str) -> manager_pb2.RegisterNodeR
     )
 
 
+ARTIFACT = ("matrix", "1")
+"""An empty artifact (name, version) the matrix pushes and node a is assigned."""
+EMPTY_DIGEST = "sha256:" + hashlib.sha256(b"").hexdigest()
+"""Its digest."""
+
+
+def artifact_upload() -> fleet_pb2.FleetServicePushArtifactRequest:
+    """The whole PushArtifact stream of the empty artifact: its upload message."""
+    name, version = ARTIFACT
+    return fleet_pb2.FleetServicePushArtifactRequest(
+        upload=desired_pb2.ArtifactUpload(
+            name=name, version=version, digest=EMPTY_DIGEST, size_bytes=0
+        )
+    )
+
+
 def requests(daemon_port: int, node: str = "a") -> dict[str, Message]:
-    """'Service.Method' -> a request the allowed identity gets OK (or NOT_FOUND) for."""
+    """'Service.Method' -> a request the allowed identity gets OK (or NOT_FOUND) for.
+
+    A client-streaming RPC (PushArtifact) gets its request as a stream of one.
+    """
     now = int(time.time() * 1000)
+    name, version = ARTIFACT
     op = common_pb2.AGENT_OPERATION_RESTART
     sdk_spec = common_pb2.AgentSpec(id="sleeper", argv=[SLEEP, "1000"], start_secs=0.0)
     return {
@@ -337,6 +367,9 @@ def requests(daemon_port: int, node: str = "a") -> dict[str, Message]:
             states=[
                 manager_pb2.AgentState(agent_id="sleeper", status=common_pb2.AGENT_STATUS_RUNNING)
             ],
+        ),
+        "ManagerService.DownloadArtifact": manager_pb2.DownloadArtifactRequest(
+            node_id=node, digest=EMPTY_DIGEST
         ),
         # DaemonService on the node's daemon (agents "sleeper" and "sdk").
         "DaemonService.ListAgents": daemon_pb2.ListAgentsRequest(),
@@ -375,6 +408,15 @@ def requests(daemon_port: int, node: str = "a") -> dict[str, Message]:
         ),
         "FleetService.WatchEvents": fleet_pb2.FleetServiceWatchEventsRequest(),
         **desired_requests(),
+        "FleetService.PushArtifact": artifact_upload(),
+        "FleetService.ListArtifacts": fleet_pb2.FleetServiceListArtifactsRequest(),
+        "FleetService.GetArtifact": fleet_pb2.FleetServiceGetArtifactRequest(
+            name=name, version=version
+        ),
+        # A version never pushed: NOT_FOUND (the matrix must not delete what it reads).
+        "FleetService.DeleteArtifact": fleet_pb2.FleetServiceDeleteArtifactRequest(
+            name=name, version="never-pushed"
+        ),
         # AgentService: the "agent for another" column names "sleeper" instead.
         "AgentService.Register": agent_pb2.AgentServiceRegisterRequest(agent_id="sdk"),
         "AgentService.Heartbeat": agent_pb2.AgentServiceHeartbeatRequest(

@@ -23,15 +23,18 @@ from typing import Any, Literal
 import grpc
 import pytest
 import pytest_asyncio
+from artifact_helpers import Grants
 from daemon_helpers import agent, eventually, short_tmp
 from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message import Message
 from live_env import (
+    EMPTY_DIGEST,
     MATRIX_REPORT,
     SERVICES,
     SLEEP,
     ModulePki,
     Outcome,
+    artifact_upload,
     bad_credentials,
     channels,
     invoke,
@@ -195,7 +198,8 @@ REPO = Path(__file__).resolve().parents[2]
 
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
 async def fleet(module_pki: ModulePki) -> AsyncIterator[Fleet]:
-    """A manager, and node a's daemon supervising 'sleeper' and the 'sdk' probe agent."""
+    """A manager (node a is assigned the matrix's artifact), and node a's daemon
+    supervising 'sleeper' and the 'sdk' probe agent."""
     with short_tmp() as root:
         script = root / "probe.py"
         script.write_text(PROBE)
@@ -210,8 +214,9 @@ async def fleet(module_pki: ModulePki) -> AsyncIterator[Fleet]:
             agent("sleeper", SLEEP, "1000", start_secs=0.0),
             agent("sdk", sys.executable, str(script), str(plan_file), config='{"v": 1}'),
         )
+        grants = Grants({NODE: [EMPTY_DIGEST]})
         async with (
-            live_manager(module_pki, root) as manager,
+            live_manager(module_pki, root, artifact_access=grants) as manager,
             live_daemon(module_pki, root / "d", NODE, agents) as daemon,
         ):
             yield Fleet(module_pki, manager, daemon, root)
@@ -306,12 +311,18 @@ def test_every_rpc_has_a_matrix_row() -> None:
 async def test_security_matrix(fleet: Fleet, request: pytest.FixtureRequest) -> None:
     """Every identity gets exactly the outcome the architecture promises, for every RPC."""
     reqs = requests(fleet.daemon.port)
-    # Node a must be known (with its daemon's real address) for FleetService's calls.
+    # Node a must be known (with its daemon's real address) for FleetService's calls,
+    # and the artifact it downloads stored.
     async with channels(
-        fleet.manager.port, {"a": fleet.pki.issue("node", NODE)}, manager_name(fleet.pki)
+        fleet.manager.port,
+        {"a": fleet.pki.issue("node", NODE), "operator": fleet.pki.issue("operator", "setup")},
+        manager_name(fleet.pki),
     ) as chans:
         register = SERVICES["ManagerService"].methods_by_name["RegisterNode"]
         setup = await invoke(chans["a"], register, reqs["ManagerService.RegisterNode"])
+        assert setup.code == grpc.StatusCode.OK, setup
+        push = SERVICES["FleetService"].methods_by_name["PushArtifact"]
+        setup = await invoke(chans["operator"], push, artifact_upload())
         assert setup.code == grpc.StatusCode.OK, setup
 
     results = await tls_column_runs(fleet, reqs)

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.config import load_daemon_config
+from daemon.config import ArtifactsConfig, load_daemon_config
 from fleet.errors import ConfigError
 from fleet.tls import TLSConfig
 
@@ -44,6 +44,7 @@ def test_example_config_loads_and_takes_the_node_id_from_the_certificate(pki, mo
     assert cfg.agents[0].restart == "always"
     assert cfg.manager.addresses == ("127.0.0.1:7443",)
     assert cfg.stop_agents_on_exit is False
+    assert cfg.artifacts == ArtifactsConfig()  # the example shows the defaults
 
 
 def test_a_node_id_that_disagrees_with_the_certificate_is_refused(pki, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -78,6 +79,8 @@ def test_a_manager_certificate_is_not_a_daemon_identity(pki, tmp_path: Path) -> 
         ('[[agents]]\nid = "a"\nargv = ["/bin/true"]\nstop_timeout = -1.0\n', "stop_timeout"),
         ('stop_agents_on_exit = "yes"\n', "stop_agents_on_exit"),
         ("[manager]\nheartbeat_intervall_seconds = 1.0\n", "did you mean"),
+        ("[artifacts]\nmax_files = 0\n", "artifacts: max_files must be >= 1"),
+        ("[artifacts]\nkeep_recent = -1\n", "keep_recent must be >= 0"),
     ],
 )
 def test_bad_values_fail_with_one_line_naming_the_key(  # type: ignore[no-untyped-def]

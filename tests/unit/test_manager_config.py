@@ -56,6 +56,9 @@ def test_env_overrides_a_nested_key() -> None:
         ),
         ('[logging]\nlevel = "loud"\n', "logging.level"),
         ('[server]\nlisen = "0.0.0.0:1"\n', "listen"),
+        ("[artifacts]\nmax_bytes = 0\n", "artifacts.max_bytes"),
+        ("[server]\nmax_receive_message_bytes = 1048576\n", "a 1 MiB artifact chunk"),
+        ("[artifacts]\nstale_upload_seconds = 0.0\n", "stale_upload_seconds"),
     ],
 )
 def test_bad_config_is_one_line_naming_the_key(tmp_path: Path, toml: str, needle: str) -> None:
