@@ -75,8 +75,8 @@ async def test_registers_heartbeats_reports_metrics_once_and_syncs_states(
     # Each host cpu sample is stored once (no batch was stored twice).
     dup = await _rows(
         manager,
-        "SELECT ts_ms, COUNT(*) FROM metric_samples WHERE node_id='n1' AND agent_id='' "
-        "AND type='cpu' GROUP BY ts_ms HAVING COUNT(*) > 1",
+        "SELECT ts_ms, name, COUNT(*) FROM metric_samples WHERE node_id='n1' AND agent_id='' "
+        "AND type='cpu' GROUP BY ts_ms, name HAVING COUNT(*) > 1",
     )
     assert dup == []
     agent_rows = await _rows(

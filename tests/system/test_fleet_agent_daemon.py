@@ -169,23 +169,25 @@ async def stub(pki: Any, daemon: Daemon) -> AsyncIterator[daemon_pb2_grpc.Daemon
 
 
 async def _probe_info(
-    stub: daemon_pb2_grpc.DaemonServiceStub, ok: Any, within: float = 40.0
+    stub: daemon_pb2_grpc.DaemonServiceStub, ok: Any, within: float = 40.0, agent_id: str = "probe"
 ) -> common_pb2.AgentInfo:
     async def get() -> common_pb2.AgentInfo | None:
         try:
             reply = await stub.ListAgents(daemon_pb2.ListAgentsRequest(), timeout=5)
         except Exception:
             return None
-        return next((a for a in reply.agents if a.id == "probe"), None)
+        return next((a for a in reply.agents if a.id == agent_id), None)
 
     info = await eventually(get, lambda a: a is not None and ok(a), within=within)
     assert info is not None
     return info
 
 
-async def _log_line(daemon: Daemon, needle: str, within: float = 20.0) -> None:
+async def _log_line(
+    daemon: Daemon, needle: str, within: float = 20.0, agent_id: str = "probe"
+) -> None:
     async def read() -> str:
-        return daemon.agent_log("probe")
+        return daemon.agent_log(agent_id)
 
     await eventually(read, lambda text: needle in text, within=within)
 
@@ -202,19 +204,43 @@ async def test_registration_shows_in_list_agents_and_config_push_arrives_live(
     assert abs(info.last_heartbeat - time.time() * 1000) < 10_000
     await _log_line(daemon, "db tcp://127.0.0.1")  # the probe is measuring
 
+    # The host's own probe cannot be replaced by a push: refused, named, untouched.
     cfg = load_daemon_config(daemon.config)
-    specs = [spec_to_proto(s) for s in cfg.agents]
-    probe = next(s for s in specs if s.id == "probe")
-    new_config = {"targets": [{"name": "moved", "url": "tcp://127.0.0.1:9"}]}
-    probe.config = json.dumps(new_config).encode()
-    pushed = time.monotonic()
-    reply = await stub.PushUpdate(daemon_pb2.PushUpdateRequest(version=2, agents=specs), timeout=10)
-    assert list(reply.reconfigured) == ["probe"]
-    await _log_line(daemon, "probing 1 target(s) every 5s", within=10)
-    assert time.monotonic() - pushed < 5.0  # about a second on a quiet machine
-    after = await _probe_info(stub, lambda a: a.config_version > info.config_version)
-    assert after.pid == info.pid, "a config-only change must not restart the agent"
-    assert after.restart_count == info.restart_count
+    own = next(spec_to_proto(s) for s in cfg.agents if s.id == "probe")
+    reply = await stub.PushUpdate(daemon_pb2.PushUpdateRequest(version=1, agents=[own]), timeout=10)
+    assert [r.agent_id for r in reply.refused] == ["probe"]
+    assert "defined in this host's daemon.toml" in reply.refused[0].reason
+    assert (list(reply.changed), list(reply.reconfigured)) == ([], [])
+
+    # A pushed copy of it runs beside it, and takes a new config without a restart.
+    pushed = common_pb2.AgentSpec()
+    pushed.CopyFrom(own)
+    pushed.id = "probe-pushed"
+    reply = await stub.PushUpdate(
+        daemon_pb2.PushUpdateRequest(version=2, agents=[pushed]), timeout=10
+    )
+    assert list(reply.added) == ["probe-pushed"]
+    first = await _probe_info(
+        stub, lambda a: a.last_heartbeat > 0 and a.health == HEALTHY, agent_id="probe-pushed"
+    )
+    pushed.config = json.dumps(
+        {"targets": [{"name": "moved", "url": "tcp://127.0.0.1:9"}]}
+    ).encode()
+    sent = time.monotonic()
+    reply = await stub.PushUpdate(
+        daemon_pb2.PushUpdateRequest(version=3, agents=[pushed]), timeout=10
+    )
+    assert list(reply.reconfigured) == ["probe-pushed"]
+    await _log_line(daemon, "probing 1 target(s) every 5s", within=10, agent_id="probe-pushed")
+    assert time.monotonic() - sent < 5.0  # about a second on a quiet machine
+    after = await _probe_info(
+        stub, lambda a: a.config_version > first.config_version, agent_id="probe-pushed"
+    )
+    assert after.pid == first.pid, "a config-only change must not restart the agent"
+    assert after.restart_count == first.restart_count
+    # The host's own probe ran on throughout.
+    still = await _probe_info(stub, lambda a: True)
+    assert (still.pid, still.restart_count) == (info.pid, info.restart_count)
 
 
 async def test_daemon_kill9_and_restart_the_agent_registers_again_unrestarted(
