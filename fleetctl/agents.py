@@ -99,6 +99,7 @@ def _columns(now_ms: int) -> list[Column]:
         Column("RESTARTS", "restart_count"),
         Column("HEALTH", "health", wide=True),
         Column("VERSION", "version", wide=True),
+        Column("REV", "revision", cell=lambda r: str(r) if r else "-", wide=True),
         Column("LAST EXIT", "last_exit", cell=_last_exit_cell(now_ms), wide=True),
         Column("MESSAGE", "message", wide=True),
         Column("LABELS", "labels", wide=True),
@@ -252,10 +253,11 @@ _FIELDS = [
     ("Restarts", "restart_count"),
     ("Last exit", "last_exit_line"),
     ("Message", "message"),
-    ("Health", "health"),
+    ("Health", "health_line"),
     ("Last heartbeat", "last_heartbeat"),
     ("Backoff until", "backoff_until"),
     ("Config version", "config_version"),
+    ("Revision", "revision_line"),
     ("Labels", "labels"),
     ("Reported", "reported_line"),
 ]
@@ -286,6 +288,22 @@ def show_fields(
         f" ({format_age(int(how['time_ms']), now_ms=now_ms)})"
         if how
         else "never exited"
+    )
+    since_ms = int(view.get("health_since_ms") or 0)
+    human["health_line"] = (
+        view["health"]
+        + (
+            f" since {view['health_since']} ({format_age(since_ms, now_ms=now_ms)})"
+            if since_ms
+            else ""
+        )
+        + (f": {view['health_message']}" if view.get("health_message") else "")
+    )
+    revision = int(view.get("revision") or 0)
+    human["revision_line"] = (
+        f"{revision} (of the definition {view['agent_id']})"
+        if revision
+        else "none (an agent of the host's own config)"
     )
     reported_ms = int(view.get("reported_at_ms") or 0)
     if not unreachable:

@@ -121,8 +121,12 @@ def agent_view(node_id: str, agent: common_pb2.AgentInfo) -> dict[str, Any]:
         "health": enum_name(common_pb2.AgentHealth, agent.health, "AGENT_HEALTH_").replace(
             "UNSPECIFIED", "NONE"
         ),
+        "health_message": agent.health_message,
+        "health_since": format_time(agent.health_since),
+        "health_since_ms": agent.health_since,
         "backoff_until": format_time(agent.backoff_until),
         "config_version": agent.config_version,
+        "revision": agent.revision,
         "last_exit": last_exit_view(agent),
     }
 

@@ -136,6 +136,9 @@ def agent_info(record: AgentStateRecord) -> common_pb2.AgentInfo:
         )
         if record.last_exit_ms or record.last_exit_kind
         else None,
+        revision=record.revision,
+        health_message=record.health_message,
+        health_since=record.health_since_ms,
     )
 
 

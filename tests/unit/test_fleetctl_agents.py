@@ -37,11 +37,11 @@ def test_agents_list_all_nodes(fleetctl: Fleetctl) -> None:
 
 
 def test_agents_list_wide_adds_columns(fleetctl: Fleetctl) -> None:
-    """-o wide shows the extra columns (HEALTH, VERSION, LAST EXIT, MESSAGE, LABELS)."""
+    """-o wide shows the extra columns (HEALTH, VERSION, REV, LAST EXIT, MESSAGE, LABELS)."""
     result = fleetctl("-o", "wide", "agents", "list", "--node", "node-3")
     assert result.exit_code == 0, result.output
     header = result.stdout.splitlines()[0].split()
-    assert header[-6:] == ["HEALTH", "VERSION", "LAST", "EXIT", "MESSAGE", "LABELS"]
+    assert header[-7:] == ["HEALTH", "VERSION", "REV", "LAST", "EXIT", "MESSAGE", "LABELS"]
 
 
 def test_agents_list_node_and_selector_conflict(fleetctl: Fleetctl) -> None:
@@ -326,6 +326,9 @@ def test_show_has_the_state_last_exit_and_the_spec_without_env_values(
         "node-1",
         "web",
         health=common_pb2.AGENT_HEALTH_UNHEALTHY,
+        health_message="GET http://127.0.0.1:8080/healthz: 503",
+        health_since=NOW_MS - 60_000,
+        revision=4,
         exit_code=-9,
         last_exit=common_pb2.LastExit(
             kind=common_pb2.AGENT_EXIT_KIND_KILLED,
@@ -340,7 +343,9 @@ def test_show_has_the_state_last_exit_and_the_spec_without_env_values(
         label.strip(): value.strip()
         for label, _, value in (line.partition(":") for line in result.stdout.splitlines())
     }
-    assert lines["Health"] == "UNHEALTHY"
+    assert lines["Health"].startswith("UNHEALTHY since 2027-01-15T07:59:00")
+    assert lines["Health"].endswith("): GET http://127.0.0.1:8080/healthz: 503")
+    assert lines["Revision"] == "4 (of the definition web)"
     assert lines["Last exit"].startswith("killed by SIGKILL (exit code -9), 2027-01-15T07:58:00")
     assert lines["Command"] == "/opt/web/bin/web --port 8080"
     assert lines["Env (names)"] == "DB_PASSWORD,LOG_LEVEL"
