@@ -291,7 +291,7 @@ def show_fields(
     )
     since_ms = int(view.get("health_since_ms") or 0)
     human["health_line"] = (
-        view["health"]
+        str(view.get("health", ""))
         + (
             f" since {view['health_since']} ({format_age(since_ms, now_ms=now_ms)})"
             if since_ms
@@ -301,7 +301,7 @@ def show_fields(
     )
     revision = int(view.get("revision") or 0)
     human["revision_line"] = (
-        f"{revision} (of the definition {view['agent_id']})"
+        f"{revision} (of the definition {view.get('agent_id')})"
         if revision
         else "none (an agent of the host's own config)"
     )
