@@ -93,7 +93,8 @@ def _headline(view: dict[str, Any], *, plan: bool) -> str:
     if not view["changed"]:
         return f"{name}: unchanged (revision {view['revision']})"
     if plan:
-        return f"{name}: {view['summary'] or 'revision ' + str(view['revision'])}"
+        summary = view["summary"] or f"revision {view['revision']}"
+        return summary if summary.startswith(f"{name}:") else f"{name}: {summary}"
     if view["rollout_id"]:
         return f"{name}: revision {view['revision']} (rollout {view['rollout_id']} started)"
     return f"{name}: revision {view['revision']} ({view['summary'] or 'no rollout'})"

@@ -87,7 +87,8 @@ def progress_line(view: dict[str, Any]) -> str:
     batch = view["batch"]
     where = "" if batch < 0 else " canary batch" if batch == 0 else f" batch {batch}"
     reason = f": {view['reason']}" if view["reason"] else ""
-    return f"{view['state']}{where}, {_counts(view)}{reason}"
+    counts = f", {_counts(view)}" if view["total"] else ""
+    return f"{view['state']}{where}{counts}{reason}"
 
 
 def _policy_line(policy: dict[str, Any]) -> str:
@@ -101,7 +102,7 @@ def _policy_line(policy: dict[str, Any]) -> str:
         ("progress_deadline_seconds", "progress_deadline"),
         ("pause_between_batches_seconds", "pause"),
     ):
-        if policy[key] is not None:
+        if policy[key] is not None and (policy[key] or key != "pause_between_batches_seconds"):
             parts.append(f"{label} {format_duration(policy[key])}")
     if policy["auto_revert"]:
         parts.append("auto_revert")
@@ -258,12 +259,10 @@ def _list_columns(now_ms: int) -> list[Column]:
         Column("NAME", "name"),
         Column("REVISION", "revisions", cell=str),
         Column("STATE", "state", style=lambda s: _STATE_STYLE.get(str(s), "")),
-        Column("DONE", "done_line"),
-        Column("FAILED", "failed"),
-        Column("OFFLINE", "offline"),
+        Column("BATCH", "batch", cell=lambda b: "-" if b < 0 else "canary" if b == 0 else str(b)),
         Column("STARTED", "created_at_ms", cell=lambda ms: format_age(int(ms), now_ms=now_ms)),
         Column("BY", "actor"),
-        Column("REASON", "reason", wide=True),
+        Column("REASON", "reason"),
         Column("MESSAGE", "message", wide=True),
     ]
 
@@ -288,10 +287,11 @@ def list_rollouts(
         rows = []
         for rollout in reply.rollouts:
             view = rollout_view(rollout)
-            view.pop("nodes")
+            # ListRollouts leaves out the per-node records and so their counts.
+            for key in ("nodes", "pending", "updating", "done", "failed", "offline", "total"):
+                view.pop(key)
             if not cli.fmt.structured:
                 view["revisions"] = _revisions(view).removeprefix("revision ")
-                view["done_line"] = f"{view['done']}/{view['total']}"
             rows.append(view)
         empty = "No live rollouts." if live else "No rollouts."
         print_rows(cli.out, cli.fmt, rows, _list_columns(int(time.time() * 1000)), empty=empty,
