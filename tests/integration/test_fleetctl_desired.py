@@ -128,8 +128,11 @@ def test_plan_apply_watch_check_revision_history_and_undo(env: Env) -> None:
 
     planned = env.ok("apply", "-f", path, "--plan")
     assert planned.splitlines()[0].startswith("web: ")
-    assert "p1" in planned and "add" in planned and "s1" not in planned
-    assert "batch 1: p1" in planned and "batch 2: p2" in planned
+    assert "p1" in planned
+    assert "add" in planned
+    assert "s1" not in planned
+    assert "batch 1: p1" in planned
+    assert "batch 2: p2" in planned
     assert "No definitions" in env.ok("definitions", "list")  # the plan stored nothing
     assert env.revisions() == {}
 
@@ -153,7 +156,8 @@ def test_plan_apply_watch_check_revision_history_and_undo(env: Env) -> None:
     assert env.revisions() == {"p1": 2, "p2": 2}
 
     history = env.ok("definitions", "history", "web")
-    assert "revision 1  " in history and "by operator/alice: first web" in history
+    assert "revision 1  " in history
+    assert "by operator/alice: first web" in history
     assert "by operator/alice: ship 2.0" in history
     assert "  -  version: '1.0'\n  +  version: '2.0'\n" in history
     as_json = json.loads(env.ok("definitions", "history", "web", "-o", "json"))
@@ -162,7 +166,8 @@ def test_plan_apply_watch_check_revision_history_and_undo(env: Env) -> None:
     assert "+  version: '2.0'" in as_json["revisions"][1]["diff"]
 
     shown = env.ok("definitions", "show", "web", "--revision", "1")
-    assert "version: '1.0'" in shown and "(current: 2)" in shown
+    assert "version: '1.0'" in shown
+    assert "(current: 2)" in shown
     listed = env.ok("definitions", "list")
     row = next(line for line in listed.splitlines() if line.startswith("web"))
     assert row.split()[:4] == ["web", "2", "2", "2/2"]
@@ -260,7 +265,8 @@ definitions:
     until(lambda: env.revisions("worker"), lambda r: r == {"p1": 1})
     pushed = env.sims["p1"].servicer.pushed["worker"]
     assert pushed.config == b'{"queue":"jobs","threads":4}'
-    assert pushed.autostart and pushed.max_retries == 5  # the daemon TOML's defaults
+    assert pushed.autostart
+    assert pushed.max_retries == 5
 
 
 @pytest.mark.parametrize(
