@@ -615,6 +615,20 @@ def _health_dict(check: common_pb2.HealthCheck) -> dict[str, Any]:
     return out
 
 
+def _config_value(config: bytes) -> Any:
+    """A JSON table written the way `_set_config` writes one, as that table (so a diff
+    shows the key that changed); anything else as its text. Both read back exactly."""
+    text = config.decode("utf-8", errors="replace")
+    try:
+        value = json.loads(text)
+    except ValueError:
+        return text
+    if not isinstance(value, dict | list):
+        return text
+    compact = json.dumps(value, sort_keys=True, separators=(",", ":"), allow_nan=False)
+    return value if compact == text else text
+
+
 def definition_to_dict(msg: desired_pb2.Definition) -> dict[str, Any]:
     """A definition in the file's spelling (what `definition_from_dict` reads back).
 
@@ -670,7 +684,7 @@ def definition_to_dict(msg: desired_pb2.Definition) -> dict[str, Any]:
     elif checks:
         agent["health"] = [_health_dict(c) for c in checks]
     if a.config:
-        agent["config"] = a.config.decode("utf-8", errors="replace")
+        agent["config"] = _config_value(a.config)
     if a.resources.cpu_millicores or a.resources.memory_bytes:
         agent["resources"] = {
             k: v

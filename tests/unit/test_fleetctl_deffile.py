@@ -304,6 +304,11 @@ def test_the_rendering_reads_back_to_the_same_message() -> None:
         d = loaded.definition
         assert definition_from_dict(definition_to_dict(d)) == d
         assert definition_from_dict(yaml.safe_load(render(d))) == d
+    for config in ('{"b":1,"a":2}', "[1, 2]", "plain", '"s"', '{"a":{"b":[1,2]}}'):
+        d = definition_from_dict({"name": "w", "agent": {"argv": ["x"], "config": config}})
+        assert definition_from_dict(yaml.safe_load(render(d))) == d, config
+    table = definition_from_dict(MINIMAL | {"agent": {"argv": ["x"], "config": {"b": 1}}})
+    assert definition_to_dict(table)["agent"]["config"] == {"b": 1}  # diffs show the key
     minimal = definition_to_dict(definition_from_dict(MINIMAL))
     assert minimal == {"name": "web", "agent": {"argv": ["/bin/web"]}}
 
