@@ -376,3 +376,15 @@ def test_rollout_status_names_batches_pending_offline_and_failed_nodes() -> None
     assert progress_line(rollout("PENDING", batch=-1)) == "PENDING"
     reverted = rollout("REVERTED", target_revision=2, reverted_from=3, reason="n2 failed")
     assert status_lines(reverted, now_ms=0)[0] == "Rollout 7 of web: revision 3 -> back to 2"
+
+
+def test_the_example_definition_loads() -> None:
+    """configs/definitions/probe.toml (what `make demo` applies) is a valid file."""
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[2] / "configs" / "definitions" / "probe.toml"
+    (loaded,) = load_text(str(path), path.read_text())
+    d = loaded.definition
+    assert (d.name, list(d.agent.argv)) == ("probe", ["fleet-agent", "run", "probe"])
+    assert d.agent.health.kind == common_pb2.HEALTH_CHECK_KIND_HEARTBEAT
+    assert (d.update.max_parallel, d.update.auto_revert) == ("1", True)
