@@ -315,5 +315,10 @@ def test_refusals_by_the_manager_and_usage_errors_are_one_line(env: Env) -> None
     assert one_error_line(missing.stderr).endswith("nope.toml: no such file")
     unknown = env.live.fleetctl("rollout", "status", "nothing")
     assert unknown.exit_code == 1, unknown.output
-    one_error_line(unknown.stderr)
+    assert "'nothing'" in one_error_line(unknown.stderr)
+    unknown = env.live.fleetctl("definitions", "show", "nothing")
+    assert unknown.exit_code == 1, unknown.output
+    assert one_error_line(unknown.stderr) == (
+        "definition 'nothing' does not exist (see `fleetctl definitions list`)"
+    )
     assert "No definitions" in env.ok("definitions", "list")
