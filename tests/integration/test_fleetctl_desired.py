@@ -345,3 +345,24 @@ def test_abort_fails_the_live_rollout_and_status_says_so(env: Env) -> None:
     late = env.live.fleetctl("rollout", "promote", "web")
     assert late.exit_code == 1, late.output
     assert one_error_line(late.stderr).startswith("cannot promote web's rollout: ")
+
+
+def test_delete_asks_plans_and_removes_the_agent_everywhere(env: Env) -> None:
+    """Without --yes and no terminal: exit 2, nothing deleted. --plan: the nodes that lose it.
+    --yes: deleted as a revision, the agent removed, the history kept."""
+    env.add("p1", {"env": "prod"})
+    env.ok("apply", "-f", env.write("web.toml", web()))
+    until(env.revisions, lambda r: r == {"p1": 1})
+    refused = env.live.fleetctl("definitions", "delete", "web")
+    assert refused.exit_code == 2, refused.output
+    assert "pass --yes" in one_error_line(refused.stderr)
+    planned = env.ok("definitions", "delete", "web", "--plan")
+    assert "p1" in planned
+    assert "remove" in planned
+    assert env.revisions() == {"p1": 1}
+    deleted = env.ok("definitions", "delete", "web", "--yes", "--message", "retired")
+    assert deleted.startswith("web: deleted as revision 2 (")
+    until(env.revisions, lambda r: r == {})
+    assert "No definitions" in env.ok("definitions", "list")
+    assert "(deleted)" in env.ok("definitions", "list", "--all")
+    assert "revision 2 (deleted)" in env.ok("definitions", "history", "web")
