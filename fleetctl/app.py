@@ -10,7 +10,7 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from fleetctl import agents, artifacts, events, metrics, nodes, pki
+from fleetctl import agents, apply, artifacts, definitions, events, metrics, nodes, pki, rollouts
 from fleetctl.output import OutputFormat
 from fleetctl.runtime import Cli, GlobalOptions
 
@@ -86,8 +86,8 @@ app = typer.Typer(
     cls=_OneLineErrors,
     name="fleetctl",
     help=(
-        "Drive a Fleet: nodes, agents, operations, metrics, events and artifacts through the"
-        " manager."
+        "Drive a Fleet: nodes, agents, operations, metrics, events, definitions, rollouts and"
+        " artifacts through the manager."
         " Settings come from flags, FLEET_* variables and ~/.config/fleet/fleetctl.toml."
     ),
     no_args_is_help=True,
@@ -98,6 +98,9 @@ app.add_typer(nodes.app, name="nodes")
 app.add_typer(agents.app, name="agents")
 app.add_typer(metrics.app, name="metrics")
 app.add_typer(artifacts.app, name="artifacts")
+app.command("apply")(apply.apply)
+app.add_typer(definitions.app, name="definitions")
+app.add_typer(rollouts.app, name="rollout")
 app.add_typer(pki.app, name="pki")
 app.command("events")(events.events)
 

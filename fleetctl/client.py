@@ -162,6 +162,15 @@ def hinted(error: FleetError) -> str:
     """`error`'s message; for a NOT_FOUND node, agent or metric type, plus the command
     that lists what exists: "node 'n9' is not registered (see `fleetctl nodes list`)"."""
     about = error.resource
+    # The desired-state RPCs name a definition in words only.
+    words = error.message
+    if (
+        error.code == grpc.StatusCode.NOT_FOUND
+        and about is None
+        and words.startswith("definition '")
+        and words.endswith("does not exist")
+    ):
+        return f"{words} (see `fleetctl definitions list`)"
     if error.code != grpc.StatusCode.NOT_FOUND or about is None or about.kind not in _SEE:
         return error.message
     see = _SEE[about.kind]

@@ -10,13 +10,17 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from fleet import selectors
 from fleet.artifacts import format_size
 from fleet.v1 import common_pb2, desired_pb2, fleet_pb2
+from fleetctl.deffile import definition_to_dict
 from fleetctl.timespec import format_time
 
 __all__ = [
     "agent_view",
     "artifact_view",
+    "definition_change_view",
+    "definition_status_view",
     "enum_name",
     "event_view",
     "last_exit_view",
@@ -24,6 +28,10 @@ __all__ = [
     "node_agent_view",
     "node_view",
     "points_view",
+    "policy_view",
+    "revision_view",
+    "rollout_node_view",
+    "rollout_view",
     "spec_view",
     "summary_view",
     "target_view",
@@ -216,4 +224,132 @@ def artifact_view(artifact: desired_pb2.Artifact) -> dict[str, Any]:
         "created_at_ms": artifact.created_at,
         "actor": artifact.actor,
         "referenced_by": list(artifact.referenced_by),
+    }
+
+
+def _rollout_state(value: int) -> str:
+    return enum_name(desired_pb2.RolloutState, value, "ROLLOUT_STATE_")
+
+
+def policy_view(policy: desired_pb2.UpdatePolicy) -> dict[str, Any]:
+    """A rollout's update policy; None for a duration left to the manager's default."""
+
+    def opt(field: str) -> float | None:
+        return getattr(policy, field) if policy.HasField(field) else None  # type: ignore[arg-type]
+
+    return {
+        "max_parallel": policy.max_parallel or None,
+        "canary": policy.canary or None,
+        "auto_promote": policy.auto_promote,
+        "auto_revert": policy.auto_revert,
+        "min_healthy_time_seconds": opt("min_healthy_time_seconds"),
+        "healthy_deadline_seconds": opt("healthy_deadline_seconds"),
+        "progress_deadline_seconds": opt("progress_deadline_seconds"),
+        "pause_between_batches_seconds": opt("pause_between_batches_seconds"),
+    }
+
+
+def rollout_node_view(node: desired_pb2.RolloutNode) -> dict[str, Any]:
+    """One node of a rollout."""
+    return {
+        "node_id": node.node_id,
+        "phase": enum_name(desired_pb2.RolloutNodePhase, node.phase, "ROLLOUT_NODE_PHASE_"),
+        "batch": node.batch,
+        "since": format_time(node.since),
+        "since_ms": node.since,
+        "offline": node.offline,
+        "reason": node.reason,
+        "running_revision": node.running_revision,
+        "status": _status(node.status),
+        "health": enum_name(common_pb2.AgentHealth, node.health, "AGENT_HEALTH_").replace(
+            "UNSPECIFIED", "NONE"
+        ),
+    }
+
+
+def rollout_view(rollout: desired_pb2.Rollout) -> dict[str, Any]:
+    """One rollout (GetRollout / ListRollouts / WatchRollout / the control RPCs)."""
+    return {
+        "id": rollout.id,
+        "name": rollout.name,
+        "target_revision": rollout.target_revision,
+        "previous_revision": rollout.previous_revision,
+        "state": _rollout_state(rollout.state),
+        "reason": rollout.reason,
+        "batch": rollout.batch,
+        "promoted": rollout.promoted,
+        "reverted_from": rollout.reverted_from,
+        "created_at": format_time(rollout.created_at),
+        "created_at_ms": rollout.created_at,
+        "updated_at": format_time(rollout.updated_at),
+        "ended_at": format_time(rollout.ended_at),
+        "actor": rollout.actor,
+        "message": rollout.message,
+        "pending": rollout.pending,
+        "updating": rollout.updating,
+        "done": rollout.done,
+        "failed": rollout.failed,
+        "offline": rollout.offline,
+        "total": rollout.pending + rollout.updating + rollout.done + rollout.failed,
+        "policy": policy_view(rollout.policy),
+        "nodes": [rollout_node_view(n) for n in rollout.nodes],
+    }
+
+
+def definition_change_view(change: desired_pb2.DefinitionChange) -> dict[str, Any]:
+    """What applying (or planning, deleting, undoing) one definition does."""
+    return {
+        "name": change.name,
+        "revision": change.revision,
+        "previous_revision": change.previous_revision,
+        "changed": change.changed,
+        "summary": change.summary,
+        "rollout_id": change.rollout_id,
+        "nodes": [
+            {
+                "node_id": n.node_id,
+                "action": enum_name(
+                    desired_pb2.NodeChangeAction, n.action, "NODE_CHANGE_ACTION_"
+                ).lower(),
+                "reason": n.reason,
+            }
+            for n in change.nodes
+        ],
+        "batches": [{"number": b.number, "node_ids": list(b.node_ids)} for b in change.batches],
+    }
+
+
+def revision_view(revision: desired_pb2.DefinitionRevision) -> dict[str, Any]:
+    """One stored revision of a definition, its body in the file's spelling."""
+    return {
+        "name": revision.definition.name,
+        "revision": revision.revision,
+        "actor": revision.actor,
+        "message": revision.message,
+        "created_at": format_time(revision.created_at),
+        "created_at_ms": revision.created_at,
+        "deleted": revision.deleted,
+        "definition": definition_to_dict(revision.definition),
+    }
+
+
+def definition_status_view(status: desired_pb2.DefinitionStatus) -> dict[str, Any]:
+    """A definition (ListDefinitions / GetDefinition) and how far the fleet is with it."""
+    current = status.current
+    return {
+        "name": current.definition.name,
+        "revision": current.revision,
+        "stable_revision": status.stable_revision,
+        "deleted": current.deleted,
+        "selector": str(selectors.from_proto(current.definition.selector)),
+        "actor": current.actor,
+        "message": current.message,
+        "updated_at": format_time(current.created_at),
+        "updated_at_ms": current.created_at,
+        "nodes": status.nodes,
+        "nodes_current": status.nodes_current,
+        "nodes_failed": status.nodes_failed,
+        "unplaced": status.unplaced,
+        "unplaced_reason": status.unplaced_reason,
+        "rollout": rollout_view(status.rollout) if status.HasField("rollout") else None,
     }

@@ -2,10 +2,12 @@
 # `make demo`: a whole fleet on this machine, then a short fleetctl tour.
 #
 # A manager on its embedded SQLite and two daemons (node-1 env=prod,
-# node-2 env=staging, separate state dirs and ports). Each daemon supervises
-# a plain process (python's http.server) and two SDK agents: `fleet-agent
-# run probe` (checks the web server and the manager) and `fleet-agent run
-# worker` (checksums files dropped into its inbox).
+# node-2 env=staging, separate state dirs and ports). Each daemon's own TOML
+# runs a plain process (python's http.server) and an SDK agent, `fleet-agent
+# run worker` (checksums files dropped into its inbox). The tour then deploys
+# a third agent centrally: configs/definitions/probe.toml (`fleet-agent run
+# probe`, checking the manager) is applied to both nodes, and a second
+# revision of it rolls out node by node, gated by its heartbeat health.
 #
 # Runs until Ctrl-C, then stops everything. DEMO_ONESHOT=1 exits 0 after the
 # tour (the test suite does that). DEMO_DIR (default var/demo) holds
@@ -100,15 +102,6 @@ argv = ["$bin/python", "-m", "http.server", "--bind", "127.0.0.1", "--directory"
 restart = "always"
 
 [[agents]]
-id = "probe"
-type = "probe"
-version = "1.0"
-argv = ["$bin/fleet-agent", "run", "probe"]
-restart = "always"
-health = { kind = "heartbeat", timeout = 15.0 }
-config = '{"targets": [{"name": "web", "url": "http://127.0.0.1:$web/"}, {"name": "manager", "url": "tcp://127.0.0.1:$manager_port"}], "interval_seconds": 2, "timeout_seconds": 1}'
-
-[[agents]]
 id = "worker"
 type = "worker"
 version = "1.0"
@@ -127,6 +120,15 @@ export COLUMNS=${COLUMNS:-160}
 export FLEET_MANAGER=127.0.0.1:$manager_port
 export FLEET_CA=$certs/ca.pem FLEET_CERT=$certs/operator-admin.pem FLEET_KEY=$certs/operator-admin-key.pem
 fleetctl() { "$bin/fleetctl" "$@"; }
+# The central probe's argv is plain `fleet-agent`: the daemons find it in PATH.
+export PATH=$bin:$PATH
+
+# The definition the tour applies: the committed example with this manager's
+# port, and its second revision (a new version and a slower probe interval).
+sed "s#tcp://127.0.0.1:7443#tcp://127.0.0.1:$manager_port#" \
+    "$root/configs/definitions/probe.toml" >"$demo/probe.toml"
+sed -e 's/^version = "1.0"/version = "1.1"/' -e 's/interval_seconds = 2,/interval_seconds = 5,/' \
+    "$demo/probe.toml" >"$demo/probe-v2.toml"
 
 say "starting fleet-manager on 127.0.0.1:$manager_port (SQLite in $demo/manager)"
 "$bin/fleet-manager" serve --config "$demo/manager.toml" >"$demo/manager.log" 2>&1 &
@@ -159,7 +161,7 @@ sys.exit(0 if len(running) >= int(sys.argv[1]) else 1)' "$1"
 }
 wait_for 60 "both nodes to register" bash -c \
     "'$bin/fleetctl' -o json nodes list | grep -q node-1 && '$bin/fleetctl' -o json nodes list | grep -q node-2"
-wait_for 60 "six agents RUNNING" count_running 6
+wait_for 60 "four agents RUNNING" count_running 4
 
 # Something for the workers to chew on, and a few metric intervals.
 for i in 1 2 3; do head -c 65536 /dev/urandom >"$demo/node-1/inbox/file-$i.bin"; done
@@ -175,6 +177,26 @@ say "fleetctl metrics query --node node-1 --type cpu --since 2m --step 5s"
 fleetctl metrics query --node node-1 --type cpu --since 2m --step 5s
 say "fleetctl events --tail 10"
 fleetctl events --tail 10
+
+say "deploy an agent centrally: $demo/probe.toml (from configs/definitions/probe.toml)"
+grep -v '^#' "$demo/probe.toml" | sed '/./,$!d'
+say "fleetctl apply -f probe.toml --plan"
+fleetctl apply -f "$demo/probe.toml" --plan
+say "fleetctl apply -f probe.toml --message 'probe the manager from every demo node'"
+fleetctl apply -f "$demo/probe.toml" --message "probe the manager from every demo node"
+say "fleetctl rollout status probe -w"
+fleetctl rollout status probe -w
+say "revision 2 (version 1.1, probe every 5 s): fleetctl apply -f probe-v2.toml --plan"
+diff -u "$demo/probe.toml" "$demo/probe-v2.toml" | tail -n +3 | grep '^[-+]' || true
+fleetctl apply -f "$demo/probe-v2.toml" --plan
+say "fleetctl apply -f probe-v2.toml --message 'probe 1.1, every 5 s'"
+fleetctl apply -f "$demo/probe-v2.toml" --message "probe 1.1, every 5 s"
+say "fleetctl rollout status probe -w"
+fleetctl rollout status probe -w
+say "fleetctl definitions history probe"
+fleetctl definitions history probe
+say "fleetctl agents list"
+fleetctl agents list
 
 # The line to paste into another shell: fleetctl from the venv, and where the fleet is.
 export_line=$(printf 'export PATH=%q:"$PATH" FLEET_MANAGER=%q FLEET_CA=%q FLEET_CERT=%q FLEET_KEY=%q' \

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import threading
-from collections.abc import Coroutine, Iterator, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -98,7 +98,9 @@ class LiveFleet:
         self.daemons.append(daemon)
         return daemon
 
-    def fleetctl(self, *args: str, env: dict[str, str | None] | None = None) -> Result:
+    def fleetctl(
+        self, *args: str, env: dict[str, str | None] | None = None, input: str | None = None
+    ) -> Result:
         """`fleetctl --manager ... --ca ... --cert ... --key ... ARGS`, isolated from the user."""
         isolated: dict[str, str | None] = {
             "XDG_CONFIG_HOME": str(self.home),
@@ -110,14 +112,22 @@ class LiveFleet:
         }
         flags = ["--manager", self.address, "--ca", str(self.operator.ca_file)]
         flags += ["--cert", str(self.operator.cert_file), "--key", str(self.operator.key_file)]
-        return CliRunner().invoke(app, [*flags, *args], env=isolated)
+        return CliRunner().invoke(app, [*flags, *args], env=isolated, input=input)
 
 
 @contextmanager
 def live_fleet(
-    pki: Any, tmp_path: Path, *, pool: PoolConfig = FAST_POOL, **options: Any
+    pki: Any,
+    tmp_path: Path,
+    *,
+    pool: PoolConfig = FAST_POOL,
+    clock: Callable[[], float] | None = None,
+    **options: Any,
 ) -> Iterator[LiveFleet]:
     """A real manager (SQLite under tmp_path) in a thread, stopped afterwards.
+
+    `clock`: the manager's wall clock (default a FakeClock that stands still;
+    rollouts need `time.time`).
 
     `options`: ManagerServer's keyword options, or `config` changes (a dict of
     ManagerConfig fields).
@@ -128,7 +138,7 @@ def live_fleet(
     state: dict[str, Any] = {}
 
     async def main() -> None:
-        async with running_manager(config, FakeClock(), **options) as manager:
+        async with running_manager(config, clock or FakeClock(), **options) as manager:
             stop = asyncio.Event()
             state.update(manager=manager, loop=asyncio.get_running_loop(), stop=stop)
             ready.set()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -68,7 +68,7 @@ def manager_config(
 
 @asynccontextmanager
 async def running_manager(
-    config: ManagerConfig, clock: FakeClock | None = None, **options: Any
+    config: ManagerConfig, clock: Callable[[], float] | None = None, **options: Any
 ) -> AsyncIterator[ManagerServer]:
     """A started ManagerServer (`options`: its keyword options), stopped afterwards."""
     server = ManagerServer(config, clock=clock or FakeClock(), **options)
