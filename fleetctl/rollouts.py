@@ -260,6 +260,9 @@ def _list_columns(now_ms: int) -> list[Column]:
         Column("REVISION", "revisions", cell=str),
         Column("STATE", "state", style=lambda s: _STATE_STYLE.get(str(s), "")),
         Column("BATCH", "batch", cell=lambda b: "-" if b < 0 else "canary" if b == 0 else str(b)),
+        Column("DONE", "done"),
+        Column("FAILED", "failed"),
+        Column("PENDING", "pending", wide=True),
         Column("STARTED", "created_at_ms", cell=lambda ms: format_age(int(ms), now_ms=now_ms)),
         Column("BY", "actor"),
         Column("REASON", "reason"),
@@ -287,9 +290,7 @@ def list_rollouts(
         rows = []
         for rollout in reply.rollouts:
             view = rollout_view(rollout)
-            # ListRollouts leaves out the per-node records and so their counts.
-            for key in ("nodes", "pending", "updating", "done", "failed", "offline", "total"):
-                view.pop(key)
+            view.pop("nodes")  # ListRollouts leaves out the per-node records (not the counts)
             if not cli.fmt.structured:
                 view["revisions"] = _revisions(view).removeprefix("revision ")
             rows.append(view)

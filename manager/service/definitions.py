@@ -367,6 +367,8 @@ class DefinitionState:
     """Nodes whose daemon reports an error applying it."""
     rollout: RolloutRecord | None = None
     """Its latest rollout."""
+    rollout_counts: Mapping[str, int] | None = None
+    """That rollout's nodes per phase, and offline."""
     unplaced: int = 0
     """Instances placement could not place."""
     unplaced_reason: str = ""
@@ -600,6 +602,7 @@ class Definitions:
     ) -> list[DefinitionState]:
         """Definitions (all, or those named) with their progress, by name."""
         nodes = await self._nodes.list()
+        online = {n.node_id for n in nodes if n.status == "online"}
         now = self._clock()
 
         async def body(tx: DesiredTx) -> list[DefinitionState]:
@@ -632,6 +635,11 @@ class Definitions:
                     1 for d in desired.values() if any(e.agent_id == name for e in d.update_errors)
                 )
                 latest = await tx.rollouts(name=name, limit=1)
+                rollout_counts = (
+                    (await tx.rollout_node_counts([latest[0].id], online)).get(latest[0].id, {})
+                    if latest
+                    else None
+                )
                 unplaced, why = 0, ""
                 record = current[name, head.revision]
                 if head.deleted_ms == 0 and not record.deleted:
@@ -649,6 +657,7 @@ class Definitions:
                         nodes_current=healthy,
                         nodes_failed=failed,
                         rollout=latest[0] if latest else None,
+                        rollout_counts=rollout_counts,
                         unplaced=unplaced,
                         unplaced_reason=why,
                     )

@@ -51,11 +51,16 @@ class RolloutView:
     """The decision record."""
     nodes: tuple[ViewNode, ...] = ()
     """Per node (GetRollout / WatchRollout)."""
+    node_counts: Mapping[str, int] | None = None
+    """Nodes per phase and offline, when `nodes` is left out (lists)."""
 
     def counts(self) -> dict[str, int]:
         """Nodes per phase, and how many are offline."""
         out = {phase.value: 0 for phase in ro.NodePhase}
         out["offline"] = 0
+        if self.node_counts is not None:
+            out.update(self.node_counts)
+            return out
         for n in self.nodes:
             out[n.record.phase] += 1
             out["offline"] += not n.online
@@ -176,9 +181,15 @@ class RolloutControl:
         if not 0 <= limit <= 1000:
             raise InvalidArgument(f"must be 0..1000, got {limit}", field="limit")
 
+        online = {n.node_id for n in await self._nodes.list() if n.status == "online"}
+
         async def body(tx: DesiredTx) -> list[RolloutView]:
             records = await tx.rollouts(name=name, live=live, limit=limit or 100)
-            return [RolloutView(r, ro.from_dict(json.loads(r.record))) for r in records]
+            counts = await tx.rollout_node_counts([r.id for r in records], online)
+            return [
+                RolloutView(r, ro.from_dict(json.loads(r.record)), node_counts=counts.get(r.id, {}))
+                for r in records
+            ]
 
         return await self._repo.run(body, write=False)
 

@@ -111,10 +111,10 @@ def rollout_message(view: RolloutView, *, with_nodes: bool) -> desired_pb2.Rollo
         actor=rec.actor,
         message=rec.message,
     )
+    counts = view.counts()
+    msg.pending, msg.updating = counts["PENDING"], counts["UPDATING"]
+    msg.done, msg.failed, msg.offline = counts["DONE"], counts["FAILED"], counts["offline"]
     if with_nodes:
-        counts = view.counts()
-        msg.pending, msg.updating = counts["PENDING"], counts["UPDATING"]
-        msg.done, msg.failed, msg.offline = counts["DONE"], counts["FAILED"], counts["offline"]
         for n in view.nodes:
             agent = n.agent
             msg.nodes.add(
@@ -138,7 +138,11 @@ def rollout_message(view: RolloutView, *, with_nodes: bool) -> desired_pb2.Rollo
 def _definition_status(state: DefinitionState) -> desired_pb2.DefinitionStatus:
     view = None
     if state.rollout is not None:
-        view = RolloutView(state.rollout, ro.from_dict(json.loads(state.rollout.record)))
+        view = RolloutView(
+            state.rollout,
+            ro.from_dict(json.loads(state.rollout.record)),
+            node_counts=state.rollout_counts,
+        )
     return desired_pb2.DefinitionStatus(
         current=definition_revision(state.current),
         stable_revision=state.head.stable_revision,

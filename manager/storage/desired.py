@@ -398,6 +398,24 @@ class DesiredTx:
         )
         return {r.node_id: _rollout_node(r) for r in rows}
 
+    async def rollout_node_counts(
+        self, rollout_ids: Collection[int], online: Collection[str]
+    ) -> dict[int, dict[str, int]]:
+        """Per rollout: its nodes per phase, and how many are not in `online`."""
+        out: dict[int, dict[str, int]] = {}
+        if not rollout_ids:
+            return out
+        rows = await self._conn.execute(
+            select(
+                rollout_nodes.c.rollout_id, rollout_nodes.c.phase, rollout_nodes.c.node_id
+            ).where(rollout_nodes.c.rollout_id.in_(list(rollout_ids)))
+        )
+        for rollout_id, phase, node_id in rows:
+            counts = out.setdefault(rollout_id, {"offline": 0})
+            counts[phase] = counts.get(phase, 0) + 1
+            counts["offline"] += node_id not in online
+        return out
+
     async def put_rollout_nodes(self, records: Sequence[RolloutNodeRecord]) -> None:
         """Insert or replace node records (by (rollout, node))."""
         if not records:

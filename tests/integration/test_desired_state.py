@@ -138,6 +138,15 @@ async def test_apply_runs_the_agent_on_every_matching_node(
         done = await until(lambda: env.rollout("web"), lambda r: state(r) == "SUCCESSFUL")
         assert env.revisions("web") == {"p1": 1, "p2": 1}
         assert done.done == 2
+        # Lists carry the per-phase counts too (without the per-node records).
+        listed = await env.stub.ListRollouts(fleet_pb2.FleetServiceListRolloutsRequest(name="web"))
+        assert [(r.done, r.pending, r.failed, len(r.nodes)) for r in listed.rollouts] == [
+            (2, 0, 0, 0)
+        ]
+        defs = await env.stub.ListDefinitions(fleet_pb2.FleetServiceListDefinitionsRequest())
+        assert [(d.current.definition.name, d.rollout.done) for d in defs.definitions] == [
+            ("web", 2)
+        ]
         nodes = await env.stub.ListNodes(fleet_pb2.FleetServiceListNodesRequest())
         drift = {n.node_id: (n.drift, n.desired_version, n.reported_version) for n in nodes.nodes}
         assert drift["p1"] == (False, 1, 1)

@@ -172,7 +172,10 @@ def test_plan_apply_watch_check_revision_history_and_undo(env: Env) -> None:
     row = next(line for line in listed.splitlines() if line.startswith("web"))
     assert row.split()[:4] == ["web", "2", "2", "2/2"]
     rollouts = json.loads(env.ok("rollout", "list", "-o", "json"))["rollouts"]
-    assert [(r["id"], r["state"]) for r in rollouts] == [(2, "SUCCESSFUL"), (1, "SUCCESSFUL")]
+    assert [(r["id"], r["state"], r["done"]) for r in rollouts] == [
+        (2, "SUCCESSFUL", 2),
+        (1, "SUCCESSFUL", 2),
+    ]
 
     undone = env.ok("rollout", "undo", "web", "--to-revision", "1", "--message", "back")
     assert undone.strip() == "web: revision 3 (rollout 3 started)"
