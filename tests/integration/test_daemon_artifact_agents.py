@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import psutil
+import pytest
 from artifact_helpers import digest, push, sync_operator, tar_bytes
 from daemon_helpers import daemon_config, eventually, short_tmp
 from fleet_harness import FAST_POOL, operator_stub, selector
@@ -29,6 +30,7 @@ from sqlalchemy import select, update
 from daemon.config import ArtifactsConfig, ManagerLinkConfig
 from daemon.server import DaemonServer
 from daemon.supervisor.supervisor import AgentSnapshot
+from fleet.errors import FailedPrecondition
 from fleet.v1 import common_pb2, desired_pb2, fleet_pb2, fleet_pb2_grpc
 from manager.server import ManagerServer
 from manager.storage.schema import artifact_blobs, artifact_chunks
@@ -90,9 +92,9 @@ class Env:
         with sync_operator(self.pki, self.manager.port) as sync:
             await asyncio.to_thread(push, sync, data, "web", version)
 
-    async def apply(self, version: str, **update: Any) -> None:
+    async def apply(self, version: str, name: str = "web", **update: Any) -> None:
         d = desired_pb2.Definition(
-            name="web",
+            name=name,
             selector=selector("env=prod"),
             agent=common_pb2.AgentSpec(
                 argv=["{artifact}/bin/run.sh"],
@@ -115,12 +117,16 @@ class Env:
             fleet_pb2.FleetServiceApplyDefinitionsRequest(definitions=[d])
         )
 
-    async def rollout(self) -> desired_pb2.Rollout:
-        reply = await self.stub.GetRollout(fleet_pb2.FleetServiceGetRolloutRequest(name="web"))
+    async def rollout(self, name: str = "web") -> desired_pb2.Rollout:
+        reply = await self.stub.GetRollout(fleet_pb2.FleetServiceGetRolloutRequest(name=name))
         return reply.rollout
 
-    async def rolled(self, want: str, within: float = 30.0) -> desired_pb2.Rollout:
-        return await eventually(self.rollout, lambda r: state(r) == want, within=within)
+    async def rolled(
+        self, want: str, name: str = "web", within: float = 30.0
+    ) -> desired_pb2.Rollout:
+        return await eventually(
+            lambda: self.rollout(name), lambda r: state(r) == want, within=within
+        )
 
     async def log(self, wanted: str) -> str:
         """The agent's log once it contains `wanted`."""
@@ -129,9 +135,9 @@ class Env:
             lambda text: wanted in text,
         )
 
-    async def web(self) -> AgentSnapshot:
+    async def web(self, name: str = "web") -> AgentSnapshot:
         assert self.daemon is not None
-        return self.daemon.supervisor.get("web")
+        return self.daemon.supervisor.get(name)
 
 
 def state(r: desired_pb2.Rollout) -> str:
@@ -143,10 +149,25 @@ def tree(data: bytes) -> Path:
     return Path(digest(data).removeprefix("sha256:"))
 
 
+class Gate:
+    """An `ArtifactAccess` that lets every node download, once the gate is open: a test
+    holds a download in flight for as long as it likes (well under rpc_timeout_seconds)."""
+
+    def __init__(self) -> None:
+        self.open = asyncio.Event()
+        self.open.set()
+
+    async def may_download(self, node_id: str, digest: str) -> bool:
+        await self.open.wait()
+        return True
+
+
 @asynccontextmanager
-async def artifact_env(pki: Any, tmp_path: Path, database_url: str) -> AsyncIterator[Env]:
+async def artifact_env(
+    pki: Any, tmp_path: Path, database_url: str, **options: Any
+) -> AsyncIterator[Env]:
     config = manager_config(pki, database_url, tmp_path / "state")
-    manager = ManagerServer(dataclasses.replace(config, pool=FAST_POOL), clock=time.time)
+    manager = ManagerServer(dataclasses.replace(config, pool=FAST_POOL), clock=time.time, **options)
     await manager.start()
     async with AsyncExitStack() as stack:
         stack.push_async_callback(manager.stop, 1.0)
@@ -182,7 +203,7 @@ async def test_the_agent_runs_from_its_unpacked_artifact_and_a_new_version_rolls
         web2 = await env.web()
         assert (web2.revision, web2.version) == (2, "2.0")
         assert psutil.Process(web2.pid).cwd() == str(env.cache / tree(v2))
-        assert not psutil.pid_exists(web.pid) or web.pid != web2.pid
+        assert web2.pid != web.pid
         # Rollback keeps its artifact: 1.0's tree is still installed.
         assert (where / "VERSION").read_text() == "1.0"
         assert (env.cache / f"{tree(v1)}.json").exists()
@@ -245,3 +266,42 @@ async def test_a_damaged_cache_is_fetched_again_after_a_daemon_restart(
         await env.start_daemon()
         again = await env.web()
         assert (again.pid, again.status.value) == (web.pid, "RUNNING")
+
+
+async def test_while_the_artifact_downloads_the_old_agent_runs_and_a_new_one_waits(
+    pki: Any, tmp_path: Path, database_url: str
+) -> None:
+    """The push answers at once; web keeps running 1.0, a new agent shows STARTING "waiting
+    for artifact" (and cannot be started by hand); both start when the download ends."""
+    gate = Gate()
+    v1, v2 = build("1.0"), build("2.0")
+    async with artifact_env(pki, tmp_path, database_url, artifact_access=gate) as env:
+        await env.push(v1, "1.0")
+        await env.apply("1.0")
+        await env.rolled("SUCCESSFUL")
+        old = await env.web()
+        await env.push(v2, "2.0")
+        gate.open.clear()  # every download hangs at the manager until the gate opens
+        await env.apply("2.0")
+        await env.apply("2.0", name="api")
+        waiting = await eventually(env.web, lambda s: "waiting for artifact web 2.0" in s.message)
+        assert (waiting.pid, waiting.status.value, waiting.revision) == (old.pid, "RUNNING", 1)
+        assert "the running instance is kept until then" in waiting.message
+        api = await eventually(lambda: env.web("api"), lambda s: s.status.value == "STARTING")
+        assert (api.pid, api.revision) == (0, 1)
+        assert api.message.startswith("waiting for artifact web 2.0 (0 B of ")
+        assert env.daemon is not None
+        with pytest.raises(FailedPrecondition, match="waiting for its artifact"):
+            await env.daemon.supervisor.operate("api", "start")
+        assert state(await env.rollout()) == "RUNNING"  # waiting, not failed
+
+        gate.open.set()
+        await env.rolled("SUCCESSFUL")
+        await env.rolled("SUCCESSFUL", name="api")
+        web, api = await env.web(), await env.web("api")
+        assert (web.revision, web.status.value, api.status.value) == (2, "RUNNING", "RUNNING")
+        assert "waiting" not in web.message
+        assert "waiting" not in api.message
+        assert web.pid != old.pid
+        for agent in (web, api):
+            assert psutil.Process(agent.pid).cwd() == str(env.cache / tree(v2))
