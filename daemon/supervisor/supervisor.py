@@ -169,6 +169,8 @@ class Supervisor:
         self._placeholders: set[str] = set()  # waiting agents that have no process yet
         self._previous_refs: tuple[ArtifactRef, ...] = ()
         self._followups: set[asyncio.Task[None]] = set()
+        self.artifact_retry = _FETCH_RETRY
+        """Delays between attempts at an artifact the manager could not deliver (transient)."""
         self._clock: Clock = clock if clock is not None else SystemClock()
         self._on_change = on_change
         self._sample_interval = sample_interval
@@ -395,8 +397,8 @@ class Supervisor:
                     f"stale spec version {version}: this node already has version {self._version}"
                 )
             self._store.save_update(version, specs)
-            if tuple(specs) != self._pushed:
-                self._previous_refs = _refs(self._pushed)
+            if set(_refs(specs)) != set(_refs(self._pushed)):
+                self._previous_refs = _refs(self._pushed)  # a rollback finds these on disk
             self._version, self._pushed = version, tuple(specs)
             await self._prepare_artifacts()
             result = await self._converge(self._combined())
@@ -596,7 +598,7 @@ class Supervisor:
                     if isinstance(outcome, ArtifactError):
                         log.warning("%s", outcome)
                     return
-                delay = _FETCH_RETRY.delay(attempt)
+                delay = self.artifact_retry.delay(attempt)
                 log.warning("%s; trying again in %.0fs", outcome, delay)
                 self._follow_up()  # report the refusal meanwhile
                 await asyncio.sleep(delay)

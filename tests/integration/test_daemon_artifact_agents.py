@@ -30,7 +30,8 @@ from sqlalchemy import select, update
 from daemon.config import ArtifactsConfig, ManagerLinkConfig
 from daemon.server import DaemonServer
 from daemon.supervisor.supervisor import AgentSnapshot
-from fleet.errors import FailedPrecondition
+from fleet.errors import FailedPrecondition, Unavailable
+from fleet.retry import Backoff
 from fleet.v1 import common_pb2, desired_pb2, fleet_pb2, fleet_pb2_grpc
 from manager.server import ManagerServer
 from manager.storage.schema import artifact_blobs, artifact_chunks
@@ -156,9 +157,13 @@ class Gate:
     def __init__(self) -> None:
         self.open = asyncio.Event()
         self.open.set()
+        self.broken = False
+        """While set, every download fails as an unreachable artifact store would."""
 
     async def may_download(self, node_id: str, digest: str) -> bool:
         await self.open.wait()
+        if self.broken:
+            raise Unavailable("the artifact store is unreachable (test)")
         return True
 
 
@@ -305,3 +310,38 @@ async def test_while_the_artifact_downloads_the_old_agent_runs_and_a_new_one_wai
         assert web.pid != old.pid
         for agent in (web, api):
             assert psutil.Process(agent.pid).cwd() == str(env.cache / tree(v2))
+
+
+async def test_an_unavailable_artifact_is_refused_then_retried_until_it_arrives(
+    pki: Any, tmp_path: Path, database_url: str
+) -> None:
+    """The manager cannot serve 2.0: the node reports why and keeps 1.0; a later attempt
+    succeeds, the refusal clears and 2.0 runs."""
+    gate = Gate()
+    v1, v2 = build("1.0"), build("2.0")
+    async with artifact_env(pki, tmp_path, database_url, artifact_access=gate) as env:
+        assert env.daemon is not None
+        env.daemon.supervisor.artifact_retry = Backoff(initial=0.5, maximum=0.5, jitter="none")
+        await env.push(v1, "1.0")
+        await env.apply("1.0")
+        await env.rolled("SUCCESSFUL")
+        old = await env.web()
+        await env.push(v2, "2.0")
+        gate.broken = True
+        await env.apply("2.0")
+
+        async def errors() -> list[Any]:
+            reply = await env.stub.ListNodes(fleet_pb2.FleetServiceListNodesRequest())
+            return list(reply.nodes[0].update_errors)
+
+        (error,) = await eventually(errors, lambda e: len(e) == 1)
+        assert error.reason.startswith("artifact web 2.0: the download broke (")
+        assert "the artifact store is unreachable" in error.reason
+        assert "the next attempt resumes from there" in error.reason
+        kept = await env.web()
+        assert (kept.pid, kept.revision, kept.status.value) == (old.pid, 1, "RUNNING")
+
+        gate.broken = False
+        await eventually(errors, lambda e: e == [])
+        web = await eventually(env.web, lambda s: s.revision == 2 and s.status.value == "RUNNING")
+        assert psutil.Process(web.pid).cwd() == str(env.cache / tree(v2))
