@@ -169,6 +169,8 @@ class Supervisor:
         self._placeholders: set[str] = set()  # waiting agents that have no process yet
         self._previous_refs: tuple[ArtifactRef, ...] = ()
         self._followups: set[asyncio.Task[None]] = set()
+        self._retry_now = asyncio.Event()  # set by an apply: retrying fetches try again now
+        self._shown_waiting: set[str] = set()  # agents last reported as waiting
         self.artifact_retry = _FETCH_RETRY
         """Delays between attempts at an artifact the manager could not deliver (transient)."""
         self._clock: Clock = clock if clock is not None else SystemClock()
@@ -503,6 +505,10 @@ class Supervisor:
             elif self._agents[agent_id].spec != spec:
                 self._agents[agent_id].set_spec(spec)
         self._placeholders = set(placeholders)
+        for agent_id in self._shown_waiting ^ set(desired.waiting):  # their message changed
+            if agent_id in self._agents:
+                self._changed(self._agents[agent_id])
+        self._shown_waiting = set(desired.waiting)
 
         async def remove(agent: Agent) -> None:
             async with agent.lock:
@@ -566,6 +572,8 @@ class Supervisor:
         for digest in [d for d in self._fetches if d not in refs]:
             self._fetches.pop(digest).cancel()  # no longer needed; the partial file is kept
         self._resolved = {}
+        self._retry_now.set()  # a fetch waiting to retry tries again for this push
+        self._retry_now = asyncio.Event()
         if self._artifacts is None or not refs:
             return
         for ref in refs.values():
@@ -601,7 +609,8 @@ class Supervisor:
                 delay = self.artifact_retry.delay(attempt)
                 log.warning("%s; trying again in %.0fs", outcome, delay)
                 self._follow_up()  # report the refusal meanwhile
-                await asyncio.sleep(delay)
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._retry_now.wait(), delay)
                 attempt += 1
         finally:
             if self._fetches.get(ref.digest) is asyncio.current_task():
