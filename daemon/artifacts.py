@@ -212,6 +212,18 @@ class ArtifactCache:
                     ref, f"the cache at {self.root} is unusable: {exc.strerror or exc}"
                 ) from exc
 
+    async def installed(self, ref: ArtifactRef) -> Path | None:
+        """The path of `ref` if an intact copy is installed (checked as `ensure` does; a
+        damaged one is removed); None otherwise. Never downloads."""
+        hex_ = _hex(ref)
+        async with self._locks.setdefault(hex_, asyncio.Lock()):
+            try:
+                return await asyncio.to_thread(self._check_installed, ref, hex_)
+            except OSError as exc:
+                raise ArtifactError(
+                    ref, f"the cache at {self.root} is unusable: {exc.strerror or exc}"
+                ) from exc
+
     def _too_large(self, size: int) -> str:
         return (
             f"{format_size(size)} is over this daemon's limit of"

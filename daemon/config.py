@@ -106,12 +106,17 @@ class ArtifactsConfig:
     """Most entries (files, directories, links) one archive may unpack to."""
     keep_recent: int = 3
     """Artifacts no pushed set uses any more that are kept anyway (the most recently used)."""
+    wait_seconds: float = 5.0
+    """How long a PushUpdate waits for its artifacts before answering; what is not ready by
+    then is fetched in the background (keep it well under the manager's pool call_timeout)."""
 
     def validate(self) -> None:
         """Cross-field checks (ValueError, reported as ConfigError)."""
         for name in ("max_bytes", "max_unpacked_bytes", "max_files"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.wait_seconds <= 60:
+            raise ValueError(f"wait_seconds must be 0..60, got {self.wait_seconds}")
         if self.keep_recent < 0:
             raise ValueError(f"keep_recent must be >= 0, got {self.keep_recent}")
 
@@ -180,6 +185,12 @@ class DaemonConfig:
             if spec.revision:
                 raise ValueError(
                     f"agents: {spec.id!r} sets revision: only the manager stamps revisions"
+                )
+            if spec.artifact is not None:
+                raise ValueError(
+                    f"agents: {spec.id!r} names an artifact: only an agent a manager pushes can"
+                    " use one (push it with fleetctl artifacts push and reference it from a"
+                    " definition)"
                 )
             check_on_host(spec)  # the loader already ran the host-independent spec.validate()
         for name in ("listen", "advertise", "metrics_listen"):

@@ -108,14 +108,6 @@ class DaemonServer:
         run_dir = cfg.run_dir
         self.socket_path = run_dir / AGENT_SOCKET_NAME
         self._private_dir = run_dir / "private"
-        self.supervisor = Supervisor(
-            state_dir=cfg.state_dir,
-            log_dir=cfg.log_dir,
-            socket_path=self.socket_path,
-            on_change=self._on_change,
-            sample_interval=cfg.sample_interval_seconds,
-            sample_buffer=cfg.sample_buffer,
-        )
         self.proxy = PeerCredProxy(self.socket_path, self._private_dir / "agent-grpc.sock")
         self.link = ManagerLink(
             cfg.manager,
@@ -140,6 +132,17 @@ class DaemonServer:
             ),
         )
         """Artifacts of pushed specs, fetched through the manager link (daemon.artifacts)."""
+        self.supervisor = Supervisor(
+            state_dir=cfg.state_dir,
+            log_dir=cfg.log_dir,
+            socket_path=self.socket_path,
+            on_change=self._on_change,
+            sample_interval=cfg.sample_interval_seconds,
+            sample_buffer=cfg.sample_buffer,
+            artifacts=self.artifacts,
+            artifact_wait=art.wait_seconds,
+            on_refused=self.link.agents_changed,
+        )
 
     # --- callbacks ------------------------------------------------------
 

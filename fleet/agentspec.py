@@ -32,6 +32,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
 
+from fleet.artifacts import ArtifactRef, validate_digest, validate_name, validate_version
 from fleet.errors import InvalidArgument
 from fleet.labels import LabelError, is_valid_label_value, validate_labels
 from fleet.v1 import common_pb2
@@ -139,6 +140,9 @@ class AgentSpec:
     """Opaque payload for SDK agents (JSON by convention); changes reach them live."""
     revision: int = 0
     """Definition revision of a pushed spec (set by the manager; 0 for the host's own)."""
+    artifact: ArtifactRef | None = None
+    """A pushed spec's artifact (filled in by the manager); ``{artifact}`` is its path on the
+    node. A host's own agent cannot name one."""
 
     def validate(self) -> None:
         """Raise `SpecError` with a one-line message naming the first bad field."""
@@ -146,7 +150,7 @@ class AgentSpec:
 
     def process_hash(self) -> str:
         """sha256 of what the process was started with; a change needs a restart."""
-        started_with = {
+        started_with: dict[str, Any] = {
             "argv": list(self.argv),
             "env": dict(sorted(self.env.items())),
             "cwd": self.cwd,
@@ -154,6 +158,8 @@ class AgentSpec:
             "type": self.type,
             "version": self.version,
         }
+        if self.artifact is not None:  # only then: older hashes stay valid (re-adoption)
+            started_with["artifact"] = self.artifact.digest
         blob = json.dumps(started_with, sort_keys=True, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()
 
@@ -239,6 +245,24 @@ def _validate(spec: AgentSpec) -> None:
         validate_labels(spec.labels, field=f"agents[{spec.id}].labels")
     except LabelError as exc:
         raise SpecError(exc.message) from None
+    if spec.artifact is not None:
+        _validate_artifact(spec.artifact, f"agents[{spec.id}].artifact")
+
+
+def _validate_artifact(ref: ArtifactRef, where: str) -> None:
+    """What is set must be well formed; a definition may name it by name and version or by
+    digest alone (the manager resolves the rest), so nothing is required here."""
+    try:
+        if ref.name:
+            validate_name(ref.name, field=f"{where}.name")
+        if ref.version:
+            validate_version(ref.version, field=f"{where}.version")
+        if ref.digest:
+            validate_digest(ref.digest, field=f"{where}.digest")
+    except InvalidArgument as exc:
+        raise SpecError(exc.message.removeprefix(f"{exc.field}: "), field=exc.field) from None
+    if ref.size_bytes < 0:
+        raise SpecError(f"must be >= 0, got {ref.size_bytes}", field=f"{where}.size_bytes")
 
 
 def spec_to_dict(spec: AgentSpec) -> dict[str, Any]:
@@ -257,6 +281,8 @@ def spec_from_dict(data: Mapping[str, Any]) -> AgentSpec:
         values["backoff"] = BackoffSpec(**values["backoff"])
     if "health" in values:
         values["health"] = HealthSpec(**values["health"])
+    if values.get("artifact") is not None:
+        values["artifact"] = ArtifactRef(**values["artifact"])
     return AgentSpec(**values)
 
 
@@ -341,6 +367,7 @@ def spec_from_proto(msg: common_pb2.AgentSpec, *, where: str = "agent") -> Agent
         ),
         config=config,
         revision=msg.revision,
+        artifact=ArtifactRef.from_proto(msg.artifact) if msg.HasField("artifact") else None,
     )
 
 
@@ -386,4 +413,5 @@ def spec_to_proto(spec: AgentSpec) -> common_pb2.AgentSpec:
         ),
         config=spec.config.encode("utf-8"),
         revision=spec.revision,
+        artifact=spec.artifact.to_proto() if spec.artifact is not None else None,
     )

@@ -113,6 +113,12 @@ class DaemonServicer(PendingDaemonRpcs, daemon_pb2_grpc.DaemonServiceServicer):
                 f"; refused {', '.join(r.agent_id for r in result.refused)}"
                 if result.refused
                 else ""
+            )
+            + (
+                f"; fetching the artifact of {', '.join(result.fetching)} (it starts or changes"
+                " when the download completes)"
+                if result.fetching
+                else ""
             ),
             version=result.version,
             added=list(result.added),

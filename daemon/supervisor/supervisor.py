@@ -16,6 +16,19 @@ validates everything first and changes nothing on a spec that is invalid
 anywhere; then it persists, then acts. The same version with the same specs
 again is a no-op (a manager's retry after a lost answer).
 
+Artifacts: a pushed spec may name an artifact (`daemon.artifacts`). Each
+apply makes every artifact of the set ready (`ArtifactCache.ensure`: an
+installed copy is verified, a missing one downloaded) before any agent
+changes, waiting at most `artifact_wait` seconds so the manager's push never
+times out on a large download. What is not ready by then keeps fetching in
+the background: an agent already running keeps its old spec (and process),
+a new one shows as STARTING "waiting for artifact ..." without a process,
+and both converge when the fetch ends. A fetch that fails refuses that
+agent only (the old instance keeps running); a transient failure is retried
+with backoff. `{artifact}` in argv, cwd and env is replaced by the ready
+path. After each apply the cache keeps the artifacts of the current and the
+previous pushed sets (`retain`).
+
 Persistence of agents.json is coalesced to once per event-loop turn
 (`call_soon`), so a spawn is on disk before the loop does anything else.
 """
@@ -27,12 +40,13 @@ import builtins
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
 import psutil
 
+from daemon.artifacts import ArtifactCache, ArtifactError, substitute
 from daemon.sampler import HostSample, ResourceSample, Sampler
 from daemon.supervisor.agent import Agent, AgentSnapshot, Cause, Context
 from daemon.supervisor.clock import Clock, SystemClock
@@ -41,7 +55,9 @@ from daemon.supervisor.persistence import PersistedAgent, StateStore
 from daemon.supervisor.process import adopt, find_orphans
 from daemon.supervisor.spec import AgentSpec, SpecError, check_on_host, validate_here
 from daemon.supervisor.states import AgentStatus
+from fleet.artifacts import ArtifactRef
 from fleet.errors import FailedPrecondition, InvalidArgument, NotFound, Resource
+from fleet.retry import Backoff
 
 __all__ = ["AgentSnapshot", "ApplyResult", "LogChunk", "Refusal", "Supervisor"]
 
@@ -86,13 +102,40 @@ class ApplyResult:
     """Agents whose spec changed without needing a restart (policy, labels, config)."""
     refused: tuple[Refusal, ...] = ()
     """Pushed agents this node does not run (see `Supervisor.refused`)."""
+    fetching: tuple[str, ...] = ()
+    """Pushed agents whose artifact is still being fetched: they change when it is ready."""
+
+
+@dataclass(frozen=True)
+class _Desired:
+    """What the supervisor should run now (`_combined`)."""
+
+    specs: tuple[AgentSpec, ...]
+    """Specs ready to run (the host's own, pushed ones with their artifact substituted)."""
+    waiting: dict[str, AgentSpec] = field(default_factory=dict)
+    """Pushed specs whose artifact is not ready yet, by id."""
+    keep: frozenset[str] = frozenset()
+    """Pushed agents refused for their artifact: an instance already running keeps running."""
+
+
+_FETCH_RETRY = Backoff(initial=10.0, maximum=300.0, jitter="none")
+"""Delays between attempts at an artifact the manager could not deliver (transient)."""
+
+
+def _refs(specs: Sequence[AgentSpec]) -> tuple[ArtifactRef, ...]:
+    return tuple(s.artifact for s in specs if s.artifact is not None)
 
 
 def validate_specs(specs: Sequence[AgentSpec]) -> None:
-    """Validate every spec and id uniqueness; `SpecError` for the first problem."""
+    """Validate the host's own specs and id uniqueness; `SpecError` for the first problem."""
     seen: set[str] = set()
     for spec in specs:
         validate_here(spec)
+        if spec.artifact is not None:
+            raise SpecError(
+                "only an agent a manager pushes can use an artifact",
+                field=f"agents[{spec.id}].artifact",
+            )
         if spec.id in seen:
             raise SpecError(f"duplicate agent id {spec.id!r}", field=f"agents[{spec.id}].id")
         seen.add(spec.id)
@@ -112,8 +155,24 @@ class Supervisor:
         sample_interval: float = 1.0,
         sample_buffer: int = 3600,
         tree_rescan_interval: float = 5.0,
+        artifacts: ArtifactCache | None = None,
+        artifact_wait: float = 5.0,
+        on_refused: Callable[[], None] | None = None,
     ) -> None:
         self._store = StateStore(state_dir)
+        self._artifacts = artifacts
+        self._artifact_wait = artifact_wait
+        self._on_refused = on_refused
+        self._resolved: dict[str, Path | ArtifactError] = {}  # digest -> outcome, current set
+        self._fetches: dict[str, asyncio.Task[None]] = {}  # digest -> background ensure
+        self._waiting: dict[str, ArtifactRef] = {}  # agent id -> the artifact it waits for
+        self._placeholders: set[str] = set()  # waiting agents that have no process yet
+        self._previous_refs: tuple[ArtifactRef, ...] = ()
+        self._followups: set[asyncio.Task[None]] = set()
+        self._retry_now = asyncio.Event()  # set by an apply: retrying fetches try again now
+        self._shown_waiting: set[str] = set()  # agents last reported as waiting
+        self.artifact_retry = _FETCH_RETRY
+        """Delays between attempts at an artifact the manager could not deliver (transient)."""
         self._clock: Clock = clock if clock is not None else SystemClock()
         self._on_change = on_change
         self._sample_interval = sample_interval
@@ -158,9 +217,18 @@ class Supervisor:
         pushed = self._store.load_update()
         if pushed is not None:
             self._version, self._pushed = pushed[0], tuple(pushed[1])
-        specs = self._combined()
+        await self._find_installed()
+        desired = self._combined()
         persisted = self._store.load_agents()
-        wanted = {s.id: s for s in specs}
+        specs = list(desired.specs)
+        placeholders: builtins.list[AgentSpec] = []
+        for agent_id in (*desired.waiting, *desired.keep):
+            old = persisted.get(agent_id)
+            if old is not None and old.pid:
+                specs.append(old.spec)  # what ran before keeps running until its artifact is ready
+            elif agent_id in desired.waiting:
+                placeholders.append(desired.waiting[agent_id])
+        wanted = {s.id: s for s in (*specs, *placeholders)}
         leftovers = [p for i, p in persisted.items() if i not in wanted]
         # Before starting anything: agents spawned just before a crash, unrecorded.
         orphans = await asyncio.to_thread(
@@ -172,6 +240,9 @@ class Supervisor:
         for spec in specs:
             agent = self._agents[spec.id] = Agent(spec, self._ctx)
             await self._resume(agent, persisted.get(spec.id), orphans.get(spec.id))
+        for spec in placeholders:
+            self._agents[spec.id] = Agent(spec, self._ctx)
+        self._placeholders = {s.id for s in placeholders}
         for old in leftovers:  # removed while the daemon was down
             proc = adopt(old.pid, old.create_time) if old.pid else None
             if proc is not None:
@@ -182,6 +253,8 @@ class Supervisor:
                 agent.wake_config_watchers()
         self._flush()
         self._sample_task = asyncio.create_task(self._sample_loop(), name="supervisor-sampler")
+        for ref in self._waiting.values():
+            self._start_fetch(ref)
 
     async def _resume(
         self, agent: Agent, old: PersistedAgent | None, orphan: tuple[int, float] | None
@@ -223,6 +296,10 @@ class Supervisor:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._sample_task
             self._sample_task = None
+        for task in (*self._fetches.values(), *self._followups):
+            task.cancel()
+        await asyncio.gather(*self._fetches.values(), *self._followups, return_exceptions=True)
+        self._fetches.clear()
 
         async def finish(agent: Agent) -> None:
             async with agent.lock:
@@ -237,11 +314,23 @@ class Supervisor:
 
     def list(self) -> list[AgentSnapshot]:
         """Every agent, sorted by id."""
-        return [self._agents[i].snapshot() for i in sorted(self._agents)]
+        return [self._snapshot(self._agents[i]) for i in sorted(self._agents)]
 
     def get(self, agent_id: str) -> AgentSnapshot:
         """One agent; `NotFound` if there is no such agent."""
-        return self._agent(agent_id).snapshot()
+        return self._snapshot(self._agent(agent_id))
+
+    def _snapshot(self, agent: Agent) -> AgentSnapshot:
+        """The agent's snapshot; one waiting for its artifact says so (STARTING if it has
+        no process yet)."""
+        snap = agent.snapshot()
+        ref = self._waiting.get(snap.id)
+        if ref is None or self._artifacts is None:
+            return snap
+        message = self._artifacts.waiting_message(ref)
+        if snap.id in self._placeholders:
+            return replace(snap, status=AgentStatus.STARTING, message=message)
+        return replace(snap, message=f"{message}; the running instance is kept until then")
 
     def spec(self, agent_id: str) -> AgentSpec:
         """The current spec of an agent; `NotFound` if there is no such agent."""
@@ -270,6 +359,11 @@ class Supervisor:
             raise InvalidArgument(f"unknown operation {op!r}: use start, stop or restart")
         if agent.removing:
             raise FailedPrecondition(f"agent {agent_id!r} is being removed")
+        if agent_id in self._placeholders:
+            raise FailedPrecondition(
+                f"agent {agent_id!r} is waiting for its artifact: it starts when the download"
+                " completes"
+            )
         async with agent.lock:
             if agent.removing:
                 raise FailedPrecondition(f"agent {agent_id!r} is being removed")
@@ -279,7 +373,7 @@ class Supervisor:
                 await agent.stop()
             else:
                 await agent.restart()
-            return agent.snapshot()
+            return self._snapshot(agent)
 
     async def apply(self, version: int, specs: Sequence[AgentSpec]) -> ApplyResult:
         """Make `specs` (the complete pushed set) run beside the host's own, as `version`.
@@ -295,6 +389,8 @@ class Supervisor:
             if spec.id in seen:
                 raise SpecError(f"duplicate agent id {spec.id!r}", field=f"agents[{spec.id}].id")
             seen.add(spec.id)
+            if spec.artifact is not None:  # the manager fills in the whole reference
+                spec.artifact.check(field=f"agents[{spec.id}].artifact")
         async with self._apply_lock:
             if version == self._version and tuple(specs) == self._pushed:
                 return ApplyResult(version, (), (), (), (), self._refused)
@@ -303,8 +399,13 @@ class Supervisor:
                     f"stale spec version {version}: this node already has version {self._version}"
                 )
             self._store.save_update(version, specs)
+            if set(_refs(specs)) != set(_refs(self._pushed)):
+                self._previous_refs = _refs(self._pushed)  # a rollback finds these on disk
             self._version, self._pushed = version, tuple(specs)
-            return await self._converge(self._combined())
+            await self._prepare_artifacts()
+            result = await self._converge(self._combined())
+            await self._retain()
+            return result
 
     async def reload(self, specs: Sequence[AgentSpec]) -> ApplyResult:
         """SIGHUP: the TOML's specs become the host's own; the pushed set stays beside them."""
@@ -318,12 +419,19 @@ class Supervisor:
         """Pushed agents this node does not run, and why (reported to the manager)."""
         return self._refused
 
-    def _combined(self) -> tuple[AgentSpec, ...]:
-        """The host's own specs plus the pushed ones it can run; sets `refused`."""
+    def _combined(self) -> _Desired:
+        """The host's own specs plus the pushed ones it can run; sets `refused`.
+
+        A pushed spec with an artifact runs with ``{artifact}`` substituted once
+        it is ready, waits while it is fetched, and is refused when the fetch failed.
+        """
         own = {s.id for s in self._host}
         refused: builtins.list[Refusal] = []
         runnable: builtins.list[AgentSpec] = []
-        for spec in self._pushed:
+        waiting: dict[str, AgentSpec] = {}
+        keep: set[str] = set()
+        for pushed in self._pushed:
+            spec = pushed
             if spec.id in own:
                 refused.append(
                     Refusal(
@@ -335,6 +443,18 @@ class Supervisor:
                     )
                 )
                 continue
+            if spec.artifact is not None:
+                outcome = self._resolved.get(spec.artifact.digest)
+                if self._artifacts is None:
+                    outcome = ArtifactError(spec.artifact, "this daemon has no artifact cache")
+                if outcome is None:
+                    waiting[spec.id] = spec
+                    continue
+                if isinstance(outcome, ArtifactError):
+                    refused.append(Refusal(spec.id, spec.revision, str(outcome)))
+                    keep.add(spec.id)
+                    continue
+                spec = substitute(spec, outcome)
             try:
                 check_on_host(spec)
             except SpecError as exc:
@@ -347,17 +467,26 @@ class Supervisor:
                     "pushed agent %s (revision %d) refused: %s", r.agent_id, r.revision, r.reason
                 )
         self._refused = tuple(refused)
-        return (*self._host, *runnable)
+        self._waiting = {i: s.artifact for i, s in waiting.items() if s.artifact is not None}
+        return _Desired((*self._host, *runnable), waiting, frozenset(keep))
 
-    async def _converge(self, specs: Sequence[AgentSpec]) -> ApplyResult:
-        wanted = {s.id: s for s in specs}
-        added = [i for i in wanted if i not in self._agents]
-        removed = [i for i in self._agents if i not in wanted]
+    async def _converge(self, desired: _Desired) -> ApplyResult:
+        wanted = {s.id: s for s in desired.specs}
+        placeholders: dict[str, AgentSpec] = {}
+        for agent_id in (*desired.waiting, *desired.keep):
+            agent = self._agents.get(agent_id)
+            if agent is not None and agent_id not in self._placeholders:
+                wanted[agent_id] = agent.spec  # the running instance is kept as it is
+            elif agent_id in desired.waiting:
+                placeholders[agent_id] = desired.waiting[agent_id]
+        promoted = {i for i in self._placeholders if i in wanted}  # their artifact is ready
+        added = [i for i in wanted if i not in self._agents or i in promoted]
+        removed = [i for i in self._agents if i not in wanted and i not in placeholders]
         changed: list[str] = []
         reconfigured: list[str] = []
         for agent_id, spec in wanted.items():
             agent = self._agents.get(agent_id)
-            if agent is None or agent.spec == spec:
+            if agent is None or agent.spec == spec or agent_id in promoted:
                 continue
             if agent.spec.process_hash() != spec.process_hash():
                 changed.append(agent_id)
@@ -366,7 +495,20 @@ class Supervisor:
         for agent_id in removed:
             self._agents[agent_id].removing = True
         for agent_id in added:
-            self._agents[agent_id] = Agent(wanted[agent_id], self._ctx)
+            if agent_id in promoted:
+                self._agents[agent_id].set_spec(wanted[agent_id])
+            else:
+                self._agents[agent_id] = Agent(wanted[agent_id], self._ctx)
+        for agent_id, spec in placeholders.items():  # no process until the artifact is ready
+            if agent_id not in self._agents:
+                self._agents[agent_id] = Agent(spec, self._ctx)
+            elif self._agents[agent_id].spec != spec:
+                self._agents[agent_id].set_spec(spec)
+        self._placeholders = set(placeholders)
+        for agent_id in self._shown_waiting ^ set(desired.waiting):  # their message changed
+            if agent_id in self._agents:
+                self._changed(self._agents[agent_id])
+        self._shown_waiting = set(desired.waiting)
 
         async def remove(agent: Agent) -> None:
             async with agent.lock:
@@ -402,7 +544,104 @@ class Supervisor:
             tuple(removed),
             tuple(reconfigured),
             self._refused,
+            tuple(sorted(desired.waiting)),
         )
+
+    # --- artifacts ----------------------------------------------------------------------
+
+    async def _find_installed(self) -> None:
+        """At start: the pushed set's artifacts already installed (verified), without fetching."""
+        if self._artifacts is None:
+            return
+        for ref in _refs(self._pushed):
+            try:
+                path = await self._artifacts.installed(ref)
+            except ArtifactError as exc:
+                self._resolved[ref.digest] = exc
+                continue
+            if path is not None:
+                self._resolved[ref.digest] = path
+
+    async def _prepare_artifacts(self) -> None:
+        """Make the pushed set's artifacts ready, waiting at most `artifact_wait` seconds.
+
+        Every apply checks them again (a damaged installed copy is fetched
+        again); what is not ready in time carries on in the background.
+        """
+        refs = {r.digest: r for r in _refs(self._pushed)}
+        for digest in [d for d in self._fetches if d not in refs]:
+            self._fetches.pop(digest).cancel()  # no longer needed; the partial file is kept
+        self._resolved = {}
+        self._retry_now.set()  # a fetch waiting to retry tries again for this push
+        self._retry_now = asyncio.Event()
+        if self._artifacts is None or not refs:
+            return
+        for ref in refs.values():
+            self._start_fetch(ref)
+        pending = [self._fetches[d] for d in refs if d in self._fetches]
+        if pending:
+            await asyncio.wait(pending, timeout=self._artifact_wait)
+
+    def _start_fetch(self, ref: ArtifactRef) -> None:
+        if ref.digest in self._fetches or self._artifacts is None:
+            return
+        task = asyncio.create_task(self._fetch(self._artifacts, ref), name=f"artifact {ref.label}")
+        self._fetches[ref.digest] = task
+
+    async def _fetch(self, cache: ArtifactCache, ref: ArtifactRef) -> None:
+        """`ensure` one artifact, recording the outcome; a transient failure is retried."""
+        attempt = 0
+        try:
+            while True:
+                outcome: Path | ArtifactError
+                try:
+                    outcome = await cache.ensure(ref)
+                except ArtifactError as exc:
+                    outcome = exc
+                except Exception as exc:  # a bug must refuse the agent, not hang it forever
+                    log.exception("artifact %s: unexpected error", ref.label)
+                    outcome = ArtifactError(ref, f"unexpected error: {exc}")
+                self._resolved[ref.digest] = outcome
+                if isinstance(outcome, Path) or not outcome.transient:
+                    if isinstance(outcome, ArtifactError):
+                        log.warning("%s", outcome)
+                    return
+                delay = self.artifact_retry.delay(attempt)
+                log.warning("%s; trying again in %.0fs", outcome, delay)
+                self._follow_up()  # report the refusal meanwhile
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._retry_now.wait(), delay)
+                attempt += 1
+        finally:
+            if self._fetches.get(ref.digest) is asyncio.current_task():
+                del self._fetches[ref.digest]
+                self._follow_up()
+
+    def _follow_up(self) -> None:
+        """Converge again soon (a fetch ended): after any apply in progress."""
+        if self._sample_task is None:
+            return  # not started yet, or stopping
+        task = asyncio.create_task(self._reconverge(), name="supervisor-artifact-converge")
+        self._followups.add(task)
+        task.add_done_callback(self._followups.discard)
+
+    async def _reconverge(self) -> None:
+        async with self._apply_lock:
+            before = self._refused
+            await self._converge(self._combined())
+            await self._retain()
+        if self._refused != before and self._on_refused is not None:
+            self._on_refused()
+
+    async def _retain(self) -> None:
+        """Keep the artifacts of the current and previous pushed sets and of running agents."""
+        if self._artifacts is None:
+            return
+        running = [a.spec.artifact for a in self._agents.values() if a.spec.artifact is not None]
+        try:
+            await self._artifacts.retain((*_refs(self._pushed), *self._previous_refs, *running))
+        except OSError as exc:
+            log.warning("cannot clean up the artifact cache: %s", exc)
 
     # --- logs, samples, pids ------------------------------------------------------------
 
@@ -457,7 +696,7 @@ class Supervisor:
         agent.registered_version = version
         agent.heartbeat()
         self._changed(agent)  # the version shows now, not with the next full sync
-        return agent.snapshot()
+        return self._snapshot(agent)
 
     def agent_heartbeat(self, agent_id: str) -> None:
         """An SDK heartbeat: moves the agent's watchdog deadline."""
@@ -495,7 +734,7 @@ class Supervisor:
             asyncio.get_running_loop().call_soon(self._flush)
         if self._on_change is not None and self._agents.get(agent.spec.id) is agent:
             try:
-                self._on_change(agent.snapshot())
+                self._on_change(self._snapshot(agent))
             except Exception:
                 log.exception("on_change callback failed for agent %s", agent.spec.id)
 

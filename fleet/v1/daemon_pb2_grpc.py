@@ -106,6 +106,10 @@ class DaemonServiceServicer:
 
     def PushUpdate(self, request, context):
         """Replaces the node's managed agent specs with a newer versioned set.
+        Artifacts the set names are made ready before any agent changes; the
+        call waits for them at most the daemon's [artifacts] wait_seconds, and
+        agents whose artifact is still downloading change when it arrives
+        (reported through SyncAgentStates; the answer's message names them).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

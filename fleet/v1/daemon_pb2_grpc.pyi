@@ -43,7 +43,12 @@ class DaemonServiceStub:
     GetAgentMetrics: _grpc.UnaryUnaryMultiCallable[_daemon_pb2.GetAgentMetricsRequest, _daemon_pb2.GetAgentMetricsResponse]
     """Recent per-process resource samples from the daemon's ring buffer."""
     PushUpdate: _grpc.UnaryUnaryMultiCallable[_daemon_pb2.PushUpdateRequest, _daemon_pb2.PushUpdateResponse]
-    """Replaces the node's managed agent specs with a newer versioned set."""
+    """Replaces the node's managed agent specs with a newer versioned set.
+    Artifacts the set names are made ready before any agent changes; the
+    call waits for them at most the daemon's [artifacts] wait_seconds, and
+    agents whose artifact is still downloading change when it arrives
+    (reported through SyncAgentStates; the answer's message names them).
+    """
     ReadAgentLog: _grpc.UnaryStreamMultiCallable[_daemon_pb2.ReadAgentLogRequest, _daemon_pb2.ReadAgentLogResponse]
     """Reads an agent's log from an offset, optionally following it."""
     StartJob: _grpc.UnaryUnaryMultiCallable[_daemon_pb2.StartJobRequest, _daemon_pb2.StartJobResponse]
@@ -72,7 +77,12 @@ class DaemonServiceAsyncStub(DaemonServiceStub):
     GetAgentMetrics: _aio.UnaryUnaryMultiCallable[_daemon_pb2.GetAgentMetricsRequest, _daemon_pb2.GetAgentMetricsResponse]  # type: ignore[assignment]
     """Recent per-process resource samples from the daemon's ring buffer."""
     PushUpdate: _aio.UnaryUnaryMultiCallable[_daemon_pb2.PushUpdateRequest, _daemon_pb2.PushUpdateResponse]  # type: ignore[assignment]
-    """Replaces the node's managed agent specs with a newer versioned set."""
+    """Replaces the node's managed agent specs with a newer versioned set.
+    Artifacts the set names are made ready before any agent changes; the
+    call waits for them at most the daemon's [artifacts] wait_seconds, and
+    agents whose artifact is still downloading change when it arrives
+    (reported through SyncAgentStates; the answer's message names them).
+    """
     ReadAgentLog: _aio.UnaryStreamMultiCallable[_daemon_pb2.ReadAgentLogRequest, _daemon_pb2.ReadAgentLogResponse]  # type: ignore[assignment]
     """Reads an agent's log from an offset, optionally following it."""
     StartJob: _aio.UnaryUnaryMultiCallable[_daemon_pb2.StartJobRequest, _daemon_pb2.StartJobResponse]  # type: ignore[assignment]
@@ -122,7 +132,12 @@ class DaemonServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _daemon_pb2.PushUpdateRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_daemon_pb2.PushUpdateResponse, _abc.Awaitable[_daemon_pb2.PushUpdateResponse]]:
-        """Replaces the node's managed agent specs with a newer versioned set."""
+        """Replaces the node's managed agent specs with a newer versioned set.
+        Artifacts the set names are made ready before any agent changes; the
+        call waits for them at most the daemon's [artifacts] wait_seconds, and
+        agents whose artifact is still downloading change when it arrives
+        (reported through SyncAgentStates; the answer's message names them).
+        """
 
     @_abc_1.abstractmethod
     def ReadAgentLog(

@@ -81,6 +81,14 @@ def test_a_manager_certificate_is_not_a_daemon_identity(pki, tmp_path: Path) -> 
         ("[manager]\nheartbeat_intervall_seconds = 1.0\n", "did you mean"),
         ("[artifacts]\nmax_files = 0\n", "artifacts: max_files must be >= 1"),
         ("[artifacts]\nkeep_recent = -1\n", "keep_recent must be >= 0"),
+        ("[artifacts]\nwait_seconds = 61.0\n", "wait_seconds must be 0..60"),
+        (
+            '[[agents]]\nid = "a"\nargv = ["/bin/true"]\n'
+            'artifact = {name = "web", version = "1", digest = "sha256:'
+            + "0" * 64
+            + '", size_bytes = 1}\n',
+            "'a' names an artifact: only an agent a manager pushes can use one",
+        ),
     ],
 )
 def test_bad_values_fail_with_one_line_naming_the_key(  # type: ignore[no-untyped-def]

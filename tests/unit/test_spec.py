@@ -23,8 +23,11 @@ from daemon.supervisor.spec import (
     spec_to_dict,
     validate_here,
 )
+from fleet.agentspec import spec_from_proto, spec_to_proto
+from fleet.artifacts import ArtifactRef
 from fleet.config import load_config
 from fleet.errors import ConfigError, InvalidArgument
+from fleet.v1 import common_pb2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,6 +159,48 @@ def test_round_trip_through_dict() -> None:
         labels={"x": "y"},
     )
     assert spec_from_dict(spec_to_dict(spec)) == spec
+
+
+REF = ArtifactRef("web", "1.4.2", "sha256:" + "ab" * 32, 1234)
+
+
+def test_an_artifact_travels_with_the_spec_and_is_part_of_the_restart_hash() -> None:
+    """Message, state-file dict and back; a new digest restarts, no artifact keeps old hashes."""
+    spec = _spec(artifact=REF, argv=("{artifact}/bin/web",))
+    msg = spec_to_proto(spec)
+    assert msg.artifact == common_pb2.ArtifactRef(
+        name="web", version="1.4.2", digest=REF.digest, size_bytes=1234
+    )
+    assert spec_from_proto(msg) == spec
+    assert spec_from_dict(spec_to_dict(spec)) == spec
+    assert spec_from_proto(spec_to_proto(_spec())).artifact is None
+    assert not spec_to_proto(_spec()).HasField("artifact")
+    other = dataclasses.replace(REF, digest="sha256:" + "cd" * 32)
+    assert spec.process_hash() != dataclasses.replace(spec, artifact=other).process_hash()
+    assert spec.process_hash() == dataclasses.replace(spec, artifact=dataclasses.replace(
+        REF, version="renamed")).process_hash()  # fmt: skip
+    # The hash of a spec without an artifact is what it was before artifacts existed.
+    assert _spec().process_hash() == _spec(artifact=None).process_hash()
+
+
+@pytest.mark.parametrize(
+    ("ref", "needle"),
+    [
+        (ArtifactRef("-web", "1", "", 0), "agents[web-1].artifact.name: artifact name '-web'"),
+        (ArtifactRef("web", "1 0", "", 0), "agents[web-1].artifact.version: artifact version"),
+        (ArtifactRef("web", "1", "md5:x", 0), "agents[web-1].artifact.digest: 'md5:x' is not"),
+        (ArtifactRef("web", "1", "", -1), "agents[web-1].artifact.size_bytes: must be >= 0"),
+    ],
+)
+def test_a_malformed_artifact_reference_is_refused_naming_the_field(
+    ref: ArtifactRef, needle: str
+) -> None:
+    """What is set must be well formed; name and version alone (a definition's) are valid."""
+    _spec(artifact=ArtifactRef("web", "1", "", 0)).validate()
+    _spec(artifact=ArtifactRef("", "", REF.digest, 0)).validate()
+    with pytest.raises(SpecError) as info:
+        _spec(artifact=ref).validate()
+    assert needle in str(info.value)
 
 
 def test_agents_load_from_toml_with_fleet_config(tmp_path: Path) -> None:
