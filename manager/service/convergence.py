@@ -48,6 +48,7 @@ from manager.service.desired import (
     push_backoff,
 )
 from manager.service.placement import Candidate
+from manager.service.reports import update_errors_event
 from manager.storage import Database, NodeRecord, NodeRepository
 from manager.storage.desired import DesiredStateRepository, DesiredTx
 from manager.storage.records import (
@@ -372,17 +373,23 @@ class Convergence:
                     )
                     result.push_failed[node_id] = error
                 else:
+                    # The answer is the daemon's report: it runs `version` now (a push that
+                    # changes no agent brings no sync), and it lists every refusal it still
+                    # holds (a no-op push too), so none means a refusal was resolved.
                     updated.append(
                         dataclasses.replace(
                             row,
                             delivered_version=version,
+                            reported_version=max(row.reported_version, version),
                             push_error="",
                             push_attempts=0,
                             next_push_ms=0,
-                            update_errors=refused or row.update_errors,
+                            update_errors=refused,
                             updated_ms=now_ms,
                         )
                     )
+                    if refused != row.update_errors:
+                        update_errors_event(tx, node_id, refused, now_ms)
                     result.pushed.append(node_id)
             await tx.put_node_desired(updated)
 
