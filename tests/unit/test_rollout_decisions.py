@@ -443,6 +443,22 @@ def test_a_node_going_offline_mid_batch_is_on_hold_not_failed() -> None:
     assert d.rollout.state is S.SUCCESSFUL
 
 
+@pytest.mark.xfail(
+    strict=True,
+    reason="known: a rollout whose every moved node went offline before it proved healthy"
+    " ends SUCCESSFUL, making an unproven revision the stable one (reported to the lead)",
+)
+def test_a_rollout_no_node_proved_does_not_succeed() -> None:
+    """The only node moved to a never-healthy revision goes offline: not SUCCESSFUL."""
+    fleet = SimFleet.of(1, bad={2})
+    d = rollout_of(fleet, max_parallel=Amount(1))
+    assert d.tick().assign == ("n00",)
+    fleet.nodes["n00"].online = False
+    d.now += 5
+    d.tick()
+    assert d.rollout.state is not S.SUCCESSFUL, d.rollout.reason
+
+
 # --- operator actions ---------------------------------------------------------------------------
 
 
