@@ -48,6 +48,7 @@ from manager.service.desired import (
     push_backoff,
 )
 from manager.service.placement import Candidate
+from manager.service.reports import update_errors_event
 from manager.storage import Database, NodeRecord, NodeRepository
 from manager.storage.desired import DesiredStateRepository, DesiredTx
 from manager.storage.records import (
@@ -201,8 +202,8 @@ class Convergence:
         async with self._pass_lock:
             result = PassResult()
             nodes = {n.node_id: n for n in await self._nodes.list()}
-            scopes = await self._rescope(nodes, result)
-            await self._step_rollouts(nodes, scopes, result)
+            scopes, live = await self._rescope(nodes, result)
+            await self._step_rollouts(nodes, scopes, live, result)
             pushes = await self._refresh_sets(nodes, result)
             await self._push(pushes, nodes, result)
             self._on_pass(result)
@@ -210,11 +211,18 @@ class Convergence:
 
     async def _rescope(
         self, nodes: Mapping[str, NodeRecord], result: PassResult
-    ) -> dict[str, list[str]]:
-        """Assign newcomers, drop leavers; each live definition's scope."""
+    ) -> tuple[dict[str, list[str]], list[int]]:
+        """Assign newcomers, drop leavers; each live definition's scope, and the live
+        rollouts those scopes are for."""
         now = self._clock()
 
-        async def body(tx: DesiredTx) -> dict[str, list[str]]:
+        async def body(tx: DesiredTx) -> tuple[dict[str, list[str]], list[int]]:
+            # Rollouts first: one seen here was committed with its definition's revision,
+            # so the definitions read next include it (even on READ COMMITTED). A rollout
+            # started after this read waits for the next pass (its apply pokes one), rather
+            # than be judged on a scope computed without its definition: that empty scope
+            # ended it SUCCESSFUL without moving a node.
+            live_rollouts = [r.id for r in await tx.rollouts(live=True, limit=10_000)]
             heads = await tx.definitions(for_update=True)
             live = {name: h for name, h in heads.items() if h.deleted_ms == 0}
             current = await tx.assignments()
@@ -239,7 +247,7 @@ class Convergence:
             await tx.set_assignments(changes.add)
             await tx.delete_assignments(changes.drop)
             result.assigned, result.dropped = len(changes.add), len(changes.drop)
-            return scopes
+            return scopes, live_rollouts
 
         return await self._repo.run(body)
 
@@ -247,12 +255,12 @@ class Convergence:
         self,
         nodes: Mapping[str, NodeRecord],
         scopes: Mapping[str, Sequence[str]],
+        live: Sequence[int],
         result: PassResult,
     ) -> None:
-        live = await self._repo.run(lambda tx: tx.rollouts(live=True, limit=10_000), write=False)
-        for record in sorted(live, key=lambda r: r.id):
-            scope = scopes.get(record.name, ())
-            wake = await self._step_one(record.id, nodes, scope, result)
+        """Step the `live` rollouts (ids) over the `scopes` computed with them."""
+        for rollout_id in sorted(live):
+            wake = await self._step_one(rollout_id, nodes, scopes, result)
             if wake is not None:
                 result.wake_at = wake if result.wake_at is None else min(result.wake_at, wake)
 
@@ -260,7 +268,7 @@ class Convergence:
         self,
         rollout_id: int,
         nodes: Mapping[str, NodeRecord],
-        scope: Sequence[str],
+        scopes: Mapping[str, Sequence[str]],
         result: PassResult,
     ) -> float | None:
         """Judge one rollout over the definition's scope and persist its step atomically."""
@@ -271,6 +279,7 @@ class Convergence:
             record = await tx.rollout(rollout_id, for_update=True)
             if record is None or record.ended_ms:
                 return None
+            scope = scopes.get(record.name, ())
             rollout = ro.from_dict(json.loads(record.record))
             progress = {n: progress_of(r) for n, r in (await tx.rollout_nodes(rollout_id)).items()}
             observed = await observations(tx, record.name, scope, nodes)
@@ -372,17 +381,23 @@ class Convergence:
                     )
                     result.push_failed[node_id] = error
                 else:
+                    # The answer is the daemon's report: it runs `version` now (a push that
+                    # changes no agent brings no sync), and it lists every refusal it still
+                    # holds (a no-op push too), so none means a refusal was resolved.
                     updated.append(
                         dataclasses.replace(
                             row,
                             delivered_version=version,
+                            reported_version=max(row.reported_version, version),
                             push_error="",
                             push_attempts=0,
                             next_push_ms=0,
-                            update_errors=refused or row.update_errors,
+                            update_errors=refused,
                             updated_ms=now_ms,
                         )
                     )
+                    if refused != row.update_errors:
+                        update_errors_event(tx, node_id, refused, now_ms)
                     result.pushed.append(node_id)
             await tx.put_node_desired(updated)
 

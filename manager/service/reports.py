@@ -2,7 +2,8 @@
 
 RegisterNode and every SyncAgentStates carry the version of the pushed set
 the daemon runs; SyncAgentStates also carries the complete set of pushed
-agents it does not run as pushed (`update_errors`). Both are stored on the
+agents it does not run as pushed (`update_errors`), as does the daemon's
+answer to a PushUpdate (stored by convergence). Both are stored on the
 node's `node_desired` row; a changed error set is a NODE_UPDATE_ERROR event.
 Convergence is poked so a delivered set, a new refusal or a returning node
 is acted on at once.
@@ -16,7 +17,7 @@ from collections.abc import Callable, Sequence
 from manager.storage.desired import DesiredStateRepository, DesiredTx
 from manager.storage.records import NodeDesiredRecord, UpdateErrorRecord
 
-__all__ = ["DaemonReports"]
+__all__ = ["DaemonReports", "update_errors_event"]
 
 
 class DaemonReports:
@@ -65,18 +66,26 @@ class DaemonReports:
                 after = dataclasses.replace(after, next_push_ms=0, push_attempts=0)
             await tx.put_node_desired([after])
             if errors != row.update_errors:
-                text = "; ".join(f"{e.agent_id}: {e.reason}" for e in errors)
-                tx.event(
-                    "NODE_UPDATE_ERROR",
-                    now_ms=now_ms,
-                    node_id=node_id,
-                    actor=f"node/{node_id}",
-                    message=f"{node_id} cannot run what it was pushed: {text}"
-                    if errors
-                    else f"{node_id} runs everything it was pushed again",
-                    attributes={"errors": str(len(errors))},
-                )
+                update_errors_event(tx, node_id, errors, now_ms)
             return True
 
         if await self._repo.run(body):
             self._on_change()
+
+
+def update_errors_event(
+    tx: DesiredTx, node_id: str, errors: Sequence[UpdateErrorRecord], now_ms: int
+) -> None:
+    """The NODE_UPDATE_ERROR event of a node whose error set changed to `errors`
+    (reported by a sync, or in the answer to a push)."""
+    text = "; ".join(f"{e.agent_id}: {e.reason}" for e in errors)
+    tx.event(
+        "NODE_UPDATE_ERROR",
+        now_ms=now_ms,
+        node_id=node_id,
+        actor=f"node/{node_id}",
+        message=f"{node_id} cannot run what it was pushed: {text}"
+        if errors
+        else f"{node_id} runs everything it was pushed again",
+        attributes={"errors": str(len(errors))},
+    )

@@ -27,7 +27,8 @@ A node is *done* once it runs the target revision and has been healthy for
 `min_healthy_time`; it has *failed* when its daemon reports that it cannot
 run the revision, or when it is not done `healthy_deadline` after it was
 moved. An offline node neither fails nor blocks: a batch completes without
-it, and it converges when it returns. A revert moves the nodes back in the
+it, and it converges when it returns (a rollout that ends while such a node
+is still offline assigns it the revision it ended on). A revert moves the nodes back in the
 same batches and behind the same health gates, the nodes that failed first,
 so it never stops a healthy instance before the old revision has proved
 healthy on the batch before.
@@ -630,6 +631,18 @@ def _finished_step(
         if offline
         else ""
     )
+    # The offline nodes never moved are assigned the revision the rollout ended on now: the
+    # manager delivers it when they are back, as to a node that comes into scope. Left on
+    # their old assignment, nothing would ever move them (the rollout has ended).
+    deferred = tuple(
+        sorted(
+            n
+            for n, rec in current.items()
+            if rec.phase is NodePhase.PENDING
+            and not observed[n].online
+            and observed[n].assigned != r.target
+        )
+    )
     if r.reverting:
         done = dataclasses.replace(
             r, state=S.REVERTED, reason=f"{r.reason}; reverted to revision {r.target}{later}"
@@ -652,7 +665,7 @@ def _finished_step(
                 {"revision": str(r.target), "offline": ",".join(offline)},
             )
         )
-    return Step(done, changed, (), tuple(notes), None)
+    return Step(done, changed, deferred, tuple(notes), None)
 
 
 def _names(nodes: Iterable[str], limit: int = 5) -> str:

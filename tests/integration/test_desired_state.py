@@ -28,6 +28,7 @@ from manager_harness import manager_config, node_stub, rpc_error
 from bench.sim import SimAgent, SimFleet, start_daemon
 from fleet.v1 import common_pb2, desired_pb2, fleet_pb2, fleet_pb2_grpc, manager_pb2
 from manager.server import ManagerServer
+from manager.service.convergence import PassResult
 
 T = TypeVar("T")
 RS = desired_pb2
@@ -451,3 +452,23 @@ async def test_nodes_download_only_the_artifacts_of_their_definitions(
         await env.stub.DeleteArtifact(
             fleet_pb2.FleetServiceDeleteArtifactRequest(name="web", version="7")
         )
+
+
+async def test_a_rollout_started_during_a_pass_is_not_judged_on_a_stale_scope(
+    pki: Any, tmp_path: Path, database_url: str
+) -> None:
+    """A definition applied between a pass's scoping and its rollout steps waits for the
+    next pass, instead of being judged on a scope without it (SUCCESSFUL, no node moved)."""
+    async with desired_env(pki, tmp_path, database_url) as env:
+        await env.add("p1", {"env": "prod"})
+        convergence = env.manager.convergence
+        await convergence.stop()  # drive the pass's phases by hand, interleaved with an apply
+        nodes = {n.node_id: n for n in await env.manager.nodes.list()}
+        scopes, live = await convergence._rescope(nodes, PassResult())
+        await env.apply(definition())
+        await convergence._step_rollouts(nodes, scopes, live, PassResult())
+        assert state(await env.rollout("web")) == "PENDING"
+        convergence.start()
+        done = await until(lambda: env.rollout("web"), lambda r: r.ended_at > 0)
+        assert (state(done), done.done) == ("SUCCESSFUL", 1)
+        assert env.revisions("web") == {"p1": 1}

@@ -1,13 +1,22 @@
-"""Fixtures of the system tests: real processes."""
+"""Fixtures of the system tests: real processes.
+
+The integration harness (`manager_harness`, `fleet_harness`) lives in
+tests/integration, which pytest puts on sys.path only when it collects tests
+from there; this conftest adds it so `pytest tests/system` alone works.
+"""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from daemon_helpers import short_tmp
 from manager_proc import Manager, free_port
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
 
 
 @pytest.fixture

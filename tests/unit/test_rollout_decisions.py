@@ -400,7 +400,26 @@ def test_offline_nodes_do_not_block_and_are_listed() -> None:
     d.run()
     assert d.rollout.state is S.SUCCESSFUL
     assert d.rollout.reason == "2 offline node(s) will converge when they return: n01, n03"
-    assert fleet.nodes["n01"].assigned == 1
+    # They are assigned revision 2 as the rollout ends, and run it once they are back.
+    assert (fleet.nodes["n01"].assigned, fleet.nodes["n01"].running) == (2, 1)
+    assert [(n, rev) for _, n, rev in fleet.moves[-2:]] == [("n01", 2), ("n03", 2)]
+    assert d.tick().assign == ()  # ended: nothing moves again
+
+
+def test_offline_nodes_converge_to_the_revision_a_revert_ended_on() -> None:
+    """A node offline during a revert, left on the failed revision, is assigned the good one."""
+    fleet = SimFleet.of(3, bad={2})
+    d = rollout_of(
+        fleet, max_parallel=Amount(1), auto_revert=True, healthy_deadline=30.0,
+        progress_deadline=60.0,
+    )  # fmt: skip
+    assert d.tick().assign == ("n00",)  # moved to the bad revision 2, then gone
+    fleet.nodes["n00"].online = False
+    d.run()
+    assert d.rollout.state is S.REVERTED
+    assert "1 offline node(s) will converge when they return: n00" in d.rollout.reason
+    assert fleet.nodes["n00"].assigned == 1
+    assert fleet.nodes["n00"].running == 2  # it gets revision 1 when it is back
 
 
 def test_a_node_going_offline_mid_batch_is_on_hold_not_failed() -> None:
@@ -422,6 +441,22 @@ def test_a_node_going_offline_mid_batch_is_on_hold_not_failed() -> None:
     fleet.run("n01", d.now)
     d.run()
     assert d.rollout.state is S.SUCCESSFUL
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="known: a rollout whose every moved node went offline before it proved healthy"
+    " ends SUCCESSFUL, making an unproven revision the stable one (reported to the lead)",
+)
+def test_a_rollout_no_node_proved_does_not_succeed() -> None:
+    """The only node moved to a never-healthy revision goes offline: not SUCCESSFUL."""
+    fleet = SimFleet.of(1, bad={2})
+    d = rollout_of(fleet, max_parallel=Amount(1))
+    assert d.tick().assign == ("n00",)
+    fleet.nodes["n00"].online = False
+    d.now += 5
+    d.tick()
+    assert d.rollout.state is not S.SUCCESSFUL, d.rollout.reason
 
 
 # --- operator actions ---------------------------------------------------------------------------
