@@ -456,7 +456,21 @@ def step(
         )
     pending = _pending(current, observed)
     if not pending:
-        return _finished_step(r, current, changed, notes, observed)
+        unproven = _unproven(r, current)
+        if not unproven:
+            return _finished_step(r, current, changed, notes, observed)
+        # Every node is offline and none proved the revision: it must not become the
+        # stable one untested. Wait for one to return, within the progress deadline.
+        if now - r.progress_at >= r.policy.progress_deadline:
+            reason = (
+                f"no node proved revision {r.target} healthy within"
+                f" {_seconds(r.policy.progress_deadline)} (progress_deadline); offline:"
+                f" {_names(unproven)}"
+            )
+            return _failed_step(r, current, changed, notes, observed, now, reason)
+        reason = f"waiting for a node to prove revision {r.target}; offline: {_names(unproven)}"
+        r = dataclasses.replace(r, reason=reason)
+        return Step(r, changed, (), tuple(notes), r.progress_at + r.policy.progress_deadline)
 
     # 5. The pause between batches.
     if r.batch >= 0 and r.policy.pause_between_batches > 0:
@@ -612,6 +626,17 @@ def _failed_step(
     changed.update(back)
     changed.update(first.nodes)
     return Step(first.rollout, changed, first.assign, (*notes, *first.notes), first.wake_at)
+
+
+def _unproven(r: Rollout, current: Mapping[str, NodeProgress]) -> list[str]:
+    """The (offline) nodes left when a rollout would end with none of them proven.
+
+    Empty when a node is DONE, when nothing is in scope, or while reverting (its target
+    was proven before).
+    """
+    if r.reverting or not current or any(p.phase is NodePhase.DONE for p in current.values()):
+        return []
+    return sorted(current)
 
 
 def _finished_step(

@@ -443,20 +443,39 @@ def test_a_node_going_offline_mid_batch_is_on_hold_not_failed() -> None:
     assert d.rollout.state is S.SUCCESSFUL
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="known: a rollout whose every moved node went offline before it proved healthy"
-    " ends SUCCESSFUL, making an unproven revision the stable one (reported to the lead)",
-)
-def test_a_rollout_no_node_proved_does_not_succeed() -> None:
-    """The only node moved to a never-healthy revision goes offline: not SUCCESSFUL."""
+def test_a_rollout_no_node_proved_waits_then_fails_at_its_progress_deadline() -> None:
+    """The only node moved to a never-healthy revision goes offline: the rollout waits
+    for it (never SUCCESSFUL: the revision would become the stable one untested), and
+    fails at its progress deadline; when the node returns in time, it is judged."""
     fleet = SimFleet.of(1, bad={2})
     d = rollout_of(fleet, max_parallel=Amount(1))
     assert d.tick().assign == ("n00",)
     fleet.nodes["n00"].online = False
     d.now += 5
+    waiting = d.tick()
+    assert d.rollout.state is S.RUNNING
+    assert d.rollout.reason == "waiting for a node to prove revision 2; offline: n00"
+    assert waiting.wake_at == d.rollout.progress_at + d.rollout.policy.progress_deadline
+    d.now = d.rollout.progress_at + d.rollout.policy.progress_deadline
     d.tick()
-    assert d.rollout.state is not S.SUCCESSFUL, d.rollout.reason
+    assert d.rollout.state is S.FAILED
+    assert d.rollout.reason.startswith("no node proved revision 2 healthy within")
+
+
+def test_an_offline_node_that_returns_proves_the_revision() -> None:
+    """The moved node comes back healthy before the deadline: SUCCESSFUL."""
+    fleet = SimFleet.of(1)
+    d = rollout_of(fleet, max_parallel=Amount(1))
+    assert d.tick().assign == ("n00",)
+    fleet.nodes["n00"].online = False
+    d.now += 5
+    d.tick()
+    assert d.rollout.state is S.RUNNING
+    fleet.nodes["n00"].online = True
+    for _ in range(5):
+        d.now += 20
+        d.tick()
+    assert d.rollout.state is S.SUCCESSFUL, d.rollout.reason
 
 
 # --- operator actions ---------------------------------------------------------------------------
