@@ -383,25 +383,30 @@ class Agent:
                 continue
             if self.health == "unhealthy" and was != "unhealthy":
                 self._unhealthy(proc)
-            else:
-                if self.health == "healthy" and was == "unhealthy":
-                    self.message = f"healthy again: {result.detail}"
-                self.ctx.changed(self)
+                continue
+            if self.health == "unhealthy":  # failing another way now
+                self.message = self._unhealthy_line()
+            elif self.health == "healthy" and was == "unhealthy":
+                self.message = f"healthy again: {result.detail}"
+            self.ctx.changed(self)
 
     async def _sleep_until(self, deadline: float) -> None:
         # Read the time when the sleep begins, not when it was scheduled.
         await self.ctx.clock.sleep(deadline - self.ctx.clock.now())
 
-    def _unhealthy(self, proc: AgentProcess) -> None:
-        """The agent turned UNHEALTHY: report it; restart it if its spec says so."""
-        restart = restarts_when_unhealthy(self.spec)
-        if restart:
+    def _unhealthy_line(self) -> str:
+        if restarts_when_unhealthy(self.spec):
             what = "restarting"
         elif self.spec.restart == "never":
             what = "left running (restart = never)"
         else:
             what = "left running (restart_when_unhealthy = false)"
-        self.message = f"unhealthy: {self.health_message}; {what}"
+        return f"unhealthy: {self.health_message}; {what}"
+
+    def _unhealthy(self, proc: AgentProcess) -> None:
+        """The agent turned UNHEALTHY: report it; restart it if its spec says so."""
+        restart = restarts_when_unhealthy(self.spec)
+        self.message = self._unhealthy_line()
         log.warning("agent %s (pid %d): %s", self.spec.id, proc.pid, self.message)
         self.ctx.changed(self)
         if restart:

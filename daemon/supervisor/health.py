@@ -111,8 +111,12 @@ def judge(
         return Verdict("healthy" if last_heartbeat >= watched_since else "pending", "")
     assert check.kind in PROBE_KINDS, check.kind  # validated specs only
     if probes.failures >= check.failure_threshold:
-        in_a_row = f" ({probes.failures} failures in a row)" if probes.failures > 1 else ""
-        return Verdict("unhealthy", probes.last_failure + in_a_row)
+        # The threshold, not the running count: the reason stays the same from probe to
+        # probe, so a steadily failing check is not a state change every interval.
+        n = check.failure_threshold
+        return Verdict(
+            "unhealthy", probes.last_failure + (f" ({n} times in a row)" if n > 1 else "")
+        )
     if probes.passed:
         return Verdict("healthy", "")
     return Verdict("pending", probes.last_failure)

@@ -65,8 +65,12 @@ def _what(check: HealthSpec) -> str:
 
 
 def _oserror(exc: BaseException) -> str:
-    if isinstance(exc, OSError) and exc.strerror:
-        return exc.strerror.lower() if exc.strerror[0].isupper() else exc.strerror
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"certificate verification failed: {exc.verify_message}"
+    if isinstance(exc, OSError) and exc.errno:
+        # asyncio says "Connect call failed ('127.0.0.1', 80)"; the errno says why.
+        text = os.strerror(exc.errno)
+        return text[0].lower() + text[1:]
     return str(exc) or type(exc).__name__
 
 

@@ -238,7 +238,7 @@ def test_unhealthy_after_threshold_failures_in_a_row_and_healthy_after_one_pass(
         probes = _probe(clock, probes, False, f"GET x: status 50{n}")
         assert judge(check, live=True, now=clock.now(), probes=probes).health == expected
     verdict = judge(check, live=True, now=clock.now(), probes=probes)
-    assert verdict == Verdict("unhealthy", "GET x: status 503 (3 failures in a row)")
+    assert verdict == Verdict("unhealthy", "GET x: status 503 (3 times in a row)")
     clock.advance(5)
     probes = _probe(clock, probes, True)
     assert judge(check, live=True, now=clock.now(), probes=probes) == Verdict("healthy", "")
