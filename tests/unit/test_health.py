@@ -273,3 +273,55 @@ def test_heartbeat_is_judged_by_the_same_function() -> None:
     assert judge(check, live=True, now=107.5, last_heartbeat=102.0, **at) == Verdict(
         "unhealthy", "no heartbeat for 5.5s (timeout 5s)"
     )
+
+
+def test_the_manager_checks_definitions_with_the_same_code() -> None:
+    """A definition's check is validated by the manager: a good one passes, a bad one names it."""
+    from fleet.v1 import desired_pb2
+    from manager.service.definitions import check_definition
+
+    def definition(check: common_pb2.HealthCheck) -> desired_pb2.Definition:
+        return desired_pb2.Definition(
+            name="web", agent=common_pb2.AgentSpec(argv=["/bin/sleep", "100"], health=check)
+        )
+
+    good = common_pb2.HealthCheck(
+        kind=common_pb2.HEALTH_CHECK_KIND_HTTP, url="http://127.0.0.1:8080/healthz"
+    )
+    assert check_definition(definition(good)).spec.health.url == "http://127.0.0.1:8080/healthz"
+    bad = common_pb2.HealthCheck(kind=common_pb2.HEALTH_CHECK_KIND_HTTP, url="gopher://h/")
+    with pytest.raises(InvalidArgument) as info:
+        check_definition(definition(bad))
+    assert info.value.field == "definitions[web].agent.health.url"
+    assert "scheme must be http or https" in info.value.message
+
+
+def test_health_reason_and_since_reach_agent_info_and_agent_state() -> None:
+    """ListAgents (AgentInfo) and SyncAgentStates (AgentState) carry health_message/health_since."""
+    from daemon.convert import agent_info, agent_state
+    from daemon.supervisor.agent import AgentSnapshot
+    from daemon.supervisor.states import AgentStatus
+
+    snap = AgentSnapshot(
+        id="web",
+        type="process",
+        status=AgentStatus.RUNNING,
+        pid=42,
+        version="1",
+        start_time_ms=1000,
+        restart_count=0,
+        last_heartbeat_ms=0,
+        exit_code=0,
+        last_exit=None,
+        message="unhealthy: GET http://h:1/: status 503; restarting",
+        labels={},
+        health="unhealthy",
+        backoff_until_ms=0,
+        config_version=1,
+        health_message="GET http://h:1/: status 503",
+        health_since_ms=5000,
+    )
+    for msg in (agent_info(snap), agent_state(snap)):
+        assert msg.health == common_pb2.AGENT_HEALTH_UNHEALTHY
+        assert msg.health_message == "GET http://h:1/: status 503"
+        assert msg.health_since == 5000
