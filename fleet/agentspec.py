@@ -410,6 +410,26 @@ _HEALTH_TO_PROTO: dict[HealthKind, common_pb2.HealthCheckKind.ValueType] = {
 _HEALTH_FROM_PROTO: dict[int, HealthKind] = {n: kind for kind, n in _HEALTH_TO_PROTO.items()}
 
 
+def _one_check(msg: common_pb2.AgentSpec, where: str) -> HealthSpec:
+    """The agent's one check, from `health` or `checks` (fleetctl puts probes there)."""
+    found: list[tuple[str, common_pb2.HealthCheck]] = []
+    if msg.health.kind:
+        found.append((f"{where}.health", msg.health))
+    found += [(f"{where}.checks[{i}]", check) for i, check in enumerate(msg.checks)]
+    if len(found) > 1:
+        raise InvalidArgument(
+            f"one health check per agent is supported, got {len(found)} (health and checks)",
+            field=f"{where}.checks",
+        )
+    if not found:
+        return _health_from_proto(msg.health, "none")
+    field, check = found[0]
+    kind = _HEALTH_FROM_PROTO.get(check.kind)
+    if kind is None:
+        raise InvalidArgument(f"unknown health kind {check.kind}", field=f"{field}.kind")
+    return _health_from_proto(check, kind)
+
+
 def _health_from_proto(msg: common_pb2.HealthCheck, kind: HealthKind) -> HealthSpec:
     d = HealthSpec()
     # 0 and 0 mean the default range; a range with one end set is taken as sent.
@@ -470,16 +490,7 @@ def spec_from_proto(msg: common_pb2.AgentSpec, *, where: str = "agent") -> Agent
     restart = _RESTART_FROM_PROTO.get(msg.restart)
     if restart is None:
         raise InvalidArgument(f"unknown restart policy {msg.restart}", field=f"{where}.restart")
-    health_kind = _HEALTH_FROM_PROTO.get(msg.health.kind)
-    if health_kind is None:
-        raise InvalidArgument(
-            f"unknown health kind {msg.health.kind}", field=f"{where}.health.kind"
-        )
-    if msg.checks:
-        raise InvalidArgument(
-            "more than one health check is not supported yet: set the one check in health",
-            field=f"{where}.checks",
-        )
+    health = _one_check(msg, where)
     try:
         config = msg.config.decode("utf-8")
     except UnicodeDecodeError:
@@ -509,7 +520,7 @@ def spec_from_proto(msg: common_pb2.AgentSpec, *, where: str = "agent") -> Agent
         log_max_bytes=msg.log_max_bytes or _spec_default("log_max_bytes"),
         log_backups=msg.log_backups,
         labels=dict(msg.labels),
-        health=_health_from_proto(msg.health, health_kind),
+        health=health,
         config=config,
         revision=msg.revision,
         artifact=ArtifactRef.from_proto(msg.artifact) if msg.HasField("artifact") else None,

@@ -534,6 +534,8 @@ class Agent:
     def set_spec(self, spec: AgentSpec) -> None:
         """Swap in a spec that needs no restart; bumps config_version when config changed."""
         old, self.spec = self.spec, spec
+        if old.health != spec.health:
+            self.probes = Probes()  # results of another check say nothing of this one
         if old.config != spec.config:
             self.config_version += 1
             self.wake_config_watchers()

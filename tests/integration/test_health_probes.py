@@ -270,3 +270,25 @@ async def test_restart_never_wins_over_restart_when_unhealthy(
     await asyncio.sleep(0.5)  # five more failed probes
     assert sup.get("web").pid == pid
     assert sup.get("web").restart_count == 0
+
+
+async def test_a_check_changes_in_place_without_a_restart(
+    sup: Supervisor, rec: Recorder, tmp_path: Path
+) -> None:
+    """Adding, changing and removing the check of a running agent applies it without a restart."""
+    server = Server(tmp_path)
+    await sup.start([server.spec(HealthSpec())])
+    await rec.until(lambda: sup.get("web").status is S.RUNNING)
+    pid = sup.get("web").pid
+    assert sup.get("web").health == "none"
+    closed = HealthSpec(kind="tcp", address=f"127.0.0.1:{_free_port()}", interval=0.1, timeout=1)
+    await sup.reload([server.spec(closed)])
+    await rec.until(lambda: sup.get("web").health == "unhealthy")
+    assert "connection refused" in sup.get("web").health_message
+    await sup.reload([server.spec(_http(server))])
+    await rec.until(lambda: sup.get("web").health == "healthy")
+    await sup.reload([server.spec(HealthSpec())])
+    await rec.until(lambda: sup.get("web").health == "none")
+    assert sup.get("web").health_message == ""
+    assert sup.get("web").pid == pid
+    assert sup.get("web").restart_count == 0

@@ -172,16 +172,20 @@ def test_unset_probe_fields_take_the_defaults() -> None:
     )
 
 
-def test_pushed_checks_beyond_the_one_health_are_refused() -> None:
-    """`checks` (several checks) is not supported yet: INVALID_ARGUMENT naming the field."""
-    msg = common_pb2.AgentSpec(
-        id="a",
-        argv=["/bin/true"],
-        checks=[common_pb2.HealthCheck(kind=common_pb2.HEALTH_CHECK_KIND_TCP, address="h:1")],
-    )
-    with pytest.raises(InvalidArgument, match="more than one health check") as info:
-        spec_from_proto(msg, where="agents[0]")
+def test_a_probe_in_checks_is_the_one_check_and_more_are_refused() -> None:
+    """fleetctl puts probes in `checks`: one is taken; two checks are INVALID_ARGUMENT."""
+    tcp = common_pb2.HealthCheck(kind=common_pb2.HEALTH_CHECK_KIND_TCP, address="h:1")
+    one = common_pb2.AgentSpec(id="a", argv=["/bin/true"], checks=[tcp])
+    assert spec_from_proto(one).health == HealthSpec(kind="tcp", address="h:1")
+    heartbeat = common_pb2.HealthCheck(kind=common_pb2.HEALTH_CHECK_KIND_HEARTBEAT)
+    two = common_pb2.AgentSpec(id="a", argv=["/bin/true"], health=heartbeat, checks=[tcp])
+    with pytest.raises(InvalidArgument, match="one health check per agent is supported") as info:
+        spec_from_proto(two, where="agents[0]")
     assert info.value.field == "agents[0].checks"
+    odd = common_pb2.AgentSpec(id="a", argv=["/bin/true"], checks=[common_pb2.HealthCheck(kind=9)])  # type: ignore[arg-type]
+    with pytest.raises(InvalidArgument, match="unknown health kind 9") as info:
+        spec_from_proto(odd, where="agents[0]")
+    assert info.value.field == "agents[0].checks[0].kind"
 
 
 def test_restart_when_unhealthy_follows_the_check_and_the_restart_policy() -> None:
@@ -325,3 +329,24 @@ def test_health_reason_and_since_reach_agent_info_and_agent_state() -> None:
         assert msg.health == common_pb2.AGENT_HEALTH_UNHEALTHY
         assert msg.health_message == "GET http://h:1/: status 503"
         assert msg.health_since == 5000
+
+
+def test_a_definition_file_check_reaches_the_daemon_spec() -> None:
+    """fleetctl's definition file -> the manager's check -> the spec the daemon runs."""
+    from fleetctl.deffile import load_text
+    from manager.service.definitions import check_definition
+
+    text = (
+        '[[definitions]]\nname = "web"\n[definitions.agent]\nargv = ["/opt/web"]\n'
+        'health = { kind = "http", url = "http://127.0.0.1:8080/healthz", interval = "5s",'
+        " failure_threshold = 3, restart_when_unhealthy = true }\n"
+    )
+    (loaded,) = load_text("web.toml", text)
+    spec = check_definition(loaded.definition).spec
+    assert spec.health == HealthSpec(
+        kind="http",
+        url="http://127.0.0.1:8080/healthz",
+        interval=5,
+        failure_threshold=3,
+        restart_when_unhealthy=True,
+    )
