@@ -168,6 +168,10 @@ async def _command(check: HealthSpec, agent: AgentSpec) -> tuple[bool, str]:
     except TimeoutError:
         _kill_group(proc.pid)
         await proc.wait()
+        # What it wrote before it was killed (a child that left the group may hold the pipe).
+        with contextlib.suppress(TimeoutError, OSError):
+            rest = await asyncio.wait_for(proc.stdout.read(OUTPUT_LIMIT), 0.2)
+            output.extend(rest[: OUTPUT_LIMIT - len(output)])
         return False, f"{what}: no exit within {check.timeout:g}s; killed{_shown(output)}"
     except asyncio.CancelledError:
         _kill_group(proc.pid)

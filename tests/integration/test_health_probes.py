@@ -100,7 +100,7 @@ class Server:
 
 
 def _http(server: Server, **kw: object) -> HealthSpec:
-    fields: dict[str, object] = {"interval": 0.1, "timeout": 1.0}
+    fields: dict[str, object] = {"interval": 0.1, "timeout": 3.0}
     fields.update(kw)
     return HealthSpec(kind="http", url=f"http://127.0.0.1:{server.port}/healthz", **fields)  # type: ignore[arg-type]
 
@@ -170,7 +170,7 @@ async def test_failure_threshold_and_initial_delay(
     """Failures below the threshold: pending, with the reason; no probe before initial_delay."""
     server = Server(tmp_path)
     server.set("500")
-    check = _http(server, failure_threshold=1000, initial_delay=0.5)
+    check = _http(server, failure_threshold=1000, initial_delay=1.5)
     await sup.start([server.spec(check)])
     await rec.until(lambda: sup.get("web").status is S.RUNNING)
     assert sup.get("web").health == "pending"
@@ -220,12 +220,12 @@ async def test_a_command_over_its_timeout_is_killed_with_its_children(
         " time.sleep(60)"
     )
     check = HealthSpec(
-        kind="command", command=(sys.executable, "-c", probe, mark), interval=5, timeout=0.5
+        kind="command", command=(sys.executable, "-c", probe, mark), interval=30, timeout=3
     )
     await sup.start([agent("cmd", "-c", "import time; time.sleep(600)", health=check)])
     await rec.until(lambda: sup.get("cmd").health == "unhealthy")
     assert sup.get("cmd").health_message == (
-        f"command {sys.executable!r}: no exit within 0.5s; killed: checking"
+        f"command {sys.executable!r}: no exit within 3s; killed: checking"
     )
     await rec.until(lambda: not processes_with(mark), within=5)
 
