@@ -9,6 +9,7 @@ listening socket (connections are refused) while the process keeps running.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import sys
 from collections.abc import AsyncIterator
@@ -292,3 +293,81 @@ async def test_a_check_changes_in_place_without_a_restart(
     assert sup.get("web").health_message == ""
     assert sup.get("web").pid == pid
     assert sup.get("web").restart_count == 0
+
+
+def _self_signed(tmp_path: Path) -> tuple[Path, Path]:
+    """A CA-less self-signed certificate for 127.0.0.1 (cert file, key file)."""
+    import datetime
+    import ipaddress
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "probe-test")])
+    now = datetime.datetime.now(datetime.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .sign(key, hashes.SHA256())
+    )
+    cert_file, key_file = tmp_path / "cert.pem", tmp_path / "key.pem"
+    cert_file.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_file.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_file, key_file
+
+
+async def test_https_verifies_the_certificate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An untrusted certificate fails the probe; trusting its CA via SSL_CERT_FILE passes it."""
+    import ssl
+
+    from daemon.supervisor.probes import run_probe
+
+    cert_file, key_file = _self_signed(tmp_path)
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.load_cert_chain(cert_file, key_file)
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, ssl.SSLError):
+            await reader.readuntil(b"\r\n\r\n")
+            writer.write(b"HTTP/1.1 204 No Content\r\nContent-Length: 0\r\n\r\n")
+            await writer.drain()
+            writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0, ssl=context)
+    port = server.sockets[0].getsockname()[1]
+    check = HealthSpec(kind="http", url=f"https://127.0.0.1:{port}/healthz", timeout=5)
+    owner = agent("web", "-c", "pass")
+    try:
+        untrusted = await run_probe(check, owner)
+        assert not untrusted.ok
+        assert untrusted.detail.startswith(
+            f"GET https://127.0.0.1:{port}/healthz: certificate verification failed"
+        ), untrusted.detail
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert_file))
+        trusted = await run_probe(check, owner)
+        assert trusted.ok, trusted.detail
+        assert trusted.detail == f"GET https://127.0.0.1:{port}/healthz: status 204 No Content"
+    finally:
+        server.close()
+        await server.wait_closed()
