@@ -41,6 +41,7 @@ from daemon.supervisor.policy import (
     Action,
     ExitKind,
     LastExit,
+    backoff_delay,
     decide_after_exit,
     exit_of_process,
     heartbeat_deadline,
@@ -153,6 +154,10 @@ class Agent:
         """When `health` last changed."""
         self.probes = Probes()
         """What the probes of the current process said so far."""
+        self.unhealthy_restarts = 0
+        """Restarts by the health check since the agent was last healthy (paces them)."""
+        self.unhealthy_delay = 0.0
+        """Backoff before the pending health-check restart (0: at once)."""
         self.lock = asyncio.Lock()
         self.config_changed = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
@@ -213,6 +218,8 @@ class Agent:
         """Take `verdict` as the agent's health; True if health or its reason changed."""
         if verdict.health != self.health:
             self.health_since = self.ctx.clock.now()
+        if verdict.health == "healthy":
+            self.unhealthy_restarts = 0
         changed = (verdict.health, verdict.reason) != (self.health, self.health_message)
         self.health, self.health_message = verdict.health, verdict.reason
         return changed
@@ -396,7 +403,8 @@ class Agent:
 
     def _unhealthy_line(self) -> str:
         if restarts_when_unhealthy(self.spec):
-            what = "restarting"
+            delay = self.unhealthy_delay
+            what = f"restarting in {delay:.1f}s (backoff)" if delay > 0 else "restarting"
         elif self.spec.restart == "never":
             what = "left running (restart = never)"
         else:
@@ -406,6 +414,9 @@ class Agent:
     def _unhealthy(self, proc: AgentProcess) -> None:
         """The agent turned UNHEALTHY: report it; restart it if its spec says so."""
         restart = restarts_when_unhealthy(self.spec)
+        # The first restart is at once; one that never got healthy again backs off.
+        n = self.unhealthy_restarts
+        self.unhealthy_delay = backoff_delay(n - 1, self.spec.backoff) if restart and n else 0.0
         self.message = self._unhealthy_line()
         log.warning("agent %s (pid %d): %s", self.spec.id, proc.pid, self.message)
         self.ctx.changed(self)
@@ -415,6 +426,8 @@ class Agent:
             )
 
     async def _restart_hung(self, proc: AgentProcess) -> None:
+        if self.unhealthy_delay > 0:
+            await self.ctx.clock.sleep(self.unhealthy_delay)
         async with self.lock:
             # An operator, a spec change or a late heartbeat may have dealt with it meanwhile.
             if self.proc is not proc or not proc.running or self.health != "unhealthy":
@@ -424,6 +437,7 @@ class Agent:
                 why = f"killed by the health check after {silent:.1f} s without a heartbeat"
             else:
                 why = f"killed by the health check: {self.health_message}"
+            self.unhealthy_restarts += 1
             try:
                 await self.restart(cause=("unhealthy", why))
             except Exception as exc:  # say so in the snapshot instead of dying silently

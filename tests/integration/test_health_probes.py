@@ -371,3 +371,30 @@ async def test_https_verifies_the_certificate(
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_restarts_by_the_health_check_back_off_until_healthy(
+    sup: Supervisor, rec: Recorder, tmp_path: Path
+) -> None:
+    """An agent that never gets healthy is restarted at once, then after the backoff delays."""
+    from daemon.supervisor.spec import BackoffSpec
+
+    server = Server(tmp_path)
+    server.set("500")
+    check = _http(server, restart_when_unhealthy=True)
+    backoff = BackoffSpec(initial=1.5, multiplier=2.0, max=10.0, jitter=0.0)
+    await sup.start([server.spec(check, restart="always", backoff=backoff)])
+    await rec.until(lambda: sup.get("web").restart_count == 1)
+    await rec.until(lambda: sup.get("web").health == "unhealthy")
+    assert sup.get("web").message.endswith("; restarting in 1.5s (backoff)")
+    first = sup.get("web").start_time_ms
+    await rec.until(lambda: sup.get("web").restart_count == 2)
+    assert sup.get("web").start_time_ms - first >= 1500
+    server.set("ok")
+    await rec.until(lambda: sup.get("web").health == "healthy")
+    mark = len(rec.changes)
+    server.set("500")
+    await rec.until(lambda: sup.get("web").restart_count == 3)
+    sick = [s for s in rec.changes[mark:] if s.health == "unhealthy" and s.restart_count == 2]
+    assert sick, "reported unhealthy before the restart"
+    assert sick[0].message.endswith("; restarting"), "healthy in between: at once again"
