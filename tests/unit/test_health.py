@@ -350,3 +350,15 @@ def test_a_definition_file_check_reaches_the_daemon_spec() -> None:
         failure_threshold=3,
         restart_when_unhealthy=True,
     )
+
+
+def test_artifact_placeholder_reaches_the_check_command() -> None:
+    """`{artifact}` in a command check becomes the artifact's path, as in argv."""
+    from daemon.artifacts import substitute
+
+    check = HealthSpec(kind="command", command=("{artifact}/bin/check", "--dir={artifact}"))
+    spec = substitute(_spec(check), "/var/lib/fleet/artifacts/sha256-ab")
+    assert spec.health.command == (
+        "/var/lib/fleet/artifacts/sha256-ab/bin/check",
+        "--dir=/var/lib/fleet/artifacts/sha256-ab",
+    )
