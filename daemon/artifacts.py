@@ -83,13 +83,17 @@ _TRANSIENT = {
 
 
 def substitute(spec: AgentSpec, path: Path | str) -> AgentSpec:
-    """`spec` with every ``{artifact}`` in argv, cwd and env values replaced by `path`."""
+    """`spec` with every ``{artifact}`` in argv, cwd, env values and a health check's
+    command replaced by `path`."""
     p = str(path)
     return dataclasses.replace(
         spec,
         argv=tuple(a.replace(PLACEHOLDER, p) for a in spec.argv),
         cwd=spec.cwd.replace(PLACEHOLDER, p),
         env={k: v.replace(PLACEHOLDER, p) for k, v in spec.env.items()},
+        health=dataclasses.replace(
+            spec.health, command=tuple(a.replace(PLACEHOLDER, p) for a in spec.health.command)
+        ),
     )
 
 

@@ -91,6 +91,8 @@ def agent_info(
         backoff_until=snapshot.backoff_until_ms,
         config_version=snapshot.config_version,
         revision=snapshot.revision,
+        health_message=snapshot.health_message,
+        health_since=snapshot.health_since_ms,
     )
 
 
@@ -112,6 +114,8 @@ def agent_state(snapshot: AgentSnapshot) -> manager_pb2.AgentState:
         health=_HEALTH_TO_PROTO.get(snapshot.health, common_pb2.AGENT_HEALTH_UNSPECIFIED),
         config_version=snapshot.config_version,
         revision=snapshot.revision,
+        health_message=snapshot.health_message,
+        health_since=snapshot.health_since_ms,
     )
 
 

@@ -28,9 +28,10 @@ import dataclasses
 import hashlib
 import json
 import signal
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal, get_args
+from urllib.parse import urlsplit
 
 from fleet.artifacts import ArtifactRef, validate_digest, validate_name, validate_version
 from fleet.errors import InvalidArgument
@@ -40,6 +41,7 @@ from fleet.v1 import common_pb2
 __all__ = [
     "DEFAULT_LOG_MAX_BYTES",
     "MAX_SECONDS",
+    "PROBE_KINDS",
     "AgentSpec",
     "BackoffSpec",
     "HealthSpec",
@@ -51,10 +53,13 @@ __all__ = [
     "spec_to_dict",
     "spec_to_proto",
     "specs_from_proto",
+    "split_host_port",
 ]
 
 RestartPolicy = Literal["always", "on-failure", "never"]
-HealthKind = Literal["none", "heartbeat"]
+HealthKind = Literal["none", "heartbeat", "http", "tcp", "command"]
+PROBE_KINDS = frozenset({"http", "tcp", "command"})
+"""Health kinds the daemon runs itself, every `interval` seconds."""
 DEFAULT_LOG_MAX_BYTES = 10 * 1024 * 1024
 MAX_SECONDS = 7 * 24 * 3600.0
 """Longest duration a spec may set (a week): any longer is a typo, not a plan."""
@@ -89,9 +94,28 @@ class HealthSpec:
     """How the daemon decides an agent is healthy beyond "its process exists"."""
 
     kind: HealthKind = "none"
-    """"none": a live process is healthy; "heartbeat": it must heartbeat via the SDK."""
+    """"none": a live process is healthy; "heartbeat": it must heartbeat via the SDK;
+    "http", "tcp", "command": the daemon probes it every `interval` seconds."""
     timeout: float = 30.0
-    """For "heartbeat": unhealthy after this many seconds without one."""
+    """"heartbeat": unhealthy after this many seconds without one; probes: how long one may take."""
+    interval: float = 10.0
+    """Probes: seconds from the end of one probe to the start of the next."""
+    failure_threshold: int = 1
+    """Probes: failures in a row before the agent is unhealthy."""
+    initial_delay: float = 0.0
+    """Probes: seconds after the agent is RUNNING before the first probe."""
+    restart_when_unhealthy: bool = False
+    """Probes: restart the agent when it turns unhealthy (unless its restart policy is "never")."""
+    url: str = ""
+    """"http": the URL to GET, http://host:port/path or https://... (verified)."""
+    expected_status_min: int = 200
+    """"http": lowest status that passes."""
+    expected_status_max: int = 399
+    """"http": highest status that passes."""
+    address: str = ""
+    """"tcp": host:port ([v6]:port) that must accept a connection."""
+    command: tuple[str, ...] = ()
+    """"command": program and arguments (no shell), run like the agent; must exit 0."""
 
 
 @dataclass(frozen=True)
@@ -234,13 +258,7 @@ def _validate(spec: AgentSpec) -> None:
         raise bad("stop_signal", str(exc)) from None
     if spec.log_max_bytes < 0 or spec.log_backups < 0:
         raise bad("log_max_bytes", "log_max_bytes and log_backups must be >= 0")
-    if spec.health.kind not in get_args(HealthKind):
-        raise bad("health.kind", f"must be none or heartbeat, got {spec.health.kind!r}")
-    if not 0 < spec.health.timeout <= MAX_SECONDS:
-        raise bad(
-            "health.timeout",
-            f"must be > 0 and <= {MAX_SECONDS:.0f} seconds, got {spec.health.timeout}",
-        )
+    _validate_health(spec.health, bad)
     try:
         validate_labels(spec.labels, field=f"agents[{spec.id}].labels")
     except LabelError as exc:
@@ -265,6 +283,86 @@ def _validate_artifact(ref: ArtifactRef, where: str) -> None:
         raise SpecError(f"must be >= 0, got {ref.size_bytes}", field=f"{where}.size_bytes")
 
 
+def _validate_health(h: HealthSpec, bad: Callable[[str, str], SpecError]) -> None:
+    kinds = get_args(HealthKind)
+    if h.kind not in kinds:
+        raise bad("health.kind", f"must be one of {', '.join(kinds)}; got {h.kind!r}")
+    if not 0 < h.timeout <= MAX_SECONDS:
+        raise bad(
+            "health.timeout", f"must be > 0 and <= {MAX_SECONDS:.0f} seconds, got {h.timeout}"
+        )
+    # What belongs to another kind is a typo or a half-edited check: say so.
+    for name, owner in (("url", "http"), ("address", "tcp"), ("command", "command")):
+        if getattr(h, name) and h.kind != owner:
+            raise bad(f"health.{name}", f'is only for kind = "{owner}" (kind is {h.kind!r})')
+    if h.kind not in PROBE_KINDS:
+        return
+    if not 0 < h.interval <= MAX_SECONDS:
+        raise bad(
+            "health.interval", f"must be > 0 and <= {MAX_SECONDS:.0f} seconds, got {h.interval}"
+        )
+    if not 0 <= h.initial_delay <= MAX_SECONDS:
+        raise bad(
+            "health.initial_delay", f"must be 0..{MAX_SECONDS:.0f} seconds, got {h.initial_delay}"
+        )
+    if not 1 <= h.failure_threshold <= 1000:
+        raise bad("health.failure_threshold", f"must be 1..1000, got {h.failure_threshold}")
+    if h.kind == "http":
+        _validate_url(h.url, bad)
+        low, high = h.expected_status_min, h.expected_status_max
+        if not 100 <= low <= high <= 599:
+            raise bad(
+                "health.expected_status_min",
+                f"the expected status range must lie in 100..599 with min <= max, "
+                f"got {low}..{high}",
+            )
+    elif h.kind == "tcp":
+        try:
+            split_host_port(h.address)
+        except ValueError as exc:
+            raise bad("health.address", str(exc)) from None
+    elif not h.command or not h.command[0]:
+        raise bad("health.command", "must not be empty (the program to run and its arguments)")
+    elif any(not isinstance(a, str) or "\0" in a for a in h.command):
+        raise bad("health.command", "arguments must be strings without NUL bytes")
+
+
+def _validate_url(url: str, bad: Callable[[str, str], SpecError]) -> None:
+    if not url:
+        raise bad("health.url", 'must be set for kind = "http" (http://host:port/path)')
+    if any(c.isspace() or ord(c) < 32 for c in url):
+        raise bad("health.url", f"must not contain spaces or control characters: {url!r}")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise bad("health.url", f"{url!r}: {exc}") from None
+    if parts.scheme not in ("http", "https"):
+        raise bad("health.url", f"scheme must be http or https, got {url!r}")
+    if not parts.hostname:
+        raise bad("health.url", f"has no host: {url!r}")
+    if port == 0:
+        raise bad("health.url", f"port must be 1..65535: {url!r}")
+    if parts.username is not None or parts.password is not None:
+        raise bad("health.url", "must not carry credentials (user:password@)")
+
+
+def split_host_port(address: str) -> tuple[str, int]:
+    """ "host:port" or "[v6]:port" -> (host, port); ValueError naming what is wrong."""
+    host, sep, port_text = address.rpartition(":")
+    if not sep or not host:
+        raise ValueError(f"must be host:port, got {address!r}")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    elif ":" in host:
+        raise ValueError(f"write an IPv6 address as [addr]:port, got {address!r}")
+    if not host or any(c.isspace() or c in "/[]" for c in host):
+        raise ValueError(f"bad host in {address!r}")
+    if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+        raise ValueError(f"port must be 1..65535, got {address!r}")
+    return host, int(port_text)
+
+
 def spec_to_dict(spec: AgentSpec) -> dict[str, Any]:
     """A JSON-ready dict of `spec` (for the daemon's state files)."""
     return dataclasses.asdict(spec)
@@ -280,7 +378,10 @@ def spec_from_dict(data: Mapping[str, Any]) -> AgentSpec:
     if "backoff" in values:
         values["backoff"] = BackoffSpec(**values["backoff"])
     if "health" in values:
-        values["health"] = HealthSpec(**values["health"])
+        health = dict(values["health"])
+        health["command"] = tuple(health.get("command", ()))
+        known_health = {f.name for f in dataclasses.fields(HealthSpec)}
+        values["health"] = HealthSpec(**{k: v for k, v in health.items() if k in known_health})
     if values.get("artifact") is not None:
         values["artifact"] = ArtifactRef(**values["artifact"])
     return AgentSpec(**values)
@@ -297,6 +398,73 @@ _RESTART_TO_PROTO: dict[str, common_pb2.RestartPolicy.ValueType] = {
     "on-failure": common_pb2.RESTART_POLICY_ON_FAILURE,
     "never": common_pb2.RESTART_POLICY_NEVER,
 }
+
+
+_HEALTH_TO_PROTO: dict[HealthKind, common_pb2.HealthCheckKind.ValueType] = {
+    "none": common_pb2.HEALTH_CHECK_KIND_UNSPECIFIED,
+    "heartbeat": common_pb2.HEALTH_CHECK_KIND_HEARTBEAT,
+    "http": common_pb2.HEALTH_CHECK_KIND_HTTP,
+    "tcp": common_pb2.HEALTH_CHECK_KIND_TCP,
+    "command": common_pb2.HEALTH_CHECK_KIND_COMMAND,
+}
+_HEALTH_FROM_PROTO: dict[int, HealthKind] = {n: kind for kind, n in _HEALTH_TO_PROTO.items()}
+
+
+def _one_check(msg: common_pb2.AgentSpec, where: str) -> HealthSpec:
+    """The agent's one check, from `health` or `checks` (fleetctl puts probes there)."""
+    found: list[tuple[str, common_pb2.HealthCheck]] = []
+    if msg.health.kind:
+        found.append((f"{where}.health", msg.health))
+    found += [(f"{where}.checks[{i}]", check) for i, check in enumerate(msg.checks)]
+    if len(found) > 1:
+        raise InvalidArgument(
+            f"one health check per agent is supported, got {len(found)} (health and checks)",
+            field=f"{where}.checks",
+        )
+    if not found:
+        return _health_from_proto(msg.health, "none")
+    field, check = found[0]
+    kind = _HEALTH_FROM_PROTO.get(check.kind)
+    if kind is None:
+        raise InvalidArgument(f"unknown health kind {check.kind}", field=f"{field}.kind")
+    return _health_from_proto(check, kind)
+
+
+def _health_from_proto(msg: common_pb2.HealthCheck, kind: HealthKind) -> HealthSpec:
+    d = HealthSpec()
+    # 0 and 0 mean the default range; a range with one end set is taken as sent.
+    low, high = msg.expected_status_min, msg.expected_status_max
+    if not low and not high:
+        low, high = d.expected_status_min, d.expected_status_max
+    return HealthSpec(
+        kind=kind,
+        timeout=_or_default(msg.timeout_seconds, d.timeout),
+        interval=_or_default(msg.interval_seconds, d.interval),
+        failure_threshold=msg.failure_threshold or 1,
+        initial_delay=msg.initial_delay_seconds,
+        restart_when_unhealthy=msg.restart_when_unhealthy,
+        url=msg.url,
+        expected_status_min=low,
+        expected_status_max=high,
+        address=msg.address,
+        command=tuple(msg.command),
+    )
+
+
+def _health_to_proto(h: HealthSpec) -> common_pb2.HealthCheck:
+    return common_pb2.HealthCheck(
+        kind=_HEALTH_TO_PROTO[h.kind],
+        timeout_seconds=h.timeout,
+        interval_seconds=h.interval,
+        failure_threshold=h.failure_threshold,
+        initial_delay_seconds=h.initial_delay,
+        restart_when_unhealthy=h.restart_when_unhealthy,
+        url=h.url,
+        expected_status_min=h.expected_status_min,
+        expected_status_max=h.expected_status_max,
+        address=h.address,
+        command=list(h.command),
+    )
 
 
 def _or_default(value: float, default: float) -> float:
@@ -322,19 +490,12 @@ def spec_from_proto(msg: common_pb2.AgentSpec, *, where: str = "agent") -> Agent
     restart = _RESTART_FROM_PROTO.get(msg.restart)
     if restart is None:
         raise InvalidArgument(f"unknown restart policy {msg.restart}", field=f"{where}.restart")
-    if msg.health.kind not in (
-        common_pb2.HEALTH_CHECK_KIND_UNSPECIFIED,
-        common_pb2.HEALTH_CHECK_KIND_HEARTBEAT,
-    ):
-        raise InvalidArgument(
-            f"unknown health kind {msg.health.kind}", field=f"{where}.health.kind"
-        )
+    health = _one_check(msg, where)
     try:
         config = msg.config.decode("utf-8")
     except UnicodeDecodeError:
         raise InvalidArgument("is not UTF-8 text", field=f"{where}.config") from None
     d_backoff = BackoffSpec()
-    d_health = HealthSpec()
     return AgentSpec(
         id=msg.id,
         argv=tuple(msg.argv),
@@ -359,12 +520,7 @@ def spec_from_proto(msg: common_pb2.AgentSpec, *, where: str = "agent") -> Agent
         log_max_bytes=msg.log_max_bytes or _spec_default("log_max_bytes"),
         log_backups=msg.log_backups,
         labels=dict(msg.labels),
-        health=HealthSpec(
-            kind="heartbeat"
-            if msg.health.kind == common_pb2.HEALTH_CHECK_KIND_HEARTBEAT
-            else "none",
-            timeout=_or_default(msg.health.timeout_seconds, d_health.timeout),
-        ),
+        health=health,
         config=config,
         revision=msg.revision,
         artifact=ArtifactRef.from_proto(msg.artifact) if msg.HasField("artifact") else None,
@@ -405,12 +561,7 @@ def spec_to_proto(spec: AgentSpec) -> common_pb2.AgentSpec:
         log_max_bytes=spec.log_max_bytes,
         log_backups=spec.log_backups,
         labels=dict(spec.labels),
-        health=common_pb2.HealthCheck(
-            kind=common_pb2.HEALTH_CHECK_KIND_HEARTBEAT
-            if spec.health.kind == "heartbeat"
-            else common_pb2.HEALTH_CHECK_KIND_UNSPECIFIED,
-            timeout_seconds=spec.health.timeout,
-        ),
+        health=_health_to_proto(spec.health),
         config=spec.config.encode("utf-8"),
         revision=spec.revision,
         artifact=spec.artifact.to_proto() if spec.artifact is not None else None,

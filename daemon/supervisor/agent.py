@@ -9,46 +9,54 @@ happen between awaits, so cancelling it is safe) and act on the process.
 Every state change goes through `states.transition`, so an impossible move
 raises instead of corrupting the agent.
 
-Heartbeat watchdog: while RUNNING, the runner also sleeps (on the clock) until
-the heartbeat deadline (`policy.heartbeat_deadline`); a heartbeat only moves
-the deadline, and a runner that wakes early goes back to sleep until the new
-one. Past it the agent is UNHEALTHY (reported, logged) and, unless its
-restart policy is "never", a separate task restarts it under the agent's
-lock (the restart cancels the runner, so the runner cannot do it itself).
+Health (`daemon.supervisor.health.judge` decides, for every kind of check):
+while RUNNING, the runner also sleeps (on the clock) until the heartbeat
+deadline (`policy.heartbeat_deadline`); a heartbeat only moves the deadline,
+and a runner that wakes early goes back to sleep until the new one. For a
+probe check (http, tcp, command) the runner keeps a prober task beside it
+that runs one probe (`daemon.supervisor.probes`) every interval and records
+the result. When the agent turns UNHEALTHY it is reported and logged and,
+if `policy.restarts_when_unhealthy`, a separate task restarts it under the
+agent's lock (the restart cancels the runner, so the runner cannot do it
+itself).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from daemon.sampler import Sampler
 from daemon.supervisor.clock import Clock
+from daemon.supervisor.health import Health, Probes, Verdict, judge, next_probe_at, record
 from daemon.supervisor.logs import log_path
 from daemon.supervisor.policy import (
     READOPT_GRACE,
     Action,
     ExitKind,
     LastExit,
+    backoff_delay,
     decide_after_exit,
     exit_of_process,
     heartbeat_deadline,
     restarts_when_unhealthy,
 )
+from daemon.supervisor.probes import run_probe
 from daemon.supervisor.process import AgentProcess, SpawnError, spawn
-from daemon.supervisor.spec import AgentSpec
+from daemon.supervisor.spec import AgentSpec, HealthSpec
 from daemon.supervisor.states import AgentStatus, Event, transition
+from fleet.agentspec import PROBE_KINDS
 
 __all__ = ["OPERATOR_STOP", "Agent", "AgentSnapshot", "Cause", "Context", "Health"]
 
 log = logging.getLogger(__name__)
 S = AgentStatus
-Health = Literal["none", "healthy", "unhealthy", "pending"]
 Cause = tuple[ExitKind, str]
 """Why the daemon stops an agent's process: recorded as its LastExit."""
 OPERATOR_STOP: Cause = ("operator", "stopped by an operator")
@@ -90,6 +98,10 @@ class AgentSnapshot:
     """Version of the config payload (bumps on each config change)."""
     revision: int = 0
     """Definition revision of its spec (0: the host's own agent)."""
+    health_message: str = ""
+    """Why the health check fails (while unhealthy, or pending after a failed probe)."""
+    health_since_ms: int = 0
+    """When `health` last changed, epoch ms; 0 if never."""
 
 
 @dataclass(frozen=True)
@@ -137,6 +149,15 @@ class Agent:
         self.operator_stopped = False
         self.removing = False
         self.health: Health = "none"
+        self.health_message = ""
+        self.health_since = 0.0
+        """When `health` last changed."""
+        self.probes = Probes()
+        """What the probes of the current process said so far."""
+        self.unhealthy_restarts = 0
+        """Restarts by the health check since the agent was last healthy (paces them)."""
+        self.unhealthy_delay = 0.0
+        """Backoff before the pending health-check restart (0: at once)."""
         self.lock = asyncio.Lock()
         self.config_changed = asyncio.Event()
         self._runner: asyncio.Task[None] | None = None
@@ -166,6 +187,8 @@ class Agent:
             backoff_until_ms=_ms(self.backoff_until) if self.status is S.BACKOFF else 0,
             config_version=self.config_version,
             revision=self.spec.revision,
+            health_message=self.health_message,
+            health_since_ms=_ms(self.health_since),
         )
 
     def health_deadline(self) -> float | None:
@@ -179,14 +202,27 @@ class Agent:
             grace=self.watch_grace,
         )
 
-    def compute_health(self, now: float) -> Health:
-        """Health from the heartbeat check, for a live process."""
-        deadline = self.health_deadline()
-        if deadline is None:
-            return "none"
-        if now >= deadline:
-            return "unhealthy"
-        return "healthy" if self.last_heartbeat >= self.watched_since else "pending"
+    def verdict(self, now: float) -> Verdict:
+        """Health (and why not healthy) from the spec's check, for a live process."""
+        return judge(
+            self.spec.health,
+            live=self.status in (S.STARTING, S.RUNNING),
+            now=now,
+            last_heartbeat=self.last_heartbeat,
+            watched_since=self.watched_since,
+            grace=self.watch_grace,
+            probes=self.probes,
+        )
+
+    def _set_health(self, verdict: Verdict) -> bool:
+        """Take `verdict` as the agent's health; True if health or its reason changed."""
+        if verdict.health != self.health:
+            self.health_since = self.ctx.clock.now()
+        if verdict.health == "healthy":
+            self.unhealthy_restarts = 0
+        changed = (verdict.health, verdict.reason) != (self.health, self.health_message)
+        self.health, self.health_message = verdict.health, verdict.reason
+        return changed
 
     def heartbeat(self) -> None:
         """An SDK register/heartbeat arrived: move the deadline, recompute health."""
@@ -196,10 +232,8 @@ class Agent:
 
     def refresh_health(self) -> bool:
         """Recompute health; True (and a change notification) if it changed."""
-        health = self.compute_health(self.ctx.clock.now())
-        if health == self.health:
+        if not self._set_health(self.verdict(self.ctx.clock.now())):
             return False
-        self.health = health
         self.ctx.changed(self)
         return True
 
@@ -209,7 +243,7 @@ class Agent:
         self.status = transition(self.status, event)
         if message is not None:
             self.message = message
-        self.health = self.compute_health(self.ctx.clock.now())
+        self._set_health(self.verdict(self.ctx.clock.now()))
         log.info("agent %s: %s -> %s %s", self.spec.id, event.value, self.status.value, message)
         self.ctx.changed(self)
 
@@ -233,6 +267,7 @@ class Agent:
         self.started_spec = spec
         self.start_time = self.watched_since = self.ctx.clock.now()
         self.watch_grace = 0.0
+        self.probes = Probes()
         self.ctx.sampler.track(spec.id, proc.pid)
         self._to(Event.SPAWN, f"started with pid {proc.pid}")
         return proc
@@ -245,6 +280,7 @@ class Agent:
         # Its heartbeats paused while no daemon ran: count from now, with room to reconnect.
         self.watched_since = self.ctx.clock.now()
         self.watch_grace = READOPT_GRACE
+        self.probes = Probes()
         self.ctx.sampler.track(self.spec.id, proc.pid)
         self._to(Event.ADOPT, f"re-adopted pid {proc.pid} after a daemon restart")
         self._start_runner(proc)
@@ -298,8 +334,20 @@ class Agent:
         """Wait for the exit; meanwhile sleep to each heartbeat deadline (the watchdog)."""
         exited = asyncio.ensure_future(proc.wait())
         handled: float | None = None  # the deadline already acted on
+        prober: asyncio.Task[None] | None = None
+        probed: HealthSpec | None = None  # the check `prober` runs
         try:
             while not exited.done():
+                if self.spec.health != probed:  # started, or the check changed in place
+                    if prober is not None:
+                        prober.cancel()
+                        self.probes = Probes()
+                        self.refresh_health()
+                    probed, prober = self.spec.health, None
+                    if probed.kind in PROBE_KINDS:
+                        prober = asyncio.create_task(
+                            self._probe_loop(proc, probed), name=f"agent-{self.spec.id}-probe"
+                        )
                 self._poke.clear()
                 # A heartbeat or a spec change pokes: re-time from the new deadline.
                 waits: set[asyncio.Future[Any]] = {exited, asyncio.ensure_future(self._poke.wait())}
@@ -317,23 +365,59 @@ class Agent:
                 now = self.ctx.clock.now()
                 if deadline is not None and now >= deadline and deadline != handled:
                     handled = deadline
-                    self._hung(proc, now)
+                    self._set_health(self.verdict(now))
+                    self._unhealthy(proc)
         finally:
             exited.cancel()
+            if prober is not None:
+                prober.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await prober
         return await proc.wait()
+
+    async def _probe_loop(self, proc: AgentProcess, check: HealthSpec) -> None:
+        """Probe every interval while `proc` runs; act when the agent turns unhealthy."""
+        probing_since = self.ctx.clock.now()
+        while proc.running:
+            await self._sleep_until(next_probe_at(check, self.probes, probing_since=probing_since))
+            result = await run_probe(check, self.spec)
+            if self.proc is not proc or not proc.running or self.spec.health != check:
+                return  # it exited or changed meanwhile: this result says nothing
+            # Time the schedule on the supervisor's clock (the probe's own stamp is wall time).
+            self.probes = record(self.probes, dataclasses.replace(result, at=self.ctx.clock.now()))
+            was = self.health
+            if not self._set_health(self.verdict(self.ctx.clock.now())):
+                continue
+            if self.health == "unhealthy" and was != "unhealthy":
+                self._unhealthy(proc)
+                continue
+            if self.health == "unhealthy":  # failing another way now
+                self.message = self._unhealthy_line()
+            elif self.health == "healthy" and was == "unhealthy":
+                self.message = f"healthy again: {result.detail}"
+            self.ctx.changed(self)
 
     async def _sleep_until(self, deadline: float) -> None:
         # Read the time when the sleep begins, not when it was scheduled.
         await self.ctx.clock.sleep(deadline - self.ctx.clock.now())
 
-    def _hung(self, proc: AgentProcess, now: float) -> None:
-        """The heartbeat deadline passed: report UNHEALTHY, restart unless restart = never."""
-        timeout = self.spec.health.timeout
-        silent = now - max(self.last_heartbeat, self.watched_since)
+    def _unhealthy_line(self) -> str:
+        if restarts_when_unhealthy(self.spec):
+            delay = self.unhealthy_delay
+            what = f"restarting in {delay:.1f}s (backoff)" if delay > 0 else "restarting"
+        elif self.spec.restart == "never":
+            what = "left running (restart = never)"
+        else:
+            what = "left running (restart_when_unhealthy = false)"
+        return f"unhealthy: {self.health_message}; {what}"
+
+    def _unhealthy(self, proc: AgentProcess) -> None:
+        """The agent turned UNHEALTHY: report it; restart it if its spec says so."""
         restart = restarts_when_unhealthy(self.spec)
-        what = "restarting" if restart else "left running (restart = never)"
-        self.health = "unhealthy"
-        self.message = f"unhealthy: no heartbeat for {silent:.1f}s (timeout {timeout:g}s); {what}"
+        # The first restart is at once; one that never got healthy again backs off.
+        n = self.unhealthy_restarts
+        self.unhealthy_delay = backoff_delay(n - 1, self.spec.backoff) if restart and n else 0.0
+        self.message = self._unhealthy_line()
         log.warning("agent %s (pid %d): %s", self.spec.id, proc.pid, self.message)
         self.ctx.changed(self)
         if restart:
@@ -342,17 +426,23 @@ class Agent:
             )
 
     async def _restart_hung(self, proc: AgentProcess) -> None:
+        if self.unhealthy_delay > 0:
+            await self.ctx.clock.sleep(self.unhealthy_delay)
         async with self.lock:
             # An operator, a spec change or a late heartbeat may have dealt with it meanwhile.
             if self.proc is not proc or not proc.running or self.health != "unhealthy":
                 return
-            silent = self.ctx.clock.now() - max(self.last_heartbeat, self.watched_since)
-            why = f"killed by the health check after {silent:.1f} s without a heartbeat"
+            if self.spec.health.kind == "heartbeat":
+                silent = self.ctx.clock.now() - max(self.last_heartbeat, self.watched_since)
+                why = f"killed by the health check after {silent:.1f} s without a heartbeat"
+            else:
+                why = f"killed by the health check: {self.health_message}"
+            self.unhealthy_restarts += 1
             try:
                 await self.restart(cause=("unhealthy", why))
             except Exception as exc:  # say so in the snapshot instead of dying silently
                 log.exception("agent %s: restart of the hung agent failed", self.spec.id)
-                self._to(Event.LOST, f"restart after a missed heartbeat failed: {exc!r}")
+                self._to(Event.LOST, f"restart of the unhealthy agent failed: {exc!r}")
 
     async def _run(self, proc: AgentProcess | None) -> None:
         while True:
@@ -458,10 +548,12 @@ class Agent:
     def set_spec(self, spec: AgentSpec) -> None:
         """Swap in a spec that needs no restart; bumps config_version when config changed."""
         old, self.spec = self.spec, spec
+        if old.health != spec.health:
+            self.probes = Probes()  # results of another check say nothing of this one
         if old.config != spec.config:
             self.config_version += 1
             self.wake_config_watchers()
-        self.health = self.compute_health(self.ctx.clock.now())
+        self._set_health(self.verdict(self.ctx.clock.now()))
         self._poke.set()  # the health check may have changed: the watchdog re-times itself
         self.ctx.changed(self)
 

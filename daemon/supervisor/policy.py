@@ -18,7 +18,9 @@ of its last heartbeat, counted from no earlier than when this daemon began
 watching its process (its start, or its re-adoption after a daemon restart:
 agents cannot heartbeat while the daemon is down). Past the deadline it is
 UNHEALTHY; "always" and "on-failure" then restart it (a hung process is a
-failure), "never" leaves it running and only reports it.
+failure), "never" leaves it running and only reports it. Probe checks (http,
+tcp, command; decided in `daemon.supervisor.health`) restart only with
+``restart_when_unhealthy``, and never with restart = "never".
 """
 
 from __future__ import annotations
@@ -202,5 +204,12 @@ def heartbeat_deadline(
 
 
 def restarts_when_unhealthy(spec: AgentSpec) -> bool:
-    """True if a hung agent (heartbeat deadline passed) is restarted: not for "never"."""
-    return spec.restart != "never"
+    """True if an agent that turned unhealthy is restarted.
+
+    Never with restart = "never"; else always for a missed heartbeat (a hung
+    process is a failure), and for a failed probe when the check says
+    ``restart_when_unhealthy`` (a failing dependency may not be the agent's fault).
+    """
+    if spec.restart == "never":
+        return False
+    return spec.health.kind == "heartbeat" or spec.health.restart_when_unhealthy
