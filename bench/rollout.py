@@ -203,7 +203,8 @@ class Child:
 
     def ask(self, line: str) -> Any:
         """Send one line, return the JSON line it answers (blocking: the manager is busy)."""
-        assert self._proc.stdin is not None and self._proc.stdout is not None
+        assert self._proc.stdin is not None
+        assert self._proc.stdout is not None
         self._proc.stdin.write(line.encode() + b"\n")
         self._proc.stdin.flush()
         answer = self._proc.stdout.readline()
