@@ -37,6 +37,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
+import cProfile
 import gc
 import json
 import statistics
@@ -65,6 +66,7 @@ from manager.config import (  # noqa: E402
 )
 from manager.pool import PoolConfig  # noqa: E402
 from manager.server import ManagerServer  # noqa: E402
+from manager.service.convergence import Convergence, PassResult  # noqa: E402
 
 if TYPE_CHECKING:
     from fleet.v1.fleet_pb2_grpc import FleetServiceAsyncStub
@@ -124,6 +126,7 @@ async def serve_manager() -> None:
     pushed); EOF stops the manager.
     """
     begun = time.time()
+    profiler = cProfile.Profile()
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=SPEC_LIMIT)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -131,24 +134,24 @@ async def serve_manager() -> None:
     tls = TLSConfig(Path(spec["ca"]), Path(spec["cert"]), Path(spec["key"]))
     manager = ManagerServer(manager_config(Path(spec["root"]), tls, spec["n"], spec["port"]))
     passes: list[dict[str, Any]] = []
-    observe = manager.metrics.observe_convergence
-    last = [time.time()]
+    run_once = Convergence.run_once
 
-    def on_pass(result: Any) -> None:
-        # A bench hook on the metrics callback: when each pass ends and what it pushed.
-        now = time.time()
+    async def timed_pass(self: Convergence) -> PassResult:
+        # A bench hook: when each convergence pass ran and what it did.
+        start = time.time()
+        result = await run_once(self)
         passes.append(
             {
-                "end": now,
-                "since_last": now - last[0],
+                "start": start,
+                "end": time.time(),
+                "stepped": len(result.stepped),
                 "pushed": len(result.pushed),
                 "undelivered": result.undelivered,
             }
         )
-        last[0] = now
-        observe(result)
+        return result
 
-    manager.metrics.observe_convergence = on_pass  # type: ignore[method-assign]
+    Convergence.run_once = timed_pass  # type: ignore[method-assign]
     await manager.start()
     gc.collect()
     gc.freeze()  # as fleet-manager does once started (manager/cli.py)
@@ -160,6 +163,13 @@ async def serve_manager() -> None:
                 _emit({"seconds": await reference(manager, json.loads(arg))})
             elif command == "passes":
                 _emit({"passes": passes})
+            elif command == "profile":  # "profile on" / "profile <file>": cProfile the manager
+                if arg == "on":
+                    profiler.enable()
+                else:
+                    profiler.disable()
+                    profiler.dump_stats(arg)
+                _emit({"profile": arg})
     finally:
         await manager.stop(1.0)
 
@@ -297,7 +307,7 @@ async def reference_round(
             d.pushes, d.update_errors = pushes, errors
 
 
-async def run(n: int, batch: int, rounds: int) -> int:
+async def run(n: int, batch: int, rounds: int, profile: str = "", verbose: bool = False) -> int:
     problems: list[str] = []
     with tempfile.TemporaryDirectory(prefix="fleet-rollout-") as tmp:
         root = Path(tmp)
@@ -319,7 +329,7 @@ async def run(n: int, batch: int, rounds: int) -> int:
             "port": 0,
         }
         manager: Child | None = None
-        rows: list[tuple[float, float, float, int]] = []
+        rows: list[tuple[float, float, float, int, int, float]] = []
         restart: dict[str, Any] = {}
         try:
             manager = await asyncio.to_thread(Child, spec)
@@ -351,6 +361,8 @@ async def run(n: int, batch: int, rounds: int) -> int:
                     await asyncio.sleep(SETTLE)
                     ref = await reference_round(manager, fleet, version, revision, batch)
                     await asyncio.sleep(SETTLE)
+                    if profile:
+                        await manager.ask_async("profile on")
                     c0, t0 = manager.cpu(), time.time()
                     rollout = await finished(stub, await apply(stub, version, batch))
                     took = rollout.ended_at / 1000 - t0
@@ -361,10 +373,22 @@ async def run(n: int, batch: int, rounds: int) -> int:
                             f"round {r + 1}: rollout {state(rollout)} ({rollout.reason}), "
                             f"{on_it}/{n} daemons on revision {revision}"
                         )
-                    rows.append((took, ref, cpu, rollout.done))
+                    if profile:
+                        await manager.ask_async(f"profile {profile}")
+                    seen = (await manager.ask_async("passes"))["passes"]
+                    mine = [p for p in seen if t0 <= p["start"] <= rollout.ended_at / 1000]
+                    busy = sum(p["end"] - p["start"] for p in mine)
+                    if verbose:
+                        for p in mine:
+                            print(
+                                f"  pass at {p['start'] - t0:6.3f}s: {p['end'] - p['start']:.3f}s"
+                                f" stepped {p['stepped']} pushed {p['pushed']}"
+                            )
+                    rows.append((took, ref, cpu, rollout.done, len(mine), busy))
                     print(
                         f"round {r + 1}: rollout {took:.3f}s  reference {ref:.3f}s  "
-                        f"ratio {took / ref:.2f}x  manager CPU {cpu * 1000 / n:.2f} ms/node",
+                        f"ratio {took / ref:.2f}x  manager CPU {cpu * 1000 / n:.2f} ms/node  "
+                        f"{len(mine)} passes, {busy:.2f}s in them",
                         flush=True,
                     )
 
@@ -381,7 +405,7 @@ async def run(n: int, batch: int, rounds: int) -> int:
             restart = {
                 "ready": manager.hello["begun"] - manager.spawned,
                 "first_pass_end": p["end"] - manager.spawned,
-                "pass": p["since_last"],
+                "pass": p["end"] - p["start"],
                 "pushed": p["pushed"],
                 "undelivered": p["undelivered"],
             }
@@ -408,7 +432,7 @@ async def run(n: int, batch: int, rounds: int) -> int:
             f"reconcile after a manager restart ({n} nodes): first pass done "
             f"{restart['first_pass_end']:.2f} s after spawning the manager "
             f"(process start + imports {restart['ready']:.2f} s, the pass itself "
-            f"{restart['pass']:.2f} s incl. start-up), pushed {restart['pushed']}"
+            f"{restart['pass']:.2f} s), pushed {restart['pushed']}"
         )
     for problem in problems:
         print(f"CHECK FAILED: {problem}")
@@ -420,6 +444,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--smoke", action="store_true", help="N=6, batches of 2, one round")
     parser.add_argument("-n", type=int, default=500, help="simulated daemons (default 500)")
     parser.add_argument("--rounds", type=int, default=5, help="timed rounds (median; default 5)")
+    parser.add_argument(
+        "--profile", default="", help="cProfile the manager during the rollouts into this file"
+    )
+    parser.add_argument("--verbose", action="store_true", help="print each convergence pass")
     parser.add_argument("--manager-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.manager_child:
@@ -427,7 +455,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     n, rounds = (6, 1) if args.smoke else (args.n, args.rounds)
     batch = max(1, n // WAVES) if not args.smoke else 2
-    return asyncio.run(run(n, batch, rounds))
+    profile = str(Path(args.profile).resolve()) if args.profile else ""
+    return asyncio.run(run(n, batch, rounds, profile, args.verbose))
 
 
 if __name__ == "__main__":
