@@ -38,7 +38,13 @@ from fleet.errors import FailedPrecondition, FleetError
 from fleet.v1 import common_pb2
 from manager.pool import DaemonPool
 from manager.service import rollout as ro
-from manager.service.definitions import check_definition, load_definition, pushed_spec, scope_of
+from manager.service.definitions import (
+    CandidateSource,
+    check_definition,
+    load_definition,
+    pushed_spec,
+    scope_of,
+)
 from manager.service.desired import (
     EMPTY_SET_HASH,
     assignment_changes,
@@ -47,7 +53,7 @@ from manager.service.desired import (
     observe,
     push_backoff,
 )
-from manager.service.placement import Candidate
+from manager.service.placement import Candidate, reservations
 from manager.storage import Database, NodeRecord, NodeRepository
 from manager.storage.desired import DesiredStateRepository, DesiredTx
 from manager.storage.records import (
@@ -113,7 +119,7 @@ class Convergence:
         pool: DaemonPool,
         *,
         clock: Callable[[], float] = time.time,
-        candidates: Callable[[Sequence[NodeRecord]], Sequence[Candidate]] | None = None,
+        candidates: CandidateSource | None = None,
         debounce: float = 0.05,
         safety_interval: float = 10.0,
         push_concurrency: int = 64,
@@ -213,26 +219,36 @@ class Convergence:
     ) -> dict[str, list[str]]:
         """Assign newcomers, drop leavers; each live definition's scope."""
         now = self._clock()
+        listed = list(nodes.values())
 
-        async def body(tx: DesiredTx, write: bool) -> tuple[dict[str, list[str]], bool]:
+        async def body(
+            tx: DesiredTx, write: bool, room: Mapping[str, Candidate] | None
+        ) -> tuple[dict[str, list[str]], bool]:
+            """(scopes, whether assignments change); without `room`, ({}, True) as soon as
+            a count definition needs it."""
             heads = await tx.definitions(for_update=write)
             live = {name: h for name, h in heads.items() if h.deleted_ms == 0}
             current = await tx.assignments()
             bodies = await tx.revisions_of({(n, h.revision) for n, h in live.items()})
+            checked = {
+                name: check_definition(load_definition(bodies[name, head.revision].body))
+                for name, head in live.items()
+            }
+            if room is None and any(c.count for c in checked.values()):
+                return {}, True
             by_name: dict[str, set[str]] = {}
             for a in current:
                 by_name.setdefault(a.name, set()).add(a.node_id)
+            requests = {name: c.requests for name, c in checked.items()}
             scopes: dict[str, list[str]] = {}
-            for name, head in live.items():
-                checked = check_definition(load_definition(bodies[name, head.revision].body))
-                scope, _ = scope_of(
-                    checked,
-                    list(nodes.values()),
-                    by_name.get(name, set()),
-                    self._candidates or _without_metrics,
-                    now,
-                )
+            for name, c in checked.items():
+                held = None
+                if c.count:  # what the others placed reserves room, as decided so far
+                    placed = [(n, other) for other, ns in by_name.items() for n in ns]
+                    held = reservations(placed, requests, exclude=name)
+                scope, _ = scope_of(c, listed, by_name.get(name, set()), room or {}, now, held)
                 scopes[name] = scope
+                by_name[name] = set(scope)
             changes = assignment_changes(
                 scopes, {n: h.stable_revision for n, h in live.items()}, current, int(now * 1000)
             )
@@ -246,9 +262,13 @@ class Convergence:
             result.assigned, result.dropped = len(changes.add), len(changes.drop)
             return scopes, True
 
-        scopes, changing = await self._repo.run(lambda tx: body(tx, False), write=False)
-        if changing:  # decided again under the write lock: the read may be stale by now
-            scopes, _ = await self._repo.run(lambda tx: body(tx, True))
+        scopes, changing = await self._repo.run(lambda tx: body(tx, False, None), write=False)
+        if not changing:
+            return scopes
+        # A count definition needs the nodes' room (one query), or assignments change:
+        # decide again under the write lock (the read may be stale by now).
+        room = {c.node_id: c for c in await self._candidates(listed)} if self._candidates else {}
+        scopes, _ = await self._repo.run(lambda tx: body(tx, True, room))
         return scopes
 
     async def _step_rollouts(
@@ -541,10 +561,3 @@ def _specs(
             spec = memo[key] = pushed_spec(load_definition(record.body), a.revision)
         out.append(spec)
     return out
-
-
-def _without_metrics(matching: Sequence[NodeRecord]) -> list[Candidate]:
-    return [
-        Candidate(n.node_id, n.labels, n.status == "online", offline_since=n.last_seen_ms / 1000)
-        for n in matching
-    ]
