@@ -268,10 +268,14 @@ class MetricStore:
         ) -> dict[str, dict[tuple[str, str], tuple[float, float]]]:
             m = metric_samples.c
             pairs = [(m.type == t) & (m.name == n) for t, n in names]
+            # Grouped by an expression, not the column: on the column SQLite walks the
+            # whole (node_id, type, ts_ms) index to save a sort, a cost growing with
+            # retention; this way it reads only the window off the ts_ms index.
+            node = m.node_id.concat("")
             rows = await conn.execute(
-                select(m.node_id, m.type, m.name, func.avg(m.value), func.max(m.value))
+                select(node, m.type, m.name, func.avg(m.value), func.max(m.value))
                 .where(m.ts_ms >= since_ms, m.agent_id == "", or_(*pairs))
-                .group_by(m.node_id, m.type, m.name)
+                .group_by(node, m.type, m.name)
             )
             out: dict[str, dict[tuple[str, str], tuple[float, float]]] = {}
             for node_id, type_, name, avg, largest in rows:
