@@ -51,6 +51,14 @@ async def report_host(pki: Any, port: int, node: str, sequence: int = 1) -> None
         )
 
 
+async def landed(env: Any, name: str, where: dict[str, int]) -> None:
+    """The rollout of `name` succeeded and its daemons run exactly `where`."""
+    await until(lambda: env.rollout(name), lambda r: state(r) == "SUCCESSFUL")
+    # A rollout that found no room succeeds on no node; placement then retries each
+    # pass, so wait for the daemons rather than read them once.
+    await until(lambda: env.revisions(name), lambda got: got == where)
+
+
 def counted(name: str, cpu_millicores: int = 0) -> desired_pb2.Definition:
     d = definition(name)
     d.placement.count = 1
@@ -68,16 +76,13 @@ async def test_count_one_lands_on_the_node_with_most_room_and_requests_reserve_i
             await report_host(pki, env.manager.port, node)
 
         await env.apply(counted("one"))
-        await until(lambda: env.rollout("one"), lambda r: state(r) == "SUCCESSFUL")
-        assert env.revisions("one") == {"roomy": 1}
+        await landed(env, "one", {"roomy": 1})
 
         # 6000m on roomy (8 cores, 0.8 used): 2000m left, 0.25 of it, below small's 0.5.
         await env.apply(counted("big", cpu_millicores=6000))
-        await until(lambda: env.rollout("big"), lambda r: state(r) == "SUCCESSFUL")
-        assert env.revisions("big") == {"roomy": 1}
+        await landed(env, "big", {"roomy": 1})
         await env.apply(counted("next", cpu_millicores=500))
-        await until(lambda: env.rollout("next"), lambda r: state(r) == "SUCCESSFUL")
-        assert env.revisions("next") == {"small": 1}
+        await landed(env, "next", {"small": 1})
 
         # Nothing else has room for another 6000m: the status says why.
         await env.apply(counted("huge", cpu_millicores=6000))
@@ -98,5 +103,4 @@ async def test_nodes_without_recent_host_metrics_are_used_last(
         await env.add("busy", {"env": "prod"})
         await report_host(pki, env.manager.port, "busy")
         await env.apply(counted("one"))
-        await until(lambda: env.rollout("one"), lambda r: state(r) == "SUCCESSFUL")
-        assert env.revisions("one") == {"busy": 1}
+        await landed(env, "one", {"busy": 1})
