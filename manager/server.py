@@ -33,6 +33,7 @@ from manager.metrics import ManagerMetrics, RpcMetricsInterceptor, watch_loop_la
 from manager.pool import DaemonPool
 from manager.service.agents import AgentStates
 from manager.service.artifacts import ArtifactAccess, ArtifactReferences, Artifacts
+from manager.service.capacity import HostCapacity
 from manager.service.convergence import Convergence
 from manager.service.definitions import ArtifactUse, Definitions
 from manager.service.event_feed import EventFeed
@@ -258,11 +259,14 @@ class ManagerServer:
         self.pool = DaemonPool(tls, identity.trust_domain, config=cfg.pool)
         self._stack.push_async_callback(self.pool.close)
         # Desired state: one replica converges; every replica takes changes and pokes it.
+        # Placement by count reads the nodes' room from their host metrics.
+        capacity = HostCapacity(self.store, clock=self._clock)
         self.convergence = Convergence(
             self.db,
             self.nodes,
             self.pool,
             clock=self._clock,
+            candidates=capacity,
             on_leader=lambda held: m.desired_leader.set(1 if held else 0),
             on_pass=m.observe_convergence,
         )
@@ -279,7 +283,12 @@ class ManagerServer:
             references=self._artifact_references or ArtifactUse(desired),
         )
         self.definitions = Definitions(
-            desired, self.nodes, artifacts=self.artifacts, clock=self._clock, on_change=poke
+            desired,
+            self.nodes,
+            artifacts=self.artifacts,
+            candidates=capacity,
+            clock=self._clock,
+            on_change=poke,
         )
         self.rollouts = RolloutControl(desired, self.nodes, clock=self._clock, on_change=poke)
         self.artifact_janitor = ArtifactJanitor(

@@ -17,7 +17,7 @@ import dataclasses
 import hashlib
 import json
 import math
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -29,7 +29,13 @@ from fleet.errors import FailedPrecondition, InvalidArgument, NotFound
 from fleet.labels import LabelError, validate_label_key, validate_label_value
 from fleet.v1 import common_pb2, desired_pb2
 from manager.service import rollout as ro
-from manager.service.placement import Candidate, PlacementRequest, Resources, place
+from manager.service.placement import (
+    Candidate,
+    PlacementRequest,
+    Resources,
+    place,
+    reservations,
+)
 from manager.storage import NodeRecord, NodeRepository
 from manager.storage.desired import DesiredStateRepository, DesiredTx
 from manager.storage.records import (
@@ -43,6 +49,7 @@ from manager.storage.records import (
 __all__ = [
     "ArtifactResolver",
     "ArtifactUse",
+    "CandidateSource",
     "Change",
     "CheckedDefinition",
     "DefinitionState",
@@ -53,6 +60,7 @@ __all__ = [
     "load_definition",
     "pushed_spec",
     "scope_of",
+    "without_metrics",
 ]
 
 MAX_DEFINITIONS_PER_APPLY = 100
@@ -255,21 +263,29 @@ def pushed_spec(definition: desired_pb2.Definition, revision: int) -> common_pb2
     return spec
 
 
+CandidateSource = Callable[[Sequence[NodeRecord]], Awaitable[Sequence[Candidate]]]
+"""Placement candidates for nodes, with their room (manager.service.capacity.HostCapacity)."""
+
+
 def scope_of(
     checked: CheckedDefinition,
     nodes: Sequence[NodeRecord],
     current: Collection[str],
-    candidates: Callable[[Sequence[NodeRecord]], Sequence[Candidate]],
+    candidates: Mapping[str, Candidate],
     now: float,
+    reserved: Mapping[str, Resources] | None = None,
 ) -> tuple[list[str], str]:
     """The nodes the definition runs on now, and why instances were not placed ("" if all were).
 
     Every matching node (effective labels), or, with a count, the placement's choice
-    among them (keeping the `current` ones where it can).
+    among them (keeping the `current` ones where it can). `candidates` has every
+    node's room by id (a node missing has none known); `reserved` the requests of
+    the other definitions' instances on each node.
     """
     matching = [n for n in nodes if checked.selector.matches(n.labels)]
     if not checked.count:
         return sorted(n.node_id for n in matching), ""
+    held = reserved or {}
     result = place(
         PlacementRequest(
             count=checked.count,
@@ -277,7 +293,13 @@ def scope_of(
             spread=checked.spread,
             reschedule_after=checked.reschedule_after,
         ),
-        candidates(matching),
+        [
+            dataclasses.replace(
+                candidates.get(n.node_id) or without_metrics([n])[0],
+                reserved=held.get(n.node_id, Resources()),
+            )
+            for n in matching
+        ],
         current,
         now,
     )
@@ -431,14 +453,14 @@ class Definitions:
         nodes: NodeRepository,
         *,
         artifacts: ArtifactResolver | None = None,
-        candidates: Callable[[Sequence[NodeRecord]], Sequence[Candidate]] | None = None,
+        candidates: CandidateSource | None = None,
         clock: Callable[[], float],
         on_change: Callable[[], None] = lambda: None,
     ) -> None:
         self._repo = repo
         self._nodes = nodes
         self._artifacts = artifacts or NoArtifacts()
-        self._candidates = candidates or _without_metrics
+        self._candidates = candidates
         self._clock = clock
         self._on_change = on_change
 
@@ -460,6 +482,7 @@ class Definitions:
         """
         checked = await self._check_all(messages, expected, message)
         nodes = await self._nodes.list()
+        room = await self._room(nodes) if any(c.count for c in checked) else {}
         now_ms = int(self._clock() * 1000)
 
         async def body(tx: DesiredTx) -> list[Change]:
@@ -473,7 +496,7 @@ class Definitions:
                     drafts.append(_Draft(c, head, 0))
                 else:
                     drafts.append(_Draft(c, head, (head.revision if head else 0) + 1))
-            changes = [await self._forecast(tx, d, nodes) for d in drafts]
+            changes = [await self._forecast(tx, d, nodes, room) for d in drafts]
             if plan:
                 return changes
             stored = []
@@ -603,9 +626,11 @@ class Definitions:
         """Definitions (all, or those named) with their progress, by name."""
         nodes = await self._nodes.list()
         online = {n.node_id for n in nodes if n.status == "online"}
+        room = await self._room(nodes)
         now = self._clock()
 
         async def body(tx: DesiredTx) -> list[DefinitionState]:
+            placed: tuple[list[tuple[str, str]], dict[str, Resources]] | None = None
             heads = await tx.definitions(names)
             wanted = {n: h for n, h in heads.items() if include_deleted or h.deleted_ms == 0}
             current = await tx.revisions_of({(n, h.revision) for n, h in wanted.items()})
@@ -645,8 +670,14 @@ class Definitions:
                 if head.deleted_ms == 0 and not record.deleted:
                     checked = check_definition(load_definition(record.body))
                     if checked.count:
+                        placed = placed or await _placed(tx)
                         scope, why = scope_of(
-                            checked, nodes, {a.node_id for a in mine}, self._candidates, now
+                            checked,
+                            nodes,
+                            {a.node_id for a in mine},
+                            room,
+                            now,
+                            reservations(*placed, exclude=name),
                         )
                         unplaced = max(0, checked.count - len(scope))
                 out.append(
@@ -759,7 +790,19 @@ class Definitions:
             " with --to-revision"
         )
 
-    async def _forecast(self, tx: DesiredTx, draft: _Draft, nodes: Sequence[NodeRecord]) -> Change:
+    async def _room(self, nodes: Sequence[NodeRecord]) -> dict[str, Candidate]:
+        """Every node's room for placement, by id (none known without a source)."""
+        if self._candidates is None:
+            return {}
+        return {c.node_id: c for c in await self._candidates(nodes)}
+
+    async def _forecast(
+        self,
+        tx: DesiredTx,
+        draft: _Draft,
+        nodes: Sequence[NodeRecord],
+        room: Mapping[str, Candidate],
+    ) -> Change:
         c, head = draft.checked, draft.head
         previous = head.revision if _live(head) and head is not None else 0
         if draft.revision == 0:
@@ -768,7 +811,8 @@ class Definitions:
             )
         current = await tx.assignments(names=[c.name])
         assigned = {a.node_id: a for a in current}
-        scope, unplaced = scope_of(c, nodes, assigned, self._candidates, self._clock())
+        held = reservations(*await _placed(tx), exclude=c.name) if c.count else {}
+        scope, unplaced = scope_of(c, nodes, assigned, room, self._clock(), held)
         old = await tx.revisions_of({(a.name, a.revision) for a in current})
         desired = await tx.node_desired(scope)
         status = {n.node_id: n.status for n in nodes}
@@ -882,7 +926,20 @@ class Definitions:
             )
 
 
-def _without_metrics(matching: Sequence[NodeRecord]) -> list[Candidate]:
+async def _placed(tx: DesiredTx) -> tuple[list[tuple[str, str]], dict[str, Resources]]:
+    """(node, definition) of every assignment, and each live definition's requests."""
+    heads = await tx.definitions()
+    live = {n: h for n, h in heads.items() if h.deleted_ms == 0}
+    bodies = await tx.revisions_of({(n, h.revision) for n, h in live.items()})
+    requests = {
+        n: check_definition(load_definition(bodies[n, h.revision].body)).requests
+        for n, h in live.items()
+        if (n, h.revision) in bodies and not bodies[n, h.revision].deleted
+    }
+    return [(a.node_id, a.name) for a in await tx.assignments()], requests
+
+
+def without_metrics(matching: Sequence[NodeRecord]) -> list[Candidate]:
     """Placement candidates knowing only labels and liveness (no resource figures)."""
     return [
         Candidate(n.node_id, n.labels, n.status == "online", offline_since=n.last_seen_ms / 1000)

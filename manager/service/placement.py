@@ -26,10 +26,10 @@ missing ones on the nodes with the most room:
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-__all__ = ["Candidate", "Placement", "PlacementRequest", "Resources", "place"]
+__all__ = ["Candidate", "Placement", "PlacementRequest", "Resources", "place", "reservations"]
 
 
 @dataclass(frozen=True)
@@ -199,3 +199,23 @@ def _why_unplaced(request: PlacementRequest, candidates: Sequence[Candidate], un
             f" {want.cpu_millicores}m CPU and {want.memory_bytes} bytes of memory"
         )
     return f"{head}: only {len(online)} matching node(s) are online (one instance per node)"
+
+
+def reservations(
+    placed: Iterable[tuple[str, str]], requests: Mapping[str, Resources], *, exclude: str
+) -> dict[str, Resources]:
+    """Per node, the sum of the requests of the instances placed on it, the definition
+    `exclude` left out (its own instances are what is being placed).
+
+    `placed` is (node id, definition name) pairs; `requests` each definition's.
+    """
+    out: dict[str, Resources] = {}
+    for node_id, name in placed:
+        want = requests.get(name)
+        if name == exclude or want is None or want == Resources():
+            continue
+        have = out.get(node_id, Resources())
+        out[node_id] = Resources(
+            have.cpu_millicores + want.cpu_millicores, have.memory_bytes + want.memory_bytes
+        )
+    return out

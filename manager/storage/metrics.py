@@ -28,6 +28,7 @@ from sqlalchemy import (
     delete,
     func,
     literal_column,
+    or_,
     select,
     update,
 )
@@ -253,6 +254,33 @@ class MetricStore:
 
         async def body(conn: AsyncConnection) -> list[MetricSeries]:
             return await list_series(conn, node_id, await self._watermark(conn, lock="none"))
+
+        return await self._db.run(body, write=False)
+
+    async def host_figures(
+        self, *, since_ms: int, names: Sequence[tuple[str, str]]
+    ) -> dict[str, dict[tuple[str, str], tuple[float, float]]]:
+        """Per node, per host (type, name) in `names`: (average, largest) of its raw samples
+        at or after `since_ms`. One grouped query over the recent end of the ts_ms index."""
+
+        async def body(
+            conn: AsyncConnection,
+        ) -> dict[str, dict[tuple[str, str], tuple[float, float]]]:
+            m = metric_samples.c
+            pairs = [(m.type == t) & (m.name == n) for t, n in names]
+            # Grouped by an expression, not the column: on the column SQLite walks the
+            # whole (node_id, type, ts_ms) index to save a sort, a cost growing with
+            # retention; this way it reads only the window off the ts_ms index.
+            node = m.node_id.concat("")
+            rows = await conn.execute(
+                select(node, m.type, m.name, func.avg(m.value), func.max(m.value))
+                .where(m.ts_ms >= since_ms, m.agent_id == "", or_(*pairs))
+                .group_by(node, m.type, m.name)
+            )
+            out: dict[str, dict[tuple[str, str], tuple[float, float]]] = {}
+            for node_id, type_, name, avg, largest in rows:
+                out.setdefault(node_id, {})[type_, name] = (float(avg), float(largest))
+            return out
 
         return await self._db.run(body, write=False)
 
