@@ -756,7 +756,9 @@ class AgentSpec(_message.Message):
     @_builtins.property
     def checks(self) -> _containers.RepeatedCompositeFieldContainer[Global___HealthCheck]:
         """Further health checks (HTTP, TCP, command); the agent is healthy when it
-        is RUNNING and `health` and every one of these pass.
+        is RUNNING and `health` and every one of these pass. Daemons today run
+        one check per agent: `health` or a single entry here (more is refused
+        with INVALID_ARGUMENT naming `checks`).
         """
 
     @_builtins.property
