@@ -49,7 +49,9 @@ class FleetctlConfig:
             raise ValueError(f"timeout must be positive, got {self.timeout}")
         host, sep, port = self.manager.rpartition(":")
         if not sep or not host or not port.isdigit():
-            raise ValueError(f"manager must be host:port, got {self.manager!r}")
+            # `-m` is --manager: `apply -m "why"` (git's habit) lands here.
+            hint = " (-m is --manager; a change cause is --message)" if " " in self.manager else ""
+            raise ValueError(f"manager must be host:port, got {self.manager!r}{hint}")
 
 
 def default_config_path(environ: Mapping[str, str]) -> Path:

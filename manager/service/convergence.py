@@ -429,6 +429,9 @@ class Convergence:
                     )
                     if refused != row.update_errors:
                         update_errors_event(tx, node_id, refused, now_ms)
+                        # A rollout waiting on this node judges the refusal in the next
+                        # pass, now, not at the safety interval.
+                        result.wake_at = self._clock()
                     result.pushed.append(node_id)
             await tx.put_node_desired(updated)
 

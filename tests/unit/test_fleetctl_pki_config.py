@@ -163,6 +163,17 @@ def test_bad_manager_flag(live: Fleetctl) -> None:
     result = live("nodes", "list", "--manager", "somehost")
     assert result.exit_code == 2
     assert "host:port" in result.stderr
+    assert "--message" not in result.stderr
+
+
+def test_a_git_style_dash_m_message_is_explained(live: Fleetctl) -> None:
+    """`apply -m "why"` (git's habit) sets --manager: the error says where -m went."""
+    result = live("definitions", "list", "-m", "fix the probe")
+    assert result.exit_code == 2
+    assert result.stderr.strip().endswith(
+        "manager must be host:port, got 'fix the probe' (-m is --manager; a change cause is"
+        " --message)"
+    ), result.stderr
 
 
 def test_fleet_output_env_sets_the_default_format(live: Fleetctl) -> None:
