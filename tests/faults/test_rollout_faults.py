@@ -16,7 +16,9 @@ answers "already running it") and not move a node twice. What the daemons receiv
   stored batches are 1..6 with 5 nodes each (no batch skipped);
 - with two replicas, every push came from the replica holding the
   desired-state lock: all of the victim's pushes before all of the
-  survivor's, and `fleet_desired_leader` never 1 on both at once.
+  survivor's, and `fleet_desired_leader` never 1 on both at once. The
+  driver is either killed, or keeps running while PostgreSQL terminates
+  the connection that holds its lock (it must stop driving).
 """
 
 from __future__ import annotations
@@ -48,7 +50,7 @@ BATCHES = NODES // MAX_PARALLEL
 # that six batches take ~15 s.
 MIN_HEALTHY = 2.0
 LIVENESS = (
-    "min_ttl_seconds = 1.0\njitter = 0.1\ngrace_seconds = 1.0\n"
+    "min_ttl_seconds = 2.0\njitter = 0.1\ngrace_seconds = 2.0\n"
     "failover_grace_seconds = 15.0\nsweep_interval_seconds = 0.2\n"
 )
 NAME = "app"  # the simulated daemons run "web" and "worker" of their own
@@ -122,7 +124,16 @@ async def _settle_first_revision(stub: fleet_pb2_grpc.FleetServiceStub, fleet: F
     """Revision 1 everywhere at once (not under test), so revision 2 is the rollout."""
     await _apply(stub, _definition("1.0", max_parallel="100%", min_healthy_time_seconds=0.0))
     await eventually(lambda: _rollout(stub), lambda r: _state(r) == "SUCCESSFUL", within=60)
-    assert all(len(p) == 1 for p in _applied(fleet, 1).values())
+    # A node the manager saw offline a moment does not hold a rollout up; it gets it later.
+    await eventually(
+        lambda: asyncio.sleep(0, _applied(fleet, 1)),
+        lambda applied: all(applied.values()),
+        within=60,
+    )
+    counts = {n: [(c.at, c.caller, c.version) for c in p] for n, p in _applied(fleet, 1).items()}
+    assert all(len(p) == 1 for p in counts.values()), {
+        n: p for n, p in counts.items() if len(p) != 1
+    }
 
 
 def _check_rollout(done: desired_pb2.Rollout, fleet: FleetSim) -> dict[str, PushCall]:
