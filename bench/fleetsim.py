@@ -23,7 +23,10 @@ The only addition is a client interceptor on each node's channel
   (new link, same state dir: sequence numbers continue, the buffer is lost).
 
 Optionally (`daemon_ports=True`) every node also serves DaemonService on its
-own port through `bench.sim` (in-memory agents) and registers that address.
+own port through `bench.sim` (in-memory agents) and registers that address;
+its link then reports those agents (revision, health, start time), the
+pushed set's version and refusals, and sends them soon after each push, as
+the daemon does, so a rollout runs end to end against the simulated fleet.
 
 Every metric batch carries one sample ``values["batch"] = <its sequence>`` so
 a test can check in the manager's database that each acknowledged batch was
@@ -56,7 +59,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 
 from bench.sim import SimNode, start_daemon
 from daemon.config import ManagerLinkConfig
-from daemon.manager_link import ManagerLink, NodeInfo
+from daemon.manager_link import ManagerLink, NodeInfo, PushedSet
 from fleet.pki import CertificateAuthority
 from fleet.retry import Backoff
 from fleet.tls import TLSConfig, channel_credentials, channel_options
@@ -239,6 +242,7 @@ class SimLink:
             state_dir=self.state_dir,
             collect=self._collect,
             snapshot=self._snapshot,
+            pushed=self._pushed,
             rng=random.Random(self.fleet.rng.random()),
         )
 
@@ -253,10 +257,25 @@ class SimLink:
         if self.daemon is not None:
             agents = self.daemon.servicer.agents.values()
             return [
-                manager_pb2.AgentState(agent_id=a.id, type=a.type, status=a.status, pid=a.pid)
+                manager_pb2.AgentState(
+                    agent_id=a.id,
+                    type=a.type,
+                    status=a.status,
+                    pid=a.pid,
+                    start_time=a.start_time,
+                    revision=a.revision,
+                    health=a.health,
+                    last_exit=a.last_exit if a.HasField("last_exit") else None,
+                )
                 for a in agents
             ]
         return [manager_pb2.AgentState(agent_id="web", type="web", status=_RUNNING, pid=1)]
+
+    def _pushed(self) -> PushedSet:
+        if self.daemon is None:
+            return PushedSet(0, ())
+        d = self.daemon.servicer
+        return PushedSet(d.spec_version, list(d.update_errors))
 
     @property
     def buffered(self) -> list[int]:
@@ -272,6 +291,8 @@ class SimLink:
         """Start the link (and the DaemonService first, when configured)."""
         if self.fleet.settings.daemon_ports and self.daemon is None:
             self.daemon = await start_daemon(self.node_id, self.tls)
+            # As the daemon: a push changes the agents, so report them soon.
+            self.daemon.servicer.on_push = lambda: self.link.agents_changed()
             self.link = self._new_link()
         await self.link.start()
 

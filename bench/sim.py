@@ -27,7 +27,7 @@ import itertools
 import json
 import sys
 import time
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -49,6 +49,7 @@ from fleet.v1 import common_pb2, daemon_pb2, daemon_pb2_grpc, manager_pb2, manag
 
 __all__ = [
     "Concurrency",
+    "PushCall",
     "SimAgent",
     "SimDaemon",
     "SimFleet",
@@ -96,6 +97,22 @@ class SimAgent:
 DEFAULT_AGENTS = (SimAgent("web", "web"), SimAgent("worker", "worker"))
 
 
+@dataclass
+class PushCall:
+    """One PushUpdate call a simulated daemon received."""
+
+    at: float
+    """Wall time it arrived."""
+    caller: str
+    """The calling manager's identity (manager/<name>)."""
+    version: int
+    """The set version pushed."""
+    agents: tuple[tuple[str, int], ...]
+    """((agent id, revision), ...) pushed."""
+    outcome: str
+    """"applied" (it runs this set now), "same" (already did: a no-op) or "stale" (refused)."""
+
+
 class SimDaemon(daemon_pb2_grpc.DaemonServiceServicer):
     """An in-memory DaemonService for one simulated node (manager callers only)."""
 
@@ -124,6 +141,10 @@ class SimDaemon(daemon_pb2_grpc.DaemonServiceServicer):
         """The pushed (managed) specs it runs, by id."""
         self.pushes: list[tuple[int, tuple[tuple[str, int], ...]]] = []
         """Every accepted push: (version, ((agent id, revision), ...))."""
+        self.received: list[PushCall] = []
+        """Every PushUpdate call, applied or not: which manager replica pushed what, when."""
+        self.on_push: Callable[[], None] | None = None
+        """Called after a push changed what it runs (a fleetsim node reports then)."""
         self.update_errors: list[common_pb2.UpdateError] = []
         """Pushed agents it refused (an agent of its own with the same id)."""
         self.link: SimLink | None = None
@@ -144,10 +165,11 @@ class SimDaemon(daemon_pb2_grpc.DaemonServiceServicer):
             _set_running(info) if a.running else _set_stopped(info)
             self.agents[a.agent_id] = info
 
-    def _enter(self, method: str, context: _Context, *detail: str) -> None:
-        require_role(context, "manager")  # as the real daemon: managers only
+    def _enter(self, method: str, context: _Context, *detail: str) -> str:
+        caller = require_role(context, "manager")  # as the real daemon: managers only
         self.calls.append((method, *detail))
         self.client_ports.add(context.peer().rsplit(":", 1)[-1])
+        return str(caller)
 
     def _agent(self, agent_id: str) -> common_pb2.AgentInfo:
         info = self.agents.get(agent_id)
@@ -208,16 +230,26 @@ class SimDaemon(daemon_pb2_grpc.DaemonServiceServicer):
     ) -> daemon_pb2.PushUpdateResponse:
         """As the real daemon: stale versions refused, the same version again a no-op, an
         agent of its own with a pushed id kept and the pushed one refused."""
-        self._enter("PushUpdate", context)
+        caller = self._enter("PushUpdate", context)
         specs = {s.id: s for s in request.agents}
+        call = PushCall(
+            time.time(),
+            caller,
+            request.version,
+            tuple(sorted((i, s.revision) for i, s in specs.items())),
+            "applied",
+        )
+        self.received.append(call)
         if request.version < self.spec_version or (
             request.version == self.spec_version and specs != self.pushed
         ):
+            call.outcome = "stale"
             raise FailedPrecondition(
                 f"stale spec version {request.version}: this node already has version"
                 f" {self.spec_version}"
             )
         if request.version == self.spec_version:
+            call.outcome = "same"
             return daemon_pb2.PushUpdateResponse(success=True, version=request.version)
         own = {a for a in self.agents if a not in self.pushed}
         refused = [
@@ -253,6 +285,8 @@ class SimDaemon(daemon_pb2_grpc.DaemonServiceServicer):
         )
         if self.link is not None:
             self.link.report_soon(self.report_delay)
+        if self.on_push is not None:
+            self.on_push()
         return daemon_pb2.PushUpdateResponse(
             success=True,
             version=request.version,

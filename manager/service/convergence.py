@@ -20,7 +20,16 @@ one manager) runs passes, each:
 A pass runs when something changes (`poke`: a definition, a registration, a
 label change, an agent sync, an operator's rollout action; coalesced), at
 the earliest time a rollout decision can change (`Step.wake_at`), and every
-`safety_interval` seconds anyway (other replicas' writes).
+`safety_interval` seconds anyway (other replicas' writes). With replicas,
+also every `rollout_poll` seconds while a rollout moves nodes: their daemons
+may report to a replica that cannot poke this one.
+
+Exactly one driver: the leader checks the lock before every pass and every
+`lock_check` seconds while idle, and a new leader waits `lock_check` before
+its first pass, so one whose lock connection died (PostgreSQL dropped the
+lock; another replica may take it) stops before the next one starts (a pass
+already running finishes first; its pushes carry versions the daemons
+order, and its rollout steps lock the rollout's row).
 """
 
 from __future__ import annotations
@@ -125,6 +134,8 @@ class Convergence:
         safety_interval: float = 10.0,
         push_concurrency: int = 64,
         push_timeout: float | None = None,
+        lock_check: float = 1.0,
+        rollout_poll: float = 1.0,
         on_leader: Callable[[bool], None] = lambda held: None,
         on_pass: Callable[[PassResult], None] = lambda result: None,
     ) -> None:
@@ -138,6 +149,8 @@ class Convergence:
         self._safety = safety_interval
         self._push_sem = asyncio.Semaphore(push_concurrency)
         self._push_timeout = push_timeout
+        self._lock_check = lock_check
+        self._rollout_poll = rollout_poll
         self._on_leader = on_leader
         self._on_pass = on_pass
         self._wake = asyncio.Event()
@@ -185,6 +198,14 @@ class Convergence:
                 await asyncio.wait_for(self._stop.wait(), 1.0)
 
     async def _lead(self) -> None:
+        replicas = self._db.dialect == "postgresql"
+        if replicas:
+            # A predecessor whose lock connection died stops within `lock_check` (it
+            # checks that often, and before every pass): wait that out before driving.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self._lock_check)
+            if self._stop.is_set() or not await self._db.advisory_lock_held(DESIRED_LOCK):
+                return
         self.leading = True
         self._on_leader(True)
         log.info("this manager converges desired state")
@@ -197,9 +218,27 @@ class Convergence:
             delay = self._safety
             if result.wake_at is not None:
                 delay = min(delay, max(0.0, result.wake_at - self._clock()))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), delay)
+            if replicas and {"RUNNING", "REVERTING"} & set(result.live_rollouts):
+                # Daemons may report to another replica, which cannot poke this one.
+                delay = min(delay, self._rollout_poll)
+            if not await self._idle(delay):
+                log.warning("lost the desired-state lock; competing for it again")
+                return
             await asyncio.sleep(self._debounce)  # let a burst of pokes settle into one pass
+
+    async def _idle(self, delay: float) -> bool:
+        """Wait up to `delay` s for a poke, checking every `lock_check` s that the lock is
+        still held (False as soon as it is not: stop driving, the gauge says so)."""
+        deadline = time.monotonic() + delay
+        while not self._wake.is_set():
+            left = deadline - time.monotonic()
+            if left <= 0:
+                break
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), min(left, self._lock_check))
+            if not self._wake.is_set() and not await self._db.advisory_lock_held(DESIRED_LOCK):
+                return False
+        return True
 
     # --- one pass -------------------------------------------------------------------------
 

@@ -9,6 +9,7 @@ refused as INVALID_ARGUMENT must leave no trace); the manager still serves.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import time
 from collections.abc import AsyncIterator
@@ -193,6 +194,13 @@ async def env(module_pki: ModulePki, manager_database: str) -> AsyncIterator[Env
             request = manager_pb2.SyncAgentStatesRequest(node_id="n1", states=states)
             reply = await invoke(chans["n1"], sync, request)
             assert reply.code == grpc.StatusCode.OK, reply
+            # On PostgreSQL the driver leads a second after it takes the lock: wait for it,
+            # or `settled` below could see the quiet before its first pass.
+            for _ in range(300):
+                if manager.convergence.leading:
+                    break
+                await asyncio.sleep(0.1)
+            assert manager.convergence.leading, "the desired-state driver never led"
             # A definition (of no node) with a revision and a finished rollout.
             apply = {m.name: m for m in methods("FleetService")}["ApplyDefinitions"]
             request = fleet_pb2.FleetServiceApplyDefinitionsRequest(
