@@ -231,7 +231,7 @@ class ManagerServer:
             interval=liv.sweep_interval_seconds,
             clock=self._clock,
             on_leader=lambda held: m.sweeper_leader.set(1 if held else 0),
-            on_offline=m.nodes_marked_offline.inc,
+            on_offline=self._nodes_went_offline,
             on_counts=m.set_node_counts,
         )
         self.sweeper.start()
@@ -378,6 +378,13 @@ class ManagerServer:
             await self.writer.stop()
         except Exception as exc:
             log.warning("metric writer did not drain at shutdown: %s", exc)
+
+    def _nodes_went_offline(self, count: int) -> None:
+        self.metrics.nodes_marked_offline.inc(count)
+        # A rollout stops waiting on them now, not at the driver's next safety pass.
+        convergence = getattr(self, "convergence", None)
+        if convergence is not None:
+            convergence.poke()
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting calls, drain them within `grace`, then flush and close."""
