@@ -159,94 +159,29 @@ class Sweeper:
             await _sleep_or_stop(self._stop, self._interval)
 
 
-class MetricsLifecycle:
-    """Rolls raw samples up into 1-minute buckets and prunes old data."""
+class _LockedJob:
+    """A job run every `interval` seconds by one replica at a time (an advisory lock).
 
-    def __init__(
-        self,
-        db: Database,
-        store: MetricStore,
-        *,
-        raw_retention_ms: int,
-        rollup_retention_ms: int,
-        interval: float,
-        clock: Callable[[], float],
-    ) -> None:
+    Subclasses set `name` (the task's, and the log's) and `lock`, and define
+    `_pass`. The first pass runs one interval after `start`.
+    """
+
+    name = ""
+    lock = ""
+
+    def __init__(self, db: Database, *, interval: float) -> None:
         self._db = db
-        self._store = store
-        self._raw_ms = raw_retention_ms
-        self._rollup_ms = rollup_retention_ms
         self._interval = interval
-        self._clock = clock
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
-    async def run_once(self) -> tuple[int, int]:
-        """Roll up closed minutes, then prune; returns (buckets, rows deleted)."""
-        now_ms = int(self._clock() * 1000)
-        buckets = await self._store.rollup(now_ms=now_ms)
-        deleted = await self._store.prune(
-            now_ms=now_ms, raw_retention_ms=self._raw_ms, rollup_retention_ms=self._rollup_ms
-        )
-        return buckets, deleted
+    async def _pass(self) -> None:
+        raise NotImplementedError
 
     def start(self) -> None:
         """Start the periodic job."""
         self._stop.clear()
-        self._task = asyncio.create_task(self._run(), name="metrics-lifecycle")
-
-    async def stop(self) -> None:
-        """Stop the job (a run in progress finishes first)."""
-        self._stop.set()
-        if self._task is not None:
-            await self._task
-            self._task = None
-
-    async def _run(self) -> None:
-        while not self._stop.is_set():
-            await _sleep_or_stop(self._stop, self._interval)
-            if self._stop.is_set():
-                return
-            try:
-                async with self._db.advisory_lock(LIFECYCLE_LOCK) as held:
-                    if held:
-                        buckets, deleted = await self.run_once()
-                        log.debug("metrics lifecycle: %d buckets, %d rows pruned", buckets, deleted)
-            except FleetError as exc:
-                log.warning("metrics lifecycle: %s; retrying next time", exc)
-            except Exception:
-                log.exception("metrics lifecycle failed unexpectedly")
-
-
-class ArtifactJanitor:
-    """Deletes the staged chunks that crashed uploads left behind, on one replica at a time."""
-
-    def __init__(
-        self,
-        db: Database,
-        artifacts: Artifacts,
-        *,
-        interval: float,
-        stale_after: float,
-    ) -> None:
-        self._db = db
-        self._artifacts = artifacts
-        self._interval = interval
-        self._stale_after = stale_after
-        self._stop = asyncio.Event()
-        self._task: asyncio.Task[None] | None = None
-
-    async def run_once(self) -> int:
-        """One pass; how many staged uploads were removed."""
-        removed = await self._artifacts.expire_uploads(stale_after=self._stale_after)
-        if removed:
-            log.info("removed the staged bytes of %d abandoned artifact upload(s)", removed)
-        return removed
-
-    def start(self) -> None:
-        """Start the periodic job (its first pass runs one interval from now)."""
-        self._stop.clear()
-        self._task = asyncio.create_task(self._run(), name="artifact-janitor")
+        self._task = asyncio.create_task(self._run(), name=self.name)
 
     async def stop(self) -> None:
         """Stop the job (a pass in progress finishes first)."""
@@ -261,10 +196,75 @@ class ArtifactJanitor:
             if self._stop.is_set():
                 return
             try:
-                async with self._db.advisory_lock(JANITOR_LOCK) as held:
+                async with self._db.advisory_lock(self.lock) as held:
                     if held:
-                        await self.run_once()
+                        await self._pass()
             except FleetError as exc:
-                log.warning("artifact janitor: %s; retrying next time", exc)
+                log.warning("%s: %s; retrying next time", self.name, exc)
             except Exception:
-                log.exception("artifact janitor failed unexpectedly")
+                log.exception("%s failed unexpectedly", self.name)
+
+
+class MetricsLifecycle(_LockedJob):
+    """Rolls raw samples up into 1-minute buckets and prunes old data."""
+
+    name = "metrics-lifecycle"
+    lock = LIFECYCLE_LOCK
+
+    def __init__(
+        self,
+        db: Database,
+        store: MetricStore,
+        *,
+        raw_retention_ms: int,
+        rollup_retention_ms: int,
+        interval: float,
+        clock: Callable[[], float],
+    ) -> None:
+        super().__init__(db, interval=interval)
+        self._store = store
+        self._raw_ms = raw_retention_ms
+        self._rollup_ms = rollup_retention_ms
+        self._clock = clock
+
+    async def run_once(self) -> tuple[int, int]:
+        """Roll up closed minutes, then prune; returns (buckets, rows deleted)."""
+        now_ms = int(self._clock() * 1000)
+        buckets = await self._store.rollup(now_ms=now_ms)
+        deleted = await self._store.prune(
+            now_ms=now_ms, raw_retention_ms=self._raw_ms, rollup_retention_ms=self._rollup_ms
+        )
+        return buckets, deleted
+
+    async def _pass(self) -> None:
+        buckets, deleted = await self.run_once()
+        log.debug("metrics lifecycle: %d buckets, %d rows pruned", buckets, deleted)
+
+
+class ArtifactJanitor(_LockedJob):
+    """Deletes the staged chunks that crashed uploads left behind, on one replica at a time."""
+
+    name = "artifact-janitor"
+    lock = JANITOR_LOCK
+
+    def __init__(
+        self,
+        db: Database,
+        artifacts: Artifacts,
+        *,
+        interval: float,
+        stale_after: float,
+    ) -> None:
+        super().__init__(db, interval=interval)
+        self._artifacts = artifacts
+        self._stale_after = stale_after
+
+    async def run_once(self) -> int:
+        """One pass; how many staged uploads were removed."""
+        removed = await self._artifacts.expire_uploads(stale_after=self._stale_after)
+        if removed:
+            log.info("removed the staged bytes of %d abandoned artifact upload(s)", removed)
+        return removed
+
+    async def _pass(self) -> None:
+        await self.run_once()
