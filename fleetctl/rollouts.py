@@ -302,19 +302,23 @@ def list_rollouts(
     cli.call(body)
 
 
-Control = Callable[[Stub, str, float], Awaitable[desired_pb2.Rollout]]
+Control = Callable[[Stub, str, str, float], Awaitable[desired_pb2.Rollout]]
 """A control RPC: (stub, definition name, deadline in seconds) -> the rollout."""
 
 
 def _control(verb: str, done: str, call: Control) -> Callable[..., None]:
     def command(
-        ctx: typer.Context, name: Annotated[str, typer.Argument(help="The definition.")]
+        ctx: typer.Context,
+        name: Annotated[str, typer.Argument(help="The definition.")],
+        message: Annotated[
+            str, typer.Option("--message", help="Why (kept in the reason, event and audit).")
+        ] = "",
     ) -> None:
         cli = Cli.of(ctx)
 
         async def body(stub: Stub, conn: Connection) -> int:
             try:
-                rollout = await call(stub, name, conn.timeout)
+                rollout = await call(stub, name, message, conn.timeout)
             except grpc.RpcError as exc:
                 if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
                     raise Failure(f"cannot {verb} {name}'s rollout: {exc.details()}") from None
@@ -334,23 +338,23 @@ def _control(verb: str, done: str, call: Control) -> Callable[..., None]:
     return command
 
 
-async def _pause(stub: Stub, name: str, deadline: float) -> desired_pb2.Rollout:
-    request = fleet_pb2.FleetServicePauseRolloutRequest(name=name)
+async def _pause(stub: Stub, name: str, why: str, deadline: float) -> desired_pb2.Rollout:
+    request = fleet_pb2.FleetServicePauseRolloutRequest(name=name, message=why)
     return (await stub.PauseRollout(request, timeout=deadline)).rollout
 
 
-async def _resume(stub: Stub, name: str, deadline: float) -> desired_pb2.Rollout:
-    request = fleet_pb2.FleetServiceResumeRolloutRequest(name=name)
+async def _resume(stub: Stub, name: str, why: str, deadline: float) -> desired_pb2.Rollout:
+    request = fleet_pb2.FleetServiceResumeRolloutRequest(name=name, message=why)
     return (await stub.ResumeRollout(request, timeout=deadline)).rollout
 
 
-async def _promote(stub: Stub, name: str, deadline: float) -> desired_pb2.Rollout:
-    request = fleet_pb2.FleetServicePromoteRolloutRequest(name=name)
+async def _promote(stub: Stub, name: str, why: str, deadline: float) -> desired_pb2.Rollout:
+    request = fleet_pb2.FleetServicePromoteRolloutRequest(name=name, message=why)
     return (await stub.PromoteRollout(request, timeout=deadline)).rollout
 
 
-async def _abort(stub: Stub, name: str, deadline: float) -> desired_pb2.Rollout:
-    request = fleet_pb2.FleetServiceAbortRolloutRequest(name=name)
+async def _abort(stub: Stub, name: str, why: str, deadline: float) -> desired_pb2.Rollout:
+    request = fleet_pb2.FleetServiceAbortRolloutRequest(name=name, message=why)
     return (await stub.AbortRollout(request, timeout=deadline)).rollout
 
 

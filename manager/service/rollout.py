@@ -304,25 +304,31 @@ def start(
     )
 
 
-def pause(r: Rollout, now: float, actor: str) -> tuple[Rollout, Note]:
+def _by(actor: str, why: str) -> str:
+    return f"{actor}: {why}" if why else actor
+
+
+def pause(r: Rollout, now: float, actor: str, why: str = "") -> tuple[Rollout, Note]:
     """Hold a running rollout: no new batch starts; nodes already moved are still judged."""
     if r.state not in (S.RUNNING, S.REVERTING, S.PENDING):
         raise ValueError(f"{r.name}: cannot pause a rollout that is {r.state.value}")
-    reason = f"paused by {actor}"
+    reason = f"paused by {_by(actor, why)}"
     paused = dataclasses.replace(r, state=S.PAUSED, paused_from=r.state, reason=reason)
     return paused, Note("rollout-paused", f"{r.name}: revision {r.target} {reason}")
 
 
-def resume(r: Rollout, now: float, actor: str) -> tuple[Rollout, Note]:
+def resume(r: Rollout, now: float, actor: str, why: str = "") -> tuple[Rollout, Note]:
     """Continue a paused rollout; the progress deadline counts from now."""
     if r.state is not S.PAUSED:
         raise ValueError(f"{r.name}: only a PAUSED rollout can be resumed; it is {r.state.value}")
     back = r.paused_from or S.RUNNING
     resumed = dataclasses.replace(r, state=back, paused_from=None, progress_at=now, reason="")
-    return resumed, Note("rollout-resumed", f"{r.name}: revision {r.target} resumed by {actor}")
+    return resumed, Note(
+        "rollout-resumed", f"{r.name}: revision {r.target} resumed by {_by(actor, why)}"
+    )
 
 
-def promote(r: Rollout, now: float, actor: str) -> tuple[Rollout, Note]:
+def promote(r: Rollout, now: float, actor: str, why: str = "") -> tuple[Rollout, Note]:
     """Let a rollout continue past its canary batch."""
     if r.state is not S.AWAITING_PROMOTION:
         raise ValueError(
@@ -330,7 +336,8 @@ def promote(r: Rollout, now: float, actor: str) -> tuple[Rollout, Note]:
         )
     promoted = dataclasses.replace(r, state=S.RUNNING, progress_at=now, reason="", promoted=True)
     return promoted, Note(
-        "rollout-promoted", f"{r.name}: canaries of revision {r.target} promoted by {actor}"
+        "rollout-promoted",
+        f"{r.name}: canaries of revision {r.target} promoted by {_by(actor, why)}",
     )
 
 
@@ -340,12 +347,13 @@ def abort(
     observed: Mapping[str, Observation],
     now: float,
     actor: str,
+    why: str = "",
 ) -> Step:
     """Fail a live rollout now, as if a node had failed (auto_revert applies)."""
     if r.state in TERMINAL:
         raise ValueError(f"{r.name}: the rollout already ended ({r.state.value})")
     current = {n: _admit(r, progress.get(n), obs, now) for n, obs in observed.items()}
-    return _failed_step(r, current, {}, [], observed, now, f"aborted by {actor}")
+    return _failed_step(r, current, {}, [], observed, now, f"aborted by {_by(actor, why)}")
 
 
 def supersede(r: Rollout, revision: int, now: float) -> tuple[Rollout, Note]:

@@ -92,9 +92,11 @@ class RolloutControl:
         self._clock = clock
         self._on_change = on_change
 
-    async def act(self, name: str, action: Action, *, actor: str) -> RolloutView:
-        """Pause, resume, promote or abort the definition's live rollout."""
+    async def act(self, name: str, action: Action, *, actor: str, why: str = "") -> RolloutView:
+        """Pause, resume, promote or abort the definition's live rollout (`why`: the cause)."""
         _check_name(name)
+        if len(why) > 1000 or "\x00" in why:
+            raise InvalidArgument("at most 1000 characters, without NUL", field="message")
         now = self._clock()
         now_ms = int(now * 1000)
         nodes = {n.node_id: n for n in await self._nodes.list()}
@@ -117,11 +119,11 @@ class RolloutControl:
                         n: progress_of(r) for n, r in (await tx.rollout_nodes(record.id)).items()
                     }
                     observed = await observations(tx, name, list(progress), nodes)
-                    step = ro.abort(before, progress, observed, now, actor)
+                    step = ro.abort(before, progress, observed, now, actor, why)
                     await persist_step(tx, record, step, now_ms)
                 else:
                     do = {"pause": ro.pause, "resume": ro.resume, "promote": ro.promote}[action]
-                    after, note = do(before, now, actor)
+                    after, note = do(before, now, actor, why)
                     await tx.update_rollout(
                         dataclasses.replace(
                             record,
@@ -143,7 +145,11 @@ class RolloutControl:
                 actor=actor,
                 action=f"rollout.{action}",
                 target=name,
-                detail={"rollout_id": str(record.id), "revision": str(before.target)},
+                detail={
+                    "rollout_id": str(record.id),
+                    "revision": str(before.target),
+                    **({"message": why} if why else {}),
+                },
                 outcome="ok",
                 now_ms=now_ms,
             )

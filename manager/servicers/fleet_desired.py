@@ -267,36 +267,39 @@ class DesiredRpcs(OperatorCalls):
                     rollout=rollout_message(view, with_nodes=True)
                 )
 
-    async def _act(self, name: str, action: Action, context: _Context) -> desired_pb2.Rollout:
+    async def _act(
+        self, name: str, action: Action, why: str, context: _Context
+    ) -> desired_pb2.Rollout:
         actor = self._operator(context)
         if not name:
             raise InvalidArgument("is required", field="name")
-        return rollout_message(await self._rollouts.act(name, action, actor=actor), with_nodes=True)
+        view = await self._rollouts.act(name, action, actor=actor, why=why)
+        return rollout_message(view, with_nodes=True)
 
     async def PauseRollout(
         self, request: fleet_pb2.FleetServicePauseRolloutRequest, context: _Context
     ) -> fleet_pb2.FleetServicePauseRolloutResponse:
         return fleet_pb2.FleetServicePauseRolloutResponse(
-            rollout=await self._act(request.name, "pause", context)
+            rollout=await self._act(request.name, "pause", request.message, context)
         )
 
     async def ResumeRollout(
         self, request: fleet_pb2.FleetServiceResumeRolloutRequest, context: _Context
     ) -> fleet_pb2.FleetServiceResumeRolloutResponse:
         return fleet_pb2.FleetServiceResumeRolloutResponse(
-            rollout=await self._act(request.name, "resume", context)
+            rollout=await self._act(request.name, "resume", request.message, context)
         )
 
     async def PromoteRollout(
         self, request: fleet_pb2.FleetServicePromoteRolloutRequest, context: _Context
     ) -> fleet_pb2.FleetServicePromoteRolloutResponse:
         return fleet_pb2.FleetServicePromoteRolloutResponse(
-            rollout=await self._act(request.name, "promote", context)
+            rollout=await self._act(request.name, "promote", request.message, context)
         )
 
     async def AbortRollout(
         self, request: fleet_pb2.FleetServiceAbortRolloutRequest, context: _Context
     ) -> fleet_pb2.FleetServiceAbortRolloutResponse:
         return fleet_pb2.FleetServiceAbortRolloutResponse(
-            rollout=await self._act(request.name, "abort", context)
+            rollout=await self._act(request.name, "abort", request.message, context)
         )

@@ -230,13 +230,15 @@ def test_canary_promote_pause_and_resume(env: Env) -> None:
 
     promoted = env.ok("rollout", "promote", "web")
     assert promoted.startswith("rollout 2 of web promoted: ")
-    paused = env.ok("rollout", "pause", "web")
+    paused = env.ok("rollout", "pause", "web", "--message", "db maintenance")
     assert paused.startswith("rollout 2 of web paused: PAUSED")
     held = env.revisions()
     assert 1 in held.values(), held
     time.sleep(3)  # longer than pause_between_batches: a running rollout would move on
     assert env.revisions() == held
-    assert "PAUSED" in env.ok("rollout", "status", "web")
+    assert "paused by operator/alice: db maintenance" in env.ok("rollout", "status", "web")
+    events = env.ok("events", "--tail", "5", "-o", "json")
+    assert "revision 2 paused by operator/alice: db maintenance" in events
     env.ok("rollout", "resume", "web")
     done = env.live.fleetctl("rollout", "status", "web", "-w")
     assert done.exit_code == 0, done.output
@@ -341,10 +343,11 @@ def test_abort_fails_the_live_rollout_and_status_says_so(env: Env) -> None:
         lambda: env.live.fleetctl("rollout", "status", "web").stdout,
         lambda out: "AWAITING_PROMOTION" in out,
     )
-    aborted = env.ok("rollout", "abort", "web")
+    aborted = env.ok("rollout", "abort", "web", "--message", "wrong build")
     assert aborted.startswith("rollout 2 of web aborted: FAILED")
     status = env.live.fleetctl("rollout", "status", "web")
     assert status.exit_code == EXIT_ROLLOUT_FAILED, status.output
+    assert "aborted by operator/alice: wrong build" in status.stdout
     late = env.live.fleetctl("rollout", "promote", "web")
     assert late.exit_code == 1, late.output
     assert one_error_line(late.stderr).startswith("cannot promote web's rollout: ")

@@ -495,7 +495,8 @@ def test_pause_holds_new_batches_and_resume_continues() -> None:
     assert all(d.progress[f"n0{i}"].phase is NodePhase.DONE for i in range(3))
     with pytest.raises(ValueError, match="cannot pause a rollout that is PAUSED"):
         pause(d.rollout, d.now, "operator/bob")
-    d.rollout, _ = resume(d.rollout, d.now, "operator/bob")
+    d.rollout, note = resume(d.rollout, d.now, "operator/bob", "maintenance done")
+    assert note.message == "web: revision 2 resumed by operator/bob: maintenance done"
     d.run()
     assert d.rollout.state is S.SUCCESSFUL
 
