@@ -63,7 +63,9 @@ def last_exit(how: LastExit | None) -> common_pb2.LastExit | None:
 def shown_spec(spec: AgentSpec) -> common_pb2.AgentSpec:
     """The spec as a daemon shows it to the manager: env names only (values may be secrets)."""
     msg = spec_to_proto(spec)
-    for name in msg.env:
+    # Over a copy of the names: assigning while iterating a protobuf map can skip entries
+    # (seen: a value left in place, i.e. a secret sent to the manager).
+    for name in list(msg.env):
         msg.env[name] = ""
     return msg
 

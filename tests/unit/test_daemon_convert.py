@@ -6,7 +6,7 @@ import os
 
 import pytest
 
-from daemon.convert import host_metrics, resource_metrics
+from daemon.convert import host_metrics, resource_metrics, shown_spec
 from daemon.sampler import ResourceSample, Sampler
 from daemon.supervisor.spec import AgentSpec, BackoffSpec, HealthSpec
 from fleet.agentspec import spec_from_proto, spec_to_proto, specs_from_proto
@@ -82,3 +82,11 @@ def test_host_cpu_metrics_carry_the_usable_cores_and_agent_ones_do_not() -> None
     sample = ResourceSample(1_000, 5.0, 1, 2, 3, 4, 5, 6, 7)
     agent = {m.type: m for m in resource_metrics("web", sample)}
     assert "cores" not in agent["cpu"].values
+
+
+@pytest.mark.parametrize("count", [1, 2, 5, 20, 100])
+def test_shown_spec_never_carries_an_env_value(count: int) -> None:
+    """Every environment value is blanked, however many (a secret must not leave the host)."""
+    env = {f"SECRET_{i}": f"value-{i}" for i in range(count)}
+    shown = shown_spec(AgentSpec(id="web", argv=("web",), env=env))
+    assert dict(shown.env) == dict.fromkeys(env, "")
