@@ -69,8 +69,6 @@ def pending(service: str) -> set[str]:
     """RPCs of `service` that only have an UNIMPLEMENTED placeholder so far
     (`fleet.pending_rpcs`): declared in the protos ahead of their code."""
     holder = {
-        "FleetService": pending_rpcs.PendingFleetRpcs,
-        "ManagerService": pending_rpcs.PendingManagerRpcs,
         "DaemonService": pending_rpcs.PendingDaemonRpcs,
     }.get(service)
     return {name for name in vars(holder) if not name.startswith("_")} if holder else set()
