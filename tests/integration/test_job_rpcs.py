@@ -18,9 +18,9 @@ from fleet.v1 import fleet_pb2, jobs_pb2, manager_pb2
 S = jobs_pb2
 
 
-async def finished(stub: Any, job_id: str, timeout: float = 20.0) -> jobs_pb2.Job:
+async def finished(stub: Any, job_id: str) -> jobs_pb2.Job:
     """Follow WatchJob until the job ended; GetJob's answer then."""
-    async with asyncio.timeout(timeout):
+    async with asyncio.timeout(20):
         async for msg in stub.WatchJob(fleet_pb2.FleetServiceWatchJobRequest(job_id=job_id)):
             if msg.job.ended_at:
                 break
@@ -36,17 +36,17 @@ def states(job: jobs_pb2.Job) -> dict[str, str]:
 @pytest.fixture
 async def env(pki: Any, tmp_path: Path, database_url: str) -> Any:
     config = manager_config(pki, database_url, tmp_path / "state")
-    async with running_manager(config, FakeClock()) as manager:
-        async with (
-            operator_stub(pki, manager.port) as stub,
-            job_daemons(pki, manager.port) as start,
-        ):
-            yield manager, stub, start
+    async with (
+        running_manager(config, FakeClock()) as manager,
+        operator_stub(pki, manager.port) as stub,
+        job_daemons(pki, manager.port) as start,
+    ):
+        yield manager, stub, start
 
 
 async def test_a_job_runs_on_every_selected_node_and_ends_successful(env: Any) -> None:
     """Every node of the selector gets the job once; the results, output and events are stored."""
-    manager, stub, start = env
+    _manager, stub, start = env
     nodes = [await start(f"web-{i}", output=f"hello from web-{i}\n".encode()) for i in range(3)]
     await start("db-1", labels={"env": "dev"})
     reply = await stub.RunJob(
@@ -68,7 +68,8 @@ async def test_a_job_runs_on_every_selected_node_and_ends_successful(env: Any) -
         )
     ]
     assert b"".join(m.data for m in out) == b"hello from web-1\n"
-    assert out[-1].eof and not out[-1].truncated
+    assert out[-1].eof
+    assert not out[-1].truncated
     events = [
         m.event
         async for m in stub.WatchEvents(
@@ -83,7 +84,8 @@ async def test_a_job_runs_on_every_selected_node_and_ends_successful(env: Any) -
     ]
     kinds = [fleet_pb2.EventKind.Name(e.kind) for e in events]
     assert kinds.count("EVENT_KIND_JOB_TARGET_FINISHED") == 3
-    assert kinds[0] == "EVENT_KIND_JOB_STARTED" and kinds[-1] == "EVENT_KIND_JOB_FINISHED"
+    assert kinds[0] == "EVENT_KIND_JOB_STARTED"
+    assert kinds[-1] == "EVENT_KIND_JOB_FINISHED"
     assert "SUCCESS" in events[-1].message
     listed = await stub.ListJobs(fleet_pb2.FleetServiceListJobsRequest())
     assert [j.id for j in listed.jobs] == [job_id]
@@ -108,7 +110,8 @@ async def test_max_errors_skips_the_rest_and_a_disabled_host_fails_at_once(env: 
     got = {t.node_id: t for t in job.targets}
     assert S.JobTargetState.Name(got["a-0"].state) == "JOB_TARGET_STATE_FAILED"
     assert "enabled = false" in got["a-0"].reason
-    assert got["a-1"].state == S.JOB_TARGET_STATE_FAILED and got["a-1"].exit_code == 3
+    assert got["a-1"].state == S.JOB_TARGET_STATE_FAILED
+    assert got["a-1"].exit_code == 3
     assert got["a-2"].state == S.JOB_TARGET_STATE_SKIPPED
     assert got["a-3"].state == S.JOB_TARGET_STATE_SKIPPED
     assert got["a-2"].reason.startswith("max_errors=2 reached")
@@ -128,7 +131,7 @@ async def test_cancel_stops_running_targets_and_cancels_pending_ones(env: Any) -
     )
     job_id = reply.job.id
     async with asyncio.timeout(10):
-        while not node.daemon.starts:
+        while not node.daemon.starts:  # noqa: ASYNC110  # a test daemon's record, no event
             await asyncio.sleep(0.02)
     await stub.CancelJob(fleet_pb2.FleetServiceCancelJobRequest(job_id=job_id))
     job = await finished(stub, job_id)
@@ -167,7 +170,8 @@ async def test_bad_specs_are_refused_naming_the_field_and_store_nothing(env: Any
     planned = await stub.RunJob(
         fleet_pb2.FleetServiceRunJobRequest(spec=command("true", node_ids=["v-1"]), plan=True)
     )
-    assert planned.job.id == "" and [t.node_id for t in planned.job.targets] == ["v-1"]
+    assert planned.job.id == ""
+    assert [t.node_id for t in planned.job.targets] == ["v-1"]
     assert not (await stub.ListJobs(fleet_pb2.FleetServiceListJobsRequest())).jobs
 
 
@@ -205,11 +209,12 @@ async def test_nodes_report_and_upload_only_for_their_own_targets(env: Any, pki:
         assert err.code() == grpc.StatusCode.NOT_FOUND
 
         async def up(offset: int, data: bytes) -> manager_pb2.UploadJobOutputResponse:
-            return await own.UploadJobOutput(  # type: ignore[no-any-return]
+            reply: manager_pb2.UploadJobOutputResponse = await own.UploadJobOutput(
                 manager_pb2.UploadJobOutputRequest(
                     node_id="o-1", job_id=job_id, offset=offset, data=data
                 )
             )
+            return reply
 
         assert (await up(0, b"abc")).acked_offset == 3
         assert (await up(0, b"abcdef")).acked_offset == 6  # the repeated part is not stored again
@@ -225,5 +230,6 @@ async def test_nodes_report_and_upload_only_for_their_own_targets(env: Any, pki:
             )
         ]
         data = b"".join(m.data for m in out)
-        assert data.startswith(b"abcdef") and len(data) == 1024 * 1024
+        assert data.startswith(b"abcdef")
+        assert len(data) == 1024 * 1024
         assert out[-1].truncated
