@@ -32,6 +32,7 @@ from manager.service.jobs import (
     TERMINAL,
     JobState,
     TargetState,
+    job_id_problem,
     resolve_concurrency,
     stages,
 )
@@ -419,10 +420,9 @@ class Jobs:
 
 
 def _check_id(job_id: str) -> None:
-    if not job_id:
-        raise InvalidArgument("is required", field="job_id")
-    if len(job_id) > 64 or not job_id.isascii() or not job_id.replace("-", "").isalnum():
-        raise InvalidArgument(f"not a job id: {job_id[:80]!r}", field="job_id")
+    problem = job_id_problem(job_id)
+    if problem:
+        raise InvalidArgument(problem, field="job_id")
 
 
 def _shown(t: JobTargetRecord | None) -> object:

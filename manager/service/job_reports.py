@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 from fleet.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
 from manager.service.job_updates import Change, JobUpdates
-from manager.service.jobs import TargetState, accept_output
+from manager.service.jobs import TargetState, accept_output, job_id_problem
 from manager.storage.jobs import JobRepository, JobTx
 
 __all__ = ["MAX_OUTPUT_CHUNK", "JobReports", "StepReport", "UploadResult"]
@@ -81,10 +81,9 @@ def _times(started_ms: int, ended_ms: int, field: str) -> None:
 
 
 def _check_ids(job_id: str) -> None:
-    if not job_id:
-        raise InvalidArgument("is required", field="job_id")
-    if len(job_id) > 64:
-        raise InvalidArgument("at most 64 characters", field="job_id")
+    problem = job_id_problem(job_id)
+    if problem:
+        raise InvalidArgument(problem, field="job_id")
 
 
 class JobReports:

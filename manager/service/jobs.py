@@ -52,6 +52,7 @@ __all__ = [
     "TargetState",
     "accept_output",
     "format_time",
+    "job_id_problem",
     "job_state",
     "plan",
     "resolve_concurrency",
@@ -409,3 +410,12 @@ def accept_output(
     keep = min(size - skip, room)
     cut = keep < size - skip
     return OutputAccepted(skip, keep, stored + keep, max(stored, end), cut)
+
+
+def job_id_problem(job_id: str) -> str | None:
+    """What is wrong with a job id ("" and ids the manager never makes), or None."""
+    if not job_id:
+        return "is required"
+    if len(job_id) > 64 or not job_id.isascii() or not job_id.replace("-", "").isalnum():
+        return f"not a job id: {job_id[:80]!r} (ids are like 20261213-101530-123-a1b2c3)"
+    return None
