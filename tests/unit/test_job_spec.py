@@ -78,5 +78,5 @@ def test_targets_come_from_node_ids_or_the_selector() -> None:
     none = common_pb2.LabelSelector(match_labels={"env": "qa"})
     with pytest.raises(FailedPrecondition, match="matches no registered node"):
         resolve_targets(check_spec(spec(node_ids=[], selector=none)), nodes)
-    with pytest.raises(InvalidArgument, match="spec.canary"):
+    with pytest.raises(InvalidArgument, match=r"spec\.canary"):
         resolve_targets(check_spec(spec(node_ids=["a"], canary=2)), nodes)
