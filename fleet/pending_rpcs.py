@@ -14,7 +14,7 @@ from typing import Any
 
 import grpc
 
-__all__ = ["PendingDaemonRpcs", "PendingFleetRpcs", "PendingManagerRpcs"]
+__all__ = ["PendingDaemonRpcs"]
 
 
 async def _unimplemented(context: Any, rpc: str) -> None:
@@ -24,41 +24,6 @@ async def _unimplemented(context: Any, rpc: str) -> None:
 async def _unimplemented_stream(context: Any, rpc: str) -> AsyncIterator[Any]:
     await _unimplemented(context, rpc)
     yield  # never reached: abort raises
-
-
-class PendingFleetRpcs:
-    """FleetService RPCs not built yet."""
-
-    async def RunJob(self, request: Any, context: Any) -> Any:
-        await _unimplemented(context, "RunJob")
-
-    async def ListJobs(self, request: Any, context: Any) -> Any:
-        await _unimplemented(context, "ListJobs")
-
-    async def GetJob(self, request: Any, context: Any) -> Any:
-        await _unimplemented(context, "GetJob")
-
-    def WatchJob(self, request: Any, context: Any) -> Any:
-        return _unimplemented_stream(context, "WatchJob")
-
-    def ReadJobOutput(self, request: Any, context: Any) -> Any:
-        return _unimplemented_stream(context, "ReadJobOutput")
-
-    async def CancelJob(self, request: Any, context: Any) -> Any:
-        await _unimplemented(context, "CancelJob")
-
-    async def RerunJob(self, request: Any, context: Any) -> Any:
-        await _unimplemented(context, "RerunJob")
-
-
-class PendingManagerRpcs:
-    """ManagerService RPCs not built yet."""
-
-    async def ReportJobStatus(self, request: Any, context: Any) -> Any:
-        await _unimplemented(context, "ReportJobStatus")
-
-    async def UploadJobOutput(self, request: Any, context: Any) -> Any:
-        await _unimplemented(context, "UploadJobOutput")
 
 
 class PendingDaemonRpcs:
