@@ -14,7 +14,7 @@ from typing import Any
 
 import grpc
 
-__all__ = ["PendingDaemonRpcs", "PendingFleetRpcs", "PendingManagerRpcs"]
+__all__ = ["PendingFleetRpcs", "PendingManagerRpcs"]
 
 
 async def _unimplemented(context: Any, rpc: str) -> None:
@@ -59,16 +59,3 @@ class PendingManagerRpcs:
 
     async def UploadJobOutput(self, request: Any, context: Any) -> Any:
         await _unimplemented(context, "UploadJobOutput")
-
-
-class PendingDaemonRpcs:
-    """DaemonService RPCs not built yet."""
-
-    async def StartJob(self, request: Any, context: Any) -> Any:
-        await _unimplemented(context, "StartJob")
-
-    async def CancelJob(self, request: Any, context: Any) -> Any:
-        await _unimplemented(context, "CancelJob")
-
-    def ReadJobOutput(self, request: Any, context: Any) -> Any:
-        return _unimplemented_stream(context, "ReadJobOutput")

@@ -71,7 +71,6 @@ def pending(service: str) -> set[str]:
     holder = {
         "FleetService": pending_rpcs.PendingFleetRpcs,
         "ManagerService": pending_rpcs.PendingManagerRpcs,
-        "DaemonService": pending_rpcs.PendingDaemonRpcs,
     }.get(service)
     return {name for name in vars(holder) if not name.startswith("_")} if holder else set()
 
