@@ -581,8 +581,10 @@ class JobEngine:
         if status is not None:
             code = int(status.get("exit_code", -1))
             error = str(status.get("error", ""))
-        elif killed or stopping:
+        elif killed:
             code = -int(signal.SIGKILL)
+        elif stopping:
+            code = -int(signal.SIGTERM)  # it hit the wrapper before its handler was in place
         else:
             code = -1
         grace = self.cfg.grace_seconds

@@ -206,10 +206,12 @@ class DaemonServicer(daemon_pb2_grpc.DaemonServiceServicer):
                     eof=chunk.eof,
                 )
             offset = chunk.next_offset
-            if chunk.eof or not request.follow:
+            if chunk.eof:
                 return
             if len(chunk.data) >= max_bytes:
-                continue
+                continue  # more is already there: no wait
+            if not request.follow:
+                return
             # The step appends to the file itself: re-check at the follow cadence,
             # or at once when the job changes state (it may have ended).
             await self._jobs.wait_change(request.job_id, self._follow_interval)
