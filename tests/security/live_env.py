@@ -38,7 +38,15 @@ from fleet import pending_rpcs
 from fleet.pki import CertificateAuthority, Identity, Role
 from fleet.retry import Backoff
 from fleet.tls import TLSConfig, channel_credentials, channel_options
-from fleet.v1 import agent_pb2, common_pb2, daemon_pb2, desired_pb2, fleet_pb2, manager_pb2
+from fleet.v1 import (
+    agent_pb2,
+    common_pb2,
+    daemon_pb2,
+    desired_pb2,
+    fleet_pb2,
+    jobs_pb2,
+    manager_pb2,
+)
 from manager.pool import PoolConfig
 from manager.server import ManagerServer
 
@@ -379,6 +387,13 @@ def requests(daemon_port: int, node: str = "a") -> dict[str, Message]:
         # A stale version: refused (FAILED_PRECONDITION) after the authorisation check.
         "DaemonService.PushUpdate": daemon_pb2.PushUpdateRequest(version=0, agents=[sdk_spec]),
         "DaemonService.ReadAgentLog": daemon_pb2.ReadAgentLogRequest(agent_id="sleeper"),
+        # A harmless job; cancelling and reading it after it ran answer its state and output.
+        "DaemonService.StartJob": daemon_pb2.StartJobRequest(
+            job_id="matrix-job",
+            steps=[jobs_pb2.JobStep(command=jobs_pb2.JobCommand(argv=[SLEEP, "0"]))],
+        ),
+        "DaemonService.CancelJob": daemon_pb2.CancelJobRequest(job_id="matrix-job"),
+        "DaemonService.ReadJobOutput": daemon_pb2.ReadJobOutputRequest(job_id="matrix-job"),
         # FleetService: through the manager, to the node's daemon where needed.
         "FleetService.ListNodes": fleet_pb2.FleetServiceListNodesRequest(),
         "FleetService.GetNode": fleet_pb2.FleetServiceGetNodeRequest(node_id=node),
