@@ -8,8 +8,9 @@ Pushed specs and jobs run real programs, so argv is steered: either `sleep
 1000` (runs until stopped, exits at once on SIGTERM; a job's is `sleep 0`)
 or a program under a directory that does not exist (refused by validation),
 never a fuzzed program name that PATH could resolve, and a job's script only
-under an interpreter that cannot run it. A refused StartJob keeps no job. start_secs stays small so an
-operation that waits for RUNNING answers quickly.
+under an interpreter that cannot run it. A refused StartJob keeps no job.
+start_secs stays small so an operation that waits for RUNNING answers
+quickly.
 """
 
 from __future__ import annotations

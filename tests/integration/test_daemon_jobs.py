@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import signal
+import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +19,12 @@ from daemon_helpers import client_channel, daemon_config, eventually, short_tmp
 from grpc import aio
 
 from daemon.config import DaemonConfig, JobsConfig
-from daemon.jobs.store import JobRecord
+from daemon.jobs.engine import Job, JobEngine
+from daemon.jobs.reporter import status_request
+from daemon.jobs.store import JobRecord, StepRecord
 from daemon.server import DaemonServer
+from daemon.supervisor.clock import ManualClock
+from fleet.errors import NotFound
 from fleet.v1 import daemon_pb2, daemon_pb2_grpc, jobs_pb2
 
 T = jobs_pb2
@@ -115,7 +121,7 @@ async def make_node(pki: Any) -> AsyncIterator[MakeNode]:
                 await node.server.stop(1.0)
                 for job in node.server.jobs.jobs():  # leave no step running
                     if job.record.current is not None and job.record.current.pid:
-                        with __import__("contextlib").suppress(ProcessLookupError):
+                        with contextlib.suppress(ProcessLookupError):
                             os.killpg(job.record.current.pid, signal.SIGKILL)
 
 
@@ -439,3 +445,56 @@ async def test_big_output_is_never_held_in_memory(node: Node) -> None:
         total += len(reply.data)
     assert total == size
     assert me.memory_info().rss - before < 32 * 1024 * 1024
+
+
+async def test_retention_removes_only_old_settled_job_dirs(tmp_path: Path) -> None:
+    """Past keep_days a finished job whose final state the manager acknowledged is deleted;
+    one the manager has not acknowledged is kept, and so is a recent one."""
+    clock = ManualClock(time.time())
+    engine = JobEngine(JobsConfig(keep_days=1.0), root=tmp_path / "jobs", clock=clock)
+    await engine.start()
+    try:
+        for job_id in ("acked", "unacked", "recent"):
+            await engine.submit(start_req(job_id, step("true")))
+        for job_id in ("acked", "unacked", "recent"):
+            await eventually(lambda j=job_id: asyncio.sleep(0, engine.record(j)), _final)
+        engine.acknowledge("acked", engine.record("acked").version)
+        clock.advance(2 * 86400)
+        engine.acknowledge("recent", engine.record("recent").version)
+        engine.record("recent").ended_at = clock.now()
+        engine.store.save(engine.record("recent"))
+        assert await engine.sweep() == ["acked"]
+        assert sorted(engine.store.job_ids()) == ["recent", "unacked"]
+        with pytest.raises(NotFound):
+            engine.record("acked")
+    finally:
+        await engine.stop()
+
+
+def _final(record: JobRecord) -> bool:
+    return record.final
+
+
+def test_status_request_carries_the_record() -> None:
+    """ReportJobStatus holds the target's and each step's state, codes and times in ms."""
+    record = JobRecord(
+        job_id="j",
+        lock="",
+        timeout=10,
+        created_at=1.0,
+        steps=[StepRecord("a", "on_success", "FAILED", 3, 2.0, 3.5, "exit code 3")],
+        state="FAILED",
+        started_at=2.0,
+        ended_at=3.5,
+        exit_code=3,
+        reason="exit code 3",
+    )
+    req = status_request("n1", Job(start_req("j", step("x")), record, 1), 42)
+    assert (req.node_id, req.job_id, req.state) == ("n1", "j", T.JOB_TARGET_STATE_FAILED)
+    assert (req.exit_code, req.started_at, req.ended_at, req.output_bytes) == (3, 2000, 3500, 42)
+    assert req.steps[0].state == T.JOB_TARGET_STATE_FAILED
+    assert (req.steps[0].name, req.steps[0].exit_code, req.steps[0].reason) == (
+        "a",
+        3,
+        "exit code 3",
+    )
