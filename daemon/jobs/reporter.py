@@ -123,14 +123,14 @@ class JobReporter:
         while True:
             self._poke.clear()
             busy = False
-            pause = False
+            pause = 0.0
             for job in self.engine.jobs():
                 try:
                     busy = await self._serve(job, stub, call) or busy
                 except FleetError as exc:
-                    pause = pause or self._refused(job, exc)
+                    pause = max(pause, self._refused(job, exc))
             if pause:
-                await asyncio.sleep(self.retry_delay)
+                await asyncio.sleep(pause)
                 continue
             if busy:
                 continue
@@ -139,25 +139,26 @@ class JobReporter:
                 async with asyncio.timeout(self.tail_interval if running else 60.0):
                     await self._poke.wait()
 
-    def _refused(self, job: Job, exc: FleetError) -> bool:
-        """Handle a refusal for `job`; True means pause before the next round."""
+    def _refused(self, job: Job, exc: FleetError) -> float:
+        """Handle a refusal for `job`; returns seconds to pause before the next round."""
         job_id = job.record.job_id
         self._acked[job_id] = None  # ask again before the next chunk
         if exc.code in _RETRY_CODES:
             log.info("manager busy with job %s (%s); retrying", job_id, exc.code.name)
-            return True
+            return self.retry_delay
         if exc.code == grpc.StatusCode.FAILED_PRECONDITION:
             log.info("manager refused a chunk of job %s (%s); resuming at its offset", job_id, exc)
-            return False
+            return 0.0
         if exc.code == grpc.StatusCode.UNIMPLEMENTED:
-            log.warning("manager does not take job reports yet (%s); retrying later", exc)
-            return True
+            # An older manager: keep everything, try again now and then (and on reconnect).
+            log.warning("manager does not take job reports (%s); retrying in 60s", exc)
+            return 60.0
         # NOT_FOUND / INVALID_ARGUMENT: the manager will never take this job's
         # reports (it forgot the job); stop sending them, the output stays here.
         log.warning("manager refused reports for job %s, giving up on them: %s", job_id, exc)
         record = job.record
         self.engine.acknowledge(job_id, record.version, truncated=True)
-        return False
+        return 0.0
 
     async def _serve(self, job: Job, stub: manager_pb2_grpc.ManagerServiceStub, call: Call) -> bool:
         """One turn for `job`; True if it did something (more may be waiting)."""
