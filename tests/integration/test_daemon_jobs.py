@@ -460,9 +460,10 @@ async def test_retention_removes_only_old_settled_job_dirs(tmp_path: Path) -> No
             await eventually(lambda j=job_id: asyncio.sleep(0, engine.record(j)), _final)
         engine.acknowledge("acked", engine.record("acked").version)
         clock.advance(2 * 86400)
-        engine.acknowledge("recent", engine.record("recent").version)
-        engine.record("recent").ended_at = clock.now()
-        engine.store.save(engine.record("recent"))
+        recent = engine.record("recent")  # ended just now
+        recent.ended_at = clock.now()
+        engine.store.save(recent)
+        engine.acknowledge("recent", recent.version)
         assert await engine.sweep() == ["acked"]
         assert sorted(engine.store.job_ids()) == ["recent", "unacked"]
         with pytest.raises(NotFound):
