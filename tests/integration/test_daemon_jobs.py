@@ -458,6 +458,9 @@ async def test_retention_removes_only_old_settled_job_dirs(tmp_path: Path) -> No
             await engine.submit(start_req(job_id, step("true")))
         for job_id in ("acked", "unacked", "recent"):
             await eventually(lambda j=job_id: asyncio.sleep(0, engine.record(j)), _final)
+        await eventually(  # each job's driver task has returned
+            lambda: asyncio.sleep(0, engine.jobs()), lambda jobs: all(j.task is None for j in jobs)
+        )
         engine.acknowledge("acked", engine.record("acked").version)
         clock.advance(2 * 86400)
         recent = engine.record("recent")  # ended just now
