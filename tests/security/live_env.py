@@ -34,7 +34,6 @@ from manager_harness import FakeClock, manager_config, running_manager
 
 from daemon.server import DaemonServer
 from daemon.supervisor.spec import AgentSpec
-from fleet import pending_rpcs
 from fleet.pki import CertificateAuthority, Identity, Role
 from fleet.retry import Backoff
 from fleet.tls import TLSConfig, channel_credentials, channel_options
@@ -73,23 +72,9 @@ FAST_POOL = PoolConfig(
 """Short deadlines so a call through the manager's pool fails quickly."""
 
 
-def pending(service: str) -> set[str]:
-    """RPCs of `service` that only have an UNIMPLEMENTED placeholder so far
-    (`fleet.pending_rpcs`): declared in the protos ahead of their code."""
-    holder = {
-        "DaemonService": pending_rpcs.PendingDaemonRpcs,
-    }.get(service)
-    return {name for name in vars(holder) if not name.startswith("_")} if holder else set()
-
-
 def methods(service: str) -> list[MethodDescriptor]:
-    """The implemented RPCs of `service` (short name) in declaration order.
-
-    Placeholders (`pending`) are left out: their matrix rows and fuzz tests
-    come with their implementation, which removes the placeholder.
-    """
-    skip = pending(service)
-    return [m for m in SERVICES[service].methods if m.name not in skip]
+    """The RPCs of `service` (short name) in declaration order."""
+    return list(SERVICES[service].methods)
 
 
 def rpc_name(method: MethodDescriptor) -> str:
@@ -393,6 +378,13 @@ def requests(daemon_port: int, node: str = "a") -> dict[str, Message]:
         # A stale version: refused (FAILED_PRECONDITION) after the authorisation check.
         "DaemonService.PushUpdate": daemon_pb2.PushUpdateRequest(version=0, agents=[sdk_spec]),
         "DaemonService.ReadAgentLog": daemon_pb2.ReadAgentLogRequest(agent_id="sleeper"),
+        # A harmless job; cancelling and reading it after it ran answer its state and output.
+        "DaemonService.StartJob": daemon_pb2.StartJobRequest(
+            job_id="matrix-job",
+            steps=[jobs_pb2.JobStep(command=jobs_pb2.JobCommand(argv=[SLEEP, "0"]))],
+        ),
+        "DaemonService.CancelJob": daemon_pb2.CancelJobRequest(job_id="matrix-job"),
+        "DaemonService.ReadJobOutput": daemon_pb2.ReadJobOutputRequest(job_id="matrix-job"),
         # FleetService: through the manager, to the node's daemon where needed.
         "FleetService.ListNodes": fleet_pb2.FleetServiceListNodesRequest(),
         # Jobs: a plan stores nothing; the others name a job that does not exist.
