@@ -171,14 +171,16 @@ def _positive_seconds(value: Any, key: str) -> float:
 
 def _amount(value: Any, key: str) -> str:
     """A window: a number of targets (>= 1) or a percentage (1%..100%)."""
-    if isinstance(value, int) and not isinstance(value, bool):
-        value = str(value)
-    if isinstance(value, str):
-        raw = value.strip()
+    text = str(value) if isinstance(value, int) and not isinstance(value, bool) else value
+    if isinstance(text, str):
+        raw = text.strip()
         digits = raw.removesuffix("%").strip()
         if digits.isdigit() and int(digits) >= 1 and (not raw.endswith("%") or int(digits) <= 100):
             return f"{int(digits)}%" if raw.endswith("%") else str(int(digits))
-    raise _Bad(key, f"must be a number of targets (>= 1) or a percentage like 25%, got {value!r}")
+    raise _Bad(key, f"{_AMOUNT}, got {_kind(value)}")
+
+
+_AMOUNT = "must be a number of targets (>= 1) or a percentage like 25%"
 
 
 def _env(value: Any, key: str) -> dict[str, str]:
@@ -403,8 +405,8 @@ def parse_amount(text: str, flag: str) -> str:
     """A --max-concurrency value ("10" or "25%"); JobSpecError naming `flag`."""
     try:
         return _amount(text, flag)
-    except _Bad as exc:
-        raise JobSpecError(f"{flag} {text!r}: {exc.problem}") from None
+    except _Bad:
+        raise JobSpecError(f"{flag} {text!r}: {_AMOUNT}") from None
 
 
 def _flag_seconds(text: str, flag: str) -> float:

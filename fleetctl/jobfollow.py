@@ -112,8 +112,8 @@ class OutputPrinter:
         """`node`'s output ended: its last partial line, and with group its block."""
         if node in self._ended:
             return
+        self._end_partial(node)  # held with the rest when grouping
         self._ended.add(node)
-        self._end_partial(node)
         for text in self._held.pop(node, []):
             self._print(text)
 

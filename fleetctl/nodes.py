@@ -134,7 +134,7 @@ def _show(cli: Cli, node: fleet_pb2.Node) -> None:
         "label_sources": "\n".join(label_sources(node)) or "-",
         "platform": f"{view['os'] or '?'}/{view['arch'] or '?'}",
         # The host's daemon refuses remote jobs (its [jobs] enabled = false).
-        "jobs": "disabled (the daemon's [jobs] enabled = false)"
+        "jobs": "disabled (jobs.enabled = false in the host's daemon config)"
         if node.jobs_disabled
         else "enabled",
         "last_heartbeat_age": (
