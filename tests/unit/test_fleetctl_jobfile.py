@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from fleet import selectors
@@ -455,3 +457,22 @@ def test_hoisting_leaves_run_options_and_command_alone(
 ) -> None:
     """Global options after `run` are hoisted, but not run's own nor the job's command."""
     assert hoist_global_options(argv) == expected
+
+
+def test_example_job_file_is_valid() -> None:
+    """configs/jobs/report.toml (what `make demo` runs) is a valid job file with three steps."""
+    path = Path(__file__).resolve().parents[2] / "configs" / "jobs" / "report.toml"
+    spec = load_job(str(path), path.read_text())
+    assert [s.name for s in spec.steps] == ["who", "disk", "tell"]
+    assert spec.steps[2].when == jobs_pb2.STEP_WHEN_ON_FAILURE
+    assert str(selectors.from_proto(spec.selector)) == "tier=demo"
+
+
+def test_docs_job_file_example_is_valid() -> None:
+    """The TOML job file shown in docs/jobs.md parses as a job."""
+    page = Path(__file__).resolve().parents[2] / "docs" / "jobs.md"
+    blocks = page.read_text().split("```toml\n")[1:]
+    (example,) = [b.split("```", 1)[0] for b in blocks if "[[steps]]" in b]
+    spec = load_job("jobs.md.toml", example)
+    assert [s.name for s in spec.steps] == ["update", "upgrade", "report"]
+    assert spec.lock == "apt"
