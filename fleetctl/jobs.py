@@ -33,6 +33,7 @@ from fleetctl.jobfile import JobFlags, JobSpecError, build_spec, load_job
 from fleetctl.jobfollow import OutputPrinter, follow
 from fleetctl.joboutput import (
     STATE_STYLE,
+    TERMINAL_JOB,
     TERMINAL_TARGET,
     counts_text,
     exit_code,
@@ -370,7 +371,7 @@ def run(
             try:
                 reply = await stub.RunJob(request, timeout=conn.timeout)
             except grpc.RpcError as exc:
-                raise _job_call_error(exc, "plan the job" if plan_only else "run the job") from None
+                raise _job_call_error(exc, "run the job") from None
             return reply.job
 
         if plan:
@@ -542,20 +543,40 @@ def cancel(
     cli = Cli.of(ctx)
 
     async def body(stub: Stub, conn: Connection) -> int:
-        request = fleet_pb2.FleetServiceCancelJobRequest(job_id=job_id, node_ids=nodes or [])
-        try:
-            reply = await stub.CancelJob(request, timeout=conn.timeout)
-        except grpc.RpcError as exc:
-            raise _job_call_error(exc, f"cancel job {job_id}") from None
-        view = job_view(reply.job)
+        # Said apart from a cancellation: the manager answers an ended job's cancel with it.
+        before = job_view(await _get(stub, conn, job_id))
+        states = {t["node_id"]: t["state"] for t in before["targets"]}
+        unknown = sorted(set(nodes or ()) - states.keys())
+        if unknown:
+            raise Failure(
+                f"job {job_id} has no target {unknown[0]!r}; its targets:"
+                f" {', '.join(sorted(states)) or 'none'}"
+            )
+        ended = (
+            all(states[n] in TERMINAL_TARGET for n in nodes)
+            if nodes
+            else before["state"] in TERMINAL_JOB
+        )
+        view = before
+        if not ended:
+            request = fleet_pb2.FleetServiceCancelJobRequest(job_id=job_id, node_ids=nodes or [])
+            try:
+                reply = await stub.CancelJob(request, timeout=conn.timeout)
+            except grpc.RpcError as exc:
+                raise _job_call_error(exc, f"cancel job {job_id}") from None
+            view = job_view(reply.job)
         if cli.fmt.structured:
             _print_structured(cli, view)
             return EXIT_OK
         which = f"targets {', '.join(nodes)} of job" if nodes else "job"
-        counts = view["counts"] or target_counts(view["targets"])
-        cli.out.print(
-            f"{which} {job_id} cancelled: {view['state']}, {counts_text(counts)}", markup=False
-        )
+        counts = counts_text(view["counts"] or target_counts(view["targets"]))
+        if ended:
+            line = (
+                f"{which} {job_id} had already ended ({view['state']}: {counts}); nothing to cancel"
+            )
+        else:
+            line = f"{which} {job_id} cancelled: {view['state']}, {counts}"
+        cli.out.print(line, markup=False)
         return EXIT_OK
 
     cli.call(body)

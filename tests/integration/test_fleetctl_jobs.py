@@ -96,7 +96,9 @@ def test_a_failing_target_shows_its_exit_code_and_run_exits_3(fleet: LiveFleet) 
     result = fleet.fleetctl("run", "--node", "n1", "--", "sh", "-c", "echo oops >&2; exit 7")
     assert result.exit_code == EXIT_JOB_FAILED, result.output
     assert "n1 | oops" in result.stdout.splitlines()  # stderr is part of the output
-    (row,) = [ln.split() for ln in result.stdout.splitlines() if ln.startswith("n1 ")]
+    (row,) = [
+        ln.split() for ln in result.stdout.splitlines() if ln.startswith("n1 ") and "|" not in ln
+    ]
     assert row[1:3] == ["FAILED", "7"]
     job = listed(fleet)[0]
     assert job["state"] == "FAILED"
@@ -153,6 +155,18 @@ def test_cancel_stops_a_running_job(fleet: LiveFleet) -> None:
     view = until(lambda: show(fleet, job_id), lambda v: v["state"] == "CANCELLED")
     assert view["targets"][0]["state"] == "CANCELLED"
     assert fleet.fleetctl("jobs", "show", job_id).exit_code == EXIT_JOB_CANCELLED
+    again = fleet.fleetctl("jobs", "cancel", job_id)
+    assert again.exit_code == 0, again.output
+    assert f"job {job_id} had already ended (CANCELLED" in again.stdout
+
+
+def test_unknown_job_points_at_jobs_list(fleet: LiveFleet) -> None:
+    """jobs show of an id that does not exist: exit 1, one line with the command that lists jobs."""
+    result = fleet.fleetctl("jobs", "show", "nope")
+    assert result.exit_code == 1
+    assert result.stderr.strip() == (
+        "fleetctl: error: job 'nope' does not exist (see `fleetctl jobs list`)"
+    )
 
 
 def test_rerun_failed_is_a_new_job_linked_to_the_first(fleet: LiveFleet, tmp_path: Path) -> None:
