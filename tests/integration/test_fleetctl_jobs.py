@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import select
 import signal
 import subprocess
 import sys
@@ -214,19 +216,10 @@ def test_job_file_with_steps_shows_each_step(fleet: LiveFleet, tmp_path: Path) -
 
 def test_ctrl_c_without_a_terminal_leaves_the_job_running(fleet: LiveFleet) -> None:
     """Ctrl-C while following with no TTY: exit 130, the id and how to come back; job runs on."""
-    env = {
-        **{k: v for k, v in os.environ.items() if not k.startswith(("FLEET_", "FLEETCTL_"))},
-        "PYTHONPATH": str(REPO),
-        "XDG_CONFIG_HOME": str(fleet.home),
-        "FLEET_MANAGER": fleet.address,
-        "FLEET_CA": str(fleet.operator.ca_file),
-        "FLEET_CERT": str(fleet.operator.cert_file),
-        "FLEET_KEY": str(fleet.operator.key_file),
-    }
     argv = [sys.executable, "-c", "from fleetctl.app import main; main()"]
     proc = subprocess.Popen(
         [*argv, "run", "-n", "n1", "--", "sh", "-c", "echo started; sleep 60"],
-        env=env,
+        env=_env(fleet),
         stdin=subprocess.DEVNULL,
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
@@ -256,3 +249,64 @@ def test_manager_rejects_what_only_it_can_check(fleet: LiveFleet) -> None:
     assert "timeout" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
     assert listed(fleet) == []
+
+
+def _env(live: LiveFleet) -> dict[str, str]:
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("FLEET_", "FLEETCTL_"))},
+        "PYTHONPATH": str(REPO),
+        "XDG_CONFIG_HOME": str(live.home),
+        "FLEET_MANAGER": live.address,
+        "FLEET_CA": str(live.operator.ca_file),
+        "FLEET_CERT": str(live.operator.cert_file),
+        "FLEET_KEY": str(live.operator.key_file),
+    }
+
+
+_ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]|\r")
+
+
+def _read_until(fd: int, wanted: bytes, seen: bytearray, within: float = 30.0) -> None:
+    deadline = time.monotonic() + within
+    while wanted not in _ANSI.sub(b"", bytes(seen)):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{wanted!r} not seen; got {bytes(seen)[-2000:]!r}")
+        ready, _, _ = select.select([fd], [], [], 0.2)
+        if ready:
+            try:
+                seen.extend(os.read(fd, 65536))
+            except OSError:  # the other end closed
+                return
+
+
+def test_ctrl_c_on_a_terminal_asks_and_c_cancels_the_job(fleet: LiveFleet) -> None:
+    """On a terminal, Ctrl-C asks; 'c' cancels the job, fleetctl follows it to CANCELLED, exit 5."""
+    master, slave = os.openpty()
+    argv = [sys.executable, "-c", "from fleetctl.app import main; main()"]
+    proc = subprocess.Popen(
+        [*argv, "run", "-n", "n1", "--", "sh", "-c", "echo started; sleep 60"],
+        env=_env(fleet), stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+    )  # fmt: skip
+    os.close(slave)
+    seen = bytearray()
+    try:
+        _read_until(master, b"n1 | started", seen)
+        proc.send_signal(signal.SIGINT)
+        _read_until(master, b"cancel the job (c), or leave it running (l)?", seen)
+        os.write(master, b"c\n")
+        _read_until(master, b"CANCELLED", seen)
+        proc.wait(30)
+        _read_until(master, b"\x00", seen, within=1)  # whatever is left
+    except AssertionError:
+        if proc.poll() is None:
+            raise
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    text = _ANSI.sub(b"", bytes(seen)).decode(errors="replace")
+    assert proc.returncode == EXIT_JOB_CANCELLED, text
+    (job,) = listed(fleet)
+    assert f"cancelling job {job['id']}" in text
+    assert job["state"] == "CANCELLED"
