@@ -166,9 +166,10 @@ def print_targets(cli: Cli, view: dict[str, Any], *, steps: bool) -> None:
         print_rows(cli.out, cli.fmt, _step_rows(view), _STEP_COLUMNS)
     cut = [t["node_id"] for t in view["targets"] if t["output_truncated"]]
     if cut:
+        node = cut[0] if len(cut) == 1 else "NODE"
         cli.note(
             f"fleetctl: the manager cut the output of {', '.join(cut)} at its bound;"
-            f" the full output: fleetctl jobs logs {view['id']} NODE --from-node"
+            f" the full output: fleetctl jobs logs {view['id']} {node} --from-node"
         )
 
 
