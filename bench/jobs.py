@@ -1,7 +1,7 @@
 """Jobs benchmark: `true` on N daemons vs the same StartJob calls gathered, and output ingest.
 
     python bench/jobs.py            # N = 500, max_concurrency 100; ingest 200 x 1 MiB
-    python bench/jobs.py --smoke    # N = 6, max_concurrency 2; ingest 3 x 256 KiB
+    python bench/jobs.py --smoke    # N = 6, max_concurrency 2; ingest 3 x 256 KiB, 64 KiB chunks
 
 Three processes: this one (the operator's client, the reference's channels,
 the timing), a real manager (ManagerServer: mTLS, SQLite WAL under a temp
@@ -455,7 +455,10 @@ def main(argv: list[str] | None = None) -> int:
         "--ingest-bytes", type=int, default=MiB, help="output per target (default 1 MiB)"
     )
     parser.add_argument(
-        "--chunk", type=int, default=64 * 1024, help="upload chunk size (default 64 KiB)"
+        "--chunk",
+        type=int,
+        default=256 * 1024,
+        help="upload chunk size (default 256 KiB, the daemon's)",
     )
     parser.add_argument("--manager-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
