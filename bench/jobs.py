@@ -403,7 +403,7 @@ async def run(n: int, concurrency: int, rounds: int, m: int, size: int, chunk: i
                         f" (gather {gathered:.3f}s)  ratio {took / ref:.2f}x",
                         flush=True,
                     )
-                refused = (await asyncio.to_thread(sims.ask, "jobs ref-"))["reports"]
+                refused = (await asyncio.to_thread(sims.ask, "jobs ref-*"))["reports"]
                 rate, found = await ingest(stub, sims, list(addresses)[:m], size, chunk)
                 problems += found
         finally:

@@ -735,8 +735,8 @@ class SimFleet:
 # Then each "stats" line on stdin prints one JSON line
 # {"peak": <most OperateAgent in flight>, "nodes": {"<node_id>": {"operations": n,
 # "ports": [client ports]}}, "jobs": {...}}; "delay <seconds>" sets every daemon's
-# op_delay (and resets the peak); "jobs <job id prefix>" answers, for the jobs whose
-# id starts with it: StartJob calls, jobs, each final report's answer, and the wall
+# op_delay (and resets the peak); "jobs <job id>" (or "<prefix>*") answers, for those
+# jobs: StartJob calls, jobs, each final report's answer, and the wall
 # time of the last report answered; "upload <json>" ({"job_id", "nodes", "size",
 # "chunk"}) uploads `size` bytes of output per listed node (all nodes at once, each
 # one chunk at a time, as daemons do), answers {"t0", "t1", "acked"}, then ends
