@@ -48,7 +48,6 @@ from manager.servicers.fleet_service import SERVICE_NAME as FLEET_SERVICE_NAME
 from manager.servicers.fleet_service import build_fleet_servicer
 from manager.servicers.manager_service import ManagerServicer
 from manager.storage import Database, EventRepository, NodeRepository
-from manager.storage.agents import AgentStateRepository
 from manager.storage.artifacts import ArtifactRepository
 from manager.storage.desired import DesiredStateRepository
 from manager.storage.metrics import MetricStore
@@ -299,10 +298,12 @@ class ManagerServer:
         )
         self.artifact_janitor.start()
         self._stack.push_async_callback(self.artifact_janitor.stop)
+        self.agent_states = AgentStates(self.registry, desired, clock=self._clock, on_change=poke)
+        self._stack.push_async_callback(self.agent_states.stop)
         servicer = ManagerServicer(
             self.registry,
             self.metric_service,
-            AgentStates(self.registry, AgentStateRepository(self.db), clock=self._clock),
+            self.agent_states,
             self.artifacts,
             trust_domain=identity.trust_domain,
             reports=DaemonReports(desired, clock=self._clock, on_change=poke),

@@ -1,31 +1,176 @@
-"""SyncAgentStates: a node's complete agent snapshot replaces the old one."""
+"""SyncAgentStates: a node's complete agent snapshot replaces the old one.
+
+Reports are group-committed: while one transaction writes, the reports
+that arrive queue up, and the next transaction writes all of them (the
+snapshots, the spec versions and update errors the daemons say they run,
+their events). During a rollout a batch of daemons reports at once; one
+transaction per report made the manager's one SQLite writer the
+bottleneck. A report is acknowledged only after the transaction that
+holds it committed, so an acknowledged snapshot survives a kill -9.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import collections
+import logging
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
+from fleet.errors import FleetError, NotFound
 from manager.service.registry import NodeRegistry
+from manager.service.reports import DaemonReports
 from manager.service.validation import validate_agent_states
 from manager.storage import AgentStateRecord
-from manager.storage.agents import AgentStateRepository
+from manager.storage.agents import check_snapshot, replace_in
+from manager.storage.desired import DesiredStateRepository, DesiredTx
+from manager.storage.records import UpdateErrorRecord
 
 __all__ = ["AgentStates"]
 
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Sync:
+    node_id: str
+    states: Sequence[AgentStateRecord]
+    spec_version: int
+    update_errors: Sequence[UpdateErrorRecord] | None
+    done: asyncio.Future[int] = field(
+        default_factory=lambda: asyncio.get_running_loop().create_future()
+    )
+
 
 class AgentStates:
-    """Validates snapshots and replaces the stored ones atomically."""
+    """Validates snapshots and stores them, many reports per transaction."""
 
     def __init__(
-        self, registry: NodeRegistry, agents: AgentStateRepository, *, clock: Callable[[], float]
+        self,
+        registry: NodeRegistry,
+        desired: DesiredStateRepository,
+        *,
+        clock: Callable[[], float],
+        on_change: Callable[[], None] = lambda: None,
+        max_group: int = 200,
     ) -> None:
         self._registry = registry
-        self._agents = agents
+        self._desired = desired
         self._clock = clock
+        self._on_change = on_change
+        self._max_group = max_group
+        self._queue: collections.deque[_Sync] = collections.deque()
+        self._committer: asyncio.Task[None] | None = None
+        self.commits = 0
+        """Transactions committed so far (tests and benchmarks read it)."""
 
-    async def sync(self, node_id: str, states: Sequence[AgentStateRecord]) -> int:
-        """Replace the node's agents with `states`; returns how many changed."""
+    async def sync(
+        self,
+        node_id: str,
+        states: Sequence[AgentStateRecord],
+        *,
+        spec_version: int = 0,
+        update_errors: Sequence[UpdateErrorRecord] | None = None,
+    ) -> int:
+        """Replace the node's agents with `states` and record the spec version
+        and update errors it reports; returns how many agents changed.
+
+        InvalidArgument (nothing stored) for a bad snapshot; NotFound for a
+        node that is not registered.
+        """
         validate_agent_states(states)
+        check_snapshot(node_id, states)
         await self._registry.require_known(node_id)
-        return await self._agents.replace(
-            node_id, states, now_ms=int(self._clock() * 1000), actor=f"node/{node_id}"
-        )
+        pending = _Sync(node_id, states, spec_version, update_errors)
+        pending.done.add_done_callback(_consume)
+        self._queue.append(pending)
+        if self._committer is None:
+            self._committer = asyncio.get_running_loop().create_task(
+                self._drain(), name="agent-state-commit"
+            )
+        # shield: a caller that gives up does not cancel the commit others share.
+        return await asyncio.shield(pending.done)
+
+    async def stop(self) -> None:
+        """Wait for the reports already queued to be committed."""
+        if self._committer is not None:
+            await asyncio.shield(self._committer)
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue:
+                group = [
+                    self._queue.popleft() for _ in range(min(len(self._queue), self._max_group))
+                ]
+                await self._commit(group)
+        finally:
+            self._committer = None
+
+    async def _commit(self, group: list[_Sync]) -> None:
+        try:
+            results = await self._write(group)
+        except FleetError as exc:
+            if len(group) == 1:
+                _answer(group, [exc])
+                return
+            # One bad report must not fail its neighbours: write one by one.
+            for one in group:
+                await self._commit([one])
+            return
+        except Exception as exc:  # a bug: answer the waiters, keep serving
+            log.exception("agent state commit failed")
+            _answer(group, [exc] * len(group))
+            return
+        _answer(group, results)
+
+    async def _write(self, group: list[_Sync]) -> list[int | BaseException]:
+        now_ms = int(self._clock() * 1000)
+        # Node order: concurrent transactions lock node rows in one order (PostgreSQL).
+        order = sorted(range(len(group)), key=lambda i: group[i].node_id)
+
+        async def body(tx: DesiredTx) -> tuple[list[int | BaseException], bool]:
+            results: list[int | BaseException] = [0] * len(group)
+            poke = False
+            for i in order:
+                s = group[i]
+                try:
+                    changed = await replace_in(
+                        tx.conn, s.node_id, s.states, now_ms=now_ms, actor=f"node/{s.node_id}"
+                    )
+                except NotFound as exc:  # raised before anything of it was written
+                    results[i] = exc
+                    continue
+                results[i] = changed
+                poke = poke or changed > 0
+                reported = await DaemonReports.apply(
+                    tx,
+                    s.node_id,
+                    spec_version=s.spec_version,
+                    update_errors=s.update_errors,
+                    now_ms=now_ms,
+                )
+                poke = poke or reported
+            return results, poke
+
+        results, poke = await self._desired.run(body)
+        self.commits += 1
+        if poke:
+            self._on_change()  # rollouts judge agents by their states
+        return results
+
+
+def _answer(group: list[_Sync], results: Sequence[int | BaseException]) -> None:
+    for pending, result in zip(group, results, strict=True):
+        if pending.done.done():
+            continue
+        if isinstance(result, BaseException):
+            pending.done.set_exception(result)
+        else:
+            pending.done.set_result(result)
+
+
+def _consume(future: asyncio.Future[int]) -> None:
+    # The caller may have gone away; retrieve the outcome so asyncio does not
+    # log "exception was never retrieved".
+    if not future.cancelled():
+        future.exception()

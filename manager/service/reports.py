@@ -50,27 +50,48 @@ class DaemonReports:
         now_ms = int(self._clock() * 1000)
 
         async def body(tx: DesiredTx) -> bool:
-            row = (await tx.node_desired([node_id])).get(node_id)
-            if row is None:
-                if not spec_version and not update_errors:
-                    return False  # never managed: nothing to remember
-                row = NodeDesiredRecord(node_id)
-            errors = row.update_errors if update_errors is None else tuple(update_errors)
-            retry = registered and (row.next_push_ms > now_ms or row.push_attempts > 0)
-            if row.reported_version == spec_version and errors == row.update_errors and not retry:
-                return False
-            after = dataclasses.replace(
-                row, reported_version=spec_version, update_errors=errors, updated_ms=now_ms
+            return await self.apply(
+                tx,
+                node_id,
+                spec_version=spec_version,
+                update_errors=update_errors,
+                registered=registered,
+                now_ms=now_ms,
             )
-            if retry:
-                after = dataclasses.replace(after, next_push_ms=0, push_attempts=0)
-            await tx.put_node_desired([after])
-            if errors != row.update_errors:
-                update_errors_event(tx, node_id, errors, now_ms)
-            return True
 
         if await self._repo.run(body):
             self._on_change()
+
+    @staticmethod
+    async def apply(
+        tx: DesiredTx,
+        node_id: str,
+        *,
+        spec_version: int,
+        update_errors: Sequence[UpdateErrorRecord] | None,
+        registered: bool = False,
+        now_ms: int,
+    ) -> bool:
+        """`report` inside the caller's transaction; True if anything changed
+        (the caller pokes convergence)."""
+        row = (await tx.node_desired([node_id])).get(node_id)
+        if row is None:
+            if not spec_version and not update_errors:
+                return False  # never managed: nothing to remember
+            row = NodeDesiredRecord(node_id)
+        errors = row.update_errors if update_errors is None else tuple(update_errors)
+        retry = registered and (row.next_push_ms > now_ms or row.push_attempts > 0)
+        if row.reported_version == spec_version and errors == row.update_errors and not retry:
+            return False
+        after = dataclasses.replace(
+            row, reported_version=spec_version, update_errors=errors, updated_ms=now_ms
+        )
+        if retry:
+            after = dataclasses.replace(after, next_push_ms=0, push_attempts=0)
+        await tx.put_node_desired([after])
+        if errors != row.update_errors:
+            update_errors_event(tx, node_id, errors, now_ms)
+        return True
 
 
 def update_errors_event(

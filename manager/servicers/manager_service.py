@@ -189,11 +189,7 @@ class ManagerServicer(
         states = [agent_state_record(request.node_id, st) for st in request.states]
         errors = update_error_records(request.update_errors)
         validate_spec_version(request.spec_version)
-        changed = await self._agents.sync(request.node_id, states)
-        if self._reports is not None:
-            await self._reports.report(
-                request.node_id, spec_version=request.spec_version, update_errors=errors
-            )
-        if changed:
-            self._on_change()  # rollouts judge agents by their states
+        changed = await self._agents.sync(
+            request.node_id, states, spec_version=request.spec_version, update_errors=errors
+        )
         return manager_pb2.SyncAgentStatesResponse(success=True, changed=changed)

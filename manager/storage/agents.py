@@ -17,7 +17,14 @@ from manager.storage.records import AgentStateRecord
 from manager.storage.schema import agent_states, nodes
 from manager.storage.sqlhelp import chunks
 
-__all__ = ["AgentStateRepository", "describe_change", "select_states", "state_changed"]
+__all__ = [
+    "AgentStateRepository",
+    "check_snapshot",
+    "describe_change",
+    "replace_in",
+    "select_states",
+    "state_changed",
+]
 
 # What makes a report a *change* worth an event. Heartbeat times and the
 # free-text message move on every report and would flood the event log.
@@ -186,6 +193,72 @@ async def select_states(
     return out
 
 
+def check_snapshot(node_id: str, states: Sequence[AgentStateRecord]) -> None:
+    """InvalidArgument for a state of another node or a repeated agent id."""
+    seen: set[str] = set()
+    for i, state in enumerate(states):
+        if state.node_id != node_id:
+            raise InvalidArgument(
+                f"belongs to node {state.node_id!r}, not {node_id!r}",
+                field=f"states[{i}].node_id",
+            )
+        if state.agent_id in seen:
+            raise InvalidArgument(
+                f"agent {state.agent_id!r} is listed twice", field=f"states[{i}].agent_id"
+            )
+        seen.add(state.agent_id)
+
+
+async def replace_in(
+    conn: AsyncConnection,
+    node_id: str,
+    states: Sequence[AgentStateRecord],
+    *,
+    now_ms: int,
+    actor: str,
+) -> int:
+    """AgentStateRepository.replace inside the caller's transaction (`states`
+    already passed `check_snapshot`). NotFound for an unknown node is raised
+    before anything is written, so the caller may go on with other nodes."""
+    # Locking the node row serializes concurrent replaces of one node.
+    exists = await conn.scalar(
+        select(nodes.c.node_id).where(nodes.c.node_id == node_id).with_for_update()
+    )
+    if exists is None:
+        raise NotFound(f"node {node_id!r} is not registered", resource=Resource("node", node_id))
+    old = {
+        r.agent_id: r
+        for r in map(
+            _record,
+            await conn.execute(select(agent_states).where(agent_states.c.node_id == node_id)),
+        )
+    }
+    reported = [dataclasses.replace(s, reported_ms=now_ms) for s in states]
+    await conn.execute(delete(agent_states).where(agent_states.c.node_id == node_id))
+    if reported:
+        await conn.execute(insert(agent_states), [_row(s) for s in reported])
+    new = {s.agent_id: s for s in reported}
+    rows = []
+    for agent_id in sorted(old.keys() | new.keys()):
+        before, after = old.get(agent_id), new.get(agent_id)
+        if before is not None and after is not None and not state_changed(before, after):
+            continue
+        message, attributes = describe_change(node_id, agent_id, before, after)
+        rows.append(
+            event_row(
+                "AGENT_STATE_CHANGED",
+                now_ms=now_ms,
+                node_id=node_id,
+                agent_id=agent_id,
+                actor=actor,
+                message=message,
+                attributes=attributes,
+            )
+        )
+    await insert_events(conn, rows)
+    return len(rows)
+
+
 class AgentStateRepository:
     """Reads and replaces the agent states the daemons report."""
 
@@ -208,61 +281,10 @@ class AgentStateRepository:
         another node, a repeated agent id, or a value the schema rejects —
         and then nothing changes.
         """
-        seen: set[str] = set()
-        for i, state in enumerate(states):
-            if state.node_id != node_id:
-                raise InvalidArgument(
-                    f"belongs to node {state.node_id!r}, not {node_id!r}",
-                    field=f"states[{i}].node_id",
-                )
-            if state.agent_id in seen:
-                raise InvalidArgument(
-                    f"agent {state.agent_id!r} is listed twice", field=f"states[{i}].agent_id"
-                )
-            seen.add(state.agent_id)
+        check_snapshot(node_id, states)
 
         async def body(conn: AsyncConnection) -> int:
-            # Locking the node row serializes concurrent replaces of one node.
-            exists = await conn.scalar(
-                select(nodes.c.node_id).where(nodes.c.node_id == node_id).with_for_update()
-            )
-            if exists is None:
-                raise NotFound(
-                    f"node {node_id!r} is not registered", resource=Resource("node", node_id)
-                )
-            old = {
-                r.agent_id: r
-                for r in map(
-                    _record,
-                    await conn.execute(
-                        select(agent_states).where(agent_states.c.node_id == node_id)
-                    ),
-                )
-            }
-            reported = [dataclasses.replace(s, reported_ms=now_ms) for s in states]
-            await conn.execute(delete(agent_states).where(agent_states.c.node_id == node_id))
-            if reported:
-                await conn.execute(insert(agent_states), [_row(s) for s in reported])
-            new = {s.agent_id: s for s in reported}
-            rows = []
-            for agent_id in sorted(old.keys() | new.keys()):
-                before, after = old.get(agent_id), new.get(agent_id)
-                if before is not None and after is not None and not state_changed(before, after):
-                    continue
-                message, attributes = describe_change(node_id, agent_id, before, after)
-                rows.append(
-                    event_row(
-                        "AGENT_STATE_CHANGED",
-                        now_ms=now_ms,
-                        node_id=node_id,
-                        agent_id=agent_id,
-                        actor=actor,
-                        message=message,
-                        attributes=attributes,
-                    )
-                )
-            await insert_events(conn, rows)
-            return len(rows)
+            return await replace_in(conn, node_id, states, now_ms=now_ms, actor=actor)
 
         return await self._db.run(body)
 

@@ -144,6 +144,11 @@ class DesiredTx:
         self._events: list[dict[str, Any]] = []
         self._audits: list[dict[str, Any]] = []
 
+    @property
+    def conn(self) -> AsyncConnection:
+        """The transaction's connection, for writes of other repositories in it."""
+        return self._conn
+
     # --- definitions and revisions ----------------------------------------------------------
 
     async def definitions(

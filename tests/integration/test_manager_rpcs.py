@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import math
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -438,6 +440,41 @@ async def test_sync_agent_states_rejects_bad_snapshots_and_keeps_the_old_one(
     assert (err.details() or "").startswith(f"{field}:"), err.details()
     assert await count(manager, "select count(*) from agent_states") == 1
     assert await count(manager, "select count(*) from agent_states where agent_id='keep'") == 1
+
+
+async def test_concurrent_syncs_share_transactions_and_each_is_stored(
+    manager: ManagerServer, pki: Any
+) -> None:
+    """Reports arriving together are committed together (fewer transactions than
+    reports), and each one's snapshot, change count and spec version is stored."""
+    names = [f"web-{i}" for i in range(30)]
+    async with contextlib.AsyncExitStack() as stack:
+        stubs = [await stack.enter_async_context(node_stub(pki, n, manager.port)) for n in names]
+        for name, stub in zip(names, stubs, strict=True):
+            await stub.RegisterNode(registration(name))
+        before = manager.agent_states.commits
+        answers = await asyncio.gather(
+            *(
+                stub.SyncAgentStates(
+                    manager_pb2.SyncAgentStatesRequest(
+                        node_id=name,
+                        states=[agent(f"a{j}") for j in range(i % 3 + 1)],
+                        spec_version=i + 1,
+                    )
+                )
+                for i, (name, stub) in enumerate(zip(names, stubs, strict=True))
+            )
+        )
+    assert [a.changed for a in answers] == [i % 3 + 1 for i in range(30)]
+    assert manager.agent_states.commits - before < len(names)
+    assert await count(manager, "select count(*) from agent_states") == sum(
+        i % 3 + 1 for i in range(30)
+    )
+    for i, name in enumerate(names):
+        version = await count(
+            manager, "select reported_version from node_desired where node_id = :n", n=name
+        )
+        assert version == i + 1
 
 
 async def test_sync_agent_states_of_unknown_node_is_not_found(
