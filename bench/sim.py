@@ -759,8 +759,15 @@ def _raise_nofile() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 
 
-def _job_stats(nodes: list[SimNode], prefix: str) -> dict[str, Any]:
-    jobs = [j for n in nodes for job_id, j in n.servicer.jobs.items() if job_id.startswith(prefix)]
+def _job_stats(nodes: list[SimNode], pattern: str) -> dict[str, Any]:
+    """Stats of the jobs with this id (or whose id starts with it, given as "prefix*")."""
+    prefix = pattern.removesuffix("*")
+    jobs = [
+        j
+        for n in nodes
+        for job_id, j in n.servicer.jobs.items()
+        if (job_id.startswith(prefix) if pattern.endswith("*") else job_id == pattern)
+    ]
     answers: dict[str, int] = {}
     for j in jobs:
         answers[j.reported] = answers.get(j.reported, 0) + 1
