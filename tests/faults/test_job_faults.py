@@ -12,7 +12,7 @@ operator reads back through FleetService decides:
 - the manager killed with SIGKILL while a job's output is being uploaded
   and started again on the same database: the stored output is byte for
   byte what the job wrote (no chunk lost, none stored twice);
-- two replicas on PostgreSQL, the one the job was started on killed while
+- two replicas on PostgreSQL, the one driving jobs killed while
   the job runs on three nodes one at a time: the other finishes the job,
   and every target ran exactly once (each run appends a line to a file the
   test reads).
@@ -49,6 +49,11 @@ SUCCESS = jobs_pb2.JOB_TARGET_STATE_SUCCESS
 RUNNING = jobs_pb2.JOB_TARGET_STATE_RUNNING
 
 
+def _daemon(root: Path, tls: TLSConfig, addresses: list[str], labels: dict[str, str]) -> DaemonProc:
+    root.mkdir(parents=True)
+    return DaemonProc(root, tls, body=_daemon_body(addresses, labels))
+
+
 def _daemon_body(addresses: list[str], labels: dict[str, str]) -> str:
     quoted = ", ".join(f'"{a}"' for a in addresses)
     label_lines = "".join(f'{k} = "{v}"\n' for k, v in labels.items())
@@ -76,6 +81,14 @@ async def _online(stub: fleet_pb2_grpc.FleetServiceStub) -> set[str]:
     except aio.AioRpcError:
         return set()
     return {n.node_id for n in reply.nodes if n.status == common_pb2.NODE_STATUS_ONLINE}
+
+
+def _leader(m: ManagerProc) -> float:
+    """fleet_jobs_leader of that replica (-1: not answering)."""
+    try:
+        return m.scrape().get("fleet_jobs_leader", -1.0)
+    except OSError:
+        return -1.0
 
 
 async def _run(stub: fleet_pb2_grpc.FleetServiceStub, argv: list[str], **spec: Any) -> str:
@@ -135,11 +148,7 @@ async def test_daemon_killed_during_a_job_readopts_it_and_loses_no_output(
     manager = ManagerProc(
         tmp_path / "m", pki.issue("manager", "m1", ips=("127.0.0.1",)), liveness=LIVENESS
     )
-    daemon = DaemonProc(
-        tmp_path / "d",
-        pki.issue("node", "n1"),
-        body=_daemon_body([manager.address], {"fault": "daemon"}),
-    )
+    daemon = _daemon(tmp_path / "d", pki.issue("node", "n1"), [manager.address], {"f": "d"})
     operator = pki.issue("operator", "alice")
     manager.start()
     try:
@@ -201,11 +210,7 @@ async def test_manager_killed_during_an_upload_loses_and_duplicates_no_chunk(
     manager = ManagerProc(
         tmp_path / "m", pki.issue("manager", "m1", ips=("127.0.0.1",)), liveness=LIVENESS
     )
-    daemon = DaemonProc(
-        tmp_path / "d",
-        pki.issue("node", "n1"),
-        body=_daemon_body([manager.address], {"fault": "upload"}),
-    )
+    daemon = _daemon(tmp_path / "d", pki.issue("node", "n1"), [manager.address], {"f": "u"})
     operator = pki.issue("operator", "alice")
     manager.start()
     try:
@@ -256,7 +261,7 @@ async def test_replica_failover_during_a_job_runs_no_target_twice(
     pki: Any, tmp_path: Path, database_url: str
 ) -> None:
     """Two replicas on PostgreSQL; three daemons run a job one at a time (2 s each); the
-    replica the job was started on is killed while the second target runs: the other
+    replica driving jobs (fleet_jobs_leader) is killed while the second target runs: the other
     finishes the job, every target SUCCESS, each ran exactly once."""
     marker = f"job-failover-{time.time_ns()}"
     runs = tmp_path / "runs"
@@ -270,27 +275,30 @@ async def test_replica_failover_during_a_job_runs_no_target_twice(
         )
         for name in ("ma", "mb")
     ]
-    victim, survivor = replicas
-    nodes = ["n1", "n2", "n3"]
-    daemons = [
-        DaemonProc(
-            tmp_path / n,
-            pki.issue("node", n),
-            body=_daemon_body([victim.address, survivor.address], {"fault": "failover"}),
-        )
-        for n in nodes
-    ]
     operator = pki.issue("operator", "alice")
     # $PWD is the target's job directory: one per daemon and job.
     script = f'echo "$PWD" >> {runs}; echo start; sleep 2; echo end'
+    nodes = ["n1", "n2", "n3"]
+    daemons: list[DaemonProc] = []
     for m in replicas:
         m.start()
     try:
         for m in replicas:
             await m.wait_serving()
+        await eventually(
+            lambda: asyncio.to_thread(lambda: sorted(_leader(m) for m in replicas)),
+            lambda v: v == [0.0, 1.0],
+            within=30,
+            every=0.2,
+        )
+        # The replica driving jobs dies; operators use the other one (any replica may).
+        victim, survivor = sorted(replicas, key=_leader, reverse=True)
+        for n in nodes:
+            addresses = [victim.address, survivor.address]
+            daemons.append(_daemon(tmp_path / n, pki.issue("node", n), addresses, {}))
         for d in daemons:
             await d.wait_ready(d.start())
-        async with _operator(operator, victim, pki.trust_domain) as stub:
+        async with _operator(operator, survivor, pki.trust_domain) as stub:
             await eventually(lambda: _online(stub), lambda up: up == set(nodes), within=30)
             job_id = await _run(
                 stub, ["/bin/sh", "-c", script, marker], node_ids=nodes, max_concurrency="1"
@@ -304,17 +312,18 @@ async def test_replica_failover_during_a_job_runs_no_target_twice(
             await eventually(
                 lambda: asyncio.sleep(0, marked(marker)), lambda p: len(p) == 1, within=10
             )
-        t_kill = time.time()
-        victim.kill9()
-        async with _operator(operator, survivor, pki.trust_domain) as stub:
+            t_kill = time.time()
+            victim.kill9()
             job = await _ended(stub, job_id, within=90)
             finished_in = time.time() - t_kill
+            led = _leader(survivor)
             assert {t.node_id: t.state for t in job.targets} == dict.fromkeys(nodes, SUCCESS), job
             for n in nodes:
                 out = (await _output(stub, job_id, n)).decode()
                 assert out.splitlines() == ["start", "end"], (n, out)
         ran = runs.read_text().splitlines()
         assert len(ran) == len(set(ran)) == len(nodes), ran
+        assert led == 1.0, "the survivor drives jobs now"
         assert survivor.alive
         assert not survivor.crashed()
         print(
