@@ -26,6 +26,7 @@ __all__ = [
     "ENV_PREFIX",
     "ArtifactsConfig",
     "DaemonConfig",
+    "JobsConfig",
     "ManagerLinkConfig",
     "load_daemon_config",
 ]
@@ -122,6 +123,34 @@ class ArtifactsConfig:
 
 
 @dataclass(frozen=True)
+class JobsConfig:
+    """Jobs the manager runs on this node (table ``[jobs]``; docs/jobs.md)."""
+
+    enabled: bool = True
+    """False refuses every job: StartJob answers FAILED naming this setting."""
+    max_concurrent: int = 4
+    """Jobs running at once on this node; the rest wait QUEUED in arrival order."""
+    dir: Path | None = None
+    """Where each job keeps its spec, state and output (``<dir>/<job id>/``);
+    unset: ``<state_dir>/jobs``."""
+    keep_days: float = 7.0
+    """Finished job directories (with their full output) are deleted after this long."""
+    grace_seconds: float = 10.0
+    """Seconds between SIGTERM and SIGKILL when a job is stopped (timeout, cancel)."""
+
+    def validate(self) -> None:
+        """Cross-field checks (ValueError, reported as ConfigError)."""
+        if not 1 <= self.max_concurrent <= 1000:
+            raise ValueError(f"max_concurrent must be 1..1000, got {self.max_concurrent}")
+        if not 0 < self.keep_days <= 3650:
+            raise ValueError(f"keep_days must be > 0 and <= 3650, got {self.keep_days}")
+        if not 0 < self.grace_seconds <= 3600:
+            raise ValueError(f"grace_seconds must be > 0 and <= 3600, got {self.grace_seconds}")
+        if self.dir is not None and not self.dir.is_absolute():
+            raise ValueError(f"dir must be an absolute path, got {str(self.dir)!r}")
+
+
+@dataclass(frozen=True)
 class DaemonConfig:
     """Everything `fleet-daemon` needs; see configs/daemon.toml for a commented example."""
 
@@ -166,6 +195,13 @@ class DaemonConfig:
     """This host's own agents (``[[agents]]``); the manager's pushed agents run beside them."""
     artifacts: ArtifactsConfig = field(default_factory=ArtifactsConfig)
     """The artifact cache (table ``[artifacts]``)."""
+    jobs: JobsConfig = field(default_factory=JobsConfig)
+    """Jobs run on this node (table ``[jobs]``)."""
+
+    @property
+    def jobs_dir(self) -> Path:
+        """Where job directories live: ``[jobs] dir`` or ``<state_dir>/jobs``."""
+        return self.jobs.dir if self.jobs.dir is not None else self.state_dir / "jobs"
 
     def validate(self) -> None:
         """Cross-field checks (ValueError, reported as ConfigError)."""

@@ -26,6 +26,9 @@ even without calls, the link declared dead after `keepalive_timeout` (5 s)
 without an ack -- so a manager that vanished without closing TCP is noticed
 in ~15 s, not at the next RPC deadline.
 
+Job reports and output uploads (daemon.jobs.reporter) run as one more task
+of the connection, through the same call wrapper.
+
 Artifact downloads (`download_artifact`, for daemon.artifacts) use the same
 address, credentials and keepalive but a channel of their own, so a large
 download never queues the heartbeats behind it on one HTTP/2 connection.
@@ -40,7 +43,7 @@ import platform
 import random
 import socket
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -85,6 +88,8 @@ class NodeInfo:
     """Node labels from the config."""
     daemon_version: str = ""
     """Version of the daemon software."""
+    jobs_disabled: bool = False
+    """This host refuses remote jobs (``[jobs] enabled = false``)."""
 
 
 @dataclass(frozen=True)
@@ -95,6 +100,14 @@ class PushedSet:
     """The pushed set's version (0: nothing pushed yet)."""
     errors: Sequence[common_pb2.UpdateError]
     """Pushed agents not run as pushed, and why (the complete list)."""
+
+
+JobsHook = Callable[
+    [manager_pb2_grpc.ManagerServiceStub, Callable[[Any, Any], Awaitable[Any]]],
+    Coroutine[Any, Any, None],
+]
+"""Runs while connected (daemon.jobs.reporter.JobReporter.run): given the stub and the
+link's call wrapper; its transport errors end the connection like the heartbeat's."""
 
 
 class _Reconnect(Exception):
@@ -122,6 +135,7 @@ class ManagerLink:
         snapshot: Callable[[], Sequence[manager_pb2.AgentState]],
         on_state: Callable[[LinkState, str], None] | None = None,
         pushed: Callable[[], PushedSet] | None = None,
+        jobs: JobsHook | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.cfg = cfg
@@ -132,6 +146,7 @@ class ManagerLink:
         self._snapshot = snapshot
         self._on_state = on_state
         self._pushed = pushed or (lambda: PushedSet(0, ()))
+        self._jobs = jobs
         self._rng = rng or random.Random()  # noqa: S311  # jitter, not crypto
         self.sequence = SequenceFile(state_dir / "metrics-sequence")
         self.buffer = MetricBuffer(cfg.buffer_batches)
@@ -343,6 +358,7 @@ class ManagerLink:
                 daemon_version=self.node.daemon_version,
                 daemon_address=self.node.daemon_address,
                 spec_version=self._pushed().version,
+                jobs_disabled=self.node.jobs_disabled,
             ),
         )
         self.registrations += 1
@@ -362,6 +378,8 @@ class ManagerLink:
             asyncio.create_task(self._send_loop(stub), name="manager-metrics"),
             asyncio.create_task(self._sync_loop(stub), name="manager-sync"),
         ]
+        if self._jobs is not None:
+            tasks.append(asyncio.create_task(self._jobs(stub, self._call), name="manager-jobs"))
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         finally:

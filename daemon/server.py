@@ -27,6 +27,8 @@ from grpc import aio
 from daemon.artifacts import ArtifactCache, CacheLimits
 from daemon.config import DaemonConfig, load_daemon_config
 from daemon.convert import agent_state, host_metrics, resource_metrics, update_errors
+from daemon.jobs.engine import JobEngine
+from daemon.jobs.reporter import JobReporter
 from daemon.manager_link import LinkState, ManagerLink, NodeInfo, PushedSet
 from daemon.peercred import PeerCredProxy
 from daemon.servicers.agent_service import AgentServicer
@@ -109,16 +111,30 @@ class DaemonServer:
         self.socket_path = run_dir / AGENT_SOCKET_NAME
         self._private_dir = run_dir / "private"
         self.proxy = PeerCredProxy(self.socket_path, self._private_dir / "agent-grpc.sock")
+        self.jobs = JobEngine(
+            cfg.jobs,
+            root=cfg.jobs_dir,
+            config_path=str(config_path) if config_path else "the daemon's config",
+            on_change=self._on_job_change,
+        )
+        """Jobs the manager runs on this node (daemon.jobs)."""
+        self.job_reporter = JobReporter(self.jobs, cfg.node_id)
         self.link = ManagerLink(
             cfg.manager,
             tls=cfg.tls,
             trust_domain=self.identity.trust_domain,
-            node=NodeInfo(node_id=cfg.node_id, daemon_address="", labels=dict(cfg.labels)),
+            node=NodeInfo(
+                node_id=cfg.node_id,
+                daemon_address="",
+                labels=dict(cfg.labels),
+                jobs_disabled=not cfg.jobs.enabled,
+            ),
             state_dir=cfg.state_dir,
             collect=self._collect_metrics,
             snapshot=self._agent_states,
             on_state=self._on_link_state,
             pushed=self._pushed_set,
+            jobs=self.job_reporter.run,
         )
         art = cfg.artifacts
         self.artifacts = ArtifactCache(
@@ -149,6 +165,9 @@ class DaemonServer:
     def _on_change(self, _snapshot: AgentSnapshot) -> None:
         self._agents = self.supervisor.list()
         self.link.agents_changed()
+
+    def _on_job_change(self, job_id: str) -> None:
+        self.job_reporter.poke(job_id)
 
     def _on_link_state(self, state: LinkState, address: str) -> None:
         self.notifier.status(f"manager {address}: {state}; {len(self._agents)} agents")
@@ -247,11 +266,13 @@ class DaemonServer:
             config_name=self.config_path.name if self.config_path else "config",
         )
         self._agents = self.supervisor.list()
+        await self.jobs.start()  # re-adopts running job steps before the manager may call
 
         self._grpc = aio.server(interceptors=[ErrorMappingInterceptor()], options=_SERVER_OPTIONS)
         daemon_pb2_grpc.add_DaemonServiceServicer_to_server(
             DaemonServicer(
                 self.supervisor,
+                self.jobs,
                 trust_domain=self.identity.trust_domain,
                 follow_interval=min(self.cfg.sample_interval_seconds, 0.5),
             ),
@@ -331,6 +352,7 @@ class DaemonServer:
         if self._agent_grpc is not None:
             await self._agent_grpc.stop(min(grace, 1.0))
         log.debug("stop: agent socket closed")
+        await self.jobs.stop()  # running job steps keep running, re-adopted at the next start
         await self.supervisor.stop(stop_agents=self.cfg.stop_agents_on_exit)
         log.debug("stop: supervisor stopped")
         if self._stop_metrics is not None:
@@ -348,6 +370,8 @@ class DaemonServer:
             if server is not None:
                 with contextlib.suppress(Exception):
                     await server.stop(0)
+        with contextlib.suppress(Exception):
+            await self.jobs.stop()
         with contextlib.suppress(Exception):
             await self.proxy.stop()
         if self._stop_metrics is not None:

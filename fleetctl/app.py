@@ -10,7 +10,18 @@ from typing import Annotated, Any
 import typer
 from typer.core import TyperGroup
 
-from fleetctl import agents, apply, artifacts, definitions, events, metrics, nodes, pki, rollouts
+from fleetctl import (
+    agents,
+    apply,
+    artifacts,
+    definitions,
+    events,
+    jobs,
+    metrics,
+    nodes,
+    pki,
+    rollouts,
+)
 from fleetctl.output import OutputFormat
 from fleetctl.runtime import Cli, GlobalOptions
 
@@ -25,10 +36,12 @@ def hoist_global_options(args: list[str]) -> list[str]:
     """Move global options (and their values) found after the subcommand to the front.
 
     So ``fleetctl nodes list -o json`` works like ``fleetctl -o json nodes list``.
-    Nothing after ``--`` is touched.
+    Nothing after ``--`` is touched, nor `run`'s own options (its --timeout is the
+    job's) and the job's command after them.
     """
     front: list[str] = []
     rest: list[str] = []
+    command: str | None = None
     i = 0
     while i < len(args):
         arg = args[i]
@@ -36,6 +49,15 @@ def hoist_global_options(args: list[str]) -> list[str]:
             rest.extend(args[i:])
             break
         name = arg.split("=", 1)[0]
+        if command == "run" and name in jobs.RUN_VALUE_OPTIONS:
+            # run's own (--timeout is the job's): keep it and its value in place.
+            take = 1 if "=" in arg or (not arg.startswith("--") and len(arg) > 2) else 2
+            rest.extend(args[i : i + take])
+            i += take
+            continue
+        if not arg.startswith("-") and command is not None and command == "run":
+            rest.extend(args[i:])  # the job's command: none of it is ours
+            break
         if name in _GLOBAL_WITH_VALUE and "=" in arg and name.startswith("--"):
             front.append(arg)
         elif arg in _GLOBAL_WITH_VALUE and i + 1 < len(args):
@@ -44,6 +66,8 @@ def hoist_global_options(args: list[str]) -> list[str]:
         elif arg.startswith("-o") and len(arg) > 2 and not arg.startswith("--"):
             front.append(arg)  # -ojson
         else:
+            if command is None and not arg.startswith("-"):
+                command = arg
             rest.append(arg)
         i += 1
     return front + rest
@@ -87,7 +111,7 @@ app = typer.Typer(
     name="fleetctl",
     help=(
         "Drive a Fleet: nodes, agents, operations, metrics, events, definitions, rollouts and"
-        " artifacts through the manager."
+        " artifacts, and jobs (fleetctl run) through the manager."
         " Settings come from flags, FLEET_* variables and ~/.config/fleet/fleetctl.toml."
     ),
     no_args_is_help=True,
@@ -103,6 +127,8 @@ app.add_typer(definitions.app, name="definitions")
 app.add_typer(rollouts.app, name="rollout")
 app.add_typer(pki.app, name="pki")
 app.command("events")(events.events)
+app.command("run", context_settings={"allow_interspersed_args": False})(jobs.run)
+app.add_typer(jobs.app, name="jobs")
 
 
 @app.callback()

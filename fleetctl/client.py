@@ -162,15 +162,16 @@ def hinted(error: FleetError) -> str:
     """`error`'s message; for a NOT_FOUND node, agent or metric type, plus the command
     that lists what exists: "node 'n9' is not registered (see `fleetctl nodes list`)"."""
     about = error.resource
-    # The desired-state RPCs name a definition in words only.
+    # The desired-state and job RPCs name a definition or a job in words only.
     words = error.message
     if (
         error.code == grpc.StatusCode.NOT_FOUND
         and about is None
-        and words.startswith("definition '")
+        and words.startswith(("definition '", "job '"))
         and words.endswith("does not exist")
     ):
-        return f"{words} (see `fleetctl definitions list`)"
+        noun = words.split(" ", 1)[0]
+        return f"{words} (see `fleetctl {noun}s list`)"
     if error.code != grpc.StatusCode.NOT_FOUND or about is None or about.kind not in _SEE:
         return error.message
     see = _SEE[about.kind]

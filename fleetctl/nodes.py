@@ -102,6 +102,7 @@ _FIELDS = [
     ("Last heartbeat", "last_heartbeat_age"),
     ("Registered", "registered_at"),
     ("Agents", "agents"),
+    ("Jobs", "jobs"),
 ]
 
 
@@ -132,6 +133,10 @@ def _show(cli: Cli, node: fleet_pb2.Node) -> None:
         **view,
         "label_sources": "\n".join(label_sources(node)) or "-",
         "platform": f"{view['os'] or '?'}/{view['arch'] or '?'}",
+        # The host's daemon refuses remote jobs (its [jobs] enabled = false).
+        "jobs": "disabled (jobs.enabled = false in the host's daemon config)"
+        if node.jobs_disabled
+        else "enabled",
         "last_heartbeat_age": (
             f"{view['last_heartbeat']} ({format_age(node.last_heartbeat, now_ms=now_ms)})"
             if node.last_heartbeat

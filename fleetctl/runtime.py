@@ -15,7 +15,7 @@ import os
 import signal
 import sys
 import traceback
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeAlias, TypeVar
@@ -85,6 +85,10 @@ class Cli:
             self.screen_width = 80
         self.err = Console(stderr=True, highlight=False)
         self._config: FleetctlConfig | None = None
+        self.sigint: Callable[[], None] | None = None
+        """While set, Ctrl-C in `call` runs this instead of interrupting the body
+        (`run` asks whether to cancel the job it follows)."""
+        self._on_sigint: Callable[[], None] | None = None
 
     @classmethod
     def of(cls, ctx: typer.Context) -> Cli:
@@ -131,6 +135,23 @@ class Cli:
         """Print one error line and exit with `code`."""
         self.note(f"fleetctl: error: {message}", style="red")
         raise typer.Exit(code)
+
+    @contextlib.contextmanager
+    def ctrl_c_raises(self) -> Iterator[None]:
+        """Inside `call`'s body: Ctrl-C raises KeyboardInterrupt for a while.
+
+        For a blocking prompt: the loop's handler would only note the signal
+        until the prompt returned.
+        """
+        loop = asyncio.get_running_loop()
+        with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
+            loop.remove_signal_handler(signal.SIGINT)  # restores default_int_handler
+        try:
+            yield
+        finally:
+            if self._on_sigint is not None:
+                with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
+                    loop.add_signal_handler(signal.SIGINT, self._on_sigint)
 
     def checked(self, check: Callable[[], T]) -> T:
         """`check()`'s result; a UsageProblem it raises exits 2 with its one line."""
@@ -194,8 +215,13 @@ class Cli:
                 assert task is not None
 
                 def on_sigint() -> None:
+                    if self.sigint is not None:
+                        self.sigint()
+                        return
                     interrupted.append(True)
                     task.cancel()
+
+                self._on_sigint = on_sigint
 
                 # Our own handler: cancelling the call can surface as an RpcError
                 # ("Cancelling all calls") that must not read as a manager failure.

@@ -12,7 +12,7 @@ from typing import Any
 
 from fleet import selectors
 from fleet.artifacts import format_size
-from fleet.v1 import common_pb2, desired_pb2, fleet_pb2
+from fleet.v1 import common_pb2, desired_pb2, fleet_pb2, jobs_pb2
 from fleetctl.deffile import definition_to_dict
 from fleetctl.timespec import format_time
 
@@ -23,6 +23,9 @@ __all__ = [
     "definition_status_view",
     "enum_name",
     "event_view",
+    "job_spec_view",
+    "job_target_view",
+    "job_view",
     "last_exit_view",
     "metric_type_view",
     "node_agent_view",
@@ -73,6 +76,7 @@ def node_view(node: fleet_pb2.Node) -> dict[str, Any]:
         "last_heartbeat_ms": node.last_heartbeat,
         "registered_at": format_time(node.registered_at),
         "agents": {_status(c.status): c.count for c in node.agent_counts},
+        "jobs_disabled": node.jobs_disabled,
     }
 
 
@@ -352,4 +356,105 @@ def definition_status_view(status: desired_pb2.DefinitionStatus) -> dict[str, An
         "unplaced": status.unplaced,
         "unplaced_reason": status.unplaced_reason,
         "rollout": rollout_view(status.rollout) if status.HasField("rollout") else None,
+    }
+
+
+def _job_target_state(value: int) -> str:
+    return enum_name(jobs_pb2.JobTargetState, value, "JOB_TARGET_STATE_")
+
+
+def _seconds_between(start_ms: int, end_ms: int) -> float | None:
+    return (end_ms - start_ms) / 1000 if start_ms and end_ms else None
+
+
+def job_spec_view(spec: jobs_pb2.JobSpec) -> dict[str, Any]:
+    """What a job runs and where (env: names only, as `agents show` does)."""
+
+    def opt(field: str) -> float | None:
+        return getattr(spec, field) if spec.HasField(field) else None  # type: ignore[arg-type]
+
+    steps = []
+    for i, step in enumerate(spec.steps):
+        command = step.command
+        steps.append(
+            {
+                "index": i,
+                "name": step.name or f"step-{i + 1}",
+                "argv": list(command.argv),
+                "script": command.script,
+                "interpreter": list(command.interpreter),
+                "env_keys": sorted(command.env),
+                "cwd": command.cwd,
+                "user": command.user,
+                "timeout_seconds": command.timeout_seconds or None,
+                "when": enum_name(jobs_pb2.StepWhen, step.when, "STEP_WHEN_")
+                .replace("UNSPECIFIED", "ON_SUCCESS")
+                .lower(),
+            }
+        )
+    return {
+        "name": spec.name,
+        "selector": str(selectors.from_proto(spec.selector)) if spec.HasField("selector") else None,
+        "node_ids": list(spec.node_ids),
+        "max_concurrency": spec.max_concurrency or None,
+        "max_errors": spec.max_errors,
+        "canary": spec.canary,
+        "delivery_timeout_seconds": opt("delivery_timeout_seconds"),
+        "timeout_seconds": opt("timeout_seconds"),
+        "lock": spec.lock,
+        "steps": steps,
+    }
+
+
+def job_target_view(target: jobs_pb2.JobTarget) -> dict[str, Any]:
+    """One target (a node) of a job, with its steps."""
+    return {
+        "node_id": target.node_id,
+        "state": _job_target_state(target.state),
+        "exit_code": target.exit_code,
+        "started_at": format_time(target.started_at),
+        "started_at_ms": target.started_at,
+        "ended_at": format_time(target.ended_at),
+        "ended_at_ms": target.ended_at,
+        "duration_seconds": _seconds_between(target.started_at, target.ended_at),
+        "reason": target.reason,
+        "stage": target.stage,
+        "output_bytes": target.output_bytes,
+        "output_stored_bytes": target.output_stored_bytes,
+        "output_truncated": target.output_truncated,
+        "steps": [
+            {
+                "index": s.index,
+                "name": s.name or f"step-{s.index + 1}",
+                "state": _job_target_state(s.state),
+                "exit_code": s.exit_code,
+                "started_at": format_time(s.started_at),
+                "started_at_ms": s.started_at,
+                "ended_at": format_time(s.ended_at),
+                "ended_at_ms": s.ended_at,
+                "duration_seconds": _seconds_between(s.started_at, s.ended_at),
+                "reason": s.reason,
+            }
+            for s in target.steps
+        ],
+    }
+
+
+def job_view(job: jobs_pb2.Job) -> dict[str, Any]:
+    """One job (RunJob / GetJob / ListJobs / WatchJob / CancelJob / RerunJob)."""
+    return {
+        "id": job.id,
+        "name": job.spec.name,
+        "state": enum_name(jobs_pb2.JobState, job.state, "JOB_STATE_"),
+        "actor": job.actor,
+        "created_at": format_time(job.created_at),
+        "created_at_ms": job.created_at,
+        "ended_at": format_time(job.ended_at),
+        "ended_at_ms": job.ended_at,
+        "duration_seconds": _seconds_between(job.created_at, job.ended_at),
+        "rerun_of": job.rerun_of,
+        "reason": job.reason,
+        "counts": {_job_target_state(c.state): c.count for c in job.counts if c.count},
+        "spec": job_spec_view(job.spec),
+        "targets": [job_target_view(t) for t in job.targets],
     }

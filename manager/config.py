@@ -19,6 +19,7 @@ __all__ = [
     "ENV_PREFIX",
     "ArtifactsConfig",
     "DatabaseConfig",
+    "JobsConfig",
     "LivenessConfig",
     "LoggingConfig",
     "ManagerConfig",
@@ -191,6 +192,31 @@ class ArtifactsConfig:
 
 
 @dataclass(frozen=True)
+class JobsConfig:
+    """Jobs run on nodes (docs/jobs.md): stored output and retention."""
+
+    max_output_bytes: int = 1024 * 1024
+    """Output stored per target (1 MiB); beyond it the output is cut, marked truncated,
+    and the rest stays on the node (`fleetctl jobs logs --from-node`)."""
+    retention_days: float = 30.0
+    """Finished jobs are deleted with their targets and output after this long."""
+    cleanup_interval_seconds: float = 3600.0
+    """How often expired jobs are looked for (on one replica at a time)."""
+    dispatch_concurrency: int = 256
+    """StartJob calls in flight at once over all jobs (each job's window applies too)."""
+
+    def validate(self) -> None:
+        if not 1024 <= self.max_output_bytes <= 2**40:
+            raise ValueError(
+                f"jobs.max_output_bytes: must be 1024..2^40, got {self.max_output_bytes}"
+            )
+        if self.retention_days <= 0 or self.cleanup_interval_seconds <= 0:
+            raise ValueError("jobs: retention_days and cleanup_interval_seconds must be > 0")
+        if self.dispatch_concurrency < 1:
+            raise ValueError("jobs.dispatch_concurrency: must be >= 1")
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     """Process logging (stderr; journald collects it under systemd)."""
 
@@ -222,9 +248,18 @@ class ManagerConfig:
     """[pool] table: how the manager calls the daemons (FleetService operations)."""
     artifacts: ArtifactsConfig = field(default_factory=ArtifactsConfig)
     """[artifacts] table."""
+    jobs: JobsConfig = field(default_factory=JobsConfig)
+    """[jobs] table."""
 
     def validate(self) -> None:
-        for section in (self.server, self.database, self.liveness, self.metrics, self.artifacts):
+        for section in (
+            self.server,
+            self.database,
+            self.liveness,
+            self.metrics,
+            self.artifacts,
+            self.jobs,
+        ):
             section.validate()
 
     @property

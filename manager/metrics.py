@@ -83,6 +83,11 @@ class ManagerMetrics:
             "1 while this manager converges desired state (holds its lock)",
             registry=r,
         )
+        self.jobs_leader = Gauge(
+            "fleet_jobs_leader",
+            "1 while this manager drives jobs (holds its lock)",
+            registry=r,
+        )
         self.rollouts = Gauge(
             "fleet_manager_rollouts", "Live rollouts by state (leader only)", ["state"], registry=r
         )

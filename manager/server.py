@@ -38,18 +38,23 @@ from manager.service.convergence import Convergence
 from manager.service.definitions import ArtifactUse, Definitions
 from manager.service.event_feed import EventFeed
 from manager.service.heartbeats import HeartbeatBuffer
+from manager.service.job_control import Jobs
+from manager.service.job_driver import JobDriver
+from manager.service.job_reports import JobReports
+from manager.service.job_updates import JobUpdates
 from manager.service.liveness import LivenessPolicy
 from manager.service.metrics import MetricsService
 from manager.service.registry import NodeRegistry
 from manager.service.reports import DaemonReports
 from manager.service.rollout_control import RolloutControl
-from manager.service.sweeper import ArtifactJanitor, MetricsLifecycle, Sweeper
+from manager.service.sweeper import ArtifactJanitor, JobJanitor, MetricsLifecycle, Sweeper
 from manager.servicers.fleet_service import SERVICE_NAME as FLEET_SERVICE_NAME
 from manager.servicers.fleet_service import build_fleet_servicer
 from manager.servicers.manager_service import ManagerServicer
 from manager.storage import Database, EventRepository, NodeRepository
 from manager.storage.artifacts import ArtifactRepository
 from manager.storage.desired import DesiredStateRepository
+from manager.storage.jobs import JobRepository
 from manager.storage.metrics import MetricStore
 from manager.storage.writer import MetricWriter
 
@@ -148,6 +153,10 @@ class ManagerServer:
     rollouts: RolloutControl
     artifacts: Artifacts
     artifact_janitor: ArtifactJanitor
+    job_updates: JobUpdates
+    job_driver: JobDriver
+    jobs: Jobs
+    job_janitor: JobJanitor
 
     async def start(self) -> None:
         """Start everything; on failure, what was started is stopped again."""
@@ -298,6 +307,34 @@ class ManagerServer:
         )
         self.artifact_janitor.start()
         self._stack.push_async_callback(self.artifact_janitor.stop)
+        # Jobs: one replica drives them; every replica takes reports and operators' calls.
+        job_repo = JobRepository(self.db)
+        self.job_updates = JobUpdates(job_repo, clock=self._clock)
+        self.job_updates.start()
+        self._stack.push_async_callback(self.job_updates.stop)
+        self.job_driver = JobDriver(
+            self.db,
+            self.nodes,
+            self.pool,
+            self.job_updates,
+            clock=self._clock,
+            dispatch_concurrency=cfg.jobs.dispatch_concurrency,
+            on_leader=lambda held: m.jobs_leader.set(1 if held else 0),
+        )
+        self.job_driver.start()
+        self._stack.push_async_callback(self.job_driver.stop)
+        self.jobs = Jobs(
+            job_repo, self.nodes, self.pool, clock=self._clock, on_change=self.job_driver.poke
+        )
+        self.job_janitor = JobJanitor(
+            self.db,
+            job_repo,
+            retention_ms=int(cfg.jobs.retention_days * 86400 * 1000),
+            interval=cfg.jobs.cleanup_interval_seconds,
+            clock=self._clock,
+        )
+        self.job_janitor.start()
+        self._stack.push_async_callback(self.job_janitor.stop)
         self.agent_states = AgentStates(self.registry, desired, clock=self._clock, on_change=poke)
         self._stack.push_async_callback(self.agent_states.stop)
         servicer = ManagerServicer(
@@ -306,8 +343,14 @@ class ManagerServer:
             self.agent_states,
             self.artifacts,
             trust_domain=identity.trust_domain,
+            jobs=JobReports(
+                job_repo,
+                self.job_updates,
+                max_output_bytes=cfg.jobs.max_output_bytes,
+                clock=self._clock,
+            ),
             reports=DaemonReports(desired, clock=self._clock, on_change=poke),
-            on_change=poke,
+            on_change=self._nodes_changed,
         )
         self.event_feed = EventFeed(self.events)
         self._stack.callback(self.event_feed.install(self.db.engine))
@@ -319,6 +362,7 @@ class ManagerServer:
             self.definitions,
             self.rollouts,
             self.artifacts,
+            self.jobs,
             on_labels_changed=poke,
             trust_domain=identity.trust_domain,
             clock=self._clock,
@@ -386,6 +430,15 @@ class ManagerServer:
         convergence = getattr(self, "convergence", None)
         if convergence is not None:
             convergence.poke()
+        job_driver = getattr(self, "job_driver", None)
+        if job_driver is not None:
+            job_driver.nodes_changed()
+
+    def _nodes_changed(self) -> None:
+        """A registration or an agent sync: desired state may change; a node may be back
+        (its job targets are sent now)."""
+        self.convergence.poke()
+        self.job_driver.nodes_changed()
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting calls, drain them within `grace`, then flush and close."""

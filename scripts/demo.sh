@@ -8,6 +8,8 @@
 # a third agent centrally: configs/definitions/probe.toml (`fleet-agent run
 # probe`, checking the manager) is applied to both nodes, and a second
 # revision of it rolls out node by node, gated by its heartbeat health.
+# Last it runs a job on both nodes (configs/jobs/report.toml: three steps,
+# one node at a time) and lists it.
 #
 # Runs until Ctrl-C, then stops everything. DEMO_ONESHOT=1 exits 0 after the
 # tour (the test suite does that). DEMO_DIR (default var/demo) holds
@@ -197,6 +199,13 @@ say "fleetctl definitions history probe"
 fleetctl definitions history probe
 say "fleetctl agents list"
 fleetctl agents list
+
+say "run a job on both nodes: configs/jobs/report.toml"
+grep -v '^#' "$root/configs/jobs/report.toml" | sed '/./,$!d'
+say "fleetctl run -f configs/jobs/report.toml --yes"
+fleetctl run -f "$root/configs/jobs/report.toml" --yes
+say "fleetctl jobs list"
+fleetctl jobs list
 
 # The line to paste into another shell: fleetctl from the venv, and where the fleet is.
 export_line=$(printf 'export PATH=%q:"$PATH" FLEET_MANAGER=%q FLEET_CA=%q FLEET_CERT=%q FLEET_KEY=%q' \

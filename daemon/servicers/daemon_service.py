@@ -14,12 +14,12 @@ from typing import Any, Literal
 from grpc import aio
 
 from daemon.convert import agent_info, resource_point, update_errors
+from daemon.jobs.engine import JobEngine
 from daemon.supervisor.supervisor import Supervisor
 from fleet.agentspec import specs_from_proto
 from fleet.errors import InvalidArgument
-from fleet.pending_rpcs import PendingDaemonRpcs
 from fleet.tls import require_role
-from fleet.v1 import common_pb2, daemon_pb2, daemon_pb2_grpc
+from fleet.v1 import common_pb2, daemon_pb2, daemon_pb2_grpc, jobs_pb2
 
 __all__ = ["DEFAULT_LOG_CHUNK", "MAX_LOG_CHUNK", "DaemonServicer"]
 
@@ -43,7 +43,7 @@ def _agent_id(value: str) -> str:
     return value
 
 
-class DaemonServicer(PendingDaemonRpcs, daemon_pb2_grpc.DaemonServiceServicer):
+class DaemonServicer(daemon_pb2_grpc.DaemonServiceServicer):
     """Serves one supervisor to the manager (callers: `manager/*` of `trust_domain`).
 
     `follow_interval` is how often a following ReadAgentLog re-checks a log
@@ -52,9 +52,15 @@ class DaemonServicer(PendingDaemonRpcs, daemon_pb2_grpc.DaemonServiceServicer):
     """
 
     def __init__(
-        self, supervisor: Supervisor, *, trust_domain: str, follow_interval: float = 0.5
+        self,
+        supervisor: Supervisor,
+        jobs: JobEngine,
+        *,
+        trust_domain: str,
+        follow_interval: float = 0.5,
     ) -> None:
         self._sup = supervisor
+        self._jobs = jobs
         self._trust_domain = trust_domain
         self._follow_interval = follow_interval
 
@@ -157,3 +163,60 @@ class DaemonServicer(PendingDaemonRpcs, daemon_pb2_grpc.DaemonServiceServicer):
             # At the end of the file: wait for growth. A timed re-check at the
             # sampler's cadence costs one stat() per follower per tick.
             await asyncio.sleep(self._follow_interval)
+
+    async def StartJob(
+        self, request: daemon_pb2.StartJobRequest, context: _Context
+    ) -> daemon_pb2.StartJobResponse:
+        self._require_manager(context)
+        state, reason = await self._jobs.submit(request)
+        return daemon_pb2.StartJobResponse(state=target_state(state), reason=reason)
+
+    async def CancelJob(
+        self, request: daemon_pb2.CancelJobRequest, context: _Context
+    ) -> daemon_pb2.CancelJobResponse:
+        self._require_manager(context)
+        if not request.job_id:
+            raise InvalidArgument("is required", field="job_id")
+        state = await self._jobs.cancel(request.job_id)
+        return daemon_pb2.CancelJobResponse(state=target_state(state))
+
+    async def ReadJobOutput(
+        self, request: daemon_pb2.ReadJobOutputRequest, context: _Context
+    ) -> AsyncIterator[daemon_pb2.ReadJobOutputResponse]:
+        self._require_manager(context)
+        if not request.job_id:
+            raise InvalidArgument("is required", field="job_id")
+        if request.offset < 0:
+            raise InvalidArgument(f"must be >= 0 (got {request.offset})", field="offset")
+        if request.max_bytes < 0 or request.max_bytes > MAX_LOG_CHUNK:
+            raise InvalidArgument(
+                f"must be between 0 and {MAX_LOG_CHUNK} (got {request.max_bytes})",
+                field="max_bytes",
+            )
+        self._jobs.record(request.job_id)  # NotFound before the stream starts
+        max_bytes = request.max_bytes or DEFAULT_LOG_CHUNK
+        offset = request.offset
+        while True:
+            chunk = await self._jobs.read_output(request.job_id, offset, max_bytes)
+            if chunk.data or chunk.eof or not request.follow:
+                yield daemon_pb2.ReadJobOutputResponse(
+                    data=chunk.data,
+                    offset=chunk.offset,
+                    next_offset=chunk.next_offset,
+                    eof=chunk.eof,
+                )
+            offset = chunk.next_offset
+            if chunk.eof:
+                return
+            if len(chunk.data) >= max_bytes:
+                continue  # more is already there: no wait
+            if not request.follow:
+                return
+            # The step appends to the file itself: re-check at the follow cadence,
+            # or at once when the job changes state (it may have ended).
+            await self._jobs.wait_change(request.job_id, self._follow_interval)
+
+
+def target_state(state: str) -> jobs_pb2.JobTargetState.ValueType:
+    """A job or step state name as the proto enum."""
+    return jobs_pb2.JobTargetState.Value(f"JOB_TARGET_STATE_{state}")

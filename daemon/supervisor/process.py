@@ -25,7 +25,7 @@ import os
 import pwd
 import signal
 import subprocess
-from collections.abc import Collection, Iterable
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,7 +35,16 @@ import psutil
 from daemon.supervisor.clock import Clock
 from daemon.supervisor.spec import AgentSpec, resolve_executable
 
-__all__ = ["AgentProcess", "SpawnError", "StopOutcome", "adopt", "find_orphans", "spawn"]
+__all__ = [
+    "AgentProcess",
+    "SpawnError",
+    "StopOutcome",
+    "adopt",
+    "daemon_env",
+    "find_orphans",
+    "spawn",
+    "spawn_detached",
+]
 
 CREATE_TIME_TOLERANCE = 0.05
 """Seconds two create times may differ and still be the same process (clock-tick rounding)."""
@@ -163,8 +172,9 @@ def _signal_all(pgid: int, descendants: list[psutil.Process], signum: int) -> No
     with contextlib.suppress(ProcessLookupError, PermissionError):
         os.killpg(pgid, signum)
     for proc in descendants:
-        # psutil refuses to signal a pid that was reused by another process.
-        with contextlib.suppress(psutil.Error):
+        # psutil refuses to signal a pid that was reused by another process;
+        # getpgid fails for one that exited since the tree was read.
+        with contextlib.suppress(psutil.Error, ProcessLookupError):
             if os.getpgid(proc.pid) != pgid:
                 proc.send_signal(signum)
 
@@ -212,41 +222,65 @@ def _set_done(fut: asyncio.Future[Any]) -> None:
 
 def spawn(spec: AgentSpec, *, log_path: Path, socket_path: Path) -> AgentProcess:
     """Start `spec` detached in its own session, writing to `log_path`; `SpawnError` on failure."""
-    env = {k: v for k, v in os.environ.items() if k not in _DAEMON_ONLY_ENV}
+    env = daemon_env()
     env.update(spec.env)
     env["FLEET_AGENT_ID"] = spec.id
     env["FLEET_DAEMON_SOCKET"] = str(socket_path)
+    return spawn_detached(spec.argv, env=env, cwd=spec.cwd, user=spec.user, output_path=log_path)
+
+
+def daemon_env() -> dict[str, str]:
+    """The daemon's environment without what addresses the daemon's own unit."""
+    return {k: v for k, v in os.environ.items() if k not in _DAEMON_ONLY_ENV}
+
+
+def spawn_detached(
+    argv: Sequence[str],
+    *,
+    env: dict[str, str],
+    cwd: str,
+    user: str,
+    output_path: Path,
+    pass_fds: Sequence[int] = (),
+) -> AgentProcess:
+    """Start `argv` in its own session, stdout+stderr appended to `output_path`.
+
+    Shared by agents and job steps. `user` is switched to only when the
+    daemon runs as root (HOME/USER/LOGNAME follow it); `SpawnError` when the
+    user or program does not exist or the exec fails.
+    """
     uid: int | None = None
     gid: int | None = None
     groups: list[int] | None = None
-    if spec.user and os.geteuid() == 0:
+    if user and os.geteuid() == 0:
         try:
-            pw = pwd.getpwnam(spec.user)
+            pw = pwd.getpwnam(user)
         except KeyError:
-            raise SpawnError(f"unknown user {spec.user!r}") from None
+            raise SpawnError(f"unknown user {user!r}") from None
         uid, gid, groups = pw.pw_uid, pw.pw_gid, os.getgrouplist(pw.pw_name, pw.pw_gid)
         env.update(HOME=pw.pw_dir, USER=pw.pw_name, LOGNAME=pw.pw_name)
-    executable = resolve_executable(spec.argv[0], env=env, cwd=spec.cwd)
+    executable = resolve_executable(argv[0], env=env, cwd=cwd)
     if executable is None:
-        raise SpawnError(f"program {spec.argv[0]!r} not found or not executable")
-    log_fd = os.open(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
+        raise SpawnError(f"program {argv[0]!r} not found or not executable")
+    log_fd = os.open(output_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC, 0o640)
     try:
         popen = subprocess.Popen(  # noqa: S603 -- argv from a validated spec, never a shell
-            list(spec.argv),
+            list(argv),
             executable=executable,
             stdin=subprocess.DEVNULL,
             stdout=log_fd,
             stderr=log_fd,
-            cwd=spec.cwd or None,
+            cwd=cwd or None,
             env=env,
             start_new_session=True,
             close_fds=True,
+            pass_fds=tuple(pass_fds),
             user=uid,
             group=gid,
             extra_groups=groups,
         )
     except (OSError, subprocess.SubprocessError) as exc:
-        raise SpawnError(f"cannot start {spec.argv[0]!r}: {exc}") from None
+        raise SpawnError(f"cannot start {argv[0]!r}: {exc}") from None
     finally:
         os.close(log_fd)
     # We watch and reap the child ourselves (pidfd + waitpid). Mark the Popen
@@ -263,7 +297,7 @@ def spawn(spec: AgentSpec, *, log_path: Path, socket_path: Path) -> AgentProcess
         with contextlib.suppress(OSError):
             os.killpg(popen.pid, signal.SIGKILL)
             os.waitpid(popen.pid, 0)
-        raise SpawnError(f"cannot watch {spec.argv[0]!r} (pid {popen.pid}): {exc}") from None
+        raise SpawnError(f"cannot watch {argv[0]!r} (pid {popen.pid}): {exc}") from None
 
 
 def adopt(pid: int, create_time: float) -> AgentProcess | None:

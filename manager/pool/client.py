@@ -16,6 +16,8 @@ jittered backoff on UNAVAILABLE, and only on UNAVAILABLE:
     operate_agent restart          no  (a hidden success would restart twice)
     push_update                    no  (a hidden success makes the retry stale)
     read_agent_log                 its start, until the first chunk arrives
+    start_job, cancel_job          yes (the daemon contract: idempotent per job id)
+    read_job_output                its start, until the first chunk arrives
     =============================  ======================================
 
 When an idempotent call runs out of attempts against a connection that
@@ -258,51 +260,76 @@ class DaemonPool:
         (``async with contextlib.aclosing(pool.read_agent_log(...)) as chunks``)
         so the stream and its channel slot are released at once.
         """
-        loop = asyncio.get_running_loop()
-        if call_timeout is not None:
-            budget: float | None = call_timeout
-        else:
-            budget = None if follow else self._config.call_timeout
-        start_deadline = loop.time() + (budget or self._config.call_timeout)
         request = daemon_pb2.ReadAgentLogRequest(
             agent_id=agent_id, offset=offset, max_bytes=max_bytes, follow=follow
         )
-        record = self._channels.record(node_id)
-        record.calls += 1
-        attempt = 0
-        try:
-            while True:
-                channel = await self._channels.acquire(node_id, address, start_deadline)
-                call = channel.stub.ReadAgentLog(
-                    request, timeout=None if budget is None else start_deadline - loop.time()
-                )
-                started = False
-                try:
-                    async for response in call:
-                        started = True
-                        yield response
-                except aio.AioRpcError as exc:
-                    error = translate_error(exc, node_id=node_id, address=address, budget=budget)
-                    if started:
-                        raise error from exc
-                except asyncio.CancelledError:
-                    if _cancelled_by_caller():
-                        raise
-                    error = _cut_off(node_id)
-                    if started:
-                        raise error from None
-                else:
-                    return
-                finally:
-                    call.cancel()  # no-op when finished; ends the stream if the reader left
-                    self._channels.release(channel)
-                await self._before_retry(
-                    record, channel, error, attempt, idempotent=True, deadline=start_deadline
-                )
-                attempt += 1
-        except FleetError:
-            record.failures += 1
-            raise
+        async for response in self._stream(
+            node_id,
+            address,
+            lambda stub: stub.ReadAgentLog,
+            request,
+            follow=follow,
+            call_timeout=call_timeout,
+        ):
+            yield response
+
+    async def start_job(
+        self,
+        node_id: str,
+        address: str,
+        request: daemon_pb2.StartJobRequest,
+        *,
+        call_timeout: float | None = None,
+    ) -> daemon_pb2.StartJobResponse:
+        """Send one target of a job to its daemon. Idempotent per job id (the daemon
+        answers where a job it knows is): retried on UNAVAILABLE."""
+        return await self._unary(
+            node_id,
+            address,
+            lambda stub: stub.StartJob,
+            request,
+            idempotent=True,
+            call_timeout=call_timeout,
+        )
+
+    async def cancel_job(
+        self, node_id: str, address: str, job_id: str, *, call_timeout: float | None = None
+    ) -> daemon_pb2.CancelJobResponse:
+        """Stop a queued or running job on the node. Idempotent: retried on UNAVAILABLE."""
+        return await self._unary(
+            node_id,
+            address,
+            lambda stub: stub.CancelJob,
+            daemon_pb2.CancelJobRequest(job_id=job_id),
+            idempotent=True,
+            call_timeout=call_timeout,
+        )
+
+    async def read_job_output(
+        self,
+        node_id: str,
+        address: str,
+        job_id: str,
+        *,
+        offset: int = 0,
+        max_bytes: int = 0,
+        follow: bool = False,
+        call_timeout: float | None = None,
+    ) -> AsyncGenerator[daemon_pb2.ReadJobOutputResponse, None]:
+        """A job's full output as the node keeps it, from `offset` (as `read_agent_log`:
+        the start is retried, a followed stream has no deadline unless given one)."""
+        request = daemon_pb2.ReadJobOutputRequest(
+            job_id=job_id, offset=offset, max_bytes=max_bytes, follow=follow
+        )
+        async for response in self._stream(
+            node_id,
+            address,
+            lambda stub: stub.ReadJobOutput,
+            request,
+            follow=follow,
+            call_timeout=call_timeout,
+        ):
+            yield response
 
     async def forget(self, node_id: str) -> None:
         """Close the channel to `node_id` (e.g. the node was deleted); calls in flight fail."""
@@ -366,6 +393,60 @@ class DaemonPool:
                     self._channels.release(channel)
                 await self._before_retry(
                     record, channel, error, attempt, idempotent=idempotent, deadline=deadline
+                )
+                attempt += 1
+        except FleetError:
+            record.failures += 1
+            raise
+
+    async def _stream(
+        self,
+        node_id: str,
+        address: str,
+        method: Callable[[DaemonServiceAsyncStub], aio.UnaryStreamMultiCallable[_Req, _Resp]],
+        request: _Req,
+        *,
+        follow: bool,
+        call_timeout: float | None,
+    ) -> AsyncGenerator[_Resp, None]:
+        """A server stream whose start is retried on UNAVAILABLE until the first response."""
+        loop = asyncio.get_running_loop()
+        if call_timeout is not None:
+            budget: float | None = call_timeout
+        else:
+            budget = None if follow else self._config.call_timeout
+        start_deadline = loop.time() + (budget or self._config.call_timeout)
+        record = self._channels.record(node_id)
+        record.calls += 1
+        attempt = 0
+        try:
+            while True:
+                channel = await self._channels.acquire(node_id, address, start_deadline)
+                call = method(channel.stub)(
+                    request, timeout=None if budget is None else start_deadline - loop.time()
+                )
+                started = False
+                try:
+                    async for response in call:
+                        started = True
+                        yield response
+                except aio.AioRpcError as exc:
+                    error = translate_error(exc, node_id=node_id, address=address, budget=budget)
+                    if started:
+                        raise error from exc
+                except asyncio.CancelledError:
+                    if _cancelled_by_caller():
+                        raise
+                    error = _cut_off(node_id)
+                    if started:
+                        raise error from None
+                else:
+                    return
+                finally:
+                    call.cancel()  # no-op when finished; ends the stream if the reader left
+                    self._channels.release(channel)
+                await self._before_retry(
+                    record, channel, error, attempt, idempotent=True, deadline=start_deadline
                 )
                 attempt += 1
         except FleetError:

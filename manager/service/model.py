@@ -34,6 +34,8 @@ class Registration:
     """Version of the agent runtime the daemon bundles."""
     daemon_address: str = ""
     """host:port of the node's DaemonService."""
+    jobs_disabled: bool = False
+    """The host refuses remote jobs (its daemon's `[jobs] enabled = false`)."""
 
 
 @dataclass(frozen=True)

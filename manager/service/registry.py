@@ -191,6 +191,7 @@ class NodeRegistry:
             daemon_version=reg.daemon_version,
             agent_version=reg.agent_version,
             daemon_address=reg.daemon_address,
+            jobs_disabled=reg.jobs_disabled,
             status="online",
             last_seen_ms=now_ms,
             registered_at_ms=now_ms,

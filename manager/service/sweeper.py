@@ -5,7 +5,8 @@
 manager), and only acts `failover_grace` after it became leader, so a
 restart or a failover does not mark a whole fleet down while daemons
 reconnect. `MetricsLifecycle` rolls up and prunes metrics under its own lock,
-`ArtifactJanitor` deletes the staged chunks of uploads a crash cut short.
+`ArtifactJanitor` deletes the staged chunks of uploads a crash cut short,
+`JobJanitor` deletes finished jobs past their retention.
 """
 
 from __future__ import annotations
@@ -22,15 +23,17 @@ from manager.service.heartbeats import HeartbeatBuffer
 from manager.service.liveness import LivenessPolicy, sweep_cutoff
 from manager.service.registry import NodeRegistry
 from manager.storage import Database, NodeRepository
+from manager.storage.jobs import JobRepository, JobTx
 from manager.storage.metrics import MetricStore
 
-__all__ = ["ArtifactJanitor", "MetricsLifecycle", "SweepResult", "Sweeper"]
+__all__ = ["ArtifactJanitor", "JobJanitor", "MetricsLifecycle", "SweepResult", "Sweeper"]
 
 log = logging.getLogger(__name__)
 
 SWEEPER_LOCK = "fleet-sweeper"
 LIFECYCLE_LOCK = "fleet-metrics-lifecycle"
 JANITOR_LOCK = "fleet-artifact-janitor"
+JOB_JANITOR_LOCK = "fleet-job-janitor"
 
 
 @dataclass(frozen=True)
@@ -265,6 +268,51 @@ class ArtifactJanitor(_LockedJob):
         if removed:
             log.info("removed the staged bytes of %d abandoned artifact upload(s)", removed)
         return removed
+
+    async def _pass(self) -> None:
+        await self.run_once()
+
+
+class JobJanitor(_LockedJob):
+    """Deletes finished jobs past the retention, with their targets and output."""
+
+    name = "job-janitor"
+    lock = JOB_JANITOR_LOCK
+
+    def __init__(
+        self,
+        db: Database,
+        repo: JobRepository,
+        *,
+        retention_ms: int,
+        interval: float,
+        clock: Callable[[], float],
+        batch: int = 100,
+    ) -> None:
+        super().__init__(db, interval=interval)
+        self._repo = repo
+        self._retention_ms = retention_ms
+        self._clock = clock
+        self._batch = batch
+
+    async def run_once(self) -> int:
+        """One pass; how many jobs were deleted (a batch per transaction)."""
+        cutoff = int(self._clock() * 1000) - self._retention_ms
+        deleted = 0
+        while True:
+
+            async def body(tx: JobTx) -> int:
+                ids = await tx.ended_before(cutoff, self._batch)
+                await tx.delete_jobs(ids)
+                return len(ids)
+
+            n = await self._repo.run(body)
+            deleted += n
+            if n < self._batch:
+                break
+        if deleted:
+            log.info("deleted %d job(s) finished more than the retention ago", deleted)
+        return deleted
 
     async def _pass(self) -> None:
         await self.run_once()

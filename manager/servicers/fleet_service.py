@@ -17,13 +17,13 @@ from grpc import aio
 
 from fleet import selectors
 from fleet.errors import InvalidArgument
-from fleet.pending_rpcs import PendingFleetRpcs
 from fleet.v1 import common_pb2, fleet_pb2, fleet_pb2_grpc
 from manager.pool import ConnectionState, DaemonPool
 from manager.service.artifacts import Artifacts
 from manager.service.definitions import Definitions
 from manager.service.event_feed import EventFeed
 from manager.service.fleet import FleetQueries, NodeAgent, NodeView
+from manager.service.job_control import Jobs
 from manager.service.metrics import MetricsService
 from manager.service.operations import (
     Action,
@@ -35,6 +35,7 @@ from manager.service.operations import (
 from manager.service.rollout_control import RolloutControl
 from manager.servicers.artifacts import ArtifactRpcs
 from manager.servicers.fleet_desired import DesiredRpcs
+from manager.servicers.fleet_jobs import JobRpcs
 from manager.storage import (
     AgentStateRecord,
     AgentStateRepository,
@@ -169,6 +170,7 @@ def _node(view: NodeView) -> fleet_pb2.Node:
             common_pb2.UpdateError(agent_id=e.agent_id, revision=e.revision, reason=e.reason)
             for e in (view.desired.update_errors if view.desired else ())
         ],
+        jobs_disabled=n.jobs_disabled,
     )
 
 
@@ -235,10 +237,9 @@ def _kinds(values: Any) -> list[str]:
     return kinds
 
 
-class FleetServicer(
-    DesiredRpcs, ArtifactRpcs, PendingFleetRpcs, fleet_pb2_grpc.FleetServiceServicer
-):
-    """Serves FleetService for ``operator/*`` callers (`DesiredRpcs`, `ArtifactRpcs`)."""
+class FleetServicer(DesiredRpcs, JobRpcs, ArtifactRpcs, fleet_pb2_grpc.FleetServiceServicer):
+    """Serves FleetService for ``operator/*`` callers (`DesiredRpcs`, `JobRpcs`,
+    `ArtifactRpcs`)."""
 
     def __init__(
         self,
@@ -248,10 +249,12 @@ class FleetServicer(
         definitions: Definitions,
         rollouts: RolloutControl,
         artifacts: Artifacts,
+        jobs: Jobs,
         *,
         trust_domain: str,
         call_timeout: float,
     ) -> None:
+        self._jobs = jobs
         self._q = queries
         self._ops = operations
         self._feed = feed
@@ -495,6 +498,7 @@ def build_fleet_servicer(
     definitions: Definitions,
     rollouts: RolloutControl,
     artifacts: Artifacts,
+    jobs: Jobs,
     *,
     trust_domain: str,
     clock: Callable[[], float],
@@ -522,6 +526,7 @@ def build_fleet_servicer(
         definitions,
         rollouts,
         artifacts,
+        jobs,
         trust_domain=trust_domain,
         call_timeout=pool.config.call_timeout,
     )

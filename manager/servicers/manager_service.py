@@ -16,10 +16,10 @@ from grpc import aio
 
 from fleet.errors import InvalidArgument
 from fleet.labels import validate_label_value
-from fleet.pending_rpcs import PendingManagerRpcs
-from fleet.v1 import common_pb2, manager_pb2, manager_pb2_grpc
+from fleet.v1 import common_pb2, jobs_pb2, manager_pb2, manager_pb2_grpc
 from manager.service.agents import AgentStates
 from manager.service.artifacts import Artifacts
+from manager.service.job_reports import JobReports, StepReport
 from manager.service.metrics import MetricsService
 from manager.service.model import MetricPoint, Registration
 from manager.service.registry import NodeRegistry
@@ -100,10 +100,9 @@ def last_exit_fields(msg: common_pb2.LastExit | None) -> dict[str, Any]:
     }
 
 
-class ManagerServicer(
-    ArtifactDownloads, PendingManagerRpcs, manager_pb2_grpc.ManagerServiceServicer
-):
-    """Serves ManagerService for `node/*` callers (artifacts: `ArtifactDownloads`)."""
+class ManagerServicer(ArtifactDownloads, manager_pb2_grpc.ManagerServiceServicer):
+    """Serves ManagerService for `node/*` callers (artifacts: `ArtifactDownloads`; jobs:
+    `manager.service.job_reports`)."""
 
     def __init__(
         self,
@@ -113,9 +112,11 @@ class ManagerServicer(
         artifacts: Artifacts,
         *,
         trust_domain: str,
+        jobs: JobReports,
         reports: DaemonReports | None = None,
         on_change: Callable[[], None] = lambda: None,
     ) -> None:
+        self._jobs = jobs
         self._registry = registry
         self._metrics = metrics
         self._agents = agents
@@ -140,6 +141,7 @@ class ManagerServicer(
                 daemon_version=request.daemon_version,
                 agent_version=request.agent_version,
                 daemon_address=request.daemon_address,
+                jobs_disabled=request.jobs_disabled,
             )
         )
         if self._reports is not None:
@@ -193,3 +195,42 @@ class ManagerServicer(
             request.node_id, states, spec_version=request.spec_version, update_errors=errors
         )
         return manager_pb2.SyncAgentStatesResponse(success=True, changed=changed)
+
+    async def ReportJobStatus(
+        self, request: manager_pb2.ReportJobStatusRequest, context: _Context
+    ) -> manager_pb2.ReportJobStatusResponse:
+        self._identities.require_node(context, request.node_id)
+        cancel = await self._jobs.report(
+            request.node_id,
+            request.job_id,
+            state=_enum_name(jobs_pb2.JobTargetState, request.state, "JOB_TARGET_STATE_"),
+            exit_code=request.exit_code,
+            started_ms=request.started_at,
+            ended_ms=request.ended_at,
+            reason=request.reason,
+            steps=[
+                StepReport(
+                    index=s.index,
+                    name=s.name,
+                    state=_enum_name(jobs_pb2.JobTargetState, s.state, "JOB_TARGET_STATE_"),
+                    exit_code=s.exit_code,
+                    started_ms=s.started_at,
+                    ended_ms=s.ended_at,
+                    reason=s.reason,
+                )
+                for s in request.steps
+            ],
+            output_bytes=request.output_bytes,
+        )
+        return manager_pb2.ReportJobStatusResponse(cancel=cancel)
+
+    async def UploadJobOutput(
+        self, request: manager_pb2.UploadJobOutputRequest, context: _Context
+    ) -> manager_pb2.UploadJobOutputResponse:
+        self._identities.require_node(context, request.node_id)
+        result = await self._jobs.upload(
+            request.node_id, request.job_id, request.offset, request.data
+        )
+        return manager_pb2.UploadJobOutputResponse(
+            acked_offset=result.acked_offset, truncated=result.truncated
+        )

@@ -27,6 +27,7 @@ _FIELDS = (
     "daemon_version",
     "agent_version",
     "daemon_address",
+    "jobs_disabled",
 )
 
 
@@ -123,6 +124,7 @@ def _record(row: Any) -> NodeRecord:
         registered_at_ms=row.registered_at_ms,
         daemon_labels=load_map(row.daemon_labels),
         operator_labels=load_map(row.operator_labels),
+        jobs_disabled=bool(row.jobs_disabled),
     )
 
 

@@ -95,6 +95,8 @@ class NodeRecord:
     """The labels of the daemon's config (replaced by every registration)."""
     operator_labels: dict[str, str] = field(default_factory=dict)
     """The labels operators set (kept across registrations); they win over the daemon's."""
+    jobs_disabled: bool = False
+    """The daemon refuses remote jobs (`[jobs] enabled = false`), as of its registration."""
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from sqlalchemy import (
     Column,
     Double,
     ForeignKey,
+    ForeignKeyConstraint,
     Index,
     Integer,
     LargeBinary,
@@ -21,6 +22,7 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    false,
 )
 
 __all__ = [
@@ -32,6 +34,9 @@ __all__ = [
     "definition_revisions",
     "definitions",
     "events",
+    "job_output",
+    "job_targets",
+    "jobs",
     "metadata",
     "metric_batches",
     "metric_rollup_state",
@@ -77,6 +82,8 @@ nodes = Table(
     Column("status", String(16), nullable=False),
     Column("last_seen_ms", BigInteger, nullable=False),
     Column("registered_at_ms", BigInteger, nullable=False),
+    # The daemon refuses remote jobs (its `[jobs] enabled = false`), per registration.
+    Column("jobs_disabled", Boolean, nullable=False, server_default=false()),
     CheckConstraint("status IN ('online', 'offline')", name="status"),
     # The sweeper's "online and last seen before the cutoff".
     Index(None, "status", "last_seen_ms"),
@@ -358,4 +365,74 @@ artifacts = Table(
     Column("actor", String(300), nullable=False),
     PrimaryKeyConstraint("name", "version"),
     Index(None, "digest"),
+)
+
+
+# Jobs (manager/storage/jobs.py): the JobSpec message as JSON, one row per
+# target, and the targets' output in chunk rows. Ids are made by the manager
+# (time-ordered text), so replicas never race for them.
+jobs = Table(
+    "jobs",
+    metadata,
+    Column("id", String(64), primary_key=True),
+    Column("name", String(63), nullable=False),
+    Column("spec", Text, nullable=False),
+    Column("actor", String(300), nullable=False),
+    Column("created_ms", BigInteger, nullable=False),
+    Column("ended_ms", BigInteger, nullable=False),  # 0: live
+    # Derived from the targets (`manager.service.jobs.job_state`), kept for lists.
+    Column("state", String(16), nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("rerun_of", String(64), nullable=False),
+    # Targets running at once, resolved from max_concurrency when the job started.
+    Column("concurrency", Integer, nullable=False),
+    # An operator cancelled the whole job (0: not cancelled).
+    Column("cancelled_ms", BigInteger, nullable=False),
+    Index(None, "created_ms"),
+    Index(None, "ended_ms"),
+)
+
+job_targets = Table(
+    "job_targets",
+    metadata,
+    Column("job_id", String(64), ForeignKey("jobs.id", ondelete="CASCADE"), nullable=False),
+    Column("node_id", String(253), nullable=False),
+    Column("idx", Integer, nullable=False),  # the target's place in the job (stage 0 first)
+    Column("stage", Integer, nullable=False),
+    Column("state", String(16), nullable=False),
+    Column("exit_code", Integer, nullable=False),
+    Column("started_ms", BigInteger, nullable=False),
+    Column("ended_ms", BigInteger, nullable=False),
+    Column("reason", Text, nullable=False),
+    Column("steps", Text, nullable=False),  # JSON list of step results
+    Column("output_bytes", BigInteger, nullable=False),  # what the node reported writing
+    Column("output_stored_bytes", BigInteger, nullable=False),  # stored chunks end here
+    Column("truncated", Boolean, nullable=False),
+    Column("cancel_requested", Boolean, nullable=False),
+    # Delivery: StartJob attempts that could not reach the node, the last error,
+    # when to try again, and when the node accepted it.
+    Column("attempts", Integer, nullable=False),
+    Column("last_error", Text, nullable=False),
+    Column("next_attempt_ms", BigInteger, nullable=False),
+    Column("dispatched_ms", BigInteger, nullable=False),
+    Column("updated_ms", BigInteger, nullable=False),  # the manager last changed or heard of it
+    PrimaryKeyConstraint("job_id", "node_id"),
+    CheckConstraint("output_stored_bytes >= 0", name="output_stored_bytes"),
+)
+
+# A target's output: contiguous, non-overlapping chunks; the chunk at `pos` holds
+# bytes [pos, pos + len(data)) of the output.
+job_output = Table(
+    "job_output",
+    metadata,
+    Column("job_id", String(64), nullable=False),
+    Column("node_id", String(253), nullable=False),
+    Column("pos", BigInteger, nullable=False),
+    Column("data", LargeBinary, nullable=False),
+    PrimaryKeyConstraint("job_id", "node_id", "pos"),
+    ForeignKeyConstraint(
+        ["job_id", "node_id"],
+        ["job_targets.job_id", "job_targets.node_id"],
+        ondelete="CASCADE",
+    ),
 )

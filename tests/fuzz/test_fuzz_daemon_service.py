@@ -1,13 +1,16 @@
 """Fuzz every DaemonService RPC against a live daemon, as the manager.
 
 Properties: never UNKNOWN/INTERNAL; a refused call leaves the supervisor's
-pushed version and agent specs as they were; the daemon still serves.
+pushed version and agent specs, and the node's jobs, as they were; the
+daemon still serves.
 
-Pushed specs run real programs, so argv is steered: either `sleep 1000`
-(runs until stopped, exits at once on SIGTERM) or a program under a
-directory that does not exist (refused by validation), never a fuzzed
-program name that PATH could resolve. start_secs stays small so an
-operation that waits for RUNNING answers quickly.
+Pushed specs and jobs run real programs, so argv is steered: either `sleep
+1000` (runs until stopped, exits at once on SIGTERM; a job's is `sleep 0`)
+or a program under a directory that does not exist (refused by validation),
+never a fuzzed program name that PATH could resolve, and a job's script only
+under an interpreter that cannot run it. A refused StartJob keeps no job.
+start_secs stays small so an operation that waits for RUNNING answers
+quickly.
 """
 
 from __future__ import annotations
@@ -41,7 +44,7 @@ from live_env import (
 from proto_strategies import requests, text
 
 from daemon.server import DaemonServer
-from fleet.v1 import common_pb2, daemon_pb2
+from fleet.v1 import common_pb2, daemon_pb2, jobs_pb2
 
 AGENTS = ("sleeper", "other")
 
@@ -69,6 +72,23 @@ OVERRIDES: dict[str, st.SearchStrategy[Any]] = {
         st.sampled_from(["", "SIGTERM", "TERM", "SIGINT", "KILL"]), text
     ),
     "fleet.v1.AgentSpec.cwd": st.one_of(st.just(""), st.just("/"), text),
+    # Jobs run programs too: `sleep 0`, nothing, or a program that does not exist; a
+    # script only under an interpreter that cannot run it (never a fuzzed shell script).
+    "fleet.v1.JobCommand.argv": st.one_of(
+        st.just([SLEEP, "0"]),
+        st.just([]),
+        st.lists(text, max_size=3).map(lambda args: ["/nonexistent/fuzz-job", *args]),
+    ),
+    "fleet.v1.JobCommand.interpreter": st.one_of(
+        st.just([]), st.just([SLEEP]), st.just(["/nonexistent/fuzz-interpreter"])
+    ),
+    "fleet.v1.JobCommand.timeout_seconds": st.one_of(
+        st.floats(0, 2), st.sampled_from([-1.0, float("nan"), float("inf"), 1e300])
+    ),
+    "fleet.v1.StartJobRequest.job_id": st.one_of(st.sampled_from(["fz-1", "fz-2"]), text),
+    "fleet.v1.CancelJobRequest.job_id": st.one_of(st.sampled_from(["fz-1", "fz-2"]), text),
+    "fleet.v1.ReadJobOutputRequest.job_id": st.one_of(st.sampled_from(["fz-1", "fz-2"]), text),
+    "fleet.v1.ReadJobOutputRequest.follow": st.just(False),
 }
 """Keep node-side effects bounded (see the module docstring); everything else is fuzzed."""
 
@@ -90,6 +110,13 @@ def valid(rpc: str) -> Message:
         ),
         "DaemonService.PushUpdate": d.PushUpdateRequest(version=1, agents=specs),
         "DaemonService.ReadAgentLog": d.ReadAgentLogRequest(agent_id="sleeper"),
+        "DaemonService.StartJob": d.StartJobRequest(
+            job_id="fz-1",
+            steps=[jobs_pb2.JobStep(command=jobs_pb2.JobCommand(argv=[SLEEP, "0"]))],
+            timeout_seconds=5,
+        ),
+        "DaemonService.CancelJob": d.CancelJobRequest(job_id="fz-1"),
+        "DaemonService.ReadJobOutput": d.ReadJobOutputRequest(job_id="fz-1"),
     }[rpc]
 
 
@@ -132,10 +159,12 @@ async def test_fuzz_daemon_service(env: Env, method: MethodDescriptor, data: st.
     if isinstance(request, daemon_pb2.PushUpdateRequest) and data.draw(st.booleans(), "fresh"):
         request.version = time.time_ns()  # newer than anything pushed so far
     before = supervisor_state(env.daemon)
+    jobs_before = env.daemon.jobs.store.job_ids()
     outcome = await call_checked(env.channel, method, request)
     if outcome.code != grpc.StatusCode.OK:
         after = supervisor_state(env.daemon)
         assert after == before, f"refused with {outcome.code.name} but the agents changed"
+        assert env.daemon.jobs.store.job_ids() == jobs_before, "refused, but a job was kept"
     elif isinstance(request, daemon_pb2.PushUpdateRequest):
         # Put the usual agents back, so the other RPCs keep finding them.
         restore = daemon_pb2.PushUpdateRequest()

@@ -45,7 +45,7 @@ from live_env import (
 )
 from proto_strategies import mostly, requests, text
 
-from fleet.v1 import common_pb2, fleet_pb2, manager_pb2
+from fleet.v1 import common_pb2, fleet_pb2, jobs_pb2, manager_pb2
 from manager.server import ManagerServer
 from manager.servicers.fleet_service import SERVICE_NAME
 
@@ -74,6 +74,11 @@ def _overrides() -> dict[str, st.SearchStrategy[Any]]:
     # nothing" check. Selector parsing is fuzzed through ListNodes.
     out["fleet.v1.Definition.selector"] = st.just(probe_definition().selector)
     out["fleet.v1.FleetServiceQueryMetricsRequest.type"] = st.one_of(st.just("cpu"), text)
+    # Jobs: plans only (a started job's driver writes after the reply); job ids of
+    # no job, or anything.
+    out["fleet.v1.FleetServiceRunJobRequest.plan"] = st.just(True)
+    for rpc in ("GetJob", "WatchJob", "ReadJobOutput", "CancelJob", "RerunJob"):
+        out[f"fleet.v1.FleetService{rpc}Request.job_id"] = st.one_of(st.just("no-such-job"), text)
     return out
 
 
@@ -120,6 +125,20 @@ def valid(rpc: str) -> Message:
         "FleetService.DeleteArtifact": f.FleetServiceDeleteArtifactRequest(
             name=ARTIFACT[0], version=ARTIFACT[1]
         ),
+        "FleetService.RunJob": f.FleetServiceRunJobRequest(
+            spec=jobs_pb2.JobSpec(
+                steps=[jobs_pb2.JobStep(command=jobs_pb2.JobCommand(argv=["true"]))],
+                selector=test_nodes,
+                max_concurrency="1",
+            ),
+            plan=True,
+        ),
+        "FleetService.ListJobs": f.FleetServiceListJobsRequest(),
+        "FleetService.GetJob": f.FleetServiceGetJobRequest(job_id="no-such-job"),
+        "FleetService.WatchJob": f.FleetServiceWatchJobRequest(job_id="no-such-job"),
+        "FleetService.ReadJobOutput": f.FleetServiceReadJobOutputRequest(job_id="no-such-job"),
+        "FleetService.CancelJob": f.FleetServiceCancelJobRequest(job_id="no-such-job"),
+        "FleetService.RerunJob": f.FleetServiceRerunJobRequest(job_id="no-such-job"),
     }[rpc]
 
 

@@ -37,7 +37,7 @@ from live_env import (
 )
 from proto_strategies import plausible_text, requests, text
 
-from fleet.v1 import common_pb2, manager_pb2
+from fleet.v1 import common_pb2, jobs_pb2, manager_pb2
 from manager.server import SERVICE_NAME, ManagerServer
 from manager.service.artifacts import Upload
 
@@ -119,6 +119,14 @@ def valid(rpc: str) -> Message:
         ),
         "ManagerService.DownloadArtifact": manager_pb2.DownloadArtifactRequest(
             node_id=NODE, digest=digest(STORED), offset=1
+        ),
+        # No job runs here (a driver's writes would race the "refusals write nothing"
+        # check): the fuzzed fields are validated before the job is looked up.
+        "ManagerService.ReportJobStatus": manager_pb2.ReportJobStatusRequest(
+            node_id=NODE, job_id="no-such-job", state=jobs_pb2.JOB_TARGET_STATE_RUNNING
+        ),
+        "ManagerService.UploadJobOutput": manager_pb2.UploadJobOutputRequest(
+            node_id=NODE, job_id="no-such-job", offset=0, data=b"out"
         ),
     }[rpc]
 

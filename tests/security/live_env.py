@@ -34,11 +34,18 @@ from manager_harness import FakeClock, manager_config, running_manager
 
 from daemon.server import DaemonServer
 from daemon.supervisor.spec import AgentSpec
-from fleet import pending_rpcs
 from fleet.pki import CertificateAuthority, Identity, Role
 from fleet.retry import Backoff
 from fleet.tls import TLSConfig, channel_credentials, channel_options
-from fleet.v1 import agent_pb2, common_pb2, daemon_pb2, desired_pb2, fleet_pb2, manager_pb2
+from fleet.v1 import (
+    agent_pb2,
+    common_pb2,
+    daemon_pb2,
+    desired_pb2,
+    fleet_pb2,
+    jobs_pb2,
+    manager_pb2,
+)
 from manager.pool import PoolConfig
 from manager.server import ManagerServer
 
@@ -65,25 +72,9 @@ FAST_POOL = PoolConfig(
 """Short deadlines so a call through the manager's pool fails quickly."""
 
 
-def pending(service: str) -> set[str]:
-    """RPCs of `service` that only have an UNIMPLEMENTED placeholder so far
-    (`fleet.pending_rpcs`): declared in the protos ahead of their code."""
-    holder = {
-        "FleetService": pending_rpcs.PendingFleetRpcs,
-        "ManagerService": pending_rpcs.PendingManagerRpcs,
-        "DaemonService": pending_rpcs.PendingDaemonRpcs,
-    }.get(service)
-    return {name for name in vars(holder) if not name.startswith("_")} if holder else set()
-
-
 def methods(service: str) -> list[MethodDescriptor]:
-    """The implemented RPCs of `service` (short name) in declaration order.
-
-    Placeholders (`pending`) are left out: their matrix rows and fuzz tests
-    come with their implementation, which removes the placeholder.
-    """
-    skip = pending(service)
-    return [m for m in SERVICES[service].methods if m.name not in skip]
+    """The RPCs of `service` (short name) in declaration order."""
+    return list(SERVICES[service].methods)
 
 
 def rpc_name(method: MethodDescriptor) -> str:
@@ -371,6 +362,13 @@ def requests(daemon_port: int, node: str = "a") -> dict[str, Message]:
         "ManagerService.DownloadArtifact": manager_pb2.DownloadArtifactRequest(
             node_id=node, digest=EMPTY_DIGEST
         ),
+        # A job that does not exist: NOT_FOUND after the identity check.
+        "ManagerService.ReportJobStatus": manager_pb2.ReportJobStatusRequest(
+            node_id=node, job_id="no-such-job", state=jobs_pb2.JOB_TARGET_STATE_RUNNING
+        ),
+        "ManagerService.UploadJobOutput": manager_pb2.UploadJobOutputRequest(
+            node_id=node, job_id="no-such-job", data=b"x"
+        ),
         # DaemonService on the node's daemon (agents "sleeper" and "sdk").
         "DaemonService.ListAgents": daemon_pb2.ListAgentsRequest(),
         "DaemonService.OperateAgent": daemon_pb2.OperateAgentRequest(
@@ -380,8 +378,33 @@ def requests(daemon_port: int, node: str = "a") -> dict[str, Message]:
         # A stale version: refused (FAILED_PRECONDITION) after the authorisation check.
         "DaemonService.PushUpdate": daemon_pb2.PushUpdateRequest(version=0, agents=[sdk_spec]),
         "DaemonService.ReadAgentLog": daemon_pb2.ReadAgentLogRequest(agent_id="sleeper"),
+        # A harmless job; cancelling and reading it after it ran answer its state and output.
+        "DaemonService.StartJob": daemon_pb2.StartJobRequest(
+            job_id="matrix-job",
+            steps=[jobs_pb2.JobStep(command=jobs_pb2.JobCommand(argv=[SLEEP, "0"]))],
+        ),
+        "DaemonService.CancelJob": daemon_pb2.CancelJobRequest(job_id="matrix-job"),
+        "DaemonService.ReadJobOutput": daemon_pb2.ReadJobOutputRequest(job_id="matrix-job"),
         # FleetService: through the manager, to the node's daemon where needed.
         "FleetService.ListNodes": fleet_pb2.FleetServiceListNodesRequest(),
+        # Jobs: a plan stores nothing; the others name a job that does not exist.
+        "FleetService.RunJob": fleet_pb2.FleetServiceRunJobRequest(
+            spec=jobs_pb2.JobSpec(
+                steps=[jobs_pb2.JobStep(command=jobs_pb2.JobCommand(argv=["true"]))],
+                selector=common_pb2.LabelSelector(match_labels={"env": "test"}),
+            ),
+            plan=True,
+        ),
+        "FleetService.ListJobs": fleet_pb2.FleetServiceListJobsRequest(),
+        "FleetService.GetJob": fleet_pb2.FleetServiceGetJobRequest(job_id="no-such-job"),
+        "FleetService.WatchJob": fleet_pb2.FleetServiceWatchJobRequest(job_id="no-such-job"),
+        "FleetService.ReadJobOutput": fleet_pb2.FleetServiceReadJobOutputRequest(
+            job_id="no-such-job"
+        ),
+        "FleetService.CancelJob": fleet_pb2.FleetServiceCancelJobRequest(job_id="no-such-job"),
+        "FleetService.RerunJob": fleet_pb2.FleetServiceRerunJobRequest(
+            job_id="no-such-job", failed_only=True
+        ),
         "FleetService.GetNode": fleet_pb2.FleetServiceGetNodeRequest(node_id=node),
         "FleetService.UpdateNodeLabels": fleet_pb2.FleetServiceUpdateNodeLabelsRequest(
             node_id=node, set={"team": "security"}

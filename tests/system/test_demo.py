@@ -39,13 +39,17 @@ def test_demo_oneshot_on_a_fresh_clone(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, output[-3000:] + logs
     # The tour really talked to a live fleet: both nodes online, six agents
-    # running, a two-target restart with no failure, a chart and events.
+    # running, a two-target restart with no failure, a chart, events, a job.
     assert re.search(r"node-1\s+ONLINE", output), output[-4000:]
     assert re.search(r"node-2\s+ONLINE", output), output[-4000:]
     assert len(re.findall(r"\bRUNNING\b", output)) >= 6
     assert "2 ok, 0 failed, 0 skipped of 2" in output
     assert "usage_percent" in output
     assert "AGENT_STATE_CHANGED" in output
+    # The job ran its steps on both nodes, one at a time, and succeeded.
+    assert re.search(r"job \S+ SUCCESS: 2 success", output), output[-4000:]
+    assert re.search(r"node-1 \| ", output), output[-4000:]
+    assert re.search(r"node-2 \| ", output), output[-4000:]
     # The printed export line sets up a bare shell for fleetctl: the venv's
     # fleetctl on PATH, the manager and the operator's files in FLEET_*.
     (line,) = [ln for ln in output.splitlines() if ln.startswith("export PATH=")]

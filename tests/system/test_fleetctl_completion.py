@@ -38,6 +38,9 @@ def _complete(words: str, cword: int) -> list[str]:
         ("fleetctl agents re", 2, ["restart"]),
         ("fleetctl -o j", 2, ["json"]),
         ("fleetctl pki issue ", 3, ["manager", "node", "operator"]),
+        ("fleetctl ru", 1, ["run"]),
+        ("fleetctl jobs re", 2, ["rerun"]),
+        ("fleetctl jobs l", 2, ["list", "logs"]),
     ],
 )
 def test_bash_completion(words: str, cword: int, expected: list[str]) -> None:

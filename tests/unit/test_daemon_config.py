@@ -82,6 +82,11 @@ def test_a_manager_certificate_is_not_a_daemon_identity(pki, tmp_path: Path) -> 
         ("[artifacts]\nmax_files = 0\n", "artifacts: max_files must be >= 1"),
         ("[artifacts]\nkeep_recent = -1\n", "keep_recent must be >= 0"),
         ("[artifacts]\nwait_seconds = 61.0\n", "wait_seconds must be 0..60"),
+        ("[jobs]\nmax_concurrent = 0\n", "jobs: max_concurrent must be 1..1000"),
+        ("[jobs]\nkeep_days = 0.0\n", "jobs: keep_days must be > 0"),
+        ("[jobs]\ngrace_seconds = -1.0\n", "jobs: grace_seconds must be > 0"),
+        ('[jobs]\ndir = "relative/jobs"\n', "jobs: dir must be an absolute path"),
+        ('[jobs]\nenabled = "no"\n', "jobs.enabled"),
         (
             '[[agents]]\nid = "a"\nargv = ["/bin/true"]\n'
             'artifact = {name = "web", version = "1", digest = "sha256:'
@@ -132,3 +137,18 @@ def test_missing_certificate_files_are_a_config_error(tmp_path: Path) -> None:
     )
     with pytest.raises(ConfigError, match=r"ca\.pem"):
         load_daemon_config(path, environ={})
+
+
+def test_jobs_table_defaults_and_dir(pki, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """[jobs] defaults to enabled under <state_dir>/jobs; `dir` moves the job directories."""
+    tls = pki.issue("node", "n1")
+    cfg = load_daemon_config(_write(tmp_path, tls, 'state_dir = "/var/lib/x"\n'), environ={})
+    assert cfg.jobs.enabled
+    assert cfg.jobs_dir == Path("/var/lib/x/jobs")
+    body = '[jobs]\nenabled = false\nmax_concurrent = 2\ndir = "/srv/jobs"\n'
+    cfg = load_daemon_config(_write(tmp_path, tls, body), environ={})
+    assert (cfg.jobs.enabled, cfg.jobs.max_concurrent, cfg.jobs_dir) == (
+        False,
+        2,
+        Path("/srv/jobs"),
+    )

@@ -62,6 +62,20 @@ def test_nodes_show_yaml_parses(fleetctl: Fleetctl) -> None:
     assert node["agents"] == {}
 
 
+def test_nodes_show_says_when_the_host_refuses_jobs(fleetctl: Fleetctl) -> None:
+    """A node whose daemon has [jobs] enabled = false shows "Jobs: disabled"; others "enabled"."""
+    fleetctl.manager.fleet.nodes["node-2"].jobs_disabled = True
+    shown = fleetctl("nodes", "show", "node-2")
+    assert shown.exit_code == 0, shown.output
+    assert (
+        "Jobs:            disabled (jobs.enabled = false in the host's daemon config)"
+        in shown.stdout
+    )
+    assert "Jobs:            enabled" in fleetctl("nodes", "show", "node-1").stdout
+    data = json.loads(fleetctl("-o", "json", "nodes", "show", "node-2").stdout)
+    assert data["jobs_disabled"] is True
+
+
 def test_nodes_show_unknown_node_exits_1_with_one_line(fleetctl: Fleetctl) -> None:
     """An unknown node is NOT_FOUND: exit 1, the server's message on one line."""
     result = fleetctl("nodes", "show", "nope")

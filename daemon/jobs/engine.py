@@ -1,0 +1,663 @@
+"""The node's job driver: accept, queue, run steps, stop, re-adopt, clean up.
+
+Each step runs under a wrapper (daemon.jobs.runner_main) in its own session
+and process group, spawned by the supervisor's `spawn_detached` (stdout and
+stderr are the job's ``output`` file, opened O_APPEND and handed to the
+child: the daemon never carries output). The daemon watches the wrapper with
+a pidfd and reads the step's exit status from the file the wrapper wrote, so
+it works the same for a step it spawned and one it re-adopted after its own
+restart (then the wrapper is not its child and cannot be waited for).
+
+Every change is written to ``state.json`` before it is acted on or told:
+"launching step n" before the spawn, its pid right after, "stopping for
+timeout/cancel" before the first signal. After a restart (even kill -9) a
+RUNNING job's step is re-adopted when its pid and create time still match;
+if it ended meanwhile its status file says how; a step that was being
+launched and left neither a process nor a status is FAILED, never run twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import os
+import pwd
+import signal
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import cast
+
+import psutil
+
+from daemon.config import JobsConfig
+from daemon.jobs import decide
+from daemon.jobs.decide import Queued, StepOutcome
+from daemon.jobs.store import JOB_ID_RE, Current, JobRecord, JobStore, StepRecord, Stop
+from daemon.supervisor.clock import Clock, SystemClock
+from daemon.supervisor.process import AgentProcess, SpawnError, adopt, daemon_env, spawn_detached
+from fleet.errors import InvalidArgument, NotFound
+from fleet.v1 import daemon_pb2, jobs_pb2
+
+__all__ = ["RUNNER", "Job", "JobEngine", "OutputChunk", "validate_request"]
+
+log = logging.getLogger(__name__)
+
+RUNNER = Path(__file__).with_name("runner_main.py")
+"""The step wrapper, run as a script by the daemon's own interpreter."""
+MAX_TIMEOUT = 30 * 86400.0
+"""Longest job or step timeout the node accepts (30 days)."""
+DEFAULT_TIMEOUT = 3600.0
+"""A job's timeout when the request says 0 (as JobSpec.timeout_seconds' default)."""
+RETENTION_INTERVAL = 3600.0
+"""Seconds between sweeps of finished job directories."""
+
+_WHEN: dict[int, decide.When] = {
+    jobs_pb2.STEP_WHEN_UNSPECIFIED: "on_success",
+    jobs_pb2.STEP_WHEN_ON_SUCCESS: "on_success",
+    jobs_pb2.STEP_WHEN_ON_FAILURE: "on_failure",
+    jobs_pb2.STEP_WHEN_ALWAYS: "always",
+}
+
+
+def validate_request(request: daemon_pb2.StartJobRequest) -> None:
+    """InvalidArgument naming the field for anything the node cannot run."""
+    if not request.job_id:
+        raise InvalidArgument("is required", field="job_id")
+    if not JOB_ID_RE.match(request.job_id):
+        raise InvalidArgument(
+            "must be 1-128 letters, digits, '.', '_' or '-', starting with a letter or digit",
+            field="job_id",
+        )
+    if not request.steps:
+        raise InvalidArgument("at least one step is required", field="steps")
+    if len(request.steps) > 100:
+        raise InvalidArgument(f"at most 100 steps (got {len(request.steps)})", field="steps")
+    _check_timeout(request.timeout_seconds, "timeout_seconds")
+    if len(request.lock) > 128 or "\0" in request.lock:
+        raise InvalidArgument("must be at most 128 characters, without NUL", field="lock")
+    for i, step in enumerate(request.steps):
+        where = f"steps[{i}]"
+        if step.when not in _WHEN:
+            raise InvalidArgument(f"unknown value {step.when}", field=f"{where}.when")
+        cmd = step.command
+        if cmd.argv and cmd.script:
+            raise InvalidArgument("give argv or script, not both", field=f"{where}.command")
+        if not cmd.argv and not cmd.script:
+            raise InvalidArgument("argv or script is required", field=f"{where}.command.argv")
+        if cmd.argv and not cmd.argv[0]:
+            raise InvalidArgument("the program must not be empty", field=f"{where}.command.argv")
+        if cmd.script and not cmd.interpreter:
+            raise InvalidArgument(
+                'a script needs an interpreter, e.g. ["/bin/sh", "-e"]',
+                field=f"{where}.command.interpreter",
+            )
+        if cmd.script and not cmd.interpreter[0]:
+            raise InvalidArgument(
+                "the interpreter must not be empty", field=f"{where}.command.interpreter"
+            )
+        for name, values in (("argv", cmd.argv), ("interpreter", cmd.interpreter)):
+            if any("\0" in v for v in values):
+                raise InvalidArgument("must not contain NUL", field=f"{where}.command.{name}")
+        for key, value in cmd.env.items():
+            if not key or "=" in key or "\0" in key or "\0" in value:
+                raise InvalidArgument(
+                    f"bad variable {key!r}: names are non-empty without '=' or NUL",
+                    field=f"{where}.command.env",
+                )
+        for name, value in (("cwd", cmd.cwd), ("user", cmd.user), ("name", step.name)):
+            if "\0" in value:
+                raise InvalidArgument("must not contain NUL", field=f"{where}.command.{name}")
+        _check_timeout(cmd.timeout_seconds, f"{where}.command.timeout_seconds")
+
+
+def _check_timeout(value: float, name: str) -> None:
+    if not (math.isfinite(value) and 0 <= value <= MAX_TIMEOUT):
+        raise InvalidArgument(
+            f"must be between 0 and {MAX_TIMEOUT:g} seconds (got {value})", field=name
+        )
+
+
+@dataclass
+class Job:
+    """A job the daemon holds in memory (not yet settled with the manager)."""
+
+    request: daemon_pb2.StartJobRequest
+    record: JobRecord
+    seq: int
+    """Arrival order among queued jobs."""
+    task: asyncio.Task[None] | None = None
+    process: AgentProcess | None = None
+    cancel: asyncio.Event = field(default_factory=asyncio.Event)
+    changed: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set (and replaced) on every change, for followers of the output."""
+
+
+@dataclass(frozen=True)
+class OutputChunk:
+    """A piece of a job's output file."""
+
+    data: bytes
+    offset: int
+    next_offset: int
+    eof: bool
+    """The job ended and nothing follows `next_offset`."""
+
+
+class JobEngine:
+    """Runs the jobs the manager sends this node.
+
+    `on_change(job_id)` is called after every persisted change (the
+    reporter sends it to the manager). `config_path` names the config file in
+    the reason a disabled node gives.
+    """
+
+    def __init__(
+        self,
+        cfg: JobsConfig,
+        *,
+        root: Path,
+        config_path: str = "the daemon's config",
+        clock: Clock | None = None,
+        on_change: Callable[[str], None] | None = None,
+        python: str = sys.executable,
+    ) -> None:
+        self.cfg = cfg
+        self.store = JobStore(root)
+        self.config_path = config_path
+        self.clock: Clock = clock or SystemClock()
+        self._on_change = on_change or (lambda _job_id: None)
+        self._python = python
+        self._jobs: dict[str, Job] = {}
+        self._seq = 0
+        self._started = False
+        self._retention: asyncio.Task[None] | None = None
+        self._lock = asyncio.Lock()
+
+    # --- lifecycle ------------------------------------------------------
+
+    async def start(self) -> None:
+        """Load every job not yet settled; re-adopt running steps; start queued jobs."""
+        for job_id in await asyncio.to_thread(self.store.job_ids, clean=True):
+            try:
+                loaded = self.store.load(job_id)
+            except (ValueError, TypeError, KeyError) as exc:
+                log.warning("job %s: unreadable state, left alone: %r", job_id, exc)
+                continue
+            if loaded is None or loaded[1].settled:
+                continue
+            request, record = loaded
+            job = self._add(request, record)
+            if record.state == "RUNNING":
+                job.task = asyncio.create_task(self._run(job), name=f"job-{job_id}")
+        self._started = True
+        self._schedule()
+        self._retention = asyncio.create_task(self._retention_loop(), name="job-retention")
+
+    async def stop(self) -> None:
+        """Stop watching; running steps keep running (a restarted daemon re-adopts them)."""
+        self._started = False
+        tasks = [j.task for j in self._jobs.values() if j.task is not None]
+        if self._retention is not None:
+            tasks.append(self._retention)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for job in self._jobs.values():
+            if job.process is not None:
+                job.process.close()
+                job.process = None
+
+    # --- queries ----------------------------------------------------------
+
+    def jobs(self) -> list[Job]:
+        """Jobs held in memory (not settled with the manager), in arrival order."""
+        return sorted(self._jobs.values(), key=lambda j: j.seq)
+
+    def record(self, job_id: str) -> JobRecord:
+        """The job's record, from memory or its directory; NotFound if the node has none."""
+        job = self._jobs.get(job_id)
+        if job is not None:
+            return job.record
+        if JOB_ID_RE.match(job_id):
+            loaded = self.store.load(job_id)
+            if loaded is not None:
+                return loaded[1]
+        raise NotFound(f"job {job_id!r} is not on this node (never sent, or cleaned up)")
+
+    def output_size(self, job_id: str) -> int:
+        try:
+            return os.stat(self.store.output_path(job_id)).st_size
+        except FileNotFoundError:
+            return 0
+
+    async def read_output(self, job_id: str, offset: int, max_bytes: int) -> OutputChunk:
+        """Up to `max_bytes` of the output from `offset` (read in a thread)."""
+        record = self.record(job_id)
+        final = record.final
+        path = self.store.output_path(job_id)
+
+        def read() -> tuple[bytes, int]:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                f.seek(min(offset, size))
+                return f.read(max_bytes), size
+
+        data, size = await asyncio.to_thread(read)
+        start = min(offset, size)
+        nxt = start + len(data)
+        return OutputChunk(data, start, nxt, final and nxt >= size)
+
+    async def wait_change(self, job_id: str, seconds: float) -> None:
+        """Wait until the job changes state, or `seconds`."""
+        job = self._jobs.get(job_id)
+        if job is None:
+            await asyncio.sleep(seconds)
+            return
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await job.changed.wait()
+
+    # --- commands ---------------------------------------------------------
+
+    async def submit(self, request: daemon_pb2.StartJobRequest) -> tuple[str, str]:
+        """Accept a job (idempotent per id): (state, reason) to answer StartJob with."""
+        validate_request(request)
+        job_id = request.job_id
+        async with self._lock:
+            known = self._known(job_id)
+            if known is not None:
+                return known.state, known.reason
+            if not self.cfg.enabled:
+                return "FAILED", (
+                    f"jobs are disabled on this node ([jobs] enabled = false in {self.config_path})"
+                )
+            steps = [
+                StepRecord(name=s.name or f"step-{i + 1}", when=_WHEN[s.when])
+                for i, s in enumerate(request.steps)
+            ]
+            record = JobRecord(
+                job_id=job_id,
+                lock=request.lock,
+                timeout=request.timeout_seconds or DEFAULT_TIMEOUT,
+                created_at=self.clock.now(),
+                steps=steps,
+            )
+            await asyncio.to_thread(self.store.create, request, record)
+            self._add(request, record)
+            self._schedule()
+            self._on_change(job_id)
+            return record.state, record.reason
+
+    async def cancel(self, job_id: str, reason: str = "cancelled") -> str:
+        """Cancel a queued job at once, or stop a running one; answers the state after."""
+        job = self._jobs.get(job_id)
+        if job is None:
+            return self.record(job_id).state  # NotFound, or already ended
+        record = job.record
+        if record.final:
+            return record.state
+        if record.state == "QUEUED":
+            for step in record.steps:
+                step.state, step.reason = "SKIPPED", f"{reason} before it started"
+            self._finish(job, decide.TargetResult("CANCELLED", 0, reason), stop="cancel")
+            self._schedule()
+            return record.state
+        job.cancel.set()
+        return record.state
+
+    def acknowledge(self, job_id: str, version: int, *, truncated: bool = False) -> None:
+        """The manager stored the job's state up to `version`; a settled job leaves memory."""
+        job = self._jobs.get(job_id)
+        if job is None:
+            return
+        record = job.record
+        changed = False
+        if version > record.acked_version:
+            record.acked_version = version
+            changed = True
+        if truncated and not record.output_truncated:
+            record.output_truncated = True
+            changed = True
+        if changed:
+            self.store.save(record)
+        if record.settled and job.task is None:
+            del self._jobs[job_id]
+
+    # --- internals ------------------------------------------------------
+
+    def _known(self, job_id: str) -> JobRecord | None:
+        job = self._jobs.get(job_id)
+        if job is not None:
+            return job.record
+        loaded = self.store.load(job_id) if self.store.exists(job_id) else None
+        return None if loaded is None else loaded[1]
+
+    def _add(self, request: daemon_pb2.StartJobRequest, record: JobRecord) -> Job:
+        self._seq += 1
+        job = Job(request, record, self._seq)
+        self._jobs[record.job_id] = job
+        return job
+
+    def _changed(self, job: Job) -> None:
+        """Persist, tell the reporter, wake followers."""
+        job.record.version += 1
+        self.store.save(job.record)
+        job.changed.set()
+        job.changed = asyncio.Event()
+        self._on_change(job.record.job_id)
+
+    def _schedule(self) -> None:
+        if not self._started:
+            return
+        jobs = self.jobs()
+        queued = [
+            Queued(j.record.job_id, j.record.lock) for j in jobs if j.record.state == "QUEUED"
+        ]
+        running = [
+            Queued(j.record.job_id, j.record.lock) for j in jobs if j.record.state == "RUNNING"
+        ]
+        for job_id in decide.admit(queued, running, self.cfg.max_concurrent):
+            job = self._jobs[job_id]
+            job.record.state = "RUNNING"
+            job.record.started_at = self.clock.now()
+            self._changed(job)
+            job.task = asyncio.create_task(self._run(job), name=f"job-{job_id}")
+
+    def _finish(self, job: Job, result: decide.TargetResult, *, stop: Stop = "") -> None:
+        record = job.record
+        record.state = result.state
+        record.exit_code = result.exit_code
+        record.reason = result.reason
+        record.ended_at = self.clock.now()
+        record.current = None
+        if stop:
+            record.stop = stop
+        self._changed(job)
+
+    async def _run(self, job: Job) -> None:
+        record = job.record
+        try:
+            deadline = record.started_at + record.timeout
+            for index, step in enumerate(record.steps):
+                if step.state in decide.FINAL:
+                    continue
+                if record.current is not None and record.current.index == index:
+                    outcome = await self._resume_step(job, index, deadline)
+                elif record.stop or job.cancel.is_set() or self.clock.now() >= deadline:
+                    if not record.stop:
+                        record.stop = "cancel" if job.cancel.is_set() else "timeout"
+                    why = "cancelled" if record.stop == "cancel" else "the job's timeout passed"
+                    outcome = StepOutcome("SKIPPED", 0, f"skipped: {why}")
+                else:
+                    failed = any(s.state in ("FAILED", "TIMEOUT") for s in record.steps[:index])
+                    if decide.step_runs(step.when, failed):
+                        outcome = await self._run_step(job, index, deadline)
+                    else:
+                        outcome = StepOutcome("SKIPPED", 0, decide.skip_reason(step.when))
+                self._record_step(job, index, outcome)
+            outcomes = [
+                StepOutcome(cast(decide.State, s.state), s.exit_code, s.reason)
+                for s in record.steps
+            ]
+            self._finish(job, decide.target_result(outcomes, record.stop))
+        except asyncio.CancelledError:
+            raise  # the daemon stops: the step keeps running, re-adopted on restart
+        except Exception as exc:
+            log.exception("job %s failed in the daemon", record.job_id)
+            self._finish(job, decide.TargetResult("FAILED", -1, f"the daemon failed: {exc}"))
+        finally:
+            job.task = None if record.final else job.task
+        self._schedule()
+        if record.settled:
+            self._jobs.pop(record.job_id, None)
+
+    def _record_step(self, job: Job, index: int, outcome: StepOutcome) -> None:
+        step = job.record.steps[index]
+        step.state = outcome.state
+        step.exit_code = outcome.exit_code
+        step.reason = outcome.reason
+        if outcome.state != "SKIPPED":
+            step.ended_at = self.clock.now()
+        job.record.current = None
+        self._changed(job)
+
+    def _script(self, job: Job, index: int, cmd: jobs_pb2.JobCommand, uid: int | None) -> int:
+        """Write the step's script to the job dir; returns a read-only fd on it."""
+        path = self.store.script_path(job.record.job_id, index)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o500)
+        try:
+            os.write(fd, cmd.script.encode())
+            if uid is not None:
+                os.fchown(fd, uid, -1)  # the step's user must be able to read it
+        finally:
+            os.close(fd)
+        return os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+
+    async def _run_step(self, job: Job, index: int, deadline: float) -> StepOutcome:
+        record = job.record
+        cmd = job.request.steps[index].command
+        uid: int | None = None
+        home = ""
+        ids = "-"
+        if cmd.user:
+            try:
+                pw = pwd.getpwnam(cmd.user)
+            except KeyError:
+                return StepOutcome("FAILED", -1, f"user {cmd.user!r} does not exist on this node")
+            if pw.pw_uid != os.geteuid():
+                if os.geteuid() != 0:
+                    return StepOutcome(
+                        "FAILED",
+                        -1,
+                        f"cannot run as user {cmd.user!r}: the daemon does not run as root",
+                    )
+                uid = pw.pw_uid
+                home = pw.pw_dir if os.path.isdir(pw.pw_dir) else "/"  # noqa: ASYNC240  # one stat
+                groups = ",".join(str(g) for g in os.getgrouplist(pw.pw_name, pw.pw_gid))
+                ids = f"{pw.pw_uid}:{pw.pw_gid}:{groups}"
+        step = record.steps[index]
+        step.state = "RUNNING"
+        step.started_at = self.clock.now()
+        record.current = Current(index)  # "launching": never run twice after a crash
+        self._changed(job)
+        job_id = record.job_id
+        env = daemon_env()
+        env.update(cmd.env)
+        env.update(FLEET_JOB_ID=job_id, FLEET_JOB_STEP=str(index + 1))
+        if uid is not None:
+            env.update(HOME=home, USER=cmd.user, LOGNAME=cmd.user)
+        status = self.store.status_path(job_id, index)
+        script_fd = -1
+        fd = os.open(status, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            argv = list(cmd.argv)
+            keep = "-"
+            if cmd.script:
+                script_fd = self._script(job, index, cmd, uid)
+                if uid is None:
+                    argv = [*cmd.interpreter, str(self.store.script_path(job_id, index))]
+                else:
+                    # Another user cannot reach the daemon's private job dir: hand
+                    # the script over as an open file.
+                    keep = str(script_fd)
+                    argv = [*cmd.interpreter, f"/dev/fd/{script_fd}"]
+            # The job dir is the daemon's (mode 0700): another user starts at home.
+            cwd = cmd.cwd or (home if uid is not None else str(self.store.dir(job_id)))
+            proc = spawn_detached(
+                [
+                    self._python,
+                    "-I",
+                    "-S",
+                    str(RUNNER),
+                    str(fd),
+                    str(status),
+                    keep,
+                    ids,
+                    "--",
+                    *argv,
+                ],
+                env=env,
+                cwd=cwd,
+                user="",  # the wrapper stays the daemon's user; it starts the step as `ids`
+                output_path=self.store.output_path(job_id),
+                pass_fds=(fd,) if script_fd < 0 else (fd, script_fd),
+            )
+        except SpawnError as exc:
+            return StepOutcome("FAILED", -1, str(exc))
+        except OSError as exc:
+            return StepOutcome("FAILED", -1, f"cannot write the script: {exc.strerror or exc}")
+        finally:
+            os.close(fd)
+            if script_fd >= 0:
+                os.close(script_fd)
+        job.process = proc
+        record.current = Current(index, proc.pid, proc.create_time)
+        self.store.save(record)
+        return await self._watch(job, index, deadline)
+
+    async def _resume_step(self, job: Job, index: int, deadline: float) -> StepOutcome:
+        """After a daemon restart: re-adopt the step's wrapper, or learn how it ended."""
+        current = job.record.current
+        assert current is not None
+        proc = adopt(current.pid, current.create_time) if current.pid else None
+        if proc is None and not current.pid:
+            proc = _find_launched(str(self.store.status_path(job.record.job_id, index)))
+        if proc is not None:
+            log.info("job %s: re-adopted step %d (pid %d)", job.record.job_id, index + 1, proc.pid)
+            job.process = proc
+            return await self._watch(job, index, deadline)
+        return self._ended(job, index, killed=False)
+
+    async def _watch(self, job: Job, index: int, deadline: float) -> StepOutcome:
+        record = job.record
+        proc = job.process
+        assert proc is not None
+        assert record.current is not None
+        cmd = job.request.steps[index].command
+        step_deadline = (
+            record.steps[index].started_at + cmd.timeout_seconds
+            if cmd.timeout_seconds
+            else math.inf
+        )
+        killed = False
+        if not record.current.stopping:
+            exited = asyncio.ensure_future(proc.wait())
+            cancelled = asyncio.ensure_future(job.cancel.wait())
+            timer = asyncio.ensure_future(
+                self.clock.sleep(min(deadline, step_deadline) - self.clock.now())
+            )
+            try:
+                await asyncio.wait({exited, cancelled, timer}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for fut in (exited, cancelled, timer):
+                    fut.cancel()
+            if proc.running:
+                if job.cancel.is_set():
+                    record.current.stopping = record.stop = "cancel"
+                elif self.clock.now() >= deadline:
+                    record.current.stopping = record.stop = "timeout"
+                else:
+                    record.current.stopping = "step_timeout"
+                self.store.save(record)  # before the first signal
+        if proc.running:
+            outcome = await proc.stop(signal.SIGTERM, self.cfg.grace_seconds, self.clock)
+            killed = outcome.killed
+        else:
+            await proc.wait()
+        job.process = None
+        return self._ended(job, index, killed=killed)
+
+    def _ended(self, job: Job, index: int, *, killed: bool) -> StepOutcome:
+        """The step's outcome from its status file and why it was stopped, if it was."""
+        record = job.record
+        current = record.current
+        stopping = current.stopping if current is not None else ""
+        status = self.store.read_status(record.job_id, index)
+        error = ""
+        if status is not None:
+            code = int(status.get("exit_code", -1))
+            error = str(status.get("error", ""))
+        elif killed:
+            code = -int(signal.SIGKILL)
+        elif stopping:
+            code = -int(signal.SIGTERM)  # it hit the wrapper before its handler was in place
+        else:
+            code = -1
+        grace = self.cfg.grace_seconds
+        how = f"; killed after {grace:g}s grace" if killed else ""
+        if stopping == "cancel":
+            return StepOutcome("CANCELLED", code, f"cancelled{how}")
+        if stopping == "timeout":
+            return StepOutcome("TIMEOUT", code, f"job timeout ({record.timeout:g}s) passed{how}")
+        if stopping == "step_timeout":
+            limit = job.request.steps[index].command.timeout_seconds
+            return StepOutcome("TIMEOUT", code, f"step timeout ({limit:g}s) passed{how}")
+        if error:
+            return StepOutcome("FAILED", code, error)
+        if status is None:
+            return StepOutcome(
+                "FAILED",
+                code,
+                "the step ended without recording its exit status (its wrapper was killed, or "
+                "the daemon stopped while launching it); not run again",
+            )
+        if code == 0:
+            return StepOutcome("SUCCESS", 0, "")
+        if code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
+            return StepOutcome("FAILED", code, f"killed by {name}")
+        return StepOutcome("FAILED", code, f"exit code {code}")
+
+    async def _retention_loop(self) -> None:
+        while True:
+            try:
+                await self.sweep()
+            except Exception:
+                log.exception("job retention sweep failed; trying again later")
+            await self.clock.sleep(RETENTION_INTERVAL)
+
+    async def sweep(self) -> list[str]:
+        """Delete finished, settled job directories older than keep_days; returns their ids."""
+        cutoff = self.clock.now() - self.cfg.keep_days * 86400
+        removed: list[str] = []
+        for job_id in await asyncio.to_thread(self.store.job_ids):
+            if job_id in self._jobs:
+                continue
+            try:
+                loaded = self.store.load(job_id)
+            except (ValueError, TypeError, KeyError):
+                continue
+            if loaded is None:
+                continue
+            record = loaded[1]
+            # Unsettled jobs stay: the manager has not heard how they ended.
+            if record.settled and record.ended_at < cutoff:
+                await asyncio.to_thread(self.store.remove, job_id)
+                removed.append(job_id)
+        if removed:
+            log.info(
+                "removed %d finished job directories older than %g days",
+                len(removed),
+                self.cfg.keep_days,
+            )
+        return removed
+
+
+def _find_launched(tag: str) -> AgentProcess | None:
+    """A step wrapper started just before a crash, before its pid was saved.
+
+    Found by its command line: the runner script and the step's status file
+    (unique to this daemon's jobs dir, job and step)."""
+    for proc in psutil.process_iter(["cmdline", "create_time"]):
+        with contextlib.suppress(psutil.Error):
+            cmdline = proc.info["cmdline"] or []
+            if len(cmdline) > 5 and cmdline[3] == str(RUNNER) and cmdline[5] == tag:
+                return adopt(proc.pid, float(proc.info["create_time"]))
+    return None

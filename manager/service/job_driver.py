@@ -1,0 +1,479 @@
+"""The job driver: sends targets to their nodes under each job's window, ends jobs.
+
+One replica at a time drives jobs (PostgreSQL advisory lock ``fleet-jobs``;
+SQLite has one manager). The leader loads every unfinished job at start
+(so a manager killed mid-job resumes it) and keeps, per live job, the
+targets' states in memory. A pass asks `jobs.plan` what to do for each job
+and does it: skips, undeliverables and lost nodes go to the database through
+`JobUpdates` (group commit), targets to send get a StartJob through the pool
+(`DaemonPool.start_job`; concurrent, bounded), and a job whose targets all
+ended gets its final state and its `JOB_FINISHED` event.
+
+Every committed target change (a daemon's report, a StartJob answer) comes
+back through the `JobUpdates` listener and updates the memory in O(1); the
+pass that follows fills the freed window slots. Reports committed by another
+replica are read every `refresh_interval` seconds (PostgreSQL only).
+
+No target runs twice: StartJob is idempotent per job id on the daemon, so
+after a crash or a failover the new leader re-sends the targets not known
+to have started, and a node that had them answers where they are. A target
+whose StartJob could not reach its node stays PENDING and is retried with
+backoff until the delivery timeout; nodes known offline are not dialled
+(registrations and the sweeper poke the driver when they change).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import dataclasses
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from google.protobuf import json_format
+
+from fleet.errors import FleetError, Unavailable
+from fleet.v1 import daemon_pb2, jobs_pb2
+from manager.pool import DaemonPool
+from manager.service.job_spec import check_spec
+from manager.service.job_updates import Change, JobUpdates
+from manager.service.jobs import (
+    TERMINAL,
+    JobLimits,
+    JobState,
+    NodeFacts,
+    Target,
+    TargetState,
+    job_state,
+    plan,
+    retry_delay,
+)
+from manager.storage import Database, NodeRepository
+from manager.storage.jobs import JobRecord, JobRepository, JobTargetRecord, JobTx
+
+__all__ = ["JOBS_LOCK", "JobDriver", "load_spec"]
+
+log = logging.getLogger(__name__)
+
+JOBS_LOCK = "fleet-jobs"
+
+
+def load_spec(text: str) -> jobs_pb2.JobSpec:
+    """A stored spec (JSON) as its message."""
+    return json_format.Parse(text, jobs_pb2.JobSpec())
+
+
+def _target(r: JobTargetRecord) -> Target:
+    return Target(
+        node_id=r.node_id,
+        state=TargetState(r.state),
+        stage=r.stage,
+        attempts=r.attempts,
+        next_attempt=r.next_attempt_ms / 1000,
+        updated=r.updated_ms / 1000,
+        cancel_requested=r.cancel_requested,
+    )
+
+
+@dataclass
+class _Live:
+    """A job being driven."""
+
+    record: JobRecord
+    limits: JobLimits
+    request: daemon_pb2.StartJobRequest
+    targets: dict[str, Target]
+    in_flight: set[str] = field(default_factory=set)
+
+
+def _node_state(state: jobs_pb2.JobTargetState.ValueType) -> TargetState:
+    name = jobs_pb2.JobTargetState.Name(state).removeprefix("JOB_TARGET_STATE_")
+    if name in ("UNSPECIFIED", "PENDING"):
+        return TargetState.QUEUED
+    return TargetState(name)
+
+
+class JobDriver:
+    """Drives live jobs (see the module docstring)."""
+
+    def __init__(
+        self,
+        db: Database,
+        nodes: NodeRepository,
+        pool: DaemonPool,
+        updates: JobUpdates,
+        *,
+        clock: Callable[[], float] = time.time,
+        dispatch_concurrency: int = 256,
+        call_timeout: float = 10.0,
+        safety_interval: float = 10.0,
+        refresh_interval: float = 1.0,
+        node_refresh: float = 1.0,
+        lock_check: float = 1.0,
+        on_leader: Callable[[bool], None] = lambda held: None,
+    ) -> None:
+        self._db = db
+        self._repo = JobRepository(db)
+        self._nodes = nodes
+        self._pool = pool
+        self._updates = updates
+        self._clock = clock
+        self._sem = asyncio.Semaphore(dispatch_concurrency)
+        self._call_timeout = call_timeout
+        self._safety = safety_interval
+        self._refresh = refresh_interval
+        self._node_refresh = node_refresh
+        self._lock_check = lock_check
+        self._on_leader = on_leader
+        self._jobs: dict[str, _Live] = {}
+        self._load: set[str] = set()
+        self._facts: dict[str, NodeFacts] = {}
+        self._addresses: dict[str, str] = {}
+        self._facts_at = float("-inf")
+        self._facts_stale = True
+        self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.leading = False
+        """True while this replica holds the lock and drives jobs."""
+        updates.listen(self._committed)
+
+    # --- lifecycle ------------------------------------------------------------------------
+
+    def poke(self, job_id: str = "") -> None:
+        """A job was started or cancelled (re-read it), or something changed: pass soon."""
+        if job_id:
+            self._load.add(job_id)
+        self._wake.set()
+
+    def nodes_changed(self) -> None:
+        """A node registered, came back or went offline: re-read the nodes."""
+        self._facts_stale = True
+        self._wake.set()
+
+    def start(self) -> None:
+        """Compete for the lock and drive jobs while holding it."""
+        self._stop.clear()
+        self._task = asyncio.create_task(self._run(), name="job-driver")
+
+    async def stop(self) -> None:
+        """Stop after the pass in progress; StartJob calls in flight are cancelled (a new
+        leader re-sends them: the daemon's StartJob is idempotent)."""
+        self._stop.set()
+        self._wake.set()
+        if self._task is not None:
+            await self._task
+            self._task = None
+
+    def _committed(self, rows: Sequence[JobTargetRecord]) -> None:
+        woke = False
+        for r in rows:
+            live = self._jobs.get(r.job_id)
+            if live is not None and r.node_id in live.targets:
+                live.targets[r.node_id] = _target(r)
+                woke = True
+        if woke:
+            self._wake.set()
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                async with self._db.advisory_lock(JOBS_LOCK) as held:
+                    if held:
+                        await self._lead()
+            except FleetError as exc:
+                log.warning("job driver: %s; retrying", exc)
+            except Exception:
+                log.exception("job driver failed unexpectedly; retrying")
+            finally:
+                await self._abandon()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), 1.0)
+
+    async def _abandon(self) -> None:
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        self._jobs.clear()
+        if self.leading:
+            log.info("no longer driving jobs")
+        self.leading = False
+        self._on_leader(False)
+
+    async def _lead(self) -> None:
+        replicas = self._db.dialect == "postgresql"
+        if replicas:
+            # A predecessor whose lock connection died stops within `lock_check`.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), self._lock_check)
+            if self._stop.is_set() or not await self._db.advisory_lock_held(JOBS_LOCK):
+                return
+        self.leading = True
+        self._on_leader(True)
+        await self._load_live()
+        log.info("this manager drives jobs (%d unfinished)", len(self._jobs))
+        checked = refreshed = time.monotonic()
+        while not self._stop.is_set():
+            if replicas and time.monotonic() - checked >= self._lock_check:
+                if not await self._db.advisory_lock_held(JOBS_LOCK):
+                    log.warning("lost the jobs lock; competing for it again")
+                    return
+                checked = time.monotonic()
+            if replicas and time.monotonic() - refreshed >= self._refresh:
+                await self._load_live()  # other replicas' reports and new jobs
+                refreshed = time.monotonic()
+            self._wake.clear()
+            wake_at = await self.run_once()
+            delay = self._safety
+            if replicas:
+                delay = min(delay, self._refresh, self._lock_check)
+            if wake_at is not None:
+                delay = min(delay, max(0.0, wake_at - self._clock()))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), delay)
+            if not replicas and time.monotonic() - refreshed >= self._safety:
+                await self._load_live()
+                refreshed = time.monotonic()
+
+    # --- loading --------------------------------------------------------------------------
+
+    async def _load_live(self) -> None:
+        """Every unfinished job, its targets as stored."""
+
+        async def body(tx: JobTx) -> list[tuple[JobRecord, dict[str, JobTargetRecord]]]:
+            records = await tx.list_jobs(live=True, limit=100_000)
+            return [(r, await tx.targets(r.id)) for r in records]
+
+        loaded = await self._repo.run(body, write=False)
+        self._load.clear()
+        seen = set()
+        for record, targets in loaded:
+            seen.add(record.id)
+            self._install(record, targets)
+        for job_id in set(self._jobs) - seen:
+            if not self._jobs[job_id].in_flight:
+                del self._jobs[job_id]
+
+    async def _load_one(self, job_id: str) -> None:
+        async def body(tx: JobTx) -> tuple[JobRecord | None, dict[str, JobTargetRecord]]:
+            record = await tx.job(job_id)
+            return record, (await tx.targets(job_id) if record is not None else {})
+
+        record, targets = await self._repo.run(body, write=False)
+        if record is None or record.ended_ms:
+            self._jobs.pop(job_id, None)
+            return
+        self._install(record, targets)
+
+    def _install(self, record: JobRecord, targets: dict[str, JobTargetRecord]) -> None:
+        live = self._jobs.get(record.id)
+        if live is not None:
+            live.record = record
+            live.targets = {n: _target(t) for n, t in targets.items()}
+            return
+        spec = check_spec(load_spec(record.spec))
+        self._jobs[record.id] = _Live(
+            record=record,
+            limits=JobLimits(
+                created=record.created_ms / 1000,
+                concurrency=record.concurrency,
+                max_errors=spec.max_errors,
+                delivery_timeout=spec.delivery_timeout,
+                timeout=spec.timeout,
+            ),
+            request=daemon_pb2.StartJobRequest(
+                job_id=record.id,
+                steps=spec.message.steps,
+                timeout_seconds=spec.timeout,
+                lock=spec.message.lock,
+            ),
+            targets={n: _target(t) for n, t in targets.items()},
+        )
+
+    async def _node_facts(self, now: float) -> None:
+        if not self._facts_stale and now - self._facts_at < self._node_refresh:
+            return
+        self._facts_stale = False
+        self._facts_at = now
+        listed = await self._nodes.list()
+        self._facts = {
+            n.node_id: NodeFacts(
+                online=n.status == "online",
+                last_seen=n.last_seen_ms / 1000,
+                jobs_disabled=n.jobs_disabled,
+            )
+            for n in listed
+        }
+        self._addresses = {n.node_id: n.daemon_address for n in listed}
+
+    # --- one pass -------------------------------------------------------------------------
+
+    async def run_once(self) -> float | None:
+        """Plan and act for every live job; the earliest time a decision can change."""
+        for job_id in list(self._load):
+            self._load.discard(job_id)
+            await self._load_one(job_id)
+        if not self._jobs:
+            return None
+        await self._node_facts(time.monotonic())
+        wake: float | None = None
+        for live in list(self._jobs.values()):
+            at = await self._drive(live)
+            if at is not None:
+                wake = at if wake is None else min(wake, at)
+        return wake
+
+    async def _drive(self, live: _Live) -> float | None:
+        now = self._clock()
+        decided = plan(
+            live.targets,
+            self._facts,
+            live.limits,
+            now,
+            in_flight=live.in_flight,
+            cancelled=bool(live.record.cancelled_ms),
+        )
+        if decided.changes:
+            await asyncio.gather(
+                *(
+                    self._updates.submit(
+                        Change(live.record.id, node_id, "decision", state=state, reason=reason)
+                    )
+                    for node_id, (state, reason) in decided.changes.items()
+                )
+            )
+        for node_id in decided.dispatch:
+            live.in_flight.add(node_id)
+            task = asyncio.create_task(self._dispatch(live, node_id), name=f"start-job-{node_id}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        counts = collections.Counter(t.state for t in live.targets.values())
+        cancelled = bool(live.record.cancelled_ms)
+        state = job_state(counts, cancelled=cancelled)
+        ended = all(t.state in TERMINAL for t in live.targets.values()) and not live.in_flight
+        reason = live.record.reason or decided.reason
+        if ended:
+            await self._finish(live, reason)
+        elif state.value != live.record.state or reason != live.record.reason:
+            await self._set_state(live, state, reason)
+        return decided.wake_at
+
+    async def _dispatch(self, live: _Live, node_id: str) -> None:
+        job_id = live.record.id
+        target = live.targets[node_id]
+        change: Change
+        try:
+            async with self._sem:
+                response = await self._pool.start_job(
+                    node_id,
+                    self._addresses.get(node_id, ""),
+                    live.request,
+                    call_timeout=self._call_timeout,
+                )
+        except Unavailable as exc:
+            attempts = target.attempts + 1
+            change = Change(
+                job_id,
+                node_id,
+                "unreachable",
+                reason=exc.message,
+                next_attempt_ms=int((self._clock() + retry_delay(attempts)) * 1000),
+            )
+        except FleetError as exc:
+            change = Change(
+                job_id,
+                node_id,
+                "accepted",
+                state=TargetState.FAILED,
+                reason=f"the node refused the job: {exc.message}",
+            )
+        else:
+            change = Change(
+                job_id,
+                node_id,
+                "accepted",
+                state=_node_state(response.state),
+                reason=response.reason,
+            )
+        try:
+            outcome = await self._updates.submit(change)
+        except FleetError as exc:
+            log.warning(
+                "job %s on %s: could not store the StartJob answer: %s", job_id, node_id, exc
+            )
+            return
+        finally:
+            live.in_flight.discard(node_id)
+            self._wake.set()
+        stored = outcome.target
+        if change.kind == "accepted" and stored is not None and stored.cancel_requested:
+            # Cancelled while StartJob was on its way: the node must stop it.
+            await self._cancel_on_node(job_id, node_id)
+
+    async def _cancel_on_node(self, job_id: str, node_id: str) -> None:
+        try:
+            await self._pool.cancel_job(
+                node_id, self._addresses.get(node_id, ""), job_id, call_timeout=self._call_timeout
+            )
+        except FleetError as exc:
+            log.info(
+                "job %s: cancel on %s failed (%s); its next report learns it", job_id, node_id, exc
+            )
+
+    async def _set_state(self, live: _Live, state: JobState, reason: str) -> None:
+        record = live.record
+
+        async def body(tx: JobTx) -> JobRecord | None:
+            stored = await tx.job(record.id, for_update=True)
+            if stored is None or stored.ended_ms:
+                return None
+            after = dataclasses.replace(stored, state=state.value, reason=stored.reason or reason)
+            await tx.update_job(after)
+            return after
+
+        after = await self._repo.run(body)
+        if after is None:
+            self._jobs.pop(record.id, None)
+        else:
+            live.record = after
+
+    async def _finish(self, live: _Live, reason: str) -> None:
+        job_id = live.record.id
+        now_ms = int(self._clock() * 1000)
+
+        async def body(tx: JobTx) -> None:
+            stored = await tx.job(job_id, for_update=True)
+            if stored is None or stored.ended_ms:
+                return
+            counts = (await tx.counts([job_id])).get(job_id, {})
+            if any(s not in {t.value for t in TERMINAL} for s in counts):
+                return  # the memory is behind the database: the next pass catches up
+            state = job_state(
+                {TargetState(s): n for s, n in counts.items()}, cancelled=bool(stored.cancelled_ms)
+            )
+            after = dataclasses.replace(
+                stored, state=state.value, reason=stored.reason or reason, ended_ms=now_ms
+            )
+            await tx.update_job(after)
+            summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+            name = f" ({stored.name})" if stored.name else ""
+            tx.event(
+                "JOB_FINISHED",
+                now_ms=now_ms,
+                actor="manager",
+                message=f"job {job_id}{name} finished: {state.value} ({summary})"
+                + (f"; {after.reason}" if after.reason else ""),
+                attributes={
+                    "job_id": job_id,
+                    "state": state.value,
+                    **{s.lower(): str(n) for s, n in counts.items()},
+                },
+            )
+
+        await self._repo.run(body)
+        await self._load_one(job_id)

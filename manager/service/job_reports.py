@@ -1,0 +1,203 @@
+"""What daemons tell the manager about jobs: target states and output chunks.
+
+A node may only speak of its own targets (the servicer checked that the
+caller is `node/<node_id>`; a job it is not a target of is PermissionDenied,
+an unknown job NotFound). A report is acknowledged once stored (group
+commit, `JobUpdates`); its answer says whether an operator cancelled the
+target meanwhile. Output chunks are offset-idempotent (`jobs.accept_output`)
+and stored up to `[jobs] max_output_bytes` per target, one short transaction
+per chunk.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from fleet.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
+from manager.service.job_updates import Change, JobUpdates
+from manager.service.jobs import TargetState, accept_output, job_id_problem
+from manager.storage.jobs import JobRepository, JobTx
+
+__all__ = ["MAX_OUTPUT_CHUNK", "JobReports", "StepReport", "UploadResult"]
+
+MAX_OUTPUT_CHUNK = 1024 * 1024
+"""Largest output chunk a daemon may send in one UploadJobOutput."""
+_MAX_REASON = 4096
+_MAX_STEPS = 100
+_STATES = frozenset(s for s in TargetState if s is not TargetState.PENDING)
+
+
+@dataclass(frozen=True)
+class StepReport:
+    """One step's result as the daemon reports it."""
+
+    index: int
+    """Its place in the job."""
+    name: str
+    """Its name."""
+    state: str
+    """JobTargetState name without its prefix."""
+    exit_code: int
+    """Exit code (-N: signal N)."""
+    started_ms: int
+    """When it started."""
+    ended_ms: int
+    """When it ended."""
+    reason: str
+    """Why it failed or did not run."""
+
+
+@dataclass(frozen=True)
+class UploadResult:
+    """The answer to an output chunk."""
+
+    acked_offset: int
+    """Everything before it is stored (or deliberately cut)."""
+    truncated: bool
+    """The manager keeps no more of this output."""
+
+
+def _state(name: str, field: str) -> TargetState:
+    try:
+        state = TargetState(name)
+    except ValueError:
+        raise InvalidArgument(f"unknown state {name}", field=field) from None
+    if state not in _STATES:
+        raise InvalidArgument(f"a node cannot report {name}", field=field)
+    return state
+
+
+def _reason(text: str, field: str) -> str:
+    if "\x00" in text:
+        raise InvalidArgument("must not contain NUL", field=field)
+    return text[:_MAX_REASON]
+
+
+def _times(started_ms: int, ended_ms: int, field: str) -> None:
+    if started_ms < 0 or ended_ms < 0:
+        raise InvalidArgument("times must be >= 0", field=field)
+
+
+def _check_ids(job_id: str) -> None:
+    problem = job_id_problem(job_id)
+    if problem:
+        raise InvalidArgument(problem, field="job_id")
+
+
+class JobReports:
+    """Daemons' job reports and output (see the module docstring)."""
+
+    def __init__(
+        self,
+        repo: JobRepository,
+        updates: JobUpdates,
+        *,
+        max_output_bytes: int,
+        clock: Callable[[], float],
+    ) -> None:
+        self._repo = repo
+        self._updates = updates
+        self._bound = max_output_bytes
+        self._clock = clock
+
+    async def report(
+        self,
+        node_id: str,
+        job_id: str,
+        *,
+        state: str,
+        exit_code: int = 0,
+        started_ms: int = 0,
+        ended_ms: int = 0,
+        reason: str = "",
+        steps: Sequence[StepReport] = (),
+        output_bytes: int = 0,
+    ) -> bool:
+        """Store where the node's target of `job_id` is; True if it should stop it."""
+        _check_ids(job_id)
+        new = _state(state, "state")
+        _times(started_ms, ended_ms, "started_at")
+        if output_bytes < 0:
+            raise InvalidArgument(f"must be >= 0, got {output_bytes}", field="output_bytes")
+        if len(steps) > _MAX_STEPS:
+            raise InvalidArgument(f"at most {_MAX_STEPS}, got {len(steps)}", field="steps")
+        rows = []
+        for i, s in enumerate(steps):
+            rows.append(
+                {
+                    "index": s.index,
+                    "name": _reason(s.name, f"steps[{i}].name")[:63],
+                    "state": _state(s.state, f"steps[{i}].state").value
+                    if s.state != "PENDING"
+                    else "PENDING",
+                    "exit_code": s.exit_code,
+                    "started_ms": s.started_ms,
+                    "ended_ms": s.ended_ms,
+                    "reason": _reason(s.reason, f"steps[{i}].reason"),
+                }
+            )
+            _times(s.started_ms, s.ended_ms, f"steps[{i}].started_at")
+        outcome = await self._updates.submit(
+            Change(
+                job_id,
+                node_id,
+                "report",
+                state=new,
+                reason=_reason(reason, "reason"),
+                exit_code=exit_code,
+                started_ms=started_ms,
+                ended_ms=ended_ms,
+                steps=json.dumps(rows, separators=(",", ":")) if rows else None,
+                output_bytes=output_bytes,
+            )
+        )
+        if outcome.job is None:
+            raise NotFound(f"job {job_id!r} does not exist (deleted, or never started)")
+        if outcome.target is None:
+            raise PermissionDenied(f"node {node_id} is not a target of job {job_id}")
+        return outcome.target.cancel_requested
+
+    async def upload(self, node_id: str, job_id: str, offset: int, data: bytes) -> UploadResult:
+        """Store a chunk of the node's output of `job_id` at `offset` (idempotent)."""
+        _check_ids(job_id)
+        if offset < 0:
+            raise InvalidArgument(f"must be >= 0, got {offset}", field="offset")
+        if len(data) > MAX_OUTPUT_CHUNK:
+            raise InvalidArgument(
+                f"at most {MAX_OUTPUT_CHUNK} bytes per chunk, got {len(data)}", field="data"
+            )
+        now_ms = int(self._clock() * 1000)
+
+        async def body(tx: JobTx) -> UploadResult:
+            found = await tx.targets(job_id, [node_id], for_update=True)
+            target = found.get(node_id)
+            if target is None:
+                if await tx.job(job_id) is None:
+                    raise NotFound(f"job {job_id!r} does not exist (deleted, or never started)")
+                raise PermissionDenied(f"node {node_id} is not a target of job {job_id}")
+            try:
+                got = accept_output(
+                    stored=target.output_stored_bytes,
+                    truncated=target.truncated,
+                    offset=offset,
+                    size=len(data),
+                    bound=self._bound,
+                )
+            except ValueError as exc:
+                raise FailedPrecondition(f"job {job_id} on {node_id}: {exc}") from None
+            if got.keep:
+                await tx.add_output(
+                    job_id,
+                    node_id,
+                    target.output_stored_bytes,
+                    data[got.skip : got.skip + got.keep],
+                )
+            if got.stored != target.output_stored_bytes or got.truncated != target.truncated:
+                await tx.set_output_end(
+                    job_id, node_id, stored=got.stored, truncated=got.truncated, updated_ms=now_ms
+                )
+            return UploadResult(got.acked, got.truncated)
+
+        return await self._repo.run(body, write=bool(data))

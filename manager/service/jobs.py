@@ -1,0 +1,421 @@
+"""Jobs: the pure decisions. Plain values and `now` in, plain values out.
+
+A job's targets move through these states (the table `ALLOWED` enforces it):
+
+    PENDING --dispatch--> QUEUED --> RUNNING --> SUCCESS | FAILED | TIMEOUT | CANCELLED
+       |                    |__________|__________^ (the node reports; or the lost-node rule)
+       +--> FAILED (jobs disabled on the node; the daemon refused it)
+       +--> SKIPPED (max_errors reached; the canary stage failed)
+       +--> UNDELIVERABLE (node unreachable until the delivery timeout)
+       +--> CANCELLED (an operator cancelled it before it was sent)
+
+`plan` decides, for one job at `now`, which targets change state without
+the node (skips, undeliverables, lost nodes, jobs disabled) and which to
+send now; `job_state` derives the job's state from its targets' counts.
+The driver (`manager.service.job_driver`) applies what `plan` says.
+
+**The lost-node rule.** A QUEUED or RUNNING target whose node stops
+reporting must not keep the job running forever. Such a target ends:
+- when its node has been offline (the sweeper's verdict) for longer than
+  the job's delivery timeout: FAILED (CANCELLED if a cancel was asked),
+  "node lost: offline since ...";
+- when it has been RUNNING longer than the job's execution timeout plus
+  `LOST_GRACE` with no final report although its node is online (the daemon
+  enforces the timeout and reports the end, so its silence means the report
+  was lost for good): FAILED, "no result ...".
+A late report of a target that ended this way changes nothing (terminal
+states are final).
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Collection, Iterable, Mapping
+from dataclasses import dataclass, field
+
+from manager.service.rollout import Amount
+
+__all__ = [
+    "ALLOWED",
+    "COUNTS_AS_ERROR",
+    "DEFAULT_DELIVERY_TIMEOUT",
+    "DEFAULT_TIMEOUT",
+    "LOST_GRACE",
+    "TERMINAL",
+    "JobLimits",
+    "JobState",
+    "NodeFacts",
+    "OutputAccepted",
+    "Plan",
+    "Target",
+    "TargetState",
+    "accept_output",
+    "format_time",
+    "job_id_problem",
+    "job_state",
+    "plan",
+    "resolve_concurrency",
+    "retry_delay",
+    "stages",
+    "transition_allowed",
+]
+
+DEFAULT_DELIVERY_TIMEOUT = 300.0
+"""Seconds a job waits for an unreachable node (JobSpec.delivery_timeout_seconds)."""
+DEFAULT_TIMEOUT = 3600.0
+"""Execution timeout per target (JobSpec.timeout_seconds)."""
+LOST_GRACE = 120.0
+"""A RUNNING target silent this long past its execution timeout is lost."""
+
+
+class TargetState(enum.StrEnum):
+    """Where one target is (JobTargetState without its prefix)."""
+
+    PENDING = "PENDING"
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    SUCCESS = "SUCCESS"
+    FAILED = "FAILED"
+    TIMEOUT = "TIMEOUT"
+    CANCELLED = "CANCELLED"
+    SKIPPED = "SKIPPED"
+    UNDELIVERABLE = "UNDELIVERABLE"
+
+
+class JobState(enum.StrEnum):
+    """A job's derived state (JobState without its prefix)."""
+
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    SUCCESS = "SUCCESS"
+    FAILED = "FAILED"
+    PARTIAL = "PARTIAL"
+    CANCELLED = "CANCELLED"
+
+
+T = TargetState
+TERMINAL: frozenset[TargetState] = frozenset(
+    {T.SUCCESS, T.FAILED, T.TIMEOUT, T.CANCELLED, T.SKIPPED, T.UNDELIVERABLE}
+)
+"""Final states: nothing changes a target in one of them."""
+COUNTS_AS_ERROR: frozenset[TargetState] = frozenset({T.FAILED, T.TIMEOUT})
+"""What max_errors counts (UNDELIVERABLE and CANCELLED do not)."""
+
+ALLOWED: Mapping[TargetState, frozenset[TargetState]] = {
+    T.PENDING: frozenset({T.QUEUED, T.RUNNING} | TERMINAL),
+    T.QUEUED: frozenset({T.RUNNING, T.SUCCESS, T.FAILED, T.TIMEOUT, T.CANCELLED}),
+    T.RUNNING: frozenset({T.SUCCESS, T.FAILED, T.TIMEOUT, T.CANCELLED}),
+    **{s: frozenset() for s in TERMINAL},
+}
+"""From each state, the states a target may move to (a report or decision that
+would move it elsewhere is stale and changes nothing)."""
+
+
+def transition_allowed(current: TargetState, new: TargetState) -> bool:
+    """True if a target in `current` may move to `new` (same state: an update, allowed
+    unless terminal)."""
+    if current == new:
+        return current not in TERMINAL
+    return new in ALLOWED[current]
+
+
+def format_time(seconds: float) -> str:
+    """A UTC timestamp for reasons ("2026-12-13 10:15:30Z")."""
+    return time.strftime("%Y-%m-%d %H:%M:%SZ", time.gmtime(seconds))
+
+
+def resolve_concurrency(text: str, total: int) -> int:
+    """Targets running at once: "10", "25%" of `total`, or every target when empty.
+
+    ValueError (naming max_concurrency) when malformed or zero.
+    """
+    if not text.strip():
+        return max(total, 1)
+    amount = Amount.parse(text, what="max_concurrency")
+    if amount.value == 0:
+        raise ValueError("max_concurrency: must allow at least one target (1 or 1%), got 0")
+    return max(1, amount.of(total))
+
+
+def stages(node_ids: Iterable[str], canary: int) -> list[tuple[str, int]]:
+    """(node, stage) in the job's order: the first `canary` nodes are stage 0."""
+    return [(n, 0 if i < canary else 1) for i, n in enumerate(node_ids)]
+
+
+def retry_delay(attempts: int) -> float:
+    """Seconds before the next StartJob to a node that could not be reached
+    `attempts` times in a row (1, 2, 4 ... 15)."""
+    return float(min(15.0, 2.0 ** max(0, attempts - 1)))
+
+
+@dataclass(frozen=True)
+class Target:
+    """What `plan` needs of one target."""
+
+    node_id: str
+    """The node."""
+    state: TargetState = TargetState.PENDING
+    """Where it is."""
+    stage: int = 1
+    """0: the canary stage; 1: the rest."""
+    attempts: int = 0
+    """StartJob attempts that could not reach the node (reset when it answers)."""
+    next_attempt: float = 0.0
+    """Not sent again before this time."""
+    updated: float = 0.0
+    """When the manager last changed it or heard of it (RUNNING: when it started)."""
+    cancel_requested: bool = False
+    """An operator asked to cancel it."""
+
+
+@dataclass(frozen=True)
+class NodeFacts:
+    """What the manager knows of a target's node."""
+
+    online: bool = True
+    """The sweeper's verdict."""
+    last_seen: float = 0.0
+    """Its last heartbeat or registration (offline: roughly since when)."""
+    jobs_disabled: bool = False
+    """Its daemon refuses remote jobs."""
+    known: bool = True
+    """The node is registered (a deleted node is never reachable)."""
+
+
+@dataclass(frozen=True)
+class JobLimits:
+    """A job's settings as `plan` applies them. Times in seconds."""
+
+    created: float
+    """When the job started."""
+    concurrency: int
+    """Targets QUEUED, RUNNING or being sent at once."""
+    max_errors: int = 0
+    """FAILED + TIMEOUT targets that stop launching (0: no limit)."""
+    delivery_timeout: float = DEFAULT_DELIVERY_TIMEOUT
+    """An unreachable node's target is UNDELIVERABLE this long after `created`."""
+    timeout: float = DEFAULT_TIMEOUT
+    """The execution timeout (for the lost-node rule)."""
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to do with a job now."""
+
+    changes: dict[str, tuple[TargetState, str]] = field(default_factory=dict)
+    """Targets to move without the node: node -> (new state, reason)."""
+    dispatch: list[str] = field(default_factory=list)
+    """Targets to send now (StartJob), in the job's order."""
+    wake_at: float | None = None
+    """The earliest time a decision can change without a report (None: only a report
+    or a node coming back can change one)."""
+    reason: str = ""
+    """Why the job stops launching targets ("max_errors=3 reached: ..."), if it does."""
+
+
+def _names(targets: Iterable[Target], limit: int = 5) -> str:
+    listed = [f"{t.node_id} {t.state.value}" for t in targets]
+    shown = ", ".join(listed[:limit])
+    return shown + (f" and {len(listed) - limit} more" if len(listed) > limit else "")
+
+
+def _soonest(a: float | None, b: float) -> float:
+    return b if a is None else min(a, b)
+
+
+def plan(
+    targets: Mapping[str, Target],
+    nodes: Mapping[str, NodeFacts],
+    limits: JobLimits,
+    now: float,
+    *,
+    in_flight: Collection[str] = (),
+    cancelled: bool = False,
+) -> Plan:
+    """Decide for one job at `now` (see the module docstring).
+
+    `targets` in the job's order; `nodes` by node id (a node missing is
+    treated as unknown: never reachable); `in_flight`: targets whose StartJob
+    is being sent (they hold a window slot); `cancelled`: the whole job was
+    cancelled (nothing more is sent).
+    """
+    changes: dict[str, tuple[TargetState, str]] = {}
+    wake: float | None = None
+    after: dict[str, Target] = dict(targets)
+
+    def move(t: Target, state: TargetState, reason: str) -> None:
+        changes[t.node_id] = (state, reason)
+        after[t.node_id] = Target(t.node_id, state, t.stage)
+
+    deadline = limits.created + limits.delivery_timeout
+    for t in targets.values():
+        facts = nodes.get(t.node_id, NodeFacts(online=False, known=False))
+        if t.state is T.PENDING:
+            if t.cancel_requested:
+                move(t, T.CANCELLED, "cancelled before it was sent to the node")
+            elif facts.jobs_disabled:
+                move(
+                    t,
+                    T.FAILED,
+                    f"{t.node_id} refuses remote jobs (its daemon has [jobs] enabled = false)",
+                )
+            elif t.node_id in in_flight:
+                continue
+            elif not facts.known:
+                move(t, T.UNDELIVERABLE, f"node {t.node_id} is not registered any more")
+            elif (not facts.online or t.attempts) and now >= deadline:
+                since = (
+                    f"offline since {format_time(facts.last_seen)}"
+                    if not facts.online
+                    else f"unreachable ({t.attempts} attempt(s) failed)"
+                )
+                move(
+                    t,
+                    T.UNDELIVERABLE,
+                    f"node {since}; not delivered within the delivery timeout of "
+                    f"{limits.delivery_timeout:g}s (does not count against max_errors)",
+                )
+            elif not facts.online or t.attempts:
+                wake = _soonest(wake, deadline)
+        elif t.state in (T.QUEUED, T.RUNNING):
+            lost = _lost(t, facts, limits, now)
+            if lost is not None:
+                move(t, T.CANCELLED if t.cancel_requested else T.FAILED, lost)
+            else:
+                wake = _soonest(wake, _lost_at(t, facts, limits))
+
+    # max_errors: once reached, nothing PENDING is launched any more.
+    errors = [t for t in after.values() if t.state in COUNTS_AS_ERROR]
+    stop_reason = ""
+    if limits.max_errors and len(errors) >= limits.max_errors:
+        stop_reason = (
+            f"max_errors={limits.max_errors} reached: {len(errors)} target(s) failed or "
+            f"timed out ({_names(errors)})"
+        )
+        for t in list(after.values()):
+            if t.state is T.PENDING and t.node_id not in in_flight:
+                move(t, T.SKIPPED, stop_reason)
+
+    # The canary stage: stage 1 waits until stage 0 is all terminal, then runs only
+    # if stage 0 all succeeded.
+    canary = [t for t in after.values() if t.stage == 0]
+    canary_open = any(t.state not in TERMINAL for t in canary)
+    failed_canary = [t for t in canary if t.state in TERMINAL and t.state is not T.SUCCESS]
+    if not canary_open and failed_canary:
+        reason = f"the canary stage failed: {_names(failed_canary)}"
+        stop_reason = stop_reason or reason
+        for t in list(after.values()):
+            if t.stage == 1 and t.state is T.PENDING and t.node_id not in in_flight:
+                move(t, T.SKIPPED, reason)
+
+    dispatch: list[str] = []
+    if not cancelled:
+        busy = sum(t.state in (T.QUEUED, T.RUNNING) for t in after.values())
+        busy += sum(1 for n in in_flight if n in after and after[n].state is T.PENDING)
+        room = limits.concurrency - busy
+        for t in after.values():
+            if room <= 0:
+                break
+            if t.state is not T.PENDING or t.node_id in in_flight:
+                continue
+            if t.stage == 1 and canary_open:
+                break  # targets are in order: every later one is stage 1 too
+            facts = nodes.get(t.node_id, NodeFacts(online=False, known=False))
+            if not facts.online:
+                continue  # waits for its node (or the delivery timeout)
+            if t.next_attempt > now:
+                wake = _soonest(wake, t.next_attempt)
+                continue
+            dispatch.append(t.node_id)
+            room -= 1
+    return Plan(changes, dispatch, wake, stop_reason)
+
+
+def _lost_at(t: Target, facts: NodeFacts, limits: JobLimits) -> float:
+    if not facts.online:
+        return facts.last_seen + limits.delivery_timeout
+    if t.state is T.RUNNING:
+        return t.updated + limits.timeout + LOST_GRACE
+    return float("inf")  # QUEUED on an online node: it may wait for a lock for long
+
+
+def _lost(t: Target, facts: NodeFacts, limits: JobLimits, now: float) -> str | None:
+    """Why a QUEUED/RUNNING target is lost at `now` (the lost-node rule), or None."""
+    if now < _lost_at(t, facts, limits):
+        return None
+    if not facts.online:
+        return (
+            f"node lost: {t.node_id} offline since {format_time(facts.last_seen)} while the "
+            f"target was {t.state.value}, longer than the delivery timeout of "
+            f"{limits.delivery_timeout:g}s"
+        )
+    return (
+        f"no result from {t.node_id}: RUNNING since {format_time(t.updated)}, past the "
+        f"timeout of {limits.timeout:g}s plus {LOST_GRACE:g}s"
+    )
+
+
+def job_state(counts: Mapping[TargetState, int], *, cancelled: bool = False) -> JobState:
+    """A job's state from how many targets are in each state.
+
+    PENDING until a target leaves PENDING; RUNNING while any target is not
+    final; then CANCELLED if an operator cancelled the whole job, SUCCESS if
+    every target succeeded, PARTIAL if some did, FAILED if none did.
+    """
+    total = sum(counts.values())
+    pending = counts.get(T.PENDING, 0)
+    live = pending + counts.get(T.QUEUED, 0) + counts.get(T.RUNNING, 0)
+    if live:
+        return JobState.PENDING if pending == total and not cancelled else JobState.RUNNING
+    if cancelled:
+        return JobState.CANCELLED
+    success = counts.get(T.SUCCESS, 0)
+    if total and success == total:
+        return JobState.SUCCESS
+    return JobState.PARTIAL if success else JobState.FAILED
+
+
+@dataclass(frozen=True)
+class OutputAccepted:
+    """What to store of an uploaded chunk (`accept_output`)."""
+
+    skip: int
+    """Leading bytes of the chunk already stored."""
+    keep: int
+    """Bytes to store after those (at the stored end)."""
+    stored: int
+    """The stored output's end afterwards."""
+    acked: int
+    """What to acknowledge: everything before it is stored or deliberately cut."""
+    truncated: bool
+    """The output reached the bound: the node should stop sending."""
+
+
+def accept_output(
+    *, stored: int, truncated: bool, offset: int, size: int, bound: int
+) -> OutputAccepted:
+    """Decide what of a chunk of `size` bytes at `offset` to store, given the target's
+    stored end and the bound. ValueError for a chunk that would leave a gap."""
+    end = offset + size
+    if truncated:
+        return OutputAccepted(0, 0, stored, max(stored, end) if offset <= stored else stored, True)
+    if offset > stored:
+        raise ValueError(
+            f"offset {offset} leaves a gap: the manager has stored up to {stored}; "
+            f"send from {stored}"
+        )
+    skip = min(size, stored - offset)
+    room = max(0, bound - stored)
+    keep = min(size - skip, room)
+    cut = keep < size - skip
+    return OutputAccepted(skip, keep, stored + keep, max(stored, end), cut)
+
+
+def job_id_problem(job_id: str) -> str | None:
+    """What is wrong with a job id ("" and ids the manager never makes), or None."""
+    if not job_id:
+        return "is required"
+    if len(job_id) > 64 or not job_id.isascii() or not job_id.replace("-", "").isalnum():
+        return f"not a job id: {job_id[:80]!r} (ids are like 20261213-101530-123-a1b2c3)"
+    return None

@@ -1,0 +1,413 @@
+"""Jobs: their rows, their targets' rows, and the targets' output chunks.
+
+The service layer decides; this module reads and writes. Work that must be
+atomic (a job with its targets, a batch of target transitions with their
+events) runs as one `JobRepository.run(body)`: the body gets a `JobTx`
+whose methods are the only SQL it uses, and whose events and audit entries
+are written last in the same transaction (see `events.py`). A body may be
+run again on a transient error, so it must do nothing but call the tx.
+"""
+
+from __future__ import annotations
+
+import builtins
+from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from sqlalchemy import and_, bindparam, delete, func, insert, select, update
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from manager.storage.audit import insert_audit
+from manager.storage.db import Database
+from manager.storage.events import event_row, insert_events
+from manager.storage.schema import job_output, job_targets, jobs
+from manager.storage.sqlhelp import chunks
+
+__all__ = ["JobRecord", "JobRepository", "JobTargetRecord", "JobTx", "OutputChunk"]
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class JobRecord:
+    """A stored job."""
+
+    id: str
+    """Unique, time-ordered."""
+    name: str
+    """The spec's name (for lists)."""
+    spec: str
+    """The JobSpec message as JSON."""
+    actor: str
+    """Who started it ("operator/alice")."""
+    created_ms: int
+    """When it started."""
+    ended_ms: int = 0
+    """When its last target ended (0: live)."""
+    state: str = "PENDING"
+    """The derived job state (JobState name without its prefix)."""
+    reason: str = ""
+    """Why it ended early (cancelled by whom, canary failed, max_errors)."""
+    rerun_of: str = ""
+    """The job this one re-runs."""
+    concurrency: int = 1
+    """Targets running at once (max_concurrency resolved)."""
+    cancelled_ms: int = 0
+    """When an operator cancelled the whole job (0: not)."""
+
+
+@dataclass(frozen=True)
+class JobTargetRecord:
+    """One node of a job."""
+
+    job_id: str
+    """The job."""
+    node_id: str
+    """The node."""
+    idx: int = 0
+    """Its place in the job (canary targets first)."""
+    stage: int = 1
+    """0: the canary stage; 1: the rest."""
+    state: str = "PENDING"
+    """JobTargetState name without its prefix."""
+    exit_code: int = 0
+    """Of the step that decided the result (-N: signal N)."""
+    started_ms: int = 0
+    """When it started on the node (the node's clock)."""
+    ended_ms: int = 0
+    """When it ended."""
+    reason: str = ""
+    """Why it failed, timed out, was cancelled, skipped or undeliverable."""
+    steps: str = "[]"
+    """The step results as JSON."""
+    output_bytes: int = 0
+    """Output the node reported writing."""
+    output_stored_bytes: int = 0
+    """Stored output ends here (chunks cover [0, this))."""
+    truncated: bool = False
+    """The output reached the manager's bound; the rest stays on the node."""
+    cancel_requested: bool = False
+    """An operator asked to cancel it."""
+    attempts: int = 0
+    """StartJob attempts that could not reach the node in a row."""
+    last_error: str = ""
+    """Why the last attempt failed."""
+    next_attempt_ms: int = 0
+    """No new attempt before this."""
+    dispatched_ms: int = 0
+    """When the node accepted it (0: not yet)."""
+    updated_ms: int = 0
+    """When the manager last changed it or heard of it."""
+
+
+@dataclass(frozen=True)
+class OutputChunk:
+    """Stored output bytes of one target."""
+
+    node_id: str
+    """The target's node."""
+    pos: int
+    """Offset of `data`'s first byte in the target's output."""
+    data: bytes
+    """The bytes."""
+
+
+_JOB_FIELDS = (
+    "name", "spec", "actor", "created_ms", "ended_ms", "state", "reason", "rerun_of",
+    "concurrency", "cancelled_ms",
+)  # fmt: skip
+_TARGET_FIELDS = (
+    "idx", "stage", "state", "exit_code", "started_ms", "ended_ms", "reason", "steps",
+    "output_bytes", "output_stored_bytes", "truncated", "cancel_requested", "attempts",
+    "last_error", "next_attempt_ms", "dispatched_ms", "updated_ms",
+)  # fmt: skip
+# Every mutable column of a target, executemany; bind names must differ from columns.
+_UPDATE_TARGET = (
+    update(job_targets)
+    .where(
+        job_targets.c.job_id == bindparam("b_job_id"),
+        job_targets.c.node_id == bindparam("b_node_id"),
+    )
+    .values(**{f: bindparam(f"b_{f}") for f in _TARGET_FIELDS if f not in ("idx", "stage")})
+)
+
+
+def _job(row: Any) -> JobRecord:
+    return JobRecord(id=row.id, **{f: getattr(row, f) for f in _JOB_FIELDS})
+
+
+def _target(row: Any) -> JobTargetRecord:
+    values = {f: getattr(row, f) for f in _TARGET_FIELDS}
+    values["truncated"] = bool(values["truncated"])
+    values["cancel_requested"] = bool(values["cancel_requested"])
+    return JobTargetRecord(job_id=row.job_id, node_id=row.node_id, **values)
+
+
+def _target_row(t: JobTargetRecord) -> dict[str, Any]:
+    return {"job_id": t.job_id, "node_id": t.node_id, **{f: getattr(t, f) for f in _TARGET_FIELDS}}
+
+
+class JobTx:
+    """The reads and writes of one jobs transaction (see the module docstring)."""
+
+    def __init__(self, conn: AsyncConnection, db: Database) -> None:
+        self._conn = conn
+        self._db = db
+        self._events: list[dict[str, Any]] = []
+        self._audits: list[dict[str, Any]] = []
+
+    # --- jobs ---------------------------------------------------------------------------------
+
+    async def add_job(self, job: JobRecord, targets: Sequence[JobTargetRecord]) -> None:
+        """Store a new job and its targets."""
+        await self._conn.execute(
+            insert(jobs).values(id=job.id, **{f: getattr(job, f) for f in _JOB_FIELDS})
+        )
+        for part in chunks(list(targets), 1000):
+            await self._conn.execute(insert(job_targets), [_target_row(t) for t in part])
+
+    async def job(self, job_id: str, *, for_update: bool = False) -> JobRecord | None:
+        """One job, or None."""
+        query = select(jobs).where(jobs.c.id == job_id)
+        row = (await self._conn.execute(query.with_for_update() if for_update else query)).first()
+        return _job(row) if row is not None else None
+
+    async def jobs(self, job_ids: Collection[str]) -> dict[str, JobRecord]:
+        """The named jobs that exist."""
+        out: dict[str, JobRecord] = {}
+        for part in chunks(sorted(set(job_ids))):
+            rows = await self._conn.execute(select(jobs).where(jobs.c.id.in_(part)))
+            out.update((r.id, _job(r)) for r in rows)
+        return out
+
+    async def list_jobs(
+        self,
+        *,
+        states: Collection[str] = (),
+        since_ms: int = 0,
+        live: bool = False,
+        limit: int = 100,
+    ) -> builtins.list[JobRecord]:
+        """Jobs newest first (in `states`; created at or after `since_ms`; only live ones)."""
+        query = select(jobs).order_by(jobs.c.created_ms.desc(), jobs.c.id.desc()).limit(limit)
+        if states:
+            query = query.where(jobs.c.state.in_(sorted(set(states))))
+        if since_ms:
+            query = query.where(jobs.c.created_ms >= since_ms)
+        if live:
+            query = query.where(jobs.c.ended_ms == 0)
+        return [_job(r) for r in await self._conn.execute(query)]
+
+    async def update_job(self, job: JobRecord) -> None:
+        """Replace a job's state, reason, end and cancel time."""
+        await self._conn.execute(
+            update(jobs)
+            .where(jobs.c.id == job.id)
+            .values(
+                state=job.state,
+                reason=job.reason,
+                ended_ms=job.ended_ms,
+                cancelled_ms=job.cancelled_ms,
+            )
+        )
+
+    async def counts(self, job_ids: Collection[str]) -> dict[str, dict[str, int]]:
+        """Per job: its targets per state."""
+        out: dict[str, dict[str, int]] = {}
+        for part in chunks(sorted(set(job_ids))):
+            rows = await self._conn.execute(
+                select(job_targets.c.job_id, job_targets.c.state, func.count())
+                .where(job_targets.c.job_id.in_(part))
+                .group_by(job_targets.c.job_id, job_targets.c.state)
+            )
+            for job_id, state, n in rows:
+                out.setdefault(job_id, {})[state] = int(n)
+        return out
+
+    async def delete_jobs(self, job_ids: Collection[str]) -> None:
+        """Delete jobs with their targets and output."""
+        for part in chunks(sorted(set(job_ids))):
+            await self._conn.execute(delete(job_output).where(job_output.c.job_id.in_(part)))
+            await self._conn.execute(delete(job_targets).where(job_targets.c.job_id.in_(part)))
+            await self._conn.execute(delete(jobs).where(jobs.c.id.in_(part)))
+
+    async def ended_before(self, cutoff_ms: int, limit: int) -> builtins.list[str]:
+        """Ids of jobs that ended before `cutoff_ms` (oldest first, at most `limit`)."""
+        rows = await self._conn.execute(
+            select(jobs.c.id)
+            .where(jobs.c.ended_ms > 0, jobs.c.ended_ms < cutoff_ms)
+            .order_by(jobs.c.ended_ms)
+            .limit(limit)
+        )
+        return [r.id for r in rows]
+
+    # --- targets ------------------------------------------------------------------------------
+
+    async def targets(
+        self,
+        job_id: str,
+        node_ids: Collection[str] | None = None,
+        *,
+        for_update: bool = False,
+    ) -> dict[str, JobTargetRecord]:
+        """A job's targets by node in the job's order (all, or those named)."""
+        query = select(job_targets).where(job_targets.c.job_id == job_id)
+        query = query.order_by(job_targets.c.idx)
+        if for_update:
+            query = query.with_for_update()
+        if node_ids is None:
+            return {r.node_id: _target(r) for r in await self._conn.execute(query)}
+        out: dict[str, JobTargetRecord] = {}
+        for part in chunks(sorted(set(node_ids))):
+            rows = await self._conn.execute(query.where(job_targets.c.node_id.in_(part)))
+            out.update((r.node_id, _target(r)) for r in rows)
+        return out
+
+    async def targets_of(
+        self, keys: Collection[tuple[str, str]], *, for_update: bool = False
+    ) -> dict[tuple[str, str], JobTargetRecord]:
+        """The (job, node) targets that exist, by key."""
+        by_job: dict[str, set[str]] = {}
+        for job_id, node_id in keys:
+            by_job.setdefault(job_id, set()).add(node_id)
+        out: dict[tuple[str, str], JobTargetRecord] = {}
+        for job_id, node_ids in sorted(by_job.items()):
+            found = await self.targets(job_id, node_ids, for_update=for_update)
+            out.update(((job_id, n), t) for n, t in found.items())
+        return out
+
+    async def put_targets(self, records: Sequence[JobTargetRecord]) -> None:
+        """Replace stored targets' mutable fields (one statement, executemany)."""
+        if records:
+            await self._conn.execute(
+                _UPDATE_TARGET,
+                [{f"b_{k}": v for k, v in _target_row(t).items()} for t in records],
+            )
+
+    # --- output -------------------------------------------------------------------------------
+
+    async def add_output(self, job_id: str, node_id: str, pos: int, data: bytes) -> None:
+        """Store a chunk at `pos` (the caller keeps chunks contiguous)."""
+        await self._conn.execute(
+            insert(job_output).values(job_id=job_id, node_id=node_id, pos=pos, data=data)
+        )
+
+    async def set_output_end(
+        self, job_id: str, node_id: str, *, stored: int, truncated: bool, updated_ms: int
+    ) -> None:
+        """Record where a target's stored output ends."""
+        await self._conn.execute(
+            update(job_targets)
+            .where(job_targets.c.job_id == job_id, job_targets.c.node_id == node_id)
+            .values(output_stored_bytes=stored, truncated=truncated, updated_ms=updated_ms)
+        )
+
+    async def output(
+        self, job_id: str, node_id: str, offset: int, max_bytes: int
+    ) -> builtins.list[OutputChunk]:
+        """Stored chunks covering bytes from `offset`, about `max_bytes` of them (at least
+        one chunk if there is one); the first may start before `offset`."""
+        first = await self._conn.scalar(
+            select(func.max(job_output.c.pos)).where(
+                job_output.c.job_id == job_id,
+                job_output.c.node_id == node_id,
+                job_output.c.pos <= offset,
+            )
+        )
+        start = offset if first is None else int(first)
+        rows = await self._conn.stream(
+            select(job_output.c.pos, job_output.c.data)
+            .where(
+                and_(
+                    job_output.c.job_id == job_id,
+                    job_output.c.node_id == node_id,
+                    job_output.c.pos >= start,
+                )
+            )
+            .order_by(job_output.c.pos)
+        )
+        out: builtins.list[OutputChunk] = []
+        size = 0
+        async for pos, data in rows:
+            out.append(OutputChunk(node_id, int(pos), bytes(data)))
+            size += len(data)
+            if size >= max_bytes:
+                break
+        await rows.close()
+        return out
+
+    # --- what happened ------------------------------------------------------------------------
+
+    def event(
+        self,
+        kind: str,
+        *,
+        now_ms: int,
+        message: str,
+        actor: str,
+        node_id: str = "",
+        attributes: Mapping[str, str] | None = None,
+    ) -> None:
+        """Queue an event, written at the end of the transaction."""
+        self._events.append(
+            event_row(
+                kind,
+                now_ms=now_ms,
+                node_id=node_id,
+                message=message,
+                actor=actor,
+                attributes=attributes,
+            )
+        )
+
+    def audit(
+        self,
+        *,
+        actor: str,
+        action: str,
+        target: str,
+        detail: Mapping[str, str],
+        outcome: str,
+        now_ms: int,
+    ) -> None:
+        """Queue an audit entry, written at the end of the transaction."""
+        self._audits.append(
+            {
+                "actor": actor,
+                "action": action,
+                "target": target,
+                "detail": dict(detail),
+                "outcome": outcome,
+                "now_ms": now_ms,
+            }
+        )
+
+    async def _finish(self) -> None:
+        for entry in self._audits:
+            await insert_audit(self._conn, **entry)
+        await insert_events(self._conn, self._events)
+
+
+class JobRepository:
+    """Runs jobs transactions (see the module docstring)."""
+
+    def __init__(self, db: Database) -> None:
+        self._db = db
+
+    @property
+    def db(self) -> Database:
+        """The database (for its dialect and locks)."""
+        return self._db
+
+    async def run(self, body: Callable[[JobTx], Awaitable[T]], *, write: bool = True) -> T:
+        """`body(tx)` in one transaction; its queued events and audit entries last."""
+
+        async def wrapped(conn: AsyncConnection) -> T:
+            tx = JobTx(conn, self._db)
+            result = await body(tx)
+            if write:
+                await tx._finish()
+            return result
+
+        return await self._db.run(wrapped, write=write)

@@ -1,0 +1,316 @@
+"""fleetctl run / jobs against a real manager and real fleet-daemons running real processes.
+
+The manager is real (mTLS, SQLite, the real clock); n1 and n2 are real
+`DaemonServer`s that run each job's command as a child process. fleetctl
+runs in this thread as the command does (Typer's CliRunner), or as a
+subprocess where a signal must reach it (Ctrl-C).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import select
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fleetctl_live import LiveFleet, live_fleet
+
+from fleetctl.joboutput import EXIT_JOB_CANCELLED, EXIT_JOB_FAILED
+
+REPO = Path(__file__).resolve().parents[2]
+
+# The fleetctl side was built against the protos while the manager's and the
+# daemon's sides were built in parallel; until the manager serves the job RPCs
+# (it deletes them from fleet/pending_rpcs.py, and the module once empty)
+# there is nothing to run against.
+try:
+    from fleet.pending_rpcs import PendingFleetRpcs as _Pending
+except ImportError:
+    _Pending = None  # type: ignore[assignment,misc]
+pytestmark = pytest.mark.skipif(
+    _Pending is not None and hasattr(_Pending, "RunJob"),
+    reason="the manager does not serve RunJob yet (still in fleet/pending_rpcs.py)",
+)
+
+
+@pytest.fixture
+def fleet(pki: Any, tmp_path: Path) -> Iterator[LiveFleet]:
+    """A real manager and two real daemons, n1 and n2, both role=web."""
+    with live_fleet(pki, tmp_path, clock=time.time) as live:
+        for node in ("n1", "n2"):
+            live.start_daemon(node)
+            assert live.fleetctl("nodes", "label", node, "role=web").exit_code == 0
+        yield live
+
+
+def until(probe: Callable[[], Any], ok: Callable[[Any], bool], within: float = 20.0) -> Any:
+    deadline = time.monotonic() + within
+    while True:
+        value = probe()
+        if ok(value):
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not reached within {within}s; last: {value!r}")
+        time.sleep(0.1)
+
+
+def show(live: LiveFleet, job_id: str) -> dict[str, Any]:
+    result = live.fleetctl("-o", "json", "jobs", "show", job_id)
+    assert result.exit_code in (0, 3, 4, 5), result.output
+    data: dict[str, Any] = json.loads(result.stdout)
+    return data
+
+
+def listed(live: LiveFleet) -> list[dict[str, Any]]:
+    result = live.fleetctl("-o", "json", "jobs", "list")
+    assert result.exit_code == 0, result.output
+    jobs: list[dict[str, Any]] = json.loads(result.stdout)["jobs"]
+    return jobs
+
+
+def test_run_prints_each_nodes_output_prefixed_and_exits_0(fleet: LiveFleet) -> None:
+    """run -l on two daemons: `node | line` for each, a summary table, SUCCESS, exit 0."""
+    result = fleet.fleetctl(
+        "run", "-l", "role=web", "--yes", "--", "sh", "-c", "echo hello; echo bye"
+    )
+    assert result.exit_code == 0, result.output
+    lines = result.stdout.splitlines()
+    for node in ("n1", "n2"):
+        assert f"{node} | hello" in lines
+        assert f"{node} | bye" in lines
+        assert lines.index(f"{node} | hello") < lines.index(f"{node} | bye")
+    rows = {ln.split()[0]: ln.split() for ln in lines if ln.startswith(("n1 ", "n2 "))}
+    assert rows["n1"][1:3] == ["SUCCESS", "0"]
+    assert rows["n2"][1:3] == ["SUCCESS", "0"]
+    assert "SUCCESS: 2 success" in lines[-1]
+    (job,) = listed(fleet)
+    assert job["state"] == "SUCCESS"
+    assert job["actor"] == "operator/alice"
+    assert job["spec"]["steps"][0]["argv"] == ["sh", "-c", "echo hello; echo bye"]
+
+
+def test_a_failing_target_shows_its_exit_code_and_run_exits_3(fleet: LiveFleet) -> None:
+    """A command exiting 7 is FAILED with exit 7 in the table; the job FAILED; run exits 3."""
+    result = fleet.fleetctl("run", "--node", "n1", "--", "sh", "-c", "echo oops >&2; exit 7")
+    assert result.exit_code == EXIT_JOB_FAILED, result.output
+    assert "n1 | oops" in result.stdout.splitlines()  # stderr is part of the output
+    (row,) = [
+        ln.split() for ln in result.stdout.splitlines() if ln.startswith("n1 ") and "|" not in ln
+    ]
+    assert row[1:3] == ["FAILED", "7"]
+    job = listed(fleet)[0]
+    assert job["state"] == "FAILED"
+    assert show(fleet, job["id"])["targets"][0]["exit_code"] == 7
+
+
+def test_plan_lists_targets_and_steps_and_runs_nothing(fleet: LiveFleet, tmp_path: Path) -> None:
+    """--plan resolves the selector, prints the nodes and the command; no job is stored or run."""
+    marker = tmp_path / "ran"
+    result = fleet.fleetctl("run", "-l", "role=web", "--plan", "--", "touch", str(marker))
+    assert result.exit_code == 0, result.output
+    assert f"Command:  touch {marker}" in result.stdout
+    nodes = [ln.split()[0] for ln in result.stdout.splitlines()[3:] if ln.strip()]
+    assert nodes[-2:] == ["n1", "n2"]
+    assert "2 target(s); nothing was run (--plan)." in result.stderr
+    time.sleep(0.5)
+    assert listed(fleet) == []
+    assert not marker.exists()
+
+
+def test_run_refuses_several_nodes_without_a_terminal_or_yes(fleet: LiveFleet) -> None:
+    """Without --yes and no terminal to ask on, a job on two nodes is refused (exit 2)."""
+    result = fleet.fleetctl("run", "-l", "role=web", "--", "true")
+    assert result.exit_code == 2, result.output
+    assert "refusing to run a job on 2 nodes without confirmation" in result.stderr
+    assert listed(fleet) == []
+
+
+def test_detach_prints_the_id_and_logs_follow_it(fleet: LiveFleet) -> None:
+    """--detach prints only the id; `jobs logs ID -f` prints the output until the job ends."""
+    script = "echo first; sleep 1; echo second"
+    started = fleet.fleetctl("run", "-n", "n1", "--detach", "--", "sh", "-c", script)
+    assert started.exit_code == 0, started.output
+    job_id = started.stdout.strip()
+    assert job_id
+    assert " " not in job_id
+    assert f"fleetctl jobs logs {job_id} -f" in started.stderr
+    logs = fleet.fleetctl("jobs", "logs", job_id, "-f")
+    assert logs.exit_code == 0, logs.output
+    assert logs.stdout.splitlines() == ["n1 | first", "n1 | second"]
+    raw = fleet.fleetctl("jobs", "logs", job_id, "n1")
+    assert raw.stdout == "first\nsecond\n"
+    assert show(fleet, job_id)["state"] == "SUCCESS"
+
+
+def test_cancel_stops_a_running_job(fleet: LiveFleet) -> None:
+    """jobs cancel: the running target is stopped and CANCELLED; jobs show exits 5."""
+    started = fleet.fleetctl("run", "-n", "n1", "--detach", "--", "sleep", "60")
+    job_id = started.stdout.strip()
+    until(lambda: show(fleet, job_id)["targets"][0]["state"], lambda s: s == "RUNNING")
+    cancelled = fleet.fleetctl("jobs", "cancel", job_id)
+    assert cancelled.exit_code == 0, cancelled.output
+    assert f"job {job_id} cancelled" in cancelled.stdout
+    view = until(lambda: show(fleet, job_id), lambda v: v["state"] == "CANCELLED")
+    assert view["targets"][0]["state"] == "CANCELLED"
+    assert fleet.fleetctl("jobs", "show", job_id).exit_code == EXIT_JOB_CANCELLED
+    again = fleet.fleetctl("jobs", "cancel", job_id)
+    assert again.exit_code == 0, again.output
+    assert f"job {job_id} had already ended (CANCELLED" in again.stdout
+
+
+def test_unknown_job_points_at_jobs_list(fleet: LiveFleet) -> None:
+    """jobs show of an id that does not exist: exit 1, one line with the command that lists jobs."""
+    result = fleet.fleetctl("jobs", "show", "nope")
+    assert result.exit_code == 1
+    assert result.stderr.strip() == (
+        "fleetctl: error: job 'nope' does not exist (see `fleetctl jobs list`)"
+    )
+
+
+def test_rerun_failed_is_a_new_job_linked_to_the_first(fleet: LiveFleet, tmp_path: Path) -> None:
+    """rerun --failed runs the failed targets again as a new job with rerun_of set."""
+    flag = tmp_path / "ok"
+    first = fleet.fleetctl("run", "-n", "n1", "--", "test", "-e", str(flag))
+    assert first.exit_code == EXIT_JOB_FAILED, first.output
+    first_id = listed(fleet)[0]["id"]
+    flag.touch()
+    again = fleet.fleetctl("jobs", "rerun", first_id, "--failed")
+    assert again.exit_code == 0, again.output
+    assert f"(rerun of {first_id})" in again.stderr
+    newest = listed(fleet)[0]
+    assert newest["id"] != first_id
+    assert newest["rerun_of"] == first_id
+    assert newest["state"] == "SUCCESS"
+    assert show(fleet, first_id)["state"] == "FAILED"  # the first job is not changed
+
+
+def test_job_file_with_steps_shows_each_step(fleet: LiveFleet, tmp_path: Path) -> None:
+    """run -f with three steps: on_failure skipped after success; jobs show lists each step."""
+    job = tmp_path / "job.toml"
+    job.write_text(
+        'name = "steps"\nnodes = ["n1"]\n'
+        '[[steps]]\nname = "one"\nargv = ["echo", "one"]\n'
+        '[[steps]]\nname = "two"\nscript = "echo two"\ninterpreter = ["/bin/sh", "-eu"]\n'
+        '[[steps]]\nname = "rescue"\nargv = ["echo", "rescue"]\nwhen = "on_failure"\n'
+    )
+    result = fleet.fleetctl("run", "-f", str(job))
+    assert result.exit_code == 0, result.output
+    assert "n1 | one" in result.stdout
+    assert "n1 | two" in result.stdout
+    assert "rescue" not in result.stdout.split("NODE")[0]
+    job_id = listed(fleet)[0]["id"]
+    shown = fleet.fleetctl("jobs", "show", job_id)
+    assert shown.exit_code == 0, shown.output
+    assert "Job:      " + job_id + " (steps)" in shown.stdout
+    assert "  3. rescue [on_failure]: echo rescue" in shown.stdout
+    steps = {ln.split()[2]: ln.split()[3] for ln in shown.stdout.splitlines()
+             if ln.startswith("n1 ") and ln.split()[1].rstrip(".").isdigit()}  # fmt: skip
+    assert steps["one"] == "SUCCESS"
+    assert steps["two"] == "SUCCESS"
+    assert steps["rescue"] == "SKIPPED"
+
+
+def test_ctrl_c_without_a_terminal_leaves_the_job_running(fleet: LiveFleet) -> None:
+    """Ctrl-C while following with no TTY: exit 130, the id and how to come back; job runs on."""
+    argv = [sys.executable, "-c", "from fleetctl.app import main; main()"]
+    proc = subprocess.Popen(
+        [*argv, "run", "-n", "n1", "--", "sh", "-c", "echo started; sleep 60"],
+        env=_env(fleet),
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "n1 | started"
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, (out, err)
+    (job,) = listed(fleet)
+    assert f"job {job['id']} keeps running" in err
+    assert f"fleetctl jobs cancel {job['id']}" in err
+    assert show(fleet, job["id"])["targets"][0]["state"] == "RUNNING"
+    assert fleet.fleetctl("jobs", "cancel", job["id"]).exit_code == 0
+
+
+def test_manager_rejects_what_only_it_can_check(fleet: LiveFleet) -> None:
+    """A timeout beyond the manager's range is INVALID_ARGUMENT: exit 2, one line, no job."""
+    result = fleet.fleetctl("run", "-n", "n1", "--timeout", "3650d", "--", "true")
+    assert result.exit_code == 2, result.output
+    assert "timeout" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert listed(fleet) == []
+
+
+def _env(live: LiveFleet) -> dict[str, str]:
+    return {
+        **{k: v for k, v in os.environ.items() if not k.startswith(("FLEET_", "FLEETCTL_"))},
+        "PYTHONPATH": str(REPO),
+        "XDG_CONFIG_HOME": str(live.home),
+        "FLEET_MANAGER": live.address,
+        "FLEET_CA": str(live.operator.ca_file),
+        "FLEET_CERT": str(live.operator.cert_file),
+        "FLEET_KEY": str(live.operator.key_file),
+    }
+
+
+_ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]|\r")
+
+
+def _read_until(fd: int, wanted: bytes, seen: bytearray, within: float = 30.0) -> None:
+    deadline = time.monotonic() + within
+    while wanted not in _ANSI.sub(b"", bytes(seen)):
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{wanted!r} not seen; got {bytes(seen)[-2000:]!r}")
+        ready, _, _ = select.select([fd], [], [], 0.2)
+        if ready:
+            try:
+                seen.extend(os.read(fd, 65536))
+            except OSError:  # the other end closed
+                return
+
+
+def test_ctrl_c_on_a_terminal_asks_and_c_cancels_the_job(fleet: LiveFleet) -> None:
+    """On a terminal, Ctrl-C asks; 'c' cancels the job, fleetctl follows it to CANCELLED, exit 5."""
+    master, slave = os.openpty()
+    argv = [sys.executable, "-c", "from fleetctl.app import main; main()"]
+    proc = subprocess.Popen(
+        [*argv, "run", "-n", "n1", "--", "sh", "-c", "echo started; sleep 60"],
+        env=_env(fleet), stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+    )  # fmt: skip
+    os.close(slave)
+    seen = bytearray()
+    try:
+        _read_until(master, b"n1 | started", seen)
+        proc.send_signal(signal.SIGINT)
+        _read_until(master, b"cancel the job (c), or leave it running (l)?", seen)
+        os.write(master, b"c\n")
+        _read_until(master, b"CANCELLED", seen)
+        proc.wait(30)
+        _read_until(master, b"\x00", seen, within=1)  # whatever is left
+    except AssertionError:
+        if proc.poll() is None:
+            raise
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    text = _ANSI.sub(b"", bytes(seen)).decode(errors="replace")
+    assert proc.returncode == EXIT_JOB_CANCELLED, text
+    (job,) = listed(fleet)
+    assert f"cancelling job {job['id']}" in text
+    assert job["state"] == "CANCELLED"

@@ -1,0 +1,234 @@
+"""The jobs planner, state derivation, output acceptance and target merges, on a manual clock."""
+
+from __future__ import annotations
+
+import pytest
+
+from manager.service.job_updates import Change, merge
+from manager.service.jobs import (
+    LOST_GRACE,
+    JobLimits,
+    JobState,
+    NodeFacts,
+    Target,
+    TargetState,
+    accept_output,
+    job_state,
+    plan,
+    resolve_concurrency,
+    stages,
+)
+from manager.storage.jobs import JobTargetRecord
+
+T = TargetState
+NOW = 1_000_000.0
+
+
+def targets(*specs: tuple[str, TargetState], canary: int = 0) -> dict[str, Target]:
+    return {
+        n: Target(n, s, stage=0 if i < canary else 1, updated=NOW) for i, (n, s) in enumerate(specs)
+    }
+
+
+def online(*names: str, **facts: object) -> dict[str, NodeFacts]:
+    return {n: NodeFacts(online=True, last_seen=NOW, **facts) for n in names}  # type: ignore[arg-type]
+
+
+LIMITS = JobLimits(created=NOW, concurrency=2)
+
+
+def test_concurrency_resolves_numbers_percentages_and_empty_as_all() -> None:
+    """ "10", "25%" of the targets (rounded up), empty: every target; 0 is refused."""
+    assert resolve_concurrency("10", 500) == 10
+    assert resolve_concurrency("25%", 10) == 3
+    assert resolve_concurrency("", 7) == 7
+    with pytest.raises(ValueError, match="max_concurrency"):
+        resolve_concurrency("0", 5)
+    with pytest.raises(ValueError, match="max_concurrency"):
+        resolve_concurrency("ten", 5)
+
+
+def test_the_window_counts_queued_running_and_in_flight_targets() -> None:
+    """Only as many targets are sent as the window has room for."""
+    ts = targets(("a", T.RUNNING), ("b", T.PENDING), ("c", T.PENDING), ("d", T.PENDING))
+    p = plan(ts, online("a", "b", "c", "d"), LIMITS, NOW)
+    assert p.dispatch == ["b"]
+    p = plan(ts, online("a", "b", "c", "d"), LIMITS, NOW, in_flight={"b"})
+    assert p.dispatch == []
+
+
+def test_an_offline_node_waits_then_is_undeliverable_at_the_delivery_timeout() -> None:
+    """Not dialled while offline; UNDELIVERABLE (not counting as an error) after the timeout."""
+    ts = targets(("a", T.PENDING))
+    facts = {"a": NodeFacts(online=False, last_seen=NOW - 50)}
+    p = plan(ts, facts, LIMITS, NOW + 10)
+    assert p.dispatch == []
+    assert p.changes == {}
+    assert p.wake_at == NOW + LIMITS.delivery_timeout
+    p = plan(ts, facts, LIMITS, NOW + LIMITS.delivery_timeout)
+    state, reason = p.changes["a"]
+    assert state is T.UNDELIVERABLE
+    assert "offline since" in reason
+    assert "does not count against max_errors" in reason
+
+
+def test_a_node_that_comes_back_in_time_gets_its_target() -> None:
+    """Online again before the delivery timeout: sent."""
+    ts = targets(("a", T.PENDING))
+    assert plan(ts, online("a"), LIMITS, NOW + 100).dispatch == ["a"]
+
+
+def test_unreachable_targets_back_off_and_become_undeliverable() -> None:
+    """A failed StartJob waits for next_attempt; past the timeout it is UNDELIVERABLE."""
+    ts = {"a": Target("a", T.PENDING, attempts=2, next_attempt=NOW + 5)}
+    p = plan(ts, online("a"), LIMITS, NOW)
+    assert p.dispatch == []
+    assert p.wake_at == NOW + 5
+    assert plan(ts, online("a"), LIMITS, NOW + 6).dispatch == ["a"]
+    p = plan(ts, online("a"), LIMITS, NOW + LIMITS.delivery_timeout)
+    assert p.changes["a"][0] is T.UNDELIVERABLE
+
+
+def test_max_errors_skips_every_pending_target_but_undeliverable_does_not_count() -> None:
+    """FAILED + TIMEOUT reach max_errors; UNDELIVERABLE and CANCELLED do not."""
+    limits = JobLimits(created=NOW, concurrency=1, max_errors=2)
+    ts = targets(("a", T.FAILED), ("b", T.UNDELIVERABLE), ("c", T.CANCELLED), ("d", T.PENDING))
+    assert plan(ts, online("d"), limits, NOW).dispatch == ["d"]
+    ts = targets(("a", T.FAILED), ("b", T.TIMEOUT), ("c", T.PENDING), ("d", T.PENDING))
+    p = plan(ts, online("c", "d"), limits, NOW)
+    assert p.dispatch == []
+    assert {n: s for n, (s, _) in p.changes.items()} == {"c": T.SKIPPED, "d": T.SKIPPED}
+    assert p.changes["c"][1].startswith("max_errors=2 reached: 2 target(s)")
+    assert "a FAILED" in p.reason
+
+
+def test_the_canary_stage_runs_first_and_its_failure_skips_the_rest() -> None:
+    """Stage 1 waits for stage 0; a stage-0 target not SUCCESS skips stage 1, naming it."""
+    facts = online("a", "b", "c")
+    limits = JobLimits(created=NOW, concurrency=3)
+    ts = targets(("a", T.PENDING), ("b", T.PENDING), ("c", T.PENDING), canary=1)
+    assert plan(ts, facts, limits, NOW).dispatch == ["a"]
+    ts = targets(("a", T.RUNNING), ("b", T.PENDING), ("c", T.PENDING), canary=1)
+    assert plan(ts, facts, limits, NOW).dispatch == []
+    ts = targets(("a", T.SUCCESS), ("b", T.PENDING), ("c", T.PENDING), canary=1)
+    assert plan(ts, facts, limits, NOW).dispatch == ["b", "c"]
+    ts = targets(("a", T.TIMEOUT), ("b", T.PENDING), ("c", T.PENDING), canary=1)
+    p = plan(ts, facts, limits, NOW)
+    assert p.dispatch == []
+    assert p.changes["b"] == (T.SKIPPED, "the canary stage failed: a TIMEOUT")
+    assert stages(["a", "b", "c"], 2) == [("a", 0), ("b", 0), ("c", 1)]
+
+
+def test_jobs_disabled_fails_at_once_and_cancelled_targets_are_never_sent() -> None:
+    """A host refusing jobs: FAILED with the reason; cancel_requested PENDING: CANCELLED."""
+    ts = {
+        "a": Target("a", T.PENDING),
+        "b": Target("b", T.PENDING, cancel_requested=True),
+    }
+    facts = {**online("a", jobs_disabled=True), **online("b")}
+    p = plan(ts, facts, LIMITS, NOW)
+    assert p.changes["a"][0] is T.FAILED
+    assert "enabled = false" in p.changes["a"][1]
+    assert p.changes["b"][0] is T.CANCELLED
+    assert p.dispatch == []
+
+
+def test_a_cancelled_job_sends_nothing_more() -> None:
+    """cancelled=True: no dispatch even with room."""
+    ts = targets(("a", T.PENDING))
+    assert plan(ts, online("a"), LIMITS, NOW, cancelled=True).dispatch == []
+
+
+def test_lost_nodes_end_running_targets() -> None:
+    """Offline past the delivery timeout, or RUNNING and silent past timeout + grace: FAILED."""
+    limits = JobLimits(created=NOW, concurrency=1, timeout=60)
+    ts = {"a": Target("a", T.RUNNING, updated=NOW)}
+    gone = {"a": NodeFacts(online=False, last_seen=NOW)}
+    assert plan(ts, gone, limits, NOW + 10).changes == {}
+    state, reason = plan(ts, gone, limits, NOW + limits.delivery_timeout).changes["a"]
+    assert state is T.FAILED
+    assert reason.startswith("node lost")
+    assert plan(ts, online("a"), limits, NOW + 60 + LOST_GRACE - 1).changes == {}
+    state, reason = plan(ts, online("a"), limits, NOW + 60 + LOST_GRACE).changes["a"]
+    assert state is T.FAILED
+    assert reason.startswith("no result")
+    queued = {"a": Target("a", T.QUEUED, updated=NOW)}
+    assert plan(queued, online("a"), limits, NOW + 10**6).changes == {}
+    asked = {"a": Target("a", T.RUNNING, updated=NOW, cancel_requested=True)}
+    assert plan(asked, gone, limits, NOW + 10**6).changes["a"][0] is T.CANCELLED
+
+
+def test_an_unregistered_node_is_undeliverable() -> None:
+    """A node missing from the registry can never get its target."""
+    p = plan(targets(("x", T.PENDING)), {}, LIMITS, NOW)
+    assert p.changes["x"][0] is T.UNDELIVERABLE
+
+
+@pytest.mark.parametrize(
+    ("counts", "cancelled", "expected"),
+    [
+        ({T.PENDING: 3}, False, JobState.PENDING),
+        ({T.PENDING: 2, T.QUEUED: 1}, False, JobState.RUNNING),
+        ({T.SUCCESS: 2, T.RUNNING: 1}, False, JobState.RUNNING),
+        ({T.SUCCESS: 3}, False, JobState.SUCCESS),
+        ({T.SUCCESS: 2, T.FAILED: 1}, False, JobState.PARTIAL),
+        ({T.SUCCESS: 1, T.UNDELIVERABLE: 1}, False, JobState.PARTIAL),
+        ({T.FAILED: 1, T.SKIPPED: 2}, False, JobState.FAILED),
+        ({T.UNDELIVERABLE: 2}, False, JobState.FAILED),
+        ({T.SUCCESS: 1, T.CANCELLED: 2}, True, JobState.CANCELLED),
+        ({T.RUNNING: 1, T.CANCELLED: 2}, True, JobState.RUNNING),
+    ],
+)
+def test_job_state_is_derived_from_the_targets(
+    counts: dict[TargetState, int], cancelled: bool, expected: JobState
+) -> None:
+    """PENDING, RUNNING, SUCCESS, PARTIAL, FAILED, CANCELLED."""
+    assert job_state(counts, cancelled=cancelled) is expected
+
+
+def test_output_is_stored_once_a_gap_is_refused_and_the_bound_cuts() -> None:
+    """Bytes before the stored end are skipped; a gap raises; beyond the bound: truncated."""
+    got = accept_output(stored=0, truncated=False, offset=0, size=10, bound=100)
+    assert (got.skip, got.keep, got.stored, got.acked, got.truncated) == (0, 10, 10, 10, False)
+    got = accept_output(stored=10, truncated=False, offset=5, size=10, bound=100)
+    assert (got.skip, got.keep, got.stored, got.acked) == (5, 5, 15, 15)
+    got = accept_output(stored=10, truncated=False, offset=0, size=4, bound=100)
+    assert (got.keep, got.stored, got.acked) == (0, 10, 10)
+    with pytest.raises(ValueError, match="gap"):
+        accept_output(stored=10, truncated=False, offset=11, size=1, bound=100)
+    got = accept_output(stored=90, truncated=False, offset=90, size=20, bound=100)
+    assert (got.keep, got.stored, got.acked, got.truncated) == (10, 100, 110, True)
+    got = accept_output(stored=100, truncated=True, offset=110, size=5, bound=100)
+    assert (got.keep, got.stored, got.truncated) == (0, 100, True)
+
+
+def record(state: str, **fields: object) -> JobTargetRecord:
+    return JobTargetRecord("j", "n", state=state, **fields)  # type: ignore[arg-type]
+
+
+def test_terminal_targets_are_final_and_duplicates_change_nothing() -> None:
+    """A late report after SUCCESS is stale; a repeated report is not written again."""
+    done = record("SUCCESS")
+    assert merge(done, Change("j", "n", "report", state=T.FAILED), 5) is None
+    running = record("RUNNING", updated_ms=1, dispatched_ms=1)
+    assert merge(running, Change("j", "n", "report", state=T.RUNNING), 1) is None
+    after = merge(running, Change("j", "n", "report", state=T.SUCCESS, exit_code=0), 9)
+    assert after is not None
+    assert after.state == "SUCCESS"
+    assert after.ended_ms == 9
+
+
+def test_start_job_answers_do_not_undo_reports_and_wait_for_details() -> None:
+    """QUEUED after RUNNING is stale; a terminal answer other than FAILED waits as RUNNING."""
+    assert merge(record("RUNNING"), Change("j", "n", "accepted", state=T.QUEUED), 1) is None
+    after = merge(record("PENDING"), Change("j", "n", "accepted", state=T.SUCCESS), 1)
+    assert after is not None
+    assert after.state == "RUNNING"
+    refused = merge(
+        record("PENDING"), Change("j", "n", "accepted", state=T.FAILED, reason="no user"), 1
+    )
+    assert refused is not None
+    assert (refused.state, refused.reason) == ("FAILED", "no user")
+    miss = merge(record("PENDING"), Change("j", "n", "unreachable", reason="down"), 1)
+    assert miss is not None
+    assert (miss.state, miss.attempts, miss.last_error) == ("PENDING", 1, "down")
