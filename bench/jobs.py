@@ -262,8 +262,19 @@ def raw_sqlite_rate(path: Path, chunks: list[tuple[str, int, bytes]], per_tx: in
     return sum(len(c[2]) for c in chunks) / MiB / elapsed
 
 
+def cpu(child: Child) -> float:
+    """CPU seconds (user + system) of that child process so far."""
+    t = child.process.cpu_times()
+    return float(t.user + t.system)
+
+
 async def ingest(
-    stub: FleetServiceAsyncStub, sims: Child, nodes: list[str], size: int, chunk: int
+    stub: FleetServiceAsyncStub,
+    manager: Child,
+    sims: Child,
+    nodes: list[str],
+    size: int,
+    chunk: int,
 ) -> tuple[float, list[str]]:
     """The ingest round: MiB/s stored by the manager; problems found."""
     problems: list[str] = []
@@ -282,8 +293,15 @@ async def ingest(
         await asyncio.sleep(0.1)
     await asyncio.sleep(SETTLE)
     upload = {"job_id": job_id, "nodes": nodes, "size": size, "chunk": chunk}
+    cpu0 = (cpu(manager), cpu(sims))
     answer = await asyncio.to_thread(sims.ask, f"upload {json.dumps(upload)}")
     seconds = answer["t1"] - answer["t0"]
+    used = (cpu(manager) - cpu0[0], cpu(sims) - cpu0[1])
+    print(
+        f"ingest: {seconds:.2f}s; CPU seconds meanwhile: manager {used[0]:.2f},"
+        f" simulated daemons (uploading) {used[1]:.2f}",
+        flush=True,
+    )
     if answer["acked"] != size * len(nodes):
         problems.append(f"ingest: {answer['acked']} bytes acknowledged of {size * len(nodes)}")
     job = await ended(stub, job_id)
@@ -386,8 +404,10 @@ async def run(n: int, concurrency: int, rounds: int, m: int, size: int, chunk: i
                 gc.freeze()
                 for r in range(rounds):
                     await asyncio.sleep(SETTLE)
+                    c0 = cpu(manager)
                     t_start, _, job = await run_job(stub, spec)
                     took = job.ended_at / 1000 - t_start
+                    manager_cpu = cpu(manager) - c0  # WatchJob/GetJob included
                     states = target_states(job)
                     if states != {"SUCCESS": n} or job.state != jobs_pb2.JOB_STATE_SUCCESS:
                         problems.append(f"round {r + 1}: job {job.state}, targets {states}")
@@ -400,11 +420,12 @@ async def run(n: int, concurrency: int, rounds: int, m: int, size: int, chunk: i
                     ref_times.append((ref, gathered))
                     print(
                         f"round {r + 1}: fleet {took:.3f}s  reference {ref:.3f}s"
-                        f" (gather {gathered:.3f}s)  ratio {took / ref:.2f}x",
+                        f" (gather {gathered:.3f}s)  ratio {took / ref:.2f}x"
+                        f"  (manager CPU {manager_cpu:.2f}s for the job)",
                         flush=True,
                     )
                 refused = (await asyncio.to_thread(sims.ask, "jobs ref-*"))["reports"]
-                rate, found = await ingest(stub, sims, list(addresses)[:m], size, chunk)
+                rate, found = await ingest(stub, manager, sims, list(addresses)[:m], size, chunk)
                 problems += found
         finally:
             for c in ref_channels:
