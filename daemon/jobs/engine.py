@@ -46,6 +46,10 @@ __all__ = ["RUNNER", "Job", "JobEngine", "OutputChunk", "validate_request"]
 
 log = logging.getLogger(__name__)
 
+NOT_RUN = 127
+"""Exit code of a step that never ran or whose status was lost (as a shell's
+"cannot execute"): negative codes mean a signal, so -1 would read as SIGHUP."""
+
 RUNNER = Path(__file__).with_name("runner_main.py")
 """The step wrapper, run as a script by the daemon's own interpreter."""
 MAX_TIMEOUT = 30 * 86400.0
@@ -408,7 +412,7 @@ class JobEngine:
             raise  # the daemon stops: the step keeps running, re-adopted on restart
         except Exception as exc:
             log.exception("job %s failed in the daemon", record.job_id)
-            self._finish(job, decide.TargetResult("FAILED", -1, f"the daemon failed: {exc}"))
+            self._finish(job, decide.TargetResult("FAILED", NOT_RUN, f"the daemon failed: {exc}"))
         finally:
             job.task = None if record.final else job.task
         self._schedule()
@@ -447,12 +451,12 @@ class JobEngine:
             try:
                 pw = pwd.getpwnam(cmd.user)
             except KeyError:
-                return StepOutcome("FAILED", -1, f"user {cmd.user!r} does not exist on this node")
+                return StepOutcome("FAILED", NOT_RUN, f"user {cmd.user!r} does not exist on this node")
             if pw.pw_uid != os.geteuid():
                 if os.geteuid() != 0:
                     return StepOutcome(
                         "FAILED",
-                        -1,
+                        NOT_RUN,
                         f"cannot run as user {cmd.user!r}: the daemon does not run as root",
                     )
                 uid = pw.pw_uid
@@ -507,9 +511,9 @@ class JobEngine:
                 pass_fds=(fd,) if script_fd < 0 else (fd, script_fd),
             )
         except SpawnError as exc:
-            return StepOutcome("FAILED", -1, str(exc))
+            return StepOutcome("FAILED", NOT_RUN, str(exc))
         except OSError as exc:
-            return StepOutcome("FAILED", -1, f"cannot write the script: {exc.strerror or exc}")
+            return StepOutcome("FAILED", NOT_RUN, f"cannot write the script: {exc.strerror or exc}")
         finally:
             os.close(fd)
             if script_fd >= 0:
@@ -579,14 +583,14 @@ class JobEngine:
         status = self.store.read_status(record.job_id, index)
         error = ""
         if status is not None:
-            code = int(status.get("exit_code", -1))
+            code = int(status.get("exit_code", NOT_RUN))
             error = str(status.get("error", ""))
         elif killed:
             code = -int(signal.SIGKILL)
         elif stopping:
             code = -int(signal.SIGTERM)  # it hit the wrapper before its handler was in place
         else:
-            code = -1
+            code = NOT_RUN
         grace = self.cfg.grace_seconds
         how = f"; killed after {grace:g}s grace" if killed else ""
         if stopping == "cancel":
