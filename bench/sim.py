@@ -33,6 +33,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+import grpc
 from grpc import aio
 
 from fleet.errors import FailedPrecondition, InvalidArgument, NotFound
@@ -45,7 +46,14 @@ from fleet.tls import (
     require_role,
     server_credentials,
 )
-from fleet.v1 import common_pb2, daemon_pb2, daemon_pb2_grpc, manager_pb2, manager_pb2_grpc
+from fleet.v1 import (
+    common_pb2,
+    daemon_pb2,
+    daemon_pb2_grpc,
+    jobs_pb2,
+    manager_pb2,
+    manager_pb2_grpc,
+)
 
 __all__ = [
     "Concurrency",
@@ -53,13 +61,24 @@ __all__ = [
     "SimAgent",
     "SimDaemon",
     "SimFleet",
+    "SimJob",
     "SimLink",
     "SimNode",
+    "output_chunks",
     "start_daemon",
 ]
 
 _Context = aio.ServicerContext[Any, Any]
 _S = common_pb2.AgentStatus
+_J = jobs_pb2.JobTargetState
+_FINAL = frozenset(
+    {
+        _J.JOB_TARGET_STATE_SUCCESS,
+        _J.JOB_TARGET_STATE_FAILED,
+        _J.JOB_TARGET_STATE_TIMEOUT,
+        _J.JOB_TARGET_STATE_CANCELLED,
+    }
+)
 _PIDS = itertools.count(10_000)
 
 
@@ -113,6 +132,35 @@ class PushCall:
     """"applied" (it runs this set now), "same" (already did: a no-op) or "stale" (refused)."""
 
 
+@dataclass
+class SimJob:
+    """One job target a simulated daemon accepted (StartJob), as the daemon would run it.
+
+    What it "runs" follows the first step's argv: `true` and `false` end at once
+    with 0 and 1, `sleep S` ends with 0 after S seconds, anything else runs
+    until `SimDaemon.finish_job` (or CancelJob) ends it.
+    """
+
+    job_id: str
+    """The job's id (StartJob is idempotent per id)."""
+    argv: tuple[str, ...]
+    """The first step's argv."""
+    started_at: int
+    """Wall time it started, ms."""
+    state: jobs_pb2.JobTargetState.ValueType = _J.JOB_TARGET_STATE_RUNNING
+    """Its JobTargetState now."""
+    ended_at: int = 0
+    """Wall time it ended, ms (0 while running)."""
+    exit_code: int = 0
+    """Its exit code once ended."""
+    output_bytes: int = 0
+    """Bytes of output it wrote (uploaded by `SimDaemon.upload_output`)."""
+    starts: int = 1
+    """StartJob calls received for it (more than one: the manager re-sent it)."""
+    reported: str = ""
+    """How the manager answered its final ReportJobStatus ("OK", a status code name, "")."""
+
+
 class SimDaemon(daemon_pb2_grpc.DaemonServiceServicer):
     """An in-memory DaemonService for one simulated node (manager callers only)."""
 
@@ -159,6 +207,11 @@ class SimDaemon(daemon_pb2_grpc.DaemonServiceServicer):
         """(method, agent id, operation name) of every call, in order."""
         self.client_ports: set[str] = set()
         """Client ports the callers connected from (one per connection)."""
+        self.jobs: dict[str, SimJob] = {}
+        """Job targets it accepted, by job id."""
+        self.last_report_at = 0.0
+        """Wall time the manager last answered a final ReportJobStatus."""
+        self._job_tasks: set[asyncio.Task[None]] = set()
         self.agents: dict[str, common_pb2.AgentInfo] = {}
         for a in agents:
             info = common_pb2.AgentInfo(id=a.agent_id, type=a.type, version="1.0.0")
@@ -307,6 +360,148 @@ class SimDaemon(daemon_pb2_grpc.DaemonServiceServicer):
         )
         if request.follow:
             await asyncio.Event().wait()  # nothing more is ever written
+
+    # --- jobs ---------------------------------------------------------------------------------
+
+    async def StartJob(
+        self, request: daemon_pb2.StartJobRequest, context: _Context
+    ) -> daemon_pb2.StartJobResponse:
+        """As the real daemon: idempotent per job id; answers RUNNING, reports the end."""
+        self._enter("StartJob", context, request.job_id)
+        if not request.job_id or not request.steps:
+            raise InvalidArgument("a job needs an id and at least one step", field="steps")
+        job = self.jobs.get(request.job_id)
+        if job is not None:
+            job.starts += 1
+            return daemon_pb2.StartJobResponse(state=job.state)
+        argv = tuple(request.steps[0].command.argv)
+        job = SimJob(request.job_id, argv, _now_ms())
+        self.jobs[request.job_id] = job
+        name = Path(argv[0]).name if argv else ""
+        if name in ("true", "false"):
+            self._end_job(job, 0 if name == "true" else 1)
+        elif name == "sleep" and len(argv) == 2:
+            self._spawn(self._end_later(job, float(argv[1])))
+        return daemon_pb2.StartJobResponse(state=_J.JOB_TARGET_STATE_RUNNING)
+
+    async def CancelJob(
+        self, request: daemon_pb2.CancelJobRequest, context: _Context
+    ) -> daemon_pb2.CancelJobResponse:
+        self._enter("CancelJob", context, request.job_id)
+        job = self.jobs.get(request.job_id)
+        if job is None:
+            raise NotFound(f"job {request.job_id!r} is not known on {self.node_id}")
+        if job.state not in _FINAL:
+            self._end_job(job, -15, _J.JOB_TARGET_STATE_CANCELLED)
+        return daemon_pb2.CancelJobResponse(state=job.state)
+
+    async def ReadJobOutput(
+        self, request: daemon_pb2.ReadJobOutputRequest, context: _Context
+    ) -> AsyncIterator[daemon_pb2.ReadJobOutputResponse]:
+        """A simulated job's output is not kept on the node: nothing, then eof once it ended."""
+        self._enter("ReadJobOutput", context, request.job_id)
+        job = self.jobs.get(request.job_id)
+        if job is None:
+            raise NotFound(f"job {request.job_id!r} is not known on {self.node_id}")
+        end = request.offset
+        yield daemon_pb2.ReadJobOutputResponse(offset=end, next_offset=end, eof=job.state in _FINAL)
+
+    def finish_job(self, job_id: str, exit_code: int = 0) -> None:
+        """End a job that runs until told (its final state is reported)."""
+        job = self.jobs[job_id]
+        if job.state not in _FINAL:
+            self._end_job(job, exit_code)
+
+    async def _end_later(self, job: SimJob, seconds: float) -> None:
+        await asyncio.sleep(seconds)
+        if job.state not in _FINAL:
+            self._end_job(job, 0)
+
+    def _end_job(
+        self,
+        job: SimJob,
+        exit_code: int,
+        state: jobs_pb2.JobTargetState.ValueType = _J.JOB_TARGET_STATE_UNSPECIFIED,
+    ) -> None:
+        job.exit_code = exit_code
+        job.ended_at = _now_ms()
+        if not state:
+            state = _J.JOB_TARGET_STATE_SUCCESS if exit_code == 0 else _J.JOB_TARGET_STATE_FAILED
+        job.state = state
+        self._spawn(self._report_job(job))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._job_tasks.add(task)
+        task.add_done_callback(self._job_tasks.discard)
+
+    async def _report_job(self, job: SimJob) -> None:
+        """ReportJobStatus with the final state, retried while the manager is unreachable
+        (as the daemon does); the manager's answer is recorded in `job.reported`."""
+        if self.link is None:
+            return
+        step = jobs_pb2.JobStepResult(
+            index=0,
+            name="step-1",
+            state=job.state,
+            exit_code=job.exit_code,
+            started_at=job.started_at,
+            ended_at=job.ended_at,
+        )
+        request = manager_pb2.ReportJobStatusRequest(
+            node_id=self.node_id,
+            job_id=job.job_id,
+            state=job.state,
+            exit_code=job.exit_code,
+            started_at=job.started_at,
+            ended_at=job.ended_at,
+            steps=[step],
+            output_bytes=job.output_bytes,
+        )
+        for attempt in range(20):
+            try:
+                await self.link.stub.ReportJobStatus(request, timeout=30)
+                job.reported = "OK"
+                break
+            except aio.AioRpcError as e:
+                job.reported = e.code().name
+                if e.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                    break
+                await asyncio.sleep(min(0.05 * 2**attempt, 1.0))
+        self.last_report_at = time.time()
+
+    async def upload_output(self, job_id: str, size: int, chunk: int) -> int:
+        """Upload `size` bytes of this job's output as the daemon does: chunks with offsets,
+        one at a time, from the manager's acknowledged offset. Returns the acked offset."""
+        assert self.link is not None
+        job = self.jobs[job_id]
+        acked = 0
+        for offset, data in output_chunks(self.node_id, size, chunk):
+            if offset < acked:
+                continue
+            reply = await self.link.stub.UploadJobOutput(
+                manager_pb2.UploadJobOutputRequest(
+                    node_id=self.node_id, job_id=job_id, offset=offset, data=data
+                ),
+                timeout=60,
+            )
+            acked = reply.acked_offset
+            if reply.truncated:
+                break
+        job.output_bytes = size
+        return acked
+
+
+def output_chunks(node_id: str, size: int, chunk: int) -> list[tuple[int, bytes]]:
+    """A simulated target's output as (offset, bytes) chunks: numbered 64-byte lines."""
+    line = f"{node_id} output line %010d " + "." * 64
+    out = bytearray()
+    i = 0
+    while len(out) < size:
+        out += (line % i)[:63].encode() + b"\n"
+        i += 1
+    data = bytes(out[:size])
+    return [(o, data[o : o + chunk]) for o in range(0, size, chunk)]
 
 
 def _now_ms() -> int:
@@ -532,24 +727,78 @@ class SimFleet:
 #   python -m bench.sim serve  < spec JSON line
 #
 # stdin, first line: {"op_delay": 0.0, "nodes": [{"node_id", "ca", "cert", "key"}, ...]}
-# stdout, first line: {"<node_id>": "127.0.0.1:<port>", ...} once all serve.
+# and, for jobs, "manager": "<host:port>", "trust_domain", "labels": {...}: every
+# daemon then registers with that manager (RegisterNode + SyncAgentStates, with
+# its own certificate) and reports its jobs' ends there (ReportJobStatus).
+# stdout, first line: {"<node_id>": "127.0.0.1:<port>", ...} once all serve
+# (and registered).
 # Then each "stats" line on stdin prints one JSON line
 # {"peak": <most OperateAgent in flight>, "nodes": {"<node_id>": {"operations": n,
-# "ports": [client ports]}}}; "delay <seconds>" sets every daemon's op_delay
-# (and resets the peak); EOF on stdin stops every server and exits.
+# "ports": [client ports]}}, "jobs": {...}}; "delay <seconds>" sets every daemon's
+# op_delay (and resets the peak); "jobs <job id>" (or "<prefix>*") answers, for those
+# jobs: StartJob calls, jobs, each final report's answer, and the wall
+# time of the last report answered; "upload <json>" ({"job_id", "nodes", "size",
+# "chunk"}) uploads `size` bytes of output per listed node (all nodes at once, each
+# one chunk at a time, as daemons do), answers {"t0", "t1", "acked"}, then ends
+# those jobs (reported SUCCESS with output_bytes); EOF on stdin stops every server
+# and exits.
 
 
 SPEC_LIMIT = 64 * 1024 * 1024
 """Longest JSON line read from stdin (a 500-node spec is ~100 KiB; asyncio's default is 64 KiB)."""
+NOFILE = 20_000
+"""Open-file limit the serve mode asks for: two sockets per simulated daemon, and then some."""
+
+
+def _raise_nofile() -> None:
+    import resource
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = NOFILE if hard == resource.RLIM_INFINITY else min(NOFILE, hard)
+    if soft < want:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+
+
+def _job_stats(nodes: list[SimNode], pattern: str) -> dict[str, Any]:
+    """Stats of the jobs with this id (or whose id starts with it, given as "prefix*")."""
+    prefix = pattern.removesuffix("*")
+    jobs = [
+        j
+        for n in nodes
+        for job_id, j in n.servicer.jobs.items()
+        if (job_id.startswith(prefix) if pattern.endswith("*") else job_id == pattern)
+    ]
+    answers: dict[str, int] = {}
+    for j in jobs:
+        answers[j.reported] = answers.get(j.reported, 0) + 1
+    return {
+        "jobs": len(jobs),
+        "starts": sum(j.starts for j in jobs),
+        "ended": sum(j.ended_at > 0 for j in jobs),
+        "reports": answers,
+        "last_report_at": max((n.servicer.last_report_at for n in nodes), default=0.0),
+    }
+
+
+async def _upload(by_id: dict[str, SimNode], spec: dict[str, Any]) -> dict[str, Any]:
+    job_id, size, chunk = spec["job_id"], int(spec["size"]), int(spec["chunk"])
+    daemons = [by_id[n].servicer for n in spec["nodes"]]
+    t0 = time.time()
+    acked = await asyncio.gather(*(d.upload_output(job_id, size, chunk) for d in daemons))
+    t1 = time.time()
+    for d in daemons:
+        d.finish_job(job_id)
+    return {"t0": t0, "t1": t1, "acked": sum(acked)}
 
 
 async def _serve() -> None:
+    _raise_nofile()
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=SPEC_LIMIT)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     spec = json.loads(await reader.readline())
     concurrency = Concurrency()
-    nodes = []
+    nodes: list[SimNode] = []
     try:
         for item in spec["nodes"]:
             tls = TLSConfig(Path(item["ca"]), Path(item["cert"]), Path(item["key"]))
@@ -559,8 +808,18 @@ async def _serve() -> None:
                     tls,
                     concurrency=concurrency,
                     op_delay=float(spec.get("op_delay", 0.0)),
+                    labels=spec.get("labels"),
                 )
             )
+        if spec.get("manager"):
+            sem = asyncio.Semaphore(32)
+
+            async def register(node: SimNode) -> None:
+                async with sem:
+                    await node.register(spec["manager"], spec["trust_domain"])
+
+            await asyncio.gather(*(register(n) for n in nodes))
+        by_id = {n.node_id: n for n in nodes}
         # Start-up objects leave the cyclic GC, as in the manager and the driver:
         # one process holding N daemons' servers is a far bigger heap than any
         # real daemon's, and full collections walking it would land in rounds.
@@ -587,6 +846,10 @@ async def _serve() -> None:
                         },
                     }
                 )
+            elif command == "jobs":
+                _emit(_job_stats(nodes, arg))
+            elif command == "upload":
+                _emit(await _upload(by_id, json.loads(arg)))
     finally:
         await asyncio.gather(*(n.stop() for n in nodes))
 
