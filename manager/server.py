@@ -343,12 +343,7 @@ class ManagerServer:
             self.agent_states,
             self.artifacts,
             trust_domain=identity.trust_domain,
-            jobs=JobReports(
-                job_repo,
-                self.job_updates,
-                max_output_bytes=cfg.jobs.max_output_bytes,
-                clock=self._clock,
-            ),
+            jobs=JobReports(self.job_updates, max_output_bytes=cfg.jobs.max_output_bytes),
             reports=DaemonReports(desired, clock=self._clock, on_change=poke),
             on_change=self._nodes_changed,
         )

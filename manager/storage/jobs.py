@@ -24,7 +24,7 @@ from manager.storage.events import event_row, insert_events
 from manager.storage.schema import job_output, job_targets, jobs
 from manager.storage.sqlhelp import chunks
 
-__all__ = ["JobRecord", "JobRepository", "JobTargetRecord", "JobTx", "OutputChunk"]
+__all__ = ["JobRecord", "JobRepository", "JobTargetRecord", "JobTx", "OutputChunk", "OutputRow"]
 
 T = TypeVar("T")
 
@@ -105,6 +105,20 @@ class JobTargetRecord:
 class OutputChunk:
     """Stored output bytes of one target."""
 
+    node_id: str
+    """The target's node."""
+    pos: int
+    """Offset of `data`'s first byte in the target's output."""
+    data: bytes
+    """The bytes."""
+
+
+@dataclass(frozen=True)
+class OutputRow:
+    """A chunk of output to store."""
+
+    job_id: str
+    """The job."""
     node_id: str
     """The target's node."""
     pos: int
@@ -287,21 +301,16 @@ class JobTx:
 
     # --- output -------------------------------------------------------------------------------
 
-    async def add_output(self, job_id: str, node_id: str, pos: int, data: bytes) -> None:
-        """Store a chunk at `pos` (the caller keeps chunks contiguous)."""
-        await self._conn.execute(
-            insert(job_output).values(job_id=job_id, node_id=node_id, pos=pos, data=data)
-        )
-
-    async def set_output_end(
-        self, job_id: str, node_id: str, *, stored: int, truncated: bool, updated_ms: int
-    ) -> None:
-        """Record where a target's stored output ends."""
-        await self._conn.execute(
-            update(job_targets)
-            .where(job_targets.c.job_id == job_id, job_targets.c.node_id == node_id)
-            .values(output_stored_bytes=stored, truncated=truncated, updated_ms=updated_ms)
-        )
+    async def add_outputs(self, rows: Sequence[OutputRow]) -> None:
+        """Store chunks (one statement, executemany; the caller keeps them contiguous)."""
+        if rows:
+            await self._conn.execute(
+                insert(job_output),
+                [
+                    {"job_id": r.job_id, "node_id": r.node_id, "pos": r.pos, "data": r.data}
+                    for r in rows
+                ],
+            )
 
     async def output(
         self, job_id: str, node_id: str, offset: int, max_bytes: int
