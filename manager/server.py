@@ -324,7 +324,12 @@ class ManagerServer:
         self.job_driver.start()
         self._stack.push_async_callback(self.job_driver.stop)
         self.jobs = Jobs(
-            job_repo, self.nodes, self.pool, clock=self._clock, on_change=self.job_driver.poke
+            job_repo,
+            self.nodes,
+            self.pool,
+            clock=self._clock,
+            on_change=self.job_driver.poke,
+            on_started=self.job_driver.adopt,
         )
         self.job_janitor = JobJanitor(
             self.db,

@@ -139,21 +139,18 @@ def merge(current: JobTargetRecord, change: Change, now_ms: int) -> JobTargetRec
         return None  # the report that it runs came first
     if not transition_allowed(state, new):
         return None
-    out = dataclasses.replace(current, state=new.value, updated_ms=now_ms)
+    # One replace per change: this runs for every report and StartJob answer.
+    values: dict[str, object] = {"state": new.value, "updated_ms": now_ms}
     if change.kind == "accepted":
-        out = dataclasses.replace(
-            out, attempts=0, last_error="", dispatched_ms=current.dispatched_ms or now_ms
-        )
+        values.update(attempts=0, last_error="", dispatched_ms=current.dispatched_ms or now_ms)
         if new is TargetState.FAILED:
-            out = dataclasses.replace(out, reason=change.reason, ended_ms=now_ms)
-        return out
+            values.update(reason=change.reason, ended_ms=now_ms)
+        return dataclasses.replace(current, **values)  # type: ignore[arg-type]
     if change.kind == "decision":
-        return dataclasses.replace(
-            out, reason=change.reason, ended_ms=now_ms if new in TERMINAL else 0
-        )
+        values.update(reason=change.reason, ended_ms=now_ms if new in TERMINAL else 0)
+        return dataclasses.replace(current, **values)  # type: ignore[arg-type]
     # A report.
-    out = dataclasses.replace(
-        out,
+    values.update(
         exit_code=change.exit_code,
         started_ms=change.started_ms or current.started_ms,
         ended_ms=change.ended_ms or (now_ms if new in TERMINAL else 0),
@@ -161,12 +158,14 @@ def merge(current: JobTargetRecord, change: Change, now_ms: int) -> JobTargetRec
         dispatched_ms=current.dispatched_ms or now_ms,
     )
     if change.steps is not None:
-        out = dataclasses.replace(out, steps=change.steps)
+        values["steps"] = change.steps
     if change.output_bytes is not None:
-        out = dataclasses.replace(out, output_bytes=max(current.output_bytes, change.output_bytes))
-    if out == dataclasses.replace(current, updated_ms=now_ms) and state is new:
+        values["output_bytes"] = max(current.output_bytes, change.output_bytes)
+    if state is new and all(
+        getattr(current, k) == v for k, v in values.items() if k != "updated_ms"
+    ):
         return None  # a duplicate report
-    return out
+    return dataclasses.replace(current, **values)  # type: ignore[arg-type]
 
 
 def finished_message(job_id: str, target: JobTargetRecord) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import builtins
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
 from sqlalchemy import and_, bindparam, delete, func, insert, select, update
@@ -151,11 +151,20 @@ def _job(row: Any) -> JobRecord:
     return JobRecord(id=row.id, **{f: getattr(row, f) for f in _JOB_FIELDS})
 
 
+# A job's targets are read by the hundred per commit: rows map to records by position
+# (the table and the dataclass list the same columns in the same order).
+_TRUNCATED = _TARGET_FIELDS.index("truncated") + 2
+assert _TARGET_FIELDS.index("cancel_requested") + 2 == _TRUNCATED + 1
+assert [c.name for c in job_targets.columns] == ["job_id", "node_id", *_TARGET_FIELDS]
+assert [f.name for f in fields(JobTargetRecord)] == ["job_id", "node_id", *_TARGET_FIELDS]
+
+
 def _target(row: Any) -> JobTargetRecord:
-    values = {f: getattr(row, f) for f in _TARGET_FIELDS}
-    values["truncated"] = bool(values["truncated"])
-    values["cancel_requested"] = bool(values["cancel_requested"])
-    return JobTargetRecord(job_id=row.job_id, node_id=row.node_id, **values)
+    """A `select(job_targets)` row as its record."""
+    values = list(row)
+    values[_TRUNCATED] = bool(values[_TRUNCATED])
+    values[_TRUNCATED + 1] = bool(values[_TRUNCATED + 1])
+    return JobTargetRecord(*values)
 
 
 def _target_row(t: JobTargetRecord) -> dict[str, Any]:
