@@ -102,7 +102,7 @@ def events(
     ] = None,
     node: Annotated[str | None, typer.Option("--node", "-n", help="Only about this node.")] = None,
 ) -> None:
-    """Show events (node registered/online/offline, label changes, agent states, operations).
+    """Show events (nodes, labels, agent states, operations, rollouts, jobs).
 
     The last 20 by default; -f follows from now.
     """

@@ -186,12 +186,14 @@ class _Progress:
         if cli.err.is_terminal:
             self._live = Live(
                 _Line(text),
-                console=cli.err,
+                # Output lines go above the progress line only when printed through
+                # the Live's own console (rich Consoles bypass its stdout redirect):
+                # on a terminal stdout that is where they go anyway; a piped stdout
+                # leaves the line alone on stderr.
+                console=cli.out if cli.out.is_terminal else cli.err,
                 transient=True,
                 refresh_per_second=4,
-                # Lines written to stdout go above the progress line when both are
-                # the terminal; a piped stdout must not be pulled onto stderr.
-                redirect_stdout=cli.out.is_terminal,
+                redirect_stdout=False,
                 redirect_stderr=False,
             )
 

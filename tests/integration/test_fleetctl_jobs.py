@@ -27,19 +27,6 @@ from fleetctl.joboutput import EXIT_JOB_CANCELLED, EXIT_JOB_FAILED
 
 REPO = Path(__file__).resolve().parents[2]
 
-# The fleetctl side was built against the protos while the manager's and the
-# daemon's sides were built in parallel; until the manager serves the job RPCs
-# (it deletes them from fleet/pending_rpcs.py, and the module once empty)
-# there is nothing to run against.
-try:
-    from fleet.pending_rpcs import PendingFleetRpcs as _Pending
-except ImportError:
-    _Pending = None  # type: ignore[assignment,misc]
-pytestmark = pytest.mark.skipif(
-    _Pending is not None and hasattr(_Pending, "RunJob"),
-    reason="the manager does not serve RunJob yet (still in fleet/pending_rpcs.py)",
-)
-
 
 @pytest.fixture
 def fleet(pki: Any, tmp_path: Path) -> Iterator[LiveFleet]:
@@ -314,3 +301,40 @@ def test_ctrl_c_on_a_terminal_asks_and_c_cancels_the_job(fleet: LiveFleet) -> No
     (job,) = listed(fleet)
     assert f"cancelling job {job['id']}" in text
     assert job["state"] == "CANCELLED"
+
+
+def test_on_a_terminal_output_lines_start_their_own_line_under_the_progress_line(
+    fleet: LiveFleet,
+) -> None:
+    """The progress line redraws below the output; no output line is glued to it."""
+    master, slave = os.openpty()
+    argv = [sys.executable, "-c", "from fleetctl.app import main; main()"]
+    script = "for i in 1 2 3 4; do echo tick $i; sleep 0.6; done"
+    proc = subprocess.Popen(
+        [*argv, "run", "-n", "n1", "--", "sh", "-c", script],
+        env=_env(fleet), stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+    )  # fmt: skip
+    os.close(slave)
+    seen = bytearray()
+    try:
+        _read_until(master, b"SUCCESS", seen)
+        proc.wait(30)
+        _read_until(master, b"\x00", seen, within=1)  # whatever is left
+    except AssertionError:
+        if proc.poll() is None:
+            raise
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    text = _ANSI.sub(b"", bytes(seen)).decode(errors="replace")
+    assert proc.returncode == 0, text
+    assert "RUNNING: 0/1 done" in text, text  # the progress line was drawn
+    # Colours out, cursor controls kept: a line starts after a newline, or
+    # after the Live display's "carriage return, erase line".
+    raw = re.sub(r"\x1b\[[0-9;]*m", "", bytes(seen).decode(errors="replace"))
+    for i in range(1, 5):
+        at = raw.index(f"n1 | tick {i}")
+        before = raw[:at]
+        assert before.endswith(("\n", "\r", "\r\x1b[2K")), repr(raw[max(0, at - 60) : at + 12])
