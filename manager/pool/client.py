@@ -31,6 +31,7 @@ Unavailable that is never retried).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 import time
@@ -263,15 +264,19 @@ class DaemonPool:
         request = daemon_pb2.ReadAgentLogRequest(
             agent_id=agent_id, offset=offset, max_bytes=max_bytes, follow=follow
         )
-        async for response in self._stream(
-            node_id,
-            address,
-            lambda stub: stub.ReadAgentLog,
-            request,
-            follow=follow,
-            call_timeout=call_timeout,
-        ):
-            yield response
+        # aclosing: a reader that leaves closes the inner stream (and its slot) at once.
+        async with contextlib.aclosing(
+            self._stream(
+                node_id,
+                address,
+                lambda stub: stub.ReadAgentLog,
+                request,
+                follow=follow,
+                call_timeout=call_timeout,
+            )
+        ) as responses:
+            async for response in responses:
+                yield response
 
     async def start_job(
         self,
@@ -321,15 +326,19 @@ class DaemonPool:
         request = daemon_pb2.ReadJobOutputRequest(
             job_id=job_id, offset=offset, max_bytes=max_bytes, follow=follow
         )
-        async for response in self._stream(
-            node_id,
-            address,
-            lambda stub: stub.ReadJobOutput,
-            request,
-            follow=follow,
-            call_timeout=call_timeout,
-        ):
-            yield response
+        # aclosing: a reader that leaves closes the inner stream (and its slot) at once.
+        async with contextlib.aclosing(
+            self._stream(
+                node_id,
+                address,
+                lambda stub: stub.ReadJobOutput,
+                request,
+                follow=follow,
+                call_timeout=call_timeout,
+            )
+        ) as responses:
+            async for response in responses:
+                yield response
 
     async def forget(self, node_id: str) -> None:
         """Close the channel to `node_id` (e.g. the node was deleted); calls in flight fail."""

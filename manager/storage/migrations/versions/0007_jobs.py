@@ -21,10 +21,13 @@ depends_on: str | None = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("nodes") as batch:
-        batch.add_column(
-            sa.Column("jobs_disabled", sa.Boolean(), nullable=False, server_default=sa.false())
-        )
+    # Not batch mode and a constant default: either would make Alembic rebuild
+    # `nodes` on SQLite, and dropping the old table cascades to agent_states
+    # (foreign keys are on) -- every agent state would be lost on upgrade.
+    op.add_column(
+        "nodes",
+        sa.Column("jobs_disabled", sa.Boolean(), nullable=False, server_default="0"),
+    )
     op.create_table(
         "jobs",
         sa.Column("id", sa.String(64), nullable=False),
@@ -89,5 +92,5 @@ def downgrade() -> None:
     op.drop_table("job_output")
     op.drop_table("job_targets")
     op.drop_table("jobs")
-    with op.batch_alter_table("nodes") as batch:
-        batch.drop_column("jobs_disabled")
+    # As 0002: ALTER TABLE ... DROP COLUMN, no rebuild (SQLite 3.35+).
+    op.drop_column("nodes", "jobs_disabled")
