@@ -529,6 +529,7 @@ class Definitions:
     async def delete(self, name: str, *, message: str, plan: bool, actor: str) -> Change:
         """Remove a definition's agent from every node; its history is kept."""
         _check_name(name)
+        _check_message(message)
         now_ms = int(self._clock() * 1000)
 
         async def body(tx: DesiredTx) -> Change:
@@ -592,6 +593,7 @@ class Definitions:
     ) -> Change:
         """Apply the content of an earlier revision as a new revision (and roll it out)."""
         _check_name(name)
+        _check_message(message)
         if to_revision < 0:
             raise InvalidArgument(f"must be >= 0, got {to_revision}", field="to_revision")
 
@@ -736,8 +738,7 @@ class Definitions:
                 f"at most {MAX_DEFINITIONS_PER_APPLY} per apply, got {len(messages)}",
                 field="definitions",
             )
-        if len(why) > 1000 or "\x00" in why:
-            raise InvalidArgument("at most 1000 characters, without NUL", field="message")
+        _check_message(why)
         checked = []
         seen: set[str] = set()
         for i, msg in enumerate(messages):
@@ -945,6 +946,12 @@ def without_metrics(matching: Sequence[NodeRecord]) -> list[Candidate]:
         Candidate(n.node_id, n.labels, n.status == "online", offline_since=n.last_seen_ms / 1000)
         for n in matching
     ]
+
+
+def _check_message(message: str) -> None:
+    """The change cause: stored in audit and events (PostgreSQL text cannot hold NUL)."""
+    if len(message) > 1000 or "\x00" in message:
+        raise InvalidArgument("at most 1000 characters, without NUL", field="message")
 
 
 def _check_name(name: str) -> None:

@@ -338,6 +338,31 @@ async def test_bad_definitions_are_refused_naming_the_field_and_store_nothing(
         assert list(listed.definitions) == []
 
 
+async def test_a_change_cause_with_nul_is_refused_by_delete_and_undo(
+    pki: Any, tmp_path: Path, database_url: str
+) -> None:
+    """--message goes to audit and events: a NUL in it is INVALID_ARGUMENT naming
+    `message` for delete and undo too (PostgreSQL text cannot hold it; the fuzzer
+    found DeleteDefinition answering INTERNAL), and nothing changes."""
+    async with desired_env(pki, tmp_path, database_url) as env:
+        await env.apply(definition())
+        calls = [
+            env.stub.DeleteDefinition(
+                fleet_pb2.FleetServiceDeleteDefinitionRequest(name="web", message="why\x00")
+            ),
+            env.stub.UndoRollout(
+                fleet_pb2.FleetServiceUndoRolloutRequest(name="web", to_revision=1, message="\x00")
+            ),
+        ]
+        for call in calls:
+            err = await rpc_error(call)
+            assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
+            assert (err.details() or "").startswith("message:"), err.details()
+        listed = await env.stub.ListDefinitions(fleet_pb2.FleetServiceListDefinitionsRequest())
+        current = [(d.current.definition.name, d.current.revision) for d in listed.definitions]
+        assert current == [("web", 1)]
+
+
 def _with(d: desired_pb2.Definition, **agent: Any) -> desired_pb2.Definition:
     out = desired_pb2.Definition()
     out.CopyFrom(d)
