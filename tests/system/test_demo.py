@@ -45,7 +45,9 @@ def test_demo_oneshot_on_a_fresh_clone(tmp_path: Path) -> None:
     assert len(re.findall(r"\bRUNNING\b", output)) >= 6
     assert "2 ok, 0 failed, 0 skipped of 2" in output
     assert "usage_percent" in output
-    assert "AGENT_STATE_CHANGED" in output
+    # The events step lists the newest events; which kinds are newest depends on
+    # timing (agent states, operations, node events), so any kind will do.
+    assert re.search(r"\b(AGENT_STATE_CHANGED|OPERATION|NODE_[A-Z_]+)\b", output)
     # The job ran its steps on both nodes, one at a time, and succeeded.
     assert re.search(r"job \S+ SUCCESS: 2 success", output), output[-4000:]
     assert re.search(r"node-1 \| ", output), output[-4000:]
