@@ -50,7 +50,7 @@ demo: setup  ## run a manager and two daemons with example agents, and a fleetct
 	scripts/demo.sh
 
 test: setup  ## run the whole test suite
-	$(PY) -m pytest
+	$(PY) -m pytest -n 2 --dist loadfile --durations=25
 
 soak: setup  ## long fault runs: manager kill -9 under 1,000 simulated daemons + every fault test
 	FLEET_FAULT_NODES=1000 $(PY) -m pytest tests/faults -s --timeout 900
