@@ -16,6 +16,7 @@ import random
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -143,6 +144,12 @@ async def test_an_upload_cut_by_a_manager_crash_leaves_nothing(
     def crashing() -> Iterator[fleet_pb2.FleetServicePushArtifactRequest]:
         for i, request in enumerate(push_requests(data, "agent", "4")):
             if i == 8:
+                # Kill once something is staged (on a busy machine the first chunks may
+                # still be on their way): the point is what a restart does with it.
+                deadline = time.monotonic() + 20
+                while manager.query("SELECT count(*) FROM artifact_chunks")[0][0] == 0:
+                    assert time.monotonic() < deadline, "no chunk was staged within 20 s"
+                    time.sleep(0.02)
                 os.kill(manager.popen.pid, signal.SIGKILL)  # type: ignore[union-attr]
             yield request
 
