@@ -451,7 +451,9 @@ class JobEngine:
             try:
                 pw = pwd.getpwnam(cmd.user)
             except KeyError:
-                return StepOutcome("FAILED", NOT_RUN, f"user {cmd.user!r} does not exist on this node")
+                return StepOutcome(
+                    "FAILED", NOT_RUN, f"user {cmd.user!r} does not exist on this node"
+                )
             if pw.pw_uid != os.geteuid():
                 if os.geteuid() != 0:
                     return StepOutcome(
