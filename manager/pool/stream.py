@@ -173,6 +173,7 @@ class ControlSession:
         try:
             async with self._deadline(c, timeout):
                 item = await c.take()
+                c.done = True  # the answer is in: what the daemon still sends is dropped
                 if item is _END:  # ended OK without a response: the empty message
                     return c.method.response()
                 if isinstance(item, errors.FleetError):
