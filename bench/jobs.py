@@ -2,6 +2,7 @@
 
     python bench/jobs.py            # N = 500, max_concurrency 100; ingest 200 x 1 MiB
     python bench/jobs.py --smoke    # N = 6, max_concurrency 2; ingest 3 x 256 KiB, 64 KiB chunks
+    python bench/jobs.py --profile /tmp/jobs.prof  # cProfile the manager: .dispatch, .ingest
 
 Three processes: this one (the operator's client, the reference's channels,
 the timing), a real manager (ManagerServer: mTLS, SQLite WAL under a temp
@@ -54,6 +55,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import cProfile
 import dataclasses
 import gc
 import json
@@ -158,10 +160,13 @@ def manager_config(root: Path, tls: TLSConfig, n: int, max_output: int) -> Manag
 async def serve_manager() -> None:
     """--manager-child: a ManagerServer in this process.
 
-    stdin: {"root", "ca", "cert", "key", "n", "max_output"}; answers {"port"};
+    stdin: {"root", "ca", "cert", "key", "n", "max_output"}; answers {"port"}.
+    Then "profile on" / "profile off" / "profile <file>" start cProfile,
+    pause it, or stop it and dump what it gathered there (and start afresh);
     EOF stops the manager.
     """
     raise_nofile()
+    profiler = cProfile.Profile()
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=SPEC_LIMIT)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -174,8 +179,18 @@ async def serve_manager() -> None:
     gc.freeze()  # as fleet-manager does once started (manager/cli.py)
     try:
         _emit({"port": manager.port})
-        while await reader.readline():
-            pass
+        while line := await reader.readline():
+            command, _, arg = line.decode().strip().partition(" ")
+            if command == "profile":
+                if arg == "on":
+                    profiler.enable()
+                elif arg == "off":
+                    profiler.disable()
+                else:
+                    profiler.disable()
+                    profiler.dump_stats(arg)
+                    profiler = cProfile.Profile()
+                _emit({"profile": arg})
     finally:
         await manager.stop(1.0)
 
@@ -275,6 +290,7 @@ async def ingest(
     nodes: list[str],
     size: int,
     chunk: int,
+    profile: str = "",
 ) -> tuple[float, list[str]]:
     """The ingest round: MiB/s stored by the manager; problems found."""
     problems: list[str] = []
@@ -293,8 +309,12 @@ async def ingest(
         await asyncio.sleep(0.1)
     await asyncio.sleep(SETTLE)
     upload = {"job_id": job_id, "nodes": nodes, "size": size, "chunk": chunk}
+    if profile:
+        await asyncio.to_thread(manager.ask, "profile on")
     cpu0 = (cpu(manager), cpu(sims))
     answer = await asyncio.to_thread(sims.ask, f"upload {json.dumps(upload)}")
+    if profile:
+        await asyncio.to_thread(manager.ask, f"profile {profile}")
     seconds = answer["t1"] - answer["t0"]
     used = (cpu(manager) - cpu0[0], cpu(sims) - cpu0[1])
     print(
@@ -320,7 +340,9 @@ async def ingest(
     return size * len(nodes) / MiB / seconds, problems
 
 
-async def run(n: int, concurrency: int, rounds: int, m: int, size: int, chunk: int) -> int:
+async def run(
+    n: int, concurrency: int, rounds: int, m: int, size: int, chunk: int, profile: str = ""
+) -> int:
     raise_nofile()
     problems: list[str] = []
     with tempfile.TemporaryDirectory(prefix="fleet-jobs-") as tmp:
@@ -404,8 +426,12 @@ async def run(n: int, concurrency: int, rounds: int, m: int, size: int, chunk: i
                 gc.freeze()
                 for r in range(rounds):
                     await asyncio.sleep(SETTLE)
+                    if profile:
+                        await asyncio.to_thread(manager.ask, "profile on")
                     c0 = cpu(manager)
                     t_start, _, job = await run_job(stub, spec)
+                    if profile:
+                        await asyncio.to_thread(manager.ask, "profile off")
                     took = job.ended_at / 1000 - t_start
                     manager_cpu = cpu(manager) - c0  # WatchJob/GetJob included
                     states = target_states(job)
@@ -425,7 +451,17 @@ async def run(n: int, concurrency: int, rounds: int, m: int, size: int, chunk: i
                         flush=True,
                     )
                 refused = (await asyncio.to_thread(sims.ask, "jobs ref-*"))["reports"]
-                rate, found = await ingest(stub, manager, sims, list(addresses)[:m], size, chunk)
+                if profile:
+                    await asyncio.to_thread(manager.ask, f"profile {profile}.dispatch")
+                rate, found = await ingest(
+                    stub,
+                    manager,
+                    sims,
+                    list(addresses)[:m],
+                    size,
+                    chunk,
+                    f"{profile}.ingest" if profile else "",
+                )
                 problems += found
         finally:
             for c in ref_channels:
@@ -484,6 +520,13 @@ def main(argv: list[str] | None = None) -> int:
         default=256 * 1024,
         help="upload chunk size (default 256 KiB, the daemon's)",
     )
+    parser.add_argument(
+        "--profile",
+        default="",
+        help="cProfile the manager: the dispatch rounds into FILE.dispatch, the ingest"
+        " into FILE.ingest",
+        metavar="FILE",
+    )
     parser.add_argument("--manager-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.manager_child:
@@ -501,6 +544,7 @@ def main(argv: list[str] | None = None) -> int:
             args.ingest_targets,
             args.ingest_bytes,
             args.chunk,
+            str(Path(args.profile).resolve()) if args.profile else "",
         )
     )
 

@@ -345,7 +345,12 @@ class ManagerServer:
         self.job_driver.start()
         self._stack.push_async_callback(self.job_driver.stop)
         self.jobs = Jobs(
-            job_repo, self.nodes, self.pool, clock=self._clock, on_change=self.job_driver.poke
+            job_repo,
+            self.nodes,
+            self.pool,
+            clock=self._clock,
+            on_change=self.job_driver.poke,
+            on_started=self.job_driver.adopt,
         )
         self.job_janitor = JobJanitor(
             self.db,
@@ -364,12 +369,7 @@ class ManagerServer:
             self.agent_states,
             self.artifacts,
             trust_domain=identity.trust_domain,
-            jobs=JobReports(
-                job_repo,
-                self.job_updates,
-                max_output_bytes=cfg.jobs.max_output_bytes,
-                clock=self._clock,
-            ),
+            jobs=JobReports(self.job_updates, max_output_bytes=cfg.jobs.max_output_bytes),
             reports=DaemonReports(desired, clock=self._clock, on_change=poke),
             on_change=self._nodes_changed,
         )

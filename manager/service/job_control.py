@@ -15,6 +15,7 @@ import asyncio
 import builtins
 import contextlib
 import dataclasses
+import operator
 import secrets
 import time
 from collections.abc import AsyncGenerator, Callable, Collection, Mapping, Sequence
@@ -114,6 +115,7 @@ class Jobs:
         *,
         clock: Callable[[], float],
         on_change: Callable[[str], None] = lambda job_id: None,
+        on_started: Callable[[JobRecord, Sequence[JobTargetRecord]], None] | None = None,
         poll_interval: float = 0.25,
         call_timeout: float = 10.0,
     ) -> None:
@@ -122,6 +124,7 @@ class Jobs:
         self._pool = pool
         self._clock = clock
         self._on_change = on_change
+        self._on_started = on_started
         self._poll = poll_interval
         self._call_timeout = call_timeout
 
@@ -180,7 +183,10 @@ class Jobs:
             )
 
         await self._repo.run(body)
-        self._on_change(job_id)
+        if self._on_started is not None:
+            self._on_started(record, targets)  # as stored: the driver need not read it back
+        else:
+            self._on_change(job_id)
         return view
 
     async def rerun(self, job_id: str, *, failed_only: bool, actor: str) -> JobView:
@@ -425,11 +431,18 @@ def _check_id(job_id: str) -> None:
         raise InvalidArgument(problem, field="job_id")
 
 
+_SHOWN = operator.attrgetter(
+    *(
+        f.name
+        for f in dataclasses.fields(JobTargetRecord)
+        if f.name not in ("updated_ms", "attempts", "next_attempt_ms", "last_error")
+    )
+)
+
+
 def _shown(t: JobTargetRecord | None) -> object:
     """What operators see of a target (a change in anything else is not news)."""
-    if t is None:
-        return None
-    return dataclasses.replace(t, updated_ms=0, attempts=0, next_attempt_ms=0, last_error="")
+    return None if t is None else _SHOWN(t)
 
 
 def _shown_job(r: JobRecord) -> object:

@@ -150,6 +150,14 @@ class JobDriver:
             self._load.add(job_id)
         self._wake.set()
 
+    def adopt(self, record: JobRecord, targets: Sequence[JobTargetRecord]) -> None:
+        """A job was just stored with these targets: drive it without reading it back."""
+        if not self.leading:
+            self.poke(record.id)  # the leader reads it (another replica's, or ours later)
+            return
+        self._install(record, {t.node_id: t for t in targets})
+        self._wake.set()
+
     def nodes_changed(self) -> None:
         """A node registered, came back or went offline: re-read the nodes."""
         self._facts_stale = True
@@ -446,13 +454,13 @@ class JobDriver:
         job_id = live.record.id
         now_ms = int(self._clock() * 1000)
 
-        async def body(tx: JobTx) -> None:
+        async def body(tx: JobTx) -> bool:
             stored = await tx.job(job_id, for_update=True)
             if stored is None or stored.ended_ms:
-                return
+                return True
             counts = (await tx.counts([job_id])).get(job_id, {})
             if any(s not in {t.value for t in TERMINAL} for s in counts):
-                return  # the memory is behind the database: the next pass catches up
+                return False  # the memory is behind the database: read it again
             state = job_state(
                 {TargetState(s): n for s, n in counts.items()}, cancelled=bool(stored.cancelled_ms)
             )
@@ -474,6 +482,9 @@ class JobDriver:
                     **{s.lower(): str(n) for s, n in counts.items()},
                 },
             )
+            return True
 
-        await self._repo.run(body)
-        await self._load_one(job_id)
+        if await self._repo.run(body):
+            self._jobs.pop(job_id, None)  # ended (here or elsewhere): nothing left to drive
+        else:
+            await self._load_one(job_id)

@@ -5,20 +5,19 @@ caller is `node/<node_id>`; a job it is not a target of is PermissionDenied,
 an unknown job NotFound). A report is acknowledged once stored (group
 commit, `JobUpdates`); its answer says whether an operator cancelled the
 target meanwhile. Output chunks are offset-idempotent (`jobs.accept_output`)
-and stored up to `[jobs] max_output_bytes` per target, one short transaction
-per chunk.
+and stored up to `[jobs] max_output_bytes` per target, group-committed with
+the reports (`JobUpdates.submit_output`): acknowledged once stored.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from fleet.errors import FailedPrecondition, InvalidArgument, NotFound, PermissionDenied
-from manager.service.job_updates import Change, JobUpdates
-from manager.service.jobs import TargetState, accept_output, job_id_problem
-from manager.storage.jobs import JobRepository, JobTx
+from fleet.errors import InvalidArgument, NotFound, PermissionDenied
+from manager.service.job_updates import Change, JobUpdates, Upload
+from manager.service.jobs import TargetState, job_id_problem
 
 __all__ = ["MAX_OUTPUT_CHUNK", "JobReports", "StepReport", "UploadResult"]
 
@@ -89,18 +88,9 @@ def _check_ids(job_id: str) -> None:
 class JobReports:
     """Daemons' job reports and output (see the module docstring)."""
 
-    def __init__(
-        self,
-        repo: JobRepository,
-        updates: JobUpdates,
-        *,
-        max_output_bytes: int,
-        clock: Callable[[], float],
-    ) -> None:
-        self._repo = repo
+    def __init__(self, updates: JobUpdates, *, max_output_bytes: int) -> None:
         self._updates = updates
         self._bound = max_output_bytes
-        self._clock = clock
 
     async def report(
         self,
@@ -168,36 +158,7 @@ class JobReports:
             raise InvalidArgument(
                 f"at most {MAX_OUTPUT_CHUNK} bytes per chunk, got {len(data)}", field="data"
             )
-        now_ms = int(self._clock() * 1000)
-
-        async def body(tx: JobTx) -> UploadResult:
-            found = await tx.targets(job_id, [node_id], for_update=True)
-            target = found.get(node_id)
-            if target is None:
-                if await tx.job(job_id) is None:
-                    raise NotFound(f"job {job_id!r} does not exist (deleted, or never started)")
-                raise PermissionDenied(f"node {node_id} is not a target of job {job_id}")
-            try:
-                got = accept_output(
-                    stored=target.output_stored_bytes,
-                    truncated=target.truncated,
-                    offset=offset,
-                    size=len(data),
-                    bound=self._bound,
-                )
-            except ValueError as exc:
-                raise FailedPrecondition(f"job {job_id} on {node_id}: {exc}") from None
-            if got.keep:
-                await tx.add_output(
-                    job_id,
-                    node_id,
-                    target.output_stored_bytes,
-                    data[got.skip : got.skip + got.keep],
-                )
-            if got.stored != target.output_stored_bytes or got.truncated != target.truncated:
-                await tx.set_output_end(
-                    job_id, node_id, stored=got.stored, truncated=got.truncated, updated_ms=now_ms
-                )
-            return UploadResult(got.acked, got.truncated)
-
-        return await self._repo.run(body, write=bool(data))
+        got = await self._updates.submit_output(
+            Upload(job_id, node_id, offset, data, bound=self._bound)
+        )
+        return UploadResult(got.acked, got.truncated)

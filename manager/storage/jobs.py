@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import builtins
 from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
 from sqlalchemy import and_, bindparam, delete, func, insert, select, update
@@ -24,7 +24,7 @@ from manager.storage.events import event_row, insert_events
 from manager.storage.schema import job_output, job_targets, jobs
 from manager.storage.sqlhelp import chunks
 
-__all__ = ["JobRecord", "JobRepository", "JobTargetRecord", "JobTx", "OutputChunk"]
+__all__ = ["JobRecord", "JobRepository", "JobTargetRecord", "JobTx", "OutputChunk", "OutputRow"]
 
 T = TypeVar("T")
 
@@ -113,6 +113,20 @@ class OutputChunk:
     """The bytes."""
 
 
+@dataclass(frozen=True)
+class OutputRow:
+    """A chunk of output to store."""
+
+    job_id: str
+    """The job."""
+    node_id: str
+    """The target's node."""
+    pos: int
+    """Offset of `data`'s first byte in the target's output."""
+    data: bytes
+    """The bytes."""
+
+
 _JOB_FIELDS = (
     "name", "spec", "actor", "created_ms", "ended_ms", "state", "reason", "rerun_of",
     "concurrency", "cancelled_ms",
@@ -137,11 +151,20 @@ def _job(row: Any) -> JobRecord:
     return JobRecord(id=row.id, **{f: getattr(row, f) for f in _JOB_FIELDS})
 
 
+# A job's targets are read by the hundred per commit: rows map to records by position
+# (the table and the dataclass list the same columns in the same order).
+_TRUNCATED = _TARGET_FIELDS.index("truncated") + 2
+assert _TARGET_FIELDS.index("cancel_requested") + 2 == _TRUNCATED + 1
+assert [c.name for c in job_targets.columns] == ["job_id", "node_id", *_TARGET_FIELDS]
+assert [f.name for f in fields(JobTargetRecord)] == ["job_id", "node_id", *_TARGET_FIELDS]
+
+
 def _target(row: Any) -> JobTargetRecord:
-    values = {f: getattr(row, f) for f in _TARGET_FIELDS}
-    values["truncated"] = bool(values["truncated"])
-    values["cancel_requested"] = bool(values["cancel_requested"])
-    return JobTargetRecord(job_id=row.job_id, node_id=row.node_id, **values)
+    """A `select(job_targets)` row as its record."""
+    values = list(row)
+    values[_TRUNCATED] = bool(values[_TRUNCATED])
+    values[_TRUNCATED + 1] = bool(values[_TRUNCATED + 1])
+    return JobTargetRecord(*values)
 
 
 def _target_row(t: JobTargetRecord) -> dict[str, Any]:
@@ -287,21 +310,16 @@ class JobTx:
 
     # --- output -------------------------------------------------------------------------------
 
-    async def add_output(self, job_id: str, node_id: str, pos: int, data: bytes) -> None:
-        """Store a chunk at `pos` (the caller keeps chunks contiguous)."""
-        await self._conn.execute(
-            insert(job_output).values(job_id=job_id, node_id=node_id, pos=pos, data=data)
-        )
-
-    async def set_output_end(
-        self, job_id: str, node_id: str, *, stored: int, truncated: bool, updated_ms: int
-    ) -> None:
-        """Record where a target's stored output ends."""
-        await self._conn.execute(
-            update(job_targets)
-            .where(job_targets.c.job_id == job_id, job_targets.c.node_id == node_id)
-            .values(output_stored_bytes=stored, truncated=truncated, updated_ms=updated_ms)
-        )
+    async def add_outputs(self, rows: Sequence[OutputRow]) -> None:
+        """Store chunks (one statement, executemany; the caller keeps them contiguous)."""
+        if rows:
+            await self._conn.execute(
+                insert(job_output),
+                [
+                    {"job_id": r.job_id, "node_id": r.node_id, "pos": r.pos, "data": r.data}
+                    for r in rows
+                ],
+            )
 
     async def output(
         self, job_id: str, node_id: str, offset: int, max_bytes: int
