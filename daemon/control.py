@@ -241,10 +241,14 @@ class ControlStream:
         self._fail(_rpc_error(grpc.StatusCode.UNAVAILABLE, "the control stream was closed"))
         if self._runner is not None:
             await self._runner.close()
-        self._call.cancel()
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._call is not None:
+            self._call.cancel()
+        # Let go of the call now: an error raised from this stream can keep it (and so
+        # the closed channel, redialing every <= 2 s) alive through the backoff.
+        self._call = None
 
     # --- internals ------------------------------------------------------
 
@@ -264,10 +268,8 @@ class ControlStream:
                 await self._call.write(message)
         except asyncio.CancelledError:
             raise
-        except grpc.RpcError as exc:
-            self._fail(_as_aio(exc))
-        except Exception as exc:  # a write on a finished call: the reader says why
-            self._fail(_rpc_error(grpc.StatusCode.UNAVAILABLE, f"control stream: {exc!r}"))
+        except Exception:  # a write on a finished call: its status says why
+            self._fail(await self._status())
 
     async def _read_loop(self) -> None:
         try:
@@ -286,6 +288,16 @@ class ControlStream:
         except Exception as exc:
             log.exception("control stream reader failed")
             self._fail(_rpc_error(grpc.StatusCode.INTERNAL, f"control stream reader: {exc!r}"))
+
+    async def _status(self) -> aio.AioRpcError:
+        """The call's own final status (what the manager ended it with)."""
+        try:
+            async with asyncio.timeout(self._rpc_timeout):
+                code = await self._call.code()
+                details = await self._call.details()
+        except TimeoutError:
+            return _rpc_error(grpc.StatusCode.UNAVAILABLE, "the control stream failed")
+        return _rpc_error(code, details or code.name)
 
     def _dispatch(self, message: manager_pb2.ConnectResponse) -> None:
         if message.WhichOneof("body") == "command":
@@ -311,6 +323,5 @@ def _status(code: int) -> grpc.StatusCode:
 
 
 def _as_aio(exc: grpc.RpcError) -> aio.AioRpcError:
-    if isinstance(exc, aio.AioRpcError):
-        return exc
+    # A copy: the call's own error (and its traceback) keeps the call alive.
     return _rpc_error(exc.code(), exc.details() or "")

@@ -40,14 +40,13 @@ class CallResult:
 
 
 class ConnectManager(manager_pb2_grpc.ManagerServiceServicer):
-    """Serves Connect (and the unary RPCs, unless `stream_only`) for one node at a time.
+    """Serves Connect and the unary RPCs, for one node at a time.
 
     `answer_metrics=False` leaves metric batches unanswered (a manager that
     did not store them); `refuse` maps a request field to a ConnectError code.
     """
 
-    def __init__(self, *, connect: bool = True) -> None:
-        self.connect = connect
+    def __init__(self) -> None:
         self.hellos: list[M.RegisterNodeRequest] = []
         self.registrations: list[M.RegisterNodeRequest] = []
         self.heartbeats = 0
@@ -88,8 +87,6 @@ class ConnectManager(manager_pb2_grpc.ManagerServiceServicer):
     async def Connect(
         self, request_iterator: AsyncIterator[M.ConnectRequest], context: Any
     ) -> AsyncIterator[M.ConnectResponse]:
-        if not self.connect:
-            await context.abort(grpc.StatusCode.UNIMPLEMENTED, "Method not implemented!")
         identity = require_role(context, "node")
         out: asyncio.Queue[M.ConnectResponse | None] = asyncio.Queue()
         self._out = out
@@ -238,3 +235,10 @@ async def serve(tls: TLSConfig, servicer: ConnectManager, port: int = 0) -> tupl
     bound = server.add_secure_port(f"127.0.0.1:{port}", server_credentials(tls))
     await server.start()
     return server, bound
+
+
+class OlderManager(ConnectManager):
+    """A manager from before the control channel: Connect is the generated base's
+    (UNIMPLEMENTED), the unary RPCs are served."""
+
+    Connect = manager_pb2_grpc.ManagerServiceServicer.Connect  # type: ignore[assignment]

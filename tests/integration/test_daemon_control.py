@@ -11,7 +11,7 @@ from typing import Any
 
 import grpc
 import pytest
-from connect_helpers import ConnectManager, serve
+from connect_helpers import ConnectManager, OlderManager, serve
 from daemon_helpers import agent, daemon_config, short_tmp
 from grpc import aio
 
@@ -214,7 +214,7 @@ async def test_a_batch_is_kept_until_stored_and_resent_after_a_manager_restart(
 
 async def test_an_older_manager_gets_the_unary_rpcs(pki: Any, tmp_path: Any) -> None:
     """Connect answered UNIMPLEMENTED: RegisterNode, heartbeats and ReportMetrics instead."""
-    manager = ConnectManager(connect=False)
+    manager = OlderManager()
     grpc_server, port = await serve(pki.issue("manager", "m1"), manager)
     link = ManagerLink(
         _link_config(port),
