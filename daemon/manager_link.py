@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import platform
 import random
@@ -379,7 +380,11 @@ class ManagerLink:
             if delay is not None:
                 # Not inside `except`: the caught error holds the failed call, which keeps the
                 # closed channel alive and gRPC redialing every <= 2 s for the whole backoff.
-                await self._sleep(delay)
+                # A failed stream's call ends in a reference cycle with gRPC's own callbacks,
+                # which only the collector frees, once those callbacks ran: free it now.
+                await asyncio.sleep(0.05)
+                gc.collect()
+                await self._sleep(max(0.0, delay - 0.05))
 
     async def _call(self, method: Any, request: Any) -> Any:
         try:
