@@ -212,6 +212,7 @@ class ControlStream:
         for future in self._waiting.values():
             if not future.done():
                 future.set_exception(self.ended)
+                future.exception()  # retrieved here: the waiter may have gone already
 
     async def wait_ended(self, within: float) -> StreamEnded:
         """The stream's end status, once the manager ends it."""
