@@ -44,7 +44,7 @@ from manager.service.job_control import Jobs
 from manager.service.job_driver import JobDriver
 from manager.service.job_reports import JobReports
 from manager.service.job_updates import JobUpdates
-from manager.service.liveness import LivenessPolicy
+from manager.service.liveness import LivenessPolicy, stream_refresh_interval
 from manager.service.metrics import MetricsService
 from manager.service.registry import NodeRegistry
 from manager.service.reports import DaemonReports
@@ -276,7 +276,7 @@ class ManagerServer:
             self.heartbeats,
             self.nodes,
             grace=cfg.control.offline_grace_seconds,
-            refresh=cfg.control.liveness_refresh_seconds,
+            refresh=stream_refresh_interval(cfg.control.liveness_refresh_seconds, policy),
             clock=self._clock,
             on_offline=self._nodes_went_offline,
         )

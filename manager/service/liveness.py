@@ -31,6 +31,7 @@ __all__ = [
     "heartbeat_ttl",
     "jittered_interval",
     "offline_after",
+    "stream_refresh_interval",
     "stream_verdict",
     "sweep_cutoff",
 ]
@@ -132,3 +133,13 @@ def stream_verdict(
     if broken_at is not None and now - broken_at < grace:
         return StreamVerdict.GRACE
     return StreamVerdict.OFFLINE
+
+
+def stream_refresh_interval(configured: float, policy: LivenessPolicy) -> float:
+    """How often the stream holder refreshes its nodes' last-seen.
+
+    At most a third of the shortest offline window (`min_ttl`'s): the
+    sweeper (any replica's) judges streamed nodes by the same window as
+    heartbeating ones, and a refresh plus a flush must land inside it.
+    """
+    return min(configured, offline_after(policy.min_ttl, policy) / 3.0)
