@@ -401,7 +401,8 @@ class ManagerLink:
         return manager_pb2.RegisterNodeRequest(
             node_id=self.node.node_id,
             hostname=socket.gethostname(),
-            ip=_host_ip(self.node.daemon_address),
+            # No listen address (control stream only): the address it reaches the manager from.
+            ip=_host_ip(self.node.daemon_address) or _route_ip(self.address),
             os=platform.system().lower(),
             arch=platform.machine(),
             labels=self.node.labels,
@@ -612,4 +613,21 @@ def _host_ip(address: str) -> str:
     try:
         return socket.gethostbyname(host) if host else ""
     except OSError:
+        return ""
+
+
+def _route_ip(manager: str) -> str:
+    """This host's source address toward `manager` (host:port); "" if there is no route.
+
+    A UDP socket's connect only picks the route and source address: nothing is sent.
+    """
+    host, _, port = manager.rpartition(":")
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(
+            host.strip("[]"), int(port or 0), type=socket.SOCK_DGRAM
+        )[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.connect(addr)
+            return str(sock.getsockname()[0])
+    except (OSError, ValueError, IndexError):
         return ""
