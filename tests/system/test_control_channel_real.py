@@ -206,11 +206,12 @@ def test_apply_rolls_a_definition_out_to_both(fleet: Fleet, tmp_path: Path) -> N
 
 
 def test_run_a_job_and_read_its_output(fleet: Fleet) -> None:
-    """fleetctl run on both: each node's output, SUCCESS; jobs logs reads n1's again."""
+    """fleetctl run on both: each node's output, SUCCESS; n1's read again from n1 itself."""
     out = ok(fleet, "run", "-l", "env=prod", "--yes", "--", "sh", "-c", "echo via-$0", "x")
     for node in NODES:
         assert f"{node} | via-x" in out.splitlines(), out
     (job, *_) = fleet.json("jobs", "list")["jobs"]
     assert job["state"] == "SUCCESS"
-    logs = ok(fleet, "jobs", "logs", job["id"], "--node", NO_PORT)
+    # --from-node: ReadJobOutput on the daemon, through its control stream.
+    logs = ok(fleet, "jobs", "logs", job["id"], NO_PORT, "--from-node")
     assert "via-x" in logs
