@@ -130,6 +130,11 @@ class ControlStream:
         self._next_id += 1
         return self._next_id
 
+    @property
+    def ids_left(self) -> int:
+        """Fresh ids still available (ids are uint64 and must increase)."""
+        return 2**64 - 1 - self._next_id
+
     async def write(self, message: manager_pb2.ConnectRequest) -> None:
         """Send one message as is (the fuzzers set the id themselves)."""
         if message.id > self._next_id:
