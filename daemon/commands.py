@@ -91,10 +91,11 @@ def command_deadline(received_at: float, timeout_seconds: float) -> float | None
 
 
 class _Abort(Exception):
-    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+    def __init__(self, code: grpc.StatusCode, details: str, trailing: Any = ()) -> None:
         super().__init__(details)
         self.code = code
         self.details = details
+        self.trailing = trailing
 
 
 class CommandContext:
@@ -114,6 +115,7 @@ class CommandContext:
         self._done = False
         self.code: grpc.StatusCode | None = None
         self.details = ""
+        self.trailing: Any = ()
 
     def auth_context(self) -> Mapping[str, Sequence[bytes]]:
         """The caller's verified identity (`fleet.tls.peer_identity` reads it)."""
@@ -149,14 +151,15 @@ class CommandContext:
         """The message with `set_code`."""
         self.details = details
 
-    def set_trailing_metadata(self, _metadata: Any) -> None:
-        """Not carried on the control channel."""
+    def set_trailing_metadata(self, metadata: Any) -> None:
+        """Sent with the command's end (`CommandResult.trailing_metadata`)."""
+        self.trailing = metadata
 
     async def abort(
         self, code: grpc.StatusCode, details: str = "", trailing_metadata: Any = ()
     ) -> NoReturn:
         """End the command with `code` (as `context.abort` ends a call)."""
-        raise _Abort(code, details)
+        raise _Abort(code, details, trailing_metadata)
 
 
 @dataclass
@@ -331,10 +334,18 @@ class CommandRunner:
         return call.method.name if call.method is not None else "?"
 
     async def _finish(
-        self, call: _Call, code: grpc.StatusCode, message: str, *, name: str | None = None
+        self,
+        call: _Call,
+        code: grpc.StatusCode,
+        message: str,
+        *,
+        name: str | None = None,
+        trailing: Any = (),
     ) -> None:
         try:
-            await self._send(_result(call.request_id, end=True, code=code, message=message))
+            await self._send(
+                _result(call.request_id, end=True, code=code, message=message, trailing=trailing)
+            )
         finally:
             self._calls.pop(call.request_id, None)
             self._count(name or self._name(call), code)
@@ -347,6 +358,7 @@ class CommandRunner:
         method = call.method
         assert method is not None  # only known methods get here
         code, message = grpc.StatusCode.OK, ""
+        trailing: Any = ()
         context = CommandContext(self._auth, call.deadline, self._peer)
         loop = asyncio.get_running_loop()
         when = None if call.deadline is None else loop.time() + (call.deadline - time.monotonic())
@@ -354,7 +366,7 @@ class CommandRunner:
             async with asyncio.timeout_at(when):
                 await self._call_handler(call, method, data, context)
             if context.code is not None and context.code != grpc.StatusCode.OK:
-                code, message = context.code, context.details
+                code, message, trailing = context.code, context.details, context.trailing
         except TimeoutError:
             code, message = grpc.StatusCode.DEADLINE_EXCEEDED, f"{method.name}: deadline exceeded"
         except asyncio.CancelledError:
@@ -366,9 +378,11 @@ class CommandRunner:
                 task.uncancel()
             code, message = grpc.StatusCode.CANCELLED, "cancelled by the manager"
         except _Abort as exc:
-            code, message = exc.code, exc.details
+            code, message, trailing = exc.code, exc.details, exc.trailing
         except FleetError as exc:
+            # What the TCP server's interceptor sends as trailing metadata (the Resource).
             code, message = exc.code, exc.message
+            trailing = exc.resource.metadata() if exc.resource is not None else ()
         except DecodeError:
             code = grpc.StatusCode.INVALID_ARGUMENT
             message = f"{method.name}: the request is not a {method.request.DESCRIPTOR.full_name}"
@@ -378,7 +392,7 @@ class CommandRunner:
             message = f"internal error in {method.name}; see the daemon log"
         finally:
             context._done = True  # the adapter's own flag
-        await self._finish(call, code, bounded(message))
+        await self._finish(call, code, bounded(message), trailing=trailing)
 
     async def _call_handler(
         self, call: _Call, method: Method, data: bytes, context: CommandContext
@@ -411,6 +425,7 @@ def _result(
     end: bool = False,
     code: grpc.StatusCode = grpc.StatusCode.OK,
     message: str = "",
+    trailing: Any = (),
 ) -> manager_pb2.CommandResult:
     return manager_pb2.CommandResult(
         request_id=request_id,
@@ -419,4 +434,8 @@ def _result(
         end=end,
         code=code.value[0] if end else 0,
         message=message,
+        # Text values only (binary "-bin" keys have no place in a string map).
+        trailing_metadata={
+            str(k): v for k, v in trailing or () if isinstance(v, str) and not k.endswith("-bin")
+        },
     )

@@ -768,12 +768,33 @@ class CommandResult(_message.Message):
 
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class TrailingMetadataEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     REQUEST_ID_FIELD_NUMBER: _builtins.int
     RESPONSE_FIELD_NUMBER: _builtins.int
     MORE_FIELD_NUMBER: _builtins.int
     END_FIELD_NUMBER: _builtins.int
     CODE_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
+    TRAILING_METADATA_FIELD_NUMBER: _builtins.int
     request_id: _builtins.int
     response: _builtins.bytes
     """A piece of one serialized response message (a unary call has one, a
@@ -786,6 +807,12 @@ class CommandResult(_message.Message):
     code: _builtins.int
     """With `end`: a google.rpc.Code / grpc.StatusCode value (0: OK), and why."""
     message: _builtins.str
+    @_builtins.property
+    def trailing_metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """With `end`: the trailing metadata the call on the TCP port would end
+        with (what a NOT_FOUND is about, for the operator's hint).
+        """
+
     def __init__(
         self,
         *,
@@ -795,10 +822,11 @@ class CommandResult(_message.Message):
         end: _builtins.bool = ...,
         code: _builtins.int = ...,
         message: _builtins.str = ...,
+        trailing_metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "end", b"end", "message", b"message", "more", b"more", "request_id", b"request_id", "response", b"response"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "end", b"end", "message", b"message", "more", b"more", "request_id", b"request_id", "response", b"response", "trailing_metadata", b"trailing_metadata"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

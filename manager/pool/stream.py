@@ -29,8 +29,9 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import dataclasses
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Mapping
 from typing import Final
 
 import grpc
@@ -68,16 +69,26 @@ Violation = Callable[[str], None]
 """Called with the kind of a protocol violation (counted in /metrics)."""
 
 
-def error_from_status(code: int, message: str, *, node_id: str) -> errors.FleetError:
-    """The FleetError for a command the daemon ended with `code` (as `from_rpc_error`)."""
+def error_from_status(
+    code: int,
+    message: str,
+    *,
+    node_id: str,
+    trailing: Mapping[str, str] | None = None,
+) -> errors.FleetError:
+    """The FleetError for a command the daemon ended with `code` (as `from_rpc_error`,
+    keeping the `Resource` its trailing metadata names)."""
     status = _STATUS.get(code, grpc.StatusCode.UNKNOWN)
     text = f"{node_id}: {message or status.name}"
+    resource = errors.Resource.from_metadata((trailing or {}).items())
+    if resource is not None and not resource.node:  # an agent the daemon names is the node's
+        resource = dataclasses.replace(resource, node=node_id)
     cls = _BY_CODE.get(status)
     if cls is None:
-        err = errors.FleetError(text)
+        err = errors.FleetError(text, resource=resource)
         err.code = status  # type: ignore[misc]  # keep the unmapped code, as from_rpc_error
         return err
-    return cls(text)
+    return cls(text, resource=resource)
 
 
 class StreamClosed(errors.Unavailable):
@@ -246,7 +257,14 @@ class ControlSession:
         if result.end and not c.done:
             c.done = True
             if result.code:
-                c.put(error_from_status(result.code, result.message, node_id=self.node_id))
+                c.put(
+                    error_from_status(
+                        result.code,
+                        result.message,
+                        node_id=self.node_id,
+                        trailing=result.trailing_metadata,
+                    )
+                )
             else:
                 c.put(_END)
 

@@ -89,3 +89,11 @@ def test_error_codes_map_to_the_fleet_errors() -> None:
     err = error_from_status(5, "no agent web", node_id="node-1")
     assert isinstance(err, errors.NotFound)
     assert err.message == "node-1: no agent web"
+    assert err.resource is None
+
+
+def test_an_error_keeps_the_resource_its_trailing_metadata_names() -> None:
+    """The Resource the daemon sent (as on the TCP port) survives, for fleetctl's hint."""
+    about = errors.Resource("agent", "web")  # the daemon's: the node is the one that sent it
+    err = error_from_status(5, "no agent web", node_id="node-1", trailing=dict(about.metadata()))
+    assert err.resource == errors.Resource("agent", "web", "node-1")
