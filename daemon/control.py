@@ -21,6 +21,7 @@ fills, and every sender waits -- the daemon's memory stays bounded.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -302,6 +303,7 @@ class ControlStream:
     def _dispatch(self, message: manager_pb2.ConnectResponse) -> None:
         if message.WhichOneof("body") == "command":
             if self._runner is None:
+                self._refuse_command(message.command)
                 return
             self._runner.handle(message.command)
             return
@@ -313,6 +315,20 @@ class ControlStream:
         _field, future = entry
         if not future.done():
             future.set_result(message)
+
+    def _refuse_command(self, command: manager_pb2.Command) -> None:
+        # A link without a runner: end each call at once (UNIMPLEMENTED), never leave
+        # the manager's caller waiting for its deadline. Credit and cancels need nothing.
+        if not command.method or command.cancel:
+            return
+        result = manager_pb2.CommandResult(
+            request_id=command.request_id,
+            end=True,
+            code=grpc.StatusCode.UNIMPLEMENTED.value[0],
+            message="this daemon runs no commands on its control stream",
+        )
+        with contextlib.suppress(asyncio.QueueFull):
+            self._queue.put_nowait(manager_pb2.ConnectRequest(result=result))
 
 
 def _status(code: int) -> grpc.StatusCode:
