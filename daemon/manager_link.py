@@ -382,9 +382,13 @@ class ManagerLink:
                 # closed channel alive and gRPC redialing every <= 2 s for the whole backoff.
                 # A failed stream's call ends in a reference cycle with gRPC's own callbacks,
                 # which only the collector frees, once those callbacks ran: free it now.
-                await asyncio.sleep(0.05)
-                gc.collect()
-                await self._sleep(max(0.0, delay - 0.05))
+                # Only with streams: a full collection per retry is a cost many links in
+                # one process (bench/fleetsim) would pay on every reconnect.
+                if self.cfg.control_stream:
+                    await asyncio.sleep(0.05)
+                    gc.collect()
+                    delay = max(0.0, delay - 0.05)
+                await self._sleep(delay)
 
     async def _call(self, method: Any, request: Any) -> Any:
         try:
