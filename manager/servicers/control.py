@@ -108,9 +108,14 @@ class ControlChannel:
                     await task
             self._streams.detach(session)
             log.info("%s: control stream closed", session.node_id)
-        if session.end_status is not None:
+        if session.end_status is not None and not context.done():
             code, message = session.end_status
-            await context.abort(code, message)
+            try:
+                await context.abort(code, message)
+            except aio.AbortError:
+                raise
+            except Exception as exc:  # the call went meanwhile (shutdown, the daemon left)
+                log.debug("%s: could not end the stream with %s: %r", session.node_id, code, exc)
 
     async def _write(self, session: ControlSession, context: _Context) -> None:
         try:
