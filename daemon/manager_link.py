@@ -325,9 +325,11 @@ class ManagerLink:
             ("grpc.keepalive_timeout_ms", round(self.cfg.keepalive_timeout_seconds * 1000)),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.max_pings_without_data", 0),
-            # The link does its own backoff across addresses; keep grpc's short.
-            ("grpc.initial_reconnect_backoff_ms", 200),
-            ("grpc.max_reconnect_backoff_ms", 2000),
+            # Every attempt gets a new channel and the link does its own jittered
+            # backoff, so gRPC's reconnects never help: make them rare, so that a
+            # closed channel a failed call still holds cannot redial during the wait.
+            ("grpc.initial_reconnect_backoff_ms", 60_000),
+            ("grpc.max_reconnect_backoff_ms", 120_000),
         ]
         return aio.secure_channel(address, channel_credentials(self._tls), options=options)
 
