@@ -108,6 +108,10 @@ class SimSettings:
     """Ping ack timeout."""
     daemon_ports: bool = False
     """Also serve DaemonService per node (bench.sim) and register its address."""
+    control_stream: bool = False
+    """Talk over ManagerService.Connect instead of the unary RPCs. Off: these nodes
+    are the original design's daemons (unary calls, which the fault plan and the
+    call counts hook); bench/connect_sim.py simulates nodes on the stream."""
 
     def link_config(self) -> ManagerLinkConfig:
         """The ManagerLinkConfig every simulated node runs with."""
@@ -120,6 +124,7 @@ class SimSettings:
             reconnect=self.reconnect,
             keepalive_time_seconds=self.keepalive_time,
             keepalive_timeout_seconds=self.keepalive_timeout,
+            control_stream=self.control_stream,
         )
 
 

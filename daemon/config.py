@@ -72,6 +72,13 @@ class ManagerLinkConfig:
     """Seconds between HTTP/2 keepalive pings on an idle connection (original design: 10 s)."""
     keepalive_timeout_seconds: float = 5.0
     """Seconds to wait for a ping's ack before the connection is declared dead."""
+    control_stream: bool = True
+    """Keep one Connect stream open to the manager (the control channel): metrics, states
+    and job reports go over it, the manager's commands come down it, and no heartbeat
+    calls are made (keepalive pings carry liveness). False: the unary RPCs only."""
+    stream_retry_seconds: float = 300.0
+    """After a manager answered Connect UNIMPLEMENTED (an older one), seconds of unary
+    mode before the daemon reconnects to try the stream again."""
 
     def validate(self) -> None:
         """Cross-field checks (ValueError, reported as ConfigError)."""
@@ -85,6 +92,7 @@ class ManagerLinkConfig:
             "rpc_timeout_seconds",
             "keepalive_time_seconds",
             "keepalive_timeout_seconds",
+            "stream_retry_seconds",
         ):
             _positive(name, getattr(self, name))
         if self.buffer_batches < 1:
@@ -160,7 +168,9 @@ class DaemonConfig:
     node_id: str = ""
     """Optional guard; the node id is the certificate's name and must match if set."""
     listen: str = "0.0.0.0:7444"
-    """host:port of the DaemonService (mTLS) for the manager."""
+    """host:port of the DaemonService (mTLS) for the manager; empty: no listening port,
+    the manager reaches the daemon only through its control stream (needs
+    ``[manager] control_stream = true``)."""
     advertise: str = ""
     """host:port the manager dials; empty: `listen`, with a wildcard host replaced
     by this host's name."""
@@ -229,6 +239,13 @@ class DaemonConfig:
                     " definition)"
                 )
             check_on_host(spec)  # the loader already ran the host-independent spec.validate()
+        if not self.listen and not self.manager.control_stream:
+            raise ValueError(
+                "listen is empty and [manager] control_stream is false: the manager could not"
+                " reach this daemon at all; set listen or enable control_stream"
+            )
+        if not self.listen and self.advertise:
+            raise ValueError("advertise is set but listen is empty: there is nothing to dial")
         for name in ("listen", "advertise", "metrics_listen"):
             value = getattr(self, name)
             if value and not _host_port_ok(value):

@@ -29,6 +29,18 @@ in ~15 s, not at the next RPC deadline.
 Job reports and output uploads (daemon.jobs.reporter) run as one more task
 of the connection, through the same call wrapper.
 
+Stream mode (`[manager] control_stream`, the default; daemon.control): the
+connection is one `Connect` stream instead of RegisterNode + unary calls.
+The hello replaces RegisterNode; the metric sender, the state sync and the
+job reporter run unchanged on the stream's stub-like methods (same call
+wrapper, same buffer and sequence numbers, one answer awaited at a time per
+loop, so the same order), and the manager's commands run through the
+DaemonService servicer (daemon.commands). No heartbeat calls: the open
+stream and the keepalive pings are the liveness. A manager that answers
+Connect UNIMPLEMENTED gets the unary RPCs on the same channel, and the
+stream is tried again after `stream_retry_seconds`. A broken stream is a
+failed connection like any other: jittered backoff, next address.
+
 Artifact downloads (`download_artifact`, for daemon.artifacts) use the same
 address, credentials and keepalive but a channel of their own, so a large
 download never queues the heartbeats behind it on one HTTP/2 connection.
@@ -38,6 +50,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import platform
 import random
@@ -51,7 +64,9 @@ from typing import Any, Literal
 import grpc
 from grpc import aio
 
+from daemon.commands import CommandRunner
 from daemon.config import ManagerLinkConfig
+from daemon.control import ControlStream, StreamBroken, StreamUnimplemented, manager_auth
 from daemon.link_buffer import MetricBatch, MetricBuffer, SequenceFile, split_batches
 from fleet.errors import FleetError, NotFound, Unavailable, from_rpc_error
 from fleet.tls import TLSConfig, channel_credentials, channel_options
@@ -102,12 +117,16 @@ class PushedSet:
     """Pushed agents not run as pushed, and why (the complete list)."""
 
 
+Calls = manager_pb2_grpc.ManagerServiceStub | ControlStream
+"""Where the loops send their requests: the unary stub, or the open control stream."""
+
 JobsHook = Callable[
-    [manager_pb2_grpc.ManagerServiceStub, Callable[[Any, Any], Awaitable[Any]]],
+    [Calls, Callable[[Any, Any], Awaitable[Any]]],
     Coroutine[Any, Any, None],
 ]
-"""Runs while connected (daemon.jobs.reporter.JobReporter.run): given the stub and the
-link's call wrapper; its transport errors end the connection like the heartbeat's."""
+"""Runs while connected (daemon.jobs.reporter.JobReporter.run): given the stub (or the
+control stream) and the link's call wrapper; its transport errors end the connection
+like the heartbeat's."""
 
 
 class _Reconnect(Exception):
@@ -121,6 +140,8 @@ class ManagerLink:
     agent metrics); `snapshot` returns every agent's current state.
     `on_state` is told about link-state changes (for the Prometheus gauge);
     `pushed` says which pushed set the node runs and what it refused.
+    `commands` is the DaemonService servicer the manager's commands run on
+    (stream mode); without it commands are not served on the stream.
     """
 
     def __init__(
@@ -136,17 +157,22 @@ class ManagerLink:
         on_state: Callable[[LinkState, str], None] | None = None,
         pushed: Callable[[], PushedSet] | None = None,
         jobs: JobsHook | None = None,
+        commands: object | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.cfg = cfg
         self._tls = tls
         self._server_name = cfg.server_name or f"manager.{trust_domain}"
+        self._trust_domain = trust_domain
         self.node = node
         self._collect = collect
         self._snapshot = snapshot
         self._on_state = on_state
         self._pushed = pushed or (lambda: PushedSet(0, ()))
         self._jobs = jobs
+        self.commands = commands
+        """The DaemonService servicer the manager's commands run on (stream mode); None:
+        commands on the stream are not served."""
         self._rng = rng or random.Random()  # noqa: S311  # jitter, not crypto
         self.sequence = SequenceFile(state_dir / "metrics-sequence")
         self.buffer = MetricBuffer(cfg.buffer_batches)
@@ -154,6 +180,13 @@ class ManagerLink:
         self.address = ""
         self.heartbeat_interval = cfg.heartbeat_interval_seconds
         self.registrations = 0
+        self.mode: Literal["", "stream", "unary"] = ""
+        """How the current connection talks to the manager ("" while not connected)."""
+        self.reconnects = 0
+        """Connections (stream or unary) that failed and were dialled again."""
+        self.commands_run: dict[tuple[str, str], int] = {}
+        """Commands from the control stream by (method, status code name)."""
+        self._stream_after = 0.0  # monotonic time before which Connect is not tried again
         self._calls_ok = 0  # successful calls, to tell a useful connection from a flapping one
         self._custom: list[common_pb2.MetricData] = []
         self.dropped_custom = 0
@@ -292,9 +325,11 @@ class ManagerLink:
             ("grpc.keepalive_timeout_ms", round(self.cfg.keepalive_timeout_seconds * 1000)),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.max_pings_without_data", 0),
-            # The link does its own backoff across addresses; keep grpc's short.
-            ("grpc.initial_reconnect_backoff_ms", 200),
-            ("grpc.max_reconnect_backoff_ms", 2000),
+            # Every attempt gets a new channel and the link does its own jittered
+            # backoff, so gRPC's reconnects never help: make them rare, so that a
+            # closed channel a failed call still holds cannot redial during the wait.
+            ("grpc.initial_reconnect_backoff_ms", 60_000),
+            ("grpc.max_reconnect_backoff_ms", 120_000),
         ]
         return aio.secure_channel(address, channel_credentials(self._tls), options=options)
 
@@ -310,13 +345,28 @@ class ManagerLink:
             delay: float | None = None
             try:
                 stub = manager_pb2_grpc.ManagerServiceStub(channel)
-                await self._register(stub)
-                calls_at_register = self._calls_ok
-                self._set_state("connected")
-                await self._connected(stub)
+                stream = await self._open_stream(stub)
+                if stream is not None:
+                    calls_at_register = self._calls_ok
+                    self.mode = "stream"
+                    self._set_state("connected")
+                    try:
+                        await self._connected(stream, stream.wait_broken())
+                    finally:
+                        await stream.close()
+                else:
+                    await self._register(stub)
+                    calls_at_register = self._calls_ok
+                    self.mode = "unary"
+                    self._set_state("connected")
+                    await self._connected(stub, self._heartbeat_loop(stub))
             except Exception as exc:  # any failure: drop the connection and dial again
-                if not isinstance(exc, _Reconnect | grpc.RpcError | FleetError | OSError):
+                if not isinstance(
+                    exc, _Reconnect | StreamBroken | grpc.RpcError | FleetError | OSError
+                ):
                     log.exception("manager link failed unexpectedly")
+                self.mode = ""
+                self.reconnects += 1
                 self._set_state("disconnected")
                 if calls_at_register is not None and self._calls_ok > calls_at_register:
                     attempt = 0  # the connection was useful: the manager is not struggling
@@ -332,6 +382,14 @@ class ManagerLink:
             if delay is not None:
                 # Not inside `except`: the caught error holds the failed call, which keeps the
                 # closed channel alive and gRPC redialing every <= 2 s for the whole backoff.
+                # A failed stream's call ends in a reference cycle with gRPC's own callbacks,
+                # which only the collector frees, once those callbacks ran: free it now.
+                # Only with streams: a full collection per retry is a cost many links in
+                # one process (bench/fleetsim) would pay on every reconnect.
+                if self.cfg.control_stream:
+                    await asyncio.sleep(0.05)
+                    gc.collect()
+                    delay = max(0.0, delay - 0.05)
                 await self._sleep(delay)
 
     async def _call(self, method: Any, request: Any) -> Any:
@@ -344,23 +402,80 @@ class ManagerLink:
         self._calls_ok += 1
         return reply
 
-    async def _register(self, stub: manager_pb2_grpc.ManagerServiceStub) -> None:
-        hostname = socket.gethostname()
-        reply: manager_pb2.RegisterNodeResponse = await self._call(
-            stub.RegisterNode,
-            manager_pb2.RegisterNodeRequest(
-                node_id=self.node.node_id,
-                hostname=hostname,
-                ip=_host_ip(self.node.daemon_address),
-                os=platform.system().lower(),
-                arch=platform.machine(),
-                labels=self.node.labels,
-                daemon_version=self.node.daemon_version,
-                daemon_address=self.node.daemon_address,
-                spec_version=self._pushed().version,
-                jobs_disabled=self.node.jobs_disabled,
-            ),
+    def _hello(self) -> manager_pb2.RegisterNodeRequest:
+        """What RegisterNode (and the stream's hello) says about this node."""
+        return manager_pb2.RegisterNodeRequest(
+            node_id=self.node.node_id,
+            hostname=socket.gethostname(),
+            # No listen address (control stream only): the address it reaches the manager from.
+            ip=_host_ip(self.node.daemon_address) or _route_ip(self.address),
+            os=platform.system().lower(),
+            arch=platform.machine(),
+            labels=self.node.labels,
+            daemon_version=self.node.daemon_version,
+            daemon_address=self.node.daemon_address,
+            spec_version=self._pushed().version,
+            jobs_disabled=self.node.jobs_disabled,
         )
+
+    async def _open_stream(self, stub: manager_pb2_grpc.ManagerServiceStub) -> ControlStream | None:
+        """The open control stream after its welcome; None: use the unary RPCs."""
+        if not self.cfg.control_stream or time.monotonic() < self._stream_after:
+            return None
+        try:
+            stream, welcome = await ControlStream.open(
+                stub,
+                self._hello(),
+                rpc_timeout=self.cfg.rpc_timeout_seconds,
+                commands=self._runner if self.commands is not None else None,
+            )
+        except StreamUnimplemented as exc:
+            self._stream_after = time.monotonic() + self.cfg.stream_retry_seconds
+            log.warning(
+                "manager %s does not serve the control stream (%s): using the unary RPCs,"
+                " trying the stream again in %.0fs",
+                self.address,
+                exc,
+                self.cfg.stream_retry_seconds,
+            )
+            return None
+        except grpc.RpcError as exc:  # the hello refused: as RegisterNode's error
+            if exc.code() in _TRANSPORT:
+                raise _Reconnect(f"{exc.code().name}: {exc.details()}") from exc
+            raise from_rpc_error(exc, target=self.address) from exc
+        self._calls_ok += 1
+        self._welcomed(welcome)
+        return stream
+
+    def _runner(self, stream: ControlStream) -> CommandRunner:
+        return CommandRunner(
+            self.commands,
+            stream.send_result,
+            auth=manager_auth(self._server_name, self._trust_domain),
+            peer=self.address,
+            on_done=self._command_done,
+        )
+
+    def _command_done(self, method: str, code: grpc.StatusCode) -> None:
+        key = (method, code.name)
+        self.commands_run[key] = self.commands_run.get(key, 0) + 1
+
+    def _welcomed(self, reply: manager_pb2.RegisterNodeResponse) -> None:
+        self.registrations += 1
+        if reply.heartbeat_interval_ms > 0:
+            self.heartbeat_interval = reply.heartbeat_interval_ms / 1000
+        self._dirty.set()  # a (re)registered node gets a full snapshot
+        log.info(
+            "connected to manager %s as node %s over the control stream",
+            self.address,
+            self.node.node_id,
+        )
+
+    async def _register(self, stub: Calls) -> None:
+        if isinstance(stub, ControlStream):
+            # The manager forgot this node mid-stream: a new stream says hello again.
+            raise _Reconnect("the manager does not know this node; saying hello again")
+        reply: manager_pb2.RegisterNodeResponse = await self._call(stub.RegisterNode, self._hello())
         self.registrations += 1
         if reply.heartbeat_interval_ms > 0:
             self.heartbeat_interval = reply.heartbeat_interval_ms / 1000
@@ -372,14 +487,18 @@ class ManagerLink:
             self.heartbeat_interval,
         )
 
-    async def _connected(self, stub: manager_pb2_grpc.ManagerServiceStub) -> None:
+    async def _connected(self, stub: Calls, liveness: Coroutine[Any, Any, None]) -> None:
+        """Run the loops until one fails; `liveness` is the heartbeat loop, or the
+        stream's end (no heartbeat calls on a stream)."""
         tasks = [
-            asyncio.create_task(self._heartbeat_loop(stub), name="manager-heartbeat"),
+            asyncio.create_task(liveness, name="manager-liveness"),
             asyncio.create_task(self._send_loop(stub), name="manager-metrics"),
             asyncio.create_task(self._sync_loop(stub), name="manager-sync"),
         ]
         if self._jobs is not None:
             tasks.append(asyncio.create_task(self._jobs(stub, self._call), name="manager-jobs"))
+        if not isinstance(stub, ControlStream) and self.cfg.control_stream:
+            tasks.append(asyncio.create_task(self._stream_retry(), name="manager-stream-retry"))
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         finally:
@@ -390,6 +509,12 @@ class ManagerLink:
             exc = task.exception()
             if exc is not None:
                 raise exc
+
+    async def _stream_retry(self) -> None:
+        """In unary mode after an UNIMPLEMENTED Connect: reconnect to try the stream again."""
+        await self._sleep(self._stream_after - time.monotonic())
+        if not self._stopping.is_set():
+            raise _Reconnect("trying the control stream again")
 
     async def _heartbeat_loop(self, stub: manager_pb2_grpc.ManagerServiceStub) -> None:
         while True:
@@ -415,7 +540,7 @@ class ManagerLink:
             if reply.heartbeat_interval_ms > 0:
                 self.heartbeat_interval = reply.heartbeat_interval_ms / 1000
 
-    async def _send_loop(self, stub: manager_pb2_grpc.ManagerServiceStub) -> None:
+    async def _send_loop(self, stub: Calls) -> None:
         busy = 0  # consecutive RESOURCE_EXHAUSTED answers
         while not self._stopping.is_set():
             batch = self.buffer.peek()
@@ -453,7 +578,7 @@ class ManagerLink:
             busy = 0
             self.buffer.pop(batch.sequence)
 
-    async def _sync_loop(self, stub: manager_pb2_grpc.ManagerServiceStub) -> None:
+    async def _sync_loop(self, stub: Calls) -> None:
         while not self._stopping.is_set():
             with contextlib.suppress(TimeoutError):
                 async with asyncio.timeout(self.cfg.sync_interval_seconds):
@@ -494,4 +619,21 @@ def _host_ip(address: str) -> str:
     try:
         return socket.gethostbyname(host) if host else ""
     except OSError:
+        return ""
+
+
+def _route_ip(manager: str) -> str:
+    """This host's source address toward `manager` (host:port); "" if there is no route.
+
+    A UDP socket's connect only picks the route and source address: nothing is sent.
+    """
+    host, _, port = manager.rpartition(":")
+    try:
+        family, kind, proto, _, addr = socket.getaddrinfo(
+            host.strip("[]"), int(port or 0), type=socket.SOCK_DGRAM
+        )[0]
+        with socket.socket(family, kind, proto) as sock:
+            sock.connect(addr)
+            return str(sock.getsockname()[0])
+    except (OSError, ValueError, IndexError):
         return ""

@@ -45,9 +45,15 @@ class MetricSources:
     link_state: Callable[[], str]
     """"connecting", "connected", "disconnected" or "stopped"."""
     registrations: Callable[[], int]
-    """RegisterNode calls that succeeded."""
+    """RegisterNode calls (or control-stream hellos) that succeeded."""
     agent_connections: Callable[[], int]
     """Open connections on the agent socket."""
+    link_mode: Callable[[], str] = lambda: ""
+    """"stream", "unary" or "" (not connected)."""
+    reconnects: Callable[[], int] = lambda: 0
+    """Manager connections that failed and were dialled again."""
+    commands: Callable[[], dict[tuple[str, str], int]] = dict
+    """Commands run from the control stream by (method, status code name)."""
 
 
 class DaemonCollector(Collector):
@@ -110,6 +116,24 @@ class DaemonCollector(Collector):
             "Successful RegisterNode calls (1 + re-registrations after NOT_FOUND or outages).",
             value=s.registrations(),
         )
+        yield GaugeMetricFamily(
+            "fleet_daemon_control_stream_connected",
+            "1 while the manager link is connected over the control stream (Connect).",
+            value=1.0 if current == "connected" and s.link_mode() == "stream" else 0.0,
+        )
+        yield CounterMetricFamily(
+            "fleet_daemon_manager_reconnects",
+            "Manager connections (stream or unary) that failed and were dialled again.",
+            value=s.reconnects(),
+        )
+        commands = CounterMetricFamily(
+            "fleet_daemon_control_commands",
+            "Commands from the manager run on the control stream, by method and status code.",
+            labels=["method", "code"],
+        )
+        for (method, code), count in sorted(s.commands().items()):
+            commands.add_metric([method, code], count)
+        yield commands
         yield GaugeMetricFamily(
             "fleet_daemon_agent_connections",
             "Open connections on the agent socket.",

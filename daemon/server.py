@@ -3,8 +3,11 @@
 Start order matters: the agent socket is listening before the supervisor
 starts (or re-adopts) agents, so an agent never finds no daemon; the
 DaemonService listens before the manager link registers its address; READY
-is sent to systemd last. Stop runs the other way round and leaves agents
-running unless `stop_agents_on_exit` (re-adoption picks them up again).
+is sent to systemd last. With an empty `listen` there is no TCP server: the
+same DaemonService servicer serves the manager's commands on the control
+stream only (daemon.commands), and the hello's daemon_address is empty.
+Stop runs the other way round and leaves agents running unless
+`stop_agents_on_exit` (re-adoption picks them up again).
 """
 
 from __future__ import annotations
@@ -159,6 +162,14 @@ class DaemonServer:
             artifact_wait=art.wait_seconds,
             on_refused=self.link.agents_changed,
         )
+        self.servicer = DaemonServicer(
+            self.supervisor,
+            self.jobs,
+            trust_domain=self.identity.trust_domain,
+            follow_interval=min(cfg.sample_interval_seconds, 0.5),
+        )
+        """What the manager may ask: served on `listen` and on the control stream."""
+        self.link.commands = self.servicer  # built after the link: it needs the supervisor
 
     # --- callbacks ------------------------------------------------------
 
@@ -209,6 +220,9 @@ class DaemonServer:
             dropped_batches=lambda: link.buffer.dropped_batches,
             dropped_samples=lambda: link.buffer.dropped_samples,
             link_state=lambda: link.state,
+            link_mode=lambda: link.mode,
+            reconnects=lambda: link.reconnects,
+            commands=lambda: dict(link.commands_run),
             registrations=lambda: link.registrations,
             agent_connections=lambda: self.proxy.connections,
         )
@@ -268,24 +282,9 @@ class DaemonServer:
         self._agents = self.supervisor.list()
         await self.jobs.start()  # re-adopts running job steps before the manager may call
 
-        self._grpc = aio.server(interceptors=[ErrorMappingInterceptor()], options=_SERVER_OPTIONS)
-        daemon_pb2_grpc.add_DaemonServiceServicer_to_server(
-            DaemonServicer(
-                self.supervisor,
-                self.jobs,
-                trust_domain=self.identity.trust_domain,
-                follow_interval=min(self.cfg.sample_interval_seconds, 0.5),
-            ),
-            self._grpc,
-        )
-        self._health = add_health_and_reflection(self._grpc, [DAEMON_SERVICE_NAME])
-        try:
-            creds = server_credentials(self.cfg.tls)
-            self.port = self._grpc.add_secure_port(self.cfg.listen, creds)
-        except RuntimeError as exc:
-            raise ConfigError(f"listen: cannot listen on {self.cfg.listen}: {exc}") from None
-        await self._grpc.start()
-        self.advertised = advertised_address(self.cfg.advertise, self.cfg.listen, self.port)
+        if self.cfg.listen:
+            await self._serve_tcp()
+        # else: no port at all; the manager reaches this daemon on its control stream.
 
         self.link.node = dataclasses.replace(
             self.link.node, daemon_address=self.advertised, daemon_version=_daemon_version()
@@ -302,13 +301,26 @@ class DaemonServer:
         self.notifier.ready()
         self._watchdog = asyncio.create_task(self.notifier.watchdog_loop())
         log.info(
-            "daemon %s serving on %s (advertised %s), agent socket %s, %d agents",
+            "daemon %s serving on %s, agent socket %s, %d agents",
             self.cfg.node_id,
-            self.port,
-            self.advertised,
+            f"port {self.port} (advertised {self.advertised})"
+            if self.cfg.listen
+            else "the control stream only (no listening port)",
             self.socket_path,
             len(self._agents),
         )
+
+    async def _serve_tcp(self) -> None:
+        self._grpc = aio.server(interceptors=[ErrorMappingInterceptor()], options=_SERVER_OPTIONS)
+        daemon_pb2_grpc.add_DaemonServiceServicer_to_server(self.servicer, self._grpc)
+        self._health = add_health_and_reflection(self._grpc, [DAEMON_SERVICE_NAME])
+        try:
+            creds = server_credentials(self.cfg.tls)
+            self.port = self._grpc.add_secure_port(self.cfg.listen, creds)
+        except RuntimeError as exc:
+            raise ConfigError(f"listen: cannot listen on {self.cfg.listen}: {exc}") from None
+        await self._grpc.start()
+        self.advertised = advertised_address(self.cfg.advertise, self.cfg.listen, self.port)
 
     async def reload(self) -> None:
         """SIGHUP: re-read the TOML and apply its [[agents]]; a bad file changes nothing."""

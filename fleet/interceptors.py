@@ -2,7 +2,8 @@
 
 Servicers raise `FleetError` subclasses; `ErrorMappingInterceptor` aborts the
 call with the error's code and message, and its `Resource` as trailing
-metadata. Anything else escaping a servicer is
+metadata. The generated base class's NotImplementedError stays UNIMPLEMENTED.
+Anything else escaping a servicer is
 a bug: it is logged with its traceback and answered `INTERNAL`, never
 `UNKNOWN`.
 """
@@ -43,6 +44,10 @@ async def _abort_for(exc: Exception, context: _Context, method: str) -> None:
     if isinstance(exc, FleetError):
         about = exc.resource.metadata() if exc.resource is not None else ()
         await context.abort(exc.code, bounded(exc.message), trailing_metadata=about)
+    if type(exc) is NotImplementedError:
+        # The generated base class's answer for a method this server does not serve:
+        # UNIMPLEMENTED, as without the interceptor (clients fall back on it).
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, f"{method} is not implemented here")
     log.exception("unhandled error in %s", method)
     await context.abort(grpc.StatusCode.INTERNAL, f"internal error in {method}; see the server log")
 

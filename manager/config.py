@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Literal
 
 from fleet.artifacts import CHUNK_SIZE
-from manager.pool.config import PoolConfig
+from manager.pool.config import ControlConfig, PoolConfig
 
 __all__ = [
     "ENV_PREFIX",
     "ArtifactsConfig",
+    "ControlConfig",
     "DatabaseConfig",
     "JobsConfig",
     "LivenessConfig",
@@ -250,6 +251,8 @@ class ManagerConfig:
     """[artifacts] table."""
     jobs: JobsConfig = field(default_factory=JobsConfig)
     """[jobs] table."""
+    control: ControlConfig = field(default_factory=ControlConfig)
+    """[control] table: the daemons' control streams (ManagerService.Connect)."""
 
     def validate(self) -> None:
         for section in (
@@ -259,6 +262,7 @@ class ManagerConfig:
             self.metrics,
             self.artifacts,
             self.jobs,
+            self.control,
         ):
             section.validate()
 

@@ -101,6 +101,23 @@ class ManagerMetrics:
             "Nodes whose managed set is not delivered yet (leader only)",
             registry=r,
         )
+        self.control_streams = Gauge(
+            "fleet_manager_control_streams",
+            "Daemons' control streams open on this manager",
+            registry=r,
+        )
+        self.control_violations = Counter(
+            "fleet_manager_control_violations",
+            "Control-stream protocol violations and replaced streams, by kind",
+            ["kind"],
+            registry=r,
+        )
+        self.control_refused = Counter(
+            "fleet_manager_control_refused",
+            "Upward control-stream messages refused (answered with an error), by kind and code",
+            ["kind", "code"],
+            registry=r,
+        )
         self.push_errors = Counter(
             "fleet_manager_push_errors", "PushUpdate calls that failed", registry=r
         )

@@ -31,9 +31,11 @@ from fleet.v1 import fleet_pb2_grpc, manager_pb2, manager_pb2_grpc
 from manager.config import ManagerConfig
 from manager.metrics import ManagerMetrics, RpcMetricsInterceptor, watch_loop_lag
 from manager.pool import DaemonPool
+from manager.pool.stream import ControlStreams
 from manager.service.agents import AgentStates
 from manager.service.artifacts import ArtifactAccess, ArtifactReferences, Artifacts
 from manager.service.capacity import HostCapacity
+from manager.service.control import StreamLiveness
 from manager.service.convergence import Convergence
 from manager.service.definitions import ArtifactUse, Definitions
 from manager.service.event_feed import EventFeed
@@ -42,12 +44,13 @@ from manager.service.job_control import Jobs
 from manager.service.job_driver import JobDriver
 from manager.service.job_reports import JobReports
 from manager.service.job_updates import JobUpdates
-from manager.service.liveness import LivenessPolicy
+from manager.service.liveness import LivenessPolicy, stream_refresh_interval
 from manager.service.metrics import MetricsService
 from manager.service.registry import NodeRegistry
 from manager.service.reports import DaemonReports
 from manager.service.rollout_control import RolloutControl
 from manager.service.sweeper import ArtifactJanitor, JobJanitor, MetricsLifecycle, Sweeper
+from manager.servicers.control import ControlChannel
 from manager.servicers.fleet_service import SERVICE_NAME as FLEET_SERVICE_NAME
 from manager.servicers.fleet_service import build_fleet_servicer
 from manager.servicers.manager_service import ManagerServicer
@@ -147,6 +150,8 @@ class ManagerServer:
     lifecycle: MetricsLifecycle
     metric_service: MetricsService
     pool: DaemonPool
+    control_streams: ControlStreams
+    stream_liveness: StreamLiveness
     event_feed: EventFeed
     convergence: Convergence
     definitions: Definitions
@@ -263,8 +268,24 @@ class ManagerServer:
             max_samples=cfg.metrics.max_samples_per_batch,
             clock=self._clock,
         )
+        # The daemons' control streams on this replica; the pool uses a node's one if open.
+        self.control_streams = ControlStreams(clock=self._clock)
+        m.control_streams.set_function(lambda: len(self.control_streams))
+        self.stream_liveness = StreamLiveness(
+            self.control_streams,
+            self.heartbeats,
+            self.nodes,
+            grace=cfg.control.offline_grace_seconds,
+            refresh=stream_refresh_interval(cfg.control.liveness_refresh_seconds, policy),
+            clock=self._clock,
+            on_offline=self._nodes_went_offline,
+        )
+        self.stream_liveness.start()
+        self._stack.push_async_callback(self.stream_liveness.stop)
         # The one client to daemons (FleetService calls, pushes of desired state).
-        self.pool = DaemonPool(tls, identity.trust_domain, config=cfg.pool)
+        self.pool = DaemonPool(
+            tls, identity.trust_domain, config=cfg.pool, streams=self.control_streams
+        )
         self._stack.push_async_callback(self.pool.close)
         # Desired state: one replica converges; every replica takes changes and pokes it.
         # Placement by count reads the nodes' room from their host metrics.
@@ -352,6 +373,13 @@ class ManagerServer:
             reports=DaemonReports(desired, clock=self._clock, on_change=poke),
             on_change=self._nodes_changed,
         )
+        servicer.control = ControlChannel(
+            servicer,
+            self.control_streams,
+            cfg.control,
+            on_violation=lambda kind: m.control_violations.labels(kind).inc(),
+            on_refused=lambda kind, code: m.control_refused.labels(kind, code).inc(),
+        )
         self.event_feed = EventFeed(self.events)
         self._stack.callback(self.event_feed.install(self.db.engine))
         fleet_servicer = build_fleet_servicer(
@@ -367,13 +395,24 @@ class ManagerServer:
             trust_domain=identity.trust_domain,
             clock=self._clock,
         )
+        ctl = cfg.control
+
+        def ms(seconds: float) -> int:
+            return round(seconds * 1000)
+
         options: list[tuple[str, Any]] = [
             ("grpc.max_receive_message_length", cfg.server.max_receive_message_bytes),
             ("grpc.so_reuseport", 0),  # a second manager on the same port must fail, not share
             # Daemons ping every 10 s even when idle (fast dead-link detection);
             # by default gRPC answers such pings with GOAWAY after a few.
             ("grpc.keepalive_permit_without_calls", 1),
-            ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+            ("grpc.http2.min_ping_interval_without_data_ms", ms(ctl.min_ping_interval_seconds)),
+            # And the manager pings each connection (control streams are idle for long):
+            # a dead daemon or a cut network ends its stream within time + timeout,
+            # in gRPC core, with no Python per ping.
+            ("grpc.keepalive_time_ms", ms(ctl.keepalive_time_seconds)),
+            ("grpc.keepalive_timeout_ms", ms(ctl.keepalive_timeout_seconds)),
+            ("grpc.http2.max_pings_without_data", 0),
         ]
         server = aio.server(
             interceptors=[RpcMetricsInterceptor(m), ErrorMappingInterceptor()], options=options
@@ -390,6 +429,8 @@ class ManagerServer:
         await server.start()
         self._server = server
         self._stack.push_async_callback(self._stop_grpc)
+        # Before the server's grace: end the streams so daemons reconnect (elsewhere) now.
+        self._stack.callback(self.control_streams.close_all, "the manager is shutting down")
         # /metrics last: a scraper that gets an answer knows the manager serves.
         if cfg.server.metrics_listen:
             stop_http, self.metrics_port = start_metrics_http_server(

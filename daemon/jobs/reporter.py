@@ -1,7 +1,10 @@
 """Tells the manager about this node's jobs: ReportJobStatus and UploadJobOutput.
 
 Runs inside the manager link's connection (`ManagerLink` starts `run` next
-to the heartbeat; a transport error ends both and the link redials). One
+to the heartbeat; a transport error ends both and the link redials). The
+calls go through the generated stub, or the same methods of the control
+stream (daemon.control), which answer and fail like the unary calls: the
+order below holds on either transport. One
 task serves every job in turn, one call in flight, so memory stays one
 chunk (`chunk_bytes`) however much output there is; file reads happen in a
 thread.
@@ -29,14 +32,14 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 
 from daemon.jobs import decide
 from daemon.jobs.engine import Job, JobEngine
 from fleet.errors import FleetError
-from fleet.v1 import jobs_pb2, manager_pb2, manager_pb2_grpc
+from fleet.v1 import jobs_pb2, manager_pb2
 
 __all__ = ["CHUNK_BYTES", "JobReporter", "status_request"]
 
@@ -49,6 +52,18 @@ _CHUNKS_PER_TURN = 16
 """Chunks one job sends before the next job gets a turn (fairness)."""
 
 Call = Callable[[Any, Any], Awaitable[Any]]
+
+
+class JobCalls(Protocol):
+    """Where reports go: the generated ManagerService stub or the control stream."""
+
+    @property
+    def ReportJobStatus(self) -> Any:  # the RPC's name
+        """As the stub's."""
+
+    @property
+    def UploadJobOutput(self) -> Any:
+        """As the stub's."""
 
 
 def _ms(seconds: float) -> int:
@@ -112,7 +127,7 @@ class JobReporter:
         """A job changed: look at the jobs again now."""
         self._poke.set()
 
-    async def run(self, stub: manager_pb2_grpc.ManagerServiceStub, call: Call) -> None:
+    async def run(self, stub: JobCalls, call: Call) -> None:
         """Serve until cancelled; transport errors propagate (the link redials).
 
         `call(method, request)` is the link's call wrapper: transport failures
@@ -160,7 +175,7 @@ class JobReporter:
         self.engine.acknowledge(job_id, record.version, truncated=True)
         return 0.0
 
-    async def _serve(self, job: Job, stub: manager_pb2_grpc.ManagerServiceStub, call: Call) -> bool:
+    async def _serve(self, job: Job, stub: JobCalls, call: Call) -> bool:
         """One turn for `job`; True if it did something (more may be waiting)."""
         record = job.record
         job_id = record.job_id
@@ -200,9 +215,7 @@ class JobReporter:
             did = True
         return did
 
-    async def _report(
-        self, job: Job, stub: manager_pb2_grpc.ManagerServiceStub, call: Call
-    ) -> None:
+    async def _report(self, job: Job, stub: JobCalls, call: Call) -> None:
         record = job.record
         version = record.version
         size = self.engine.output_size(record.job_id)
@@ -218,7 +231,7 @@ class JobReporter:
     async def _upload(
         self,
         job: Job,
-        stub: manager_pb2_grpc.ManagerServiceStub,
+        stub: JobCalls,
         call: Call,
         offset: int,
         data: bytes,

@@ -560,3 +560,274 @@ class UploadJobOutputResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___UploadJobOutputResponse: _TypeAlias = UploadJobOutputResponse  # noqa: Y015
+
+@_typing.final
+class ConnectRequest(_message.Message):
+    """Daemon -> manager on the control channel."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    HELLO_FIELD_NUMBER: _builtins.int
+    AGENT_STATES_FIELD_NUMBER: _builtins.int
+    METRICS_FIELD_NUMBER: _builtins.int
+    JOB_STATUS_FIELD_NUMBER: _builtins.int
+    JOB_OUTPUT_FIELD_NUMBER: _builtins.int
+    RESULT_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """Numbers this message for its answer (ConnectResponse.reply_to); unique
+    and increasing on the stream. 0 for `result` (answers carry their own id).
+    """
+    @_builtins.property
+    def hello(self) -> Global___RegisterNodeRequest:
+        """The first message, and only the first: what RegisterNode carries
+        (node_id must be the certificate's name).
+        """
+
+    @_builtins.property
+    def agent_states(self) -> Global___SyncAgentStatesRequest:
+        """As SyncAgentStates: the complete snapshot."""
+
+    @_builtins.property
+    def metrics(self) -> Global___ReportMetricsRequest:
+        """As ReportMetrics: acknowledged only once stored."""
+
+    @_builtins.property
+    def job_status(self) -> Global___ReportJobStatusRequest: ...
+    @_builtins.property
+    def job_output(self) -> Global___UploadJobOutputRequest: ...
+    @_builtins.property
+    def result(self) -> Global___CommandResult:
+        """A piece of the result of a command the manager sent."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        hello: Global___RegisterNodeRequest | None = ...,
+        agent_states: Global___SyncAgentStatesRequest | None = ...,
+        metrics: Global___ReportMetricsRequest | None = ...,
+        job_status: Global___ReportJobStatusRequest | None = ...,
+        job_output: Global___UploadJobOutputRequest | None = ...,
+        result: Global___CommandResult | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agent_states", b"agent_states", "body", b"body", "hello", b"hello", "job_output", b"job_output", "job_status", b"job_status", "metrics", b"metrics", "result", b"result"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_states", b"agent_states", "body", b"body", "hello", b"hello", "id", b"id", "job_output", b"job_output", "job_status", b"job_status", "metrics", b"metrics", "result", b"result"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["hello", "agent_states", "metrics", "job_status", "job_output", "result"]  # noqa: Y015
+    _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
+
+Global___ConnectRequest: _TypeAlias = ConnectRequest  # noqa: Y015
+
+@_typing.final
+class ConnectResponse(_message.Message):
+    """Manager -> daemon on the control channel."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPLY_TO_FIELD_NUMBER: _builtins.int
+    WELCOME_FIELD_NUMBER: _builtins.int
+    AGENT_STATES_FIELD_NUMBER: _builtins.int
+    METRICS_FIELD_NUMBER: _builtins.int
+    JOB_STATUS_FIELD_NUMBER: _builtins.int
+    JOB_OUTPUT_FIELD_NUMBER: _builtins.int
+    ERROR_FIELD_NUMBER: _builtins.int
+    COMMAND_FIELD_NUMBER: _builtins.int
+    reply_to: _builtins.int
+    """The ConnectRequest.id this answers (0: not an answer, e.g. a command)."""
+    @_builtins.property
+    def welcome(self) -> Global___RegisterNodeResponse:
+        """The answer to the hello."""
+
+    @_builtins.property
+    def agent_states(self) -> Global___SyncAgentStatesResponse: ...
+    @_builtins.property
+    def metrics(self) -> Global___ReportMetricsResponse: ...
+    @_builtins.property
+    def job_status(self) -> Global___ReportJobStatusResponse: ...
+    @_builtins.property
+    def job_output(self) -> Global___UploadJobOutputResponse: ...
+    @_builtins.property
+    def error(self) -> Global___ConnectError:
+        """The request `reply_to` was refused; nothing of it was stored."""
+
+    @_builtins.property
+    def command(self) -> Global___Command:
+        """A call to the daemon, or a piece of one, or its cancellation."""
+
+    def __init__(
+        self,
+        *,
+        reply_to: _builtins.int = ...,
+        welcome: Global___RegisterNodeResponse | None = ...,
+        agent_states: Global___SyncAgentStatesResponse | None = ...,
+        metrics: Global___ReportMetricsResponse | None = ...,
+        job_status: Global___ReportJobStatusResponse | None = ...,
+        job_output: Global___UploadJobOutputResponse | None = ...,
+        error: Global___ConnectError | None = ...,
+        command: Global___Command | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agent_states", b"agent_states", "body", b"body", "command", b"command", "error", b"error", "job_output", b"job_output", "job_status", b"job_status", "metrics", b"metrics", "welcome", b"welcome"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_states", b"agent_states", "body", b"body", "command", b"command", "error", b"error", "job_output", b"job_output", "job_status", b"job_status", "metrics", b"metrics", "reply_to", b"reply_to", "welcome", b"welcome"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_body: _TypeAlias = _typing.Literal["welcome", "agent_states", "metrics", "job_status", "job_output", "error", "command"]  # noqa: Y015
+    _WhichOneofArgType_body: _TypeAlias = _typing.Literal["body", b"body"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_body) -> _WhichOneofReturnType_body | None: ...
+
+Global___ConnectResponse: _TypeAlias = ConnectResponse  # noqa: Y015
+
+@_typing.final
+class ConnectError(_message.Message):
+    """Why a message on the control channel was refused (the status the unary
+    RPC would have ended with).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    code: _builtins.int
+    """A google.rpc.Code / grpc.StatusCode value."""
+    message: _builtins.str
+    def __init__(
+        self,
+        *,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "message", b"message"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ConnectError: _TypeAlias = ConnectError  # noqa: Y015
+
+@_typing.final
+class Command(_message.Message):
+    """A DaemonService call carried on the control channel. A request larger
+    than one message is sent in pieces (`more`); the daemon runs the call once
+    it has them all.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    METHOD_FIELD_NUMBER: _builtins.int
+    REQUEST_FIELD_NUMBER: _builtins.int
+    MORE_FIELD_NUMBER: _builtins.int
+    TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    CANCEL_FIELD_NUMBER: _builtins.int
+    CREDIT_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.int
+    """Chosen by the manager, unique on the stream; every piece of one call and
+    every piece of its result carries it.
+    """
+    method: _builtins.str
+    """The DaemonService method's name ("ListAgents", "ReadAgentLog", ...)."""
+    request: _builtins.bytes
+    """A piece of the serialized request message."""
+    more: _builtins.bool
+    """More pieces of `request` follow."""
+    timeout_seconds: _builtins.float
+    """The call's deadline, from when the daemon received its first piece
+    (0: none).
+    """
+    cancel: _builtins.bool
+    """Stop the call `request_id` (its result ends with CANCELLED)."""
+    credit: _builtins.int
+    """Result messages the daemon may send for `request_id` on top of those
+    already allowed (flow control of streaming calls; the first piece's
+    credit starts the count, 0 there means 1).
+    """
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.int = ...,
+        method: _builtins.str = ...,
+        request: _builtins.bytes = ...,
+        more: _builtins.bool = ...,
+        timeout_seconds: _builtins.float = ...,
+        cancel: _builtins.bool = ...,
+        credit: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel", b"cancel", "credit", b"credit", "method", b"method", "more", b"more", "request", b"request", "request_id", b"request_id", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Command: _TypeAlias = Command  # noqa: Y015
+
+@_typing.final
+class CommandResult(_message.Message):
+    """A piece of a command's result, daemon -> manager."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class TrailingMetadataEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    RESPONSE_FIELD_NUMBER: _builtins.int
+    MORE_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    TRAILING_METADATA_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.int
+    response: _builtins.bytes
+    """A piece of one serialized response message (a unary call has one, a
+    server stream one per message).
+    """
+    more: _builtins.bool
+    """More pieces of this response message follow."""
+    end: _builtins.bool
+    """The call is over: after its last response, or with an error."""
+    code: _builtins.int
+    """With `end`: a google.rpc.Code / grpc.StatusCode value (0: OK), and why."""
+    message: _builtins.str
+    @_builtins.property
+    def trailing_metadata(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """With `end`: the trailing metadata the call on the TCP port would end
+        with (what a NOT_FOUND is about, for the operator's hint).
+        """
+
+    def __init__(
+        self,
+        *,
+        request_id: _builtins.int = ...,
+        response: _builtins.bytes = ...,
+        more: _builtins.bool = ...,
+        end: _builtins.bool = ...,
+        code: _builtins.int = ...,
+        message: _builtins.str = ...,
+        trailing_metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["code", b"code", "end", b"end", "message", b"message", "more", b"more", "request_id", b"request_id", "response", b"response", "trailing_metadata", b"trailing_metadata"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CommandResult: _TypeAlias = CommandResult  # noqa: Y015

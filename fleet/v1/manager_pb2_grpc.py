@@ -71,6 +71,11 @@ class ManagerServiceStub:
                 request_serializer=fleet_dot_v1_dot_manager__pb2.UploadJobOutputRequest.SerializeToString,
                 response_deserializer=fleet_dot_v1_dot_manager__pb2.UploadJobOutputResponse.FromString,
                 _registered_method=True)
+        self.Connect = channel.stream_stream(
+                '/fleet.v1.ManagerService/Connect',
+                request_serializer=fleet_dot_v1_dot_manager__pb2.ConnectRequest.SerializeToString,
+                response_deserializer=fleet_dot_v1_dot_manager__pb2.ConnectResponse.FromString,
+                _registered_method=True)
 
 
 class ManagerServiceServicer:
@@ -130,6 +135,19 @@ class ManagerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Connect(self, request_iterator, context):
+        """The control channel: a stream the daemon opens and keeps open, so the
+        manager never dials the host. Upward: a hello first (as RegisterNode),
+        then agent states, metric batches, job reports and the results of
+        commands; downward: the answers, and the manager's commands to the
+        daemon (any DaemonService call, by name). One per node: a second stream
+        from the same node replaces the first. The unary RPCs above stay, for
+        daemons that do not open it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ManagerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -167,6 +185,11 @@ def add_ManagerServiceServicer_to_server(servicer, server):
                     servicer.UploadJobOutput,
                     request_deserializer=fleet_dot_v1_dot_manager__pb2.UploadJobOutputRequest.FromString,
                     response_serializer=fleet_dot_v1_dot_manager__pb2.UploadJobOutputResponse.SerializeToString,
+            ),
+            'Connect': grpc.stream_stream_rpc_method_handler(
+                    servicer.Connect,
+                    request_deserializer=fleet_dot_v1_dot_manager__pb2.ConnectRequest.FromString,
+                    response_serializer=fleet_dot_v1_dot_manager__pb2.ConnectResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -360,6 +383,33 @@ class ManagerService:
             '/fleet.v1.ManagerService/UploadJobOutput',
             fleet_dot_v1_dot_manager__pb2.UploadJobOutputRequest.SerializeToString,
             fleet_dot_v1_dot_manager__pb2.UploadJobOutputResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Connect(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/fleet.v1.ManagerService/Connect',
+            fleet_dot_v1_dot_manager__pb2.ConnectRequest.SerializeToString,
+            fleet_dot_v1_dot_manager__pb2.ConnectResponse.FromString,
             options,
             channel_credentials,
             insecure,

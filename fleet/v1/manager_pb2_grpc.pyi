@@ -54,6 +54,15 @@ class ManagerServiceStub:
     already stored are not stored again. A chunk that would leave a gap is
     FAILED_PRECONDITION; an empty chunk asks where to resume.
     """
+    Connect: _grpc.StreamStreamMultiCallable[_manager_pb2.ConnectRequest, _manager_pb2.ConnectResponse]
+    """The control channel: a stream the daemon opens and keeps open, so the
+    manager never dials the host. Upward: a hello first (as RegisterNode),
+    then agent states, metric batches, job reports and the results of
+    commands; downward: the answers, and the manager's commands to the
+    daemon (any DaemonService call, by name). One per node: a second stream
+    from the same node replaces the first. The unary RPCs above stay, for
+    daemons that do not open it.
+    """
 
 @_typing.type_check_only
 class ManagerServiceAsyncStub(ManagerServiceStub):
@@ -80,6 +89,15 @@ class ManagerServiceAsyncStub(ManagerServiceStub):
     """Stores a chunk of a job target's output at `offset`. Idempotent: bytes
     already stored are not stored again. A chunk that would leave a gap is
     FAILED_PRECONDITION; an empty chunk asks where to resume.
+    """
+    Connect: _aio.StreamStreamMultiCallable[_manager_pb2.ConnectRequest, _manager_pb2.ConnectResponse]  # type: ignore[assignment]
+    """The control channel: a stream the daemon opens and keeps open, so the
+    manager never dials the host. Upward: a hello first (as RegisterNode),
+    then agent states, metric batches, job reports and the results of
+    commands; downward: the answers, and the manager's commands to the
+    daemon (any DaemonService call, by name). One per node: a second stream
+    from the same node replaces the first. The unary RPCs above stay, for
+    daemons that do not open it.
     """
 
 class ManagerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -146,6 +164,21 @@ class ManagerServiceServicer(metaclass=_abc_1.ABCMeta):
         """Stores a chunk of a job target's output at `offset`. Idempotent: bytes
         already stored are not stored again. A chunk that would leave a gap is
         FAILED_PRECONDITION; an empty chunk asks where to resume.
+        """
+
+    @_abc_1.abstractmethod
+    def Connect(
+        self,
+        request_iterator: _MaybeAsyncIterator[_manager_pb2.ConnectRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_manager_pb2.ConnectResponse], _abc.AsyncIterator[_manager_pb2.ConnectResponse]]:
+        """The control channel: a stream the daemon opens and keeps open, so the
+        manager never dials the host. Upward: a hello first (as RegisterNode),
+        then agent states, metric batches, job reports and the results of
+        commands; downward: the answers, and the manager's commands to the
+        daemon (any DaemonService call, by name). One per node: a second stream
+        from the same node replaces the first. The unary RPCs above stay, for
+        daemons that do not open it.
         """
 
 def add_ManagerServiceServicer_to_server(servicer: ManagerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -30,41 +30,26 @@ Unavailable that is never retried).
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import logging
 import random
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from types import TracebackType
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
-from grpc import aio
+from google.protobuf.message import Message
 
-from fleet.errors import (
-    ConfigError,
-    FleetError,
-    InvalidArgument,
-    Unavailable,
-)
+from fleet.errors import ConfigError, FailedPrecondition, InvalidArgument, Unavailable
 from fleet.pki import check_trust_domain
 from fleet.tls import TLSConfig
 from fleet.v1 import common_pb2, daemon_pb2
-from manager.pool.channel import (
-    DaemonChannel,
-    NodeRecord,
-    NodeStats,
-    ReloadingCredentials,
-    WrongDaemonIdentity,
-    translate_error,
-)
+from manager.pool.channel import NodeStats, ReloadingCredentials
 from manager.pool.channels import Channels
 from manager.pool.config import PoolConfig
-from manager.pool.policy import retry_delay
 from manager.pool.state import ConnectionState
-
-if TYPE_CHECKING:
-    from fleet.v1.daemon_pb2_grpc import DaemonServiceAsyncStub
+from manager.pool.stream import ControlStreams
+from manager.pool.transport import DialledTransport, StreamTransport, Transport
 
 __all__ = ["Clock", "DaemonPool"]
 
@@ -73,8 +58,7 @@ log = logging.getLogger(__name__)
 Clock = Callable[[], float]
 """Monotonic seconds; the pool's notion of "now" for idle times and stats."""
 
-_Req = TypeVar("_Req")
-_Resp = TypeVar("_Resp")
+_Resp = TypeVar("_Resp", bound=Message)
 
 _Op = common_pb2.AgentOperation
 # The daemon contract makes start and stop idempotent (starting a running
@@ -82,23 +66,6 @@ _Op = common_pb2.AgentOperation
 # UNAVAILABLE that hid a success would restart the agent twice.
 _IDEMPOTENT_OPERATIONS = frozenset({_Op.AGENT_OPERATION_START, _Op.AGENT_OPERATION_STOP})
 _OPERATIONS = _IDEMPOTENT_OPERATIONS | {_Op.AGENT_OPERATION_RESTART}
-
-
-def _cancelled_by_caller() -> bool:
-    """True if the running task itself is being cancelled.
-
-    grpc.aio also raises CancelledError for a call the pool cancelled by
-    closing its channel; that one becomes `_cut_off` so callers can tell.
-    """
-    task = asyncio.current_task()
-    return task is None or task.cancelling() > 0
-
-
-def _cut_off(node_id: str) -> Unavailable:
-    return Unavailable(
-        f"{node_id}: the call was cut off: its channel was closed "
-        "(pool closed, node forgotten or moved)"
-    )
 
 
 class DaemonPool:
@@ -117,6 +84,7 @@ class DaemonPool:
         config: PoolConfig | None = None,
         clock: Clock = time.monotonic,
         rng: random.Random | None = None,
+        streams: ControlStreams | None = None,
     ) -> None:
         config = config or PoolConfig()
         try:
@@ -127,7 +95,10 @@ class DaemonPool:
         self._config = config
         credentials = ReloadingCredentials(tls)  # ConfigError for unusable files
         self._channels = Channels(credentials, trust_domain, config, clock)
-        self._rng = rng or random.Random()  # noqa: S311  # jitter, not cryptography
+        rng = rng or random.Random()  # noqa: S311  # jitter, not cryptography
+        self._dialled = DialledTransport(self._channels, config, rng)
+        self._streams = streams
+        self._closed = False
 
     # -- observing --------------------------------------------------------
 
@@ -172,7 +143,8 @@ class DaemonPool:
         return await self._unary(
             node_id,
             address,
-            lambda stub: stub.ListAgents,
+            "ListAgents",
+            daemon_pb2.ListAgentsResponse,
             daemon_pb2.ListAgentsRequest(),
             idempotent=True,
             call_timeout=call_timeout,
@@ -196,7 +168,8 @@ class DaemonPool:
         return await self._unary(
             node_id,
             address,
-            lambda stub: stub.OperateAgent,
+            "OperateAgent",
+            daemon_pb2.OperateAgentResponse,
             daemon_pb2.OperateAgentRequest(agent_id=agent_id, operation=operation),
             idempotent=operation in _IDEMPOTENT_OPERATIONS,
             call_timeout=call_timeout,
@@ -215,7 +188,8 @@ class DaemonPool:
         return await self._unary(
             node_id,
             address,
-            lambda stub: stub.GetAgentMetrics,
+            "GetAgentMetrics",
+            daemon_pb2.GetAgentMetricsResponse,
             daemon_pb2.GetAgentMetricsRequest(agent_id=agent_id, duration_seconds=duration_seconds),
             idempotent=True,
             call_timeout=call_timeout,
@@ -235,7 +209,8 @@ class DaemonPool:
         return await self._unary(
             node_id,
             address,
-            lambda stub: stub.PushUpdate,
+            "PushUpdate",
+            daemon_pb2.PushUpdateResponse,
             daemon_pb2.PushUpdateRequest(version=version, agents=agents),
             idempotent=False,
             call_timeout=call_timeout,
@@ -269,7 +244,8 @@ class DaemonPool:
             self._stream(
                 node_id,
                 address,
-                lambda stub: stub.ReadAgentLog,
+                "ReadAgentLog",
+                daemon_pb2.ReadAgentLogResponse,
                 request,
                 follow=follow,
                 call_timeout=call_timeout,
@@ -291,7 +267,8 @@ class DaemonPool:
         return await self._unary(
             node_id,
             address,
-            lambda stub: stub.StartJob,
+            "StartJob",
+            daemon_pb2.StartJobResponse,
             request,
             idempotent=True,
             call_timeout=call_timeout,
@@ -304,7 +281,8 @@ class DaemonPool:
         return await self._unary(
             node_id,
             address,
-            lambda stub: stub.CancelJob,
+            "CancelJob",
+            daemon_pb2.CancelJobResponse,
             daemon_pb2.CancelJobRequest(job_id=job_id),
             idempotent=True,
             call_timeout=call_timeout,
@@ -331,7 +309,8 @@ class DaemonPool:
             self._stream(
                 node_id,
                 address,
-                lambda stub: stub.ReadJobOutput,
+                "ReadJobOutput",
+                daemon_pb2.ReadJobOutputResponse,
                 request,
                 follow=follow,
                 call_timeout=call_timeout,
@@ -356,6 +335,7 @@ class DaemonPool:
 
     async def close(self) -> None:
         """Close every channel (calls in flight are cancelled) and stop the tasks."""
+        self._closed = True
         await self._channels.close()
 
     async def __aenter__(self) -> DaemonPool:
@@ -371,122 +351,64 @@ class DaemonPool:
 
     # -- internals ----------------------------------------------------------
 
+    def _transport(self, node_id: str, address: str) -> Transport:
+        """The node's open control stream on this replica if it has one, else dialling.
+
+        The stream is the one whose certificate is `node_id`'s (the Connect
+        handler registers it under the hello's node id only after the
+        identity check), so a command can only reach that node.
+        """
+        if self._streams is not None:
+            session = self._streams.get(node_id)
+            if session is not None:
+                return StreamTransport(session, self._config, self._channels.record(node_id))
+        if not address:
+            self._check_open()
+            raise FailedPrecondition(
+                f"{node_id}: the node has no control stream and no listen address "
+                "(is its daemon running and connected to this manager?)"
+            )
+        return self._dialled
+
+    def _check_open(self) -> None:
+        if self._closed:
+            raise Unavailable("the daemon pool is closed (the manager is shutting down)")
+
     async def _unary(
         self,
         node_id: str,
         address: str,
-        method: Callable[[DaemonServiceAsyncStub], aio.UnaryUnaryMultiCallable[_Req, _Resp]],
-        request: _Req,
+        method: str,
+        response_type: type[_Resp],
+        request: Message,
         *,
         idempotent: bool,
         call_timeout: float | None,
     ) -> _Resp:
-        loop = asyncio.get_running_loop()
-        budget = self._config.call_timeout if call_timeout is None else call_timeout
-        deadline = loop.time() + budget
-        record = self._channels.record(node_id)
-        record.calls += 1
-        attempt = 0
-        try:
-            while True:
-                channel = await self._channels.acquire(node_id, address, deadline)
-                try:
-                    return await method(channel.stub)(request, timeout=deadline - loop.time())
-                except aio.AioRpcError as exc:
-                    error = translate_error(exc, node_id=node_id, address=address, budget=budget)
-                except asyncio.CancelledError:
-                    if _cancelled_by_caller():
-                        raise
-                    error = _cut_off(node_id)
-                finally:
-                    self._channels.release(channel)
-                await self._before_retry(
-                    record, channel, error, attempt, idempotent=idempotent, deadline=deadline
-                )
-                attempt += 1
-        except FleetError:
-            record.failures += 1
-            raise
+        transport = self._transport(node_id, address)
+        response = await transport.unary(
+            node_id, address, method, request, idempotent=idempotent, call_timeout=call_timeout
+        )
+        assert isinstance(response, response_type)
+        return response
 
     async def _stream(
         self,
         node_id: str,
         address: str,
-        method: Callable[[DaemonServiceAsyncStub], aio.UnaryStreamMultiCallable[_Req, _Resp]],
-        request: _Req,
+        method: str,
+        response_type: type[_Resp],
+        request: Message,
         *,
         follow: bool,
         call_timeout: float | None,
     ) -> AsyncGenerator[_Resp, None]:
-        """A server stream whose start is retried on UNAVAILABLE until the first response."""
-        loop = asyncio.get_running_loop()
-        if call_timeout is not None:
-            budget: float | None = call_timeout
-        else:
-            budget = None if follow else self._config.call_timeout
-        start_deadline = loop.time() + (budget or self._config.call_timeout)
-        record = self._channels.record(node_id)
-        record.calls += 1
-        attempt = 0
-        try:
-            while True:
-                channel = await self._channels.acquire(node_id, address, start_deadline)
-                call = method(channel.stub)(
-                    request, timeout=None if budget is None else start_deadline - loop.time()
-                )
-                started = False
-                try:
-                    async for response in call:
-                        started = True
-                        yield response
-                except aio.AioRpcError as exc:
-                    error = translate_error(exc, node_id=node_id, address=address, budget=budget)
-                    if started:
-                        raise error from exc
-                except asyncio.CancelledError:
-                    if _cancelled_by_caller():
-                        raise
-                    error = _cut_off(node_id)
-                    if started:
-                        raise error from None
-                else:
-                    return
-                finally:
-                    call.cancel()  # no-op when finished; ends the stream if the reader left
-                    self._channels.release(channel)
-                await self._before_retry(
-                    record, channel, error, attempt, idempotent=True, deadline=start_deadline
-                )
-                attempt += 1
-        except FleetError:
-            record.failures += 1
-            raise
-
-    async def _before_retry(
-        self,
-        record: NodeRecord,
-        channel: DaemonChannel,
-        error: FleetError,
-        attempt: int,
-        *,
-        idempotent: bool,
-        deadline: float,
-    ) -> None:
-        """Sleep before the next attempt, or raise `error` if there is none."""
-        wrong_daemon = isinstance(error, WrongDaemonIdentity)
-        unavailable = isinstance(error, Unavailable) and not wrong_daemon
-        delay = retry_delay(
-            retryable=idempotent and unavailable,
-            attempt=attempt,
-            max_attempts=self._config.max_attempts,
-            backoff=self._config.retry,
-            remaining=deadline - asyncio.get_running_loop().time(),
-            rng=self._rng,
-        )
-        if delay is None:
-            if (idempotent and unavailable) or wrong_daemon:
-                self._channels.give_up(channel)
-            raise error
-        record.retries += 1
-        log.debug("%s unavailable; attempt %d in %.3f s", record.node_id, attempt + 2, delay)
-        await asyncio.sleep(delay)
+        transport = self._transport(node_id, address)
+        async with contextlib.aclosing(
+            transport.stream(
+                node_id, address, method, request, follow=follow, call_timeout=call_timeout
+            )
+        ) as responses:
+            async for response in responses:
+                assert isinstance(response, response_type)
+                yield response

@@ -6,9 +6,10 @@ import math
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from fleet.control import PIECE_BYTES
 from fleet.retry import Backoff
 
-__all__ = ["PoolConfig"]
+__all__ = ["ControlConfig", "PoolConfig"]
 
 
 def _default_backoff() -> Backoff:
@@ -53,3 +54,49 @@ class PoolConfig:
                 raise ValueError(f"{f.name} must be a positive number, got {value!r}")
         if self.retry.maximum <= 0:
             raise ValueError(f"retry.maximum must be > 0, got {self.retry.maximum!r}")
+
+
+@dataclass(frozen=True)
+class ControlConfig:
+    """The control channel (`ManagerService.Connect`, `[control]` in the manager's TOML)."""
+
+    keepalive_time_seconds: float = 30.0
+    """The manager pings each daemon's connection this often when it is quiet."""
+    keepalive_timeout_seconds: float = 10.0
+    """A ping unanswered this long closes the connection: a dead daemon or a cut
+    network is seen within keepalive_time + keepalive_timeout."""
+    min_ping_interval_seconds: float = 5.0
+    """Daemons may ping at most this often (their keepalive time must be >= this);
+    a daemon pinging faster is sent GOAWAY by gRPC."""
+    offline_grace_seconds: float = 30.0
+    """After a node's stream breaks, it stays online this long for it to reconnect."""
+    liveness_refresh_seconds: float = 5.0
+    """Connected nodes' last-seen is written this often (for the sweeper and other
+    replicas); must be well below the liveness offline window."""
+    hello_timeout_seconds: float = 10.0
+    """A stream that sends no hello within this is ended (DEADLINE_EXCEEDED)."""
+    max_pending_answers: int = 64
+    """Upward messages of one stream being handled at once; at this many the
+    manager stops reading that stream (backpressure on the daemon)."""
+    max_in_flight_commands: int = 256
+    """Commands to one node at once; more fail RESOURCE_EXHAUSTED at once."""
+    max_queued_messages: int = 256
+    """Messages waiting to be written to one daemon; a command that does not fit
+    fails RESOURCE_EXHAUSTED at once (the daemon is not reading)."""
+    max_message_bytes: int = 16 * 1024 * 1024
+    """Largest reassembled request or result message on the stream."""
+    stream_credit: int = 16
+    """Result messages a streaming command may have outstanding (read ahead of the caller)."""
+
+    def validate(self) -> None:
+        """Raise ValueError naming the first unusable setting."""
+        for f in fields(self):
+            value: Any = getattr(self, f.name)
+            if not math.isfinite(value) or value <= 0:
+                raise ValueError(f"control.{f.name}: must be a positive number, got {value!r}")
+        if self.min_ping_interval_seconds > self.keepalive_time_seconds:
+            raise ValueError("control.min_ping_interval_seconds: must be <= keepalive_time_seconds")
+        if self.max_queued_messages * PIECE_BYTES < self.max_message_bytes:
+            raise ValueError(
+                "control.max_queued_messages: too small to hold one max_message_bytes request"
+            )

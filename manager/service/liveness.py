@@ -12,19 +12,27 @@ After a manager start, or when a replica takes over the sweeper, nothing is
 marked offline for `failover_grace`: daemons that were talking to a dead
 manager need time to reconnect (with backoff) before their silence means
 anything.
+
+A node on a control stream (`ManagerService.Connect`) needs no heartbeats:
+`stream_verdict` says it is online while the stream is open and for a grace
+after it breaks; the manager holding the stream refreshes its last-seen.
 """
 
 from __future__ import annotations
 
+import enum
 import random
 from dataclasses import dataclass
 
 __all__ = [
     "LivenessPolicy",
+    "StreamVerdict",
     "TtlHighWater",
     "heartbeat_ttl",
     "jittered_interval",
     "offline_after",
+    "stream_refresh_interval",
+    "stream_verdict",
     "sweep_cutoff",
 ]
 
@@ -100,3 +108,38 @@ class TtlHighWater:
         if now - self.handed_at > offline_after(self.ttl, policy):
             return 0.0
         return self.ttl
+
+
+class StreamVerdict(enum.Enum):
+    """What a node's control stream says about its liveness."""
+
+    CONNECTED = "connected"
+    """The stream is open: online, its last-seen is refreshed."""
+    GRACE = "grace"
+    """The stream broke less than the grace ago: still online, refreshed."""
+    OFFLINE = "offline"
+    """The stream broke the grace ago or more and did not come back."""
+
+
+def stream_verdict(
+    *, connected: bool, broken_at: float | None, now: float, grace: float
+) -> StreamVerdict:
+    """A node's liveness from its control stream: open, broken within `grace`, or gone.
+
+    `broken_at` is when its last stream ended (None: never broke here).
+    """
+    if connected:
+        return StreamVerdict.CONNECTED
+    if broken_at is not None and now - broken_at < grace:
+        return StreamVerdict.GRACE
+    return StreamVerdict.OFFLINE
+
+
+def stream_refresh_interval(configured: float, policy: LivenessPolicy) -> float:
+    """How often the stream holder refreshes its nodes' last-seen.
+
+    At most a third of the shortest offline window (`min_ttl`'s): the
+    sweeper (any replica's) judges streamed nodes by the same window as
+    heartbeating ones, and a refresh plus a flush must land inside it.
+    """
+    return min(configured, offline_after(policy.min_ttl, policy) / 3.0)

@@ -9,9 +9,10 @@ ErrorMappingInterceptor.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import grpc
 from grpc import aio
 
 from fleet.errors import InvalidArgument
@@ -26,6 +27,7 @@ from manager.service.registry import NodeRegistry
 from manager.service.reports import DaemonReports
 from manager.service.validation import MAX_AGENTS_PER_SYNC, MAX_MESSAGE, validate_spec_version
 from manager.servicers.artifacts import ArtifactDownloads
+from manager.servicers.control import ControlChannel
 from manager.servicers.identity import NodeIdentities
 from manager.storage import AgentStateRecord
 from manager.storage.records import UpdateErrorRecord
@@ -124,6 +126,8 @@ class ManagerServicer(ArtifactDownloads, manager_pb2_grpc.ManagerServiceServicer
         self._on_change = on_change
         self._artifacts = artifacts
         self._identities = NodeIdentities(trust_domain)
+        self.control: ControlChannel | None = None
+        """Serves Connect (set by the server once the streams exist); None: UNIMPLEMENTED."""
 
     async def RegisterNode(
         self, request: manager_pb2.RegisterNodeRequest, context: _Context
@@ -234,3 +238,13 @@ class ManagerServicer(ArtifactDownloads, manager_pb2_grpc.ManagerServiceServicer
         return manager_pb2.UploadJobOutputResponse(
             acked_offset=result.acked_offset, truncated=result.truncated
         )
+
+    async def Connect(  # type: ignore[override]  # writes with context.write, returns nothing
+        self, request_iterator: AsyncIterator[manager_pb2.ConnectRequest], context: _Context
+    ) -> None:
+        if self.control is None:
+            await context.abort(
+                grpc.StatusCode.UNIMPLEMENTED, "this manager serves no control stream"
+            )
+        assert self.control is not None
+        await self.control.serve(request_iterator, context)

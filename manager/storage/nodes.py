@@ -317,21 +317,33 @@ class NodeRepository:
         return await self._db.run(body)
 
     async def mark_offline(
-        self, *, cutoff_ms: int, now_ms: int, exclude: Collection[str] = ()
+        self,
+        *,
+        cutoff_ms: int,
+        now_ms: int,
+        exclude: Collection[str] = (),
+        only: Collection[str] | None = None,
+        reason: str = "missed its heartbeats",
     ) -> builtins.list[str]:
         """Online nodes last seen before `cutoff_ms` (and not in `exclude`) go offline.
 
+        With `only`, just those nodes are considered (a control stream that broke).
         One NODE_OFFLINE event each, all in one transaction; returns their ids.
         """
         excluded = set(exclude)
 
         async def body(conn: AsyncConnection) -> builtins.list[str]:
-            candidates = await conn.scalars(
-                select(nodes.c.node_id).where(
-                    nodes.c.status == "online", nodes.c.last_seen_ms < cutoff_ms
+            if only is None:
+                candidates = set(
+                    await conn.scalars(
+                        select(nodes.c.node_id).where(
+                            nodes.c.status == "online", nodes.c.last_seen_ms < cutoff_ms
+                        )
+                    )
                 )
-            )
-            targets = sorted(set(candidates) - excluded)
+            else:
+                candidates = set(only)
+            targets = sorted(candidates - excluded)
             gone: builtins.list[str] = []
             for part in chunks(targets):
                 # Re-check the condition: a heartbeat may have landed meanwhile.
@@ -355,7 +367,7 @@ class NodeRepository:
                         now_ms=now_ms,
                         node_id=nid,
                         actor="manager/sweeper",
-                        message=f"node {nid} missed its heartbeats",
+                        message=f"node {nid} {reason}",
                         attributes={"cutoff_ms": str(cutoff_ms)},
                     )
                     for nid in gone

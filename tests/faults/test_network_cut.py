@@ -27,8 +27,9 @@ LIVENESS = (
     f"min_ttl_seconds = {TTL}\njitter = 0.0\ngrace_seconds = {GRACE}\n"
     "failover_grace_seconds = 0.0\nsweep_interval_seconds = 0.2\nflush_interval_seconds = 0.2\n"
 )
+# The unary link (heartbeats): test_control_faults.py cuts a control stream.
 LINK = (
-    "heartbeat_interval_seconds = 1.0\nmetrics_interval_seconds = 1.0\n"
+    "control_stream = false\nheartbeat_interval_seconds = 1.0\nmetrics_interval_seconds = 1.0\n"
     "rpc_timeout_seconds = 2.0\nkeepalive_time_seconds = 1.0\nkeepalive_timeout_seconds = 1.0\n"
     "[manager.reconnect]\ninitial = 0.2\nmaximum = 1.0\n"
 )

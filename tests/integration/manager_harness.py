@@ -15,6 +15,7 @@ from grpc import aio
 from fleet.tls import TLSConfig, channel_credentials, channel_options
 from fleet.v1 import manager_pb2, manager_pb2_grpc
 from manager.config import (
+    ControlConfig,
     DatabaseConfig,
     LivenessConfig,
     ManagerConfig,
@@ -50,6 +51,7 @@ def manager_config(
     liveness: dict[str, Any] | None = None,
     metrics: dict[str, Any] | None = None,
     server: dict[str, Any] | None = None,
+    control: dict[str, Any] | None = None,
 ) -> ManagerConfig:
     """A config for a test manager on 127.0.0.1:0 with a fresh manager cert."""
     tls: TLSConfig = pki.issue("manager", "m1", hostnames=("localhost",), ips=("127.0.0.1",))
@@ -63,6 +65,7 @@ def manager_config(
         database=DatabaseConfig(url=database_url),
         liveness=dataclasses.replace(liv, **(liveness or {})),
         metrics=dataclasses.replace(MetricsConfig(), **(metrics or {})),
+        control=dataclasses.replace(ControlConfig(), **(control or {})),
     )
 
 

@@ -94,9 +94,12 @@ async def test_unsupported_operation_is_refused_without_a_call(
 
 
 async def test_missing_address_is_a_clear_error(make_pool: MakePool) -> None:
-    """A node without a daemon address fails with FAILED_PRECONDITION naming the node."""
+    """A node without a daemon address or stream fails with FAILED_PRECONDITION naming it."""
     pool = make_pool()
-    with pytest.raises(errors.FailedPrecondition, match=r"^node-9: no daemon address known"):
+    with pytest.raises(
+        errors.FailedPrecondition,
+        match=r"^node-9: the node has no control stream and no listen address",
+    ):
         await pool.list_agents("node-9", "")
 
 

@@ -263,6 +263,8 @@ async def invoke(
         return m.SerializeToString()
 
     try:
+        if method.client_streaming and method.server_streaming:  # Connect: hello, first answer
+            return await _first_answer(channel, path, request, reply_type, deadline)
         if method.client_streaming:  # PushArtifact: `request` as a stream of one message
             upload = channel.stream_unary(
                 path, request_serializer=serialize, response_deserializer=reply_type.FromString
@@ -295,6 +297,58 @@ async def invoke(
         return Outcome(code, await call.details() or "")
     except aio.AioRpcError as exc:
         return Outcome(exc.code(), exc.details() or "")
+
+
+async def _first_answer(
+    channel: aio.Channel,
+    path: str,
+    request: Message,
+    reply_type: Any,
+    deadline: float,
+) -> Outcome:
+    """A bidirectional stream (Connect): send `request`, read the answer to it.
+
+    A refusal can end the stream with a status or answer with a
+    ConnectError body (the status the unary RPC would have had): either is
+    the outcome. A stream that answers and stays open is OK.
+    """
+    bidi = channel.stream_stream(
+        path,
+        request_serializer=lambda m: m.SerializeToString(),
+        response_deserializer=reply_type.FromString,
+    )
+    call = bidi(timeout=deadline)
+    try:
+        await call.write(request)
+        # Commands may come before the answer; only the answer to our message counts.
+        while True:
+            try:
+                msg = await asyncio.wait_for(call.read(), deadline)
+            except TimeoutError:
+                return Outcome(grpc.StatusCode.DEADLINE_EXCEEDED, "no answer on the stream")
+            if msg is aio.EOF:
+                break
+            if msg.WhichOneof("body") == "command":
+                continue
+            if msg.WhichOneof("body") == "error":
+                return Outcome(status_code(msg.error.code), msg.error.message)
+            return Outcome(grpc.StatusCode.OK, "")
+    except aio.AioRpcError as exc:
+        return Outcome(exc.code(), exc.details() or "")
+    finally:
+        call.cancel()
+    code = await call.code()
+    if code == grpc.StatusCode.CANCELLED:
+        return Outcome(grpc.StatusCode.OK, "")
+    return Outcome(code, await call.details() or "")
+
+
+def status_code(value: int) -> grpc.StatusCode:
+    """The grpc.StatusCode of a numeric code (ConnectError.code); UNKNOWN if none is."""
+    for code in grpc.StatusCode:
+        if code.value[0] == value:
+            return code
+    return grpc.StatusCode.UNKNOWN
 
 
 async def serving(channel: aio.Channel, service: str) -> bool:
@@ -368,6 +422,10 @@ def requests(daemon_port: int, node: str = "a") -> dict[str, Message]:
         ),
         "ManagerService.UploadJobOutput": manager_pb2.UploadJobOutputRequest(
             node_id=node, job_id="no-such-job", data=b"x"
+        ),
+        # The control channel: its hello, answered by a welcome.
+        "ManagerService.Connect": manager_pb2.ConnectRequest(
+            id=1, hello=registration(node, f"127.0.0.1:{daemon_port}")
         ),
         # DaemonService on the node's daemon (agents "sleeper" and "sdk").
         "DaemonService.ListAgents": daemon_pb2.ListAgentsRequest(),

@@ -12,6 +12,7 @@ from manager.service.liveness import (
     heartbeat_ttl,
     jittered_interval,
     offline_after,
+    stream_refresh_interval,
     sweep_cutoff,
 )
 
@@ -84,3 +85,14 @@ def test_high_water_follows_the_latest_larger_ttl() -> None:
     hw.note(10.0, now=0.0, policy=POLICY)
     hw.note(20.0, now=5.0, policy=POLICY)
     assert hw.effective(6.0, POLICY) == 20.0
+
+
+def test_stream_refresh_keeps_the_configured_interval_in_a_long_window() -> None:
+    """With the default 21 s window the configured 5 s refresh stands."""
+    assert stream_refresh_interval(5.0, POLICY) == 5.0
+
+
+def test_stream_refresh_shrinks_to_a_third_of_a_short_window() -> None:
+    """A 3 s offline window (min_ttl 1, grace 2) is refreshed every second, not every 5 s."""
+    short = LivenessPolicy(min_ttl=1.0, max_rate=100.0, jitter=0.0, grace=2.0, failover_grace=3.0)
+    assert stream_refresh_interval(5.0, short) == pytest.approx(1.0)

@@ -1,0 +1,361 @@
+"""Control-channel benchmark: N nodes on Connect streams against one manager process.
+
+    python bench/connect.py --nodes 2000 --procs 4 --hold 60
+    python bench/connect.py --smoke          # tiny run, seconds
+
+The manager (`fleet-manager serve`, SQLite) and, in the same run, a bare
+grpc.aio reference server (Connect answers the hello, then only reads; same
+mTLS and keepalive) each get N nodes from `--procs` load-generator processes
+(this file with --loadgen): every node its own certificate and connection
+(bench/connect_sim.ConnectNode), metrics every --metrics-interval s, a state
+change now and then. During the hold, FleetService.ListAgents to random nodes
+through the manager's pool measures command latency. Then the manager is
+killed (-9) and restarted, and the time for all nodes to be welcomed again
+is measured. Prints (and with --json writes) manager and reference CPU per
+1,000 nodes and RSS per connection, command p50/p99, reconnect time and
+NODE_OFFLINE events during the hold (false offline).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import random
+import resource
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from grpc import aio  # noqa: E402
+
+from bench.connect_sim import ConnectNode  # noqa: E402
+from fleet.pki import CertificateAuthority  # noqa: E402
+from fleet.retry import Backoff  # noqa: E402
+from fleet.tls import (  # noqa: E402
+    TLSConfig,
+    channel_credentials,
+    channel_options,
+    server_credentials,
+)
+from fleet.v1 import fleet_pb2, fleet_pb2_grpc, manager_pb2, manager_pb2_grpc  # noqa: E402
+
+KEEPALIVE, KEEPALIVE_TIMEOUT = 30.0, 10.0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _raise_nofile() -> None:
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
+# --- the reference: a bare server holding idle streams ----------------------------------
+
+
+class _Bare(manager_pb2_grpc.ManagerServiceServicer):
+    async def Connect(self, request_iterator: Any, context: Any) -> Any:
+        async for message in request_iterator:
+            body = message.WhichOneof("body")
+            if body == "hello":
+                welcome = manager_pb2.RegisterNodeResponse(success=True)
+                yield manager_pb2.ConnectResponse(reply_to=message.id, welcome=welcome)
+            elif body == "metrics":
+                yield manager_pb2.ConnectResponse(
+                    reply_to=message.id, metrics=manager_pb2.ReportMetricsResponse(success=True)
+                )
+            elif body == "agent_states":
+                yield manager_pb2.ConnectResponse(
+                    reply_to=message.id,
+                    agent_states=manager_pb2.SyncAgentStatesResponse(success=True),
+                )
+
+
+def run_reference(port: int, files: list[str]) -> None:
+    """Serve the bare reference until SIGTERM (files: CA, certificate, key)."""
+
+    async def serve() -> None:
+        tls = TLSConfig(*(Path(f) for f in files))
+        server = aio.server(
+            options=[
+                ("grpc.keepalive_time_ms", int(KEEPALIVE * 1000)),
+                ("grpc.keepalive_timeout_ms", int(KEEPALIVE_TIMEOUT * 1000)),
+                ("grpc.http2.min_ping_interval_without_data_ms", 5000),
+                ("grpc.keepalive_permit_without_calls", 1),
+            ]
+        )
+        manager_pb2_grpc.add_ManagerServiceServicer_to_server(_Bare(), server)
+        server.add_secure_port(f"127.0.0.1:{port}", server_credentials(tls))
+        await server.start()
+        stop = asyncio.Event()
+        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, stop.set)
+        await stop.wait()
+        await server.stop(1)
+
+    asyncio.run(serve())
+
+
+# --- a load generator: a slice of the nodes ----------------------------------------------
+
+
+async def _loadgen(spec: dict[str, Any]) -> None:
+    """Hold spec["ids"] nodes; print "connected" lines; on stdin "since T" print when every
+    node was welcomed after T; on EOF stop."""
+    _raise_nofile()
+    ca = CertificateAuthority.load(Path(spec["ca_cert"]), Path(spec["ca_key"]))
+    root = Path(spec["root"])
+    rng = random.Random(spec["seed"])
+    nodes = []
+    for node_id in spec["ids"]:
+        tls = ca.issue("node", node_id, ips=("127.0.0.1",)).write(root / node_id)
+        nodes.append(
+            ConnectNode(
+                node_id,
+                tls,
+                ca.trust_domain,
+                (spec["address"],),
+                metrics_interval=spec["metrics_interval"],
+                state_change_interval=spec["state_change_interval"],
+                keepalive=(KEEPALIVE, KEEPALIVE_TIMEOUT),
+                reconnect=Backoff(initial=1.0, maximum=spec["backoff_max"]),
+                rng=random.Random(rng.random()),
+            )
+        )
+    for node in nodes:
+        node.start()
+        await asyncio.sleep(spec["spread"] / max(1, len(nodes)))
+    await asyncio.gather(*(n.connected.wait() for n in nodes))
+    print(json.dumps({"connected": len(nodes)}), flush=True)
+    loop = asyncio.get_running_loop()
+    reader = asyncio.StreamReader()
+    await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
+    while line := (await reader.readline()).decode().strip():
+        since = float(line.split()[1])
+        while True:  # polled: the nodes share no event
+            if all(n.record.welcomes and n.record.welcomes[-1] >= since for n in nodes):
+                break
+            await asyncio.sleep(0.2)
+        last = max(n.record.welcomes[-1] for n in nodes)
+        print(json.dumps({"welcomed_by": last}), flush=True)
+    await asyncio.gather(*(n.stop() for n in nodes), return_exceptions=True)
+
+
+# --- orchestration ------------------------------------------------------------------------
+
+
+class _Gens:
+    """The load-generator processes of one target."""
+
+    def __init__(self, spec: dict[str, Any], ids: list[str], procs: int) -> None:
+        self.procs = []
+        for i in range(procs):
+            part = {**spec, "ids": ids[i::procs], "seed": i}
+            self.procs.append(
+                subprocess.Popen(
+                    [sys.executable, __file__, "--loadgen", json.dumps(part)],
+                    stdin=subprocess.PIPE,
+                    stdout=subprocess.PIPE,
+                    text=True,
+                )
+            )
+
+    def read_all(self, key: str) -> list[Any]:
+        out = []
+        for p in self.procs:
+            assert p.stdout is not None
+            line = p.stdout.readline()
+            if not line:
+                raise SystemExit(f"a load generator exited ({p.wait()})")
+            out.append(json.loads(line)[key])
+        return out
+
+    def ask(self, line: str) -> None:
+        for p in self.procs:
+            assert p.stdin is not None
+            p.stdin.write(line + "\n")
+            p.stdin.flush()
+
+    def stop(self) -> None:
+        for p in self.procs:
+            if p.stdin is not None:
+                p.stdin.close()
+        for p in self.procs:
+            try:
+                p.wait(60)
+            except subprocess.TimeoutExpired:
+                p.kill()
+
+
+def _cpu(pid: int) -> float:
+    t = psutil.Process(pid).cpu_times()
+    return float(t.user + t.system)
+
+
+def _rss(pid: int) -> int:
+    return int(psutil.Process(pid).memory_info().rss)
+
+
+async def _commands(
+    address: str, operator: TLSConfig, td: str, ids: list[str], seconds: float, rate: float
+) -> list[float]:
+    """ListAgents to random nodes through the manager's pool for `seconds`; latencies (s)."""
+    channel = aio.secure_channel(
+        address, channel_credentials(operator), options=channel_options(f"manager.{td}")
+    )
+    stub = fleet_pb2_grpc.FleetServiceStub(channel)
+    lat: list[float] = []
+    end = time.monotonic() + seconds
+    rng = random.Random(1)
+    while time.monotonic() < end:
+        t0 = time.monotonic()
+        await stub.ListAgents(
+            fleet_pb2.FleetServiceListAgentsRequest(node_id=rng.choice(ids)), timeout=30
+        )
+        lat.append(time.monotonic() - t0)
+        await asyncio.sleep(max(0.0, 1 / rate - (time.monotonic() - t0)))
+    await channel.close()
+    return lat
+
+
+def _pct(values: list[float], q: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))] * 1000 if s else 0.0
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    _raise_nofile()
+    work = Path(tempfile.mkdtemp(prefix="bench-connect-", dir="/dev/shm"))
+    ca = CertificateAuthority.create()
+    ca_cert, ca_key = ca.write(work / "ca")
+    manager_tls = ca.issue("manager", "m1", ips=("127.0.0.1",)).write(work / "manager")
+    operator = ca.issue("operator", "bench").write(work / "operator")
+    ids = [f"cn-{i:05d}" for i in range(args.nodes)]
+    spec = {
+        "ca_cert": str(ca_cert),
+        "ca_key": str(ca_key),
+        "root": str(work / "nodes"),
+        "metrics_interval": args.metrics_interval,
+        "state_change_interval": args.state_change_interval,
+        "spread": args.spread,
+        "backoff_max": 10.0,
+    }
+    out: dict[str, Any] = {"nodes": args.nodes, "procs": args.procs}
+
+    # The reference first: same nodes, same keepalive, nothing but idle streams.
+    ref_port = _free_port()
+    files = (manager_tls.ca_file, manager_tls.cert_file, manager_tls.key_file)
+    ref = subprocess.Popen(
+        [sys.executable, __file__, "--reference", str(ref_port), *map(str, files)]
+    )
+    time.sleep(2)
+    gens = _Gens({**spec, "address": f"127.0.0.1:{ref_port}"}, ids, args.procs)
+    gens.read_all("connected")
+    cpu0 = _cpu(ref.pid)
+    time.sleep(args.hold)
+    out["ref_cpu_per_1000"] = (_cpu(ref.pid) - cpu0) / args.hold / args.nodes * 1000
+    out["ref_rss_mb"] = _rss(ref.pid) / 2**20
+    gens.stop()
+    ref.terminate()
+    ref.wait(30)
+
+    port = _free_port()
+    state = work / "mstate"
+    config = work / "manager.toml"
+    config.write_text(
+        f'state_dir = "{state}"\n[server]\nlisten = "127.0.0.1:{port}"\nmetrics_listen = ""\n'
+        f'[tls]\nca_file = "{manager_tls.ca_file}"\ncert_file = "{manager_tls.cert_file}"\n'
+        f'key_file = "{manager_tls.key_file}"\n'
+        f"[control]\nkeepalive_time_seconds = {KEEPALIVE}\n"
+        f"keepalive_timeout_seconds = {KEEPALIVE_TIMEOUT}\n"
+        '[logging]\nlevel = "warning"\n'
+    )
+    argv = [sys.executable, "-m", "manager.cli", "serve", "--config", str(config)]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    manager = subprocess.Popen(argv, env=env)
+    time.sleep(3)
+    base_rss = _rss(manager.pid)
+    gens = _Gens({**spec, "address": f"127.0.0.1:{port}"}, ids, args.procs)
+    try:
+        gens.read_all("connected")
+        time.sleep(min(10.0, args.hold / 3))  # the initial snapshots and batches settle
+        t_hold = time.time()
+        cpu0 = _cpu(manager.pid)
+        lat = asyncio.run(
+            _commands(
+                f"127.0.0.1:{port}", operator, ca.trust_domain, ids, args.hold, args.command_rate
+            )
+        )
+        out["manager_cpu_per_1000"] = (_cpu(manager.pid) - cpu0) / args.hold / args.nodes * 1000
+        out["manager_rss_per_conn_kb"] = (_rss(manager.pid) - base_rss) / args.nodes / 1024
+        out["cpu_ratio_to_ref"] = out["manager_cpu_per_1000"] / max(1e-9, out["ref_cpu_per_1000"])
+        out["commands"] = len(lat)
+        out["command_p50_ms"] = _pct(lat, 0.5)
+        out["command_p99_ms"] = _pct(lat, 0.99)
+        with sqlite3.connect(f"file:{state / 'manager.db'}?mode=ro", uri=True) as db:
+            out["false_offline"] = db.execute(
+                "SELECT COUNT(*) FROM events WHERE kind = 'NODE_OFFLINE' AND ts_ms >= ?",
+                (int(t_hold * 1000),),
+            ).fetchone()[0]
+        if args.kill:
+            manager.send_signal(signal.SIGKILL)
+            manager.wait()
+            t_kill = time.time()
+            manager = subprocess.Popen(argv, env=env)
+            gens.ask(f"since {t_kill}")
+            out["reconnect_all_s"] = max(gens.read_all("welcomed_by")) - t_kill
+    finally:
+        gens.stop()
+        manager.terminate()
+        manager.wait(30)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--nodes", type=int, default=2000)
+    parser.add_argument("--procs", type=int, default=4, help="load-generator processes")
+    parser.add_argument("--hold", type=float, default=60.0, help="seconds measured")
+    parser.add_argument("--spread", type=float, default=20.0, help="seconds to start each slice")
+    parser.add_argument("--metrics-interval", type=float, default=60.0)
+    parser.add_argument("--state-change-interval", type=float, default=300.0)
+    parser.add_argument("--command-rate", type=float, default=20.0, help="ListAgents per second")
+    parser.add_argument("--no-kill", dest="kill", action="store_false")
+    parser.add_argument("--smoke", action="store_true", help="a tiny run")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--loadgen", help=argparse.SUPPRESS)
+    parser.add_argument("--reference", nargs=4, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.loadgen:
+        asyncio.run(_loadgen(json.loads(args.loadgen)))
+        return 0
+    if args.reference:
+        run_reference(int(args.reference[0]), args.reference[1:])
+        return 0
+    if args.smoke:
+        args.nodes, args.procs, args.hold, args.spread = 20, 2, 5.0, 1.0
+        args.metrics_interval, args.state_change_interval = 2.0, 3.0
+    result = run(args)
+    print(json.dumps(result, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""ManagerService.Connect: a daemon's control stream, served.
+
+The first message must be the hello; it is `RegisterNode`, run by the unary
+handler itself with the stream's context, so the identity rule (the caller
+is ``node/<hello.node_id>``), the validation and the registration are the
+unary path's. After the welcome, upward messages go to the unary handlers
+the same way (`SyncAgentStates`, `ReportMetrics`, ...) and are answered with
+`reply_to` = their id; one the handler refuses is answered with `error` and
+the stream goes on. Command results go to the node's `ControlSession`.
+
+Upward messages are handled concurrently, at most
+`control.max_pending_answers` at once per stream; at that many the handler
+stops reading, which is the daemon's backpressure. Protocol violations
+(a second hello, ids not increasing, results for requests never sent,
+oversized results) are refused, counted, and change nothing else.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+from grpc import aio
+
+from fleet.errors import DeadlineExceeded, FleetError, InvalidArgument
+from fleet.interceptors import bounded
+from fleet.v1 import manager_pb2
+from manager.pool.config import ControlConfig
+from manager.pool.stream import ControlSession, ControlStreams
+
+__all__ = ["ControlChannel"]
+
+log = logging.getLogger(__name__)
+
+_Context = aio.ServicerContext[Any, Any]
+
+# Upward message kind -> the unary handler that serves it.
+_HANDLERS = {
+    "agent_states": "SyncAgentStates",
+    "metrics": "ReportMetrics",
+    "job_status": "ReportJobStatus",
+    "job_output": "UploadJobOutput",
+}
+
+
+class ControlChannel:
+    """Serves Connect with `unary`'s handlers (a ManagerServicer) and this replica's streams."""
+
+    def __init__(
+        self,
+        unary: Any,
+        streams: ControlStreams,
+        config: ControlConfig,
+        *,
+        on_violation: Callable[[str], None] = lambda _: None,
+        on_refused: Callable[[str, str], None] = lambda _k, _c: None,
+    ) -> None:
+        self._unary = unary
+        self._streams = streams
+        self._config = config
+        self._on_violation = on_violation
+        self._on_refused = on_refused
+
+    async def serve(
+        self, requests: AsyncIterator[manager_pb2.ConnectRequest], context: _Context
+    ) -> None:
+        """Run one stream until the daemon ends it, or it is replaced or broken."""
+        it = aiter(requests)
+        try:
+            async with asyncio.timeout(self._config.hello_timeout_seconds):
+                first = await anext(it)
+        except TimeoutError:
+            self._on_violation("no_hello")
+            raise DeadlineExceeded(
+                f"no hello within {self._config.hello_timeout_seconds:g} s; "
+                "the first message on the control stream must be hello"
+            ) from None
+        except StopAsyncIteration:
+            return
+        if first.WhichOneof("body") != "hello":
+            self._on_violation("no_hello")
+            raise InvalidArgument(
+                "the first message on the control stream must be hello (as RegisterNode), "
+                f"got {first.WhichOneof('body') or 'an empty message'}"
+            )
+        # Identity (node/<hello.node_id>), validation and registration: RegisterNode's own.
+        welcome = await self._unary.RegisterNode(first.hello, context)
+        session = ControlSession(first.hello.node_id, self._config, on_violation=self._on_violation)
+        if self._streams.attach(session):
+            self._on_violation("replaced_stream")  # two daemons with one certificate, or a zombie
+        await session.send_answer(manager_pb2.ConnectResponse(reply_to=first.id, welcome=welcome))
+        log.info("%s: control stream open", session.node_id)
+        writer = asyncio.create_task(self._write(session, context), name="control-write")
+        reader = asyncio.create_task(
+            self._read(session, it, context, first.id), name="control-read"
+        )
+        try:
+            await session.ended.wait()
+        finally:
+            for task in (reader, writer):
+                task.cancel()
+            for task in (reader, writer):
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+            self._streams.detach(session)
+            log.info("%s: control stream closed", session.node_id)
+        if session.end_status is not None and not context.done():
+            code, message = session.end_status
+            try:
+                await context.abort(code, message)
+            except aio.AbortError:
+                raise
+            except Exception as exc:  # the call went meanwhile (shutdown, the daemon left)
+                log.debug("%s: could not end the stream with %s: %r", session.node_id, code, exc)
+
+    async def _write(self, session: ControlSession, context: _Context) -> None:
+        try:
+            while (msg := await session.next_outgoing()) is not None:
+                await context.write(msg)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # the transport broke (gRPC says how); the stream is over
+            session.close(f"writing to the daemon failed: {exc}")
+
+    async def _read(
+        self,
+        session: ControlSession,
+        it: AsyncIterator[manager_pb2.ConnectRequest],
+        context: _Context,
+        last_id: int,
+    ) -> None:
+        room = asyncio.Semaphore(self._config.max_pending_answers)
+        pending: set[asyncio.Task[None]] = set()
+
+        def done(task: asyncio.Task[None]) -> None:
+            pending.discard(task)
+            room.release()
+
+        try:
+            async for req in it:
+                kind = req.WhichOneof("body")
+                if kind == "result":
+                    session.deliver(req.result)
+                    continue
+                if kind is None or req.id <= last_id:
+                    why = "empty_message" if kind is None else "id_not_increasing"
+                    await self._refuse(
+                        session,
+                        req.id,
+                        why,
+                        grpc.StatusCode.INVALID_ARGUMENT,
+                        "a message without a body"
+                        if kind is None
+                        else f"message id {req.id} is not above the previous {last_id}; "
+                        "ids must increase on the stream",
+                    )
+                    continue
+                last_id = req.id
+                if kind == "hello":
+                    await self._refuse(
+                        session,
+                        req.id,
+                        "second_hello",
+                        grpc.StatusCode.FAILED_PRECONDITION,
+                        "hello was already sent on this stream; open a new stream to register anew",
+                    )
+                    continue
+                await room.acquire()  # at the bound: stop reading (backpressure)
+                task = asyncio.create_task(self._answer(session, req, kind, context))
+                pending.add(task)
+                task.add_done_callback(done)
+            await asyncio.gather(*pending)  # the daemon closed its side: finish what it sent
+            session.close("the daemon closed the stream")
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # gRPC: the connection broke (keepalive, reset, ...)
+            session.close(f"the stream broke: {exc}")
+        finally:
+            for task in list(pending):
+                task.cancel()
+
+    async def _refuse(
+        self, session: ControlSession, req_id: int, kind: str, code: grpc.StatusCode, text: str
+    ) -> None:
+        self._on_violation(kind)
+        log.warning("%s: control stream: %s", session.node_id, text)
+        error = manager_pb2.ConnectError(code=code.value[0], message=text)
+        # Waits for room like any answer: a daemon flooding bad messages is not read faster.
+        await session.send_answer(manager_pb2.ConnectResponse(reply_to=req_id, error=error))
+
+    async def _answer(
+        self,
+        session: ControlSession,
+        req: manager_pb2.ConnectRequest,
+        kind: str,
+        context: _Context,
+    ) -> None:
+        try:
+            handler = getattr(self._unary, _HANDLERS[kind])
+            body = await handler(getattr(req, kind), context)
+            answer = manager_pb2.ConnectResponse(reply_to=req.id, **{kind: body})
+        except FleetError as exc:
+            self._on_refused(kind, exc.code.name)
+            answer = manager_pb2.ConnectResponse(
+                reply_to=req.id,
+                error=manager_pb2.ConnectError(
+                    code=exc.code.value[0], message=bounded(exc.message)
+                ),
+            )
+        except Exception:
+            log.exception("%s: unhandled error answering %s", session.node_id, kind)
+            self._on_refused(kind, "INTERNAL")
+            answer = manager_pb2.ConnectResponse(
+                reply_to=req.id,
+                error=manager_pb2.ConnectError(
+                    code=grpc.StatusCode.INTERNAL.value[0],
+                    message=f"internal error handling {kind}; see the manager's log",
+                ),
+            )
+        await session.send_answer(answer)

@@ -1,0 +1,285 @@
+"""Faults on the control channel (ManagerService.Connect).
+
+- The manager killed (-9) under many nodes on streams (bench/connect_sim):
+  every node reconnects by itself, and no acknowledged metric batch is lost
+  or stored twice.
+- The network cut between a real portless daemon and the manager (a netns
+  veth pair, as test_network_cut.py): offline after keepalive + grace, back
+  online by itself when the link returns.
+- A real portless daemon killed while a command to it is in flight (a
+  followed log): the caller gets a clear error, not a hang.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from daemon_helpers import short_tmp
+from faultkit import REPO, DaemonProc, ManagerProc, eventually, kill_marked, ticker_toml
+from test_network_cut import _cable
+
+from bench.connect_sim import ConnectNode
+from fleet.retry import Backoff
+
+NODES = int(os.environ.get("FLEET_FAULT_NODES", "200"))
+KEEPALIVE, KEEPALIVE_TIMEOUT, GRACE = 1.0, 1.0, 1.0
+CONTROL = (
+    f"[control]\nkeepalive_time_seconds = {KEEPALIVE}\n"
+    f"keepalive_timeout_seconds = {KEEPALIVE_TIMEOUT}\nmin_ping_interval_seconds = 0.5\n"
+    f"offline_grace_seconds = {GRACE}\nliveness_refresh_seconds = 0.5\n"
+)
+LIVENESS = (
+    "min_ttl_seconds = 1.0\njitter = 0.0\ngrace_seconds = 1.0\n"
+    "failover_grace_seconds = 0.0\nsweep_interval_seconds = 0.2\nflush_interval_seconds = 0.2\n"
+)
+LINK = (
+    "metrics_interval_seconds = 1.0\nrpc_timeout_seconds = 2.0\n"
+    f"keepalive_time_seconds = {KEEPALIVE}\nkeepalive_timeout_seconds = {KEEPALIVE_TIMEOUT}\n"
+    "control_stream = true\n[manager.reconnect]\ninitial = 0.2\nmaximum = 1.0\n"
+)
+
+
+def _portless(daemon: DaemonProc) -> None:
+    """No listening address: the daemon is reachable only through its stream."""
+    text = daemon.config.read_text()
+    daemon.config.write_text(text.replace(f'listen = "127.0.0.1:{daemon.port}"', 'listen = ""'))
+
+
+async def test_manager_kill9_under_streams_all_reconnect_no_batch_lost_or_doubled(
+    pki: Any, tmp_path: Path
+) -> None:
+    """kill -9 + restart: every node welcomed again within 60 s; acked batches stored once."""
+    manager = ManagerProc(
+        tmp_path / "m",
+        pki.issue("manager", "m1", ips=("127.0.0.1",)),
+        liveness=LIVENESS.replace("failover_grace_seconds = 0.0", "failover_grace_seconds = 60"),
+        extra=CONTROL.replace(f"offline_grace_seconds = {GRACE}", "offline_grace_seconds = 60"),
+    )
+    manager.start()
+    nodes: list[ConnectNode] = []
+    try:
+        await manager.wait_serving()
+        for i in range(NODES):
+            node_id = f"cc-{i:04d}"
+            tls = pki.issue("node", node_id)
+            nodes.append(
+                ConnectNode(
+                    node_id,
+                    tls,
+                    pki.ca.trust_domain,
+                    (manager.address,),
+                    metrics_interval=max(1.0, NODES / 100),
+                    keepalive=(KEEPALIVE, KEEPALIVE_TIMEOUT),
+                    reconnect=Backoff(initial=0.5, multiplier=2.0, maximum=8.0),
+                )
+            )
+        for n in nodes:
+            n.start()
+        await eventually(
+            lambda: asyncio.sleep(0, sum(1 for n in nodes if len(n.record.acked) >= 2)),
+            lambda c: c == NODES,
+            within=120,
+            every=0.5,
+        )
+        acked_before = {n.node_id: set(n.record.acked) for n in nodes}
+        t_kill = time.time()
+        manager.kill9()
+        await asyncio.sleep(3.0)
+        manager.start()
+        await manager.wait_serving()
+        t_serving = time.time()
+        await eventually(
+            lambda: asyncio.sleep(0, [n for n in nodes if max(n.record.welcomes) < t_kill]),
+            lambda waiting: not waiting,
+            within=120,
+            every=0.2,
+        )
+        back_in = max(min(t for t in n.record.welcomes if t >= t_kill) for n in nodes) - t_serving
+        # A batch cut while it was down is sent (and acknowledged) after.
+        await eventually(
+            lambda: asyncio.sleep(0, [n for n in nodes if n.unacked]),
+            lambda waiting: not waiting,
+            within=60,
+            every=0.2,
+        )
+        acked_all = {n.node_id: set(n.record.acked) for n in nodes}
+    finally:
+        await asyncio.gather(*(n.stop() for n in nodes), return_exceptions=True)
+        manager.stop()
+    print(f"\nkill -9 under {NODES} streams: all welcomed again {back_in:.1f}s after serving")
+    assert back_in < 60
+    dup = await asyncio.to_thread(
+        manager.query,
+        "SELECT node_id, value, COUNT(*) FROM metric_samples WHERE name = 'batch' "
+        "GROUP BY node_id, value HAVING COUNT(*) > 1",
+    )
+    assert dup == [], f"batches stored twice: {dup[:5]}"
+    rows = await asyncio.to_thread(
+        manager.query,
+        "SELECT node_id, CAST(value AS INTEGER) FROM metric_samples WHERE name = 'batch'",
+    )
+    stored: dict[str, set[int]] = {}
+    for node_id, seq in rows:
+        stored.setdefault(node_id, set()).add(seq)
+    for node_id, acked in acked_all.items():
+        missing = acked - stored.get(node_id, set())
+        assert not missing, f"{node_id}: acknowledged but not stored: {sorted(missing)[:10]}"
+        assert acked_before[node_id] <= acked
+    offline = await asyncio.to_thread(
+        manager.query, "SELECT node_id FROM events WHERE kind = 'NODE_OFFLINE'"
+    )
+    assert offline == [], f"nodes marked offline by the restart: {offline[:5]}"
+    assert not manager.crashed()
+
+
+async def _status(manager: ManagerProc, node: str) -> str:
+    rows = await asyncio.to_thread(
+        manager.query, "SELECT status FROM nodes WHERE node_id = ?", node
+    )
+    return str(rows[0][0]) if rows else ""
+
+
+async def test_network_cut_offline_after_keepalive_and_grace_then_back(
+    pki: Any, tmp_path: Path
+) -> None:
+    """A portless daemon behind a cut link: offline after keepalive + timeout + grace; the
+    link mended, online again by itself on a new stream."""
+    marker = f"ccmark-{secrets.token_hex(4)}"
+    async with _cable() as cable:
+        manager = ManagerProc(
+            tmp_path / "m",
+            pki.issue("manager", "m1", ips=(cable.manager_host,)),
+            listen_host=cable.manager_host,
+            liveness=LIVENESS,
+            extra=CONTROL,
+        )
+        address = cable.dial(manager.port)
+        with short_tmp() as root:
+            daemon = DaemonProc(
+                root,
+                pki.issue("node", "n1"),
+                body=f'[manager]\naddresses = ["{address}"]\n{LINK}'
+                + ticker_toml("ticker", marker, 0.5),
+            )
+            _portless(daemon)
+            manager.start()
+            try:
+                await manager.wait_serving()
+                await daemon.wait_ready(daemon.start(cable.prefix))
+                await eventually(lambda: _status(manager, "n1"), lambda s: s == "online", within=60)
+                await asyncio.sleep(3.0)  # steady: no heartbeat calls keep it online now
+                assert await _status(manager, "n1") == "online"
+                t_cut = time.time()
+                await asyncio.to_thread(cable.cut)
+                await eventually(
+                    lambda: _status(manager, "n1"), lambda s: s == "offline", within=30
+                )
+                detection = time.time() - t_cut
+                t_mend = time.time()
+                await asyncio.to_thread(cable.mend)
+                await eventually(lambda: _status(manager, "n1"), lambda s: s == "online", within=60)
+                recovery = time.time() - t_mend
+                assert daemon.popen is not None
+                assert daemon.popen.poll() is None
+                assert not manager.crashed()
+            finally:
+                daemon.stop()
+                manager.stop()
+                kill_marked(marker)
+    bound = KEEPALIVE + KEEPALIVE_TIMEOUT + GRACE
+    print(
+        f"\ncontrol stream cut ({cable.kind}): offline {detection:.2f}s after the cut "
+        f"(keepalive + timeout + grace = {bound:.1f}s); online {recovery:.2f}s after the mend"
+    )
+    assert GRACE - 0.1 <= detection <= bound + 3.0
+    assert recovery < 15.0
+
+
+async def test_daemon_killed_with_a_command_in_flight_fails_the_caller_clearly(
+    pki: Any, tmp_path: Path
+) -> None:
+    """`fleetctl agents logs -f` to a portless daemon, which is then killed -9: fleetctl ends
+    with an error naming the node's unavailability within seconds, not a hang; the daemon
+    restarted, the same command works again."""
+    marker = f"ccmark-{secrets.token_hex(4)}"
+    manager = ManagerProc(
+        tmp_path / "m",
+        pki.issue("manager", "m1", ips=("127.0.0.1",)),
+        liveness=LIVENESS,
+        extra=CONTROL,
+    )
+    operator = pki.issue("operator", "alice")
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "FLEET_MANAGER": manager.address,
+        "FLEET_CA": str(operator.ca_file),
+        "FLEET_CERT": str(operator.cert_file),
+        "FLEET_KEY": str(operator.key_file),
+    }
+    argv = [sys.executable, "-c", "from fleetctl.app import main; main()"]
+    with short_tmp() as root:
+        daemon = DaemonProc(
+            root,
+            pki.issue("node", "n1"),
+            body=f'[manager]\naddresses = ["{manager.address}"]\n{LINK}'
+            + ticker_toml("ticker", marker, 0.2),
+        )
+        _portless(daemon)
+        manager.start()
+        follow: asyncio.subprocess.Process | None = None
+        try:
+            await manager.wait_serving()
+            await daemon.wait_ready(daemon.start())
+            await eventually(lambda: _status(manager, "n1"), lambda s: s == "online", within=60)
+            follow = await asyncio.create_subprocess_exec(
+                *argv,
+                "agents",
+                "logs",
+                "-f",
+                "n1/ticker",
+                env=env,
+                stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.PIPE,
+            )
+            await asyncio.sleep(3.0)
+            assert follow.returncode is None, await follow.communicate()
+            t_kill = time.monotonic()
+            daemon.kill9()
+            out, err = await asyncio.wait_for(follow.communicate(), 30)
+            ended_in = time.monotonic() - t_kill
+            assert b"tick" in out, "the log was followed through the stream before the kill"
+            assert follow.returncode != 0
+            assert err.strip(), "the caller is told why"
+            print(f"\nfollow ended {ended_in:.1f}s after the daemon died: {err.decode()[-300:]}")
+            assert ended_in < KEEPALIVE + KEEPALIVE_TIMEOUT + 10
+
+            await daemon.wait_ready(daemon.start())
+            again = await eventually(
+                lambda: asyncio.to_thread(
+                    subprocess.run,
+                    [*argv, "agents", "logs", "n1/ticker"],
+                    env=env,
+                    capture_output=True,
+                    timeout=60,
+                ),
+                lambda r: r.returncode == 0,
+                within=60,
+                every=1.0,
+            )
+            assert b"tick" in again.stdout
+            assert not manager.crashed()
+        finally:
+            if follow is not None and follow.returncode is None:
+                follow.kill()
+                await follow.communicate()
+            daemon.stop()
+            manager.stop()
+            kill_marked(marker)
