@@ -31,7 +31,7 @@ import collections
 import contextlib
 import dataclasses
 import logging
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping
 from typing import Final
 
 import grpc
@@ -199,7 +199,7 @@ class ControlSession:
         method: str,
         request: Message,
         timeout: float | None,  # noqa: ASYNC109  # the daemon is sent the deadline too
-    ) -> AsyncIterator[Message]:
+    ) -> AsyncGenerator[Message, None]:
         """Run a server-streaming DaemonService `method`; its responses as taken.
 
         Close the generator to stop early (the daemon is sent `cancel`).

@@ -14,6 +14,7 @@ next call goes over the new stream (or is dialled).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import AsyncGenerator
@@ -123,8 +124,10 @@ class StreamTransport:
             budget = None if follow else self._config.call_timeout
         self._record.calls += 1
         try:
-            async for response in self._session.stream(method, request, budget):
-                yield response
+            # aclosing: a reader that leaves cancels the command on the node at once.
+            async with contextlib.aclosing(self._session.stream(method, request, budget)) as rs:
+                async for response in rs:
+                    yield response
         except FleetError:
             self._record.failures += 1
             raise
