@@ -13,16 +13,15 @@ from __future__ import annotations
 
 import builtins
 import json
-from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from typing import Any, TypeVar
 
 from sqlalchemy import delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from manager.storage.agents import select_states
-from manager.storage.audit import insert_audit
 from manager.storage.db import Database
-from manager.storage.events import event_row, insert_events
+from manager.storage.queued import QueuedWrites
 from manager.storage.records import (
     AgentStateRecord,
     AssignmentRecord,
@@ -135,14 +134,12 @@ def _rollout_node(row: Any) -> RolloutNodeRecord:
     )
 
 
-class DesiredTx:
+class DesiredTx(QueuedWrites):
     """The reads and writes of one desired-state transaction (see the module docstring)."""
 
     def __init__(self, conn: AsyncConnection, db: Database) -> None:
-        self._conn = conn
+        super().__init__(conn)
         self._db = db
-        self._events: list[dict[str, Any]] = []
-        self._audits: list[dict[str, Any]] = []
 
     @property
     def conn(self) -> AsyncConnection:
@@ -445,59 +442,6 @@ class DesiredTx:
                 for r in records
             ],
         )
-
-    # --- what happened ------------------------------------------------------------------------
-
-    def event(
-        self,
-        kind: str,
-        *,
-        now_ms: int,
-        message: str,
-        actor: str,
-        node_id: str = "",
-        agent_id: str = "",
-        attributes: Mapping[str, str] | None = None,
-    ) -> None:
-        """Queue an event, written at the end of the transaction."""
-        self._events.append(
-            event_row(
-                kind,
-                now_ms=now_ms,
-                node_id=node_id,
-                agent_id=agent_id,
-                message=message,
-                actor=actor,
-                attributes=attributes,
-            )
-        )
-
-    def audit(
-        self,
-        *,
-        actor: str,
-        action: str,
-        target: str,
-        detail: Mapping[str, str],
-        outcome: str,
-        now_ms: int,
-    ) -> None:
-        """Queue an audit entry, written at the end of the transaction."""
-        self._audits.append(
-            {
-                "actor": actor,
-                "action": action,
-                "target": target,
-                "detail": dict(detail),
-                "outcome": outcome,
-                "now_ms": now_ms,
-            }
-        )
-
-    async def _finish(self) -> None:
-        for entry in self._audits:
-            await insert_audit(self._conn, **entry)
-        await insert_events(self._conn, self._events)
 
 
 class DesiredStateRepository:

@@ -11,16 +11,15 @@ run again on a transient error, so it must do nothing but call the tx.
 from __future__ import annotations
 
 import builtins
-from collections.abc import Awaitable, Callable, Collection, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
 from sqlalchemy import and_, bindparam, delete, func, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from manager.storage.audit import insert_audit
 from manager.storage.db import Database
-from manager.storage.events import event_row, insert_events
+from manager.storage.queued import QueuedWrites
 from manager.storage.schema import job_output, job_targets, jobs
 from manager.storage.sqlhelp import chunks
 
@@ -171,14 +170,12 @@ def _target_row(t: JobTargetRecord) -> dict[str, Any]:
     return {"job_id": t.job_id, "node_id": t.node_id, **{f: getattr(t, f) for f in _TARGET_FIELDS}}
 
 
-class JobTx:
+class JobTx(QueuedWrites):
     """The reads and writes of one jobs transaction (see the module docstring)."""
 
     def __init__(self, conn: AsyncConnection, db: Database) -> None:
-        self._conn = conn
+        super().__init__(conn)
         self._db = db
-        self._events: list[dict[str, Any]] = []
-        self._audits: list[dict[str, Any]] = []
 
     # --- jobs ---------------------------------------------------------------------------------
 
@@ -354,57 +351,6 @@ class JobTx:
                 break
         await rows.close()
         return out
-
-    # --- what happened ------------------------------------------------------------------------
-
-    def event(
-        self,
-        kind: str,
-        *,
-        now_ms: int,
-        message: str,
-        actor: str,
-        node_id: str = "",
-        attributes: Mapping[str, str] | None = None,
-    ) -> None:
-        """Queue an event, written at the end of the transaction."""
-        self._events.append(
-            event_row(
-                kind,
-                now_ms=now_ms,
-                node_id=node_id,
-                message=message,
-                actor=actor,
-                attributes=attributes,
-            )
-        )
-
-    def audit(
-        self,
-        *,
-        actor: str,
-        action: str,
-        target: str,
-        detail: Mapping[str, str],
-        outcome: str,
-        now_ms: int,
-    ) -> None:
-        """Queue an audit entry, written at the end of the transaction."""
-        self._audits.append(
-            {
-                "actor": actor,
-                "action": action,
-                "target": target,
-                "detail": dict(detail),
-                "outcome": outcome,
-                "now_ms": now_ms,
-            }
-        )
-
-    async def _finish(self) -> None:
-        for entry in self._audits:
-            await insert_audit(self._conn, **entry)
-        await insert_events(self._conn, self._events)
 
 
 class JobRepository:
