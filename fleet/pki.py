@@ -16,6 +16,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import ipaddress
+import itertools
 import os
 import tempfile
 from collections.abc import Iterable
@@ -40,6 +41,7 @@ __all__ = [
     "Identity",
     "IssuedCertificate",
     "Role",
+    "SignedCertificate",
     "check_trust_domain",
     "write_file_atomic",
 ]
@@ -100,6 +102,18 @@ def _utcnow() -> dt.datetime:
 
 
 @dataclass(frozen=True)
+class SignedCertificate:
+    """A leaf signed for a key the CA never saw (enrollment, renewal)."""
+
+    identity: Identity
+    cert_pem: bytes
+    """The leaf, then the issuing intermediate CA's chain if any (serve as is)."""
+    serial: int
+    not_before: dt.datetime
+    not_after: dt.datetime
+
+
+@dataclass(frozen=True)
 class IssuedCertificate:
     """A leaf certificate, its private key and the CA that signed it (all PEM)."""
 
@@ -110,7 +124,7 @@ class IssuedCertificate:
     key_pem: bytes
     """The leaf's unencrypted PKCS#8 private key; keep it 0600."""
     ca_pem: bytes
-    """The issuing CA's certificate, which peers must trust."""
+    """The fleet's root CA certificate, which peers must trust."""
 
     @property
     def certificate(self) -> x509.Certificate:
@@ -143,15 +157,33 @@ class IssuedCertificate:
 class CertificateAuthority:
     """One fleet's private CA: signs every manager, node and operator certificate."""
 
-    def __init__(self, trust_domain: str, cert_pem: bytes, key_pem: bytes) -> None:
+    def __init__(
+        self,
+        trust_domain: str,
+        cert_pem: bytes,
+        key_pem: bytes,
+        *,
+        chain_pem: bytes = b"",
+        root_pem: bytes | None = None,
+    ) -> None:
         self.trust_domain = check_trust_domain(trust_domain)
         self.cert_pem = cert_pem
+        """This CA's own certificate (the root's, or an intermediate's)."""
         self.key_pem = key_pem
+        self.chain_pem = chain_pem
+        """Certificates between this CA and the root (intermediates only), leaf-side first."""
+        self.root_pem = root_pem if root_pem is not None else cert_pem
+        """The fleet CA peers trust (`ca.pem`): this CA itself unless it is an intermediate."""
         self._cert = x509.load_pem_x509_certificate(cert_pem)
         key = serialization.load_pem_private_key(key_pem, password=None)
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             raise TypeError("the CA key must be an EC key")
         self._key = key
+
+    @property
+    def is_intermediate(self) -> bool:
+        """True if this CA is signed by another (the root's key can stay offline)."""
+        return self.root_pem != self.cert_pem
 
     @classmethod
     def create(
@@ -162,7 +194,11 @@ class CertificateAuthority:
         valid_days: int = 3650,
         now: dt.datetime | None = None,
     ) -> CertificateAuthority:
-        """Make a new CA (EC P-256) for `trust_domain`, valid from `now` for `valid_days`."""
+        """Make a new root CA (EC P-256) for `trust_domain`, valid from `now` for `valid_days`.
+
+        pathlen 1: it may sign one level of intermediate CA (`create_intermediate`),
+        which the manager holds to issue node certificates while this key stays offline.
+        """
         check_trust_domain(trust_domain)
         now = now or _utcnow()
         key = _new_key()
@@ -173,47 +209,99 @@ class CertificateAuthority:
                 x509.NameAttribute(NameOID.COMMON_NAME, common_name),
             ]
         )
-        ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+        builder = _ca_builder(
+            trust_domain, name, key, not_before=now - _CLOCK_SKEW, valid_days=valid_days
+        )
         cert = (
-            x509.CertificateBuilder()
-            .subject_name(name)
-            .issuer_name(name)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(now - _CLOCK_SKEW)
-            .not_valid_after(now + dt.timedelta(days=valid_days))
-            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
-            .add_extension(_key_usage(ca=True), critical=True)
-            .add_extension(ski, critical=False)
-            # The CA's own SPIFFE ID names its trust domain (read back by load()).
-            .add_extension(
-                x509.SubjectAlternativeName(
-                    [x509.UniformResourceIdentifier(f"spiffe://{trust_domain}")]
-                ),
-                critical=False,
-            )
-            # Only URIs are constrained: leaves may carry any DNS name or IP.
-            .add_extension(
-                x509.NameConstraints(
-                    permitted_subtrees=[x509.UniformResourceIdentifier(trust_domain)],
-                    excluded_subtrees=None,
-                ),
-                critical=True,
-            )
+            builder.issuer_name(name)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=1), critical=True)
             .sign(key, hashes.SHA256())
         )
         return cls(trust_domain, cert.public_bytes(serialization.Encoding.PEM), _key_pem(key))
 
+    def create_intermediate(
+        self,
+        *,
+        common_name: str = "Fleet issuing CA",
+        valid_days: int = 365,
+        now: dt.datetime | None = None,
+    ) -> CertificateAuthority:
+        """A CA signed by this root for the manager to issue node certificates with.
+
+        The manager then holds only the intermediate's key; the root's key can
+        stay offline. pathlen 0: it signs leaves only.
+        """
+        if self.is_intermediate:
+            raise ValueError("an intermediate CA cannot sign another intermediate")
+        now = now or _utcnow()
+        key = _new_key()
+        name = x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Fleet"),
+                x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, self.trust_domain),
+                x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+            ]
+        )
+        ca_ski = self._cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        cert = (
+            _ca_builder(
+                self.trust_domain, name, key, not_before=now - _CLOCK_SKEW, valid_days=valid_days
+            )
+            .issuer_name(self._cert.subject)
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
+                critical=False,
+            )
+            .sign(self._key, hashes.SHA256())
+        )
+        return CertificateAuthority(
+            self.trust_domain,
+            cert.public_bytes(serialization.Encoding.PEM),
+            _key_pem(key),
+            root_pem=self.cert_pem,
+        )
+
     @classmethod
-    def load(cls, cert_path: str | Path, key_path: str | Path) -> CertificateAuthority:
-        """Load a CA written by `write` or the openssl script; one-line ConfigError if unusable."""
+    def load(
+        cls, cert_path: str | Path, key_path: str | Path, *, root_path: str | Path | None = None
+    ) -> CertificateAuthority:
+        """Load a CA written by `write` or the openssl script; one-line ConfigError if unusable.
+
+        For an intermediate CA, `cert_path` holds its certificate (then any
+        certificates between it and the root) and `root_path` the fleet's root
+        CA certificate, which must have signed the chain.
+        """
         cert_path, key_path = Path(cert_path), Path(key_path)
-        cert_pem = _read(cert_path, "CA certificate")
+        file_pem = _read(cert_path, "CA certificate")
         key_pem = _read(key_path, "CA key")
         try:
-            cert = x509.load_pem_x509_certificate(cert_pem)
+            certs = x509.load_pem_x509_certificates(file_pem)
         except ValueError:
             raise ConfigError(f"CA certificate {cert_path}: not a PEM certificate") from None
+        cert = certs[0]
+        cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+        chain_pem = b"".join(c.public_bytes(serialization.Encoding.PEM) for c in certs[1:])
+        root_pem: bytes | None = None
+        if root_path is not None:
+            root_path = Path(root_path)
+            root_pem = _read(root_path, "root CA certificate")
+            try:
+                root = x509.load_pem_x509_certificate(root_pem)
+            except ValueError:
+                raise ConfigError(
+                    f"root CA certificate {root_path}: not a PEM certificate"
+                ) from None
+            chain = [*certs, root]
+            for lower, upper in itertools.pairwise(chain):
+                try:
+                    lower.verify_directly_issued_by(upper)
+                except Exception:
+                    raise ConfigError(
+                        f"CA certificate {cert_path}: not signed by the root CA in {root_path}"
+                    ) from None
+            if root.public_bytes(serialization.Encoding.PEM) == cert_pem:
+                root_pem = None
         try:
             key = serialization.load_pem_private_key(key_pem, password=None)
         except (ValueError, TypeError) as exc:
@@ -233,7 +321,7 @@ class CertificateAuthority:
             raise ConfigError(
                 f"CA certificate {cert_path}: names no trust domain (no spiffe://<td> SAN URI)"
             )
-        return cls(trust_domain, cert_pem, key_pem)
+        return cls(trust_domain, cert_pem, key_pem, chain_pem=chain_pem, root_pem=root_pem)
 
     def issue(
         self,
@@ -253,9 +341,42 @@ class CertificateAuthority:
         `not_after` override the validity (tests use them for expired and
         not-yet-valid certificates).
         """
-        identity = Identity(role, name, self.trust_domain)
         start = not_before or (_utcnow() - _CLOCK_SKEW)
         end = not_after or (start + _CLOCK_SKEW + dt.timedelta(days=valid_days))
+        key = _new_key()
+        signed = self.sign(
+            role,
+            name,
+            key.public_key(),
+            not_before=start,
+            not_after=end,
+            hostnames=hostnames,
+            ips=ips,
+        )
+        return IssuedCertificate(
+            identity=signed.identity,
+            cert_pem=signed.cert_pem,
+            key_pem=_key_pem(key),
+            ca_pem=self.root_pem,
+        )
+
+    def sign(
+        self,
+        role: Role,
+        name: str,
+        public_key: ec.EllipticCurvePublicKey,
+        *,
+        not_before: dt.datetime,
+        not_after: dt.datetime,
+        hostnames: Iterable[str] = (),
+        ips: Iterable[str] = (),
+    ) -> SignedCertificate:
+        """Sign a leaf for ``<role>/<name>`` over `public_key` (a key held elsewhere, e.g. a CSR's).
+
+        The returned PEM is the leaf followed by this CA's certificate and
+        chain when this CA is an intermediate, ready to be served.
+        """
+        identity = Identity(role, name, self.trust_domain)
         dns = [identity.server_name]
         if role == "manager":
             dns.append(f"manager.{self.trust_domain}")
@@ -263,7 +384,6 @@ class CertificateAuthority:
         sans: list[x509.GeneralName] = [x509.UniformResourceIdentifier(identity.uri)]
         sans.extend(x509.DNSName(h) for h in dns)
         sans.extend(x509.IPAddress(ipaddress.ip_address(ip)) for ip in ips)
-        key = _new_key()
         ca_ski = self._cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
         cert = (
             x509.CertificateBuilder()
@@ -277,10 +397,10 @@ class CertificateAuthority:
                 )
             )
             .issuer_name(self._cert.subject)
-            .public_key(key.public_key())
+            .public_key(public_key)
             .serial_number(x509.random_serial_number())
-            .not_valid_before(start)
-            .not_valid_after(end)
+            .not_valid_before(not_before)
+            .not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(_key_usage(ca=False), critical=True)
             .add_extension(
@@ -290,20 +410,20 @@ class CertificateAuthority:
                 critical=False,
             )
             .add_extension(x509.SubjectAlternativeName(sans), critical=False)
-            .add_extension(
-                x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False
-            )
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
                 critical=False,
             )
             .sign(self._key, hashes.SHA256())
         )
-        return IssuedCertificate(
+        chain = self.cert_pem + self.chain_pem if self.is_intermediate else b""
+        return SignedCertificate(
             identity=identity,
-            cert_pem=cert.public_bytes(serialization.Encoding.PEM),
-            key_pem=_key_pem(key),
-            ca_pem=self.cert_pem,
+            cert_pem=cert.public_bytes(serialization.Encoding.PEM) + chain,
+            serial=cert.serial_number,
+            not_before=cert.not_valid_before_utc,
+            not_after=cert.not_valid_after_utc,
         )
 
     def write(self, directory: str | Path, *, overwrite: bool = False) -> tuple[Path, Path]:
@@ -318,8 +438,44 @@ class CertificateAuthority:
                 f"{key_path} exists; refusing to replace the CA (pass overwrite=True)"
             )
         write_file_atomic(key_path, self.key_pem, mode=0o600)
-        write_file_atomic(cert_path, self.cert_pem, mode=0o644)
+        write_file_atomic(cert_path, self.cert_pem + self.chain_pem, mode=0o644)
         return cert_path, key_path
+
+
+def _ca_builder(
+    trust_domain: str,
+    name: x509.Name,
+    key: ec.EllipticCurvePrivateKey,
+    *,
+    not_before: dt.datetime,
+    valid_days: int,
+) -> x509.CertificateBuilder:
+    """What root and intermediate CAs share: validity, key usage, SPIFFE ID, name constraints."""
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(not_before)
+        .not_valid_after(not_before + _CLOCK_SKEW + dt.timedelta(days=valid_days))
+        .add_extension(_key_usage(ca=True), critical=True)
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        # The CA's own SPIFFE ID names its trust domain (read back by load()).
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.UniformResourceIdentifier(f"spiffe://{trust_domain}")]
+            ),
+            critical=False,
+        )
+        # Only URIs are constrained: leaves may carry any DNS name or IP.
+        .add_extension(
+            x509.NameConstraints(
+                permitted_subtrees=[x509.UniformResourceIdentifier(trust_domain)],
+                excluded_subtrees=None,
+            ),
+            critical=True,
+        )
+    )
 
 
 def _read(path: Path, what: str) -> bytes:

@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from fleet.v1 import common_pb2 as _common_pb2
 from fleet.v1 import desired_pb2 as _desired_pb2
+from fleet.v1 import enroll_pb2 as _enroll_pb2
 from fleet.v1 import jobs_pb2 as _jobs_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
@@ -248,6 +249,8 @@ class Node(_message.Message):
     DRIFT_REASON_FIELD_NUMBER: _builtins.int
     UPDATE_ERRORS_FIELD_NUMBER: _builtins.int
     JOBS_DISABLED_FIELD_NUMBER: _builtins.int
+    CERT_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    REVOKE_TIME_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     hostname: _builtins.str
     ip: _builtins.str
@@ -273,6 +276,15 @@ class Node(_message.Message):
     """Why, in words ("web runs revision 3, assigned 4")."""
     jobs_disabled: _builtins.bool
     """The host refuses remote jobs (its daemon's `[jobs] enabled = false`)."""
+    cert_expire_time: _builtins.int
+    """When the node's certificate expires, as last seen by the manager (issued
+    by enrollment or renewal, or presented when the node registered); 0:
+    unknown.
+    """
+    revoke_time: _builtins.int
+    """The node was revoked (RevokeNode) at this time and has not enrolled
+    again since; 0: not revoked.
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """The effective labels selectors match: `daemon_labels` overlaid with
@@ -318,10 +330,12 @@ class Node(_message.Message):
         drift_reason: _builtins.str = ...,
         update_errors: _abc.Iterable[_common_pb2.UpdateError] | None = ...,
         jobs_disabled: _builtins.bool = ...,
+        cert_expire_time: _builtins.int = ...,
+        revoke_time: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_counts", b"agent_counts", "agent_version", b"agent_version", "arch", b"arch", "connection_state", b"connection_state", "daemon_address", b"daemon_address", "daemon_labels", b"daemon_labels", "daemon_version", b"daemon_version", "desired_version", b"desired_version", "drift", b"drift", "drift_reason", b"drift_reason", "hostname", b"hostname", "ip", b"ip", "jobs_disabled", b"jobs_disabled", "labels", b"labels", "last_heartbeat", b"last_heartbeat", "node_id", b"node_id", "operator_labels", b"operator_labels", "os", b"os", "registered_at", b"registered_at", "reported_version", b"reported_version", "status", b"status", "update_errors", b"update_errors"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_counts", b"agent_counts", "agent_version", b"agent_version", "arch", b"arch", "cert_expire_time", b"cert_expire_time", "connection_state", b"connection_state", "daemon_address", b"daemon_address", "daemon_labels", b"daemon_labels", "daemon_version", b"daemon_version", "desired_version", b"desired_version", "drift", b"drift", "drift_reason", b"drift_reason", "hostname", b"hostname", "ip", b"ip", "jobs_disabled", b"jobs_disabled", "labels", b"labels", "last_heartbeat", b"last_heartbeat", "node_id", b"node_id", "operator_labels", b"operator_labels", "os", b"os", "registered_at", b"registered_at", "reported_version", b"reported_version", "revoke_time", b"revoke_time", "status", b"status", "update_errors", b"update_errors"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -2418,3 +2432,270 @@ class FleetServiceRerunJobResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___FleetServiceRerunJobResponse: _TypeAlias = FleetServiceRerunJobResponse  # noqa: Y015
+
+@_typing.final
+class FleetServiceCreateJoinTokenRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    NODE_NAME_FIELD_NUMBER: _builtins.int
+    NAME_PREFIX_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
+    TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    USES_FIELD_NUMBER: _builtins.int
+    DESCRIPTION_FIELD_NUMBER: _builtins.int
+    node_name: _builtins.str
+    """At most one of node_name and name_prefix (both empty: any new name)."""
+    name_prefix: _builtins.str
+    ttl_seconds: _builtins.float
+    """How long the token is valid (0: one hour)."""
+    uses: _builtins.int
+    """How many enrollments it allows (0: one)."""
+    description: _builtins.str
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        node_name: _builtins.str = ...,
+        name_prefix: _builtins.str = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        ttl_seconds: _builtins.float = ...,
+        uses: _builtins.int = ...,
+        description: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["description", b"description", "labels", b"labels", "name_prefix", b"name_prefix", "node_name", b"node_name", "ttl_seconds", b"ttl_seconds", "uses", b"uses"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetServiceCreateJoinTokenRequest: _TypeAlias = FleetServiceCreateJoinTokenRequest  # noqa: Y015
+
+@_typing.final
+class FleetServiceCreateJoinTokenResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_FIELD_NUMBER: _builtins.int
+    INFO_FIELD_NUMBER: _builtins.int
+    CA_HASH_FIELD_NUMBER: _builtins.int
+    ENROLL_ADDRESS_FIELD_NUMBER: _builtins.int
+    token: _builtins.str
+    """`<id>.<secret>`: shown this once, never stored."""
+    ca_hash: _builtins.str
+    """`sha256:<hex>` of the fleet CA's public key (SubjectPublicKeyInfo), for
+    `fleet-daemon enroll --ca-hash`.
+    """
+    enroll_address: _builtins.str
+    """Where daemons enroll (the manager's `[enroll] advertise_address`, else
+    its enrollment listen address unless that is a wildcard); empty: unknown.
+    """
+    @_builtins.property
+    def info(self) -> _enroll_pb2.JoinToken: ...
+    def __init__(
+        self,
+        *,
+        token: _builtins.str = ...,
+        info: _enroll_pb2.JoinToken | None = ...,
+        ca_hash: _builtins.str = ...,
+        enroll_address: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["info", b"info"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ca_hash", b"ca_hash", "enroll_address", b"enroll_address", "info", b"info", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetServiceCreateJoinTokenResponse: _TypeAlias = FleetServiceCreateJoinTokenResponse  # noqa: Y015
+
+@_typing.final
+class FleetServiceListJoinTokensRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ALL_FIELD_NUMBER: _builtins.int
+    all: _builtins.bool
+    """Also list expired, used-up and revoked tokens."""
+    def __init__(
+        self,
+        *,
+        all: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["all", b"all"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetServiceListJoinTokensRequest: _TypeAlias = FleetServiceListJoinTokensRequest  # noqa: Y015
+
+@_typing.final
+class FleetServiceListJoinTokensResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKENS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def tokens(self) -> _containers.RepeatedCompositeFieldContainer[_enroll_pb2.JoinToken]: ...
+    def __init__(
+        self,
+        *,
+        tokens: _abc.Iterable[_enroll_pb2.JoinToken] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tokens", b"tokens"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetServiceListJoinTokensResponse: _TypeAlias = FleetServiceListJoinTokensResponse  # noqa: Y015
+
+@_typing.final
+class FleetServiceRevokeJoinTokenRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_ID_FIELD_NUMBER: _builtins.int
+    token_id: _builtins.str
+    def __init__(
+        self,
+        *,
+        token_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["token_id", b"token_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetServiceRevokeJoinTokenRequest: _TypeAlias = FleetServiceRevokeJoinTokenRequest  # noqa: Y015
+
+@_typing.final
+class FleetServiceRevokeJoinTokenResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INFO_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def info(self) -> _enroll_pb2.JoinToken: ...
+    def __init__(
+        self,
+        *,
+        info: _enroll_pb2.JoinToken | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["info", b"info"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["info", b"info"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetServiceRevokeJoinTokenResponse: _TypeAlias = FleetServiceRevokeJoinTokenResponse  # noqa: Y015
+
+@_typing.final
+class FleetServiceDeleteNodeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    force: _builtins.bool
+    """Delete even if the node is online (its daemon registers again on its
+    next call unless the node is also revoked).
+    """
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        force: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "node_id", b"node_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetServiceDeleteNodeRequest: _TypeAlias = FleetServiceDeleteNodeRequest  # noqa: Y015
+
+@_typing.final
+class FleetServiceDeleteNodeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def node(self) -> Global___Node:
+        """The node as it was before deletion."""
+
+    def __init__(
+        self,
+        *,
+        node: Global___Node | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetServiceDeleteNodeResponse: _TypeAlias = FleetServiceDeleteNodeResponse  # noqa: Y015
+
+@_typing.final
+class FleetServiceRevokeNodeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_ID_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    node_id: _builtins.str
+    reason: _builtins.str
+    """Why, for the audit log and events."""
+    def __init__(
+        self,
+        *,
+        node_id: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node_id", b"node_id", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetServiceRevokeNodeRequest: _TypeAlias = FleetServiceRevokeNodeRequest  # noqa: Y015
+
+@_typing.final
+class FleetServiceRevokeNodeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REVOKE_TIME_FIELD_NUMBER: _builtins.int
+    CONNECTIONS_CLOSED_FIELD_NUMBER: _builtins.int
+    revoke_time: _builtins.int
+    """Certificates of the node issued before this time are refused."""
+    connections_closed: _builtins.int
+    """Connections (control stream, pooled channel) that were closed."""
+    def __init__(
+        self,
+        *,
+        revoke_time: _builtins.int = ...,
+        connections_closed: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["connections_closed", b"connections_closed", "revoke_time", b"revoke_time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FleetServiceRevokeNodeResponse: _TypeAlias = FleetServiceRevokeNodeResponse  # noqa: Y015

@@ -215,6 +215,31 @@ class FleetServiceStub:
                 request_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceRerunJobRequest.SerializeToString,
                 response_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceRerunJobResponse.FromString,
                 _registered_method=True)
+        self.CreateJoinToken = channel.unary_unary(
+                '/fleet.v1.FleetService/CreateJoinToken',
+                request_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceCreateJoinTokenRequest.SerializeToString,
+                response_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceCreateJoinTokenResponse.FromString,
+                _registered_method=True)
+        self.ListJoinTokens = channel.unary_unary(
+                '/fleet.v1.FleetService/ListJoinTokens',
+                request_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceListJoinTokensRequest.SerializeToString,
+                response_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceListJoinTokensResponse.FromString,
+                _registered_method=True)
+        self.RevokeJoinToken = channel.unary_unary(
+                '/fleet.v1.FleetService/RevokeJoinToken',
+                request_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceRevokeJoinTokenRequest.SerializeToString,
+                response_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceRevokeJoinTokenResponse.FromString,
+                _registered_method=True)
+        self.DeleteNode = channel.unary_unary(
+                '/fleet.v1.FleetService/DeleteNode',
+                request_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceDeleteNodeRequest.SerializeToString,
+                response_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceDeleteNodeResponse.FromString,
+                _registered_method=True)
+        self.RevokeNode = channel.unary_unary(
+                '/fleet.v1.FleetService/RevokeNode',
+                request_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceRevokeNodeRequest.SerializeToString,
+                response_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceRevokeNodeResponse.FromString,
+                _registered_method=True)
 
 
 class FleetServiceServicer:
@@ -461,6 +486,46 @@ class FleetServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateJoinToken(self, request, context):
+        """Enrollment (enroll.proto, docs/install.md). Creates a join token and
+        returns its secret, once; the manager keeps only its hash.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJoinTokens(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeJoinToken(self, request, context):
+        """Idempotent; NOT_FOUND for an unknown id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteNode(self, request, context):
+        """Removes a node's record, agent states, labels and desired state (events,
+        audit and job history stay). FAILED_PRECONDITION while the node is online
+        unless `force`. Its certificate still works until it expires or the node
+        is revoked: a deleted node that connects again registers afresh.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeNode(self, request, context):
+        """Refuses the node's certificates from now on (every certificate issued to
+        that name before this moment), and closes its connections. It stays
+        refused until it enrolls again with a token made for its name.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_FleetServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -638,6 +703,31 @@ def add_FleetServiceServicer_to_server(servicer, server):
                     servicer.RerunJob,
                     request_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceRerunJobRequest.FromString,
                     response_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceRerunJobResponse.SerializeToString,
+            ),
+            'CreateJoinToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateJoinToken,
+                    request_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceCreateJoinTokenRequest.FromString,
+                    response_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceCreateJoinTokenResponse.SerializeToString,
+            ),
+            'ListJoinTokens': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJoinTokens,
+                    request_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceListJoinTokensRequest.FromString,
+                    response_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceListJoinTokensResponse.SerializeToString,
+            ),
+            'RevokeJoinToken': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeJoinToken,
+                    request_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceRevokeJoinTokenRequest.FromString,
+                    response_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceRevokeJoinTokenResponse.SerializeToString,
+            ),
+            'DeleteNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteNode,
+                    request_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceDeleteNodeRequest.FromString,
+                    response_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceDeleteNodeResponse.SerializeToString,
+            ),
+            'RevokeNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeNode,
+                    request_deserializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceRevokeNodeRequest.FromString,
+                    response_serializer=fleet_dot_v1_dot_fleet__pb2.FleetServiceRevokeNodeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1591,6 +1681,141 @@ class FleetService:
             '/fleet.v1.FleetService/RerunJob',
             fleet_dot_v1_dot_fleet__pb2.FleetServiceRerunJobRequest.SerializeToString,
             fleet_dot_v1_dot_fleet__pb2.FleetServiceRerunJobResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateJoinToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.v1.FleetService/CreateJoinToken',
+            fleet_dot_v1_dot_fleet__pb2.FleetServiceCreateJoinTokenRequest.SerializeToString,
+            fleet_dot_v1_dot_fleet__pb2.FleetServiceCreateJoinTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJoinTokens(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.v1.FleetService/ListJoinTokens',
+            fleet_dot_v1_dot_fleet__pb2.FleetServiceListJoinTokensRequest.SerializeToString,
+            fleet_dot_v1_dot_fleet__pb2.FleetServiceListJoinTokensResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeJoinToken(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.v1.FleetService/RevokeJoinToken',
+            fleet_dot_v1_dot_fleet__pb2.FleetServiceRevokeJoinTokenRequest.SerializeToString,
+            fleet_dot_v1_dot_fleet__pb2.FleetServiceRevokeJoinTokenResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.v1.FleetService/DeleteNode',
+            fleet_dot_v1_dot_fleet__pb2.FleetServiceDeleteNodeRequest.SerializeToString,
+            fleet_dot_v1_dot_fleet__pb2.FleetServiceDeleteNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.v1.FleetService/RevokeNode',
+            fleet_dot_v1_dot_fleet__pb2.FleetServiceRevokeNodeRequest.SerializeToString,
+            fleet_dot_v1_dot_fleet__pb2.FleetServiceRevokeNodeResponse.FromString,
             options,
             channel_credentials,
             insecure,

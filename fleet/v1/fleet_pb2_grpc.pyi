@@ -105,6 +105,24 @@ class FleetServiceStub:
     """A new job linked to this one (only its failed, timed-out and
     undeliverable targets with failed_only).
     """
+    CreateJoinToken: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.FleetServiceCreateJoinTokenRequest, _fleet_pb2.FleetServiceCreateJoinTokenResponse]
+    """Enrollment (enroll.proto, docs/install.md). Creates a join token and
+    returns its secret, once; the manager keeps only its hash.
+    """
+    ListJoinTokens: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.FleetServiceListJoinTokensRequest, _fleet_pb2.FleetServiceListJoinTokensResponse]
+    RevokeJoinToken: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.FleetServiceRevokeJoinTokenRequest, _fleet_pb2.FleetServiceRevokeJoinTokenResponse]
+    """Idempotent; NOT_FOUND for an unknown id."""
+    DeleteNode: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.FleetServiceDeleteNodeRequest, _fleet_pb2.FleetServiceDeleteNodeResponse]
+    """Removes a node's record, agent states, labels and desired state (events,
+    audit and job history stay). FAILED_PRECONDITION while the node is online
+    unless `force`. Its certificate still works until it expires or the node
+    is revoked: a deleted node that connects again registers afresh.
+    """
+    RevokeNode: _grpc.UnaryUnaryMultiCallable[_fleet_pb2.FleetServiceRevokeNodeRequest, _fleet_pb2.FleetServiceRevokeNodeResponse]
+    """Refuses the node's certificates from now on (every certificate issued to
+    that name before this moment), and closes its connections. It stays
+    refused until it enrolls again with a token made for its name.
+    """
 
 @_typing.type_check_only
 class FleetServiceAsyncStub(FleetServiceStub):
@@ -182,6 +200,24 @@ class FleetServiceAsyncStub(FleetServiceStub):
     RerunJob: _aio.UnaryUnaryMultiCallable[_fleet_pb2.FleetServiceRerunJobRequest, _fleet_pb2.FleetServiceRerunJobResponse]  # type: ignore[assignment]
     """A new job linked to this one (only its failed, timed-out and
     undeliverable targets with failed_only).
+    """
+    CreateJoinToken: _aio.UnaryUnaryMultiCallable[_fleet_pb2.FleetServiceCreateJoinTokenRequest, _fleet_pb2.FleetServiceCreateJoinTokenResponse]  # type: ignore[assignment]
+    """Enrollment (enroll.proto, docs/install.md). Creates a join token and
+    returns its secret, once; the manager keeps only its hash.
+    """
+    ListJoinTokens: _aio.UnaryUnaryMultiCallable[_fleet_pb2.FleetServiceListJoinTokensRequest, _fleet_pb2.FleetServiceListJoinTokensResponse]  # type: ignore[assignment]
+    RevokeJoinToken: _aio.UnaryUnaryMultiCallable[_fleet_pb2.FleetServiceRevokeJoinTokenRequest, _fleet_pb2.FleetServiceRevokeJoinTokenResponse]  # type: ignore[assignment]
+    """Idempotent; NOT_FOUND for an unknown id."""
+    DeleteNode: _aio.UnaryUnaryMultiCallable[_fleet_pb2.FleetServiceDeleteNodeRequest, _fleet_pb2.FleetServiceDeleteNodeResponse]  # type: ignore[assignment]
+    """Removes a node's record, agent states, labels and desired state (events,
+    audit and job history stay). FAILED_PRECONDITION while the node is online
+    unless `force`. Its certificate still works until it expires or the node
+    is revoked: a deleted node that connects again registers afresh.
+    """
+    RevokeNode: _aio.UnaryUnaryMultiCallable[_fleet_pb2.FleetServiceRevokeNodeRequest, _fleet_pb2.FleetServiceRevokeNodeResponse]  # type: ignore[assignment]
+    """Refuses the node's certificates from now on (every certificate issued to
+    that name before this moment), and closes its connections. It stays
+    refused until it enrolls again with a token made for its name.
     """
 
 class FleetServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -467,6 +503,54 @@ class FleetServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_fleet_pb2.FleetServiceRerunJobResponse, _abc.Awaitable[_fleet_pb2.FleetServiceRerunJobResponse]]:
         """A new job linked to this one (only its failed, timed-out and
         undeliverable targets with failed_only).
+        """
+
+    @_abc_1.abstractmethod
+    def CreateJoinToken(
+        self,
+        request: _fleet_pb2.FleetServiceCreateJoinTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_pb2.FleetServiceCreateJoinTokenResponse, _abc.Awaitable[_fleet_pb2.FleetServiceCreateJoinTokenResponse]]:
+        """Enrollment (enroll.proto, docs/install.md). Creates a join token and
+        returns its secret, once; the manager keeps only its hash.
+        """
+
+    @_abc_1.abstractmethod
+    def ListJoinTokens(
+        self,
+        request: _fleet_pb2.FleetServiceListJoinTokensRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_pb2.FleetServiceListJoinTokensResponse, _abc.Awaitable[_fleet_pb2.FleetServiceListJoinTokensResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RevokeJoinToken(
+        self,
+        request: _fleet_pb2.FleetServiceRevokeJoinTokenRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_pb2.FleetServiceRevokeJoinTokenResponse, _abc.Awaitable[_fleet_pb2.FleetServiceRevokeJoinTokenResponse]]:
+        """Idempotent; NOT_FOUND for an unknown id."""
+
+    @_abc_1.abstractmethod
+    def DeleteNode(
+        self,
+        request: _fleet_pb2.FleetServiceDeleteNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_pb2.FleetServiceDeleteNodeResponse, _abc.Awaitable[_fleet_pb2.FleetServiceDeleteNodeResponse]]:
+        """Removes a node's record, agent states, labels and desired state (events,
+        audit and job history stay). FAILED_PRECONDITION while the node is online
+        unless `force`. Its certificate still works until it expires or the node
+        is revoked: a deleted node that connects again registers afresh.
+        """
+
+    @_abc_1.abstractmethod
+    def RevokeNode(
+        self,
+        request: _fleet_pb2.FleetServiceRevokeNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_fleet_pb2.FleetServiceRevokeNodeResponse, _abc.Awaitable[_fleet_pb2.FleetServiceRevokeNodeResponse]]:
+        """Refuses the node's certificates from now on (every certificate issued to
+        that name before this moment), and closes its connections. It stays
+        refused until it enrolls again with a token made for its name.
         """
 
 def add_FleetServiceServicer_to_server(servicer: FleetServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -76,6 +76,11 @@ class ManagerServiceStub:
                 request_serializer=fleet_dot_v1_dot_manager__pb2.ConnectRequest.SerializeToString,
                 response_deserializer=fleet_dot_v1_dot_manager__pb2.ConnectResponse.FromString,
                 _registered_method=True)
+        self.RenewCertificate = channel.unary_unary(
+                '/fleet.v1.ManagerService/RenewCertificate',
+                request_serializer=fleet_dot_v1_dot_manager__pb2.RenewCertificateRequest.SerializeToString,
+                response_deserializer=fleet_dot_v1_dot_manager__pb2.RenewCertificateResponse.FromString,
+                _registered_method=True)
 
 
 class ManagerServiceServicer:
@@ -148,6 +153,15 @@ class ManagerServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RenewCertificate(self, request, context):
+        """Issues a new certificate to the calling node for a CSR with a new key
+        (same rules as EnrollmentService.Enroll, for the caller's own name).
+        The daemon calls it at two thirds of its certificate's lifetime.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ManagerServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -190,6 +204,11 @@ def add_ManagerServiceServicer_to_server(servicer, server):
                     servicer.Connect,
                     request_deserializer=fleet_dot_v1_dot_manager__pb2.ConnectRequest.FromString,
                     response_serializer=fleet_dot_v1_dot_manager__pb2.ConnectResponse.SerializeToString,
+            ),
+            'RenewCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewCertificate,
+                    request_deserializer=fleet_dot_v1_dot_manager__pb2.RenewCertificateRequest.FromString,
+                    response_serializer=fleet_dot_v1_dot_manager__pb2.RenewCertificateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -410,6 +429,33 @@ class ManagerService:
             '/fleet.v1.ManagerService/Connect',
             fleet_dot_v1_dot_manager__pb2.ConnectRequest.SerializeToString,
             fleet_dot_v1_dot_manager__pb2.ConnectResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/fleet.v1.ManagerService/RenewCertificate',
+            fleet_dot_v1_dot_manager__pb2.RenewCertificateRequest.SerializeToString,
+            fleet_dot_v1_dot_manager__pb2.RenewCertificateResponse.FromString,
             options,
             channel_credentials,
             insecure,

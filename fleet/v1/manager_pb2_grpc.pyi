@@ -63,6 +63,11 @@ class ManagerServiceStub:
     from the same node replaces the first. The unary RPCs above stay, for
     daemons that do not open it.
     """
+    RenewCertificate: _grpc.UnaryUnaryMultiCallable[_manager_pb2.RenewCertificateRequest, _manager_pb2.RenewCertificateResponse]
+    """Issues a new certificate to the calling node for a CSR with a new key
+    (same rules as EnrollmentService.Enroll, for the caller's own name).
+    The daemon calls it at two thirds of its certificate's lifetime.
+    """
 
 @_typing.type_check_only
 class ManagerServiceAsyncStub(ManagerServiceStub):
@@ -98,6 +103,11 @@ class ManagerServiceAsyncStub(ManagerServiceStub):
     daemon (any DaemonService call, by name). One per node: a second stream
     from the same node replaces the first. The unary RPCs above stay, for
     daemons that do not open it.
+    """
+    RenewCertificate: _aio.UnaryUnaryMultiCallable[_manager_pb2.RenewCertificateRequest, _manager_pb2.RenewCertificateResponse]  # type: ignore[assignment]
+    """Issues a new certificate to the calling node for a CSR with a new key
+    (same rules as EnrollmentService.Enroll, for the caller's own name).
+    The daemon calls it at two thirds of its certificate's lifetime.
     """
 
 class ManagerServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -179,6 +189,17 @@ class ManagerServiceServicer(metaclass=_abc_1.ABCMeta):
         daemon (any DaemonService call, by name). One per node: a second stream
         from the same node replaces the first. The unary RPCs above stay, for
         daemons that do not open it.
+        """
+
+    @_abc_1.abstractmethod
+    def RenewCertificate(
+        self,
+        request: _manager_pb2.RenewCertificateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_manager_pb2.RenewCertificateResponse, _abc.Awaitable[_manager_pb2.RenewCertificateResponse]]:
+        """Issues a new certificate to the calling node for a CSR with a new key
+        (same rules as EnrollmentService.Enroll, for the caller's own name).
+        The daemon calls it at two thirds of its certificate's lifetime.
         """
 
 def add_ManagerServiceServicer_to_server(servicer: ManagerServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -37,12 +37,15 @@ __all__ = [
     "job_output",
     "job_targets",
     "jobs",
+    "join_tokens",
     "metadata",
     "metric_batches",
     "metric_rollup_state",
     "metric_rollups",
     "metric_samples",
+    "node_certificates",
     "node_desired",
+    "node_revocations",
     "nodes",
     "operations_audit",
     "rollout_nodes",
@@ -84,6 +87,9 @@ nodes = Table(
     Column("registered_at_ms", BigInteger, nullable=False),
     # The daemon refuses remote jobs (its `[jobs] enabled = false`), per registration.
     Column("jobs_disabled", Boolean, nullable=False, server_default=false()),
+    # When the node's certificate expires (enrollment, renewal, or the one it
+    # registered with); 0: unknown.
+    Column("cert_not_after_ms", BigInteger, nullable=False, server_default="0"),
     CheckConstraint("status IN ('online', 'offline')", name="status"),
     # The sweeper's "online and last seen before the cutoff".
     Index(None, "status", "last_seen_ms"),
@@ -435,4 +441,52 @@ job_output = Table(
         ["job_targets.job_id", "job_targets.node_id"],
         ondelete="CASCADE",
     ),
+)
+
+
+# Enrollment (manager/storage/enrollment.py). Join tokens: only the secret's
+# hash is kept. A use is spent in the transaction that records the certificate.
+join_tokens = Table(
+    "join_tokens",
+    metadata,
+    Column("id", String(16), primary_key=True),
+    Column("secret_hash", String(64), nullable=False),
+    Column("node_name", String(63), nullable=False),  # "": not one fixed name
+    Column("name_prefix", String(63), nullable=False),
+    Column("labels", Text, nullable=False),  # JSON object, granted as operator labels
+    Column("description", Text, nullable=False),
+    Column("created_by", String(300), nullable=False),
+    Column("created_ms", BigInteger, nullable=False),
+    Column("expires_ms", BigInteger, nullable=False),
+    Column("uses_total", Integer, nullable=False),
+    Column("uses_left", Integer, nullable=False),
+    Column("revoked_ms", BigInteger, nullable=False),  # 0: not revoked
+    CheckConstraint("uses_left >= 0", name="uses_left"),
+)
+
+# Every certificate the manager issued to a node (enrollment or renewal), kept
+# after the node is deleted: the history of who held which serial.
+node_certificates = Table(
+    "node_certificates",
+    metadata,
+    Column("serial", String(40), primary_key=True),  # hex
+    Column("node_id", String(253), nullable=False),
+    Column("token_id", String(16), nullable=False),  # "": a renewal
+    Column("issued_ms", BigInteger, nullable=False),
+    Column("not_before_ms", BigInteger, nullable=False),
+    Column("not_after_ms", BigInteger, nullable=False),
+    Index(None, "node_id", "issued_ms"),
+)
+
+# The deny list: a node's certificates whose notBefore is earlier than
+# `not_before_ms` are refused. Kept when the node is deleted or enrolls again
+# (its new certificate starts at or after the cutoff; the old ones stay refused).
+node_revocations = Table(
+    "node_revocations",
+    metadata,
+    Column("node_id", String(253), primary_key=True),
+    Column("not_before_ms", BigInteger, nullable=False),
+    Column("revoked_ms", BigInteger, nullable=False),
+    Column("revoked_by", String(300), nullable=False),
+    Column("reason", Text, nullable=False),
 )
