@@ -12,13 +12,22 @@ against this: real grpc.aio servers on 127.0.0.1 signing real CSRs with a
 - `RenewingManager` is the Connect stand-in of connect_helpers plus
   RenewCertificate, and records the serial of the client certificate each
   connection (stream or RegisterNode) was made with.
+
+Plus the client side these tests share: `run_enroll` (the real command as a
+child process) and `served_serial` (which certificate a port serves now).
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import os
+import socket
+import ssl
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -34,6 +43,7 @@ from fleet.tls import TLSConfig, require_node
 from fleet.v1 import enroll_pb2, enroll_pb2_grpc, manager_pb2
 
 REFUSED_TOKEN = "unknown, expired, used-up or revoked join token"
+REPO = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -172,3 +182,44 @@ class RenewingManager(ConnectManager):
 def serial_of(path: Any) -> int:
     """The serial of the (first) certificate in a PEM file."""
     return int(x509.load_pem_x509_certificate(path.read_bytes()).serial_number)
+
+
+@dataclass
+class Run:
+    """One finished `fleet-daemon enroll`."""
+
+    code: int
+    out: str
+    err: str
+
+
+async def run_enroll(*args: str) -> Run:
+    """`fleet-daemon enroll ARGS` as a child process (the event loop keeps serving)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "daemon.cli",
+        "enroll",
+        *args,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return Run(proc.returncode, out.decode(), err.decode())
+
+
+def served_serial(port: int, client: TLSConfig) -> int:
+    """The serial of the certificate the daemon's port serves now (a new handshake)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.load_verify_locations(client.ca_file)
+    context.load_cert_chain(client.cert_file, client.key_file)
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as sock,
+        context.wrap_socket(sock) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return int(x509.load_der_x509_certificate(der).serial_number)

@@ -9,8 +9,6 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import logging
-import socket
-import ssl
 import stat
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -19,9 +17,8 @@ from typing import Any
 
 import pytest
 from connect_helpers import serve
-from cryptography import x509
 from daemon_helpers import agent, daemon_config, eventually, short_tmp
-from enroll_standin import RenewingManager, serial_of
+from enroll_standin import RenewingManager, serial_of, served_serial
 
 from daemon.config import ManagerLinkConfig
 from daemon.server import DaemonServer
@@ -81,21 +78,6 @@ async def daemon_with(
         finally:
             await server.stop(1.0)
             await grpc_server.stop(None)
-
-
-def served_serial(port: int, client: TLSConfig) -> int:
-    """The serial of the certificate the daemon's port serves now (a new handshake)."""
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.load_verify_locations(client.ca_file)
-    context.load_cert_chain(client.cert_file, client.key_file)
-    with (
-        socket.create_connection(("127.0.0.1", port), timeout=10) as sock,
-        context.wrap_socket(sock) as tls,
-    ):
-        der = tls.getpeercert(binary_form=True)
-    assert der is not None
-    return int(x509.load_der_x509_certificate(der).serial_number)
 
 
 @pytest.mark.parametrize("control_stream", [True, False], ids=["stream", "unary"])

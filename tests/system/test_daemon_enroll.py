@@ -6,51 +6,20 @@ until the manager's EnrollmentService lands.
 
 from __future__ import annotations
 
-import asyncio
-import os
 import stat
-import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
-from enroll_standin import REFUSED_TOKEN, EnrollStandIn, Token, serve_enrollment
+from enroll_standin import REFUSED_TOKEN, EnrollStandIn, Token, run_enroll, serve_enrollment
 from manager_proc import free_port
 
 from daemon.config import load_daemon_config
 from fleet.enroll import ca_hash, new_token
 from fleet.pki import CertificateAuthority
 from fleet.tls import TLSConfig
-
-REPO = Path(__file__).resolve().parents[2]
-
-
-@dataclass
-class Run:
-    """One finished `fleet-daemon enroll`."""
-
-    code: int
-    out: str
-    err: str
-
-
-async def run_enroll(*args: str) -> Run:
-    """`fleet-daemon enroll ARGS` as a child process (the event loop keeps serving)."""
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "daemon.cli",
-        "enroll",
-        *args,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
-    out, err = await asyncio.wait_for(proc.communicate(), 60)
-    assert proc.returncode is not None
-    return Run(proc.returncode, out.decode(), err.decode())
 
 
 @dataclass
