@@ -192,6 +192,11 @@ def check_served_chain(chain: Sequence[bytes], pin: str, manager: str) -> Pinned
         raise EnrollError(f"the manager at {manager} presented no certificate")
     pinned = next((c for c in certs if ca_hash(_pem(c)) == pin), None)
     if pinned is None:
+        if not any(_is_ca(c) for c in certs):  # the mTLS port serves the leaf alone
+            raise EnrollError(
+                f"the manager at {manager} presented no CA matching {pin}, and no CA at all:"
+                " is --manager the manager's enrollment port?"
+            )
         raise EnrollError(
             f"the manager at {manager} presented no CA matching {pin}; check --ca-hash"
             " (fleetctl tokens create prints it) and --manager"
@@ -245,7 +250,8 @@ _REFUSALS: dict[grpc.StatusCode, str] = {
     grpc.StatusCode.INVALID_ARGUMENT: "refused the request",
     grpc.StatusCode.RESOURCE_EXHAUSTED: "is enrolling too many hosts at once; try again soon",
     grpc.StatusCode.UNIMPLEMENTED: "does not serve enrollment (is --manager its enrollment port?)",
-    grpc.StatusCode.UNAVAILABLE: "cannot be reached",
+    grpc.StatusCode.UNAVAILABLE: "did not complete the connection (is --manager its enrollment"
+    " port?)",
 }
 
 

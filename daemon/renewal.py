@@ -283,7 +283,7 @@ class CertRenewer:
             self._tls.cert_file,
         )
         if await self._link.use_new_credentials():
-            log.info("manager link moved to the renewed certificate")
+            log.info("manager link moving to the renewed certificate")
         return not_before, not_after
 
     def _write(self, key_pem: bytes, cert_pem: bytes, ca_pem: bytes) -> None:

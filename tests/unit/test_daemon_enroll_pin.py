@@ -83,6 +83,16 @@ def test_an_intermediate_the_pinned_root_did_not_sign_breaks_the_chain(
         check_served_chain(chain, ca_hash(root.cert_pem), MANAGER)
 
 
+def test_a_chain_with_no_ca_at_all_hints_at_the_wrong_port(root: CertificateAuthority) -> None:
+    """The manager's mTLS port serves its leaf alone: the message asks about --manager."""
+    manager = root.issue("manager", "m1")
+    with pytest.raises(EnrollError) as err:
+        check_served_chain(der(manager.cert_pem), ca_hash(root.cert_pem), MANAGER)
+    assert err.value.message.endswith(
+        "and no CA at all: is --manager the manager's enrollment port?"
+    )
+
+
 def test_a_pin_of_the_leaf_itself_is_refused_as_not_a_ca(root: CertificateAuthority) -> None:
     """Pinning the manager's own certificate pins no CA."""
     manager = root.issue("manager", "m1")
