@@ -3,6 +3,9 @@
 Exit codes: 0 after a clean stop, 2 for a config problem (one line on
 stderr naming the file, the key and what is wrong; never a traceback),
 1 for any other failure at start.
+
+`fleet-daemon enroll ...` joins the host to a fleet with a join token
+(daemon.enroll): 0 enrolled, 1 refused or failed, 2 bad flags.
 """
 
 from __future__ import annotations
@@ -22,6 +25,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fleet-daemon",
         description="Supervise this host's agents and keep the Fleet manager informed.",
+        epilog="To join this host to a fleet first: fleet-daemon enroll --help",
     )
     parser.add_argument(
         "--config",
@@ -35,6 +39,11 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `fleet-daemon` script; returns the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["enroll"]:
+        from daemon.enroll import main as enroll_main  # cryptography: only for this command
+
+        return enroll_main(argv[1:])
     args = _parser().parse_args(argv)
     # Imported here so `--help` works even where the daemon's deps are broken.
     from daemon.config import load_daemon_config

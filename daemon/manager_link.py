@@ -44,6 +44,16 @@ failed connection like any other: jittered backoff, next address.
 Artifact downloads (`download_artifact`, for daemon.artifacts) use the same
 address, credentials and keepalive but a channel of their own, so a large
 download never queues the heartbeats behind it on one HTTP/2 connection.
+
+Certificate renewal (daemon.renewal) calls `renew_certificate` on the open
+connection, replaces the TLS files and then calls `use_new_credentials`: a
+new channel with the new files is dialled and proven (one call through it)
+while the old connection carries on; only then the old connection's loops
+stop and the link goes on over the new channel at once (no backoff, not a
+reconnect). Nothing in flight is lost: a metric batch leaves the buffer only
+when answered, so one cut short is sent again on the new connection (the
+manager stores a sequence once), and job reports resume from the manager's
+acknowledged offsets, as after any reconnect.
 """
 
 from __future__ import annotations
@@ -133,6 +143,10 @@ class _Reconnect(Exception):
     """The current manager connection is unusable; dial again."""
 
 
+class _Handover(Exception):
+    """A channel with renewed credentials is ready: continue over it."""
+
+
 class ManagerLink:
     """Keeps one manager informed about this node, through outages.
 
@@ -193,6 +207,10 @@ class ManagerLink:
         self._batch_ready = asyncio.Event()
         self._dirty = asyncio.Event()
         self._stopping = asyncio.Event()
+        self._live: aio.Channel | None = None  # the connected channel (None while not connected)
+        self._is_live = asyncio.Event()
+        self._next: aio.Channel | None = None  # proven with renewed credentials, not yet used
+        self._handover = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
     # --- inputs ---------------------------------------------------------
@@ -229,6 +247,10 @@ class ManagerLink:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
+        if self._next is not None:
+            with contextlib.suppress(Exception):
+                await self._next.close(None)
+            self._next = None
         self._set_state("stopped")
 
     def cut_batch(self) -> list[MetricBatch]:
@@ -291,6 +313,72 @@ class ManagerLink:
             with contextlib.suppress(Exception):
                 await channel.close(None)
 
+    async def renew_certificate(
+        self, request: manager_pb2.RenewCertificateRequest
+    ) -> manager_pb2.RenewCertificateResponse:
+        """RenewCertificate on the open connection (the node's current mTLS identity).
+
+        Waits up to rpc_timeout_seconds for a connection; Unavailable if there
+        is none, else the manager's answer or its error as a FleetError.
+        """
+        timeout = self.cfg.rpc_timeout_seconds
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(timeout):
+                await self._is_live.wait()
+        channel = self._live
+        if channel is None:
+            raise Unavailable(f"not connected to a manager (tried {self.address or 'none yet'})")
+        address = self.address
+        try:
+            reply: manager_pb2.RenewCertificateResponse = await manager_pb2_grpc.ManagerServiceStub(
+                channel
+            ).RenewCertificate(request, timeout=timeout)
+        except grpc.RpcError as exc:
+            raise from_rpc_error(exc, target=f"manager {address}") from None
+        return reply
+
+    async def use_new_credentials(self) -> bool:
+        """The TLS files were replaced: move the connection to a channel that uses them.
+
+        The new channel is dialled and proven with one call while the current
+        connection carries on; then the link continues over it (module doc).
+        False, with a warning, if it cannot be proven: the current connection
+        stays, and the next reconnect reads the new files anyway.
+        """
+        address = self.address
+        if self._live is None or self._stopping.is_set():
+            return False  # not connected: the next dial reads the new files
+        try:
+            creds = await asyncio.to_thread(channel_credentials, self._tls)
+        except FleetError as exc:
+            log.warning(
+                "the renewed TLS files are unusable, staying on the old connection: %s", exc
+            )
+            return False
+        channel = self._channel(address, creds)
+        try:
+            await _prove(channel, self.cfg.rpc_timeout_seconds)
+        except Exception as exc:
+            with contextlib.suppress(Exception):
+                await channel.close(None)
+            log.warning(
+                "manager %s: cannot connect with the renewed certificate (%s); the current"
+                " connection stays until it ends",
+                address,
+                _describe(exc),
+            )
+            return False
+        if self._live is None or address != self.address or self._stopping.is_set():
+            with contextlib.suppress(Exception):
+                await channel.close(None)
+            return False
+        if self._next is not None:
+            with contextlib.suppress(Exception):
+                await self._next.close(None)
+        self._next = channel
+        self._handover.set()
+        return True
+
     # --- internals ------------------------------------------------------
 
     def _set_state(self, state: LinkState) -> None:
@@ -318,7 +406,9 @@ class ManagerLink:
             except Exception:
                 log.exception("could not gather metrics; trying again next interval")
 
-    def _channel(self, address: str) -> aio.Channel:
+    def _channel(
+        self, address: str, credentials: grpc.ChannelCredentials | None = None
+    ) -> aio.Channel:
         options: list[tuple[str, Any]] = [
             *channel_options(self._server_name),
             ("grpc.keepalive_time_ms", round(self.cfg.keepalive_time_seconds * 1000)),
@@ -331,7 +421,8 @@ class ManagerLink:
             ("grpc.initial_reconnect_backoff_ms", 60_000),
             ("grpc.max_reconnect_backoff_ms", 120_000),
         ]
-        return aio.secure_channel(address, channel_credentials(self._tls), options=options)
+        creds = credentials if credentials is not None else channel_credentials(self._tls)
+        return aio.secure_channel(address, creds, options=options)
 
     async def _run(self) -> None:
         attempt = 0
@@ -340,7 +431,7 @@ class ManagerLink:
         while not self._stopping.is_set():
             self.address = addresses[index % len(addresses)]
             self._set_state("connecting")
-            channel = self._channel(self.address)
+            channel, self._next = self._next or self._channel(self.address), None
             calls_at_register: int | None = None
             delay: float | None = None
             try:
@@ -349,7 +440,7 @@ class ManagerLink:
                 if stream is not None:
                     calls_at_register = self._calls_ok
                     self.mode = "stream"
-                    self._set_state("connected")
+                    self._went_live(channel)
                     try:
                         await self._connected(stream, stream.wait_broken())
                     finally:
@@ -358,8 +449,12 @@ class ManagerLink:
                     await self._register(stub)
                     calls_at_register = self._calls_ok
                     self.mode = "unary"
-                    self._set_state("connected")
+                    self._went_live(channel)
                     await self._connected(stub, self._heartbeat_loop(stub))
+            except _Handover:
+                # Renewed credentials: the new channel is proven, go on over it now.
+                self.mode = ""
+                log.info("manager %s: continuing with the renewed certificate", self.address)
             except Exception as exc:  # any failure: drop the connection and dial again
                 if not isinstance(
                     exc, _Reconnect | StreamBroken | grpc.RpcError | FleetError | OSError
@@ -377,6 +472,8 @@ class ManagerLink:
                 attempt += 1
                 index += 1
             finally:
+                self._live = None
+                self._is_live.clear()
                 with contextlib.suppress(Exception):
                     await channel.close(None)
             if delay is not None:
@@ -391,6 +488,12 @@ class ManagerLink:
                     gc.collect()
                     delay = max(0.0, delay - 0.05)
                 await self._sleep(delay)
+
+    def _went_live(self, channel: aio.Channel) -> None:
+        self._live = channel
+        self._is_live.set()
+        self._handover.clear()  # renewed files are what this channel was dialled with
+        self._set_state("connected")
 
     async def _call(self, method: Any, request: Any) -> Any:
         try:
@@ -499,6 +602,7 @@ class ManagerLink:
             tasks.append(asyncio.create_task(self._jobs(stub, self._call), name="manager-jobs"))
         if not isinstance(stub, ControlStream) and self.cfg.control_stream:
             tasks.append(asyncio.create_task(self._stream_retry(), name="manager-stream-retry"))
+        tasks.append(asyncio.create_task(self._wait_handover(), name="manager-handover"))
         try:
             done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         finally:
@@ -509,6 +613,11 @@ class ManagerLink:
             exc = task.exception()
             if exc is not None:
                 raise exc
+
+    async def _wait_handover(self) -> None:
+        """Ends the connection once `use_new_credentials` proved a new channel."""
+        await self._handover.wait()
+        raise _Handover
 
     async def _stream_retry(self) -> None:
         """In unary mode after an UNIMPLEMENTED Connect: reconnect to try the stream again."""
@@ -608,6 +717,26 @@ class ManagerLink:
                     await self._sleep(self.cfg.reconnect.delay(0, self._rng))
                     continue
                 log.warning("manager refused the agent states: %s", exc)
+
+
+async def _prove(channel: aio.Channel, timeout: float) -> None:  # noqa: ASYNC109
+    """Raise unless a call reaches the server through `channel` within `timeout`.
+
+    A TLS 1.3 client sees its handshake done before the server checked its
+    certificate, so readiness proves nothing: one health check does. Any
+    answer but UNAVAILABLE or DEADLINE_EXCEEDED (UNIMPLEMENTED from a server
+    without health, say) came from the server over the new credentials.
+    """
+    check = channel.unary_unary(
+        "/grpc.health.v1.Health/Check",
+        request_serializer=lambda raw: raw,
+        response_deserializer=lambda raw: raw,
+    )
+    try:
+        await check(b"", timeout=timeout)
+    except grpc.RpcError as exc:
+        if exc.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+            raise
 
 
 def _describe(exc: BaseException) -> str:

@@ -54,6 +54,10 @@ class MetricSources:
     """Manager connections that failed and were dialled again."""
     commands: Callable[[], dict[tuple[str, str], int]] = dict
     """Commands run from the control stream by (method, status code name)."""
+    certificate_expiry: Callable[[], float] = lambda: 0.0
+    """When the node certificate in use expires (Unix seconds; 0: unknown)."""
+    certificate_renewals: Callable[[], dict[str, int]] = dict
+    """Certificate renewal attempts by outcome ("success", "failure")."""
 
 
 class DaemonCollector(Collector):
@@ -139,6 +143,19 @@ class DaemonCollector(Collector):
             "Open connections on the agent socket.",
             value=s.agent_connections(),
         )
+        yield GaugeMetricFamily(
+            "fleet_daemon_certificate_expiry_timestamp_seconds",
+            "When the node certificate in use expires (Unix time; 0: unknown).",
+            value=s.certificate_expiry(),
+        )
+        renewals = CounterMetricFamily(
+            "fleet_daemon_certificate_renewals",
+            "Certificate renewal attempts by outcome (success, failure).",
+            labels=["outcome"],
+        )
+        for outcome, count in sorted(s.certificate_renewals().items()):
+            renewals.add_metric([outcome], count)
+        yield renewals
 
 
 def daemon_registry(sources: MetricSources) -> CollectorRegistry:

@@ -34,6 +34,7 @@ from daemon.jobs.engine import JobEngine
 from daemon.jobs.reporter import JobReporter
 from daemon.manager_link import LinkState, ManagerLink, NodeInfo, PushedSet
 from daemon.peercred import PeerCredProxy
+from daemon.renewal import CertRenewer
 from daemon.servicers.agent_service import AgentServicer
 from daemon.servicers.daemon_service import DaemonServicer
 from daemon.supervisor.supervisor import AgentSnapshot, Supervisor
@@ -170,6 +171,14 @@ class DaemonServer:
         )
         """What the manager may ask: served on `listen` and on the control stream."""
         self.link.commands = self.servicer  # built after the link: it needs the supervisor
+        self.renewer = CertRenewer(
+            cfg.tls,
+            self.identity,
+            self.link,
+            # A DaemonConfig built in code may hold a plain fleet.tls.TLSConfig (no such key).
+            enabled=getattr(cfg.tls, "auto_renew", True),
+        )
+        """Renews the certificate over the link at two thirds of its lifetime (daemon.renewal)."""
 
     # --- callbacks ------------------------------------------------------
 
@@ -225,6 +234,8 @@ class DaemonServer:
             commands=lambda: dict(link.commands_run),
             registrations=lambda: link.registrations,
             agent_connections=lambda: self.proxy.connections,
+            certificate_expiry=self.renewer.expiry_timestamp,
+            certificate_renewals=lambda: dict(self.renewer.outcomes),
         )
 
     # --- lifecycle ------------------------------------------------------
@@ -290,6 +301,7 @@ class DaemonServer:
             self.link.node, daemon_address=self.advertised, daemon_version=_daemon_version()
         )
         await self.link.start()
+        await self.renewer.start()
 
         if self.cfg.metrics_listen:
             from daemon.metrics import daemon_registry  # prometheus_client only when serving
@@ -355,6 +367,7 @@ class DaemonServer:
         for health in (self._health, self._agent_health):
             if health is not None:
                 await health.enter_graceful_shutdown()
+        await self.renewer.stop()
         await self.link.stop()
         log.debug("stop: manager link closed")
         if self._grpc is not None:
@@ -376,6 +389,8 @@ class DaemonServer:
 
     async def _abort(self) -> None:
         """After a failed start: close sockets and servers, never touch agents."""
+        with contextlib.suppress(Exception):
+            await self.renewer.stop()
         with contextlib.suppress(Exception):
             await self.link.stop()
         for server in (self._grpc, self._agent_grpc):

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass
 from typing import Literal, cast, get_args
 
-__all__ = ["ROLES", "Identity", "Role", "check_trust_domain"]
+__all__ = ["ROLES", "Identity", "Role", "check_name", "check_trust_domain"]
 
 Role = Literal["manager", "node", "operator"]
 ROLES: tuple[Role, ...] = get_args(Role)
@@ -37,11 +37,7 @@ class Identity:
     def __post_init__(self) -> None:
         if self.role not in ROLES:
             raise ValueError(f"role {self.role!r} is not one of {', '.join(ROLES)}")
-        if not _NAME_RE.fullmatch(self.name):
-            raise ValueError(
-                f"name {self.name!r} must be 1-63 letters, digits, '.', '_' or '-',"
-                " starting and ending with a letter or digit"
-            )
+        check_name(self.name)
         check_trust_domain(self.trust_domain)
 
     @property
@@ -70,6 +66,16 @@ class Identity:
             return cls(cast(Role, role), name, trust_domain)
         except ValueError as exc:
             raise ValueError(f"{uri!r}: {exc}") from None
+
+
+def check_name(name: str) -> str:
+    """Return `name` if it is a valid identity name (the node-id syntax), else raise ValueError."""
+    if not _NAME_RE.fullmatch(name):
+        raise ValueError(
+            f"name {name!r} must be 1-63 letters, digits, '.', '_' or '-',"
+            " starting and ending with a letter or digit"
+        )
+    return name
 
 
 def check_trust_domain(trust_domain: str) -> str:

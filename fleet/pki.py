@@ -17,8 +17,6 @@ import contextlib
 import datetime as dt
 import ipaddress
 import itertools
-import os
-import tempfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +28,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from fleet.errors import ConfigError
+from fleet.files import write_file_atomic
 from fleet.identity import ROLES, Identity, Role, check_trust_domain
 
 if TYPE_CHECKING:
@@ -42,33 +41,13 @@ __all__ = [
     "IssuedCertificate",
     "Role",
     "SignedCertificate",
+    "ca_trust_domain",
     "check_trust_domain",
     "write_file_atomic",
 ]
 
 # Leaves start a little in the past so a peer with a slightly slow clock accepts them.
 _CLOCK_SKEW = dt.timedelta(minutes=5)
-
-
-def write_file_atomic(path: Path, data: bytes, *, mode: int) -> None:
-    """Write `data` to `path` with `mode` so readers see the old or the new file, never half.
-
-    The temporary file is created with `mode` from the start, so a private key
-    is never readable by others, not even for a moment.
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
 
 
 def _new_key() -> ec.EllipticCurvePrivateKey:
@@ -316,7 +295,7 @@ class CertificateAuthority:
             constraints = None
         if constraints is None or not constraints.ca:
             raise ConfigError(f"CA certificate {cert_path}: not a CA (basicConstraints CA:false)")
-        trust_domain = _ca_trust_domain(cert)
+        trust_domain = ca_trust_domain(cert)
         if trust_domain is None:
             raise ConfigError(
                 f"CA certificate {cert_path}: names no trust domain (no spiffe://<td> SAN URI)"
@@ -487,7 +466,7 @@ def _read(path: Path, what: str) -> bytes:
         raise ConfigError(f"{what} {path}: cannot read it ({exc.strerror})") from None
 
 
-def _ca_trust_domain(cert: x509.Certificate) -> str | None:
+def ca_trust_domain(cert: x509.Certificate) -> str | None:
     """The trust domain a CA names: its spiffe://<td> SAN URI, else its URI name constraint."""
     with contextlib.suppress(x509.ExtensionNotFound):
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value

@@ -66,14 +66,28 @@ class TLSConfig:
         """The Fleet identity in this certificate's SAN URI (validates the files first)."""
         return self._load(now=None).identity
 
+    def leaf_validity(self) -> tuple[dt.datetime, dt.datetime]:
+        """(not before, not after) of this certificate; validates the files first (ConfigError)."""
+        _, _, not_before, not_after = self._load(now=None).validity[0]
+        return not_before, not_after
+
     def _load(self, *, now: dt.datetime | None) -> _Loaded:
+        ca_pem = _read(self.ca_file, "CA")
+        cert_pem = _read(self.cert_file, "certificate")
+        key_pem = _read(self.key_file, "key")
+        return self._check(ca_pem, cert_pem, key_pem, now=now)
+
+    def _check(
+        self, ca_pem: bytes, cert_pem: bytes, key_pem: bytes, *, now: dt.datetime | None
+    ) -> _Loaded:
+        """`_load`'s checks on contents that are not (yet) in the files; messages name the files.
+
+        Lets a new bundle (enrollment, renewal) be checked before it replaces good files.
+        """
         from cryptography.hazmat.primitives import serialization
         from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 
         now = now or dt.datetime.now(dt.UTC)
-        ca_pem = _read(self.ca_file, "CA")
-        cert_pem = _read(self.cert_file, "certificate")
-        key_pem = _read(self.key_file, "key")
         cas = _parse_certs(self.ca_file, ca_pem, "CA")
         chain = _parse_certs(self.cert_file, cert_pem, "certificate")
         leaf = chain[0]
