@@ -212,6 +212,13 @@ class CertificateAuthority:
         """
         if self.is_intermediate:
             raise ValueError("an intermediate CA cannot sign another intermediate")
+        constraints = self._cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+        if constraints.path_length == 0:
+            raise ValueError(
+                "this root CA is pathlen 0 (made before issuing CAs existed) and may sign"
+                " leaves only: give the manager the root's own key as its issuer, or make"
+                " a new root with 'fleetctl pki init'"
+            )
         now = now or _utcnow()
         key = _new_key()
         name = x509.Name(

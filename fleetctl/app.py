@@ -21,6 +21,7 @@ from fleetctl import (
     nodes,
     pki,
     rollouts,
+    tokens,
 )
 from fleetctl.output import OutputFormat
 from fleetctl.runtime import Cli, GlobalOptions
@@ -129,6 +130,7 @@ app.add_typer(pki.app, name="pki")
 app.command("events")(events.events)
 app.command("run", context_settings={"allow_interspersed_args": False})(jobs.run)
 app.add_typer(jobs.app, name="jobs")
+app.add_typer(tokens.app, name="tokens")
 
 
 @app.callback()

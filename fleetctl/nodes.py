@@ -1,4 +1,4 @@
-"""fleetctl nodes: list, show, label."""
+"""fleetctl nodes: list, show, label, delete, revoke."""
 
 from __future__ import annotations
 
@@ -13,8 +13,16 @@ from fleet.labels import LabelError, validate_label_key, validate_label_value
 from fleet.v1 import fleet_pb2
 from fleetctl.client import Connection
 from fleetctl.output import Column, OutputFormat, print_object, print_rows
-from fleetctl.runtime import EXIT_OK, Cli, Stub, UsageProblem
-from fleetctl.timespec import format_age
+from fleetctl.runtime import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    Cli,
+    Stub,
+    UsageProblem,
+    stdin_is_interactive,
+)
+from fleetctl.timespec import format_age, format_time
 from fleetctl.views import node_view
 
 __all__ = ["app", "parse_label_changes", "parse_selector"]
@@ -42,7 +50,29 @@ def parse_selector(text: str | None) -> selectors.Selector:
 
 
 def _status_style(value: Any) -> str:
-    return {"ONLINE": "green", "OFFLINE": "red"}.get(str(value), "yellow")
+    return {"ONLINE": "green", "OFFLINE": "red", "REVOKED": "red"}.get(str(value), "yellow")
+
+
+# A certificate this close to expiry is shown in yellow: renewal should have
+# happened at two thirds of its lifetime, so something is wrong on that host.
+_CERT_WARN_MS = 24 * 3600 * 1000
+
+
+def cert_expiry_cell(expire_ms: int, *, now_ms: int) -> str:
+    """When a node's certificate expires: "6d23h", "expired 2h ago", "-" if unknown."""
+    if not expire_ms:
+        return "-"
+    if expire_ms <= now_ms:
+        return f"expired {format_age(expire_ms, now_ms=now_ms)}"
+    return format_age(expire_ms, now_ms=now_ms).removeprefix("in ")
+
+
+def _expiry_style(expire_ms: int, now_ms: int) -> str:
+    if not expire_ms:
+        return ""
+    if expire_ms <= now_ms:
+        return "red"
+    return "yellow" if expire_ms - now_ms < _CERT_WARN_MS else ""
 
 
 def _agents_cell(counts: Any) -> str:
@@ -64,6 +94,12 @@ def _columns(now_ms: int) -> list[Column]:
             cell=lambda ms: format_age(int(ms or 0), now_ms=now_ms),
         ),
         Column("LABELS", "labels"),
+        Column(
+            "CERT EXPIRES",
+            "cert_expire_time_ms",
+            cell=lambda ms: cert_expiry_cell(int(ms or 0), now_ms=now_ms),
+            style=lambda ms: _expiry_style(int(ms or 0), now_ms),
+        ),
         Column("HOSTNAME", "hostname", wide=True),
         Column("IP", "ip", wide=True),
         Column("VERSION", "daemon_version", wide=True),
@@ -81,11 +117,18 @@ def list_nodes(ctx: typer.Context, selector: SelectorOpt = None) -> None:
     async def body(stub: Stub, conn: Connection) -> int:
         request = fleet_pb2.FleetServiceListNodesRequest(selector=selectors.to_proto(sel))
         reply = await stub.ListNodes(request, timeout=conn.timeout)
-        rows = [node_view(n) for n in sorted(reply.nodes, key=lambda n: n.node_id)]
+        rows = [_row(n) for n in sorted(reply.nodes, key=lambda n: n.node_id)]
         print_rows(cli.out, cli.fmt, rows, _columns(int(time.time() * 1000)), key="nodes")
         return EXIT_OK
 
     cli.call(body)
+
+
+def _row(node: fleet_pb2.Node) -> dict[str, Any]:
+    view = node_view(node)
+    if node.revoke_time:
+        view["status"] = "REVOKED"  # its certificates are refused: it cannot come back online
+    return view
 
 
 _FIELDS = [
@@ -103,6 +146,7 @@ _FIELDS = [
     ("Registered", "registered_at"),
     ("Agents", "agents"),
     ("Jobs", "jobs"),
+    ("Certificate", "certificate"),
 ]
 
 
@@ -137,6 +181,7 @@ def _show(cli: Cli, node: fleet_pb2.Node) -> None:
         "jobs": "disabled (jobs.enabled = false in the host's daemon config)"
         if node.jobs_disabled
         else "enabled",
+        "certificate": _certificate_text(node, now_ms),
         "last_heartbeat_age": (
             f"{view['last_heartbeat']} ({format_age(node.last_heartbeat, now_ms=now_ms)})"
             if node.last_heartbeat
@@ -144,6 +189,22 @@ def _show(cli: Cli, node: fleet_pb2.Node) -> None:
         ),
     }
     print_object(cli.out, cli.fmt, human, fields)
+
+
+def _certificate_text(node: fleet_pb2.Node, now_ms: int) -> str:
+    parts = []
+    if node.cert_expire_time:
+        when = cert_expiry_cell(node.cert_expire_time, now_ms=now_ms)
+        verb = "" if when.startswith("expired") else "expires in "
+        parts.append(f"{verb}{when} ({format_time(node.cert_expire_time)})")
+    else:
+        parts.append("expiry unknown")
+    if node.revoke_time:
+        parts.append(
+            f"REVOKED at {format_time(node.revoke_time)}: refused until it enrolls again"
+            f" with a token made with --node-name {node.node_id}"
+        )
+    return "; ".join(parts)
 
 
 @app.command("show")
@@ -245,6 +306,112 @@ def label_node(
             cli.out.print(f"node/{reply.node.node_id} labeled: {labels}", markup=False)
         for line in label_notes(reply.node, to_set, to_remove, absent=reply.absent_keys):
             cli.note(f"fleetctl: {line}")
+        return EXIT_OK
+
+    cli.call(body)
+
+
+def _confirm(cli: Cli, question: str, action: str) -> None:
+    if not stdin_is_interactive():
+        cli.fail(
+            f"refusing to {action} without confirmation and there is no terminal to ask on;"
+            " pass --yes",
+            EXIT_USAGE,
+        )
+    if not typer.confirm(question, default=False, err=True):
+        cli.fail(f"aborted; nothing was changed ({action})", EXIT_FAILED)
+
+
+@app.command("delete")
+def delete_node(
+    ctx: typer.Context,
+    node: Annotated[str, typer.Argument(help="Node id.")],
+    force: Annotated[
+        bool, typer.Option("--force", help="Delete even while the node is online.")
+    ] = False,
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Delete a node's record, agent states, labels and desired state (refused while online).
+
+    Events, audit and job history stay. The node's certificate keeps working
+    until it expires: a daemon still running registers again. To keep a host
+    out, `nodes revoke` it too (before or after).
+    """
+    cli = Cli.of(ctx)
+
+    async def body(stub: Stub, conn: Connection) -> int:
+        if not yes:
+            shown = await stub.GetNode(
+                fleet_pb2.FleetServiceGetNodeRequest(node_id=node), timeout=conn.timeout
+            )
+            view = node_view(shown.node)
+            _confirm(
+                cli,
+                f"Delete node {node} ({view['status'].lower()}, {view['hostname'] or 'no host'},"
+                f" {sum(view['agents'].values())} agents)?",
+                f"delete node {node}",
+            )
+        reply = await stub.DeleteNode(
+            fleet_pb2.FleetServiceDeleteNodeRequest(node_id=node, force=force),
+            timeout=conn.timeout,
+        )
+        if cli.fmt.structured:
+            print_object(cli.out, cli.fmt, node_view(reply.node), [])
+        else:
+            cli.out.print(f"node/{node} deleted", markup=False)
+        if not reply.node.revoke_time:
+            cli.note(
+                f"fleetctl: its certificate still works until it expires; 'fleetctl nodes revoke"
+                f" {node}' keeps the host out"
+            )
+        return EXIT_OK
+
+    cli.call(body)
+
+
+@app.command("revoke")
+def revoke_node(
+    ctx: typer.Context,
+    node: Annotated[str, typer.Argument(help="Node id.")],
+    reason: Annotated[str, typer.Option("--reason", help="Why, for the audit log.")] = "",
+    yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
+) -> None:
+    """Refuse a node's certificates from now on and close its connections.
+
+    It stays refused until the host enrolls again with a token made with
+    `fleetctl tokens create --node-name NODE`.
+    """
+    cli = Cli.of(ctx)
+
+    async def body(stub: Stub, conn: Connection) -> int:
+        if not yes:
+            _confirm(
+                cli,
+                f"Revoke node {node}? Its daemon is cut off until it enrolls again.",
+                f"revoke node {node}",
+            )
+        reply = await stub.RevokeNode(
+            fleet_pb2.FleetServiceRevokeNodeRequest(node_id=node, reason=reason),
+            timeout=conn.timeout,
+        )
+        if cli.fmt.structured:
+            print_object(
+                cli.out,
+                cli.fmt,
+                {
+                    "node_id": node,
+                    "revoke_time": format_time(reply.revoke_time),
+                    "connections_closed": reply.connections_closed,
+                },
+                [],
+            )
+        else:
+            closed = reply.connections_closed
+            cli.out.print(
+                f"node/{node} revoked: certificates issued before {format_time(reply.revoke_time)}"
+                f" are refused ({closed} connection{'s' if closed != 1 else ''} closed)",
+                markup=False,
+            )
         return EXIT_OK
 
     cli.call(body)

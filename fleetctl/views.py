@@ -77,6 +77,9 @@ def node_view(node: fleet_pb2.Node) -> dict[str, Any]:
         "registered_at": format_time(node.registered_at),
         "agents": {_status(c.status): c.count for c in node.agent_counts},
         "jobs_disabled": node.jobs_disabled,
+        "cert_expire_time": format_time(node.cert_expire_time),
+        "cert_expire_time_ms": node.cert_expire_time,
+        "revoke_time": format_time(node.revoke_time),
     }
 
 

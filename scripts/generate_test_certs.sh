@@ -100,7 +100,7 @@ O = Fleet
 OU = $td
 CN = Fleet CA
 [v3_ca]
-basicConstraints = critical, CA:true, pathlen:0
+basicConstraints = critical, CA:true, pathlen:1
 keyUsage = critical, digitalSignature, keyCertSign, cRLSign
 subjectKeyIdentifier = hash
 subjectAltName = URI:spiffe://$td

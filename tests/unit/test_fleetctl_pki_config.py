@@ -188,3 +188,64 @@ def test_fleet_output_env_sets_the_default_format(live: Fleetctl) -> None:
     assert "FLEET_OUTPUT" in bad.stderr
     assert live.manager.fleet.requests[-1][0] == "ListNodes"
     assert len(live.manager.fleet.requests) == 2
+
+
+def test_pki_intermediate_issues_leaves_that_chain_to_the_root(
+    offline: Fleetctl, tmp_path: Path
+) -> None:
+    """An issuing CA made by `pki intermediate` signs leaves a peer trusting only the root accepts;
+    `pki ca-hash` prints the pin that `init` printed."""
+    ca_dir, out = tmp_path / "certs", tmp_path / "issuer"
+    init = offline("-o", "json", "pki", "init", str(ca_dir), connect=False)
+    assert init.exit_code == 0, init.output
+    pin = json.loads(init.stdout)["ca_hash"]
+    made = offline("-o", "json", "pki", "intermediate", str(out), "--ca-dir", str(ca_dir),
+                   connect=False)  # fmt: skip
+    assert made.exit_code == 0, made.output
+    assert json.loads(made.stdout)["ca_hash"] == pin
+    assert stat.S_IMODE((out / "issuer-key.pem").stat().st_mode) == 0o600
+    issuer = CertificateAuthority.load(
+        out / "issuer.pem", out / "issuer-key.pem", root_path=ca_dir / "ca.pem"
+    )
+    assert issuer.is_intermediate
+    leaf = issuer.issue("node", "web-1").write(tmp_path / "leaf")
+    assert (tmp_path / "leaf" / "ca.pem").read_bytes() == (ca_dir / "ca.pem").read_bytes()
+    assert str(leaf.identity()) == "node/web-1"  # validates leaf -> issuer -> root
+    shown = offline("pki", "ca-hash", str(ca_dir / "ca.pem"), connect=False)
+    assert shown.exit_code == 0, shown.output
+    assert shown.stdout.strip() == pin
+    again = offline("pki", "intermediate", str(out), "--ca-dir", str(ca_dir), connect=False)
+    assert again.exit_code == 1
+    assert "exists; pass --force" in again.stderr
+
+
+def test_pki_intermediate_refuses_a_pathlen_0_root(offline: Fleetctl, tmp_path: Path) -> None:
+    """A root made before issuing CAs (pathlen 0) cannot sign one: say what to do instead."""
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    root = CertificateAuthority.create()
+    cert = x509.load_pem_x509_certificate(root.cert_pem)
+    key = serialization.load_pem_private_key(root.key_pem, password=None)
+    assert isinstance(key, ec.EllipticCurvePrivateKey)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(cert.subject)
+        .issuer_name(cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(cert.not_valid_before_utc)
+        .not_valid_after(cert.not_valid_after_utc)
+    )
+    for ext in cert.extensions:
+        value = ext.value
+        if isinstance(value, x509.BasicConstraints):
+            value = x509.BasicConstraints(ca=True, path_length=0)
+        builder = builder.add_extension(value, ext.critical)
+    old = builder.sign(key, hashes.SHA256()).public_bytes(serialization.Encoding.PEM)
+    CertificateAuthority("fleet.local", old, root.key_pem).write(tmp_path / "old")
+    result = offline("pki", "intermediate", str(tmp_path / "iss"), "--ca-dir",
+                     str(tmp_path / "old"), connect=False)  # fmt: skip
+    assert result.exit_code == 1
+    assert "pathlen 0" in result.stderr
+    assert not (tmp_path / "iss" / "issuer-key.pem").exists()
