@@ -41,10 +41,15 @@ setup: $(VENV)/.installed node_modules/.installed  ## create .venv and install F
 # dependencies are added, the other pins stay. `make lock UPGRADE=grpcio`
 # also moves grpcio (and what it needs) to the newest release;
 # `make lock UPGRADE=all` moves everything.
-lock: setup  ## update requirements.lock from pyproject.toml (UPGRADE=pkg|all to move pins)
+# requirements-runtime.lock is the subset `make dist` packs: pyproject's
+# runtime dependencies only, constrained to the pins of requirements.lock so
+# the artifact runs exactly what the tests passed with.
+lock: setup  ## update requirements.lock and requirements-runtime.lock from pyproject.toml (UPGRADE=pkg|all)
 	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --universal --python-version 3.11 \
 	    --generate-hashes --quiet -o requirements.lock \
 	    $(if $(filter all,$(UPGRADE)),--upgrade,$(addprefix --upgrade-package ,$(UPGRADE)))
+	$(VENV)/bin/uv pip compile pyproject.toml --universal --python-version 3.11 \
+	    --generate-hashes --quiet -c requirements.lock -o requirements-runtime.lock
 
 demo: setup  ## run a manager and two daemons with example agents, and a fleetctl tour (Ctrl-C stops)
 	scripts/demo.sh
