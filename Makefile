@@ -13,7 +13,7 @@ PROTOS := $(wildcard protos/fleet/v1/*.proto)
 FLEET_TEST_POSTGRES_URL ?= postgresql+asyncpg://postgres@127.0.0.1:5432/test
 export FLEET_TEST_POSTGRES_URL
 
-.PHONY: help setup lock test soak lint proto proto-check proto-breaking fmt demo clean
+.PHONY: help setup lock test dist soak lint proto proto-check proto-breaking fmt demo clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -57,10 +57,17 @@ demo: setup  ## run a manager and two daemons with example agents, and a fleetct
 test: setup  ## run the whole test suite
 	$(PY) -m pytest -n 2 --dist loadfile --durations=25
 
+# The artifact hosts install (docs/install.md): the wheel, a zipapp with every
+# runtime dependency for this Python and architecture, install.sh, a tarball.
+# Downloads the pinned wheels, so it is not part of `make test`.
+dist: setup  ## build dist/: wheel, self-contained zipapp, install.sh, tarball for hosts
+	packaging/build-dist.sh $(PY)
+
 soak: setup  ## long fault runs: manager kill -9 under 1,000 simulated daemons + every fault test
 	FLEET_FAULT_NODES=1000 $(PY) -m pytest tests/faults -s --timeout 900
 
-lint: setup proto-check  ## ruff, mypy, buf lint/format, generated-code freshness
+lint: setup proto-check  ## ruff, mypy, buf lint/format, shellcheck, generated-code freshness
+	$(VENV)/bin/shellcheck packaging/*.sh
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
@@ -83,5 +90,5 @@ proto-check: proto  ## fail if the committed generated code is stale
 proto-breaking: setup  ## buf breaking-change check of protos/ against the main branch
 	cd protos && ../$(BUF) breaking --against '../.git#branch=main,subdir=protos'
 
-clean:  ## remove the venv, node_modules and caches
-	rm -rf $(VENV) node_modules .mypy_cache .ruff_cache .pytest_cache .hypothesis
+clean:  ## remove the venv, node_modules, caches and build outputs
+	rm -rf $(VENV) node_modules .mypy_cache .ruff_cache .pytest_cache .hypothesis build dist
