@@ -69,13 +69,15 @@ echo "dist: zipapp"
     --output-file "dist/$name.pyz"
 
 echo "dist: install.sh and tarball"
-install -m 0755 packaging/install.sh dist/install.sh
+# dist/ itself is laid out like the tarball, so dist/install.sh works in place.
 top=$stage/$name
-mkdir -p "$top/systemd"
+for dir in dist "$top"; do
+    mkdir -p "$dir/systemd"
+    install -m 0755 packaging/install.sh "$dir/install.sh"
+    cp configs/systemd/fleet-daemon.service configs/systemd/fleet-manager.service "$dir/systemd/"
+    cp docs/install.md "$dir/README.md"
+done
 cp "dist/$name.pyz" "$top/"
-install -m 0755 packaging/install.sh "$top/install.sh"
-cp configs/systemd/fleet-daemon.service configs/systemd/fleet-manager.service "$top/systemd/"
-cp docs/install.md "$top/README.md"
 tar --sort=name --mtime="@$SOURCE_DATE_EPOCH" --owner=0 --group=0 --numeric-owner \
     -C "$stage" -cf - "$name" | gzip -n -9 >"dist/$name.tar.gz"
 

@@ -233,7 +233,8 @@ done
 unit_src=$here/systemd/fleet-daemon.service
 unit=$unit_dir/fleet-daemon.service
 exec_start="ExecStart=$prefix/bin/fleet-daemon --config $config"
-sed -e "s|^ExecStart=.*|$exec_start|" \
+sed -e "1i # Installed by Fleet $version's install.sh from configs/systemd/fleet-daemon.service." \
+    -e "s|^ExecStart=.*|$exec_start|" \
     -e "s|^Documentation=.*|Documentation=file://$prefix/README.md|" \
     -e "s|^\[Service\]$|[Service]\nEnvironment=SHIV_ROOT=$shiv_root|" \
     "$unit_src" >"$unit.tmp"
