@@ -310,31 +310,28 @@ def test_a_python_other_than_the_artifacts_is_refused_by_name(
     assert not (tmp_path / "opt").exists()
 
 
-# --- enrollment and coming online ------------------------------------------------
+# --- coming online at a manager ---------------------------------------------------
 
 
 @dataclass(frozen=True)
-class EnrollingManager:
-    """A `fleet-manager serve` child on the namespace's peer address, enrollment on."""
+class RealManager:
+    """A `fleet-manager serve` child on the namespace's peer address."""
 
     address: str
     """ManagerService and FleetService (mTLS)."""
     enroll_address: str
-    """EnrollmentService (TLS, no client certificate)."""
+    """EnrollmentService (TLS, no client certificate); empty when enrollment is off."""
     operator: Any
     """TLSConfig of operator/alice."""
     trust_domain: str
 
 
 @contextmanager
-def _enrolling_manager(pki: Any, ip: str, root: Path) -> Iterator[EnrollingManager]:
+def _manager(pki: Any, ip: str, root: Path, *, enroll: bool) -> Iterator[RealManager]:
     root.mkdir()
     tls = pki.issue("manager", "m1")
-    ca_pem, ca_key = pki.ca.write(root / "ca")
     port, enroll_port = free_port(), free_port()
-    manager = Manager(root, port)
-    (root / "manager.toml").write_text(
-        f"""
+    config = f"""
 state_dir = "{root}/state"
 [server]
 listen = "{ip}:{port}"
@@ -347,13 +344,18 @@ key_file = "{tls.key_file}"
 [liveness]
 min_ttl_seconds = 1.0
 jitter = 0.0
+"""
+    if enroll:
+        ca_pem, ca_key = pki.ca.write(root / "ca")
+        config += f"""
 [enroll]
 listen = "{ip}:{enroll_port}"
 manager_address = "{ip}:{port}"
 issuer_cert_file = "{ca_pem}"
 issuer_key_file = "{ca_key}"
 """
-    )
+    (root / "manager.toml").write_text(config)
+    manager = Manager(root, port)
     manager.start()
     try:
         deadline = time.monotonic() + 60
@@ -361,15 +363,15 @@ issuer_key_file = "{ca_key}"
             assert manager.popen is not None
             assert manager.popen.poll() is None, (root / "manager.err").read_text()
             try:
-                socket.create_connection((ip, enroll_port), timeout=1).close()
+                socket.create_connection((ip, enroll_port if enroll else port), timeout=1).close()
                 break
             except OSError:
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.2)
-        yield EnrollingManager(
+        yield RealManager(
             address=f"{ip}:{port}",
-            enroll_address=f"{ip}:{enroll_port}",
+            enroll_address=f"{ip}:{enroll_port}" if enroll else "",
             operator=pki.issue("operator", "alice"),
             trust_domain=pki.trust_domain,
         )
@@ -378,13 +380,88 @@ issuer_key_file = "{ca_key}"
 
 
 @contextmanager
-def _fleet(m: EnrollingManager) -> Iterator[fleet_pb2_grpc.FleetServiceStub]:
+def _fleet(m: RealManager) -> Iterator[fleet_pb2_grpc.FleetServiceStub]:
     with grpc.secure_channel(
         m.address,
         channel_credentials(m.operator),
         options=channel_options(f"manager.{m.trust_domain}"),
     ) as channel:
         yield fleet_pb2_grpc.FleetServiceStub(channel)
+
+
+@contextmanager
+def _installed_daemon(ns: Netns, host: Path, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """The installed daemon, started from its wrapper inside the namespace (no systemd there),
+    its state, sockets and logs under `host` instead of /var and /run."""
+    var = host / "var"
+    daemon = ns.popen(
+        [host / "bin" / "fleet-daemon", "--config", host / "etc" / "daemon.toml"],
+        cwd=host,
+        log=log,
+        env={
+            "FLEET_DAEMON_STATE_DIR": f"{var}/lib",
+            "FLEET_DAEMON_RUN_DIR": f"{var}/run",
+            "FLEET_DAEMON_LOG_DIR": f"{var}/log",
+            "FLEET_DAEMON_METRICS_LISTEN": "",
+        },
+    )
+    try:
+        yield daemon
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        try:
+            daemon.wait(30)
+        except subprocess.TimeoutExpired:
+            daemon.kill()
+            daemon.wait()
+
+
+def _wait_online(
+    m: RealManager, node_id: str, daemon: subprocess.Popen[bytes], log: Path
+) -> fleet_pb2.Node:
+    deadline = time.monotonic() + 60
+    with _fleet(m) as fleet:
+        while True:
+            assert daemon.poll() is None, log.read_text()
+            nodes = fleet.ListNodes(fleet_pb2.FleetServiceListNodesRequest(), timeout=10).nodes
+            for node in nodes:
+                if node.node_id == node_id and node.status == common_pb2.NODE_STATUS_ONLINE:
+                    return node
+            assert time.monotonic() < deadline, f"{node_id} not online: {nodes}\n{log.read_text()}"
+            time.sleep(0.5)
+
+
+def test_installed_daemon_comes_online_through_the_namespaces_one_link(
+    ns: Netns, tarball: Path, tmp_path: Path, pki: Any
+) -> None:
+    """The daemon from the zipapp, run by its wrapper with the system Python inside the
+    namespace, reaches a real manager on the peer address and is ONLINE with its labels
+    (certificates minted here; enrollment is the next test)."""
+    host = _fresh_host(tarball, tmp_path / "host")
+    top = _unpack_inside(ns, tarball, host)
+    done = ns.run([top / "install.sh", *_where(host), "--no-enroll", "--no-start"], cwd=host)
+    assert done.returncode == 0, done.stderr
+    with _manager(pki, ns.host_ip, tmp_path / "manager", enroll=False) as m:
+        tls = pki.issue("node", "dist-0")
+        (host / "etc").mkdir()
+        (host / "etc" / "daemon.toml").write_text(
+            f"""
+listen = ""
+[labels]
+env = "dist"
+[tls]
+ca_file = "{tls.ca_file}"
+cert_file = "{tls.cert_file}"
+key_file = "{tls.key_file}"
+[manager]
+addresses = ["{m.address}"]
+"""
+        )
+        log = tmp_path / "daemon.log"
+        with _installed_daemon(ns, host, log) as daemon:
+            node = _wait_online(m, "dist-0", daemon, log)
+        assert node.labels["env"] == "dist"
+        assert daemon.returncode == 0, log.read_text()
 
 
 @pytest.mark.xfail(strict=False, reason="needs i16-manager and i16-daemon")
@@ -395,7 +472,7 @@ def test_installed_host_enrolls_and_comes_online_with_the_token_labels(
     installed daemon, started from its wrapper, comes online with the token's labels."""
     host = _fresh_host(tarball, tmp_path / "host")
     top = _unpack_inside(ns, tarball, host)
-    with _enrolling_manager(pki, ns.host_ip, tmp_path / "manager") as m:
+    with _manager(pki, ns.host_ip, tmp_path / "manager", enroll=True) as m:
         with _fleet(m) as fleet:
             made = fleet.CreateJoinToken(
                 fleet_pb2.FleetServiceCreateJoinTokenRequest(
@@ -413,41 +490,7 @@ def test_installed_host_enrolls_and_comes_online_with_the_token_labels(
         key_files = [p for p in (host / "etc" / "tls").iterdir() if "key" in p.name]
         assert key_files
         assert all(p.stat().st_mode & 0o077 == 0 for p in key_files)
-
-        var = host / "var"
-        daemon = ns.popen(
-            [host / "bin" / "fleet-daemon", "--config", host / "etc" / "daemon.toml"],
-            cwd=host,
-            log=tmp_path / "daemon.log",
-            env={
-                "FLEET_DAEMON_STATE_DIR": f"{var}/lib",
-                "FLEET_DAEMON_RUN_DIR": f"{var}/run",
-                "FLEET_DAEMON_LOG_DIR": f"{var}/log",
-                "FLEET_DAEMON_METRICS_LISTEN": "",
-            },
-        )
-        try:
-            node = _wait_online(m, "dist-1", daemon, tmp_path / "daemon.log")
+        log = tmp_path / "daemon.log"
+        with _installed_daemon(ns, host, log) as daemon:
+            node = _wait_online(m, "dist-1", daemon, log)
             assert {"env": "dist", "site": "netns"}.items() <= dict(node.labels).items()
-        finally:
-            daemon.send_signal(signal.SIGTERM)
-            try:
-                daemon.wait(30)
-            except subprocess.TimeoutExpired:
-                daemon.kill()
-                daemon.wait()
-
-
-def _wait_online(
-    m: EnrollingManager, node_id: str, daemon: subprocess.Popen[bytes], log: Path
-) -> fleet_pb2.Node:
-    deadline = time.monotonic() + 60
-    with _fleet(m) as fleet:
-        while True:
-            assert daemon.poll() is None, log.read_text()
-            nodes = fleet.ListNodes(fleet_pb2.FleetServiceListNodesRequest(), timeout=10).nodes
-            for node in nodes:
-                if node.node_id == node_id and node.status == common_pb2.NODE_STATUS_ONLINE:
-                    return node
-            assert time.monotonic() < deadline, f"{node_id} not online: {nodes}\n{log.read_text()}"
-            time.sleep(0.5)
