@@ -13,7 +13,7 @@ PROTOS := $(wildcard protos/fleet/v1/*.proto)
 FLEET_TEST_POSTGRES_URL ?= postgresql+asyncpg://postgres@127.0.0.1:5432/test
 export FLEET_TEST_POSTGRES_URL
 
-.PHONY: help setup lock test soak lint proto proto-check proto-breaking fmt demo clean
+.PHONY: help setup lock test test-dist dist soak lint proto proto-check proto-breaking fmt demo clean
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -41,21 +41,38 @@ setup: $(VENV)/.installed node_modules/.installed  ## create .venv and install F
 # dependencies are added, the other pins stay. `make lock UPGRADE=grpcio`
 # also moves grpcio (and what it needs) to the newest release;
 # `make lock UPGRADE=all` moves everything.
-lock: setup  ## update requirements.lock from pyproject.toml (UPGRADE=pkg|all to move pins)
+# requirements-runtime.lock is the subset `make dist` packs: pyproject's
+# runtime dependencies only, constrained to the pins of requirements.lock so
+# the artifact runs exactly what the tests passed with.
+lock: setup  ## update requirements.lock and requirements-runtime.lock from pyproject.toml (UPGRADE=pkg|all)
 	$(VENV)/bin/uv pip compile pyproject.toml --extra dev --universal --python-version 3.11 \
 	    --generate-hashes --quiet -o requirements.lock \
 	    $(if $(filter all,$(UPGRADE)),--upgrade,$(addprefix --upgrade-package ,$(UPGRADE)))
+	$(VENV)/bin/uv pip compile pyproject.toml --universal --python-version 3.11 \
+	    --generate-hashes --quiet -c requirements.lock -o requirements-runtime.lock
 
 demo: setup  ## run a manager and two daemons with example agents, and a fleetctl tour (Ctrl-C stops)
 	scripts/demo.sh
 
-test: setup  ## run the whole test suite
-	$(PY) -m pytest -n 2 --dist loadfile --durations=25
+test: setup  ## run the whole test suite (but tests/dist: make test-dist)
+	$(PY) -m pytest -n 2 --dist loadfile --durations=25 --ignore=tests/dist
+
+# The artifact hosts install (docs/install.md): the wheel, a zipapp with every
+# runtime dependency for this Python and architecture, install.sh, a tarball.
+# Downloads the pinned wheels, so it is not part of `make test`.
+dist: setup  ## build dist/: wheel, self-contained zipapp, install.sh, tarball for hosts
+	packaging/build-dist.sh $(PY)
+
+# Installs the tarball in a network namespace that reaches only a manager
+# (root and `ip netns`; skipped without them, failed under CI=true).
+test-dist: dist  ## build the artifact, then install and enroll it offline in a network namespace
+	FLEET_DIST_TARBALL="$$(ls $(CURDIR)/dist/fleet-*.tar.gz)" $(PY) -m pytest tests/dist
 
 soak: setup  ## long fault runs: manager kill -9 under 1,000 simulated daemons + every fault test
 	FLEET_FAULT_NODES=1000 $(PY) -m pytest tests/faults -s --timeout 900
 
-lint: setup proto-check  ## ruff, mypy, buf lint/format, generated-code freshness
+lint: setup proto-check  ## ruff, mypy, buf lint/format, shellcheck, generated-code freshness
+	$(VENV)/bin/shellcheck packaging/*.sh
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/mypy
@@ -78,5 +95,5 @@ proto-check: proto  ## fail if the committed generated code is stale
 proto-breaking: setup  ## buf breaking-change check of protos/ against the main branch
 	cd protos && ../$(BUF) breaking --against '../.git#branch=main,subdir=protos'
 
-clean:  ## remove the venv, node_modules and caches
-	rm -rf $(VENV) node_modules .mypy_cache .ruff_cache .pytest_cache .hypothesis
+clean:  ## remove the venv, node_modules, caches and build outputs
+	rm -rf $(VENV) node_modules .mypy_cache .ruff_cache .pytest_cache .hypothesis build dist

@@ -18,11 +18,11 @@ ROOT = Path(__file__).resolve().parents[2]
 _PIN = re.compile(r"^([A-Za-z0-9_.\-]+)==([^\s;\\]+)")
 
 
-def locked() -> dict[str, tuple[str, int]]:
-    """name -> (version, number of hashes) from requirements.lock."""
+def locked(lock: str = "requirements.lock") -> dict[str, tuple[str, int]]:
+    """name -> (version, number of hashes) from a lock file."""
     out: dict[str, tuple[str, int]] = {}
     name = ""
-    for line in (ROOT / "requirements.lock").read_text().splitlines():
+    for line in (ROOT / lock).read_text().splitlines():
         match = _PIN.match(line)
         if match:
             name = canonicalize_name(match.group(1))
@@ -33,9 +33,9 @@ def locked() -> dict[str, tuple[str, int]]:
     return out
 
 
-def wanted() -> list[Requirement]:
+def wanted(*, dev: bool = True) -> list[Requirement]:
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
-    specs = [*project["dependencies"], *project["optional-dependencies"]["dev"]]
+    specs = [*project["dependencies"], *(project["optional-dependencies"]["dev"] if dev else [])]
     return [Requirement(spec) for spec in specs]
 
 
@@ -61,3 +61,19 @@ def test_every_locked_package_has_hashes() -> None:
     pins = locked()
     assert len(pins) > 30
     assert [name for name, (_, hashes) in pins.items() if hashes == 0] == []
+
+
+def test_runtime_lock_is_the_runtime_part_of_the_lock() -> None:
+    """requirements-runtime.lock (what `make dist` packs) pins every runtime dependency with
+    hashes, at exactly the versions of requirements.lock, and no development tool."""
+    full, runtime = locked(), locked("requirements-runtime.lock")
+    missing = [r.name for r in wanted(dev=False) if canonicalize_name(r.name) not in runtime]
+    assert missing == [], "run `make lock`"
+    assert {name: version for name, (version, _) in runtime.items()} == {
+        name: full[name][0] for name in runtime
+    }
+    assert [name for name, (_, hashes) in runtime.items() if hashes == 0] == []
+    dev_only = {canonicalize_name(r.name) for r in wanted()} - {
+        canonicalize_name(r.name) for r in wanted(dev=False)
+    }
+    assert sorted(dev_only & runtime.keys()) == []
