@@ -9,6 +9,7 @@ deleting a node online (with force) ends them too.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
@@ -29,6 +30,9 @@ NOT_ENABLED = (
     " in its config"
 )
 """FAILED_PRECONDITION for CreateJoinToken where no host could enroll."""
+
+TOKEN_ID = re.compile(r"[a-z0-9]{8}")
+"""What a token id looks like (fleet.enroll.new_token)."""
 
 MAX_REASON = 1024
 """Longest revocation reason (characters)."""
@@ -128,8 +132,8 @@ class EnrollmentAdmin:
 
     async def revoke_token(self, token_id: str, *, actor: str) -> JoinTokenRecord:
         """Revoke a token; idempotent; NotFound for an unknown id."""
-        if not token_id:
-            raise NotFound("join token '' does not exist (give its id)")
+        if not TOKEN_ID.fullmatch(token_id):  # nothing else can exist: no need to ask
+            raise NotFound(f"join token {token_id[:64]!r} does not exist")
         return await self._repo.revoke_token(token_id, actor=actor, now_ms=self._now_ms())
 
     async def delete_node(self, node_id: str, *, force: bool, actor: str) -> NodeRecord:
