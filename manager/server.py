@@ -60,6 +60,7 @@ from manager.service.metrics import MetricsService
 from manager.service.registry import NodeRegistry
 from manager.service.reports import DaemonReports
 from manager.service.rollout_control import RolloutControl
+from manager.service.self_renewal import SelfRenewal
 from manager.service.sweeper import ArtifactJanitor, JobJanitor, MetricsLifecycle, Sweeper
 from manager.servicers.control import ControlChannel
 from manager.servicers.enrollment import EnrollmentServicer
@@ -213,6 +214,7 @@ class ManagerServer:
     deny_list: DenyList
     certificates: Certificates
     enrollment: EnrollmentAdmin
+    self_renewal: SelfRenewal
 
     async def start(self) -> None:
         """Start everything; on failure, what was started is stopped again."""
@@ -448,6 +450,10 @@ class ManagerServer:
             clock=self._clock,
             on_change=self._nodes_changed,
         )
+        if issuer is not None:  # renews the manager's own certificate if the issuer made it
+            self.self_renewal = SelfRenewal(tls, issuer)
+            self.self_renewal.start()
+            self._stack.push_async_callback(self.self_renewal.stop)
         servicer = ManagerServicer(
             self.registry,
             self.metric_service,

@@ -8,6 +8,9 @@ a daemon would.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import datetime as dt
+import subprocess
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -20,6 +23,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from daemon_helpers import eventually
 from enroll_helpers import (
     csr,
     enroll_request,
@@ -33,8 +37,10 @@ from fleet_harness import operator_stub
 from grpc import aio
 from manager_harness import FakeClock, manager_config, registration, rpc_error, running_manager
 
+from fleet.pki import CertificateAuthority, write_file_atomic
 from fleet.tls import TLSConfig
 from fleet.v1 import common_pb2, fleet_pb2, manager_pb2, manager_pb2_grpc
+from manager.config import TLSFiles
 from manager.server import ManagerServer
 from manager.storage.enrollment import EnrollmentRepository
 
@@ -284,3 +290,70 @@ async def test_deleting_a_node(pki: Any, tmp_path: Path) -> None:
             assert reply.message == "registered"
         err = await rpc_error(op.DeleteNode(fleet_pb2.FleetServiceDeleteNodeRequest(node_id="zz")))
         assert err.code() == grpc.StatusCode.NOT_FOUND
+
+
+async def test_the_manager_renews_its_own_certificate_from_the_issuer(
+    pki: Any, tmp_path: Path
+) -> None:
+    """A manager certificate the issuer signed, two thirds through its life, is replaced
+    with a new key and the same identity, names and lifetime, and served from the next
+    handshake."""
+    settings = enroll_settings(pki.ca, tmp_path / "issuer")
+    root = tmp_path / "root.pem"
+    write_file_atomic(root, pki.ca.cert_pem, mode=0o644)
+    issuer = CertificateAuthority.load(
+        settings["issuer_cert_file"], settings["issuer_key_file"], root_path=root
+    )
+    now = dt.datetime.now(dt.UTC)
+    old = issuer.issue(
+        "manager",
+        "m1",
+        hostnames=["localhost"],
+        ips=["127.0.0.1"],
+        not_before=now - dt.timedelta(hours=2),
+        not_after=now + dt.timedelta(minutes=30),
+    )
+    tls = old.write(tmp_path / "m1")
+    write_file_atomic(tls.ca_file, pki.ca.cert_pem, mode=0o644)  # peers trust the root
+    config = manager_config(pki, f"sqlite+aiosqlite:///{tmp_path / 'm.db'}", tmp_path / "s")
+    config = dataclasses.replace(
+        config,
+        enroll=dataclasses.replace(config.enroll, **{k: settings[k] for k in ISSUER}),
+        tls=TLSFiles(ca_file=tls.ca_file, cert_file=tls.cert_file, key_file=tls.key_file),
+    )
+    async with running_manager(config, FakeClock()) as manager:
+
+        async def current() -> bytes:
+            return tls.cert_file.read_bytes()
+
+        await eventually(current, lambda pem: pem != old.cert_pem, within=10)
+        tls.validate()
+        new = x509.load_pem_x509_certificates(tls.cert_file.read_bytes())
+        before = old.certificate
+        assert new[0].serial_number != before.serial_number
+        assert new[0].public_key() != before.public_key()
+        assert len(new) == 2, "leaf, then the issuing intermediate"
+        lifetime = new[0].not_valid_after_utc - new[0].not_valid_before_utc
+        assert lifetime == before.not_valid_after_utc - before.not_valid_before_utc
+        names = x509.SubjectAlternativeName
+        assert new[0].extensions.get_extension_for_class(names).value == (
+            before.extensions.get_extension_for_class(names).value
+        )
+        (gauge,) = manager.metrics.certificate_expiry.collect()
+        assert gauge.samples[0].value == new[0].not_valid_after_utc.timestamp()
+        served = await asyncio.to_thread(_served_leaf, manager.port, pki.issue("operator", "o"))
+        assert served.serial_number == new[0].serial_number
+        assert not await manager.self_renewal.run_once(), "not due again"
+
+
+ISSUER = ("issuer_cert_file", "issuer_key_file")
+
+
+def _served_leaf(port: int, client: TLSConfig) -> x509.Certificate:
+    """The certificate the server presents to a new handshake (openssl s_client)."""
+    out = subprocess.run(
+        ["openssl", "s_client", "-connect", f"127.0.0.1:{port}", "-cert", str(client.cert_file),
+         "-key", str(client.key_file), "-servername", f"manager.{TD}"],
+        input=b"", capture_output=True, timeout=30, check=False,
+    )  # fmt: skip
+    return x509.load_pem_x509_certificate(out.stdout)

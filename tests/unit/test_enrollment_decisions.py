@@ -21,6 +21,7 @@ from manager.service.enrollment import (
     token_problem,
     token_state,
 )
+from manager.service.self_renewal import renewal_due
 
 NOW = 1_800_000_000_123
 USABLE = TokenFacts(expires_ms=NOW + 1000, uses_left=1, revoked_ms=0)
@@ -189,3 +190,10 @@ def test_limiter_forgets_refilled_callers_when_full() -> None:
     limiter.admit("b", 0.0)
     assert limiter.admit("c", 100.0) == 0.0
     assert set(limiter._callers) == {"c"}
+
+
+def test_the_manager_renews_its_certificate_at_two_thirds() -> None:
+    """Due from two thirds of the lifetime on."""
+    assert not renewal_due(0.0, 300.0, 199.9)
+    assert renewal_due(0.0, 300.0, 200.0)
+    assert renewal_due(0.0, 300.0, 400.0)
