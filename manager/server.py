@@ -74,6 +74,7 @@ from manager.storage.desired import DesiredStateRepository
 from manager.storage.enrollment import EnrollmentRepository
 from manager.storage.jobs import JobRepository
 from manager.storage.metrics import MetricStore
+from manager.storage.removal import RemovalRepository
 from manager.storage.writer import MetricWriter
 
 __all__ = ["SERVICE_NAME", "ManagerServer", "open_database"]
@@ -420,14 +421,15 @@ class ManagerServer:
         self.agent_states = AgentStates(self.registry, desired, clock=self._clock, on_change=poke)
         self._stack.push_async_callback(self.agent_states.stop)
         # Enrollment: the deny list (every replica), certificates, tokens and node removal.
-        enroll_repo = EnrollmentRepository(self.db)
-        self.deny_list = DenyList(enroll_repo.revocations, on_revoked=self._revoked_elsewhere)
+        enroll_repo, removals = EnrollmentRepository(self.db), RemovalRepository(self.db)
+        self.deny_list = DenyList(removals.revocations, on_revoked=self._revoked_elsewhere)
         await self.deny_list.load()
         self.deny_list.start()
         self._stack.push_async_callback(self.deny_list.stop)
         e = cfg.enroll
         self.certificates = Certificates(
             enroll_repo,
+            removals,
             self.nodes,
             self.deny_list,
             issuer,
@@ -440,6 +442,7 @@ class ManagerServer:
         )
         self.enrollment = EnrollmentAdmin(
             enroll_repo,
+            removals,
             self.deny_list,
             root_pem=tls.ca_file.read_bytes(),
             enroll_address=self._enroll_address,

@@ -51,6 +51,7 @@ from manager.storage.enrollment import (
     NodeExists,
     TokenSpent,
 )
+from manager.storage.removal import RemovalRepository
 
 __all__ = ["NO_ISSUER", "Certificates", "Issued"]
 
@@ -99,6 +100,7 @@ class Certificates:
     def __init__(
         self,
         repo: EnrollmentRepository,
+        removals: RemovalRepository,
         nodes: NodeRepository,
         deny: DenyList,
         issuer: CertificateAuthority | None,
@@ -112,6 +114,7 @@ class Certificates:
         on_renew: Callable[[str], None] = lambda _outcome: None,
     ) -> None:
         self._repo = repo
+        self._removals = removals
         self._nodes = nodes
         self._deny = deny
         self._issuer = issuer
@@ -162,7 +165,7 @@ class Certificates:
         if problem is not None or stored is None:
             await self._refused(peer, parts.id, node_name, f"token {problem}", now_ms)
             raise _TokenRefused(problem or "unknown")
-        revocation = await self._repo.revocation(node_name)
+        revocation = await self._removals.revocation(node_name)
         exists = await self._nodes.get(node_name) is not None
         try:
             check_scope(

@@ -21,6 +21,7 @@ from manager.service.deny_list import DenyList
 from manager.service.enrollment import check_token_request, revocation_cutoff
 from manager.storage import NodeRecord
 from manager.storage.enrollment import EnrollmentRepository, JoinTokenRecord
+from manager.storage.removal import RemovalRepository
 
 __all__ = ["NOT_ENABLED", "CreatedToken", "EnrollmentAdmin"]
 
@@ -58,6 +59,7 @@ class EnrollmentAdmin:
     def __init__(
         self,
         repo: EnrollmentRepository,
+        removals: RemovalRepository,
         deny: DenyList,
         *,
         root_pem: bytes,
@@ -70,6 +72,7 @@ class EnrollmentAdmin:
         on_change: Callable[[], None] = lambda: None,
     ) -> None:
         self._repo = repo
+        self._removals = removals
         self._deny = deny
         self._root_pem = root_pem
         self._enroll_address = enroll_address
@@ -137,10 +140,10 @@ class EnrollmentAdmin:
         return await self._repo.revoke_token(token_id, actor=actor, now_ms=self._now_ms())
 
     async def delete_node(self, node_id: str, *, force: bool, actor: str) -> NodeRecord:
-        """Delete a node's record (see `EnrollmentRepository.delete_node`); with force, an
+        """Delete a node's record (see `RemovalRepository.delete_node`); with force, an
         online node's stream and channel are closed too."""
         validate_node_id(node_id)
-        deleted = await self._repo.delete_node(
+        deleted = await self._removals.delete_node(
             node_id, force=force, actor=actor, now_ms=self._now_ms()
         )
         self._forget(node_id)
@@ -158,7 +161,7 @@ class EnrollmentAdmin:
             raise InvalidArgument(f"at most {MAX_REASON} characters, without NUL", field="reason")
         now_ms = self._now_ms()
         cutoff = revocation_cutoff(now_ms)
-        _, went_offline = await self._repo.revoke_node(
+        _, went_offline = await self._removals.revoke_node(
             node_id, cutoff_ms=cutoff, now_ms=now_ms, actor=actor, reason=reason
         )
         self._deny.add(node_id, cutoff)
@@ -169,4 +172,4 @@ class EnrollmentAdmin:
 
     async def still_revoked(self) -> dict[str, int]:
         """node -> revoke time, for revoked nodes not enrolled again since."""
-        return await self._repo.still_revoked()
+        return await self._removals.still_revoked()

@@ -46,8 +46,8 @@ from manager.storage import (
     NodeRepository,
 )
 from manager.storage.desired import DesiredStateRepository
-from manager.storage.enrollment import EnrollmentRepository
 from manager.storage.operation_log import OperationLog
+from manager.storage.removal import RemovalRepository
 from manager.storage.sqlhelp import chunks
 from manager.storage.targets import TargetRepository
 
@@ -547,7 +547,7 @@ def build_fleet_servicer(
         DesiredStateRepository(db),
         clock=clock,
         on_labels_changed=on_labels_changed,
-        revoked=EnrollmentRepository(db).still_revoked,
+        revoked=RemovalRepository(db).still_revoked,
     )
     return FleetServicer(
         queries,

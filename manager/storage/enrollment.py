@@ -1,4 +1,4 @@
-"""Enrollment's tables: join tokens, issued node certificates, the deny list; node removal.
+"""Enrollment's tables: join tokens and the certificates issued to nodes.
 
 `issue` is the one transaction that spends a token: it re-checks the token
 and decrements its uses with a conditional UPDATE (two concurrent
@@ -9,7 +9,8 @@ operator change writes its audit entry and OPERATION event in its own
 transaction (atomically with the change), as `OperationLog` does.
 
 Rows made by enrollment for a new node are offline with registered and
-last-seen 0 and empty host fields, until its daemon registers.
+last-seen 0 and empty host fields, until its daemon registers. The deny list
+and deleting nodes are `manager.storage.removal`'s.
 """
 
 from __future__ import annotations
@@ -19,15 +20,14 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import delete, exists, insert, select, update
+from sqlalchemy import exists, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from fleet.errors import FailedPrecondition, NotFound, Resource
-from manager.storage.audit import insert_audit
+from fleet.errors import NotFound
 from manager.storage.db import Database
 from manager.storage.events import dump_map, event_row, insert_events, load_map
-from manager.storage.nodes import effective_labels, labels_event
-from manager.storage.records import NodeRecord
+from manager.storage.nodes import effective_labels, labels_event, node_from_row
+from manager.storage.operation_log import insert_operation
 from manager.storage.schema import join_tokens, node_certificates, node_revocations, nodes
 from manager.storage.sqlhelp import chunks, dialect_insert
 
@@ -36,7 +36,6 @@ __all__ = [
     "IssuedCertificate",
     "JoinTokenRecord",
     "NodeExists",
-    "RevocationRecord",
     "TokenSpent",
 ]
 
@@ -91,22 +90,6 @@ class IssuedCertificate:
     """Its notAfter."""
 
 
-@dataclass(frozen=True)
-class RevocationRecord:
-    """A node's entry on the deny list."""
-
-    node_id: str
-    """The node name."""
-    not_before_ms: int
-    """Its certificates starting before this are refused."""
-    revoked_ms: int
-    """When it was revoked."""
-    revoked_by: str
-    """Who revoked it."""
-    reason: str
-    """Why."""
-
-
 class TokenSpent(Exception):
     """The token was used up, revoked or expired by the time `issue` ran (a lost race)."""
 
@@ -133,62 +116,8 @@ def _token(row: Any, enrolled: tuple[str, ...] = ()) -> JoinTokenRecord:
     )
 
 
-def _node(row: Any) -> NodeRecord:
-    return NodeRecord(
-        node_id=row.node_id,
-        hostname=row.hostname,
-        ip=row.ip,
-        os=row.os,
-        arch=row.arch,
-        labels=load_map(row.labels),
-        daemon_version=row.daemon_version,
-        agent_version=row.agent_version,
-        daemon_address=row.daemon_address,
-        status=row.status,
-        last_seen_ms=row.last_seen_ms,
-        registered_at_ms=row.registered_at_ms,
-        daemon_labels=load_map(row.daemon_labels),
-        operator_labels=load_map(row.operator_labels),
-        jobs_disabled=bool(row.jobs_disabled),
-        cert_not_after_ms=row.cert_not_after_ms,
-    )
-
-
-async def _audited(
-    conn: AsyncConnection,
-    *,
-    actor: str,
-    action: str,
-    target: str,
-    detail: Mapping[str, str],
-    message: str,
-    now_ms: int,
-    node_id: str = "",
-) -> None:
-    """The audit entry and its OPERATION event (as OperationRecorder writes them); call last."""
-    audit_id = await insert_audit(
-        conn, actor=actor, action=action, target=target, detail=detail, outcome="ok", now_ms=now_ms
-    )
-    attributes = {
-        "operation_id": str(audit_id),
-        **detail,
-        "audit_id": str(audit_id),
-        "action": action,
-        "outcome": "ok",
-    }
-    event = event_row(
-        "OPERATION",
-        now_ms=now_ms,
-        node_id=node_id,
-        actor=actor,
-        message=message,
-        attributes=attributes,
-    )
-    await insert_events(conn, [event])
-
-
 class EnrollmentRepository:
-    """Join tokens, node certificates, revocations, and deleting nodes."""
+    """Join tokens and node certificates."""
 
     def __init__(self, db: Database) -> None:
         self._db = db
@@ -210,7 +139,7 @@ class EnrollmentRepository:
                 if token.name_prefix
                 else "any new name"
             )
-            await _audited(
+            await insert_operation(
                 conn,
                 actor=token.created_by,
                 action="token.created",
@@ -293,7 +222,7 @@ class EnrollmentRepository:
             await conn.execute(
                 update(join_tokens).where(join_tokens.c.id == token_id).values(revoked_ms=now_ms)
             )
-            await _audited(
+            await insert_operation(
                 conn,
                 actor=actor,
                 action="token.revoked",
@@ -366,7 +295,7 @@ class EnrollmentRepository:
                         raise NodeExists(cert.node_id)
                     row = await self._lock_node(conn, cert.node_id)
             if row is not None:
-                old = _node(row)
+                old = node_from_row(row)
                 operator = {**old.operator_labels, **labels}
                 effective = effective_labels(old.daemon_labels, operator)
                 await conn.execute(
@@ -388,7 +317,7 @@ class EnrollmentRepository:
             await self._insert_cert(conn, cert)
             if events:
                 await insert_events(conn, events)
-            await _audited(
+            await insert_operation(
                 conn,
                 actor=actor,
                 action="node.enrolled",
@@ -446,7 +375,7 @@ class EnrollmentRepository:
             )
             await self._insert_cert(conn, cert)
             actor = f"node/{cert.node_id}"
-            await _audited(
+            await insert_operation(
                 conn,
                 actor=actor,
                 action="node.cert_renewed",
@@ -483,151 +412,6 @@ class EnrollmentRepository:
             return [IssuedCertificate(**r._mapping) for r in rows]
 
         return await self._db.run(body, write=False)
-
-    # --- the deny list ------------------------------------------------------------------
-
-    async def revoke_node(
-        self, node_id: str, *, cutoff_ms: int, now_ms: int, actor: str, reason: str
-    ) -> tuple[NodeRecord | None, bool]:
-        """Put `node_id` on the deny list (replacing an earlier entry), audited (`node.revoked`).
-
-        An online node is marked offline (NODE_OFFLINE). Returns the node as it
-        was (None if it has no record) and whether it went offline here.
-        """
-
-        async def body(conn: AsyncConnection) -> tuple[NodeRecord | None, bool]:
-            row = await self._lock_node(conn, node_id)
-            stmt = dialect_insert(self._db.dialect, node_revocations)
-            values = {
-                "node_id": node_id,
-                "not_before_ms": cutoff_ms,
-                "revoked_ms": now_ms,
-                "revoked_by": actor,
-                "reason": reason,
-            }
-            await conn.execute(
-                stmt.on_conflict_do_update(
-                    index_elements=[node_revocations.c.node_id],
-                    set_={k: v for k, v in values.items() if k != "node_id"},
-                ),
-                [values],
-            )
-            went_offline = row is not None and row.status == "online"
-            events = []
-            if went_offline:
-                await conn.execute(
-                    update(nodes).where(nodes.c.node_id == node_id).values(status="offline")
-                )
-                events.append(
-                    event_row(
-                        "NODE_OFFLINE",
-                        now_ms=now_ms,
-                        node_id=node_id,
-                        actor=actor,
-                        message=f"node {node_id} was revoked",
-                    )
-                )
-            if events:
-                await insert_events(conn, events)
-            await _audited(
-                conn,
-                actor=actor,
-                action="node.revoked",
-                target=f"node/{node_id}",
-                detail={
-                    "node_id": node_id,
-                    "not_before_ms": str(cutoff_ms),
-                    "reason": reason,
-                    "known": "true" if row is not None else "false",
-                },
-                message=f"{actor} revoked node {node_id}"
-                + (f": {reason}" if reason else "")
-                + ("" if row is not None else " (it has no node record)"),
-                now_ms=now_ms,
-                node_id=node_id,
-            )
-            return (_node(row) if row is not None else None), went_offline
-
-        return await self._db.run(body)
-
-    async def revocations(self) -> dict[str, int]:
-        """The whole deny list: node -> cutoff (epoch ms)."""
-
-        async def body(conn: AsyncConnection) -> dict[str, int]:
-            rows = await conn.execute(
-                select(node_revocations.c.node_id, node_revocations.c.not_before_ms)
-            )
-            return {r.node_id: r.not_before_ms for r in rows}
-
-        return await self._db.run(body, write=False)
-
-    async def revocation(self, node_id: str) -> RevocationRecord | None:
-        """`node_id`'s deny-list entry, or None."""
-
-        async def body(conn: AsyncConnection) -> RevocationRecord | None:
-            row = (
-                await conn.execute(
-                    select(node_revocations).where(node_revocations.c.node_id == node_id)
-                )
-            ).first()
-            return RevocationRecord(**row._mapping) if row is not None else None
-
-        return await self._db.run(body, write=False)
-
-    async def still_revoked(self) -> dict[str, int]:
-        """node -> when it was revoked, for revoked nodes issued no certificate since."""
-        newer = exists().where(
-            node_certificates.c.node_id == node_revocations.c.node_id,
-            node_certificates.c.not_before_ms >= node_revocations.c.not_before_ms,
-        )
-
-        async def body(conn: AsyncConnection) -> dict[str, int]:
-            rows = await conn.execute(
-                select(node_revocations.c.node_id, node_revocations.c.revoked_ms).where(~newer)
-            )
-            return {r.node_id: r.revoked_ms for r in rows}
-
-        return await self._db.run(body, write=False)
-
-    # --- removal ------------------------------------------------------------------------
-
-    async def delete_node(
-        self, node_id: str, *, force: bool, actor: str, now_ms: int
-    ) -> NodeRecord:
-        """Delete the node's row; its agent states, assignments and desired state go with it
-        (ON DELETE CASCADE). Events, audit, jobs, certificates and revocations stay.
-
-        NotFound for an unknown node; FailedPrecondition while it is online
-        unless `force`. Audited (`node.deleted`). Returns the deleted record.
-        """
-
-        async def body(conn: AsyncConnection) -> NodeRecord:
-            row = await self._lock_node(conn, node_id)
-            if row is None:
-                raise NotFound(
-                    f"node {node_id!r} is not registered", resource=Resource("node", node_id)
-                )
-            if row.status == "online" and not force:
-                raise FailedPrecondition(
-                    f"node {node_id} is online; stop its daemon first, or delete it anyway"
-                    " with force (its daemon registers again on its next call unless the"
-                    " node is revoked)"
-                )
-            await conn.execute(delete(nodes).where(nodes.c.node_id == node_id))
-            await _audited(
-                conn,
-                actor=actor,
-                action="node.deleted",
-                target=f"node/{node_id}",
-                detail={"node_id": node_id, "force": "true" if force else "false",
-                        "status": row.status, "labels": row.labels},
-                message=f"{actor} deleted node {node_id} (it was {row.status})",
-                now_ms=now_ms,
-                node_id=node_id,
-            )  # fmt: skip
-            return _node(row)
-
-        return await self._db.run(body)
 
 
 def _enrolled_row(cert: IssuedCertificate, labels: Mapping[str, str]) -> dict[str, Any]:

@@ -17,7 +17,7 @@ from manager.storage.records import NodeRecord
 from manager.storage.schema import nodes
 from manager.storage.sqlhelp import chunks, dialect_insert
 
-__all__ = ["NodeRepository", "effective_labels", "labels_event"]
+__all__ = ["NodeRepository", "effective_labels", "labels_event", "node_from_row"]
 
 _FIELDS = (
     "hostname",
@@ -116,7 +116,8 @@ def _update_row(node: NodeRecord, now_ms: int, labels: Mapping[str, str]) -> dic
     }
 
 
-def _record(row: Any) -> NodeRecord:
+def node_from_row(row: Any) -> NodeRecord:
+    """A nodes-table row as its record."""
     return NodeRecord(
         node_id=row.node_id,
         hostname=row.hostname,
@@ -255,7 +256,7 @@ class NodeRepository:
 
         async def body(conn: AsyncConnection) -> NodeRecord | None:
             row = (await conn.execute(select(nodes).where(nodes.c.node_id == node_id))).first()
-            return _record(row) if row is not None else None
+            return node_from_row(row) if row is not None else None
 
         return await self._db.run(body, write=False)
 
@@ -263,7 +264,10 @@ class NodeRepository:
         """Every node, ordered by id."""
 
         async def body(conn: AsyncConnection) -> list[NodeRecord]:
-            return [_record(r) for r in await conn.execute(select(nodes).order_by(nodes.c.node_id))]
+            return [
+                node_from_row(r)
+                for r in await conn.execute(select(nodes).order_by(nodes.c.node_id))
+            ]
 
         return await self._db.run(body, write=False)
 
@@ -424,7 +428,7 @@ class NodeRepository:
                 raise NotFound(
                     f"node {node_id!r} is not registered", resource=Resource("node", node_id)
                 )
-            old = _record(row)
+            old = node_from_row(row)
             operator = {**old.operator_labels, **set_}
             for key in remove:
                 if key in operator:

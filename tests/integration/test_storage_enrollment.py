@@ -1,4 +1,4 @@
-"""EnrollmentRepository against real SQLite and PostgreSQL databases."""
+"""EnrollmentRepository and RemovalRepository against real SQLite and PostgreSQL databases."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from manager.storage.enrollment import (
     NodeExists,
     TokenSpent,
 )
+from manager.storage.removal import RemovalRepository
 from manager.storage.schema import assignments, events, node_desired, operations_audit
 
 NOW = 1_800_000_000_000
@@ -110,9 +111,10 @@ async def test_new_node_only_refuses_existing_and_revoked_names(database: Databa
     """A prefix/any-name token meeting a node record or a revocation: NodeExists, no use
     spent; a node-name token re-enrolls and merges its labels into the operator labels."""
     repo = EnrollmentRepository(database)
+    removals = RemovalRepository(database)
     nodes = NodeRepository(database)
     await nodes.upsert(node_record("n1", labels={"zone": "a"}), now_ms=NOW)
-    await repo.revoke_node("gone", cutoff_ms=NOW, now_ms=NOW, actor="operator/a", reason="")
+    await removals.revoke_node("gone", cutoff_ms=NOW, now_ms=NOW, actor="operator/a", reason="")
     await repo.create_token(token(uses_total=3, uses_left=3))
     for name in ("n1", "gone"):
         with pytest.raises(NodeExists):
@@ -132,32 +134,35 @@ async def test_still_revoked_until_a_certificate_after_the_cutoff(database: Data
     """A revoked node shows as revoked until it is issued a certificate at or after its
     cutoff; the deny list itself keeps the entry."""
     repo = EnrollmentRepository(database)
+    removals = RemovalRepository(database)
     await repo.create_token(token(node_name="n1"))
-    await repo.revoke_node("n1", cutoff_ms=NOW + 1000, now_ms=NOW, actor="operator/a", reason="x")
-    assert await repo.still_revoked() == {"n1": NOW}
-    assert await repo.revocations() == {"n1": NOW + 1000}
+    await removals.revoke_node(
+        "n1", cutoff_ms=NOW + 1000, now_ms=NOW, actor="operator/a", reason="x"
+    )
+    assert await removals.still_revoked() == {"n1": NOW}
+    assert await removals.revocations() == {"n1": NOW + 1000}
     fresh = dataclasses.replace(cert("n1", "s2", at=NOW + 2000), not_before_ms=NOW + 1000)
     await repo.issue(fresh, labels={}, new_node_only=False, peer="ip")
-    assert await repo.still_revoked() == {}
-    assert await repo.revocations() == {"n1": NOW + 1000}
+    assert await removals.still_revoked() == {}
+    assert await removals.revocations() == {"n1": NOW + 1000}
 
 
 async def test_revoke_marks_an_online_node_offline(database: Database) -> None:
     """Revoking an online node marks it offline; the revocation replaces an earlier one."""
-    repo = EnrollmentRepository(database)
+    removals = RemovalRepository(database)
     await NodeRepository(database).upsert(node_record("n1"), now_ms=NOW)
-    node, offline = await repo.revoke_node(
+    node, offline = await removals.revoke_node(
         "n1", cutoff_ms=NOW + 1000, now_ms=NOW, actor="operator/a", reason="stolen"
     )
     assert node is not None
     assert node.status == "online"
     assert offline is True
-    _, offline = await repo.revoke_node(
+    _, offline = await removals.revoke_node(
         "n1", cutoff_ms=NOW + 9000, now_ms=NOW + 8000, actor="operator/b", reason=""
     )
     assert offline is False
-    assert await repo.revocations() == {"n1": NOW + 9000}
-    entry = await repo.revocation("n1")
+    assert await removals.revocations() == {"n1": NOW + 9000}
+    entry = await removals.revocation("n1")
     assert entry is not None
     assert entry.revoked_by == "operator/b"
 
@@ -166,6 +171,7 @@ async def test_delete_removes_the_node_and_what_cascades(database: Database) -> 
     """Deleting removes the row with its agent states, assignments and desired state;
     events, audit and certificates stay. Online needs force; unknown is NotFound."""
     repo = EnrollmentRepository(database)
+    removals = RemovalRepository(database)
     nodes = NodeRepository(database)
     await nodes.upsert(node_record("n1"), now_ms=NOW)
     await AgentStateRepository(database).replace(
@@ -195,8 +201,8 @@ async def test_delete_removes_the_node_and_what_cascades(database: Database) -> 
     await repo.create_token(token(node_name="n1"))
     await repo.issue(cert("n1", "c1"), labels={}, new_node_only=False, peer="ip")
     with pytest.raises(FailedPrecondition, match="n1 is online"):
-        await repo.delete_node("n1", force=False, actor="operator/a", now_ms=NOW)
-    deleted = await repo.delete_node("n1", force=True, actor="operator/a", now_ms=NOW)
+        await removals.delete_node("n1", force=False, actor="operator/a", now_ms=NOW)
+    deleted = await removals.delete_node("n1", force=True, actor="operator/a", now_ms=NOW)
     assert deleted.node_id == "n1"
     assert await nodes.get("n1") is None
     assert await AgentStateRepository(database).list(node_ids=["n1"]) == []
@@ -209,7 +215,7 @@ async def test_delete_removes_the_node_and_what_cascades(database: Database) -> 
     assert "node.deleted" in actions
     assert [c.serial for c in await repo.certificates("n1")] == ["c1"]
     with pytest.raises(NotFound):
-        await repo.delete_node("n1", force=True, actor="operator/a", now_ms=NOW)
+        await removals.delete_node("n1", force=True, actor="operator/a", now_ms=NOW)
 
 
 async def test_revoking_a_token_is_idempotent(database: Database) -> None:
