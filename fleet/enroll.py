@@ -24,11 +24,13 @@ import secrets
 from dataclasses import dataclass
 
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
 from fleet.identity import Identity
+from fleet.pki import common_name
 
 __all__ = [
     "MAX_CSR_BYTES",
@@ -118,7 +120,7 @@ def make_csr(identity: Identity) -> tuple[bytes, bytes]:
     key = ec.generate_private_key(ec.SECP256R1())
     csr = (
         x509.CertificateSigningRequestBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, identity.server_name)]))
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name(identity))]))
         .add_extension(
             x509.SubjectAlternativeName(
                 [
@@ -161,14 +163,24 @@ def check_csr(csr_pem: bytes, *, trust_domain: str, node_name: str) -> CheckedCs
         csr = x509.load_pem_x509_csr(csr_pem)
     except ValueError:
         raise ValueError("the CSR is not a PEM certificate signing request") from None
-    if not csr.is_signature_valid:
+    # Parsed lazily by cryptography: an unknown key or signature algorithm, or a
+    # malformed extension, raises here rather than at load time.
+    try:
+        signature_ok = csr.is_signature_valid
+        key = csr.public_key()
+        extensions = list(csr.extensions)
+    except (UnsupportedAlgorithm, ValueError, x509.DuplicateExtension) as exc:
+        raise ValueError(
+            f"the CSR cannot be read ({type(exc).__name__}): it must be an EC P-256 CSR"
+            " with at most a subjectAltName extension"
+        ) from None
+    if not signature_ok:
         raise ValueError("the CSR's signature does not match its public key")
-    key = csr.public_key()
     if not isinstance(key, ec.EllipticCurvePublicKey) or key.curve.name != "secp256r1":
         raise ValueError("the CSR's key must be EC P-256")
     wanted = Identity("node", node_name, trust_domain)
     sans: list[x509.GeneralName] = []
-    for ext in csr.extensions:
+    for ext in extensions:
         if not isinstance(ext.value, x509.SubjectAlternativeName):
             raise ValueError(  # noqa: TRY004 -- bad input, not a programming error
                 f"the CSR asks for the extension {ext.oid.dotted_string};"

@@ -43,6 +43,7 @@ __all__ = [
     "SignedCertificate",
     "ca_trust_domain",
     "check_trust_domain",
+    "common_name",
     "write_file_atomic",
 ]
 
@@ -74,6 +75,13 @@ def _key_usage(*, ca: bool) -> x509.KeyUsage:
         encipher_only=False,
         decipher_only=False,
     )
+
+
+def common_name(identity: Identity) -> str:
+    """The subject CN of `identity`'s certificate: its DNS name, or its bare name when the
+    DNS name is past X.509's 64-character CN limit (a long node id). Only informational:
+    the SAN is what is checked."""
+    return identity.server_name if len(identity.server_name) <= 64 else identity.name
 
 
 def _utcnow() -> dt.datetime:
@@ -378,7 +386,7 @@ class CertificateAuthority:
                     [
                         x509.NameAttribute(NameOID.ORGANIZATION_NAME, "Fleet"),
                         x509.NameAttribute(NameOID.ORGANIZATIONAL_UNIT_NAME, role),
-                        x509.NameAttribute(NameOID.COMMON_NAME, identity.server_name),
+                        x509.NameAttribute(NameOID.COMMON_NAME, common_name(identity)),
                     ]
                 )
             )

@@ -1,5 +1,8 @@
 """Mutual TLS for every Fleet gRPC connection, and the caller's identity.
 
+(One exception: the manager's enrollment port is TLS without client
+certificates, `enrollment_server_credentials`, since an enrolling host has none.)
+
 Servers require and verify client certificates against the fleet CA, and
 pick up replaced certificate, key or CA files on the next handshake (no
 restart). Clients check the server's identity through the TLS hostname check:
@@ -37,6 +40,7 @@ __all__ = [
     "TLSConfig",
     "channel_credentials",
     "channel_options",
+    "enrollment_server_credentials",
     "identity_from_auth_context",
     "peer_identity",
     "require_node",
@@ -256,8 +260,9 @@ class _Reloader:
     warning, and the last good ones keep serving.
     """
 
-    def __init__(self, cfg: TLSConfig) -> None:
+    def __init__(self, cfg: TLSConfig, *, serve_ca: bool = False) -> None:
         self._cfg = cfg
+        self._serve_ca = serve_ca
         self._stamp = self._stat()
         loaded = cfg._load(now=None)
         self.initial = self._config(loaded)
@@ -274,8 +279,10 @@ class _Reloader:
                 stamps.append((st.st_mtime_ns, st.st_size, st.st_ino))
         return tuple(stamps)
 
-    @staticmethod
-    def _config(loaded: _Loaded) -> Any:
+    def _config(self, loaded: _Loaded) -> Any:
+        if self._serve_ca:  # no client certificates; the chain ends with the fleet CA
+            chain = loaded.cert_pem.rstrip(b"\n") + b"\n" + loaded.ca_pem
+            return grpc.ssl_server_certificate_configuration([(loaded.key_pem, chain)])
         return grpc.ssl_server_certificate_configuration(
             [(loaded.key_pem, loaded.cert_pem)], root_certificates=loaded.ca_pem
         )
@@ -309,6 +316,19 @@ def server_credentials(cfg: TLSConfig) -> grpc.ServerCredentials:
     reloader = _Reloader(cfg)
     return grpc.dynamic_ssl_server_credentials(
         reloader.initial, reloader.fetch, require_client_authentication=True
+    )
+
+
+def enrollment_server_credentials(cfg: TLSConfig) -> grpc.ServerCredentials:
+    """TLS server credentials for the enrollment port: no client certificate asked for.
+
+    The served chain is the certificate file followed by the CA file, so a
+    host without the CA can read it off the handshake and check it against
+    the hash it pinned. Replaced files are picked up as `server_credentials`.
+    """
+    reloader = _Reloader(cfg, serve_ca=True)
+    return grpc.dynamic_ssl_server_credentials(
+        reloader.initial, reloader.fetch, require_client_authentication=False
     )
 
 

@@ -20,6 +20,7 @@ __all__ = [
     "ArtifactsConfig",
     "ControlConfig",
     "DatabaseConfig",
+    "EnrollConfig",
     "JobsConfig",
     "LivenessConfig",
     "LoggingConfig",
@@ -218,6 +219,61 @@ class JobsConfig:
 
 
 @dataclass(frozen=True)
+class EnrollConfig:
+    """Enrollment and node certificates (docs/certificates.md, docs/install.md)."""
+
+    listen: str = ""
+    """host:port of EnrollmentService (TLS, no client certificate); empty: enrollment off."""
+    advertise_address: str = ""
+    """host:port hosts enroll at, returned with each join token; empty: `listen` unless
+    its host is a wildcard."""
+    manager_address: str = ""
+    """host:port where enrolled daemons reach ManagerService (sent in EnrollResponse)."""
+    issuer_cert_file: Path | None = None
+    """The CA that signs node certificates: the fleet root, or an intermediate it signed
+    (then this file holds the intermediate, and tls.ca_file the root)."""
+    issuer_key_file: Path | None = None
+    """The key of issuer_cert_file (mode 0600)."""
+    node_cert_days: float = 7.0
+    """Lifetime of the certificates issued by enrollment and renewal."""
+    rate_per_second: float = 5.0
+    """Enrollment attempts accepted per second over all callers (each caller IP:
+    a tenth of it, at least 1/s)."""
+    burst: int = 20
+    """Attempts accepted at once before the rate applies (each caller IP: a tenth)."""
+    max_token_ttl_days: float = 30.0
+    """Longest validity a join token may be given."""
+
+    @property
+    def has_issuer(self) -> bool:
+        """True when both issuer files are configured."""
+        return self.issuer_cert_file is not None and self.issuer_key_file is not None
+
+    def validate(self) -> None:
+        _check_hostport(self.listen, "enroll.listen", allow_empty=True)
+        _check_hostport(self.advertise_address, "enroll.advertise_address", allow_empty=True)
+        _check_hostport(self.manager_address, "enroll.manager_address", allow_empty=True)
+        if (self.issuer_cert_file is None) != (self.issuer_key_file is None):
+            raise ValueError("enroll: set both issuer_cert_file and issuer_key_file, or neither")
+        if self.listen and not self.has_issuer:
+            raise ValueError(
+                "enroll.listen: enrollment needs an issuing CA; set enroll.issuer_cert_file"
+                " and enroll.issuer_key_file"
+            )
+        if not 0 < self.node_cert_days <= 3660:
+            raise ValueError(
+                f"enroll.node_cert_days: must be within (0, 3660], got {self.node_cert_days}"
+            )
+        if not 0 < self.rate_per_second <= 10_000 or not 1 <= self.burst <= 100_000:
+            raise ValueError("enroll: rate_per_second must be in (0, 10000], burst in 1..100000")
+        if not 0 < self.max_token_ttl_days <= 3660:
+            raise ValueError(
+                "enroll.max_token_ttl_days: must be within (0, 3660],"
+                f" got {self.max_token_ttl_days}"
+            )
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     """Process logging (stderr; journald collects it under systemd)."""
 
@@ -253,6 +309,8 @@ class ManagerConfig:
     """[jobs] table."""
     control: ControlConfig = field(default_factory=ControlConfig)
     """[control] table: the daemons' control streams (ManagerService.Connect)."""
+    enroll: EnrollConfig = field(default_factory=EnrollConfig)
+    """[enroll] table: join tokens, enrollment and node certificates."""
 
     def validate(self) -> None:
         for section in (
@@ -263,6 +321,7 @@ class ManagerConfig:
             self.artifacts,
             self.jobs,
             self.control,
+            self.enroll,
         ):
             section.validate()
 

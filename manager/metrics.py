@@ -7,8 +7,10 @@ in one process and read each one's figures.
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from collections.abc import Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -17,7 +19,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from manager.service.convergence import PassResult
 
-__all__ = ["ManagerMetrics", "RpcMetricsInterceptor", "watch_loop_lag"]
+__all__ = ["CertificateExpiry", "ManagerMetrics", "RpcMetricsInterceptor", "watch_loop_lag"]
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
@@ -121,6 +123,35 @@ class ManagerMetrics:
         self.push_errors = Counter(
             "fleet_manager_push_errors", "PushUpdate calls that failed", registry=r
         )
+        self.enrollments = Counter(
+            "fleet_manager_enrollments",
+            "Enroll calls by outcome (issued, token_unknown, token_expired, token_used_up,"
+            " token_revoked, name_not_allowed, invalid_request, rate_limited, ...)",
+            ["outcome"],
+            registry=r,
+        )
+        self.renewals = Counter(
+            "fleet_manager_certificate_renewals",
+            "RenewCertificate calls by outcome (issued, invalid_request, ...)",
+            ["outcome"],
+            registry=r,
+        )
+        self.enroll_rate_limited = Counter(
+            "fleet_manager_enroll_rate_limited",
+            "Enroll calls refused by the rate limit (RESOURCE_EXHAUSTED)",
+            registry=r,
+        )
+        self.certificate_expiry = Gauge(
+            "fleet_manager_certificate_expiry_timestamp_seconds",
+            "When the manager's own certificate (tls.cert_file) expires, Unix seconds",
+            registry=r,
+        )
+
+    def observe_enrollment(self, outcome: str) -> None:
+        """Count one Enroll by outcome (rate-limited ones also on their own counter)."""
+        self.enrollments.labels(outcome).inc()
+        if outcome == "rate_limited":
+            self.enroll_rate_limited.inc()
 
     def observe_convergence(self, result: PassResult) -> None:
         """Record one desired-state pass."""
@@ -138,6 +169,35 @@ class ManagerMetrics:
     def observe_flush(self, seconds: float, _nodes: int) -> None:
         """Record one heartbeat flush."""
         self.heartbeat_flush_seconds.observe(seconds)
+
+
+class CertificateExpiry:
+    """notAfter (Unix seconds) of the certificate in a file, re-read when the file changes.
+
+    A gauge's function: a scrape costs a stat; a rotated certificate shows at once.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self._path = path
+        self._stamp: tuple[int, int] | None = None
+        self._value = 0.0
+
+    def __call__(self) -> float:
+        try:
+            st = os.stat(self._path)
+        except OSError:
+            return self._value
+        stamp = (st.st_mtime_ns, st.st_size)
+        if stamp != self._stamp:
+            from cryptography import x509
+
+            try:
+                cert = x509.load_pem_x509_certificate(self._path.read_bytes())
+            except (OSError, ValueError):
+                return self._value  # half-written: keep the last value
+            self._stamp = stamp
+            self._value = cert.not_valid_after_utc.timestamp()
+        return self._value
 
 
 async def watch_loop_lag(histogram: Histogram, interval: float = 0.1) -> None:

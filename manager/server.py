@@ -19,25 +19,36 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+import grpc
 from grpc import aio
 
 from fleet.errors import ConfigError
 from fleet.interceptors import ErrorMappingInterceptor
 from fleet.listen import check_listen_addresses
 from fleet.observability import start_metrics_http_server
+from fleet.pki import CertificateAuthority
 from fleet.service import add_health_and_reflection
 from fleet.tls import TLSConfig, server_credentials
 from fleet.v1 import fleet_pb2_grpc, manager_pb2, manager_pb2_grpc
 from manager.config import ManagerConfig
-from manager.metrics import ManagerMetrics, RpcMetricsInterceptor, watch_loop_lag
+from manager.metrics import (
+    CertificateExpiry,
+    ManagerMetrics,
+    RpcMetricsInterceptor,
+    watch_loop_lag,
+)
 from manager.pool import DaemonPool
 from manager.pool.stream import ControlStreams
 from manager.service.agents import AgentStates
 from manager.service.artifacts import ArtifactAccess, ArtifactReferences, Artifacts
 from manager.service.capacity import HostCapacity
+from manager.service.certificates import Certificates
 from manager.service.control import StreamLiveness
 from manager.service.convergence import Convergence
 from manager.service.definitions import ArtifactUse, Definitions
+from manager.service.deny_list import DenyList
+from manager.service.enroll_admin import EnrollmentAdmin
+from manager.service.enrollment import EnrollLimiter
 from manager.service.event_feed import EventFeed
 from manager.service.heartbeats import HeartbeatBuffer
 from manager.service.job_control import Jobs
@@ -49,16 +60,21 @@ from manager.service.metrics import MetricsService
 from manager.service.registry import NodeRegistry
 from manager.service.reports import DaemonReports
 from manager.service.rollout_control import RolloutControl
+from manager.service.self_renewal import SelfRenewal
 from manager.service.sweeper import ArtifactJanitor, JobJanitor, MetricsLifecycle, Sweeper
 from manager.servicers.control import ControlChannel
+from manager.servicers.enrollment import EnrollmentServicer
+from manager.servicers.enrollment import start_server as start_enrollment_server
 from manager.servicers.fleet_service import SERVICE_NAME as FLEET_SERVICE_NAME
 from manager.servicers.fleet_service import build_fleet_servicer
 from manager.servicers.manager_service import ManagerServicer
 from manager.storage import Database, EventRepository, NodeRepository
 from manager.storage.artifacts import ArtifactRepository
 from manager.storage.desired import DesiredStateRepository
+from manager.storage.enrollment import EnrollmentRepository
 from manager.storage.jobs import JobRepository
 from manager.storage.metrics import MetricStore
+from manager.storage.removal import RemovalRepository
 from manager.storage.writer import MetricWriter
 
 __all__ = ["SERVICE_NAME", "ManagerServer", "open_database"]
@@ -99,6 +115,37 @@ async def open_database(config: ManagerConfig, *, migrate: bool | None = None) -
     return db
 
 
+def load_issuer(config: ManagerConfig, trust_domain: str) -> CertificateAuthority | None:
+    """The CA that signs node certificates ([enroll] issuer_*), None if not configured.
+
+    ConfigError (one line) if it is unusable, does not chain to the fleet CA
+    (`tls.ca_file`), belongs to another trust domain or has expired.
+    """
+    e = config.enroll
+    if e.issuer_cert_file is None or e.issuer_key_file is None:
+        return None
+    try:
+        issuer = CertificateAuthority.load(
+            e.issuer_cert_file, e.issuer_key_file, root_path=config.tls.ca_file
+        )
+    except ConfigError as exc:
+        raise ConfigError(f"enroll.issuer_cert_file: {exc}") from None
+    if issuer.trust_domain != trust_domain:
+        raise ConfigError(
+            f"enroll.issuer_cert_file: {e.issuer_cert_file} is a CA of trust domain"
+            f" {issuer.trust_domain!r}; this manager serves {trust_domain!r}"
+        )
+    from cryptography import x509
+
+    not_after = x509.load_pem_x509_certificate(issuer.cert_pem).not_valid_after_utc
+    if not_after.timestamp() <= time.time():
+        raise ConfigError(
+            f"enroll.issuer_cert_file: {e.issuer_cert_file} expired on"
+            f" {not_after:%Y-%m-%d %H:%M:%S} UTC; make a new issuing CA"
+        )
+    return issuer
+
+
 async def _cancel(task: asyncio.Task[None]) -> None:
     task.cancel()
     with contextlib.suppress(asyncio.CancelledError):
@@ -135,6 +182,9 @@ class ManagerServer:
         self._started = False
         self.port = 0
         """The bound gRPC port (after start)."""
+        self.enroll_port: int | None = None
+        """The bound enrollment port (after start), None when enrollment is off."""
+        self._enroll_server: aio.Server | None = None
         self.metrics_port: int | None = None
         """The bound /metrics port, None when disabled."""
 
@@ -162,6 +212,10 @@ class ManagerServer:
     job_driver: JobDriver
     jobs: Jobs
     job_janitor: JobJanitor
+    deny_list: DenyList
+    certificates: Certificates
+    enrollment: EnrollmentAdmin
+    self_renewal: SelfRenewal
 
     async def start(self) -> None:
         """Start everything; on failure, what was started is stopped again."""
@@ -185,10 +239,12 @@ class ManagerServer:
         # Every listen address before anything else: a taken port must change
         # nothing (no database created or migrated) and be one line, not gRPC
         # core's own log line followed by ours.
+        issuer = load_issuer(cfg, identity.trust_domain)
         check_listen_addresses(
             [
                 ("server.listen", cfg.server.listen),
                 ("server.metrics_listen", cfg.server.metrics_listen),
+                *([("enroll.listen", cfg.enroll.listen)] if cfg.enroll.listen else []),
             ]
         )
         liv = cfg.liveness
@@ -216,6 +272,7 @@ class ManagerServer:
         m = self.metrics
         lag = asyncio.create_task(watch_loop_lag(m.loop_lag_seconds), name="loop-lag")
         self._stack.push_async_callback(_cancel, lag)
+        m.certificate_expiry.set_function(CertificateExpiry(cfg.tls.cert_file))
         m.metric_queue_depth.set_function(lambda: self.writer.depth)
         m.metric_commit_seconds.set_function(lambda: self.writer.last_commit_seconds)
 
@@ -363,6 +420,43 @@ class ManagerServer:
         self._stack.push_async_callback(self.job_janitor.stop)
         self.agent_states = AgentStates(self.registry, desired, clock=self._clock, on_change=poke)
         self._stack.push_async_callback(self.agent_states.stop)
+        # Enrollment: the deny list (every replica), certificates, tokens and node removal.
+        enroll_repo, removals = EnrollmentRepository(self.db), RemovalRepository(self.db)
+        self.deny_list = DenyList(removals.revocations, on_revoked=self._revoked_elsewhere)
+        await self.deny_list.load()
+        self.deny_list.start()
+        self._stack.push_async_callback(self.deny_list.stop)
+        e = cfg.enroll
+        self.certificates = Certificates(
+            enroll_repo,
+            removals,
+            self.nodes,
+            self.deny_list,
+            issuer,
+            trust_domain=identity.trust_domain,
+            node_cert_days=e.node_cert_days,
+            limiter=EnrollLimiter(e.rate_per_second, e.burst),
+            clock=self._clock,
+            on_enroll=m.observe_enrollment,
+            on_renew=lambda outcome: m.renewals.labels(outcome).inc(),
+        )
+        self.enrollment = EnrollmentAdmin(
+            enroll_repo,
+            removals,
+            self.deny_list,
+            root_pem=tls.ca_file.read_bytes(),
+            enroll_address=self._enroll_address,
+            enabled=bool(e.listen or e.advertise_address),
+            max_token_ttl_days=e.max_token_ttl_days,
+            disconnect=self._disconnect,
+            forget=self.registry.forget,
+            clock=self._clock,
+            on_change=self._nodes_changed,
+        )
+        if issuer is not None:  # renews the manager's own certificate if the issuer made it
+            self.self_renewal = SelfRenewal(tls, issuer)
+            self.self_renewal.start()
+            self._stack.push_async_callback(self.self_renewal.stop)
         servicer = ManagerServicer(
             self.registry,
             self.metric_service,
@@ -372,6 +466,8 @@ class ManagerServer:
             jobs=JobReports(self.job_updates, max_output_bytes=cfg.jobs.max_output_bytes),
             reports=DaemonReports(desired, clock=self._clock, on_change=poke),
             on_change=self._nodes_changed,
+            certificates=self.certificates,
+            deny=self.deny_list,
         )
         servicer.control = ControlChannel(
             servicer,
@@ -391,6 +487,7 @@ class ManagerServer:
             self.rollouts,
             self.artifacts,
             self.jobs,
+            self.enrollment,
             on_labels_changed=poke,
             trust_domain=identity.trust_domain,
             clock=self._clock,
@@ -431,6 +528,16 @@ class ManagerServer:
         self._stack.push_async_callback(self._stop_grpc)
         # Before the server's grace: end the streams so daemons reconnect (elsewhere) now.
         self._stack.callback(self.control_streams.close_all, "the manager is shutting down")
+        if e.listen:
+            enroll_servicer = EnrollmentServicer(
+                self.certificates,
+                trust_domain=identity.trust_domain,
+                manager_address=e.manager_address,
+            )
+            self._enroll_server, self.enroll_port = await start_enrollment_server(
+                enroll_servicer, e.listen, tls, m
+            )
+            self._stack.push_async_callback(self._stop_enroll)
         # /metrics last: a scraper that gets an answer knows the manager serves.
         if cfg.server.metrics_listen:
             stop_http, self.metrics_port = start_metrics_http_server(
@@ -439,7 +546,11 @@ class ManagerServer:
             self._stack.push_async_callback(asyncio.to_thread, stop_http)
 
         log.info(
-            "manager %s serving on port %d (database %s)", identity, self.port, self.db.dialect
+            "manager %s serving on port %d (database %s)%s",
+            identity,
+            self.port,
+            self.db.dialect,
+            f", enrollment on port {self.enroll_port}" if self.enroll_port else "",
         )
 
     async def _stop_grpc(self) -> None:
@@ -448,6 +559,42 @@ class ManagerServer:
         if self._server is not None:
             await self._server.stop(self._grace)
             self._server = None
+
+    async def _stop_enroll(self) -> None:
+        if self._enroll_server is not None:
+            await self._enroll_server.stop(self._grace)
+            self._enroll_server = None
+
+    def _enroll_address(self) -> str:
+        """Where hosts enroll: advertise_address, else listen unless its host is a wildcard."""
+        e = self.config.enroll
+        if e.advertise_address:
+            return e.advertise_address
+        host, _, port = e.listen.rpartition(":")
+        if host in ("", "0.0.0.0", "::", "[::]"):  # noqa: S104 -- checking, not binding
+            return ""
+        return f"{host}:{self.enroll_port if port == '0' and self.enroll_port else port}"
+
+    async def _disconnect(self, node_id: str, why: str, revoked: bool) -> int:
+        """End `node_id`'s control stream and pooled channel here; how many there were.
+
+        A revoked node's stream ends UNAUTHENTICATED (its daemon must enroll
+        again); a deleted one's UNAVAILABLE (it reconnects and registers anew).
+        """
+        closed = 0
+        session = self.control_streams.get(node_id)
+        if session is not None:
+            code = grpc.StatusCode.UNAUTHENTICATED if revoked else grpc.StatusCode.UNAVAILABLE
+            session.close(why, (code, why))
+            closed += 1
+        if await self.pool.forget(node_id):
+            closed += 1
+        return closed
+
+    async def _revoked_elsewhere(self, node_ids: list[str]) -> None:
+        """Nodes another replica revoked: end their connections here too."""
+        for node_id in node_ids:
+            await self._disconnect(node_id, f"node {node_id} was revoked", True)
 
     async def _flush_heartbeats(self) -> None:
         try:

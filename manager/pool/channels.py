@@ -170,13 +170,14 @@ class Channels:
             self._retire(self._open[node_id], grace=None)
         return expired
 
-    async def forget(self, node_id: str) -> None:
-        """Close the channel to `node_id` and drop its record."""
+    async def forget(self, node_id: str) -> bool:
+        """Close the channel to `node_id` and drop its record; True if one was open."""
         channel = self._open.get(node_id)
         closing = self._retire(channel, grace=None) if channel is not None else None
         self._records.pop(node_id, None)
         if closing is not None:
             await closing
+        return channel is not None
 
     async def close(self) -> None:
         """Close every channel (calls in flight are cancelled) and stop the tasks."""

@@ -319,9 +319,12 @@ class DaemonPool:
             async for response in responses:
                 yield response
 
-    async def forget(self, node_id: str) -> None:
-        """Close the channel to `node_id` (e.g. the node was deleted); calls in flight fail."""
-        await self._channels.forget(node_id)
+    async def forget(self, node_id: str) -> bool:
+        """Close the channel to `node_id` (e.g. the node was deleted); calls in flight fail.
+
+        True if a channel was open.
+        """
+        return await self._channels.forget(node_id)
 
     # -- lifecycle --------------------------------------------------------
 

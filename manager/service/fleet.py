@@ -14,7 +14,7 @@ from __future__ import annotations
 import asyncio
 import math
 import time
-from collections.abc import AsyncGenerator, Callable, Collection, Mapping, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from fleet.errors import FleetError, InvalidArgument, NotFound, Resource
@@ -53,6 +53,8 @@ class NodeView:
     """Its managed set's versions and the daemon's update errors (None: never managed)."""
     drift: str = ""
     """Why it does not run what it should ("" when it does)."""
+    revoke_ms: int = 0
+    """When it was revoked, if it was and enrolled no certificate since (0: not revoked)."""
 
 
 @dataclass(frozen=True)
@@ -107,8 +109,10 @@ class FleetQueries:
         clock: Callable[[], float] = time.time,
         live_concurrency: int = 64,
         on_labels_changed: Callable[[], None] = lambda: None,
+        revoked: Callable[[], Awaitable[Mapping[str, int]]] | None = None,
     ) -> None:
         self._desired = desired
+        self._revoked = revoked
         self._on_labels_changed = on_labels_changed
         self._nodes = nodes
         self._agents = agents
@@ -140,6 +144,7 @@ class FleetQueries:
             )
 
         states, desired, assigned = await self._desired.run(body, write=False)
+        revoked = await self._revoked() if self._revoked is not None and nodes else {}
         counts = self._counts(states)
         agents: dict[str, dict[str, AgentStateRecord]] = {}
         for st in states:
@@ -158,6 +163,7 @@ class FleetQueries:
                     per_node.get(n.node_id, []),
                     agents.get(n.node_id, {}),
                 ),
+                revoked.get(n.node_id, 0),
             )
             for n in nodes
         ]

@@ -36,6 +36,8 @@ class Registration:
     """host:port of the node's DaemonService."""
     jobs_disabled: bool = False
     """The host refuses remote jobs (its daemon's `[jobs] enabled = false`)."""
+    cert_not_after_ms: int = 0
+    """When the certificate the daemon presented expires (0: unknown)."""
 
 
 @dataclass(frozen=True)

@@ -192,6 +192,7 @@ class NodeRegistry:
             agent_version=reg.agent_version,
             daemon_address=reg.daemon_address,
             jobs_disabled=reg.jobs_disabled,
+            cert_not_after_ms=reg.cert_not_after_ms,
             status="online",
             last_seen_ms=now_ms,
             registered_at_ms=now_ms,
@@ -201,6 +202,10 @@ class NodeRegistry:
             self._known.add(reg.node_id)
             self._fleet_size = max(self._fleet_size + 1, len(self._known))
         return RegisterResult(created, self.interval_ms(), now_ms)
+
+    def forget(self, node_id: str) -> None:
+        """`node_id` was deleted: its next heartbeat is NOT_FOUND (so it registers again)."""
+        self._known.discard(node_id)
 
     async def is_known(self, node_id: str) -> bool:
         """True if the node registered (here or with another replica)."""

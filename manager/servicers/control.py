@@ -2,11 +2,13 @@
 
 The first message must be the hello; it is `RegisterNode`, run by the unary
 handler itself with the stream's context, so the identity rule (the caller
-is ``node/<hello.node_id>``), the validation and the registration are the
-unary path's. After the welcome, upward messages go to the unary handlers
-the same way (`SyncAgentStates`, `ReportMetrics`, ...) and are answered with
-`reply_to` = their id; one the handler refuses is answered with `error` and
-the stream goes on. Command results go to the node's `ControlSession`.
+is ``node/<hello.node_id>``, with a certificate not revoked: the deny list
+is checked there), the validation and the registration (with the
+certificate's expiry) are the unary path's. After the welcome, upward
+messages go to the unary handlers the same way (`SyncAgentStates`,
+`ReportMetrics`, ...) and are answered with `reply_to` = their id; one the
+handler refuses is answered with `error` and the stream goes on. Command
+results go to the node's `ControlSession`.
 
 Upward messages are handled concurrently, at most
 `control.max_pending_answers` at once per stream; at that many the handler

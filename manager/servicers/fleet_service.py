@@ -21,6 +21,7 @@ from fleet.v1 import common_pb2, fleet_pb2, fleet_pb2_grpc
 from manager.pool import ConnectionState, DaemonPool
 from manager.service.artifacts import Artifacts
 from manager.service.definitions import Definitions
+from manager.service.enroll_admin import EnrollmentAdmin
 from manager.service.event_feed import EventFeed
 from manager.service.fleet import FleetQueries, NodeAgent, NodeView
 from manager.service.job_control import Jobs
@@ -35,6 +36,7 @@ from manager.service.operations import (
 from manager.service.rollout_control import RolloutControl
 from manager.servicers.artifacts import ArtifactRpcs
 from manager.servicers.fleet_desired import DesiredRpcs
+from manager.servicers.fleet_enroll import TokenRpcs
 from manager.servicers.fleet_jobs import JobRpcs
 from manager.storage import (
     AgentStateRecord,
@@ -45,6 +47,7 @@ from manager.storage import (
 )
 from manager.storage.desired import DesiredStateRepository
 from manager.storage.operation_log import OperationLog
+from manager.storage.removal import RemovalRepository
 from manager.storage.sqlhelp import chunks
 from manager.storage.targets import TargetRepository
 
@@ -171,6 +174,8 @@ def _node(view: NodeView) -> fleet_pb2.Node:
             for e in (view.desired.update_errors if view.desired else ())
         ],
         jobs_disabled=n.jobs_disabled,
+        cert_expire_time=n.cert_not_after_ms,
+        revoke_time=view.revoke_ms,
     )
 
 
@@ -237,9 +242,11 @@ def _kinds(values: Any) -> list[str]:
     return kinds
 
 
-class FleetServicer(DesiredRpcs, JobRpcs, ArtifactRpcs, fleet_pb2_grpc.FleetServiceServicer):
+class FleetServicer(
+    DesiredRpcs, JobRpcs, TokenRpcs, ArtifactRpcs, fleet_pb2_grpc.FleetServiceServicer
+):
     """Serves FleetService for ``operator/*`` callers (`DesiredRpcs`, `JobRpcs`,
-    `ArtifactRpcs`)."""
+    `TokenRpcs`, `ArtifactRpcs`)."""
 
     def __init__(
         self,
@@ -250,11 +257,13 @@ class FleetServicer(DesiredRpcs, JobRpcs, ArtifactRpcs, fleet_pb2_grpc.FleetServ
         rollouts: RolloutControl,
         artifacts: Artifacts,
         jobs: Jobs,
+        admin: EnrollmentAdmin,
         *,
         trust_domain: str,
         call_timeout: float,
     ) -> None:
         self._jobs = jobs
+        self._admin = admin
         self._q = queries
         self._ops = operations
         self._feed = feed
@@ -297,6 +306,25 @@ class FleetServicer(DesiredRpcs, JobRpcs, ArtifactRpcs, fleet_pb2_grpc.FleetServ
         )
         return fleet_pb2.FleetServiceUpdateNodeLabelsResponse(
             node=_node(updated.view), absent_keys=updated.absent
+        )
+
+    async def DeleteNode(
+        self, request: fleet_pb2.FleetServiceDeleteNodeRequest, context: _Context
+    ) -> fleet_pb2.FleetServiceDeleteNodeResponse:
+        actor = self._operator(context)
+        view = await self._q.get_node(request.node_id)  # NotFound first; the answer's node
+        await self._admin.delete_node(request.node_id, force=request.force, actor=actor)
+        return fleet_pb2.FleetServiceDeleteNodeResponse(node=_node(view))
+
+    async def RevokeNode(
+        self, request: fleet_pb2.FleetServiceRevokeNodeRequest, context: _Context
+    ) -> fleet_pb2.FleetServiceRevokeNodeResponse:
+        actor = self._operator(context)
+        cutoff, closed = await self._admin.revoke_node(
+            request.node_id, reason=request.reason, actor=actor
+        )
+        return fleet_pb2.FleetServiceRevokeNodeResponse(
+            revoke_time=cutoff, connections_closed=closed
         )
 
     async def ListAgents(
@@ -499,6 +527,7 @@ def build_fleet_servicer(
     rollouts: RolloutControl,
     artifacts: Artifacts,
     jobs: Jobs,
+    admin: EnrollmentAdmin,
     *,
     trust_domain: str,
     clock: Callable[[], float],
@@ -518,6 +547,7 @@ def build_fleet_servicer(
         DesiredStateRepository(db),
         clock=clock,
         on_labels_changed=on_labels_changed,
+        revoked=RemovalRepository(db).still_revoked,
     )
     return FleetServicer(
         queries,
@@ -527,6 +557,7 @@ def build_fleet_servicer(
         rollouts,
         artifacts,
         jobs,
+        admin,
         trust_domain=trust_domain,
         call_timeout=pool.config.call_timeout,
     )

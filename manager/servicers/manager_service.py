@@ -15,11 +15,13 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from fleet.errors import InvalidArgument
+from fleet.errors import FailedPrecondition, InvalidArgument
 from fleet.labels import validate_label_value
 from fleet.v1 import common_pb2, jobs_pb2, manager_pb2, manager_pb2_grpc
 from manager.service.agents import AgentStates
 from manager.service.artifacts import Artifacts
+from manager.service.certificates import NO_ISSUER, Certificates
+from manager.service.deny_list import DenyList
 from manager.service.job_reports import JobReports, StepReport
 from manager.service.metrics import MetricsService
 from manager.service.model import MetricPoint, Registration
@@ -28,7 +30,7 @@ from manager.service.reports import DaemonReports
 from manager.service.validation import MAX_AGENTS_PER_SYNC, MAX_MESSAGE, validate_spec_version
 from manager.servicers.artifacts import ArtifactDownloads
 from manager.servicers.control import ControlChannel
-from manager.servicers.identity import NodeIdentities
+from manager.servicers.identity import NodeIdentities, caller_pem
 from manager.storage import AgentStateRecord
 from manager.storage.records import UpdateErrorRecord
 
@@ -117,15 +119,18 @@ class ManagerServicer(ArtifactDownloads, manager_pb2_grpc.ManagerServiceServicer
         jobs: JobReports,
         reports: DaemonReports | None = None,
         on_change: Callable[[], None] = lambda: None,
+        certificates: Certificates | None = None,
+        deny: DenyList | None = None,
     ) -> None:
         self._jobs = jobs
+        self._certificates = certificates
         self._registry = registry
         self._metrics = metrics
         self._agents = agents
         self._reports = reports
         self._on_change = on_change
         self._artifacts = artifacts
-        self._identities = NodeIdentities(trust_domain)
+        self._identities = NodeIdentities(trust_domain, deny=deny)
         self.control: ControlChannel | None = None
         """Serves Connect (set by the server once the streams exist); None: UNIMPLEMENTED."""
 
@@ -146,6 +151,7 @@ class ManagerServicer(ArtifactDownloads, manager_pb2_grpc.ManagerServiceServicer
                 agent_version=request.agent_version,
                 daemon_address=request.daemon_address,
                 jobs_disabled=request.jobs_disabled,
+                cert_not_after_ms=self._identities.cert_not_after_ms(context),
             )
         )
         if self._reports is not None:
@@ -237,6 +243,19 @@ class ManagerServicer(ArtifactDownloads, manager_pb2_grpc.ManagerServiceServicer
         )
         return manager_pb2.UploadJobOutputResponse(
             acked_offset=result.acked_offset, truncated=result.truncated
+        )
+
+    async def RenewCertificate(
+        self, request: manager_pb2.RenewCertificateRequest, context: _Context
+    ) -> manager_pb2.RenewCertificateResponse:
+        self._identities.require_node(context, request.node_id)
+        if self._certificates is None:
+            raise FailedPrecondition(NO_ISSUER)
+        issued = await self._certificates.renew(
+            request.node_id, request.csr_pem, caller_pem(context)
+        )
+        return manager_pb2.RenewCertificateResponse(
+            certificate_pem=issued.cert_pem, ca_pem=issued.ca_pem, expire_time=issued.not_after_ms
         )
 
     async def Connect(  # type: ignore[override]  # writes with context.write, returns nothing

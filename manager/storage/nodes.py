@@ -17,7 +17,7 @@ from manager.storage.records import NodeRecord
 from manager.storage.schema import nodes
 from manager.storage.sqlhelp import chunks, dialect_insert
 
-__all__ = ["NodeRepository", "effective_labels"]
+__all__ = ["NodeRepository", "effective_labels", "labels_event", "node_from_row"]
 
 _FIELDS = (
     "hostname",
@@ -44,6 +44,7 @@ def _insert_row(node: NodeRecord, now_ms: int) -> dict[str, Any]:
         "labels": dump_map(node.labels),
         "daemon_labels": dump_map(node.labels),
         "operator_labels": "{}",
+        "cert_not_after_ms": node.cert_not_after_ms,
         **_fields(node),
     }
 
@@ -65,7 +66,7 @@ def _label_change_message(node_id: str, old: Mapping[str, str], new: Mapping[str
     return f"labels of {node_id} changed: {', '.join(parts)}"
 
 
-def _labels_event(
+def labels_event(
     node_id: str,
     old: Mapping[str, str],
     new: Mapping[str, str],
@@ -87,12 +88,18 @@ def _labels_event(
 # Re-registration, executemany: bind names differ from the column names, which
 # SQLAlchemy reserves for the SET clause.
 _NOW = bindparam("b_now", type_=BigInteger)
+_CERT = bindparam("b_cert_not_after_ms", type_=BigInteger)
 _REREGISTER = (
     update(nodes)
     .where(nodes.c.node_id == bindparam("b_node_id"))
     .values(
         status="online",
         last_seen_ms=case((nodes.c.last_seen_ms < _NOW, _NOW), else_=nodes.c.last_seen_ms),
+        # An enrolled node's row exists before its daemon first registers.
+        registered_at_ms=case(
+            (nodes.c.registered_at_ms == 0, _NOW), else_=nodes.c.registered_at_ms
+        ),
+        cert_not_after_ms=case((_CERT == 0, nodes.c.cert_not_after_ms), else_=_CERT),
         **{name: bindparam(f"b_{name}") for name in (*_FIELDS, "labels", "daemon_labels")},
     )
 )
@@ -104,11 +111,13 @@ def _update_row(node: NodeRecord, now_ms: int, labels: Mapping[str, str]) -> dic
         "b_now": now_ms,
         "b_labels": dump_map(labels),
         "b_daemon_labels": dump_map(node.labels),
+        "b_cert_not_after_ms": node.cert_not_after_ms,
         **{f"b_{name}": value for name, value in _fields(node).items()},
     }
 
 
-def _record(row: Any) -> NodeRecord:
+def node_from_row(row: Any) -> NodeRecord:
+    """A nodes-table row as its record."""
     return NodeRecord(
         node_id=row.node_id,
         hostname=row.hostname,
@@ -125,6 +134,7 @@ def _record(row: Any) -> NodeRecord:
         daemon_labels=load_map(row.daemon_labels),
         operator_labels=load_map(row.operator_labels),
         jobs_disabled=bool(row.jobs_disabled),
+        cert_not_after_ms=row.cert_not_after_ms,
     )
 
 
@@ -141,7 +151,8 @@ class NodeRepository:
         labels with `node.labels` (operator labels stay), sets it online with
         last_seen = now, and writes NODE_REGISTERED (plus NODE_ONLINE if it
         was offline, and NODE_LABELS_UPDATED if the effective labels changed)
-        in the same transaction. Idempotent.
+        in the same transaction. Idempotent. A row made by enrollment (never
+        registered) counts as new. `node.cert_not_after_ms` 0 keeps the stored one.
         """
         return (await self.upsert_many([(node, now_ms)]))[0]
 
@@ -151,19 +162,26 @@ class NodeRepository:
         A handful of statements whatever the batch size, so a registration
         storm (a new manager, a whole fleet restarting) costs one commit per
         batch rather than per node. Node ids must be unique in the batch.
-        Returns, per pair, True if that node was new.
+        Returns, per pair, True if that node was new (or enrolled but never registered).
         """
         ids = [node.node_id for node, _ in batch]
         if len(set(ids)) != len(ids):
             raise ValueError("upsert_many: a node id appears twice in one batch")
 
-        known_columns = (nodes.c.node_id, nodes.c.status, nodes.c.labels, nodes.c.operator_labels)
+        known_columns = (
+            nodes.c.node_id,
+            nodes.c.status,
+            nodes.c.labels,
+            nodes.c.operator_labels,
+            nodes.c.registered_at_ms,
+        )
 
         async def body(conn: AsyncConnection) -> builtins.list[bool]:
             # Locks the known rows (PostgreSQL), so a concurrent sweep cannot
             # flip one between this read and the update.
             status: dict[str, str] = {}
             labels: dict[str, tuple[str, str]] = {}  # effective, operator (JSON as stored)
+            enrolled: set[str] = set()  # rows made by enrollment, never registered
             for part in chunks(ids):
                 rows = await conn.execute(
                     select(*known_columns).where(nodes.c.node_id.in_(part)).with_for_update()
@@ -171,6 +189,8 @@ class NodeRepository:
                 for row in rows:
                     status[row.node_id] = row.status
                     labels[row.node_id] = (row.labels, row.operator_labels)
+                    if row.registered_at_ms == 0:
+                        enrolled.add(row.node_id)
             new = [(node, ms) for node, ms in batch if node.node_id not in status]
             if new:
                 inserted = set(
@@ -199,7 +219,7 @@ class NodeRepository:
                 updates.append(_update_row(node, ms, effective))
                 if dump_map(effective) != stored:
                     label_events.append(
-                        _labels_event(
+                        labels_event(
                             node.node_id,
                             load_map(stored),
                             effective,
@@ -213,7 +233,7 @@ class NodeRepository:
             new_events = []
             for node, ms in batch:
                 actor = f"node/{node.node_id}"
-                first = node.node_id not in status
+                first = node.node_id not in status or node.node_id in enrolled
                 new_events.append(
                     event_row(
                         "NODE_REGISTERED",
@@ -224,10 +244,10 @@ class NodeRepository:
                         attributes={"first": "true" if first else "false"},
                     )
                 )
-                if status.get(node.node_id) == "offline":
+                if status.get(node.node_id) == "offline" and node.node_id not in enrolled:
                     new_events.append(_online_event(node.node_id, ms, actor))
             await insert_events(conn, [*new_events, *label_events])
-            return [node.node_id not in status for node, _ in batch]
+            return [node.node_id not in status or node.node_id in enrolled for node, _ in batch]
 
         return await self._db.run(body)
 
@@ -236,7 +256,7 @@ class NodeRepository:
 
         async def body(conn: AsyncConnection) -> NodeRecord | None:
             row = (await conn.execute(select(nodes).where(nodes.c.node_id == node_id))).first()
-            return _record(row) if row is not None else None
+            return node_from_row(row) if row is not None else None
 
         return await self._db.run(body, write=False)
 
@@ -244,7 +264,10 @@ class NodeRepository:
         """Every node, ordered by id."""
 
         async def body(conn: AsyncConnection) -> list[NodeRecord]:
-            return [_record(r) for r in await conn.execute(select(nodes).order_by(nodes.c.node_id))]
+            return [
+                node_from_row(r)
+                for r in await conn.execute(select(nodes).order_by(nodes.c.node_id))
+            ]
 
         return await self._db.run(body, write=False)
 
@@ -405,7 +428,7 @@ class NodeRepository:
                 raise NotFound(
                     f"node {node_id!r} is not registered", resource=Resource("node", node_id)
                 )
-            old = _record(row)
+            old = node_from_row(row)
             operator = {**old.operator_labels, **set_}
             for key in remove:
                 if key in operator:
@@ -427,7 +450,7 @@ class NodeRepository:
                 await insert_events(
                     conn,
                     [
-                        _labels_event(
+                        labels_event(
                             node_id, old.labels, effective, actor=actor, now_ms=now_ms,
                             why=f"set by {actor}",
                         )

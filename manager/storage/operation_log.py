@@ -4,6 +4,8 @@
 transaction of their own; an operator action needs both, atomically (an
 audited action always has its event, and the reverse), and a fan-out
 writes two such pairs, so one transaction each also halves its writes.
+`insert_operation` writes such a pair inside a transaction that also makes
+the change (enrollment's tokens and node removal).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from manager.storage.audit import insert_audit
 from manager.storage.db import Database
 from manager.storage.events import event_row, insert_events
 
-__all__ = ["OperationLog"]
+__all__ = ["OperationLog", "insert_operation"]
 
 
 class OperationLog:
@@ -68,3 +70,33 @@ class OperationLog:
             return audit_id
 
         return await self._db.run(body)
+
+
+async def insert_operation(
+    conn: AsyncConnection,
+    *,
+    actor: str,
+    action: str,
+    target: str,
+    detail: Mapping[str, str],
+    message: str,
+    now_ms: int,
+    node_id: str = "",
+) -> None:
+    """An `ok` audit entry and its OPERATION event (attributes as `OperationRecorder`'s)
+    inside the caller's transaction; call it last (it appends an event)."""
+    audit_id = await insert_audit(
+        conn, actor=actor, action=action, target=target, detail=detail, outcome="ok", now_ms=now_ms
+    )
+    attributes = {
+        "operation_id": str(audit_id),
+        **detail,
+        "audit_id": str(audit_id),
+        "action": action,
+        "outcome": "ok",
+    }
+    event = event_row(
+        "OPERATION", now_ms=now_ms, node_id=node_id, actor=actor, message=message,
+        attributes=attributes,
+    )  # fmt: skip
+    await insert_events(conn, [event])

@@ -97,6 +97,9 @@ class NodeRecord:
     """The labels operators set (kept across registrations); they win over the daemon's."""
     jobs_disabled: bool = False
     """The daemon refuses remote jobs (`[jobs] enabled = false`), as of its registration."""
+    cert_not_after_ms: int = 0
+    """When its certificate expires, as last issued or presented (0: unknown). Given to
+    `NodeRepository.upsert`, 0 keeps the stored value."""
 
 
 @dataclass(frozen=True)

@@ -24,9 +24,12 @@ from manager.storage.schema import (
     definition_revisions,
     definitions,
     events,
+    join_tokens,
     metric_batches,
     metric_samples,
+    node_certificates,
     node_desired,
+    node_revocations,
     nodes,
     operations_audit,
     rollout_nodes,
@@ -92,7 +95,8 @@ async def db_state(db: Database) -> dict[str, Any]:
             )
         ).all()
         tables = (metric_samples, metric_batches, events, operations_audit)
-        for table in (*tables, artifacts, artifact_blobs, artifact_chunks):
+        enrollment = (join_tokens, node_certificates, node_revocations)
+        for table in (*tables, artifacts, artifact_blobs, artifact_chunks, *enrollment):
             count = (await conn.execute(select(func.count()).select_from(table))).scalar_one()
             state[table.name] = count
     return state

@@ -33,6 +33,7 @@ from live_env import (
     artifact_upload,
     channels,
     desired_requests,
+    enrollment_requests,
     invoke,
     live_daemon,
     live_manager,
@@ -79,6 +80,12 @@ def _overrides() -> dict[str, st.SearchStrategy[Any]]:
     out["fleet.v1.FleetServiceRunJobRequest.plan"] = st.just(True)
     for rpc in ("GetJob", "WatchJob", "ReadJobOutput", "CancelJob", "RerunJob"):
         out[f"fleet.v1.FleetService{rpc}Request.job_id"] = st.one_of(st.just("no-such-job"), text)
+    # Deleting or revoking n1 or n2 would take the other fuzzers' nodes away; any other
+    # name is fair (integration tests delete and revoke real nodes).
+    for rpc in ("DeleteNode", "RevokeNode"):
+        out[f"fleet.v1.FleetService{rpc}Request.node_id"] = st.one_of(
+            st.just("absent"), text.filter(lambda t: t not in ("n1", "n2"))
+        )
     return out
 
 
@@ -139,6 +146,7 @@ def valid(rpc: str) -> Message:
         "FleetService.ReadJobOutput": f.FleetServiceReadJobOutputRequest(job_id="no-such-job"),
         "FleetService.CancelJob": f.FleetServiceCancelJobRequest(job_id="no-such-job"),
         "FleetService.RerunJob": f.FleetServiceRerunJobRequest(job_id="no-such-job"),
+        **enrollment_requests(),
     }[rpc]
 
 

@@ -18,6 +18,7 @@ import grpc
 import pytest
 import pytest_asyncio
 from artifact_helpers import Grants, digest
+from enroll_helpers import csr
 from fuzz_support import FUZZ, call_checked, db_state
 from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message import Message
@@ -25,6 +26,7 @@ from grpc import aio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from live_env import (
+    TRUST_DOMAIN,
     ModulePki,
     channels,
     invoke,
@@ -127,6 +129,10 @@ def valid(rpc: str) -> Message:
         ),
         "ManagerService.UploadJobOutput": manager_pb2.UploadJobOutputRequest(
             node_id=NODE, job_id="no-such-job", offset=0, data=b"out"
+        ),
+        # A new key for the caller's own name (test_fuzz_enroll.py mutates CSRs too).
+        "ManagerService.RenewCertificate": manager_pb2.RenewCertificateRequest(
+            node_id=NODE, csr_pem=csr(NODE, TRUST_DOMAIN)[1]
         ),
     }[rpc]
 

@@ -17,6 +17,7 @@ from fleet.v1 import manager_pb2, manager_pb2_grpc
 from manager.config import (
     ControlConfig,
     DatabaseConfig,
+    EnrollConfig,
     LivenessConfig,
     ManagerConfig,
     MetricsConfig,
@@ -52,8 +53,10 @@ def manager_config(
     metrics: dict[str, Any] | None = None,
     server: dict[str, Any] | None = None,
     control: dict[str, Any] | None = None,
+    enroll: dict[str, Any] | None = None,
 ) -> ManagerConfig:
-    """A config for a test manager on 127.0.0.1:0 with a fresh manager cert."""
+    """A config for a test manager on 127.0.0.1:0 with a fresh manager cert
+    (`enroll`: [enroll] keys, e.g. from enroll_helpers.enroll_settings)."""
     tls: TLSConfig = pki.issue("manager", "m1", hostnames=("localhost",), ips=("127.0.0.1",))
     liv = LivenessConfig(sweep_interval_seconds=3600.0, failover_grace_seconds=60.0)
     return ManagerConfig(
@@ -66,6 +69,7 @@ def manager_config(
         liveness=dataclasses.replace(liv, **(liveness or {})),
         metrics=dataclasses.replace(MetricsConfig(), **(metrics or {})),
         control=dataclasses.replace(ControlConfig(), **(control or {})),
+        enroll=EnrollConfig(**(enroll or {})),
     )
 
 

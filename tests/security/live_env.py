@@ -25,6 +25,7 @@ from typing import Any
 import grpc
 import pytest
 from daemon_helpers import daemon_config
+from enroll_helpers import csr, enroll_settings
 from google.protobuf.descriptor import MethodDescriptor, ServiceDescriptor
 from google.protobuf.message import Message
 from google.protobuf.message_factory import GetMessageClass
@@ -42,6 +43,7 @@ from fleet.v1 import (
     common_pb2,
     daemon_pb2,
     desired_pb2,
+    enroll_pb2,
     fleet_pb2,
     jobs_pb2,
     manager_pb2,
@@ -54,8 +56,15 @@ SERVICES: dict[str, ServiceDescriptor] = {
     "DaemonService": daemon_pb2.DESCRIPTOR.services_by_name["DaemonService"],
     "FleetService": fleet_pb2.DESCRIPTOR.services_by_name["FleetService"],
     "AgentService": agent_pb2.DESCRIPTOR.services_by_name["AgentService"],
+    "EnrollmentService": enroll_pb2.DESCRIPTOR.services_by_name["EnrollmentService"],
 }
 """Every Fleet gRPC service, from the generated descriptors."""
+
+ENROLLEE = "enrollee"
+"""The node the matrix and the fuzzers enroll (with a token made for that name)."""
+
+TRUST_DOMAIN = "fleet.local"
+"""The trust domain of every test CA (CertificateAuthority.create's default)."""
 
 MATRIX_REPORT = pytest.StashKey[list[str]]()
 """Tables the matrix test wants shown in pytest's terminal summary."""
@@ -166,17 +175,25 @@ async def channels(
 
 @asynccontextmanager
 async def live_manager(
-    pki: ModulePki, root: Path, database_url: str = "", **options: Any
+    pki: ModulePki,
+    root: Path,
+    database_url: str = "",
+    *,
+    enroll: dict[str, Any] | None = None,
+    **options: Any,
 ) -> AsyncIterator[ManagerServer]:
     """A real manager over mTLS (SQLite unless `database_url`); background jobs never fire.
 
-    `options`: ManagerServer's keyword options (e.g. an injected artifact_access).
+    Enrollment is on (127.0.0.1, an issuing intermediate; `enroll` overrides
+    [enroll] keys). `options`: ManagerServer's keyword options (e.g. an
+    injected artifact_access).
     """
     config = manager_config(
         pki,
         database_url or f"sqlite+aiosqlite:///{root / 'manager.db'}",
         root / "state",
         metrics={"lifecycle_interval_seconds": 3600.0},
+        enroll=enroll_settings(pki.ca, root / "issuer", **(enroll or {})),
     )
     config = dataclasses.replace(config, pool=FAST_POOL)
     async with running_manager(config, FakeClock(), **options) as manager:
@@ -427,6 +444,14 @@ def requests(daemon_port: int, node: str = "a") -> dict[str, Message]:
         "ManagerService.Connect": manager_pb2.ConnectRequest(
             id=1, hello=registration(node, f"127.0.0.1:{daemon_port}")
         ),
+        # A CSR for a new key of the node's own name: a certificate is issued.
+        "ManagerService.RenewCertificate": manager_pb2.RenewCertificateRequest(
+            node_id=node, csr_pem=csr(node, TRUST_DOMAIN)[1]
+        ),
+        # The token is filled in once the test made one (node_name ENROLLEE, many uses).
+        "EnrollmentService.Enroll": enroll_pb2.EnrollRequest(
+            node_name=ENROLLEE, csr_pem=csr(ENROLLEE, TRUST_DOMAIN)[1]
+        ),
         # DaemonService on the node's daemon (agents "sleeper" and "sdk").
         "DaemonService.ListAgents": daemon_pb2.ListAgentsRequest(),
         "DaemonService.OperateAgent": daemon_pb2.OperateAgentRequest(
@@ -489,6 +514,7 @@ def requests(daemon_port: int, node: str = "a") -> dict[str, Message]:
         ),
         "FleetService.WatchEvents": fleet_pb2.FleetServiceWatchEventsRequest(),
         **desired_requests(),
+        **enrollment_requests(),
         "FleetService.PushArtifact": artifact_upload(),
         "FleetService.ListArtifacts": fleet_pb2.FleetServiceListArtifactsRequest(),
         "FleetService.GetArtifact": fleet_pb2.FleetServiceGetArtifactRequest(
@@ -544,6 +570,23 @@ def desired_requests() -> dict[str, Message]:
         "FleetService.PromoteRollout": f.FleetServicePromoteRolloutRequest(name="absent"),
         "FleetService.AbortRollout": f.FleetServiceAbortRolloutRequest(name="absent"),
         "FleetService.UndoRollout": f.FleetServiceUndoRolloutRequest(name="absent", plan=True),
+    }
+
+
+def enrollment_requests() -> dict[str, Message]:
+    """Join tokens and node removal: harmless ones (a node that does not exist where a
+    call would remove one; revoking a name nobody uses)."""
+    f = fleet_pb2
+    return {
+        "FleetService.CreateJoinToken": f.FleetServiceCreateJoinTokenRequest(
+            node_name=ENROLLEE, uses=100
+        ),
+        "FleetService.ListJoinTokens": f.FleetServiceListJoinTokensRequest(all=True),
+        "FleetService.RevokeJoinToken": f.FleetServiceRevokeJoinTokenRequest(token_id="nosuchid"),
+        "FleetService.DeleteNode": f.FleetServiceDeleteNodeRequest(node_id="absent", force=True),
+        "FleetService.RevokeNode": f.FleetServiceRevokeNodeRequest(
+            node_id="never-enrolled", reason="the security matrix"
+        ),
     }
 
 

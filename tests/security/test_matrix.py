@@ -27,6 +27,8 @@ from artifact_helpers import Grants
 from daemon_helpers import agent, eventually, short_tmp
 from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message import Message
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2
 from live_env import (
     EMPTY_DIGEST,
     MATRIX_REPORT,
@@ -49,6 +51,7 @@ from live_env import (
 
 from daemon.server import DaemonServer
 from fleet.pki import Role
+from fleet.v1 import fleet_pb2_grpc
 from manager.server import ManagerServer
 
 Expect = Literal["refused", "denied", "allowed"]
@@ -75,12 +78,17 @@ ALLOWED = {
     "FleetService": "operator",
     "DaemonService": "manager",
     "AgentService": "supervised agent",  # a process of the agent it names
+    "EnrollmentService": "anyone",  # its own port asks for no certificate: the token decides
 }
 """The one identity each service accepts. The ManagerService requests speak for node a."""
+OPEN = frozenset({"EnrollmentService"})
+"""Services every caller reaches (on the manager's enrollment port, TLS without client
+certificates); a certificate offered there is never asked for, so none is refused."""
 CLAIMED: dict[str, tuple[Role, str]] = {
     "ManagerService": ("node", "a"),
     "FleetService": ("operator", "alice"),
     "DaemonService": ("manager", "m1"),
+    "EnrollmentService": ("node", "a"),
 }
 """Who the refused identities claim to be, so only the certificate itself is wrong."""
 CALLER = {
@@ -94,6 +102,8 @@ CALLER = {
 
 def expected(service: str, identity: str) -> Expect:
     """The outcome the architecture promises for `identity` calling any RPC of `service`."""
+    if service in OPEN:
+        return "allowed"
     if identity in HANDSHAKE_REFUSED:
         return "refused"
     return "allowed" if identity == ALLOWED[service] else "denied"
@@ -249,10 +259,12 @@ async def tls_column_runs(fleet: Fleet, reqs: dict[str, Message]) -> dict[Any, O
         "manager": pki.issue("manager", "m1"),
         "operator": pki.issue("operator", "alice"),
     }
+    assert fleet.manager.enroll_port
     targets = {
         "ManagerService": (fleet.manager.port, manager_name(pki)),
         "FleetService": (fleet.manager.port, manager_name(pki)),
         "DaemonService": (fleet.daemon.port, node_name(pki, NODE)),
+        "EnrollmentService": (fleet.manager.enroll_port, manager_name(pki)),
     }
     results: dict[Any, Outcome] = {}
     for service, (port, server_name) in targets.items():
@@ -319,6 +331,10 @@ async def test_security_matrix(fleet: Fleet, request: pytest.FixtureRequest) -> 
         push = SERVICES["FleetService"].methods_by_name["PushArtifact"]
         setup = await invoke(chans["operator"], push, artifact_upload())
         assert setup.code == grpc.StatusCode.OK, setup
+        # Enroll: a token for its node name, with a use for every column.
+        operator = fleet_pb2_grpc.FleetServiceStub(chans["operator"])
+        token = await operator.CreateJoinToken(reqs["FleetService.CreateJoinToken"], timeout=10)
+        reqs["EnrollmentService.Enroll"].token = token.token  # type: ignore[attr-defined]
 
     results = await tls_column_runs(fleet, reqs)
 
@@ -329,7 +345,8 @@ async def test_security_matrix(fleet: Fleet, request: pytest.FixtureRequest) -> 
     assert agent_results is not None
     agent_results.update(await unsupervised_probe(fleet, reqs))
 
-    tcp_rows = [m for s in ("ManagerService", "FleetService", "DaemonService") for m in methods(s)]
+    tcp_services = ("ManagerService", "FleetService", "DaemonService", "EnrollmentService")
+    tcp_rows = [m for s in tcp_services for m in methods(s)]
     tables = [
         render(tcp_rows, TLS_IDENTITIES, results),
         render(methods("AgentService"), AGENT_IDENTITIES, agent_results),
@@ -366,3 +383,60 @@ async def test_security_matrix(fleet: Fleet, request: pytest.FixtureRequest) -> 
         "docs/security.md does not hold the matrix as run: regenerate it with "
         "FLEET_SECURITY_MATRIX_OUT=/tmp/matrix.md and paste the tables"
     )
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_the_enrollment_port_serves_enroll_and_nothing_else(fleet: Fleet) -> None:
+    """On the enrollment port every other RPC, gRPC health and reflection are UNIMPLEMENTED,
+    with or without a certificate; the mTLS port does not serve Enroll."""
+    pki = fleet.pki
+    reqs = requests(fleet.daemon.port)
+    creds: dict[str, Any] = {
+        "none": grpc.ssl_channel_credentials(root_certificates=pki.ca.cert_pem),
+        "node/a": pki.issue("node", NODE),
+        "operator": pki.issue("operator", "alice"),
+    }
+    others = [m for service in SERVICES if service not in OPEN for m in methods(service)]
+    wrong = []
+    assert fleet.manager.enroll_port
+    async with channels(fleet.manager.enroll_port, creds, manager_name(pki)) as chans:
+        for label, channel in chans.items():
+            for method in others:
+                got = await invoke(channel, method, reqs[rpc_name(method)], deadline=10.0)
+                if got.code != grpc.StatusCode.UNIMPLEMENTED:
+                    wrong.append(f"{label} -> {rpc_name(method)}: {got.code.name}")
+            for path, request in (
+                ("/grpc.health.v1.Health/Check", health_pb2.HealthCheckRequest()),
+                *(
+                    (
+                        f"/grpc.reflection.{v}.ServerReflection/ServerReflectionInfo",
+                        reflection_pb2.ServerReflectionRequest(list_services=""),
+                    )
+                    for v in ("v1", "v1alpha")
+                ),
+            ):
+                code = await _raw_code(channel, path, request)
+                if code != grpc.StatusCode.UNIMPLEMENTED:
+                    wrong.append(f"{label} -> {path}: {code.name}")
+    assert not wrong, "\n".join(wrong)
+    enroll = methods("EnrollmentService")[0]
+    async with channels(fleet.manager.port, creds, manager_name(pki)) as chans:
+        got = await invoke(chans["none"], enroll, reqs["EnrollmentService.Enroll"])
+        assert got.code == grpc.StatusCode.UNAVAILABLE, got  # no certificate, no handshake
+        got = await invoke(chans["operator"], enroll, reqs["EnrollmentService.Enroll"])
+        assert got.code == grpc.StatusCode.UNIMPLEMENTED, got
+
+
+async def _raw_code(channel: Any, path: str, request: Message) -> grpc.StatusCode:
+    """The status of one call to `path` (unary, or a stream of one message for reflection)."""
+    serialize = request.SerializeToString
+    try:
+        if "Reflection" in path:
+            call = channel.stream_stream(path)(iter([serialize()]), timeout=10)
+            async for _ in call:
+                pass
+        else:
+            await channel.unary_unary(path)(serialize(), timeout=10)
+    except grpc.aio.AioRpcError as exc:
+        return exc.code()
+    return grpc.StatusCode.OK

@@ -59,6 +59,12 @@ def test_env_overrides_a_nested_key() -> None:
         ("[artifacts]\nmax_bytes = 0\n", "artifacts.max_bytes"),
         ("[server]\nmax_receive_message_bytes = 1048576\n", "a 1 MiB artifact chunk"),
         ("[artifacts]\nstale_upload_seconds = 0.0\n", "stale_upload_seconds"),
+        ('[enroll]\nlisten = "0.0.0.0:7445"\n', "enrollment needs an issuing CA"),
+        ('[enroll]\nissuer_cert_file = "/x.pem"\n', "both issuer_cert_file and issuer_key_file"),
+        ('[enroll]\nadvertise_address = "m1"\n', "enroll.advertise_address"),
+        ("[enroll]\nnode_cert_days = 0.0\n", "enroll.node_cert_days"),
+        ("[enroll]\nburst = 0\n", "burst in 1..100000"),
+        ("[enroll]\nmax_token_ttl_days = -1.0\n", "enroll.max_token_ttl_days"),
     ],
 )
 def test_bad_config_is_one_line_naming_the_key(tmp_path: Path, toml: str, needle: str) -> None:
