@@ -60,9 +60,12 @@ def _state(view: dict[str, Any], now_ms: int) -> str:
     return "usable"
 
 
-def install_command(address: str, token: str, ca_hash: str, node_name: str) -> str:
-    """The line to run on the new host."""
-    words = ["fleet-daemon", "enroll", "--manager", address or "MANAGER:PORT"]
+def install_command(
+    address: str, token: str, ca_hash: str, node_name: str, *, program: str = "fleet-daemon enroll"
+) -> str:
+    """The line to run on the new host: `program` (``fleet-daemon enroll``, or the
+    install tarball's ``./install.sh``, which takes the same flags)."""
+    words = [*program.split(), "--manager", address or "MANAGER:PORT"]
     words += ["--token", token, "--ca-hash", ca_hash]
     if node_name:
         words += ["--name", node_name]
@@ -159,6 +162,13 @@ def create(
                 "ca_hash": reply.ca_hash,
                 "enroll_address": reply.enroll_address,
                 "enroll_command": command,
+                "install_command": install_command(
+                    reply.enroll_address,
+                    reply.token,
+                    reply.ca_hash,
+                    name,
+                    program="sudo ./install.sh",
+                ),
             }
             print_object(cli.out, cli.fmt, data, [])
             return EXIT_OK
@@ -186,8 +196,13 @@ def create(
                 ("Expires", "expires"),
             ],
         )
+        install = install_command(
+            reply.enroll_address, reply.token, reply.ca_hash, name, program="sudo ./install.sh"
+        )
         cli.out.print("\nOn the new host (the token is not shown again):", markup=False)
         cli.out.print(f"  {command}", markup=False, soft_wrap=True)
+        cli.out.print("or, from the install tarball (docs/install.md):", markup=False)
+        cli.out.print(f"  {install}", markup=False, soft_wrap=True)
         if not reply.enroll_address:
             cli.note(
                 "fleetctl: the manager advertises no enrollment address ([enroll]"

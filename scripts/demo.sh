@@ -2,7 +2,11 @@
 # `make demo`: a whole fleet on this machine, then a short fleetctl tour.
 #
 # A manager on its embedded SQLite and two daemons (node-1 env=prod,
-# node-2 env=staging, separate state dirs and ports). Each daemon's own TOML
+# node-2 env=staging, separate state dirs and ports). The daemons enroll as
+# a real host would: a join token per node (`fleetctl tokens create`), then
+# `fleet-daemon enroll`, which makes the node's key on the spot and gets its
+# short-lived certificate from the manager's issuing CA (an intermediate of
+# the demo's root, `fleetctl pki intermediate`). Each daemon's own TOML
 # runs a plain process (python's http.server) and an SDK agent, `fleet-agent
 # run worker` (checksums files dropped into its inbox). The tour then deploys
 # a third agent centrally: configs/definitions/probe.toml (`fleet-agent run
@@ -44,10 +48,10 @@ trap 'exit 130' INT TERM
 
 # Free loopback ports, chosen now so two demos (or a demo and the tests)
 # never collide.
-read -r manager_port node1_port node2_port web1_port web2_port < <(
+read -r manager_port enroll_port node1_port node2_port web1_port web2_port < <(
     "$bin/python" - <<'EOF'
 import socket
-socks = [socket.socket() for _ in range(5)]
+socks = [socket.socket() for _ in range(6)]
 for s in socks:
     s.bind(("127.0.0.1", 0))
 print(*(s.getsockname()[1] for s in socks))
@@ -55,7 +59,13 @@ EOF
 )
 
 mkdir -p "$demo"
-"$root/scripts/generate_test_certs.sh" --out "$certs" --node node-1 --node node-2 >/dev/null
+# The root CA, the manager's and the operator's certificates; nodes get theirs by enrolling.
+"$root/scripts/generate_test_certs.sh" --out "$certs" >/dev/null
+if ! "$bin/fleetctl" pki intermediate "$certs/issuer" --ca-dir "$certs" --force >/dev/null 2>&1; then
+    # A root from an older demo run may only sign leaves (pathlen 0): make a new one.
+    "$root/scripts/generate_test_certs.sh" --out "$certs" --force-ca >/dev/null
+    "$bin/fleetctl" pki intermediate "$certs/issuer" --ca-dir "$certs" --force >/dev/null
+fi
 
 cat >"$demo/manager.toml" <<EOF
 state_dir = "$demo/manager"
@@ -66,6 +76,12 @@ metrics_listen = ""
 ca_file = "$certs/ca.pem"
 cert_file = "$certs/manager-manager.pem"
 key_file = "$certs/manager-manager-key.pem"
+[enroll]
+listen = "127.0.0.1:$enroll_port"
+manager_address = "127.0.0.1:$manager_port"
+issuer_cert_file = "$certs/issuer/issuer.pem"
+issuer_key_file = "$certs/issuer/issuer-key.pem"
+node_cert_days = 1.0
 [liveness]
 # A small fleet: short heartbeats, and nobody marked offline at start.
 min_ttl_seconds = 5.0
@@ -88,11 +104,11 @@ stop_agents_on_exit = true
 [labels]
 env = "$env"
 zone = "$zone"
-tier = "demo"
 [tls]
-ca_file = "$certs/ca.pem"
-cert_file = "$certs/node-$name.pem"
-key_file = "$certs/node-$name-key.pem"
+# Written by fleet-daemon enroll; the daemon renews them itself.
+ca_file = "$dir/tls/ca.pem"
+cert_file = "$dir/tls/node.pem"
+key_file = "$dir/tls/node-key.pem"
 [manager]
 addresses = ["127.0.0.1:$manager_port"]
 metrics_interval_seconds = 2.0
@@ -132,14 +148,9 @@ sed "s#tcp://127.0.0.1:7443#tcp://127.0.0.1:$manager_port#" \
 sed -e 's/^version = "1.0"/version = "1.1"/' -e 's/interval_seconds = 2,/interval_seconds = 5,/' \
     "$demo/probe.toml" >"$demo/probe-v2.toml"
 
-say "starting fleet-manager on 127.0.0.1:$manager_port (SQLite in $demo/manager)"
+say "starting fleet-manager on 127.0.0.1:$manager_port (SQLite in $demo/manager), enrollment on :$enroll_port"
 "$bin/fleet-manager" serve --config "$demo/manager.toml" >"$demo/manager.log" 2>&1 &
 pids+=($!)
-for name in node-1 node-2; do
-    say "starting fleet-daemon $name"
-    "$bin/fleet-daemon" --config "$demo/$name.toml" >"$demo/$name.log" 2>&1 &
-    pids+=($!)
-done
 
 # wait_for SECONDS WHAT CMD...: retry CMD until it succeeds.
 wait_for() {
@@ -161,6 +172,32 @@ rows = rows.get("agents", rows) if isinstance(rows, dict) else rows
 running = [r for r in rows if str(r.get("status", "")).upper().endswith("RUNNING")]
 sys.exit(0 if len(running) >= int(sys.argv[1]) else 1)' "$1"
 }
+wait_for 30 "the manager to answer" fleetctl tokens list
+
+# One token per node, made for its name (--node-name also lets a demo run
+# again re-enroll a node the manager already knows); tier=demo is granted
+# to the node as an operator label.
+for name in node-1 node-2; do
+    say "fleetctl tokens create --node-name $name --labels tier=demo --ttl 10m"
+    fleetctl -o json tokens create --node-name "$name" --labels tier=demo --ttl 10m \
+        --description "make demo" >"$demo/$name.token.json"
+    read -r token ca_hash < <("$bin/python" -c '
+import json, sys
+t = json.load(open(sys.argv[1]))
+print(t["token"], t["ca_hash"])' "$demo/$name.token.json")
+    echo "token ${token%%.*}.<secret>, CA hash $ca_hash"
+    say "fleet-daemon enroll --manager 127.0.0.1:$enroll_port --token ... --ca-hash $ca_hash --name $name"
+    "$bin/fleet-daemon" enroll --manager "127.0.0.1:$enroll_port" --token "$token" \
+        --ca-hash "$ca_hash" --name "$name" --tls-dir "$demo/$name/tls" \
+        --config "$demo/$name/enrolled.toml" --state-dir "$demo/$name/state" --force
+done
+unset token
+
+for name in node-1 node-2; do
+    say "starting fleet-daemon $name"
+    "$bin/fleet-daemon" --config "$demo/$name.toml" >"$demo/$name.log" 2>&1 &
+    pids+=($!)
+done
 wait_for 60 "both nodes to register" bash -c \
     "'$bin/fleetctl' -o json nodes list | grep -q node-1 && '$bin/fleetctl' -o json nodes list | grep -q node-2"
 wait_for 60 "four agents RUNNING" count_running 4
@@ -171,6 +208,8 @@ sleep 6
 
 say "fleetctl nodes list"
 fleetctl nodes list
+say "fleetctl tokens list --all"
+fleetctl tokens list --all
 say "fleetctl agents list"
 fleetctl agents list
 say "fleetctl agents restart worker -l tier=demo --max-concurrency 1 --yes"
