@@ -29,9 +29,12 @@ import _ssl
 import argparse
 import datetime as dt
 import json
+import random
+import re
 import socket
 import ssl
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -248,28 +251,61 @@ _REFUSALS: dict[grpc.StatusCode, str] = {
     grpc.StatusCode.UNAUTHENTICATED: "refused the token",
     grpc.StatusCode.PERMISSION_DENIED: "refused the name {name!r}",
     grpc.StatusCode.INVALID_ARGUMENT: "refused the request",
-    grpc.StatusCode.RESOURCE_EXHAUSTED: "is enrolling too many hosts at once; try again soon",
+    grpc.StatusCode.RESOURCE_EXHAUSTED: "is still enrolling too many hosts at once; try again"
+    " later",
     grpc.StatusCode.UNIMPLEMENTED: "does not serve enrollment (is --manager its enrollment port?)",
     grpc.StatusCode.UNAVAILABLE: "did not complete the connection (is --manager its enrollment"
     " port?)",
 }
 
 
+RATE_LIMIT_PATIENCE = 120.0
+"""Seconds to keep retrying while the manager's enrollment rate limit refuses us.
+
+Many hosts installed at once (or behind one NAT address) meet the limit by
+design; waiting it out beats failing an unattended install."""
+
+_RETRY_IN = re.compile(r"retry in (\d+(?:\.\d+)?) s")
+
+
 def _call_enroll(
-    opts: EnrollOptions, pinned: PinnedCA, csr_pem: bytes
+    opts: EnrollOptions,
+    pinned: PinnedCA,
+    csr_pem: bytes,
+    *,
+    sleep: Callable[[float], None] = time.sleep,
+    clock: Callable[[], float] = time.monotonic,
 ) -> enroll_pb2.EnrollResponse:
     creds = grpc.ssl_channel_credentials(root_certificates=pinned.cert_pem)
     options = channel_options(f"manager.{pinned.trust_domain}")
+    give_up = clock() + RATE_LIMIT_PATIENCE
     with grpc.secure_channel(opts.manager, creds, options=options) as channel:
         stub = enroll_pb2_grpc.EnrollmentServiceStub(channel)
         request = enroll_pb2.EnrollRequest(token=opts.token, node_name=opts.name, csr_pem=csr_pem)
-        try:
-            reply: enroll_pb2.EnrollResponse = stub.Enroll(request, timeout=ENROLL_TIMEOUT)
-        except grpc.RpcError as exc:
-            code: grpc.StatusCode = exc.code()
-            what = _REFUSALS.get(code, f"answered {code.name}").format(name=opts.name)
-            raise EnrollError(f"the manager at {opts.manager} {what}: {exc.details()}") from None
-    return reply
+        attempt = 0
+        while True:
+            try:
+                reply: enroll_pb2.EnrollResponse = stub.Enroll(request, timeout=ENROLL_TIMEOUT)
+            except grpc.RpcError as exc:
+                code: grpc.StatusCode = exc.code()
+                details = exc.details() or ""
+                if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    suggested = _RETRY_IN.search(details)
+                    delay = float(suggested.group(1)) if suggested else min(2.0**attempt, 10.0)
+                    # Jitter spreads hosts that were refused together (not a secret).
+                    delay += random.uniform(0, delay / 2)  # noqa: S311
+                    if clock() + delay < give_up:
+                        print(
+                            f"fleet-daemon enroll: the manager is rate-limiting enrollments;"
+                            f" retrying in {delay:.1f} s",
+                            file=sys.stderr,
+                        )
+                        sleep(delay)
+                        attempt += 1
+                        continue
+                what = _REFUSALS.get(code, f"answered {code.name}").format(name=opts.name)
+                raise EnrollError(f"the manager at {opts.manager} {what}: {details}") from None
+            return reply
 
 
 def _check_reply(
