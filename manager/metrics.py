@@ -121,6 +121,17 @@ class ManagerMetrics:
         self.push_errors = Counter(
             "fleet_manager_push_errors", "PushUpdate calls that failed", registry=r
         )
+        self.relayed_commands = Counter(
+            "fleet_manager_relayed_commands",
+            "Commands forwarded to the replica holding the node's control stream, by code",
+            ["code"],
+            registry=r,
+        )
+        self.stream_directory_writes = Gauge(
+            "fleet_manager_stream_directory_writes",
+            "Transactions this replica wrote to record streams opened and closed",
+            registry=r,
+        )
 
     def observe_convergence(self, result: PassResult) -> None:
         """Record one desired-state pass."""

@@ -59,6 +59,15 @@ def test_env_overrides_a_nested_key() -> None:
         ("[artifacts]\nmax_bytes = 0\n", "artifacts.max_bytes"),
         ("[server]\nmax_receive_message_bytes = 1048576\n", "a 1 MiB artifact chunk"),
         ("[artifacts]\nstale_upload_seconds = 0.0\n", "stale_upload_seconds"),
+        ('[cluster]\nadvertise_address = "0.0.0.0:7443"\n', "cluster.advertise_address"),
+        ('[cluster]\nadvertise_address = "m1:0"\n', "cluster.advertise_address"),
+        ('[cluster]\nadvertise_address = "m1"\n', "cluster.advertise_address"),
+        # Replicas share PostgreSQL; the default database is a SQLite file.
+        ('[cluster]\nadvertise_address = "m1:7443"\n', "PostgreSQL"),
+        (
+            "[cluster]\nheartbeat_seconds = 5.0\nstale_after_seconds = 10.0\n",
+            "cluster.stale_after_seconds",
+        ),
     ],
 )
 def test_bad_config_is_one_line_naming_the_key(tmp_path: Path, toml: str, needle: str) -> None:
