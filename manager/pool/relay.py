@@ -78,7 +78,9 @@ def translate_relay_error(
     if (
         budget is not None
         and code == grpc.StatusCode.DEADLINE_EXCEEDED
-        and details == "Deadline Exceeded"  # gRPC's own wording: our deadline
+        # gRPC's own wording ("Deadline Exceeded", "Stream removed (Deadline Exceeded)"):
+        # our deadline; the peer's own messages start with the node id.
+        and not details.startswith(f"{node_id}: ")
     ):
         translated = DeadlineExceeded(
             f"{node_id}: no answer within {budget:g} s (relayed to {where}, "

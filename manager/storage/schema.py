@@ -507,8 +507,9 @@ manager_replicas = Table(
 )
 
 # Which replica holds each node's control stream. `epoch` grows with every
-# stream opened for the node, so a replica that lost the stream deletes its
-# record only if it is still the one it wrote. No foreign keys: rows of a
+# stream recorded over an existing record, and a replica deletes only (its id,
+# the epoch it wrote): one that lost the stream cannot clear a newer record.
+# No foreign keys: rows of a
 # replica that died stay until its nodes reconnect elsewhere, and are ignored
 # meanwhile (its `manager_replicas` row goes stale).
 control_streams = Table(
