@@ -48,7 +48,7 @@ async def test_opens_and_closes_of_one_batch_are_one_transaction(database: Datab
     epochs = await repo.record_streams("ma", ids, {}, now_ms=NOW)
     assert len(epochs) == 1200
     assert set(epochs.values()) == {1}
-    closed = {n: 1 for n in ids[:700]}
+    closed = dict.fromkeys(ids[:700], 1)
     again = await repo.record_streams("ma", ["n0000"], closed, now_ms=NOW + 1)
     assert again == {"n0000": 2}
     left = await repo.streams_of("ma")
