@@ -75,12 +75,14 @@ ALLOWED = {
     "FleetService": "operator",
     "DaemonService": "manager",
     "AgentService": "supervised agent",  # a process of the agent it names
+    "ReplicaService": "manager",  # another replica of the same fleet
 }
 """The one identity each service accepts. The ManagerService requests speak for node a."""
 CLAIMED: dict[str, tuple[Role, str]] = {
     "ManagerService": ("node", "a"),
     "FleetService": ("operator", "alice"),
     "DaemonService": ("manager", "m1"),
+    "ReplicaService": ("manager", "m1"),
 }
 """Who the refused identities claim to be, so only the certificate itself is wrong."""
 CALLER = {
@@ -253,6 +255,7 @@ async def tls_column_runs(fleet: Fleet, reqs: dict[str, Message]) -> dict[Any, O
         "ManagerService": (fleet.manager.port, manager_name(pki)),
         "FleetService": (fleet.manager.port, manager_name(pki)),
         "DaemonService": (fleet.daemon.port, node_name(pki, NODE)),
+        "ReplicaService": (fleet.manager.port, manager_name(pki)),
     }
     results: dict[Any, Outcome] = {}
     for service, (port, server_name) in targets.items():
@@ -329,7 +332,8 @@ async def test_security_matrix(fleet: Fleet, request: pytest.FixtureRequest) -> 
     assert agent_results is not None
     agent_results.update(await unsupervised_probe(fleet, reqs))
 
-    tcp_rows = [m for s in ("ManagerService", "FleetService", "DaemonService") for m in methods(s)]
+    tcp = ("ManagerService", "FleetService", "DaemonService", "ReplicaService")
+    tcp_rows = [m for s in tcp for m in methods(s)]
     tables = [
         render(tcp_rows, TLS_IDENTITIES, results),
         render(methods("AgentService"), AGENT_IDENTITIES, agent_results),
