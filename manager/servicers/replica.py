@@ -56,15 +56,16 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServiceServicer):
         m = METHODS.get(method)
         if m is None or m.server_streaming != streaming:
             kinds = sorted(n for n, x in METHODS.items() if x.server_streaming == streaming)
+            shown = method if len(method) <= 64 else method[:64] + "..."
             raise InvalidArgument(
-                f"{method!r} is not a {'server-streaming' if streaming else 'unary'} "
+                f"{shown!r} is not a {'server-streaming' if streaming else 'unary'} "
                 f"DaemonService method (one of {', '.join(kinds)})",
                 field="method",
             )
         if replica_id and replica_id != self._replica_id:
             raise Unavailable(
                 f"{node_id}: this is manager replica {self._replica_id or '(unnamed)'}, not "
-                f"{replica_id}: the route was stale; try again"
+                f"{replica_id[:64]}: the route was stale; try again"
             )
         try:
             return m.request.FromString(data)
