@@ -36,6 +36,7 @@ import json
 import os
 import random
 import resource
+import select
 import signal
 import socket
 import sqlite3
@@ -189,10 +190,19 @@ class _Gens:
                 )
             )
 
-    def read_all(self, key: str) -> list[Any]:
+    def read_all(self, key: str, within: float | None = None) -> list[Any]:
+        """Each generator's next line's `key`; SystemExit if one is not there `within` s."""
+        deadline = None if within is None else time.monotonic() + within
         out = []
         for p in self.procs:
             assert p.stdout is not None
+            if deadline is not None:
+                ready, _, _ = select.select([p.stdout], [], [], max(0, deadline - time.monotonic()))
+                if not ready:
+                    raise SystemExit(
+                        f"a load generator's nodes were not all {key} within {within:g} s "
+                        "(the machine could not keep up; see the figures above)"
+                    )
             line = p.stdout.readline()
             if not line:
                 raise SystemExit(f"a load generator exited ({p.wait()})")
@@ -434,6 +444,11 @@ def _wait_serving(port: int, proc: subprocess.Popen[bytes], within: float = 120.
     raise SystemExit(f"no manager serving on port {port} within {within:g} s")
 
 
+def _say(text: str) -> None:
+    """Progress on stderr (a big run takes many minutes)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
 def run_replicas(args: argparse.Namespace) -> dict[str, Any]:
     """N nodes split over two manager processes on PostgreSQL; commands on replica A."""
     _raise_nofile()
@@ -458,9 +473,11 @@ def run_replicas(args: argparse.Namespace) -> dict[str, Any]:
     }
     out: dict[str, Any] = {"nodes": per * 2, "replicas": 2, "procs_per_replica": args.procs}
     # The reference holds as many streams as one replica does.
+    _say(f"reference: {per} nodes")
     out.update(_reference(tls["m1"], spec, halves["m1"], args.procs, args.hold))
 
     db_url = asyncio.run(_create_database(server_url))
+    _say(f"reference done: {out['ref_cpu_per_1000']:.3f} core per 1,000; starting replicas")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     ports = {n: _free_port() for n in names}
     metrics_ports = {n: _free_port() for n in names}
@@ -488,8 +505,11 @@ def run_replicas(args: argparse.Namespace) -> dict[str, Any]:
         base_rss = {n: _rss(p.pid) for n, p in managers.items()}
         for n in names:
             gens.append(_Gens({**spec, "address": f"127.0.0.1:{ports[n]}"}, halves[n], args.procs))
+        _say(f"replicas serving; connecting {per} nodes to each")
+        t_connect = time.monotonic()
         for g in gens:
-            g.read_all("connected")
+            g.read_all("connected", within=args.connect_within)
+        out["connect_all_s"] = time.monotonic() - t_connect
         # Every stream recorded in the directory before commands are timed.
         deadline = time.monotonic() + 120
         while True:
@@ -504,6 +524,7 @@ def run_replicas(args: argparse.Namespace) -> dict[str, Any]:
             if time.monotonic() > deadline:
                 raise SystemExit(f"the stream directory did not fill: {rows}")
             time.sleep(0.5)
+        _say(f"all connected after {out['connect_all_s']:.0f} s and recorded; holding")
         time.sleep(min(10.0, args.hold / 3))  # the initial snapshots and batches settle
         writes0 = {n: _scrape(metrics_ports[n]) for n in names}
         t_hold = time.time()
@@ -579,6 +600,12 @@ def main(argv: list[str] | None = None) -> int:
         "--replicas", type=int, choices=(1, 2), default=1, help="manager processes (2: PostgreSQL)"
     )
     parser.add_argument("--postgres", help="PostgreSQL server URL for --replicas 2")
+    parser.add_argument(
+        "--connect-within",
+        type=float,
+        default=1800.0,
+        help="--replicas 2: give up if not every node is connected within this (s)",
+    )
     parser.add_argument("--loadgen", help=argparse.SUPPRESS)
     parser.add_argument("--reference", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
