@@ -146,7 +146,15 @@ class RelayTransport:
         self._config = config
         self._route = route
         self._record = record
+        self._peer = channels.record(route.replica_id)  # the peer's own counters
         self._on_done = on_done
+
+    def _count(self, failed: bool) -> None:
+        for record in (self._record, self._peer):
+            if failed:
+                record.failures += 1
+            else:
+                record.calls += 1
 
     def _cut_off(self, node_id: str) -> Unavailable:
         return Unavailable(
@@ -168,7 +176,7 @@ class RelayTransport:
         budget = self._config.call_timeout if call_timeout is None else call_timeout
         deadline = loop.time() + budget
         route = self._route
-        self._record.calls += 1
+        self._count(failed=False)
         code = grpc.StatusCode.OK
         try:
             body = _request(method, request, streaming=False)
@@ -194,7 +202,7 @@ class RelayTransport:
                 self._channels.release(channel)
             return _decode(method, reply.response, node_id, route)
         except FleetError as exc:
-            self._record.failures += 1
+            self._count(failed=True)
             code = exc.code
             raise
         finally:
@@ -217,7 +225,7 @@ class RelayTransport:
             budget = None if follow else self._config.call_timeout
         start_deadline = loop.time() + (budget or self._config.call_timeout)
         route = self._route
-        self._record.calls += 1
+        self._count(failed=False)
         code = grpc.StatusCode.OK
         try:
             body = _request(method, request, streaming=True)
@@ -247,7 +255,7 @@ class RelayTransport:
                 call.cancel()
                 self._channels.release(channel)
         except FleetError as exc:
-            self._record.failures += 1
+            self._count(failed=True)
             code = exc.code
             raise
         except GeneratorExit:

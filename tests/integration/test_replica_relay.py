@@ -248,6 +248,7 @@ async def test_commands_on_one_replica_reach_a_portless_daemon_streaming_to_the_
                     )
                     first_pid = agents["tick"].pid
                     assert relayed(a) >= 1
+                    assert a.pool.peer_stats()["mb"].calls >= 1  # one pooled channel to mb
 
                     # OperateAgent restart: a new process on the node.
                     reply = await stub.OperateAgent(
