@@ -39,6 +39,10 @@ __all__ = ["StreamDirectory"]
 log = logging.getLogger(__name__)
 
 _RETRY_SECONDS = 1.0
+_COALESCE_SECONDS = 0.1
+"""After a change, wait this long for more before writing: at a reconnect storm the
+streams opening within it are one transaction, and a route appears at most this
+much later."""
 
 
 class StreamDirectory:
@@ -187,6 +191,7 @@ class StreamDirectory:
     async def _write_loop(self) -> None:
         while not self._stop.is_set():
             await self._wake.wait()
+            await self._sleep(_COALESCE_SECONDS)
             self._wake.clear()
             if self._stop.is_set():
                 return
