@@ -117,7 +117,8 @@ def test_pki_node_leaf_has_no_manager_name(tmp_path: Path) -> None:
 
 
 def test_pki_extensions() -> None:
-    """The CA is CA:true pathlen 1 (one intermediate level) with keyCertSign; leaves are serverAuth+clientAuth leaves."""
+    """The CA is CA:true pathlen 1 (one intermediate level) with keyCertSign; leaves are
+    serverAuth+clientAuth leaves."""
     ca = CertificateAuthority.create()
     ca_cert = x509.load_pem_x509_certificate(ca.cert_pem)
     bc = ca_cert.extensions.get_extension_for_class(x509.BasicConstraints)
