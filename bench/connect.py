@@ -14,6 +14,18 @@ killed (-9) and restarted, and the time for all nodes to be welcomed again
 is measured. Prints (and with --json writes) manager and reference CPU per
 1,000 nodes and RSS per connection, command p50/p99, reconnect time and
 NODE_OFFLINE events during the hold (false offline).
+
+    python bench/connect.py --replicas 2 --nodes 1000 --procs 2 --hold 60
+    python bench/connect.py --replicas 2 --smoke   # tiny, needs PostgreSQL
+
+With `--replicas 2` two manager processes share a fresh PostgreSQL database
+(`--postgres`, default $FLEET_TEST_POSTGRES_URL) with `[cluster]
+advertise_address` set; half the nodes connect to each (`--procs` load
+generators per replica). Commands go to replica A for random nodes: those
+streaming to A run locally, the others are relayed to B (ReplicaService).
+Reported: local and relayed command p50/p99, each replica's CPU per 1,000
+of its nodes against the reference holding as many, the stream-directory
+writes, false offline. No kill -9 phase in this mode.
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ import json
 import os
 import random
 import resource
+import select
 import signal
 import socket
 import sqlite3
@@ -31,6 +44,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +67,7 @@ from fleet.tls import (  # noqa: E402
 from fleet.v1 import fleet_pb2, fleet_pb2_grpc, manager_pb2, manager_pb2_grpc  # noqa: E402
 
 KEEPALIVE, KEEPALIVE_TIMEOUT = 30.0, 10.0
+DEFAULT_POSTGRES = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
 
 
 def _free_port() -> int:
@@ -175,10 +190,19 @@ class _Gens:
                 )
             )
 
-    def read_all(self, key: str) -> list[Any]:
+    def read_all(self, key: str, within: float | None = None) -> list[Any]:
+        """Each generator's next line's `key`; SystemExit if one is not there `within` s."""
+        deadline = None if within is None else time.monotonic() + within
         out = []
         for p in self.procs:
             assert p.stdout is not None
+            if deadline is not None:
+                ready, _, _ = select.select([p.stdout], [], [], max(0, deadline - time.monotonic()))
+                if not ready:
+                    raise SystemExit(
+                        f"a load generator's nodes were not all {key} within {within:g} s "
+                        "(the machine could not keep up; see the figures above)"
+                    )
             line = p.stdout.readline()
             if not line:
                 raise SystemExit(f"a load generator exited ({p.wait()})")
@@ -213,21 +237,26 @@ def _rss(pid: int) -> int:
 
 async def _commands(
     address: str, operator: TLSConfig, td: str, ids: list[str], seconds: float, rate: float
-) -> list[float]:
-    """ListAgents to random nodes through the manager's pool for `seconds`; latencies (s)."""
+) -> list[tuple[str, float]]:
+    """Live ListAgents to random nodes through the manager's pool (down the nodes' streams,
+    or relayed) for `seconds`; (node, latency s) of each that answered. A node the
+    manager could not ask is a SystemExit: the figures would not be what they say."""
     channel = aio.secure_channel(
         address, channel_credentials(operator), options=channel_options(f"manager.{td}")
     )
     stub = fleet_pb2_grpc.FleetServiceStub(channel)
-    lat: list[float] = []
+    lat: list[tuple[str, float]] = []
     end = time.monotonic() + seconds
     rng = random.Random(1)
     while time.monotonic() < end:
         t0 = time.monotonic()
-        await stub.ListAgents(
-            fleet_pb2.FleetServiceListAgentsRequest(node_id=rng.choice(ids)), timeout=30
+        node = rng.choice(ids)
+        reply = await stub.ListAgents(
+            fleet_pb2.FleetServiceListAgentsRequest(node_id=node, live=True), timeout=30
         )
-        lat.append(time.monotonic() - t0)
+        if reply.errors:
+            raise SystemExit(f"live ListAgents of {node} failed: {reply.errors[0].message}")
+        lat.append((node, time.monotonic() - t0))
         await asyncio.sleep(max(0.0, 1 / rate - (time.monotonic() - t0)))
     await channel.close()
     return lat
@@ -236,6 +265,31 @@ async def _commands(
 def _pct(values: list[float], q: float) -> float:
     s = sorted(values)
     return s[min(len(s) - 1, int(q * len(s)))] * 1000 if s else 0.0
+
+
+def _reference(
+    tls: TLSConfig, spec: dict[str, Any], ids: list[str], procs: int, hold: float
+) -> dict[str, Any]:
+    """The bare server holding `ids` idle streams for `hold` s: its CPU per 1,000 and RSS."""
+    ref_port = _free_port()
+    files = (tls.ca_file, tls.cert_file, tls.key_file)
+    ref = subprocess.Popen(
+        [sys.executable, __file__, "--reference", str(ref_port), *map(str, files)]
+    )
+    time.sleep(2)
+    gens = _Gens({**spec, "address": f"127.0.0.1:{ref_port}"}, ids, procs)
+    try:
+        gens.read_all("connected")
+        cpu0 = _cpu(ref.pid)
+        time.sleep(hold)
+        return {
+            "ref_cpu_per_1000": (_cpu(ref.pid) - cpu0) / hold / len(ids) * 1000,
+            "ref_rss_mb": _rss(ref.pid) / 2**20,
+        }
+    finally:
+        gens.stop()
+        ref.terminate()
+        ref.wait(30)
 
 
 def run(args: argparse.Namespace) -> dict[str, Any]:
@@ -258,21 +312,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"nodes": args.nodes, "procs": args.procs}
 
     # The reference first: same nodes, same keepalive, nothing but idle streams.
-    ref_port = _free_port()
-    files = (manager_tls.ca_file, manager_tls.cert_file, manager_tls.key_file)
-    ref = subprocess.Popen(
-        [sys.executable, __file__, "--reference", str(ref_port), *map(str, files)]
-    )
-    time.sleep(2)
-    gens = _Gens({**spec, "address": f"127.0.0.1:{ref_port}"}, ids, args.procs)
-    gens.read_all("connected")
-    cpu0 = _cpu(ref.pid)
-    time.sleep(args.hold)
-    out["ref_cpu_per_1000"] = (_cpu(ref.pid) - cpu0) / args.hold / args.nodes * 1000
-    out["ref_rss_mb"] = _rss(ref.pid) / 2**20
-    gens.stop()
-    ref.terminate()
-    ref.wait(30)
+    out.update(_reference(manager_tls, spec, ids, args.procs, args.hold))
 
     port = _free_port()
     state = work / "mstate"
@@ -296,11 +336,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         time.sleep(min(10.0, args.hold / 3))  # the initial snapshots and batches settle
         t_hold = time.time()
         cpu0 = _cpu(manager.pid)
-        lat = asyncio.run(
-            _commands(
-                f"127.0.0.1:{port}", operator, ca.trust_domain, ids, args.hold, args.command_rate
+        lat = [
+            t
+            for _, t in asyncio.run(
+                _commands(
+                    f"127.0.0.1:{port}",
+                    operator,
+                    ca.trust_domain,
+                    ids,
+                    args.hold,
+                    args.command_rate,
+                )
             )
-        )
+        ]
         out["manager_cpu_per_1000"] = (_cpu(manager.pid) - cpu0) / args.hold / args.nodes * 1000
         out["manager_rss_per_conn_kb"] = (_rss(manager.pid) - base_rss) / args.nodes / 1024
         out["cpu_ratio_to_ref"] = out["manager_cpu_per_1000"] / max(1e-9, out["ref_cpu_per_1000"])
@@ -326,6 +374,216 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+# --- two replicas on PostgreSQL -----------------------------------------------------------
+
+
+def _pg_dsn(url: str) -> str:
+    return url.replace("postgresql+asyncpg://", "postgresql://", 1)
+
+
+async def _create_database(server_url: str) -> str:
+    """A fresh database on the server of `server_url`; its URL."""
+    import asyncpg  # only this mode needs PostgreSQL
+    from sqlalchemy.engine import make_url
+
+    url = make_url(server_url)
+    name = f"fleet_bench_{os.getpid()}_{int(time.time())}"
+    admin = await asyncpg.connect(_pg_dsn(url.render_as_string(hide_password=False)), timeout=5)
+    try:
+        await admin.execute(f'CREATE DATABASE "{name}"')
+    finally:
+        await admin.close()
+    return url.set(database=name).render_as_string(hide_password=False)
+
+
+async def _drop_database(db_url: str) -> None:
+    import asyncpg
+    from sqlalchemy.engine import make_url
+
+    url = make_url(db_url)
+    name = url.database
+    admin_url = url.set(database="postgres").render_as_string(hide_password=False)
+    admin = await asyncpg.connect(_pg_dsn(admin_url), timeout=5)
+    try:
+        await admin.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+    finally:
+        await admin.close()
+
+
+async def _query(db_url: str, sql: str, *params: Any) -> list[Any]:
+    import asyncpg
+
+    conn = await asyncpg.connect(_pg_dsn(db_url), timeout=5)
+    try:
+        return list(await conn.fetch(sql, *params))
+    finally:
+        await conn.close()
+
+
+def _scrape(port: int) -> dict[str, float]:
+    """A manager's /metrics as {sample: value}."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+        text = resp.read().decode()
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+def _wait_serving(port: int, proc: subprocess.Popen[bytes], within: float = 120.0) -> None:
+    deadline = time.monotonic() + within
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise SystemExit(f"a manager exited ({proc.returncode}) before serving")
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.2)
+    raise SystemExit(f"no manager serving on port {port} within {within:g} s")
+
+
+def _say(text: str) -> None:
+    """Progress on stderr (a big run takes many minutes)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
+
+
+def run_replicas(args: argparse.Namespace) -> dict[str, Any]:
+    """N nodes split over two manager processes on PostgreSQL; commands on replica A."""
+    _raise_nofile()
+    server_url = args.postgres or os.environ.get("FLEET_TEST_POSTGRES_URL", DEFAULT_POSTGRES)
+    work = Path(tempfile.mkdtemp(prefix="bench-replicas-", dir="/dev/shm"))
+    ca = CertificateAuthority.create()
+    ca_cert, ca_key = ca.write(work / "ca")
+    names = ("m1", "m2")
+    tls = {n: ca.issue("manager", n, ips=("127.0.0.1",)).write(work / n) for n in names}
+    operator = ca.issue("operator", "bench").write(work / "operator")
+    per = args.nodes // 2
+    ids = [f"cn-{i:05d}" for i in range(per * 2)]
+    halves = {"m1": ids[:per], "m2": ids[per:]}
+    spec = {
+        "ca_cert": str(ca_cert),
+        "ca_key": str(ca_key),
+        "root": str(work / "nodes"),
+        "metrics_interval": args.metrics_interval,
+        "state_change_interval": args.state_change_interval,
+        "spread": args.spread,
+        "backoff_max": 10.0,
+    }
+    out: dict[str, Any] = {"nodes": per * 2, "replicas": 2, "procs_per_replica": args.procs}
+    # The reference holds as many streams as one replica does.
+    _say(f"reference: {per} nodes")
+    out.update(_reference(tls["m1"], spec, halves["m1"], args.procs, args.hold))
+
+    db_url = asyncio.run(_create_database(server_url))
+    _say(f"reference done: {out['ref_cpu_per_1000']:.3f} core per 1,000; starting replicas")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    ports = {n: _free_port() for n in names}
+    metrics_ports = {n: _free_port() for n in names}
+    managers: dict[str, subprocess.Popen[bytes]] = {}
+    gens: list[_Gens] = []
+    try:
+        for n in names:
+            t = tls[n]
+            config = work / f"{n}.toml"
+            config.write_text(
+                f'state_dir = "{work / n}"\n'
+                f'[server]\nlisten = "127.0.0.1:{ports[n]}"\n'
+                f'metrics_listen = "127.0.0.1:{metrics_ports[n]}"\n'
+                f'[tls]\nca_file = "{t.ca_file}"\ncert_file = "{t.cert_file}"\n'
+                f'key_file = "{t.key_file}"\n'
+                f'[database]\nurl = "{db_url}"\n'
+                f"[control]\nkeepalive_time_seconds = {KEEPALIVE}\n"
+                f"keepalive_timeout_seconds = {KEEPALIVE_TIMEOUT}\n"
+                f'[cluster]\nadvertise_address = "127.0.0.1:{ports[n]}"\n'
+                '[logging]\nlevel = "warning"\n'
+            )
+            argv = [sys.executable, "-m", "manager.cli", "serve", "--config", str(config)]
+            managers[n] = subprocess.Popen(argv, env=env)
+            _wait_serving(ports[n], managers[n])  # one after the other: one migrates
+        base_rss = {n: _rss(p.pid) for n, p in managers.items()}
+        for n in names:
+            gens.append(_Gens({**spec, "address": f"127.0.0.1:{ports[n]}"}, halves[n], args.procs))
+        _say(f"replicas serving; connecting {per} nodes to each")
+        t_connect = time.monotonic()
+        for g in gens:
+            g.read_all("connected", within=args.connect_within)
+        out["connect_all_s"] = time.monotonic() - t_connect
+        # Every stream recorded in the directory before commands are timed.
+        deadline = time.monotonic() + 120
+        while True:
+            rows = asyncio.run(
+                _query(
+                    db_url,
+                    "SELECT replica_id, COUNT(*) AS c FROM control_streams GROUP BY replica_id",
+                )
+            )
+            if {r["replica_id"]: r["c"] for r in rows} == dict.fromkeys(names, per):
+                break
+            if time.monotonic() > deadline:
+                raise SystemExit(f"the stream directory did not fill: {rows}")
+            time.sleep(0.5)
+        _say(f"all connected after {out['connect_all_s']:.0f} s and recorded; holding")
+        time.sleep(min(10.0, args.hold / 3))  # the initial snapshots and batches settle
+        writes0 = {n: _scrape(metrics_ports[n]) for n in names}
+        t_hold = time.time()
+        cpu0 = {n: _cpu(p.pid) for n, p in managers.items()}
+        lat = asyncio.run(
+            _commands(
+                f"127.0.0.1:{ports['m1']}",
+                operator,
+                ca.trust_domain,
+                ids,
+                args.hold,
+                args.command_rate,
+            )
+        )
+        cpu = {n: (_cpu(p.pid) - cpu0[n]) / args.hold / per * 1000 for n, p in managers.items()}
+        after = {n: _scrape(metrics_ports[n]) for n in names}
+        local_ids = set(halves["m1"])
+        local = [t for node, t in lat if node in local_ids]
+        relayed = [t for node, t in lat if node not in local_ids]
+        out["manager_cpu_per_1000"] = cpu
+        out["cpu_ratio_to_ref"] = {
+            n: c / max(1e-9, out["ref_cpu_per_1000"]) for n, c in cpu.items()
+        }
+        out["manager_rss_per_conn_kb"] = {
+            n: (_rss(p.pid) - base_rss[n]) / per / 1024 for n, p in managers.items()
+        }
+        out["commands_local"] = len(local)
+        out["commands_relayed"] = len(relayed)
+        out["local_p50_ms"], out["local_p99_ms"] = _pct(local, 0.5), _pct(local, 0.99)
+        out["relayed_p50_ms"], out["relayed_p99_ms"] = _pct(relayed, 0.5), _pct(relayed, 0.99)
+        key = 'fleet_manager_relayed_commands_total{code="OK"}'
+        out["relayed_ok_on_a"] = after["m1"].get(key, 0.0) - writes0["m1"].get(key, 0.0)
+        w = "fleet_manager_stream_directory_writes"
+        out["directory_writes_at_connect"] = {n: writes0[n].get(w, 0.0) for n in names}
+        out["directory_writes_during_hold"] = {
+            n: after[n].get(w, 0.0) - writes0[n].get(w, 0.0) for n in names
+        }
+        out["false_offline"] = asyncio.run(
+            _query(
+                db_url,
+                "SELECT COUNT(*) AS c FROM events WHERE kind = 'NODE_OFFLINE' AND ts_ms >= $1",
+                int(t_hold * 1000),
+            )
+        )[0]["c"]
+    finally:
+        for g in gens:
+            g.stop()
+        for p in managers.values():
+            p.terminate()
+        for p in managers.values():
+            try:
+                p.wait(30)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        asyncio.run(_drop_database(db_url))
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--nodes", type=int, default=2000)
@@ -338,6 +596,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-kill", dest="kill", action="store_false")
     parser.add_argument("--smoke", action="store_true", help="a tiny run")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--replicas", type=int, choices=(1, 2), default=1, help="manager processes (2: PostgreSQL)"
+    )
+    parser.add_argument("--postgres", help="PostgreSQL server URL for --replicas 2")
+    parser.add_argument(
+        "--connect-within",
+        type=float,
+        default=1800.0,
+        help="--replicas 2: give up if not every node is connected within this (s)",
+    )
     parser.add_argument("--loadgen", help=argparse.SUPPRESS)
     parser.add_argument("--reference", nargs=4, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -350,7 +618,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         args.nodes, args.procs, args.hold, args.spread = 20, 2, 5.0, 1.0
         args.metrics_interval, args.state_change_interval = 2.0, 3.0
-    result = run(args)
+        if args.replicas == 2:
+            args.procs = 1  # per replica
+    result = run_replicas(args) if args.replicas == 2 else run(args)
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))

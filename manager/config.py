@@ -18,6 +18,7 @@ from manager.pool.config import ControlConfig, PoolConfig
 __all__ = [
     "ENV_PREFIX",
     "ArtifactsConfig",
+    "ClusterConfig",
     "ControlConfig",
     "DatabaseConfig",
     "EnrollConfig",
@@ -218,6 +219,51 @@ class JobsConfig:
             raise ValueError("jobs.dispatch_concurrency: must be >= 1")
 
 
+# Hosts a peer cannot dial: refused in advertise_address, never bound to.
+_WILDCARD_HOSTS = frozenset({"0.0.0.0", "::", "[::]", ""})  # noqa: S104
+
+
+@dataclass(frozen=True)
+class ClusterConfig:
+    """Several manager replicas on one PostgreSQL database (docs/operations-manager.md).
+
+    With `advertise_address` set, this replica records in the database which
+    nodes' control streams it holds and where it is reached, and a command
+    for a node streaming to another replica is forwarded there (ReplicaService,
+    on the main port). Empty: a single manager; a command for a node with no
+    stream here dials the daemon, as before.
+    """
+
+    advertise_address: str = ""
+    """host:port the other replicas reach this one's `server.listen` port at (not a
+    wildcard host); "" = routing between replicas off."""
+    heartbeat_seconds: float = 2.0
+    """This replica refreshes its row in the database this often."""
+    stale_after_seconds: float = 10.0
+    """A replica whose row is older than this is gone: streams recorded on it are
+    ignored (its nodes reconnect elsewhere). At least 3 x heartbeat_seconds."""
+    reconcile_seconds: float = 30.0
+    """This often the replica compares its recorded streams with the ones it holds
+    and repairs the difference (a record lost to a race, a delete that failed)."""
+
+    def validate(self) -> None:
+        if self.advertise_address:
+            _check_hostport(self.advertise_address, "cluster.advertise_address")
+            host = self.advertise_address.rpartition(":")[0]
+            if host in _WILDCARD_HOSTS or self.advertise_address.endswith(":0"):
+                raise ValueError(
+                    "cluster.advertise_address: must be an address other replicas can dial "
+                    f"(a host name or IP and a fixed port), got {self.advertise_address!r}"
+                )
+        if self.heartbeat_seconds <= 0 or self.reconcile_seconds <= 0:
+            raise ValueError("cluster: heartbeat_seconds and reconcile_seconds must be > 0")
+        if self.stale_after_seconds < 3 * self.heartbeat_seconds:
+            raise ValueError(
+                "cluster.stale_after_seconds: must be at least 3 x heartbeat_seconds "
+                f"({3 * self.heartbeat_seconds:g}), got {self.stale_after_seconds:g}"
+            )
+
+
 @dataclass(frozen=True)
 class EnrollConfig:
     """Enrollment and node certificates (docs/certificates.md, docs/install.md)."""
@@ -311,6 +357,8 @@ class ManagerConfig:
     """[control] table: the daemons' control streams (ManagerService.Connect)."""
     enroll: EnrollConfig = field(default_factory=EnrollConfig)
     """[enroll] table: join tokens, enrollment and node certificates."""
+    cluster: ClusterConfig = field(default_factory=ClusterConfig)
+    """[cluster] table: routing commands between manager replicas."""
 
     def validate(self) -> None:
         for section in (
@@ -322,8 +370,14 @@ class ManagerConfig:
             self.jobs,
             self.control,
             self.enroll,
+            self.cluster,
         ):
             section.validate()
+        if self.cluster.advertise_address and not self.database_url.startswith("postgresql"):
+            raise ValueError(
+                "cluster.advertise_address: several replicas need a shared PostgreSQL "
+                "database ([database] url = postgresql+asyncpg://...)"
+            )
 
     @property
     def database_url(self) -> str:

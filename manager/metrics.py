@@ -146,6 +146,17 @@ class ManagerMetrics:
             "When the manager's own certificate (tls.cert_file) expires, Unix seconds",
             registry=r,
         )
+        self.relayed_commands = Counter(
+            "fleet_manager_relayed_commands",
+            "Commands forwarded to the replica holding the node's control stream, by code",
+            ["code"],
+            registry=r,
+        )
+        self.stream_directory_writes = Gauge(
+            "fleet_manager_stream_directory_writes",
+            "Transactions this replica wrote to record streams opened and closed",
+            registry=r,
+        )
 
     def observe_enrollment(self, outcome: str) -> None:
         """Count one Enroll by outcome (rate-limited ones also on their own counter)."""

@@ -22,14 +22,14 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from fleet.errors import ConfigError
+from fleet.errors import ConfigError, FailedPrecondition
 from fleet.interceptors import ErrorMappingInterceptor
 from fleet.listen import check_listen_addresses
 from fleet.observability import start_metrics_http_server
 from fleet.pki import CertificateAuthority
 from fleet.service import add_health_and_reflection
 from fleet.tls import TLSConfig, server_credentials
-from fleet.v1 import fleet_pb2_grpc, manager_pb2, manager_pb2_grpc
+from fleet.v1 import fleet_pb2_grpc, manager_pb2, manager_pb2_grpc, replica_pb2, replica_pb2_grpc
 from manager.config import ManagerConfig
 from manager.metrics import (
     CertificateExpiry,
@@ -58,6 +58,7 @@ from manager.service.job_updates import JobUpdates
 from manager.service.liveness import LivenessPolicy, stream_refresh_interval
 from manager.service.metrics import MetricsService
 from manager.service.registry import NodeRegistry
+from manager.service.replicas import StreamDirectory
 from manager.service.reports import DaemonReports
 from manager.service.rollout_control import RolloutControl
 from manager.service.self_renewal import SelfRenewal
@@ -68,6 +69,7 @@ from manager.servicers.enrollment import start_server as start_enrollment_server
 from manager.servicers.fleet_service import SERVICE_NAME as FLEET_SERVICE_NAME
 from manager.servicers.fleet_service import build_fleet_servicer
 from manager.servicers.manager_service import ManagerServicer
+from manager.servicers.replica import ReplicaServicer
 from manager.storage import Database, EventRepository, NodeRepository
 from manager.storage.artifacts import ArtifactRepository
 from manager.storage.desired import DesiredStateRepository
@@ -75,6 +77,7 @@ from manager.storage.enrollment import EnrollmentRepository
 from manager.storage.jobs import JobRepository
 from manager.storage.metrics import MetricStore
 from manager.storage.removal import RemovalRepository
+from manager.storage.replicas import ReplicaRepository
 from manager.storage.writer import MetricWriter
 
 __all__ = ["SERVICE_NAME", "ManagerServer", "open_database"]
@@ -83,6 +86,7 @@ log = logging.getLogger(__name__)
 
 SERVICE_NAME: str = manager_pb2.DESCRIPTOR.services_by_name["ManagerService"].full_name
 """Full name of the service, for health and reflection."""
+REPLICA_SERVICE_NAME: str = replica_pb2.DESCRIPTOR.services_by_name["ReplicaService"].full_name
 
 
 def tls_config(config: ManagerConfig) -> TLSConfig:
@@ -180,6 +184,8 @@ class ManagerServer:
         self._health: Any = None  # grpc_health's aio HealthServicer (untyped)
         self._grace: float | None = None
         self._started = False
+        self.directory: StreamDirectory | None = None
+        """Where other replicas' streams are (None: `[cluster] advertise_address` unset)."""
         self.port = 0
         """The bound gRPC port (after start)."""
         self.enroll_port: int | None = None
@@ -326,7 +332,33 @@ class ManagerServer:
             clock=self._clock,
         )
         # The daemons' control streams on this replica; the pool uses a node's one if open.
-        self.control_streams = ControlStreams(clock=self._clock)
+        self.control_streams = ControlStreams(clock=self._clock, on_change=self._stream_changed)
+        # With several replicas: where every node's stream is, and where each replica is.
+        clu = cfg.cluster
+        if clu.advertise_address:
+            self.directory = StreamDirectory(
+                ReplicaRepository(self.db),
+                self.control_streams,
+                replica_id=identity.name,
+                address=clu.advertise_address,
+                heartbeat=clu.heartbeat_seconds,
+                stale_after=clu.stale_after_seconds,
+                reconcile=clu.reconcile_seconds,
+                clock=self._clock,
+            )
+            try:
+                await self.directory.start()
+            except FailedPrecondition as exc:
+                raise ConfigError(f"cluster: {exc.message}") from None
+            # Runs after the gRPC server stopped (the stack unwinds in reverse): no stream left.
+            self._stack.push_async_callback(self.directory.stop)
+            directory = self.directory
+            m.stream_directory_writes.set_function(lambda: directory.writes)
+        elif self.db.dialect == "postgresql":
+            log.info(
+                "[cluster] advertise_address is not set: a command for a node streaming to "
+                "another replica dials its daemon instead of going through that replica"
+            )
         m.control_streams.set_function(lambda: len(self.control_streams))
         self.stream_liveness = StreamLiveness(
             self.control_streams,
@@ -341,7 +373,14 @@ class ManagerServer:
         self._stack.push_async_callback(self.stream_liveness.stop)
         # The one client to daemons (FleetService calls, pushes of desired state).
         self.pool = DaemonPool(
-            tls, identity.trust_domain, config=cfg.pool, streams=self.control_streams
+            tls,
+            identity.trust_domain,
+            config=cfg.pool,
+            streams=self.control_streams,
+            routes=self.directory,
+            replica_id=identity.name,
+            relay_max_message_bytes=cfg.control.max_message_bytes,
+            on_relayed=lambda code: m.relayed_commands.labels(code.name).inc(),
         )
         self._stack.push_async_callback(self.pool.close)
         # Desired state: one replica converges; every replica takes changes and pokes it.
@@ -516,7 +555,13 @@ class ManagerServer:
         )
         manager_pb2_grpc.add_ManagerServiceServicer_to_server(servicer, server)
         fleet_pb2_grpc.add_FleetServiceServicer_to_server(fleet_servicer, server)
-        self._health = add_health_and_reflection(server, [SERVICE_NAME, FLEET_SERVICE_NAME])
+        replicas = ReplicaServicer(
+            self.pool, replica_id=identity.name, trust_domain=identity.trust_domain
+        )
+        replica_pb2_grpc.add_ReplicaServiceServicer_to_server(replicas, server)
+        self._health = add_health_and_reflection(
+            server, [SERVICE_NAME, FLEET_SERVICE_NAME, REPLICA_SERVICE_NAME]
+        )
         try:
             self.port = server.add_secure_port(cfg.server.listen, server_credentials(tls))
         except RuntimeError as exc:
@@ -621,6 +666,10 @@ class ManagerServer:
         job_driver = getattr(self, "job_driver", None)
         if job_driver is not None:
             job_driver.nodes_changed()
+
+    def _stream_changed(self, node_id: str) -> None:
+        if self.directory is not None:
+            self.directory.changed(node_id)
 
     def _nodes_changed(self) -> None:
         """A registration or an agent sync: desired state may change; a node may be back

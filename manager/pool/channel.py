@@ -25,14 +25,14 @@ from manager.pool.state import ConnectionState, ConnEvent, apply
 if TYPE_CHECKING:
     import asyncio
 
-    from fleet.v1.daemon_pb2_grpc import DaemonServiceAsyncStub
-
 __all__ = [
     "NodeStats",
     "ReloadingCredentials",
     "WrongDaemonIdentity",
     "channel_args",
+    "no_connection",
     "translate_error",
+    "wrong_peer",
 ]
 
 log = logging.getLogger(__name__)
@@ -153,16 +153,16 @@ def translate_error(
         translated = DeadlineExceeded(
             f"{node_id}: daemon at {address} did not answer within {budget:g} s"
         )
-    elif code == grpc.StatusCode.UNAVAILABLE and any(m in details for m in _NOT_THAT_NODE):
+    elif code == grpc.StatusCode.UNAVAILABLE and wrong_peer(details) == "name":
         translated = WrongDaemonIdentity(
             f"{node_id} at {address} presented a certificate that is not node/{node_id}"
         )
-    elif code == grpc.StatusCode.UNAVAILABLE and any(m in details for m in _UNTRUSTED):
+    elif code == grpc.StatusCode.UNAVAILABLE and wrong_peer(details) == "ca":
         translated = WrongDaemonIdentity(
             f"{node_id} at {address} presented a certificate not signed by the fleet CA "
             "(check the daemon's cert and the manager's ca_file)"
         )
-    elif code == grpc.StatusCode.UNAVAILABLE and _no_connection(details):
+    elif code == grpc.StatusCode.UNAVAILABLE and no_connection(details):
         why = _UNREACHABLE.get(cause(details))
         if why is None:
             why = f"cannot reach the daemon at {{address}}: {last_error(details)}"
@@ -176,8 +176,19 @@ def translate_error(
     return translated
 
 
-def _no_connection(details: str) -> bool:
-    """gRPC's own UNAVAILABLE for a connection it could not make or keep (not the daemon's)."""
+def wrong_peer(details: str) -> str | None:
+    """Why the TLS handshake refused the peer, from an UNAVAILABLE's details: "name"
+    (its certificate is not the identity dialled), "ca" (not signed by the fleet
+    CA), or None (not a handshake failure)."""
+    if any(m in details for m in _NOT_THAT_NODE):
+        return "name"
+    if any(m in details for m in _UNTRUSTED):
+        return "ca"
+    return None
+
+
+def no_connection(details: str) -> bool:
+    """gRPC's own UNAVAILABLE for a connection it could not make or keep (not the peer's)."""
     return details.startswith("failed to connect to all addresses") or cause(details) in (
         Cause.NO_NAME,
         Cause.CLOSED,
@@ -248,14 +259,16 @@ class NodeRecord:
 
 
 class DaemonChannel:
-    """The open channel to one daemon and how it is being used."""
+    """The open channel to one daemon (or, in the relay's pool, one peer replica) and how
+    it is being used. `stub` is the service stub made for it (DaemonService or
+    ReplicaService)."""
 
     def __init__(
         self,
         node_id: str,
         address: str,
         channel: aio.Channel,
-        stub: DaemonServiceAsyncStub,
+        stub: Any,
         args: list[tuple[str, Any]],
         now: float,
     ) -> None:

@@ -24,12 +24,13 @@ import contextlib
 import logging
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from typing import Any
 
 import grpc
 from grpc import aio
 
 from fleet.errors import FailedPrecondition, ResourceExhausted, Unavailable
-from fleet.pki import Identity
+from fleet.pki import Identity, Role
 from fleet.v1 import daemon_pb2_grpc
 from manager.pool.channel import DaemonChannel, NodeRecord, NodeStats, channel_args, node_stats
 from manager.pool.config import PoolConfig
@@ -42,7 +43,13 @@ log = logging.getLogger(__name__)
 
 
 class Channels:
-    """One channel per daemon, at most `config.max_channels` of them open."""
+    """One channel per daemon, at most `config.max_channels` of them open.
+
+    The relay's pool of channels to peer replicas is a `Channels` too: keys
+    are replica ids, `role` "manager" (the peer must present
+    `manager/<replica id>`), `stub` the ReplicaService stub, and `extra_args`
+    its message size limit.
+    """
 
     def __init__(
         self,
@@ -50,11 +57,18 @@ class Channels:
         trust_domain: str,
         config: PoolConfig,
         clock: Callable[[], float],
+        *,
+        role: Role = "node",
+        stub: Callable[[aio.Channel], Any] = daemon_pb2_grpc.DaemonServiceStub,
+        extra_args: Iterable[tuple[str, Any]] = (),
     ) -> None:
         self._credentials = credentials
         self._trust_domain = trust_domain
         self._config = config
         self._clock = clock
+        self._role: Role = role
+        self._stub = stub
+        self._extra_args = tuple(extra_args)
         self._open: OrderedDict[str, DaemonChannel] = OrderedDict()  # LRU first
         self._records: dict[str, NodeRecord] = {}
         self._closing: dict[asyncio.Task[None], DaemonChannel] = {}
@@ -222,14 +236,14 @@ class Channels:
             ) from None
 
     def _new_channel(self, node_id: str, address: str) -> DaemonChannel:
-        server_name = Identity("node", node_id, self._trust_domain).server_name
-        args = channel_args(node_id, server_name, self._config)
+        server_name = Identity(self._role, node_id, self._trust_domain).server_name
+        args = [*channel_args(node_id, server_name, self._config), *self._extra_args]
         grpc_channel = aio.secure_channel(address, self._credentials(), options=args)
         channel = DaemonChannel(
             node_id,
             address,
             grpc_channel,
-            daemon_pb2_grpc.DaemonServiceStub(grpc_channel),
+            self._stub(grpc_channel),
             args,
             now=self._clock(),
         )

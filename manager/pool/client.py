@@ -20,6 +20,12 @@ jittered backoff on UNAVAILABLE, and only on UNAVAILABLE:
     read_job_output                its start, until the first chunk arrives
     =============================  ======================================
 
+Per call the pool picks a transport (`manager.pool.routing`): the node's
+control stream on this replica, else the replica the stream directory says
+holds it (`routes`, with several replicas on PostgreSQL), else dialling the
+daemon. Over a stream or a relay nothing is retried (the daemon reconnects by
+itself and the next call takes the new way).
+
 When an idempotent call runs out of attempts against a connection that
 failed, the pool gives the channel up (RECONNECTING -> IDLE) so the next call
 starts from a fresh connection instead of gRPC's growing reconnect backoff.
@@ -36,22 +42,31 @@ import random
 import time
 from collections.abc import AsyncGenerator, Callable, Sequence
 from types import TracebackType
-from typing import TypeVar
+from typing import Protocol, TypeVar
 
+import grpc
 from google.protobuf.message import Message
 
-from fleet.errors import ConfigError, FailedPrecondition, InvalidArgument, Unavailable
+from fleet.errors import (
+    ConfigError,
+    FailedPrecondition,
+    FleetError,
+    InvalidArgument,
+    Unavailable,
+)
 from fleet.pki import check_trust_domain
 from fleet.tls import TLSConfig
-from fleet.v1 import common_pb2, daemon_pb2
+from fleet.v1 import common_pb2, daemon_pb2, replica_pb2_grpc
 from manager.pool.channel import NodeStats, ReloadingCredentials
 from manager.pool.channels import Channels
 from manager.pool.config import PoolConfig
+from manager.pool.relay import RelayTransport
+from manager.pool.routing import Route, Via, choose_transport
 from manager.pool.state import ConnectionState
-from manager.pool.stream import ControlStreams
+from manager.pool.stream import ControlSession, ControlStreams
 from manager.pool.transport import DialledTransport, StreamTransport, Transport
 
-__all__ = ["Clock", "DaemonPool"]
+__all__ = ["Clock", "DaemonPool", "Routes"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +74,20 @@ Clock = Callable[[], float]
 """Monotonic seconds; the pool's notion of "now" for idle times and stats."""
 
 _Resp = TypeVar("_Resp", bound=Message)
+
+RELAY_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
+"""Default receive limit of relay channels: a daemon's result may be this large on
+its stream (`control.max_message_bytes`), so it must fit relayed too."""
+
+
+class Routes(Protocol):
+    """Where a node's control stream is when it is not on this replica (the stream
+    directory, `manager.service.replicas`)."""
+
+    async def route(self, node_id: str) -> Route | None:
+        """The live replica holding `node_id`'s stream, or None (not known to be anywhere)."""
+        ...
+
 
 _Op = common_pb2.AgentOperation
 # The daemon contract makes start and stop idempotent (starting a running
@@ -85,7 +114,14 @@ class DaemonPool:
         clock: Clock = time.monotonic,
         rng: random.Random | None = None,
         streams: ControlStreams | None = None,
+        routes: Routes | None = None,
+        replica_id: str = "",
+        relay_max_message_bytes: int = RELAY_MAX_MESSAGE_BYTES,
+        on_relayed: Callable[[grpc.StatusCode], None] = lambda _: None,
     ) -> None:
+        """`streams`: this replica's control streams; `routes`: where other replicas
+        hold theirs (None: a single manager, never relay); `replica_id`: this
+        replica's name, in messages; `on_relayed`: told how each relayed call ended."""
         config = config or PoolConfig()
         try:
             config.validate()
@@ -98,6 +134,19 @@ class DaemonPool:
         rng = rng or random.Random()  # noqa: S311  # jitter, not cryptography
         self._dialled = DialledTransport(self._channels, config, rng)
         self._streams = streams
+        self._routes = routes
+        self._replica_id = replica_id
+        self._on_relayed = on_relayed
+        # Peer replicas, pooled like daemons: lazily opened, bounded, closed when idle.
+        self._peers = Channels(
+            credentials,
+            trust_domain,
+            config,
+            clock,
+            role="manager",
+            stub=replica_pb2_grpc.ReplicaServiceStub,
+            extra_args=[("grpc.max_receive_message_length", relay_max_message_bytes)],
+        )
         self._closed = False
 
     # -- observing --------------------------------------------------------
@@ -129,6 +178,10 @@ class DaemonPool:
     def stats(self) -> dict[str, NodeStats]:
         """Per-daemon counters and state, for every daemon the pool has called."""
         return self._channels.stats()
+
+    def peer_stats(self) -> dict[str, NodeStats]:
+        """Per-replica counters and state of the relay's channels to peer replicas."""
+        return self._peers.stats()
 
     async def wait_for_state(self, node_id: str, *states: ConnectionState) -> ConnectionState:
         """Wait until `node_id` is in one of `states` (bound it with asyncio.timeout)."""
@@ -319,6 +372,43 @@ class DaemonPool:
             async for response in responses:
                 yield response
 
+    # -- the relay's receiving side: this replica's streams only --------------
+
+    async def local_unary(
+        self, node_id: str, method: str, request: Message, *, call_timeout: float | None
+    ) -> Message:
+        """Run unary DaemonService `method` on the node's stream on this replica, never
+        anywhere else (a relayed call: no second hop, no loop). `call_timeout` None:
+        the pool's default. Unavailable if the stream is not here."""
+        session = self._local_session(node_id)
+        transport = StreamTransport(session, self._config, self._channels.record(node_id))
+        return await transport.unary(
+            node_id, "", method, request, idempotent=False, call_timeout=call_timeout
+        )
+
+    async def local_stream(
+        self, node_id: str, method: str, request: Message, *, call_timeout: float | None
+    ) -> AsyncGenerator[Message, None]:
+        """As `local_unary` for a server-streaming method; `call_timeout` None: none."""
+        session = self._local_session(node_id)
+        transport = StreamTransport(session, self._config, self._channels.record(node_id))
+        async with contextlib.aclosing(
+            transport.stream(node_id, "", method, request, follow=True, call_timeout=call_timeout)
+        ) as responses:
+            async for response in responses:
+                yield response
+
+    def _local_session(self, node_id: str) -> ControlSession:
+        self._check_open()
+        session = self._streams.get(node_id) if self._streams is not None else None
+        if session is None:
+            here = f"manager replica {self._replica_id}" if self._replica_id else "this manager"
+            raise Unavailable(
+                f"{node_id}: its control stream is not on {here} (it closed or moved to "
+                "another replica); try again"
+            )
+        return session
+
     async def forget(self, node_id: str) -> bool:
         """Close the channel to `node_id` (e.g. the node was deleted); calls in flight fail.
 
@@ -340,6 +430,7 @@ class DaemonPool:
         """Close every channel (calls in flight are cancelled) and stop the tasks."""
         self._closed = True
         await self._channels.close()
+        await self._peers.close()
 
     async def __aenter__(self) -> DaemonPool:
         return self
@@ -354,22 +445,45 @@ class DaemonPool:
 
     # -- internals ----------------------------------------------------------
 
-    def _transport(self, node_id: str, address: str) -> Transport:
-        """The node's open control stream on this replica if it has one, else dialling.
+    async def _transport(self, node_id: str, address: str) -> Transport:
+        """The node's control stream here, else its stream's replica, else dialling.
 
         The stream is the one whose certificate is `node_id`'s (the Connect
         handler registers it under the hello's node id only after the
-        identity check), so a command can only reach that node.
+        identity check), so a command can only reach that node; the replica
+        holding a relayed one checks the same.
         """
-        if self._streams is not None:
-            session = self._streams.get(node_id)
-            if session is not None:
-                return StreamTransport(session, self._config, self._channels.record(node_id))
-        if not address:
+        session = self._streams.get(node_id) if self._streams is not None else None
+        route: Route | None = None
+        if session is None and self._routes is not None:
+            self._check_open()
+            try:
+                route = await self._routes.route(node_id)
+            except FleetError as exc:
+                if not address:
+                    raise Unavailable(
+                        f"{node_id}: cannot tell which manager replica holds its control "
+                        f"stream: {exc.message}"
+                    ) from exc
+                log.warning("%s: stream directory unavailable, dialling: %s", node_id, exc)
+        via = choose_transport(local_stream=session is not None, route=route, address=address)
+        if via is Via.STREAM:
+            assert session is not None
+            return StreamTransport(session, self._config, self._channels.record(node_id))
+        if via is Via.RELAY:
+            assert route is not None
+            return RelayTransport(
+                self._peers,
+                self._config,
+                route,
+                self._channels.record(node_id),
+                on_done=self._on_relayed,
+            )
+        if via is Via.NOWHERE:
             self._check_open()
             raise FailedPrecondition(
                 f"{node_id}: the node has no control stream and no listen address "
-                "(is its daemon running and connected to this manager?)"
+                "(is its daemon running and connected to a manager?)"
             )
         return self._dialled
 
@@ -388,7 +502,7 @@ class DaemonPool:
         idempotent: bool,
         call_timeout: float | None,
     ) -> _Resp:
-        transport = self._transport(node_id, address)
+        transport = await self._transport(node_id, address)
         response = await transport.unary(
             node_id, address, method, request, idempotent=idempotent, call_timeout=call_timeout
         )
@@ -406,7 +520,7 @@ class DaemonPool:
         follow: bool,
         call_timeout: float | None,
     ) -> AsyncGenerator[_Resp, None]:
-        transport = self._transport(node_id, address)
+        transport = await self._transport(node_id, address)
         async with contextlib.aclosing(
             transport.stream(
                 node_id, address, method, request, follow=follow, call_timeout=call_timeout

@@ -421,8 +421,16 @@ class ControlSession:
 class ControlStreams:
     """This replica's open control streams, one session per node."""
 
-    def __init__(self, *, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        *,
+        clock: Callable[[], float],
+        on_change: Callable[[str], None] = lambda _: None,
+    ) -> None:
+        """`on_change(node_id)`: a node's stream here opened, was replaced or ended (the
+        stream directory records it for the other replicas)."""
         self._clock = clock
+        self._on_change = on_change
         self._sessions: dict[str, ControlSession] = {}
         self.broken_at: dict[str, float] = {}
         """When each node's last stream here ended (cleared when it reconnects)."""
@@ -446,6 +454,7 @@ class ControlStreams:
         old = self._sessions.get(session.node_id)
         self._sessions[session.node_id] = session
         self.broken_at.pop(session.node_id, None)
+        self._on_change(session.node_id)
         if old is not None and old is not session:
             self.replaced += 1
             old.close(
@@ -461,6 +470,7 @@ class ControlStreams:
         if self._sessions.get(session.node_id) is session:
             del self._sessions[session.node_id]
             self.broken_at[session.node_id] = self._clock()
+            self._on_change(session.node_id)
 
     def close_all(self, reason: str) -> None:
         """End every session (manager stopping): calls in flight fail now."""

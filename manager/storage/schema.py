@@ -31,6 +31,7 @@ __all__ = [
     "artifact_chunks",
     "artifacts",
     "assignments",
+    "control_streams",
     "definition_revisions",
     "definitions",
     "events",
@@ -38,6 +39,7 @@ __all__ = [
     "job_targets",
     "jobs",
     "join_tokens",
+    "manager_replicas",
     "metadata",
     "metric_batches",
     "metric_rollup_state",
@@ -489,4 +491,33 @@ node_revocations = Table(
     Column("revoked_ms", BigInteger, nullable=False),
     Column("revoked_by", String(300), nullable=False),
     Column("reason", Text, nullable=False),
+)
+
+
+# Manager replicas (manager/service/replicas.py): each running replica with the
+# address its peers reach it at, refreshed every few seconds; a row not seen
+# recently is a replica that is gone.
+manager_replicas = Table(
+    "manager_replicas",
+    metadata,
+    Column("replica_id", String(253), primary_key=True),  # its manager certificate's name
+    Column("address", String(300), nullable=False),
+    Column("started_ms", BigInteger, nullable=False),
+    Column("last_seen_ms", BigInteger, nullable=False),
+)
+
+# Which replica holds each node's control stream. `epoch` grows with every
+# stream recorded over an existing record, and a replica deletes only (its id,
+# the epoch it wrote): one that lost the stream cannot clear a newer record.
+# No foreign keys: rows of a
+# replica that died stay until its nodes reconnect elsewhere, and are ignored
+# meanwhile (its `manager_replicas` row goes stale).
+control_streams = Table(
+    "control_streams",
+    metadata,
+    Column("node_id", String(253), primary_key=True),
+    Column("replica_id", String(253), nullable=False),
+    Column("epoch", BigInteger, nullable=False),
+    Column("opened_ms", BigInteger, nullable=False),
+    Index(None, "replica_id"),
 )

@@ -47,6 +47,7 @@ from fleet.v1 import (
     fleet_pb2,
     jobs_pb2,
     manager_pb2,
+    replica_pb2,
 )
 from manager.pool import PoolConfig
 from manager.server import ManagerServer
@@ -57,6 +58,7 @@ SERVICES: dict[str, ServiceDescriptor] = {
     "FleetService": fleet_pb2.DESCRIPTOR.services_by_name["FleetService"],
     "AgentService": agent_pb2.DESCRIPTOR.services_by_name["AgentService"],
     "EnrollmentService": enroll_pb2.DESCRIPTOR.services_by_name["EnrollmentService"],
+    "ReplicaService": replica_pb2.DESCRIPTOR.services_by_name["ReplicaService"],
 }
 """Every Fleet gRPC service, from the generated descriptors."""
 
@@ -468,6 +470,13 @@ def requests(daemon_port: int, node: str = "a") -> dict[str, Message]:
         ),
         "DaemonService.CancelJob": daemon_pb2.CancelJobRequest(job_id="matrix-job"),
         "DaemonService.ReadJobOutput": daemon_pb2.ReadJobOutputRequest(job_id="matrix-job"),
+        # ReplicaService: manager to manager. Node a streams to no replica here, so a
+        # real call would be UNAVAILABLE; a method the daemon does not serve is
+        # INVALID_ARGUMENT, after the identity check.
+        "ReplicaService.Relay": replica_pb2.RelayRequest(node_id=node, method="NoSuchMethod"),
+        "ReplicaService.RelayStream": replica_pb2.RelayStreamRequest(
+            node_id=node, method="NoSuchMethod"
+        ),
         # FleetService: through the manager, to the node's daemon where needed.
         "FleetService.ListNodes": fleet_pb2.FleetServiceListNodesRequest(),
         # Jobs: a plan stores nothing; the others name a job that does not exist.

@@ -79,6 +79,7 @@ ALLOWED = {
     "DaemonService": "manager",
     "AgentService": "supervised agent",  # a process of the agent it names
     "EnrollmentService": "anyone",  # its own port asks for no certificate: the token decides
+    "ReplicaService": "manager",  # another replica of the same fleet
 }
 """The one identity each service accepts. The ManagerService requests speak for node a."""
 OPEN = frozenset({"EnrollmentService"})
@@ -89,6 +90,7 @@ CLAIMED: dict[str, tuple[Role, str]] = {
     "FleetService": ("operator", "alice"),
     "DaemonService": ("manager", "m1"),
     "EnrollmentService": ("node", "a"),
+    "ReplicaService": ("manager", "m1"),
 }
 """Who the refused identities claim to be, so only the certificate itself is wrong."""
 CALLER = {
@@ -265,6 +267,7 @@ async def tls_column_runs(fleet: Fleet, reqs: dict[str, Message]) -> dict[Any, O
         "FleetService": (fleet.manager.port, manager_name(pki)),
         "DaemonService": (fleet.daemon.port, node_name(pki, NODE)),
         "EnrollmentService": (fleet.manager.enroll_port, manager_name(pki)),
+        "ReplicaService": (fleet.manager.port, manager_name(pki)),
     }
     results: dict[Any, Outcome] = {}
     for service, (port, server_name) in targets.items():
@@ -345,7 +348,13 @@ async def test_security_matrix(fleet: Fleet, request: pytest.FixtureRequest) -> 
     assert agent_results is not None
     agent_results.update(await unsupervised_probe(fleet, reqs))
 
-    tcp_services = ("ManagerService", "FleetService", "DaemonService", "EnrollmentService")
+    tcp_services = (
+        "ManagerService",
+        "FleetService",
+        "DaemonService",
+        "EnrollmentService",
+        "ReplicaService",
+    )
     tcp_rows = [m for s in tcp_services for m in methods(s)]
     tables = [
         render(tcp_rows, TLS_IDENTITIES, results),

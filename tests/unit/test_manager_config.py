@@ -65,6 +65,15 @@ def test_env_overrides_a_nested_key() -> None:
         ("[enroll]\nnode_cert_days = 0.0\n", "enroll.node_cert_days"),
         ("[enroll]\nburst = 0\n", "burst in 1..100000"),
         ("[enroll]\nmax_token_ttl_days = -1.0\n", "enroll.max_token_ttl_days"),
+        ('[cluster]\nadvertise_address = "0.0.0.0:7443"\n', "cluster.advertise_address"),
+        ('[cluster]\nadvertise_address = "m1:0"\n', "cluster.advertise_address"),
+        ('[cluster]\nadvertise_address = "m1"\n', "cluster.advertise_address"),
+        # Replicas share PostgreSQL; the default database is a SQLite file.
+        ('[cluster]\nadvertise_address = "m1:7443"\n', "PostgreSQL"),
+        (
+            "[cluster]\nheartbeat_seconds = 5.0\nstale_after_seconds = 10.0\n",
+            "cluster.stale_after_seconds",
+        ),
     ],
 )
 def test_bad_config_is_one_line_naming_the_key(tmp_path: Path, toml: str, needle: str) -> None:

@@ -1,0 +1,110 @@
+"""ReplicaService: a peer replica's command for a node whose control stream is here.
+
+Identity first (`manager/*` of our trust domain; nodes and operators get
+PERMISSION_DENIED before anything is read), then the request is checked
+(a DaemonService method of the right kind, a request that decodes, meant for
+this replica) and run on this replica's own stream of the node through the
+pool's local-only path (`DaemonPool.local_unary` / `local_stream`): never
+relayed again, so two replicas with crossed records cannot bounce a command
+between them. No stream here is UNAVAILABLE, which the caller reads as
+"look again". The caller's deadline is the call's: `time_remaining()` goes
+down the stream as the command's timeout; a cancelled call cancels the
+command on the node.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any
+
+from google.protobuf.message import DecodeError, Message
+from grpc import aio
+
+from fleet.control import METHODS
+from fleet.errors import InvalidArgument, Unavailable
+from fleet.tls import require_role
+from fleet.v1 import replica_pb2, replica_pb2_grpc
+from manager.pool import DaemonPool
+
+__all__ = ["ReplicaServicer"]
+
+_Context = aio.ServicerContext[Any, Any]
+
+
+class ReplicaServicer(replica_pb2_grpc.ReplicaServiceServicer):
+    """Runs relayed DaemonService calls on this replica's control streams."""
+
+    def __init__(self, pool: DaemonPool, *, replica_id: str, trust_domain: str) -> None:
+        self._pool = pool
+        self._replica_id = replica_id
+        self._td = trust_domain
+
+    def _check(
+        self,
+        context: _Context,
+        node_id: str,
+        method: str,
+        data: bytes,
+        replica_id: str,
+        *,
+        streaming: bool,
+    ) -> Message:
+        require_role(context, "manager", trust_domain=self._td)
+        if not node_id:
+            raise InvalidArgument("must name the node", field="node_id")
+        m = METHODS.get(method)
+        if m is None or m.server_streaming != streaming:
+            kinds = sorted(n for n, x in METHODS.items() if x.server_streaming == streaming)
+            shown = method if len(method) <= 64 else method[:64] + "..."
+            raise InvalidArgument(
+                f"{shown!r} is not a {'server-streaming' if streaming else 'unary'} "
+                f"DaemonService method (one of {', '.join(kinds)})",
+                field="method",
+            )
+        if replica_id and replica_id != self._replica_id:
+            raise Unavailable(
+                f"{node_id}: this is manager replica {self._replica_id or '(unnamed)'}, not "
+                f"{replica_id[:64]}: the route was stale; try again"
+            )
+        try:
+            return m.request.FromString(data)
+        except DecodeError:
+            raise InvalidArgument(
+                f"does not decode as {m.request.DESCRIPTOR.name}", field="request"
+            ) from None
+
+    async def Relay(
+        self, request: replica_pb2.RelayRequest, context: _Context
+    ) -> replica_pb2.RelayResponse:
+        message = self._check(
+            context,
+            request.node_id,
+            request.method,
+            request.request,
+            request.replica_id,
+            streaming=False,
+        )
+        response = await self._pool.local_unary(
+            request.node_id, request.method, message, call_timeout=context.time_remaining()
+        )
+        return replica_pb2.RelayResponse(response=response.SerializeToString())
+
+    async def RelayStream(
+        self, request: replica_pb2.RelayStreamRequest, context: _Context
+    ) -> AsyncIterator[replica_pb2.RelayStreamResponse]:
+        message = self._check(
+            context,
+            request.node_id,
+            request.method,
+            request.request,
+            request.replica_id,
+            streaming=True,
+        )
+        stream = self._pool.local_stream(
+            request.node_id, request.method, message, call_timeout=context.time_remaining()
+        )
+        # aclosing: the caller going away cancels the command on the node at once.
+        async with contextlib.aclosing(stream):
+            async for response in stream:
+                yield replica_pb2.RelayStreamResponse(response=response.SerializeToString())
