@@ -350,9 +350,13 @@ class FleetHttpApp:
         assert method.behavior is not None
         messages: AsyncIterator[Any] = method.behavior(message, ctx)
         pull = _Puller(messages, self.stopping, ctx)
-        # The first message (or the error before it) decides the HTTP status.
+        # The first message, or an error before it, decides the HTTP status; a stream
+        # that waits for something to happen (follow) gets its 200 after FIRST_WAIT.
+        first: Any = _NOTHING_YET
         try:
-            first = await pull.next()
+            first = await pull.next(wait=FIRST_WAIT)
+        except _NotYet:
+            pass
         except _Failed as failed:
             await pull.close()
             ctx.finish()
@@ -395,7 +399,17 @@ class _Done(Exception):
     """The stream ended with OK."""
 
 
+_NOTHING_YET = object()
+FIRST_WAIT = 0.5
+"""How long a server stream's first message (or its error) may take to decide the HTTP
+status; past it the answer is 200 and an error comes as the last line. Handlers check the
+caller and the request before their first message, so their errors come well within it."""
+
 _SHUTTING_DOWN = _Failed(grpc.StatusCode.UNAVAILABLE, "the manager is shutting down")
+
+
+class _NotYet(Exception):
+    """No message (nor error) within the wait asked for; the pull goes on in the background."""
 
 
 class _Puller:
@@ -407,30 +421,36 @@ class _Puller:
         self._stopping = stopping
         self._ctx = ctx
         self._stop_wait: asyncio.Task[Any] | None = None
+        self._step: asyncio.Future[Any] | None = None
 
-    async def next(self) -> Any:
-        """The next message; _Done at the end, _Failed for an error status."""
+    async def next(self, wait: float | None = None) -> Any:
+        """The next message; _Done at the end, _Failed for an error status, _NotYet if
+        `wait` seconds passed first (the next call goes on waiting for the same message)."""
         if self._stopping.is_set():
             raise _SHUTTING_DOWN
         if self._stop_wait is None:
             self._stop_wait = asyncio.ensure_future(self._stopping.wait())
-        step = asyncio.ensure_future(anext(self._messages))
+        step = self._step
+        if step is None:
+            step = self._step = asyncio.ensure_future(anext(self._messages))
+        remaining = self._ctx.time_remaining()
+        timeout = remaining if wait is None else wait if remaining is None else min(wait, remaining)
         try:
             done, _ = await asyncio.wait(
-                {step, self._stop_wait},
-                timeout=self._ctx.time_remaining(),
-                return_when=asyncio.FIRST_COMPLETED,
+                {step, self._stop_wait}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
             )
         except BaseException:
-            step.cancel()
+            await self._cancel_step()
             raise
         if step not in done:
-            step.cancel()
-            with contextlib.suppress(BaseException):
-                await step
             if self._stopping.is_set():
+                await self._cancel_step()
                 raise _SHUTTING_DOWN
-            raise _Failed(grpc.StatusCode.DEADLINE_EXCEEDED, "the call's deadline passed")
+            if remaining is not None and timeout == remaining:
+                await self._cancel_step()
+                raise _Failed(grpc.StatusCode.DEADLINE_EXCEEDED, "the call's deadline passed")
+            raise _NotYet
+        self._step = None
         try:
             return step.result()
         except StopAsyncIteration:
@@ -440,10 +460,18 @@ class _Puller:
         except aio.AbortError:
             raise _Failed.of(self._ctx) from None
 
+    async def _cancel_step(self) -> None:
+        step, self._step = self._step, None
+        if step is not None and not step.done():
+            step.cancel()
+            with contextlib.suppress(BaseException):
+                await step
+
     async def close(self) -> None:
         """Close the servicer's generator (its `aclosing` blocks run) and the stop waiter."""
         if self._stop_wait is not None:
             self._stop_wait.cancel()
+        await self._cancel_step()
         aclose = getattr(self._messages, "aclose", None)
         if aclose is not None:
             with contextlib.suppress(Exception):
@@ -455,7 +483,8 @@ async def _lines(
 ) -> AsyncIterator[bytes]:
     cancelled = True
     try:
-        yield encode({"result": message_to_dict(first)}) + b"\n"
+        if first is not _NOTHING_YET:
+            yield encode({"result": message_to_dict(first)}) + b"\n"
         while True:
             try:
                 item = await pull.next()

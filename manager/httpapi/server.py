@@ -99,6 +99,10 @@ def server_ssl_context(cfg: TLSConfig) -> ssl.SSLContext:
     return _Reloading(cfg).current
 
 
+_FLUSH_SECONDS = 0.5
+"""How long the last response of a connection may take to leave at shutdown."""
+
+
 class _PeerCertProtocol(H11Protocol):
     """uvicorn's h11 protocol, with the verified client certificate in each request's state."""
 
@@ -111,6 +115,25 @@ class _PeerCertProtocol(H11Protocol):
             der = ssl_object.getpeercert(binary_form=True)
         # app_state is copied into every request's scope["state"]; this connection's own copy.
         self.app_state = {**self.app_state, AUTH_STATE_KEY: auth_context_from_peercert(cert, der)}
+
+    # At shutdown uvicorn closes each connection once idle and waits until every one is
+    # gone. Closing TLS waits for the peer's close_notify, which a client keeping the
+    # connection idle in its pool never sends, so the manager's stop would wait out its
+    # whole grace. Once the last response is written (and had a moment to flush), the
+    # connection is dropped instead.
+
+    _stopping = False
+
+    def shutdown(self) -> None:
+        self._stopping = True
+        super().shutdown()
+        if self.transport.is_closing():  # it was idle: nothing left to send
+            self.transport.abort()
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if self._stopping and self.transport.is_closing():
+            self.loop.call_later(_FLUSH_SECONDS, self.transport.abort)
 
 
 def _bind(listen: str) -> list[socket.socket]:

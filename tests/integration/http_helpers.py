@@ -77,7 +77,13 @@ async def post(
 @asynccontextmanager
 async def http_env(pki: Any, tmp_path: Path, **http: Any) -> AsyncIterator[HttpEnv]:
     """A manager on SQLite with [http] on 127.0.0.1:0 (`http`: more [http] keys)."""
-    config = manager_config(pki, f"sqlite+aiosqlite:///{tmp_path / 'm.db'}", tmp_path / "state")
+    config = manager_config(
+        pki,
+        f"sqlite+aiosqlite:///{tmp_path / 'm.db'}",
+        tmp_path / "state",
+        # Join tokens need somewhere to enroll; nothing listens there in these tests.
+        enroll={"advertise_address": "manager.example:7445"},
+    )
     config = dataclasses.replace(
         config, pool=FAST_POOL, http=HttpConfig(listen="127.0.0.1:0", **http)
     )
