@@ -37,10 +37,10 @@ def as_json(message: Message) -> Any:
     return json_format.MessageToDict(message)
 
 
-def definition(name: str = "web") -> desired_pb2.Definition:
+def definition(name: str = "web", sel: str = "env=prod") -> desired_pb2.Definition:
     return desired_pb2.Definition(
         name=name,
-        selector=selector("env=prod"),
+        selector=selector(sel),
         agent=common_pb2.AgentSpec(argv=["/usr/bin/web", "--port", "80"], version="1.0"),
         update=desired_pb2.UpdatePolicy(
             min_healthy_time_seconds=0.0,
@@ -91,7 +91,10 @@ async def _seed(env: HttpEnv) -> dict[str, str]:
     """Two nodes, a definition, an artifact and a join token; their ids."""
     await env.add_nodes("n1", "n2", labels={"env": "prod"})
     applied = await env.stub.ApplyDefinitions(
-        fleet_pb2.FleetServiceApplyDefinitionsRequest(definitions=[definition()], message="m")
+        # On no node: a rollout pushing to the nodes would change what the reads compare.
+        fleet_pb2.FleetServiceApplyDefinitionsRequest(
+            definitions=[definition(sel="env=nowhere")], message="m"
+        )
     )
     await env.stub.PushArtifact(push_requests(b"payload", name="tool", version="2"))
     token = await env.stub.CreateJoinToken(
