@@ -22,6 +22,7 @@ __all__ = [
     "ControlConfig",
     "DatabaseConfig",
     "EnrollConfig",
+    "HttpConfig",
     "JobsConfig",
     "LivenessConfig",
     "LoggingConfig",
@@ -320,6 +321,23 @@ class EnrollConfig:
 
 
 @dataclass(frozen=True)
+class HttpConfig:
+    """The JSON/HTTP API (docs/http-api.md): FleetService over HTTPS, operator certificates."""
+
+    listen: str = ""
+    """host:port of the HTTPS listener (client certificates required); empty: off."""
+    max_body_bytes: int = 4 * 1024 * 1024
+    """Larger request bodies are refused with 413 before any handler runs."""
+
+    def validate(self) -> None:
+        _check_hostport(self.listen, "http.listen", allow_empty=True)
+        if not 1024 <= self.max_body_bytes <= 64 * 1024 * 1024:
+            raise ValueError(
+                f"http.max_body_bytes: must be within [1024, 67108864], got {self.max_body_bytes}"
+            )
+
+
+@dataclass(frozen=True)
 class LoggingConfig:
     """Process logging (stderr; journald collects it under systemd)."""
 
@@ -359,6 +377,8 @@ class ManagerConfig:
     """[enroll] table: join tokens, enrollment and node certificates."""
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
     """[cluster] table: routing commands between manager replicas."""
+    http: HttpConfig = field(default_factory=HttpConfig)
+    """[http] table: the JSON/HTTP API."""
 
     def validate(self) -> None:
         for section in (
@@ -371,6 +391,7 @@ class ManagerConfig:
             self.control,
             self.enroll,
             self.cluster,
+            self.http,
         ):
             section.validate()
         if self.cluster.advertise_address and not self.database_url.startswith("postgresql"):

@@ -29,8 +29,17 @@ from fleet.observability import start_metrics_http_server
 from fleet.pki import CertificateAuthority
 from fleet.service import add_health_and_reflection
 from fleet.tls import TLSConfig, server_credentials
-from fleet.v1 import fleet_pb2_grpc, manager_pb2, manager_pb2_grpc, replica_pb2, replica_pb2_grpc
+from fleet.v1 import (
+    fleet_pb2,
+    fleet_pb2_grpc,
+    manager_pb2,
+    manager_pb2_grpc,
+    replica_pb2,
+    replica_pb2_grpc,
+)
 from manager.config import ManagerConfig
+from manager.httpapi.app import FleetHttpApp
+from manager.httpapi.server import HttpServer
 from manager.metrics import (
     CertificateExpiry,
     ManagerMetrics,
@@ -193,6 +202,9 @@ class ManagerServer:
         self._enroll_server: aio.Server | None = None
         self.metrics_port: int | None = None
         """The bound /metrics port, None when disabled."""
+        self.http_port: int | None = None
+        """The bound JSON/HTTP API port (after start), None when [http] listen is empty."""
+        self._http: HttpServer | None = None
 
     # Set by start(); exposed for tests and the benchmark.
     db: Database
@@ -251,6 +263,7 @@ class ManagerServer:
                 ("server.listen", cfg.server.listen),
                 ("server.metrics_listen", cfg.server.metrics_listen),
                 *([("enroll.listen", cfg.enroll.listen)] if cfg.enroll.listen else []),
+                *([("http.listen", cfg.http.listen)] if cfg.http.listen else []),
             ]
         )
         liv = cfg.liveness
@@ -583,6 +596,18 @@ class ManagerServer:
                 enroll_servicer, e.listen, tls, m
             )
             self._stack.push_async_callback(self._stop_enroll)
+        if cfg.http.listen:
+            # The same servicer object as gRPC's: same checks, same audit (docs/http-api.md).
+            app = await FleetHttpApp.build(
+                fleet_servicer,
+                fleet_pb2.DESCRIPTOR.services_by_name["FleetService"],
+                trust_domain=identity.trust_domain,
+                max_body_bytes=cfg.http.max_body_bytes,
+            )
+            http = HttpServer(app, cfg.http.listen, tls)
+            await http.start()
+            self._http, self.http_port = http, http.port
+            self._stack.push_async_callback(self._stop_http)
         # /metrics last: a scraper that gets an answer knows the manager serves.
         if cfg.server.metrics_listen:
             stop_http, self.metrics_port = start_metrics_http_server(
@@ -591,11 +616,12 @@ class ManagerServer:
             self._stack.push_async_callback(asyncio.to_thread, stop_http)
 
         log.info(
-            "manager %s serving on port %d (database %s)%s",
+            "manager %s serving on port %d (database %s)%s%s",
             identity,
             self.port,
             self.db.dialect,
             f", enrollment on port {self.enroll_port}" if self.enroll_port else "",
+            f", JSON/HTTP API on port {self.http_port}" if self.http_port else "",
         )
 
     async def _stop_grpc(self) -> None:
@@ -604,6 +630,11 @@ class ManagerServer:
         if self._server is not None:
             await self._server.stop(self._grace)
             self._server = None
+
+    async def _stop_http(self) -> None:
+        if self._http is not None:
+            await self._http.stop(self._grace or 0.0)
+            self._http = None
 
     async def _stop_enroll(self) -> None:
         if self._enroll_server is not None:

@@ -49,6 +49,7 @@ from fleet.v1 import (
     manager_pb2,
     replica_pb2,
 )
+from manager.config import HttpConfig
 from manager.pool import PoolConfig
 from manager.server import ManagerServer
 
@@ -197,7 +198,8 @@ async def live_manager(
         metrics={"lifecycle_interval_seconds": 3600.0},
         enroll=enroll_settings(pki.ca, root / "issuer", **(enroll or {})),
     )
-    config = dataclasses.replace(config, pool=FAST_POOL)
+    # The JSON/HTTP API on too: the matrix has its rows.
+    config = dataclasses.replace(config, pool=FAST_POOL, http=HttpConfig(listen="127.0.0.1:0"))
     async with running_manager(config, FakeClock(), **options) as manager:
         yield manager
 

@@ -29,6 +29,7 @@ from google.protobuf.descriptor import MethodDescriptor
 from google.protobuf.message import Message
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2
+from http_matrix import HttpOutcome, http_clients, http_invoke
 from live_env import (
     EMPTY_DIGEST,
     MATRIX_REPORT,
@@ -281,6 +282,45 @@ async def tls_column_runs(fleet: Fleet, reqs: dict[str, Message]) -> dict[Any, O
     return results
 
 
+async def http_column_runs(fleet: Fleet, reqs: dict[str, Message]) -> dict[Any, HttpOutcome]:
+    """(identity, rpc) -> outcome for every FleetService route of the JSON/HTTP API."""
+    pki = fleet.pki
+    good = {
+        "node/a": pki.issue("node", "a"),
+        "node/b": pki.issue("node", "b"),
+        "manager": pki.issue("manager", "m1"),
+        "operator": pki.issue("operator", "alice"),
+    }
+    assert fleet.manager.http_port
+    role, name = CLAIMED["FleetService"]
+    clients = http_clients(pki, fleet.manager.http_port, role, name, good, pki.root)
+    results: dict[Any, HttpOutcome] = {}
+    try:
+        for method in methods("FleetService"):
+            for identity in TLS_IDENTITIES:
+                results[identity, rpc_name(method)] = await http_invoke(
+                    clients[identity], method, reqs[rpc_name(method)]
+                )
+    finally:
+        for client in clients.values():
+            await client.aclose()
+    return results
+
+
+def render_http(rows: list[MethodDescriptor], results: dict[Any, HttpOutcome]) -> str:
+    """The HTTP rows as a markdown table: cells are the HTTP status and the error's code."""
+    head = ["HTTP route (POST /v1/...)", *TLS_IDENTITIES]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for method in rows:
+        cells = [f"{method.containing_service.full_name}/{method.name}"]
+        for identity in TLS_IDENTITIES:
+            outcome = results[identity, rpc_name(method)]
+            want = expected("FleetService", identity)
+            cells.append(outcome.cell + ("" if outcome.category == want else f" != {want}"))
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def render(
     rows: list[MethodDescriptor],
     identities: tuple[str, ...],
@@ -347,6 +387,7 @@ async def test_security_matrix(fleet: Fleet, request: pytest.FixtureRequest) -> 
     agent_results = await eventually(supervised, lambda r: r is not None, within=60)
     assert agent_results is not None
     agent_results.update(await unsupervised_probe(fleet, reqs))
+    http_results = await http_column_runs(fleet, reqs)
 
     tcp_services = (
         "ManagerService",
@@ -359,6 +400,7 @@ async def test_security_matrix(fleet: Fleet, request: pytest.FixtureRequest) -> 
     tables = [
         render(tcp_rows, TLS_IDENTITIES, results),
         render(methods("AgentService"), AGENT_IDENTITIES, agent_results),
+        render_http(methods("FleetService"), http_results),
     ]
     print("\n\n".join(tables))
     request.config.stash.setdefault(MATRIX_REPORT, []).extend(tables)
@@ -375,6 +417,20 @@ async def test_security_matrix(fleet: Fleet, request: pytest.FixtureRequest) -> 
         for m in rows
         for identity in idents
         if not _ok(m, identity, o := res[identity, rpc_name(m)])
+    ]
+    wrong += [
+        f"HTTP {identity} -> {rpc_name(m)}: {o.cell} {o.message!r}, "
+        f"expected {expected('FleetService', identity)}"
+        for m in methods("FleetService")
+        for identity in TLS_IDENTITIES
+        if (o := http_results[identity, rpc_name(m)]).category != expected("FleetService", identity)
+    ]
+    wrong += [
+        f"HTTP {identity} -> {rpc_name(m)}: {o.message!r} does not name {CALLER[identity]}"
+        for m in methods("FleetService")
+        for identity in CALLER
+        if (o := http_results[identity, rpc_name(m)]).status == 403
+        and CALLER[identity] not in o.message
     ]
     # A denial names the caller, so an operator can tell which certificate was wrong.
     wrong += [
