@@ -200,7 +200,10 @@ async def test_delete_removes_the_node_and_what_cascades(database: Database) -> 
         )
     await repo.create_token(token(node_name="n1"))
     await repo.issue(cert("n1", "c1"), labels={}, new_node_only=False, peer="ip")
-    with pytest.raises(FailedPrecondition, match="n1 is online"):
+    with pytest.raises(
+        FailedPrecondition,
+        match="n1 is online; stop its daemon first, or delete it anyway with --force",
+    ):
         await removals.delete_node("n1", force=False, actor="operator/a", now_ms=NOW)
     deleted = await removals.delete_node("n1", force=True, actor="operator/a", now_ms=NOW)
     assert deleted.node_id == "n1"
