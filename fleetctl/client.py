@@ -46,6 +46,12 @@ _SEE = {
     "metric-type": "fleetctl metrics types --node {node}",
     "artifact": "fleetctl artifacts list",
 }
+_SEE_WORDS = {
+    "definition '": "definitions list",
+    "job '": "jobs list",
+    "join token '": "tokens list",
+}
+"""NOT_FOUND messages that name what is missing only in words, by how they start."""
 
 
 @dataclass(frozen=True)
@@ -162,16 +168,16 @@ def hinted(error: FleetError) -> str:
     """`error`'s message; for a NOT_FOUND node, agent or metric type, plus the command
     that lists what exists: "node 'n9' is not registered (see `fleetctl nodes list`)"."""
     about = error.resource
-    # The desired-state and job RPCs name a definition or a job in words only.
+    # The desired-state, job and token RPCs name what they did not find in words only.
     words = error.message
     if (
         error.code == grpc.StatusCode.NOT_FOUND
         and about is None
-        and words.startswith(("definition '", "job '"))
         and words.endswith("does not exist")
     ):
-        noun = words.split(" ", 1)[0]
-        return f"{words} (see `fleetctl {noun}s list`)"
+        for start, lister in _SEE_WORDS.items():
+            if words.startswith(start):
+                return f"{words} (see `fleetctl {lister}`)"
     if error.code != grpc.StatusCode.NOT_FOUND or about is None or about.kind not in _SEE:
         return error.message
     see = _SEE[about.kind]

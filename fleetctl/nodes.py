@@ -6,6 +6,7 @@ import time
 from collections.abc import Collection
 from typing import Annotated, Any
 
+import grpc
 import typer
 
 from fleet import selectors
@@ -384,10 +385,24 @@ def revoke_node(
     cli = Cli.of(ctx)
 
     async def body(stub: Stub, conn: Connection) -> int:
+        # The manager revokes any valid name, also one without a record (a deleted node's
+        # certificate still works): say so, or a typo would go unnoticed.
+        try:
+            await stub.GetNode(
+                fleet_pb2.FleetServiceGetNodeRequest(node_id=node), timeout=conn.timeout
+            )
+            registered = True
+        except grpc.RpcError as exc:
+            if exc.code() != grpc.StatusCode.NOT_FOUND:
+                raise
+            registered = False
         if not yes:
             _confirm(
                 cli,
-                f"Revoke node {node}? Its daemon is cut off until it enrolls again.",
+                f"Revoke node {node}? Its daemon is cut off until it enrolls again."
+                if registered
+                else f"Revoke node {node}? No node of that name is registered; a host with a"
+                " certificate for it is refused all the same.",
                 f"revoke node {node}",
             )
         reply = await stub.RevokeNode(
@@ -402,6 +417,7 @@ def revoke_node(
                     "node_id": node,
                     "revoke_time": format_time(reply.revoke_time),
                     "connections_closed": reply.connections_closed,
+                    "registered": registered,
                 },
                 [],
             )
@@ -411,6 +427,11 @@ def revoke_node(
                 f"node/{node} revoked: certificates issued before {format_time(reply.revoke_time)}"
                 f" are refused ({closed} connection{'s' if closed != 1 else ''} closed)",
                 markup=False,
+            )
+        if not registered:
+            cli.note(
+                f"fleetctl: no node {node} is registered (see `fleetctl nodes list`); its name"
+                " is revoked all the same"
             )
         return EXIT_OK
 

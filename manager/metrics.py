@@ -136,6 +136,11 @@ class ManagerMetrics:
             ["outcome"],
             registry=r,
         )
+        self.revoked_refused = Counter(
+            "fleet_manager_revoked_refused",
+            "Calls refused because the caller's node certificate was revoked (the deny list)",
+            registry=r,
+        )
         self.enroll_rate_limited = Counter(
             "fleet_manager_enroll_rate_limited",
             "Enroll calls refused by the rate limit (RESOURCE_EXHAUSTED)",

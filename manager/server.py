@@ -474,7 +474,11 @@ class ManagerServer:
         self._stack.push_async_callback(self.agent_states.stop)
         # Enrollment: the deny list (every replica), certificates, tokens and node removal.
         enroll_repo, removals = EnrollmentRepository(self.db), RemovalRepository(self.db)
-        self.deny_list = DenyList(removals.revocations, on_revoked=self._revoked_elsewhere)
+        self.deny_list = DenyList(
+            removals.revocations,
+            on_revoked=self._revoked_elsewhere,
+            on_refused=lambda _node_id: m.revoked_refused.inc(),
+        )
         await self.deny_list.load()
         self.deny_list.start()
         self._stack.push_async_callback(self.deny_list.stop)

@@ -273,7 +273,7 @@ class Certificates:
         cutoff_ms: int,
         token_id: str,
     ) -> _Signed:
-        not_before = new_not_before(now_ms, cutoff_ms)
+        not_before = new_not_before(now_ms, cutoff_ms, lifetime_ms=self._lifetime_ms)
         signed = issuer.sign(
             "node",
             node_id,

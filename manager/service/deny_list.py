@@ -7,7 +7,8 @@ PEM and memoised. The list is loaded at start, updated at once by a
 RevokeNode on this replica (`add`), and re-read from the database every
 `interval` seconds for revocations made on other replicas; a node newly
 listed by that refresh is handed to `on_revoked` (which closes its
-streams and channels here too).
+streams and channels here too). Every refusal is handed to `on_refused`
+(a counter: a revoked daemon retries for ever, so no log line each time).
 """
 
 from __future__ import annotations
@@ -49,11 +50,13 @@ class DenyList:
         *,
         interval: float = 5.0,
         on_revoked: Callable[[list[str]], Awaitable[None]] | None = None,
+        on_refused: Callable[[str], None] = lambda _node_id: None,
         max_memo: int = 10_000,
     ) -> None:
         self._load = load
         self._interval = interval
         self._on_revoked = on_revoked
+        self._on_refused = on_refused
         self._max_memo = max_memo
         self._cutoffs: dict[str, int] = {}
         self._not_before: dict[bytes, int] = {}  # pem -> notBefore, listed names only
@@ -76,6 +79,7 @@ class DenyList:
         if cutoff is None:
             return
         if pem is None:
+            self._on_refused(node_id)
             raise Unauthenticated(revoked_message(node_id, cutoff))
         start = self._not_before.get(pem)
         if start is None:
@@ -87,6 +91,7 @@ class DenyList:
                 del self._not_before[next(iter(self._not_before))]
             self._not_before[pem] = start
         if is_revoked(start, cutoff):
+            self._on_refused(node_id)
             raise Unauthenticated(revoked_message(node_id, cutoff))
 
     def add(self, node_id: str, cutoff_ms: int) -> None:

@@ -10,9 +10,10 @@
   names only.
 - Certificate times: the revocation cutoff (`revocation_cutoff`, the next
   whole second, since X.509 times are whole seconds), the notBefore of a
-  new certificate (`new_not_before`: back-dated for clock skew, but never
-  before the node's cutoff, so a re-enrolled node's new certificate passes
-  the deny list while its old ones do not), and `is_revoked`.
+  new certificate (`new_not_before`: back-dated for clock skew, by at most
+  a tenth of its lifetime, but never before the node's cutoff, so a
+  re-enrolled node's new certificate passes the deny list while its old
+  ones do not), and `is_revoked`.
 - Renewal (`check_new_key`): the CSR must carry a new key.
 - What an operator may ask of a token (`check_token_request`).
 - The enrollment rate limit: token buckets, global and per caller IP
@@ -136,13 +137,18 @@ def revocation_cutoff(now_ms: int) -> int:
     return (now_ms // 1000 + 1) * 1000
 
 
-def new_not_before(now_ms: int, cutoff_ms: int = 0) -> int:
+def new_not_before(now_ms: int, cutoff_ms: int = 0, *, lifetime_ms: int | None = None) -> int:
     """The notBefore (epoch ms, whole seconds) of a certificate issued at `now_ms`.
 
-    Back-dated by `CLOCK_SKEW_MS`, but not before the node's revocation
-    cutoff (0: none), so the new certificate passes the deny list.
+    Back-dated by `CLOCK_SKEW_MS`, at most a tenth of `lifetime_ms` (the time
+    from issue to notAfter; None: no limit), but not before the node's
+    revocation cutoff (0: none), so the new certificate passes the deny list.
+    The limit keeps a short-lived certificate's renewal point (two thirds from
+    notBefore, daemon.renewal) in the future: five minutes back, a lifetime
+    under ten minutes would be due for renewal as soon as it is issued.
     """
-    skewed = (now_ms - CLOCK_SKEW_MS) // 1000 * 1000
+    skew = CLOCK_SKEW_MS if lifetime_ms is None else min(CLOCK_SKEW_MS, lifetime_ms // 10)
+    skewed = (now_ms - skew) // 1000 * 1000
     return max(skewed, cutoff_ms)
 
 

@@ -7,17 +7,28 @@ import dataclasses
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any
 
-from sqlalchemy import BigInteger, bindparam, case, func, select, update
+from sqlalchemy import BigInteger, bindparam, case, exists, func, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from fleet.errors import FailedPrecondition, NotFound, Resource
 from manager.storage.db import Database
 from manager.storage.events import dump_map, event_row, insert_events, load_map
 from manager.storage.records import NodeRecord
-from manager.storage.schema import nodes
+from manager.storage.schema import node_certificates, node_revocations, nodes
 from manager.storage.sqlhelp import chunks, dialect_insert
 
 __all__ = ["NodeRepository", "effective_labels", "labels_event", "node_from_row"]
+
+# The node is on the deny list and was issued no certificate since (RemovalRepository's
+# still_revoked, for one node row).
+_REVOKED = exists().where(
+    node_revocations.c.node_id == nodes.c.node_id,
+    ~exists().where(
+        # node_revocations, not nodes: the inner query correlates only to the enclosing one.
+        node_certificates.c.node_id == node_revocations.c.node_id,
+        node_certificates.c.not_before_ms >= node_revocations.c.not_before_ms,
+    ),
+)
 
 _FIELDS = (
     "hostname",
@@ -297,7 +308,9 @@ class NodeRepository:
 
         Offline nodes among them become online with a NODE_ONLINE event
         (timestamped `now_ms`, default the newest heartbeat); returns their
-        ids. Unknown ids are ignored.
+        ids. Unknown ids are ignored. A revoked node issued no certificate
+        since stays offline: a last-seen recorded before its stream was cut
+        (or during the stream's grace) is no sign of it.
         """
         if not last_seen:
             return []
@@ -326,7 +339,7 @@ class NodeRepository:
             for part in chunks(back):
                 result = await conn.execute(
                     update(nodes)
-                    .where(nodes.c.node_id.in_(part), nodes.c.status == "offline")
+                    .where(nodes.c.node_id.in_(part), nodes.c.status == "offline", ~_REVOKED)
                     .values(status="online")
                     .returning(nodes.c.node_id)
                 )

@@ -178,7 +178,7 @@ class RemovalRepository:
             if row.status == "online" and not force:
                 raise FailedPrecondition(
                     f"node {node_id} is online; stop its daemon first, or delete it anyway"
-                    " with force (its daemon registers again on its next call unless the"
+                    " with --force (its daemon registers again on its next call unless the"
                     " node is revoked)"
                 )
             await conn.execute(delete(nodes).where(nodes.c.node_id == node_id))

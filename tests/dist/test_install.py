@@ -464,12 +464,13 @@ addresses = ["{m.address}"]
         assert daemon.returncode == 0, log.read_text()
 
 
-@pytest.mark.xfail(strict=False, reason="needs i16-manager and i16-daemon")
 def test_installed_host_enrolls_and_comes_online_with_the_token_labels(
     ns: Netns, tarball: Path, tmp_path: Path, pki: Any
 ) -> None:
-    """install.sh with a join token enrolls the host through the namespace's one link; the
-    installed daemon, started from its wrapper, comes online with the token's labels."""
+    """install.sh with a join token the real manager made enrolls the host at the address the
+    token came with, through the namespace's one link; the installed daemon, started from its
+    wrapper, reaches the manager where enrollment told it and comes online with the token's
+    labels, and the token is spent on it."""
     host = _fresh_host(tarball, tmp_path / "host")
     top = _unpack_inside(ns, tarball, host)
     with _manager(pki, ns.host_ip, tmp_path / "manager", enroll=True) as m:
@@ -480,17 +481,29 @@ def test_installed_host_enrolls_and_comes_online_with_the_token_labels(
                 ),
                 timeout=10,
             )
+        assert made.enroll_address == m.enroll_address  # the peer address, not a wildcard
         done = ns.run(
             [top / "install.sh", *_where(host), "--no-start",
-             "--manager", m.enroll_address, "--token", made.token, "--ca-hash", made.ca_hash,
-             "--name", "dist-1", "--manager-address", m.address],
+             "--manager", made.enroll_address, "--token", made.token, "--ca-hash", made.ca_hash,
+             "--name", "dist-1"],
             cwd=host,
         )  # fmt: skip
         assert done.returncode == 0, done.stdout + done.stderr
+        assert f"manager {m.address}" in done.stdout, "where daemons reach it: the manager's answer"
         key_files = [p for p in (host / "etc" / "tls").iterdir() if "key" in p.name]
         assert key_files
         assert all(p.stat().st_mode & 0o077 == 0 for p in key_files)
         log = tmp_path / "daemon.log"
         with _installed_daemon(ns, host, log) as daemon:
             node = _wait_online(m, "dist-1", daemon, log)
+            assert dict(node.operator_labels) == {"env": "dist", "site": "netns"}
             assert {"env": "dist", "site": "netns"}.items() <= dict(node.labels).items()
+            assert node.cert_expire_time > time.time() * 1000
+            with _fleet(m) as fleet:
+                tokens = fleet.ListJoinTokens(
+                    fleet_pb2.FleetServiceListJoinTokensRequest(all=True), timeout=10
+                ).tokens
+            assert [(t.id, t.uses_left, list(t.enrolled_nodes)) for t in tokens] == [
+                (made.info.id, 0, ["dist-1"])
+            ]
+        assert daemon.returncode == 0, log.read_text()

@@ -2,17 +2,26 @@
 
 The test client trusts the fleet root taken from the CA object directly
 (the real `fleet-daemon enroll` reads it off the handshake and checks its
-pinned hash; that client is not the manager's concern).
+pinned hash; that client is not the manager's concern). The daemon's side
+of the tests runs the real command (`run_enroll`) and asks a daemon's port
+which certificate it serves (`served_serial`).
 """
 
 from __future__ import annotations
 
+import asyncio
+import os
+import socket
+import ssl
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import grpc
+from cryptography import x509
 from grpc import aio
 
 from fleet.enroll import make_csr
@@ -109,3 +118,54 @@ async def manager_stub_as(
 def token_request(**fields: Any) -> fleet_pb2.FleetServiceCreateJoinTokenRequest:
     """A CreateJoinToken request (one use, an hour, unless told)."""
     return fleet_pb2.FleetServiceCreateJoinTokenRequest(**fields)
+
+
+# --- the daemon's side --------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def serial_of(path: Path) -> int:
+    """The serial of the (first) certificate in a PEM file."""
+    return int(x509.load_pem_x509_certificate(path.read_bytes()).serial_number)
+
+
+def served_serial(port: int, client: TLSConfig) -> int:
+    """The serial of the certificate the daemon's port serves now (a new handshake)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.load_verify_locations(client.ca_file)
+    context.load_cert_chain(client.cert_file, client.key_file)
+    with (
+        socket.create_connection(("127.0.0.1", port), timeout=10) as sock,
+        context.wrap_socket(sock) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return int(x509.load_der_x509_certificate(der).serial_number)
+
+
+@dataclass
+class Run:
+    """One finished `fleet-daemon enroll`."""
+
+    code: int
+    out: str
+    err: str
+
+
+async def run_enroll(*args: str) -> Run:
+    """`fleet-daemon enroll ARGS` as a child process (the event loop keeps serving)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "daemon.cli",
+        "enroll",
+        *args,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    out, err = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode is not None
+    return Run(proc.returncode, out.decode(), err.decode())

@@ -113,6 +113,11 @@ async def env(pki: Any, tmp_path: Path, database_url: str = "") -> AsyncIterator
         yield manager, op
 
 
+def _refused(manager: Any) -> float:
+    """fleet_manager_revoked_refused_total."""
+    return float(manager.metrics.revoked_refused._value.get())
+
+
 async def test_a_revoked_node_is_refused_until_it_enrolls_again(pki: Any, tmp_path: Path) -> None:
     """RevokeNode closes the node's stream and marks it offline; its certificate is then
     UNAUTHENTICATED on RegisterNode and Connect; a --node-name token enrolls it again with
@@ -144,6 +149,7 @@ async def test_a_revoked_node_is_refused_until_it_enrolls_again(pki: Any, tmp_pa
                 )
             )
             assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+            assert _refused(manager) == 3, "RegisterNode, Connect's hello, RenewCertificate"
 
         new = await enroll(manager, op, pki, "n1", tmp_path / "new", node_name="n1")
         await not_before_passed(new)
@@ -153,6 +159,7 @@ async def test_a_revoked_node_is_refused_until_it_enrolls_again(pki: Any, tmp_pa
         async with manager_stub_as(old, manager.port, TD) as stub:
             err = await rpc_error(stub.RegisterNode(registration("n1")))
             assert err.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert _refused(manager) == 4, "the new certificate passed, uncounted"
         actions = [
             e.attributes.get("action") for e in await manager.events.list_after(0, limit=500)
         ]

@@ -167,6 +167,34 @@ async def test_revoke_marks_an_online_node_offline(database: Database) -> None:
     assert entry.revoked_by == "operator/b"
 
 
+async def test_a_heartbeat_does_not_bring_a_revoked_node_back_online(database: Database) -> None:
+    """A last-seen written after the revocation (one recorded before it, or in its stream's
+    grace) leaves the node offline; once issued a certificate after the cutoff, the next
+    heartbeat brings it back as any offline node."""
+    repo, removals, nodes = (
+        EnrollmentRepository(database),
+        RemovalRepository(database),
+        NodeRepository(database),
+    )
+    await nodes.upsert(node_record("n1"), now_ms=NOW)
+    await nodes.upsert(node_record("n2"), now_ms=NOW)
+    await removals.revoke_node("n1", cutoff_ms=NOW + 1000, now_ms=NOW, actor="o/a", reason="")
+    await removals.revoke_node("n2", cutoff_ms=NOW + 1000, now_ms=NOW, actor="o/a", reason="")
+    assert await nodes.touch_many({"n1": NOW + 500, "n2": NOW + 500}) == []
+    for name in ("n1", "n2"):
+        node = await nodes.get(name)
+        assert node is not None
+        assert (node.status, node.last_seen_ms) == ("offline", NOW + 500)
+
+    await repo.create_token(token(node_name="n1"))
+    fresh = dataclasses.replace(cert("n1", "s2", at=NOW + 2000), not_before_ms=NOW + 1000)
+    await repo.issue(fresh, labels={}, new_node_only=False, peer="ip")
+    assert await nodes.touch_many({"n1": NOW + 3000, "n2": NOW + 3000}) == ["n1"]
+    back = await nodes.get("n1")
+    assert back is not None
+    assert back.status == "online"
+
+
 async def test_delete_removes_the_node_and_what_cascades(database: Database) -> None:
     """Deleting removes the row with its agent states, assignments and desired state;
     events, audit and certificates stay. Online needs force; unknown is NotFound."""
@@ -200,7 +228,10 @@ async def test_delete_removes_the_node_and_what_cascades(database: Database) -> 
         )
     await repo.create_token(token(node_name="n1"))
     await repo.issue(cert("n1", "c1"), labels={}, new_node_only=False, peer="ip")
-    with pytest.raises(FailedPrecondition, match="n1 is online"):
+    with pytest.raises(
+        FailedPrecondition,
+        match="n1 is online; stop its daemon first, or delete it anyway with --force",
+    ):
         await removals.delete_node("n1", force=False, actor="operator/a", now_ms=NOW)
     deleted = await removals.delete_node("n1", force=True, actor="operator/a", now_ms=NOW)
     assert deleted.node_id == "n1"

@@ -24,15 +24,16 @@ def ms(t: dt.datetime) -> int:
 
 
 async def test_only_certificates_before_the_cutoff_are_refused() -> None:
-    """Older certificates are UNAUTHENTICATED naming the node; one starting at the cutoff
-    passes; unlisted names are never parsed."""
+    """Older certificates are UNAUTHENTICATED naming the node (and counted); one starting at
+    the cutoff passes; unlisted names are never parsed."""
     cutoff = T0 + dt.timedelta(hours=1)
     loaded = {"n1": ms(cutoff)}
 
     async def load() -> dict[str, int]:
         return loaded
 
-    deny = DenyList(load)
+    refused: list[str] = []
+    deny = DenyList(load, on_refused=refused.append)
     await deny.load()
     with pytest.raises(Unauthenticated) as err:
         deny.check("n1", pem(T0))
@@ -43,6 +44,7 @@ async def test_only_certificates_before_the_cutoff_are_refused() -> None:
     deny.check("n2", b"not even a certificate")  # not listed: a dict lookup, no parse
     with pytest.raises(Unauthenticated):
         deny.check("n1", None)
+    assert refused == ["n1", "n1"], "each refusal is counted, nothing else"
 
 
 async def test_refresh_reports_new_revocations_and_never_forgets_local_ones() -> None:

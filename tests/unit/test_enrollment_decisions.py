@@ -103,6 +103,22 @@ def test_not_before_is_back_dated_to_a_whole_second() -> None:
     assert new_not_before(NOW) % 1000 == 0
 
 
+@pytest.mark.parametrize("lifetime_s", [45, 600, 3600, 7 * 86400])
+def test_a_short_lifetime_is_back_dated_by_a_tenth_of_it_and_not_due_at_once(
+    lifetime_s: int,
+) -> None:
+    """Back-dated min(5 min, lifetime / 10): a 45 s certificate is not due for renewal (two
+    thirds from notBefore, minus the daemon's jitter) when it is issued, nor a 7-day one."""
+    lifetime_ms = lifetime_s * 1000
+    not_before = new_not_before(NOW, lifetime_ms=lifetime_ms)
+    skew = min(CLOCK_SKEW_MS, lifetime_ms // 10)
+    assert not_before == (NOW - skew) // 1000 * 1000
+    span = NOW + lifetime_ms - not_before
+    earliest_renewal = not_before + span * (2 / 3 - 0.05)
+    assert earliest_renewal - NOW > lifetime_ms / 2
+    assert new_not_before(NOW, NOW + 500, lifetime_ms=lifetime_ms) == NOW + 500, "cutoff wins"
+
+
 def test_renewal_needs_a_new_key() -> None:
     """The CSR's key equal to the certificate in use is INVALID_ARGUMENT."""
     check_new_key(b"new", b"old")

@@ -7,6 +7,7 @@ import datetime as dt
 import pytest
 from cryptography import x509
 
+from fleet.errors import NotFound
 from fleet.pki import CertificateAuthority
 from fleet.v1 import common_pb2
 from fleetctl.agents import (
@@ -19,6 +20,7 @@ from fleetctl.agents import (
 )
 from fleetctl.app import hoist_global_options
 from fleetctl.chart import bucket_values, format_number
+from fleetctl.client import hinted
 from fleetctl.events import DEFAULT_TAIL, start_tail
 from fleetctl.nodes import parse_label_changes
 from fleetctl.output import sparkline
@@ -241,3 +243,25 @@ def test_show_calls_only_a_daemons_answer_live() -> None:
     assert ("Spec", "spec_missing") in fields
     unknown, _ = show_fields({**view, "reported_at_ms": 0}, now_ms=now, unreachable="refused")
     assert unknown["reported_line"] == "unknown (the manager has not kept when)"
+
+
+@pytest.mark.parametrize(
+    ("message", "shown"),
+    [
+        ("job 'j9' does not exist", "job 'j9' does not exist (see `fleetctl jobs list`)"),
+        (
+            "definition 'web' does not exist",
+            "definition 'web' does not exist (see `fleetctl definitions list`)",
+        ),
+        (
+            "join token 'zzzzzzzz' does not exist",
+            "join token 'zzzzzzzz' does not exist (see `fleetctl tokens list`)",
+        ),
+        ("the widget 'w' does not exist", "the widget 'w' does not exist"),
+    ],
+)
+def test_not_found_in_words_names_the_command_that_lists_what_exists(
+    message: str, shown: str
+) -> None:
+    """NOT_FOUND naming a job, definition or join token in words gets its list command."""
+    assert hinted(NotFound(message)) == shown
