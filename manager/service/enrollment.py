@@ -220,8 +220,8 @@ def check_token_request(
     ttl = ttl_seconds or DEFAULT_TOKEN_TTL_SECONDS
     if ttl > max_ttl_days * 86400:
         raise InvalidArgument(
-            f"at most {max_ttl_days:g} days (the manager's enroll.max_token_ttl_days),"
-            f" got {ttl / 86400:.4g} days",
+            f"at most {_days(max_ttl_days)} (the manager's enroll.max_token_ttl_days),"
+            f" got {_days(ttl / 86400)}",
             field="ttl",
         )
     uses = uses or 1
@@ -325,3 +325,7 @@ class EnrollLimiter:
     def _forget_full(self, now: float) -> None:
         for peer in [p for p, b in self._callers.items() if b.full(now)]:
             del self._callers[peer]
+
+
+def _days(days: float) -> str:
+    return f"{days:.4g} day" if days == 1 else f"{days:.4g} days"

@@ -173,7 +173,7 @@ def test_fleetctl_refusals_a_user_meets(site: Site) -> None:
     long = site.fleetctl("tokens", "create", "--ttl", "2d")
     assert long.returncode == 2, long
     assert long.stderr.splitlines() == [
-        "fleetctl: error: ttl: at most 1 days (the manager's enroll.max_token_ttl_days), got 2 days"
+        "fleetctl: error: ttl: at most 1 day (the manager's enroll.max_token_ttl_days), got 2 days"
     ]
     assert site.json("tokens", "list", "--all")["tokens"] == [], "nothing was created"
 
