@@ -480,6 +480,7 @@ class ManagerServer:
             on_refused=lambda _node_id: m.revoked_refused.inc(),
         )
         await self.deny_list.load()
+        self.pool.dial_refusal = self.deny_list.dial_refusal
         self.deny_list.start()
         self._stack.push_async_callback(self.deny_list.stop)
         e = cfg.enroll

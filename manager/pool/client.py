@@ -137,6 +137,8 @@ class DaemonPool:
         self._routes = routes
         self._replica_id = replica_id
         self._on_relayed = on_relayed
+        self.dial_refusal: Callable[[str], str | None] = lambda _node_id: None
+        """Why a node must not be dialled (the deny list: a revoked node), or None."""
         # Peer replicas, pooled like daemons: lazily opened, bounded, closed when idle.
         self._peers = Channels(
             credentials,
@@ -485,6 +487,10 @@ class DaemonPool:
                 f"{node_id}: the node has no control stream and no listen address "
                 "(is its daemon running and connected to a manager?)"
             )
+        # A stream or a relay was opened with a certificate the deny list passed;
+        # a dialled daemon's certificate is checked by name only.
+        if (refusal := self.dial_refusal(node_id)) is not None:
+            raise FailedPrecondition(refusal)
         return self._dialled
 
     def _check_open(self) -> None:

@@ -60,6 +60,9 @@ class DenyList:
         self._max_memo = max_memo
         self._cutoffs: dict[str, int] = {}
         self._not_before: dict[bytes, int] = {}  # pem -> notBefore, listed names only
+        # Listed names whose daemon has since shown a certificate newer than the cutoff
+        # (re-enrolled): the pool may dial them again.
+        self._cleared: set[str] = set()
         self._task: asyncio.Task[None] | None = None
 
     def __len__(self) -> int:
@@ -93,10 +96,25 @@ class DenyList:
         if is_revoked(start, cutoff):
             self._on_refused(node_id)
             raise Unauthenticated(revoked_message(node_id, cutoff))
+        self._cleared.add(node_id)
+
+    def dial_refusal(self, node_id: str) -> str | None:
+        """Why the manager must not dial `node_id`'s daemon, or None.
+
+        The manager cannot see the notBefore of the certificate a dialled
+        daemon serves (grpc checks only its name), so a listed node is not
+        dialled until it has called in with a certificate newer than its
+        cutoff, i.e. enrolled again.
+        """
+        cutoff = self._cutoffs.get(node_id)
+        if cutoff is None or node_id in self._cleared:
+            return None
+        return revoked_message(node_id, cutoff) + " (the manager does not call it until then)"
 
     def add(self, node_id: str, cutoff_ms: int) -> None:
         """`node_id` was revoked here: refuse its older certificates from now on."""
         self._cutoffs[node_id] = cutoff_ms
+        self._cleared.discard(node_id)
 
     def merge(self, entries: dict[str, int]) -> list[str]:
         """Take the database's list; the names that are new or got a later cutoff.
@@ -108,6 +126,7 @@ class DenyList:
         changed = sorted(n for n, c in entries.items() if self._cutoffs.get(n, -1) < c)
         for name in changed:
             self._cutoffs[name] = entries[name]
+            self._cleared.discard(name)
         return changed
 
     async def load(self) -> None:

@@ -150,12 +150,22 @@ async def test_a_revoked_node_is_refused_until_it_enrolls_again(pki: Any, tmp_pa
             )
             assert err.code() == grpc.StatusCode.UNAUTHENTICATED
             assert _refused(manager) == 3, "RegisterNode, Connect's hello, RenewCertificate"
+            # Nor does the manager call it: a dialled daemon's certificate is checked by
+            # name only, so a revoked node is not dialled at all.
+            listing = await op.ListAgents(
+                fleet_pb2.FleetServiceListAgentsRequest(node_id="n1", live=True)
+            )
+            [error] = listing.errors
+            assert error.node_id == "n1"
+            assert "node/n1 was revoked at " in error.message
+            assert "does not call it" in error.message
 
         new = await enroll(manager, op, pki, "n1", tmp_path / "new", node_name="n1")
         await not_before_passed(new)
         async with manager_stub_as(new, manager.port, TD) as stub:
             await stub.RegisterNode(registration("n1"))
         assert (await node(op, "n1")).revoke_time == 0, "enrolled again since"
+        assert manager.deny_list.dial_refusal("n1") is None, "called in with the new certificate"
         async with manager_stub_as(old, manager.port, TD) as stub:
             err = await rpc_error(stub.RegisterNode(registration("n1")))
             assert err.code() == grpc.StatusCode.UNAUTHENTICATED

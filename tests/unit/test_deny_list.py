@@ -75,3 +75,31 @@ async def test_refresh_reports_new_revocations_and_never_forgets_local_ones() ->
 def test_not_before_is_read_in_milliseconds() -> None:
     """The parse the memo caches."""
     assert not_before_ms(pem(T0)) == ms(T0)
+
+
+async def test_a_listed_node_is_not_dialled_until_it_shows_a_newer_certificate() -> None:
+    """The manager cannot see a dialled daemon's notBefore: a revoked node is not dialled
+    until it has called in with a certificate from after its cutoff; a later revocation
+    (here or merged from another replica) takes that back."""
+    cutoff = T0 + dt.timedelta(hours=1)
+
+    async def load() -> dict[str, int]:
+        return {"n1": ms(cutoff)}
+
+    deny = DenyList(load)
+    await deny.load()
+    assert deny.dial_refusal("n2") is None, "not listed"
+    refusal = deny.dial_refusal("n1")
+    assert refusal is not None
+    assert refusal.startswith("the certificate of node/n1 was revoked at 2026-12-01 01:00:00 UTC")
+    with pytest.raises(Unauthenticated):
+        deny.check("n1", pem(T0))
+    assert deny.dial_refusal("n1") is not None, "the old certificate called in: still refused"
+    deny.check("n1", pem(cutoff))
+    assert deny.dial_refusal("n1") is None, "enrolled again"
+    deny.add("n1", ms(cutoff + dt.timedelta(hours=1)))
+    assert deny.dial_refusal("n1") is not None, "revoked again"
+    deny.check("n1", pem(cutoff + dt.timedelta(hours=2)))
+    assert deny.dial_refusal("n1") is None
+    assert deny.merge({"n1": ms(cutoff + dt.timedelta(hours=3))}) == ["n1"]
+    assert deny.dial_refusal("n1") is not None, "revoked again on another replica"
