@@ -452,7 +452,7 @@ async def test_token_requests_are_checked(pki: Any, tmp_path: Path) -> None:
             ({"node_name": "a", "name_prefix": "b"}, "name_prefix"),
             ({"node_name": "UPPER"}, "node_name"),
             ({"labels": {"a": "b c"}}, "labels"),
-            ({"ttl_seconds": 2 * 86400.0}, "ttl: at most 1 days"),
+            ({"ttl_seconds": 2 * 86400.0}, "ttl: at most 1 day ("),
             ({"uses": 10_001}, "uses"),
         ]
         for fields, needle in bad:

@@ -143,7 +143,10 @@ async def test_batched_results_report_every_target_once(pki: Any, tmp_path: Path
         assert (summary.ok, summary.failed, summary.skipped) == (
             *(sum(v == o for v in got.values()) for o in ("OK", "FAILED", "SKIPPED")),
         )
-        assert summary.skipped >= 1  # n4..n6 were not all launched after the failure
+        # How many of n4..n6 were launched before n3's failure arrived depends on
+        # timing (all three can be, on a loaded machine); each is reported once either way.
+        assert summary.failed == 1
+        assert summary.ok + summary.skipped == 5
         ok = next(r for r in results if r.node_id == "n1")
         assert ok.agent.restart_count == 1
 

@@ -137,4 +137,7 @@ async def test_the_curl_examples_do_what_the_doc_says(pki: Any, tmp_path: Path) 
         stdout, stderr = await asyncio.wait_for(proc.communicate(), 30)
         assert proc.returncode != 0
         assert stdout == b""
-        assert "empty reply from server" in stderr.decode().lower(), stderr
+        # The server ends the handshake without a client certificate: curl sees the
+        # connection closed (52) or reset (56), depending on timing; never an HTTP answer.
+        said = stderr.decode().lower()
+        assert "empty reply from server" in said or "connection reset by peer" in said, stderr
