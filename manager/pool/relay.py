@@ -47,6 +47,7 @@ from manager.pool.channel import NodeRecord, no_connection, wrong_peer
 from manager.pool.channels import Channels
 from manager.pool.config import PoolConfig
 from manager.pool.routing import Route
+from manager.pool.transport import cancelled_by_caller, stream_budget
 
 if TYPE_CHECKING:
     from collections.abc import Callable
@@ -125,11 +126,6 @@ def _decode(method: str, data: bytes, node_id: str, route: Route) -> Message:
         ) from None
 
 
-def _cancelled_by_caller() -> bool:
-    task = asyncio.current_task()
-    return task is None or task.cancelling() > 0
-
-
 class RelayTransport:
     """Calls forwarded to the peer replica `route` names, which holds the node's stream."""
 
@@ -194,7 +190,7 @@ class RelayTransport:
                     exc, node_id=node_id, route=route, budget=budget
                 ) from None
             except asyncio.CancelledError:
-                if _cancelled_by_caller():
+                if cancelled_by_caller():
                     code = grpc.StatusCode.CANCELLED
                     raise
                 raise self._cut_off(node_id) from None
@@ -219,10 +215,7 @@ class RelayTransport:
         call_timeout: float | None,
     ) -> AsyncGenerator[Message, None]:
         loop = asyncio.get_running_loop()
-        if call_timeout is not None:
-            budget: float | None = call_timeout
-        else:
-            budget = None if follow else self._config.call_timeout
+        budget = stream_budget(self._config, follow=follow, call_timeout=call_timeout)
         start_deadline = loop.time() + (budget or self._config.call_timeout)
         route = self._route
         self._count(failed=False)
@@ -245,7 +238,7 @@ class RelayTransport:
                     exc, node_id=node_id, route=route, budget=budget
                 ) from None
             except asyncio.CancelledError:
-                if _cancelled_by_caller():
+                if cancelled_by_caller():
                     code = grpc.StatusCode.CANCELLED
                     raise
                 raise self._cut_off(node_id) from None

@@ -30,7 +30,13 @@ from manager.pool.config import PoolConfig
 from manager.pool.policy import retry_delay
 from manager.pool.stream import ControlSession
 
-__all__ = ["DialledTransport", "StreamTransport", "Transport"]
+__all__ = [
+    "DialledTransport",
+    "StreamTransport",
+    "Transport",
+    "cancelled_by_caller",
+    "stream_budget",
+]
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +71,15 @@ class Transport(Protocol):
         ...
 
 
-def _cancelled_by_caller() -> bool:
+def stream_budget(config: PoolConfig, *, follow: bool, call_timeout: float | None) -> float | None:
+    """A server stream's deadline in seconds: the caller's, else none for a follow,
+    else the pool's call timeout."""
+    if call_timeout is not None:
+        return call_timeout
+    return None if follow else config.call_timeout
+
+
+def cancelled_by_caller() -> bool:
     """True if the running task itself is being cancelled.
 
     grpc.aio also raises CancelledError for a call the pool cancelled by
@@ -118,10 +132,7 @@ class StreamTransport:
         follow: bool,
         call_timeout: float | None,
     ) -> AsyncGenerator[Message, None]:
-        if call_timeout is not None:
-            budget: float | None = call_timeout
-        else:
-            budget = None if follow else self._config.call_timeout
+        budget = stream_budget(self._config, follow=follow, call_timeout=call_timeout)
         self._record.calls += 1
         try:
             # aclosing: a reader that leaves cancels the command on the node at once.
@@ -166,7 +177,7 @@ class DialledTransport:
                 except aio.AioRpcError as exc:
                     error = translate_error(exc, node_id=node_id, address=address, budget=budget)
                 except asyncio.CancelledError:
-                    if _cancelled_by_caller():
+                    if cancelled_by_caller():
                         raise
                     error = _cut_off(node_id)
                 else:
@@ -193,10 +204,7 @@ class DialledTransport:
     ) -> AsyncGenerator[Message, None]:
         """A server stream whose start is retried on UNAVAILABLE until the first response."""
         loop = asyncio.get_running_loop()
-        if call_timeout is not None:
-            budget: float | None = call_timeout
-        else:
-            budget = None if follow else self._config.call_timeout
+        budget = stream_budget(self._config, follow=follow, call_timeout=call_timeout)
         start_deadline = loop.time() + (budget or self._config.call_timeout)
         record = self._channels.record(node_id)
         record.calls += 1
@@ -217,7 +225,7 @@ class DialledTransport:
                     if started:
                         raise error from exc
                 except asyncio.CancelledError:
-                    if _cancelled_by_caller():
+                    if cancelled_by_caller():
                         raise
                     error = _cut_off(node_id)
                     if started:
