@@ -155,6 +155,9 @@ def create(
         )
         view = token_view(reply.info)
         command = install_command(reply.enroll_address, reply.token, reply.ca_hash, name)
+        install = install_command(
+            reply.enroll_address, reply.token, reply.ca_hash, name, program="sudo ./install.sh"
+        )
         if cli.fmt.structured:
             data = {
                 **view,
@@ -162,13 +165,7 @@ def create(
                 "ca_hash": reply.ca_hash,
                 "enroll_address": reply.enroll_address,
                 "enroll_command": command,
-                "install_command": install_command(
-                    reply.enroll_address,
-                    reply.token,
-                    reply.ca_hash,
-                    name,
-                    program="sudo ./install.sh",
-                ),
+                "install_command": install,
             }
             print_object(cli.out, cli.fmt, data, [])
             return EXIT_OK
@@ -195,9 +192,6 @@ def create(
                 ("Uses", "uses"),
                 ("Expires", "expires"),
             ],
-        )
-        install = install_command(
-            reply.enroll_address, reply.token, reply.ca_hash, name, program="sudo ./install.sh"
         )
         cli.out.print("\nOn the new host (the token is not shown again):", markup=False)
         cli.out.print(f"  {command}", markup=False, soft_wrap=True)
