@@ -2,5 +2,5 @@
 
 `app` generates the routes from the service descriptor and runs the gRPC
 servicer itself; `context` is what the servicer sees of an HTTP call;
-`codec` is the proto3 JSON mapping; `server` is the HTTPS listener.
+`server` is the HTTPS listener.
 """

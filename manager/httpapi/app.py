@@ -39,54 +39,19 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from fleet.errors import FleetError, InvalidArgument
+from fleet.httpwire import HTTP_STATUS, JSON, NDJSON, PATH_PREFIX, TIMEOUT_HEADER
 from fleet.identity import Role
 from fleet.interceptors import ErrorMappingInterceptor, bounded
+from fleet.protojson import encode, message_to_dict, parse_request
 from fleet.tls import require_role
-from manager.httpapi.codec import encode, message_to_dict, parse_request
 from manager.httpapi.context import HttpContext
 
-__all__ = [
-    "AUTH_STATE_KEY",
-    "HTTP_STATUS",
-    "JSON",
-    "NDJSON",
-    "PATH_PREFIX",
-    "FleetHttpApp",
-    "Method",
-]
+__all__ = ["AUTH_STATE_KEY", "FleetHttpApp", "Method"]
 
 log = logging.getLogger(__name__)
 
-PATH_PREFIX = "/v1"
-"""Every route is ``PATH_PREFIX + "/" + <package.Service>/<Method>``: gRPC's own method path."""
-JSON = "application/json"
-NDJSON = "application/x-ndjson"
 AUTH_STATE_KEY = "fleet.auth_context"
 """Where the server puts the connection's auth context in the ASGI scope's ``state``."""
-TIMEOUT_HEADER = "connect-timeout-ms"
-"""The call's deadline in milliseconds (Connect's header), as a gRPC client's deadline."""
-
-HTTP_STATUS: Mapping[grpc.StatusCode, int] = {
-    grpc.StatusCode.OK: 200,
-    grpc.StatusCode.CANCELLED: 499,
-    grpc.StatusCode.UNKNOWN: 500,
-    grpc.StatusCode.INVALID_ARGUMENT: 400,
-    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
-    grpc.StatusCode.NOT_FOUND: 404,
-    grpc.StatusCode.ALREADY_EXISTS: 409,
-    grpc.StatusCode.PERMISSION_DENIED: 403,
-    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
-    # 400 as grpc-gateway and Connect: 412 is for HTTP's own preconditions (If-Match).
-    grpc.StatusCode.FAILED_PRECONDITION: 400,
-    grpc.StatusCode.ABORTED: 409,
-    grpc.StatusCode.OUT_OF_RANGE: 400,
-    grpc.StatusCode.UNIMPLEMENTED: 501,
-    grpc.StatusCode.INTERNAL: 500,
-    grpc.StatusCode.UNAVAILABLE: 503,
-    grpc.StatusCode.DATA_LOSS: 500,
-    grpc.StatusCode.UNAUTHENTICATED: 401,
-}
-"""gRPC status -> HTTP status, the mapping grpc-gateway and Connect use."""
 
 
 @dataclass(frozen=True)

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from proto_strategies import message
 
 from fleet.v1 import fleet_pb2
-from manager.httpapi.codec import encode, message_to_dict, parse_request
+from fleet.protojson import encode, message_to_dict, parse_request
 
 _SERVICE = fleet_pb2.DESCRIPTOR.services_by_name["FleetService"]
 _TYPES = sorted(

@@ -1,0 +1,43 @@
+"""The JSON/HTTP wire contract FleetService is served with (docs/http-api.md).
+
+Shared by the manager's HTTP API and `fleetctl ui`, which serves the same
+routes to the console over the operator's own gRPC connection: the console
+speaks one dialect wherever it is served from.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+import grpc
+
+__all__ = ["HTTP_STATUS", "JSON", "NDJSON", "PATH_PREFIX", "TIMEOUT_HEADER"]
+
+PATH_PREFIX = "/v1"
+"""Every route is ``PATH_PREFIX + "/" + <package.Service>/<Method>``: gRPC's own method path."""
+JSON = "application/json"
+NDJSON = "application/x-ndjson"
+TIMEOUT_HEADER = "connect-timeout-ms"
+"""The call's deadline in milliseconds (Connect's header), as a gRPC client's deadline."""
+
+HTTP_STATUS: Mapping[grpc.StatusCode, int] = {
+    grpc.StatusCode.OK: 200,
+    grpc.StatusCode.CANCELLED: 499,
+    grpc.StatusCode.UNKNOWN: 500,
+    grpc.StatusCode.INVALID_ARGUMENT: 400,
+    grpc.StatusCode.DEADLINE_EXCEEDED: 504,
+    grpc.StatusCode.NOT_FOUND: 404,
+    grpc.StatusCode.ALREADY_EXISTS: 409,
+    grpc.StatusCode.PERMISSION_DENIED: 403,
+    grpc.StatusCode.RESOURCE_EXHAUSTED: 429,
+    # 400 as grpc-gateway and Connect: 412 is for HTTP's own preconditions (If-Match).
+    grpc.StatusCode.FAILED_PRECONDITION: 400,
+    grpc.StatusCode.ABORTED: 409,
+    grpc.StatusCode.OUT_OF_RANGE: 400,
+    grpc.StatusCode.UNIMPLEMENTED: 501,
+    grpc.StatusCode.INTERNAL: 500,
+    grpc.StatusCode.UNAVAILABLE: 503,
+    grpc.StatusCode.DATA_LOSS: 500,
+    grpc.StatusCode.UNAUTHENTICATED: 401,
+}
+"""gRPC status -> HTTP status, the mapping grpc-gateway and Connect use."""
