@@ -13,7 +13,8 @@ PROTOS := $(wildcard protos/fleet/v1/*.proto)
 FLEET_TEST_POSTGRES_URL ?= postgresql+asyncpg://postgres@127.0.0.1:5432/test
 export FLEET_TEST_POSTGRES_URL
 
-.PHONY: help setup browser lock test test-dist dist soak lint proto proto-check proto-breaking fmt demo clean
+.PHONY: help setup browser lock test test-dist dist soak lint proto proto-check proto-breaking fmt demo clean \
+	console-vendor console-check
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -88,7 +89,7 @@ test-dist: dist  ## build the artifact, then install and enroll it offline in a 
 soak: setup  ## long fault runs: manager kill -9 under 1,000 simulated daemons + every fault test
 	FLEET_FAULT_NODES=1000 $(PY) -m pytest tests/faults -s --timeout 900
 
-lint: setup proto-check  ## ruff, mypy, buf lint/format, shellcheck, generated-code freshness
+lint: setup proto-check console-check  ## ruff, mypy, buf lint/format, shellcheck, generated-code freshness
 	$(VENV)/bin/shellcheck packaging/*.sh
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -108,6 +109,19 @@ proto: setup  ## regenerate fleet/v1 (messages, gRPC stubs, mypy stubs) offline
 proto-check: proto  ## fail if the committed generated code is stale
 	@git diff --exit-code --stat -- fleet/v1 || { echo "fleet/v1 is stale: run 'make proto' and commit the result" >&2; exit 1; }
 	@test -z "$$(git ls-files --others --exclude-standard fleet/v1)" || { echo "fleet/v1 has uncommitted generated files: run 'make proto' and commit them" >&2; exit 1; }
+
+# The console's third-party files are committed (fleetctl serves them offline, and a
+# host's pip install has no npm); they are copies of the npm lockfile's packages.
+CONSOLE_VENDOR := fleetctl/ui/static/vendor
+console-vendor: node_modules/.installed  ## copy the console's pinned third-party assets from node_modules
+	cp node_modules/htm/preact/standalone.module.js $(CONSOLE_VENDOR)/preact-htm.mjs
+	cp node_modules/htm/LICENSE $(CONSOLE_VENDOR)/LICENSE.htm
+	cp node_modules/uplot/dist/uPlot.esm.js $(CONSOLE_VENDOR)/uplot.mjs
+	cp node_modules/uplot/dist/uPlot.min.css $(CONSOLE_VENDOR)/uplot.css
+	cp node_modules/uplot/LICENSE $(CONSOLE_VENDOR)/LICENSE.uplot
+
+console-check: console-vendor  ## fail if the vendored console assets differ from the npm lockfile's
+	@git diff --exit-code --stat -- $(CONSOLE_VENDOR) || { echo "$(CONSOLE_VENDOR) differs from node_modules: run 'make console-vendor' and commit the result" >&2; exit 1; }
 
 proto-breaking: setup  ## buf breaking-change check of protos/ against the main branch
 	cd protos && ../$(BUF) breaking --against '../.git#branch=main,subdir=protos'

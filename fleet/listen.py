@@ -25,7 +25,7 @@ from pathlib import Path
 
 from fleet.errors import ConfigError
 
-__all__ = ["check_listen_addresses", "check_unix_socket_free"]
+__all__ = ["check_listen_addresses", "check_unix_socket_free", "listen_sockets"]
 
 
 def _split(address: str) -> tuple[str, int]:
@@ -46,13 +46,18 @@ def check_listen_addresses(addresses: Sequence[tuple[str, str]]) -> None:
     try:
         for what, address in addresses:
             if address:
-                held.extend(_bind(what, address))
+                held.extend(listen_sockets(what, address, backlog=1))
     finally:
         for sock in held:
             sock.close()
 
 
-def _bind(what: str, address: str) -> list[socket.socket]:
+def listen_sockets(what: str, address: str, *, backlog: int = 128) -> list[socket.socket]:
+    """Listening sockets for `address` (host:port), one per address the host resolves to.
+
+    Port 0 picks one free port, shared by every address. ConfigError naming
+    `what` (the setting) and the reason if it cannot listen.
+    """
     try:
         host, port = _split(address)
     except ValueError:
@@ -72,9 +77,11 @@ def _bind(what: str, address: str) -> list[socket.socket]:
             if family == socket.AF_INET6:
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            if port == 0 and len(bound) > 1:
+                sockaddr = (sockaddr[0], bound[0].getsockname()[1], *sockaddr[2:])
             try:
                 sock.bind(sockaddr)
-                sock.listen(1)
+                sock.listen(backlog)
             except OSError as exc:
                 if exc.errno == errno.EADDRINUSE:
                     why = "address already in use (another process listens there)"

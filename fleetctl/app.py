@@ -25,6 +25,7 @@ from fleetctl import (
 )
 from fleetctl.output import OutputFormat
 from fleetctl.runtime import Cli, GlobalOptions
+from fleetctl.ui.command import ui
 
 __all__ = ["app", "hoist_global_options", "main"]
 
@@ -131,6 +132,7 @@ app.command("events")(events.events)
 app.command("run", context_settings={"allow_interspersed_args": False})(jobs.run)
 app.add_typer(jobs.app, name="jobs")
 app.add_typer(tokens.app, name="tokens")
+app.command("ui")(ui)
 
 
 @app.callback()

@@ -20,7 +20,6 @@ manager owns both, so this calls its `startup` and `shutdown` directly.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import math
 import os
@@ -31,6 +30,7 @@ import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from fleet.errors import ConfigError
+from fleet.listen import listen_sockets
 from fleet.tls import TLSConfig
 from manager.httpapi.app import AUTH_STATE_KEY, FleetHttpApp
 from manager.httpapi.context import auth_context_from_peercert
@@ -136,33 +136,6 @@ class _PeerCertProtocol(H11Protocol):
             self.loop.call_later(_FLUSH_SECONDS, self.transport.abort)
 
 
-def _bind(listen: str) -> list[socket.socket]:
-    """Listening sockets for host:port (port 0: one free port shared by every address)."""
-    host, _, port_text = listen.rpartition(":")
-    host = host.strip("[]")
-    port = int(port_text)
-    infos = socket.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    socks: list[socket.socket] = []
-    try:
-        for family, kind, proto, _, sockaddr in infos:
-            sock = socket.socket(family, kind, proto)
-            socks.append(sock)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                with contextlib.suppress(OSError):
-                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            if port == 0 and len(socks) > 1:
-                sockaddr = (sockaddr[0], socks[0].getsockname()[1], *sockaddr[2:])
-            sock.bind(sockaddr)
-            sock.listen(128)
-            sock.setblocking(False)
-    except OSError as exc:
-        for sock in socks:
-            sock.close()
-        raise ConfigError(f"http.listen {listen!r}: cannot listen: {exc.strerror or exc}") from None
-    return socks
-
-
 class HttpServer:
     """The JSON/HTTP API's listener: `start()` binds and serves, `stop(grace)` drains."""
 
@@ -190,7 +163,9 @@ class HttpServer:
             h11_max_incomplete_event_size=64 * 1024,
         )
         config.load()
-        self._sockets = _bind(self._listen)
+        self._sockets = listen_sockets("http.listen", self._listen)
+        for sock in self._sockets:
+            sock.setblocking(False)
         self.port = self._sockets[0].getsockname()[1]
         server = uvicorn.Server(config)
         server.lifespan = config.lifespan_class(config)
