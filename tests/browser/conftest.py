@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
 
 from console_helpers import (
     CHROMIUM_ARGS,
+    CONTEXT_OPTIONS,
     NODES,
     Console,
     Fleetctl,
@@ -139,14 +140,19 @@ def console_session(browser: Browser, console: Console) -> dict[str, Any]:
     """The console's session cookie, got once by opening its login URL in the browser.
 
     The URL works once, so every `page` starts from this storage state
-    instead of logging in again.
+    instead of logging in again. Only the navigation is awaited, not the
+    page it lands on: that page's errors belong to its own test, not to the
+    login of every test in the module.
     """
-    with watched_page(browser) as page:
-        response = page.goto(console.login_url)
+    context = browser.new_context(**CONTEXT_OPTIONS)
+    try:
+        response = context.new_page().goto(console.login_url, wait_until="commit")
         assert response is not None
+        assert response.url == console.url(), f"login led to {response.url}"
         assert response.ok, f"login answered {response.status}; stderr:\n{console.stderr()}"
-        assert page.url == console.url(), f"login led to {page.url}, not {console.url()}"
-        state: dict[str, Any] = dict(page.context.storage_state())
+        state: dict[str, Any] = dict(context.storage_state())
+    finally:
+        context.close()
     assert state["cookies"], "the login set no cookie"
     return state
 

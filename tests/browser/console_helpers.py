@@ -353,3 +353,21 @@ def shot(page: Page, name: str) -> Path:
 def page_selector(name: str, *, ready: bool = True) -> str:
     """The CSS selector of console page `name`'s root, once its first data is shown."""
     return f'[data-page="{name}"]' + ('[data-ready="true"]' if ready else "")
+
+
+def open_page(page: Page, route: str, name: str, *, timeout_ms: float = 15_000) -> None:
+    """Go to console route `route` ("#/nodes") and wait until page `name` shows its data.
+
+    Fails if the page then shows an error (an element with role="alert").
+    """
+    page.goto(f"/{route}")
+    page.wait_for_selector(page_selector(name), timeout=timeout_ms)
+    alerts = page.get_by_role("alert").all_inner_texts()
+    assert not alerts, f"page {name!r} ({route}) shows errors: {alerts}"
+
+
+def session_cookie(storage_state: dict[str, Any]) -> tuple[str, str]:
+    """The console's session cookie (name, value) from a logged-in context's storage state."""
+    cookies = [c for c in storage_state["cookies"] if c["name"].startswith("fleet_console_")]
+    assert len(cookies) == 1, f"expected one console cookie, got {storage_state['cookies']}"
+    return cookies[0]["name"], cookies[0]["value"]

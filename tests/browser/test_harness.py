@@ -6,8 +6,10 @@ stands on: a broken error collector would let every page test pass.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
-from console_helpers import ARTIFACTS, NODES, Fleetctl, shot, watched_page
+from console_helpers import ARTIFACTS, NODES, Fleetctl, shot, start_console, watched_page
 from playwright.sync_api import Browser, Page
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -73,3 +75,11 @@ def test_fleet_has_two_daemons_with_their_labels_and_agents(fleetctl: Fleetctl) 
         f"{node}/{agent}" for node, (_, ids) in NODES.items() for agent in ids
     )
     assert all(a["status"] == "RUNNING" and a["pid"] > 0 for a in agents)
+
+
+def test_a_console_that_cannot_start_fails_with_its_stderr(tmp_path: Path) -> None:
+    """`fleetctl ui` exiting before its URL line fails the test, quoting what it said."""
+    missing = tmp_path / "absent.toml"
+    with pytest.raises(pytest.fail.Exception, match="before printing its URL") as failure:
+        start_console(missing, tmp_path / "ui")
+    assert f"{missing}: no such config file" in str(failure.value)
