@@ -123,7 +123,6 @@ function options(series, unit, width, height, span) {
           width: 1.5,
           dash: s.dash,
           spanGaps: true, // an empty bucket means no sample, not zero
-          points: { show: false },
           value: (u, v, si, idx) => shown(idx == null ? newest(u.data[si]) : v),
         };
       }),

@@ -6,8 +6,9 @@ import { AgentLog } from "../agentlog.js";
 import { useEvents } from "../feed.js";
 import {
   Badge, Confirm, ErrorBox, Page, Table, enumLabel, fmtAgo, fmtLabels, fmtTime, href, html, useCall, useCallback,
-  useEffect, useInterval, useMemo, useRef, useState, useThrottled,
+  useEffect, useInterval, useMemo, useRef, useState,
 } from "../lib.js";
+import { useRefresh } from "../live.js";
 import { AgentMetrics } from "../metrics.js";
 import { AGENT_STATES, HEALTHS, HealthBadge, StateBadge, healthWord, lastExitLine, uptime } from "../present.js";
 
@@ -56,8 +57,8 @@ export function AgentsPage({ query }) {
   const [text, setText] = useState(query.get("q") ?? "");
   // The manager's last synced states of every agent: one call, filtered here.
   const agents = useCall("ListAgents", {});
-  const refresh = useThrottled(agents.reload, 3000);
-  useEvents(refresh, (e) => LIST_KINDS.has(e.kind));
+  const refresh = useRefresh(agents, 3000);
+  useEvents((_, history) => history || refresh(), (e) => LIST_KINDS.has(e.kind));
   useTick(10000);
   useEffect(() => setQuery({ state, health, q: text }), [state, health, text]);
 
@@ -112,14 +113,16 @@ async function loadAgent(nodeId, agentId) {
   return { item, unreachable };
 }
 
+/** As useCall, for loadAgent: {data: {item, unreachable}, error, loading, reload}. */
 function useAgent(nodeId, agentId) {
-  const [state, setState] = useState({ data: null, error: null });
+  const [state, setState] = useState({ data: null, error: null, loading: true });
   const seq = useRef(0);
   const reload = useCallback(() => {
     const mine = ++seq.current;
+    setState((s) => ({ ...s, loading: true }));
     loadAgent(nodeId, agentId).then(
-      (data) => mine === seq.current && setState({ data, error: null }),
-      (error) => mine === seq.current && setState((s) => ({ data: s.data, error })),
+      (data) => mine === seq.current && setState({ data, error: null, loading: false }),
+      (error) => mine === seq.current && setState((s) => ({ data: s.data, error, loading: false })),
     );
   }, [nodeId, agentId]);
   useEffect(reload, [reload]);
@@ -277,11 +280,11 @@ const CHANGE_COLUMNS = [
 export function AgentPage({ nodeId, agentId }) {
   const agent = useAgent(nodeId, agentId);
   const [changes, addChange] = useChanges(nodeId, agentId);
-  const refresh = useThrottled(agent.reload, 2000);
+  const refresh = useRefresh(agent, 2000);
   useEvents(
-    (event) => {
+    (event, history) => {
       addChange(event);
-      refresh();
+      if (!history) refresh();
     },
     (e) => e.nodeId === nodeId && e.agentId === agentId && AGENT_KINDS.includes(e.kind),
   );

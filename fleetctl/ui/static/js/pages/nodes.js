@@ -5,8 +5,9 @@ import { call } from "../api.js";
 import { useEvents } from "../feed.js";
 import {
   Badge, Confirm, ErrorBox, Page, Table, enumLabel, fmtAgo, fmtTime, href, html, useCall, useEffect,
-  useInterval, useMemo, useState, useThrottled,
+  useInterval, useMemo, useState,
 } from "../lib.js";
+import { useRefresh } from "../live.js";
 import { AGENT_STATES, HealthBadge, StateBadge, agentCounts, agentsCell, certExpiry, lastExitLine, nodeStatus, uptime } from "../present.js";
 import { parseSelector } from "../selector.js";
 import { NodeMetrics } from "../metrics.js";
@@ -98,9 +99,9 @@ export function NodesPage({ query }) {
   }, []);
 
   const nodes = useCall("ListNodes", { selector: sent.selector }, [sent]);
-  const refresh = useThrottled(nodes.reload, 3000);
-  useEvents(refresh, (e) => NODE_KINDS.has(e.kind));
-  useInterval(nodes.reload, 30000); // heartbeats and certificate ages move without events
+  const refresh = useRefresh(nodes, 3000);
+  useEvents((_, history) => history || refresh(), (e) => NODE_KINDS.has(e.kind));
+  useInterval(refresh, 30000); // heartbeats and certificate ages move without events
 
   const rejected = nodes.error?.code === "INVALID_ARGUMENT" ? nodes.error : null;
   const fieldError = syntax.error ?? rejected;
@@ -170,9 +171,11 @@ function Properties({ node }) {
     ],
     [
       "Desired state",
-      html`version ${node.desiredVersion ?? 0} wanted, ${node.reportedVersion ?? 0} reported${node.drift
-        ? html`: <${Badge} value="drift" kind="warn" /> ${node.driftReason}`
-        : ""}`,
+      Number(node.desiredVersion ?? 0) || node.drift
+        ? html`version ${node.desiredVersion ?? 0} wanted, ${node.reportedVersion ?? 0} reported${node.drift
+            ? html`: <${Badge} value="drift" kind="warn" /> ${node.driftReason}`
+            : ", in sync"}`
+        : "nothing pushed: no definition selects this node",
     ],
   ];
   return html`<div class="panel">
@@ -270,11 +273,12 @@ export function NodePage({ nodeId }) {
   const got = useCall("GetNode", { nodeId }, [nodeId]);
   const agents = useCall("ListAgents", { nodeId }, [nodeId]);
   const [edited, setEdited] = useState(null); // UpdateNodeLabels' answer, until the next reload
-  const refresh = useThrottled(() => {
-    got.reload();
-    agents.reload();
-  }, 2000);
-  useEvents(refresh, (e) => e.nodeId === nodeId && NODE_KINDS.has(e.kind));
+  const refreshNode = useRefresh(got, 2000);
+  const refreshAgents = useRefresh(agents, 2000);
+  useEvents(
+    (_, history) => history || (refreshNode(), refreshAgents()),
+    (e) => e.nodeId === nodeId && NODE_KINDS.has(e.kind),
+  );
   useEffect(() => setEdited(null), [got.data]);
 
   const node = edited ?? got.data?.node;

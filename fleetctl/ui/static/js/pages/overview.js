@@ -5,8 +5,9 @@
 // beside it. Events refresh each part, throttled.
 import { recentEvents, useEvents } from "../feed.js";
 import {
-  Badge, ErrorBox, Page, Table, enumLabel, fmtAgo, fmtTime, href, html, useCall, useMemo, useState, useThrottled,
+  Badge, ErrorBox, Page, Table, enumLabel, fmtAgo, fmtTime, href, html, useCall, useMemo, useState,
 } from "../lib.js";
+import { useRefresh } from "../live.js";
 import { AGENT_STATES, HealthBadge, StateBadge, agentCounts, certExpiry, lastExitLine, nodeStatus } from "../present.js";
 import { mergeEvents } from "./events.js";
 
@@ -147,22 +148,28 @@ const EVENT_COLUMNS = [
 
 export function OverviewPage() {
   const nodes = useCall("ListNodes", {});
-  const unhealthy = useCall("ListAgents", { unhealthy: true });
-  const rollouts = useCall("ListRollouts", { live: true });
-  const jobs = useCall("ListJobs", RUNNING_JOBS);
+  // The rest once the counts are on screen: on a big fleet they would slow
+  // ListNodes down (the manager reads every agent to find the unhealthy ones).
+  const after = { when: Boolean(nodes.data || nodes.error) };
+  const unhealthy = useCall("ListAgents", { unhealthy: true }, [], after);
+  const rollouts = useCall("ListRollouts", { live: true }, [], after);
+  const jobs = useCall("ListJobs", RUNNING_JOBS, [], after);
   const [events, setEvents] = useState(() => recentEvents().slice(0, EVENTS_SHOWN));
 
-  const refreshFleet = useThrottled(() => {
-    nodes.reload();
-    unhealthy.reload();
-  }, 3000);
-  const refreshRollouts = useThrottled(rollouts.reload, 2000);
-  const refreshJobs = useThrottled(jobs.reload, 2000);
-  useEvents((event) => {
+  const refreshNodes = useRefresh(nodes, 3000);
+  const refreshUnhealthy = useRefresh(unhealthy, 3000);
+  const refreshRollouts = useRefresh(rollouts, 2000);
+  const refreshJobs = useRefresh(jobs, 2000);
+  useEvents((event, history) => {
     setEvents((old) => mergeEvents(old, [event], EVENTS_SHOWN));
-    if (NODE_KINDS.has(event.kind)) refreshFleet();
-    if (event.kind.startsWith("EVENT_KIND_ROLLOUT_")) refreshRollouts();
-    if (event.kind.startsWith("EVENT_KIND_JOB_")) refreshJobs();
+    if (history) return; // older than what the calls above answered
+    const kind = event.kind ?? "";
+    if (NODE_KINDS.has(kind)) {
+      refreshNodes();
+      refreshUnhealthy();
+    }
+    if (kind.startsWith("EVENT_KIND_ROLLOUT_")) refreshRollouts();
+    if (kind.startsWith("EVENT_KIND_JOB_")) refreshJobs();
   });
 
   const sum = useMemo(() => nodes.data && summarize(nodes.data.nodes ?? []), [nodes.data]);
