@@ -13,7 +13,7 @@ PROTOS := $(wildcard protos/fleet/v1/*.proto)
 FLEET_TEST_POSTGRES_URL ?= postgresql+asyncpg://postgres@127.0.0.1:5432/test
 export FLEET_TEST_POSTGRES_URL
 
-.PHONY: help setup lock test test-dist dist soak lint proto proto-check proto-breaking fmt demo clean \
+.PHONY: help setup browser lock test test-dist dist soak lint proto proto-check proto-breaking fmt demo clean \
 	console-vendor console-check
 
 help:  ## list targets
@@ -55,7 +55,24 @@ lock: setup  ## update requirements.lock and requirements-runtime.lock from pypr
 demo: setup  ## run a manager and two daemons with example agents, and a fleetctl tour (Ctrl-C stops)
 	scripts/demo.sh
 
-test: setup  ## run the whole test suite (but tests/dist: make test-dist)
+# The console's browser tests (tests/browser) drive Debian's Chromium through
+# Playwright; Playwright's own browser download is never used (it is not
+# reachable from every machine). Installed here only when it is missing, and
+# only as root: without it those tests skip with the reason (fail under CI).
+CHROMIUM ?= /usr/bin/chromium
+
+browser:  ## install Debian's chromium for tests/browser when it is missing (root: apt-get)
+	@if [ -x "$(CHROMIUM)" ]; then exit 0; fi; \
+	if [ "$$(id -u)" -ne 0 ]; then \
+	    echo "make browser: $(CHROMIUM) is missing and installing it needs root:" \
+	        "run 'sudo apt-get install chromium fonts-dejavu-core'; until then tests/browser skip" >&2; \
+	    exit 0; \
+	fi; \
+	echo "make browser: installing Debian's chromium for tests/browser"; \
+	export DEBIAN_FRONTEND=noninteractive; \
+	apt-get update -qq && apt-get install -y -qq chromium fonts-dejavu-core >/dev/null
+
+test: setup browser  ## run the whole test suite (but tests/dist: make test-dist)
 	$(PY) -m pytest -n 2 --dist loadfile --durations=25 --ignore=tests/dist
 
 # The artifact hosts install (docs/install.md): the wheel, a zipapp with every

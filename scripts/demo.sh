@@ -246,6 +246,22 @@ fleetctl run -f "$root/configs/jobs/report.toml" --yes
 say "fleetctl jobs list"
 fleetctl jobs list
 
+# The web console: fleetctl ui serves it on loopback and prints a link that
+# opens it once (docs/console.md).
+say "fleetctl ui --no-browser  (the web console)"
+"$bin/fleetctl" ui --no-browser >"$demo/ui.out" 2>"$demo/ui.log" &
+pids+=($!)
+console_url=""
+for _ in $(seq 100); do
+    console_url=$(grep -o 'http://[^ ]*' "$demo/ui.out" || true)
+    [[ -n $console_url ]] && break
+    kill -0 "${pids[-1]}" 2>/dev/null || die "fleetctl ui did not start: $(cat "$demo/ui.log")"
+    sleep 0.1
+done
+[[ -n $console_url ]] || die "fleetctl ui printed no link within 10 s (see $demo/ui.log)"
+echo "open the console: $console_url"
+echo "(the link works once; 'fleetctl ui' in a shell set up with the line below prints a new one)"
+
 # The line to paste into another shell: fleetctl from the venv, and where the fleet is.
 export_line=$(printf 'export PATH=%q:"$PATH" FLEET_MANAGER=%q FLEET_CA=%q FLEET_CERT=%q FLEET_KEY=%q' \
     "$bin" "$FLEET_MANAGER" "$FLEET_CA" "$FLEET_CERT" "$FLEET_KEY")

@@ -22,7 +22,7 @@ from fleetctl.client import Connection
 from fleetctl.runtime import EXIT_OK, Cli, Stub
 from fleetctl.ui.app import ConsoleApp
 
-__all__ = ["allowed_hosts", "is_loopback", "ui"]
+__all__ = ["allowed_hosts", "is_loopback", "start_server", "ui"]
 
 DEFAULT_LISTEN = "127.0.0.1:0"
 
@@ -120,22 +120,7 @@ async def _serve(
     )
     port = sockets[0].getsockname()[1]
     app = ConsoleApp(stub, conn, port=port, allowed_hosts=allowed_hosts(host, port))
-    config = uvicorn.Config(
-        app,
-        lifespan="off",
-        log_config=None,
-        access_log=False,
-        server_header=False,
-        http="h11",
-        timeout_graceful_shutdown=1,
-    )
-    config.load()
-    server = uvicorn.Server(config)
-    server.lifespan = config.lifespan_class(config)  # what serve() would set; startup needs it
-    try:
-        await server.startup(sockets=sockets)
-    except SystemExit:  # uvicorn's way of saying it could not start; it logged why
-        raise ConfigError(f"--listen {host}:{port}: the console could not start") from None
+    server = await start_server(app, sockets)
     url = f"http://{_url_host(host)}:{port}/login?secret={app.sessions.secret}"
     if not is_loopback(host):
         cli.warn(
@@ -165,3 +150,26 @@ async def _serve(
             loop.remove_signal_handler(signal.SIGTERM)
         await server.shutdown(sockets=sockets)
     return EXIT_OK
+
+
+async def start_server(app: ConsoleApp, sockets: list[socket.socket]) -> uvicorn.Server:
+    """uvicorn serving `app` on `sockets` (non-blocking, listening); stop with
+    ``server.shutdown(sockets=sockets)``. Signals stay ours: serve() would take them."""
+    config = uvicorn.Config(
+        app,
+        lifespan="off",
+        log_config=None,
+        access_log=False,
+        server_header=False,
+        http="h11",
+        timeout_graceful_shutdown=1,
+    )
+    config.load()
+    server = uvicorn.Server(config)
+    server.lifespan = config.lifespan_class(config)  # what serve() would set; startup needs it
+    try:
+        await server.startup(sockets=sockets)
+    except SystemExit:  # uvicorn's way of saying it could not start; it logged why
+        port = sockets[0].getsockname()[1]
+        raise ConfigError(f"--listen port {port}: the console could not start") from None
+    return server

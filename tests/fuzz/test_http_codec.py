@@ -11,8 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from proto_strategies import message
 
-from fleet.v1 import fleet_pb2
 from fleet.protojson import encode, message_to_dict, parse_request
+from fleet.v1 import fleet_pb2
 
 _SERVICE = fleet_pb2.DESCRIPTOR.services_by_name["FleetService"]
 _TYPES = sorted(

@@ -80,13 +80,23 @@ class LiveFleet:
 
         self.run(go())
 
-    def start_daemon(self, node_id: str, *agent_ids: str) -> DaemonServer:
-        """A real fleet-daemon for `node_id` supervising `sleep` agents, registered here."""
+    def start_daemon(
+        self, node_id: str, *agent_ids: str, labels: dict[str, str] | None = None
+    ) -> DaemonServer:
+        """A real fleet-daemon for `node_id` supervising `sleep` agents, registered here.
+
+        `labels`: the node labels its daemon.toml would set.
+        """
         root = self._stack.enter_context(short_tmp())
         link = ManagerLinkConfig(addresses=(self.address,), metrics_interval_seconds=3600)
         agents = tuple(agent(a, "sleep", "1000") for a in agent_ids)
         cfg = daemon_config(
-            root, self.pki.issue("node", node_id), agents, manager=link, stop_agents_on_exit=True
+            root,
+            self.pki.issue("node", node_id),
+            agents,
+            manager=link,
+            stop_agents_on_exit=True,
+            labels=dict(labels or {}),
         )
         daemon = DaemonServer(cfg)
 

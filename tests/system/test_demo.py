@@ -52,6 +52,8 @@ def test_demo_oneshot_on_a_fresh_clone(tmp_path: Path) -> None:
     assert re.search(r"job \S+ SUCCESS: 2 success", output), output[-4000:]
     assert re.search(r"node-1 \| ", output), output[-4000:]
     assert re.search(r"node-2 \| ", output), output[-4000:]
+    # It started the web console and printed the link that opens it.
+    assert re.search(r"open the console: http://127\.0\.0\.1:\d+/login\?secret=\S{20,}", output)
     # The printed export line sets up a bare shell for fleetctl: the venv's
     # fleetctl on PATH, the manager and the operator's files in FLEET_*.
     (line,) = [ln for ln in output.splitlines() if ln.startswith("export PATH=")]

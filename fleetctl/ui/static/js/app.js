@@ -95,4 +95,6 @@ function Shell() {
   </div>`;
 }
 
-render(html`<${Shell} />`, document.getElementById("app"));
+const root = document.getElementById("app");
+root.replaceChildren(); // the boot message; Preact would render beside it
+render(html`<${Shell} />`, root);
