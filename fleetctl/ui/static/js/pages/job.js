@@ -163,7 +163,7 @@ export function JobPage({ jobId }) {
       <dl class="props">
         ${job.spec?.name && html`<dt>Name</dt><dd>${job.spec.name}</dd>`}
         <dt>State</dt><dd><${JobBadge} state=${state} /> ${job.reason && html`<span>${job.reason}</span>`}</dd>
-        <dt>Created</dt><dd>${fmtTime(job.createdAt)} (${fmtAgo(job.createdAt)}) by <span data-actor>${job.actor || "–"}</span></dd>
+        <dt>Created</dt><dd>${fmtTime(job.createdAt)} (${fmtAgo(job.createdAt)}) by ${job.actor || "–"}</dd>
         <dt>${live ? "Running" : "Ended"}</dt><dd>${live ? `for ${jobDuration(job)}` : `${fmtTime(job.endedAt)} (took ${jobDuration(job)})`}</dd>
         ${job.rerunOf && html`<dt>Rerun of</dt><dd><a href=${href("jobs", job.rerunOf)}>${job.rerunOf}</a></dd>`}
         <dt>Targets</dt><dd>${whereText(job.spec)}: ${done}/${rows.length} done (${countsText(counts)})</dd>

@@ -24,6 +24,10 @@ const COLUMNS = [
   { title: "Rerun of", render: (j) => (j.rerunOf ? html`<a href=${href("jobs", j.rerunOf)}>${j.rerunOf}</a>` : "–") },
 ];
 
+function openJob(job) {
+  location.hash = href("jobs", job.id);
+}
+
 export function JobsPage({ query }) {
   const [jobs, setJobs] = useState(null);
   const [error, setError] = useState(null);
@@ -45,7 +49,7 @@ export function JobsPage({ query }) {
   const actions = !running && html`<button class="primary" onClick=${() => setRunning(true)}>Run a job…</button>`;
   return html`<${Page} name="jobs" title="Jobs" ready=${jobs !== null || error !== null} actions=${actions}>
     ${running &&
-    html`<${RunJobForm} onStarted=${(job) => (location.hash = href("jobs", job.id))} onClose=${() => setRunning(false)} />`}
+    html`<${RunJobForm} onStarted=${openJob} onClose=${() => setRunning(false)} />`}
     <${ErrorBox} error=${error} what="loading jobs" />
     ${jobs?.length > 0 && html`<p class="dim">${live ? `${live} running; ` : ""}${jobs.length === LIMIT ? `the newest ${LIMIT}` : "every job"}, newest first</p>`}
     <${Table} columns=${COLUMNS} rows=${jobs ?? []} rowKey=${(j) => j.id} empty="No jobs. Run one with the button above or fleetctl run." />

@@ -35,7 +35,7 @@ const DEFINITION_COLUMNS = [
         ? html`<a href=${rolloutHref(d.rollout)}>#${d.rollout.id}</a> <${StateBadge} state=${rolloutState(d.rollout)} />`
         : "–",
   },
-  { title: "Selector", render: (d) => selectorText(d.current.definition.selector) || "(every node)", className: "mono" },
+  { title: "Selector", render: (d) => html`<code>${selectorText(d.current.definition.selector) || "(every node)"}</code>` },
   { title: "Updated", render: (d) => fmtAgo(d.current.createdAt) },
   { title: "By", render: (d) => d.current.actor },
 ];
