@@ -1,7 +1,7 @@
 // What the jobs pages share: a job's and a target's words (the ones
 // `fleetctl jobs list` and `jobs show` use), state badges, and the lines
 // that say where a job runs and what.
-import { fmtDuration } from "../duration.js";
+import { fmtDuration, fmtSpan } from "../duration.js";
 import { Badge, html } from "../lib.js";
 import { selectorText } from "../selector-text.js";
 
@@ -51,13 +51,9 @@ export function countsText(counts) {
   return parts.join(", ") || "no targets";
 }
 
-/** How long a job took (or has run so far, with `now`): "1.2s", "3m12s". */
-export function jobDuration(job, now = Date.now()) {
-  const start = Number(job.createdAt ?? 0);
-  const end = Number(job.endedAt ?? 0) || (now && start ? now : 0);
-  if (!start || !end) return "–";
-  const seconds = (end - start) / 1000;
-  return seconds >= 60 ? fmtDuration(seconds) : `${seconds.toFixed(1)}s`;
+/** How long a job took, from its creation to its end: "1.2s", "3m12s"; "–" while it runs. */
+export function jobDuration(job) {
+  return fmtSpan(job.createdAt, job.endedAt);
 }
 
 /** An exit code as `jobs show` prints it: "0", "signal 9", or "–" before the target ended. */

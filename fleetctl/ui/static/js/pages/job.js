@@ -69,10 +69,7 @@ function targetColumns(job, showOutput) {
     {
       title: "Duration",
       className: "num",
-      render: (t) => {
-        if (TERMINAL_TARGET.has(targetState(t))) return fmtSpan(t.startedAt, t.endedAt);
-        return Number(t.startedAt ?? 0) ? `${fmtSpan(t.startedAt, Date.now())} so far` : "–";
-      },
+      render: (t) => (TERMINAL_TARGET.has(targetState(t)) ? fmtSpan(t.startedAt, t.endedAt) : "–"),
     },
     canary && { title: "Stage", render: (t) => (t.stage ? "–" : "canary") },
     { title: "Started", render: (t) => fmtTime(t.startedAt) },
@@ -164,7 +161,7 @@ export function JobPage({ jobId }) {
         ${job.spec?.name && html`<dt>Name</dt><dd>${job.spec.name}</dd>`}
         <dt>State</dt><dd><${JobBadge} state=${state} /> ${job.reason && html`<span>${job.reason}</span>`}</dd>
         <dt>Created</dt><dd>${fmtTime(job.createdAt)} (${fmtAgo(job.createdAt)}) by ${job.actor || "–"}</dd>
-        <dt>${live ? "Running" : "Ended"}</dt><dd>${live ? `for ${jobDuration(job)}` : `${fmtTime(job.endedAt)} (took ${jobDuration(job)})`}</dd>
+        ${!live && html`<dt>Ended</dt><dd>${fmtTime(job.endedAt)} (took ${jobDuration(job)})</dd>`}
         ${job.rerunOf && html`<dt>Rerun of</dt><dd><a href=${href("jobs", job.rerunOf)}>${job.rerunOf}</a></dd>`}
         <dt>Targets</dt><dd>${whereText(job.spec)}: ${done}/${rows.length} done (${countsText(counts)})</dd>
         <dt>Policy</dt><dd>${policyText(job.spec)}</dd>

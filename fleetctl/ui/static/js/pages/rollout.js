@@ -96,6 +96,29 @@ function batchLabel(number) {
   return number < 0 ? "not moved yet" : number === 0 ? "canary batch" : `batch ${number}`;
 }
 
+/** Progress per batch; `current` is the batch moving now (null once the rollout ended). */
+function BatchTable({ batches, current, onPick }) {
+  const numbers = ["Nodes", "Done", "Updating", "Failed", "Pending"];
+  return html`<div class="table-wrap">
+    <table class="batches">
+      <thead><tr><th>Batch</th><th>Progress</th>${numbers.map((t) => html`<th class="num">${t}</th>`)}</tr></thead>
+      <tbody>
+        ${batches.length === 0 && html`<tr><td class="empty" colspan="7">No nodes in this rollout.</td></tr>`}
+        ${batches.map(
+          (b) => html`<tr key=${b.number} class=${b.number === current ? "current" : ""}>
+            <td>
+              <button class="link" title="show this batch's nodes" onClick=${() => onPick(String(b.number))}>${batchLabel(b.number)}</button>
+              ${b.number === current && html` <span class="dim">(current)</span>`}
+            </td>
+            <td><${Progress} done=${b.done} failed=${b.failed} of=${b.nodes.length} /></td>
+            ${[b.nodes.length, b.done, b.updating, b.failed, b.pending].map((n) => html`<td class="num">${n}</td>`)}
+          </tr>`,
+        )}
+      </tbody>
+    </table>
+  </div>`;
+}
+
 /** The definition's name for a rollout id, when the link carried none (e.g. from the overview). */
 async function findName(rolloutId) {
   const answer = await call("ListRollouts", { limit: FIND_LIMIT });
@@ -250,23 +273,7 @@ export function RolloutPage({ rolloutId, query }) {
       <ul>${failed.map((n) => html`<li><a href=${href("nodes", n.nodeId)}>${n.nodeId}</a>: ${n.reason || "no reason given"}</li>`)}</ul>
     </div>`}
     <h2>Batches</h2>
-    <div class="table-wrap">
-      <table class="batches">
-        <thead><tr><th>Batch</th><th>Progress</th><th class="num">Nodes</th><th class="num">Done</th><th class="num">Updating</th><th class="num">Failed</th><th class="num">Pending</th></tr></thead>
-        <tbody>
-          ${batches.length === 0 && html`<tr><td class="empty" colspan="7">No nodes in this rollout.</td></tr>`}
-          ${batches.map(
-            (b) => html`<tr key=${b.number} class=${b.number === Number(rollout.batch ?? 0) && live ? "current" : ""}>
-              <td><a href="#" onClick=${(e) => (e.preventDefault(), setBatch(String(b.number)))}>${batchLabel(b.number)}</a>
-                ${b.number === Number(rollout.batch ?? 0) && live ? html` <span class="dim">(current)</span>` : ""}</td>
-              <td><${Progress} done=${b.done} failed=${b.failed} of=${b.nodes.length} /></td>
-              <td class="num">${b.nodes.length}</td><td class="num">${b.done}</td><td class="num">${b.updating}</td>
-              <td class="num">${b.failed}</td><td class="num">${b.pending}</td>
-            </tr>`,
-          )}
-        </tbody>
-      </table>
-    </div>
+    <${BatchTable} batches=${batches} current=${live ? Number(rollout.batch ?? 0) : null} onPick=${setBatch} />
     <h2>Nodes</h2>
     <div class="filters">
       <label>Show <select value=${batch} onChange=${(e) => setBatch(e.target.value)}>
