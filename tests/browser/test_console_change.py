@@ -151,11 +151,12 @@ def test_definition_page_diffs_two_revisions(page: Page, revisions: list[int]) -
     )
 
 
-def test_a_rollout_paused_resumed_and_aborted_in_the_browser_is_audited(
+def test_a_rollout_paused_resumed_aborted_and_undone_in_the_browser_is_audited(
     page: Page, revisions: list[int], fleet: LiveFleet, fleetctl: Fleetctl, tmp_path: Path
 ) -> None:
     """A live rollout's pause, resume and abort, each confirmed naming the rollout, change its
-    state on the page as they happen and are audited as the console's operator."""
+    state on the page as they happen and are audited as the console's operator; undo, planned
+    in its confirmation, stores revision 2's content again and starts a rollout of it."""
     apply(fleetctl, definition_file(tmp_path / "slow.toml", 1003, min_healthy="4m"), "slow")
     live = rollout_ids(fleetctl)[0]
     assert live not in revisions
@@ -177,6 +178,19 @@ def test_a_rollout_paused_resumed_and_aborted_in_the_browser_is_audited(
         assert audited(fleet, action, DEFINITION) == [OPERATOR], action
     reason = fleetctl.json("rollout", "list", DEFINITION)["rollouts"][0]["reason"]
     assert f"aborted by {OPERATOR}: browser test" in reason
+
+    page.get_by_role("button", name="Undo…").click()
+    dialog = page.get_by_role("dialog")
+    expect(dialog).to_contain_text(f"roll {DEFINITION} back to revision 2?")
+    expect(dialog).to_contain_text("revision 4 (was 3)")
+    expect(dialog.get_by_role("listitem")).to_have_text(["node-2: restart"])
+    dialog.get_by_role("button", name="Undo", exact=True).click()
+    undone = rollout_ids(fleetctl)[0]
+    expect(page.get_by_role("status")).to_contain_text(f"rollout {undone} started")
+    shown = fleetctl.json("definitions", "show", DEFINITION)
+    assert (shown["revision"], shown["actor"]) == (4, OPERATOR)
+    assert shown["message"] == "undo to revision 2: browser test"
+    assert shown["definition"]["agent"]["argv"] == ["sleep", "1002"]
 
 
 # --- jobs ------------------------------------------------------------------------
