@@ -107,7 +107,7 @@ export function rolloutColumns({ withName = true } = {}) {
     { title: "Batch", className: "num", render: (r) => batchText(r.batch) },
     {
       title: "Progress",
-      render: (r) => html`<div class="progress-cell"><${Progress} done=${r.done} failed=${r.failed} of=${total(r)} />
+      render: (r) => html`<div class="progress-line"><${Progress} done=${r.done} failed=${r.failed} of=${total(r)} />
         <span>${countsText(r)}</span></div>`,
     },
     { title: "Started", render: (r) => fmtAgo(r.createdAt) },

@@ -263,7 +263,7 @@ export function RolloutPage({ rolloutId, query }) {
         <dt>Started</dt><dd>${fmtTime(rollout.createdAt)} (${fmtAgo(rollout.createdAt)}) by ${rollout.actor || "–"}${rollout.message ? `: ${rollout.message}` : ""}</dd>
         ${!live && html`<dt>Ended</dt><dd>${fmtTime(rollout.endedAt)}</dd>`}
         <dt>Policy</dt><dd>${policyText(rollout.policy)}</dd>
-        <dt>Progress</dt><dd class="progress-cell"><${Progress} done=${rollout.done} failed=${rollout.failed} of=${total(rollout)} /> <span>${countsText(rollout)}</span></dd>
+        <dt>Progress</dt><dd class="progress-line"><${Progress} done=${rollout.done} failed=${rollout.failed} of=${total(rollout)} /> <span>${countsText(rollout)}</span></dd>
       </dl>
       ${state === "AWAITING_PROMOTION" && html`<p class="dim">The canaries are healthy: promote to go on with the other batches.</p>`}
     </div>
