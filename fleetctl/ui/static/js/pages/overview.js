@@ -10,6 +10,7 @@ import {
 import { useRefresh } from "../live.js";
 import { AGENT_STATES, HealthBadge, StateBadge, agentCounts, certExpiry, lastExitLine, nodeStatus } from "../present.js";
 import { mergeEvents } from "./events.js";
+import { rolloutHref } from "./rollout-parts.js";
 
 const EVENTS_SHOWN = 15;
 const ATTENTION_SHOWN = 10;
@@ -86,7 +87,7 @@ function Progress({ done, total }) {
 }
 
 const ROLLOUT_COLUMNS = [
-  { title: "Definition", render: (r) => html`<a href=${href("rollouts", r.id)}>${r.name}</a>` },
+  { title: "Definition", render: (r) => html`<a href=${rolloutHref(r)}>${r.name}</a>` },
   {
     title: "State",
     render: (r) => {
@@ -109,7 +110,6 @@ const JOB_COLUMNS = [
   { title: "State", render: (j) => html`<${Badge} value=${enumLabel(j.state, "JOB_STATE_")} />` },
   { title: "Targets done", render: (j) => html`<${Progress} ...${jobProgress(j)} />` },
   { title: "Started", render: (j) => fmtAgo(j.createdAt) },
-  { title: "By", key: "actor" },
 ];
 
 const ATTENTION_COLUMNS = [
