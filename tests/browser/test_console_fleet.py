@@ -9,6 +9,7 @@ changes (a label, an agent's pid) it checks by itself or puts back.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import time
 from collections.abc import Callable, Iterator
@@ -332,6 +333,14 @@ def test_node_page_shows_its_agents_and_charts(page: Page, metrics: str) -> None
     expect(cpu).to_contain_text("34%")  # 20 + 14, the newest sample
     expect(page.locator('figure[data-chart="Memory"] .u-legend')).to_contain_text("8 GiB")
     expect(page.locator('figure[data-chart="Disk I/O"] .u-legend')).to_contain_text("1 MiB/s")
+    # Under the cursor the legend shows the time and the values there (data: the last 15 min).
+    plot = page.locator('figure[data-chart="CPU"] .u-over')
+    box = plot.bounding_box()
+    assert box is not None
+    plot.hover(position={"x": box["width"] * 0.9, "y": box["height"] / 2})
+    time_cell, cpu_cell = page.locator('figure[data-chart="CPU"] .u-legend .u-value').all()
+    expect(time_cell).to_have_text(re.compile(r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d"))
+    expect(cpu_cell).to_have_text(re.compile(r"(2\d|3[0-4])%"))
     page.get_by_role("button", name="15 min").click()
     expect(page.get_by_role("button", name="15 min")).to_have_attribute("aria-pressed", "true")
     expect(page.locator('figure[data-chart="CPU"] canvas')).to_have_count(1)
