@@ -401,6 +401,11 @@ def test_agents_page_filters_by_state_health_and_text(page: Page, talker: str) -
     page.get_by_label("Health").select_option("none")
     expect(page.locator("tbody tr")).to_have_count(5)
     shot(page, "agents")
+    page.get_by_label("Search").fill("web")
+    expect(page.locator("tbody tr")).to_have_count(2)
+    page.get_by_role("navigation").get_by_role("link", name="Agents").click()
+    expect(page.get_by_label("Search")).to_have_value("")  # the link's (empty) filters
+    expect(page.locator("tbody tr")).to_have_count(5)
 
 
 def test_a_killed_agent_is_seen_restarting_live(page: Page, fleet: LiveFleet) -> None:

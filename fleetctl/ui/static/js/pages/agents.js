@@ -61,6 +61,19 @@ export function AgentsPage({ query }) {
   useEvents((_, history) => history || refresh(), (e) => LIST_KINDS.has(e.kind));
   useTick(10000);
   useEffect(() => setQuery({ state, health, q: text }), [state, health, text]);
+  useEffect(() => {
+    // A link to #/agents?... followed while this page is open (the shell keeps it mounted).
+    const onHash = () => {
+      const [path, query = ""] = location.hash.split("?");
+      if (path !== "#/agents") return;
+      const params = new URLSearchParams(query);
+      setState(params.get("state") ?? "");
+      setHealth(params.get("health") ?? "");
+      setText(params.get("q") ?? "");
+    };
+    addEventListener("hashchange", onHash);
+    return () => removeEventListener("hashchange", onHash);
+  }, []);
 
   const all = agents.data?.agents ?? [];
   const rows = useMemo(() => {

@@ -173,7 +173,7 @@ export function OverviewPage() {
   });
 
   const sum = useMemo(() => nodes.data && summarize(nodes.data.nodes ?? []), [nodes.data]);
-  const sick = unhealthy.data?.agents ?? [];
+  const sick = useMemo(() => unhealthy.data?.agents ?? [], [unhealthy.data]);
   const attention = useMemo(
     () => [
       ...(sum?.attention ?? []).slice(0, ATTENTION_SHOWN),
