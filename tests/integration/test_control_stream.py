@@ -15,7 +15,7 @@ from typing import Any
 import grpc
 import pytest
 from control_end import ControlEnd, open_stream
-from manager_harness import FakeClock, manager_config, running_manager
+from manager_harness import FakeClock, manager_config, node_stub, rpc_error, running_manager
 from sqlalchemy import text
 
 from fleet import errors
@@ -218,6 +218,7 @@ async def test_refused_messages_keep_the_stream_and_store_nothing(
     assert refused.WhichOneof("body") == "error"
     assert refused.error.code == grpc.StatusCode.PERMISSION_DENIED.value[0]
     assert "may not speak for node node-2" in refused.error.message
+    assert dict(refused.error.trailing_metadata) == {}  # about nothing in particular
 
     again = await end.send(hello=manager_pb2.RegisterNodeRequest(node_id="node-1"))
     assert again.error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
@@ -236,6 +237,30 @@ async def test_refused_messages_keep_the_stream_and_store_nothing(
     ok = await end.send(agent_states=manager_pb2.SyncAgentStatesRequest(node_id="node-1"))
     assert ok.agent_states.success
     assert not end.ended.is_set()
+
+
+async def test_a_refusal_names_its_resource_as_the_unary_call_does(
+    pki: Any, manager: ManagerServer, ends: list[ControlEnd]
+) -> None:
+    """States for a node deleted under its open stream: NOT_FOUND with the node as the
+    Resource, in the same trailing metadata the unary SyncAgentStates ends with."""
+    end, _ = await connect(pki, manager, ends, "node-1")
+    async with manager.db.engine.begin() as conn:
+        await conn.execute(text("DELETE FROM nodes WHERE node_id = 'node-1'"))
+    states = manager_pb2.SyncAgentStatesRequest(node_id="node-1")
+    refused = await end.send(agent_states=states)
+    assert refused.error.code == grpc.StatusCode.NOT_FOUND.value[0]
+    assert refused.error.message == "node 'node-1' is not registered"
+    assert dict(refused.error.trailing_metadata) == {
+        "fleet-resource-kind": "node",
+        "fleet-resource-name": "node-1",
+    }
+    async with node_stub(pki, "node-1", manager.port) as stub:
+        unary = await rpc_error(stub.SyncAgentStates(states, timeout=10))
+    assert unary.code() == grpc.StatusCode.NOT_FOUND
+    assert unary.details() == refused.error.message
+    unary_trailers = {k: v for k, v in unary.trailing_metadata() or () if k.startswith("fleet-")}
+    assert unary_trailers == dict(refused.error.trailing_metadata)
 
 
 async def test_a_result_for_an_unknown_request_is_counted_and_ignored(
