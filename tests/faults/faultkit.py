@@ -41,7 +41,10 @@ class ManagerProc:
         listen_host: str = "127.0.0.1",
         liveness: str = "",
         extra: str = "",
+        cluster: str | None = None,
     ) -> None:
+        """`cluster`: [cluster] keys besides advertise_address, which is set to this
+        manager's address (None: no [cluster] table, a single manager)."""
         root.mkdir(parents=True, exist_ok=True)
         self.root = root
         self.port = free_port(listen_host)
@@ -53,6 +56,11 @@ class ManagerProc:
         url = database_url or f"sqlite+aiosqlite:///{root / 'state' / 'manager.db'}"
         self.database_url = url
         self.config = root / "manager.toml"
+        cluster_table = (
+            ""
+            if cluster is None
+            else f'[cluster]\nadvertise_address = "{self.address}"\n{cluster}\n'
+        )
         self.config.write_text(
             f'state_dir = "{root / "state"}"\n'
             f'[server]\nlisten = "{self.address}"\n'
@@ -62,7 +70,7 @@ class ManagerProc:
             f'[database]\nurl = "{url}"\n'
             f"[liveness]\n{liveness}\n"
             '[logging]\nlevel = "info"\n'
-            f"{extra}\n"
+            f"{extra}\n{cluster_table}"
         )
 
     @property
