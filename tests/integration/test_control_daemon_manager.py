@@ -15,15 +15,19 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from daemon_helpers import BlackholeProxy, agent, daemon_config, short_tmp
-from manager_harness import manager_config, running_manager
+from manager_harness import manager_config, node_stub, registration, rpc_error, running_manager
+from sqlalchemy import text
 
 from daemon.config import ManagerLinkConfig
+from daemon.control import ControlStream
+from daemon.manager_link import ManagerLink, NodeInfo
 from daemon.server import DaemonServer
 from fleet import errors
 from fleet.retry import Backoff
-from fleet.v1 import common_pb2
+from fleet.v1 import common_pb2, manager_pb2
 from manager.pool.stream import ControlSession
 from manager.server import ManagerServer
 
@@ -194,3 +198,71 @@ async def test_a_read_is_dialled_when_the_stream_does_not_come_back(
         finally:
             await daemon.stop(1.0)
             await proxy.close()
+
+
+# --- ConnectError carries the Resource (issue 15) -----------------------------------
+
+
+async def test_a_refusal_over_the_stream_is_the_error_the_unary_call_gives(
+    pki: Any, manager: ManagerServer
+) -> None:
+    """The node deleted under its open stream: the daemon's SyncAgentStates over the
+    stream and the unary one become the same NotFound, naming the node as its Resource."""
+    async with node_stub(pki, NODE, manager.port) as stub:
+        stream, welcome = await ControlStream.open(
+            stub, registration(NODE, daemon_address=""), rpc_timeout=5.0
+        )
+        try:
+            assert welcome.success
+            async with manager.db.engine.begin() as conn:
+                await conn.execute(text("DELETE FROM nodes WHERE node_id = :n"), {"n": NODE})
+            states = manager_pb2.SyncAgentStatesRequest(node_id=NODE)
+            with pytest.raises(grpc.RpcError) as refused:
+                await stream.SyncAgentStates(states)
+        finally:
+            await stream.close()
+        unary = await rpc_error(stub.SyncAgentStates(states, timeout=10))
+    over_stream = errors.from_rpc_error(refused.value, target="manager")
+    over_unary = errors.from_rpc_error(unary, target="manager")
+    assert type(over_stream) is type(over_unary) is errors.NotFound
+    assert over_stream.message == over_unary.message == f"manager: node {NODE!r} is not registered"
+    assert over_stream.resource == over_unary.resource == errors.Resource("node", NODE)
+
+
+# --- a link without a command runner (issue 15) --------------------------------------
+
+
+async def test_a_link_without_a_command_runner_answers_unimplemented_at_once(
+    pki: Any, manager: ManagerServer, tmp_path: Path
+) -> None:
+    """A daemon link that runs no commands ends each one UNIMPLEMENTED right away (not at
+    the caller's deadline), unary or streaming, is not asked again, and keeps its stream."""
+    link = ManagerLink(
+        link_config(manager.port),
+        tls=pki.issue("node", NODE),
+        trust_domain=pki.trust_domain,
+        node=NodeInfo(NODE, "", {}),
+        state_dir=tmp_path / "link",
+        collect=list,
+        snapshot=list,
+    )
+    await link.start()
+    try:
+        await wait_until(lambda: stream_of(manager) is not None)
+        session = stream_of(manager)
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        with pytest.raises(errors.FleetError) as unary:
+            await manager.pool.list_agents(NODE, "", call_timeout=30)
+        with pytest.raises(errors.FleetError) as streaming:
+            async for _ in manager.pool.read_agent_log(NODE, "", "web", call_timeout=30):
+                pass
+        assert loop.time() - t0 < 5
+        for refused in (unary.value, streaming.value):
+            assert refused.code == grpc.StatusCode.UNIMPLEMENTED
+            assert refused.message == f"{NODE}: this daemon runs no commands on its control stream"
+        assert manager.pool.stats()[NODE].retries == 0  # an answer, not a broken stream
+        assert stream_of(manager) is session
+        assert (link.mode, link.reconnects) == ("stream", 0)
+    finally:
+        await link.stop()
