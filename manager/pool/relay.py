@@ -103,6 +103,11 @@ def translate_relay_error(
             f"{node_id}: no answer within {budget:g} s (relayed to {where}, "
             "which holds its control stream)"
         )
+    elif code == grpc.StatusCode.UNAVAILABLE and lost is not None:
+        # The peer's own stream to the node failed (or is not there): its words, our rule.
+        # First: only the peer sets the trailer, whatever its message quotes.
+        answered = from_rpc_error(error)
+        translated = TransportFailed(answered.message, delivered=lost, resource=answered.resource)
     elif code == grpc.StatusCode.UNAVAILABLE and (why := wrong_peer(details)) is not None:
         what = (
             f"is not manager/{route.replica_id}"
@@ -123,10 +128,6 @@ def translate_relay_error(
             route=route,
             delivered=not never_sent(details),
         )
-    elif code == grpc.StatusCode.UNAVAILABLE and lost is not None:
-        # The peer's own stream to the node failed (or is not there): its words, our rule.
-        answered = from_rpc_error(error)
-        translated = TransportFailed(answered.message, delivered=lost, resource=answered.resource)
     else:
         translated = from_rpc_error(error)
     translated.__cause__ = error  # gRPC's debug string stays in the log
