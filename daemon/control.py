@@ -8,7 +8,8 @@ uploads) and, downward, the manager's commands (daemon.commands).
 The upward methods (`SyncAgentStates`, `ReportMetrics`, ...) behave like
 the generated stub's unary methods: they return the answer with the same
 `reply_to`, or raise `grpc.RpcError` with the code the unary call would have
-ended with (a `ConnectError` answer, DEADLINE_EXCEEDED when no answer comes
+ended with (a `ConnectError` answer, with its trailing metadata, so
+`from_rpc_error` keeps the `Resource`; DEADLINE_EXCEEDED when no answer comes
 in time, UNAVAILABLE when the stream broke). So the link's loops and the job
 reporter run unchanged over either transport, through the link's one call
 wrapper and its one error mapping.
@@ -23,7 +24,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import grpc
@@ -83,8 +84,13 @@ def manager_auth(server_name: str, trust_domain: str) -> dict[str, list[bytes]]:
     return {"peer_uri": [identity.uri.encode()]}
 
 
-def _rpc_error(code: grpc.StatusCode, details: str) -> aio.AioRpcError:
-    return aio.AioRpcError(code, aio.Metadata(), aio.Metadata(), details, None)
+def _rpc_error(
+    code: grpc.StatusCode, details: str, trailing: Mapping[str, str] | None = None
+) -> aio.AioRpcError:
+    """The error a unary call ending with `code`, `details` and `trailing` metadata raises."""
+    return aio.AioRpcError(
+        code, aio.Metadata(), aio.Metadata(*(trailing or {}).items()), details, None
+    )
 
 
 class ControlStream:
@@ -212,7 +218,9 @@ class ControlStream:
             self._pending.pop(request_id, None)
         body = answer.WhichOneof("body")
         if body == "error":
-            raise _rpc_error(_status(answer.error.code), answer.error.message)
+            # The trailers carry the Resource, so from_rpc_error gives the unary call's error.
+            error = answer.error
+            raise _rpc_error(_status(error.code), error.message, error.trailing_metadata)
         expected = _ANSWERS[field]
         if body != expected:
             raise _rpc_error(

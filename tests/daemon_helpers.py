@@ -1,8 +1,10 @@
-"""Helpers for daemon tests: short dirs for Unix sockets, configs, mTLS clients."""
+"""Helpers for daemon tests: short dirs for Unix sockets, configs, mTLS clients, a TCP
+proxy that can cut a connection."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import shutil
 import tempfile
 import time
@@ -84,3 +86,69 @@ async def eventually(
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {within}s; last value: {value!r}")
         await asyncio.sleep(0.05)
+
+
+class BlackholeProxy:
+    """A loopback TCP proxy that can blackhole traffic (stand-in for a cut cable).
+
+    While cut, bytes in both directions are read and thrown away and new
+    connections are accepted but go nowhere: peers see silence, not a reset,
+    as with a pulled cable. Mending closes the poisoned connections (their
+    TLS streams lost bytes) and forwards new ones again.
+    """
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.target_port = 0
+        self.is_cut = False
+        self._server: asyncio.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def start(self) -> None:
+        """Listen on a free 127.0.0.1 port."""
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = int(self._server.sockets[0].getsockname()[1])
+
+    def cut(self) -> None:
+        """Blackhole from now on."""
+        self.is_cut = True
+
+    def mend(self) -> None:
+        """Forward again; drop the connections that lived through the cut."""
+        self.is_cut = False
+        for w in list(self._writers):
+            w.close()
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, ConnectionError):
+            while data := await reader.read(65536):
+                if not self.is_cut:
+                    writer.write(data)
+                    await writer.drain()
+        writer.close()
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
+        try:
+            while self.is_cut:  # a connection made during the cut hears nothing
+                await asyncio.sleep(0.1)
+                if reader.at_eof():
+                    return
+            try:
+                up_r, up_w = await asyncio.open_connection("127.0.0.1", self.target_port)
+            except OSError:
+                return
+            self._writers.add(up_w)
+            await asyncio.gather(self._pump(reader, up_w), self._pump(up_r, writer))
+            self._writers.discard(up_w)
+        finally:
+            self._writers.discard(writer)
+            writer.close()
+
+    async def close(self) -> None:
+        """Stop listening and close every connection."""
+        for w in list(self._writers):
+            w.close()
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()

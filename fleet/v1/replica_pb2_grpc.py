@@ -39,7 +39,10 @@ class ReplicaServiceStub:
     looks again. The caller's deadline is the call's deadline (the daemon is
     sent what remains of it) and cancelling the call cancels it on the node.
     Errors are the ones the call got over the stream, with their status and
-    `fleet-resource-*` trailers.
+    `fleet-resource-*` trailers. When the way to the node failed here (no
+    stream, another replica than meant, the stream closed under the call) the
+    UNAVAILABLE also carries `fleet-transport-failed`: "undelivered" (the
+    daemon cannot have received the command) or "maybe-delivered".
     """
 
     def __init__(self, channel):
@@ -74,7 +77,10 @@ class ReplicaServiceServicer:
     looks again. The caller's deadline is the call's deadline (the daemon is
     sent what remains of it) and cancelling the call cancels it on the node.
     Errors are the ones the call got over the stream, with their status and
-    `fleet-resource-*` trailers.
+    `fleet-resource-*` trailers. When the way to the node failed here (no
+    stream, another replica than meant, the stream closed under the call) the
+    UNAVAILABLE also carries `fleet-transport-failed`: "undelivered" (the
+    daemon cannot have received the command) or "maybe-delivered".
     """
 
     def Relay(self, request, context):
@@ -128,7 +134,10 @@ class ReplicaService:
     looks again. The caller's deadline is the call's deadline (the daemon is
     sent what remains of it) and cancelling the call cancels it on the node.
     Errors are the ones the call got over the stream, with their status and
-    `fleet-resource-*` trailers.
+    `fleet-resource-*` trailers. When the way to the node failed here (no
+    stream, another replica than meant, the stream closed under the call) the
+    UNAVAILABLE also carries `fleet-transport-failed`: "undelivered" (the
+    daemon cannot have received the command) or "maybe-delivered".
     """
 
     @staticmethod

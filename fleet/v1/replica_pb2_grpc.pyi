@@ -40,7 +40,10 @@ class ReplicaServiceStub:
     looks again. The caller's deadline is the call's deadline (the daemon is
     sent what remains of it) and cancelling the call cancels it on the node.
     Errors are the ones the call got over the stream, with their status and
-    `fleet-resource-*` trailers.
+    `fleet-resource-*` trailers. When the way to the node failed here (no
+    stream, another replica than meant, the stream closed under the call) the
+    UNAVAILABLE also carries `fleet-transport-failed`: "undelivered" (the
+    daemon cannot have received the command) or "maybe-delivered".
     """
 
     @_typing.overload
@@ -70,7 +73,10 @@ class ReplicaServiceAsyncStub(ReplicaServiceStub):
     looks again. The caller's deadline is the call's deadline (the daemon is
     sent what remains of it) and cancelling the call cancels it on the node.
     Errors are the ones the call got over the stream, with their status and
-    `fleet-resource-*` trailers.
+    `fleet-resource-*` trailers. When the way to the node failed here (no
+    stream, another replica than meant, the stream closed under the call) the
+    UNAVAILABLE also carries `fleet-transport-failed`: "undelivered" (the
+    daemon cannot have received the command) or "maybe-delivered".
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -96,7 +102,10 @@ class ReplicaServiceServicer(metaclass=_abc_1.ABCMeta):
     looks again. The caller's deadline is the call's deadline (the daemon is
     sent what remains of it) and cancelling the call cancels it on the node.
     Errors are the ones the call got over the stream, with their status and
-    `fleet-resource-*` trailers.
+    `fleet-resource-*` trailers. When the way to the node failed here (no
+    stream, another replica than meant, the stream closed under the call) the
+    UNAVAILABLE also carries `fleet-transport-failed`: "undelivered" (the
+    daemon cannot have received the command) or "maybe-delivered".
     """
 
     @_abc_1.abstractmethod

@@ -30,6 +30,7 @@ __all__ = [
     "ReloadingCredentials",
     "WrongDaemonIdentity",
     "channel_args",
+    "never_sent",
     "no_connection",
     "translate_error",
     "wrong_peer",
@@ -189,9 +190,19 @@ def wrong_peer(details: str) -> str | None:
 
 def no_connection(details: str) -> bool:
     """gRPC's own UNAVAILABLE for a connection it could not make or keep (not the peer's)."""
-    return details.startswith("failed to connect to all addresses") or cause(details) in (
-        Cause.NO_NAME,
-        Cause.CLOSED,
+    return never_sent(details) or cause(details) is Cause.CLOSED
+
+
+def never_sent(details: str) -> bool:
+    """gRPC's own UNAVAILABLE for a call it never sent: no connection could be made
+    (refused, timed out, a TLS handshake that failed) or the name did not resolve.
+
+    "failed to connect to all addresses" is how gRPC fails a call that found no
+    ready connection to go out on; a connection closed or reset under a call
+    that was sent says "Socket closed" or "Connection reset" instead.
+    """
+    return details.startswith("failed to connect to all addresses") or (
+        cause(details) is Cause.NO_NAME
     )
 
 

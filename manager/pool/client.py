@@ -23,8 +23,13 @@ jittered backoff on UNAVAILABLE, and only on UNAVAILABLE:
 Per call the pool picks a transport (`manager.pool.routing`): the node's
 control stream on this replica, else the replica the stream directory says
 holds it (`routes`, with several replicas on PostgreSQL), else dialling the
-daemon. Over a stream or a relay nothing is retried (the daemon reconnects by
-itself and the next call takes the new way).
+daemon. When that way fails under the call (the stream closed, the replica
+holding it could not be reached: `manager.pool.outcome.TransportFailed`), an
+idempotent call, or one certainly not delivered, is sent once more by the
+next way there is within its deadline: the node's new stream once the daemon
+reconnects, another replica, or its address. Anything else fails UNAVAILABLE
+saying that its outcome is unknown. A replica that could not be reached gets
+no routes until it refreshes its row in the directory.
 
 When an idempotent call runs out of attempts against a connection that
 failed, the pool gives the channel up (RECONNECTING -> IDLE) so the next call
@@ -36,6 +41,7 @@ Unavailable that is never retried).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 import random
@@ -60,11 +66,12 @@ from fleet.v1 import common_pb2, daemon_pb2, replica_pb2_grpc
 from manager.pool.channel import NodeStats, ReloadingCredentials
 from manager.pool.channels import Channels
 from manager.pool.config import PoolConfig
-from manager.pool.relay import RelayTransport
+from manager.pool.outcome import TransportFailed, may_send_again, outcome_unknown
+from manager.pool.relay import PeerUnreachable, RelayTransport
 from manager.pool.routing import Route, Via, choose_transport
 from manager.pool.state import ConnectionState
 from manager.pool.stream import ControlSession, ControlStreams
-from manager.pool.transport import DialledTransport, StreamTransport, Transport
+from manager.pool.transport import DialledTransport, StreamTransport, Transport, stream_budget
 
 __all__ = ["Clock", "DaemonPool", "Routes"]
 
@@ -79,6 +86,11 @@ RELAY_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 """Default receive limit of relay channels: a daemon's result may be this large on
 its stream (`control.max_message_bytes`), so it must fit relayed too."""
 
+WAIT_POLL_SECONDS = 0.5
+"""While a call waits for its node's stream to come back, this often it also looks in
+the stream directory (the daemon may reconnect to another replica) and notices a pool
+that closed; the stream coming back here wakes it at once."""
+
 
 class Routes(Protocol):
     """Where a node's control stream is when it is not on this replica (the stream
@@ -86,6 +98,10 @@ class Routes(Protocol):
 
     async def route(self, node_id: str) -> Route | None:
         """The live replica holding `node_id`'s stream, or None (not known to be anywhere)."""
+        ...
+
+    def unreachable(self, route: Route) -> None:
+        """The replica `route` names could not be reached: route nothing to it for now."""
         ...
 
 
@@ -405,9 +421,10 @@ class DaemonPool:
         session = self._streams.get(node_id) if self._streams is not None else None
         if session is None:
             here = f"manager replica {self._replica_id}" if self._replica_id else "this manager"
-            raise Unavailable(
+            raise TransportFailed(
                 f"{node_id}: its control stream is not on {here} (it closed or moved to "
-                "another replica); try again"
+                "another replica); try again",
+                delivered=False,  # nothing was sent
             )
         return session
 
@@ -448,17 +465,31 @@ class DaemonPool:
     # -- internals ----------------------------------------------------------
 
     async def _transport(self, node_id: str, address: str) -> Transport:
-        """The node's control stream here, else its stream's replica, else dialling.
+        """How to reach the node now; FailedPrecondition if there is no way at all."""
+        way = await self._way(node_id, address)
+        if way is None:
+            raise FailedPrecondition(
+                f"{node_id}: the node has no control stream and no listen address "
+                "(is its daemon running and connected to a manager?)"
+            )
+        return way
+
+    async def _way(
+        self, node_id: str, address: str, *, avoid: Route | None = None
+    ) -> Transport | None:
+        """The node's control stream here, else its stream's replica, else dialling;
+        None if there is none of them. A route read from the same record as `avoid`
+        (one that just failed) is not taken again.
 
         The stream is the one whose certificate is `node_id`'s (the Connect
         handler registers it under the hello's node id only after the
         identity check), so a command can only reach that node; the replica
         holding a relayed one checks the same.
         """
+        self._check_open()
         session = self._streams.get(node_id) if self._streams is not None else None
         route: Route | None = None
         if session is None and self._routes is not None:
-            self._check_open()
             try:
                 route = await self._routes.route(node_id)
             except FleetError as exc:
@@ -468,6 +499,8 @@ class DaemonPool:
                         f"stream: {exc.message}"
                     ) from exc
                 log.warning("%s: stream directory unavailable, dialling: %s", node_id, exc)
+            if route is not None and route.same_record(avoid):
+                route = None
         via = choose_transport(local_stream=session is not None, route=route, address=address)
         if via is Via.STREAM:
             assert session is not None
@@ -482,16 +515,60 @@ class DaemonPool:
                 on_done=self._on_relayed,
             )
         if via is Via.NOWHERE:
-            self._check_open()
-            raise FailedPrecondition(
-                f"{node_id}: the node has no control stream and no listen address "
-                "(is its daemon running and connected to a manager?)"
-            )
+            return None
         # A stream or a relay was opened with a certificate the deny list passed;
         # a dialled daemon's certificate is checked by name only.
         if (refusal := self.dial_refusal(node_id)) is not None:
             raise FailedPrecondition(refusal)
         return self._dialled
+
+    async def _way_again(
+        self,
+        node_id: str,
+        address: str,
+        method: str,
+        error: TransportFailed,
+        failed: Transport,
+        *,
+        idempotent: bool,
+        deadline: float,
+    ) -> Transport:
+        """Where to send a call once more after its way failed under it (`error`).
+
+        Raises the outcome-unknown error unless `may_send_again`. A peer that
+        could not be reached gets no routes for now. Then the first way there
+        is other than the failed one: the node's stream here (a new one: the
+        closed one is gone), another stream record, its address; without any,
+        wait for the daemon to reconnect until `deadline` (loop time), then
+        raise Unavailable (at once if the manager is stopping).
+        """
+        if not may_send_again(idempotent=idempotent, delivered=error.delivered):
+            raise outcome_unknown(error, method) from error
+        if isinstance(error, PeerUnreachable) and self._routes is not None:
+            self._routes.unreachable(error.route)
+        avoid = failed.route if isinstance(failed, RelayTransport) else None
+        loop = asyncio.get_running_loop()
+        while (way := await self._way(node_id, address, avoid=avoid)) is None:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                raise Unavailable(
+                    f"{error.message}; it did not come back within the call's deadline "
+                    f"({method} was not sent again)"
+                ) from error
+            if self._streams is not None and self._streams.closing:
+                # No stream attaches here again; waiting would only hold up the shutdown.
+                raise Unavailable(
+                    f"{error.message}; {method} was not sent again: this manager is stopping"
+                ) from error
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(min(remaining, WAIT_POLL_SECONDS)):
+                    if self._streams is not None:
+                        await self._streams.attached(node_id)
+                    else:
+                        await asyncio.sleep(remaining)
+        self._channels.record(node_id).retries += 1
+        log.info("%s; sending %s again (%s)", error.message, method, type(way).__name__)
+        return way
 
     def _check_open(self) -> None:
         if self._closed:
@@ -508,9 +585,29 @@ class DaemonPool:
         idempotent: bool,
         call_timeout: float | None,
     ) -> _Resp:
+        loop = asyncio.get_running_loop()
+        budget = self._config.call_timeout if call_timeout is None else call_timeout
+        deadline = loop.time() + budget
         transport = await self._transport(node_id, address)
-        response = await transport.unary(
-            node_id, address, method, request, idempotent=idempotent, call_timeout=call_timeout
+        try:
+            response = await transport.unary(
+                node_id, address, method, request, idempotent=idempotent, call_timeout=budget
+            )
+        except TransportFailed as exc:
+            failed = exc
+        else:
+            assert isinstance(response, response_type)
+            return response
+        again = await self._way_again(
+            node_id, address, method, failed, transport, idempotent=idempotent, deadline=deadline
+        )
+        response = await again.unary(
+            node_id,
+            address,
+            method,
+            request,
+            idempotent=idempotent,
+            call_timeout=max(0.0, deadline - loop.time()),
         )
         assert isinstance(response, response_type)
         return response
@@ -526,11 +623,40 @@ class DaemonPool:
         follow: bool,
         call_timeout: float | None,
     ) -> AsyncGenerator[_Resp, None]:
+        loop = asyncio.get_running_loop()
+        budget = stream_budget(self._config, follow=follow, call_timeout=call_timeout)
+        start = loop.time()
         transport = await self._transport(node_id, address)
+        started = False
+        try:
+            async with contextlib.aclosing(
+                transport.stream(
+                    node_id, address, method, request, follow=follow, call_timeout=budget
+                )
+            ) as responses:
+                async for response in responses:
+                    started = True
+                    assert isinstance(response, response_type)
+                    yield response
+        except TransportFailed as exc:
+            if started:
+                raise  # the caller resumes from the last chunk's next_offset
+            failed = exc
+        else:
+            return
+        # Nothing arrived yet: the start of a read is idempotent, as on a dialled channel.
+        again = await self._way_again(
+            node_id,
+            address,
+            method,
+            failed,
+            transport,
+            idempotent=True,
+            deadline=start + (budget or self._config.call_timeout),
+        )
+        rest = None if budget is None else max(0.0, start + budget - loop.time())
         async with contextlib.aclosing(
-            transport.stream(
-                node_id, address, method, request, follow=follow, call_timeout=call_timeout
-            )
+            again.stream(node_id, address, method, request, follow=follow, call_timeout=rest)
         ) as responses:
             async for response in responses:
                 assert isinstance(response, response_type)

@@ -17,9 +17,12 @@ channels.
   message and `Resource`; a peer that cannot be reached is said in words
   ("its control stream is on manager replica mb at ..., which refused the
   connection").
-- Nothing is retried: the route was read a moment ago; a peer that died or
-  lost the stream means the node is reconnecting, and the next call finds
-  it (here, on another replica, or dialled).
+- Nothing is retried here. A relay that failed on the way (`PeerUnreachable`:
+  the peer could not be reached; or the peer's own stream failed, which it
+  says in trailing metadata) is a `TransportFailed` saying whether the
+  command may have been delivered, and the pool decides whether to send it
+  once more another way (`manager.pool.outcome`) and stops routing to a peer
+  it could not reach.
 """
 
 from __future__ import annotations
@@ -43,9 +46,10 @@ from fleet.errors import (
 )
 from fleet.reachability import Cause, cause, last_error
 from fleet.v1 import replica_pb2
-from manager.pool.channel import NodeRecord, no_connection, wrong_peer
+from manager.pool.channel import NodeRecord, never_sent, no_connection, wrong_peer
 from manager.pool.channels import Channels
 from manager.pool.config import PoolConfig
+from manager.pool.outcome import TransportFailed, lost_from_metadata
 from manager.pool.routing import Route
 from manager.pool.transport import cancelled_by_caller, stream_budget
 
@@ -54,7 +58,7 @@ if TYPE_CHECKING:
 
     from fleet.v1.replica_pb2_grpc import ReplicaServiceAsyncStub
 
-__all__ = ["RelayTransport", "translate_relay_error"]
+__all__ = ["PeerUnreachable", "RelayTransport", "translate_relay_error"]
 
 _UNREACHABLE = {
     Cause.REFUSED: "refused the connection",
@@ -64,17 +68,29 @@ _UNREACHABLE = {
 }
 
 
+class PeerUnreachable(TransportFailed):
+    """The replica holding the node's stream could not be reached (refused, timed
+    out, not the replica meant, the connection broke under the call)."""
+
+    def __init__(self, message: str, *, route: Route, delivered: bool) -> None:
+        super().__init__(message, delivered=delivered)
+        self.route = route
+        """The route that failed: its replica gets no commands for a while."""
+
+
 def translate_relay_error(
     error: aio.AioRpcError, *, node_id: str, route: Route, budget: float | None
 ) -> FleetError:
     """The FleetError for a relayed call to `node_id` through `route` that failed.
 
     What the holding replica answered passes through (its message already
-    names the node); what kept us from reaching it is said in words.
+    names the node); what kept us from reaching it is said in words, as a
+    `PeerUnreachable` that says whether the call may have been delivered.
     """
     details = error.details() or ""
     code = error.code()
     where = f"manager replica {route.replica_id} at {route.address}"
+    lost = lost_from_metadata(error.trailing_metadata())
     translated: FleetError
     if (
         budget is not None
@@ -87,21 +103,30 @@ def translate_relay_error(
             f"{node_id}: no answer within {budget:g} s (relayed to {where}, "
             "which holds its control stream)"
         )
+    elif code == grpc.StatusCode.UNAVAILABLE and lost is not None:
+        # The peer's own stream to the node failed (or is not there): its words, our rule.
+        # First: only the peer sets the trailer, whatever its message quotes.
+        answered = from_rpc_error(error)
+        translated = TransportFailed(answered.message, delivered=lost, resource=answered.resource)
     elif code == grpc.StatusCode.UNAVAILABLE and (why := wrong_peer(details)) is not None:
         what = (
             f"is not manager/{route.replica_id}"
             if why == "name"
             else "is not signed by the fleet CA"
         )
-        translated = Unavailable(
+        translated = PeerUnreachable(
             f"{node_id}: its control stream is recorded on {where}, whose certificate {what} "
-            "(a stale replica address?); try again"
+            "(a stale replica address?); try again",
+            route=route,
+            delivered=False,  # the handshake failed: nothing was sent
         )
     elif code == grpc.StatusCode.UNAVAILABLE and no_connection(details):
         words = _UNREACHABLE.get(cause(details)) or f"cannot be reached: {last_error(details)}"
-        translated = Unavailable(
+        translated = PeerUnreachable(
             f"{node_id}: its control stream is on {where}, which {words}; the node "
-            "reconnects to a live replica by itself, try again"
+            "reconnects to a live replica by itself, try again",
+            route=route,
+            delivered=not never_sent(details),
         )
     else:
         translated = from_rpc_error(error)
@@ -140,7 +165,8 @@ class RelayTransport:
     ) -> None:
         self._channels = channels
         self._config = config
-        self._route = route
+        self.route = route
+        """The replica this transport relays to."""
         self._record = record
         self._peer = channels.record(route.replica_id)  # the peer's own counters
         self._on_done = on_done
@@ -154,7 +180,7 @@ class RelayTransport:
 
     def _cut_off(self, node_id: str) -> Unavailable:
         return Unavailable(
-            f"{node_id}: the call relayed to manager replica {self._route.replica_id} was cut "
+            f"{node_id}: the call relayed to manager replica {self.route.replica_id} was cut "
             "off: its channel was closed (pool closed)"
         )
 
@@ -171,7 +197,7 @@ class RelayTransport:
         loop = asyncio.get_running_loop()
         budget = self._config.call_timeout if call_timeout is None else call_timeout
         deadline = loop.time() + budget
-        route = self._route
+        route = self.route
         self._count(failed=False)
         code = grpc.StatusCode.OK
         try:
@@ -217,7 +243,7 @@ class RelayTransport:
         loop = asyncio.get_running_loop()
         budget = stream_budget(self._config, follow=follow, call_timeout=call_timeout)
         start_deadline = loop.time() + (budget or self._config.call_timeout)
-        route = self._route
+        route = self.route
         self._count(failed=False)
         code = grpc.StatusCode.OK
         try:

@@ -18,7 +18,9 @@ One session, many calls at once, each with its own request id:
   stops reading makes new commands fail RESOURCE_EXHAUSTED at once; credit
   grants and cancels (a few bytes per call) jump the queue so a call can
   always be stopped;
-- when the stream ends every call in flight fails UNAVAILABLE at once.
+- when the stream ends every call in flight fails UNAVAILABLE at once
+  (`StreamClosed`, saying whether the command had left the manager: the
+  pool may then send it again, `manager.pool.outcome`).
 
 Errors are the `fleet.errors` the dialled path raises, from the code and
 message the daemon's handler ended with.
@@ -42,6 +44,7 @@ from fleet.control import METHODS, PIECE_BYTES, Method, Reassembler, pieces
 from fleet.v1 import manager_pb2
 from manager.pool.config import ControlConfig
 from manager.pool.credit import CreditWindow
+from manager.pool.outcome import TransportFailed
 
 __all__ = ["ControlSession", "ControlStreams", "StreamClosed", "error_from_status"]
 
@@ -91,9 +94,10 @@ def error_from_status(
     return cls(text, resource=resource)
 
 
-class StreamClosed(errors.Unavailable):
+class StreamClosed(TransportFailed):
     """The node's control stream closed while the call was in flight (or before it
-    started). The daemon may or may not have run it; it reconnects by itself."""
+    started); the daemon reconnects by itself. `delivered` is False if the command
+    never left this manager, so the daemon cannot have run it."""
 
 
 _END: Final = object()
@@ -112,6 +116,9 @@ class _Call:
         self.ready = asyncio.Event()
         self.responses = 0
         self.done = False
+        self.last_piece = 0
+        """The send queue's count of messages queued when the request's last piece was:
+        until that many have left, the daemon cannot have the whole request."""
 
     def put(self, item: Message | errors.FleetError | object) -> None:
         self.inbox.append(item)
@@ -146,6 +153,9 @@ class ControlSession:
         self._next_id = 1
         self._queue: collections.deque[manager_pb2.ConnectResponse] = collections.deque()
         self._urgent: collections.deque[manager_pb2.ConnectResponse] = collections.deque()
+        # Messages ever put in / taken out of `_queue` (FIFO): which commands have left.
+        self._enqueued = 0
+        self._dequeued = 0
         self._wake = asyncio.Event()
         self._room = asyncio.Event()
         self._closed: str | None = None
@@ -318,6 +328,7 @@ class ControlSession:
                 return self._urgent.popleft()
             if self._queue:
                 msg = self._queue.popleft()
+                self._dequeued += 1
                 self._room.set()
                 return msg
             self._wake.clear()
@@ -332,6 +343,7 @@ class ControlSession:
             await self._room.wait()
         if self._closed is None:
             self._queue.append(msg)
+            self._enqueued += 1
             self._wake.set()
 
     def close(self, reason: str, status: tuple[grpc.StatusCode, str] | None = None) -> None:
@@ -346,21 +358,24 @@ class ControlSession:
         for c in self._calls.values():
             if not c.done:
                 c.done = True
-                c.put(self._closed_error())
+                c.put(self._closed_error(delivered=self._dequeued >= c.last_piece))
         self._wake.set()
         self._room.set()
         self.ended.set()
 
     # -- internals ----------------------------------------------------------
 
-    def _closed_error(self) -> StreamClosed:
-        return StreamClosed(f"{self.node_id}: the node's control stream closed ({self._closed})")
+    def _closed_error(self, *, delivered: bool) -> StreamClosed:
+        return StreamClosed(
+            f"{self.node_id}: the node's control stream closed ({self._closed})",
+            delivered=delivered,
+        )
 
     def _start(
         self, name: str, request: Message, timeout: float | None, *, credit: int | None
     ) -> _Call:
         if self._closed is not None:
-            raise self._closed_error()
+            raise self._closed_error(delivered=False)
         method = METHODS.get(name)
         if method is None or method.server_streaming != (credit is not None):
             raise errors.InvalidArgument(f"{name!r} is not a DaemonService call of this kind")
@@ -391,6 +406,8 @@ class ControlSession:
                 cmd.timeout_seconds = timeout or 0.0
                 cmd.credit = credit or 0
             self._queue.append(manager_pb2.ConnectResponse(command=cmd))
+        self._enqueued += len(parts)
+        c.last_piece = self._enqueued
         self._wake.set()
         return c
 
@@ -432,10 +449,13 @@ class ControlStreams:
         self._clock = clock
         self._on_change = on_change
         self._sessions: dict[str, ControlSession] = {}
+        self._waiting: dict[str, list[asyncio.Future[None]]] = {}  # only while someone waits
         self.broken_at: dict[str, float] = {}
         """When each node's last stream here ended (cleared when it reconnects)."""
         self.replaced = 0
         """Streams ended because the same node opened a newer one."""
+        self.closing = False
+        """Every stream was ended (the manager is stopping): none attaches here again."""
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -449,12 +469,33 @@ class ControlStreams:
         """Node ids with an open stream here."""
         return list(self._sessions)
 
+    async def attached(self, node_id: str) -> ControlSession | None:
+        """The open session of `node_id` here, waiting until one attaches if there is
+        none (a call whose stream closed waits for the daemon to reconnect); None once
+        the manager is stopping. Bound the wait with a timeout."""
+        while (session := self.get(node_id)) is None:
+            if self.closing:
+                return None
+            waiter = asyncio.get_running_loop().create_future()
+            waiters = self._waiting.setdefault(node_id, [])
+            waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                waiters.remove(waiter)
+                if not waiters:
+                    del self._waiting[node_id]
+        return session
+
     def attach(self, session: ControlSession) -> bool:
         """`session`'s node is connected; an older stream of that node is ended (True)."""
         old = self._sessions.get(session.node_id)
         self._sessions[session.node_id] = session
         self.broken_at.pop(session.node_id, None)
         self._on_change(session.node_id)
+        for waiter in self._waiting.get(session.node_id, ()):
+            if not waiter.done():
+                waiter.set_result(None)
         if old is not None and old is not session:
             self.replaced += 1
             old.close(
@@ -473,6 +514,12 @@ class ControlStreams:
             self._on_change(session.node_id)
 
     def close_all(self, reason: str) -> None:
-        """End every session (manager stopping): calls in flight fail now."""
+        """End every session (manager stopping): calls in flight fail now, and calls
+        waiting for a node to reconnect here stop waiting."""
+        self.closing = True
         for s in list(self._sessions.values()):
             s.close(reason, (grpc.StatusCode.UNAVAILABLE, reason))
+        for waiters in self._waiting.values():
+            for waiter in waiters:
+                if not waiter.done():
+                    waiter.set_result(None)

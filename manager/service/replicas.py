@@ -14,7 +14,9 @@ each replica
   it holds and repairs the difference (a record deleted by a replica that
   lost a race, a delete that failed while the database was away);
 - answers the pool's `route(node_id)`: one indexed read, judged by the pure
-  `manager.pool.routing.usable_route` on this replica's clock.
+  `manager.pool.routing.usable_route` on this replica's clock; a peer the
+  pool could not reach (`unreachable`) gets no route until it refreshes its
+  row again (kept in memory, per peer).
 
 Stopping removes the replica's row and every record naming it, so peers stop
 routing to it at once; a replica killed with -9 is ignored after
@@ -71,6 +73,7 @@ class StreamDirectory:
         self._reconcile = reconcile
         self._clock = clock
         self._mine: dict[str, int] = {}  # node -> the epoch of the record we wrote
+        self._unreachable: dict[str, int] = {}  # peer -> its last-seen when it failed us
         self._dirty: set[str] = set()
         self._wake = asyncio.Event()
         self._lock = asyncio.Lock()  # one write of the directory at a time
@@ -126,6 +129,9 @@ class StreamDirectory:
         record = await self._repo.stream_of(node_id)
         if record is None:
             return None
+        failed_at = self._unreachable.get(record.replica_id)
+        if failed_at is not None and record.replica_last_seen_ms > failed_at:
+            del self._unreachable[record.replica_id]  # it refreshed its row since: try it
         return usable_route(
             replica_id=record.replica_id,
             replica_address=record.replica_address,
@@ -133,6 +139,20 @@ class StreamDirectory:
             self_id=self.replica_id,
             now_ms=self._now_ms(),
             stale_after_ms=self._stale_after_ms,
+            epoch=record.epoch,
+            unreachable_seen_ms=self._unreachable.get(record.replica_id),
+        )
+
+    def unreachable(self, route: Route) -> None:
+        """The pool could not reach the replica `route` names: route nothing to it until
+        it refreshes its row again (never, if it died)."""
+        seen = max(route.replica_seen_ms, self._unreachable.get(route.replica_id, 0))
+        self._unreachable[route.replica_id] = seen
+        log.warning(
+            "manager replica %s at %s could not be reached: not routing to it until it "
+            "refreshes its row",
+            route.replica_id,
+            route.address,
         )
 
     # -- recording -----------------------------------------------------------

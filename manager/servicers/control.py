@@ -7,8 +7,9 @@ is checked there), the validation and the registration (with the
 certificate's expiry) are the unary path's. After the welcome, upward
 messages go to the unary handlers the same way (`SyncAgentStates`,
 `ReportMetrics`, ...) and are answered with `reply_to` = their id; one the
-handler refuses is answered with `error` and the stream goes on. Command
-results go to the node's `ControlSession`.
+handler refuses is answered with `error` (its code, message and the
+`Resource` the unary call would send as trailing metadata) and the stream
+goes on. Command results go to the node's `ControlSession`.
 
 Upward messages are handled concurrently, at most
 `control.max_pending_answers` at once per stream; at that many the handler
@@ -207,10 +208,14 @@ class ControlChannel:
             answer = manager_pb2.ConnectResponse(reply_to=req.id, **{kind: body})
         except FleetError as exc:
             self._on_refused(kind, exc.code.name)
+            # What the unary call's interceptor sends as trailing metadata (the Resource).
+            about = exc.resource.metadata() if exc.resource is not None else ()
             answer = manager_pb2.ConnectResponse(
                 reply_to=req.id,
                 error=manager_pb2.ConnectError(
-                    code=exc.code.value[0], message=bounded(exc.message)
+                    code=exc.code.value[0],
+                    message=bounded(exc.message),
+                    trailing_metadata=dict(about),
                 ),
             )
         except Exception:

@@ -10,22 +10,29 @@ between them. No stream here is UNAVAILABLE, which the caller reads as
 "look again". The caller's deadline is the call's: `time_remaining()` goes
 down the stream as the command's timeout; a cancelled call cancels the
 command on the node.
+
+When the way to the node fails here (no stream, the stream closed under the
+call) the error carries `fleet-transport-failed` (`manager.pool.outcome`):
+whether the command may have reached the daemon, so the calling replica can
+decide whether to send it again another way.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, NoReturn
 
 from google.protobuf.message import DecodeError, Message
 from grpc import aio
 
 from fleet.control import METHODS
-from fleet.errors import InvalidArgument, Unavailable
+from fleet.errors import InvalidArgument
+from fleet.interceptors import bounded
 from fleet.tls import require_role
 from fleet.v1 import replica_pb2, replica_pb2_grpc
 from manager.pool import DaemonPool
+from manager.pool.outcome import TransportFailed
 
 __all__ = ["ReplicaServicer"]
 
@@ -63,9 +70,10 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServiceServicer):
                 field="method",
             )
         if replica_id and replica_id != self._replica_id:
-            raise Unavailable(
+            raise TransportFailed(
                 f"{node_id}: this is manager replica {self._replica_id or '(unnamed)'}, not "
-                f"{replica_id[:64]}: the route was stale; try again"
+                f"{replica_id[:64]}: the route was stale; try again",
+                delivered=False,
             )
         try:
             return m.request.FromString(data)
@@ -77,34 +85,47 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServiceServicer):
     async def Relay(
         self, request: replica_pb2.RelayRequest, context: _Context
     ) -> replica_pb2.RelayResponse:
-        message = self._check(
-            context,
-            request.node_id,
-            request.method,
-            request.request,
-            request.replica_id,
-            streaming=False,
-        )
-        response = await self._pool.local_unary(
-            request.node_id, request.method, message, call_timeout=context.time_remaining()
-        )
+        try:
+            message = self._check(
+                context,
+                request.node_id,
+                request.method,
+                request.request,
+                request.replica_id,
+                streaming=False,
+            )
+            response = await self._pool.local_unary(
+                request.node_id, request.method, message, call_timeout=context.time_remaining()
+            )
+        except TransportFailed as exc:
+            await _abort_lost(context, exc)
         return replica_pb2.RelayResponse(response=response.SerializeToString())
 
     async def RelayStream(
         self, request: replica_pb2.RelayStreamRequest, context: _Context
     ) -> AsyncIterator[replica_pb2.RelayStreamResponse]:
-        message = self._check(
-            context,
-            request.node_id,
-            request.method,
-            request.request,
-            request.replica_id,
-            streaming=True,
-        )
-        stream = self._pool.local_stream(
-            request.node_id, request.method, message, call_timeout=context.time_remaining()
-        )
-        # aclosing: the caller going away cancels the command on the node at once.
-        async with contextlib.aclosing(stream):
-            async for response in stream:
-                yield replica_pb2.RelayStreamResponse(response=response.SerializeToString())
+        try:
+            message = self._check(
+                context,
+                request.node_id,
+                request.method,
+                request.request,
+                request.replica_id,
+                streaming=True,
+            )
+            stream = self._pool.local_stream(
+                request.node_id, request.method, message, call_timeout=context.time_remaining()
+            )
+            # aclosing: the caller going away cancels the command on the node at once.
+            async with contextlib.aclosing(stream):
+                async for response in stream:
+                    yield replica_pb2.RelayStreamResponse(response=response.SerializeToString())
+        except TransportFailed as exc:
+            await _abort_lost(context, exc)
+
+
+async def _abort_lost(context: _Context, exc: TransportFailed) -> NoReturn:
+    """End the call UNAVAILABLE, saying in its trailers whether the command may have
+    reached the daemon (the interceptor would send only the Resource)."""
+    await context.abort(exc.code, bounded(exc.message), trailing_metadata=exc.metadata())
+    raise AssertionError("unreachable: abort raises")  # for the type checker

@@ -41,7 +41,10 @@ class ManagerProc:
         listen_host: str = "127.0.0.1",
         liveness: str = "",
         extra: str = "",
+        cluster: str | None = None,
     ) -> None:
+        """`cluster`: [cluster] keys besides advertise_address, which is set to this
+        manager's address (None: no [cluster] table, a single manager)."""
         root.mkdir(parents=True, exist_ok=True)
         self.root = root
         self.port = free_port(listen_host)
@@ -53,6 +56,11 @@ class ManagerProc:
         url = database_url or f"sqlite+aiosqlite:///{root / 'state' / 'manager.db'}"
         self.database_url = url
         self.config = root / "manager.toml"
+        cluster_table = (
+            ""
+            if cluster is None
+            else f'[cluster]\nadvertise_address = "{self.address}"\n{cluster}\n'
+        )
         self.config.write_text(
             f'state_dir = "{root / "state"}"\n'
             f'[server]\nlisten = "{self.address}"\n'
@@ -62,7 +70,7 @@ class ManagerProc:
             f'[database]\nurl = "{url}"\n'
             f"[liveness]\n{liveness}\n"
             '[logging]\nlevel = "info"\n'
-            f"{extra}\n"
+            f"{extra}\n{cluster_table}"
         )
 
     @property
@@ -248,69 +256,3 @@ def ticker_toml(agent_id: str, marker: str, period: float) -> str:
         f'[[agents]]\nid = "{agent_id}"\nargv = ["/bin/sh", "-c", "{script}", "{marker}"]\n'
         "start_secs = 0.2\nstop_timeout = 2.0\n"
     )
-
-
-class BlackholeProxy:
-    """A loopback TCP proxy that can blackhole traffic (stand-in for a cut cable).
-
-    While cut, bytes in both directions are read and thrown away and new
-    connections are accepted but go nowhere: peers see silence, not a reset,
-    as with a pulled cable. Mending closes the poisoned connections (their
-    TLS streams lost bytes) and forwards new ones again.
-    """
-
-    def __init__(self) -> None:
-        self.port = 0
-        self.target_port = 0
-        self.is_cut = False
-        self._server: asyncio.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = set()
-
-    async def start(self) -> None:
-        """Listen on a free 127.0.0.1 port."""
-        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
-        self.port = int(self._server.sockets[0].getsockname()[1])
-
-    def cut(self) -> None:
-        """Blackhole from now on."""
-        self.is_cut = True
-
-    def mend(self) -> None:
-        """Forward again; drop the connections that lived through the cut."""
-        self.is_cut = False
-        for w in list(self._writers):
-            w.close()
-
-    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        with contextlib.suppress(OSError, ConnectionError):
-            while data := await reader.read(65536):
-                if not self.is_cut:
-                    writer.write(data)
-                    await writer.drain()
-        writer.close()
-
-    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self._writers.add(writer)
-        try:
-            while self.is_cut:  # a connection made during the cut hears nothing
-                await asyncio.sleep(0.1)
-                if reader.at_eof():
-                    return
-            try:
-                up_r, up_w = await asyncio.open_connection("127.0.0.1", self.target_port)
-            except OSError:
-                return
-            self._writers.add(up_w)
-            await asyncio.gather(self._pump(reader, up_w), self._pump(up_r, writer))
-            self._writers.discard(up_w)
-        finally:
-            self._writers.discard(writer)
-            writer.close()
-
-    async def close(self) -> None:
-        """Stop listening and close every connection."""
-        for w in list(self._writers):
-            w.close()
-        if self._server is not None:
-            self._server.close()
-            await self._server.wait_closed()

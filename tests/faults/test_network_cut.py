@@ -19,8 +19,8 @@ from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from typing import Any
 
-from daemon_helpers import short_tmp
-from faultkit import BlackholeProxy, DaemonProc, ManagerProc, kill_marked, marked, ticker_toml
+from daemon_helpers import BlackholeProxy, short_tmp
+from faultkit import DaemonProc, ManagerProc, kill_marked, marked, ticker_toml
 
 TTL, GRACE = 1.0, 1.0  # offline after ttl * (1 + jitter 0) + grace = 2 s of silence
 LIVENESS = (

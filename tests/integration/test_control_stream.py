@@ -15,12 +15,11 @@ from typing import Any
 import grpc
 import pytest
 from control_end import ControlEnd, open_stream
-from manager_harness import FakeClock, manager_config, running_manager
+from manager_harness import FakeClock, manager_config, node_stub, rpc_error, running_manager
 from sqlalchemy import text
 
 from fleet import errors
 from fleet.v1 import common_pb2, daemon_pb2, manager_pb2
-from manager.pool.stream import StreamClosed
 from manager.server import ManagerServer
 
 
@@ -218,6 +217,7 @@ async def test_refused_messages_keep_the_stream_and_store_nothing(
     assert refused.WhichOneof("body") == "error"
     assert refused.error.code == grpc.StatusCode.PERMISSION_DENIED.value[0]
     assert "may not speak for node node-2" in refused.error.message
+    assert dict(refused.error.trailing_metadata) == {}  # about nothing in particular
 
     again = await end.send(hello=manager_pb2.RegisterNodeRequest(node_id="node-1"))
     assert again.error.code == grpc.StatusCode.FAILED_PRECONDITION.value[0]
@@ -236,6 +236,30 @@ async def test_refused_messages_keep_the_stream_and_store_nothing(
     ok = await end.send(agent_states=manager_pb2.SyncAgentStatesRequest(node_id="node-1"))
     assert ok.agent_states.success
     assert not end.ended.is_set()
+
+
+async def test_a_refusal_names_its_resource_as_the_unary_call_does(
+    pki: Any, manager: ManagerServer, ends: list[ControlEnd]
+) -> None:
+    """States for a node deleted under its open stream: NOT_FOUND with the node as the
+    Resource, in the same trailing metadata the unary SyncAgentStates ends with."""
+    end, _ = await connect(pki, manager, ends, "node-1")
+    async with manager.db.engine.begin() as conn:
+        await conn.execute(text("DELETE FROM nodes WHERE node_id = 'node-1'"))
+    states = manager_pb2.SyncAgentStatesRequest(node_id="node-1")
+    refused = await end.send(agent_states=states)
+    assert refused.error.code == grpc.StatusCode.NOT_FOUND.value[0]
+    assert refused.error.message == "node 'node-1' is not registered"
+    assert dict(refused.error.trailing_metadata) == {
+        "fleet-resource-kind": "node",
+        "fleet-resource-name": "node-1",
+    }
+    async with node_stub(pki, "node-1", manager.port) as stub:
+        unary = await rpc_error(stub.SyncAgentStates(states, timeout=10))
+    assert unary.code() == grpc.StatusCode.NOT_FOUND
+    assert unary.details() == refused.error.message
+    unary_trailers = {k: v for k, v in unary.trailing_metadata() or () if k.startswith("fleet-")}
+    assert unary_trailers == dict(refused.error.trailing_metadata)
 
 
 async def test_a_result_for_an_unknown_request_is_counted_and_ignored(
@@ -375,10 +399,45 @@ async def test_caller_cancellation_cancels_on_the_daemon(
     await wait_until(lambda: len(end.cancelled) == 1)
 
 
-async def test_stream_close_fails_calls_in_flight_at_once(
+async def test_stream_close_fails_a_call_that_may_have_run_at_once(
     pki: Any, manager: ManagerServer, ends: list[ControlEnd]
 ) -> None:
-    """The daemon's stream going away fails its calls UNAVAILABLE now, not at the deadline."""
+    """A restart in flight when the stream goes away fails UNAVAILABLE now, not at the
+    deadline, saying its outcome is unknown; it is not sent to the next stream."""
+    end, _ = await connect(pki, manager, ends, "node-1", daemon_address="")
+    started = asyncio.Event()
+
+    async def hang(_: Any) -> daemon_pb2.OperateAgentResponse:
+        started.set()
+        await asyncio.Event().wait()
+        raise AssertionError
+
+    end.unary["OperateAgent"] = hang
+    restart = common_pb2.AgentOperation.AGENT_OPERATION_RESTART
+    task = asyncio.create_task(
+        manager.pool.operate_agent("node-1", "", "web", restart, call_timeout=30)
+    )
+    await asyncio.wait_for(started.wait(), 5)
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    await end.close()
+    with pytest.raises(errors.Unavailable) as lost:
+        await task
+    assert loop.time() - t0 < 2
+    assert lost.value.message.startswith("node-1: the node's control stream closed (")
+    assert "OperateAgent was in flight, so whether it ran on the node is unknown" in str(lost.value)
+    with pytest.raises(errors.FailedPrecondition, match="no control stream and no listen address"):
+        await manager.pool.list_agents("node-1", "")  # a new call: no way, no waiting
+    again, _ = await connect(pki, manager, ends, "node-1", daemon_address="")
+    await asyncio.sleep(0.2)
+    assert again.commands == []
+
+
+async def test_a_read_in_flight_when_the_stream_closes_goes_over_the_next_one(
+    pki: Any, manager: ManagerServer, ends: list[ControlEnd]
+) -> None:
+    """ListAgents whose stream closes under it waits for the node's next stream and is
+    answered there, within its one deadline."""
     end, _ = await connect(pki, manager, ends, "node-1", daemon_address="")
     started = asyncio.Event()
 
@@ -390,14 +449,65 @@ async def test_stream_close_fails_calls_in_flight_at_once(
     end.unary["ListAgents"] = hang
     task = asyncio.create_task(manager.pool.list_agents("node-1", "", call_timeout=30))
     await asyncio.wait_for(started.wait(), 5)
+    await end.close()
+    await asyncio.sleep(0.3)  # the node is away for a moment; the call waits
+    assert not task.done()
+    new, _ = await connect(pki, manager, ends, "node-1", daemon_address="")
+
+    async def list_agents(_: Any) -> daemon_pb2.ListAgentsResponse:
+        return daemon_pb2.ListAgentsResponse(agents=[common_pb2.AgentInfo(id="after")])
+
+    new.unary["ListAgents"] = list_agents
+    got = await asyncio.wait_for(task, 10)
+    assert [a.id for a in got.agents] == ["after"]
+    assert [c.method for c in new.commands] == ["ListAgents"]
+    assert manager.pool.stats()["node-1"].retries == 1
+
+
+async def test_a_read_whose_stream_does_not_come_back_fails_at_its_deadline(
+    pki: Any, manager: ManagerServer, ends: list[ControlEnd]
+) -> None:
+    """No new stream within the call's deadline: UNAVAILABLE saying so, at the deadline."""
+    end, _ = await connect(pki, manager, ends, "node-1", daemon_address="")
+    started = asyncio.Event()
+
+    async def hang(_: Any) -> daemon_pb2.ListAgentsResponse:
+        started.set()
+        await asyncio.Event().wait()
+        raise AssertionError
+
+    end.unary["ListAgents"] = hang
     loop = asyncio.get_running_loop()
     t0 = loop.time()
+    task = asyncio.create_task(manager.pool.list_agents("node-1", "", call_timeout=1.5))
+    await asyncio.wait_for(started.wait(), 5)
     await end.close()
-    with pytest.raises(StreamClosed, match="node-1: the node's control stream closed"):
+    with pytest.raises(errors.Unavailable, match="did not come back within the call's deadline"):
         await task
-    assert loop.time() - t0 < 2
-    with pytest.raises(errors.FailedPrecondition, match="no control stream and no listen address"):
-        await manager.pool.list_agents("node-1", "")
+    assert 1.4 <= loop.time() - t0 < 4
+
+
+async def test_a_read_in_flight_when_the_manager_stops_fails_at_once(
+    pki: Any, database_url: str, tmp_path: Path, clock: FakeClock, ends: list[ControlEnd]
+) -> None:
+    """The manager ending every stream to stop: a ListAgents in flight does not wait for
+    the node to come back here (it cannot), so it does not hold up the shutdown."""
+    config = manager_config(pki, database_url, tmp_path / "s")
+    async with running_manager(config, clock) as server:
+        end, _ = await connect(pki, server, ends, "node-1", daemon_address="")
+        started = asyncio.Event()
+
+        async def hang(_: Any) -> daemon_pb2.ListAgentsResponse:
+            started.set()
+            await asyncio.Event().wait()
+            raise AssertionError
+
+        end.unary["ListAgents"] = hang
+        task = asyncio.create_task(server.pool.list_agents("node-1", "", call_timeout=30))
+        await asyncio.wait_for(started.wait(), 5)
+        server.control_streams.close_all("the manager is shutting down")
+        with pytest.raises(errors.Unavailable, match="ListAgents was not sent again: this man"):
+            await asyncio.wait_for(task, 2)
 
 
 async def test_daemon_that_stops_reading_makes_commands_fail_fast(

@@ -273,7 +273,7 @@ async def invoke(
     request: Message,
     *,
     deadline: float = 10.0,
-    idle: float = 0.3,
+    idle: float = 1.5,
     max_messages: int = 20,
 ) -> Outcome:
     """Call `method` with `request`; a stream is read until it ends, stays idle, or is long."""
@@ -304,7 +304,9 @@ async def invoke(
         call = stream(request, timeout=deadline)
         try:
             for _ in range(max_messages):
-                # A following stream stays open by design: idle counts as OK.
+                # A following stream stays open by design: idle counts as OK. Generous,
+                # since under load a refusal (the role check) can take longer than
+                # an idle guess; only streams that really stay open pay for it.
                 msg = await asyncio.wait_for(call.read(), idle)
                 if msg is aio.EOF:
                     break

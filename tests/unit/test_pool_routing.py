@@ -20,8 +20,15 @@ class ManualClock:
         self.now_ms += int(seconds * 1000)
 
 
-def judge(clock: ManualClock, *, replica: str = "mb", seen_ms: int, address: str = MB.address):
-    """`usable_route` of a record naming `replica` (seen at `seen_ms`), judged by ma."""
+def judge(
+    clock: ManualClock,
+    *,
+    replica: str = "mb",
+    seen_ms: int,
+    address: str = MB.address,
+    unreachable_seen_ms: int | None = None,
+) -> Route | None:
+    """`usable_route` of a record naming `replica` (seen at `seen_ms`, epoch 3), judged by ma."""
     return usable_route(
         replica_id=replica,
         replica_address=address,
@@ -29,7 +36,14 @@ def judge(clock: ManualClock, *, replica: str = "mb", seen_ms: int, address: str
         self_id="ma",
         now_ms=clock.now_ms,
         stale_after_ms=STALE_MS,
+        epoch=3,
+        unreachable_seen_ms=unreachable_seen_ms,
     )
+
+
+def mb(seen_ms: int) -> Route:
+    """The route to mb that `judge` gives for a record seen at `seen_ms`."""
+    return Route("mb", MB.address, epoch=3, replica_seen_ms=seen_ms)
 
 
 @pytest.mark.parametrize(
@@ -53,7 +67,8 @@ def test_choose_transport_prefers_stream_then_relay_then_dial(
 def test_a_record_of_a_live_peer_is_a_route() -> None:
     """A record naming a peer that refreshed its row recently routes to that peer."""
     clock = ManualClock()
-    assert judge(clock, seen_ms=clock.now_ms - 2_000) == MB
+    seen = clock.now_ms - 2_000
+    assert judge(clock, seen_ms=seen) == mb(seen)
 
 
 def test_a_record_goes_stale_with_its_replica() -> None:
@@ -61,16 +76,18 @@ def test_a_record_goes_stale_with_its_replica() -> None:
     clock = ManualClock()
     seen = clock.now_ms
     clock.advance(STALE_MS / 1000)
-    assert judge(clock, seen_ms=seen) == MB  # exactly at the limit: still live
+    assert judge(clock, seen_ms=seen) == mb(seen)  # exactly at the limit: still live
     clock.advance(0.001)
     assert judge(clock, seen_ms=seen) is None
-    assert judge(clock, seen_ms=clock.now_ms) == MB  # the replica refreshed its row: live again
+    refreshed = clock.now_ms
+    assert judge(clock, seen_ms=refreshed) == mb(refreshed)  # it refreshed its row: live again
 
 
 def test_a_last_seen_ahead_of_our_clock_counts_as_fresh() -> None:
     """Clock skew between replicas (their last-seen in our future) does not drop a route."""
     clock = ManualClock()
-    assert judge(clock, seen_ms=clock.now_ms + 3_000) == MB
+    ahead = clock.now_ms + 3_000
+    assert judge(clock, seen_ms=ahead) == mb(ahead)
 
 
 def test_a_record_naming_this_replica_is_ignored() -> None:
@@ -83,3 +100,24 @@ def test_a_record_whose_replica_left_is_ignored() -> None:
     """No replica row (it stopped and removed it): no address, no route."""
     clock = ManualClock()
     assert judge(clock, seen_ms=0, address="") is None
+
+
+def test_a_replica_that_could_not_be_reached_is_skipped_until_it_refreshes_its_row() -> None:
+    """Unreachable when its row said T: no route while the row still says T (long before
+    it would go stale), a route again once the replica refreshed it."""
+    clock = ManualClock()
+    failed_at = clock.now_ms - 1_000
+    assert judge(clock, seen_ms=failed_at, unreachable_seen_ms=failed_at) is None
+    clock.advance(STALE_MS / 2000)
+    assert judge(clock, seen_ms=failed_at, unreachable_seen_ms=failed_at) is None
+    assert judge(clock, seen_ms=failed_at + 1, unreachable_seen_ms=failed_at) == mb(failed_at + 1)
+
+
+def test_routes_from_the_same_record_are_recognised() -> None:
+    """Same replica and epoch: the same record (however fresh its row); a newer stream
+    of the node (a higher epoch) or another replica is another one."""
+    failed = Route("mb", MB.address, epoch=3, replica_seen_ms=100)
+    assert failed.same_record(Route("mb", MB.address, epoch=3, replica_seen_ms=900))
+    assert not failed.same_record(Route("mb", MB.address, epoch=4, replica_seen_ms=900))
+    assert not failed.same_record(Route("mc", "10.0.0.13:7443", epoch=3))
+    assert not failed.same_record(None)
