@@ -346,6 +346,8 @@ def shot(page: Page, name: str) -> Path:
         raise ValueError(f"screenshot name {name!r}: use lowercase letters, digits, '.', '_', '-'")
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     path = ARTIFACTS / f"{name}.png"
+    # From the top: scrolled, the sticky header would be drawn across the middle of the page.
+    page.evaluate("window.scrollTo(0, 0)")
     page.screenshot(path=path, full_page=True)
     return path
 

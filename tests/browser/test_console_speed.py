@@ -1,20 +1,23 @@
-"""The overview page's time to data at 5,000 nodes, next to a bare ListNodes fetch (issue 17).
+"""The console's time to data on a big fleet, next to a bare fetch of what it shows (issue 17).
 
-    .venv/bin/pytest -q -s -m bench tests/browser      # prints the figure
+    .venv/bin/pytest -q -s -m bench tests/browser      # prints the figures
 
 A real manager whose SQLite was seeded with 5,000 nodes and 20,000 agent
 states before it started (bench/http_api.py's seeding: the node rows, then
 every node's agent states, as the registry and an agent sync store them),
 `fleetctl ui` against it, and headless Chromium logged in to the console.
 
-The page's figure is the time from navigation start to its root getting
+Two pages: the overview (5,000 nodes) and the agents page (20,000 agents).
+A page's figure is the time from navigation start to its root getting
 `data-ready="true"` (a MutationObserver installed before any page script
 notes `performance.now()`, which counts from navigation start). The reference,
-measured in the same page after it is ready, is a bare
-`fetch` of ListNodes through the same console (POST `{}`, and `r.json()`):
-the least any page showing the nodes must wait. Medians over ROUNDS after a
-warm-up of each; the ratio is page/fetch. Printed, and written to
-test-artifacts/console/time-to-data.json; never asserted (docs/benchmarks.md).
+measured in the same page after it is ready, is a bare `fetch` of the call
+the page's first data comes from, through the same console (ListNodes or
+ListAgents, POST `{}`, and `r.json()`): the least any page showing those
+must wait. Medians over ROUNDS after a warm-up of each; the ratio is
+page/fetch. Printed, and written to test-artifacts/console/time-to-data.json
+(the overview) and time-to-data-agents.json; never asserted
+(docs/benchmarks.md).
 """
 
 from __future__ import annotations
@@ -43,26 +46,31 @@ ROUNDS = 3
 """Counted rounds of each measurement, after one warm-up round."""
 
 READY_AT = """
-new MutationObserver((_, observer) => {
-  if (document.querySelector('[data-page="overview"][data-ready="true"]')) {
-    window.__fleetReadyAt = performance.now();
-    observer.disconnect();
+window.__fleetReadyAt = {};
+new MutationObserver(() => {
+  for (const root of document.querySelectorAll('[data-page][data-ready="true"]')) {
+    window.__fleetReadyAt[root.dataset.page] ??= performance.now();
   }
 }).observe(document, {subtree: true, childList: true, attributes: true});
 """
-"""Init script: notes when the overview first shows its data (ms since navigation start)."""
+"""Init script: notes when each page first shows its data (ms since navigation start)."""
 
-FETCH_NODES = """
-async () => {
+FETCH = """
+async ([method, key]) => {
   const start = performance.now();
-  const r = await fetch('/v1/fleet.v1.FleetService/ListNodes', {
+  const r = await fetch(`/v1/fleet.v1.FleetService/${method}`, {
     method: 'POST', headers: {'content-type': 'application/json'}, body: '{}',
   });
   const body = await r.json();
-  return {ms: performance.now() - start, status: r.status, nodes: (body.nodes || []).length};
+  return {ms: performance.now() - start, status: r.status, count: (body[key] || []).length};
 }
 """
-"""A bare ListNodes through the console, as the page's own scripts would make it."""
+"""A bare call through the console, as the page's own scripts would make it: [method, list key]."""
+
+OVERVIEW_SETTLED = """
+() => [...document.querySelectorAll('.card .big')].every((big) => big.textContent !== '…')
+"""
+"""The overview's cards all have their numbers: its calls after the counts answered too."""
 
 
 @pytest.fixture(scope="module")
@@ -83,37 +91,72 @@ def fleet(module_pki: ModulePki, tmp_path_factory: pytest.TempPathFactory) -> It
 
 def test_overview_time_to_data_at_5000_nodes(page: Page, console: Console) -> None:
     """The overview shows its first data with 5,000 nodes; figure printed next to a bare fetch."""
-    page.context.add_init_script(READY_AT)
-    page_ms = [open_overview(page) for _ in range(ROUNDS + 1)][1:]
+    figures = time_to_data(
+        page, "#/", "overview", ("ListNodes", "nodes"), NODES, settled=OVERVIEW_SETTLED
+    )
     shot(page, "overview-5000-nodes")
-    fetches = [page.evaluate(FETCH_NODES) for _ in range(ROUNDS + 1)][1:]
+    report(figures, "time-to-data.json", "overview", "ListNodes")
+
+
+def test_agents_page_time_to_data_at_20000_agents(page: Page, console: Console) -> None:
+    """The agents page shows 20,000 agents (one ListAgents); figure next to a bare fetch."""
+    figures = time_to_data(
+        page, "#/agents", "agents", ("ListAgents", "agents"), NODES * AGENTS_PER_NODE
+    )
+    shot(page, "agents-20000")
+    report(figures, "time-to-data-agents.json", "agents page", "ListAgents")
+
+
+def time_to_data(
+    page: Page,
+    route: str,
+    name: str,
+    call: tuple[str, str],
+    count: int,
+    *,
+    settled: str | None = None,
+) -> dict[str, Any]:
+    """Medians of `name`'s time to data and of a bare `call` (each answering `count` items).
+
+    `settled`: a JS predicate true once the page's later calls answered too;
+    each round waits for it, so no round shares the manager with the last.
+    """
+    page.context.add_init_script(READY_AT)
+    page_ms = [open_route(page, route, name, settled) for _ in range(ROUNDS + 1)][1:]
+    fetches = [page.evaluate(FETCH, list(call)) for _ in range(ROUNDS + 1)][1:]
     for answer in fetches:
-        assert (answer["status"], answer["nodes"]) == (200, NODES), answer
+        assert (answer["status"], answer["count"]) == (200, count), answer
     figures = {
         "nodes": NODES,
         "agents": NODES * AGENTS_PER_NODE,
         "rounds": ROUNDS,
-        "overview_ms": statistics.median(page_ms),
-        "list_nodes_fetch_ms": statistics.median(a["ms"] for a in fetches),
-        "overview_runs_ms": [round(ms, 1) for ms in page_ms],
+        "page_ms": statistics.median(page_ms),
+        "fetch_ms": statistics.median(a["ms"] for a in fetches),
+        "page_runs_ms": [round(ms, 1) for ms in page_ms],
         "fetch_runs_ms": [round(a["ms"], 1) for a in fetches],
     }
-    figures["ratio"] = figures["overview_ms"] / figures["list_nodes_fetch_ms"]
+    figures["ratio"] = figures["page_ms"] / figures["fetch_ms"]
+    return figures
+
+
+def report(figures: dict[str, Any], file: str, what: str, call: str) -> None:
+    """Write `figures` to test-artifacts/console/`file` and print them in one line."""
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    (ARTIFACTS / "time-to-data.json").write_text(json.dumps(figures, indent=2) + "\n")
+    (ARTIFACTS / file).write_text(json.dumps(figures, indent=2) + "\n")
     print(
-        f"\noverview time to data, {NODES:,} nodes / {NODES * AGENTS_PER_NODE:,} agents"
-        f" (median of {ROUNDS}): {figures['overview_ms']:,.0f} ms;"
-        f" bare ListNodes fetch: {figures['list_nodes_fetch_ms']:,.0f} ms;"
-        f" ratio {figures['ratio']:.2f}x"
+        f"\n{what} time to data, {NODES:,} nodes / {NODES * AGENTS_PER_NODE:,} agents"
+        f" (median of {ROUNDS}): {figures['page_ms']:,.0f} ms;"
+        f" bare {call} fetch: {figures['fetch_ms']:,.0f} ms; ratio {figures['ratio']:.2f}x"
     )
 
 
-def open_overview(page: Page) -> float:
-    """Load the overview afresh; ms from navigation start until it showed its data."""
+def open_route(page: Page, route: str, name: str, settled: str | None = None) -> float:
+    """Load `route` afresh; ms from navigation start until page `name` showed its data."""
     page.goto("about:blank")  # from elsewhere, so the next goto is a full load
-    page.goto("/#/")
-    page.wait_for_selector(page_selector("overview"), timeout=30_000)
-    ready_at: Any = page.evaluate("window.__fleetReadyAt")
+    page.goto(f"/{route}")
+    page.wait_for_selector(page_selector(name), timeout=30_000)
+    ready_at: Any = page.evaluate(f"window.__fleetReadyAt[{json.dumps(name)}]")
     assert isinstance(ready_at, int | float), f"no data-ready time recorded: {ready_at!r}"
+    if settled:
+        page.wait_for_function(settled, timeout=30_000)
     return float(ready_at)

@@ -24,6 +24,7 @@ from typer.testing import CliRunner, Result
 
 from daemon.config import ManagerLinkConfig
 from daemon.server import DaemonServer
+from daemon.supervisor.spec import AgentSpec
 from fleet.tls import TLSConfig
 from fleet.v1 import common_pb2, manager_pb2
 from fleetctl.app import app
@@ -81,15 +82,20 @@ class LiveFleet:
         self.run(go())
 
     def start_daemon(
-        self, node_id: str, *agent_ids: str, labels: dict[str, str] | None = None
+        self,
+        node_id: str,
+        *agent_ids: str,
+        labels: dict[str, str] | None = None,
+        specs: Sequence[AgentSpec] = (),
     ) -> DaemonServer:
         """A real fleet-daemon for `node_id` supervising `sleep` agents, registered here.
 
-        `labels`: the node labels its daemon.toml would set.
+        `labels`: the node labels its daemon.toml would set; `specs`: agents
+        of its own to run besides the `sleep` ones.
         """
         root = self._stack.enter_context(short_tmp())
         link = ManagerLinkConfig(addresses=(self.address,), metrics_interval_seconds=3600)
-        agents = tuple(agent(a, "sleep", "1000") for a in agent_ids)
+        agents = tuple(agent(a, "sleep", "1000") for a in agent_ids) + tuple(specs)
         cfg = daemon_config(
             root,
             self.pki.issue("node", node_id),

@@ -6,31 +6,43 @@ import { stream } from "./api.js";
 import { useEffect, useRef, useState } from "./lib.js";
 
 const KEEP = 500; // events kept for the overview and the events page
+const HISTORY = 100; // events loaded when the console opens
 const listeners = new Set();
 const statusListeners = new Set();
 let recent = [];
 let lastId = 0;
 let status = { connected: false, error: null };
 let started = false;
+let historyLoaded = false;
 
 function setStatus(next) {
   status = next;
   for (const fn of statusListeners) fn(status);
 }
 
+function receive(message, history) {
+  const event = message.event;
+  if (!event || Number(event.id) <= lastId) return; // seen already (a retried history)
+  lastId = Number(event.id);
+  recent = [event, ...recent].slice(0, KEEP);
+  for (const fn of listeners) fn(event, history);
+}
+
 async function run() {
   let delay = 1000;
   for (;;) {
-    const body = lastId ? { fromEventId: String(lastId), follow: true } : { follow: true, tail: 100 };
     try {
-      await stream("WatchEvents", body, (message) => {
+      if (!historyLoaded) {
+        // The newest events first, on their own: listeners are told they are
+        // history, so a page does not reload what it has just loaded because of them.
+        await stream("WatchEvents", { tail: HISTORY }, (message) => receive(message, true));
+        historyLoaded = true;
+      }
+      // Then every event after the last one seen (after none: the history was empty).
+      await stream("WatchEvents", { fromEventId: String(lastId), follow: true }, (message) => {
         if (!status.connected) setStatus({ connected: true, error: null });
         delay = 1000;
-        const event = message.event;
-        if (!event) return;
-        lastId = Math.max(lastId, Number(event.id));
-        recent = [event, ...recent].slice(0, KEEP);
-        for (const fn of listeners) fn(event);
+        receive(message, false);
       });
       setStatus({ connected: false, error: null });
     } catch (error) {
@@ -55,15 +67,17 @@ export function recentEvents() {
 }
 
 /**
- * Call `onEvent(event)` for every new event while mounted; `filter(event)`
- * picks the ones wanted. Pages refresh their data from it (throttled).
+ * Call `onEvent(event, history)` for every event while mounted; `filter(event)`
+ * picks the ones wanted. `history` is true for the newest events that were
+ * there when the console opened (loaded once, right after), false for new
+ * ones: pages refresh their data on new events only (throttled).
  */
 export function useEvents(onEvent, filter = () => true) {
   const saved = useRef({ onEvent, filter });
   saved.current = { onEvent, filter };
   useEffect(() => {
     start();
-    const fn = (event) => saved.current.filter(event) && saved.current.onEvent(event);
+    const fn = (event, history) => saved.current.filter(event) && saved.current.onEvent(event, history);
     listeners.add(fn);
     return () => listeners.delete(fn);
   }, []);

@@ -57,8 +57,10 @@ export function fmtLabels(map) {
 /**
  * Call `method` with `body` now and whenever `deps` change; `reload()` calls
  * again (keeping the old data on screen meanwhile). {data, error, loading, reload}.
+ * With `when` false the first call waits until it is true (a costly call
+ * that should not slow down what a page shows first).
  */
-export function useCall(method, body, deps = []) {
+export function useCall(method, body, deps = [], { when = true } = {}) {
   const [state, setState] = useState({ data: null, error: null, loading: true });
   const seq = useRef(0);
   const reload = useCallback(() => {
@@ -69,7 +71,9 @@ export function useCall(method, body, deps = []) {
       (error) => mine === seq.current && setState((s) => ({ data: s.data, error, loading: false })),
     );
   }, deps); // eslint-disable-line react-hooks/exhaustive-deps
-  useEffect(reload, [reload]);
+  useEffect(() => {
+    if (when) reload();
+  }, [reload, when]);
   return { ...state, reload };
 }
 
