@@ -67,17 +67,21 @@ export function recentEvents() {
 }
 
 /**
- * Call `onEvent(event, history)` for every event while mounted; `filter(event)`
- * picks the ones wanted. `history` is true for the newest events that were
- * there when the console opened (loaded once, right after), false for new
- * ones: pages refresh their data on new events only (throttled).
+ * Call `onEvent(event, history)` for every event `filter(event)` picks while
+ * mounted. The newest events that were there when the console opened are
+ * loaded once, right after; they reach only listeners that ask for them
+ * (`{history: true}`, with `history` true), so a page does not reload what
+ * it has just loaded because of them. Pages refresh on new events (throttled).
  */
-export function useEvents(onEvent, filter = () => true) {
-  const saved = useRef({ onEvent, filter });
-  saved.current = { onEvent, filter };
+export function useEvents(onEvent, filter = () => true, { history: wantHistory = false } = {}) {
+  const saved = useRef({ onEvent, filter, wantHistory });
+  saved.current = { onEvent, filter, wantHistory };
   useEffect(() => {
     start();
-    const fn = (event, history) => saved.current.filter(event) && saved.current.onEvent(event, history);
+    const fn = (event, history) => {
+      const { onEvent: on, filter: wanted, wantHistory: past } = saved.current;
+      if ((past || !history) && wanted(event)) on(event, history);
+    };
     listeners.add(fn);
     return () => listeners.delete(fn);
   }, []);

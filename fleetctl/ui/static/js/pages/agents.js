@@ -58,7 +58,7 @@ export function AgentsPage({ query }) {
   // The manager's last synced states of every agent: one call, filtered here.
   const agents = useCall("ListAgents", {});
   const refresh = useRefresh(agents, 3000);
-  useEvents((_, history) => history || refresh(), (e) => LIST_KINDS.has(e.kind));
+  useEvents(refresh, (e) => LIST_KINDS.has(e.kind));
   useTick(10000);
   useEffect(() => setQuery({ state, health, q: text }), [state, health, text]);
   useEffect(() => {
@@ -300,6 +300,7 @@ export function AgentPage({ nodeId, agentId }) {
       if (!history) refresh();
     },
     (e) => e.nodeId === nodeId && e.agentId === agentId && AGENT_KINDS.includes(e.kind),
+    { history: true },
   );
   useTick(10000);
 

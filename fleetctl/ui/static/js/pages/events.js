@@ -74,7 +74,7 @@ export function EventsPage({ query }) {
     );
     return () => abort.abort();
   }, []);
-  useEvents((event) => setEvents((old) => mergeEvents(old, [event])));
+  useEvents((event) => setEvents((old) => mergeEvents(old, [event])), undefined, { history: true });
 
   const shown = useMemo(() => events.filter((e) => matches(e, kind, text)), [events, kind, text]);
   return html`<${Page} name="events" title="Events" ready=${ready}>

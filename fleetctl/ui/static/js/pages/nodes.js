@@ -100,7 +100,7 @@ export function NodesPage({ query }) {
 
   const nodes = useCall("ListNodes", { selector: sent.selector }, [sent]);
   const refresh = useRefresh(nodes, 3000);
-  useEvents((_, history) => history || refresh(), (e) => NODE_KINDS.has(e.kind));
+  useEvents(refresh, (e) => NODE_KINDS.has(e.kind));
   useInterval(refresh, 30000); // heartbeats and certificate ages move without events
 
   const rejected = nodes.error?.code === "INVALID_ARGUMENT" ? nodes.error : null;
@@ -276,7 +276,10 @@ export function NodePage({ nodeId }) {
   const refreshNode = useRefresh(got, 2000);
   const refreshAgents = useRefresh(agents, 2000);
   useEvents(
-    (_, history) => history || (refreshNode(), refreshAgents()),
+    () => {
+      refreshNode();
+      refreshAgents();
+    },
     (e) => e.nodeId === nodeId && NODE_KINDS.has(e.kind),
   );
   useEffect(() => setEdited(null), [got.data]);

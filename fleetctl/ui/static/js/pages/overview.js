@@ -170,7 +170,7 @@ export function OverviewPage() {
     }
     if (kind.startsWith("EVENT_KIND_ROLLOUT_")) refreshRollouts();
     if (kind.startsWith("EVENT_KIND_JOB_")) refreshJobs();
-  });
+  }, undefined, { history: true });
 
   const sum = useMemo(() => nodes.data && summarize(nodes.data.nodes ?? []), [nodes.data]);
   const sick = useMemo(() => unhealthy.data?.agents ?? [], [unhealthy.data]);
