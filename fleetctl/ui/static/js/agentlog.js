@@ -128,7 +128,7 @@ export function AgentLog({ nodeId, agentId }) {
     <div class="log-head">
       <span class=${`live ${status.following ? "on" : "off"}`}>${status.following ? "following" : "stopped"}</span>
       <span class="dim">
-        ${view.count.toLocaleString()} lines${view.dropped ? ` (the last ${MAX_LINES.toLocaleString()}; older ones let go)` : ""};
+        ${view.count.toLocaleString()} ${view.count === 1 ? "line" : "lines"}${view.dropped ? ` (the last ${MAX_LINES.toLocaleString()}; older ones let go)` : ""};
         stdout and stderr interleaved, as the daemon writes both to one file
       </span>
       ${!stuck && html`<button onClick=${toEnd}>Scroll to the end ↓</button>`}
