@@ -147,6 +147,8 @@ class ConsoleApp:
         static: Path | None = None,
     ) -> None:
         self.sessions = sessions or Sessions()
+        self.stopping = asyncio.Event()
+        """Set before the server stops: open streams end, so shutdown need not cancel them."""
         self.cookie = f"fleet_console_{port}"
         self._conn = conn
         self._hosts = frozenset(h.lower() for h in allowed_hosts)
@@ -266,23 +268,27 @@ class ConsoleApp:
     async def _lines(
         self, call: Any, messages: AsyncIterator[Any], first: asyncio.Future[Any]
     ) -> AsyncIterator[bytes]:
+        stop = asyncio.ensure_future(self.stopping.wait())
+        step = first
         try:
-            step: Awaitable[Any] = first
             while True:
+                await asyncio.wait({step, stop}, return_when=asyncio.FIRST_COMPLETED)
+                if not step.done():  # fleetctl ui is stopping: end the stream cleanly
+                    break
                 try:
-                    item = await step
+                    item = step.result()
                 except StopAsyncIteration:
                     break
                 except grpc.RpcError as exc:
                     yield encode({"error": self._error_body(exc)}) + b"\n"
                     break
                 yield encode({"result": message_to_dict(item)}) + b"\n"
-                step = anext(messages)
+                step = asyncio.ensure_future(anext(messages))
         finally:
-            # The browser went away (or the stream ended): stop the gRPC call with it.
+            # The browser went away, the stream ended or we stop: end the gRPC call too.
+            stop.cancel()
+            step.cancel()
             call.cancel()
-            if not first.done():
-                first.cancel()
 
     def _error_body(self, exc: grpc.RpcError) -> dict[str, Any]:
         code: grpc.StatusCode = exc.code()

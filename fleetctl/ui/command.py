@@ -148,6 +148,7 @@ async def _serve(
         cli.sigint = None
         with contextlib.suppress(NotImplementedError, RuntimeError):
             loop.remove_signal_handler(signal.SIGTERM)
+        app.stopping.set()
         await server.shutdown(sockets=sockets)
     return EXIT_OK
 

@@ -9,6 +9,7 @@ Chromium, with a control showing the same request passes when it should.
 
 from __future__ import annotations
 
+import signal
 from collections.abc import Iterator
 from http.cookies import SimpleCookie
 from pathlib import Path
@@ -25,6 +26,7 @@ from console_helpers import (
     running_console,
     session_cookie,
     shot,
+    start_console,
 )
 from daemon_helpers import short_tmp
 from playwright.sync_api import Browser, Page, expect
@@ -208,3 +210,28 @@ def test_the_overview_loads_without_errors(page: Page) -> None:
     open_page(page, "#/", "overview")
     expect(page.locator("header .who")).to_contain_text("alice")
     shot(page, "overview")
+
+
+def test_stopping_with_a_followed_stream_open_ends_it_cleanly(fleetctl_config: Path) -> None:
+    """SIGTERM while a browser follows events: the stream ends, exit 0, no traceback."""
+    with short_tmp() as workdir:
+        fresh = start_console(fleetctl_config, workdir)
+        try:
+            with httpx.Client(timeout=30) as client:
+                assert client.get(fresh.login_url, follow_redirects=False).status_code == 303
+                with client.stream(
+                    "POST",
+                    f"{fresh.origin}/v1/fleet.v1.FleetService/WatchEvents",
+                    content='{"follow": true, "tail": 0}',
+                    headers={"content-type": "application/json", "origin": fresh.origin},
+                ) as stream:
+                    assert stream.status_code == 200
+                    fresh.process.send_signal(signal.SIGTERM)
+                    # The stream ends (no more bytes) instead of being cut off.
+                    assert list(stream.iter_bytes()) == []
+            assert fresh.process.wait(10) == 0
+        finally:
+            fresh.stop()
+        stderr = fresh.stderr()
+        assert "Traceback" not in stderr, stderr
+        assert "graceful shutdown exceeded" not in stderr, stderr
