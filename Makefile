@@ -14,7 +14,7 @@ FLEET_TEST_POSTGRES_URL ?= postgresql+asyncpg://postgres@127.0.0.1:5432/test
 export FLEET_TEST_POSTGRES_URL
 
 .PHONY: help setup browser lock test test-dist dist soak lint proto proto-check proto-breaking fmt demo clean \
-	console-vendor console-check
+	console-vendor console-check console-lint
 
 help:  ## list targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F':.*## ' '{printf "  %-12s %s\n", $$1, $$2}'
@@ -89,7 +89,7 @@ test-dist: dist  ## build the artifact, then install and enroll it offline in a 
 soak: setup  ## long fault runs: manager kill -9 under 1,000 simulated daemons + every fault test
 	FLEET_FAULT_NODES=1000 $(PY) -m pytest tests/faults -s --timeout 900
 
-lint: setup proto-check console-check  ## ruff, mypy, buf lint/format, shellcheck, generated-code freshness
+lint: setup proto-check console-check console-lint  ## ruff, mypy, buf lint/format, shellcheck, generated-code freshness
 	$(VENV)/bin/shellcheck packaging/*.sh
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
@@ -122,6 +122,14 @@ console-vendor: node_modules/.installed  ## copy the console's pinned third-part
 
 console-check: console-vendor  ## fail if the vendored console assets differ from the npm lockfile's
 	@git diff --exit-code --stat -- $(CONSOLE_VENDOR) || { echo "$(CONSOLE_VENDOR) differs from node_modules: run 'make console-vendor' and commit the result" >&2; exit 1; }
+
+# The console has no build step, so its modules are only parsed when a browser
+# loads them: parse each here. And fleet data must never become HTML: refuse
+# the APIs that would make it so (comments aside).
+CONSOLE_JS := $(wildcard fleetctl/ui/static/js/*.js fleetctl/ui/static/js/pages/*.js)
+console-lint:  ## parse every console module; refuse APIs that turn text into HTML or code
+	@for f in $(CONSOLE_JS); do node --input-type=module --check <"$$f" 2>/dev/null || { echo "$$f: not a valid ES module:" >&2; node --input-type=module --check <"$$f"; exit 1; }; done
+	@if grep -nE 'innerHTML|outerHTML|insertAdjacentHTML|dangerouslySetInnerHTML|document\.write|\beval\(|new Function' $(CONSOLE_JS) | grep -vE '^[^:]+:[0-9]+:\s*(//|\*)'; then echo "the console renders fleet data as text only (docs/console.md#security)" >&2; exit 1; fi
 
 proto-breaking: setup  ## buf breaking-change check of protos/ against the main branch
 	cd protos && ../$(BUF) breaking --against '../.git#branch=main,subdir=protos'

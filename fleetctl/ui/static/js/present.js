@@ -1,23 +1,11 @@
 // How the overview, nodes and agents pages present nodes and agents: the
 // words, durations and badge colours fleetctl uses (fleetctl/nodes.py,
 // agents.py, views.py), so the console and the CLI say the same thing.
+import { fmtDuration } from "./duration.js";
 import { Badge, enumLabel, fmtAgo, html } from "./lib.js";
 
 export const AGENT_STATES = ["RUNNING", "STARTING", "BACKOFF", "STOPPING", "STOPPED", "EXITED", "FATAL", "UNKNOWN"];
 export const HEALTHS = ["HEALTHY", "UNHEALTHY", "PENDING"];
-
-/** Seconds -> "45s", "3m12s", "5h3m", "2d4h" (fleetctl's format_duration, kubectl's AGE). */
-export function fmtDuration(seconds) {
-  const s = Math.max(0, Math.floor(seconds));
-  if (s < 60) return `${s}s`;
-  if (s < 3600) return s % 60 ? `${Math.floor(s / 60)}m${s % 60}s` : `${s / 60}m`;
-  if (s < 86400) {
-    const h = Math.floor(s / 3600);
-    return s % 3600 >= 60 ? `${h}h${Math.floor((s % 3600) / 60)}m` : `${h}h`;
-  }
-  const d = Math.floor(s / 86400);
-  return s % 86400 >= 3600 ? `${d}d${Math.floor((s % 86400) / 3600)}h` : `${d}d`;
-}
 
 /** "online", "offline" or "revoked" (a revoked node cannot come back online). */
 export function nodeStatus(node) {
