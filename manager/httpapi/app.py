@@ -42,7 +42,7 @@ from fleet.errors import FleetError, InvalidArgument
 from fleet.httpwire import HTTP_STATUS, JSON, NDJSON, PATH_PREFIX, TIMEOUT_HEADER
 from fleet.identity import Role
 from fleet.interceptors import ErrorMappingInterceptor, bounded
-from fleet.protojson import encode, message_to_dict, parse_request
+from fleet.protojson import encode, encode_message, message_to_dict, parse_request
 from fleet.tls import require_role
 from manager.httpapi.context import HttpContext
 
@@ -309,7 +309,7 @@ class FleetHttpApp:
             ctx.finish()
         if ctx.code() not in (None, grpc.StatusCode.OK):  # set_code without abort
             return _error_response(_Failed.of(ctx))
-        return Response(encode(message_to_dict(response)), media_type=JSON)
+        return Response(encode_message(response), media_type=JSON)
 
     async def _stream(self, method: Method, message: Message, ctx: HttpContext) -> Response:
         assert method.behavior is not None
