@@ -149,27 +149,24 @@ def _source(descriptor: Any, namespace: dict[str, Any]) -> str:
     for field in sorted(descriptor.fields, key=lambda f: f.number):
         name, key, c = field.name, repr(field.json_name), f"c{field.number}"
         read = f"getattr(m, {name!r})" if keyword.iskeyword(name) else f"m.{name}"
+        convert: _Convert | None
         if _is_map(field):
-            namespace[c] = _map(field)
-            lines += [f"    v = {read}", "    if v:", f"        out[{key}] = {c}(v)"]
-            continue
-        convert = _value(field)
-        if field.is_repeated:
-            value = "list(v)" if convert is None else f"[{c}(x) for x in v]"
-            test = "v"
-        elif field.has_presence:
-            value = "v" if convert is None else f"{c}(v)"
-            lines += [f"    if m.HasField({name!r}):", f"        v = {read}"]
-            lines += [f"        out[{key}] = {value}"]
-            if convert is not None:
-                namespace[c] = convert
-            continue
+            convert, value = _map(field), f"{c}(v)"
         else:
-            value = "v" if convert is None else f"{c}(v)"
-            test = "v or _copysign(1.0, v) < 0" if field.cpp_type in _FLOATS else "v"
+            convert = _value(field)
+            if field.is_repeated:
+                value = "list(v)" if convert is None else f"[{c}(x) for x in v]"
+            else:
+                value = "v" if convert is None else f"{c}(v)"
         if convert is not None:
             namespace[c] = convert
-        lines += [f"    v = {read}", f"    if {test}:", f"        out[{key}] = {value}"]
+        if field.has_presence:
+            lines += [f"    if m.HasField({name!r}):", f"        v = {read}"]
+        else:
+            scalar_float = field.cpp_type in _FLOATS and not field.is_repeated
+            test = "v or _copysign(1.0, v) < 0" if scalar_float else "v"
+            lines += [f"    v = {read}", f"    if {test}:"]
+        lines.append(f"        out[{key}] = {value}")
     lines.append("    return out")
     return "\n".join(lines) + "\n"
 
@@ -184,8 +181,8 @@ def _writer(cls: type[Message]) -> _Writer:
         _writers[cls] = json_format.MessageToDict
         return json_format.MessageToDict
     # A type nested in itself (directly or further down) calls its own writer through
-    # this until the real one replaces it.
-    _writers[cls] = lambda m: _writers[cls](m)
+    # this: the real one once it is made (and made again should making it have failed).
+    _writers[cls] = lambda m: _writer(cls)(m)
     namespace: dict[str, Any] = {"_copysign": math.copysign}
     try:
         source = _source(descriptor, namespace)
