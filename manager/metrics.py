@@ -333,11 +333,11 @@ class HttpMetricsMiddleware:
     fails is no request and is not counted.
 
     The duration of a unary call runs until its answer is written. A server
-    stream's runs until its status and headers are sent (its first message, an
-    error, or half a second without either, `manager.httpapi.app.FIRST_WAIT`):
-    its time to first byte, since a
-    followed stream's whole life says how long the operator watched, not how
-    fast the manager answered. From then until it ends it counts as open.
+    stream's runs until its status and headers are sent (its first message,
+    an error, or half a second without either, `manager.httpapi.app.FIRST_WAIT`):
+    its time to first byte, since a followed stream's whole life says how long
+    the operator watched, not how fast the manager answered. From then until it
+    ends it counts as open; its request is counted when it ends.
     """
 
     def __init__(
