@@ -17,6 +17,9 @@ POST with `{}` (the time includes reading the body and `json.loads` of it).
 Both ask the same servicer; the difference is the protocol: protobuf JSON
 mapping instead of binary, HTTP/1.1 instead of HTTP/2. The figure is the
 median over the rounds, and the ratio HTTP/gRPC; the target is <= 1.5x.
+Then the JSON writing alone, in this process, on the answer gRPC gave:
+`fleet.protojson.encode_message` (what the manager runs) against
+`json_format.MessageToDict` and orjson, interleaved, the median of 5 each.
 Exits 1 if an answer lacks a node or an agent.
 """
 
@@ -38,9 +41,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
+import orjson  # noqa: E402
+from google.protobuf import json_format  # noqa: E402
+from google.protobuf.message import Message  # noqa: E402
 from grpc import aio  # noqa: E402
 
 from fleet.pki import CertificateAuthority  # noqa: E402
+from fleet.protojson import encode_message  # noqa: E402
 from fleet.tls import TLSConfig, channel_credentials, channel_options  # noqa: E402
 from fleet.v1 import fleet_pb2, fleet_pb2_grpc  # noqa: E402
 from manager.config import (  # noqa: E402
@@ -142,6 +149,21 @@ async def serve_manager(spec: dict[str, Any]) -> None:
         await manager.stop(1.0)
 
 
+def time_writers(answer: Message, rounds: int = 5) -> dict[str, float]:
+    """Median seconds to write `answer` as JSON bytes: Fleet's writer and json_format's."""
+    writers = {
+        "protojson_s": lambda: encode_message(answer),
+        "json_format_s": lambda: orjson.dumps(json_format.MessageToDict(answer)),
+    }
+    times: dict[str, list[float]] = {name: [] for name in writers}
+    for _ in range(rounds):
+        for name, write in writers.items():
+            start = time.perf_counter()
+            write()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
 async def measure(
     grpc_port: int, http_port: int, operator: TLSConfig, rounds: int
 ) -> dict[str, dict[str, float | int]]:
@@ -198,6 +220,7 @@ async def measure(
                 "http_s": http_med,
                 "ratio": http_med / grpc_med,
                 **counts,
+                **time_writers(answer),
             }
     finally:
         await client.aclose()
@@ -265,6 +288,13 @@ def report(figures: dict[str, Any]) -> str:
     worst = max(figures[n]["ratio"] for n in ("ListNodes", "ListAgents"))
     verdict = "met" if worst <= TARGET else "missed"
     lines.append(f"target <= {TARGET}x: {verdict} (worst {worst:.2f}x)")
+    lines.append(f"{'JSON write':<11} {'protojson':>9} {'json_format':>11} {'ratio':>6}")
+    for name in ("ListNodes", "ListAgents"):
+        f = figures[name]
+        lines.append(
+            f"{name:<11} {f['protojson_s'] * 1000:>7.0f}ms {f['json_format_s'] * 1000:>9.0f}ms"
+            f" {f['protojson_s'] / f['json_format_s']:>5.2f}x"
+        )
     return "\n".join(lines)
 
 

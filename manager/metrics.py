@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,13 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 
 from manager.service.convergence import PassResult
 
-__all__ = ["CertificateExpiry", "ManagerMetrics", "RpcMetricsInterceptor", "watch_loop_lag"]
+__all__ = [
+    "CertificateExpiry",
+    "HttpMetricsMiddleware",
+    "ManagerMetrics",
+    "RpcMetricsInterceptor",
+    "watch_loop_lag",
+]
 
 _LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5)
 
@@ -162,6 +168,26 @@ class ManagerMetrics:
             "Transactions this replica wrote to record streams opened and closed",
             registry=r,
         )
+        self.http_requests = Counter(
+            "fleet_manager_http_requests",
+            "JSON/HTTP API requests, by method (unknown: no such route) and HTTP status code",
+            ["method", "code"],
+            registry=r,
+        )
+        self.http_seconds = Histogram(
+            "fleet_manager_http_request_duration_seconds",
+            "JSON/HTTP API handling time, by method: until a unary answer is written,"
+            " until a server stream's status and headers are sent",
+            ["method"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.http_streams = Gauge(
+            "fleet_manager_http_streams",
+            "JSON/HTTP API server streams open (answered 200, not ended yet), by method",
+            ["method"],
+            registry=r,
+        )
 
     def observe_enrollment(self, outcome: str) -> None:
         """Count one Enroll by outcome (rate-limited ones also on their own counter)."""
@@ -289,3 +315,70 @@ class RpcMetricsInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
+
+
+UNKNOWN_ROUTE = "unknown"
+"""The method label of a request whose path is no route (404): one value for every such path."""
+
+
+class HttpMetricsMiddleware:
+    """ASGI middleware counting and timing the JSON/HTTP API's requests.
+
+    Every request is counted by method and the HTTP status it was answered
+    with, refusals included: a wrong role (403), a body over the limit (413)
+    or of the wrong type (400) are answered before the body is read, and show
+    as their status. The method label is the RPC's name for its route and
+    `UNKNOWN_ROUTE` for any other path, so the label values are the
+    descriptor's methods plus one, whatever clients send. A TLS handshake that
+    fails is no request and is not counted.
+
+    The duration of a unary call runs until its answer is written. A server
+    stream's runs until its status and headers are sent (its first message,
+    an error, or half a second without either, `manager.httpapi.app.FIRST_WAIT`):
+    its time to first byte, since a followed stream's whole life says how long
+    the operator watched, not how fast the manager answered. From then until it
+    ends it counts as open; its request is counted when it ends.
+    """
+
+    def __init__(
+        self,
+        app: Callable[[Any, Any, Any], Awaitable[None]],
+        metrics: ManagerMetrics,
+        routes: Mapping[str, tuple[str, bool]],
+    ) -> None:
+        """`routes`: HTTP path -> (method name, whether it is a server stream)."""
+        self._app = app
+        self._m = metrics
+        self._routes = dict(routes)
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        if scope["type"] != "http":
+            await self._app(scope, receive, send)
+            return
+        method, streaming = self._routes.get(scope["path"], (UNKNOWN_ROUTE, False))
+        m = self._m
+        started = time.perf_counter()
+        # What uvicorn answers when the app fails before sending a response.
+        status = 500
+        timed = opened = False
+
+        async def observed(message: Any) -> None:
+            nonlocal status, timed, opened
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                if streaming:
+                    m.http_seconds.labels(method).observe(time.perf_counter() - started)
+                    timed = True
+                    if status == 200:
+                        m.http_streams.labels(method).inc()
+                        opened = True
+            await send(message)
+
+        try:
+            await self._app(scope, receive, observed)
+        finally:
+            if opened:
+                m.http_streams.labels(method).dec()
+            if not timed:
+                m.http_seconds.labels(method).observe(time.perf_counter() - started)
+            m.http_requests.labels(method, str(status)).inc()

@@ -608,6 +608,7 @@ class ManagerServer:
                 fleet_pb2.DESCRIPTOR.services_by_name["FleetService"],
                 trust_domain=identity.trust_domain,
                 max_body_bytes=cfg.http.max_body_bytes,
+                metrics=m,
             )
             http = HttpServer(app, cfg.http.listen, tls)
             await http.start()

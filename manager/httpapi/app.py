@@ -42,9 +42,10 @@ from fleet.errors import FleetError, InvalidArgument
 from fleet.httpwire import HTTP_STATUS, JSON, NDJSON, PATH_PREFIX, TIMEOUT_HEADER
 from fleet.identity import Role
 from fleet.interceptors import ErrorMappingInterceptor, bounded
-from fleet.protojson import encode, message_to_dict, parse_request
+from fleet.protojson import encode, encode_message, message_to_dict, parse_request
 from fleet.tls import require_role
 from manager.httpapi.context import HttpContext
+from manager.metrics import HttpMetricsMiddleware, ManagerMetrics
 
 __all__ = ["AUTH_STATE_KEY", "FleetHttpApp", "Method"]
 
@@ -171,6 +172,7 @@ class FleetHttpApp:
         trust_domain: str,
         max_body_bytes: int,
         role: Role = "operator",
+        metrics: ManagerMetrics | None = None,
     ) -> None:
         self.methods = dict(methods)
         self._td = trust_domain
@@ -181,10 +183,14 @@ class FleetHttpApp:
             Route(m.path, self._endpoint(m), methods=["POST"], name=m.name)
             for m in self.methods.values()
         ]
-        self.asgi = Starlette(
+        self.asgi: Callable[[Any, Any, Any], Awaitable[None]] = Starlette(
             routes=routes,
             exception_handlers={HTTPException: self._http_exception},
         )
+        if metrics is not None:
+            # Outside Starlette, so a 500 its error middleware answers is counted too.
+            paths = {m.path: (m.name, m.server_streaming) for m in self.methods.values()}
+            self.asgi = HttpMetricsMiddleware(self.asgi, metrics, paths)
 
     @classmethod
     async def build(
@@ -194,10 +200,14 @@ class FleetHttpApp:
         *,
         trust_domain: str,
         max_body_bytes: int,
+        metrics: ManagerMetrics | None = None,
     ) -> FleetHttpApp:
-        """The app for `service` served by `servicer` (FleetService: operators only)."""
+        """The app for `service` served by `servicer` (FleetService: operators only),
+        its requests counted and timed in `metrics`."""
         methods = await _methods(servicer, service, ErrorMappingInterceptor())
-        return cls(methods, trust_domain=trust_domain, max_body_bytes=max_body_bytes)
+        return cls(
+            methods, trust_domain=trust_domain, max_body_bytes=max_body_bytes, metrics=metrics
+        )
 
     async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
         await self.asgi(scope, receive, send)
@@ -309,7 +319,7 @@ class FleetHttpApp:
             ctx.finish()
         if ctx.code() not in (None, grpc.StatusCode.OK):  # set_code without abort
             return _error_response(_Failed.of(ctx))
-        return Response(encode(message_to_dict(response)), media_type=JSON)
+        return Response(encode_message(response), media_type=JSON)
 
     async def _stream(self, method: Method, message: Message, ctx: HttpContext) -> Response:
         assert method.behavior is not None

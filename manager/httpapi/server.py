@@ -82,7 +82,9 @@ class _Reloading:
                 self._cfg.validate()
                 fresh = _context(self._cfg)
             except (ConfigError, ssl.SSLError, OSError) as exc:
-                log.warning("TLS files changed but are unusable, still serving the old: %s", exc)
+                log.warning(
+                    "HTTP API: TLS files changed but are unusable, still serving the old: %s", exc
+                )
                 self._rejected = stamp
                 sock.context = self.current
                 return

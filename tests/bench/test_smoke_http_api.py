@@ -15,7 +15,8 @@ pytestmark = pytest.mark.slow
 
 
 def test_http_api_bench_smoke(tmp_path: Path) -> None:
-    """20 nodes, 80 agents: both calls over gRPC and HTTP, complete answers, a ratio each."""
+    """20 nodes, 80 agents: both calls over gRPC and HTTP, complete answers, a ratio each, and
+    the JSON writing timed against json_format."""
     out = tmp_path / "http_api.json"
     result = subprocess.run(
         [sys.executable, str(REPO / "bench" / "http_api.py"), "--smoke", "--json", str(out)],
@@ -33,4 +34,7 @@ def test_http_api_bench_smoke(tmp_path: Path) -> None:
         assert f["grpc_s"] > 0
         assert f["http_s"] > 0
         assert f["ratio"] == pytest.approx(f["http_s"] / f["grpc_s"])
+        assert f["protojson_s"] > 0
+        assert f["json_format_s"] > 0
     assert "target <= 1.5x" in result.stdout
+    assert "protojson json_format" in result.stdout
