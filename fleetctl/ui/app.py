@@ -54,7 +54,7 @@ from starlette.types import Receive, Scope, Send
 
 from fleet.errors import FleetError
 from fleet.httpwire import HTTP_STATUS, JSON, NDJSON, PATH_PREFIX, TIMEOUT_HEADER
-from fleet.protojson import encode, message_to_dict, parse_request
+from fleet.protojson import encode, encode_message, message_to_dict, parse_request
 from fleet.v1 import fleet_pb2
 from fleetctl.client import Connection, explain_rpc_error
 
@@ -243,7 +243,7 @@ class ConsoleApp:
                 answer = await method.call(message, timeout=timeout)
             except grpc.RpcError as exc:
                 return self._rpc_error(exc)
-            return Response(encode(message_to_dict(answer)), media_type=JSON)
+            return Response(encode_message(answer), media_type=JSON)
 
         return endpoint
 
