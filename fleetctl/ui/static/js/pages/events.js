@@ -34,8 +34,11 @@ function matches(event, kind, text) {
   return hay.includes(text.toLowerCase());
 }
 
-const COLUMNS = [
-  { title: "ID", key: "id", className: "num" },
+const ID_COLUMN = { title: "ID", key: "id", className: "num" };
+const ATTRIBUTES_COLUMN = { title: "Attributes", render: (e) => fmtLabels(e.attributes), className: "wrap dim" };
+
+/** An event's time, kind, subject (linked), actor and message: the overview's "last events" too. */
+export const EVENT_COLUMNS = [
   { title: "Time", render: (e) => fmtTime(e.timestamp) },
   { title: "Kind", render: (e) => enumLabel(e.kind, "EVENT_KIND_") },
   {
@@ -49,8 +52,9 @@ const COLUMNS = [
   },
   { title: "Actor", key: "actor" },
   { title: "Message", key: "message", className: "wrap" },
-  { title: "Attributes", render: (e) => fmtLabels(e.attributes), className: "wrap dim" },
 ];
+
+const COLUMNS = [ID_COLUMN, ...EVENT_COLUMNS, ATTRIBUTES_COLUMN];
 
 export function EventsPage({ query }) {
   const [events, setEvents] = useState([]);

@@ -5,11 +5,11 @@
 // beside it. Events refresh each part, throttled.
 import { recentEvents, useEvents } from "../feed.js";
 import {
-  Badge, ErrorBox, Page, Table, enumLabel, fmtAgo, fmtTime, href, html, useCall, useMemo, useState,
+  Badge, ErrorBox, Page, Table, enumLabel, fmtAgo, href, html, useCall, useMemo, useState,
 } from "../lib.js";
 import { useRefresh } from "../live.js";
 import { AGENT_STATES, HealthBadge, StateBadge, agentCounts, certExpiry, lastExitLine, nodeStatus } from "../present.js";
-import { mergeEvents } from "./events.js";
+import { EVENT_COLUMNS, mergeEvents } from "./events.js";
 import { rolloutHref } from "./rollout-parts.js";
 
 const EVENTS_SHOWN = 15;
@@ -128,22 +128,6 @@ const ATTENTION_COLUMNS = [
         : html`<${Badge} value=${nodeStatus(row.node)} />`,
   },
   { title: "Why", render: (row) => row.why, className: "wrap" },
-];
-
-const EVENT_COLUMNS = [
-  { title: "Time", render: (e) => fmtTime(e.timestamp) },
-  { title: "Kind", render: (e) => enumLabel(e.kind, "EVENT_KIND_") },
-  {
-    title: "Subject",
-    render: (e) =>
-      e.agentId
-        ? html`<a href=${href("agents", e.nodeId, e.agentId)}>${e.nodeId}/${e.agentId}</a>`
-        : e.nodeId
-          ? html`<a href=${href("nodes", e.nodeId)}>${e.nodeId}</a>`
-          : "–",
-  },
-  { title: "Actor", key: "actor" },
-  { title: "Message", key: "message", className: "wrap" },
 ];
 
 export function OverviewPage() {
