@@ -308,7 +308,7 @@ class JobDriver:
             return
         self._facts_stale = False
         self._facts_at = now
-        listed = await self._nodes.list()
+        listed = await self._nodes.reach()
         self._facts = {
             n.node_id: NodeFacts(
                 online=n.status == "online",

@@ -18,6 +18,7 @@ from manager.storage.records import (
     MetricBatch,
     MetricSample,
     MetricSeries,
+    NodeReach,
     NodeRecord,
 )
 from manager.storage.writer import MetricWriter
@@ -37,6 +38,7 @@ __all__ = [
     "MetricSeries",
     "MetricStore",
     "MetricWriter",
+    "NodeReach",
     "NodeRecord",
     "NodeRepository",
 ]

@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from fleet.errors import FailedPrecondition, NotFound, Resource
 from manager.storage.db import Database
 from manager.storage.events import dump_map, event_row, insert_events, load_map
-from manager.storage.records import NodeRecord
+from manager.storage.records import NodeReach, NodeRecord
 from manager.storage.schema import node_certificates, node_revocations, nodes
 from manager.storage.sqlhelp import chunks, dialect_insert
 
@@ -278,6 +278,27 @@ class NodeRepository:
             return [
                 node_from_row(r)
                 for r in await conn.execute(select(nodes).order_by(nodes.c.node_id))
+            ]
+
+        return await self._db.run(body, write=False)
+
+    async def reach(self) -> builtins.list[NodeReach]:
+        """Every node's liveness and address (the job driver's view, read every second
+        while jobs run: five columns, no labels to decode)."""
+        query = select(
+            nodes.c.node_id,
+            nodes.c.daemon_address,
+            nodes.c.status,
+            nodes.c.last_seen_ms,
+            nodes.c.jobs_disabled,
+        )
+
+        async def body(conn: AsyncConnection) -> builtins.list[NodeReach]:
+            return [
+                NodeReach(node_id, address, status, last_seen_ms, bool(jobs_disabled))
+                for node_id, address, status, last_seen_ms, jobs_disabled in await conn.execute(
+                    query
+                )
             ]
 
         return await self._db.run(body, write=False)

@@ -19,6 +19,7 @@ __all__ = [
     "MetricSample",
     "MetricSeries",
     "NodeDesiredRecord",
+    "NodeReach",
     "NodeRecord",
     "NodeStatus",
     "RevisionRecord",
@@ -100,6 +101,22 @@ class NodeRecord:
     cert_not_after_ms: int = 0
     """When its certificate expires, as last issued or presented (0: unknown). Given to
     `NodeRepository.upsert`, 0 keeps the stored value."""
+
+
+@dataclass(frozen=True)
+class NodeReach:
+    """What the job driver needs of a node: whether and where to send it a job."""
+
+    node_id: str
+    """The node's name."""
+    daemon_address: str
+    """host:port the manager dials for DaemonService."""
+    status: NodeStatus
+    """Liveness."""
+    last_seen_ms: int
+    """Last heartbeat or registration."""
+    jobs_disabled: bool
+    """The daemon refuses remote jobs."""
 
 
 @dataclass(frozen=True)

@@ -147,6 +147,25 @@ async def test_get_list_known_ids_count(database: Database) -> None:
     assert await nodes.count(status="online") == 1
 
 
+async def test_reach_is_what_list_says_of_liveness_address_and_jobs(database: Database) -> None:
+    """The job driver's light read agrees with the full records, offline and
+    jobs-disabled nodes included."""
+    nodes = NodeRepository(database)
+    await nodes.upsert(node_record("n1", daemon_address="h1:7443"), now_ms=1_000)
+    await nodes.upsert(node_record("n2", jobs_disabled=True), now_ms=3_000)
+    await nodes.mark_offline(cutoff_ms=2_000, now_ms=4_000)
+    got = {r.node_id: r for r in await nodes.reach()}
+    assert {
+        n.node_id: (n.daemon_address, n.status, n.last_seen_ms, n.jobs_disabled)
+        for n in await nodes.list()
+    } == {
+        r.node_id: (r.daemon_address, r.status, r.last_seen_ms, r.jobs_disabled)
+        for r in got.values()
+    }
+    assert (got["n1"].status, got["n1"].daemon_address) == ("offline", "h1:7443")
+    assert (got["n2"].status, got["n2"].jobs_disabled) == ("online", True)
+
+
 async def test_touch_many_keeps_the_newest_last_seen(database: Database) -> None:
     """touch_many sets last_seen to max(old, new), ignoring unknown nodes."""
     nodes = NodeRepository(database)
