@@ -32,11 +32,12 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import psutil
 from grpc import aio
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -121,14 +122,30 @@ class Results:
     ref_steps: list[dict[str, Any]] = field(default_factory=list)
 
 
+class _NotListening(Exception):
+    """The server exited before listening: most likely another process took its port first."""
+
+
+def _listens(pid: int, port: int) -> bool:
+    """Whether process `pid` itself listens on `port`.
+
+    A successful connect is not proof: the port was free when picked, and
+    another test's process may have taken it before the server bound it.
+    """
+    try:
+        conns = psutil.Process(pid).net_connections(kind="tcp")
+    except psutil.Error:
+        return False
+    return any(c.status == psutil.CONN_LISTEN and c.laddr and c.laddr.port == port for c in conns)
+
+
 def _wait_port(port: int, proc: subprocess.Popen[bytes], timeout: float = 60) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
-            raise SystemExit(f"process exited with {proc.returncode} before listening on {port}")
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
+            raise _NotListening(f"process exited with {proc.returncode} before listening on {port}")
+        if _listens(proc.pid, port):
+            return
         time.sleep(0.1)
     raise SystemExit(f"nothing listens on {port} after {timeout}s")
 
@@ -176,13 +193,28 @@ def raw_sqlite_rate(path: Path, rows: int, batch: int) -> float:
 
 
 @contextlib.contextmanager
-def _process(cmd: list[str], port: int) -> Iterator[int]:
-    """Run a server process until the block ends (SIGTERM, then kill); yields its pid."""
+def _process(command: Callable[[int], list[str]], attempts: int = 3) -> Iterator[tuple[int, int]]:
+    """Run `command(port)` on a free port until the block ends (SIGTERM, then kill).
+
+    Yields (port, pid). A server that exits before listening is started
+    again on another port (the picked port can be taken in between).
+    """
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(cmd, env=env, preexec_fn=_raise_nofile)
+    for attempt in range(attempts):
+        port = _free_port()
+        proc = subprocess.Popen(command(port), env=env, preexec_fn=_raise_nofile)
+        try:
+            _wait_port(port, proc)
+            break
+        except _NotListening as exc:
+            if attempt == attempts - 1:
+                raise SystemExit(f"{exc} ({attempts} attempts)") from None
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
     try:
-        _wait_port(port, proc)
-        yield proc.pid
+        yield port, proc.pid
     finally:
         proc.send_signal(signal.SIGTERM)
         try:
@@ -212,15 +244,18 @@ class Bench:
         """
         self.phase += 1
         state = self.tmp / f"state-{self.phase}"
-        port, mport = _free_port(), _free_port()
         interval = 1.0 if self.smoke else 10.0
         cfg = self.tmp / f"manager-{self.phase}.toml"
         tls = self.tls
-        cfg.write_text(f"""
+        ports: dict[str, int] = {}
+
+        def command(port: int) -> list[str]:
+            ports.update(port=port, metrics=_free_port())
+            cfg.write_text(f"""
 state_dir = "{state}"
 [server]
 listen = "127.0.0.1:{port}"
-metrics_listen = "127.0.0.1:{mport}"
+metrics_listen = "127.0.0.1:{ports["metrics"]}"
 [tls]
 ca_file = "{tls.ca_file}"
 cert_file = "{tls.cert_file}"
@@ -233,25 +268,26 @@ grace_seconds = {1.0 if self.smoke else 10.0}
 [logging]
 level = "warning"
 """)
-        cmd = [sys.executable, "-m", "manager.cli", "serve", "--config", str(cfg)]
-        with _process(cmd, port) as pid:
-            yield port, mport, state / "manager.db", pid
+            return [sys.executable, "-m", "manager.cli", "serve", "--config", str(cfg)]
+
+        with _process(command) as (port, pid):
+            yield port, ports["metrics"], state / "manager.db", pid
 
     @contextlib.contextmanager
     def reference(self) -> Iterator[tuple[int, int]]:
         """The empty-handler server with the same mTLS settings; yields (port, pid)."""
-        port = _free_port()
-        with _process(
-            [
+
+        def command(port: int) -> list[str]:
+            return [
                 sys.executable,
                 __file__,
                 "--reference",
                 str(port),
                 str(self.tls.ca_file.parent),
                 str(1000 if self.smoke else 10_000),
-            ],
-            port,
-        ) as pid:
+            ]
+
+        with _process(command) as (port, pid):
             yield port, pid
 
 
