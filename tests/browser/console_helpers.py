@@ -26,7 +26,6 @@ from urllib.parse import urlsplit
 import pytest
 from playwright.sync_api import Browser, BrowserContext, ConsoleMessage, Page, WebError
 
-from fleet.pki import CertificateAuthority, Role
 from fleet.tls import TLSConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -79,26 +78,6 @@ def require_chromium() -> Path:
     if on_ci():
         pytest.fail(f"the browser tests need Chromium under CI: {reason}", pytrace=False)
     pytest.skip(reason)
-
-
-@dataclass(frozen=True)
-class ModulePki:
-    """A CA shared by a test module, for servers started once per module."""
-
-    ca: CertificateAuthority
-    """The module's CA (trust domain fleet.local)."""
-    root: Path
-    """Where `issue` writes: <root>/<role>-<name>-<n>/."""
-
-    @property
-    def trust_domain(self) -> str:
-        """The CA's trust domain."""
-        return self.ca.trust_domain
-
-    def issue(self, role: Role, name: str, **kw: Any) -> TLSConfig:
-        """Issue <role>/<name> (kwargs as CertificateAuthority.issue) into a fresh directory."""
-        stem = f"{role}-{name}-{len(list(self.root.iterdir()))}"
-        return self.ca.issue(role, name, **kw).write(self.root / stem)
 
 
 def write_fleetctl_config(path: Path, manager: str, operator: TLSConfig) -> Path:

@@ -31,8 +31,9 @@ from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import pytest
-from console_helpers import ARTIFACTS, Console, ModulePki, page_selector, shot
+from console_helpers import ARTIFACTS, Console, page_selector, shot
 from fleetctl_live import LiveFleet, live_fleet
+from live_env import ModulePki
 from manager_harness import manager_config
 from playwright.sync_api import Page
 
