@@ -11,7 +11,9 @@ from collections.abc import Mapping
 
 import grpc
 
-__all__ = ["HTTP_STATUS", "JSON", "NDJSON", "PATH_PREFIX", "TIMEOUT_HEADER"]
+from fleet.errors import InvalidArgument
+
+__all__ = ["HTTP_STATUS", "JSON", "NDJSON", "PATH_PREFIX", "TIMEOUT_HEADER", "timeout_seconds"]
 
 PATH_PREFIX = "/v1"
 """Every route is ``PATH_PREFIX + "/" + <package.Service>/<Method>``: gRPC's own method path."""
@@ -41,3 +43,17 @@ HTTP_STATUS: Mapping[grpc.StatusCode, int] = {
     grpc.StatusCode.UNAUTHENTICATED: 401,
 }
 """gRPC status -> HTTP status, the mapping grpc-gateway and Connect use."""
+
+
+def timeout_seconds(header: str | None) -> float | None:
+    """The call's deadline from a TIMEOUT_HEADER value, in seconds (None: not given).
+
+    InvalidArgument naming the header for anything but a whole number of milliseconds.
+    """
+    if header is None:
+        return None
+    if not header.isdigit() or len(header) > 10:
+        raise InvalidArgument(
+            f"{TIMEOUT_HEADER}: expected a whole number of milliseconds, got {header!r}"
+        )
+    return int(header) / 1000

@@ -53,7 +53,7 @@ from starlette.types import Message as AsgiMessage
 from starlette.types import Receive, Scope, Send
 
 from fleet.errors import FleetError
-from fleet.httpwire import HTTP_STATUS, JSON, NDJSON, PATH_PREFIX, TIMEOUT_HEADER
+from fleet.httpwire import HTTP_STATUS, JSON, NDJSON, PATH_PREFIX, TIMEOUT_HEADER, timeout_seconds
 from fleet.protojson import encode, encode_message, message_to_dict, parse_request
 from fleet.v1 import fleet_pb2
 from fleetctl.client import Connection, explain_rpc_error
@@ -230,7 +230,9 @@ class ConsoleApp:
         async def endpoint(request: Request) -> Response:
             try:
                 message = parse_request(await _body(request), method.request_type)
-                timeout = _timeout(request, None if method.server_streaming else self._conn.timeout)
+                timeout = timeout_seconds(request.headers.get(TIMEOUT_HEADER))
+                if timeout is None and not method.server_streaming:
+                    timeout = self._conn.timeout
             except _Refused as refused:
                 return refused.response
             except FleetError as exc:
@@ -348,20 +350,6 @@ async def _body(request: Request) -> bytes:
             )
         chunks.append(chunk)
     return b"".join(chunks)
-
-
-def _timeout(request: Request, default: float | None) -> float | None:
-    raw = request.headers.get(TIMEOUT_HEADER)
-    if raw is None:
-        return default
-    if not raw.isdigit() or len(raw) > 10:
-        raise _Refused(
-            _error(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"{TIMEOUT_HEADER}: expected a whole number of milliseconds, got {raw!r}",
-            )
-        )
-    return int(raw) / 1000
 
 
 def _error(code: grpc.StatusCode, message: str, *, status: int | None = None) -> Response:

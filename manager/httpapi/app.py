@@ -39,7 +39,14 @@ from starlette.responses import Response, StreamingResponse
 from starlette.routing import Route
 
 from fleet.errors import FleetError, InvalidArgument
-from fleet.httpwire import HTTP_STATUS, JSON, NDJSON, PATH_PREFIX, TIMEOUT_HEADER
+from fleet.httpwire import (
+    HTTP_STATUS,
+    JSON,
+    NDJSON,
+    PATH_PREFIX,
+    TIMEOUT_HEADER,
+    timeout_seconds,
+)
 from fleet.identity import Role
 from fleet.interceptors import ErrorMappingInterceptor, bounded
 from fleet.protojson import encode, encode_message, message_to_dict, parse_request
@@ -242,13 +249,8 @@ class FleetHttpApp:
         auth = request.scope.get("state", {}).get(AUTH_STATE_KEY, {})
         client = request.client
         peer = f"ipv4:{client.host}:{client.port}" if client else ""
-        deadline = None
-        if (timeout := request.headers.get(TIMEOUT_HEADER)) is not None:
-            if not timeout.isdigit() or len(timeout) > 10:
-                raise InvalidArgument(
-                    f"{TIMEOUT_HEADER}: expected a whole number of milliseconds, got {timeout!r}"
-                )
-            deadline = time.monotonic() + int(timeout) / 1000
+        timeout = timeout_seconds(request.headers.get(TIMEOUT_HEADER))
+        deadline = None if timeout is None else time.monotonic() + timeout
         return HttpContext(
             auth, peer=peer, metadata=tuple(request.headers.items()), deadline=deadline
         )
