@@ -7,13 +7,22 @@ speaks one dialect wherever it is served from.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import grpc
 
 from fleet.errors import InvalidArgument
 
-__all__ = ["HTTP_STATUS", "JSON", "NDJSON", "PATH_PREFIX", "TIMEOUT_HEADER", "timeout_seconds"]
+__all__ = [
+    "HTTP_STATUS",
+    "JSON",
+    "NDJSON",
+    "PATH_PREFIX",
+    "TIMEOUT_HEADER",
+    "error_body",
+    "timeout_seconds",
+]
 
 PATH_PREFIX = "/v1"
 """Every route is ``PATH_PREFIX + "/" + <package.Service>/<Method>``: gRPC's own method path."""
@@ -57,3 +66,18 @@ def timeout_seconds(header: str | None) -> float | None:
             f"{TIMEOUT_HEADER}: expected a whole number of milliseconds, got {header!r}"
         )
     return int(header) / 1000
+
+
+def error_body(code: grpc.StatusCode, message: str, metadata: Iterable[Any] = ()) -> dict[str, Any]:
+    """An error as the JSON body both servers send: ``{"code", "message", "metadata"}``.
+
+    `metadata` is the call's trailing metadata (key, value pairs); its text entries
+    (the `Resource` the error is about) are kept, gRPC's own and binary ones are not.
+    """
+    body: dict[str, Any] = {"code": code.name, "message": message}
+    about = {
+        str(k): v for k, v in metadata if isinstance(v, str) and not str(k).startswith("grpc-")
+    }
+    if about:
+        body["metadata"] = about
+    return body

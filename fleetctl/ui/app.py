@@ -53,7 +53,15 @@ from starlette.types import Message as AsgiMessage
 from starlette.types import Receive, Scope, Send
 
 from fleet.errors import FleetError
-from fleet.httpwire import HTTP_STATUS, JSON, NDJSON, PATH_PREFIX, TIMEOUT_HEADER, timeout_seconds
+from fleet.httpwire import (
+    HTTP_STATUS,
+    JSON,
+    NDJSON,
+    PATH_PREFIX,
+    TIMEOUT_HEADER,
+    error_body,
+    timeout_seconds,
+)
 from fleet.protojson import encode, encode_message, message_to_dict, parse_request
 from fleet.v1 import fleet_pb2
 from fleetctl.client import Connection, explain_rpc_error
@@ -298,14 +306,7 @@ class ConsoleApp:
             message = explain_rpc_error(exc, self._conn, diagnose=False)
         else:
             message = exc.details() or code.name
-        body: dict[str, Any] = {"code": code.name, "message": message}
-        trailing: Any = exc.trailing_metadata() or ()
-        about = {
-            str(k): v for k, v in trailing if isinstance(v, str) and not str(k).startswith("grpc-")
-        }
-        if about:
-            body["metadata"] = about
-        return body
+        return error_body(code, message, exc.trailing_metadata() or ())
 
     def _rpc_error(self, exc: grpc.RpcError) -> Response:
         body = self._error_body(exc)
@@ -354,7 +355,7 @@ async def _body(request: Request) -> bytes:
 
 def _error(code: grpc.StatusCode, message: str, *, status: int | None = None) -> Response:
     return Response(
-        encode({"code": code.name, "message": message}),
+        encode(error_body(code, message)),
         status_code=status or HTTP_STATUS.get(code, 500),
         media_type=JSON,
     )

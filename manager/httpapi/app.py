@@ -45,6 +45,7 @@ from fleet.httpwire import (
     NDJSON,
     PATH_PREFIX,
     TIMEOUT_HEADER,
+    error_body,
     timeout_seconds,
 )
 from fleet.identity import Role
@@ -119,13 +120,7 @@ class _Failed(Exception):
         return cls(exc.code, bounded(exc.message), about)
 
     def body(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"code": self.code.name, "message": self.message}
-        if self.metadata:
-            out["metadata"] = {
-                k: v.decode("utf-8", "replace") if isinstance(v, bytes) else v
-                for k, v in self.metadata
-            }
-        return out
+        return error_body(self.code, self.message, self.metadata)
 
 
 def _error_response(failed: _Failed) -> Response:
