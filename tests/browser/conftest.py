@@ -31,7 +31,6 @@ from typing import Any
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "integration"))
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "security"))  # live_env
 
 from console_helpers import (
     CHROMIUM_ARGS,
@@ -47,7 +46,7 @@ from console_helpers import (
 from daemon_helpers import eventually, short_tmp
 from fleet_harness import operator_stub  # these two need the path above
 from fleetctl_live import LiveFleet, live_fleet
-from live_env import ModulePki  # the CA a module shares, as in the fuzz and security tests
+from module_pki import ModulePki
 from playwright.sync_api import Browser, Page, sync_playwright
 
 from fleet.pki import CertificateAuthority

@@ -33,8 +33,8 @@ from typing import Any
 import pytest
 from console_helpers import ARTIFACTS, Console, page_selector, shot
 from fleetctl_live import LiveFleet, live_fleet
-from live_env import ModulePki
 from manager_harness import manager_config
+from module_pki import ModulePki
 from playwright.sync_api import Page
 
 from bench.http_api import seed

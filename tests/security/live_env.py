@@ -32,6 +32,7 @@ from google.protobuf.message_factory import GetMessageClass
 from grpc import aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from manager_harness import FakeClock, manager_config, running_manager
+from module_pki import ModulePki as ModulePki  # the fuzzers and the matrix take it from here
 
 from daemon.server import DaemonServer
 from daemon.supervisor.spec import AgentSpec
@@ -92,35 +93,6 @@ def methods(service: str) -> list[MethodDescriptor]:
 def rpc_name(method: MethodDescriptor) -> str:
     """'Service.Method', how the matrix and reports name an RPC."""
     return f"{method.containing_service.name}.{method.name}"
-
-
-@dataclass(frozen=True)
-class ModulePki:
-    """A CA shared by one test module (the `pki` fixture is per test)."""
-
-    ca: CertificateAuthority
-    """The module's CA (trust domain fleet.local)."""
-    root: Path
-    """Where `issue` writes: <root>/<role>-<name>/."""
-
-    @property
-    def trust_domain(self) -> str:
-        """The CA's trust domain."""
-        return self.ca.trust_domain
-
-    def issue(self, role: Role, name: str, **kw: Any) -> TLSConfig:
-        """Issue <role>/<name> (kwargs as CertificateAuthority.issue) and write it."""
-        stem = f"{role}-{name}-{len(list(self.root.glob('*')))}"
-        return self.ca.issue(role, name, **kw).write(self.root / stem)
-
-    def raw_credentials(self, role: Role, name: str, **kw: Any) -> grpc.ChannelCredentials:
-        """Client credentials for a leaf `channel_credentials` would refuse (bad dates)."""
-        leaf = self.ca.issue(role, name, **kw)
-        return grpc.ssl_channel_credentials(
-            root_certificates=self.ca.cert_pem,
-            private_key=leaf.key_pem,
-            certificate_chain=leaf.cert_pem,
-        )
 
 
 def bad_credentials(pki: ModulePki, role: Role, name: str) -> dict[str, grpc.ChannelCredentials]:

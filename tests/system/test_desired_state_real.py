@@ -41,10 +41,11 @@ from daemon_helpers import client_channel
 from fleet_harness import FAST_POOL, operator_stub, selector
 from grpc import aio
 from manager_harness import manager_config
+from module_pki import ModulePki
 
 from daemon.supervisor.spec import AgentSpec, HealthSpec
 from fleet.agentspec import spec_to_proto
-from fleet.pki import CertificateAuthority, Role
+from fleet.pki import CertificateAuthority
 from fleet.tls import TLSConfig
 from fleet.v1 import (
     common_pb2,
@@ -81,22 +82,6 @@ WITHIN = 90.0
 
 
 # --- the fleet ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModulePki:
-    """A CA for the module (the `pki` fixture is per test)."""
-
-    ca: CertificateAuthority
-    root: Path
-
-    @property
-    def trust_domain(self) -> str:
-        return self.ca.trust_domain
-
-    def issue(self, role: Role, name: str, **kw: Any) -> TLSConfig:
-        stem = f"{role}-{name}-{len(list(self.root.glob('*')))}"
-        return self.ca.issue(role, name, **kw).write(self.root / stem)
 
 
 @dataclass

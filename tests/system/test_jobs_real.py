@@ -38,8 +38,9 @@ import pytest
 import pytest_asyncio
 from fleet_harness import FAST_POOL, operator_stub, selector
 from manager_harness import manager_config
+from module_pki import ModulePki
 
-from fleet.pki import CertificateAuthority, Role
+from fleet.pki import CertificateAuthority
 from fleet.tls import TLSConfig
 from fleet.v1 import common_pb2, fleet_pb2, fleet_pb2_grpc, jobs_pb2
 from manager.server import ManagerServer
@@ -75,22 +76,6 @@ ENDED = {
 
 
 # --- the fleet ------------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModulePki:
-    """A CA for the module (the `pki` fixture is per test)."""
-
-    ca: CertificateAuthority
-    root: Path
-
-    @property
-    def trust_domain(self) -> str:
-        return self.ca.trust_domain
-
-    def issue(self, role: Role, name: str, **kw: Any) -> TLSConfig:
-        stem = f"{role}-{name}-{len(list(self.root.glob('*')))}"
-        return self.ca.issue(role, name, **kw).write(self.root / stem)
 
 
 @dataclass
