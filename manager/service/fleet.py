@@ -247,24 +247,27 @@ class FleetQueries:
         `unhealthy`, only UNHEALTHY ones. Synced states of offline nodes are
         marked stale.
         """
-        listing = await self._list_agents(node_id, selector, live=live, call_timeout=call_timeout)
+        health = "UNHEALTHY" if unhealthy else ""
+        nodes = await self._target_nodes(node_id, selector)
+        if not live:
+            offline = {n.node_id for n in nodes if n.status == "offline"}
+            states = await self._agents.list(
+                node_ids=[n.node_id for n in nodes], statuses=statuses, health=health
+            )
+            return AgentListing([NodeAgent(s.node_id, s, s.node_id in offline) for s in states])
+        listing = await self._ask_agents(nodes, call_timeout=call_timeout)
         wanted = set(statuses)
         listing.agents[:] = [
             a
             for a in listing.agents
-            if (not wanted or a.agent.status in wanted)
-            and (not unhealthy or a.agent.health == "UNHEALTHY")
+            if (not wanted or a.agent.status in wanted) and (not health or a.agent.health == health)
         ]
         return listing
 
-    async def _list_agents(
-        self, node_id: str, selector: Selector, *, live: bool, call_timeout: float | None
+    async def _ask_agents(
+        self, nodes: Sequence[NodeRecord], *, call_timeout: float | None
     ) -> AgentListing:
-        nodes = await self._target_nodes(node_id, selector)
-        if not live:
-            offline = {n.node_id for n in nodes if n.status == "offline"}
-            states = await self._agents.list(node_ids=[n.node_id for n in nodes])
-            return AgentListing([NodeAgent(s.node_id, s, s.node_id in offline) for s in states])
+        """Every agent of `nodes`, asked of their daemons now."""
         sem = asyncio.Semaphore(self._live_concurrency)
 
         async def ask(node: NodeRecord) -> list[NodeAgent] | str:

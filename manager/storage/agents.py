@@ -177,13 +177,22 @@ def _record(row: Any) -> AgentStateRecord:
 
 
 async def select_states(
-    conn: AsyncConnection, *, node_ids: Collection[str] | None = None, agent_id: str = ""
+    conn: AsyncConnection,
+    *,
+    node_ids: Collection[str] | None = None,
+    agent_id: str = "",
+    statuses: Collection[str] = (),
+    health: str = "",
 ) -> list[AgentStateRecord]:
     """`AgentStateRepository.list` inside a caller's transaction."""
     order = (agent_states.c.node_id, agent_states.c.agent_id)
     query = select(agent_states).order_by(*order)
     if agent_id:
         query = query.where(agent_states.c.agent_id == agent_id)
+    if statuses:
+        query = query.where(agent_states.c.status.in_(sorted(statuses)))
+    if health:
+        query = query.where(agent_states.c.health == health)
     if node_ids is None:
         return [_record(r) for r in await conn.execute(query)]
     out: list[AgentStateRecord] = []
@@ -289,13 +298,21 @@ class AgentStateRepository:
         return await self._db.run(body)
 
     async def list(
-        self, *, node_ids: Collection[str] | None = None, agent_id: str = ""
+        self,
+        *,
+        node_ids: Collection[str] | None = None,
+        agent_id: str = "",
+        statuses: Collection[str] = (),
+        health: str = "",
     ) -> builtins.list[AgentStateRecord]:
         """Agent states ordered by (node, agent); only those nodes' if `node_ids` is given,
-        only agents with that id if `agent_id` is."""
+        only agents with that id, in one of those `statuses` or of that `health` if given
+        (filtered in SQL: decoding every row of a large fleet to keep a few costs most)."""
 
         async def body(conn: AsyncConnection) -> builtins.list[AgentStateRecord]:
-            return await select_states(conn, node_ids=node_ids, agent_id=agent_id)
+            return await select_states(
+                conn, node_ids=node_ids, agent_id=agent_id, statuses=statuses, health=health
+            )
 
         return await self._db.run(body, write=False)
 
