@@ -38,6 +38,7 @@ from google.protobuf import json_format
 from fleet.errors import FleetError, Unavailable
 from fleet.v1 import daemon_pb2, jobs_pb2
 from manager.pool import DaemonPool
+from manager.service.job_reports import StepReport, report_change
 from manager.service.job_spec import check_spec
 from manager.service.job_updates import Change, JobUpdates
 from manager.service.jobs import (
@@ -89,6 +90,14 @@ class _Live:
     in_flight: set[str] = field(default_factory=set)
 
 
+def _name(state: jobs_pb2.JobTargetState.ValueType) -> str:
+    """A JobTargetState as the name a report gives ("SUCCESS"; unknown numbers as such)."""
+    try:
+        return jobs_pb2.JobTargetState.Name(state).removeprefix("JOB_TARGET_STATE_")
+    except ValueError:
+        return str(state)
+
+
 def _node_state(state: jobs_pb2.JobTargetState.ValueType) -> TargetState:
     name = jobs_pb2.JobTargetState.Name(state).removeprefix("JOB_TARGET_STATE_")
     if name in ("UNSPECIFIED", "PENDING"):
@@ -108,6 +117,7 @@ class JobDriver:
         *,
         clock: Callable[[], float] = time.time,
         dispatch_concurrency: int = 256,
+        max_output_bytes: int = 1024 * 1024,
         call_timeout: float = 10.0,
         safety_interval: float = 10.0,
         refresh_interval: float = 1.0,
@@ -123,6 +133,7 @@ class JobDriver:
         self._clock = clock
         self._sem = asyncio.Semaphore(dispatch_concurrency)
         self._call_timeout = call_timeout
+        self._bound = max_output_bytes
         self._safety = safety_interval
         self._refresh = refresh_interval
         self._node_refresh = node_refresh
@@ -299,6 +310,7 @@ class JobDriver:
                 steps=spec.message.steps,
                 timeout_seconds=spec.timeout,
                 lock=spec.message.lock,
+                accept_end=True,  # a fast command's end comes with the answer
             ),
             targets={n: _target(t) for n, t in targets.items()},
         )
@@ -401,13 +413,7 @@ class JobDriver:
                 reason=f"the node refused the job: {exc.message}",
             )
         else:
-            change = Change(
-                job_id,
-                node_id,
-                "accepted",
-                state=_node_state(response.state),
-                reason=response.reason,
-            )
+            change = self._answered(job_id, node_id, response)
         try:
             outcome = await self._updates.submit(change)
         except FleetError as exc:
@@ -422,6 +428,53 @@ class JobDriver:
         if change.kind == "accepted" and stored is not None and stored.cancel_requested:
             # Cancelled while StartJob was on its way: the node must stop it.
             await self._cancel_on_node(job_id, node_id)
+
+    def _answered(self, job_id: str, node_id: str, response: daemon_pb2.StartJobResponse) -> Change:
+        """The StartJob answer as a change: the job's end when the answer carries it
+        (stored as its report would be, with its output), else where the job is."""
+        if not response.HasField("end"):
+            return Change(
+                job_id,
+                node_id,
+                "accepted",
+                state=_node_state(response.state),
+                reason=response.reason,
+            )
+        end = response.end
+        try:
+            return report_change(
+                node_id,
+                job_id,
+                state=_name(end.state),
+                exit_code=end.exit_code,
+                started_ms=end.started_at,
+                ended_ms=end.ended_at,
+                reason=end.reason,
+                steps=[
+                    StepReport(
+                        index=s.index,
+                        name=s.name,
+                        state=_name(s.state),
+                        exit_code=s.exit_code,
+                        started_ms=s.started_at,
+                        ended_ms=s.ended_at,
+                        reason=s.reason,
+                    )
+                    for s in end.steps
+                ],
+                output_bytes=len(end.output),
+                output=end.output,
+                bound=self._bound,
+            )
+        except FleetError as exc:
+            # The node will not report an end it answered: say what was wrong, and end it.
+            return Change(
+                job_id,
+                node_id,
+                "accepted",
+                state=TargetState.FAILED,
+                reason=f"the node's StartJob answer was invalid: {exc.message}",
+            )
 
     async def _cancel_on_node(self, job_id: str, node_id: str) -> None:
         try:
