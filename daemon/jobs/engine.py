@@ -296,14 +296,20 @@ class JobEngine:
         accept = request.accept_end
         state, reason = await self.submit(request, hold=accept)
         job = self._jobs.get(request.job_id)
-        if job is not None and accept:
-            try:
-                await self._wait_final(job, self.cfg.answer_wait_seconds)
-            finally:
-                job.holds -= 1
-                if not job.holds:
-                    self._on_change(request.job_id)  # the reporter's turn, if it is not ended
-            state, reason = job.record.state, job.record.reason
+        if job is None or not accept:
+            return await self._answer(request, state, reason, accept)
+        try:
+            await self._wait_final(job, self.cfg.answer_wait_seconds)
+            return await self._answer(request, job.record.state, job.record.reason, accept)
+        finally:
+            # Released once the end is acknowledged, or not: then the reporter's turn.
+            job.holds -= 1
+            if not job.holds:
+                self._on_change(request.job_id)
+
+    async def _answer(
+        self, request: daemon_pb2.StartJobRequest, state: str, reason: str, accept: bool
+    ) -> daemon_pb2.StartJobResponse:
         answer = daemon_pb2.StartJobResponse(state=_state(state), reason=reason)
         if not accept or state not in decide.FINAL:
             return answer
@@ -327,7 +333,7 @@ class JobEngine:
                 output=output,
             )
         )
-        if job is not None and not record.settled:
+        if not record.settled:
             # Persisted before the answer leaves: never reported as well. A lost answer
             # is asked for again (the manager retries StartJob until it stores one).
             record.extra[ANSWERED] = record.version

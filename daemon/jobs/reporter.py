@@ -106,6 +106,8 @@ class JobReporter:
         self._progress: dict[str, tuple[float, int]] = {}
         self.uploaded_bytes = 0
         """Bytes the manager acknowledged through this reporter (for tests and metrics)."""
+        self.reports = 0
+        """ReportJobStatus calls the manager answered (for tests and metrics)."""
 
     def poke(self, _job_id: str = "") -> None:
         """A job changed: look at the jobs again now."""
@@ -208,6 +210,7 @@ class JobReporter:
         reply: manager_pb2.ReportJobStatusResponse = await call(
             stub.ReportJobStatus, status_request(self.node_id, job, size)
         )
+        self.reports += 1
         self._progress[record.job_id] = (time.monotonic(), size)
         self.engine.acknowledge(record.job_id, version)
         if reply.cancel and not record.final:
