@@ -88,6 +88,9 @@ class _Live:
     request: daemon_pb2.StartJobRequest
     targets: dict[str, Target]
     in_flight: set[str] = field(default_factory=set)
+    storing: set[str] = field(default_factory=set)
+    """Targets whose end an answer carried, ended in memory until its commit (the job
+    does not end before those commits)."""
 
 
 def _name(state: jobs_pb2.JobTargetState.ValueType) -> str:
@@ -375,7 +378,11 @@ class JobDriver:
         counts = collections.Counter(t.state for t in live.targets.values())
         cancelled = bool(live.record.cancelled_ms)
         state = job_state(counts, cancelled=cancelled)
-        ended = all(t.state in TERMINAL for t in live.targets.values()) and not live.in_flight
+        ended = (
+            all(t.state in TERMINAL for t in live.targets.values())
+            and not live.in_flight
+            and not live.storing
+        )
         reason = live.record.reason or decided.reason
         if ended:
             await self._finish(live, reason)
@@ -414,17 +421,28 @@ class JobDriver:
             )
         else:
             change = self._answered(job_id, node_id, response)
+        if change.kind == "ended":
+            # The node is done with it: its window slot is free now, not after the commit.
+            live.targets[node_id] = dataclasses.replace(target, state=change.state)
+            live.storing.add(node_id)
+            live.in_flight.discard(node_id)
+            self._wake.set()
         try:
             outcome = await self._updates.submit(change)
         except FleetError as exc:
             log.warning(
                 "job %s on %s: could not store the StartJob answer: %s", job_id, node_id, exc
             )
+            if node_id in live.storing:
+                live.targets[node_id] = target  # not stored: send it again (same end)
             return
         finally:
             live.in_flight.discard(node_id)
+            live.storing.discard(node_id)
             self._wake.set()
         stored = outcome.target
+        if change.kind == "ended" and stored is not None and stored.state in TERMINAL:
+            live.targets[node_id] = _target(stored)  # as stored (final: nothing comes after)
         if change.kind == "accepted" and stored is not None and stored.cancel_requested:
             # Cancelled while StartJob was on its way: the node must stop it.
             await self._cancel_on_node(job_id, node_id)
