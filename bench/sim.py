@@ -505,13 +505,15 @@ class SimDaemon(daemon_pb2_grpc.DaemonServiceServicer):
                 await asyncio.sleep(min(0.05 * 2**attempt, 1.0))
         self.last_report_at = time.time()
 
-    async def upload_output(self, job_id: str, size: int, chunk: int) -> int:
-        """Upload `size` bytes of this job's output as the daemon does: chunks with offsets,
-        one at a time, from the manager's acknowledged offset. Returns the acked offset."""
+    async def upload_output(self, job_id: str, chunks: list[tuple[int, bytes]]) -> int:
+        """Upload this job's output, `chunks` (`output_chunks`, made beforehand as the
+        daemon's are in its file), as the daemon does: chunks with offsets, one at a time,
+        from the manager's acknowledged offset. Returns the acked offset."""
         assert self.link is not None
         job = self.jobs[job_id]
         acked = 0
-        for offset, data in output_chunks(self.node_id, size, chunk):
+        size = sum(len(d) for _, d in chunks)
+        for offset, data in chunks:
             if offset < acked:
                 continue
             reply = await self.link.stub.UploadJobOutput(
@@ -830,8 +832,13 @@ def _job_stats(nodes: list[SimNode], pattern: str) -> dict[str, Any]:
 async def _upload(by_id: dict[str, SimNode], spec: dict[str, Any]) -> dict[str, Any]:
     job_id, size, chunk = spec["job_id"], int(spec["size"]), int(spec["chunk"])
     daemons = [by_id[n].servicer for n in spec["nodes"]]
+    # The output exists before the upload (the daemon reads it from its file): making
+    # it is not part of the timed upload.
+    chunks = [output_chunks(d.node_id, size, chunk) for d in daemons]
     t0 = time.time()
-    acked = await asyncio.gather(*(d.upload_output(job_id, size, chunk) for d in daemons))
+    acked = await asyncio.gather(
+        *(d.upload_output(job_id, c) for d, c in zip(daemons, chunks, strict=True))
+    )
     t1 = time.time()
     for d in daemons:
         d.finish_job(job_id)
