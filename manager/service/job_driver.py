@@ -296,7 +296,10 @@ class JobDriver:
         live = self._jobs.get(record.id)
         if live is not None:
             live.record = record
-            live.targets = {n: _target(t) for n, t in targets.items()}
+            read = {n: _target(t) for n, t in targets.items()}
+            for node_id in live.storing & read.keys():
+                read[node_id] = live.targets[node_id]  # ended; its commit is on its way
+            live.targets = read
             return
         spec = check_spec(load_spec(record.spec))
         self._jobs[record.id] = _Live(
@@ -358,7 +361,7 @@ class JobDriver:
             self._facts,
             live.limits,
             now,
-            in_flight=live.in_flight,
+            in_flight=live.in_flight | live.storing,  # neither is sent again
             cancelled=bool(live.record.cancelled_ms),
         )
         if decided.changes:
@@ -386,6 +389,8 @@ class JobDriver:
         reason = live.record.reason or decided.reason
         if ended:
             await self._finish(live, reason)
+        elif live.storing:
+            pass  # ends not committed yet: the job's state follows once they are
         elif state.value != live.record.state or reason != live.record.reason:
             await self._set_state(live, state, reason)
         return decided.wake_at

@@ -11,6 +11,7 @@ next stream and the daemon answers the same end from the job's directory.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -23,6 +24,7 @@ from daemon_helpers import BlackholeProxy, daemon_config, short_tmp
 from fleet_harness import operator_stub
 from manager_harness import manager_config, running_manager
 
+from bench.sim import SimFleet, SimNode
 from daemon.config import JobsConfig, ManagerLinkConfig
 from daemon.jobs.engine import ANSWERED
 from daemon.server import DaemonServer
@@ -220,3 +222,53 @@ async def test_a_start_job_whose_answer_was_lost_is_answered_again_and_stored_on
         assert len(await finished_events(env, job_id)) == 1
         assert marks.read_text() == "ran\n", "the command ran once"
         assert env.daemon.job_reporter.reports == 0
+
+
+def ended(node: SimNode, job_id: str) -> bool:
+    job = node.servicer.jobs.get(job_id)
+    return job is not None and job.ended.is_set()
+
+
+async def test_ends_waiting_for_their_commit_are_not_sent_again(pki: Any, tmp_path: Path) -> None:
+    """Answers with ends free their window slots before their commit; a re-read of the job
+    meanwhile (the driver's safety reload, a poke) must not send those targets again.
+    The commits are held back by another writer holding SQLite's write lock."""
+    db_file = tmp_path / "manager.db"
+    config = manager_config(pki, f"sqlite+aiosqlite:///{db_file}", tmp_path / "state")
+    async with (
+        running_manager(config, clock=time.time) as manager,
+        operator_stub(pki, manager.port) as stub,
+    ):
+        sims = await SimFleet.start(pki.ca, tmp_path / "sims", count=3, answer_wait=2.0)
+        try:
+            await sims.register_all(f"127.0.0.1:{manager.port}")
+            spec = jobs_pb2.JobSpec(
+                steps=[jobs_pb2.JobStep(command=jobs_pb2.JobCommand(argv=["sleep", "0.3"]))],
+                node_ids=[n.node_id for n in sims.nodes],
+            )
+            reply = await stub.RunJob(fleet_pb2.FleetServiceRunJobRequest(spec=spec))
+            job_id = reply.job.id
+            # Every target sent (the driver's pass is over); their ends come at 0.3 s.
+            await until(lambda: all(job_id in n.servicer.jobs for n in sims.nodes))
+            blocker = sqlite3.connect(db_file, isolation_level=None)
+            try:
+                blocker.execute("BEGIN IMMEDIATE")  # before the ends are answered (0.3 s)
+                await until(lambda: all(ended(n, job_id) for n in sims.nodes))
+                await asyncio.sleep(0.2)  # the answers are in, their commits wait
+                manager.job_driver.poke(job_id)  # re-read the job from the database
+                await asyncio.sleep(0.5)
+            finally:
+                blocker.execute("ROLLBACK")
+                blocker.close()
+            async with asyncio.timeout(20):
+                request = fleet_pb2.FleetServiceWatchJobRequest(job_id=job_id)
+                async for msg in stub.WatchJob(request):
+                    if msg.job.ended_at:
+                        break
+            got = await stub.GetJob(fleet_pb2.FleetServiceGetJobRequest(job_id=job_id))
+            assert {t.state for t in got.job.targets} == {S.JOB_TARGET_STATE_SUCCESS}
+            starts = {n.node_id: n.servicer.jobs[job_id].starts for n in sims.nodes}
+            assert starts == dict.fromkeys(starts, 1), "no target was sent twice"
+            assert {n.servicer.jobs[job_id].reported for n in sims.nodes} == {"answered"}
+        finally:
+            await sims.close()
