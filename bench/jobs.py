@@ -11,10 +11,13 @@ ingest is not cut) as a child, and the N simulated daemons in one more
 child (`python -m bench.sim serve`: real gRPC servers with their own
 `node/<id>` certificates; open-file limit raised to 20,000). Every simulated
 daemon registers with the manager with its own certificate, and runs a job
-as the daemon does as far as the manager can tell: StartJob answers
-RUNNING (idempotent per job id), and a job whose argv is `true` ends at once
-and is reported with ReportJobStatus (SUCCESS, exit 0, its step) over the
-node's own mTLS channel to the manager, retried while unreachable.
+as the daemon does as far as the manager can tell (`SimDaemon.StartJob`):
+StartJob is idempotent per job id; asked with `accept_end` (as the manager
+asks) it waits up to the daemon's default `[jobs] answer_wait_seconds` for
+the job to end, and a job whose argv is `true` ends at once, so the answer
+carries its end (SUCCESS, exit 0, its step) and nothing is reported; a job
+that outlasts the wait is answered RUNNING and its end reported with
+ReportJobStatus over the node's own mTLS channel, retried while unreachable.
 
 dispatch (rounds alternate, each side after a short pause):
 
@@ -25,26 +28,25 @@ dispatch (rounds alternate, each side after a short pause):
   Includes validation, resolving the selector, storing the job and its N
   targets, audit and event, N StartJob calls through the pool at most
   max_concurrency at a time, the N reports stored, the job's end.
-- reference: the same N StartJob calls (same steps, a fresh job id per
-  round) made with one `asyncio.gather` over N grpc.aio channels opened and
-  connected beforehand (the pool's channel arguments, the manager's
-  certificate), with no window. Each simulated daemon then reports the end
-  to the manager exactly as for the fleet's job; the manager refuses those
-  reports (an unknown job: nothing to store). Timed until the last report
-  was answered (the daemons' clock, same host), so both sides include the
-  call, the report and its answer; only the fleet side includes the
-  database, the window and the decisions. The time until the gather alone
-  returned is printed too.
+- reference: the same N StartJob calls (same steps and `accept_end`, a
+  fresh job id per round) made with one `asyncio.gather` over N grpc.aio
+  channels opened and connected beforehand (the pool's channel arguments,
+  the manager's certificate), with no window. The simulated daemons answer
+  them exactly as the fleet's (the end on the answer), so the reference is
+  the gather; were an end reported instead, it would be timed until that
+  report was answered (the manager refuses it: an unknown job). Only the
+  fleet side includes the database, the window and the decisions.
 
 ingest: one job on M daemons whose command runs until told; once all M
 targets are RUNNING, every daemon uploads SIZE bytes of output with
 UploadJobOutput as the daemon does (chunks of CHUNK bytes, one at a time
 per target, each from the acknowledged offset; all M targets at once),
 timed from the first chunk sent to the last acknowledged (acknowledged
-means stored). MiB/s against plain `sqlite3.executemany` of the same
-chunks, M at a time per transaction, into a table of the same shape (job
-id, node id, offset, data; WAL, synchronous=NORMAL as the manager's) in a
-fresh file, from this process. The stored bytes are checked per target,
+means stored; the simulated output is made before the timer starts).
+MiB/s against plain `sqlite3.executemany` of the same chunks, M at a
+time per transaction, into a table of the same shape (job id, node id,
+offset, data; WAL, synchronous=NORMAL as the manager's) in a fresh file,
+from this process. The stored bytes are checked per target,
 and one target's stored output is read back and compared.
 
 Exits 1 if a check fails (a target not SUCCESS, a daemon started twice, a
@@ -489,7 +491,7 @@ async def run(
     gather_med = statistics.median(g for _, g in ref_times)
     print()
     print(f"job `true` on {n} daemons, max_concurrency {concurrency}, median of {rounds} round(s):")
-    print("  fleet (RunJob -> ended_at)  reference (gather + reports)  ratio  gather alone")
+    print("  fleet (RunJob -> ended_at)  reference (gather [+ reports])  ratio  gather alone")
     print(
         f"  {fleet_med * 1000:21.0f} ms  {ref_med * 1000:25.0f} ms  {ratio:4.2f}x"
         f"  {gather_med * 1000:9.0f} ms"
