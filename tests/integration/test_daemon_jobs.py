@@ -323,10 +323,12 @@ async def test_start_job_is_idempotent(node: Node) -> None:
 
 
 async def test_an_ended_job_is_answered_with_its_end_again_and_not_reported(
-    node: Node,
+    make_node: MakeNode,
 ) -> None:
     """accept_end: a fast job's answer carries its end and output, and the job counts as
-    acknowledged; a retried StartJob (the first answer lost) gets the same end."""
+    acknowledged; a retried StartJob (the first answer lost) gets the same end. (A wait
+    of 5 s: on a loaded host the step may take longer than the default 0.2 s.)"""
+    node = await make_node(JobsConfig(grace_seconds=1.0, answer_wait_seconds=5.0))
     req = start_req("quick", sh("echo hi; echo err >&2; exit 2"))
     req.accept_end = True
     first = await node.start(req)

@@ -143,8 +143,10 @@ async def test_a_fast_command_ends_with_its_answer(
     pki: Any, tmp_path: Path, transport: str
 ) -> None:
     """`echo hi`: its end and output come with the StartJob answer and are stored; one
-    JOB_TARGET_FINISHED event; the daemon never calls ReportJobStatus nor uploads."""
-    async with fleet(pki, tmp_path, transport) as env:
+    JOB_TARGET_FINISHED event; the daemon never calls ReportJobStatus nor uploads. (A
+    wait of 5 s: on a loaded host the step may take longer than the default 0.2 s.)"""
+    jobs = JobsConfig(grace_seconds=1.0, answer_wait_seconds=5.0)
+    async with fleet(pki, tmp_path, transport, jobs) as env:
         job_id = await run(env, "/bin/sh", "-c", "echo hi; echo oops >&2; exit 3")
         job = await finished(env, job_id)
         (target,) = job.targets
