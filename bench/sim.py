@@ -36,6 +36,7 @@ from typing import Any
 import grpc
 from grpc import aio
 
+from daemon.config import JobsConfig
 from fleet.errors import FailedPrecondition, InvalidArgument, NotFound
 from fleet.interceptors import ErrorMappingInterceptor
 from fleet.pki import CertificateAuthority
@@ -71,6 +72,8 @@ __all__ = [
 _Context = aio.ServicerContext[Any, Any]
 _S = common_pb2.AgentStatus
 _J = jobs_pb2.JobTargetState
+ANSWER_WAIT = JobsConfig().answer_wait_seconds
+"""Seconds a StartJob waits for the job's end: the daemon's default."""
 _FINAL = frozenset(
     {
         _J.JOB_TARGET_STATE_SUCCESS,
@@ -158,7 +161,12 @@ class SimJob:
     starts: int = 1
     """StartJob calls received for it (more than one: the manager re-sent it)."""
     reported: str = ""
-    """How the manager answered its final ReportJobStatus ("OK", a status code name, "")."""
+    """How the manager answered its final ReportJobStatus ("OK", a status code name, ""),
+    or "answered" when a StartJob answer carried its end instead."""
+    holds: int = 0
+    """StartJob answers waiting for its end (then its end is not reported)."""
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set when it ends."""
 
 
 class SimDaemon(daemon_pb2_grpc.DaemonServiceServicer):
@@ -175,8 +183,11 @@ class SimDaemon(daemon_pb2_grpc.DaemonServiceServicer):
         labels: Mapping[str, str] | None = None,
         bad_revisions: Iterable[int] = (),
         report_delay: float = 0.0,
+        answer_wait: float = ANSWER_WAIT,
     ) -> None:
         self.node_id = node_id
+        self.answer_wait = answer_wait
+        """As the daemon's [jobs] answer_wait_seconds: how long StartJob waits for the end."""
         self.labels = dict(labels or {})
         """Labels it registers with."""
         self.bad_revisions = set(bad_revisions)
@@ -366,23 +377,52 @@ class SimDaemon(daemon_pb2_grpc.DaemonServiceServicer):
     async def StartJob(
         self, request: daemon_pb2.StartJobRequest, context: _Context
     ) -> daemon_pb2.StartJobResponse:
-        """As the real daemon: idempotent per job id; answers RUNNING, reports the end."""
+        """As the real daemon (JobEngine.start_job): idempotent per job id; when the
+        manager accepts an end in the answer, waits up to `answer_wait` for it and answers
+        with it (not reported); otherwise answers RUNNING and reports the end."""
         self._enter("StartJob", context, request.job_id)
         if not request.job_id or not request.steps:
             raise InvalidArgument("a job needs an id and at least one step", field="steps")
+        accept = request.accept_end
         job = self.jobs.get(request.job_id)
         if job is not None:
             job.starts += 1
+            if not accept and job.reported == "answered":
+                job.reported = ""
+                self._spawn(self._report_job(job))  # an older manager: report after all
+        else:
+            argv = tuple(request.steps[0].command.argv)
+            job = SimJob(request.job_id, argv, _now_ms())
+            self.jobs[request.job_id] = job
+            job.holds += accept
+            name = Path(argv[0]).name if argv else ""
+            if name in ("true", "false"):
+                self._end_job(job, 0 if name == "true" else 1)
+            elif name == "sleep" and len(argv) == 2:
+                self._spawn(self._end_later(job, float(argv[1])))
+            if accept:
+                try:
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(job.ended.wait(), self.answer_wait)
+                finally:
+                    job.holds -= 1
+                if job.state not in _FINAL:
+                    return daemon_pb2.StartJobResponse(state=_J.JOB_TARGET_STATE_RUNNING)
+        if not accept or job.state not in _FINAL:
             return daemon_pb2.StartJobResponse(state=job.state)
-        argv = tuple(request.steps[0].command.argv)
-        job = SimJob(request.job_id, argv, _now_ms())
-        self.jobs[request.job_id] = job
-        name = Path(argv[0]).name if argv else ""
-        if name in ("true", "false"):
-            self._end_job(job, 0 if name == "true" else 1)
-        elif name == "sleep" and len(argv) == 2:
-            self._spawn(self._end_later(job, float(argv[1])))
-        return daemon_pb2.StartJobResponse(state=_J.JOB_TARGET_STATE_RUNNING)
+        if not job.reported:
+            job.reported = "answered"
+            self.last_report_at = time.time()
+        return daemon_pb2.StartJobResponse(
+            state=job.state,
+            end=daemon_pb2.JobEnd(
+                state=job.state,
+                exit_code=job.exit_code,
+                started_at=job.started_at,
+                ended_at=job.ended_at,
+                steps=[_step_result(job)],
+            ),
+        )
 
     async def CancelJob(
         self, request: daemon_pb2.CancelJobRequest, context: _Context
@@ -428,7 +468,9 @@ class SimDaemon(daemon_pb2_grpc.DaemonServiceServicer):
         if not state:
             state = _J.JOB_TARGET_STATE_SUCCESS if exit_code == 0 else _J.JOB_TARGET_STATE_FAILED
         job.state = state
-        self._spawn(self._report_job(job))
+        job.ended.set()
+        if not job.holds:  # else the StartJob answer carries the end
+            self._spawn(self._report_job(job))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.create_task(coro)
@@ -440,14 +482,7 @@ class SimDaemon(daemon_pb2_grpc.DaemonServiceServicer):
         (as the daemon does); the manager's answer is recorded in `job.reported`."""
         if self.link is None:
             return
-        step = jobs_pb2.JobStepResult(
-            index=0,
-            name="step-1",
-            state=job.state,
-            exit_code=job.exit_code,
-            started_at=job.started_at,
-            ended_at=job.ended_at,
-        )
+        step = _step_result(job)
         request = manager_pb2.ReportJobStatusRequest(
             node_id=self.node_id,
             job_id=job.job_id,
@@ -470,13 +505,15 @@ class SimDaemon(daemon_pb2_grpc.DaemonServiceServicer):
                 await asyncio.sleep(min(0.05 * 2**attempt, 1.0))
         self.last_report_at = time.time()
 
-    async def upload_output(self, job_id: str, size: int, chunk: int) -> int:
-        """Upload `size` bytes of this job's output as the daemon does: chunks with offsets,
-        one at a time, from the manager's acknowledged offset. Returns the acked offset."""
+    async def upload_output(self, job_id: str, chunks: list[tuple[int, bytes]]) -> int:
+        """Upload this job's output, `chunks` (`output_chunks`, made beforehand as the
+        daemon's are in its file), as the daemon does: chunks with offsets, one at a time,
+        from the manager's acknowledged offset. Returns the acked offset."""
         assert self.link is not None
         job = self.jobs[job_id]
         acked = 0
-        for offset, data in output_chunks(self.node_id, size, chunk):
+        size = sum(len(d) for _, d in chunks)
+        for offset, data in chunks:
             if offset < acked:
                 continue
             reply = await self.link.stub.UploadJobOutput(
@@ -502,6 +539,18 @@ def output_chunks(node_id: str, size: int, chunk: int) -> list[tuple[int, bytes]
         i += 1
     data = bytes(out[:size])
     return [(o, data[o : o + chunk]) for o in range(0, size, chunk)]
+
+
+def _step_result(job: SimJob) -> jobs_pb2.JobStepResult:
+    """The job's one step, as the daemon reports it."""
+    return jobs_pb2.JobStepResult(
+        index=0,
+        name="step-1",
+        state=job.state,
+        exit_code=job.exit_code,
+        started_at=job.started_at,
+        ended_at=job.ended_at,
+    )
 
 
 def _now_ms() -> int:
@@ -783,8 +832,13 @@ def _job_stats(nodes: list[SimNode], pattern: str) -> dict[str, Any]:
 async def _upload(by_id: dict[str, SimNode], spec: dict[str, Any]) -> dict[str, Any]:
     job_id, size, chunk = spec["job_id"], int(spec["size"]), int(spec["chunk"])
     daemons = [by_id[n].servicer for n in spec["nodes"]]
+    # The output exists before the upload (the daemon reads it from its file): making
+    # it is not part of the timed upload.
+    chunks = [output_chunks(d.node_id, size, chunk) for d in daemons]
     t0 = time.time()
-    acked = await asyncio.gather(*(d.upload_output(job_id, size, chunk) for d in daemons))
+    acked = await asyncio.gather(
+        *(d.upload_output(job_id, c) for d, c in zip(daemons, chunks, strict=True))
+    )
     t1 = time.time()
     for d in daemons:
         d.finish_job(job_id)

@@ -145,6 +145,9 @@ class JobsConfig:
     """Finished job directories (with their full output) are deleted after this long."""
     grace_seconds: float = 10.0
     """Seconds between SIGTERM and SIGKILL when a job is stopped (timeout, cancel)."""
+    answer_wait_seconds: float = 0.2
+    """How long StartJob waits for a new job to end, so a fast command's end (and its
+    output, when small) rides on the answer instead of a ReportJobStatus; 0: never."""
 
     def validate(self) -> None:
         """Cross-field checks (ValueError, reported as ConfigError)."""
@@ -154,6 +157,8 @@ class JobsConfig:
             raise ValueError(f"keep_days must be > 0 and <= 3650, got {self.keep_days}")
         if not 0 < self.grace_seconds <= 3600:
             raise ValueError(f"grace_seconds must be > 0 and <= 3600, got {self.grace_seconds}")
+        if not 0 <= self.answer_wait_seconds <= 5:
+            raise ValueError(f"answer_wait_seconds must be 0..5, got {self.answer_wait_seconds}")
         if self.dir is not None and not self.dir.is_absolute():
             raise ValueError(f"dir must be an absolute path, got {str(self.dir)!r}")
 

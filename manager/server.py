@@ -449,6 +449,7 @@ class ManagerServer:
             self.job_updates,
             clock=self._clock,
             dispatch_concurrency=cfg.jobs.dispatch_concurrency,
+            max_output_bytes=cfg.jobs.max_output_bytes,
             on_leader=lambda held: m.jobs_leader.set(1 if held else 0),
         )
         self.job_driver.start()

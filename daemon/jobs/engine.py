@@ -42,7 +42,15 @@ from daemon.supervisor.process import AgentProcess, SpawnError, adopt, daemon_en
 from fleet.errors import InvalidArgument, NotFound
 from fleet.v1 import daemon_pb2, jobs_pb2
 
-__all__ = ["RUNNER", "Job", "JobEngine", "OutputChunk", "validate_request"]
+__all__ = [
+    "ANSWER_OUTPUT_BYTES",
+    "RUNNER",
+    "Job",
+    "JobEngine",
+    "OutputChunk",
+    "step_results",
+    "validate_request",
+]
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +66,12 @@ DEFAULT_TIMEOUT = 3600.0
 """A job's timeout when the request says 0 (as JobSpec.timeout_seconds' default)."""
 RETENTION_INTERVAL = 3600.0
 """Seconds between sweeps of finished job directories."""
+ANSWER_OUTPUT_BYTES = 64 * 1024
+"""Largest whole output a StartJob answer carries with the job's end; a longer one is
+uploaded, and the end reported after it (a finished target has all its output stored)."""
+ANSWERED = "answered_version"
+"""`JobRecord.extra` key: the version whose end a StartJob answer carried (instead of a
+report). `extra`, not a field: an older daemon reading this state.json still loads it."""
 
 _WHEN: dict[int, decide.When] = {
     jobs_pb2.STEP_WHEN_UNSPECIFIED: "on_success",
@@ -138,6 +152,9 @@ class Job:
     cancel: asyncio.Event = field(default_factory=asyncio.Event)
     changed: asyncio.Event = field(default_factory=asyncio.Event)
     """Set (and replaced) on every change, for followers of the output."""
+    holds: int = 0
+    """StartJob answers waiting for this job's end: the reporter leaves it alone meanwhile
+    (the answer may carry the end; reporting it too would cost the call it saves)."""
 
 
 @dataclass(frozen=True)
@@ -267,13 +284,88 @@ class JobEngine:
 
     # --- commands ---------------------------------------------------------
 
-    async def submit(self, request: daemon_pb2.StartJobRequest) -> tuple[str, str]:
-        """Accept a job (idempotent per id): (state, reason) to answer StartJob with."""
+    async def start_job(self, request: daemon_pb2.StartJobRequest) -> daemon_pb2.StartJobResponse:
+        """StartJob: accept the job (idempotent per id) and answer where it is.
+
+        When the manager accepts an end in the answer (`accept_end`), a new or running job
+        is given up to `answer_wait_seconds` to end; an ended job whose whole output fits
+        `ANSWER_OUTPUT_BYTES` is answered with its end and output, and counts as
+        acknowledged (not reported). A retried StartJob gets the same end again, from
+        the job's directory. Without `accept_end` (an older manager) an end that was only
+        answered is reported after all."""
+        accept = request.accept_end
+        state, reason = await self.submit(request, hold=accept)
+        job = self._jobs.get(request.job_id)
+        if job is None or not accept:
+            return await self._answer(request, state, reason, accept)
+        try:
+            await self._wait_final(job, self.cfg.answer_wait_seconds)
+            return await self._answer(request, job.record.state, job.record.reason, accept)
+        finally:
+            # Released once the end is acknowledged, or not: then the reporter's turn.
+            job.holds -= 1
+            if not job.holds:
+                self._on_change(request.job_id)
+
+    async def _answer(
+        self, request: daemon_pb2.StartJobRequest, state: str, reason: str, accept: bool
+    ) -> daemon_pb2.StartJobResponse:
+        answer = daemon_pb2.StartJobResponse(state=_state(state), reason=reason)
+        if not accept or state not in decide.FINAL:
+            return answer
+        try:
+            record = self.record(request.job_id)
+        except NotFound:
+            return answer  # refused (jobs disabled): nothing was kept
+        output = await asyncio.to_thread(
+            _read_whole, self.store.output_path(request.job_id), ANSWER_OUTPUT_BYTES
+        )
+        if output is None:
+            return answer  # too long for an answer: uploaded, then reported
+        answer.end.CopyFrom(
+            daemon_pb2.JobEnd(
+                state=_state(record.state),
+                exit_code=record.exit_code,
+                started_at=_ms(record.started_at),
+                ended_at=_ms(record.ended_at),
+                reason=record.reason,
+                steps=step_results(record),
+                output=output,
+            )
+        )
+        if not record.settled:
+            # Persisted before the answer leaves: never reported as well. A lost answer
+            # is asked for again (the manager retries StartJob until it stores one).
+            record.extra[ANSWERED] = record.version
+            self.acknowledge(request.job_id, record.version)
+        return answer
+
+    async def _wait_final(self, job: Job, seconds: float) -> None:
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while not job.record.final:
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(remaining):
+                    await job.changed.wait()
+
+    async def submit(
+        self, request: daemon_pb2.StartJobRequest, *, hold: bool = False
+    ) -> tuple[str, str]:
+        """Accept a job (idempotent per id): (state, reason) to answer StartJob with.
+        `hold`: the job in memory gets a hold (`Job.holds`) that the caller releases."""
         validate_request(request)
         job_id = request.job_id
         async with self._lock:
             known = self._known(job_id)
             if known is not None:
+                if not hold and known.extra.get(ANSWERED):
+                    self._report_answered(job_id, known)
+                job = self._jobs.get(job_id)
+                if hold and job is not None:
+                    job.holds += 1
                 return known.state, known.reason
             if not self.cfg.enabled:
                 return "FAILED", (
@@ -291,7 +383,9 @@ class JobEngine:
                 steps=steps,
             )
             await asyncio.to_thread(self.store.create, request, record)
-            self._add(request, record)
+            job = self._add(request, record)
+            if hold:
+                job.holds += 1  # before the first change pokes the reporter
             self._schedule()
             self._on_change(job_id)
             return record.state, record.reason
@@ -330,6 +424,18 @@ class JobEngine:
             self.store.save(record)
         if record.settled and job.task is None:
             del self._jobs[job_id]
+
+    def _report_answered(self, job_id: str, record: JobRecord) -> None:
+        """A manager that does not take ends in answers asks about a job whose end only an
+        answer carried (replicas of mixed versions): report it after all."""
+        record.extra.pop(ANSWERED, None)
+        record.acked_version = 0
+        self.store.save(record)
+        if job_id not in self._jobs:
+            loaded = self.store.load(job_id)
+            if loaded is not None:
+                self._add(loaded[0], record)
+        self._on_change(job_id)
 
     # --- internals ------------------------------------------------------
 
@@ -654,6 +760,40 @@ class JobEngine:
                 self.cfg.keep_days,
             )
         return removed
+
+
+def _ms(seconds: float) -> int:
+    return int(seconds * 1000)
+
+
+def _state(name: str) -> jobs_pb2.JobTargetState.ValueType:
+    return jobs_pb2.JobTargetState.Value(f"JOB_TARGET_STATE_{name}")
+
+
+def step_results(record: JobRecord) -> list[jobs_pb2.JobStepResult]:
+    """The record's steps as the manager is told them (reports and answers)."""
+    return [
+        jobs_pb2.JobStepResult(
+            index=i,
+            name=s.name,
+            state=_state(s.state),
+            exit_code=s.exit_code,
+            started_at=_ms(s.started_at),
+            ended_at=_ms(s.ended_at),
+            reason=s.reason,
+        )
+        for i, s in enumerate(record.steps)
+    ]
+
+
+def _read_whole(path: Path, limit: int) -> bytes | None:
+    """The whole file if it is at most `limit` bytes, else None."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except FileNotFoundError:
+        return b""
+    return data if len(data) <= limit else None
 
 
 def _find_launched(tag: str) -> AgentProcess | None:

@@ -37,7 +37,7 @@ from typing import Any, Protocol
 import grpc
 
 from daemon.jobs import decide
-from daemon.jobs.engine import Job, JobEngine
+from daemon.jobs.engine import Job, JobEngine, step_results
 from fleet.errors import FleetError
 from fleet.v1 import jobs_pb2, manager_pb2
 
@@ -66,34 +66,18 @@ class JobCalls(Protocol):
         """As the stub's."""
 
 
-def _ms(seconds: float) -> int:
-    return int(seconds * 1000)
-
-
 def status_request(node_id: str, job: Job, output_bytes: int) -> manager_pb2.ReportJobStatusRequest:
     """The job's record as a ReportJobStatusRequest."""
     r = job.record
-    target = jobs_pb2.JobTargetState.Value
     return manager_pb2.ReportJobStatusRequest(
         node_id=node_id,
         job_id=r.job_id,
-        state=target(f"JOB_TARGET_STATE_{r.state}"),
+        state=jobs_pb2.JobTargetState.Value(f"JOB_TARGET_STATE_{r.state}"),
         exit_code=r.exit_code,
-        started_at=_ms(r.started_at),
-        ended_at=_ms(r.ended_at),
+        started_at=int(r.started_at * 1000),
+        ended_at=int(r.ended_at * 1000),
         reason=r.reason,
-        steps=[
-            jobs_pb2.JobStepResult(
-                index=i,
-                name=s.name,
-                state=target(f"JOB_TARGET_STATE_{s.state}"),
-                exit_code=s.exit_code,
-                started_at=_ms(s.started_at),
-                ended_at=_ms(s.ended_at),
-                reason=s.reason,
-            )
-            for i, s in enumerate(r.steps)
-        ],
+        steps=step_results(r),
         output_bytes=output_bytes,
     )
 
@@ -122,6 +106,8 @@ class JobReporter:
         self._progress: dict[str, tuple[float, int]] = {}
         self.uploaded_bytes = 0
         """Bytes the manager acknowledged through this reporter (for tests and metrics)."""
+        self.reports = 0
+        """ReportJobStatus calls the manager answered (for tests and metrics)."""
 
     def poke(self, _job_id: str = "") -> None:
         """A job changed: look at the jobs again now."""
@@ -140,6 +126,8 @@ class JobReporter:
             busy = False
             pause = 0.0
             for job in self.engine.jobs():
+                if job.holds:
+                    continue  # a StartJob answer may carry its end (JobEngine.start_job)
                 try:
                     busy = await self._serve(job, stub, call) or busy
                 except FleetError as exc:
@@ -222,6 +210,7 @@ class JobReporter:
         reply: manager_pb2.ReportJobStatusResponse = await call(
             stub.ReportJobStatus, status_request(self.node_id, job, size)
         )
+        self.reports += 1
         self._progress[record.job_id] = (time.monotonic(), size)
         self.engine.acknowledge(record.job_id, version)
         if reply.cancel and not record.final:

@@ -168,8 +168,7 @@ class DaemonServicer(daemon_pb2_grpc.DaemonServiceServicer):
         self, request: daemon_pb2.StartJobRequest, context: _Context
     ) -> daemon_pb2.StartJobResponse:
         self._require_manager(context)
-        state, reason = await self._jobs.submit(request)
-        return daemon_pb2.StartJobResponse(state=target_state(state), reason=reason)
+        return await self._jobs.start_job(request)
 
     async def CancelJob(
         self, request: daemon_pb2.CancelJobRequest, context: _Context

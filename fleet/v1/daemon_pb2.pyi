@@ -306,6 +306,7 @@ class StartJobRequest(_message.Message):
     STEPS_FIELD_NUMBER: _builtins.int
     TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
     LOCK_FIELD_NUMBER: _builtins.int
+    ACCEPT_END_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     timeout_seconds: _builtins.float
     """Stop the job's process group after this long (per step timeouts apply
@@ -313,6 +314,12 @@ class StartJobRequest(_message.Message):
     """
     lock: _builtins.str
     """An exclusive lock on this node, by name (empty: none)."""
+    accept_end: _builtins.bool
+    """The manager stores a job's end carried by the answer (`end`): the daemon
+    may wait its [jobs] answer_wait_seconds for the job to end, and does not
+    report an end it answered. False (an older manager): the end is always
+    reported with ReportJobStatus.
+    """
     @_builtins.property
     def steps(self) -> _containers.RepeatedCompositeFieldContainer[_jobs_pb2.JobStep]: ...
     def __init__(
@@ -322,10 +329,11 @@ class StartJobRequest(_message.Message):
         steps: _abc.Iterable[_jobs_pb2.JobStep] | None = ...,
         timeout_seconds: _builtins.float = ...,
         lock: _builtins.str = ...,
+        accept_end: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["job_id", b"job_id", "lock", b"lock", "steps", b"steps", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["accept_end", b"accept_end", "job_id", b"job_id", "lock", b"lock", "steps", b"steps", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -337,22 +345,72 @@ class StartJobResponse(_message.Message):
 
     STATE_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    END_FIELD_NUMBER: _builtins.int
     state: _jobs_pb2.JobTargetState.ValueType
     """QUEUED or RUNNING for a new job; where it is for a known one."""
     reason: _builtins.str
+    @_builtins.property
+    def end(self) -> Global___JobEnd:
+        """Set when the job has ended and its whole output fits the answer: the
+        final report, which the daemon then does not send with ReportJobStatus.
+        Answered again, the same, to a StartJob retried for the same job_id.
+        """
+
     def __init__(
         self,
         *,
         state: _jobs_pb2.JobTargetState.ValueType = ...,
         reason: _builtins.str = ...,
+        end: Global___JobEnd | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["end", b"end"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "state", b"state"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["end", b"end", "reason", b"reason", "state", b"state"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StartJobResponse: _TypeAlias = StartJobResponse  # noqa: Y015
+
+@_typing.final
+class JobEnd(_message.Message):
+    """A job's end on the node, as ReportJobStatus would carry it, with its output."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    STATE_FIELD_NUMBER: _builtins.int
+    EXIT_CODE_FIELD_NUMBER: _builtins.int
+    STARTED_AT_FIELD_NUMBER: _builtins.int
+    ENDED_AT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    STEPS_FIELD_NUMBER: _builtins.int
+    OUTPUT_FIELD_NUMBER: _builtins.int
+    state: _jobs_pb2.JobTargetState.ValueType
+    exit_code: _builtins.int
+    started_at: _builtins.int
+    ended_at: _builtins.int
+    reason: _builtins.str
+    output: _builtins.bytes
+    """The job's whole output (stdout and stderr of every step)."""
+    @_builtins.property
+    def steps(self) -> _containers.RepeatedCompositeFieldContainer[_jobs_pb2.JobStepResult]: ...
+    def __init__(
+        self,
+        *,
+        state: _jobs_pb2.JobTargetState.ValueType = ...,
+        exit_code: _builtins.int = ...,
+        started_at: _builtins.int = ...,
+        ended_at: _builtins.int = ...,
+        reason: _builtins.str = ...,
+        steps: _abc.Iterable[_jobs_pb2.JobStepResult] | None = ...,
+        output: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ended_at", b"ended_at", "exit_code", b"exit_code", "output", b"output", "reason", b"reason", "started_at", b"started_at", "state", b"state", "steps", b"steps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___JobEnd: _TypeAlias = JobEnd  # noqa: Y015
 
 @_typing.final
 class CancelJobRequest(_message.Message):

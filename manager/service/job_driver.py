@@ -11,7 +11,9 @@ ended gets its final state and its `JOB_FINISHED` event.
 
 Every committed target change (a daemon's report, a StartJob answer) comes
 back through the `JobUpdates` listener and updates the memory in O(1); the
-pass that follows fills the freed window slots. Reports committed by another
+pass that follows fills the freed window slots. A StartJob answer carrying
+the job's end (`accept_end`) frees its slot at once: the target is ended in
+memory (`_Live.storing`) until its commit. Reports committed by another
 replica are read every `refresh_interval` seconds (PostgreSQL only).
 
 No target runs twice: StartJob is idempotent per job id on the daemon, so
@@ -38,6 +40,7 @@ from google.protobuf import json_format
 from fleet.errors import FleetError, Unavailable
 from fleet.v1 import daemon_pb2, jobs_pb2
 from manager.pool import DaemonPool
+from manager.service.job_reports import StepReport, report_change
 from manager.service.job_spec import check_spec
 from manager.service.job_updates import Change, JobUpdates
 from manager.service.jobs import (
@@ -87,6 +90,17 @@ class _Live:
     request: daemon_pb2.StartJobRequest
     targets: dict[str, Target]
     in_flight: set[str] = field(default_factory=set)
+    storing: set[str] = field(default_factory=set)
+    """Targets whose end an answer carried, ended in memory until its commit (the job
+    does not end before those commits)."""
+
+
+def _name(state: jobs_pb2.JobTargetState.ValueType) -> str:
+    """A JobTargetState as the name a report gives ("SUCCESS"; unknown numbers as such)."""
+    try:
+        return jobs_pb2.JobTargetState.Name(state).removeprefix("JOB_TARGET_STATE_")
+    except ValueError:
+        return str(state)
 
 
 def _node_state(state: jobs_pb2.JobTargetState.ValueType) -> TargetState:
@@ -108,6 +122,7 @@ class JobDriver:
         *,
         clock: Callable[[], float] = time.time,
         dispatch_concurrency: int = 256,
+        max_output_bytes: int = 1024 * 1024,
         call_timeout: float = 10.0,
         safety_interval: float = 10.0,
         refresh_interval: float = 1.0,
@@ -123,6 +138,7 @@ class JobDriver:
         self._clock = clock
         self._sem = asyncio.Semaphore(dispatch_concurrency)
         self._call_timeout = call_timeout
+        self._bound = max_output_bytes
         self._safety = safety_interval
         self._refresh = refresh_interval
         self._node_refresh = node_refresh
@@ -282,7 +298,10 @@ class JobDriver:
         live = self._jobs.get(record.id)
         if live is not None:
             live.record = record
-            live.targets = {n: _target(t) for n, t in targets.items()}
+            read = {n: _target(t) for n, t in targets.items()}
+            for node_id in live.storing & read.keys():
+                read[node_id] = live.targets[node_id]  # ended; its commit is on its way
+            live.targets = read
             return
         spec = check_spec(load_spec(record.spec))
         self._jobs[record.id] = _Live(
@@ -299,6 +318,7 @@ class JobDriver:
                 steps=spec.message.steps,
                 timeout_seconds=spec.timeout,
                 lock=spec.message.lock,
+                accept_end=True,  # a fast command's end comes with the answer
             ),
             targets={n: _target(t) for n, t in targets.items()},
         )
@@ -343,7 +363,7 @@ class JobDriver:
             self._facts,
             live.limits,
             now,
-            in_flight=live.in_flight,
+            in_flight=live.in_flight | live.storing,  # neither is sent again
             cancelled=bool(live.record.cancelled_ms),
         )
         if decided.changes:
@@ -363,10 +383,16 @@ class JobDriver:
         counts = collections.Counter(t.state for t in live.targets.values())
         cancelled = bool(live.record.cancelled_ms)
         state = job_state(counts, cancelled=cancelled)
-        ended = all(t.state in TERMINAL for t in live.targets.values()) and not live.in_flight
+        ended = (
+            all(t.state in TERMINAL for t in live.targets.values())
+            and not live.in_flight
+            and not live.storing
+        )
         reason = live.record.reason or decided.reason
         if ended:
             await self._finish(live, reason)
+        elif live.storing:
+            pass  # ends not committed yet: the job's state follows once they are
         elif state.value != live.record.state or reason != live.record.reason:
             await self._set_state(live, state, reason)
         return decided.wake_at
@@ -401,27 +427,79 @@ class JobDriver:
                 reason=f"the node refused the job: {exc.message}",
             )
         else:
-            change = Change(
-                job_id,
-                node_id,
-                "accepted",
-                state=_node_state(response.state),
-                reason=response.reason,
-            )
+            change = self._answered(job_id, node_id, response)
+        if change.kind == "ended":
+            # The node is done with it: its window slot is free now, not after the commit.
+            live.targets[node_id] = dataclasses.replace(target, state=change.state)
+            live.storing.add(node_id)
+            live.in_flight.discard(node_id)
+            self._wake.set()
         try:
             outcome = await self._updates.submit(change)
         except FleetError as exc:
             log.warning(
                 "job %s on %s: could not store the StartJob answer: %s", job_id, node_id, exc
             )
+            if node_id in live.storing:
+                live.targets[node_id] = target  # not stored: send it again (same end)
             return
         finally:
             live.in_flight.discard(node_id)
+            live.storing.discard(node_id)
             self._wake.set()
         stored = outcome.target
+        if change.kind == "ended" and stored is not None and stored.state in TERMINAL:
+            live.targets[node_id] = _target(stored)  # as stored (final: nothing comes after)
         if change.kind == "accepted" and stored is not None and stored.cancel_requested:
             # Cancelled while StartJob was on its way: the node must stop it.
             await self._cancel_on_node(job_id, node_id)
+
+    def _answered(self, job_id: str, node_id: str, response: daemon_pb2.StartJobResponse) -> Change:
+        """The StartJob answer as a change: the job's end when the answer carries it
+        (stored as its report would be, with its output), else where the job is."""
+        if not response.HasField("end"):
+            return Change(
+                job_id,
+                node_id,
+                "accepted",
+                state=_node_state(response.state),
+                reason=response.reason,
+            )
+        end = response.end
+        try:
+            return report_change(
+                node_id,
+                job_id,
+                state=_name(end.state),
+                exit_code=end.exit_code,
+                started_ms=end.started_at,
+                ended_ms=end.ended_at,
+                reason=end.reason,
+                steps=[
+                    StepReport(
+                        index=s.index,
+                        name=s.name,
+                        state=_name(s.state),
+                        exit_code=s.exit_code,
+                        started_ms=s.started_at,
+                        ended_ms=s.ended_at,
+                        reason=s.reason,
+                    )
+                    for s in end.steps
+                ],
+                output_bytes=len(end.output),
+                output=end.output,
+                bound=self._bound,
+            )
+        except FleetError as exc:
+            # The node will not report an end it answered: say what was wrong, and end it.
+            return Change(
+                job_id,
+                node_id,
+                "accepted",
+                state=TargetState.FAILED,
+                reason=f"the node's StartJob answer was invalid: {exc.message}",
+            )
 
     async def _cancel_on_node(self, job_id: str, node_id: str) -> None:
         try:

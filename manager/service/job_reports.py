@@ -17,9 +17,9 @@ from dataclasses import dataclass
 
 from fleet.errors import InvalidArgument, NotFound, PermissionDenied
 from manager.service.job_updates import Change, JobUpdates, Upload
-from manager.service.jobs import TargetState, job_id_problem
+from manager.service.jobs import TERMINAL, TargetState, job_id_problem
 
-__all__ = ["MAX_OUTPUT_CHUNK", "JobReports", "StepReport", "UploadResult"]
+__all__ = ["MAX_OUTPUT_CHUNK", "JobReports", "StepReport", "UploadResult", "report_change"]
 
 MAX_OUTPUT_CHUNK = 1024 * 1024
 """Largest output chunk a daemon may send in one UploadJobOutput."""
@@ -85,6 +85,68 @@ def _check_ids(job_id: str) -> None:
         raise InvalidArgument(problem, field="job_id")
 
 
+def report_change(
+    node_id: str,
+    job_id: str,
+    *,
+    state: str,
+    exit_code: int = 0,
+    started_ms: int = 0,
+    ended_ms: int = 0,
+    reason: str = "",
+    steps: Sequence[StepReport] = (),
+    output_bytes: int = 0,
+    output: bytes | None = None,
+    bound: int = 0,
+) -> Change:
+    """A node's word on its target as a checked `Change` (InvalidArgument naming the
+    field): a report, or with `output` an end carried by a StartJob answer."""
+    _check_ids(job_id)
+    new = _state(state, "state")
+    _times(started_ms, ended_ms, "started_at")
+    if output_bytes < 0:
+        raise InvalidArgument(f"must be >= 0, got {output_bytes}", field="output_bytes")
+    if len(steps) > _MAX_STEPS:
+        raise InvalidArgument(f"at most {_MAX_STEPS}, got {len(steps)}", field="steps")
+    if output is not None:
+        if new not in TERMINAL:
+            raise InvalidArgument(f"an end must be a final state, got {state}", field="state")
+        if len(output) > MAX_OUTPUT_CHUNK:
+            raise InvalidArgument(
+                f"at most {MAX_OUTPUT_CHUNK} bytes, got {len(output)}", field="output"
+            )
+    rows = []
+    for i, s in enumerate(steps):
+        rows.append(
+            {
+                "index": s.index,
+                "name": _reason(s.name, f"steps[{i}].name")[:63],
+                "state": _state(s.state, f"steps[{i}].state").value
+                if s.state != "PENDING"
+                else "PENDING",
+                "exit_code": s.exit_code,
+                "started_ms": s.started_ms,
+                "ended_ms": s.ended_ms,
+                "reason": _reason(s.reason, f"steps[{i}].reason"),
+            }
+        )
+        _times(s.started_ms, s.ended_ms, f"steps[{i}].started_at")
+    return Change(
+        job_id,
+        node_id,
+        "report" if output is None else "ended",
+        state=new,
+        reason=_reason(reason, "reason"),
+        exit_code=exit_code,
+        started_ms=started_ms,
+        ended_ms=ended_ms,
+        steps=json.dumps(rows, separators=(",", ":")) if rows else None,
+        output_bytes=output_bytes,
+        output=output,
+        bound=bound,
+    )
+
+
 class JobReports:
     """Daemons' job reports and output (see the module docstring)."""
 
@@ -106,40 +168,16 @@ class JobReports:
         output_bytes: int = 0,
     ) -> bool:
         """Store where the node's target of `job_id` is; True if it should stop it."""
-        _check_ids(job_id)
-        new = _state(state, "state")
-        _times(started_ms, ended_ms, "started_at")
-        if output_bytes < 0:
-            raise InvalidArgument(f"must be >= 0, got {output_bytes}", field="output_bytes")
-        if len(steps) > _MAX_STEPS:
-            raise InvalidArgument(f"at most {_MAX_STEPS}, got {len(steps)}", field="steps")
-        rows = []
-        for i, s in enumerate(steps):
-            rows.append(
-                {
-                    "index": s.index,
-                    "name": _reason(s.name, f"steps[{i}].name")[:63],
-                    "state": _state(s.state, f"steps[{i}].state").value
-                    if s.state != "PENDING"
-                    else "PENDING",
-                    "exit_code": s.exit_code,
-                    "started_ms": s.started_ms,
-                    "ended_ms": s.ended_ms,
-                    "reason": _reason(s.reason, f"steps[{i}].reason"),
-                }
-            )
-            _times(s.started_ms, s.ended_ms, f"steps[{i}].started_at")
         outcome = await self._updates.submit(
-            Change(
-                job_id,
+            report_change(
                 node_id,
-                "report",
-                state=new,
-                reason=_reason(reason, "reason"),
+                job_id,
+                state=state,
                 exit_code=exit_code,
                 started_ms=started_ms,
                 ended_ms=ended_ms,
-                steps=json.dumps(rows, separators=(",", ":")) if rows else None,
+                reason=reason,
+                steps=steps,
                 output_bytes=output_bytes,
             )
         )

@@ -57,7 +57,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-ChangeKind = Literal["report", "accepted", "unreachable", "decision"]
+ChangeKind = Literal["report", "ended", "accepted", "unreachable", "decision"]
 
 
 @dataclass(frozen=True)
@@ -69,7 +69,8 @@ class Change:
     node_id: str
     """The target's node."""
     kind: ChangeKind
-    """report: the daemon says where it is; accepted: StartJob answered; unreachable:
+    """report: the daemon says where it is; ended: StartJob answered with the job's end
+    (a report, with the whole output); accepted: StartJob answered; unreachable:
     StartJob could not reach the node; decision: the planner moved it."""
     state: TargetState = TargetState.PENDING
     """The new state (report, accepted, decision)."""
@@ -87,6 +88,11 @@ class Change:
     """report: output written so far."""
     next_attempt_ms: int = 0
     """unreachable: not before this."""
+    output: bytes | None = None
+    """ended: the job's whole output, stored from offset 0 in the same commit (before the
+    end, so a finished target has its output)."""
+    bound: int = 0
+    """ended: bytes of output the manager keeps at most."""
 
 
 @dataclass(frozen=True)
@@ -149,7 +155,9 @@ def merge(current: JobTargetRecord, change: Change, now_ms: int) -> JobTargetRec
     if change.kind == "decision":
         values.update(reason=change.reason, ended_ms=now_ms if new in TERMINAL else 0)
         return dataclasses.replace(current, **values)  # type: ignore[arg-type]
-    # A report.
+    # A report, or an end carried by a StartJob answer (which the node also answered).
+    if change.kind == "ended":
+        values.update(attempts=0, last_error="")
     values.update(
         exit_code=change.exit_code,
         started_ms=change.started_ms or current.started_ms,
@@ -311,6 +319,11 @@ class JobUpdates:
                 if job is None or target is None:
                     results.append(Outcome(job, None))
                     continue
+                if c.output is not None:
+                    # Offset 0 and idempotent: an end answered twice stores it once.
+                    up = Upload(c.job_id, c.node_id, 0, c.output, c.bound)
+                    _upload(up, job, target, changed, output, now_ms)
+                    target = changed.get(key) or target
                 after = merge(target, c, now_ms)
                 if after is None:
                     results.append(Outcome(job, target))
@@ -323,7 +336,7 @@ class JobUpdates:
                         "JOB_TARGET_FINISHED",
                         now_ms=now_ms,
                         node_id=c.node_id,
-                        actor=f"node/{c.node_id}" if c.kind == "report" else "manager",
+                        actor=f"node/{c.node_id}" if c.kind in ("report", "ended") else "manager",
                         message=finished_message(c.job_id, after),
                         attributes={"job_id": c.job_id, "state": after.state},
                     )

@@ -12,6 +12,9 @@ operator reads back through FleetService decides:
 - the manager killed with SIGKILL while a job's output is being uploaded
   and started again on the same database: the stored output is byte for
   byte what the job wrote (no chunk lost, none stored twice);
+- the manager killed with SIGKILL while its StartJob waits for a fast job's
+  end (the end on the answer): the end and output are stored once after
+  the restart, and the command ran once;
 - two replicas on PostgreSQL, the one driving jobs killed while
   the job runs on three nodes one at a time: the other finishes the job,
   and every target ran exactly once (each run appends a line to a file the
@@ -250,6 +253,57 @@ async def test_manager_killed_during_an_upload_loses_and_duplicates_no_chunk(
             f"\nmanager kill -9 during an upload: {at_kill} of {len(expected)} bytes stored "
             f"at the kill, down {down:.1f}s; all {len(expected)} stored once, in order"
         )
+    finally:
+        daemon.stop()
+        kill_marked(marker)
+        manager.stop()
+
+
+async def test_manager_killed_while_an_answer_carrying_the_end_waits(
+    pki: Any, tmp_path: Path
+) -> None:
+    """kill -9 of the manager while its StartJob waits for a job's end (the daemon's
+    answer_wait_seconds = 3, the command takes 1 s), started again on the same database.
+    The answer never left (its call died with the manager), so the end reaches the new
+    manager by its StartJob asked again or by the daemon's report, whichever comes
+    first: stored once (one job-target-finished), the output once, the command run once."""
+    marker = f"job-answer-{time.time_ns()}"
+    runs = tmp_path / "runs"
+    manager = ManagerProc(
+        tmp_path / "m", pki.issue("manager", "m1", ips=("127.0.0.1",)), liveness=LIVENESS
+    )
+    root = tmp_path / "d"
+    root.mkdir(parents=True)
+    body = _daemon_body([manager.address], {"f": "a"}).replace(
+        "[jobs]\n", "[jobs]\nanswer_wait_seconds = 3.0\n"
+    )
+    daemon = DaemonProc(root, pki.issue("node", "n1"), body=body)
+    operator = pki.issue("operator", "alice")
+    manager.start()
+    try:
+        await manager.wait_serving()
+        await daemon.wait_ready(daemon.start())
+        async with _operator(operator, manager, pki.trust_domain) as stub:
+            await eventually(lambda: _online(stub), lambda up: up == {"n1"}, within=30)
+            script = f"echo ran >> {runs}; sleep 1; echo hi"
+            job_id = await _run(stub, ["/bin/sh", "-c", script, marker], node_ids=["n1"])
+
+            async def running() -> bool:
+                return bool(marked(marker))
+
+            await eventually(running, bool, within=10, every=0.02)
+        manager.kill9()  # the StartJob is still waiting for the end
+        await asyncio.sleep(1.5)
+        manager.start()
+        await manager.wait_serving()
+        async with _operator(operator, manager, pki.trust_domain) as stub:
+            job = await _ended(stub, job_id)
+            (t,) = job.targets
+            assert t.state == SUCCESS, t
+            assert await _output(stub, job_id, "n1") == b"hi\n"
+            assert len(await _finished_events(stub, job_id)) == 1
+        assert runs.read_text() == "ran\n", "the command ran once"
+        assert not manager.crashed()
     finally:
         daemon.stop()
         kill_marked(marker)

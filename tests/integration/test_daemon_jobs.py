@@ -19,7 +19,7 @@ from daemon_helpers import client_channel, daemon_config, eventually, short_tmp
 from grpc import aio
 
 from daemon.config import DaemonConfig, JobsConfig
-from daemon.jobs.engine import Job, JobEngine
+from daemon.jobs.engine import ANSWERED, Job, JobEngine
 from daemon.jobs.reporter import status_request
 from daemon.jobs.store import JobRecord, StepRecord
 from daemon.server import DaemonServer
@@ -320,6 +320,67 @@ async def test_start_job_is_idempotent(node: Node) -> None:
     await node.final("once")
     assert (await node.start(req)).state == T.JOB_TARGET_STATE_SUCCESS
     assert node.output("once") == b"ran\n"
+
+
+async def test_an_ended_job_is_answered_with_its_end_again_and_not_reported(
+    make_node: MakeNode,
+) -> None:
+    """accept_end: a fast job's answer carries its end and output, and the job counts as
+    acknowledged; a retried StartJob (the first answer lost) gets the same end. (A wait
+    of 5 s: on a loaded host the step may take longer than the default 0.2 s.)"""
+    node = await make_node(JobsConfig(grace_seconds=1.0, answer_wait_seconds=5.0))
+    req = start_req("quick", sh("echo hi; echo err >&2; exit 2"))
+    req.accept_end = True
+    first = await node.start(req)
+    assert first.state == T.JOB_TARGET_STATE_FAILED
+    assert first.HasField("end")
+    assert (first.end.state, first.end.exit_code, first.end.output) == (
+        T.JOB_TARGET_STATE_FAILED,
+        2,
+        b"hi\nerr\n",
+    )
+    assert [s.exit_code for s in first.end.steps] == [2]
+    assert first.end.ended_at >= first.end.started_at > 0
+    record = node.server.jobs.record("quick")
+    assert record.settled
+    assert record.extra[ANSWERED] == record.version
+    assert not node.server.jobs.jobs(), "settled: nothing left for the reporter"
+    again = await node.start(req)
+    assert again == first
+    # Without accept_end (the manager without this behaviour): a plain answer, and
+    # the end only answered so far is reported after all.
+    req.accept_end = False
+    plain = await node.start(req)
+    assert plain.state == T.JOB_TARGET_STATE_FAILED
+    assert not plain.HasField("end")
+    (job,) = node.server.jobs.jobs()
+    assert not job.record.settled
+    assert ANSWERED not in job.record.extra
+    assert status_request("n1", job, 7).state == T.JOB_TARGET_STATE_FAILED
+
+
+async def test_a_job_longer_than_the_wait_is_answered_running_without_an_end(
+    make_node: MakeNode,
+) -> None:
+    """accept_end and a command longer than answer_wait_seconds: RUNNING after about the
+    wait. A fast one with more output than an answer carries: its state, no end (its
+    output is uploaded and its end reported)."""
+    node = await make_node(JobsConfig(grace_seconds=1.0, answer_wait_seconds=0.3))
+    req = start_req("slow", sh("sleep 1; echo done"))
+    req.accept_end = True
+    t0 = time.monotonic()
+    reply = await node.start(req)
+    assert 0.25 <= time.monotonic() - t0 < 0.9
+    assert reply.state == T.JOB_TARGET_STATE_RUNNING
+    assert not reply.HasField("end")
+    (job,) = node.server.jobs.jobs()
+    assert not job.holds, "the reporter may report it now"
+    big = start_req("big", sh("head -c 70000 /dev/zero"))
+    big.accept_end = True
+    reply = await node.start(big)
+    assert reply.state == T.JOB_TARGET_STATE_SUCCESS
+    assert not reply.HasField("end"), "over 64 KiB: uploaded, then reported"
+    assert not node.server.jobs.record("big").settled
 
 
 async def test_bad_requests_are_refused_naming_the_field(node: Node) -> None:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
+from fleet.errors import InvalidArgument
+from manager.service.job_reports import MAX_OUTPUT_CHUNK, report_change
 from manager.service.job_updates import Change, merge
 from manager.service.jobs import (
     LOST_GRACE,
@@ -232,3 +236,39 @@ def test_start_job_answers_do_not_undo_reports_and_wait_for_details() -> None:
     miss = merge(record("PENDING"), Change("j", "n", "unreachable", reason="down"), 1)
     assert miss is not None
     assert (miss.state, miss.attempts, miss.last_error) == ("PENDING", 1, "down")
+
+
+def test_an_end_on_the_answer_is_stored_as_a_report_once() -> None:
+    """StartJob answered with the end: PENDING (or RUNNING) goes straight to the end with
+    its details, the delivery counters reset; the same end answered again is stale."""
+    pending = record("PENDING", attempts=2, last_error="down", updated_ms=1)
+    end = Change(
+        "j", "n", "ended", state=T.SUCCESS, exit_code=0, started_ms=5, ended_ms=7, output=b"hi\n"
+    )
+    after = merge(pending, end, 9)
+    assert after is not None
+    assert (after.state, after.started_ms, after.ended_ms, after.dispatched_ms) == (
+        "SUCCESS",
+        5,
+        7,
+        9,
+    )
+    assert (after.attempts, after.last_error) == (0, "")
+    assert merge(after, end, 10) is None
+    # A report of the same end that raced ahead of the answer leaves nothing to do.
+    reported = merge(record("RUNNING"), dataclasses.replace(end, kind="report", output=None), 3)
+    assert reported is not None
+    assert merge(reported, end, 4) is None
+
+
+def test_report_change_checks_an_answered_end() -> None:
+    """An end must be final and its output at most a chunk; checked values are kept."""
+    change = report_change("n", "20261206-053000-000-a1b2c3", state="SUCCESS", output=b"x")
+    assert (change.kind, change.state, change.output) == ("ended", T.SUCCESS, b"x")
+    assert report_change("n", "20261206-053000-000-a1b2c3", state="RUNNING").kind == "report"
+    with pytest.raises(InvalidArgument, match="final state"):
+        report_change("n", "20261206-053000-000-a1b2c3", state="RUNNING", output=b"")
+    with pytest.raises(InvalidArgument, match="bytes"):
+        report_change(
+            "n", "20261206-053000-000-a1b2c3", state="FAILED", output=b"x" * (MAX_OUTPUT_CHUNK + 1)
+        )
