@@ -130,7 +130,26 @@ class _RolloutMemo:
     """Its row as stored (compared under the row lock before a step is persisted)."""
     rollout: ro.Rollout
     progress: dict[str, ro.NodeProgress]
+    inputs: dict[str, _Inputs]
+    """What each node's observation is made of (kept so a step's assignments and a push's
+    answer update it without reading it again)."""
     observed: dict[str, ro.Observation]
+
+    def assign(self, node_ids: Iterable[str], revision: int, now_ms: int) -> None:
+        """The step moved these nodes to `revision`."""
+        for n in node_ids:
+            if n in self.inputs:
+                node, _, agent, errors = self.inputs[n]
+                a = AssignmentRecord(n, self.record.name, revision, now_ms)
+                self.inputs[n] = (node, a, agent, errors)
+                self.observed[n] = observe(*self.inputs[n])
+
+    def answered(self, node_id: str, errors: tuple[UpdateErrorRecord, ...]) -> None:
+        """The node's daemon answered a push with these refusals."""
+        if node_id in self.inputs:
+            node, a, agent, _ = self.inputs[node_id]
+            self.inputs[node_id] = (node, a, agent, errors)
+            self.observed[node_id] = observe(*self.inputs[node_id])
 
 
 @dataclass
@@ -147,8 +166,13 @@ class _Memo:
     """Nodes whose set is not delivered (for the gauge)."""
     backoff_at: float | None
     """The earliest retry of a backed-off push (a full pass does it)."""
-    stale: set[str] = field(default_factory=set)
-    """Nodes to re-observe in the next incremental pass (assigned or pushed since)."""
+
+    def answered(self, answers: Mapping[str, tuple[UpdateErrorRecord, ...]]) -> None:
+        """Push answers (node -> refusals) into every rollout's view of those nodes."""
+        for node_id, errors in answers.items():
+            self.undelivered.discard(node_id)
+            for m in self.rollouts.values():
+                m.answered(node_id, errors)
 
 
 class Convergence:
@@ -310,22 +334,21 @@ class Convergence:
             nodes = {n.node_id: n for n in await self._nodes.list()}
             scopes, live = await self._rescope(nodes, result)
             memos: dict[int, _RolloutMemo] = {}
-            stale: set[str] = set()  # nodes whose assignment a step moved
-            await self._step_rollouts(nodes, scopes, live, result, memos, stale)
+            await self._step_rollouts(nodes, scopes, live, result, memos)
             now_ms = int(self._clock() * 1000)
             refreshed = await self._repo.run(
                 lambda tx: self._refresh_in(tx, nodes, result, now_ms, None)
             )
             undelivered, sets = refreshed
-            await self._push(sets, nodes, result)
+            answers = await self._push(sets, nodes, result)
             later = [row_at for n, row_at in undelivered.items() if row_at > now_ms and n in nodes]
             self._memo = _Memo(
                 nodes=nodes,
                 rollouts=memos,
                 undelivered=set(undelivered) - set(result.pushed),
                 backoff_at=min(later) / 1000 if later else None,
-                stale=stale | set(result.pushed),
             )
+            self._memo.answered(answers)
             if result.push_failed:
                 self._memo = None  # the retry is a full pass's (backoff per node)
             self._on_pass(result)
@@ -342,8 +365,7 @@ class Convergence:
             if memo is None:
                 return None
             touched, self._touched = self._touched, set()
-            ids = touched | memo.stale
-            memo.stale = set()
+            ids = touched
             if not ids <= memo.nodes.keys():
                 self._memo = None
                 return None
@@ -383,7 +405,8 @@ class Convergence:
                 agent = {st.node_id: st for st in states.get(m.record.name, [])}
                 for n in ids & m.observed.keys():
                     errors = rows[n].update_errors if n in rows else ()
-                    m.observed[n] = observe(memo.nodes[n], by_node.get(n), agent.get(n), errors)
+                    m.inputs[n] = (memo.nodes[n], by_node.get(n), agent.get(n), errors)
+                    m.observed[n] = observe(*m.inputs[n])
                 step = ro.step(m.rollout, m.progress, m.observed, now)
                 if step.rollout.state not in ro.TERMINAL:
                     state = step.rollout.state.value
@@ -417,7 +440,7 @@ class Convergence:
                     continue
                 m.record, m.rollout = stored, step.rollout
                 m.progress.update(step.nodes)
-                memo.stale.update(step.assign)
+                m.assign(step.assign, step.rollout.target, now_ms)
             # A touched node whose answer to a push was lost but that reports the version:
             # delivered (as a full pass would record it).
             lost = [n for n in ids if n in rows and rows[n].delivered_version < rows[n].version]
@@ -427,9 +450,7 @@ class Convergence:
                     lambda tx: self._refresh_in(tx, memo.nodes, result, now_ms, lost)
                 )
                 memo.undelivered.difference_update(lost)
-            await self._push(pushes, memo.nodes, result)
-            memo.undelivered.difference_update(result.pushed)
-            memo.stale.update(result.pushed)
+            memo.answered(await self._push(pushes, memo.nodes, result))
             if result.push_failed:
                 self._memo = None  # the retry with backoff is a full pass's
             result.undelivered = len(memo.undelivered)
@@ -509,12 +530,11 @@ class Convergence:
         live: Sequence[int],
         result: PassResult,
         memos: dict[int, _RolloutMemo] | None = None,
-        stale: set[str] | None = None,
     ) -> None:
         """Step the `live` rollouts (ids) over the `scopes` computed with them; each one
-        still live afterwards into `memos`, the nodes it moved into `stale`."""
+        still live afterwards into `memos`."""
         for rollout_id in sorted(live):
-            wake = await self._step_one(rollout_id, nodes, scopes, result, memos, stale)
+            wake = await self._step_one(rollout_id, nodes, scopes, result, memos)
             if wake is not None:
                 result.wake_at = _earliest(result.wake_at, wake)
 
@@ -525,7 +545,6 @@ class Convergence:
         scopes: Mapping[str, Sequence[str]],
         result: PassResult,
         memos: dict[int, _RolloutMemo] | None = None,
-        stale: set[str] | None = None,
     ) -> float | None:
         """Judge one rollout over the definition's scope and persist its step atomically."""
         now = self._clock()
@@ -540,12 +559,15 @@ class Convergence:
             scope = scopes.get(record.name, ())
             rollout = ro.from_dict(json.loads(record.record))
             progress = {n: progress_of(r) for n, r in (await tx.rollout_nodes(rollout_id)).items()}
-            observed = await observations(tx, record.name, scope, nodes)
+            inputs = await _observation_inputs(tx, record.name, scope, nodes)
+            observed = {n: observe(*i) for n, i in inputs.items()}
             step = ro.step(rollout, progress, observed, now)
             if step.rollout == rollout and not step.nodes and not step.assign:
-                return step.wake_at, _RolloutMemo(record, rollout, progress, observed), step, False
+                memo = _RolloutMemo(record, rollout, progress, inputs, observed)
+                return step.wake_at, memo, step, False
             stored = await persist_step(tx, record, step, now_ms)
-            memo = _RolloutMemo(stored, step.rollout, {**progress, **step.nodes}, observed)
+            memo = _RolloutMemo(stored, step.rollout, {**progress, **step.nodes}, inputs, observed)
+            memo.assign(step.assign, step.rollout.target, now_ms)
             return step.wake_at, memo, step, True
 
         wake, memo, step, persisted = await self._repo.run(body)
@@ -559,8 +581,6 @@ class Convergence:
         if persisted:
             result.stepped.append(memo.record.name)
             result.failed_rollouts += sum(n.kind == "rollout-failed" for n in step.notes)
-        if stale is not None:
-            stale.update(step.assign)
         return wake
 
     async def _refresh_in(
@@ -630,11 +650,13 @@ class Convergence:
         sets: Mapping[str, tuple[int, list[common_pb2.AgentSpec], int]],
         nodes: Mapping[str, NodeRecord],
         result: PassResult,
-    ) -> None:
-        """Push each online node its set; record the answers in one transaction."""
+    ) -> dict[str, tuple[UpdateErrorRecord, ...]]:
+        """Push each online node its set; record the answers in one transaction. The
+        refusals each node answered that were recorded."""
         targets = sorted(n for n in sets if n in nodes and nodes[n].status == "online")
+        answers: dict[str, tuple[UpdateErrorRecord, ...]] = {}
         if not targets:
-            return
+            return answers
         outcomes = await asyncio.gather(
             *(self._push_one(nodes[n], sets[n][0], sets[n][1]) for n in targets)
         )
@@ -683,9 +705,11 @@ class Convergence:
                         # pass, now, not at the safety interval.
                         result.wake_at = self._clock()
                     result.pushed.append(node_id)
+                    answers[node_id] = refused
             await tx.put_node_desired(updated)
 
         await self._repo.run(body)
+        return answers
 
     async def _push_one(
         self, node: NodeRecord, version: int, specs: list[common_pb2.AgentSpec]
@@ -708,6 +732,12 @@ class Convergence:
         return version, refused, ""
 
 
+_Inputs = tuple[
+    NodeRecord, AssignmentRecord | None, AgentStateRecord | None, tuple[UpdateErrorRecord, ...]
+]
+"""`desired.observe`'s arguments for one node."""
+
+
 async def observations(
     tx: DesiredTx,
     name: str,
@@ -716,12 +746,22 @@ async def observations(
 ) -> dict[str, ro.Observation]:
     """What a rollout of `name` sees of each node of its scope (and of each node still
     assigned to it)."""
+    inputs = await _observation_inputs(tx, name, scope, nodes)
+    return {n: observe(*i) for n, i in inputs.items()}
+
+
+async def _observation_inputs(
+    tx: DesiredTx,
+    name: str,
+    scope: Sequence[str],
+    nodes: Mapping[str, NodeRecord],
+) -> dict[str, _Inputs]:
     assigned = {a.node_id: a for a in await tx.assignments(names=[name])}
     wanted = sorted((set(scope) | set(assigned)) & set(nodes))
     desired = await tx.node_desired(wanted)
     states = {s.node_id: s for s in await tx.agent_states(node_ids=wanted, agent_id=name)}
     return {
-        n: observe(
+        n: (
             nodes[n],
             assigned.get(n),
             states.get(n),
