@@ -17,12 +17,19 @@ one manager) runs passes, each:
    the pool (bounded concurrency, backoff per node on failure; offline
    nodes wait until they are back).
 
-A pass runs when something changes (`poke`: a definition, a registration, a
-label change, an agent sync, an operator's rollout action; coalesced), at
-the earliest time a rollout decision can change (`Step.wake_at`), and every
-`safety_interval` seconds anyway (other replicas' writes). With replicas,
-also every `rollout_poll` seconds while a rollout moves nodes: their daemons
-may report to a replica that cannot poke this one.
+A full pass runs when something changes (`poke`: a definition, a
+registration, a label change, an operator's rollout action; coalesced),
+every `safety_interval` seconds anyway (other replicas' writes) and, with
+replicas, every `rollout_poll` seconds while a rollout moves nodes: their
+daemons may report to a replica that cannot poke this one. It leaves a memo
+(`_Memo`: the nodes, each live rollout's stored row, node records and
+observations). Agent reports (`touched`: the nodes whose report changed
+something) and the earliest time a rollout decision can change
+(`Step.wake_at`) run an incremental pass instead: it re-reads only the
+touched nodes, re-judges on the memo and persists a step with the node sets
+it changes in one transaction, after checking under the rollout's row lock
+that the row is the one this driver stored (otherwise: no step, a full pass
+next). A batch costs O(batch), not O(fleet).
 
 Exactly one driver: the leader checks the lock before every pass and every
 `lock_check` seconds while idle, and a new leader waits `lock_check` before
