@@ -282,6 +282,10 @@ class Convergence:
                 await asyncio.wait_for(self._stop.wait(), self._lock_check)
             if self._stop.is_set() or not await self._db.advisory_lock_held(DESIRED_LOCK):
                 return
+        # What a previous term here remembered may be stale (another replica drove since,
+        # or a pass failed half-way): the first pass of a term is a full one.
+        self._memo = None
+        self._full = True
         self.leading = True
         self._on_leader(True)
         log.info("this manager converges desired state")
