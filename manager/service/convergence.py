@@ -284,8 +284,7 @@ class Convergence:
                 return
         # What a previous term here remembered may be stale (another replica drove since,
         # or a pass failed half-way): the first pass of a term is a full one.
-        self._memo = None
-        self._full = True
+        self._forget()
         self.leading = True
         self._on_leader(True)
         log.info("this manager converges desired state")
@@ -318,6 +317,10 @@ class Convergence:
                 return
             if self._full:  # let a burst of pokes settle into one full pass
                 await asyncio.sleep(self._debounce)
+
+    def _forget(self) -> None:
+        """Drop the memo: the next pass is a full one."""
+        self._memo = None
 
     async def _idle(self, delay: float) -> bool:
         """Wait up to `delay` s for a poke, checking every `lock_check` s that the lock is
