@@ -134,12 +134,11 @@ async def serve_manager() -> None:
     tls = TLSConfig(Path(spec["ca"]), Path(spec["cert"]), Path(spec["key"]))
     manager = ManagerServer(manager_config(Path(spec["root"]), tls, spec["n"], spec["port"]))
     passes: list[dict[str, Any]] = []
-    run_once = Convergence.run_once
+    run_once, run_incremental = Convergence.run_once, Convergence.run_incremental
 
-    async def timed_pass(self: Convergence) -> PassResult:
-        # A bench hook: when each convergence pass ran and what it did.
-        start = time.time()
-        result = await run_once(self)
+    def note(start: float, result: PassResult | None) -> None:
+        if result is None:  # an incremental pass that found a full one needed
+            return
         passes.append(
             {
                 "start": start,
@@ -147,11 +146,25 @@ async def serve_manager() -> None:
                 "stepped": len(result.stepped),
                 "pushed": len(result.pushed),
                 "undelivered": result.undelivered,
+                "incremental": result.incremental,
             }
         )
+
+    async def timed_pass(self: Convergence) -> PassResult:
+        # A bench hook: when each convergence pass ran and what it did.
+        start = time.time()
+        result = await run_once(self)
+        note(start, result)
+        return result
+
+    async def timed_incremental(self: Convergence) -> PassResult | None:
+        start = time.time()
+        result = await run_incremental(self)
+        note(start, result)
         return result
 
     Convergence.run_once = timed_pass  # type: ignore[method-assign]
+    Convergence.run_incremental = timed_incremental  # type: ignore[method-assign]
     await manager.start()
     gc.collect()
     gc.freeze()  # as fleet-manager does once started (manager/cli.py)
@@ -381,7 +394,8 @@ async def run(n: int, batch: int, rounds: int, profile: str = "", verbose: bool 
                     if verbose:
                         for p in mine:
                             print(
-                                f"  pass at {p['start'] - t0:6.3f}s: {p['end'] - p['start']:.3f}s"
+                                f"  {'incremental' if p['incremental'] else 'full'} pass at"
+                                f" {p['start'] - t0:6.3f}s: {p['end'] - p['start']:.3f}s"
                                 f" stepped {p['stepped']} pushed {p['pushed']}"
                             )
                     rows.append((took, ref, cpu, rollout.done, len(mine), busy))

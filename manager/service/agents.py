@@ -14,15 +14,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 
-from fleet.errors import FleetError, NotFound
+from fleet.errors import FleetError, NotFound, Resource
 from manager.service.registry import NodeRegistry
 from manager.service.reports import DaemonReports
 from manager.service.validation import validate_agent_states
 from manager.storage import AgentStateRecord
-from manager.storage.agents import check_snapshot, replace_in
+from manager.storage.agents import check_snapshot, replace_many
 from manager.storage.desired import DesiredStateRepository, DesiredTx
 from manager.storage.records import UpdateErrorRecord
 
@@ -51,7 +51,7 @@ class AgentStates:
         desired: DesiredStateRepository,
         *,
         clock: Callable[[], float],
-        on_change: Callable[[], None] = lambda: None,
+        on_change: Callable[[Collection[str]], None] = lambda node_ids: None,
         max_group: int = 200,
     ) -> None:
         self._registry = registry
@@ -128,35 +128,65 @@ class AgentStates:
         # Node order: concurrent transactions lock node rows in one order (PostgreSQL).
         order = sorted(range(len(group)), key=lambda i: group[i].node_id)
 
-        async def body(tx: DesiredTx) -> tuple[list[int | BaseException], bool]:
+        async def body(tx: DesiredTx) -> tuple[list[int | BaseException], list[str]]:
             results: list[int | BaseException] = [0] * len(group)
-            poke = False
-            for i in order:
-                s = group[i]
-                try:
-                    changed = await replace_in(
-                        tx.conn, s.node_id, s.states, now_ms=now_ms, actor=f"node/{s.node_id}"
-                    )
-                except NotFound as exc:  # raised before anything of it was written
-                    results[i] = exc
-                    continue
-                results[i] = changed
-                poke = poke or changed > 0
-                reported = await DaemonReports.apply(
+            touched: set[str] = set()
+            for part in _rounds(order, group):
+                counts = await replace_many(
+                    tx.conn,
+                    [(group[i].node_id, group[i].states) for i in part],
+                    now_ms=now_ms,
+                    events_out=tx.queued_events,
+                )
+                known = []
+                for i, changed in zip(part, counts, strict=True):
+                    if changed is None:  # nothing of it was written
+                        node_id = group[i].node_id
+                        results[i] = NotFound(
+                            f"node {node_id!r} is not registered",
+                            resource=Resource("node", node_id),
+                        )
+                        continue
+                    results[i] = changed
+                    known.append(i)
+                    if changed > 0:
+                        touched.add(group[i].node_id)
+                reported = await DaemonReports.apply_many(
                     tx,
-                    s.node_id,
-                    spec_version=s.spec_version,
-                    update_errors=s.update_errors,
+                    [
+                        (group[i].node_id, group[i].spec_version, group[i].update_errors)
+                        for i in known
+                    ],
                     now_ms=now_ms,
                 )
-                poke = poke or reported
-            return results, poke
+                touched |= reported
+            return results, sorted(touched)
 
-        results, poke = await self._desired.run(body)
+        results, touched = await self._desired.run(body)
         self.commits += 1
-        if poke:
-            self._on_change()  # rollouts judge agents by their states
+        if touched:
+            self._on_change(touched)  # rollouts judge agents by their states
         return results
+
+
+def _rounds(order: Sequence[int], group: Sequence[_Sync]) -> list[list[int]]:
+    """`order` cut into runs where each node appears once (a node that reported twice in
+    one group: its later report is written after the earlier one, as it came)."""
+    out: list[list[int]] = []
+    seen: list[set[str]] = []
+    for i in order:
+        node_id = group[i].node_id
+        k = 0  # the first run after the one holding this node's previous report
+        for j in range(len(out) - 1, -1, -1):
+            if node_id in seen[j]:
+                k = j + 1
+                break
+        if k == len(out):
+            out.append([])
+            seen.append(set())
+        out[k].append(i)
+        seen[k].add(node_id)
+    return out
 
 
 def _answer(group: list[_Sync], results: Sequence[int | BaseException]) -> None:

@@ -17,12 +17,19 @@ one manager) runs passes, each:
    the pool (bounded concurrency, backoff per node on failure; offline
    nodes wait until they are back).
 
-A pass runs when something changes (`poke`: a definition, a registration, a
-label change, an agent sync, an operator's rollout action; coalesced), at
-the earliest time a rollout decision can change (`Step.wake_at`), and every
-`safety_interval` seconds anyway (other replicas' writes). With replicas,
-also every `rollout_poll` seconds while a rollout moves nodes: their daemons
-may report to a replica that cannot poke this one.
+A full pass runs when something changes (`poke`: a definition, a
+registration, a label change, an operator's rollout action; coalesced),
+every `safety_interval` seconds anyway (other replicas' writes) and, with
+replicas, every `rollout_poll` seconds while a rollout moves nodes: their
+daemons may report to a replica that cannot poke this one. It leaves a memo
+(`_Memo`: the nodes, each live rollout's stored row, node records and
+observations). Agent reports (`touched`: the nodes whose report changed
+something) and the earliest time a rollout decision can change
+(`Step.wake_at`) run an incremental pass instead: it re-reads only the
+touched nodes, re-judges on the memo and persists a step with the node sets
+it changes in one transaction, after checking under the rollout's row lock
+that the row is the one this driver stored (otherwise: no step, a full pass
+next). A batch costs O(batch), not O(fleet).
 
 Exactly one driver: the leader checks the lock before every pass and every
 `lock_check` seconds while idle, and a new leader waits `lock_check` before
@@ -40,7 +47,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from fleet.errors import FailedPrecondition, FleetError
@@ -67,6 +74,7 @@ from manager.service.reports import update_errors_event
 from manager.storage import Database, NodeRecord, NodeRepository
 from manager.storage.desired import DesiredStateRepository, DesiredTx
 from manager.storage.records import (
+    AgentStateRecord,
     AssignmentRecord,
     NodeDesiredRecord,
     RevisionRecord,
@@ -117,6 +125,61 @@ class PassResult:
     """Rollouts that failed in this pass."""
     undelivered: int = 0
     """Nodes whose managed set is not delivered after the pass."""
+    incremental: bool = False
+    """An incremental pass (only the nodes touched since the last one re-read)."""
+
+
+@dataclass
+class _RolloutMemo:
+    """A live rollout as the driver last stored it: what `rollout.step` needs."""
+
+    record: RolloutRecord
+    """Its row as stored (compared under the row lock before a step is persisted)."""
+    rollout: ro.Rollout
+    progress: dict[str, ro.NodeProgress]
+    inputs: dict[str, _Inputs]
+    """What each node's observation is made of (kept so a step's assignments and a push's
+    answer update it without reading it again)."""
+    observed: dict[str, ro.Observation]
+
+    def assign(self, node_ids: Iterable[str], revision: int, now_ms: int) -> None:
+        """The step moved these nodes to `revision`."""
+        for n in node_ids:
+            if n in self.inputs:
+                node, _, agent, errors = self.inputs[n]
+                a = AssignmentRecord(n, self.record.name, revision, now_ms)
+                self.inputs[n] = (node, a, agent, errors)
+                self.observed[n] = observe(*self.inputs[n])
+
+    def answered(self, node_id: str, errors: tuple[UpdateErrorRecord, ...]) -> None:
+        """The node's daemon answered a push with these refusals."""
+        if node_id in self.inputs:
+            node, a, agent, _ = self.inputs[node_id]
+            self.inputs[node_id] = (node, a, agent, errors)
+            self.observed[node_id] = observe(*self.inputs[node_id])
+
+
+@dataclass
+class _Memo:
+    """What the last full pass saw, kept current by the incremental passes after it.
+
+    Only the driving replica keeps it, only between full passes; the database stays the
+    source of truth (a full pass rebuilds it, a new driver starts with a full pass).
+    """
+
+    nodes: dict[str, NodeRecord]
+    rollouts: dict[int, _RolloutMemo]
+    undelivered: set[str]
+    """Nodes whose set is not delivered (for the gauge)."""
+    backoff_at: float | None
+    """The earliest retry of a backed-off push (a full pass does it)."""
+
+    def answered(self, answers: Mapping[str, tuple[UpdateErrorRecord, ...]]) -> None:
+        """Push answers (node -> refusals) into every rollout's view of those nodes."""
+        for node_id, errors in answers.items():
+            self.undelivered.discard(node_id)
+            for m in self.rollouts.values():
+                m.answered(node_id, errors)
 
 
 class Convergence:
@@ -157,13 +220,26 @@ class Convergence:
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._pass_lock = asyncio.Lock()
+        self._full = True
+        """A full pass is due (a poke; anything but an agent report)."""
+        self._touched: set[str] = set()
+        """Nodes whose agents reported since the last pass began."""
+        self._memo: _Memo | None = None
+        self._next_full = 0.0
+        """time.monotonic() at which a full pass is due anyway."""
         self.leading = False
         """True while this replica holds the lock and converges."""
 
     # --- lifecycle ------------------------------------------------------------------------
 
     def poke(self) -> None:
-        """Something changed: run a pass soon (several pokes make one pass)."""
+        """Something changed: run a full pass soon (several pokes make one pass)."""
+        self._full = True
+        self._wake.set()
+
+    def touched(self, node_ids: Iterable[str]) -> None:
+        """These nodes' agents reported (stored): re-judge only them, at once."""
+        self._touched.update(node_ids)
         self._wake.set()
 
     def start(self) -> None:
@@ -206,6 +282,9 @@ class Convergence:
                 await asyncio.wait_for(self._stop.wait(), self._lock_check)
             if self._stop.is_set() or not await self._db.advisory_lock_held(DESIRED_LOCK):
                 return
+        # What a previous term here remembered may be stale (another replica drove since,
+        # or a pass failed half-way): the first pass of a term is a full one.
+        self._forget()
         self.leading = True
         self._on_leader(True)
         log.info("this manager converges desired state")
@@ -214,17 +293,34 @@ class Convergence:
                 log.warning("lost the desired-state lock; competing for it again")
                 return
             self._wake.clear()
-            result = await self.run_once()
-            delay = self._safety
+            memo = self._memo
+            full = (
+                self._full
+                or memo is None
+                or time.monotonic() >= self._next_full
+                or (memo.backoff_at is not None and self._clock() >= memo.backoff_at)
+            )
+            result = None if full else await self.run_incremental()
+            if result is None:
+                self._full = False
+                result = await self.run_once()
+                interval = self._safety
+                if replicas and {"RUNNING", "REVERTING"} & set(result.live_rollouts):
+                    # Daemons may report to another replica, which cannot poke this one.
+                    interval = self._rollout_poll
+                self._next_full = time.monotonic() + interval
+            delay = max(0.0, self._next_full - time.monotonic())
             if result.wake_at is not None:
                 delay = min(delay, max(0.0, result.wake_at - self._clock()))
-            if replicas and {"RUNNING", "REVERTING"} & set(result.live_rollouts):
-                # Daemons may report to another replica, which cannot poke this one.
-                delay = min(delay, self._rollout_poll)
             if not await self._idle(delay):
                 log.warning("lost the desired-state lock; competing for it again")
                 return
-            await asyncio.sleep(self._debounce)  # let a burst of pokes settle into one pass
+            if self._full:  # let a burst of pokes settle into one full pass
+                await asyncio.sleep(self._debounce)
+
+    def _forget(self) -> None:
+        """Drop the memo: the next pass is a full one."""
+        self._memo = None
 
     async def _idle(self, delay: float) -> bool:
         """Wait up to `delay` s for a poke, checking every `lock_check` s that the lock is
@@ -243,14 +339,135 @@ class Convergence:
     # --- one pass -------------------------------------------------------------------------
 
     async def run_once(self) -> PassResult:
-        """Scope, rollouts, node sets, pushes (see the module docstring)."""
+        """Scope, rollouts, node sets, pushes (see the module docstring); a full pass,
+        which rebuilds what the incremental passes after it start from."""
         async with self._pass_lock:
+            self._memo = None
+            self._touched.clear()  # this pass reads everything they reported so far
             result = PassResult()
             nodes = {n.node_id: n for n in await self._nodes.list()}
             scopes, live = await self._rescope(nodes, result)
-            await self._step_rollouts(nodes, scopes, live, result)
-            pushes = await self._refresh_sets(nodes, result)
-            await self._push(pushes, nodes, result)
+            memos: dict[int, _RolloutMemo] = {}
+            await self._step_rollouts(nodes, scopes, live, result, memos)
+            now_ms = int(self._clock() * 1000)
+            refreshed = await self._repo.run(
+                lambda tx: self._refresh_in(tx, nodes, result, now_ms, None)
+            )
+            undelivered, sets = refreshed
+            answers = await self._push(sets, nodes, result)
+            later = [row_at for n, row_at in undelivered.items() if row_at > now_ms and n in nodes]
+            self._memo = _Memo(
+                nodes=nodes,
+                rollouts=memos,
+                undelivered=set(undelivered) - set(result.pushed),
+                backoff_at=min(later) / 1000 if later else None,
+            )
+            self._memo.answered(answers)
+            if result.push_failed:
+                self._memo = None  # the retry is a full pass's (backoff per node)
+            self._on_pass(result)
+            return result
+
+    async def run_incremental(self) -> PassResult | None:
+        """Re-judge the live rollouts on what the nodes touched since the last pass
+        reported, persist a step with the node sets it changes in one transaction, push
+        them: O(nodes touched), not O(fleet). None (nothing done) when a full pass is
+        needed instead: no memo, a touched node unknown or relabelled, or a rollout
+        whose stored row is not the one this replica last stored."""
+        async with self._pass_lock:
+            memo = self._memo
+            if memo is None:
+                return None
+            touched, self._touched = self._touched, set()
+            ids = touched
+            if not ids <= memo.nodes.keys():
+                self._memo = None
+                return None
+            result = PassResult(incremental=True, wake_at=memo.backoff_at)
+            names = {m.record.name for m in memo.rollouts.values()}
+
+            async def read(
+                tx: DesiredTx,
+            ) -> tuple[
+                dict[str, NodeRecord],
+                dict[str, NodeDesiredRecord],
+                list[AssignmentRecord],
+                dict[str, list[AgentStateRecord]],
+            ]:
+                fresh = await tx.nodes(ids) if ids else {}
+                rows = await tx.node_desired(ids) if ids else {}
+                assigned = await tx.assignments(node_ids=ids) if ids else []
+                states = {
+                    name: await tx.agent_states(node_ids=ids, agent_id=name) if ids else []
+                    for name in sorted(names)
+                }
+                return fresh, rows, assigned, states
+
+            fresh, rows, assigned, states = await self._repo.run(read, write=False)
+            for n in ids:
+                node = fresh.get(n)
+                if node is None or node.labels != memo.nodes[n].labels:
+                    self._memo = None  # gone or relabelled: scopes may change
+                    return None
+                memo.nodes[n] = node
+            now = self._clock()
+            now_ms = int(now * 1000)
+            pushes: dict[str, tuple[int, list[common_pb2.AgentSpec], int]] = {}
+            for rollout_id in sorted(memo.rollouts):
+                m = memo.rollouts[rollout_id]
+                by_node = {a.node_id: a for a in assigned if a.name == m.record.name}
+                agent = {st.node_id: st for st in states.get(m.record.name, [])}
+                for n in ids & m.observed.keys():
+                    errors = rows[n].update_errors if n in rows else ()
+                    m.inputs[n] = (memo.nodes[n], by_node.get(n), agent.get(n), errors)
+                    m.observed[n] = observe(*m.inputs[n])
+                step = ro.step(m.rollout, m.progress, m.observed, now)
+                if step.rollout.state not in ro.TERMINAL:
+                    state = step.rollout.state.value
+                    result.live_rollouts[state] = result.live_rollouts.get(state, 0) + 1
+                if step.wake_at is not None:
+                    result.wake_at = _earliest(result.wake_at, step.wake_at)
+                if step.rollout == m.rollout and not step.nodes and not step.assign:
+                    continue
+
+                async def body(
+                    tx: DesiredTx, m: _RolloutMemo = m, step: ro.Step = step
+                ) -> tuple[RolloutRecord, dict[str, tuple[int, list[common_pb2.AgentSpec], int]]]:
+                    record = await tx.rollout(m.record.id, for_update=True)
+                    if record is None or record != m.record:
+                        raise _Stale  # another writer (an operator, another replica)
+                    stored = await persist_step(tx, record, step, now_ms)
+                    _, sets = await self._refresh_in(tx, memo.nodes, result, now_ms, step.assign)
+                    return stored, sets
+
+                try:
+                    stored, sets = await self._repo.run(body)
+                except _Stale:
+                    self._memo = None
+                    return None
+                result.stepped.append(m.record.name)
+                result.failed_rollouts += sum(n.kind == "rollout-failed" for n in step.notes)
+                pushes.update(sets)
+                memo.undelivered.update(sets)
+                if step.rollout.state in ro.TERMINAL:
+                    del memo.rollouts[rollout_id]
+                    continue
+                m.record, m.rollout = stored, step.rollout
+                m.progress.update(step.nodes)
+                m.assign(step.assign, step.rollout.target, now_ms)
+            # A touched node whose answer to a push was lost but that reports the version:
+            # delivered (as a full pass would record it).
+            lost = [n for n in ids if n in rows and rows[n].delivered_version < rows[n].version]
+            lost = [n for n in lost if rows[n].version <= rows[n].reported_version]
+            if lost:
+                await self._repo.run(
+                    lambda tx: self._refresh_in(tx, memo.nodes, result, now_ms, lost)
+                )
+                memo.undelivered.difference_update(lost)
+            memo.answered(await self._push(pushes, memo.nodes, result))
+            if result.push_failed:
+                self._memo = None  # the retry with backoff is a full pass's
+            result.undelivered = len(memo.undelivered)
             self._on_pass(result)
             return result
 
@@ -326,12 +543,14 @@ class Convergence:
         scopes: Mapping[str, Sequence[str]],
         live: Sequence[int],
         result: PassResult,
+        memos: dict[int, _RolloutMemo] | None = None,
     ) -> None:
-        """Step the `live` rollouts (ids) over the `scopes` computed with them."""
+        """Step the `live` rollouts (ids) over the `scopes` computed with them; each one
+        still live afterwards into `memos`."""
         for rollout_id in sorted(live):
-            wake = await self._step_one(rollout_id, nodes, scopes, result)
+            wake = await self._step_one(rollout_id, nodes, scopes, result, memos)
             if wake is not None:
-                result.wake_at = wake if result.wake_at is None else min(result.wake_at, wake)
+                result.wake_at = _earliest(result.wake_at, wake)
 
     async def _step_one(
         self,
@@ -339,91 +558,119 @@ class Convergence:
         nodes: Mapping[str, NodeRecord],
         scopes: Mapping[str, Sequence[str]],
         result: PassResult,
+        memos: dict[int, _RolloutMemo] | None = None,
     ) -> float | None:
         """Judge one rollout over the definition's scope and persist its step atomically."""
         now = self._clock()
         now_ms = int(now * 1000)
 
-        async def body(tx: DesiredTx) -> float | None:
+        async def body(
+            tx: DesiredTx,
+        ) -> tuple[float | None, _RolloutMemo | None, ro.Step | None, bool]:
             record = await tx.rollout(rollout_id, for_update=True)
             if record is None or record.ended_ms:
-                return None
+                return None, None, None, False
             scope = scopes.get(record.name, ())
             rollout = ro.from_dict(json.loads(record.record))
             progress = {n: progress_of(r) for n, r in (await tx.rollout_nodes(rollout_id)).items()}
-            observed = await observations(tx, record.name, scope, nodes)
+            inputs = await _observation_inputs(tx, record.name, scope, nodes)
+            observed = {n: observe(*i) for n, i in inputs.items()}
             step = ro.step(rollout, progress, observed, now)
-            if step.rollout.state not in ro.TERMINAL:
-                state = step.rollout.state.value
-                result.live_rollouts[state] = result.live_rollouts.get(state, 0) + 1
             if step.rollout == rollout and not step.nodes and not step.assign:
-                return step.wake_at
-            await persist_step(tx, record, step, now_ms)
-            result.stepped.append(record.name)
+                memo = _RolloutMemo(record, rollout, progress, inputs, observed)
+                return step.wake_at, memo, step, False
+            stored = await persist_step(tx, record, step, now_ms)
+            memo = _RolloutMemo(stored, step.rollout, {**progress, **step.nodes}, inputs, observed)
+            memo.assign(step.assign, step.rollout.target, now_ms)
+            return step.wake_at, memo, step, True
+
+        wake, memo, step, persisted = await self._repo.run(body)
+        if memo is None or step is None:
+            return wake
+        if step.rollout.state not in ro.TERMINAL:
+            state = step.rollout.state.value
+            result.live_rollouts[state] = result.live_rollouts.get(state, 0) + 1
+            if memos is not None:
+                memos[rollout_id] = memo
+        if persisted:
+            result.stepped.append(memo.record.name)
             result.failed_rollouts += sum(n.kind == "rollout-failed" for n in step.notes)
-            return step.wake_at
+        return wake
 
-        return await self._repo.run(body)
+    async def _refresh_in(
+        self,
+        tx: DesiredTx,
+        nodes: Mapping[str, NodeRecord],
+        result: PassResult,
+        now_ms: int,
+        only: Collection[str] | None,
+    ) -> tuple[dict[str, int], dict[str, tuple[int, list[common_pb2.AgentSpec], int]]]:
+        """Bump the version of every node (of `only`, if given) whose managed set changed.
 
-    async def _refresh_sets(self, nodes: Mapping[str, NodeRecord], result: PassResult) -> list[str]:
-        """Bump the version of every node whose managed set changed; the nodes to push."""
-        now_ms = int(self._clock() * 1000)
-
-        async def body(tx: DesiredTx) -> list[str]:
-            current = await tx.assignments()
-            rows = await tx.node_desired()
-            revisions = await tx.revisions_of({(a.name, a.revision) for a in current})
-            per_node: dict[str, list[AssignmentRecord]] = {}
-            for a in current:
-                per_node.setdefault(a.node_id, []).append(a)
-            changed = []
-            parsed: dict[tuple[str, int], common_pb2.AgentSpec] = {}
-            for node_id in sorted(set(per_node) | set(rows)):
-                if node_id not in nodes:
-                    continue
-                specs = _specs(per_node.get(node_id, []), revisions, parsed)
-                _, digest = node_set(specs)
-                row = rows.get(node_id, NodeDesiredRecord(node_id, content_hash=EMPTY_SET_HASH))
-                if digest != (row.content_hash or EMPTY_SET_HASH):
-                    row = dataclasses.replace(
-                        row,
-                        version=next_version(row),
-                        content_hash=digest,
-                        push_attempts=0,
-                        next_push_ms=0,
-                        push_error="",
-                        updated_ms=now_ms,
-                    )
-                    changed.append(row)
-                elif row.delivered_version < row.version <= row.reported_version:
-                    # Delivered, but the answer was lost; the daemon says it runs it.
-                    changed.append(dataclasses.replace(row, delivered_version=row.version))
-                    continue
-                rows[node_id] = row
-            await tx.put_node_desired(changed)
-            for row in changed:
-                rows[row.node_id] = row
-            undelivered = [
-                n for n, row in sorted(rows.items()) if row.version > row.delivered_version
-            ]
-            result.undelivered = len(undelivered)
-            backed_off = [rows[n].next_push_ms / 1000 for n in undelivered]
-            later = [t for t in backed_off if t * 1000 > now_ms]
-            if later:  # wake up for the retries backed off
-                soonest = min(later)
-                result.wake_at = soonest if result.wake_at is None else min(result.wake_at, soonest)
-            return [n for n in undelivered if rows[n].next_push_ms <= now_ms]
-
-        return await self._repo.run(body)
+        Returns the undelivered nodes (with when their push may be retried, ms) and, for
+        those due now, what to push: (version, specs, when the row last changed).
+        """
+        if only is not None and not only:
+            return {}, {}
+        current = await tx.assignments(node_ids=only)
+        rows = await tx.node_desired(only)
+        revisions = await tx.revisions_of({(a.name, a.revision) for a in current})
+        per_node: dict[str, list[AssignmentRecord]] = {}
+        for a in current:
+            per_node.setdefault(a.node_id, []).append(a)
+        changed = []
+        parsed: dict[tuple[str, int], common_pb2.AgentSpec] = {}
+        ordered: dict[str, list[common_pb2.AgentSpec]] = {}
+        candidates = set(per_node) | set(rows) if only is None else set(only)
+        for node_id in sorted(candidates):
+            if node_id not in nodes:
+                continue
+            specs, digest = node_set(_specs(per_node.get(node_id, []), revisions, parsed))
+            ordered[node_id] = specs
+            row = rows.get(node_id, NodeDesiredRecord(node_id, content_hash=EMPTY_SET_HASH))
+            if digest != (row.content_hash or EMPTY_SET_HASH):
+                row = dataclasses.replace(
+                    row,
+                    version=next_version(row),
+                    content_hash=digest,
+                    push_attempts=0,
+                    next_push_ms=0,
+                    push_error="",
+                    updated_ms=now_ms,
+                )
+                changed.append(row)
+            elif row.delivered_version < row.version <= row.reported_version:
+                # Delivered, but the answer was lost; the daemon says it runs it.
+                changed.append(dataclasses.replace(row, delivered_version=row.version))
+                continue
+            rows[node_id] = row
+        await tx.put_node_desired(changed)
+        for row in changed:
+            rows[row.node_id] = row
+        undelivered = {
+            n: row.next_push_ms
+            for n, row in sorted(rows.items())
+            if row.version > row.delivered_version
+        }
+        result.undelivered = len(undelivered)
+        later = [t / 1000 for t in undelivered.values() if t > now_ms]
+        if later:  # wake up for the retries backed off
+            result.wake_at = _earliest(result.wake_at, min(later))
+        due = [n for n, t in undelivered.items() if t <= now_ms and n in ordered]
+        return undelivered, {n: (rows[n].version, ordered[n], rows[n].updated_ms) for n in due}
 
     async def _push(
-        self, node_ids: Sequence[str], nodes: Mapping[str, NodeRecord], result: PassResult
-    ) -> None:
-        targets = [n for n in node_ids if n in nodes and nodes[n].status == "online"]
+        self,
+        sets: Mapping[str, tuple[int, list[common_pb2.AgentSpec], int]],
+        nodes: Mapping[str, NodeRecord],
+        result: PassResult,
+    ) -> dict[str, tuple[UpdateErrorRecord, ...]]:
+        """Push each online node its set; record the answers in one transaction. The
+        refusals each node answered that were recorded."""
+        targets = sorted(n for n in sets if n in nodes and nodes[n].status == "online")
+        answers: dict[str, tuple[UpdateErrorRecord, ...]] = {}
         if not targets:
-            return
-        sets = await self._repo.run(lambda tx: self._sets_of(tx, targets), write=False)
-        targets = [n for n in targets if n in sets]
+            return answers
         outcomes = await asyncio.gather(
             *(self._push_one(nodes[n], sets[n][0], sets[n][1]) for n in targets)
         )
@@ -472,30 +719,11 @@ class Convergence:
                         # pass, now, not at the safety interval.
                         result.wake_at = self._clock()
                     result.pushed.append(node_id)
+                    answers[node_id] = refused
             await tx.put_node_desired(updated)
 
         await self._repo.run(body)
-
-    async def _sets_of(
-        self, tx: DesiredTx, node_ids: Sequence[str]
-    ) -> dict[str, tuple[int, list[common_pb2.AgentSpec], int]]:
-        """Per node: the version to push, its specs, and when its row last changed."""
-        rows = await tx.node_desired(node_ids)
-        current = await tx.assignments(node_ids=node_ids)
-        revisions = await tx.revisions_of({(a.name, a.revision) for a in current})
-        per_node: dict[str, list[AssignmentRecord]] = {}
-        for a in current:
-            per_node.setdefault(a.node_id, []).append(a)
-        parsed: dict[tuple[str, int], common_pb2.AgentSpec] = {}
-        return {
-            n: (
-                rows[n].version,
-                node_set(_specs(per_node.get(n, []), revisions, parsed))[0],
-                rows[n].updated_ms,
-            )
-            for n in node_ids
-            if n in rows
-        }
+        return answers
 
     async def _push_one(
         self, node: NodeRecord, version: int, specs: list[common_pb2.AgentSpec]
@@ -518,6 +746,12 @@ class Convergence:
         return version, refused, ""
 
 
+_Inputs = tuple[
+    NodeRecord, AssignmentRecord | None, AgentStateRecord | None, tuple[UpdateErrorRecord, ...]
+]
+"""`desired.observe`'s arguments for one node."""
+
+
 async def observations(
     tx: DesiredTx,
     name: str,
@@ -526,12 +760,22 @@ async def observations(
 ) -> dict[str, ro.Observation]:
     """What a rollout of `name` sees of each node of its scope (and of each node still
     assigned to it)."""
+    inputs = await _observation_inputs(tx, name, scope, nodes)
+    return {n: observe(*i) for n, i in inputs.items()}
+
+
+async def _observation_inputs(
+    tx: DesiredTx,
+    name: str,
+    scope: Sequence[str],
+    nodes: Mapping[str, NodeRecord],
+) -> dict[str, _Inputs]:
     assigned = {a.node_id: a for a in await tx.assignments(names=[name])}
     wanted = sorted((set(scope) | set(assigned)) & set(nodes))
     desired = await tx.node_desired(wanted)
     states = {s.node_id: s for s in await tx.agent_states(node_ids=wanted, agent_id=name)}
     return {
-        n: observe(
+        n: (
             nodes[n],
             assigned.get(n),
             states.get(n),
@@ -541,22 +785,24 @@ async def observations(
     }
 
 
-async def persist_step(tx: DesiredTx, record: RolloutRecord, step: ro.Step, now_ms: int) -> None:
+async def persist_step(
+    tx: DesiredTx, record: RolloutRecord, step: ro.Step, now_ms: int
+) -> RolloutRecord:
     """Store a rollout step: its record, node records, the assignments it moves, its
-    events; a success makes the target the definition's stable revision."""
+    events; a success makes the target the definition's stable revision. Returns the
+    rollout's row as stored."""
     after = step.rollout
     ended = after.state in ro.TERMINAL
-    await tx.update_rollout(
-        dataclasses.replace(
-            record,
-            target=after.target,
-            previous=after.previous,
-            state=after.state.value,
-            record=json.dumps(ro.to_dict(after)),
-            updated_ms=now_ms,
-            ended_ms=now_ms if ended else 0,
-        )
+    stored = dataclasses.replace(
+        record,
+        target=after.target,
+        previous=after.previous,
+        state=after.state.value,
+        record=json.dumps(ro.to_dict(after)),
+        updated_ms=now_ms,
+        ended_ms=now_ms if ended else 0,
     )
+    await tx.update_rollout(stored)
     await tx.put_rollout_nodes(
         [
             RolloutNodeRecord(
@@ -588,6 +834,15 @@ async def persist_step(tx: DesiredTx, record: RolloutRecord, step: ro.Step, now_
             message=note.message,
             attributes={**note.attributes, "name": record.name, "rollout_id": str(record.id)},
         )
+    return stored
+
+
+class _Stale(Exception):
+    """The rollout's row changed since this replica stored it: a full pass decides."""
+
+
+def _earliest(a: float | None, b: float) -> float:
+    return b if a is None else min(a, b)
 
 
 def progress_of(record: RolloutNodeRecord) -> ro.NodeProgress:

@@ -74,24 +74,43 @@ class DaemonReports:
     ) -> bool:
         """`report` inside the caller's transaction; True if anything changed
         (the caller pokes convergence)."""
-        row = (await tx.node_desired([node_id])).get(node_id)
-        if row is None:
-            if not spec_version and not update_errors:
-                return False  # never managed: nothing to remember
-            row = NodeDesiredRecord(node_id)
-        errors = row.update_errors if update_errors is None else tuple(update_errors)
-        retry = registered and (row.next_push_ms > now_ms or row.push_attempts > 0)
-        if row.reported_version == spec_version and errors == row.update_errors and not retry:
-            return False
-        after = dataclasses.replace(
-            row, reported_version=spec_version, update_errors=errors, updated_ms=now_ms
+        changed = await DaemonReports.apply_many(
+            tx, [(node_id, spec_version, update_errors)], registered=registered, now_ms=now_ms
         )
-        if retry:
-            after = dataclasses.replace(after, next_push_ms=0, push_attempts=0)
-        await tx.put_node_desired([after])
-        if errors != row.update_errors:
-            update_errors_event(tx, node_id, errors, now_ms)
-        return True
+        return bool(changed)
+
+    @staticmethod
+    async def apply_many(
+        tx: DesiredTx,
+        reports: Sequence[tuple[str, int, Sequence[UpdateErrorRecord] | None]],
+        *,
+        registered: bool = False,
+        now_ms: int,
+    ) -> set[str]:
+        """`apply` for several nodes' (node, spec version, update errors), each node at
+        most once, in one read and one write; the nodes whose row changed."""
+        rows = await tx.node_desired([node_id for node_id, _, _ in reports])
+        after_rows: list[NodeDesiredRecord] = []
+        for node_id, spec_version, update_errors in reports:
+            row = rows.get(node_id)
+            if row is None:
+                if not spec_version and not update_errors:
+                    continue  # never managed: nothing to remember
+                row = NodeDesiredRecord(node_id)
+            errors = row.update_errors if update_errors is None else tuple(update_errors)
+            retry = registered and (row.next_push_ms > now_ms or row.push_attempts > 0)
+            if row.reported_version == spec_version and errors == row.update_errors and not retry:
+                continue
+            after = dataclasses.replace(
+                row, reported_version=spec_version, update_errors=errors, updated_ms=now_ms
+            )
+            if retry:
+                after = dataclasses.replace(after, next_push_ms=0, push_attempts=0)
+            after_rows.append(after)
+            if errors != row.update_errors:
+                update_errors_event(tx, node_id, errors, now_ms)
+        await tx.put_node_desired(after_rows)
+        return {row.node_id for row in after_rows}
 
 
 def update_errors_event(

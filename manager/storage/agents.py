@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
 from sqlalchemy import delete, func, insert, select
@@ -22,6 +22,7 @@ __all__ = [
     "check_snapshot",
     "describe_change",
     "replace_in",
+    "replace_many",
     "select_states",
     "state_changed",
 ]
@@ -229,43 +230,86 @@ async def replace_in(
     """AgentStateRepository.replace inside the caller's transaction (`states`
     already passed `check_snapshot`). NotFound for an unknown node is raised
     before anything is written, so the caller may go on with other nodes."""
-    # Locking the node row serializes concurrent replaces of one node.
-    exists = await conn.scalar(
-        select(nodes.c.node_id).where(nodes.c.node_id == node_id).with_for_update()
+    (changed,) = await replace_many(
+        conn, [(node_id, states)], now_ms=now_ms, actor_of=lambda _node_id: actor
     )
-    if exists is None:
+    if changed is None:
         raise NotFound(f"node {node_id!r} is not registered", resource=Resource("node", node_id))
-    old = {
-        r.agent_id: r
-        for r in map(
-            _record,
-            await conn.execute(select(agent_states).where(agent_states.c.node_id == node_id)),
-        )
-    }
-    reported = [dataclasses.replace(s, reported_ms=now_ms) for s in states]
-    await conn.execute(delete(agent_states).where(agent_states.c.node_id == node_id))
-    if reported:
-        await conn.execute(insert(agent_states), [_row(s) for s in reported])
-    new = {s.agent_id: s for s in reported}
-    rows = []
-    for agent_id in sorted(old.keys() | new.keys()):
-        before, after = old.get(agent_id), new.get(agent_id)
-        if before is not None and after is not None and not state_changed(before, after):
-            continue
-        message, attributes = describe_change(node_id, agent_id, before, after)
-        rows.append(
-            event_row(
-                "AGENT_STATE_CHANGED",
-                now_ms=now_ms,
-                node_id=node_id,
-                agent_id=agent_id,
-                actor=actor,
-                message=message,
-                attributes=attributes,
+    return changed
+
+
+async def replace_many(
+    conn: AsyncConnection,
+    snapshots: Sequence[tuple[str, Sequence[AgentStateRecord]]],
+    *,
+    now_ms: int,
+    actor_of: Callable[[str], str] = lambda node_id: f"node/{node_id}",
+    events_out: list[dict[str, Any]] | None = None,
+) -> list[int | None]:
+    """`replace_in` for several nodes (each at most once) in a handful of statements
+    whatever their number: per node, how many agents changed, or None for a node that
+    is not registered (nothing of it written). Its events are inserted last, or
+    appended to `events_out` for the caller to write last. A batch of daemons reports
+    at once during a rollout: statements per report made each report cost milliseconds
+    of the manager's one event loop."""
+    ids = [node_id for node_id, _ in snapshots]
+    if len(set(ids)) != len(ids):
+        raise ValueError("replace_many: a node listed twice")
+    known: set[str] = set()
+    old: dict[str, dict[str, AgentStateRecord]] = {}
+    # Locking the node rows (in id order) serializes concurrent replaces of a node.
+    for part in chunks(sorted(ids)):
+        known.update(
+            await conn.scalars(
+                select(nodes.c.node_id)
+                .where(nodes.c.node_id.in_(part))
+                .order_by(nodes.c.node_id)
+                .with_for_update()
             )
         )
-    await insert_events(conn, rows)
-    return len(rows)
+    present = sorted(known)
+    for part in chunks(present):
+        result = await conn.execute(select(agent_states).where(agent_states.c.node_id.in_(part)))
+        for r in map(_record, result):
+            old.setdefault(r.node_id, {})[r.agent_id] = r
+        await conn.execute(delete(agent_states).where(agent_states.c.node_id.in_(part)))
+    inserted: list[dict[str, Any]] = []
+    events: list[dict[str, Any]] = []
+    out: list[int | None] = []
+    for node_id, states in snapshots:
+        if node_id not in known:
+            out.append(None)
+            continue
+        reported = [dataclasses.replace(s, reported_ms=now_ms) for s in states]
+        inserted.extend(_row(s) for s in reported)
+        before_all = old.get(node_id, {})
+        new = {s.agent_id: s for s in reported}
+        changed = 0
+        for agent_id in sorted(before_all.keys() | new.keys()):
+            before, after = before_all.get(agent_id), new.get(agent_id)
+            if before is not None and after is not None and not state_changed(before, after):
+                continue
+            message, attributes = describe_change(node_id, agent_id, before, after)
+            events.append(
+                event_row(
+                    "AGENT_STATE_CHANGED",
+                    now_ms=now_ms,
+                    node_id=node_id,
+                    agent_id=agent_id,
+                    actor=actor_of(node_id),
+                    message=message,
+                    attributes=attributes,
+                )
+            )
+            changed += 1
+        out.append(changed)
+    if inserted:
+        await conn.execute(insert(agent_states), inserted)
+    if events_out is None:
+        await insert_events(conn, events)
+    else:
+        events_out.extend(events)
+    return out
 
 
 class AgentStateRepository:

@@ -21,12 +21,14 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 
 from manager.storage.agents import select_states
 from manager.storage.db import Database
+from manager.storage.nodes import node_from_row
 from manager.storage.queued import QueuedWrites
 from manager.storage.records import (
     AgentStateRecord,
     AssignmentRecord,
     DefinitionRecord,
     NodeDesiredRecord,
+    NodeRecord,
     RevisionRecord,
     RolloutNodeRecord,
     RolloutRecord,
@@ -37,6 +39,7 @@ from manager.storage.schema import (
     definition_revisions,
     definitions,
     node_desired,
+    nodes,
     rollout_nodes,
     rollouts,
 )
@@ -278,6 +281,14 @@ class DesiredTx(QueuedWrites):
                     assignments.c.node_id == node_id, assignments.c.name == name
                 )
             )
+
+    async def nodes(self, node_ids: Collection[str]) -> dict[str, NodeRecord]:
+        """The named nodes that exist, by id (an incremental pass re-reads only these)."""
+        out: dict[str, NodeRecord] = {}
+        for part in chunks(sorted(set(node_ids))):
+            rows = await self._conn.execute(select(nodes).where(nodes.c.node_id.in_(part)))
+            out.update((r.node_id, node_from_row(r)) for r in rows)
+        return out
 
     async def agent_states(
         self, *, node_ids: Collection[str] | None = None, agent_id: str = ""

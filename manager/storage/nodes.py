@@ -311,6 +311,15 @@ class NodeRepository:
 
         return await self._db.run(body, write=False)
 
+    async def online_ids(self) -> set[str]:
+        """Ids of the online nodes (two columns read, no row decoded)."""
+
+        async def body(conn: AsyncConnection) -> set[str]:
+            query = select(nodes.c.node_id).where(nodes.c.status == "online")
+            return set((await conn.scalars(query)).all())
+
+        return await self._db.run(body, write=False)
+
     async def count(self, *, status: str | None = None) -> int:
         """How many nodes (with that status, if given)."""
         query = select(func.count()).select_from(nodes)

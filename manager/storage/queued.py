@@ -50,6 +50,11 @@ class QueuedWrites:
             )
         )
 
+    @property
+    def queued_events(self) -> list[dict[str, Any]]:
+        """The event rows queued so far (append rows from `event_row` to queue more)."""
+        return self._events
+
     def audit(
         self,
         *,

@@ -497,3 +497,59 @@ async def test_a_rollout_started_during_a_pass_is_not_judged_on_a_stale_scope(
         done = await until(lambda: env.rollout("web"), lambda r: r.ended_at > 0)
         assert (state(done), done.done) == ("SUCCESSFUL", 1)
         assert env.revisions("web") == {"p1": 1}
+
+
+async def test_batches_are_judged_by_incremental_passes(
+    pki: Any, tmp_path: Path, database_url: str
+) -> None:
+    """Between full passes the driver re-judges only the nodes that reported: a rollout's
+    batches move in incremental passes and it ends as a full pass would end it."""
+    async with desired_env(pki, tmp_path, database_url) as env:
+        for i in range(4):
+            await env.add(f"p{i}", {"env": "prod"})
+        await env.apply(definition(max_parallel="1"))
+        await until(lambda: env.rollout("web"), lambda r: state(r) == "SUCCESSFUL")
+        convergence = env.manager.convergence
+        seen: list[PassResult] = []
+        observe = convergence._on_pass
+        convergence._on_pass = lambda r: (seen.append(r), observe(r))[1]  # type: ignore[method-assign]
+        await env.apply(definition(version="2.0", max_parallel="1"))
+        done = await until(lambda: env.rollout("web"), lambda r: r.ended_at > 0)
+        assert (state(done), done.done) == ("SUCCESSFUL", 4)
+        assert env.revisions("web") == {f"p{i}": 2 for i in range(4)}
+        moved = [r for r in seen if r.pushed]
+        assert [len(r.pushed) for r in moved] == [1, 1, 1, 1]
+        assert any(r.incremental for r in moved), [(r.incremental, r.pushed) for r in seen]
+
+
+async def test_a_rollout_changed_by_another_writer_sends_the_driver_to_a_full_pass(
+    pki: Any, tmp_path: Path, database_url: str
+) -> None:
+    """An incremental pass steps a rollout only if its row is the one the driver stored: an
+    operator's pause (here, or on another replica) in between means no step and a full
+    pass, which sees the pause; no node is moved meanwhile."""
+    async with desired_env(pki, tmp_path, database_url) as env:
+        for i in range(4):
+            await env.add(f"p{i}", {"env": "prod"})
+        await env.apply(definition(max_parallel="2"))
+        await until(lambda: env.rollout("web"), lambda r: state(r) == "SUCCESSFUL")
+        convergence = env.manager.convergence
+        await convergence.stop()  # drive the passes by hand
+        await env.apply(definition(version="2.0", max_parallel="2"))
+        first = await convergence.run_once()  # the full pass: batch 1 moves
+        assert sorted(first.pushed) == ["p0", "p1"]
+        # The batch reports (stored; the stopped driver only notes who reported).
+        await until(lambda: set(convergence._touched), lambda t: {"p0", "p1"} <= t)
+        await env.stub.PauseRollout(fleet_pb2.FleetServicePauseRolloutRequest(name="web"))
+        assert await convergence.run_incremental() is None
+        assert convergence._memo is None
+        assert env.revisions("web") == {"p0": 2, "p1": 2, "p2": 1, "p3": 1}
+        again = await convergence.run_once()
+        assert (again.incremental, again.pushed) == (False, [])
+        assert state(await env.rollout("web")) == "PAUSED"
+        assert env.revisions("web") == {"p0": 2, "p1": 2, "p2": 1, "p3": 1}
+        convergence.start()
+        await env.stub.ResumeRollout(fleet_pb2.FleetServiceResumeRolloutRequest(name="web"))
+        done = await until(lambda: env.rollout("web"), lambda r: r.ended_at > 0)
+        assert (state(done), done.done) == ("SUCCESSFUL", 4)
+        assert env.revisions("web") == {f"p{i}": 2 for i in range(4)}

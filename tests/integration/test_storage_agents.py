@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 
 import pytest
+from sqlalchemy.ext.asyncio import AsyncConnection
 
 from fleet.errors import InvalidArgument, NotFound
 from manager.storage import (
@@ -15,6 +16,7 @@ from manager.storage import (
     NodeRecord,
     NodeRepository,
 )
+from manager.storage.agents import replace_many
 
 
 def _agent(
@@ -186,3 +188,46 @@ async def test_events_say_why_an_agent_restarted(database: Database) -> None:
         3,
         "exited with code 3",
     )
+
+
+async def test_replace_many_writes_a_group_of_nodes_as_one_replace_each(
+    database: Database,
+) -> None:
+    """A group of reports in one transaction: each registered node's set replaced with its
+    own events (actor node/<id>), an unknown node answered None with nothing written."""
+    await _register(database, "n1", "n2")
+    agents = AgentStateRepository(database)
+    await agents.replace("n2", [_agent("old", node_id="n2")], now_ms=5, actor="node/n2")
+
+    async def body(conn: AsyncConnection) -> list[int | None]:
+        return await replace_many(
+            conn,
+            [
+                ("n2", [_agent("a", node_id="n2")]),
+                ("ghost", [_agent("a", node_id="ghost")]),
+                ("n1", [_agent("a"), _agent("b")]),
+            ],
+            now_ms=10,
+        )
+
+    assert await database.run(body) == [2, None, 2]
+    listed = await agents.list()
+    assert [(s.node_id, s.agent_id, s.reported_ms) for s in listed] == [
+        ("n1", "a", 10),
+        ("n1", "b", 10),
+        ("n2", "a", 10),
+    ]
+    events = await EventRepository(database).list_after(0, kinds=["AGENT_STATE_CHANGED"])
+    assert sorted((e.node_id, e.agent_id, e.actor) for e in events if e.timestamp_ms == 10) == [
+        ("n1", "a", "node/n1"),
+        ("n1", "b", "node/n1"),
+        ("n2", "a", "node/n2"),
+        ("n2", "old", "node/n2"),
+    ]
+
+    async def twice(conn: AsyncConnection) -> list[int | None]:
+        return await replace_many(conn, [("n1", []), ("n1", [])], now_ms=20)
+
+    with pytest.raises(ValueError, match="listed twice"):
+        await database.run(twice)
+    assert len(await agents.list(node_ids=["n1"])) == 2  # nothing written
