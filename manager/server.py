@@ -470,7 +470,13 @@ class ManagerServer:
         )
         self.job_janitor.start()
         self._stack.push_async_callback(self.job_janitor.stop)
-        self.agent_states = AgentStates(self.registry, desired, clock=self._clock, on_change=poke)
+        self.agent_states = AgentStates(
+            self.registry,
+            desired,
+            clock=self._clock,
+            on_change=poke,
+            on_states=self.convergence.poke_agents,
+        )
         self._stack.push_async_callback(self.agent_states.stop)
         # Enrollment: the deny list (every replica), certificates, tokens and node removal.
         enroll_repo, removals = EnrollmentRepository(self.db), RemovalRepository(self.db)

@@ -52,12 +52,17 @@ class AgentStates:
         *,
         clock: Callable[[], float],
         on_change: Callable[[], None] = lambda: None,
+        on_states: Callable[[], None] | None = None,
         max_group: int = 200,
     ) -> None:
+        """`on_change`: a daemon reported its spec version or update errors anew (the
+        driver's delivery bookkeeping). `on_states`: agents' states changed (only a
+        live rollout judges them); `on_change` if not given."""
         self._registry = registry
         self._desired = desired
         self._clock = clock
         self._on_change = on_change
+        self._on_states = on_states or on_change
         self._max_group = max_group
         self._queue: collections.deque[_Sync] = collections.deque()
         self._committer: asyncio.Task[None] | None = None
@@ -128,9 +133,9 @@ class AgentStates:
         # Node order: concurrent transactions lock node rows in one order (PostgreSQL).
         order = sorted(range(len(group)), key=lambda i: group[i].node_id)
 
-        async def body(tx: DesiredTx) -> tuple[list[int | BaseException], bool]:
+        async def body(tx: DesiredTx) -> tuple[list[int | BaseException], bool, bool]:
             results: list[int | BaseException] = [0] * len(group)
-            poke = False
+            states = poke = False
             for i in order:
                 s = group[i]
                 try:
@@ -141,7 +146,7 @@ class AgentStates:
                     results[i] = exc
                     continue
                 results[i] = changed
-                poke = poke or changed > 0
+                states = states or changed > 0
                 reported = await DaemonReports.apply(
                     tx,
                     s.node_id,
@@ -150,12 +155,14 @@ class AgentStates:
                     now_ms=now_ms,
                 )
                 poke = poke or reported
-            return results, poke
+            return results, states, poke
 
-        results, poke = await self._desired.run(body)
+        results, states, poke = await self._desired.run(body)
         self.commits += 1
         if poke:
-            self._on_change()  # rollouts judge agents by their states
+            self._on_change()
+        if states:
+            self._on_states()  # rollouts judge agents by their states
         return results
 
 

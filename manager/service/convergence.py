@@ -18,9 +18,12 @@ one manager) runs passes, each:
    nodes wait until they are back).
 
 A pass runs when something changes (`poke`: a definition, a registration, a
-label change, an agent sync, an operator's rollout action; coalesced), at
-the earliest time a rollout decision can change (`Step.wake_at`), and every
-`safety_interval` seconds anyway (other replicas' writes). With replicas,
+label change, a daemon's report of the set it runs, an operator's rollout
+action; coalesced; agents' state changes only while a rollout is live,
+`poke_agents`), at the earliest time a rollout decision can change
+(`Step.wake_at`), and every `safety_interval` seconds anyway (other
+replicas' writes). A pass reads every node, so poked passes are paced by
+their own cost (`pass_gap`). With replicas,
 also every `rollout_poll` seconds while a rollout moves nodes: their daemons
 may report to a replica that cannot poke this one.
 
@@ -81,6 +84,7 @@ __all__ = [
     "PassResult",
     "note_kind",
     "observations",
+    "pass_gap",
     "persist_step",
     "progress_of",
 ]
@@ -119,6 +123,18 @@ class PassResult:
     """Nodes whose managed set is not delivered after the pass."""
 
 
+def pass_gap(*, spent: float, since: float, debounce: float, pace: float) -> float:
+    """Seconds to wait before a poked pass (pure).
+
+    At least `debounce`, and until `pace` times the last pass's duration has
+    passed since it ended: a pass reads every node, and agent syncs poke at a
+    rate that grows with the fleet, so unpaced passes would grow as nodes
+    squared and take the whole loop; paced, they take at most 1 / (1 + pace)
+    of it and a change waits at most a pass and its gap.
+    """
+    return max(debounce, spent * pace - since)
+
+
 class Convergence:
     """The desired-state driver (see the module docstring)."""
 
@@ -131,6 +147,7 @@ class Convergence:
         clock: Callable[[], float] = time.time,
         candidates: CandidateSource | None = None,
         debounce: float = 0.05,
+        pace: float = 3.0,
         safety_interval: float = 10.0,
         push_concurrency: int = 64,
         push_timeout: float | None = None,
@@ -146,6 +163,7 @@ class Convergence:
         self._clock = clock
         self._candidates = candidates
         self._debounce = debounce
+        self._pace = pace
         self._safety = safety_interval
         self._push_sem = asyncio.Semaphore(push_concurrency)
         self._push_timeout = push_timeout
@@ -157,6 +175,10 @@ class Convergence:
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._pass_lock = asyncio.Lock()
+        self._rollouts_live = True  # until a pass says otherwise
+        self._states_changed = False
+        self.passes = 0
+        """Passes run so far (tests read it)."""
         self.leading = False
         """True while this replica holds the lock and converges."""
 
@@ -165,6 +187,15 @@ class Convergence:
     def poke(self) -> None:
         """Something changed: run a pass soon (several pokes make one pass)."""
         self._wake.set()
+
+    def poke_agents(self) -> None:
+        """Agents' states changed: a pass only if a rollout is live (only a rollout
+        judges agents by their states). Agent syncs come at a rate that grows with
+        the fleet, and a pass reads every node: with no rollout they would run passes
+        back to back for nothing."""
+        self._states_changed = True
+        if self._rollouts_live:
+            self._wake.set()
 
     def start(self) -> None:
         """Compete for the lock and converge while holding it."""
@@ -214,7 +245,9 @@ class Convergence:
                 log.warning("lost the desired-state lock; competing for it again")
                 return
             self._wake.clear()
+            started = time.monotonic()
             result = await self.run_once()
+            ended = time.monotonic()
             delay = self._safety
             if result.wake_at is not None:
                 delay = min(delay, max(0.0, result.wake_at - self._clock()))
@@ -224,7 +257,16 @@ class Convergence:
             if not await self._idle(delay):
                 log.warning("lost the desired-state lock; competing for it again")
                 return
-            await asyncio.sleep(self._debounce)  # let a burst of pokes settle into one pass
+            # Let a burst of pokes settle into one pass, and keep passes (each O(nodes))
+            # from running back to back when pokes are steady (agent syncs: O(nodes)/s).
+            await asyncio.sleep(
+                pass_gap(
+                    spent=ended - started,
+                    since=time.monotonic() - ended,
+                    debounce=self._debounce,
+                    pace=self._pace,
+                )
+            )
 
     async def _idle(self, delay: float) -> bool:
         """Wait up to `delay` s for a poke, checking every `lock_check` s that the lock is
@@ -246,11 +288,16 @@ class Convergence:
         """Scope, rollouts, node sets, pushes (see the module docstring)."""
         async with self._pass_lock:
             result = PassResult()
+            self._states_changed = False
             nodes = {n.node_id: n for n in await self._nodes.list()}
             scopes, live = await self._rescope(nodes, result)
             await self._step_rollouts(nodes, scopes, live, result)
             pushes = await self._refresh_sets(nodes, result)
             await self._push(pushes, nodes, result)
+            self.passes += 1
+            self._rollouts_live = bool(result.live_rollouts)
+            if self._rollouts_live and self._states_changed:
+                self._wake.set()  # states changed during this pass, maybe after it read them
             self._on_pass(result)
             return result
 
