@@ -8,10 +8,10 @@ import json
 import logging
 import os
 import resource
-import subprocess
-import sys
 import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import urllib.error
 import urllib.request
