@@ -398,13 +398,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "SELECT COUNT(*) FROM events WHERE kind = 'NODE_OFFLINE' AND ts_ms >= ?",
                 (int(t_hold * 1000),),
             ).fetchone()[0]
+        _say(f"hold: {json.dumps(out)}")  # kept even if the reconnect below never ends
         if args.kill:
             manager.send_signal(signal.SIGKILL)
             manager.wait()
             t_kill = time.time()
             manager = subprocess.Popen(argv, env=env)
             gens.ask(f"since {t_kill}")
-            out["reconnect_all_s"] = max(gens.read_all("welcomed_by")) - t_kill
+            try:
+                welcomed = gens.read_all("welcomed_by", within=args.reconnect_within)
+                out["reconnect_all_s"] = max(welcomed) - t_kill
+            except SystemExit as exc:
+                out["reconnect_all_s"] = None
+                out["reconnect_failed"] = str(exc)
     finally:
         gens.stop()
         manager.terminate()
@@ -648,6 +654,12 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         default=1800.0,
         help="--replicas 2: give up if not every node is connected within this (s)",
+    )
+    parser.add_argument(
+        "--reconnect-within",
+        type=float,
+        default=600.0,
+        help="after kill -9: give up if not every node is welcomed again within this (s)",
     )
     parser.add_argument("--loadgen", help=argparse.SUPPRESS)
     parser.add_argument("--reference", nargs=4, help=argparse.SUPPRESS)
