@@ -171,6 +171,30 @@ async def _loadgen(spec: dict[str, Any]) -> None:
     await asyncio.gather(*(n.stop() for n in nodes), return_exceptions=True)
 
 
+# --- the manager under cProfile (--profile) ----------------------------------------------
+
+
+def run_profiled_manager(out: str, argv: list[str]) -> None:
+    """`fleet-manager` with cProfile of its main thread (the event loop) between SIGUSR1
+    (start) and SIGUSR2 (stop, write `out`), so only the hold is profiled."""
+    import cProfile
+
+    profile = cProfile.Profile()
+
+    def begin(*_: Any) -> None:
+        profile.enable()
+
+    def end(*_: Any) -> None:
+        profile.disable()
+        profile.dump_stats(out)
+
+    signal.signal(signal.SIGUSR1, begin)
+    signal.signal(signal.SIGUSR2, end)
+    from manager.cli import app
+
+    app(argv, standalone_mode=False)
+
+
 # --- orchestration ------------------------------------------------------------------------
 
 
@@ -248,7 +272,9 @@ async def _commands(
     lat: list[tuple[str, float]] = []
     end = time.monotonic() + seconds
     rng = random.Random(1)
-    while time.monotonic() < end:
+    if rate <= 0:  # idle: the manager only holds the streams and stores their batches
+        await asyncio.sleep(seconds)
+    while rate > 0 and time.monotonic() < end:
         t0 = time.monotonic()
         node = rng.choice(ids)
         reply = await stub.ListAgents(
@@ -326,6 +352,9 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         '[logging]\nlevel = "warning"\n'
     )
     argv = [sys.executable, "-m", "manager.cli", "serve", "--config", str(config)]
+    if args.profile:
+        argv = [sys.executable, __file__, "--profiled-manager", str(args.profile.resolve())]
+        argv += ["serve", "--config", str(config)]
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     manager = subprocess.Popen(argv, env=env)
     time.sleep(3)
@@ -336,6 +365,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         time.sleep(min(10.0, args.hold / 3))  # the initial snapshots and batches settle
         t_hold = time.time()
         cpu0 = _cpu(manager.pid)
+        if args.profile:
+            manager.send_signal(signal.SIGUSR1)
         lat = [
             t
             for _, t in asyncio.run(
@@ -350,6 +381,13 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             )
         ]
         out["manager_cpu_per_1000"] = (_cpu(manager.pid) - cpu0) / args.hold / args.nodes * 1000
+        if args.profile:
+            args.profile.unlink(missing_ok=True)
+            manager.send_signal(signal.SIGUSR2)
+            deadline = time.monotonic() + 60
+            while not args.profile.exists() and time.monotonic() < deadline:
+                time.sleep(0.5)
+            time.sleep(1)  # written by now
         out["manager_rss_per_conn_kb"] = (_rss(manager.pid) - base_rss) / args.nodes / 1024
         out["cpu_ratio_to_ref"] = out["manager_cpu_per_1000"] / max(1e-9, out["ref_cpu_per_1000"])
         out["commands"] = len(lat)
@@ -360,13 +398,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 "SELECT COUNT(*) FROM events WHERE kind = 'NODE_OFFLINE' AND ts_ms >= ?",
                 (int(t_hold * 1000),),
             ).fetchone()[0]
+        _say(f"hold: {json.dumps(out)}")  # kept even if the reconnect below never ends
         if args.kill:
             manager.send_signal(signal.SIGKILL)
             manager.wait()
             t_kill = time.time()
             manager = subprocess.Popen(argv, env=env)
             gens.ask(f"since {t_kill}")
-            out["reconnect_all_s"] = max(gens.read_all("welcomed_by")) - t_kill
+            try:
+                welcomed = gens.read_all("welcomed_by", within=args.reconnect_within)
+                out["reconnect_all_s"] = max(welcomed) - t_kill
+            except SystemExit as exc:
+                out["reconnect_all_s"] = None
+                out["reconnect_failed"] = str(exc)
     finally:
         gens.stop()
         manager.terminate()
@@ -592,7 +636,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spread", type=float, default=20.0, help="seconds to start each slice")
     parser.add_argument("--metrics-interval", type=float, default=60.0)
     parser.add_argument("--state-change-interval", type=float, default=300.0)
-    parser.add_argument("--command-rate", type=float, default=20.0, help="ListAgents per second")
+    parser.add_argument(
+        "--command-rate", type=float, default=20.0, help="ListAgents per second (0: idle)"
+    )
+    parser.add_argument(
+        "--profile", type=Path, help="cProfile the manager's event loop during the hold to this"
+    )
     parser.add_argument("--no-kill", dest="kill", action="store_false")
     parser.add_argument("--smoke", action="store_true", help="a tiny run")
     parser.add_argument("--json", type=Path, help="also write the results here")
@@ -606,9 +655,19 @@ def main(argv: list[str] | None = None) -> int:
         default=1800.0,
         help="--replicas 2: give up if not every node is connected within this (s)",
     )
+    parser.add_argument(
+        "--reconnect-within",
+        type=float,
+        default=600.0,
+        help="after kill -9: give up if not every node is welcomed again within this (s)",
+    )
     parser.add_argument("--loadgen", help=argparse.SUPPRESS)
     parser.add_argument("--reference", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--profiled-manager", nargs=argparse.REMAINDER, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.profiled_manager:
+        run_profiled_manager(args.profiled_manager[0], args.profiled_manager[1:])
+        return 0
     if args.loadgen:
         asyncio.run(_loadgen(json.loads(args.loadgen)))
         return 0

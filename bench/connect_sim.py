@@ -191,6 +191,11 @@ class ControlStream:
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(asyncio.shield(self._reader), 5)
 
+    @property
+    def reader(self) -> asyncio.Task[None]:
+        """The task reading the stream; done once the stream ended (`ended` says how)."""
+        return self._reader
+
     async def _read(self) -> None:
         try:
             while True:
@@ -407,8 +412,14 @@ class ConnectNode:
                 self.change_state()
                 await stream.request(manager_pb2.ConnectRequest(agent_states=self.snapshot()))
                 next_change = now + self.state_change_interval
-            await asyncio.sleep(max(0.05, min(next_metrics, next_change) - time.monotonic()))
-        raise stream.ended
+            # Until the next batch or change, or the stream's end (a daemon notices a
+            # broken stream at once and reconnects; sleeping through it to the next
+            # batch made every reconnect after a kill -9 take up to a metrics interval).
+            await asyncio.wait(
+                {stream.reader},
+                timeout=max(0.05, min(next_metrics, next_change) - time.monotonic()),
+            )
+        raise stream.ended or StreamEnded(grpc.StatusCode.UNKNOWN, "the stream's reader failed")
 
     # -- upward --
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import logging
+import resource
 import signal
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, Protocol, cast
@@ -33,6 +34,8 @@ __all__ = [
     "AsyncHealth",
     "SystemdNotifier",
     "add_health_and_reflection",
+    "open_files_target",
+    "raise_open_files_limit",
     "run_until_signalled",
     "setup_logging",
     "start_metrics_http_server",
@@ -54,6 +57,36 @@ class AsyncHealth(Protocol):
 
     async def enter_graceful_shutdown(self) -> None:
         """Report NOT_SERVING for every service from now on."""
+
+
+def open_files_target(soft: int, hard: int) -> int:
+    """The soft RLIMIT_NOFILE to ask for: the hard limit (pure).
+
+    Every connection is a descriptor, and a manager holding 15,000 control
+    streams needs that many; the default soft limit (often 1,024) would refuse
+    connections long before. An unlimited hard limit is capped at 1,048,576
+    (the kernel's default nr_open), which setrlimit accepts.
+    """
+    if soft == resource.RLIM_INFINITY:
+        return soft
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    return max(soft, hard)
+
+
+def raise_open_files_limit() -> int:
+    """Raise this process's soft RLIMIT_NOFILE to its hard limit; returns the soft limit now."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = open_files_target(soft, hard)
+    if want != soft:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+        except (ValueError, OSError) as exc:  # e.g. above nr_open: keep what we have
+            logging.getLogger(__name__).warning(
+                "could not raise the open files limit from %d to %d: %s", soft, want, exc
+            )
+            return soft
+    return want
 
 
 async def _maybe_await(result: Awaitable[None] | None) -> None:

@@ -21,7 +21,7 @@ import typer
 from fleet.config import load_config
 from fleet.errors import ConfigError, FleetError
 from fleet.observability import setup_logging
-from fleet.service import run_until_signalled
+from fleet.service import raise_open_files_limit, run_until_signalled
 from fleet.systemd import SystemdNotifier
 from manager.config import ENV_PREFIX, ManagerConfig
 
@@ -64,6 +64,8 @@ def _load(path: Path | None) -> ManagerConfig:
 async def _serve(config: ManagerConfig) -> None:
     from manager.server import ManagerServer  # deferred: `--help` stays fast
 
+    # A descriptor per daemon connection: 15,000 control streams need the hard limit.
+    log.info("open files limit: %d", raise_open_files_limit())
     notifier = SystemdNotifier()
     server = ManagerServer(config)
     watchdog: list[asyncio.Task[None]] = []

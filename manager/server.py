@@ -472,7 +472,11 @@ class ManagerServer:
         self.job_janitor.start()
         self._stack.push_async_callback(self.job_janitor.stop)
         self.agent_states = AgentStates(
-            self.registry, desired, clock=self._clock, on_change=self.convergence.touched
+            self.registry,
+            desired,
+            clock=self._clock,
+            on_change=self.convergence.touched,
+            on_states=self.convergence.states_changed,
         )
         self._stack.push_async_callback(self.agent_states.stop)
         # Enrollment: the deny list (every replica), certificates, tokens and node removal.

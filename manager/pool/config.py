@@ -75,6 +75,14 @@ class ControlConfig:
     replicas); must be well below the liveness offline window."""
     hello_timeout_seconds: float = 10.0
     """A stream that sends no hello within this is ended (DEADLINE_EXCEEDED)."""
+    max_hellos_per_second: float = 500.0
+    """Ceiling on new streams admitted per second (after a burst of as many): after
+    a restart the fleet reconnects at once, and the streams already open keep being
+    served. A hello past it waits for its slot."""
+    max_hello_wait_seconds: float = 5.0
+    """A hello that would wait longer than this for its slot is refused
+    RESOURCE_EXHAUSTED (the daemon backs off and comes back); below the daemons'
+    own deadline for the welcome (`manager.rpc_timeout_seconds`, 10 s)."""
     max_pending_answers: int = 64
     """Upward messages of one stream being handled at once; at this many the
     manager stops reading that stream (backpressure on the daemon)."""

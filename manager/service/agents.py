@@ -52,12 +52,17 @@ class AgentStates:
         *,
         clock: Callable[[], float],
         on_change: Callable[[Collection[str]], None] = lambda node_ids: None,
+        on_states: Callable[[Collection[str]], None] | None = None,
         max_group: int = 200,
     ) -> None:
+        """`on_change(nodes)`: daemons reported their spec version or update errors anew
+        (the driver's delivery bookkeeping). `on_states(nodes)`: their agents' states
+        changed (only a live rollout judges them); `on_change` if not given."""
         self._registry = registry
         self._desired = desired
         self._clock = clock
         self._on_change = on_change
+        self._on_states = on_states or on_change
         self._max_group = max_group
         self._queue: collections.deque[_Sync] = collections.deque()
         self._committer: asyncio.Task[None] | None = None
@@ -128,9 +133,12 @@ class AgentStates:
         # Node order: concurrent transactions lock node rows in one order (PostgreSQL).
         order = sorted(range(len(group)), key=lambda i: group[i].node_id)
 
-        async def body(tx: DesiredTx) -> tuple[list[int | BaseException], list[str]]:
+        async def body(
+            tx: DesiredTx,
+        ) -> tuple[list[int | BaseException], list[str], list[str]]:
             results: list[int | BaseException] = [0] * len(group)
-            touched: set[str] = set()
+            changed_states: set[str] = set()
+            reported_nodes: set[str] = set()  # their node_desired row changed
             for part in _rounds(order, group):
                 counts = await replace_many(
                     tx.conn,
@@ -150,8 +158,8 @@ class AgentStates:
                     results[i] = changed
                     known.append(i)
                     if changed > 0:
-                        touched.add(group[i].node_id)
-                reported = await DaemonReports.apply_many(
+                        changed_states.add(group[i].node_id)
+                reported_nodes |= await DaemonReports.apply_many(
                     tx,
                     [
                         (group[i].node_id, group[i].spec_version, group[i].update_errors)
@@ -159,13 +167,14 @@ class AgentStates:
                     ],
                     now_ms=now_ms,
                 )
-                touched |= reported
-            return results, sorted(touched)
+            return results, sorted(changed_states), sorted(reported_nodes)
 
-        results, touched = await self._desired.run(body)
+        results, states, reported = await self._desired.run(body)
         self.commits += 1
-        if touched:
-            self._on_change(touched)  # rollouts judge agents by their states
+        if reported:
+            self._on_change(reported)
+        if states:
+            self._on_states(states)  # rollouts judge agents by their states
         return results
 
 

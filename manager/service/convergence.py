@@ -31,6 +31,13 @@ it changes in one transaction, after checking under the rollout's row lock
 that the row is the one this driver stored (otherwise: no step, a full pass
 next). A batch costs O(batch), not O(fleet).
 
+Agents' state changes (`states_changed`) come at a rate that grows with the
+fleet and only a live rollout judges them: they wake the driver only while
+one is live. A full pass reads every node, so a poked one waits until
+`pace` times the last full pass's duration has passed (`pass_gap`): when
+full passes are due back to back (a push keeps failing, pokes are steady)
+they take at most a quarter of the event loop.
+
 Exactly one driver: the leader checks the lock before every pass and every
 `lock_check` seconds while idle, and a new leader waits `lock_check` before
 its first pass, so one whose lock connection died (PostgreSQL dropped the
@@ -89,6 +96,7 @@ __all__ = [
     "PassResult",
     "note_kind",
     "observations",
+    "pass_gap",
     "persist_step",
     "progress_of",
 ]
@@ -182,6 +190,18 @@ class _Memo:
                 m.answered(node_id, errors)
 
 
+def pass_gap(*, spent: float, since: float, debounce: float, pace: float) -> float:
+    """Seconds to wait before a poked full pass (pure).
+
+    At least `debounce`, and until `pace` times the last full pass's duration
+    has passed since it ended: a full pass reads every node, and pokes may come
+    at a rate that grows with the fleet, so unpaced passes would grow as nodes
+    squared and take the whole loop; paced, they take at most 1 / (1 + pace)
+    of it and a change waits at most a pass and its gap.
+    """
+    return max(debounce, spent * pace - since)
+
+
 class Convergence:
     """The desired-state driver (see the module docstring)."""
 
@@ -194,6 +214,7 @@ class Convergence:
         clock: Callable[[], float] = time.time,
         candidates: CandidateSource | None = None,
         debounce: float = 0.05,
+        pace: float = 3.0,
         safety_interval: float = 10.0,
         push_concurrency: int = 64,
         push_timeout: float | None = None,
@@ -209,6 +230,7 @@ class Convergence:
         self._clock = clock
         self._candidates = candidates
         self._debounce = debounce
+        self._pace = pace
         self._safety = safety_interval
         self._push_sem = asyncio.Semaphore(push_concurrency)
         self._push_timeout = push_timeout
@@ -227,6 +249,12 @@ class Convergence:
         self._memo: _Memo | None = None
         self._next_full = 0.0
         """time.monotonic() at which a full pass is due anyway."""
+        self._full_spent = 0.0
+        self._full_ended = 0.0
+        """How long the last full pass took and when it ended (time.monotonic())."""
+        self._rollouts_live = True  # until a pass says otherwise
+        self.passes = 0
+        """Passes run so far, full and incremental (tests read it)."""
         self.leading = False
         """True while this replica holds the lock and converges."""
 
@@ -241,6 +269,15 @@ class Convergence:
         """These nodes' agents reported (stored): re-judge only them, at once."""
         self._touched.update(node_ids)
         self._wake.set()
+
+    def states_changed(self, node_ids: Iterable[str]) -> None:
+        """These nodes' agents' states changed (stored): re-judge them only if a rollout
+        is live (only a rollout judges agents by their states; agent syncs come at a
+        rate that grows with the fleet). Kept either way: a pass that finds a rollout
+        live wakes for the ones that came while it ran."""
+        self._touched.update(node_ids)
+        if self._rollouts_live:
+            self._wake.set()
 
     def start(self) -> None:
         """Compete for the lock and converge while holding it."""
@@ -293,17 +330,13 @@ class Convergence:
                 log.warning("lost the desired-state lock; competing for it again")
                 return
             self._wake.clear()
-            memo = self._memo
-            full = (
-                self._full
-                or memo is None
-                or time.monotonic() >= self._next_full
-                or (memo.backoff_at is not None and self._clock() >= memo.backoff_at)
-            )
-            result = None if full else await self.run_incremental()
+            result = None if self._full_due() else await self.run_incremental()
             if result is None:
                 self._full = False
+                started = time.monotonic()
                 result = await self.run_once()
+                self._full_ended = time.monotonic()
+                self._full_spent = self._full_ended - started
                 interval = self._safety
                 if replicas and {"RUNNING", "REVERTING"} & set(result.live_rollouts):
                     # Daemons may report to another replica, which cannot poke this one.
@@ -315,8 +348,27 @@ class Convergence:
             if not await self._idle(delay):
                 log.warning("lost the desired-state lock; competing for it again")
                 return
-            if self._full:  # let a burst of pokes settle into one full pass
-                await asyncio.sleep(self._debounce)
+            if self._full_due():
+                # Let a burst of pokes settle into one full pass, and keep full passes
+                # (each O(nodes)) from running back to back.
+                await asyncio.sleep(
+                    pass_gap(
+                        spent=self._full_spent,
+                        since=time.monotonic() - self._full_ended,
+                        debounce=self._debounce,
+                        pace=self._pace,
+                    )
+                )
+
+    def _full_due(self) -> bool:
+        """Whether the next pass must be a full one."""
+        memo = self._memo
+        return (
+            self._full
+            or memo is None
+            or time.monotonic() >= self._next_full
+            or (memo.backoff_at is not None and self._clock() >= memo.backoff_at)
+        )
 
     def _forget(self) -> None:
         """Drop the memo: the next pass is a full one."""
@@ -365,6 +417,10 @@ class Convergence:
             self._memo.answered(answers)
             if result.push_failed:
                 self._memo = None  # the retry is a full pass's (backoff per node)
+            self.passes += 1
+            self._rollouts_live = bool(result.live_rollouts)
+            if self._rollouts_live and self._touched:
+                self._wake.set()  # states changed during this pass, maybe after it read them
             self._on_pass(result)
             return result
 
@@ -468,6 +524,8 @@ class Convergence:
             if result.push_failed:
                 self._memo = None  # the retry with backoff is a full pass's
             result.undelivered = len(memo.undelivered)
+            self.passes += 1
+            self._rollouts_live = bool(memo.rollouts)
             self._on_pass(result)
             return result
 

@@ -77,12 +77,19 @@ class RegistrationBatches:
             _answer(batch, outcomes)
 
     def _take(self) -> list[_Pending]:
-        """Up to max_batch queued registrations, one per node id (a repeat waits)."""
+        """Up to max_batch queued registrations, one per node id (a repeat waits),
+        leaving out those whose caller is gone."""
         batch: list[_Pending] = []
         repeats: list[_Pending] = []
         seen: set[str] = set()
         while self._queue and len(batch) < self._max:
             item = self._queue.popleft()
+            if item[2].done():
+                # Its caller went away while it queued (the stream broke, the daemon's
+                # deadline passed): never acknowledged, so not written. Under a
+                # reconnect storm these were most of the queue; the daemon registers
+                # again on its next stream.
+                continue
             if item[0].node_id in seen:
                 repeats.append(item)
             else:

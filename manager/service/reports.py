@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from manager.storage.desired import DesiredStateRepository, DesiredTx
 from manager.storage.records import NodeDesiredRecord, UpdateErrorRecord
 
-__all__ = ["DaemonReports", "update_errors_event"]
+__all__ = ["DaemonReports", "reported_row", "update_errors_event"]
 
 
 class DaemonReports:
@@ -59,6 +59,15 @@ class DaemonReports:
                 now_ms=now_ms,
             )
 
+        async def peek(tx: DesiredTx) -> bool:
+            row = (await tx.node_desired([node_id])).get(node_id)
+            return reported_row(row, node_id, spec_version, update_errors, registered, now_ms)[1]
+
+        # Almost always nothing changed (a daemon reconnecting with the set it had):
+        # a read then, not a write transaction per hello queued on SQLite's one
+        # writer, which made a whole fleet's reconnect wait on each other.
+        if not await self._repo.run(peek, write=False):
+            return
         if await self._repo.run(body):
             self._on_change()
 
@@ -93,24 +102,45 @@ class DaemonReports:
         after_rows: list[NodeDesiredRecord] = []
         for node_id, spec_version, update_errors in reports:
             row = rows.get(node_id)
-            if row is None:
-                if not spec_version and not update_errors:
-                    continue  # never managed: nothing to remember
-                row = NodeDesiredRecord(node_id)
-            errors = row.update_errors if update_errors is None else tuple(update_errors)
-            retry = registered and (row.next_push_ms > now_ms or row.push_attempts > 0)
-            if row.reported_version == spec_version and errors == row.update_errors and not retry:
-                continue
-            after = dataclasses.replace(
-                row, reported_version=spec_version, update_errors=errors, updated_ms=now_ms
+            after, changed = reported_row(
+                row, node_id, spec_version, update_errors, registered, now_ms
             )
-            if retry:
-                after = dataclasses.replace(after, next_push_ms=0, push_attempts=0)
+            if not changed:
+                continue
             after_rows.append(after)
-            if errors != row.update_errors:
-                update_errors_event(tx, node_id, errors, now_ms)
+            before = row if row is not None else NodeDesiredRecord(node_id)
+            if after.update_errors != before.update_errors:
+                update_errors_event(tx, node_id, after.update_errors, now_ms)
         await tx.put_node_desired(after_rows)
         return {row.node_id for row in after_rows}
+
+
+def reported_row(
+    row: NodeDesiredRecord | None,
+    node_id: str,
+    spec_version: int,
+    update_errors: Sequence[UpdateErrorRecord] | None,
+    registered: bool,
+    now_ms: int,
+) -> tuple[NodeDesiredRecord, bool]:
+    """The node's `node_desired` row after its report, and whether it changed (pure).
+
+    `registered`: a push that failed while it was away is retried at once.
+    """
+    if row is None:
+        row = NodeDesiredRecord(node_id)
+        if not spec_version and not update_errors:
+            return row, False  # never managed: nothing to remember
+    errors = row.update_errors if update_errors is None else tuple(update_errors)
+    retry = registered and (row.next_push_ms > now_ms or row.push_attempts > 0)
+    if row.reported_version == spec_version and errors == row.update_errors and not retry:
+        return row, False
+    after = dataclasses.replace(
+        row, reported_version=spec_version, update_errors=errors, updated_ms=now_ms
+    )
+    if retry:
+        after = dataclasses.replace(after, next_push_ms=0, push_attempts=0)
+    return after, True
 
 
 def update_errors_event(

@@ -11,6 +11,11 @@ handler refuses is answered with `error` (its code, message and the
 `Resource` the unary call would send as trailing metadata) and the stream
 goes on. Command results go to the node's `ControlSession`.
 
+New streams are admitted at most `control.max_hellos_per_second` (after a
+burst of as many; `manager.service.admission.HelloPacer`): a hello past the
+ceiling waits for its slot, or is refused RESOURCE_EXHAUSTED if that would
+take more than `control.max_hello_wait_seconds`.
+
 Upward messages are handled concurrently, at most
 `control.max_pending_answers` at once per stream; at that many the handler
 stops reading, which is the daemon's backpressure. Protocol violations
@@ -23,17 +28,19 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
 import grpc
 from grpc import aio
 
-from fleet.errors import DeadlineExceeded, FleetError, InvalidArgument
+from fleet.errors import DeadlineExceeded, FleetError, InvalidArgument, ResourceExhausted
 from fleet.interceptors import bounded
 from fleet.v1 import manager_pb2
 from manager.pool.config import ControlConfig
 from manager.pool.stream import ControlSession, ControlStreams
+from manager.service.admission import HelloPacer
 
 __all__ = ["ControlChannel"]
 
@@ -61,10 +68,14 @@ class ControlChannel:
         *,
         on_violation: Callable[[str], None] = lambda _: None,
         on_refused: Callable[[str, str], None] = lambda _k, _c: None,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._unary = unary
         self._streams = streams
         self._config = config
+        self._clock = clock
+        rate = config.max_hellos_per_second
+        self._pacer = HelloPacer(rate, rate, config.max_hello_wait_seconds)
         self._on_violation = on_violation
         self._on_refused = on_refused
 
@@ -90,6 +101,7 @@ class ControlChannel:
                 "the first message on the control stream must be hello (as RegisterNode), "
                 f"got {first.WhichOneof('body') or 'an empty message'}"
             )
+        await self._admit()
         # Identity (node/<hello.node_id>), validation and registration: RegisterNode's own.
         welcome = await self._unary.RegisterNode(first.hello, context)
         session = ControlSession(first.hello.node_id, self._config, on_violation=self._on_violation)
@@ -119,6 +131,20 @@ class ControlChannel:
                 raise
             except Exception as exc:  # the call went meanwhile (shutdown, the daemon left)
                 log.debug("%s: could not end the stream with %s: %r", session.node_id, code, exc)
+
+    async def _admit(self) -> None:
+        """Wait for this hello's slot under the ceiling; ResourceExhausted if too far off."""
+        wait = self._pacer.reserve(self._clock())
+        if wait is None:
+            self._on_refused("hello", "RESOURCE_EXHAUSTED")
+            rate = self._config.max_hellos_per_second
+            raise ResourceExhausted(
+                f"the manager admits at most {rate:g} new control streams per second "
+                f"([control] max_hellos_per_second) and this one would wait more than "
+                f"{self._config.max_hello_wait_seconds:g} s; reconnect after a backoff"
+            )
+        if wait > 0:
+            await asyncio.sleep(wait)
 
     async def _write(self, session: ControlSession, context: _Context) -> None:
         try:

@@ -36,10 +36,22 @@ def dump_map(value: Mapping[str, str]) -> str:
     return json.dumps(dict(value), sort_keys=True, separators=(",", ":"))
 
 
+_MAPS: dict[str, dict[str, str]] = {}
+"""Parsed maps by their text: listing every node parsed three maps a row, and most
+rows' texts are the same from one listing to the next (and often across nodes)."""
+_MAPS_MAX = 100_000
+
+
 def load_map(text: str) -> dict[str, str]:
-    """The inverse of `dump_map`."""
-    loaded = json.loads(text) if text else {}
-    return {str(k): str(v) for k, v in loaded.items()}
+    """The inverse of `dump_map` (a new dict each call: callers may change it)."""
+    parsed = _MAPS.get(text)
+    if parsed is None:
+        loaded = json.loads(text) if text else {}
+        parsed = {str(k): str(v) for k, v in loaded.items()}
+        if len(_MAPS) >= _MAPS_MAX:
+            _MAPS.clear()  # bounded; refilled by the next listing
+        _MAPS[text] = parsed
+    return parsed.copy()
 
 
 def event_row(

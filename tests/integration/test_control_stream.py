@@ -135,6 +135,42 @@ async def test_hello_for_another_identity_ends_the_stream(
     assert await scalar(manager, "SELECT count(*) FROM nodes") == 0
 
 
+async def test_new_streams_are_admitted_under_the_ceiling_and_refused_past_the_wait(
+    pki: Any, database_url: str, tmp_path: Path, clock: FakeClock, ends: list[ControlEnd]
+) -> None:
+    """At 2 hellos/s (a burst of 2) and 0.6 s of wait at most: 2 welcomed at once, the
+    third after its 0.5 s slot, the rest refused RESOURCE_EXHAUSTED naming the setting
+    (and counted), registering nothing."""
+    config = manager_config(
+        pki,
+        database_url,
+        tmp_path / "state",
+        control={"max_hellos_per_second": 2.0, "max_hello_wait_seconds": 0.6},
+    )
+    async with running_manager(config, clock) as server:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+
+        async def one(node: str) -> tuple[str, float, ControlEnd, Any]:
+            end, first = await connect(pki, server, ends, node)
+            return node, loop.time() - t0, end, first
+
+        got = await asyncio.gather(*(one(f"node-{i}") for i in range(5)))
+        welcomed = sorted(t for _, t, _, first in got if first is not None)
+        refused = [end for _, _, end, first in got if first is None]
+        assert len(welcomed) == 3
+        assert welcomed[2] >= 0.45  # its slot, not at once
+        assert len(refused) == 2
+        for end in refused:
+            assert end.status is grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "max_hellos_per_second" in end.details
+        assert await scalar(server, "SELECT count(*) FROM nodes") == 3
+        refusals = server.metrics.registry.get_sample_value(
+            "fleet_manager_control_refused_total", {"kind": "hello", "code": "RESOURCE_EXHAUSTED"}
+        )
+        assert refusals == 2
+
+
 async def test_first_message_must_be_hello(
     pki: Any, manager: ManagerServer, ends: list[ControlEnd]
 ) -> None:

@@ -553,3 +553,29 @@ async def test_a_rollout_changed_by_another_writer_sends_the_driver_to_a_full_pa
         done = await until(lambda: env.rollout("web"), lambda r: r.ended_at > 0)
         assert (state(done), done.done) == ("SUCCESSFUL", 4)
         assert env.revisions("web") == {f"p{i}": 2 for i in range(4)}
+
+
+async def test_agent_state_changes_run_no_pass_without_a_live_rollout(
+    pki: Any, tmp_path: Path, database_url: str
+) -> None:
+    """A pass reads every node, and agents' state changes come at a rate that grows
+    with the fleet: they run a pass only while a rollout (which judges them) is live."""
+    async with desired_env(pki, tmp_path, database_url) as env:
+        await env.add("p0", {"env": "prod"}, agents=(SimAgent("a1"),))
+        conv = env.manager.convergence
+        await until(lambda: conv.passes, lambda n: n >= 1)  # the registration's
+        await asyncio.sleep(0.3)
+        node = env.fleet.nodes[0]
+        assert node.servicer.link is not None
+        before = conv.passes
+        for i in range(10):  # stopped, running, stopped, ...: a state change each time
+            node.servicer.agents["a1"].status = (
+                common_pb2.AGENT_STATUS_STOPPED if i % 2 == 0 else common_pb2.AGENT_STATUS_RUNNING
+            )
+            await node.servicer.link.report()
+            await asyncio.sleep(0.1)  # past the driver's debounce: each could be a pass
+        # At most the safety pass (every 10 s) may have fallen in.
+        assert conv.passes - before <= 1
+        # With a rollout live, they do wake the driver (it judges health by them).
+        await env.apply(definition(sel="env=prod"))
+        await until(lambda: env.rollout("web"), lambda r: state(r) == "SUCCESSFUL")

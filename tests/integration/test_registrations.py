@@ -61,3 +61,21 @@ async def test_max_batch_bounds_each_transaction(database: Database, size: int) 
     commits = _count_commits(database)
     await asyncio.gather(*(batches.submit(node_record(f"n{i}"), 1_000) for i in range(20)))
     assert len(commits) == -(-20 // size)
+
+
+async def test_a_registration_whose_caller_left_while_queued_is_not_written(
+    database: Database,
+) -> None:
+    """A daemon that gave up (stream broken, deadline passed) before its registration was
+    taken from the queue was never answered: it is dropped, not written, so a
+    reconnect storm does not keep writing registrations nobody waits for."""
+    nodes = NodeRepository(database)
+    batches = RegistrationBatches(nodes, max_batch=1)  # one at a time: c waits behind a, b
+    a, b, c = (asyncio.create_task(batches.submit(node_record(n), 1_000)) for n in ("a", "b", "c"))
+    await asyncio.sleep(0)  # all three queued; a's transaction starts next
+    c.cancel()
+    assert await asyncio.gather(a, b) == [True, True]
+    with pytest.raises(asyncio.CancelledError):
+        await c
+    await asyncio.sleep(0.2)  # anything still queued would be written by now
+    assert sorted(await nodes.known_ids()) == ["a", "b"]

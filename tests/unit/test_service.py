@@ -7,8 +7,11 @@ import io
 import json
 import logging
 import os
+import resource
 import signal
 import socket
+import subprocess
+import sys
 import tempfile
 import urllib.error
 import urllib.request
@@ -27,7 +30,12 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from fleet.errors import ConfigError
 from fleet.interceptors import ErrorMappingInterceptor
 from fleet.observability import setup_logging, start_metrics_http_server
-from fleet.service import add_health_and_reflection, run_until_signalled
+from fleet.service import (
+    add_health_and_reflection,
+    open_files_target,
+    raise_open_files_limit,
+    run_until_signalled,
+)
 from fleet.systemd import SystemdNotifier
 from fleet.v1 import daemon_pb2_grpc
 
@@ -366,3 +374,34 @@ async def test_health_and_reflection_over_a_real_server() -> None:
     ]
     services = {s.name for f in files if f.package == "fleet.v1" for s in f.service}
     assert "DaemonService" in services
+
+
+# --- the open files limit (a descriptor per daemon connection) ---
+
+
+def test_open_files_target_is_the_hard_limit() -> None:
+    assert open_files_target(1024, 20000) == 20000
+    assert open_files_target(20000, 20000) == 20000
+    assert open_files_target(1024, resource.RLIM_INFINITY) == 1 << 20
+    assert open_files_target(resource.RLIM_INFINITY, resource.RLIM_INFINITY) == (
+        resource.RLIM_INFINITY
+    )
+
+
+def test_raise_open_files_limit_in_a_process_started_low() -> None:
+    """A child started with soft 256 ends with soft == its hard limit."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    code = (
+        "import resource; from fleet.service import raise_open_files_limit;"
+        "print(raise_open_files_limit(), resource.getrlimit(resource.RLIMIT_NOFILE)[0])"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)),
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=Path(__file__).resolve().parents[2],
+    ).stdout.split()
+    assert [int(v) for v in out] == [open_files_target(256, hard)] * 2
+    assert raise_open_files_limit() >= 256
