@@ -65,7 +65,7 @@ async def _serve(config: ManagerConfig) -> None:
     from manager.server import ManagerServer  # deferred: `--help` stays fast
 
     # A descriptor per daemon connection: 15,000 control streams need the hard limit.
-    log.info("open files limit: %d", raise_open_files_limit())
+    open_files = raise_open_files_limit()
     notifier = SystemdNotifier()
     server = ManagerServer(config)
     watchdog: list[asyncio.Task[None]] = []
@@ -81,6 +81,8 @@ async def _serve(config: ManagerConfig) -> None:
         watchdog.append(asyncio.create_task(notifier.watchdog_loop(), name="watchdog"))
         notifier.ready()
         notifier.status(f"serving ManagerService on port {server.port}")
+        # Logged once serving: a refused start prints its one line and nothing else.
+        log.info("open files limit: %d", open_files)
 
     async def stop(grace: float) -> None:
         notifier.stopping()
