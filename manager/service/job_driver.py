@@ -40,7 +40,7 @@ from google.protobuf import json_format
 from fleet.errors import FleetError, Unavailable
 from fleet.v1 import daemon_pb2, jobs_pb2
 from manager.pool import DaemonPool
-from manager.service.job_reports import StepReport, report_change
+from manager.service.job_reports import report_change, state_name, step_reports
 from manager.service.job_spec import check_spec
 from manager.service.job_updates import Change, JobUpdates
 from manager.service.jobs import (
@@ -93,14 +93,6 @@ class _Live:
     storing: set[str] = field(default_factory=set)
     """Targets whose end an answer carried, ended in memory until its commit (the job
     does not end before those commits)."""
-
-
-def _name(state: jobs_pb2.JobTargetState.ValueType) -> str:
-    """A JobTargetState as the name a report gives ("SUCCESS"; unknown numbers as such)."""
-    try:
-        return jobs_pb2.JobTargetState.Name(state).removeprefix("JOB_TARGET_STATE_")
-    except ValueError:
-        return str(state)
 
 
 def _node_state(state: jobs_pb2.JobTargetState.ValueType) -> TargetState:
@@ -470,23 +462,12 @@ class JobDriver:
             return report_change(
                 node_id,
                 job_id,
-                state=_name(end.state),
+                state=state_name(end.state),
                 exit_code=end.exit_code,
                 started_ms=end.started_at,
                 ended_ms=end.ended_at,
                 reason=end.reason,
-                steps=[
-                    StepReport(
-                        index=s.index,
-                        name=s.name,
-                        state=_name(s.state),
-                        exit_code=s.exit_code,
-                        started_ms=s.started_at,
-                        ended_ms=s.ended_at,
-                        reason=s.reason,
-                    )
-                    for s in end.steps
-                ],
+                steps=step_reports(end.steps),
                 output_bytes=len(end.output),
                 output=end.output,
                 bound=self._bound,

@@ -12,14 +12,23 @@ the reports (`JobUpdates.submit_output`): acknowledged once stored.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from fleet.errors import InvalidArgument, NotFound, PermissionDenied
+from fleet.v1 import jobs_pb2
 from manager.service.job_updates import Change, JobUpdates, Upload
 from manager.service.jobs import TERMINAL, TargetState, job_id_problem
 
-__all__ = ["MAX_OUTPUT_CHUNK", "JobReports", "StepReport", "UploadResult", "report_change"]
+__all__ = [
+    "MAX_OUTPUT_CHUNK",
+    "JobReports",
+    "StepReport",
+    "UploadResult",
+    "report_change",
+    "state_name",
+    "step_reports",
+]
 
 MAX_OUTPUT_CHUNK = 1024 * 1024
 """Largest output chunk a daemon may send in one UploadJobOutput."""
@@ -83,6 +92,31 @@ def _check_ids(job_id: str) -> None:
     problem = job_id_problem(job_id)
     if problem:
         raise InvalidArgument(problem, field="job_id")
+
+
+def state_name(state: jobs_pb2.JobTargetState.ValueType) -> str:
+    """A JobTargetState number as a report's state name ("SUCCESS"); "#N" for a number
+    this manager does not know (validation refuses it, naming it)."""
+    try:
+        return jobs_pb2.JobTargetState.Name(state).removeprefix("JOB_TARGET_STATE_")
+    except ValueError:
+        return f"#{state}"
+
+
+def step_reports(steps: Iterable[jobs_pb2.JobStepResult]) -> list[StepReport]:
+    """The steps of a ReportJobStatus or of an end a StartJob answer carried."""
+    return [
+        StepReport(
+            index=s.index,
+            name=s.name,
+            state=state_name(s.state),
+            exit_code=s.exit_code,
+            started_ms=s.started_at,
+            ended_ms=s.ended_at,
+            reason=s.reason,
+        )
+        for s in steps
+    ]
 
 
 def report_change(

@@ -17,12 +17,12 @@ from grpc import aio
 
 from fleet.errors import FailedPrecondition, InvalidArgument
 from fleet.labels import validate_label_value
-from fleet.v1 import common_pb2, jobs_pb2, manager_pb2, manager_pb2_grpc
+from fleet.v1 import common_pb2, manager_pb2, manager_pb2_grpc
 from manager.service.agents import AgentStates
 from manager.service.artifacts import Artifacts
 from manager.service.certificates import NO_ISSUER, Certificates
 from manager.service.deny_list import DenyList
-from manager.service.job_reports import JobReports, StepReport
+from manager.service.job_reports import JobReports, state_name, step_reports
 from manager.service.metrics import MetricsService
 from manager.service.model import MetricPoint, Registration
 from manager.service.registry import NodeRegistry
@@ -213,23 +213,12 @@ class ManagerServicer(ArtifactDownloads, manager_pb2_grpc.ManagerServiceServicer
         cancel = await self._jobs.report(
             request.node_id,
             request.job_id,
-            state=_enum_name(jobs_pb2.JobTargetState, request.state, "JOB_TARGET_STATE_"),
+            state=state_name(request.state),
             exit_code=request.exit_code,
             started_ms=request.started_at,
             ended_ms=request.ended_at,
             reason=request.reason,
-            steps=[
-                StepReport(
-                    index=s.index,
-                    name=s.name,
-                    state=_enum_name(jobs_pb2.JobTargetState, s.state, "JOB_TARGET_STATE_"),
-                    exit_code=s.exit_code,
-                    started_ms=s.started_at,
-                    ended_ms=s.ended_at,
-                    reason=s.reason,
-                )
-                for s in request.steps
-            ],
+            steps=step_reports(request.steps),
             output_bytes=request.output_bytes,
         )
         return manager_pb2.ReportJobStatusResponse(cancel=cancel)
