@@ -40,7 +40,7 @@ from google.protobuf import json_format
 from fleet.errors import FleetError, Unavailable
 from fleet.v1 import daemon_pb2, jobs_pb2
 from manager.pool import DaemonPool
-from manager.service.job_reports import report_change, state_name, step_reports
+from manager.service.job_reports import reported_change
 from manager.service.job_spec import check_spec
 from manager.service.job_updates import Change, JobUpdates
 from manager.service.jobs import (
@@ -459,15 +459,10 @@ class JobDriver:
             )
         end = response.end
         try:
-            return report_change(
+            return reported_change(
                 node_id,
                 job_id,
-                state=state_name(end.state),
-                exit_code=end.exit_code,
-                started_ms=end.started_at,
-                ended_ms=end.ended_at,
-                reason=end.reason,
-                steps=step_reports(end.steps),
+                end,
                 output_bytes=len(end.output),
                 output=end.output,
                 bound=self._bound,

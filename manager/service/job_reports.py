@@ -16,7 +16,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from fleet.errors import InvalidArgument, NotFound, PermissionDenied
-from fleet.v1 import jobs_pb2
+from fleet.v1 import daemon_pb2, jobs_pb2, manager_pb2
 from manager.service.job_updates import Change, JobUpdates, Upload
 from manager.service.jobs import TERMINAL, TargetState, job_id_problem
 
@@ -26,6 +26,7 @@ __all__ = [
     "StepReport",
     "UploadResult",
     "report_change",
+    "reported_change",
     "state_name",
     "step_reports",
 ]
@@ -181,6 +182,32 @@ def report_change(
     )
 
 
+def reported_change(
+    node_id: str,
+    job_id: str,
+    msg: manager_pb2.ReportJobStatusRequest | daemon_pb2.JobEnd,
+    *,
+    output_bytes: int,
+    output: bytes | None = None,
+    bound: int = 0,
+) -> Change:
+    """`report_change` for a node's message: a ReportJobStatus, or the end a StartJob
+    answer carried (with its whole `output`)."""
+    return report_change(
+        node_id,
+        job_id,
+        state=state_name(msg.state),
+        exit_code=msg.exit_code,
+        started_ms=msg.started_at,
+        ended_ms=msg.ended_at,
+        reason=msg.reason,
+        steps=step_reports(msg.steps),
+        output_bytes=output_bytes,
+        output=output,
+        bound=bound,
+    )
+
+
 class JobReports:
     """Daemons' job reports and output (see the module docstring)."""
 
@@ -188,32 +215,11 @@ class JobReports:
         self._updates = updates
         self._bound = max_output_bytes
 
-    async def report(
-        self,
-        node_id: str,
-        job_id: str,
-        *,
-        state: str,
-        exit_code: int = 0,
-        started_ms: int = 0,
-        ended_ms: int = 0,
-        reason: str = "",
-        steps: Sequence[StepReport] = (),
-        output_bytes: int = 0,
-    ) -> bool:
-        """Store where the node's target of `job_id` is; True if it should stop it."""
+    async def report(self, request: manager_pb2.ReportJobStatusRequest) -> bool:
+        """Store where the node's target of the job is; True if it should stop it."""
+        job_id, node_id = request.job_id, request.node_id
         outcome = await self._updates.submit(
-            report_change(
-                node_id,
-                job_id,
-                state=state,
-                exit_code=exit_code,
-                started_ms=started_ms,
-                ended_ms=ended_ms,
-                reason=reason,
-                steps=steps,
-                output_bytes=output_bytes,
-            )
+            reported_change(node_id, job_id, request, output_bytes=request.output_bytes)
         )
         if outcome.job is None:
             raise NotFound(f"job {job_id!r} does not exist (deleted, or never started)")

@@ -22,7 +22,7 @@ from manager.service.agents import AgentStates
 from manager.service.artifacts import Artifacts
 from manager.service.certificates import NO_ISSUER, Certificates
 from manager.service.deny_list import DenyList
-from manager.service.job_reports import JobReports, state_name, step_reports
+from manager.service.job_reports import JobReports
 from manager.service.metrics import MetricsService
 from manager.service.model import MetricPoint, Registration
 from manager.service.registry import NodeRegistry
@@ -210,17 +210,7 @@ class ManagerServicer(ArtifactDownloads, manager_pb2_grpc.ManagerServiceServicer
         self, request: manager_pb2.ReportJobStatusRequest, context: _Context
     ) -> manager_pb2.ReportJobStatusResponse:
         self._identities.require_node(context, request.node_id)
-        cancel = await self._jobs.report(
-            request.node_id,
-            request.job_id,
-            state=state_name(request.state),
-            exit_code=request.exit_code,
-            started_ms=request.started_at,
-            ended_ms=request.ended_at,
-            reason=request.reason,
-            steps=step_reports(request.steps),
-            output_bytes=request.output_bytes,
-        )
+        cancel = await self._jobs.report(request)
         return manager_pb2.ReportJobStatusResponse(cancel=cancel)
 
     async def UploadJobOutput(
