@@ -2,9 +2,10 @@
 
 Every test runs on SQLite and on PostgreSQL. The daemons are `bench.sim`
 daemons: real gRPC servers with node certificates that apply PushUpdate as
-the daemon does (versions, a host agent of the same id refused) and report their agents back through
-ManagerService, so the whole loop -- apply, scope, rollout step, push,
-report, judge -- runs for real; their agents are rows, so a "bad" revision
+the daemon does (versions, a host agent of the same id refused) and answer
+with their agents' states (older ones: report them back through
+ManagerService), so the whole loop -- apply, scope, rollout step, push,
+answer or report, judge -- runs for real; their agents are rows, so a "bad" revision
 is one the test names. (System tests run real fleet-daemon processes.)
 """
 
@@ -522,6 +523,26 @@ async def test_batches_are_judged_by_incremental_passes(
         assert any(r.incremental for r in moved), [(r.incremental, r.pushed) for r in seen]
 
 
+async def test_daemons_that_answer_without_states_are_judged_by_their_reports(
+    pki: Any, tmp_path: Path, database_url: str
+) -> None:
+    """Older daemons answer a push without their agents' states: the rollout waits for
+    their SyncAgentStates, as before, beside a daemon whose answers carry them."""
+    async with desired_env(pki, tmp_path, database_url) as env:
+        for i in range(3):
+            await env.add(f"o{i}", {"env": "prod"}, answer_states=False)
+        await env.add("n0", {"env": "prod"})
+        await env.apply(definition(max_parallel="1"))
+        await until(lambda: env.rollout("web"), lambda r: state(r) == "SUCCESSFUL")
+        commits = env.manager.agent_states.commits
+        await env.apply(definition(version="2.0", max_parallel="1"))
+        done = await until(lambda: env.rollout("web"), lambda r: r.ended_at > 0)
+        assert (state(done), done.done) == ("SUCCESSFUL", 4)
+        assert env.revisions("web") == {"o0": 2, "o1": 2, "o2": 2, "n0": 2}
+        # Each older daemon reported its push; the other one did not need to.
+        assert env.manager.agent_states.commits >= commits + 3
+
+
 async def test_a_rollout_changed_by_another_writer_sends_the_driver_to_a_full_pass(
     pki: Any, tmp_path: Path, database_url: str
 ) -> None:
@@ -538,8 +559,7 @@ async def test_a_rollout_changed_by_another_writer_sends_the_driver_to_a_full_pa
         await env.apply(definition(version="2.0", max_parallel="2"))
         first = await convergence.run_once()  # the full pass: batch 1 moves
         assert sorted(first.pushed) == ["p0", "p1"]
-        # The batch reports (stored; the stopped driver only notes who reported).
-        await until(lambda: set(convergence._touched), lambda t: {"p0", "p1"} <= t)
+        # The batch's answers carried its agents (stored by that pass, in its memo).
         await env.stub.PauseRollout(fleet_pb2.FleetServicePauseRolloutRequest(name="web"))
         assert await convergence.run_incremental() is None
         assert convergence._memo is None
