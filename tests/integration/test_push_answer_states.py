@@ -153,9 +153,7 @@ async def test_a_rollout_completes_from_the_push_answers_on_both_transports(
         reply = await env.stub.ListAgents(fleet_pb2.FleetServiceListAgentsRequest())
         web_rows = {a.node_id: a for a in reply.agents if a.agent.id == "web"}
         assert sorted(web_rows) == ["n1", "n2"]
-        assert {a.agent.status for a in web_rows.values()} == {
-            common_pb2.AGENT_STATUS_RUNNING
-        }
+        assert {a.agent.status for a in web_rows.values()} == {common_pb2.AGENT_STATUS_RUNNING}
         assert {a.agent.revision for a in web_rows.values()} == {2}
 
 

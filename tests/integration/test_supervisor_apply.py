@@ -210,7 +210,8 @@ async def test_a_start_secs_zero_agent_is_running_when_the_apply_returns(
     try:
         await sup.apply(1, [_sleeper("now", marker(), start_secs=0.0), _sleeper("slow", marker())])
         now, slow = sup.get("now"), sup.get("slow")
-        assert now.status is S.RUNNING and alive(now.pid)
+        assert now.status is S.RUNNING
+        assert alive(now.pid)
         assert now.message == f"running with pid {now.pid}"
         assert slow.status is S.STARTING  # start_secs 0.2: not proven yet
         await rec.until(lambda: sup.get("slow").status is S.RUNNING)
