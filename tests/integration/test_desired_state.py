@@ -543,6 +543,43 @@ async def test_daemons_that_answer_without_states_are_judged_by_their_reports(
         assert env.manager.agent_states.commits >= commits + 3
 
 
+async def test_an_answer_naming_another_node_is_not_stored(
+    pki: Any, tmp_path: Path, database_url: str
+) -> None:
+    """A push answer whose snapshot names another node is ignored: nothing is stored for
+    either node and the node waits for its own report, which then completes the rollout."""
+    async with desired_env(pki, tmp_path, database_url) as env:
+        await env.add("p0", {"env": "prod"})
+        await env.add("p1", {"env": "prod"})
+        liar = env.fleet.nodes[0].servicer
+        honest = liar.agent_states
+
+        def lie() -> manager_pb2.SyncAgentStatesRequest:
+            snapshot = honest()
+            snapshot.node_id = "p1"
+            return snapshot
+
+        liar.agent_states = lie  # type: ignore[method-assign]
+        await env.apply(definition(max_parallel="2"))
+        r = await until(
+            lambda: env.rollout("web"),
+            lambda r: {n.node_id: n.phase for n in r.nodes}.get("p1") == RS.ROLLOUT_NODE_PHASE_DONE,
+        )
+        await asyncio.sleep(0.5)  # passes enough to have judged p0 from its answer
+        r = await env.rollout("web")
+        phases = {n.node_id: n.phase for n in r.nodes}
+        assert phases["p0"] == RS.ROLLOUT_NODE_PHASE_UPDATING, r
+        agents = await env.stub.ListAgents(fleet_pb2.FleetServiceListAgentsRequest(node_id="p0"))
+        assert [a.agent.id for a in agents.agents] == []  # nothing stored for p0
+        agents = await env.stub.ListAgents(fleet_pb2.FleetServiceListAgentsRequest(node_id="p1"))
+        assert [a.agent.id for a in agents.agents] == ["web"]  # p1's own answer only
+        liar.agent_states = honest  # type: ignore[method-assign]
+        assert liar.link is not None
+        await liar.link.report()
+        done = await until(lambda: env.rollout("web"), lambda r: r.ended_at > 0)
+        assert (state(done), done.done) == ("SUCCESSFUL", 2)
+
+
 async def test_a_rollout_changed_by_another_writer_sends_the_driver_to_a_full_pass(
     pki: Any, tmp_path: Path, database_url: str
 ) -> None:
