@@ -808,10 +808,19 @@ class Convergence:
         now_ms = int(self._clock() * 1000)
         targets = [o.node_id for o in outcomes]
         rows = await tx.node_desired(targets)
-        carried = [o.node_id for o in outcomes if o.states is not None and not o.error]
+        # Only a node that already reported the pushed version may hold a newer snapshot
+        # than its answer (see below); in a rollout none has, and this reads nothing.
+        newer = [
+            o.node_id
+            for o in outcomes
+            if o.states is not None
+            and not o.error
+            and o.node_id in rows
+            and rows[o.node_id].reported_version >= o.version
+        ]
         since: dict[str, int] = {}  # when each node's agents were last stored
-        if carried:
-            for st in await tx.agent_states(node_ids=carried):
+        if newer:
+            for st in await tx.agent_states(node_ids=newer):
                 since[st.node_id] = max(since.get(st.node_id, 0), st.reported_ms)
         updated = []
         snapshots: list[tuple[str, list[AgentStateRecord]]] = []
