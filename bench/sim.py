@@ -185,8 +185,12 @@ class SimDaemon(daemon_pb2_grpc.DaemonServiceServicer):
         report_delay: float = 0.0,
         answer_wait: float = ANSWER_WAIT,
         answer_states: bool = True,
+        crash_after_answer: bool = False,
     ) -> None:
         self.node_id = node_id
+        self.crash_after_answer = crash_after_answer
+        """Its pushed agents crash (FATAL) just after the answer's snapshot is taken, and
+        that report is stored before the answer leaves: the answer is the older one."""
         self.answer_states = answer_states
         """Answer a PushUpdate that asks for them with the agents' states (as the daemon
         does since the answer carries them) and then not report them; False: an older
@@ -363,13 +367,19 @@ class SimDaemon(daemon_pb2_grpc.DaemonServiceServicer):
             self.link.report_soon(self.report_delay)
         if self.on_push is not None:
             self.on_push()
+        # As the daemon with start_secs = 0: RUNNING once applied (FATAL for a bad one).
+        states = self.agent_states() if carry else None
+        if self.crash_after_answer and self.link is not None:
+            for agent_id in self.pushed:
+                self.agents[agent_id].status = _S.AGENT_STATUS_FATAL
+                self.agents[agent_id].last_exit.reason = "crashed after the answer"
+            await self.link.report()
         return daemon_pb2.PushUpdateResponse(
             success=True,
             version=request.version,
             added=sorted(specs),
             refused=refused,
-            # As the daemon with start_secs = 0: RUNNING once applied (FATAL for a bad one).
-            agent_states=self.agent_states() if carry else None,
+            agent_states=states,
         )
 
     def agent_states(self) -> manager_pb2.SyncAgentStatesRequest:

@@ -543,6 +543,22 @@ async def test_daemons_that_answer_without_states_are_judged_by_their_reports(
         assert env.manager.agent_states.commits >= commits + 3
 
 
+async def test_an_answer_older_than_a_stored_report_is_not_stored_over_it(
+    pki: Any, tmp_path: Path, database_url: str
+) -> None:
+    """The agent crashed right after the daemon took its answer's snapshot, and the report
+    of the crash was stored before the answer arrived: the answer (RUNNING) is not stored
+    over it, and the node fails on the FATAL instead of counting as done."""
+    async with desired_env(pki, tmp_path, database_url) as env:
+        await env.add("p0", {"env": "prod"}, crash_after_answer=True)
+        await env.apply(definition())
+        done = await until(lambda: env.rollout("web"), lambda r: r.ended_at > 0)
+        assert (state(done), done.done, done.failed) == ("FAILED", 0, 1), done.reason
+        assert "crashed after the answer" in done.reason
+        agents = await env.stub.ListAgents(fleet_pb2.FleetServiceListAgentsRequest(node_id="p0"))
+        assert [a.agent.status for a in agents.agents] == [common_pb2.AGENT_STATUS_FATAL]
+
+
 async def test_an_answer_naming_another_node_is_not_stored(
     pki: Any, tmp_path: Path, database_url: str
 ) -> None:
