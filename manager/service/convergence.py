@@ -15,7 +15,11 @@ one manager) runs passes, each:
    new version when its content changed (`desired.node_set`).
 4. **Pushes**: nodes whose set was not delivered get a `PushUpdate` through
    the pool (bounded concurrency, backoff per node on failure; offline
-   nodes wait until they are back).
+   nodes wait until they are back). The push asks for the node's agents in
+   the answer; they are stored as a SyncAgentStates is and judged at once,
+   so a batch needs no report round trip. An incremental pass whose every
+   answer carried them leaves them to the next pass, which records them in
+   the transaction of the step they lead to (`_record`).
 
 A full pass runs when something changes (`poke`: a definition, a
 registration, a label change, an operator's rollout action; coalesced),
