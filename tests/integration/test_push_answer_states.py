@@ -173,6 +173,16 @@ async def test_a_daemon_does_not_report_again_what_its_answer_carried(
         assert done.state == RS.ROLLOUT_STATE_SUCCESSFUL, done.reason
         await asyncio.sleep(1.0)  # 20 coalescing delays
         assert states.commits == commits
+        # One AGENT_STATE_CHANGED per node for the new agent (RUNNING), from its answer.
+        events = env.stub.WatchEvents(
+            fleet_pb2.FleetServiceWatchEventsRequest(
+                kinds=[fleet_pb2.EVENT_KIND_AGENT_STATE_CHANGED]
+            )
+        )
+        changed = [
+            (m.event.node_id, m.event.actor) async for m in events if m.event.agent_id == "web"
+        ]
+        assert sorted(changed) == [("n1", "node/n1"), ("n2", "node/n2")]
         # A change after the answer is reported as before.
         await env.daemons["n1"].supervisor.operate("web", "restart")
         await eventually(_const(states), lambda s: s.commits > commits)
