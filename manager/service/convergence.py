@@ -255,6 +255,8 @@ class Convergence:
         self._pass_lock = asyncio.Lock()
         self._full = True
         """A full pass is due (a poke; anything but an agent report)."""
+        self._urgent = False
+        """The due full pass is an operator's (`act`): no debounce."""
         self._touched: set[str] = set()
         """Nodes whose agents reported since the last pass began."""
         self._memo: _Memo | None = None
@@ -278,6 +280,13 @@ class Convergence:
         """Something changed: run a full pass soon (several pokes make one pass)."""
         self._full = True
         self._wake.set()
+
+    def act(self) -> None:
+        """An operator changed desired state (apply, delete, undo, a rollout action): a
+        full pass as soon as pacing allows, without the debounce (operator actions do
+        not come in bursts, and a rollout waits for this pass to start)."""
+        self._urgent = True
+        self.poke()
 
     def touched(self, node_ids: Iterable[str]) -> None:
         """These nodes' agents reported (stored): re-judge only them, at once."""
@@ -351,7 +360,7 @@ class Convergence:
             self._wake.clear()
             result = None if self._full_due() else await self.run_incremental()
             if result is None:
-                self._full = False
+                self._full = self._urgent = False
                 started = time.monotonic()
                 result = await self.run_once()
                 self._full_ended = time.monotonic()
@@ -374,7 +383,7 @@ class Convergence:
                     pass_gap(
                         spent=self._full_spent,
                         since=time.monotonic() - self._full_ended,
-                        debounce=self._debounce,
+                        debounce=0.0 if self._urgent else self._debounce,
                         pace=self._pace,
                     )
                 )

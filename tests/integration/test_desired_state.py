@@ -543,6 +543,22 @@ async def test_daemons_that_answer_without_states_are_judged_by_their_reports(
         assert env.manager.agent_states.commits >= commits + 3
 
 
+async def test_an_operators_apply_is_not_debounced(
+    pki: Any, tmp_path: Path, database_url: str
+) -> None:
+    """Pokes from daemons wait out the debounce (bursts make one pass); an apply is an
+    operator's action and its rollout starts at once, even with a long debounce."""
+    async with desired_env(pki, tmp_path, database_url) as env:
+        await env.add("p0", {"env": "prod"})
+        await asyncio.sleep(0.5)  # the registration's pass is over
+        env.manager.convergence._debounce = 60.0
+        started = time.monotonic()
+        await env.apply(definition())
+        done = await until(lambda: env.rollout("web"), lambda r: r.ended_at > 0, within=20)
+        assert state(done) == "SUCCESSFUL"
+        assert time.monotonic() - started < 30
+
+
 async def test_an_answer_older_than_a_stored_report_is_not_stored_over_it(
     pki: Any, tmp_path: Path, database_url: str
 ) -> None:
