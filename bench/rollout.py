@@ -4,8 +4,10 @@
     python bench/rollout.py --smoke    # N = 6, batches of 2, seconds
 
 N simulated daemons (`bench/sim.py`: real gRPC servers with node
-certificates that apply PushUpdate as the daemon does and report their new
-states back through ManagerService) run in this process. A real manager
+certificates that apply PushUpdate as the daemon does and answer with their
+agents' new states, RUNNING as a daemon's `start_secs = 0` agent is once
+spawned; they report through ManagerService at registration) run in this
+process. A real manager
 (ManagerServer: mTLS, SQLite in a temp dir) runs in a child process, so its
 CPU time is its own (psutil on the child). Every node registers and syncs,
 revision 1 of one definition rolls out (this also opens the pool's N
@@ -16,13 +18,14 @@ connections), then rounds alternate:
   before the ApplyDefinitions call to the rollout's `ended_at` (the
   manager's clock, same host; WatchRollout polls every 0.5 s, so its
   arrival time would blur the figure). Includes every pass: scope, the
-  step of each batch, node sets, pushes, the daemons' reports and the
-  judging of them.
+  step of each batch, node sets, pushes, storing their answers (the
+  agents' states) and the judging of them.
 - reference: the same N PushUpdate calls (the same spec, version + 1)
   made directly in waves of max_parallel (10 waves of 50), each wave one `asyncio.gather`, in the
-  manager process through its own pool (channels already open), with no
-  database and no waiting for reports. The simulated daemons do not report
-  these pushes and are put back to their state afterwards.
+  manager process through its own pool (channels already open), asking for
+  the same answers (with the agents' states), with no database. The
+  simulated daemons do not report these pushes and are put back to their
+  state afterwards.
 
 Also reported: the manager's CPU (user + system) per node updated, and,
 after the rounds, the reconcile after a manager restart: the manager
@@ -198,7 +201,8 @@ async def reference(manager: ManagerServer, job: dict[str, Any]) -> float:
     for i in range(0, len(targets), size):
         await asyncio.gather(
             *(
-                manager.pool.push_update(node, address, version, [spec])
+                # As convergence pushes: the answers carry the agents' states.
+                manager.pool.push_update(node, address, version, [spec], want_agent_states=True)
                 for node, address, version in targets[i : i + size]
             )
         )

@@ -184,8 +184,17 @@ class SimDaemon(daemon_pb2_grpc.DaemonServiceServicer):
         bad_revisions: Iterable[int] = (),
         report_delay: float = 0.0,
         answer_wait: float = ANSWER_WAIT,
+        answer_states: bool = True,
+        crash_after_answer: bool = False,
     ) -> None:
         self.node_id = node_id
+        self.crash_after_answer = crash_after_answer
+        """Its pushed agents crash (FATAL) just after the answer's snapshot is taken, and
+        that report is stored before the answer leaves: the answer is the older one."""
+        self.answer_states = answer_states
+        """Answer a PushUpdate that asks for them with the agents' states (as the daemon
+        does since the answer carries them) and then not report them; False: an older
+        daemon, which answers without them and reports after every push."""
         self.answer_wait = answer_wait
         """As the daemon's [jobs] answer_wait_seconds: how long StartJob waits for the end."""
         self.labels = dict(labels or {})
@@ -312,9 +321,14 @@ class SimDaemon(daemon_pb2_grpc.DaemonServiceServicer):
                 f"stale spec version {request.version}: this node already has version"
                 f" {self.spec_version}"
             )
+        carry = request.want_agent_states and self.answer_states
         if request.version == self.spec_version:
             call.outcome = "same"
-            return daemon_pb2.PushUpdateResponse(success=True, version=request.version)
+            return daemon_pb2.PushUpdateResponse(
+                success=True,
+                version=request.version,
+                agent_states=self.agent_states() if carry else None,
+            )
         own = {a for a in self.agents if a not in self.pushed}
         refused = [
             common_pb2.UpdateError(
@@ -347,15 +361,50 @@ class SimDaemon(daemon_pb2_grpc.DaemonServiceServicer):
         self.pushes.append(
             (request.version, tuple(sorted((i, s.revision) for i, s in specs.items())))
         )
-        if self.link is not None:
+        if self.link is not None and not carry:
+            # The daemon's report after the push; one that answered with the states
+            # does not send the same snapshot again.
             self.link.report_soon(self.report_delay)
         if self.on_push is not None:
             self.on_push()
+        # As the daemon with start_secs = 0: RUNNING once applied (FATAL for a bad one).
+        states = self.agent_states() if carry else None
+        if self.crash_after_answer and self.link is not None:
+            for agent_id in self.pushed:
+                self.agents[agent_id].status = _S.AGENT_STATUS_FATAL
+                self.agents[agent_id].last_exit.reason = "crashed after the answer"
+            await self.link.report()
         return daemon_pb2.PushUpdateResponse(
             success=True,
             version=request.version,
             added=sorted(specs),
             refused=refused,
+            agent_states=states,
+        )
+
+    def agent_states(self) -> manager_pb2.SyncAgentStatesRequest:
+        """The SyncAgentStates it would send now: every agent, the spec version and the
+        update errors (also what a PushUpdate answer carries)."""
+        states = [
+            manager_pb2.AgentState(
+                agent_id=a.id,
+                type=a.type,
+                status=a.status,
+                pid=a.pid,
+                version=a.version,
+                restart_count=a.restart_count,
+                start_time=a.start_time,
+                revision=a.revision,
+                health=a.health,
+                last_exit=a.last_exit if a.HasField("last_exit") else None,
+            )
+            for a in self.agents.values()
+        ]
+        return manager_pb2.SyncAgentStatesRequest(
+            node_id=self.node_id,
+            states=states,
+            spec_version=self.spec_version,
+            update_errors=self.update_errors,
         )
 
     async def ReadAgentLog(
@@ -638,31 +687,7 @@ class SimLink:
 
     async def report(self) -> None:
         """SyncAgentStates: every agent, the spec version and the update errors."""
-        d = self.node.servicer
-        states = [
-            manager_pb2.AgentState(
-                agent_id=a.id,
-                type=a.type,
-                status=a.status,
-                pid=a.pid,
-                version=a.version,
-                restart_count=a.restart_count,
-                start_time=a.start_time,
-                revision=a.revision,
-                health=a.health,
-                last_exit=a.last_exit if a.HasField("last_exit") else None,
-            )
-            for a in d.agents.values()
-        ]
-        await self.stub.SyncAgentStates(
-            manager_pb2.SyncAgentStatesRequest(
-                node_id=d.node_id,
-                states=states,
-                spec_version=d.spec_version,
-                update_errors=d.update_errors,
-            ),
-            timeout=30,
-        )
+        await self.stub.SyncAgentStates(self.node.servicer.agent_states(), timeout=30)
 
     def report_soon(self, delay: float) -> None:
         """Report in the background after `delay` seconds (as a daemon after a push)."""

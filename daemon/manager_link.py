@@ -206,6 +206,9 @@ class ManagerLink:
         self.dropped_custom = 0
         self._batch_ready = asyncio.Event()
         self._dirty = asyncio.Event()
+        self._syncs = 0  # SyncAgentStates calls started
+        self._syncing = False  # one is in flight
+        self._answered: manager_pb2.SyncAgentStatesRequest | None = None
         self._stopping = asyncio.Event()
         self._live: aio.Channel | None = None  # the connected channel (None while not connected)
         self._is_live = asyncio.Event()
@@ -218,6 +221,19 @@ class ManagerLink:
     def agents_changed(self) -> None:
         """An agent's state changed: send a snapshot soon (coalesced)."""
         self._dirty.set()
+
+    def push_mark(self) -> int:
+        """Taken as a PushUpdate begins; given back to `answered_with` (-1: a
+        SyncAgentStates is in flight, so the answer cannot stand for the next one)."""
+        return -1 if self._syncing else self._syncs
+
+    def answered_with(self, snapshot: manager_pb2.SyncAgentStatesRequest, mark: int) -> None:
+        """A PushUpdate answer carried `snapshot` to the manager, which stores it as a
+        SyncAgentStates: the next sync is not sent if it would say the same. Only if no
+        sync was in flight or sent while the push applied: the manager may store such
+        a report after the answer, and must then get the newest snapshot after it."""
+        if mark >= 0 and mark == self._syncs and not self._syncing:
+            self._answered = snapshot
 
     def add_metrics(self, metrics: Sequence[common_pb2.MetricData]) -> None:
         """Custom samples from SDK agents, sent with the next batch."""
@@ -568,6 +584,7 @@ class ManagerLink:
         if reply.heartbeat_interval_ms > 0:
             self.heartbeat_interval = reply.heartbeat_interval_ms / 1000
         self._dirty.set()  # a (re)registered node gets a full snapshot
+        self._answered = None
         log.info(
             "connected to manager %s as node %s over the control stream",
             self.address,
@@ -583,6 +600,7 @@ class ManagerLink:
         if reply.heartbeat_interval_ms > 0:
             self.heartbeat_interval = reply.heartbeat_interval_ms / 1000
         self._dirty.set()  # a (re)registered node gets a full snapshot
+        self._answered = None
         log.info(
             "registered with manager %s as node %s (heartbeat every %.1fs)",
             self.address,
@@ -698,16 +716,19 @@ class ManagerLink:
             self._dirty.clear()
             states = list(self._snapshot())
             pushed = self._pushed()
+            request = manager_pb2.SyncAgentStatesRequest(
+                node_id=self.node.node_id,
+                states=states,
+                spec_version=pushed.version,
+                update_errors=pushed.errors,
+            )
+            answered, self._answered = self._answered, None
+            if answered is not None and answered == request:
+                continue  # a push's answer carried this very snapshot
+            self._syncs += 1
+            self._syncing = True
             try:
-                await self._call(
-                    stub.SyncAgentStates,
-                    manager_pb2.SyncAgentStatesRequest(
-                        node_id=self.node.node_id,
-                        states=states,
-                        spec_version=pushed.version,
-                        update_errors=pushed.errors,
-                    ),
-                )
+                await self._call(stub.SyncAgentStates, request)
             except NotFound:
                 self._dirty.set()
                 await self._register(stub)
@@ -717,6 +738,8 @@ class ManagerLink:
                     await self._sleep(self.cfg.reconnect.delay(0, self._rng))
                     continue
                 log.warning("manager refused the agent states: %s", exc)
+            finally:
+                self._syncing = False
 
 
 async def _prove(channel: aio.Channel, timeout: float) -> None:  # noqa: ASYNC109

@@ -426,9 +426,11 @@ class ManagerServer:
             artifacts=self.artifacts,
             candidates=capacity,
             clock=self._clock,
-            on_change=poke,
+            on_change=self.convergence.act,  # an operator's: no debounce
         )
-        self.rollouts = RolloutControl(desired, self.nodes, clock=self._clock, on_change=poke)
+        self.rollouts = RolloutControl(
+            desired, self.nodes, clock=self._clock, on_change=self.convergence.act
+        )
         self.artifact_janitor = ArtifactJanitor(
             self.db,
             self.artifacts,

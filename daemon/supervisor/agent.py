@@ -1,7 +1,8 @@
 """One supervised agent: its state, its process, and the task that restarts it.
 
 An `Agent` owns at most one `AgentProcess` and one runner task. The runner
-waits start_secs (STARTING -> RUNNING), waits for the exit, asks
+waits start_secs (STARTING -> RUNNING; with start_secs = 0 the spawn itself
+makes it RUNNING, one change), waits for the exit, asks
 `policy.decide_after_exit` what next, and sleeps out backoff delays, all on
 the injected clock. Operator actions (start/stop/restart) and spec changes
 take the agent's lock, cancel the runner (it only ever waits; state changes
@@ -269,7 +270,15 @@ class Agent:
         self.watch_grace = 0.0
         self.probes = Probes()
         self.ctx.sampler.track(spec.id, proc.pid)
-        self._to(Event.SPAWN, f"started with pid {proc.pid}")
+        if spec.start_secs > 0:
+            self._to(Event.SPAWN, f"started with pid {proc.pid}")
+            return proc
+        # start_secs = 0: a process that exists is started. RUNNING now, in one change,
+        # not in the runner's next turn: a PushUpdate answered right after this apply
+        # can honestly say RUNNING.
+        self.status = transition(self.status, Event.SPAWN)
+        self.retries = 0
+        self._to(Event.STARTED, f"running with pid {proc.pid}")
         return proc
 
     def adopt(self, proc: AgentProcess, started_spec: AgentSpec, start_time: float) -> None:

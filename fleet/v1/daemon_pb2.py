@@ -24,49 +24,50 @@ _sym_db = _symbol_database.Default()
 
 from fleet.v1 import common_pb2 as fleet_dot_v1_dot_common__pb2
 from fleet.v1 import jobs_pb2 as fleet_dot_v1_dot_jobs__pb2
+from fleet.v1 import manager_pb2 as fleet_dot_v1_dot_manager__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x66leet/v1/daemon.proto\x12\x08\x66leet.v1\x1a\x15\x66leet/v1/common.proto\x1a\x13\x66leet/v1/jobs.proto\"\x13\n\x11ListAgentsRequest\"9\n\x12ListAgentsResponse\x12#\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x13.fleet.v1.AgentInfo\"T\n\x13OperateAgentRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12+\n\toperation\x18\x02 \x01(\x0e\x32\x18.fleet.v1.AgentOperation\"b\n\x14OperateAgentResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x15\n\rerror_message\x18\x02 \x01(\t\x12\"\n\x05\x61gent\x18\x03 \x01(\x0b\x32\x13.fleet.v1.AgentInfo\"D\n\x16GetAgentMetricsRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x18\n\x10\x64uration_seconds\x18\x02 \x01(\x03\"]\n\x17GetAgentMetricsResponse\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x30\n\x0b\x64\x61ta_points\x18\x02 \x03(\x0b\x32\x1b.fleet.v1.ResourceDataPoint\"I\n\x11PushUpdateRequest\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12#\n\x06\x61gents\x18\x02 \x03(\x0b\x32\x13.fleet.v1.AgentSpec\"\xb6\x01\n\x12PushUpdateResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x04 \x03(\t\x12\x0f\n\x07\x63hanged\x18\x05 \x03(\t\x12\x0f\n\x07removed\x18\x06 \x03(\t\x12\x14\n\x0creconfigured\x18\x07 \x03(\t\x12&\n\x07refused\x18\x08 \x03(\x0b\x32\x15.fleet.v1.UpdateError\"Z\n\x13ReadAgentLogRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x11\n\tmax_bytes\x18\x03 \x01(\x05\x12\x0e\n\x06\x66ollow\x18\x04 \x01(\x08\"Z\n\x14ReadAgentLogResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x13\n\x0bnext_offset\x18\x03 \x01(\x03\x12\x0f\n\x07rotated\x18\x04 \x01(\x08\"~\n\x0fStartJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12 \n\x05steps\x18\x02 \x03(\x0b\x32\x11.fleet.v1.JobStep\x12\x17\n\x0ftimeout_seconds\x18\x03 \x01(\x01\x12\x0c\n\x04lock\x18\x04 \x01(\t\x12\x12\n\naccept_end\x18\x05 \x01(\x08\"j\n\x10StartJobResponse\x12\'\n\x05state\x18\x01 \x01(\x0e\x32\x18.fleet.v1.JobTargetState\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x1d\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x10.fleet.v1.JobEnd\"\xb2\x01\n\x06JobEnd\x12\'\n\x05state\x18\x01 \x01(\x0e\x32\x18.fleet.v1.JobTargetState\x12\x11\n\texit_code\x18\x02 \x01(\x05\x12\x12\n\nstarted_at\x18\x03 \x01(\x03\x12\x10\n\x08\x65nded_at\x18\x04 \x01(\x03\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12&\n\x05steps\x18\x06 \x03(\x0b\x32\x17.fleet.v1.JobStepResult\x12\x0e\n\x06output\x18\x07 \x01(\x0c\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"<\n\x11\x43\x61ncelJobResponse\x12\'\n\x05state\x18\x01 \x01(\x0e\x32\x18.fleet.v1.JobTargetState\"Y\n\x14ReadJobOutputRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x11\n\tmax_bytes\x18\x03 \x01(\x05\x12\x0e\n\x06\x66ollow\x18\x04 \x01(\x08\"W\n\x15ReadJobOutputResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x13\n\x0bnext_offset\x18\x03 \x01(\x03\x12\x0b\n\x03\x65of\x18\x04 \x01(\x08\x32\xf6\x04\n\rDaemonService\x12G\n\nListAgents\x12\x1b.fleet.v1.ListAgentsRequest\x1a\x1c.fleet.v1.ListAgentsResponse\x12M\n\x0cOperateAgent\x12\x1d.fleet.v1.OperateAgentRequest\x1a\x1e.fleet.v1.OperateAgentResponse\x12V\n\x0fGetAgentMetrics\x12 .fleet.v1.GetAgentMetricsRequest\x1a!.fleet.v1.GetAgentMetricsResponse\x12G\n\nPushUpdate\x12\x1b.fleet.v1.PushUpdateRequest\x1a\x1c.fleet.v1.PushUpdateResponse\x12O\n\x0cReadAgentLog\x12\x1d.fleet.v1.ReadAgentLogRequest\x1a\x1e.fleet.v1.ReadAgentLogResponse0\x01\x12\x41\n\x08StartJob\x12\x19.fleet.v1.StartJobRequest\x1a\x1a.fleet.v1.StartJobResponse\x12\x44\n\tCancelJob\x12\x1a.fleet.v1.CancelJobRequest\x1a\x1b.fleet.v1.CancelJobResponse\x12R\n\rReadJobOutput\x12\x1e.fleet.v1.ReadJobOutputRequest\x1a\x1f.fleet.v1.ReadJobOutputResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x15\x66leet/v1/daemon.proto\x12\x08\x66leet.v1\x1a\x15\x66leet/v1/common.proto\x1a\x13\x66leet/v1/jobs.proto\x1a\x16\x66leet/v1/manager.proto\"\x13\n\x11ListAgentsRequest\"9\n\x12ListAgentsResponse\x12#\n\x06\x61gents\x18\x01 \x03(\x0b\x32\x13.fleet.v1.AgentInfo\"T\n\x13OperateAgentRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12+\n\toperation\x18\x02 \x01(\x0e\x32\x18.fleet.v1.AgentOperation\"b\n\x14OperateAgentResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x15\n\rerror_message\x18\x02 \x01(\t\x12\"\n\x05\x61gent\x18\x03 \x01(\x0b\x32\x13.fleet.v1.AgentInfo\"D\n\x16GetAgentMetricsRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x18\n\x10\x64uration_seconds\x18\x02 \x01(\x03\"]\n\x17GetAgentMetricsResponse\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x30\n\x0b\x64\x61ta_points\x18\x02 \x03(\x0b\x32\x1b.fleet.v1.ResourceDataPoint\"d\n\x11PushUpdateRequest\x12\x0f\n\x07version\x18\x01 \x01(\x04\x12#\n\x06\x61gents\x18\x02 \x03(\x0b\x32\x13.fleet.v1.AgentSpec\x12\x19\n\x11want_agent_states\x18\x03 \x01(\x08\"\xee\x01\n\x12PushUpdateResponse\x12\x0f\n\x07success\x18\x01 \x01(\x08\x12\x0f\n\x07message\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\r\n\x05\x61\x64\x64\x65\x64\x18\x04 \x03(\t\x12\x0f\n\x07\x63hanged\x18\x05 \x03(\t\x12\x0f\n\x07removed\x18\x06 \x03(\t\x12\x14\n\x0creconfigured\x18\x07 \x03(\t\x12&\n\x07refused\x18\x08 \x03(\x0b\x32\x15.fleet.v1.UpdateError\x12\x36\n\x0c\x61gent_states\x18\t \x01(\x0b\x32 .fleet.v1.SyncAgentStatesRequest\"Z\n\x13ReadAgentLogRequest\x12\x10\n\x08\x61gent_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x11\n\tmax_bytes\x18\x03 \x01(\x05\x12\x0e\n\x06\x66ollow\x18\x04 \x01(\x08\"Z\n\x14ReadAgentLogResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x13\n\x0bnext_offset\x18\x03 \x01(\x03\x12\x0f\n\x07rotated\x18\x04 \x01(\x08\"~\n\x0fStartJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12 \n\x05steps\x18\x02 \x03(\x0b\x32\x11.fleet.v1.JobStep\x12\x17\n\x0ftimeout_seconds\x18\x03 \x01(\x01\x12\x0c\n\x04lock\x18\x04 \x01(\t\x12\x12\n\naccept_end\x18\x05 \x01(\x08\"j\n\x10StartJobResponse\x12\'\n\x05state\x18\x01 \x01(\x0e\x32\x18.fleet.v1.JobTargetState\x12\x0e\n\x06reason\x18\x02 \x01(\t\x12\x1d\n\x03\x65nd\x18\x03 \x01(\x0b\x32\x10.fleet.v1.JobEnd\"\xb2\x01\n\x06JobEnd\x12\'\n\x05state\x18\x01 \x01(\x0e\x32\x18.fleet.v1.JobTargetState\x12\x11\n\texit_code\x18\x02 \x01(\x05\x12\x12\n\nstarted_at\x18\x03 \x01(\x03\x12\x10\n\x08\x65nded_at\x18\x04 \x01(\x03\x12\x0e\n\x06reason\x18\x05 \x01(\t\x12&\n\x05steps\x18\x06 \x03(\x0b\x32\x17.fleet.v1.JobStepResult\x12\x0e\n\x06output\x18\x07 \x01(\x0c\"\"\n\x10\x43\x61ncelJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"<\n\x11\x43\x61ncelJobResponse\x12\'\n\x05state\x18\x01 \x01(\x0e\x32\x18.fleet.v1.JobTargetState\"Y\n\x14ReadJobOutputRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x11\n\tmax_bytes\x18\x03 \x01(\x05\x12\x0e\n\x06\x66ollow\x18\x04 \x01(\x08\"W\n\x15ReadJobOutputResponse\x12\x0c\n\x04\x64\x61ta\x18\x01 \x01(\x0c\x12\x0e\n\x06offset\x18\x02 \x01(\x03\x12\x13\n\x0bnext_offset\x18\x03 \x01(\x03\x12\x0b\n\x03\x65of\x18\x04 \x01(\x08\x32\xf6\x04\n\rDaemonService\x12G\n\nListAgents\x12\x1b.fleet.v1.ListAgentsRequest\x1a\x1c.fleet.v1.ListAgentsResponse\x12M\n\x0cOperateAgent\x12\x1d.fleet.v1.OperateAgentRequest\x1a\x1e.fleet.v1.OperateAgentResponse\x12V\n\x0fGetAgentMetrics\x12 .fleet.v1.GetAgentMetricsRequest\x1a!.fleet.v1.GetAgentMetricsResponse\x12G\n\nPushUpdate\x12\x1b.fleet.v1.PushUpdateRequest\x1a\x1c.fleet.v1.PushUpdateResponse\x12O\n\x0cReadAgentLog\x12\x1d.fleet.v1.ReadAgentLogRequest\x1a\x1e.fleet.v1.ReadAgentLogResponse0\x01\x12\x41\n\x08StartJob\x12\x19.fleet.v1.StartJobRequest\x1a\x1a.fleet.v1.StartJobResponse\x12\x44\n\tCancelJob\x12\x1a.fleet.v1.CancelJobRequest\x1a\x1b.fleet.v1.CancelJobResponse\x12R\n\rReadJobOutput\x12\x1e.fleet.v1.ReadJobOutputRequest\x1a\x1f.fleet.v1.ReadJobOutputResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'fleet.v1.daemon_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_LISTAGENTSREQUEST']._serialized_start=79
-  _globals['_LISTAGENTSREQUEST']._serialized_end=98
-  _globals['_LISTAGENTSRESPONSE']._serialized_start=100
-  _globals['_LISTAGENTSRESPONSE']._serialized_end=157
-  _globals['_OPERATEAGENTREQUEST']._serialized_start=159
-  _globals['_OPERATEAGENTREQUEST']._serialized_end=243
-  _globals['_OPERATEAGENTRESPONSE']._serialized_start=245
-  _globals['_OPERATEAGENTRESPONSE']._serialized_end=343
-  _globals['_GETAGENTMETRICSREQUEST']._serialized_start=345
-  _globals['_GETAGENTMETRICSREQUEST']._serialized_end=413
-  _globals['_GETAGENTMETRICSRESPONSE']._serialized_start=415
-  _globals['_GETAGENTMETRICSRESPONSE']._serialized_end=508
-  _globals['_PUSHUPDATEREQUEST']._serialized_start=510
-  _globals['_PUSHUPDATEREQUEST']._serialized_end=583
-  _globals['_PUSHUPDATERESPONSE']._serialized_start=586
-  _globals['_PUSHUPDATERESPONSE']._serialized_end=768
-  _globals['_READAGENTLOGREQUEST']._serialized_start=770
-  _globals['_READAGENTLOGREQUEST']._serialized_end=860
-  _globals['_READAGENTLOGRESPONSE']._serialized_start=862
-  _globals['_READAGENTLOGRESPONSE']._serialized_end=952
-  _globals['_STARTJOBREQUEST']._serialized_start=954
-  _globals['_STARTJOBREQUEST']._serialized_end=1080
-  _globals['_STARTJOBRESPONSE']._serialized_start=1082
-  _globals['_STARTJOBRESPONSE']._serialized_end=1188
-  _globals['_JOBEND']._serialized_start=1191
-  _globals['_JOBEND']._serialized_end=1369
-  _globals['_CANCELJOBREQUEST']._serialized_start=1371
-  _globals['_CANCELJOBREQUEST']._serialized_end=1405
-  _globals['_CANCELJOBRESPONSE']._serialized_start=1407
-  _globals['_CANCELJOBRESPONSE']._serialized_end=1467
-  _globals['_READJOBOUTPUTREQUEST']._serialized_start=1469
-  _globals['_READJOBOUTPUTREQUEST']._serialized_end=1558
-  _globals['_READJOBOUTPUTRESPONSE']._serialized_start=1560
-  _globals['_READJOBOUTPUTRESPONSE']._serialized_end=1647
-  _globals['_DAEMONSERVICE']._serialized_start=1650
-  _globals['_DAEMONSERVICE']._serialized_end=2280
+  _globals['_LISTAGENTSREQUEST']._serialized_start=103
+  _globals['_LISTAGENTSREQUEST']._serialized_end=122
+  _globals['_LISTAGENTSRESPONSE']._serialized_start=124
+  _globals['_LISTAGENTSRESPONSE']._serialized_end=181
+  _globals['_OPERATEAGENTREQUEST']._serialized_start=183
+  _globals['_OPERATEAGENTREQUEST']._serialized_end=267
+  _globals['_OPERATEAGENTRESPONSE']._serialized_start=269
+  _globals['_OPERATEAGENTRESPONSE']._serialized_end=367
+  _globals['_GETAGENTMETRICSREQUEST']._serialized_start=369
+  _globals['_GETAGENTMETRICSREQUEST']._serialized_end=437
+  _globals['_GETAGENTMETRICSRESPONSE']._serialized_start=439
+  _globals['_GETAGENTMETRICSRESPONSE']._serialized_end=532
+  _globals['_PUSHUPDATEREQUEST']._serialized_start=534
+  _globals['_PUSHUPDATEREQUEST']._serialized_end=634
+  _globals['_PUSHUPDATERESPONSE']._serialized_start=637
+  _globals['_PUSHUPDATERESPONSE']._serialized_end=875
+  _globals['_READAGENTLOGREQUEST']._serialized_start=877
+  _globals['_READAGENTLOGREQUEST']._serialized_end=967
+  _globals['_READAGENTLOGRESPONSE']._serialized_start=969
+  _globals['_READAGENTLOGRESPONSE']._serialized_end=1059
+  _globals['_STARTJOBREQUEST']._serialized_start=1061
+  _globals['_STARTJOBREQUEST']._serialized_end=1187
+  _globals['_STARTJOBRESPONSE']._serialized_start=1189
+  _globals['_STARTJOBRESPONSE']._serialized_end=1295
+  _globals['_JOBEND']._serialized_start=1298
+  _globals['_JOBEND']._serialized_end=1476
+  _globals['_CANCELJOBREQUEST']._serialized_start=1478
+  _globals['_CANCELJOBREQUEST']._serialized_end=1512
+  _globals['_CANCELJOBRESPONSE']._serialized_start=1514
+  _globals['_CANCELJOBRESPONSE']._serialized_end=1574
+  _globals['_READJOBOUTPUTREQUEST']._serialized_start=1576
+  _globals['_READJOBOUTPUTREQUEST']._serialized_end=1665
+  _globals['_READJOBOUTPUTRESPONSE']._serialized_start=1667
+  _globals['_READJOBOUTPUTRESPONSE']._serialized_end=1754
+  _globals['_DAEMONSERVICE']._serialized_start=1757
+  _globals['_DAEMONSERVICE']._serialized_end=2387
 # @@protoc_insertion_point(module_scope)

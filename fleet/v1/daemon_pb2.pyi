@@ -6,6 +6,7 @@ isort:skip_file
 from collections import abc as _abc
 from fleet.v1 import common_pb2 as _common_pb2
 from fleet.v1 import jobs_pb2 as _jobs_pb2
+from fleet.v1 import manager_pb2 as _manager_pb2
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf.internal import containers as _containers
@@ -157,10 +158,16 @@ class PushUpdateRequest(_message.Message):
 
     VERSION_FIELD_NUMBER: _builtins.int
     AGENTS_FIELD_NUMBER: _builtins.int
+    WANT_AGENT_STATES_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     """Must be greater than the version the daemon holds; older versions are
     refused with FAILED_PRECONDITION. The version it holds with the same
     agents again succeeds and changes nothing (a retry after a lost answer).
+    """
+    want_agent_states: _builtins.bool
+    """The caller stores the node's agent states from the answer
+    (`PushUpdateResponse.agent_states`): the daemon includes them, and need not
+    send the SyncAgentStates that would carry the same snapshot.
     """
     @_builtins.property
     def agents(self) -> _containers.RepeatedCompositeFieldContainer[_common_pb2.AgentSpec]:
@@ -174,10 +181,11 @@ class PushUpdateRequest(_message.Message):
         *,
         version: _builtins.int = ...,
         agents: _abc.Iterable[_common_pb2.AgentSpec] | None = ...,
+        want_agent_states: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents", "version", b"version", "want_agent_states", b"want_agent_states"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -195,6 +203,7 @@ class PushUpdateResponse(_message.Message):
     REMOVED_FIELD_NUMBER: _builtins.int
     RECONFIGURED_FIELD_NUMBER: _builtins.int
     REFUSED_FIELD_NUMBER: _builtins.int
+    AGENT_STATES_FIELD_NUMBER: _builtins.int
     success: _builtins.bool
     message: _builtins.str
     version: _builtins.int
@@ -214,6 +223,16 @@ class PushUpdateResponse(_message.Message):
         agent of the same id), with the reason; the rest of the set applies.
         """
 
+    @_builtins.property
+    def agent_states(self) -> _manager_pb2.SyncAgentStatesRequest:
+        """With `want_agent_states`: every agent of the node right after this apply, as
+        the SyncAgentStates the daemon would send next (spec_version = `version`,
+        update_errors = `refused`), so the caller can judge the push from its answer
+        instead of waiting for that report. An agent is RUNNING here only if its
+        process runs and it has passed start_secs (0: as soon as it is spawned).
+        Unset: a daemon that does not answer with states; its reports say.
+        """
+
     def __init__(
         self,
         *,
@@ -225,10 +244,11 @@ class PushUpdateResponse(_message.Message):
         removed: _abc.Iterable[_builtins.str] | None = ...,
         reconfigured: _abc.Iterable[_builtins.str] | None = ...,
         refused: _abc.Iterable[_common_pb2.UpdateError] | None = ...,
+        agent_states: _manager_pb2.SyncAgentStatesRequest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["agent_states", b"agent_states"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["added", b"added", "changed", b"changed", "message", b"message", "reconfigured", b"reconfigured", "refused", b"refused", "removed", b"removed", "success", b"success", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["added", b"added", "agent_states", b"agent_states", "changed", b"changed", "message", b"message", "reconfigured", b"reconfigured", "refused", b"refused", "removed", b"removed", "success", b"success", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

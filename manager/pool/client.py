@@ -273,16 +273,20 @@ class DaemonPool:
         version: int,
         agents: Sequence[common_pb2.AgentSpec],
         *,
+        want_agent_states: bool = False,
         call_timeout: float | None = None,
     ) -> daemon_pb2.PushUpdateResponse:
         """Replace the daemon's agent specs with version `version`. Never retried:
-        a retry after a hidden success would be refused as a stale version."""
+        a retry after a hidden success would be refused as a stale version.
+        `want_agent_states`: the answer carries the node's agents after the apply."""
         return await self._unary(
             node_id,
             address,
             "PushUpdate",
             daemon_pb2.PushUpdateResponse,
-            daemon_pb2.PushUpdateRequest(version=version, agents=agents),
+            daemon_pb2.PushUpdateRequest(
+                version=version, agents=agents, want_agent_states=want_agent_states
+            ),
             idempotent=False,
             call_timeout=call_timeout,
         )

@@ -15,7 +15,11 @@ one manager) runs passes, each:
    new version when its content changed (`desired.node_set`).
 4. **Pushes**: nodes whose set was not delivered get a `PushUpdate` through
    the pool (bounded concurrency, backoff per node on failure; offline
-   nodes wait until they are back).
+   nodes wait until they are back). The push asks for the node's agents in
+   the answer; they are stored as a SyncAgentStates is and judged at once,
+   so a batch needs no report round trip. An incremental pass whose every
+   answer carried them leaves them to the next pass, which records them in
+   the transaction of the step they lead to (`_record`).
 
 A full pass runs when something changes (`poke`: a definition, a
 registration, a label change, an operator's rollout action; coalesced),
@@ -58,9 +62,10 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from fleet.errors import FailedPrecondition, FleetError
-from fleet.v1 import common_pb2
+from fleet.v1 import common_pb2, daemon_pb2
 from manager.pool import DaemonPool
 from manager.service import rollout as ro
+from manager.service.agents import snapshot_records
 from manager.service.definitions import (
     CandidateSource,
     check_definition,
@@ -79,6 +84,7 @@ from manager.service.desired import (
 from manager.service.placement import Candidate, reservations
 from manager.service.reports import update_errors_event
 from manager.storage import Database, NodeRecord, NodeRepository
+from manager.storage.agents import replace_many
 from manager.storage.desired import DesiredStateRepository, DesiredTx
 from manager.storage.records import (
     AgentStateRecord,
@@ -159,10 +165,14 @@ class _RolloutMemo:
                 self.inputs[n] = (node, a, agent, errors)
                 self.observed[n] = observe(*self.inputs[n])
 
-    def answered(self, node_id: str, errors: tuple[UpdateErrorRecord, ...]) -> None:
-        """The node's daemon answered a push with these refusals."""
+    def answered(self, node_id: str, answer: _Answer) -> None:
+        """The node's daemon answered a push with these refusals (and agents, if the
+        answer carried them and they were stored)."""
         if node_id in self.inputs:
             node, a, agent, _ = self.inputs[node_id]
+            errors, states = answer
+            if states is not None:
+                agent = next((st for st in states if st.agent_id == self.record.name), None)
             self.inputs[node_id] = (node, a, agent, errors)
             self.observed[node_id] = observe(*self.inputs[node_id])
 
@@ -182,12 +192,13 @@ class _Memo:
     backoff_at: float | None
     """The earliest retry of a backed-off push (a full pass does it)."""
 
-    def answered(self, answers: Mapping[str, tuple[UpdateErrorRecord, ...]]) -> None:
-        """Push answers (node -> refusals) into every rollout's view of those nodes."""
-        for node_id, errors in answers.items():
+    def answered(self, answers: Mapping[str, _Answer]) -> None:
+        """Push answers (node -> refusals, agents) into every rollout's view of those
+        nodes."""
+        for node_id, answer in answers.items():
             self.undelivered.discard(node_id)
             for m in self.rollouts.values():
-                m.answered(node_id, errors)
+                m.answered(node_id, answer)
 
 
 def pass_gap(*, spent: float, since: float, debounce: float, pace: float) -> float:
@@ -244,6 +255,8 @@ class Convergence:
         self._pass_lock = asyncio.Lock()
         self._full = True
         """A full pass is due (a poke; anything but an agent report)."""
+        self._urgent = False
+        """The due full pass is an operator's (`act`): no debounce."""
         self._touched: set[str] = set()
         """Nodes whose agents reported since the last pass began."""
         self._memo: _Memo | None = None
@@ -253,6 +266,9 @@ class Convergence:
         self._full_ended = 0.0
         """How long the last full pass took and when it ended (time.monotonic())."""
         self._rollouts_live = True  # until a pass says otherwise
+        self._unrecorded: list[_Outcome] = []
+        """Push answers (all with the agents' states) the next pass records, in the
+        transaction of the step it persists."""
         self.passes = 0
         """Passes run so far, full and incremental (tests read it)."""
         self.leading = False
@@ -264,6 +280,13 @@ class Convergence:
         """Something changed: run a full pass soon (several pokes make one pass)."""
         self._full = True
         self._wake.set()
+
+    def act(self) -> None:
+        """An operator changed desired state (apply, delete, undo, a rollout action): a
+        full pass as soon as pacing allows, without the debounce (operator actions do
+        not come in bursts, and a rollout waits for this pass to start)."""
+        self._urgent = True
+        self.poke()
 
     def touched(self, node_ids: Iterable[str]) -> None:
         """These nodes' agents reported (stored): re-judge only them, at once."""
@@ -291,6 +314,11 @@ class Convergence:
         if self._task is not None:
             await self._task
             self._task = None
+        if self._unrecorded:
+            try:
+                await self._record_unrecorded(PassResult())
+            except Exception:  # the next driver pushes again; the answers repeat
+                log.exception("recording the last push answers failed")
 
     async def _run(self) -> None:
         while not self._stop.is_set():
@@ -332,7 +360,7 @@ class Convergence:
             self._wake.clear()
             result = None if self._full_due() else await self.run_incremental()
             if result is None:
-                self._full = False
+                self._full = self._urgent = False
                 started = time.monotonic()
                 result = await self.run_once()
                 self._full_ended = time.monotonic()
@@ -355,7 +383,7 @@ class Convergence:
                     pass_gap(
                         spent=self._full_spent,
                         since=time.monotonic() - self._full_ended,
-                        debounce=self._debounce,
+                        debounce=0.0 if self._urgent else self._debounce,
                         pace=self._pace,
                     )
                 )
@@ -397,6 +425,7 @@ class Convergence:
             self._memo = None
             self._touched.clear()  # this pass reads everything they reported so far
             result = PassResult()
+            await self._record_unrecorded(result)
             nodes = {n.node_id: n for n in await self._nodes.list()}
             scopes, live = await self._rescope(nodes, result)
             memos: dict[int, _RolloutMemo] = {}
@@ -469,38 +498,59 @@ class Convergence:
             now = self._clock()
             now_ms = int(now * 1000)
             pushes: dict[str, tuple[int, list[common_pb2.AgentSpec], int]] = {}
-            for rollout_id in sorted(memo.rollouts):
-                m = memo.rollouts[rollout_id]
+            for m in memo.rollouts.values():
                 by_node = {a.node_id: a for a in assigned if a.name == m.record.name}
                 agent = {st.node_id: st for st in states.get(m.record.name, [])}
                 for n in ids & m.observed.keys():
                     errors = rows[n].update_errors if n in rows else ()
                     m.inputs[n] = (memo.nodes[n], by_node.get(n), agent.get(n), errors)
                     m.observed[n] = observe(*m.inputs[n])
-                step = ro.step(m.rollout, m.progress, m.observed, now)
-                if step.rollout.state not in ro.TERMINAL:
-                    state = step.rollout.state.value
-                    result.live_rollouts[state] = result.live_rollouts.get(state, 0) + 1
-                if step.wake_at is not None:
-                    result.wake_at = _earliest(result.wake_at, step.wake_at)
-                if step.rollout == m.rollout and not step.nodes and not step.assign:
-                    continue
+            # The last pass's push answers, not recorded yet: the first transaction below
+            # records them, and the step it persists is judged on them (one transaction
+            # per batch: its answers and the next step).
+            pending = self._unrecorded
+            for rollout_id in sorted(memo.rollouts):
+                m = memo.rollouts[rollout_id]
+                judged = None
+                if not pending:
+                    judged = ro.step(m.rollout, m.progress, m.observed, now)
+                    if judged.rollout == m.rollout and not judged.nodes and not judged.assign:
+                        self._note_live(result, judged)
+                        continue
 
                 async def body(
-                    tx: DesiredTx, m: _RolloutMemo = m, step: ro.Step = step
-                ) -> tuple[RolloutRecord, dict[str, tuple[int, list[common_pb2.AgentSpec], int]]]:
+                    tx: DesiredTx,
+                    m: _RolloutMemo = m,
+                    step: ro.Step | None = judged,
+                    pending: list[_Outcome] = pending,
+                ) -> tuple[
+                    ro.Step,
+                    RolloutRecord | None,
+                    dict[str, tuple[int, list[common_pb2.AgentSpec], int]],
+                ]:
+                    if pending:
+                        memo.answered(await self._record(tx, pending, result))
+                        step = ro.step(m.rollout, m.progress, m.observed, now)
+                    assert step is not None
+                    if step.rollout == m.rollout and not step.nodes and not step.assign:
+                        return step, None, {}
                     record = await tx.rollout(m.record.id, for_update=True)
                     if record is None or record != m.record:
                         raise _Stale  # another writer (an operator, another replica)
                     stored = await persist_step(tx, record, step, now_ms)
                     _, sets = await self._refresh_in(tx, memo.nodes, result, now_ms, step.assign)
-                    return stored, sets
+                    return step, stored, sets
 
                 try:
-                    stored, sets = await self._repo.run(body)
+                    step, stored, sets = await self._repo.run(body)
                 except _Stale:
                     self._memo = None
+                    await self._record_unrecorded(result)
                     return None
+                pending = self._unrecorded = []
+                self._note_live(result, step)
+                if stored is None:
+                    continue
                 result.stepped.append(m.record.name)
                 result.failed_rollouts += sum(n.kind == "rollout-failed" for n in step.notes)
                 pushes.update(sets)
@@ -511,6 +561,8 @@ class Convergence:
                 m.record, m.rollout = stored, step.rollout
                 m.progress.update(step.nodes)
                 m.assign(step.assign, step.rollout.target, now_ms)
+            if pending:  # no live rollout took them
+                await self._record_unrecorded(result)
             # A touched node whose answer to a push was lost but that reports the version:
             # delivered (as a full pass would record it).
             lost = [n for n in ids if n in rows and rows[n].delivered_version < rows[n].version]
@@ -520,7 +572,16 @@ class Convergence:
                     lambda tx: self._refresh_in(tx, memo.nodes, result, now_ms, lost)
                 )
                 memo.undelivered.difference_update(lost)
-            memo.answered(await self._push(pushes, memo.nodes, result))
+            outcomes = await self._send(pushes, memo.nodes)
+            if outcomes and all(o.states is not None and not o.error for o in outcomes):
+                # Every answer carried the agents: the next pass, due at once, records
+                # them in the transaction of the step they lead to.
+                self._unrecorded = outcomes
+                self._wake.set()
+            elif outcomes:
+                answers = await self._repo.run(lambda tx: self._record(tx, outcomes, result))
+                memo.answered(answers)
+                self._answered(answers)
             if result.push_failed:
                 self._memo = None  # the retry with backoff is a full pass's
             result.undelivered = len(memo.undelivered)
@@ -722,70 +783,154 @@ class Convergence:
         sets: Mapping[str, tuple[int, list[common_pb2.AgentSpec], int]],
         nodes: Mapping[str, NodeRecord],
         result: PassResult,
-    ) -> dict[str, tuple[UpdateErrorRecord, ...]]:
+    ) -> dict[str, _Answer]:
         """Push each online node its set; record the answers in one transaction. The
-        refusals each node answered that were recorded."""
-        targets = sorted(n for n in sets if n in nodes and nodes[n].status == "online")
-        answers: dict[str, tuple[UpdateErrorRecord, ...]] = {}
-        if not targets:
-            return answers
-        outcomes = await asyncio.gather(
-            *(self._push_one(nodes[n], sets[n][0], sets[n][1]) for n in targets)
-        )
-        now_ms = int(self._clock() * 1000)
-
-        async def body(tx: DesiredTx) -> None:
-            rows = await tx.node_desired(targets)
-            updated = []
-            for node_id, (version, refused, error) in zip(targets, outcomes, strict=True):
-                row = rows.get(node_id)
-                if row is None or row.version != version:
-                    continue  # a newer set was decided meanwhile: the next pass pushes it
-                if error and row.updated_ms != sets[node_id][2]:
-                    continue  # its daemon came back meanwhile (backoff reset): retry now
-                if error:
-                    attempts = row.push_attempts + 1
-                    updated.append(
-                        dataclasses.replace(
-                            row,
-                            push_error=error,
-                            push_attempts=attempts,
-                            next_push_ms=now_ms + int(push_backoff(attempts) * 1000),
-                            updated_ms=now_ms,
-                        )
-                    )
-                    result.push_failed[node_id] = error
-                else:
-                    # The answer is the daemon's report: it runs `version` now (a push that
-                    # changes no agent brings no sync), and it lists every refusal it still
-                    # holds (a no-op push too), so none means a refusal was resolved.
-                    updated.append(
-                        dataclasses.replace(
-                            row,
-                            delivered_version=version,
-                            reported_version=max(row.reported_version, version),
-                            push_error="",
-                            push_attempts=0,
-                            next_push_ms=0,
-                            update_errors=refused,
-                            updated_ms=now_ms,
-                        )
-                    )
-                    if refused != row.update_errors:
-                        update_errors_event(tx, node_id, refused, now_ms)
-                        # A rollout waiting on this node judges the refusal in the next
-                        # pass, now, not at the safety interval.
-                        result.wake_at = self._clock()
-                    result.pushed.append(node_id)
-                    answers[node_id] = refused
-            await tx.put_node_desired(updated)
-
-        await self._repo.run(body)
+        answers that were recorded (refusals; agents when the answer carried them)."""
+        outcomes = await self._send(sets, nodes)
+        if not outcomes:
+            return {}
+        answers = await self._repo.run(lambda tx: self._record(tx, outcomes, result))
+        self._answered(answers)
         return answers
 
+    async def _send(
+        self,
+        sets: Mapping[str, tuple[int, list[common_pb2.AgentSpec], int]],
+        nodes: Mapping[str, NodeRecord],
+    ) -> list[_Outcome]:
+        """Push each online node its set (nothing recorded: `_record` does that)."""
+        targets = sorted(n for n in sets if n in nodes and nodes[n].status == "online")
+        if not targets:
+            return []
+        sent_ms = int(self._clock() * 1000)
+        return list(
+            await asyncio.gather(
+                *(
+                    self._push_one(nodes[n], sets[n][0], sets[n][1], sets[n][2], sent_ms)
+                    for n in targets
+                )
+            )
+        )
+
+    async def _record(
+        self, tx: DesiredTx, outcomes: Sequence[_Outcome], result: PassResult
+    ) -> dict[str, _Answer]:
+        """Record push outcomes in `tx`: delivered versions, refusals, backoffs, and the
+        agents an answer carried, stored as a SyncAgentStates is (`replace_many`)."""
+        answers: dict[str, _Answer] = {}
+        now_ms = int(self._clock() * 1000)
+        targets = [o.node_id for o in outcomes]
+        rows = await tx.node_desired(targets)
+        # Only a node that already reported the pushed version may hold a newer snapshot
+        # than its answer (see below); in a rollout none has, and this reads nothing.
+        newer = [
+            o.node_id
+            for o in outcomes
+            if o.states is not None
+            and not o.error
+            and o.node_id in rows
+            and rows[o.node_id].reported_version >= o.version
+        ]
+        since: dict[str, int] = {}  # when each node's agents were last stored
+        if newer:
+            for st in await tx.agent_states(node_ids=newer):
+                since[st.node_id] = max(since.get(st.node_id, 0), st.reported_ms)
+        updated = []
+        snapshots: list[tuple[str, list[AgentStateRecord]]] = []
+        for o in outcomes:
+            node_id, version, refused, error = o.node_id, o.version, o.refused, o.error
+            row = rows.get(node_id)
+            if row is None or row.version != version:
+                continue  # a newer set was decided meanwhile: the next pass pushes it
+            if error and row.updated_ms != o.set_ms:
+                continue  # its daemon came back meanwhile (backoff reset): retry now
+            if error:
+                attempts = row.push_attempts + 1
+                updated.append(
+                    dataclasses.replace(
+                        row,
+                        push_error=error,
+                        push_attempts=attempts,
+                        next_push_ms=now_ms + int(push_backoff(attempts) * 1000),
+                        updated_ms=now_ms,
+                    )
+                )
+                result.push_failed[node_id] = error
+                continue
+            states = o.states
+            if (
+                states is not None
+                and since.get(node_id, 0) >= o.sent_ms
+                and row.reported_version >= version
+            ):
+                # A report sent after the daemon took this version was stored since the
+                # push went out: it is as new as the answer or newer (a report from
+                # during the apply is followed by one from after it).
+                states = None
+            if states is not None:
+                snapshots.append((node_id, states))
+            # The answer is the daemon's report: it runs `version` now (a push that
+            # changes no agent brings no sync), and it lists every refusal it still
+            # holds (a no-op push too), so none means a refusal was resolved.
+            updated.append(
+                dataclasses.replace(
+                    row,
+                    delivered_version=version,
+                    reported_version=max(row.reported_version, version),
+                    push_error="",
+                    push_attempts=0,
+                    next_push_ms=0,
+                    update_errors=refused,
+                    updated_ms=now_ms,
+                )
+            )
+            if refused != row.update_errors:
+                update_errors_event(tx, node_id, refused, now_ms)
+                # A rollout waiting on this node judges the refusal in the next
+                # pass, now, not at the safety interval.
+                result.wake_at = self._clock()
+            result.pushed.append(node_id)
+            answers[node_id] = (refused, states)
+        await tx.put_node_desired(updated)
+        if snapshots:
+            counts = await replace_many(
+                tx.conn, snapshots, now_ms=now_ms, events_out=tx.queued_events
+            )
+            for (node_id, _), count in zip(snapshots, counts, strict=True):
+                if count is None:  # removed meanwhile: nothing of it stored
+                    answers[node_id] = (answers[node_id][0], None)
+        return answers
+
+    async def _record_unrecorded(self, result: PassResult) -> None:
+        """Record the push answers the last incremental pass left (own transaction)."""
+        pending = self._unrecorded
+        if pending:
+            await self._repo.run(lambda tx: self._record(tx, pending, result))
+            self._unrecorded = []
+
+    @staticmethod
+    def _note_live(result: PassResult, step: ro.Step) -> None:
+        if step.rollout.state not in ro.TERMINAL:
+            state = step.rollout.state.value
+            result.live_rollouts[state] = result.live_rollouts.get(state, 0) + 1
+        if step.wake_at is not None:
+            result.wake_at = _earliest(result.wake_at, step.wake_at)
+
+    def _answered(self, answers: Mapping[str, _Answer]) -> None:
+        """Answers that carried agents were stored: a rollout judges them in the next
+        pass, at once (the memo holds them; no report needs to come first)."""
+        if any(states is not None for _, states in answers.values()):
+            self._wake.set()
+
     async def _push_one(
-        self, node: NodeRecord, version: int, specs: list[common_pb2.AgentSpec]
-    ) -> tuple[int, tuple[UpdateErrorRecord, ...], str]:
+        self,
+        node: NodeRecord,
+        version: int,
+        specs: list[common_pb2.AgentSpec],
+        set_ms: int,
+        sent_ms: int,
+    ) -> _Outcome:
+        out = _Outcome(node.node_id, version, set_ms, sent_ms)
         async with self._push_sem:
             try:
                 reply = await self._pool.push_update(
@@ -793,15 +938,61 @@ class Convergence:
                     node.daemon_address,
                     version,
                     specs,
+                    want_agent_states=True,
                     call_timeout=self._push_timeout,
                 )
             except FailedPrecondition as exc:
                 # The daemon holds this version or a newer one; its next report says which.
-                return version, (), f"refused: {exc.message}"
+                out.error = f"refused: {exc.message}"
+                return out
             except FleetError as exc:
-                return version, (), exc.message
-        refused = tuple(UpdateErrorRecord(r.agent_id, r.revision, r.reason) for r in reply.refused)
-        return version, refused, ""
+                out.error = exc.message
+                return out
+        out.refused = tuple(
+            UpdateErrorRecord(r.agent_id, r.revision, r.reason) for r in reply.refused
+        )
+        out.states = _carried_states(node.node_id, version, reply)
+        return out
+
+
+@dataclass
+class _Outcome:
+    """One push and how it went (recorded by `Convergence._record`)."""
+
+    node_id: str
+    version: int
+    set_ms: int
+    """When the node's row last changed as the push was decided."""
+    sent_ms: int
+    """When the pushes of its pass went out (manager clock)."""
+    refused: tuple[UpdateErrorRecord, ...] = ()
+    error: str = ""
+    """Why the push failed ("" if it succeeded)."""
+    states: list[AgentStateRecord] | None = None
+    """The node's agents after the apply, from the answer (None: not carried)."""
+
+
+_Answer = tuple[tuple[UpdateErrorRecord, ...], list[AgentStateRecord] | None]
+"""What a recorded push answer says: the refusals, and the agents if it carried them and
+they were stored."""
+
+
+def _carried_states(
+    node_id: str, version: int, reply: daemon_pb2.PushUpdateResponse
+) -> list[AgentStateRecord] | None:
+    """The agents a push answer carries, checked as a SyncAgentStates is; None if it
+    carries none (an older daemon: its reports say) or none usable."""
+    if not reply.HasField("agent_states"):
+        return None
+    snapshot = reply.agent_states
+    if snapshot.node_id != node_id or snapshot.spec_version != version:
+        return None  # not the node and version this answer is for: wait for the report
+    try:
+        states, _ = snapshot_records(snapshot)
+    except FleetError as exc:
+        log.warning("push answer of %s: agent states not usable (%s)", node_id, exc)
+        return None
+    return states
 
 
 _Inputs = tuple[

@@ -15,10 +15,14 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from fleet.errors import FailedPrecondition, InvalidArgument
-from fleet.labels import validate_label_value
-from fleet.v1 import common_pb2, manager_pb2, manager_pb2_grpc
-from manager.service.agents import AgentStates
+from fleet.errors import FailedPrecondition
+from fleet.v1 import manager_pb2, manager_pb2_grpc
+from manager.service.agents import (
+    AgentStates,
+    agent_state_record,
+    last_exit_fields,
+    update_error_records,
+)
 from manager.service.artifacts import Artifacts
 from manager.service.certificates import NO_ISSUER, Certificates
 from manager.service.deny_list import DenyList
@@ -27,81 +31,14 @@ from manager.service.metrics import MetricsService
 from manager.service.model import MetricPoint, Registration
 from manager.service.registry import NodeRegistry
 from manager.service.reports import DaemonReports
-from manager.service.validation import MAX_AGENTS_PER_SYNC, MAX_MESSAGE, validate_spec_version
+from manager.service.validation import validate_spec_version
 from manager.servicers.artifacts import ArtifactDownloads
 from manager.servicers.control import ControlChannel
 from manager.servicers.identity import NodeIdentities, caller_pem
-from manager.storage import AgentStateRecord
-from manager.storage.records import UpdateErrorRecord
 
 __all__ = ["ManagerServicer", "agent_state_record", "last_exit_fields"]
 
 _Context = aio.ServicerContext[Any, Any]
-
-
-def _enum_name(enum: Any, value: int, prefix: str) -> str:
-    try:
-        name: str = enum.Name(value)
-    except ValueError:
-        return f"#{value}"  # an enum number this manager does not know; refused by validation
-    return name.removeprefix(prefix)
-
-
-def agent_state_record(node_id: str, st: manager_pb2.AgentState) -> AgentStateRecord:
-    """The storage record for one AgentState message."""
-    return AgentStateRecord(
-        node_id=node_id,
-        agent_id=st.agent_id,
-        status=_enum_name(common_pb2.AgentStatus, st.status, "AGENT_STATUS_"),
-        pid=st.pid,
-        last_heartbeat_ms=st.last_heartbeat,
-        type=st.type,
-        version=st.version,
-        start_time_ms=st.start_time,
-        restart_count=st.restart_count,
-        exit_code=st.exit_code,
-        message=st.message,
-        labels=dict(st.labels),
-        health=_enum_name(common_pb2.AgentHealth, st.health, "AGENT_HEALTH_"),
-        config_version=st.config_version,
-        revision=st.revision,
-        health_message=st.health_message,
-        health_since_ms=st.health_since,
-        **last_exit_fields(st.last_exit if st.HasField("last_exit") else None),
-    )
-
-
-def update_error_records(msgs: Any) -> list[UpdateErrorRecord]:
-    """A daemon's UpdateError messages, validated (InvalidArgument naming the field)."""
-    if len(msgs) > MAX_AGENTS_PER_SYNC:
-        raise InvalidArgument(
-            f"at most {MAX_AGENTS_PER_SYNC} per report, got {len(msgs)}", field="update_errors"
-        )
-    out = []
-    for i, e in enumerate(msgs):
-        where = f"update_errors[{i}]"
-        validate_label_value(e.agent_id, field=f"{where}.agent_id")
-        if len(e.reason) > MAX_MESSAGE or "\x00" in e.reason:
-            raise InvalidArgument(
-                f"must be at most {MAX_MESSAGE} characters, without NUL", field=f"{where}.reason"
-            )
-        if not 0 <= e.revision < 2**63:
-            raise InvalidArgument("must be in 0..2^63-1", field=f"{where}.revision")
-        out.append(UpdateErrorRecord(e.agent_id, e.revision, e.reason))
-    return out
-
-
-def last_exit_fields(msg: common_pb2.LastExit | None) -> dict[str, Any]:
-    """The AgentStateRecord fields of a LastExit message (empty ones for None)."""
-    if msg is None:
-        return {}
-    kind = _enum_name(common_pb2.AgentExitKind, msg.kind, "AGENT_EXIT_KIND_")
-    return {
-        "last_exit_kind": "" if kind == "UNSPECIFIED" else kind.lower(),
-        "last_exit_code": msg.exit_code,
-        "last_exit_reason": msg.reason,
-        "last_exit_ms": msg.time,
-    }
 
 
 class ManagerServicer(ArtifactDownloads, manager_pb2_grpc.ManagerServiceServicer):

@@ -2,9 +2,10 @@
 
 Every test runs on SQLite and on PostgreSQL. The daemons are `bench.sim`
 daemons: real gRPC servers with node certificates that apply PushUpdate as
-the daemon does (versions, a host agent of the same id refused) and report their agents back through
-ManagerService, so the whole loop -- apply, scope, rollout step, push,
-report, judge -- runs for real; their agents are rows, so a "bad" revision
+the daemon does (versions, a host agent of the same id refused) and answer
+with their agents' states (older ones: report them back through
+ManagerService), so the whole loop -- apply, scope, rollout step, push,
+answer or report, judge -- runs for real; their agents are rows, so a "bad" revision
 is one the test names. (System tests run real fleet-daemon processes.)
 """
 
@@ -522,6 +523,95 @@ async def test_batches_are_judged_by_incremental_passes(
         assert any(r.incremental for r in moved), [(r.incremental, r.pushed) for r in seen]
 
 
+async def test_daemons_that_answer_without_states_are_judged_by_their_reports(
+    pki: Any, tmp_path: Path, database_url: str
+) -> None:
+    """Older daemons answer a push without their agents' states: the rollout waits for
+    their SyncAgentStates, as before, beside a daemon whose answers carry them."""
+    async with desired_env(pki, tmp_path, database_url) as env:
+        for i in range(3):
+            await env.add(f"o{i}", {"env": "prod"}, answer_states=False)
+        await env.add("n0", {"env": "prod"})
+        await env.apply(definition(max_parallel="1"))
+        await until(lambda: env.rollout("web"), lambda r: state(r) == "SUCCESSFUL")
+        commits = env.manager.agent_states.commits
+        await env.apply(definition(version="2.0", max_parallel="1"))
+        done = await until(lambda: env.rollout("web"), lambda r: r.ended_at > 0)
+        assert (state(done), done.done) == ("SUCCESSFUL", 4)
+        assert env.revisions("web") == {"o0": 2, "o1": 2, "o2": 2, "n0": 2}
+        # Each older daemon reported its push; the other one did not need to.
+        assert env.manager.agent_states.commits >= commits + 3
+
+
+async def test_an_operators_apply_is_not_debounced(
+    pki: Any, tmp_path: Path, database_url: str
+) -> None:
+    """Pokes from daemons wait out the debounce (bursts make one pass); an apply is an
+    operator's action and its rollout starts at once, even with a long debounce."""
+    async with desired_env(pki, tmp_path, database_url) as env:
+        await env.add("p0", {"env": "prod"})
+        await asyncio.sleep(0.5)  # the registration's pass is over
+        env.manager.convergence._debounce = 60.0
+        started = time.monotonic()
+        await env.apply(definition())
+        done = await until(lambda: env.rollout("web"), lambda r: r.ended_at > 0, within=20)
+        assert state(done) == "SUCCESSFUL"
+        assert time.monotonic() - started < 30
+
+
+async def test_an_answer_older_than_a_stored_report_is_not_stored_over_it(
+    pki: Any, tmp_path: Path, database_url: str
+) -> None:
+    """The agent crashed right after the daemon took its answer's snapshot, and the report
+    of the crash was stored before the answer arrived: the answer (RUNNING) is not stored
+    over it, and the node fails on the FATAL instead of counting as done."""
+    async with desired_env(pki, tmp_path, database_url) as env:
+        await env.add("p0", {"env": "prod"}, crash_after_answer=True)
+        await env.apply(definition())
+        done = await until(lambda: env.rollout("web"), lambda r: r.ended_at > 0)
+        assert (state(done), done.done, done.failed) == ("FAILED", 0, 1), done.reason
+        assert "crashed after the answer" in done.reason
+        agents = await env.stub.ListAgents(fleet_pb2.FleetServiceListAgentsRequest(node_id="p0"))
+        assert [a.agent.status for a in agents.agents] == [common_pb2.AGENT_STATUS_FATAL]
+
+
+async def test_an_answer_naming_another_node_is_not_stored(
+    pki: Any, tmp_path: Path, database_url: str
+) -> None:
+    """A push answer whose snapshot names another node is ignored: nothing is stored for
+    either node and the node waits for its own report, which then completes the rollout."""
+    async with desired_env(pki, tmp_path, database_url) as env:
+        await env.add("p0", {"env": "prod"})
+        await env.add("p1", {"env": "prod"})
+        liar = env.fleet.nodes[0].servicer
+        honest = liar.agent_states
+
+        def lie() -> manager_pb2.SyncAgentStatesRequest:
+            snapshot = honest()
+            snapshot.node_id = "p1"
+            return snapshot
+
+        liar.agent_states = lie  # type: ignore[method-assign]
+        await env.apply(definition(max_parallel="2"))
+        r = await until(
+            lambda: env.rollout("web"),
+            lambda r: {n.node_id: n.phase for n in r.nodes}.get("p1") == RS.ROLLOUT_NODE_PHASE_DONE,
+        )
+        await asyncio.sleep(0.5)  # passes enough to have judged p0 from its answer
+        r = await env.rollout("web")
+        phases = {n.node_id: n.phase for n in r.nodes}
+        assert phases["p0"] == RS.ROLLOUT_NODE_PHASE_UPDATING, r
+        agents = await env.stub.ListAgents(fleet_pb2.FleetServiceListAgentsRequest(node_id="p0"))
+        assert [a.agent.id for a in agents.agents] == []  # nothing stored for p0
+        agents = await env.stub.ListAgents(fleet_pb2.FleetServiceListAgentsRequest(node_id="p1"))
+        assert [a.agent.id for a in agents.agents] == ["web"]  # p1's own answer only
+        liar.agent_states = honest  # type: ignore[method-assign]
+        assert liar.link is not None
+        await liar.link.report()
+        done = await until(lambda: env.rollout("web"), lambda r: r.ended_at > 0)
+        assert (state(done), done.done) == ("SUCCESSFUL", 2)
+
+
 async def test_a_rollout_changed_by_another_writer_sends_the_driver_to_a_full_pass(
     pki: Any, tmp_path: Path, database_url: str
 ) -> None:
@@ -538,8 +628,7 @@ async def test_a_rollout_changed_by_another_writer_sends_the_driver_to_a_full_pa
         await env.apply(definition(version="2.0", max_parallel="2"))
         first = await convergence.run_once()  # the full pass: batch 1 moves
         assert sorted(first.pushed) == ["p0", "p1"]
-        # The batch reports (stored; the stopped driver only notes who reported).
-        await until(lambda: set(convergence._touched), lambda t: {"p0", "p1"} <= t)
+        # The batch's answers carried its agents (stored by that pass, in its memo).
         await env.stub.PauseRollout(fleet_pb2.FleetServicePauseRolloutRequest(name="web"))
         assert await convergence.run_incremental() is None
         assert convergence._memo is None

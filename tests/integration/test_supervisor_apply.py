@@ -196,3 +196,43 @@ async def test_reload_from_toml(tmp_path: Path) -> None:
         assert processes_with(m["drop"]) == []
     finally:
         await sup.stop(stop_agents=True)
+
+
+async def test_a_start_secs_zero_agent_is_running_when_the_apply_returns(
+    tmp_path: Path,
+) -> None:
+    """start_secs = 0: the spawn makes the agent RUNNING in one change, so the apply (and
+    the PushUpdate answer built right after it) says RUNNING with a live pid; an agent with
+    start_secs > 0 is still STARTING then. Restarts and exits keep one RUNNING change per
+    spawn, never a STARTING one."""
+    rec = Recorder()
+    sup = make_supervisor(tmp_path, rec)
+    try:
+        await sup.apply(1, [_sleeper("now", marker(), start_secs=0.0), _sleeper("slow", marker())])
+        now, slow = sup.get("now"), sup.get("slow")
+        assert now.status is S.RUNNING
+        assert alive(now.pid)
+        assert now.message == f"running with pid {now.pid}"
+        assert slow.status is S.STARTING  # start_secs 0.2: not proven yet
+        await rec.until(lambda: sup.get("slow").status is S.RUNNING)
+        assert rec.statuses("now") == [S.RUNNING]
+        spawned = [c for c in rec.changes if c.id == "now" and c.pid]
+        assert len({c.pid for c in spawned}) == 1
+
+        await sup.operate("now", "restart")
+        assert sup.get("now").status is S.RUNNING
+        assert rec.statuses("now") == [S.RUNNING, S.STOPPING, S.STOPPED, S.RUNNING]
+
+        # One that exits at once: RUNNING (it was spawned), then EXITED and restarted by
+        # its policy, each spawn one RUNNING change; no illegal transition.
+        quick = agent(
+            "quick", "-c", "import time; time.sleep(0.1)", start_secs=0.0, restart="always"
+        )
+        await sup.apply(2, [quick])
+        await rec.until(lambda: sup.get("quick").restart_count >= 2)
+        seen = rec.statuses("quick")
+        assert S.STARTING not in seen
+        assert seen[:3] == [S.RUNNING, S.EXITED, S.RUNNING]
+        assert S.UNKNOWN not in seen
+    finally:
+        await sup.stop(stop_agents=True)
