@@ -27,6 +27,8 @@ from sqlalchemy import Connection, event, func, select
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import PoolResetState
+from sqlalchemy.util import await_
 
 from fleet.errors import ConfigError, FailedPrecondition, InvalidArgument, Unavailable
 from fleet.retry import Backoff, retrying
@@ -155,6 +157,11 @@ class Database:
                     f"{exc.strerror or exc}"
                 ) from exc
             kwargs["connect_args"] = {"timeout": busy_timeout_ms / 1000}
+            # Every transaction ends in commit or rollback before its connection goes back,
+            # so the pool's unconditional rollback-on-return is one more round trip to the
+            # driver's thread per transaction for nothing: _install_sqlite_hooks rolls back
+            # only a connection still in a transaction.
+            kwargs["pool_reset_on_return"] = None
         else:
             dialect = "postgresql"
             # A pooled connection may have died with a server restart: test
@@ -394,4 +401,18 @@ def _install_sqlite_hooks(engine: AsyncEngine, *, busy_timeout_ms: int, synchron
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: Connection) -> None:
         mode = conn.get_execution_options().get(_BEGIN_OPTION, "DEFERRED")
-        conn.exec_driver_sql(f"BEGIN {mode}")
+        # Straight to aiosqlite: one round trip to its thread (exec_driver_sql makes three:
+        # cursor, execute, close). Its errors are the DB-API's, wrapped by SQLAlchemy as usual.
+        driver = conn.connection.driver_connection
+        assert driver is not None
+        await_(driver.execute(f"BEGIN {mode}"))
+
+    @event.listens_for(engine.sync_engine, "reset")
+    def _on_reset(dbapi_connection: Any, record: Any, state: PoolResetState) -> None:
+        # The rollback-on-return the pool no longer does (pool_reset_on_return=None), only
+        # when it is needed: a transaction left open (a cancelled body, a failed commit).
+        if not state.asyncio_safe or record is None:
+            return
+        driver = record.driver_connection
+        if driver is None or driver.in_transaction:
+            dbapi_connection.rollback()

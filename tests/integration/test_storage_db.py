@@ -86,6 +86,37 @@ async def test_sqlite_connections_use_wal_and_busy_timeout(tmp_path: Any) -> Non
         await db.close()
 
 
+async def test_sqlite_cancelled_writer_leaves_no_transaction_open(tmp_path: Any) -> None:
+    """A write transaction cancelled mid-body is rolled back and its lock released: the
+    pool no longer rolls back every returned connection, only one left in a transaction."""
+    db = await Database.open(f"sqlite:///{tmp_path}/m.db", busy_timeout_ms=200)
+    await db.migrate()
+    inside = asyncio.Event()
+    insert = text("INSERT INTO metric_batches (node_id, sequence, received_ms) VALUES ('n', :s, 1)")
+
+    async def stuck(conn: Any) -> None:
+        await conn.execute(insert, {"s": 1})
+        inside.set()
+        await asyncio.sleep(60)
+
+    async def write(conn: Any) -> None:
+        await conn.execute(insert, {"s": 2})
+
+    try:
+        task = asyncio.create_task(db.run(stuck))
+        await inside.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # The write lock is free (busy_timeout is 0.2 s) and nothing of the body stayed.
+        await db.run(write)
+        async with db.engine.connect() as conn:
+            assert not (await conn.get_raw_connection()).driver_connection.in_transaction
+            assert await conn.scalar(text("SELECT sequence FROM metric_batches")) == 2
+    finally:
+        await db.close()
+
+
 @pytest.mark.parametrize(
     ("url", "message"),
     [
