@@ -148,7 +148,9 @@ async def _loadgen(spec: dict[str, Any]) -> None:
                 metrics_interval=spec["metrics_interval"],
                 state_change_interval=spec["state_change_interval"],
                 keepalive=(KEEPALIVE, KEEPALIVE_TIMEOUT),
-                reconnect=Backoff(initial=1.0, maximum=spec["backoff_max"]),
+                # The daemon's own: 0.5 s to 30 s with full jitter, 10 s call deadlines.
+                reconnect=Backoff(initial=0.5, maximum=spec["backoff_max"]),
+                rpc_timeout=spec["rpc_timeout"],
                 rng=random.Random(rng.random()),
             )
         )
@@ -333,7 +335,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "metrics_interval": args.metrics_interval,
         "state_change_interval": args.state_change_interval,
         "spread": args.spread,
-        "backoff_max": 10.0,
+        "backoff_max": 30.0,
+        "rpc_timeout": 10.0,
     }
     out: dict[str, Any] = {"nodes": args.nodes, "procs": args.procs}
 
@@ -513,7 +516,8 @@ def run_replicas(args: argparse.Namespace) -> dict[str, Any]:
         "metrics_interval": args.metrics_interval,
         "state_change_interval": args.state_change_interval,
         "spread": args.spread,
-        "backoff_max": 10.0,
+        "backoff_max": 30.0,
+        "rpc_timeout": 10.0,
     }
     out: dict[str, Any] = {"nodes": per * 2, "replicas": 2, "procs_per_replica": args.procs}
     # The reference holds as many streams as one replica does.
