@@ -169,7 +169,8 @@ async def _loadgen(spec: dict[str, Any]) -> None:
                 break
             await asyncio.sleep(0.2)
         last = max(n.record.welcomes[-1] for n in nodes)
-        print(json.dumps({"welcomed_by": last}), flush=True)
+        attempts = sum(1 for n in nodes for t in n.record.attempts if t >= since)
+        print(json.dumps({"welcomed_by": last, "attempts": attempts}), flush=True)
     await asyncio.gather(*(n.stop() for n in nodes), return_exceptions=True)
 
 
@@ -182,6 +183,8 @@ def run_profiled_manager(out: str, argv: list[str]) -> None:
     import cProfile
 
     profile = cProfile.Profile()
+    if os.environ.get("BENCH_PROFILE_FROM_START"):  # the restart after kill -9
+        profile.enable()
 
     def begin(*_: Any) -> None:
         profile.enable()
@@ -204,6 +207,8 @@ class _Gens:
     """The load-generator processes of one target."""
 
     def __init__(self, spec: dict[str, Any], ids: list[str], procs: int) -> None:
+        self.lines: list[dict[str, Any]] = []
+        """Every line read, parsed."""
         self.procs = []
         for i in range(procs):
             part = {**spec, "ids": ids[i::procs], "seed": i}
@@ -232,7 +237,8 @@ class _Gens:
             line = p.stdout.readline()
             if not line:
                 raise SystemExit(f"a load generator exited ({p.wait()})")
-            out.append(json.loads(line)[key])
+            self.lines.append(json.loads(line))
+            out.append(self.lines[-1][key])
         return out
 
     def ask(self, line: str) -> None:
@@ -406,11 +412,22 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             manager.send_signal(signal.SIGKILL)
             manager.wait()
             t_kill = time.time()
+            if args.profile:  # the restarted manager, from its start to all welcomed
+                restart_profile = args.profile.with_suffix(".reconnect.prof")
+                argv[3] = str(restart_profile.resolve())
+                env["BENCH_PROFILE_FROM_START"] = "1"
             manager = subprocess.Popen(argv, env=env)
             gens.ask(f"since {t_kill}")
             try:
                 welcomed = gens.read_all("welcomed_by", within=args.reconnect_within)
                 out["reconnect_all_s"] = max(welcomed) - t_kill
+                # Connections opened (TLS handshake and all) since the kill, and the
+                # manager's CPU from its start until every node was welcomed.
+                out["reconnect_attempts"] = sum(line.get("attempts", 0) for line in gens.lines)
+                out["reconnect_manager_cpu_s"] = _cpu(manager.pid)
+                if args.profile:
+                    manager.send_signal(signal.SIGUSR2)
+                    time.sleep(5)
             except SystemExit as exc:
                 out["reconnect_all_s"] = None
                 out["reconnect_failed"] = str(exc)
