@@ -32,6 +32,7 @@ from sqlalchemy.util import await_
 
 from fleet.errors import ConfigError, FailedPrecondition, InvalidArgument, Unavailable
 from fleet.retry import Backoff, retrying
+from manager.storage.sqlite_hops import use_one_hop_cursors
 from manager.storage.transient import describe, is_constraint_violation, is_transient
 
 __all__ = ["Database", "Dialect", "advisory_key", "normalize_url"]
@@ -387,6 +388,7 @@ async def _always_held() -> AsyncIterator[bool]:
 def _install_sqlite_hooks(engine: AsyncEngine, *, busy_timeout_ms: int, synchronous: str) -> None:
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        use_one_hop_cursors(dbapi_connection)  # one hop to aiosqlite's thread per statement
         # We emit BEGIN ourselves (see _on_begin), so sqlite3 must not.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()

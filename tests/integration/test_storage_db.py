@@ -13,7 +13,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
-from fleet.errors import ConfigError, FailedPrecondition, Unavailable
+from fleet.errors import ConfigError, FailedPrecondition, InvalidArgument, Unavailable
 from manager.storage import AuditRepository, Database, NodeRecord, NodeRepository
 from manager.storage.db import schema_head
 from manager.storage.schema import metadata
@@ -281,3 +281,40 @@ async def test_missing_postgres_database_is_a_config_error(database_url: str) ->
     url = make_url(database_url).set(database="fleet_no_such_database")
     with pytest.raises(ConfigError, match="fleet_no_such_database"):
         await Database.open(url.render_as_string(hide_password=False), retry_timeout_s=30)
+
+
+async def test_sqlite_statements_are_one_hop_each_and_keep_their_results(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through SQLAlchemy, a statement is one hop to aiosqlite's thread, and rows,
+    rowcount, errors come back as before."""
+    import aiosqlite
+
+    db = await Database.open(f"sqlite:///{tmp_path}/m.db")
+    await db.migrate()
+    hops = 0
+    real = aiosqlite.Connection._execute
+
+    async def counted(self: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        nonlocal hops
+        hops += 1
+        return await real(self, fn, *args, **kwargs)
+
+    monkeypatch.setattr(aiosqlite.Connection, "_execute", counted)
+    insert = text("INSERT INTO metric_batches (node_id, sequence, received_ms) VALUES (:n, :s, 1)")
+
+    async def body(conn: Any) -> tuple[int, list[Any]]:
+        await conn.execute(insert, [{"n": "a", "s": 1}, {"n": "b", "s": 1}, {"n": "c", "s": 2}])
+        updated = await conn.execute(
+            text("UPDATE metric_batches SET received_ms = 2 WHERE sequence = 1")
+        )
+        rows = await conn.execute(text("SELECT node_id FROM metric_batches ORDER BY node_id"))
+        return updated.rowcount, [r.node_id for r in rows]
+
+    try:
+        assert await db.run(body) == (2, ["a", "b", "c"])
+        assert hops == 5  # BEGIN, three statements, COMMIT
+        with pytest.raises(InvalidArgument):  # a constraint violation, as before
+            await db.run(lambda conn: conn.execute(insert, {"n": "a", "s": 1}))
+    finally:
+        await db.close()
