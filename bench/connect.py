@@ -358,7 +358,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f'key_file = "{manager_tls.key_file}"\n'
         f"[control]\nkeepalive_time_seconds = {KEEPALIVE}\n"
         f"keepalive_timeout_seconds = {KEEPALIVE_TIMEOUT}\n"
-        '[logging]\nlevel = "warning"\n'
+        + (
+            f"max_hellos_per_second = {args.max_hellos_per_second}\n"
+            if args.max_hellos_per_second
+            else ""
+        )
+        + '[logging]\nlevel = "warning"\n'
     )
     argv = [sys.executable, "-m", "manager.cli", "serve", "--config", str(config)]
     if args.profile:
@@ -662,6 +667,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--profile", type=Path, help="cProfile the manager's event loop during the hold to this"
+    )
+    parser.add_argument(
+        "--max-hellos-per-second",
+        type=float,
+        help="the manager's [control] max_hellos_per_second (default: its own)",
     )
     parser.add_argument("--no-kill", dest="kill", action="store_false")
     parser.add_argument("--smoke", action="store_true", help="a tiny run")
