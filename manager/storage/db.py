@@ -44,6 +44,7 @@ T = TypeVar("T")
 
 MIGRATIONS_DIR: Final = Path(__file__).parent / "migrations"
 _BEGIN_OPTION: Final = "fleet_sqlite_begin"
+_CLEAN: Final = "fleet_committed"  # connection info: its last transaction committed
 
 
 def normalize_url(url: str) -> URL:
@@ -250,7 +251,12 @@ class Database:
                 # cannot resolve).
                 await conn.execution_options(**{_BEGIN_OPTION: mode})
             async with conn.begin():
-                return await body(conn)
+                result = await body(conn)
+            if self.dialect == "sqlite":
+                # Committed, nothing of ours left queued on aiosqlite's thread: the
+                # pool's reset may skip its rollback (see _install_sqlite_hooks).
+                conn.info[_CLEAN] = True
+            return result
 
     async def migrate(self) -> None:
         """Upgrade the schema to the newest revision (idempotent).
@@ -411,10 +417,13 @@ def _install_sqlite_hooks(engine: AsyncEngine, *, busy_timeout_ms: int, synchron
 
     @event.listens_for(engine.sync_engine, "reset")
     def _on_reset(dbapi_connection: Any, record: Any, state: PoolResetState) -> None:
-        # The rollback-on-return the pool no longer does (pool_reset_on_return=None), only
-        # when it is needed: a transaction left open (a cancelled body, a failed commit).
-        if not state.asyncio_safe or record is None:
+        # The rollback-on-return the pool no longer does (pool_reset_on_return=None),
+        # skipped only after a transaction that committed (Database._transaction says
+        # so). Not judged by `in_transaction`: a call cancelled while it waited for
+        # aiosqlite's thread (a BEGIN) still runs there later, and only a rollback
+        # queued behind it undoes it.
+        if not state.asyncio_safe:
             return
-        driver = record.driver_connection
-        if driver is None or driver.in_transaction:
-            dbapi_connection.rollback()
+        if record is not None and record.info.pop(_CLEAN, False):
+            return
+        dbapi_connection.rollback()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from typing import Any
 
@@ -316,5 +317,54 @@ async def test_sqlite_statements_are_one_hop_each_and_keep_their_results(
         assert hops == 5  # BEGIN, three statements, COMMIT
         with pytest.raises(InvalidArgument):  # a constraint violation, as before
             await db.run(lambda conn: conn.execute(insert, {"n": "a", "s": 1}))
+    finally:
+        await db.close()
+
+
+async def test_sqlite_transactions_cancelled_at_any_point_leave_no_connection_in_a_transaction(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A transaction cancelled anywhere, even while its BEGIN waits for aiosqlite's
+    thread (which then runs it anyway), must not leave a pooled connection inside a
+    transaction: the next transaction on it would fail "cannot start a transaction
+    within a transaction" (seen under a reconnect storm)."""
+    import time
+
+    import aiosqlite
+
+    db = await Database.open(f"sqlite:///{tmp_path}/m.db", pool_size=2)
+    await db.migrate()
+    real = aiosqlite.Connection._execute
+
+    async def slow_thread(self: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        def late() -> Any:
+            time.sleep(0.002)  # a busy machine: the thread gets to it late
+            return fn(*args, **kwargs)
+
+        return await real(self, late)
+
+    monkeypatch.setattr(aiosqlite.Connection, "_execute", slow_thread)
+    insert = text("INSERT INTO metric_batches (node_id, sequence, received_ms) VALUES ('n', :s, 1)")
+    seq = 0
+
+    async def write(conn: Any) -> None:
+        nonlocal seq
+        seq += 1
+        await conn.execute(insert, {"s": seq})
+
+    async def read(conn: Any) -> None:
+        await conn.execute(text("SELECT COUNT(*) FROM metric_batches"))
+
+    try:
+        for i in range(150):
+            task = asyncio.create_task(db.run(write if i % 2 else read, write=bool(i % 2)))
+            for _ in range(i % 5):
+                await asyncio.sleep(0)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for _ in range(6):  # every pooled connection, checked out again
+            await db.run(write)
+            await db.run(read, write=False)
     finally:
         await db.close()
