@@ -148,7 +148,9 @@ async def _loadgen(spec: dict[str, Any]) -> None:
                 metrics_interval=spec["metrics_interval"],
                 state_change_interval=spec["state_change_interval"],
                 keepalive=(KEEPALIVE, KEEPALIVE_TIMEOUT),
-                reconnect=Backoff(initial=1.0, maximum=spec["backoff_max"]),
+                # The daemon's own: 0.5 s to 30 s with full jitter, 10 s call deadlines.
+                reconnect=Backoff(initial=0.5, maximum=spec["backoff_max"]),
+                rpc_timeout=spec["rpc_timeout"],
                 rng=random.Random(rng.random()),
             )
         )
@@ -167,7 +169,8 @@ async def _loadgen(spec: dict[str, Any]) -> None:
                 break
             await asyncio.sleep(0.2)
         last = max(n.record.welcomes[-1] for n in nodes)
-        print(json.dumps({"welcomed_by": last}), flush=True)
+        attempts = sum(1 for n in nodes for t in n.record.attempts if t >= since)
+        print(json.dumps({"welcomed_by": last, "attempts": attempts}), flush=True)
     await asyncio.gather(*(n.stop() for n in nodes), return_exceptions=True)
 
 
@@ -180,6 +183,8 @@ def run_profiled_manager(out: str, argv: list[str]) -> None:
     import cProfile
 
     profile = cProfile.Profile()
+    if os.environ.get("BENCH_PROFILE_FROM_START"):  # the restart after kill -9
+        profile.enable()
 
     def begin(*_: Any) -> None:
         profile.enable()
@@ -202,6 +207,8 @@ class _Gens:
     """The load-generator processes of one target."""
 
     def __init__(self, spec: dict[str, Any], ids: list[str], procs: int) -> None:
+        self.lines: list[dict[str, Any]] = []
+        """Every line read, parsed."""
         self.procs = []
         for i in range(procs):
             part = {**spec, "ids": ids[i::procs], "seed": i}
@@ -230,7 +237,8 @@ class _Gens:
             line = p.stdout.readline()
             if not line:
                 raise SystemExit(f"a load generator exited ({p.wait()})")
-            out.append(json.loads(line)[key])
+            self.lines.append(json.loads(line))
+            out.append(self.lines[-1][key])
         return out
 
     def ask(self, line: str) -> None:
@@ -253,6 +261,13 @@ class _Gens:
 def _cpu(pid: int) -> float:
     t = psutil.Process(pid).cpu_times()
     return float(t.user + t.system)
+
+
+def _thread_cpu(pid: int, tid: int) -> float:
+    for t in psutil.Process(pid).threads():
+        if t.id == tid:
+            return float(t.user_time + t.system_time)
+    return 0.0
 
 
 def _rss(pid: int) -> int:
@@ -333,7 +348,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "metrics_interval": args.metrics_interval,
         "state_change_interval": args.state_change_interval,
         "spread": args.spread,
-        "backoff_max": 10.0,
+        "backoff_max": 30.0,
+        "rpc_timeout": 10.0,
     }
     out: dict[str, Any] = {"nodes": args.nodes, "procs": args.procs}
 
@@ -349,7 +365,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         f'key_file = "{manager_tls.key_file}"\n'
         f"[control]\nkeepalive_time_seconds = {KEEPALIVE}\n"
         f"keepalive_timeout_seconds = {KEEPALIVE_TIMEOUT}\n"
-        '[logging]\nlevel = "warning"\n'
+        + (
+            f"max_hellos_per_second = {args.max_hellos_per_second}\n"
+            if args.max_hellos_per_second
+            else ""
+        )
+        + '[logging]\nlevel = "warning"\n'
     )
     argv = [sys.executable, "-m", "manager.cli", "serve", "--config", str(config)]
     if args.profile:
@@ -403,11 +424,25 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             manager.send_signal(signal.SIGKILL)
             manager.wait()
             t_kill = time.time()
+            if args.profile:  # the restarted manager, from its start to all welcomed
+                restart_profile = args.profile.with_suffix(".reconnect.prof")
+                argv[3] = str(restart_profile.resolve())
+                env["BENCH_PROFILE_FROM_START"] = "1"
             manager = subprocess.Popen(argv, env=env)
             gens.ask(f"since {t_kill}")
             try:
                 welcomed = gens.read_all("welcomed_by", within=args.reconnect_within)
                 out["reconnect_all_s"] = max(welcomed) - t_kill
+                # Connections opened (TLS handshake and all) since the kill, and the
+                # manager's CPU from its start until every node was welcomed.
+                out["reconnect_attempts"] = sum(line.get("attempts", 0) for line in gens.lines)
+                out["reconnect_manager_cpu_s"] = _cpu(manager.pid)
+                # Its event loop's thread (Python) apart from the rest (gRPC core's
+                # threads: TLS handshakes, HTTP/2; aiosqlite's thread).
+                out["reconnect_manager_loop_cpu_s"] = _thread_cpu(manager.pid, manager.pid)
+                if args.profile:
+                    manager.send_signal(signal.SIGUSR2)
+                    time.sleep(5)
             except SystemExit as exc:
                 out["reconnect_all_s"] = None
                 out["reconnect_failed"] = str(exc)
@@ -513,7 +548,8 @@ def run_replicas(args: argparse.Namespace) -> dict[str, Any]:
         "metrics_interval": args.metrics_interval,
         "state_change_interval": args.state_change_interval,
         "spread": args.spread,
-        "backoff_max": 10.0,
+        "backoff_max": 30.0,
+        "rpc_timeout": 10.0,
     }
     out: dict[str, Any] = {"nodes": per * 2, "replicas": 2, "procs_per_replica": args.procs}
     # The reference holds as many streams as one replica does.
@@ -641,6 +677,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--profile", type=Path, help="cProfile the manager's event loop during the hold to this"
+    )
+    parser.add_argument(
+        "--max-hellos-per-second",
+        type=float,
+        help="the manager's [control] max_hellos_per_second (default: its own)",
     )
     parser.add_argument("--no-kill", dest="kill", action="store_false")
     parser.add_argument("--smoke", action="store_true", help="a tiny run")

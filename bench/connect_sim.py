@@ -161,8 +161,11 @@ class ControlStream:
         future = asyncio.get_running_loop().create_future()
         self._waiting[message.id] = future
         try:
-            await self.write(message)
-            return await asyncio.wait_for(asyncio.shield(future), within)
+            # The deadline covers the write too: on a new stream that is the connection
+            # and TLS handshake, as a daemon's call deadline does.
+            async with asyncio.timeout(within):
+                await self.write(message)
+                return await asyncio.shield(future)
         except (aio.AioRpcError, asyncio.InvalidStateError) as exc:
             await self._reader_done()
             raise self.ended or StreamEnded(grpc.StatusCode.UNKNOWN, str(exc)) from exc
@@ -300,6 +303,7 @@ class ConnectNode:
         state_change_interval: float = 0.0,
         keepalive: tuple[float, float] = (10.0, 5.0),
         reconnect: Backoff | None = None,
+        rpc_timeout: float = 10.0,
         rng: random.Random | None = None,
         labels: dict[str, str] | None = None,
     ) -> None:
@@ -310,7 +314,11 @@ class ConnectNode:
         self.metrics_interval = metrics_interval
         self.state_change_interval = state_change_interval
         self.keepalive = keepalive
+        # A daemon's defaults (daemon/config.py): full-jitter backoff from 0.5 s to 30 s,
+        # started over after a connection that carried a call past its hello; every
+        # call, the hello's included, with a 10 s deadline.
         self.reconnect = reconnect or Backoff(initial=0.5, maximum=30.0)
+        self.rpc_timeout = rpc_timeout
         self.rng = rng or random.Random()
         self.labels = labels or {"sim": "connect"}
         self.daemon = SimDaemon(node_id)
@@ -326,6 +334,7 @@ class ConnectNode:
         self._task: asyncio.Task[None] | None = None
         self._calls: dict[int, _Call] = {}
         self._context = _Context(trust_domain, "m1")
+        self._useful = False
 
     # -- lifecycle --
 
@@ -356,19 +365,24 @@ class ConnectNode:
 
     async def _run(self) -> None:
         attempt = 0
+        index = 0
         while True:
-            address = self.addresses[attempt % len(self.addresses)]
+            address = self.addresses[index % len(self.addresses)]
+            self._useful = False
             try:
                 await self._session(address)
-                attempt = 0
             except (StreamEnded, Refused, aio.AioRpcError, TimeoutError) as exc:
                 code = getattr(exc, "code", None)
                 name = code.name if isinstance(code, grpc.StatusCode) else type(exc).__name__
                 self.record.ends.append(name)
             finally:
                 await self._drop()
+            if self._useful:
+                attempt = 0  # the manager served this connection: it is not struggling
+            delay = self.reconnect.delay(min(attempt, 30), self.rng)
             attempt += 1
-            await asyncio.sleep(self.reconnect.delay(min(attempt, 30), self.rng))
+            index += 1
+            await asyncio.sleep(delay)
 
     def hello(self) -> manager_pb2.RegisterNodeRequest:
         """What RegisterNode carries; no daemon_address: this host listens nowhere."""
@@ -389,9 +403,12 @@ class ConnectNode:
         self.record.attempts.append(time.time())
         stream = ControlStream(self._channel, on_command=self._command)
         self.stream = stream
-        await stream.request(manager_pb2.ConnectRequest(hello=self.hello()))
+        await stream.request(manager_pb2.ConnectRequest(hello=self.hello()), self.rpc_timeout)
         self.record.welcomes.append(time.time())
-        await stream.request(manager_pb2.ConnectRequest(agent_states=self.snapshot()))
+        await stream.request(
+            manager_pb2.ConnectRequest(agent_states=self.snapshot()), self.rpc_timeout
+        )
+        self._useful = True
         # What was cut before (and not acknowledged) goes first, in order.
         for seq in sorted(self.unacked):
             await self._send_batch(stream, self.unacked[seq])
@@ -410,7 +427,9 @@ class ConnectNode:
                 next_metrics = now + self.metrics_interval
             if now >= next_change:
                 self.change_state()
-                await stream.request(manager_pb2.ConnectRequest(agent_states=self.snapshot()))
+                await stream.request(
+                    manager_pb2.ConnectRequest(agent_states=self.snapshot()), self.rpc_timeout
+                )
                 next_change = now + self.state_change_interval
             # Until the next batch or change, or the stream's end (a daemon notices a
             # broken stream at once and reconnects; sleeping through it to the next
@@ -444,7 +463,7 @@ class ConnectNode:
     async def _send_batch(
         self, stream: ControlStream, batch: manager_pb2.ReportMetricsRequest
     ) -> None:
-        await stream.request(manager_pb2.ConnectRequest(metrics=batch))
+        await stream.request(manager_pb2.ConnectRequest(metrics=batch), self.rpc_timeout)
         self.record.acked.add(batch.sequence)
         self.unacked.pop(batch.sequence, None)
 

@@ -14,6 +14,7 @@ from typing import Literal
 
 from fleet.artifacts import CHUNK_SIZE
 from manager.pool.config import ControlConfig, PoolConfig
+from manager.storage.writer import MAX_LINGER_SECONDS
 
 __all__ = [
     "ENV_PREFIX",
@@ -160,6 +161,9 @@ class MetricsConfig:
     """Batches waiting for a commit; beyond it ReportMetrics is RESOURCE_EXHAUSTED."""
     max_rows_per_commit: int = 50_000
     """Group commit: at most this many samples per transaction."""
+    commit_linger_seconds: float = 0.05
+    """Group commit at low rates: a batch waits up to this long for others to share its
+    transaction (its acknowledgement is that much later); 0: commit each at once."""
     lifecycle_interval_seconds: float = 60.0
     """How often rollup and prune run (under a lock: one replica at a time)."""
 
@@ -172,6 +176,10 @@ class MetricsConfig:
             raise ValueError("metrics: max_samples_per_batch and writer_queue_batches >= 1")
         if self.max_rows_per_commit < 1 or self.lifecycle_interval_seconds <= 0:
             raise ValueError("metrics: max_rows_per_commit >= 1, lifecycle_interval_seconds > 0")
+        if not 0 <= self.commit_linger_seconds <= MAX_LINGER_SECONDS:
+            raise ValueError(
+                f"metrics.commit_linger_seconds: must be within [0, {MAX_LINGER_SECONDS:g}]"
+            )
 
 
 @dataclass(frozen=True)

@@ -285,6 +285,7 @@ class ManagerServer:
             self.store,
             max_pending_batches=cfg.metrics.writer_queue_batches,
             max_rows_per_commit=cfg.metrics.max_rows_per_commit,
+            linger_seconds=cfg.metrics.commit_linger_seconds,
         )
         self.writer.start()
         self._stack.push_async_callback(self._drain_writer)

@@ -27,9 +27,12 @@ from sqlalchemy import Connection, event, func, select
 from sqlalchemy import exc as sa_exc
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import PoolResetState
+from sqlalchemy.util import await_
 
 from fleet.errors import ConfigError, FailedPrecondition, InvalidArgument, Unavailable
 from fleet.retry import Backoff, retrying
+from manager.storage.sqlite_hops import use_one_hop_cursors
 from manager.storage.transient import describe, is_constraint_violation, is_transient
 
 __all__ = ["Database", "Dialect", "advisory_key", "normalize_url"]
@@ -41,6 +44,7 @@ T = TypeVar("T")
 
 MIGRATIONS_DIR: Final = Path(__file__).parent / "migrations"
 _BEGIN_OPTION: Final = "fleet_sqlite_begin"
+_CLEAN: Final = "fleet_committed"  # connection info: its last transaction committed
 
 
 def normalize_url(url: str) -> URL:
@@ -155,6 +159,11 @@ class Database:
                     f"{exc.strerror or exc}"
                 ) from exc
             kwargs["connect_args"] = {"timeout": busy_timeout_ms / 1000}
+            # Every transaction ends in commit or rollback before its connection goes back,
+            # so the pool's unconditional rollback-on-return is one more round trip to the
+            # driver's thread per transaction for nothing: _install_sqlite_hooks rolls back
+            # only a connection still in a transaction.
+            kwargs["pool_reset_on_return"] = None
         else:
             dialect = "postgresql"
             # A pooled connection may have died with a server restart: test
@@ -242,7 +251,12 @@ class Database:
                 # cannot resolve).
                 await conn.execution_options(**{_BEGIN_OPTION: mode})
             async with conn.begin():
-                return await body(conn)
+                result = await body(conn)
+            if self.dialect == "sqlite":
+                # Committed, nothing of ours left queued on aiosqlite's thread: the
+                # pool's reset may skip its rollback (see _install_sqlite_hooks).
+                conn.info[_CLEAN] = True
+            return result
 
     async def migrate(self) -> None:
         """Upgrade the schema to the newest revision (idempotent).
@@ -380,6 +394,7 @@ async def _always_held() -> AsyncIterator[bool]:
 def _install_sqlite_hooks(engine: AsyncEngine, *, busy_timeout_ms: int, synchronous: str) -> None:
     @event.listens_for(engine.sync_engine, "connect")
     def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        use_one_hop_cursors(dbapi_connection)  # one hop to aiosqlite's thread per statement
         # We emit BEGIN ourselves (see _on_begin), so sqlite3 must not.
         dbapi_connection.isolation_level = None
         cursor = dbapi_connection.cursor()
@@ -394,4 +409,21 @@ def _install_sqlite_hooks(engine: AsyncEngine, *, busy_timeout_ms: int, synchron
     @event.listens_for(engine.sync_engine, "begin")
     def _on_begin(conn: Connection) -> None:
         mode = conn.get_execution_options().get(_BEGIN_OPTION, "DEFERRED")
-        conn.exec_driver_sql(f"BEGIN {mode}")
+        # Straight to aiosqlite: one round trip to its thread (exec_driver_sql makes three:
+        # cursor, execute, close). Its errors are the DB-API's, wrapped by SQLAlchemy as usual.
+        driver = conn.connection.driver_connection
+        assert driver is not None
+        await_(driver.execute(f"BEGIN {mode}"))
+
+    @event.listens_for(engine.sync_engine, "reset")
+    def _on_reset(dbapi_connection: Any, record: Any, state: PoolResetState) -> None:
+        # The rollback-on-return the pool no longer does (pool_reset_on_return=None),
+        # skipped only after a transaction that committed (Database._transaction says
+        # so). Not judged by `in_transaction`: a call cancelled while it waited for
+        # aiosqlite's thread (a BEGIN) still runs there later, and only a rollback
+        # queued behind it undoes it.
+        if not state.asyncio_safe:
+            return
+        if record is not None and record.info.pop(_CLEAN, False):
+            return
+        dbapi_connection.rollback()

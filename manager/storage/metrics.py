@@ -55,6 +55,8 @@ _ROLLUP_CHUNK_MINUTES: Final = 60
 _KEY = ("node_id", "agent_id", "type", "name")
 _SAMPLE_COLUMNS: Final = (*_KEY, "ts_ms", "value")
 _SampleRow = tuple[str, str, str, str, int, float]
+# Batch keys per INSERT on SQLite: 3 parameters each, under its 32,766 per statement.
+_KEYS_PER_STATEMENT: Final = 5_000
 
 
 def _now_ms() -> int:
@@ -71,6 +73,12 @@ class MetricStore:
         marks = ", ".join("?" for _ in _SAMPLE_COLUMNS)  # SQLite only: PostgreSQL uses COPY
         self._insert_samples_sql = (
             f"INSERT INTO {metric_samples.name} ({', '.join(_SAMPLE_COLUMNS)}) VALUES ({marks})"  # noqa: S608 (constants only)
+        )
+        # SQLite only (the writer's lock is the database's: no row lock to share).
+        self._watermark_sql = f"SELECT rolled_until_ms FROM {metric_rollup_state.name} WHERE id = 1"  # noqa: S608 (constants only)
+        self._insert_keys_sql = (
+            f"INSERT INTO {metric_batches.name} (node_id, sequence, received_ms) VALUES {{values}}"  # noqa: S608 (constants only)
+            " ON CONFLICT (node_id, sequence) DO NOTHING RETURNING node_id, sequence"
         )
         # The physical row id both backends can delete by without an index.
         self._rowid: ColumnClause[Any] = literal_column(
@@ -96,19 +104,22 @@ class MetricStore:
             return []
 
         async def body(conn: AsyncConnection) -> list[bool]:
-            watermark = await self._watermark(conn, lock="share")
-            ins = (
-                dialect_insert(self._db.dialect, metric_batches)
-                .on_conflict_do_nothing(index_elements=["node_id", "sequence"])
-                .returning(metric_batches.c.node_id, metric_batches.c.sequence)
-            )
-            result = await conn.execute(
-                ins,
-                # Sorted, so two replicas inserting overlapping keys lock them
-                # in the same order instead of deadlocking.
-                [{"node_id": n, "sequence": s, "received_ms": received} for n, s in sorted(first)],
-            )
-            stored_keys = {(row.node_id, row.sequence) for row in result}
+            # Sorted, so two replicas inserting overlapping keys lock them in the same
+            # order instead of deadlocking.
+            keys = sorted(first)
+            if self._db.dialect == "sqlite":
+                watermark, stored_keys = await self._sqlite_keys(conn, keys, received)
+            else:
+                watermark = await self._watermark(conn, lock="share")
+                ins = (
+                    dialect_insert(self._db.dialect, metric_batches)
+                    .on_conflict_do_nothing(index_elements=["node_id", "sequence"])
+                    .returning(metric_batches.c.node_id, metric_batches.c.sequence)
+                )
+                result = await conn.execute(
+                    ins, [{"node_id": n, "sequence": s, "received_ms": received} for n, s in keys]
+                )
+                stored_keys = {(row.node_id, row.sequence) for row in result}
             stored_idx = sorted(first[k] for k in stored_keys)
             # Tuples in _SAMPLE_COLUMNS order straight to the driver's
             # executemany: SQLAlchemy's per-row parameter processing would
@@ -129,6 +140,27 @@ class MetricStore:
 
         return await self._db.run(body)
 
+    async def _sqlite_keys(
+        self, conn: AsyncConnection, keys: list[tuple[str, int]], received_ms: int
+    ) -> tuple[int, set[tuple[str, int]]]:
+        """SQLite: the watermark, and the keys inserted (not stored before), straight
+        through aiosqlite in the transaction `conn` holds.
+
+        One round trip to its thread per statement; through SQLAlchemy each costs four
+        (cursor, execute, fetch, close), which at a steady trickle of small batches was
+        most of a commit's cost on the event loop.
+        """
+        driver = (await conn.get_raw_connection()).driver_connection
+        assert driver is not None
+        (row,) = await driver.execute_fetchall(self._watermark_sql) or [(0,)]
+        stored: set[tuple[str, int]] = set()
+        for at in range(0, len(keys), _KEYS_PER_STATEMENT):
+            part = keys[at : at + _KEYS_PER_STATEMENT]
+            params = [v for n, s in part for v in (n, s, received_ms)]
+            sql = self._insert_keys_sql.format(values=", ".join(["(?, ?, ?)"] * len(part)))
+            stored.update((n, s) for n, s in await driver.execute_fetchall(sql, params))
+        return int(row[0] or 0), stored
+
     async def _insert_samples(self, conn: AsyncConnection, rows: list[_SampleRow]) -> None:
         if self._db.dialect == "postgresql":
             # COPY is several times faster than a prepared executemany. The
@@ -139,7 +171,10 @@ class MetricStore:
                 metric_samples.name, records=rows, columns=_SAMPLE_COLUMNS
             )
             return
-        await conn.exec_driver_sql(self._insert_samples_sql, rows)
+        # One round trip to aiosqlite's thread (exec_driver_sql makes three).
+        driver = (await conn.get_raw_connection()).driver_connection
+        assert driver is not None
+        await driver.executemany(self._insert_samples_sql, rows)
 
     async def _watermark(
         self, conn: AsyncConnection, *, lock: Literal["share", "update", "none"]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import sqlite3
 from collections.abc import Iterator
 from typing import Final
 
@@ -85,6 +86,8 @@ def is_constraint_violation(exc: BaseException) -> bool:
     if isinstance(exc, sa_exc.IntegrityError):
         return True
     for cur in _chain(exc):
+        if isinstance(cur, sqlite3.IntegrityError):  # raised by aiosqlite directly
+            return True
         sqlstate = getattr(cur, "sqlstate", None)
         if isinstance(sqlstate, str) and sqlstate.startswith("23"):
             return True

@@ -7,12 +7,21 @@ result. A batch is acknowledged only after its transaction committed, so an
 acknowledged batch survives a kill -9. When the queue holds
 `max_pending_batches` the next submit fails at once with ResourceExhausted
 and nothing of it is stored.
+
+At low rates batches arrive one at a time (a fleet of daemons on 60 s
+intervals is a steady trickle), so each would be its own transaction. The
+committer therefore lets the oldest queued batch wait up to `linger_seconds`
+for company before it commits: a batch that already waited that long (behind
+a running commit) goes at once, and so does a group that reached
+`max_rows_per_commit`. An acknowledgement comes at most `linger_seconds`
+later than it would have.
 """
 
 from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import logging
 import time
 from dataclasses import dataclass, field
@@ -21,14 +30,18 @@ from fleet.errors import FleetError, InvalidArgument, ResourceExhausted, Unavail
 from manager.storage.metrics import MetricStore
 from manager.storage.records import MetricBatch
 
-__all__ = ["MetricWriter"]
+__all__ = ["MAX_LINGER_SECONDS", "MetricWriter"]
 
 log = logging.getLogger(__name__)
+
+MAX_LINGER_SECONDS = 1.0
+"""The longest a batch may be held back for others to share its commit."""
 
 
 @dataclass
 class _Pending:
     batch: MetricBatch
+    queued_at: float
     done: asyncio.Future[bool] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -43,15 +56,22 @@ class MetricWriter:
         *,
         max_pending_batches: int = 10_000,
         max_rows_per_commit: int = 50_000,
+        linger_seconds: float = 0.0,
     ) -> None:
         if max_pending_batches < 1:
             raise ValueError(f"max_pending_batches must be >= 1, got {max_pending_batches}")
         if max_rows_per_commit < 1:
             raise ValueError(f"max_rows_per_commit must be >= 1, got {max_rows_per_commit}")
+        if not 0 <= linger_seconds <= MAX_LINGER_SECONDS:
+            raise ValueError(
+                f"linger_seconds must be within [0, {MAX_LINGER_SECONDS:g}], got {linger_seconds}"
+            )
         self._store = store
         self._max_pending = max_pending_batches
         self._max_rows = max_rows_per_commit
+        self._linger = linger_seconds
         self._queue: collections.deque[_Pending] = collections.deque()
+        self._queued_rows = 0
         self._in_flight = 0
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -94,10 +114,12 @@ class MetricWriter:
             raise ResourceExhausted(
                 f"metric queue is full ({self._max_pending} batches pending); retry later"
             )
-        pending = _Pending(batch)
+        pending = _Pending(batch, time.monotonic())
         pending.done.add_done_callback(_consume)
         self._queue.append(pending)
-        self._wakeup.set()
+        self._queued_rows += _rows(batch)
+        if len(self._queue) == 1 or self._queued_rows >= self._max_rows:
+            self._wakeup.set()  # the committer waits for a first batch or a full group
         # shield: a caller that gives up does not cancel the commit others share.
         return await asyncio.shield(pending.done)
 
@@ -109,7 +131,20 @@ class MetricWriter:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
+            await self._linger_for_company()
             await self._commit_next()
+
+    async def _linger_for_company(self) -> None:
+        """Until the oldest queued batch has waited `linger_seconds`, the group is full,
+        or the writer is stopping."""
+        while self._queue and not self._stopping and self._queued_rows < self._max_rows:
+            left = self._queue[0].queued_at + self._linger - time.monotonic()
+            if left <= 0:
+                return
+            self._wakeup.clear()  # set again by a submit that fills the group, or by stop()
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(left):
+                    await self._wakeup.wait()
 
     async def _drain_all(self) -> None:
         while self._queue:
@@ -119,11 +154,12 @@ class MetricWriter:
         group: list[_Pending] = []
         rows = 0
         while self._queue:
-            size = max(len(self._queue[0].batch.samples), 1)
+            size = _rows(self._queue[0].batch)
             if group and rows + size > self._max_rows:
                 break
             group.append(self._queue.popleft())
             rows += size
+        self._queued_rows -= rows
         return group
 
     async def _commit_next(self) -> None:
@@ -160,6 +196,10 @@ class MetricWriter:
             else:
                 self.commits += 1
                 _resolve(p, stored)
+
+
+def _rows(batch: MetricBatch) -> int:
+    return max(len(batch.samples), 1)
 
 
 def _resolve(pending: _Pending, stored: bool) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 from typing import Any
 
@@ -13,7 +14,7 @@ from alembic.runtime.migration import MigrationContext
 from sqlalchemy import text
 from sqlalchemy.engine import make_url
 
-from fleet.errors import ConfigError, FailedPrecondition, Unavailable
+from fleet.errors import ConfigError, FailedPrecondition, InvalidArgument, Unavailable
 from manager.storage import AuditRepository, Database, NodeRecord, NodeRepository
 from manager.storage.db import schema_head
 from manager.storage.schema import metadata
@@ -82,6 +83,37 @@ async def test_sqlite_connections_use_wal_and_busy_timeout(tmp_path: Any) -> Non
             fks = await conn.scalar(text("PRAGMA foreign_keys"))
         assert (mode, timeout, sync, fks) == ("wal", 1234, 1, 1)  # 1 = NORMAL
         assert db.dialect == "sqlite"
+    finally:
+        await db.close()
+
+
+async def test_sqlite_cancelled_writer_leaves_no_transaction_open(tmp_path: Any) -> None:
+    """A write transaction cancelled mid-body is rolled back and its lock released: the
+    pool no longer rolls back every returned connection, only one left in a transaction."""
+    db = await Database.open(f"sqlite:///{tmp_path}/m.db", busy_timeout_ms=200)
+    await db.migrate()
+    inside = asyncio.Event()
+    insert = text("INSERT INTO metric_batches (node_id, sequence, received_ms) VALUES ('n', :s, 1)")
+
+    async def stuck(conn: Any) -> None:
+        await conn.execute(insert, {"s": 1})
+        inside.set()
+        await asyncio.sleep(60)
+
+    async def write(conn: Any) -> None:
+        await conn.execute(insert, {"s": 2})
+
+    try:
+        task = asyncio.create_task(db.run(stuck))
+        await inside.wait()
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        # The write lock is free (busy_timeout is 0.2 s) and nothing of the body stayed.
+        await db.run(write)
+        async with db.engine.connect() as conn:
+            assert not (await conn.get_raw_connection()).driver_connection.in_transaction
+            assert await conn.scalar(text("SELECT sequence FROM metric_batches")) == 2
     finally:
         await db.close()
 
@@ -250,3 +282,89 @@ async def test_missing_postgres_database_is_a_config_error(database_url: str) ->
     url = make_url(database_url).set(database="fleet_no_such_database")
     with pytest.raises(ConfigError, match="fleet_no_such_database"):
         await Database.open(url.render_as_string(hide_password=False), retry_timeout_s=30)
+
+
+async def test_sqlite_statements_are_one_hop_each_and_keep_their_results(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through SQLAlchemy, a statement is one hop to aiosqlite's thread, and rows,
+    rowcount, errors come back as before."""
+    import aiosqlite
+
+    db = await Database.open(f"sqlite:///{tmp_path}/m.db")
+    await db.migrate()
+    hops = 0
+    real = aiosqlite.Connection._execute
+
+    async def counted(self: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        nonlocal hops
+        hops += 1
+        return await real(self, fn, *args, **kwargs)
+
+    monkeypatch.setattr(aiosqlite.Connection, "_execute", counted)
+    insert = text("INSERT INTO metric_batches (node_id, sequence, received_ms) VALUES (:n, :s, 1)")
+
+    async def body(conn: Any) -> tuple[int, list[Any]]:
+        await conn.execute(insert, [{"n": "a", "s": 1}, {"n": "b", "s": 1}, {"n": "c", "s": 2}])
+        updated = await conn.execute(
+            text("UPDATE metric_batches SET received_ms = 2 WHERE sequence = 1")
+        )
+        rows = await conn.execute(text("SELECT node_id FROM metric_batches ORDER BY node_id"))
+        return updated.rowcount, [r.node_id for r in rows]
+
+    try:
+        assert await db.run(body) == (2, ["a", "b", "c"])
+        assert hops == 5  # BEGIN, three statements, COMMIT
+        with pytest.raises(InvalidArgument):  # a constraint violation, as before
+            await db.run(lambda conn: conn.execute(insert, {"n": "a", "s": 1}))
+    finally:
+        await db.close()
+
+
+async def test_sqlite_transactions_cancelled_at_any_point_leave_no_connection_in_a_transaction(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A transaction cancelled anywhere, even while its BEGIN waits for aiosqlite's
+    thread (which then runs it anyway), must not leave a pooled connection inside a
+    transaction: the next transaction on it would fail "cannot start a transaction
+    within a transaction" (seen under a reconnect storm)."""
+    import time
+
+    import aiosqlite
+
+    db = await Database.open(f"sqlite:///{tmp_path}/m.db", pool_size=2)
+    await db.migrate()
+    real = aiosqlite.Connection._execute
+
+    async def slow_thread(self: Any, fn: Any, *args: Any, **kwargs: Any) -> Any:
+        def late() -> Any:
+            time.sleep(0.002)  # a busy machine: the thread gets to it late
+            return fn(*args, **kwargs)
+
+        return await real(self, late)
+
+    monkeypatch.setattr(aiosqlite.Connection, "_execute", slow_thread)
+    insert = text("INSERT INTO metric_batches (node_id, sequence, received_ms) VALUES ('n', :s, 1)")
+    seq = 0
+
+    async def write(conn: Any) -> None:
+        nonlocal seq
+        seq += 1
+        await conn.execute(insert, {"s": seq})
+
+    async def read(conn: Any) -> None:
+        await conn.execute(text("SELECT COUNT(*) FROM metric_batches"))
+
+    try:
+        for i in range(150):
+            task = asyncio.create_task(db.run(write if i % 2 else read, write=bool(i % 2)))
+            for _ in range(i % 5):
+                await asyncio.sleep(0)
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        for _ in range(6):  # every pooled connection, checked out again
+            await db.run(write)
+            await db.run(read, write=False)
+    finally:
+        await db.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import pytest
 from sqlalchemy import func, select
@@ -90,3 +91,61 @@ async def test_stop_without_start_still_drains(database: Database) -> None:
     await writer.stop()
     assert await waiting is True
     assert await _stored(database) == 1
+
+
+async def test_linger_lets_a_trickle_of_batches_share_one_commit(database: Database) -> None:
+    """Batches arriving one at a time within the linger go in one transaction, each
+    acknowledged only once it is stored."""
+    writer = MetricWriter(MetricStore(database), linger_seconds=0.5)
+    writer.start()
+    try:
+        started = time.monotonic()
+        waiting = []
+        for i in range(5):
+            waiting.append(asyncio.create_task(writer.submit(_batch(i, n=2))))
+            await asyncio.sleep(0.02)
+        assert not any(t.done() for t in waiting)  # held back, not acknowledged yet
+        assert await _stored(database) == 0
+        assert await asyncio.gather(*waiting) == [True] * 5
+        waited = time.monotonic() - started
+    finally:
+        await writer.stop()
+    assert writer.commits == 1
+    assert await _stored(database) == 10
+    assert 0.45 <= waited < 2.0  # the first batch waited its linger, not longer
+
+
+async def test_a_full_group_does_not_wait_out_the_linger(database: Database) -> None:
+    """Once the queued batches fill a commit, they go at once."""
+    writer = MetricWriter(MetricStore(database), max_rows_per_commit=6, linger_seconds=1.0)
+    writer.start()
+    try:
+        started = time.monotonic()
+        first = asyncio.create_task(writer.submit(_batch(1, n=3)))
+        await asyncio.sleep(0.05)
+        assert not first.done()
+        assert await writer.submit(_batch(2, n=3)) is True
+        assert await first is True
+        assert time.monotonic() - started < 0.6
+    finally:
+        await writer.stop()
+    assert writer.commits == 1
+
+
+async def test_stop_does_not_wait_out_the_linger(database: Database) -> None:
+    """stop() commits a lingering batch at once."""
+    writer = MetricWriter(MetricStore(database), linger_seconds=1.0)
+    writer.start()
+    waiting = asyncio.create_task(writer.submit(_batch(1)))
+    await asyncio.sleep(0.05)
+    started = time.monotonic()
+    await writer.stop()
+    assert time.monotonic() - started < 0.6
+    assert await waiting is True
+    assert await _stored(database) == 1
+
+
+@pytest.mark.parametrize("linger", [-0.1, 1.5])
+async def test_linger_is_bounded(database: Database, linger: float) -> None:
+    with pytest.raises(ValueError, match="linger_seconds"):
+        MetricWriter(MetricStore(database), linger_seconds=linger)

@@ -54,6 +54,8 @@ def test_env_overrides_a_nested_key() -> None:
             "[metrics]\nraw_retention_hours = 48.0\nrollup_retention_days = 1.0\n",
             "rollup_retention_days",
         ),
+        ("[metrics]\ncommit_linger_seconds = 2.0\n", "metrics.commit_linger_seconds"),
+        ("[metrics]\ncommit_linger_seconds = -1.0\n", "metrics.commit_linger_seconds"),
         ('[logging]\nlevel = "loud"\n', "logging.level"),
         ('[server]\nlisen = "0.0.0.0:1"\n', "listen"),
         ("[artifacts]\nmax_bytes = 0\n", "artifacts.max_bytes"),
