@@ -376,7 +376,7 @@ class JobDriver:
         cancelled = bool(live.record.cancelled_ms)
         state = job_state(counts, cancelled=cancelled)
         ended = (
-            all(t.state in TERMINAL for t in live.targets.values())
+            sum(counts[s] for s in TERMINAL) == len(live.targets)
             and not live.in_flight
             and not live.storing
         )
