@@ -27,8 +27,7 @@ _Context = aio.ServicerContext[Any, Any]
 
 
 _TARGET_STATES: dict[str, Any] = {
-    name.removeprefix("JOB_TARGET_STATE_"): value
-    for name, value in jobs_pb2.JobTargetState.items()
+    name.removeprefix("JOB_TARGET_STATE_"): value for name, value in jobs_pb2.JobTargetState.items()
 }
 
 

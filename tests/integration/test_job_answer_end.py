@@ -309,10 +309,11 @@ async def test_a_read_older_than_a_commit_sends_nothing_again(pki: Any, tmp_path
                 return await repo.run(read, write=False)
 
             async with asyncio.timeout(20):
-                while {(await stored())[1][n.node_id].state for n in up} != {"SUCCESS"}:
+                while {(await stored())[1][n.node_id].state for n in up} != {"SUCCESS"}:  # noqa: ASYNC110  # the database has no event
                     await asyncio.sleep(0.05)
             record, targets = await stored()
-            assert record is not None and not record.ended_ms
+            assert record is not None
+            assert not record.ended_ms
             stale = {
                 n: JobTargetRecord(job_id, n, idx=t.idx, stage=t.stage) for n, t in targets.items()
             }
