@@ -135,7 +135,7 @@ class Jobs:
     ) -> JobView:
         """Validate, resolve the targets and (unless `plan`) store and start the job."""
         checked = check_spec(spec)
-        picked = resolve_targets(checked, await self._nodes.list())
+        picked = resolve_targets(checked, await self._nodes.labelled())
         concurrency = resolve_concurrency(spec.max_concurrency, len(picked))
         now = self._clock()
         now_ms = int(now * 1000)

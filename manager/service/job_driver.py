@@ -53,6 +53,7 @@ from manager.service.jobs import (
     job_state,
     plan,
     retry_delay,
+    transition_allowed,
 )
 from manager.storage import Database, NodeRepository
 from manager.storage.jobs import JobRecord, JobRepository, JobTargetRecord, JobTx
@@ -291,8 +292,15 @@ class JobDriver:
         if live is not None:
             live.record = record
             read = {n: _target(t) for n, t in targets.items()}
-            for node_id in live.storing & read.keys():
-                read[node_id] = live.targets[node_id]  # ended; its commit is on its way
+            for node_id, was in live.targets.items():
+                got = read.get(node_id)
+                if got is None or got.state is was.state:
+                    continue
+                if node_id in live.storing or not transition_allowed(was.state, got.state):
+                    # The memory is ahead of the read: an end whose commit is on its way,
+                    # or a commit that landed while the job was read (a target ended or
+                    # accepted must not look PENDING again: it would be sent again).
+                    read[node_id] = was
             live.targets = read
             return
         spec = check_spec(load_spec(record.spec))
@@ -376,7 +384,7 @@ class JobDriver:
         cancelled = bool(live.record.cancelled_ms)
         state = job_state(counts, cancelled=cancelled)
         ended = (
-            all(t.state in TERMINAL for t in live.targets.values())
+            sum(counts[s] for s in TERMINAL) == len(live.targets)
             and not live.in_flight
             and not live.storing
         )

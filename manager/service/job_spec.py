@@ -9,8 +9,9 @@ no node: the spec is fine, the fleet is not what it expected).
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from typing import Protocol, TypeVar
 
 from fleet import selectors
 from fleet.errors import FailedPrecondition, InvalidArgument
@@ -21,7 +22,6 @@ from manager.service.jobs import (
     DEFAULT_TIMEOUT,
     resolve_concurrency,
 )
-from manager.storage.records import NodeRecord
 
 __all__ = [
     "MAX_DELIVERY_TIMEOUT",
@@ -228,7 +228,17 @@ def check_spec(spec: jobs_pb2.JobSpec) -> CheckedSpec:
     )
 
 
-def resolve_targets(spec: CheckedSpec, nodes: Sequence[NodeRecord]) -> list[NodeRecord]:
+class _Labelled(Protocol):
+    @property
+    def node_id(self) -> str: ...
+    @property
+    def labels(self) -> Mapping[str, str]: ...
+
+
+_N = TypeVar("_N", bound=_Labelled)
+
+
+def resolve_targets(spec: CheckedSpec, nodes: Sequence[_N]) -> list[_N]:
     """The job's nodes in its order (node_ids as listed; a selector's by node id).
 
     InvalidArgument for a node id not registered, or a canary larger than the

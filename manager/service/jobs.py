@@ -214,6 +214,10 @@ class Plan:
     """Why the job stops launching targets ("max_errors=3 reached: ..."), if it does."""
 
 
+_UNKNOWN = NodeFacts(online=False, known=False)
+"""A node `plan` is not told of: never reachable (made once: it runs for every target)."""
+
+
 def _names(targets: Iterable[Target], limit: int = 5) -> str:
     listed = [f"{t.node_id} {t.state.value}" for t in targets]
     shown = ", ".join(listed[:limit])
@@ -248,80 +252,100 @@ def plan(
         changes[t.node_id] = (state, reason)
         after[t.node_id] = Target(t.node_id, state, t.stage)
 
+    # One pass over the targets (the driver plans after every few answers): the
+    # decisions of the lost-node rule and the delivery timeout, and what the rest needs
+    # of the targets as they are after them. Ended targets cost a few comparisons.
+    pending: list[Target] = []  # PENDING after the pass, in the job's order
+    canary_ids: list[str] = []  # stage 0
+    errors = busy = 0
     deadline = limits.created + limits.delivery_timeout
     for t in targets.values():
-        facts = nodes.get(t.node_id, NodeFacts(online=False, known=False))
-        if t.state is T.PENDING:
+        state = t.state
+        if t.stage == 0:
+            canary_ids.append(t.node_id)
+        if state is T.PENDING:
+            facts = nodes.get(t.node_id, _UNKNOWN)
             if t.cancel_requested:
-                move(t, T.CANCELLED, "cancelled before it was sent to the node")
+                state = T.CANCELLED
+                move(t, state, "cancelled before it was sent to the node")
             elif facts.jobs_disabled:
+                state = T.FAILED
                 move(
                     t,
-                    T.FAILED,
+                    state,
                     f"{t.node_id} refuses remote jobs (its daemon has [jobs] enabled = false)",
                 )
             elif t.node_id in in_flight:
-                continue
+                pass
             elif not facts.known:
-                move(t, T.UNDELIVERABLE, f"node {t.node_id} is not registered any more")
+                state = T.UNDELIVERABLE
+                move(t, state, f"node {t.node_id} is not registered any more")
             elif (not facts.online or t.attempts) and now >= deadline:
                 since = (
                     f"offline since {format_time(facts.last_seen)}"
                     if not facts.online
                     else f"unreachable ({t.attempts} attempt(s) failed)"
                 )
+                state = T.UNDELIVERABLE
                 move(
                     t,
-                    T.UNDELIVERABLE,
+                    state,
                     f"node {since}; not delivered within the delivery timeout of "
                     f"{limits.delivery_timeout:g}s (does not count against max_errors)",
                 )
             elif not facts.online or t.attempts:
                 wake = _soonest(wake, deadline)
-        elif t.state in (T.QUEUED, T.RUNNING):
+        elif state is T.QUEUED or state is T.RUNNING:
+            facts = nodes.get(t.node_id, _UNKNOWN)
             lost = _lost(t, facts, limits, now)
             if lost is not None:
-                move(t, T.CANCELLED if t.cancel_requested else T.FAILED, lost)
+                state = T.CANCELLED if t.cancel_requested else T.FAILED
+                move(t, state, lost)
             else:
                 wake = _soonest(wake, _lost_at(t, facts, limits))
+        if state is T.PENDING:
+            pending.append(t)
+        elif state is T.QUEUED or state is T.RUNNING:
+            busy += 1
+        elif state is T.FAILED or state is T.TIMEOUT:  # COUNTS_AS_ERROR
+            errors += 1
 
     # max_errors: once reached, nothing PENDING is launched any more.
-    errors = [t for t in after.values() if t.state in COUNTS_AS_ERROR]
     stop_reason = ""
-    if limits.max_errors and len(errors) >= limits.max_errors:
+    if limits.max_errors and errors >= limits.max_errors:
+        failed = [t for t in after.values() if t.state in COUNTS_AS_ERROR]
         stop_reason = (
-            f"max_errors={limits.max_errors} reached: {len(errors)} target(s) failed or "
-            f"timed out ({_names(errors)})"
+            f"max_errors={limits.max_errors} reached: {len(failed)} target(s) failed or "
+            f"timed out ({_names(failed)})"
         )
-        for t in list(after.values()):
-            if t.state is T.PENDING and t.node_id not in in_flight:
+        for t in pending:
+            if t.node_id not in in_flight:
                 move(t, T.SKIPPED, stop_reason)
 
     # The canary stage: stage 1 waits until stage 0 is all terminal, then runs only
     # if stage 0 all succeeded.
-    canary = [t for t in after.values() if t.stage == 0]
+    canary = [after[n] for n in canary_ids]
     canary_open = any(t.state not in TERMINAL for t in canary)
     failed_canary = [t for t in canary if t.state in TERMINAL and t.state is not T.SUCCESS]
     if not canary_open and failed_canary:
         reason = f"the canary stage failed: {_names(failed_canary)}"
         stop_reason = stop_reason or reason
-        for t in list(after.values()):
-            if t.stage == 1 and t.state is T.PENDING and t.node_id not in in_flight:
+        for t in pending:
+            if t.stage == 1 and after[t.node_id].state is T.PENDING and t.node_id not in in_flight:
                 move(t, T.SKIPPED, reason)
 
     dispatch: list[str] = []
     if not cancelled:
-        busy = sum(t.state in (T.QUEUED, T.RUNNING) for t in after.values())
         busy += sum(1 for n in in_flight if n in after and after[n].state is T.PENDING)
         room = limits.concurrency - busy
-        for t in after.values():
+        for t in pending:
             if room <= 0:
                 break
-            if t.state is not T.PENDING or t.node_id in in_flight:
+            if t.node_id in in_flight or after[t.node_id].state is not T.PENDING:
                 continue
             if t.stage == 1 and canary_open:
                 break  # targets are in order: every later one is stage 1 too
-            facts = nodes.get(t.node_id, NodeFacts(online=False, known=False))
+            facts = nodes.get(t.node_id, _UNKNOWN)
             if not facts.online:
                 continue  # waits for its node (or the delivery timeout)
             if t.next_attempt > now:

@@ -26,16 +26,19 @@ __all__ = ["JobRpcs", "job_message", "target_message"]
 _Context = aio.ServicerContext[Any, Any]
 
 
+_TARGET_STATES: dict[str, Any] = {
+    name.removeprefix("JOB_TARGET_STATE_"): value for name, value in jobs_pb2.JobTargetState.items()
+}
+
+
 def _target_state(name: str) -> Any:
-    try:
-        return jobs_pb2.JobTargetState.Value(f"JOB_TARGET_STATE_{name}")
-    except ValueError:
-        return jobs_pb2.JOB_TARGET_STATE_UNSPECIFIED
+    # A dict, not JobTargetState.Value: this runs for every target of every job read.
+    return _TARGET_STATES.get(name, jobs_pb2.JOB_TARGET_STATE_UNSPECIFIED)
 
 
 def target_message(t: JobTargetRecord) -> jobs_pb2.JobTarget:
     """A stored target as its message."""
-    steps = json.loads(t.steps or "[]")
+    steps = json.loads(t.steps) if t.steps and t.steps != "[]" else []
     return jobs_pb2.JobTarget(
         node_id=t.node_id,
         state=_target_state(t.state),

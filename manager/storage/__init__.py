@@ -18,6 +18,7 @@ from manager.storage.records import (
     MetricBatch,
     MetricSample,
     MetricSeries,
+    NodeLabels,
     NodeReach,
     NodeRecord,
 )
@@ -38,6 +39,7 @@ __all__ = [
     "MetricSeries",
     "MetricStore",
     "MetricWriter",
+    "NodeLabels",
     "NodeReach",
     "NodeRecord",
     "NodeRepository",

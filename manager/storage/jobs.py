@@ -11,11 +11,13 @@ run again on a transient error, so it must do nothing but call the tx.
 from __future__ import annotations
 
 import builtins
+import operator
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
-from sqlalchemy import and_, bindparam, delete, func, insert, select, update
+from sqlalchemy import Insert, Update, and_, bindparam, delete, func, insert, select, update
+from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from manager.storage.db import Database
@@ -146,6 +148,28 @@ _UPDATE_TARGET = (
 )
 
 
+_INSERT_TARGET = insert(job_targets).values(
+    {c.name: bindparam(f"b_{c.name}") for c in job_targets.columns}
+)
+_Many = tuple[str, Callable[[JobTargetRecord], tuple[Any, ...]]]
+_MANY: dict[tuple[str, int], _Many] = {}
+
+
+def _many(stmt: Insert | Update, dialect: Dialect) -> _Many:
+    """`stmt` (binds named b_<field of JobTargetRecord>) as the dialect's SQL text and a
+    function making a record its positional parameters: a job's target rows go to the
+    driver's executemany as tuples, without SQLAlchemy's per-row parameter processing
+    (the columns are text, integers and booleans, which both drivers take as they are)."""
+    key = (dialect.name, id(stmt))
+    found = _MANY.get(key)
+    if found is None:
+        compiled = stmt.compile(dialect=dialect)
+        assert compiled.positiontup is not None  # qmark (SQLite), numeric_dollar (asyncpg)
+        names = [n.removeprefix("b_") for n in compiled.positiontup]
+        found = _MANY[key] = (compiled.string, operator.attrgetter(*names))
+    return found
+
+
 def _job(row: Any) -> JobRecord:
     return JobRecord(id=row.id, **{f: getattr(row, f) for f in _JOB_FIELDS})
 
@@ -166,10 +190,6 @@ def _target(row: Any) -> JobTargetRecord:
     return JobTargetRecord(*values)
 
 
-def _target_row(t: JobTargetRecord) -> dict[str, Any]:
-    return {"job_id": t.job_id, "node_id": t.node_id, **{f: getattr(t, f) for f in _TARGET_FIELDS}}
-
-
 class JobTx(QueuedWrites):
     """The reads and writes of one jobs transaction (see the module docstring)."""
 
@@ -184,8 +204,9 @@ class JobTx(QueuedWrites):
         await self._conn.execute(
             insert(jobs).values(id=job.id, **{f: getattr(job, f) for f in _JOB_FIELDS})
         )
+        sql, row = _many(_INSERT_TARGET, self._conn.dialect)
         for part in chunks(list(targets), 1000):
-            await self._conn.execute(insert(job_targets), [_target_row(t) for t in part])
+            await self._conn.exec_driver_sql(sql, [row(t) for t in part])
 
     async def job(self, job_id: str, *, for_update: bool = False) -> JobRecord | None:
         """One job, or None."""
@@ -300,10 +321,8 @@ class JobTx(QueuedWrites):
     async def put_targets(self, records: Sequence[JobTargetRecord]) -> None:
         """Replace stored targets' mutable fields (one statement, executemany)."""
         if records:
-            await self._conn.execute(
-                _UPDATE_TARGET,
-                [{f"b_{k}": v for k, v in _target_row(t).items()} for t in records],
-            )
+            sql, row = _many(_UPDATE_TARGET, self._conn.dialect)
+            await self._conn.exec_driver_sql(sql, [row(t) for t in records])
 
     # --- output -------------------------------------------------------------------------------
 

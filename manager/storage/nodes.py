@@ -13,7 +13,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from fleet.errors import FailedPrecondition, NotFound, Resource
 from manager.storage.db import Database
 from manager.storage.events import dump_map, event_row, insert_events, load_map
-from manager.storage.records import NodeReach, NodeRecord
+from manager.storage.records import NodeLabels, NodeReach, NodeRecord
 from manager.storage.schema import node_certificates, node_revocations, nodes
 from manager.storage.sqlhelp import chunks, dialect_insert
 
@@ -278,6 +278,19 @@ class NodeRepository:
             return [
                 node_from_row(r)
                 for r in await conn.execute(select(nodes).order_by(nodes.c.node_id))
+            ]
+
+        return await self._db.run(body, write=False)
+
+    async def labelled(self) -> builtins.list[NodeLabels]:
+        """Every node's id and effective labels, ordered by id (what a job's selector
+        matches: two columns, one label map decoded per node)."""
+        query = select(nodes.c.node_id, nodes.c.labels).order_by(nodes.c.node_id)
+
+        async def body(conn: AsyncConnection) -> builtins.list[NodeLabels]:
+            return [
+                NodeLabels(node_id, load_map(labels))
+                for node_id, labels in await conn.execute(query)
             ]
 
         return await self._db.run(body, write=False)

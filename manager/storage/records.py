@@ -19,6 +19,7 @@ __all__ = [
     "MetricSample",
     "MetricSeries",
     "NodeDesiredRecord",
+    "NodeLabels",
     "NodeReach",
     "NodeRecord",
     "NodeStatus",
@@ -101,6 +102,16 @@ class NodeRecord:
     cert_not_after_ms: int = 0
     """When its certificate expires, as last issued or presented (0: unknown). Given to
     `NodeRepository.upsert`, 0 keeps the stored value."""
+
+
+@dataclass(frozen=True)
+class NodeLabels:
+    """What a job's selector needs of a node: its name and effective labels."""
+
+    node_id: str
+    """The node's name."""
+    labels: dict[str, str]
+    """The effective labels selectors match."""
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ from daemon.server import DaemonServer
 from fleet.retry import Backoff
 from fleet.v1 import common_pb2, fleet_pb2, fleet_pb2_grpc, jobs_pb2
 from manager.server import ManagerServer
+from manager.storage.jobs import JobRecord, JobRepository, JobTargetRecord, JobTx
 
 NODE = "n1"
 S = jobs_pb2
@@ -272,5 +273,54 @@ async def test_ends_waiting_for_their_commit_are_not_sent_again(pki: Any, tmp_pa
             starts = {n.node_id: n.servicer.jobs[job_id].starts for n in sims.nodes}
             assert starts == dict.fromkeys(starts, 1), "no target was sent twice"
             assert {n.servicer.jobs[job_id].reported for n in sims.nodes} == {"answered"}
+        finally:
+            await sims.close()
+
+
+async def test_a_read_older_than_a_commit_sends_nothing_again(pki: Any, tmp_path: Path) -> None:
+    """A re-read of a live job (the safety reload, a poke) whose rows were read before
+    some answers' commits landed, installed after them, must not put those targets back
+    to PENDING: they would be sent again. The read is made stale by hand (the targets as
+    RunJob stored them), since which of the read and the commit finishes first is up to
+    the database thread; one node is down so that the job stays live."""
+    config = manager_config(pki, f"sqlite+aiosqlite:///{tmp_path / 'manager.db'}", tmp_path / "st")
+    async with (
+        running_manager(config, clock=time.time) as manager,
+        operator_stub(pki, manager.port) as stub,
+    ):
+        sims = await SimFleet.start(pki.ca, tmp_path / "sims", count=4, answer_wait=2.0)
+        try:
+            await sims.register_all(f"127.0.0.1:{manager.port}")
+            down = sims.nodes[3]
+            await down.stop()  # its target stays PENDING (unreachable): the job stays live
+            spec = jobs_pb2.JobSpec(
+                steps=[jobs_pb2.JobStep(command=jobs_pb2.JobCommand(argv=["true"]))],
+                node_ids=[n.node_id for n in sims.nodes],
+            )
+            reply = await stub.RunJob(fleet_pb2.FleetServiceRunJobRequest(spec=spec))
+            job_id = reply.job.id
+            up = sims.nodes[:3]
+            repo = JobRepository(manager.db)
+
+            async def read(tx: JobTx) -> tuple[JobRecord | None, dict[str, JobTargetRecord]]:
+                return await tx.job(job_id), await tx.targets(job_id)
+
+            async def stored() -> tuple[JobRecord | None, dict[str, JobTargetRecord]]:
+                return await repo.run(read, write=False)
+
+            async with asyncio.timeout(20):
+                while {(await stored())[1][n.node_id].state for n in up} != {"SUCCESS"}:  # noqa: ASYNC110  # the database has no event
+                    await asyncio.sleep(0.05)
+            record, targets = await stored()
+            assert record is not None
+            assert not record.ended_ms
+            stale = {
+                n: JobTargetRecord(job_id, n, idx=t.idx, stage=t.stage) for n, t in targets.items()
+            }
+            manager.job_driver._install(record, stale)  # as if read before those commits
+            manager.job_driver.poke()
+            await asyncio.sleep(1.0)  # a few passes of the driver
+            starts = {n.node_id: n.servicer.jobs[job_id].starts for n in up}
+            assert starts == dict.fromkeys(starts, 1), "no target was sent twice"
         finally:
             await sims.close()
