@@ -216,7 +216,8 @@ async def test_max_concurrent_and_locks_queue_jobs(make_node: MakeNode) -> None:
     node = await make_node(JobsConfig(max_concurrent=2, grace_seconds=1.0))
     marks = node.cfg.state_dir / "marks"
     marks.mkdir(parents=True)
-    body = f"echo start $FLEET_JOB_ID $(date +%s.%N) >> {marks}/log; sleep 0.6; " + (
+    # 2 s: the four StartJobs must all arrive before the first job ends, even under load.
+    body = f"echo start $FLEET_JOB_ID $(date +%s.%N) >> {marks}/log; sleep 2; " + (
         f"echo end $FLEET_JOB_ID $(date +%s.%N) >> {marks}/log"
     )
     states = [
