@@ -170,7 +170,8 @@ async def _loadgen(spec: dict[str, Any]) -> None:
             await asyncio.sleep(0.2)
         last = max(n.record.welcomes[-1] for n in nodes)
         attempts = sum(1 for n in nodes for t in n.record.attempts if t >= since)
-        print(json.dumps({"welcomed_by": last, "attempts": attempts}), flush=True)
+        dials = sum(1 for n in nodes for t in n.record.dials if t >= since)
+        print(json.dumps({"welcomed_by": last, "attempts": attempts, "dials": dials}), flush=True)
     await asyncio.gather(*(n.stop() for n in nodes), return_exceptions=True)
 
 
@@ -433,9 +434,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             try:
                 welcomed = gens.read_all("welcomed_by", within=args.reconnect_within)
                 out["reconnect_all_s"] = max(welcomed) - t_kill
-                # Connections opened (TLS handshake and all) since the kill, and the
+                # Hellos tried and connections opened (a TLS handshake each; a hello
+                # retried on a kept connection is not one) since the kill, and the
                 # manager's CPU from its start until every node was welcomed.
                 out["reconnect_attempts"] = sum(line.get("attempts", 0) for line in gens.lines)
+                out["reconnect_connections"] = sum(line.get("dials", 0) for line in gens.lines)
                 out["reconnect_manager_cpu_s"] = _cpu(manager.pid)
                 # Its event loop's thread (Python) apart from the rest (gRPC core's
                 # threads: TLS handshakes, HTTP/2; aiosqlite's thread).

@@ -283,6 +283,8 @@ class NodeRecord:
     """Wall times the manager welcomed this node (one per stream)."""
     attempts: list[float] = field(default_factory=list)
     """Wall times a stream was opened."""
+    dials: list[float] = field(default_factory=list)
+    """Wall times a connection was dialled (a TLS handshake; a kept one is not)."""
     ends: list[str] = field(default_factory=list)
     """How each stream ended (status names)."""
     commands: int = 0
@@ -306,8 +308,11 @@ class ConnectNode:
         rpc_timeout: float = 10.0,
         rng: random.Random | None = None,
         labels: dict[str, str] | None = None,
+        reuse: bool = True,
     ) -> None:
         self.node_id = node_id
+        self.reuse = reuse
+        """Keep the connection across a refused or unanswered hello, as the daemon does."""
         self.tls = tls
         self.trust_domain = trust_domain
         self.addresses = addresses
@@ -335,6 +340,7 @@ class ConnectNode:
         self._calls: dict[int, _Call] = {}
         self._context = _Context(trust_domain, "m1")
         self._useful = False
+        self._welcomed = False
 
     # -- lifecycle --
 
@@ -350,7 +356,7 @@ class ConnectNode:
                 await self._task
         await self._drop()
 
-    async def _drop(self) -> None:
+    async def _drop(self, *, keep_channel: bool = False) -> None:
         for call in self._calls.values():
             if call.task is not None:
                 call.task.cancel()
@@ -359,7 +365,7 @@ class ConnectNode:
         if self.stream is not None:
             await self.stream.close()
             self.stream = None
-        if self._channel is not None:
+        if self._channel is not None and not keep_channel:
             await self._channel.close(None)
             self._channel = None
 
@@ -369,19 +375,34 @@ class ConnectNode:
         while True:
             address = self.addresses[index % len(self.addresses)]
             self._useful = False
+            self._welcomed = False
+            keep = False
             try:
                 await self._session(address)
             except (StreamEnded, Refused, aio.AioRpcError, TimeoutError) as exc:
                 code = getattr(exc, "code", None)
                 name = code.name if isinstance(code, grpc.StatusCode) else type(exc).__name__
+                if isinstance(exc, Refused):
+                    name = _code_name(exc.code)
                 self.record.ends.append(name)
+                # As the daemon (daemon.manager_link.keep_for_retry): a hello refused
+                # RESOURCE_EXHAUSTED or unanswered in time over a connection whose TLS
+                # handshake completed keeps it; the retry is a new stream on it.
+                keep = (
+                    self.reuse
+                    and not self._welcomed
+                    and name in ("RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "TimeoutError")
+                    and self._channel is not None
+                    and self._channel.get_state() == grpc.ChannelConnectivity.READY
+                )
             finally:
-                await self._drop()
+                await self._drop(keep_channel=keep)
             if self._useful:
                 attempt = 0  # the manager served this connection: it is not struggling
             delay = self.reconnect.delay(min(attempt, 30), self.rng)
             attempt += 1
-            index += 1
+            if not keep:
+                index += 1
             await asyncio.sleep(delay)
 
     def hello(self) -> manager_pb2.RegisterNodeRequest:
@@ -399,12 +420,21 @@ class ConnectNode:
         )
 
     async def _session(self, address: str) -> None:
-        self._channel = open_channel(address, self.tls, self.trust_domain, keepalive=self.keepalive)
+        ready = grpc.ChannelConnectivity.READY
+        if self._channel is not None and self._channel.get_state() != ready:
+            await self._channel.close(None)  # the kept connection went meanwhile
+            self._channel = None
+        if self._channel is None:
+            self._channel = open_channel(
+                address, self.tls, self.trust_domain, keepalive=self.keepalive
+            )
+            self.record.dials.append(time.time())
         self.record.attempts.append(time.time())
         stream = ControlStream(self._channel, on_command=self._command)
         self.stream = stream
         await stream.request(manager_pb2.ConnectRequest(hello=self.hello()), self.rpc_timeout)
         self.record.welcomes.append(time.time())
+        self._welcomed = True
         await stream.request(
             manager_pb2.ConnectRequest(agent_states=self.snapshot()), self.rpc_timeout
         )

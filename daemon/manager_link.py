@@ -21,6 +21,12 @@ The reconnect backoff only starts over once a connection carried a successful
 call after its registration, so registrations that succeed and then fail
 keep backing off.
 
+A hello (or RegisterNode) refused RESOURCE_EXHAUSTED (the manager's
+`[control] max_hellos_per_second`) or unanswered within its deadline, over a
+connection whose TLS handshake completed, keeps that connection: the retry
+after the backoff is a new stream on it, at the same address, not a new
+handshake (`keep_for_retry`). Every other failure closes the channel.
+
 gRPC keepalive (see ManagerLinkConfig): a ping every `keepalive_time` (10 s)
 even without calls, the link declared dead after `keepalive_timeout` (5 s)
 without an ack -- so a manager that vanished without closing TCP is noticed
@@ -82,7 +88,7 @@ from fleet.errors import FleetError, NotFound, Unavailable, from_rpc_error
 from fleet.tls import TLSConfig, channel_credentials, channel_options
 from fleet.v1 import common_pb2, manager_pb2, manager_pb2_grpc
 
-__all__ = ["LinkState", "ManagerLink", "NodeInfo", "PushedSet"]
+__all__ = ["LinkState", "ManagerLink", "NodeInfo", "PushedSet", "keep_for_retry"]
 
 log = logging.getLogger(__name__)
 
@@ -137,6 +143,24 @@ JobsHook = Callable[
 """Runs while connected (daemon.jobs.reporter.JobReporter.run): given the stub (or the
 control stream) and the link's call wrapper; its transport errors end the connection
 like the heartbeat's."""
+
+
+def keep_for_retry(
+    error: BaseException, *, welcomed: bool, state: grpc.ChannelConnectivity
+) -> bool:
+    """Whether the next attempt reuses this attempt's channel (same address, no new dial).
+
+    Only for a hello (or RegisterNode) refused RESOURCE_EXHAUSTED or not answered
+    within its deadline, and only if the channel is READY (its TLS handshake
+    completed). Anything else -- refused or broken connection, TLS error, a
+    failure after the welcome -- drops the channel and moves to the next address.
+    """
+    return (
+        not welcomed
+        and isinstance(error, FleetError)
+        and error.code in _SLOW
+        and state == grpc.ChannelConnectivity.READY
+    )
 
 
 class _Reconnect(Exception):
@@ -213,6 +237,7 @@ class ManagerLink:
         self._live: aio.Channel | None = None  # the connected channel (None while not connected)
         self._is_live = asyncio.Event()
         self._next: aio.Channel | None = None  # proven with renewed credentials, not yet used
+        self._kept: aio.Channel | None = None  # connected; its hello was refused or timed out
         self._handover = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -263,10 +288,11 @@ class ManagerLink:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         self._tasks = []
-        if self._next is not None:
-            with contextlib.suppress(Exception):
-                await self._next.close(None)
-            self._next = None
+        for spare in (self._next, self._kept):
+            if spare is not None:
+                with contextlib.suppress(Exception):
+                    await spare.close(None)
+        self._next = self._kept = None
         self._set_state("stopped")
 
     def cut_batch(self) -> list[MetricBatch]:
@@ -447,7 +473,16 @@ class ManagerLink:
         while not self._stopping.is_set():
             self.address = addresses[index % len(addresses)]
             self._set_state("connecting")
-            channel, self._next = self._next or self._channel(self.address), None
+            kept, self._kept = self._kept, None
+            if kept is not None and (
+                self._next is not None
+                or kept.get_state(try_to_connect=False) != grpc.ChannelConnectivity.READY
+            ):
+                # The kept connection went meanwhile (or renewed files came): dial anew.
+                with contextlib.suppress(Exception):
+                    await kept.close(None)
+                kept = None
+            channel, self._next = self._next or kept or self._channel(self.address), None
             calls_at_register: int | None = None
             delay: float | None = None
             try:
@@ -482,19 +517,39 @@ class ManagerLink:
                 if calls_at_register is not None and self._calls_ok > calls_at_register:
                     attempt = 0  # the connection was useful: the manager is not struggling
                 delay = self.cfg.reconnect.delay(attempt, self._rng)
-                log.warning(
-                    "manager %s: %s; next try in %.1fs", self.address, _describe(exc), delay
-                )
                 attempt += 1
-                index += 1
+                if keep_for_retry(
+                    exc,
+                    welcomed=calls_at_register is not None,
+                    state=channel.get_state(try_to_connect=False),
+                ):
+                    # The hello was refused or not answered in time over a connection whose
+                    # TLS handshake completed: the retry after the backoff is a new stream on
+                    # it, not a new handshake (~3 ms of the manager's CPU each, which after a
+                    # restart is most of its work). Same address: a busy replica that refuses
+                    # is still the one holding this node's connection.
+                    self._kept = channel
+                    log.warning(
+                        "manager %s: %s; next try in %.1fs on the same connection",
+                        self.address,
+                        _describe(exc),
+                        delay,
+                    )
+                else:
+                    index += 1
+                    log.warning(
+                        "manager %s: %s; next try in %.1fs", self.address, _describe(exc), delay
+                    )
             finally:
                 self._live = None
                 self._is_live.clear()
-                with contextlib.suppress(Exception):
-                    await channel.close(None)
+                if self._kept is not channel:
+                    with contextlib.suppress(Exception):
+                        await channel.close(None)
             if delay is not None:
                 # Not inside `except`: the caught error holds the failed call, which keeps the
                 # closed channel alive and gRPC redialing every <= 2 s for the whole backoff.
+                # (A kept channel is open and connected: its failed hello holds nothing closed.)
                 # A failed stream's call ends in a reference cycle with gRPC's own callbacks,
                 # which only the collector frees, once those callbacks ran: free it now.
                 # Only with streams: a full collection per retry is a cost many links in

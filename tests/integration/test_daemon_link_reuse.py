@@ -1,0 +1,160 @@
+"""A hello refused by the manager's ceiling is retried on the same connection.
+
+Real manager (its `[control] max_hellos_per_second` tiny, no wait), real
+ManagerLinks with mTLS, and an in-test TCP proxy between them that counts the
+connections it accepts: a refused daemon comes back after its backoff with a
+new stream on the connection it holds, not a new TLS handshake.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import random
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+from manager_harness import manager_config, running_manager
+
+from daemon.config import ManagerLinkConfig
+from daemon.manager_link import ManagerLink, NodeInfo, keep_for_retry
+from fleet import errors
+from fleet.retry import Backoff
+
+NODES = 4
+
+
+class CountingProxy:
+    """A TCP proxy to `target` that counts the connections it accepted."""
+
+    def __init__(self, target: int) -> None:
+        self.target = target
+        self.accepted = 0
+        self._pipes: set[asyncio.Task[None]] = set()
+        self._server: asyncio.Server | None = None
+
+    async def start(self) -> int:
+        self._server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.accepted += 1
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target)
+        pipes = [
+            asyncio.create_task(_pipe(reader, up_writer)),
+            asyncio.create_task(_pipe(up_reader, writer)),
+        ]
+        self._pipes.update(pipes)
+        await asyncio.wait(pipes, return_when=asyncio.FIRST_COMPLETED)
+        for task in pipes:
+            task.cancel()
+            self._pipes.discard(task)
+        for w in (writer, up_writer):
+            w.close()
+
+    async def stop(self) -> None:
+        assert self._server is not None
+        self._server.close()
+        for task in list(self._pipes):
+            task.cancel()
+        await asyncio.gather(*self._pipes, return_exceptions=True)
+
+
+async def _pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(ConnectionError):
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+
+
+@contextlib.asynccontextmanager
+async def _links(
+    pki: Any, port: int, root: Path, all_connected: asyncio.Event
+) -> AsyncIterator[list[ManagerLink]]:
+    links: list[ManagerLink] = []
+
+    def on_state(_state: str, _address: str) -> None:
+        if all(link.state == "connected" for link in links):
+            all_connected.set()
+
+    for i in range(NODES):
+        state = root / f"n{i}"
+        state.mkdir()
+        links.append(
+            ManagerLink(
+                ManagerLinkConfig(
+                    addresses=(f"127.0.0.1:{port}",),
+                    rpc_timeout_seconds=5.0,
+                    reconnect=Backoff(initial=0.2, maximum=0.6),
+                ),
+                tls=pki.issue("node", f"n{i}"),
+                trust_domain=pki.trust_domain,
+                node=NodeInfo(f"n{i}", "", {}),
+                state_dir=state,
+                collect=list,
+                snapshot=list,
+                rng=random.Random(i),
+                on_state=on_state,
+            )
+        )
+    try:
+        yield links
+    finally:
+        for link in links:
+            await link.stop()
+
+
+async def test_a_refused_hello_is_retried_on_the_same_connection(
+    pki: Any, database_url: str, tmp_path: Path
+) -> None:
+    """Four daemons at once against a ceiling of 1 hello a second with no wait: all but
+    one are refused RESOURCE_EXHAUSTED, back off and come back until welcomed -- each over
+    the one TCP connection (one TLS handshake) it opened first (19 without the reuse)."""
+    config = manager_config(
+        pki,
+        database_url,
+        tmp_path / "state",
+        control={"max_hellos_per_second": 1.0, "max_hello_wait_seconds": 0.0},
+    )
+    async with running_manager(config) as server:
+        proxy = CountingProxy(server.port)
+        port = await proxy.start()
+        try:
+            all_connected = asyncio.Event()
+            async with _links(pki, port, tmp_path, all_connected) as links:
+                for link in links:
+                    await link.start()
+                async with asyncio.timeout(30):
+                    await all_connected.wait()
+                refused = server.metrics.registry.get_sample_value(
+                    "fleet_manager_control_refused_total",
+                    {"kind": "hello", "code": "RESOURCE_EXHAUSTED"},
+                )
+                # At least one refused (on a busy machine the handshakes may spread out).
+                assert refused is not None
+                assert refused >= 1
+                assert sum(link.reconnects for link in links) >= refused
+                assert all(link.mode == "stream" for link in links)
+                assert proxy.accepted == NODES
+        finally:
+            await proxy.stop()
+
+
+def test_only_a_slow_hello_over_a_ready_connection_keeps_it() -> None:
+    """RESOURCE_EXHAUSTED or DEADLINE_EXCEEDED before the welcome on a READY channel keeps
+    it; after the welcome, on a channel that never connected, or any other error: not."""
+    ready, connecting = grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.CONNECTING
+    busy, late = errors.ResourceExhausted("busy"), errors.DeadlineExceeded("late")
+    assert keep_for_retry(busy, welcomed=False, state=ready)
+    assert keep_for_retry(late, welcomed=False, state=ready)
+    assert not keep_for_retry(late, welcomed=False, state=connecting)
+    assert not keep_for_retry(
+        busy, welcomed=False, state=grpc.ChannelConnectivity.TRANSIENT_FAILURE
+    )
+    assert not keep_for_retry(busy, welcomed=True, state=ready)
+    assert not keep_for_retry(errors.Unavailable("gone"), welcomed=False, state=ready)
+    assert not keep_for_retry(errors.Internal("bug"), welcomed=False, state=ready)
+    assert not keep_for_retry(OSError("refused"), welcomed=False, state=ready)
