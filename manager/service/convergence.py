@@ -38,9 +38,9 @@ next). A batch costs O(batch), not O(fleet).
 Agents' state changes (`states_changed`) come at a rate that grows with the
 fleet and only a live rollout judges them: they wake the driver only while
 one is live. A full pass reads every node, so a poked one waits until
-`pace` times the last full pass's duration has passed (`pass_gap`): when
-full passes are due back to back (a push keeps failing, pokes are steady)
-they take at most a quarter of the event loop.
+`pace` times the last full pass's duration (less its wait for push answers)
+has passed (`pass_gap`): when full passes are due back to back (a push keeps
+failing, pokes are steady) they take at most a quarter of the event loop.
 
 Exactly one driver: the leader checks the lock before every pass and every
 `lock_check` seconds while idle, and a new leader waits `lock_check` before
@@ -141,6 +141,8 @@ class PassResult:
     """Nodes whose managed set is not delivered after the pass."""
     incremental: bool = False
     """An incremental pass (only the nodes touched since the last one re-read)."""
+    push_wait: float = 0.0
+    """Seconds spent waiting for push answers (not work of this manager's: not paced)."""
 
 
 @dataclass
@@ -364,7 +366,9 @@ class Convergence:
                 started = time.monotonic()
                 result = await self.run_once()
                 self._full_ended = time.monotonic()
-                self._full_spent = self._full_ended - started
+                # Paced by the pass's own work: a daemon slow to answer its push
+                # (one waiting for an artifact) must not hold the next change back.
+                self._full_spent = max(0.0, self._full_ended - started - result.push_wait)
                 interval = self._safety
                 if replicas and {"RUNNING", "REVERTING"} & set(result.live_rollouts):
                     # Daemons may report to another replica, which cannot poke this one.
@@ -786,7 +790,9 @@ class Convergence:
     ) -> dict[str, _Answer]:
         """Push each online node its set; record the answers in one transaction. The
         answers that were recorded (refusals; agents when the answer carried them)."""
+        started = time.monotonic()
         outcomes = await self._send(sets, nodes)
+        result.push_wait += time.monotonic() - started
         if not outcomes:
             return {}
         answers = await self._repo.run(lambda tx: self._record(tx, outcomes, result))

@@ -30,7 +30,7 @@ from sqlalchemy import select, update
 from daemon.config import ArtifactsConfig, ManagerLinkConfig
 from daemon.server import DaemonServer
 from daemon.supervisor.supervisor import AgentSnapshot
-from fleet.errors import FailedPrecondition, Unavailable
+from fleet.errors import FailedPrecondition, NotFound, Unavailable
 from fleet.retry import Backoff
 from fleet.v1 import common_pb2, desired_pb2, fleet_pb2, fleet_pb2_grpc
 from manager.server import ManagerServer
@@ -139,6 +139,13 @@ class Env:
     async def web(self, name: str = "web") -> AgentSnapshot:
         assert self.daemon is not None
         return self.daemon.supervisor.get(name)
+
+    async def pushed_api(self) -> AgentSnapshot | None:
+        """Agent api, or None until its push arrives."""
+        try:
+            return await self.web("api")
+        except NotFound:
+            return None
 
 
 def state(r: desired_pb2.Rollout) -> str:
@@ -292,7 +299,9 @@ async def test_while_the_artifact_downloads_the_old_agent_runs_and_a_new_one_wai
         waiting = await eventually(env.web, lambda s: "waiting for artifact web 2.0" in s.message)
         assert (waiting.pid, waiting.status.value, waiting.revision) == (old.pid, "RUNNING", 1)
         assert "the running instance is kept until then" in waiting.message
-        api = await eventually(lambda: env.web("api"), lambda s: s.status.value == "STARTING")
+        api = await eventually(
+            env.pushed_api, lambda s: s is not None and s.status.value == "STARTING"
+        )
         assert (api.pid, api.revision) == (0, 1)
         assert api.message.startswith("waiting for artifact web 2.0 (0 B of ")
         assert env.daemon is not None
