@@ -186,8 +186,11 @@ class SimDaemon(daemon_pb2_grpc.DaemonServiceServicer):
         answer_wait: float = ANSWER_WAIT,
         answer_states: bool = True,
         crash_after_answer: bool = False,
+        push_delay: float = 0.0,
     ) -> None:
         self.node_id = node_id
+        self.push_delay = push_delay
+        """Seconds a PushUpdate takes before it applies (a daemon fetching an artifact)."""
         self.crash_after_answer = crash_after_answer
         """Its pushed agents crash (FATAL) just after the answer's snapshot is taken, and
         that report is stored before the answer leaves: the answer is the older one."""
@@ -304,6 +307,8 @@ class SimDaemon(daemon_pb2_grpc.DaemonServiceServicer):
         """As the real daemon: stale versions refused, the same version again a no-op, an
         agent of its own with a pushed id kept and the pushed one refused."""
         caller = self._enter("PushUpdate", context)
+        if self.push_delay:
+            await asyncio.sleep(self.push_delay)
         specs = {s.id: s for s in request.agents}
         call = PushCall(
             time.time(),

@@ -559,6 +559,26 @@ async def test_an_operators_apply_is_not_debounced(
         assert time.monotonic() - started < 30
 
 
+async def test_a_slow_push_answer_does_not_hold_the_next_change_back(
+    pki: Any, tmp_path: Path, database_url: str
+) -> None:
+    """Full passes are paced by their own work, not by their wait for push answers: a
+    daemon taking 2 s to answer each push (as one fetching an artifact) gets the next
+    definition's push as soon as it is applied, not 3 x 2 s after the previous pass."""
+    async with desired_env(pki, tmp_path, database_url) as env:
+        await env.add("p0", {"env": "prod"}, push_delay=2.0)
+        await env.apply(definition("web"))
+        done = await until(lambda: env.rollout("web"), lambda r: r.ended_at > 0, within=20)
+        assert state(done) == "SUCCESSFUL"
+        started = time.monotonic()
+        await env.apply(definition("api"))
+        done = await until(lambda: env.rollout("api"), lambda r: r.ended_at > 0, within=20)
+        assert state(done) == "SUCCESSFUL"
+        # Its own 2 s push, plus a margin for a loaded machine; paced by the wait it
+        # took 6-8 s.
+        assert time.monotonic() - started < 4.5
+
+
 async def test_an_answer_older_than_a_stored_report_is_not_stored_over_it(
     pki: Any, tmp_path: Path, database_url: str
 ) -> None:
