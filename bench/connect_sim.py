@@ -499,22 +499,7 @@ class ConnectNode:
 
     def snapshot(self) -> manager_pb2.SyncAgentStatesRequest:
         """Every agent of the simulated daemon."""
-        d = self.daemon
-        states = [
-            manager_pb2.AgentState(
-                agent_id=a.id,
-                type=a.type,
-                status=a.status,
-                pid=a.pid,
-                version=a.version,
-                restart_count=a.restart_count,
-                start_time=a.start_time,
-            )
-            for a in d.agents.values()
-        ]
-        return manager_pb2.SyncAgentStatesRequest(
-            node_id=self.node_id, states=states, spec_version=d.spec_version
-        )
+        return self.daemon.agent_states()
 
     def change_state(self) -> None:
         """An agent restarts by itself (a state change to report)."""

@@ -260,20 +260,7 @@ class SimLink:
 
     def _snapshot(self) -> Sequence[manager_pb2.AgentState]:
         if self.daemon is not None:
-            agents = self.daemon.servicer.agents.values()
-            return [
-                manager_pb2.AgentState(
-                    agent_id=a.id,
-                    type=a.type,
-                    status=a.status,
-                    pid=a.pid,
-                    start_time=a.start_time,
-                    revision=a.revision,
-                    health=a.health,
-                    last_exit=a.last_exit if a.HasField("last_exit") else None,
-                )
-                for a in agents
-            ]
+            return list(self.daemon.servicer.agent_states().states)
         return [manager_pb2.AgentState(agent_id="web", type="web", status=_RUNNING, pid=1)]
 
     def _pushed(self) -> PushedSet:
