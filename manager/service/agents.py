@@ -169,14 +169,10 @@ class AgentStates:
         spec_version: int = 0,
         update_errors: Sequence[UpdateErrorRecord] | None = None,
     ) -> int:
-        """Replace the node's agents with `states` and record the spec version
-        and update errors it reports; returns how many agents changed.
-
-        InvalidArgument (nothing stored) for a bad snapshot; NotFound for a
-        node that is not registered.
+        """Replace the node's agents with `states` (checked by `snapshot_records`) and
+        record the spec version and update errors it reports; returns how many agents
+        changed. NotFound for a node that is not registered (nothing stored).
         """
-        validate_agent_states(states)
-        check_snapshot(node_id, states)
         await self._registry.require_known(node_id)
         pending = _Sync(node_id, states, spec_version, update_errors)
         pending.done.add_done_callback(_consume)

@@ -17,12 +17,7 @@ from grpc import aio
 
 from fleet.errors import FailedPrecondition
 from fleet.v1 import manager_pb2, manager_pb2_grpc
-from manager.service.agents import (
-    AgentStates,
-    agent_state_record,
-    last_exit_fields,
-    update_error_records,
-)
+from manager.service.agents import AgentStates, snapshot_records
 from manager.service.artifacts import Artifacts
 from manager.service.certificates import NO_ISSUER, Certificates
 from manager.service.deny_list import DenyList
@@ -36,7 +31,7 @@ from manager.servicers.artifacts import ArtifactDownloads
 from manager.servicers.control import ControlChannel
 from manager.servicers.identity import NodeIdentities, caller_pem
 
-__all__ = ["ManagerServicer", "agent_state_record", "last_exit_fields"]
+__all__ = ["ManagerServicer"]
 
 _Context = aio.ServicerContext[Any, Any]
 
@@ -135,9 +130,7 @@ class ManagerServicer(ArtifactDownloads, manager_pb2_grpc.ManagerServiceServicer
         self, request: manager_pb2.SyncAgentStatesRequest, context: _Context
     ) -> manager_pb2.SyncAgentStatesResponse:
         self._identities.require_node(context, request.node_id)
-        states = [agent_state_record(request.node_id, st) for st in request.states]
-        errors = update_error_records(request.update_errors)
-        validate_spec_version(request.spec_version)
+        states, errors = snapshot_records(request)
         changed = await self._agents.sync(
             request.node_id, states, spec_version=request.spec_version, update_errors=errors
         )
