@@ -247,6 +247,17 @@ class ManagerLink:
         """An agent's state changed: send a snapshot soon (coalesced)."""
         self._dirty.set()
 
+    def sync_request(self) -> manager_pb2.SyncAgentStatesRequest:
+        """The SyncAgentStates this link would send now (also what a PushUpdate answer
+        carries, so that the link can tell it need not send it)."""
+        pushed = self._pushed()
+        return manager_pb2.SyncAgentStatesRequest(
+            node_id=self.node.node_id,
+            states=list(self._snapshot()),
+            spec_version=pushed.version,
+            update_errors=pushed.errors,
+        )
+
     def push_mark(self) -> int:
         """Taken as a PushUpdate begins; given back to `answered_with` (-1: a
         SyncAgentStates is in flight, so the answer cannot stand for the next one)."""
@@ -769,14 +780,7 @@ class ManagerLink:
             if self._stopping.is_set():
                 return
             self._dirty.clear()
-            states = list(self._snapshot())
-            pushed = self._pushed()
-            request = manager_pb2.SyncAgentStatesRequest(
-                node_id=self.node.node_id,
-                states=states,
-                spec_version=pushed.version,
-                update_errors=pushed.errors,
-            )
+            request = self.sync_request()
             answered, self._answered = self._answered, None
             if answered is not None and answered == request:
                 continue  # a push's answer carried this very snapshot

@@ -168,7 +168,6 @@ class DaemonServer:
             self.jobs,
             trust_domain=self.identity.trust_domain,
             follow_interval=min(cfg.sample_interval_seconds, 0.5),
-            node_id=cfg.node_id,
             link=self.link,
         )
         """What the manager may ask: served on `listen` and on the control stream."""

@@ -13,14 +13,14 @@ from typing import Any, Literal
 
 from grpc import aio
 
-from daemon.convert import agent_info, agent_state, resource_point, update_errors
+from daemon.convert import agent_info, resource_point, update_errors
 from daemon.jobs.engine import JobEngine
 from daemon.manager_link import ManagerLink
 from daemon.supervisor.supervisor import Supervisor
 from fleet.agentspec import specs_from_proto
 from fleet.errors import InvalidArgument
 from fleet.tls import require_role
-from fleet.v1 import common_pb2, daemon_pb2, daemon_pb2_grpc, jobs_pb2, manager_pb2
+from fleet.v1 import common_pb2, daemon_pb2, daemon_pb2_grpc, jobs_pb2
 
 __all__ = ["DEFAULT_LOG_CHUNK", "MAX_LOG_CHUNK", "DaemonServicer"]
 
@@ -59,14 +59,12 @@ class DaemonServicer(daemon_pb2_grpc.DaemonServiceServicer):
         *,
         trust_domain: str,
         follow_interval: float = 0.5,
-        node_id: str = "",
-        link: ManagerLink | None = None,
+        link: ManagerLink,
     ) -> None:
         self._sup = supervisor
         self._jobs = jobs
         self._trust_domain = trust_domain
         self._follow_interval = follow_interval
-        self._node_id = node_id
         self._link = link
 
     def _require_manager(self, context: _Context) -> None:
@@ -116,21 +114,15 @@ class DaemonServicer(daemon_pb2_grpc.DaemonServiceServicer):
     ) -> daemon_pb2.PushUpdateResponse:
         self._require_manager(context)
         specs = specs_from_proto(request.agents)
-        sup, link = self._sup, self._link
-        mark = link.push_mark() if link is not None else -1
-        result = await sup.apply(request.version, specs)
+        link = self._link
+        mark = link.push_mark()
+        result = await self._sup.apply(request.version, specs)
         states = None
         if request.want_agent_states:
             # The snapshot the manager link would send next: the manager judges the push
             # from it instead of waiting for that report, which the link then skips.
-            states = manager_pb2.SyncAgentStatesRequest(
-                node_id=self._node_id,
-                states=[agent_state(s) for s in sup.list()],
-                spec_version=sup.version,
-                update_errors=update_errors(sup.refused),
-            )
-            if link is not None:
-                link.answered_with(states, mark)
+            states = link.sync_request()
+            link.answered_with(states, mark)
         return daemon_pb2.PushUpdateResponse(
             agent_states=states,
             success=True,
