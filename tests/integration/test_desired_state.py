@@ -64,6 +64,10 @@ class Env:
         reply = await self.stub.GetRollout(fleet_pb2.FleetServiceGetRolloutRequest(name=name))
         return reply.rollout
 
+    async def ended(self, name: str) -> desired_pb2.Rollout:
+        """`name`'s latest rollout, once it ended."""
+        return await until(lambda: self.rollout(name), lambda r: r.ended_at > 0)
+
     def revisions(self, name: str) -> dict[str, int]:
         """node -> the revision of `name` its simulated daemon runs."""
         out = {}
@@ -495,7 +499,7 @@ async def test_a_rollout_started_during_a_pass_is_not_judged_on_a_stale_scope(
         await convergence._step_rollouts(nodes, scopes, live, PassResult())
         assert state(await env.rollout("web")) == "PENDING"
         convergence.start()
-        done = await until(lambda: env.rollout("web"), lambda r: r.ended_at > 0)
+        done = await env.ended("web")
         assert (state(done), done.done) == ("SUCCESSFUL", 1)
         assert env.revisions("web") == {"p1": 1}
 
@@ -515,7 +519,7 @@ async def test_batches_are_judged_by_incremental_passes(
         observe = convergence._on_pass
         convergence._on_pass = lambda r: (seen.append(r), observe(r))[1]  # type: ignore[method-assign]
         await env.apply(definition(version="2.0", max_parallel="1"))
-        done = await until(lambda: env.rollout("web"), lambda r: r.ended_at > 0)
+        done = await env.ended("web")
         assert (state(done), done.done) == ("SUCCESSFUL", 4)
         assert env.revisions("web") == {f"p{i}": 2 for i in range(4)}
         moved = [r for r in seen if r.pushed]
@@ -536,7 +540,7 @@ async def test_daemons_that_answer_without_states_are_judged_by_their_reports(
         await until(lambda: env.rollout("web"), lambda r: state(r) == "SUCCESSFUL")
         commits = env.manager.agent_states.commits
         await env.apply(definition(version="2.0", max_parallel="1"))
-        done = await until(lambda: env.rollout("web"), lambda r: r.ended_at > 0)
+        done = await env.ended("web")
         assert (state(done), done.done) == ("SUCCESSFUL", 4)
         assert env.revisions("web") == {"o0": 2, "o1": 2, "o2": 2, "n0": 2}
         # Each older daemon reported its push; the other one did not need to.
@@ -554,7 +558,7 @@ async def test_an_operators_apply_is_not_debounced(
         env.manager.convergence._debounce = 60.0
         started = time.monotonic()
         await env.apply(definition())
-        done = await until(lambda: env.rollout("web"), lambda r: r.ended_at > 0, within=20)
+        done = await env.ended("web")
         assert state(done) == "SUCCESSFUL"
         assert time.monotonic() - started < 30
 
@@ -568,11 +572,11 @@ async def test_a_slow_push_answer_does_not_hold_the_next_change_back(
     async with desired_env(pki, tmp_path, database_url) as env:
         await env.add("p0", {"env": "prod"}, push_delay=2.0)
         await env.apply(definition("web"))
-        done = await until(lambda: env.rollout("web"), lambda r: r.ended_at > 0, within=20)
+        done = await env.ended("web")
         assert state(done) == "SUCCESSFUL"
         started = time.monotonic()
         await env.apply(definition("api"))
-        done = await until(lambda: env.rollout("api"), lambda r: r.ended_at > 0, within=20)
+        done = await env.ended("api")
         assert state(done) == "SUCCESSFUL"
         # Its own 2 s push, plus a margin for a loaded machine; paced by the wait it
         # took 6-8 s.
@@ -588,7 +592,7 @@ async def test_an_answer_older_than_a_stored_report_is_not_stored_over_it(
     async with desired_env(pki, tmp_path, database_url) as env:
         await env.add("p0", {"env": "prod"}, crash_after_answer=True)
         await env.apply(definition())
-        done = await until(lambda: env.rollout("web"), lambda r: r.ended_at > 0)
+        done = await env.ended("web")
         assert (state(done), done.done, done.failed) == ("FAILED", 0, 1), done.reason
         assert "crashed after the answer" in done.reason
         agents = await env.stub.ListAgents(fleet_pb2.FleetServiceListAgentsRequest(node_id="p0"))
@@ -628,7 +632,7 @@ async def test_an_answer_naming_another_node_is_not_stored(
         liar.agent_states = honest  # type: ignore[method-assign]
         assert liar.link is not None
         await liar.link.report()
-        done = await until(lambda: env.rollout("web"), lambda r: r.ended_at > 0)
+        done = await env.ended("web")
         assert (state(done), done.done) == ("SUCCESSFUL", 2)
 
 
@@ -659,7 +663,7 @@ async def test_a_rollout_changed_by_another_writer_sends_the_driver_to_a_full_pa
         assert env.revisions("web") == {"p0": 2, "p1": 2, "p2": 1, "p3": 1}
         convergence.start()
         await env.stub.ResumeRollout(fleet_pb2.FleetServiceResumeRolloutRequest(name="web"))
-        done = await until(lambda: env.rollout("web"), lambda r: r.ended_at > 0)
+        done = await env.ended("web")
         assert (state(done), done.done) == ("SUCCESSFUL", 4)
         assert env.revisions("web") == {f"p{i}": 2 for i in range(4)}
 
