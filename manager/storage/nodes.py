@@ -42,6 +42,12 @@ _FIELDS = (
 )
 
 
+_TOUCH_CHUNK = 1000
+"""Nodes per last-seen transaction: a replica's flush of every streamed node (8,000
+every 5 s) held all their row locks until one commit, and registrations of the same
+nodes queued behind it, past the lock timeout on a loaded PostgreSQL."""
+
+
 def _fields(node: NodeRecord) -> dict[str, Any]:
     return {name: getattr(node, name) for name in _FIELDS}
 
@@ -193,9 +199,13 @@ class NodeRepository:
             status: dict[str, str] = {}
             labels: dict[str, tuple[str, str]] = {}  # effective, operator (JSON as stored)
             enrolled: set[str] = set()  # rows made by enrollment, never registered
-            for part in chunks(ids):
+            # In node-id order, as the last-seen flush locks them (no deadlock between the two).
+            for part in chunks(sorted(ids)):
                 rows = await conn.execute(
-                    select(*known_columns).where(nodes.c.node_id.in_(part)).with_for_update()
+                    select(*known_columns)
+                    .where(nodes.c.node_id.in_(part))
+                    .order_by(nodes.c.node_id)
+                    .with_for_update()
                 )
                 for row in rows:
                     status[row.node_id] = row.status
@@ -216,7 +226,10 @@ class NodeRepository:
                 raced = [node.node_id for node, _ in new if node.node_id not in inserted]
                 if raced:
                     rows = await conn.execute(
-                        select(*known_columns).where(nodes.c.node_id.in_(raced)).with_for_update()
+                        select(*known_columns)
+                        .where(nodes.c.node_id.in_(sorted(raced)))
+                        .order_by(nodes.c.node_id)
+                        .with_for_update()
                     )
                     for row in rows:
                         status[row.node_id] = row.status
@@ -347,18 +360,28 @@ class NodeRepository:
     async def touch_many(
         self, last_seen: Mapping[str, int], *, now_ms: int | None = None
     ) -> builtins.list[str]:
-        """Record heartbeats: last_seen_ms = max(old, new) in one executemany.
+        """Record heartbeats: last_seen_ms = max(old, new), one executemany per
+        transaction of at most 1,000 nodes, in node-id order.
 
         Offline nodes among them become online with a NODE_ONLINE event
         (timestamped `now_ms`, default the newest heartbeat); returns their
         ids. Unknown ids are ignored. A revoked node issued no certificate
         since stays offline: a last-seen recorded before its stream was cut
-        (or during the stream's grace) is no sign of it.
+        (or during the stream's grace) is no sign of it. If a transaction
+        fails, those before it stay committed (writing them again is harmless).
         """
         if not last_seen:
             return []
-        params = [{"nid": k, "ts": v} for k, v in last_seen.items()]
         event_ms = now_ms if now_ms is not None else max(last_seen.values())
+        revived: builtins.list[str] = []
+        # Short transactions, rows locked in node-id order as registration locks them:
+        # a registration waits for one chunk, and the two cannot deadlock.
+        for part in chunks(sorted(last_seen), _TOUCH_CHUNK):
+            revived += await self._touch({nid: last_seen[nid] for nid in part}, event_ms)
+        return sorted(revived)
+
+    async def _touch(self, last_seen: Mapping[str, int], event_ms: int) -> builtins.list[str]:
+        params = [{"nid": k, "ts": v} for k, v in last_seen.items()]
         ts = bindparam("ts", type_=BigInteger)
 
         async def body(conn: AsyncConnection) -> builtins.list[str]:
