@@ -1,7 +1,7 @@
 """The in-memory last-seen map and the task that flushes it.
 
 A heartbeat only updates a dict entry; a flusher writes the whole map with
-`NodeRepository.touch_many` (a batched statement per 1,000 nodes) at least once a second
+`NodeRepository.touch_many` (one batched statement) at least once a second
 and on shutdown. If the database is down the entries stay in the map (newest
 time wins) and are written by a later flush, so no heartbeat is lost.
 """
@@ -56,7 +56,7 @@ class HeartbeatBuffer:
         return len(self._pending.keys() | self._writing.keys())
 
     async def flush(self) -> list[str]:
-        """Write the map (`touch_many`); returns nodes that came back online.
+        """Write the map in one statement; returns nodes that came back online.
 
         On failure the entries are merged back and the error propagates.
         """

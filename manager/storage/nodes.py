@@ -42,12 +42,6 @@ _FIELDS = (
 )
 
 
-_TOUCH_CHUNK = 1000
-"""Nodes per last-seen transaction: a replica's flush of every streamed node (8,000
-every 5 s) held all their row locks until one commit, and registrations of the same
-nodes queued behind it, past the lock timeout on a loaded PostgreSQL."""
-
-
 def _fields(node: NodeRecord) -> dict[str, Any]:
     return {name: getattr(node, name) for name in _FIELDS}
 
@@ -360,28 +354,20 @@ class NodeRepository:
     async def touch_many(
         self, last_seen: Mapping[str, int], *, now_ms: int | None = None
     ) -> builtins.list[str]:
-        """Record heartbeats: last_seen_ms = max(old, new), one executemany per
-        transaction of at most 1,000 nodes, in node-id order.
+        """Record heartbeats: last_seen_ms = max(old, new) in one executemany.
 
         Offline nodes among them become online with a NODE_ONLINE event
         (timestamped `now_ms`, default the newest heartbeat); returns their
         ids. Unknown ids are ignored. A revoked node issued no certificate
         since stays offline: a last-seen recorded before its stream was cut
-        (or during the stream's grace) is no sign of it. If a transaction
-        fails, those before it stay committed (writing them again is harmless).
+        (or during the stream's grace) is no sign of it.
         """
         if not last_seen:
             return []
+        # Rows locked in node-id order, as registration locks them: a re-registration
+        # of a node in this flush waits for it rather than deadlocking with it.
+        params = [{"nid": k, "ts": last_seen[k]} for k in sorted(last_seen)]
         event_ms = now_ms if now_ms is not None else max(last_seen.values())
-        revived: builtins.list[str] = []
-        # Short transactions, rows locked in node-id order as registration locks them:
-        # a registration waits for one chunk, and the two cannot deadlock.
-        for part in chunks(sorted(last_seen), _TOUCH_CHUNK):
-            revived += await self._touch({nid: last_seen[nid] for nid in part}, event_ms)
-        return sorted(revived)
-
-    async def _touch(self, last_seen: Mapping[str, int], event_ms: int) -> builtins.list[str]:
-        params = [{"nid": k, "ts": v} for k, v in last_seen.items()]
         ts = bindparam("ts", type_=BigInteger)
 
         async def body(conn: AsyncConnection) -> builtins.list[str]:
