@@ -557,7 +557,8 @@ def run_replicas(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"nodes": per * 2, "replicas": 2, "procs_per_replica": args.procs}
     # The reference holds as many streams as one replica does.
     _say(f"reference: {per} nodes")
-    out.update(_reference(tls["m1"], spec, halves["m1"], args.procs, args.hold))
+    ref_spec = {**spec, "spread": args.reference_spread or args.spread}
+    out.update(_reference(tls["m1"], ref_spec, halves["m1"], args.procs, args.hold))
 
     db_url = asyncio.run(_create_database(server_url))
     _say(f"reference done: {out['ref_cpu_per_1000']:.3f} core per 1,000; starting replicas")
@@ -673,6 +674,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--procs", type=int, default=4, help="load-generator processes")
     parser.add_argument("--hold", type=float, default=60.0, help="seconds measured")
     parser.add_argument("--spread", type=float, default=20.0, help="seconds to start each slice")
+    parser.add_argument(
+        "--reference-spread",
+        type=float,
+        help="--replicas 2: the reference's --spread (it only holds idle streams: a big "
+        "run need not connect it as slowly as the replicas; default: --spread)",
+    )
     parser.add_argument("--metrics-interval", type=float, default=60.0)
     parser.add_argument("--state-change-interval", type=float, default=300.0)
     parser.add_argument(

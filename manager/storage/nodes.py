@@ -193,9 +193,13 @@ class NodeRepository:
             status: dict[str, str] = {}
             labels: dict[str, tuple[str, str]] = {}  # effective, operator (JSON as stored)
             enrolled: set[str] = set()  # rows made by enrollment, never registered
-            for part in chunks(ids):
+            # In node-id order, as the last-seen flush locks them (no deadlock between the two).
+            for part in chunks(sorted(ids)):
                 rows = await conn.execute(
-                    select(*known_columns).where(nodes.c.node_id.in_(part)).with_for_update()
+                    select(*known_columns)
+                    .where(nodes.c.node_id.in_(part))
+                    .order_by(nodes.c.node_id)
+                    .with_for_update()
                 )
                 for row in rows:
                     status[row.node_id] = row.status
@@ -216,7 +220,10 @@ class NodeRepository:
                 raced = [node.node_id for node, _ in new if node.node_id not in inserted]
                 if raced:
                     rows = await conn.execute(
-                        select(*known_columns).where(nodes.c.node_id.in_(raced)).with_for_update()
+                        select(*known_columns)
+                        .where(nodes.c.node_id.in_(sorted(raced)))
+                        .order_by(nodes.c.node_id)
+                        .with_for_update()
                     )
                     for row in rows:
                         status[row.node_id] = row.status
@@ -357,7 +364,9 @@ class NodeRepository:
         """
         if not last_seen:
             return []
-        params = [{"nid": k, "ts": v} for k, v in last_seen.items()]
+        # Rows locked in node-id order, as registration locks them: a re-registration
+        # of a node in this flush waits for it rather than deadlocking with it.
+        params = [{"nid": k, "ts": last_seen[k]} for k in sorted(last_seen)]
         event_ms = now_ms if now_ms is not None else max(last_seen.values())
         ts = bindparam("ts", type_=BigInteger)
 

@@ -342,6 +342,26 @@ async def test_touch_many_updates_last_seen_in_one_statement(database: Database)
     assert n599.last_seen_ms == 2_599
 
 
+async def test_touch_many_locks_in_node_order(database: Database) -> None:
+    """The flush updates (and so row-locks) in node-id order, as registration locks
+    rows, whatever order the heartbeats came in."""
+    nodes = NodeRepository(database)
+    ids = [f"n{i:04d}" for i in range(1_200)]
+    await _bulk_register(database, ids, 1_000)
+    updates: list[list[str]] = []
+
+    def record(conn: Any, cursor: Any, statement: str, params: Any, ctx: Any, many: bool) -> None:
+        if " ".join(statement.split()).upper().startswith("UPDATE NODES SET LAST_SEEN_MS"):
+            updates.append([p["nid"] if isinstance(p, dict) else p[-1] for p in params])
+
+    event.listen(database.engine.sync_engine, "before_cursor_execute", record)
+    try:
+        await nodes.touch_many(dict.fromkeys(reversed(ids), 3_000))
+    finally:
+        event.remove(database.engine.sync_engine, "before_cursor_execute", record)
+    assert updates == [ids]
+
+
 async def test_reregistering_600_nodes_is_one_update_even_with_new_labels(
     database: Database,
 ) -> None:
