@@ -94,6 +94,7 @@ from manager.config import (  # noqa: E402
     ServerConfig,
     TLSFiles,
 )
+from manager.gc_tuning import settle_gc  # noqa: E402
 from manager.pool.channel import channel_args  # noqa: E402
 from manager.server import ManagerServer  # noqa: E402
 
@@ -168,10 +169,21 @@ async def serve_manager() -> None:
     stdin: {"root", "ca", "cert", "key", "n", "max_output"}; answers {"port"}.
     Then "profile on" / "profile off" / "profile <file>" start cProfile,
     pause it, or stop it and dump what it gathered there (and start afresh);
-    EOF stops the manager.
+    "gc" answers the cyclic GC's collections and seconds so far; EOF stops the
+    manager.
     """
     raise_nofile()
     profiler = cProfile.Profile()
+    collected = {"count": 0, "seconds": 0.0, "started": 0.0}
+
+    def timed(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            collected["started"] = time.perf_counter()
+        else:
+            collected["count"] += 1
+            collected["seconds"] += time.perf_counter() - collected["started"]
+
+    gc.callbacks.append(timed)
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=SPEC_LIMIT)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -180,13 +192,14 @@ async def serve_manager() -> None:
     config = manager_config(Path(spec["root"]), tls, int(spec["n"]), int(spec["max_output"]))
     manager = ManagerServer(config)
     await manager.start()
-    gc.collect()
-    gc.freeze()  # as fleet-manager does once started (manager/cli.py)
+    settle_gc()  # as fleet-manager does once started (manager/cli.py)
     try:
         _emit({"port": manager.port})
         while line := await reader.readline():
             command, _, arg = line.decode().strip().partition(" ")
-            if command == "profile":
+            if command == "gc":
+                _emit({"gc": collected["count"], "seconds": collected["seconds"]})
+            elif command == "profile":
                 if arg == "on":
                     profiler.enable()
                 elif arg == "off":
@@ -435,12 +448,15 @@ async def run(
                     await asyncio.sleep(SETTLE)
                     if profile:
                         await asyncio.to_thread(manager.ask, "profile on")
+                    gc0 = await asyncio.to_thread(manager.ask, "gc")
                     c0 = cpu(manager)
                     t_start, _, job = await run_job(stub, spec)
                     if profile:
                         await asyncio.to_thread(manager.ask, "profile off")
                     took = job.ended_at / 1000 - t_start
                     manager_cpu = cpu(manager) - c0  # WatchJob/GetJob included
+                    gc1 = await asyncio.to_thread(manager.ask, "gc")
+                    manager_gc = (gc1["gc"] - gc0["gc"], gc1["seconds"] - gc0["seconds"])
                     states = target_states(job)
                     if states != {"SUCCESS": n} or job.state != jobs_pb2.JOB_STATE_SUCCESS:
                         problems.append(f"round {r + 1}: job {job.state}, targets {states}")
@@ -455,7 +471,8 @@ async def run(
                     print(
                         f"round {r + 1}: fleet {took:.3f}s  reference {ref:.3f}s"
                         f" (gather {gathered:.3f}s)  ratio {took / ref:.2f}x"
-                        f"  (manager CPU {manager_cpu:.2f}s for the job)",
+                        f"  (manager CPU {manager_cpu:.2f}s for the job, cyclic GC"
+                        f" {manager_gc[0]} collections {manager_gc[1] * 1000:.0f} ms)",
                         flush=True,
                     )
                 refused = (await asyncio.to_thread(sims.ask, "jobs ref-*"))["reports"]

@@ -17,7 +17,8 @@ import json
 from collections.abc import Collection, Mapping, Sequence
 from typing import Any, TypeVar
 
-from sqlalchemy import Select, func, insert, select
+from sqlalchemy import Select, bindparam, func, insert, select
+from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from fleet.errors import InvalidArgument
@@ -86,7 +87,28 @@ async def insert_events(conn: AsyncConnection, rows: Sequence[dict[str, Any]]) -
     """
     if rows:
         await _serialize_event_writers(conn)
-        await conn.execute(insert(events), list(rows))
+        # To the driver's executemany as tuples: SQLAlchemy's per-row parameter
+        # processing cost ~6 us a row, and a 500-target job writes 500 events.
+        await conn.exec_driver_sql(
+            _insert_sql(conn.dialect), [tuple(r[c] for c in _COLUMNS) for r in rows]
+        )
+
+
+_COLUMNS = ("ts_ms", "kind", "node_id", "agent_id", "message", "actor", "attributes")
+"""An `event_row`'s keys, in the order of `_insert_sql`'s parameters."""
+_INSERT_SQL: dict[str, str] = {}
+
+
+def _insert_sql(dialect: Dialect) -> str:
+    """The dialect's positional INSERT of one event row (compiled once per dialect; the
+    columns are text and integers, which both drivers take as they are)."""
+    sql = _INSERT_SQL.get(dialect.name)
+    if sql is None:
+        stmt = insert(events).values({c: bindparam(f"b_{c}") for c in _COLUMNS})
+        compiled = stmt.compile(dialect=dialect, for_executemany=True)  # no RETURNING
+        assert compiled.positiontup == [f"b_{c}" for c in _COLUMNS]
+        sql = _INSERT_SQL[dialect.name] = compiled.string
+    return sql
 
 
 async def _serialize_event_writers(conn: AsyncConnection) -> None:
