@@ -17,9 +17,10 @@ one manager) runs passes, each:
    the pool (bounded concurrency, backoff per node on failure; offline
    nodes wait until they are back). The push asks for the node's agents in
    the answer; they are stored as a SyncAgentStates is and judged at once,
-   so a batch needs no report round trip. An incremental pass whose every
-   answer carried them leaves them to the next pass, which records them in
-   the transaction of the step they lead to (`_record`).
+   so a batch needs no report round trip. A pass (full or incremental)
+   that pushed a live rollout's batch and whose every answer carried them
+   leaves them to the next pass, due at once, which records them in the
+   transaction of the step they lead to (`_record`).
 
 A full pass runs when something changes (`poke`: a definition, a
 registration, a label change, an operator's rollout action; coalesced),
@@ -439,7 +440,7 @@ class Convergence:
                 lambda tx: self._refresh_in(tx, nodes, result, now_ms, None)
             )
             undelivered, sets = refreshed
-            answers = await self._push(sets, nodes, result)
+            answers = await self._push(sets, nodes, result, defer=bool(memos))
             later = [row_at for n, row_at in undelivered.items() if row_at > now_ms and n in nodes]
             self._memo = _Memo(
                 nodes=nodes,
@@ -492,7 +493,11 @@ class Convergence:
                 }
                 return fresh, rows, assigned, states
 
-            fresh, rows, assigned, states = await self._repo.run(read, write=False)
+            # Nothing reported since the last pass (a batch judged on its push answers):
+            # no read transaction.
+            fresh, rows, assigned, states = (
+                await self._repo.run(read, write=False) if ids else ({}, {}, [], {})
+            )
             for n in ids:
                 node = fresh.get(n)
                 if node is None or node.labels != memo.nodes[n].labels:
@@ -787,13 +792,23 @@ class Convergence:
         sets: Mapping[str, tuple[int, list[common_pb2.AgentSpec], int]],
         nodes: Mapping[str, NodeRecord],
         result: PassResult,
+        *,
+        defer: bool = False,
     ) -> dict[str, _Answer]:
         """Push each online node its set; record the answers in one transaction. The
-        answers that were recorded (refusals; agents when the answer carried them)."""
+        answers that were recorded (refusals; agents when the answer carried them).
+
+        `defer` (a rollout is live): if every answer carried the agents, none is
+        recorded here; the next pass, due at once, records them in the transaction of
+        the step they lead to, as an incremental pass leaves its answers."""
         started = time.monotonic()
         outcomes = await self._send(sets, nodes)
         result.push_wait += time.monotonic() - started
         if not outcomes:
+            return {}
+        if defer and all(o.states is not None and not o.error for o in outcomes):
+            self._unrecorded = outcomes
+            self._wake.set()
             return {}
         answers = await self._repo.run(lambda tx: self._record(tx, outcomes, result))
         self._answered(answers)
