@@ -537,17 +537,23 @@ class Convergence:
                     RolloutRecord | None,
                     dict[str, tuple[int, list[common_pb2.AgentSpec], int]],
                 ]:
+                    # The answers' node rows are written with the next batch's (one
+                    # statement for both).
+                    held: dict[str, NodeDesiredRecord] = {}
                     if pending:
-                        memo.answered(await self._record(tx, pending, result))
+                        memo.answered(await self._record(tx, pending, result, held=held))
                         step = ro.step(m.rollout, m.progress, m.observed, now)
                     assert step is not None
                     if step.rollout == m.rollout and not step.nodes and not step.assign:
+                        await tx.put_node_desired(list(held.values()))
                         return step, None, {}
                     record = await tx.rollout(m.record.id, for_update=True)
                     if record is None or record != m.record:
                         raise _Stale  # another writer (an operator, another replica)
                     stored = await persist_step(tx, record, step, now_ms)
-                    _, sets = await self._refresh_in(tx, memo.nodes, result, now_ms, step.assign)
+                    _, sets = await self._refresh_in(
+                        tx, memo.nodes, result, now_ms, step.assign, held=held
+                    )
                     return step, stored, sets
 
                 try:
@@ -732,16 +738,24 @@ class Convergence:
         result: PassResult,
         now_ms: int,
         only: Collection[str] | None,
+        *,
+        held: Mapping[str, NodeDesiredRecord] | None = None,
     ) -> tuple[dict[str, int], dict[str, tuple[int, list[common_pb2.AgentSpec], int]]]:
         """Bump the version of every node (of `only`, if given) whose managed set changed.
+
+        `held`: rows this transaction changed but has not written yet (`_record`'s); read
+        as stored and written with the rows changed here.
 
         Returns the undelivered nodes (with when their push may be retried, ms) and, for
         those due now, what to push: (version, specs, when the row last changed).
         """
+        held = held or {}
         if only is not None and not only:
+            await tx.put_node_desired(list(held.values()))
             return {}, {}
         current = await tx.assignments(node_ids=only)
         rows = await tx.node_desired(only)
+        rows.update((n, r) for n, r in held.items() if n in rows)
         revisions = await tx.revisions_of({(a.name, a.revision) for a in current})
         per_node: dict[str, list[AssignmentRecord]] = {}
         for a in current:
@@ -772,7 +786,7 @@ class Convergence:
                 changed.append(dataclasses.replace(row, delivered_version=row.version))
                 continue
             rows[node_id] = row
-        await tx.put_node_desired(changed)
+        await tx.put_node_desired(list({**held, **{r.node_id: r for r in changed}}.values()))
         for row in changed:
             rows[row.node_id] = row
         undelivered = {
@@ -834,10 +848,16 @@ class Convergence:
         )
 
     async def _record(
-        self, tx: DesiredTx, outcomes: Sequence[_Outcome], result: PassResult
+        self,
+        tx: DesiredTx,
+        outcomes: Sequence[_Outcome],
+        result: PassResult,
+        *,
+        held: dict[str, NodeDesiredRecord] | None = None,
     ) -> dict[str, _Answer]:
         """Record push outcomes in `tx`: delivered versions, refusals, backoffs, and the
-        agents an answer carried, stored as a SyncAgentStates is (`replace_many`)."""
+        agents an answer carried, stored as a SyncAgentStates is (`replace_many`). The
+        node rows go into `held` if given (the caller writes them), else are written."""
         answers: dict[str, _Answer] = {}
         now_ms = int(self._clock() * 1000)
         targets = [o.node_id for o in outcomes]
@@ -912,7 +932,10 @@ class Convergence:
                 result.wake_at = self._clock()
             result.pushed.append(node_id)
             answers[node_id] = (refused, states)
-        await tx.put_node_desired(updated)
+        if held is None:
+            await tx.put_node_desired(updated)
+        else:
+            held.update((r.node_id, r) for r in updated)
         if snapshots:
             counts = await replace_many(
                 tx.conn, snapshots, now_ms=now_ms, events_out=tx.queued_events
