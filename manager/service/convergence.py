@@ -17,9 +17,10 @@ one manager) runs passes, each:
    the pool (bounded concurrency, backoff per node on failure; offline
    nodes wait until they are back). The push asks for the node's agents in
    the answer; they are stored as a SyncAgentStates is and judged at once,
-   so a batch needs no report round trip. An incremental pass whose every
-   answer carried them leaves them to the next pass, which records them in
-   the transaction of the step they lead to (`_record`).
+   so a batch needs no report round trip. A pass (full or incremental)
+   that pushed a live rollout's batch and whose every answer carried them
+   leaves them to the next pass, due at once, which records them in the
+   transaction of the step they lead to (`_record`).
 
 A full pass runs when something changes (`poke`: a definition, a
 registration, a label change, an operator's rollout action; coalesced),
@@ -439,7 +440,7 @@ class Convergence:
                 lambda tx: self._refresh_in(tx, nodes, result, now_ms, None)
             )
             undelivered, sets = refreshed
-            answers = await self._push(sets, nodes, result)
+            answers = await self._push(sets, nodes, result, defer=bool(memos))
             later = [row_at for n, row_at in undelivered.items() if row_at > now_ms and n in nodes]
             self._memo = _Memo(
                 nodes=nodes,
@@ -492,7 +493,11 @@ class Convergence:
                 }
                 return fresh, rows, assigned, states
 
-            fresh, rows, assigned, states = await self._repo.run(read, write=False)
+            # Nothing reported since the last pass (a batch judged on its push answers):
+            # no read transaction.
+            fresh, rows, assigned, states = (
+                await self._repo.run(read, write=False) if ids else ({}, {}, [], {})
+            )
             for n in ids:
                 node = fresh.get(n)
                 if node is None or node.labels != memo.nodes[n].labels:
@@ -532,17 +537,23 @@ class Convergence:
                     RolloutRecord | None,
                     dict[str, tuple[int, list[common_pb2.AgentSpec], int]],
                 ]:
+                    # The answers' node rows are written with the next batch's (one
+                    # statement for both).
+                    held: dict[str, NodeDesiredRecord] = {}
                     if pending:
-                        memo.answered(await self._record(tx, pending, result))
+                        memo.answered(await self._record(tx, pending, result, held=held))
                         step = ro.step(m.rollout, m.progress, m.observed, now)
                     assert step is not None
                     if step.rollout == m.rollout and not step.nodes and not step.assign:
+                        await tx.put_node_desired(list(held.values()))
                         return step, None, {}
                     record = await tx.rollout(m.record.id, for_update=True)
                     if record is None or record != m.record:
                         raise _Stale  # another writer (an operator, another replica)
                     stored = await persist_step(tx, record, step, now_ms)
-                    _, sets = await self._refresh_in(tx, memo.nodes, result, now_ms, step.assign)
+                    _, sets = await self._refresh_in(
+                        tx, memo.nodes, result, now_ms, step.assign, held=held
+                    )
                     return step, stored, sets
 
                 try:
@@ -727,16 +738,24 @@ class Convergence:
         result: PassResult,
         now_ms: int,
         only: Collection[str] | None,
+        *,
+        held: Mapping[str, NodeDesiredRecord] | None = None,
     ) -> tuple[dict[str, int], dict[str, tuple[int, list[common_pb2.AgentSpec], int]]]:
         """Bump the version of every node (of `only`, if given) whose managed set changed.
+
+        `held`: rows this transaction changed but has not written yet (`_record`'s); read
+        as stored and written with the rows changed here.
 
         Returns the undelivered nodes (with when their push may be retried, ms) and, for
         those due now, what to push: (version, specs, when the row last changed).
         """
+        held = held or {}
         if only is not None and not only:
+            await tx.put_node_desired(list(held.values()))
             return {}, {}
         current = await tx.assignments(node_ids=only)
         rows = await tx.node_desired(only)
+        rows.update((n, r) for n, r in held.items() if n in rows)
         revisions = await tx.revisions_of({(a.name, a.revision) for a in current})
         per_node: dict[str, list[AssignmentRecord]] = {}
         for a in current:
@@ -767,7 +786,7 @@ class Convergence:
                 changed.append(dataclasses.replace(row, delivered_version=row.version))
                 continue
             rows[node_id] = row
-        await tx.put_node_desired(changed)
+        await tx.put_node_desired(list({**held, **{r.node_id: r for r in changed}}.values()))
         for row in changed:
             rows[row.node_id] = row
         undelivered = {
@@ -787,13 +806,23 @@ class Convergence:
         sets: Mapping[str, tuple[int, list[common_pb2.AgentSpec], int]],
         nodes: Mapping[str, NodeRecord],
         result: PassResult,
+        *,
+        defer: bool = False,
     ) -> dict[str, _Answer]:
         """Push each online node its set; record the answers in one transaction. The
-        answers that were recorded (refusals; agents when the answer carried them)."""
+        answers that were recorded (refusals; agents when the answer carried them).
+
+        `defer` (a rollout is live): if every answer carried the agents, none is
+        recorded here; the next pass, due at once, records them in the transaction of
+        the step they lead to, as an incremental pass leaves its answers."""
         started = time.monotonic()
         outcomes = await self._send(sets, nodes)
         result.push_wait += time.monotonic() - started
         if not outcomes:
+            return {}
+        if defer and all(o.states is not None and not o.error for o in outcomes):
+            self._unrecorded = outcomes
+            self._wake.set()
             return {}
         answers = await self._repo.run(lambda tx: self._record(tx, outcomes, result))
         self._answered(answers)
@@ -819,10 +848,16 @@ class Convergence:
         )
 
     async def _record(
-        self, tx: DesiredTx, outcomes: Sequence[_Outcome], result: PassResult
+        self,
+        tx: DesiredTx,
+        outcomes: Sequence[_Outcome],
+        result: PassResult,
+        *,
+        held: dict[str, NodeDesiredRecord] | None = None,
     ) -> dict[str, _Answer]:
         """Record push outcomes in `tx`: delivered versions, refusals, backoffs, and the
-        agents an answer carried, stored as a SyncAgentStates is (`replace_many`)."""
+        agents an answer carried, stored as a SyncAgentStates is (`replace_many`). The
+        node rows go into `held` if given (the caller writes them), else are written."""
         answers: dict[str, _Answer] = {}
         now_ms = int(self._clock() * 1000)
         targets = [o.node_id for o in outcomes]
@@ -897,7 +932,10 @@ class Convergence:
                 result.wake_at = self._clock()
             result.pushed.append(node_id)
             answers[node_id] = (refused, states)
-        await tx.put_node_desired(updated)
+        if held is None:
+            await tx.put_node_desired(updated)
+        else:
+            held.update((r.node_id, r) for r in updated)
         if snapshots:
             counts = await replace_many(
                 tx.conn, snapshots, now_ms=now_ms, events_out=tx.queued_events

@@ -269,10 +269,14 @@ async def replace_many(
         )
     present = sorted(known)
     for part in chunks(present):
-        result = await conn.execute(select(agent_states).where(agent_states.c.node_id.in_(part)))
+        # The rows it deletes are the old snapshot: one statement, not a read and a delete.
+        result = await conn.execute(
+            delete(agent_states)
+            .where(agent_states.c.node_id.in_(part))
+            .returning(*agent_states.columns)
+        )
         for r in map(_record, result):
             old.setdefault(r.node_id, {})[r.agent_id] = r
-        await conn.execute(delete(agent_states).where(agent_states.c.node_id.in_(part)))
     inserted: list[dict[str, Any]] = []
     events: list[dict[str, Any]] = []
     out: list[int | None] = []

@@ -651,11 +651,15 @@ async def test_a_rollout_changed_by_another_writer_sends_the_driver_to_a_full_pa
         await convergence.stop()  # drive the passes by hand
         await env.apply(definition(version="2.0", max_parallel="2"))
         first = await convergence.run_once()  # the full pass: batch 1 moves
-        assert sorted(first.pushed) == ["p0", "p1"]
-        # The batch's answers carried its agents (stored by that pass, in its memo).
+        assert env.revisions("web") == {"p0": 2, "p1": 2, "p2": 1, "p3": 1}
+        # The batch's answers carried its agents: left to the next pass, to be recorded
+        # with the step they lead to.
+        assert first.pushed == []
+        assert sorted(o.node_id for o in convergence._unrecorded) == ["p0", "p1"]
         await env.stub.PauseRollout(fleet_pb2.FleetServicePauseRolloutRequest(name="web"))
         assert await convergence.run_incremental() is None
         assert convergence._memo is None
+        assert convergence._unrecorded == []  # recorded without the step
         assert env.revisions("web") == {"p0": 2, "p1": 2, "p2": 1, "p3": 1}
         again = await convergence.run_once()
         assert (again.incremental, again.pushed) == (False, [])
