@@ -25,7 +25,10 @@ A hello (or RegisterNode) refused RESOURCE_EXHAUSTED (the manager's
 `[control] max_hellos_per_second`) or unanswered within its deadline, over a
 connection whose TLS handshake completed, keeps that connection: the retry
 after the backoff is a new stream on it, at the same address, not a new
-handshake (`keep_for_retry`). Every other failure closes the channel.
+handshake (`keep_for_retry`). Every other failure closes the channel. A new
+connection gets `connect_timeout_seconds` for TCP and TLS before the hello, whose
+deadline starts only then (`_connection`), so a handshake slowed by a
+reconnecting fleet is not abandoned half done for another.
 
 gRPC keepalive (see ManagerLinkConfig): a ping every `keepalive_time` (10 s)
 even without calls, the link declared dead after `keepalive_timeout` (5 s)
@@ -493,10 +496,13 @@ class ManagerLink:
                 with contextlib.suppress(Exception):
                     await kept.close(None)
                 kept = None
+            dialled = self._next is None and kept is None
             channel, self._next = self._next or kept or self._channel(self.address), None
             calls_at_register: int | None = None
             delay: float | None = None
             try:
+                if dialled:
+                    await _connection(channel, self.cfg.connect_timeout_seconds)
                 stub = manager_pb2_grpc.ManagerServiceStub(channel)
                 stream = await self._open_stream(stub)
                 if stream is not None:
@@ -799,6 +805,29 @@ class ManagerLink:
                 log.warning("manager refused the agent states: %s", exc)
             finally:
                 self._syncing = False
+
+
+async def _connection(channel: aio.Channel, timeout: float) -> None:  # noqa: ASYNC109
+    """Wait for a new channel's connection (TCP + TLS handshake) to be up or to fail
+    (the hello then fails at once, with gRPC's reason); _Reconnect after `timeout`.
+
+    The hello's deadline starts only then: after a manager restart its handshakes
+    are slow, and a hello deadline that counted the handshake abandoned handshakes
+    the manager had half done, to dial again and start another.
+    """
+    done = (
+        grpc.ChannelConnectivity.READY,
+        grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+        grpc.ChannelConnectivity.SHUTDOWN,
+    )
+    state = channel.get_state(try_to_connect=True)
+    try:
+        async with asyncio.timeout(timeout):
+            while state not in done:
+                await channel.wait_for_state_change(state)
+                state = channel.get_state(try_to_connect=True)
+    except TimeoutError:
+        raise _Reconnect(f"no connection (TCP + TLS) within {timeout:g}s") from None
 
 
 async def _prove(channel: aio.Channel, timeout: float) -> None:  # noqa: ASYNC109
