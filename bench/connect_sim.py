@@ -322,6 +322,8 @@ class NodeRecord:
     or no handshake within `connect_timeout`)."""
     ends: list[str] = field(default_factory=list)
     """How each stream ended (status names)."""
+    ended_at: list[tuple[float, str, str]] = field(default_factory=list)
+    """Wall time, how each stream ended ("+welcomed" if after its welcome) and why."""
     commands: int = 0
     """Commands served."""
 
@@ -423,6 +425,8 @@ class ConnectNode:
                 if isinstance(exc, Refused):
                     name = _code_name(exc.code)
                 self.record.ends.append(name)
+                welcomed = "+welcomed" if self._welcomed else ""
+                self.record.ended_at.append((time.time(), name + welcomed, str(exc)[:160]))
                 # As the daemon (daemon.manager_link.keep_for_retry): a hello refused
                 # RESOURCE_EXHAUSTED or unanswered in time over a connection whose TLS
                 # handshake completed keeps it; the retry is a new stream on it.
