@@ -61,6 +61,10 @@ class StreamEnded(Exception):
         self.details = details
 
 
+_KEPT_ON = ("RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "TimeoutError", "CANCELLED", "INTERNAL")
+"""How a hello may fail and its connection still serve the next one (if READY)."""
+
+
 class NoConnection(Exception):
     """A new connection (TCP + TLS) was not up within the connect timeout."""
 
@@ -428,12 +432,13 @@ class ConnectNode:
                 welcomed = "+welcomed" if self._welcomed else ""
                 self.record.ended_at.append((time.time(), name + welcomed, str(exc)[:160]))
                 # As the daemon (daemon.manager_link.keep_for_retry): a hello refused
-                # RESOURCE_EXHAUSTED or unanswered in time over a connection whose TLS
-                # handshake completed keeps it; the retry is a new stream on it.
+                # RESOURCE_EXHAUSTED, unanswered in time, or whose stream was cancelled
+                # (CANCELLED; INTERNAL on our write) over a connection still READY keeps
+                # it; the retry is a new stream on it.
                 keep = (
                     self.reuse
                     and not self._welcomed
-                    and name in ("RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "TimeoutError")
+                    and name in _KEPT_ON
                     and self._channel is not None
                     and self._channel.get_state() == grpc.ChannelConnectivity.READY
                 )

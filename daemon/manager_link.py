@@ -22,8 +22,9 @@ call after its registration, so registrations that succeed and then fail
 keep backing off.
 
 A hello (or RegisterNode) refused RESOURCE_EXHAUSTED (the manager's
-`[control] max_hellos_per_second`) or unanswered within its deadline, over a
-connection whose TLS handshake completed, keeps that connection: the retry
+`[control] max_hellos_per_second`), unanswered within its deadline, or whose
+stream was cancelled before the welcome (CANCELLED, INTERNAL), over a
+connection whose TLS handshake completed and which still stands, keeps it: the retry
 after the backoff is a new stream on it, at the same address, not a new
 handshake (`keep_for_retry`). Every other failure closes the channel. A new
 connection gets `connect_timeout_seconds` for TCP and TLS before the hello, whose
@@ -108,6 +109,10 @@ _TRANSPORT = {
 _MAX_PENDING_CUSTOM = 100_000
 _SLOW = {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED}
 """Answers that mean "the manager is behind": back off, keep the connection."""
+_CUT_SHORT = {grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL}
+"""How a hello's stream ends when gRPC cancels it before the welcome (INTERNAL: seen on
+our write) while the connection stands: after a manager restart, most of the attempts
+that were not slow (docs/benchmarks.md). Over a READY connection, kept as a slow one."""
 
 
 @dataclass(frozen=True)
@@ -153,21 +158,26 @@ def keep_for_retry(
 ) -> bool:
     """Whether the next attempt reuses this attempt's channel (same address, no new dial).
 
-    Only for a hello (or RegisterNode) refused RESOURCE_EXHAUSTED or not answered
-    within its deadline, and only if the channel is READY (its TLS handshake
-    completed). Anything else -- refused or broken connection, TLS error, a
-    failure after the welcome -- drops the channel and moves to the next address.
+    Only for a hello (or RegisterNode) refused RESOURCE_EXHAUSTED, not answered
+    within its deadline, or whose stream was cancelled before the welcome, and only
+    if the channel is still READY (its TLS handshake completed, the connection
+    stands). Anything else -- refused or broken connection, TLS error, a failure
+    after the welcome -- drops the channel and moves to the next address.
     """
-    return (
-        not welcomed
-        and isinstance(error, FleetError)
-        and error.code in _SLOW
-        and state == grpc.ChannelConnectivity.READY
-    )
+    if welcomed or state != grpc.ChannelConnectivity.READY:
+        return False
+    if isinstance(error, FleetError):
+        return error.code in _SLOW
+    return isinstance(error, _Reconnect) and error.code in _CUT_SHORT
 
 
 class _Reconnect(Exception):
     """The current manager connection is unusable; dial again."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        """The call's status, if a call failed."""
 
 
 class _Handover(Exception):
@@ -588,7 +598,7 @@ class ManagerLink:
             reply = await method(request, timeout=self.cfg.rpc_timeout_seconds)
         except grpc.RpcError as exc:
             if exc.code() in _TRANSPORT:
-                raise _Reconnect(f"{exc.code().name}: {exc.details()}") from exc
+                raise _Reconnect(f"{exc.code().name}: {exc.details()}", exc.code()) from exc
             raise from_rpc_error(exc, target=self.address) from exc
         self._calls_ok += 1
         return reply
@@ -632,7 +642,7 @@ class ManagerLink:
             return None
         except grpc.RpcError as exc:  # the hello refused: as RegisterNode's error
             if exc.code() in _TRANSPORT:
-                raise _Reconnect(f"{exc.code().name}: {exc.details()}") from exc
+                raise _Reconnect(f"{exc.code().name}: {exc.details()}", exc.code()) from exc
             raise from_rpc_error(exc, target=self.address) from exc
         self._calls_ok += 1
         self._welcomed(welcome)

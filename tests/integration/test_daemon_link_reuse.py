@@ -23,7 +23,7 @@ import grpc
 from manager_harness import manager_config, running_manager
 
 from daemon.config import ManagerLinkConfig
-from daemon.manager_link import ManagerLink, NodeInfo, keep_for_retry
+from daemon.manager_link import ManagerLink, NodeInfo, _Reconnect, keep_for_retry
 from fleet import errors
 from fleet.retry import Backoff
 
@@ -214,9 +214,10 @@ async def test_a_connection_not_up_within_the_connect_timeout_is_dialled_again(
             await proxy.stop()
 
 
-def test_only_a_slow_hello_over_a_ready_connection_keeps_it() -> None:
+def test_only_a_slow_or_cut_hello_over_a_ready_connection_keeps_it() -> None:
     """RESOURCE_EXHAUSTED or DEADLINE_EXCEEDED before the welcome on a READY channel keeps
-    it; after the welcome, on a channel that never connected, or any other error: not."""
+    it, and so does the hello's stream cancelled (CANCELLED, INTERNAL) while the connection
+    stands; after the welcome, on a channel that never connected, or any other error: not."""
     ready, connecting = grpc.ChannelConnectivity.READY, grpc.ChannelConnectivity.CONNECTING
     busy, late = errors.ResourceExhausted("busy"), errors.DeadlineExceeded("late")
     assert keep_for_retry(busy, welcomed=False, state=ready)
@@ -229,3 +230,13 @@ def test_only_a_slow_hello_over_a_ready_connection_keeps_it() -> None:
     assert not keep_for_retry(errors.Unavailable("gone"), welcomed=False, state=ready)
     assert not keep_for_retry(errors.Internal("bug"), welcomed=False, state=ready)
     assert not keep_for_retry(OSError("refused"), welcomed=False, state=ready)
+    cut = _Reconnect("CANCELLED: CANCELLED", grpc.StatusCode.CANCELLED)
+    assert keep_for_retry(cut, welcomed=False, state=ready)
+    assert keep_for_retry(
+        _Reconnect("INTERNAL: x", grpc.StatusCode.INTERNAL), welcomed=False, state=ready
+    )
+    assert not keep_for_retry(cut, welcomed=True, state=ready)
+    assert not keep_for_retry(cut, welcomed=False, state=grpc.ChannelConnectivity.IDLE)
+    gone = _Reconnect("UNAVAILABLE: Socket closed", grpc.StatusCode.UNAVAILABLE)
+    assert not keep_for_retry(gone, welcomed=False, state=ready)
+    assert not keep_for_retry(_Reconnect("no connection"), welcomed=False, state=connecting)
