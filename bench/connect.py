@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import json
 import os
 import random
@@ -171,7 +172,12 @@ async def _loadgen(spec: dict[str, Any]) -> None:
         last = max(n.record.welcomes[-1] for n in nodes)
         attempts = sum(1 for n in nodes for t in n.record.attempts if t >= since)
         dials = sum(1 for n in nodes for t in n.record.dials if t >= since)
-        print(json.dumps({"welcomed_by": last, "attempts": attempts, "dials": dials}), flush=True)
+        failed = sum(1 for n in nodes for t in n.record.failed_dials if t >= since)
+        ended = [(e, why) for n in nodes for t, e, why in n.record.ended_at if t >= since]
+        ends = collections.Counter(e for e, _ in ended)
+        why = dict(ended)  # one example of each (the last)
+        line = {"welcomed_by": last, "attempts": attempts, "dials": dials, "failed_dials": failed}
+        print(json.dumps({**line, "ends": ends, "why": why}), flush=True)
     await asyncio.gather(*(n.stop() for n in nodes), return_exceptions=True)
 
 
@@ -439,6 +445,19 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 # manager's CPU from its start until every node was welcomed.
                 out["reconnect_attempts"] = sum(line.get("attempts", 0) for line in gens.lines)
                 out["reconnect_connections"] = sum(line.get("dials", 0) for line in gens.lines)
+                # Of them, dials that failed before any hello: refused while the manager
+                # was down (no handshake), or not connected within the connect timeout.
+                out["reconnect_failed_dials"] = sum(
+                    line.get("failed_dials", 0) for line in gens.lines
+                )
+                # How the attempts since the kill ended (the kill's own breaks included).
+                ends: collections.Counter[str] = collections.Counter()
+                for line in gens.lines:
+                    ends.update(line.get("ends", {}))
+                out["reconnect_ends"] = dict(ends.most_common())
+                out["reconnect_end_examples"] = {
+                    e: w for line in gens.lines for e, w in line.get("why", {}).items()
+                }
                 out["reconnect_manager_cpu_s"] = _cpu(manager.pid)
                 # Its event loop's thread (Python) apart from the rest (gRPC core's
                 # threads: TLS handshakes, HTTP/2; aiosqlite's thread).

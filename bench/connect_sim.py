@@ -38,7 +38,14 @@ from fleet.retry import Backoff
 from fleet.tls import TLSConfig, channel_credentials, channel_options
 from fleet.v1 import common_pb2, manager_pb2
 
-__all__ = ["ConnectNode", "ControlStream", "Refused", "StreamEnded", "keepalive_options"]
+__all__ = [
+    "ConnectNode",
+    "ControlStream",
+    "NoConnection",
+    "Refused",
+    "StreamEnded",
+    "keepalive_options",
+]
 
 CONNECT = "/fleet.v1.ManagerService/Connect"
 REQUEST_LIMIT = 16 * 1024 * 1024
@@ -52,6 +59,35 @@ class StreamEnded(Exception):
         super().__init__(f"{code.name}: {details}")
         self.code = code
         self.details = details
+
+
+_KEPT_ON = ("RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "TimeoutError", "CANCELLED", "INTERNAL")
+"""How a hello may fail and its connection still serve the next one (if READY)."""
+
+
+class NoConnection(Exception):
+    """A new connection (TCP + TLS) was not up within the connect timeout."""
+
+
+async def _connection(channel: aio.Channel, timeout: float) -> bool:  # noqa: ASYNC109
+    """Wait until `channel`'s connection is up (True) or failed (False); NoConnection
+    after `timeout`."""
+    state = channel.get_state(try_to_connect=True)
+    try:
+        async with asyncio.timeout(timeout):
+            while state not in _SETTLED:
+                await channel.wait_for_state_change(state)
+                state = channel.get_state(try_to_connect=True)
+    except TimeoutError:
+        raise NoConnection(f"no connection within {timeout:g}s") from None
+    return state == grpc.ChannelConnectivity.READY
+
+
+_SETTLED = (
+    grpc.ChannelConnectivity.READY,
+    grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+    grpc.ChannelConnectivity.SHUTDOWN,
+)
 
 
 class Refused(Exception):
@@ -285,8 +321,13 @@ class NodeRecord:
     """Wall times a stream was opened."""
     dials: list[float] = field(default_factory=list)
     """Wall times a connection was dialled (a TLS handshake; a kept one is not)."""
+    failed_dials: list[float] = field(default_factory=list)
+    """Wall times a dial failed before any hello (refused while the manager was down,
+    or no handshake within `connect_timeout`)."""
     ends: list[str] = field(default_factory=list)
     """How each stream ended (status names)."""
+    ended_at: list[tuple[float, str, str]] = field(default_factory=list)
+    """Wall time, how each stream ended ("+welcomed" if after its welcome) and why."""
     commands: int = 0
     """Commands served."""
 
@@ -306,6 +347,7 @@ class ConnectNode:
         keepalive: tuple[float, float] = (10.0, 5.0),
         reconnect: Backoff | None = None,
         rpc_timeout: float = 10.0,
+        connect_timeout: float = 20.0,
         rng: random.Random | None = None,
         labels: dict[str, str] | None = None,
         reuse: bool = True,
@@ -321,9 +363,11 @@ class ConnectNode:
         self.keepalive = keepalive
         # A daemon's defaults (daemon/config.py): full-jitter backoff from 0.5 s to 30 s,
         # started over after a connection that carried a call past its hello; every
-        # call, the hello's included, with a 10 s deadline.
+        # call, the hello's included, with a 10 s deadline that starts once a new
+        # connection is up (TCP + TLS, itself given up to 20 s).
         self.reconnect = reconnect or Backoff(initial=0.5, maximum=30.0)
         self.rpc_timeout = rpc_timeout
+        self.connect_timeout = connect_timeout
         self.rng = rng or random.Random()
         self.labels = labels or {"sim": "connect"}
         self.daemon = SimDaemon(node_id)
@@ -379,19 +423,22 @@ class ConnectNode:
             keep = False
             try:
                 await self._session(address)
-            except (StreamEnded, Refused, aio.AioRpcError, TimeoutError) as exc:
+            except (StreamEnded, Refused, aio.AioRpcError, TimeoutError, NoConnection) as exc:
                 code = getattr(exc, "code", None)
                 name = code.name if isinstance(code, grpc.StatusCode) else type(exc).__name__
                 if isinstance(exc, Refused):
                     name = _code_name(exc.code)
                 self.record.ends.append(name)
+                welcomed = "+welcomed" if self._welcomed else ""
+                self.record.ended_at.append((time.time(), name + welcomed, str(exc)[:160]))
                 # As the daemon (daemon.manager_link.keep_for_retry): a hello refused
-                # RESOURCE_EXHAUSTED or unanswered in time over a connection whose TLS
-                # handshake completed keeps it; the retry is a new stream on it.
+                # RESOURCE_EXHAUSTED, unanswered in time, or whose stream was cancelled
+                # (CANCELLED; INTERNAL on our write) over a connection still READY keeps
+                # it; the retry is a new stream on it.
                 keep = (
                     self.reuse
                     and not self._welcomed
-                    and name in ("RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED", "TimeoutError")
+                    and name in _KEPT_ON
                     and self._channel is not None
                     and self._channel.get_state() == grpc.ChannelConnectivity.READY
                 )
@@ -429,6 +476,15 @@ class ConnectNode:
                 address, self.tls, self.trust_domain, keepalive=self.keepalive
             )
             self.record.dials.append(time.time())
+            # As the daemon (daemon.manager_link._connection): the hello's deadline starts
+            # once the connection is up; a failed one fails the hello at once.
+            try:
+                up = await _connection(self._channel, self.connect_timeout)
+            except NoConnection:
+                self.record.failed_dials.append(time.time())
+                raise
+            if not up:
+                self.record.failed_dials.append(time.time())
         self.record.attempts.append(time.time())
         stream = ControlStream(self._channel, on_command=self._command)
         self.stream = stream

@@ -66,6 +66,9 @@ class ManagerLinkConfig:
     """Largest number of samples in one ReportMetrics batch (the manager accepts 10,000)."""
     rpc_timeout_seconds: float = 10.0
     """Deadline of each call to the manager, in seconds."""
+    connect_timeout_seconds: float = 20.0
+    """Seconds a new connection (TCP + TLS handshake) may take before its hello; the
+    hello's own deadline (rpc_timeout_seconds) starts once the connection is up."""
     reconnect: Backoff = field(default_factory=lambda: Backoff(initial=0.5, maximum=30.0))
     """Backoff (full jitter) between failed attempts to reach any manager."""
     keepalive_time_seconds: float = 10.0
@@ -90,6 +93,7 @@ class ManagerLinkConfig:
             "sync_interval_seconds",
             "sync_coalesce_seconds",
             "rpc_timeout_seconds",
+            "connect_timeout_seconds",
             "keepalive_time_seconds",
             "keepalive_timeout_seconds",
             "stream_retry_seconds",

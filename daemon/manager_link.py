@@ -22,10 +22,14 @@ call after its registration, so registrations that succeed and then fail
 keep backing off.
 
 A hello (or RegisterNode) refused RESOURCE_EXHAUSTED (the manager's
-`[control] max_hellos_per_second`) or unanswered within its deadline, over a
-connection whose TLS handshake completed, keeps that connection: the retry
+`[control] max_hellos_per_second`), unanswered within its deadline, or whose
+stream was cancelled before the welcome (CANCELLED, INTERNAL), over a
+connection whose TLS handshake completed and which still stands, keeps it: the retry
 after the backoff is a new stream on it, at the same address, not a new
-handshake (`keep_for_retry`). Every other failure closes the channel.
+handshake (`keep_for_retry`). Every other failure closes the channel. A new
+connection gets `connect_timeout_seconds` for TCP and TLS before the hello, whose
+deadline starts only then (`_connection`), so a handshake slowed by a
+reconnecting fleet is not abandoned half done for another.
 
 gRPC keepalive (see ManagerLinkConfig): a ping every `keepalive_time` (10 s)
 even without calls, the link declared dead after `keepalive_timeout` (5 s)
@@ -105,6 +109,10 @@ _TRANSPORT = {
 _MAX_PENDING_CUSTOM = 100_000
 _SLOW = {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED}
 """Answers that mean "the manager is behind": back off, keep the connection."""
+_CUT_SHORT = {grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL}
+"""How a hello's stream ends when gRPC cancels it before the welcome (INTERNAL: seen on
+our write) while the connection stands: after a manager restart, most of the attempts
+that were not slow (docs/benchmarks.md). Over a READY connection, kept as a slow one."""
 
 
 @dataclass(frozen=True)
@@ -150,21 +158,26 @@ def keep_for_retry(
 ) -> bool:
     """Whether the next attempt reuses this attempt's channel (same address, no new dial).
 
-    Only for a hello (or RegisterNode) refused RESOURCE_EXHAUSTED or not answered
-    within its deadline, and only if the channel is READY (its TLS handshake
-    completed). Anything else -- refused or broken connection, TLS error, a
-    failure after the welcome -- drops the channel and moves to the next address.
+    Only for a hello (or RegisterNode) refused RESOURCE_EXHAUSTED, not answered
+    within its deadline, or whose stream was cancelled before the welcome, and only
+    if the channel is still READY (its TLS handshake completed, the connection
+    stands). Anything else -- refused or broken connection, TLS error, a failure
+    after the welcome -- drops the channel and moves to the next address.
     """
-    return (
-        not welcomed
-        and isinstance(error, FleetError)
-        and error.code in _SLOW
-        and state == grpc.ChannelConnectivity.READY
-    )
+    if welcomed or state != grpc.ChannelConnectivity.READY:
+        return False
+    if isinstance(error, FleetError):
+        return error.code in _SLOW
+    return isinstance(error, _Reconnect) and error.code in _CUT_SHORT
 
 
 class _Reconnect(Exception):
     """The current manager connection is unusable; dial again."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+        """The call's status, if a call failed."""
 
 
 class _Handover(Exception):
@@ -493,10 +506,13 @@ class ManagerLink:
                 with contextlib.suppress(Exception):
                     await kept.close(None)
                 kept = None
+            dialled = self._next is None and kept is None
             channel, self._next = self._next or kept or self._channel(self.address), None
             calls_at_register: int | None = None
             delay: float | None = None
             try:
+                if dialled:
+                    await _connection(channel, self.cfg.connect_timeout_seconds)
                 stub = manager_pb2_grpc.ManagerServiceStub(channel)
                 stream = await self._open_stream(stub)
                 if stream is not None:
@@ -582,7 +598,7 @@ class ManagerLink:
             reply = await method(request, timeout=self.cfg.rpc_timeout_seconds)
         except grpc.RpcError as exc:
             if exc.code() in _TRANSPORT:
-                raise _Reconnect(f"{exc.code().name}: {exc.details()}") from exc
+                raise _Reconnect(f"{exc.code().name}: {exc.details()}", exc.code()) from exc
             raise from_rpc_error(exc, target=self.address) from exc
         self._calls_ok += 1
         return reply
@@ -626,7 +642,7 @@ class ManagerLink:
             return None
         except grpc.RpcError as exc:  # the hello refused: as RegisterNode's error
             if exc.code() in _TRANSPORT:
-                raise _Reconnect(f"{exc.code().name}: {exc.details()}") from exc
+                raise _Reconnect(f"{exc.code().name}: {exc.details()}", exc.code()) from exc
             raise from_rpc_error(exc, target=self.address) from exc
         self._calls_ok += 1
         self._welcomed(welcome)
@@ -799,6 +815,29 @@ class ManagerLink:
                 log.warning("manager refused the agent states: %s", exc)
             finally:
                 self._syncing = False
+
+
+async def _connection(channel: aio.Channel, timeout: float) -> None:  # noqa: ASYNC109
+    """Wait for a new channel's connection (TCP + TLS handshake) to be up or to fail
+    (the hello then fails at once, with gRPC's reason); _Reconnect after `timeout`.
+
+    The hello's deadline starts only then: after a manager restart its handshakes
+    are slow, and a hello deadline that counted the handshake abandoned handshakes
+    the manager had half done, to dial again and start another.
+    """
+    done = (
+        grpc.ChannelConnectivity.READY,
+        grpc.ChannelConnectivity.TRANSIENT_FAILURE,
+        grpc.ChannelConnectivity.SHUTDOWN,
+    )
+    state = channel.get_state(try_to_connect=True)
+    try:
+        async with asyncio.timeout(timeout):
+            while state not in done:
+                await channel.wait_for_state_change(state)
+                state = channel.get_state(try_to_connect=True)
+    except TimeoutError:
+        raise _Reconnect(f"no connection (TCP + TLS) within {timeout:g}s") from None
 
 
 async def _prove(channel: aio.Channel, timeout: float) -> None:  # noqa: ASYNC109
