@@ -38,6 +38,7 @@ import os
 import random
 import resource
 import select
+import shutil
 import signal
 import socket
 import sqlite3
@@ -340,9 +341,8 @@ def _reference(
         ref.wait(30)
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
+def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     _raise_nofile()
-    work = Path(tempfile.mkdtemp(prefix="bench-connect-", dir="/dev/shm"))
     ca = CertificateAuthority.create()
     ca_cert, ca_key = ca.write(work / "ca")
     manager_tls = ca.issue("manager", "m1", ips=("127.0.0.1",)).write(work / "manager")
@@ -550,11 +550,10 @@ def _say(text: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {text}", file=sys.stderr, flush=True)
 
 
-def run_replicas(args: argparse.Namespace) -> dict[str, Any]:
+def run_replicas(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     """N nodes split over two manager processes on PostgreSQL; commands on replica A."""
     _raise_nofile()
     server_url = args.postgres or os.environ.get("FLEET_TEST_POSTGRES_URL", DEFAULT_POSTGRES)
-    work = Path(tempfile.mkdtemp(prefix="bench-replicas-", dir="/dev/shm"))
     ca = CertificateAuthority.create()
     ca_cert, ca_key = ca.write(work / "ca")
     names = ("m1", "m2")
@@ -749,7 +748,16 @@ def main(argv: list[str] | None = None) -> int:
         args.metrics_interval, args.state_change_interval = 2.0, 3.0
         if args.replicas == 2:
             args.procs = 1  # per replica
-    result = run_replicas(args) if args.replicas == 2 else run(args)
+    # In memory (the managers' databases and logs, 16,000 nodes' keys); removed after
+    # a finished run, kept after a failed one for its logs.
+    prefix = "bench-replicas-" if args.replicas == 2 else "bench-connect-"
+    work = Path(tempfile.mkdtemp(prefix=prefix, dir="/dev/shm"))
+    try:
+        result = run_replicas(args, work) if args.replicas == 2 else run(args, work)
+    except BaseException:
+        _say(f"kept {work} (logs, databases) for a look; remove it when done")
+        raise
+    shutil.rmtree(work, ignore_errors=True)
     print(json.dumps(result, indent=2))
     if args.json:
         args.json.write_text(json.dumps(result, indent=2))
