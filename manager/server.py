@@ -93,10 +93,6 @@ __all__ = ["SERVICE_NAME", "ManagerServer", "open_database"]
 
 log = logging.getLogger(__name__)
 
-MAX_PENDING_CALLS = 30_000
-"""Calls gRPC core holds for the event loop to take before it refuses new ones (its
-default: 1,000, all at 3,000). Above the nodes one manager holds (~15,000-20,000)."""
-
 SERVICE_NAME: str = manager_pb2.DESCRIPTOR.services_by_name["ManagerService"].full_name
 """Full name of the service, for health and reflection."""
 REPLICA_SERVICE_NAME: str = replica_pb2.DESCRIPTOR.services_by_name["ReplicaService"].full_name
@@ -581,13 +577,6 @@ class ManagerServer:
             ("grpc.keepalive_time_ms", ms(ctl.keepalive_time_seconds)),
             ("grpc.keepalive_timeout_ms", ms(ctl.keepalive_timeout_seconds)),
             ("grpc.http2.max_pings_without_data", 0),
-            # gRPC core rejects (CANCELLED, or INTERNAL on the daemon's first write) new
-            # calls once more than 1,000 (surely at 3,000) wait for the event loop to take
-            # them: after a restart, a third of the fleet's hellos, each a retry and a
-            # longer backoff. Let them wait: one stream per connection, so the fd limit
-            # bounds them, and the hello ceiling (admission) is what paces the herd.
-            ("grpc.server.max_pending_requests", MAX_PENDING_CALLS),
-            ("grpc.server.max_pending_requests_hard_limit", MAX_PENDING_CALLS),
         ]
         server = aio.server(
             interceptors=[RpcMetricsInterceptor(m), ErrorMappingInterceptor()], options=options
