@@ -177,8 +177,9 @@ async def _loadgen(spec: dict[str, Any]) -> None:
         ended = [(e, why) for n in nodes for t, e, why in n.record.ended_at if t >= since]
         ends = collections.Counter(e for e, _ in ended)
         why = dict(ended)  # one example of each (the last)
+        ages = collections.Counter(a for n in nodes for t, a in n.record.ages if t >= since)
         line = {"welcomed_by": last, "attempts": attempts, "dials": dials, "failed_dials": failed}
-        print(json.dumps({**line, "ends": ends, "why": why}), flush=True)
+        print(json.dumps({**line, "ends": ends, "why": why, "ages": ages}), flush=True)
     await asyncio.gather(*(n.stop() for n in nodes), return_exceptions=True)
 
 
@@ -455,6 +456,12 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 for line in gens.lines:
                     ends.update(line.get("ends", {}))
                 out["reconnect_ends"] = dict(ends.most_common())
+                # Hellos that ended before a welcome, by how long after their stream opened:
+                # at once ("<0.1s") is gRPC core shedding calls the loop has not taken.
+                ages: collections.Counter[str] = collections.Counter()
+                for line in gens.lines:
+                    ages.update(line.get("ages", {}))
+                out["reconnect_hello_end_ages"] = dict(sorted(ages.items()))
                 out["reconnect_end_examples"] = {
                     e: w for line in gens.lines for e, w in line.get("why", {}).items()
                 }

@@ -330,6 +330,17 @@ class NodeRecord:
     """Wall time, how each stream ended ("+welcomed" if after its welcome) and why."""
     commands: int = 0
     """Commands served."""
+    ages: list[tuple[float, str]] = field(default_factory=list)
+    """Wall time and "<end> <age>" of each end before a welcome: how long after its stream
+    opened ("<0.1s", "<1s", "<10s", ">=10s"; a shed call ends at once)."""
+
+
+def age_bucket(seconds: float) -> str:
+    """The bucket of an end's age since its stream opened."""
+    for bound, name in ((0.1, "<0.1s"), (1.0, "<1s"), (10.0, "<10s")):
+        if seconds < bound:
+            return name
+    return ">=10s"
 
 
 class ConnectNode:
@@ -385,6 +396,7 @@ class ConnectNode:
         self._context = _Context(trust_domain, "m1")
         self._useful = False
         self._welcomed = False
+        self._opened: float | None = None  # when the current attempt's stream opened
 
     # -- lifecycle --
 
@@ -420,6 +432,7 @@ class ConnectNode:
             address = self.addresses[index % len(self.addresses)]
             self._useful = False
             self._welcomed = False
+            self._opened = None
             keep = False
             try:
                 await self._session(address)
@@ -431,6 +444,9 @@ class ConnectNode:
                 self.record.ends.append(name)
                 welcomed = "+welcomed" if self._welcomed else ""
                 self.record.ended_at.append((time.time(), name + welcomed, str(exc)[:160]))
+                if not self._welcomed and self._opened is not None:
+                    age = age_bucket(time.monotonic() - self._opened)
+                    self.record.ages.append((time.time(), f"{name} {age}"))
                 # As the daemon (daemon.manager_link.keep_for_retry): a hello refused
                 # RESOURCE_EXHAUSTED, unanswered in time, or whose stream was cancelled
                 # (CANCELLED; INTERNAL on our write) over a connection still READY keeps
@@ -486,6 +502,7 @@ class ConnectNode:
             if not up:
                 self.record.failed_dials.append(time.time())
         self.record.attempts.append(time.time())
+        self._opened = time.monotonic()
         stream = ControlStream(self._channel, on_command=self._command)
         self.stream = stream
         await stream.request(manager_pb2.ConnectRequest(hello=self.hello()), self.rpc_timeout)

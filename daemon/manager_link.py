@@ -111,8 +111,9 @@ _SLOW = {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED}
 """Answers that mean "the manager is behind": back off, keep the connection."""
 _CUT_SHORT = {grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL}
 """How a hello's stream ends when gRPC cancels it before the welcome (INTERNAL: seen on
-our write) while the connection stands: after a manager restart, most of the attempts
-that were not slow (docs/benchmarks.md). Over a READY connection, kept as a slow one."""
+our write) while the connection stands: the manager's gRPC core shedding calls its event
+loop has not taken yet, past 1,000 waiting, after a restart (docs/benchmarks.md,
+i15-herd). The manager is behind: over a READY connection, kept as a slow one."""
 
 
 @dataclass(frozen=True)

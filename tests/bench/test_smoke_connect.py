@@ -31,6 +31,8 @@ def test_connect_bench_smoke(tmp_path: Path) -> None:
     assert 0 < figures["command_p50_ms"] <= figures["command_p99_ms"]
     assert figures["false_offline"] == 0
     assert 0 < figures["reconnect_all_s"] < 60
+    for key in figures["reconnect_hello_end_ages"]:  # "<end> <how long after its stream opened>"
+        assert key.split(" ")[1] in ("<0.1s", "<1s", "<10s", ">=10s"), key
     assert figures["ref_cpu_per_1000"] >= 0
     assert figures["manager_cpu_per_1000"] > 0
 
