@@ -780,11 +780,18 @@ class Convergence:
         changed = []
         parsed: dict[tuple[str, int], common_pb2.AgentSpec] = {}
         ordered: dict[str, list[common_pb2.AgentSpec]] = {}
+        # Nodes with the same assignments have the same set: hashed once, not per node.
+        by_assigned: dict[tuple[tuple[str, int], ...], tuple[list[common_pb2.AgentSpec], str]] = {}
         candidates = set(per_node) | set(rows) if only is None else set(only)
         for node_id in sorted(candidates):
             if node_id not in nodes:
                 continue
-            specs, digest = node_set(_specs(per_node.get(node_id, []), revisions, parsed))
+            mine = per_node.get(node_id, [])
+            key = tuple((a.name, a.revision) for a in mine)
+            known = by_assigned.get(key)
+            if known is None:
+                known = by_assigned[key] = node_set(_specs(mine, revisions, parsed))
+            specs, digest = list(known[0]), known[1]
             ordered[node_id] = specs
             row = rows.get(node_id, NodeDesiredRecord(node_id, content_hash=EMPTY_SET_HASH))
             if digest != (row.content_hash or EMPTY_SET_HASH):
