@@ -485,8 +485,7 @@ class Convergence:
                 rows = await tx.node_desired(ids) if ids else {}
                 assigned = await tx.assignments(node_ids=ids) if ids else []
                 states = {
-                    name: await tx.agent_states(node_ids=ids, agent_id=name) if ids else []
-                    for name in sorted(names)
+                    name: await tx.judged_agents(ids, name) if ids else [] for name in sorted(names)
                 }
                 return fresh, rows, assigned, states
 
@@ -1066,7 +1065,8 @@ def _carried_states(
 _Inputs = tuple[
     NodeRecord, AssignmentRecord | None, AgentStateRecord | None, tuple[UpdateErrorRecord, ...]
 ]
-"""`desired.observe`'s arguments for one node."""
+"""`desired.observe`'s arguments for one node (its agent only with the columns `observe`
+reads when it comes from `DesiredTx.judged_agents`)."""
 
 
 async def observations(
@@ -1094,7 +1094,7 @@ async def _observation_inputs(
         assigned = {n: a for (n, a_name), a in reads.assigned.items() if a_name == name}
     wanted = sorted((set(scope) | set(assigned)) & set(nodes))
     desired = await tx.node_desired(wanted) if reads is None else reads.desired
-    states = {s.node_id: s for s in await tx.agent_states(node_ids=wanted, agent_id=name)}
+    states = {s.node_id: s for s in await tx.judged_agents(wanted, name)}
     return {
         n: (
             nodes[n],

@@ -201,6 +201,17 @@ def _build(dialect: Dialect, what: str) -> Any:
         return select(c.node_id, c.revision, c.status, c.health).where(
             c.node_id.in_(ids), c.agent_id == bindparam("agent_id")
         )
+    if what == "judged_agents":
+        c = agent_states.c
+        columns = (
+            c.node_id, c.status, c.start_time_ms, c.message, c.health, c.last_exit_reason,
+            c.revision, c.health_message, c.health_since_ms,
+        )  # fmt: skip
+        return (
+            select(*columns)
+            .where(c.node_id.in_(ids), c.agent_id == bindparam("agent_id"))
+            .order_by(c.node_id)
+        )
     if what in ("rollout", "rollout_for_update"):
         q = select(rollouts).where(rollouts.c.id == bindparam("id"))
         return q.with_for_update() if what == "rollout_for_update" else q
@@ -400,6 +411,33 @@ class DesiredTx(QueuedWrites):
             rows = await self._conn.execute(query, {"ids": list(part), "agent_id": agent_id})
             out.update(
                 (r.node_id, AgentBrief(r.node_id, r.revision, r.status, r.health)) for r in rows
+            )
+        return out
+
+    async def judged_agents(
+        self, node_ids: Collection[str], agent_id: str
+    ) -> builtins.list[AgentStateRecord]:
+        """The agent `agent_id` on each of those nodes, with only the columns a rollout
+        judges it by (`desired.observe`); the others are left at their defaults. A full
+        pass reads this for every node of a rollout's scope."""
+        out: builtins.list[AgentStateRecord] = []
+        query = _statement(self._db.dialect, "judged_agents")
+        for part in chunks(sorted(set(node_ids))):
+            rows = await self._conn.execute(query, {"ids": list(part), "agent_id": agent_id})
+            out.extend(
+                AgentStateRecord(
+                    node_id=r.node_id,
+                    agent_id=agent_id,
+                    status=r.status,
+                    start_time_ms=r.start_time_ms,
+                    message=r.message,
+                    health=r.health,
+                    last_exit_reason=r.last_exit_reason,
+                    revision=r.revision,
+                    health_message=r.health_message,
+                    health_since_ms=r.health_since_ms,
+                )
+                for r in rows
             )
         return out
 
