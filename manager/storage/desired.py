@@ -188,6 +188,11 @@ def _build(dialect: Dialect, what: str) -> Any:
             index_elements=[assignments.c.node_id, assignments.c.name],
             set_={"revision": ins.excluded.revision, "since_ms": ins.excluded.since_ms},
         )
+    if what == "revisions_of":
+        return select(definition_revisions).where(
+            definition_revisions.c.name == bindparam("name"),
+            definition_revisions.c.revision.in_(bindparam("revs", expanding=True)),
+        )
     if what == "node_desired":
         return select(node_desired).where(node_desired.c.node_id.in_(ids))
     if what == "assignments":
@@ -306,14 +311,10 @@ class DesiredTx(QueuedWrites):
         by_name: dict[str, set[int]] = {}
         for name, revision in pairs:
             by_name.setdefault(name, set()).add(revision)
+        query = _statement(self._db.dialect, "revisions_of")
         for name, revs in sorted(by_name.items()):
             for part in chunks(sorted(revs)):
-                rows = await self._conn.execute(
-                    select(definition_revisions).where(
-                        definition_revisions.c.name == name,
-                        definition_revisions.c.revision.in_(part),
-                    )
-                )
+                rows = await self._conn.execute(query, {"name": name, "revs": list(part)})
                 out.update(((r.name, r.revision), _revision(r)) for r in rows)
         return out
 
