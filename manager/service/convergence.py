@@ -434,12 +434,9 @@ class Convergence:
             nodes = {n.node_id: n for n in await self._nodes.list()}
             scopes, live = await self._rescope(nodes, result)
             memos: dict[int, _RolloutMemo] = {}
-            await self._step_rollouts(nodes, scopes, live, result, memos)
-            now_ms = int(self._clock() * 1000)
-            refreshed = await self._repo.run(
-                lambda tx: self._refresh_in(tx, nodes, result, now_ms, None)
+            now_ms, undelivered, sets = await self._step_rollouts(
+                nodes, scopes, live, result, memos
             )
-            undelivered, sets = refreshed
             answers = await self._push(sets, nodes, result, defer=bool(memos))
             later = [row_at for n, row_at in undelivered.items() if row_at > now_ms and n in nodes]
             self._memo = _Memo(
@@ -488,8 +485,7 @@ class Convergence:
                 rows = await tx.node_desired(ids) if ids else {}
                 assigned = await tx.assignments(node_ids=ids) if ids else []
                 states = {
-                    name: await tx.agent_states(node_ids=ids, agent_id=name) if ids else []
-                    for name in sorted(names)
+                    name: await tx.judged_agents(ids, name) if ids else [] for name in sorted(names)
                 }
                 return fresh, rows, assigned, states
 
@@ -678,58 +674,72 @@ class Convergence:
         live: Sequence[int],
         result: PassResult,
         memos: dict[int, _RolloutMemo] | None = None,
-    ) -> None:
-        """Step the `live` rollouts (ids) over the `scopes` computed with them; each one
-        still live afterwards into `memos`."""
-        for rollout_id in sorted(live):
-            wake = await self._step_one(rollout_id, nodes, scopes, result, memos)
-            if wake is not None:
-                result.wake_at = _earliest(result.wake_at, wake)
-
-    async def _step_one(
-        self,
-        rollout_id: int,
-        nodes: Mapping[str, NodeRecord],
-        scopes: Mapping[str, Sequence[str]],
-        result: PassResult,
-        memos: dict[int, _RolloutMemo] | None = None,
-    ) -> float | None:
-        """Judge one rollout over the definition's scope and persist its step atomically."""
+    ) -> tuple[int, dict[str, int], dict[str, tuple[int, list[common_pb2.AgentSpec], int]]]:
+        """Step the `live` rollouts (ids) over the `scopes` computed with them, then bump
+        the node sets they changed, in ONE transaction: every node's assignments and node
+        row are read once for both (`_PassReads`). Each rollout still live afterwards goes
+        into `memos`. Returns when (ms) and `_refresh_in`'s (undelivered, sets)."""
         now = self._clock()
         now_ms = int(now * 1000)
 
         async def body(
             tx: DesiredTx,
-        ) -> tuple[float | None, _RolloutMemo | None, ro.Step | None, bool]:
-            record = await tx.rollout(rollout_id, for_update=True)
-            if record is None or record.ended_ms:
-                return None, None, None, False
-            scope = scopes.get(record.name, ())
-            rollout = ro.from_dict(json.loads(record.record))
-            progress = {n: progress_of(r) for n, r in (await tx.rollout_nodes(rollout_id)).items()}
-            inputs = await _observation_inputs(tx, record.name, scope, nodes)
-            observed = {n: observe(*i) for n, i in inputs.items()}
-            step = ro.step(rollout, progress, observed, now)
-            if step.rollout == rollout and not step.nodes and not step.assign:
-                memo = _RolloutMemo(record, rollout, progress, inputs, observed)
-                return step.wake_at, memo, step, False
-            stored = await persist_step(tx, record, step, now_ms)
-            memo = _RolloutMemo(stored, step.rollout, {**progress, **step.nodes}, inputs, observed)
-            memo.assign(step.assign, step.rollout.target, now_ms)
-            return step.wake_at, memo, step, True
+        ) -> tuple[
+            list[tuple[int, _RolloutMemo, ro.Step, bool]],
+            dict[str, int],
+            dict[str, tuple[int, list[common_pb2.AgentSpec], int]],
+        ]:
+            reads = await _PassReads.load(tx)
+            stepped = []
+            for rollout_id in sorted(live):
+                one = await self._step_in(tx, rollout_id, nodes, scopes, now, reads)
+                if one is not None:
+                    stepped.append((rollout_id, *one))
+            undelivered, sets = await self._refresh_in(tx, nodes, result, now_ms, None, reads=reads)
+            return stepped, undelivered, sets
 
-        wake, memo, step, persisted = await self._repo.run(body)
-        if memo is None or step is None:
-            return wake
-        if step.rollout.state not in ro.TERMINAL:
-            state = step.rollout.state.value
-            result.live_rollouts[state] = result.live_rollouts.get(state, 0) + 1
-            if memos is not None:
-                memos[rollout_id] = memo
-        if persisted:
-            result.stepped.append(memo.record.name)
-            result.failed_rollouts += sum(n.kind == "rollout-failed" for n in step.notes)
-        return wake
+        stepped, undelivered, sets = await self._repo.run(body)
+        for rollout_id, memo, step, persisted in stepped:
+            if step.wake_at is not None:
+                result.wake_at = _earliest(result.wake_at, step.wake_at)
+            if step.rollout.state not in ro.TERMINAL:
+                state = step.rollout.state.value
+                result.live_rollouts[state] = result.live_rollouts.get(state, 0) + 1
+                if memos is not None:
+                    memos[rollout_id] = memo
+            if persisted:
+                result.stepped.append(memo.record.name)
+                result.failed_rollouts += sum(n.kind == "rollout-failed" for n in step.notes)
+        return now_ms, undelivered, sets
+
+    async def _step_in(
+        self,
+        tx: DesiredTx,
+        rollout_id: int,
+        nodes: Mapping[str, NodeRecord],
+        scopes: Mapping[str, Sequence[str]],
+        now: float,
+        reads: _PassReads,
+    ) -> tuple[_RolloutMemo, ro.Step, bool] | None:
+        """Judge one rollout over the definition's scope and persist its step in `tx`
+        (None: gone or ended); `reads` follows the assignments it moves."""
+        now_ms = int(now * 1000)
+        record = await tx.rollout(rollout_id, for_update=True)
+        if record is None or record.ended_ms:
+            return None
+        scope = scopes.get(record.name, ())
+        rollout = ro.from_dict(json.loads(record.record))
+        progress = {n: progress_of(r) for n, r in (await tx.rollout_nodes(rollout_id)).items()}
+        inputs = await _observation_inputs(tx, record.name, scope, nodes, reads)
+        observed = {n: observe(*i) for n, i in inputs.items()}
+        step = ro.step(rollout, progress, observed, now)
+        if step.rollout == rollout and not step.nodes and not step.assign:
+            return _RolloutMemo(record, rollout, progress, inputs, observed), step, False
+        stored = await persist_step(tx, record, step, now_ms)
+        reads.assign(step.assign, record.name, step.rollout.target, now_ms)
+        memo = _RolloutMemo(stored, step.rollout, {**progress, **step.nodes}, inputs, observed)
+        memo.assign(step.assign, step.rollout.target, now_ms)
+        return memo, step, True
 
     async def _refresh_in(
         self,
@@ -740,11 +750,13 @@ class Convergence:
         only: Collection[str] | None,
         *,
         held: Mapping[str, NodeDesiredRecord] | None = None,
+        reads: _PassReads | None = None,
     ) -> tuple[dict[str, int], dict[str, tuple[int, list[common_pb2.AgentSpec], int]]]:
         """Bump the version of every node (of `only`, if given) whose managed set changed.
 
         `held`: rows this transaction changed but has not written yet (`_record`'s); read
-        as stored and written with the rows changed here.
+        as stored and written with the rows changed here. `reads`: every assignment and
+        node row as this transaction has them (a full pass's), instead of reading them.
 
         Returns the undelivered nodes (with when their push may be retried, ms) and, for
         those due now, what to push: (version, specs, when the row last changed).
@@ -753,8 +765,12 @@ class Convergence:
         if only is not None and not only:
             await tx.put_node_desired(list(held.values()))
             return {}, {}
-        current = await tx.assignments(node_ids=only)
-        rows = await tx.node_desired(only)
+        if reads is not None and only is None:
+            current = reads.assignments()
+            rows = dict(reads.desired)
+        else:
+            current = await tx.assignments(node_ids=only)
+            rows = await tx.node_desired(only)
         rows.update((n, r) for n, r in held.items() if n in rows)
         revisions = await tx.revisions_of({(a.name, a.revision) for a in current})
         per_node: dict[str, list[AssignmentRecord]] = {}
@@ -763,11 +779,18 @@ class Convergence:
         changed = []
         parsed: dict[tuple[str, int], common_pb2.AgentSpec] = {}
         ordered: dict[str, list[common_pb2.AgentSpec]] = {}
+        # Nodes with the same assignments have the same set: hashed once, not per node.
+        by_assigned: dict[tuple[tuple[str, int], ...], tuple[list[common_pb2.AgentSpec], str]] = {}
         candidates = set(per_node) | set(rows) if only is None else set(only)
         for node_id in sorted(candidates):
             if node_id not in nodes:
                 continue
-            specs, digest = node_set(_specs(per_node.get(node_id, []), revisions, parsed))
+            mine = per_node.get(node_id, [])
+            key = tuple((a.name, a.revision) for a in mine)
+            known = by_assigned.get(key)
+            if known is None:
+                known = by_assigned[key] = node_set(_specs(mine, revisions, parsed))
+            specs, digest = list(known[0]), known[1]
             ordered[node_id] = specs
             row = rows.get(node_id, NodeDesiredRecord(node_id, content_hash=EMPTY_SET_HASH))
             if digest != (row.content_hash or EMPTY_SET_HASH):
@@ -1042,7 +1065,8 @@ def _carried_states(
 _Inputs = tuple[
     NodeRecord, AssignmentRecord | None, AgentStateRecord | None, tuple[UpdateErrorRecord, ...]
 ]
-"""`desired.observe`'s arguments for one node."""
+"""`desired.observe`'s arguments for one node (its agent only with the columns `observe`
+reads when it comes from `DesiredTx.judged_agents`)."""
 
 
 async def observations(
@@ -1062,11 +1086,15 @@ async def _observation_inputs(
     name: str,
     scope: Sequence[str],
     nodes: Mapping[str, NodeRecord],
+    reads: _PassReads | None = None,
 ) -> dict[str, _Inputs]:
-    assigned = {a.node_id: a for a in await tx.assignments(names=[name])}
+    if reads is None:
+        assigned = {a.node_id: a for a in await tx.assignments(names=[name])}
+    else:
+        assigned = {n: a for (n, a_name), a in reads.assigned.items() if a_name == name}
     wanted = sorted((set(scope) | set(assigned)) & set(nodes))
-    desired = await tx.node_desired(wanted)
-    states = {s.node_id: s for s in await tx.agent_states(node_ids=wanted, agent_id=name)}
+    desired = await tx.node_desired(wanted) if reads is None else reads.desired
+    states = {s.node_id: s for s in await tx.judged_agents(wanted, name)}
     return {
         n: (
             nodes[n],
@@ -1128,6 +1156,30 @@ async def persist_step(
             attributes={**note.attributes, "name": record.name, "rollout_id": str(record.id)},
         )
     return stored
+
+
+@dataclass
+class _PassReads:
+    """Every assignment and node row, read once by a full pass's transaction for its
+    rollout steps and its node sets, and kept as that transaction changes them."""
+
+    assigned: dict[tuple[str, str], AssignmentRecord]
+    """By (node, definition)."""
+    desired: dict[str, NodeDesiredRecord]
+
+    @classmethod
+    async def load(cls, tx: DesiredTx) -> _PassReads:
+        assigned = {(a.node_id, a.name): a for a in await tx.assignments()}
+        return cls(assigned, await tx.node_desired())
+
+    def assign(self, node_ids: Iterable[str], name: str, revision: int, now_ms: int) -> None:
+        """A step moved these nodes to `revision` (as `persist_step` stored it)."""
+        for n in node_ids:
+            self.assigned[n, name] = AssignmentRecord(n, name, revision, now_ms)
+
+    def assignments(self) -> list[AssignmentRecord]:
+        """As `DesiredTx.assignments()` reads them: by (node, name)."""
+        return [self.assigned[k] for k in sorted(self.assigned)]
 
 
 class _Stale(Exception):

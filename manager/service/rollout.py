@@ -389,22 +389,23 @@ def step(
     notes: list[Note] = []
     current = {n: _admit(r, progress.get(n), obs, now) for n, obs in observed.items()}
     for n, rec in current.items():
-        if rec != progress.get(n):
+        if rec is not progress.get(n):  # _admit keeps a stored record as it is
             changed[n] = rec
     if r.state is S.PENDING:
         r = dataclasses.replace(r, state=S.REVERTING if r.reverting else S.RUNNING)
 
     # 1. Judge the nodes this rollout moved.
     failures: list[tuple[str, str]] = []
+    progressed = False
     for n in sorted(current):
         rec = current[n]
         if rec.phase is not NodePhase.UPDATING:
             continue
         judged = _judge(r, rec, observed[n], now)
-        if judged != rec:
+        if judged is not rec:  # _judge returns `rec` itself when nothing changed
             current[n] = changed[n] = judged
             if judged.phase is NodePhase.DONE:
-                r = dataclasses.replace(r, progress_at=now)
+                progressed = True
             elif judged.phase is NodePhase.FAILED:
                 failures.append((n, judged.reason))
                 notes.append(
@@ -415,6 +416,9 @@ def step(
                         node_id=n,
                     )
                 )
+
+    if progressed:  # once, not per node done (a batch is many)
+        r = dataclasses.replace(r, progress_at=now)
 
     # 2. A failure, or no progress for too long, fails the rollout.
     if failures:

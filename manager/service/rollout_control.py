@@ -21,8 +21,8 @@ from fleet.labels import LabelError, validate_label_value
 from manager.service import rollout as ro
 from manager.service.convergence import note_kind, observations, persist_step, progress_of
 from manager.storage import NodeRepository
-from manager.storage.desired import DesiredStateRepository, DesiredTx
-from manager.storage.records import AgentStateRecord, RolloutNodeRecord, RolloutRecord
+from manager.storage.desired import AgentBrief, DesiredStateRepository, DesiredTx
+from manager.storage.records import RolloutNodeRecord, RolloutRecord
 
 __all__ = ["Action", "RolloutControl", "RolloutView", "ViewNode"]
 
@@ -37,8 +37,8 @@ class ViewNode:
     """The rollout's record of the node."""
     online: bool
     """The node is online."""
-    agent: AgentStateRecord | None
-    """The definition's agent on it, as last synced."""
+    agent: AgentBrief | None
+    """The definition's agent on it, as last synced (what the view shows of it)."""
 
 
 @dataclass(frozen=True)
@@ -221,10 +221,10 @@ class RolloutControl:
         if record is None:
             raise NotFound(f"rollout {rollout_id} does not exist")
         records = await tx.rollout_nodes(rollout_id)
-        agents = {
-            s.node_id: s
-            for s in await tx.agent_states(node_ids=list(records), agent_id=record.name)
-        }
+        # Only the columns shown: the watch reads this for every node twice a second, and
+        # a whole agent state row per node was most of it. It also yields only when
+        # something shown changed (not on every report's heartbeat time).
+        agents = await tx.agent_briefs(records, record.name)
         return RolloutView(
             record,
             ro.from_dict(json.loads(record.record)),

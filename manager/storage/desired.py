@@ -14,13 +14,14 @@ from __future__ import annotations
 import builtins
 import json
 from collections.abc import Awaitable, Callable, Collection, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from sqlalchemy import delete, insert, select, update
+from sqlalchemy import bindparam, delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from manager.storage.agents import select_states
-from manager.storage.db import Database
+from manager.storage.db import Database, Dialect
 from manager.storage.nodes import node_from_row
 from manager.storage.queued import QueuedWrites
 from manager.storage.records import (
@@ -35,6 +36,7 @@ from manager.storage.records import (
     UpdateErrorRecord,
 )
 from manager.storage.schema import (
+    agent_states,
     assignments,
     definition_revisions,
     definitions,
@@ -45,13 +47,21 @@ from manager.storage.schema import (
 )
 from manager.storage.sqlhelp import chunks, dialect_insert
 
-__all__ = ["DesiredStateRepository", "DesiredTx", "dump_update_errors", "load_update_errors"]
+__all__ = [
+    "AgentBrief",
+    "DesiredStateRepository",
+    "DesiredTx",
+    "dump_update_errors",
+    "load_update_errors",
+]
 
 T = TypeVar("T")
 
 
 def dump_update_errors(errors: Sequence[UpdateErrorRecord]) -> str:
     """Update errors as canonical JSON."""
+    if not errors:  # nearly every row: no json.dumps per row written
+        return "[]"
     return json.dumps(
         [{"agent_id": e.agent_id, "revision": e.revision, "reason": e.reason} for e in errors],
         sort_keys=True,
@@ -60,6 +70,8 @@ def dump_update_errors(errors: Sequence[UpdateErrorRecord]) -> str:
 
 def load_update_errors(text: str) -> tuple[UpdateErrorRecord, ...]:
     """The inverse of `dump_update_errors`."""
+    if text in ("[]", ""):
+        return ()
     return tuple(
         UpdateErrorRecord(str(e["agent_id"]), int(e["revision"]), str(e["reason"]))
         for e in json.loads(text or "[]")
@@ -137,6 +149,105 @@ def _rollout_node(row: Any) -> RolloutNodeRecord:
     )
 
 
+_NODE_DESIRED_COLUMNS = (
+    "version", "content_hash", "delivered_version", "reported_version", "push_error",
+    "push_attempts", "next_push_ms", "update_errors", "updated_ms",
+)  # fmt: skip
+_ROLLOUT_NODE_COLUMNS = ("phase", "batch", "since_ms", "offline", "reason")
+_built: dict[tuple[str, str], Any] = {}
+
+
+def _statement(dialect: Dialect, what: str) -> Any:
+    """The statement `what` for `dialect`, built once: a rollout's batch runs the same
+    few statements every time, and building one (and its cache key) costs more than
+    SQLAlchemy's compiled cache saves."""
+    key = (dialect, what)
+    stmt = _built.get(key)
+    if stmt is None:
+        stmt = _built[key] = _build(dialect, what)
+    return stmt
+
+
+def _build(dialect: Dialect, what: str) -> Any:
+    ids: Any = bindparam("ids", expanding=True)
+    if what == "put_node_desired":
+        ins = dialect_insert(dialect, node_desired)
+        return ins.on_conflict_do_update(
+            index_elements=[node_desired.c.node_id],
+            set_={c: getattr(ins.excluded, c) for c in _NODE_DESIRED_COLUMNS},
+        )
+    if what == "put_rollout_nodes":
+        ins = dialect_insert(dialect, rollout_nodes)
+        return ins.on_conflict_do_update(
+            index_elements=[rollout_nodes.c.rollout_id, rollout_nodes.c.node_id],
+            set_={c: getattr(ins.excluded, c) for c in _ROLLOUT_NODE_COLUMNS},
+        )
+    if what == "set_assignments":
+        ins = dialect_insert(dialect, assignments)
+        return ins.on_conflict_do_update(
+            index_elements=[assignments.c.node_id, assignments.c.name],
+            set_={"revision": ins.excluded.revision, "since_ms": ins.excluded.since_ms},
+        )
+    if what == "revisions_of":
+        return select(definition_revisions).where(
+            definition_revisions.c.name == bindparam("name"),
+            definition_revisions.c.revision.in_(bindparam("revs", expanding=True)),
+        )
+    if what == "node_desired":
+        return select(node_desired).where(node_desired.c.node_id.in_(ids))
+    if what == "assignments":
+        return (
+            select(assignments)
+            .where(assignments.c.node_id.in_(ids))
+            .order_by(assignments.c.node_id, assignments.c.name)
+        )
+    if what == "agent_briefs":
+        c = agent_states.c
+        return select(c.node_id, c.revision, c.status, c.health).where(
+            c.node_id.in_(ids), c.agent_id == bindparam("agent_id")
+        )
+    if what == "judged_agents":
+        c = agent_states.c
+        columns = (
+            c.node_id, c.status, c.start_time_ms, c.message, c.health, c.last_exit_reason,
+            c.revision, c.health_message, c.health_since_ms,
+        )  # fmt: skip
+        return (
+            select(*columns)
+            .where(c.node_id.in_(ids), c.agent_id == bindparam("agent_id"))
+            .order_by(c.node_id)
+        )
+    if what in ("rollout", "rollout_for_update"):
+        q = select(rollouts).where(rollouts.c.id == bindparam("id"))
+        return q.with_for_update() if what == "rollout_for_update" else q
+    if what == "update_rollout":
+        return (
+            update(rollouts)
+            .where(rollouts.c.id == bindparam("rid"))
+            .values(
+                target=bindparam("target"),
+                previous=bindparam("previous"),
+                state=bindparam("state"),
+                record=bindparam("record"),
+                updated_ms=bindparam("updated_ms"),
+                ended_ms=bindparam("ended_ms"),
+            )
+        )
+    raise ValueError(what)
+
+
+@dataclass(frozen=True)
+class AgentBrief:
+    """What a rollout's view shows of a node's agent: far fewer columns than
+    `AgentStateRecord` (WatchRollout reads it for every node of a rollout, twice a
+    second)."""
+
+    node_id: str
+    revision: int
+    status: str
+    health: str
+
+
 class DesiredTx(QueuedWrites):
     """The reads and writes of one desired-state transaction (see the module docstring)."""
 
@@ -200,14 +311,10 @@ class DesiredTx(QueuedWrites):
         by_name: dict[str, set[int]] = {}
         for name, revision in pairs:
             by_name.setdefault(name, set()).add(revision)
+        query = _statement(self._db.dialect, "revisions_of")
         for name, revs in sorted(by_name.items()):
             for part in chunks(sorted(revs)):
-                rows = await self._conn.execute(
-                    select(definition_revisions).where(
-                        definition_revisions.c.name == name,
-                        definition_revisions.c.revision.in_(part),
-                    )
-                )
+                rows = await self._conn.execute(query, {"name": name, "revs": list(part)})
                 out.update(((r.name, r.revision), _revision(r)) for r in rows)
         return out
 
@@ -246,8 +353,13 @@ class DesiredTx(QueuedWrites):
             query = query.where(assignments.c.name.in_(sorted(set(names))))
         if node_ids is not None:
             out: builtins.list[AssignmentRecord] = []
+            by_ids = (
+                _statement(self._db.dialect, "assignments")
+                if names is None
+                else query.where(assignments.c.node_id.in_(bindparam("ids", expanding=True)))
+            )
             for part in chunks(sorted(set(node_ids))):
-                rows = await self._conn.execute(query.where(assignments.c.node_id.in_(part)))
+                rows = await self._conn.execute(by_ids, {"ids": list(part)})
                 out.extend(map(_assignment, rows))
             return out
         return [_assignment(r) for r in await self._conn.execute(query)]
@@ -256,12 +368,8 @@ class DesiredTx(QueuedWrites):
         """Create or move assignments (by (node, name))."""
         if not records:
             return
-        stmt = dialect_insert(self._db.dialect, assignments)
         await self._conn.execute(
-            stmt.on_conflict_do_update(
-                index_elements=[assignments.c.node_id, assignments.c.name],
-                set_={"revision": stmt.excluded.revision, "since_ms": stmt.excluded.since_ms},
-            ),
+            _statement(self._db.dialect, "set_assignments"),
             [
                 {
                     "node_id": r.node_id,
@@ -296,6 +404,44 @@ class DesiredTx(QueuedWrites):
         """The agent states daemons last synced (as `AgentStateRepository.list`)."""
         return await select_states(self._conn, node_ids=node_ids, agent_id=agent_id)
 
+    async def agent_briefs(self, node_ids: Collection[str], agent_id: str) -> dict[str, AgentBrief]:
+        """The agent `agent_id` on each of those nodes that reported it, by node."""
+        out: dict[str, AgentBrief] = {}
+        query = _statement(self._db.dialect, "agent_briefs")
+        for part in chunks(sorted(set(node_ids))):
+            rows = await self._conn.execute(query, {"ids": list(part), "agent_id": agent_id})
+            out.update(
+                (r.node_id, AgentBrief(r.node_id, r.revision, r.status, r.health)) for r in rows
+            )
+        return out
+
+    async def judged_agents(
+        self, node_ids: Collection[str], agent_id: str
+    ) -> builtins.list[AgentStateRecord]:
+        """The agent `agent_id` on each of those nodes, with only the columns a rollout
+        judges it by (`desired.observe`); the others are left at their defaults. A full
+        pass reads this for every node of a rollout's scope."""
+        out: builtins.list[AgentStateRecord] = []
+        query = _statement(self._db.dialect, "judged_agents")
+        for part in chunks(sorted(set(node_ids))):
+            rows = await self._conn.execute(query, {"ids": list(part), "agent_id": agent_id})
+            out.extend(
+                AgentStateRecord(
+                    node_id=r.node_id,
+                    agent_id=agent_id,
+                    status=r.status,
+                    start_time_ms=r.start_time_ms,
+                    message=r.message,
+                    health=r.health,
+                    last_exit_reason=r.last_exit_reason,
+                    revision=r.revision,
+                    health_message=r.health_message,
+                    health_since_ms=r.health_since_ms,
+                )
+                for r in rows
+            )
+        return out
+
     # --- node versions ------------------------------------------------------------------------
 
     async def node_desired(
@@ -306,8 +452,9 @@ class DesiredTx(QueuedWrites):
         if node_ids is None:
             return {r.node_id: _node_desired(r) for r in await self._conn.execute(query)}
         out: dict[str, NodeDesiredRecord] = {}
+        by_ids = _statement(self._db.dialect, "node_desired")
         for part in chunks(sorted(set(node_ids))):
-            rows = await self._conn.execute(query.where(node_desired.c.node_id.in_(part)))
+            rows = await self._conn.execute(by_ids, {"ids": list(part)})
             out.update((r.node_id, _node_desired(r)) for r in rows)
         return out
 
@@ -315,16 +462,8 @@ class DesiredTx(QueuedWrites):
         """Insert or replace rows (the node must exist)."""
         if not records:
             return
-        stmt = dialect_insert(self._db.dialect, node_desired)
-        columns = (
-            "version", "content_hash", "delivered_version", "reported_version", "push_error",
-            "push_attempts", "next_push_ms", "update_errors", "updated_ms",
-        )  # fmt: skip
         await self._conn.execute(
-            stmt.on_conflict_do_update(
-                index_elements=[node_desired.c.node_id],
-                set_={c: getattr(stmt.excluded, c) for c in columns},
-            ),
+            _statement(self._db.dialect, "put_node_desired"),
             [
                 {
                     "node_id": r.node_id,
@@ -364,8 +503,8 @@ class DesiredTx(QueuedWrites):
 
     async def rollout(self, rollout_id: int, *, for_update: bool = False) -> RolloutRecord | None:
         """One rollout by id."""
-        query = select(rollouts).where(rollouts.c.id == rollout_id)
-        row = (await self._conn.execute(query.with_for_update() if for_update else query)).first()
+        query = _statement(self._db.dialect, "rollout_for_update" if for_update else "rollout")
+        row = (await self._conn.execute(query, {"id": rollout_id})).first()
         return _rollout(row) if row is not None else None
 
     async def add_rollout(self, record: RolloutRecord) -> int:
@@ -392,16 +531,16 @@ class DesiredTx(QueuedWrites):
     async def update_rollout(self, record: RolloutRecord) -> None:
         """Replace a stored rollout's state and record."""
         await self._conn.execute(
-            update(rollouts)
-            .where(rollouts.c.id == record.id)
-            .values(
-                target=record.target,
-                previous=record.previous,
-                state=record.state,
-                record=record.record,
-                updated_ms=record.updated_ms,
-                ended_ms=record.ended_ms,
-            )
+            _statement(self._db.dialect, "update_rollout"),
+            {
+                "rid": record.id,
+                "target": record.target,
+                "previous": record.previous,
+                "state": record.state,
+                "record": record.record,
+                "updated_ms": record.updated_ms,
+                "ended_ms": record.ended_ms,
+            },
         )
 
     async def rollout_nodes(self, rollout_id: int) -> dict[str, RolloutNodeRecord]:
@@ -433,13 +572,8 @@ class DesiredTx(QueuedWrites):
         """Insert or replace node records (by (rollout, node))."""
         if not records:
             return
-        stmt = dialect_insert(self._db.dialect, rollout_nodes)
-        columns = ("phase", "batch", "since_ms", "offline", "reason")
         await self._conn.execute(
-            stmt.on_conflict_do_update(
-                index_elements=[rollout_nodes.c.rollout_id, rollout_nodes.c.node_id],
-                set_={c: getattr(stmt.excluded, c) for c in columns},
-            ),
+            _statement(self._db.dialect, "put_rollout_nodes"),
             [
                 {
                     "rollout_id": r.rollout_id,
