@@ -380,11 +380,16 @@ class JobDriver:
             task = asyncio.create_task(self._dispatch(live, node_id), name=f"start-job-{node_id}")
             self._tasks.add(task)
             task.add_done_callback(self._tasks.discard)
-        counts = collections.Counter(t.state for t in live.targets.values())
+        # The plan counted the targets; after changes, count what their commits left.
+        counts = (
+            collections.Counter(t.state for t in live.targets.values())
+            if decided.changes
+            else decided.counts
+        )
         cancelled = bool(live.record.cancelled_ms)
         state = job_state(counts, cancelled=cancelled)
         ended = (
-            sum(counts[s] for s in TERMINAL) == len(live.targets)
+            sum(counts.get(s, 0) for s in TERMINAL) == len(live.targets)
             and not live.in_flight
             and not live.storing
         )
@@ -448,7 +453,12 @@ class JobDriver:
             live.storing.discard(node_id)
             self._wake.set()
         stored = outcome.target
-        if change.kind == "ended" and stored is not None and stored.state in TERMINAL:
+        if (
+            change.kind == "ended"
+            and not outcome.applied  # applied: the commit's listener installed it
+            and stored is not None
+            and stored.state in TERMINAL
+        ):
             live.targets[node_id] = _target(stored)  # as stored (final: nothing comes after)
         if change.kind == "accepted" and stored is not None and stored.cancel_requested:
             # Cancelled while StartJob was on its way: the node must stop it.
