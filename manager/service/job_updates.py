@@ -123,9 +123,13 @@ class Outcome:
     """The change was stored (False: stale, e.g. the target had ended)."""
 
 
+_STATES: dict[str, TargetState] = {s.value: s for s in TargetState}
+"""A stored state's member (not TargetState(value), ~0.3 us: merge runs per change)."""
+
+
 def merge(current: JobTargetRecord, change: Change, now_ms: int) -> JobTargetRecord | None:
     """`current` with `change` applied, or None if the change is stale (pure)."""
-    state = TargetState(current.state)
+    state = _STATES[current.state]
     if change.kind == "unreachable":
         if state is not TargetState.PENDING:
             return None
