@@ -213,6 +213,13 @@ def _jobs_in(n: int, locked: bool) -> Select[Any]:
 _IN_SQL: dict[tuple[str, Callable[[int, bool], Select[Any]], int, bool], str] = {}
 
 
+def _padded(values: Sequence[str]) -> tuple[str, ...]:
+    """`values` (not empty) repeating its last to the next power of two: a few list
+    lengths, so a few statements to compile (a repeated value in IN changes nothing)."""
+    size = 1 << (len(values) - 1).bit_length()
+    return (*values, *(values[-1],) * (size - len(values)))
+
+
 def _in_sql(
     make: Callable[[int, bool], Select[Any]], n: int, dialect: Dialect, *, locked: bool = False
 ) -> str:
@@ -256,8 +263,9 @@ class JobTx(QueuedWrites):
         """The named jobs that exist."""
         out: dict[str, JobRecord] = {}
         for part in chunks(sorted(set(job_ids))):
-            sql = _in_sql(_jobs_in, len(part), self._conn.dialect)
-            rows = await self._conn.exec_driver_sql(sql, tuple(part))
+            values = _padded(part)
+            sql = _in_sql(_jobs_in, len(values), self._conn.dialect)
+            rows = await self._conn.exec_driver_sql(sql, values)
             out.update((r.id, _job(r)) for r in rows)
         return out
 
@@ -340,8 +348,9 @@ class JobTx(QueuedWrites):
             return {r.node_id: _target(r) for r in await self._conn.execute(query)}
         out: dict[str, JobTargetRecord] = {}
         for part in chunks(sorted(set(node_ids))):
-            sql = _in_sql(_targets_in, len(part), self._conn.dialect, locked=for_update)
-            rows = await self._conn.exec_driver_sql(sql, (job_id, *part))
+            values = _padded(part)
+            sql = _in_sql(_targets_in, len(values), self._conn.dialect, locked=for_update)
+            rows = await self._conn.exec_driver_sql(sql, (job_id, *values))
             out.update((r.node_id, _target(r)) for r in rows)
         return out
 
