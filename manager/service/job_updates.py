@@ -123,9 +123,13 @@ class Outcome:
     """The change was stored (False: stale, e.g. the target had ended)."""
 
 
+_STATES: dict[str, TargetState] = {s.value: s for s in TargetState}
+"""A stored state's member (not TargetState(value), ~0.3 us: merge runs per change)."""
+
+
 def merge(current: JobTargetRecord, change: Change, now_ms: int) -> JobTargetRecord | None:
     """`current` with `change` applied, or None if the change is stale (pure)."""
-    state = TargetState(current.state)
+    state = _STATES[current.state]
     if change.kind == "unreachable":
         if state is not TargetState.PENDING:
             return None
@@ -271,7 +275,12 @@ class JobUpdates:
             pending.done.add_done_callback(lambda _: self._release(size))
         self._queue.append(pending)
         self._wakeup.set()
-        # shield: a caller that gives up does not cancel the commit others share.
+        if isinstance(item, Change):
+            # A caller that gives up cancels only its own future: the change stays queued
+            # and is committed with its batch (the committer skips a done future). No
+            # shield: one future and one loop turn less for every answer and report.
+            return await pending.done
+        # shield: the output's bytes are counted pending until its commit, given up or not.
         return await asyncio.shield(pending.done)
 
     def _release(self, size: int) -> None:

@@ -16,7 +16,7 @@ from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
-from sqlalchemy import Insert, Update, and_, bindparam, delete, func, insert, select, update
+from sqlalchemy import Insert, Select, Update, and_, bindparam, delete, func, insert, select, update
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -190,6 +190,51 @@ def _target(row: Any) -> JobTargetRecord:
     return JobTargetRecord(*values)
 
 
+# The group commit reads its targets and jobs by key in every transaction: as SQL text
+# compiled once per dialect and list length, the values straight to the driver as a
+# tuple (an expanding IN through SQLAlchemy's execute costs a cache key and its
+# rendering on every call).
+
+
+def _targets_in(n: int, locked: bool) -> Select[Any]:
+    query = (
+        select(job_targets)
+        .where(job_targets.c.job_id == bindparam("b_0"))
+        .where(job_targets.c.node_id.in_([bindparam(f"b_{i + 1}") for i in range(n)]))
+        .order_by(job_targets.c.idx)
+    )
+    return query.with_for_update() if locked else query
+
+
+def _jobs_in(n: int, locked: bool) -> Select[Any]:
+    return select(jobs).where(jobs.c.id.in_([bindparam(f"b_{i}") for i in range(n)]))
+
+
+_IN_SQL: dict[tuple[str, Callable[[int, bool], Select[Any]], int, bool], str] = {}
+
+
+def _padded(values: Sequence[str]) -> tuple[str, ...]:
+    """`values` (not empty) repeating its last to the next power of two: a few list
+    lengths, so a few statements to compile (a repeated value in IN changes nothing)."""
+    size = 1 << (len(values) - 1).bit_length()
+    return (*values, *(values[-1],) * (size - len(values)))
+
+
+def _in_sql(
+    make: Callable[[int, bool], Select[Any]], n: int, dialect: Dialect, *, locked: bool = False
+) -> str:
+    """The SQL of `make(n, locked)` for `dialect`; its binds b_0, b_1 ... in order."""
+    key = (dialect.name, make, n, locked)
+    found = _IN_SQL.get(key)
+    if found is None:
+        compiled = make(n, locked).compile(dialect=dialect)
+        # qmark (SQLite), numeric_dollar (asyncpg): the values go by position.
+        names = compiled.positiontup or []
+        assert names == [f"b_{i}" for i in range(len(names))]
+        found = _IN_SQL[key] = compiled.string
+    return found
+
+
 class JobTx(QueuedWrites):
     """The reads and writes of one jobs transaction (see the module docstring)."""
 
@@ -218,7 +263,9 @@ class JobTx(QueuedWrites):
         """The named jobs that exist."""
         out: dict[str, JobRecord] = {}
         for part in chunks(sorted(set(job_ids))):
-            rows = await self._conn.execute(select(jobs).where(jobs.c.id.in_(part)))
+            values = _padded(part)
+            sql = _in_sql(_jobs_in, len(values), self._conn.dialect)
+            rows = await self._conn.exec_driver_sql(sql, values)
             out.update((r.id, _job(r)) for r in rows)
         return out
 
@@ -301,7 +348,9 @@ class JobTx(QueuedWrites):
             return {r.node_id: _target(r) for r in await self._conn.execute(query)}
         out: dict[str, JobTargetRecord] = {}
         for part in chunks(sorted(set(node_ids))):
-            rows = await self._conn.execute(query.where(job_targets.c.node_id.in_(part)))
+            values = _padded(part)
+            sql = _in_sql(_targets_in, len(values), self._conn.dialect, locked=for_update)
+            rows = await self._conn.exec_driver_sql(sql, (job_id, *values))
             out.update((r.node_id, _target(r)) for r in rows)
         return out
 

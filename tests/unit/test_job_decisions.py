@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import random
 
 import pytest
 
@@ -121,6 +123,46 @@ def test_the_canary_stage_runs_first_and_its_failure_skips_the_rest() -> None:
     assert p.dispatch == []
     assert p.changes["b"] == (T.SKIPPED, "the canary stage failed: a TIMEOUT")
     assert stages(["a", "b", "c"], 2) == [("a", 0), ("b", 0), ("c", 1)]
+
+
+def test_the_plan_counts_the_targets_as_they_are_after_its_changes() -> None:
+    """`Plan.counts` is the count of the targets' states with `changes` applied (the
+    driver derives the job's state from it), on random jobs: canary stages, max_errors,
+    offline, unknown and disabled nodes, cancels, lost targets, targets in flight."""
+    rng = random.Random(14)
+    states = list(TargetState)
+    for _ in range(3000):
+        n = rng.randint(1, 12)
+        ts = {
+            f"n{i}": Target(
+                f"n{i}",
+                rng.choice(states),
+                stage=0 if i < rng.randint(0, 3) else 1,
+                attempts=rng.choice([0, 0, 1]),
+                updated=NOW - rng.choice([0, 10_000]),
+                cancel_requested=rng.random() < 0.1,
+            )
+            for i in range(n)
+        }
+        facts = {
+            name: NodeFacts(
+                online=rng.random() < 0.8,
+                last_seen=NOW - rng.choice([0, 1000]),
+                jobs_disabled=rng.random() < 0.1,
+            )
+            for name in ts
+            if rng.random() < 0.9
+        }
+        limits = JobLimits(
+            created=NOW - rng.choice([0, 1000]),
+            concurrency=rng.randint(1, 4),
+            max_errors=rng.choice([0, 1, 2]),
+            timeout=rng.choice([1.0, 3600.0]),
+        )
+        in_flight = {name for name in ts if rng.random() < 0.2}
+        p = plan(ts, facts, limits, NOW, in_flight=in_flight, cancelled=rng.random() < 0.1)
+        after = {name: p.changes.get(name, (t.state, ""))[0] for name, t in ts.items()}
+        assert p.counts == dict(collections.Counter(after.values()))
 
 
 def test_jobs_disabled_fails_at_once_and_cancelled_targets_are_never_sent() -> None:
