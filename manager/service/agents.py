@@ -32,7 +32,7 @@ from manager.service.validation import (
 from manager.storage import AgentStateRecord
 from manager.storage.agents import check_snapshot, replace_many
 from manager.storage.desired import DesiredStateRepository, DesiredTx
-from manager.storage.records import UpdateErrorRecord
+from manager.storage.records import NodeDesiredRecord, UpdateErrorRecord
 
 __all__ = [
     "AgentStates",
@@ -228,11 +228,13 @@ class AgentStates:
             changed_states: set[str] = set()
             reported_nodes: set[str] = set()  # their node_desired row changed
             for part in _rounds(order, group):
+                desired: dict[str, NodeDesiredRecord] = {}  # read with the old snapshots
                 counts = await replace_many(
                     tx.conn,
                     [(group[i].node_id, group[i].states) for i in part],
                     now_ms=now_ms,
                     events_out=tx.queued_events,
+                    desired_out=desired,
                 )
                 known = []
                 for i, changed in zip(part, counts, strict=True):
@@ -254,6 +256,7 @@ class AgentStates:
                         for i in known
                     ],
                     now_ms=now_ms,
+                    rows=desired,
                 )
             return results, sorted(changed_states), sorted(reported_nodes)
 

@@ -12,7 +12,7 @@ is acted on at once.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 from manager.storage.desired import DesiredStateRepository, DesiredTx
 from manager.storage.records import NodeDesiredRecord, UpdateErrorRecord
@@ -95,10 +95,13 @@ class DaemonReports:
         *,
         registered: bool = False,
         now_ms: int,
+        rows: Mapping[str, NodeDesiredRecord] | None = None,
     ) -> set[str]:
         """`apply` for several nodes' (node, spec version, update errors), each node at
-        most once, in one read and one write; the nodes whose row changed."""
-        rows = await tx.node_desired([node_id for node_id, _, _ in reports])
+        most once, in one read and one write; the nodes whose row changed. `rows`: their
+        node_desired rows read earlier in this transaction (then not read again)."""
+        if rows is None:
+            rows = await tx.node_desired([node_id for node_id, _, _ in reports])
         after_rows: list[NodeDesiredRecord] = []
         for node_id, spec_version, update_errors in reports:
             row = rows.get(node_id)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
+import sqlite3
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
@@ -13,9 +14,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from fleet.errors import InvalidArgument, NotFound, Resource
 from manager.storage.db import Database
 from manager.storage.events import dump_map, event_row, insert_events, load_map
-from manager.storage.records import AgentStateRecord
-from manager.storage.schema import agent_states, nodes
+from manager.storage.records import AgentStateRecord, NodeDesiredRecord
+from manager.storage.schema import agent_states, node_desired, nodes
 from manager.storage.sqlhelp import chunks
+from manager.storage.sqlite_hops import on_driver_thread
 
 __all__ = [
     "AgentStateRepository",
@@ -150,6 +152,28 @@ def _row(state: AgentStateRecord) -> dict[str, Any]:
     }
 
 
+_COLUMNS = tuple(c.name for c in agent_states.columns)
+"""agent_states' columns, in the order of `_row`'s keys and the record's fields."""
+_LABELS = _COLUMNS.index("labels")
+_DESIRED_COLUMNS = tuple(c.name for c in node_desired.columns)
+
+
+def _record_of(values: Sequence[Any]) -> AgentStateRecord:
+    """A record from an agent_states row's values in `_COLUMNS` order."""
+    fields = dict(zip(_COLUMNS, values, strict=True))
+    fields["labels"] = load_map(values[_LABELS])
+    return AgentStateRecord(**fields)
+
+
+def _desired_of(values: Sequence[Any]) -> NodeDesiredRecord:
+    """A record from a node_desired row's values in `_DESIRED_COLUMNS` order."""
+    from manager.storage.desired import load_update_errors  # desired imports this module
+
+    fields = dict(zip(_DESIRED_COLUMNS, values, strict=True))
+    fields["update_errors"] = load_update_errors(fields["update_errors"])
+    return NodeDesiredRecord(**fields)
+
+
 def _record(row: Any) -> AgentStateRecord:
     return AgentStateRecord(
         node_id=row.node_id,
@@ -245,38 +269,62 @@ async def replace_many(
     now_ms: int,
     actor_of: Callable[[str], str] = lambda node_id: f"node/{node_id}",
     events_out: list[dict[str, Any]] | None = None,
+    desired_out: dict[str, NodeDesiredRecord] | None = None,
 ) -> list[int | None]:
     """`replace_in` for several nodes (each at most once) in a handful of statements
     whatever their number: per node, how many agents changed, or None for a node that
     is not registered (nothing of it written). Its events are inserted last, or
-    appended to `events_out` for the caller to write last. A batch of daemons reports
-    at once during a rollout: statements per report made each report cost milliseconds
-    of the manager's one event loop."""
+    appended to `events_out` for the caller to write last. `desired_out`, if given,
+    gets the registered nodes' node_desired rows as they were (what their reports are
+    judged against: `DaemonReports.apply_many`), read with the old snapshots.
+
+    A batch of daemons reports at once during a rollout, and an idle fleet's reports
+    come one at a time: statements per report made each report cost milliseconds of
+    the manager's one event loop. On SQLite the reads are one hop to aiosqlite's
+    thread and the writes another, straight to the driver (SQLAlchemy's statement
+    building was most of a report's cost)."""
     ids = [node_id for node_id, _ in snapshots]
     if len(set(ids)) != len(ids):
         raise ValueError("replace_many: a node listed twice")
-    known: set[str] = set()
     old: dict[str, dict[str, AgentStateRecord]] = {}
-    # Locking the node rows (in id order) serializes concurrent replaces of a node.
-    for part in chunks(sorted(ids)):
-        known.update(
-            await conn.scalars(
-                select(nodes.c.node_id)
-                .where(nodes.c.node_id.in_(part))
-                .order_by(nodes.c.node_id)
-                .with_for_update()
-            )
+    sqlite = conn.dialect.name == "sqlite"
+    if sqlite:
+        # The write lock is held since BEGIN IMMEDIATE: nothing to lock row by row.
+        present, old_rows, desired_rows = await on_driver_thread(
+            conn, _sqlite_take, sorted(ids), desired_out is not None
         )
-    present = sorted(known)
-    for part in chunks(present):
-        # The rows it deletes are the old snapshot: one statement, not a read and a delete.
-        result = await conn.execute(
-            delete(agent_states)
-            .where(agent_states.c.node_id.in_(part))
-            .returning(*agent_states.columns)
-        )
-        for r in map(_record, result):
+        known = set(present)
+        for r in map(_record_of, old_rows):
             old.setdefault(r.node_id, {})[r.agent_id] = r
+        if desired_out is not None:
+            desired_out.update((d.node_id, d) for d in map(_desired_of, desired_rows))
+    else:
+        known = set()
+        # Locking the node rows (in id order) serializes concurrent replaces of a node.
+        for part in chunks(sorted(ids)):
+            known.update(
+                await conn.scalars(
+                    select(nodes.c.node_id)
+                    .where(nodes.c.node_id.in_(part))
+                    .order_by(nodes.c.node_id)
+                    .with_for_update()
+                )
+            )
+        present = sorted(known)
+        for part in chunks(present):
+            # The rows it deletes are the old snapshot: one statement, not a read and a delete.
+            result = await conn.execute(
+                delete(agent_states)
+                .where(agent_states.c.node_id.in_(part))
+                .returning(*agent_states.columns)
+            )
+            for r in map(_record, result):
+                old.setdefault(r.node_id, {})[r.agent_id] = r
+            if desired_out is not None:
+                rows = await conn.execute(
+                    select(node_desired).where(node_desired.c.node_id.in_(part))
+                )
+                desired_out.update((d.node_id, d) for d in map(_desired_of, rows))
     inserted: list[dict[str, Any]] = []
     events: list[dict[str, Any]] = []
     out: list[int | None] = []
@@ -308,12 +356,60 @@ async def replace_many(
             changed += 1
         out.append(changed)
     if inserted:
-        await conn.execute(insert(agent_states), inserted)
+        if sqlite:
+            values = [tuple(row[c] for c in _COLUMNS) for row in inserted]
+            await on_driver_thread(conn, _sqlite_insert, values)
+        else:
+            await conn.execute(insert(agent_states), inserted)
     if events_out is None:
         await insert_events(conn, events)
     else:
         events_out.extend(events)
     return out
+
+
+def _in(table: str, what: str, n: int) -> str:
+    return f"{what} {table} WHERE node_id IN ({', '.join('?' * n)})"
+
+
+_RETURNING = ", ".join(_COLUMNS)
+_SELECT_DESIRED = f"SELECT {', '.join(_DESIRED_COLUMNS)} FROM"
+_INSERT_SQL = (
+    f"INSERT INTO {agent_states.name} ({_RETURNING}) "  # noqa: S608 (constants only)
+    f"VALUES ({', '.join('?' * len(_COLUMNS))})"
+)
+
+
+def _sqlite_take(
+    db: sqlite3.Connection, ids: list[str], with_desired: bool
+) -> tuple[list[str], list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """On aiosqlite's thread: which of `ids` are registered, their agent rows (deleted:
+    the old snapshots) and, if asked, their node_desired rows."""
+    present: list[str] = []
+    for part in chunks(ids):
+        sql = _in(nodes.name, "SELECT node_id FROM", len(part))
+        present += [r[0] for r in _fetch(db, sql, part)]
+    old: list[tuple[Any, ...]] = []
+    desired: list[tuple[Any, ...]] = []
+    for part in chunks(present):
+        sql = _in(agent_states.name, "DELETE FROM", len(part)) + f" RETURNING {_RETURNING}"
+        old += _fetch(db, sql, part)
+        if with_desired:
+            desired += _fetch(db, _in(node_desired.name, _SELECT_DESIRED, len(part)), part)
+    return present, old, desired
+
+
+def _sqlite_insert(db: sqlite3.Connection, values: list[tuple[Any, ...]]) -> None:
+    """On aiosqlite's thread: the new snapshots' rows."""
+    db.executemany(_INSERT_SQL, values).close()
+
+
+def _fetch(db: sqlite3.Connection, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+    cur = db.execute(sql, params)
+    try:
+        return cur.fetchall()
+    finally:
+        cur.close()
 
 
 class AgentStateRepository:
