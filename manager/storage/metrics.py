@@ -18,6 +18,7 @@ rest.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
@@ -59,6 +60,10 @@ _SAMPLE_COLUMNS: Final = (*_KEY, "ts_ms", "value")
 _SampleRow = tuple[str, str, str, str, int, float]
 # Batch keys per INSERT on SQLite: 3 parameters each, under its 32,766 per statement.
 _KEYS_PER_STATEMENT: Final = 5_000
+
+
+class _LateSamples(Exception):
+    """A sample older than the watermark: the commit needs the rollup merge."""
 
 
 def _now_ms() -> int:
@@ -115,14 +120,23 @@ class MetricStore:
                 for s in batches[i].samples
             ]
 
+        # Sorted, so two replicas inserting overlapping keys lock them in the same
+        # order instead of deadlocking.
+        keys = sorted(first)
+        if self._db.dialect == "sqlite":
+            # The whole commit in one hop to aiosqlite's thread, unless a sample is older
+            # than the watermark (after an outage): then through `body`, which merges it.
+            with contextlib.suppress(_LateSamples):
+                _, stored_idx, _ = await self._db.run_sqlite(
+                    self._sqlite_write, keys, first, received, samples, True
+                )
+                stored = set(stored_idx)
+                return [i in stored for i in range(len(batches))]
+
         async def body(conn: AsyncConnection) -> list[bool]:
-            # Sorted, so two replicas inserting overlapping keys lock them in the same
-            # order instead of deadlocking.
-            keys = sorted(first)
             if self._db.dialect == "sqlite":
-                # The watermark, the keys and the samples of the batches stored: one hop.
                 watermark, stored_idx, rows = await on_driver_thread(
-                    conn, self._sqlite_write, keys, first, received, samples
+                    conn, self._sqlite_write, keys, first, received, samples, False
                 )
             else:
                 watermark = await self._watermark(conn, lock="share")
@@ -153,9 +167,12 @@ class MetricStore:
         first: dict[tuple[str, int], int],
         received_ms: int,
         samples: Callable[[Sequence[int]], list[_SampleRow]],
+        refuse_late: bool,
     ) -> tuple[int, list[int], list[_SampleRow]]:
         """SQLite, on aiosqlite's thread in the writer's transaction: the watermark, the
         batches whose keys were not stored before (their indexes), their samples inserted.
+        `refuse_late`: raise _LateSamples (before inserting any) if a sample is older
+        than the watermark.
 
         Through SQLAlchemy (its INSERT ... RETURNING over many parameter sets, its
         SELECT) and one hop per statement, a single-batch commit cost the loop ~1 ms;
@@ -178,6 +195,8 @@ class MetricStore:
                 cur.close()
         stored.sort()
         rows = samples(stored)
+        if refuse_late and any(r[4] < watermark for r in rows):
+            raise _LateSamples
         if rows:
             db.executemany(self._insert_samples_sql, rows).close()
         return int(watermark or 0), stored, rows
