@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
+import sqlite3
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -30,9 +31,16 @@ from manager.service.validation import (
     validate_spec_version,
 )
 from manager.storage import AgentStateRecord
-from manager.storage.agents import check_snapshot, replace_many
+from manager.storage.agents import (
+    check_snapshot,
+    replace_many,
+    sqlite_put_node_desired,
+    sqlite_replace_many,
+)
+from manager.storage.db import Database
 from manager.storage.desired import DesiredStateRepository, DesiredTx
-from manager.storage.records import UpdateErrorRecord
+from manager.storage.events import sqlite_insert_events
+from manager.storage.records import NodeDesiredRecord, UpdateErrorRecord
 
 __all__ = [
     "AgentStates",
@@ -146,12 +154,15 @@ class AgentStates:
         on_change: Callable[[Collection[str]], None] = lambda node_ids: None,
         on_states: Callable[[Collection[str]], None] | None = None,
         max_group: int = 200,
+        db: Database | None = None,
     ) -> None:
         """`on_change(nodes)`: daemons reported their spec version or update errors anew
         (the driver's delivery bookkeeping). `on_states(nodes)`: their agents' states
-        changed (only a live rollout judges them); `on_change` if not given."""
+        changed (only a live rollout judges them); `on_change` if not given. `db`: the
+        database `desired` runs on; if SQLite, a group is written by `Database.run_sqlite`."""
         self._registry = registry
         self._desired = desired
+        self._db = db
         self._clock = clock
         self._on_change = on_change
         self._on_states = on_states or on_change
@@ -221,49 +232,90 @@ class AgentStates:
         # Node order: concurrent transactions lock node rows in one order (PostgreSQL).
         order = sorted(range(len(group)), key=lambda i: group[i].node_id)
 
-        async def body(
-            tx: DesiredTx,
-        ) -> tuple[list[int | BaseException], list[str], list[str]]:
-            results: list[int | BaseException] = [0] * len(group)
-            changed_states: set[str] = set()
-            reported_nodes: set[str] = set()  # their node_desired row changed
+        async def body(tx: DesiredTx) -> _Outcome:
+            out = _Outcome(group)
             for part in _rounds(order, group):
+                desired: dict[str, NodeDesiredRecord] = {}  # read with the old snapshots
                 counts = await replace_many(
                     tx.conn,
                     [(group[i].node_id, group[i].states) for i in part],
                     now_ms=now_ms,
                     events_out=tx.queued_events,
+                    desired_out=desired,
                 )
-                known = []
-                for i, changed in zip(part, counts, strict=True):
-                    if changed is None:  # nothing of it was written
-                        node_id = group[i].node_id
-                        results[i] = NotFound(
-                            f"node {node_id!r} is not registered",
-                            resource=Resource("node", node_id),
-                        )
-                        continue
-                    results[i] = changed
-                    known.append(i)
-                    if changed > 0:
-                        changed_states.add(group[i].node_id)
-                reported_nodes |= await DaemonReports.apply_many(
-                    tx,
-                    [
-                        (group[i].node_id, group[i].spec_version, group[i].update_errors)
-                        for i in known
-                    ],
-                    now_ms=now_ms,
+                out.reported |= await DaemonReports.apply_many(
+                    tx, out.replaced(part, counts), now_ms=now_ms, rows=desired
                 )
-            return results, sorted(changed_states), sorted(reported_nodes)
+            return out
 
-        results, states, reported = await self._desired.run(body)
+        def sqlite_body(db: sqlite3.Connection) -> _Outcome:
+            # The same on aiosqlite's thread, the whole transaction in one hop
+            # (Database.run_sqlite): an idle fleet's reports come one at a time.
+            out = _Outcome(group)
+            events: list[dict[str, Any]] = []
+            for part in _rounds(order, group):
+                desired: dict[str, NodeDesiredRecord] = {}
+                counts = sqlite_replace_many(
+                    db,
+                    [(group[i].node_id, group[i].states) for i in part],
+                    now_ms=now_ms,
+                    events_out=events,
+                    desired_out=desired,
+                )
+                rows, more = DaemonReports.judge(desired, out.replaced(part, counts), now_ms=now_ms)
+                sqlite_put_node_desired(db, rows)
+                events += more
+                out.reported.update(row.node_id for row in rows)
+            sqlite_insert_events(db, events)
+            return out
+
+        if self._db is not None and self._db.dialect == "sqlite":
+            outcome = await self._db.run_sqlite(sqlite_body)
+        else:
+            outcome = await self._desired.run(body)
+        results, states, reported = (
+            outcome.results,
+            sorted(outcome.states),
+            sorted(outcome.reported),
+        )
         self.commits += 1
         if reported:
             self._on_change(reported)
         if states:
             self._on_states(states)  # rollouts judge agents by their states
         return results
+
+
+class _Outcome:
+    """What a group's transaction did: per report its count of changed agents or
+    NotFound, the nodes whose agents' states changed, and those whose node_desired
+    row changed."""
+
+    def __init__(self, group: Sequence[_Sync]) -> None:
+        self.group = group
+        self.results: list[int | BaseException] = [0] * len(group)
+        self.states: set[str] = set()
+        self.reported: set[str] = set()
+
+    def replaced(
+        self, part: Sequence[int], counts: Sequence[int | None]
+    ) -> list[tuple[str, int, Sequence[UpdateErrorRecord] | None]]:
+        """Record one round's `replace_many` counts; the reports of the registered nodes
+        (node, spec version, update errors), for `DaemonReports`."""
+        reports = []
+        for i, changed in zip(part, counts, strict=True):
+            sync = self.group[i]
+            if changed is None:  # nothing of it was written
+                self.results[i] = NotFound(
+                    f"node {sync.node_id!r} is not registered",
+                    resource=Resource("node", sync.node_id),
+                )
+                continue
+            self.results[i] = changed
+            if changed > 0:
+                self.states.add(sync.node_id)
+            reports.append((sync.node_id, sync.spec_version, sync.update_errors))
+        return reports
 
 
 def _rounds(order: Sequence[int], group: Sequence[_Sync]) -> list[list[int]]:

@@ -12,12 +12,14 @@ is acted on at once.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from manager.storage.desired import DesiredStateRepository, DesiredTx
+from manager.storage.events import event_row
 from manager.storage.records import NodeDesiredRecord, UpdateErrorRecord
 
-__all__ = ["DaemonReports", "reported_row", "update_errors_event"]
+__all__ = ["DaemonReports", "reported_row", "update_errors_event", "update_errors_event_row"]
 
 
 class DaemonReports:
@@ -95,11 +97,32 @@ class DaemonReports:
         *,
         registered: bool = False,
         now_ms: int,
+        rows: Mapping[str, NodeDesiredRecord] | None = None,
     ) -> set[str]:
         """`apply` for several nodes' (node, spec version, update errors), each node at
-        most once, in one read and one write; the nodes whose row changed."""
-        rows = await tx.node_desired([node_id for node_id, _, _ in reports])
+        most once, in one read and one write; the nodes whose row changed. `rows`: their
+        node_desired rows read earlier in this transaction (then not read again)."""
+        if rows is None:
+            rows = await tx.node_desired([node_id for node_id, _, _ in reports])
+        after_rows, events = DaemonReports.judge(
+            rows, reports, registered=registered, now_ms=now_ms
+        )
+        tx.queued_events.extend(events)
+        await tx.put_node_desired(after_rows)
+        return {row.node_id for row in after_rows}
+
+    @staticmethod
+    def judge(
+        rows: Mapping[str, NodeDesiredRecord],
+        reports: Sequence[tuple[str, int, Sequence[UpdateErrorRecord] | None]],
+        *,
+        registered: bool = False,
+        now_ms: int,
+    ) -> tuple[list[NodeDesiredRecord], list[dict[str, Any]]]:
+        """`apply_many`'s decision (pure): the node_desired rows to write (those that
+        changed) and the NODE_UPDATE_ERROR events, from the rows as they are."""
         after_rows: list[NodeDesiredRecord] = []
+        events: list[dict[str, Any]] = []
         for node_id, spec_version, update_errors in reports:
             row = rows.get(node_id)
             after, changed = reported_row(
@@ -110,9 +133,8 @@ class DaemonReports:
             after_rows.append(after)
             before = row if row is not None else NodeDesiredRecord(node_id)
             if after.update_errors != before.update_errors:
-                update_errors_event(tx, node_id, after.update_errors, now_ms)
-        await tx.put_node_desired(after_rows)
-        return {row.node_id for row in after_rows}
+                events.append(update_errors_event_row(node_id, after.update_errors, now_ms))
+        return after_rows, events
 
 
 def reported_row(
@@ -148,8 +170,15 @@ def update_errors_event(
 ) -> None:
     """The NODE_UPDATE_ERROR event of a node whose error set changed to `errors`
     (reported by a sync, or in the answer to a push)."""
+    tx.queued_events.append(update_errors_event_row(node_id, errors, now_ms))
+
+
+def update_errors_event_row(
+    node_id: str, errors: Sequence[UpdateErrorRecord], now_ms: int
+) -> dict[str, Any]:
+    """`update_errors_event`'s events row (pure)."""
     text = "; ".join(f"{e.agent_id}: {e.reason}" for e in errors)
-    tx.event(
+    return event_row(
         "NODE_UPDATE_ERROR",
         now_ms=now_ms,
         node_id=node_id,

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
+import functools
+import sqlite3
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
 
@@ -13,9 +15,10 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from fleet.errors import InvalidArgument, NotFound, Resource
 from manager.storage.db import Database
 from manager.storage.events import dump_map, event_row, insert_events, load_map
-from manager.storage.records import AgentStateRecord
-from manager.storage.schema import agent_states, nodes
+from manager.storage.records import AgentStateRecord, NodeDesiredRecord
+from manager.storage.schema import agent_states, node_desired, nodes
 from manager.storage.sqlhelp import chunks
+from manager.storage.sqlite_hops import on_driver_thread
 
 __all__ = [
     "AgentStateRepository",
@@ -24,6 +27,8 @@ __all__ = [
     "replace_in",
     "replace_many",
     "select_states",
+    "sqlite_put_node_desired",
+    "sqlite_replace_many",
     "state_changed",
 ]
 
@@ -150,6 +155,28 @@ def _row(state: AgentStateRecord) -> dict[str, Any]:
     }
 
 
+_COLUMNS = tuple(c.name for c in agent_states.columns)
+"""agent_states' columns, in the order of `_row`'s keys and the record's fields."""
+_LABELS = _COLUMNS.index("labels")
+_DESIRED_COLUMNS = tuple(c.name for c in node_desired.columns)
+
+
+def _record_of(values: Sequence[Any]) -> AgentStateRecord:
+    """A record from an agent_states row's values in `_COLUMNS` order."""
+    fields = dict(zip(_COLUMNS, values, strict=True))
+    fields["labels"] = load_map(values[_LABELS])
+    return AgentStateRecord(**fields)
+
+
+def _desired_of(values: Sequence[Any]) -> NodeDesiredRecord:
+    """A record from a node_desired row's values in `_DESIRED_COLUMNS` order."""
+    from manager.storage.desired import load_update_errors  # desired imports this module
+
+    fields = dict(zip(_DESIRED_COLUMNS, values, strict=True))
+    fields["update_errors"] = load_update_errors(fields["update_errors"])
+    return NodeDesiredRecord(**fields)
+
+
 def _record(row: Any) -> AgentStateRecord:
     return AgentStateRecord(
         node_id=row.node_id,
@@ -245,20 +272,81 @@ async def replace_many(
     now_ms: int,
     actor_of: Callable[[str], str] = lambda node_id: f"node/{node_id}",
     events_out: list[dict[str, Any]] | None = None,
+    desired_out: dict[str, NodeDesiredRecord] | None = None,
 ) -> list[int | None]:
     """`replace_in` for several nodes (each at most once) in a handful of statements
     whatever their number: per node, how many agents changed, or None for a node that
     is not registered (nothing of it written). Its events are inserted last, or
-    appended to `events_out` for the caller to write last. A batch of daemons reports
-    at once during a rollout: statements per report made each report cost milliseconds
-    of the manager's one event loop."""
-    ids = [node_id for node_id, _ in snapshots]
-    if len(set(ids)) != len(ids):
-        raise ValueError("replace_many: a node listed twice")
-    known: set[str] = set()
+    appended to `events_out` for the caller to write last. `desired_out`, if given,
+    gets the registered nodes' node_desired rows as they were (what their reports are
+    judged against: `DaemonReports.apply_many`), read with the old snapshots.
+
+    A batch of daemons reports at once during a rollout, and an idle fleet's reports
+    come one at a time: statements per report made each report cost milliseconds of
+    the manager's one event loop. On SQLite it is `sqlite_replace_many`, one hop to
+    aiosqlite's thread (SQLAlchemy's statement building was most of a report's cost)."""
+    _check_once(snapshots)
+    events: list[dict[str, Any]] = []
+    if conn.dialect.name == "sqlite":
+        out = await on_driver_thread(
+            conn,
+            functools.partial(
+                sqlite_replace_many,
+                now_ms=now_ms,
+                actor_of=actor_of,
+                events_out=events,
+                desired_out=desired_out,
+            ),
+            snapshots,
+        )
+    else:
+        out = await _postgresql_replace_many(conn, snapshots, now_ms, actor_of, events, desired_out)
+    if events_out is None:
+        await insert_events(conn, events)
+    else:
+        events_out.extend(events)
+    return out
+
+
+def sqlite_replace_many(
+    db: sqlite3.Connection,
+    snapshots: Sequence[tuple[str, Sequence[AgentStateRecord]]],
+    *,
+    now_ms: int,
+    actor_of: Callable[[str], str] = lambda node_id: f"node/{node_id}",
+    events_out: list[dict[str, Any]],
+    desired_out: dict[str, NodeDesiredRecord] | None = None,
+) -> list[int | None]:
+    """`replace_many` on aiosqlite's thread, in the write transaction `db` holds (the
+    write lock is held since BEGIN IMMEDIATE: nothing to lock row by row); its events
+    are appended to `events_out` for the caller to write last."""
+    _check_once(snapshots)
+    present, old_rows, desired_rows = _sqlite_take(
+        db, sorted(node_id for node_id, _ in snapshots), desired_out is not None
+    )
     old: dict[str, dict[str, AgentStateRecord]] = {}
+    for r in map(_record_of, old_rows):
+        old.setdefault(r.node_id, {})[r.agent_id] = r
+    if desired_out is not None:
+        desired_out.update((d.node_id, d) for d in map(_desired_of, desired_rows))
+    out, inserted = _replace(snapshots, set(present), old, now_ms, actor_of, events_out)
+    if inserted:
+        values = [tuple(row[c] for c in _COLUMNS) for row in inserted]
+        db.executemany(_INSERT_SQL, values).close()
+    return out
+
+
+async def _postgresql_replace_many(
+    conn: AsyncConnection,
+    snapshots: Sequence[tuple[str, Sequence[AgentStateRecord]]],
+    now_ms: int,
+    actor_of: Callable[[str], str],
+    events_out: list[dict[str, Any]],
+    desired_out: dict[str, NodeDesiredRecord] | None,
+) -> list[int | None]:
+    known: set[str] = set()
     # Locking the node rows (in id order) serializes concurrent replaces of a node.
-    for part in chunks(sorted(ids)):
+    for part in chunks(sorted(node_id for node_id, _ in snapshots)):
         known.update(
             await conn.scalars(
                 select(nodes.c.node_id)
@@ -267,8 +355,8 @@ async def replace_many(
                 .with_for_update()
             )
         )
-    present = sorted(known)
-    for part in chunks(present):
+    old: dict[str, dict[str, AgentStateRecord]] = {}
+    for part in chunks(sorted(known)):
         # The rows it deletes are the old snapshot: one statement, not a read and a delete.
         result = await conn.execute(
             delete(agent_states)
@@ -277,8 +365,32 @@ async def replace_many(
         )
         for r in map(_record, result):
             old.setdefault(r.node_id, {})[r.agent_id] = r
+        if desired_out is not None:
+            rows = await conn.execute(select(node_desired).where(node_desired.c.node_id.in_(part)))
+            desired_out.update((d.node_id, d) for d in map(_desired_of, rows))
+    out, inserted = _replace(snapshots, known, old, now_ms, actor_of, events_out)
+    if inserted:
+        await conn.execute(insert(agent_states), inserted)
+    return out
+
+
+def _check_once(snapshots: Sequence[tuple[str, Sequence[AgentStateRecord]]]) -> None:
+    ids = [node_id for node_id, _ in snapshots]
+    if len(set(ids)) != len(ids):
+        raise ValueError("replace_many: a node listed twice")
+
+
+def _replace(
+    snapshots: Sequence[tuple[str, Sequence[AgentStateRecord]]],
+    known: Collection[str],
+    old: dict[str, dict[str, AgentStateRecord]],
+    now_ms: int,
+    actor_of: Callable[[str], str],
+    events_out: list[dict[str, Any]],
+) -> tuple[list[int | None], list[dict[str, Any]]]:
+    """Per node how many agents changed (None: not registered), the rows to insert, and
+    an event per change appended to `events_out` (pure)."""
     inserted: list[dict[str, Any]] = []
-    events: list[dict[str, Any]] = []
     out: list[int | None] = []
     for node_id, states in snapshots:
         if node_id not in known:
@@ -294,7 +406,7 @@ async def replace_many(
             if before is not None and after is not None and not state_changed(before, after):
                 continue
             message, attributes = describe_change(node_id, agent_id, before, after)
-            events.append(
+            events_out.append(
                 event_row(
                     "AGENT_STATE_CHANGED",
                     now_ms=now_ms,
@@ -307,13 +419,66 @@ async def replace_many(
             )
             changed += 1
         out.append(changed)
-    if inserted:
-        await conn.execute(insert(agent_states), inserted)
-    if events_out is None:
-        await insert_events(conn, events)
-    else:
-        events_out.extend(events)
-    return out
+    return out, inserted
+
+
+def sqlite_put_node_desired(db: sqlite3.Connection, records: Sequence[NodeDesiredRecord]) -> None:
+    """`DesiredTx.put_node_desired` on aiosqlite's thread: insert or replace the rows."""
+    if records:
+        from manager.storage.desired import dump_update_errors  # desired imports this module
+
+        values = [
+            tuple(
+                dump_update_errors(r.update_errors) if c == "update_errors" else getattr(r, c)
+                for c in _DESIRED_COLUMNS
+            )
+            for r in records
+        ]
+        db.executemany(_PUT_DESIRED_SQL, values).close()
+
+
+def _in(table: str, what: str, n: int) -> str:
+    return f"{what} {table} WHERE node_id IN ({', '.join('?' * n)})"
+
+
+_RETURNING = ", ".join(_COLUMNS)
+_SELECT_DESIRED = f"SELECT {', '.join(_DESIRED_COLUMNS)} FROM"
+_INSERT_SQL = (
+    f"INSERT INTO {agent_states.name} ({_RETURNING}) "  # noqa: S608 (constants only)
+    f"VALUES ({', '.join('?' * len(_COLUMNS))})"
+)
+_PUT_DESIRED_SQL = (
+    f"INSERT INTO {node_desired.name} ({', '.join(_DESIRED_COLUMNS)}) "  # noqa: S608 (constants only)
+    f"VALUES ({', '.join('?' * len(_DESIRED_COLUMNS))}) ON CONFLICT (node_id) DO UPDATE SET "
+    + ", ".join(f"{c} = excluded.{c}" for c in _DESIRED_COLUMNS if c != "node_id")
+)
+
+
+def _sqlite_take(
+    db: sqlite3.Connection, ids: list[str], with_desired: bool
+) -> tuple[list[str], list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """Which of `ids` are registered, their agent rows (deleted: the old snapshots) and,
+    if asked, their node_desired rows."""
+    present: list[str] = []
+    for part in chunks(ids):
+        sql = _in(nodes.name, "SELECT node_id FROM", len(part))
+        present += [r[0] for r in _fetch(db, sql, part)]
+    old: list[tuple[Any, ...]] = []
+    desired: list[tuple[Any, ...]] = []
+    for part in chunks(present):
+        sql = _in(agent_states.name, "DELETE FROM", len(part)) + f" RETURNING {_RETURNING}"
+        old += _fetch(db, sql, part)
+        if with_desired:
+            desired += _fetch(db, _in(node_desired.name, _SELECT_DESIRED, len(part)), part)
+    return present, old, desired
+
+
+def _fetch(db: sqlite3.Connection, sql: str, params: Sequence[Any]) -> list[tuple[Any, ...]]:
+    cur = db.execute(sql, params)
+    try:
+        return cur.fetchall()
+    finally:
+        cur.close()
 
 
 class AgentStateRepository:

@@ -18,8 +18,10 @@ rest.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import sqlite3
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Final, Literal
 
 from sqlalchemy import (
@@ -45,6 +47,7 @@ from manager.storage.schema import (
     metric_samples,
 )
 from manager.storage.sqlhelp import dialect_insert
+from manager.storage.sqlite_hops import on_driver_thread
 
 __all__ = ["MINUTE_MS", "Aggregate", "MetricStore"]
 
@@ -57,6 +60,10 @@ _SAMPLE_COLUMNS: Final = (*_KEY, "ts_ms", "value")
 _SampleRow = tuple[str, str, str, str, int, float]
 # Batch keys per INSERT on SQLite: 3 parameters each, under its 32,766 per statement.
 _KEYS_PER_STATEMENT: Final = 5_000
+
+
+class _LateSamples(Exception):
+    """A sample older than the watermark: the commit needs the rollup merge."""
 
 
 def _now_ms() -> int:
@@ -103,12 +110,34 @@ class MetricStore:
         if not first:
             return []
 
+        def samples(indexes: Sequence[int]) -> list[_SampleRow]:
+            # Tuples in _SAMPLE_COLUMNS order straight to the driver: SQLAlchemy's
+            # per-row parameter processing would cost about as much as the insert.
+            return [
+                (node_id, s.agent_id, s.type, s.name, s.timestamp_ms, s.value)
+                for i in indexes
+                for node_id in (batches[i].node_id,)
+                for s in batches[i].samples
+            ]
+
+        # Sorted, so two replicas inserting overlapping keys lock them in the same
+        # order instead of deadlocking.
+        keys = sorted(first)
+        if self._db.dialect == "sqlite":
+            # The whole commit in one hop to aiosqlite's thread, unless a sample is older
+            # than the watermark (after an outage): then through `body`, which merges it.
+            with contextlib.suppress(_LateSamples):
+                _, stored_idx, _ = await self._db.run_sqlite(
+                    self._sqlite_write, keys, first, received, samples, True
+                )
+                stored = set(stored_idx)
+                return [i in stored for i in range(len(batches))]
+
         async def body(conn: AsyncConnection) -> list[bool]:
-            # Sorted, so two replicas inserting overlapping keys lock them in the same
-            # order instead of deadlocking.
-            keys = sorted(first)
             if self._db.dialect == "sqlite":
-                watermark, stored_keys = await self._sqlite_keys(conn, keys, received)
+                watermark, stored_idx, rows = await on_driver_thread(
+                    conn, self._sqlite_write, keys, first, received, samples, False
+                )
             else:
                 watermark = await self._watermark(conn, lock="share")
                 ins = (
@@ -119,59 +148,67 @@ class MetricStore:
                 result = await conn.execute(
                     ins, [{"node_id": n, "sequence": s, "received_ms": received} for n, s in keys]
                 )
-                stored_keys = {(row.node_id, row.sequence) for row in result}
-            stored_idx = sorted(first[k] for k in stored_keys)
-            # Tuples in _SAMPLE_COLUMNS order straight to the driver's
-            # executemany: SQLAlchemy's per-row parameter processing would
-            # cost about as much as SQLite's own insert.
-            rows: list[_SampleRow] = [
-                (node_id, s.agent_id, s.type, s.name, s.timestamp_ms, s.value)
-                for i in stored_idx
-                for node_id in (batches[i].node_id,)
-                for s in batches[i].samples
-            ]
-            if rows:
-                await self._insert_samples(conn, rows)
-                late = [r for r in rows if r[4] < watermark]
-                if late:
-                    await self._merge_late(conn, late)
+                stored_idx = sorted(first[(row.node_id, row.sequence)] for row in result)
+                rows = samples(stored_idx)
+                if rows:
+                    await self._insert_samples(conn, rows)
+            late = [r for r in rows if r[4] < watermark]
+            if late:
+                await self._merge_late(conn, late)
             stored = set(stored_idx)
             return [i in stored for i in range(len(batches))]
 
         return await self._db.run(body)
 
-    async def _sqlite_keys(
-        self, conn: AsyncConnection, keys: list[tuple[str, int]], received_ms: int
-    ) -> tuple[int, set[tuple[str, int]]]:
-        """SQLite: the watermark, and the keys inserted (not stored before), straight
-        through aiosqlite in the transaction `conn` holds.
+    def _sqlite_write(
+        self,
+        db: sqlite3.Connection,
+        keys: list[tuple[str, int]],
+        first: dict[tuple[str, int], int],
+        received_ms: int,
+        samples: Callable[[Sequence[int]], list[_SampleRow]],
+        refuse_late: bool,
+    ) -> tuple[int, list[int], list[_SampleRow]]:
+        """SQLite, on aiosqlite's thread in the writer's transaction: the watermark, the
+        batches whose keys were not stored before (their indexes), their samples inserted.
+        `refuse_late`: raise _LateSamples (before inserting any) if a sample is older
+        than the watermark.
 
-        SQLAlchemy's INSERT ... RETURNING over many parameter sets (its insertmanyvalues
-        path) and its SELECT cost the loop ~0.4 ms of a single-batch commit's ~1 ms; at a
-        steady trickle of small batches that is most of the metric writer's work.
+        Through SQLAlchemy (its INSERT ... RETURNING over many parameter sets, its
+        SELECT) and one hop per statement, a single-batch commit cost the loop ~1 ms;
+        at a steady trickle of small batches that is most of the metric writer's work.
         """
-        driver = (await conn.get_raw_connection()).driver_connection
-        assert driver is not None
-        (row,) = await driver.execute_fetchall(self._watermark_sql) or [(0,)]
-        stored: set[tuple[str, int]] = set()
+        cur = db.execute(self._watermark_sql)
+        try:
+            (watermark,) = cur.fetchone() or (0,)
+        finally:
+            cur.close()
+        stored: list[int] = []
         for at in range(0, len(keys), _KEYS_PER_STATEMENT):
             part = keys[at : at + _KEYS_PER_STATEMENT]
             params = [v for n, s in part for v in (n, s, received_ms)]
             sql = self._insert_keys_sql.format(values=", ".join(["(?, ?, ?)"] * len(part)))
-            stored.update((n, s) for n, s in await driver.execute_fetchall(sql, params))
-        return int(row[0] or 0), stored
+            cur = db.execute(sql, params)
+            try:
+                stored += [first[(n, s)] for n, s in cur.fetchall()]
+            finally:
+                cur.close()
+        stored.sort()
+        rows = samples(stored)
+        if refuse_late and any(r[4] < watermark for r in rows):
+            raise _LateSamples
+        if rows:
+            db.executemany(self._insert_samples_sql, rows).close()
+        return int(watermark or 0), stored, rows
 
     async def _insert_samples(self, conn: AsyncConnection, rows: list[_SampleRow]) -> None:
-        if self._db.dialect == "postgresql":
-            # COPY is several times faster than a prepared executemany. The
-            # transaction is already open (earlier statements of this body),
-            # so the rows commit or roll back with the dedupe keys.
-            raw = await conn.get_raw_connection()
-            await raw.driver_connection.copy_records_to_table(  # type: ignore[union-attr]
-                metric_samples.name, records=rows, columns=_SAMPLE_COLUMNS
-            )
-            return
-        await conn.exec_driver_sql(self._insert_samples_sql, rows)
+        """PostgreSQL (SQLite: `_sqlite_write`): COPY is several times faster than a
+        prepared executemany. The transaction is already open (earlier statements of
+        this body), so the rows commit or roll back with the dedupe keys."""
+        raw = await conn.get_raw_connection()
+        await raw.driver_connection.copy_records_to_table(  # type: ignore[union-attr]
+            metric_samples.name, records=rows, columns=_SAMPLE_COLUMNS
+        )
 
     async def _watermark(
         self, conn: AsyncConnection, *, lock: Literal["share", "update", "none"]

@@ -8,6 +8,7 @@ most of the event loop's wake-ups. `OneHopCursor` does the four in one
 function run on that thread and keeps what SQLAlchemy reads afterwards
 (rows, description, rowcount, lastrowid). `use_one_hop_cursors` switches a
 connection over; `Database.open` does it for every SQLite connection.
+`on_driver_thread` runs a function of several statements there in one hop.
 
 It relies on aiosqlite's `_execute` and `_conn`, as SQLAlchemy's own adapter
 does (its `isolation_level` setter).
@@ -17,16 +18,19 @@ from __future__ import annotations
 
 import collections
 import sqlite3
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
 
 from sqlalchemy.dialects.sqlite.aiosqlite import (
     AsyncAdapt_aiosqlite_connection,
     AsyncAdapt_aiosqlite_cursor,
 )
+from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.util import EMPTY_DICT
 
-__all__ = ["OneHopCursor", "use_one_hop_cursors"]
+__all__ = ["OneHopCursor", "on_driver_thread", "use_one_hop_cursors"]
+
+T = TypeVar("T")
 
 _Outcome = tuple[Any, list[Any], int, int | None]
 
@@ -119,3 +123,15 @@ def use_one_hop_cursors(dbapi_connection: Any) -> None:
     """Make this adapted aiosqlite connection's (non-server-side) cursors `OneHopCursor`s."""
     if type(dbapi_connection) is AsyncAdapt_aiosqlite_connection:
         dbapi_connection.__class__ = _OneHopConnection
+
+
+async def on_driver_thread(conn: AsyncConnection, fn: Callable[..., T], *args: Any) -> T:
+    """`fn(sqlite3_connection, *args)` run on aiosqlite's thread in one hop, inside the
+    transaction `conn` holds (an SQLite connection of `Database`). Its errors are the
+    sqlite3 module's, unwrapped (`manager.storage.transient` judges those too)."""
+    raw = await conn.get_raw_connection()
+    adapted: Any = raw.dbapi_connection  # SQLAlchemy's adapter around aiosqlite's connection
+    driver: Any = raw.driver_connection
+    async with adapted._execute_mutex:
+        result: T = await driver._execute(fn, driver._conn, *args)
+    return result

@@ -1,0 +1,88 @@
+"""Database.run_sqlite: a whole SQLite write transaction in one hop to aiosqlite's thread."""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+
+import pytest
+from sqlalchemy.ext.asyncio import AsyncConnection
+
+from fleet.errors import InvalidArgument
+from manager.storage.db import Database
+
+
+@pytest.fixture
+async def db(tmp_path: Path) -> AsyncIterator[Database]:
+    database = await Database.open(f"sqlite+aiosqlite:///{tmp_path / 'm.db'}")
+    await database.run(_create)
+    yield database
+    await database.close()
+
+
+async def _create(conn: AsyncConnection) -> None:
+    await conn.exec_driver_sql("CREATE TABLE t (k TEXT PRIMARY KEY, v INTEGER)")
+
+
+def _insert(db: sqlite3.Connection, rows: list[tuple[str, int]], fail: bool = False) -> int:
+    db.executemany("INSERT INTO t VALUES (?, ?)", rows).close()
+    if fail:
+        raise RuntimeError("the body failed after its writes")
+    return len(rows)
+
+
+def _count(db: sqlite3.Connection) -> int:
+    cur = db.execute("SELECT count(*) FROM t")
+    try:
+        return int(cur.fetchone()[0])
+    finally:
+        cur.close()
+
+
+async def test_commits_what_fn_wrote_and_returns_its_result(db: Database) -> None:
+    assert await db.run_sqlite(_insert, [("a", 1), ("b", 2)]) == 2
+    assert await db.run_sqlite(_count) == 2
+
+
+async def test_a_failing_fn_stores_nothing_and_leaves_no_transaction_open(
+    db: Database,
+) -> None:
+    with pytest.raises(RuntimeError, match="failed after its writes"):
+        await db.run_sqlite(_insert, [("a", 1)], True)
+    assert await db.run_sqlite(_count) == 0
+    # A duplicate key is the caller's bad input, as with `run`: nothing of it stored.
+    await db.run_sqlite(_insert, [("a", 1)])
+    with pytest.raises(InvalidArgument, match="rejected by the database"):
+        await db.run_sqlite(_insert, [("b", 2), ("a", 3)])
+    assert await db.run_sqlite(_count) == 1
+    # Every pooled connection is usable by `run` afterwards (no transaction left open).
+    results = await asyncio.gather(*(db.run_sqlite(_count) for _ in range(5)))
+    assert results == [1] * 5
+
+
+async def test_a_caller_cancelled_mid_transaction_leaves_it_whole(db: Database) -> None:
+    """The transaction runs to its end on the driver's thread even if the caller gives
+    up while it is queued there: committed in full, and the connection reusable."""
+
+    def slow(conn: sqlite3.Connection) -> None:
+        conn.execute("INSERT INTO t VALUES ('slow', 1)").close()
+        time.sleep(0.2)  # the caller is cancelled meanwhile
+
+    task = asyncio.create_task(db.run_sqlite(slow))
+    await asyncio.sleep(0.05)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    await db.run_sqlite(_insert, [("after", 2)])
+    assert await db.run_sqlite(_count) == 2
+
+
+async def test_postgresql_is_refused(tmp_path: Path) -> None:
+    del tmp_path
+    database = Database.__new__(Database)
+    database.dialect = "postgresql"
+    with pytest.raises(ValueError, match="SQLite database only"):
+        await database.run_sqlite(_count)
