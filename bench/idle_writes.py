@@ -1,6 +1,6 @@
 """Event-loop CPU per agent-state report and per metric batch, each written alone.
 
-    python bench/idle_writes.py [--nodes 2000] [--writes 400] [--gap 0.02]
+    python bench/idle_writes.py [--nodes 2000] [--writes 400] [--gap 0.02] [--smoke]
 
 What an idle fleet's manager does all the time (bench/connect.py, issue 15): a
 report or a batch now and then, each its own transaction. The services
@@ -69,10 +69,7 @@ async def run(nodes: int, writes: int, gap: float) -> None:
                     cert_not_after_ms=0,
                 )
             )
-        try:
-            agents = AgentStates(registry, DesiredStateRepository(db), clock=time.time, db=db)
-        except TypeError:  # a manager from before Database.run_sqlite (for A/B runs)
-            agents = AgentStates(registry, DesiredStateRepository(db), clock=time.time)
+        agents = AgentStates(registry, DesiredStateRepository(db), clock=time.time, db=db)
         for d in daemons:  # every node's first snapshot
             states, errors = snapshot_records(d.agent_states())
             await agents.sync(d.node_id, states, update_errors=errors)
@@ -142,7 +139,10 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=2000)
     parser.add_argument("--writes", type=int, default=400)
     parser.add_argument("--gap", type=float, default=0.02, help="seconds between writes")
+    parser.add_argument("--smoke", action="store_true", help="20 nodes, 10 writes (the tests' run)")
     args = parser.parse_args()
+    if args.smoke:
+        args.nodes, args.writes, args.gap = 20, 10, 0.001
     asyncio.run(run(args.nodes, args.writes, args.gap))
 
 
