@@ -69,7 +69,7 @@ async def run(nodes: int, writes: int, gap: float) -> None:
                     cert_not_after_ms=0,
                 )
             )
-        agents = AgentStates(registry, DesiredStateRepository(db), clock=time.time, db=db)
+        agents = AgentStates(registry, DesiredStateRepository(db), clock=time.time)
         for d in daemons:  # every node's first snapshot
             states, errors = snapshot_records(d.agent_states())
             await agents.sync(d.node_id, states, update_errors=errors)

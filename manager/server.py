@@ -480,7 +480,6 @@ class ManagerServer:
             clock=self._clock,
             on_change=self.convergence.touched,
             on_states=self.convergence.states_changed,
-            db=self.db,
         )
         self._stack.push_async_callback(self.agent_states.stop)
         # Enrollment: the deny list (every replica), certificates, tokens and node removal.

@@ -37,7 +37,6 @@ from manager.storage.agents import (
     sqlite_put_node_desired,
     sqlite_replace_many,
 )
-from manager.storage.db import Database
 from manager.storage.desired import DesiredStateRepository, DesiredTx
 from manager.storage.events import sqlite_insert_events
 from manager.storage.records import NodeDesiredRecord, UpdateErrorRecord
@@ -154,15 +153,13 @@ class AgentStates:
         on_change: Callable[[Collection[str]], None] = lambda node_ids: None,
         on_states: Callable[[Collection[str]], None] | None = None,
         max_group: int = 200,
-        db: Database | None = None,
     ) -> None:
         """`on_change(nodes)`: daemons reported their spec version or update errors anew
         (the driver's delivery bookkeeping). `on_states(nodes)`: their agents' states
-        changed (only a live rollout judges them); `on_change` if not given. `db`: the
-        database `desired` runs on; if SQLite, a group is written by `Database.run_sqlite`."""
+        changed (only a live rollout judges them); `on_change` if not given. On SQLite
+        a group is written by `Database.run_sqlite` (`desired`'s database)."""
         self._registry = registry
         self._desired = desired
-        self._db = db
         self._clock = clock
         self._on_change = on_change
         self._on_states = on_states or on_change
@@ -269,8 +266,9 @@ class AgentStates:
             sqlite_insert_events(db, events)
             return out
 
-        if self._db is not None and self._db.dialect == "sqlite":
-            outcome = await self._db.run_sqlite(sqlite_body)
+        db = self._desired.db
+        if db.dialect == "sqlite":
+            outcome = await db.run_sqlite(sqlite_body)
         else:
             outcome = await self._desired.run(body)
         results, states, reported = (

@@ -595,6 +595,11 @@ class DesiredStateRepository:
     def __init__(self, db: Database) -> None:
         self._db = db
 
+    @property
+    def db(self) -> Database:
+        """The database the transactions run on."""
+        return self._db
+
     async def run(self, body: Callable[[DesiredTx], Awaitable[T]], *, write: bool = True) -> T:
         """`body(tx)` in one transaction; its queued events and audit entries last."""
 
