@@ -35,6 +35,7 @@ __all__ = [
     "OutputChunk",
     "OutputRow",
     "sqlite_add_outputs",
+    "sqlite_job",
     "sqlite_jobs",
     "sqlite_put_targets",
     "sqlite_targets_of",
@@ -299,6 +300,35 @@ def sqlite_put_targets(db: sqlite3.Connection, records: Sequence[JobTargetRecord
     if records:
         sql, row = _many(_UPDATE_TARGET, _SQLITE)
         db.executemany(sql, [row(t) for t in records]).close()
+
+
+_JOB_SQLITE = str(select(jobs).where(jobs.c.id == bindparam("b_0")).compile(dialect=_SQLITE))
+_TARGETS_SQLITE = str(
+    select(job_targets)
+    .where(job_targets.c.job_id == bindparam("b_0"))
+    .order_by(job_targets.c.idx)
+    .compile(dialect=_SQLITE)
+)
+
+
+def sqlite_job(
+    db: sqlite3.Connection, job_id: str
+) -> tuple[JobRecord | None, dict[str, JobTargetRecord]]:
+    """A job and its targets by node in the job's order (`JobTx.job` and `JobTx.targets`)
+    on aiosqlite's thread, for `Database.read_sqlite`; (None, {}) if there is no such job."""
+    cur = db.execute(_JOB_SQLITE, (job_id,))
+    try:
+        row = cur.fetchone()
+    finally:
+        cur.close()
+    if row is None:
+        return None, {}
+    cur = db.execute(_TARGETS_SQLITE, (job_id,))
+    try:
+        targets = {t.node_id: t for t in map(_target, cur)}
+    finally:
+        cur.close()
+    return JobRecord(*row), targets
 
 
 _INSERT_OUTPUT_SQLITE = (
