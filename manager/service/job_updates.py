@@ -17,6 +17,13 @@ alone; the rest of its batch is stored. Listeners (the driver) hear of every
 committed row whose state changed, so they never re-read a whole job per
 report.
 
+On SQLite the transaction is one synchronous function run on aiosqlite's
+thread (`Database.run_sqlite`: plain sqlite3 reads by key and executemany,
+one hop): the event loop, which also runs the StartJob calls, does not pay
+SQLAlchemy's statements for it. The decisions are the same pure `_apply`
+on both databases; PostgreSQL keeps its statements (row locks, the events
+lock).
+
 The earlier design's one transaction per target made a 500-target job 5.5x
 slower than the raw StartJob calls, and one transaction per output chunk
 (about 6 round trips to the database thread each, one at a time under
