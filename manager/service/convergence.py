@@ -657,7 +657,7 @@ class Convergence:
             result.assigned, result.dropped = len(changes.add), len(changes.drop)
             return scopes, True, live_rollouts
 
-        scopes, changing, rollouts = await self._repo.run(
+        scopes, changing, rollouts = await self._repo.run_in_one_hop(
             lambda tx: body(tx, False, None), write=False
         )
         if not changing:

@@ -633,7 +633,9 @@ class DesiredStateRepository:
 
         return await self._db.run(wrapped, write=write)
 
-    async def run_in_one_hop(self, body: Callable[[DesiredTx], Awaitable[T]]) -> T:
+    async def run_in_one_hop(
+        self, body: Callable[[DesiredTx], Awaitable[T]], *, write: bool = True
+    ) -> T:
         """`run(body)` (a write), but on SQLite as ONE hop to aiosqlite's thread: the
         body runs there with a `SqliteDesiredTx` (plain sqlite3 statements, no
         SQLAlchemy) inside `Database.run_sqlite`'s transaction, then its queued events.
@@ -643,19 +645,26 @@ class DesiredStateRepository:
         than SQLite's work. The body must await nothing but the tx's methods and
         coroutines that await only those (on SQLite they never suspend); it runs on
         another thread, so it must touch nothing the event loop changes meanwhile. A
-        body that suspends is a bug: RuntimeError, nothing written. PostgreSQL: `run`."""
+        body that suspends is a bug: RuntimeError, nothing written. `write=False`: a body
+        that only reads (`Database.run_sqlite_read`: no write lock). PostgreSQL: `run`."""
         if self._db.dialect != "sqlite":
-            return await self.run(body)
-        return await self._db.run_sqlite(_in_one_hop, self._db, body)
+            return await self.run(body, write=write)
+        if not write:
+            return await self._db.run_sqlite_read(_in_one_hop, self._db, body, False)
+        return await self._db.run_sqlite(_in_one_hop, self._db, body, True)
 
 
 def _in_one_hop(
-    db: sqlite3.Connection, database: Database, body: Callable[[DesiredTx], Awaitable[T]]
+    db: sqlite3.Connection,
+    database: Database,
+    body: Callable[[DesiredTx], Awaitable[T]],
+    write: bool,
 ) -> T:
-    # On aiosqlite's thread, inside Database.run_sqlite's transaction.
+    # On aiosqlite's thread, inside Database.run_sqlite's (or run_sqlite_read's) transaction.
     tx = SqliteDesiredTx(db, database)
     result = _completed(body(tx))
-    _completed(tx._finish())
+    if write:
+        _completed(tx._finish())
     return result
 
 

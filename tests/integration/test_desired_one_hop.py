@@ -111,6 +111,7 @@ async def test_one_hop_reads_what_the_sqlalchemy_tx_reads(database: Database) ->
     expected = await repo.run(lambda tx: _reads(tx, rid), write=False)
     got = await repo.run_in_one_hop(lambda tx: _reads(tx, rid))
     assert got == expected
+    assert await repo.run_in_one_hop(lambda tx: _reads(tx, rid), write=False) == expected
     assert expected["judged"]
     assert expected["agents of nodes"]
     assert expected["rollout nodes"]
