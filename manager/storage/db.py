@@ -230,6 +230,20 @@ class Database:
             raise ValueError("run_sqlite: an SQLite database only")
         return await self._retried(lambda: self._sqlite_once(fn, args))
 
+    async def run_sqlite_read(self, fn: Callable[..., T], *args: Any) -> T:
+        """`run_sqlite` for a body that only reads: a deferred transaction (BEGIN, `fn`,
+        COMMIT) in one hop, without the write lock (a read does not queue behind the
+        writers; WAL gives it one snapshot). `fn` must not write."""
+        if self.dialect != "sqlite":
+            raise ValueError("run_sqlite_read: an SQLite database only")
+        return await self._retried(lambda: self._sqlite_read_once(fn, args))
+
+    async def _sqlite_read_once(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        async with self._engine.connect() as conn:
+            result: T = await on_driver_thread(conn, _sqlite_transaction, fn, args, "DEFERRED")
+            conn.info[_CLEAN] = True
+            return result
+
     async def _retried(self, attempt: Callable[[], Awaitable[T]]) -> T:
         started = time.monotonic()
         try:
@@ -401,9 +415,11 @@ def _make_parent_dir(path: str) -> None:
     Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
 
 
-def _sqlite_transaction(db: sqlite3.Connection, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+def _sqlite_transaction(
+    db: sqlite3.Connection, fn: Callable[..., T], args: tuple[Any, ...], mode: str = "IMMEDIATE"
+) -> T:
     # On aiosqlite's thread (Database.run_sqlite): the whole transaction, never left open.
-    db.execute("BEGIN IMMEDIATE").close()
+    db.execute(f"BEGIN {mode}").close()
     try:
         result = fn(db, *args)
         db.execute("COMMIT").close()
