@@ -67,7 +67,7 @@ from fleet.tls import (  # noqa: E402
     server_credentials,
 )
 from fleet.v1 import fleet_pb2, fleet_pb2_grpc, manager_pb2, manager_pb2_grpc  # noqa: E402
-from manager.config import ControlConfig, ServerConfig  # noqa: E402
+from manager.config import ControlConfig  # noqa: E402
 
 KEEPALIVE, KEEPALIVE_TIMEOUT = 30.0, 10.0
 DEFAULT_POSTGRES = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
@@ -368,7 +368,6 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "rpc_timeout": 10.0,
     }
     out: dict[str, Any] = {"nodes": args.nodes, "procs": args.procs}
-    out["accept_loops"] = args.accept_loops or ServerConfig().accept_loops
 
     # The reference first: same nodes, same keepalive, nothing but idle streams.
     out.update(_reference(manager_tls, spec, ids, args.procs, args.hold))
@@ -378,7 +377,6 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     config = work / "manager.toml"
     config.write_text(
         f'state_dir = "{state}"\n[server]\nlisten = "127.0.0.1:{port}"\nmetrics_listen = ""\n'
-        + (f"accept_loops = {args.accept_loops}\n" if args.accept_loops else "")
         + f'[tls]\nca_file = "{manager_tls.ca_file}"\ncert_file = "{manager_tls.cert_file}"\n'
         f'key_file = "{manager_tls.key_file}"\n'
         f"[control]\nkeepalive_time_seconds = {KEEPALIVE}\n"
@@ -736,11 +734,6 @@ def main(argv: list[str] | None = None) -> int:
         "--max-hellos-per-second",
         type=float,
         help="the manager's [control] max_hellos_per_second (default: its own)",
-    )
-    parser.add_argument(
-        "--accept-loops",
-        type=int,
-        help="the manager's [server] accept_loops (default: its own)",
     )
     parser.add_argument("--no-kill", dest="kill", action="store_false")
     parser.add_argument("--smoke", action="store_true", help="a tiny run")
