@@ -133,25 +133,19 @@ async def run_until_signalled(
             signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
-def add_health_and_reflection(
-    server: grpc.aio.Server, service_names: Sequence[str], *, health_servicer: Any = None
-) -> AsyncHealth:
+def add_health_and_reflection(server: grpc.aio.Server, service_names: Sequence[str]) -> AsyncHealth:
     """Register grpc.health.v1.Health and server reflection (v1 and v1alpha) on `server`.
 
     Every name in `service_names` (full names, e.g. "fleet.v1.NodeService")
     and the overall "" service report SERVING. Returns the asyncio
     `grpc_health.v1.health.aio.HealthServicer`; on shutdown call
     ``await servicer.enter_graceful_shutdown()`` so probes see NOT_SERVING.
-    Several servers sharing one port pass the first one's servicer as
-    `health_servicer`, so they all answer from the same status table.
     """
-    servicer = health_servicer
-    if servicer is None:
-        servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]  # stubs lack aio
-        for name in ("", *service_names):
-            # set() is async only to wake Watch streams; a new servicer has none,
-            # so writing the status table directly is what set() would do.
-            servicer._server_status[name] = health_pb2.HealthCheckResponse.SERVING
+    servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]  # stubs lack aio
+    for name in ("", *service_names):
+        # set() is async only to wake Watch streams; a new servicer has none,
+        # so writing the status table directly is what set() would do.
+        servicer._server_status[name] = health_pb2.HealthCheckResponse.SERVING
     health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
     listed = (*service_names, health.SERVICE_NAME, REFLECTION_V1, reflection.SERVICE_NAME)
     # aio is in the module's __all__, behind a version check mypy cannot follow.

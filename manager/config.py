@@ -40,9 +40,6 @@ ENV_PREFIX = "FLEET_MANAGER_"
 MIN_RECEIVE_BYTES = CHUNK_SIZE + 64 * 1024
 """Smallest receive limit: PushArtifact sends 1 MiB chunks."""
 
-MAX_ACCEPT_LOOPS = 16
-"""Most gRPC servers `[server] accept_loops` may start on the one port."""
-
 
 def _check_hostport(value: str, key: str, *, allow_empty: bool = False) -> None:
     if allow_empty and value == "":
@@ -64,15 +61,9 @@ class ServerConfig:
     """On SIGTERM, in-flight calls get this long to finish before they are cancelled."""
     metrics_listen: str = "127.0.0.1:9464"
     """host:port of the Prometheus /metrics endpoint; empty disables it."""
-    accept_loops: int = 2
-    """gRPC servers sharing `listen` (SO_REUSEPORT), each taking new calls on its own:
-    grpc.aio takes one new call at a time per server, and a reconnect herd
-    arrives faster than one such loop takes them. 1 = one server, no SO_REUSEPORT."""
 
     def validate(self) -> None:
         _check_hostport(self.listen, "server.listen")
-        if not 1 <= self.accept_loops <= MAX_ACCEPT_LOOPS:
-            raise ValueError(f"server.accept_loops: must be 1 to {MAX_ACCEPT_LOOPS}")
         _check_hostport(self.metrics_listen, "server.metrics_listen", allow_empty=True)
         if self.max_receive_message_bytes < MIN_RECEIVE_BYTES:
             raise ValueError(

@@ -20,7 +20,6 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from manager.service.convergence import PassResult
 
 __all__ = [
-    "AcceptLoopCounter",
     "CertificateExpiry",
     "HttpMetricsMiddleware",
     "ManagerMetrics",
@@ -119,13 +118,6 @@ class ManagerMetrics:
             "fleet_manager_control_violations",
             "Control-stream protocol violations and replaced streams, by kind",
             ["kind"],
-            registry=r,
-        )
-        self.calls_accepted = Counter(
-            "fleet_manager_calls_accepted",
-            "gRPC calls taken by each of the manager's servers on server.listen"
-            " ([server] accept_loops), by loop",
-            ["loop"],
             registry=r,
         )
         self.control_refused = Counter(
@@ -261,25 +253,6 @@ async def watch_loop_lag(histogram: Histogram, interval: float = 0.1) -> None:
 
 def _short(method: str) -> str:
     return method.rsplit("/", 1)[-1]
-
-
-class AcceptLoopCounter(aio.ServerInterceptor):  # type: ignore[type-arg]
-    """Counts the calls one of the manager's servers took (`[server] accept_loops`).
-
-    First in each server's chain, so it sees every call that server took,
-    whatever the interceptors after it answer from their caches.
-    """
-
-    def __init__(self, metrics: ManagerMetrics, loop: int) -> None:
-        self._taken = metrics.calls_accepted.labels(str(loop))
-
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> Any:
-        self._taken.inc()
-        return await continuation(handler_call_details)
 
 
 class RpcMetricsInterceptor(aio.ServerInterceptor):  # type: ignore[type-arg]

@@ -24,7 +24,7 @@ from grpc import aio
 
 from fleet.errors import ConfigError, FailedPrecondition
 from fleet.interceptors import ErrorMappingInterceptor
-from fleet.listen import check_listen_addresses, listen_sockets
+from fleet.listen import check_listen_addresses
 from fleet.observability import start_metrics_http_server
 from fleet.pki import CertificateAuthority
 from fleet.service import add_health_and_reflection
@@ -41,7 +41,6 @@ from manager.config import ManagerConfig
 from manager.httpapi.app import FleetHttpApp
 from manager.httpapi.server import HttpServer
 from manager.metrics import (
-    AcceptLoopCounter,
     CertificateExpiry,
     ManagerMetrics,
     RpcMetricsInterceptor,
@@ -49,7 +48,6 @@ from manager.metrics import (
 )
 from manager.pool import DaemonPool
 from manager.pool.stream import ControlStreams
-from manager.port_claim import claim_port, reuseport_supported
 from manager.service.agents import AgentStates
 from manager.service.artifacts import ArtifactAccess, ArtifactReferences, Artifacts
 from manager.service.capacity import HostCapacity
@@ -191,8 +189,7 @@ class ManagerServer:
         self._artifact_access = artifact_access
         self._artifact_references = artifact_references
         self._stack = contextlib.AsyncExitStack()
-        self._servers: list[aio.Server] = []
-        """The gRPC servers on server.listen: one per accept loop (`[server] accept_loops`)."""
+        self._server: aio.Server | None = None
         self._health: Any = None  # grpc_health's aio HealthServicer (untyped)
         self._grace: float | None = None
         self._started = False
@@ -569,6 +566,7 @@ class ManagerServer:
 
         options: list[tuple[str, Any]] = [
             ("grpc.max_receive_message_length", cfg.server.max_receive_message_bytes),
+            ("grpc.so_reuseport", 0),  # a second manager on the same port must fail, not share
             # Daemons ping every 10 s even when idle (fast dead-link detection);
             # by default gRPC answers such pings with GOAWAY after a few.
             ("grpc.keepalive_permit_without_calls", 1),
@@ -580,71 +578,27 @@ class ManagerServer:
             ("grpc.keepalive_timeout_ms", ms(ctl.keepalive_timeout_seconds)),
             ("grpc.http2.max_pings_without_data", 0),
         ]
-        loops = cfg.server.accept_loops
-        if loops > 1 and not reuseport_supported():
-            log.warning("server.accept_loops %d needs SO_REUSEPORT (Linux); using 1", loops)
-            loops = 1
-        listen = cfg.server.listen
-        if loops > 1:
-            # Several servers on the one port (SO_REUSEPORT), each taking new
-            # calls on its own; the port claim keeps a second manager out
-            # (manager/port_claim.py). Port 0 is picked first, then shared.
-            options.append(("grpc.so_reuseport", 1))
-            host, _, port_text = listen.rpartition(":")
-            port = int(port_text)
-            if port == 0:
-                picked = listen_sockets("server.listen", listen, backlog=1)
-                port = picked[0].getsockname()[1]
-                for sock in picked:
-                    sock.close()
-                listen = f"{host}:{port}"
-            claim = claim_port(port, what="server.listen", address=cfg.server.listen)
-            # Closed after the servers stopped (the stack unwinds in reverse).
-            self._stack.callback(claim.close)
-        else:
-            options.append(("grpc.so_reuseport", 0))  # a second manager on the same port must fail
-        rpc_metrics = RpcMetricsInterceptor(m)
+        server = aio.server(
+            interceptors=[RpcMetricsInterceptor(m), ErrorMappingInterceptor()], options=options
+        )
+        manager_pb2_grpc.add_ManagerServiceServicer_to_server(servicer, server)
+        fleet_pb2_grpc.add_FleetServiceServicer_to_server(fleet_servicer, server)
         replicas = ReplicaServicer(
             self.pool, replica_id=identity.name, trust_domain=identity.trust_domain
         )
-        self._servers = []
+        replica_pb2_grpc.add_ReplicaServiceServicer_to_server(replicas, server)
+        self._health = add_health_and_reflection(
+            server, [SERVICE_NAME, FLEET_SERVICE_NAME, REPLICA_SERVICE_NAME]
+        )
+        try:
+            self.port = server.add_secure_port(cfg.server.listen, server_credentials(tls))
+        except RuntimeError as exc:
+            raise ConfigError(
+                f"server.listen {cfg.server.listen!r}: cannot listen: {exc}"
+            ) from None
+        await server.start()
+        self._server = server
         self._stack.push_async_callback(self._stop_grpc)
-        for loop in range(loops):
-            server = aio.server(
-                interceptors=[
-                    AcceptLoopCounter(m, loop),
-                    rpc_metrics,
-                    ErrorMappingInterceptor(),
-                ],
-                options=options,
-            )
-            manager_pb2_grpc.add_ManagerServiceServicer_to_server(servicer, server)
-            fleet_pb2_grpc.add_FleetServiceServicer_to_server(fleet_servicer, server)
-            replica_pb2_grpc.add_ReplicaServiceServicer_to_server(replicas, server)
-            self._health = add_health_and_reflection(
-                server,
-                [SERVICE_NAME, FLEET_SERVICE_NAME, REPLICA_SERVICE_NAME],
-                health_servicer=self._health,
-            )
-            try:
-                # Credentials of their own: the reloader behind them answers a
-                # server's first fetch with the files, later ones only with changes.
-                port = server.add_secure_port(listen, server_credentials(tls))
-            except RuntimeError as exc:
-                raise ConfigError(
-                    f"server.listen {cfg.server.listen!r}: cannot listen: {exc}"
-                ) from None
-            if loop == 0:
-                self.port = port
-                listen = f"{listen.rpartition(':')[0]}:{port}"
-            elif port != self.port:
-                raise ConfigError(
-                    f"server.listen {cfg.server.listen!r}: accept loop {loop} bound port"
-                    f" {port}, not {self.port}"
-                )
-            self._servers.append(server)
-        for server in self._servers:
-            await server.start()
         # Before the server's grace: end the streams so daemons reconnect (elsewhere) now.
         self._stack.callback(self.control_streams.close_all, "the manager is shutting down")
         if e.listen:
@@ -689,10 +643,9 @@ class ManagerServer:
     async def _stop_grpc(self) -> None:
         if self._health is not None:
             await self._health.enter_graceful_shutdown()
-        servers, self._servers = self._servers, []
-        # Together: every accept loop stops taking calls at once, and the
-        # grace runs once for all of them.
-        await asyncio.gather(*(server.stop(self._grace) for server in servers))
+        if self._server is not None:
+            await self._server.stop(self._grace)
+            self._server = None
 
     async def _stop_http(self) -> None:
         if self._http is not None:

@@ -49,8 +49,6 @@ def test_env_overrides_a_nested_key() -> None:
         ("[liveness]\njitter = 2.0\n", "liveness.jitter"),
         ("[liveness]\nflush_interval_seconds = 5.0\n", "flush_interval_seconds"),
         ('[server]\nlisten = "nowhere"\n', "server.listen"),
-        ("[server]\naccept_loops = 0\n", "server.accept_loops"),
-        ("[server]\naccept_loops = 17\n", "server.accept_loops"),
         ('[database]\nurl = "mysql://x"\n', "database.url"),
         (
             "[metrics]\nraw_retention_hours = 48.0\nrollup_retention_days = 1.0\n",
