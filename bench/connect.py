@@ -67,6 +67,7 @@ from fleet.tls import (  # noqa: E402
     server_credentials,
 )
 from fleet.v1 import fleet_pb2, fleet_pb2_grpc, manager_pb2, manager_pb2_grpc  # noqa: E402
+from manager.config import ControlConfig  # noqa: E402
 
 KEEPALIVE, KEEPALIVE_TIMEOUT = 30.0, 10.0
 DEFAULT_POSTGRES = "postgresql+asyncpg://postgres@127.0.0.1:5432/test"
@@ -178,8 +179,15 @@ async def _loadgen(spec: dict[str, Any]) -> None:
         ends = collections.Counter(e for e, _ in ended)
         why = dict(ended)  # one example of each (the last)
         ages = collections.Counter(a for n in nodes for t, a in n.record.ages if t >= since)
+        # Each node's first welcome since the kill, by whole second after it (the rate).
+        rate = collections.Counter(
+            int(min(t for t in n.record.welcomes if t >= since) - since) for n in nodes
+        )
         line = {"welcomed_by": last, "attempts": attempts, "dials": dials, "failed_dials": failed}
-        print(json.dumps({**line, "ends": ends, "why": why, "ages": ages}), flush=True)
+        print(
+            json.dumps({**line, "ends": ends, "why": why, "ages": ages, "per_second": rate}),
+            flush=True,
+        )
     await asyncio.gather(*(n.stop() for n in nodes), return_exceptions=True)
 
 
@@ -369,7 +377,7 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
     config = work / "manager.toml"
     config.write_text(
         f'state_dir = "{state}"\n[server]\nlisten = "127.0.0.1:{port}"\nmetrics_listen = ""\n'
-        f'[tls]\nca_file = "{manager_tls.ca_file}"\ncert_file = "{manager_tls.cert_file}"\n'
+        + f'[tls]\nca_file = "{manager_tls.ca_file}"\ncert_file = "{manager_tls.cert_file}"\n'
         f'key_file = "{manager_tls.key_file}"\n'
         f"[control]\nkeepalive_time_seconds = {KEEPALIVE}\n"
         f"keepalive_timeout_seconds = {KEEPALIVE_TIMEOUT}\n"
@@ -462,6 +470,15 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 for line in gens.lines:
                     ages.update(line.get("ages", {}))
                 out["reconnect_hello_end_ages"] = dict(sorted(ages.items()))
+                # Nodes welcomed again in the busiest second, against the manager's
+                # hello ceiling ([control] max_hellos_per_second).
+                per_second: collections.Counter[str] = collections.Counter()
+                for line in gens.lines:
+                    per_second.update(line.get("per_second", {}))
+                out["reconnect_peak_welcomes_per_s"] = max(per_second.values(), default=0)
+                out["max_hellos_per_second"] = (
+                    args.max_hellos_per_second or ControlConfig().max_hellos_per_second
+                )
                 out["reconnect_end_examples"] = {
                     e: w for line in gens.lines for e, w in line.get("why", {}).items()
                 }

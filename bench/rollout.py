@@ -138,8 +138,14 @@ async def serve_manager() -> None:
     manager = ManagerServer(manager_config(Path(spec["root"]), tls, spec["n"], spec["port"]))
     passes: list[dict[str, Any]] = []
     run_once, run_incremental = Convergence.run_once, Convergence.run_incremental
+    send = Convergence._send
+    # Seconds of the pass in progress spent in desired-state transactions and in push
+    # waves (wall time; a pass's transactions and pushes do not overlap).
+    spent = {"tx": 0.0, "push": 0.0}
 
     def note(start: float, result: PassResult | None) -> None:
+        tx, push = spent["tx"], spent["push"]
+        spent["tx"] = spent["push"] = 0.0
         if result is None:  # an incremental pass that found a full one needed
             return
         passes.append(
@@ -150,25 +156,53 @@ async def serve_manager() -> None:
                 "pushed": len(result.pushed),
                 "undelivered": result.undelivered,
                 "incremental": result.incremental,
+                "tx": tx,
+                "push": push,
             }
         )
 
     async def timed_pass(self: Convergence) -> PassResult:
         # A bench hook: when each convergence pass ran and what it did.
         start = time.time()
+        spent["tx"] = spent["push"] = 0.0
         result = await run_once(self)
         note(start, result)
         return result
 
     async def timed_incremental(self: Convergence) -> PassResult | None:
         start = time.time()
+        spent["tx"] = spent["push"] = 0.0
         result = await run_incremental(self)
         note(start, result)
         return result
 
+    async def timed_send(self: Convergence, *args: Any, **kwargs: Any) -> Any:
+        t = time.perf_counter()
+        try:
+            return await send(self, *args, **kwargs)
+        finally:
+            spent["push"] += time.perf_counter() - t
+
     Convergence.run_once = timed_pass  # type: ignore[method-assign]
     Convergence.run_incremental = timed_incremental  # type: ignore[method-assign]
+    Convergence._send = timed_send  # type: ignore[method-assign]
     await manager.start()
+    # The driver's own transactions (not the apply's, nor WatchRollout's reads).
+    repo = manager.convergence._repo
+
+    def timed(run: Any) -> Any:
+        async def timed_run(*args: Any, **kwargs: Any) -> Any:
+            t = time.perf_counter()
+            try:
+                return await run(*args, **kwargs)
+            finally:
+                spent["tx"] += time.perf_counter() - t
+
+        return timed_run
+
+    for method in ("run", "run_in_one_hop"):
+        if hasattr(repo, method):
+            setattr(repo, method, timed(getattr(repo, method)))
     gc.collect()
     gc.freeze()  # as fleet-manager does once started (manager/cli.py)
     try:
@@ -401,6 +435,16 @@ async def run(n: int, batch: int, rounds: int, profile: str = "", verbose: bool 
                                 f"  {'incremental' if p['incremental'] else 'full'} pass at"
                                 f" {p['start'] - t0:6.3f}s: {p['end'] - p['start']:.3f}s"
                                 f" stepped {p['stepped']} pushed {p['pushed']}"
+                                f" (transactions {p['tx'] * 1000:.1f} ms,"
+                                f" pushes {p['push'] * 1000:.1f} ms)"
+                            )
+                        inc = [p for p in mine if p["incremental"]]
+                        if inc:
+                            took_ms = statistics.median(p["end"] - p["start"] for p in inc) * 1000
+                            print(
+                                f"  incremental passes, medians: {took_ms:.1f} ms, transactions "
+                                f"{statistics.median(p['tx'] for p in inc) * 1000:.1f} ms, pushes "
+                                f"{statistics.median(p['push'] for p in inc) * 1000:.1f} ms"
                             )
                     rows.append((took, ref, cpu, rollout.done, len(mine), busy))
                     print(

@@ -141,6 +141,14 @@ def status_lines(view: dict[str, Any], *, now_ms: int) -> list[str]:
         current = " (current)" if number == view["batch"] and view["state"] not in TERMINAL else ""
         names = ", ".join(n["node_id"] for n in nodes)
         lines.append(f"  {label}{current}: {', '.join(counts)}: {names}")
+    # DONE outside every batch: the node already ran the target revision (e.g. a revert's
+    # nodes the failed revision never reached); without this line Progress counts them unseen.
+    unchanged = [n for n in view["nodes"] if n["phase"] == "DONE" and n["batch"] < 0]
+    if unchanged:
+        lines.append(
+            f"  unchanged (already at revision {view['target_revision']}): {len(unchanged)}:"
+            f" {', '.join(n['node_id'] for n in unchanged)}"
+        )
     pending = [n for n in view["nodes"] if n["phase"] == "PENDING"]
     if pending:
         offline = sum(1 for n in pending if n["offline"])

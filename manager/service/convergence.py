@@ -85,7 +85,6 @@ from manager.service.desired import (
 from manager.service.placement import Candidate, reservations
 from manager.service.reports import update_errors_event
 from manager.storage import Database, NodeRecord, NodeRepository
-from manager.storage.agents import replace_many
 from manager.storage.desired import DesiredStateRepository, DesiredTx
 from manager.storage.records import (
     AgentStateRecord,
@@ -553,7 +552,7 @@ class Convergence:
                     return step, stored, sets
 
                 try:
-                    step, stored, sets = await self._repo.run(body)
+                    step, stored, sets = await self._repo.run_in_one_hop(body)
                 except _Stale:
                     self._memo = None
                     await self._record_unrecorded(result)
@@ -579,7 +578,7 @@ class Convergence:
             lost = [n for n in ids if n in rows and rows[n].delivered_version < rows[n].version]
             lost = [n for n in lost if rows[n].version <= rows[n].reported_version]
             if lost:
-                await self._repo.run(
+                await self._repo.run_in_one_hop(
                     lambda tx: self._refresh_in(tx, memo.nodes, result, now_ms, lost)
                 )
                 memo.undelivered.difference_update(lost)
@@ -590,7 +589,9 @@ class Convergence:
                 self._unrecorded = outcomes
                 self._wake.set()
             elif outcomes:
-                answers = await self._repo.run(lambda tx: self._record(tx, outcomes, result))
+                answers = await self._repo.run_in_one_hop(
+                    lambda tx: self._record(tx, outcomes, result)
+                )
                 memo.answered(answers)
                 self._answered(answers)
             if result.push_failed:
@@ -656,7 +657,7 @@ class Convergence:
             result.assigned, result.dropped = len(changes.add), len(changes.drop)
             return scopes, True, live_rollouts
 
-        scopes, changing, rollouts = await self._repo.run(
+        scopes, changing, rollouts = await self._repo.run_in_one_hop(
             lambda tx: body(tx, False, None), write=False
         )
         if not changing:
@@ -664,7 +665,7 @@ class Convergence:
         # A count definition needs the nodes' room (one query), or assignments change:
         # decide again under the write lock (the read may be stale by now).
         room = {c.node_id: c for c in await self._candidates(listed)} if self._candidates else {}
-        scopes, _, rollouts = await self._repo.run(lambda tx: body(tx, True, room))
+        scopes, _, rollouts = await self._repo.run_in_one_hop(lambda tx: body(tx, True, room))
         return scopes, rollouts
 
     async def _step_rollouts(
@@ -698,7 +699,7 @@ class Convergence:
             undelivered, sets = await self._refresh_in(tx, nodes, result, now_ms, None, reads=reads)
             return stepped, undelivered, sets
 
-        stepped, undelivered, sets = await self._repo.run(body)
+        stepped, undelivered, sets = await self._repo.run_in_one_hop(body)
         for rollout_id, memo, step, persisted in stepped:
             if step.wake_at is not None:
                 result.wake_at = _earliest(result.wake_at, step.wake_at)
@@ -847,7 +848,7 @@ class Convergence:
             self._unrecorded = outcomes
             self._wake.set()
             return {}
-        answers = await self._repo.run(lambda tx: self._record(tx, outcomes, result))
+        answers = await self._repo.run_in_one_hop(lambda tx: self._record(tx, outcomes, result))
         self._answered(answers)
         return answers
 
@@ -960,9 +961,7 @@ class Convergence:
         else:
             held.update((r.node_id, r) for r in updated)
         if snapshots:
-            counts = await replace_many(
-                tx.conn, snapshots, now_ms=now_ms, events_out=tx.queued_events
-            )
+            counts = await tx.replace_agents(snapshots, now_ms=now_ms)
             for (node_id, _), count in zip(snapshots, counts, strict=True):
                 if count is None:  # removed meanwhile: nothing of it stored
                     answers[node_id] = (answers[node_id][0], None)
@@ -972,7 +971,7 @@ class Convergence:
         """Record the push answers the last incremental pass left (own transaction)."""
         pending = self._unrecorded
         if pending:
-            await self._repo.run(lambda tx: self._record(tx, pending, result))
+            await self._repo.run_in_one_hop(lambda tx: self._record(tx, pending, result))
             self._unrecorded = []
 
     @staticmethod

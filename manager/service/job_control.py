@@ -317,7 +317,7 @@ class Jobs:
         if db.dialect == "sqlite":
             # One hop, the rows made records on aiosqlite's thread: a watch reads every
             # target of a job while it runs.
-            record, targets = await db.read_sqlite(sqlite_job, job_id)
+            record, targets = await db.run_sqlite_read(sqlite_job, job_id)
         else:
             record, targets = await self._repo.run(body, write=False)
         if record is None:

@@ -289,7 +289,7 @@ class JobDriver:
             return record, (await tx.targets(job_id) if record is not None else {})
 
         if self._db.dialect == "sqlite":
-            record, targets = await self._db.read_sqlite(sqlite_job, job_id)  # one hop
+            record, targets = await self._db.run_sqlite_read(sqlite_job, job_id)  # one hop
         else:
             record, targets = await self._repo.run(body, write=False)
         if record is None or record.ended_ms:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import builtins
-import dataclasses
 import functools
+import operator
 import sqlite3
 from collections.abc import Callable, Collection, Sequence
 from typing import Any
@@ -29,6 +29,7 @@ __all__ = [
     "select_states",
     "sqlite_put_node_desired",
     "sqlite_replace_many",
+    "sqlite_select_states",
     "state_changed",
 ]
 
@@ -50,9 +51,12 @@ _EVENT_FIELDS = (
 )
 
 
+_EVENT_KEY = operator.attrgetter(*_EVENT_FIELDS)
+
+
 def state_changed(old: AgentStateRecord, new: AgentStateRecord) -> bool:
     """True if `new` differs from `old` in anything an operator watches for."""
-    return any(getattr(old, f) != getattr(new, f) for f in _EVENT_FIELDS)
+    return bool(_EVENT_KEY(old) != _EVENT_KEY(new))
 
 
 def describe_change(
@@ -128,7 +132,9 @@ def _health_word(health: str) -> str:
     return "NONE" if health in ("", "UNSPECIFIED") else health
 
 
-def _row(state: AgentStateRecord) -> dict[str, Any]:
+def _row(state: AgentStateRecord, reported_ms: int | None = None) -> dict[str, Any]:
+    """The row of `state` (`reported_ms` instead of its own, if given), its keys in
+    `_COLUMNS` order."""
     return {
         "node_id": state.node_id,
         "agent_id": state.agent_id,
@@ -141,14 +147,14 @@ def _row(state: AgentStateRecord) -> dict[str, Any]:
         "restart_count": state.restart_count,
         "exit_code": state.exit_code,
         "message": state.message,
-        "labels": dump_map(state.labels),
+        "labels": dump_map(state.labels) if state.labels else "{}",
         "health": state.health,
         "config_version": state.config_version,
         "last_exit_kind": state.last_exit_kind,
         "last_exit_code": state.last_exit_code,
         "last_exit_reason": state.last_exit_reason,
         "last_exit_ms": state.last_exit_ms,
-        "reported_ms": state.reported_ms,
+        "reported_ms": state.reported_ms if reported_ms is None else reported_ms,
         "revision": state.revision,
         "health_message": state.health_message,
         "health_since_ms": state.health_since_ms,
@@ -228,6 +234,27 @@ async def select_states(
         result = await conn.execute(query.where(agent_states.c.node_id.in_(part)))
         out.extend(_record(r) for r in result)
     return out
+
+
+def sqlite_select_states(
+    db: sqlite3.Connection, *, node_ids: Collection[str] | None = None, agent_id: str = ""
+) -> list[AgentStateRecord]:
+    """`select_states` (by nodes and agent only) on aiosqlite's thread."""
+    where, params = (["agent_id = ?"], [agent_id]) if agent_id else ([], [])
+    order = " ORDER BY node_id, agent_id"
+    base = f"SELECT {_RETURNING} FROM {agent_states.name}"  # noqa: S608 (constants only)
+    if node_ids is None:
+        sql = base + (f" WHERE {where[0]}" if where else "") + order
+        return [_record_of(r) for r in _fetch(db, sql, params)]
+    out: list[AgentStateRecord] = []
+    for part in chunks(sorted(set(node_ids))):
+        sql = f"{base} WHERE {' AND '.join([*where, f'node_id IN ({_marks(len(part))})'])}{order}"
+        out += [_record_of(r) for r in _fetch(db, sql, [*params, *part])]
+    return out
+
+
+def _marks(n: int) -> str:
+    return ", ".join("?" * n)
 
 
 def check_snapshot(node_id: str, states: Sequence[AgentStateRecord]) -> None:
@@ -331,7 +358,7 @@ def sqlite_replace_many(
         desired_out.update((d.node_id, d) for d in map(_desired_of, desired_rows))
     out, inserted = _replace(snapshots, set(present), old, now_ms, actor_of, events_out)
     if inserted:
-        values = [tuple(row[c] for c in _COLUMNS) for row in inserted]
+        values = [tuple(row.values()) for row in inserted]  # _row's keys: _COLUMNS' order
         db.executemany(_INSERT_SQL, values).close()
     return out
 
@@ -396,10 +423,11 @@ def _replace(
         if node_id not in known:
             out.append(None)
             continue
-        reported = [dataclasses.replace(s, reported_ms=now_ms) for s in states]
-        inserted.extend(_row(s) for s in reported)
+        # Stored with reported_ms = now_ms; the records compared and described below keep
+        # their own (neither state_changed nor describe_change reads it).
+        inserted.extend(_row(s, now_ms) for s in states)
         before_all = old.get(node_id, {})
-        new = {s.agent_id: s for s in reported}
+        new = {s.agent_id: s for s in states}
         changed = 0
         for agent_id in sorted(before_all.keys() | new.keys()):
             before, after = before_all.get(agent_id), new.get(agent_id)

@@ -230,21 +230,18 @@ class Database:
             raise ValueError("run_sqlite: an SQLite database only")
         return await self._retried(lambda: self._sqlite_once(fn, args))
 
-    async def read_sqlite(self, fn: Callable[..., T], *args: Any) -> T:
-        """SQLite: `fn(sqlite3_connection, *args)` as one read transaction (BEGIN, `fn`,
-        COMMIT) in one hop to aiosqlite's thread, without the write lock (a snapshot,
-        as `run(body, write=False)`), retried and its errors mapped as `run`'s. For a
-        large read on a hot path (a job's 500 targets): `run`'s hops and SQLAlchemy's
-        per-row result processing stay off the event loop. `fn` must only read; it
-        runs on that thread: plain sqlite3 calls and pure Python only."""
+    async def run_sqlite_read(self, fn: Callable[..., T], *args: Any) -> T:
+        """`run_sqlite` for a body that only reads: a deferred transaction (BEGIN, `fn`,
+        COMMIT) in one hop, without the write lock (a read does not queue behind the
+        writers; WAL gives it one snapshot). `fn` must not write."""
         if self.dialect != "sqlite":
-            raise ValueError("read_sqlite: an SQLite database only")
+            raise ValueError("run_sqlite_read: an SQLite database only")
         return await self._retried(lambda: self._sqlite_read_once(fn, args))
 
     async def _sqlite_read_once(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
         async with self._engine.connect() as conn:
-            result: T = await on_driver_thread(conn, _sqlite_read_transaction, fn, args)
-            conn.info[_CLEAN] = True  # ended on the thread (see _sqlite_once)
+            result: T = await on_driver_thread(conn, _sqlite_transaction, fn, args, "DEFERRED")
+            conn.info[_CLEAN] = True
             return result
 
     async def _retried(self, attempt: Callable[[], Awaitable[T]]) -> T:
@@ -418,9 +415,11 @@ def _make_parent_dir(path: str) -> None:
     Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
 
 
-def _sqlite_transaction(db: sqlite3.Connection, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+def _sqlite_transaction(
+    db: sqlite3.Connection, fn: Callable[..., T], args: tuple[Any, ...], mode: str = "IMMEDIATE"
+) -> T:
     # On aiosqlite's thread (Database.run_sqlite): the whole transaction, never left open.
-    db.execute("BEGIN IMMEDIATE").close()
+    db.execute(f"BEGIN {mode}").close()
     try:
         result = fn(db, *args)
         db.execute("COMMIT").close()
@@ -428,19 +427,6 @@ def _sqlite_transaction(db: sqlite3.Connection, fn: Callable[..., T], args: tupl
         if db.in_transaction:
             db.execute("ROLLBACK").close()
         raise
-    return result
-
-
-def _sqlite_read_transaction(
-    db: sqlite3.Connection, fn: Callable[..., T], args: tuple[Any, ...]
-) -> T:
-    # On aiosqlite's thread (Database.read_sqlite): a read transaction, never left open.
-    db.execute("BEGIN DEFERRED").close()
-    try:
-        result = fn(db, *args)
-    finally:
-        if db.in_transaction:
-            db.execute("ROLLBACK").close()  # nothing written: ending it is all it needs
     return result
 
 

@@ -13,15 +13,24 @@ from __future__ import annotations
 
 import builtins
 import json
-from collections.abc import Awaitable, Callable, Collection, Sequence
+import sqlite3
+from collections import namedtuple
+from collections.abc import Awaitable, Callable, Collection, Coroutine, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 from sqlalchemy import bindparam, delete, insert, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from manager.storage.agents import select_states
+from manager.storage.agents import (
+    replace_many,
+    select_states,
+    sqlite_put_node_desired,
+    sqlite_replace_many,
+    sqlite_select_states,
+)
 from manager.storage.db import Database, Dialect
+from manager.storage.events import sqlite_insert_events
 from manager.storage.nodes import node_from_row
 from manager.storage.queued import QueuedWrites
 from manager.storage.records import (
@@ -51,6 +60,7 @@ __all__ = [
     "AgentBrief",
     "DesiredStateRepository",
     "DesiredTx",
+    "SqliteDesiredTx",
     "dump_update_errors",
     "load_update_errors",
 ]
@@ -154,6 +164,10 @@ _NODE_DESIRED_COLUMNS = (
     "push_attempts", "next_push_ms", "update_errors", "updated_ms",
 )  # fmt: skip
 _ROLLOUT_NODE_COLUMNS = ("phase", "batch", "since_ms", "offline", "reason")
+_JUDGED_COLUMNS = (
+    "node_id", "status", "start_time_ms", "message", "health", "last_exit_reason",
+    "revision", "health_message", "health_since_ms",
+)  # fmt: skip
 _built: dict[tuple[str, str], Any] = {}
 
 
@@ -208,10 +222,7 @@ def _build(dialect: Dialect, what: str) -> Any:
         )
     if what == "judged_agents":
         c = agent_states.c
-        columns = (
-            c.node_id, c.status, c.start_time_ms, c.message, c.health, c.last_exit_reason,
-            c.revision, c.health_message, c.health_since_ms,
-        )  # fmt: skip
+        columns = tuple(getattr(c, name) for name in _JUDGED_COLUMNS)
         return (
             select(*columns)
             .where(c.node_id.in_(ids), c.agent_id == bindparam("agent_id"))
@@ -234,6 +245,22 @@ def _build(dialect: Dialect, what: str) -> Any:
             )
         )
     raise ValueError(what)
+
+
+def _judged(agent_id: str, r: Any) -> AgentStateRecord:
+    """A `judged_agents` row (its `_JUDGED_COLUMNS`) as a record."""
+    return AgentStateRecord(
+        node_id=r.node_id,
+        agent_id=agent_id,
+        status=r.status,
+        start_time_ms=r.start_time_ms,
+        message=r.message,
+        health=r.health,
+        last_exit_reason=r.last_exit_reason,
+        revision=r.revision,
+        health_message=r.health_message,
+        health_since_ms=r.health_since_ms,
+    )
 
 
 @dataclass(frozen=True)
@@ -404,6 +431,14 @@ class DesiredTx(QueuedWrites):
         """The agent states daemons last synced (as `AgentStateRepository.list`)."""
         return await select_states(self._conn, node_ids=node_ids, agent_id=agent_id)
 
+    async def replace_agents(
+        self, snapshots: Sequence[tuple[str, Sequence[AgentStateRecord]]], *, now_ms: int
+    ) -> builtins.list[int | None]:
+        """`agents.replace_many` in this transaction, its events queued (written last)."""
+        return await replace_many(
+            self._conn, snapshots, now_ms=now_ms, events_out=self.queued_events
+        )
+
     async def agent_briefs(self, node_ids: Collection[str], agent_id: str) -> dict[str, AgentBrief]:
         """The agent `agent_id` on each of those nodes that reported it, by node."""
         out: dict[str, AgentBrief] = {}
@@ -425,21 +460,7 @@ class DesiredTx(QueuedWrites):
         query = _statement(self._db.dialect, "judged_agents")
         for part in chunks(sorted(set(node_ids))):
             rows = await self._conn.execute(query, {"ids": list(part), "agent_id": agent_id})
-            out.extend(
-                AgentStateRecord(
-                    node_id=r.node_id,
-                    agent_id=agent_id,
-                    status=r.status,
-                    start_time_ms=r.start_time_ms,
-                    message=r.message,
-                    health=r.health,
-                    last_exit_reason=r.last_exit_reason,
-                    revision=r.revision,
-                    health_message=r.health_message,
-                    health_since_ms=r.health_since_ms,
-                )
-                for r in rows
-            )
+            out.extend(_judged(agent_id, r) for r in rows)
         return out
 
     # --- node versions ------------------------------------------------------------------------
@@ -611,3 +632,302 @@ class DesiredStateRepository:
             return result
 
         return await self._db.run(wrapped, write=write)
+
+    async def run_in_one_hop(
+        self, body: Callable[[DesiredTx], Awaitable[T]], *, write: bool = True
+    ) -> T:
+        """`run(body)` (a write), but on SQLite as ONE hop to aiosqlite's thread: the
+        body runs there with a `SqliteDesiredTx` (plain sqlite3 statements, no
+        SQLAlchemy) inside `Database.run_sqlite`'s transaction, then its queued events.
+
+        For the convergence's transactions (a rollout's batch: the answers, the step, the
+        node sets), whose dozen statements through SQLAlchemy cost the event loop more
+        than SQLite's work. The body must await nothing but the tx's methods and
+        coroutines that await only those (on SQLite they never suspend); it runs on
+        another thread, so it must touch nothing the event loop changes meanwhile. A
+        body that suspends is a bug: RuntimeError, nothing written. `write=False`: a body
+        that only reads (`Database.run_sqlite_read`: no write lock). PostgreSQL: `run`."""
+        if self._db.dialect != "sqlite":
+            return await self.run(body, write=write)
+        if not write:
+            return await self._db.run_sqlite_read(_in_one_hop, self._db, body, False)
+        return await self._db.run_sqlite(_in_one_hop, self._db, body, True)
+
+
+def _in_one_hop(
+    db: sqlite3.Connection,
+    database: Database,
+    body: Callable[[DesiredTx], Awaitable[T]],
+    write: bool,
+) -> T:
+    # On aiosqlite's thread, inside Database.run_sqlite's (or run_sqlite_read's) transaction.
+    tx = SqliteDesiredTx(db, database)
+    result = _completed(body(tx))
+    if write:
+        _completed(tx._finish())
+    return result
+
+
+def _completed(awaitable: Awaitable[T]) -> T:
+    """Run a coroutine that never suspends to its end (a `SqliteDesiredTx` body)."""
+    coro = cast(Coroutine[Any, Any, T], awaitable)
+    try:
+        coro.send(None)
+    except StopIteration as done:
+        return cast(T, done.value)
+    coro.close()
+    raise RuntimeError(
+        "a one-hop desired-state transaction waited for something other than its tx "
+        "(DesiredStateRepository.run_in_one_hop)"
+    )
+
+
+def _row_type(table: Any, columns: Sequence[str] | None = None) -> Any:
+    names = tuple(columns or (c.name for c in table.columns))
+    return namedtuple(f"_{table.name}_row", names)
+
+
+def _select(row_type: Any, table: Any, where: str = "") -> str:
+    sql = f"SELECT {', '.join(row_type._fields)} FROM {table.name}"  # noqa: S608 (constants)
+    return f"{sql} WHERE {where}" if where else sql
+
+
+def _marks(n: int) -> str:
+    return ", ".join("?" * n)
+
+
+def _upsert(table: Any, keys: Sequence[str], updated: Sequence[str]) -> str:
+    columns = [c.name for c in table.columns]
+    return (
+        f"INSERT INTO {table.name} ({', '.join(columns)}) "  # noqa: S608 (constants)
+        f"VALUES ({_marks(len(columns))}) ON CONFLICT ({', '.join(keys)}) DO UPDATE SET "
+        + ", ".join(f"{c} = excluded.{c}" for c in updated)
+    )
+
+
+_DefinitionRow = _row_type(definitions)
+_RevisionRow = _row_type(definition_revisions)
+_AssignmentRow = _row_type(assignments)
+_NodeDesiredRow = _row_type(node_desired)
+_RolloutRow = _row_type(rollouts)
+_RolloutNodeRow = _row_type(rollout_nodes)
+_JudgedRow = _row_type(agent_states, _JUDGED_COLUMNS)
+_PUT_DEFINITION = _upsert(
+    definitions, ["name"], [c.name for c in definitions.columns if c.name != "name"]
+)
+_SET_ASSIGNMENTS = _upsert(assignments, ["node_id", "name"], ["revision", "since_ms"])
+_PUT_ROLLOUT_NODES = _upsert(rollout_nodes, ["rollout_id", "node_id"], _ROLLOUT_NODE_COLUMNS)
+_UPDATE_ROLLOUT = (
+    f"UPDATE {rollouts.name} SET target = ?, previous = ?, state = ?, record = ?, "  # noqa: S608
+    "updated_ms = ?, ended_ms = ? WHERE id = ?"
+)
+
+
+class _NoConnection:
+    """What a `SqliteDesiredTx` has instead of SQLAlchemy's connection."""
+
+    def __getattr__(self, name: str) -> Any:
+        raise RuntimeError(
+            f"SqliteDesiredTx has no SQLAlchemy connection (asked for {name!r}): "
+            "add the method to SqliteDesiredTx, or run the body with DesiredStateRepository.run"
+        )
+
+
+class SqliteDesiredTx(DesiredTx):
+    """A `DesiredTx` on aiosqlite's thread (`DesiredStateRepository.run_in_one_hop`):
+    the same reads and writes, as plain sqlite3 statements in the transaction `db`
+    holds. Its methods are coroutines that never suspend. It has the methods the
+    convergence's transactions use; any other raises RuntimeError."""
+
+    def __init__(self, db: sqlite3.Connection, database: Database) -> None:
+        super().__init__(cast(AsyncConnection, _NoConnection()), database)
+        self._sqlite = db
+
+    @property
+    def conn(self) -> AsyncConnection:
+        """None here: RuntimeError (see the class docstring)."""
+        raise RuntimeError("SqliteDesiredTx has no SQLAlchemy connection")
+
+    def _rows(self, sql: str, params: Sequence[Any], row_type: Any) -> builtins.list[Any]:
+        cur = self._sqlite.execute(sql, params)
+        try:
+            return [row_type._make(r) for r in cur.fetchall()]
+        finally:
+            cur.close()
+
+    def _by_ids(
+        self,
+        row_type: Any,
+        table: Any,
+        ids: Collection[str],
+        where: str = "",
+        params: Sequence[Any] = (),
+        order: str = "",
+    ) -> builtins.list[Any]:
+        out: builtins.list[Any] = []
+        for part in chunks(sorted(set(ids))):
+            sql = _select(row_type, table, f"{where}node_id IN ({_marks(len(part))}){order}")
+            out += self._rows(sql, [*params, *part], row_type)
+        return out
+
+    def _many(self, sql: str, values: builtins.list[tuple[Any, ...]]) -> None:
+        if values:
+            self._sqlite.executemany(sql, values).close()
+
+    # --- definitions and revisions ----------------------------------------------------------
+
+    async def definitions(
+        self, names: Collection[str] | None = None, *, for_update: bool = False
+    ) -> dict[str, DefinitionRecord]:
+        """As `DesiredTx.definitions` (the write lock is held since BEGIN IMMEDIATE)."""
+        if names is None:
+            rows = self._rows(_select(_DefinitionRow, definitions), (), _DefinitionRow)
+        else:
+            rows = []
+            for part in chunks(sorted(set(names))):
+                where = f"name IN ({_marks(len(part))})"
+                sql = _select(_DefinitionRow, definitions, where)
+                rows += self._rows(sql, part, _DefinitionRow)
+        return {r.name: _definition(r) for r in sorted(rows, key=lambda r: r.name)}
+
+    async def put_definition(self, record: DefinitionRecord) -> None:
+        """As `DesiredTx.put_definition`."""
+        self._many(_PUT_DEFINITION, [tuple(getattr(record, c) for c in _DefinitionRow._fields)])
+
+    async def revisions_of(
+        self, pairs: Collection[tuple[str, int]]
+    ) -> dict[tuple[str, int], RevisionRecord]:
+        """As `DesiredTx.revisions_of`."""
+        out: dict[tuple[str, int], RevisionRecord] = {}
+        by_name: dict[str, set[int]] = {}
+        for name, revision in pairs:
+            by_name.setdefault(name, set()).add(revision)
+        for name, revs in sorted(by_name.items()):
+            for part in chunks(sorted(revs)):
+                where = f"name = ? AND revision IN ({_marks(len(part))})"
+                sql = _select(_RevisionRow, definition_revisions, where)
+                for r in self._rows(sql, [name, *part], _RevisionRow):
+                    out[r.name, r.revision] = _revision(r)
+        return out
+
+    # --- assignments --------------------------------------------------------------------------
+
+    async def assignments(
+        self, *, names: Collection[str] | None = None, node_ids: Collection[str] | None = None
+    ) -> builtins.list[AssignmentRecord]:
+        """As `DesiredTx.assignments`."""
+        where, params = "", []
+        if names is not None:
+            wanted = sorted(set(names))
+            if not wanted:
+                return []
+            where, params = f"name IN ({_marks(len(wanted))}) AND ", wanted
+        order = " ORDER BY node_id, name"
+        if node_ids is not None:
+            rows = self._by_ids(_AssignmentRow, assignments, node_ids, where, params, order)
+        else:
+            sql = _select(_AssignmentRow, assignments, where.removesuffix(" AND ")) + order
+            rows = self._rows(sql, params, _AssignmentRow)
+        return [_assignment(r) for r in rows]
+
+    async def set_assignments(self, records: Sequence[AssignmentRecord]) -> None:
+        """As `DesiredTx.set_assignments`."""
+        self._many(_SET_ASSIGNMENTS, [(r.node_id, r.name, r.revision, r.since_ms) for r in records])
+
+    async def delete_assignments(self, keys: Collection[tuple[str, str]]) -> None:
+        """As `DesiredTx.delete_assignments`."""
+        self._many(
+            f"DELETE FROM {assignments.name} WHERE node_id = ? AND name = ?",  # noqa: S608
+            sorted(keys),
+        )
+
+    # --- agents -------------------------------------------------------------------------------
+
+    async def agent_states(
+        self, *, node_ids: Collection[str] | None = None, agent_id: str = ""
+    ) -> builtins.list[AgentStateRecord]:
+        """As `DesiredTx.agent_states`."""
+        return sqlite_select_states(self._sqlite, node_ids=node_ids, agent_id=agent_id)
+
+    async def judged_agents(
+        self, node_ids: Collection[str], agent_id: str
+    ) -> builtins.list[AgentStateRecord]:
+        """As `DesiredTx.judged_agents`."""
+        rows = self._by_ids(
+            _JudgedRow, agent_states, node_ids, "agent_id = ? AND ", [agent_id], " ORDER BY node_id"
+        )
+        return [_judged(agent_id, r) for r in rows]
+
+    async def replace_agents(
+        self, snapshots: Sequence[tuple[str, Sequence[AgentStateRecord]]], *, now_ms: int
+    ) -> builtins.list[int | None]:
+        """As `DesiredTx.replace_agents`."""
+        return sqlite_replace_many(
+            self._sqlite, snapshots, now_ms=now_ms, events_out=self.queued_events
+        )
+
+    # --- node versions ------------------------------------------------------------------------
+
+    async def node_desired(
+        self, node_ids: Collection[str] | None = None
+    ) -> dict[str, NodeDesiredRecord]:
+        """As `DesiredTx.node_desired`."""
+        if node_ids is None:
+            rows = self._rows(_select(_NodeDesiredRow, node_desired), (), _NodeDesiredRow)
+        else:
+            rows = self._by_ids(_NodeDesiredRow, node_desired, node_ids)
+        return {r.node_id: _node_desired(r) for r in rows}
+
+    async def put_node_desired(self, records: Sequence[NodeDesiredRecord]) -> None:
+        """As `DesiredTx.put_node_desired`."""
+        sqlite_put_node_desired(self._sqlite, records)
+
+    # --- rollouts -----------------------------------------------------------------------------
+
+    async def rollouts(
+        self,
+        *,
+        name: str = "",
+        live: bool = False,
+        limit: int = 100,
+        for_update: bool = False,
+    ) -> builtins.list[RolloutRecord]:
+        """As `DesiredTx.rollouts`."""
+        where, params = [], []
+        if name:
+            where.append("name = ?")
+            params.append(name)
+        if live:
+            where.append("ended_ms = 0")
+        sql = _select(_RolloutRow, rollouts, " AND ".join(where)) + " ORDER BY id DESC LIMIT ?"
+        return [_rollout(r) for r in self._rows(sql, [*params, limit], _RolloutRow)]
+
+    async def rollout(self, rollout_id: int, *, for_update: bool = False) -> RolloutRecord | None:
+        """As `DesiredTx.rollout`."""
+        rows = self._rows(_select(_RolloutRow, rollouts, "id = ?"), [rollout_id], _RolloutRow)
+        return _rollout(rows[0]) if rows else None
+
+    async def update_rollout(self, record: RolloutRecord) -> None:
+        """As `DesiredTx.update_rollout`."""
+        values = (record.target, record.previous, record.state, record.record)
+        self._many(_UPDATE_ROLLOUT, [(*values, record.updated_ms, record.ended_ms, record.id)])
+
+    async def rollout_nodes(self, rollout_id: int) -> dict[str, RolloutNodeRecord]:
+        """As `DesiredTx.rollout_nodes`."""
+        sql = _select(_RolloutNodeRow, rollout_nodes, "rollout_id = ?")
+        return {r.node_id: _rollout_node(r) for r in self._rows(sql, [rollout_id], _RolloutNodeRow)}
+
+    async def put_rollout_nodes(self, records: Sequence[RolloutNodeRecord]) -> None:
+        """As `DesiredTx.put_rollout_nodes`."""
+        self._many(
+            _PUT_ROLLOUT_NODES,
+            [
+                (r.rollout_id, r.node_id, r.phase, r.batch, r.since_ms, r.offline, r.reason)
+                for r in records
+            ],
+        )
+
+    async def _finish(self) -> None:
+        if self._audits:
+            raise RuntimeError("SqliteDesiredTx does not write audit entries")
+        sqlite_insert_events(self._sqlite, self._events)

@@ -315,7 +315,7 @@ def sqlite_job(
     db: sqlite3.Connection, job_id: str
 ) -> tuple[JobRecord | None, dict[str, JobTargetRecord]]:
     """A job and its targets by node in the job's order (`JobTx.job` and `JobTx.targets`)
-    on aiosqlite's thread, for `Database.read_sqlite`; (None, {}) if there is no such job."""
+    on aiosqlite's thread, for `Database.run_sqlite_read`; (None, {}) if there is no such job."""
     cur = db.execute(_JOB_SQLITE, (job_id,))
     try:
         row = cur.fetchone()

@@ -31,6 +31,9 @@ def test_connect_bench_smoke(tmp_path: Path) -> None:
     assert 0 < figures["command_p50_ms"] <= figures["command_p99_ms"]
     assert figures["false_offline"] == 0
     assert 0 < figures["reconnect_all_s"] < 60
+    # The busiest second's welcomes: at least one node, at most all, under the ceiling.
+    assert 1 <= figures["reconnect_peak_welcomes_per_s"] <= 20
+    assert figures["reconnect_peak_welcomes_per_s"] <= figures["max_hellos_per_second"]
     for key in figures["reconnect_hello_end_ages"]:  # "<end> <how long after its stream opened>"
         assert key.split(" ")[1] in ("<0.1s", "<1s", "<10s", ">=10s"), key
     assert figures["ref_cpu_per_1000"] >= 0

@@ -86,3 +86,26 @@ async def test_postgresql_is_refused(tmp_path: Path) -> None:
     database.dialect = "postgresql"
     with pytest.raises(ValueError, match="SQLite database only"):
         await database.run_sqlite(_count)
+
+
+async def test_a_read_in_one_hop_does_not_wait_for_a_writer(db: Database) -> None:
+    """run_sqlite_read sees what was committed and runs while a writer holds the write
+    lock (it takes none), seeing the snapshot from before that writer's commit."""
+    await db.run_sqlite(_insert, [("a", 1)])
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    async def writer(conn: AsyncConnection) -> None:
+        await conn.exec_driver_sql("INSERT INTO t VALUES ('w', 2)")
+        entered.set()
+        await release.wait()
+
+    task = asyncio.create_task(db.run(writer))
+    await entered.wait()
+    assert await asyncio.wait_for(db.run_sqlite_read(_count), 5) == 1
+    release.set()
+    await task
+    assert await db.run_sqlite_read(_count) == 2
+    database = Database.__new__(Database)
+    database.dialect = "postgresql"
+    with pytest.raises(ValueError, match="SQLite database only"):
+        await database.run_sqlite_read(_count)

@@ -376,6 +376,15 @@ def test_rollout_status_names_batches_pending_offline_and_failed_nodes() -> None
     assert progress_line(rollout("PENDING", batch=-1)) == "PENDING"
     reverted = rollout("REVERTED", target_revision=2, reverted_from=3, reason="n2 failed")
     assert status_lines(reverted, now_ms=0)[0] == "Rollout 7 of web: revision 3 -> back to 2"
+    # A revert moves only the nodes the failed revision reached; the rest are counted and named.
+    reverted = rollout(
+        "REVERTED", target_revision=2, reverted_from=3, reason="n2 failed", total=2, done=2,
+        nodes=[node("n1", "DONE", 1), node("n2", "DONE", -1)],
+    )  # fmt: skip
+    lines = status_lines(reverted, now_ms=0)
+    assert "Progress: 2/2 done" in lines
+    assert "  batch 1: 1/1 done: n1" in lines
+    assert "  unchanged (already at revision 2): 1: n2" in lines
 
 
 def test_the_example_definition_loads() -> None:
