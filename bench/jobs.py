@@ -303,6 +303,15 @@ def cpu(child: Child) -> float:
     return float(t.user + t.system)
 
 
+def main_thread_cpu(child: Child) -> float:
+    """CPU seconds of that child's main thread (the manager's event loop) so far."""
+    pid = child.process.pid
+    for t in child.process.threads():
+        if t.id == pid:
+            return float(t.user_time + t.system_time)
+    return 0.0
+
+
 async def ingest(
     stub: FleetServiceAsyncStub,
     manager: Child,
@@ -449,12 +458,13 @@ async def run(
                     if profile:
                         await asyncio.to_thread(manager.ask, "profile on")
                     gc0 = await asyncio.to_thread(manager.ask, "gc")
-                    c0 = cpu(manager)
+                    c0, l0 = cpu(manager), main_thread_cpu(manager)
                     t_start, _, job = await run_job(stub, spec)
                     if profile:
                         await asyncio.to_thread(manager.ask, "profile off")
                     took = job.ended_at / 1000 - t_start
                     manager_cpu = cpu(manager) - c0  # WatchJob/GetJob included
+                    loop_cpu = main_thread_cpu(manager) - l0
                     gc1 = await asyncio.to_thread(manager.ask, "gc")
                     manager_gc = (gc1["gc"] - gc0["gc"], gc1["seconds"] - gc0["seconds"])
                     states = target_states(job)
@@ -465,14 +475,17 @@ async def run(
                     if started["starts"] != n or sum(told.get(k, 0) for k in ANSWERED) != n:
                         problems.append(f"round {r + 1}: the daemons saw {started}")
                     await asyncio.sleep(SETTLE)
+                    r0 = time.process_time()
                     ref, gathered = await reference_round(ref_stubs, sims, f"ref-{r}")
+                    ref_cpu = time.process_time() - r0
                     fleet_times.append(took)
                     ref_times.append((ref, gathered))
                     print(
                         f"round {r + 1}: fleet {took:.3f}s  reference {ref:.3f}s"
                         f" (gather {gathered:.3f}s)  ratio {took / ref:.2f}x"
-                        f"  (manager CPU {manager_cpu:.2f}s for the job, cyclic GC"
-                        f" {manager_gc[0]} collections {manager_gc[1] * 1000:.0f} ms)",
+                        f"  (manager CPU {manager_cpu:.2f}s for the job, {loop_cpu:.2f}s of it its"
+                        f" event loop's thread; cyclic GC {manager_gc[0]} collections"
+                        f" {manager_gc[1] * 1000:.0f} ms; the reference's CPU {ref_cpu:.2f}s)",
                         flush=True,
                     )
                 refused = (await asyncio.to_thread(sims.ask, "jobs ref-*"))["reports"]

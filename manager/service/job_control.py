@@ -38,7 +38,14 @@ from manager.service.jobs import (
     stages,
 )
 from manager.storage import NodeRepository
-from manager.storage.jobs import JobRecord, JobRepository, JobTargetRecord, JobTx, OutputChunk
+from manager.storage.jobs import (
+    JobRecord,
+    JobRepository,
+    JobTargetRecord,
+    JobTx,
+    OutputChunk,
+    sqlite_job,
+)
 
 __all__ = ["RERUN_STATES", "JobView", "Jobs", "OutputPiece", "new_job_id"]
 
@@ -306,7 +313,13 @@ class Jobs:
             record = await tx.job(job_id)
             return record, (await tx.targets(job_id) if record is not None else {})
 
-        record, targets = await self._repo.run(body, write=False)
+        db = self._repo.db
+        if db.dialect == "sqlite":
+            # One hop, the rows made records on aiosqlite's thread: a watch reads every
+            # target of a job while it runs.
+            record, targets = await db.run_sqlite_read(sqlite_job, job_id)
+        else:
+            record, targets = await self._repo.run(body, write=False)
         if record is None:
             raise NotFound(f"job {job_id!r} does not exist")
         listed = tuple(targets.values())

@@ -56,7 +56,7 @@ from manager.service.jobs import (
     transition_allowed,
 )
 from manager.storage import Database, NodeRepository
-from manager.storage.jobs import JobRecord, JobRepository, JobTargetRecord, JobTx
+from manager.storage.jobs import JobRecord, JobRepository, JobTargetRecord, JobTx, sqlite_job
 
 __all__ = ["JOBS_LOCK", "JobDriver", "load_spec"]
 
@@ -288,7 +288,10 @@ class JobDriver:
             record = await tx.job(job_id)
             return record, (await tx.targets(job_id) if record is not None else {})
 
-        record, targets = await self._repo.run(body, write=False)
+        if self._db.dialect == "sqlite":
+            record, targets = await self._db.run_sqlite_read(sqlite_job, job_id)  # one hop
+        else:
+            record, targets = await self._repo.run(body, write=False)
         if record is None or record.ended_ms:
             self._jobs.pop(job_id, None)
             return

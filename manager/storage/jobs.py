@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import builtins
 import operator
+import sqlite3
 from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import dataclass, fields
 from typing import Any, TypeVar
 
 from sqlalchemy import Insert, Select, Update, and_, bindparam, delete, func, insert, select, update
+from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 from sqlalchemy.engine import Dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 
@@ -25,7 +27,19 @@ from manager.storage.queued import QueuedWrites
 from manager.storage.schema import job_output, job_targets, jobs
 from manager.storage.sqlhelp import chunks
 
-__all__ = ["JobRecord", "JobRepository", "JobTargetRecord", "JobTx", "OutputChunk", "OutputRow"]
+__all__ = [
+    "JobRecord",
+    "JobRepository",
+    "JobTargetRecord",
+    "JobTx",
+    "OutputChunk",
+    "OutputRow",
+    "sqlite_add_outputs",
+    "sqlite_job",
+    "sqlite_jobs",
+    "sqlite_put_targets",
+    "sqlite_targets_of",
+]
 
 T = TypeVar("T")
 
@@ -174,6 +188,10 @@ def _job(row: Any) -> JobRecord:
     return JobRecord(id=row.id, **{f: getattr(row, f) for f in _JOB_FIELDS})
 
 
+assert [c.name for c in jobs.columns] == ["id", *_JOB_FIELDS]
+assert [f.name for f in fields(JobRecord)] == ["id", *_JOB_FIELDS]
+
+
 # A job's targets are read by the hundred per commit: rows map to records by position
 # (the table and the dataclass list the same columns in the same order).
 _TRUNCATED = _TARGET_FIELDS.index("truncated") + 2
@@ -233,6 +251,98 @@ def _in_sql(
         assert names == [f"b_{i}" for i in range(len(names))]
         found = _IN_SQL[key] = compiled.string
     return found
+
+
+# --- SQLite, a whole transaction in one hop (Database.run_sqlite) -----------------------------
+# The group commit's reads and writes as plain sqlite3 calls on aiosqlite's thread, in the
+# write transaction its connection holds (BEGIN IMMEDIATE took the write lock: nothing to
+# lock row by row). The same statements as JobTx's, compiled once for SQLite.
+
+_SQLITE = sqlite_dialect()
+
+
+def sqlite_targets_of(
+    db: sqlite3.Connection, keys: Collection[tuple[str, str]]
+) -> dict[tuple[str, str], JobTargetRecord]:
+    """`JobTx.targets_of` on aiosqlite's thread: the (job, node) targets that exist."""
+    by_job: dict[str, set[str]] = {}
+    for job_id, node_id in keys:
+        by_job.setdefault(job_id, set()).add(node_id)
+    out: dict[tuple[str, str], JobTargetRecord] = {}
+    for job_id, node_ids in sorted(by_job.items()):
+        for part in chunks(sorted(node_ids)):
+            values = _padded(part)
+            cur = db.execute(_in_sql(_targets_in, len(values), _SQLITE), (job_id, *values))
+            try:
+                for row in cur:
+                    t = _target(row)
+                    out[(job_id, t.node_id)] = t
+            finally:
+                cur.close()
+    return out
+
+
+def sqlite_jobs(db: sqlite3.Connection, job_ids: Collection[str]) -> dict[str, JobRecord]:
+    """`JobTx.jobs` on aiosqlite's thread: the named jobs that exist."""
+    out: dict[str, JobRecord] = {}
+    for part in chunks(sorted(set(job_ids))):
+        values = _padded(part)
+        cur = db.execute(_in_sql(_jobs_in, len(values), _SQLITE), values)
+        try:
+            out.update((row[0], JobRecord(*row)) for row in cur)
+        finally:
+            cur.close()
+    return out
+
+
+def sqlite_put_targets(db: sqlite3.Connection, records: Sequence[JobTargetRecord]) -> None:
+    """`JobTx.put_targets` on aiosqlite's thread (one executemany)."""
+    if records:
+        sql, row = _many(_UPDATE_TARGET, _SQLITE)
+        db.executemany(sql, [row(t) for t in records]).close()
+
+
+_JOB_SQLITE = str(select(jobs).where(jobs.c.id == bindparam("b_0")).compile(dialect=_SQLITE))
+_TARGETS_SQLITE = str(
+    select(job_targets)
+    .where(job_targets.c.job_id == bindparam("b_0"))
+    .order_by(job_targets.c.idx)
+    .compile(dialect=_SQLITE)
+)
+
+
+def sqlite_job(
+    db: sqlite3.Connection, job_id: str
+) -> tuple[JobRecord | None, dict[str, JobTargetRecord]]:
+    """A job and its targets by node in the job's order (`JobTx.job` and `JobTx.targets`)
+    on aiosqlite's thread, for `Database.run_sqlite_read`; (None, {}) if there is no such job."""
+    cur = db.execute(_JOB_SQLITE, (job_id,))
+    try:
+        row = cur.fetchone()
+    finally:
+        cur.close()
+    if row is None:
+        return None, {}
+    cur = db.execute(_TARGETS_SQLITE, (job_id,))
+    try:
+        targets = {t.node_id: t for t in map(_target, cur)}
+    finally:
+        cur.close()
+    return JobRecord(*row), targets
+
+
+_INSERT_OUTPUT_SQLITE = (
+    f"INSERT INTO {job_output.name} (job_id, node_id, pos, data) "  # noqa: S608 (constants only)
+    "VALUES (?, ?, ?, ?)"
+)
+
+
+def sqlite_add_outputs(db: sqlite3.Connection, rows: Sequence[OutputRow]) -> None:
+    """`JobTx.add_outputs` on aiosqlite's thread (one executemany; the bytes as they are)."""
+    if rows:
+        db.executemany(
+            _INSERT_OUTPUT_SQLITE, [(r.job_id, r.node_id, r.pos, r.data) for r in rows]
+        ).close()
 
 
 class JobTx(QueuedWrites):

@@ -11,6 +11,7 @@ from fleet.errors import FailedPrecondition, NotFound, PermissionDenied, Unavail
 from manager.service.job_updates import Change, JobUpdates, Outcome, Upload
 from manager.service.jobs import OutputAccepted, TargetState
 from manager.storage import Database
+from manager.storage.events import EventRepository
 from manager.storage.jobs import JobRecord, JobRepository, JobTargetRecord, JobTx
 
 JOB = "20261205-120000-000-abc123"
@@ -134,3 +135,50 @@ async def test_too_much_output_pending_is_unavailable_and_stores_nothing(
         await updates.stop()
     assert (await _stored(repo, "n1"))[0] == b"abcd"
     assert (await _stored(repo, "n2"))[0] == b"wxyz"
+
+
+async def test_an_end_answered_twice_stores_its_output_and_event_once(database: Database) -> None:
+    """An end carried by a StartJob answer, submitted twice in one batch and once more in a
+    later one: its output is stored once, the target ends once with one
+    JOB_TARGET_FINISHED event, and the repeats change nothing (the same on SQLite's
+    one-hop commit as on PostgreSQL's)."""
+    repo = JobRepository(database)
+    await _job(repo)
+    events = EventRepository(database)
+    before = await events.latest_id()
+    updates = JobUpdates(repo, clock=lambda: 1000.0)
+    heard: list[Sequence[JobTargetRecord]] = []
+    updates.listen(heard.append)
+    end = Change(
+        JOB,
+        "n1",
+        "ended",
+        state=TargetState.SUCCESS,
+        exit_code=0,
+        started_ms=999_000,
+        ended_ms=999_500,
+        steps='[{"state":"SUCCESS"}]',
+        output_bytes=5,
+        output=b"hello",
+        bound=BOUND,
+    )
+    waiting = [asyncio.ensure_future(updates.submit(end)) for _ in range(2)]
+    await asyncio.sleep(0)  # both queued before the committer starts: one batch
+    updates.start()
+    try:
+        first, second = await asyncio.gather(*waiting)
+        third = await updates.submit(end)
+    finally:
+        await updates.stop()
+    assert updates.commits == 2
+    assert (first.applied, second.applied, third.applied) == (True, False, False)
+    assert third.target is not None
+    assert third.target.state == "SUCCESS"
+    data, n1 = await _stored(repo, "n1")
+    assert (data, n1.state, n1.output_stored_bytes, n1.exit_code) == (b"hello", "SUCCESS", 5, 0)
+    assert (n1.started_ms, n1.ended_ms, n1.steps) == (999_000, 999_500, '[{"state":"SUCCESS"}]')
+    finished = await events.list_after(before, kinds=["JOB_TARGET_FINISHED"])
+    assert [(e.node_id, e.message) for e in finished] == [
+        ("n1", f"job {JOB} on n1: SUCCESS (exit 0)")
+    ]
+    assert [[(r.node_id, r.state) for r in rows] for rows in heard] == [[("n1", "SUCCESS")]]
