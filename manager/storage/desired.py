@@ -54,7 +54,7 @@ from manager.storage.schema import (
     rollout_nodes,
     rollouts,
 )
-from manager.storage.sqlhelp import chunks, dialect_insert
+from manager.storage.sqlhelp import chunks, dialect_insert, grouped
 
 __all__ = [
     "AgentBrief",
@@ -335,9 +335,7 @@ class DesiredTx(QueuedWrites):
     ) -> dict[tuple[str, int], RevisionRecord]:
         """The named (definition, revision) pairs that exist."""
         out: dict[tuple[str, int], RevisionRecord] = {}
-        by_name: dict[str, set[int]] = {}
-        for name, revision in pairs:
-            by_name.setdefault(name, set()).add(revision)
+        by_name = grouped(pairs)
         query = _statement(self._db.dialect, "revisions_of")
         for name, revs in sorted(by_name.items()):
             for part in chunks(sorted(revs)):
@@ -799,9 +797,7 @@ class SqliteDesiredTx(DesiredTx):
     ) -> dict[tuple[str, int], RevisionRecord]:
         """As `DesiredTx.revisions_of`."""
         out: dict[tuple[str, int], RevisionRecord] = {}
-        by_name: dict[str, set[int]] = {}
-        for name, revision in pairs:
-            by_name.setdefault(name, set()).add(revision)
+        by_name = grouped(pairs)
         for name, revs in sorted(by_name.items()):
             for part in chunks(sorted(revs)):
                 where = f"name = ? AND revision IN ({_marks(len(part))})"

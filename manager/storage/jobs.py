@@ -25,7 +25,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection
 from manager.storage.db import Database
 from manager.storage.queued import QueuedWrites
 from manager.storage.schema import job_output, job_targets, jobs
-from manager.storage.sqlhelp import chunks
+from manager.storage.sqlhelp import chunks, grouped
 
 __all__ = [
     "JobRecord",
@@ -265,9 +265,7 @@ def sqlite_targets_of(
     db: sqlite3.Connection, keys: Collection[tuple[str, str]]
 ) -> dict[tuple[str, str], JobTargetRecord]:
     """`JobTx.targets_of` on aiosqlite's thread: the (job, node) targets that exist."""
-    by_job: dict[str, set[str]] = {}
-    for job_id, node_id in keys:
-        by_job.setdefault(job_id, set()).add(node_id)
+    by_job = grouped(keys)
     out: dict[tuple[str, str], JobTargetRecord] = {}
     for job_id, node_ids in sorted(by_job.items()):
         for part in chunks(sorted(node_ids)):
@@ -468,9 +466,7 @@ class JobTx(QueuedWrites):
         self, keys: Collection[tuple[str, str]], *, for_update: bool = False
     ) -> dict[tuple[str, str], JobTargetRecord]:
         """The (job, node) targets that exist, by key."""
-        by_job: dict[str, set[str]] = {}
-        for job_id, node_id in keys:
-            by_job.setdefault(job_id, set()).add(node_id)
+        by_job = grouped(keys)
         out: dict[tuple[str, str], JobTargetRecord] = {}
         for job_id, node_ids in sorted(by_job.items()):
             found = await self.targets(job_id, node_ids, for_update=for_update)
