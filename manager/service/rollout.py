@@ -540,14 +540,16 @@ def _judge(r: Rollout, rec: NodeProgress, obs: Observation, now: float) -> NodeP
     if healthy and obs.healthy_since is not None and now - obs.healthy_since >= p.min_healthy_time:
         return dataclasses.replace(rec, phase=NodePhase.DONE, since=now)
     if now - rec.since >= p.healthy_deadline:
+        detail = obs.detail
         if obs.running != r.target:
             runs = f"revision {obs.running}" if obs.running else "nothing"
             state = f"it still runs {runs}"
         elif obs.healthy_since is None:
-            state = "it is not healthy"
+            # The daemon's words are the reason ("BACKOFF: exited with code 3").
+            state, detail = obs.detail or "its health checks have not passed", ""
         else:
             state = f"healthy only since {_seconds(now - obs.healthy_since)} ago"
-        detail = f" ({obs.detail})" if obs.detail else ""
+        detail = f" ({detail})" if detail else ""
         reason = f"not healthy within {_seconds(p.healthy_deadline)}: {state}{detail}"
         return dataclasses.replace(rec, phase=NodePhase.FAILED, since=now, reason=reason)
     return rec

@@ -36,6 +36,7 @@ from manager.service.rollout import (
     supersede,
     to_dict,
 )
+from manager.service.rollout import _judge as _judge  # the per-node judgement alone
 
 S = RolloutState
 T0 = 1_000_000.0
@@ -288,7 +289,7 @@ def test_unhealthy_canary_fails_and_auto_revert_restores_the_last_good_revision(
     failed = next(n for n in d.notes if n.startswith("rollout-failed"))
     assert failed == (
         "rollout-failed: web: revision 2 failed on n00: not healthy within 60s:"
-        " it is not healthy (BACKOFF: exited with code 1)"
+        " BACKOFF: exited with code 1"
     )
     # Only the canary ever got revision 2; the others never moved.
     assert [(name, rev) for _, name, rev in fleet.moves] == [("n00", 2), ("n00", 1)]
@@ -363,8 +364,7 @@ def test_healthy_deadline_fails_nodes_that_never_become_healthy() -> None:
     d.now = T0 + 60.0
     assert d.tick().rollout.state is S.FAILED
     assert d.rollout.reason == (
-        "revision 2 failed on n00 (and 1 more): not healthy within 60s: it is not healthy"
-        " (BACKOFF: exited with code 1)"
+        "revision 2 failed on n00 (and 1 more): not healthy within 60s: BACKOFF: exited with code 1"
     )
 
 
@@ -586,3 +586,27 @@ def test_a_rollout_record_survives_its_json_form() -> None:
     assert from_dict(json.loads(json.dumps(to_dict(d.rollout)))) == d.rollout
     paused, _ = pause(dataclasses.replace(d.rollout, state=S.RUNNING), d.now, "operator/a")
     assert from_dict(json.loads(json.dumps(to_dict(paused)))) == paused
+
+
+@pytest.mark.parametrize(
+    ("running", "healthy_since", "detail", "why"),
+    [
+        (2, None, "BACKOFF: exited with code 3", "BACKOFF: exited with code 3"),
+        (2, None, "", "its health checks have not passed"),
+        (1, None, "RUNNING", "it still runs revision 1 (RUNNING)"),
+        (0, None, "", "it still runs nothing"),
+        (2, T0 + 59, "RUNNING", "healthy only since 1s ago (RUNNING)"),
+    ],
+)
+def test_a_node_past_its_healthy_deadline_fails_saying_why(
+    running: int, healthy_since: float | None, detail: str, why: str
+) -> None:
+    """The reason names what the node does instead, once (the daemon's words if it has them)."""
+    r, _ = start("web", 2, 1, policy(min_healthy_time=10.0), T0)
+    moved = NodeProgress(phase=NodePhase.UPDATING, batch=1, since=T0)
+    seen = Observation(
+        online=True, assigned=2, running=running, healthy_since=healthy_since, detail=detail
+    )
+    judged = _judge(r, moved, seen, T0 + 60)
+    assert judged.phase is NodePhase.FAILED
+    assert judged.reason == f"not healthy within 60s: {why}"
