@@ -11,6 +11,7 @@ so the manager recovers without a restart when the database returns.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import logging
 import sqlite3
@@ -228,7 +229,7 @@ class Database:
         runs on that thread: plain sqlite3 calls and pure Python only."""
         if self.dialect != "sqlite":
             raise ValueError("run_sqlite: an SQLite database only")
-        return await self._retried(lambda: self._sqlite_once(fn, args))
+        return await self._retried(lambda: self._sqlite_once(fn, args, write=True))
 
     async def run_sqlite_read(self, fn: Callable[..., T], *args: Any) -> T:
         """`run_sqlite` for a body that only reads: a deferred transaction (BEGIN, `fn`,
@@ -236,13 +237,7 @@ class Database:
         writers; WAL gives it one snapshot). `fn` must not write."""
         if self.dialect != "sqlite":
             raise ValueError("run_sqlite_read: an SQLite database only")
-        return await self._retried(lambda: self._sqlite_read_once(fn, args))
-
-    async def _sqlite_read_once(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
-        async with self._engine.connect() as conn:
-            result: T = await on_driver_thread(conn, _sqlite_transaction, fn, args, "DEFERRED")
-            conn.info[_CLEAN] = True
-            return result
+        return await self._retried(lambda: self._sqlite_once(fn, args, write=False))
 
     async def _retried(self, attempt: Callable[[], Awaitable[T]]) -> T:
         started = time.monotonic()
@@ -266,9 +261,11 @@ class Database:
             ) from exc
         raise AssertionError("unreachable: retrying() either returns or raises")
 
-    async def _sqlite_once(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
-        async with self._write_lock, self._engine.connect() as conn:
-            result: T = await on_driver_thread(conn, _sqlite_transaction, fn, args)
+    async def _sqlite_once(self, fn: Callable[..., T], args: tuple[Any, ...], *, write: bool) -> T:
+        lock = self._write_lock if write else contextlib.nullcontext()
+        mode = "IMMEDIATE" if write else "DEFERRED"
+        async with lock, self._engine.connect() as conn:
+            result: T = await on_driver_thread(conn, _sqlite_transaction, fn, args, mode)
             # The transaction ended on the thread, committed or rolled back, even if we
             # were cancelled meanwhile: the pool's reset may skip its rollback.
             conn.info[_CLEAN] = True
@@ -416,7 +413,7 @@ def _make_parent_dir(path: str) -> None:
 
 
 def _sqlite_transaction(
-    db: sqlite3.Connection, fn: Callable[..., T], args: tuple[Any, ...], mode: str = "IMMEDIATE"
+    db: sqlite3.Connection, fn: Callable[..., T], args: tuple[Any, ...], mode: str
 ) -> T:
     # On aiosqlite's thread (Database.run_sqlite): the whole transaction, never left open.
     db.execute(f"BEGIN {mode}").close()
