@@ -44,7 +44,6 @@ from manager.storage.jobs import (
     JobTargetRecord,
     JobTx,
     OutputChunk,
-    sqlite_job,
 )
 
 __all__ = ["RERUN_STATES", "JobView", "Jobs", "OutputPiece", "new_job_id"]
@@ -309,17 +308,7 @@ class Jobs:
         """One job with its targets."""
         _check_id(job_id)
 
-        async def body(tx: JobTx) -> tuple[JobRecord | None, dict[str, JobTargetRecord]]:
-            record = await tx.job(job_id)
-            return record, (await tx.targets(job_id) if record is not None else {})
-
-        db = self._repo.db
-        if db.dialect == "sqlite":
-            # One hop, the rows made records on aiosqlite's thread: a watch reads every
-            # target of a job while it runs.
-            record, targets = await db.run_sqlite_read(sqlite_job, job_id)
-        else:
-            record, targets = await self._repo.run(body, write=False)
+        record, targets = await self._repo.job_with_targets(job_id)
         if record is None:
             raise NotFound(f"job {job_id!r} does not exist")
         listed = tuple(targets.values())

@@ -56,7 +56,7 @@ from manager.service.jobs import (
     transition_allowed,
 )
 from manager.storage import Database, NodeRepository
-from manager.storage.jobs import JobRecord, JobRepository, JobTargetRecord, JobTx, sqlite_job
+from manager.storage.jobs import JobRecord, JobRepository, JobTargetRecord, JobTx
 
 __all__ = ["JOBS_LOCK", "JobDriver", "load_spec"]
 
@@ -284,14 +284,7 @@ class JobDriver:
                 del self._jobs[job_id]
 
     async def _load_one(self, job_id: str) -> None:
-        async def body(tx: JobTx) -> tuple[JobRecord | None, dict[str, JobTargetRecord]]:
-            record = await tx.job(job_id)
-            return record, (await tx.targets(job_id) if record is not None else {})
-
-        if self._db.dialect == "sqlite":
-            record, targets = await self._db.run_sqlite_read(sqlite_job, job_id)  # one hop
-        else:
-            record, targets = await self._repo.run(body, write=False)
+        record, targets = await self._repo.job_with_targets(job_id)
         if record is None or record.ended_ms:
             self._jobs.pop(job_id, None)
             return

@@ -549,3 +549,18 @@ class JobRepository:
             return result
 
         return await self._db.run(wrapped, write=write)
+
+    async def job_with_targets(
+        self, job_id: str
+    ) -> tuple[JobRecord | None, dict[str, JobTargetRecord]]:
+        """A job and its targets by node, in one read transaction; (None, {}) if there is
+        no such job. On SQLite in one hop, the rows made records on aiosqlite's thread
+        (`sqlite_job`): a watch reads every target of a job while it runs."""
+        if self._db.dialect == "sqlite":
+            return await self._db.run_sqlite_read(sqlite_job, job_id)
+
+        async def body(tx: JobTx) -> tuple[JobRecord | None, dict[str, JobTargetRecord]]:
+            record = await tx.job(job_id)
+            return record, (await tx.targets(job_id) if record is not None else {})
+
+        return await self.run(body, write=False)
