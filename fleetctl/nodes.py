@@ -84,11 +84,34 @@ def _agents_cell(counts: Any) -> str:
     return f"{running}/{total}"
 
 
+def desired_cell(view: dict[str, Any]) -> str:
+    """Whether a node runs what the definitions say: "in sync", "DRIFT", "-" (none manage it)."""
+    if view["drift"]:
+        return "DRIFT"
+    return "in sync" if view["desired_version"] else "-"
+
+
+def desired_text(view: dict[str, Any]) -> str:
+    """`nodes show`'s desired-state line: the versions and, on drift, why."""
+    if not view["desired_version"] and not view["drift"]:
+        return "- (no definition has selected this node)"
+    versions = f"version {view['desired_version']}, daemon reports {view['reported_version']}"
+    if not view["drift"]:
+        return f"in sync ({versions})"
+    refused = view["update_errors"]
+    if not refused:
+        return f"DRIFT: {view['drift_reason']} ({versions})"
+    lines = [f"DRIFT: the daemon refused {len(refused)} agent(s) ({versions})"]
+    lines += [f"refused {e['agent_id']} (revision {e['revision']}): {e['reason']}" for e in refused]
+    return "\n".join(lines)
+
+
 def _columns(now_ms: int) -> list[Column]:
     return [
         Column("NODE", "node_id"),
         Column("STATUS", "status", style=_status_style),
         Column("AGENTS", "agents", cell=_agents_cell),
+        Column("DESIRED", "desired", style=lambda v: "yellow" if v == "DRIFT" else ""),
         Column(
             "LAST HEARTBEAT",
             "last_heartbeat_ms",
@@ -106,6 +129,7 @@ def _columns(now_ms: int) -> list[Column]:
         Column("VERSION", "daemon_version", wide=True),
         Column("CONNECTION", "connection", wide=True),
         Column("ADDRESS", "daemon_address", wide=True),
+        Column("DRIFT", "drift_reason", wide=True),
     ]
 
 
@@ -129,6 +153,7 @@ def _row(node: fleet_pb2.Node) -> dict[str, Any]:
     view = node_view(node)
     if node.revoke_time:
         view["status"] = "REVOKED"  # its certificates are refused: it cannot come back online
+    view["desired"] = desired_cell(view)
     return view
 
 
@@ -146,6 +171,7 @@ _FIELDS = [
     ("Last heartbeat", "last_heartbeat_age"),
     ("Registered", "registered_at"),
     ("Agents", "agents"),
+    ("Desired state", "desired_text"),
     ("Jobs", "jobs"),
     ("Certificate", "certificate"),
 ]
@@ -183,6 +209,7 @@ def _show(cli: Cli, node: fleet_pb2.Node) -> None:
         if node.jobs_disabled
         else "enabled",
         "certificate": _certificate_text(node, now_ms),
+        "desired_text": desired_text(view),
         "last_heartbeat_age": (
             f"{view['last_heartbeat']} ({format_age(node.last_heartbeat, now_ms=now_ms)})"
             if node.last_heartbeat
@@ -210,7 +237,7 @@ def _certificate_text(node: fleet_pb2.Node, now_ms: int) -> str:
 
 @app.command("show")
 def show_node(ctx: typer.Context, node: Annotated[str, typer.Argument(help="Node id.")]) -> None:
-    """Show one node: status, labels, versions, last heartbeat, agents by state."""
+    """Show one node: status, labels, versions, last heartbeat, agents by state, desired state."""
     cli = Cli.of(ctx)
 
     async def body(stub: Stub, conn: Connection) -> int:

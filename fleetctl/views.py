@@ -77,6 +77,14 @@ def node_view(node: fleet_pb2.Node) -> dict[str, Any]:
         "registered_at": format_time(node.registered_at),
         "agents": {_status(c.status): c.count for c in node.agent_counts},
         "jobs_disabled": node.jobs_disabled,
+        "desired_version": node.desired_version,
+        "reported_version": node.reported_version,
+        "drift": node.drift,
+        "drift_reason": node.drift_reason,
+        "update_errors": [
+            {"agent_id": e.agent_id, "revision": e.revision, "reason": e.reason}
+            for e in node.update_errors
+        ],
         "cert_expire_time": format_time(node.cert_expire_time),
         "cert_expire_time_ms": node.cert_expire_time,
         "revoke_time": format_time(node.revoke_time),

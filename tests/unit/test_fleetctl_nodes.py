@@ -10,7 +10,7 @@ import pytest
 import yaml
 from fleetctl_fake import Fleetctl, demo_fleet, serve
 
-from fleet.v1 import fleet_pb2
+from fleet.v1 import common_pb2, fleet_pb2
 from fleetctl.nodes import label_notes, label_sources
 
 
@@ -74,6 +74,50 @@ def test_nodes_show_says_when_the_host_refuses_jobs(fleetctl: Fleetctl) -> None:
     assert "Jobs:            enabled" in fleetctl("nodes", "show", "node-1").stdout
     data = json.loads(fleetctl("-o", "json", "nodes", "show", "node-2").stdout)
     assert data["jobs_disabled"] is True
+
+
+def test_nodes_list_and_show_say_whether_each_node_runs_its_desired_version(
+    fleetctl: Fleetctl,
+) -> None:
+    """DESIRED is "in sync", "DRIFT" or "-" (no definition selects it); show says why."""
+    nodes = fleetctl.manager.fleet.nodes
+    nodes["node-1"].MergeFrom(fleet_pb2.Node(desired_version=4, reported_version=4))
+    nodes["node-2"].MergeFrom(
+        fleet_pb2.Node(
+            desired_version=5,
+            reported_version=4,
+            drift=True,
+            drift_reason="runs version 4, should run 5",
+        )
+    )
+    listed = fleetctl("nodes", "list")
+    assert listed.exit_code == 0, listed.output
+    header, *rows = listed.stdout.splitlines()
+    assert header.split()[:4] == ["NODE", "STATUS", "AGENTS", "DESIRED"]
+    assert [row.split()[3] for row in rows] == ["in", "DRIFT", "-"]
+    assert rows[0].split()[3:5] == ["in", "sync"]
+    wide = fleetctl("-o", "wide", "nodes", "list").stdout
+    assert "runs version 4, should run 5" in wide
+
+    shown = fleetctl("nodes", "show", "node-2").stdout
+    assert (
+        "Desired state:   DRIFT: runs version 4, should run 5 (version 5, daemon reports 4)"
+        in shown
+    )
+    assert "in sync (version 4, daemon reports 4)" in fleetctl("nodes", "show", "node-1").stdout
+    assert "- (no definition has selected this node)" in fleetctl("nodes", "show", "node-3").stdout
+
+    nodes["node-2"].update_errors.append(
+        common_pb2.UpdateError(agent_id="web", revision=2, reason="defined in the host's TOML")
+    )
+    shown = fleetctl("nodes", "show", "node-2").stdout
+    assert "DRIFT: the daemon refused 1 agent(s) (version 5, daemon reports 4)" in shown
+    assert "refused web (revision 2): defined in the host's TOML" in shown
+    data = json.loads(fleetctl("-o", "json", "nodes", "show", "node-2").stdout)
+    assert (data["desired_version"], data["reported_version"], data["drift"]) == (5, 4, True)
+    assert data["update_errors"] == [
+        {"agent_id": "web", "revision": 2, "reason": "defined in the host's TOML"}
+    ]
 
 
 def test_nodes_show_unknown_node_exits_1_with_one_line(fleetctl: Fleetctl) -> None:
