@@ -558,6 +558,9 @@ class ManagerServer:
             on_labels_changed=poke,
             trust_domain=identity.trust_domain,
             clock=self._clock,
+            streams=self.control_streams,
+            stream_grace=cfg.control.offline_grace_seconds,
+            stream_route=self.directory.route if self.directory is not None else None,
         )
         ctl = cfg.control
 

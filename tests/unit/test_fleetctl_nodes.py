@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -118,6 +119,48 @@ def test_nodes_list_and_show_say_whether_each_node_runs_its_desired_version(
     assert data["update_errors"] == [
         {"agent_id": "web", "revision": 2, "reason": "defined in the host's TOML"}
     ]
+
+
+def test_nodes_show_and_wide_list_say_how_the_control_stream_is(fleetctl: Fleetctl) -> None:
+    """A lost stream explains an ONLINE node with a fresh heartbeat: when it broke and when
+    the node goes offline; connected, on another replica, none, unknown."""
+    now_ms = int(time.time() * 1000)  # fleetctl's own clock
+    nodes = fleetctl.manager.fleet.nodes
+    nodes["node-1"].MergeFrom(
+        fleet_pb2.Node(
+            stream_state=fleet_pb2.CONTROL_STREAM_STATE_CONNECTED, stream_since=now_ms - 90_000
+        )
+    )
+    nodes["node-2"].MergeFrom(
+        fleet_pb2.Node(
+            stream_state=fleet_pb2.CONTROL_STREAM_STATE_LOST,
+            stream_since=now_ms - 8_000,
+            stream_offline_at=now_ms + 3_600_000,
+        )
+    )
+    nodes["node-3"].MergeFrom(
+        fleet_pb2.Node(stream_state=fleet_pb2.CONTROL_STREAM_STATE_ELSEWHERE, stream_replica="m2")
+    )
+    shown = fleetctl("nodes", "show", "node-2").stdout
+    assert "Control stream:  lost " in shown
+    assert "OFFLINE in 59m" in shown
+    assert "unless it reconnects" in shown
+    assert "Control stream:  connected since " in fleetctl("nodes", "show", "node-1").stdout
+    assert "connected to replica m2" in fleetctl("nodes", "show", "node-3").stdout
+    header, *rows = fleetctl("-o", "wide", "nodes", "list").stdout.splitlines()
+    at = header.index("STREAM")
+    assert [row[at:].split()[0] for row in rows] == ["connected", "lost", "on"]
+    data = json.loads(fleetctl("-o", "json", "nodes", "list").stdout)
+    assert [n["stream"] for n in data["nodes"]] == ["CONNECTED", "LOST", "ELSEWHERE"]
+    assert "stream_cell" not in data["nodes"][0]  # table cells stay out of JSON
+
+    nodes["node-3"].stream_state = fleet_pb2.CONTROL_STREAM_STATE_NONE
+    assert (
+        "Control stream:  none (the daemon heartbeats over unary calls)"
+        in fleetctl("nodes", "show", "node-3").stdout
+    )
+    nodes["node-3"].stream_state = fleet_pb2.CONTROL_STREAM_STATE_UNSPECIFIED
+    assert "Control stream:  unknown" in fleetctl("nodes", "show", "node-3").stdout
 
 
 def test_nodes_show_unknown_node_exits_1_with_one_line(fleetctl: Fleetctl) -> None:
