@@ -402,7 +402,6 @@ class ManagerServer:
         capacity = HostCapacity(self.store, clock=self._clock)
         self.convergence = Convergence(
             self.db,
-            self.nodes,
             self.pool,
             clock=self._clock,
             candidates=capacity,

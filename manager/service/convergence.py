@@ -84,7 +84,7 @@ from manager.service.desired import (
 )
 from manager.service.placement import Candidate, reservations
 from manager.service.reports import update_errors_event
-from manager.storage import Database, NodeRecord, NodeRepository
+from manager.storage import Database, NodeRecord
 from manager.storage.desired import DesiredStateRepository, DesiredTx
 from manager.storage.records import (
     AgentStateRecord,
@@ -221,7 +221,6 @@ class Convergence:
     def __init__(
         self,
         db: Database,
-        nodes: NodeRepository,
         pool: DaemonPool,
         *,
         clock: Callable[[], float] = time.time,
@@ -238,7 +237,6 @@ class Convergence:
     ) -> None:
         self._db = db
         self._repo = DesiredStateRepository(db)
-        self._nodes = nodes
         self._pool = pool
         self._clock = clock
         self._candidates = candidates
