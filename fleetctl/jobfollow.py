@@ -280,23 +280,25 @@ async def follow(
                 )
                 waiter.cancel()
                 if not done:
-                    cli.warn(
-                        f"the job ended but its output did not within {grace:g}s;"
-                        f" see it with fleetctl jobs logs {job_id}"
-                    )
+                    with progress.paused():
+                        cli.warn(
+                            f"the job ended but its output did not within {grace:g}s;"
+                            f" see it with fleetctl jobs logs {job_id}"
+                        )
                     break
                 for task in done & tasks.keys():
                     kind = tasks.pop(task)
                     error = task.exception()
                     if error is None:
                         continue
-                    if kind == "output" and isinstance(error, grpc.RpcError):
-                        cli.warn(
-                            f"the job's output stopped ({error.details() or error.code()});"
-                            f" the rest: fleetctl jobs logs {job_id}"
-                        )
-                        continue
-                    cli.warn(leave_hint(job_id))
+                    with progress.paused():  # a line of its own, not after the progress line
+                        if kind == "output" and isinstance(error, grpc.RpcError):
+                            cli.warn(
+                                f"the job's output stopped ({error.details() or error.code()});"
+                                f" the rest: fleetctl jobs logs {job_id}"
+                            )
+                            continue
+                        cli.warn(leave_hint(job_id))
                     raise error
                 if interrupt.is_set():
                     interrupt.clear()
@@ -309,7 +311,8 @@ async def follow(
                         timeout=cli.config().timeout,
                     )
                     cancelling = True
-                    cli.note(f"cancelling job {job_id} (Ctrl-C again to stop waiting)")
+                    with progress.paused():
+                        cli.note(f"cancelling job {job_id} (Ctrl-C again to stop waiting)")
     finally:
         cli.sigint = None
         for task in tasks:

@@ -11,7 +11,7 @@ import typer
 
 from fleet import selectors
 from fleet.labels import LabelError, validate_label_key, validate_label_value
-from fleet.v1 import fleet_pb2
+from fleet.v1 import common_pb2, fleet_pb2
 from fleetctl.client import Connection
 from fleetctl.output import Column, OutputFormat, print_object, print_rows
 from fleetctl.runtime import (
@@ -23,7 +23,7 @@ from fleetctl.runtime import (
     UsageProblem,
     stdin_is_interactive,
 )
-from fleetctl.timespec import format_age, format_time
+from fleetctl.timespec import format_age, format_duration, format_time
 from fleetctl.views import node_view
 
 __all__ = ["app", "parse_label_changes", "parse_selector"]
@@ -84,11 +84,68 @@ def _agents_cell(counts: Any) -> str:
     return f"{running}/{total}"
 
 
+def desired_cell(view: dict[str, Any]) -> str:
+    """Whether a node runs what the definitions say: "in sync", "DRIFT", "-" (none manage it)."""
+    if view["drift"]:
+        return "DRIFT"
+    return "in sync" if view["desired_version"] else "-"
+
+
+def desired_text(view: dict[str, Any]) -> str:
+    """`nodes show`'s desired-state line: the versions and, on drift, why."""
+    if not view["desired_version"] and not view["drift"]:
+        return "- (no definition has selected this node)"
+    versions = f"version {view['desired_version']}, daemon reports {view['reported_version']}"
+    if not view["drift"]:
+        return f"in sync ({versions})"
+    refused = view["update_errors"]
+    if not refused:
+        return f"DRIFT: {view['drift_reason']} ({versions})"
+    lines = [f"DRIFT: the daemon refused {len(refused)} agent(s) ({versions})"]
+    lines += [f"refused {e['agent_id']} (revision {e['revision']}): {e['reason']}" for e in refused]
+    return "\n".join(lines)
+
+
+def stream_cell(view: dict[str, Any], now_ms: int) -> str:
+    """The control stream in a table cell: connected, lost 20s ago, on m2, none, -."""
+    state = view["stream"]
+    if state == "LOST":
+        return f"lost {format_age(view['stream_since_ms'], now_ms=now_ms)}"
+    if state == "ELSEWHERE":
+        return f"on {view['stream_replica']}"
+    return {"CONNECTED": "connected", "NONE": "none"}.get(state, "-")
+
+
+def stream_text(node: fleet_pb2.Node, now_ms: int) -> str:
+    """`nodes show`'s control-stream line."""
+    state = node.stream_state
+    if state == fleet_pb2.CONTROL_STREAM_STATE_CONNECTED:
+        since = format_age(node.stream_since, now_ms=now_ms)
+        return f"connected since {format_time(node.stream_since)} ({since})"
+    if state == fleet_pb2.CONTROL_STREAM_STATE_LOST:
+        lost = f"lost {format_age(node.stream_since, now_ms=now_ms)}"
+        if node.status != common_pb2.NODE_STATUS_ONLINE:
+            return lost
+        left = (node.stream_offline_at - now_ms) / 1000
+        # Why the node still reads ONLINE with a fresh heartbeat: the grace keeps it so.
+        if left > 0:
+            return f"{lost}; OFFLINE in {format_duration(left)} unless it reconnects"
+        return f"{lost}; its grace is over: OFFLINE at the next sweep unless it reconnects"
+    if state == fleet_pb2.CONTROL_STREAM_STATE_ELSEWHERE:
+        return f"connected to replica {node.stream_replica}"
+    if state == fleet_pb2.CONTROL_STREAM_STATE_NONE:
+        if node.status == common_pb2.NODE_STATUS_ONLINE:
+            return "none (the daemon heartbeats over unary calls)"
+        return "none"
+    return "unknown"
+
+
 def _columns(now_ms: int) -> list[Column]:
     return [
         Column("NODE", "node_id"),
         Column("STATUS", "status", style=_status_style),
         Column("AGENTS", "agents", cell=_agents_cell),
+        Column("DESIRED", "desired", style=lambda v: "yellow" if v == "DRIFT" else ""),
         Column(
             "LAST HEARTBEAT",
             "last_heartbeat_ms",
@@ -104,8 +161,10 @@ def _columns(now_ms: int) -> list[Column]:
         Column("HOSTNAME", "hostname", wide=True),
         Column("IP", "ip", wide=True),
         Column("VERSION", "daemon_version", wide=True),
+        Column("STREAM", "stream_cell", wide=True),
         Column("CONNECTION", "connection", wide=True),
         Column("ADDRESS", "daemon_address", wide=True),
+        Column("DRIFT", "drift_reason", wide=True),
     ]
 
 
@@ -118,17 +177,25 @@ def list_nodes(ctx: typer.Context, selector: SelectorOpt = None) -> None:
     async def body(stub: Stub, conn: Connection) -> int:
         request = fleet_pb2.FleetServiceListNodesRequest(selector=selectors.to_proto(sel))
         reply = await stub.ListNodes(request, timeout=conn.timeout)
-        rows = [_row(n) for n in sorted(reply.nodes, key=lambda n: n.node_id)]
-        print_rows(cli.out, cli.fmt, rows, _columns(int(time.time() * 1000)), key="nodes")
+        now_ms = int(time.time() * 1000)
+        rows = [
+            _row(n, now_ms, cells=not cli.fmt.structured)
+            for n in sorted(reply.nodes, key=lambda n: n.node_id)
+        ]
+        print_rows(cli.out, cli.fmt, rows, _columns(now_ms), key="nodes")
         return EXIT_OK
 
     cli.call(body)
 
 
-def _row(node: fleet_pb2.Node) -> dict[str, Any]:
+def _row(node: fleet_pb2.Node, now_ms: int, *, cells: bool) -> dict[str, Any]:
+    """A node's row; with `cells`, also the table's own cells (not in JSON or YAML)."""
     view = node_view(node)
     if node.revoke_time:
         view["status"] = "REVOKED"  # its certificates are refused: it cannot come back online
+    if cells:
+        view["desired"] = desired_cell(view)
+        view["stream_cell"] = stream_cell(view, now_ms)
     return view
 
 
@@ -142,10 +209,12 @@ _FIELDS = [
     ("Daemon version", "daemon_version"),
     ("Agent version", "agent_version"),
     ("Daemon address", "daemon_address"),
+    ("Control stream", "stream_text"),
     ("Connection", "connection"),
     ("Last heartbeat", "last_heartbeat_age"),
     ("Registered", "registered_at"),
     ("Agents", "agents"),
+    ("Desired state", "desired_text"),
     ("Jobs", "jobs"),
     ("Certificate", "certificate"),
 ]
@@ -183,6 +252,8 @@ def _show(cli: Cli, node: fleet_pb2.Node) -> None:
         if node.jobs_disabled
         else "enabled",
         "certificate": _certificate_text(node, now_ms),
+        "desired_text": desired_text(view),
+        "stream_text": stream_text(node, now_ms),
         "last_heartbeat_age": (
             f"{view['last_heartbeat']} ({format_age(node.last_heartbeat, now_ms=now_ms)})"
             if node.last_heartbeat
@@ -210,7 +281,7 @@ def _certificate_text(node: fleet_pb2.Node, now_ms: int) -> str:
 
 @app.command("show")
 def show_node(ctx: typer.Context, node: Annotated[str, typer.Argument(help="Node id.")]) -> None:
-    """Show one node: status, labels, versions, last heartbeat, agents by state."""
+    """Show one node: status, labels, versions, last heartbeat, agents by state, desired state."""
     cli = Cli.of(ctx)
 
     async def body(stub: Stub, conn: Connection) -> int:

@@ -77,6 +77,21 @@ def node_view(node: fleet_pb2.Node) -> dict[str, Any]:
         "registered_at": format_time(node.registered_at),
         "agents": {_status(c.status): c.count for c in node.agent_counts},
         "jobs_disabled": node.jobs_disabled,
+        "desired_version": node.desired_version,
+        "reported_version": node.reported_version,
+        "drift": node.drift,
+        "drift_reason": node.drift_reason,
+        "update_errors": [
+            {"agent_id": e.agent_id, "revision": e.revision, "reason": e.reason}
+            for e in node.update_errors
+        ],
+        "stream": enum_name(
+            fleet_pb2.ControlStreamState, node.stream_state, "CONTROL_STREAM_STATE_"
+        ),
+        "stream_since": format_time(node.stream_since),
+        "stream_since_ms": node.stream_since,
+        "stream_offline_at": format_time(node.stream_offline_at),
+        "stream_replica": node.stream_replica,
         "cert_expire_time": format_time(node.cert_expire_time),
         "cert_expire_time_ms": node.cert_expire_time,
         "revoke_time": format_time(node.revoke_time),

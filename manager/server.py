@@ -406,7 +406,6 @@ class ManagerServer:
         capacity = HostCapacity(self.store, clock=self._clock)
         self.convergence = Convergence(
             self.db,
-            self.nodes,
             self.pool,
             clock=self._clock,
             candidates=capacity,
@@ -562,6 +561,9 @@ class ManagerServer:
             on_labels_changed=poke,
             trust_domain=identity.trust_domain,
             clock=self._clock,
+            streams=self.control_streams,
+            stream_grace=cfg.control.offline_grace_seconds,
+            stream_route=self.directory.route if self.directory is not None else None,
         )
         ctl = cfg.control
 

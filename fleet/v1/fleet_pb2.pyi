@@ -163,6 +163,45 @@ TARGET_OUTCOME_SKIPPED: TargetOutcome.ValueType  # 4
 """Not attempted because max_errors was reached."""
 Global___TargetOutcome: _TypeAlias = TargetOutcome  # noqa: Y015
 
+class _ControlStreamState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ControlStreamStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ControlStreamState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    CONTROL_STREAM_STATE_UNSPECIFIED: _ControlStreamState.ValueType  # 0
+    """Not known to the replica answering: ListNodes on a cluster of replicas
+    only knows its own streams (GetNode asks the stream directory).
+    """
+    CONTROL_STREAM_STATE_NONE: _ControlStreamState.ValueType  # 1
+    """No control stream: the daemon heartbeats over unary RPCs, or is offline."""
+    CONTROL_STREAM_STATE_CONNECTED: _ControlStreamState.ValueType  # 2
+    """Open on the replica answering."""
+    CONTROL_STREAM_STATE_LOST: _ControlStreamState.ValueType  # 3
+    """Broke; the node stays online until `stream_offline_at` unless it
+    reconnects (and its last heartbeat is kept fresh until then).
+    """
+    CONTROL_STREAM_STATE_ELSEWHERE: _ControlStreamState.ValueType  # 4
+    """Open on another replica (`stream_replica`)."""
+
+class ControlStreamState(_ControlStreamState, metaclass=_ControlStreamStateEnumTypeWrapper): ...
+
+CONTROL_STREAM_STATE_UNSPECIFIED: ControlStreamState.ValueType  # 0
+"""Not known to the replica answering: ListNodes on a cluster of replicas
+only knows its own streams (GetNode asks the stream directory).
+"""
+CONTROL_STREAM_STATE_NONE: ControlStreamState.ValueType  # 1
+"""No control stream: the daemon heartbeats over unary RPCs, or is offline."""
+CONTROL_STREAM_STATE_CONNECTED: ControlStreamState.ValueType  # 2
+"""Open on the replica answering."""
+CONTROL_STREAM_STATE_LOST: ControlStreamState.ValueType  # 3
+"""Broke; the node stays online until `stream_offline_at` unless it
+reconnects (and its last heartbeat is kept fresh until then).
+"""
+CONTROL_STREAM_STATE_ELSEWHERE: ControlStreamState.ValueType  # 4
+"""Open on another replica (`stream_replica`)."""
+Global___ControlStreamState: _TypeAlias = ControlStreamState  # noqa: Y015
+
 @_typing.final
 class Node(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -251,6 +290,10 @@ class Node(_message.Message):
     JOBS_DISABLED_FIELD_NUMBER: _builtins.int
     CERT_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
     REVOKE_TIME_FIELD_NUMBER: _builtins.int
+    STREAM_STATE_FIELD_NUMBER: _builtins.int
+    STREAM_SINCE_FIELD_NUMBER: _builtins.int
+    STREAM_OFFLINE_AT_FIELD_NUMBER: _builtins.int
+    STREAM_REPLICA_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     hostname: _builtins.str
     ip: _builtins.str
@@ -285,6 +328,18 @@ class Node(_message.Message):
     """The node was revoked (RevokeNode) at this time and has not enrolled
     again since; 0: not revoked.
     """
+    stream_state: Global___ControlStreamState.ValueType
+    """The node's control stream (ManagerService.Connect) as the replica
+    answering knows it.
+    """
+    stream_since: _builtins.int
+    """CONNECTED: when the stream opened; LOST: when it broke."""
+    stream_offline_at: _builtins.int
+    """LOST: when the node goes offline unless it reconnects first (the
+    manager's `[control] offline_grace_seconds` after the break).
+    """
+    stream_replica: _builtins.str
+    """ELSEWHERE: the replica holding the stream."""
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """The effective labels selectors match: `daemon_labels` overlaid with
@@ -332,10 +387,14 @@ class Node(_message.Message):
         jobs_disabled: _builtins.bool = ...,
         cert_expire_time: _builtins.int = ...,
         revoke_time: _builtins.int = ...,
+        stream_state: Global___ControlStreamState.ValueType = ...,
+        stream_since: _builtins.int = ...,
+        stream_offline_at: _builtins.int = ...,
+        stream_replica: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_counts", b"agent_counts", "agent_version", b"agent_version", "arch", b"arch", "cert_expire_time", b"cert_expire_time", "connection_state", b"connection_state", "daemon_address", b"daemon_address", "daemon_labels", b"daemon_labels", "daemon_version", b"daemon_version", "desired_version", b"desired_version", "drift", b"drift", "drift_reason", b"drift_reason", "hostname", b"hostname", "ip", b"ip", "jobs_disabled", b"jobs_disabled", "labels", b"labels", "last_heartbeat", b"last_heartbeat", "node_id", b"node_id", "operator_labels", b"operator_labels", "os", b"os", "registered_at", b"registered_at", "reported_version", b"reported_version", "revoke_time", b"revoke_time", "status", b"status", "update_errors", b"update_errors"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_counts", b"agent_counts", "agent_version", b"agent_version", "arch", b"arch", "cert_expire_time", b"cert_expire_time", "connection_state", b"connection_state", "daemon_address", b"daemon_address", "daemon_labels", b"daemon_labels", "daemon_version", b"daemon_version", "desired_version", b"desired_version", "drift", b"drift", "drift_reason", b"drift_reason", "hostname", b"hostname", "ip", b"ip", "jobs_disabled", b"jobs_disabled", "labels", b"labels", "last_heartbeat", b"last_heartbeat", "node_id", b"node_id", "operator_labels", b"operator_labels", "os", b"os", "registered_at", b"registered_at", "reported_version", b"reported_version", "revoke_time", b"revoke_time", "status", b"status", "stream_offline_at", b"stream_offline_at", "stream_replica", b"stream_replica", "stream_since", b"stream_since", "stream_state", b"stream_state", "update_errors", b"update_errors"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

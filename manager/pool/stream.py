@@ -452,6 +452,8 @@ class ControlStreams:
         self._waiting: dict[str, list[asyncio.Future[None]]] = {}  # only while someone waits
         self.broken_at: dict[str, float] = {}
         """When each node's last stream here ended (cleared when it reconnects)."""
+        self.opened_at: dict[str, float] = {}
+        """When each connected node's current stream here opened."""
         self.replaced = 0
         """Streams ended because the same node opened a newer one."""
         self.closing = False
@@ -491,6 +493,7 @@ class ControlStreams:
         """`session`'s node is connected; an older stream of that node is ended (True)."""
         old = self._sessions.get(session.node_id)
         self._sessions[session.node_id] = session
+        self.opened_at[session.node_id] = self._clock()
         self.broken_at.pop(session.node_id, None)
         self._on_change(session.node_id)
         for waiter in self._waiting.get(session.node_id, ()):
@@ -510,6 +513,7 @@ class ControlStreams:
         session.close("the stream ended")
         if self._sessions.get(session.node_id) is session:
             del self._sessions[session.node_id]
+            self.opened_at.pop(session.node_id, None)
             self.broken_at[session.node_id] = self._clock()
             self._on_change(session.node_id)
 

@@ -84,7 +84,7 @@ from manager.service.desired import (
 )
 from manager.service.placement import Candidate, reservations
 from manager.service.reports import update_errors_event
-from manager.storage import Database, NodeRecord, NodeRepository
+from manager.storage import Database, NodeRecord
 from manager.storage.desired import DesiredStateRepository, DesiredTx
 from manager.storage.records import (
     AgentStateRecord,
@@ -221,7 +221,6 @@ class Convergence:
     def __init__(
         self,
         db: Database,
-        nodes: NodeRepository,
         pool: DaemonPool,
         *,
         clock: Callable[[], float] = time.time,
@@ -238,7 +237,6 @@ class Convergence:
     ) -> None:
         self._db = db
         self._repo = DesiredStateRepository(db)
-        self._nodes = nodes
         self._pool = pool
         self._clock = clock
         self._candidates = candidates
@@ -430,8 +428,7 @@ class Convergence:
             self._touched.clear()  # this pass reads everything they reported so far
             result = PassResult()
             await self._record_unrecorded(result)
-            nodes = {n.node_id: n for n in await self._nodes.list()}
-            scopes, live = await self._rescope(nodes, result)
+            nodes, scopes, live = await self._rescope(result)
             memos: dict[int, _RolloutMemo] = {}
             now_ms, undelivered, sets = await self._step_rollouts(
                 nodes, scopes, live, result, memos
@@ -603,18 +600,23 @@ class Convergence:
             return result
 
     async def _rescope(
-        self, nodes: Mapping[str, NodeRecord], result: PassResult
-    ) -> tuple[dict[str, list[str]], list[int]]:
-        """Assign newcomers, drop leavers; each live definition's scope, and the live
-        rollouts those scopes are for."""
+        self, result: PassResult
+    ) -> tuple[dict[str, NodeRecord], dict[str, list[str]], list[int]]:
+        """Every node (by id), read in the scoping's own read transaction (one hop on
+        SQLite, not a query of its own); assign newcomers, drop leavers; each live
+        definition's scope, and the live rollouts those scopes are for."""
         now = self._clock()
-        listed = list(nodes.values())
+        listed: list[NodeRecord] = []
 
         async def body(
             tx: DesiredTx, write: bool, room: Mapping[str, Candidate] | None
         ) -> tuple[dict[str, list[str]], bool, list[int]]:
             """(scopes, whether assignments change, the live rollouts the scopes are for);
-            without `room`, ({}, True, []) as soon as a count definition needs it."""
+            without `room`, ({}, True, []) as soon as a count definition needs it. The
+            first (read) run reads the nodes into `listed`; the write run scopes the same
+            ones, as the read decided on them."""
+            if not write:
+                listed[:] = await tx.all_nodes()
             # Rollouts first: one seen here was committed with its definition's revision,
             # so the definitions read next include it (even on READ COMMITTED). A rollout
             # started after this read waits for the next pass (its apply pokes one), rather
@@ -660,13 +662,14 @@ class Convergence:
         scopes, changing, rollouts = await self._repo.run_in_one_hop(
             lambda tx: body(tx, False, None), write=False
         )
+        nodes = {n.node_id: n for n in listed}
         if not changing:
-            return scopes, rollouts
+            return nodes, scopes, rollouts
         # A count definition needs the nodes' room (one query), or assignments change:
         # decide again under the write lock (the read may be stale by now).
         room = {c.node_id: c for c in await self._candidates(listed)} if self._candidates else {}
         scopes, _, rollouts = await self._repo.run_in_one_hop(lambda tx: body(tx, True, room))
-        return scopes, rollouts
+        return nodes, scopes, rollouts
 
     async def _step_rollouts(
         self,

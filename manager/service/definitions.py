@@ -481,11 +481,16 @@ class Definitions:
         makes a definition that moved on meanwhile FAILED_PRECONDITION.
         """
         checked = await self._check_all(messages, expected, message)
-        nodes = await self._nodes.list()
-        room = await self._room(nodes) if any(c.count for c in checked) else {}
+        # A count definition's placement needs the nodes' room (a query of its own):
+        # the nodes are read first. Otherwise the transaction reads them, and on SQLite
+        # runs in one hop to aiosqlite's thread (`run_in_one_hop`): the apply is at the
+        # front of every rollout.
+        listed = await self._nodes.list() if any(c.count for c in checked) else None
+        room = await self._room(listed) if listed is not None else {}
         now_ms = int(self._clock() * 1000)
 
         async def body(tx: DesiredTx) -> list[Change]:
+            nodes = listed if listed is not None else await tx.all_nodes()
             heads = await tx.definitions([c.name for c in checked], for_update=not plan)
             drafts = []
             for c in checked:
@@ -521,7 +526,7 @@ class Definitions:
             )
             return stored
 
-        result = await self._repo.run(body, write=not plan)
+        result = await self._repo.run_in_one_hop(body, write=not plan)
         if not plan and any(c.changed for c in result):
             self._on_change()
         return result

@@ -12,6 +12,7 @@ the daemon through the pool.
 from __future__ import annotations
 
 import asyncio
+import enum
 import math
 import time
 from collections.abc import AsyncGenerator, Awaitable, Callable, Collection, Mapping, Sequence
@@ -22,6 +23,8 @@ from fleet.labels import MAX_LABELS, validate_label_key, validate_label_value, v
 from fleet.selectors import Selector
 from fleet.v1 import common_pb2, daemon_pb2
 from manager.pool import ConnectionState, DaemonPool
+from manager.pool.routing import Route
+from manager.pool.stream import ControlStreams
 from manager.service.desired import drift
 from manager.service.metrics import MetricsService, MetricType, metric_types, missing_metric
 from manager.service.operations import OperationRecorder, Operations, record_from_info
@@ -29,7 +32,16 @@ from manager.storage import AgentStateRecord, AgentStateRepository, NodeRecord, 
 from manager.storage.desired import DesiredStateRepository, DesiredTx
 from manager.storage.records import AssignmentRecord, NodeDesiredRecord
 
-__all__ = ["AgentListing", "FleetQueries", "LabelsUpdated", "NodeAgent", "NodeView"]
+__all__ = [
+    "AgentListing",
+    "FleetQueries",
+    "LabelsUpdated",
+    "NodeAgent",
+    "NodeView",
+    "StreamState",
+    "StreamView",
+    "stream_view",
+]
 
 DEFAULT_BUCKETS = 60
 """Buckets a metric query gets when it does not name a step."""
@@ -37,6 +49,54 @@ DEFAULT_RANGE_MS = 3600 * 1000
 """A metric query without a start looks back this far."""
 MAX_STEP_SECONDS = 10 * 366 * 86400
 """Largest bucket a metric query may ask for (ten years; beyond, ms overflow int64)."""
+
+
+class StreamState(enum.Enum):
+    """A node's control stream as this replica knows it."""
+
+    UNKNOWN = "unknown"
+    """Not on this replica, and the stream directory was not asked (a list on a cluster)."""
+    NONE = "none"
+    """No stream: the daemon heartbeats over unary calls, or is offline."""
+    CONNECTED = "connected"
+    """Open on this replica."""
+    LOST = "lost"
+    """Broke here; the node stays online for the grace unless it reconnects."""
+    ELSEWHERE = "elsewhere"
+    """Open on another replica."""
+
+
+@dataclass(frozen=True)
+class StreamView:
+    """`stream_view`'s answer."""
+
+    state: StreamState
+    since: float = 0.0
+    """CONNECTED: when it opened; LOST: when it broke."""
+    offline_at: float = 0.0
+    """LOST: when the node goes offline unless it reconnects first."""
+    replica: str = ""
+    """ELSEWHERE: the replica holding it."""
+
+
+def stream_view(
+    *,
+    opened_at: float | None,
+    broken_at: float | None,
+    grace: float,
+    route: Route | None,
+    asked_directory: bool,
+) -> StreamView:
+    """What to say of a node's stream from this replica's sessions and, when asked, the
+    stream directory's route. Why this matters to an operator: during a lost stream's
+    grace the node stays ONLINE and its last heartbeat is kept fresh."""
+    if opened_at is not None:
+        return StreamView(StreamState.CONNECTED, since=opened_at)
+    if route is not None:  # it reconnected to another replica: its stream here is history
+        return StreamView(StreamState.ELSEWHERE, replica=route.replica_id)
+    if broken_at is not None:
+        return StreamView(StreamState.LOST, since=broken_at, offline_at=broken_at + grace)
+    return StreamView(StreamState.NONE if asked_directory else StreamState.UNKNOWN)
 
 
 @dataclass(frozen=True)
@@ -55,6 +115,8 @@ class NodeView:
     """Why it does not run what it should ("" when it does)."""
     revoke_ms: int = 0
     """When it was revoked, if it was and enrolled no certificate since (0: not revoked)."""
+    stream: StreamView = StreamView(StreamState.UNKNOWN)
+    """Its control stream."""
 
 
 @dataclass(frozen=True)
@@ -110,7 +172,15 @@ class FleetQueries:
         live_concurrency: int = 64,
         on_labels_changed: Callable[[], None] = lambda: None,
         revoked: Callable[[], Awaitable[Mapping[str, int]]] | None = None,
+        streams: ControlStreams | None = None,
+        stream_grace: float = 0.0,
+        stream_route: Callable[[str], Awaitable[Route | None]] | None = None,
     ) -> None:
+        """`streams`: this replica's control streams, `stream_grace` their offline grace;
+        `stream_route`: the stream directory's lookup (a cluster of replicas; None alone)."""
+        self._streams = streams
+        self._stream_grace = stream_grace
+        self._stream_route = stream_route
         self._desired = desired
         self._revoked = revoked
         self._on_labels_changed = on_labels_changed
@@ -130,8 +200,29 @@ class FleetQueries:
             per[st.status] = per.get(st.status, 0) + 1
         return counts
 
-    async def _views(self, nodes: Sequence[NodeRecord]) -> list[NodeView]:
-        """Nodes with their agent counts, connection, managed versions and drift."""
+    async def _stream(self, node_id: str, *, ask_directory: bool) -> StreamView:
+        opened = broken = None
+        if self._streams is not None:
+            opened = self._streams.opened_at.get(node_id)
+            broken = self._streams.broken_at.get(node_id)
+        route = None
+        asked = self._stream_route is None  # alone: this replica knows every stream
+        if opened is None and self._stream_route is not None and ask_directory:
+            route, asked = await self._stream_route(node_id), True
+        return stream_view(
+            opened_at=opened,
+            broken_at=broken,
+            grace=self._stream_grace,
+            route=route,
+            asked_directory=asked,
+        )
+
+    async def _views(
+        self, nodes: Sequence[NodeRecord], *, ask_directory: bool = False
+    ) -> list[NodeView]:
+        """Nodes with their agent counts, connection, managed versions and drift; the
+        stream directory is asked about streams on other replicas only if `ask_directory`
+        (one query per node)."""
         ids = [n.node_id for n in nodes]
 
         async def body(
@@ -164,6 +255,7 @@ class FleetQueries:
                     agents.get(n.node_id, {}),
                 ),
                 revoked.get(n.node_id, 0),
+                await self._stream(n.node_id, ask_directory=ask_directory),
             )
             for n in nodes
         ]
@@ -177,7 +269,7 @@ class FleetQueries:
 
     async def get_node(self, node_id: str) -> NodeView:
         """One node; NotFound if it never registered."""
-        (view,) = await self._views([await self._ops.node(node_id)])
+        (view,) = await self._views([await self._ops.node(node_id)], ask_directory=True)
         return view
 
     async def update_labels(

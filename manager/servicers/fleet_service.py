@@ -10,7 +10,7 @@ Errors are `fleet.errors` exceptions mapped by the ErrorMappingInterceptor.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any, cast
 
 from grpc import aio
@@ -19,11 +19,13 @@ from fleet import selectors
 from fleet.errors import InvalidArgument
 from fleet.v1 import common_pb2, fleet_pb2, fleet_pb2_grpc
 from manager.pool import ConnectionState, DaemonPool
+from manager.pool.routing import Route
+from manager.pool.stream import ControlStreams
 from manager.service.artifacts import Artifacts
 from manager.service.definitions import Definitions
 from manager.service.enroll_admin import EnrollmentAdmin
 from manager.service.event_feed import EventFeed
-from manager.service.fleet import FleetQueries, NodeAgent, NodeView
+from manager.service.fleet import FleetQueries, NodeAgent, NodeView, StreamState
 from manager.service.job_control import Jobs
 from manager.service.metrics import MetricsService
 from manager.service.operations import (
@@ -176,7 +178,20 @@ def _node(view: NodeView) -> fleet_pb2.Node:
         jobs_disabled=n.jobs_disabled,
         cert_expire_time=n.cert_not_after_ms,
         revoke_time=view.revoke_ms,
+        stream_state=_STREAM[view.stream.state],
+        stream_since=round(view.stream.since * 1000),
+        stream_offline_at=round(view.stream.offline_at * 1000),
+        stream_replica=view.stream.replica,
     )
+
+
+_STREAM = {
+    StreamState.UNKNOWN: fleet_pb2.CONTROL_STREAM_STATE_UNSPECIFIED,
+    StreamState.NONE: fleet_pb2.CONTROL_STREAM_STATE_NONE,
+    StreamState.CONNECTED: fleet_pb2.CONTROL_STREAM_STATE_CONNECTED,
+    StreamState.LOST: fleet_pb2.CONTROL_STREAM_STATE_LOST,
+    StreamState.ELSEWHERE: fleet_pb2.CONTROL_STREAM_STATE_ELSEWHERE,
+}
 
 
 def _counts(counts: Mapping[str, int]) -> list[fleet_pb2.AgentCount]:
@@ -532,8 +547,12 @@ def build_fleet_servicer(
     trust_domain: str,
     clock: Callable[[], float],
     on_labels_changed: Callable[[], None] = lambda: None,
+    streams: ControlStreams | None = None,
+    stream_grace: float = 0.0,
+    stream_route: Callable[[str], Awaitable[Route | None]] | None = None,
 ) -> FleetServicer:
-    """The FleetService servicer over the manager's database, daemon pool and event feed."""
+    """The FleetService servicer over the manager's database, daemon pool and event feed
+    (`streams`, `stream_grace`, `stream_route`: what `nodes show` says of control streams)."""
     nodes, agents = NodeRepository(db), AgentStateRepository(db)
     recorder = OperationRecorder(OperationLog(db), clock=clock)
     operations = Operations(nodes, TargetRepository(db), pool, recorder, clock=clock)
@@ -548,6 +567,9 @@ def build_fleet_servicer(
         clock=clock,
         on_labels_changed=on_labels_changed,
         revoked=RemovalRepository(db).still_revoked,
+        streams=streams,
+        stream_grace=stream_grace,
+        stream_route=stream_route,
     )
     return FleetServicer(
         queries,

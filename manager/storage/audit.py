@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from sqlalchemy import insert, select
 from sqlalchemy.ext.asyncio import AsyncConnection
@@ -12,7 +13,7 @@ from manager.storage.db import Database
 from manager.storage.events import dump_map, load_map
 from manager.storage.schema import operations_audit
 
-__all__ = ["AuditRecord", "AuditRepository"]
+__all__ = ["AuditRecord", "AuditRepository", "audit_row"]
 
 
 @dataclass(frozen=True)
@@ -50,9 +51,29 @@ async def insert_audit(
     now_ms: int,
 ) -> int:
     """Insert one audit entry inside the caller's transaction; returns its id."""
+    row = audit_row(
+        actor=actor, action=action, target=target, detail=detail, outcome=outcome, now_ms=now_ms
+    )
+    result = await conn.execute(
+        insert(operations_audit).values(row).returning(operations_audit.c.id)
+    )
+    return int(result.scalar_one())
+
+
+def audit_row(
+    *,
+    actor: str,
+    action: str,
+    target: str,
+    detail: Mapping[str, str],
+    outcome: str,
+    now_ms: int,
+) -> dict[str, Any]:
+    """One audit entry as its operations_audit row (without the id); a long target is cut.
+    `insert_audit`'s, and a plain sqlite3 writer's (`SqliteDesiredTx`)."""
     if len(target) > _TARGET_MAX:
         target = target[: _TARGET_MAX - 3] + "..."
-    row = {
+    return {
         "ts_ms": now_ms,
         "actor": actor,
         "action": action,
@@ -60,10 +81,6 @@ async def insert_audit(
         "detail": dump_map(detail),
         "outcome": outcome,
     }
-    result = await conn.execute(
-        insert(operations_audit).values(row).returning(operations_audit.c.id)
-    )
-    return int(result.scalar_one())
 
 
 class AuditRepository:

@@ -29,6 +29,7 @@ from manager.storage.agents import (
     sqlite_replace_many,
     sqlite_select_states,
 )
+from manager.storage.audit import audit_row
 from manager.storage.db import Database, Dialect
 from manager.storage.events import sqlite_insert_events
 from manager.storage.nodes import node_from_row
@@ -51,6 +52,7 @@ from manager.storage.schema import (
     definitions,
     node_desired,
     nodes,
+    operations_audit,
     rollout_nodes,
     rollouts,
 )
@@ -415,6 +417,11 @@ class DesiredTx(QueuedWrites):
                 )
             )
 
+    async def all_nodes(self) -> builtins.list[NodeRecord]:
+        """Every node, ordered by id (as `NodeRepository.list`, in this transaction)."""
+        rows = await self._conn.execute(select(nodes).order_by(nodes.c.node_id))
+        return [node_from_row(r) for r in rows]
+
     async def nodes(self, node_ids: Collection[str]) -> dict[str, NodeRecord]:
         """The named nodes that exist, by id (an incremental pass re-reads only these)."""
         out: dict[str, NodeRecord] = {}
@@ -710,6 +717,21 @@ _NodeDesiredRow = _row_type(node_desired)
 _RolloutRow = _row_type(rollouts)
 _RolloutNodeRow = _row_type(rollout_nodes)
 _JudgedRow = _row_type(agent_states, _JUDGED_COLUMNS)
+_NodeRow = _row_type(nodes)
+_ADD_REVISION = (
+    f"INSERT INTO {definition_revisions.name} ({', '.join(_RevisionRow._fields)}) "  # noqa: S608
+    f"VALUES ({_marks(len(_RevisionRow._fields))})"
+)
+_ROLLOUT_INSERTED = [c for c in _RolloutRow._fields if c != "id"]
+_ADD_ROLLOUT = (
+    f"INSERT INTO {rollouts.name} ({', '.join(_ROLLOUT_INSERTED)}) "  # noqa: S608
+    f"VALUES ({_marks(len(_ROLLOUT_INSERTED))})"
+)
+_AUDITED = ("ts_ms", "actor", "action", "target", "detail", "outcome")
+_ADD_AUDIT = (
+    f"INSERT INTO {operations_audit.name} ({', '.join(_AUDITED)}) "  # noqa: S608
+    f"VALUES ({_marks(len(_AUDITED))})"
+)
 _PUT_DEFINITION = _upsert(
     definitions, ["name"], [c.name for c in definitions.columns if c.name != "name"]
 )
@@ -792,6 +814,16 @@ class SqliteDesiredTx(DesiredTx):
         """As `DesiredTx.put_definition`."""
         self._many(_PUT_DEFINITION, [tuple(getattr(record, c) for c in _DefinitionRow._fields)])
 
+    async def revision(self, name: str, revision: int) -> RevisionRecord | None:
+        """As `DesiredTx.revision`."""
+        sql = _select(_RevisionRow, definition_revisions, "name = ? AND revision = ?")
+        rows = self._rows(sql, [name, revision], _RevisionRow)
+        return _revision(rows[0]) if rows else None
+
+    async def add_revision(self, record: RevisionRecord) -> None:
+        """As `DesiredTx.add_revision`."""
+        self._many(_ADD_REVISION, [tuple(getattr(record, c) for c in _RevisionRow._fields)])
+
     async def revisions_of(
         self, pairs: Collection[tuple[str, int]]
     ) -> dict[tuple[str, int], RevisionRecord]:
@@ -836,6 +868,17 @@ class SqliteDesiredTx(DesiredTx):
             f"DELETE FROM {assignments.name} WHERE node_id = ? AND name = ?",  # noqa: S608
             sorted(keys),
         )
+
+    # --- nodes ------------------------------------------------------------------------------
+
+    async def all_nodes(self) -> builtins.list[NodeRecord]:
+        """As `DesiredTx.all_nodes`."""
+        sql = _select(_NodeRow, nodes) + " ORDER BY node_id"
+        return [node_from_row(r) for r in self._rows(sql, (), _NodeRow)]
+
+    async def nodes(self, node_ids: Collection[str]) -> dict[str, NodeRecord]:
+        """As `DesiredTx.nodes`."""
+        return {r.node_id: node_from_row(r) for r in self._by_ids(_NodeRow, nodes, node_ids)}
 
     # --- agents -------------------------------------------------------------------------------
 
@@ -903,6 +946,15 @@ class SqliteDesiredTx(DesiredTx):
         rows = self._rows(_select(_RolloutRow, rollouts, "id = ?"), [rollout_id], _RolloutRow)
         return _rollout(rows[0]) if rows else None
 
+    async def add_rollout(self, record: RolloutRecord) -> int:
+        """As `DesiredTx.add_rollout`."""
+        cur = self._sqlite.execute(_ADD_ROLLOUT, [getattr(record, c) for c in _ROLLOUT_INSERTED])
+        try:
+            assert cur.lastrowid is not None
+            return int(cur.lastrowid)
+        finally:
+            cur.close()
+
     async def update_rollout(self, record: RolloutRecord) -> None:
         """As `DesiredTx.update_rollout`."""
         values = (record.target, record.previous, record.state, record.record)
@@ -924,6 +976,7 @@ class SqliteDesiredTx(DesiredTx):
         )
 
     async def _finish(self) -> None:
-        if self._audits:
-            raise RuntimeError("SqliteDesiredTx does not write audit entries")
+        # Audit entries before the events, as `QueuedWrites._finish` (events last).
+        rows = [audit_row(**entry) for entry in self._audits]
+        self._many(_ADD_AUDIT, [tuple(r[c] for c in _AUDITED) for r in rows])
         sqlite_insert_events(self._sqlite, self._events)

@@ -322,6 +322,7 @@ def test_node_page_shows_its_agents_and_charts(page: Page, metrics: str) -> None
     props = page.locator("dl.props")
     expect(props).to_contain_text("online")
     expect(props).to_contain_text("expires in")
+    expect(props).to_contain_text("connected since")  # its daemon's control stream
     agents = page.locator("table", has=page.get_by_role("link", name="worker"))
     expect(agents.get_by_role("link", name="web")).to_have_attribute(
         "href", f"#/agents/{metrics}/web"

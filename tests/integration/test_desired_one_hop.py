@@ -9,7 +9,14 @@ import dataclasses
 
 import pytest
 
-from manager.storage import AgentStateRecord, Database, EventRepository, NodeRecord, NodeRepository
+from manager.storage import (
+    AgentStateRecord,
+    AuditRepository,
+    Database,
+    EventRepository,
+    NodeRecord,
+    NodeRepository,
+)
 from manager.storage.desired import DesiredStateRepository, DesiredTx
 from manager.storage.records import (
     AssignmentRecord,
@@ -102,6 +109,10 @@ async def _reads(tx: DesiredTx, rid: int) -> dict[str, object]:
         "rollout": await tx.rollout(rid, for_update=True),
         "no rollout": await tx.rollout(rid + 100),
         "rollout nodes": await tx.rollout_nodes(rid),
+        "nodes": await tx.all_nodes(),
+        "nodes by id": await tx.nodes(["n3", "n1", "nope"]),
+        "revision": await tx.revision("web", 2),
+        "no revision": await tx.revision("web", 9),
     }
 
 
@@ -115,6 +126,8 @@ async def test_one_hop_reads_what_the_sqlalchemy_tx_reads(database: Database) ->
     assert expected["judged"]
     assert expected["agents of nodes"]
     assert expected["rollout nodes"]
+    assert [n.node_id for n in expected["nodes"]] == list(NODES)  # type: ignore[attr-defined]
+    assert expected["revision"] is not None
 
 
 async def test_one_hop_writes_what_the_sqlalchemy_tx_reads_back(database: Database) -> None:
@@ -138,10 +151,38 @@ async def test_one_hop_writes_what_the_sqlalchemy_tx_reads_back(database: Databa
         await tx.put_node_desired(rows)
         await tx.update_rollout(moved)
         await tx.put_rollout_nodes([RolloutNodeRecord(rid, "n1", "DONE", 1, 95, False, "ok")])
+        await tx.add_revision(RevisionRecord("web", 3, '{"r": 3}', "h3", "op", "m3", 98, True))
+        added.append(
+            await tx.add_rollout(RolloutRecord(0, "web", 3, 2, "RUNNING", "{}", "op", "m", 99, 99))
+        )
         tx.event("ROLLOUT_BATCH", now_ms=96, actor="manager", message="batch 1 done")
+        tx.audit(
+            actor="operator/a",
+            action="definitions.apply",
+            target="x" * 400,
+            detail={"revisions": "web@3"},
+            outcome="ok",
+            now_ms=99,
+        )
         return await tx.replace_agents([("n1", [_agent("n1", "web", 2)]), ("gone", [])], now_ms=97)
 
+    added: list[int] = []
+    audits_before = await AuditRepository(database).list_recent(limit=100)
     assert await repo.run_in_one_hop(body) == [2, None]  # web changed, db removed
+    assert added
+    assert added[0] > rid
+    assert await repo.run(lambda tx: tx.rollout(added[0])) == RolloutRecord(
+        added[0], "web", 3, 2, "RUNNING", "{}", "op", "m", 99, 99
+    )
+    assert await repo.run(lambda tx: tx.revision("web", 3)) == RevisionRecord(
+        "web", 3, '{"r": 3}', "h3", "op", "m3", 98, True
+    )
+    audits = [
+        a for a in await AuditRepository(database).list_recent(limit=100) if a not in audits_before
+    ]
+    assert [(a.actor, a.action, len(a.target), a.detail, a.outcome) for a in audits] == [
+        ("operator/a", "definitions.apply", 300, {"revisions": "web@3"}, "ok")
+    ]
     after = await repo.run(lambda tx: _reads(tx, rid), write=False)
     assert after["definitions"]["web"].stable_revision == 2  # type: ignore[index]
     assert after["assignments"] == [

@@ -493,8 +493,7 @@ async def test_a_rollout_started_during_a_pass_is_not_judged_on_a_stale_scope(
         await env.add("p1", {"env": "prod"})
         convergence = env.manager.convergence
         await convergence.stop()  # drive the pass's phases by hand, interleaved with an apply
-        nodes = {n.node_id: n for n in await env.manager.nodes.list()}
-        scopes, live = await convergence._rescope(nodes, PassResult())
+        nodes, scopes, live = await convergence._rescope(PassResult())
         await env.apply(definition())
         await convergence._step_rollouts(nodes, scopes, live, PassResult())
         assert state(await env.rollout("web")) == "PENDING"

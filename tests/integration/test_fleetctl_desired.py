@@ -143,6 +143,10 @@ def test_plan_apply_watch_check_revision_history_and_undo(env: Env) -> None:
     assert "SUCCESSFUL" in watched.stdout
     assert "batch 1: 1/1 done: p1" in watched.stdout
     assert env.revisions() == {"p1": 1, "p2": 1}
+    listed = env.ok("nodes", "list").splitlines()
+    assert listed[0].split()[3] == "DESIRED"
+    desired = {row.split()[0]: row.split()[3] for row in listed[1:]}
+    assert desired == {"p1": "in", "p2": "in", "s1": "-"}  # "in sync"; s1 is not selected
 
     assert env.ok("apply", "-f", path).strip() == "web: unchanged (revision 1)"
 

@@ -301,6 +301,11 @@ def test_ctrl_c_on_a_terminal_asks_and_c_cancels_the_job(fleet: LiveFleet) -> No
     (job,) = listed(fleet)
     assert f"cancelling job {job['id']}" in text
     assert job["state"] == "CANCELLED"
+    # The note starts a line of its own (after a newline, or on the line the
+    # progress display erased as it stopped), not glued to the progress line.
+    raw = re.sub(r"\x1b\[[0-9;]*m", "", bytes(seen).decode(errors="replace"))
+    before = raw[: raw.index("cancelling job")]
+    assert before.endswith(("\n", "\r", "\x1b[2K")), repr(before[-80:])
 
 
 def test_on_a_terminal_output_lines_start_their_own_line_under_the_progress_line(

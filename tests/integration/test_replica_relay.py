@@ -335,6 +335,13 @@ async def test_commands_on_one_replica_reach_a_portless_daemon_streaming_to_the_
                     )
                     assert node.node.status == common_pb2.NODE_STATUS_ONLINE
                     assert await offline_events(database_url) == []
+                    # GetNode on A asks the directory: the stream is on B. A's list only
+                    # knows A's own streams.
+                    assert node.node.stream_state == fleet_pb2.CONTROL_STREAM_STATE_ELSEWHERE
+                    assert node.node.stream_replica == "mb"
+                    listed = await stub.ListNodes(fleet_pb2.FleetServiceListNodesRequest())
+                    (row,) = [n for n in listed.nodes if n.node_id == NODE]
+                    assert row.stream_state == fleet_pb2.CONTROL_STREAM_STATE_UNSPECIFIED
 
                     # A follow in flight when B stops: UNAVAILABLE naming the node, no hang.
                     follow = stub.ReadAgentLog(
@@ -367,6 +374,11 @@ async def test_commands_on_one_replica_reach_a_portless_daemon_streaming_to_the_
                     agents = await live_agents(stub)
                     assert agents["tick"].status == common_pb2.AGENT_STATUS_RUNNING
                     assert relayed(a) + relayed(a, "UNAVAILABLE") == after  # not relayed
+                    node = await stub.GetNode(
+                        fleet_pb2.FleetServiceGetNodeRequest(node_id=NODE), timeout=10
+                    )
+                    assert node.node.stream_state == fleet_pb2.CONTROL_STREAM_STATE_CONNECTED
+                    assert node.node.stream_since > 0
                     await a.directory.flush()
                     assert (await a.directory.route(NODE)) is None  # its own record: no route
                     assert await a.directory.reconcile() == (0, 0)

@@ -60,6 +60,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
             f'key_file = "{tls.key_file}"\n'
             "[liveness]\nmin_ttl_seconds = 1.0\njitter = 0.0\ngrace_seconds = 2.0\n"
             "failover_grace_seconds = 3.0\n"
+            "[control]\noffline_grace_seconds = 10.0\n"
         )
         procs = [_spawn("manager.cli", root / "manager.toml", root / "manager.log")]
         fleet = Fleet(root, f"127.0.0.1:{port}", issue("operator", "alice"), {})
@@ -121,6 +122,8 @@ def test_nodes_list_and_show_online(fleet: Fleet) -> None:
     assert shown["status"] == "ONLINE"
     assert shown["labels"] == {"env": "prod", "zone": "a"}
     assert NO_PORT in ok(fleet, "nodes", "list")
+    assert {k: v["stream"] for k, v in nodes.items()} == {"n1": "CONNECTED", "n2": "CONNECTED"}
+    assert "Control stream:  connected since " in ok(fleet, "nodes", "show", NO_PORT)
 
 
 @pytest.mark.parametrize("node", NODES)
@@ -215,3 +218,23 @@ def test_run_a_job_and_read_its_output(fleet: Fleet) -> None:
     # --from-node: ReadJobOutput on the daemon, through its control stream.
     logs = ok(fleet, "jobs", "logs", job["id"], NO_PORT, "--from-node")
     assert "via-x" in logs
+
+
+def test_a_lost_stream_is_shown_through_its_grace_then_the_node_is_offline(fleet: Fleet) -> None:
+    """(Last: it kills n2's daemon.) During the grace n2 still reads ONLINE with a fresh
+    heartbeat; `nodes show` says why: its stream is lost and when it goes offline."""
+    fleet.daemons["n2"].kill()
+    fleet.daemons["n2"].wait()
+    shown = until(
+        lambda: ok(fleet, "nodes", "show", "n2"),
+        lambda text: "Control stream:  lost " in text,
+        within=15,
+    )
+    if "Status:          ONLINE" in shown:  # else the 10 s grace passed before we looked
+        assert "unless it reconnects" in shown, shown
+    assert "lost" in ok(fleet, "-o", "wide", "nodes", "list").split("n2", 1)[1].splitlines()[0]
+    gone = until(
+        lambda: fleet.json("nodes", "show", "n2"), lambda n: n["status"] == "OFFLINE", within=30
+    )
+    assert gone["stream"] == "NONE"
+    assert fleet.json("nodes", "show", NO_PORT)["stream"] == "CONNECTED"

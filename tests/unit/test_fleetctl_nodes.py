@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -10,7 +11,7 @@ import pytest
 import yaml
 from fleetctl_fake import Fleetctl, demo_fleet, serve
 
-from fleet.v1 import fleet_pb2
+from fleet.v1 import common_pb2, fleet_pb2
 from fleetctl.nodes import label_notes, label_sources
 
 
@@ -74,6 +75,92 @@ def test_nodes_show_says_when_the_host_refuses_jobs(fleetctl: Fleetctl) -> None:
     assert "Jobs:            enabled" in fleetctl("nodes", "show", "node-1").stdout
     data = json.loads(fleetctl("-o", "json", "nodes", "show", "node-2").stdout)
     assert data["jobs_disabled"] is True
+
+
+def test_nodes_list_and_show_say_whether_each_node_runs_its_desired_version(
+    fleetctl: Fleetctl,
+) -> None:
+    """DESIRED is "in sync", "DRIFT" or "-" (no definition selects it); show says why."""
+    nodes = fleetctl.manager.fleet.nodes
+    nodes["node-1"].MergeFrom(fleet_pb2.Node(desired_version=4, reported_version=4))
+    nodes["node-2"].MergeFrom(
+        fleet_pb2.Node(
+            desired_version=5,
+            reported_version=4,
+            drift=True,
+            drift_reason="runs version 4, should run 5",
+        )
+    )
+    listed = fleetctl("nodes", "list")
+    assert listed.exit_code == 0, listed.output
+    header, *rows = listed.stdout.splitlines()
+    assert header.split()[:4] == ["NODE", "STATUS", "AGENTS", "DESIRED"]
+    assert [row.split()[3] for row in rows] == ["in", "DRIFT", "-"]
+    assert rows[0].split()[3:5] == ["in", "sync"]
+    wide = fleetctl("-o", "wide", "nodes", "list").stdout
+    assert "runs version 4, should run 5" in wide
+
+    shown = fleetctl("nodes", "show", "node-2").stdout
+    assert (
+        "Desired state:   DRIFT: runs version 4, should run 5 (version 5, daemon reports 4)"
+        in shown
+    )
+    assert "in sync (version 4, daemon reports 4)" in fleetctl("nodes", "show", "node-1").stdout
+    assert "- (no definition has selected this node)" in fleetctl("nodes", "show", "node-3").stdout
+
+    nodes["node-2"].update_errors.append(
+        common_pb2.UpdateError(agent_id="web", revision=2, reason="defined in the host's TOML")
+    )
+    shown = fleetctl("nodes", "show", "node-2").stdout
+    assert "DRIFT: the daemon refused 1 agent(s) (version 5, daemon reports 4)" in shown
+    assert "refused web (revision 2): defined in the host's TOML" in shown
+    data = json.loads(fleetctl("-o", "json", "nodes", "show", "node-2").stdout)
+    assert (data["desired_version"], data["reported_version"], data["drift"]) == (5, 4, True)
+    assert data["update_errors"] == [
+        {"agent_id": "web", "revision": 2, "reason": "defined in the host's TOML"}
+    ]
+
+
+def test_nodes_show_and_wide_list_say_how_the_control_stream_is(fleetctl: Fleetctl) -> None:
+    """A lost stream explains an ONLINE node with a fresh heartbeat: when it broke and when
+    the node goes offline; connected, on another replica, none, unknown."""
+    now_ms = int(time.time() * 1000)  # fleetctl's own clock
+    nodes = fleetctl.manager.fleet.nodes
+    nodes["node-1"].MergeFrom(
+        fleet_pb2.Node(
+            stream_state=fleet_pb2.CONTROL_STREAM_STATE_CONNECTED, stream_since=now_ms - 90_000
+        )
+    )
+    nodes["node-2"].MergeFrom(
+        fleet_pb2.Node(
+            stream_state=fleet_pb2.CONTROL_STREAM_STATE_LOST,
+            stream_since=now_ms - 8_000,
+            stream_offline_at=now_ms + 3_600_000,
+        )
+    )
+    nodes["node-3"].MergeFrom(
+        fleet_pb2.Node(stream_state=fleet_pb2.CONTROL_STREAM_STATE_ELSEWHERE, stream_replica="m2")
+    )
+    shown = fleetctl("nodes", "show", "node-2").stdout
+    assert "Control stream:  lost " in shown
+    assert "OFFLINE in 59m" in shown
+    assert "unless it reconnects" in shown
+    assert "Control stream:  connected since " in fleetctl("nodes", "show", "node-1").stdout
+    assert "connected to replica m2" in fleetctl("nodes", "show", "node-3").stdout
+    header, *rows = fleetctl("-o", "wide", "nodes", "list").stdout.splitlines()
+    at = header.index("STREAM")
+    assert [row[at:].split()[0] for row in rows] == ["connected", "lost", "on"]
+    data = json.loads(fleetctl("-o", "json", "nodes", "list").stdout)
+    assert [n["stream"] for n in data["nodes"]] == ["CONNECTED", "LOST", "ELSEWHERE"]
+    assert "stream_cell" not in data["nodes"][0]  # table cells stay out of JSON
+
+    nodes["node-3"].stream_state = fleet_pb2.CONTROL_STREAM_STATE_NONE
+    assert (
+        "Control stream:  none (the daemon heartbeats over unary calls)"
+        in fleetctl("nodes", "show", "node-3").stdout
+    )
+    nodes["node-3"].stream_state = fleet_pb2.CONTROL_STREAM_STATE_UNSPECIFIED
+    assert "Control stream:  unknown" in fleetctl("nodes", "show", "node-3").stdout
 
 
 def test_nodes_show_unknown_node_exits_1_with_one_line(fleetctl: Fleetctl) -> None:

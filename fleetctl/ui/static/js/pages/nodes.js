@@ -7,6 +7,7 @@ import {
   Badge, Confirm, ErrorBox, Page, Table, enumLabel, fmtAgo, fmtTime, href, html, useCall, useEffect,
   useInterval, useMemo, useState,
 } from "../lib.js";
+import { fmtDuration } from "../duration.js";
 import { useRefresh } from "../live.js";
 import { AGENT_STATES, HealthBadge, StateBadge, agentCounts, agentsCell, certExpiry, lastExitLine, nodeStatus, uptime } from "../present.js";
 import { parseSelector } from "../selector.js";
@@ -144,6 +145,24 @@ export function NodesPage({ query }) {
 
 // --- one node ------------------------------------------------------------------
 
+/** The node's control stream, in `fleetctl nodes show`'s words. A lost stream is why a
+ * node whose daemon just died still reads online with a fresh heartbeat. */
+export function streamText(node, now = Date.now()) {
+  const state = String(node.streamState ?? "").replace("CONTROL_STREAM_STATE_", "");
+  if (state === "CONNECTED") return `connected since ${fmtTime(node.streamSince)} (${fmtAgo(node.streamSince, now)})`;
+  if (state === "LOST") {
+    const lost = `lost ${fmtAgo(node.streamSince, now)}`;
+    if (nodeStatus(node) !== "online") return lost;
+    const left = (Number(node.streamOfflineAt ?? 0) - now) / 1000;
+    return left > 0
+      ? `${lost}; offline in ${fmtDuration(left)} unless it reconnects`
+      : `${lost}; its grace is over: offline at the next sweep unless it reconnects`;
+  }
+  if (state === "ELSEWHERE") return `connected to replica ${node.streamReplica}`;
+  if (state === "NONE") return nodeStatus(node) === "online" ? "none (the daemon heartbeats over unary calls)" : "none";
+  return "unknown";
+}
+
 function Properties({ node }) {
   const counts = agentCounts(node);
   const expiry = certExpiry(node);
@@ -156,6 +175,7 @@ function Properties({ node }) {
     ["Daemon version", node.daemonVersion],
     ["Agent version", node.agentVersion || "–"],
     ["Daemon address", node.daemonAddress],
+    ["Control stream", streamText(node)],
     ["Connection", enumLabel(node.connectionState, "CONNECTION_STATE_") || "–"],
     ["Last heartbeat", Number(node.lastHeartbeat ?? 0) ? `${fmtTime(node.lastHeartbeat)} (${fmtAgo(node.lastHeartbeat)})` : "never"],
     ["Registered", fmtTime(node.registeredAt)],

@@ -1,0 +1,39 @@
+"""What `nodes show` says of a node's control stream: a pure function of plain values."""
+
+from __future__ import annotations
+
+import pytest
+
+from manager.pool.routing import Route
+from manager.service.fleet import StreamState, StreamView, stream_view
+
+M2 = Route(replica_id="m2", address="10.0.0.2:7443", epoch=3, replica_seen_ms=1_000)
+
+
+@pytest.mark.parametrize(
+    ("opened_at", "broken_at", "route", "asked", "expected"),
+    [
+        # Open here: nothing else matters.
+        (100.0, None, None, False, StreamView(StreamState.CONNECTED, since=100.0)),
+        (100.0, 90.0, M2, True, StreamView(StreamState.CONNECTED, since=100.0)),
+        # Broke here, reconnected to another replica: the directory wins.
+        (None, 90.0, M2, True, StreamView(StreamState.ELSEWHERE, replica="m2")),
+        # Broke here and nowhere else: lost until the grace ends.
+        (None, 90.0, None, True, StreamView(StreamState.LOST, since=90.0, offline_at=120.0)),
+        (None, 90.0, None, False, StreamView(StreamState.LOST, since=90.0, offline_at=120.0)),
+        # No stream: known only when this replica knows every stream or asked the directory.
+        (None, None, None, True, StreamView(StreamState.NONE)),
+        (None, None, None, False, StreamView(StreamState.UNKNOWN)),
+    ],
+)
+def test_stream_view(
+    opened_at: float | None,
+    broken_at: float | None,
+    route: Route | None,
+    asked: bool,
+    expected: StreamView,
+) -> None:
+    got = stream_view(
+        opened_at=opened_at, broken_at=broken_at, grace=30.0, route=route, asked_directory=asked
+    )
+    assert got == expected
