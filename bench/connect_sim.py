@@ -32,7 +32,7 @@ import grpc
 from grpc import aio
 
 from bench.sim import SimDaemon
-from fleet.control import METHODS, PIECE_BYTES, Reassembler, pieces
+from fleet.control import METHODS, PIECE_BYTES, Reassembler, pieces, retry_after
 from fleet.errors import FleetError
 from fleet.retry import Backoff
 from fleet.tls import TLSConfig, channel_credentials, channel_options
@@ -93,10 +93,12 @@ _SETTLED = (
 class Refused(Exception):
     """The manager answered a message with a ConnectError."""
 
-    def __init__(self, code: int, message: str) -> None:
+    def __init__(self, code: int, message: str, retry_after: float | None = None) -> None:
         super().__init__(f"{_code_name(code)}: {message}")
         self.code = code
         self.message = message
+        self.retry_after = retry_after
+        """When the manager said to come back (a hello refused RESOURCE_EXHAUSTED)."""
 
 
 def _code_name(value: int) -> str:
@@ -184,7 +186,8 @@ class ControlStream:
         answer = await self.exchange(message, within)
         body = answer.WhichOneof("body")
         if body == "error":
-            raise Refused(answer.error.code, answer.error.message)
+            error = answer.error
+            raise Refused(error.code, error.message, retry_after(error.trailing_metadata))
         return getattr(answer, body)
 
     async def exchange(
@@ -434,6 +437,7 @@ class ConnectNode:
             self._welcomed = False
             self._opened = None
             keep = False
+            hint: float | None = None
             try:
                 await self._session(address)
             except (StreamEnded, Refused, aio.AioRpcError, TimeoutError, NoConnection) as exc:
@@ -441,6 +445,7 @@ class ConnectNode:
                 name = code.name if isinstance(code, grpc.StatusCode) else type(exc).__name__
                 if isinstance(exc, Refused):
                     name = _code_name(exc.code)
+                    hint = exc.retry_after
                 self.record.ends.append(name)
                 welcomed = "+welcomed" if self._welcomed else ""
                 self.record.ended_at.append((time.time(), name + welcomed, str(exc)[:160]))
@@ -464,6 +469,10 @@ class ConnectNode:
                 attempt = 0  # the manager served this connection: it is not struggling
             delay = self.reconnect.delay(min(attempt, 30), self.rng)
             attempt += 1
+            if keep and hint is not None:
+                # As the daemon: the manager's time to come back, not a backoff step.
+                delay = hint * self.rng.uniform(1.0, 1.1)
+                attempt -= 1
             if not keep:
                 index += 1
             await asyncio.sleep(delay)

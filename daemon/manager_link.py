@@ -21,6 +21,9 @@ The reconnect backoff only starts over once a connection carried a successful
 call after its registration, so registrations that succeed and then fail
 keep backing off.
 
+A hello refused RESOURCE_EXHAUSTED with when to come back (the manager's
+`fleet.control.RETRY_AFTER`: its hello admission queues the refused in time)
+is sent again then, not after a backoff step (the backoff does not grow).
 A hello (or RegisterNode) refused RESOURCE_EXHAUSTED (the manager's
 `[control] max_hellos_per_second`), unanswered within its deadline, or whose
 stream was cancelled before the welcome (CANCELLED, INTERNAL), over a
@@ -88,6 +91,7 @@ from daemon.commands import CommandRunner
 from daemon.config import ManagerLinkConfig
 from daemon.control import ControlStream, StreamBroken, StreamUnimplemented, manager_auth
 from daemon.link_buffer import MetricBatch, MetricBuffer, SequenceFile, split_batches
+from fleet.control import retry_after
 from fleet.errors import FleetError, NotFound, Unavailable, from_rpc_error
 from fleet.tls import TLSConfig, channel_credentials, channel_options
 from fleet.v1 import common_pb2, manager_pb2, manager_pb2_grpc
@@ -252,6 +256,7 @@ class ManagerLink:
         self._is_live = asyncio.Event()
         self._next: aio.Channel | None = None  # proven with renewed credentials, not yet used
         self._kept: aio.Channel | None = None  # connected; its hello was refused or timed out
+        self._retry_hint: float | None = None  # when the manager said to come back (refused hello)
         self._handover = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -511,6 +516,7 @@ class ManagerLink:
             channel, self._next = self._next or kept or self._channel(self.address), None
             calls_at_register: int | None = None
             delay: float | None = None
+            self._retry_hint = None
             try:
                 if dialled:
                     await _connection(channel, self.cfg.connect_timeout_seconds)
@@ -542,6 +548,7 @@ class ManagerLink:
                 self.mode = ""
                 self.reconnects += 1
                 self._set_state("disconnected")
+                hint = self._take_retry_hint()
                 if calls_at_register is not None and self._calls_ok > calls_at_register:
                     attempt = 0  # the connection was useful: the manager is not struggling
                 delay = self.cfg.reconnect.delay(attempt, self._rng)
@@ -551,6 +558,11 @@ class ManagerLink:
                     welcomed=calls_at_register is not None,
                     state=channel.get_state(try_to_connect=False),
                 ):
+                    if hint is not None:
+                        # The manager said when its turn is (it queues the refused in
+                        # time): that instead of a backoff step, plus a little jitter.
+                        delay = hint * self._rng.uniform(1.0, 1.1)
+                        attempt -= 1
                     # The hello was refused or not answered in time over a connection whose
                     # TLS handshake completed: the retry after the backoff is a new stream on
                     # it, not a new handshake (~3 ms of the manager's CPU each, which after a
@@ -587,6 +599,11 @@ class ManagerLink:
                     gc.collect()
                     delay = max(0.0, delay - 0.05)
                 await self._sleep(delay)
+
+    def _take_retry_hint(self) -> float | None:
+        """When the manager said to come back after refusing this attempt's hello (once)."""
+        hint, self._retry_hint = self._retry_hint, None
+        return hint
 
     def _went_live(self, channel: aio.Channel) -> None:
         self._live = channel
@@ -642,6 +659,8 @@ class ManagerLink:
             )
             return None
         except grpc.RpcError as exc:  # the hello refused: as RegisterNode's error
+            if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                self._retry_hint = retry_after(exc.trailing_metadata())
             if exc.code() in _TRANSPORT:
                 raise _Reconnect(f"{exc.code().name}: {exc.details()}", exc.code()) from exc
             raise from_rpc_error(exc, target=self.address) from exc

@@ -9,21 +9,61 @@ is carried without a change here.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 from google.protobuf import symbol_database
 from google.protobuf.message import Message
 
 from fleet.v1 import daemon_pb2
 
-__all__ = ["METHODS", "PIECE_BYTES", "Method", "Reassembler", "pieces"]
+__all__ = [
+    "METHODS",
+    "PIECE_BYTES",
+    "RETRY_AFTER",
+    "RETRY_AFTER_MAX",
+    "Method",
+    "Reassembler",
+    "pieces",
+    "retry_after",
+    "retry_after_metadata",
+]
 
 PIECE_BYTES: Final = 1024 * 1024
 """Largest piece of a request or response in one stream message (gRPC's
 default message limit is 4 MiB; small pieces keep one big call from
 holding the stream for long)."""
+
+
+RETRY_AFTER: Final = "fleet-retry-after-ms"
+"""Metadata key on a hello refused RESOURCE_EXHAUSTED: when to come back, in
+milliseconds (the manager's `HelloPacer` queues the refused in time)."""
+
+
+def retry_after_metadata(seconds: float) -> dict[str, str]:
+    """The refusal's metadata saying "come back in `seconds`"."""
+    return {RETRY_AFTER: str(max(0, round(seconds * 1000)))}
+
+
+RETRY_AFTER_MAX: Final = 60.0
+"""The longest wait a refusal's hint is followed for; past it, the client asks again."""
+
+
+def retry_after(metadata: Mapping[str, str] | Iterable[Any] | None) -> float | None:
+    """Seconds to come back after (at most `RETRY_AFTER_MAX`), from a refusal's
+    (trailing) metadata; None if it says nothing usable."""
+    if metadata is None:
+        return None
+    items: list[Any] = list(metadata.items() if isinstance(metadata, Mapping) else metadata)
+    for key, value in items:
+        if key == RETRY_AFTER:
+            try:
+                ms = int(value)
+            except (TypeError, ValueError):
+                return None
+            return min(ms / 1000, RETRY_AFTER_MAX) if ms >= 0 else None
+    return None
 
 
 @dataclass(frozen=True)

@@ -93,6 +93,10 @@ __all__ = ["SERVICE_NAME", "ManagerServer", "open_database"]
 
 log = logging.getLogger(__name__)
 
+SERVER_HANDSHAKE_TIMEOUT_MS = 20_000
+"""How long the manager waits for a new connection's TLS handshake (a daemon's own
+connect timeout; gRPC core's default is 120 s)."""
+
 SERVICE_NAME: str = manager_pb2.DESCRIPTOR.services_by_name["ManagerService"].full_name
 """Full name of the service, for health and reflection."""
 REPLICA_SERVICE_NAME: str = replica_pb2.DESCRIPTOR.services_by_name["ReplicaService"].full_name
@@ -579,6 +583,10 @@ class ManagerServer:
             ("grpc.keepalive_time_ms", ms(ctl.keepalive_time_seconds)),
             ("grpc.keepalive_timeout_ms", ms(ctl.keepalive_timeout_seconds)),
             ("grpc.http2.max_pings_without_data", 0),
+            # A daemon gives up on a TLS handshake after its connect_timeout_seconds (20 s)
+            # and dials again; core's default keeps the abandoned one (its fd) for 120 s,
+            # which after a restart ran the manager out of open files (docs/benchmarks.md).
+            ("grpc.server_handshake_timeout_ms", SERVER_HANDSHAKE_TIMEOUT_MS),
         ]
         server = aio.server(
             interceptors=[RpcMetricsInterceptor(m), ErrorMappingInterceptor()], options=options

@@ -11,10 +11,14 @@ handler refuses is answered with `error` (its code, message and the
 `Resource` the unary call would send as trailing metadata) and the stream
 goes on. Command results go to the node's `ControlSession`.
 
-New streams are admitted at most `control.max_hellos_per_second` (after a
-burst of as many; `manager.service.admission.HelloPacer`): a hello past the
-ceiling waits for its slot, or is refused RESOURCE_EXHAUSTED if that would
-take more than `control.max_hello_wait_seconds`.
+New streams are admitted by `manager.service.admission.HelloPacer`: at most
+`control.max_hellos_per_second` (after a burst of as many), a hello past the
+ceiling waiting for its slot; and no more in progress than finish within
+`control.max_hello_wait_seconds` at the rate hellos have been finishing. A
+hello past either is refused RESOURCE_EXHAUSTED at once, before anything is
+done for it, with when to come back (`fleet.control.RETRY_AFTER`, in the
+error answer's and the status's trailing metadata): the daemon comes back
+then, over the same connection.
 
 Upward messages are handled concurrently, at most
 `control.max_pending_answers` at once per stream; at that many the handler
@@ -35,12 +39,13 @@ from typing import Any
 import grpc
 from grpc import aio
 
-from fleet.errors import DeadlineExceeded, FleetError, InvalidArgument, ResourceExhausted
+from fleet.control import retry_after_metadata
+from fleet.errors import DeadlineExceeded, FleetError, InvalidArgument
 from fleet.interceptors import bounded
 from fleet.v1 import manager_pb2
 from manager.pool.config import ControlConfig
 from manager.pool.stream import ControlSession, ControlStreams
-from manager.service.admission import HelloPacer
+from manager.service.admission import HelloPacer, Refused
 
 __all__ = ["ControlChannel"]
 
@@ -101,13 +106,26 @@ class ControlChannel:
                 "the first message on the control stream must be hello (as RegisterNode), "
                 f"got {first.WhichOneof('body') or 'an empty message'}"
             )
-        await self._admit()
-        # Identity (node/<hello.node_id>), validation and registration: RegisterNode's own.
-        welcome = await self._unary.RegisterNode(first.hello, context)
-        session = ControlSession(first.hello.node_id, self._config, on_violation=self._on_violation)
-        if self._streams.attach(session):
-            self._on_violation("replaced_stream")  # two daemons with one certificate, or a zombie
-        await session.send_answer(manager_pb2.ConnectResponse(reply_to=first.id, welcome=welcome))
+        wait = await self._admit(first, context)
+        if wait is None:
+            return
+        try:  # in progress (HelloPacer) until the welcome is queued or the hello failed
+            if wait > 0:
+                await asyncio.sleep(wait)
+            # Identity (node/<hello.node_id>), validation and registration: RegisterNode's own.
+            welcome = await self._unary.RegisterNode(first.hello, context)
+            session = ControlSession(
+                first.hello.node_id, self._config, on_violation=self._on_violation
+            )
+            if self._streams.attach(session):
+                self._on_violation(
+                    "replaced_stream"
+                )  # two daemons with one certificate, or a zombie
+            await session.send_answer(
+                manager_pb2.ConnectResponse(reply_to=first.id, welcome=welcome)
+            )
+        finally:
+            self._pacer.done(self._clock())
         log.info("%s: control stream open", session.node_id)
         writer = asyncio.create_task(self._write(session, context), name="control-write")
         reader = asyncio.create_task(
@@ -132,19 +150,41 @@ class ControlChannel:
             except Exception as exc:  # the call went meanwhile (shutdown, the daemon left)
                 log.debug("%s: could not end the stream with %s: %r", session.node_id, code, exc)
 
-    async def _admit(self) -> None:
-        """Wait for this hello's slot under the ceiling; ResourceExhausted if too far off."""
-        wait = self._pacer.reserve(self._clock())
-        if wait is None:
-            self._on_refused("hello", "RESOURCE_EXHAUSTED")
+    async def _admit(self, first: manager_pb2.ConnectRequest, context: _Context) -> float | None:
+        """Seconds until this hello's slot; or None: the hello was refused RESOURCE_EXHAUSTED,
+        with when to come back (`fleet.control.RETRY_AFTER`) in the answer and the status."""
+        decision = self._pacer.admit(self._clock(), first.hello.node_id)
+        if not isinstance(decision, Refused):
+            return decision
+        self._on_refused("hello", "RESOURCE_EXHAUSTED")
+        wait = self._config.max_hello_wait_seconds
+        if decision.why == "rate":
             rate = self._config.max_hellos_per_second
-            raise ResourceExhausted(
+            why = (
                 f"the manager admits at most {rate:g} new control streams per second "
-                f"([control] max_hellos_per_second) and this one would wait more than "
-                f"{self._config.max_hello_wait_seconds:g} s; reconnect after a backoff"
+                f"([control] max_hellos_per_second) and this one would wait more than {wait:g} s"
             )
-        if wait > 0:
-            await asyncio.sleep(wait)
+        else:
+            why = (
+                f"the manager is busy with {self._pacer.in_flight} hellos, more than it "
+                f"finishes in {wait:g} s ([control] max_hello_wait_seconds)"
+            )
+        text = f"{why}; its turn is in {decision.retry_after:.1f} s: come back then"
+        about = retry_after_metadata(decision.retry_after)
+        # The answer (a daemon reads the hint from it) and the status both carry the hint.
+        error = manager_pb2.ConnectError(
+            code=grpc.StatusCode.RESOURCE_EXHAUSTED.value[0], message=text, trailing_metadata=about
+        )
+        try:
+            await context.write(manager_pb2.ConnectResponse(reply_to=first.id, error=error))
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, text, trailing_metadata=tuple(about.items())
+            )
+        except aio.AbortError:
+            raise
+        except Exception as exc:  # the daemon read the answer and left: done
+            log.debug("%s: refused hello: the stream went first: %r", first.hello.node_id, exc)
+        return None
 
     async def _write(self, session: ControlSession, context: _Context) -> None:
         try:

@@ -50,6 +50,8 @@ class ControlEnd:
     ended: asyncio.Event = field(default_factory=asyncio.Event)
     status: grpc.StatusCode | None = None
     details: str = ""
+    trailing: dict[str, str] = field(default_factory=dict)
+    """The status's trailing metadata."""
     _credit: dict[int, int] = field(default_factory=dict)
     _credit_changed: asyncio.Event = field(default_factory=asyncio.Event)
     _tasks: dict[int, asyncio.Task[None]] = field(default_factory=dict)
@@ -94,8 +96,10 @@ class ControlEnd:
                     self._command(msg.command)
             self.status = await self.call.code()
             self.details = await self.call.details()
+            self.trailing = dict(await self.call.trailing_metadata() or ())
         except aio.AioRpcError as exc:
             self.status, self.details = exc.code(), exc.details() or ""
+            self.trailing = dict(exc.trailing_metadata() or ())
         finally:
             self.ended.set()
 

@@ -19,6 +19,7 @@ from manager_harness import FakeClock, manager_config, node_stub, rpc_error, run
 from sqlalchemy import text
 
 from fleet import errors
+from fleet.control import retry_after
 from fleet.v1 import common_pb2, daemon_pb2, manager_pb2
 from manager.server import ManagerServer
 
@@ -140,7 +141,9 @@ async def test_new_streams_are_admitted_under_the_ceiling_and_refused_past_the_w
 ) -> None:
     """At 2 hellos/s (a burst of 2) and 0.6 s of wait at most: 2 welcomed at once, the
     third after its 0.5 s slot, the rest refused RESOURCE_EXHAUSTED naming the setting
-    (and counted), registering nothing."""
+    (and counted), registering nothing, each told when its slot is (1 s, 1.5 s) in the
+    error answer and in the status; a refused node back at its time is welcomed at once
+    (its slot was kept for it)."""
     config = manager_config(
         pki,
         database_url,
@@ -156,19 +159,35 @@ async def test_new_streams_are_admitted_under_the_ceiling_and_refused_past_the_w
             return node, loop.time() - t0, end, first
 
         got = await asyncio.gather(*(one(f"node-{i}") for i in range(5)))
-        welcomed = sorted(t for _, t, _, first in got if first is not None)
-        refused = [end for _, _, end, first in got if first is None]
+        welcomed = sorted(t for _, t, _, first in got if first.WhichOneof("body") == "welcome")
+        refused = [(node, end, first) for node, _, end, first in got if first.error.code]
         assert len(welcomed) == 3
         assert welcomed[2] >= 0.45  # its slot, not at once
         assert len(refused) == 2
-        for end in refused:
+        hints = []
+        for _, end, first in refused:
+            assert first.error.code == grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+            assert "max_hellos_per_second" in first.error.message
+            hints.append(retry_after(first.error.trailing_metadata))
+            async with asyncio.timeout(10):
+                await end.ended.wait()
             assert end.status is grpc.StatusCode.RESOURCE_EXHAUSTED
-            assert "max_hellos_per_second" in end.details
+            assert retry_after(end.trailing) == hints[-1]
+        # (Measured from when each was refused, a few ms after the start.)
+        assert sorted(hints) == [pytest.approx(1.0, abs=0.1), pytest.approx(1.5, abs=0.1)]
         assert await scalar(server, "SELECT count(*) FROM nodes") == 3
         refusals = server.metrics.registry.get_sample_value(
             "fleet_manager_control_refused_total", {"kind": "hello", "code": "RESOURCE_EXHAUSTED"}
         )
         assert refusals == 2
+        # At the later slot both come back, and are admitted at once on their kept
+        # slots (the ceiling alone would make the second wait).
+        await asyncio.sleep(max(hints))
+        for node, _, _ in refused:
+            _, again = await connect(pki, server, ends, node)
+            assert again is not None
+            assert again.WhichOneof("body") == "welcome"
+        assert await scalar(server, "SELECT count(*) FROM nodes") == 5
 
 
 async def test_first_message_must_be_hello(

@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from fleet.control import METHODS, Reassembler, pieces
+from fleet.control import (
+    METHODS,
+    RETRY_AFTER,
+    RETRY_AFTER_MAX,
+    Reassembler,
+    pieces,
+    retry_after,
+    retry_after_metadata,
+)
 from fleet.v1 import daemon_pb2
 
 
@@ -45,3 +53,16 @@ def test_pieces_refuse_a_zero_size() -> None:
     """A piece size below 1 is a programming error."""
     with pytest.raises(ValueError, match="size"):
         list(pieces(b"x", 0))
+
+
+def test_retry_after_reads_the_refusals_hint_and_ignores_what_is_not_one() -> None:
+    about = retry_after_metadata(2.3456)
+    assert about == {RETRY_AFTER: "2346"}
+    assert retry_after(about) == pytest.approx(2.346)
+    assert retry_after(tuple(about.items())) == pytest.approx(2.346)  # a call's trailers
+    assert retry_after(retry_after_metadata(-1.0)) == 0.0
+    assert retry_after(retry_after_metadata(3600.0)) == RETRY_AFTER_MAX  # followed up to a cap
+    assert retry_after({RETRY_AFTER: "soon"}) is None
+    assert retry_after({RETRY_AFTER: "-5"}) is None
+    assert retry_after({"fleet-resource-kind": "node"}) is None
+    assert retry_after(None) is None
