@@ -26,7 +26,7 @@ from google.protobuf import json_format
 from fleet.errors import FailedPrecondition, FleetError, InvalidArgument, NotFound
 from fleet.v1 import jobs_pb2
 from manager.pool import DaemonPool
-from manager.service.job_driver import load_spec
+from manager.service.job_driver import NodesRead, load_spec
 from manager.service.job_spec import check_spec, resolve_targets
 from manager.service.job_updates import finished_message
 from manager.service.jobs import (
@@ -121,7 +121,7 @@ class Jobs:
         *,
         clock: Callable[[], float],
         on_change: Callable[[str], None] = lambda job_id: None,
-        on_started: Callable[[JobRecord, Sequence[JobTargetRecord]], None] | None = None,
+        on_started: Callable[[JobRecord, Sequence[JobTargetRecord], NodesRead], None] | None = None,
         poll_interval: float = 0.25,
         call_timeout: float = 10.0,
     ) -> None:
@@ -141,7 +141,9 @@ class Jobs:
     ) -> JobView:
         """Validate, resolve the targets and (unless `plan`) store and start the job."""
         checked = check_spec(spec)
-        picked = resolve_targets(checked, await self._nodes.labelled())
+        read_at = time.monotonic()
+        labelled, reach = await self._nodes.labelled_reach()
+        picked = resolve_targets(checked, labelled)
         concurrency = resolve_concurrency(spec.max_concurrency, len(picked))
         now = self._clock()
         now_ms = int(now * 1000)
@@ -190,7 +192,8 @@ class Jobs:
 
         await self._repo.run(body)
         if self._on_started is not None:
-            self._on_started(record, targets)  # as stored: the driver need not read it back
+            # As stored, and the nodes as read: the driver need not read either again.
+            self._on_started(record, targets, NodesRead(reach, read_at))
         else:
             self._on_change(job_id)
         return view
