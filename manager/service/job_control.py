@@ -38,6 +38,7 @@ from manager.service.jobs import (
     stages,
 )
 from manager.storage import NodeRepository
+from manager.storage.events import event_row
 from manager.storage.jobs import (
     JobRecord,
     JobRepository,
@@ -165,32 +166,29 @@ class Jobs:
         if plan:
             return view
 
-        async def body(tx: JobTx) -> None:
-            await tx.add_job(record, targets)
-            what = f"job {job_id}" + (f" ({spec.name})" if spec.name else "")
-            tx.audit(
-                actor=actor,
-                action="job.rerun" if rerun_of else "job.run",
-                target=job_id,
-                detail={
-                    "name": spec.name,
-                    "command": _describe(spec),
-                    "targets": str(len(targets)),
-                    **({"rerun_of": rerun_of} if rerun_of else {}),
-                },
-                outcome="ok",
-                now_ms=now_ms,
-            )
-            tx.event(
-                "JOB_STARTED",
-                now_ms=now_ms,
-                actor=actor,
-                message=f"{what} started by {actor} on {len(targets)} node(s): {_describe(spec)}"
-                + (f" (re-runs {rerun_of})" if rerun_of else ""),
-                attributes={"job_id": job_id, "targets": str(len(targets))},
-            )
-
-        await self._repo.run(body)
+        what = f"job {job_id}" + (f" ({spec.name})" if spec.name else "")
+        audit = {
+            "actor": actor,
+            "action": "job.rerun" if rerun_of else "job.run",
+            "target": job_id,
+            "detail": {
+                "name": spec.name,
+                "command": _describe(spec),
+                "targets": str(len(targets)),
+                **({"rerun_of": rerun_of} if rerun_of else {}),
+            },
+            "outcome": "ok",
+            "now_ms": now_ms,
+        }
+        started = event_row(
+            "JOB_STARTED",
+            now_ms=now_ms,
+            actor=actor,
+            message=f"{what} started by {actor} on {len(targets)} node(s): {_describe(spec)}"
+            + (f" (re-runs {rerun_of})" if rerun_of else ""),
+            attributes={"job_id": job_id, "targets": str(len(targets))},
+        )
+        await self._repo.add_job(record, targets, audits=[audit], events=[started])
         if self._on_started is not None:
             # As stored, and the nodes as read: the driver need not read either again.
             self._on_started(record, targets, NodesRead(reach, read_at))
