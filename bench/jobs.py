@@ -242,6 +242,24 @@ async def ended(stub: FleetServiceAsyncStub, job_id: str) -> jobs_pb2.Job:
     return reply.job
 
 
+def timeline(job: jobs_pb2.Job, t0: float) -> str:
+    """Where a fleet round's time went, in ms after the RunJob call (the daemons'
+    clocks for the targets' starts and ends, the manager's for ended_at; one host)."""
+    starts = sorted(t.started_at for t in job.targets if t.started_at)
+    ends = [t.ended_at for t in job.targets if t.ended_at]
+    if not starts or not ends:
+        return "no target times"
+
+    def at(ms: int) -> str:
+        return f"{ms - t0 * 1000:.0f}"
+
+    hundredth = starts[min(99, len(starts) - 1)]
+    return (
+        f"first StartJob at the daemon {at(starts[0])}, 100th {at(hundredth)},"
+        f" last {at(starts[-1])}; last target end {at(max(ends))}; job ended_at {at(job.ended_at)}"
+    )
+
+
 def target_states(job: jobs_pb2.Job) -> dict[str, int]:
     """How many targets ended in each state, by name."""
     out: dict[str, int] = {}
@@ -454,12 +472,15 @@ async def run(
                 gc.collect()
                 gc.freeze()
                 for r in range(rounds):
+                    i0 = cpu(manager)
                     await asyncio.sleep(SETTLE)
+                    idle_cpu = cpu(manager) - i0
                     if profile:
                         await asyncio.to_thread(manager.ask, "profile on")
                     gc0 = await asyncio.to_thread(manager.ask, "gc")
-                    c0, l0 = cpu(manager), main_thread_cpu(manager)
+                    c0, l0, s0 = cpu(manager), main_thread_cpu(manager), cpu(sims)
                     t_start, _, job = await run_job(stub, spec)
+                    sims_cpu = cpu(sims) - s0
                     if profile:
                         await asyncio.to_thread(manager.ask, "profile off")
                     took = job.ended_at / 1000 - t_start
@@ -475,9 +496,10 @@ async def run(
                     if started["starts"] != n or sum(told.get(k, 0) for k in ANSWERED) != n:
                         problems.append(f"round {r + 1}: the daemons saw {started}")
                     await asyncio.sleep(SETTLE)
-                    r0 = time.process_time()
+                    r0, s0 = time.process_time(), cpu(sims)
                     ref, gathered = await reference_round(ref_stubs, sims, f"ref-{r}")
                     ref_cpu = time.process_time() - r0
+                    ref_sims_cpu = cpu(sims) - s0
                     fleet_times.append(took)
                     ref_times.append((ref, gathered))
                     print(
@@ -485,7 +507,14 @@ async def run(
                         f" (gather {gathered:.3f}s)  ratio {took / ref:.2f}x"
                         f"  (manager CPU {manager_cpu:.2f}s for the job, {loop_cpu:.2f}s of it its"
                         f" event loop's thread; cyclic GC {manager_gc[0]} collections"
-                        f" {manager_gc[1] * 1000:.0f} ms; the reference's CPU {ref_cpu:.2f}s)",
+                        f" {manager_gc[1] * 1000:.0f} ms; the reference's CPU {ref_cpu:.2f}s;"
+                        f" the simulated daemons' CPU {sims_cpu:.2f}s (fleet),"
+                        f" {ref_sims_cpu:.2f}s (reference))",
+                        flush=True,
+                    )
+                    print(
+                        f"  fleet's timeline: {timeline(job, t_start)}; the manager's CPU in the"
+                        f" {SETTLE:g} s before the round (idle) {idle_cpu:.3f}s",
                         flush=True,
                     )
                 refused = (await asyncio.to_thread(sims.ask, "jobs ref-*"))["reports"]

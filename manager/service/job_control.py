@@ -26,7 +26,7 @@ from google.protobuf import json_format
 from fleet.errors import FailedPrecondition, FleetError, InvalidArgument, NotFound
 from fleet.v1 import jobs_pb2
 from manager.pool import DaemonPool
-from manager.service.job_driver import load_spec
+from manager.service.job_driver import NodesRead, load_spec
 from manager.service.job_spec import check_spec, resolve_targets
 from manager.service.job_updates import finished_message
 from manager.service.jobs import (
@@ -38,6 +38,7 @@ from manager.service.jobs import (
     stages,
 )
 from manager.storage import NodeRepository
+from manager.storage.events import event_row
 from manager.storage.jobs import (
     JobRecord,
     JobRepository,
@@ -121,7 +122,7 @@ class Jobs:
         *,
         clock: Callable[[], float],
         on_change: Callable[[str], None] = lambda job_id: None,
-        on_started: Callable[[JobRecord, Sequence[JobTargetRecord]], None] | None = None,
+        on_started: Callable[[JobRecord, Sequence[JobTargetRecord], NodesRead], None] | None = None,
         poll_interval: float = 0.25,
         call_timeout: float = 10.0,
     ) -> None:
@@ -141,7 +142,9 @@ class Jobs:
     ) -> JobView:
         """Validate, resolve the targets and (unless `plan`) store and start the job."""
         checked = check_spec(spec)
-        picked = resolve_targets(checked, await self._nodes.labelled())
+        read_at = time.monotonic()
+        labelled, reach = await self._nodes.labelled_reach()
+        picked = resolve_targets(checked, labelled)
         concurrency = resolve_concurrency(spec.max_concurrency, len(picked))
         now = self._clock()
         now_ms = int(now * 1000)
@@ -163,34 +166,32 @@ class Jobs:
         if plan:
             return view
 
-        async def body(tx: JobTx) -> None:
-            await tx.add_job(record, targets)
-            what = f"job {job_id}" + (f" ({spec.name})" if spec.name else "")
-            tx.audit(
-                actor=actor,
-                action="job.rerun" if rerun_of else "job.run",
-                target=job_id,
-                detail={
-                    "name": spec.name,
-                    "command": _describe(spec),
-                    "targets": str(len(targets)),
-                    **({"rerun_of": rerun_of} if rerun_of else {}),
-                },
-                outcome="ok",
-                now_ms=now_ms,
-            )
-            tx.event(
-                "JOB_STARTED",
-                now_ms=now_ms,
-                actor=actor,
-                message=f"{what} started by {actor} on {len(targets)} node(s): {_describe(spec)}"
-                + (f" (re-runs {rerun_of})" if rerun_of else ""),
-                attributes={"job_id": job_id, "targets": str(len(targets))},
-            )
-
-        await self._repo.run(body)
+        what = f"job {job_id}" + (f" ({spec.name})" if spec.name else "")
+        audit = {
+            "actor": actor,
+            "action": "job.rerun" if rerun_of else "job.run",
+            "target": job_id,
+            "detail": {
+                "name": spec.name,
+                "command": _describe(spec),
+                "targets": str(len(targets)),
+                **({"rerun_of": rerun_of} if rerun_of else {}),
+            },
+            "outcome": "ok",
+            "now_ms": now_ms,
+        }
+        started = event_row(
+            "JOB_STARTED",
+            now_ms=now_ms,
+            actor=actor,
+            message=f"{what} started by {actor} on {len(targets)} node(s): {_describe(spec)}"
+            + (f" (re-runs {rerun_of})" if rerun_of else ""),
+            attributes={"job_id": job_id, "targets": str(len(targets))},
+        )
+        await self._repo.add_job(record, targets, audits=[audit], events=[started])
         if self._on_started is not None:
-            self._on_started(record, targets)  # as stored: the driver need not read it back
+            # As stored, and the nodes as read: the driver need not read either again.
+            self._on_started(record, targets, NodesRead(reach, read_at))
         else:
             self._on_change(job_id)
         return view

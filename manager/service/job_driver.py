@@ -55,10 +55,10 @@ from manager.service.jobs import (
     retry_delay,
     transition_allowed,
 )
-from manager.storage import Database, NodeRepository
+from manager.storage import Database, NodeReach, NodeRepository
 from manager.storage.jobs import JobRecord, JobRepository, JobTargetRecord, JobTx
 
-__all__ = ["JOBS_LOCK", "JobDriver", "load_spec"]
+__all__ = ["JOBS_LOCK", "JobDriver", "NodesRead", "load_spec"]
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,15 @@ def _target(r: JobTargetRecord) -> Target:
         updated=r.updated_ms / 1000,
         cancel_requested=r.cancel_requested,
     )
+
+
+@dataclass(frozen=True)
+class NodesRead:
+    """Every node as one read saw it (what starting a job read for its selector)."""
+
+    nodes: Sequence[NodeReach]
+    at: float
+    """`time.monotonic()` taken before the read began."""
 
 
 @dataclass
@@ -148,6 +157,7 @@ class JobDriver:
         self._addresses: dict[str, str] = {}
         self._facts_at = float("-inf")
         self._facts_stale = True
+        self._nodes_changed_at = float("-inf")
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -164,17 +174,31 @@ class JobDriver:
             self._load.add(job_id)
         self._wake.set()
 
-    def adopt(self, record: JobRecord, targets: Sequence[JobTargetRecord]) -> None:
-        """A job was just stored with these targets: drive it without reading it back."""
+    def adopt(
+        self,
+        record: JobRecord,
+        targets: Sequence[JobTargetRecord],
+        nodes: NodesRead | None = None,
+    ) -> None:
+        """A job was just stored with these targets: drive it without reading it back.
+
+        `nodes`: the nodes as starting the job read them; if that read is newer than
+        the driver's and than the last change it was told of, the first pass uses it
+        instead of reading the nodes again before sending the first targets."""
         if not self.leading:
             self.poke(record.id)  # the leader reads it (another replica's, or ours later)
             return
+        if nodes is not None and nodes.at > max(self._facts_at, self._nodes_changed_at):
+            self._facts_stale = False
+            self._facts_at = nodes.at
+            self._use_facts(nodes.nodes)
         self._install(record, {t.node_id: t for t in targets})
         self._wake.set()
 
     def nodes_changed(self) -> None:
         """A node registered, came back or went offline: re-read the nodes."""
         self._facts_stale = True
+        self._nodes_changed_at = time.monotonic()
         self._wake.set()
 
     def start(self) -> None:
@@ -329,9 +353,14 @@ class JobDriver:
     async def _node_facts(self, now: float) -> None:
         if not self._facts_stale and now - self._facts_at < self._node_refresh:
             return
+        # Before the read: a change told meanwhile makes them stale again.
         self._facts_stale = False
         self._facts_at = now
         listed = await self._nodes.reach()
+        if self._facts_at == now:  # not replaced meanwhile by a newer read (adopt)
+            self._use_facts(listed)
+
+    def _use_facts(self, listed: Sequence[NodeReach]) -> None:
         self._facts = {
             n.node_id: NodeFacts(
                 online=n.status == "online",

@@ -2,18 +2,20 @@
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import insert, select
+from sqlalchemy import bindparam, insert, select
+from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from manager.storage.db import Database
 from manager.storage.events import dump_map, load_map
 from manager.storage.schema import operations_audit
 
-__all__ = ["AuditRecord", "AuditRepository", "audit_row"]
+__all__ = ["AuditRecord", "AuditRepository", "audit_row", "sqlite_insert_audit"]
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,23 @@ def audit_row(
         "detail": dump_map(detail),
         "outcome": outcome,
     }
+
+
+_COLUMNS = ("ts_ms", "actor", "action", "target", "detail", "outcome")
+"""An `audit_row`'s keys, in the order of `_INSERT_SQLITE`'s parameters."""
+_compiled = (
+    insert(operations_audit)
+    .values({c: bindparam(f"b_{c}") for c in _COLUMNS})
+    .compile(dialect=sqlite_dialect())
+)
+assert _compiled.positiontup == [f"b_{c}" for c in _COLUMNS]
+_INSERT_SQLITE = _compiled.string
+
+
+def sqlite_insert_audit(db: sqlite3.Connection, row: Mapping[str, Any]) -> None:
+    """`insert_audit` of an `audit_row` on aiosqlite's thread, in the transaction `db`
+    holds (`Database.run_sqlite`)."""
+    db.execute(_INSERT_SQLITE, tuple(row[c] for c in _COLUMNS)).close()
 
 
 class AuditRepository:

@@ -302,6 +302,34 @@ class NodeRepository:
 
         return await self._db.run(body, write=False)
 
+    async def labelled_reach(
+        self,
+    ) -> tuple[builtins.list[NodeLabels], builtins.list[NodeReach]]:
+        """`labelled` and `reach` in one read, ordered by id: starting a job reads the
+        nodes for its selector, and hands the job driver its view of the same read."""
+        query = select(
+            nodes.c.node_id,
+            nodes.c.labels,
+            nodes.c.daemon_address,
+            nodes.c.status,
+            nodes.c.last_seen_ms,
+            nodes.c.jobs_disabled,
+        ).order_by(nodes.c.node_id)
+
+        async def body(
+            conn: AsyncConnection,
+        ) -> tuple[builtins.list[NodeLabels], builtins.list[NodeReach]]:
+            labelled: builtins.list[NodeLabels] = []
+            reach: builtins.list[NodeReach] = []
+            for node_id, labels, address, status, last_seen_ms, jobs_disabled in await conn.execute(
+                query
+            ):
+                labelled.append(NodeLabels(node_id, load_map(labels)))
+                reach.append(NodeReach(node_id, address, status, last_seen_ms, bool(jobs_disabled)))
+            return labelled, reach
+
+        return await self._db.run(body, write=False)
+
     async def reach(self) -> builtins.list[NodeReach]:
         """Every node's liveness and address (the job driver's view, read every second
         while jobs run: five columns, no labels to decode)."""
