@@ -289,24 +289,12 @@ class NodeRepository:
 
         return await self._db.run(body, write=False)
 
-    async def labelled(self) -> builtins.list[NodeLabels]:
-        """Every node's id and effective labels, ordered by id (what a job's selector
-        matches: two columns, one label map decoded per node)."""
-        query = select(nodes.c.node_id, nodes.c.labels).order_by(nodes.c.node_id)
-
-        async def body(conn: AsyncConnection) -> builtins.list[NodeLabels]:
-            return [
-                NodeLabels(node_id, load_map(labels))
-                for node_id, labels in await conn.execute(query)
-            ]
-
-        return await self._db.run(body, write=False)
-
     async def labelled_reach(
         self,
     ) -> tuple[builtins.list[NodeLabels], builtins.list[NodeReach]]:
-        """`labelled` and `reach` in one read, ordered by id: starting a job reads the
-        nodes for its selector, and hands the job driver its view of the same read."""
+        """Every node's id and effective labels (what a job's selector matches) and
+        `reach`, in one read ordered by id: starting a job reads the nodes for its
+        selector, and hands the job driver its view of the same read."""
         query = select(
             nodes.c.node_id,
             nodes.c.labels,
