@@ -27,8 +27,14 @@ import typer
 from rich.live import Live
 from rich.text import Text
 
-from fleet.v1 import fleet_pb2, jobs_pb2
-from fleetctl.joboutput import TERMINAL_JOB, LineSplitter, progress_line, truncation_marker
+from fleet.v1 import common_pb2, fleet_pb2, jobs_pb2
+from fleetctl.joboutput import (
+    TERMINAL_JOB,
+    LineSplitter,
+    offline_note,
+    progress_line,
+    truncation_marker,
+)
 from fleetctl.runtime import EXIT_INTERRUPTED, Cli, Stub, stdin_is_interactive
 from fleetctl.views import job_view
 
@@ -36,6 +42,10 @@ __all__ = ["OUTPUT_GRACE_SECONDS", "JobTracker", "OutputPrinter", "follow", "lea
 
 OUTPUT_GRACE_SECONDS = 10.0
 """How long the output may lag behind the end of the job."""
+
+OFFLINE_CHECK_SECONDS = 2.0
+"""Targets still PENDING this long into the follow: say which wait for an offline node
+(one ListNodes; a job whose targets all started by then costs nothing)."""
 
 _PALETTE = (
     "cyan",
@@ -160,6 +170,10 @@ class JobTracker:
         """The job's state name ("RUNNING")."""
         return str(job_view(self._head)["state"])
 
+    def pending(self) -> list[str]:
+        """The targets not sent to their node yet."""
+        return [n for n, t in self._targets.items() if t.state == jobs_pb2.JOB_TARGET_STATE_PENDING]
+
     def view(self) -> dict[str, Any]:
         """The job with its targets, as `views.job_view`."""
         job = jobs_pb2.Job()
@@ -262,12 +276,42 @@ async def follow(
         async for msg in stub.ReadJobOutput(request, timeout=None):
             printer.on_message(msg)
 
+    async def offline() -> None:
+        # Without this a target waiting for an offline node shows only as "pending"
+        # until its delivery timeout, minutes later.
+        await asyncio.sleep(OFFLINE_CHECK_SECONDS)
+        pending = tracker.pending()
+        if not pending or tracker.state in TERMINAL_JOB:
+            return
+        reply = await stub.ListNodes(
+            fleet_pb2.FleetServiceListNodesRequest(selector=job.spec.selector),
+            timeout=cli.config().timeout,
+        )
+        note = offline_note(
+            pending,
+            {
+                n.node_id: n.last_heartbeat
+                for n in reply.nodes
+                if n.status == common_pb2.NODE_STATUS_OFFLINE
+            },
+            created_ms=job.created_at,
+            delivery_timeout=(
+                job.spec.delivery_timeout_seconds
+                if job.spec.HasField("delivery_timeout_seconds")
+                else None
+            ),
+        )
+        if note:
+            with progress.paused():
+                cli.note(f"fleetctl: {note}")
+
     tasks: dict[asyncio.Task[Any], str] = {asyncio.create_task(watch()): "watch"}
     if show_output:
         tasks[asyncio.create_task(output())] = "output"
     cancelling = False
     cli.sigint = interrupt.set
     progress = _Progress(cli, lambda: progress_line(tracker.view(), time.monotonic() - started))
+    noting = asyncio.create_task(offline())
     try:
         with progress:
             while tasks:
@@ -315,9 +359,10 @@ async def follow(
                         cli.note(f"cancelling job {job_id} (Ctrl-C again to stop waiting)")
     finally:
         cli.sigint = None
-        for task in tasks:
+        for task in [*tasks, noting]:
             task.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        # The note is best effort: a ListNodes that failed changes nothing.
+        await asyncio.gather(*tasks, noting, return_exceptions=True)
         printer.finish()
     if tasks and "watch" in tasks.values():  # left while it runs
         cli.note(f"fleetctl: {leave_hint(job_id)}")

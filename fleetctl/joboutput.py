@@ -17,7 +17,7 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 from fleetctl.runtime import EXIT_OK
-from fleetctl.timespec import format_age, format_duration
+from fleetctl.timespec import format_age, format_duration, format_time
 
 __all__ = [
     "EXIT_JOB_CANCELLED",
@@ -31,6 +31,7 @@ __all__ = [
     "counts_text",
     "exit_code",
     "header_lines",
+    "offline_note",
     "progress_line",
     "spec_lines",
     "summary_line",
@@ -244,3 +245,34 @@ class LineSplitter:
 
 def _text(line: bytes) -> str:
     return line.removesuffix(b"\r").decode("utf-8", errors="replace")
+
+
+DEFAULT_DELIVERY_TIMEOUT = 300.0
+"""The manager's delivery timeout for a job that sets none (`manager.service.jobs`)."""
+
+
+def offline_note(
+    pending: Iterable[str],
+    offline: Mapping[str, int],
+    *,
+    created_ms: int,
+    delivery_timeout: float | None,
+) -> str:
+    """Why a job's targets sit PENDING: their nodes are offline ("" if none is).
+
+    `pending`: the job's PENDING targets; `offline`: node -> last seen (ms) of each
+    offline node; `delivery_timeout`: the job's, None for the manager's default."""
+    waiting = sorted(n for n in pending if n in offline)
+    if not waiting:
+        return ""
+    timeout = DEFAULT_DELIVERY_TIMEOUT if delivery_timeout is None else delivery_timeout
+    shown = ", ".join(
+        f"{n} (offline since {format_time(offline[n])})" if offline[n] else n for n in waiting[:5]
+    )
+    more = f" and {len(waiting) - 5} more" if len(waiting) > 5 else ""
+    until = format_time(created_ms + round(timeout * 1000))
+    return (
+        f"{len(waiting)} target(s) wait for their node to come back online: {shown}{more};"
+        f" any not delivered by {until} (the delivery timeout, {format_duration(timeout)})"
+        " ends UNDELIVERABLE (not counted against max_errors)"
+    )

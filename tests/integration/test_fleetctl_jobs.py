@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 from fleetctl_live import LiveFleet, live_fleet
 
-from fleetctl.joboutput import EXIT_JOB_CANCELLED, EXIT_JOB_FAILED
+from fleetctl.joboutput import EXIT_JOB_CANCELLED, EXIT_JOB_FAILED, EXIT_JOB_PARTIAL
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -231,6 +231,29 @@ def test_ctrl_c_without_a_terminal_leaves_the_job_running(fleet: LiveFleet) -> N
     assert f"fleetctl jobs cancel {job['id']}" in err
     assert show(fleet, job["id"])["targets"][0]["state"] == "RUNNING"
     assert fleet.fleetctl("jobs", "cancel", job["id"]).exit_code == 0
+
+
+def test_run_says_which_targets_wait_for_an_offline_node(fleet: LiveFleet) -> None:
+    """n3 is registered, role=web, and offline: while its target waits, run says so (with
+    when it gives up), then it ends UNDELIVERABLE and the job PARTIAL (exit 4)."""
+    fleet.register("n3", labels={"role": "web"}, daemon_address="127.0.0.1:1")
+    now_ms = int(time.time() * 1000)
+    gone = fleet.run(
+        fleet.manager.nodes.mark_offline(cutoff_ms=now_ms + 1, now_ms=now_ms, only=["n3"])
+    )
+    assert gone == ["n3"]
+    result = fleet.fleetctl(
+        "run", "-l", "role=web", "--yes", "--delivery-timeout", "4s", "--", "true"
+    )
+    assert result.exit_code == EXIT_JOB_PARTIAL, result.output
+    notes = [ln for ln in result.stderr.splitlines() if "wait for their node" in ln]
+    assert len(notes) == 1, result.stderr
+    assert notes[0].startswith(
+        "fleetctl: 1 target(s) wait for their node to come back online: n3 (offline since "
+    )
+    assert "(the delivery timeout, 4s) ends UNDELIVERABLE" in notes[0]
+    (job,) = listed(fleet)
+    assert job["counts"] == {"SUCCESS": 2, "UNDELIVERABLE": 1}
 
 
 def test_manager_rejects_what_only_it_can_check(fleet: LiveFleet) -> None:

@@ -20,6 +20,7 @@ from fleetctl.joboutput import (
     counts_text,
     exit_code,
     header_lines,
+    offline_note,
     progress_line,
     spec_lines,
     summary_line,
@@ -291,3 +292,28 @@ def test_tracker_merges_watch_messages() -> None:
     tracker.update(_job(jobs_pb2.JOB_STATE_SUCCESS), [_target("a", S.JOB_TARGET_STATE_SUCCESS)])
     assert tracker.state == "SUCCESS"
     assert tracker.view()["targets"][0]["state"] == "SUCCESS"
+
+
+def test_offline_note_names_the_targets_waiting_for_an_offline_node() -> None:
+    """Only PENDING targets on offline nodes; when they give up; the manager's default
+    delivery timeout when the job set none; nothing to say when none waits."""
+    created = 1_800_000_000_000  # 2027-01-15T08:00:00Z
+    offline = {"web-3": created - 60_000, "web-9": 0, "db-1": created}
+    note = offline_note(
+        ["web-1", "web-3", "web-9"], offline, created_ms=created, delivery_timeout=None
+    )
+    assert note.startswith(
+        "2 target(s) wait for their node to come back online:"
+        " web-3 (offline since 2027-01-15T07:59:00.000Z), web-9;"
+    )
+    assert "by 2027-01-15T08:05:00.000Z (the delivery timeout, 5m)" in note
+    assert note.endswith("ends UNDELIVERABLE (not counted against max_errors)")
+    many = offline_note(
+        [f"n{i}" for i in range(8)],
+        {f"n{i}": 0 for i in range(8)},
+        created_ms=created,
+        delivery_timeout=30,
+    )
+    assert "n0, n1, n2, n3, n4 and 3 more;" in many
+    assert "(the delivery timeout, 30s)" in many
+    assert offline_note(["web-1"], offline, created_ms=created, delivery_timeout=None) == ""
