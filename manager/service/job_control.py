@@ -371,34 +371,30 @@ class Jobs:
             record = view.record
             full_every = max(1, round(WATCH_FULL_READ / self._poll)) if self._poll > 0 else 1
             ticks = 0
-            floor: dict[str, JobTargetRecord] = {}
             while not record.ended_ms:
                 await asyncio.sleep(self._poll)
                 ticks += 1
                 now = await self._job_row(job_id)
                 if now is None:
                     raise NotFound(f"job {job_id!r} does not exist")
-                rows = news.take()
-                if floor:
-                    # Rows committed while the last full read ran: one older than what
-                    # that read saw is not news.
-                    rows = {
-                        n: r
-                        for n, r in rows.items()
-                        if n not in floor or r.updated_ms >= floor[n].updated_ms
-                    }
-                    floor = {}
+                # A row older than one already seen is not news: a cancel hands its rows
+                # over after its commit, a report's commit may land in between, and a read
+                # may have seen a row whose news comes after it.
+                rows = {
+                    n: r
+                    for n, r in news.take().items()
+                    if n not in last or r.updated_ms >= last[n].updated_ms
+                }
                 if ticks % full_every == 0 or now.ended_ms or _shown_job(now) != _shown_job(record):
-                    # The safety net, a cancel (its rows are news too), or the end: every
-                    # target as stored. Rows taken so far are in it (committed before it).
+                    # The safety net, a cancel, or the end: every target as stored (rows
+                    # taken so far were committed before it, so it has them or newer).
                     news.take()
                     full = await self.get(job_id)
                     now = full.record
-                    floor = {t.node_id: t for t in full.targets}
-                    rows.update(floor)
+                    rows.update((t.node_id, t) for t in full.targets)
                 changed = tuple(r for n, r in rows.items() if _shown(last.get(n)) != _shown(r))
+                last.update(rows)
                 if changed or _shown_job(now) != _shown_job(record):
-                    last.update((t.node_id, t) for t in changed)
                     yield JobView(now, spec, (), _counts(last.values())), changed
                 record = now
 
