@@ -467,6 +467,7 @@ class ManagerServer:
             clock=self._clock,
             on_change=self.job_driver.poke,
             on_started=self.job_driver.adopt,
+            updates=self.job_updates,
         )
         self.job_janitor = JobJanitor(
             self.db,

@@ -6,7 +6,11 @@ pokes the driver (`manager.service.job_driver`), which sends the targets.
 Cancelling marks the targets (PENDING ones end CANCELLED at once), then
 asks the nodes running them to stop (a node that misses it learns it from
 the answer to its next report). Reads and watches poll the database, so they
-work from any replica whichever one drives the job.
+work from any replica whichever one drives the job. On SQLite (one manager,
+which commits every change) a watch learns the changed targets from the
+commits (`manager.service.job_watch`) and reads only the job's row each poll;
+it re-reads every target when the job's row changed (a cancel, the end) and
+every `WATCH_FULL_READ` seconds as a safety net.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from fleet.v1 import jobs_pb2
 from manager.pool import DaemonPool
 from manager.service.job_driver import NodesRead, load_spec
 from manager.service.job_spec import check_spec, resolve_targets
-from manager.service.job_updates import finished_message
+from manager.service.job_updates import JobUpdates, finished_message
+from manager.service.job_watch import WatchHub
 from manager.service.jobs import (
     TERMINAL,
     JobState,
@@ -45,6 +50,7 @@ from manager.storage.jobs import (
     JobTargetRecord,
     JobTx,
     OutputChunk,
+    sqlite_jobs,
 )
 
 __all__ = ["RERUN_STATES", "JobView", "Jobs", "OutputPiece", "new_job_id"]
@@ -57,6 +63,8 @@ OUTPUT_SETTLE = 10.0
 """A finished target's output may still be arriving (the daemon uploads the tail
 after its final report); a follower waits this long for it past the end."""
 _READ_BYTES = 256 * 1024
+WATCH_FULL_READ = 5.0
+"""A watch fed by commits re-reads every target of its job this often anyway."""
 
 
 def new_job_id(now: float) -> str:
@@ -125,6 +133,7 @@ class Jobs:
         on_started: Callable[[JobRecord, Sequence[JobTargetRecord], NodesRead], None] | None = None,
         poll_interval: float = 0.25,
         call_timeout: float = 10.0,
+        updates: JobUpdates | None = None,
     ) -> None:
         self._repo = repo
         self._nodes = nodes
@@ -134,6 +143,11 @@ class Jobs:
         self._on_started = on_started
         self._poll = poll_interval
         self._call_timeout = call_timeout
+        # Watches follow this process's commits where it commits every change (SQLite).
+        self._hub: WatchHub | None = None
+        if updates is not None and repo.db.dialect == "sqlite":
+            self._hub = WatchHub()
+            updates.listen_rows(self._hub.committed)
 
     # --- starting -------------------------------------------------------------------------
 
@@ -226,8 +240,10 @@ class Jobs:
         _check_id(job_id)
         now_ms = int(self._clock() * 1000)
         reason = f"cancelled by {actor}"
+        committed: list[JobTargetRecord] = []  # the rows written, for the watches
 
         async def body(tx: JobTx) -> list[str]:
+            committed.clear()  # a retried transaction starts again
             job = await tx.job(job_id, for_update=True)
             if job is None:
                 raise NotFound(f"job {job_id!r} does not exist")
@@ -268,6 +284,7 @@ class Jobs:
                     running.append(t.node_id)
                 changed.append(after)
             await tx.put_targets(changed)
+            committed.extend(changed)
             if not node_ids and not job.cancelled_ms:
                 await tx.update_job(
                     dataclasses.replace(job, cancelled_ms=now_ms, reason=job.reason or reason)
@@ -286,6 +303,8 @@ class Jobs:
             return running
 
         running = await self._repo.run(body)
+        if self._hub is not None:
+            self._hub.committed(committed)
         self._on_change(job_id)
         if running:
             await self._cancel_on_nodes(job_id, running)
@@ -338,6 +357,57 @@ class Jobs:
     ) -> AsyncGenerator[tuple[JobView, tuple[JobTargetRecord, ...]], None]:
         """(the job with every target, ()), then (the job, the targets that changed)
         whenever something changed, until the job ended."""
+        if self._hub is None:
+            async for item in self._watch_polling(job_id):
+                yield item
+            return
+        with self._hub.subscribe(job_id) as news:
+            # Subscribed before the read: a row committed after it is news, one before it
+            # is in the read (a listener runs after its commit).
+            view = await self.get(job_id)
+            yield view, ()
+            spec = view.spec
+            last = {t.node_id: t for t in view.targets}
+            record = view.record
+            full_every = max(1, round(WATCH_FULL_READ / self._poll)) if self._poll > 0 else 1
+            ticks = 0
+            while not record.ended_ms:
+                await asyncio.sleep(self._poll)
+                ticks += 1
+                now = await self._job_row(job_id)
+                if now is None:
+                    raise NotFound(f"job {job_id!r} does not exist")
+                # A row older than one already seen is not news: a cancel hands its rows
+                # over after its commit, a report's commit may land in between, and a read
+                # may have seen a row whose news comes after it.
+                rows = {
+                    n: r
+                    for n, r in news.take().items()
+                    if n not in last or r.updated_ms >= last[n].updated_ms
+                }
+                if ticks % full_every == 0 or now.ended_ms or _shown_job(now) != _shown_job(record):
+                    # The safety net, a cancel, or the end: every target as stored (rows
+                    # taken so far were committed before it, so it has them or newer).
+                    news.take()
+                    full = await self.get(job_id)
+                    now = full.record
+                    rows.update((t.node_id, t) for t in full.targets)
+                changed = tuple(r for n, r in rows.items() if _shown(last.get(n)) != _shown(r))
+                last.update(rows)
+                if changed or _shown_job(now) != _shown_job(record):
+                    yield JobView(now, spec, (), _counts(last.values())), changed
+                record = now
+
+    async def _job_row(self, job_id: str) -> JobRecord | None:
+        """The job's row alone (SQLite, in one hop)."""
+        jobs = await self._repo.db.run_sqlite_read(sqlite_jobs, [job_id])
+        return jobs.get(job_id)
+
+    async def _watch_polling(
+        self, job_id: str
+    ) -> AsyncGenerator[tuple[JobView, tuple[JobTargetRecord, ...]], None]:
+        """`watch` by re-reading the job and every target each poll (PostgreSQL: another
+        replica may commit any change)."""
         view = await self.get(job_id)
         yield view, ()
         last = {t.node_id: t for t in view.targets}

@@ -242,12 +242,17 @@ class JobUpdates:
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
         self._listeners: list[Callable[[Sequence[JobTargetRecord]], None]] = []
+        self._row_listeners: list[Callable[[Sequence[JobTargetRecord]], None]] = []
         self.commits = 0
         """Transactions committed so far."""
 
     def listen(self, callback: Callable[[Sequence[JobTargetRecord]], None]) -> None:
         """Call `callback(rows)` with the changed rows after each commit."""
         self._listeners.append(callback)
+
+    def listen_rows(self, callback: Callable[[Sequence[JobTargetRecord]], None]) -> None:
+        """Call `callback(rows)` with every row written (output's end too) after each commit."""
+        self._row_listeners.append(callback)
 
     def start(self) -> None:
         """Start the committer (from the running loop)."""
@@ -369,6 +374,12 @@ class JobUpdates:
             for listener in self._listeners:
                 try:
                     listener(rows)
+                except Exception:
+                    log.exception("job update listener failed")
+        if applied.changed:
+            for listener in self._row_listeners:
+                try:
+                    listener(applied.changed)
                 except Exception:
                     log.exception("job update listener failed")
         for p, result in zip(group, results, strict=True):
