@@ -236,6 +236,8 @@ say "fleetctl rollout status probe -w"
 fleetctl rollout status probe -w
 say "fleetctl definitions history probe"
 fleetctl definitions history probe
+say "fleetctl nodes list  (DESIRED: each node runs what the definitions say)"
+fleetctl nodes list
 say "fleetctl agents list"
 fleetctl agents list
 
