@@ -9,9 +9,12 @@ import asyncio
 import contextlib
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
+from fleet_harness import operator_stub
 from grpc import aio
+from manager_harness import FakeClock, manager_config, running_manager
 
 from fleet.interceptors import ErrorMappingInterceptor
 from fleet.tls import channel_credentials, channel_options, require_role, server_credentials
@@ -145,6 +148,19 @@ async def job_daemons(pki: Any, manager_port: int) -> AsyncIterator[Any]:
             await server.stop(None)
         for channel in channels:
             await channel.close(None)
+
+
+@contextlib.asynccontextmanager
+async def job_env(pki: Any, tmp_path: Path, database_url: str) -> AsyncIterator[Any]:
+    """(a running manager on `database_url`, an operator's FleetService stub, `job_daemons`'
+    start) for the job RPC tests."""
+    config = manager_config(pki, database_url, tmp_path / "state")
+    async with (
+        running_manager(config, FakeClock()) as manager,
+        operator_stub(pki, manager.port) as stub,
+        job_daemons(pki, manager.port) as start,
+    ):
+        yield manager, stub, start
 
 
 def command(*argv: str, **spec: Any) -> jobs_pb2.JobSpec:

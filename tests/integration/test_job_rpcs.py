@@ -9,9 +9,9 @@ from typing import Any
 
 import grpc
 import pytest
-from fleet_harness import operator_stub, selector
-from job_helpers import command, job_daemons
-from manager_harness import FakeClock, manager_config, node_stub, rpc_error, running_manager
+from fleet_harness import selector
+from job_helpers import command, job_env
+from manager_harness import node_stub, rpc_error
 
 from fleet.v1 import fleet_pb2, jobs_pb2, manager_pb2
 
@@ -35,13 +35,8 @@ def states(job: jobs_pb2.Job) -> dict[str, str]:
 
 @pytest.fixture
 async def env(pki: Any, tmp_path: Path, database_url: str) -> Any:
-    config = manager_config(pki, database_url, tmp_path / "state")
-    async with (
-        running_manager(config, FakeClock()) as manager,
-        operator_stub(pki, manager.port) as stub,
-        job_daemons(pki, manager.port) as start,
-    ):
-        yield manager, stub, start
+    async with job_env(pki, tmp_path, database_url) as running:
+        yield running
 
 
 async def test_a_job_runs_on_every_selected_node_and_ends_successful(env: Any) -> None:

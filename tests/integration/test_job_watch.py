@@ -9,10 +9,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from fleet_harness import operator_stub
 from grpc import aio
-from job_helpers import command, job_daemons
-from manager_harness import FakeClock, manager_config, node_stub, running_manager
+from job_helpers import command, job_env
+from manager_harness import node_stub
 
 from fleet.v1 import fleet_pb2, jobs_pb2, manager_pb2
 
@@ -22,13 +21,8 @@ _SOON = 2.0  # seconds: under WATCH_FULL_READ, so news came from the commits (SQ
 
 @pytest.fixture
 async def env(pki: Any, tmp_path: Path, database_url: str) -> Any:
-    config = manager_config(pki, database_url, tmp_path / "state")
-    async with (
-        running_manager(config, FakeClock()) as manager,
-        operator_stub(pki, manager.port) as stub,
-        job_daemons(pki, manager.port) as start,
-    ):
-        yield manager, stub, start
+    async with job_env(pki, tmp_path, database_url) as running:
+        yield running
 
 
 class Replay:
