@@ -641,7 +641,9 @@ async def test_node_goes_offline_after_the_grace_and_back_on_reconnect(
     clock.advance(60)  # no heartbeat calls at all: the open stream keeps it online
     assert await manager.stream_liveness.run_once() == []
     await end.close()
-    await wait_until(lambda: manager.control_streams.get("node-1") is None)
+    # The grace starts when the manager detaches the stream (broken_at), which can come
+    # a moment after the session reads closed: wait for that, not for get() is None.
+    await wait_until(lambda: "node-1" in manager.control_streams.broken_at)
     clock.advance(4)
     assert await manager.stream_liveness.run_once() == []
     assert await scalar(manager, "SELECT status FROM nodes WHERE node_id='node-1'") == "online"
