@@ -599,19 +599,38 @@ def rerun(
     group: Annotated[
         bool, typer.Option("--group", help="Print each target's output together when it ends.")
     ] = False,
+    plan: Annotated[
+        bool, typer.Option("--plan", help="List the targets it would run on; run nothing.")
+    ] = False,
+    yes: Annotated[
+        bool, typer.Option("--yes", "-y", help="Do not ask before running on several nodes.")
+    ] = False,
 ) -> None:
     """Run a job again as a new job linked to it, and follow it like run.
 
+    On more than one node it shows them and asks first, as run does.
     Exit code: as run's.
     """
     cli = Cli.of(ctx)
 
     async def body(stub: Stub, conn: Connection) -> int:
-        request = fleet_pb2.FleetServiceRerunJobRequest(job_id=job_id, failed_only=failed)
-        try:
-            reply = await stub.RerunJob(request, timeout=conn.timeout)
-        except grpc.RpcError as exc:
-            raise _job_call_error(exc, f"rerun job {job_id}") from None
-        return await follow_to_end(cli, stub, conn, reply.job, detach=detach, group=group)
+        async def start(plan_only: bool) -> jobs_pb2.Job:
+            request = fleet_pb2.FleetServiceRerunJobRequest(
+                job_id=job_id, failed_only=failed, plan=plan_only
+            )
+            try:
+                reply = await stub.RerunJob(request, timeout=conn.timeout)
+            except grpc.RpcError as exc:
+                raise _job_call_error(exc, f"rerun job {job_id}") from None
+            return reply.job
+
+        if plan:
+            return _print_plan(cli, job_view(await start(True)))
+        if not yes:
+            planned = job_view(await start(True))
+            if len(planned["targets"]) > 1:
+                _confirm(cli, planned)
+        job = await start(False)
+        return await follow_to_end(cli, stub, conn, job, detach=detach, group=group)
 
     cli.call(body)

@@ -2455,18 +2455,24 @@ class FleetServiceRerunJobRequest(_message.Message):
 
     JOB_ID_FIELD_NUMBER: _builtins.int
     FAILED_ONLY_FIELD_NUMBER: _builtins.int
+    PLAN_FIELD_NUMBER: _builtins.int
     job_id: _builtins.str
     failed_only: _builtins.bool
     """Only the targets that failed, timed out or were undeliverable."""
+    plan: _builtins.bool
+    """Resolve the targets and answer with them; store and run nothing (the
+    job in the answer has no id), as RunJob's plan.
+    """
     def __init__(
         self,
         *,
         job_id: _builtins.str = ...,
         failed_only: _builtins.bool = ...,
+        plan: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed_only", b"failed_only", "job_id", b"job_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["failed_only", b"failed_only", "job_id", b"job_id", "plan", b"plan"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

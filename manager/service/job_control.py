@@ -210,9 +210,11 @@ class Jobs:
             self._on_change(job_id)
         return view
 
-    async def rerun(self, job_id: str, *, failed_only: bool, actor: str) -> JobView:
+    async def rerun(
+        self, job_id: str, *, failed_only: bool, actor: str, plan: bool = False
+    ) -> JobView:
         """A new job with the same spec on the job's nodes (only those that failed, timed
-        out or were undeliverable with `failed_only`)."""
+        out or were undeliverable with `failed_only`); with `plan`, only resolved."""
         view = await self.get(job_id)
         nodes = [
             t.node_id
@@ -231,7 +233,7 @@ class Jobs:
         spec.node_ids.extend(nodes)
         if spec.canary > len(nodes):
             spec.canary = len(nodes)
-        return await self.run(spec, actor=actor, rerun_of=job_id)
+        return await self.run(spec, actor=actor, plan=plan, rerun_of=job_id)
 
     # --- cancelling -----------------------------------------------------------------------
 

@@ -186,5 +186,7 @@ class JobRpcs(OperatorCalls):
         self, request: fleet_pb2.FleetServiceRerunJobRequest, context: _Context
     ) -> fleet_pb2.FleetServiceRerunJobResponse:
         actor = self._operator(context)
-        view = await self._jobs.rerun(request.job_id, failed_only=request.failed_only, actor=actor)
+        view = await self._jobs.rerun(
+            request.job_id, failed_only=request.failed_only, actor=actor, plan=request.plan
+        )
         return fleet_pb2.FleetServiceRerunJobResponse(job=job_message(view))

@@ -179,6 +179,33 @@ def test_rerun_failed_is_a_new_job_linked_to_the_first(fleet: LiveFleet, tmp_pat
     assert show(fleet, first_id)["state"] == "FAILED"  # the first job is not changed
 
 
+def test_rerun_on_several_nodes_asks_first_and_plan_runs_nothing(
+    fleet: LiveFleet, tmp_path: Path
+) -> None:
+    """rerun of a job that failed on both nodes: --plan lists them and runs nothing; without a
+    terminal or --yes it is refused (exit 2) and nothing runs; --yes runs it."""
+    flag = tmp_path / "ok"
+    first = fleet.fleetctl("run", "-l", "role=web", "--yes", "--", "test", "-e", str(flag))
+    assert first.exit_code == EXIT_JOB_FAILED, first.output
+    first_id = listed(fleet)[0]["id"]
+
+    planned = fleet.fleetctl("jobs", "rerun", first_id, "--failed", "--plan")
+    assert planned.exit_code == 0, planned.output
+    assert [ln.split()[0] for ln in planned.stdout.splitlines()[-2:]] == ["n1", "n2"]
+    assert "2 target(s); nothing was run (--plan)." in planned.stderr
+    refused = fleet.fleetctl("jobs", "rerun", first_id, "--failed")
+    assert refused.exit_code == 2, refused.output
+    assert "refusing to run a job on 2 nodes without confirmation" in refused.stderr
+    assert [j["id"] for j in listed(fleet)] == [first_id]
+
+    flag.touch()
+    again = fleet.fleetctl("jobs", "rerun", first_id, "--failed", "--yes")
+    assert again.exit_code == 0, again.output
+    newest = listed(fleet)[0]
+    assert newest["rerun_of"] == first_id
+    assert newest["state"] == "SUCCESS"
+
+
 def test_job_file_with_steps_shows_each_step(fleet: LiveFleet, tmp_path: Path) -> None:
     """run -f with three steps: on_failure skipped after success; jobs show lists each step."""
     job = tmp_path / "job.toml"
