@@ -80,6 +80,9 @@ class MetricWriter:
         """Duration of the last write_batches transaction."""
         self.commits: int = 0
         """Transactions committed so far."""
+        self.lingered: int = 0
+        """Groups committed because their oldest batch had waited `linger_seconds` (the
+        rest went because they filled a commit or the writer stopped)."""
 
     @property
     def depth(self) -> int:
@@ -140,6 +143,7 @@ class MetricWriter:
         while self._queue and not self._stopping and self._queued_rows < self._max_rows:
             left = self._queue[0].queued_at + self._linger - time.monotonic()
             if left <= 0:
+                self.lingered += 1
                 return
             self._wakeup.clear()  # set again by a submit that fills the group, or by stop()
             with contextlib.suppress(TimeoutError):
