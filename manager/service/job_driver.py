@@ -42,7 +42,7 @@ from fleet.v1 import daemon_pb2, jobs_pb2
 from manager.pool import DaemonPool
 from manager.service.job_reports import reported_change
 from manager.service.job_spec import check_spec
-from manager.service.job_updates import Change, JobUpdates
+from manager.service.job_updates import Change, JobUpdates, job_end
 from manager.service.jobs import (
     TERMINAL,
     JobLimits,
@@ -479,6 +479,11 @@ class JobDriver:
             live.storing.add(node_id)
             live.in_flight.discard(node_id)
             self._wake.set()
+            last = self._last_reason(live)
+            if last is not None:
+                # The job's last end: the commit storing it ends the job too (if the
+                # database agrees every target is final), not a pass and a commit later.
+                change = dataclasses.replace(change, finish=last)
         try:
             outcome = await self._updates.submit(change)
         except FleetError as exc:
@@ -492,6 +497,8 @@ class JobDriver:
             live.in_flight.discard(node_id)
             live.storing.discard(node_id)
             self._wake.set()
+        if outcome.job is not None and outcome.job.ended_ms and self._jobs.get(job_id) is live:
+            self._jobs.pop(job_id)  # it ended in this commit (Change.finish): nothing to drive
         stored = outcome.target
         if (
             change.kind == "ended"
@@ -535,6 +542,24 @@ class JobDriver:
                 reason=f"the node's StartJob answer was invalid: {exc.message}",
             )
 
+    def _last_reason(self, live: _Live) -> str | None:
+        """The reason the job would end with if it ended now, or None if it would not:
+        a target is not final in memory or a StartJob is in flight. The ends in `storing`
+        were submitted before the caller's, so they are in its commit or an earlier one."""
+        if live.in_flight or any(t.state not in TERMINAL for t in live.targets.values()):
+            return None
+        decided = plan(
+            live.targets,
+            self._facts,
+            live.limits,
+            self._clock(),
+            in_flight=live.storing,
+            cancelled=bool(live.record.cancelled_ms),
+        )
+        if decided.changes or decided.dispatch:
+            return None
+        return live.record.reason or decided.reason
+
     async def _cancel_on_node(self, job_id: str, node_id: str) -> None:
         try:
             await self._pool.cancel_job(
@@ -571,29 +596,11 @@ class JobDriver:
             if stored is None or stored.ended_ms:
                 return True
             counts = (await tx.counts([job_id])).get(job_id, {})
-            if any(s not in {t.value for t in TERMINAL} for s in counts):
+            end = job_end(stored, counts, reason, now_ms)
+            if end is None:
                 return False  # the memory is behind the database: read it again
-            state = job_state(
-                {TargetState(s): n for s, n in counts.items()}, cancelled=bool(stored.cancelled_ms)
-            )
-            after = dataclasses.replace(
-                stored, state=state.value, reason=stored.reason or reason, ended_ms=now_ms
-            )
-            await tx.update_job(after)
-            summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-            name = f" ({stored.name})" if stored.name else ""
-            tx.event(
-                "JOB_FINISHED",
-                now_ms=now_ms,
-                actor="manager",
-                message=f"job {job_id}{name} finished: {state.value} ({summary})"
-                + (f"; {after.reason}" if after.reason else ""),
-                attributes={
-                    "job_id": job_id,
-                    "state": state.value,
-                    **{s.lower(): str(n) for s, n in counts.items()},
-                },
-            )
+            await tx.update_job(end[0])
+            tx.queued_events.append(end[1])
             return True
 
         if await self._repo.run(body):
