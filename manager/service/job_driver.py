@@ -31,6 +31,7 @@ import collections
 import contextlib
 import dataclasses
 import logging
+import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -56,7 +57,16 @@ from manager.service.jobs import (
     transition_allowed,
 )
 from manager.storage import Database, NodeReach, NodeRepository
-from manager.storage.jobs import JobRecord, JobRepository, JobTargetRecord, JobTx
+from manager.storage.events import sqlite_insert_events
+from manager.storage.jobs import (
+    JobRecord,
+    JobRepository,
+    JobTargetRecord,
+    JobTx,
+    sqlite_counts,
+    sqlite_jobs,
+    sqlite_update_job,
+)
 
 __all__ = ["JOBS_LOCK", "JobDriver", "NodesRead", "load_spec"]
 
@@ -573,15 +583,28 @@ class JobDriver:
     async def _set_state(self, live: _Live, state: JobState, reason: str) -> None:
         record = live.record
 
-        async def body(tx: JobTx) -> JobRecord | None:
-            stored = await tx.job(record.id, for_update=True)
+        def moved(stored: JobRecord | None) -> JobRecord | None:
             if stored is None or stored.ended_ms:
                 return None
-            after = dataclasses.replace(stored, state=state.value, reason=stored.reason or reason)
-            await tx.update_job(after)
+            return dataclasses.replace(stored, state=state.value, reason=stored.reason or reason)
+
+        async def body(tx: JobTx) -> JobRecord | None:
+            after = moved(await tx.job(record.id, for_update=True))
+            if after is not None:
+                await tx.update_job(after)
             return after
 
-        after = await self._repo.run(body)
+        def sqlite_body(db: sqlite3.Connection) -> JobRecord | None:
+            # One hop to aiosqlite's thread, not SQLAlchemy's: the pass waits for it.
+            after = moved(sqlite_jobs(db, [record.id]).get(record.id))
+            if after is not None:
+                sqlite_update_job(db, after)
+            return after
+
+        if self._db.dialect == "sqlite":
+            after = await self._db.run_sqlite(sqlite_body)
+        else:
+            after = await self._repo.run(body)
         if after is None:
             self._jobs.pop(record.id, None)
         else:
@@ -603,7 +626,19 @@ class JobDriver:
             tx.queued_events.append(end[1])
             return True
 
-        if await self._repo.run(body):
+        def sqlite_body(db: sqlite3.Connection) -> bool:
+            stored = sqlite_jobs(db, [job_id]).get(job_id)
+            if stored is None or stored.ended_ms:
+                return True
+            end = job_end(stored, sqlite_counts(db, job_id), reason, now_ms)
+            if end is None:
+                return False
+            sqlite_update_job(db, end[0])
+            sqlite_insert_events(db, [end[1]])
+            return True
+
+        sqlite = self._db.dialect == "sqlite"
+        if await (self._db.run_sqlite(sqlite_body) if sqlite else self._repo.run(body)):
             self._jobs.pop(job_id, None)  # ended (here or elsewhere): nothing left to drive
         else:
             await self._load_one(job_id)
