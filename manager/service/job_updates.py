@@ -382,13 +382,15 @@ class JobUpdates:
         }
 
         async def body(tx: JobTx) -> _Applied:
+            # A job to end is locked before its targets, in CancelJob's order (no deadlock).
+            locked = {job_id: await tx.job(job_id, for_update=True) for job_id in sorted(finishing)}
             current = await tx.targets_of(keys, for_update=True)
             jobs = await tx.jobs({job_id for job_id, _ in keys})
             applied = _apply(items, current, jobs, now_ms, tx.queued_events)
             await tx.add_outputs(applied.output)
             await tx.put_targets(applied.changed)
             for job_id, reason in finishing.items():
-                stored = await tx.job(job_id, for_update=True)
+                stored = locked[job_id]
                 counts = (await tx.counts([job_id])).get(job_id, {})
                 end = job_end(stored, counts, reason, now_ms) if stored is not None else None
                 if end is not None:
