@@ -31,6 +31,7 @@ import collections
 import contextlib
 import dataclasses
 import logging
+import sqlite3
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -42,7 +43,7 @@ from fleet.v1 import daemon_pb2, jobs_pb2
 from manager.pool import DaemonPool
 from manager.service.job_reports import reported_change
 from manager.service.job_spec import check_spec
-from manager.service.job_updates import Change, JobUpdates
+from manager.service.job_updates import Change, JobUpdates, job_end
 from manager.service.jobs import (
     TERMINAL,
     JobLimits,
@@ -56,7 +57,16 @@ from manager.service.jobs import (
     transition_allowed,
 )
 from manager.storage import Database, NodeReach, NodeRepository
-from manager.storage.jobs import JobRecord, JobRepository, JobTargetRecord, JobTx
+from manager.storage.events import sqlite_insert_events
+from manager.storage.jobs import (
+    JobRecord,
+    JobRepository,
+    JobTargetRecord,
+    JobTx,
+    sqlite_counts,
+    sqlite_jobs,
+    sqlite_update_job,
+)
 
 __all__ = ["JOBS_LOCK", "JobDriver", "NodesRead", "load_spec"]
 
@@ -479,6 +489,11 @@ class JobDriver:
             live.storing.add(node_id)
             live.in_flight.discard(node_id)
             self._wake.set()
+            last = self._last_reason(live)
+            if last is not None:
+                # The job's last end: the commit storing it ends the job too (if the
+                # database agrees every target is final), not a pass and a commit later.
+                change = dataclasses.replace(change, finish=last)
         try:
             outcome = await self._updates.submit(change)
         except FleetError as exc:
@@ -492,6 +507,8 @@ class JobDriver:
             live.in_flight.discard(node_id)
             live.storing.discard(node_id)
             self._wake.set()
+        if outcome.job is not None and outcome.job.ended_ms and self._jobs.get(job_id) is live:
+            self._jobs.pop(job_id)  # it ended in this commit (Change.finish): nothing to drive
         stored = outcome.target
         if (
             change.kind == "ended"
@@ -535,6 +552,24 @@ class JobDriver:
                 reason=f"the node's StartJob answer was invalid: {exc.message}",
             )
 
+    def _last_reason(self, live: _Live) -> str | None:
+        """The reason the job would end with if it ended now, or None if it would not:
+        a target is not final in memory or a StartJob is in flight. The ends in `storing`
+        were submitted before the caller's, so they are in its commit or an earlier one."""
+        if live.in_flight or any(t.state not in TERMINAL for t in live.targets.values()):
+            return None
+        decided = plan(
+            live.targets,
+            self._facts,
+            live.limits,
+            self._clock(),
+            in_flight=live.storing,
+            cancelled=bool(live.record.cancelled_ms),
+        )
+        if decided.changes or decided.dispatch:
+            return None
+        return live.record.reason or decided.reason
+
     async def _cancel_on_node(self, job_id: str, node_id: str) -> None:
         try:
             await self._pool.cancel_job(
@@ -548,15 +583,28 @@ class JobDriver:
     async def _set_state(self, live: _Live, state: JobState, reason: str) -> None:
         record = live.record
 
-        async def body(tx: JobTx) -> JobRecord | None:
-            stored = await tx.job(record.id, for_update=True)
+        def moved(stored: JobRecord | None) -> JobRecord | None:
             if stored is None or stored.ended_ms:
                 return None
-            after = dataclasses.replace(stored, state=state.value, reason=stored.reason or reason)
-            await tx.update_job(after)
+            return dataclasses.replace(stored, state=state.value, reason=stored.reason or reason)
+
+        async def body(tx: JobTx) -> JobRecord | None:
+            after = moved(await tx.job(record.id, for_update=True))
+            if after is not None:
+                await tx.update_job(after)
             return after
 
-        after = await self._repo.run(body)
+        def sqlite_body(db: sqlite3.Connection) -> JobRecord | None:
+            # One hop to aiosqlite's thread, not SQLAlchemy's: the pass waits for it.
+            after = moved(sqlite_jobs(db, [record.id]).get(record.id))
+            if after is not None:
+                sqlite_update_job(db, after)
+            return after
+
+        if self._db.dialect == "sqlite":
+            after = await self._db.run_sqlite(sqlite_body)
+        else:
+            after = await self._repo.run(body)
         if after is None:
             self._jobs.pop(record.id, None)
         else:
@@ -571,32 +619,26 @@ class JobDriver:
             if stored is None or stored.ended_ms:
                 return True
             counts = (await tx.counts([job_id])).get(job_id, {})
-            if any(s not in {t.value for t in TERMINAL} for s in counts):
+            end = job_end(stored, counts, reason, now_ms)
+            if end is None:
                 return False  # the memory is behind the database: read it again
-            state = job_state(
-                {TargetState(s): n for s, n in counts.items()}, cancelled=bool(stored.cancelled_ms)
-            )
-            after = dataclasses.replace(
-                stored, state=state.value, reason=stored.reason or reason, ended_ms=now_ms
-            )
-            await tx.update_job(after)
-            summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
-            name = f" ({stored.name})" if stored.name else ""
-            tx.event(
-                "JOB_FINISHED",
-                now_ms=now_ms,
-                actor="manager",
-                message=f"job {job_id}{name} finished: {state.value} ({summary})"
-                + (f"; {after.reason}" if after.reason else ""),
-                attributes={
-                    "job_id": job_id,
-                    "state": state.value,
-                    **{s.lower(): str(n) for s, n in counts.items()},
-                },
-            )
+            await tx.update_job(end[0])
+            tx.queued_events.append(end[1])
             return True
 
-        if await self._repo.run(body):
+        def sqlite_body(db: sqlite3.Connection) -> bool:
+            stored = sqlite_jobs(db, [job_id]).get(job_id)
+            if stored is None or stored.ended_ms:
+                return True
+            end = job_end(stored, sqlite_counts(db, job_id), reason, now_ms)
+            if end is None:
+                return False
+            sqlite_update_job(db, end[0])
+            sqlite_insert_events(db, [end[1]])
+            return True
+
+        sqlite = self._db.dialect == "sqlite"
+        if await (self._db.run_sqlite(sqlite_body) if sqlite else self._repo.run(body)):
             self._jobs.pop(job_id, None)  # ended (here or elsewhere): nothing left to drive
         else:
             await self._load_one(job_id)

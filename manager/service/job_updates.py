@@ -39,7 +39,7 @@ import dataclasses
 import json
 import logging
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -49,6 +49,7 @@ from manager.service.jobs import (
     OutputAccepted,
     TargetState,
     accept_output,
+    job_state,
     transition_allowed,
 )
 from manager.storage.events import event_row, sqlite_insert_events
@@ -59,9 +60,11 @@ from manager.storage.jobs import (
     JobTx,
     OutputRow,
     sqlite_add_outputs,
+    sqlite_counts,
     sqlite_jobs,
     sqlite_put_targets,
     sqlite_targets_of,
+    sqlite_update_job,
 )
 
 __all__ = [
@@ -71,6 +74,7 @@ __all__ = [
     "Outcome",
     "Upload",
     "finished_message",
+    "job_end",
     "merge",
 ]
 
@@ -112,6 +116,11 @@ class Change:
     end, so a finished target has its output)."""
     bound: int = 0
     """ended: bytes of output the manager keeps at most."""
+    finish: str | None = None
+    """Not None: the driver expects this to be the job's last target to end; if every
+    target of the job is final once the batch is applied, the job ends in the same
+    commit, with this reason if it has none (`job_end`). Else nothing more happens and
+    the driver's pass ends it later."""
 
 
 @dataclass(frozen=True)
@@ -204,6 +213,39 @@ def finished_message(job_id: str, target: JobTargetRecord) -> str:
     detail = f" (exit {target.exit_code})" if target.state in ("SUCCESS", "FAILED") else ""
     why = f": {target.reason}" if target.reason and target.state != "SUCCESS" else ""
     return f"job {job_id} on {target.node_id}: {target.state}{detail}{why}"[:2000]
+
+
+_FINAL = frozenset(s.value for s in TERMINAL)
+
+
+def job_end(
+    stored: JobRecord, counts: Mapping[str, int], reason: str, now_ms: int
+) -> tuple[JobRecord, dict[str, Any]] | None:
+    """The job as it ends now with its targets counted per state, and its `JOB_FINISHED`
+    event row; None if it ended already or a target is not final (pure)."""
+    if stored.ended_ms or any(s not in _FINAL for s in counts):
+        return None
+    state = job_state(
+        {_STATES[s]: n for s, n in counts.items()}, cancelled=bool(stored.cancelled_ms)
+    )
+    after = dataclasses.replace(
+        stored, state=state.value, reason=stored.reason or reason, ended_ms=now_ms
+    )
+    summary = ", ".join(f"{n} {s}" for s, n in sorted(counts.items()))
+    name = f" ({stored.name})" if stored.name else ""
+    event = event_row(
+        "JOB_FINISHED",
+        now_ms=now_ms,
+        actor="manager",
+        message=f"job {stored.id}{name} finished: {state.value} ({summary})"
+        + (f"; {after.reason}" if after.reason else ""),
+        attributes={
+            "job_id": stored.id,
+            "state": state.value,
+            **{s.lower(): str(n) for s, n in counts.items()},
+        },
+    )
+    return after, event
 
 
 _Result = Outcome | OutputAccepted
@@ -334,13 +376,27 @@ class JobUpdates:
         now_ms = int(self._clock() * 1000)
         items = [p.item for p in group]
         keys = {(c.job_id, c.node_id) for c in items}
+        # Jobs whose last target the driver expects in this batch (Change.finish).
+        finishing = {
+            c.job_id: c.finish for c in items if isinstance(c, Change) and c.finish is not None
+        }
 
         async def body(tx: JobTx) -> _Applied:
+            # A job to end is locked before its targets, in CancelJob's order (no deadlock).
+            locked = {job_id: await tx.job(job_id, for_update=True) for job_id in sorted(finishing)}
             current = await tx.targets_of(keys, for_update=True)
             jobs = await tx.jobs({job_id for job_id, _ in keys})
             applied = _apply(items, current, jobs, now_ms, tx.queued_events)
             await tx.add_outputs(applied.output)
             await tx.put_targets(applied.changed)
+            for job_id, reason in finishing.items():
+                stored = locked[job_id]
+                counts = (await tx.counts([job_id])).get(job_id, {})
+                end = job_end(stored, counts, reason, now_ms) if stored is not None else None
+                if end is not None:
+                    await tx.update_job(end[0])
+                    tx.queued_events.append(end[1])
+                    applied.ended[job_id] = end[0]
             return applied
 
         def sqlite_body(db: sqlite3.Connection) -> _Applied:
@@ -352,6 +408,14 @@ class JobUpdates:
             applied = _apply(items, current, jobs, now_ms, events)
             sqlite_add_outputs(db, applied.output)
             sqlite_put_targets(db, applied.changed)
+            for job_id, reason in finishing.items():
+                stored = jobs.get(job_id)  # read under this transaction's write lock
+                counts = sqlite_counts(db, job_id)
+                end = job_end(stored, counts, reason, now_ms) if stored is not None else None
+                if end is not None:
+                    sqlite_update_job(db, end[0])
+                    events.append(end[1])
+                    applied.ended[job_id] = end[0]
             sqlite_insert_events(db, events)
             return applied
 
@@ -385,6 +449,10 @@ class JobUpdates:
         for p, result in zip(group, results, strict=True):
             if p.done.done():
                 continue
+            if isinstance(result, Outcome) and result.job is not None:
+                ended = applied.ended.get(result.job.id)
+                if ended is not None:  # the job ended in this commit
+                    result = dataclasses.replace(result, job=ended)
             if isinstance(result, FleetError):
                 p.done.set_exception(result)
             else:
@@ -403,6 +471,8 @@ class _Applied:
     """Those of them whose state or delivery changed (for the listeners)."""
     output: list[OutputRow]
     """The chunks to insert."""
+    ended: dict[str, JobRecord] = field(default_factory=dict)
+    """Jobs ended in the same commit (`Change.finish`), as stored."""
 
 
 def _apply(

@@ -358,6 +358,34 @@ def sqlite_add_job(
     sqlite_insert_events(db, events)
 
 
+_COUNTS_SQLITE = str(
+    select(job_targets.c.state, func.count())
+    .where(job_targets.c.job_id == bindparam("b_0"))
+    .group_by(job_targets.c.state)
+    .compile(dialect=_SQLITE)
+)
+_UPDATE_JOB_SQLITE = (
+    f"UPDATE {jobs.name} SET state = ?, reason = ?, ended_ms = ?, cancelled_ms = ?"  # noqa: S608
+    " WHERE id = ?"
+)
+
+
+def sqlite_counts(db: sqlite3.Connection, job_id: str) -> dict[str, int]:
+    """`JobTx.counts` of one job on aiosqlite's thread: its targets per state."""
+    cur = db.execute(_COUNTS_SQLITE, (job_id,))
+    try:
+        return {state: int(n) for state, n in cur}
+    finally:
+        cur.close()
+
+
+def sqlite_update_job(db: sqlite3.Connection, job: JobRecord) -> None:
+    """`JobTx.update_job` on aiosqlite's thread."""
+    db.execute(
+        _UPDATE_JOB_SQLITE, (job.state, job.reason, job.ended_ms, job.cancelled_ms, job.id)
+    ).close()
+
+
 _INSERT_OUTPUT_SQLITE = (
     f"INSERT INTO {job_output.name} (job_id, node_id, pos, data) "  # noqa: S608 (constants only)
     "VALUES (?, ?, ?, ?)"

@@ -324,3 +324,59 @@ async def test_a_read_older_than_a_commit_sends_nothing_again(pki: Any, tmp_path
             assert starts == dict.fromkeys(starts, 1), "no target was sent twice"
         finally:
             await sims.close()
+
+
+class TickingClock:
+    """The wall clock, 2 ms further on at every reading: two readings never share a
+    millisecond, so equal stored times were taken by the same reading (one commit)."""
+
+    def __init__(self) -> None:
+        self.readings = 0
+
+    def __call__(self) -> float:
+        self.readings += 1
+        return time.time() + self.readings * 0.002
+
+
+async def test_a_job_ends_in_the_commit_of_its_last_end(
+    pki: Any, tmp_path: Path, database_url: str
+) -> None:
+    """The last target's end carried by its StartJob answer and the job's end are stored in
+    one commit (one clock reading: the job's ended_at is that target's updated time), with
+    one JOB_FINISHED event, on both databases."""
+    config = manager_config(pki, database_url, tmp_path / "state")
+    async with (
+        running_manager(config, clock=TickingClock()) as manager,
+        operator_stub(pki, manager.port) as stub,
+    ):
+        sims = await SimFleet.start(pki.ca, tmp_path / "sims", count=3, answer_wait=2.0)
+        try:
+            await sims.register_all(f"127.0.0.1:{manager.port}")
+            spec = jobs_pb2.JobSpec(
+                steps=[jobs_pb2.JobStep(command=jobs_pb2.JobCommand(argv=["true"]))],
+                node_ids=[n.node_id for n in sims.nodes],
+            )
+            reply = await stub.RunJob(fleet_pb2.FleetServiceRunJobRequest(spec=spec))
+            job_id = reply.job.id
+            async with asyncio.timeout(20):
+                request = fleet_pb2.FleetServiceWatchJobRequest(job_id=job_id)
+                async for msg in stub.WatchJob(request):
+                    if msg.job.ended_at:
+                        break
+
+            async def read(tx: JobTx) -> tuple[JobRecord | None, dict[str, JobTargetRecord]]:
+                return await tx.job(job_id), await tx.targets(job_id)
+
+            record, targets = await JobRepository(manager.db).run(read, write=False)
+            assert record is not None
+            assert record.state == "SUCCESS"
+            assert {t.state for t in targets.values()} == {"SUCCESS"}
+            assert record.ended_ms == max(t.updated_ms for t in targets.values())
+            events = fleet_pb2.FleetServiceWatchEventsRequest(
+                kinds=[fleet_pb2.EVENT_KIND_JOB_FINISHED]
+            )
+            finished = [m async for m in stub.WatchEvents(events) if job_id in m.event.message]
+            assert len(finished) == 1
+            assert "finished: SUCCESS (3 SUCCESS)" in finished[0].event.message
+        finally:
+            await sims.close()
