@@ -10,8 +10,8 @@ from sqlalchemy import func, select
 
 from fleet.errors import ResourceExhausted, Unavailable
 from manager.storage import Database, MetricBatch, MetricSample, MetricStore, MetricWriter
-from manager.storage.writer import MAX_LINGER_SECONDS
 from manager.storage.schema import metric_samples
+from manager.storage.writer import MAX_LINGER_SECONDS
 
 
 def _batch(seq: int, n: int = 1, node: str = "n1") -> MetricBatch:
