@@ -38,7 +38,14 @@ from fleetctl.joboutput import (
 from fleetctl.runtime import EXIT_INTERRUPTED, Cli, Stub, stdin_is_interactive
 from fleetctl.views import job_view
 
-__all__ = ["OUTPUT_GRACE_SECONDS", "JobTracker", "OutputPrinter", "follow", "leave_hint"]
+__all__ = [
+    "OUTPUT_GRACE_SECONDS",
+    "JobTracker",
+    "OutputPrinter",
+    "follow",
+    "leave_hint",
+    "pending_note",
+]
 
 OUTPUT_GRACE_SECONDS = 10.0
 """How long the output may lag behind the end of the job."""
@@ -252,6 +259,31 @@ async def _ask(cli: Cli, progress: _Progress) -> str:
             return "l"
 
 
+async def pending_note(
+    stub: Stub, job: jobs_pb2.Job, pending: list[str], *, deadline: float
+) -> str:
+    """`offline_note` for these PENDING targets of `job`, from one ListNodes ("" if no
+    node of theirs is offline); `deadline`: the call's, in seconds."""
+    reply = await stub.ListNodes(
+        fleet_pb2.FleetServiceListNodesRequest(selector=job.spec.selector), timeout=deadline
+    )
+    offline = {
+        n.node_id: n.last_heartbeat
+        for n in reply.nodes
+        if n.status == common_pb2.NODE_STATUS_OFFLINE
+    }
+    return offline_note(
+        pending,
+        offline,
+        created_ms=job.created_at,
+        delivery_timeout=(
+            job.spec.delivery_timeout_seconds
+            if job.spec.HasField("delivery_timeout_seconds")
+            else None
+        ),
+    )
+
+
 async def follow(
     cli: Cli, stub: Stub, job: jobs_pb2.Job, *, group: bool, show_output: bool = True
 ) -> tuple[int | None, dict[str, Any]]:
@@ -283,24 +315,7 @@ async def follow(
         pending = tracker.pending()
         if not pending or tracker.state in TERMINAL_JOB:
             return
-        reply = await stub.ListNodes(
-            fleet_pb2.FleetServiceListNodesRequest(selector=job.spec.selector),
-            timeout=cli.config().timeout,
-        )
-        note = offline_note(
-            pending,
-            {
-                n.node_id: n.last_heartbeat
-                for n in reply.nodes
-                if n.status == common_pb2.NODE_STATUS_OFFLINE
-            },
-            created_ms=job.created_at,
-            delivery_timeout=(
-                job.spec.delivery_timeout_seconds
-                if job.spec.HasField("delivery_timeout_seconds")
-                else None
-            ),
-        )
+        note = await pending_note(stub, job, pending, deadline=cli.config().timeout)
         if note:
             with progress.paused():
                 cli.note(f"fleetctl: {note}")

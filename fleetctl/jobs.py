@@ -30,7 +30,7 @@ import typer
 from fleet.v1 import fleet_pb2, jobs_pb2
 from fleetctl.client import Connection
 from fleetctl.jobfile import JobFlags, JobSpecError, build_spec, load_job
-from fleetctl.jobfollow import OutputPrinter, follow
+from fleetctl.jobfollow import OutputPrinter, follow, pending_note
 from fleetctl.joboutput import (
     STATE_STYLE,
     TERMINAL_JOB,
@@ -467,7 +467,8 @@ def show(ctx: typer.Context, job_id: JobArg) -> None:
     cli = Cli.of(ctx)
 
     async def body(stub: Stub, conn: Connection) -> int:
-        view = job_view(await _get(stub, conn, job_id))
+        job = await _get(stub, conn, job_id)
+        view = job_view(job)
         if cli.fmt.structured:
             _print_structured(cli, view)
             return exit_code(view)
@@ -477,6 +478,12 @@ def show(ctx: typer.Context, job_id: JobArg) -> None:
             )
         cli.out.print("", markup=False)
         print_targets(cli, view, steps=len(view["spec"]["steps"]) > 1)
+        pending = [t.node_id for t in job.targets if t.state == jobs_pb2.JOB_TARGET_STATE_PENDING]
+        if pending and not job.ended_at:
+            # A PENDING target says nothing of why; the usual why is an offline node.
+            note = await pending_note(stub, job, pending, deadline=conn.timeout)
+            if note:
+                cli.note(f"fleetctl: {note}")
         return exit_code(view)
 
     cli.call(body)

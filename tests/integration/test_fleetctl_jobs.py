@@ -283,6 +283,33 @@ def test_run_says_which_targets_wait_for_an_offline_node(fleet: LiveFleet) -> No
     assert job["counts"] == {"SUCCESS": 2, "UNDELIVERABLE": 1}
 
 
+def test_jobs_show_says_which_targets_wait_for_an_offline_node(fleet: LiveFleet) -> None:
+    """A detached job whose n3 is offline: once n1 and n2 are done, jobs show lists n3
+    PENDING and says on stderr that it waits for its node, and until when."""
+    fleet.register("n3", labels={"role": "web"}, daemon_address="127.0.0.1:1")
+    now_ms = int(time.time() * 1000)
+    fleet.run(fleet.manager.nodes.mark_offline(cutoff_ms=now_ms + 1, now_ms=now_ms, only=["n3"]))
+    started = fleet.fleetctl(
+        "run", "-l", "role=web", "--yes", "--detach", "--delivery-timeout", "10m", "--", "true"
+    )
+    assert started.exit_code == 0, started.output
+    job_id = started.stdout.strip()
+    deadline = time.monotonic() + 30
+    while show(fleet, job_id)["counts"] != {"SUCCESS": 2, "PENDING": 1}:
+        assert time.monotonic() < deadline, show(fleet, job_id)
+        time.sleep(0.2)
+    shown = fleet.fleetctl("jobs", "show", job_id)
+    assert shown.exit_code == 0, shown.output
+    assert re.search(r"^n3 +PENDING", shown.stdout, re.M), shown.stdout
+    assert shown.stderr.startswith(
+        "fleetctl: 1 target(s) wait for their node to come back online: n3 (offline since "
+    ), shown.stderr
+    assert "(the delivery timeout, 10m) ends UNDELIVERABLE" in shown.stderr
+    assert fleet.fleetctl("jobs", "cancel", job_id).exit_code == 0
+    ended = fleet.fleetctl("jobs", "show", job_id)
+    assert "wait for their node" not in ended.stderr  # an ended job waits for nothing
+
+
 def test_manager_rejects_what_only_it_can_check(fleet: LiveFleet) -> None:
     """A timeout beyond the manager's range is INVALID_ARGUMENT: exit 2, one line, no job."""
     result = fleet.fleetctl("run", "-n", "n1", "--timeout", "3650d", "--", "true")
