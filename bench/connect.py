@@ -280,6 +280,12 @@ def _cpu(pid: int) -> float:
     return float(t.user + t.system)
 
 
+def _machine_busy() -> float:
+    """Core-seconds every process on the machine has used since boot (not idle)."""
+    t = psutil.cpu_times()
+    return float(t.user + t.nice + t.system + t.irq + t.softirq + t.steal)
+
+
 def _thread_cpu(pid: int, tid: int) -> float:
     for t in psutil.Process(pid).threads():
         if t.id == tid:
@@ -440,6 +446,10 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
             manager.send_signal(signal.SIGKILL)
             manager.wait()
             t_kill = time.time()
+            # The load generators' and the whole machine's CPU from the kill on: what the
+            # manager shares the cores with during the reconnect.
+            gens_cpu0 = sum(_cpu(p.pid) for p in gens.procs)
+            busy0 = _machine_busy()
             if args.profile:  # the restarted manager, from its start to all welcomed
                 restart_profile = args.profile.with_suffix(".reconnect.prof")
                 argv[3] = str(restart_profile.resolve())
@@ -476,6 +486,11 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 for line in gens.lines:
                     per_second.update(line.get("per_second", {}))
                 out["reconnect_peak_welcomes_per_s"] = max(per_second.values(), default=0)
+                # The curve: nodes welcomed again in each 10 s after the kill.
+                curve: collections.Counter[int] = collections.Counter()
+                for second, n in per_second.items():
+                    curve[int(second) // 10 * 10] += n
+                out["reconnect_welcomes_per_10s"] = dict(sorted(curve.items()))
                 out["max_hellos_per_second"] = (
                     args.max_hellos_per_second or ControlConfig().max_hellos_per_second
                 )
@@ -486,6 +501,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 # Its event loop's thread (Python) apart from the rest (gRPC core's
                 # threads: TLS handshakes, HTTP/2; aiosqlite's thread).
                 out["reconnect_manager_loop_cpu_s"] = _thread_cpu(manager.pid, manager.pid)
+                out["reconnect_loadgen_cpu_s"] = sum(_cpu(p.pid) for p in gens.procs) - gens_cpu0
+                out["reconnect_machine_busy_s"] = _machine_busy() - busy0
                 if args.profile:
                     manager.send_signal(signal.SIGUSR2)
                     time.sleep(5)
