@@ -542,6 +542,12 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
                 out["reconnect_manager_loop_cpu_s"] = _thread_cpu(manager.pid, manager.pid)
                 out["reconnect_loadgen_cpu_s"] = sum(_cpu(p.pid) for p in gens.procs) - gens_cpu0
                 out["reconnect_machine_busy_s"] = _machine_busy() - busy0
+                # Nodes marked offline since the kill (the failover grace should cover it).
+                with sqlite3.connect(f"file:{state / 'manager.db'}?mode=ro", uri=True) as db:
+                    out["reconnect_offline"] = db.execute(
+                        "SELECT COUNT(*) FROM events WHERE kind = 'NODE_OFFLINE' AND ts_ms >= ?",
+                        (int(t_kill * 1000),),
+                    ).fetchone()[0]
                 if args.profile:
                     manager.send_signal(signal.SIGUSR2)
                     time.sleep(5)
