@@ -361,6 +361,7 @@ class ConnectNode:
         keepalive: tuple[float, float] = (10.0, 5.0),
         reconnect: Backoff | None = None,
         rpc_timeout: float = 10.0,
+        welcome_timeout: float = 30.0,
         connect_timeout: float = 20.0,
         rng: random.Random | None = None,
         labels: dict[str, str] | None = None,
@@ -377,10 +378,11 @@ class ConnectNode:
         self.keepalive = keepalive
         # A daemon's defaults (daemon/config.py): full-jitter backoff from 0.5 s to 30 s,
         # started over after a connection that carried a call past its hello; every
-        # call, the hello's included, with a 10 s deadline that starts once a new
-        # connection is up (TCP + TLS, itself given up to 20 s).
+        # call with a 10 s deadline, the hello 30 s for its welcome (welcome_timeout_seconds),
+        # which start once a new connection is up (TCP + TLS, itself given up to 20 s).
         self.reconnect = reconnect or Backoff(initial=0.5, maximum=30.0)
         self.rpc_timeout = rpc_timeout
+        self.welcome_timeout = welcome_timeout
         self.connect_timeout = connect_timeout
         self.rng = rng or random.Random()
         self.labels = labels or {"sim": "connect"}
@@ -514,7 +516,7 @@ class ConnectNode:
         self._opened = time.monotonic()
         stream = ControlStream(self._channel, on_command=self._command)
         self.stream = stream
-        await stream.request(manager_pb2.ConnectRequest(hello=self.hello()), self.rpc_timeout)
+        await stream.request(manager_pb2.ConnectRequest(hello=self.hello()), self.welcome_timeout)
         self.record.welcomes.append(time.time())
         self._welcomed = True
         await stream.request(

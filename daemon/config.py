@@ -68,7 +68,12 @@ class ManagerLinkConfig:
     """Deadline of each call to the manager, in seconds."""
     connect_timeout_seconds: float = 20.0
     """Seconds a new connection (TCP + TLS handshake) may take before its hello; the
-    hello's own deadline (rpc_timeout_seconds) starts once the connection is up."""
+    hello's own deadline (welcome_timeout_seconds) starts once the connection is up."""
+    welcome_timeout_seconds: float = 30.0
+    """Seconds a control stream's hello waits for its welcome on a connection that is up.
+    Longer than rpc_timeout_seconds: after a manager restart hellos queue, the manager
+    answers in turn (or refuses with when to come back), and a hello given up is sent
+    again at the back of the queue; a dead link is still found by keepalive."""
     reconnect: Backoff = field(default_factory=lambda: Backoff(initial=0.5, maximum=30.0))
     """Backoff (full jitter) between failed attempts to reach any manager."""
     keepalive_time_seconds: float = 10.0
@@ -94,6 +99,7 @@ class ManagerLinkConfig:
             "sync_coalesce_seconds",
             "rpc_timeout_seconds",
             "connect_timeout_seconds",
+            "welcome_timeout_seconds",
             "keepalive_time_seconds",
             "keepalive_timeout_seconds",
             "stream_retry_seconds",

@@ -126,11 +126,13 @@ class ControlStream:
         hello: manager_pb2.RegisterNodeRequest,
         *,
         rpc_timeout: float,
+        welcome_timeout: float | None = None,
         commands: Callable[[ControlStream], CommandRunner] | None = None,
         queue_size: int = SEND_QUEUE,
     ) -> tuple[ControlStream, manager_pb2.RegisterNodeResponse]:
         """Open Connect, say hello, return the stream and the welcome.
 
+        The hello waits `welcome_timeout` (default `rpc_timeout`) for its welcome.
         StreamUnimplemented if the manager does not serve Connect; the
         welcome's error as grpc.RpcError (as RegisterNode would raise it).
         """
@@ -142,7 +144,7 @@ class ControlStream:
             queue_size=queue_size,
         )
         try:
-            welcome = await stream.request("hello", hello)
+            welcome = await stream.request("hello", hello, welcome_timeout)
         except grpc.RpcError as exc:
             await stream.close()
             if exc.code() == grpc.StatusCode.UNIMPLEMENTED:

@@ -32,7 +32,10 @@ after the backoff is a new stream on it, at the same address, not a new
 handshake (`keep_for_retry`). Every other failure closes the channel. A new
 connection gets `connect_timeout_seconds` for TCP and TLS before the hello, whose
 deadline starts only then (`_connection`), so a handshake slowed by a
-reconnecting fleet is not abandoned half done for another.
+reconnecting fleet is not abandoned half done for another. The hello then waits
+`welcome_timeout_seconds` (30 s, not a call's 10 s) for its welcome: after a
+restart the manager takes hellos in turn, and one given up at 10 s was sent again
+at the back of the queue while the manager might still register the first.
 
 gRPC keepalive (see ManagerLinkConfig): a ping every `keepalive_time` (10 s)
 even without calls, the link declared dead after `keepalive_timeout` (5 s)
@@ -646,6 +649,9 @@ class ManagerLink:
                 stub,
                 self._hello(),
                 rpc_timeout=self.cfg.rpc_timeout_seconds,
+                # Longer than a call's: a hello given up is sent again at the back of
+                # the restarted manager's queue, and the one given up was work for nobody.
+                welcome_timeout=self.cfg.welcome_timeout_seconds,
                 commands=self._runner if self.commands is not None else None,
             )
         except StreamUnimplemented as exc:

@@ -82,7 +82,7 @@ class ControlConfig:
     max_hello_wait_seconds: float = 5.0
     """A hello that would wait longer than this for its slot is refused
     RESOURCE_EXHAUSTED (the daemon backs off and comes back); below the daemons'
-    own deadline for the welcome (`manager.rpc_timeout_seconds`, 10 s)."""
+    own wait for the welcome (`manager.welcome_timeout_seconds`, 30 s)."""
     max_pending_answers: int = 64
     """Upward messages of one stream being handled at once; at this many the
     manager stops reading that stream (backpressure on the daemon)."""

@@ -4,7 +4,7 @@ a time to come back for each refused one.
 After a manager restart the whole fleet reconnects at once. Each hello is a
 registration, a snapshot and the batches a daemon kept: admitted without
 bounds they take the loop from the streams already open, and hellos the
-manager cannot finish within the daemon's wait for the welcome (10 s) are
+manager cannot finish within the daemon's wait for the welcome (30 s) are
 work for nobody (the daemon gives up and comes back). `HelloPacer` decides,
 as a pure function of the time it is given:
 

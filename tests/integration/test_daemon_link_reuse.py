@@ -1,5 +1,6 @@
 """A hello refused by the manager's ceiling is retried on the same connection;
-a slow TLS handshake is waited for, not abandoned.
+a slow TLS handshake is waited for, not abandoned; a hello the manager makes wait
+longer than a call's deadline is waited for, not sent again.
 
 Real manager (its `[control] max_hellos_per_second` tiny, no wait), real
 ManagerLinks with mTLS, and an in-test TCP proxy between them that counts the
@@ -94,6 +95,7 @@ async def _links(
     *,
     nodes: int = NODES,
     rpc_timeout: float = 5.0,
+    welcome_timeout: float = 30.0,
     connect_timeout: float = 20.0,
 ) -> AsyncIterator[list[ManagerLink]]:
     links: list[ManagerLink] = []
@@ -110,6 +112,7 @@ async def _links(
                 ManagerLinkConfig(
                     addresses=(f"127.0.0.1:{port}",),
                     rpc_timeout_seconds=rpc_timeout,
+                    welcome_timeout_seconds=welcome_timeout,
                     connect_timeout_seconds=connect_timeout,
                     reconnect=Backoff(initial=0.2, maximum=0.6),
                 ),
@@ -164,6 +167,44 @@ async def test_a_refused_hello_is_retried_on_the_same_connection(
                 assert sum(link.reconnects for link in links) >= refused
                 # Once, or twice if back a hair before its slot (the hint is in ms).
                 assert max(link.reconnects for link in links) <= 2
+                assert all(link.mode == "stream" for link in links)
+                assert proxy.accepted == NODES
+        finally:
+            await proxy.stop()
+
+
+async def test_a_hello_kept_waiting_past_the_call_deadline_is_welcomed_once(
+    pki: Any, database_url: str, tmp_path: Path
+) -> None:
+    """Four daemons at once against a ceiling of 1 hello a second that lets a hello wait
+    up to 5 s for its slot: past the first, each hello waits about 1, 2, 3 s, longer than
+    the links' 0.5 s call deadline but within their welcome timeout, so every daemon is
+    welcomed on its first hello (no retry, none refused, one connection each). With the
+    hello held to the call deadline the later ones were given up and sent again."""
+    config = manager_config(
+        pki,
+        database_url,
+        tmp_path / "state",
+        control={"max_hellos_per_second": 1.0, "max_hello_wait_seconds": 5.0},
+    )
+    async with running_manager(config) as server:
+        proxy = CountingProxy(server.port)
+        port = await proxy.start()
+        try:
+            all_connected = asyncio.Event()
+            async with _links(
+                pki, port, tmp_path, all_connected, rpc_timeout=0.5, welcome_timeout=20.0
+            ) as links:
+                for link in links:
+                    await link.start()
+                async with asyncio.timeout(30):
+                    await all_connected.wait()
+                refused = server.metrics.registry.get_sample_value(
+                    "fleet_manager_control_refused_total",
+                    {"kind": "hello", "code": "RESOURCE_EXHAUSTED"},
+                )
+                assert not refused
+                assert [link.reconnects for link in links] == [0] * NODES
                 assert all(link.mode == "stream" for link in links)
                 assert proxy.accepted == NODES
         finally:
