@@ -378,6 +378,9 @@ class ManagerServer:
                 "another replica dials its daemon instead of going through that replica"
             )
         m.control_streams.set_function(lambda: len(self.control_streams))
+        # As the sweeper's: nobody offline within the failover grace of this start, while
+        # the fleet's daemons reconnect through the herd (streams broken meanwhile too).
+        self._stream_quiet_until = self._clock() + liv.failover_grace_seconds
         self.stream_liveness = StreamLiveness(
             self.control_streams,
             self.heartbeats,
@@ -385,6 +388,7 @@ class ManagerServer:
             grace=cfg.control.offline_grace_seconds,
             refresh=stream_refresh_interval(cfg.control.liveness_refresh_seconds, policy),
             clock=self._clock,
+            quiet_until=self._stream_quiet_until,
             on_offline=self._nodes_went_offline,
         )
         self.stream_liveness.start()
@@ -564,6 +568,7 @@ class ManagerServer:
             clock=self._clock,
             streams=self.control_streams,
             stream_grace=cfg.control.offline_grace_seconds,
+            stream_quiet_until=self._stream_quiet_until,
             stream_route=self.directory.route if self.directory is not None else None,
         )
         ctl = cfg.control

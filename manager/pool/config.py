@@ -69,7 +69,8 @@ class ControlConfig:
     """Daemons may ping at most this often (their keepalive time must be >= this);
     a daemon pinging faster is sent GOAWAY by gRPC."""
     offline_grace_seconds: float = 30.0
-    """After a node's stream breaks, it stays online this long for it to reconnect."""
+    """After a node's stream breaks, it stays online this long for it to reconnect (and
+    within the liveness failover grace of the manager's start, until that ends)."""
     liveness_refresh_seconds: float = 5.0
     """Connected nodes' last-seen is written this often (for the sweeper and other
     replicas); must be well below the liveness offline window."""

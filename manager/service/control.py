@@ -7,9 +7,10 @@ heartbeats in the same statement), so the sweeper of whichever replica
 leads never sees them silent. gRPC's keepalive pings, answered in gRPC
 core, are what keep a quiet stream open: no Python runs per ping.
 
-Once a broken stream's grace has passed without a reconnect, the node is
-marked offline at once, only if nobody has seen it since we last did
-(another replica may hold its new stream, or it heartbeats by unary RPC).
+Once a broken stream's grace has passed without a reconnect (and this
+manager's failover grace after its start), the node is marked offline at
+once, only if nobody has seen it since we last did (another replica may
+hold its new stream, or it heartbeats by unary RPC).
 """
 
 from __future__ import annotations
@@ -42,12 +43,15 @@ class StreamLiveness:
         grace: float,
         refresh: float,
         clock: Callable[[], float],
+        quiet_until: float = 0.0,
         on_offline: Callable[[int], None] = lambda _: None,
     ) -> None:
+        """`quiet_until`: nobody goes offline before it (the failover grace's end)."""
         self._streams = streams
         self._heartbeats = heartbeats
         self._nodes = nodes
         self._grace = grace
+        self._quiet_until = quiet_until
         self._refresh = refresh
         self._clock = clock
         self._on_offline = on_offline
@@ -69,7 +73,11 @@ class StreamLiveness:
         due: dict[int, list[str]] = {}
         for node_id, broken_at in list(self._streams.broken_at.items()):
             verdict = stream_verdict(
-                connected=False, broken_at=broken_at, now=now, grace=self._grace
+                connected=False,
+                broken_at=broken_at,
+                now=now,
+                grace=self._grace,
+                quiet_until=self._quiet_until,
             )
             if verdict is StreamVerdict.GRACE:
                 record(node_id, now_ms)

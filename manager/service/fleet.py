@@ -26,6 +26,7 @@ from manager.pool import ConnectionState, DaemonPool
 from manager.pool.routing import Route
 from manager.pool.stream import ControlStreams
 from manager.service.desired import drift
+from manager.service.liveness import stream_offline_at
 from manager.service.metrics import MetricsService, MetricType, metric_types, missing_metric
 from manager.service.operations import OperationRecorder, Operations, record_from_info
 from manager.storage import AgentStateRecord, AgentStateRepository, NodeRecord, NodeRepository
@@ -86,6 +87,7 @@ def stream_view(
     grace: float,
     route: Route | None,
     asked_directory: bool,
+    quiet_until: float = 0.0,
 ) -> StreamView:
     """What to say of a node's stream from this replica's sessions and, when asked, the
     stream directory's route. Why this matters to an operator: during a lost stream's
@@ -95,7 +97,8 @@ def stream_view(
     if route is not None:  # it reconnected to another replica: its stream here is history
         return StreamView(StreamState.ELSEWHERE, replica=route.replica_id)
     if broken_at is not None:
-        return StreamView(StreamState.LOST, since=broken_at, offline_at=broken_at + grace)
+        offline_at = stream_offline_at(broken_at, grace, quiet_until)
+        return StreamView(StreamState.LOST, since=broken_at, offline_at=offline_at)
     return StreamView(StreamState.NONE if asked_directory else StreamState.UNKNOWN)
 
 
@@ -174,12 +177,15 @@ class FleetQueries:
         revoked: Callable[[], Awaitable[Mapping[str, int]]] | None = None,
         streams: ControlStreams | None = None,
         stream_grace: float = 0.0,
+        stream_quiet_until: float = 0.0,
         stream_route: Callable[[str], Awaitable[Route | None]] | None = None,
     ) -> None:
-        """`streams`: this replica's control streams, `stream_grace` their offline grace;
+        """`streams`: this replica's control streams, `stream_grace` their offline grace
+        (and no node offline before `stream_quiet_until`, the failover grace's end);
         `stream_route`: the stream directory's lookup (a cluster of replicas; None alone)."""
         self._streams = streams
         self._stream_grace = stream_grace
+        self._stream_quiet_until = stream_quiet_until
         self._stream_route = stream_route
         self._desired = desired
         self._revoked = revoked
@@ -215,6 +221,7 @@ class FleetQueries:
             grace=self._stream_grace,
             route=route,
             asked_directory=asked,
+            quiet_until=self._stream_quiet_until,
         )
 
     async def _views(

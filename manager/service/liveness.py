@@ -15,7 +15,10 @@ anything.
 
 A node on a control stream (`ManagerService.Connect`) needs no heartbeats:
 `stream_verdict` says it is online while the stream is open and for a grace
-after it breaks; the manager holding the stream refreshes its last-seen.
+after it breaks, and never offline within this manager's failover grace
+(a stream that breaks while a restarted manager takes the fleet's hellos in
+turn is the herd, not a dead node); the manager holding the stream
+refreshes its last-seen.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ __all__ = [
     "heartbeat_ttl",
     "jittered_interval",
     "offline_after",
+    "stream_offline_at",
     "stream_refresh_interval",
     "stream_verdict",
     "sweep_cutoff",
@@ -121,16 +125,28 @@ class StreamVerdict(enum.Enum):
     """The stream broke the grace ago or more and did not come back."""
 
 
+def stream_offline_at(broken_at: float, grace: float, quiet_until: float = 0.0) -> float:
+    """When a node whose stream broke at `broken_at` goes offline unless it reconnects:
+    `grace` later, and not before `quiet_until` (the end of the failover grace)."""
+    return max(broken_at + grace, quiet_until)
+
+
 def stream_verdict(
-    *, connected: bool, broken_at: float | None, now: float, grace: float
+    *,
+    connected: bool,
+    broken_at: float | None,
+    now: float,
+    grace: float,
+    quiet_until: float = 0.0,
 ) -> StreamVerdict:
-    """A node's liveness from its control stream: open, broken within `grace`, or gone.
+    """A node's liveness from its control stream: open, broken within `grace` (or before
+    `quiet_until`), or gone.
 
     `broken_at` is when its last stream ended (None: never broke here).
     """
     if connected:
         return StreamVerdict.CONNECTED
-    if broken_at is not None and now - broken_at < grace:
+    if broken_at is not None and now < stream_offline_at(broken_at, grace, quiet_until):
         return StreamVerdict.GRACE
     return StreamVerdict.OFFLINE
 

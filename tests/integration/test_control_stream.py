@@ -654,6 +654,21 @@ async def test_node_goes_offline_after_the_grace_and_back_on_reconnect(
     assert await scalar(manager, "SELECT status FROM nodes WHERE node_id='node-1'") == "online"
 
 
+async def test_a_stream_broken_within_the_failover_grace_stays_online_until_it_ends(
+    pki: Any, manager: ManagerServer, ends: list[ControlEnd], clock: FakeClock
+) -> None:
+    """Right after the manager started (failover grace 60 s), a broken stream keeps its
+    node online past the stream's 5 s grace, until the failover grace is over."""
+    end, _ = await connect(pki, manager, ends, "node-1")
+    await end.close()
+    await wait_until(lambda: "node-1" in manager.control_streams.broken_at)
+    clock.advance(30)
+    assert await manager.stream_liveness.run_once() == []
+    assert await scalar(manager, "SELECT status FROM nodes WHERE node_id='node-1'") == "online"
+    clock.advance(31)
+    assert await manager.stream_liveness.run_once() == ["node-1"]
+
+
 async def test_a_reconnect_within_the_grace_keeps_the_node_online(
     pki: Any, manager: ManagerServer, ends: list[ControlEnd], clock: FakeClock
 ) -> None:

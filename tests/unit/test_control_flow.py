@@ -69,3 +69,24 @@ def test_stream_verdict_on_a_manual_clock(
 ) -> None:
     """Online while open and for the grace (30 s) after a break, then offline."""
     assert stream_verdict(connected=connected, broken_at=broken_at, now=now, grace=30.0) is expected
+
+
+@pytest.mark.parametrize(
+    ("broken_at", "now", "expected"),
+    [
+        (100.0, 140.0, StreamVerdict.GRACE),  # past its 30 s, inside the failover grace
+        (100.0, 399.9, StreamVerdict.GRACE),
+        (100.0, 400.0, StreamVerdict.OFFLINE),  # the failover grace is over
+        (390.0, 419.9, StreamVerdict.GRACE),  # broke near its end: its own 30 s still count
+        (390.0, 420.0, StreamVerdict.OFFLINE),
+    ],
+)
+def test_no_stream_goes_offline_within_the_failover_grace(
+    broken_at: float, now: float, expected: StreamVerdict
+) -> None:
+    """A manager started at 100 s with a 300 s failover grace (quiet until 400 s): a stream
+    that breaks while the fleet reconnects through the herd is not a dead node."""
+    verdict = stream_verdict(
+        connected=False, broken_at=broken_at, now=now, grace=30.0, quiet_until=400.0
+    )
+    assert verdict is expected

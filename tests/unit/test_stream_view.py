@@ -37,3 +37,16 @@ def test_stream_view(
         opened_at=opened_at, broken_at=broken_at, grace=30.0, route=route, asked_directory=asked
     )
     assert got == expected
+
+
+def test_a_lost_stream_goes_offline_no_sooner_than_the_failover_grace_ends() -> None:
+    """`nodes show` says when the node goes offline as the liveness decides it."""
+    got = stream_view(
+        opened_at=None,
+        broken_at=90.0,
+        grace=30.0,
+        route=None,
+        asked_directory=True,
+        quiet_until=400.0,
+    )
+    assert got == StreamView(StreamState.LOST, since=90.0, offline_at=400.0)
