@@ -519,8 +519,8 @@ class ConnectNode:
         await stream.request(manager_pb2.ConnectRequest(hello=self.hello()), self.welcome_timeout)
         self.record.welcomes.append(time.time())
         self._welcomed = True
-        await stream.request(
-            manager_pb2.ConnectRequest(agent_states=self.snapshot()), self.rpc_timeout
+        await self._until_answered(
+            stream, lambda: manager_pb2.ConnectRequest(agent_states=self.snapshot())
         )
         self._useful = True
         # What was cut before (and not acknowledged) goes first, in order.
@@ -541,8 +541,8 @@ class ConnectNode:
                 next_metrics = now + self.metrics_interval
             if now >= next_change:
                 self.change_state()
-                await stream.request(
-                    manager_pb2.ConnectRequest(agent_states=self.snapshot()), self.rpc_timeout
+                await self._until_answered(
+                    stream, lambda: manager_pb2.ConnectRequest(agent_states=self.snapshot())
                 )
                 next_change = now + self.state_change_interval
             # Until the next batch or change, or the stream's end (a daemon notices a
@@ -577,9 +577,28 @@ class ConnectNode:
     async def _send_batch(
         self, stream: ControlStream, batch: manager_pb2.ReportMetricsRequest
     ) -> None:
-        await stream.request(manager_pb2.ConnectRequest(metrics=batch), self.rpc_timeout)
+        await self._until_answered(stream, lambda: manager_pb2.ConnectRequest(metrics=batch))
         self.record.acked.add(batch.sequence)
         self.unacked.pop(batch.sequence, None)
+
+    async def _until_answered(
+        self, stream: ControlStream, message: Callable[[], manager_pb2.ConnectRequest]
+    ) -> None:
+        """Send `message()` until it is answered. As the daemon (manager_link's `_SLOW`):
+        no answer in time, or a busy refusal, is a slow manager, not a dead stream; the
+        stream is kept and the newest message sent again after a backoff pause."""
+        busy = 0
+        while True:
+            try:
+                await stream.request(message(), self.rpc_timeout)
+                return
+            except TimeoutError:
+                pass
+            except Refused as exc:
+                if _code_name(exc.code) not in ("RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"):
+                    raise
+            await asyncio.sleep(self.reconnect.delay(busy, self.rng))
+            busy += 1
 
     def snapshot(self) -> manager_pb2.SyncAgentStatesRequest:
         """Every agent of the simulated daemon."""
