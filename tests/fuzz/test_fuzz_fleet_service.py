@@ -235,7 +235,15 @@ async def env(module_pki: ModulePki, manager_database: str) -> AsyncIterator[Env
             )
             reply = await invoke(chans["operator"], apply, request)
             assert reply.code == grpc.StatusCode.OK, reply
-            await settled(manager.db)  # its rollout runs after the call returns
+            # Its rollout ends after the call returns, by the driver's next pass; a quiet
+            # database alone can come before that pass (seen on a loaded CI machine).
+            for _ in range(300):
+                if [r.state for r in (await db_state(manager.db))["rollouts"]] == ["SUCCESSFUL"]:
+                    break
+                await asyncio.sleep(0.1)
+            rollouts = (await db_state(manager.db))["rollouts"]
+            assert [r.state for r in rollouts] == ["SUCCESSFUL"], rollouts
+            await settled(manager.db)
             yield Env(manager, chans["operator"])
 
 
