@@ -21,6 +21,7 @@ from __future__ import annotations
 import datetime as dt
 import sys
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -255,6 +256,18 @@ def _confirm(cli: Cli, view: dict[str, Any]) -> None:
         cli.fail("aborted; nothing was run", EXIT_FAILED)
 
 
+async def _start_asking(
+    cli: Cli, start: Callable[[bool], Awaitable[jobs_pb2.Job]], *, ask: bool
+) -> jobs_pb2.Job:
+    """`start(False)`; with `ask`, first `start(True)` (the plan) and, on more than one
+    target, the confirmation (`run` and `jobs rerun`)."""
+    if ask:
+        planned = job_view(await start(True))
+        if len(planned["targets"]) > 1:
+            _confirm(cli, planned)
+    return await start(False)
+
+
 def _job_call_error(exc: grpc.RpcError, what: str) -> Exception:
     """FAILED_PRECONDITION and INVALID_ARGUMENT as one line saying what could not be done."""
     if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
@@ -377,11 +390,8 @@ def run(
 
         if plan:
             return _print_plan(cli, job_view(await start(True)))
-        if not yes and not (len(spec.node_ids) == 1 and not spec.HasField("selector")):
-            planned = job_view(await start(True))
-            if len(planned["targets"]) > 1:
-                _confirm(cli, planned)
-        job = await start(False)
+        one_node = len(spec.node_ids) == 1 and not spec.HasField("selector")
+        job = await _start_asking(cli, start, ask=not yes and not one_node)
         return await follow_to_end(cli, stub, conn, job, detach=detach, group=group)
 
     cli.call(body, on_interrupt="interrupted")
@@ -633,11 +643,7 @@ def rerun(
 
         if plan:
             return _print_plan(cli, job_view(await start(True)))
-        if not yes:
-            planned = job_view(await start(True))
-            if len(planned["targets"]) > 1:
-                _confirm(cli, planned)
-        job = await start(False)
+        job = await _start_asking(cli, start, ask=not yes)
         return await follow_to_end(cli, stub, conn, job, detach=detach, group=group)
 
     cli.call(body)
