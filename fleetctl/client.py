@@ -146,6 +146,10 @@ def explain_rpc_error(error: grpc.RpcError, conn: Connection, *, diagnose: bool 
     details = error.details() or ""
     where = f"manager at {conn.address}"
     if code == grpc.StatusCode.UNAVAILABLE:
+        about = from_rpc_error(error).resource
+        if about is not None and about.kind == "node":
+            # The manager answered: it is the node it cannot reach ("node-2: ...").
+            return f"the {where} cannot reach {details}"
         return _unavailable(details, conn, where, diagnose=diagnose)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         return (

@@ -46,7 +46,7 @@ import contextlib
 import logging
 import random
 import time
-from collections.abc import AsyncGenerator, Callable, Sequence
+from collections.abc import AsyncGenerator, Callable, Iterator, Sequence
 from types import TracebackType
 from typing import Protocol, TypeVar
 
@@ -58,6 +58,7 @@ from fleet.errors import (
     FailedPrecondition,
     FleetError,
     InvalidArgument,
+    Resource,
     Unavailable,
 )
 from fleet.pki import check_trust_domain
@@ -469,10 +470,11 @@ class DaemonPool:
     # -- internals ----------------------------------------------------------
 
     async def _transport(self, node_id: str, address: str) -> Transport:
-        """How to reach the node now; FailedPrecondition if there is no way at all."""
+        """How to reach the node now; Unavailable if there is no way at all (its daemon
+        is down or between two control streams: it may be back in a moment)."""
         way = await self._way(node_id, address)
         if way is None:
-            raise FailedPrecondition(
+            raise Unavailable(
                 f"{node_id}: the node has no control stream and no listen address "
                 "(is its daemon running and connected to a manager?)"
             )
@@ -589,6 +591,28 @@ class DaemonPool:
         idempotent: bool,
         call_timeout: float | None,
     ) -> _Resp:
+        with _about_node(node_id):
+            return await self._unary_on_a_way(
+                node_id,
+                address,
+                method,
+                response_type,
+                request,
+                idempotent=idempotent,
+                call_timeout=call_timeout,
+            )
+
+    async def _unary_on_a_way(
+        self,
+        node_id: str,
+        address: str,
+        method: str,
+        response_type: type[_Resp],
+        request: Message,
+        *,
+        idempotent: bool,
+        call_timeout: float | None,
+    ) -> _Resp:
         loop = asyncio.get_running_loop()
         budget = self._config.call_timeout if call_timeout is None else call_timeout
         deadline = loop.time() + budget
@@ -617,6 +641,32 @@ class DaemonPool:
         return response
 
     async def _stream(
+        self,
+        node_id: str,
+        address: str,
+        method: str,
+        response_type: type[_Resp],
+        request: Message,
+        *,
+        follow: bool,
+        call_timeout: float | None,
+    ) -> AsyncGenerator[_Resp, None]:
+        with _about_node(node_id):
+            async with contextlib.aclosing(
+                self._stream_on_a_way(
+                    node_id,
+                    address,
+                    method,
+                    response_type,
+                    request,
+                    follow=follow,
+                    call_timeout=call_timeout,
+                )
+            ) as responses:
+                async for response in responses:
+                    yield response
+
+    async def _stream_on_a_way(
         self,
         node_id: str,
         address: str,
@@ -665,3 +715,15 @@ class DaemonPool:
             async for response in responses:
                 assert isinstance(response, response_type)
                 yield response
+
+
+@contextlib.contextmanager
+def _about_node(node_id: str) -> Iterator[None]:
+    """An Unavailable met reaching `node_id` names the node as its Resource, so a client
+    can tell "the manager cannot reach the node" from "cannot reach the manager"."""
+    try:
+        yield
+    except Unavailable as exc:
+        if exc.resource is None:
+            exc.resource = Resource("node", node_id)
+        raise

@@ -56,7 +56,8 @@ class Via(enum.Enum):
     DIAL = "dial"
     """The daemon's own listen address."""
     NOWHERE = "nowhere"
-    """No stream anywhere known and no listen address: FAILED_PRECONDITION."""
+    """No stream anywhere known and no listen address: UNAVAILABLE (the daemon is down or
+    between two streams; it may be back in a moment)."""
 
 
 def choose_transport(*, local_stream: bool, route: Route | None, address: str) -> Via:

@@ -481,7 +481,7 @@ async def test_stream_close_fails_a_call_that_may_have_run_at_once(
     assert loop.time() - t0 < 2
     assert lost.value.message.startswith("node-1: the node's control stream closed (")
     assert "OperateAgent was in flight, so whether it ran on the node is unknown" in str(lost.value)
-    with pytest.raises(errors.FailedPrecondition, match="no control stream and no listen address"):
+    with pytest.raises(errors.Unavailable, match="no control stream and no listen address"):
         await manager.pool.list_agents("node-1", "")  # a new call: no way, no waiting
     again, _ = await connect(pki, manager, ends, "node-1", daemon_address="")
     await asyncio.sleep(0.2)
@@ -625,7 +625,7 @@ async def test_a_command_only_reaches_the_node_whose_certificate_opened_the_stre
 ) -> None:
     """node-2's stream never receives node-1's command."""
     end2, _ = await connect(pki, manager, ends, "node-2", daemon_address="")
-    with pytest.raises(errors.FailedPrecondition, match=r"^node-1: the node has no control"):
+    with pytest.raises(errors.Unavailable, match=r"^node-1: the node has no control"):
         await manager.pool.list_agents("node-1", "")
     assert end2.commands == []
 

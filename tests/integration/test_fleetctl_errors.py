@@ -105,3 +105,18 @@ def test_a_manager_name_that_does_not_resolve_is_one_line(fleet: LiveFleet) -> N
         "fleetctl: error: cannot connect to the manager at manager.invalid:7443: the name"
         " does not resolve; check --manager / FLEET_MANAGER (or use an IP address)"
     )
+
+
+def test_a_daemon_the_manager_cannot_reach_is_not_blamed_on_the_manager(
+    fleet: LiveFleet,
+) -> None:
+    """A live call to a node whose daemon is down fails UNAVAILABLE naming the node: one
+    line saying the manager cannot reach the node, not that the manager is unavailable."""
+    port = _closed_port()
+    fleet.register("n2", daemon_address=f"127.0.0.1:{port}")
+    result = fleet.fleetctl("agents", "logs", "n2/web")
+    assert result.exit_code == 1, result.output
+    assert result.stderr.strip() == (
+        f"fleetctl: error: the manager at {fleet.address} cannot reach n2: daemon at"
+        f" 127.0.0.1:{port} refused the connection (is fleet-daemon running there?)"
+    )

@@ -94,13 +94,15 @@ async def test_unsupported_operation_is_refused_without_a_call(
 
 
 async def test_missing_address_is_a_clear_error(make_pool: MakePool) -> None:
-    """A node without a daemon address or stream fails with FAILED_PRECONDITION naming it."""
+    """A node without a daemon address or stream fails with UNAVAILABLE naming it, in words
+    and as the error's Resource (a client tells it from the manager being unreachable)."""
     pool = make_pool()
     with pytest.raises(
-        errors.FailedPrecondition,
+        errors.Unavailable,
         match=r"^node-9: the node has no control stream and no listen address",
-    ):
+    ) as raised:
         await pool.list_agents("node-9", "")
+    assert raised.value.resource == errors.Resource("node", "node-9")
 
 
 async def test_daemon_that_comes_up_later_is_reached_by_retries(
