@@ -263,7 +263,8 @@ async def pending_note(
     stub: Stub, job: jobs_pb2.Job, pending: list[str], *, deadline: float
 ) -> str:
     """`offline_note` for these PENDING targets of `job`, from one ListNodes ("" if no
-    node of theirs is offline); `deadline`: the call's, in seconds."""
+    node of theirs is offline or without its control stream); `deadline`: the call's,
+    in seconds."""
     reply = await stub.ListNodes(
         fleet_pb2.FleetServiceListNodesRequest(selector=job.spec.selector), timeout=deadline
     )
@@ -272,9 +273,15 @@ async def pending_note(
         for n in reply.nodes
         if n.status == common_pb2.NODE_STATUS_OFFLINE
     }
+    lost = {
+        n.node_id: n.stream_since
+        for n in reply.nodes
+        if n.stream_state == fleet_pb2.CONTROL_STREAM_STATE_LOST
+    }
     return offline_note(
         pending,
         offline,
+        lost=lost,
         created_ms=job.created_at,
         delivery_timeout=(
             job.spec.delivery_timeout_seconds

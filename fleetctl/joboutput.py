@@ -257,22 +257,41 @@ def offline_note(
     *,
     created_ms: int,
     delivery_timeout: float | None,
+    lost: Mapping[str, int] | None = None,
 ) -> str:
-    """Why a job's targets sit PENDING: their nodes are offline ("" if none is).
+    """Why a job's targets sit PENDING: their nodes are offline, or still online but
+    without their control stream ("" if neither).
 
     `pending`: the job's PENDING targets; `offline`: node -> last seen (ms) of each
-    offline node; `delivery_timeout`: the job's, None for the manager's default."""
+    offline node; `lost`: node -> when its control stream was lost (ms), for nodes
+    the manager still holds online in the stream's grace; `delivery_timeout`: the
+    job's, None for the manager's default."""
     waiting = sorted(n for n in pending if n in offline)
-    if not waiting:
+    unreached = sorted(n for n in pending if n in (lost or {}) and n not in offline)
+    if not waiting and not unreached:
         return ""
     timeout = DEFAULT_DELIVERY_TIMEOUT if delivery_timeout is None else delivery_timeout
-    shown = ", ".join(
-        f"{n} (offline since {format_time(offline[n])})" if offline[n] else n for n in waiting[:5]
-    )
-    more = f" and {len(waiting) - 5} more" if len(waiting) > 5 else ""
+    parts = []
+    if waiting:
+        shown = _first_five(
+            [f"{n} (offline since {format_time(offline[n])})" if offline[n] else n for n in waiting]
+        )
+        parts.append(f"{len(waiting)} target(s) wait for their node to come back online: {shown}")
+    if unreached:
+        assert lost is not None
+        shown = _first_five([f"{n} (lost at {format_time(lost[n])})" for n in unreached])
+        parts.append(
+            f"{len(unreached)} target(s) wait for their node's control stream to come back"
+            f" (the node still counts as online): {shown}"
+        )
     until = format_time(created_ms + round(timeout * 1000))
     return (
-        f"{len(waiting)} target(s) wait for their node to come back online: {shown}{more};"
-        f" any not delivered by {until} (the delivery timeout, {format_duration(timeout)})"
+        "; ".join(parts)
+        + f"; any not delivered by {until} (the delivery timeout, {format_duration(timeout)})"
         " ends UNDELIVERABLE (not counted against max_errors)"
     )
+
+
+def _first_five(items: list[str]) -> str:
+    more = f" and {len(items) - 5} more" if len(items) > 5 else ""
+    return ", ".join(items[:5]) + more

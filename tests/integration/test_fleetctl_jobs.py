@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from control_end import open_stream
 from fleetctl_live import LiveFleet, live_fleet
 
 from fleetctl.joboutput import EXIT_JOB_CANCELLED, EXIT_JOB_FAILED, EXIT_JOB_PARTIAL
@@ -308,6 +309,40 @@ def test_jobs_show_says_which_targets_wait_for_an_offline_node(fleet: LiveFleet)
     assert fleet.fleetctl("jobs", "cancel", job_id).exit_code == 0
     ended = fleet.fleetctl("jobs", "show", job_id)
     assert "wait for their node" not in ended.stderr  # an ended job waits for nothing
+
+
+def test_run_says_which_targets_wait_for_a_lost_control_stream(fleet: LiveFleet) -> None:
+    """n3 holds a control stream only (no address to dial) and loses it: the manager keeps
+    it online for the stream's grace, so run names its target as waiting for the
+    stream, not for the node to come back online; it ends UNDELIVERABLE (exit 4)."""
+
+    async def connect_and_drop() -> None:
+        end, welcome = await open_stream(
+            fleet.pki, fleet.manager.port, "n3", labels={"role": "web"}, daemon_address=""
+        )
+        assert welcome is not None
+        assert welcome.HasField("welcome"), welcome
+        await end.close()
+
+    fleet.run(connect_and_drop())
+    nodes = until(
+        lambda: json.loads(fleet.fleetctl("-o", "json", "nodes", "list").stdout)["nodes"],
+        lambda ns: any(n["node_id"] == "n3" and n["stream"] == "LOST" for n in ns),
+    )
+    assert [n["status"] for n in nodes if n["node_id"] == "n3"] == ["ONLINE"]
+    result = fleet.fleetctl(
+        "run", "-l", "role=web", "--yes", "--delivery-timeout", "4s", "--", "true"
+    )
+    assert result.exit_code == EXIT_JOB_PARTIAL, result.output
+    notes = [ln for ln in result.stderr.splitlines() if "wait for their node" in ln]
+    assert len(notes) == 1, result.stderr
+    assert notes[0].startswith(
+        "fleetctl: 1 target(s) wait for their node's control stream to come back"
+        " (the node still counts as online): n3 (lost at "
+    ), notes[0]
+    assert "(the delivery timeout, 4s) ends UNDELIVERABLE" in notes[0]
+    (job,) = listed(fleet)
+    assert job["counts"] == {"SUCCESS": 2, "UNDELIVERABLE": 1}
 
 
 def test_manager_rejects_what_only_it_can_check(fleet: LiveFleet) -> None:

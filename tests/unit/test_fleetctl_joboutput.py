@@ -317,3 +317,28 @@ def test_offline_note_names_the_targets_waiting_for_an_offline_node() -> None:
     assert "n0, n1, n2, n3, n4 and 3 more;" in many
     assert "(the delivery timeout, 30s)" in many
     assert offline_note(["web-1"], offline, created_ms=created, delivery_timeout=None) == ""
+
+
+def test_offline_note_names_the_targets_waiting_for_a_lost_control_stream() -> None:
+    """A node still online in its stream's grace cannot be reached either: its PENDING
+    targets are named apart from an offline node's, an offline node's once only."""
+    created = 1_800_000_000_000  # 2027-01-15T08:00:00Z
+    lost = {"web-2": created - 20_000, "web-3": created - 30_000}
+    note = offline_note(
+        ["web-1", "web-2", "web-3"],
+        {"web-3": created - 30_000},
+        created_ms=created,
+        delivery_timeout=60,
+        lost=lost,
+    )
+    assert note == (
+        "1 target(s) wait for their node to come back online:"
+        " web-3 (offline since 2027-01-15T07:59:30.000Z);"
+        " 1 target(s) wait for their node's control stream to come back"
+        " (the node still counts as online): web-2 (lost at 2027-01-15T07:59:40.000Z);"
+        " any not delivered by 2027-01-15T08:01:00.000Z (the delivery timeout, 1m)"
+        " ends UNDELIVERABLE (not counted against max_errors)"
+    )
+    only_lost = offline_note(["web-2"], {}, created_ms=created, delivery_timeout=None, lost=lost)
+    assert only_lost.startswith("1 target(s) wait for their node's control stream to come back")
+    assert offline_note(["web-1"], {}, created_ms=created, delivery_timeout=None, lost=lost) == ""
