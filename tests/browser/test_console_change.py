@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import shlex
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -314,6 +315,38 @@ def test_rerunning_the_failed_targets_in_the_browser_starts_a_linked_job(
     assert (job["rerun_of"], job["actor"]) == (first, OPERATOR)
     assert [t["node_id"] for t in job["targets"]] == ["node-1"]
     assert audited(fleet, "job.rerun", second) == [OPERATOR]
+
+
+def test_a_target_waiting_for_an_offline_node_says_why_on_the_job_page(
+    page: Page, fleet: LiveFleet, fleetctl: Fleetctl
+) -> None:
+    """A job on node-1 and gone-1, which is registered and offline: once node-1 is done the
+    page says gone-1's target waits for its node, since when, and until when, as `fleetctl
+    run` does; an ended job says nothing of it."""
+    fleet.register("gone-1", labels={"env": "gone"}, daemon_address="127.0.0.1:1")
+    now_ms = int(time.time() * 1000)
+    gone = fleet.run(
+        fleet.manager.nodes.mark_offline(cutoff_ms=now_ms + 1, now_ms=now_ms, only=["gone-1"])
+    )
+    assert gone == ["gone-1"]
+    started = fleetctl(
+        "run", "-n", "node-1", "-n", "gone-1", "--yes", "--detach",
+        "--delivery-timeout", "10m", "--", "true",
+    )  # fmt: skip
+    assert started.returncode == 0, started.stderr
+    job_id = started.stdout.strip()
+    open_page(page, f"#/jobs/{job_id}", "job")
+    note = page.get_by_role("status", name="why targets wait")
+    expect(note).to_contain_text(
+        "1 target(s) wait for their node to come back online: gone-1 (offline since ",
+        timeout=20_000,
+    )
+    expect(note).to_contain_text("(the delivery timeout, 10m) ends undeliverable")
+    expect(note).not_to_contain_text("node-1")
+    shot(page, "job-waiting")
+    assert fleetctl("jobs", "cancel", job_id).returncode == 0
+    expect(page.locator("dl.props dd .badge").first).to_have_text("cancelled", timeout=20_000)
+    expect(note).to_be_hidden()
 
 
 @pytest.fixture

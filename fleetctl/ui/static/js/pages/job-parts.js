@@ -2,7 +2,7 @@
 // `fleetctl jobs list` and `jobs show` use), state badges, and the lines
 // that say where a job runs and what.
 import { fmtDuration, fmtSpan } from "../duration.js";
-import { Badge, html } from "../lib.js";
+import { Badge, fmtTime, html } from "../lib.js";
 import { selectorText } from "../selector-text.js";
 
 const KIND = {
@@ -96,4 +96,37 @@ export function policyText(spec = {}) {
 export function jobTitle(job) {
   const steps = job?.spec?.steps ?? [];
   return job?.spec?.name || (steps.length === 1 ? commandText(steps[0]) : `${steps.length} steps`);
+}
+
+/** The manager's delivery timeout for a job that sets none (manager.service.jobs). */
+const DEFAULT_DELIVERY_TIMEOUT = 300;
+
+/**
+ * Why a live job's PENDING targets wait, in `fleetctl run`'s words (fleetctl/joboutput.py
+ * offline_note): their node is offline, or online in its control stream's grace with no
+ * way to reach it. `pending`: node ids; `nodes`: ListNodes' answer. "" if neither.
+ */
+export function waitingNote(job, pending, nodes) {
+  const byId = new Map(nodes.map((n) => [n.nodeId, n]));
+  const offline = [];
+  const lost = [];
+  for (const id of [...pending].sort()) {
+    const node = byId.get(id);
+    if (node?.status === "NODE_STATUS_OFFLINE") offline.push(node);
+    else if (node?.streamState === "CONTROL_STREAM_STATE_LOST") lost.push(node);
+  }
+  if (!offline.length && !lost.length) return "";
+  const firstFive = (items) => items.slice(0, 5).join(", ") + (items.length > 5 ? ` and ${items.length - 5} more` : "");
+  const parts = [];
+  if (offline.length) {
+    const names = offline.map((n) => (Number(n.lastHeartbeat ?? 0) ? `${n.nodeId} (offline since ${fmtTime(n.lastHeartbeat)})` : n.nodeId));
+    parts.push(`${offline.length} target(s) wait for their node to come back online: ${firstFive(names)}`);
+  }
+  if (lost.length) {
+    const names = lost.map((n) => `${n.nodeId} (lost at ${fmtTime(n.streamSince)})`);
+    parts.push(`${lost.length} target(s) wait for their node's control stream to come back (the node still counts as online): ${firstFive(names)}`);
+  }
+  const timeout = job.spec?.deliveryTimeoutSeconds ?? DEFAULT_DELIVERY_TIMEOUT;
+  const until = fmtTime(Number(job.createdAt ?? 0) + Math.round(timeout * 1000));
+  return `${parts.join("; ")}; any not delivered by ${until} (the delivery timeout, ${fmtDuration(timeout)}) ends undeliverable (not counted against max_errors)`;
 }

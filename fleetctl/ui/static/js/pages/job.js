@@ -2,9 +2,11 @@
 // target's, followed live with WatchJob (the job with every target first,
 // then the job and the targets that changed, until it ends); its output
 // followed live; cancel, and re-run the failed targets, each confirmed by name.
+// PENDING targets whose node is offline or without its stream say so, as
+// `fleetctl run` does.
 import { call, stream } from "../api.js";
 import { fmtSpan } from "../duration.js";
-import { Confirm, ErrorBox, Page, Table, fmtAgo, fmtBytes, fmtTime, href, html, useEffect, useMemo, useState } from "../lib.js";
+import { Confirm, ErrorBox, Page, Table, fmtAgo, fmtBytes, fmtTime, href, html, useCall, useEffect, useInterval, useMemo, useState } from "../lib.js";
 import { JobOutput } from "./job-output.js";
 import {
   JobBadge,
@@ -20,6 +22,7 @@ import {
   jobTitle,
   policyText,
   targetState,
+  waitingNote,
   whereText,
 } from "./job-parts.js";
 
@@ -58,6 +61,18 @@ function useWatchedJob(jobId) {
     return () => abort.abort();
   }, [jobId]);
   return state;
+}
+
+// How often a live job with PENDING targets asks again why they wait.
+const WAITING_REFRESH_MS = 10_000;
+
+/** Why the live job's PENDING targets wait ("" if they do not, or for no reason we know). */
+function useWaiting(job, rows) {
+  const pending = job && jobLive(job) ? rows.filter((t) => targetState(t) === "PENDING").map((t) => t.nodeId) : [];
+  const key = pending.join(" ");
+  const nodes = useCall("ListNodes", { selector: job?.spec?.selector ?? {} }, [job?.id, key], { when: pending.length > 0 });
+  useInterval(() => pending.length && !nodes.loading && nodes.reload(), WAITING_REFRESH_MS);
+  return pending.length && nodes.data ? waitingNote(job, pending, nodes.data.nodes ?? []) : "";
 }
 
 function targetColumns(job, showOutput) {
@@ -112,6 +127,7 @@ export function JobPage({ jobId }) {
   const rows = useMemo(() => [...targets.values()].sort((a, b) => a.nodeId.localeCompare(b.nodeId)), [targets]);
   const steps = useMemo(() => rows.flatMap((t) => (t.steps ?? []).map((s) => ({ ...s, nodeId: t.nodeId }))), [rows]);
   const nodeIds = useMemo(() => rows.map((t) => t.nodeId), [rows]);
+  const waiting = useWaiting(job, rows);
 
   const ready = job !== null || error !== null;
   if (!job) {
@@ -169,6 +185,7 @@ export function JobPage({ jobId }) {
       </dl>
     </div>
     <h2>Targets</h2>
+    ${waiting && html`<div class="notice" role="status" aria-label="why targets wait">${waiting}</div>`}
     <${Table} columns=${targetColumns(job, setOutputNode)} rows=${rows} rowKey=${(t) => t.nodeId} empty="No targets." />
     ${(job.spec?.steps ?? []).length > 1 &&
     html`<h2>Steps</h2>
