@@ -592,53 +592,38 @@ class DaemonPool:
         call_timeout: float | None,
     ) -> _Resp:
         with _about_node(node_id):
-            return await self._unary_on_a_way(
+            loop = asyncio.get_running_loop()
+            budget = self._config.call_timeout if call_timeout is None else call_timeout
+            deadline = loop.time() + budget
+            transport = await self._transport(node_id, address)
+            try:
+                response = await transport.unary(
+                    node_id, address, method, request, idempotent=idempotent, call_timeout=budget
+                )
+            except TransportFailed as exc:
+                failed = exc
+            else:
+                assert isinstance(response, response_type)
+                return response
+            again = await self._way_again(
                 node_id,
                 address,
                 method,
-                response_type,
+                failed,
+                transport,
+                idempotent=idempotent,
+                deadline=deadline,
+            )
+            response = await again.unary(
+                node_id,
+                address,
+                method,
                 request,
                 idempotent=idempotent,
-                call_timeout=call_timeout,
+                call_timeout=max(0.0, deadline - loop.time()),
             )
-
-    async def _unary_on_a_way(
-        self,
-        node_id: str,
-        address: str,
-        method: str,
-        response_type: type[_Resp],
-        request: Message,
-        *,
-        idempotent: bool,
-        call_timeout: float | None,
-    ) -> _Resp:
-        loop = asyncio.get_running_loop()
-        budget = self._config.call_timeout if call_timeout is None else call_timeout
-        deadline = loop.time() + budget
-        transport = await self._transport(node_id, address)
-        try:
-            response = await transport.unary(
-                node_id, address, method, request, idempotent=idempotent, call_timeout=budget
-            )
-        except TransportFailed as exc:
-            failed = exc
-        else:
             assert isinstance(response, response_type)
             return response
-        again = await self._way_again(
-            node_id, address, method, failed, transport, idempotent=idempotent, deadline=deadline
-        )
-        response = await again.unary(
-            node_id,
-            address,
-            method,
-            request,
-            idempotent=idempotent,
-            call_timeout=max(0.0, deadline - loop.time()),
-        )
-        assert isinstance(response, response_type)
-        return response
 
     async def _stream(
         self,
@@ -652,69 +637,44 @@ class DaemonPool:
         call_timeout: float | None,
     ) -> AsyncGenerator[_Resp, None]:
         with _about_node(node_id):
+            loop = asyncio.get_running_loop()
+            budget = stream_budget(self._config, follow=follow, call_timeout=call_timeout)
+            start = loop.time()
+            transport = await self._transport(node_id, address)
+            started = False
+            try:
+                async with contextlib.aclosing(
+                    transport.stream(
+                        node_id, address, method, request, follow=follow, call_timeout=budget
+                    )
+                ) as responses:
+                    async for response in responses:
+                        started = True
+                        assert isinstance(response, response_type)
+                        yield response
+            except TransportFailed as exc:
+                if started:
+                    raise  # the caller resumes from the last chunk's next_offset
+                failed = exc
+            else:
+                return
+            # Nothing arrived yet: the start of a read is idempotent, as on a dialled channel.
+            again = await self._way_again(
+                node_id,
+                address,
+                method,
+                failed,
+                transport,
+                idempotent=True,
+                deadline=start + (budget or self._config.call_timeout),
+            )
+            rest = None if budget is None else max(0.0, start + budget - loop.time())
             async with contextlib.aclosing(
-                self._stream_on_a_way(
-                    node_id,
-                    address,
-                    method,
-                    response_type,
-                    request,
-                    follow=follow,
-                    call_timeout=call_timeout,
-                )
+                again.stream(node_id, address, method, request, follow=follow, call_timeout=rest)
             ) as responses:
                 async for response in responses:
-                    yield response
-
-    async def _stream_on_a_way(
-        self,
-        node_id: str,
-        address: str,
-        method: str,
-        response_type: type[_Resp],
-        request: Message,
-        *,
-        follow: bool,
-        call_timeout: float | None,
-    ) -> AsyncGenerator[_Resp, None]:
-        loop = asyncio.get_running_loop()
-        budget = stream_budget(self._config, follow=follow, call_timeout=call_timeout)
-        start = loop.time()
-        transport = await self._transport(node_id, address)
-        started = False
-        try:
-            async with contextlib.aclosing(
-                transport.stream(
-                    node_id, address, method, request, follow=follow, call_timeout=budget
-                )
-            ) as responses:
-                async for response in responses:
-                    started = True
                     assert isinstance(response, response_type)
                     yield response
-        except TransportFailed as exc:
-            if started:
-                raise  # the caller resumes from the last chunk's next_offset
-            failed = exc
-        else:
-            return
-        # Nothing arrived yet: the start of a read is idempotent, as on a dialled channel.
-        again = await self._way_again(
-            node_id,
-            address,
-            method,
-            failed,
-            transport,
-            idempotent=True,
-            deadline=start + (budget or self._config.call_timeout),
-        )
-        rest = None if budget is None else max(0.0, start + budget - loop.time())
-        async with contextlib.aclosing(
-            again.stream(node_id, address, method, request, follow=follow, call_timeout=rest)
-        ) as responses:
-            async for response in responses:
-                assert isinstance(response, response_type)
-                yield response
 
 
 @contextlib.contextmanager
