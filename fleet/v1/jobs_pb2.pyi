@@ -367,7 +367,9 @@ class JobTarget(_message.Message):
     started_at: _builtins.int
     ended_at: _builtins.int
     reason: _builtins.str
-    """Why it failed, timed out, was cancelled, skipped or undeliverable."""
+    """Why it failed, timed out, was cancelled, skipped or undeliverable; while PENDING
+    after an attempt that could not reach the node, that attempt's error.
+    """
     output_bytes: _builtins.int
     """Output bytes the node produced, and how many the manager stored."""
     output_stored_bytes: _builtins.int

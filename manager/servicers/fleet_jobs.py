@@ -36,6 +36,17 @@ def _target_state(name: str) -> Any:
     return _TARGET_STATES.get(name, jobs_pb2.JOB_TARGET_STATE_UNSPECIFIED)
 
 
+def pending_reason(t: JobTargetRecord) -> str:
+    """Why a PENDING target is not on its node yet, once an attempt could not reach it
+    ("" before that): the wait would say nothing otherwise until the delivery timeout."""
+    if t.state != "PENDING" or not t.attempts:
+        return ""
+    return (
+        f"not delivered yet after {t.attempts} attempt(s): {t.last_error};"
+        " retried until the delivery timeout"
+    )
+
+
 def target_message(t: JobTargetRecord) -> jobs_pb2.JobTarget:
     """A stored target as its message."""
     steps = json.loads(t.steps) if t.steps and t.steps != "[]" else []
@@ -45,7 +56,7 @@ def target_message(t: JobTargetRecord) -> jobs_pb2.JobTarget:
         exit_code=t.exit_code,
         started_at=t.started_ms,
         ended_at=t.ended_ms,
-        reason=t.reason,
+        reason=t.reason or pending_reason(t),
         steps=[
             jobs_pb2.JobStepResult(
                 index=s["index"],

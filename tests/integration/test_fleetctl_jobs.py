@@ -13,6 +13,7 @@ import os
 import re
 import select
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -343,6 +344,30 @@ def test_run_says_which_targets_wait_for_a_lost_control_stream(fleet: LiveFleet)
     assert "(the delivery timeout, 4s) ends UNDELIVERABLE" in notes[0]
     (job,) = listed(fleet)
     assert job["counts"] == {"SUCCESS": 2, "UNDELIVERABLE": 1}
+
+
+def test_a_pending_target_says_why_its_node_could_not_be_reached(fleet: LiveFleet) -> None:
+    """n4 is online but its daemon refuses connections: its target stays PENDING (retried
+    until the delivery timeout, not FAILED), and jobs show gives the last attempt's error
+    as its reason."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    fleet.register("n4", labels={"role": "db"}, daemon_address=f"127.0.0.1:{port}")
+    started = fleet.fleetctl(
+        "run", "-n", "n4", "--detach", "--delivery-timeout", "10m", "--", "true"
+    )
+    assert started.exit_code == 0, started.output
+    job_id = started.stdout.strip()
+    (target,) = until(lambda: show(fleet, job_id)["targets"], lambda ts: ts[0]["reason"] != "")
+    assert target["state"] == "PENDING"
+    assert re.fullmatch(
+        rf"not delivered yet after \d+ attempt\(s\): n4: daemon at 127\.0\.0\.1:{port}"
+        r" refused the connection \(is fleet-daemon running there\?\);"
+        r" retried until the delivery timeout",
+        target["reason"],
+    ), target["reason"]
+    assert fleet.fleetctl("jobs", "cancel", job_id).exit_code == 0
 
 
 def test_manager_rejects_what_only_it_can_check(fleet: LiveFleet) -> None:
