@@ -216,9 +216,13 @@ async def test_max_concurrent_and_locks_queue_jobs(make_node: MakeNode) -> None:
     node = await make_node(JobsConfig(max_concurrent=2, grace_seconds=1.0))
     marks = node.cfg.state_dir / "marks"
     marks.mkdir(parents=True)
-    # 2 s: the four StartJobs must all arrive before the first job ends, even under load.
-    body = f"echo start $FLEET_JOB_ID $(date +%s.%N) >> {marks}/log; sleep 2; " + (
-        f"echo end $FLEET_JOB_ID $(date +%s.%N) >> {marks}/log"
+    # Each waits for `go`, written once all four StartJobs were answered: under any load
+    # none ends before the last one arrives. Then 0.5 s each, for overlaps to show.
+    go = marks / "go"
+    body = (
+        f"echo start $FLEET_JOB_ID $(date +%s.%N) >> {marks}/log;"
+        f" while [ ! -e {go} ]; do sleep 0.05; done; sleep 0.5;"
+        f" echo end $FLEET_JOB_ID $(date +%s.%N) >> {marks}/log"
     )
     states = [
         (await node.start(start_req(f"apt-{i}", sh(body), lock="apt"))).state for i in range(2)
@@ -228,6 +232,7 @@ async def test_max_concurrent_and_locks_queue_jobs(make_node: MakeNode) -> None:
     assert states == [T.JOB_TARGET_STATE_RUNNING, T.JOB_TARGET_STATE_QUEUED]
     assert free.state == T.JOB_TARGET_STATE_RUNNING  # not held up by apt-1 waiting for its lock
     assert third.state == T.JOB_TARGET_STATE_QUEUED
+    go.touch()
     for job_id in ("apt-0", "apt-1", "free", "third"):
         assert (await node.final(job_id)).state == "SUCCESS"
     events = [line.split() for line in (marks / "log").read_text().splitlines()]
