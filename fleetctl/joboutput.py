@@ -266,8 +266,9 @@ def offline_note(
     offline node; `lost`: node -> when its control stream was lost (ms), for nodes
     the manager still holds online in the stream's grace; `delivery_timeout`: the
     job's, None for the manager's default."""
+    lost = lost or {}
     waiting = sorted(n for n in pending if n in offline)
-    unreached = sorted(n for n in pending if n in (lost or {}) and n not in offline)
+    unreached = sorted(n for n in pending if n in lost and n not in offline)
     if not waiting and not unreached:
         return ""
     timeout = DEFAULT_DELIVERY_TIMEOUT if delivery_timeout is None else delivery_timeout
@@ -278,7 +279,6 @@ def offline_note(
         )
         parts.append(f"{len(waiting)} target(s) wait for their node to come back online: {shown}")
     if unreached:
-        assert lost is not None
         shown = _first_five([f"{n} (lost at {format_time(lost[n])})" for n in unreached])
         parts.append(
             f"{len(unreached)} target(s) wait for their node's control stream to come back"
