@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import random
 import time
 from collections.abc import Callable
@@ -142,7 +143,7 @@ def open_channel(
 
 
 class Credentials:
-    """`channel_credentials(tls)`, built again only when the files' contents change.
+    """`channel_credentials(tls)`, built again only when the files change.
 
     Building them parses and checks the certificates and key in Python (~0.4 ms) and
     gRPC core builds its TLS context for each new credentials object; a reconnect
@@ -152,22 +153,21 @@ class Credentials:
 
     def __init__(self, tls: TLSConfig) -> None:
         self.tls = tls
-        self._key: tuple[bytes, bytes, bytes] | None = None
+        self._stamp: tuple[tuple[int, int, int], ...] | None = None
         self._credentials: grpc.ChannelCredentials | None = None
 
     def get(self) -> grpc.ChannelCredentials:
         """The credentials for the files as they are now (ConfigError as channel_credentials)."""
-        try:
-            key = (
-                self.tls.ca_file.read_bytes(),
-                self.tls.cert_file.read_bytes(),
-                self.tls.key_file.read_bytes(),
+        try:  # (mtime, size, inode) of each, as the manager's reloader (fleet.tls) tells
+            stamp = tuple(
+                (st.st_mtime_ns, st.st_size, st.st_ino)
+                for st in map(os.stat, (self.tls.ca_file, self.tls.cert_file, self.tls.key_file))
             )
         except OSError:
-            key = None  # channel_credentials says what is wrong with them
-        if key is None or key != self._key or self._credentials is None:
+            stamp = None  # channel_credentials says what is wrong with them
+        if stamp is None or stamp != self._stamp or self._credentials is None:
             self._credentials = channel_credentials(self.tls)
-            self._key = key
+            self._stamp = stamp
         return self._credentials
 
 
