@@ -547,7 +547,9 @@ def _judge(r: Rollout, rec: NodeProgress, obs: Observation, now: float) -> NodeP
     healthy = obs.running == r.target and obs.healthy_since is not None
     if healthy and obs.healthy_since is not None and now - obs.healthy_since >= p.min_healthy_time:
         # Not dataclasses.replace: a batch's nodes all get here (a tenth of a step's cost).
-        return NodeProgress(NodePhase.DONE, rec.batch, now, rec.offline, rec.reason)
+        return NodeProgress(
+            NodePhase.DONE, batch=rec.batch, since=now, offline=rec.offline, reason=rec.reason
+        )
     if now - rec.since >= p.healthy_deadline:
         detail = obs.detail
         if obs.running != r.target:
