@@ -174,6 +174,8 @@ class JobDriver:
         self._tasks: set[asyncio.Task[None]] = set()
         self.leading = False
         """True while this replica holds the lock and drives jobs."""
+        self.passes = 0
+        """Passes made so far (each plans every live job)."""
         updates.listen(self._committed)
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -390,6 +392,7 @@ class JobDriver:
             await self._load_one(job_id)
         if not self._jobs:
             return None
+        self.passes += 1
         await self._node_facts(time.monotonic())
         wake: float | None = None
         for live in list(self._jobs.values()):
