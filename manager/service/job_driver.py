@@ -55,7 +55,6 @@ from manager.service.jobs import (
     TargetState,
     job_state,
     plan,
-    refill_batch,
     replans,
     retry_delay,
     transition_allowed,
@@ -122,8 +121,6 @@ class _Live:
     storing: set[str] = field(default_factory=set)
     """Targets whose end an answer carried, ended in memory until its commit (the job
     does not end before those commits)."""
-    freed: int = 0
-    """Window slots answers freed since the job's last pass (`refill_batch`)."""
 
 
 def _node_state(state: jobs_pb2.JobTargetState.ValueType) -> TargetState:
@@ -414,7 +411,6 @@ class JobDriver:
 
     async def _drive(self, live: _Live) -> float | None:
         now = self._clock()
-        live.freed = 0
         decided = plan(
             live.targets,
             self._facts,
@@ -503,11 +499,7 @@ class JobDriver:
             )
             live.storing.add(node_id)
             live.in_flight.discard(node_id)
-            live.freed += 1
-            # Refill the window a batch of slots at a time, not a pass (a walk of every
-            # target) per answer; at once when nothing else is in flight.
-            if live.freed >= refill_batch(live.limits.concurrency) or not live.in_flight:
-                self._wake.set()
+            self._wake.set()
             last = self._last_reason(live)
             if last is not None:
                 # The job's last end: the commit storing it ends the job too (if the

@@ -55,7 +55,6 @@ __all__ = [
     "job_id_problem",
     "job_state",
     "plan",
-    "refill_batch",
     "replans",
     "resolve_concurrency",
     "retry_delay",
@@ -371,13 +370,6 @@ def plan(
             dispatch.append(t.node_id)
             room -= 1
     return Plan(changes, dispatch, wake, stop_reason, {s: n for s, n in counts.items() if n})
-
-
-def refill_batch(concurrency: int) -> int:
-    """Window slots freed by answers before the driver plans again to refill them: a
-    tenth of the window (at least one), so a window of 100 stays 90-100 full while a
-    job of 500 targets costs ~50 passes instead of up to one per answer (pure)."""
-    return max(1, concurrency // 10)
 
 
 def replans(was: Target, now: Target) -> bool:

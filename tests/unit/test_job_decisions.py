@@ -22,7 +22,6 @@ from manager.service.jobs import (
     accept_output,
     job_state,
     plan,
-    refill_batch,
     replans,
     resolve_concurrency,
     stages,
@@ -369,11 +368,3 @@ def test_a_final_target_replaced_in_the_same_state_plans_the_same() -> None:
     assert replans(Target("a", T.PENDING), Target("a", T.SUCCESS))
     assert replans(Target("a", T.RUNNING), Target("a", T.RUNNING, updated=NOW))
     assert not replans(Target("a", T.SUCCESS), Target("a", T.SUCCESS, updated=NOW))
-
-
-def test_the_window_is_refilled_a_tenth_at_a_time_and_small_windows_per_answer() -> None:
-    """A window of 100 is refilled every 10 freed slots (it stays 90-100 full); windows
-    under 20 are refilled per answer or two, a window of one per answer."""
-    assert refill_batch(100) == 10
-    assert refill_batch(25) == 2
-    assert [refill_batch(c) for c in (1, 2, 9, 10, 19)] == [1, 1, 1, 1, 1]
