@@ -13,9 +13,7 @@ Every committed target change (a daemon's report, a StartJob answer) comes
 back through the `JobUpdates` listener and updates the memory in O(1); the
 pass that follows fills the freed window slots. A StartJob answer carrying
 the job's end (`accept_end`) frees its slot at once: the target is ended in
-memory (`_Live.storing`) until its commit; the slots such answers free are
-refilled a tenth of the window at a time (`refill_batch`), not a pass per
-answer. Reports committed by another
+memory (`_Live.storing`) until its commit. Reports committed by another
 replica are read every `refresh_interval` seconds (PostgreSQL only).
 
 No target runs twice: StartJob is idempotent per job id on the daemon, so
