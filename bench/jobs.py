@@ -169,8 +169,8 @@ async def serve_manager() -> None:
     stdin: {"root", "ca", "cert", "key", "n", "max_output"}; answers {"port"}.
     Then "profile on" / "profile off" / "profile <file>" start cProfile,
     pause it, or stop it and dump what it gathered there (and start afresh);
-    "gc" answers the cyclic GC's collections and seconds so far; EOF stops the
-    manager.
+    "gc" answers the cyclic GC's collections and seconds so far, and the job driver's
+    passes and the job updates' commits so far; EOF stops the manager.
     """
     raise_nofile()
     profiler = cProfile.Profile()
@@ -198,7 +198,14 @@ async def serve_manager() -> None:
         while line := await reader.readline():
             command, _, arg = line.decode().strip().partition(" ")
             if command == "gc":
-                _emit({"gc": collected["count"], "seconds": collected["seconds"]})
+                _emit(
+                    {
+                        "gc": collected["count"],
+                        "seconds": collected["seconds"],
+                        "passes": manager.job_driver.passes,
+                        "commits": manager.job_updates.commits,
+                    }
+                )
             elif command == "profile":
                 if arg == "on":
                     profiler.enable()
@@ -488,6 +495,8 @@ async def run(
                     loop_cpu = main_thread_cpu(manager) - l0
                     gc1 = await asyncio.to_thread(manager.ask, "gc")
                     manager_gc = (gc1["gc"] - gc0["gc"], gc1["seconds"] - gc0["seconds"])
+                    passes = gc1["passes"] - gc0["passes"]
+                    commits = gc1["commits"] - gc0["commits"]
                     states = target_states(job)
                     if states != {"SUCCESS": n} or job.state != jobs_pb2.JOB_STATE_SUCCESS:
                         problems.append(f"round {r + 1}: job {job.state}, targets {states}")
@@ -514,7 +523,8 @@ async def run(
                     )
                     print(
                         f"  fleet's timeline: {timeline(job, t_start)}; the manager's CPU in the"
-                        f" {SETTLE:g} s before the round (idle) {idle_cpu:.3f}s",
+                        f" {SETTLE:g} s before the round (idle) {idle_cpu:.3f}s; the driver's"
+                        f" passes {passes}, the job updates' commits {commits}",
                         flush=True,
                     )
                 refused = (await asyncio.to_thread(sims.ask, "jobs ref-*"))["reports"]

@@ -53,6 +53,7 @@ from manager.service.jobs import (
     TargetState,
     job_state,
     plan,
+    replans,
     retry_delay,
     transition_allowed,
 )
@@ -174,6 +175,8 @@ class JobDriver:
         self._tasks: set[asyncio.Task[None]] = set()
         self.leading = False
         """True while this replica holds the lock and drives jobs."""
+        self.passes = 0
+        """Passes made so far (each plans every live job)."""
         updates.listen(self._committed)
 
     # --- lifecycle ------------------------------------------------------------------------
@@ -229,9 +232,14 @@ class JobDriver:
         woke = False
         for r in rows:
             live = self._jobs.get(r.job_id)
-            if live is not None and r.node_id in live.targets:
-                live.targets[r.node_id] = _target(r)
-                woke = True
+            if live is not None:
+                was = live.targets.get(r.node_id)
+                if was is None:
+                    continue
+                now = live.targets[r.node_id] = _target(r)
+                # No pass for the commit of an end the memory already had (the answer
+                # carrying it freed its slot when it came): a pass walks every target.
+                woke = woke or replans(was, now)
         if woke:
             self._wake.set()
 
@@ -390,6 +398,7 @@ class JobDriver:
             await self._load_one(job_id)
         if not self._jobs:
             return None
+        self.passes += 1
         await self._node_facts(time.monotonic())
         wake: float | None = None
         for live in list(self._jobs.values()):
@@ -494,8 +503,10 @@ class JobDriver:
                 # The job's last end: the commit storing it ends the job too (if the
                 # database agrees every target is final), not a pass and a commit later.
                 change = dataclasses.replace(change, finish=last)
+        stored_end = False
         try:
             outcome = await self._updates.submit(change)
+            stored_end = change.kind == "ended"
         except FleetError as exc:
             log.warning(
                 "job %s on %s: could not store the StartJob answer: %s", job_id, node_id, exc
@@ -506,7 +517,10 @@ class JobDriver:
         finally:
             live.in_flight.discard(node_id)
             live.storing.discard(node_id)
-            self._wake.set()
+            # A stored end changes nothing a pass decides while other ends are still being
+            # stored (the job's state and end wait for the last of them): no pass for it.
+            if not (stored_end and live.storing):
+                self._wake.set()
         if outcome.job is not None and outcome.job.ended_ms and self._jobs.get(job_id) is live:
             self._jobs.pop(job_id)  # it ended in this commit (Change.finish): nothing to drive
         stored = outcome.target

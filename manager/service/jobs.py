@@ -55,6 +55,7 @@ __all__ = [
     "job_id_problem",
     "job_state",
     "plan",
+    "replans",
     "resolve_concurrency",
     "retry_delay",
     "stages",
@@ -369,6 +370,14 @@ def plan(
             dispatch.append(t.node_id)
             room -= 1
     return Plan(changes, dispatch, wake, stop_reason, {s: n for s, n in counts.items() if n})
+
+
+def replans(was: Target, now: Target) -> bool:
+    """Whether `plan` may decide differently once `now` replaces `was` (the same target):
+    not when it was final and stays in that state, since `plan` reads nothing else of a
+    final target (the driver skips the pass a commit of an end it already had would
+    cost; pure)."""
+    return now.state is not was.state or now.state not in TERMINAL
 
 
 _RUNNING = T.RUNNING

@@ -9,9 +9,10 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncConnection
 
-from fleet.errors import InvalidArgument
+from fleet.errors import InvalidArgument, Unavailable
 from manager.storage.db import Database
 
 
@@ -109,3 +110,48 @@ async def test_a_read_in_one_hop_does_not_wait_for_a_writer(db: Database) -> Non
     database.dialect = "postgresql"
     with pytest.raises(ValueError, match="SQLite database only"):
         await database.run_sqlite_read(_count)
+
+
+async def test_a_lock_held_elsewhere_is_ridden_out_then_unavailable_past_the_budget(
+    tmp_path: Path,
+) -> None:
+    """run_sqlite's first attempt runs outside the retry loop, and its kept connection
+    outlives a failure: a lock held by another connection only delays a write released
+    within the budget, one held past it is Unavailable, and the next write commits."""
+    path = tmp_path / "m.db"
+    db = await Database.open(f"sqlite+aiosqlite:///{path}", busy_timeout_ms=50, retry_timeout_s=0.5)
+    other = sqlite3.connect(path, isolation_level=None)
+    try:
+        await db.run(_create)
+        other.execute("BEGIN EXCLUSIVE")
+        write = asyncio.create_task(db.run_sqlite(_insert, [("a", 1)]))
+        await asyncio.sleep(0.2)  # several busy timeouts: retried, not failed
+        assert not write.done()
+        other.execute("COMMIT")
+        assert await write == 1
+
+        other.execute("BEGIN EXCLUSIVE")
+        with pytest.raises(Unavailable, match="locked"):
+            await db.run_sqlite(_insert, [("b", 2)])
+        other.execute("COMMIT")
+        await db.run_sqlite(_insert, [("c", 3)])
+        assert await db.run_sqlite(_count) == 2
+    finally:
+        other.close()
+        await db.close()
+
+
+async def test_writes_keep_one_connection_instead_of_a_pool_checkout_each(db: Database) -> None:
+    """run_sqlite's transactions share one connection taken from the pool once (a checkout
+    and return through SQLAlchemy cost the event loop more than a small transaction)."""
+    checkouts = 0
+
+    def counted(*_: object) -> None:
+        nonlocal checkouts
+        checkouts += 1
+
+    event.listen(db.engine.sync_engine.pool, "checkout", counted)
+    for i in range(10):
+        await db.run_sqlite(_insert, [(f"k{i}", i)])
+    assert await db.run_sqlite(_count) == 10
+    assert checkouts <= 1

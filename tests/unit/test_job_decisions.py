@@ -13,6 +13,7 @@ from manager.service.job_reports import MAX_OUTPUT_CHUNK, report_change
 from manager.service.job_updates import Change, merge
 from manager.service.jobs import (
     LOST_GRACE,
+    TERMINAL,
     JobLimits,
     JobState,
     NodeFacts,
@@ -21,6 +22,7 @@ from manager.service.jobs import (
     accept_output,
     job_state,
     plan,
+    replans,
     resolve_concurrency,
     stages,
 )
@@ -314,3 +316,55 @@ def test_report_change_checks_an_answered_end() -> None:
         report_change(
             "n", "20261206-053000-000-a1b2c3", state="FAILED", output=b"x" * (MAX_OUTPUT_CHUNK + 1)
         )
+
+
+def test_a_final_target_replaced_in_the_same_state_plans_the_same() -> None:
+    """`replans` is false only where `plan` decides the same: a final target whose stored
+    row comes back in the same state with other fields changed (random jobs: canary,
+    max_errors, offline nodes, in-flight targets, retries)."""
+    rng = random.Random(14)
+    states = list(TargetState)
+    skipped = 0
+    for _ in range(3000):
+        n = rng.randint(1, 12)
+        ts = {
+            f"n{i}": Target(
+                f"n{i}",
+                rng.choice(states),
+                stage=0 if i < rng.randint(0, 3) else 1,
+                attempts=rng.choice((0, 0, 2)),
+                next_attempt=NOW + rng.choice((-5.0, 5.0)),
+                updated=NOW - rng.uniform(0, 5000),
+                cancel_requested=rng.random() < 0.1,
+            )
+            for i in range(n)
+        }
+        facts = {
+            k: NodeFacts(online=rng.random() < 0.8, last_seen=NOW - rng.uniform(0, 500)) for k in ts
+        }
+        limits = JobLimits(
+            created=NOW - rng.uniform(0, 400),
+            concurrency=rng.randint(1, 4),
+            max_errors=rng.choice((0, 1, 2)),
+        )
+        in_flight = {k for k in ts if rng.random() < 0.2}
+        node = rng.choice(list(ts))
+        was = ts[node]
+        now = dataclasses.replace(
+            was,
+            state=rng.choice((was.state, rng.choice(states))),
+            attempts=0,
+            next_attempt=NOW + 50,
+            updated=NOW + 1,
+        )
+        if replans(was, now):
+            assert now.state is not was.state or now.state not in TERMINAL
+            continue
+        skipped += 1
+        before = plan(ts, facts, limits, NOW, in_flight=in_flight)
+        after = plan({**ts, node: now}, facts, limits, NOW, in_flight=in_flight)
+        assert after == before
+    assert skipped > 300
+    assert replans(Target("a", T.PENDING), Target("a", T.SUCCESS))
+    assert replans(Target("a", T.RUNNING), Target("a", T.RUNNING, updated=NOW))
+    assert not replans(Target("a", T.SUCCESS), Target("a", T.SUCCESS, updated=NOW))
