@@ -95,6 +95,7 @@ def _target(r: JobTargetRecord) -> Target:
         next_attempt=r.next_attempt_ms / 1000,
         updated=r.updated_ms / 1000,
         cancel_requested=r.cancel_requested,
+        last_error=r.last_error,
     )
 
 
@@ -494,6 +495,7 @@ class JobDriver:
                 target.next_attempt,
                 target.updated,
                 target.cancel_requested,
+                target.last_error,
             )
             live.storing.add(node_id)
             live.in_flight.discard(node_id)

@@ -168,6 +168,8 @@ class Target:
     """When the manager last changed it or heard of it (RUNNING: when it started)."""
     cancel_requested: bool = False
     """An operator asked to cancel it."""
+    last_error: str = ""
+    """Why the last of `attempts` failed ("" if none did)."""
 
 
 @dataclass(frozen=True)
@@ -299,7 +301,8 @@ def plan(
                 since = (
                     f"offline since {format_time(facts.last_seen)}"
                     if not facts.online
-                    else f"unreachable ({t.attempts} attempt(s) failed)"
+                    else f"unreachable ({t.attempts} attempt(s) failed"
+                    + (f", the last: {t.last_error})" if t.last_error else ")")
                 )
                 state = T.UNDELIVERABLE
                 move(

@@ -344,6 +344,8 @@ def test_run_says_which_targets_wait_for_a_lost_control_stream(fleet: LiveFleet)
     assert "(the delivery timeout, 4s) ends UNDELIVERABLE" in notes[0]
     (job,) = listed(fleet)
     assert job["counts"] == {"SUCCESS": 2, "UNDELIVERABLE": 1}
+    (n3,) = [t for t in show(fleet, job["id"])["targets"] if t["node_id"] == "n3"]
+    assert "attempt(s) failed, the last: n3: the node has no control stream" in n3["reason"]
 
 
 def test_a_pending_target_says_why_its_node_could_not_be_reached(fleet: LiveFleet) -> None:

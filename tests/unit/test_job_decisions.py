@@ -88,13 +88,17 @@ def test_a_node_that_comes_back_in_time_gets_its_target() -> None:
 
 def test_unreachable_targets_back_off_and_become_undeliverable() -> None:
     """A failed StartJob waits for next_attempt; past the timeout it is UNDELIVERABLE."""
-    ts = {"a": Target("a", T.PENDING, attempts=2, next_attempt=NOW + 5)}
+    refused = "a: daemon at 10.0.0.1:7444 refused the connection"
+    ts = {"a": Target("a", T.PENDING, attempts=2, next_attempt=NOW + 5, last_error=refused)}
     p = plan(ts, online("a"), LIMITS, NOW)
     assert p.dispatch == []
     assert p.wake_at == NOW + 5
     assert plan(ts, online("a"), LIMITS, NOW + 6).dispatch == ["a"]
     p = plan(ts, online("a"), LIMITS, NOW + LIMITS.delivery_timeout)
     assert p.changes["a"][0] is T.UNDELIVERABLE
+    assert p.changes["a"][1].startswith(
+        f"node unreachable (2 attempt(s) failed, the last: {refused}); not delivered within"
+    )
 
 
 def test_max_errors_skips_every_pending_target_but_undeliverable_does_not_count() -> None:
