@@ -131,41 +131,49 @@ def test_the_canary_stage_runs_first_and_its_failure_skips_the_rest() -> None:
     assert stages(["a", "b", "c"], 2) == [("a", 0), ("b", 0), ("c", 1)]
 
 
+def random_job(
+    rng: random.Random,
+) -> tuple[dict[str, Target], dict[str, NodeFacts], JobLimits, set[str]]:
+    """A random job for property tests: its targets (any state, canary stages, retries,
+    cancels, lost ones), its nodes' facts (offline, unknown, jobs disabled), its limits
+    and the targets in flight."""
+    ts = {
+        f"n{i}": Target(
+            f"n{i}",
+            rng.choice(list(TargetState)),
+            stage=0 if i < rng.randint(0, 3) else 1,
+            attempts=rng.choice((0, 0, 2)),
+            next_attempt=NOW + rng.choice((-5.0, 5.0)),
+            updated=NOW - rng.choice((0, 10_000, rng.uniform(0, 5000))),
+            cancel_requested=rng.random() < 0.1,
+        )
+        for i in range(rng.randint(1, 12))
+    }
+    facts = {
+        name: NodeFacts(
+            online=rng.random() < 0.8,
+            last_seen=NOW - rng.choice((0, 1000, rng.uniform(0, 500))),
+            jobs_disabled=rng.random() < 0.1,
+        )
+        for name in ts
+        if rng.random() < 0.9
+    }
+    limits = JobLimits(
+        created=NOW - rng.choice((0, 1000, rng.uniform(0, 400))),
+        concurrency=rng.randint(1, 4),
+        max_errors=rng.choice((0, 1, 2)),
+        timeout=rng.choice((1.0, 3600.0)),
+    )
+    return ts, facts, limits, {name for name in ts if rng.random() < 0.2}
+
+
 def test_the_plan_counts_the_targets_as_they_are_after_its_changes() -> None:
     """`Plan.counts` is the count of the targets' states with `changes` applied (the
     driver derives the job's state from it), on random jobs: canary stages, max_errors,
     offline, unknown and disabled nodes, cancels, lost targets, targets in flight."""
     rng = random.Random(14)
-    states = list(TargetState)
     for _ in range(3000):
-        n = rng.randint(1, 12)
-        ts = {
-            f"n{i}": Target(
-                f"n{i}",
-                rng.choice(states),
-                stage=0 if i < rng.randint(0, 3) else 1,
-                attempts=rng.choice([0, 0, 1]),
-                updated=NOW - rng.choice([0, 10_000]),
-                cancel_requested=rng.random() < 0.1,
-            )
-            for i in range(n)
-        }
-        facts = {
-            name: NodeFacts(
-                online=rng.random() < 0.8,
-                last_seen=NOW - rng.choice([0, 1000]),
-                jobs_disabled=rng.random() < 0.1,
-            )
-            for name in ts
-            if rng.random() < 0.9
-        }
-        limits = JobLimits(
-            created=NOW - rng.choice([0, 1000]),
-            concurrency=rng.randint(1, 4),
-            max_errors=rng.choice([0, 1, 2]),
-            timeout=rng.choice([1.0, 3600.0]),
-        )
-        in_flight = {name for name in ts if rng.random() < 0.2}
+        ts, facts, limits, in_flight = random_job(rng)
         p = plan(ts, facts, limits, NOW, in_flight=in_flight, cancelled=rng.random() < 0.1)
         after = {name: p.changes.get(name, (t.state, ""))[0] for name, t in ts.items()}
         assert p.counts == dict(collections.Counter(after.values()))
@@ -330,28 +338,7 @@ def test_a_final_target_replaced_in_the_same_state_plans_the_same() -> None:
     states = list(TargetState)
     skipped = 0
     for _ in range(3000):
-        n = rng.randint(1, 12)
-        ts = {
-            f"n{i}": Target(
-                f"n{i}",
-                rng.choice(states),
-                stage=0 if i < rng.randint(0, 3) else 1,
-                attempts=rng.choice((0, 0, 2)),
-                next_attempt=NOW + rng.choice((-5.0, 5.0)),
-                updated=NOW - rng.uniform(0, 5000),
-                cancel_requested=rng.random() < 0.1,
-            )
-            for i in range(n)
-        }
-        facts = {
-            k: NodeFacts(online=rng.random() < 0.8, last_seen=NOW - rng.uniform(0, 500)) for k in ts
-        }
-        limits = JobLimits(
-            created=NOW - rng.uniform(0, 400),
-            concurrency=rng.randint(1, 4),
-            max_errors=rng.choice((0, 1, 2)),
-        )
-        in_flight = {k for k in ts if rng.random() < 0.2}
+        ts, facts, limits, in_flight = random_job(rng)
         node = rng.choice(list(ts))
         was = ts[node]
         now = dataclasses.replace(
