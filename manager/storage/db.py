@@ -165,6 +165,15 @@ class Database:
                     f"database {parsed.render_as_string()}: cannot create its directory: "
                     f"{exc.strerror or exc}"
                 ) from exc
+            try:
+                # Here, not through the retried ping: at run time "unable to open" is
+                # retried (out of file descriptors), at start it is a wrong path.
+                await asyncio.to_thread(_open_once, parsed.database)
+            except sqlite3.Error as exc:
+                raise ConfigError(
+                    f"database {parsed.render_as_string()}: cannot open the file: {exc}"
+                    " (is the path a directory, or not writable by this user?)"
+                ) from exc
             kwargs["connect_args"] = {"timeout": busy_timeout_ms / 1000}
             # Every transaction ends in commit or rollback before its connection goes back,
             # so the pool's unconditional rollback-on-return is one more round trip to the
@@ -448,6 +457,10 @@ class Database:
 
 def _make_parent_dir(path: str) -> None:
     Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+
+
+def _open_once(path: str) -> None:
+    sqlite3.connect(str(Path(path).expanduser()) if path else "").close()
 
 
 def _sqlite_transaction(

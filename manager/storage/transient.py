@@ -17,8 +17,15 @@ __all__ = ["describe", "is_constraint_violation", "is_transient"]
 _TRANSIENT_SQLSTATES: Final = frozenset(
     {"57P01", "57P02", "57P03", "53300", "40001", "40P01", "55P03"}
 )
-# SQLite: another connection holds the lock past busy_timeout.
-_SQLITE_TRANSIENT: Final = ("database is locked", "database table is locked", "database is busy")
+# SQLite: another connection holds the lock past busy_timeout; or a file (a journal,
+# a temporary file) could not be opened, at run time almost always the process out of
+# file descriptors in a connection storm (a missing database fails at start instead).
+_SQLITE_TRANSIENT: Final = (
+    "database is locked",
+    "database table is locked",
+    "database is busy",
+    "unable to open database file",
+)
 _OS_TRANSIENT_ERRNOS: Final = frozenset(
     {
         errno.ECONNREFUSED,
@@ -28,6 +35,8 @@ _OS_TRANSIENT_ERRNOS: Final = frozenset(
         errno.ETIMEDOUT,
         errno.EHOSTUNREACH,
         errno.ENETUNREACH,
+        errno.EMFILE,  # out of file descriptors: a connection storm passes
+        errno.ENFILE,
     }
 )
 

@@ -276,6 +276,15 @@ async def test_sqlite_file_in_an_uncreatable_directory_is_a_config_error(tmp_pat
         await Database.open(f"sqlite:///{blocker}/sub/m.db")
 
 
+async def test_sqlite_path_that_is_a_directory_is_a_config_error_at_once(tmp_path: Any) -> None:
+    """A SQLite path that cannot be opened (here a directory) is a ConfigError naming the
+    path, not retried: at run time "unable to open database file" is retried (a process
+    out of file descriptors), at start it is a wrong path."""
+    (tmp_path / "m.db").mkdir()
+    with pytest.raises(ConfigError, match=r"m\.db: cannot open the file: unable to open"):
+        await Database.open(f"sqlite:///{tmp_path}/m.db", retry_timeout_s=30)
+
+
 @pytest.mark.parametrize("database_url", ["postgresql"], indirect=True)
 async def test_missing_postgres_database_is_a_config_error(database_url: str) -> None:
     """A PostgreSQL database that does not exist is a ConfigError, not a retry loop."""

@@ -29,6 +29,8 @@ def _wrapped(orig: BaseException) -> sa_exc.DBAPIError:
     "error",
     [
         _wrapped(sqlite3.OperationalError("database is locked")),
+        sqlite3.OperationalError("unable to open database file"),  # out of descriptors
+        OSError(errno.EMFILE, "Too many open files"),
         _wrapped(_PgError("terminating connection due to administrator command", "57P01")),
         _wrapped(_PgError("the database system is starting up", "57P03")),
         _wrapped(_PgError("canceling statement due to lock timeout", "55P03")),
@@ -41,7 +43,8 @@ def _wrapped(orig: BaseException) -> sa_exc.DBAPIError:
     ],
 )
 def test_transient_errors_are_retried(error: BaseException) -> None:
-    """Lock contention and an unreachable or restarting server are transient."""
+    """Lock contention, an unreachable or restarting server, and a process out of file
+    descriptors are transient."""
     assert is_transient(error)
 
 
