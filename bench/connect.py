@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import collections
-import gc
 import json
 import os
 import random
@@ -69,7 +68,6 @@ from fleet.tls import (  # noqa: E402
 )
 from fleet.v1 import fleet_pb2, fleet_pb2_grpc, manager_pb2, manager_pb2_grpc  # noqa: E402
 from manager.config import ControlConfig  # noqa: E402
-from manager.gc_tuning import GEN0_THRESHOLD  # noqa: E402
 
 KEEPALIVE, KEEPALIVE_TIMEOUT = 30.0, 10.0
 LOOPBACK_HOSTS = 64
@@ -168,17 +166,10 @@ async def _loadgen(spec: dict[str, Any]) -> None:
                 rng=random.Random(rng.random()),
             )
         )
-    # The nodes live as long as the process: out of the cyclic GC's way (perf: ~15% of a
-    # generator's CPU in a reconnect storm was collections traversing them), and young
-    # collections as rare as the manager's (manager/gc_tuning.py).
-    gc.freeze()
-    _, gen1, gen2 = gc.get_threshold()
-    gc.set_threshold(GEN0_THRESHOLD, gen1, gen2)
     for node in nodes:
         node.start()
         await asyncio.sleep(spec["spread"] / max(1, len(nodes)))
     await asyncio.gather(*(n.connected.wait() for n in nodes))
-    gc.freeze()  # and what connecting made that stays (channels, streams, records)
     print(json.dumps({"connected": len(nodes)}), flush=True)
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader()

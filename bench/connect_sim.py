@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import random
 import time
 from collections.abc import Callable
@@ -119,17 +118,6 @@ def keepalive_options(time_s: float, timeout_s: float) -> list[tuple[str, Any]]:
     ]
 
 
-def node_channel_options(
-    trust_domain: str, keepalive: tuple[float, float] = (10.0, 5.0)
-) -> list[tuple[str, Any]]:
-    """A node's channel options: the manager's name, keepalive, a subchannel of its own."""
-    return [
-        *channel_options(f"manager.{trust_domain}"),
-        *keepalive_options(*keepalive),
-        ("grpc.use_local_subchannel_pool", 1),
-    ]
-
-
 def open_channel(
     address: str,
     tls: TLSConfig,
@@ -138,37 +126,12 @@ def open_channel(
     keepalive: tuple[float, float] = (10.0, 5.0),
 ) -> aio.Channel:
     """An mTLS channel of its own (no shared subchannel) to the manager at `address`."""
-    options = node_channel_options(trust_domain, keepalive)
+    options = [
+        *channel_options(f"manager.{trust_domain}"),
+        *keepalive_options(*keepalive),
+        ("grpc.use_local_subchannel_pool", 1),
+    ]
     return aio.secure_channel(address, channel_credentials(tls), options=options)
-
-
-class Credentials:
-    """`channel_credentials(tls)`, built again only when the files change.
-
-    Building them parses and checks the certificates and key in Python (~0.4 ms) and
-    gRPC core builds its TLS context for each new credentials object; a reconnect
-    storm dials ~2 connections a node. The daemon reads its files per connection too,
-    but one daemon per host; a load generator simulates thousands on 2 cores.
-    """
-
-    def __init__(self, tls: TLSConfig) -> None:
-        self.tls = tls
-        self._stamp: tuple[tuple[int, int, int], ...] | None = None
-        self._credentials: grpc.ChannelCredentials | None = None
-
-    def get(self) -> grpc.ChannelCredentials:
-        """The credentials for the files as they are now (ConfigError as channel_credentials)."""
-        try:  # (mtime, size, inode) of each, as the manager's reloader (fleet.tls) tells
-            stamp = tuple(
-                (st.st_mtime_ns, st.st_size, st.st_ino)
-                for st in map(os.stat, (self.tls.ca_file, self.tls.cert_file, self.tls.key_file))
-            )
-        except OSError:
-            stamp = None  # channel_credentials says what is wrong with them
-        if stamp is None or stamp != self._stamp or self._credentials is None:
-            self._credentials = channel_credentials(self.tls)
-            self._stamp = stamp
-        return self._credentials
 
 
 class ControlStream:
@@ -413,8 +376,6 @@ class ConnectNode:
         self.metrics_interval = metrics_interval
         self.state_change_interval = state_change_interval
         self.keepalive = keepalive
-        self._credentials = Credentials(tls)
-        self._options = node_channel_options(trust_domain, keepalive)
         # A daemon's defaults (daemon/config.py): full-jitter backoff from 0.5 s to 30 s,
         # started over after a connection that carried a call past its hello; every
         # call with a 10 s deadline, the hello 30 s for its welcome (welcome_timeout_seconds),
@@ -538,8 +499,8 @@ class ConnectNode:
             await self._channel.close(None)  # the kept connection went meanwhile
             self._channel = None
         if self._channel is None:
-            self._channel = aio.secure_channel(
-                address, self._credentials.get(), options=self._options
+            self._channel = open_channel(
+                address, self.tls, self.trust_domain, keepalive=self.keepalive
             )
             self.record.dials.append(time.time())
             # As the daemon (daemon.manager_link._connection): the hello's deadline starts

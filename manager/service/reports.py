@@ -11,8 +11,6 @@ is acted on at once.
 
 from __future__ import annotations
 
-import asyncio
-import collections
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
@@ -21,18 +19,11 @@ from manager.storage.desired import DesiredStateRepository, DesiredTx
 from manager.storage.events import event_row
 from manager.storage.records import NodeDesiredRecord, UpdateErrorRecord
 
-_Peek = tuple[str, int, Sequence[UpdateErrorRecord] | None, bool, int, asyncio.Future[bool]]
-"""A report waiting for its node's row: node, spec version, errors, registered, now, answer."""
-
 __all__ = ["DaemonReports", "reported_row", "update_errors_event", "update_errors_event_row"]
 
 
 class DaemonReports:
-    """Stores daemons' spec versions and update errors.
-
-    Whether a report changes anything is read first, one read for the reports
-    waiting for one (at most `max_peeks` nodes a read); only a change is a write.
-    """
+    """Stores daemons' spec versions and update errors."""
 
     def __init__(
         self,
@@ -40,14 +31,10 @@ class DaemonReports:
         *,
         clock: Callable[[], float],
         on_change: Callable[[], None] = lambda: None,
-        max_peeks: int = 500,
     ) -> None:
         self._repo = repo
         self._clock = clock
         self._on_change = on_change
-        self._max_peeks = max_peeks
-        self._peeks: collections.deque[_Peek] = collections.deque()
-        self._peeker: asyncio.Task[None] | None = None
 
     async def report(
         self,
@@ -74,66 +61,17 @@ class DaemonReports:
                 now_ms=now_ms,
             )
 
+        async def peek(tx: DesiredTx) -> bool:
+            row = (await tx.node_desired([node_id])).get(node_id)
+            return reported_row(row, node_id, spec_version, update_errors, registered, now_ms)[1]
+
         # Almost always nothing changed (a daemon reconnecting with the set it had):
         # a read then, not a write transaction per hello queued on SQLite's one
-        # writer, which made a whole fleet's reconnect wait on each other; and one read
-        # for the hellos that came meanwhile, not a transaction each (after a restart
-        # they come by the thousand).
-        if not await self._peek(node_id, spec_version, update_errors, registered, now_ms):
+        # writer, which made a whole fleet's reconnect wait on each other.
+        if not await self._repo.run(peek, write=False):
             return
         if await self._repo.run(body):
             self._on_change()
-
-    async def _peek(
-        self,
-        node_id: str,
-        spec_version: int,
-        update_errors: Sequence[UpdateErrorRecord] | None,
-        registered: bool,
-        now_ms: int,
-    ) -> bool:
-        """Whether `report` would change the node's row as it is now (read with the
-        other reports waiting for a read: a group read)."""
-        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
-        self._peeks.append((node_id, spec_version, update_errors, registered, now_ms, done))
-        if self._peeker is None or self._peeker.done():
-            self._peeker = asyncio.create_task(self._peek_queued(), name="report-peeks")
-        return await done
-
-    async def _peek_queued(self) -> None:
-        while self._peeks:
-            batch: list[_Peek] = []
-            while self._peeks and len(batch) < self._max_peeks:
-                peek = self._peeks.popleft()
-                if not peek[-1].done():  # its hello went meanwhile
-                    batch.append(peek)
-            if not batch:
-                continue
-            ids = list(dict.fromkeys(peek[0] for peek in batch))
-
-            async def read(tx: DesiredTx, ids: list[str] = ids) -> dict[str, NodeDesiredRecord]:
-                return await tx.node_desired(ids)
-
-            try:
-                rows = await self._repo.run(read, write=False)
-            except BaseException as exc:
-                for *_, done in batch:
-                    if done.done():
-                        continue
-                    if isinstance(exc, asyncio.CancelledError):
-                        done.cancel()
-                    else:
-                        done.set_exception(exc)
-                if not isinstance(exc, Exception):
-                    raise
-                continue
-            for node_id, spec_version, update_errors, registered, now_ms, done in batch:
-                if not done.done():
-                    row = rows.get(node_id)
-                    changed = reported_row(
-                        row, node_id, spec_version, update_errors, registered, now_ms
-                    )[1]
-                    done.set_result(changed)
 
     @staticmethod
     async def apply(
