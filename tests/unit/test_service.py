@@ -391,13 +391,15 @@ def test_open_files_target_is_the_hard_limit() -> None:
 def test_raise_open_files_limit_in_a_process_started_low() -> None:
     """A child started with soft 256 ends with soft == its hard limit."""
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    limit = "unlimited" if hard == resource.RLIM_INFINITY else str(hard)
     code = (
         "import resource; from fleet.service import raise_open_files_limit;"
         "print(raise_open_files_limit(), resource.getrlimit(resource.RLIMIT_NOFILE)[0])"
     )
+    # prlimit (util-linux) starts it low; a preexec_fn would run Python between fork and
+    # exec in a pytest worker whose gRPC threads make that unsafe (it aborted once).
     out = subprocess.run(
-        [sys.executable, "-c", code],
-        preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)),
+        ["prlimit", f"--nofile=256:{limit}", sys.executable, "-c", code],
         capture_output=True,
         text=True,
         check=True,
