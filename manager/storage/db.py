@@ -253,7 +253,7 @@ class Database:
         writers; WAL gives it one snapshot). `fn` must not write."""
         if self.dialect != "sqlite":
             raise ValueError("run_sqlite_read: an SQLite database only")
-        return await self._retried(lambda: self._sqlite_once(fn, args, write=False))
+        return await self._retried(lambda: self._sqlite_read(fn, args))
 
     async def _retried(self, attempt: Callable[[], Awaitable[T]]) -> T:
         started = time.monotonic()
@@ -308,11 +308,10 @@ class Database:
             with contextlib.suppress(Exception):
                 await hop.close()
 
-    async def _sqlite_once(self, fn: Callable[..., T], args: tuple[Any, ...], *, write: bool) -> T:
-        lock = self._write_lock if write else contextlib.nullcontext()
-        mode = "IMMEDIATE" if write else "DEFERRED"
-        async with lock, self._engine.connect() as conn:
-            result: T = await on_driver_thread(conn, _sqlite_transaction, fn, args, mode)
+    async def _sqlite_read(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
+        # A pooled connection of its own: reads run beside the writes' kept one.
+        async with self._engine.connect() as conn:
+            result: T = await on_driver_thread(conn, _sqlite_transaction, fn, args, "DEFERRED")
             # The transaction ended on the thread, committed or rolled back, even if we
             # were cancelled meanwhile: the pool's reset may skip its rollback.
             conn.info[_CLEAN] = True
