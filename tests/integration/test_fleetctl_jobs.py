@@ -262,6 +262,21 @@ def test_ctrl_c_without_a_terminal_leaves_the_job_running(fleet: LiveFleet) -> N
     assert fleet.fleetctl("jobs", "cancel", job["id"]).exit_code == 0
 
 
+def run_with_n3_undeliverable(fleet: LiveFleet) -> str:
+    """`run` on role=web with a 4 s delivery timeout, n3 unreachable: n1 and n2 succeed, n3
+    ends UNDELIVERABLE and the job PARTIAL (exit 4); the one note saying why n3 waited."""
+    result = fleet.fleetctl(
+        "run", "-l", "role=web", "--yes", "--delivery-timeout", "4s", "--", "true"
+    )
+    assert result.exit_code == EXIT_JOB_PARTIAL, result.output
+    notes = [ln for ln in result.stderr.splitlines() if "wait for their node" in ln]
+    assert len(notes) == 1, result.stderr
+    assert "(the delivery timeout, 4s) ends UNDELIVERABLE" in notes[0]
+    (job,) = listed(fleet)
+    assert job["counts"] == {"SUCCESS": 2, "UNDELIVERABLE": 1}
+    return notes[0]
+
+
 def test_run_says_which_targets_wait_for_an_offline_node(fleet: LiveFleet) -> None:
     """n3 is registered, role=web, and offline: while its target waits, run says so (with
     when it gives up), then it ends UNDELIVERABLE and the job PARTIAL (exit 4)."""
@@ -271,18 +286,10 @@ def test_run_says_which_targets_wait_for_an_offline_node(fleet: LiveFleet) -> No
         fleet.manager.nodes.mark_offline(cutoff_ms=now_ms + 1, now_ms=now_ms, only=["n3"])
     )
     assert gone == ["n3"]
-    result = fleet.fleetctl(
-        "run", "-l", "role=web", "--yes", "--delivery-timeout", "4s", "--", "true"
-    )
-    assert result.exit_code == EXIT_JOB_PARTIAL, result.output
-    notes = [ln for ln in result.stderr.splitlines() if "wait for their node" in ln]
-    assert len(notes) == 1, result.stderr
-    assert notes[0].startswith(
+    note = run_with_n3_undeliverable(fleet)
+    assert note.startswith(
         "fleetctl: 1 target(s) wait for their node to come back online: n3 (offline since "
     )
-    assert "(the delivery timeout, 4s) ends UNDELIVERABLE" in notes[0]
-    (job,) = listed(fleet)
-    assert job["counts"] == {"SUCCESS": 2, "UNDELIVERABLE": 1}
 
 
 def test_jobs_show_says_which_targets_wait_for_an_offline_node(fleet: LiveFleet) -> None:
@@ -331,19 +338,12 @@ def test_run_says_which_targets_wait_for_a_lost_control_stream(fleet: LiveFleet)
         lambda ns: any(n["node_id"] == "n3" and n["stream"] == "LOST" for n in ns),
     )
     assert [n["status"] for n in nodes if n["node_id"] == "n3"] == ["ONLINE"]
-    result = fleet.fleetctl(
-        "run", "-l", "role=web", "--yes", "--delivery-timeout", "4s", "--", "true"
-    )
-    assert result.exit_code == EXIT_JOB_PARTIAL, result.output
-    notes = [ln for ln in result.stderr.splitlines() if "wait for their node" in ln]
-    assert len(notes) == 1, result.stderr
-    assert notes[0].startswith(
+    note = run_with_n3_undeliverable(fleet)
+    assert note.startswith(
         "fleetctl: 1 target(s) wait for their node's control stream to come back"
         " (the node still counts as online): n3 (lost at "
-    ), notes[0]
-    assert "(the delivery timeout, 4s) ends UNDELIVERABLE" in notes[0]
+    ), note
     (job,) = listed(fleet)
-    assert job["counts"] == {"SUCCESS": 2, "UNDELIVERABLE": 1}
     (n3,) = [t for t in show(fleet, job["id"])["targets"] if t["node_id"] == "n3"]
     assert "attempt(s) failed, the last: n3: the node has no control stream" in n3["reason"]
 
