@@ -181,17 +181,37 @@ class ControlEnd:
         await self.channel.close()
 
 
-async def open_stream(
-    pki: Any, port: int, node_id: str, *, role: str = "node", hello: Any = None, **overrides: Any
-) -> tuple[ControlEnd, manager_pb2.ConnectResponse | None]:
-    """Connect as <role>/<node_id>, send the hello; the end and the first answer (None if
-    the stream ended instead; see `end.status`)."""
+async def dial(pki: Any, port: int, node_id: str, *, role: str = "node") -> aio.Channel:
+    """A channel as <role>/<node_id>, connected (TLS done) before it is returned."""
     tls: TLSConfig = pki.issue(role, node_id)
     channel = aio.secure_channel(
         f"127.0.0.1:{port}",
         channel_credentials(tls),
         options=channel_options(f"manager.{pki.trust_domain}"),
     )
+    await channel.channel_ready()
+    return channel
+
+
+async def open_stream(
+    pki: Any,
+    port: int,
+    node_id: str,
+    *,
+    role: str = "node",
+    hello: Any = None,
+    channel: aio.Channel | None = None,
+    **overrides: Any,
+) -> tuple[ControlEnd, manager_pb2.ConnectResponse | None]:
+    """Connect as <role>/<node_id> (or on `channel`, from `dial`), send the hello; the end
+    and the first answer (None if the stream ended instead; see `end.status`)."""
+    if channel is None:
+        tls: TLSConfig = pki.issue(role, node_id)
+        channel = aio.secure_channel(
+            f"127.0.0.1:{port}",
+            channel_credentials(tls),
+            options=channel_options(f"manager.{pki.trust_domain}"),
+        )
     stub = manager_pb2_grpc.ManagerServiceStub(channel)
     end = ControlEnd(node_id, stub.Connect(), channel)
     end.reading.set()

@@ -14,7 +14,7 @@ from typing import Any
 
 import grpc
 import pytest
-from control_end import ControlEnd, open_stream
+from control_end import ControlEnd, dial, open_stream
 from manager_harness import FakeClock, manager_config, node_stub, rpc_error, running_manager
 from sqlalchemy import text
 
@@ -155,14 +155,18 @@ async def test_new_streams_are_admitted_under_the_ceiling_and_refused_past_the_w
         control={"max_hellos_per_second": 2.0, "max_hello_wait_seconds": 0.6},
     )
     async with running_manager(config, clock) as server:
+        # Connected first, so the five hellos arrive together however long five TLS
+        # handshakes take on a busy machine (the bucket refills at 2/s meanwhile).
+        channels = await asyncio.gather(*(dial(pki, server.port, f"node-{i}") for i in range(5)))
         loop = asyncio.get_running_loop()
         t0 = loop.time()
 
-        async def one(node: str) -> tuple[str, float, ControlEnd, Any]:
-            end, first = await connect(pki, server, ends, node)
+        async def one(i: int) -> tuple[str, float, ControlEnd, Any]:
+            node = f"node-{i}"
+            end, first = await connect(pki, server, ends, node, channel=channels[i])
             return node, loop.time() - t0, end, first
 
-        got = await asyncio.gather(*(one(f"node-{i}") for i in range(5)))
+        got = await asyncio.gather(*(one(i) for i in range(5)))
         welcomed = sorted(t for _, t, _, first in got if first.WhichOneof("body") == "welcome")
         refused = [(node, end, first) for node, _, end, first in got if first.error.code]
         assert len(welcomed) == 3
