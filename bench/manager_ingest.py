@@ -200,9 +200,12 @@ def _process(command: Callable[[int], list[str]], attempts: int = 3) -> Iterator
     again on another port (the picked port can be taken in between).
     """
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # Raised here and inherited: a preexec_fn would run Python between fork and exec in
+    # a process with threads (gRPC's), which can deadlock or abort the child.
+    _raise_nofile()
     for attempt in range(attempts):
         port = _free_port()
-        proc = subprocess.Popen(command(port), env=env, preexec_fn=_raise_nofile)
+        proc = subprocess.Popen(command(port), env=env)
         try:
             _wait_port(port, proc)
             break
