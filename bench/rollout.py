@@ -67,6 +67,7 @@ from manager.config import (  # noqa: E402
     ServerConfig,
     TLSFiles,
 )
+from manager.gc_tuning import settle_gc  # noqa: E402
 from manager.pool import PoolConfig  # noqa: E402
 from manager.server import ManagerServer  # noqa: E402
 from manager.service.convergence import Convergence, PassResult  # noqa: E402
@@ -126,10 +127,21 @@ async def serve_manager() -> None:
     stdin: {"root", "ca", "cert", "key", "n", "port"}; answers {"port"}. Then
     "ref <json>" pushes directly through the pool and answers the seconds it
     took; "passes" answers the convergence passes seen (end time, seconds,
-    pushed); EOF stops the manager.
+    pushed); "gc" the cyclic GC's collections and seconds so far; EOF stops the
+    manager.
     """
     begun = time.time()
     profiler = cProfile.Profile()
+    collected = {"count": 0, "seconds": 0.0, "started": 0.0}
+
+    def timed_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            collected["started"] = time.perf_counter()
+        else:
+            collected["count"] += 1
+            collected["seconds"] += time.perf_counter() - collected["started"]
+
+    gc.callbacks.append(timed_gc)
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=SPEC_LIMIT)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -203,8 +215,7 @@ async def serve_manager() -> None:
     for method in ("run", "run_in_one_hop"):
         if hasattr(repo, method):
             setattr(repo, method, timed(getattr(repo, method)))
-    gc.collect()
-    gc.freeze()  # as fleet-manager does once started (manager/cli.py)
+    settle_gc()  # as fleet-manager does once started (manager/cli.py)
     try:
         _emit({"port": manager.port, "begun": begun})
         while line := await reader.readline():
@@ -213,6 +224,8 @@ async def serve_manager() -> None:
                 _emit({"seconds": await reference(manager, json.loads(arg))})
             elif command == "passes":
                 _emit({"passes": passes})
+            elif command == "gc":
+                _emit({"gc": collected["count"], "seconds": collected["seconds"]})
             elif command == "profile":  # "profile on" / "profile <file>": cProfile the manager
                 if arg == "on":
                     profiler.enable()
@@ -380,7 +393,7 @@ async def run(n: int, batch: int, rounds: int, profile: str = "", verbose: bool 
             "port": 0,
         }
         manager: Child | None = None
-        rows: list[tuple[float, float, float, int, int, float]] = []
+        rows: list[tuple[float, float, float, int, int, float, int, float]] = []
         restart: dict[str, Any] = {}
         try:
             manager = await asyncio.to_thread(Child, spec)
@@ -414,10 +427,14 @@ async def run(n: int, batch: int, rounds: int, profile: str = "", verbose: bool 
                     await asyncio.sleep(SETTLE)
                     if profile:
                         await manager.ask_async("profile on")
+                    gc0 = await manager.ask_async("gc")
                     c0, t0 = manager.cpu(), time.time()
                     rollout = await finished(stub, await apply(stub, version, batch))
                     took = rollout.ended_at / 1000 - t0
                     cpu = manager.cpu() - c0  # includes WatchRollout's polls (a few ms)
+                    gc1 = await manager.ask_async("gc")
+                    collections = gc1["gc"] - gc0["gc"]
+                    gc_ms = (gc1["seconds"] - gc0["seconds"]) * 1000
                     on_it = sum(nd.servicer.pushed[NAME].revision == revision for nd in fleet.nodes)
                     if state(rollout) != "SUCCESSFUL" or on_it != n:
                         problems.append(
@@ -446,11 +463,12 @@ async def run(n: int, batch: int, rounds: int, profile: str = "", verbose: bool 
                                 f"{statistics.median(p['tx'] for p in inc) * 1000:.1f} ms, pushes "
                                 f"{statistics.median(p['push'] for p in inc) * 1000:.1f} ms"
                             )
-                    rows.append((took, ref, cpu, rollout.done, len(mine), busy))
+                    rows.append((took, ref, cpu, rollout.done, len(mine), busy, collections, gc_ms))
                     print(
                         f"round {r + 1}: rollout {took:.3f}s  reference {ref:.3f}s  "
                         f"ratio {took / ref:.2f}x  manager CPU {cpu * 1000 / n:.2f} ms/node  "
-                        f"{len(mine)} passes, {busy:.2f}s in them",
+                        f"{len(mine)} passes, {busy:.2f}s in them; cyclic GC {collections}"
+                        f" collections {gc_ms:.1f} ms",
                         flush=True,
                     )
 
@@ -489,6 +507,11 @@ async def run(n: int, batch: int, rounds: int, profile: str = "", verbose: bool 
         print("  (ratio: median of the rounds' rollout/reference ratios; target <= 1.3x)")
         cpu = statistics.median(r[2] for r in rows)
         print(f"manager CPU per node updated: {cpu * 1000 / n:.2f} ms ({cpu:.2f} s per rollout)")
+        print(
+            f"manager's cyclic GC per rollout (medians): "
+            f"{statistics.median(r[6] for r in rows):.0f} collections, "
+            f"{statistics.median(r[7] for r in rows):.1f} ms"
+        )
     if restart:
         print(
             f"reconcile after a manager restart ({n} nodes): first pass done "
