@@ -221,7 +221,7 @@ async def serve_manager() -> None:
         while line := await reader.readline():
             command, _, arg = line.decode().strip().partition(" ")
             if command == "ref":
-                _emit({"seconds": await reference(manager, json.loads(arg))})
+                _emit(await reference(manager, json.loads(arg)))
             elif command == "passes":
                 _emit({"passes": passes})
             elif command == "gc":
@@ -237,14 +237,15 @@ async def serve_manager() -> None:
         await manager.stop(1.0)
 
 
-async def reference(manager: ManagerServer, job: dict[str, Any]) -> float:
-    """The same pushes as a rollout, made directly: waves of asyncio.gather on the pool."""
+async def reference(manager: ManagerServer, job: dict[str, Any]) -> dict[str, float]:
+    """The same pushes as a rollout, made directly: waves of asyncio.gather on the pool;
+    the seconds they took and the process's CPU seconds meanwhile (all its threads)."""
     spec = agent_spec(job["version"])
     spec.id = NAME
     spec.revision = job["revision"]
     targets = job["targets"]  # [[node, address, version], ...]
     size = job["wave"]
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for i in range(0, len(targets), size):
         await asyncio.gather(
             *(
@@ -253,7 +254,7 @@ async def reference(manager: ManagerServer, job: dict[str, Any]) -> float:
                 for node, address, version in targets[i : i + size]
             )
         )
-    return time.perf_counter() - start
+    return {"seconds": time.perf_counter() - start, "cpu": time.process_time() - cpu}
 
 
 def _emit(obj: object) -> None:
@@ -339,8 +340,9 @@ def state(r: desired_pb2.Rollout) -> str:
 
 async def reference_round(
     manager: Child, fleet: SimFleet, version: str, revision: int, wave: int
-) -> float:
-    """The direct pushes; the daemons neither report them nor keep them."""
+) -> tuple[float, float]:
+    """The direct pushes, their seconds and the manager's CPU seconds; the daemons neither
+    report them nor keep them."""
     saved = []
     for node in fleet.nodes:
         d = node.servicer
@@ -363,7 +365,7 @@ async def reference_round(
         moved = sum(n.servicer.pushed[NAME].revision == revision for n in fleet.nodes)
         if moved != len(fleet.nodes):
             raise RuntimeError(f"reference: {moved} of {len(fleet.nodes)} daemons took the push")
-        return seconds
+        return seconds, float(answer["cpu"])
     finally:
         for node, (link, v, pushed, agents, pushes, errors) in zip(fleet.nodes, saved, strict=True):
             d = node.servicer
@@ -393,7 +395,7 @@ async def run(n: int, batch: int, rounds: int, profile: str = "", verbose: bool 
             "port": 0,
         }
         manager: Child | None = None
-        rows: list[tuple[float, float, float, int, int, float, int, float]] = []
+        rows: list[tuple[float, float, float, int, int, float, int, float, float]] = []
         restart: dict[str, Any] = {}
         try:
             manager = await asyncio.to_thread(Child, spec)
@@ -423,7 +425,7 @@ async def run(n: int, batch: int, rounds: int, profile: str = "", verbose: bool 
                     revision += 1
                     version = str(revision)
                     await asyncio.sleep(SETTLE)
-                    ref = await reference_round(manager, fleet, version, revision, batch)
+                    ref, ref_cpu = await reference_round(manager, fleet, version, revision, batch)
                     await asyncio.sleep(SETTLE)
                     if profile:
                         await manager.ask_async("profile on")
@@ -463,10 +465,13 @@ async def run(n: int, batch: int, rounds: int, profile: str = "", verbose: bool 
                                 f"{statistics.median(p['tx'] for p in inc) * 1000:.1f} ms, pushes "
                                 f"{statistics.median(p['push'] for p in inc) * 1000:.1f} ms"
                             )
-                    rows.append((took, ref, cpu, rollout.done, len(mine), busy, collections, gc_ms))
+                    rows.append(
+                        (took, ref, cpu, rollout.done, len(mine), busy, collections, gc_ms, ref_cpu)
+                    )
                     print(
                         f"round {r + 1}: rollout {took:.3f}s  reference {ref:.3f}s  "
-                        f"ratio {took / ref:.2f}x  manager CPU {cpu * 1000 / n:.2f} ms/node  "
+                        f"ratio {took / ref:.2f}x  manager CPU {cpu * 1000 / n:.2f} ms/node "
+                        f"(reference {ref_cpu * 1000 / n:.2f})  "
                         f"{len(mine)} passes, {busy:.2f}s in them; cyclic GC {collections}"
                         f" collections {gc_ms:.1f} ms",
                         flush=True,
@@ -506,7 +511,11 @@ async def run(n: int, batch: int, rounds: int, profile: str = "", verbose: bool 
         print(f"  {took * 1000:34.0f} ms  {ref * 1000:27.0f} ms  {ratio:4.2f}x")
         print("  (ratio: median of the rounds' rollout/reference ratios; target <= 1.3x)")
         cpu = statistics.median(r[2] for r in rows)
-        print(f"manager CPU per node updated: {cpu * 1000 / n:.2f} ms ({cpu:.2f} s per rollout)")
+        ref_cpu = statistics.median(r[8] for r in rows)
+        print(
+            f"manager CPU per node updated: {cpu * 1000 / n:.2f} ms ({cpu:.2f} s per rollout); "
+            f"the reference's: {ref_cpu * 1000 / n:.2f} ms ({ref_cpu:.2f} s)"
+        )
         print(
             f"manager's cyclic GC per rollout (medians): "
             f"{statistics.median(r[6] for r in rows):.0f} collections, "
