@@ -67,6 +67,7 @@ from manager.config import (  # noqa: E402
     ServerConfig,
     TLSFiles,
 )
+from manager.gc_tuning import settle_gc  # noqa: E402
 from manager.pool import PoolConfig  # noqa: E402
 from manager.server import ManagerServer  # noqa: E402
 from manager.service.convergence import Convergence, PassResult  # noqa: E402
@@ -126,10 +127,21 @@ async def serve_manager() -> None:
     stdin: {"root", "ca", "cert", "key", "n", "port"}; answers {"port"}. Then
     "ref <json>" pushes directly through the pool and answers the seconds it
     took; "passes" answers the convergence passes seen (end time, seconds,
-    pushed); EOF stops the manager.
+    pushed); "gc" the cyclic GC's collections and seconds so far; EOF stops the
+    manager.
     """
     begun = time.time()
     profiler = cProfile.Profile()
+    collected = {"count": 0, "seconds": 0.0, "started": 0.0}
+
+    def timed_gc(phase: str, info: dict[str, int]) -> None:
+        if phase == "start":
+            collected["started"] = time.perf_counter()
+        else:
+            collected["count"] += 1
+            collected["seconds"] += time.perf_counter() - collected["started"]
+
+    gc.callbacks.append(timed_gc)
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=SPEC_LIMIT)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -203,16 +215,17 @@ async def serve_manager() -> None:
     for method in ("run", "run_in_one_hop"):
         if hasattr(repo, method):
             setattr(repo, method, timed(getattr(repo, method)))
-    gc.collect()
-    gc.freeze()  # as fleet-manager does once started (manager/cli.py)
+    settle_gc()  # as fleet-manager does once started (manager/cli.py)
     try:
         _emit({"port": manager.port, "begun": begun})
         while line := await reader.readline():
             command, _, arg = line.decode().strip().partition(" ")
             if command == "ref":
-                _emit({"seconds": await reference(manager, json.loads(arg))})
+                _emit(await reference(manager, json.loads(arg)))
             elif command == "passes":
                 _emit({"passes": passes})
+            elif command == "gc":
+                _emit({"gc": collected["count"], "seconds": collected["seconds"]})
             elif command == "profile":  # "profile on" / "profile <file>": cProfile the manager
                 if arg == "on":
                     profiler.enable()
@@ -224,14 +237,15 @@ async def serve_manager() -> None:
         await manager.stop(1.0)
 
 
-async def reference(manager: ManagerServer, job: dict[str, Any]) -> float:
-    """The same pushes as a rollout, made directly: waves of asyncio.gather on the pool."""
+async def reference(manager: ManagerServer, job: dict[str, Any]) -> dict[str, float]:
+    """The same pushes as a rollout, made directly: waves of asyncio.gather on the pool;
+    the seconds they took and the process's CPU seconds meanwhile (all its threads)."""
     spec = agent_spec(job["version"])
     spec.id = NAME
     spec.revision = job["revision"]
     targets = job["targets"]  # [[node, address, version], ...]
     size = job["wave"]
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     for i in range(0, len(targets), size):
         await asyncio.gather(
             *(
@@ -240,7 +254,7 @@ async def reference(manager: ManagerServer, job: dict[str, Any]) -> float:
                 for node, address, version in targets[i : i + size]
             )
         )
-    return time.perf_counter() - start
+    return {"seconds": time.perf_counter() - start, "cpu": time.process_time() - cpu}
 
 
 def _emit(obj: object) -> None:
@@ -326,8 +340,9 @@ def state(r: desired_pb2.Rollout) -> str:
 
 async def reference_round(
     manager: Child, fleet: SimFleet, version: str, revision: int, wave: int
-) -> float:
-    """The direct pushes; the daemons neither report them nor keep them."""
+) -> tuple[float, float]:
+    """The direct pushes, their seconds and the manager's CPU seconds; the daemons neither
+    report them nor keep them."""
     saved = []
     for node in fleet.nodes:
         d = node.servicer
@@ -350,7 +365,7 @@ async def reference_round(
         moved = sum(n.servicer.pushed[NAME].revision == revision for n in fleet.nodes)
         if moved != len(fleet.nodes):
             raise RuntimeError(f"reference: {moved} of {len(fleet.nodes)} daemons took the push")
-        return seconds
+        return seconds, float(answer["cpu"])
     finally:
         for node, (link, v, pushed, agents, pushes, errors) in zip(fleet.nodes, saved, strict=True):
             d = node.servicer
@@ -380,7 +395,7 @@ async def run(n: int, batch: int, rounds: int, profile: str = "", verbose: bool 
             "port": 0,
         }
         manager: Child | None = None
-        rows: list[tuple[float, float, float, int, int, float]] = []
+        rows: list[tuple[float, float, float, int, int, float, int, float, float]] = []
         restart: dict[str, Any] = {}
         try:
             manager = await asyncio.to_thread(Child, spec)
@@ -410,14 +425,18 @@ async def run(n: int, batch: int, rounds: int, profile: str = "", verbose: bool 
                     revision += 1
                     version = str(revision)
                     await asyncio.sleep(SETTLE)
-                    ref = await reference_round(manager, fleet, version, revision, batch)
+                    ref, ref_cpu = await reference_round(manager, fleet, version, revision, batch)
                     await asyncio.sleep(SETTLE)
                     if profile:
                         await manager.ask_async("profile on")
+                    gc0 = await manager.ask_async("gc")
                     c0, t0 = manager.cpu(), time.time()
                     rollout = await finished(stub, await apply(stub, version, batch))
                     took = rollout.ended_at / 1000 - t0
                     cpu = manager.cpu() - c0  # includes WatchRollout's polls (a few ms)
+                    gc1 = await manager.ask_async("gc")
+                    collections = gc1["gc"] - gc0["gc"]
+                    gc_ms = (gc1["seconds"] - gc0["seconds"]) * 1000
                     on_it = sum(nd.servicer.pushed[NAME].revision == revision for nd in fleet.nodes)
                     if state(rollout) != "SUCCESSFUL" or on_it != n:
                         problems.append(
@@ -446,11 +465,15 @@ async def run(n: int, batch: int, rounds: int, profile: str = "", verbose: bool 
                                 f"{statistics.median(p['tx'] for p in inc) * 1000:.1f} ms, pushes "
                                 f"{statistics.median(p['push'] for p in inc) * 1000:.1f} ms"
                             )
-                    rows.append((took, ref, cpu, rollout.done, len(mine), busy))
+                    rows.append(
+                        (took, ref, cpu, rollout.done, len(mine), busy, collections, gc_ms, ref_cpu)
+                    )
                     print(
                         f"round {r + 1}: rollout {took:.3f}s  reference {ref:.3f}s  "
-                        f"ratio {took / ref:.2f}x  manager CPU {cpu * 1000 / n:.2f} ms/node  "
-                        f"{len(mine)} passes, {busy:.2f}s in them",
+                        f"ratio {took / ref:.2f}x  manager CPU {cpu * 1000 / n:.2f} ms/node "
+                        f"(reference {ref_cpu * 1000 / n:.2f})  "
+                        f"{len(mine)} passes, {busy:.2f}s in them; cyclic GC {collections}"
+                        f" collections {gc_ms:.1f} ms",
                         flush=True,
                     )
 
@@ -488,7 +511,16 @@ async def run(n: int, batch: int, rounds: int, profile: str = "", verbose: bool 
         print(f"  {took * 1000:34.0f} ms  {ref * 1000:27.0f} ms  {ratio:4.2f}x")
         print("  (ratio: median of the rounds' rollout/reference ratios; target <= 1.3x)")
         cpu = statistics.median(r[2] for r in rows)
-        print(f"manager CPU per node updated: {cpu * 1000 / n:.2f} ms ({cpu:.2f} s per rollout)")
+        ref_cpu = statistics.median(r[8] for r in rows)
+        print(
+            f"manager CPU per node updated: {cpu * 1000 / n:.2f} ms ({cpu:.2f} s per rollout); "
+            f"the reference's: {ref_cpu * 1000 / n:.2f} ms ({ref_cpu:.2f} s)"
+        )
+        print(
+            f"manager's cyclic GC per rollout (medians): "
+            f"{statistics.median(r[6] for r in rows):.0f} collections, "
+            f"{statistics.median(r[7] for r in rows):.1f} ms"
+        )
     if restart:
         print(
             f"reconcile after a manager restart ({n} nodes): first pass done "

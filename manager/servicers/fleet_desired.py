@@ -8,6 +8,7 @@ provides the caller's identity check (`_operator`). The decisions are in
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -84,6 +85,7 @@ def _policy(p: ro.UpdatePolicy) -> desired_pb2.UpdatePolicy:
     )
 
 
+@functools.lru_cache(maxsize=256)  # a handful of names; WatchRollout asks per node per poll
 def _status(name: str, enum: Any, prefix: str) -> Any:
     try:
         return enum.Value(prefix + name.upper())

@@ -526,6 +526,26 @@ async def test_batches_are_judged_by_incremental_passes(
         assert any(r.incremental for r in moved), [(r.incremental, r.pushed) for r in seen]
 
 
+async def test_a_rollout_parses_its_revision_once_for_all_its_passes(
+    pki: Any, tmp_path: Path, database_url: str
+) -> None:
+    """The driver keeps the pushed specs it parsed: a rollout of 4 batches parses the new
+    revision once, not once per pass, and still pushes every node that revision."""
+    async with desired_env(pki, tmp_path, database_url) as env:
+        for i in range(4):
+            await env.add(f"p{i}", {"env": "prod"})
+        await env.apply(definition(max_parallel="1"))
+        await until(lambda: env.rollout("web"), lambda r: state(r) == "SUCCESSFUL")
+        convergence = env.manager.convergence
+        parsed, passes = convergence.parsed, convergence.passes
+        await env.apply(definition(version="2.0", max_parallel="1"))
+        done = await env.ended("web")
+        assert (state(done), done.done) == ("SUCCESSFUL", 4)
+        assert env.revisions("web") == {f"p{i}": 2 for i in range(4)}
+        assert convergence.passes - passes >= 4
+        assert convergence.parsed - parsed == 1
+
+
 async def test_daemons_that_answer_without_states_are_judged_by_their_reports(
     pki: Any, tmp_path: Path, database_url: str
 ) -> None:
