@@ -203,6 +203,8 @@ class Jobs:
             attributes={"job_id": job_id, "targets": str(len(targets))},
         )
         await self._repo.add_job(record, targets, audits=[audit], events=[started])
+        if self._hub is not None:
+            self._hub.started(job_id, targets)  # before the driver can commit a row of it
         if self._on_started is not None:
             # As stored, and the nodes as read: the driver need not read either again.
             self._on_started(record, targets, NodesRead(reach, read_at))
@@ -306,6 +308,9 @@ class Jobs:
 
         running = await self._repo.run(body)
         if self._hub is not None:
+            # Its rows may come after a later commit's: watches filter them by time,
+            # the hub's memory of the job would be older than the database.
+            self._hub.forget(job_id)
             self._hub.committed(committed)
         self._on_change(job_id)
         if running:
@@ -366,7 +371,7 @@ class Jobs:
         with self._hub.subscribe(job_id) as news:
             # Subscribed before the read: a row committed after it is news, one before it
             # is in the read (a listener runs after its commit).
-            view = await self.get(job_id)
+            view = await self._first_view(job_id)
             yield view, ()
             spec = view.spec
             last = {t.node_id: t for t in view.targets}
@@ -399,6 +404,24 @@ class Jobs:
                 if changed or _shown_job(now) != _shown_job(record):
                     yield JobView(now, spec, (), _counts(last.values())), changed
                 record = now
+
+    async def _first_view(self, job_id: str) -> JobView:
+        """The job with every target: its row read, its targets as this process stored and
+        committed them since RunJob (`WatchHub.rows`) when it keeps them, so a watch
+        does not read them back; else (and for an ended or cancelled job, whose watch
+        ends at once or whose rows a cancel hands over late) as `get` reads them."""
+        assert self._hub is not None
+        _check_id(job_id)
+        if self._hub.rows(job_id) is None:
+            return await self.get(job_id)
+        record = await self._job_row(job_id)
+        if record is None:
+            raise NotFound(f"job {job_id!r} does not exist")
+        # Taken after the row's read: a commit whose listener has not run yet is news.
+        rows = self._hub.rows(job_id)
+        if rows is None or record.ended_ms or record.cancelled_ms:
+            return await self.get(job_id)
+        return JobView(record, load_spec(record.spec), rows, _counts(rows))
 
     async def _job_row(self, job_id: str) -> JobRecord | None:
         """The job's row alone (SQLite, in one hop)."""

@@ -12,6 +12,10 @@ offsets idempotent, a gap refused, the bound cuts), inserts the kept chunks
 with one executemany, writes the changed rows with another, and appends a
 `JOB_TARGET_FINISHED` event per target that ended. Each submitter then gets
 its outcome; an item is acknowledged only after its transaction committed.
+The committer gathers a batch before it commits (`group_commit.commit_delay`):
+StartJob answers wait up to a couple of milliseconds for others to join them;
+a report or an upload whose sender waits, a planner's decision the pass waits
+for, and the answer that ends a job are committed at once.
 An item that is refused (a gap, an unknown job, another node's target) fails
 alone; the rest of its batch is stored. Listeners (the driver) hear of every
 committed row whose state changed, so they never re-read a whole job per
@@ -35,15 +39,18 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import json
 import logging
 import sqlite3
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from fleet.errors import FailedPrecondition, FleetError, NotFound, PermissionDenied, Unavailable
+from manager.service.group_commit import GroupCommitPolicy, commit_delay
 from manager.service.jobs import (
     TERMINAL,
     OutputAccepted,
@@ -251,9 +258,21 @@ def job_end(
 _Result = Outcome | OutputAccepted
 
 
+def _urgent(item: Change | Upload) -> bool:
+    """Whether a caller blocks on `item`'s commit beyond its own answer: a daemon's report
+    or upload (its sender waits for the acknowledgement), a planner's decision (the pass
+    waits), the answer that ends its job. StartJob answers otherwise gather a batch."""
+    if isinstance(item, Upload):
+        return True
+    return item.kind in ("report", "decision") or item.finish is not None
+
+
 @dataclass
 class _Pending:
     item: Change | Upload
+    at: float
+    """When it was queued (the committer's monotonic clock)."""
+    urgent: bool
     done: asyncio.Future[_Result] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -267,6 +286,8 @@ class JobUpdates:
         repo: JobRepository,
         *,
         clock: Callable[[], float],
+        monotonic: Callable[[], float] = time.monotonic,
+        policy: GroupCommitPolicy | None = None,
         max_batch: int = 2000,
         max_pending: int = 100_000,
         max_batch_bytes: int = 8 * 1024 * 1024,
@@ -274,12 +295,15 @@ class JobUpdates:
     ) -> None:
         self._repo = repo
         self._clock = clock
+        self._monotonic = monotonic
+        self._policy = policy or GroupCommitPolicy()
         self._max_batch = max_batch
         self._max_pending = max_pending
         self._max_batch_bytes = max_batch_bytes
         self._max_pending_bytes = max_pending_bytes
         self._pending_bytes = 0  # output queued or being committed
         self._queue: collections.deque[_Pending] = collections.deque()
+        self._urgent = 0  # urgent items queued
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -333,14 +357,20 @@ class JobUpdates:
             raise Unavailable("the manager is shutting down; retry on another manager")
         if len(self._queue) >= self._max_pending:
             raise Unavailable("too many job updates pending; retry shortly")
-        pending = _Pending(item)
+        urgent = _urgent(item)
+        pending = _Pending(item, self._monotonic(), urgent)
         pending.done.add_done_callback(_consume)
         if isinstance(item, Upload):
             size = len(item.data)
             self._pending_bytes += size
             pending.done.add_done_callback(lambda _: self._release(size))
         self._queue.append(pending)
-        self._wakeup.set()
+        if urgent:
+            self._urgent += 1
+        # Wake the committer only when its decision may have moved (the first item starts
+        # the wait): not a task switch per answer while it gathers a batch.
+        if urgent or len(self._queue) == 1 or len(self._queue) >= self._policy.batch:
+            self._wakeup.set()
         if isinstance(item, Change):
             # A caller that gives up cancels only its own future: the change stays queued
             # and is committed with its batch (the committer skips a done future). No
@@ -360,6 +390,20 @@ class JobUpdates:
                 self._wakeup.clear()
                 await self._wakeup.wait()
                 continue
+            delay = commit_delay(
+                len(self._queue),
+                self._urgent > 0 or self._stopping,
+                self._queue[0].at,
+                self._monotonic(),
+                self._policy,
+            )
+            if delay:
+                # Gather a batch; an urgent item or a full batch wakes this sooner.
+                self._wakeup.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._wakeup.wait()
+                continue
             await self._commit_next()
 
     async def _commit_next(self) -> None:
@@ -372,7 +416,10 @@ class JobUpdates:
                 if group and size + len(item.data) > self._max_batch_bytes:
                     break
                 size += len(item.data)
-            group.append(self._queue.popleft())
+            taken = self._queue.popleft()
+            if taken.urgent:
+                self._urgent -= 1
+            group.append(taken)
         now_ms = int(self._clock() * 1000)
         items = [p.item for p in group]
         keys = {(c.job_id, c.node_id) for c in items}

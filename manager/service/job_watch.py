@@ -8,13 +8,22 @@ memory instead of re-reading every target of the job each poll. Rows another
 replica commits are not seen here, so watches use this on SQLite (one
 manager) only, and still re-read the whole job every few seconds as a safety
 net.
+
+The hub also keeps the rows of the jobs this process started (`started`, as
+RunJob stored them), updated by every commit after it, so a watch's first
+message need not read a job's targets back: in one manager, which commits
+every change, they are the stored rows. A cancel makes the hub forget the
+job (its rows are handed over after its commit, possibly after a later
+commit's); a manager that did not start the job, or whose memory of it was
+evicted (`max_rows`), reads the database.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 
 from manager.storage.jobs import JobTargetRecord
 
@@ -44,14 +53,46 @@ class Watcher:
 class WatchHub:
     """The watchers of this process, by job (module docstring)."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, max_rows: int = 50_000) -> None:
         self._watchers: dict[str, set[Watcher]] = {}
+        self._jobs: collections.OrderedDict[str, dict[str, JobTargetRecord]] = (
+            collections.OrderedDict()
+        )
+        self._held = 0
+        self._max_rows = max_rows
+
+    def started(self, job_id: str, rows: Sequence[JobTargetRecord]) -> None:
+        """`job_id` was just stored with `rows` (call after its commit, before anything
+        else can commit a row of it): keep them, the oldest jobs' beyond `max_rows`."""
+        if len(rows) > self._max_rows:
+            return
+        self._jobs[job_id] = {r.node_id: r for r in rows}
+        self._held += len(rows)
+        while self._held > self._max_rows:
+            _, evicted = self._jobs.popitem(last=False)
+            self._held -= len(evicted)
+
+    def forget(self, job_id: str) -> None:
+        """Stop keeping `job_id`'s rows (a write the hub may hear of out of order)."""
+        kept = self._jobs.pop(job_id, None)
+        if kept is not None:
+            self._held -= len(kept)
+
+    def rows(self, job_id: str) -> tuple[JobTargetRecord, ...] | None:
+        """The job's target rows as committed so far, in its targets' order; None if
+        they are not kept."""
+        kept = self._jobs.get(job_id)
+        return None if kept is None else tuple(kept.values())
 
     def committed(self, rows: Iterable[JobTargetRecord]) -> None:
-        """Hand committed rows to the watchers of their jobs (call after the commit)."""
-        if not self._watchers:
+        """Hand committed rows to the kept jobs and the watchers of their jobs (call after
+        each commit, in commit order)."""
+        if not self._watchers and not self._jobs:
             return
         for row in rows:
+            kept = self._jobs.get(row.job_id)
+            if kept is not None:
+                kept[row.node_id] = row
             for w in self._watchers.get(row.job_id, ()):
                 w.add(row)
 

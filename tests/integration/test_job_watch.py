@@ -108,3 +108,46 @@ async def test_output_and_a_partial_cancel_show_while_the_job_runs(env: Any, pki
     assert watch.targets["h-1"].state == S.JOB_TARGET_STATE_CANCELLED
     async with asyncio.timeout(5):
         assert await watch.stream.read() is aio.EOF
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+async def test_a_watch_starts_from_the_rows_this_manager_stored_not_a_read(env: Any) -> None:
+    """On SQLite a watch's first message takes the job's targets from what RunJob stored
+    and the commits since, not from reading them back: a row changed behind the manager's
+    back (here by a raw write) does not show; once a partial cancel made the manager
+    forget them, a new watch reads the database and shows it."""
+    manager, stub, start = env
+    await start("k-1", hold=True)
+    await start("k-2", hold=True)
+    reply = await stub.RunJob(
+        fleet_pb2.FleetServiceRunJobRequest(
+            spec=command("sleep", "1000", node_ids=["k-1", "k-2"], max_concurrency="2")
+        )
+    )
+    job_id = reply.job.id
+    first = Replay(stub, job_id)
+    await first.until(
+        lambda w: all(
+            w.targets.get(n, S.JobTarget()).state == S.JOB_TARGET_STATE_RUNNING
+            for n in ("k-1", "k-2")
+        ),
+        10,
+    )
+
+    def tamper(db: Any) -> None:
+        db.execute("UPDATE job_targets SET reason = 'written behind' WHERE job_id = ?", (job_id,))
+
+    await manager.db.run_sqlite(tamper)
+    again = Replay(stub, job_id)
+    msg = await again.next()
+    assert {t.node_id: (t.state, t.reason) for t in msg.job.targets} == {
+        n: (first.targets[n].state, first.targets[n].reason) for n in ("k-1", "k-2")
+    }
+    assert all(t.reason != "written behind" for t in msg.job.targets)
+    await stub.CancelJob(fleet_pb2.FleetServiceCancelJobRequest(job_id=job_id, node_ids=["k-2"]))
+    read = Replay(stub, job_id)
+    msg = await read.next()
+    assert {t.node_id: t.reason for t in msg.job.targets}["k-1"] == "written behind"
+    await stub.CancelJob(fleet_pb2.FleetServiceCancelJobRequest(job_id=job_id))
+    for w in (first, again, read):
+        await w.until(lambda w: w.job.ended_at, 10)

@@ -39,3 +39,34 @@ async def test_two_watchers_of_a_job_both_hear_and_the_hub_forgets_them() -> Non
         assert w1.take() == {"b": _row("j", "b")}
     hub.committed([_row("j", "c")])  # no watcher: nothing kept
     assert hub._watchers == {}
+
+
+async def test_the_hub_keeps_a_started_jobs_rows_as_committed_since() -> None:
+    """A job started here is kept with its rows in their order, each commit's rows
+    replacing the older ones; a forgotten or unknown job is not kept."""
+    hub = WatchHub()
+    assert hub.rows("j") is None
+    hub.started("j", [_row("j", "a", "PENDING"), _row("j", "b", "PENDING")])
+    hub.committed([_row("j", "b", "SUCCESS", at=5), _row("other", "a")])
+    hub.committed([_row("j", "a", "RUNNING", at=6)])
+    assert hub.rows("j") == (_row("j", "a", "RUNNING", at=6), _row("j", "b", "SUCCESS", at=5))
+    assert hub.rows("other") is None
+    hub.forget("j")
+    assert hub.rows("j") is None
+    hub.committed([_row("j", "a", "SUCCESS", at=7)])  # forgotten: not kept again
+    assert hub.rows("j") is None
+
+
+async def test_the_hub_keeps_the_newest_jobs_within_its_row_bound() -> None:
+    """Past `max_rows` the oldest jobs are forgotten; a job larger than the bound is
+    never kept (its watches read the database)."""
+    hub = WatchHub(max_rows=4)
+    hub.started("j1", [_row("j1", "a"), _row("j1", "b")])
+    hub.started("j2", [_row("j2", "a"), _row("j2", "b")])
+    hub.started("j3", [_row("j3", "a")])
+    assert hub.rows("j1") is None
+    assert hub.rows("j2") is not None
+    assert hub.rows("j3") is not None
+    hub.started("big", [_row("big", n) for n in "abcde"])
+    assert hub.rows("big") is None
+    assert hub.rows("j2") is not None
