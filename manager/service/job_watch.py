@@ -53,7 +53,8 @@ class Watcher:
 class WatchHub:
     """The watchers of this process, by job (module docstring)."""
 
-    def __init__(self, *, max_rows: int = 50_000) -> None:
+    def __init__(self, *, max_rows: int = 20_000) -> None:
+        """`max_rows`: target rows kept at most (~0.5 KB each); a larger job is read."""
         self._watchers: dict[str, set[Watcher]] = {}
         self._jobs: collections.OrderedDict[str, dict[str, JobTargetRecord]] = (
             collections.OrderedDict()
