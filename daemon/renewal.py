@@ -15,7 +15,7 @@ ManagerService.RenewCertificate over the link's open mTLS connection, the
 answer checked in a child (the very checks the daemon runs at start, and the
 same node identity), then the key, the certificate and the CA written
 atomically, in that order, over the configured ``[tls]`` files. Serving picks
-them up at the next handshake (fleet.tls reloads per handshake); the link
+them up within a second (fleet.tls looks at most once a second); the link
 moves its connection to them (`ManagerLink.use_new_credentials`).
 
 The loop also keeps the expiry for ``/metrics`` and re-reads the files at

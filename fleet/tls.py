@@ -4,10 +4,10 @@
 certificates, `enrollment_server_credentials`, since an enrolling host has none.)
 
 Servers require and verify client certificates against the fleet CA, and
-pick up replaced certificate, key or CA files on the next handshake (no
-restart). Clients check the server's identity through the TLS hostname check:
-`channel_options(identity.server_name)` makes the handshake fail unless the
-peer holds that identity's certificate.
+pick up replaced certificate, key or CA files within a second, from the next
+handshake after they look (no restart). Clients check the server's identity
+through the TLS hostname check: `channel_options(identity.server_name)` makes
+the handshake fail unless the peer holds that identity's certificate.
 
 The TLS version floor is TLS 1.2, gRPC's own default (BoringSSL); grpcio
 offers no knob for it, so there is none here.
@@ -23,7 +23,8 @@ from __future__ import annotations
 import datetime as dt
 import logging
 import os
-from collections.abc import Iterable, Mapping, Sequence
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -37,6 +38,7 @@ if TYPE_CHECKING:
     from cryptography import x509
 
 __all__ = [
+    "RELOAD_CHECK_SECONDS",
     "TLSConfig",
     "channel_credentials",
     "channel_options",
@@ -49,6 +51,9 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+RELOAD_CHECK_SECONDS = 1.0
+"""How often, at most, server credentials look whether their files were replaced."""
 
 
 @dataclass(frozen=True)
@@ -255,14 +260,27 @@ def _one_identity(uris: Sequence[str]) -> Identity:
 class _Reloader:
     """Serves the files' current contents; grpc asks before every handshake.
 
-    Files are re-read only when their (mtime, size, inode) change. New files
-    that do not validate (half-written, expired, wrong CA) are ignored with a
-    warning, and the last good ones keep serving.
+    Files are re-read only when their (mtime, size, inode) change, and looked at
+    (three `stat`s under the GIL, from gRPC's thread) at most every `check_interval`
+    seconds: a reconnecting fleet makes thousands of handshakes a second, and a
+    renewed certificate served within a second is soon enough. New files that do
+    not validate (half-written, expired, wrong CA) are ignored with a warning, and
+    the last good ones keep serving.
     """
 
-    def __init__(self, cfg: TLSConfig, *, serve_ca: bool = False) -> None:
+    def __init__(
+        self,
+        cfg: TLSConfig,
+        *,
+        serve_ca: bool = False,
+        check_interval: float = RELOAD_CHECK_SECONDS,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self._cfg = cfg
         self._serve_ca = serve_ca
+        self._interval = check_interval
+        self._clock = clock
+        self._checked = clock()
         self._stamp = self._stat()
         loaded = cfg._load(now=None)
         self.initial = self._config(loaded)
@@ -290,6 +308,10 @@ class _Reloader:
     def fetch(self) -> Any:
         """Return a new configuration if the files changed and validate, else None."""
         try:
+            now = self._clock()
+            if now - self._checked < self._interval:
+                return None
+            self._checked = now
             stamp = self._stat()
             if stamp in (self._stamp, self._rejected):
                 return None
@@ -310,8 +332,8 @@ class _Reloader:
 def server_credentials(cfg: TLSConfig) -> grpc.ServerCredentials:
     """mTLS server credentials: client certificates required and verified by the CA.
 
-    Validates the files first (ConfigError). Replaced files are used from the
-    next handshake on; established connections keep their session.
+    Validates the files first (ConfigError). Replaced files are used for new
+    handshakes within `RELOAD_CHECK_SECONDS`; established connections keep their session.
     """
     reloader = _Reloader(cfg)
     return grpc.dynamic_ssl_server_credentials(

@@ -735,8 +735,9 @@ class ManagerServer:
             self.directory.changed(node_id)
 
     def _nodes_changed(self) -> None:
-        """A registration or an agent sync: desired state may change; a node may be back
-        (its job targets are sent now)."""
+        """A registration that changed what both read (`RegisterResult.changed`) or an
+        enrollment change: desired state may change; a node may be back (its job targets
+        are sent now)."""
         self.convergence.poke()
         self.job_driver.nodes_changed()
 

@@ -28,6 +28,7 @@ from manager.service.liveness import (
 from manager.service.model import Registration
 from manager.service.validation import validate_registration, validate_timestamp
 from manager.storage import NodeRecord, NodeRepository
+from manager.storage.nodes import Upserted
 
 __all__ = ["NodeRegistry", "RegisterResult", "RegistrationBatches"]
 
@@ -38,13 +39,16 @@ class RegisterResult:
 
     created: bool
     """False when the node was known (re-registration)."""
+    changed: bool
+    """It changed what convergence and the job driver read (`Upserted.changed`), or this
+    replica had not known the node: they need a pass. False for a reconnect as it was."""
     heartbeat_interval_ms: int
     """How often this node should heartbeat."""
     server_time_ms: int
     """The manager's clock."""
 
 
-_Pending = tuple[NodeRecord, int, "asyncio.Future[bool]"]
+_Pending = tuple[NodeRecord, int, "asyncio.Future[Upserted]"]
 
 
 class RegistrationBatches:
@@ -56,9 +60,9 @@ class RegistrationBatches:
         self._queue: collections.deque[_Pending] = collections.deque()
         self._task: asyncio.Task[None] | None = None
 
-    async def submit(self, node: NodeRecord, now_ms: int) -> bool:
-        """Store `node` (registered at `now_ms`); True if it was new."""
-        done: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+    async def submit(self, node: NodeRecord, now_ms: int) -> Upserted:
+        """Store `node` (registered at `now_ms`); whether it was new, or changed."""
+        done: asyncio.Future[Upserted] = asyncio.get_running_loop().create_future()
         self._queue.append((node, now_ms, done))
         if self._task is None or self._task.done():
             self._task = asyncio.create_task(self._drain(), name="registrations")
@@ -98,7 +102,7 @@ class RegistrationBatches:
         self._queue.extendleft(reversed(repeats))
         return batch
 
-    async def _write(self, batch: list[_Pending]) -> list[bool | BaseException]:
+    async def _write(self, batch: list[_Pending]) -> list[Upserted | BaseException]:
         pairs = [(node, ms) for node, ms, _ in batch]
         try:
             return list(await self._nodes.upsert_many(pairs))
@@ -107,7 +111,7 @@ class RegistrationBatches:
                 raise
         # The database refused something validation let through: one at a
         # time, so only that registration fails.
-        outcomes: list[bool | BaseException] = []
+        outcomes: list[Upserted | BaseException] = []
         for pair in pairs:
             try:
                 outcomes.extend(await self._nodes.upsert_many([pair]))
@@ -116,7 +120,7 @@ class RegistrationBatches:
         return outcomes
 
 
-def _answer(batch: list[_Pending], outcomes: list[bool | BaseException]) -> None:
+def _answer(batch: list[_Pending], outcomes: list[Upserted | BaseException]) -> None:
     for (_, _, done), outcome in zip(batch, outcomes, strict=True):
         if done.done():  # the caller went away (deadline); its node is stored anyway
             continue
@@ -204,11 +208,13 @@ class NodeRegistry:
             last_seen_ms=now_ms,
             registered_at_ms=now_ms,
         )
-        created = await self._registrations.submit(record, now_ms)
+        upserted = await self._registrations.submit(record, now_ms)
+        changed = upserted.changed
         if reg.node_id not in self._known:
+            changed = True  # registered by another replica since this one loaded its ids
             self._known.add(reg.node_id)
             self._fleet_size = max(self._fleet_size + 1, len(self._known))
-        return RegisterResult(created, self.interval_ms(), now_ms)
+        return RegisterResult(upserted.created, changed, self.interval_ms(), now_ms)
 
     def forget(self, node_id: str) -> None:
         """`node_id` was deleted: its next heartbeat is NOT_FOUND (so it registers again)."""

@@ -5,7 +5,7 @@ it was made elsewhere, and is renewed there). At two thirds of its lifetime
 (`renewal_due`, pure) the manager makes a new key and a certificate for the
 same identity, host names and IPs, for the same lifetime, and writes the
 key then the certificate atomically: the server's reloader serves them
-from the next handshake, as for a rotation by hand. A failure (e.g. the
+within a second, as for a rotation by hand. A failure (e.g. the
 files are not writable under a hardened unit) is logged and tried again at
 the next check; `fleet_manager_certificate_expiry_timestamp_seconds` shows
 the expiry either way.

@@ -93,7 +93,11 @@ class ManagerServicer(ArtifactDownloads, manager_pb2_grpc.ManagerServiceServicer
                 update_errors=None,
                 registered=True,
             )
-        self._on_change()  # a new or returning node may need its managed set
+        if result.changed:
+            # A new or returning node may need its managed set or its job targets. Not
+            # for a node reconnecting as it was: after a manager restart that was every
+            # node, each poke a full pass over the fleet.
+            self._on_change()
         return manager_pb2.RegisterNodeResponse(
             success=True,
             message="registered" if result.created else "re-registered",

@@ -17,7 +17,20 @@ from manager.storage.records import NodeLabels, NodeReach, NodeRecord
 from manager.storage.schema import node_certificates, node_revocations, nodes
 from manager.storage.sqlhelp import chunks, dialect_insert
 
-__all__ = ["NodeRepository", "effective_labels", "labels_event", "node_from_row"]
+__all__ = ["NodeRepository", "Upserted", "effective_labels", "labels_event", "node_from_row"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Upserted:
+    """One registration's outcome (`NodeRepository.upsert_many`)."""
+
+    created: bool
+    """The node was new (or enrolled but never registered)."""
+    changed: bool
+    """It changed what convergence and the job driver read of the node: new, back from
+    offline, effective labels, daemon address or jobs_disabled. False for a node
+    re-registering as it was (a reconnect), which needs no pass of theirs."""
+
 
 # The node is on the deny list and was issued no certificate since (RemovalRepository's
 # still_revoked, for one node row).
@@ -165,15 +178,15 @@ class NodeRepository:
         in the same transaction. Idempotent. A row made by enrollment (never
         registered) counts as new. `node.cert_not_after_ms` 0 keeps the stored one.
         """
-        return (await self.upsert_many([(node, now_ms)]))[0]
+        return (await self.upsert_many([(node, now_ms)]))[0].created
 
-    async def upsert_many(self, batch: Sequence[tuple[NodeRecord, int]]) -> builtins.list[bool]:
+    async def upsert_many(self, batch: Sequence[tuple[NodeRecord, int]]) -> builtins.list[Upserted]:
         """`upsert` of several (node, now_ms) pairs in one transaction.
 
         A handful of statements whatever the batch size, so a registration
         storm (a new manager, a whole fleet restarting) costs one commit per
         batch rather than per node. Node ids must be unique in the batch.
-        Returns, per pair, True if that node was new (or enrolled but never registered).
+        Returns, per pair, whether that node was new and whether it changed (`Upserted`).
         """
         ids = [node.node_id for node, _ in batch]
         if len(set(ids)) != len(ids):
@@ -185,14 +198,18 @@ class NodeRepository:
             nodes.c.labels,
             nodes.c.operator_labels,
             nodes.c.registered_at_ms,
+            nodes.c.daemon_address,
+            nodes.c.jobs_disabled,
         )
 
-        async def body(conn: AsyncConnection) -> builtins.list[bool]:
+        async def body(conn: AsyncConnection) -> builtins.list[Upserted]:
             # Locks the known rows (PostgreSQL), so a concurrent sweep cannot
             # flip one between this read and the update.
             status: dict[str, str] = {}
             labels: dict[str, tuple[str, str]] = {}  # effective, operator (JSON as stored)
             enrolled: set[str] = set()  # rows made by enrollment, never registered
+            reach: dict[str, tuple[str, bool]] = {}  # daemon_address, jobs_disabled
+            changed: set[str] = set()  # known nodes whose registration changed something
             # In node-id order, as the last-seen flush locks them (no deadlock between the two).
             for part in chunks(sorted(ids)):
                 rows = await conn.execute(
@@ -204,6 +221,7 @@ class NodeRepository:
                 for row in rows:
                     status[row.node_id] = row.status
                     labels[row.node_id] = (row.labels, row.operator_labels)
+                    reach[row.node_id] = (row.daemon_address, bool(row.jobs_disabled))
                     if row.registered_at_ms == 0:
                         enrolled.add(row.node_id)
             new = [(node, ms) for node, ms in batch if node.node_id not in status]
@@ -216,8 +234,10 @@ class NodeRepository:
                         [_insert_row(node, ms) for node, ms in new],
                     )
                 )
-                # Registered by another replica since the read: update it instead.
+                # Registered by another replica since the read: update it instead (a
+                # change for this replica, which had not seen it).
                 raced = [node.node_id for node, _ in new if node.node_id not in inserted]
+                changed.update(raced)
                 if raced:
                     rows = await conn.execute(
                         select(*known_columns)
@@ -228,6 +248,7 @@ class NodeRepository:
                     for row in rows:
                         status[row.node_id] = row.status
                         labels[row.node_id] = (row.labels, row.operator_labels)
+                        reach[row.node_id] = (row.daemon_address, bool(row.jobs_disabled))
             known = [(node, ms) for node, ms in batch if node.node_id in status]
             label_events = []
             updates = []
@@ -235,7 +256,13 @@ class NodeRepository:
                 stored, operator = labels[node.node_id]
                 effective = effective_labels(node.labels, load_map(operator))
                 updates.append(_update_row(node, ms, effective))
+                if status[node.node_id] != "online" or reach[node.node_id] != (
+                    node.daemon_address,
+                    node.jobs_disabled,
+                ):
+                    changed.add(node.node_id)
                 if dump_map(effective) != stored:
+                    changed.add(node.node_id)
                     label_events.append(
                         labels_event(
                             node.node_id,
@@ -265,7 +292,11 @@ class NodeRepository:
                 if status.get(node.node_id) == "offline" and node.node_id not in enrolled:
                     new_events.append(_online_event(node.node_id, ms, actor))
             await insert_events(conn, [*new_events, *label_events])
-            return [node.node_id not in status or node.node_id in enrolled for node, _ in batch]
+            out = []
+            for node, _ in batch:
+                created = node.node_id not in status or node.node_id in enrolled
+                out.append(Upserted(created, created or node.node_id in changed))
+            return out
 
         return await self._db.run(body)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import logging
 import subprocess
@@ -21,6 +22,7 @@ from fleet.errors import ConfigError
 from fleet.interceptors import ErrorMappingInterceptor
 from fleet.pki import CertificateAuthority, Identity
 from fleet.tls import (
+    RELOAD_CHECK_SECONDS,
     TLSConfig,
     channel_credentials,
     channel_options,
@@ -258,6 +260,7 @@ async def test_server_picks_up_a_replaced_certificate(
         # A half-written replacement does not validate: the old certificate keeps serving.
         good_cert = server_tls.cert_file.read_bytes()
         server_tls.cert_file.write_text("-----BEGIN CERTIFICATE-----\ntrunc")
+        await asyncio.sleep(RELOAD_CHECK_SECONDS + 0.05)  # the files are looked at this often
         with caplog.at_level(logging.WARNING, logger="fleet.tls"):
             assert (await dial(port, creds, m1)).node.labels["caller"] == "operator/admin"
         assert any("still serving the old" in r.getMessage() for r in caplog.records)
@@ -266,6 +269,7 @@ async def test_server_picks_up_a_replaced_certificate(
         pki.ca.issue("manager", "m2").write(
             server_tls.cert_file.parent, stem=server_tls.cert_file.stem
         )
+        await asyncio.sleep(RELOAD_CHECK_SECONDS + 0.05)
         assert (await dial(port, creds, m2)).node.labels["caller"] == "operator/admin"
         await refused(port, creds, m1)
 

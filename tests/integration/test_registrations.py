@@ -11,6 +11,7 @@ from sqlalchemy import event
 from fleet.errors import InvalidArgument
 from manager.service.registry import RegistrationBatches
 from manager.storage import Database, NodeRepository
+from manager.storage.nodes import Upserted
 
 
 def _count_commits(database: Database) -> list[int]:
@@ -28,7 +29,7 @@ async def test_registrations_arriving_together_share_one_transaction(database: D
         *(batches.submit(node_record(f"n{i}"), 1_000 + i) for i in range(50)),
         batches.submit(node_record("n0", hostname="again"), 2_000),
     )
-    assert created == [True] * 50 + [False]
+    assert [u.created for u in created] == [True] * 50 + [False]
     assert len(commits) == 2
     assert await nodes.count() == 50
     again = await nodes.get("n0")
@@ -48,8 +49,8 @@ async def test_a_batch_the_database_refuses_fails_only_the_bad_registration(
         batches.submit(node_record("good-2"), 1_000),
         return_exceptions=True,
     )
-    assert outcomes[0] is True
-    assert outcomes[2] is True
+    assert outcomes[0] == Upserted(created=True, changed=True)
+    assert outcomes[2] == Upserted(created=True, changed=True)
     assert isinstance(outcomes[1], InvalidArgument)
     assert sorted(await nodes.known_ids()) == ["good-1", "good-2"]
 
@@ -74,7 +75,7 @@ async def test_a_registration_whose_caller_left_while_queued_is_not_written(
     a, b, c = (asyncio.create_task(batches.submit(node_record(n), 1_000)) for n in ("a", "b", "c"))
     await asyncio.sleep(0)  # all three queued; a's transaction starts next
     c.cancel()
-    assert await asyncio.gather(a, b) == [True, True]
+    assert [u.created for u in await asyncio.gather(a, b)] == [True, True]
     with pytest.raises(asyncio.CancelledError):
         await c
     await asyncio.sleep(0.2)  # anything still queued would be written by now

@@ -105,7 +105,12 @@ async def test_upsert_many_mixes_new_known_and_offline_nodes(database: Database)
         (node_record("down"), 3_002),
         (node_record("new-2"), 3_003),
     ]
-    assert await nodes.upsert_many(batch) == [True, False, False, True]
+    assert [(u.created, u.changed) for u in await nodes.upsert_many(batch)] == [
+        (True, True),
+        (False, True),  # its labels
+        (False, True),  # back online
+        (True, True),
+    ]
     for node, ms in batch:
         got = await nodes.get(node.node_id)
         assert got is not None
@@ -380,7 +385,9 @@ async def test_reregistering_600_nodes_is_one_update_even_with_new_labels(
 
     event.listen(database.engine.sync_engine, "before_cursor_execute", record)
     try:
-        assert await nodes.upsert_many(batch) == [False] * 600
+        outcomes = await nodes.upsert_many(batch)
+        assert [u.created for u in outcomes] == [False] * 600
+        assert [u.changed for u in outcomes] == [True, True] + [False] * 598
     finally:
         event.remove(database.engine.sync_engine, "before_cursor_execute", record)
     assert [many for s, many in statements if s.startswith("UPDATE NODES")] == [True]
@@ -401,3 +408,37 @@ async def test_concurrent_first_registrations_create_onenode_record(database: Da
     )
     assert sorted(created) == [False, False, False, False, True]
     assert await nodes.count() == 1
+
+
+async def test_upsert_many_says_which_registrations_changed_what_the_drivers_read(
+    database: Database,
+) -> None:
+    """`changed` (convergence and the job driver are poked for it): effective labels,
+    daemon address, jobs_disabled, back from offline; not a reconnect as it was, nor
+    fields neither reads (hostname, versions), nor a daemon label an operator's hides."""
+    nodes = NodeRepository(database)
+    ids = ["same", "renamed", "labels", "hidden", "address", "jobs", "down"]
+    await nodes.upsert_many([(node_record(n), 1_000) for n in ids])
+    await nodes.update_labels("hidden", {"zone": "x"}, [], actor="operator/t", now_ms=1_500)
+    await nodes.mark_offline(cutoff_ms=1_001, now_ms=2_000, only=["down"])
+    outcomes = await nodes.upsert_many(
+        [
+            (node_record("same"), 3_000),
+            (node_record("renamed", hostname="other", daemon_version="2.0.0"), 3_000),
+            (node_record("labels", labels={"zone": "b"}), 3_000),
+            (node_record("hidden", labels={"zone": "b"}), 3_000),
+            (node_record("address", daemon_address="10.0.0.9:7443"), 3_000),
+            (node_record("jobs", jobs_disabled=True), 3_000),
+            (node_record("down"), 3_000),
+        ]
+    )
+    assert {n: u.changed for n, u in zip(ids, outcomes, strict=True)} == {
+        "same": False,
+        "renamed": False,
+        "labels": True,
+        "hidden": False,
+        "address": True,
+        "jobs": True,
+        "down": True,
+    }
+    assert not any(u.created for u in outcomes)

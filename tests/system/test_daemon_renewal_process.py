@@ -173,8 +173,12 @@ async def test_an_enrolled_daemon_renews_while_serving_and_reporting(fleet: Flee
             assert format(first_serial, "x") in issued
             assert key_file.read_bytes() != first_key
             assert oct(key_file.stat().st_mode & 0o777) == "0o600"
-            served = await asyncio.to_thread(served_serial, port, fleet.manager_side)
-            assert served == serial_of(cert_file)
+            # Served within a second (the daemon's port looks at its files that often).
+            await eventually(
+                lambda: asyncio.to_thread(served_serial, port, fleet.manager_side),
+                lambda served: served == serial_of(cert_file),
+                within=5.0,
+            )
             live = await fleet.op.ListAgents(
                 fleet_pb2.FleetServiceListAgentsRequest(node_id="web-1", live=True)
             )

@@ -17,7 +17,13 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from fleet.errors import ConfigError, PermissionDenied, Unauthenticated
 from fleet.pki import CertificateAuthority, Identity
-from fleet.tls import TLSConfig, channel_credentials, identity_from_auth_context, server_credentials
+from fleet.tls import (
+    TLSConfig,
+    _Reloader,
+    channel_credentials,
+    identity_from_auth_context,
+    server_credentials,
+)
 
 NOW = dt.datetime(2026, 6, 1, 12, 0, tzinfo=dt.UTC)
 
@@ -290,3 +296,34 @@ def test_peer_identity_checks_load_no_crypto_library() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert out.stdout.strip() == "False"
+
+
+def test_the_reloader_looks_at_the_files_at_most_once_a_second(
+    pki: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Handshakes within a second of the last look neither `stat` the files nor see a
+    replacement; the first one after it serves the renewed certificate, once."""
+    cfg: TLSConfig = pki.issue("manager", "m1")
+    now = [100.0]
+    reloader = _Reloader(cfg, clock=lambda: now[0])
+    pki.ca.issue("manager", "m2").write(cfg.cert_file.parent, stem=cfg.cert_file.stem)
+    files = {cfg.ca_file, cfg.cert_file, cfg.key_file}
+    stats = []
+    real_stat = os.stat
+
+    def counted(path: Any, *args: Any, **kw: Any) -> os.stat_result:
+        if path in files:
+            stats.append(path)
+        return real_stat(path, *args, **kw)
+
+    monkeypatch.setattr(os, "stat", counted)
+    for _ in range(100):  # a storm of handshakes within the second
+        assert reloader.fetch() is None
+        now[0] += 0.009
+    assert stats == []
+    now[0] += 0.1  # a second after the last look
+    assert reloader.fetch() is not None  # the renewed one
+    assert len(stats) == 3
+    now[0] += 1.0
+    assert reloader.fetch() is None  # looked again: unchanged
+    assert len(stats) == 6
