@@ -509,18 +509,12 @@ async def test_batches_are_judged_by_incremental_passes(
     """Between full passes the driver re-judges only the nodes that reported: a rollout's
     batches move in incremental passes and it ends as a full pass would end it."""
     async with desired_env(pki, tmp_path, database_url) as env:
-        for i in range(4):
-            await env.add(f"p{i}", {"env": "prod"})
-        await env.apply(definition(max_parallel="1"))
-        await until(lambda: env.rollout("web"), lambda r: state(r) == "SUCCESSFUL")
+        await _four_nodes_on_the_first_revision(env)
         convergence = env.manager.convergence
         seen: list[PassResult] = []
         observe = convergence._on_pass
         convergence._on_pass = lambda r: (seen.append(r), observe(r))[1]  # type: ignore[method-assign]
-        await env.apply(definition(version="2.0", max_parallel="1"))
-        done = await env.ended("web")
-        assert (state(done), done.done) == ("SUCCESSFUL", 4)
-        assert env.revisions("web") == {f"p{i}": 2 for i in range(4)}
+        await _the_second_revision_one_node_at_a_time(env)
         moved = [r for r in seen if r.pushed]
         assert [len(r.pushed) for r in moved] == [1, 1, 1, 1]
         assert any(r.incremental for r in moved), [(r.incremental, r.pushed) for r in seen]
@@ -532,18 +526,26 @@ async def test_a_rollout_parses_its_revision_once_for_all_its_passes(
     """The driver keeps the pushed specs it parsed: a rollout of 4 batches parses the new
     revision once, not once per pass, and still pushes every node that revision."""
     async with desired_env(pki, tmp_path, database_url) as env:
-        for i in range(4):
-            await env.add(f"p{i}", {"env": "prod"})
-        await env.apply(definition(max_parallel="1"))
-        await until(lambda: env.rollout("web"), lambda r: state(r) == "SUCCESSFUL")
+        await _four_nodes_on_the_first_revision(env)
         convergence = env.manager.convergence
         parsed, passes = convergence.parsed, convergence.passes
-        await env.apply(definition(version="2.0", max_parallel="1"))
-        done = await env.ended("web")
-        assert (state(done), done.done) == ("SUCCESSFUL", 4)
-        assert env.revisions("web") == {f"p{i}": 2 for i in range(4)}
+        await _the_second_revision_one_node_at_a_time(env)
         assert convergence.passes - passes >= 4
         assert convergence.parsed - parsed == 1
+
+
+async def _four_nodes_on_the_first_revision(env: Env) -> None:
+    for i in range(4):
+        await env.add(f"p{i}", {"env": "prod"})
+    await env.apply(definition(max_parallel="1"))
+    await until(lambda: env.rollout("web"), lambda r: state(r) == "SUCCESSFUL")
+
+
+async def _the_second_revision_one_node_at_a_time(env: Env) -> None:
+    await env.apply(definition(version="2.0", max_parallel="1"))
+    done = await env.ended("web")
+    assert (state(done), done.done) == ("SUCCESSFUL", 4)
+    assert env.revisions("web") == {f"p{i}": 2 for i in range(4)}
 
 
 async def test_daemons_that_answer_without_states_are_judged_by_their_reports(
