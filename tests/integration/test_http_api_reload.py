@@ -1,4 +1,4 @@
-"""The HTTP API's port picks up a replaced certificate at the next handshake, as gRPC's does.
+"""The HTTP API's port picks up a replaced certificate at the next handshake.
 
 A real manager with `[http] listen`; its certificate files are replaced on
 disk (atomically, as `fleetctl pki` and renewal write them) while an
