@@ -76,6 +76,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from bench.fanout import Child, pool_config  # noqa: E402
+from bench.gcstats import GcTimer  # noqa: E402
 from bench.sim import output_chunks  # noqa: E402
 from fleet.pki import CertificateAuthority, Identity  # noqa: E402
 from fleet.tls import TLSConfig, channel_credentials, channel_options  # noqa: E402
@@ -174,16 +175,8 @@ async def serve_manager() -> None:
     """
     raise_nofile()
     profiler = cProfile.Profile()
-    collected = {"count": 0, "seconds": 0.0, "started": 0.0}
-
-    def timed(phase: str, info: dict[str, int]) -> None:
-        if phase == "start":
-            collected["started"] = time.perf_counter()
-        else:
-            collected["count"] += 1
-            collected["seconds"] += time.perf_counter() - collected["started"]
-
-    gc.callbacks.append(timed)
+    gc_timer = GcTimer()
+    gc_timer.start()
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=SPEC_LIMIT)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -200,8 +193,8 @@ async def serve_manager() -> None:
             if command == "gc":
                 _emit(
                     {
-                        "gc": collected["count"],
-                        "seconds": collected["seconds"],
+                        "gc": gc_timer.count,
+                        "seconds": gc_timer.seconds,
                         "passes": manager.job_driver.passes,
                         "commits": manager.job_updates.commits,
                     }

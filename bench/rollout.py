@@ -56,6 +56,7 @@ import psutil
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.gcstats import GcTimer  # noqa: E402
 from bench.sim import SimFleet  # noqa: E402
 from fleet.pki import CertificateAuthority  # noqa: E402
 from fleet.tls import TLSConfig, channel_credentials, channel_options  # noqa: E402
@@ -132,16 +133,8 @@ async def serve_manager() -> None:
     """
     begun = time.time()
     profiler = cProfile.Profile()
-    collected = {"count": 0, "seconds": 0.0, "started": 0.0}
-
-    def timed_gc(phase: str, info: dict[str, int]) -> None:
-        if phase == "start":
-            collected["started"] = time.perf_counter()
-        else:
-            collected["count"] += 1
-            collected["seconds"] += time.perf_counter() - collected["started"]
-
-    gc.callbacks.append(timed_gc)
+    gc_timer = GcTimer()
+    gc_timer.start()
     loop = asyncio.get_running_loop()
     reader = asyncio.StreamReader(limit=SPEC_LIMIT)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
@@ -225,7 +218,7 @@ async def serve_manager() -> None:
             elif command == "passes":
                 _emit({"passes": passes})
             elif command == "gc":
-                _emit({"gc": collected["count"], "seconds": collected["seconds"]})
+                _emit({"gc": gc_timer.count, "seconds": gc_timer.seconds})
             elif command == "profile":  # "profile on" / "profile <file>": cProfile the manager
                 if arg == "on":
                     profiler.enable()
