@@ -412,7 +412,7 @@ class Jobs:
         ends at once or whose rows a cancel hands over late) as `get` reads them."""
         assert self._hub is not None
         _check_id(job_id)
-        if self._hub.rows(job_id) is None:
+        if not self._hub.keeps(job_id):
             return await self.get(job_id)
         record = await self._job_row(job_id)
         if record is None:

@@ -79,6 +79,10 @@ class WatchHub:
         if kept is not None:
             self._held -= len(kept)
 
+    def keeps(self, job_id: str) -> bool:
+        """Whether the job's target rows are kept."""
+        return job_id in self._jobs
+
     def rows(self, job_id: str) -> tuple[JobTargetRecord, ...] | None:
         """The job's target rows as committed so far, in its targets' order; None if
         they are not kept."""
