@@ -76,12 +76,25 @@ def _expiry_style(expire_ms: int, now_ms: int) -> str:
     return "yellow" if expire_ms - now_ms < _CERT_WARN_MS else ""
 
 
-def _agents_cell(counts: Any) -> str:
+def agents_cell(view: dict[str, Any]) -> str:
+    """Running/total agents; a * when the node is not ONLINE: the counts are what its daemon
+    last reported, not what runs now."""
+    counts = view["agents"]
     if not counts:
         return "0"
-    total = sum(counts.values())
-    running = counts.get("RUNNING", 0)
-    return f"{running}/{total}"
+    cell = f"{counts.get('RUNNING', 0)}/{sum(counts.values())}"
+    return cell if view["status"] == "ONLINE" else f"{cell}*"
+
+
+def agents_text(view: dict[str, Any]) -> str:
+    """`nodes show`'s agents line: the count by state, and whose word it is when not ONLINE."""
+    counts = view["agents"]
+    if not counts:
+        return "none"
+    text = ", ".join(f"{n} {state}" for state, n in sorted(counts.items()))
+    if view["status"] == "ONLINE":
+        return text
+    return f"{text} (as its daemon last reported; the node is {view['status']})"
 
 
 def desired_cell(view: dict[str, Any]) -> str:
@@ -144,7 +157,7 @@ def _columns(now_ms: int) -> list[Column]:
     return [
         Column("NODE", "node_id"),
         Column("STATUS", "status", style=_status_style),
-        Column("AGENTS", "agents", cell=_agents_cell),
+        Column("AGENTS", "agents_cell"),
         Column("DESIRED", "desired", style=lambda v: "yellow" if v == "DRIFT" else ""),
         Column(
             "LAST HEARTBEAT",
@@ -179,21 +192,24 @@ def list_nodes(ctx: typer.Context, selector: SelectorOpt = None) -> None:
         reply = await stub.ListNodes(request, timeout=conn.timeout)
         now_ms = int(time.time() * 1000)
         rows = [
-            _row(n, now_ms, cells=not cli.fmt.structured)
+            node_row(n, now_ms, cells=not cli.fmt.structured)
             for n in sorted(reply.nodes, key=lambda n: n.node_id)
         ]
         print_rows(cli.out, cli.fmt, rows, _columns(now_ms), key="nodes")
+        if not cli.fmt.structured and any(r["agents_cell"].endswith("*") for r in rows):
+            cli.warn("agents marked * are what the daemon last reported: the node is not ONLINE")
         return EXIT_OK
 
     cli.call(body)
 
 
-def _row(node: fleet_pb2.Node, now_ms: int, *, cells: bool) -> dict[str, Any]:
+def node_row(node: fleet_pb2.Node, now_ms: int, *, cells: bool) -> dict[str, Any]:
     """A node's row; with `cells`, also the table's own cells (not in JSON or YAML)."""
     view = node_view(node)
     if node.revoke_time:
         view["status"] = "REVOKED"  # its certificates are refused: it cannot come back online
     if cells:
+        view["agents_cell"] = agents_cell(view)
         view["desired"] = desired_cell(view)
         view["stream_cell"] = stream_cell(view, now_ms)
     return view
@@ -213,7 +229,7 @@ _FIELDS = [
     ("Connection", "connection"),
     ("Last heartbeat", "last_heartbeat_age"),
     ("Registered", "registered_at"),
-    ("Agents", "agents"),
+    ("Agents", "agents_text"),
     ("Desired state", "desired_text"),
     ("Jobs", "jobs"),
     ("Certificate", "certificate"),
@@ -252,6 +268,7 @@ def _show(cli: Cli, node: fleet_pb2.Node) -> None:
         if node.jobs_disabled
         else "enabled",
         "certificate": _certificate_text(node, now_ms),
+        "agents_text": agents_text(view),
         "desired_text": desired_text(view),
         "stream_text": stream_text(node, now_ms),
         "last_heartbeat_age": (

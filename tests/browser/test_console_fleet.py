@@ -26,6 +26,7 @@ from playwright.sync_api import Browser, Locator, Page, expect
 
 from fleet import selectors
 from fleet.v1 import common_pb2, fleet_pb2
+from fleetctl import nodes as fleetctl_nodes
 from manager.storage import AuditRecord, AuditRepository
 
 SCRIPT = "<script>alert(1)</script>"
@@ -299,6 +300,35 @@ def test_the_console_parses_selectors_as_fleetctl_does(page: Page) -> None:
             assert selectors.from_proto(message) == want, text
         else:
             assert got == want, text
+
+
+def test_the_console_marks_an_offline_nodes_agent_counts_as_fleetctl_does(page: Page) -> None:
+    """js/present.js's agentsCell gives nodes list's AGENTS cell: running/total, with a *
+    when the node is not online (the counts are what its daemon last reported)."""
+    running = fleet_pb2.AgentCount(status=common_pb2.AGENT_STATUS_RUNNING, count=2)
+    fatal = fleet_pb2.AgentCount(status=common_pb2.AGENT_STATUS_FATAL, count=1)
+    online, offline = common_pb2.NODE_STATUS_ONLINE, common_pb2.NODE_STATUS_OFFLINE
+    nodes = [
+        fleet_pb2.Node(node_id="a", status=online, agent_counts=[running, fatal]),
+        fleet_pb2.Node(node_id="b", status=offline, agent_counts=[running, fatal]),
+        fleet_pb2.Node(node_id="c", status=offline),
+        fleet_pb2.Node(node_id="d", status=online, agent_counts=[running], revoke_time=1),
+    ]
+    open_page(page, "#/nodes", "nodes")
+    cells = page.evaluate(
+        """async (nodes) => {
+          const { agentsCell } = await import("/static/js/present.js");
+          return nodes.map(agentsCell);
+        }""",
+        [json_format.MessageToDict(n) for n in nodes],
+    )
+    assert cells == ["2/3", "2/3*", "0", "2/2*"]
+    assert cells == [fleetctl_agents_cell(n) for n in nodes]
+
+
+def fleetctl_agents_cell(node: fleet_pb2.Node) -> str:
+    """`nodes list`'s AGENTS cell for `node`."""
+    return fleetctl_nodes.node_row(node, 0, cells=True)["agents_cell"]
 
 
 def fleetctl_parse(text: str) -> selectors.Selector | dict[str, Any]:

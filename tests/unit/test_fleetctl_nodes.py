@@ -163,6 +163,39 @@ def test_nodes_show_and_wide_list_say_how_the_control_stream_is(fleetctl: Fleetc
     assert "Control stream:  unknown" in fleetctl("nodes", "show", "node-3").stdout
 
 
+def test_an_offline_nodes_agent_counts_are_marked_as_last_reported(fleetctl: Fleetctl) -> None:
+    """An OFFLINE node's agents are what its daemon last said (it may have been killed with
+    them still running): the table marks them * with a note, `show` says so; JSON has the
+    counts and the status, not the table's cell."""
+    nodes = fleetctl.manager.fleet.nodes
+    running = [fleet_pb2.AgentCount(status=common_pb2.AGENT_STATUS_RUNNING, count=2)]
+    for node_id in ("node-1", "node-2"):
+        nodes[node_id].agent_counts.extend(running)
+    nodes["node-2"].status = common_pb2.NODE_STATUS_OFFLINE
+
+    result = fleetctl("nodes", "list")
+    assert result.exit_code == 0, result.output
+    header, *rows = result.stdout.splitlines()
+    at = header.index("AGENTS")
+    assert [row[at:].split()[0] for row in rows] == ["2/2", "2/2*", "0"]
+    assert result.stderr.strip() == (
+        "fleetctl: agents marked * are what the daemon last reported: the node is not ONLINE"
+    )
+    assert fleetctl("nodes", "list", "-l", "env=staging").stderr == ""  # nothing marked
+
+    def agents_line(node_id: str) -> str:
+        shown = fleetctl("nodes", "show", node_id).stdout.splitlines()
+        return next(line.rstrip() for line in shown if line.startswith("Agents:"))
+
+    assert agents_line("node-1") == "Agents:          2 RUNNING"
+    assert agents_line("node-2") == (
+        "Agents:          2 RUNNING (as its daemon last reported; the node is OFFLINE)"
+    )
+    data = json.loads(fleetctl("-o", "json", "nodes", "list").stdout)
+    assert data["nodes"][1]["agents"] == {"RUNNING": 2}
+    assert "agents_cell" not in data["nodes"][1]
+
+
 def test_nodes_show_unknown_node_exits_1_with_one_line(fleetctl: Fleetctl) -> None:
     """An unknown node is NOT_FOUND: exit 1, the server's message on one line."""
     result = fleetctl("nodes", "show", "nope")

@@ -32,11 +32,13 @@ export function agentCounts(node) {
   return out;
 }
 
-/** "3/4": running of all, as fleetctl nodes list's AGENTS column. */
+/** "3/4": running of all, as fleetctl nodes list's AGENTS column; "3/4*" when the node is
+ * not online (the counts are what its daemon last reported). */
 export function agentsCell(node) {
   const counts = agentCounts(node);
   const total = Object.values(counts).reduce((a, b) => a + b, 0);
-  return total ? `${counts.RUNNING ?? 0}/${total}` : "0";
+  if (!total) return "0";
+  return `${counts.RUNNING ?? 0}/${total}${nodeStatus(node) === "online" ? "" : "*"}`;
 }
 
 /** An agent's state as a badge ("running"; "running*" when its node is offline and the state stale). */

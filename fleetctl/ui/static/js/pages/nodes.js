@@ -39,7 +39,8 @@ function Expiry({ node }) {
 function AgentsCell({ node }) {
   const counts = agentCounts(node);
   const others = AGENT_STATES.filter((s) => s !== "RUNNING" && counts[s]);
-  return html`<span title=${Object.entries(counts).map(([s, n]) => `${n} ${s.toLowerCase()}`).join(", ")}>
+  const stale = nodeStatus(node) === "online" ? "" : " (the node is not online: what its daemon last reported)";
+  return html`<span title=${Object.entries(counts).map(([s, n]) => `${n} ${s.toLowerCase()}`).join(", ") + stale}>
     ${agentsCell(node)}${others.length > 0 && html` <span class="cert-warn">(${others.map((s) => `${counts[s]} ${s.toLowerCase()}`).join(", ")})</span>`}
   </span>`;
 }
@@ -163,6 +164,14 @@ export function streamText(node, now = Date.now()) {
   return "unknown";
 }
 
+/** The agents by state; whose word it is when the node is not online. */
+function agentsText(node, counts) {
+  const text = Object.entries(counts).map(([s, n]) => `${n} ${s.toLowerCase()}`).join(", ");
+  if (!text) return "none";
+  const status = nodeStatus(node);
+  return status === "online" ? text : `${text} (as its daemon last reported; the node is ${status})`;
+}
+
 function Properties({ node }) {
   const counts = agentCounts(node);
   const expiry = certExpiry(node);
@@ -179,7 +188,7 @@ function Properties({ node }) {
     ["Connection", enumLabel(node.connectionState, "CONNECTION_STATE_") || "–"],
     ["Last heartbeat", Number(node.lastHeartbeat ?? 0) ? `${fmtTime(node.lastHeartbeat)} (${fmtAgo(node.lastHeartbeat)})` : "never"],
     ["Registered", fmtTime(node.registeredAt)],
-    ["Agents", Object.entries(counts).map(([s, n]) => `${n} ${s.toLowerCase()}`).join(", ") || "none"],
+    ["Agents", agentsText(node, counts)],
     ["Jobs", node.jobsDisabled ? "disabled (jobs.enabled = false in the host's daemon config)" : "enabled"],
     [
       "Certificate",
