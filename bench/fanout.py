@@ -91,6 +91,8 @@ class Child:
     """A helper process spoken to in JSON lines: a request on stdin, one answer on stdout."""
 
     def __init__(self, argv: list[str], spec: dict[str, Any]) -> None:
+        self.spawned = time.time()
+        """When it was spawned (for its start-up time)."""
         self._proc = subprocess.Popen(
             [sys.executable, *argv], cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE
         )
@@ -109,6 +111,15 @@ class Child:
         if not answer:
             raise RuntimeError(f"{self._proc.args!r} exited with {self._proc.wait()}")
         return json.loads(answer)
+
+    async def ask_async(self, line: str) -> Any:
+        """`ask` off the event loop (simulated daemons in this process must keep serving)."""
+        return await asyncio.to_thread(self.ask, line)
+
+    def cpu(self) -> float:
+        """Its CPU seconds so far (user + system, every thread)."""
+        t = self.process.cpu_times()
+        return float(t.user + t.system)
 
     def close(self) -> None:
         """EOF on stdin stops it; killed if it does not exit within 30 s."""

@@ -44,18 +44,16 @@ import cProfile
 import gc
 import json
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import psutil
-
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.fanout import Child  # noqa: E402
 from bench.gcstats import GcTimer  # noqa: E402
 from bench.sim import SimFleet  # noqa: E402
 from fleet.pki import CertificateAuthority  # noqa: E402
@@ -255,51 +253,9 @@ def _emit(obj: object) -> None:
     sys.stdout.flush()
 
 
-class Child:
-    """The manager process, spoken to in JSON lines (a request, one answer)."""
-
-    def __init__(self, spec: dict[str, Any]) -> None:
-        self.spawned = time.time()
-        self._proc = subprocess.Popen(
-            [sys.executable, str(ROOT / "bench" / "rollout.py"), "--manager-child"],
-            cwd=ROOT,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-        )
-        self.process = psutil.Process(self._proc.pid)
-        self.hello: Any = self.ask(json.dumps(spec))
-
-    def ask(self, line: str) -> Any:
-        """Send one line, return the JSON line it answers (blocking: the manager is busy)."""
-        assert self._proc.stdin is not None
-        assert self._proc.stdout is not None
-        self._proc.stdin.write(line.encode() + b"\n")
-        self._proc.stdin.flush()
-        answer = self._proc.stdout.readline()
-        if not answer:
-            raise RuntimeError(f"the manager exited with {self._proc.wait()}")
-        return json.loads(answer)
-
-    async def ask_async(self, line: str) -> Any:
-        """`ask` off the event loop (the simulated daemons here must keep serving)."""
-        return await asyncio.to_thread(self.ask, line)
-
-    def cpu(self) -> float:
-        """Its CPU seconds so far (user + system)."""
-        t = self.process.cpu_times()
-        return float(t.user + t.system)
-
-    def close(self) -> None:
-        """EOF on stdin stops it; killed if it does not exit within 30 s."""
-        if self._proc.stdin is not None:
-            self._proc.stdin.close()
-        try:
-            self._proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            self._proc.kill()
-            self._proc.wait()
-        if self._proc.stdout is not None:
-            self._proc.stdout.close()
+def manager_child(spec: dict[str, Any]) -> Child:
+    """The manager process (`rollout.py --manager-child`), given `spec`."""
+    return Child([str(ROOT / "bench" / "rollout.py"), "--manager-child"], spec)
 
 
 # --- the driver -----------------------------------------------------------------------------
@@ -391,7 +347,7 @@ async def run(n: int, batch: int, rounds: int, profile: str = "", verbose: bool 
         rows: list[tuple[float, float, float, int, int, float, int, float, float]] = []
         restart: dict[str, Any] = {}
         try:
-            manager = await asyncio.to_thread(Child, spec)
+            manager = await asyncio.to_thread(manager_child, spec)
             spec["port"] = manager.hello["port"]
             address = f"127.0.0.1:{spec['port']}"
             t0 = time.perf_counter()
@@ -473,7 +429,7 @@ async def run(n: int, batch: int, rounds: int, profile: str = "", verbose: bool 
             # Restart: same database, same port (the daemons' links reconnect to it).
             manager.close()
             manager = None
-            manager = await asyncio.to_thread(Child, spec)
+            manager = await asyncio.to_thread(manager_child, spec)
             for _ in range(600):
                 passes = (await manager.ask_async("passes"))["passes"]
                 if passes:
