@@ -22,6 +22,7 @@ from console_helpers import CONTEXT_OPTIONS, Console, Fleetctl, PageErrors, open
 from fleetctl_live import LiveFleet
 from playwright.sync_api import Browser, Page, expect
 
+from fleet.v1 import common_pb2, manager_pb2
 from manager.storage.audit import AuditRecord, AuditRepository
 
 OPERATOR = "operator/alice"
@@ -367,6 +368,40 @@ def refusing_page(
     assert errors.seen, "the manager refused nothing"
     unexpected = [e for e in errors.seen if REFUSED_REQUEST not in e]
     assert not unexpected, f"the page reported other errors: {unexpected}"
+
+
+def test_an_offline_nodes_agents_are_not_counted_as_running(
+    page: Page, fleet: LiveFleet, fleetctl: Fleetctl
+) -> None:
+    """quiet-1's daemon reported two RUNNING agents, then its node went offline (a daemon
+    killed with -9 leaves them running, unseen): the overview counts them apart from the
+    online nodes' running agents, and the nodes page marks them as last reported."""
+    fleet.register("quiet-1", labels={"env": "quiet"}, daemon_address="127.0.0.1:1")
+    running = common_pb2.AGENT_STATUS_RUNNING
+    fleet.sync_agents(
+        "quiet-1",
+        [manager_pb2.AgentState(agent_id=a, status=running) for a in ("web", "worker")],
+    )
+    now_ms = int(time.time() * 1000)
+    fleet.run(
+        fleet.manager.nodes.mark_offline(cutoff_ms=now_ms + 1, now_ms=now_ms, only=["quiet-1"])
+    )
+    agents = fleetctl.json("agents", "list")["agents"]
+    unseen = sum(1 for a in agents if a["stale"])
+    assert unseen >= 2  # quiet-1's, and any other offline node's
+    live = sum(1 for a in agents if a["status"] == "RUNNING" and not a["stale"])
+
+    open_page(page, "#/", "overview")
+    card = page.locator(".card", has=page.get_by_role("heading", name="Agents", exact=True))
+    expect(card.locator(".big")).to_have_text(str(len(agents)))
+    expect(card.locator("li", has=page.get_by_text("running", exact=True))).to_have_text(
+        f"running{live}"
+    )
+    expect(card.locator("li", has=page.get_by_text("node offline", exact=True))).to_have_text(
+        f"node offline{unseen}"
+    )
+    open_page(page, "#/nodes?selector=env%3Dquiet", "nodes")
+    expect(page.locator("tbody tr", has_text="quiet-1")).to_contain_text("2/2*")
 
 
 def test_the_run_form_shows_mistakes_in_place_and_runs_nothing(

@@ -180,8 +180,13 @@ def test_overview_counts_nodes_and_agents_and_shows_events(
     online = sum(1 for n in nodes if n["status"] == "ONLINE")
     expect(tally("Nodes", "online")).to_have_text(f"online{online}")
     expect(card("Agents").locator(".big")).to_have_text(str(len(agents)))
-    running = sum(1 for a in agents if a["status"] == "RUNNING")
+    running = sum(1 for a in agents if a["status"] == "RUNNING" and not a["stale"])
     expect(tally("Agents", "running")).to_have_text(f"running{running}")
+    unseen = sum(1 for a in agents if a["stale"])
+    if unseen:
+        expect(tally("Agents", "node offline")).to_have_text(f"node offline{unseen}")
+    else:
+        expect(tally("Agents", "node offline")).to_have_count(0)
     # The newest events come from the shared feed.
     [newest] = events(fleet, tail=1)
     expect(page.locator("table").last).to_contain_text(newest.message)

@@ -81,6 +81,16 @@ class LiveFleet:
 
         self.run(go())
 
+    def sync_agents(self, node_id: str, states: Sequence[manager_pb2.AgentState]) -> None:
+        """Report `node_id`'s agents as its daemon would (SyncAgentStates), stored on return."""
+        request = manager_pb2.SyncAgentStatesRequest(node_id=node_id, states=states)
+
+        async def go() -> None:
+            async with node_stub(self.pki, node_id, self.manager.port) as stub:
+                await stub.SyncAgentStates(request, timeout=10)
+
+        self.run(go())
+
     def start_daemon(
         self,
         node_id: str,

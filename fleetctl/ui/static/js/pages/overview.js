@@ -25,13 +25,17 @@ const JOB_ENDED = new Set(["SUCCESS", "FAILED", "TIMEOUT", "CANCELLED", "SKIPPED
 export function summarize(nodes, now = Date.now()) {
   const byStatus = { online: 0, offline: 0, revoked: 0 };
   const agents = {};
+  let unseen = 0; // agents of nodes not online: their last report is no count of what runs
   const attention = [];
   let drift = 0;
   let certs = 0;
   for (const node of nodes) {
     const status = nodeStatus(node);
     byStatus[status] = (byStatus[status] ?? 0) + 1;
-    for (const [state, n] of Object.entries(agentCounts(node))) agents[state] = (agents[state] ?? 0) + n;
+    for (const [state, n] of Object.entries(agentCounts(node))) {
+      if (status === "online") agents[state] = (agents[state] ?? 0) + n;
+      else unseen += n;
+    }
     const cert = certExpiry(node, now);
     if (node.drift) drift += 1;
     if (cert.kind) certs += 1;
@@ -43,7 +47,8 @@ export function summarize(nodes, now = Date.now()) {
     if (why.length) attention.push({ node, why: why.join("; ") });
   }
   attention.sort((a, b) => a.node.nodeId.localeCompare(b.node.nodeId));
-  return { byStatus, agents, agentTotal: Object.values(agents).reduce((a, b) => a + b, 0), drift, certs, attention };
+  const agentTotal = Object.values(agents).reduce((a, b) => a + b, 0) + unseen;
+  return { byStatus, agents, unseen, agentTotal, drift, certs, attention };
 }
 
 function Card({ title, big, link, children }) {
@@ -187,6 +192,7 @@ export function OverviewPage() {
           const state = s.toLowerCase();
           return html`<${Tally} label=${state} count=${sum.agents[s]} link=${`#/agents?state=${state}`} />`;
         })}
+        ${sum.unseen > 0 && html`<${Tally} label="node offline" kind="unknown" count=${sum.unseen} />`}
       </${Card}>
       <${Card} title="Agent health" big=${unhealthy.data ? sick.length.toLocaleString() : "…"}>
         <li class="dim">${sick.length === 1 ? "agent" : "agents"} unhealthy${unhealthy.data && sick.length > 0 ? html` · <a href="#/agents?health=unhealthy">show</a>` : ""}</li>
