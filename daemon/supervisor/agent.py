@@ -268,6 +268,7 @@ class Agent:
         self.started_spec = spec
         self.start_time = self.watched_since = self.ctx.clock.now()
         self.watch_grace = 0.0
+        self.registered_version = ""  # a new process: the spec's version until it registers
         self.probes = Probes()
         self.ctx.sampler.track(spec.id, proc.pid)
         if spec.start_secs > 0:
@@ -281,11 +282,15 @@ class Agent:
         self._to(Event.STARTED, f"running with pid {proc.pid}")
         return proc
 
-    def adopt(self, proc: AgentProcess, started_spec: AgentSpec, start_time: float) -> None:
-        """Take over a live process found after a daemon restart, and watch it."""
+    def adopt(
+        self, proc: AgentProcess, started_spec: AgentSpec, start_time: float, *, version: str = ""
+    ) -> None:
+        """Take over a live process found after a daemon restart, and watch it; `version`:
+        what the process said it is when it registered, if the daemon recorded it."""
         self.proc = proc
         self.started_spec = started_spec
         self.start_time = start_time
+        self.registered_version = version
         # Its heartbeats paused while no daemon ran: count from now, with room to reconnect.
         self.watched_since = self.ctx.clock.now()
         self.watch_grace = READOPT_GRACE

@@ -52,6 +52,9 @@ class PersistedAgent:
     """When the current process started (epoch seconds)."""
     last_exit: LastExit | None = None
     """How the last process ended (so "why did it restart?" survives the daemon)."""
+    registered_version: str = ""
+    """The version the running process gave when it registered (SDK): still true of it
+    after a daemon restart, which re-adopts the same process."""
 
 
 def _unreadable(path: Path, why: str) -> ConfigError:
@@ -115,6 +118,7 @@ class StateStore:
                 "restart_count": a.restart_count,
                 "start_time": a.start_time,
                 "last_exit": None if a.last_exit is None else dataclasses.asdict(a.last_exit),
+                "registered_version": a.registered_version,
             }
             for agent_id, a in sorted(agents.items())
         }
@@ -169,6 +173,7 @@ def _agent_from(entry: dict[str, Any]) -> PersistedAgent:
         restart_count=int(entry.get("restart_count", 0)),
         start_time=float(entry.get("start_time", 0.0)),
         last_exit=_last_exit_from(entry.get("last_exit")),
+        registered_version=str(entry.get("registered_version", "")),
     )
 
 

@@ -268,7 +268,7 @@ class Supervisor:
             agent.config_version = old.config_version + (old.spec.config != spec.config)
             proc = adopt(old.pid, old.create_time) if old.pid else None
             if proc is not None:
-                agent.adopt(proc, old.spec, old.start_time)
+                agent.adopt(proc, old.spec, old.start_time, version=old.registered_version)
                 if old.process_hash != spec.process_hash():
                     log.info("agent %s: spec changed while the daemon was down", spec.id)
                     async with agent.lock:
@@ -755,6 +755,7 @@ class Supervisor:
                 restart_count=a.restart_count,
                 start_time=a.start_time,
                 last_exit=a.last_exit,
+                registered_version=a.registered_version if proc is not None else "",
             )
         try:
             self._store.save_agents(entries)

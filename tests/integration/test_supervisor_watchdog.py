@@ -179,3 +179,28 @@ async def test_the_timeout_restarts_after_a_daemon_restart_with_room_to_reconnec
         assert not alive(pid)
     finally:
         await second.stop(stop_agents=True)
+
+
+async def test_a_readopted_agent_keeps_the_version_it_registered_and_a_new_process_does_not(
+    tmp_path: Path,
+) -> None:
+    """The version an SDK agent registered is its process's: a daemon restart re-adopts the
+    same process and shows it from the start (not the spec's, then the registered one again:
+    two spurious version changes); a restarted process shows the spec's until it registers."""
+    rec1, clock1 = Recorder(), ManualClock()
+    first = make_supervisor(tmp_path, rec1, clock=clock1)
+    await first.start([_hb(version="1.0")])
+    pid = await _running_and_registered(first, rec1)  # registers as 2.0
+    assert first.get("hb").version == "2.0"
+    await first.stop()  # the daemon goes away; the agent keeps running
+    rec2, clock2 = Recorder(), ManualClock(start=clock1.now() + 60.0)
+    second = make_supervisor(tmp_path, rec2, clock=clock2)
+    try:
+        await second.start([_hb(version="1.0")])
+        assert (second.get("hb").pid, second.get("hb").version) == (pid, "2.0")
+        assert {s.version for s in rec2.changes if s.id == "hb"} == {"2.0"}
+        await second.operate("hb", "restart")
+        await rec2.until(lambda: second.get("hb").pid not in (0, pid))
+        assert second.get("hb").version == "1.0", "a new process has not registered yet"
+    finally:
+        await second.stop(stop_agents=True)
