@@ -119,7 +119,7 @@ _SLOW = {grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.DEADLINE_EXCEEDED}
 _CUT_SHORT = {grpc.StatusCode.CANCELLED, grpc.StatusCode.INTERNAL}
 """How a hello's stream ends when gRPC cancels it before the welcome (INTERNAL: seen on
 our write) while the connection stands: the manager's gRPC core shedding calls its event
-loop has not taken yet, past 1,000 waiting, after a restart (docs/benchmarks.md,
+loop has not taken yet, past 1,000 waiting, after a restart (docs/benchmarks-log.md,
 i15-herd). The manager is behind: over a READY connection, kept as a slow one."""
 
 
