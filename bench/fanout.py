@@ -26,8 +26,10 @@ steady-state calls; in production the pool opens channels lazily, so a
 manager's first fan-out also pays the connections. The manager child, the
 simulated daemons' process and this process all take their start-up
 objects out of the cyclic GC (gc.freeze) before timing, as fleet-manager
-does once started: otherwise full collections of the one process that
-holds all N daemons' servers land in whichever round they happen to hit.
+does once started (the manager child also collects as rarely as it does:
+`manager.gc_tuning.settle_gc`): otherwise full collections of the one
+process that holds all N daemons' servers land in whichever round they
+happen to hit.
 
 Prints the median of the rounds and the ratio (the issue's target is
 <= 1.25x), and the CPU time of each process per round (less sensitive to
@@ -76,6 +78,7 @@ from manager.config import (  # noqa: E402
     ServerConfig,
     TLSFiles,
 )
+from manager.gc_tuning import settle_gc  # noqa: E402
 from manager.pool import PoolConfig  # noqa: E402
 from manager.pool.channel import NODE_ARG, channel_args  # noqa: E402
 from manager.server import ManagerServer  # noqa: E402
@@ -181,10 +184,7 @@ async def serve_manager() -> None:
     tls = TLSConfig(Path(spec["ca"]), Path(spec["cert"]), Path(spec["key"]))
     manager = ManagerServer(manager_config(Path(spec["root"]), tls, int(spec["n"])))
     await manager.start()
-    # As fleet-manager does once started (manager/cli.py): start-up objects
-    # leave the cyclic GC, whose full collections would otherwise walk them.
-    gc.collect()
-    gc.freeze()
+    settle_gc()  # as fleet-manager does once started (manager/cli.py)
     try:
         _emit({"port": manager.port})
         while line := await reader.readline():
