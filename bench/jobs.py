@@ -260,6 +260,11 @@ def timeline(job: jobs_pb2.Job, t0: float) -> str:
     )
 
 
+def first_start(job: jobs_pb2.Job, t0: float) -> float:
+    """Seconds from the RunJob call to the first StartJob at a daemon (its clock)."""
+    return min((t.started_at for t in job.targets if t.started_at), default=0) / 1000 - t0
+
+
 def target_states(job: jobs_pb2.Job) -> dict[str, int]:
     """How many targets ended in each state, by name."""
     out: dict[str, int] = {}
@@ -271,9 +276,10 @@ def target_states(job: jobs_pb2.Job) -> dict[str, int]:
 
 async def reference_round(
     stubs: list[DaemonServiceAsyncStub], sims: Child, job_id: str
-) -> tuple[float, float]:
+) -> tuple[float, float, float]:
     """The same StartJob calls as one bare gather; (seconds until the last report was
-    answered, seconds until the gather returned)."""
+    answered, seconds until the gather returned, seconds until the first StartJob
+    reached a daemon, by its clock)."""
     # As the manager's driver asks: an end may come with the answer.
     request = daemon_pb2.StartJobRequest(job_id=job_id, steps=steps(["/bin/true"]), accept_end=True)
     t0 = time.time()
@@ -290,7 +296,8 @@ async def reference_round(
             raise RuntimeError(f"reference: the reports did not all arrive: {stats}")
         await asyncio.sleep(0.05)
     # Every end came with its answer: the gather is the whole of it.
-    return max(stats["last_report_at"] - t0, t_gather), t_gather
+    first = stats["first_started_at"] / 1000 - t0
+    return max(stats["last_report_at"] - t0, t_gather), t_gather, first
 
 
 def raw_sqlite_rate(path: Path, chunks: list[tuple[str, int, bytes]], per_tx: int) -> float:
@@ -409,6 +416,7 @@ async def run(
         ref_channels: list[aio.Channel] = []
         fleet_times: list[float] = []
         ref_times: list[tuple[float, float]] = []
+        firsts: list[tuple[float, float]] = []  # first StartJob at a daemon: fleet, reference
         try:
             manager = Child(
                 [str(ROOT / "bench" / "jobs.py"), "--manager-child"],
@@ -463,7 +471,7 @@ async def run(
                 stub = fleet_pb2_grpc.FleetServiceStub(op_channel)
                 # Warm-up: the pool opens its N connections; the reference's are open.
                 w0, _, warm = await run_job(stub, spec)
-                warm_ref, _ = await reference_round(ref_stubs, sims, "ref-warm")
+                warm_ref, _, _ = await reference_round(ref_stubs, sims, "ref-warm")
                 print(
                     f"warm-up: fleet {warm.ended_at / 1000 - w0:.3f}s (opens {n} connections),"
                     f" reference {warm_ref:.3f}s",
@@ -499,11 +507,12 @@ async def run(
                         problems.append(f"round {r + 1}: the daemons saw {started}")
                     await asyncio.sleep(SETTLE)
                     r0, s0 = time.process_time(), cpu(sims)
-                    ref, gathered = await reference_round(ref_stubs, sims, f"ref-{r}")
+                    ref, gathered, ref_first = await reference_round(ref_stubs, sims, f"ref-{r}")
                     ref_cpu = time.process_time() - r0
                     ref_sims_cpu = cpu(sims) - s0
                     fleet_times.append(took)
                     ref_times.append((ref, gathered))
+                    firsts.append((first_start(job, t_start), ref_first))
                     print(
                         f"round {r + 1}: fleet {took:.3f}s  reference {ref:.3f}s"
                         f" (gather {gathered:.3f}s)  ratio {took / ref:.2f}x"
@@ -515,7 +524,9 @@ async def run(
                         flush=True,
                     )
                     print(
-                        f"  fleet's timeline: {timeline(job, t_start)}; the manager's CPU in the"
+                        f"  fleet's timeline: {timeline(job, t_start)}; the reference's first"
+                        f" StartJob at the daemon {ref_first * 1000:.0f} ms after its gather began;"
+                        f" the manager's CPU in the"
                         f" {SETTLE:g} s before the round (idle) {idle_cpu:.3f}s; the driver's"
                         f" passes {passes}, the job updates' commits {commits}",
                         flush=True,
@@ -559,6 +570,11 @@ async def run(
         f"  {gather_med * 1000:9.0f} ms"
     )
     print("  (ratio: median of the rounds' fleet/reference ratios; target <= 1.3x)")
+    print(
+        "  the first StartJob at a daemon, median:"
+        f" fleet {statistics.median(f for f, _ in firsts) * 1000:.0f} ms after the RunJob call,"
+        f" reference {statistics.median(r for _, r in firsts) * 1000:.0f} ms after its gather began"
+    )
     print(f"  the manager's answers to the reference's reports: {refused}")
     print(f"output ingest, {m} targets x {size // 1024} KiB in {chunk // 1024} KiB chunks:")
     print("  manager (UploadJobOutput)  raw sqlite3.executemany  ratio")

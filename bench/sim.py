@@ -856,6 +856,7 @@ def _job_stats(nodes: list[SimNode], pattern: str) -> dict[str, Any]:
         "ended": sum(j.ended_at > 0 for j in jobs),
         "reports": answers,
         "last_report_at": max((n.servicer.last_report_at for n in nodes), default=0.0),
+        "first_started_at": min((j.started_at for j in jobs), default=0),
     }
 
 

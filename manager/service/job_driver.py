@@ -74,6 +74,8 @@ __all__ = ["JOBS_LOCK", "JobDriver", "NodesRead", "load_spec"]
 log = logging.getLogger(__name__)
 
 JOBS_LOCK = "fleet-jobs"
+SEND_BATCH = 8
+"""StartJob calls started per turn of the event loop (see `JobDriver._send`)."""
 
 
 def load_spec(text: str) -> jobs_pb2.JobSpec:
@@ -197,17 +199,40 @@ class JobDriver:
         """A job was just stored with these targets: drive it without reading it back.
 
         `nodes`: the nodes as starting the job read them; if that read is newer than
-        the driver's and than the last change it was told of, the first pass uses it
-        instead of reading the nodes again before sending the first targets."""
+        the driver's and than the last change it was told of, it is the driver's view,
+        and the job's first targets are sent at once (their StartJob tasks started
+        before this returns) when its plan decides nothing to store first; the pass
+        that follows does the rest (the job's state, the window as answers come)."""
         if not self.leading:
             self.poke(record.id)  # the leader reads it (another replica's, or ours later)
             return
-        if nodes is not None and nodes.at > max(self._facts_at, self._nodes_changed_at):
+        fresh = nodes is not None and nodes.at > max(self._facts_at, self._nodes_changed_at)
+        if fresh:
+            assert nodes is not None
             self._facts_stale = False
             self._facts_at = nodes.at
             self._use_facts(nodes.nodes)
         self._install(record, {t.node_id: t for t in targets})
+        live = self._jobs[record.id]
+        if fresh:
+            # What the first pass would do with these facts, without waiting for it: a
+            # pass walks every live job and is scheduled after RunJob's answer.
+            decided = plan(
+                live.targets,
+                self._facts,
+                live.limits,
+                self._clock(),
+                in_flight=live.in_flight | live.storing,
+                cancelled=bool(live.record.cancelled_ms),
+            )
+            if not decided.changes:  # decisions are stored before anything is sent
+                self._send(live, decided.dispatch)
         self._wake.set()
+
+    def sending(self, job_id: str) -> frozenset[str]:
+        """The targets of a job whose StartJob is in flight (for tests and tools)."""
+        live = self._jobs.get(job_id)
+        return frozenset(live.in_flight) if live is not None else frozenset()
 
     def nodes_changed(self) -> None:
         """A node registered, came back or went offline: re-read the nodes."""
@@ -260,14 +285,15 @@ class JobDriver:
                 await asyncio.wait_for(self._stop.wait(), 1.0)
 
     async def _abandon(self) -> None:
+        # First: StartJob calls of a window not started yet stay so (`_start_calls`).
+        was, self.leading = self.leading, False
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         self._jobs.clear()
-        if self.leading:
+        if was:
             log.info("no longer driving jobs")
-        self.leading = False
         self._on_leader(False)
 
     async def _lead(self) -> None:
@@ -427,11 +453,7 @@ class JobDriver:
                     for node_id, (state, reason) in decided.changes.items()
                 )
             )
-        for node_id in decided.dispatch:
-            live.in_flight.add(node_id)
-            task = asyncio.create_task(self._dispatch(live, node_id), name=f"start-job-{node_id}")
-            self._tasks.add(task)
-            task.add_done_callback(self._tasks.discard)
+        self._send(live, decided.dispatch)
         # The plan counted the targets; after changes, count what their commits left.
         counts = (
             collections.Counter(t.state for t in live.targets.values())
@@ -453,6 +475,28 @@ class JobDriver:
         elif state.value != live.record.state or reason != live.record.reason:
             await self._set_state(live, state, reason)
         return decided.wake_at
+
+    def _send(self, live: _Live, node_ids: Sequence[str]) -> None:
+        """Start the StartJob calls of these targets (in flight until answered), a few
+        at a time (`SEND_BATCH`): the event loop runs the tasks it has before those
+        they schedule, so the first call of a window of 100 would otherwise leave
+        only once all 100 were set up (~35 us each under load)."""
+        live.in_flight.update(node_ids)
+        self._start_calls(live, list(node_ids), 0)
+
+    def _start_calls(self, live: _Live, node_ids: list[str], start: int) -> None:
+        if not self.leading or self._jobs.get(live.record.id) is not live:
+            # Stopped leading or the job was dropped before these calls were started.
+            live.in_flight.difference_update(node_ids[start:])
+            return
+        end = start + SEND_BATCH
+        for node_id in node_ids[start:end]:
+            task = asyncio.create_task(self._dispatch(live, node_id), name=f"start-job-{node_id}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        if end < len(node_ids):
+            # After these tasks' first steps, behind the calls they start.
+            asyncio.get_running_loop().call_soon(self._start_calls, live, node_ids, end)
 
     async def _dispatch(self, live: _Live, node_id: str) -> None:
         job_id = live.record.id

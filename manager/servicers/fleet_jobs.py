@@ -49,6 +49,16 @@ def pending_reason(t: JobTargetRecord) -> str:
 
 def target_message(t: JobTargetRecord) -> jobs_pb2.JobTarget:
     """A stored target as its message."""
+    if (
+        t.steps == "[]"
+        and not t.attempts
+        and not t.reason
+        and not (t.started_ms or t.ended_ms or t.exit_code)
+        and not (t.output_bytes or t.output_stored_bytes or t.truncated)
+    ):
+        # Nothing but where it is (a job's targets as RunJob stores them, the first
+        # message of a watch): ~1.3 us a target less than the whole message's fields.
+        return jobs_pb2.JobTarget(node_id=t.node_id, state=_target_state(t.state), stage=t.stage)
     steps = json.loads(t.steps) if t.steps and t.steps != "[]" else []
     return jobs_pb2.JobTarget(
         node_id=t.node_id,

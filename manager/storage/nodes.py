@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
-from collections.abc import Collection, Mapping, Sequence
+import sqlite3
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from typing import Any
 
 from sqlalchemy import BigInteger, bindparam, case, exists, func, select, update
+from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from fleet.errors import FailedPrecondition, NotFound, Resource
@@ -17,7 +19,47 @@ from manager.storage.records import NodeLabels, NodeReach, NodeRecord
 from manager.storage.schema import node_certificates, node_revocations, nodes
 from manager.storage.sqlhelp import chunks, dialect_insert
 
-__all__ = ["NodeRepository", "Upserted", "effective_labels", "labels_event", "node_from_row"]
+__all__ = [
+    "NodeRepository",
+    "Upserted",
+    "effective_labels",
+    "labels_event",
+    "node_from_row",
+    "sqlite_labelled_reach",
+]
+
+
+_LABELLED_REACH = select(
+    nodes.c.node_id,
+    nodes.c.labels,
+    nodes.c.daemon_address,
+    nodes.c.status,
+    nodes.c.last_seen_ms,
+    nodes.c.jobs_disabled,
+).order_by(nodes.c.node_id)
+_LABELLED_REACH_SQLITE = str(_LABELLED_REACH.compile(dialect=sqlite_dialect()))
+
+
+def _labelled_reach(
+    rows: Iterable[Sequence[Any]],
+) -> tuple[builtins.list[NodeLabels], builtins.list[NodeReach]]:
+    labelled: builtins.list[NodeLabels] = []
+    reach: builtins.list[NodeReach] = []
+    for node_id, labels, address, status, last_seen_ms, jobs_disabled in rows:
+        labelled.append(NodeLabels(node_id, load_map(labels)))
+        reach.append(NodeReach(node_id, address, status, last_seen_ms, bool(jobs_disabled)))
+    return labelled, reach
+
+
+def sqlite_labelled_reach(
+    db: sqlite3.Connection,
+) -> tuple[builtins.list[NodeLabels], builtins.list[NodeReach]]:
+    """`NodeRepository.labelled_reach` on aiosqlite's thread (`Database.run_sqlite_read`)."""
+    cur = db.execute(_LABELLED_REACH_SQLITE)
+    try:
+        return _labelled_reach(cur)
+    finally:
+        cur.close()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -326,26 +368,15 @@ class NodeRepository:
         """Every node's id and effective labels (what a job's selector matches) and
         `reach`, in one read ordered by id: starting a job reads the nodes for its
         selector, and hands the job driver its view of the same read."""
-        query = select(
-            nodes.c.node_id,
-            nodes.c.labels,
-            nodes.c.daemon_address,
-            nodes.c.status,
-            nodes.c.last_seen_ms,
-            nodes.c.jobs_disabled,
-        ).order_by(nodes.c.node_id)
+        if self._db.dialect == "sqlite":
+            # One hop, the rows made records on aiosqlite's thread: this read is on the
+            # way to a job's first StartJob (~3 ms for 500 nodes through SQLAlchemy).
+            return await self._db.run_sqlite_read(sqlite_labelled_reach)
 
         async def body(
             conn: AsyncConnection,
         ) -> tuple[builtins.list[NodeLabels], builtins.list[NodeReach]]:
-            labelled: builtins.list[NodeLabels] = []
-            reach: builtins.list[NodeReach] = []
-            for node_id, labels, address, status, last_seen_ms, jobs_disabled in await conn.execute(
-                query
-            ):
-                labelled.append(NodeLabels(node_id, load_map(labels)))
-                reach.append(NodeReach(node_id, address, status, last_seen_ms, bool(jobs_disabled)))
-            return labelled, reach
+            return _labelled_reach(await conn.execute(_LABELLED_REACH))
 
         return await self._db.run(body, write=False)
 
