@@ -716,7 +716,8 @@ async def test_an_apply_of_a_new_revision_starts_its_rollout_without_a_full_pass
         # The batch's answers are left to the next pass, which records them with step 2.
         assert sorted(o.node_id for o in convergence._unrecorded) == ["p0", "p1"]
         second = await convergence.run_incremental()
-        assert second is not None and second.incremental
+        assert second is not None
+        assert second.incremental
         assert env.revisions("web") == {f"p{i}": 2 for i in range(4)}
         # A new selector: the memo's scope does not hold; a full pass re-scopes.
         await env.apply(definition(sel="env=prod,tier=a", version="3.0", max_parallel="2"))
