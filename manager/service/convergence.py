@@ -1213,17 +1213,12 @@ async def _observation_inputs(
     else:
         assigned = {n: a for (n, a_name), a in reads.assigned.items() if a_name == name}
     wanted = sorted((set(scope) | set(assigned)) & set(nodes))
-    desired = await tx.node_desired(wanted) if reads is None else reads.desired
+    if reads is None:  # only the rows with errors (the others decoded for nothing)
+        errors = await tx.update_errors(wanted)
+    else:
+        errors = {n: reads.desired[n].update_errors for n in wanted if n in reads.desired}
     states = {s.node_id: s for s in await tx.judged_agents(wanted, name)}
-    return {
-        n: (
-            nodes[n],
-            assigned.get(n),
-            states.get(n),
-            desired[n].update_errors if n in desired else (),
-        )
-        for n in wanted
-    }
+    return {n: (nodes[n], assigned.get(n), states.get(n), errors.get(n, ())) for n in wanted}
 
 
 async def persist_step(
