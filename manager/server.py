@@ -435,6 +435,7 @@ class ManagerServer:
             candidates=capacity,
             clock=self._clock,
             on_change=self.convergence.act,  # an operator's: no debounce
+            on_apply=self.convergence.applied,  # its rollouts' first step at once
         )
         self.rollouts = RolloutControl(
             desired, self.nodes, clock=self._clock, on_change=self.convergence.act

@@ -34,7 +34,11 @@ something) and the earliest time a rollout decision can change
 touched nodes, re-judges on the memo and persists a step with the node sets
 it changes in one transaction, after checking under the rollout's row lock
 that the row is the one this driver stored (otherwise: no step, a full pass
-next). A batch costs O(batch), not O(fleet).
+next). A batch costs O(batch), not O(fleet). An apply (`applied`) that keeps its
+definitions' selectors starts its rollout the same way: the next incremental pass takes
+the first step on the memo's nodes and scope (`_start_in`), reading only the scope's
+observations; anything else changed (a rollout the memo holds superseded, a new
+selector, a `count` definition live) means a full pass.
 
 Agents' state changes (`states_changed`) come at a rate that grows with the
 fleet and only a live rollout judges them: they wake the driver only while
@@ -63,6 +67,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from fleet.errors import FailedPrecondition, FleetError
+from fleet.selectors import Selector
 from fleet.v1 import common_pb2, daemon_pb2
 from manager.pool import DaemonPool
 from manager.service import rollout as ro
@@ -192,6 +197,11 @@ class _Memo:
 
     nodes: dict[str, NodeRecord]
     rollouts: dict[int, _RolloutMemo]
+    scopes: dict[str, tuple[Selector, list[str]]]
+    """Each live definition's scope and the selector it was computed from; empty when a
+    `count` definition is live (placement also depends on room and the others' requests).
+    A rollout an apply starts on a definition that keeps its selector takes its first
+    step on it (`_start_in`)."""
     undelivered: set[str]
     """Nodes whose set is not delivered (for the gauge)."""
     backoff_at: float | None
@@ -260,6 +270,8 @@ class Convergence:
         """A full pass is due (a poke; anything but an agent report)."""
         self._urgent = False
         """The due full pass is an operator's (`act`): no debounce."""
+        self._applied = False
+        """An apply started rollouts since the last pass (`applied`)."""
         self._touched: set[str] = set()
         """Nodes whose agents reported since the last pass began."""
         self._memo: _Memo | None = None
@@ -295,6 +307,14 @@ class Convergence:
         not come in bursts, and a rollout waits for this pass to start)."""
         self._urgent = True
         self.poke()
+
+    def applied(self) -> None:
+        """An operator's apply stored new revisions and started their rollouts: their
+        first step at once (no debounce), in an incremental pass on the last full pass's
+        nodes and scopes when the apply changed no selector (`_start_in`), else in a
+        full pass."""
+        self._applied = True
+        self._wake.set()
 
     def touched(self, node_ids: Iterable[str]) -> None:
         """These nodes' agents reported (stored): re-judge only them, at once."""
@@ -393,7 +413,7 @@ class Convergence:
                     pass_gap(
                         spent=self._full_spent,
                         since=time.monotonic() - self._full_ended,
-                        debounce=0.0 if self._urgent else self._debounce,
+                        debounce=0.0 if self._urgent or self._applied else self._debounce,
                         pace=self._pace,
                     )
                 )
@@ -434,9 +454,10 @@ class Convergence:
         async with self._pass_lock:
             self._memo = None
             self._touched.clear()  # this pass reads everything they reported so far
+            self._applied = False  # and steps every live rollout
             result = PassResult()
             await self._record_unrecorded(result)
-            nodes, scopes, live = await self._rescope(result)
+            nodes, scopes, live, selectors = await self._rescope(result)
             memos: dict[int, _RolloutMemo] = {}
             now_ms, undelivered, sets = await self._step_rollouts(
                 nodes, scopes, live, result, memos
@@ -446,6 +467,7 @@ class Convergence:
             self._memo = _Memo(
                 nodes=nodes,
                 rollouts=memos,
+                scopes={name: (selectors[name], scopes[name]) for name in selectors},
                 undelivered=set(undelivered) - set(result.pushed),
                 backoff_at=min(later) / 1000 if later else None,
             )
@@ -462,13 +484,15 @@ class Convergence:
     async def run_incremental(self) -> PassResult | None:
         """Re-judge the live rollouts on what the nodes touched since the last pass
         reported, persist a step with the node sets it changes in one transaction, push
-        them: O(nodes touched), not O(fleet). None (nothing done) when a full pass is
-        needed instead: no memo, a touched node unknown or relabelled, or a rollout
-        whose stored row is not the one this replica last stored."""
+        them: O(nodes touched), not O(fleet); after an apply, the first step of the
+        rollouts it started (`_start_in`). None (a full pass is needed instead): no
+        memo, a touched node unknown or relabelled, a rollout whose stored row is not
+        the one this replica last stored, or an apply that changed more than revisions."""
         async with self._pass_lock:
             memo = self._memo
             if memo is None:
                 return None
+            applied, self._applied = self._applied, False
             touched, self._touched = self._touched, set()
             ids = touched
             if not ids <= memo.nodes.keys():
@@ -578,6 +602,18 @@ class Convergence:
                 m.assign(step.assign, step.rollout.target, now_ms)
             if pending:  # no live rollout took them
                 await self._record_unrecorded(result)
+            if applied:
+                # After the answers above: the new rollouts' observations include them.
+                started = await self._repo.run_in_one_hop(
+                    lambda tx: self._start_in(tx, memo, result, now)
+                )
+                if started is None:
+                    self._memo = None
+                    return None
+                stepped, sets = started
+                self._took(result, stepped, memo.rollouts)
+                pushes.update(sets)
+                memo.undelivered.update(sets)
             # A touched node whose answer to a push was lost but that reports the version:
             # delivered (as a full pass would record it).
             lost = [n for n in ids if n in rows and rows[n].delivered_version < rows[n].version]
@@ -609,12 +645,14 @@ class Convergence:
 
     async def _rescope(
         self, result: PassResult
-    ) -> tuple[dict[str, NodeRecord], dict[str, list[str]], list[int]]:
+    ) -> tuple[dict[str, NodeRecord], dict[str, list[str]], list[int], dict[str, Selector]]:
         """Every node (by id), read in the scoping's own read transaction (one hop on
         SQLite, not a query of its own); assign newcomers, drop leavers; each live
-        definition's scope, and the live rollouts those scopes are for."""
+        definition's scope, the live rollouts those scopes are for, and the selector of
+        each scope (none if a `count` definition is live: see `_Memo.scopes`)."""
         now = self._clock()
         listed: list[NodeRecord] = []
+        selectors: dict[str, Selector] = {}
 
         async def body(
             tx: DesiredTx, write: bool, room: Mapping[str, Candidate] | None
@@ -641,6 +679,9 @@ class Convergence:
             }
             if room is None and any(c.count for c in checked.values()):
                 return {}, True, []
+            counted = any(c.count for c in checked.values())
+            selectors.clear()
+            selectors.update({} if counted else {n: c.selector for n, c in checked.items()})
             by_name: dict[str, set[str]] = {}
             for a in current:
                 by_name.setdefault(a.name, set()).add(a.node_id)
@@ -672,12 +713,12 @@ class Convergence:
         )
         nodes = {n.node_id: n for n in listed}
         if not changing:
-            return nodes, scopes, rollouts
+            return nodes, scopes, rollouts, selectors
         # A count definition needs the nodes' room (one query), or assignments change:
         # decide again under the write lock (the read may be stale by now).
         room = {c.node_id: c for c in await self._candidates(listed)} if self._candidates else {}
         scopes, _, rollouts = await self._repo.run_in_one_hop(lambda tx: body(tx, True, room))
-        return nodes, scopes, rollouts
+        return nodes, scopes, rollouts, selectors
 
     async def _step_rollouts(
         self,
@@ -711,18 +752,63 @@ class Convergence:
             return stepped, undelivered, sets
 
         stepped, undelivered, sets = await self._repo.run_in_one_hop(body)
+        self._took(result, stepped, memos)
+        return now_ms, undelivered, sets
+
+    async def _start_in(
+        self, tx: DesiredTx, memo: _Memo, result: PassResult, now: float
+    ) -> (
+        tuple[
+            list[tuple[int, _RolloutMemo, ro.Step, bool]],
+            dict[str, tuple[int, list[common_pb2.AgentSpec], int]],
+        ]
+        | None
+    ):
+        """Take the first step of the rollouts started since the memo was built (an
+        apply's) on the memo's nodes and scopes, and bump the node sets it changes, in
+        `tx`: no node row read and nothing re-scoped, only the scope's observations.
+        None (nothing written: a full pass decides) unless every rollout the memo holds
+        is still live and every other live one is of a definition the memo has a scope
+        for, whose new revision keeps the selector (an apply that changed only what the
+        nodes run). Returns the steps (as `_step_in`'s) and `_refresh_in`'s sets."""
+        live = await tx.rollouts(live=True, limit=10_000)
+        if not memo.rollouts.keys() <= {r.id for r in live}:
+            return None  # one ended or was superseded since this driver stored it
+        new = [r for r in live if r.id not in memo.rollouts]
+        heads = await tx.definitions([r.name for r in new])
+        bodies = await tx.revisions_of({(h.name, h.revision) for h in heads.values()})
+        for r in new:
+            head, kept = heads.get(r.name), memo.scopes.get(r.name)
+            if head is None or head.deleted_ms or head.revision != r.target or kept is None:
+                return None
+            checked = check_definition(load_definition(bodies[r.name, head.revision].body))
+            if checked.count or checked.selector != kept[0]:
+                return None
+        stepped = []
+        for r in sorted(new, key=lambda r: r.id):
+            scope = {r.name: memo.scopes[r.name][1]}
+            one = await self._step_in(tx, r.id, memo.nodes, scope, now)
+            if one is not None:
+                stepped.append((r.id, *one))
+        moved = sorted({n for _, _, step, _ in stepped for n in step.assign})
+        _, sets = await self._refresh_in(tx, memo.nodes, result, int(now * 1000), moved)
+        return stepped, sets
+
+    def _took(
+        self,
+        result: PassResult,
+        stepped: Iterable[tuple[int, _RolloutMemo, ro.Step, bool]],
+        memos: dict[int, _RolloutMemo] | None,
+    ) -> None:
+        """Note in `result` the steps `_step_in` took; each rollout still live goes into
+        `memos`."""
         for rollout_id, memo, step, persisted in stepped:
-            if step.wake_at is not None:
-                result.wake_at = _earliest(result.wake_at, step.wake_at)
-            if step.rollout.state not in ro.TERMINAL:
-                state = step.rollout.state.value
-                result.live_rollouts[state] = result.live_rollouts.get(state, 0) + 1
-                if memos is not None:
-                    memos[rollout_id] = memo
+            self._note_live(result, step)
+            if step.rollout.state not in ro.TERMINAL and memos is not None:
+                memos[rollout_id] = memo
             if persisted:
                 result.stepped.append(memo.record.name)
                 result.failed_rollouts += sum(n.kind == "rollout-failed" for n in step.notes)
-        return now_ms, undelivered, sets
 
     async def _step_in(
         self,
@@ -731,10 +817,11 @@ class Convergence:
         nodes: Mapping[str, NodeRecord],
         scopes: Mapping[str, Sequence[str]],
         now: float,
-        reads: _PassReads,
+        reads: _PassReads | None = None,
     ) -> tuple[_RolloutMemo, ro.Step, bool] | None:
         """Judge one rollout over the definition's scope and persist its step in `tx`
-        (None: gone or ended); `reads` follows the assignments it moves."""
+        (None: gone or ended); `reads` (a full pass's) follows the assignments it moves;
+        without it, the observations' rows are read for the scope alone."""
         now_ms = int(now * 1000)
         record = await tx.rollout(rollout_id, for_update=True)
         if record is None or record.ended_ms:
@@ -748,7 +835,8 @@ class Convergence:
         if step.rollout == rollout and not step.nodes and not step.assign:
             return _RolloutMemo(record, rollout, progress, inputs, observed), step, False
         stored = await persist_step(tx, record, step, now_ms)
-        reads.assign(step.assign, record.name, step.rollout.target, now_ms)
+        if reads is not None:
+            reads.assign(step.assign, record.name, step.rollout.target, now_ms)
         memo = _RolloutMemo(stored, step.rollout, {**progress, **step.nodes}, inputs, observed)
         memo.assign(step.assign, step.rollout.target, now_ms)
         return memo, step, True
@@ -1125,17 +1213,12 @@ async def _observation_inputs(
     else:
         assigned = {n: a for (n, a_name), a in reads.assigned.items() if a_name == name}
     wanted = sorted((set(scope) | set(assigned)) & set(nodes))
-    desired = await tx.node_desired(wanted) if reads is None else reads.desired
+    if reads is None:  # only the rows with errors (the others decoded for nothing)
+        errors = await tx.update_errors(wanted)
+    else:
+        errors = {n: reads.desired[n].update_errors for n in wanted if n in reads.desired}
     states = {s.node_id: s for s in await tx.judged_agents(wanted, name)}
-    return {
-        n: (
-            nodes[n],
-            assigned.get(n),
-            states.get(n),
-            desired[n].update_errors if n in desired else (),
-        )
-        for n in wanted
-    }
+    return {n: (nodes[n], assigned.get(n), states.get(n), errors.get(n, ())) for n in wanted}
 
 
 async def persist_step(

@@ -456,13 +456,17 @@ class Definitions:
         candidates: CandidateSource | None = None,
         clock: Callable[[], float],
         on_change: Callable[[], None] = lambda: None,
+        on_apply: Callable[[], None] | None = None,
     ) -> None:
+        """`on_change`: desired state changed (a delete, an undo); `on_apply`: an apply
+        stored new revisions and started their rollouts (`on_change` if not given)."""
         self._repo = repo
         self._nodes = nodes
         self._artifacts = artifacts or NoArtifacts()
         self._candidates = candidates
         self._clock = clock
         self._on_change = on_change
+        self._on_apply = on_apply or on_change
 
     # --- writes -------------------------------------------------------------------------------
 
@@ -528,7 +532,7 @@ class Definitions:
 
         result = await self._repo.run_in_one_hop(body, write=not plan)
         if not plan and any(c.changed for c in result):
-            self._on_change()
+            self._on_apply()
         return result
 
     async def delete(self, name: str, *, message: str, plan: bool, actor: str) -> Change:

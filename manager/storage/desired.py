@@ -230,6 +230,11 @@ def _build(dialect: Dialect, what: str) -> Any:
             .where(c.node_id.in_(ids), c.agent_id == bindparam("agent_id"))
             .order_by(c.node_id)
         )
+    if what == "update_errors":
+        c = node_desired.c
+        return select(c.node_id, c.update_errors).where(
+            c.node_id.in_(ids), c.update_errors.not_in(["[]", ""])
+        )
     if what in ("rollout", "rollout_for_update"):
         q = select(rollouts).where(rollouts.c.id == bindparam("id"))
         return q.with_for_update() if what == "rollout_for_update" else q
@@ -484,6 +489,19 @@ class DesiredTx(QueuedWrites):
             out.update((r.node_id, _node_desired(r)) for r in rows)
         return out
 
+    async def update_errors(
+        self, node_ids: Collection[str]
+    ) -> dict[str, tuple[UpdateErrorRecord, ...]]:
+        """The update errors of those nodes that have any: what a rollout observes of a
+        node's row (`desired.observe`), without decoding the rows of the nodes that have
+        none (nearly all)."""
+        out: dict[str, tuple[UpdateErrorRecord, ...]] = {}
+        query = _statement(self._db.dialect, "update_errors")
+        for part in chunks(sorted(set(node_ids))):
+            rows = await self._conn.execute(query, {"ids": list(part)})
+            out.update((r.node_id, load_update_errors(r.update_errors)) for r in rows)
+        return out
+
     async def put_node_desired(self, records: Sequence[NodeDesiredRecord]) -> None:
         """Insert or replace rows (the node must exist)."""
         if not records:
@@ -717,6 +735,7 @@ _NodeDesiredRow = _row_type(node_desired)
 _RolloutRow = _row_type(rollouts)
 _RolloutNodeRow = _row_type(rollout_nodes)
 _JudgedRow = _row_type(agent_states, _JUDGED_COLUMNS)
+_UpdateErrorsRow = _row_type(node_desired, ("node_id", "update_errors"))
 _NodeRow = _row_type(nodes)
 _ADD_REVISION = (
     f"INSERT INTO {definition_revisions.name} ({', '.join(_RevisionRow._fields)}) "  # noqa: S608
@@ -916,6 +935,15 @@ class SqliteDesiredTx(DesiredTx):
         else:
             rows = self._by_ids(_NodeDesiredRow, node_desired, node_ids)
         return {r.node_id: _node_desired(r) for r in rows}
+
+    async def update_errors(
+        self, node_ids: Collection[str]
+    ) -> dict[str, tuple[UpdateErrorRecord, ...]]:
+        """As `DesiredTx.update_errors`."""
+        rows = self._by_ids(
+            _UpdateErrorsRow, node_desired, node_ids, "update_errors NOT IN ('[]', '') AND "
+        )
+        return {r.node_id: load_update_errors(r.update_errors) for r in rows}
 
     async def put_node_desired(self, records: Sequence[NodeDesiredRecord]) -> None:
         """As `DesiredTx.put_node_desired`."""

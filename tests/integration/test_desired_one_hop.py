@@ -103,6 +103,7 @@ async def _reads(tx: DesiredTx, rid: int) -> dict[str, object]:
         "judged": await tx.judged_agents(["n1", "n3", "nope"], "web"),
         "node rows": await tx.node_desired(),
         "node rows by id": await tx.node_desired(["n2", "n3"]),
+        "update errors": await tx.update_errors(["n1", "n2", "n3", "nope"]),
         "rollouts": await tx.rollouts(),
         "live rollouts": await tx.rollouts(live=True, limit=5),
         "rollouts of db": await tx.rollouts(name="db", limit=1),
@@ -128,6 +129,8 @@ async def test_one_hop_reads_what_the_sqlalchemy_tx_reads(database: Database) ->
     assert expected["rollout nodes"]
     assert [n.node_id for n in expected["nodes"]] == list(NODES)  # type: ignore[attr-defined]
     assert expected["revision"] is not None
+    # Only the rows with errors: n1's has none, n3 has no row.
+    assert expected["update errors"] == {"n2": (UpdateErrorRecord("web", 2, "no"),)}
 
 
 async def test_one_hop_writes_what_the_sqlalchemy_tx_reads_back(database: Database) -> None:

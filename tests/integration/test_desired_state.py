@@ -493,7 +493,7 @@ async def test_a_rollout_started_during_a_pass_is_not_judged_on_a_stale_scope(
         await env.add("p1", {"env": "prod"})
         convergence = env.manager.convergence
         await convergence.stop()  # drive the pass's phases by hand, interleaved with an apply
-        nodes, scopes, live = await convergence._rescope(PassResult())
+        nodes, scopes, live, _ = await convergence._rescope(PassResult())
         await env.apply(definition())
         await convergence._step_rollouts(nodes, scopes, live, PassResult())
         assert state(await env.rollout("web")) == "PENDING"
@@ -691,6 +691,69 @@ async def test_a_rollout_changed_by_another_writer_sends_the_driver_to_a_full_pa
         done = await env.ended("web")
         assert (state(done), done.done) == ("SUCCESSFUL", 4)
         assert env.revisions("web") == {f"p{i}": 2 for i in range(4)}
+
+
+async def test_an_apply_of_a_new_revision_starts_its_rollout_without_a_full_pass(
+    pki: Any, tmp_path: Path, database_url: str
+) -> None:
+    """After a full pass, an apply that changes only what the nodes run has its rollout's
+    first batch stepped and pushed by an incremental pass on the memo's nodes and scope
+    (no node re-read, nothing re-scoped); one that changes the selector, or a rollout
+    superseded meanwhile, sends the driver to a full pass, which re-scopes."""
+    async with desired_env(pki, tmp_path, database_url) as env:
+        for i in range(4):
+            await env.add(f"p{i}", {"env": "prod", "tier": "a" if i < 2 else "b"})
+        await env.apply(definition(max_parallel="2"))
+        await until(lambda: env.rollout("web"), lambda r: state(r) == "SUCCESSFUL")
+        convergence = env.manager.convergence
+        await convergence.stop()  # drive the passes by hand
+        await convergence.run_once()  # the memo: every node, web's scope
+        await env.apply(definition(version="2.0", max_parallel="2"))
+        first = await convergence.run_incremental()
+        assert first is not None
+        assert (first.incremental, first.stepped) == (True, ["web"])
+        assert env.revisions("web") == {"p0": 2, "p1": 2, "p2": 1, "p3": 1}
+        # The batch's answers are left to the next pass, which records them with step 2.
+        assert sorted(o.node_id for o in convergence._unrecorded) == ["p0", "p1"]
+        second = await convergence.run_incremental()
+        assert second is not None
+        assert second.incremental
+        assert env.revisions("web") == {f"p{i}": 2 for i in range(4)}
+        # A new selector: the memo's scope does not hold; a full pass re-scopes.
+        await env.apply(definition(sel="env=prod,tier=a", version="3.0", max_parallel="2"))
+        assert await convergence.run_incremental() is None
+        assert convergence._memo is None
+        assert env.revisions("web") == {f"p{i}": 2 for i in range(4)}
+        full = await convergence.run_once()
+        assert (full.incremental, full.stepped, full.dropped) == (False, ["web"], 2)
+        convergence.start()
+        done = await env.ended("web")
+        assert (state(done), done.done) == ("SUCCESSFUL", 2)
+        assert env.revisions("web") == {"p0": 3, "p1": 3}
+
+
+async def test_an_apply_that_supersedes_a_live_rollout_is_started_by_a_full_pass(
+    pki: Any, tmp_path: Path, database_url: str
+) -> None:
+    """A rollout the driver holds, superseded by an apply, is not stepped on the memo: the
+    pass after the apply finds it ended and leaves the new rollout to a full pass."""
+    async with desired_env(pki, tmp_path, database_url) as env:
+        for i in range(4):
+            await env.add(f"p{i}", {"env": "prod"})
+        await env.apply(definition(max_parallel="2"))
+        await until(lambda: env.rollout("web"), lambda r: state(r) == "SUCCESSFUL")
+        convergence = env.manager.convergence
+        await convergence.stop()
+        await convergence.run_once()
+        await env.apply(definition(version="2.0", max_parallel="2"))
+        assert (await convergence.run_incremental()) is not None  # batch 1 of revision 2
+        await env.apply(definition(version="3.0", max_parallel="2"))
+        assert await convergence.run_incremental() is None
+        assert convergence._unrecorded == []  # batch 1's answers recorded all the same
+        convergence.start()
+        done = await env.ended("web")
+        assert (state(done), done.done) == ("SUCCESSFUL", 4)
+        assert env.revisions("web") == {f"p{i}": 3 for i in range(4)}
 
 
 async def test_agent_state_changes_run_no_pass_without_a_live_rollout(
