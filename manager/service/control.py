@@ -23,7 +23,8 @@ from collections.abc import Callable
 from fleet.errors import FleetError
 from manager.pool.stream import ControlStreams
 from manager.service.heartbeats import HeartbeatBuffer
-from manager.service.liveness import StreamVerdict, stream_verdict
+from manager.service.jobs import format_time
+from manager.service.liveness import StreamVerdict, stream_offline_at, stream_verdict
 from manager.storage import NodeRepository
 
 __all__ = ["StreamLiveness"]
@@ -71,6 +72,7 @@ class StreamLiveness:
             record(node_id, now_ms)
             self._seen_ms.pop(node_id, None)
         due: dict[int, list[str]] = {}
+        reasons: dict[str, str] = {}
         for node_id, broken_at in list(self._streams.broken_at.items()):
             verdict = stream_verdict(
                 connected=False,
@@ -86,6 +88,12 @@ class StreamLiveness:
                 del self._streams.broken_at[node_id]
                 seen = self._seen_ms.pop(node_id, int(broken_at * 1000))
                 due.setdefault(seen, []).append(node_id)
+                # Its last heartbeat was kept fresh through the grace: say when it broke.
+                waited = stream_offline_at(broken_at, self._grace, self._quiet_until) - broken_at
+                reasons[node_id] = (
+                    f"lost its control stream at {format_time(broken_at)} and did not"
+                    f" reconnect within {waited:.0f} s"
+                )
         if not due:
             return []
         await self._heartbeats.flush()  # our own grace records first: the check below reads them
@@ -96,7 +104,7 @@ class StreamLiveness:
                 now_ms=now_ms,
                 exclude=self._heartbeats.pending_ids,
                 only=ids,
-                reason=f"lost its control stream and did not reconnect within {self._grace:g} s",
+                reasons=reasons,
             )
         if gone:
             log.info(

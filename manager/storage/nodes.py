@@ -490,11 +490,13 @@ class NodeRepository:
         exclude: Collection[str] = (),
         only: Collection[str] | None = None,
         reason: str = "missed its heartbeats",
+        reasons: Mapping[str, str] | None = None,
     ) -> builtins.list[str]:
         """Online nodes last seen before `cutoff_ms` (and not in `exclude`) go offline.
 
         With `only`, just those nodes are considered (a control stream that broke).
-        One NODE_OFFLINE event each, all in one transaction; returns their ids.
+        One NODE_OFFLINE event each ("node <id> <reason>"; `reasons` per node, else
+        `reason`), all in one transaction; returns their ids.
         """
         excluded = set(exclude)
 
@@ -533,7 +535,7 @@ class NodeRepository:
                         now_ms=now_ms,
                         node_id=nid,
                         actor="manager/sweeper",
-                        message=f"node {nid} {reason}",
+                        message=f"node {nid} {(reasons or {}).get(nid, reason)}",
                         attributes={"cutoff_ms": str(cutoff_ms)},
                     )
                     for nid in gone

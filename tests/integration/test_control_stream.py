@@ -22,6 +22,7 @@ from fleet import errors
 from fleet.control import retry_after
 from fleet.v1 import common_pb2, daemon_pb2, manager_pb2
 from manager.server import ManagerServer
+from manager.service.jobs import format_time
 
 
 @pytest.fixture
@@ -652,12 +653,19 @@ async def test_node_goes_offline_after_the_grace_and_back_on_reconnect(
     # The grace starts when the manager detaches the stream (broken_at), which can come
     # a moment after the session reads closed: wait for that, not for get() is None.
     await wait_until(lambda: "node-1" in manager.control_streams.broken_at)
+    broken_at = manager.control_streams.broken_at["node-1"]
     clock.advance(4)
     assert await manager.stream_liveness.run_once() == []
     assert await scalar(manager, "SELECT status FROM nodes WHERE node_id='node-1'") == "online"
     clock.advance(2)
     assert await manager.stream_liveness.run_once() == ["node-1"]
     assert await scalar(manager, "SELECT status FROM nodes WHERE node_id='node-1'") == "offline"
+    # Its last heartbeat was refreshed through the grace: the event says when it broke.
+    (event,) = await manager.events.list_after(0, kinds=["NODE_OFFLINE"])
+    assert event.message == (
+        f"node node-1 lost its control stream at {format_time(broken_at)} and did not"
+        " reconnect within 5 s"
+    )
     await connect(pki, manager, ends, "node-1")
     assert await scalar(manager, "SELECT status FROM nodes WHERE node_id='node-1'") == "online"
 
