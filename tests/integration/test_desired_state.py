@@ -191,10 +191,7 @@ async def test_a_new_revision_rolls_out_in_batches(
 ) -> None:
     """Revision 2 on 4 nodes, 2 at a time: two batches, then stable = 2."""
     async with desired_env(pki, tmp_path, database_url) as env:
-        for i in range(4):
-            await env.add(f"p{i}", {"env": "prod"})
-        await env.apply(definition(max_parallel="2"))
-        await until(lambda: env.rollout("web"), lambda r: state(r) == "SUCCESSFUL")
+        await _four_nodes_on_the_first_revision(env, max_parallel="2")
         plan = await env.apply(definition(version="2.0", max_parallel="2"), plan=True)
         assert [list(b.node_ids) for b in plan[0].batches] == [["p0", "p1"], ["p2", "p3"]]
         assert {n.action for n in plan[0].nodes} == {RS.NODE_CHANGE_ACTION_RESTART}
@@ -534,10 +531,10 @@ async def test_a_rollout_parses_its_revision_once_for_all_its_passes(
         assert convergence.parsed - parsed == 1
 
 
-async def _four_nodes_on_the_first_revision(env: Env) -> None:
+async def _four_nodes_on_the_first_revision(env: Env, max_parallel: str = "1") -> None:
     for i in range(4):
         await env.add(f"p{i}", {"env": "prod"})
-    await env.apply(definition(max_parallel="1"))
+    await env.apply(definition(max_parallel=max_parallel))
     await until(lambda: env.rollout("web"), lambda r: state(r) == "SUCCESSFUL")
 
 
@@ -664,10 +661,7 @@ async def test_a_rollout_changed_by_another_writer_sends_the_driver_to_a_full_pa
     operator's pause (here, or on another replica) in between means no step and a full
     pass, which sees the pause; no node is moved meanwhile."""
     async with desired_env(pki, tmp_path, database_url) as env:
-        for i in range(4):
-            await env.add(f"p{i}", {"env": "prod"})
-        await env.apply(definition(max_parallel="2"))
-        await until(lambda: env.rollout("web"), lambda r: state(r) == "SUCCESSFUL")
+        await _four_nodes_on_the_first_revision(env, max_parallel="2")
         convergence = env.manager.convergence
         await convergence.stop()  # drive the passes by hand
         await env.apply(definition(version="2.0", max_parallel="2"))
@@ -738,10 +732,7 @@ async def test_an_apply_that_supersedes_a_live_rollout_is_started_by_a_full_pass
     """A rollout the driver holds, superseded by an apply, is not stepped on the memo: the
     pass after the apply finds it ended and leaves the new rollout to a full pass."""
     async with desired_env(pki, tmp_path, database_url) as env:
-        for i in range(4):
-            await env.add(f"p{i}", {"env": "prod"})
-        await env.apply(definition(max_parallel="2"))
-        await until(lambda: env.rollout("web"), lambda r: state(r) == "SUCCESSFUL")
+        await _four_nodes_on_the_first_revision(env, max_parallel="2")
         convergence = env.manager.convergence
         await convergence.stop()
         await convergence.run_once()
