@@ -423,8 +423,10 @@ def _one_check(msg: common_pb2.AgentSpec, where: str) -> HealthSpec:
         found.append((f"{where}.health", msg.health))
     found += [(f"{where}.checks[{i}]", check) for i, check in enumerate(msg.checks)]
     if len(found) > 1:
+        # Named by kind: `health = [a, b]` in a file reaches here as `health` and `checks`.
+        kinds = [_HEALTH_FROM_PROTO.get(check.kind, str(check.kind)) for _, check in found]
         raise InvalidArgument(
-            f"one health check per agent is supported, got {len(found)} (health and checks)",
+            f"one health check per agent is supported, got {len(found)}: {', '.join(kinds)}",
             field=f"{where}.checks",
         )
     if not found:
