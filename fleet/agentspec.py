@@ -30,7 +30,7 @@ import json
 import signal
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 from urllib.parse import urlsplit
 
 from fleet.artifacts import ArtifactRef, validate_digest, validate_name, validate_version
@@ -167,6 +167,12 @@ class AgentSpec:
     artifact: ArtifactRef | None = None
     """A pushed spec's artifact (filled in by the manager); ``{artifact}`` is its path on the
     node. A host's own agent cannot name one."""
+
+    config_refused_keys: ClassVar[Mapping[str, str]] = {
+        "artifact": "only an agent a manager pushes can use an artifact (push it with fleetctl"
+        " artifacts push and name it in a definition: docs/artifacts.md)",
+    }
+    """Keys of a host's ``[[agents]]`` table refused with why, before their value is read."""
 
     def validate(self) -> None:
         """Raise `SpecError` with a one-line message naming the first bad field."""
@@ -417,8 +423,10 @@ def _one_check(msg: common_pb2.AgentSpec, where: str) -> HealthSpec:
         found.append((f"{where}.health", msg.health))
     found += [(f"{where}.checks[{i}]", check) for i, check in enumerate(msg.checks)]
     if len(found) > 1:
+        # Named by kind: `health = [a, b]` in a file reaches here as `health` and `checks`.
+        kinds = [_HEALTH_FROM_PROTO.get(check.kind, str(check.kind)) for _, check in found]
         raise InvalidArgument(
-            f"one health check per agent is supported, got {len(found)} (health and checks)",
+            f"one health check per agent is supported, got {len(found)}: {', '.join(kinds)}",
             field=f"{where}.checks",
         )
     if not found:

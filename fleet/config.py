@@ -223,6 +223,11 @@ class _Builder:
                 close = difflib.get_close_matches(key, list(names), n=1)
                 hint = f" (did you mean {close[0]!r}?)" if close else ""
                 self.fail(f"{prefix}{key}", f"unknown key{hint}")
+        # Keys a class has but a config file may not set, with why, checked before their
+        # value is read: "expected a table" would send the operator the wrong way.
+        for key, why in getattr(cls, "config_refused_keys", {}).items():
+            if key in raw:
+                self.fail(f"{prefix}{key}", why)
         kwargs: dict[str, Any] = {}
         for f, tp in fields.items():
             dotted = f"{prefix}{f.name}"

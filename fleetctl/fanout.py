@@ -147,9 +147,16 @@ def _run(
 ) -> None:
     cli = Cli.of(ctx)
     if (node is None) == (selector is None):
+        # `agents show` and `logs` take NODE/AGENT; an agent id never holds a '/'.
+        on, slash, named = agent.partition("/")
+        hint = (
+            f"; for {agent}: fleetctl agents {action.name} {named} --node {on}"
+            if slash and node is None and selector is None and on and named
+            else ""
+        )
         cli.fail(
             "say where: --node NODE for one node, or -l SELECTOR for the nodes it matches"
-            " (exactly one of them)",
+            f" (exactly one of them){hint}",
             EXIT_USAGE,
         )
     sel = cli.checked(lambda: parse_selector(selector))

@@ -571,6 +571,11 @@ class JobEngine:
                 home = pw.pw_dir if os.path.isdir(pw.pw_dir) else "/"  # noqa: ASYNC240  # one stat
                 groups = ",".join(str(g) for g in os.getgrouplist(pw.pw_name, pw.pw_gid))
                 ids = f"{pw.pw_uid}:{pw.pw_gid}:{groups}"
+        # Checked here, not left to the spawn: its error names the step wrapper's python.
+        if cmd.cwd and not os.path.isdir(cmd.cwd):  # noqa: ASYNC240  # one stat
+            return StepOutcome(
+                "FAILED", NOT_RUN, f"working directory {cmd.cwd!r} does not exist on this node"
+            )
         step = record.steps[index]
         step.state = "RUNNING"
         step.started_at = self.clock.now()

@@ -42,11 +42,17 @@ _USER_AGENT = "fleet-daemon-health"
 
 async def run_probe(check: HealthSpec, agent: AgentSpec) -> ProbeResult:
     """Run one probe of `agent`'s `check` (kind http, tcp or command)."""
+    # asyncio.timeout, never wait_for: on Python 3.11 wait_for returns the result of a
+    # probe that ended just as its task was cancelled, swallowing the cancellation; the
+    # agent's probe loop then outlived its watcher, whose restart (and the daemon's
+    # shutdown) waited for it forever.
     try:
         if check.kind == "http":
-            ok, detail = await asyncio.wait_for(_http(check), check.timeout)
+            async with asyncio.timeout(check.timeout):
+                ok, detail = await _http(check)
         elif check.kind == "tcp":
-            ok, detail = await asyncio.wait_for(_tcp(check.address), check.timeout)
+            async with asyncio.timeout(check.timeout):
+                ok, detail = await _tcp(check.address)
         else:
             ok, detail = await _command(check, agent)
     except TimeoutError:
@@ -164,13 +170,15 @@ async def _command(check: HealthSpec, agent: AgentSpec) -> tuple[bool, str]:
         return await proc.wait()
 
     try:
-        code = await asyncio.wait_for(collect(), check.timeout)
+        async with asyncio.timeout(check.timeout):  # not wait_for: see run_probe
+            code = await collect()
     except TimeoutError:
         _kill_group(proc.pid)
         await proc.wait()
         # What it wrote before it was killed (a child that left the group may hold the pipe).
         with contextlib.suppress(TimeoutError, OSError):
-            rest = await asyncio.wait_for(proc.stdout.read(OUTPUT_LIMIT), 0.2)
+            async with asyncio.timeout(0.2):
+                rest = await proc.stdout.read(OUTPUT_LIMIT)
             output.extend(rest[: OUTPUT_LIMIT - len(output)])
         return False, f"{what}: no exit within {check.timeout:g}s; killed{_shown(output)}"
     except asyncio.CancelledError:

@@ -152,6 +152,9 @@ def record_from_info(node_id: str, info: common_pb2.AgentInfo) -> AgentStateReco
         last_exit_code=info.last_exit.exit_code,
         last_exit_reason=info.last_exit.reason,
         last_exit_ms=info.last_exit.time,
+        revision=info.revision,
+        health_message=info.health_message,
+        health_since_ms=info.health_since,
     )
 
 

@@ -76,6 +76,13 @@ def _check_name(name: str) -> None:
         raise InvalidArgument(exc.message.split(": ", 1)[-1], field="name") from None
 
 
+async def _no_rollout(tx: DesiredTx, name: str) -> NotFound:
+    """What to say when `name` has no rollout: mostly, a mistyped name."""
+    if name not in await tx.definitions([name]):
+        return NotFound(f"definition {name!r} does not exist")
+    return NotFound(f"definition {name!r} has no rollout")
+
+
 class RolloutControl:
     """Operator actions on rollouts and their reads (see the module docstring)."""
 
@@ -106,7 +113,7 @@ class RolloutControl:
             if not live:
                 latest = await tx.rollouts(name=name, limit=1)
                 if not latest:
-                    raise NotFound(f"definition {name!r} has no rollout")
+                    raise await _no_rollout(tx, name)
                 raise FailedPrecondition(
                     f"{name}: its latest rollout (of revision {latest[0].target}) already"
                     f" ended: {latest[0].state}"
@@ -172,7 +179,7 @@ class RolloutControl:
             if not target:
                 latest = await tx.rollouts(name=name, limit=1)
                 if not latest:
-                    raise NotFound(f"definition {name!r} has no rollout")
+                    raise await _no_rollout(tx, name)
                 target = latest[0].id
             view = await self._view(tx, target, online)
             if view.record.name != name:

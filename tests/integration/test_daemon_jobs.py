@@ -267,6 +267,18 @@ async def test_unknown_user_fails_the_step(node: Node) -> None:
     assert record.reason == "user 'no-such-user-x' does not exist on this node"
 
 
+async def test_a_missing_working_directory_fails_the_step_naming_it(
+    node: Node, tmp_path: Path
+) -> None:
+    """A cwd this node does not have: FAILED (127) naming the directory, not the wrapper."""
+    missing = str(tmp_path / "no-such-dir")
+    await node.start(start_req("where", step("pwd", cwd=missing)))
+    record = await node.final("where")
+    assert record.state == "FAILED"
+    assert record.reason == f"working directory {missing!r} does not exist on this node"
+    assert record.exit_code == 127
+
+
 @pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
 async def test_script_runs_under_its_interpreter_as_the_user(node: Node) -> None:
     """A script body runs with the interpreter's argv plus its path, as the requested user."""

@@ -439,6 +439,21 @@ async def test_pause_and_promote_are_operator_actions(
         assert "already ended" in (err.details() or "")
 
 
+async def test_a_mistyped_name_is_a_definition_that_does_not_exist(
+    pki: Any, tmp_path: Path, database_url: str
+) -> None:
+    """GetRollout and the controls on an unknown name: NOT_FOUND saying so, not 'no rollout'."""
+    async with desired_env(pki, tmp_path, database_url) as env:
+        await env.apply(definition())
+        for call in (
+            env.stub.GetRollout(fleet_pb2.FleetServiceGetRolloutRequest(name="wbe")),
+            env.stub.PauseRollout(fleet_pb2.FleetServicePauseRolloutRequest(name="wbe")),
+        ):
+            err = await rpc_error(call)
+            assert err.code() == grpc.StatusCode.NOT_FOUND
+            assert err.details() == "definition 'wbe' does not exist"
+
+
 async def test_nodes_download_only_the_artifacts_of_their_definitions(
     pki: Any, tmp_path: Path, database_url: str
 ) -> None:

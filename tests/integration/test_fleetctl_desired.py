@@ -325,7 +325,9 @@ def test_refusals_by_the_manager_and_usage_errors_are_one_line(env: Env) -> None
     assert one_error_line(missing.stderr).endswith("nope.toml: no such file")
     unknown = env.live.fleetctl("rollout", "status", "nothing")
     assert unknown.exit_code == 1, unknown.output
-    assert "'nothing'" in one_error_line(unknown.stderr)
+    assert one_error_line(unknown.stderr) == (
+        "definition 'nothing' does not exist (see `fleetctl definitions list`)"
+    )
     unknown = env.live.fleetctl("definitions", "show", "nothing")
     assert unknown.exit_code == 1, unknown.output
     assert one_error_line(unknown.stderr) == (

@@ -26,6 +26,7 @@ from supervisor_helpers import (
     script,
 )
 
+from daemon.supervisor.probes import run_probe
 from daemon.supervisor.spec import AgentSpec, HealthSpec
 from daemon.supervisor.states import AgentStatus
 from daemon.supervisor.supervisor import Supervisor
@@ -402,3 +403,34 @@ async def test_restarts_by_the_health_check_back_off_until_healthy(
     sick = [s for s in rec.changes[mark:] if s.health == "unhealthy" and s.restart_count == 2]
     assert sick, "reported unhealthy before the restart"
     assert sick[0].message.endswith("; restarting"), "healthy in between: at once again"
+
+
+async def test_a_cancelled_probe_is_cancelled_even_as_it_ends() -> None:
+    """Cancelling a probe task always raises CancelledError, also when the probe ends in the
+    same turn: a swallowed cancel kept the probe loop running after its watcher was cancelled,
+    so a restart by the health check, and the daemon's shutdown, waited for it forever."""
+    server = await asyncio.start_server(lambda _r, w: w.close(), "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    check = HealthSpec(kind="tcp", address=f"127.0.0.1:{port}", timeout=2.0)
+    spec = AgentSpec(id="a", argv=("true",))
+    swallowed = tried = 0
+    try:
+        for turns in range(60):  # cancel after 0..59 loop turns: the probe ends in one of them
+            for _ in range(5):
+                task = asyncio.create_task(run_probe(check, spec))
+                for _ in range(turns):
+                    await asyncio.sleep(0)
+                if task.done():
+                    continue
+                tried += 1
+                task.cancel()
+                try:
+                    await task
+                except asyncio.CancelledError:
+                    continue
+                swallowed += 1
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert tried > 0
+    assert swallowed == 0, f"{swallowed} of {tried} cancelled probes returned a result"

@@ -10,6 +10,7 @@ the file back makes it HEALTHY again; the process was never restarted.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -127,8 +128,14 @@ async def test_http_check_health_and_reason_reach_the_manager_events_and_fleetct
     ), events
 
     shown = await asyncio.to_thread(_fleetctl, pki, manager, "agents", "show", "n1/web")
-    assert "UNHEALTHY" in shown
+    assert "UNHEALTHY since" in shown
     assert reason in " ".join(shown.split())
+    # agents show asks the daemon: its answer keeps the health's reason and since when.
+    live = json.loads(
+        await asyncio.to_thread(_fleetctl, pki, manager, "-o", "json", "agents", "show", "n1/web")
+    )
+    assert (live["health"], live["health_message"]) == ("UNHEALTHY", reason)
+    assert live["health_since_ms"] == sick[0][2]
     listed = await asyncio.to_thread(_fleetctl, pki, manager, "agents", "list", "-o", "wide")
     assert "UNHEALTHY" in listed
 

@@ -92,7 +92,17 @@ def test_a_manager_certificate_is_not_a_daemon_identity(pki, tmp_path: Path) -> 
             'artifact = {name = "web", version = "1", digest = "sha256:'
             + "0" * 64
             + '", size_bytes = 1}\n',
-            "'a' names an artifact: only an agent a manager pushes can use one",
+            "agents[0].artifact: only an agent a manager pushes can use an artifact",
+        ),
+        # The forms a definition takes: refused for the same reason, not for their shape.
+        (
+            '[[agents]]\nid = "a"\nargv = ["/bin/true"]\nartifact = "web:1.4.2"\n',
+            "agents[0].artifact: only an agent a manager pushes can use an artifact",
+        ),
+        (
+            '[[agents]]\nid = "a"\nargv = ["/bin/true"]\n'
+            'artifact = { name = "web", version = "1.4.2" }\n',
+            "agents[0].artifact: only an agent a manager pushes can use an artifact",
         ),
     ],
 )

@@ -106,6 +106,18 @@ def test_restart_one_agent_on_a_node(fleetctl: Fleetctl) -> None:
     assert "1 ok, 0 failed, 0 skipped of 1" in result.stdout
 
 
+def test_node_slash_agent_as_show_takes_it_is_answered_with_the_command(
+    fleetctl: Fleetctl,
+) -> None:
+    """`agents stop node-1/web` (show's spelling) exits 2 saying the command that does it."""
+    result = fleetctl("agents", "stop", "node-1/web")
+    assert result.exit_code == 2
+    err = result.stderr.strip()
+    assert len(err.splitlines()) == 1
+    assert err.endswith("; for node-1/web: fleetctl agents stop web --node node-1"), err
+    assert fleetctl.manager.fleet.operations == []
+
+
 def test_fanout_without_tty_or_yes_refuses(fleetctl: Fleetctl) -> None:
     """A fan-out over several targets without --yes and without a terminal is refused (exit 2)."""
     result = fleetctl("agents", "restart", "web", "-l", "env=prod")

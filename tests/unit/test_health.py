@@ -182,6 +182,7 @@ def test_a_probe_in_checks_is_the_one_check_and_more_are_refused() -> None:
     with pytest.raises(InvalidArgument, match="one health check per agent is supported") as info:
         spec_from_proto(two, where="agents[0]")
     assert info.value.field == "agents[0].checks"
+    assert info.value.message.endswith("got 2: heartbeat, tcp"), "named as the file has them"
     odd = common_pb2.AgentSpec(id="a", argv=["/bin/true"], checks=[common_pb2.HealthCheck(kind=9)])  # type: ignore[arg-type]
     with pytest.raises(InvalidArgument, match="unknown health kind 9") as info:
         spec_from_proto(odd, where="agents[0]")
