@@ -112,7 +112,10 @@ class OutputPrinter:
                 out.flush()
             if msg.truncated and node not in self._marked:
                 self._marked.add(node)
-                self._cli.warn(truncation_marker(self._job_id, node, msg.next_offset))
+                # The marker names fleetctl already: not warn's "fleetctl: [fleetctl: ...".
+                self._cli.note(
+                    truncation_marker(self._job_id, node, msg.next_offset), style="yellow"
+                )
             return
         if node not in self._colors:
             self.add_nodes([node])

@@ -269,7 +269,7 @@ def test_raw_printer_writes_bytes_and_warns_on_stderr(capsysbinary: Any) -> None
     printer.on_message(_chunk("web-1", b"\x00bin\xffary", 0))
     printer.on_message(_chunk("web-1", b"", 8, truncated=True, eof=True))
     assert capsysbinary.readouterr().out == b"\x00bin\xffary"
-    assert "stored only the first 8 bytes" in err.getvalue()
+    assert err.getvalue().startswith("[fleetctl: the manager stored only the first 8 bytes")
     assert "--from-node" in err.getvalue()
 
 
