@@ -169,8 +169,10 @@ def explain_rpc_error(error: grpc.RpcError, conn: Connection, *, diagnose: bool 
 
 
 def hinted(error: FleetError) -> str:
-    """`error`'s message; for a NOT_FOUND node, agent or metric type, plus the command
-    that lists what exists: "node 'n9' is not registered (see `fleetctl nodes list`)"."""
+    """`error`'s message; for a NOT_FOUND node, agent or metric type (or an
+    INVALID_ARGUMENT naming one: a request field that names what does not exist), plus
+    the command that lists what exists: "node 'n9' is not registered (see `fleetctl
+    nodes list`)"."""
     about = error.resource
     # The desired-state, job and token RPCs name what they did not find in words only.
     words = error.message
@@ -182,7 +184,8 @@ def hinted(error: FleetError) -> str:
         for start, lister in _SEE_WORDS.items():
             if words.startswith(start):
                 return f"{words} (see `fleetctl {lister}`)"
-    if error.code != grpc.StatusCode.NOT_FOUND or about is None or about.kind not in _SEE:
+    missing = (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.INVALID_ARGUMENT)
+    if error.code not in missing or about is None or about.kind not in _SEE:
         return error.message
     see = _SEE[about.kind]
     if "{node}" in see and not about.node:

@@ -28,8 +28,9 @@ from typing import Annotated, Any
 import grpc
 import typer
 
+from fleet.errors import from_rpc_error
 from fleet.v1 import fleet_pb2, jobs_pb2
-from fleetctl.client import Connection
+from fleetctl.client import Connection, hinted
 from fleetctl.jobfile import JobFlags, JobSpecError, build_spec, load_job
 from fleetctl.jobfollow import OutputPrinter, follow, pending_note
 from fleetctl.joboutput import (
@@ -273,7 +274,7 @@ def _job_call_error(exc: grpc.RpcError, what: str) -> Exception:
     if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
         return Failure(f"cannot {what}: {exc.details()}")
     if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
-        return UsageProblem(f"cannot {what}: {exc.details()}")
+        return UsageProblem(f"cannot {what}: {hinted(from_rpc_error(exc))}")
     return exc
 
 

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Protocol, TypeVar
 
 from fleet import selectors
-from fleet.errors import FailedPrecondition, InvalidArgument
+from fleet.errors import FailedPrecondition, InvalidArgument, Resource
 from fleet.labels import validate_label_value, validate_node_id
 from fleet.v1 import jobs_pb2
 from manager.service.jobs import (
@@ -249,7 +249,9 @@ def resolve_targets(spec: CheckedSpec, nodes: Sequence[_N]) -> list[_N]:
         for i, node_id in enumerate(spec.node_ids):
             if node_id not in by_id:
                 raise InvalidArgument(
-                    f"node {node_id!r} is not registered", field=f"spec.node_ids[{i}]"
+                    f"node {node_id!r} is not registered",
+                    field=f"spec.node_ids[{i}]",
+                    resource=Resource("node", node_id),
                 )
         picked = [by_id[n] for n in spec.node_ids]
     else:

@@ -51,6 +51,17 @@ def test_an_unknown_node_is_one_line_pointing_at_nodes_list(
     assert "ListNodes" not in result.stderr
 
 
+def test_a_job_on_an_unknown_node_points_at_nodes_list(fleet: LiveFleet) -> None:
+    """The manager refuses the spec field naming the node (INVALID_ARGUMENT); fleetctl adds
+    where to see the registered ones, as for any unknown node."""
+    result = fleet.fleetctl("run", "--node", "node-9", "--yes", "--", "true")
+    assert result.exit_code != 0, result.output
+    (line,) = result.stderr.splitlines()
+    assert line.endswith(
+        "spec.node_ids[0]: node 'node-9' is not registered (see `fleetctl nodes list`)"
+    ), line
+
+
 @pytest.mark.parametrize(
     "args",
     [["agents", "show", "n1/nope"], ["agents", "logs", "n1/nope"], ["metrics", "agent", "n1/nope"]],
