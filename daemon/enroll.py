@@ -101,6 +101,8 @@ class EnrollOptions:
     """The daemon's state_dir, written into the config."""
     force: bool = False
     """Replace an existing config and key."""
+    next_steps: bool = True
+    """Print how to start the daemon; install.sh, which starts it itself, turns it off."""
 
 
 @dataclass(frozen=True)
@@ -426,6 +428,8 @@ def enroll(opts: EnrollOptions, *, say: Callable[[str], None] = print) -> None:
     except OSError as exc:
         raise EnrollError(f"cannot write {opts.config}: {exc.strerror or exc}") from None
     say(f"wrote {opts.config} (manager {address}; no listening port)")
+    if not opts.next_steps:
+        return
     if opts.config == DEFAULT_CONFIG:
         say("next: systemctl enable --now fleet-daemon")
         say(f"  or in the foreground: fleet-daemon --config {opts.config}")
@@ -485,6 +489,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--force", action="store_true", help="replace an existing config and key (re-enroll)"
     )
+    # install.sh installs the unit (ExecStart at its config) and starts it: the
+    # "next: ..." lines would tell its user to do what it then does.
+    parser.add_argument("--no-next-steps", action="store_true", help=argparse.SUPPRESS)
     return parser
 
 
@@ -529,6 +536,7 @@ def _options(parser: argparse.ArgumentParser, args: argparse.Namespace) -> Enrol
         tls_dir=args.tls_dir,
         state_dir=args.state_dir,
         force=args.force,
+        next_steps=not args.no_next_steps,
     )
 
 

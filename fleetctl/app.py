@@ -96,6 +96,9 @@ class _OneLineErrors(TyperGroup):
             ctx = getattr(exc, "ctx", None)
             hint = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
             message = " ".join(exc.format_message().split())
+            # Typer validates through pydantic, which prefixes a validator's
+            # ValueError with "Value error, "; the operator needs only the reason.
+            message = message.replace(": Value error, ", ": ", 1)
             print(f"fleetctl: error: {message}{hint}", file=sys.stderr)
             sys.exit(exc.exit_code)
         except typer.Abort:

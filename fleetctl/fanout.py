@@ -405,7 +405,17 @@ async def _window(
             )
         except grpc.RpcError as exc:
             result.outcome = fleet_pb2.TARGET_OUTCOME_FAILED
-            result.message = hinted(from_rpc_error(exc))
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and not (
+                exc.details() or ""
+            ).startswith(f"{node}: "):
+                # Our own deadline ("Stream removed (Deadline Exceeded)"), not the
+                # manager's words about the node, which start with its id.
+                result.message = (
+                    f"{node}: the manager at {conn.address} did not answer within"
+                    f" {conn.timeout:g} s; the operation may still happen (raise --timeout)"
+                )
+            else:
+                result.message = hinted(from_rpc_error(exc))
         else:
             result.outcome = fleet_pb2.TARGET_OUTCOME_OK
             result.agent.CopyFrom(reply.agent.agent)

@@ -4,7 +4,9 @@ grpc reports a failed handshake as "CERTIFICATE_VERIFY_FAILED" or "Socket
 closed". To tell the operator what is actually wrong, `probe` opens one
 plain TLS connection (Python's ssl, no verification, our client certificate
 presented), takes the certificate the server shows and checks it the way
-grpc did: signed by our CA, within its validity, carrying the expected name.
+grpc did: signed by our CA (directly or through an intermediate CA the
+server sends with it, as an enrolled node's certificate is), within its
+validity, carrying the expected name.
 If all of that holds, the server must have refused *our* certificate.
 """
 
@@ -13,6 +15,7 @@ from __future__ import annotations
 import datetime as dt
 import socket
 import ssl
+from collections.abc import Sequence
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
@@ -39,6 +42,7 @@ def probe(address: str, tls: TLSConfig, server_name: str, *, timeout: float) -> 
             ctx.wrap_socket(sock, server_hostname=server_name) as conn,
         ):
             der = conn.getpeercert(binary_form=True)
+            chain = _served_chain(conn)
     except ssl.SSLError as exc:
         return _alert(exc, tls)
     except (OSError, ValueError):
@@ -50,7 +54,11 @@ def probe(address: str, tls: TLSConfig, server_name: str, *, timeout: float) -> 
     except (OSError, ValueError):
         return None
     finding = explain_server_certificate(
-        x509.load_der_x509_certificate(der), cas, server_name, now=dt.datetime.now(dt.UTC)
+        x509.load_der_x509_certificate(der),
+        cas,
+        server_name,
+        now=dt.datetime.now(dt.UTC),
+        intermediates=chain[1:],
     )
     if finding:
         return finding.replace("our CA", f"our CA ({tls.ca_file}); check --ca / FLEET_CA")
@@ -62,9 +70,20 @@ def probe(address: str, tls: TLSConfig, server_name: str, *, timeout: float) -> 
 
 
 def explain_server_certificate(
-    cert: x509.Certificate, cas: list[x509.Certificate], server_name: str, *, now: dt.datetime
+    cert: x509.Certificate,
+    cas: list[x509.Certificate],
+    server_name: str,
+    *,
+    now: dt.datetime,
+    intermediates: Sequence[x509.Certificate] = (),
 ) -> str | None:
-    """What makes `cert` unacceptable as the manager's certificate, or None (pure)."""
+    """What makes `cert` unacceptable as the manager's certificate, or None (pure).
+
+    `intermediates` are the CA certificates the server sent after its own: a
+    certificate signed by one of them, which one of `cas` signed, chains to
+    our CA (an enrolled node's certificate is issued by the manager's
+    intermediate).
+    """
     if now > cert.not_valid_after_utc:
         return (
             f"the manager's certificate expired on {_fmt(cert.not_valid_after_utc)};"
@@ -75,7 +94,7 @@ def explain_server_certificate(
             f"the manager's certificate is not valid until {_fmt(cert.not_valid_before_utc)}"
             " (check the clocks)"
         )
-    if not any(_signed_by(cert, ca) for ca in cas):
+    if not _chains_to(cert, cas, intermediates):
         return (
             f"unknown CA: the manager's certificate (issuer {cert.issuer.rfc4514_string()!r})"
             " is not signed by our CA"
@@ -102,6 +121,42 @@ def _alert(exc: ssl.SSLError, tls: TLSConfig) -> str | None:
     if "WRONG_VERSION_NUMBER" in reason or "RECORD" in reason:
         return "the server does not speak TLS; is --manager the manager's gRPC address?"
     return None
+
+
+def _served_chain(conn: ssl.SSLSocket) -> list[x509.Certificate]:
+    """The certificates the server sent, its own first (empty if ssl cannot say).
+
+    `get_unverified_chain` is public from Python 3.13; 3.11 and 3.12 have it
+    on the socket's `_sslobj`, returning `_ssl.Certificate` objects.
+    """
+    getter = getattr(conn, "get_unverified_chain", None) or getattr(
+        getattr(conn, "_sslobj", None), "get_unverified_chain", None
+    )
+    if getter is None:
+        return []
+    try:
+        # 3.13: DER bytes; before: objects whose public_bytes() is a PEM string.
+        return [
+            x509.load_der_x509_certificate(c)
+            if isinstance(c, bytes)
+            else x509.load_pem_x509_certificate(c.public_bytes().encode())
+            for c in getter() or []
+        ]
+    except (ValueError, AttributeError):
+        return []
+
+
+def _chains_to(
+    cert: x509.Certificate, cas: list[x509.Certificate], intermediates: Sequence[x509.Certificate]
+) -> bool:
+    """True if one of `cas` signed `cert`, directly or through `intermediates`."""
+    if any(_signed_by(cert, ca) for ca in cas):
+        return True
+    rest = [c for c in intermediates if c != cert]
+    return any(
+        _signed_by(cert, mid) and _chains_to(mid, cas, [c for c in rest if c != mid])
+        for mid in rest
+    )
 
 
 def _signed_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:

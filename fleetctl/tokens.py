@@ -130,7 +130,11 @@ def create(
             changes = [part for part in labels.split(",") if part]
             if any("=" not in part for part in changes):
                 raise UsageProblem(f"--labels {labels!r}: use k=v,k2=v2")
-            granted, _ = parse_label_changes(changes)
+            try:
+                granted, _ = parse_label_changes(changes)
+            except UsageProblem as exc:
+                # Its messages speak of `nodes label` changes; these are the token's labels.
+                raise UsageProblem(str(exc).replace("label change ", "--labels: ", 1)) from None
         try:
             seconds = parse_duration(ttl)
         except ValueError as exc:

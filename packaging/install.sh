@@ -262,7 +262,7 @@ if [[ $enrolled_before == yes ]]; then
     say "$config exists: upgrade only, not enrolling again (to enroll anew: fleet-daemon enroll --force ...)"
 elif [[ $enroll == yes ]]; then
     args=(enroll --manager "$manager" --token "$token" --ca-hash "$ca_hash"
-        --config "$config" --tls-dir "$config_dir/tls")
+        --config "$config" --tls-dir "$config_dir/tls" --no-next-steps)
     if [[ -n $name ]]; then args+=(--name "$name"); fi
     if [[ -n $manager_address ]]; then args+=(--manager-address "$manager_address"); fi
     "$prefix/bin/fleet-daemon" "${args[@]}" || die "enrollment failed (above); Fleet stays installed: fix the cause and run install.sh again"

@@ -168,6 +168,16 @@ async def test_enroll_writes_a_private_key_the_certificate_and_a_config_the_daem
     assert run.err == ""
 
 
+async def test_install_sh_turns_off_the_next_steps(site: Site) -> None:
+    """--no-next-steps (install.sh, which installs and starts the unit itself): what was
+    written, no 'next:' lines telling its user to point the unit at the config."""
+    run = await run_enroll(*site.args("--name", "web-1", "--no-next-steps"))
+    assert run.code == 0, run.err
+    assert f"wrote {site.host / 'daemon.toml'}" in run.out
+    assert "next:" not in run.out
+    assert "systemd unit" not in run.out
+
+
 async def test_manager_address_flag_wins_over_the_managers_answer(site: Site) -> None:
     """--manager-address goes into the config as the manager's address."""
     run = await run_enroll(*site.args("--name", "web-1", "--manager-address", "mgr.internal:7443"))

@@ -168,14 +168,21 @@ def files_in(path: Path) -> list[str]:
 
 
 def test_fleetctl_refusals_a_user_meets(site: Site) -> None:
-    """A token longer than the manager's cap (exit 2), an unknown token id (exit 1, NOT_FOUND),
-    a node name nobody has (revoked all the same, saying so): one line each."""
+    """A token longer than the manager's cap or a bad label (exit 2), an unknown token id
+    (exit 1, NOT_FOUND), a node name nobody has (revoked all the same, saying so): one line
+    each."""
     long = site.fleetctl("tokens", "create", "--ttl", "2d")
     assert long.returncode == 2, long
     assert long.stderr.splitlines() == [
         "fleetctl: error: ttl: at most 1 day (the manager's enroll.max_token_ttl_days), got 2 days"
     ]
     assert site.json("tokens", "list", "--all")["tokens"] == [], "nothing was created"
+
+    bad_label = site.fleetctl("tokens", "create", "--labels", "bad key=1")
+    assert bad_label.returncode == 2, bad_label
+    assert bad_label.stderr.splitlines()[0].startswith(
+        "fleetctl: error: --labels: 'bad key=1': invalid label key 'bad key': "
+    )
 
     unknown = site.fleetctl("tokens", "revoke", "zzzzzzzz")
     assert unknown.returncode == 1, unknown

@@ -40,6 +40,8 @@ class FakeFleet:
     nodes: dict[str, fleet_pb2.Node] = field(default_factory=dict)
     agents: dict[str, list[common_pb2.AgentInfo]] = field(default_factory=dict)
     down: set[str] = field(default_factory=set)
+    slow: set[str] = field(default_factory=set)
+    """Nodes whose operations never answer (the caller's deadline ends them)."""
     events: list[fleet_pb2.Event] = field(default_factory=list)
     series: dict[tuple[str, str, str], list[fleet_pb2.MetricSeries]] = field(default_factory=dict)
     logs: dict[tuple[str, str], bytes] = field(default_factory=dict)
@@ -182,6 +184,8 @@ class FakeFleetService(fleet_pb2_grpc.FleetServiceServicer):
         agent = _agent(self.fleet, node_id, agent_id)
         if node_id in self.fleet.down:
             raise Unavailable(f"node {node_id}: daemon at 127.0.0.1:1 unreachable")
+        if node_id in self.fleet.slow:
+            await asyncio.sleep(60)
         self._in_flight += 1
         self.fleet.max_in_flight = max(self.fleet.max_in_flight, self._in_flight)
         try:

@@ -118,6 +118,19 @@ def test_node_slash_agent_as_show_takes_it_is_answered_with_the_command(
     assert fleetctl.manager.fleet.operations == []
 
 
+def test_an_operation_past_our_deadline_is_said_in_words(fleetctl: Fleetctl) -> None:
+    """--node N AGENT whose answer does not come within --timeout: exit 1, the node and the
+    timeout named, not gRPC's 'Stream removed (Deadline Exceeded)'."""
+    fleetctl.manager.fleet.slow.add("node-1")
+    result = fleetctl("--timeout", "0.5", "agents", "restart", "web", "--node", "node-1")
+    assert result.exit_code == 1
+    assert "Deadline Exceeded" not in result.output
+    assert (
+        f"node-1: the manager at {fleetctl.manager.address} did not answer within 0.5 s;"
+        " the operation may still happen (raise --timeout)"
+    ) in result.stderr
+
+
 def test_fanout_without_tty_or_yes_refuses(fleetctl: Fleetctl) -> None:
     """A fan-out over several targets without --yes and without a terminal is refused (exit 2)."""
     result = fleetctl("agents", "restart", "web", "-l", "env=prod")

@@ -109,6 +109,17 @@ def test_name_mismatch_is_explained(pki, tmp_path: Path) -> None:
     assert "node-1.node.fleet.local" in line
 
 
+def test_name_mismatch_through_an_intermediate_is_explained(pki, tmp_path: Path) -> None:
+    """An enrolled node's port (certificate from the issuing CA): name mismatch, not unknown CA."""
+    leaf = pki.ca.create_intermediate().issue("node", "node-1")
+    with raw_tls_server(leaf.cert_pem, leaf.key_pem, pki.ca.cert_pem) as address:
+        result = _runner(address, pki.issue("operator", "alice"), tmp_path)("nodes", "list")
+    assert result.exit_code == 1
+    line = _one_error_line(result.stderr)
+    assert "name mismatch: expected a certificate for manager.fleet.local" in line
+    assert "node-1.node.fleet.local" in line
+
+
 def test_manager_refusing_our_certificate_is_explained(pki, tmp_path: Path) -> None:
     """The manager trusts another CA for clients: 'refused our certificate'."""
     leaf = pki.ca.issue("manager", "manager")

@@ -237,6 +237,16 @@ def test_click_usage_errors_are_one_line(fleetctl: Fleetctl) -> None:
     ]
 
 
+def test_bad_choice_reads_without_validator_prefix(fleetctl: Fleetctl) -> None:
+    """A value outside a choice says which values are allowed, without pydantic's 'Value error,'."""
+    result = fleetctl("-o", "xml", "nodes", "list")
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [
+        "fleetctl: error: Invalid value for '--output' / '-o': 'xml' is not one of 'table',"
+        " 'wide', 'json', 'yaml'. (see 'fleetctl --help')"
+    ]
+
+
 def test_piped_tables_never_wrap(fleetctl: Fleetctl) -> None:
     """Without a terminal (and no COLUMNS) a long row stays on one line, for grep and awk."""
     labels = {f"team.example.com/label-{i}": "x" * 40 for i in range(4)}

@@ -138,7 +138,7 @@ def test_split_agent_ref_and_last_lines() -> None:
 
 
 def test_explain_server_certificate() -> None:
-    """The probe's verdicts: fine, unknown CA, name mismatch, expired, not yet valid."""
+    """The probe's verdicts: fine, unknown CA, name mismatch, expired, not yet valid, via a CA."""
     ca, other = CertificateAuthority.create(), CertificateAuthority.create()
     now = dt.datetime.now(dt.UTC)  # certificates are minted with the real clock
     ours = [x509.load_pem_x509_certificate(ca.cert_pem)]
@@ -153,6 +153,11 @@ def test_explain_server_certificate() -> None:
     assert "expired on" in str(explain_server_certificate(good, ours, name, now=later))
     earlier = now - dt.timedelta(days=1)
     assert "not valid until" in str(explain_server_certificate(good, ours, name, now=earlier))
+    issuing = ca.create_intermediate()
+    enrolled = issuing.issue("manager", "m").certificate
+    mid = [x509.load_pem_x509_certificate(issuing.cert_pem)]
+    assert explain_server_certificate(enrolled, ours, name, now=now, intermediates=mid) is None
+    assert "unknown CA" in str(explain_server_certificate(enrolled, ours, name, now=now))
 
 
 @pytest.mark.parametrize(
