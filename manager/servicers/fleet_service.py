@@ -37,6 +37,7 @@ from manager.service.operations import (
 )
 from manager.service.rollout_control import RolloutControl
 from manager.servicers.artifacts import ArtifactRpcs
+from manager.servicers.deadline import pool_budget
 from manager.servicers.fleet_desired import DesiredRpcs
 from manager.servicers.fleet_enroll import TokenRpcs
 from manager.servicers.fleet_jobs import JobRpcs
@@ -75,6 +76,7 @@ promises this): keeps a message far below gRPC's 4 MiB limit."""
 RESULT_BATCH_INTERVAL = 0.05
 """Longest a finished target's result waits to share a message (batch_results only).
 Results trickle in one by one from fast daemons; fleetctl redraws 10 times a second."""
+
 
 _CONNECTION = {
     ConnectionState.IDLE: fleet_pb2.CONNECTION_STATE_IDLE,
@@ -289,12 +291,9 @@ class FleetServicer(
         self._call_timeout = call_timeout
 
     def _timeout(self, context: _Context) -> float:
-        """The pool's deadline, shortened to the operator's own if that is sooner."""
+        """The pool's deadline, ending before the operator's own (`pool_budget`)."""
         # grpc returns None when the caller set no deadline (the stubs say float).
-        remaining = cast("float | None", context.time_remaining())
-        if remaining is None:
-            return self._call_timeout
-        return max(0.001, min(self._call_timeout, remaining))
+        return pool_budget(self._call_timeout, cast("float | None", context.time_remaining()))
 
     async def ListNodes(
         self, request: fleet_pb2.FleetServiceListNodesRequest, context: _Context

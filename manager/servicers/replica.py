@@ -8,8 +8,9 @@ pool's local-only path (`DaemonPool.local_unary` / `local_stream`): never
 relayed again, so two replicas with crossed records cannot bounce a command
 between them. No stream here is UNAVAILABLE, which the caller reads as
 "look again". The caller's deadline is the call's: `time_remaining()` goes
-down the stream as the command's timeout; a cancelled call cancels the
-command on the node.
+down the stream as the command's timeout (a unary one's less `ANSWER_MARGIN`,
+so the calling replica reads our words about a slow daemon before its own
+deadline); a cancelled call cancels the command on the node.
 
 When the way to the node fails here (no stream, the stream closed under the
 call) the error carries `fleet-transport-failed` (`manager.pool.outcome`):
@@ -33,10 +34,17 @@ from fleet.tls import require_role
 from fleet.v1 import replica_pb2, replica_pb2_grpc
 from manager.pool import DaemonPool
 from manager.pool.outcome import TransportFailed
+from manager.servicers.deadline import pool_budget
 
 __all__ = ["ReplicaServicer"]
 
 _Context = aio.ServicerContext[Any, Any]
+
+
+def _budget(context: _Context) -> float | None:
+    """A relayed unary command's timeout: the caller's deadline, less the answer's margin."""
+    remaining: float | None = context.time_remaining()  # None: the caller set none
+    return None if remaining is None else pool_budget(remaining, remaining)
 
 
 class ReplicaServicer(replica_pb2_grpc.ReplicaServiceServicer):
@@ -95,7 +103,7 @@ class ReplicaServicer(replica_pb2_grpc.ReplicaServiceServicer):
                 streaming=False,
             )
             response = await self._pool.local_unary(
-                request.node_id, request.method, message, call_timeout=context.time_remaining()
+                request.node_id, request.method, message, call_timeout=_budget(context)
             )
         except TransportFailed as exc:
             await _abort_lost(context, exc)

@@ -66,6 +66,43 @@ async def test_a_daemon_that_never_answers_fails_within_the_deadline(
         assert summary.failed == 1
 
 
+async def test_a_slow_daemon_is_reported_in_the_managers_words_before_the_callers_deadline(
+    pki: Any, tmp_path: Path
+) -> None:
+    """An operator's deadline shorter than the pool's: the manager gives up on the daemon a
+    little before it, so the operator reads which node did not answer (unary), and a
+    fan-out's other results and summary, not their own client's bare DEADLINE_EXCEEDED."""
+    async with fleet_env(pki, tmp_path) as env:
+        await env.add_nodes("slow", labels={"env": "slow"}, op_delay=5.0)
+        await env.add_nodes("n1", labels={"env": "slow"})
+        err = await rpc_error(
+            env.stub.OperateAgent(
+                fleet_pb2.FleetServiceOperateAgentRequest(
+                    node_id="slow", agent_id="web", operation=RESTART
+                ),
+                timeout=1.0,
+            )
+        )
+        assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert (err.details() or "").startswith("slow: "), err.details()
+        results = []
+        summary = None
+        call = env.stub.OperateAgents(
+            fleet_pb2.FleetServiceOperateAgentsRequest(
+                selector=selector("env=slow"), agent_id="web", operation=RESTART
+            ),
+            timeout=1.0,
+        )
+        async for msg in call:
+            if msg.HasField("summary"):
+                summary = msg.summary
+            else:
+                results.append(msg.result)
+        assert outcomes(results) == {"n1": "OK", "slow": "FAILED"}
+        assert summary is not None
+        assert summary.failed == 1
+
+
 async def test_concurrency_never_exceeds_max_concurrency(pki: Any, tmp_path: Path) -> None:
     """Eight slow daemons with a window of three: the daemons see at most three at once."""
     async with fleet_env(pki, tmp_path) as env:
