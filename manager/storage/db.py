@@ -345,15 +345,21 @@ class Database:
         starting at once from migrating concurrently.
         """
 
-        async def body(conn: AsyncConnection) -> None:
+        async def body(conn: AsyncConnection) -> str | None:
             if self.dialect == "postgresql":
                 await conn.execute(
                     select(func.pg_advisory_xact_lock(advisory_key("fleet-migrate")))
                 )
-            await conn.run_sync(_upgrade)
+            return await conn.run_sync(_upgrade)
 
-        await self.run(body)
-        log.info("database %s migrated to %s", self.display_url, schema_head())
+        before = await self.run(body)
+        head = schema_head()
+        if before == head:
+            log.info("database %s is at schema %s: nothing to migrate", self.display_url, head)
+        else:
+            log.info(
+                "database %s migrated from %s to %s", self.display_url, before or "empty", head
+            )
 
     async def schema_revision(self) -> str | None:
         """The revision the database is at, None if never migrated."""
@@ -481,8 +487,11 @@ async def _ping(conn: AsyncConnection) -> None:
     await conn.execute(select(1))
 
 
-def _upgrade(connection: Connection) -> None:
+def _upgrade(connection: Connection) -> str | None:
+    """Upgrade to head; the revision it was at before (None: never migrated)."""
+    before: str | None = MigrationContext.configure(connection).get_current_revision()
     command.upgrade(_alembic_config(connection), "head")
+    return before
 
 
 @asynccontextmanager

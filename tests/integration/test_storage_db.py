@@ -20,14 +20,21 @@ from manager.storage.db import schema_head
 from manager.storage.schema import metadata
 
 
-async def test_migrate_empty_database_then_schema_matches_the_code(database_url: str) -> None:
-    """migrate() on an empty database reaches head, is idempotent, and equals schema.py."""
+async def test_migrate_empty_database_then_schema_matches_the_code(
+    database_url: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """migrate() on an empty database reaches head, is idempotent, and equals schema.py;
+    its log says what it did (and that a second run had nothing to do)."""
+    caplog.set_level("INFO", logger="manager.storage.db")
     db = await Database.open(database_url)
     try:
         assert await db.schema_revision() is None
         await db.migrate()
         await db.migrate()
         assert await db.schema_revision() == schema_head()
+        said = [r.getMessage() for r in caplog.records if r.name == "manager.storage.db"]
+        assert said[-2].endswith(f" migrated from empty to {schema_head()}"), said
+        assert said[-1].endswith(f" is at schema {schema_head()}: nothing to migrate"), said
         await db.check_schema()
         async with db.engine.connect() as conn:
             diff = await conn.run_sync(
