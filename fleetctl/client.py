@@ -146,12 +146,13 @@ def explain_rpc_error(error: grpc.RpcError, conn: Connection, *, diagnose: bool 
     details = error.details() or ""
     where = f"manager at {conn.address}"
     if code == grpc.StatusCode.UNAVAILABLE:
-        about = from_rpc_error(error).resource
-        if about is not None and about.kind == "node":
+        if about_a_node(error):
             # The manager answered: it is the node it cannot reach ("node-2: ...").
             return f"the {where} cannot reach {details}"
         return _unavailable(details, conn, where, diagnose=diagnose)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
+        if about_a_node(error):
+            return details  # the manager's words: the node did not answer in time
         return (
             f"{where}: no answer within {conn.timeout:g}s; check that it is up and not"
             " overloaded, or raise --timeout"
@@ -166,6 +167,13 @@ def explain_rpc_error(error: grpc.RpcError, conn: Connection, *, diagnose: bool 
             " is it an older fleet-manager, or not a fleet-manager at all?"
         )
     return hinted(from_rpc_error(error))
+
+
+def about_a_node(error: grpc.RpcError) -> bool:
+    """Whether an UNAVAILABLE or DEADLINE_EXCEEDED is the manager's answer about a node it
+    could not reach or that did not answer in time (it names the node), not about itself."""
+    about = from_rpc_error(error).resource
+    return about is not None and about.kind == "node"
 
 
 def hinted(error: FleetError) -> str:

@@ -34,7 +34,7 @@ from rich.progress import (
 from fleet import selectors
 from fleet.errors import NotFound, Resource, from_rpc_error
 from fleet.v1 import common_pb2, fleet_pb2
-from fleetctl.client import Connection, hinted
+from fleetctl.client import Connection, about_a_node, hinted
 from fleetctl.nodes import SelectorOpt, parse_selector
 from fleetctl.output import Column, print_object, print_rows
 from fleetctl.runtime import (
@@ -405,11 +405,9 @@ async def _window(
             )
         except grpc.RpcError as exc:
             result.outcome = fleet_pb2.TARGET_OUTCOME_FAILED
-            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and not (
-                exc.details() or ""
-            ).startswith(f"{node}: "):
+            if exc.code() == grpc.StatusCode.DEADLINE_EXCEEDED and not about_a_node(exc):
                 # Our own deadline ("Stream removed (Deadline Exceeded)"), not the
-                # manager's words about the node, which start with its id.
+                # manager's words about the node.
                 result.message = (
                     f"{node}: the manager at {conn.address} did not answer within"
                     f" {conn.timeout:g} s; the operation may still happen (raise --timeout)"

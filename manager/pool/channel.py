@@ -152,7 +152,7 @@ def translate_error(
         and details == "Deadline Exceeded"  # gRPC's own wording: our deadline, not the daemon's
     ):
         translated = DeadlineExceeded(
-            f"{node_id}: daemon at {address} did not answer within {budget:g} s"
+            f"{node_id}: daemon at {address} did not answer within {budget:.3g} s"
         )
     elif code == grpc.StatusCode.UNAVAILABLE and wrong_peer(details) == "name":
         translated = WrongDaemonIdentity(

@@ -55,6 +55,7 @@ from google.protobuf.message import Message
 
 from fleet.errors import (
     ConfigError,
+    DeadlineExceeded,
     FailedPrecondition,
     FleetError,
     InvalidArgument,
@@ -679,11 +680,12 @@ class DaemonPool:
 
 @contextlib.contextmanager
 def _about_node(node_id: str) -> Iterator[None]:
-    """An Unavailable met reaching `node_id` names the node as its Resource, so a client
-    can tell "the manager cannot reach the node" from "cannot reach the manager"."""
+    """An Unavailable or DeadlineExceeded met reaching `node_id` names the node as its
+    Resource, so a client can tell "the manager cannot reach the node" or "the node did
+    not answer" from "cannot reach the manager" or "the manager did not answer"."""
     try:
         yield
-    except Unavailable as exc:
+    except (Unavailable, DeadlineExceeded) as exc:
         if exc.resource is None:
             exc.resource = Resource("node", node_id)
         raise

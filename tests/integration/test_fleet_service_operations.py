@@ -12,6 +12,7 @@ import pytest
 from fleet_harness import PROD, fleet_env, operate, operate_messages, outcomes, selector
 from manager_harness import rpc_error
 
+from fleet.errors import Resource, from_rpc_error
 from fleet.v1 import common_pb2, fleet_pb2
 from manager.servicers import fleet_service
 from manager.storage import AuditRepository
@@ -85,6 +86,8 @@ async def test_a_slow_daemon_is_reported_in_the_managers_words_before_the_caller
         )
         assert err.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         assert (err.details() or "").startswith("slow: "), err.details()
+        # Named as the resource: fleetctl tells it from its own deadline by that.
+        assert from_rpc_error(err).resource == Resource("node", "slow")
         results = []
         summary = None
         call = env.stub.OperateAgents(
