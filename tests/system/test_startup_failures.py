@@ -227,3 +227,34 @@ def test_a_second_manager_on_the_same_sqlite_database_refuses_until_the_first_is
     second = serving(second_cfg, tmp_path / "second.log")
     second.terminate()
     assert second.wait(timeout=30) == 0
+
+
+def test_without_config_the_refusal_says_no_config_was_given(tmp_path: Path) -> None:
+    """The usual cause of a daemon or manager refusing at once is a forgotten --config: the
+    one line says none was given (and writes nothing: the manager's TLS check comes first)."""
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("FLEET_MANAGER_", "FLEET_DAEMON_"))
+    }
+    env["PYTHONPATH"] = str(REPO)
+    for module, expected in [
+        (
+            ["daemon.cli"],
+            "fleet-daemon: (no config file): tls: missing required key; no --config was given"
+            " (e.g. --config /etc/fleet/daemon.toml)",
+        ),
+        (
+            ["manager.cli", "serve"],
+            "; no --config was given (the defaults and FLEET_MANAGER_* variables were used)",
+        ),
+    ]:
+        result = subprocess.run(
+            [sys.executable, "-m", *module],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env=env,
+            cwd=tmp_path,
+        )
+        assert one_line(result).endswith(expected), result.stderr
+    assert contents(tmp_path) == []
