@@ -265,6 +265,8 @@ async def test_daemon_killed_with_a_command_in_flight_fails_the_caller_clearly(
             assert b"tick" in first + out, "the log was followed through the stream before the kill"
             assert follow.returncode != 0
             assert err.strip(), "the caller is told why"
+            # Killed, not a daemon that chose to close: the words leave both open.
+            assert b"the daemon ended the stream: it stopped, or its process died" in err, err
             print(f"\nfollow ended {ended_in:.1f}s after the daemon died: {err.decode()[-300:]}")
             assert ended_in < KEEPALIVE + KEEPALIVE_TIMEOUT + 10
 
