@@ -464,8 +464,9 @@ def step(
             notes.append(
                 Note(
                     "rollout-awaiting-promotion",
-                    f"{r.name}: canaries of revision {r.target} are healthy;"
-                    f" run `fleetctl rollout promote {r.name}` to continue",
+                    # For every client (the console has its own Promote button): no command.
+                    f"{r.name}: canaries of revision {r.target} are healthy; the rest waits"
+                    " for a promotion",
                 )
             )
             return Step(r, changed, (), tuple(notes), None)

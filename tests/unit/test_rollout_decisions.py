@@ -256,7 +256,10 @@ def test_canary_batch_waits_for_promotion() -> None:
     d.run(stop={S.AWAITING_PROMOTION})
     assert d.rollout.state is S.AWAITING_PROMOTION
     assert [name for _, name, _ in fleet.moves] == ["n00"]
-    assert "run `fleetctl rollout promote web` to continue" in d.notes[-1]
+    assert d.notes[-1] == (
+        "rollout-awaiting-promotion: web: canaries of revision 2 are healthy; the rest waits"
+        " for a promotion"
+    )
     d.now += 3600  # waiting for an operator never fails the rollout
     assert d.tick().assign == ()
     assert d.rollout.state is S.AWAITING_PROMOTION
