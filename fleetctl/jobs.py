@@ -648,7 +648,10 @@ def rerun(
             try:
                 reply = await stub.RerunJob(request, timeout=conn.timeout)
             except grpc.RpcError as exc:
-                raise _job_call_error(exc, f"rerun job {job_id}") from None
+                error = _job_call_error(exc, f"rerun job {job_id}")
+                if failed and isinstance(error, Failure):  # the manager names no flag
+                    error = Failure(f"{error}; without --failed it re-runs every target")
+                raise error from None
             return reply.job
 
         if plan:

@@ -796,8 +796,8 @@ class Definitions:
         if head.stable_revision and head.stable_revision != head.revision:
             return head.stable_revision
         raise FailedPrecondition(
-            f"{head.name} has no earlier revision that rolled out successfully; name one"
-            " with --to-revision"
+            f"{head.name} has no earlier revision that rolled out successfully; name the"
+            " revision to go back to"
         )
 
     async def _room(self, nodes: Sequence[NodeRecord]) -> dict[str, Candidate]:

@@ -242,8 +242,8 @@ class Jobs:
         ]
         if not nodes:
             raise FailedPrecondition(
-                f"job {job_id}: no target failed, timed out or was undeliverable; nothing to "
-                "re-run (rerun without --failed runs every target again)"
+                f"job {job_id}: no target failed, timed out or was undeliverable: nothing to"
+                " re-run of those alone"
             )
         spec = jobs_pb2.JobSpec()
         spec.CopyFrom(view.spec)

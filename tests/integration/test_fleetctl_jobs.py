@@ -218,6 +218,14 @@ def test_rerun_on_several_nodes_asks_first_and_plan_runs_nothing(
     newest = listed(fleet)[0]
     assert newest["rerun_of"] == first_id
     assert newest["state"] == "SUCCESS"
+    # Nothing failed: refused, and fleetctl (not the manager) names the flag that helps.
+    nothing = fleet.fleetctl("jobs", "rerun", newest["id"], "--failed", "--yes")
+    assert nothing.exit_code == 1, nothing.output
+    assert nothing.stderr.strip() == (
+        f"fleetctl: error: cannot rerun job {newest['id']}: job {newest['id']}: no target"
+        " failed, timed out or was undeliverable: nothing to re-run of those alone; without"
+        " --failed it re-runs every target"
+    )
 
 
 def test_job_file_with_steps_shows_each_step(fleet: LiveFleet, tmp_path: Path) -> None:
