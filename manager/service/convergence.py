@@ -553,6 +553,10 @@ class Convergence:
                 if step.rollout == m.rollout and not step.nodes and not step.assign:
                     self._note_live(result, step)
                     continue
+                if not step.assign:
+                    # No pushes follow to record them beside; and a rollout that ends has
+                    # the answers it ended on stored when it does.
+                    await self._record_unrecorded(result)
 
                 async def body(
                     tx: DesiredTx, m: _RolloutMemo = m, step: ro.Step = step
