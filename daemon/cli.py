@@ -37,6 +37,10 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+NO_CONFIG = "; no --config was given (e.g. --config /etc/fleet/daemon.toml)"
+"""Said after a config problem when no file was named: the usual cause is the missing flag."""
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `fleet-daemon` script; returns the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -50,16 +54,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     from daemon.server import DaemonServer
     from fleet.service import setup_logging
 
+    hint = "" if args.config else NO_CONFIG
     try:
         cfg = load_daemon_config(args.config)
     except ConfigError as exc:
-        print(f"fleet-daemon: {exc.message}", file=sys.stderr)
+        print(f"fleet-daemon: {exc.message}{hint}", file=sys.stderr)
         return 2
     setup_logging(cfg.log_level, cfg.log_json)
     try:
         asyncio.run(DaemonServer(cfg, config_path=args.config).run())
     except ConfigError as exc:
-        print(f"fleet-daemon: {exc.message}", file=sys.stderr)
+        print(f"fleet-daemon: {exc.message}{hint}", file=sys.stderr)
         return 2
     except FleetError as exc:
         print(f"fleet-daemon: {exc.message}", file=sys.stderr)

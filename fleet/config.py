@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import os
+import re
 import tomllib
 import types
 import typing
@@ -242,8 +243,27 @@ class _Builder:
             if callable(validate):
                 validate()
         except ValueError as exc:
-            self.fail(table, str(exc))
+            self._fail_check(table, str(exc), raw, list(names))
         return obj
+
+    def _fail_check(
+        self, table: str, message: str, raw: Mapping[str, Any], names: list[str]
+    ) -> NoReturn:
+        """A failed ``validate()`` as one line, with the source of the values it names.
+
+        A check names the keys it is about; one set by an environment variable is reported
+        with that variable (and the file too when the file set another named key), so the
+        operator is not sent to look in the file for a value that is not there. A message
+        that already starts with its table (``server.listen: ...``) is not prefixed again.
+        """
+        prefix = f"{table}." if table else ""
+        named = [n for n in names if re.search(rf"(?<!\w){re.escape(n)}(?!\w)", message)]
+        env = [self._origins[prefix + n] for n in named if prefix + n in self._origins]
+        in_file = any(n in raw and prefix + n not in self._origins for n in named)
+        source = ", ".join(([self._source] if in_file or not env else []) + env)
+        if table and not message.startswith((f"{table}.", f"{table}:")):
+            message = f"{table}: {message}"
+        raise ConfigError(f"{source}: {message}")
 
     def _env_hint(self, tp: Any, dotted: str) -> str:
         if "[" in dotted or not _is_scalar(_optional_inner(tp) or tp):

@@ -32,6 +32,9 @@ def _split(address: str) -> tuple[str, int]:
     host, sep, port = address.rpartition(":")
     if not sep or not port.isdigit():
         raise ValueError("expected host:port")
+    if int(port) > 65535:
+        # getaddrinfo would take it modulo 65536: 99999 would listen on 34463.
+        raise ValueError(f"port {int(port)} is out of range (0-65535)")
     return host.strip("[]"), int(port)
 
 
@@ -60,8 +63,8 @@ def listen_sockets(what: str, address: str, *, backlog: int = 128) -> list[socke
     """
     try:
         host, port = _split(address)
-    except ValueError:
-        raise ConfigError(f"{what} {address!r}: expected host:port") from None
+    except ValueError as exc:
+        raise ConfigError(f"{what} {address!r}: {exc}") from None
     try:
         infos = socket.getaddrinfo(
             host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE

@@ -123,10 +123,18 @@ class TLSConfig:
         )
         check_validity(validity, now)
         if not _chains_to(chain, cas):
+            issuer = leaf.issuer.rfc4514_string()
+            # Every `fleetctl pki init` names its CA alike: equal names are another
+            # fleet's CA, which '(issuer X, CA X)' would leave the reader to work out.
+            why = (
+                f"issued by another CA named {issuer!r} (same name, different key),"
+                " e.g. another fleet's or one made again with fleetctl pki init"
+                if any(issuer == ca.subject.rfc4514_string() for ca in cas)
+                else f"issuer {issuer!r}, CA {cas[0].subject.rfc4514_string()!r}"
+            )
             raise ConfigError(
-                f"TLS certificate file {self.cert_file}: not signed by the CA in {self.ca_file}"
-                f" (issuer {leaf.issuer.rfc4514_string()!r},"
-                f" CA {cas[0].subject.rfc4514_string()!r})"
+                f"TLS certificate file {self.cert_file}: not signed by the CA in"
+                f" {self.ca_file} ({why})"
             )
         try:
             identity = _identity_of(leaf)

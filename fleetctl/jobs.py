@@ -19,6 +19,7 @@ global --timeout, seconds per call, goes before `run`).
 from __future__ import annotations
 
 import datetime as dt
+import shlex
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -28,6 +29,7 @@ from typing import Annotated, Any
 import grpc
 import typer
 
+from fleet import selectors
 from fleet.errors import from_rpc_error
 from fleet.v1 import fleet_pb2, jobs_pb2
 from fleetctl.client import Connection, hinted
@@ -269,10 +271,17 @@ async def _start_asking(
     return await start(False)
 
 
-def _job_call_error(exc: grpc.RpcError, what: str) -> Exception:
-    """FAILED_PRECONDITION and INVALID_ARGUMENT as one line saying what could not be done."""
+def _job_call_error(
+    exc: grpc.RpcError, what: str, spec: jobs_pb2.JobSpec | None = None
+) -> Exception:
+    """FAILED_PRECONDITION and INVALID_ARGUMENT as one line saying what could not be done;
+    a selector that matched no node gets the command that shows what it matches."""
     if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
-        return Failure(f"cannot {what}: {exc.details()}")
+        details = exc.details() or ""
+        if spec is not None and spec.HasField("selector") and details.startswith("spec.selector:"):
+            shown = shlex.quote(str(selectors.from_proto(spec.selector)))
+            return Failure(f"cannot {what}: {details} (see `fleetctl nodes list -l {shown}`)")
+        return Failure(f"cannot {what}: {details}")
     if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
         return UsageProblem(f"cannot {what}: {hinted(from_rpc_error(exc))}")
     return exc
@@ -386,7 +395,7 @@ def run(
             try:
                 reply = await stub.RunJob(request, timeout=conn.timeout)
             except grpc.RpcError as exc:
-                raise _job_call_error(exc, "run the job") from None
+                raise _job_call_error(exc, "run the job", spec) from None
             return reply.job
 
         if plan:
@@ -639,7 +648,10 @@ def rerun(
             try:
                 reply = await stub.RerunJob(request, timeout=conn.timeout)
             except grpc.RpcError as exc:
-                raise _job_call_error(exc, f"rerun job {job_id}") from None
+                error = _job_call_error(exc, f"rerun job {job_id}")
+                if failed and isinstance(error, Failure):  # the manager names no flag
+                    error = Failure(f"{error}; without --failed it re-runs every target")
+                raise error from None
             return reply.job
 
         if plan:

@@ -440,10 +440,16 @@ def delete_node(
                 f" {sum(view['agents'].values())} agents)?",
                 f"delete node {node}",
             )
-        reply = await stub.DeleteNode(
-            fleet_pb2.FleetServiceDeleteNodeRequest(node_id=node, force=force),
-            timeout=conn.timeout,
-        )
+        try:
+            reply = await stub.DeleteNode(
+                fleet_pb2.FleetServiceDeleteNodeRequest(node_id=node, force=force),
+                timeout=conn.timeout,
+            )
+        except grpc.RpcError as exc:
+            if exc.code() == grpc.StatusCode.FAILED_PRECONDITION and not force:
+                # The manager names no flag.
+                cli.fail(f"{exc.details()}; --force deletes it anyway", EXIT_FAILED)
+            raise
         if cli.fmt.structured:
             print_object(cli.out, cli.fmt, node_view(reply.node), [])
         else:

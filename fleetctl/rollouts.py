@@ -407,7 +407,9 @@ def undo(
             reply = await stub.UndoRollout(request, timeout=conn.timeout)
         except grpc.RpcError as exc:
             if exc.code() == grpc.StatusCode.FAILED_PRECONDITION:
-                raise Failure(f"cannot undo {name}: {exc.details()}") from None
+                # The manager names no flag: say which one names the revision.
+                flag = "" if to_revision else " (--to-revision N)"
+                raise Failure(f"cannot undo {name}: {exc.details()}{flag}") from None
             if exc.code() == grpc.StatusCode.INVALID_ARGUMENT:
                 raise UsageProblem(f"cannot undo {name}: {exc.details()}") from None
             raise

@@ -54,11 +54,15 @@ def _setup_logging(config: ManagerConfig) -> None:
         logging.getLogger("alembic").setLevel(logging.WARNING)
 
 
+NO_CONFIG = "; no --config was given (the defaults and FLEET_MANAGER_* variables were used)"
+"""Said after a config problem when no file was named: the usual cause is the missing flag."""
+
+
 def _load(path: Path | None) -> ManagerConfig:
     try:
         return load_config(ManagerConfig, path, env_prefix=ENV_PREFIX)
     except ConfigError as exc:
-        raise _fail(exc.message, 2) from None
+        raise _fail(exc.message + ("" if path else NO_CONFIG), 2) from None
 
 
 async def _serve(config: ManagerConfig) -> None:
@@ -95,11 +99,11 @@ async def _serve(config: ManagerConfig) -> None:
         raise
 
 
-def _run(main: Coroutine[Any, Any, None]) -> None:
+def _run(main: Coroutine[Any, Any, None], path: Path | None) -> None:
     try:
         asyncio.run(main)
     except ConfigError as exc:
-        raise _fail(exc.message, 2) from None
+        raise _fail(exc.message + ("" if path else NO_CONFIG), 2) from None
     except FleetError as exc:
         raise _fail(exc.message, 1) from None
     except OSError as exc:
@@ -111,7 +115,7 @@ def serve(config: ConfigOption = None) -> None:
     """Run the manager until SIGTERM/SIGINT (then drain and flush)."""
     cfg = _load(config)
     _setup_logging(cfg)
-    _run(_serve(cfg))
+    _run(_serve(cfg), config)
 
 
 async def _migrate(config: ManagerConfig) -> None:
@@ -126,7 +130,7 @@ def migrate(config: ConfigOption = None) -> None:
     """Apply pending database migrations and exit."""
     cfg = _load(config)
     _setup_logging(cfg)
-    _run(_migrate(cfg))
+    _run(_migrate(cfg), config)
     typer.echo(f"database is at the latest schema ({cfg.database_url.split('://')[0]})")
 
 

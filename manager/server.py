@@ -120,6 +120,7 @@ async def open_database(config: ManagerConfig, *, migrate: bool | None = None) -
         busy_timeout_ms=config.database.busy_timeout_ms,
         pool_size=config.database.pool_size,
         retry_timeout_s=config.database.retry_timeout_seconds,
+        exclusive=True,
     )
     try:
         if config.database.migrate_on_start if migrate is None else migrate:

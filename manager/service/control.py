@@ -73,6 +73,7 @@ class StreamLiveness:
             self._seen_ms.pop(node_id, None)
         due: dict[int, list[str]] = {}
         reasons: dict[str, str] = {}
+        broken_ms: dict[str, int] = {}
         for node_id, broken_at in list(self._streams.broken_at.items()):
             verdict = stream_verdict(
                 connected=False,
@@ -88,7 +89,9 @@ class StreamLiveness:
                 del self._streams.broken_at[node_id]
                 seen = self._seen_ms.pop(node_id, int(broken_at * 1000))
                 due.setdefault(seen, []).append(node_id)
-                # Its last heartbeat was kept fresh through the grace: say when it broke.
+                # Its last-seen was kept fresh through the grace: it was last seen, and the
+                # event says, when the stream broke.
+                broken_ms[node_id] = int(broken_at * 1000)
                 waited = stream_offline_at(broken_at, self._grace, self._quiet_until) - broken_at
                 reasons[node_id] = (
                     f"lost its control stream at {format_time(broken_at)} and did not"
@@ -105,6 +108,7 @@ class StreamLiveness:
                 exclude=self._heartbeats.pending_ids,
                 only=ids,
                 reasons=reasons,
+                last_seen=broken_ms,
             )
         if gone:
             log.info(

@@ -282,6 +282,9 @@ class Convergence:
         self._full_ended = 0.0
         """How long the last full pass took and when it ended (time.monotonic())."""
         self._rollouts_live = True  # until a pass says otherwise
+        self._unplaced: dict[str, str] = {}
+        """Why a count definition's instances were not all placed (by name), as the last
+        full pass placed them: its rollout waits for room rather than end short."""
         self._unrecorded: list[_Outcome] = []
         """Push answers (all with the agents' states) the next pass judges its step on
         and records while that step's pushes go out (`_record_while`)."""
@@ -549,7 +552,9 @@ class Convergence:
                     await self._record_unrecorded(result)
             for rollout_id in sorted(memo.rollouts):
                 m = memo.rollouts[rollout_id]
-                step = ro.step(m.rollout, m.progress, m.observed, now)
+                step = ro.step(
+                    m.rollout, m.progress, m.observed, now, self._unplaced.get(m.record.name, "")
+                )
                 if step.rollout == m.rollout and not step.nodes and not step.assign:
                     self._note_live(result, step)
                     continue
@@ -670,13 +675,17 @@ class Convergence:
                 by_name.setdefault(a.name, set()).add(a.node_id)
             requests = {name: c.requests for name, c in checked.items()}
             scopes: dict[str, list[str]] = {}
+            unplaced: dict[str, str] = {}
+            self._unplaced = unplaced
             for name, c in checked.items():
                 held = None
                 if c.count:  # what the others placed reserves room, as decided so far
                     placed = [(n, other) for other, ns in by_name.items() for n in ns]
                     held = reservations(placed, requests, exclude=name)
-                scope, _ = scope_of(c, listed, by_name.get(name, set()), room or {}, now, held)
+                scope, why = scope_of(c, listed, by_name.get(name, set()), room or {}, now, held)
                 scopes[name] = scope
+                if why:
+                    unplaced[name] = why
                 by_name[name] = set(scope)
             changes = assignment_changes(
                 scopes, {n: h.stable_revision for n, h in live.items()}, current, int(now * 1000)
@@ -814,7 +823,7 @@ class Convergence:
         progress = {n: progress_of(r) for n, r in (await tx.rollout_nodes(rollout_id)).items()}
         inputs = await _observation_inputs(tx, record.name, scope, nodes, reads)
         observed = {n: observe(*i) for n, i in inputs.items()}
-        step = ro.step(rollout, progress, observed, now)
+        step = ro.step(rollout, progress, observed, now, self._unplaced.get(record.name, ""))
         if step.rollout == rollout and not step.nodes and not step.assign:
             return _RolloutMemo(record, rollout, progress, inputs, observed), step, False
         stored = await persist_step(tx, record, step, now_ms)

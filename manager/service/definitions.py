@@ -796,8 +796,8 @@ class Definitions:
         if head.stable_revision and head.stable_revision != head.revision:
             return head.stable_revision
         raise FailedPrecondition(
-            f"{head.name} has no earlier revision that rolled out successfully; name one"
-            " with --to-revision"
+            f"{head.name} has no earlier revision that rolled out successfully; name the"
+            " revision to go back to"
         )
 
     async def _room(self, nodes: Sequence[NodeRecord]) -> dict[str, Candidate]:
@@ -842,6 +842,7 @@ class Definitions:
                     verdicts,
                 )
             )
+        out = await _host_clashes(tx, c.name, out)
         out.extend(NodeChange(n, "remove") for n in sorted(set(assigned) - set(scope)))
         moving = [
             n.node_id
@@ -993,6 +994,29 @@ def _check_expected(
     raise FailedPrecondition(
         f"{name} changed since revision {want}: {now}" if want else f"{name} already exists: {now}"
     )
+
+
+HOST_CLASH = (
+    "agent {name!r} is defined in this host's own config; the host's own agent is kept:"
+    " rename the definition or remove the agent from the host's config"
+)
+"""Why a node will refuse a definition whose name its daemon's own agent has (the
+daemon's refusal, which the plan foresees from the agent states the daemon reported)."""
+
+
+async def _host_clashes(tx: DesiredTx, name: str, changes: list[NodeChange]) -> list[NodeChange]:
+    """`changes` with each node that would get the agent added, but already reported a host
+    agent of that name (revision 0: not one the manager placed), marked refused."""
+    adding = [n.node_id for n in changes if n.action == "add"]
+    if not adding:
+        return changes
+    hosts = {n for n, a in (await tx.agent_briefs(adding, name)).items() if a.revision == 0}
+    return [
+        NodeChange(n.node_id, "refused", HOST_CLASH.format(name=name))
+        if n.action == "add" and n.node_id in hosts
+        else n
+        for n in changes
+    ]
 
 
 def _node_change(

@@ -38,6 +38,7 @@ from manager.service.jobs import (
     TERMINAL,
     JobState,
     TargetState,
+    foreseen,
     job_id_problem,
     resolve_concurrency,
     stages,
@@ -176,9 +177,25 @@ class Jobs:
             JobTargetRecord(job_id, n, idx=i, stage=stage, updated_ms=now_ms)
             for i, (n, stage) in enumerate(stages([p.node_id for p in picked], spec.canary))
         )
-        view = JobView(record, spec, targets, _counts(targets))
         if plan:
-            return view
+            # What can be told now (the driver's rules, in its words): a node with jobs
+            # off, or offline and waiting for the delivery timeout.
+            facts = {r.node_id: r for r in reach}
+            targets = tuple(
+                dataclasses.replace(
+                    t,
+                    reason=foreseen(
+                        t.node_id,
+                        online=facts[t.node_id].status == "online",
+                        jobs_disabled=facts[t.node_id].jobs_disabled,
+                        last_seen=facts[t.node_id].last_seen_ms / 1000,
+                        delivery_timeout=checked.delivery_timeout,
+                    ),
+                )
+                for t in targets
+            )
+            return JobView(record, spec, targets, _counts(targets))
+        view = JobView(record, spec, targets, _counts(targets))
 
         what = f"job {job_id}" + (f" ({spec.name})" if spec.name else "")
         audit = {
@@ -225,8 +242,8 @@ class Jobs:
         ]
         if not nodes:
             raise FailedPrecondition(
-                f"job {job_id}: no target failed, timed out or was undeliverable; nothing to "
-                "re-run (rerun without --failed runs every target again)"
+                f"job {job_id}: no target failed, timed out or was undeliverable: nothing to"
+                " re-run of those alone"
             )
         spec = jobs_pb2.JobSpec()
         spec.CopyFrom(view.spec)

@@ -259,10 +259,9 @@ def resolve_targets(spec: CheckedSpec, nodes: Sequence[_N]) -> list[_N]:
             (n for n in nodes if spec.selector.matches(n.labels)), key=lambda n: n.node_id
         )
         if not picked:
-            raise FailedPrecondition(
-                f"spec.selector: {spec.selector} matches no registered node; check it with "
-                "`fleetctl nodes list -l ...`"
-            )
+            # Client-neutral, as every manager message (docs/fleet-service.md, "Errors"):
+            # fleetctl adds the command that shows what the selector matches.
+            raise FailedPrecondition(f"spec.selector: {spec.selector} matches no registered node")
         if len(picked) > MAX_TARGETS:
             raise InvalidArgument(
                 f"matches {len(picked)} nodes; a job runs on at most {MAX_TARGETS}",

@@ -12,7 +12,7 @@ node is moved twice.
 
 ::
 
-    PENDING ─▶ RUNNING ─(every node done)─▶ SUCCESSFUL
+    PENDING ─▶ RUNNING ─(every node done, every instance placed)─▶ SUCCESSFUL
     RUNNING ─(canary batch done, manual promotion)─▶ AWAITING_PROMOTION
     AWAITING_PROMOTION ─promote─▶ RUNNING
     RUNNING ─pause─▶ PAUSED ─resume─▶ RUNNING
@@ -375,13 +375,16 @@ def step(
     progress: Mapping[str, NodeProgress],
     observed: Mapping[str, Observation],
     now: float,
+    unplaced: str = "",
 ) -> Step:
     """Judge every node, then fail, finish, wait or start the next batch.
 
     `observed` has one entry per node in the rollout's scope (the nodes the
     definition runs on now); `progress` the stored records, some of which
     may be missing (a node that joined the scope). Records of nodes that
-    left the scope are ignored.
+    left the scope are ignored. `unplaced` says why instances of a `count`
+    definition are not placed ("" when all are): the rollout does not end
+    SUCCESSFUL short of its count; it waits for room as for progress.
     """
     if r.state in TERMINAL:
         return Step(r, {})
@@ -461,8 +464,9 @@ def step(
             notes.append(
                 Note(
                     "rollout-awaiting-promotion",
-                    f"{r.name}: canaries of revision {r.target} are healthy;"
-                    f" run `fleetctl rollout promote {r.name}` to continue",
+                    # For every client (the console has its own Promote button): no command.
+                    f"{r.name}: canaries of revision {r.target} are healthy; the rest waits"
+                    " for a promotion",
                 )
             )
             return Step(r, changed, (), tuple(notes), None)
@@ -476,8 +480,19 @@ def step(
     pending = [n for n in pending if observed[n].online]  # the ones that can move now
     if not pending:
         unproven = _unproven(r, current)
-        if not unproven:
+        if not unproven and (not unplaced or r.reverting):  # a revert ends where the old fit
             return _finished_step(r, current, changed, notes, observed)
+        if not unproven:
+            # Every placed instance runs the revision, but not as many as the definition
+            # asks for: placement retries every pass, and a node it places joins the scope.
+            if now - r.progress_at >= r.policy.progress_deadline:
+                reason = (
+                    f"not every instance of revision {r.target} was placed within"
+                    f" {_seconds(r.policy.progress_deadline)} (progress_deadline): {unplaced}"
+                )
+                return _failed_step(r, current, changed, notes, observed, now, reason)
+            r = dataclasses.replace(r, reason=f"waiting for room: {unplaced}")
+            return Step(r, changed, (), tuple(notes), r.progress_at + r.policy.progress_deadline)
         # Every node is offline and none proved the revision: it must not become the
         # stable one untested. Wait for one to return, within the progress deadline.
         if now - r.progress_at >= r.policy.progress_deadline:
@@ -509,7 +524,9 @@ def step(
     chosen = _order(pending, observed, reverting=r.reverting)[: max(1, size)]
     for n in chosen:
         current[n] = changed[n] = NodeProgress(NodePhase.UPDATING, batch_no, now)
-    r = dataclasses.replace(r, batch=batch_no, batch_done_at=None, progress_at=now)
+    # A RUNNING rollout's reason says what it waited for; a revert's says why it reverts.
+    reason = r.reason if r.reverting else ""
+    r = dataclasses.replace(r, batch=batch_no, batch_done_at=None, progress_at=now, reason=reason)
     what = "canary batch" if batch_no == 0 else f"batch {batch_no}"
     verb = "moving back to" if r.reverting else "updating to"
     notes.append(

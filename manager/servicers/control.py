@@ -243,7 +243,7 @@ class ControlChannel:
                 pending.add(task)
                 task.add_done_callback(done)
             await asyncio.gather(*pending)  # the daemon closed its side: finish what it sent
-            session.close("the daemon closed the stream")
+            session.close("the daemon ended the stream: it stopped, or its process died")
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # gRPC: the connection broke (keepalive, reset, ...)

@@ -12,8 +12,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import fcntl
 import hashlib
 import logging
+import os
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -131,6 +133,7 @@ class Database:
         self._hop_driver: Any = None  # aiosqlite's Connection under it
         self.display_url: str = engine.url.render_as_string(hide_password=True)
         """The URL without its password, for messages."""
+        self._file_lock: int | None = None  # `open(exclusive=True)`'s lock file descriptor
 
     @classmethod
     async def open(
@@ -143,8 +146,14 @@ class Database:
         backoff: Backoff | None = None,
         synchronous: Literal["NORMAL", "FULL"] = "NORMAL",
         connect_timeout_s: float = 5.0,
+        exclusive: bool = False,
     ) -> Database:
         """Connect (checking the database answers) and return the handle.
+
+        `exclusive` (SQLite, a manager's own database): hold an exclusive lock on
+        `<file>.lock` until `close` (the kernel drops it if the process dies), so a
+        second manager on the same file refuses to start (ConfigError naming the
+        holder's pid) instead of both sweeping, converging and driving jobs.
 
         SQLite: the file and its directory are created; every connection gets
         WAL, busy_timeout, foreign keys and `synchronous` (NORMAL survives a
@@ -153,6 +162,7 @@ class Database:
         Unavailable if the server cannot be reached within the retry budget.
         """
         parsed = normalize_url(url)
+        held: int | None = None
         dialect: Dialect
         kwargs: dict[str, Any] = {"pool_size": pool_size}
         if parsed.get_backend_name() == "sqlite":
@@ -194,22 +204,27 @@ class Database:
         engine = create_async_engine(parsed, **kwargs)
         if dialect == "sqlite":
             _install_sqlite_hooks(engine, busy_timeout_ms=busy_timeout_ms, synchronous=synchronous)
+        if exclusive and dialect == "sqlite":
+            assert parsed.database is not None
+            try:
+                held = await asyncio.to_thread(_hold_sqlite_file, parsed.database)
+            except BaseException:
+                await engine.dispose()
+                raise
         db = cls(
             engine,
             dialect,
             retry_timeout_s=retry_timeout_s,
             backoff=backoff or Backoff(initial=0.05, maximum=1.0),
         )
+        db._file_lock = held
         try:
             await db.run(_ping, write=False)
-        except Unavailable:
-            await engine.dispose()
-            raise
         except sa_exc.DBAPIError as exc:
-            await engine.dispose()
+            await db.close()
             raise ConfigError(f"database {db.display_url}: {describe(exc)}") from exc
         except BaseException:
-            await engine.dispose()
+            await db.close()
             raise
         return db
 
@@ -219,10 +234,15 @@ class Database:
         return self._engine
 
     async def close(self) -> None:
-        """Close every pooled connection."""
-        async with self._write_lock:
-            await self._drop_hop()
-        await self._engine.dispose()
+        """Close every pooled connection (and let go of the file lock, if held)."""
+        try:
+            async with self._write_lock:
+                await self._drop_hop()
+            await self._engine.dispose()
+        finally:
+            if self._file_lock is not None:
+                os.close(self._file_lock)  # drops the flock
+                self._file_lock = None
 
     async def run(
         self, body: Callable[[AsyncConnection], Awaitable[T]], *, write: bool = True
@@ -462,6 +482,29 @@ class Database:
 
 def _make_parent_dir(path: str) -> None:
     Path(path).expanduser().parent.mkdir(parents=True, exist_ok=True)
+
+
+def _hold_sqlite_file(path: str) -> int:
+    """An exclusive flock on `<path>.lock`, held by the returned descriptor (which also
+    holds this process's pid); ConfigError if another process holds it."""
+    lock = Path(path).expanduser().with_name(Path(path).name + ".lock")
+    fd = os.open(lock, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+        os.close(fd)
+        raise ConfigError(
+            f"database {path} is in use by another fleet-manager (pid {holder}):"
+            " an SQLite database serves one manager; stop that one first, or use"
+            " PostgreSQL to run several (docs/operations-manager.md)"
+        ) from None
+    except BaseException:
+        os.close(fd)
+        raise
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
 
 
 def _open_once(path: str) -> None:

@@ -735,6 +735,7 @@ _NodeDesiredRow = _row_type(node_desired)
 _RolloutRow = _row_type(rollouts)
 _RolloutNodeRow = _row_type(rollout_nodes)
 _JudgedRow = _row_type(agent_states, _JUDGED_COLUMNS)
+_BriefRow = _row_type(agent_states, ("node_id", "revision", "status", "health"))
 _UpdateErrorsRow = _row_type(node_desired, ("node_id", "update_errors"))
 _NodeRow = _row_type(nodes)
 _ADD_REVISION = (
@@ -906,6 +907,11 @@ class SqliteDesiredTx(DesiredTx):
     ) -> builtins.list[AgentStateRecord]:
         """As `DesiredTx.agent_states`."""
         return sqlite_select_states(self._sqlite, node_ids=node_ids, agent_id=agent_id)
+
+    async def agent_briefs(self, node_ids: Collection[str], agent_id: str) -> dict[str, AgentBrief]:
+        """As `DesiredTx.agent_briefs`."""
+        rows = self._by_ids(_BriefRow, agent_states, node_ids, "agent_id = ? AND ", [agent_id])
+        return {r.node_id: AgentBrief(r.node_id, r.revision, r.status, r.health) for r in rows}
 
     async def judged_agents(
         self, node_ids: Collection[str], agent_id: str

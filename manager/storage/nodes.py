@@ -491,13 +491,22 @@ class NodeRepository:
         only: Collection[str] | None = None,
         reason: str = "missed its heartbeats",
         reasons: Mapping[str, str] | None = None,
+        last_seen: Mapping[str, int] | None = None,
     ) -> builtins.list[str]:
         """Online nodes last seen before `cutoff_ms` (and not in `exclude`) go offline.
 
         With `only`, just those nodes are considered (a control stream that broke).
         One NODE_OFFLINE event each ("node <id> <reason>"; `reasons` per node, else
-        `reason`), all in one transaction; returns their ids.
+        `reason`), all in one transaction; returns their ids. `last_seen` (ms, per
+        node) replaces the stored last-seen time of the nodes it names: a broken
+        stream's node was kept fresh through its grace, but was last seen when the
+        stream broke.
         """
+        seen = (
+            case(dict(last_seen), value=nodes.c.node_id, else_=nodes.c.last_seen_ms)
+            if last_seen
+            else nodes.c.last_seen_ms
+        )
         excluded = set(exclude)
 
         async def body(conn: AsyncConnection) -> builtins.list[str]:
@@ -522,7 +531,7 @@ class NodeRepository:
                         nodes.c.status == "online",
                         nodes.c.last_seen_ms < cutoff_ms,
                     )
-                    .values(status="offline")
+                    .values(status="offline", last_seen_ms=seen)
                     .returning(nodes.c.node_id, nodes.c.last_seen_ms)
                 )
                 gone.extend(row.node_id for row in result)

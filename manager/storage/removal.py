@@ -177,9 +177,9 @@ class RemovalRepository:
                 )
             if row.status == "online" and not force:
                 raise FailedPrecondition(
-                    f"node {node_id} is online; stop its daemon first, or delete it anyway"
-                    " with --force (its daemon registers again on its next call unless the"
-                    " node is revoked)"
+                    f"node {node_id} is online; stop its daemon first, or force the deletion"
+                    " (its daemon registers again on its next call unless the node is"
+                    " revoked)"
                 )
             await conn.execute(delete(nodes).where(nodes.c.node_id == node_id))
             await insert_operation(

@@ -402,6 +402,14 @@ def test_an_offline_nodes_agents_are_not_counted_as_running(
     )
     open_page(page, "#/nodes?selector=env%3Dquiet", "nodes")
     expect(page.locator("tbody tr", has_text="quiet-1")).to_contain_text("2/2*")
+    # Its daemon cannot be asked: the operations say so before anyone confirms one.
+    open_page(page, "#/agents/quiet-1/web", "agent")
+    for verb in ("Start", "Stop", "Restart"):
+        button = page.locator(".operations").get_by_role("button", name=verb, exact=True)
+        expect(button).to_be_disabled()
+        expect(button).to_have_attribute("title", "its node is offline: its daemon cannot be asked")
+    # Nor are its log and metrics asked of it (they only failed, in two error boxes).
+    expect(page.get_by_text("Its node is offline: the log and metrics are read")).to_have_count(2)
 
 
 def test_the_run_form_shows_mistakes_in_place_and_runs_nothing(

@@ -386,6 +386,52 @@ def test_node_page_shows_its_agents_and_charts(page: Page, metrics: str) -> None
     shot(page, "node")
 
 
+NARROW = {"width": 390, "height": 844}
+"""A phone held upright."""
+
+SPILLED = """() => {
+  const width = document.documentElement.clientWidth;
+  const bar = document.querySelector("header.top").getBoundingClientRect();
+  const out = [];
+  for (const e of document.querySelectorAll("header.top a, header.top .who > *")) {
+    const r = e.getBoundingClientRect();
+    const off = r.right > bar.right + 1 || r.bottom > bar.bottom + 1;
+    if (off) out.push(`${e.textContent} off the bar`);
+  }
+  for (const e of document.querySelectorAll("main *")) {
+    const r = e.getBoundingClientRect();
+    if (!r.width || r.right <= width + 1) continue;
+    let box = e.parentElement, scrolls = false;
+    for (; box && !scrolls; box = box.parentElement) {
+      const overflow = getComputedStyle(box).overflowX;
+      scrolls = (overflow === "auto" || overflow === "scroll")
+        && box.getBoundingClientRect().right <= width + 1;
+    }
+    const what = `${e.tagName.toLowerCase()}.${e.className}`;
+    if (!scrolls) out.push(`${what} ends at ${Math.round(r.right)}`);
+  }
+  return out.slice(0, 5);
+}"""
+"""What spills out of a narrow window (not inside a box that scrolls), or off the header bar."""
+
+
+def test_a_narrow_window_keeps_each_page_inside_it(page: Page, metrics: str) -> None:
+    """At 390 px the header's links stay on its bar and nothing spills out sideways."""
+    page.set_viewport_size(NARROW)
+    for route, name in [
+        ("#/", "overview"),
+        ("#/nodes", "nodes"),
+        (f"#/nodes/{metrics}", "node"),  # its labels' table, its charts
+        ("#/agents", "agents"),
+        ("#/rollouts", "rollouts"),
+        ("#/jobs", "jobs"),
+        ("#/events", "events"),
+    ]:
+        open_page(page, route, name)
+        assert page.evaluate(SPILLED) == [], route
+        shot(page, f"narrow-{name}")
+
+
 def test_node_labels_are_edited_as_the_operator(
     browser: Browser, console: Console, console_session: dict[str, Any], fleet: LiveFleet
 ) -> None:

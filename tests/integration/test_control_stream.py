@@ -666,6 +666,9 @@ async def test_node_goes_offline_after_the_grace_and_back_on_reconnect(
         f"node node-1 lost its control stream at {format_time(broken_at)} and did not"
         " reconnect within 5 s"
     )
+    # And it was last seen then, not at the grace's end (`nodes show`'s "Last seen").
+    last_seen = await scalar(manager, "SELECT last_seen_ms FROM nodes WHERE node_id='node-1'")
+    assert last_seen == int(broken_at * 1000)
     await connect(pki, manager, ends, "node-1")
     assert await scalar(manager, "SELECT status FROM nodes WHERE node_id='node-1'") == "online"
 

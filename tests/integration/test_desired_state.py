@@ -30,6 +30,7 @@ from bench.sim import SimAgent, SimFleet, start_daemon
 from fleet.v1 import common_pb2, desired_pb2, fleet_pb2, fleet_pb2_grpc, manager_pb2
 from manager.server import ManagerServer
 from manager.service.convergence import PassResult
+from manager.service.definitions import HOST_CLASH
 
 T = TypeVar("T")
 RS = desired_pb2
@@ -291,6 +292,13 @@ async def test_a_host_agent_of_the_same_name_is_refused_for_that_node(
     async with desired_env(pki, tmp_path, database_url) as env:
         await env.add("p0", {"env": "prod"})
         await env.add("own", {"env": "prod"}, agents=[SimAgent("web")])
+        # The plan foresees it from the agents `own` reported, before any push.
+        (foreseen,) = await env.apply(definition(), plan=True)
+        assert [(n.node_id, n.action, n.reason) for n in foreseen.nodes] == [
+            ("own", RS.NODE_CHANGE_ACTION_REFUSED, HOST_CLASH.format(name="web")),
+            ("p0", RS.NODE_CHANGE_ACTION_ADD, ""),
+        ]
+        assert [list(b.node_ids) for b in foreseen.batches] == [["p0"]]
         await env.apply(definition())
         nodes = await until(
             lambda: env.stub.ListNodes(fleet_pb2.FleetServiceListNodesRequest()),

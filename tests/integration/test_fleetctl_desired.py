@@ -143,6 +143,13 @@ def test_plan_apply_watch_check_revision_history_and_undo(env: Env) -> None:
     assert "SUCCESSFUL" in watched.stdout
     assert "batch 1: 1/1 done: p1" in watched.stdout
     assert env.revisions() == {"p1": 1, "p2": 1}
+    # Nothing earlier to go back to: the manager says so, fleetctl names the flag.
+    nowhere = env.live.fleetctl("rollout", "undo", "web")
+    assert nowhere.exit_code == 1, nowhere.output
+    assert nowhere.stderr.strip() == (
+        "fleetctl: error: cannot undo web: web has no earlier revision that rolled out"
+        " successfully; name the revision to go back to (--to-revision N)"
+    )
     listed = env.ok("nodes", "list").splitlines()
     assert listed[0].split()[3] == "DESIRED"
     desired = {row.split()[0]: row.split()[3] for row in listed[1:]}

@@ -164,6 +164,18 @@ def test_unknown_job_points_at_jobs_list(fleet: LiveFleet) -> None:
     )
 
 
+def test_a_selector_matching_no_node_points_at_nodes_list_with_it(fleet: LiveFleet) -> None:
+    """run -l with a selector no node matches: exit 1, one line ending in the nodes list
+    command for that very selector (fleetctl's words; the manager's name no client)."""
+    result = fleet.fleetctl("run", "-l", "role in (db, cache)", "--yes", "--", "true")
+    assert result.exit_code == 1, result.output
+    assert result.stderr.strip() == (
+        "fleetctl: error: cannot run the job: spec.selector: role in (cache,db) matches no"
+        " registered node (see `fleetctl nodes list -l 'role in (cache,db)'`)"
+    )
+    assert listed(fleet) == []
+
+
 def test_rerun_failed_is_a_new_job_linked_to_the_first(fleet: LiveFleet, tmp_path: Path) -> None:
     """rerun --failed runs the failed targets again as a new job with rerun_of set."""
     flag = tmp_path / "ok"
@@ -206,6 +218,14 @@ def test_rerun_on_several_nodes_asks_first_and_plan_runs_nothing(
     newest = listed(fleet)[0]
     assert newest["rerun_of"] == first_id
     assert newest["state"] == "SUCCESS"
+    # Nothing failed: refused, and fleetctl (not the manager) names the flag that helps.
+    nothing = fleet.fleetctl("jobs", "rerun", newest["id"], "--failed", "--yes")
+    assert nothing.exit_code == 1, nothing.output
+    assert nothing.stderr.strip() == (
+        f"fleetctl: error: cannot rerun job {newest['id']}: job {newest['id']}: no target"
+        " failed, timed out or was undeliverable: nothing to re-run of those alone; without"
+        " --failed it re-runs every target"
+    )
 
 
 def test_job_file_with_steps_shows_each_step(fleet: LiveFleet, tmp_path: Path) -> None:

@@ -4,6 +4,7 @@ daemons that report back as their nodes (tests/integration/job_helpers.py)."""
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from job_helpers import command, job_env
 from manager_harness import node_stub, rpc_error
 
 from fleet.v1 import fleet_pb2, jobs_pb2, manager_pb2
+from manager.service.jobs import format_time
 
 S = jobs_pb2
 
@@ -167,6 +169,32 @@ async def test_bad_specs_are_refused_naming_the_field_and_store_nothing(env: Any
     )
     assert planned.job.id == ""
     assert [t.node_id for t in planned.job.targets] == ["v-1"]
+    assert not (await stub.ListJobs(fleet_pb2.FleetServiceListJobsRequest())).jobs
+
+
+async def test_a_plan_says_which_targets_will_wait_or_fail(env: Any) -> None:
+    """--plan tells, from the same read, a target whose node is offline (it waits for the
+    delivery timeout) and one whose daemon refuses jobs, in the driver's words; the rest
+    have no note. Nothing is stored."""
+    manager, stub, start = env
+    for name in ("p-1", "p-3"):
+        await start(name)
+    await start("p-2", jobs_disabled=True)
+    now_ms = int(time.time() * 1000)
+    assert await manager.nodes.mark_offline(cutoff_ms=now_ms + 1, now_ms=now_ms, only=["p-3"])
+    seen = (await manager.nodes.get("p-3")).last_seen_ms / 1000
+    planned = await stub.RunJob(
+        fleet_pb2.FleetServiceRunJobRequest(
+            spec=command("true", node_ids=["p-1", "p-2", "p-3"], delivery_timeout_seconds=120.0),
+            plan=True,
+        )
+    )
+    assert {t.node_id: t.reason for t in planned.job.targets} == {
+        "p-1": "",
+        "p-2": "will fail: p-2 refuses remote jobs (its daemon has [jobs] enabled = false)",
+        "p-3": f"offline since {format_time(seen)}: runs if it returns within the delivery"
+        " timeout of 120s, else UNDELIVERABLE",
+    }
     assert not (await stub.ListJobs(fleet_pb2.FleetServiceListJobsRequest())).jobs
 
 

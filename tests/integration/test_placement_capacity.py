@@ -54,13 +54,11 @@ async def report_host(pki: Any, port: int, node: str, sequence: int = 1) -> None
 async def landed(env: Any, name: str, where: dict[str, int]) -> None:
     """The rollout of `name` succeeded and its daemons run exactly `where`."""
     await until(lambda: env.rollout(name), lambda r: state(r) == "SUCCESSFUL")
-    # A rollout that found no room succeeds on no node; placement then retries each
-    # pass, so wait for the daemons rather than read them once.
-    await until(lambda: env.revisions(name), lambda got: got == where)
+    assert env.revisions(name) == where
 
 
-def counted(name: str, cpu_millicores: int = 0) -> desired_pb2.Definition:
-    d = definition(name)
+def counted(name: str, cpu_millicores: int = 0, **update: Any) -> desired_pb2.Definition:
+    d = definition(name, **update)
     d.placement.count = 1
     d.agent.resources.cpu_millicores = cpu_millicores
     return d
@@ -104,3 +102,50 @@ async def test_nodes_without_recent_host_metrics_are_used_last(
         await report_host(pki, env.manager.port, "busy")
         await env.apply(counted("one"))
         await landed(env, "one", {"busy": 1})
+
+
+async def test_a_count_without_room_waits_for_it_then_succeeds_where_it_appears(
+    pki: Any, tmp_path: Path, database_url: str
+) -> None:
+    """No node has room for the instance: the rollout stays RUNNING saying why (never
+    SUCCESSFUL on no node); a node with room registers, gets it, and the rollout succeeds."""
+    async with desired_env(pki, tmp_path, database_url) as env:
+        for node in ("busy", "small"):
+            await env.add(node, {"env": "prod"})
+            await report_host(pki, env.manager.port, node)
+        await env.apply(counted("big", cpu_millicores=6000))
+        waiting = await until(
+            lambda: env.rollout("big"), lambda r: r.reason.startswith("waiting for room")
+        )
+        assert state(waiting) == "RUNNING", waiting
+        assert "1 of 1 instance(s) not placed" in waiting.reason, waiting
+        assert "lack room for 6000m CPU" in waiting.reason, waiting
+
+        await env.add("roomy", {"env": "prod"})
+        await report_host(pki, env.manager.port, "roomy")
+        await landed(env, "big", {"roomy": 1})
+        assert (await env.rollout("big")).reason == ""
+
+
+async def test_a_count_that_never_finds_room_fails_at_its_progress_deadline(
+    pki: Any, tmp_path: Path, database_url: str
+) -> None:
+    """The rollout fails loudly, naming what placement said."""
+    async with desired_env(pki, tmp_path, database_url) as env:
+        await env.add("small", {"env": "prod"})
+        await report_host(pki, env.manager.port, "small")
+        await env.apply(
+            counted(
+                "big",
+                cpu_millicores=6000,
+                healthy_deadline_seconds=1.0,
+                progress_deadline_seconds=2.0,
+            )
+        )
+        ended = await env.ended("big")
+        assert state(ended) == "FAILED", ended
+        assert ended.reason.startswith(
+            "not every instance of revision 1 was placed within 2s (progress_deadline):"
+            " 1 of 1 instance(s) not placed"
+        ), ended.reason
+        assert env.revisions("big") == {}

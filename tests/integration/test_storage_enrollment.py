@@ -230,7 +230,7 @@ async def test_delete_removes_the_node_and_what_cascades(database: Database) -> 
     await repo.issue(cert("n1", "c1"), labels={}, new_node_only=False, peer="ip")
     with pytest.raises(
         FailedPrecondition,
-        match="n1 is online; stop its daemon first, or delete it anyway with --force",
+        match="n1 is online; stop its daemon first, or force the deletion",
     ):
         await removals.delete_node("n1", force=False, actor="operator/a", now_ms=NOW)
     deleted = await removals.delete_node("n1", force=True, actor="operator/a", now_ms=NOW)

@@ -252,8 +252,9 @@ def test_enroll_renew_revoke_and_enroll_again(site: Site) -> None:
     assert refused.returncode == 1, refused
     (line,) = refused.stderr.splitlines()
     assert line.startswith(
-        "fleetctl: error: node web-1 is online; stop its daemon first, or delete it anyway"
-        " with --force"
+        "fleetctl: error: node web-1 is online; stop its daemon first, or force the deletion"
+        " (its daemon registers again on its next call unless the node is revoked);"
+        " --force deletes it anyway"
     )
     assert site.node("web-1")["status"] == "ONLINE"
 

@@ -11,6 +11,7 @@ import os
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -183,3 +184,77 @@ def test_foreign_ca_still_one_line(tmp_path: Path) -> None:
         free_port(),
     )
     assert "not signed by the CA" in one_line(run(["manager.cli", "serve", "--config", str(cfg)]))
+
+
+def serving(cfg: Path, log: Path) -> subprocess.Popen[bytes]:
+    """A real `fleet-manager serve`, once it logs that it serves."""
+    with log.open("wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "manager.cli", "serve", "--config", str(cfg)],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
+    deadline = time.monotonic() + 60
+    while "serving on port" not in log.read_text():
+        assert proc.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.1)
+    return proc
+
+
+def test_a_second_manager_on_the_same_sqlite_database_refuses_until_the_first_is_gone(
+    pki: Any, tmp_path: Path
+) -> None:
+    """Two managers on one SQLite file would both sweep, converge and drive jobs: the
+    second `serve` (and `migrate`) is refused in one line naming the first's pid; once
+    the first is killed with -9 (the kernel drops its lock), the second starts."""
+    tls = pki.issue("manager", "m1")
+    first_cfg = manager_toml(tmp_path / "first.toml", tls, free_port(), free_port())
+    second_cfg = manager_toml(tmp_path / "second.toml", tls, free_port(), free_port())
+    first = serving(first_cfg, tmp_path / "first.log")
+    try:
+        refusal = (
+            f"fleet-manager: database {tmp_path / 'state' / 'manager.db'} is in use by another"
+            f" fleet-manager (pid {first.pid}): an SQLite database serves one manager; stop"
+            " that one first, or use PostgreSQL to run several (docs/operations-manager.md)"
+        )
+        assert one_line(run(["manager.cli", "serve", "--config", str(second_cfg)])) == refusal
+        assert one_line(run(["manager.cli", "migrate", "--config", str(second_cfg)])) == refusal
+    finally:
+        first.kill()
+        first.wait()
+    second = serving(second_cfg, tmp_path / "second.log")
+    second.terminate()
+    assert second.wait(timeout=30) == 0
+
+
+def test_without_config_the_refusal_says_no_config_was_given(tmp_path: Path) -> None:
+    """The usual cause of a daemon or manager refusing at once is a forgotten --config: the
+    one line says none was given (and writes nothing: the manager's TLS check comes first)."""
+    env = {
+        k: v for k, v in os.environ.items() if not k.startswith(("FLEET_MANAGER_", "FLEET_DAEMON_"))
+    }
+    env["PYTHONPATH"] = str(REPO)
+    for module, expected in [
+        (
+            ["daemon.cli"],
+            "fleet-daemon: (no config file): tls: missing required key; no --config was given"
+            " (e.g. --config /etc/fleet/daemon.toml)",
+        ),
+        (
+            ["manager.cli", "serve"],
+            "; no --config was given (the defaults and FLEET_MANAGER_* variables were used)",
+        ),
+    ]:
+        result = subprocess.run(
+            [sys.executable, "-m", *module],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+            env=env,
+            cwd=tmp_path,
+        )
+        assert one_line(result).endswith(expected), result.stderr
+    assert contents(tmp_path) == []

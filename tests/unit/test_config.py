@@ -96,6 +96,27 @@ class Defaults:
     """Checked table."""
 
 
+@dataclass(frozen=True)
+class Dotted:
+    """Checked with a message that names its table."""
+
+    low: int = 1
+    """Must be positive."""
+
+    def validate(self) -> None:
+        """low must be positive."""
+        if self.low < 1:
+            raise ValueError(f"limits.low: must be positive, got {self.low}")
+
+
+@dataclass(frozen=True)
+class DottedTop:
+    """Holds the table."""
+
+    limits: Dotted = Dotted()
+    """Checked table."""
+
+
 FULL = """
 name = "prod"
 ratio = 2
@@ -320,6 +341,29 @@ def test_validate_failure_caused_by_environment(tmp_path: Path) -> None:
     """validate() still runs after env overrides are applied."""
     with pytest.raises(ConfigError, match=r"limits: low \(9\) must not exceed high \(3\)"):
         load(tmp_path, FULL, FLEET_T_LIMITS_LOW="9")
+
+
+def test_validate_failure_names_the_environment_variable_that_set_the_value(
+    tmp_path: Path,
+) -> None:
+    """A failed check on an env value names the variable (and the file if it set the other)."""
+    no_limits = FULL.split("[limits]")[0] + FULL.split("high = 3\n")[1]
+    message = error(tmp_path, no_limits, FLEET_T_LIMITS_LOW="20")
+    assert message == "env FLEET_T_LIMITS_LOW: limits: low (20) must not exceed high (10)"
+    message = error(tmp_path, FULL, FLEET_T_LIMITS_LOW="9")
+    assert message == (
+        f"{tmp_path / 'fleet.toml'}, env FLEET_T_LIMITS_LOW:"
+        " limits: low (9) must not exceed high (3)"
+    )
+
+
+def test_validate_message_naming_its_table_is_not_prefixed_again(tmp_path: Path) -> None:
+    """A check that says `limits.low: ...` is reported as that, not `limits: limits.low: ...`."""
+
+    path = write(tmp_path, "[limits]\nlow = 0\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(DottedTop, path, env_prefix="F_", environ={})
+    assert info.value.message == f"{path}: limits.low: must be positive, got 0"
 
 
 def test_non_utf8_file(tmp_path: Path) -> None:

@@ -20,6 +20,8 @@ from manager.service.jobs import (
     Target,
     TargetState,
     accept_output,
+    foreseen,
+    format_time,
     job_state,
     plan,
     replans,
@@ -359,3 +361,17 @@ def test_a_final_target_replaced_in_the_same_state_plans_the_same() -> None:
     assert replans(Target("a", T.PENDING), Target("a", T.SUCCESS))
     assert replans(Target("a", T.RUNNING), Target("a", T.RUNNING, updated=NOW))
     assert not replans(Target("a", T.SUCCESS), Target("a", T.SUCCESS, updated=NOW))
+
+
+def test_a_plan_foresees_jobs_off_and_offline_nodes_and_nothing_else() -> None:
+    """An online node: no note; a node with jobs off: it will fail (before its being
+    offline: the daemon would refuse it when it returns); an offline one waits."""
+    kw = {"last_seen": NOW - 60, "delivery_timeout": 300.0}
+    assert foreseen("a", online=True, jobs_disabled=False, **kw) == ""
+    assert foreseen("b", online=False, jobs_disabled=True, **kw) == (
+        "will fail: b refuses remote jobs (its daemon has [jobs] enabled = false)"
+    )
+    assert foreseen("c", online=False, jobs_disabled=False, **kw) == (
+        f"offline since {format_time(NOW - 60)}: runs if it returns within the delivery"
+        " timeout of 300s, else UNDELIVERABLE"
+    )

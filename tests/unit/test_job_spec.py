@@ -76,7 +76,9 @@ def test_targets_come_from_node_ids_or_the_selector() -> None:
     with pytest.raises(InvalidArgument, match=r"spec.node_ids\[1\]"):
         resolve_targets(check_spec(spec(node_ids=["a", "zz"])), nodes)
     none = common_pb2.LabelSelector(match_labels={"env": "qa"})
-    with pytest.raises(FailedPrecondition, match="matches no registered node"):
+    with pytest.raises(FailedPrecondition, match="matches no registered node") as refused:
         resolve_targets(check_spec(spec(node_ids=[], selector=none)), nodes)
+    # For any client (the HTTP API, the console): no fleetctl command in the manager's words.
+    assert str(refused.value) == "spec.selector: env=qa matches no registered node"
     with pytest.raises(InvalidArgument, match=r"spec\.canary"):
         resolve_targets(check_spec(spec(node_ids=["a"], canary=2)), nodes)

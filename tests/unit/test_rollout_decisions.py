@@ -256,7 +256,10 @@ def test_canary_batch_waits_for_promotion() -> None:
     d.run(stop={S.AWAITING_PROMOTION})
     assert d.rollout.state is S.AWAITING_PROMOTION
     assert [name for _, name, _ in fleet.moves] == ["n00"]
-    assert "run `fleetctl rollout promote web` to continue" in d.notes[-1]
+    assert d.notes[-1] == (
+        "rollout-awaiting-promotion: web: canaries of revision 2 are healthy; the rest waits"
+        " for a promotion"
+    )
     d.now += 3600  # waiting for an operator never fails the rollout
     assert d.tick().assign == ()
     assert d.rollout.state is S.AWAITING_PROMOTION
@@ -476,6 +479,61 @@ def test_an_offline_node_that_returns_proves_the_revision() -> None:
         d.now += 20
         d.tick()
     assert d.rollout.state is S.SUCCESSFUL, d.rollout.reason
+
+
+def test_a_count_short_of_instances_waits_for_room_then_fails_at_its_progress_deadline() -> None:
+    """Every placed node runs the revision but placement could not place them all: not
+    SUCCESSFUL (a `count = 3` on two nodes is not what was asked); it waits for room
+    within the progress deadline, then fails saying what placement said."""
+    fleet = SimFleet.of(2)
+    d = rollout_of(fleet)
+    why = "1 of 3 instance(s) not placed: only 2 matching node(s) are online"
+    d.tick()
+    d.now += 10
+    waiting = step(d.rollout, d.progress, fleet.observe(d.now), d.now, unplaced=why)
+    d.apply(waiting)
+    assert d.rollout.state is S.RUNNING
+    assert d.rollout.reason == f"waiting for room: {why}"
+    assert waiting.wake_at == d.rollout.progress_at + d.rollout.policy.progress_deadline
+    d.now = d.rollout.progress_at + d.rollout.policy.progress_deadline
+    d.apply(step(d.rollout, d.progress, fleet.observe(d.now), d.now, unplaced=why))
+    assert d.rollout.state is S.FAILED
+    assert d.rollout.reason == (
+        "not every instance of revision 2 was placed within 10m (progress_deadline): " + why
+    )
+    assert d.notes[-1] == f"rollout-failed: web: {d.rollout.reason}"
+
+
+def test_a_count_that_finds_room_in_time_moves_the_new_node_and_succeeds() -> None:
+    """Room appears (placement puts the third instance on a new node): it joins the scope,
+    is moved in a batch of its own, and the rollout succeeds with a clean reason."""
+    fleet = SimFleet.of(2)
+    d = rollout_of(fleet)
+    d.tick()
+    d.now += 10
+    d.apply(step(d.rollout, d.progress, fleet.observe(d.now), d.now, unplaced="1 of 3 ..."))
+    assert d.rollout.reason.startswith("waiting for room")
+    fleet.nodes["n02"] = SimNode()
+    d.now += 60
+    joined = d.tick()
+    assert joined.assign == ("n02",)
+    assert d.rollout.reason == ""
+    d.run()
+    assert d.rollout.state is S.SUCCESSFUL
+    assert fleet.nodes["n02"].assigned == 2
+
+
+def test_a_revert_short_of_instances_still_ends() -> None:
+    """A revert goes back to where the old revision ran; what could not be placed does not
+    hold it (the revert is not a new placement)."""
+    fleet = SimFleet.of(2, bad={2})
+    d = rollout_of(fleet, max_parallel=Amount(2), auto_revert=True)
+    for _ in range(200):
+        d.apply(step(d.rollout, d.progress, fleet.observe(d.now), d.now, unplaced="1 of 3 ..."))
+        if d.rollout.state in (S.REVERTED, S.FAILED):
+            break
+        d.now += 5
+    assert d.rollout.state is S.REVERTED, d.rollout.reason
 
 
 # --- operator actions ---------------------------------------------------------------------------

@@ -177,6 +177,23 @@ def test_certificate_from_another_ca(good: TLSConfig, tmp_path: Path) -> None:
     foreign = CertificateAuthority.create().issue("node", "n1").write(tmp_path / "other")
     message = problem(TLSConfig(good.ca_file, foreign.cert_file, foreign.key_file))
     assert f"{foreign.cert_file}: not signed by the CA in {good.ca_file}" in message
+    # Both CAs have the default name: the message says so rather than '(issuer X, CA X)'.
+    assert message.endswith(
+        "(issued by another CA named 'CN=Fleet CA,OU=fleet.local,O=Fleet' (same name,"
+        " different key), e.g. another fleet's or one made again with fleetctl pki init)"
+    ), message
+
+
+def test_certificate_from_a_differently_named_ca_names_both(
+    good: TLSConfig, tmp_path: Path
+) -> None:
+    """A certificate from a CA with another name gives the issuer's and the CA's names."""
+    other = CertificateAuthority.create(common_name="Other CA")
+    foreign = other.issue("node", "n1").write(tmp_path / "other")
+    message = problem(TLSConfig(good.ca_file, foreign.cert_file, foreign.key_file))
+    assert message.endswith(
+        "(issuer 'CN=Other CA,OU=fleet.local,O=Fleet', CA 'CN=Fleet CA,OU=fleet.local,O=Fleet')"
+    ), message
 
 
 def test_certificate_without_fleet_identity(good: TLSConfig, pki: Any) -> None:

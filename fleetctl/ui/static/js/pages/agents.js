@@ -235,7 +235,7 @@ const OPERATIONS = {
 };
 const STOPPED = new Set(["AGENT_STATUS_STOPPED", "AGENT_STATUS_EXITED", "AGENT_STATUS_FATAL"]);
 
-function Operations({ nodeId, agentId, agent, onDone }) {
+function Operations({ nodeId, agentId, agent, offline, onDone }) {
   const [asking, setAsking] = useState(null); // a key of OPERATIONS
   const [result, setResult] = useState("");
   const run = async (name) => {
@@ -245,10 +245,12 @@ function Operations({ nodeId, agentId, agent, onDone }) {
     onDone();
   };
   const stopped = STOPPED.has(agent?.status);
+  // An offline node's daemon cannot be asked: say so here rather than after a confirmation.
+  const away = offline ? "its node is offline: its daemon cannot be asked" : "";
   return html`<div class="operations">
-    <button onClick=${() => setAsking("start")} disabled=${!stopped} title=${stopped ? "" : "it is not stopped"}>Start</button>
-    <button onClick=${() => setAsking("stop")} disabled=${stopped}>Stop</button>
-    <button onClick=${() => setAsking("restart")}>Restart</button>
+    <button onClick=${() => setAsking("start")} disabled=${offline || !stopped} title=${away || (stopped ? "" : "it is not stopped")}>Start</button>
+    <button onClick=${() => setAsking("stop")} disabled=${offline || stopped} title=${away}>Stop</button>
+    <button onClick=${() => setAsking("restart")} disabled=${offline} title=${away}>Restart</button>
     ${result && html`<span class="dim" role="status">${result}</span>`}
     ${asking &&
     html`<${Confirm} title=${`${OPERATIONS[asking].verb} this agent?`} targets=${[`${nodeId}/${agentId}`]}
@@ -290,6 +292,9 @@ const CHANGE_COLUMNS = [
   { title: "Message", key: "message", className: "wrap" },
 ];
 
+// The log and the metrics are read from the daemon: an offline node's would only fail.
+const OFFLINE_NOTE = "Its node is offline: the log and metrics are read from its daemon, which cannot be asked now.";
+
 export function AgentPage({ nodeId, agentId }) {
   const agent = useAgent(nodeId, agentId);
   const [changes, addChange] = useChanges(nodeId, agentId);
@@ -310,15 +315,15 @@ export function AgentPage({ nodeId, agentId }) {
       actions=${html`<a href=${href("nodes", nodeId)}>Node ${nodeId}</a>`}>
     <${ErrorBox} error=${agent.error} what=${ref} />
     ${item &&
-    html`<${Operations} nodeId=${nodeId} agentId=${agentId} agent=${item.agent} onDone=${agent.reload} />
+    html`<${Operations} nodeId=${nodeId} agentId=${agentId} agent=${item.agent} offline=${item.stale} onDone=${agent.reload} />
       <div class="panel"><${StateProps} item=${item} unreachable=${unreachable} /></div>
       <h2>Recent changes</h2>
       <${Table} columns=${CHANGE_COLUMNS} rows=${changes} rowKey=${(e) => e.id} pageSize=${CHANGES_SHOWN}
         empty="No state change or operation recorded lately." />
       <h2>Log</h2>
-      <${AgentLog} nodeId=${nodeId} agentId=${agentId} />
+      ${item.stale ? html`<p class="dim">${OFFLINE_NOTE}</p>` : html`<${AgentLog} nodeId=${nodeId} agentId=${agentId} />`}
       <h2>Metrics <span class="dim">(its process tree, sampled by its daemon)</span></h2>
-      <${AgentMetrics} nodeId=${nodeId} agentId=${agentId} />
+      ${item.stale ? html`<p class="dim">${OFFLINE_NOTE}</p>` : html`<${AgentMetrics} nodeId=${nodeId} agentId=${agentId} />`}
       <h2>Spec</h2>
       <div class="panel"><${SpecProps} agent=${item.agent} unreachable=${unreachable} /></div>`}
   </${Page}>`;
