@@ -43,6 +43,7 @@ import copy
 import cProfile
 import gc
 import json
+import sqlite3
 import statistics
 import sys
 import tempfile
@@ -137,18 +138,38 @@ async def serve_manager() -> None:
     reader = asyncio.StreamReader(limit=SPEC_LIMIT)
     await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(reader), sys.stdin)
     spec = json.loads(await reader.readline())
+    # Statements SQLite ran while a driver transaction was open (`--statements`): a trace
+    # callback on every connection the manager opens (aiosqlite calls sqlite3.connect).
+    counted = {"open": 0, "statements": 0, "transactions": 0}
+    if spec.get("statements"):
+        connect = sqlite3.connect
+
+        def trace(statement: str) -> None:
+            if counted["open"]:
+                counted["statements"] += 1
+                counted["transactions"] += statement.lstrip().upper().startswith("BEGIN")
+
+        def traced_connect(*args: Any, **kwargs: Any) -> sqlite3.Connection:
+            conn: sqlite3.Connection = connect(*args, **kwargs)
+            conn.set_trace_callback(trace)
+            return conn
+
+        sqlite3.connect = traced_connect  # type: ignore[assignment]
     tls = TLSConfig(Path(spec["ca"]), Path(spec["cert"]), Path(spec["key"]))
     manager = ManagerServer(manager_config(Path(spec["root"]), tls, spec["n"], spec["port"]))
     passes: list[dict[str, Any]] = []
     run_once, run_incremental = Convergence.run_once, Convergence.run_incremental
     send = Convergence._send
     # Seconds of the pass in progress spent in desired-state transactions and in push
-    # waves (wall time; a pass's transactions and pushes do not overlap).
-    spent = {"tx": 0.0, "push": 0.0}
+    # waves (wall time): "tx" those between the waves, "beside" those begun while a wave
+    # was out (a batch's answers recorded as the next batch's pushes go out).
+    spent = {"tx": 0.0, "push": 0.0, "beside": 0.0, "pushing": 0.0}
 
     def note(start: float, result: PassResult | None) -> None:
-        tx, push = spent["tx"], spent["push"]
-        spent["tx"] = spent["push"] = 0.0
+        tx, push, beside = spent["tx"], spent["push"], spent["beside"]
+        statements, transactions = counted["statements"], counted["transactions"]
+        spent["tx"] = spent["push"] = spent["beside"] = 0.0
+        counted["statements"] = counted["transactions"] = 0
         if result is None:  # an incremental pass that found a full one needed
             return
         passes.append(
@@ -161,29 +182,36 @@ async def serve_manager() -> None:
                 "incremental": result.incremental,
                 "tx": tx,
                 "push": push,
+                "beside": beside,
+                "statements": statements,
+                "transactions": transactions,
             }
         )
 
     async def timed_pass(self: Convergence) -> PassResult:
         # A bench hook: when each convergence pass ran and what it did.
         start = time.time()
-        spent["tx"] = spent["push"] = 0.0
+        spent["tx"] = spent["push"] = spent["beside"] = 0.0
+        counted["statements"] = counted["transactions"] = 0
         result = await run_once(self)
         note(start, result)
         return result
 
     async def timed_incremental(self: Convergence) -> PassResult | None:
         start = time.time()
-        spent["tx"] = spent["push"] = 0.0
+        spent["tx"] = spent["push"] = spent["beside"] = 0.0
+        counted["statements"] = counted["transactions"] = 0
         result = await run_incremental(self)
         note(start, result)
         return result
 
     async def timed_send(self: Convergence, *args: Any, **kwargs: Any) -> Any:
         t = time.perf_counter()
+        spent["pushing"] += 1
         try:
             return await send(self, *args, **kwargs)
         finally:
+            spent["pushing"] -= 1
             spent["push"] += time.perf_counter() - t
 
     Convergence.run_once = timed_pass  # type: ignore[method-assign]
@@ -196,10 +224,13 @@ async def serve_manager() -> None:
     def timed(run: Any) -> Any:
         async def timed_run(*args: Any, **kwargs: Any) -> Any:
             t = time.perf_counter()
+            kind = "beside" if spent["pushing"] else "tx"
+            counted["open"] += 1
             try:
                 return await run(*args, **kwargs)
             finally:
-                spent["tx"] += time.perf_counter() - t
+                counted["open"] -= 1
+                spent[kind] += time.perf_counter() - t
 
         return timed_run
 
@@ -322,7 +353,14 @@ async def reference_round(
             d.pushes, d.update_errors = pushes, errors
 
 
-async def run(n: int, batch: int, rounds: int, profile: str = "", verbose: bool = False) -> int:
+async def run(
+    n: int,
+    batch: int,
+    rounds: int,
+    profile: str = "",
+    verbose: bool = False,
+    statements: bool = False,
+) -> int:
     problems: list[str] = []
     with tempfile.TemporaryDirectory(prefix="fleet-rollout-") as tmp:
         root = Path(tmp)
@@ -342,6 +380,7 @@ async def run(n: int, batch: int, rounds: int, profile: str = "", verbose: bool 
             "key": str(mtls.key_file),
             "n": n,
             "port": 0,
+            "statements": statements,
         }
         manager: Child | None = None
         rows: list[tuple[float, float, float, int, int, float, int, float, float]] = []
@@ -404,7 +443,14 @@ async def run(n: int, batch: int, rounds: int, profile: str = "", verbose: bool 
                                 f" {p['start'] - t0:6.3f}s: {p['end'] - p['start']:.3f}s"
                                 f" stepped {p['stepped']} pushed {p['pushed']}"
                                 f" (transactions {p['tx'] * 1000:.1f} ms,"
-                                f" pushes {p['push'] * 1000:.1f} ms)"
+                                f" pushes {p['push'] * 1000:.1f} ms,"
+                                f" beside the pushes {p.get('beside', 0.0) * 1000:.1f} ms)"
+                                + (
+                                    f" {p['transactions']} transactions,"
+                                    f" {p['statements']} statements"
+                                    if statements
+                                    else ""
+                                )
                             )
                         inc = [p for p in mine if p["incremental"]]
                         if inc:
@@ -412,7 +458,18 @@ async def run(n: int, batch: int, rounds: int, profile: str = "", verbose: bool 
                             print(
                                 f"  incremental passes, medians: {took_ms:.1f} ms, transactions "
                                 f"{statistics.median(p['tx'] for p in inc) * 1000:.1f} ms, pushes "
-                                f"{statistics.median(p['push'] for p in inc) * 1000:.1f} ms"
+                                f"{statistics.median(p['push'] for p in inc) * 1000:.1f} ms, "
+                                f"beside the pushes "
+                                f"{statistics.median(p.get('beside', 0.0) for p in inc) * 1000:.1f}"
+                                " ms"
+                                + (
+                                    f", {statistics.median(p['transactions'] for p in inc):.0f}"
+                                    f" transactions,"
+                                    f" {statistics.median(p['statements'] for p in inc):.0f}"
+                                    " statements"
+                                    if statements
+                                    else ""
+                                )
                             )
                     rows.append(
                         (took, ref, cpu, rollout.done, len(mine), busy, collections, gc_ms, ref_cpu)
@@ -491,6 +548,12 @@ def main(argv: list[str] | None = None) -> int:
         "--profile", default="", help="cProfile the manager during the rollouts into this file"
     )
     parser.add_argument("--verbose", action="store_true", help="print each convergence pass")
+    parser.add_argument(
+        "--statements",
+        action="store_true",
+        help="with --verbose: count the SQL statements and transactions of the driver's"
+        " transactions in each pass (a SQLite trace callback: not for timing runs)",
+    )
     parser.add_argument("--manager-child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.manager_child:
@@ -499,7 +562,7 @@ def main(argv: list[str] | None = None) -> int:
     n, rounds = (6, 1) if args.smoke else (args.n, args.rounds)
     batch = max(1, n // WAVES) if not args.smoke else 2
     profile = str(Path(args.profile).resolve()) if args.profile else ""
-    return asyncio.run(run(n, batch, rounds, profile, args.verbose))
+    return asyncio.run(run(n, batch, rounds, profile, args.verbose, args.statements))
 
 
 if __name__ == "__main__":

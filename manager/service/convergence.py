@@ -19,8 +19,9 @@ one manager) runs passes, each:
    the answer; they are stored as a SyncAgentStates is and judged at once,
    so a batch needs no report round trip. A pass (full or incremental)
    that pushed a live rollout's batch and whose every answer carried them
-   leaves them to the next pass, due at once, which records them in the
-   transaction of the step they lead to (`_record`).
+   leaves them to the next pass, due at once, which judges its step on them
+   and records them (`_record`) in a transaction of their own while the
+   pushes of the batch that step starts go out (`_record_while`).
 
 A full pass runs when something changes (`poke`: a definition, a
 registration, a label change, an operator's rollout action; coalesced),
@@ -63,7 +64,7 @@ import dataclasses
 import json
 import logging
 import time
-from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from fleet.errors import FailedPrecondition, FleetError
@@ -285,8 +286,8 @@ class Convergence:
         """Why a count definition's instances were not all placed (by name), as the last
         full pass placed them: its rollout waits for room rather than end short."""
         self._unrecorded: list[_Outcome] = []
-        """Push answers (all with the agents' states) the next pass records, in the
-        transaction of the step it persists."""
+        """Push answers (all with the agents' states) the next pass judges its step on
+        and records while that step's pushes go out (`_record_while`)."""
         self._parsed: dict[tuple[str, int, str], common_pb2.AgentSpec] = {}
         """Pushed specs by (name, revision, stored body), kept across passes: a pass
         re-parsed each assigned revision's JSON (json_format, ~0.2 ms), one per batch."""
@@ -541,70 +542,44 @@ class Convergence:
                     errors = rows[n].update_errors if n in rows else ()
                     m.inputs[n] = (memo.nodes[n], by_node.get(n), agent.get(n), errors)
                     m.observed[n] = observe(*m.inputs[n])
-            # The last pass's push answers, not recorded yet: the first transaction below
-            # records them, and the step it persists is judged on them (one transaction
-            # per batch: its answers and the next step).
+            # The last pass's push answers, not recorded yet: the step below is judged on
+            # them, and they are recorded in their own transaction while the pushes it
+            # leads to go out (see `_record_while`).
             pending = self._unrecorded
+            if pending:
+                memo.answered(_answers_of(pending, rows))
+                if applied:  # the apply's first steps read observations from the database
+                    await self._record_unrecorded(result)
             for rollout_id in sorted(memo.rollouts):
                 m = memo.rollouts[rollout_id]
-                judged = None
-                if not pending:
-                    judged = ro.step(
-                        m.rollout,
-                        m.progress,
-                        m.observed,
-                        now,
-                        self._unplaced.get(m.record.name, ""),
-                    )
-                    if judged.rollout == m.rollout and not judged.nodes and not judged.assign:
-                        self._note_live(result, judged)
-                        continue
+                step = ro.step(
+                    m.rollout, m.progress, m.observed, now, self._unplaced.get(m.record.name, "")
+                )
+                if step.rollout == m.rollout and not step.nodes and not step.assign:
+                    self._note_live(result, step)
+                    continue
+                if not step.assign:
+                    # No pushes follow to record them beside; and a rollout that ends has
+                    # the answers it ended on stored when it does.
+                    await self._record_unrecorded(result)
 
                 async def body(
-                    tx: DesiredTx,
-                    m: _RolloutMemo = m,
-                    step: ro.Step | None = judged,
-                    pending: list[_Outcome] = pending,
-                ) -> tuple[
-                    ro.Step,
-                    RolloutRecord | None,
-                    dict[str, tuple[int, list[common_pb2.AgentSpec], int]],
-                ]:
-                    # The answers' node rows are written with the next batch's (one
-                    # statement for both).
-                    held: dict[str, NodeDesiredRecord] = {}
-                    if pending:
-                        memo.answered(await self._record(tx, pending, result, held=held))
-                        step = ro.step(
-                            m.rollout,
-                            m.progress,
-                            m.observed,
-                            now,
-                            self._unplaced.get(m.record.name, ""),
-                        )
-                    assert step is not None
-                    if step.rollout == m.rollout and not step.nodes and not step.assign:
-                        await tx.put_node_desired(list(held.values()))
-                        return step, None, {}
+                    tx: DesiredTx, m: _RolloutMemo = m, step: ro.Step = step
+                ) -> tuple[RolloutRecord, dict[str, tuple[int, list[common_pb2.AgentSpec], int]]]:
                     record = await tx.rollout(m.record.id, for_update=True)
                     if record is None or record != m.record:
                         raise _Stale  # another writer (an operator, another replica)
                     stored = await persist_step(tx, record, step, now_ms)
-                    _, sets = await self._refresh_in(
-                        tx, memo.nodes, result, now_ms, step.assign, held=held
-                    )
-                    return step, stored, sets
+                    _, sets = await self._refresh_in(tx, memo.nodes, result, now_ms, step.assign)
+                    return stored, sets
 
                 try:
-                    step, stored, sets = await self._repo.run_in_one_hop(body)
+                    stored, sets = await self._repo.run_in_one_hop(body)
                 except _Stale:
                     self._memo = None
                     await self._record_unrecorded(result)
                     return None
-                pending = self._unrecorded = []
                 self._note_live(result, step)
-                if stored is None:
-                    continue
                 result.stepped.append(m.record.name)
                 result.failed_rollouts += sum(n.kind == "rollout-failed" for n in step.notes)
                 pushes.update(sets)
@@ -615,8 +590,6 @@ class Convergence:
                 m.record, m.rollout = stored, step.rollout
                 m.progress.update(step.nodes)
                 m.assign(step.assign, step.rollout.target, now_ms)
-            if pending:  # no live rollout took them
-                await self._record_unrecorded(result)
             if applied:
                 # After the answers above: the new rollouts' observations include them.
                 started = await self._repo.run_in_one_hop(
@@ -638,10 +611,10 @@ class Convergence:
                     lambda tx: self._refresh_in(tx, memo.nodes, result, now_ms, lost)
                 )
                 memo.undelivered.difference_update(lost)
-            outcomes = await self._send(pushes, memo.nodes)
+            outcomes = await self._record_while(self._send(pushes, memo.nodes), result)
             if outcomes and all(o.states is not None and not o.error for o in outcomes):
-                # Every answer carried the agents: the next pass, due at once, records
-                # them in the transaction of the step they lead to.
+                # Every answer carried the agents: the next pass, due at once, judges
+                # its step on them and records them while its own pushes go out.
                 self._unrecorded = outcomes
                 self._wake.set()
             elif outcomes:
@@ -889,21 +862,17 @@ class Convergence:
         now_ms: int,
         only: Collection[str] | None,
         *,
-        held: Mapping[str, NodeDesiredRecord] | None = None,
         reads: _PassReads | None = None,
     ) -> tuple[dict[str, int], dict[str, tuple[int, list[common_pb2.AgentSpec], int]]]:
         """Bump the version of every node (of `only`, if given) whose managed set changed.
 
-        `held`: rows this transaction changed but has not written yet (`_record`'s); read
-        as stored and written with the rows changed here. `reads`: every assignment and
-        node row as this transaction has them (a full pass's), instead of reading them.
+        `reads`: every assignment and node row as this transaction has them (a full
+        pass's), instead of reading them.
 
         Returns the undelivered nodes (with when their push may be retried, ms) and, for
         those due now, what to push: (version, specs, when the row last changed).
         """
-        held = held or {}
         if only is not None and not only:
-            await tx.put_node_desired(list(held.values()))
             return {}, {}
         if reads is not None and only is None:
             current = reads.assignments()
@@ -911,7 +880,6 @@ class Convergence:
         else:
             current = await tx.assignments(node_ids=only)
             rows = await tx.node_desired(only)
-        rows.update((n, r) for n, r in held.items() if n in rows)
         revisions = await tx.revisions_of({(a.name, a.revision) for a in current})
         per_node: dict[str, list[AssignmentRecord]] = {}
         for a in current:
@@ -950,7 +918,7 @@ class Convergence:
                 changed.append(dataclasses.replace(row, delivered_version=row.version))
                 continue
             rows[node_id] = row
-        await tx.put_node_desired(list({**held, **{r.node_id: r for r in changed}}.values()))
+        await tx.put_node_desired(changed)
         for row in changed:
             rows[row.node_id] = row
         undelivered = {
@@ -1016,12 +984,9 @@ class Convergence:
         tx: DesiredTx,
         outcomes: Sequence[_Outcome],
         result: PassResult,
-        *,
-        held: dict[str, NodeDesiredRecord] | None = None,
     ) -> dict[str, _Answer]:
         """Record push outcomes in `tx`: delivered versions, refusals, backoffs, and the
-        agents an answer carried, stored as a SyncAgentStates is (`replace_many`). The
-        node rows go into `held` if given (the caller writes them), else are written."""
+        agents an answer carried, stored as a SyncAgentStates is (`replace_many`)."""
         answers: dict[str, _Answer] = {}
         now_ms = int(self._clock() * 1000)
         targets = [o.node_id for o in outcomes]
@@ -1045,7 +1010,23 @@ class Convergence:
         for o in outcomes:
             node_id, version, refused, error = o.node_id, o.version, o.refused, o.error
             row = rows.get(node_id)
-            if row is None or row.version != version:
+            if row is None:
+                continue
+            states = o.states
+            if (
+                states is not None
+                and since.get(node_id, 0) >= o.sent_ms
+                and row.reported_version >= version
+            ):
+                # A report sent after the daemon took this version was stored since the
+                # push went out: it is as new as the answer or newer (a report from
+                # during the apply is followed by one from after it).
+                states = None
+            if states is not None:
+                # Stored even if a newer set was decided since (the step judged on this
+                # answer moved the node again): the daemon does not send them again.
+                snapshots.append((node_id, states))
+            if row.version != version:
                 continue  # a newer set was decided meanwhile: the next pass pushes it
             if error and row.updated_ms != o.set_ms:
                 continue  # its daemon came back meanwhile (backoff reset): retry now
@@ -1062,18 +1043,6 @@ class Convergence:
                 )
                 result.push_failed[node_id] = error
                 continue
-            states = o.states
-            if (
-                states is not None
-                and since.get(node_id, 0) >= o.sent_ms
-                and row.reported_version >= version
-            ):
-                # A report sent after the daemon took this version was stored since the
-                # push went out: it is as new as the answer or newer (a report from
-                # during the apply is followed by one from after it).
-                states = None
-            if states is not None:
-                snapshots.append((node_id, states))
             # The answer is the daemon's report: it runs `version` now (a push that
             # changes no agent brings no sync), and it lists every refusal it still
             # holds (a no-op push too), so none means a refusal was resolved.
@@ -1096,16 +1065,41 @@ class Convergence:
                 result.wake_at = self._clock()
             result.pushed.append(node_id)
             answers[node_id] = (refused, states)
-        if held is None:
-            await tx.put_node_desired(updated)
-        else:
-            held.update((r.node_id, r) for r in updated)
+        await tx.put_node_desired(updated)
         if snapshots:
             counts = await tx.replace_agents(snapshots, now_ms=now_ms)
             for (node_id, _), count in zip(snapshots, counts, strict=True):
-                if count is None:  # removed meanwhile: nothing of it stored
+                if count is None and node_id in answers:  # removed: nothing of it stored
                     answers[node_id] = (answers[node_id][0], None)
         return answers
+
+    async def _record_while(
+        self, pushes: Awaitable[list[_Outcome]], result: PassResult
+    ) -> list[_Outcome]:
+        """Await `pushes` (the next batch's) while the last pass's answers, which this
+        pass's step was judged on, are recorded in their own transaction (`_record`:
+        delivered versions, refusals, the agents and their events), so that write is not
+        between two push waves. Until it commits the answers' versions are undelivered:
+        a driver killed before pushes them again (a no-op the daemon answers again, as
+        for answers a kill lost before any step). A failed write keeps them for the next
+        pass (`_record_unrecorded`) and fails this one. An answer whose agents were not
+        stored as it came (a newer report, the node gone) is re-read by the next pass."""
+        pending = self._unrecorded
+        if not pending:
+            return await pushes
+        recording = asyncio.ensure_future(
+            self._repo.run_in_one_hop(lambda tx: self._record(tx, pending, result))
+        )
+        try:
+            outcomes = await pushes
+        finally:
+            answers = await recording
+            self._unrecorded = []
+        again = {o.node_id for o in pending if answers.get(o.node_id, ((), None))[1] is None}
+        if again:
+            self._touched |= again
+            self._wake.set()
+        return outcomes
 
     async def _record_unrecorded(self, result: PassResult) -> None:
         """Record the push answers the last incremental pass left (own transaction)."""
@@ -1181,6 +1175,20 @@ class _Outcome:
 _Answer = tuple[tuple[UpdateErrorRecord, ...], list[AgentStateRecord] | None]
 """What a recorded push answer says: the refusals, and the agents if it carried them and
 they were stored."""
+
+
+def _answers_of(
+    outcomes: Sequence[_Outcome], rows: Mapping[str, NodeDesiredRecord]
+) -> dict[str, _Answer]:
+    """What push answers say before `_record` stores them: each node's refusals and
+    agents; not the agents of a node whose row, read in this pass, says it already
+    reported the pushed version (a report stored since: as `_record` keeps it)."""
+    out: dict[str, _Answer] = {}
+    for o in outcomes:
+        row = rows.get(o.node_id)
+        reported = row is not None and row.reported_version >= o.version
+        out[o.node_id] = (o.refused, None if reported else o.states)
+    return out
 
 
 def _carried_states(

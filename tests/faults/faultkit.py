@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -78,8 +78,11 @@ class ManagerProc:
         """The SQLite file (SQLite managers only)."""
         return Path(self.database_url.split(":///", 1)[1])
 
-    def start(self) -> None:
-        """Start the process (appending to its log)."""
+    def start(
+        self, *, pythonpath: Sequence[Path] = (), env: Mapping[str, str] | None = None
+    ) -> None:
+        """Start the process (appending to its log); `pythonpath` goes before the
+        repository on its import path (a test's `sitecustomize` hook), `env` is added."""
         self.starts += 1
         with self.log.open("ab") as out:
             out.write(f"--- start {self.starts} ---\n".encode())
@@ -88,7 +91,11 @@ class ManagerProc:
                 [sys.executable, "-m", "manager.cli", "serve", "--config", str(self.config)],
                 stdout=out,
                 stderr=subprocess.STDOUT,
-                env={**os.environ, "PYTHONPATH": str(REPO)},
+                env={
+                    **os.environ,
+                    **(env or {}),
+                    "PYTHONPATH": os.pathsep.join(map(str, [*pythonpath, REPO])),
+                },
             )
 
     @property
