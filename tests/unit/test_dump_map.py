@@ -9,9 +9,7 @@ import random
 
 from manager.storage.events import dump_map, load_map
 
-_ALPHABET = (
-    "abcXYZ019 _-.:/=\"'\\\t\n\r\x00\x01\x1f\x7f\u00e9\u00ff\u2028\u4e2d\U0001f600\ud800"
-)
+_ALPHABET = "abcXYZ019 _-.:/=\"'\\\t\n\r\x00\x01\x1f\x7f\u00e9\u00ff\u2028\u4e2d\U0001f600\ud800"
 
 
 def _text(rng: random.Random) -> str:
