@@ -325,10 +325,12 @@ class JobDriver:
                 delay = min(delay, self._refresh, self._lock_check)
             if wake_at is not None:
                 delay = min(delay, max(0.0, wake_at - self._clock()))
-            # asyncio.timeout, not wait_for: no task per pass.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay):
-                    await self._wake.wait()
+            # Woken during the pass already (an answer came): no timer to arm and cancel,
+            # the wait would return at once. Else asyncio.timeout, not wait_for: no task.
+            if not self._wake.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._wake.wait()
             if not replicas and time.monotonic() - refreshed >= self._safety:
                 await self._load_live()
                 refreshed = time.monotonic()
