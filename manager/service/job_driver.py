@@ -41,7 +41,7 @@ from google.protobuf import json_format
 from fleet.errors import FleetError, Unavailable
 from fleet.v1 import daemon_pb2, jobs_pb2
 from manager.pool import DaemonPool
-from manager.service.job_reports import answered_change
+from manager.service.job_reports import reported_change
 from manager.service.job_spec import check_spec
 from manager.service.job_updates import Change, JobUpdates, job_end
 from manager.service.jobs import (
@@ -605,8 +605,16 @@ class JobDriver:
                 state=_node_state(response.state),
                 reason=response.reason,
             )
+        end = response.end
         try:
-            return answered_change(node_id, job_id, response.end, bound=self._bound)
+            return reported_change(
+                node_id,
+                job_id,
+                end,
+                output_bytes=len(end.output),
+                output=end.output,
+                bound=self._bound,
+            )
         except FleetError as exc:
             # The node will not report an end it answered: say what was wrong, and end it.
             return Change(

@@ -26,7 +26,6 @@ __all__ = [
     "JobReports",
     "StepReport",
     "UploadResult",
-    "answered_change",
     "report_change",
     "reported_change",
     "state_name",
@@ -79,21 +78,6 @@ _NAMES: dict[int, str] = {
 _COMPACT = json.JSONEncoder(separators=(",", ":"))
 """Step rows as stored JSON (made once: `json.dumps` with separators makes an encoder per
 call, and every StartJob answer and report has steps)."""
-_quoted = json.encoder.encode_basestring_ascii  # how `_COMPACT` writes a str
-_FINAL_BY_NUMBER: dict[int, TargetState] = {
-    number: _BY_NAME[name] for number, name in _NAMES.items() if _BY_NAME.get(name) in TERMINAL
-}
-"""The final states a node may end a target in, by their JobTargetState number."""
-_STEP_STATES: dict[int, str] = {
-    number: name
-    for number, name in _NAMES.items()
-    if name == "PENDING" or _BY_NAME.get(name) in _STATES
-}
-"""A step's states as stored, by number (a step may be PENDING: it never ran)."""
-_STEP_JSON = (
-    '{"index":%d,"name":%s,"state":"%s","exit_code":%d,"started_ms":%d,"ended_ms":%d,"reason":%s}'
-)
-"""A step row as `_COMPACT` writes it (`_step_row`'s keys in their order)."""
 
 
 def _state(name: str, field: str) -> TargetState:
@@ -288,73 +272,6 @@ def reported_change(
         output_bytes=output_bytes,
         output=output,
         bound=bound,
-    )
-
-
-def answered_change(node_id: str, job_id: str, end: daemon_pb2.JobEnd, *, bound: int) -> Change:
-    """`reported_change` for the end a StartJob answer carried (`output_bytes` its whole
-    output's length): the same `Change`, made without the report's way round. The job id
-    is this manager's own (checked when the job started), the states are looked up by
-    number once, and the steps are written as `_COMPACT` writes their rows; this runs for
-    every answer. Anything the full check would refuse or cut (a bad state, a NUL, a
-    negative time, too many steps or bytes, a long reason) goes through `reported_change`,
-    which says what is wrong."""
-    state = _FINAL_BY_NUMBER.get(end.state)
-    output = end.output
-    reason = end.reason
-    if (
-        state is None
-        or end.started_at < 0
-        or end.ended_at < 0
-        or len(output) > MAX_OUTPUT_CHUNK
-        or len(reason) > _MAX_REASON
-        or "\x00" in reason
-        or len(end.steps) > _MAX_STEPS
-    ):
-        return _full(node_id, job_id, end, bound)
-    rows = []
-    for s in end.steps:
-        step_state = _STEP_STATES.get(s.state)
-        name, step_reason = s.name, s.reason
-        if (
-            step_state is None
-            or s.started_at < 0
-            or s.ended_at < 0
-            or "\x00" in name
-            or "\x00" in step_reason
-        ):
-            return _full(node_id, job_id, end, bound)
-        rows.append(
-            _STEP_JSON
-            % (
-                s.index,
-                _quoted(name[:63]),
-                step_state,
-                s.exit_code,
-                s.started_at,
-                s.ended_at,
-                _quoted(step_reason[:_MAX_REASON]),
-            )
-        )
-    return Change(
-        job_id,
-        node_id,
-        "ended",
-        state=state,
-        reason=reason,
-        exit_code=end.exit_code,
-        started_ms=end.started_at,
-        ended_ms=end.ended_at,
-        steps="[" + ",".join(rows) + "]" if rows else None,
-        output_bytes=len(output),
-        output=output,
-        bound=bound,
-    )
-
-
-def _full(node_id: str, job_id: str, end: daemon_pb2.JobEnd, bound: int) -> Change:
-    return reported_change(
-        node_id, job_id, end, output_bytes=len(end.output), output=end.output, bound=bound
     )
 
 
