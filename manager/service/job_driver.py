@@ -325,10 +325,12 @@ class JobDriver:
                 delay = min(delay, self._refresh, self._lock_check)
             if wake_at is not None:
                 delay = min(delay, max(0.0, wake_at - self._clock()))
-            # asyncio.timeout, not wait_for: no task per pass.
-            with contextlib.suppress(TimeoutError):
-                async with asyncio.timeout(delay):
-                    await self._wake.wait()
+            # Woken during the pass already (an answer came): no timer to arm and cancel,
+            # the wait would return at once. Else asyncio.timeout, not wait_for: no task.
+            if not self._wake.is_set():
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(delay):
+                        await self._wake.wait()
             if not replicas and time.monotonic() - refreshed >= self._safety:
                 await self._load_live()
                 refreshed = time.monotonic()
@@ -406,14 +408,25 @@ class JobDriver:
             self._use_facts(listed)
 
     def _use_facts(self, listed: Sequence[NodeReach]) -> None:
-        self._facts = {
-            n.node_id: NodeFacts(
-                online=n.status == "online",
-                last_seen=n.last_seen_ms / 1000,
-                jobs_disabled=n.jobs_disabled,
-            )
-            for n in listed
-        }
+        # A node's facts as the last read made them when they did not change: starting a
+        # job reads every node, and 500 frozen NodeFacts made anew cost ~0.8 ms before
+        # its first StartJob leaves, reusing them ~0.15.
+        was = self._facts.get
+        facts: dict[str, NodeFacts] = {}
+        for n in listed:
+            online = n.status == "online"
+            last_seen = n.last_seen_ms / 1000
+            disabled = n.jobs_disabled
+            f = was(n.node_id)
+            if (
+                f is None
+                or f.online != online
+                or f.last_seen != last_seen
+                or f.jobs_disabled != disabled
+            ):
+                f = NodeFacts(online=online, last_seen=last_seen, jobs_disabled=disabled)
+            facts[n.node_id] = f
+        self._facts = facts
         self._addresses = {n.node_id: n.daemon_address for n in listed}
 
     # --- one pass -------------------------------------------------------------------------

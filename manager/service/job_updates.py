@@ -13,8 +13,9 @@ with one executemany, writes the changed rows with another, and appends a
 `JOB_TARGET_FINISHED` event per target that ended. Each submitter then gets
 its outcome; an item is acknowledged only after its transaction committed.
 The committer gathers a batch before it commits (`group_commit.commit_delay`):
-StartJob answers wait up to a couple of milliseconds for others to join them;
-a report or an upload whose sender waits, a planner's decision the pass waits
+StartJob answers that carried their end wait up to 10 ms for others to join them
+(their window slots were freed when they came), other answers up to 2 ms; a
+report or an upload whose sender waits, a planner's decision the pass waits
 for, and the answer that ends a job are committed at once.
 An item that is refused (a gap, an unknown job, another node's target) fails
 alone; the rest of its batch is stored. Listeners (the driver) hear of every
@@ -267,12 +268,21 @@ def _urgent(item: Change | Upload) -> bool:
     return item.kind in ("report", "decision") or item.finish is not None
 
 
+def _holds(item: Change | Upload) -> bool:
+    """Whether `item`'s caller holds something until its commit (not urgent): a StartJob
+    answer without the end keeps its window slot, a failed call its retry. An answer that
+    carried the end freed its slot when it came; it may wait the longer bound."""
+    return isinstance(item, Change) and item.kind in ("accepted", "unreachable")
+
+
 @dataclass
 class _Pending:
     item: Change | Upload
     at: float
     """When it was queued (the committer's monotonic clock)."""
     urgent: bool
+    holds: bool
+    """`_holds(item)`, and not urgent."""
     done: asyncio.Future[_Result] = field(
         default_factory=lambda: asyncio.get_running_loop().create_future()
     )
@@ -304,6 +314,8 @@ class JobUpdates:
         self._pending_bytes = 0  # output queued or being committed
         self._queue: collections.deque[_Pending] = collections.deque()
         self._urgent = 0  # urgent items queued
+        self._holding: collections.deque[float] = collections.deque()
+        """When each queued item that holds something was queued, oldest first."""
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._stopping = False
@@ -358,7 +370,8 @@ class JobUpdates:
         if len(self._queue) >= self._max_pending:
             raise Unavailable("too many job updates pending; retry shortly")
         urgent = _urgent(item)
-        pending = _Pending(item, self._monotonic(), urgent)
+        holds = not urgent and _holds(item)
+        pending = _Pending(item, self._monotonic(), urgent, holds)
         pending.done.add_done_callback(_consume)
         if isinstance(item, Upload):
             size = len(item.data)
@@ -367,9 +380,18 @@ class JobUpdates:
         self._queue.append(pending)
         if urgent:
             self._urgent += 1
+        first_holding = holds and not self._holding
+        if holds:
+            self._holding.append(pending.at)
         # Wake the committer only when its decision may have moved (the first item starts
-        # the wait): not a task switch per answer while it gathers a batch.
-        if urgent or len(self._queue) == 1 or len(self._queue) >= self._policy.batch:
+        # the wait, the first that holds a slot may shorten it): not a task switch per
+        # answer while it gathers a batch.
+        if (
+            urgent
+            or first_holding
+            or len(self._queue) == 1
+            or len(self._queue) >= self._policy.batch
+        ):
             self._wakeup.set()
         if isinstance(item, Change):
             # A caller that gives up cancels only its own future: the change stays queued
@@ -396,6 +418,7 @@ class JobUpdates:
                 self._queue[0].at,
                 self._monotonic(),
                 self._policy,
+                self._holding[0] if self._holding else None,
             )
             if delay:
                 # Gather a batch; an urgent item or a full batch wakes this sooner.
@@ -419,6 +442,8 @@ class JobUpdates:
             taken = self._queue.popleft()
             if taken.urgent:
                 self._urgent -= 1
+            if taken.holds:
+                self._holding.popleft()  # the oldest: the queue is in order
             group.append(taken)
         now_ms = int(self._clock() * 1000)
         items = [p.item for p in group]

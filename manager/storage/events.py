@@ -42,9 +42,18 @@ _EVENTS_LOCK = advisory_key("fleet-events")
 _Row = TypeVar("_Row", bound=tuple[Any, ...])
 
 
+_CANONICAL = json.JSONEncoder(sort_keys=True, separators=(",", ":"))
+_quoted = json.encoder.encode_basestring_ascii  # what that encoder quotes a str with
+
+
 def dump_map(value: Mapping[str, str]) -> str:
     """A str->str mapping as canonical JSON text (sorted keys)."""
-    return json.dumps(dict(value), sort_keys=True, separators=(",", ":"))
+    items = sorted(value.items())
+    if all(type(k) is str and type(v) is str for k, v in items):
+        # As the encoder writes it, without making one per call (`json.dumps` with these
+        # arguments makes two, ~3 of its ~4 us): every target that ends writes an event.
+        return "{" + ",".join([_quoted(k) + ":" + _quoted(v) for k, v in items]) + "}"
+    return _CANONICAL.encode(dict(value))
 
 
 _MAPS: dict[str, dict[str, str]] = {}

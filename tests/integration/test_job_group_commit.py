@@ -65,6 +65,33 @@ async def test_answers_wait_for_a_batch_and_are_answered_only_once_stored(
     assert updates.commits == 1
 
 
+async def test_an_answer_holding_its_window_slot_waits_the_shorter_bound(
+    database: Database,
+) -> None:
+    """Ended answers (their window slots freed when they came) wait the long bound; an
+    answer without the end, which holds its slot until its commit, is committed once it
+    waited the short one, and takes the ended answers queued before it along (one bound
+    for every answer made it wait the long one: nothing within 0.5 s here)."""
+    repo = JobRepository(database)
+    await _job(repo)
+    policy = GroupCommitPolicy(wait=60.0, holding_wait=0.05)
+    updates = JobUpdates(repo, clock=lambda: 1000.0, policy=policy)
+    updates.start()
+    try:
+        ended = asyncio.ensure_future(updates.submit(_end("n0")))
+        await asyncio.sleep(0.1)
+        assert not ended.done()  # the long bound
+        accepted = Change(JOB, "n1", "accepted", state=TargetState.QUEUED)
+        async with asyncio.timeout(0.5):
+            assert (await updates.submit(accepted)).applied
+            assert (await ended).applied  # went with it
+        assert updates.commits == 1
+    finally:
+        await updates.stop()
+    states = await _states(repo)
+    assert [states[n] for n in NODES[:2]] == ["SUCCESS", "QUEUED"]
+
+
 async def test_a_full_batch_is_committed_without_waiting(database: Database) -> None:
     """As many answers as the batch holds are committed at once, the wait not over."""
     repo = JobRepository(database)
