@@ -12,11 +12,14 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
-from fleet.tls import TLSConfig
+from grpc import aio
+
+from fleet.tls import TLSConfig, channel_credentials, channel_options
+from fleet.v1 import fleet_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[2]
 T = TypeVar("T")
@@ -27,6 +30,17 @@ def free_port(host: str = "127.0.0.1") -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return int(s.getsockname()[1])
+
+
+@contextlib.asynccontextmanager
+async def operator_stub(
+    operator: TLSConfig, m: ManagerProc, domain: str
+) -> AsyncIterator[fleet_pb2_grpc.FleetServiceStub]:
+    """A FleetService stub on `m` as `operator` (mTLS, the manager's name in `domain`)."""
+    async with aio.secure_channel(
+        m.address, channel_credentials(operator), options=channel_options(f"manager.{domain}")
+    ) as channel:
+        yield fleet_pb2_grpc.FleetServiceStub(channel)
 
 
 class ManagerProc:

@@ -32,10 +32,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from faultkit import DaemonProc, ManagerProc, eventually, kill_marked, marked
+from faultkit import DaemonProc, ManagerProc, eventually, kill_marked, marked, operator_stub
 from grpc import aio
 
-from fleet.tls import TLSConfig, channel_credentials, channel_options
+from fleet.tls import TLSConfig
 from fleet.v1 import common_pb2, fleet_pb2, fleet_pb2_grpc, jobs_pb2
 
 # Lax enough that a daemon down for a second or two is never marked offline.
@@ -69,16 +69,6 @@ def _daemon(
     return DaemonProc(root, tls, body=body)
 
 
-@contextlib.asynccontextmanager
-async def _operator(
-    operator: TLSConfig, m: ManagerProc, domain: str
-) -> AsyncIterator[fleet_pb2_grpc.FleetServiceStub]:
-    async with aio.secure_channel(
-        m.address, channel_credentials(operator), options=channel_options(f"manager.{domain}")
-    ) as channel:
-        yield fleet_pb2_grpc.FleetServiceStub(channel)
-
-
 @dataclasses.dataclass
 class _OneNode:
     """A manager on SQLite, daemon n1 online on it, and operator alice."""
@@ -90,7 +80,7 @@ class _OneNode:
 
     def stub(self) -> contextlib.AbstractAsyncContextManager[fleet_pb2_grpc.FleetServiceStub]:
         """A FleetService client of the manager (open a new one after a restart)."""
-        return _operator(self.operator, self.manager, self.domain)
+        return operator_stub(self.operator, self.manager, self.domain)
 
 
 @contextlib.asynccontextmanager
@@ -348,7 +338,7 @@ async def test_replica_failover_during_a_job_runs_no_target_twice(
             daemons.append(_daemon(tmp_path / n, pki.issue("node", n), addresses, {}))
         for d in daemons:
             await d.wait_ready(d.start())
-        async with _operator(operator, survivor, pki.trust_domain) as stub:
+        async with operator_stub(operator, survivor, pki.trust_domain) as stub:
             await eventually(lambda: _online(stub), lambda up: up == set(nodes), within=30)
             job_id = await _run(
                 stub, ["/bin/sh", "-c", script, marker], node_ids=nodes, max_concurrency="1"

@@ -20,22 +20,18 @@ the agent for it (the pid did not change across the kill).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import secrets
 import textwrap
 import time
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 from daemon_helpers import client_channel
-from faultkit import DaemonProc, ManagerProc, eventually, kill_marked
-from grpc import aio
+from faultkit import DaemonProc, ManagerProc, eventually, kill_marked, operator_stub
 
 from daemon.supervisor.spec import AgentSpec
 from fleet.agentspec import spec_to_proto
-from fleet.tls import TLSConfig, channel_credentials, channel_options
 from fleet.v1 import common_pb2, daemon_pb2, daemon_pb2_grpc, desired_pb2, fleet_pb2, fleet_pb2_grpc
 
 NAME = "app"
@@ -90,16 +86,6 @@ def _definition(marker: str, version: str, **update: Any) -> desired_pb2.Definit
         agent=spec_to_proto(agent),
         update=desired_pb2.UpdatePolicy(**update),
     )
-
-
-@contextlib.asynccontextmanager
-async def _operator(
-    operator: TLSConfig, m: ManagerProc, domain: str
-) -> AsyncIterator[fleet_pb2_grpc.FleetServiceStub]:
-    async with aio.secure_channel(
-        m.address, channel_credentials(operator), options=channel_options(f"manager.{domain}")
-    ) as channel:
-        yield fleet_pb2_grpc.FleetServiceStub(channel)
 
 
 async def _rollout(stub: fleet_pb2_grpc.FleetServiceStub) -> desired_pb2.Rollout:
@@ -176,7 +162,7 @@ async def test_manager_killed_before_a_batchs_answers_are_recorded_loses_nothing
     try:
         await manager.wait_serving()
         await asyncio.gather(*(d.wait_ready(d.start()) for d in daemons.values()))
-        async with _operator(operator, manager, pki.trust_domain) as stub:
+        async with operator_stub(operator, manager, pki.trust_domain) as stub:
             await eventually(
                 lambda: stub.ListNodes(fleet_pb2.FleetServiceListNodesRequest(), timeout=10),
                 lambda r: sum(n.status == common_pb2.NODE_STATUS_ONLINE for n in r.nodes) == 2,
@@ -216,7 +202,7 @@ async def test_manager_killed_before_a_batchs_answers_are_recorded_loses_nothing
         manager.kill9()
         manager.start()  # without the hook
         await manager.wait_serving()
-        async with _operator(operator, manager, pki.trust_domain) as stub:
+        async with operator_stub(operator, manager, pki.trust_domain) as stub:
             done = await eventually(
                 lambda: _rollout(stub), lambda r: _state(r) != "RUNNING", within=90, every=0.2
             )

@@ -26,19 +26,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import asyncpg
 import pytest
-from faultkit import ManagerProc, eventually
-from grpc import aio
+from faultkit import ManagerProc, eventually, operator_stub
 
 from bench.fleetsim import FleetSim, SimSettings
 from bench.sim import PushCall
 from fleet.retry import Backoff
-from fleet.tls import TLSConfig, channel_credentials, channel_options
 from fleet.v1 import common_pb2, desired_pb2, fleet_pb2, fleet_pb2_grpc
 from manager.service.convergence import DESIRED_LOCK
 from manager.storage.db import advisory_key
@@ -65,16 +63,6 @@ def _definition(version: str, **update: Any) -> desired_pb2.Definition:
         agent=common_pb2.AgentSpec(argv=["/usr/bin/app"], version=version),
         update=desired_pb2.UpdatePolicy(**update),
     )
-
-
-@contextlib.asynccontextmanager
-async def _operator(
-    operator: TLSConfig, m: ManagerProc, domain: str
-) -> AsyncIterator[fleet_pb2_grpc.FleetServiceStub]:
-    async with aio.secure_channel(
-        m.address, channel_credentials(operator), options=channel_options(f"manager.{domain}")
-    ) as channel:
-        yield fleet_pb2_grpc.FleetServiceStub(channel)
 
 
 async def _apply(stub: fleet_pb2_grpc.FleetServiceStub, d: desired_pb2.Definition) -> None:
@@ -193,7 +181,7 @@ async def test_manager_killed_mid_rollout_resumes_it_from_the_database(
         async with FleetSim(pki.ca, settings, seed=13) as fleet:
             await fleet.start(NODES)
             await fleet.wait_connected(60)
-            async with _operator(operator, manager, pki.trust_domain) as stub:
+            async with operator_stub(operator, manager, pki.trust_domain) as stub:
                 await _settle_first_revision(stub, fleet)
                 await _apply(
                     stub,
@@ -216,7 +204,7 @@ async def test_manager_killed_mid_rollout_resumes_it_from_the_database(
             manager.start()
             await manager.wait_serving()
             t_back = time.time()
-            async with _operator(operator, manager, pki.trust_domain) as stub:
+            async with operator_stub(operator, manager, pki.trust_domain) as stub:
                 done = await eventually(
                     lambda: _rollout(stub),
                     lambda r: _state(r) in ("SUCCESSFUL", "FAILED", "REVERTED"),
@@ -322,7 +310,7 @@ async def test_replica_driving_a_rollout_lost_the_other_finishes_it(
             await fleet.start(NODES)
             await fleet.wait_connected(60)
             # Operators apply through the replica that is not driving: any replica may.
-            async with _operator(operator, survivor, pki.trust_domain) as stub:
+            async with operator_stub(operator, survivor, pki.trust_domain) as stub:
                 await _settle_first_revision(stub, fleet)
                 await _apply(
                     stub,
