@@ -510,7 +510,9 @@ class ControlStreams:
 
     def detach(self, session: ControlSession) -> None:
         """`session` ended; if it was its node's current stream, the grace starts."""
-        session.close("the stream ended")
+        # Said only if nothing said why first (replaced, broke, manager stopping): the
+        # daemon's side ended, and the RPC can end here before the read loop says so.
+        session.close("the daemon ended the stream: it stopped, or its process died")
         if self._sessions.get(session.node_id) is session:
             del self._sessions[session.node_id]
             self.opened_at.pop(session.node_id, None)
