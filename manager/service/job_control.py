@@ -37,6 +37,7 @@ from manager.service.job_watch import WatchHub
 from manager.service.jobs import (
     TERMINAL,
     JobState,
+    NodeFacts,
     TargetState,
     foreseen,
     job_id_problem,
@@ -180,17 +181,17 @@ class Jobs:
         if plan:
             # What can be told now (the driver's rules, in its words): a node with jobs
             # off, or offline and waiting for the delivery timeout.
-            facts = {r.node_id: r for r in reach}
+            facts = {
+                r.node_id: NodeFacts(
+                    online=r.status == "online",
+                    last_seen=r.last_seen_ms / 1000,
+                    jobs_disabled=r.jobs_disabled,
+                )
+                for r in reach
+            }
             targets = tuple(
                 dataclasses.replace(
-                    t,
-                    reason=foreseen(
-                        t.node_id,
-                        online=facts[t.node_id].status == "online",
-                        jobs_disabled=facts[t.node_id].jobs_disabled,
-                        last_seen=facts[t.node_id].last_seen_ms / 1000,
-                        delivery_timeout=checked.delivery_timeout,
-                    ),
+                    t, reason=foreseen(t.node_id, facts[t.node_id], checked.delivery_timeout)
                 )
                 for t in targets
             )

@@ -376,17 +376,15 @@ def plan(
     return Plan(changes, dispatch, wake, stop_reason, {s: n for s, n in counts.items() if n})
 
 
-def foreseen(
-    node_id: str, *, online: bool, jobs_disabled: bool, last_seen: float, delivery_timeout: float
-) -> str:
+def foreseen(node_id: str, facts: NodeFacts, delivery_timeout: float) -> str:
     """What a job's plan can say of one target from its node as it is now ("": nothing),
     in the words `plan` would use for what then happens to it."""
-    if jobs_disabled:
+    if facts.jobs_disabled:
         return f"will fail: {node_id} refuses remote jobs (its daemon has [jobs] enabled = false)"
-    if not online:
+    if not facts.online:
         return (
-            f"offline since {format_time(last_seen)}: runs if it returns within the delivery"
-            f" timeout of {delivery_timeout:g}s, else UNDELIVERABLE"
+            f"offline since {format_time(facts.last_seen)}: runs if it returns within the"
+            f" delivery timeout of {delivery_timeout:g}s, else UNDELIVERABLE"
         )
     return ""
 

@@ -366,12 +366,12 @@ def test_a_final_target_replaced_in_the_same_state_plans_the_same() -> None:
 def test_a_plan_foresees_jobs_off_and_offline_nodes_and_nothing_else() -> None:
     """An online node: no note; a node with jobs off: it will fail (before its being
     offline: the daemon would refuse it when it returns); an offline one waits."""
-    kw = {"last_seen": NOW - 60, "delivery_timeout": 300.0}
-    assert foreseen("a", online=True, jobs_disabled=False, **kw) == ""
-    assert foreseen("b", online=False, jobs_disabled=True, **kw) == (
+    seen = NOW - 60
+    assert foreseen("a", NodeFacts(online=True, last_seen=seen), 300.0) == ""
+    assert foreseen("b", NodeFacts(online=False, last_seen=seen, jobs_disabled=True), 300.0) == (
         "will fail: b refuses remote jobs (its daemon has [jobs] enabled = false)"
     )
-    assert foreseen("c", online=False, jobs_disabled=False, **kw) == (
+    assert foreseen("c", NodeFacts(online=False, last_seen=seen), 300.0) == (
         f"offline since {format_time(NOW - 60)}: runs if it returns within the delivery"
         " timeout of 300s, else UNDELIVERABLE"
     )
