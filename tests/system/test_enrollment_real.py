@@ -282,6 +282,9 @@ def test_enroll_renew_revoke_and_enroll_again(site: Site) -> None:
     assert daemon.poll() is None
 
     # --- revocation --------------------------------------------------------------------------
+    # Counted before the revocation: the daemon's first refused reconnects can come before
+    # the checks below end, and its next one only after a backoff longer than `until` waits.
+    refusals = site.manager_metric("fleet_manager_revoked_refused_total")
     revoke = site.fleetctl("nodes", "revoke", "web-1", "--yes")
     assert revoke.returncode == 0, revoke.stderr
     assert revoke.stdout.startswith("node/web-1 revoked: certificates issued before ")
@@ -293,7 +296,6 @@ def test_enroll_renew_revoke_and_enroll_again(site: Site) -> None:
     row = next(ln for ln in site.ok("nodes", "list").splitlines() if "web-1" in ln)
     assert "REVOKED" in row
     assert site.json("nodes", "show", "web-1")["status"] == "OFFLINE"
-    refusals = site.manager_metric("fleet_manager_revoked_refused_total")
     until(
         lambda: (web1 / "daemon.log").read_text(),
         lambda log: "the certificate of node/web-1 was revoked at" in log,
