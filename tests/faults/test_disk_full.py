@@ -3,56 +3,24 @@
 A small tmpfs (root only) holds the database; it is filled to the last byte
 while simulated daemons (bench/fleetsim.py: the real ManagerLink, which keeps
 and retries batches) report metrics and a probe registers every 100 ms. The
-manager must answer UNAVAILABLE meanwhile, naming the full disk, log it once,
+manager must answer RESOURCE_EXHAUSTED meanwhile (gRPC's code for a full file
+system: daemons keep the batch, back off and keep the connection), log it once,
 never crash, serve again once space is freed, and lose no acknowledged batch.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import os
-import subprocess
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
+from daemon_helpers import fill, small_disk
 from faultkit import ManagerProc
 from test_database_faults import _BATCH_COUNTS, LIVENESS, _stored_once, _under_fault
 
 DATABASE = "[database]\nbusy_timeout_ms = 200\nretry_timeout_seconds = 0.5\n"
 FULL_SECONDS = 3.0
-
-
-@contextlib.contextmanager
-def small_disk(path: Path, size: str = "8m") -> Iterator[Path]:
-    """A tmpfs of `size` mounted at `path` (root only; skips, or fails under CI, otherwise)."""
-    if os.geteuid() != 0:
-        reason = "mounting a small tmpfs to fill needs root"
-        if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
-            pytest.fail(f"{reason} under CI")
-        pytest.skip(reason)
-    path.mkdir(parents=True, exist_ok=True)
-    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=False)
-
-
-def fill(directory: Path) -> Path:
-    """Take every free byte of `directory`'s filesystem with one file; returns it."""
-    filler = directory / "filler"
-    with filler.open("wb") as f:
-        # Chunks, shrinking: the manager keeps writing meanwhile.
-        for chunk in (1 << 20, 1 << 12):
-            with contextlib.suppress(OSError):
-                while True:
-                    os.posix_fallocate(f.fileno(), f.seek(0, os.SEEK_END), chunk)
-                    f.seek(chunk, os.SEEK_CUR)
-    return filler
 
 
 async def test_sqlite_disk_full_answers_resource_exhausted_then_recovers(
