@@ -168,6 +168,7 @@ class Supervisor:
     ) -> None:
         self._store = StateStore(state_dir)
         self._agents_unsaved = False  # the last agents.json write failed (a full disk)
+        self._rotation_failed: set[str] = set()  # agents whose last log rotation failed
         self._artifacts = artifacts
         self._artifact_wait = artifact_wait
         self._on_refused = on_refused
@@ -813,6 +814,11 @@ class Supervisor:
                     await asyncio.to_thread(
                         rotate_if_needed, path, spec.log_max_bytes, spec.log_backups
                     )
+                    if spec.id in self._rotation_failed:
+                        self._rotation_failed.discard(spec.id)
+                        log.warning("agent %s: log rotated again", spec.id)
             except OSError as exc:
-                if not isinstance(exc, FileNotFoundError):
+                # Once per agent, not every tick (a full disk fails each one).
+                if not isinstance(exc, FileNotFoundError) and spec.id not in self._rotation_failed:
+                    self._rotation_failed.add(spec.id)
                     log.warning("agent %s: log rotation failed: %s", spec.id, exc)

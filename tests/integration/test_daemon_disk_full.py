@@ -7,6 +7,7 @@ filled to the last byte with the daemon running, then freed.
 from __future__ import annotations
 
 import asyncio
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,6 +29,7 @@ from grpc import aio
 from daemon.config import JobsConfig, ManagerLinkConfig
 from daemon.manager_link import ManagerLink, NodeInfo
 from daemon.server import DaemonServer
+from daemon.supervisor.logs import rotate_if_needed
 from fleet.agentspec import spec_to_proto
 from fleet.v1 import common_pb2, daemon_pb2, daemon_pb2_grpc, jobs_pb2
 
@@ -150,3 +152,21 @@ def test_metric_samples_are_kept_while_no_sequence_number_can_be_saved(pki: Any)
         (batch,) = link.cut_batch()
     assert batch.sequence == 2
     assert sorted(m.timestamp for m in batch.metrics) == [2, 3, 4]
+
+
+def test_log_rotation_on_a_full_disk_keeps_the_log_and_its_space(pki: Any) -> None:
+    """Rotation that cannot copy for want of space keeps the agent's log whole and leaves
+    no half copy holding space; once freed it rotates."""
+    with short_tmp() as root, small_disk(root / "log", size="2m") as logs:
+        path = logs / "web.log"
+        body = os.urandom(600 * 1024)
+        path.write_bytes(body)
+        filler = fill(logs)
+        with pytest.raises(OSError, match="No space left"):
+            rotate_if_needed(path, 1024, 2)
+        assert path.read_bytes() == body
+        assert sorted(p.name for p in logs.iterdir()) == ["filler", "web.log"]
+        filler.unlink()
+        assert rotate_if_needed(path, 1024, 2)
+        assert (logs / "web.log.1").read_bytes() == body
+        assert path.stat().st_size == 0
