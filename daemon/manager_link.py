@@ -249,6 +249,7 @@ class ManagerLink:
         self._calls_ok = 0  # successful calls, to tell a useful connection from a flapping one
         self._custom: list[common_pb2.MetricData] = []
         self.dropped_custom = 0
+        self._sequence_stuck = False  # the last take() failed (a full state_dir)
         self._batch_ready = asyncio.Event()
         self._dirty = asyncio.Event()
         self._syncs = 0  # SyncAgentStates calls started
@@ -334,8 +335,28 @@ class ManagerLink:
         metrics.extend(self._custom)
         self._custom = []
         made: list[MetricBatch] = []
-        for chunk in split_batches(metrics, self.cfg.batch_max_samples):
-            batch = MetricBatch(self.sequence.take(), tuple(chunk))
+        chunks = split_batches(metrics, self.cfg.batch_max_samples)
+        for i, chunk in enumerate(chunks):
+            try:
+                number = self.sequence.take()
+            except OSError as exc:
+                # No number can be persisted (a full state_dir): keep the samples for the
+                # next cut rather than lose them, and say so once, not every interval.
+                self.add_metrics([m for rest in chunks[i:] for m in rest])
+                if not self._sequence_stuck:
+                    self._sequence_stuck = True
+                    log.error(  # noqa: TRY400 -- one clear line, no traceback
+                        "cannot persist the metric sequence number in %s (%s); metric "
+                        "samples are kept in memory (up to %d) until it can",
+                        self.sequence.path,
+                        exc.strerror or exc,
+                        _MAX_PENDING_CUSTOM,
+                    )
+                break
+            if self._sequence_stuck:
+                self._sequence_stuck = False
+                log.warning("metric sequence number persisted again; sending kept samples")
+            batch = MetricBatch(number, tuple(chunk))
             dropped = self.buffer.add(batch)
             if dropped is not None:
                 log.warning(

@@ -1,11 +1,13 @@
 """Helpers for daemon tests: short dirs for Unix sockets, configs, mTLS clients, a TCP
-proxy that can cut a connection."""
+proxy that can cut a connection, a small disk to fill."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import shutil
+import subprocess
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -13,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
+import pytest
 from grpc import aio
 
 from daemon.config import DaemonConfig, ManagerLinkConfig
@@ -31,6 +34,35 @@ def short_tmp() -> Iterator[Path]:
         yield path
     finally:
         shutil.rmtree(path, ignore_errors=True)
+
+
+@contextmanager
+def small_disk(path: Path, size: str = "8m") -> Iterator[Path]:
+    """A tmpfs of `size` mounted at `path`, unmounted after (root only: skips with the
+    reason otherwise, and fails under CI, as a missing PostgreSQL does)."""
+    if os.geteuid() != 0:
+        reason = "mounting a small tmpfs to fill needs root"
+        if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
+            pytest.fail(f"{reason} under CI")
+        pytest.skip(reason)
+    path.mkdir(parents=True, exist_ok=True)
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=False)
+
+
+def fill(directory: Path) -> Path:
+    """Take every free byte of `directory`'s filesystem with one file (delete it to free)."""
+    filler = directory / "filler"
+    with filler.open("wb") as f:
+        # Shrinking chunks: whatever runs there keeps writing meanwhile.
+        for chunk in (1 << 20, 1 << 12):
+            with contextlib.suppress(OSError):
+                while True:
+                    os.posix_fallocate(f.fileno(), f.seek(0, os.SEEK_END), chunk)
+    return filler
 
 
 def daemon_config(

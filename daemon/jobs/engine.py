@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
 import math
 import os
@@ -39,7 +40,7 @@ from daemon.jobs.decide import Queued, StepOutcome
 from daemon.jobs.store import JOB_ID_RE, Current, JobRecord, JobStore, StepRecord, Stop
 from daemon.supervisor.clock import Clock, SystemClock
 from daemon.supervisor.process import AgentProcess, SpawnError, adopt, daemon_env, spawn_detached
-from fleet.errors import InvalidArgument, NotFound
+from fleet.errors import InvalidArgument, NotFound, ResourceExhausted
 from fleet.v1 import daemon_pb2, jobs_pb2
 
 __all__ = [
@@ -57,6 +58,9 @@ log = logging.getLogger(__name__)
 NOT_RUN = 127
 """Exit code of a step that never ran or whose status was lost (as a shell's
 "cannot execute"): negative codes mean a signal, so -1 would read as SIGHUP."""
+STATUS_ROOM = 4096
+"""Bytes of a step's status file allocated before the step starts (its wrapper writes
+one short JSON line there when the step ends, even on a disk the step filled)."""
 
 RUNNER = Path(__file__).with_name("runner_main.py")
 """The step wrapper, run as a script by the daemon's own interpreter."""
@@ -382,7 +386,17 @@ class JobEngine:
                 created_at=self.clock.now(),
                 steps=steps,
             )
-            await asyncio.to_thread(self.store.create, request, record)
+            try:
+                await asyncio.to_thread(self.store.create, request, record)
+            except OSError as exc:
+                # Not accepted: nothing half-made left behind, and the manager told why.
+                await asyncio.to_thread(self.store.remove, job_id)
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                raise ResourceExhausted(
+                    f"cannot store job {job_id} in {self.store.root}: {exc.strerror}; "
+                    "free space on the node's state_dir"
+                ) from exc
             job = self._add(request, record)
             if hold:
                 job.holds += 1  # before the first change pokes the reporter
@@ -421,7 +435,7 @@ class JobEngine:
             record.output_truncated = True
             changed = True
         if changed:
-            self.store.save(record)
+            self._save(record)
         if record.settled and job.task is None:
             del self._jobs[job_id]
 
@@ -430,7 +444,7 @@ class JobEngine:
         answer carried (replicas of mixed versions): report it after all."""
         record.extra.pop(ANSWERED, None)
         record.acked_version = 0
-        self.store.save(record)
+        self._save(record)
         if job_id not in self._jobs:
             loaded = self.store.load(job_id)
             if loaded is not None:
@@ -452,10 +466,24 @@ class JobEngine:
         self._jobs[record.job_id] = job
         return job
 
+    def _save(self, record: JobRecord) -> None:
+        """Save `record`; on a full disk (or another write error) log and go on: the
+        previous state.json stays whole (atomic write), the change still goes to the
+        manager, which stores it, and a later change saves it here once there is room."""
+        try:
+            self.store.save(record)
+        except OSError as exc:
+            log.error(  # noqa: TRY400 -- one clear line, no traceback
+                "job %s: cannot save its state in %s (%s); reporting it to the manager anyway",
+                record.job_id,
+                self.store.dir(record.job_id),
+                exc.strerror or exc,
+            )
+
     def _changed(self, job: Job) -> None:
         """Persist, tell the reporter, wake followers."""
         job.record.version += 1
-        self.store.save(job.record)
+        self._save(job.record)
         job.changed.set()
         job.changed = asyncio.Event()
         self._on_change(job.record.job_id)
@@ -591,6 +619,10 @@ class JobEngine:
         script_fd = -1
         fd = os.open(status, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
+            # Room for the wrapper's one status line, taken now: a disk that fills while
+            # the step runs (its own output, often) must not cost the step its exit code.
+            # Zeros after the line read as no more lines (JobStore.read_status).
+            os.posix_fallocate(fd, 0, STATUS_ROOM)
             argv = list(cmd.argv)
             keep = "-"
             if cmd.script:
@@ -626,14 +658,19 @@ class JobEngine:
         except SpawnError as exc:
             return StepOutcome("FAILED", NOT_RUN, str(exc))
         except OSError as exc:
-            return StepOutcome("FAILED", NOT_RUN, f"cannot write the script: {exc.strerror or exc}")
+            return StepOutcome(
+                "FAILED",
+                NOT_RUN,
+                f"cannot write the step's files in {self.store.dir(job_id)}: "
+                f"{exc.strerror or exc}; not run",
+            )
         finally:
             os.close(fd)
             if script_fd >= 0:
                 os.close(script_fd)
         job.process = proc
         record.current = Current(index, proc.pid, proc.create_time)
-        self.store.save(record)
+        self._save(record)
         return await self._watch(job, index, deadline)
 
     async def _resume_step(self, job: Job, index: int, deadline: float) -> StepOutcome:
@@ -679,7 +716,7 @@ class JobEngine:
                     record.current.stopping = record.stop = "timeout"
                 else:
                     record.current.stopping = "step_timeout"
-                self.store.save(record)  # before the first signal
+                self._save(record)  # before the first signal
         if proc.running:
             outcome = await proc.stop(signal.SIGTERM, self.cfg.grace_seconds, self.clock)
             killed = outcome.killed
@@ -713,6 +750,13 @@ class JobEngine:
         if stopping == "step_timeout":
             limit = job.request.steps[index].command.timeout_seconds
             return StepOutcome("TIMEOUT", code, f"step timeout ({limit:g}s) passed{how}")
+        if code != 0 and _out_of_space(self.store.dir(record.job_id)):
+            # The step's own complaint ("No space left on device") could not reach its
+            # output, which is on the same disk: say it here.
+            error = (error or f"exit code {code}") + (
+                f"; the disk holding {self.store.root} is full, so the step's output may "
+                "be cut short"
+            )
         if error:
             return StepOutcome("FAILED", code, error)
         if status is None:
@@ -812,3 +856,12 @@ def _find_launched(tag: str) -> AgentProcess | None:
             if len(cmdline) > 5 and cmdline[3] == str(RUNNER) and cmdline[5] == tag:
                 return adopt(proc.pid, float(proc.info["create_time"]))
     return None
+
+
+def _out_of_space(path: Path) -> bool:
+    """Whether the filesystem holding `path` has no space left (for a failure's reason)."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < STATUS_ROOM

@@ -179,7 +179,8 @@ class JobStore:
     def read_status(self, job_id: str, index: int) -> dict[str, Any] | None:
         """What the step's wrapper recorded, or None if it recorded nothing."""
         try:
-            data = self.status_path(job_id, index).read_bytes().strip()
+            # The file was allocated ahead (zeros): what the wrapper wrote is before them.
+            data = self.status_path(job_id, index).read_bytes().rstrip(b"\0").strip()
         except FileNotFoundError:
             return None
         if not data:

@@ -91,12 +91,18 @@ def rotate_if_needed(path: Path, max_bytes: int, backups: int) -> bool:
                 older.replace(path.with_name(f"{path.name}.{n + 1}"))
         backup = path.with_name(f"{path.name}.1")
         tmp = path.with_name(f".{path.name}.1.tmp")
-        with path.open("r+b") as src, tmp.open("wb") as dst:
-            while chunk := src.read(_COPY_CHUNK):
-                dst.write(chunk)
-            src.truncate(0)
-            dst.flush()
-            os.fsync(dst.fileno())
+        try:
+            with path.open("r+b") as src, tmp.open("wb") as dst:
+                while chunk := src.read(_COPY_CHUNK):
+                    dst.write(chunk)
+                # Written out before the truncate: a full disk fails here and keeps the log.
+                dst.flush()
+                src.truncate(0)
+                os.fsync(dst.fileno())
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()  # a half copy gives its space back
+            raise
         tmp.replace(backup)
     else:
         with path.open("r+b") as src:

@@ -38,6 +38,7 @@ from __future__ import annotations
 import asyncio
 import builtins
 import contextlib
+import errno
 import logging
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -56,7 +57,13 @@ from daemon.supervisor.process import adopt, find_orphans
 from daemon.supervisor.spec import AgentSpec, SpecError, check_on_host, validate_here
 from daemon.supervisor.states import AgentStatus
 from fleet.artifacts import ArtifactRef
-from fleet.errors import FailedPrecondition, InvalidArgument, NotFound, Resource
+from fleet.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Resource,
+    ResourceExhausted,
+)
 from fleet.retry import Backoff
 
 __all__ = ["AgentSnapshot", "ApplyResult", "LogChunk", "Refusal", "Supervisor"]
@@ -160,6 +167,8 @@ class Supervisor:
         on_refused: Callable[[], None] | None = None,
     ) -> None:
         self._store = StateStore(state_dir)
+        self._agents_unsaved = False  # the last agents.json write failed (a full disk)
+        self._rotation_failed: set[str] = set()  # agents whose last log rotation failed
         self._artifacts = artifacts
         self._artifact_wait = artifact_wait
         self._on_refused = on_refused
@@ -398,7 +407,16 @@ class Supervisor:
                 raise FailedPrecondition(
                     f"stale spec version {version}: this node already has version {self._version}"
                 )
-            self._store.save_update(version, specs)
+            try:
+                self._store.save_update(version, specs)
+            except OSError as exc:
+                if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+                    raise
+                # Nothing applied: the manager is told why and pushes again later.
+                raise ResourceExhausted(
+                    f"cannot store update version {version} in {self._store.update_path}: "
+                    f"{exc.strerror}; free space on the node's state_dir"
+                ) from exc
             if set(_refs(specs)) != set(_refs(self._pushed)):
                 self._previous_refs = _refs(self._pushed)  # a rollback finds these on disk
             self._version, self._pushed = version, tuple(specs)
@@ -759,8 +777,20 @@ class Supervisor:
             )
         try:
             self._store.save_agents(entries)
-        except OSError:
-            log.exception("cannot write %s", self._store.agents_path)
+        except OSError as exc:
+            # Said once, not at every flush (several a second on a full disk).
+            if not self._agents_unsaved:
+                log.error(  # noqa: TRY400 -- one clear line, no traceback
+                    "cannot write %s (%s); agents keep running, and a daemon restarted "
+                    "meanwhile may not re-adopt them until it can",
+                    self._store.agents_path,
+                    exc.strerror or exc,
+                )
+            self._agents_unsaved = True
+        else:
+            if self._agents_unsaved:
+                log.warning("%s written again", self._store.agents_path)
+            self._agents_unsaved = False
 
     async def _sample_loop(self) -> None:
         loop = asyncio.get_running_loop()
@@ -784,6 +814,11 @@ class Supervisor:
                     await asyncio.to_thread(
                         rotate_if_needed, path, spec.log_max_bytes, spec.log_backups
                     )
+                    if spec.id in self._rotation_failed:
+                        self._rotation_failed.discard(spec.id)
+                        log.warning("agent %s: log rotated again", spec.id)
             except OSError as exc:
-                if not isinstance(exc, FileNotFoundError):
+                # Once per agent, not every tick (a full disk fails each one).
+                if not isinstance(exc, FileNotFoundError) and spec.id not in self._rotation_failed:
+                    self._rotation_failed.add(spec.id)
                     log.warning("agent %s: log rotation failed: %s", spec.id, exc)

@@ -20,6 +20,7 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal, TypeVar
 
@@ -34,12 +35,23 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.pool import PoolResetState
 from sqlalchemy.util import await_
 
-from fleet.errors import ConfigError, FailedPrecondition, InvalidArgument, Unavailable
+from fleet.errors import (
+    ConfigError,
+    FailedPrecondition,
+    InvalidArgument,
+    ResourceExhausted,
+    Unavailable,
+)
 from fleet.retry import Backoff, retrying
 from manager.storage.sqlite_hops import on_driver_thread, use_one_hop_cursors
-from manager.storage.transient import describe, is_constraint_violation, is_transient
+from manager.storage.transient import (
+    describe,
+    is_constraint_violation,
+    is_disk_full,
+    is_transient,
+)
 
-__all__ = ["Database", "Dialect", "advisory_key", "normalize_url"]
+__all__ = ["Database", "Dialect", "SpaceLog", "advisory_key", "normalize_url"]
 
 log = logging.getLogger(__name__)
 
@@ -98,6 +110,52 @@ def schema_head() -> str:
     return head
 
 
+@dataclass
+class SpaceLog:
+    """When to log writes refused for want of disk space (pure: times are passed in).
+
+    A nearly full disk lets some writes through and refuses others, so one line per
+    refusal, or per refusal and recovery, floods the log: an episode is said once when
+    it starts, again every `remind_s` while refusals go on, and ends once writes have
+    succeeded for `quiet_s` with none refused.
+    """
+
+    quiet_s: float = 10.0
+    """Seconds of writes without a refusal before the episode is over."""
+    remind_s: float = 60.0
+    """Seconds between lines while refusals go on."""
+    since: float | None = None
+    """When the episode's first refusal was (None: no episode)."""
+    last: float = 0.0
+    """When the last refusal was."""
+    said: float = 0.0
+    """When the log last said something about it."""
+    refusals: int = 0
+    """Writes refused since the log last said so."""
+
+    def refused(self, now: float) -> str | None:
+        """A write was refused at `now`: the line to log, or None."""
+        self.refusals += 1
+        self.last = now
+        if self.since is None:
+            self.since, self.said, self.refusals = now, now, 0
+            return (
+                "out of disk space: writes are refused with RESOURCE_EXHAUSTED, clients keep "
+                "their data and retry; free space on the filesystem holding the database"
+            )
+        if now - self.said < self.remind_s:
+            return None
+        n, self.refusals, self.said = self.refusals, 0, now
+        return f"still out of disk space after {now - self.since:.0f} s: {n} writes refused"
+
+    def succeeded(self, now: float) -> str | None:
+        """A write succeeded at `now`: the line to log, or None."""
+        if self.since is None or now - self.last < self.quiet_s:
+            return None
+        took, self.since = self.last - self.since, None
+        return f"writes succeed again ({took:.0f} s of writes refused for want of disk space)"
+
+
 class Database:
     """An open connection pool to the manager's SQLite or PostgreSQL database.
 
@@ -120,6 +178,8 @@ class Database:
         self.dialect = dialect
         self._retry_timeout_s = retry_timeout_s
         self._backoff = backoff
+        # Writes refused for want of disk space: logged once an episode, not per call.
+        self._space = SpaceLog()
         # SQLite allows one writer: queue our own writers here instead of
         # letting them spin in busy_timeout against each other.
         self._write_lock = asyncio.Lock()
@@ -254,7 +314,7 @@ class Database:
         input the repositories did not catch) raises InvalidArgument.
         `write=False` marks a read-only body (SQLite: no write lock needed).
         """
-        return await self._retried(lambda: self._once(body, write=write))
+        return await self._retried(lambda: self._once(body, write=write), write=write)
 
     async def run_sqlite(self, fn: Callable[..., T], *args: Any) -> T:
         """SQLite: `fn(sqlite3_connection, *args)` as one write transaction (BEGIN
@@ -265,7 +325,7 @@ class Database:
         runs on that thread: plain sqlite3 calls and pure Python only."""
         if self.dialect != "sqlite":
             raise ValueError("run_sqlite: an SQLite database only")
-        return await self._retried(lambda: self._sqlite_write(fn, args))
+        return await self._retried(lambda: self._sqlite_write(fn, args), write=True)
 
     async def run_sqlite_read(self, fn: Callable[..., T], *args: Any) -> T:
         """`run_sqlite` for a body that only reads: a deferred transaction (BEGIN, `fn`,
@@ -273,19 +333,23 @@ class Database:
         writers; WAL gives it one snapshot). `fn` must not write."""
         if self.dialect != "sqlite":
             raise ValueError("run_sqlite_read: an SQLite database only")
-        return await self._retried(lambda: self._sqlite_read(fn, args))
+        return await self._retried(lambda: self._sqlite_read(fn, args), write=False)
 
-    async def _retried(self, attempt: Callable[[], Awaitable[T]]) -> T:
+    async def _retried(self, attempt: Callable[[], Awaitable[T]], *, write: bool) -> T:
         started = time.monotonic()
         try:
             try:
                 # The first attempt outside tenacity's loop, which costs the event loop
                 # ~0.1 ms a transaction: most succeed. After a transient failure the
                 # loop tries again at once, then backs off, within the same budget.
-                return await attempt()
+                result = await attempt()
             except Exception as exc:
                 if not is_transient(exc):
                     raise
+            else:
+                if write and self._space.since is not None:
+                    self._log_space(self._space.succeeded(time.monotonic()))
+                return result
             left = max(0.0, self._retry_timeout_s - (time.monotonic() - started))
             async for retry in retrying(self._backoff, retry_if=is_transient, deadline=left):
                 with retry:
@@ -295,6 +359,8 @@ class Database:
         except Exception as exc:
             if is_constraint_violation(exc):  # raised by the driver directly (COPY)
                 raise InvalidArgument(f"rejected by the database: {describe(exc)}") from exc
+            if is_disk_full(exc):
+                raise self._disk_full(exc) from exc
             if not is_transient(exc):
                 raise
             elapsed = time.monotonic() - started
@@ -303,6 +369,21 @@ class Database:
                 f"gave up after {elapsed:.1f}s of retries"
             ) from exc
         raise AssertionError("unreachable: retrying() either returns or raises")
+
+    def _disk_full(self, exc: BaseException) -> ResourceExhausted:
+        """The error for a write refused for want of disk space (logged by `SpaceLog`)."""
+        said = self._space.refused(time.monotonic())
+        if said is not None:
+            self._log_space(f"{said} ({describe(exc)})")
+        return ResourceExhausted(
+            f"database {self.display_url} is out of disk space ({describe(exc)}); nothing "
+            "was stored: retry once an operator frees space on the manager"
+        )
+
+    def _log_space(self, said: str | None) -> None:
+        if said is not None:
+            level = logging.WARNING if said.startswith("writes succeed") else logging.ERROR
+            log.log(level, "database %s: %s", self.display_url, said)
 
     async def _sqlite_write(self, fn: Callable[..., T], args: tuple[Any, ...]) -> T:
         async with self._write_lock:

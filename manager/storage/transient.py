@@ -9,7 +9,7 @@ from typing import Final
 
 from sqlalchemy import exc as sa_exc
 
-__all__ = ["describe", "is_constraint_violation", "is_transient"]
+__all__ = ["describe", "is_constraint_violation", "is_disk_full", "is_transient"]
 
 # PostgreSQL SQLSTATEs that mean "try again": connection exceptions (class 08),
 # server shutting down or starting, too many connections, the two concurrency
@@ -86,6 +86,23 @@ def is_transient(exc: BaseException) -> bool:
         if any(marker in text for marker in _SQLITE_TRANSIENT):
             return True
         if "connection is closed" in text or "connection was closed" in text:
+            return True
+    return False
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True if the database could not write for want of disk space (or quota).
+
+    SQLite says SQLITE_FULL ("database or disk is full"), PostgreSQL SQLSTATE 53100,
+    a file write ENOSPC/EDQUOT. Not transient: retrying at once fails the same way
+    until an operator frees space, so callers are told at once (RESOURCE_EXHAUSTED).
+    """
+    for cur in _chain(exc):
+        if isinstance(cur, OSError) and cur.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if getattr(cur, "sqlstate", None) == "53100":
+            return True
+        if isinstance(cur, sqlite3.Error) and "database or disk is full" in str(cur).lower():
             return True
     return False
 

@@ -71,9 +71,13 @@ class Probe:
 
 
 async def _under_fault(
-    pki: Any, manager: ManagerProc, fault: Callable[[], Awaitable[tuple[float, float]]]
+    pki: Any,
+    manager: ManagerProc,
+    fault: Callable[[], Awaitable[tuple[float, float]]],
+    refusal: str = "UNAVAILABLE",
 ) -> dict[str, Any]:
-    """Run fleet + probe, apply `fault` (returns its start/end times), check recovery."""
+    """Run fleet + probe, apply `fault` (returns its start/end times), check recovery;
+    `refusal` is the one status the probe may get meanwhile."""
     settings = SimSettings(
         addresses=(manager.address,),
         metrics_interval=0.5,
@@ -109,8 +113,8 @@ async def _under_fault(
     assert after_ok, f"never served again after the fault: {probe.results[-5:]}"
     recovered = after_ok[0] - t_end
     codes = {code for _, code in probe.results}
-    assert codes <= {"OK", "UNAVAILABLE"}, f"only UNAVAILABLE may be answered: {codes}"
-    assert during["UNAVAILABLE"] > 0, f"the probe never saw UNAVAILABLE meanwhile: {during}"
+    assert codes <= {"OK", refusal}, f"only {refusal} may be answered: {codes}"
+    assert during[refusal] > 0, f"the probe never saw {refusal} meanwhile: {during}"
     assert manager.alive, "the manager died"
     assert manager.popen is not None
     assert manager.popen.pid == pid, "served again without a restart"

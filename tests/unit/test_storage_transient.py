@@ -9,8 +9,8 @@ import pytest
 from sqlalchemy import exc as sa_exc
 
 from fleet.errors import ConfigError
-from manager.storage.db import advisory_key, normalize_url
-from manager.storage.transient import describe, is_transient
+from manager.storage.db import SpaceLog, advisory_key, normalize_url
+from manager.storage.transient import describe, is_disk_full, is_transient
 
 
 class _PgError(Exception):
@@ -46,6 +46,34 @@ def test_transient_errors_are_retried(error: BaseException) -> None:
     """Lock contention, an unreachable or restarting server, and a process out of file
     descriptors are transient."""
     assert is_transient(error)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        _wrapped(sqlite3.OperationalError("database or disk is full")),
+        _wrapped(_PgError("could not extend file: No space left on device", "53100")),
+        OSError(errno.ENOSPC, "No space left on device"),
+        OSError(errno.EDQUOT, "Disk quota exceeded"),
+    ],
+)
+def test_disk_full_is_told_apart_and_not_retried(error: BaseException) -> None:
+    """A write refused for want of space is its own case: retrying at once cannot help."""
+    assert is_disk_full(error)
+    assert not is_transient(error)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        _wrapped(sqlite3.OperationalError("database is locked")),
+        _wrapped(_PgError("could not serialize access", "40001")),
+        _wrapped(sqlite3.OperationalError("no such table: nodes")),
+    ],
+)
+def test_other_errors_are_not_disk_full(error: BaseException) -> None:
+    """Only SQLITE_FULL, SQLSTATE 53100 and ENOSPC/EDQUOT count as a full disk."""
+    assert not is_disk_full(error)
 
 
 @pytest.mark.parametrize(
@@ -117,3 +145,25 @@ def test_constraint_violations_are_recognized_from_any_layer() -> None:
     assert is_constraint_violation(_PgError('null value in column "value"', "23502"))
     assert not is_constraint_violation(_PgError("deadlock detected", "40P01"))
     assert not is_transient(_PgError('null value in column "value"', "23502"))
+
+
+def test_space_log_says_a_full_disk_once_an_episode_not_per_refusal() -> None:
+    """Refusals mixed with successes (a nearly full disk) make one line, a reminder a
+    minute on, and one line once writes have gone through for quiet_s."""
+    space = SpaceLog(quiet_s=10.0, remind_s=60.0)
+    assert space.succeeded(0.0) is None
+    first = space.refused(1.0)
+    assert first is not None
+    assert first.startswith("out of disk space")
+    said = [space.succeeded(1.5), space.refused(2.0), space.succeeded(11.0), space.refused(30.0)]
+    assert said == [None, None, None, None]
+    reminder = space.refused(61.5)
+    assert reminder == "still out of disk space after 60 s: 3 writes refused"
+    assert space.succeeded(70.0) is None
+    assert space.succeeded(71.5) == (
+        "writes succeed again (60 s of writes refused for want of disk space)"
+    )
+    assert space.succeeded(100.0) is None
+    again = space.refused(200.0)
+    assert again is not None
+    assert again.startswith("out of disk space")

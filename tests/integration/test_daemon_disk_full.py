@@ -1,0 +1,172 @@
+"""A daemon whose state_dir fills up: clear reasons to the manager, nothing lost, recovery.
+
+The state_dir is a small tmpfs (root only; skipped otherwise, a failure under CI),
+filled to the last byte with the daemon running, then freed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from daemon_helpers import (
+    agent,
+    client_channel,
+    daemon_config,
+    eventually,
+    fill,
+    short_tmp,
+    small_disk,
+)
+from grpc import aio
+
+from daemon.config import JobsConfig, ManagerLinkConfig
+from daemon.manager_link import ManagerLink, NodeInfo
+from daemon.server import DaemonServer
+from daemon.supervisor.logs import rotate_if_needed
+from fleet.agentspec import spec_to_proto
+from fleet.v1 import common_pb2, daemon_pb2, daemon_pb2_grpc, jobs_pb2
+
+
+@dataclass
+class FullNode:
+    """A daemon whose state_dir is a small tmpfs, and a manager/m1 client to it."""
+
+    server: DaemonServer
+    stub: daemon_pb2_grpc.DaemonServiceStub
+    state: Path
+
+
+@pytest.fixture
+async def node(pki: Any) -> AsyncIterator[FullNode]:
+    """A daemon (node/n1, jobs on) with its state_dir on an 8 MiB tmpfs."""
+    with short_tmp() as root, small_disk(root / "state"):
+        cfg = daemon_config(root, pki.issue("node", "n1"), (), jobs=JobsConfig(grace_seconds=1.0))
+        server = DaemonServer(cfg, config_path=Path("/etc/fleet/daemon.toml"))
+        await server.start()
+        channel = client_channel(pki.issue("manager", "m1"), server.port, "n1", pki.trust_domain)
+        try:
+            yield FullNode(server, daemon_pb2_grpc.DaemonServiceStub(channel), root / "state")
+        finally:
+            await channel.close()
+            await server.stop(1.0)
+
+
+def _job(job_id: str, script: str) -> daemon_pb2.StartJobRequest:
+    step = jobs_pb2.JobStep(command=jobs_pb2.JobCommand(argv=["/bin/sh", "-c", script]))
+    return daemon_pb2.StartJobRequest(job_id=job_id, steps=[step])
+
+
+async def test_start_job_on_a_full_state_dir_is_refused_with_the_reason(node: FullNode) -> None:
+    """StartJob answers RESOURCE_EXHAUSTED naming the disk, keeps nothing, and runs once freed."""
+    filler = fill(node.state)
+    with pytest.raises(aio.AioRpcError) as refused:
+        await node.stub.StartJob(_job("20261207-000000-000-aaaaaa", "echo hi"))
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "No space left on device" in (refused.value.details() or "")
+    assert str(node.state) in (refused.value.details() or "")
+    assert not (node.state / "jobs" / "20261207-000000-000-aaaaaa").exists()
+    filler.unlink()
+    reply = await node.stub.StartJob(_job("20261207-000000-000-aaaaaa", "echo hi"))
+    assert reply.state != jobs_pb2.JOB_TARGET_STATE_FAILED
+    record = await eventually(
+        lambda: asyncio.sleep(0, node.server.jobs.record("20261207-000000-000-aaaaaa")),
+        lambda r: r.final,
+        within=10,
+    )
+    assert record.state == "SUCCESS"
+
+
+async def test_a_step_that_ends_on_a_full_disk_keeps_its_exit_code(node: FullNode) -> None:
+    """The disk fills while the step runs: its exit code is still recorded, and the reason
+    says the disk is full (the step's own complaint could not reach its output)."""
+    job_id = "20261207-000000-000-bbbbbb"
+    await node.stub.StartJob(_job(job_id, "sleep 1; exit 3"))
+    await eventually(
+        lambda: asyncio.sleep(0, node.server.jobs.record(job_id).state),
+        lambda s: s == "RUNNING",
+        within=10,
+    )
+    filler = fill(node.state)
+    try:
+        record = await eventually(
+            lambda: asyncio.sleep(0, node.server.jobs.record(job_id)),
+            lambda r: r.final,
+            within=10,
+        )
+    finally:
+        filler.unlink()
+    assert record.state == "FAILED"
+    assert record.exit_code == 3
+    assert "is full" in record.reason
+
+
+async def test_push_update_on_a_full_state_dir_is_refused_with_the_reason(
+    node: FullNode,
+) -> None:
+    """PushUpdate answers RESOURCE_EXHAUSTED naming update.json, applies nothing, and
+    applies once space is freed."""
+    pushed = spec_to_proto(agent("pushed", "/bin/sleep", "60"))
+    filler = fill(node.state)
+    with pytest.raises(aio.AioRpcError) as refused:
+        await node.stub.PushUpdate(daemon_pb2.PushUpdateRequest(version=2, agents=[pushed]))
+    assert refused.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "update.json" in (refused.value.details() or "")
+    assert [a.id for a in node.server.supervisor.list()] == []
+    filler.unlink()
+    await node.stub.PushUpdate(daemon_pb2.PushUpdateRequest(version=2, agents=[pushed]))
+    assert [a.id for a in node.server.supervisor.list()] == ["pushed"]
+
+
+def test_metric_samples_are_kept_while_no_sequence_number_can_be_saved(pki: Any) -> None:
+    """A full state_dir: cut_batch makes no batch and loses no sample; once freed, the kept
+    samples go out under the next number."""
+    n = 0
+
+    def collect() -> list[common_pb2.MetricData]:
+        nonlocal n
+        n += 1
+        return [common_pb2.MetricData(type="cpu", timestamp=n, values={"usage_percent": 1.0})]
+
+    with short_tmp() as root, small_disk(root / "state") as state:
+        link = ManagerLink(
+            ManagerLinkConfig(addresses=("127.0.0.1:1",), batch_max_samples=100),
+            tls=pki.issue("node", "n1"),
+            trust_domain="fleet.local",
+            node=NodeInfo("n1", "127.0.0.1:7444", {}),
+            state_dir=state,
+            collect=collect,
+            snapshot=list,
+        )
+        assert [b.sequence for b in link.cut_batch()] == [1]
+        filler = fill(state)
+        assert link.cut_batch() == []
+        assert link.cut_batch() == []
+        filler.unlink()
+        (batch,) = link.cut_batch()
+    assert batch.sequence == 2
+    assert sorted(m.timestamp for m in batch.metrics) == [2, 3, 4]
+
+
+def test_log_rotation_on_a_full_disk_keeps_the_log_and_its_space(pki: Any) -> None:
+    """Rotation that cannot copy for want of space keeps the agent's log whole and leaves
+    no half copy holding space; once freed it rotates."""
+    with short_tmp() as root, small_disk(root / "log", size="2m") as logs:
+        path = logs / "web.log"
+        body = os.urandom(600 * 1024)
+        path.write_bytes(body)
+        filler = fill(logs)
+        with pytest.raises(OSError, match="No space left"):
+            rotate_if_needed(path, 1024, 2)
+        assert path.read_bytes() == body
+        assert sorted(p.name for p in logs.iterdir()) == ["filler", "web.log"]
+        filler.unlink()
+        assert rotate_if_needed(path, 1024, 2)
+        assert (logs / "web.log.1").read_bytes() == body
+        assert path.stat().st_size == 0
