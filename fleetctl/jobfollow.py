@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import sys
 import time
-from collections.abc import Awaitable, Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import grpc
@@ -100,6 +100,8 @@ class OutputPrinter:
         self._ended: set[str] = set()
         self._colors: dict[str, str] = {}
         self._width = 0
+        self.heard: dict[str, float] = {}
+        """node -> when (monotonic) its output last came."""
         self.add_nodes(node_ids)
 
     def add_nodes(self, node_ids: Iterable[str]) -> None:
@@ -112,6 +114,8 @@ class OutputPrinter:
     def on_message(self, msg: fleet_pb2.FleetServiceReadJobOutputResponse) -> None:
         """One message of ReadJobOutput."""
         node = msg.node_id
+        if msg.data:
+            self.heard[node] = time.monotonic()
         if self._raw:
             if msg.data:
                 self._cli.out.file.flush()
@@ -312,18 +316,22 @@ async def unreached_notes(
     started: Callable[[], Awaitable[list[str] | None]],
     say: Callable[[str], None],
     *,
+    heard: Mapping[str, float],
     deadline: float,
     every: float = UNREACHED_CHECK_SECONDS,
 ) -> None:
     """Until `started()` says the job ended (None), every `every` s: `say` once per outage
-    which started targets' nodes the manager cannot reach (`unreached_note`). Best effort:
-    a failed ListNodes is tried again next round."""
+    which started targets' nodes the manager cannot reach (`unreached_note`). Only nodes
+    whose output went quiet for `every` s (`heard`: node -> last output, monotonic) cost
+    a ListNodes. Best effort: a failed call is tried again next round."""
     told: set[str] = set()
     while True:
         await asyncio.sleep(every)
         targets = await started()
         if targets is None:
             return
+        now = time.monotonic()
+        targets = [n for n in targets if n in told or now - heard.get(n, 0.0) >= every]
         if not targets:
             continue
         try:
@@ -403,7 +411,7 @@ async def follow(
             cli.note(f"fleetctl: {note}")
 
     reaching = asyncio.create_task(
-        unreached_notes(stub, job, running, say, deadline=cli.config().timeout)
+        unreached_notes(stub, job, running, say, heard=printer.heard, deadline=cli.config().timeout)
     )
     try:
         with progress:

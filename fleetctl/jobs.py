@@ -567,7 +567,12 @@ def logs(
         reaching = (
             asyncio.create_task(
                 unreached_notes(
-                    stub, job, started, lambda n: cli.note(f"fleetctl: {n}"), deadline=conn.timeout
+                    stub,
+                    job,
+                    started,
+                    lambda n: cli.note(f"fleetctl: {n}"),
+                    heard=printer.heard,
+                    deadline=conn.timeout,
                 )
             )
             if follow_ and not job.ended_at
