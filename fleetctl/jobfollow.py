@@ -19,7 +19,7 @@ import asyncio
 import contextlib
 import sys
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import grpc
@@ -34,6 +34,7 @@ from fleetctl.joboutput import (
     offline_note,
     progress_line,
     truncation_marker,
+    unreached_note,
 )
 from fleetctl.runtime import EXIT_INTERRUPTED, Cli, Stub, stdin_is_interactive
 from fleetctl.views import job_view
@@ -45,6 +46,7 @@ __all__ = [
     "follow",
     "leave_hint",
     "pending_note",
+    "unreached_notes",
 ]
 
 OUTPUT_GRACE_SECONDS = 10.0
@@ -53,6 +55,12 @@ OUTPUT_GRACE_SECONDS = 10.0
 OFFLINE_CHECK_SECONDS = 2.0
 """Targets still PENDING this long into the follow: say which wait for an offline node
 (one ListNodes; a job whose targets all started by then costs nothing)."""
+
+_STARTED = frozenset({jobs_pb2.JOB_TARGET_STATE_QUEUED, jobs_pb2.JOB_TARGET_STATE_RUNNING})
+
+UNREACHED_CHECK_SECONDS = 3.0
+"""While following, how often to ask whether a started target's node is out of reach (a
+network cut): otherwise its output just stops, with no word why."""
 
 _PALETTE = (
     "cyan",
@@ -92,6 +100,8 @@ class OutputPrinter:
         self._ended: set[str] = set()
         self._colors: dict[str, str] = {}
         self._width = 0
+        self.heard: dict[str, float] = {}
+        """node -> when (monotonic) its output last came."""
         self.add_nodes(node_ids)
 
     def add_nodes(self, node_ids: Iterable[str]) -> None:
@@ -104,6 +114,8 @@ class OutputPrinter:
     def on_message(self, msg: fleet_pb2.FleetServiceReadJobOutputResponse) -> None:
         """One message of ReadJobOutput."""
         node = msg.node_id
+        if msg.data:
+            self.heard[node] = time.monotonic()
         if self._raw:
             if msg.data:
                 self._cli.out.file.flush()
@@ -183,6 +195,10 @@ class JobTracker:
     def pending(self) -> list[str]:
         """The targets not sent to their node yet."""
         return [n for n, t in self._targets.items() if t.state == jobs_pb2.JOB_TARGET_STATE_PENDING]
+
+    def started(self) -> list[str]:
+        """The targets their node accepted and that have not ended (QUEUED, RUNNING)."""
+        return [n for n, t in self._targets.items() if t.state in _STARTED]
 
     def view(self) -> dict[str, Any]:
         """The job with its targets, as `views.job_view`."""
@@ -294,6 +310,55 @@ async def pending_note(
     )
 
 
+async def unreached_notes(
+    stub: Stub,
+    job: jobs_pb2.Job,
+    started: Callable[[], Awaitable[list[str] | None]],
+    say: Callable[[str], None],
+    *,
+    heard: Mapping[str, float],
+    deadline: float,
+    every: float = UNREACHED_CHECK_SECONDS,
+) -> None:
+    """Until `started()` says the job ended (None), every `every` s: `say` once per outage
+    which started targets' nodes the manager cannot reach (`unreached_note`). Only nodes
+    whose output went quiet for `every` s (`heard`: node -> last output, monotonic) cost
+    a ListNodes. Best effort: a failed call is tried again next round."""
+    told: set[str] = set()
+    while True:
+        await asyncio.sleep(every)
+        targets = await started()
+        if targets is None:
+            return
+        now = time.monotonic()
+        targets = [n for n in targets if n in told or now - heard.get(n, 0.0) >= every]
+        if not targets:
+            continue
+        try:
+            reply = await stub.ListNodes(
+                fleet_pb2.FleetServiceListNodesRequest(selector=job.spec.selector),
+                timeout=deadline,
+            )
+        except grpc.RpcError:
+            continue
+        offline = {
+            n.node_id: n.last_heartbeat
+            for n in reply.nodes
+            if n.status == common_pb2.NODE_STATUS_OFFLINE
+        }
+        lost = {
+            n.node_id: n.stream_since
+            for n in reply.nodes
+            if n.stream_state == fleet_pb2.CONTROL_STREAM_STATE_LOST
+        }
+        told &= offline.keys() | lost.keys()  # back: a later outage is said again
+        fresh = [n for n in targets if n not in told]
+        note = unreached_note(fresh, offline, lost)
+        if note:
+            say(note)
+            told.update(n for n in fresh if n in offline or n in lost)
+
+
 async def follow(
     cli: Cli, stub: Stub, job: jobs_pb2.Job, *, group: bool, show_output: bool = True
 ) -> tuple[int | None, dict[str, Any]]:
@@ -337,6 +402,17 @@ async def follow(
     cli.sigint = interrupt.set
     progress = _Progress(cli, lambda: progress_line(tracker.view(), time.monotonic() - started))
     noting = asyncio.create_task(offline())
+
+    async def running() -> list[str] | None:
+        return None if tracker.state in TERMINAL_JOB else tracker.started()
+
+    def say(note: str) -> None:
+        with progress.paused():
+            cli.note(f"fleetctl: {note}")
+
+    reaching = asyncio.create_task(
+        unreached_notes(stub, job, running, say, heard=printer.heard, deadline=cli.config().timeout)
+    )
     try:
         with progress:
             while tasks:
@@ -384,10 +460,10 @@ async def follow(
                         cli.note(f"cancelling job {job_id} (Ctrl-C again to stop waiting)")
     finally:
         cli.sigint = None
-        for task in [*tasks, noting]:
+        for task in [*tasks, noting, reaching]:
             task.cancel()
-        # The note is best effort: a ListNodes that failed changes nothing.
-        await asyncio.gather(*tasks, noting, return_exceptions=True)
+        # The notes are best effort: a ListNodes that failed changes nothing.
+        await asyncio.gather(*tasks, noting, reaching, return_exceptions=True)
         printer.finish()
     if tasks and "watch" in tasks.values():  # left while it runs
         cli.note(f"fleetctl: {leave_hint(job_id)}")

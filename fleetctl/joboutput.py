@@ -292,6 +292,28 @@ def offline_note(
     )
 
 
+def unreached_note(
+    started: Iterable[str], offline: Mapping[str, int], lost: Mapping[str, int]
+) -> str:
+    """Why started (QUEUED/RUNNING) targets print nothing: the manager cannot reach their
+    node, offline or without its control stream ("" if none). What runs there goes on.
+
+    `offline`: node -> last seen (ms) of each offline node; `lost`: node -> when its
+    control stream was lost (ms), for nodes still online in the stream's grace."""
+    gone = sorted(n for n in started if n in offline)
+    cut = sorted(n for n in started if n in lost and n not in offline)
+    if not gone and not cut:
+        return ""
+    shown = _first_five(
+        [f"{n} (offline since {format_time(offline[n])})" if offline[n] else n for n in gone]
+        + [f"{n} (control stream lost at {format_time(lost[n])})" for n in cut]
+    )
+    return (
+        f"the manager cannot reach the node of {len(gone) + len(cut)} started target(s): "
+        f"{shown}; what runs there goes on, and its output follows once the node is back"
+    )
+
+
 def _first_five(items: list[str]) -> str:
     more = f" and {len(items) - 5} more" if len(items) > 5 else ""
     return ", ".join(items[:5]) + more

@@ -18,6 +18,7 @@ global --timeout, seconds per call, goes before `run`).
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import shlex
 import sys
@@ -34,7 +35,7 @@ from fleet.errors import from_rpc_error
 from fleet.v1 import fleet_pb2, jobs_pb2
 from fleetctl.client import Connection, hinted
 from fleetctl.jobfile import JobFlags, JobSpecError, build_spec, load_job
-from fleetctl.jobfollow import OutputPrinter, follow, pending_note
+from fleetctl.jobfollow import OutputPrinter, follow, pending_note, unreached_notes
 from fleetctl.joboutput import (
     STATE_STYLE,
     TERMINAL_JOB,
@@ -92,6 +93,7 @@ app = typer.Typer(
 )
 
 _STATES = ("pending", "running", "success", "failed", "partial", "cancelled")
+_STARTED = frozenset({jobs_pb2.JOB_TARGET_STATE_QUEUED, jobs_pb2.JOB_TARGET_STATE_RUNNING})
 
 
 def _style(value: Any) -> str:
@@ -549,10 +551,40 @@ def logs(
         request = fleet_pb2.FleetServiceReadJobOutputRequest(
             job_id=job_id, node_id=node or "", follow=follow_, from_node=from_node
         )
+
+        async def started() -> list[str] | None:
+            try:
+                now = await _get(stub, conn, job_id)
+            except grpc.RpcError:
+                return []  # asked again next round; the output stream says if it is over
+            if now.ended_at:
+                return None
+            return [
+                t.node_id for t in now.targets if t.state in _STARTED and node in (None, t.node_id)
+            ]
+
+        # A node cut off mid-job would just go quiet: say why (stderr) while following.
+        reaching = (
+            asyncio.create_task(
+                unreached_notes(
+                    stub,
+                    job,
+                    started,
+                    lambda n: cli.note(f"fleetctl: {n}"),
+                    heard=printer.heard,
+                    deadline=conn.timeout,
+                )
+            )
+            if follow_ and not job.ended_at
+            else None
+        )
         try:
             async for msg in stub.ReadJobOutput(request, timeout=None if follow_ else conn.timeout):
                 printer.on_message(msg)
         finally:
+            if reaching is not None:
+                reaching.cancel()
+                await asyncio.gather(reaching, return_exceptions=True)
             printer.finish()
         return EXIT_OK
 

@@ -46,9 +46,13 @@ from manager.pool.config import ControlConfig
 from manager.pool.credit import CreditWindow
 from manager.pool.outcome import TransportFailed
 
-__all__ = ["ControlSession", "ControlStreams", "StreamClosed", "error_from_status"]
+__all__ = ["STREAM_ENDED", "ControlSession", "ControlStreams", "StreamClosed", "error_from_status"]
 
 log = logging.getLogger(__name__)
+
+STREAM_ENDED: Final = "the daemon stopped or its process died, or the network to it failed"
+"""Why a stream ended when nothing said so: a daemon's exit and a cut cable (its
+keepalive unanswered) both end the call alike here, so the words leave all open."""
 
 _BY_CODE: Final[dict[grpc.StatusCode, type[errors.FleetError]]] = {
     cls.code: cls
@@ -511,8 +515,8 @@ class ControlStreams:
     def detach(self, session: ControlSession) -> None:
         """`session` ended; if it was its node's current stream, the grace starts."""
         # Said only if nothing said why first (replaced, broke, manager stopping): the
-        # daemon's side ended, and the RPC can end here before the read loop says so.
-        session.close("the daemon ended the stream: it stopped, or its process died")
+        # call ended, and the RPC can end here before the read loop says so.
+        session.close(STREAM_ENDED)
         if self._sessions.get(session.node_id) is session:
             del self._sessions[session.node_id]
             self.opened_at.pop(session.node_id, None)

@@ -44,7 +44,7 @@ from fleet.errors import DeadlineExceeded, FleetError, InvalidArgument
 from fleet.interceptors import bounded
 from fleet.v1 import manager_pb2
 from manager.pool.config import ControlConfig
-from manager.pool.stream import ControlSession, ControlStreams
+from manager.pool.stream import STREAM_ENDED, ControlSession, ControlStreams
 from manager.service.admission import HelloPacer, Refused
 
 __all__ = ["ControlChannel"]
@@ -242,8 +242,10 @@ class ControlChannel:
                 task = asyncio.create_task(self._answer(session, req, kind, context))
                 pending.add(task)
                 task.add_done_callback(done)
-            await asyncio.gather(*pending)  # the daemon closed its side: finish what it sent
-            session.close("the daemon ended the stream: it stopped, or its process died")
+            # The requests ended: the daemon closed its side, or gRPC lost the connection
+            # (a cut link's unanswered keepalive ends them the same way). Finish what it sent.
+            await asyncio.gather(*pending)
+            session.close(STREAM_ENDED)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # gRPC: the connection broke (keepalive, reset, ...)

@@ -6,6 +6,11 @@
 - The network cut between a real portless daemon and the manager (a netns
   veth pair, as test_network_cut.py): offline after keepalive + grace, back
   online by itself when the link returns.
+- The same cut while the daemon runs a job (followed by `fleetctl jobs logs
+  -f`) and an agent's log is followed: the log follow ends within keepalive
+  + timeout, in words that name the network too; the job follow says the
+  node is out of reach and goes on; mended, the job ends SUCCESS with every
+  line stored and printed once.
 - A real portless daemon killed while a command to it is in flight (a
   followed log): the caller gets a clear error, not a hang.
 """
@@ -13,6 +18,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import secrets
 import subprocess
@@ -21,12 +27,23 @@ import time
 from pathlib import Path
 from typing import Any
 
+import grpc
 from daemon_helpers import short_tmp
-from faultkit import REPO, DaemonProc, ManagerProc, eventually, kill_marked, ticker_toml
+from faultkit import (
+    REPO,
+    DaemonProc,
+    ManagerProc,
+    eventually,
+    kill_marked,
+    operator_stub,
+    ticker_toml,
+)
+from grpc import aio
 from test_network_cut import _cable
 
 from bench.connect_sim import ConnectNode
 from fleet.retry import Backoff
+from fleet.v1 import fleet_pb2, jobs_pb2
 
 NODES = int(os.environ.get("FLEET_FAULT_NODES", "200"))
 KEEPALIVE, KEEPALIVE_TIMEOUT, GRACE = 1.0, 1.0, 1.0
@@ -44,6 +61,21 @@ LINK = (
     f"keepalive_time_seconds = {KEEPALIVE}\nkeepalive_timeout_seconds = {KEEPALIVE_TIMEOUT}\n"
     "control_stream = true\n[manager.reconnect]\ninitial = 0.2\nmaximum = 1.0\n"
 )
+
+
+FLEETCTL = (sys.executable, "-c", "from fleetctl.app import main; main()")
+
+
+def _fleetctl_env(manager: ManagerProc, operator: Any) -> dict[str, str]:
+    """fleetctl's environment: this manager, as `operator`."""
+    return {
+        **os.environ,
+        "PYTHONPATH": str(REPO),
+        "FLEET_MANAGER": manager.address,
+        "FLEET_CA": str(operator.ca_file),
+        "FLEET_CERT": str(operator.cert_file),
+        "FLEET_KEY": str(operator.key_file),
+    }
 
 
 def _portless(daemon: DaemonProc) -> None:
@@ -202,6 +234,143 @@ async def test_network_cut_offline_after_keepalive_and_grace_then_back(
     assert recovery < 15.0
 
 
+async def test_network_cut_mid_job_output_once_and_followers_told_why(
+    pki: Any, tmp_path: Path
+) -> None:
+    """A portless daemon runs a job printing a line every 50 ms, followed by `fleetctl jobs
+    logs -f`, while its agent's log is followed too; the cable is cut for 5 s (past
+    keepalive + timeout + grace). The agent-log follow ends UNAVAILABLE in words that
+    leave the network open (not only a dead daemon); the job follow says the node is out
+    of reach and goes on. Mended, the job ends SUCCESS with every line stored once, in
+    order, and printed once by the follow; NODE_OFFLINE then NODE_ONLINE."""
+    marker = f"ccmark-{secrets.token_hex(4)}"
+    stop = tmp_path / "stop"  # the job ends once this exists: after the cut, however slow
+    script = f'i=0; while [ ! -e {stop} ]; do echo "line $i"; i=$((i+1)); sleep 0.05; done'
+    async with _cable() as cable:
+        manager = ManagerProc(
+            tmp_path / "m",
+            pki.issue("manager", "m1", ips=(cable.manager_host,)),
+            listen_host=cable.manager_host,
+            liveness=LIVENESS,
+            extra=CONTROL,
+        )
+        address = cable.dial(manager.port)
+        operator = pki.issue("operator", "alice")
+        env = _fleetctl_env(manager, operator)
+        with short_tmp() as root:
+            daemon = DaemonProc(
+                root,
+                pki.issue("node", "n1"),
+                body=f'[manager]\naddresses = ["{address}"]\n{LINK}'
+                + ticker_toml("ticker", marker, 0.2),
+            )
+            _portless(daemon)
+            manager.start()
+            job_follow: asyncio.subprocess.Process | None = None
+            try:
+                await manager.wait_serving()
+                await daemon.wait_ready(daemon.start(cable.prefix))
+                await eventually(lambda: _status(manager, "n1"), lambda s: s == "online", within=60)
+                async with operator_stub(operator, manager, pki.trust_domain) as stub:
+                    spec = jobs_pb2.JobSpec(
+                        steps=[
+                            jobs_pb2.JobStep(
+                                command=jobs_pb2.JobCommand(argv=["/bin/sh", "-c", script, marker])
+                            )
+                        ],
+                        node_ids=["n1"],
+                    )
+                    run = await stub.RunJob(fleet_pb2.FleetServiceRunJobRequest(spec=spec))
+                    job_id = run.job.id
+                    job_follow = await asyncio.create_subprocess_exec(
+                        *FLEETCTL,
+                        "jobs",
+                        "logs",
+                        job_id,
+                        "-f",
+                        env=env,
+                        stdout=asyncio.subprocess.PIPE,
+                        stderr=asyncio.subprocess.PIPE,
+                    )
+                    assert job_follow.stdout is not None
+                    async with asyncio.timeout(60):  # fleetctl's start takes seconds when loaded
+                        first = await job_follow.stdout.readline()
+                    assert first.startswith(b"n1 | line "), first
+                    follow = stub.ReadAgentLog(
+                        fleet_pb2.FleetServiceReadAgentLogRequest(
+                            node_id="n1", agent_id="ticker", follow=True
+                        )
+                    )
+                    assert b"tick" in (await follow.read()).data  # followed through the stream
+                    t_cut = time.time()
+                    await asyncio.to_thread(cable.cut)
+                    with contextlib.suppress(grpc.RpcError):
+                        async with asyncio.timeout(KEEPALIVE + KEEPALIVE_TIMEOUT + 8):
+                            while await follow.read() != aio.EOF:
+                                pass
+                    follow_ended = time.time() - t_cut
+                    assert follow.done(), "the follow still hangs"
+                    code, details = await follow.code(), await follow.details()
+                    assert code == grpc.StatusCode.UNAVAILABLE, (code, details)
+                    # A cut cable and a dead daemon end the stream alike: say both.
+                    assert "the network to it failed" in details, details
+                    await eventually(
+                        lambda: _status(manager, "n1"), lambda s: s == "offline", within=30
+                    )
+                    await asyncio.sleep(max(0.0, t_cut + 5.0 - time.time()))
+                    await asyncio.to_thread(cable.mend)
+                    await eventually(
+                        lambda: _status(manager, "n1"), lambda s: s == "online", within=30
+                    )
+                    stop.touch()
+                    job = await eventually(
+                        lambda: stub.GetJob(fleet_pb2.FleetServiceGetJobRequest(job_id=job_id)),
+                        lambda r: r.job.ended_at > 0,
+                        within=60,
+                        every=0.2,
+                    )
+                    (target,) = job.job.targets
+                    assert target.state == jobs_pb2.JOB_TARGET_STATE_SUCCESS, target
+                    request = fleet_pb2.FleetServiceReadJobOutputRequest(
+                        job_id=job_id, node_id="n1"
+                    )
+                    out = b"".join([m.data async for m in stub.ReadJobOutput(request)]).decode()
+                    rest, err = await asyncio.wait_for(job_follow.communicate(), 30)
+                lines = out.splitlines()
+                assert len(lines) > 20, out
+                assert lines == [f"line {i}" for i in range(len(lines))], out
+                printed = (first + rest).decode().splitlines()
+                assert printed == [f"n1 | {line}" for line in lines], printed
+                assert job_follow.returncode == 0, err
+                # Said once, while the node was out of reach (lost stream or offline).
+                told = err.decode().count("the manager cannot reach the node of 1 started")
+                assert told == 1, err
+                assert b"n1 (" in err, err
+                assert b"what runs there goes on" in err, err
+                events = await asyncio.to_thread(
+                    manager.query,
+                    "SELECT kind FROM events WHERE node_id = 'n1' AND kind IN "
+                    "('NODE_OFFLINE', 'NODE_ONLINE') AND ts_ms >= ? ORDER BY id",
+                    int(t_cut * 1000),
+                )
+                assert [k for (k,) in events] == ["NODE_OFFLINE", "NODE_ONLINE"]
+                assert not manager.crashed()
+            finally:
+                if job_follow is not None and job_follow.returncode is None:
+                    job_follow.kill()
+                    await job_follow.communicate()
+                stop.touch()
+                daemon.stop()
+                manager.stop()
+                kill_marked(marker)
+    print(
+        f"\ncut mid-job ({cable.kind}): the agent-log follow ended {follow_ended:.1f}s after the "
+        f"cut ({details!r}); {len(lines)} lines stored and followed once in order, SUCCESS; "
+        f"the job follow said: {err.decode().strip()!r}"
+    )
+    assert follow_ended < KEEPALIVE + KEEPALIVE_TIMEOUT + 4.0
+
+
 async def test_daemon_killed_with_a_command_in_flight_fails_the_caller_clearly(
     pki: Any, tmp_path: Path
 ) -> None:
@@ -216,15 +385,8 @@ async def test_daemon_killed_with_a_command_in_flight_fails_the_caller_clearly(
         extra=CONTROL,
     )
     operator = pki.issue("operator", "alice")
-    env = {
-        **os.environ,
-        "PYTHONPATH": str(REPO),
-        "FLEET_MANAGER": manager.address,
-        "FLEET_CA": str(operator.ca_file),
-        "FLEET_CERT": str(operator.cert_file),
-        "FLEET_KEY": str(operator.key_file),
-    }
-    argv = [sys.executable, "-c", "from fleetctl.app import main; main()"]
+    env = _fleetctl_env(manager, operator)
+    argv = list(FLEETCTL)
     with short_tmp() as root:
         daemon = DaemonProc(
             root,
@@ -265,8 +427,9 @@ async def test_daemon_killed_with_a_command_in_flight_fails_the_caller_clearly(
             assert b"tick" in first + out, "the log was followed through the stream before the kill"
             assert follow.returncode != 0
             assert err.strip(), "the caller is told why"
-            # Killed, not a daemon that chose to close: the words leave both open.
-            assert b"the daemon ended the stream: it stopped, or its process died" in err, err
+            # The manager cannot tell a kill from a stop or a cut cable: the words leave all open.
+            assert b"the daemon stopped or its process died, or the network to it failed" in err
+
             print(f"\nfollow ended {ended_in:.1f}s after the daemon died: {err.decode()[-300:]}")
             assert ended_in < KEEPALIVE + KEEPALIVE_TIMEOUT + 10
 

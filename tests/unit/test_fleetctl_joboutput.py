@@ -24,6 +24,7 @@ from fleetctl.joboutput import (
     progress_line,
     spec_lines,
     summary_line,
+    unreached_note,
 )
 from fleetctl.runtime import Cli, GlobalOptions
 from fleetctl.views import job_view
@@ -342,3 +343,21 @@ def test_offline_note_names_the_targets_waiting_for_a_lost_control_stream() -> N
     only_lost = offline_note(["web-2"], {}, created_ms=created, delivery_timeout=None, lost=lost)
     assert only_lost.startswith("1 target(s) wait for their node's control stream to come back")
     assert offline_note(["web-1"], {}, created_ms=created, delivery_timeout=None, lost=lost) == ""
+
+
+def test_unreached_note_names_started_targets_whose_node_is_out_of_reach() -> None:
+    """Started targets on an offline node or a lost stream, offline first (an offline node
+    once only); none when every started target's node is reachable."""
+    t = 1_800_000_000_000  # 2027-01-15T08:00:00Z
+    note = unreached_note(
+        ["web-1", "web-2", "web-3", "web-4"],
+        {"web-3": t - 30_000, "web-4": 0, "db-1": t},
+        {"web-2": t - 20_000, "web-3": t - 30_000},
+    )
+    assert note == (
+        "the manager cannot reach the node of 3 started target(s):"
+        " web-3 (offline since 2027-01-15T07:59:30.000Z), web-4,"
+        " web-2 (control stream lost at 2027-01-15T07:59:40.000Z);"
+        " what runs there goes on, and its output follows once the node is back"
+    )
+    assert unreached_note(["web-1"], {"db-1": t}, {"db-2": t}) == ""
