@@ -126,3 +126,27 @@ async def database(database_url: str) -> Any:
         yield db
     finally:
         await db.close()
+
+
+# --- Scheduling under pytest-xdist -------------------------------------------
+# `make test` runs `--dist loadfile`: each file goes to one worker whole. Here the
+# layers that run fleets of processes and browsers share two lanes instead, each one
+# unit of work, so at most two of those files run at once however many workers there
+# are (their waits were sized for that much company), while the other workers take the
+# unit, integration and fuzz files. (xdist's own `loadgroup` does not group under
+# pytest 9, so the scheduler's unit is set here, through xdist's hook.)
+_LANES = {"faults": "fleet-a", "bench": "fleet-a", "browser": "fleet-a", "system": "fleet-b"}
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> Any:
+    if config.getvalue("dist") != "loadfile":
+        return None  # xdist's own
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FilesAndLanes(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            path = nodeid.split("::", 1)[0]  # tests/<layer>/test_x.py
+            parts = path.split("/")
+            return _LANES.get(parts[1], path) if len(parts) > 2 else path
+
+    return FilesAndLanes(config, log)
