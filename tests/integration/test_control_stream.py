@@ -182,8 +182,12 @@ async def test_new_streams_are_admitted_under_the_ceiling_and_refused_past_the_w
                 await end.ended.wait()
             assert end.status is grpc.StatusCode.RESOURCE_EXHAUSTED
             assert retry_after(end.trailing) == hints[-1]
-        # (Measured from when each was refused, a few ms after the start.)
-        assert sorted(hints) == [pytest.approx(1.0, abs=0.1), pytest.approx(1.5, abs=0.1)]
+        # Slots 1 s and 1.5 s from the burst, each hint counted from its own refusal: on
+        # a busy machine the hellos come spread over a few hundred ms, so the exact
+        # figures are the pacer's unit tests' (tests/unit/test_hello_pacer.py); here, two
+        # different slots within the wait's reach.
+        first_slot, second_slot = sorted(hints)
+        assert 0.3 <= first_slot < second_slot <= 1.6, hints
         assert await scalar(server, "SELECT count(*) FROM nodes") == 3
         refusals = server.metrics.registry.get_sample_value(
             "fleet_manager_control_refused_total", {"kind": "hello", "code": "RESOURCE_EXHAUSTED"}

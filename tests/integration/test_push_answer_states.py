@@ -105,6 +105,7 @@ async def answer_env(
                 (),
                 manager=link,
                 labels={"env": "prod"},
+                stop_agents_on_exit=True,  # the pushed agents end with the test
                 **({"listen": ""} if stream else {}),
             )
             daemon = DaemonServer(cfg)
