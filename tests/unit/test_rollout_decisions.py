@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from manager.service.desired import undelivered
 from manager.service.rollout import (
     Amount,
     NodePhase,
@@ -37,6 +38,7 @@ from manager.service.rollout import (
     to_dict,
 )
 from manager.service.rollout import _judge as _judge  # the per-node judgement alone
+from manager.storage.records import NodeDesiredRecord
 
 S = RolloutState
 T0 = 1_000_000.0
@@ -494,6 +496,25 @@ def test_a_node_that_runs_the_target_is_judged_though_a_later_set_is_undelivered
     assert _judge(r, moved, seen, T0 + 60).phase is NodePhase.FAILED
     behind = dataclasses.replace(seen, running=1)
     assert _judge(r, moved, behind, T0 + 60) == dataclasses.replace(moved, since=T0 + 60)
+
+
+@pytest.mark.parametrize(
+    ("version", "delivered", "reported", "push_error", "expected"),
+    [
+        (3, 2, 2, "UNAVAILABLE: cut", "UNAVAILABLE: cut"),  # the last push failed
+        (3, 2, 2, "", ""),  # its first push is in flight
+        (3, 3, 3, "UNAVAILABLE: cut", ""),  # delivered (an old error not yet cleared)
+        (3, 2, 3, "DEADLINE_EXCEEDED", ""),  # the answer was lost; the daemon reports it
+    ],
+)
+def test_a_node_rows_undelivered_is_its_push_error_while_the_set_has_not_reached_it(
+    version: int, delivered: int, reported: int, push_error: str, expected: str
+) -> None:
+    row = NodeDesiredRecord(
+        "n1", version, delivered_version=delivered, reported_version=reported,
+        push_error=push_error,
+    )  # fmt: skip
+    assert undelivered(row) == expected
 
 
 # --- offline nodes ------------------------------------------------------------------------------
