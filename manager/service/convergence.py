@@ -87,6 +87,7 @@ from manager.service.desired import (
     node_set,
     observe,
     push_backoff,
+    undelivered,
 )
 from manager.service.placement import Candidate, reservations
 from manager.service.reports import update_errors_event
@@ -168,23 +169,24 @@ class _RolloutMemo:
     observed: dict[str, ro.Observation]
 
     def assign(self, node_ids: Iterable[str], revision: int, now_ms: int) -> None:
-        """The step moved these nodes to `revision`."""
+        """The step moved these nodes to `revision` (a new set: its push is in flight, no
+        error yet, as `_refresh_in` stores it)."""
         for n in node_ids:
             if n in self.inputs:
-                node, _, agent, errors = self.inputs[n]
+                node, _, agent, errors, _ = self.inputs[n]
                 a = AssignmentRecord(n, self.record.name, revision, now_ms)
-                self.inputs[n] = (node, a, agent, errors)
+                self.inputs[n] = (node, a, agent, errors, "")
                 self.observed[n] = observe(*self.inputs[n])
 
     def answered(self, node_id: str, answer: _Answer) -> None:
         """The node's daemon answered a push with these refusals (and agents, if the
-        answer carried them and they were stored)."""
+        answer carried them and they were stored): its set is delivered."""
         if node_id in self.inputs:
-            node, a, agent, _ = self.inputs[node_id]
+            node, a, agent, _, _ = self.inputs[node_id]
             errors, states = answer
             if states is not None:
                 agent = next((st for st in states if st.agent_id == self.record.name), None)
-            self.inputs[node_id] = (node, a, agent, errors)
+            self.inputs[node_id] = (node, a, agent, errors, "")
             self.observed[node_id] = observe(*self.inputs[node_id])
 
 
@@ -539,8 +541,9 @@ class Convergence:
                 by_node = {a.node_id: a for a in assigned if a.name == m.record.name}
                 agent = {st.node_id: st for st in states.get(m.record.name, [])}
                 for n in ids & m.observed.keys():
-                    errors = rows[n].update_errors if n in rows else ()
-                    m.inputs[n] = (memo.nodes[n], by_node.get(n), agent.get(n), errors)
+                    row = rows.get(n)
+                    errors, why = (row.update_errors, undelivered(row)) if row else ((), "")
+                    m.inputs[n] = (memo.nodes[n], by_node.get(n), agent.get(n), errors, why)
                     m.observed[n] = observe(*m.inputs[n])
             # The last pass's push answers, not recorded yet: the step below is judged on
             # them, and they are recorded in their own transaction while the pushes it
@@ -1210,10 +1213,15 @@ def _carried_states(
 
 
 _Inputs = tuple[
-    NodeRecord, AssignmentRecord | None, AgentStateRecord | None, tuple[UpdateErrorRecord, ...]
+    NodeRecord,
+    AssignmentRecord | None,
+    AgentStateRecord | None,
+    tuple[UpdateErrorRecord, ...],
+    str,
 ]
-"""`desired.observe`'s arguments for one node (its agent only with the columns `observe`
-reads when it comes from `DesiredTx.judged_agents`)."""
+"""`desired.observe`'s arguments for one node: the node, its assignment, its agent (only
+with the columns `observe` reads when it comes from `DesiredTx.judged_agents`), its row's
+update errors and why its set is not delivered (`desired.undelivered`)."""
 
 
 async def observations(
@@ -1240,12 +1248,17 @@ async def _observation_inputs(
     else:
         assigned = {n: a for (n, a_name), a in reads.assigned.items() if a_name == name}
     wanted = sorted((set(scope) | set(assigned)) & set(nodes))
-    if reads is None:  # only the rows with errors (the others decoded for nothing)
-        errors = await tx.update_errors(wanted)
+    if reads is None:  # only rows with errors or an undelivered push (nearly none)
+        rows = await tx.observed_rows(wanted)
     else:
-        errors = {n: reads.desired[n].update_errors for n in wanted if n in reads.desired}
+        rows = reads.desired
     states = {s.node_id: s for s in await tx.judged_agents(wanted, name)}
-    return {n: (nodes[n], assigned.get(n), states.get(n), errors.get(n, ())) for n in wanted}
+    out: dict[str, _Inputs] = {}
+    for n in wanted:
+        row = rows.get(n)
+        errors, why = (row.update_errors, undelivered(row)) if row else ((), "")
+        out[n] = (nodes[n], assigned.get(n), states.get(n), errors, why)
+    return out
 
 
 async def persist_step(

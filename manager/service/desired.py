@@ -4,7 +4,8 @@
   when nodes start or stop matching (placement included); rollouts move the
   revisions of existing assignments, not this.
 - `observe`: what a rollout sees of one node (online, assigned and running
-  revision, healthy since when, an error), from the stored agent state.
+  revision, healthy since when, an error, a push that has not reached it),
+  from the stored agent state and node row (`undelivered`).
 - `node_set`: a node's managed set (the specs to push) and its content hash.
 - `next_version`: the version to push a node's set with.
 - `drift`: whether a node runs what it should, in words.
@@ -34,6 +35,7 @@ __all__ = [
     "node_set",
     "observe",
     "push_backoff",
+    "undelivered",
 ]
 
 
@@ -85,6 +87,7 @@ def observe(
     assignment: AssignmentRecord | None,
     agent: AgentStateRecord | None,
     errors: Sequence[UpdateErrorRecord],
+    not_delivered: str = "",
 ) -> Observation:
     """A rollout's view of one node's agent (times in seconds).
 
@@ -92,7 +95,8 @@ def observe(
     check: since its health last changed to HEALTHY, or, without a check,
     since its process started (RUNNING already means it outlived start_secs).
     A daemon's update error for the assigned revision, or the agent FATAL on
-    it, is an error the rollout fails the node for.
+    it, is an error the rollout fails the node for. `not_delivered` is the
+    node row's `undelivered`: the rollout waits for it rather than judge.
     """
     assigned = assignment.revision if assignment is not None else 0
     name = assignment.name if assignment is not None else (agent.agent_id if agent else "")
@@ -100,7 +104,9 @@ def observe(
         (e.reason for e in errors if e.agent_id == name and e.revision in (assigned, 0)), ""
     )
     if agent is None:
-        return Observation(node.status == "online", assigned, 0, None, error, "not reported yet")
+        return Observation(
+            node.status == "online", assigned, 0, None, error, "not reported yet", not_delivered
+        )
     healthy_since: float | None = None
     if agent.status == "RUNNING":
         if agent.health in _NO_CHECK:
@@ -118,6 +124,7 @@ def observe(
         healthy_since=healthy_since,
         error=error,
         detail=detail,
+        undelivered=not_delivered,
     )
 
 
@@ -134,6 +141,15 @@ def node_set(specs: Sequence[common_pb2.AgentSpec]) -> tuple[list[common_pb2.Age
 
 EMPTY_SET_HASH = node_set([])[1]
 """The content hash of a node with no managed agent (what a node without a row has)."""
+
+
+def undelivered(row: NodeDesiredRecord) -> str:
+    """Why the node's current set has not reached it: the last push's error; "" when it
+    was delivered, its daemon reports running it (the answer was lost), or its first
+    push is still in flight."""
+    if row.delivered_version < row.version and row.reported_version < row.version:
+        return row.push_error
+    return ""
 
 
 def next_version(row: NodeDesiredRecord) -> int:

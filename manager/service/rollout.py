@@ -25,10 +25,15 @@ node is moved twice.
 
 A node is *done* once it runs the target revision and has been healthy for
 `min_healthy_time`; it has *failed* when its daemon reports that it cannot
-run the revision, or when it is not done `healthy_deadline` after it was
-moved. An offline node neither fails nor blocks: a batch completes without
-it, and it converges when it returns (a rollout that ends while such a node
-is still offline assigns it the revision it ended on). A revert moves the nodes back in the
+run the revision, or when it is not done `healthy_deadline` after the
+revision was delivered to it (as Kubernetes counts a pod's readiness from
+when it got the update). An online node its push cannot reach (its stream
+just cut, its listen port unreachable) waits, undelivered, and blocks its
+batch: the rollout's reason names it, and `progress_deadline` fails the
+rollout if it never gets through. An offline node neither fails nor blocks:
+a batch completes without it, and it converges when it returns (a rollout
+that ends while such a node is still offline assigns it the revision it
+ended on). A revert moves the nodes back in the
 same batches and behind the same health gates, the nodes that failed first,
 so it never stops a healthy instance before the old revision has proved
 healthy on the batch before.
@@ -149,7 +154,7 @@ class UpdatePolicy:
     min_healthy_time: float = 10.0
     """A node counts as done after staying healthy this long on the new revision."""
     healthy_deadline: float = 300.0
-    """A node not done this long after it was moved has failed."""
+    """A node not done this long after the revision was delivered to it has failed."""
     progress_deadline: float = 600.0
     """The rollout fails if no node becomes done for this long while it waits on one."""
     auto_revert: bool = False
@@ -231,7 +236,8 @@ class NodeProgress:
     batch: int = -1
     """The batch that moved it (-1: not moved by this rollout)."""
     since: float = 0.0
-    """When it entered its phase (for UPDATING: when it was moved, or came back online)."""
+    """When it entered its phase (for UPDATING: when it was moved, came back online, or
+    was last seen undelivered)."""
     offline: bool = False
     """UPDATING while its node is offline: neither failing nor blocking its batch."""
     reason: str = ""
@@ -254,6 +260,9 @@ class Observation:
     """Why the node cannot run `assigned` (refused, artifact, spawn failure); empty if none."""
     detail: str = ""
     """The agent's state in words ("BACKOFF: exited with code 1"), for failure reasons."""
+    undelivered: str = ""
+    """Why the node's current set has not reached it: the last push's error; "" when it
+    was delivered or its push is in flight."""
 
 
 @dataclass(frozen=True)
@@ -444,15 +453,22 @@ def step(
         and waiting
         and now - r.progress_at >= r.policy.progress_deadline
     ):
+        held = _undelivered(r, waiting, observed)
         reason = (
             f"no progress for {_seconds(r.policy.progress_deadline)} (progress_deadline);"
-            f" still waiting on {_names(waiting)}"
+            f" still waiting on {_names(waiting)}" + (f"; {held}" if held else "")
         )
         return _failed_step(r, current, changed, notes, observed, now, reason)
 
     # 3. Waiting: paused, awaiting promotion, or a batch in flight.
     wake = _next_deadline(r, current, observed, updating)
     if r.state in (S.PAUSED, S.AWAITING_PROMOTION) or waiting:
+        if r.state is S.RUNNING:
+            # What the batch waits for beyond health: nodes the push has not reached. (A
+            # revert's reason keeps saying why it reverts; a pause's, who paused it.)
+            held = _undelivered(r, waiting, observed)
+            if held != r.reason:
+                r = dataclasses.replace(r, reason=held)
         return Step(r, changed, (), tuple(notes), wake)
 
     # 4. The canary batch is done: promote by policy, or wait for an operator (even when
@@ -561,6 +577,11 @@ def _judge(r: Rollout, rec: NodeProgress, obs: Observation, now: float) -> NodeP
         return rec if rec.offline else dataclasses.replace(rec, offline=True)
     if rec.offline:  # back online: its health deadline counts from now
         return dataclasses.replace(rec, offline=False, since=now)
+    if _held(r, obs):
+        # Online but the push cannot reach it (a cut stream not yet noticed, an unreachable
+        # listen port): the revision is not there to judge. Its health deadline counts from
+        # delivery; the batch waits, bounded by progress_deadline.
+        return rec if rec.since == now else dataclasses.replace(rec, since=now)
     healthy = obs.running == r.target and obs.healthy_since is not None
     if healthy and obs.healthy_since is not None and now - obs.healthy_since >= p.min_healthy_time:
         # Not dataclasses.replace: a batch's nodes all get here (a tenth of a step's cost).
@@ -581,6 +602,26 @@ def _judge(r: Rollout, rec: NodeProgress, obs: Observation, now: float) -> NodeP
         reason = f"not healthy within {_seconds(p.healthy_deadline)}: {state}{detail}"
         return dataclasses.replace(rec, phase=NodePhase.FAILED, since=now, reason=reason)
     return rec
+
+
+def _held(r: Rollout, obs: Observation) -> bool:
+    """The node's set is not delivered and it does not run the target (one that does got
+    it: what is undelivered is a later change, and its health is judged as usual)."""
+    return bool(obs.undelivered) and obs.running != r.target
+
+
+def _undelivered(
+    r: Rollout, nodes: Iterable[str], observed: Mapping[str, Observation], limit: int = 3
+) -> str:
+    """The waiting nodes the push has not reached, with its error ("" if none)."""
+    held = sorted(n for n in nodes if _held(r, observed[n]))
+    # The pool's errors start with the node's name; said once.
+    words = "; ".join(
+        f"{n}: not delivered yet: {observed[n].undelivered.removeprefix(f'{n}: ')}"
+        for n in held[:limit]
+    )
+    more = f" (and {len(held) - limit} more not delivered)" if len(held) > limit else ""
+    return words + more
 
 
 def _order(
@@ -611,8 +652,10 @@ def _next_deadline(
         if rec.phase is not NodePhase.UPDATING or rec.offline:
             continue
         waiting = True
-        times.append(rec.since + p.healthy_deadline)
         obs = observed[n]
+        if _held(r, obs):
+            continue  # its deadline counts from delivery (a push retry's pass judges it)
+        times.append(rec.since + p.healthy_deadline)
         if obs.running == r.target and obs.healthy_since is not None:
             times.append(obs.healthy_since + p.min_healthy_time)
     if waiting and r.state in (S.RUNNING, S.REVERTING):

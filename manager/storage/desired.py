@@ -19,7 +19,7 @@ from collections.abc import Awaitable, Callable, Collection, Coroutine, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar, cast
 
-from sqlalchemy import bindparam, delete, insert, select, update
+from sqlalchemy import and_, bindparam, delete, insert, or_, select, update
 from sqlalchemy.ext.asyncio import AsyncConnection
 
 from manager.storage.agents import (
@@ -133,6 +133,18 @@ def _node_desired(row: Any) -> NodeDesiredRecord:
     )
 
 
+def _observed(row: Any) -> NodeDesiredRecord:
+    """An `observed_rows` row (its `_OBSERVED_COLUMNS`) as a record."""
+    return NodeDesiredRecord(
+        node_id=row.node_id,
+        version=row.version,
+        delivered_version=row.delivered_version,
+        reported_version=row.reported_version,
+        push_error=row.push_error,
+        update_errors=load_update_errors(row.update_errors),
+    )
+
+
 def _rollout(row: Any) -> RolloutRecord:
     return RolloutRecord(
         id=row.id,
@@ -166,6 +178,14 @@ _NODE_DESIRED_COLUMNS = (
     "push_attempts", "next_push_ms", "update_errors", "updated_ms",
 )  # fmt: skip
 _ROLLOUT_NODE_COLUMNS = ("phase", "batch", "since_ms", "offline", "reason")
+_OBSERVED_COLUMNS = (
+    "node_id", "version", "delivered_version", "reported_version", "push_error", "update_errors",
+)  # fmt: skip
+_OBSERVED_WHERE = (
+    "(update_errors NOT IN ('[]', '') OR (push_error != '' AND delivered_version < version"
+    " AND reported_version < version)) AND "
+)
+"""`observed_rows`' rows: refusals, or a push error on a set neither delivered nor reported."""
 _JUDGED_COLUMNS = (
     "node_id", "status", "start_time_ms", "message", "health", "last_exit_reason",
     "revision", "health_message", "health_since_ms",
@@ -230,10 +250,18 @@ def _build(dialect: Dialect, what: str) -> Any:
             .where(c.node_id.in_(ids), c.agent_id == bindparam("agent_id"))
             .order_by(c.node_id)
         )
-    if what == "update_errors":
+    if what == "observed_rows":
         c = node_desired.c
-        return select(c.node_id, c.update_errors).where(
-            c.node_id.in_(ids), c.update_errors.not_in(["[]", ""])
+        return select(*(getattr(c, name) for name in _OBSERVED_COLUMNS)).where(
+            c.node_id.in_(ids),
+            or_(
+                c.update_errors.not_in(["[]", ""]),
+                and_(
+                    c.push_error != "",
+                    c.delivered_version < c.version,
+                    c.reported_version < c.version,
+                ),
+            ),
         )
     if what in ("rollout", "rollout_for_update"):
         q = select(rollouts).where(rollouts.c.id == bindparam("id"))
@@ -489,17 +517,16 @@ class DesiredTx(QueuedWrites):
             out.update((r.node_id, _node_desired(r)) for r in rows)
         return out
 
-    async def update_errors(
-        self, node_ids: Collection[str]
-    ) -> dict[str, tuple[UpdateErrorRecord, ...]]:
-        """The update errors of those nodes that have any: what a rollout observes of a
-        node's row (`desired.observe`), without decoding the rows of the nodes that have
-        none (nearly all)."""
-        out: dict[str, tuple[UpdateErrorRecord, ...]] = {}
-        query = _statement(self._db.dialect, "update_errors")
+    async def observed_rows(self, node_ids: Collection[str]) -> dict[str, NodeDesiredRecord]:
+        """The rows of those nodes with update errors or a push error on a set not
+        delivered, with only the columns a rollout observes of a row (`desired.observe`
+        and `desired.undelivered`; the others left at their defaults): without decoding
+        the rows of the nodes that have neither (nearly all)."""
+        out: dict[str, NodeDesiredRecord] = {}
+        query = _statement(self._db.dialect, "observed_rows")
         for part in chunks(sorted(set(node_ids))):
             rows = await self._conn.execute(query, {"ids": list(part)})
-            out.update((r.node_id, load_update_errors(r.update_errors)) for r in rows)
+            out.update((r.node_id, _observed(r)) for r in rows)
         return out
 
     async def put_node_desired(self, records: Sequence[NodeDesiredRecord]) -> None:
@@ -736,7 +763,7 @@ _RolloutRow = _row_type(rollouts)
 _RolloutNodeRow = _row_type(rollout_nodes)
 _JudgedRow = _row_type(agent_states, _JUDGED_COLUMNS)
 _BriefRow = _row_type(agent_states, ("node_id", "revision", "status", "health"))
-_UpdateErrorsRow = _row_type(node_desired, ("node_id", "update_errors"))
+_ObservedRow = _row_type(node_desired, _OBSERVED_COLUMNS)
 _NodeRow = _row_type(nodes)
 _ADD_REVISION = (
     f"INSERT INTO {definition_revisions.name} ({', '.join(_RevisionRow._fields)}) "  # noqa: S608
@@ -942,14 +969,10 @@ class SqliteDesiredTx(DesiredTx):
             rows = self._by_ids(_NodeDesiredRow, node_desired, node_ids)
         return {r.node_id: _node_desired(r) for r in rows}
 
-    async def update_errors(
-        self, node_ids: Collection[str]
-    ) -> dict[str, tuple[UpdateErrorRecord, ...]]:
-        """As `DesiredTx.update_errors`."""
-        rows = self._by_ids(
-            _UpdateErrorsRow, node_desired, node_ids, "update_errors NOT IN ('[]', '') AND "
-        )
-        return {r.node_id: load_update_errors(r.update_errors) for r in rows}
+    async def observed_rows(self, node_ids: Collection[str]) -> dict[str, NodeDesiredRecord]:
+        """As `DesiredTx.observed_rows`."""
+        rows = self._by_ids(_ObservedRow, node_desired, node_ids, _OBSERVED_WHERE)
+        return {r.node_id: _observed(r) for r in rows}
 
     async def put_node_desired(self, records: Sequence[NodeDesiredRecord]) -> None:
         """As `DesiredTx.put_node_desired`."""

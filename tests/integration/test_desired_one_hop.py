@@ -66,10 +66,13 @@ async def _seed(db: Database) -> tuple[DesiredStateRepository, int]:
         )
         await tx.put_node_desired(
             [
-                NodeDesiredRecord("n1", 3, "c1", 2, 3, "", 0, 0, (), 50),
+                # n1's version 3 did not reach it (its push failed); n3's push failed
+                # too, but its daemon reports running version 2 (the answer was lost).
+                NodeDesiredRecord("n1", 3, "c1", 2, 2, "refused", 1, 0, (), 50),
                 NodeDesiredRecord(
                     "n2", 4, "c2", 4, 4, "down", 2, 99, (UpdateErrorRecord("web", 2, "no"),), 51
                 ),
+                NodeDesiredRecord("n3", 2, "c3", 1, 2, "timeout", 1, 0, (), 52),
             ]
         )
         rid = await tx.add_rollout(
@@ -103,7 +106,7 @@ async def _reads(tx: DesiredTx, rid: int) -> dict[str, object]:
         "judged": await tx.judged_agents(["n1", "n3", "nope"], "web"),
         "node rows": await tx.node_desired(),
         "node rows by id": await tx.node_desired(["n2", "n3"]),
-        "update errors": await tx.update_errors(["n1", "n2", "n3", "nope"]),
+        "observed rows": await tx.observed_rows(["n1", "n2", "n3", "nope"]),
         "rollouts": await tx.rollouts(),
         "live rollouts": await tx.rollouts(live=True, limit=5),
         "rollouts of db": await tx.rollouts(name="db", limit=1),
@@ -129,8 +132,17 @@ async def test_one_hop_reads_what_the_sqlalchemy_tx_reads(database: Database) ->
     assert expected["rollout nodes"]
     assert [n.node_id for n in expected["nodes"]] == list(NODES)  # type: ignore[attr-defined]
     assert expected["revision"] is not None
-    # Only the rows with errors: n1's has none, n3 has no row.
-    assert expected["update errors"] == {"n2": (UpdateErrorRecord("web", 2, "no"),)}
+    # Only the rows with update errors (n2) or a push error on a set neither delivered nor
+    # reported (n1), with the columns a rollout observes.
+    assert expected["observed rows"] == {
+        "n1": NodeDesiredRecord(
+            "n1", 3, delivered_version=2, reported_version=2, push_error="refused"
+        ),
+        "n2": NodeDesiredRecord(
+            "n2", 4, delivered_version=4, reported_version=4, push_error="down",
+            update_errors=(UpdateErrorRecord("web", 2, "no"),),
+        ),
+    }  # fmt: skip
 
 
 async def test_one_hop_writes_what_the_sqlalchemy_tx_reads_back(database: Database) -> None:

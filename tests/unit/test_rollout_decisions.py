@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
+from manager.service.desired import undelivered
 from manager.service.rollout import (
     Amount,
     NodePhase,
@@ -37,6 +38,7 @@ from manager.service.rollout import (
     to_dict,
 )
 from manager.service.rollout import _judge as _judge  # the per-node judgement alone
+from manager.storage.records import NodeDesiredRecord
 
 S = RolloutState
 T0 = 1_000_000.0
@@ -51,6 +53,8 @@ class SimNode:
     running: int = 1
     healthy_since: float | None = T0 - 3600
     error: str = ""
+    undelivered: str = ""
+    """The error of the push that did not reach it ("" once delivered)."""
 
 
 @dataclass
@@ -63,6 +67,8 @@ class SimFleet:
     """Revisions that start but never become healthy."""
     broken: dict[int, str] = field(default_factory=dict)
     """Revisions the daemon cannot run, with the error it reports."""
+    unreachable: dict[str, str] = field(default_factory=dict)
+    """Nodes (online) whose pushes fail, with the push error, until `deliver`."""
     moves: list[tuple[float, str, int]] = field(default_factory=list)
     """Every (time, node, revision) assignment, to check nothing moves twice."""
 
@@ -84,6 +90,7 @@ class SimFleet:
                 healthy_since=healthy,
                 error=node.error,
                 detail="BACKOFF: exited with code 1" if node.assigned in self.bad else "",
+                undelivered=node.undelivered,
             )
         return out
 
@@ -94,7 +101,16 @@ class SimFleet:
             node.assigned = revision
             if not node.online:
                 continue
+            if name in self.unreachable:
+                node.undelivered = self.unreachable[name]  # still runs what it ran
+                continue
             self.run(name, now)
+
+    def deliver(self, name: str, now: float) -> None:
+        """The push gets through at last: the node runs what it is assigned."""
+        self.unreachable.pop(name, None)
+        self.nodes[name].undelivered = ""
+        self.run(name, now)
 
     def run(self, name: str, now: float) -> None:
         node = self.nodes[name]
@@ -389,6 +405,116 @@ def test_progress_deadline_bounds_nodes_that_keep_coming_back() -> None:
     assert result.rollout.reason == (
         "no progress for 100s (progress_deadline); still waiting on n00, n01"
     )
+
+
+# --- nodes the push has not reached -------------------------------------------------------------
+
+
+def test_a_node_the_push_cannot_reach_waits_and_its_deadline_counts_from_delivery() -> None:
+    """Online but unreachable (a cut stream not yet noticed): not failed at healthy_deadline
+    though it still runs the old revision; the reason names it; delivered, it is judged
+    from then on, and the rollout succeeds without a revert."""
+    refused = "n00: daemon at 10.0.0.7:7443 refused the connection"  # as the pool says it
+    fleet = SimFleet.of(2, unreachable={"n00": refused})
+    d = rollout_of(
+        fleet, max_parallel=Amount(1), min_healthy_time=1.0, healthy_deadline=3.0,
+        progress_deadline=60.0, auto_revert=True,
+    )  # fmt: skip
+    assert d.tick().assign == ("n00",)
+    d.now = T0 + 10  # long past its healthy deadline
+    waiting = d.tick()
+    assert d.rollout.state is S.RUNNING
+    assert d.progress["n00"].phase is NodePhase.UPDATING
+    assert d.rollout.reason == (
+        "n00: not delivered yet: daemon at 10.0.0.7:7443 refused the connection"
+    )
+    # Nothing to time but the progress deadline (a push retry's pass judges it again).
+    assert waiting.wake_at == T0 + 60
+    fleet.deliver("n00", d.now)  # the pass that judged it retried the push: it got through
+    d.now += 0.1
+    d.tick()
+    assert d.rollout.reason == ""
+    assert d.progress["n00"].phase is NodePhase.UPDATING
+    d.run()
+    assert d.rollout.state is S.SUCCESSFUL, d.rollout.reason
+    assert not [n for n in d.notes if n.startswith("rollout-node-failed")]
+    assert d.batches() == [["n00"], ["n01"]]
+
+
+def test_a_node_never_delivered_fails_the_rollout_at_its_progress_deadline() -> None:
+    """The push never gets through: the rollout fails at progress_deadline (not at the
+    node's healthy deadline), naming the push error; the node itself is not failed."""
+    fleet = SimFleet.of(1, unreachable={"n00": "UNAVAILABLE: connection refused"})
+    d = rollout_of(fleet, min_healthy_time=1.0, healthy_deadline=3.0, progress_deadline=20.0)
+    d.run(stop={S.FAILED})
+    assert d.now == T0 + 20
+    assert d.rollout.state is S.FAILED
+    assert d.rollout.reason == (
+        "no progress for 20s (progress_deadline); still waiting on n00;"
+        " n00: not delivered yet: UNAVAILABLE: connection refused"
+    )
+    assert d.progress["n00"].phase is NodePhase.UPDATING
+    assert not [n for n in d.notes if n.startswith("rollout-node-failed")]
+
+
+def test_many_undelivered_nodes_are_named_a_few_at_a_time() -> None:
+    """A batch of five unreachable nodes: the reason names three and counts the rest."""
+    fleet = SimFleet.of(5, unreachable={f"n{i:02d}": "cut" for i in range(5)})
+    d = rollout_of(fleet, max_parallel=Amount(5))
+    d.tick()
+    d.now += 1
+    d.tick()
+    assert d.rollout.reason == (
+        "n00: not delivered yet: cut; n01: not delivered yet: cut; n02: not delivered yet: cut"
+        " (and 2 more not delivered)"
+    )
+
+
+def test_an_undelivered_node_that_goes_offline_is_on_hold_as_any_offline_node() -> None:
+    """Offline, an undelivered node neither blocks nor fails: the batch goes on without
+    it and the rollout ends naming it as offline, not as undelivered."""
+    fleet = SimFleet.of(3, unreachable={"n00": "cut"})
+    d = rollout_of(fleet, max_parallel=Amount(1), healthy_deadline=30.0, progress_deadline=60.0)
+    assert d.tick().assign == ("n00",)
+    fleet.nodes["n00"].online = False
+    d.now += 1
+    assert d.tick().assign == ("n01",)
+    assert d.progress["n00"].offline
+    d.run()
+    assert d.rollout.state is S.SUCCESSFUL
+    assert d.rollout.reason == "1 offline node(s) will converge when they return: n00"
+
+
+def test_a_node_that_runs_the_target_is_judged_though_a_later_set_is_undelivered() -> None:
+    """Running the target means the revision reached it: a push error about a later set
+    does not hold its health deadline."""
+    r, _ = start("web", 2, 1, policy(min_healthy_time=10.0), T0)
+    moved = NodeProgress(phase=NodePhase.UPDATING, batch=1, since=T0)
+    seen = Observation(
+        online=True, assigned=2, running=2, detail="BACKOFF: exited with code 3", undelivered="cut"
+    )
+    assert _judge(r, moved, seen, T0 + 60).phase is NodePhase.FAILED
+    behind = dataclasses.replace(seen, running=1)
+    assert _judge(r, moved, behind, T0 + 60) == dataclasses.replace(moved, since=T0 + 60)
+
+
+@pytest.mark.parametrize(
+    ("version", "delivered", "reported", "push_error", "expected"),
+    [
+        (3, 2, 2, "UNAVAILABLE: cut", "UNAVAILABLE: cut"),  # the last push failed
+        (3, 2, 2, "", ""),  # its first push is in flight
+        (3, 3, 3, "UNAVAILABLE: cut", ""),  # delivered (an old error not yet cleared)
+        (3, 2, 3, "DEADLINE_EXCEEDED", ""),  # the answer was lost; the daemon reports it
+    ],
+)
+def test_a_node_rows_undelivered_is_its_push_error_while_the_set_has_not_reached_it(
+    version: int, delivered: int, reported: int, push_error: str, expected: str
+) -> None:
+    row = NodeDesiredRecord(
+        "n1", version, delivered_version=delivered, reported_version=reported,
+        push_error=push_error,
+    )  # fmt: skip
+    assert undelivered(row) == expected
 
 
 # --- offline nodes ------------------------------------------------------------------------------
