@@ -277,3 +277,24 @@ async def test_program_gone_at_spawn_time_backs_off_with_reason(
     assert snap.message.startswith("cannot start: program")
     await rec.until(lambda: sup.get("gone").status is S.FATAL)
     assert "2 times in a row; gave up" in sup.get("gone").message
+
+
+async def test_a_chatty_log_is_rotated_within_seconds_of_a_slow_sample(
+    tmp_path: Path, rec: Recorder
+) -> None:
+    """Log sizes are checked every second, not on the (here 30 s) sample tick: disk stays bounded."""
+    sup = make_supervisor(tmp_path, rec, sample_interval=30.0)
+    code = (
+        "import sys, time\n"
+        "sys.stdout.write(('y' * 99 + '\\n') * 3000)\n"  # 300 kB at once
+        "sys.stdout.flush()\n"
+        "time.sleep(60)\n"
+    )
+    try:
+        await sup.start([agent("burst", "-c", code, log_max_bytes=20_000, log_backups=1)])
+        backup = sup.log_path("burst").with_name("burst.log.1")
+        await rec.until(backup.exists, within=5)
+        assert backup.stat().st_size <= 2 * 20_000 + 200  # the newest 2x limit and a marker
+        assert sup.log_path("burst").stat().st_size <= 20_000
+    finally:
+        await sup.stop(stop_agents=True)
