@@ -15,6 +15,12 @@
   to any descendant that left it (then SIGCONT, so a stopped one acts on it),
   wait `stop_timeout` for all of them, then SIGKILL the group and every
   descendant seen, and wait until they are gone.
+- Leftovers: once an agent's process ended (on its own or stopped), what it
+  left running is ended the same way (`find_leftovers`, `end_leftovers`): the
+  rest of its process group, and processes that escaped it (setsid, a double
+  fork: reparented to init, no longer descendants) found by the environment
+  the daemon gave the agent. One that cleared that environment and left the
+  group cannot be told apart from any other process: it is not caught.
 """
 
 from __future__ import annotations
@@ -41,6 +47,8 @@ __all__ = [
     "StopOutcome",
     "adopt",
     "daemon_env",
+    "end_leftovers",
+    "find_leftovers",
     "find_orphans",
     "spawn",
     "spawn_detached",
@@ -159,6 +167,83 @@ class AgentProcess:
         message = f"killed after stop_timeout ({grace:g}s): did not exit on {name}"
         code = self.exit_code if self.exit_code is not None else -int(signal.SIGKILL)
         return StopOutcome(code, True, message)
+
+
+def find_leftovers(pgid: int, marks: dict[str, str]) -> list[psutil.Process]:
+    """Live processes in process group `pgid`, or whose environment has all of `marks`.
+
+    Called once the process `pgid` led has ended: what is found is what it left
+    behind (a background child, or one that escaped with setsid or a double fork
+    but kept the environment the daemon gave the agent). Reads every process's
+    environment: run it in a thread.
+    """
+    found: list[psutil.Process] = []
+    me = os.getpid()
+    for proc in psutil.process_iter(["environ", "status"]):
+        try:
+            if proc.pid == me or proc.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            env = proc.info["environ"] or {}
+            if all(env.get(k) == v for k, v in marks.items()) or os.getpgid(proc.pid) == pgid:
+                found.append(proc)
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
+async def end_leftovers(
+    procs: list[psutil.Process], signum: int, grace: float, clock: Clock
+) -> str:
+    """Stop `procs` (`signum`, `grace` seconds, SIGKILL); "" if none, else one line naming them."""
+    if not procs:
+        return ""
+    names = []
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            names.append(f"{proc.pid} ({proc.name()})")
+        with contextlib.suppress(psutil.Error):
+            proc.send_signal(signum)
+            if signum not in (signal.SIGKILL, signal.SIGCONT):
+                proc.send_signal(signal.SIGCONT)
+    if not await _wait_procs(procs, grace, clock):
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                proc.send_signal(signal.SIGKILL)
+        await _wait_procs(procs, KILL_WAIT, clock)
+    return f"it left {len(procs)} process(es) running, ended: pid {', '.join(names)}"
+
+
+async def _wait_procs(procs: list[psutil.Process], wait_s: float, clock: Clock) -> bool:
+    """Wait (on pidfds) until all of `procs` are gone; False after `wait_s` seconds."""
+    loop = asyncio.get_running_loop()
+    fds: list[int] = []
+    waits: list[asyncio.Future[Any]] = []
+    for proc in procs:
+        try:
+            if not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            fd = os.pidfd_open(proc.pid)
+        except (psutil.Error, OSError):
+            continue
+        fut: asyncio.Future[Any] = loop.create_future()
+        loop.add_reader(fd, _set_done, fut)
+        fds.append(fd)
+        waits.append(fut)
+    if not waits:
+        return True
+    sleeper = asyncio.ensure_future(clock.sleep(wait_s))
+    everything: asyncio.Future[Any] = asyncio.gather(*waits)
+    try:
+        done, _ = await asyncio.wait({everything, sleeper}, return_when=asyncio.FIRST_COMPLETED)
+        return everything in done
+    finally:
+        sleeper.cancel()
+        everything.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await everything
+        for fd in fds:
+            loop.remove_reader(fd)
+            os.close(fd)
 
 
 def _unique(procs: Iterable[psutil.Process]) -> list[psutil.Process]:

@@ -282,7 +282,7 @@ async def test_program_gone_at_spawn_time_backs_off_with_reason(
 async def test_a_chatty_log_is_rotated_within_seconds_of_a_slow_sample(
     tmp_path: Path, rec: Recorder
 ) -> None:
-    """Log sizes are checked every second, not on the (here 30 s) sample tick: disk stays bounded."""
+    """Log sizes are checked every second, not on the (here 30 s) sample tick: bounded disk."""
     sup = make_supervisor(tmp_path, rec, sample_interval=30.0)
     code = (
         "import sys, time\n"
@@ -298,3 +298,68 @@ async def test_a_chatty_log_is_rotated_within_seconds_of_a_slow_sample(
         assert sup.log_path("burst").stat().st_size <= 20_000
     finally:
         await sup.stop(stop_agents=True)
+
+
+_DAEMONIZES = (
+    "sleep 300 & echo group $!; "  # a background child: stays in the agent's group
+    "setsid sh -c 'sleep 301 & echo escaped $!'; "  # a double fork into a session of its own
+    "sleep 0.5; {then}"
+)
+
+
+def _pids_in_log(sup: Supervisor, agent_id: str) -> list[int]:
+    words = sup.read_log(agent_id, 0, 4096).data.decode().split()
+    return [int(words[i + 1]) for i, w in enumerate(words) if w in ("group", "escaped")]
+
+
+def _kill_leaked(pids: list[int]) -> None:
+    """Clean up after a failing run: the sleeps would otherwise outlive the test."""
+    for pid in pids:
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+async def test_what_an_exited_agent_left_running_is_ended_and_named(
+    sup: Supervisor, rec: Recorder
+) -> None:
+    """A program that daemonizes and exits leaks nothing: its group and setsid escapees end."""
+    spec = AgentSpec(
+        id="forker",
+        argv=("/bin/sh", "-c", _DAEMONIZES.format(then="exit 0")),
+        restart="never",
+        start_secs=0.2,
+        stop_timeout=2.0,
+    )
+    await sup.start([spec])
+    await rec.until(lambda: sup.get("forker").status is S.EXITED)
+    pids = _pids_in_log(sup, "forker")
+    assert len(pids) == 2
+    try:
+        assert not any(alive(pid) for pid in pids)
+    finally:
+        _kill_leaked(pids)
+    last_exit = sup.get("forker").last_exit
+    assert last_exit is not None
+    assert last_exit.reason.startswith("exited with code 0; it left 2 process(es) running, ended")
+    assert all(f"{pid} (sleep)" in last_exit.reason for pid in pids)
+
+
+async def test_stop_ends_a_setsid_escapee_too(sup: Supervisor, rec: Recorder) -> None:
+    """An operator stop ends what escaped the agent's process group, not only the group."""
+    spec = AgentSpec(
+        id="keeper",
+        argv=("/bin/sh", "-c", _DAEMONIZES.format(then="exec sleep 300")),
+        start_secs=0.2,
+        stop_timeout=2.0,
+    )
+    await sup.start([spec])
+    await rec.until(lambda: len(_pids_in_log(sup, "keeper")) == 2)
+    pids = _pids_in_log(sup, "keeper")
+    stopped = await sup.operate("keeper", "stop")
+    assert stopped.status is S.STOPPED
+    try:
+        assert not any(alive(pid) for pid in pids)
+    finally:
+        _kill_leaked(pids)
+    assert stopped.last_exit is not None
+    assert "it left 1 process(es) running" in stopped.last_exit.reason  # the escapee
