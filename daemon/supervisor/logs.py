@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -98,10 +99,16 @@ def rotate_if_needed(path: Path, max_bytes: int, backups: int) -> bool:
                 older.replace(path.with_name(f"{path.name}.{n + 1}"))
         backup = path.with_name(f"{path.name}.1")
         tmp = path.with_name(f".{path.name}.1.tmp")
-        with path.open("r+b") as src, tmp.open("wb") as dst:
-            _copy_bounded(src, dst, 2 * max_bytes)
-            dst.flush()
-            os.fsync(dst.fileno())
+        with path.open("r+b") as src:
+            # The backup is as private as the log (0640), not the umask's 0644.
+            mode = stat.S_IMODE(os.fstat(src.fileno()).st_mode)
+            flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+            fd = os.open(tmp, flags, mode)
+            os.fchmod(fd, mode)  # an older tmp file keeps its mode through O_CREAT
+            with os.fdopen(fd, "wb") as dst:
+                _copy_bounded(src, dst, 2 * max_bytes)
+                dst.flush()
+                os.fsync(dst.fileno())
         tmp.replace(backup)
     else:
         with path.open("r+b") as src:
