@@ -50,6 +50,7 @@ __all__ = [
     "end_leftovers",
     "find_leftovers",
     "find_orphans",
+    "name_processes",
     "spawn",
     "spawn_detached",
 ]
@@ -197,10 +198,8 @@ async def end_leftovers(
     """Stop `procs` (`signum`, `grace` seconds, SIGKILL); "" if none, else one line naming them."""
     if not procs:
         return ""
-    names = []
+    names = name_processes(procs)
     for proc in procs:
-        with contextlib.suppress(psutil.Error):
-            names.append(f"{proc.pid} ({proc.name()})")
         with contextlib.suppress(psutil.Error):
             proc.send_signal(signum)
             if signum not in (signal.SIGKILL, signal.SIGCONT):
@@ -210,7 +209,18 @@ async def end_leftovers(
             with contextlib.suppress(psutil.Error):
                 proc.send_signal(signal.SIGKILL)
         await _wait_procs(procs, KILL_WAIT, clock)
-    return f"it left {len(procs)} process(es) running, ended: pid {', '.join(names)}"
+    return f"it left {len(procs)} process(es) running, ended: pid {names}"
+
+
+def name_processes(procs: list[psutil.Process]) -> str:
+    """'1532 (sleep), 1535 (sleep)': read before they are signalled (a gone one has no name)."""
+    names = []
+    for proc in procs:
+        try:
+            names.append(f"{proc.pid} ({proc.name()})")
+        except psutil.Error:
+            names.append(str(proc.pid))
+    return ", ".join(names)
 
 
 async def _wait_procs(procs: list[psutil.Process], wait_s: float, clock: Clock) -> bool:

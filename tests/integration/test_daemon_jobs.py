@@ -169,6 +169,25 @@ async def test_timeout_kills_the_whole_process_group(node: Node) -> None:
     )
 
 
+async def test_a_setsid_escapee_of_a_step_is_named_not_stopped(node: Node) -> None:
+    """What left the step's group (a double fork: how a process outlives a job) is named."""
+    await node.start(
+        start_req("escape", sh("setsid sh -c 'sleep 300 & echo $! > escapee.pid'; echo done"))
+    )
+    record = await node.final("escape")
+    escapee = int((node.server.jobs.store.dir("escape") / "escapee.pid").read_text())
+    try:
+        assert psutil.Process(escapee).status() != psutil.STATUS_ZOMBIE
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(escapee, signal.SIGKILL)
+    assert record.state == "SUCCESS"
+    assert record.steps[0].reason == (
+        f"left 1 process(es) running outside its process group (not stopped): pid {escapee} (sleep)"
+    )
+    assert record.reason == record.steps[0].reason  # `fleetctl run` shows it
+
+
 async def test_a_step_ignoring_sigterm_is_killed_after_grace(node: Node) -> None:
     """A step timeout stops only that step; one that ignores SIGTERM is SIGKILLed after grace."""
     await node.start(
