@@ -43,6 +43,7 @@ from daemon.supervisor.process import (
     AgentProcess,
     SpawnError,
     adopt,
+    cannot_enter,
     daemon_env,
     find_leftovers,
     name_processes,
@@ -578,8 +579,12 @@ class JobEngine:
                     )
                 uid = pw.pw_uid
                 home = pw.pw_dir if os.path.isdir(pw.pw_dir) else "/"  # noqa: ASYNC240  # one stat
-                groups = ",".join(str(g) for g in os.getgrouplist(pw.pw_name, pw.pw_gid))
+                gids = os.getgrouplist(pw.pw_name, pw.pw_gid)
+                groups = ",".join(str(g) for g in gids)
                 ids = f"{pw.pw_uid}:{pw.pw_gid}:{groups}"
+                denied = cannot_enter(cmd.cwd, cmd.user, uid, gids) if cmd.cwd else ""
+                if denied:  # the wrapper enters it as root, the step could not
+                    return StepOutcome("FAILED", NOT_RUN, denied)
         # Checked here, not left to the spawn: its error names the step wrapper's python.
         if cmd.cwd and not os.path.isdir(cmd.cwd):  # noqa: ASYNC240  # one stat
             return StepOutcome(

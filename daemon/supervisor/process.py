@@ -30,6 +30,7 @@ import contextlib
 import os
 import pwd
 import signal
+import stat
 import subprocess
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ __all__ = [
     "SpawnError",
     "StopOutcome",
     "adopt",
+    "cannot_enter",
     "daemon_env",
     "end_leftovers",
     "find_leftovers",
@@ -354,6 +356,11 @@ def spawn_detached(
             raise SpawnError(f"unknown user {user!r}") from None
         uid, gid, groups = pw.pw_uid, pw.pw_gid, os.getgrouplist(pw.pw_name, pw.pw_gid)
         env.update(HOME=pw.pw_dir, USER=pw.pw_name, LOGNAME=pw.pw_name)
+        # The child changes directory before it drops to the user, so it would start
+        # in a directory it cannot use: say so instead.
+        denied = cannot_enter(cwd, user, uid, groups) if cwd else ""
+        if denied:
+            raise SpawnError(denied)
     executable = resolve_executable(argv[0], env=env, cwd=cwd)
     if executable is None:
         raise SpawnError(f"program {argv[0]!r} not found or not executable")
@@ -393,6 +400,30 @@ def spawn_detached(
             os.killpg(popen.pid, signal.SIGKILL)
             os.waitpid(popen.pid, 0)
         raise SpawnError(f"cannot watch {argv[0]!r} (pid {popen.pid}): {exc}") from None
+
+
+def cannot_enter(path: str, user: str, uid: int, groups: Collection[int]) -> str:
+    """Why `user` may not enter directory `path` (by mode bits, no ACLs); "" if it may."""
+    if uid == 0:
+        return ""
+    where = Path(os.path.abspath(path))
+    for directory in (*reversed(where.parents), where):
+        try:
+            st = os.stat(directory)
+        except OSError:
+            return ""  # missing: the spawn says so itself
+        if st.st_uid == uid:
+            bit = stat.S_IXUSR
+        elif st.st_gid in groups:
+            bit = stat.S_IXGRP
+        else:
+            bit = stat.S_IXOTH
+        if not st.st_mode & bit:
+            return (
+                f"working directory {path!r}: user {user!r} may not enter {str(directory)!r}"
+                f" (mode {stat.S_IMODE(st.st_mode):04o}, owner uid {st.st_uid})"
+            )
+    return ""
 
 
 def adopt(pid: int, create_time: float) -> AgentProcess | None:

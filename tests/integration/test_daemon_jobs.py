@@ -299,6 +299,25 @@ async def test_a_missing_working_directory_fails_the_step_naming_it(
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs a root daemon")
+async def test_a_working_directory_the_user_may_not_enter_fails_naming_it(
+    node: Node, tmp_path: Path
+) -> None:
+    """--user nobody --cwd a 0700 root dir: FAILED naming the directory, the step never runs."""
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    await node.start(start_req("locked", step("/bin/pwd", user="nobody", cwd=str(private))))
+    record = await node.final("locked")
+    assert record.state == "FAILED"
+    assert record.exit_code == 127
+    # The first directory on the way it may not enter: pytest's own dirs are 0700 too.
+    assert record.reason.startswith(
+        f"working directory {str(private)!r}: user 'nobody' may not enter '/tmp/"
+    )
+    assert record.reason.endswith(" (mode 0700, owner uid 0)")
+    assert node.output("locked") == b""
+
+
 async def test_script_runs_under_its_interpreter_as_the_user(node: Node) -> None:
     """A script body runs with the interpreter's argv plus its path, as the requested user."""
     script = jobs_pb2.JobCommand(

@@ -363,3 +363,26 @@ async def test_stop_ends_a_setsid_escapee_too(sup: Supervisor, rec: Recorder) ->
         _kill_leaked(pids)
     assert stopped.last_exit is not None
     assert "it left 1 process(es) running" in stopped.last_exit.reason  # the escapee
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs a root daemon")
+async def test_a_working_directory_its_user_may_not_enter_is_named(
+    sup: Supervisor, rec: Recorder, tmp_path: Path
+) -> None:
+    """user = nobody in a 0700 root directory: start failed naming the directory, not a run."""
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    spec = AgentSpec(
+        id="locked", argv=("/bin/pwd",), user="nobody", cwd=str(private), max_retries=0
+    )
+    await sup.start([spec])
+    await rec.until(lambda: sup.get("locked").status is S.FATAL)
+    last_exit = sup.get("locked").last_exit
+    assert last_exit is not None
+    assert last_exit.kind == "start_failed"
+    # The first directory on the way it may not enter: pytest's own dirs are 0700 too.
+    assert f"working directory {str(private)!r}: user 'nobody' may not enter '/tmp/" in (
+        last_exit.reason
+    )
+    assert last_exit.reason.endswith(" (mode 0700, owner uid 0)")
+    assert sup.read_log("locked", 0, 4096).data == b""  # it never ran
