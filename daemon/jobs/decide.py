@@ -90,7 +90,9 @@ def target_result(
         return TargetResult(state, bad.exit_code, bad.reason)
     if not ran:
         return TargetResult("SUCCESS", 0, "")
-    return TargetResult("SUCCESS", ran[-1].exit_code, "")
+    # A successful step's reason is a note (what it left running, ended): shown, not lost.
+    notes = "; ".join(s.reason for s in ran if s.reason)
+    return TargetResult("SUCCESS", ran[-1].exit_code, notes)
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import errno
 import logging
 import math
@@ -39,7 +40,16 @@ from daemon.jobs import decide
 from daemon.jobs.decide import Queued, StepOutcome
 from daemon.jobs.store import JOB_ID_RE, Current, JobRecord, JobStore, StepRecord, Stop
 from daemon.supervisor.clock import Clock, SystemClock
-from daemon.supervisor.process import AgentProcess, SpawnError, adopt, daemon_env, spawn_detached
+from daemon.supervisor.process import (
+    AgentProcess,
+    SpawnError,
+    adopt,
+    cannot_enter,
+    daemon_env,
+    find_leftovers,
+    name_processes,
+    spawn_detached,
+)
 from fleet.errors import InvalidArgument, NotFound, ResourceExhausted
 from fleet.v1 import daemon_pb2, jobs_pb2
 
@@ -597,8 +607,12 @@ class JobEngine:
                     )
                 uid = pw.pw_uid
                 home = pw.pw_dir if os.path.isdir(pw.pw_dir) else "/"  # noqa: ASYNC240  # one stat
-                groups = ",".join(str(g) for g in os.getgrouplist(pw.pw_name, pw.pw_gid))
+                gids = os.getgrouplist(pw.pw_name, pw.pw_gid)
+                groups = ",".join(str(g) for g in gids)
                 ids = f"{pw.pw_uid}:{pw.pw_gid}:{groups}"
+                denied = cannot_enter(cmd.cwd, cmd.user, uid, gids) if cmd.cwd else ""
+                if denied:  # the wrapper enters it as root, the step could not
+                    return StepOutcome("FAILED", NOT_RUN, denied)
         # Checked here, not left to the spawn: its error names the step wrapper's python.
         if cmd.cwd and not os.path.isdir(cmd.cwd):  # noqa: ASYNC240  # one stat
             return StepOutcome(
@@ -612,7 +626,7 @@ class JobEngine:
         job_id = record.job_id
         env = daemon_env()
         env.update(cmd.env)
-        env.update(FLEET_JOB_ID=job_id, FLEET_JOB_STEP=str(index + 1))
+        env.update(_step_marks(self.store.dir(job_id), job_id, index))
         if uid is not None:
             env.update(HOME=home, USER=cmd.user, LOGNAME=cmd.user)
         status = self.store.status_path(job_id, index)
@@ -723,7 +737,20 @@ class JobEngine:
         else:
             await proc.wait()
         job.process = None
-        return self._ended(job, index, killed=killed)
+        # The wrapper ended its group. Leaving it (setsid, a double fork) is how a process
+        # is meant to outlive a job, so such a one is not stopped, only named.
+        marks = _step_marks(self.store.dir(record.job_id), record.job_id, index)
+        left = await asyncio.to_thread(find_leftovers, proc.pid, marks)
+        ended = self._ended(job, index, killed=killed)
+        if not left:
+            return ended
+        note = (
+            f"left {len(left)} process(es) running outside its process group (not stopped):"
+            f" pid {name_processes(left)}"
+        )
+        log.warning("job %s step %d: %s", record.job_id, index + 1, note)
+        reason = f"{ended.reason}; {note}" if ended.reason else note
+        return dataclasses.replace(ended, reason=reason)
 
     def _ended(self, job: Job, index: int, *, killed: bool) -> StepOutcome:
         """The step's outcome from its status file and why it was stopped, if it was."""
@@ -809,6 +836,16 @@ class JobEngine:
                 self.cfg.keep_days,
             )
         return removed
+
+
+def _step_marks(job_dir: Path, job_id: str, index: int) -> dict[str, str]:
+    """The variables a step runs with that tell its processes from any other's: the job
+    dir names this daemon (two daemons on one host run the same job id)."""
+    return {
+        "FLEET_JOB_ID": job_id,
+        "FLEET_JOB_STEP": str(index + 1),
+        "FLEET_JOB_DIR": str(job_dir),
+    }
 
 
 def _ms(seconds: float) -> int:

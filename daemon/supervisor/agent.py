@@ -49,7 +49,13 @@ from daemon.supervisor.policy import (
     restarts_when_unhealthy,
 )
 from daemon.supervisor.probes import run_probe
-from daemon.supervisor.process import AgentProcess, SpawnError, spawn
+from daemon.supervisor.process import (
+    AgentProcess,
+    SpawnError,
+    end_leftovers,
+    find_leftovers,
+    spawn,
+)
 from daemon.supervisor.spec import AgentSpec, HealthSpec
 from daemon.supervisor.states import AgentStatus, Event, transition
 from fleet.agentspec import PROBE_KINDS
@@ -299,6 +305,21 @@ class Agent:
         self._to(Event.ADOPT, f"re-adopted pid {proc.pid} after a daemon restart")
         self._start_runner(proc)
 
+    async def _without_leftovers(self, proc: AgentProcess, how: LastExit) -> LastExit:
+        """End what the ended `proc` left running (its group, setsid escapees); say so in `how`.
+
+        As systemd's KillMode=control-group: a program that daemonizes (forks and
+        exits) would otherwise leak a copy on every restart, unseen.
+        """
+        marks = {"FLEET_AGENT_ID": self.spec.id, "FLEET_DAEMON_SOCKET": str(self.ctx.socket_path)}
+        left = await asyncio.to_thread(find_leftovers, proc.pid, marks)
+        if not left:
+            return how
+        spec = self.started_spec
+        note = await end_leftovers(left, spec.stop_signum, spec.stop_timeout, self.ctx.clock)
+        log.warning("agent %s (pid %d) ended: %s", self.spec.id, proc.pid, note)
+        return dataclasses.replace(how, reason=f"{how.reason}; {note}")
+
     def _ended(self, how: LastExit) -> None:
         """Record the end of a process (shown until the next one ends)."""
         self.last_exit = how
@@ -339,7 +360,8 @@ class Agent:
         ran_for = self.ctx.clock.now() - self.start_time
         if self.status is S.RUNNING:
             ran_for = max(ran_for, self.spec.start_secs)  # it made it past start_secs
-        self._ended(exit_of_process(code, self.ctx.clock.now(), adopted=proc.unknown_exit))
+        how = exit_of_process(code, self.ctx.clock.now(), adopted=proc.unknown_exit)
+        self._ended(await self._without_leftovers(proc, how))
         self.proc = None
         self.ctx.sampler.untrack(self.spec.id)
         self._decide(code, ran_for, adopted=proc.unknown_exit)
@@ -525,13 +547,15 @@ class Agent:
                 kind, why = cause
                 if outcome.killed:
                     why = f"{why} ({outcome.message})"
-                self._ended(LastExit(kind, outcome.exit_code, why, self.ctx.clock.now()))
+                how = LastExit(kind, outcome.exit_code, why, self.ctx.clock.now())
+                self._ended(await self._without_leftovers(proc, how))
                 message = outcome.message
             else:
                 if proc is not None:  # it ended on its own just before; that is its last exit
                     code = await proc.wait()
                     now = self.ctx.clock.now()
-                    self._ended(exit_of_process(code, now, adopted=proc.unknown_exit))
+                    how = exit_of_process(code, now, adopted=proc.unknown_exit)
+                    self._ended(await self._without_leftovers(proc, how))
                 message = "stopped (had already exited)"
             self.proc = None
             self.ctx.sampler.untrack(self.spec.id)

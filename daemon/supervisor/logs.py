@@ -11,17 +11,25 @@ daemon cannot switch files under it. Rotation is therefore copy-truncate:
 Lines the agent writes between the last read of step 2 and the truncate of
 step 3 are lost. Step 2 reads to the end of file right before truncating, so
 that window is one read() + ftruncate() long (microseconds), not the length of
-the whole copy. Nothing else can be lost: the daemon never sits in the
-agent's write path. The check runs on the sampler tick (no extra polling), so
-a file may exceed the limit by what the agent writes in one interval.
+the whole copy. The daemon never sits in the agent's write path.
+
+An agent can write faster than the copy reads (`yes` writes ~1 GB/s), so the
+copy is bounded: a backup holds at most ``2 * max_bytes``, the newest part of
+the file from a line start. What is older, or written during a copy that hit
+that bound, is dropped, and a marker line in the backup says how many bytes
+(unbounded, the copy chased the writer forever while the disk filled). The
+supervisor checks sizes every second, so a file exceeds the limit by at most
+about one second of output.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 __all__ = ["MAX_READ_BYTES", "LogChunk", "log_path", "read_log", "rotate_if_needed"]
 
@@ -92,13 +100,16 @@ def rotate_if_needed(path: Path, max_bytes: int, backups: int) -> bool:
         backup = path.with_name(f"{path.name}.1")
         tmp = path.with_name(f".{path.name}.1.tmp")
         try:
-            with path.open("r+b") as src, tmp.open("wb") as dst:
-                while chunk := src.read(_COPY_CHUNK):
-                    dst.write(chunk)
-                # Written out before the truncate: a full disk fails here and keeps the log.
-                dst.flush()
-                src.truncate(0)
-                os.fsync(dst.fileno())
+            with path.open("r+b") as src:
+                # The backup is as private as the log (0640), not the umask's 0644.
+                mode = stat.S_IMODE(os.fstat(src.fileno()).st_mode)
+                flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC
+                fd = os.open(tmp, flags, mode)
+                os.fchmod(fd, mode)  # an older tmp file keeps its mode through O_CREAT
+                with os.fdopen(fd, "wb") as dst:
+                    _copy_bounded(src, dst, 2 * max_bytes)
+                    dst.flush()
+                    os.fsync(dst.fileno())
         except OSError:
             with contextlib.suppress(OSError):
                 tmp.unlink()  # a half copy gives its space back
@@ -108,3 +119,32 @@ def rotate_if_needed(path: Path, max_bytes: int, backups: int) -> bool:
         with path.open("r+b") as src:
             src.truncate(0)
     return True
+
+
+def _copy_bounded(src: BinaryIO, dst: BinaryIO, budget: int) -> None:
+    """Copy src's newest <= `budget` bytes to dst, then truncate src; mark what was dropped."""
+    size = os.fstat(src.fileno()).st_size
+    start = max(0, size - budget)
+    if start:
+        src.seek(start)
+        head = src.read(min(_COPY_CHUNK, budget))
+        cut = head.find(b"\n") + 1  # begin at a line start when there is one
+        start += cut
+        dst.write(_dropped(start, "older than the newest part kept")[1:])
+        dst.write(head[cut:])
+        budget -= len(head) - cut
+    while budget > 0 and (chunk := src.read(min(_COPY_CHUNK, budget))):
+        dst.write(chunk)
+        budget -= len(chunk)
+    # At the budget the writer outpaces the copy: stop chasing it, drop the rest.
+    rest = os.fstat(src.fileno()).st_size - src.tell()
+    # On disk before the truncate: a full disk fails here, and the log is kept.
+    dst.flush()
+    os.fsync(dst.fileno())
+    src.truncate(0)
+    if rest > 0:
+        dst.write(_dropped(rest, "written faster than the log could be rotated"))
+
+
+def _dropped(count: int, why: str) -> bytes:
+    return f"\n[fleet-daemon: {count} bytes of this log dropped, {why}]\n".encode()

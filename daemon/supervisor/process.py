@@ -15,6 +15,12 @@
   to any descendant that left it (then SIGCONT, so a stopped one acts on it),
   wait `stop_timeout` for all of them, then SIGKILL the group and every
   descendant seen, and wait until they are gone.
+- Leftovers: once an agent's process ended (on its own or stopped), what it
+  left running is ended the same way (`find_leftovers`, `end_leftovers`): the
+  rest of its process group, and processes that escaped it (setsid, a double
+  fork: reparented to init, no longer descendants) found by the environment
+  the daemon gave the agent. One that cleared that environment and left the
+  group cannot be told apart from any other process: it is not caught.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import contextlib
 import os
 import pwd
 import signal
+import stat
 import subprocess
 from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
@@ -40,8 +47,12 @@ __all__ = [
     "SpawnError",
     "StopOutcome",
     "adopt",
+    "cannot_enter",
     "daemon_env",
+    "end_leftovers",
+    "find_leftovers",
     "find_orphans",
+    "name_processes",
     "spawn",
     "spawn_detached",
 ]
@@ -161,6 +172,92 @@ class AgentProcess:
         return StopOutcome(code, True, message)
 
 
+def find_leftovers(pgid: int, marks: dict[str, str]) -> list[psutil.Process]:
+    """Live processes in process group `pgid`, or whose environment has all of `marks`.
+
+    Called once the process `pgid` led has ended: what is found is what it left
+    behind (a background child, or one that escaped with setsid or a double fork
+    but kept the environment the daemon gave the agent). Reads every process's
+    environment: run it in a thread.
+    """
+    found: list[psutil.Process] = []
+    me = os.getpid()
+    for proc in psutil.process_iter(["environ", "status"]):
+        try:
+            if proc.pid == me or proc.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            env = proc.info["environ"] or {}
+            if all(env.get(k) == v for k, v in marks.items()) or os.getpgid(proc.pid) == pgid:
+                found.append(proc)
+        except (psutil.Error, OSError):
+            continue
+    return found
+
+
+async def end_leftovers(
+    procs: list[psutil.Process], signum: int, grace: float, clock: Clock
+) -> str:
+    """Stop `procs` (`signum`, `grace` seconds, SIGKILL); "" if none, else one line naming them."""
+    if not procs:
+        return ""
+    names = name_processes(procs)
+    for proc in procs:
+        with contextlib.suppress(psutil.Error):
+            proc.send_signal(signum)
+            if signum not in (signal.SIGKILL, signal.SIGCONT):
+                proc.send_signal(signal.SIGCONT)
+    if not await _wait_procs(procs, grace, clock):
+        for proc in procs:
+            with contextlib.suppress(psutil.Error):
+                proc.send_signal(signal.SIGKILL)
+        await _wait_procs(procs, KILL_WAIT, clock)
+    return f"it left {len(procs)} process(es) running, ended: pid {names}"
+
+
+def name_processes(procs: list[psutil.Process]) -> str:
+    """'1532 (sleep), 1535 (sleep)': read before they are signalled (a gone one has no name)."""
+    names = []
+    for proc in procs:
+        try:
+            names.append(f"{proc.pid} ({proc.name()})")
+        except psutil.Error:
+            names.append(str(proc.pid))
+    return ", ".join(names)
+
+
+async def _wait_procs(procs: list[psutil.Process], wait_s: float, clock: Clock) -> bool:
+    """Wait (on pidfds) until all of `procs` are gone; False after `wait_s` seconds."""
+    loop = asyncio.get_running_loop()
+    fds: list[int] = []
+    waits: list[asyncio.Future[Any]] = []
+    for proc in procs:
+        try:
+            if not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE:
+                continue
+            fd = os.pidfd_open(proc.pid)
+        except (psutil.Error, OSError):
+            continue
+        fut: asyncio.Future[Any] = loop.create_future()
+        loop.add_reader(fd, _set_done, fut)
+        fds.append(fd)
+        waits.append(fut)
+    if not waits:
+        return True
+    sleeper = asyncio.ensure_future(clock.sleep(wait_s))
+    everything: asyncio.Future[Any] = asyncio.gather(*waits)
+    try:
+        done, _ = await asyncio.wait({everything, sleeper}, return_when=asyncio.FIRST_COMPLETED)
+        return everything in done
+    finally:
+        sleeper.cancel()
+        everything.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await everything
+        for fd in fds:
+            loop.remove_reader(fd)
+            os.close(fd)
+
+
 def _unique(procs: Iterable[psutil.Process]) -> list[psutil.Process]:
     seen: dict[int, psutil.Process] = {}
     for proc in procs:
@@ -259,6 +356,11 @@ def spawn_detached(
             raise SpawnError(f"unknown user {user!r}") from None
         uid, gid, groups = pw.pw_uid, pw.pw_gid, os.getgrouplist(pw.pw_name, pw.pw_gid)
         env.update(HOME=pw.pw_dir, USER=pw.pw_name, LOGNAME=pw.pw_name)
+        # The child changes directory before it drops to the user, so it would start
+        # in a directory it cannot use: say so instead.
+        denied = cannot_enter(cwd, user, uid, groups) if cwd else ""
+        if denied:
+            raise SpawnError(denied)
     executable = resolve_executable(argv[0], env=env, cwd=cwd)
     if executable is None:
         raise SpawnError(f"program {argv[0]!r} not found or not executable")
@@ -298,6 +400,30 @@ def spawn_detached(
             os.killpg(popen.pid, signal.SIGKILL)
             os.waitpid(popen.pid, 0)
         raise SpawnError(f"cannot watch {argv[0]!r} (pid {popen.pid}): {exc}") from None
+
+
+def cannot_enter(path: str, user: str, uid: int, groups: Collection[int]) -> str:
+    """Why `user` may not enter directory `path` (by mode bits, no ACLs); "" if it may."""
+    if uid == 0:
+        return ""
+    where = Path(os.path.abspath(path))
+    for directory in (*reversed(where.parents), where):
+        try:
+            st = os.stat(directory)
+        except OSError:
+            return ""  # missing: the spawn says so itself
+        if st.st_uid == uid:
+            bit = stat.S_IXUSR
+        elif st.st_gid in groups:
+            bit = stat.S_IXGRP
+        else:
+            bit = stat.S_IXOTH
+        if not st.st_mode & bit:
+            return (
+                f"working directory {path!r}: user {user!r} may not enter {str(directory)!r}"
+                f" (mode {stat.S_IMODE(st.st_mode):04o}, owner uid {st.st_uid})"
+            )
+    return ""
 
 
 def adopt(pid: int, create_time: float) -> AgentProcess | None:

@@ -125,6 +125,9 @@ class _Desired:
     """Pushed agents refused for their artifact: an instance already running keeps running."""
 
 
+LOG_CHECK_INTERVAL = 1.0
+"""Seconds between checks of the agents' log sizes (a stat each): however long the
+sample interval, a chatty agent's log passes its limit by about a second of output."""
 _FETCH_RETRY = Backoff(initial=10.0, maximum=300.0, jitter="none")
 """Delays between attempts at an artifact the manager could not deliver (transient)."""
 
@@ -794,18 +797,21 @@ class Supervisor:
 
     async def _sample_loop(self) -> None:
         loop = asyncio.get_running_loop()
+        next_sample = self._clock.now()
         while True:
             started = loop.time()
             try:
-                await self._tick()
+                if self._clock.now() >= next_sample:
+                    next_sample = self._clock.now() + self._sample_interval
+                    self.sampler.sample(int(self._clock.now() * 1000))
+                await self._rotate_logs()
             except Exception:  # keep sampling: one bad tick must not end supervision's upkeep
                 log.exception("sampler tick failed")
             self.sample_seconds_total += loop.time() - started
-            await self._clock.sleep(self._sample_interval)
+            await self._clock.sleep(min(self._sample_interval, LOG_CHECK_INTERVAL))
 
-    async def _tick(self) -> None:
-        """One sampler pass, then per agent: log rotation (health is timed by each runner)."""
-        self.sampler.sample(int(self._clock.now() * 1000))
+    async def _rotate_logs(self) -> None:
+        """Per agent: rotate its log when past its limit (health is timed by each runner)."""
         for agent in list(self._agents.values()):
             spec = agent.spec
             path = log_path(self._ctx.log_dir, spec.id)

@@ -169,6 +169,25 @@ async def test_timeout_kills_the_whole_process_group(node: Node) -> None:
     )
 
 
+async def test_a_setsid_escapee_of_a_step_is_named_not_stopped(node: Node) -> None:
+    """What left the step's group (a double fork: how a process outlives a job) is named."""
+    await node.start(
+        start_req("escape", sh("setsid sh -c 'sleep 300 & echo $! > escapee.pid'; echo done"))
+    )
+    record = await node.final("escape")
+    escapee = int((node.server.jobs.store.dir("escape") / "escapee.pid").read_text())
+    try:
+        assert psutil.Process(escapee).status() != psutil.STATUS_ZOMBIE
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(escapee, signal.SIGKILL)
+    assert record.state == "SUCCESS"
+    assert record.steps[0].reason == (
+        f"left 1 process(es) running outside its process group (not stopped): pid {escapee} (sleep)"
+    )
+    assert record.reason == record.steps[0].reason  # `fleetctl run` shows it
+
+
 async def test_a_step_ignoring_sigterm_is_killed_after_grace(node: Node) -> None:
     """A step timeout stops only that step; one that ignores SIGTERM is SIGKILLed after grace."""
     await node.start(
@@ -280,6 +299,25 @@ async def test_a_missing_working_directory_fails_the_step_naming_it(
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs root")
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs a root daemon")
+async def test_a_working_directory_the_user_may_not_enter_fails_naming_it(
+    node: Node, tmp_path: Path
+) -> None:
+    """--user nobody --cwd a 0700 root dir: FAILED naming the directory, the step never runs."""
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    await node.start(start_req("locked", step("/bin/pwd", user="nobody", cwd=str(private))))
+    record = await node.final("locked")
+    assert record.state == "FAILED"
+    assert record.exit_code == 127
+    # The first directory on the way it may not enter: pytest's own dirs are 0700 too.
+    assert record.reason.startswith(
+        f"working directory {str(private)!r}: user 'nobody' may not enter '/tmp/"
+    )
+    assert record.reason.endswith(" (mode 0700, owner uid 0)")
+    assert node.output("locked") == b""
+
+
 async def test_script_runs_under_its_interpreter_as_the_user(node: Node) -> None:
     """A script body runs with the interpreter's argv plus its path, as the requested user."""
     script = jobs_pb2.JobCommand(

@@ -277,3 +277,112 @@ async def test_program_gone_at_spawn_time_backs_off_with_reason(
     assert snap.message.startswith("cannot start: program")
     await rec.until(lambda: sup.get("gone").status is S.FATAL)
     assert "2 times in a row; gave up" in sup.get("gone").message
+
+
+async def test_a_chatty_log_is_rotated_within_seconds_of_a_slow_sample(
+    tmp_path: Path, rec: Recorder
+) -> None:
+    """Log sizes are checked every second, not on the (here 30 s) sample tick: bounded disk."""
+    sup = make_supervisor(tmp_path, rec, sample_interval=30.0)
+    code = (
+        "import sys, time\n"
+        "sys.stdout.write(('y' * 99 + '\\n') * 3000)\n"  # 300 kB at once
+        "sys.stdout.flush()\n"
+        "time.sleep(60)\n"
+    )
+    try:
+        await sup.start([agent("burst", "-c", code, log_max_bytes=20_000, log_backups=1)])
+        backup = sup.log_path("burst").with_name("burst.log.1")
+        await rec.until(backup.exists, within=5)
+        assert backup.stat().st_size <= 2 * 20_000 + 200  # the newest 2x limit and a marker
+        assert sup.log_path("burst").stat().st_size <= 20_000
+    finally:
+        await sup.stop(stop_agents=True)
+
+
+_DAEMONIZES = (
+    "sleep 300 & echo group $!; "  # a background child: stays in the agent's group
+    "setsid sh -c 'sleep 301 & echo escaped $!'; "  # a double fork into a session of its own
+    "sleep 0.5; {then}"
+)
+
+
+def _pids_in_log(sup: Supervisor, agent_id: str) -> list[int]:
+    words = sup.read_log(agent_id, 0, 4096).data.decode().split()
+    return [int(words[i + 1]) for i, w in enumerate(words) if w in ("group", "escaped")]
+
+
+def _kill_leaked(pids: list[int]) -> None:
+    """Clean up after a failing run: the sleeps would otherwise outlive the test."""
+    for pid in pids:
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+
+
+async def test_what_an_exited_agent_left_running_is_ended_and_named(
+    sup: Supervisor, rec: Recorder
+) -> None:
+    """A program that daemonizes and exits leaks nothing: its group and setsid escapees end."""
+    spec = AgentSpec(
+        id="forker",
+        argv=("/bin/sh", "-c", _DAEMONIZES.format(then="exit 0")),
+        restart="never",
+        start_secs=0.2,
+        stop_timeout=2.0,
+    )
+    await sup.start([spec])
+    await rec.until(lambda: sup.get("forker").status is S.EXITED)
+    pids = _pids_in_log(sup, "forker")
+    assert len(pids) == 2
+    try:
+        assert not any(alive(pid) for pid in pids)
+    finally:
+        _kill_leaked(pids)
+    last_exit = sup.get("forker").last_exit
+    assert last_exit is not None
+    assert last_exit.reason.startswith("exited with code 0; it left 2 process(es) running, ended")
+    assert all(f"{pid} (sleep)" in last_exit.reason for pid in pids)
+
+
+async def test_stop_ends_a_setsid_escapee_too(sup: Supervisor, rec: Recorder) -> None:
+    """An operator stop ends what escaped the agent's process group, not only the group."""
+    spec = AgentSpec(
+        id="keeper",
+        argv=("/bin/sh", "-c", _DAEMONIZES.format(then="exec sleep 300")),
+        start_secs=0.2,
+        stop_timeout=2.0,
+    )
+    await sup.start([spec])
+    await rec.until(lambda: len(_pids_in_log(sup, "keeper")) == 2)
+    pids = _pids_in_log(sup, "keeper")
+    stopped = await sup.operate("keeper", "stop")
+    assert stopped.status is S.STOPPED
+    try:
+        assert not any(alive(pid) for pid in pids)
+    finally:
+        _kill_leaked(pids)
+    assert stopped.last_exit is not None
+    assert "it left 1 process(es) running" in stopped.last_exit.reason  # the escapee
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="switching users needs a root daemon")
+async def test_a_working_directory_its_user_may_not_enter_is_named(
+    sup: Supervisor, rec: Recorder, tmp_path: Path
+) -> None:
+    """user = nobody in a 0700 root directory: start failed naming the directory, not a run."""
+    private = tmp_path / "private"
+    private.mkdir(mode=0o700)
+    spec = AgentSpec(
+        id="locked", argv=("/bin/pwd",), user="nobody", cwd=str(private), max_retries=0
+    )
+    await sup.start([spec])
+    await rec.until(lambda: sup.get("locked").status is S.FATAL)
+    last_exit = sup.get("locked").last_exit
+    assert last_exit is not None
+    assert last_exit.kind == "start_failed"
+    # The first directory on the way it may not enter: pytest's own dirs are 0700 too.
+    assert f"working directory {str(private)!r}: user 'nobody' may not enter '/tmp/" in (
+        last_exit.reason
+    )
+    assert last_exit.reason.endswith(" (mode 0700, owner uid 0)")
+    assert sup.read_log("locked", 0, 4096).data == b""  # it never ran

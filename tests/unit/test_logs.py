@@ -43,11 +43,12 @@ def test_missing_file_and_bad_size(tmp_path: Path) -> None:
 def test_rotation_keeps_backups_and_the_writer_keeps_appending(tmp_path: Path) -> None:
     """Past the limit the log moves to .1 (older to .2), an O_APPEND writer continues at 0."""
     path = tmp_path / "a.log"
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o640)
+    os.fchmod(fd, 0o640)  # as the daemon creates an agent's log
     try:
         for generation in range(4):
             os.write(fd, f"gen{generation} ".encode() * 10)
-            assert rotate_if_needed(path, max_bytes=20, backups=2)
+            assert rotate_if_needed(path, max_bytes=25, backups=2)
         os.write(fd, b"after")
     finally:
         os.close(fd)
@@ -55,6 +56,24 @@ def test_rotation_keeps_backups_and_the_writer_keeps_appending(tmp_path: Path) -
     assert path.with_name("a.log.1").read_bytes() == b"gen3 " * 10
     assert path.with_name("a.log.2").read_bytes() == b"gen2 " * 10
     assert not path.with_name("a.log.3").exists()
+    assert path.with_name("a.log.1").stat().st_mode & 0o777 == 0o640  # as private as the log
+
+
+def test_a_backup_keeps_at_most_twice_the_limit_from_a_line_start(tmp_path: Path) -> None:
+    """A log far past its limit (a `yes` agent) leaves a bounded backup saying what it dropped."""
+    path = tmp_path / "a.log"
+    lines = [f"line {i:06d}\n".encode() for i in range(10_000)]  # 12 bytes each, 120 kB
+    path.write_bytes(b"".join(lines))
+    assert rotate_if_needed(path, max_bytes=1000, backups=1)
+    backup = path.with_name("a.log.1").read_bytes()
+    marker, _, kept = backup.partition(b"\n")
+    assert marker.startswith(b"[fleet-daemon: ")
+    assert marker.endswith(b"bytes of this log dropped, older than the newest part kept]")
+    dropped = int(marker.split()[1])
+    assert kept == b"".join(lines)[dropped:]  # the newest part, whole lines
+    assert kept.startswith(b"line ")
+    assert len(kept) <= 2000
+    assert path.read_bytes() == b""
 
 
 def test_no_rotation_below_limit_or_when_disabled(tmp_path: Path) -> None:
