@@ -47,7 +47,13 @@ class FullNode:
 async def node(pki: Any) -> AsyncIterator[FullNode]:
     """A daemon (node/n1, jobs on) with its state_dir on an 8 MiB tmpfs."""
     with short_tmp() as root, small_disk(root / "state"):
-        cfg = daemon_config(root, pki.issue("node", "n1"), (), jobs=JobsConfig(grace_seconds=1.0))
+        cfg = daemon_config(
+            root,
+            pki.issue("node", "n1"),
+            (),
+            jobs=JobsConfig(grace_seconds=1.0),
+            stop_agents_on_exit=True,  # the pushed agent ends with the test
+        )
         server = DaemonServer(cfg, config_path=Path("/etc/fleet/daemon.toml"))
         await server.start()
         channel = client_channel(pki.issue("manager", "m1"), server.port, "n1", pki.trust_domain)
