@@ -234,15 +234,29 @@ async def test_network_cut_offline_after_keepalive_and_grace_then_back(
     assert recovery < 15.0
 
 
+UNREACHED = "the manager cannot reach the node of 1 started"
+"""What a job follow says (stderr) of a started target whose node is out of reach."""
+
+
+async def _lines(stream: asyncio.StreamReader, into: list[bytes]) -> None:
+    async for line in stream:
+        into.append(line)
+
+
+async def _said(lines: list[bytes], what: str) -> int:
+    return sum(what in line.decode() for line in lines)
+
+
 async def test_network_cut_mid_job_output_once_and_followers_told_why(
     pki: Any, tmp_path: Path
 ) -> None:
     """A portless daemon runs a job printing a line every 50 ms, followed by `fleetctl jobs
-    logs -f`, while its agent's log is followed too; the cable is cut for 5 s (past
-    keepalive + timeout + grace). The agent-log follow ends UNAVAILABLE in words that
-    leave the network open (not only a dead daemon); the job follow says the node is out
-    of reach and goes on. Mended, the job ends SUCCESS with every line stored once, in
-    order, and printed once by the follow; NODE_OFFLINE then NODE_ONLINE."""
+    logs -f`, while its agent's log is followed too; the cable is cut for at least 5 s
+    (past keepalive + timeout + grace) and until the job follow has said the node is out
+    of reach. The agent-log follow ends UNAVAILABLE in words that leave the network open
+    (not only a dead daemon); the job follow goes on. Mended, the job ends SUCCESS with
+    every line stored once, in order, and printed once by the follow; NODE_OFFLINE then
+    NODE_ONLINE."""
     marker = f"ccmark-{secrets.token_hex(4)}"
     stop = tmp_path / "stop"  # the job ends once this exists: after the cut, however slow
     script = f'i=0; while [ ! -e {stop} ]; do echo "line $i"; i=$((i+1)); sleep 0.05; done'
@@ -293,6 +307,9 @@ async def test_network_cut_mid_job_output_once_and_followers_told_why(
                         stderr=asyncio.subprocess.PIPE,
                     )
                     assert job_follow.stdout is not None
+                    assert job_follow.stderr is not None
+                    said: list[bytes] = []  # the follow's stderr, read as it comes
+                    reading = asyncio.create_task(_lines(job_follow.stderr, said))
                     async with asyncio.timeout(60):  # fleetctl's start takes seconds when loaded
                         first = await job_follow.stdout.readline()
                     assert first.startswith(b"n1 | line "), first
@@ -318,6 +335,11 @@ async def test_network_cut_mid_job_output_once_and_followers_told_why(
                         lambda: _status(manager, "n1"), lambda s: s == "offline", within=30
                     )
                     await asyncio.sleep(max(0.0, t_cut + 5.0 - time.time()))
+                    # The follow asks every 3 s about a node gone quiet: the cable stays cut
+                    # until it has said so, however slow the machine.
+                    await eventually(
+                        lambda: _said(said, UNREACHED), lambda n: n > 0, within=30, every=0.2
+                    )
                     await asyncio.to_thread(cable.mend)
                     await eventually(
                         lambda: _status(manager, "n1"), lambda s: s == "online", within=30
@@ -335,7 +357,10 @@ async def test_network_cut_mid_job_output_once_and_followers_told_why(
                         job_id=job_id, node_id="n1"
                     )
                     out = b"".join([m.data async for m in stub.ReadJobOutput(request)]).decode()
-                    rest, err = await asyncio.wait_for(job_follow.communicate(), 30)
+                    rest = await asyncio.wait_for(job_follow.stdout.read(), 30)
+                    await asyncio.wait_for(job_follow.wait(), 30)
+                    await asyncio.wait_for(reading, 30)
+                    err = b"".join(said)
                 lines = out.splitlines()
                 assert len(lines) > 20, out
                 assert lines == [f"line {i}" for i in range(len(lines))], out
@@ -343,7 +368,7 @@ async def test_network_cut_mid_job_output_once_and_followers_told_why(
                 assert printed == [f"n1 | {line}" for line in lines], printed
                 assert job_follow.returncode == 0, err
                 # Said once, while the node was out of reach (lost stream or offline).
-                told = err.decode().count("the manager cannot reach the node of 1 started")
+                told = err.decode().count(UNREACHED)
                 assert told == 1, err
                 assert b"n1 (" in err, err
                 assert b"what runs there goes on" in err, err
