@@ -47,6 +47,7 @@ from daemon.supervisor.policy import (
     exit_of_process,
     heartbeat_deadline,
     restarts_when_unhealthy,
+    woke_stalled,
 )
 from daemon.supervisor.probes import run_probe
 from daemon.supervisor.process import (
@@ -400,6 +401,9 @@ class Agent:
                 deadline = self.health_deadline()
                 now = self.ctx.clock.now()
                 if deadline is not None and now >= deadline and deadline != handled:
+                    if woke_stalled(deadline, now):
+                        self._stalled(now - deadline)
+                        continue
                     handled = deadline
                     self._set_health(self.verdict(now))
                     self._unhealthy(proc)
@@ -410,6 +414,21 @@ class Agent:
                 with contextlib.suppress(asyncio.CancelledError):
                     await prober
         return await proc.wait()
+
+    def _stalled(self, late: float) -> None:
+        """The watchdog woke `late` s past the heartbeat deadline: this daemon was not running
+        meanwhile, and the agent's heartbeats wait in its socket. Watch afresh, as after a
+        re-adoption: pending until heard, restarted only if still silent after the grace."""
+        self.watched_since = self.ctx.clock.now()
+        self.watch_grace = READOPT_GRACE
+        log.warning(
+            "agent %s: the daemon itself was stalled %.1f s past the heartbeat deadline;"
+            " waiting up to %.0f s for a heartbeat before judging the agent",
+            self.spec.id,
+            late,
+            max(self.spec.health.timeout, READOPT_GRACE),
+        )
+        self.refresh_health()
 
     async def _probe_loop(self, proc: AgentProcess, check: HealthSpec) -> None:
         """Probe every interval while `proc` runs; act when the agent turns unhealthy."""

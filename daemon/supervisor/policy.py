@@ -36,6 +36,7 @@ from daemon.supervisor.spec import AgentSpec, BackoffSpec
 
 __all__ = [
     "READOPT_GRACE",
+    "STALL_SLACK",
     "Action",
     "Decision",
     "ExitKind",
@@ -46,6 +47,7 @@ __all__ = [
     "exit_of_process",
     "heartbeat_deadline",
     "restarts_when_unhealthy",
+    "woke_stalled",
 ]
 
 READOPT_GRACE = 15.0
@@ -54,6 +56,18 @@ READOPT_GRACE = 15.0
 The SDK reconnects with a full-jitter backoff capped at 10 s, so its first
 heartbeat to a new daemon can come that late; a short health timeout must
 not turn every daemon restart into a restart of its agents."""
+
+
+STALL_SLACK = 5.0
+"""Seconds past a heartbeat deadline the watchdog may wake before it takes the lateness for a
+stall of the daemon itself (SIGSTOP, swapped out, a paused VM) rather than of the agent."""
+
+
+def woke_stalled(deadline: float, now: float) -> bool:
+    """Whether a watchdog that meant to wake at `deadline` woke so late (at `now`) that the
+    daemon itself was not running meanwhile: no heartbeat could reach it, so the agent's
+    silence says nothing (it gets READOPT_GRACE to be heard, as after a daemon restart)."""
+    return now - deadline > STALL_SLACK
 
 
 class Action(enum.Enum):

@@ -204,3 +204,44 @@ async def test_a_readopted_agent_keeps_the_version_it_registered_and_a_new_proce
         assert second.get("hb").version == "1.0", "a new process has not registered yet"
     finally:
         await second.stop(stop_agents=True)
+
+
+async def test_a_stall_of_the_daemon_itself_is_not_the_agents_silence(
+    sup: Supervisor, rec: Recorder, clock: ManualClock
+) -> None:
+    """The watchdog woke a minute past the deadline (the daemon was SIGSTOPped, swapped out,
+    its VM paused): nobody could heartbeat it, so the agent is pending, not restarted, and
+    healthy once heard; silent for the grace after the stall, it is restarted."""
+    await sup.start([_hb(restart="always")])
+    pid = await _running_and_registered(sup, rec)
+    await rec.until(lambda: clock.sleepers >= PARKED)
+    clock.advance(60.0)  # one jump: the watchdog wakes 55 s past its deadline
+    await rec.until(lambda: sup.get("hb").health == "pending")
+    snap = sup.get("hb")
+    assert (snap.status, snap.pid, snap.restart_count) == (S.RUNNING, pid, 0)
+    sup.agent_heartbeat("hb")  # what waited in the socket arrives
+    assert sup.get("hb").health == "healthy"
+    for _ in range(3):  # silent again, in steps (no stall): restarted after its timeout
+        await rec.until(lambda: clock.sleepers >= PARKED)
+        clock.advance(2.0)
+    await rec.until(lambda: sup.get("hb").pid not in (0, pid))
+    assert sup.get("hb").restart_count == 1
+
+
+async def test_after_a_stall_an_agent_still_silent_past_the_grace_is_restarted(
+    sup: Supervisor, rec: Recorder, clock: ManualClock
+) -> None:
+    """The stall gives READOPT_GRACE to be heard, not forever."""
+    await sup.start([_hb(restart="always")])
+    pid = await _running_and_registered(sup, rec)
+    await rec.until(lambda: clock.sleepers >= PARKED)
+    clock.advance(60.0)
+    await rec.until(lambda: sup.get("hb").health == "pending")
+    for _ in range(int(READOPT_GRACE) - 1):  # in steps: no second stall
+        await rec.until(lambda: clock.sleepers >= PARKED)
+        clock.advance(1.0)
+    assert sup.get("hb").pid == pid
+    await rec.until(lambda: clock.sleepers >= PARKED)
+    clock.advance(1.5)
+    await rec.until(lambda: sup.get("hb").pid not in (0, pid))
+    assert sup.get("hb").restart_count == 1

@@ -7,11 +7,13 @@ import random
 import pytest
 
 from daemon.supervisor.policy import (
+    STALL_SLACK,
     Action,
     LastExit,
     backoff_delay,
     decide_after_exit,
     exit_of_process,
+    woke_stalled,
 )
 from daemon.supervisor.spec import AgentSpec, BackoffSpec
 
@@ -126,3 +128,9 @@ def test_spawn_failure_is_a_failed_start_even_with_restart_never() -> None:
 def test_the_last_exit_of_a_process_in_words(code: int, adopted: bool, last: LastExit) -> None:
     """A code reads "exited with code N", a signal "killed by SIGNAME"; a re-adopted one unknown."""
     assert exit_of_process(code, 10.0, adopted=adopted) == last
+
+
+def test_a_watchdog_woken_past_the_slack_is_a_stall_of_the_daemon_not_the_agent() -> None:
+    assert not woke_stalled(100.0, 100.0)
+    assert not woke_stalled(100.0, 100.0 + STALL_SLACK)  # a busy loop, late but running
+    assert woke_stalled(100.0, 100.0 + STALL_SLACK + 0.1)
