@@ -278,12 +278,11 @@ async def _ask(cli: Cli, progress: _Progress) -> str:
             return "l"
 
 
-async def pending_note(
-    stub: Stub, job: jobs_pb2.Job, pending: list[str], *, deadline: float
-) -> str:
-    """`offline_note` for these PENDING targets of `job`, from one ListNodes ("" if no
-    node of theirs is offline or without its control stream); `deadline`: the call's,
-    in seconds."""
+async def _out_of_reach(
+    stub: Stub, job: jobs_pb2.Job, deadline: float
+) -> tuple[dict[str, int], dict[str, int]]:
+    """The job's selected nodes the manager cannot reach, from one ListNodes: offline
+    (node -> last seen, ms) and online with a lost control stream (node -> lost at, ms)."""
     reply = await stub.ListNodes(
         fleet_pb2.FleetServiceListNodesRequest(selector=job.spec.selector), timeout=deadline
     )
@@ -297,6 +296,16 @@ async def pending_note(
         for n in reply.nodes
         if n.stream_state == fleet_pb2.CONTROL_STREAM_STATE_LOST
     }
+    return offline, lost
+
+
+async def pending_note(
+    stub: Stub, job: jobs_pb2.Job, pending: list[str], *, deadline: float
+) -> str:
+    """`offline_note` for these PENDING targets of `job`, from one ListNodes ("" if no
+    node of theirs is offline or without its control stream); `deadline`: the call's,
+    in seconds."""
+    offline, lost = await _out_of_reach(stub, job, deadline)
     return offline_note(
         pending,
         offline,
@@ -335,22 +344,9 @@ async def unreached_notes(
         if not targets:
             continue
         try:
-            reply = await stub.ListNodes(
-                fleet_pb2.FleetServiceListNodesRequest(selector=job.spec.selector),
-                timeout=deadline,
-            )
+            offline, lost = await _out_of_reach(stub, job, deadline)
         except grpc.RpcError:
             continue
-        offline = {
-            n.node_id: n.last_heartbeat
-            for n in reply.nodes
-            if n.status == common_pb2.NODE_STATUS_OFFLINE
-        }
-        lost = {
-            n.node_id: n.stream_since
-            for n in reply.nodes
-            if n.stream_state == fleet_pb2.CONTROL_STREAM_STATE_LOST
-        }
         told &= offline.keys() | lost.keys()  # back: a later outage is said again
         fresh = [n for n in targets if n not in told]
         note = unreached_note(fresh, offline, lost)
