@@ -32,7 +32,7 @@ import pwd
 import signal
 import stat
 import subprocess
-from collections.abc import Collection, Iterable, Sequence
+from collections.abc import Awaitable, Collection, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -162,11 +162,11 @@ class AgentProcess:
             # keeps a SIGTERM pending; continuing it lets it handle the signal now.
             _signal_all(self.pid, descendants, signal.SIGCONT)
         name = signal.Signals(signum).name
-        if await _wait_gone(self, descendants, grace, clock):
+        if await _wait_procs(descendants, grace, clock, also=self.wait()):
             return StopOutcome(await self.wait(), False, f"stopped by {name}")
         descendants = _unique([*descendants, *self.tree()])
         _signal_all(self.pid, descendants, signal.SIGKILL)
-        await _wait_gone(self, descendants, KILL_WAIT, clock)
+        await _wait_procs(descendants, KILL_WAIT, clock, also=self.wait())
         message = f"killed after stop_timeout ({grace:g}s): did not exit on {name}"
         code = self.exit_code if self.exit_code is not None else -int(signal.SIGKILL)
         return StopOutcome(code, True, message)
@@ -225,11 +225,20 @@ def name_processes(procs: list[psutil.Process]) -> str:
     return ", ".join(names)
 
 
-async def _wait_procs(procs: list[psutil.Process], wait_s: float, clock: Clock) -> bool:
-    """Wait (on pidfds) until all of `procs` are gone; False after `wait_s` seconds."""
+async def _wait_procs(
+    procs: list[psutil.Process],
+    wait_s: float,
+    clock: Clock,
+    also: Awaitable[Any] | None = None,
+) -> bool:
+    """Wait (on pidfds, no polling) until all of `procs` are gone and `also` is done.
+
+    False after `wait_s` seconds; `also` is cancelled then (the agent's own
+    exit: shielded, so only this wait for it ends).
+    """
     loop = asyncio.get_running_loop()
     fds: list[int] = []
-    waits: list[asyncio.Future[Any]] = []
+    waits: list[asyncio.Future[Any]] = [] if also is None else [asyncio.ensure_future(also)]
     for proc in procs:
         try:
             if not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE:
@@ -274,42 +283,6 @@ def _signal_all(pgid: int, descendants: list[psutil.Process], signum: int) -> No
         with contextlib.suppress(psutil.Error, ProcessLookupError):
             if os.getpgid(proc.pid) != pgid:
                 proc.send_signal(signum)
-
-
-async def _wait_gone(
-    agent: AgentProcess, descendants: list[psutil.Process], wait_s: float, clock: Clock
-) -> bool:
-    """Wait (on pidfds, no polling) until the agent and its descendants exited."""
-    loop = asyncio.get_running_loop()
-    waits: list[asyncio.Future[Any]] = [asyncio.ensure_future(agent.wait())]
-    fds: list[int] = []
-    for proc in descendants:
-        try:
-            if not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE:
-                continue
-            fd = os.pidfd_open(proc.pid)
-        except (psutil.Error, ProcessLookupError):
-            continue
-        fut: asyncio.Future[Any] = loop.create_future()
-        loop.add_reader(fd, _set_done, fut)
-        fds.append(fd)
-        waits.append(fut)
-    sleeper = asyncio.ensure_future(clock.sleep(wait_s))
-    try:
-        everything: asyncio.Future[Any] = asyncio.gather(*waits)
-        racers: set[asyncio.Future[Any]] = {everything, sleeper}
-        done, _ = await asyncio.wait(racers, return_when=asyncio.FIRST_COMPLETED)
-        if everything not in done:
-            everything.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await everything
-            return False
-        return True
-    finally:
-        sleeper.cancel()
-        for fd in fds:
-            loop.remove_reader(fd)
-            os.close(fd)
 
 
 def _set_done(fut: asyncio.Future[Any]) -> None:
