@@ -291,7 +291,7 @@ def _certificate_text(node: fleet_pb2.Node, now_ms: int) -> str:
     if node.revoke_time:
         parts.append(
             f"REVOKED at {format_time(node.revoke_time)}: refused until it enrolls again"
-            f" with a token made with --node-name {node.node_id}"
+            f" with a token made with `fleetctl tokens create --node-name {node.node_id}`"
         )
     return "; ".join(parts)
 
