@@ -163,6 +163,9 @@ def test_nodes_show_and_wide_list_say_how_the_control_stream_is(fleetctl: Fleetc
     header, *rows = fleetctl("-o", "wide", "nodes", "list").stdout.splitlines()
     at = header.index("STREAM")
     assert [row[at:].split()[0] for row in rows] == ["connected", "lost", "on"]
+    # The plain list says why an ONLINE node has not been heard for a while.
+    header, *rows = fleetctl("nodes", "list").stdout.splitlines()
+    assert ["(stream lost)" in row for row in rows] == [False, True, False]
     data = json.loads(fleetctl("-o", "json", "nodes", "list").stdout)
     assert [n["stream"] for n in data["nodes"]] == ["CONNECTED", "LOST", "ELSEWHERE"]
     assert "stream_cell" not in data["nodes"][0]  # table cells stay out of JSON
