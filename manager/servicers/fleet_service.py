@@ -153,6 +153,7 @@ def agent_info(record: AgentStateRecord) -> common_pb2.AgentInfo:
         revision=record.revision,
         health_message=record.health_message,
         health_since=record.health_since_ms,
+        log_problem=record.log_problem,
     )
 
 
