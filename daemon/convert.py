@@ -95,6 +95,7 @@ def agent_info(
         revision=snapshot.revision,
         health_message=snapshot.health_message,
         health_since=snapshot.health_since_ms,
+        log_problem=snapshot.log_problem,
     )
 
 
@@ -118,6 +119,7 @@ def agent_state(snapshot: AgentSnapshot) -> manager_pb2.AgentState:
         revision=snapshot.revision,
         health_message=snapshot.health_message,
         health_since=snapshot.health_since_ms,
+        log_problem=snapshot.log_problem,
     )
 
 

@@ -99,7 +99,7 @@ from fleet.errors import FleetError, NotFound, Unavailable, from_rpc_error
 from fleet.tls import TLSConfig, channel_credentials, channel_options
 from fleet.v1 import common_pb2, manager_pb2, manager_pb2_grpc
 
-__all__ = ["LinkState", "ManagerLink", "NodeInfo", "PushedSet", "keep_for_retry"]
+__all__ = ["LinkState", "ManagerLink", "NodeInfo", "PushedSet", "keep_for_retry", "stream_break"]
 
 log = logging.getLogger(__name__)
 
@@ -569,6 +569,7 @@ class ManagerLink:
                     exc, _Reconnect | StreamBroken | grpc.RpcError | FleetError | OSError
                 ):
                     log.exception("manager link failed unexpectedly")
+                streamed = self.mode == "stream"
                 self.mode = ""
                 self.reconnects += 1
                 self._set_state("disconnected")
@@ -597,6 +598,14 @@ class ManagerLink:
                         "manager %s: %s; next try in %.1fs on the same connection",
                         self.address,
                         _describe(exc),
+                        delay,
+                    )
+                elif streamed:  # a live stream broke: said in our words, not gRPC's
+                    index += 1
+                    log.warning(
+                        "manager %s: %s; reconnecting with backoff, next try in %.1fs",
+                        self.address,
+                        stream_break(_describe(exc), self.cfg.keepalive_timeout_seconds),
                         delay,
                     )
                 else:
@@ -909,6 +918,32 @@ async def _prove(channel: aio.Channel, timeout: float) -> None:  # noqa: ASYNC10
 
 def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
+
+
+# gRPC's words for a connection its keepalive (or TCP_USER_TIMEOUT, which gRPC sets to
+# the keepalive timeout) gave up on: "keepalive watchdog timeout", "Stream removed
+# (recvmsg:Connection timed out (110))", "ping timeout".
+_TIMED_OUT = ("keepalive", "ping timeout", "timed out")
+# What grpc's asyncio client says when the call ends while it writes, whatever the cause
+# (grpc/grpc#36066): after a cut, a write that loses the race with the read.
+_HIDDEN = "internal error from core"
+
+
+def stream_break(error: str, keepalive_timeout: float) -> str:
+    """Why a live control stream ended, in the daemon's words, from gRPC's error text
+    (the log says "manager <address>: <this>; reconnecting ...")."""
+    low = error.lower()
+    if any(m in low for m in _TIMED_OUT):
+        return (
+            f"unreachable, its keepalive ping unanswered for {keepalive_timeout:g} s"
+            " (network cut, or the manager host down)"
+        )
+    if _HIDDEN in low:
+        return (
+            "the control stream ended while the daemon was sending: the manager closed it"
+            " or became unreachable (gRPC does not say which)"
+        )
+    return f"the control stream ended: {error}"
 
 
 def _host_ip(address: str) -> str:

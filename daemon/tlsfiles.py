@@ -30,7 +30,7 @@ from typing import Any
 
 from fleet.errors import ConfigError, FleetError
 from fleet.identity import Identity
-from fleet.tls import TLSConfig, _Loaded, check_validity
+from fleet.tls import TLSConfig, TLSFileError, _Loaded, check_validity
 
 __all__ = ["DaemonTLSConfig", "check_bundle", "new_key_and_csr"]
 
@@ -137,6 +137,9 @@ def _run_child(request: dict[str, Any], what: str) -> dict[str, Any]:
         raise FleetError(
             f"could not {what} in a child process (exit {done.returncode}): {why}"
         ) from None
+    if "file_error" in answer:  # which file, so the caller can name its config key
+        what, path, problem = answer["file_error"]
+        raise TLSFileError(what, Path(path), problem)
     if "error" in answer:
         raise ConfigError(answer["error"])
     return answer
@@ -177,6 +180,8 @@ def _child() -> None:
             loaded = cfg._check(ca_pem, cert_pem, key_pem, now=now)
         else:
             loaded = cfg._load(now=now)
+    except TLSFileError as exc:
+        answer = {"error": exc.message, "file_error": [exc.what, str(exc.path), exc.problem]}
     except ConfigError as exc:
         answer = {"error": exc.message}
     else:

@@ -38,7 +38,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any, Literal, NoReturn, TypeVar, Union, get_args, get_origin
 
-from fleet.errors import ConfigError
+from fleet.errors import ConfigError, FileSettingError
 
 __all__ = ["env_var_name", "load_config"]
 
@@ -244,6 +244,8 @@ class _Builder:
                 validate()
         except ValueError as exc:
             self._fail_check(table, str(exc), raw, list(names))
+        except FileSettingError as exc:  # a file a key names: said of the key, where it was set
+            self.fail(f"{prefix}{exc.field}", f"{exc.path}: {exc.problem}")
         return obj
 
     def _fail_check(

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import grpc
@@ -40,6 +41,7 @@ __all__ = [
     "ConfigError",
     "DeadlineExceeded",
     "FailedPrecondition",
+    "FileSettingError",
     "FleetError",
     "Internal",
     "InvalidArgument",
@@ -194,6 +196,25 @@ class ConfigError(FleetError):
     """
 
     code = grpc.StatusCode.FAILED_PRECONDITION
+
+
+class FileSettingError(ConfigError):
+    """A ConfigError about the file a config key names (a TLS certificate, say).
+
+    `field` is that key's name in its table, `path` the file, `problem` what
+    is wrong with it; the config loader says it of the key and where it was
+    set ("daemon.toml: tls.cert_file: /etc/fleet/node.pem: no such file").
+    """
+
+    def __init__(self, message: str, *, field: str, path: Path, problem: str) -> None:
+        super().__init__(message)
+        self.field = field
+        self.path = path
+        self.problem = problem
+
+    def in_setting(self, setting: str) -> ConfigError:
+        """The same problem said of `setting`, where the file came from."""
+        return ConfigError(f"{setting}: {self.path}: {self.problem}")
 
 
 _BY_CODE: dict[grpc.StatusCode, type[FleetError]] = {

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from fleet.errors import ConfigError, PermissionDenied, Unauthenticated
+from fleet.errors import ConfigError, FileSettingError, PermissionDenied, Unauthenticated
 from fleet.identity import Identity, Role
 
 if TYPE_CHECKING:
@@ -40,6 +40,7 @@ if TYPE_CHECKING:
 __all__ = [
     "RELOAD_CHECK_SECONDS",
     "TLSConfig",
+    "TLSFileError",
     "channel_credentials",
     "channel_options",
     "enrollment_server_credentials",
@@ -103,14 +104,14 @@ class TLSConfig:
         try:
             key: PrivateKeyTypes = serialization.load_pem_private_key(key_pem, password=None)
         except TypeError:
-            raise ConfigError(
-                f"TLS key file {self.key_file}: the key is encrypted; Fleet needs it unencrypted"
+            raise TLSFileError(
+                "key", self.key_file, "the key is encrypted; Fleet needs it unencrypted"
             ) from None
         except ValueError:
-            raise ConfigError(f"TLS key file {self.key_file}: not a PEM private key") from None
+            raise TLSFileError("key", self.key_file, "not a PEM private key") from None
         if _public_der(key.public_key()) != _public_der(leaf.public_key()):
-            raise ConfigError(
-                f"TLS key file {self.key_file}: does not match the certificate {self.cert_file}"
+            raise TLSFileError(
+                "key", self.key_file, f"does not match the certificate {self.cert_file}"
             )
         validity = tuple(
             (
@@ -132,14 +133,13 @@ class TLSConfig:
                 if any(issuer == ca.subject.rfc4514_string() for ca in cas)
                 else f"issuer {issuer!r}, CA {cas[0].subject.rfc4514_string()!r}"
             )
-            raise ConfigError(
-                f"TLS certificate file {self.cert_file}: not signed by the CA in"
-                f" {self.ca_file} ({why})"
+            raise TLSFileError(
+                "certificate", self.cert_file, f"not signed by the CA in {self.ca_file} ({why})"
             )
         try:
             identity = _identity_of(leaf)
         except ValueError as exc:
-            raise ConfigError(f"TLS certificate file {self.cert_file}: {exc}") from None
+            raise TLSFileError("certificate", self.cert_file, str(exc)) from None
         return _Loaded(ca_pem, cert_pem, key_pem, identity, validity)
 
 
@@ -157,18 +157,33 @@ class _Loaded:
 
 
 _LABELS = {"CA": "TLS CA file", "certificate": "TLS certificate file", "key": "TLS key file"}
+_FIELDS = {"CA": "ca_file", "certificate": "cert_file", "key": "key_file"}
+
+
+class TLSFileError(FileSettingError):
+    """A ConfigError about one of a `TLSConfig`'s files.
+
+    The message names the file by kind ("TLS key file /x: not a PEM private
+    key"); `field` ("ca_file", "cert_file", "key_file") lets a process at
+    start-up name its own config key instead (`in_setting`, fleet.config).
+    """
+
+    def __init__(self, what: str, path: Path, problem: str) -> None:
+        super().__init__(
+            f"{_LABELS[what]} {path}: {problem}", field=_FIELDS[what], path=path, problem=problem
+        )
+        self.what = what
 
 
 def _read(path: Path, what: str) -> bytes:
-    label = _LABELS[what]
     try:
         return path.read_bytes()
     except FileNotFoundError:
-        raise ConfigError(f"{label} {path}: no such file") from None
+        raise TLSFileError(what, path, "no such file") from None
     except IsADirectoryError:
-        raise ConfigError(f"{label} {path}: is a directory, not a file") from None
+        raise TLSFileError(what, path, "is a directory, not a file") from None
     except OSError as exc:
-        raise ConfigError(f"{label} {path}: cannot read it ({exc.strerror})") from None
+        raise TLSFileError(what, path, f"cannot read it ({exc.strerror})") from None
 
 
 def _parse_certs(path: Path, pem: bytes, what: str) -> list[x509.Certificate]:
@@ -179,7 +194,7 @@ def _parse_certs(path: Path, pem: bytes, what: str) -> list[x509.Certificate]:
     except ValueError:
         certs = []
     if not certs:
-        raise ConfigError(f"{_LABELS[what]} {path}: not a PEM certificate")
+        raise TLSFileError(what, path, "not a PEM certificate")
     return certs
 
 
@@ -200,14 +215,14 @@ def check_validity(validity: Validity, now: dt.datetime) -> None:
     """ConfigError naming the first certificate that is not valid at `now`."""
     for path, what, not_before, not_after in validity:
         if now > not_after:
-            raise ConfigError(
-                f"{_LABELS[what]} {path}: expired on {_fmt(not_after)}"
-                f" (now {_fmt(now)}); issue a new one"
+            raise TLSFileError(
+                what, path, f"expired on {_fmt(not_after)} (now {_fmt(now)}); issue a new one"
             )
         if now < not_before:
-            raise ConfigError(
-                f"{_LABELS[what]} {path}: not valid until {_fmt(not_before)}"
-                f" (now {_fmt(now)}); check this host's clock"
+            raise TLSFileError(
+                what,
+                path,
+                f"not valid until {_fmt(not_before)} (now {_fmt(now)}); check this host's clock",
             )
 
 

@@ -253,6 +253,7 @@ _FIELDS = [
     ("Restarts", "restart_count"),
     ("Last exit", "last_exit_line"),
     ("Message", "message"),
+    ("Output", "output_line"),
     ("Health", "health_line"),
     ("Last heartbeat", "last_heartbeat"),
     ("Backoff until", "backoff_until"),
@@ -299,6 +300,8 @@ def show_fields(
         )
         + (f": {view['health_message']}" if view.get("health_message") else "")
     )
+    problem = view.get("log_problem")
+    human["output_line"] = f"BEING LOST: {problem}" if problem else "logged"
     revision = int(view.get("revision") or 0)
     human["revision_line"] = (
         f"{revision} (of the definition {view.get('agent_id')})"

@@ -12,7 +12,7 @@ resource, fleetctl knows its own commands.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -22,7 +22,7 @@ from grpc import aio
 
 from fleet.errors import ConfigError, FleetError, from_rpc_error
 from fleet.reachability import Cause, cause, last_error
-from fleet.tls import TLSConfig, channel_credentials, channel_options
+from fleet.tls import TLSConfig, TLSFileError, channel_credentials, channel_options
 from fleet.v1 import fleet_pb2_grpc
 from fleetctl.settings import FleetctlConfig
 from fleetctl.tlsprobe import probe
@@ -70,7 +70,16 @@ class Connection:
     """Who we are ("operator/alice"), for messages."""
 
 
-def resolve_connection(config: FleetctlConfig) -> Connection:
+_TLS_SOURCES = {
+    "ca_file": "ca (--ca, FLEET_CA or the config file)",
+    "cert_file": "cert (--cert, FLEET_CERT or the config file)",
+    "key_file": "key (--key, FLEET_KEY or the config file)",
+}
+
+
+def resolve_connection(
+    config: FleetctlConfig, sources: Mapping[str, str] = _TLS_SOURCES
+) -> Connection:
     """Check the TLS files locally and work out the manager's expected name.
 
     Raises ConfigError (one line) for missing options, unusable files, an
@@ -91,7 +100,10 @@ def resolve_connection(config: FleetctlConfig) -> Connection:
     assert config.cert is not None
     assert config.key is not None
     tls = TLSConfig(ca_file=config.ca, cert_file=config.cert, key_file=config.key)
-    identity = tls.identity()  # validates: ConfigError with the file and the problem
+    try:
+        identity = tls.identity()  # validates the files
+    except TLSFileError as exc:  # said of the setting it came from (`settings.tls_sources`)
+        raise exc.in_setting(sources[exc.field]) from None
     if identity.role != "operator":
         raise ConfigError(
             f"TLS certificate file {config.cert}: it is {identity}, but the manager only"

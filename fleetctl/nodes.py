@@ -129,6 +129,15 @@ def stream_cell(view: dict[str, Any], now_ms: int) -> str:
     return {"CONNECTED": "connected", "NONE": "none"}.get(state, "-")
 
 
+def heartbeat_cell(view: dict[str, Any], now_ms: int) -> str:
+    """When the manager last heard the node; "(stream lost)" says why an ONLINE node has
+    not been heard for a while: its broken stream's grace keeps it online."""
+    age = format_age(int(view["last_heartbeat_ms"] or 0), now_ms=now_ms)
+    if view["stream"] == "LOST" and view["status"] == "ONLINE":
+        return f"{age} (stream lost)"
+    return age
+
+
 def stream_text(node: fleet_pb2.Node, now_ms: int) -> str:
     """`nodes show`'s control-stream line."""
     state = node.stream_state
@@ -159,11 +168,7 @@ def _columns(now_ms: int) -> list[Column]:
         Column("STATUS", "status", style=_status_style),
         Column("AGENTS", "agents_cell"),
         Column("DESIRED", "desired", style=lambda v: "yellow" if v == "DRIFT" else ""),
-        Column(
-            "LAST HEARTBEAT",
-            "last_heartbeat_ms",
-            cell=lambda ms: format_age(int(ms or 0), now_ms=now_ms),
-        ),
+        Column("LAST HEARTBEAT", "heartbeat_cell"),
         Column("LABELS", "labels"),
         Column(
             "CERT EXPIRES",
@@ -212,6 +217,7 @@ def node_row(node: fleet_pb2.Node, now_ms: int, *, cells: bool) -> dict[str, Any
         view["agents_cell"] = agents_cell(view)
         view["desired"] = desired_cell(view)
         view["stream_cell"] = stream_cell(view, now_ms)
+        view["heartbeat_cell"] = heartbeat_cell(view, now_ms)
     return view
 
 
@@ -291,7 +297,7 @@ def _certificate_text(node: fleet_pb2.Node, now_ms: int) -> str:
     if node.revoke_time:
         parts.append(
             f"REVOKED at {format_time(node.revoke_time)}: refused until it enrolls again"
-            f" with a token made with --node-name {node.node_id}"
+            f" with a token made with `fleetctl tokens create --node-name {node.node_id}`"
         )
     return "; ".join(parts)
 

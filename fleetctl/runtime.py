@@ -27,7 +27,7 @@ from rich.console import Console
 from fleet.errors import ConfigError, FleetError
 from fleetctl.client import Connection, connect, explain_rpc_error, hinted, resolve_connection
 from fleetctl.output import OutputFormat
-from fleetctl.settings import FleetctlConfig, load_settings
+from fleetctl.settings import FleetctlConfig, load_settings, tls_sources
 
 __all__ = ["EXIT_FAILED", "EXIT_OK", "EXIT_USAGE", "Cli", "GlobalOptions", "UsageProblem"]
 
@@ -101,18 +101,18 @@ class Cli:
     def config(self) -> FleetctlConfig:
         """File + env + flags, loaded once (ConfigError if unusable)."""
         if self._config is None:
-            o = self.options
-            self._config = load_settings(
-                o.config,
-                {
-                    "manager": o.manager,
-                    "ca": o.ca,
-                    "cert": o.cert,
-                    "key": o.key,
-                    "timeout": o.timeout,
-                },
-            )
+            self._config = load_settings(self.options.config, self._overrides())
         return self._config
+
+    def _overrides(self) -> dict[str, Any]:
+        o = self.options
+        return {
+            "manager": o.manager,
+            "ca": o.ca,
+            "cert": o.cert,
+            "key": o.key,
+            "timeout": o.timeout,
+        }
 
     @property
     def fmt(self) -> OutputFormat:
@@ -205,7 +205,8 @@ class Cli:
         """
 
         def run() -> int:
-            conn = resolve_connection(self.config())
+            config = self.config()
+            conn = resolve_connection(config, tls_sources(self.options.config, self._overrides()))
             self.fmt  # noqa: B018  # a bad FLEET_OUTPUT fails before the call, not after
             interrupted: list[bool] = []
 

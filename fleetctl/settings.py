@@ -18,7 +18,13 @@ from typing import Any, Literal
 from fleet.config import load_config
 from fleet.errors import ConfigError
 
-__all__ = ["ENV_PREFIX", "FleetctlConfig", "default_config_path", "load_settings"]
+__all__ = [
+    "ENV_PREFIX",
+    "FleetctlConfig",
+    "default_config_path",
+    "load_settings",
+    "tls_sources",
+]
 
 ENV_PREFIX = "FLEET_"
 """Env overrides: FLEET_MANAGER, FLEET_CA, FLEET_CERT, FLEET_KEY, FLEET_TIMEOUT, ..."""
@@ -71,14 +77,7 @@ def load_settings(
     ConfigError (one line) for a missing explicit file or any bad value.
     """
     env = os.environ if environ is None else environ
-    explicit = config_path or (Path(env["FLEETCTL_CONFIG"]) if env.get("FLEETCTL_CONFIG") else None)
-    if explicit is not None:
-        if not explicit.is_file():
-            raise ConfigError(f"{explicit}: no such config file (from --config or FLEETCTL_CONFIG)")
-        path: Path | None = explicit
-    else:
-        found = default_config_path(env)
-        path = found if found.is_file() else None
+    path = _config_file(config_path, env)
     config = load_config(FleetctlConfig, path, env_prefix=ENV_PREFIX, environ=env)
     given = {k: v for k, v in overrides.items() if v is not None}
     if given:
@@ -93,6 +92,37 @@ def load_settings(
         cert=_expand(config.cert),
         key=_expand(config.key),
     )
+
+
+def _config_file(config_path: Path | None, env: Mapping[str, str]) -> Path | None:
+    explicit = config_path or (Path(env["FLEETCTL_CONFIG"]) if env.get("FLEETCTL_CONFIG") else None)
+    if explicit is not None:
+        if not explicit.is_file():
+            raise ConfigError(f"{explicit}: no such config file (from --config or FLEETCTL_CONFIG)")
+        return explicit
+    found = default_config_path(env)
+    return found if found.is_file() else None
+
+
+def tls_sources(
+    config_path: Path | None,
+    overrides: Mapping[str, Any],
+    *,
+    environ: Mapping[str, str] | None = None,
+) -> dict[str, str]:
+    """Where `load_settings` took each TLS file from, by `TLSConfig` field, for messages:
+    "--cert", "FLEET_CERT" or "<config file>: cert" (the precedence of `load_settings`)."""
+    env = os.environ if environ is None else environ
+    path = _config_file(config_path, env)
+    sources = {}
+    for field, name in (("ca_file", "ca"), ("cert_file", "cert"), ("key_file", "key")):
+        if overrides.get(name) is not None:
+            sources[field] = f"--{name}"
+        elif env.get(f"{ENV_PREFIX}{name.upper()}"):
+            sources[field] = f"{ENV_PREFIX}{name.upper()}"
+        else:
+            sources[field] = f"{path}: {name}" if path else name
+    return sources
 
 
 def _expand(path: Path | None) -> Path | None:

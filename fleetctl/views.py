@@ -152,6 +152,7 @@ def agent_view(node_id: str, agent: common_pb2.AgentInfo) -> dict[str, Any]:
             "UNSPECIFIED", "NONE"
         ),
         "health_message": agent.health_message,
+        "log_problem": agent.log_problem,
         "health_since": format_time(agent.health_since),
         "health_since_ms": agent.health_since,
         "backoff_until": format_time(agent.backoff_until),

@@ -28,7 +28,7 @@ from fleet.listen import check_listen_addresses
 from fleet.observability import start_metrics_http_server
 from fleet.pki import CertificateAuthority
 from fleet.service import add_health_and_reflection
-from fleet.tls import TLSConfig, server_credentials
+from fleet.tls import TLSConfig, TLSFileError, server_credentials
 from fleet.v1 import (
     fleet_pb2,
     fleet_pb2_grpc,
@@ -252,12 +252,15 @@ class ManagerServer:
     async def _start(self) -> None:
         cfg = self.config
         tls = tls_config(cfg)
-        tls.validate()
+        try:
+            tls.validate()
+        except TLSFileError as exc:
+            raise exc.in_setting(f"tls.{exc.field}") from None
         identity = tls.identity()
         if identity.role != "manager":
             raise ConfigError(
-                f"{cfg.tls.cert_file}: the certificate is {identity}; the manager needs a "
-                "manager certificate (spiffe://<td>/manager/<name>)"
+                f"tls.cert_file: {cfg.tls.cert_file}: the certificate is {identity}; the manager"
+                " needs a manager certificate (spiffe://<td>/manager/<name>)"
             )
         # Every listen address before anything else: a taken port must change
         # nothing (no database created or migrated) and be one line, not gRPC

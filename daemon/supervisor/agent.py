@@ -110,6 +110,8 @@ class AgentSnapshot:
     """Why the health check fails (while unhealthy, or pending after a failed probe)."""
     health_since_ms: int = 0
     """When `health` last changed, epoch ms; 0 if never."""
+    log_problem: str = ""
+    """Why its output is being lost (its log's filesystem is full); "" when it is not."""
 
 
 @dataclass(frozen=True)
@@ -168,6 +170,8 @@ class Agent:
         """Backoff before the pending health-check restart (0: at once)."""
         self.lock = asyncio.Lock()
         self.config_changed = asyncio.Event()
+        self.log_problem = ""
+        """Why its output is being lost ("": it is not); the supervisor watches the space."""
         self._runner: asyncio.Task[None] | None = None
         self._recovery: asyncio.Task[None] | None = None
         self._poke = asyncio.Event()
@@ -197,6 +201,7 @@ class Agent:
             revision=self.spec.revision,
             health_message=self.health_message,
             health_since_ms=_ms(self.health_since),
+            log_problem=self.log_problem,
         )
 
     def health_deadline(self) -> float | None:

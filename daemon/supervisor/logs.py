@@ -31,7 +31,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["MAX_READ_BYTES", "LogChunk", "log_path", "read_log", "rotate_if_needed"]
+__all__ = [
+    "MAX_READ_BYTES",
+    "LogChunk",
+    "LogSpace",
+    "log_path",
+    "read_log",
+    "rotate_if_needed",
+]
 
 MAX_READ_BYTES = 4 * 1024 * 1024
 """Largest chunk `read_log` returns at once."""
@@ -50,6 +57,43 @@ class LogChunk:
     """Pass this as the next offset to continue reading."""
     rotated: bool
     """True when the requested offset was past the end: the file was rotated, read from 0."""
+
+
+@dataclass
+class LogSpace:
+    """Whether an agent's output is being lost to a full log filesystem, said once per
+    episode (pure: the free space and the time are passed in).
+
+    The agent writes its log itself: on a full filesystem its writes fail and its
+    output is gone, silently. An episode starts when no space is free and ends once
+    space has been free for `quiet_s` (an agent writing fast would fill freed space
+    at once, and the episode would flap).
+    """
+
+    quiet_s: float = 5.0
+    """Seconds of free space before the episode is over."""
+    full_since: float | None = None
+    """When the episode started (None: no episode)."""
+    free_since: float | None = None
+    """During an episode: since when space has been free."""
+
+    def observe(self, free_bytes: int, now: float) -> str | None:
+        """One look at the free space: "full" when an episode starts, "back" when it
+        ends, else None."""
+        if free_bytes <= 0:
+            self.free_since = None
+            if self.full_since is None:
+                self.full_since = now
+                return "full"
+            return None
+        if self.full_since is None:
+            return None
+        if self.free_since is None:
+            self.free_since = now
+        if now - self.free_since < self.quiet_s:
+            return None
+        self.full_since = self.free_since = None
+        return "back"
 
 
 def log_path(log_dir: Path, agent_id: str) -> Path:

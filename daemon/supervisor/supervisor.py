@@ -40,6 +40,7 @@ import builtins
 import contextlib
 import errno
 import logging
+import os
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -51,7 +52,7 @@ from daemon.artifacts import ArtifactCache, ArtifactError, substitute
 from daemon.sampler import HostSample, ResourceSample, Sampler
 from daemon.supervisor.agent import Agent, AgentSnapshot, Cause, Context
 from daemon.supervisor.clock import Clock, SystemClock
-from daemon.supervisor.logs import LogChunk, log_path, read_log, rotate_if_needed
+from daemon.supervisor.logs import LogChunk, LogSpace, log_path, read_log, rotate_if_needed
 from daemon.supervisor.persistence import PersistedAgent, StateStore
 from daemon.supervisor.process import adopt, find_orphans
 from daemon.supervisor.spec import AgentSpec, SpecError, check_on_host, validate_here
@@ -172,6 +173,7 @@ class Supervisor:
         self._store = StateStore(state_dir)
         self._agents_unsaved = False  # the last agents.json write failed (a full disk)
         self._rotation_failed: set[str] = set()  # agents whose last log rotation failed
+        self._log_space: dict[str, LogSpace] = {}  # per agent: its log filesystem's episode
         self._artifacts = artifacts
         self._artifact_wait = artifact_wait
         self._on_refused = on_refused
@@ -810,11 +812,50 @@ class Supervisor:
             self.sample_seconds_total += loop.time() - started
             await self._clock.sleep(min(self._sample_interval, LOG_CHECK_INTERVAL))
 
+    def _log_free_bytes(self) -> int | None:
+        """Bytes an unprivileged writer may still use in log_dir (None: cannot tell)."""
+        try:
+            st = os.statvfs(self._ctx.log_dir)
+        except OSError:
+            return None
+        return st.f_bavail * st.f_frsize
+
+    def _watch_log_space(self, agent: Agent, path: Path, free: int, now: float) -> None:
+        """Say once per episode that a running agent's output is lost, and when it is not."""
+        space = self._log_space.setdefault(agent.spec.id, LogSpace())
+        since = space.full_since
+        said = space.observe(free, now)
+        if said == "full":
+            agent.log_problem = (
+                f"no space left on the filesystem of {path}: the agent's output is being"
+                " lost until space is freed there"
+            )
+            log.warning("agent %s: %s", agent.spec.id, agent.log_problem)
+            self._changed(agent)
+        elif said == "back":
+            agent.log_problem = ""
+            lost = f" (lost for {now - since:.0f} s)" if since is not None else ""
+            log.warning(
+                "agent %s: space is free again on the filesystem of %s: its output is"
+                " logged again%s",
+                agent.spec.id,
+                path,
+                lost,
+            )
+            self._changed(agent)
+
     async def _rotate_logs(self) -> None:
-        """Per agent: rotate its log when past its limit (health is timed by each runner)."""
+        """Per agent: rotate its log when past its limit (health is timed by each runner),
+        and say when its output is being lost to a full log filesystem."""
+        free = self._log_free_bytes()
+        now = self._clock.now()
+        for gone in self._log_space.keys() - self._agents.keys():
+            del self._log_space[gone]
         for agent in list(self._agents.values()):
             spec = agent.spec
             path = log_path(self._ctx.log_dir, spec.id)
+            if free is not None and agent.proc is not None and agent.proc.running:
+                self._watch_log_space(agent, path, free, now)
             try:
                 if spec.log_max_bytes and path.stat().st_size > spec.log_max_bytes:
                     await asyncio.to_thread(

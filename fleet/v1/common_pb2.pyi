@@ -569,6 +569,7 @@ class AgentInfo(_message.Message):
     REVISION_FIELD_NUMBER: _builtins.int
     HEALTH_MESSAGE_FIELD_NUMBER: _builtins.int
     HEALTH_SINCE_FIELD_NUMBER: _builtins.int
+    LOG_PROBLEM_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     type: _builtins.str
     status: Global___AgentStatus.ValueType
@@ -599,6 +600,10 @@ class AgentInfo(_message.Message):
     """Why the last health check failed ("GET http://...: status 503")."""
     health_since: _builtins.int
     """When `health` last changed."""
+    log_problem: _builtins.str
+    """Why the agent's output is being lost ("no space left on the filesystem of
+    /var/log/fleet-daemon/web.log: ..."); empty when it is not.
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -633,10 +638,11 @@ class AgentInfo(_message.Message):
         revision: _builtins.int = ...,
         health_message: _builtins.str = ...,
         health_since: _builtins.int = ...,
+        log_problem: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_exit", b"last_exit", "spec", b"spec"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backoff_until", b"backoff_until", "config_version", b"config_version", "exit_code", b"exit_code", "health", b"health", "health_message", b"health_message", "health_since", b"health_since", "id", b"id", "labels", b"labels", "last_exit", b"last_exit", "last_heartbeat", b"last_heartbeat", "log_path", b"log_path", "message", b"message", "pid", b"pid", "restart_count", b"restart_count", "revision", b"revision", "spec", b"spec", "start_time", b"start_time", "status", b"status", "type", b"type", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["backoff_until", b"backoff_until", "config_version", b"config_version", "exit_code", b"exit_code", "health", b"health", "health_message", b"health_message", "health_since", b"health_since", "id", b"id", "labels", b"labels", "last_exit", b"last_exit", "last_heartbeat", b"last_heartbeat", "log_path", b"log_path", "log_problem", b"log_problem", "message", b"message", "pid", b"pid", "restart_count", b"restart_count", "revision", b"revision", "spec", b"spec", "start_time", b"start_time", "status", b"status", "type", b"type", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -339,6 +339,7 @@ class AgentState(_message.Message):
     REVISION_FIELD_NUMBER: _builtins.int
     HEALTH_MESSAGE_FIELD_NUMBER: _builtins.int
     HEALTH_SINCE_FIELD_NUMBER: _builtins.int
+    LOG_PROBLEM_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     status: _common_pb2.AgentStatus.ValueType
     pid: _builtins.int
@@ -355,6 +356,8 @@ class AgentState(_message.Message):
     """As AgentInfo.revision, health_message and health_since."""
     health_message: _builtins.str
     health_since: _builtins.int
+    log_problem: _builtins.str
+    """As AgentInfo.log_problem."""
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -379,10 +382,11 @@ class AgentState(_message.Message):
         revision: _builtins.int = ...,
         health_message: _builtins.str = ...,
         health_since: _builtins.int = ...,
+        log_problem: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["last_exit", b"last_exit"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "config_version", b"config_version", "exit_code", b"exit_code", "health", b"health", "health_message", b"health_message", "health_since", b"health_since", "labels", b"labels", "last_exit", b"last_exit", "last_heartbeat", b"last_heartbeat", "message", b"message", "pid", b"pid", "restart_count", b"restart_count", "revision", b"revision", "start_time", b"start_time", "status", b"status", "type", b"type", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "config_version", b"config_version", "exit_code", b"exit_code", "health", b"health", "health_message", b"health_message", "health_since", b"health_since", "labels", b"labels", "last_exit", b"last_exit", "last_heartbeat", b"last_heartbeat", "log_problem", b"log_problem", "message", b"message", "pid", b"pid", "restart_count", b"restart_count", "revision", b"revision", "start_time", b"start_time", "status", b"status", "type", b"type", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -184,6 +184,11 @@ class ControlSession:
     def closed(self) -> bool:
         return self._closed is not None
 
+    @property
+    def close_reason(self) -> str:
+        """Why the session closed ("" while open)."""
+        return self._closed or ""
+
     # -- the pool's side ----------------------------------------------------
 
     async def call(

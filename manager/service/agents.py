@@ -80,6 +80,7 @@ def agent_state_record(node_id: str, st: manager_pb2.AgentState) -> AgentStateRe
         revision=st.revision,
         health_message=st.health_message,
         health_since_ms=st.health_since,
+        log_problem=st.log_problem,
         **last_exit_fields(st.last_exit if st.HasField("last_exit") else None),
     )
 

@@ -42,6 +42,7 @@ from manager.service.enrollment import (
     check_new_key,
     check_scope,
     new_not_before,
+    reenroll_refusal,
     token_problem,
 )
 from manager.storage import NodeRepository
@@ -191,10 +192,7 @@ class Certificates:
             await self._refused(peer, parts.id, node_name, "token used up or revoked", now_ms)
             raise _TokenRefused("used up") from None
         except NodeExists:
-            message = (
-                f"node {node_name} already exists; enrolling it again needs a token made"
-                f" with --node-name {node_name}"
-            )
+            message = reenroll_refusal(node_name, "already exists")
             await self._refused(peer, parts.id, node_name, message, now_ms)
             raise PermissionDenied(message) from None
         log.info(

@@ -106,6 +106,14 @@ def token_state(token: TokenFacts, now_ms: int) -> Literal["usable"] | TokenProb
     return token_problem(token, secret_ok=True, now_ms=now_ms) or "usable"
 
 
+def reenroll_refusal(name: str, what: str) -> str:
+    """The refusal for an existing or revoked `name`, with the whole command that fixes it."""
+    return (
+        f"node {name} {what}; enrolling it again needs a token made with"
+        f" `fleetctl tokens create --node-name {name}`"
+    )
+
+
 def check_scope(
     *, node_name: str, name_prefix: str, name: str, exists: bool, revoked: bool
 ) -> None:
@@ -123,9 +131,7 @@ def check_scope(
         )
     if exists or revoked:
         what = "already exists" if exists else "was revoked"
-        raise PermissionDenied(
-            f"node {name} {what}; enrolling it again needs a token made with --node-name {name}"
-        )
+        raise PermissionDenied(reenroll_refusal(name, what))
 
 
 def revocation_cutoff(now_ms: int) -> int:

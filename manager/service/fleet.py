@@ -41,6 +41,7 @@ __all__ = [
     "NodeView",
     "StreamState",
     "StreamView",
+    "last_heard_ms",
     "stream_view",
 ]
 
@@ -100,6 +101,16 @@ def stream_view(
         offline_at = stream_offline_at(broken_at, grace, quiet_until)
         return StreamView(StreamState.LOST, since=broken_at, offline_at=offline_at)
     return StreamView(StreamState.NONE if asked_directory else StreamState.UNKNOWN)
+
+
+def last_heard_ms(last_seen_ms: int, stream: StreamView) -> int:
+    """When the manager last heard the node, for `Node.last_heartbeat`. A lost stream's
+    node has its last-seen kept fresh through the grace (so no sweeper takes it offline),
+    but nothing was heard from it since the stream broke: its age counts from then, the
+    time it is recorded last seen at if it goes offline."""
+    if stream.state is StreamState.LOST:
+        return min(last_seen_ms, int(stream.since * 1000))
+    return last_seen_ms
 
 
 @dataclass(frozen=True)

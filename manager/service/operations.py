@@ -155,6 +155,7 @@ def record_from_info(node_id: str, info: common_pb2.AgentInfo) -> AgentStateReco
         revision=info.revision,
         health_message=info.health_message,
         health_since_ms=info.health_since,
+        log_problem=info.log_problem,
     )
 
 

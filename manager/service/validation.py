@@ -258,6 +258,11 @@ def validate_agent_states(states: Sequence[AgentStateRecord]) -> None:
                 f"must be at most {MAX_MESSAGE} characters, without NUL",
                 field=f"{where}.health_message",
             )
+        if len(st.log_problem) > MAX_MESSAGE or "\x00" in st.log_problem:
+            raise InvalidArgument(
+                f"must be at most {MAX_MESSAGE} characters, without NUL",
+                field=f"{where}.log_problem",
+            )
         if st.health_since_ms < 0:
             raise InvalidArgument(
                 f"must be >= 0 (epoch ms), got {st.health_since_ms}", field=f"{where}.health_since"

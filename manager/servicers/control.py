@@ -140,7 +140,7 @@ class ControlChannel:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             self._streams.detach(session)
-            log.info("%s: control stream closed", session.node_id)
+            log.info("%s: control stream closed: %s", session.node_id, session.close_reason)
         if session.end_status is not None and not context.done():
             code, message = session.end_status
             try:

@@ -25,7 +25,13 @@ from manager.service.artifacts import Artifacts
 from manager.service.definitions import Definitions
 from manager.service.enroll_admin import EnrollmentAdmin
 from manager.service.event_feed import EventFeed
-from manager.service.fleet import FleetQueries, NodeAgent, NodeView, StreamState
+from manager.service.fleet import (
+    FleetQueries,
+    NodeAgent,
+    NodeView,
+    StreamState,
+    last_heard_ms,
+)
 from manager.service.job_control import Jobs
 from manager.service.metrics import MetricsService
 from manager.service.operations import (
@@ -147,6 +153,7 @@ def agent_info(record: AgentStateRecord) -> common_pb2.AgentInfo:
         revision=record.revision,
         health_message=record.health_message,
         health_since=record.health_since_ms,
+        log_problem=record.log_problem,
     )
 
 
@@ -163,7 +170,7 @@ def _node(view: NodeView) -> fleet_pb2.Node:
         agent_version=n.agent_version,
         daemon_address=n.daemon_address,
         status=_enum_value(common_pb2.NodeStatus, "NODE_STATUS_", n.status),
-        last_heartbeat=n.last_seen_ms,
+        last_heartbeat=last_heard_ms(n.last_seen_ms, view.stream),
         registered_at=n.registered_at_ms,
         connection_state=_CONNECTION[view.connection],
         agent_counts=_counts(view.agent_counts),

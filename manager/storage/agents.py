@@ -48,6 +48,7 @@ _EVENT_FIELDS = (
     "config_version",
     "last_exit_ms",
     "revision",
+    "log_problem",
 )
 
 
@@ -73,7 +74,30 @@ def describe_change(
     attributes, with its kind and code), else, for a change of state or
     health, the daemon's line on the new state ("hb on node-1: health HEALTHY
     -> UNHEALTHY: unhealthy: no heartbeat for 5.1s (timeout 5s); restarting").
+    Whether its output is being lost (its log's filesystem full, or no longer)
+    is said too, after the rest if something else changed with it.
     """
+    message, attributes = _describe_change(node_id, agent_id, before, after)
+    was = before.log_problem if before is not None else ""
+    now = after.log_problem if after is not None else ""
+    if after is None or was == now:
+        return message, attributes
+    if now:
+        attributes["log_problem"] = now
+        note = f"output being lost: {now}"
+    else:
+        note = "output logged again (its log's filesystem has space)"
+    subject = f"{agent_id} on {node_id}"
+    return (f"{subject}: {note}" if message == subject else f"{message}; {note}"), attributes
+
+
+def _describe_change(
+    node_id: str,
+    agent_id: str,
+    before: AgentStateRecord | None,
+    after: AgentStateRecord | None,
+) -> tuple[str, dict[str, str]]:
+    """`describe_change` but for the log's news (the subject alone if that is all)."""
     subject = f"{agent_id} on {node_id}"
     from_status = before.status if before else ""
     to_status = after.status if after else ""
@@ -125,6 +149,8 @@ def describe_change(
             parts.append(f"{words} {old_value or '-'} -> {new_value or '-'}")
     if before.labels != after.labels:
         parts.append("labels changed")
+    if not parts and after.log_problem != before.log_problem:
+        return subject, attributes  # `describe_change` says the log's news
     return f"{subject}: {', '.join(parts) or 'changed'}{why}", attributes
 
 
@@ -158,6 +184,7 @@ def _row(state: AgentStateRecord, reported_ms: int | None = None) -> dict[str, A
         "revision": state.revision,
         "health_message": state.health_message,
         "health_since_ms": state.health_since_ms,
+        "log_problem": state.log_problem,
     }
 
 
@@ -207,6 +234,7 @@ def _record(row: Any) -> AgentStateRecord:
         revision=row.revision,
         health_message=row.health_message,
         health_since_ms=row.health_since_ms,
+        log_problem=row.log_problem,
     )
 
 

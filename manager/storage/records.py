@@ -179,6 +179,8 @@ class AgentStateRecord:
     """Why its last health check failed."""
     health_since_ms: int = 0
     """When its health last changed."""
+    log_problem: str = ""
+    """Why its output is being lost (its log's filesystem is full); "" when it is not."""
 
 
 @dataclass(frozen=True)

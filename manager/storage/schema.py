@@ -131,6 +131,8 @@ agent_states = Table(
     Column("revision", BigInteger, nullable=False, server_default="0"),
     Column("health_message", Text, nullable=False, server_default=""),
     Column("health_since_ms", BigInteger, nullable=False, server_default="0"),
+    # Why its output is being lost (its log's filesystem is full); "" when it is not.
+    Column("log_problem", Text, nullable=False, server_default=""),
     PrimaryKeyConstraint("node_id", "agent_id"),
     CheckConstraint("pid >= 0", name="pid"),
     CheckConstraint("restart_count >= 0", name="restart_count"),

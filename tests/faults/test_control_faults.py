@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import secrets
 import subprocess
 import sys
@@ -232,6 +233,64 @@ async def test_network_cut_offline_after_keepalive_and_grace_then_back(
     )
     assert GRACE - 0.1 <= detection <= bound + 3.0
     assert recovery < 15.0
+
+
+async def test_a_cut_link_is_logged_in_our_words_on_both_sides(pki: Any, tmp_path: Path) -> None:
+    """The stream ends on a keepalive timeout (cable cut): the daemon's log says the
+    manager is unreachable, its keepalive timed out, and that it reconnects with backoff;
+    the manager's says the node's keepalive timed out. Neither passes gRPC's "Internal
+    error from Core" (or any "from Core") through."""
+    marker = f"ccmark-{secrets.token_hex(4)}"
+    async with _cable() as cable:
+        manager = ManagerProc(
+            tmp_path / "m",
+            pki.issue("manager", "m1", ips=(cable.manager_host,)),
+            listen_host=cable.manager_host,
+            liveness=LIVENESS,
+            extra=CONTROL,
+        )
+        address = cable.dial(manager.port)
+        with short_tmp() as root:
+            daemon = DaemonProc(
+                root,
+                pki.issue("node", "n1"),
+                body=f'[manager]\naddresses = ["{address}"]\n{LINK}'
+                + ticker_toml("ticker", marker, 0.5),
+            )
+            _portless(daemon)
+            manager.start()
+            try:
+                await manager.wait_serving()
+                await daemon.wait_ready(daemon.start(cable.prefix))
+                await eventually(lambda: _status(manager, "n1"), lambda s: s == "online", within=60)
+                await asyncio.to_thread(cable.cut)
+                await eventually(
+                    lambda: _status(manager, "n1"), lambda s: s == "offline", within=30
+                )
+                await eventually(
+                    lambda: asyncio.to_thread(daemon.log.read_text),
+                    lambda text: "reconnecting with backoff" in text,
+                    within=30,
+                )
+                await asyncio.to_thread(cable.mend)
+                await eventually(lambda: _status(manager, "n1"), lambda s: s == "online", within=60)
+            finally:
+                daemon.stop()
+                manager.stop()
+                kill_marked(marker)
+            daemon_log, manager_log = daemon.log.read_text(), manager.log.read_text()
+    assert "from Core" not in daemon_log
+    assert "from Core" not in manager_log
+    assert re.search(
+        rf"manager {re.escape(address)}: unreachable, its keepalive ping unanswered for 1 s"
+        r" \(network cut, or the manager host down\); reconnecting with backoff,"
+        r" next try in [0-9.]+s",
+        daemon_log,
+    ), daemon_log
+    assert (
+        "n1: control stream closed: the daemon stopped or its process died, or the network"
+        " to it failed"
+    ) in manager_log, manager_log
 
 
 UNREACHED = "the manager cannot reach the node of 1 started"

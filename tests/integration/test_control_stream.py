@@ -15,12 +15,13 @@ from typing import Any
 import grpc
 import pytest
 from control_end import ControlEnd, dial, open_stream
+from fleet_harness import operator_stub
 from manager_harness import FakeClock, manager_config, node_stub, rpc_error, running_manager
 from sqlalchemy import text
 
 from fleet import errors
 from fleet.control import retry_after
-from fleet.v1 import common_pb2, daemon_pb2, manager_pb2
+from fleet.v1 import common_pb2, daemon_pb2, fleet_pb2, manager_pb2
 from manager.server import ManagerServer
 from manager.service.jobs import format_time
 
@@ -675,6 +676,29 @@ async def test_node_goes_offline_after_the_grace_and_back_on_reconnect(
     assert last_seen == int(broken_at * 1000)
     await connect(pki, manager, ends, "node-1")
     assert await scalar(manager, "SELECT status FROM nodes WHERE node_id='node-1'") == "online"
+
+
+async def test_in_its_grace_a_lost_streams_node_reads_last_heard_when_it_broke(
+    pki: Any, manager: ManagerServer, ends: list[ControlEnd], clock: FakeClock
+) -> None:
+    """The grace keeps the node ONLINE with a fresh last-seen; ListNodes and GetNode say
+    it was last heard when the stream broke, and that the stream is lost."""
+    end, _ = await connect(pki, manager, ends, "node-1")
+    await end.close()
+    await wait_until(lambda: "node-1" in manager.control_streams.broken_at)
+    broken_ms = int(manager.control_streams.broken_at["node-1"] * 1000)
+    clock.advance(4)
+    assert await manager.stream_liveness.run_once() == []
+    await manager.heartbeats.flush()
+    stored = await scalar(manager, "SELECT last_seen_ms FROM nodes WHERE node_id='node-1'")
+    assert stored == clock.ms(), "the grace refreshed the stored last-seen"
+    async with operator_stub(pki, manager.port) as stub:
+        (listed,) = (await stub.ListNodes(fleet_pb2.FleetServiceListNodesRequest())).nodes
+        shown = (await stub.GetNode(fleet_pb2.FleetServiceGetNodeRequest(node_id="node-1"))).node
+    for node in (listed, shown):
+        assert node.status == common_pb2.NODE_STATUS_ONLINE
+        assert node.stream_state == fleet_pb2.CONTROL_STREAM_STATE_LOST
+        assert node.last_heartbeat == broken_ms
 
 
 async def test_a_stream_broken_within_the_failover_grace_stays_online_until_it_ends(

@@ -7,6 +7,7 @@ filled to the last byte with the daemon running, then freed.
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from daemon_helpers import (
     small_disk,
 )
 from grpc import aio
+from manager_harness import manager_config, running_manager
 
 from daemon.config import JobsConfig, ManagerLinkConfig
 from daemon.manager_link import ManagerLink, NodeInfo
@@ -181,3 +183,65 @@ def test_log_rotation_on_a_full_disk_keeps_the_log_and_its_space(pki: Any) -> No
         assert 0 < len(kept) <= 2048
         assert body.endswith(kept)
         assert path.stat().st_size == 0
+
+
+async def test_a_full_log_filesystem_is_said_once_per_episode_and_reaches_the_manager(
+    pki: Any, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """An agent writing to a log_dir whose tmpfs fills: the daemon logs once that its
+    output is being lost (naming the agent and the path), the manager gets an
+    AGENT_STATE_CHANGED event saying so, and once space is back both say so too."""
+    url = f"sqlite+aiosqlite:///{tmp_path / 'manager.db'}"
+    caplog.set_level(logging.WARNING, logger="daemon.supervisor.supervisor")
+    async with running_manager(manager_config(pki, url, tmp_path / "state")) as manager:
+
+        async def said() -> list[str]:
+            events = await manager.events.list_after(0, kinds=["AGENT_STATE_CHANGED"])
+            return [e.message for e in events if "output" in e.message]
+
+        with short_tmp() as root, small_disk(root / "log", size="2m") as logs:
+            talker = agent("talker", "sh", "-c", "while :; do echo line; sleep 0.05; done")
+            cfg = daemon_config(
+                root,
+                pki.issue("node", "n1"),
+                (talker,),
+                manager=ManagerLinkConfig(
+                    addresses=(f"127.0.0.1:{manager.port}",), rpc_timeout_seconds=2.0
+                ),
+                stop_agents_on_exit=True,
+            )
+            daemon = DaemonServer(cfg)
+            await daemon.start()
+            try:
+                path = logs / "talker.log"
+
+                async def running() -> list[str]:
+                    events = await manager.events.list_after(0, kinds=["AGENT_STATE_CHANGED"])
+                    return [e.message for e in events if "-> RUNNING" in e.message]
+
+                await eventually(running, bool)  # the fill is news of its own, not the start's
+                filler = fill(logs)
+                lost = await eventually(said, lambda m: len(m) == 1)
+                assert lost == [
+                    f"talker on n1: output being lost: no space left on the filesystem of {path}:"
+                    " the agent's output is being lost until space is freed there"
+                ]
+                await asyncio.sleep(2.5)  # still full: said once, not every check
+                assert len(await said()) == 1
+                filler.unlink()
+                back = await eventually(said, lambda m: len(m) == 2, within=20)
+                assert back[1] == (
+                    "talker on n1: output logged again (its log's filesystem has space)"
+                )
+            finally:
+                await daemon.stop(1.0)
+    lines = [r.getMessage() for r in caplog.records if "talker" in r.getMessage()]
+    full = [m for m in lines if "output is being lost" in m]
+    again = [m for m in lines if "logged again" in m]
+    assert full == [f"agent talker: no space left on the filesystem of {path}: the agent's"
+                    " output is being lost until space is freed there"]  # fmt: skip
+    assert len(again) == 1
+    assert again[0].startswith(
+        f"agent talker: space is free again on the filesystem of {path}: its output is"
+        " logged again (lost for "
+    )

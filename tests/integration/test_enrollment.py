@@ -333,7 +333,7 @@ async def test_names_outside_the_tokens_scope_are_permission_denied(
                 anyname.token,
                 "db-1",
                 "node db-1 already exists; enrolling it again needs a token made with"
-                " --node-name db-1",
+                " `fleetctl tokens create --node-name db-1`",
             ),
         ]
         for token, name, message in cases:

@@ -314,7 +314,7 @@ def test_enroll_renew_revoke_and_enroll_again(site: Site) -> None:
     assert refused.stderr == (
         f"fleet-daemon enroll: the manager at 127.0.0.1:{site.enroll_port} refused the name"
         " 'web-1': node web-1 already exists; enrolling it again needs a token made with"
-        " --node-name web-1\n"
+        " `fleetctl tokens create --node-name web-1`\n"
     )
     assert (web1 / "tls" / "node-key.pem").read_bytes() == key, "the old key is put back"
 

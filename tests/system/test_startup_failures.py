@@ -7,6 +7,7 @@ listening socket the test holds.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import subprocess
@@ -128,6 +129,42 @@ def test_manager_with_a_missing_or_mismatched_certificate_prints_one_line(
     assert line.startswith("fleet-manager: ")
     assert "key" in line
     assert not (tmp_path / "state").exists()
+
+
+def _unusable(tls: TLSConfig, field: str, how: str, tmp_path: Path) -> tuple[TLSConfig, str]:
+    """`tls` with its `field` file made unusable `how`; (the config, the cause said)."""
+    bad = {
+        "missing": (tmp_path / "gone.pem", "no such file"),
+        "a directory": (tmp_path, "is a directory, not a file"),
+        "not PEM": (tmp_path / "junk.pem", ""),
+    }[how]
+    (tmp_path / "junk.pem").write_text("junk\n")
+    cause = bad[1] or ("not a PEM private key" if field == "key_file" else "not a PEM certificate")
+    return dataclasses.replace(tls, **{field: bad[0]}), f"{bad[0]}: {cause}"
+
+
+@pytest.mark.parametrize("how", ["missing", "a directory", "not PEM"])
+@pytest.mark.parametrize("field", ["ca_file", "cert_file", "key_file"])
+def test_an_unusable_tls_file_is_named_by_its_config_key(
+    pki: Any, tmp_path: Path, field: str, how: str
+) -> None:
+    """fleet-manager and fleet-daemon: one line naming the TOML key, the path and the
+    cause, exit 2, nothing created."""
+    tls, said = _unusable(pki.issue("manager", "m1"), field, how, tmp_path)
+    cfg = manager_toml(tmp_path / "manager.toml", tls, free_port(), free_port())
+    line = one_line(run(["manager.cli", "serve", "--config", str(cfg)]))
+    assert line == f"fleet-manager: tls.{field}: {said}"
+    assert not (tmp_path / "state").exists()
+
+    tls, said = _unusable(pki.issue("node", "n1"), field, how, tmp_path)
+    home = tmp_path / "daemon"
+    home.mkdir()
+    with short_tmp() as run_dir:
+        cfg = daemon_toml(home / "daemon.toml", tls, free_port(), free_port(), run_dir / "run")
+        line = one_line(run(["daemon.cli", "--config", str(cfg)]))
+        assert not (run_dir / "run").exists()
+    assert line == f"fleet-daemon: {cfg}: tls.{field}: {said}"
+    assert contents(home) == ["daemon.toml"]
 
 
 @pytest.mark.parametrize("which", ["listen", "metrics_listen"])

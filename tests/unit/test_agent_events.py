@@ -118,3 +118,21 @@ def test_added_and_removed_agents() -> None:
         "web on n1 removed (was RUNNING)",
         {"change": "removed", "from": "RUNNING", "to": ""},
     )
+
+
+def test_output_lost_to_a_full_log_filesystem_is_said_and_so_is_its_end() -> None:
+    """A report whose only news is the log problem says it; its end too; with other news
+    the problem follows the rest."""
+    full = _then(log_problem="no space left on the filesystem of /logs/web.log: ...")
+    message, attributes = describe_change("n1", "web", RUNNING, full)
+    assert message == "web on n1: output being lost: no space left on the filesystem of" \
+        " /logs/web.log: ..."  # fmt: skip
+    assert attributes["log_problem"] == full.log_problem
+    message, _ = describe_change("n1", "web", full, RUNNING)
+    assert message == "web on n1: output logged again (its log's filesystem has space)"
+    crashed_full = dataclasses.replace(KILLED, log_problem=full.log_problem)
+    message, _ = describe_change("n1", "web", RUNNING, crashed_full)
+    assert message == (
+        "web on n1 restarted (pid 41 -> 57): killed by SIGKILL; output being lost: no space"
+        " left on the filesystem of /logs/web.log: ..."
+    )

@@ -65,9 +65,12 @@ def test_prefix_and_any_name_tokens_enroll_only_new_names(prefix: str) -> None:
     with pytest.raises(PermissionDenied) as exists:
         check_scope(node_name="", name_prefix=prefix, name="web-1", exists=True, revoked=False)
     assert exists.value.message == (
-        "node web-1 already exists; enrolling it again needs a token made with --node-name web-1"
+        "node web-1 already exists; enrolling it again needs a token made with"
+        " `fleetctl tokens create --node-name web-1`"
     )
-    with pytest.raises(PermissionDenied, match=r"web-1 was revoked; .*--node-name web-1"):
+    with pytest.raises(
+        PermissionDenied, match=r"web-1 was revoked; .*`fleetctl tokens create --node-name web-1`"
+    ):
         check_scope(node_name="", name_prefix=prefix, name="web-1", exists=False, revoked=True)
 
 

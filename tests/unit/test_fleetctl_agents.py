@@ -75,6 +75,22 @@ def test_agents_show_and_unknown_agent(fleetctl: Fleetctl) -> None:
     )
 
 
+def test_agents_show_says_whether_the_output_is_being_lost(fleetctl: Fleetctl) -> None:
+    """An agent whose log's filesystem is full shows "Output: BEING LOST: <why>"."""
+    problem = "no space left on the filesystem of /logs/worker-1.log: ..."
+    info = next(a for a in fleetctl.manager.fleet.agents["node-1"] if a.id == "worker-1")
+    assert "Output:          logged" in fleetctl("agents", "show", "node-1/worker-1").stdout
+    info.log_problem = problem
+    shown = fleetctl("agents", "show", "node-1/worker-1")
+    assert f"Output:          BEING LOST: {problem}" in shown.stdout
+    assert (
+        json.loads(fleetctl("-o", "json", "agents", "show", "node-1/worker-1").stdout)[
+            "log_problem"
+        ]
+        == problem
+    )
+
+
 def test_agents_show_needs_node_slash_agent(fleetctl: Fleetctl) -> None:
     """A reference without a slash is a usage error naming the expected shape."""
     result = fleetctl("agents", "show", "web")

@@ -77,6 +77,19 @@ def test_nodes_show_says_when_the_host_refuses_jobs(fleetctl: Fleetctl) -> None:
     assert data["jobs_disabled"] is True
 
 
+def test_nodes_show_of_a_revoked_node_quotes_the_command_that_reenrolls_it(
+    fleetctl: Fleetctl,
+) -> None:
+    """A revoked node's certificate line names the whole command, not only its flag."""
+    fleetctl.manager.fleet.nodes["node-2"].revoke_time = int(time.time() * 1000) - 60_000
+    shown = fleetctl("nodes", "show", "node-2")
+    assert shown.exit_code == 0, shown.output
+    assert (
+        "refused until it enrolls again with a token made with"
+        " `fleetctl tokens create --node-name node-2`" in " ".join(shown.stdout.split())
+    )
+
+
 def test_nodes_list_and_show_say_whether_each_node_runs_its_desired_version(
     fleetctl: Fleetctl,
 ) -> None:
@@ -150,6 +163,9 @@ def test_nodes_show_and_wide_list_say_how_the_control_stream_is(fleetctl: Fleetc
     header, *rows = fleetctl("-o", "wide", "nodes", "list").stdout.splitlines()
     at = header.index("STREAM")
     assert [row[at:].split()[0] for row in rows] == ["connected", "lost", "on"]
+    # The plain list says why an ONLINE node has not been heard for a while.
+    header, *rows = fleetctl("nodes", "list").stdout.splitlines()
+    assert ["(stream lost)" in row for row in rows] == [False, True, False]
     data = json.loads(fleetctl("-o", "json", "nodes", "list").stdout)
     assert [n["stream"] for n in data["nodes"]] == ["CONNECTED", "LOST", "ELSEWHERE"]
     assert "stream_cell" not in data["nodes"][0]  # table cells stay out of JSON

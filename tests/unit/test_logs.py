@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon.supervisor.logs import read_log, rotate_if_needed
+from daemon.supervisor.logs import LogSpace, read_log, rotate_if_needed
 
 
 def test_read_chunks_from_offsets(tmp_path: Path) -> None:
@@ -85,3 +85,20 @@ def test_no_rotation_below_limit_or_when_disabled(tmp_path: Path) -> None:
     assert rotate_if_needed(path, max_bytes=10, backups=0)
     assert path.read_bytes() == b""
     assert not path.with_name("a.log.1").exists()
+
+
+def test_log_space_says_a_full_filesystem_once_and_its_end_after_quiet() -> None:
+    """Full: said once however long it lasts; space back: said once it has stayed free
+    for quiet_s (space freed and filled again at once is the same episode)."""
+    space = LogSpace(quiet_s=5.0)
+    assert space.observe(4096, 0.0) is None  # space: nothing to say
+    assert space.observe(0, 1.0) == "full"
+    assert [space.observe(0, t) for t in (2.0, 3.0, 60.0)] == [None, None, None]
+    assert space.observe(8192, 61.0) is None  # freed...
+    assert space.observe(0, 62.0) is None  # ...and filled again: still the same episode
+    assert space.full_since == 1.0
+    assert [space.observe(8192, t) for t in (63.0, 67.0)] == [None, None]
+    assert space.observe(8192, 68.0) == "back"
+    assert space.full_since is None
+    assert space.observe(8192, 100.0) is None
+    assert space.observe(0, 101.0) == "full"  # a new episode

@@ -1,11 +1,12 @@
-"""What `nodes show` says of a node's control stream: a pure function of plain values."""
+"""What `nodes show` says of a node's control stream and last heartbeat: pure functions of
+plain values."""
 
 from __future__ import annotations
 
 import pytest
 
 from manager.pool.routing import Route
-from manager.service.fleet import StreamState, StreamView, stream_view
+from manager.service.fleet import StreamState, StreamView, last_heard_ms, stream_view
 
 M2 = Route(replica_id="m2", address="10.0.0.2:7443", epoch=3, replica_seen_ms=1_000)
 
@@ -50,3 +51,23 @@ def test_a_lost_stream_goes_offline_no_sooner_than_the_failover_grace_ends() -> 
         quiet_until=400.0,
     )
     assert got == StreamView(StreamState.LOST, since=90.0, offline_at=400.0)
+
+
+@pytest.mark.parametrize(
+    ("last_seen_ms", "stream", "expected"),
+    [
+        # Lost: the grace kept last-seen fresh, but the node was last heard when it broke.
+        (500_000, StreamView(StreamState.LOST, since=90.0, offline_at=120.0), 90_000),
+        # Recorded before the break (a refresh had not run yet): that stands.
+        (80_000, StreamView(StreamState.LOST, since=90.0, offline_at=120.0), 80_000),
+        # Anything else: the stored last-seen is what was heard.
+        (500_000, StreamView(StreamState.CONNECTED, since=90.0), 500_000),
+        (500_000, StreamView(StreamState.ELSEWHERE, replica="m2"), 500_000),
+        (500_000, StreamView(StreamState.NONE), 500_000),
+        (500_000, StreamView(StreamState.UNKNOWN), 500_000),
+    ],
+)
+def test_last_heard_of_a_lost_stream_is_when_it_broke(
+    last_seen_ms: int, stream: StreamView, expected: int
+) -> None:
+    assert last_heard_ms(last_seen_ms, stream) == expected
