@@ -175,7 +175,10 @@ class ManagerServer:
 
     `artifact_access` and `artifact_references` are the rules artifacts
     follow (see manager.service.artifacts); None: the definitions'
-    (`ArtifactUse`).
+    (`ArtifactUse`). `clock` is the wall clock; `monotonic` what liveness
+    measures a step of it against (default: `time.monotonic` with the real
+    wall clock, else `clock` itself, so a test's settable clock sees no step
+    unless it gives a monotonic clock of its own).
     """
 
     def __init__(
@@ -183,6 +186,7 @@ class ManagerServer:
         config: ManagerConfig,
         *,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] | None = None,
         rng: random.Random | None = None,
         artifact_access: ArtifactAccess | None = None,
         artifact_references: ArtifactReferences | None = None,
@@ -190,6 +194,7 @@ class ManagerServer:
         self.config = config
         self.metrics = ManagerMetrics()
         self._clock = clock
+        self._monotonic = monotonic or (time.monotonic if clock is time.time else clock)
         self._rng = rng
         self._artifact_access = artifact_access
         self._artifact_references = artifact_references
@@ -325,6 +330,7 @@ class ManagerServer:
             policy=policy,
             interval=liv.sweep_interval_seconds,
             clock=self._clock,
+            monotonic=self._monotonic,
             on_leader=lambda held: m.sweeper_leader.set(1 if held else 0),
             on_offline=self._nodes_went_offline,
             on_counts=m.set_node_counts,
@@ -381,7 +387,7 @@ class ManagerServer:
         m.control_streams.set_function(lambda: len(self.control_streams))
         # As the sweeper's: nobody offline within the failover grace of this start, while
         # the fleet's daemons reconnect through the herd (streams broken meanwhile too).
-        self._stream_quiet_until = self._clock() + liv.failover_grace_seconds
+        self.control_streams.quiet_until = self._clock() + liv.failover_grace_seconds
         self.stream_liveness = StreamLiveness(
             self.control_streams,
             self.heartbeats,
@@ -389,7 +395,7 @@ class ManagerServer:
             grace=cfg.control.offline_grace_seconds,
             refresh=stream_refresh_interval(cfg.control.liveness_refresh_seconds, policy),
             clock=self._clock,
-            quiet_until=self._stream_quiet_until,
+            monotonic=self._monotonic,
             on_offline=self._nodes_went_offline,
         )
         self.stream_liveness.start()
@@ -570,7 +576,6 @@ class ManagerServer:
             clock=self._clock,
             streams=self.control_streams,
             stream_grace=cfg.control.offline_grace_seconds,
-            stream_quiet_until=self._stream_quiet_until,
             stream_route=self.directory.route if self.directory is not None else None,
         )
         ctl = cfg.control
