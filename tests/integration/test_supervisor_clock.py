@@ -125,3 +125,17 @@ async def test_crash_then_backoff_then_running(
     assert rec.statuses("flaky") == [S.STARTING, S.BACKOFF, S.STARTING, S.RUNNING]
     assert sup.get("flaky").restart_count == 1
     assert sup.get("flaky").message.startswith("running with pid")
+
+
+async def test_a_backward_step_of_the_wall_clock_does_not_stop_sampling(
+    sup: Supervisor, rec: Recorder, clock: ManualClock
+) -> None:
+    """Samples follow the sample interval in time passed: ten minutes back on the wall
+    clock is not ten minutes without resource figures."""
+    await sup.start([agent("s", "-c", "import time; time.sleep(600)", start_secs=0.0)])
+    await rec.until(lambda: sup.sampler.latest("s") is not None)
+    clock.step(-600)
+    clock.advance(0.1)
+    # An agent's samples are stamped with the wall clock, so the new one reads 10 min back.
+    now_ms = int(clock.now() * 1000)
+    await rec.until(lambda: any(s.timestamp_ms == now_ms for s in sup.sampler.samples("s")))
