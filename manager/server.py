@@ -466,6 +466,7 @@ class ManagerServer:
             self.pool,
             self.job_updates,
             clock=self._clock,
+            monotonic=self._monotonic,
             dispatch_concurrency=cfg.jobs.dispatch_concurrency,
             max_output_bytes=cfg.jobs.max_output_bytes,
             on_leader=lambda held: m.jobs_leader.set(1 if held else 0),
