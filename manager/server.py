@@ -419,6 +419,7 @@ class ManagerServer:
             self.db,
             self.pool,
             clock=self._clock,
+            monotonic=self._monotonic,
             candidates=capacity,
             on_leader=lambda held: m.desired_leader.set(1 if held else 0),
             on_pass=m.observe_convergence,
