@@ -195,6 +195,7 @@ class Sampler:
         rescan = (
             self._last_scan_ms is None
             or now_ms - self._last_scan_ms >= self._rescan_ms
+            or now_ms < self._last_scan_ms  # the wall clock was stepped back
             or self._scanned_roots != self._roots
         )
         kids = children_map() if rescan else {}

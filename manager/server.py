@@ -175,7 +175,10 @@ class ManagerServer:
 
     `artifact_access` and `artifact_references` are the rules artifacts
     follow (see manager.service.artifacts); None: the definitions'
-    (`ArtifactUse`).
+    (`ArtifactUse`). `clock` is the wall clock; `monotonic` what liveness
+    measures a step of it against (default: `time.monotonic` with the real
+    wall clock, else `clock` itself, so a test's settable clock sees no step
+    unless it gives a monotonic clock of its own).
     """
 
     def __init__(
@@ -183,6 +186,7 @@ class ManagerServer:
         config: ManagerConfig,
         *,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] | None = None,
         rng: random.Random | None = None,
         artifact_access: ArtifactAccess | None = None,
         artifact_references: ArtifactReferences | None = None,
@@ -190,6 +194,7 @@ class ManagerServer:
         self.config = config
         self.metrics = ManagerMetrics()
         self._clock = clock
+        self._monotonic = monotonic or (time.monotonic if clock is time.time else clock)
         self._rng = rng
         self._artifact_access = artifact_access
         self._artifact_references = artifact_references
@@ -328,6 +333,7 @@ class ManagerServer:
             policy=policy,
             interval=liv.sweep_interval_seconds,
             clock=self._clock,
+            monotonic=self._monotonic,
             on_leader=lambda held: m.sweeper_leader.set(1 if held else 0),
             on_offline=self._nodes_went_offline,
             on_counts=m.set_node_counts,
@@ -384,7 +390,7 @@ class ManagerServer:
         m.control_streams.set_function(lambda: len(self.control_streams))
         # As the sweeper's: nobody offline within the failover grace of this start, while
         # the fleet's daemons reconnect through the herd (streams broken meanwhile too).
-        self._stream_quiet_until = self._clock() + liv.failover_grace_seconds
+        self.control_streams.quiet_until = self._clock() + liv.failover_grace_seconds
         self.stream_liveness = StreamLiveness(
             self.control_streams,
             self.heartbeats,
@@ -392,7 +398,7 @@ class ManagerServer:
             grace=cfg.control.offline_grace_seconds,
             refresh=stream_refresh_interval(cfg.control.liveness_refresh_seconds, policy),
             clock=self._clock,
-            quiet_until=self._stream_quiet_until,
+            monotonic=self._monotonic,
             on_offline=self._nodes_went_offline,
         )
         self.stream_liveness.start()
@@ -416,6 +422,7 @@ class ManagerServer:
             self.db,
             self.pool,
             clock=self._clock,
+            monotonic=self._monotonic,
             candidates=capacity,
             on_leader=lambda held: m.desired_leader.set(1 if held else 0),
             on_pass=m.observe_convergence,
@@ -463,6 +470,7 @@ class ManagerServer:
             self.pool,
             self.job_updates,
             clock=self._clock,
+            monotonic=self._monotonic,
             dispatch_concurrency=cfg.jobs.dispatch_concurrency,
             max_output_bytes=cfg.jobs.max_output_bytes,
             on_leader=lambda held: m.jobs_leader.set(1 if held else 0),
@@ -573,7 +581,6 @@ class ManagerServer:
             clock=self._clock,
             streams=self.control_streams,
             stream_grace=cfg.control.offline_grace_seconds,
-            stream_quiet_until=self._stream_quiet_until,
             stream_route=self.directory.route if self.directory is not None else None,
         )
         ctl = cfg.control

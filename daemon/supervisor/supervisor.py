@@ -799,12 +799,13 @@ class Supervisor:
 
     async def _sample_loop(self) -> None:
         loop = asyncio.get_running_loop()
-        next_sample = self._clock.now()
+        # On the monotonic clock: a wall-clock schedule stepped back would stop sampling.
+        next_sample = self._clock.monotonic()
         while True:
             started = loop.time()
             try:
-                if self._clock.now() >= next_sample:
-                    next_sample = self._clock.now() + self._sample_interval
+                if self._clock.monotonic() >= next_sample:
+                    next_sample = self._clock.monotonic() + self._sample_interval
                     self.sampler.sample(int(self._clock.now() * 1000))
                 await self._rotate_logs()
             except Exception:  # keep sampling: one bad tick must not end supervision's upkeep

@@ -463,6 +463,8 @@ class ControlStreams:
         """When each node's last stream here ended (cleared when it reconnects)."""
         self.opened_at: dict[str, float] = {}
         """When each connected node's current stream here opened."""
+        self.quiet_until = 0.0
+        """No node goes offline for a broken stream before this (the failover grace's end)."""
         self.replaced = 0
         """Streams ended because the same node opened a newer one."""
         self.closing = False
@@ -497,6 +499,14 @@ class ControlStreams:
                 if not waiters:
                     del self._waiting[node_id]
         return session
+
+    def rebase(self, step: float) -> None:
+        """The wall clock was stepped by `step` s: move the times kept here with it, so a
+        grace counts the time that passed, not the step."""
+        for times in (self.opened_at, self.broken_at):
+            for node_id in times:
+                times[node_id] += step
+        self.quiet_until += step
 
     def attach(self, session: ControlSession) -> bool:
         """`session`'s node is connected; an older stream of that node is ended (True)."""

@@ -10,7 +10,9 @@ core, are what keep a quiet stream open: no Python runs per ping.
 Once a broken stream's grace has passed without a reconnect (and this
 manager's failover grace after its start), the node is marked offline at
 once, only if nobody has seen it since we last did (another replica may
-hold its new stream, or it heartbeats by unary RPC).
+hold its new stream, or it heartbeats by unary RPC). The grace is kept in
+wall-clock times (they are shown); a step of the wall clock moves them with
+it (`liveness.StepWatch`), so a grace lasts its length across the step.
 """
 
 from __future__ import annotations
@@ -24,7 +26,12 @@ from fleet.errors import FleetError
 from manager.pool.stream import ControlStreams
 from manager.service.heartbeats import HeartbeatBuffer
 from manager.service.jobs import format_time
-from manager.service.liveness import StreamVerdict, stream_offline_at, stream_verdict
+from manager.service.liveness import (
+    StepWatch,
+    StreamVerdict,
+    stream_offline_at,
+    stream_verdict,
+)
 from manager.storage import NodeRepository
 
 __all__ = ["StreamLiveness"]
@@ -44,17 +51,19 @@ class StreamLiveness:
         grace: float,
         refresh: float,
         clock: Callable[[], float],
-        quiet_until: float = 0.0,
+        monotonic: Callable[[], float] | None = None,
         on_offline: Callable[[int], None] = lambda _: None,
     ) -> None:
-        """`quiet_until`: nobody goes offline before it (the failover grace's end)."""
+        """Nobody goes offline before `streams.quiet_until` (the failover grace's end).
+        `monotonic`: what a step of `clock` is measured against (None: `clock`, no steps)."""
         self._streams = streams
         self._heartbeats = heartbeats
         self._nodes = nodes
         self._grace = grace
-        self._quiet_until = quiet_until
         self._refresh = refresh
         self._clock = clock
+        self._monotonic = monotonic or clock
+        self._steps = StepWatch()
         self._on_offline = on_offline
         self._seen_ms: dict[str, int] = {}  # what we last recorded for a node in its grace
         self._stop = asyncio.Event()
@@ -67,6 +76,10 @@ class StreamLiveness:
         """
         now = self._clock()
         now_ms = int(now * 1000)
+        step = self._steps.observe(now, self._monotonic())
+        if step:
+            await self._stepped(step, now_ms)
+        quiet_until = self._streams.quiet_until
         record = self._heartbeats.record
         for node_id in self._streams.connected():
             record(node_id, now_ms)
@@ -80,7 +93,7 @@ class StreamLiveness:
                 broken_at=broken_at,
                 now=now,
                 grace=self._grace,
-                quiet_until=self._quiet_until,
+                quiet_until=quiet_until,
             )
             if verdict is StreamVerdict.GRACE:
                 record(node_id, now_ms)
@@ -92,7 +105,7 @@ class StreamLiveness:
                 # Its last-seen was kept fresh through the grace: it was last seen, and the
                 # event says, when the stream broke.
                 broken_ms[node_id] = int(broken_at * 1000)
-                waited = stream_offline_at(broken_at, self._grace, self._quiet_until) - broken_at
+                waited = stream_offline_at(broken_at, self._grace, quiet_until) - broken_at
                 reasons[node_id] = (
                     f"lost its control stream at {format_time(broken_at)} and did not"
                     f" reconnect within {waited:.0f} s"
@@ -118,6 +131,18 @@ class StreamLiveness:
             )
             self._on_offline(len(gone))
         return gone
+
+    async def _stepped(self, step: float, now_ms: int) -> None:
+        """The wall clock moved `step` s more than time passed: the graces move with it.
+        Backwards, last-seen times in the future become now (as the sweeper does), or
+        they would read as "seen since" and keep a lost node from going offline here."""
+        self._streams.rebase(step)
+        shift = int(step * 1000)
+        self._seen_ms = {n: ms + shift for n, ms in self._seen_ms.items()}
+        if step < 0:
+            await self._heartbeats.flush()  # what was recorded before the step first
+            await self._nodes.clamp_last_seen(now_ms)
+        log.warning("the wall clock jumped %+.1f s: control stream graces moved with it", step)
 
     def start(self) -> None:
         """Start the periodic refresh."""

@@ -54,6 +54,11 @@ its first pass, so one whose lock connection died (PostgreSQL dropped the
 lock; another replica may take it) stops before the next one starts (a pass
 already running finishes first; its pushes carry versions the daemons
 order, and its rollout steps lock the rollout's row).
+
+Rollout deadlines are stored wall-clock times. A pass that sees the wall
+clock stepped (`liveness.StepWatch`) first moves every live rollout's
+times with the step (`rollout.rebase`, stored) and runs as a full pass: a
++1 h step must not fail a batch's nodes not yet healthy at once.
 """
 
 from __future__ import annotations
@@ -89,6 +94,7 @@ from manager.service.desired import (
     push_backoff,
     undelivered,
 )
+from manager.service.liveness import StepWatch
 from manager.service.placement import Candidate, reservations
 from manager.service.reports import update_errors_event
 from manager.storage import Database, NodeRecord
@@ -240,6 +246,7 @@ class Convergence:
         pool: DaemonPool,
         *,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] | None = None,
         candidates: CandidateSource | None = None,
         debounce: float = 0.05,
         pace: float = 3.0,
@@ -255,6 +262,8 @@ class Convergence:
         self._repo = DesiredStateRepository(db)
         self._pool = pool
         self._clock = clock
+        self._monotonic = monotonic or clock  # what a step of `clock` is measured against
+        self._steps = StepWatch()
         self._candidates = candidates
         self._debounce = debounce
         self._pace = pace
@@ -458,6 +467,7 @@ class Convergence:
         """Scope, rollouts, node sets, pushes (see the module docstring); a full pass,
         which rebuilds what the incremental passes after it start from."""
         async with self._pass_lock:
+            await self._clock_stepped()
             self._memo = None
             self._touched.clear()  # this pass reads everything they reported so far
             self._applied = False  # and steps every live rollout
@@ -495,6 +505,8 @@ class Convergence:
         memo, a touched node unknown or relabelled, a rollout whose stored row is not
         the one this replica last stored, or an apply that changed more than revisions."""
         async with self._pass_lock:
+            if await self._clock_stepped():
+                self._memo = None  # the memo holds the rollouts' old times
             memo = self._memo
             if memo is None:
                 return None
@@ -633,6 +645,31 @@ class Convergence:
             self._rollouts_live = bool(memo.rollouts)
             self._on_pass(result)
             return result
+
+    async def _clock_stepped(self) -> bool:
+        """Whether the wall clock was stepped since the last look; if so, every live
+        rollout's deadlines were moved with the step (stored) first."""
+        step = self._steps.observe(self._clock(), self._monotonic())
+        if not step:
+            return False
+        now_ms = int(self._clock() * 1000)
+
+        async def body(tx: DesiredTx) -> int:
+            moved = 0
+            for live in await tx.rollouts(live=True, limit=10_000):
+                record = await tx.rollout(live.id, for_update=True)
+                if record is None or record.ended_ms:
+                    continue
+                rollout = ro.from_dict(json.loads(record.record))
+                progress = {n: progress_of(r) for n, r in (await tx.rollout_nodes(live.id)).items()}
+                after, nodes = ro.rebase(rollout, progress, step)
+                await persist_step(tx, record, ro.Step(after, nodes), now_ms)
+                moved += 1
+            return moved
+
+        moved = await self._repo.run(body)
+        log.warning("the wall clock jumped %+.1f s: %d live rollout(s) moved with it", step, moved)
+        return True
 
     async def _rescope(
         self, result: PassResult

@@ -188,15 +188,13 @@ class FleetQueries:
         revoked: Callable[[], Awaitable[Mapping[str, int]]] | None = None,
         streams: ControlStreams | None = None,
         stream_grace: float = 0.0,
-        stream_quiet_until: float = 0.0,
         stream_route: Callable[[str], Awaitable[Route | None]] | None = None,
     ) -> None:
         """`streams`: this replica's control streams, `stream_grace` their offline grace
-        (and no node offline before `stream_quiet_until`, the failover grace's end);
+        (and no node offline before `streams.quiet_until`, the failover grace's end);
         `stream_route`: the stream directory's lookup (a cluster of replicas; None alone)."""
         self._streams = streams
         self._stream_grace = stream_grace
-        self._stream_quiet_until = stream_quiet_until
         self._stream_route = stream_route
         self._desired = desired
         self._revoked = revoked
@@ -219,7 +217,9 @@ class FleetQueries:
 
     async def _stream(self, node_id: str, *, ask_directory: bool) -> StreamView:
         opened = broken = None
+        quiet_until = 0.0
         if self._streams is not None:
+            quiet_until = self._streams.quiet_until
             opened = self._streams.opened_at.get(node_id)
             broken = self._streams.broken_at.get(node_id)
         route = None
@@ -232,7 +232,7 @@ class FleetQueries:
             grace=self._stream_grace,
             route=route,
             asked_directory=asked,
-            quiet_until=self._stream_quiet_until,
+            quiet_until=quiet_until,
         )
 
     async def _views(

@@ -22,6 +22,12 @@ to have started, and a node that had them answers where they are. A target
 whose StartJob could not reach its node stays PENDING and is retried with
 backoff until the delivery timeout; nodes known offline are not dialled
 (registrations and the sweeper poke the driver when they change).
+
+The lost-node rule judges a target's stored `updated` (wall clock) against
+now: a pass that sees the wall clock stepped (`liveness.StepWatch`) first
+moves the QUEUED and RUNNING targets' times with the step, or a +1 h step
+would fail every target running for more than its timeout plus the grace
+minus an hour, while its node still runs it.
 """
 
 from __future__ import annotations
@@ -57,6 +63,7 @@ from manager.service.jobs import (
     retry_delay,
     transition_allowed,
 )
+from manager.service.liveness import StepWatch
 from manager.storage import Database, NodeReach, NodeRepository
 from manager.storage.events import sqlite_insert_events
 from manager.storage.jobs import (
@@ -142,6 +149,7 @@ class JobDriver:
         updates: JobUpdates,
         *,
         clock: Callable[[], float] = time.time,
+        monotonic: Callable[[], float] | None = None,
         dispatch_concurrency: int = 256,
         max_output_bytes: int = 1024 * 1024,
         call_timeout: float = 10.0,
@@ -157,6 +165,8 @@ class JobDriver:
         self._pool = pool
         self._updates = updates
         self._clock = clock
+        self._monotonic = monotonic or clock  # what a step of `clock` is measured against
+        self._steps = StepWatch()
         self._sem = asyncio.Semaphore(dispatch_concurrency)
         self._call_timeout = call_timeout
         self._bound = max_output_bytes
@@ -436,6 +446,10 @@ class JobDriver:
         for job_id in list(self._load):
             self._load.discard(job_id)
             await self._load_one(job_id)
+        # Every pass, jobs or not: a step is told from time passed since the last look.
+        step = self._steps.observe(self._clock(), self._monotonic())
+        if step and self._jobs:
+            await self._stepped(step)
         if not self._jobs:
             return None
         self.passes += 1
@@ -446,6 +460,28 @@ class JobDriver:
             if at is not None:
                 wake = at if wake is None else min(wake, at)
         return wake
+
+    async def _stepped(self, step: float) -> None:
+        """The wall clock moved `step` s more than time passed: QUEUED and RUNNING targets'
+        times move with it, stored (another leader reads them) and here."""
+        step_ms, now_ms = int(step * 1000), int(self._clock() * 1000)
+
+        async def body(tx: JobTx) -> int:
+            return await tx.rebase_active(step_ms, now_ms)
+
+        moved = await self._repo.run(body)
+        for live in self._jobs.values():
+            for node_id, t in live.targets.items():
+                if t.state is not TargetState.QUEUED and t.state is not TargetState.RUNNING:
+                    continue
+                at = int(t.updated * 1000)
+                if step_ms > 0 and at <= now_ms - step_ms:
+                    live.targets[node_id] = dataclasses.replace(t, updated=t.updated + step)
+                elif step_ms < 0 and at > now_ms:
+                    live.targets[node_id] = dataclasses.replace(t, updated=now_ms / 1000)
+        log.warning(
+            "the wall clock jumped %+.1f s: %d running job target(s) moved with it", step, moved
+        )
 
     async def _drive(self, live: _Live) -> float | None:
         now = self._clock()

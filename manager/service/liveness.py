@@ -19,6 +19,14 @@ after it breaks, and never offline within this manager's failover grace
 (a stream that breaks while a restarted manager takes the fleet's hellos in
 turn is the herd, not a dead node); the manager holding the stream
 refreshes its last-seen.
+
+Every deadline here is a wall-clock time (last-seen times are shared by the
+replicas and survive restarts), so a step of the wall clock (an NTP
+correction, a VM resumed, `date -s`) would move them all at once: +1 h and
+every node is an hour silent, -10 min and nobody can go offline for ten
+minutes. `StepWatch` compares how far the wall clock moved with how far the
+monotonic clock did; the sweeper and the stream liveness re-base on a step
+instead of judging across it.
 """
 
 from __future__ import annotations
@@ -28,9 +36,12 @@ import random
 from dataclasses import dataclass
 
 __all__ = [
+    "STEP_TOLERANCE",
     "LivenessPolicy",
+    "StepWatch",
     "StreamVerdict",
     "TtlHighWater",
+    "clock_step",
     "heartbeat_ttl",
     "jittered_interval",
     "offline_after",
@@ -159,3 +170,47 @@ def stream_refresh_interval(configured: float, policy: LivenessPolicy) -> float:
     heartbeating ones, and a refresh plus a flush must land inside it.
     """
     return min(configured, offline_after(policy.min_ttl, policy) / 3.0)
+
+
+STEP_TOLERANCE = 2.0
+"""Seconds the wall clock may drift from the monotonic one between two readings before it
+counts as stepped: NTP's slewing (at most 500 ppm) stays far below it, a step does not."""
+
+
+def clock_step(
+    *,
+    wall_then: float,
+    mono_then: float,
+    wall_now: float,
+    mono_now: float,
+    tolerance: float = STEP_TOLERANCE,
+) -> float:
+    """How far the wall clock was stepped between two readings (seconds, negative
+    backwards): its advance minus the monotonic clock's, 0 within `tolerance`.
+
+    A stall of the process (a GC pause, SIGSTOP) moves both clocks alike and is no
+    step; a suspended VM moves only the wall clock (Linux's CLOCK_MONOTONIC stops
+    while suspended) and is one, which is right: nobody was watching meanwhile.
+    """
+    step = (wall_now - wall_then) - (mono_now - mono_then)
+    return step if abs(step) > tolerance else 0.0
+
+
+@dataclass
+class StepWatch:
+    """Successive (wall, monotonic) readings; says when the wall clock was stepped."""
+
+    wall: float | None = None
+    """The last wall reading (None before the first)."""
+    mono: float = 0.0
+    """The monotonic reading taken with it."""
+
+    def observe(self, wall: float, mono: float) -> float:
+        """Record a reading; the step since the previous one (0: none, or the first)."""
+        step = 0.0
+        if self.wall is not None:
+            step = clock_step(
+                wall_then=self.wall, mono_then=self.mono, wall_now=wall, mono_now=mono
+            )
+        self.wall, self.mono = wall, mono
+        return step

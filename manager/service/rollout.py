@@ -65,6 +65,7 @@ __all__ = [
     "pause",
     "plan_batches",
     "promote",
+    "rebase",
     "resume",
     "start",
     "step",
@@ -295,6 +296,28 @@ class Step:
     """What happened, in order."""
     wake_at: float | None = None
     """Evaluate again no later than this, even if nothing is observed to change."""
+
+
+def rebase(
+    r: Rollout, nodes: Mapping[str, NodeProgress], step: float
+) -> tuple[Rollout, dict[str, NodeProgress]]:
+    """The rollout and its UPDATING nodes after the manager's wall clock was stepped by
+    `step` s: their deadlines (healthy, progress, the pause between batches) move with
+    it and count the time that passed, not the step. Returns the nodes that moved.
+
+    The agents' health times are the daemons' (their clocks were not stepped) and stay.
+    """
+    done_at = r.batch_done_at
+    moved = dataclasses.replace(
+        r,
+        progress_at=r.progress_at + step,
+        batch_done_at=None if done_at is None else done_at + step,
+    )
+    return moved, {
+        n: dataclasses.replace(p, since=p.since + step)
+        for n, p in nodes.items()
+        if p.phase is NodePhase.UPDATING
+    }
 
 
 # --- operator actions -------------------------------------------------------------------

@@ -4,7 +4,8 @@
 "fleet-sweeper" for as long as it is the leader (PostgreSQL; SQLite has one
 manager), and only acts `failover_grace` after it became leader, so a
 restart or a failover does not mark a whole fleet down while daemons
-reconnect. `MetricsLifecycle` rolls up and prunes metrics under its own lock,
+reconnect; a step of the wall clock re-bases it (`liveness.StepWatch`).
+`MetricsLifecycle` rolls up and prunes metrics under its own lock,
 `ArtifactJanitor` deletes the staged chunks of uploads a crash cut short,
 `JobJanitor` deletes finished jobs past their retention.
 """
@@ -20,7 +21,7 @@ from dataclasses import dataclass
 from fleet.errors import FleetError
 from manager.service.artifacts import Artifacts
 from manager.service.heartbeats import HeartbeatBuffer
-from manager.service.liveness import LivenessPolicy, sweep_cutoff
+from manager.service.liveness import LivenessPolicy, StepWatch, sweep_cutoff
 from manager.service.registry import NodeRegistry
 from manager.storage import Database, NodeRepository
 from manager.storage.jobs import JobRepository, JobTx
@@ -64,10 +65,14 @@ class Sweeper:
         policy: LivenessPolicy,
         interval: float,
         clock: Callable[[], float],
+        monotonic: Callable[[], float] | None = None,
         on_leader: Callable[[bool], None] | None = None,
         on_offline: Callable[[int], None] | None = None,
         on_counts: Callable[[int, int], None] | None = None,
+        on_step: Callable[[float], None] | None = None,
     ) -> None:
+        """`clock`: the wall clock (last-seen times); `monotonic`: the clock a step of it
+        is measured against (None: `clock` itself, which never sees a step)."""
         self._db = db
         self._nodes = nodes
         self._registry = registry
@@ -75,6 +80,9 @@ class Sweeper:
         self._policy = policy
         self._interval = interval
         self._clock = clock
+        self._monotonic = monotonic or clock
+        self._steps = StepWatch()
+        self._on_step = on_step or (lambda _: None)
         self._on_leader = on_leader or (lambda _: None)
         self._on_offline = on_offline or (lambda _: None)
         self._on_counts = on_counts
@@ -89,6 +97,9 @@ class Sweeper:
             self.active_since = self._clock()
         await self._heartbeats.flush()
         now = self._clock()
+        step = self._steps.observe(now, self._monotonic())
+        if step:
+            await self._stepped(step, now)
         cutoff = sweep_cutoff(
             now=now,
             active_since=self.active_since,
@@ -105,6 +116,34 @@ class Sweeper:
             log.info("marked %d node(s) offline: %s", len(offline), ", ".join(offline[:20]))
             self._on_offline(len(offline))
         return SweepResult(tuple(offline), cutoff_ms)
+
+    async def _stepped(self, step: float, now: float) -> None:
+        """Re-base after the wall clock moved `step` s more than time passed.
+
+        Forwards, every last-seen time is suddenly `step` older: nobody is judged
+        for a failover grace, as after a start (a VM resumed after an hour is one,
+        to the daemons). Backwards, last-seen times lie in the future and would
+        keep dead nodes online until the clock caught up: they become now, and a
+        failover grace in progress keeps its length.
+        """
+        self._on_step(step)
+        if step > 0:
+            self.active_since = now
+            log.warning(
+                "the wall clock jumped %+.1f s: no node is marked offline for the failover"
+                " grace (%.0f s) while the fleet is seen on the new time",
+                step,
+                self._policy.failover_grace,
+            )
+            return
+        self.active_since = (self.active_since or now) + step
+        clamped = await self._nodes.clamp_last_seen(int(now * 1000))
+        log.warning(
+            "the wall clock jumped %+.1f s: %d node(s) last seen in the future now last seen"
+            " now, so silence counts from here",
+            step,
+            clamped,
+        )
 
     async def refresh_counts(self) -> None:
         """Update the fleet size (ttl) and the nodes-by-status gauges."""
@@ -147,6 +186,7 @@ class Sweeper:
 
     async def _lead(self) -> None:
         self.active_since = self._clock()
+        self._steps = StepWatch()
         self._on_leader(True)
         log.info(
             "this manager is the sweeper; nodes get %.0f s of failover grace",

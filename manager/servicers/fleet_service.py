@@ -555,11 +555,10 @@ def build_fleet_servicer(
     on_labels_changed: Callable[[], None] = lambda: None,
     streams: ControlStreams | None = None,
     stream_grace: float = 0.0,
-    stream_quiet_until: float = 0.0,
     stream_route: Callable[[str], Awaitable[Route | None]] | None = None,
 ) -> FleetServicer:
     """The FleetService servicer over the manager's database, daemon pool and event feed
-    (`streams`, `stream_grace`, `stream_quiet_until`, `stream_route`: what `nodes show`
+    (`streams`, `stream_grace`, `stream_route`: what `nodes show`
     says of control streams)."""
     nodes, agents = NodeRepository(db), AgentStateRepository(db)
     recorder = OperationRecorder(OperationLog(db), clock=clock)
@@ -577,7 +576,6 @@ def build_fleet_servicer(
         revoked=RemovalRepository(db).still_revoked,
         streams=streams,
         stream_grace=stream_grace,
-        stream_quiet_until=stream_quiet_until,
         stream_route=stream_route,
     )
     return FleetServicer(

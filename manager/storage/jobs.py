@@ -497,6 +497,27 @@ class JobTx(QueuedWrites):
 
     # --- targets ------------------------------------------------------------------------------
 
+    async def rebase_active(self, step_ms: int, now_ms: int) -> int:
+        """The wall clock was stepped by `step_ms`: QUEUED and RUNNING targets' `updated_ms`
+        written before the step move with it (forwards: those at or before `now_ms - step_ms`;
+        backwards: those after `now_ms`, which become `now_ms`), so the lost-node rule
+        counts the time that passed. Returns how many moved."""
+        active = job_targets.c.state.in_(("QUEUED", "RUNNING"))
+        if step_ms > 0:
+            stmt = (
+                update(job_targets)
+                .where(active, job_targets.c.updated_ms <= now_ms - step_ms)
+                .values(updated_ms=job_targets.c.updated_ms + step_ms)
+            )
+        else:
+            stmt = (
+                update(job_targets)
+                .where(active, job_targets.c.updated_ms > now_ms)
+                .values(updated_ms=now_ms)
+            )
+        result = await self._conn.execute(stmt)
+        return int(result.rowcount or 0)
+
     async def targets(
         self,
         job_id: str,

@@ -482,6 +482,22 @@ class NodeRepository:
 
         return await self._db.run(body)
 
+    async def clamp_last_seen(self, now_ms: int) -> int:
+        """Last-seen times after `now_ms` become `now_ms`; returns how many.
+
+        After the wall clock was stepped back they lie in the future and, as
+        heartbeats keep the larger time, would keep dead nodes online until the
+        clock caught up with them.
+        """
+
+        async def body(conn: AsyncConnection) -> int:
+            result = await conn.execute(
+                update(nodes).where(nodes.c.last_seen_ms > now_ms).values(last_seen_ms=now_ms)
+            )
+            return int(result.rowcount or 0)
+
+        return await self._db.run(body)
+
     async def mark_offline(
         self,
         *,

@@ -29,15 +29,28 @@ from manager.storage import NodeRecord
 
 
 class FakeClock:
-    """A settable wall clock (seconds); starts at the real time."""
+    """A settable wall clock (seconds); starts at the real time.
+
+    `monotonic` is its monotonic clock: `advance` moves both (time passes), `step`
+    only the wall clock (an NTP correction, `date -s`). Give it to the manager as
+    `monotonic=clock.monotonic` to let it see steps.
+    """
 
     def __init__(self, now: float | None = None) -> None:
         self.now = time.time() if now is None else now
+        self.mono = 1000.0
 
     def __call__(self) -> float:
         return self.now
 
+    def monotonic(self) -> float:
+        return self.mono
+
     def advance(self, seconds: float) -> None:
+        self.now += seconds
+        self.mono += seconds
+
+    def step(self, seconds: float) -> None:
         self.now += seconds
 
     def ms(self) -> int:

@@ -728,3 +728,36 @@ async def test_a_reconnect_within_the_grace_keeps_the_node_online(
     clock.advance(10)
     assert await manager.stream_liveness.run_once() == []
     assert await scalar(manager, "SELECT status FROM nodes WHERE node_id='node-1'") == "online"
+
+
+@pytest.mark.parametrize("step", [3600.0, -600.0])
+async def test_a_step_of_the_wall_clock_moves_a_broken_stream_grace_with_it(
+    pki: Any,
+    database_url: str,
+    tmp_path: Path,
+    clock: FakeClock,
+    ends: list[ControlEnd],
+    step: float,
+) -> None:
+    """A broken stream's 5 s grace lasts 5 s of time whichever way the wall clock is
+    stepped meanwhile: +1 h does not end it at once, -10 min does not make it 10 min."""
+    config = manager_config(
+        pki,
+        database_url,
+        tmp_path / "state",
+        control={"offline_grace_seconds": 5.0, "liveness_refresh_seconds": 3600.0},
+    )
+    async with running_manager(config, clock, monotonic=clock.monotonic) as server:
+        await server.sweeper.stop()  # stream liveness alone, as in the tests above
+        clock.advance(61)  # past the failover grace
+        assert await server.stream_liveness.run_once() == []
+        end, _ = await connect(pki, server, ends, "node-1")
+        await end.close()
+        await wait_until(lambda: "node-1" in server.control_streams.broken_at)
+        clock.step(step)
+        assert await server.stream_liveness.run_once() == []
+        clock.advance(4)
+        assert await server.stream_liveness.run_once() == []
+        clock.advance(2)
+        assert await server.stream_liveness.run_once() == ["node-1"]
+        assert await scalar(server, "SELECT status FROM nodes WHERE node_id='node-1'") == "offline"

@@ -112,3 +112,60 @@ async def test_interval_scales_with_fleet_size_to_keep_the_rate_under_the_ceilin
         assert len(set(intervals[-5:])) > 1  # jittered, not lock-step
         # Total rate implied by the intervals handed out stays under the ceiling.
         assert 20 / (min(intervals[-1], hb.heartbeat_interval_ms) / 1000) <= 0.5
+
+
+async def test_a_forward_step_of_the_wall_clock_takes_no_node_offline(
+    pki: Any, database_url: str, tmp_path: Path
+) -> None:
+    """+1 h on the manager's wall clock (NTP, a VM resumed) makes every last-seen an hour
+    old: nobody goes offline for it; silence counts from the step, after a failover grace."""
+    clock = FakeClock()
+    config = manager_config(pki, database_url, tmp_path / "s", liveness=LIVENESS)
+    async with running_manager(config, clock, monotonic=clock.monotonic) as server:
+        await server.sweeper.stop()  # the test sweeps, at the times it chooses
+        async with node_stub(pki, "a", server.port) as a, node_stub(pki, "b", server.port) as b:
+            await a.RegisterNode(registration("a"))
+            await b.RegisterNode(registration("b"))
+            await server.sweeper.sweep_once()  # the sweeper starts: failover grace
+            clock.advance(61)
+            await heartbeat(a, "a", clock)
+            await heartbeat(b, "b", clock)
+            clock.advance(5)
+            assert (await server.sweeper.sweep_once()).offline == ()
+            clock.step(3600)
+            assert (await server.sweeper.sweep_once()).offline == ()
+            await heartbeat(a, "a", clock)  # a lives on; b died at the step
+            clock.advance(59)
+            await heartbeat(a, "a", clock)
+            assert (await server.sweeper.sweep_once()).offline == ()
+            clock.advance(2)  # the failover grace after the step is over
+            assert (await server.sweeper.sweep_once()).offline == ("b",)
+            assert await offline_events(server) == ["b"]
+
+
+async def test_a_backward_step_of_the_wall_clock_does_not_freeze_liveness(
+    pki: Any, database_url: str, tmp_path: Path
+) -> None:
+    """-10 min on the manager's wall clock leaves last-seen times in the future: a node
+    that dies at the step still goes offline ttl*(1+jitter)+grace later, not 10 min on."""
+    clock = FakeClock()
+    config = manager_config(pki, database_url, tmp_path / "s", liveness=LIVENESS)
+    async with running_manager(config, clock, monotonic=clock.monotonic) as server:
+        await server.sweeper.stop()
+        async with node_stub(pki, "a", server.port) as a, node_stub(pki, "b", server.port) as b:
+            await a.RegisterNode(registration("a"))
+            await b.RegisterNode(registration("b"))
+            await server.sweeper.sweep_once()
+            clock.advance(61)
+            await heartbeat(a, "a", clock)
+            await heartbeat(b, "b", clock)
+            assert (await server.sweeper.sweep_once()).offline == ()
+            clock.step(-600)
+            assert (await server.sweeper.sweep_once()).offline == ()
+            for _ in range(2):  # a lives on; b died at the step
+                clock.advance(8.5)
+                await heartbeat(a, "a", clock)
+            assert (await server.sweeper.sweep_once()).offline == ("b",)  # silent 17 s
+            node_b = await server.nodes.get("b")
+            assert node_b is not None
+            assert abs(node_b.last_seen_ms - (clock.now - 17) * 1000) <= 1  # at the step

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
+import sys
 from collections.abc import AsyncIterator
 from pathlib import Path
 
+import psutil
 import pytest
 from supervisor_helpers import Recorder, agent, make_supervisor, script
 
+from daemon.sampler import Sampler
 from daemon.supervisor.clock import ManualClock
 from daemon.supervisor.spec import BackoffSpec, HealthSpec
 from daemon.supervisor.states import AgentStatus
@@ -125,3 +129,52 @@ async def test_crash_then_backoff_then_running(
     assert rec.statuses("flaky") == [S.STARTING, S.BACKOFF, S.STARTING, S.RUNNING]
     assert sup.get("flaky").restart_count == 1
     assert sup.get("flaky").message.startswith("running with pid")
+
+
+async def test_a_backward_step_of_the_wall_clock_does_not_stop_sampling(
+    sup: Supervisor, rec: Recorder, clock: ManualClock
+) -> None:
+    """Samples follow the sample interval in time passed: ten minutes back on the wall
+    clock is not ten minutes without resource figures."""
+    await sup.start([agent("s", "-c", "import time; time.sleep(600)", start_secs=0.0)])
+    await rec.until(lambda: sup.sampler.latest("s") is not None)
+    clock.step(-600)
+    clock.advance(0.1)
+    # An agent's samples are stamped with the wall clock, so the new one reads 10 min back.
+    now_ms = int(clock.now() * 1000)
+    await rec.until(lambda: any(s.timestamp_ms == now_ms for s in sup.sampler.samples("s")))
+
+
+async def test_a_backward_step_of_the_wall_clock_does_not_stop_tree_rescans(
+    rec: Recorder,
+) -> None:
+    """The sampler looks for an agent's new children every rescan interval: stepped ten
+    minutes back, it still finds a child started after the step."""
+    parent = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-c",
+        "import subprocess, sys, time; sys.stdin.readline();"
+        " subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(60)']);"
+        " time.sleep(60)",
+        stdin=asyncio.subprocess.PIPE,
+    )
+    try:
+        sampler = Sampler(rescan_interval=5.0)
+        sampler.track("a", parent.pid)
+        t0 = 1_700_000_000_000
+        sampler.sample(t0)
+        assert sampler.tree_pids("a") == {parent.pid}
+        back = t0 - 600_000
+        sampler.sample(back)
+        assert parent.stdin is not None
+        parent.stdin.write(b"go\n")
+        await parent.stdin.drain()
+        await rec.until(lambda: bool(psutil.Process(parent.pid).children()))
+        sampler.sample(back + 6000)  # a rescan interval after the step
+        (child,) = psutil.Process(parent.pid).children()
+        assert sampler.tree_pids("a") == {parent.pid, child.pid}
+    finally:
+        for proc in psutil.Process(parent.pid).children():
+            proc.kill()
+        parent.kill()
+        await parent.wait()

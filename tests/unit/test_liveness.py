@@ -7,8 +7,11 @@ import random
 import pytest
 
 from manager.service.liveness import (
+    STEP_TOLERANCE,
     LivenessPolicy,
+    StepWatch,
     TtlHighWater,
+    clock_step,
     heartbeat_ttl,
     jittered_interval,
     offline_after,
@@ -96,3 +99,29 @@ def test_stream_refresh_shrinks_to_a_third_of_a_short_window() -> None:
     """A 3 s offline window (min_ttl 1, grace 2) is refreshed every second, not every 5 s."""
     short = LivenessPolicy(min_ttl=1.0, max_rate=100.0, jitter=0.0, grace=2.0, failover_grace=3.0)
     assert stream_refresh_interval(5.0, short) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize(
+    ("wall", "mono", "step"),
+    [
+        (1.0, 1.0, 0.0),  # time passed
+        (30.0, 30.0, 0.0),  # a stall of the process moves both clocks
+        (1.0 + STEP_TOLERANCE, 1.0, 0.0),  # slewing, within the tolerance
+        (3601.0, 1.0, 3600.0),  # +1 h
+        (-599.0, 1.0, -600.0),  # -10 min
+        (3600.0, 0.0, 3600.0),  # a suspended VM: the monotonic clock stood still
+    ],
+)
+def test_clock_step_is_the_wall_clocks_advance_past_the_monotonic_one(
+    wall: float, mono: float, step: float
+) -> None:
+    assert clock_step(wall_then=0.0, mono_then=0.0, wall_now=wall, mono_now=mono) == step
+
+
+def test_step_watch_reports_each_step_once() -> None:
+    watch = StepWatch()
+    assert watch.observe(1_700_000_000.0, 50.0) == 0.0  # the first reading
+    assert watch.observe(1_700_000_001.0, 51.0) == 0.0
+    assert watch.observe(1_700_003_602.0, 52.0) == 3600.0
+    assert watch.observe(1_700_003_603.0, 53.0) == 0.0  # re-based on the new time
+    assert watch.observe(1_700_003_004.0, 54.0) == -600.0

@@ -31,6 +31,7 @@ from manager.service.rollout import (
     pause,
     plan_batches,
     promote,
+    rebase,
     resume,
     start,
     step,
@@ -385,6 +386,38 @@ def test_healthy_deadline_fails_nodes_that_never_become_healthy() -> None:
     assert d.rollout.reason == (
         "revision 2 failed on n00 (and 1 more): not healthy within 60s: BACKOFF: exited with code 1"
     )
+
+
+@pytest.mark.parametrize("jump", [3600.0, -600.0])
+def test_a_step_of_the_managers_clock_moves_the_deadlines_with_it(jump: float) -> None:
+    """A batch in flight when the manager's clock is stepped: a node not healthy yet is
+    failed 60 s of time after it was moved, not at once (+1 h), not 10 min late (-10 min).
+    Its health times are its daemon's, not stepped."""
+    fleet = SimFleet.of(2, bad={2})
+    d = rollout_of(fleet)
+    d.tick()
+    updating = dict(d.progress)
+    d.rollout, moved = rebase(d.rollout, d.progress, jump)
+    d.progress.update(moved)
+    assert d.rollout.progress_at == T0 + jump
+    assert {n: p.since for n, p in moved.items()} == dict.fromkeys(updating, T0 + jump)
+    d.now = T0 + jump + 59.9
+    assert d.tick().rollout.state is S.RUNNING
+    d.now = T0 + jump + 60.0
+    assert d.tick().rollout.state is S.FAILED
+    assert "not healthy within 60s" in d.rollout.reason
+
+
+def test_rebase_leaves_nodes_that_are_not_updating() -> None:
+    """Done and failed nodes' times say when that happened; only deadlines move."""
+    r, _ = start("web", 2, 1, policy(), T0)
+    nodes = {
+        "a": NodeProgress(NodePhase.DONE, batch=0, since=T0 - 5),
+        "b": NodeProgress(NodePhase.UPDATING, batch=1, since=T0),
+    }
+    after, moved = rebase(dataclasses.replace(r, batch_done_at=T0 - 1), nodes, 30.0)
+    assert (after.progress_at, after.batch_done_at) == (T0 + 30, T0 + 29)
+    assert moved == {"b": NodeProgress(NodePhase.UPDATING, batch=1, since=T0 + 30)}
 
 
 def test_progress_deadline_bounds_nodes_that_keep_coming_back() -> None:
