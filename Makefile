@@ -13,7 +13,7 @@ PROTOS := $(wildcard protos/fleet/v1/*.proto)
 FLEET_TEST_POSTGRES_URL ?= postgresql+asyncpg://postgres@127.0.0.1:5432/test
 export FLEET_TEST_POSTGRES_URL
 
-.PHONY: help setup browser lock test test-dist dist soak lint proto proto-check proto-breaking fmt demo clean \
+.PHONY: help setup test-tools lock test test-dist dist soak lint proto proto-check proto-breaking fmt demo clean \
 	console-vendor console-check console-lint
 
 help:  ## list targets
@@ -55,29 +55,34 @@ lock: setup  ## update requirements.lock and requirements-runtime.lock from pypr
 demo: setup  ## run a manager and two daemons with example agents, and a fleetctl tour (Ctrl-C stops)
 	scripts/demo.sh
 
-# The console's browser tests (tests/browser) drive Debian's Chromium through
-# Playwright; Playwright's own browser download is never used (it is not
-# reachable from every machine). Installed here only when it is missing, and
-# only as root: without it those tests skip with the reason (fail under CI).
+# Debian packages some tests need, installed here only when missing and only as
+# root (without them those tests skip with the reason, and fail under CI):
+# Chromium for the console's browser tests (tests/browser; Playwright's own
+# browser download is never used: it is not reachable from every machine), and
+# libfaketime to step a manager's wall clock (tests/faults/test_clock_step.py).
 CHROMIUM ?= /usr/bin/chromium
+LIBFAKETIME ?= /usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1
 
-browser:  ## install Debian's chromium for tests/browser when it is missing (root: apt-get)
-	@if [ -x "$(CHROMIUM)" ]; then exit 0; fi; \
+test-tools:  ## install Debian's chromium and faketime for the tests when missing (root: apt-get)
+	@missing=""; \
+	[ -x "$(CHROMIUM)" ] || missing="$$missing chromium fonts-dejavu-core"; \
+	[ -e "$(LIBFAKETIME)" ] || missing="$$missing faketime"; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
 	if [ "$$(id -u)" -ne 0 ]; then \
-	    echo "make browser: $(CHROMIUM) is missing and installing it needs root:" \
-	        "run 'sudo apt-get install chromium fonts-dejavu-core'; until then tests/browser skip" >&2; \
+	    echo "make test-tools: installing$$missing needs root:" \
+	        "run 'sudo apt-get install$$missing'; until then the tests that need them skip" >&2; \
 	    exit 0; \
 	fi; \
-	echo "make browser: installing Debian's chromium for tests/browser"; \
+	echo "make test-tools: installing Debian's$$missing for the tests"; \
 	export DEBIAN_FRONTEND=noninteractive; \
-	apt-get update -qq && apt-get install -y -qq chromium fonts-dejavu-core >/dev/null
+	apt-get update -qq && apt-get install -y -qq $$missing >/dev/null
 
 # The suite waits on child processes, timers and the network about half of the
 # time, so two workers per core keep the cores busy (a 2-core CI: 23 -> ~17
 # min); capped at 8 so a big machine stays within PostgreSQL's connections.
 TEST_WORKERS ?= $(shell n=$$(nproc); echo $$(( n * 2 > 8 ? 8 : n * 2 )))
 
-test: setup browser  ## run the whole test suite (but tests/dist: make test-dist; TEST_WORKERS=n)
+test: setup test-tools  ## run the whole test suite (but tests/dist: make test-dist; TEST_WORKERS=n)
 	$(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=25 --ignore=tests/dist
 
 # The artifact hosts install (docs/install.md): the wheel, a zipapp with every

@@ -122,7 +122,7 @@ def console(fleetctl_config: Path) -> Iterator[Console]:
 def browser() -> Iterator[Browser]:
     """Headless Debian Chromium driven by Playwright, one per module (see the module doc).
 
-    Skipped without /usr/bin/chromium (`make browser`), failed under CI=true.
+    Skipped without /usr/bin/chromium (`make test-tools`), failed under CI=true.
     """
     executable = require_chromium()
     with sync_playwright() as playwright:

@@ -2,7 +2,7 @@
 
 The console is what an operator runs: `fleetctl ui` as its own process,
 talking to a real manager over the operator's mTLS connection. The browser
-is Debian's Chromium (`make browser` installs it) driven by Playwright's sync
+is Debian's Chromium (`make test-tools` installs it) driven by Playwright's sync
 API; Playwright's own browser download is never used.
 """
 
@@ -31,7 +31,7 @@ from fleet.tls import TLSConfig
 REPO = Path(__file__).resolve().parents[2]
 
 CHROMIUM = Path("/usr/bin/chromium")
-"""Debian's Chromium, the only browser the tests drive (`make browser` installs it)."""
+"""Debian's Chromium, the only browser the tests drive (`make test-tools` installs it)."""
 
 CHROMIUM_ARGS = (
     # The machine has no GPU and no network beyond loopback: without these,
@@ -74,7 +74,9 @@ def require_chromium() -> Path:
     """Debian's Chromium; skip the test without it (fail under CI) naming the fix."""
     if os.access(CHROMIUM, os.X_OK):
         return CHROMIUM
-    reason = f"{CHROMIUM} is not installed: run `make browser` (apt-get install chromium, as root)"
+    reason = (
+        f"{CHROMIUM} is not installed: run `make test-tools` (apt-get install chromium, as root)"
+    )
     if on_ci():
         pytest.fail(f"the browser tests need Chromium under CI: {reason}", pytrace=False)
     pytest.skip(reason)
