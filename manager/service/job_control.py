@@ -52,6 +52,7 @@ from manager.storage.jobs import (
     JobTargetRecord,
     JobTx,
     OutputChunk,
+    new_target,
     sqlite_jobs,
 )
 
@@ -175,7 +176,7 @@ class Jobs:
             concurrency=concurrency,
         )
         targets = tuple(
-            JobTargetRecord(job_id, n, idx=i, stage=stage, updated_ms=now_ms)
+            new_target(job_id, n, i, stage, now_ms)
             for i, (n, stage) in enumerate(stages([p.node_id for p in picked], spec.canary))
         )
         if plan:
