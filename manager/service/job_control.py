@@ -52,7 +52,6 @@ from manager.storage.jobs import (
     JobTargetRecord,
     JobTx,
     OutputChunk,
-    new_target,
     sqlite_jobs,
 )
 
@@ -176,7 +175,7 @@ class Jobs:
             concurrency=concurrency,
         )
         targets = tuple(
-            new_target(job_id, n, i, stage, now_ms)
+            JobTargetRecord(job_id, n, idx=i, stage=stage, updated_ms=now_ms)
             for i, (n, stage) in enumerate(stages([p.node_id for p in picked], spec.canary))
         )
         if plan:

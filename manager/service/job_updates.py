@@ -73,7 +73,6 @@ from manager.storage.jobs import (
     sqlite_put_targets,
     sqlite_targets_of,
     sqlite_update_job,
-    target_with,
 )
 
 __all__ = [
@@ -170,7 +169,7 @@ def merge(current: JobTargetRecord, change: Change, now_ms: int) -> JobTargetRec
     if change.kind == "unreachable":
         if state is not TargetState.PENDING:
             return None
-        return target_with(
+        return dataclasses.replace(
             current,
             attempts=current.attempts + 1,
             last_error=change.reason,
@@ -186,17 +185,16 @@ def merge(current: JobTargetRecord, change: Change, now_ms: int) -> JobTargetRec
         return None  # the report that it runs came first
     if not transition_allowed(state, new):
         return None
-    # One replace per change (`target_with`: ~1 us, not dataclasses.replace's ~4.7): this
-    # runs for every report and StartJob answer.
+    # One replace per change: this runs for every report and StartJob answer.
     values: dict[str, object] = {"state": new.value, "updated_ms": now_ms}
     if change.kind == "accepted":
         values.update(attempts=0, last_error="", dispatched_ms=current.dispatched_ms or now_ms)
         if new is TargetState.FAILED:
             values.update(reason=change.reason, ended_ms=now_ms)
-        return target_with(current, **values)
+        return dataclasses.replace(current, **values)  # type: ignore[arg-type]
     if change.kind == "decision":
         values.update(reason=change.reason, ended_ms=now_ms if new in TERMINAL else 0)
-        return target_with(current, **values)
+        return dataclasses.replace(current, **values)  # type: ignore[arg-type]
     # A report, or an end carried by a StartJob answer (which the node also answered).
     if change.kind == "ended":
         values.update(attempts=0, last_error="")
@@ -215,7 +213,7 @@ def merge(current: JobTargetRecord, change: Change, now_ms: int) -> JobTargetRec
         getattr(current, k) == v for k, v in values.items() if k != "updated_ms"
     ):
         return None  # a duplicate report
-    return target_with(current, **values)
+    return dataclasses.replace(current, **values)  # type: ignore[arg-type]
 
 
 def finished_message(job_id: str, target: JobTargetRecord) -> str:
@@ -632,7 +630,7 @@ def _upload(
         data = up.data if whole else up.data[got.skip : got.skip + got.keep]  # no copy if whole
         output.append(OutputRow(up.job_id, up.node_id, target.output_stored_bytes, data))
     if got.stored != target.output_stored_bytes or got.truncated != target.truncated:
-        changed[(up.job_id, up.node_id)] = target_with(
+        changed[(up.job_id, up.node_id)] = dataclasses.replace(
             target, output_stored_bytes=got.stored, truncated=got.truncated, updated_ms=now_ms
         )
     return got
