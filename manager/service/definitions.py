@@ -824,7 +824,9 @@ class Definitions:
         held = reservations(*await _placed(tx), exclude=c.name) if c.count else {}
         scope, unplaced = scope_of(c, nodes, assigned, room, self._clock(), held)
         old = await tx.revisions_of({(a.name, a.revision) for a in current})
-        desired = await tx.node_desired(scope)
+        # Only the rows with refusals (what `_node_change` reads of a row): not 500 rows
+        # decoded at the front of every rollout.
+        desired = await tx.observed_rows(scope)
         status = {n.node_id: n.status for n in nodes}
         out: list[NodeChange] = []
         parsed: dict[tuple[str, int], CheckedDefinition] = {}

@@ -455,6 +455,11 @@ class DesiredTx(QueuedWrites):
         rows = await self._conn.execute(select(nodes).order_by(nodes.c.node_id))
         return [node_from_row(r) for r in rows]
 
+    async def online_ids(self) -> set[str]:
+        """Ids of the online nodes (as `NodeRepository.online_ids`, in this transaction)."""
+        query = select(nodes.c.node_id).where(nodes.c.status == "online")
+        return set((await self._conn.scalars(query)).all())
+
     async def nodes(self, node_ids: Collection[str]) -> dict[str, NodeRecord]:
         """The named nodes that exist, by id (an incremental pass re-reads only these)."""
         out: dict[str, NodeRecord] = {}
@@ -922,6 +927,16 @@ class SqliteDesiredTx(DesiredTx):
         """As `DesiredTx.all_nodes`."""
         sql = _select(_NodeRow, nodes) + " ORDER BY node_id"
         return [node_from_row(r) for r in self._rows(sql, (), _NodeRow)]
+
+    async def online_ids(self) -> set[str]:
+        """As `DesiredTx.online_ids`."""
+        cur = self._sqlite.execute(
+            f"SELECT node_id FROM {nodes.name} WHERE status = 'online'"  # noqa: S608 (constant)
+        )
+        try:
+            return {r[0] for r in cur.fetchall()}
+        finally:
+            cur.close()
 
     async def nodes(self, node_ids: Collection[str]) -> dict[str, NodeRecord]:
         """As `DesiredTx.nodes`."""

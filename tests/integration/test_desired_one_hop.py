@@ -117,12 +117,15 @@ async def _reads(tx: DesiredTx, rid: int) -> dict[str, object]:
         "nodes by id": await tx.nodes(["n3", "n1", "nope"]),
         "revision": await tx.revision("web", 2),
         "no revision": await tx.revision("web", 9),
+        "online ids": await tx.online_ids(),
+        "agent briefs": await tx.agent_briefs(["n1", "n3", "nope"], "web"),
     }
 
 
 async def test_one_hop_reads_what_the_sqlalchemy_tx_reads(database: Database) -> None:
     """Every read of a one-hop transaction returns the records DesiredTx returns."""
     repo, rid = await _seed(database)
+    await NodeRepository(database).mark_offline(cutoff_ms=10**15, now_ms=2, only=["n2"])
     expected = await repo.run(lambda tx: _reads(tx, rid), write=False)
     got = await repo.run_in_one_hop(lambda tx: _reads(tx, rid))
     assert got == expected
@@ -132,6 +135,8 @@ async def test_one_hop_reads_what_the_sqlalchemy_tx_reads(database: Database) ->
     assert expected["rollout nodes"]
     assert [n.node_id for n in expected["nodes"]] == list(NODES)  # type: ignore[attr-defined]
     assert expected["revision"] is not None
+    assert expected["online ids"] == {"n1", "n3"}
+    assert set(expected["agent briefs"]) == {"n1", "n3"}  # type: ignore[arg-type]
     # Only the rows with update errors (n2) or a push error on a set neither delivered nor
     # reported (n1), with the columns a rollout observes.
     assert expected["observed rows"] == {
