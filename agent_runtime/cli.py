@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Callable, Sequence
 from importlib import metadata
@@ -70,7 +71,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     async def run_main(agent: Agent) -> None:
         await agent_main(agent, default)
 
-    return run_agent(run_main, type=args.agent, version=_version(), configure_logging=False)
+    # The bundled agents have no release of their own: they register as the version their
+    # spec declares (the daemon passes it), else as the Fleet package they come with.
+    version = os.environ.get("FLEET_AGENT_VERSION") or _version()
+    return run_agent(run_main, type=args.agent, version=version, configure_logging=False)
 
 
 if __name__ == "__main__":

@@ -296,6 +296,9 @@ def spawn(spec: AgentSpec, *, log_path: Path, socket_path: Path) -> AgentProcess
     env.update(spec.env)
     env["FLEET_AGENT_ID"] = spec.id
     env["FLEET_DAEMON_SOCKET"] = str(socket_path)
+    if spec.version:
+        # What the spec declares, for an agent with no version of its own to report.
+        env["FLEET_AGENT_VERSION"] = spec.version
     return spawn_detached(spec.argv, env=env, cwd=spec.cwd, user=spec.user, output_path=log_path)
 
 

@@ -195,7 +195,8 @@ async def _log_line(
 async def test_registration_shows_in_list_agents_and_config_push_arrives_live(
     daemon: Daemon, stub: daemon_pb2_grpc.DaemonServiceStub
 ) -> None:
-    """ListAgents shows the SDK's version and heartbeats; a config PushUpdate applies in place."""
+    """ListAgents shows the SDK's version (or the spec's) and heartbeats; a config PushUpdate
+    applies in place."""
     daemon.start()
     version = metadata.version("fleet")
     info = await _probe_info(
@@ -216,12 +217,15 @@ async def test_registration_shows_in_list_agents_and_config_push_arrives_live(
     pushed = common_pb2.AgentSpec()
     pushed.CopyFrom(own)
     pushed.id = "probe-pushed"
+    pushed.version = "7.1"  # a bundled agent registers as the version its spec declares
     reply = await stub.PushUpdate(
         daemon_pb2.PushUpdateRequest(version=2, agents=[pushed]), timeout=10
     )
     assert list(reply.added) == ["probe-pushed"]
     first = await _probe_info(
-        stub, lambda a: a.last_heartbeat > 0 and a.health == HEALTHY, agent_id="probe-pushed"
+        stub,
+        lambda a: a.last_heartbeat > 0 and a.health == HEALTHY and a.version == "7.1",
+        agent_id="probe-pushed",
     )
     pushed.config = json.dumps(
         {"targets": [{"name": "moved", "url": "tcp://127.0.0.1:9"}]}
