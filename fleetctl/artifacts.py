@@ -292,5 +292,4 @@ def _confirm(cli: Cli, view: dict[str, Any]) -> None:
         )
     if view["referenced_by"]:
         cli.note(f"used by {', '.join(view['referenced_by'])}: the manager will refuse")
-    if not typer.confirm(f"Delete {what}?", default=False, err=True):
-        cli.fail("aborted; nothing was deleted", EXIT_FAILED)
+    cli.confirm(f"Delete {what}?", aborted="aborted; nothing was deleted")

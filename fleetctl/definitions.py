@@ -18,7 +18,7 @@ from fleetctl.apply import print_changes
 from fleetctl.client import Connection
 from fleetctl.deffile import render
 from fleetctl.output import Column, dump, print_object, print_rows
-from fleetctl.runtime import EXIT_FAILED, EXIT_OK, EXIT_USAGE, Cli, Stub, stdin_is_interactive
+from fleetctl.runtime import EXIT_OK, EXIT_USAGE, Cli, Stub, stdin_is_interactive
 from fleetctl.timespec import format_age
 from fleetctl.views import definition_status_view, revision_view
 
@@ -231,8 +231,9 @@ def delete(
                     " confirmation and there is no terminal to ask on; pass --yes",
                     EXIT_USAGE,
                 )
-            if not typer.confirm(f"{forecast.change.summary}. Delete?", default=False, err=True):
-                cli.fail("aborted; nothing was deleted", EXIT_FAILED)
+            cli.confirm(
+                f"{forecast.change.summary}. Delete?", aborted="aborted; nothing was deleted"
+            )
         reply = await stub.DeleteDefinition(request(False), timeout=conn.timeout)
         change = reply.change
         if cli.fmt.structured:

@@ -227,8 +227,7 @@ def _confirm(cli: Cli, what: str, planned: list[fleet_pb2.TargetResult]) -> None
             EXIT_USAGE,
         )
     cli.note(f"{what} on {len(planned)} targets: {names}{more}")
-    if not typer.confirm("Proceed?", default=False, err=True):
-        cli.fail("aborted; nothing was changed", EXIT_FAILED)
+    cli.confirm("Proceed?", aborted="aborted; nothing was changed")
 
 
 def _print_plan(cli: Cli, planned: list[fleet_pb2.TargetResult]) -> int:

@@ -49,7 +49,6 @@ from fleetctl.joboutput import (
 )
 from fleetctl.output import Column, dump, print_rows
 from fleetctl.runtime import (
-    EXIT_FAILED,
     EXIT_OK,
     EXIT_USAGE,
     Cli,
@@ -257,8 +256,7 @@ def _confirm(cli: Cli, view: dict[str, Any]) -> None:
             EXIT_USAGE,
         )
     cli.note(f"run {what or 'the job'} on {len(targets)} nodes: {names}")
-    if not typer.confirm("Proceed?", default=False, err=True):
-        cli.fail("aborted; nothing was run", EXIT_FAILED)
+    cli.confirm("Proceed?", aborted="aborted; nothing was run")
 
 
 async def _start_asking(

@@ -413,8 +413,7 @@ def _confirm(cli: Cli, question: str, action: str) -> None:
             " pass --yes",
             EXIT_USAGE,
         )
-    if not typer.confirm(question, default=False, err=True):
-        cli.fail(f"aborted; nothing was changed ({action})", EXIT_FAILED)
+    cli.confirm(question, aborted=f"aborted; nothing was changed ({action})")
 
 
 @app.command("delete")

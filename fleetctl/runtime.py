@@ -153,6 +153,25 @@ class Cli:
                 with contextlib.suppress(ValueError, RuntimeError, NotImplementedError):
                     loop.add_signal_handler(signal.SIGINT, self._on_sigint)
 
+    def confirm(self, question: str, *, aborted: str) -> None:
+        """Ask `question` (y/N) on stderr; unless the answer is yes, exit 1 with `aborted`.
+
+        Ctrl-C or the end of input (Ctrl-D) is a no. Inside `call`'s body the loop's
+        SIGINT handler is lifted meanwhile: otherwise Ctrl-C only re-asked.
+        """
+        try:
+            loop: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        try:
+            with self.ctrl_c_raises() if loop is not None else contextlib.nullcontext():
+                yes = typer.confirm(question, default=False, err=True)
+        except (typer.Abort, KeyboardInterrupt, EOFError):
+            self.note("")  # the prompt's line stays open after ^C / ^D
+            yes = False
+        if not yes:
+            self.fail(aborted, EXIT_FAILED)
+
     def checked(self, check: Callable[[], T]) -> T:
         """`check()`'s result; a UsageProblem it raises exits 2 with its one line."""
         try:

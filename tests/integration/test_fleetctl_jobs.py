@@ -502,3 +502,37 @@ def test_on_a_terminal_output_lines_start_their_own_line_under_the_progress_line
         at = raw.index(f"n1 | tick {i}")
         before = raw[:at]
         assert before.endswith(("\n", "\r", "\r\x1b[2K")), repr(raw[max(0, at - 60) : at + 12])
+
+
+@pytest.mark.parametrize("answer", ["ctrl-c", "ctrl-d"])
+def test_ctrl_c_or_ctrl_d_at_the_confirmation_runs_nothing(fleet: LiveFleet, answer: str) -> None:
+    """Asked to confirm a job on two nodes, Ctrl-C or the end of input is a no: one line,
+    exit 1, no job (Ctrl-C used to be swallowed by the call's handler and the prompt asked
+    again)."""
+    master, slave = os.openpty()
+    argv = [sys.executable, "-c", "from fleetctl.app import main; main()"]
+    proc = subprocess.Popen(
+        [*argv, "run", "-l", "role=web", "--", "true"],
+        env=_env(fleet), stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
+    )  # fmt: skip
+    os.close(slave)
+    seen = bytearray()
+    try:
+        _read_until(master, b"Proceed? [y/N]:", seen)
+        if answer == "ctrl-c":
+            proc.send_signal(signal.SIGINT)
+        else:
+            os.write(master, b"\x04")
+        proc.wait(30)
+        _read_until(master, b"\x00", seen, within=1)  # whatever is left
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        os.close(master)
+    text = _ANSI.sub(b"", bytes(seen)).decode(errors="replace")
+    assert proc.returncode == 1, text
+    assert "fleetctl: error: aborted; nothing was run" in text
+    assert text.count("Proceed?") == 1, text
+    assert "internal error" not in text
+    assert listed(fleet) == []
