@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -75,6 +76,18 @@ def hoist_global_options(args: list[str]) -> list[str]:
     return front + rest
 
 
+def _agent_ref_hint(ctx: Any, message: str) -> str:
+    """`agents show node-1 web` where one NODE/AGENT is asked: say how to write it."""
+    extra = re.fullmatch(r"Got unexpected extra argument\(s\)? \((\S+)\)", message)
+    if ctx is None or extra is None:
+        return ""
+    for param in ctx.command.params:
+        node = ctx.params.get(param.name)
+        if param.metavar == "NODE/AGENT" and isinstance(node, str) and "/" not in node:
+            return f": give the agent as NODE/AGENT, e.g. {node}/{extra.group(1)}"
+    return ""
+
+
 class _OneLineErrors(TyperGroup):
     """Usage errors as one line (``fleetctl: error: ...``) instead of click's panel."""
 
@@ -98,7 +111,7 @@ class _OneLineErrors(TyperGroup):
             message = " ".join(exc.format_message().split())
             # Typer validates through pydantic, which prefixes a validator's
             # ValueError with "Value error, "; the operator needs only the reason.
-            message = message.replace(": Value error, ", ": ", 1)
+            message = message.replace(": Value error, ", ": ", 1) + _agent_ref_hint(ctx, message)
             print(f"fleetctl: error: {message}{hint}", file=sys.stderr)
             sys.exit(exc.exit_code)
         except typer.Abort:

@@ -253,6 +253,26 @@ def test_click_usage_errors_are_one_line(fleetctl: Fleetctl) -> None:
     ]
 
 
+@pytest.mark.parametrize("command", [["agents", "show"], ["agents", "logs"], ["metrics", "agent"]])
+def test_node_and_agent_as_two_words_says_how_to_write_them(
+    fleetctl: Fleetctl, command: list[str]
+) -> None:
+    """`agents show node-1 web` is one line naming the shape NODE/AGENT takes, nothing asked."""
+    result = fleetctl(*command, "node-1", "web")
+    assert result.exit_code == 2
+    assert result.stderr.splitlines() == [
+        "fleetctl: error: Got unexpected extra argument(s) (web): give the agent as NODE/AGENT,"
+        f" e.g. node-1/web (see 'fleetctl {' '.join(command)} --help')"
+    ]
+    assert fleetctl.manager.fleet.requests == []
+    # Other extra arguments keep click's line.
+    other = fleetctl(*command, "node-1/web", "more")
+    assert other.stderr.splitlines() == [
+        "fleetctl: error: Got unexpected extra argument(s) (more)"
+        f" (see 'fleetctl {' '.join(command)} --help')"
+    ]
+
+
 def test_bad_choice_reads_without_validator_prefix(fleetctl: Fleetctl) -> None:
     """A value outside a choice says which values are allowed, without pydantic's 'Value error,'."""
     result = fleetctl("-o", "xml", "nodes", "list")
