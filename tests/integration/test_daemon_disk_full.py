@@ -219,7 +219,9 @@ async def test_a_full_log_filesystem_is_said_once_per_episode_and_reaches_the_ma
                     events = await manager.events.list_after(0, kinds=["AGENT_STATE_CHANGED"])
                     return [e.message for e in events if "-> RUNNING" in e.message]
 
-                await eventually(running, bool)  # the fill is news of its own, not the start's
+                # The fill is news of its own, not the start's (30 s: a loaded machine
+                # once took longer than 15 s for the first report).
+                await eventually(running, bool, within=30)
                 filler = fill(logs)
                 lost = await eventually(said, lambda m: len(m) == 1)
                 assert lost == [
