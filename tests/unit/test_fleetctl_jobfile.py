@@ -119,6 +119,11 @@ STEP = '[[steps]]\nargv = ["true"]\n'
         ("j.yaml", "steps: [", "j.yaml: not valid YAML"),
         (
             "j.yaml",
+            "name: x\n  steps: [\n",
+            "j.yaml: not valid YAML: line 2, column 8: mapping values are not allowed here",
+        ),
+        (
+            "j.yaml",
             "- 1\n- 2\n",
             "j.yaml: expected the job's keys (name, selector, steps, ...), got a list",
         ),
