@@ -108,6 +108,24 @@ def detect_format(path: str, text: str, explicit: FileFormat | None = None) -> F
     return "toml"
 
 
+def yaml_problem(exc: yaml.YAMLError) -> str:
+    """A YAML parse error in one line, 1-based line and column first.
+
+    PyYAML's own text spans lines, names the input "<unicode string>" and
+    quotes the line with a caret, which reads as noise once joined.
+    """
+    if not isinstance(exc, yaml.MarkedYAMLError) or exc.problem_mark is None:
+        return " ".join(str(exc).split())
+    mark = exc.problem_mark
+    out = f"line {mark.line + 1}, column {mark.column + 1}: {exc.problem}"
+    if exc.context and exc.context_mark is not None:
+        at = exc.context_mark
+        out += f" ({exc.context} at line {at.line + 1}, column {at.column + 1})"
+    elif exc.context:
+        out += f" ({exc.context})"
+    return out
+
+
 def _raw_definitions(source: str, text: str, fmt: FileFormat) -> list[Any]:
     """The definition tables of one file, before any check of their keys."""
     if fmt == "toml":
@@ -120,9 +138,7 @@ def _raw_definitions(source: str, text: str, fmt: FileFormat) -> list[Any]:
         try:
             documents = [d for d in yaml.safe_load_all(text) if d is not None]
         except yaml.YAMLError as exc:
-            raise DefinitionFileError(
-                f"{source}: not valid YAML: {' '.join(str(exc).split())}"
-            ) from None
+            raise DefinitionFileError(f"{source}: not valid YAML: {yaml_problem(exc)}") from None
     out: list[Any] = []
     for doc in documents:
         if isinstance(doc, list):

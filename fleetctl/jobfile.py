@@ -57,6 +57,7 @@ from fleetctl.deffile import (
     _str,
     _strings,
     _table,
+    yaml_problem,
 )
 from fleetctl.timespec import parse_duration
 
@@ -141,7 +142,7 @@ def load_job(source: str, text: str) -> jobs_pb2.JobSpec:
         try:
             documents = [d for d in yaml.safe_load_all(text) if d is not None]
         except yaml.YAMLError as exc:
-            raise JobFileError(f"{source}: not valid YAML: {' '.join(str(exc).split())}") from None
+            raise JobFileError(f"{source}: not valid YAML: {yaml_problem(exc)}") from None
         if len(documents) != 1:
             raise JobFileError(
                 f"{source}: holds {len(documents)} YAML documents; a job file holds one job"

@@ -292,8 +292,12 @@ def _read_file(path: str) -> str:
         return sys.stdin.read()
     try:
         return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UsageProblem(f"{path}: no such file") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise UsageProblem(f"{path}: cannot read the job file: {exc}") from None
+        # Python's own text names the path a second time, with its errno.
+        why = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise UsageProblem(f"{path}: cannot read the job file: {why or exc}") from None
 
 
 def _spec(file: str | None, flags: JobFlags) -> jobs_pb2.JobSpec:

@@ -287,6 +287,14 @@ def test_a_broken_file_is_one_line_naming_it(text: str, expected: str) -> None:
 
 def test_a_broken_yaml_file_is_one_line() -> None:
     assert error("- name: [web\n", "d.yml").startswith("d.yml: not valid YAML: ")
+    # Line and column first, no "<unicode string>" nor the caret line of PyYAML's text.
+    assert error("name: x\n  cmd: [\n", "d.yml") == (
+        "d.yml: not valid YAML: line 2, column 6: mapping values are not allowed here"
+    )
+    assert error('a: "x\n', "d.yml") == (
+        "d.yml: not valid YAML: line 2, column 1: found unexpected end of stream"
+        " (while scanning a quoted scalar at line 1, column 4)"
+    )
     assert error("42\n", "d.yml") == "d.yml: expected definition tables, got int"
 
 

@@ -5,10 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from typer.testing import CliRunner
 
 from fleet import selectors
 from fleet.v1 import jobs_pb2
-from fleetctl.app import hoist_global_options
+from fleetctl.app import app, hoist_global_options
 from fleetctl.jobfile import JobFileError, JobFlags, JobSpecError, build_spec, load_job
 
 FULL_TOML = """\
@@ -117,6 +118,11 @@ STEP = '[[steps]]\nargv = ["true"]\n'
         ("j.json", STEP, "j.json: cannot tell TOML from YAML by the name"),
         ("j.toml", "steps = [", "j.toml: not valid TOML"),
         ("j.yaml", "steps: [", "j.yaml: not valid YAML"),
+        (
+            "j.yaml",
+            "name: x\n  steps: [\n",
+            "j.yaml: not valid YAML: line 2, column 8: mapping values are not allowed here",
+        ),
         (
             "j.yaml",
             "- 1\n- 2\n",
@@ -476,3 +482,19 @@ def test_docs_job_file_example_is_valid() -> None:
     spec = load_job("jobs.md.toml", example)
     assert [s.name for s in spec.steps] == ["update", "upgrade", "report"]
     assert spec.lock == "apt"
+
+
+def test_run_names_a_job_file_it_cannot_read(tmp_path: Path) -> None:
+    """A missing or unreadable -f file is said in our words (no errno, the path once), exit 2."""
+    binary = tmp_path / "bin.toml"
+    binary.write_bytes(b"\xff\xfe")
+    cases = {
+        str(tmp_path / "gone.toml"): f"{tmp_path / 'gone.toml'}: no such file",
+        str(tmp_path): f"{tmp_path}: cannot read the job file: Is a directory",
+        str(binary): f"{binary}: cannot read the job file: not UTF-8 text",
+    }
+    env = {"XDG_CONFIG_HOME": str(tmp_path), "FLEETCTL_CONFIG": None, "COLUMNS": "200"}
+    for path, message in cases.items():
+        result = CliRunner().invoke(app, ["run", "-f", path, "-l", "a=b"], env=env)
+        assert result.exit_code == 2, result.output
+        assert result.stderr.strip() == f"fleetctl: error: {message}"
