@@ -97,6 +97,15 @@ from manager.service.desired import (
 from manager.service.liveness import StepWatch
 from manager.service.placement import Candidate, reservations
 from manager.service.reports import update_errors_event
+from manager.service.rollout_store import (
+    Inputs,
+    PassReads,
+    note_kind,
+    observation_inputs,
+    observations,
+    persist_step,
+    progress_of,
+)
 from manager.storage import Database, NodeRecord
 from manager.storage.desired import DesiredStateRepository, DesiredTx
 from manager.storage.records import (
@@ -104,7 +113,6 @@ from manager.storage.records import (
     AssignmentRecord,
     NodeDesiredRecord,
     RevisionRecord,
-    RolloutNodeRecord,
     RolloutRecord,
     UpdateErrorRecord,
 )
@@ -126,11 +134,6 @@ DESIRED_LOCK = "fleet-desired"
 
 _PARSED_KEPT = 256
 """Parsed revisions a driver keeps (a few per definition live at once)."""
-
-
-def note_kind(kind: str) -> str:
-    """A rollout note's kind as an event kind: rollout-batch -> ROLLOUT_BATCH."""
-    return kind.upper().replace("-", "_")
 
 
 @dataclass
@@ -169,7 +172,7 @@ class _RolloutMemo:
     """Its row as stored (compared under the row lock before a step is persisted)."""
     rollout: ro.Rollout
     progress: dict[str, ro.NodeProgress]
-    inputs: dict[str, _Inputs]
+    inputs: dict[str, Inputs]
     """What each node's observation is made of (kept so a step's assignments and a push's
     answer update it without reading it again)."""
     observed: dict[str, ro.Observation]
@@ -762,7 +765,7 @@ class Convergence:
     ) -> tuple[int, dict[str, int], dict[str, tuple[int, list[common_pb2.AgentSpec], int]]]:
         """Step the `live` rollouts (ids) over the `scopes` computed with them, then bump
         the node sets they changed, in ONE transaction: every node's assignments and node
-        row are read once for both (`_PassReads`). Each rollout still live afterwards goes
+        row are read once for both (`PassReads`). Each rollout still live afterwards goes
         into `memos`. Returns when (ms) and `_refresh_in`'s (undelivered, sets)."""
         now = self._clock()
         now_ms = int(now * 1000)
@@ -774,7 +777,7 @@ class Convergence:
             dict[str, int],
             dict[str, tuple[int, list[common_pb2.AgentSpec], int]],
         ]:
-            reads = await _PassReads.load(tx)
+            reads = await PassReads.load(tx)
             stepped = []
             for rollout_id in sorted(live):
                 one = await self._step_in(tx, rollout_id, nodes, scopes, now, reads)
@@ -849,7 +852,7 @@ class Convergence:
         nodes: Mapping[str, NodeRecord],
         scopes: Mapping[str, Sequence[str]],
         now: float,
-        reads: _PassReads | None = None,
+        reads: PassReads | None = None,
     ) -> tuple[_RolloutMemo, ro.Step, bool] | None:
         """Judge one rollout over the definition's scope and persist its step in `tx`
         (None: gone or ended); `reads` (a full pass's) follows the assignments it moves;
@@ -861,7 +864,7 @@ class Convergence:
         scope = scopes.get(record.name, ())
         rollout = ro.from_dict(json.loads(record.record))
         progress = {n: progress_of(r) for n, r in (await tx.rollout_nodes(rollout_id)).items()}
-        inputs = await _observation_inputs(tx, record.name, scope, nodes, reads)
+        inputs = await observation_inputs(tx, record.name, scope, nodes, reads)
         observed = {n: observe(*i) for n, i in inputs.items()}
         step = ro.step(rollout, progress, observed, now, self._unplaced.get(record.name, ""))
         if step.rollout == rollout and not step.nodes and not step.assign:
@@ -902,7 +905,7 @@ class Convergence:
         now_ms: int,
         only: Collection[str] | None,
         *,
-        reads: _PassReads | None = None,
+        reads: PassReads | None = None,
     ) -> tuple[dict[str, int], dict[str, tuple[int, list[common_pb2.AgentSpec], int]]]:
         """Bump the version of every node (of `only`, if given) whose managed set changed.
 
@@ -1249,145 +1252,9 @@ def _carried_states(
     return states
 
 
-_Inputs = tuple[
-    NodeRecord,
-    AssignmentRecord | None,
-    AgentStateRecord | None,
-    tuple[UpdateErrorRecord, ...],
-    str,
-]
-"""`desired.observe`'s arguments for one node: the node, its assignment, its agent (only
-with the columns `observe` reads when it comes from `DesiredTx.judged_agents`), its row's
-update errors and why its set is not delivered (`desired.undelivered`)."""
-
-
-async def observations(
-    tx: DesiredTx,
-    name: str,
-    scope: Sequence[str],
-    nodes: Mapping[str, NodeRecord],
-) -> dict[str, ro.Observation]:
-    """What a rollout of `name` sees of each node of its scope (and of each node still
-    assigned to it)."""
-    inputs = await _observation_inputs(tx, name, scope, nodes)
-    return {n: observe(*i) for n, i in inputs.items()}
-
-
-async def _observation_inputs(
-    tx: DesiredTx,
-    name: str,
-    scope: Sequence[str],
-    nodes: Mapping[str, NodeRecord],
-    reads: _PassReads | None = None,
-) -> dict[str, _Inputs]:
-    if reads is None:
-        assigned = {a.node_id: a for a in await tx.assignments(names=[name])}
-    else:
-        assigned = {n: a for (n, a_name), a in reads.assigned.items() if a_name == name}
-    wanted = sorted((set(scope) | set(assigned)) & set(nodes))
-    if reads is None:  # only rows with errors or an undelivered push (nearly none)
-        rows = await tx.observed_rows(wanted)
-    else:
-        rows = reads.desired
-    states = {s.node_id: s for s in await tx.judged_agents(wanted, name)}
-    out: dict[str, _Inputs] = {}
-    for n in wanted:
-        row = rows.get(n)
-        errors, why = (row.update_errors, undelivered(row)) if row else ((), "")
-        out[n] = (nodes[n], assigned.get(n), states.get(n), errors, why)
-    return out
-
-
-async def persist_step(
-    tx: DesiredTx, record: RolloutRecord, step: ro.Step, now_ms: int
-) -> RolloutRecord:
-    """Store a rollout step: its record, node records, the assignments it moves, its
-    events; a success makes the target the definition's stable revision. Returns the
-    rollout's row as stored."""
-    after = step.rollout
-    ended = after.state in ro.TERMINAL
-    stored = dataclasses.replace(
-        record,
-        target=after.target,
-        previous=after.previous,
-        state=after.state.value,
-        record=json.dumps(ro.to_dict(after)),
-        updated_ms=now_ms,
-        ended_ms=now_ms if ended else 0,
-    )
-    await tx.update_rollout(stored)
-    await tx.put_rollout_nodes(
-        [
-            RolloutNodeRecord(
-                rollout_id=record.id,
-                node_id=n,
-                phase=p.phase.value,
-                batch=p.batch,
-                since_ms=int(p.since * 1000),
-                offline=p.offline,
-                reason=p.reason,
-            )
-            for n, p in sorted(step.nodes.items())
-        ]
-    )
-    await tx.set_assignments(
-        [AssignmentRecord(n, record.name, after.target, now_ms) for n in step.assign]
-    )
-    if after.state is ro.RolloutState.SUCCESSFUL:
-        head = (await tx.definitions([record.name], for_update=True)).get(record.name)
-        if head is not None:
-            await tx.put_definition(dataclasses.replace(head, stable_revision=after.target))
-    for note in step.notes:
-        tx.event(
-            note_kind(note.kind),
-            now_ms=now_ms,
-            actor="manager",
-            node_id=note.node_id,
-            agent_id=record.name if note.node_id else "",
-            message=note.message,
-            attributes={**note.attributes, "name": record.name, "rollout_id": str(record.id)},
-        )
-    return stored
-
-
-@dataclass
-class _PassReads:
-    """Every assignment and node row, read once by a full pass's transaction for its
-    rollout steps and its node sets, and kept as that transaction changes them."""
-
-    assigned: dict[tuple[str, str], AssignmentRecord]
-    """By (node, definition)."""
-    desired: dict[str, NodeDesiredRecord]
-
-    @classmethod
-    async def load(cls, tx: DesiredTx) -> _PassReads:
-        assigned = {(a.node_id, a.name): a for a in await tx.assignments()}
-        return cls(assigned, await tx.node_desired())
-
-    def assign(self, node_ids: Iterable[str], name: str, revision: int, now_ms: int) -> None:
-        """A step moved these nodes to `revision` (as `persist_step` stored it)."""
-        for n in node_ids:
-            self.assigned[n, name] = AssignmentRecord(n, name, revision, now_ms)
-
-    def assignments(self) -> list[AssignmentRecord]:
-        """As `DesiredTx.assignments()` reads them: by (node, name)."""
-        return [self.assigned[k] for k in sorted(self.assigned)]
-
-
 class _Stale(Exception):
     """The rollout's row changed since this replica stored it: a full pass decides."""
 
 
 def _earliest(a: float | None, b: float) -> float:
     return b if a is None else min(a, b)
-
-
-def progress_of(record: RolloutNodeRecord) -> ro.NodeProgress:
-    """A stored node record as the pure decisions' NodeProgress."""
-    return ro.NodeProgress(
-        phase=ro.NodePhase(record.phase),
-        batch=record.batch,
-        since=record.since_ms / 1000,
-        offline=record.offline,
-        reason=record.reason,
-    )
