@@ -71,6 +71,7 @@ from manager.gc_tuning import settle_gc  # noqa: E402
 from manager.pool import PoolConfig  # noqa: E402
 from manager.server import ManagerServer  # noqa: E402
 from manager.service.convergence import Convergence, PassResult  # noqa: E402
+from manager.service.delivery import Pusher  # noqa: E402
 
 if TYPE_CHECKING:
     from fleet.v1.fleet_pb2_grpc import FleetServiceAsyncStub
@@ -159,7 +160,7 @@ async def serve_manager() -> None:
     manager = ManagerServer(manager_config(Path(spec["root"]), tls, spec["n"], spec["port"]))
     passes: list[dict[str, Any]] = []
     run_once, run_incremental = Convergence.run_once, Convergence.run_incremental
-    send = Convergence._send
+    send = Pusher.send
     # Seconds of the pass in progress spent in desired-state transactions and in push
     # waves (wall time): "tx" those between the waves, "beside" those begun while a wave
     # was out (a batch's answers recorded as the next batch's pushes go out).
@@ -205,7 +206,7 @@ async def serve_manager() -> None:
         note(start, result)
         return result
 
-    async def timed_send(self: Convergence, *args: Any, **kwargs: Any) -> Any:
+    async def timed_send(self: Pusher, *args: Any, **kwargs: Any) -> Any:
         t = time.perf_counter()
         spent["pushing"] += 1
         try:
@@ -216,7 +217,7 @@ async def serve_manager() -> None:
 
     Convergence.run_once = timed_pass  # type: ignore[method-assign]
     Convergence.run_incremental = timed_incremental  # type: ignore[method-assign]
-    Convergence._send = timed_send  # type: ignore[method-assign]
+    Pusher.send = timed_send  # type: ignore[method-assign]
     await manager.start()
     # The driver's own transactions (not the apply's, nor WatchRollout's reads).
     repo = manager.convergence._repo

@@ -14,14 +14,15 @@ one manager) runs passes, each:
 3. **Node sets**: each node's managed set (its assignments' specs) gets a
    new version when its content changed (`desired.node_set`).
 4. **Pushes**: nodes whose set was not delivered get a `PushUpdate` through
-   the pool (bounded concurrency, backoff per node on failure; offline
-   nodes wait until they are back). The push asks for the node's agents in
-   the answer; they are stored as a SyncAgentStates is and judged at once,
-   so a batch needs no report round trip. A pass (full or incremental)
-   that pushed a live rollout's batch and whose every answer carried them
-   leaves them to the next pass, due at once, which judges its step on them
-   and records them (`_record`) in a transaction of their own while the
-   pushes of the batch that step starts go out (`_record_while`).
+   the pool (`delivery.Pusher`: bounded concurrency; backoff per node on
+   failure; offline nodes wait until they are back). The push asks for the
+   node's agents in the answer; they are stored as a SyncAgentStates is
+   (`delivery.record`) and judged at once, so a batch needs no report round
+   trip. A pass (full or incremental) that pushed a live rollout's batch and
+   whose every answer carried them leaves them to the next pass, due at
+   once, which judges its step on them and records them (`_record`) in a
+   transaction of their own while the pushes of the batch that step starts
+   go out (`_record_while`).
 
 A full pass runs when something changes (`poke`: a definition, a
 registration, a label change, an operator's rollout action; coalesced),
@@ -72,12 +73,11 @@ import time
 from collections.abc import Awaitable, Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from fleet.errors import FailedPrecondition, FleetError
+from fleet.errors import FleetError
 from fleet.selectors import Selector
-from fleet.v1 import common_pb2, daemon_pb2
+from fleet.v1 import common_pb2
 from manager.pool import DaemonPool
 from manager.service import rollout as ro
-from manager.service.agents import snapshot_records
 from manager.service.definitions import (
     CandidateSource,
     check_definition,
@@ -85,18 +85,26 @@ from manager.service.definitions import (
     pushed_spec,
     scope_of,
 )
+from manager.service.delivery import Answer, Outcome, Pusher, answers_of, record
 from manager.service.desired import (
     EMPTY_SET_HASH,
     assignment_changes,
     next_version,
     node_set,
     observe,
-    push_backoff,
     undelivered,
 )
 from manager.service.liveness import StepWatch
 from manager.service.placement import Candidate, reservations
-from manager.service.reports import update_errors_event
+from manager.service.rollout_store import (
+    Inputs,
+    PassReads,
+    note_kind,
+    observation_inputs,
+    observations,
+    persist_step,
+    progress_of,
+)
 from manager.storage import Database, NodeRecord
 from manager.storage.desired import DesiredStateRepository, DesiredTx
 from manager.storage.records import (
@@ -104,9 +112,7 @@ from manager.storage.records import (
     AssignmentRecord,
     NodeDesiredRecord,
     RevisionRecord,
-    RolloutNodeRecord,
     RolloutRecord,
-    UpdateErrorRecord,
 )
 
 __all__ = [
@@ -126,11 +132,6 @@ DESIRED_LOCK = "fleet-desired"
 
 _PARSED_KEPT = 256
 """Parsed revisions a driver keeps (a few per definition live at once)."""
-
-
-def note_kind(kind: str) -> str:
-    """A rollout note's kind as an event kind: rollout-batch -> ROLLOUT_BATCH."""
-    return kind.upper().replace("-", "_")
 
 
 @dataclass
@@ -169,7 +170,7 @@ class _RolloutMemo:
     """Its row as stored (compared under the row lock before a step is persisted)."""
     rollout: ro.Rollout
     progress: dict[str, ro.NodeProgress]
-    inputs: dict[str, _Inputs]
+    inputs: dict[str, Inputs]
     """What each node's observation is made of (kept so a step's assignments and a push's
     answer update it without reading it again)."""
     observed: dict[str, ro.Observation]
@@ -184,7 +185,7 @@ class _RolloutMemo:
                 self.inputs[n] = (node, a, agent, errors, "")
                 self.observed[n] = observe(*self.inputs[n])
 
-    def answered(self, node_id: str, answer: _Answer) -> None:
+    def answered(self, node_id: str, answer: Answer) -> None:
         """The node's daemon answered a push with these refusals (and agents, if the
         answer carried them and they were stored): its set is delivered."""
         if node_id in self.inputs:
@@ -216,7 +217,7 @@ class _Memo:
     backoff_at: float | None
     """The earliest retry of a backed-off push (a full pass does it)."""
 
-    def answered(self, answers: Mapping[str, _Answer]) -> None:
+    def answered(self, answers: Mapping[str, Answer]) -> None:
         """Push answers (node -> refusals, agents) into every rollout's view of those
         nodes."""
         for node_id, answer in answers.items():
@@ -260,7 +261,7 @@ class Convergence:
     ) -> None:
         self._db = db
         self._repo = DesiredStateRepository(db)
-        self._pool = pool
+        self._pusher = Pusher(pool, clock=clock, concurrency=push_concurrency, timeout=push_timeout)
         self._clock = clock
         self._monotonic = monotonic or clock  # what a step of `clock` is measured against
         self._steps = StepWatch()
@@ -268,8 +269,6 @@ class Convergence:
         self._debounce = debounce
         self._pace = pace
         self._safety = safety_interval
-        self._push_sem = asyncio.Semaphore(push_concurrency)
-        self._push_timeout = push_timeout
         self._lock_check = lock_check
         self._rollout_poll = rollout_poll
         self._on_leader = on_leader
@@ -296,7 +295,7 @@ class Convergence:
         self._unplaced: dict[str, str] = {}
         """Why a count definition's instances were not all placed (by name), as the last
         full pass placed them: its rollout waits for room rather than end short."""
-        self._unrecorded: list[_Outcome] = []
+        self._unrecorded: list[Outcome] = []
         """Push answers (all with the agents' states) the next pass judges its step on
         and records while that step's pushes go out (`_record_while`)."""
         self._parsed: dict[tuple[str, int, str], common_pb2.AgentSpec] = {}
@@ -562,7 +561,7 @@ class Convergence:
             # leads to go out (see `_record_while`).
             pending = self._unrecorded
             if pending:
-                memo.answered(_answers_of(pending, rows))
+                memo.answered(answers_of(pending, rows))
                 if applied:  # the apply's first steps read observations from the database
                     await self._record_unrecorded(result)
             for rollout_id in sorted(memo.rollouts):
@@ -626,7 +625,7 @@ class Convergence:
                     lambda tx: self._refresh_in(tx, memo.nodes, result, now_ms, lost)
                 )
                 memo.undelivered.difference_update(lost)
-            outcomes = await self._record_while(self._send(pushes, memo.nodes), result)
+            outcomes = await self._record_while(self._pusher.send(pushes, memo.nodes), result)
             if outcomes and all(o.states is not None and not o.error for o in outcomes):
                 # Every answer carried the agents: the next pass, due at once, judges
                 # its step on them and records them while its own pushes go out.
@@ -762,7 +761,7 @@ class Convergence:
     ) -> tuple[int, dict[str, int], dict[str, tuple[int, list[common_pb2.AgentSpec], int]]]:
         """Step the `live` rollouts (ids) over the `scopes` computed with them, then bump
         the node sets they changed, in ONE transaction: every node's assignments and node
-        row are read once for both (`_PassReads`). Each rollout still live afterwards goes
+        row are read once for both (`PassReads`). Each rollout still live afterwards goes
         into `memos`. Returns when (ms) and `_refresh_in`'s (undelivered, sets)."""
         now = self._clock()
         now_ms = int(now * 1000)
@@ -774,7 +773,7 @@ class Convergence:
             dict[str, int],
             dict[str, tuple[int, list[common_pb2.AgentSpec], int]],
         ]:
-            reads = await _PassReads.load(tx)
+            reads = await PassReads.load(tx)
             stepped = []
             for rollout_id in sorted(live):
                 one = await self._step_in(tx, rollout_id, nodes, scopes, now, reads)
@@ -849,7 +848,7 @@ class Convergence:
         nodes: Mapping[str, NodeRecord],
         scopes: Mapping[str, Sequence[str]],
         now: float,
-        reads: _PassReads | None = None,
+        reads: PassReads | None = None,
     ) -> tuple[_RolloutMemo, ro.Step, bool] | None:
         """Judge one rollout over the definition's scope and persist its step in `tx`
         (None: gone or ended); `reads` (a full pass's) follows the assignments it moves;
@@ -861,7 +860,7 @@ class Convergence:
         scope = scopes.get(record.name, ())
         rollout = ro.from_dict(json.loads(record.record))
         progress = {n: progress_of(r) for n, r in (await tx.rollout_nodes(rollout_id)).items()}
-        inputs = await _observation_inputs(tx, record.name, scope, nodes, reads)
+        inputs = await observation_inputs(tx, record.name, scope, nodes, reads)
         observed = {n: observe(*i) for n, i in inputs.items()}
         step = ro.step(rollout, progress, observed, now, self._unplaced.get(record.name, ""))
         if step.rollout == rollout and not step.nodes and not step.assign:
@@ -902,7 +901,7 @@ class Convergence:
         now_ms: int,
         only: Collection[str] | None,
         *,
-        reads: _PassReads | None = None,
+        reads: PassReads | None = None,
     ) -> tuple[dict[str, int], dict[str, tuple[int, list[common_pb2.AgentSpec], int]]]:
         """Bump the version of every node (of `only`, if given) whose managed set changed.
 
@@ -980,7 +979,7 @@ class Convergence:
         result: PassResult,
         *,
         defer: bool = False,
-    ) -> dict[str, _Answer]:
+    ) -> dict[str, Answer]:
         """Push each online node its set; record the answers in one transaction. The
         answers that were recorded (refusals; agents when the answer carried them).
 
@@ -988,7 +987,7 @@ class Convergence:
         recorded here; the next pass, due at once, records them in the transaction of
         the step they lead to, as an incremental pass leaves its answers."""
         started = time.monotonic()
-        outcomes = await self._send(sets, nodes)
+        outcomes = await self._pusher.send(sets, nodes)
         result.push_wait += time.monotonic() - started
         if not outcomes:
             return {}
@@ -1000,122 +999,25 @@ class Convergence:
         self._answered(answers)
         return answers
 
-    async def _send(
-        self,
-        sets: Mapping[str, tuple[int, list[common_pb2.AgentSpec], int]],
-        nodes: Mapping[str, NodeRecord],
-    ) -> list[_Outcome]:
-        """Push each online node its set (nothing recorded: `_record` does that)."""
-        targets = sorted(n for n in sets if n in nodes and nodes[n].status == "online")
-        if not targets:
-            return []
-        sent_ms = int(self._clock() * 1000)
-        return list(
-            await asyncio.gather(
-                *(
-                    self._push_one(nodes[n], sets[n][0], sets[n][1], sets[n][2], sent_ms)
-                    for n in targets
-                )
-            )
-        )
-
     async def _record(
         self,
         tx: DesiredTx,
-        outcomes: Sequence[_Outcome],
+        outcomes: Sequence[Outcome],
         result: PassResult,
-    ) -> dict[str, _Answer]:
-        """Record push outcomes in `tx`: delivered versions, refusals, backoffs, and the
-        agents an answer carried, stored as a SyncAgentStates is (`replace_many`)."""
-        answers: dict[str, _Answer] = {}
-        now_ms = int(self._clock() * 1000)
-        targets = [o.node_id for o in outcomes]
-        rows = await tx.node_desired(targets)
-        # Only a node that already reported the pushed version may hold a newer snapshot
-        # than its answer (see below); in a rollout none has, and this reads nothing.
-        newer = [
-            o.node_id
-            for o in outcomes
-            if o.states is not None
-            and not o.error
-            and o.node_id in rows
-            and rows[o.node_id].reported_version >= o.version
-        ]
-        since: dict[str, int] = {}  # when each node's agents were last stored
-        if newer:
-            for st in await tx.agent_states(node_ids=newer):
-                since[st.node_id] = max(since.get(st.node_id, 0), st.reported_ms)
-        updated = []
-        snapshots: list[tuple[str, list[AgentStateRecord]]] = []
-        for o in outcomes:
-            node_id, version, refused, error = o.node_id, o.version, o.refused, o.error
-            row = rows.get(node_id)
-            if row is None:
-                continue
-            states = o.states
-            if (
-                states is not None
-                and since.get(node_id, 0) >= o.sent_ms
-                and row.reported_version >= version
-            ):
-                # A report sent after the daemon took this version was stored since the
-                # push went out: it is as new as the answer or newer (a report from
-                # during the apply is followed by one from after it).
-                states = None
-            if states is not None:
-                # Stored even if a newer set was decided since (the step judged on this
-                # answer moved the node again): the daemon does not send them again.
-                snapshots.append((node_id, states))
-            if row.version != version:
-                continue  # a newer set was decided meanwhile: the next pass pushes it
-            if error and row.updated_ms != o.set_ms:
-                continue  # its daemon came back meanwhile (backoff reset): retry now
-            if error:
-                attempts = row.push_attempts + 1
-                updated.append(
-                    dataclasses.replace(
-                        row,
-                        push_error=error,
-                        push_attempts=attempts,
-                        next_push_ms=now_ms + int(push_backoff(attempts) * 1000),
-                        updated_ms=now_ms,
-                    )
-                )
-                result.push_failed[node_id] = error
-                continue
-            # The answer is the daemon's report: it runs `version` now (a push that
-            # changes no agent brings no sync), and it lists every refusal it still
-            # holds (a no-op push too), so none means a refusal was resolved.
-            updated.append(
-                dataclasses.replace(
-                    row,
-                    delivered_version=version,
-                    reported_version=max(row.reported_version, version),
-                    push_error="",
-                    push_attempts=0,
-                    next_push_ms=0,
-                    update_errors=refused,
-                    updated_ms=now_ms,
-                )
-            )
-            if refused != row.update_errors:
-                update_errors_event(tx, node_id, refused, now_ms)
-                # A rollout waiting on this node judges the refusal in the next
-                # pass, now, not at the safety interval.
-                result.wake_at = self._clock()
-            result.pushed.append(node_id)
-            answers[node_id] = (refused, states)
-        await tx.put_node_desired(updated)
-        if snapshots:
-            counts = await tx.replace_agents(snapshots, now_ms=now_ms)
-            for (node_id, _), count in zip(snapshots, counts, strict=True):
-                if count is None and node_id in answers:  # removed: nothing of it stored
-                    answers[node_id] = (answers[node_id][0], None)
-        return answers
+    ) -> dict[str, Answer]:
+        """Record push outcomes in `tx` (`delivery.record`) and note them in `result`."""
+        done = await record(tx, outcomes, int(self._clock() * 1000))
+        result.pushed.extend(done.pushed)
+        result.push_failed.update(done.failed)
+        if done.refusals_changed:
+            # A rollout waiting on such a node judges the refusal in the next pass, now,
+            # not at the safety interval.
+            result.wake_at = self._clock()
+        return done.answers
 
     async def _record_while(
-        self, pushes: Awaitable[list[_Outcome]], result: PassResult
-    ) -> list[_Outcome]:
+        self, pushes: Awaitable[list[Outcome]], result: PassResult
+    ) -> list[Outcome]:
         """Await `pushes` (the next batch's) while the last pass's answers, which this
         pass's step was judged on, are recorded in their own transaction (`_record`:
         delivered versions, refusals, the agents and their events), so that write is not
@@ -1156,222 +1058,11 @@ class Convergence:
         if step.wake_at is not None:
             result.wake_at = _earliest(result.wake_at, step.wake_at)
 
-    def _answered(self, answers: Mapping[str, _Answer]) -> None:
+    def _answered(self, answers: Mapping[str, Answer]) -> None:
         """Answers that carried agents were stored: a rollout judges them in the next
         pass, at once (the memo holds them; no report needs to come first)."""
         if any(states is not None for _, states in answers.values()):
             self._wake.set()
-
-    async def _push_one(
-        self,
-        node: NodeRecord,
-        version: int,
-        specs: list[common_pb2.AgentSpec],
-        set_ms: int,
-        sent_ms: int,
-    ) -> _Outcome:
-        out = _Outcome(node.node_id, version, set_ms, sent_ms)
-        async with self._push_sem:
-            try:
-                reply = await self._pool.push_update(
-                    node.node_id,
-                    node.daemon_address,
-                    version,
-                    specs,
-                    want_agent_states=True,
-                    call_timeout=self._push_timeout,
-                )
-            except FailedPrecondition as exc:
-                # The daemon holds this version or a newer one; its next report says which.
-                out.error = f"refused: {exc.message}"
-                return out
-            except FleetError as exc:
-                out.error = exc.message
-                return out
-        out.refused = tuple(
-            UpdateErrorRecord(r.agent_id, r.revision, r.reason) for r in reply.refused
-        )
-        out.states = _carried_states(node.node_id, version, reply)
-        return out
-
-
-@dataclass
-class _Outcome:
-    """One push and how it went (recorded by `Convergence._record`)."""
-
-    node_id: str
-    version: int
-    set_ms: int
-    """When the node's row last changed as the push was decided."""
-    sent_ms: int
-    """When the pushes of its pass went out (manager clock)."""
-    refused: tuple[UpdateErrorRecord, ...] = ()
-    error: str = ""
-    """Why the push failed ("" if it succeeded)."""
-    states: list[AgentStateRecord] | None = None
-    """The node's agents after the apply, from the answer (None: not carried)."""
-
-
-_Answer = tuple[tuple[UpdateErrorRecord, ...], list[AgentStateRecord] | None]
-"""What a recorded push answer says: the refusals, and the agents if it carried them and
-they were stored."""
-
-
-def _answers_of(
-    outcomes: Sequence[_Outcome], rows: Mapping[str, NodeDesiredRecord]
-) -> dict[str, _Answer]:
-    """What push answers say before `_record` stores them: each node's refusals and
-    agents; not the agents of a node whose row, read in this pass, says it already
-    reported the pushed version (a report stored since: as `_record` keeps it)."""
-    out: dict[str, _Answer] = {}
-    for o in outcomes:
-        row = rows.get(o.node_id)
-        reported = row is not None and row.reported_version >= o.version
-        out[o.node_id] = (o.refused, None if reported else o.states)
-    return out
-
-
-def _carried_states(
-    node_id: str, version: int, reply: daemon_pb2.PushUpdateResponse
-) -> list[AgentStateRecord] | None:
-    """The agents a push answer carries, checked as a SyncAgentStates is; None if it
-    carries none (an older daemon: its reports say) or none usable."""
-    if not reply.HasField("agent_states"):
-        return None
-    snapshot = reply.agent_states
-    if snapshot.node_id != node_id or snapshot.spec_version != version:
-        return None  # not the node and version this answer is for: wait for the report
-    try:
-        states, _ = snapshot_records(snapshot)
-    except FleetError as exc:
-        log.warning("push answer of %s: agent states not usable (%s)", node_id, exc)
-        return None
-    return states
-
-
-_Inputs = tuple[
-    NodeRecord,
-    AssignmentRecord | None,
-    AgentStateRecord | None,
-    tuple[UpdateErrorRecord, ...],
-    str,
-]
-"""`desired.observe`'s arguments for one node: the node, its assignment, its agent (only
-with the columns `observe` reads when it comes from `DesiredTx.judged_agents`), its row's
-update errors and why its set is not delivered (`desired.undelivered`)."""
-
-
-async def observations(
-    tx: DesiredTx,
-    name: str,
-    scope: Sequence[str],
-    nodes: Mapping[str, NodeRecord],
-) -> dict[str, ro.Observation]:
-    """What a rollout of `name` sees of each node of its scope (and of each node still
-    assigned to it)."""
-    inputs = await _observation_inputs(tx, name, scope, nodes)
-    return {n: observe(*i) for n, i in inputs.items()}
-
-
-async def _observation_inputs(
-    tx: DesiredTx,
-    name: str,
-    scope: Sequence[str],
-    nodes: Mapping[str, NodeRecord],
-    reads: _PassReads | None = None,
-) -> dict[str, _Inputs]:
-    if reads is None:
-        assigned = {a.node_id: a for a in await tx.assignments(names=[name])}
-    else:
-        assigned = {n: a for (n, a_name), a in reads.assigned.items() if a_name == name}
-    wanted = sorted((set(scope) | set(assigned)) & set(nodes))
-    if reads is None:  # only rows with errors or an undelivered push (nearly none)
-        rows = await tx.observed_rows(wanted)
-    else:
-        rows = reads.desired
-    states = {s.node_id: s for s in await tx.judged_agents(wanted, name)}
-    out: dict[str, _Inputs] = {}
-    for n in wanted:
-        row = rows.get(n)
-        errors, why = (row.update_errors, undelivered(row)) if row else ((), "")
-        out[n] = (nodes[n], assigned.get(n), states.get(n), errors, why)
-    return out
-
-
-async def persist_step(
-    tx: DesiredTx, record: RolloutRecord, step: ro.Step, now_ms: int
-) -> RolloutRecord:
-    """Store a rollout step: its record, node records, the assignments it moves, its
-    events; a success makes the target the definition's stable revision. Returns the
-    rollout's row as stored."""
-    after = step.rollout
-    ended = after.state in ro.TERMINAL
-    stored = dataclasses.replace(
-        record,
-        target=after.target,
-        previous=after.previous,
-        state=after.state.value,
-        record=json.dumps(ro.to_dict(after)),
-        updated_ms=now_ms,
-        ended_ms=now_ms if ended else 0,
-    )
-    await tx.update_rollout(stored)
-    await tx.put_rollout_nodes(
-        [
-            RolloutNodeRecord(
-                rollout_id=record.id,
-                node_id=n,
-                phase=p.phase.value,
-                batch=p.batch,
-                since_ms=int(p.since * 1000),
-                offline=p.offline,
-                reason=p.reason,
-            )
-            for n, p in sorted(step.nodes.items())
-        ]
-    )
-    await tx.set_assignments(
-        [AssignmentRecord(n, record.name, after.target, now_ms) for n in step.assign]
-    )
-    if after.state is ro.RolloutState.SUCCESSFUL:
-        head = (await tx.definitions([record.name], for_update=True)).get(record.name)
-        if head is not None:
-            await tx.put_definition(dataclasses.replace(head, stable_revision=after.target))
-    for note in step.notes:
-        tx.event(
-            note_kind(note.kind),
-            now_ms=now_ms,
-            actor="manager",
-            node_id=note.node_id,
-            agent_id=record.name if note.node_id else "",
-            message=note.message,
-            attributes={**note.attributes, "name": record.name, "rollout_id": str(record.id)},
-        )
-    return stored
-
-
-@dataclass
-class _PassReads:
-    """Every assignment and node row, read once by a full pass's transaction for its
-    rollout steps and its node sets, and kept as that transaction changes them."""
-
-    assigned: dict[tuple[str, str], AssignmentRecord]
-    """By (node, definition)."""
-    desired: dict[str, NodeDesiredRecord]
-
-    @classmethod
-    async def load(cls, tx: DesiredTx) -> _PassReads:
-        assigned = {(a.node_id, a.name): a for a in await tx.assignments()}
-        return cls(assigned, await tx.node_desired())
-
-    def assign(self, node_ids: Iterable[str], name: str, revision: int, now_ms: int) -> None:
-        """A step moved these nodes to `revision` (as `persist_step` stored it)."""
-        for n in node_ids:
-            self.assigned[n, name] = AssignmentRecord(n, name, revision, now_ms)
-
-    def assignments(self) -> list[AssignmentRecord]:
-        """As `DesiredTx.assignments()` reads them: by (node, name)."""
-        return [self.assigned[k] for k in sorted(self.assigned)]
 
 
 class _Stale(Exception):
@@ -1380,14 +1071,3 @@ class _Stale(Exception):
 
 def _earliest(a: float | None, b: float) -> float:
     return b if a is None else min(a, b)
-
-
-def progress_of(record: RolloutNodeRecord) -> ro.NodeProgress:
-    """A stored node record as the pure decisions' NodeProgress."""
-    return ro.NodeProgress(
-        phase=ro.NodePhase(record.phase),
-        batch=record.batch,
-        since=record.since_ms / 1000,
-        offline=record.offline,
-        reason=record.reason,
-    )

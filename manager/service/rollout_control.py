@@ -19,7 +19,7 @@ from typing import Literal
 from fleet.errors import FailedPrecondition, InvalidArgument, NotFound
 from fleet.labels import LabelError, validate_label_value
 from manager.service import rollout as ro
-from manager.service.convergence import note_kind, observations, persist_step, progress_of
+from manager.service.rollout_store import note_kind, observations, persist_step, progress_of
 from manager.storage import NodeRepository
 from manager.storage.desired import AgentBrief, DesiredStateRepository, DesiredTx
 from manager.storage.records import RolloutNodeRecord, RolloutRecord
