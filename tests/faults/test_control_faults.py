@@ -25,6 +25,7 @@ import secrets
 import subprocess
 import sys
 import time
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -179,11 +180,12 @@ async def _status(manager: ManagerProc, node: str) -> str:
     return str(rows[0][0]) if rows else ""
 
 
-async def test_network_cut_offline_after_keepalive_and_grace_then_back(
+@contextlib.asynccontextmanager
+async def _portless_fleet(
     pki: Any, tmp_path: Path
-) -> None:
-    """A portless daemon behind a cut link: offline after keepalive + timeout + grace; the
-    link mended, online again by itself on a new stream."""
+) -> AsyncIterator[tuple[Any, ManagerProc, DaemonProc, str]]:
+    """A manager and a portless daemon (one ticker agent) on either side of a cable, the
+    node online: (cable, manager, daemon, the address the daemon dials)."""
     marker = f"ccmark-{secrets.token_hex(4)}"
     async with _cable() as cable:
         manager = ManagerProc(
@@ -207,25 +209,32 @@ async def test_network_cut_offline_after_keepalive_and_grace_then_back(
                 await manager.wait_serving()
                 await daemon.wait_ready(daemon.start(cable.prefix))
                 await eventually(lambda: _status(manager, "n1"), lambda s: s == "online", within=60)
-                await asyncio.sleep(3.0)  # steady: no heartbeat calls keep it online now
-                assert await _status(manager, "n1") == "online"
-                t_cut = time.time()
-                await asyncio.to_thread(cable.cut)
-                await eventually(
-                    lambda: _status(manager, "n1"), lambda s: s == "offline", within=30
-                )
-                detection = time.time() - t_cut
-                t_mend = time.time()
-                await asyncio.to_thread(cable.mend)
-                await eventually(lambda: _status(manager, "n1"), lambda s: s == "online", within=60)
-                recovery = time.time() - t_mend
-                assert daemon.popen is not None
-                assert daemon.popen.poll() is None
-                assert not manager.crashed()
+                yield cable, manager, daemon, address
             finally:
                 daemon.stop()
                 manager.stop()
                 kill_marked(marker)
+
+
+async def test_network_cut_offline_after_keepalive_and_grace_then_back(
+    pki: Any, tmp_path: Path
+) -> None:
+    """A portless daemon behind a cut link: offline after keepalive + timeout + grace; the
+    link mended, online again by itself on a new stream."""
+    async with _portless_fleet(pki, tmp_path) as (cable, manager, daemon, _):
+        await asyncio.sleep(3.0)  # steady: no heartbeat calls keep it online now
+        assert await _status(manager, "n1") == "online"
+        t_cut = time.time()
+        await asyncio.to_thread(cable.cut)
+        await eventually(lambda: _status(manager, "n1"), lambda s: s == "offline", within=30)
+        detection = time.time() - t_cut
+        t_mend = time.time()
+        await asyncio.to_thread(cable.mend)
+        await eventually(lambda: _status(manager, "n1"), lambda s: s == "online", within=60)
+        recovery = time.time() - t_mend
+        assert daemon.popen is not None
+        assert daemon.popen.poll() is None
+        assert not manager.crashed()
     bound = KEEPALIVE + KEEPALIVE_TIMEOUT + GRACE
     print(
         f"\ncontrol stream cut ({cable.kind}): offline {detection:.2f}s after the cut "
@@ -240,45 +249,17 @@ async def test_a_cut_link_is_logged_in_our_words_on_both_sides(pki: Any, tmp_pat
     manager is unreachable, its keepalive timed out, and that it reconnects with backoff;
     the manager's says the node's keepalive timed out. Neither passes gRPC's "Internal
     error from Core" (or any "from Core") through."""
-    marker = f"ccmark-{secrets.token_hex(4)}"
-    async with _cable() as cable:
-        manager = ManagerProc(
-            tmp_path / "m",
-            pki.issue("manager", "m1", ips=(cable.manager_host,)),
-            listen_host=cable.manager_host,
-            liveness=LIVENESS,
-            extra=CONTROL,
+    async with _portless_fleet(pki, tmp_path) as (cable, manager, daemon, address):
+        await asyncio.to_thread(cable.cut)
+        await eventually(lambda: _status(manager, "n1"), lambda s: s == "offline", within=30)
+        await eventually(
+            lambda: asyncio.to_thread(daemon.log.read_text),
+            lambda text: "reconnecting with backoff" in text,
+            within=30,
         )
-        address = cable.dial(manager.port)
-        with short_tmp() as root:
-            daemon = DaemonProc(
-                root,
-                pki.issue("node", "n1"),
-                body=f'[manager]\naddresses = ["{address}"]\n{LINK}'
-                + ticker_toml("ticker", marker, 0.5),
-            )
-            _portless(daemon)
-            manager.start()
-            try:
-                await manager.wait_serving()
-                await daemon.wait_ready(daemon.start(cable.prefix))
-                await eventually(lambda: _status(manager, "n1"), lambda s: s == "online", within=60)
-                await asyncio.to_thread(cable.cut)
-                await eventually(
-                    lambda: _status(manager, "n1"), lambda s: s == "offline", within=30
-                )
-                await eventually(
-                    lambda: asyncio.to_thread(daemon.log.read_text),
-                    lambda text: "reconnecting with backoff" in text,
-                    within=30,
-                )
-                await asyncio.to_thread(cable.mend)
-                await eventually(lambda: _status(manager, "n1"), lambda s: s == "online", within=60)
-            finally:
-                daemon.stop()
-                manager.stop()
-                kill_marked(marker)
-            daemon_log, manager_log = daemon.log.read_text(), manager.log.read_text()
+        await asyncio.to_thread(cable.mend)
+        await eventually(lambda: _status(manager, "n1"), lambda s: s == "online", within=60)
+        daemon_log, manager_log = daemon.log.read_text(), manager.log.read_text()
     assert "from Core" not in daemon_log
     assert "from Core" not in manager_log
     assert re.search(

@@ -8,6 +8,7 @@ subprocess where a signal must reach it (Ctrl-C).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -429,32 +430,42 @@ def _read_until(fd: int, wanted: bytes, seen: bytearray, within: float = 30.0) -
                 return
 
 
-def test_ctrl_c_on_a_terminal_asks_and_c_cancels_the_job(fleet: LiveFleet) -> None:
-    """On a terminal, Ctrl-C asks; 'c' cancels the job, fleetctl follows it to CANCELLED, exit 5."""
+@contextlib.contextmanager
+def _on_a_terminal(
+    fleet: LiveFleet, *args: str
+) -> Iterator[tuple[subprocess.Popen[bytes], int, bytearray]]:
+    """`fleetctl ARGS` on a pseudo-terminal: (the process, the terminal's master end, a
+    buffer for what it shows); killed if still running at the end."""
     master, slave = os.openpty()
-    argv = [sys.executable, "-c", "from fleetctl.app import main; main()"]
+    argv = [sys.executable, "-c", "from fleetctl.app import main; main()", *args]
     proc = subprocess.Popen(
-        [*argv, "run", "-n", "n1", "--", "sh", "-c", "echo started; sleep 60"],
-        env=_env(fleet), stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
-    )  # fmt: skip
+        argv, env=_env(fleet), stdin=slave, stdout=slave, stderr=slave, start_new_session=True
+    )
     os.close(slave)
-    seen = bytearray()
     try:
-        _read_until(master, b"n1 | started", seen)
-        proc.send_signal(signal.SIGINT)
-        _read_until(master, b"cancel the job (c), or leave it running (l)?", seen)
-        os.write(master, b"c\n")
-        _read_until(master, b"CANCELLED", seen)
-        proc.wait(30)
-        _read_until(master, b"\x00", seen, within=1)  # whatever is left
-    except AssertionError:
-        if proc.poll() is None:
-            raise
+        yield proc, master, bytearray()
     finally:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
         os.close(master)
+
+
+def test_ctrl_c_on_a_terminal_asks_and_c_cancels_the_job(fleet: LiveFleet) -> None:
+    """On a terminal, Ctrl-C asks; 'c' cancels the job, fleetctl follows it to CANCELLED, exit 5."""
+    command = ("run", "-n", "n1", "--", "sh", "-c", "echo started; sleep 60")
+    with _on_a_terminal(fleet, *command) as (proc, master, seen):
+        try:
+            _read_until(master, b"n1 | started", seen)
+            proc.send_signal(signal.SIGINT)
+            _read_until(master, b"cancel the job (c), or leave it running (l)?", seen)
+            os.write(master, b"c\n")
+            _read_until(master, b"CANCELLED", seen)
+            proc.wait(30)
+            _read_until(master, b"\x00", seen, within=1)  # whatever is left
+        except AssertionError:
+            if proc.poll() is None:
+                raise
     text = _ANSI.sub(b"", bytes(seen)).decode(errors="replace")
     assert proc.returncode == EXIT_JOB_CANCELLED, text
     (job,) = listed(fleet)
@@ -471,27 +482,19 @@ def test_on_a_terminal_output_lines_start_their_own_line_under_the_progress_line
     fleet: LiveFleet,
 ) -> None:
     """The progress line redraws below the output; no output line is glued to it."""
-    master, slave = os.openpty()
-    argv = [sys.executable, "-c", "from fleetctl.app import main; main()"]
     script = "for i in 1 2 3 4; do echo tick $i; sleep 0.6; done"
-    proc = subprocess.Popen(
-        [*argv, "run", "-n", "n1", "--", "sh", "-c", script],
-        env=_env(fleet), stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
-    )  # fmt: skip
-    os.close(slave)
-    seen = bytearray()
-    try:
-        _read_until(master, b"SUCCESS", seen)
-        proc.wait(30)
-        _read_until(master, b"\x00", seen, within=1)  # whatever is left
-    except AssertionError:
-        if proc.poll() is None:
-            raise
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        os.close(master)
+    with _on_a_terminal(fleet, "run", "-n", "n1", "--", "sh", "-c", script) as (
+        proc,
+        master,
+        seen,
+    ):
+        try:
+            _read_until(master, b"SUCCESS", seen)
+            proc.wait(30)
+            _read_until(master, b"\x00", seen, within=1)  # whatever is left
+        except AssertionError:
+            if proc.poll() is None:
+                raise
     text = _ANSI.sub(b"", bytes(seen)).decode(errors="replace")
     assert proc.returncode == 0, text
     assert "RUNNING: 0/1 done" in text, text  # the progress line was drawn
@@ -509,15 +512,7 @@ def test_ctrl_c_or_ctrl_d_at_the_confirmation_runs_nothing(fleet: LiveFleet, ans
     """Asked to confirm a job on two nodes, Ctrl-C or the end of input is a no: one line,
     exit 1, no job (Ctrl-C used to be swallowed by the call's handler and the prompt asked
     again)."""
-    master, slave = os.openpty()
-    argv = [sys.executable, "-c", "from fleetctl.app import main; main()"]
-    proc = subprocess.Popen(
-        [*argv, "run", "-l", "role=web", "--", "true"],
-        env=_env(fleet), stdin=slave, stdout=slave, stderr=slave, start_new_session=True,
-    )  # fmt: skip
-    os.close(slave)
-    seen = bytearray()
-    try:
+    with _on_a_terminal(fleet, "run", "-l", "role=web", "--", "true") as (proc, master, seen):
         _read_until(master, b"Proceed? [y/N]:", seen)
         if answer == "ctrl-c":
             proc.send_signal(signal.SIGINT)
@@ -525,11 +520,6 @@ def test_ctrl_c_or_ctrl_d_at_the_confirmation_runs_nothing(fleet: LiveFleet, ans
             os.write(master, b"\x04")
         proc.wait(30)
         _read_until(master, b"\x00", seen, within=1)  # whatever is left
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
-        os.close(master)
     text = _ANSI.sub(b"", bytes(seen)).decode(errors="replace")
     assert proc.returncode == 1, text
     assert "fleetctl: error: aborted; nothing was run" in text
