@@ -23,6 +23,7 @@ import asyncio
 import secrets
 import textwrap
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
@@ -56,12 +57,35 @@ _HELD = Path(os.environ["FLEET_TEST_HOLD_HELD"])
 _record_while = convergence.Convergence._record_while
 
 
+async def _done(outcomes):
+    return outcomes
+
+
+def _carried(outcome, version):
+    """The answer carried the agent running the version rolled out: it is what the
+    step was judged on, and the daemon will not report that snapshot again."""
+    return any(
+        a.agent_id == "app" and a.version == version and a.status == "RUNNING"
+        for a in outcome.states or ()
+    )
+
+
 async def _held(self, pushes, result):
-    if self._unrecorded and _ARMED.exists() and not _HELD.exists():
-        await pushes  # batch k+1 pushed and answered; batch k's answers not recorded
-        _HELD.write_text(" ".join(sorted(o.node_id for o in self._unrecorded)))
+    if not (self._unrecorded and _ARMED.exists() and not _HELD.exists()):
+        return await _record_while(self, pushes, result)
+    outcomes = await pushes
+    version = _ARMED.read_text()
+    answered = {o.node_id for o in self._unrecorded}
+    if (
+        outcomes
+        and answered.isdisjoint(o.node_id for o in outcomes)
+        and all(_carried(o, version) for o in self._unrecorded)
+    ):
+        # Batch k+1 pushed and answered; batch k's answers not recorded. (A pass whose
+        # step did not move pushes nothing, or pushes batch k again: not the window.)
+        _HELD.write_text(" ".join(sorted(answered)))
         await asyncio.sleep(3600)  # killed in here
-    return await _record_while(self, pushes, result)
+    return await _record_while(self, _done(outcomes), result)
 
 
 convergence.Convergence._record_while = _held
@@ -123,6 +147,17 @@ async def _last_event(stub: fleet_pb2_grpc.FleetServiceStub) -> int:
     return max(ids, default=0)
 
 
+async def _either(held: Path, settled: Callable[[], Awaitable[bool]]) -> str | None:
+    """'held' once the hook holds the manager, 'settled' once the rollout ended without."""
+    if await asyncio.to_thread(held.exists):
+        return "held"
+    return "settled" if await settled() else None
+
+
+ATTEMPTS = 4
+"""Rollouts tried until one's first batch answers with its agent running."""
+
+
 @pytest.mark.parametrize("database_url", ["sqlite", "postgresql"], indirect=True)
 async def test_manager_killed_before_a_batchs_answers_are_recorded_loses_nothing(
     pki: Any, tmp_path: Path, database_url: str
@@ -175,19 +210,40 @@ async def test_manager_killed_before_a_batchs_answers_are_recorded_loses_nothing
             await eventually(lambda: _rollout(stub), lambda r: _state(r) == "SUCCESSFUL", within=60)
             for n in NODES:
                 await eventually(lambda n=n: _stored(stub, n), lambda a: a.revision == 1, within=30)
-            before = await _last_event(stub)
-            armed.touch()
-            second = _definition(marker, "2.0", max_parallel="1")
-            await stub.ApplyDefinitions(
-                fleet_pb2.FleetServiceApplyDefinitionsRequest(definitions=[second]), timeout=30
-            )
-            await eventually(lambda: asyncio.sleep(0, held.exists()), bool, within=60)
+            # On a loaded machine a daemon may answer before its new agent runs and then
+            # report it itself: not the window under test. Roll out the next revision.
+            for revision in range(2, 2 + ATTEMPTS):
+                before = await _last_event(stub)
+                version = f"{revision}.0"
+                armed.write_text(version)
+                await stub.ApplyDefinitions(
+                    fleet_pb2.FleetServiceApplyDefinitionsRequest(
+                        definitions=[_definition(marker, version, max_parallel="1")]
+                    ),
+                    timeout=30,
+                )
+
+                async def settled(revision: int = revision) -> bool:
+                    r = await _rollout(stub)
+                    return r.target_revision == revision and _state(r) == "SUCCESSFUL"
+
+                await eventually(lambda: _either(held, settled), lambda v: v is not None, within=60)
+                if held.exists():
+                    break
+                for n in NODES:
+                    await eventually(
+                        lambda n=n: _stored(stub, n),
+                        lambda a, r=revision: a.revision == r,
+                        within=30,
+                    )
+            else:
+                pytest.fail(f"no rollout of {ATTEMPTS} answered with its agents running")
             (first_batch,) = held.read_text().split()
             rollout = await _rollout(stub)
             phases = {n.node_id: (n.batch, n.phase) for n in rollout.nodes}
-            # Step 2 is stored (batch 1 judged done on its answer, batch 2 in flight) ...
+            # Its step 2 is stored (batch 1 judged done on its answer, batch 2 in flight) ...
             assert phases[first_batch] == (1, desired_pb2.ROLLOUT_NODE_PHASE_DONE), phases
-            # ... and the answer that judged it is not: the manager still has revision 1.
+            # ... and the answer that judged it is not: the manager has the revision before.
             in_window = await _stored(stub, first_batch)
         # The daemon's own view (asked as the manager asks it).
         async with client_channel(
@@ -197,7 +253,7 @@ async def test_manager_killed_before_a_batchs_answers_are_recorded_loses_nothing
                 daemon_pb2.ListAgentsRequest(), timeout=10
             )
         (running,) = [a for a in own.agents if a.id == NAME]
-        assert running.revision == 2
+        assert running.revision == revision
         t_kill = time.time()
         manager.kill9()
         manager.start()  # without the hook
@@ -208,13 +264,13 @@ async def test_manager_killed_before_a_batchs_answers_are_recorded_loses_nothing
             )
             assert _state(done) == "SUCCESSFUL", done
             stored = await eventually(
-                lambda: _stored(stub, first_batch), lambda a: a.revision == 2, within=60
+                lambda: _stored(stub, first_batch), lambda a: a.revision == revision, within=60
             )
             changes = await _changes(stub, first_batch, before)
         assert (stored.pid, stored.status) == (running.pid, common_pb2.AGENT_STATUS_RUNNING)
         about_it = [e for e in changes if str(running.pid) in e.message]
         assert len(about_it) == 1, [e.message for e in changes]
-        assert in_window.revision == 1, in_window
+        assert in_window.revision == revision - 1, in_window
         assert not manager.crashed()
     finally:
         manager.stop()
