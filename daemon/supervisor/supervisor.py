@@ -849,7 +849,7 @@ class Supervisor:
         """Per agent: rotate its log when past its limit (health is timed by each runner),
         and say when its output is being lost to a full log filesystem."""
         free = self._log_free_bytes()
-        now = self._clock.now()
+        now = self._clock.monotonic()  # an episode's length: a wall-clock step must not end it
         for gone in self._log_space.keys() - self._agents.keys():
             del self._log_space[gone]
         for agent in list(self._agents.values()):

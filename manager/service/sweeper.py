@@ -69,7 +69,6 @@ class Sweeper:
         on_leader: Callable[[bool], None] | None = None,
         on_offline: Callable[[int], None] | None = None,
         on_counts: Callable[[int, int], None] | None = None,
-        on_step: Callable[[float], None] | None = None,
     ) -> None:
         """`clock`: the wall clock (last-seen times); `monotonic`: the clock a step of it
         is measured against (None: `clock` itself, which never sees a step)."""
@@ -82,7 +81,6 @@ class Sweeper:
         self._clock = clock
         self._monotonic = monotonic or clock
         self._steps = StepWatch()
-        self._on_step = on_step or (lambda _: None)
         self._on_leader = on_leader or (lambda _: None)
         self._on_offline = on_offline or (lambda _: None)
         self._on_counts = on_counts
@@ -126,7 +124,6 @@ class Sweeper:
         keep dead nodes online until the clock caught up: they become now, and a
         failover grace in progress keeps its length.
         """
-        self._on_step(step)
         if step > 0:
             self.active_since = now
             log.warning(
