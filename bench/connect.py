@@ -58,6 +58,7 @@ sys.path.insert(0, str(ROOT))
 from grpc import aio  # noqa: E402
 
 from bench.connect_sim import ConnectNode  # noqa: E402
+from fleet.keepalive import keepalive_args  # noqa: E402
 from fleet.pki import CertificateAuthority  # noqa: E402
 from fleet.retry import Backoff  # noqa: E402
 from fleet.tls import (  # noqa: E402
@@ -117,8 +118,7 @@ def run_reference(port: int, files: list[str]) -> None:
         tls = TLSConfig(*(Path(f) for f in files))
         server = aio.server(
             options=[
-                ("grpc.keepalive_time_ms", int(KEEPALIVE * 1000)),
-                ("grpc.keepalive_timeout_ms", int(KEEPALIVE_TIMEOUT * 1000)),
+                *keepalive_args(KEEPALIVE, KEEPALIVE_TIMEOUT),
                 ("grpc.http2.min_ping_interval_without_data_ms", 5000),
                 ("grpc.keepalive_permit_without_calls", 1),
             ]

@@ -34,6 +34,7 @@ from grpc import aio
 from bench.sim import SimDaemon
 from fleet.control import METHODS, PIECE_BYTES, Reassembler, pieces, retry_after
 from fleet.errors import FleetError
+from fleet.keepalive import keepalive_args
 from fleet.retry import Backoff
 from fleet.tls import TLSConfig, channel_credentials, channel_options
 from fleet.v1 import common_pb2, manager_pb2
@@ -111,8 +112,7 @@ def _code_name(value: int) -> str:
 def keepalive_options(time_s: float, timeout_s: float) -> list[tuple[str, Any]]:
     """The daemon side's HTTP/2 keepalive: pings even with no call active."""
     return [
-        ("grpc.keepalive_time_ms", round(time_s * 1000)),
-        ("grpc.keepalive_timeout_ms", round(timeout_s * 1000)),
+        *keepalive_args(time_s, timeout_s),
         ("grpc.keepalive_permit_without_calls", 1),
         ("grpc.http2.max_pings_without_data", 0),
     ]

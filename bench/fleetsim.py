@@ -60,6 +60,7 @@ if __package__ in (None, ""):  # run as a script: make the repository importable
 from bench.sim import SimNode, start_daemon
 from daemon.config import ManagerLinkConfig
 from daemon.manager_link import ManagerLink, NodeInfo, PushedSet
+from fleet.keepalive import keepalive_args
 from fleet.pki import CertificateAuthority
 from fleet.retry import Backoff
 from fleet.tls import TLSConfig, channel_credentials, channel_options
@@ -203,8 +204,7 @@ class _Link(ManagerLink):
         cfg = self.cfg
         options: list[tuple[str, Any]] = [
             *channel_options(cfg.server_name or f"manager.{self._sim.fleet.trust_domain}"),
-            ("grpc.keepalive_time_ms", round(cfg.keepalive_time_seconds * 1000)),
-            ("grpc.keepalive_timeout_ms", round(cfg.keepalive_timeout_seconds * 1000)),
+            *keepalive_args(cfg.keepalive_time_seconds, cfg.keepalive_timeout_seconds),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.max_pings_without_data", 0),
             ("grpc.initial_reconnect_backoff_ms", 200),

@@ -94,8 +94,11 @@ from daemon.commands import CommandRunner
 from daemon.config import ManagerLinkConfig
 from daemon.control import ControlStream, StreamBroken, StreamUnimplemented, manager_auth
 from daemon.link_buffer import MetricBatch, MetricBuffer, SequenceFile, split_batches
+from daemon.stalls import Stalls
+from daemon.supervisor.policy import STALL_SLACK
 from fleet.control import retry_after
 from fleet.errors import FleetError, NotFound, Unavailable, from_rpc_error
+from fleet.keepalive import keepalive_args
 from fleet.tls import TLSConfig, channel_credentials, channel_options
 from fleet.v1 import common_pb2, manager_pb2, manager_pb2_grpc
 
@@ -201,6 +204,8 @@ class ManagerLink:
     `pushed` says which pushed set the node runs and what it refused.
     `commands` is the DaemonService servicer the manager's commands run on
     (stream mode); without it commands are not served on the stream.
+    `stalls` tells when this process last stopped running (`daemon.stalls`), so a
+    stream the manager gave up on meanwhile is not blamed on the network.
     """
 
     def __init__(
@@ -217,6 +222,7 @@ class ManagerLink:
         pushed: Callable[[], PushedSet] | None = None,
         jobs: JobsHook | None = None,
         commands: object | None = None,
+        stalls: Stalls | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.cfg = cfg
@@ -232,6 +238,7 @@ class ManagerLink:
         self.commands = commands
         """The DaemonService servicer the manager's commands run on (stream mode); None:
         commands on the stream are not served."""
+        self._stalls = stalls
         self._rng = rng or random.Random()  # noqa: S311  # jitter, not crypto
         self.sequence = SequenceFile(state_dir / "metrics-sequence")
         self.buffer = MetricBuffer(cfg.buffer_batches)
@@ -507,8 +514,7 @@ class ManagerLink:
     ) -> aio.Channel:
         options: list[tuple[str, Any]] = [
             *channel_options(self._server_name),
-            ("grpc.keepalive_time_ms", round(self.cfg.keepalive_time_seconds * 1000)),
-            ("grpc.keepalive_timeout_ms", round(self.cfg.keepalive_timeout_seconds * 1000)),
+            *keepalive_args(self.cfg.keepalive_time_seconds, self.cfg.keepalive_timeout_seconds),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.max_pings_without_data", 0),
             # Every attempt gets a new channel and the link does its own jittered
@@ -605,7 +611,7 @@ class ManagerLink:
                     log.warning(
                         "manager %s: %s; reconnecting with backoff, next try in %.1fs",
                         self.address,
-                        stream_break(_describe(exc), self.cfg.keepalive_timeout_seconds),
+                        self._stream_break(_describe(exc)),
                         delay,
                     )
                 else:
@@ -632,6 +638,20 @@ class ManagerLink:
                     gc.collect()
                     delay = max(0.0, delay - 0.05)
                 await self._sleep(delay)
+
+    def _stream_break(self, error: str) -> str:
+        # A stream that broke just after this process stalled was given up by the manager's
+        # keepalive while this daemon could not answer: the network is not to blame.
+        cfg = self.cfg
+        within = cfg.keepalive_time_seconds + cfg.keepalive_timeout_seconds + STALL_SLACK
+        stalled = self._stalls.stalled(time.monotonic(), within) if self._stalls else None
+        if stalled is not None:
+            return (
+                f"the control stream ended after this daemon was not running for {stalled:.1f} s"
+                " (stopped by a signal, swapped out or its VM paused): the manager stopped"
+                " waiting for it"
+            )
+        return stream_break(error, cfg.keepalive_timeout_seconds)
 
     def _take_retry_hint(self) -> float | None:
         """When the manager said to come back after refusing this attempt's hello (once)."""

@@ -24,6 +24,7 @@ from grpc import aio
 
 from fleet.errors import ConfigError, FailedPrecondition
 from fleet.interceptors import ErrorMappingInterceptor
+from fleet.keepalive import keepalive_args
 from fleet.listen import check_listen_addresses
 from fleet.observability import start_metrics_http_server
 from fleet.pki import CertificateAuthority
@@ -598,8 +599,7 @@ class ManagerServer:
             # And the manager pings each connection (control streams are idle for long):
             # a dead daemon or a cut network ends its stream within time + timeout,
             # in gRPC core, with no Python per ping.
-            ("grpc.keepalive_time_ms", ms(ctl.keepalive_time_seconds)),
-            ("grpc.keepalive_timeout_ms", ms(ctl.keepalive_timeout_seconds)),
+            *keepalive_args(ctl.keepalive_time_seconds, ctl.keepalive_timeout_seconds),
             ("grpc.http2.max_pings_without_data", 0),
             # A daemon gives up on a TLS handshake after its connect_timeout_seconds (20 s)
             # and dials again; core's default keeps the abandoned one (its fd) for 120 s,

@@ -17,6 +17,7 @@ import grpc
 from grpc import aio
 
 from fleet.errors import ConfigError, DeadlineExceeded, FleetError, Unavailable, from_rpc_error
+from fleet.keepalive import keepalive_args
 from fleet.reachability import Cause, cause, last_error
 from fleet.tls import TLSConfig, channel_credentials, channel_options
 from manager.pool.config import PoolConfig
@@ -102,8 +103,7 @@ def channel_args(node_id: str, server_name: str, config: PoolConfig) -> list[tup
         # Own subchannel pool + a per-node argument: never share a connection.
         ("grpc.use_local_subchannel_pool", 1),
         (NODE_ARG, node_id),
-        ("grpc.keepalive_time_ms", round(config.keepalive_time * ms)),
-        ("grpc.keepalive_timeout_ms", round(config.keepalive_timeout * ms)),
+        *keepalive_args(config.keepalive_time, config.keepalive_timeout),
         ("grpc.keepalive_permit_without_calls", int(config.keepalive_permit_without_calls)),
         ("grpc.http2.max_pings_without_data", 0),
         # gRPC's own reconnect backoff follows ours; "min reconnect backoff"
