@@ -37,6 +37,7 @@ from daemon.peercred import PeerCredProxy
 from daemon.renewal import CertRenewer
 from daemon.servicers.agent_service import AgentServicer
 from daemon.servicers.daemon_service import DaemonServicer
+from daemon.stalls import Stalls
 from daemon.supervisor.supervisor import AgentSnapshot, Supervisor
 from fleet.errors import ConfigError, FleetError
 from fleet.interceptors import ErrorMappingInterceptor
@@ -123,6 +124,9 @@ class DaemonServer:
         )
         """Jobs the manager runs on this node (daemon.jobs)."""
         self.job_reporter = JobReporter(self.jobs, cfg.node_id)
+        self.stalls = Stalls()
+        """When this process last stopped running (daemon.stalls); its ticker runs from start."""
+        self._stall_watch: asyncio.Task[None] | None = None
         self.link = ManagerLink(
             cfg.manager,
             tls=cfg.tls,
@@ -139,6 +143,7 @@ class DaemonServer:
             on_state=self._on_link_state,
             pushed=self._pushed_set,
             jobs=self.job_reporter.run,
+            stalls=self.stalls,
         )
         art = cfg.artifacts
         self.artifacts = ArtifactCache(
@@ -301,6 +306,7 @@ class DaemonServer:
         self.link.node = dataclasses.replace(
             self.link.node, daemon_address=self.advertised, daemon_version=_daemon_version()
         )
+        self._stall_watch = asyncio.create_task(self.stalls.run(), name="stall-watch")
         await self.link.start()
         await self.renewer.start()
 
@@ -361,10 +367,11 @@ class DaemonServer:
     async def stop(self, grace: float) -> None:
         """Stop serving; agents keep running unless `stop_agents_on_exit`."""
         self.notifier.stopping()
-        if self._watchdog is not None:
-            self._watchdog.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watchdog
+        for task in (self._watchdog, self._stall_watch):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
         for health in (self._health, self._agent_health):
             if health is not None:
                 await health.enter_graceful_shutdown()

@@ -22,6 +22,7 @@ import contextlib
 import os
 import re
 import secrets
+import signal
 import subprocess
 import sys
 import time
@@ -44,6 +45,7 @@ from grpc import aio
 from test_network_cut import _cable
 
 from bench.connect_sim import ConnectNode
+from daemon.supervisor.policy import STALL_SLACK
 from fleet.retry import Backoff
 from fleet.v1 import fleet_pb2, jobs_pb2
 
@@ -272,6 +274,62 @@ async def test_a_cut_link_is_logged_in_our_words_on_both_sides(pki: Any, tmp_pat
         "n1: control stream closed: the daemon stopped or its process died, or the network"
         " to it failed"
     ) in manager_log, manager_log
+
+
+async def test_a_daemon_that_was_stopped_does_not_blame_the_network(
+    pki: Any, tmp_path: Path
+) -> None:
+    """The daemon process stopped (SIGSTOP, as a paused VM) long enough for the manager's
+    keepalive to give up on its stream: once it runs again, its log says it was not
+    running and for how long, and that this ended the stream, not "network cut"."""
+    async with _portless_fleet(pki, tmp_path) as (_, manager, daemon, address):
+        assert daemon.popen is not None
+        daemon.popen.send_signal(signal.SIGSTOP)
+        t_stop = time.time()
+        try:
+            await eventually(lambda: _status(manager, "n1"), lambda s: s == "offline", within=30)
+            # Its kernel still acknowledges TCP: only the unanswered ping tells.
+            detection = time.time() - t_stop
+            await asyncio.sleep(STALL_SLACK + 1.0)  # stopped for longer than scheduling explains
+        finally:
+            daemon.popen.send_signal(signal.SIGCONT)
+        await eventually(lambda: _status(manager, "n1"), lambda s: s == "online", within=60)
+        daemon_log = await asyncio.to_thread(daemon.log.read_text)
+    assert detection <= KEEPALIVE + KEEPALIVE_TIMEOUT + GRACE + 3.0, detection
+    assert re.search(
+        r"this daemon was not running for \d+\.\d s \(stopped by a signal, swapped out or its"
+        r" VM paused\)",
+        daemon_log,
+    ), daemon_log
+    assert re.search(
+        rf"manager {re.escape(address)}: the control stream ended after this daemon was not"
+        r" running for \d+\.\d s .*; reconnecting with backoff",
+        daemon_log,
+    ), daemon_log
+    assert "network cut" not in daemon_log
+
+
+async def test_a_stopped_manager_is_left_within_keepalive(pki: Any, tmp_path: Path) -> None:
+    """The manager process stopped (its host's kernel still acknowledging TCP): the daemon
+    gives up on its stream within keepalive time + timeout, not gRPC's 60 s ping timeout,
+    and says so; the manager running again, the node is back online."""
+    async with _portless_fleet(pki, tmp_path) as (_, manager, daemon, address):
+        assert manager.popen is not None
+        manager.popen.send_signal(signal.SIGSTOP)
+        t_stop = time.time()
+        try:
+            await eventually(
+                lambda: asyncio.to_thread(daemon.log.read_text),
+                lambda text: "reconnecting with backoff" in text,
+                within=30,
+            )
+            detection = time.time() - t_stop
+        finally:
+            manager.popen.send_signal(signal.SIGCONT)
+        await eventually(lambda: _status(manager, "n1"), lambda s: s == "online", within=60)
+        daemon_log = await asyncio.to_thread(daemon.log.read_text)
+    assert detection <= KEEPALIVE + KEEPALIVE_TIMEOUT + 3.0, detection
+    assert f"manager {address}: unreachable, its keepalive ping unanswered" in daemon_log
 
 
 UNREACHED = "the manager cannot reach the node of 1 started"
