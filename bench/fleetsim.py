@@ -204,7 +204,11 @@ class _Link(ManagerLink):
         cfg = self.cfg
         options: list[tuple[str, Any]] = [
             *channel_options(cfg.server_name or f"manager.{self._sim.fleet.trust_domain}"),
-            *keepalive_args(cfg.keepalive_time_seconds, cfg.keepalive_timeout_seconds),
+            *keepalive_args(
+                cfg.keepalive_time_seconds,
+                cfg.keepalive_timeout_seconds,
+                cfg.ping_timeout_seconds,
+            ),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.max_pings_without_data", 0),
             ("grpc.initial_reconnect_backoff_ms", 200),

@@ -79,7 +79,12 @@ class ManagerLinkConfig:
     keepalive_time_seconds: float = 10.0
     """Seconds between HTTP/2 keepalive pings on an idle connection (original design: 10 s)."""
     keepalive_timeout_seconds: float = 5.0
-    """Seconds to wait for a ping's ack before the connection is declared dead."""
+    """Seconds to wait for a ping's ack before the connection is declared dead, when the
+    manager's host stops acknowledging TCP (host down, network cut)."""
+    ping_timeout_seconds: float = 60.0
+    """Seconds to wait for a ping's ack while the manager's TCP is still acknowledged (its
+    process stopped or frozen). Long by default: a manager busy with a reconnecting
+    fleet answers late, and a short wait drops healthy streams then."""
     control_stream: bool = True
     """Keep one Connect stream open to the manager (the control channel): metrics, states
     and job reports go over it, the manager's commands come down it, and no heartbeat
@@ -102,6 +107,7 @@ class ManagerLinkConfig:
             "welcome_timeout_seconds",
             "keepalive_time_seconds",
             "keepalive_timeout_seconds",
+            "ping_timeout_seconds",
             "stream_retry_seconds",
         ):
             _positive(name, getattr(self, name))

@@ -514,7 +514,11 @@ class ManagerLink:
     ) -> aio.Channel:
         options: list[tuple[str, Any]] = [
             *channel_options(self._server_name),
-            *keepalive_args(self.cfg.keepalive_time_seconds, self.cfg.keepalive_timeout_seconds),
+            *keepalive_args(
+                self.cfg.keepalive_time_seconds,
+                self.cfg.keepalive_timeout_seconds,
+                self.cfg.ping_timeout_seconds,
+            ),
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.max_pings_without_data", 0),
             # Every attempt gets a new channel and the link does its own jittered

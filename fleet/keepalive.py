@@ -2,23 +2,27 @@
 
 from __future__ import annotations
 
-__all__ = ["keepalive_args"]
+__all__ = ["DEFAULT_PING_TIMEOUT", "keepalive_args"]
+
+DEFAULT_PING_TIMEOUT = 60.0
+"""gRPC core's own default for `grpc.http2.ping_timeout_ms`, in seconds."""
 
 
-def keepalive_args(time_s: float, timeout_s: float) -> list[tuple[str, int]]:
-    """Channel or server arguments for a keepalive ping every `time_s` seconds that must be
-    answered within `timeout_s`.
+def keepalive_args(
+    time_s: float, timeout_s: float, ping_timeout_s: float = DEFAULT_PING_TIMEOUT
+) -> list[tuple[str, int]]:
+    """Channel or server arguments for a keepalive ping every `time_s` seconds.
 
-    `grpc.http2.ping_timeout_ms` as well as `grpc.keepalive_timeout_ms`: gRPC core (1.85)
-    times an unanswered keepalive ping out after the former (60 s by default) when the
-    peer's kernel still acknowledges TCP, i.e. its process is stopped or hung rather than
-    its host or network gone (those end the connection at `keepalive_timeout` through
-    TCP_USER_TIMEOUT). Without it a SIGSTOP'd daemon stayed online, and a hung manager
-    kept its daemons, for a minute.
+    Two timeouts, because gRPC core (1.85) has two: `timeout_s`
+    (`grpc.keepalive_timeout_ms`) ends a connection whose kernel stops acknowledging
+    TCP (a host down, a cut network: TCP_USER_TIMEOUT); `ping_timeout_s`
+    (`grpc.http2.ping_timeout_ms`) ends one whose ping is not acknowledged while its
+    TCP still is (the peer process stopped). The second stays long by default: a
+    manager saturated by a reconnecting fleet reads acks late, and at 10 s it dropped
+    healthy streams of a 10,000-node reconnect (docs/reliability.md).
     """
-    timeout_ms = round(timeout_s * 1000)
     return [
         ("grpc.keepalive_time_ms", round(time_s * 1000)),
-        ("grpc.keepalive_timeout_ms", timeout_ms),
-        ("grpc.http2.ping_timeout_ms", timeout_ms),
+        ("grpc.keepalive_timeout_ms", round(timeout_s * 1000)),
+        ("grpc.http2.ping_timeout_ms", round(ping_timeout_s * 1000)),
     ]

@@ -599,7 +599,9 @@ class ManagerServer:
             # And the manager pings each connection (control streams are idle for long):
             # a dead daemon or a cut network ends its stream within time + timeout,
             # in gRPC core, with no Python per ping.
-            *keepalive_args(ctl.keepalive_time_seconds, ctl.keepalive_timeout_seconds),
+            *keepalive_args(
+                ctl.keepalive_time_seconds, ctl.keepalive_timeout_seconds, ctl.ping_timeout_seconds
+            ),
             ("grpc.http2.max_pings_without_data", 0),
             # A daemon gives up on a TLS handshake after its connect_timeout_seconds (20 s)
             # and dials again; core's default keeps the abandoned one (its fd) for 120 s,

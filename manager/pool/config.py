@@ -65,6 +65,11 @@ class ControlConfig:
     keepalive_timeout_seconds: float = 10.0
     """A ping unanswered this long closes the connection: a dead daemon or a cut
     network is seen within keepalive_time + keepalive_timeout."""
+    ping_timeout_seconds: float = 60.0
+    """A ping unanswered this long while the connection's TCP is still acknowledged
+    closes it: a daemon process stopped (SIGSTOP) or frozen is seen within
+    keepalive_time + this. Long by default: a manager busy with a reconnecting fleet
+    reads answers late, and a short one drops healthy streams then."""
     min_ping_interval_seconds: float = 5.0
     """Daemons may ping at most this often (their keepalive time must be >= this);
     a daemon pinging faster is sent GOAWAY by gRPC."""

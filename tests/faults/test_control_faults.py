@@ -184,10 +184,17 @@ async def _status(manager: ManagerProc, node: str) -> str:
 
 @contextlib.asynccontextmanager
 async def _portless_fleet(
-    pki: Any, tmp_path: Path
+    pki: Any, tmp_path: Path, ping_timeout: float | None = None
 ) -> AsyncIterator[tuple[Any, ManagerProc, DaemonProc, str]]:
     """A manager and a portless daemon (one ticker agent) on either side of a cable, the
-    node online: (cable, manager, daemon, the address the daemon dials)."""
+    node online: (cable, manager, daemon, the address the daemon dials). `ping_timeout`:
+    both sides' ping_timeout_seconds (else their default, gRPC's 60 s)."""
+    control, link = CONTROL, LINK
+    if ping_timeout is not None:
+        control += f"ping_timeout_seconds = {ping_timeout}\n"
+        link = link.replace(
+            "[manager.reconnect]", f"ping_timeout_seconds = {ping_timeout}\n[manager.reconnect]"
+        )
     marker = f"ccmark-{secrets.token_hex(4)}"
     async with _cable() as cable:
         manager = ManagerProc(
@@ -195,14 +202,14 @@ async def _portless_fleet(
             pki.issue("manager", "m1", ips=(cable.manager_host,)),
             listen_host=cable.manager_host,
             liveness=LIVENESS,
-            extra=CONTROL,
+            extra=control,
         )
         address = cable.dial(manager.port)
         with short_tmp() as root:
             daemon = DaemonProc(
                 root,
                 pki.issue("node", "n1"),
-                body=f'[manager]\naddresses = ["{address}"]\n{LINK}'
+                body=f'[manager]\naddresses = ["{address}"]\n{link}'
                 + ticker_toml("ticker", marker, 0.5),
             )
             _portless(daemon)
@@ -279,10 +286,17 @@ async def test_a_cut_link_is_logged_in_our_words_on_both_sides(pki: Any, tmp_pat
 async def test_a_daemon_that_was_stopped_does_not_blame_the_network(
     pki: Any, tmp_path: Path
 ) -> None:
-    """The daemon process stopped (SIGSTOP, as a paused VM) long enough for the manager's
-    keepalive to give up on its stream: once it runs again, its log says it was not
-    running and for how long, and that this ended the stream, not "network cut"."""
-    async with _portless_fleet(pki, tmp_path) as (_, manager, daemon, address):
+    """The daemon process stopped (SIGSTOP) long enough for the manager's keepalive to give
+    up on its stream (`ping_timeout_seconds` set: its kernel still acknowledges TCP, so
+    only the unanswered ping tells): offline within keepalive + ping timeout + grace; once
+    it runs again, its log says it was not running and for how long, and that this ended
+    the stream, not "network cut"."""
+    async with _portless_fleet(pki, tmp_path, ping_timeout=KEEPALIVE_TIMEOUT) as (
+        _,
+        manager,
+        daemon,
+        address,
+    ):
         assert daemon.popen is not None
         daemon.popen.send_signal(signal.SIGSTOP)
         t_stop = time.time()
@@ -310,10 +324,16 @@ async def test_a_daemon_that_was_stopped_does_not_blame_the_network(
 
 
 async def test_a_stopped_manager_is_left_within_keepalive(pki: Any, tmp_path: Path) -> None:
-    """The manager process stopped (its host's kernel still acknowledging TCP): the daemon
-    gives up on its stream within keepalive time + timeout, not gRPC's 60 s ping timeout,
-    and says so; the manager running again, the node is back online."""
-    async with _portless_fleet(pki, tmp_path) as (_, manager, daemon, address):
+    """The manager process stopped (its host's kernel still acknowledging TCP): with
+    `ping_timeout_seconds` set, the daemon gives up on its stream within keepalive time +
+    that (gRPC's default would wait 60 s), and says so; the manager running again, the
+    node is back online."""
+    async with _portless_fleet(pki, tmp_path, ping_timeout=KEEPALIVE_TIMEOUT) as (
+        _,
+        manager,
+        daemon,
+        address,
+    ):
         assert manager.popen is not None
         manager.popen.send_signal(signal.SIGSTOP)
         t_stop = time.time()
