@@ -92,6 +92,7 @@ from manager.service.desired import (
     next_version,
     node_set,
     observe,
+    push_retry_at,
     undelivered,
 )
 from manager.service.liveness import StepWatch
@@ -961,7 +962,7 @@ class Convergence:
         for row in changed:
             rows[row.node_id] = row
         undelivered = {
-            n: row.next_push_ms
+            n: push_retry_at(row.next_push_ms, now_ms)
             for n, row in sorted(rows.items())
             if row.version > row.delivered_version
         }

@@ -35,6 +35,7 @@ __all__ = [
     "node_set",
     "observe",
     "push_backoff",
+    "push_retry_at",
     "undelivered",
 ]
 
@@ -157,9 +158,26 @@ def next_version(row: NodeDesiredRecord) -> int:
     return max(row.version, row.delivered_version, row.reported_version) + 1
 
 
-def push_backoff(attempts: int, *, initial: float = 1.0, maximum: float = 60.0) -> float:
+PUSH_BACKOFF_MAX = 60.0
+"""The longest wait before retrying a failed push, in seconds."""
+
+
+def push_backoff(
+    attempts: int, *, initial: float = 1.0, maximum: float = PUSH_BACKOFF_MAX
+) -> float:
     """Seconds before retrying a push that failed `attempts` times in a row."""
     return float(min(maximum, initial * 2 ** max(0, attempts - 1)))
+
+
+def push_retry_at(next_push_ms: int, now_ms: int) -> int:
+    """When a backed-off push is due, from its stored retry time (wall clock, ms).
+
+    No backoff is longer than `PUSH_BACKOFF_MAX`: a retry time further ahead was set
+    before the wall clock stepped back, and is due now, not when the clock catches up
+    (a -10 min step held the retry to an unreachable node ten minutes)."""
+    if next_push_ms > now_ms + PUSH_BACKOFF_MAX * 1000:
+        return now_ms
+    return next_push_ms
 
 
 def drift(

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import pytest
 
-from manager.service.desired import undelivered
+from manager.service.desired import push_backoff, push_retry_at, undelivered
 from manager.service.rollout import (
     Amount,
     NodePhase,
@@ -827,3 +827,13 @@ def test_a_node_past_its_healthy_deadline_fails_saying_why(
     judged = _judge(r, moved, seen, T0 + 60)
     assert judged.phase is NodePhase.FAILED
     assert judged.reason == f"not healthy within 60s: {why}"
+
+
+def test_a_push_retry_set_before_the_clock_stepped_back_is_due_now() -> None:
+    now = 1_000_000_000
+    assert push_retry_at(now + 4_000, now) == now + 4_000  # backed off: wait for it
+    assert push_retry_at(now - 1, now) == now - 1  # due
+    assert push_retry_at(now + 60_000, now) == now + 60_000  # the longest backoff
+    # Set under a clock 10 min ahead of this one: no backoff is that long.
+    assert push_retry_at(now + 600_000, now) == now
+    assert push_backoff(50) * 1000 <= 60_000
