@@ -668,6 +668,7 @@ class ManagerLink:
             daemon_address=self.node.daemon_address,
             spec_version=self._pushed().version,
             jobs_disabled=self.node.jobs_disabled,
+            time=int(time.time() * 1000),  # the manager shows how far this host's clock is off
         )
 
     async def _open_stream(self, stub: manager_pb2_grpc.ManagerServiceStub) -> ControlStream | None:
@@ -854,7 +855,7 @@ class ManagerLink:
             self._dirty.clear()
             request = self.sync_request()
             answered, self._answered = self._answered, None
-            if answered is not None and answered == request:
+            if answered is not None and _same_report(answered, request):
                 continue  # a push's answer carried this very snapshot
             self._syncs += 1
             self._syncing = True
@@ -871,6 +872,24 @@ class ManagerLink:
                 log.warning("manager refused the agent states: %s", exc)
             finally:
                 self._syncing = False
+
+
+def _same_report(
+    a: manager_pb2.SyncAgentStatesRequest, b: manager_pb2.SyncAgentStatesRequest
+) -> bool:
+    """The two snapshots say the same, the ages aside (they grow by the time between)."""
+    return bool(_without_ages(a) == _without_ages(b))
+
+
+def _without_ages(
+    request: manager_pb2.SyncAgentStatesRequest,
+) -> manager_pb2.SyncAgentStatesRequest:
+    out = manager_pb2.SyncAgentStatesRequest()
+    out.CopyFrom(request)
+    for st in out.states:
+        st.ClearField("health_age_ms")
+        st.ClearField("start_age_ms")
+    return out
 
 
 async def _connection(channel: aio.Channel, timeout: float) -> None:  # noqa: ASYNC109

@@ -388,11 +388,12 @@ class FleetQueries:
                     )
                 except FleetError as exc:
                     return exc.message
+            received_ms = int(self._clock() * 1000)
             infos = sorted(resp.agents, key=lambda a: a.id)
             return [
                 NodeAgent(
                     node.node_id,
-                    record_from_info(node.node_id, i),
+                    record_from_info(node.node_id, i, received_ms=received_ms),
                     spec=i.spec if i.HasField("spec") else None,
                     log_path=i.log_path,
                 )

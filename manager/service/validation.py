@@ -11,6 +11,7 @@ import math
 import re
 from collections.abc import Sequence
 
+from fleet.clockskew import METRICS_MAX_FUTURE_MS
 from fleet.errors import InvalidArgument
 from fleet.labels import validate_label_value, validate_labels, validate_node_id
 from manager.service.model import MetricPoint, Registration
@@ -147,7 +148,7 @@ def metric_batch(
     now_ms: int,
     max_past_ms: int,
     max_samples: int,
-    max_future_ms: int = 5 * 60 * 1000,
+    max_future_ms: int = METRICS_MAX_FUTURE_MS,
 ) -> MetricBatch:
     """Validate a ReportMetrics request and flatten it into a MetricBatch."""
     if sequence <= 0 or sequence >= 2**63:
