@@ -25,7 +25,7 @@ SHOWN_FROM_MS = 2000
 
 
 def _duration(ms: int) -> str:
-    s = abs(ms) // 1000
+    s = round(abs(ms) / 1000)  # a node ahead reads a few ms less (the hello's way here)
     if s < 60:
         return f"{abs(ms) / 1000:.1f}s"
     if s < 3600:
