@@ -94,6 +94,7 @@ from daemon.commands import CommandRunner
 from daemon.config import ManagerLinkConfig
 from daemon.control import ControlStream, StreamBroken, StreamUnimplemented, manager_auth
 from daemon.link_buffer import MetricBatch, MetricBuffer, SequenceFile, split_batches
+from fleet.clockskew import clock_words
 from fleet.control import retry_after
 from fleet.errors import FleetError, NotFound, Unavailable, from_rpc_error
 from fleet.tls import TLSConfig, channel_credentials, channel_options
@@ -102,6 +103,9 @@ from fleet.v1 import common_pb2, manager_pb2, manager_pb2_grpc
 __all__ = ["LinkState", "ManagerLink", "NodeInfo", "PushedSet", "keep_for_retry", "stream_break"]
 
 log = logging.getLogger(__name__)
+
+CLOCK_WARN_MS = 10_000
+"""A clock this far off the manager's (by its welcome) is logged: beyond NTP's business."""
 
 LinkState = Literal["connecting", "connected", "disconnected", "stopped"]
 
@@ -261,6 +265,7 @@ class ManagerLink:
         self._next: aio.Channel | None = None  # proven with renewed credentials, not yet used
         self._kept: aio.Channel | None = None  # connected; its hello was refused or timed out
         self._retry_hint: float | None = None  # when the manager said to come back (refused hello)
+        self._clock_said: int | None = None  # the clock offset last logged
         self._handover = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -718,7 +723,23 @@ class ManagerLink:
         key = (method, code.name)
         self.commands_run[key] = self.commands_run.get(key, 0) + 1
 
+    def _check_clock(self, reply: manager_pb2.RegisterNodeResponse) -> None:
+        """Say (once, and again if it changes) that this host's clock is off the manager's:
+        the welcome's `server_time` was stamped a moment ago."""
+        if reply.server_time <= 0:
+            return
+        offset = int(time.time() * 1000) - reply.server_time
+        if abs(offset) < CLOCK_WARN_MS:
+            self._clock_said = None
+            return
+        if self._clock_said is not None and abs(offset - self._clock_said) < CLOCK_WARN_MS:
+            return
+        self._clock_said = offset
+        # The manager's default max_clock_skew_seconds: this side does not know its setting.
+        log.warning("this host's clock is %s", clock_words(offset, 300_000))
+
     def _welcomed(self, reply: manager_pb2.RegisterNodeResponse) -> None:
+        self._check_clock(reply)
         self.registrations += 1
         if reply.heartbeat_interval_ms > 0:
             self.heartbeat_interval = reply.heartbeat_interval_ms / 1000
@@ -735,6 +756,7 @@ class ManagerLink:
             # The manager forgot this node mid-stream: a new stream says hello again.
             raise _Reconnect("the manager does not know this node; saying hello again")
         reply: manager_pb2.RegisterNodeResponse = await self._call(stub.RegisterNode, self._hello())
+        self._check_clock(reply)
         self.registrations += 1
         if reply.heartbeat_interval_ms > 0:
             self.heartbeat_interval = reply.heartbeat_interval_ms / 1000
