@@ -20,10 +20,10 @@ depends_on: str | None = None
 
 
 def upgrade() -> None:
-    with op.batch_alter_table("nodes") as batch:
-        batch.add_column(sa.Column("clock_offset_ms", sa.BigInteger(), nullable=True))
+    # Plain ADD/DROP COLUMN, as 0007 and 0008: a batch rebuild of `nodes` on SQLite would
+    # drop the table its agent states cascade from.
+    op.add_column("nodes", sa.Column("clock_offset_ms", sa.BigInteger(), nullable=True))
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("nodes") as batch:
-        batch.drop_column("clock_offset_ms")
+    op.drop_column("nodes", "clock_offset_ms")
