@@ -71,7 +71,7 @@ async def run(nodes: int, writes: int, gap: float) -> None:
             )
         agents = AgentStates(registry, DesiredStateRepository(db), clock=time.time)
         for d in daemons:  # every node's first snapshot
-            states, errors = snapshot_records(d.agent_states())
+            states, errors = snapshot_records(d.agent_states(), received_ms=int(time.time() * 1000))
             await agents.sync(d.node_id, states, update_errors=errors)
         rng = random.Random(1)
 
@@ -80,7 +80,7 @@ async def run(nodes: int, writes: int, gap: float) -> None:
             info = rng.choice(list(d.agents.values()))  # an agent restarts by itself
             info.restart_count += 1
             info.pid += 1
-            return d, snapshot_records(d.agent_states())
+            return d, snapshot_records(d.agent_states(), received_ms=int(time.time() * 1000))
 
         t0 = time.thread_time()
         for _ in range(writes):

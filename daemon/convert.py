@@ -96,6 +96,8 @@ def agent_info(
         health_message=snapshot.health_message,
         health_since=snapshot.health_since_ms,
         log_problem=snapshot.log_problem,
+        health_age_ms=snapshot.health_age_ms,
+        start_age_ms=snapshot.start_age_ms,
     )
 
 
@@ -120,6 +122,8 @@ def agent_state(snapshot: AgentSnapshot) -> manager_pb2.AgentState:
         health_message=snapshot.health_message,
         health_since=snapshot.health_since_ms,
         log_problem=snapshot.log_problem,
+        health_age_ms=snapshot.health_age_ms,
+        start_age_ms=snapshot.start_age_ms,
     )
 
 

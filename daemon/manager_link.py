@@ -96,6 +96,7 @@ from daemon.control import ControlStream, StreamBroken, StreamUnimplemented, man
 from daemon.link_buffer import MetricBatch, MetricBuffer, SequenceFile, split_batches
 from daemon.stalls import Stalls
 from daemon.supervisor.policy import STALL_SLACK
+from fleet.clockskew import clock_words
 from fleet.control import retry_after
 from fleet.errors import FleetError, NotFound, Unavailable, from_rpc_error
 from fleet.keepalive import keepalive_args
@@ -105,6 +106,9 @@ from fleet.v1 import common_pb2, manager_pb2, manager_pb2_grpc
 __all__ = ["LinkState", "ManagerLink", "NodeInfo", "PushedSet", "keep_for_retry", "stream_break"]
 
 log = logging.getLogger(__name__)
+
+CLOCK_WARN_MS = 10_000
+"""A clock this far off the manager's (by its welcome) is logged: beyond NTP's business."""
 
 LinkState = Literal["connecting", "connected", "disconnected", "stopped"]
 
@@ -268,6 +272,7 @@ class ManagerLink:
         self._next: aio.Channel | None = None  # proven with renewed credentials, not yet used
         self._kept: aio.Channel | None = None  # connected; its hello was refused or timed out
         self._retry_hint: float | None = None  # when the manager said to come back (refused hello)
+        self._clock_said: int | None = None  # the clock offset last logged
         self._handover = asyncio.Event()
         self._tasks: list[asyncio.Task[None]] = []
 
@@ -692,6 +697,7 @@ class ManagerLink:
             daemon_address=self.node.daemon_address,
             spec_version=self._pushed().version,
             jobs_disabled=self.node.jobs_disabled,
+            time=int(time.time() * 1000),  # the manager shows how far this host's clock is off
         )
 
     async def _open_stream(self, stub: manager_pb2_grpc.ManagerServiceStub) -> ControlStream | None:
@@ -741,7 +747,23 @@ class ManagerLink:
         key = (method, code.name)
         self.commands_run[key] = self.commands_run.get(key, 0) + 1
 
+    def _check_clock(self, reply: manager_pb2.RegisterNodeResponse) -> None:
+        """Say (once, and again if it changes) that this host's clock is off the manager's:
+        the welcome's `server_time` was stamped a moment ago."""
+        if reply.server_time <= 0:
+            return
+        offset = int(time.time() * 1000) - reply.server_time
+        if abs(offset) < CLOCK_WARN_MS:
+            self._clock_said = None
+            return
+        if self._clock_said is not None and abs(offset - self._clock_said) < CLOCK_WARN_MS:
+            return
+        self._clock_said = offset
+        # The manager's default max_clock_skew_seconds: this side does not know its setting.
+        log.warning("this host's clock is %s", clock_words(offset, 300_000))
+
     def _welcomed(self, reply: manager_pb2.RegisterNodeResponse) -> None:
+        self._check_clock(reply)
         self.registrations += 1
         if reply.heartbeat_interval_ms > 0:
             self.heartbeat_interval = reply.heartbeat_interval_ms / 1000
@@ -758,6 +780,7 @@ class ManagerLink:
             # The manager forgot this node mid-stream: a new stream says hello again.
             raise _Reconnect("the manager does not know this node; saying hello again")
         reply: manager_pb2.RegisterNodeResponse = await self._call(stub.RegisterNode, self._hello())
+        self._check_clock(reply)
         self.registrations += 1
         if reply.heartbeat_interval_ms > 0:
             self.heartbeat_interval = reply.heartbeat_interval_ms / 1000
@@ -878,7 +901,7 @@ class ManagerLink:
             self._dirty.clear()
             request = self.sync_request()
             answered, self._answered = self._answered, None
-            if answered is not None and answered == request:
+            if answered is not None and _same_report(answered, request):
                 continue  # a push's answer carried this very snapshot
             self._syncs += 1
             self._syncing = True
@@ -895,6 +918,24 @@ class ManagerLink:
                 log.warning("manager refused the agent states: %s", exc)
             finally:
                 self._syncing = False
+
+
+def _same_report(
+    a: manager_pb2.SyncAgentStatesRequest, b: manager_pb2.SyncAgentStatesRequest
+) -> bool:
+    """The two snapshots say the same, the ages aside (they grow by the time between)."""
+    return bool(_without_ages(a) == _without_ages(b))
+
+
+def _without_ages(
+    request: manager_pb2.SyncAgentStatesRequest,
+) -> manager_pb2.SyncAgentStatesRequest:
+    out = manager_pb2.SyncAgentStatesRequest()
+    out.CopyFrom(request)
+    for st in out.states:
+        st.ClearField("health_age_ms")
+        st.ClearField("start_age_ms")
+    return out
 
 
 async def _connection(channel: aio.Channel, timeout: float) -> None:  # noqa: ASYNC109

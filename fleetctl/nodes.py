@@ -10,6 +10,7 @@ import grpc
 import typer
 
 from fleet import selectors
+from fleet.clockskew import SHOWN_FROM_MS, clock_words
 from fleet.labels import LabelError, validate_label_key, validate_label_value
 from fleet.v1 import common_pb2, fleet_pb2
 from fleetctl.client import Connection
@@ -239,6 +240,7 @@ _FIELDS = [
     ("Desired state", "desired_text"),
     ("Jobs", "jobs"),
     ("Certificate", "certificate"),
+    ("Clock", "clock"),
 ]
 
 
@@ -263,8 +265,11 @@ def _show(cli: Cli, node: fleet_pb2.Node) -> None:
         return
     now_ms = int(time.time() * 1000)
     fields = _FIELDS
+    clock = clock_text(node)
+    if not clock:  # in step with the manager, or not known: nothing to say
+        fields = [f for f in fields if f[1] != "clock"]
     if cli.fmt is OutputFormat.wide:
-        fields = [("Labels", "label_sources") if f == ("Labels", "labels") else f for f in _FIELDS]
+        fields = [("Labels", "label_sources") if f == ("Labels", "labels") else f for f in fields]
     human = {
         **view,
         "label_sources": "\n".join(label_sources(node)) or "-",
@@ -274,6 +279,7 @@ def _show(cli: Cli, node: fleet_pb2.Node) -> None:
         if node.jobs_disabled
         else "enabled",
         "certificate": _certificate_text(node, now_ms),
+        "clock": clock,
         "agents_text": agents_text(view),
         "desired_text": desired_text(view),
         "stream_text": stream_text(node, now_ms),
@@ -284,6 +290,14 @@ def _show(cli: Cli, node: fleet_pb2.Node) -> None:
         ),
     }
     print_object(cli.out, cli.fmt, human, fields)
+
+
+def clock_text(node: fleet_pb2.Node) -> str:
+    """How far the node's clock is off the manager's and what that refuses; "" when it is
+    within SHOWN_FROM_MS or unknown (an older daemon does not say)."""
+    if not node.HasField("clock_offset_ms") or abs(node.clock_offset_ms) < SHOWN_FROM_MS:
+        return ""
+    return clock_words(node.clock_offset_ms, node.max_clock_skew_ms or 300_000)
 
 
 def _certificate_text(node: fleet_pb2.Node, now_ms: int) -> str:

@@ -94,6 +94,8 @@ def node_view(node: fleet_pb2.Node) -> dict[str, Any]:
         "stream_replica": node.stream_replica,
         "cert_expire_time": format_time(node.cert_expire_time),
         "cert_expire_time_ms": node.cert_expire_time,
+        # How far its clock is off the manager's (positive: ahead); None: unknown.
+        "clock_offset_ms": node.clock_offset_ms if node.HasField("clock_offset_ms") else None,
         "revoke_time": format_time(node.revoke_time),
     }
 

@@ -583,6 +583,7 @@ class ManagerServer:
             streams=self.control_streams,
             stream_grace=cfg.control.offline_grace_seconds,
             stream_route=self.directory.route if self.directory is not None else None,
+            max_clock_skew_ms=round(cfg.liveness.max_clock_skew_seconds * 1000),
         )
         ctl = cfg.control
 

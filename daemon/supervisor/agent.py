@@ -112,6 +112,11 @@ class AgentSnapshot:
     """When `health` last changed, epoch ms; 0 if never."""
     log_problem: str = ""
     """Why its output is being lost (its log's filesystem is full); "" when it is not."""
+    health_age_ms: int | None = None
+    """How long ago `health` last changed, by the monotonic clock; None if never."""
+    start_age_ms: int | None = None
+    """How long ago the current (or last) process started, by the monotonic clock; None if
+    never. The manager turns both into times on its own clock: the host's may be off."""
 
 
 @dataclass(frozen=True)
@@ -148,6 +153,8 @@ class Agent:
         self.last_exit: LastExit | None = None
         self.message = ""
         self.start_time = 0.0
+        self.start_mono = 0.0
+        """`start_time` on the monotonic clock (what `start_age_ms` is measured from)."""
         self.backoff_until = 0.0
         self.last_heartbeat = 0.0
         self.watched_since = 0.0
@@ -162,6 +169,8 @@ class Agent:
         self.health_message = ""
         self.health_since = 0.0
         """When `health` last changed."""
+        self.health_since_mono = 0.0
+        """`health_since` on the monotonic clock (what `health_age_ms` is measured from)."""
         self.probes = Probes()
         """What the probes of the current process said so far."""
         self.unhealthy_restarts = 0
@@ -202,7 +211,15 @@ class Agent:
             health_message=self.health_message,
             health_since_ms=_ms(self.health_since),
             log_problem=self.log_problem,
+            health_age_ms=self._age_ms(self.health_since, self.health_since_mono),
+            start_age_ms=self._age_ms(self.start_time, self.start_mono),
         )
+
+    def _age_ms(self, wall: float, mono: float) -> int | None:
+        """Ms since the moment stamped `wall` (and `mono`), by the monotonic clock."""
+        if wall <= 0:
+            return None
+        return max(0, int((self.ctx.clock.monotonic() - mono) * 1000))
 
     def health_deadline(self) -> float | None:
         """When the heartbeat check fails without a further heartbeat; None without one."""
@@ -231,6 +248,7 @@ class Agent:
         """Take `verdict` as the agent's health; True if health or its reason changed."""
         if verdict.health != self.health:
             self.health_since = self.ctx.clock.now()
+            self.health_since_mono = self.ctx.clock.monotonic()
         if verdict.health == "healthy":
             self.unhealthy_restarts = 0
         changed = (verdict.health, verdict.reason) != (self.health, self.health_message)
@@ -260,6 +278,11 @@ class Agent:
         log.info("agent %s: %s -> %s %s", self.spec.id, event.value, self.status.value, message)
         self.ctx.changed(self)
 
+    def _started(self) -> None:
+        """A process start (or a failed one) is now."""
+        self.start_time = self.ctx.clock.now()
+        self.start_mono = self.ctx.clock.monotonic()
+
     def _spawn_now(self) -> AgentProcess | None:
         """Start a process (SPAWN); on failure apply the backoff decision and return None."""
         spec = self.spec
@@ -272,13 +295,14 @@ class Agent:
             )
         except SpawnError as exc:
             self.status = transition(self.status, Event.SPAWN)
-            self.start_time = self.ctx.clock.now()
+            self._started()
             self._ended(LastExit("start_failed", -1, f"start failed: {exc}", self.start_time))
             self._decide(-1, 0.0, adopted=False, failed=str(exc))
             return None
         self.proc = proc
         self.started_spec = spec
-        self.start_time = self.watched_since = self.ctx.clock.now()
+        self._started()
+        self.watched_since = self.start_time
         self.watch_grace = 0.0
         self.registered_version = ""  # a new process: the spec's version until it registers
         self.probes = Probes()
@@ -302,6 +326,8 @@ class Agent:
         self.proc = proc
         self.started_spec = started_spec
         self.start_time = start_time
+        # How long it ran before this daemon, by this host's wall clock (one reading).
+        self.start_mono = self.ctx.clock.monotonic() - max(0.0, self.ctx.clock.now() - start_time)
         self.registered_version = version
         # Its heartbeats paused while no daemon ran: count from now, with room to reconnect.
         self.watched_since = self.ctx.clock.now()

@@ -570,6 +570,8 @@ class AgentInfo(_message.Message):
     HEALTH_MESSAGE_FIELD_NUMBER: _builtins.int
     HEALTH_SINCE_FIELD_NUMBER: _builtins.int
     LOG_PROBLEM_FIELD_NUMBER: _builtins.int
+    HEALTH_AGE_MS_FIELD_NUMBER: _builtins.int
+    START_AGE_MS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     type: _builtins.str
     status: Global___AgentStatus.ValueType
@@ -604,6 +606,15 @@ class AgentInfo(_message.Message):
     """Why the agent's output is being lost ("no space left on the filesystem of
     /var/log/fleet-daemon/web.log: ..."); empty when it is not.
     """
+    health_age_ms: _builtins.int
+    """How long ago `health` last changed, and how long ago its process
+    started, by the daemon's monotonic clock as it built the message; unset
+    when `health_since` / `start_time` is 0, and by older daemons. The
+    manager takes its receipt time minus these as `health_since` and
+    `start_time` (its own clock), so a host whose clock is off by minutes
+    does not shorten or stretch a rollout's min_healthy_time.
+    """
+    start_age_ms: _builtins.int
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -639,12 +650,21 @@ class AgentInfo(_message.Message):
         health_message: _builtins.str = ...,
         health_since: _builtins.int = ...,
         log_problem: _builtins.str = ...,
+        health_age_ms: _builtins.int | None = ...,
+        start_age_ms: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["last_exit", b"last_exit", "spec", b"spec"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_health_age_ms", b"_health_age_ms", "_start_age_ms", b"_start_age_ms", "health_age_ms", b"health_age_ms", "last_exit", b"last_exit", "spec", b"spec", "start_age_ms", b"start_age_ms"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["backoff_until", b"backoff_until", "config_version", b"config_version", "exit_code", b"exit_code", "health", b"health", "health_message", b"health_message", "health_since", b"health_since", "id", b"id", "labels", b"labels", "last_exit", b"last_exit", "last_heartbeat", b"last_heartbeat", "log_path", b"log_path", "log_problem", b"log_problem", "message", b"message", "pid", b"pid", "restart_count", b"restart_count", "revision", b"revision", "spec", b"spec", "start_time", b"start_time", "status", b"status", "type", b"type", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_health_age_ms", b"_health_age_ms", "_start_age_ms", b"_start_age_ms", "backoff_until", b"backoff_until", "config_version", b"config_version", "exit_code", b"exit_code", "health", b"health", "health_age_ms", b"health_age_ms", "health_message", b"health_message", "health_since", b"health_since", "id", b"id", "labels", b"labels", "last_exit", b"last_exit", "last_heartbeat", b"last_heartbeat", "log_path", b"log_path", "log_problem", b"log_problem", "message", b"message", "pid", b"pid", "restart_count", b"restart_count", "revision", b"revision", "spec", b"spec", "start_age_ms", b"start_age_ms", "start_time", b"start_time", "status", b"status", "type", b"type", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__health_age_ms: _TypeAlias = _typing.Literal["health_age_ms"]  # noqa: Y015
+    _WhichOneofArgType__health_age_ms: _TypeAlias = _typing.Literal["_health_age_ms", b"_health_age_ms"]  # noqa: Y015
+    _WhichOneofReturnType__start_age_ms: _TypeAlias = _typing.Literal["start_age_ms"]  # noqa: Y015
+    _WhichOneofArgType__start_age_ms: _TypeAlias = _typing.Literal["_start_age_ms", b"_start_age_ms"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__health_age_ms) -> _WhichOneofReturnType__health_age_ms | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__start_age_ms) -> _WhichOneofReturnType__start_age_ms | None: ...
 
 Global___AgentInfo: _TypeAlias = AgentInfo  # noqa: Y015
 

@@ -64,6 +64,10 @@ class _EventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_EventKind.V
     EVENT_KIND_NODE_LABELS_UPDATED: _EventKind.ValueType  # 4
     EVENT_KIND_AGENT_STATE_CHANGED: _EventKind.ValueType  # 5
     EVENT_KIND_OPERATION: _EventKind.ValueType  # 6
+    EVENT_KIND_NODE_CLOCK_SKEW: _EventKind.ValueType  # 7
+    """A node's clock went more than max_clock_skew_seconds off the manager's
+    (or came back within): what that refuses, in the message.
+    """
     EVENT_KIND_DEFINITION_APPLIED: _EventKind.ValueType  # 20
     EVENT_KIND_DEFINITION_DELETED: _EventKind.ValueType  # 21
     EVENT_KIND_ROLLOUT_STARTED: _EventKind.ValueType  # 22
@@ -95,6 +99,10 @@ EVENT_KIND_NODE_OFFLINE: EventKind.ValueType  # 3
 EVENT_KIND_NODE_LABELS_UPDATED: EventKind.ValueType  # 4
 EVENT_KIND_AGENT_STATE_CHANGED: EventKind.ValueType  # 5
 EVENT_KIND_OPERATION: EventKind.ValueType  # 6
+EVENT_KIND_NODE_CLOCK_SKEW: EventKind.ValueType  # 7
+"""A node's clock went more than max_clock_skew_seconds off the manager's
+(or came back within): what that refuses, in the message.
+"""
 EVENT_KIND_DEFINITION_APPLIED: EventKind.ValueType  # 20
 EVENT_KIND_DEFINITION_DELETED: EventKind.ValueType  # 21
 EVENT_KIND_ROLLOUT_STARTED: EventKind.ValueType  # 22
@@ -294,6 +302,8 @@ class Node(_message.Message):
     STREAM_SINCE_FIELD_NUMBER: _builtins.int
     STREAM_OFFLINE_AT_FIELD_NUMBER: _builtins.int
     STREAM_REPLICA_FIELD_NUMBER: _builtins.int
+    CLOCK_OFFSET_MS_FIELD_NUMBER: _builtins.int
+    MAX_CLOCK_SKEW_MS_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     hostname: _builtins.str
     ip: _builtins.str
@@ -340,6 +350,15 @@ class Node(_message.Message):
     """
     stream_replica: _builtins.str
     """ELSEWHERE: the replica holding the stream."""
+    clock_offset_ms: _builtins.int
+    """How far the node's clock is off the manager's, ms (positive: ahead), as
+    measured at its last registration (hello): the time its daemon stamped
+    on it against the manager's receipt. Unset: unknown (an older daemon).
+    """
+    max_clock_skew_ms: _builtins.int
+    """The manager's `[liveness] max_clock_skew_seconds`, ms: a node further off
+    has its unary heartbeats refused.
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
         """The effective labels selectors match: `daemon_labels` overlaid with
@@ -391,12 +410,16 @@ class Node(_message.Message):
         stream_since: _builtins.int = ...,
         stream_offline_at: _builtins.int = ...,
         stream_replica: _builtins.str = ...,
+        clock_offset_ms: _builtins.int | None = ...,
+        max_clock_skew_ms: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_clock_offset_ms", b"_clock_offset_ms", "clock_offset_ms", b"clock_offset_ms"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_counts", b"agent_counts", "agent_version", b"agent_version", "arch", b"arch", "cert_expire_time", b"cert_expire_time", "connection_state", b"connection_state", "daemon_address", b"daemon_address", "daemon_labels", b"daemon_labels", "daemon_version", b"daemon_version", "desired_version", b"desired_version", "drift", b"drift", "drift_reason", b"drift_reason", "hostname", b"hostname", "ip", b"ip", "jobs_disabled", b"jobs_disabled", "labels", b"labels", "last_heartbeat", b"last_heartbeat", "node_id", b"node_id", "operator_labels", b"operator_labels", "os", b"os", "registered_at", b"registered_at", "reported_version", b"reported_version", "revoke_time", b"revoke_time", "status", b"status", "stream_offline_at", b"stream_offline_at", "stream_replica", b"stream_replica", "stream_since", b"stream_since", "stream_state", b"stream_state", "update_errors", b"update_errors"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_clock_offset_ms", b"_clock_offset_ms", "agent_counts", b"agent_counts", "agent_version", b"agent_version", "arch", b"arch", "cert_expire_time", b"cert_expire_time", "clock_offset_ms", b"clock_offset_ms", "connection_state", b"connection_state", "daemon_address", b"daemon_address", "daemon_labels", b"daemon_labels", "daemon_version", b"daemon_version", "desired_version", b"desired_version", "drift", b"drift", "drift_reason", b"drift_reason", "hostname", b"hostname", "ip", b"ip", "jobs_disabled", b"jobs_disabled", "labels", b"labels", "last_heartbeat", b"last_heartbeat", "max_clock_skew_ms", b"max_clock_skew_ms", "node_id", b"node_id", "operator_labels", b"operator_labels", "os", b"os", "registered_at", b"registered_at", "reported_version", b"reported_version", "revoke_time", b"revoke_time", "status", b"status", "stream_offline_at", b"stream_offline_at", "stream_replica", b"stream_replica", "stream_since", b"stream_since", "stream_state", b"stream_state", "update_errors", b"update_errors"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__clock_offset_ms: _TypeAlias = _typing.Literal["clock_offset_ms"]  # noqa: Y015
+    _WhichOneofArgType__clock_offset_ms: _TypeAlias = _typing.Literal["_clock_offset_ms", b"_clock_offset_ms"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__clock_offset_ms) -> _WhichOneofReturnType__clock_offset_ms | None: ...
 
 Global___Node: _TypeAlias = Node  # noqa: Y015
 

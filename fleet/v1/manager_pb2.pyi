@@ -55,6 +55,7 @@ class RegisterNodeRequest(_message.Message):
     DAEMON_ADDRESS_FIELD_NUMBER: _builtins.int
     SPEC_VERSION_FIELD_NUMBER: _builtins.int
     JOBS_DISABLED_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     """Kubernetes label-value syntax, at most 63 characters; must equal the
     name in the caller's certificate.
@@ -71,6 +72,11 @@ class RegisterNodeRequest(_message.Message):
     """The version of the pushed agent set the daemon runs (0: none)."""
     jobs_disabled: _builtins.bool
     """This host refuses remote jobs (`[jobs] enabled = false`)."""
+    time: _builtins.int
+    """The node's wall clock as it sent this, epoch ms (0: an older daemon).
+    The manager compares it with its own receipt time to show how far the
+    host's clock is off (`fleetctl nodes show`).
+    """
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     def __init__(
@@ -87,10 +93,11 @@ class RegisterNodeRequest(_message.Message):
         daemon_address: _builtins.str = ...,
         spec_version: _builtins.int = ...,
         jobs_disabled: _builtins.bool = ...,
+        time: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "arch", b"arch", "daemon_address", b"daemon_address", "daemon_version", b"daemon_version", "hostname", b"hostname", "ip", b"ip", "jobs_disabled", b"jobs_disabled", "labels", b"labels", "node_id", b"node_id", "os", b"os", "spec_version", b"spec_version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "arch", b"arch", "daemon_address", b"daemon_address", "daemon_version", b"daemon_version", "hostname", b"hostname", "ip", b"ip", "jobs_disabled", b"jobs_disabled", "labels", b"labels", "node_id", b"node_id", "os", b"os", "spec_version", b"spec_version", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -340,6 +347,8 @@ class AgentState(_message.Message):
     HEALTH_MESSAGE_FIELD_NUMBER: _builtins.int
     HEALTH_SINCE_FIELD_NUMBER: _builtins.int
     LOG_PROBLEM_FIELD_NUMBER: _builtins.int
+    HEALTH_AGE_MS_FIELD_NUMBER: _builtins.int
+    START_AGE_MS_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     status: _common_pb2.AgentStatus.ValueType
     pid: _builtins.int
@@ -358,6 +367,11 @@ class AgentState(_message.Message):
     health_since: _builtins.int
     log_problem: _builtins.str
     """As AgentInfo.log_problem."""
+    health_age_ms: _builtins.int
+    """As AgentInfo.health_age_ms and start_age_ms: ages on the daemon's
+    monotonic clock, which the manager turns into times on its own.
+    """
+    start_age_ms: _builtins.int
     @_builtins.property
     def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
     @_builtins.property
@@ -383,12 +397,21 @@ class AgentState(_message.Message):
         health_message: _builtins.str = ...,
         health_since: _builtins.int = ...,
         log_problem: _builtins.str = ...,
+        health_age_ms: _builtins.int | None = ...,
+        start_age_ms: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["last_exit", b"last_exit"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_health_age_ms", b"_health_age_ms", "_start_age_ms", b"_start_age_ms", "health_age_ms", b"health_age_ms", "last_exit", b"last_exit", "start_age_ms", b"start_age_ms"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "config_version", b"config_version", "exit_code", b"exit_code", "health", b"health", "health_message", b"health_message", "health_since", b"health_since", "labels", b"labels", "last_exit", b"last_exit", "last_heartbeat", b"last_heartbeat", "log_problem", b"log_problem", "message", b"message", "pid", b"pid", "restart_count", b"restart_count", "revision", b"revision", "start_time", b"start_time", "status", b"status", "type", b"type", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_health_age_ms", b"_health_age_ms", "_start_age_ms", b"_start_age_ms", "agent_id", b"agent_id", "config_version", b"config_version", "exit_code", b"exit_code", "health", b"health", "health_age_ms", b"health_age_ms", "health_message", b"health_message", "health_since", b"health_since", "labels", b"labels", "last_exit", b"last_exit", "last_heartbeat", b"last_heartbeat", "log_problem", b"log_problem", "message", b"message", "pid", b"pid", "restart_count", b"restart_count", "revision", b"revision", "start_age_ms", b"start_age_ms", "start_time", b"start_time", "status", b"status", "type", b"type", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__health_age_ms: _TypeAlias = _typing.Literal["health_age_ms"]  # noqa: Y015
+    _WhichOneofArgType__health_age_ms: _TypeAlias = _typing.Literal["_health_age_ms", b"_health_age_ms"]  # noqa: Y015
+    _WhichOneofReturnType__start_age_ms: _TypeAlias = _typing.Literal["start_age_ms"]  # noqa: Y015
+    _WhichOneofArgType__start_age_ms: _TypeAlias = _typing.Literal["_start_age_ms", b"_start_age_ms"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__health_age_ms) -> _WhichOneofReturnType__health_age_ms | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__start_age_ms) -> _WhichOneofReturnType__start_age_ms | None: ...
 
 Global___AgentState: _TypeAlias = AgentState  # noqa: Y015
 

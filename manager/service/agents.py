@@ -43,8 +43,10 @@ from manager.storage.records import NodeDesiredRecord, UpdateErrorRecord
 
 __all__ = [
     "AgentStates",
+    "age_field",
     "agent_state_record",
     "last_exit_fields",
+    "on_manager_clock",
     "snapshot_records",
     "update_error_records",
 ]
@@ -60,8 +62,26 @@ def _enum_name(enum: Any, value: int, prefix: str) -> str:
     return name.removeprefix(prefix)
 
 
-def agent_state_record(node_id: str, st: manager_pb2.AgentState) -> AgentStateRecord:
-    """The storage record for one AgentState message."""
+def on_manager_clock(stamp_ms: int, age_ms: int | None, received_ms: int) -> int:
+    """A time the daemon stamped, on the manager's clock: `received_ms` less its age on
+    the daemon's monotonic clock (newer daemons send it), so the two hosts' clocks need
+    not agree; without an age (older daemons) or a time (0: never), `stamp_ms` as is."""
+    if age_ms is None or stamp_ms <= 0:
+        return stamp_ms
+    return max(1, received_ms - max(0, age_ms))
+
+
+def age_field(msg: Any, name: str) -> int | None:
+    """An optional age field of an AgentState / AgentInfo message; None when unset."""
+    return int(getattr(msg, name)) if msg.HasField(name) else None
+
+
+def agent_state_record(
+    node_id: str, st: manager_pb2.AgentState, *, received_ms: int
+) -> AgentStateRecord:
+    """The storage record for one AgentState message received at `received_ms` (the
+    manager's clock): its `health_since` and `start_time` are re-based on that clock when
+    the daemon sent their ages (`on_manager_clock`)."""
     return AgentStateRecord(
         node_id=node_id,
         agent_id=st.agent_id,
@@ -70,7 +90,7 @@ def agent_state_record(node_id: str, st: manager_pb2.AgentState) -> AgentStateRe
         last_heartbeat_ms=st.last_heartbeat,
         type=st.type,
         version=st.version,
-        start_time_ms=st.start_time,
+        start_time_ms=on_manager_clock(st.start_time, age_field(st, "start_age_ms"), received_ms),
         restart_count=st.restart_count,
         exit_code=st.exit_code,
         message=st.message,
@@ -79,7 +99,9 @@ def agent_state_record(node_id: str, st: manager_pb2.AgentState) -> AgentStateRe
         config_version=st.config_version,
         revision=st.revision,
         health_message=st.health_message,
-        health_since_ms=st.health_since,
+        health_since_ms=on_manager_clock(
+            st.health_since, age_field(st, "health_age_ms"), received_ms
+        ),
         log_problem=st.log_problem,
         **last_exit_fields(st.last_exit if st.HasField("last_exit") else None),
     )
@@ -119,11 +141,14 @@ def last_exit_fields(msg: common_pb2.LastExit | None) -> dict[str, Any]:
 
 
 def snapshot_records(
-    request: manager_pb2.SyncAgentStatesRequest,
+    request: manager_pb2.SyncAgentStatesRequest, *, received_ms: int
 ) -> tuple[list[AgentStateRecord], list[UpdateErrorRecord]]:
-    """A daemon's snapshot (a SyncAgentStates, or the one a PushUpdate answer carries) as
-    records, checked as `AgentStates.sync` checks it: InvalidArgument naming the field."""
-    states = [agent_state_record(request.node_id, st) for st in request.states]
+    """A daemon's snapshot (a SyncAgentStates, or the one a PushUpdate answer carries),
+    received at `received_ms`, as records, checked as `AgentStates.sync` checks it:
+    InvalidArgument naming the field."""
+    states = [
+        agent_state_record(request.node_id, st, received_ms=received_ms) for st in request.states
+    ]
     errors = update_error_records(request.update_errors)
     validate_spec_version(request.spec_version)
     validate_agent_states(states)

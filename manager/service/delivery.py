@@ -78,17 +78,18 @@ def answers_of(
 
 
 def carried_states(
-    node_id: str, version: int, reply: daemon_pb2.PushUpdateResponse
+    node_id: str, version: int, reply: daemon_pb2.PushUpdateResponse, *, received_ms: int
 ) -> list[AgentStateRecord] | None:
-    """The agents a push answer carries, checked as a SyncAgentStates is; None if it
-    carries none (an older daemon: its reports say) or none usable."""
+    """The agents a push answer (received at `received_ms`) carries, checked as a
+    SyncAgentStates is; None if it carries none (an older daemon: its reports say) or
+    none usable."""
     if not reply.HasField("agent_states"):
         return None
     snapshot = reply.agent_states
     if snapshot.node_id != node_id or snapshot.spec_version != version:
         return None  # not the node and version this answer is for: wait for the report
     try:
-        states, _ = snapshot_records(snapshot)
+        states, _ = snapshot_records(snapshot, received_ms=received_ms)
     except FleetError as exc:
         log.warning("push answer of %s: agent states not usable (%s)", node_id, exc)
         return None
@@ -265,5 +266,7 @@ class Pusher:
         out.refused = tuple(
             UpdateErrorRecord(r.agent_id, r.revision, r.reason) for r in reply.refused
         )
-        out.states = carried_states(node.node_id, version, reply)
+        out.states = carried_states(
+            node.node_id, version, reply, received_ms=int(self._clock() * 1000)
+        )
         return out

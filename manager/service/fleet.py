@@ -388,11 +388,12 @@ class FleetQueries:
                     )
                 except FleetError as exc:
                     return exc.message
+            received_ms = int(self._clock() * 1000)
             infos = sorted(resp.agents, key=lambda a: a.id)
             return [
                 NodeAgent(
                     node.node_id,
-                    record_from_info(node.node_id, i),
+                    record_from_info(node.node_id, i, received_ms=received_ms),
                     spec=i.spec if i.HasField("spec") else None,
                     log_path=i.log_path,
                 )
@@ -463,7 +464,7 @@ class FleetQueries:
 
         end 0 = now, start 0 = an hour before end, step 0 = about 60 buckets.
         """
-        await self._ops.node(node_id)
+        node = await self._ops.node(node_id)
         end_ms = end_ms or int(self._clock() * 1000)
         start_ms = start_ms or max(0, end_ms - DEFAULT_RANGE_MS)
         if not 0 <= step_s <= MAX_STEP_SECONDS:
@@ -490,6 +491,7 @@ class FleetQueries:
                 agent_id=agent_id,
                 type=type,
                 name=name,
+                clock_offset_ms=node.clock_offset_ms,
             )
             if problem is not None:
                 raise NotFound(problem, resource=Resource("metric-type", type, node=node_id))

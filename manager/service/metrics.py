@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from itertools import groupby
 from typing import Literal
 
+from fleet.clockskew import METRICS_MAX_FUTURE_MS, offset_words
 from fleet.errors import InvalidArgument
 from fleet.labels import validate_label_value, validate_node_id
 from manager.service.model import MetricPoint
@@ -77,13 +78,27 @@ def metric_types(series: Sequence[MetricSeries]) -> list[MetricType]:
 
 
 def missing_metric(
-    series: Sequence[MetricSeries], *, node_id: str, agent_id: str, type: str, name: str
+    series: Sequence[MetricSeries],
+    *,
+    node_id: str,
+    agent_id: str,
+    type: str,
+    name: str,
+    clock_offset_ms: int | None = None,
 ) -> str | None:
-    """Why a query of (agent_id, type, name) on `node_id` can never have data, or None (pure).
+    """Why a query of (agent_id, type, name) on `node_id` found no data, or None (pure).
 
-    None when the node has (had) that series: an empty answer then just
-    means nothing fell in the range.
+    None when the node has (had) that series and its clock agrees with ours: an empty
+    answer then just means nothing fell in the range. A node whose clock is far ahead
+    (`clock_offset_ms`) has its samples refused; one far behind stores them in the past.
     """
+    off = clock_offset_ms or 0
+    if off > METRICS_MAX_FUTURE_MS:
+        return (
+            f"{node_id}'s clock is {offset_words(off)}: its samples are refused (more than"
+            f" {METRICS_MAX_FUTURE_MS // 60000} min ahead) and its daemon drops them; run NTP"
+            " on the host (`fleetctl nodes show` says more)"
+        )
     if not series:
         return f"{node_id} has no metrics stored (none reported yet, or all past retention)"
     mine = [s for s in series if s.agent_id == agent_id]
@@ -100,6 +115,12 @@ def missing_metric(
     names = sorted({s.name for s in mine if s.type == type})
     if name and name not in names:
         return f"{subject} has no {type} value {name!r}; it has: {', '.join(names)}"
+    if off < -60_000:
+        return (
+            f"no samples in that range: {node_id}'s clock is {offset_words(off)}, so its"
+            " samples are stored that far in the past; query a wider range, and run NTP"
+            " on the host"
+        )
     return None
 
 

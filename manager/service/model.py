@@ -38,6 +38,8 @@ class Registration:
     """The host refuses remote jobs (its daemon's `[jobs] enabled = false`)."""
     cert_not_after_ms: int = 0
     """When the certificate the daemon presented expires (0: unknown)."""
+    clock_ms: int = 0
+    """The node's wall clock as it sent the registration, epoch ms (0: not said)."""
 
 
 @dataclass(frozen=True)

@@ -27,6 +27,7 @@ from fleet.labels import validate_label_value, validate_node_id
 from fleet.selectors import Selector
 from fleet.v1 import common_pb2
 from manager.pool import DaemonPool
+from manager.service.agents import age_field, on_manager_clock
 from manager.service.fanout import Outcome, sliding_window
 from manager.storage import AgentStateRecord, NodeRecord, NodeRepository
 from manager.storage.operation_log import OperationLog
@@ -126,8 +127,11 @@ def resolve_targets(candidates: Sequence[Candidate], selector: Selector) -> list
     ]
 
 
-def record_from_info(node_id: str, info: common_pb2.AgentInfo) -> AgentStateRecord:
-    """A daemon's AgentInfo (from the pool) as the manager's agent record."""
+def record_from_info(
+    node_id: str, info: common_pb2.AgentInfo, *, received_ms: int
+) -> AgentStateRecord:
+    """A daemon's AgentInfo (from the pool, received at `received_ms`) as the manager's
+    agent record (times re-based as `agents.on_manager_clock` says)."""
     try:
         status = common_pb2.AgentStatus.Name(info.status).removeprefix("AGENT_STATUS_")
         health = common_pb2.AgentHealth.Name(info.health).removeprefix("AGENT_HEALTH_")
@@ -141,7 +145,9 @@ def record_from_info(node_id: str, info: common_pb2.AgentInfo) -> AgentStateReco
         last_heartbeat_ms=info.last_heartbeat,
         type=info.type,
         version=info.version,
-        start_time_ms=info.start_time,
+        start_time_ms=on_manager_clock(
+            info.start_time, age_field(info, "start_age_ms"), received_ms
+        ),
         restart_count=info.restart_count,
         exit_code=info.exit_code,
         message=info.message,
@@ -154,7 +160,9 @@ def record_from_info(node_id: str, info: common_pb2.AgentInfo) -> AgentStateReco
         last_exit_ms=info.last_exit.time,
         revision=info.revision,
         health_message=info.health_message,
-        health_since_ms=info.health_since,
+        health_since_ms=on_manager_clock(
+            info.health_since, age_field(info, "health_age_ms"), received_ms
+        ),
         log_problem=info.log_problem,
     )
 

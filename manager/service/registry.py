@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import logging
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -31,6 +32,8 @@ from manager.storage import NodeRecord, NodeRepository
 from manager.storage.nodes import Upserted
 
 __all__ = ["NodeRegistry", "RegisterResult", "RegistrationBatches"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -54,9 +57,12 @@ _Pending = tuple[NodeRecord, int, "asyncio.Future[Upserted]"]
 class RegistrationBatches:
     """Group commit of registrations through `NodeRepository.upsert_many`."""
 
-    def __init__(self, nodes: NodeRepository, *, max_batch: int = 500) -> None:
+    def __init__(
+        self, nodes: NodeRepository, *, max_batch: int = 500, max_skew_ms: int = 0
+    ) -> None:
         self._nodes = nodes
         self._max = max_batch
+        self._max_skew_ms = max_skew_ms  # a NODE_CLOCK_SKEW event when a node crosses it
         self._queue: collections.deque[_Pending] = collections.deque()
         self._task: asyncio.Task[None] | None = None
 
@@ -105,7 +111,7 @@ class RegistrationBatches:
     async def _write(self, batch: list[_Pending]) -> list[Upserted | BaseException]:
         pairs = [(node, ms) for node, ms, _ in batch]
         try:
-            return list(await self._nodes.upsert_many(pairs))
+            return list(await self._nodes.upsert_many(pairs, max_skew_ms=self._max_skew_ms))
         except InvalidArgument:
             if len(batch) == 1:
                 raise
@@ -114,7 +120,9 @@ class RegistrationBatches:
         outcomes: list[Upserted | BaseException] = []
         for pair in pairs:
             try:
-                outcomes.extend(await self._nodes.upsert_many([pair]))
+                outcomes.extend(
+                    await self._nodes.upsert_many([pair], max_skew_ms=self._max_skew_ms)
+                )
             except Exception as exc:
                 outcomes.append(exc)
         return outcomes
@@ -153,7 +161,7 @@ class NodeRegistry:
         self._rng = rng or random.Random()  # noqa: S311 - jitter, not crypto
         self._known: set[str] = set()
         self._fleet_size = 0
-        self._registrations = RegistrationBatches(nodes)
+        self._registrations = RegistrationBatches(nodes, max_skew_ms=self._skew_ms)
         self.high_water = TtlHighWater()
 
     async def load(self) -> None:
@@ -192,6 +200,9 @@ class NodeRegistry:
         """Validate and upsert a node; it is online from now."""
         validate_registration(reg)
         now_ms = self.now_ms()
+        # How far the node's clock is off ours (the network delay counts in it: a round
+        # trip at most); shown by `nodes show`, an event when beyond max_clock_skew.
+        offset = reg.clock_ms - now_ms if reg.clock_ms > 0 else None
         record = NodeRecord(
             node_id=reg.node_id,
             hostname=reg.hostname,
@@ -204,11 +215,14 @@ class NodeRegistry:
             daemon_address=reg.daemon_address,
             jobs_disabled=reg.jobs_disabled,
             cert_not_after_ms=reg.cert_not_after_ms,
+            clock_offset_ms=offset,
             status="online",
             last_seen_ms=now_ms,
             registered_at_ms=now_ms,
         )
         upserted = await self._registrations.submit(record, now_ms)
+        if upserted.clock_news:
+            log.warning("%s", upserted.clock_news)
         changed = upserted.changed
         if reg.node_id not in self._known:
             changed = True  # registered by another replica since this one loaded its ids

@@ -11,6 +11,7 @@ import math
 import re
 from collections.abc import Sequence
 
+from fleet.clockskew import METRICS_MAX_FUTURE_MS, offset_words
 from fleet.errors import InvalidArgument
 from fleet.labels import validate_label_value, validate_labels, validate_node_id
 from manager.service.model import MetricPoint, Registration
@@ -125,16 +126,20 @@ def validate_registration(reg: Registration) -> None:
 def validate_timestamp(
     ts_ms: int, *, now_ms: int, max_past_ms: int, max_future_ms: int, field: str
 ) -> None:
-    """Refuse a timestamp outside [now - max_past, now + max_future]."""
+    """Refuse a timestamp outside [now - max_past, now + max_future]; the message says how
+    far off it is in words (what a daemon logs: its host's clock is the likely cause)."""
     if ts_ms < now_ms - max_past_ms:
         raise InvalidArgument(
-            f"{ts_ms} is more than {max_past_ms // 1000} s in the past (server time {now_ms})",
+            f"{ts_ms} is {offset_words(ts_ms - now_ms)}'s clock, more than"
+            f" {max_past_ms // 1000} s (server time {now_ms}); if this host's clock is"
+            " behind, run NTP",
             field=field,
         )
     if ts_ms > now_ms + max_future_ms:
         raise InvalidArgument(
-            f"{ts_ms} is more than {max_future_ms // 1000} s in the future "
-            f"(server time {now_ms}); check the node's clock",
+            f"{ts_ms} is {offset_words(ts_ms - now_ms)}'s clock, more than"
+            f" {max_future_ms // 1000} s (server time {now_ms}); this host's clock is ahead:"
+            " run NTP",
             field=field,
         )
 
@@ -147,7 +152,7 @@ def metric_batch(
     now_ms: int,
     max_past_ms: int,
     max_samples: int,
-    max_future_ms: int = 5 * 60 * 1000,
+    max_future_ms: int = METRICS_MAX_FUTURE_MS,
 ) -> MetricBatch:
     """Validate a ReportMetrics request and flatten it into a MetricBatch."""
     if sequence <= 0 or sequence >= 2**63:

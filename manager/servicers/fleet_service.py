@@ -157,9 +157,11 @@ def agent_info(record: AgentStateRecord) -> common_pb2.AgentInfo:
     )
 
 
-def _node(view: NodeView) -> fleet_pb2.Node:
+def _node(view: NodeView, max_skew_ms: int = 0) -> fleet_pb2.Node:
     n = view.node
     return fleet_pb2.Node(
+        clock_offset_ms=n.clock_offset_ms,
+        max_clock_skew_ms=max_skew_ms,
         node_id=n.node_id,
         hostname=n.hostname,
         ip=n.ip,
@@ -285,8 +287,10 @@ class FleetServicer(
         *,
         trust_domain: str,
         call_timeout: float,
+        max_clock_skew_ms: int = 0,
     ) -> None:
         self._jobs = jobs
+        self._skew_ms = max_clock_skew_ms
         self._admin = admin
         self._q = queries
         self._ops = operations
@@ -308,14 +312,16 @@ class FleetServicer(
         self._operator(context)
         selector = selectors.from_proto(request.selector)
         views = await self._q.list_nodes(selector)
-        return fleet_pb2.FleetServiceListNodesResponse(nodes=[_node(v) for v in views])
+        return fleet_pb2.FleetServiceListNodesResponse(
+            nodes=[_node(v, self._skew_ms) for v in views]
+        )
 
     async def GetNode(
         self, request: fleet_pb2.FleetServiceGetNodeRequest, context: _Context
     ) -> fleet_pb2.FleetServiceGetNodeResponse:
         self._operator(context)
         return fleet_pb2.FleetServiceGetNodeResponse(
-            node=_node(await self._q.get_node(request.node_id))
+            node=_node(await self._q.get_node(request.node_id), self._skew_ms)
         )
 
     async def UpdateNodeLabels(
@@ -326,7 +332,7 @@ class FleetServicer(
             request.node_id, dict(request.set), list(request.remove), actor=actor
         )
         return fleet_pb2.FleetServiceUpdateNodeLabelsResponse(
-            node=_node(updated.view), absent_keys=updated.absent
+            node=_node(updated.view, self._skew_ms), absent_keys=updated.absent
         )
 
     async def DeleteNode(
@@ -335,7 +341,7 @@ class FleetServicer(
         actor = self._operator(context)
         view = await self._q.get_node(request.node_id)  # NotFound first; the answer's node
         await self._admin.delete_node(request.node_id, force=request.force, actor=actor)
-        return fleet_pb2.FleetServiceDeleteNodeResponse(node=_node(view))
+        return fleet_pb2.FleetServiceDeleteNodeResponse(node=_node(view, self._skew_ms))
 
     async def RevokeNode(
         self, request: fleet_pb2.FleetServiceRevokeNodeRequest, context: _Context
@@ -556,6 +562,7 @@ def build_fleet_servicer(
     streams: ControlStreams | None = None,
     stream_grace: float = 0.0,
     stream_route: Callable[[str], Awaitable[Route | None]] | None = None,
+    max_clock_skew_ms: int = 0,
 ) -> FleetServicer:
     """The FleetService servicer over the manager's database, daemon pool and event feed
     (`streams`, `stream_grace`, `stream_route`: what `nodes show`
@@ -589,4 +596,5 @@ def build_fleet_servicer(
         admin,
         trust_domain=trust_domain,
         call_timeout=pool.config.call_timeout,
+        max_clock_skew_ms=max_clock_skew_ms,
     )

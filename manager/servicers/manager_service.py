@@ -84,6 +84,7 @@ class ManagerServicer(ArtifactDownloads, manager_pb2_grpc.ManagerServiceServicer
                 daemon_address=request.daemon_address,
                 jobs_disabled=request.jobs_disabled,
                 cert_not_after_ms=self._identities.cert_not_after_ms(context),
+                clock_ms=request.time,
             )
         )
         if self._reports is not None:
@@ -134,7 +135,7 @@ class ManagerServicer(ArtifactDownloads, manager_pb2_grpc.ManagerServiceServicer
         self, request: manager_pb2.SyncAgentStatesRequest, context: _Context
     ) -> manager_pb2.SyncAgentStatesResponse:
         self._identities.require_node(context, request.node_id)
-        states, errors = snapshot_records(request)
+        states, errors = snapshot_records(request, received_ms=self._registry.now_ms())
         changed = await self._agents.sync(
             request.node_id, states, spec_version=request.spec_version, update_errors=errors
         )

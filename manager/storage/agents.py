@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import builtins
+import dataclasses
 import functools
 import operator
 import sqlite3
@@ -31,6 +32,7 @@ __all__ = [
     "sqlite_replace_many",
     "sqlite_select_states",
     "state_changed",
+    "steady",
 ]
 
 # What makes a report a *change* worth an event. Heartbeat times and the
@@ -429,6 +431,28 @@ async def _postgresql_replace_many(
     return out
 
 
+REBASE_JITTER_MS = 2000
+"""How far apart two reports' re-based times of one moment may be (the network delay
+between the daemon measuring an age and the manager receiving it) and still be one."""
+
+
+def steady(before: AgentStateRecord | None, after: AgentStateRecord) -> AgentStateRecord:
+    """`after`, keeping `before`'s `start_time_ms` (same process) and `health_since_ms`
+    (same health) when they differ by less than REBASE_JITTER_MS: times the manager
+    re-bases from ages (`service.agents.on_manager_clock`) move by the network delay on
+    every report, and a start time that moved would read as a change (an event)."""
+    if before is None:
+        return after
+    start, since = after.start_time_ms, after.health_since_ms
+    if before.pid == after.pid and abs(start - before.start_time_ms) < REBASE_JITTER_MS:
+        start = before.start_time_ms
+    if before.health == after.health and abs(since - before.health_since_ms) < REBASE_JITTER_MS:
+        since = before.health_since_ms
+    if (start, since) == (after.start_time_ms, after.health_since_ms):
+        return after
+    return dataclasses.replace(after, start_time_ms=start, health_since_ms=since)
+
+
 def _check_once(snapshots: Sequence[tuple[str, Sequence[AgentStateRecord]]]) -> None:
     ids = [node_id for node_id, _ in snapshots]
     if len(set(ids)) != len(ids):
@@ -453,8 +477,9 @@ def _replace(
             continue
         # Stored with reported_ms = now_ms; the records compared and described below keep
         # their own (neither state_changed nor describe_change reads it).
-        inserted.extend(_row(s, now_ms) for s in states)
         before_all = old.get(node_id, {})
+        states = [steady(before_all.get(s.agent_id), s) for s in states]
+        inserted.extend(_row(s, now_ms) for s in states)
         new = {s.agent_id: s for s in states}
         changed = 0
         for agent_id in sorted(before_all.keys() | new.keys()):

@@ -12,6 +12,7 @@ from sqlalchemy import BigInteger, bindparam, case, exists, func, select, update
 from sqlalchemy.dialects.sqlite import dialect as sqlite_dialect
 from sqlalchemy.ext.asyncio import AsyncConnection
 
+from fleet.clockskew import clock_words, offset_words
 from fleet.errors import FailedPrecondition, NotFound, Resource
 from manager.storage.db import Database
 from manager.storage.events import dump_map, event_row, insert_events, load_map
@@ -22,6 +23,7 @@ from manager.storage.sqlhelp import chunks, dialect_insert
 __all__ = [
     "NodeRepository",
     "Upserted",
+    "clock_news",
     "effective_labels",
     "labels_event",
     "node_from_row",
@@ -72,6 +74,9 @@ class Upserted:
     """It changed what convergence and the job driver read of the node: new, back from
     offline, effective labels, daemon address or jobs_disabled. False for a node
     re-registering as it was (a reconnect), which needs no pass of theirs."""
+    clock_news: str = ""
+    """The NODE_CLOCK_SKEW event's message when its clock went beyond the skew limit or
+    came back within it; "" otherwise."""
 
 
 # The node is on the deny list and was issued no certificate since (RemovalRepository's
@@ -94,6 +99,7 @@ _FIELDS = (
     "agent_version",
     "daemon_address",
     "jobs_disabled",
+    "clock_offset_ms",
 )
 
 
@@ -113,6 +119,22 @@ def _insert_row(node: NodeRecord, now_ms: int) -> dict[str, Any]:
         "cert_not_after_ms": node.cert_not_after_ms,
         **_fields(node),
     }
+
+
+def clock_news(node_id: str, before: int | None, after: int | None, max_skew_ms: int) -> str:
+    """The NODE_CLOCK_SKEW message when a node's clock offset crosses `max_skew_ms` (went
+    beyond it, or came back within it); "" when it did not, or is unknown (pure)."""
+    if max_skew_ms <= 0 or after is None:
+        return ""
+    was = before is not None and abs(before) > max_skew_ms
+    if abs(after) > max_skew_ms and not was:
+        return f"clock of node {node_id} is {clock_words(after, max_skew_ms)}"
+    if was and abs(after) <= max_skew_ms:
+        return (
+            f"clock of node {node_id} is back within max_clock_skew_seconds of the manager's"
+            f" ({offset_words(after)})"
+        )
+    return ""
 
 
 def effective_labels(daemon: Mapping[str, str], operator: Mapping[str, str]) -> dict[str, str]:
@@ -201,6 +223,7 @@ def node_from_row(row: Any) -> NodeRecord:
         operator_labels=load_map(row.operator_labels),
         jobs_disabled=bool(row.jobs_disabled),
         cert_not_after_ms=row.cert_not_after_ms,
+        clock_offset_ms=row.clock_offset_ms,
     )
 
 
@@ -222,8 +245,13 @@ class NodeRepository:
         """
         return (await self.upsert_many([(node, now_ms)]))[0].created
 
-    async def upsert_many(self, batch: Sequence[tuple[NodeRecord, int]]) -> builtins.list[Upserted]:
+    async def upsert_many(
+        self, batch: Sequence[tuple[NodeRecord, int]], *, max_skew_ms: int = 0
+    ) -> builtins.list[Upserted]:
         """`upsert` of several (node, now_ms) pairs in one transaction.
+
+        A node whose clock offset went beyond `max_skew_ms` (or came back within it)
+        gets a NODE_CLOCK_SKEW event, once per crossing (0: none).
 
         A handful of statements whatever the batch size, so a registration
         storm (a new manager, a whole fleet restarting) costs one commit per
@@ -242,6 +270,7 @@ class NodeRepository:
             nodes.c.registered_at_ms,
             nodes.c.daemon_address,
             nodes.c.jobs_disabled,
+            nodes.c.clock_offset_ms,
         )
 
         async def body(conn: AsyncConnection) -> builtins.list[Upserted]:
@@ -251,6 +280,7 @@ class NodeRepository:
             labels: dict[str, tuple[str, str]] = {}  # effective, operator (JSON as stored)
             enrolled: set[str] = set()  # rows made by enrollment, never registered
             reach: dict[str, tuple[str, bool]] = {}  # daemon_address, jobs_disabled
+            offsets: dict[str, int | None] = {}  # clock offsets as stored
             changed: set[str] = set()  # known nodes whose registration changed something
             # In node-id order, as the last-seen flush locks them (no deadlock between the two).
             for part in chunks(sorted(ids)):
@@ -264,6 +294,7 @@ class NodeRepository:
                     status[row.node_id] = row.status
                     labels[row.node_id] = (row.labels, row.operator_labels)
                     reach[row.node_id] = (row.daemon_address, bool(row.jobs_disabled))
+                    offsets[row.node_id] = row.clock_offset_ms
                     if row.registered_at_ms == 0:
                         enrolled.add(row.node_id)
             new = [(node, ms) for node, ms in batch if node.node_id not in status]
@@ -291,6 +322,7 @@ class NodeRepository:
                         status[row.node_id] = row.status
                         labels[row.node_id] = (row.labels, row.operator_labels)
                         reach[row.node_id] = (row.daemon_address, bool(row.jobs_disabled))
+                    offsets[row.node_id] = row.clock_offset_ms
             known = [(node, ms) for node, ms in batch if node.node_id in status]
             label_events = []
             updates = []
@@ -333,11 +365,32 @@ class NodeRepository:
                 )
                 if status.get(node.node_id) == "offline" and node.node_id not in enrolled:
                     new_events.append(_online_event(node.node_id, ms, actor))
+            news: dict[str, str] = {}
+            for node, ms in batch:
+                said = clock_news(
+                    node.node_id, offsets.get(node.node_id), node.clock_offset_ms, max_skew_ms
+                )
+                if said:
+                    news[node.node_id] = said
+                    new_events.append(
+                        event_row(
+                            "NODE_CLOCK_SKEW",
+                            now_ms=ms,
+                            node_id=node.node_id,
+                            actor=f"node/{node.node_id}",
+                            message=said,
+                            attributes={"offset_ms": str(node.clock_offset_ms)},
+                        )
+                    )
             await insert_events(conn, [*new_events, *label_events])
             out = []
             for node, _ in batch:
                 created = node.node_id not in status or node.node_id in enrolled
-                out.append(Upserted(created, created or node.node_id in changed))
+                out.append(
+                    Upserted(
+                        created, created or node.node_id in changed, news.get(node.node_id, "")
+                    )
+                )
             return out
 
         return await self._db.run(body)

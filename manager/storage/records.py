@@ -37,6 +37,7 @@ EVENT_KINDS: Final = frozenset(
         "NODE_ONLINE",
         "NODE_OFFLINE",
         "NODE_LABELS_UPDATED",
+        "NODE_CLOCK_SKEW",
         "AGENT_STATE_CHANGED",
         "OPERATION",
         "DEFINITION_APPLIED",
@@ -102,6 +103,9 @@ class NodeRecord:
     cert_not_after_ms: int = 0
     """When its certificate expires, as last issued or presented (0: unknown). Given to
     `NodeRepository.upsert`, 0 keeps the stored value."""
+    clock_offset_ms: int | None = None
+    """How far its clock is off the manager's (positive: ahead), measured at its last
+    registration; None: unknown (its daemon stamps no time on its hello)."""
 
 
 @dataclass(frozen=True)

@@ -92,6 +92,9 @@ nodes = Table(
     # When the node's certificate expires (enrollment, renewal, or the one it
     # registered with); 0: unknown.
     Column("cert_not_after_ms", BigInteger, nullable=False, server_default="0"),
+    # How far its clock is off the manager's at its last registration, ms
+    # (positive: ahead); NULL: unknown (a daemon that stamps no time on its hello).
+    Column("clock_offset_ms", BigInteger, nullable=True),
     CheckConstraint("status IN ('online', 'offline')", name="status"),
     # The sweeper's "online and last seen before the cutoff".
     Index(None, "status", "last_seen_ms"),

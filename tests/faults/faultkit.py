@@ -205,13 +205,21 @@ class DaemonProc:
             f'key_file = "{tls.key_file}"\n{manager_table}{body}\n'
         )
 
-    def start(self, prefix: Sequence[str] = ()) -> socket.socket:
-        """Start it (optionally under `prefix`, e.g. ip netns exec); returns the notify socket."""
+    def start(
+        self, prefix: Sequence[str] = (), *, env: Mapping[str, str] | None = None
+    ) -> socket.socket:
+        """Start it (optionally under `prefix`, e.g. ip netns exec; `env` added to its
+        environment, e.g. libfaketime's); returns the notify socket."""
         with contextlib.suppress(FileNotFoundError):
             self.notify_path.unlink()
         notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
         notify.bind(str(self.notify_path))
-        env = {**os.environ, "NOTIFY_SOCKET": str(self.notify_path), "PYTHONPATH": str(REPO)}
+        env = {
+            **os.environ,
+            **(env or {}),
+            "NOTIFY_SOCKET": str(self.notify_path),
+            "PYTHONPATH": str(REPO),
+        }
         with self.log.open("ab") as err:
             self.popen = subprocess.Popen(
                 [*prefix, sys.executable, "-m", "daemon.cli", "--config", str(self.config)],

@@ -17,7 +17,7 @@ def test_the_live_record_keeps_the_revision_and_the_health_reason() -> None:
         health_since=1_796_641_700_000,
         log_problem="no space left on the filesystem of /logs/probe.log: ...",
     )
-    record = record_from_info("node-1", info)
+    record = record_from_info("node-1", info, received_ms=1_796_641_800_000)
     assert (record.status, record.health) == ("RUNNING", "UNHEALTHY")
     assert record.revision == 6
     assert record.health_message == "connect 127.0.0.1:1: connection refused"
