@@ -759,8 +759,7 @@ class ManagerLink:
         if self._clock_said is not None and abs(offset - self._clock_said) < CLOCK_WARN_MS:
             return
         self._clock_said = offset
-        # The manager's default max_clock_skew_seconds: this side does not know its setting.
-        log.warning("this host's clock is %s", clock_words(offset, 300_000))
+        log.warning("this host's clock is %s", clock_words(offset))
 
     def _welcomed(self, reply: manager_pb2.RegisterNodeResponse) -> None:
         self._check_clock(reply)

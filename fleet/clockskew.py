@@ -1,7 +1,7 @@
 """A host clock that disagrees with the manager's: how far, and what that costs.
 
 The manager estimates a node's clock offset from the times its daemon stamps
-on what it sends (the hello's `time`, a unary heartbeat's `timestamp`) against
+on what it sends (the hello's `time`, stream or RegisterNode) against
 its own receipt time; the network delay makes a node look behind by at most a
 round trip, well under `SHOWN_FROM_MS`. Shared by the manager (its event and
 log line) and `fleetctl nodes show`, so both say the same.
@@ -39,7 +39,7 @@ def offset_words(offset_ms: int) -> str:
     return f"{_duration(offset_ms)} {where}"
 
 
-def clock_words(offset_ms: int, max_skew_ms: int) -> str:
+def clock_words(offset_ms: int) -> str:
     """What an operator should know of a node whose clock is `offset_ms` off the
     manager's (positive: ahead): how far, what is refused or misfiled, what to do."""
     off = _duration(offset_ms)
@@ -51,10 +51,5 @@ def clock_words(offset_ms: int, max_skew_ms: int) -> str:
         )
     elif offset_ms < -SHOWN_FROM_MS:
         parts.append(f"; its metric samples are stored {off} in the past")
-    if abs(offset_ms) > max_skew_ms:
-        parts.append(
-            f"; beyond max_clock_skew_seconds ({_duration(max_skew_ms)}): its heartbeats over"
-            " unary calls are refused, and such a daemon reconnects after each"
-        )
     parts.append("); run NTP on the host")
     return "".join(parts)

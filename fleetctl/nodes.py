@@ -297,7 +297,7 @@ def clock_text(node: fleet_pb2.Node) -> str:
     within SHOWN_FROM_MS or unknown (an older daemon does not say)."""
     if not node.HasField("clock_offset_ms") or abs(node.clock_offset_ms) < SHOWN_FROM_MS:
         return ""
-    return clock_words(node.clock_offset_ms, node.max_clock_skew_ms or 300_000)
+    return clock_words(node.clock_offset_ms)
 
 
 def _certificate_text(node: fleet_pb2.Node, now_ms: int) -> str:

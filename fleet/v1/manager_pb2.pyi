@@ -140,7 +140,10 @@ class HeartbeatRequest(_message.Message):
     TIMESTAMP_FIELD_NUMBER: _builtins.int
     node_id: _builtins.str
     timestamp: _builtins.int
-    """The node's clock when it sent the heartbeat."""
+    """The node's clock when it sent the heartbeat (ms). Not judged: liveness is
+    the manager's clock, so a node whose clock is off still counts as alive;
+    only a negative value is INVALID_ARGUMENT.
+    """
     def __init__(
         self,
         *,

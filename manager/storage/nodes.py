@@ -128,7 +128,10 @@ def clock_news(node_id: str, before: int | None, after: int | None, max_skew_ms:
         return ""
     was = before is not None and abs(before) > max_skew_ms
     if abs(after) > max_skew_ms and not was:
-        return f"clock of node {node_id} is {clock_words(after, max_skew_ms)}"
+        return (
+            f"clock of node {node_id} is beyond max_clock_skew_seconds"
+            f" ({max_skew_ms // 1000} s): {clock_words(after)}"
+        )
     if was and abs(after) <= max_skew_ms:
         return (
             f"clock of node {node_id} is back within max_clock_skew_seconds of the manager's"
