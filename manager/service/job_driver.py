@@ -3,8 +3,10 @@
 One replica at a time drives jobs (PostgreSQL advisory lock ``fleet-jobs``;
 SQLite has one manager). The leader loads every unfinished job at start
 (so a manager killed mid-job resumes it) and keeps, per live job, the
-targets' states in memory. A pass asks `jobs.plan` what to do for each job
-and does it: skips, undeliverables and lost nodes go to the database through
+targets in memory (`jobs.JobTargets`). A pass asks each job's
+`JobTargets.plan` what to do and does it (that walks every target only when
+a decision may have changed since its last walk, else refills the window
+from the targets it found ready: O(window) a pass): skips, undeliverables and lost nodes go to the database through
 `JobUpdates` (group commit), targets to send get a StartJob through the pool
 (`DaemonPool.start_job`; concurrent, bounded), and a job whose targets all
 ended gets its final state and its `JOB_FINISHED` event.

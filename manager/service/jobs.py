@@ -12,7 +12,9 @@ A job's targets move through these states (the table `ALLOWED` enforces it):
 `plan` decides, for one job at `now`, which targets change state without
 the node (skips, undeliverables, lost nodes, jobs disabled) and which to
 send now; `job_state` derives the job's state from its targets' counts.
-The driver (`manager.service.job_driver`) applies what `plan` says.
+`JobTargets` keeps one job's targets for the driver and plans a pass as
+`plan` would without walking them all when nothing a walk reads changed.
+The driver (`manager.service.job_driver`) applies what they say.
 
 **The lost-node rule.** A QUEUED or RUNNING target whose node stops
 reporting must not keep the job running forever. Such a target ends:
