@@ -6,10 +6,11 @@ SQLite has one manager). The leader loads every unfinished job at start
 targets in memory (`jobs.JobTargets`). A pass asks each job's
 `JobTargets.plan` what to do and does it (that walks every target only when
 a decision may have changed since its last walk, else refills the window
-from the targets it found ready: O(window) a pass): skips, undeliverables and lost nodes go to the database through
-`JobUpdates` (group commit), targets to send get a StartJob through the pool
-(`DaemonPool.start_job`; concurrent, bounded), and a job whose targets all
-ended gets its final state and its `JOB_FINISHED` event.
+from the targets it found ready: O(window) a pass): skips, undeliverables
+and lost nodes go to the database through `JobUpdates` (group commit),
+targets to send get a StartJob through the pool (`DaemonPool.start_job`;
+concurrent, bounded), and a job whose targets all ended gets its final
+state and its `JOB_FINISHED` event.
 
 Every committed target change (a daemon's report, a StartJob answer) comes
 back through the `JobUpdates` listener and updates the memory in O(1); the
