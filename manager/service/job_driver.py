@@ -3,11 +3,14 @@
 One replica at a time drives jobs (PostgreSQL advisory lock ``fleet-jobs``;
 SQLite has one manager). The leader loads every unfinished job at start
 (so a manager killed mid-job resumes it) and keeps, per live job, the
-targets' states in memory. A pass asks `jobs.plan` what to do for each job
-and does it: skips, undeliverables and lost nodes go to the database through
-`JobUpdates` (group commit), targets to send get a StartJob through the pool
-(`DaemonPool.start_job`; concurrent, bounded), and a job whose targets all
-ended gets its final state and its `JOB_FINISHED` event.
+targets in memory (`jobs.JobTargets`). A pass asks each job's
+`JobTargets.plan` what to do and does it (that walks every target only when
+a decision may have changed since its last walk, else refills the window
+from the targets it found ready: O(window) a pass): skips, undeliverables
+and lost nodes go to the database through `JobUpdates` (group commit),
+targets to send get a StartJob through the pool (`DaemonPool.start_job`;
+concurrent, bounded), and a job whose targets all ended gets its final
+state and its `JOB_FINISHED` event.
 
 Every committed target change (a daemon's report, a StartJob answer) comes
 back through the `JobUpdates` listener and updates the memory in O(1); the
@@ -33,7 +36,6 @@ minus an hour, while its node still runs it.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import dataclasses
 import logging
@@ -54,6 +56,7 @@ from manager.service.jobs import (
     TERMINAL,
     JobLimits,
     JobState,
+    JobTargets,
     NodeFacts,
     Target,
     TargetState,
@@ -124,7 +127,7 @@ class _Live:
     record: JobRecord
     limits: JobLimits
     request: daemon_pb2.StartJobRequest
-    targets: dict[str, Target]
+    targets: JobTargets
     in_flight: set[str] = field(default_factory=set)
     storing: set[str] = field(default_factory=set)
     """Targets whose end an answer carried, ended in memory until its commit (the job
@@ -226,11 +229,9 @@ class JobDriver:
         live = self._jobs[record.id]
         if fresh:
             # What the first pass would do with these facts, without waiting for it: a
-            # pass walks every live job and is scheduled after RunJob's answer.
-            decided = plan(
-                live.targets,
+            # pass plans every live job and is scheduled after RunJob's answer.
+            decided = live.targets.plan(
                 self._facts,
-                live.limits,
                 self._clock(),
                 in_flight=live.in_flight | live.storing,
                 cancelled=bool(live.record.cancelled_ms),
@@ -269,12 +270,13 @@ class JobDriver:
         for r in rows:
             live = self._jobs.get(r.job_id)
             if live is not None:
-                was = live.targets.get(r.node_id)
+                was = live.targets.targets.get(r.node_id)
                 if was is None:
                     continue
-                now = live.targets[r.node_id] = _target(r)
+                now = _target(r)
+                live.targets.put(now)
                 # No pass for the commit of an end the memory already had (the answer
-                # carrying it freed its slot when it came): a pass walks every target.
+                # carrying it freed its slot when it came).
                 woke = woke or replans(was, now)
         if woke:
             self._wake.set()
@@ -376,7 +378,7 @@ class JobDriver:
         if live is not None:
             live.record = record
             read = {n: _target(t) for n, t in targets.items()}
-            for node_id, was in live.targets.items():
+            for node_id, was in live.targets.targets.items():
                 got = read.get(node_id)
                 if got is None or got.state is was.state:
                     continue
@@ -385,18 +387,19 @@ class JobDriver:
                     # or a commit that landed while the job was read (a target ended or
                     # accepted must not look PENDING again: it would be sent again).
                     read[node_id] = was
-            live.targets = read
+            live.targets = JobTargets(read, live.limits)
             return
         spec = check_spec(load_spec(record.spec))
+        limits = JobLimits(
+            created=record.created_ms / 1000,
+            concurrency=record.concurrency,
+            max_errors=spec.max_errors,
+            delivery_timeout=spec.delivery_timeout,
+            timeout=spec.timeout,
+        )
         self._jobs[record.id] = _Live(
             record=record,
-            limits=JobLimits(
-                created=record.created_ms / 1000,
-                concurrency=record.concurrency,
-                max_errors=spec.max_errors,
-                delivery_timeout=spec.delivery_timeout,
-                timeout=spec.timeout,
-            ),
+            limits=limits,
             request=daemon_pb2.StartJobRequest(
                 job_id=record.id,
                 steps=spec.message.steps,
@@ -404,7 +407,7 @@ class JobDriver:
                 lock=spec.message.lock,
                 accept_end=True,  # a fast command's end comes with the answer
             ),
-            targets={n: _target(t) for n, t in targets.items()},
+            targets=JobTargets({n: _target(t) for n, t in targets.items()}, limits),
         )
 
     async def _node_facts(self, now: float) -> None:
@@ -471,25 +474,23 @@ class JobDriver:
 
         moved = await self._repo.run(body)
         for live in self._jobs.values():
-            for node_id, t in live.targets.items():
+            for t in list(live.targets.targets.values()):
                 if t.state is not TargetState.QUEUED and t.state is not TargetState.RUNNING:
                     continue
                 at = int(t.updated * 1000)
                 if step_ms > 0 and at <= now_ms - step_ms:
-                    live.targets[node_id] = dataclasses.replace(t, updated=t.updated + step)
+                    live.targets.put(dataclasses.replace(t, updated=t.updated + step))
                 elif step_ms < 0 and at > now_ms:
-                    live.targets[node_id] = dataclasses.replace(t, updated=now_ms / 1000)
+                    live.targets.put(dataclasses.replace(t, updated=now_ms / 1000))
+            live.targets.replan()  # lost-node times moved
         log.warning(
             "the wall clock jumped %+.1f s: %d running job target(s) moved with it", step, moved
         )
 
     async def _drive(self, live: _Live) -> float | None:
-        now = self._clock()
-        decided = plan(
-            live.targets,
+        decided = live.targets.plan(
             self._facts,
-            live.limits,
-            now,
+            self._clock(),
             in_flight=live.in_flight | live.storing,  # neither is sent again
             cancelled=bool(live.record.cancelled_ms),
         )
@@ -503,12 +504,7 @@ class JobDriver:
                 )
             )
         self._send(live, decided.dispatch)
-        # The plan counted the targets; after changes, count what their commits left.
-        counts = (
-            collections.Counter(t.state for t in live.targets.values())
-            if decided.changes
-            else decided.counts
-        )
+        counts = live.targets.counts  # what the changes' commits left
         cancelled = bool(live.record.cancelled_ms)
         state = job_state(counts, cancelled=cancelled)
         ended = (
@@ -537,6 +533,7 @@ class JobDriver:
         if not self.leading or self._jobs.get(live.record.id) is not live:
             # Stopped leading or the job was dropped before these calls were started.
             live.in_flight.difference_update(node_ids[start:])
+            live.targets.replan()
             return
         end = start + SEND_BATCH
         for node_id in node_ids[start:end]:
@@ -549,7 +546,7 @@ class JobDriver:
 
     async def _dispatch(self, live: _Live, node_id: str) -> None:
         job_id = live.record.id
-        target = live.targets[node_id]
+        target = live.targets.targets[node_id]
         change: Change
         try:
             async with self._sem:
@@ -580,15 +577,17 @@ class JobDriver:
             change = self._answered(job_id, node_id, response)
         if change.kind == "ended":
             # The node is done with it: its window slot is free now, not after the commit.
-            live.targets[node_id] = Target(
-                node_id,
-                change.state,
-                target.stage,
-                target.attempts,
-                target.next_attempt,
-                target.updated,
-                target.cancel_requested,
-                target.last_error,
+            live.targets.put(
+                Target(
+                    node_id,
+                    change.state,
+                    target.stage,
+                    target.attempts,
+                    target.next_attempt,
+                    target.updated,
+                    target.cancel_requested,
+                    target.last_error,
+                )
             )
             live.storing.add(node_id)
             live.in_flight.discard(node_id)
@@ -607,11 +606,13 @@ class JobDriver:
                 "job %s on %s: could not store the StartJob answer: %s", job_id, node_id, exc
             )
             if node_id in live.storing:
-                live.targets[node_id] = target  # not stored: send it again (same end)
+                live.targets.put(target)  # not stored: send it again (same end)
             return
         finally:
             live.in_flight.discard(node_id)
             live.storing.discard(node_id)
+            if live.targets.targets[node_id].state is TargetState.PENDING:
+                live.targets.replan()  # nothing stored moved it: sendable again
             # A stored end changes nothing a pass decides while other ends are still being
             # stored (the job's state and end wait for the last of them): no pass for it.
             if not (stored_end and live.storing):
@@ -625,7 +626,7 @@ class JobDriver:
             and stored is not None
             and stored.state in TERMINAL
         ):
-            live.targets[node_id] = _target(stored)  # as stored (final: nothing comes after)
+            live.targets.put(_target(stored))  # as stored (final: nothing comes after)
         if change.kind == "accepted" and stored is not None and stored.cancel_requested:
             # Cancelled while StartJob was on its way: the node must stop it.
             await self._cancel_on_node(job_id, node_id)
@@ -665,10 +666,11 @@ class JobDriver:
         """The reason the job would end with if it ended now, or None if it would not:
         a target is not final in memory or a StartJob is in flight. The ends in `storing`
         were submitted before the caller's, so they are in its commit or an earlier one."""
-        if live.in_flight or any(t.state not in TERMINAL for t in live.targets.values()):
+        counts = live.targets.counts
+        if live.in_flight or sum(counts[s] for s in TERMINAL) != len(live.targets):
             return None
         decided = plan(
-            live.targets,
+            live.targets.targets,
             self._facts,
             live.limits,
             self._clock(),

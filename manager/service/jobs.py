@@ -12,7 +12,9 @@ A job's targets move through these states (the table `ALLOWED` enforces it):
 `plan` decides, for one job at `now`, which targets change state without
 the node (skips, undeliverables, lost nodes, jobs disabled) and which to
 send now; `job_state` derives the job's state from its targets' counts.
-The driver (`manager.service.job_driver`) applies what `plan` says.
+`JobTargets` keeps one job's targets for the driver and plans a pass as
+`plan` would without walking them all when nothing a walk reads changed.
+The driver (`manager.service.job_driver`) applies what they say.
 
 **The lost-node rule.** A QUEUED or RUNNING target whose node stops
 reporting must not keep the job running forever. Such a target ends:
@@ -29,6 +31,8 @@ states are final).
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import enum
 import time
 from collections.abc import Collection, Iterable, Mapping
@@ -45,6 +49,7 @@ __all__ = [
     "TERMINAL",
     "JobLimits",
     "JobState",
+    "JobTargets",
     "NodeFacts",
     "OutputAccepted",
     "Plan",
@@ -219,6 +224,12 @@ class Plan:
     counts: dict[TargetState, int] = field(default_factory=dict)
     """How many targets are in each state once `changes` are applied (the driver
     derives the job's state from them without another walk of the targets)."""
+    ready: list[str] = field(default_factory=list)
+    """Targets sendable now that the window has no room for, in the job's order: the
+    next `dispatch` as slots free while nothing else changes (`JobTargets`)."""
+    ready_until: float | None = None
+    """When a target beyond the window leaves its retry backoff (then `ready` may
+    miss it); None: none waits."""
 
 
 _UNKNOWN = NodeFacts(online=False, known=False)
@@ -355,12 +366,12 @@ def plan(
                 skip(t, reason)
 
     dispatch: list[str] = []
+    ready: list[str] = []  # sendable beyond the window
+    ready_until: float | None = None
     if not cancelled:
         busy += sum(1 for n in in_flight if n in after and after[n].state is PENDING)
         room = limits.concurrency - busy
         for t in pending:
-            if room <= 0:
-                break
             if t.node_id in in_flight or after[t.node_id].state is not PENDING:
                 continue
             if t.stage == 1 and canary_open:
@@ -369,11 +380,25 @@ def plan(
             if not facts.online:
                 continue  # waits for its node (or the delivery timeout)
             if t.next_attempt > now:
-                wake = _soonest(wake, t.next_attempt)
+                if room > 0:
+                    wake = _soonest(wake, t.next_attempt)
+                else:
+                    ready_until = _soonest(ready_until, t.next_attempt)
                 continue
-            dispatch.append(t.node_id)
-            room -= 1
-    return Plan(changes, dispatch, wake, stop_reason, {s: n for s, n in counts.items() if n})
+            if room > 0:
+                dispatch.append(t.node_id)
+                room -= 1
+            else:
+                ready.append(t.node_id)
+    return Plan(
+        changes,
+        dispatch,
+        wake,
+        stop_reason,
+        {s: n for s, n in counts.items() if n},
+        ready,
+        ready_until,
+    )
 
 
 def foreseen(node_id: str, facts: NodeFacts, delivery_timeout: float) -> str:
@@ -421,6 +446,144 @@ def _lost(t: Target, facts: NodeFacts, limits: JobLimits) -> str:
         f"no result from {t.node_id}: RUNNING since {format_time(t.updated)}, past the "
         f"timeout of {limits.timeout:g}s plus {LOST_GRACE:g}s"
     )
+
+
+class JobTargets:
+    """One job's targets as the driver keeps them, planned a pass in O(window), not
+    O(targets) (pure: plain values and `now` in, no I/O, no clock).
+
+    `plan` walks every target (`plan`, the function) only when something since its
+    last walk may change a decision: the node facts (a new mapping), the job's
+    cancel, `now` reaching a time that walk named (a deadline, a lost node, a retry),
+    a target moved other than on its usual way (see `_quiet`), or that walk's
+    changes coming back. Otherwise the pass is what that walk would decide: no
+    changes, and the window refilled from its `Plan.ready`, in the job's order.
+    The counts per state follow every `put`.
+    """
+
+    __slots__ = (
+        "_cancelled",
+        "_nodes",
+        "_ready",
+        "_reason",
+        "_stale",
+        "_until",
+        "counts",
+        "limits",
+        "targets",
+        "walks",
+    )
+
+    def __init__(self, targets: Mapping[str, Target], limits: JobLimits) -> None:
+        self.targets: dict[str, Target] = dict(targets)
+        """The targets in the job's order (read only: change them with `put`)."""
+        self.limits = limits
+        self.counts: dict[TargetState, int] = dict.fromkeys(TargetState, 0)
+        """Targets in each state (zeros included)."""
+        for t in self.targets.values():
+            self.counts[t.state] += 1
+        self.walks = 0
+        """Passes that walked every target (for tests and the benchmark)."""
+        self._ready: collections.deque[str] = collections.deque()
+        self._stale = True
+        self._nodes: Mapping[str, NodeFacts] | None = None
+        self._cancelled = False
+        self._until = _NEVER  # the last walk holds before this time
+        self._reason = ""
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def put(self, target: Target) -> None:
+        """Replace the target of `target.node_id` (one of the job's)."""
+        was = self.targets[target.node_id]
+        self.targets[target.node_id] = target
+        if was.state is not target.state:
+            self.counts[was.state] -= 1
+            self.counts[target.state] += 1
+        if not self._stale and not self._quiet(was, target):
+            self._stale = True
+
+    def replan(self) -> None:
+        """Walk every target at the next `plan`: a change `put` does not show (a target
+        whose StartJob ended with nothing stored is PENDING and sendable again)."""
+        self._stale = True
+
+    def _quiet(self, was: Target, now: Target) -> bool:
+        """Whether the last walk still decides as a walk would with `now` for `was`:
+        a target sent, started or ended as usual. Its new lost-node time is kept."""
+        if was.stage == 0 or was.cancel_requested is not now.cancel_requested:
+            return False  # the canary stage's outcome; a cancel
+        if was.state in TERMINAL:
+            return now.state is was.state  # final: `plan` reads only its state
+        state = now.state
+        if state is T.PENDING:
+            return now == was  # a retry's backoff; a target back from in flight
+        if state is T.QUEUED or state is T.RUNNING:
+            assert self._nodes is not None  # not stale: walked with these facts
+            lost_at = _lost_at(now, self._nodes.get(now.node_id, _UNKNOWN), self.limits)
+            self._until = min(self._until, lost_at)
+            return True
+        return not (self.limits.max_errors and state in COUNTS_AS_ERROR)
+
+    def plan(
+        self,
+        nodes: Mapping[str, NodeFacts],
+        now: float,
+        *,
+        in_flight: Collection[str] = (),
+        cancelled: bool = False,
+    ) -> Plan:
+        """`plan(self.targets, nodes, self.limits, now, ...)` but for `wake_at`, which
+        may be earlier; `nodes` is a new mapping whenever a node's facts change. The
+        targets it dispatches are taken to be in flight from now on."""
+        if (
+            self._stale
+            or nodes is not self._nodes
+            or cancelled != self._cancelled
+            or now >= self._until
+        ):
+            return self._walk(nodes, now, in_flight, cancelled)
+        targets, counts, ready = self.targets, self.counts, self._ready
+        PENDING = T.PENDING
+        room = self.limits.concurrency - counts[T.QUEUED] - counts[T.RUNNING]
+        room -= sum(1 for n in in_flight if n in targets and targets[n].state is PENDING)
+        dispatch: list[str] = []
+        while room > 0 and ready:
+            node_id = ready.popleft()
+            if node_id in in_flight or targets[node_id].state is not PENDING:
+                continue  # sent or moved since the walk (a move that matters made it stale)
+            dispatch.append(node_id)
+            room -= 1
+        return Plan(
+            {},
+            dispatch,
+            None if self._until == _NEVER else self._until,
+            self._reason,
+            {s: n for s, n in counts.items() if n},
+        )
+
+    def _walk(
+        self,
+        nodes: Mapping[str, NodeFacts],
+        now: float,
+        in_flight: Collection[str],
+        cancelled: bool,
+    ) -> Plan:
+        self.walks += 1
+        p = plan(self.targets, nodes, self.limits, now, in_flight=in_flight, cancelled=cancelled)
+        self._ready = collections.deque(p.ready)
+        self._nodes, self._cancelled, self._reason = nodes, cancelled, p.reason
+        until = min(
+            _NEVER if p.wake_at is None else p.wake_at,
+            _NEVER if p.ready_until is None else p.ready_until,
+        )
+        self._until = until
+        self._stale = bool(p.changes)  # they come back as `put`s: walk after them
+        if p.ready_until is not None and (p.wake_at is None or p.ready_until < p.wake_at):
+            # A target beyond the window leaves its backoff then: a pass must look.
+            p = dataclasses.replace(p, wake_at=until)
+        return p
 
 
 def job_state(counts: Mapping[TargetState, int], *, cancelled: bool = False) -> JobState:

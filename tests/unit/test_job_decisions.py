@@ -16,6 +16,7 @@ from manager.service.jobs import (
     TERMINAL,
     JobLimits,
     JobState,
+    JobTargets,
     NodeFacts,
     Target,
     TargetState,
@@ -26,6 +27,7 @@ from manager.service.jobs import (
     plan,
     replans,
     resolve_concurrency,
+    retry_delay,
     stages,
 )
 from manager.storage.jobs import JobTargetRecord
@@ -361,6 +363,163 @@ def test_a_final_target_replaced_in_the_same_state_plans_the_same() -> None:
     assert replans(Target("a", T.PENDING), Target("a", T.SUCCESS))
     assert replans(Target("a", T.RUNNING), Target("a", T.RUNNING, updated=NOW))
     assert not replans(Target("a", T.SUCCESS), Target("a", T.SUCCESS, updated=NOW))
+
+
+def _same_plan(
+    book: JobTargets, facts: dict[str, NodeFacts], now: float, **kw: object
+) -> list[str]:
+    """`book.plan` against `plan` over all its targets: the same decisions, a wake no
+    later; what it dispatches."""
+    walked = plan(dict(book.targets), facts, book.limits, now, **kw)  # type: ignore[arg-type]
+    got = book.plan(facts, now, **kw)  # type: ignore[arg-type]
+    assert (got.changes, got.dispatch, got.reason, got.counts) == (
+        walked.changes,
+        walked.dispatch,
+        walked.reason,
+        walked.counts,
+    )
+    if walked.wake_at is not None and walked.wake_at != float("inf"):  # inf: never
+        assert got.wake_at is not None
+        assert got.wake_at <= walked.wake_at
+    for node_id, (state, _) in got.changes.items():  # stored, then heard back
+        book.put(dataclasses.replace(book.targets[node_id], state=state, updated=now))
+    return got.dispatch
+
+
+def test_job_targets_plan_as_a_walk_of_every_target_would() -> None:
+    """`JobTargets.plan` decides what `plan` over every target decides, through a
+    driver's life of random jobs (canary stages, max_errors, backoff): passes that send
+    what they dispatch; StartJob answers (queued, running, ended, refused, unreachable,
+    nothing stored); reports; cancels; nodes going, coming and refusing jobs; time
+    passing; a job re-read."""
+    rng = random.Random(14)
+    states = list(TargetState)
+    walks = passes = 0
+    for _ in range(300):
+        n = rng.randint(1, 30)
+        canary = rng.choice((0, 0, 1, 3))
+        book = JobTargets(
+            {
+                f"n{i}": Target(
+                    f"n{i}",
+                    T.PENDING if rng.random() < 0.9 else rng.choice(states),
+                    stage=0 if i < canary else 1,
+                    updated=NOW,
+                )
+                for i in range(n)
+            },
+            JobLimits(
+                created=NOW,
+                concurrency=rng.randint(1, 6),
+                max_errors=rng.choice((0, 0, 1, 3)),
+                delivery_timeout=rng.choice((30.0, 300.0)),
+                timeout=rng.choice((5.0, 3600.0)),
+            ),
+        )
+        facts = {f"n{i}": NodeFacts(online=rng.random() < 0.9, last_seen=NOW) for i in range(n)}
+        now, cancelled, in_flight = NOW, False, set[str]()
+        for _ in range(80):
+            now += rng.choice((0.0, 0.0, 0.0, 0.5, 3.0, 20.0, 200.0))
+            event = rng.random()
+            busy = [t for t in book.targets.values() if t.state in (T.QUEUED, T.RUNNING)]
+            if event < 0.4:
+                passes += 1
+                in_flight.update(
+                    _same_plan(book, facts, now, in_flight=set(in_flight), cancelled=cancelled)
+                )
+            elif event < 0.7 and in_flight:
+                node_id = rng.choice(sorted(in_flight))
+                t = book.targets[node_id]
+                answer = rng.choice(
+                    ("queued", "running", "ended", "refused", "unreachable", "lost")
+                )
+                if t.state is T.PENDING and answer == "unreachable":
+                    book.put(
+                        dataclasses.replace(
+                            t,
+                            attempts=t.attempts + 1,
+                            next_attempt=now + retry_delay(t.attempts + 1),
+                            last_error="down",
+                        )
+                    )
+                elif t.state is T.PENDING and answer != "lost":
+                    state = {"queued": T.QUEUED, "running": T.RUNNING, "refused": T.FAILED}.get(
+                        answer, rng.choice((T.SUCCESS, T.FAILED, T.TIMEOUT))
+                    )
+                    book.put(dataclasses.replace(t, state=state, attempts=0, updated=now))
+                in_flight.discard(node_id)
+                if book.targets[node_id].state is T.PENDING:
+                    book.replan()  # as the driver does: sendable again
+            elif event < 0.85 and busy:
+                t = rng.choice(busy)
+                state = rng.choice((T.RUNNING, T.SUCCESS, T.FAILED, T.TIMEOUT, T.CANCELLED))
+                book.put(dataclasses.replace(t, state=state, updated=now))
+            elif event < 0.88:
+                cancelled = True
+                for t in book.targets.values():
+                    if t.state not in TERMINAL and rng.random() < 0.5:
+                        book.put(dataclasses.replace(t, cancel_requested=True))
+            elif event < 0.97:
+                node_id = rng.choice(sorted(facts))
+                facts = {
+                    **facts,
+                    node_id: NodeFacts(
+                        online=not facts[node_id].online,
+                        last_seen=now,
+                        jobs_disabled=rng.random() < 0.1,
+                    ),
+                }
+            else:
+                book = JobTargets(book.targets, book.limits)
+        walks += book.walks
+    assert walks < passes  # and some passes walked nothing
+
+
+def test_a_retry_beyond_the_window_is_sent_when_its_backoff_ends() -> None:
+    """A target backing off behind a full window: the pass after its backoff walks the
+    targets and sends it (the window refilled from the last walk alone would not)."""
+    book = JobTargets(
+        {
+            "a": Target("a"),
+            "b": Target("b", attempts=1, next_attempt=NOW + 5),
+            "c": Target("c"),
+        },
+        JobLimits(created=NOW, concurrency=1),
+    )
+    facts = online("a", "b", "c")
+    assert _same_plan(book, facts, NOW) == ["a"]
+    book.put(Target("a", T.SUCCESS))
+    assert _same_plan(book, facts, NOW + 1, in_flight=set()) == ["c"]
+    assert book.walks == 1
+    book.put(Target("c", T.SUCCESS))
+    assert book.plan(facts, NOW + 2).wake_at == NOW + 5
+    assert _same_plan(book, facts, NOW + 6) == ["b"]
+    assert book.walks == 2
+
+
+def test_a_quiet_job_is_planned_without_walking_its_targets() -> None:
+    """500 targets on online nodes, a window of 100, each target ending on its answer
+    and a pass after every 10 answers: two walks (the first pass; the node facts read
+    again once), not one a pass."""
+    book = JobTargets(
+        {f"n{i}": Target(f"n{i}") for i in range(500)}, JobLimits(created=NOW, concurrency=100)
+    )
+    facts = online(*book.targets)
+    in_flight: set[str] = set()
+    sent: list[str] = []
+    now = NOW
+    while book.counts[T.SUCCESS] < 500:
+        if book.counts[T.SUCCESS] == 250:
+            facts = dict(facts)  # read again
+        dispatch = _same_plan(book, facts, now, in_flight=set(in_flight))
+        sent += dispatch
+        in_flight.update(dispatch)
+        for node_id in sorted(in_flight, key=sent.index)[:10]:
+            book.put(Target(node_id, T.SUCCESS, updated=now))
+            in_flight.discard(node_id)
+        now += 0.01
+    assert sent == list(book.targets)  # each once, in order
+    assert book.walks == 2
 
 
 def test_a_plan_foresees_jobs_off_and_offline_nodes_and_nothing_else() -> None:
