@@ -22,6 +22,26 @@ from fleet.tls import TLSConfig, channel_credentials, channel_options
 from fleet.v1 import fleet_pb2_grpc
 
 REPO = Path(__file__).resolve().parents[2]
+FAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
+"""libfaketime (Debian's `faketime`, installed by `make test-tools`)."""
+
+
+def require_faketime(cannot: str) -> None:
+    """Skip the calling test without libfaketime (`cannot`: what it then cannot do), but
+    fail under CI, where `make test` installs it."""
+    import pytest
+
+    if FAKETIME.exists():
+        return
+    reason = (
+        f"libfaketime is not installed ({FAKETIME}): run `make test-tools`"
+        f" (apt-get install faketime, as root); {cannot}"
+    )
+    if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
+        pytest.fail(f"this test needs libfaketime under CI: {reason}", pytrace=False)
+    pytest.skip(reason)
+
+
 T = TypeVar("T")
 
 

@@ -10,31 +10,19 @@ keep the real time.
 from __future__ import annotations
 
 import asyncio
-import os
 from pathlib import Path
 from typing import Any
 
 import pytest
-from faultkit import ManagerProc, eventually
+from faultkit import FAKETIME, ManagerProc, eventually, require_faketime
 
 from bench.fleetsim import FleetSim, SimSettings
 from fleet.retry import Backoff
 
-FAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
-
 
 @pytest.fixture(autouse=True)
 def _libfaketime() -> None:
-    """Skip without libfaketime (fail under CI, where `make test` installs it)."""
-    if FAKETIME.exists():
-        return
-    reason = (
-        f"libfaketime is not installed ({FAKETIME}): run `make test-tools`"
-        " (apt-get install faketime, as root); the manager's wall clock cannot be stepped"
-    )
-    if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
-        pytest.fail(f"the clock step test needs libfaketime under CI: {reason}", pytrace=False)
-    pytest.skip(reason)
+    require_faketime("the manager's wall clock cannot be stepped")
 
 
 NODES = 12

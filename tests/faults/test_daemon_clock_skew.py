@@ -25,13 +25,21 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from faultkit import REPO, DaemonProc, ManagerProc, eventually, kill_marked, operator_stub
+from faultkit import (
+    FAKETIME,
+    REPO,
+    DaemonProc,
+    ManagerProc,
+    eventually,
+    kill_marked,
+    operator_stub,
+    require_faketime,
+)
 
 from daemon.supervisor.spec import AgentSpec
 from fleet.agentspec import HealthSpec, spec_to_proto
 from fleet.v1 import common_pb2, desired_pb2, fleet_pb2, fleet_pb2_grpc
 
-FAKETIME = Path("/usr/lib/x86_64-linux-gnu/faketime/libfaketime.so.1")
 FLEETCTL = (sys.executable, "-c", "from fleetctl.app import main; main()")
 MIN_HEALTHY = 8.0
 LIVENESS = (
@@ -41,16 +49,7 @@ LIVENESS = (
 
 @pytest.fixture(autouse=True)
 def _libfaketime() -> None:
-    """Skip without libfaketime (fail under CI, where `make test` installs it)."""
-    if FAKETIME.exists():
-        return
-    reason = (
-        f"libfaketime is not installed ({FAKETIME}): run `make test-tools`"
-        " (apt-get install faketime, as root); the daemon's clock cannot be skewed"
-    )
-    if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
-        pytest.fail(f"the clock skew test needs libfaketime under CI: {reason}", pytrace=False)
-    pytest.skip(reason)
+    require_faketime("the daemon's clock cannot be skewed")
 
 
 def _definition(name: str, marker: str, health: HealthSpec) -> desired_pb2.Definition:
