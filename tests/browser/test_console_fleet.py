@@ -331,6 +331,24 @@ def test_the_console_marks_an_offline_nodes_agent_counts_as_fleetctl_does(page: 
     assert cells == [fleetctl_agents_cell(n) for n in nodes]
 
 
+def test_the_console_words_a_skewed_clock_as_nodes_show_does(page: Page) -> None:
+    """js/present.js's clockText is `fleetctl nodes show`'s Clock line (fleet/clockskew.py):
+    nothing within 2 s or when unknown; how far, what it costs, run NTP beyond."""
+    offsets: list[int | None] = [None, 800, -2500, 45_300, -600_000, 432_000, 7_300_000]
+    nodes = [fleet_pb2.Node(node_id="n", clock_offset_ms=o) for o in offsets]
+    open_page(page, "#/nodes", "nodes")
+    texts = page.evaluate(
+        """async (nodes) => {
+          const { clockText } = await import("/static/js/present.js");
+          return nodes.map(clockText);
+        }""",
+        [json_format.MessageToDict(n) for n in nodes],
+    )
+    assert texts == [fleetctl_nodes.clock_text(n) for n in nodes]
+    assert texts[0] == texts[1] == ""
+    assert texts[5].startswith("7m12s ahead of the manager (")
+
+
 def fleetctl_agents_cell(node: fleet_pb2.Node) -> str:
     """`nodes list`'s AGENTS cell for `node`."""
     return fleetctl_nodes.node_row(node, 0, cells=True)["agents_cell"]

@@ -79,3 +79,30 @@ export function Choice({ options, value, onChange, label }) {
     )}
   </div>`;
 }
+
+/** A clock offset as fleet/clockskew.py words it ("2.5s", "7m12s", "2h1m"). */
+function skewDuration(ms) {
+  const abs = Math.abs(ms);
+  const s = Math.round(abs / 1000);
+  if (s < 60) return `${(abs / 1000).toFixed(1)}s`;
+  if (s < 3600) return `${Math.floor(s / 60)}m${s % 60}s`;
+  return `${Math.floor(s / 3600)}h${Math.floor((s % 3600) / 60)}m`;
+}
+
+/** `nodes show`'s Clock line (fleet/clockskew.py clock_words): how far the node's clock is
+ * off the manager's and what that costs; "" within 2 s or unknown (an older daemon). */
+export function clockText(node) {
+  if (node.clockOffsetMs === undefined || node.clockOffsetMs === null) return "";
+  const off = Number(node.clockOffsetMs);
+  if (Math.abs(off) < 2000) return "";
+  const where = off < 0 ? "behind the manager" : "ahead of the manager";
+  let text = `${skewDuration(off)} ${where} (the times it stamps are off by as much`;
+  if (off > 5 * 60 * 1000) {
+    text +=
+      "; its metric samples are more than 5m0s ahead: the manager refuses them and the daemon" +
+      " drops each batch, so its metrics stop";
+  } else if (off < -2000) {
+    text += `; its metric samples are stored ${skewDuration(off)} in the past`;
+  }
+  return `${text}); run NTP on the host`;
+}

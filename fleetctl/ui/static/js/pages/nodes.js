@@ -9,7 +9,7 @@ import {
 } from "../lib.js";
 import { fmtDuration } from "../duration.js";
 import { useRefresh } from "../live.js";
-import { AGENT_STATES, HealthBadge, StateBadge, agentCounts, agentsCell, certExpiry, lastExitLine, nodeStatus, uptime } from "../present.js";
+import { AGENT_STATES, HealthBadge, StateBadge, agentCounts, agentsCell, certExpiry, clockText, lastExitLine, nodeStatus, uptime } from "../present.js";
 import { parseSelector } from "../selector.js";
 import { NodeMetrics } from "../metrics.js";
 
@@ -190,6 +190,7 @@ function Properties({ node }) {
     ["Registered", fmtTime(node.registeredAt)],
     ["Agents", agentsText(node, counts)],
     ["Jobs", node.jobsDisabled ? "disabled (jobs.enabled = false in the host's daemon config)" : "enabled"],
+    ...(clockText(node) ? [["Clock", clockText(node)]] : []),
     [
       "Certificate",
       html`${Number(node.certExpireTime ?? 0)
