@@ -435,6 +435,11 @@ REBASE_JITTER_MS = 2000
 """How far apart two reports' re-based times of one moment may be (the network delay
 between the daemon measuring an age and the manager receiving it) and still be one."""
 
+SAME_PROCESS_MS = 60_000
+"""The same pid with a re-based start time this close is the same process: a report can
+wait in the daemon's queue for seconds under load (its age measured when it was built),
+and a start time that moved would read as a restart (an event)."""
+
 
 def steady(before: AgentStateRecord | None, after: AgentStateRecord) -> AgentStateRecord:
     """`after`, keeping `before`'s `start_time_ms` (same process) and `health_since_ms`
@@ -444,7 +449,7 @@ def steady(before: AgentStateRecord | None, after: AgentStateRecord) -> AgentSta
     if before is None:
         return after
     start, since = after.start_time_ms, after.health_since_ms
-    if before.pid == after.pid and abs(start - before.start_time_ms) < REBASE_JITTER_MS:
+    if before.pid == after.pid and abs(start - before.start_time_ms) < SAME_PROCESS_MS:
         start = before.start_time_ms
     if before.health == after.health and abs(since - before.health_since_ms) < REBASE_JITTER_MS:
         since = before.health_since_ms

@@ -161,7 +161,9 @@ async def test_health_reflection_and_prometheus_metrics(
     async with running_manager(config, clock) as server:
         async with node_stub(pki, "web-1", server.port) as stub:
             await stub.RegisterNode(registration("web-1"))
-            await rpc_error(stub.Heartbeat(manager_pb2.HeartbeatRequest(node_id="web-1")))
+            await rpc_error(
+                stub.Heartbeat(manager_pb2.HeartbeatRequest(node_id="web-1", timestamp=-1))
+            )
         tls = pki.issue("operator", "probe")
         async with aio.secure_channel(
             f"127.0.0.1:{server.port}",

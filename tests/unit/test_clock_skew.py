@@ -96,6 +96,10 @@ def test_rebased_times_that_move_by_the_network_delay_stay_put() -> None:
         before.start_time_ms,
         before.health_since_ms,
     )
+    # A report that waited seconds in the daemon's queue (its age measured when built):
+    # the same process still, not a restart.
+    late = _record(start_time_ms=before.start_time_ms - 4_000)
+    assert steady(before, late).start_time_ms == before.start_time_ms
     # A new process, or health that changed, is news.
     restarted = _record(pid=43, start_time_ms=before.start_time_ms + 40)
     assert steady(before, restarted).start_time_ms == before.start_time_ms + 40
