@@ -31,10 +31,14 @@ class Stalls:
     `observe` and `stalled` are plain functions of the monotonic times given; `run` is
     the ticker that feeds them."""
 
-    def __init__(self, *, every: float = 1.0, slack: float = STALL_SLACK, now: float = 0.0) -> None:
+    def __init__(
+        self, *, every: float = 1.0, slack: float = STALL_SLACK, now: float | None = None
+    ) -> None:
         self.every = every
         self.slack = slack
-        self._tick = now  # when the last tick woke
+        # When the last tick woke; from construction, so a link asking before the ticker's
+        # first step does not read the process's whole uptime as a stall.
+        self._tick = time.monotonic() if now is None else now
         self._last: tuple[float, float] | None = None  # (when it ended, how long it was)
 
     def observe(self, now: float) -> float | None:

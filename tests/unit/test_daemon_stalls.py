@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 from daemon.stalls import Stalls
 
 
@@ -27,3 +29,8 @@ def test_a_stall_not_ticked_yet_is_seen_from_the_gap() -> None:
     s = Stalls(every=1.0, slack=5.0, now=100.0)
     assert s.stalled(120.0, within=30.0) == 20.0
     assert s.stalled(105.5, within=30.0) is None  # not yet more than `slack` late
+
+
+def test_a_new_watch_has_seen_no_stall_before_its_ticker_runs() -> None:
+    # A link may ask before the ticker's first step: the process's uptime is no stall.
+    assert Stalls().stalled(time.monotonic(), within=30.0) is None
